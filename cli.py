@@ -1,0 +1,316 @@
+"""digitgen command line: train, export, verify, generate, info.
+
+Heavy imports (torch) happen inside the commands that need them, so ``generate`` and
+``info`` run with the runtime dependencies alone.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from runtime.errors import DigitgenError
+from runtime.generator import DigitGenerator
+from runtime.session import PROVIDER_CHOICES
+from runtime.writers import FORMATS, write_digits
+
+if TYPE_CHECKING:
+    from export.verify import ParityReport
+
+DEFAULT_RUN_DIR = "runs/latest"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="digitgen")
+def main() -> None:
+    """Generate handwritten digits with a GAN trained on MNIST."""
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """Turn Ctrl-C and SIGTERM into a polled flag so training can checkpoint and exit cleanly."""
+    requested: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        requested.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _training_errors() -> tuple[type[Exception], ...]:
+    from training.errors import TrainingError
+
+    return (TrainingError,)
+
+
+@main.command()
+@click.option(
+    "--data-dir",
+    envvar="MNIST_ROOT",
+    default="data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",
+)
+@click.option(
+    "--out",
+    "run_dir",
+    default=DEFAULT_RUN_DIR,
+    show_default=True,
+    type=click.Path(),
+    help="Run directory for checkpoint, sample grids and metrics.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), help="Train this many passes over the data.")
+@click.option("--steps", type=click.IntRange(min=1), help="Train this many steps (overrides --epochs).")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--latent-dim", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--device", "device_name", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run saved in this checkpoint.")
+@click.option("--subset", type=click.IntRange(min=1), help="Use only the first N training images (kept on --resume).")
+@click.option("--checkpoint-every", default=500, show_default=True, type=click.IntRange(min=1))
+def train(
+    data_dir: str,
+    run_dir: str,
+    epochs: int | None,
+    steps: int | None,
+    batch_size: int,
+    lr: float,
+    latent_dim: int,
+    seed: int,
+    device_name: str,
+    resume: str | None,
+    subset: int | None,
+    checkpoint_every: int,
+) -> None:
+    """Train the conditional GAN on MNIST."""
+    import torch
+
+    from training.config import GANConfig, TrainConfig
+    from training.data import MnistTensors, load_mnist
+    from training.loop import steps_per_epoch
+    from training.loop import train as run_training
+    from training.state import new_state, state_from_checkpoint
+
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
+    device = torch.device("cuda" if device_name != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        if resume:
+            state = state_from_checkpoint(resume, device)
+        else:
+            state = new_state(
+                GANConfig(latent_dim=latent_dim),
+                TrainConfig(
+                    total_steps=1,
+                    batch_size=batch_size,
+                    lr=lr,
+                    seed=seed,
+                    subset=subset,
+                    checkpoint_every=checkpoint_every,
+                ),
+                device,
+            )
+        data = load_mnist(data_dir)
+        if state.train.subset is not None:
+            data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])
+        per_epoch = steps_per_epoch(len(data.images), state.train.batch_size)
+        if steps is not None or epochs is not None or not resume:
+            total = steps if steps is not None else (epochs or 1) * per_epoch
+            state.train = replace(state.train, total_steps=total)
+        click.echo(
+            f"training on {device} ({len(data.images)} images, {per_epoch} steps/epoch), "
+            f"steps {state.step} -> {state.train.total_steps}, batch {state.train.batch_size}",
+            err=True,
+        )
+        with (
+            _stop_on_signals() as should_stop,
+            click.progressbar(
+                length=state.train.total_steps,
+                label="training",
+                file=sys.stderr,
+                item_show_func=_format_progress,
+                show_pos=True,
+            ) as bar,
+        ):
+            bar.update(state.step)
+            result = run_training(
+                state, data, run_dir, should_stop=should_stop, progress=lambda step, info: bar.update(1, info)
+            )
+    except _training_errors() as exc:
+        raise click.ClickException(str(exc)) from exc
+    if result.interrupted:
+        click.echo(
+            f"interrupted at step {result.step}; checkpoint saved to {result.checkpoint}; "
+            f"continue with --resume {result.checkpoint}",
+            err=True,
+        )
+        sys.exit(130)
+    click.echo(
+        f"done: step {result.step} in {result.seconds:.0f}s ({result.images_per_s:.0f} images/s); "
+        f"checkpoint {result.checkpoint}",
+        err=True,
+    )
+
+
+def _export_errors() -> tuple[type[Exception], ...]:
+    from export.errors import ExportError
+    from runtime.errors import DigitgenError
+    from training.errors import TrainingError
+
+    return (ExportError, TrainingError, DigitgenError)
+
+
+def _echo_report(report: ParityReport) -> None:
+    for line in report.lines():
+        click.echo(line)
+
+
+@main.command("export")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Training checkpoint.")
+@click.option("--out", default="generator.onnx", show_default=True, type=click.Path(), help="ONNX file to write.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(min=13))
+@click.option(
+    "--atol",
+    default=1e-4,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Largest allowed |torch - onnxruntime| per pixel.",
+)
+def export_cmd(checkpoint: str, out: str, opset: int, atol: float) -> None:
+    """Export the EMA generator to ONNX and verify it numerically against PyTorch."""
+    from export.onnx_export import export_generator
+
+    try:
+        report = export_generator(checkpoint, out, opset=opset, atol=atol)
+    except _export_errors() as exc:
+        raise click.ClickException(str(exc)) from exc
+    _echo_report(report)
+    click.echo(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB), verified on {len(report.cases)} cases")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Checkpoint it came from.")
+@click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(min=0))
+def verify(model: str, checkpoint: str, atol: float) -> None:
+    """Check an existing ONNX model against the PyTorch checkpoint it was exported from."""
+    from export.onnx_export import verify_file
+
+    try:
+        report = verify_file(model, checkpoint, atol)
+    except _export_errors() as exc:
+        raise click.ClickException(str(exc)) from exc
+    _echo_report(report)
+    click.echo(f"{model}: matches {checkpoint} on {len(report.cases)} cases")
+
+
+def _parse_digits(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        digits = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of digits such as 0,3,7") from None
+    return digits
+
+
+@main.command()
+@click.option(
+    "--generator", "model", type=click.Path(dir_okay=False), help="ONNX generator (default: the shipped model)."
+)
+@click.option(
+    "-n",
+    "--num-digits",
+    "--num_digits",
+    "num_digits",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many digits to generate.",
+)
+@click.option("--digits", callback=_parse_digits, help="Digits to generate, repeated to N (e.g. 0,3,7).")
+@click.option("--digit", type=int, help="Generate only this digit.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--out", default="digits", show_default=True, type=click.Path(), help="Output directory.")
+@click.option("--format", "fmt", default="png", show_default=True, type=click.Choice(FORMATS))
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+def generate(
+    model: str | None,
+    num_digits: int,
+    digits: list[int] | None,
+    digit: int | None,
+    seed: int,
+    out: str,
+    fmt: str,
+    provider: str,
+    batch_size: int,
+    overwrite: bool,
+) -> None:
+    """Generate digits with an ONNX generator (no PyTorch needed)."""
+    if digits is not None and digit is not None:
+        raise click.UsageError("give --digits or --digit, not both")
+    requested = [digit] if digit is not None else digits
+    try:
+        gen = DigitGenerator.from_path(model, provider)
+        if gen.note:
+            click.echo(f"note: {gen.note}", err=True)
+        gen.check_digits(requested)
+        start = time.perf_counter()
+        batches = gen.iter_batches(num_digits, requested, seed, batch_size)
+        with click.progressbar(
+            length=num_digits, label="generating", file=sys.stderr, hidden=num_digits <= batch_size
+        ) as bar:
+            files = write_digits(batches, out, fmt, num_digits, overwrite=overwrite, on_batch=bar.update)
+    except DigitgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; files already written are complete, none is partial") from None
+    seconds = time.perf_counter() - start
+    where = files[0] if len(files) == 1 else out
+    click.echo(f"wrote {num_digits} digits as {fmt} to {where} in {seconds:.2f}s on {gen.provider}")
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+def info(model: str | None) -> None:
+    """Print a model's contract and metadata (default: the shipped model)."""
+    try:
+        gen = DigitGenerator.from_path(model, "cpu")
+    except DigitgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"model: {gen.path}")
+    for kind, args in (("input", gen.inputs), ("output", gen.outputs)):
+        for arg in args:
+            click.echo(f"{kind:<7} {arg.name:<6} {arg.type:<14} {arg.shape}")
+    for key, value in sorted(gen.info.metadata.items()):
+        click.echo(f"{key}: {value}")
+
+
+def _format_progress(info: dict[str, float] | None) -> str:
+    if not info:
+        return ""
+    return (
+        f"epoch {info['epoch']:.0f}  loss_d {info['loss_d']:.3f}  loss_g {info['loss_g']:.3f}  "
+        f"D(real) {info['d_real']:.2f}  D(fake) {info['d_fake']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

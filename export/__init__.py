@@ -1,0 +1,1 @@
+"""torch -> ONNX export of the EMA generator, with numerical verification against PyTorch."""

@@ -1,0 +1,99 @@
+"""Trace the EMA generator into the ONNX model contract, then verify before publishing the file."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import onnx
+import torch
+
+from export.errors import ExportError
+from export.verify import ATOL, ContractGenerator, ParityReport, verify_parity
+from runtime.contract import CONTRACT_VERSION
+from training.state import load_generator
+
+DEFAULT_OPSET = 17
+
+
+def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
+    """ONNX ``metadata_props`` for a checkpoint: the contract figures and the training summary."""
+    config, train = payload["config"], payload["train"]
+    subset = train.get("subset")
+    return {
+        "latent_dim": str(config["latent_dim"]),
+        "num_classes": str(config["num_classes"]),
+        "image_size": str(config["image_size"]),
+        "contract_version": CONTRACT_VERSION,
+        "producer": "digitgen",
+        "train_dataset": "MNIST train" + (f" (first {subset} images)" if subset else " (60000 images)"),
+        "train_steps": str(payload["step"]),
+        "train_batch_size": str(train["batch_size"]),
+        "train_seed": str(train["seed"]),
+        "weights": "generator EMA",
+    }
+
+
+def _trace(model: ContractGenerator, latent_dim: int, path: Path, opset: int) -> None:
+    example = (torch.randn(2, latent_dim), torch.zeros(2, dtype=torch.long))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        torch.onnx.export(
+            model,
+            example,
+            str(path),
+            dynamo=False,
+            input_names=["z", "digit"],
+            output_names=["image"],
+            dynamic_axes={"z": {0: "batch"}, "digit": {0: "batch"}, "image": {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+
+
+def _add_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def export_generator(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    atol: float = ATOL,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> ParityReport:
+    """Export the checkpoint's EMA generator to ``out`` and verify it against PyTorch.
+
+    The file appears at ``out`` only after verification passes; on any failure or interrupt
+    nothing is left behind.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"output {out} is a directory; give a file name such as generator.onnx")
+    if not out.parent.is_dir():
+        raise ExportError(f"output directory {out.parent} does not exist")
+    generator, config, payload = load_generator(str(checkpoint))
+    model = ContractGenerator(generator).eval()
+    tmp = out.with_name(f".{out.name}.part")
+    try:
+        _trace(model, config.latent_dim, tmp, opset)
+        _add_metadata(tmp, {**contract_metadata(payload), **(extra_metadata or {})})
+        report = verify_parity(tmp, model, atol)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return report
+
+
+def verify_file(model_path: str | Path, checkpoint: str | Path, atol: float = ATOL) -> ParityReport:
+    """Verify an existing ONNX file against the checkpoint it was exported from."""
+    generator, _, _ = load_generator(str(checkpoint))
+    return verify_parity(model_path, ContractGenerator(generator), atol)

@@ -1,0 +1,31 @@
+"""digitgen runtime: generate handwritten digits from an ONNX generator, without PyTorch.
+
+Depends on numpy, onnxruntime and pillow only.
+"""
+
+from runtime.errors import (
+    DigitgenError,
+    InvalidModelError,
+    InvalidRequestError,
+    ModelContractError,
+    ModelNotFoundError,
+    OutputError,
+    ProviderUnavailableError,
+)
+from runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
+from runtime.writers import FORMATS, write_digits
+
+__all__ = [
+    "FORMATS",
+    "DigitGenerator",
+    "DigitgenError",
+    "GeneratedDigits",
+    "InvalidModelError",
+    "InvalidRequestError",
+    "ModelContractError",
+    "ModelNotFoundError",
+    "OutputError",
+    "ProviderUnavailableError",
+    "default_model_path",
+    "write_digits",
+]

@@ -1,0 +1,89 @@
+"""The ONNX model contract (DESIGN.md) and its check against a loaded session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+from runtime.errors import ModelContractError
+
+CONTRACT_VERSION = "1"
+IMAGE_SIZE = 28
+REQUIRED_METADATA = ("latent_dim", "num_classes", "image_size", "contract_version")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime knows about a model after checking it against the contract."""
+
+    latent_dim: int
+    num_classes: int
+    image_size: int
+    metadata: dict[str, str]
+
+
+def _is_dynamic(dim: object) -> bool:
+    return not isinstance(dim, int)
+
+
+def _check_io(session: ort.InferenceSession) -> list[str]:
+    problems = []
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    if set(inputs) != {"z", "digit"}:
+        problems.append(f"inputs must be 'z' and 'digit', found {sorted(inputs)}")
+    if set(outputs) != {"image"}:
+        problems.append(f"output must be 'image', found {sorted(outputs)}")
+    expected = [
+        (inputs.get("z"), "tensor(float)", 2, "z", "float32 [batch, latent_dim]"),
+        (inputs.get("digit"), "tensor(int64)", 1, "digit", "int64 [batch]"),
+        (outputs.get("image"), "tensor(float)", 4, "image", "float32 [batch, 1, 28, 28]"),
+    ]
+    for arg, dtype, rank, name, wanted in expected:
+        if arg is None:
+            continue
+        if arg.type != dtype or len(arg.shape) != rank:
+            problems.append(f"'{name}' must be {wanted}, found {arg.type} {arg.shape}")
+    image = outputs.get("image")
+    if (
+        image is not None
+        and len(image.shape) == 4
+        and not all(
+            _is_dynamic(d) or d == want for d, want in zip(image.shape[1:], (1, IMAGE_SIZE, IMAGE_SIZE), strict=True)
+        )
+    ):
+        problems.append(f"'image' must be [batch, 1, 28, 28], found {image.shape}")
+    return problems
+
+
+def _int_metadata(metadata: dict[str, str], key: str, problems: list[str]) -> int:
+    try:
+        value = int(metadata[key])
+    except (KeyError, ValueError):
+        problems.append(f"metadata '{key}' is missing or not an integer")
+        return 0
+    if value < 1:
+        problems.append(f"metadata '{key}' must be positive, found {value}")
+    return value
+
+
+def check_contract(session: ort.InferenceSession, source: str) -> ModelInfo:
+    """Check names, then types and shapes, then metadata; raise one error listing every problem."""
+    problems = _check_io(session)
+    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    latent_dim = _int_metadata(metadata, "latent_dim", problems)
+    num_classes = _int_metadata(metadata, "num_classes", problems)
+    image_size = _int_metadata(metadata, "image_size", problems)
+    if image_size and image_size != IMAGE_SIZE:
+        problems.append(f"metadata 'image_size' must be {IMAGE_SIZE}, found {image_size}")
+    if "contract_version" in metadata and metadata["contract_version"] != CONTRACT_VERSION:
+        problems.append(f"contract_version {metadata['contract_version']!r} is not {CONTRACT_VERSION!r}")
+    elif "contract_version" not in metadata:
+        problems.append("metadata 'contract_version' is missing")
+    z = next((i for i in session.get_inputs() if i.name == "z"), None)
+    if z is not None and len(z.shape) == 2 and not _is_dynamic(z.shape[1]) and z.shape[1] != latent_dim:
+        problems.append(f"'z' has {z.shape[1]} features but metadata latent_dim is {latent_dim}")
+    if problems:
+        raise ModelContractError(f"{source} does not follow the digitgen model contract: " + "; ".join(problems))
+    return ModelInfo(latent_dim, num_classes, image_size, metadata)

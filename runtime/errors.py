@@ -1,0 +1,29 @@
+"""Typed errors of the runtime; each subclasses the built-in that fits so callers can catch either."""
+
+
+class DigitgenError(Exception):
+    """Base class of every error the runtime raises on purpose."""
+
+
+class ModelNotFoundError(DigitgenError, FileNotFoundError):
+    """The model path does not exist."""
+
+
+class InvalidModelError(DigitgenError, ValueError):
+    """The file is not a loadable ONNX model (wrong format, truncated, corrupt)."""
+
+
+class ModelContractError(DigitgenError, ValueError):
+    """The ONNX model loads but does not follow the digitgen model contract."""
+
+
+class ProviderUnavailableError(DigitgenError, ValueError):
+    """The requested execution provider cannot run here."""
+
+
+class InvalidRequestError(DigitgenError, ValueError):
+    """Bad generation arguments: counts, digits, seeds, batch sizes or formats."""
+
+
+class OutputError(DigitgenError, OSError):
+    """The output location is unusable, or would overwrite files without permission."""

@@ -1,0 +1,148 @@
+"""The embeddable API: load a contract-following ONNX generator and make digits with it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.contract import ModelInfo, check_contract
+from runtime.errors import InvalidRequestError
+from runtime.session import open_session
+
+NOISE_BLOCK = 1024  # noise is drawn per block of global indices, so batching never changes it
+DEFAULT_BATCH_SIZE = 256
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def default_model_path() -> Path:
+    """The shipped generator: inside the installed package, or ``artifacts/`` of a checkout."""
+    candidates = (_PACKAGE_DIR / "artifacts" / "generator.onnx", _PACKAGE_DIR.parent / "artifacts" / "generator.onnx")
+    return next((path for path in candidates if path.is_file()), candidates[-1])
+
+
+@dataclass(frozen=True)
+class GeneratedDigits:
+    images: np.ndarray  # (N, 28, 28) uint8, 0 = black background
+    labels: np.ndarray  # (N,) int64
+    start: int = 0  # global index of the first digit
+
+
+def noise_for(seed: int, start: int, stop: int, latent_dim: int) -> np.ndarray:
+    """Standard-normal ``z`` for global indices ``[start, stop)``, identical however it is batched."""
+    first, last = start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK
+    blocks = [
+        np.random.default_rng([seed, block]).standard_normal((NOISE_BLOCK, latent_dim), dtype=np.float32)
+        for block in range(first, last + 1)
+    ]
+    offset = start - first * NOISE_BLOCK
+    return np.concatenate(blocks)[offset : offset + stop - start]
+
+
+def labels_for(digits: Sequence[int], start: int, stop: int) -> np.ndarray:
+    """Labels of global indices ``[start, stop)``: ``digits`` repeated."""
+    cycle = np.asarray(digits, dtype=np.int64)
+    return cycle[np.arange(start, stop) % len(cycle)]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(B, 1, 28, 28) floats in [0, 1] -> (B, 28, 28) uint8."""
+    return np.rint(np.clip(images[:, 0], 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidRequestError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class DigitGenerator:
+    """A loaded generator. ``DigitGenerator.from_path()`` opens the shipped model.
+
+    >>> gen = DigitGenerator.from_path()
+    >>> batch = gen.generate(10, digits=[7], seed=1)
+    >>> batch.images.shape, batch.labels[:3]
+    ((10, 28, 28), array([7, 7, 7]))
+    """
+
+    def __init__(self, path: Path, info: ModelInfo, session: object, provider: str, note: str) -> None:
+        self.path = path
+        self.info = info
+        self.provider = provider
+        self.note = note
+        self._session = session
+
+    @classmethod
+    def from_path(cls, path: str | Path | None = None, provider: str = "auto") -> DigitGenerator:
+        """Open ``path`` (default: the shipped model) on ``provider`` ("auto", "cpu" or "cuda")."""
+        path = Path(path) if path is not None else default_model_path()
+        opened = open_session(path, provider)
+        info = check_contract(opened.session, str(path))
+        return cls(path, info, opened.session, opened.provider, opened.note)
+
+    @property
+    def inputs(self) -> list:
+        """onnxruntime's description of the model inputs (name, type, shape)."""
+        return self._session.get_inputs()
+
+    @property
+    def outputs(self) -> list:
+        return self._session.get_outputs()
+
+    @property
+    def latent_dim(self) -> int:
+        return self.info.latent_dim
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    def check_digits(self, digits: Sequence[int] | None) -> list[int]:
+        """Validate requested classes; ``None`` means all classes in turn."""
+        if digits is None:
+            return list(range(self.num_classes))
+        digits = list(digits)
+        if not digits:
+            raise InvalidRequestError("the list of digits is empty")
+        for d in digits:
+            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d < self.num_classes:
+                raise InvalidRequestError(f"digit {d!r} is not a class of this model (0-{self.num_classes - 1})")
+        return [int(d) for d in digits]
+
+    def run(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Raw model call: (B, latent_dim) float32 and (B,) int64 -> (B, 1, 28, 28) float32 in [0, 1]."""
+        (images,) = self._session.run(["image"], {"z": z, "digit": labels})
+        return images
+
+    def iter_batches(
+        self,
+        num: int,
+        digits: Sequence[int] | None = None,
+        seed: int = 0,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        start: int = 0,
+    ) -> Iterator[GeneratedDigits]:
+        """Yield digits ``start .. start+num-1`` of the sequence defined by (digits, seed), batch by batch."""
+        num = _check_positive_int(num, "number of digits")
+        seed = _check_positive_int(seed, "seed", minimum=0)
+        batch_size = _check_positive_int(batch_size, "batch size")
+        start = _check_positive_int(start, "start index", minimum=0)
+        cycle = self.check_digits(digits)
+        for lo in range(start, start + num, batch_size):
+            hi = min(lo + batch_size, start + num)
+            labels = labels_for(cycle, lo, hi)
+            images = self.run(noise_for(seed, lo, hi, self.latent_dim), labels)
+            yield GeneratedDigits(to_uint8(images), labels, lo)
+
+    def generate(
+        self,
+        num: int,
+        digits: Sequence[int] | None = None,
+        seed: int = 0,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> GeneratedDigits:
+        """Generate ``num`` digits at once (use :meth:`iter_batches` for very large ``num``)."""
+        batches = list(self.iter_batches(num, digits, seed, batch_size))
+        return GeneratedDigits(np.concatenate([b.images for b in batches]), np.concatenate([b.labels for b in batches]))

@@ -1,0 +1,77 @@
+"""Open an ONNX file as an onnxruntime session on the requested execution provider."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from runtime.errors import InvalidModelError, ModelNotFoundError, ProviderUnavailableError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDER_CHOICES = ("auto", *PROVIDERS)
+ORT_ERRORS = (
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.InvalidGraph,
+    ort_state.InvalidProtobuf,
+    ort_state.NoSuchFile,
+    ort_state.NotImplemented,
+    ort_state.RuntimeException,
+)
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    session: ort.InferenceSession
+    provider: str  # "cpu" or "cuda": what really runs
+    note: str  # non-empty when "auto" fell back to the CPU
+
+
+def _usable_providers() -> list[str]:
+    available = ort.get_available_providers()
+    return [name for name, ort_name in PROVIDERS.items() if ort_name in available]
+
+
+def _resolve(provider: str) -> tuple[str, str]:
+    if provider not in PROVIDER_CHOICES:
+        raise ProviderUnavailableError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
+    usable = _usable_providers()
+    if provider == "auto":
+        if "cuda" in usable:
+            return "cuda", ""
+        return "cpu", "CUDA is not available to onnxruntime here; running on the CPU"
+    if provider not in usable:
+        raise ProviderUnavailableError(
+            f"provider {provider!r} cannot run here; available: {', '.join(usable)} "
+            "(CUDA needs the onnxruntime-gpu package and an NVIDIA GPU)"
+        )
+    return provider, ""
+
+
+def open_session(path: str | Path, provider: str = "auto") -> OpenedSession:
+    """Load ``path`` with onnxruntime; raise typed errors for missing, corrupt or unrunnable models."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"model not found: {path}")
+    if not path.is_file():
+        raise InvalidModelError(f"model path is not a file: {path}")
+    chosen, note = _resolve(provider)
+    providers = [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except ORT_ERRORS as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelError(f"{path} is not a valid ONNX model: {detail}") from exc
+    running = session.get_providers()[0]
+    if running != PROVIDERS[chosen]:
+        if provider == "auto":
+            return OpenedSession(session, "cpu", "CUDA failed to start in onnxruntime; running on the CPU")
+        raise ProviderUnavailableError(
+            f"provider {provider!r} failed to start (onnxruntime fell back to {running}); available: cpu"
+        )
+    return OpenedSession(session, chosen, note)

@@ -1,0 +1,1 @@
+"""Training side of digitgen (PyTorch): model, data, loop and checkpoints."""

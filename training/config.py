@@ -1,0 +1,49 @@
+"""Model and training configuration: what a checkpoint needs to rebuild and resume a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    """Architecture of the conditional GAN; stored in every checkpoint."""
+
+    latent_dim: int = 64
+    num_classes: int = 10
+    image_size: int = 28
+    label_embed_dim: int = 16
+    g_width: int = 64
+    d_width: int = 64
+
+    def __post_init__(self) -> None:
+        if self.image_size != 28:
+            raise ValueError("only 28x28 images are supported")
+        for name in ("latent_dim", "num_classes", "label_embed_dim", "g_width", "d_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of a run; stored in the checkpoint so `--resume` continues it."""
+
+    total_steps: int
+    batch_size: int = 64
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    ema_decay: float = 0.999
+    seed: int = 0
+    subset: int | None = None  # train on the first N images only (tests, quick experiments)
+    checkpoint_every: int = 500
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ValueError("the number of steps must be positive")
+        if self.batch_size < 1:
+            raise ValueError("batch size must be positive")
+        if self.subset is not None and self.subset < 1:
+            raise ValueError("subset must be positive")
+        if not self.lr > 0:
+            raise ValueError("learning rate must be positive")

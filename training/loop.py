@@ -1,0 +1,171 @@
+"""The training loop: hinge-loss conditional GAN with an EMA generator, resumable at any step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+
+from training.checkpoint import save_checkpoint
+from training.data import MnistTensors
+from training.errors import NonFiniteLossError
+from training.state import TrainState, state_to_checkpoint
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+GRID_COLUMNS = 10
+
+ProgressFn = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int
+    checkpoint: Path
+    interrupted: bool
+    seconds: float
+    images_per_s: float
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    return max(1, num_images // batch_size)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The order of epoch ``epoch``: a pure function of (seed, epoch), so a resumed run matches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def _to_model_range(images: torch.Tensor) -> torch.Tensor:
+    return images.unsqueeze(1).float().div_(127.5).sub_(1.0)  # (B, 1, 28, 28) in [-1, 1]
+
+
+def _check_finite(loss: torch.Tensor, name: str, step: int) -> None:
+    if not math.isfinite(loss.item()):
+        raise NonFiniteLossError(
+            f"{name} loss is {loss.item()} at step {step + 1}; stopped before applying it "
+            "(the last checkpoint is intact; try a lower --lr)"
+        )
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
+        ema_p.lerp_(p, 1.0 - decay)
+    for ema_b, b in zip(ema.buffers(), model.buffers(), strict=True):
+        ema_b.copy_(b)
+
+
+def train_step(state: TrainState, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """One discriminator and one generator update; returns the step's losses and D outputs."""
+    g, d, device = state.generator, state.discriminator, real.device
+    batch, latent = real.shape[0], state.config.latent_dim
+
+    z = torch.randn(batch, latent, generator=state.noise_rng).to(device)
+    with torch.no_grad():
+        fake = g(z, labels)
+    d_real, d_fake = d(real, labels), d(fake, labels)
+    loss_d = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
+    _check_finite(loss_d, "discriminator", state.step)
+    state.opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    state.opt_d.step()
+
+    z = torch.randn(batch, latent, generator=state.noise_rng).to(device)
+    fake_labels = torch.randint(0, state.config.num_classes, (batch,), generator=state.noise_rng).to(device)
+    loss_g = -d(g(z, fake_labels), fake_labels).mean()
+    _check_finite(loss_g, "generator", state.step)
+    state.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    state.opt_g.step()
+
+    decay = min(state.train.ema_decay, (1 + state.step) / (10 + state.step))
+    _update_ema(state.generator_ema, g, decay)
+    state.step += 1
+    return {
+        "loss_d": loss_d.item(),
+        "loss_g": loss_g.item(),
+        "d_real": d_real.mean().item(),
+        "d_fake": d_fake.mean().item(),
+    }
+
+
+@torch.no_grad()
+def write_sample_grid(state: TrainState, path: Path) -> None:
+    """Fixed-noise grid from the EMA generator: one row per digit 0-9, ten styles per row."""
+    cfg = state.config
+    device = next(state.generator_ema.parameters()).device
+    noise = torch.randn(GRID_COLUMNS, cfg.latent_dim, generator=torch.Generator().manual_seed(2024))
+    z = noise.repeat(cfg.num_classes, 1).to(device)
+    labels = torch.arange(cfg.num_classes).repeat_interleave(GRID_COLUMNS).to(device)
+    images = state.generator_ema(z, labels).add(1.0).div(2.0)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    save_image(images.cpu(), tmp, nrow=GRID_COLUMNS, padding=2, pad_value=0.5)
+    os.replace(tmp, path)
+
+
+def _append_metrics(path: Path, record: dict[str, float]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(
+    state: TrainState,
+    data: MnistTensors,
+    run_dir: str | Path,
+    *,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> TrainResult:
+    """Train until ``state.train.total_steps``; checkpoint periodically, at each epoch and at the end.
+
+    ``should_stop`` is polled after every step (signal handlers set it); the run then writes a
+    checkpoint and returns with ``interrupted=True`` so ``--resume`` can continue it exactly.
+    """
+    run_dir = Path(run_dir)
+    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    checkpoint = run_dir / CHECKPOINT_NAME
+    device = next(state.generator.parameters()).device
+    images, labels = data.images.to(device), data.labels.to(device)
+    cfg = state.train
+    per_epoch = steps_per_epoch(len(images), cfg.batch_size)
+    state.generator.train()
+    state.discriminator.train()
+
+    start, window_start, window_steps, interrupted = time.perf_counter(), time.perf_counter(), 0, False
+    first_step = state.step
+    order, order_epoch = None, -1
+    while state.step < cfg.total_steps:
+        epoch, position = divmod(state.step, per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_permutation(cfg.seed, epoch, len(images)).to(device), epoch
+        idx = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
+        metrics = train_step(state, _to_model_range(images[idx]), labels[idx])
+        window_steps += 1
+        if state.step % cfg.log_every == 0 or state.step == cfg.total_steps:
+            elapsed = time.perf_counter() - window_start
+            metrics["images_per_s"] = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+            _append_metrics(run_dir / METRICS_NAME, {"step": state.step, "epoch": epoch, **metrics})
+            window_start, window_steps = time.perf_counter(), 0
+        if progress is not None:
+            progress(state.step, {"epoch": epoch + 1, **metrics})
+        epoch_done = state.step % per_epoch == 0
+        if epoch_done or state.step == cfg.total_steps:
+            write_sample_grid(state, run_dir / "samples" / f"step{state.step:07d}.png")
+        if epoch_done or state.step % cfg.checkpoint_every == 0:
+            save_checkpoint(state_to_checkpoint(state), checkpoint)
+        if should_stop():
+            interrupted = True
+            break
+    save_checkpoint(state_to_checkpoint(state), checkpoint)
+    seconds = time.perf_counter() - start
+    trained = (state.step - first_step) * cfg.batch_size
+    return TrainResult(state.step, checkpoint, interrupted, seconds, trained / max(seconds, 1e-9))

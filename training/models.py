@@ -1,0 +1,66 @@
+"""Class-conditional DCGAN: upsampling generator, spectral-norm projection discriminator."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from training.config import GANConfig
+
+
+class Generator(nn.Module):
+    """Maps noise ``z`` (B, latent_dim) and labels (B,) to images (B, 1, 28, 28) in [-1, 1]."""
+
+    def __init__(self, cfg: GANConfig) -> None:
+        super().__init__()
+        w = cfg.g_width
+        self.embed = nn.Embedding(cfg.num_classes, cfg.label_embed_dim)
+        self.project = nn.Sequential(
+            nn.Linear(cfg.latent_dim + cfg.label_embed_dim, w * 7 * 7, bias=False),
+            nn.Unflatten(1, (w, 7, 7)),  # (B, w, 7, 7)
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+        )
+        self.body = nn.Sequential(
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),  # (B, 2w, 7, 7)
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1, bias=False),  # (B, w, 14, 14)
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(w, w // 2, 4, stride=2, padding=1, bias=False),  # (B, w/2, 28, 28)
+            nn.BatchNorm2d(w // 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(w // 2, 1, 3, padding=1),  # (B, 1, 28, 28)
+            nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([z, self.embed(labels)], dim=1)
+        return self.body(self.project(h))
+
+
+class Discriminator(nn.Module):
+    """Scores (image, label) pairs; higher means "real". Projection conditioning (Miyato 2018)."""
+
+    def __init__(self, cfg: GANConfig) -> None:
+        super().__init__()
+        w = cfg.d_width
+        features = 4 * w * 4 * 4
+        self.features = nn.Sequential(
+            spectral_norm(nn.Conv2d(1, w, 4, stride=2, padding=1)),  # (B, w, 14, 14)
+            nn.LeakyReLU(0.2, inplace=True),
+            spectral_norm(nn.Conv2d(w, 2 * w, 4, stride=2, padding=1)),  # (B, 2w, 7, 7)
+            nn.LeakyReLU(0.2, inplace=True),
+            spectral_norm(nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1)),  # (B, 4w, 4, 4)
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Flatten(),  # (B, 4w*16)
+        )
+        self.score = spectral_norm(nn.Linear(features, 1))
+        self.class_embed = spectral_norm(nn.Embedding(cfg.num_classes, features))
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.features(images)
+        projection = (self.class_embed(labels) * h).sum(dim=1)
+        return self.score(h).squeeze(1) + projection

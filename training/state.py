@@ -1,0 +1,119 @@
+"""Everything a run needs to continue exactly where it stopped, and its checkpoint form."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from training.checkpoint import FORMAT_VERSION, load_checkpoint
+from training.config import GANConfig, TrainConfig
+from training.errors import CheckpointError
+from training.models import Discriminator, Generator
+
+
+@dataclass
+class TrainState:
+    config: GANConfig
+    train: TrainConfig
+    generator: Generator
+    generator_ema: Generator
+    discriminator: Discriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    noise_rng: torch.Generator  # CPU generator for z and fake labels: same draws on any device
+    step: int = 0
+
+
+def _optimizer(module: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(module.parameters(), lr=train.lr, betas=train.betas)
+
+
+def new_state(config: GANConfig, train: TrainConfig, device: torch.device) -> TrainState:
+    """Fresh networks initialised from ``train.seed``."""
+    torch.manual_seed(train.seed)
+    generator = Generator(config).to(device)
+    discriminator = Discriminator(config).to(device)
+    generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
+    noise_rng = torch.Generator().manual_seed(train.seed + 1)
+    return TrainState(
+        config,
+        train,
+        generator,
+        generator_ema,
+        discriminator,
+        _optimizer(generator, train),
+        _optimizer(discriminator, train),
+        noise_rng,
+    )
+
+
+def state_to_checkpoint(state: TrainState) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": asdict(state.config),
+        "train": asdict(state.train),
+        "generator": state.generator.state_dict(),
+        "generator_ema": state.generator_ema.state_dict(),
+        "discriminator": state.discriminator.state_dict(),
+        "optimizers": {"generator": state.opt_g.state_dict(), "discriminator": state.opt_d.state_dict()},
+        "step": state.step,
+        "rng": {"noise": state.noise_rng.get_state()},
+    }
+
+
+def _dataclass_from(cls: type, values: Any, what: str) -> Any:
+    if not isinstance(values, dict):
+        raise CheckpointError(f"checkpoint {what} is not a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise CheckpointError(f"checkpoint {what} has unknown fields: {', '.join(sorted(unknown))}")
+    if "betas" in values:
+        values = {**values, "betas": tuple(values["betas"])}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {what} is invalid: {exc}") from exc
+
+
+def config_from_checkpoint(payload: dict[str, Any]) -> GANConfig:
+    return _dataclass_from(GANConfig, payload["config"], "config")
+
+
+def load_generator(path: str, *, ema: bool = True) -> tuple[Generator, GANConfig, dict[str, Any]]:
+    """Rebuild the (EMA) generator from a checkpoint alone; returns it in eval mode."""
+    payload = load_checkpoint(path)
+    config = config_from_checkpoint(payload)
+    generator = Generator(config)
+    _load_weights(generator, payload["generator_ema" if ema else "generator"], "generator")
+    return generator.eval(), config, payload
+
+
+def _load_weights(module: torch.nn.Module, weights: Any, what: str) -> None:
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        detail = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{what} weights do not match the checkpoint's configuration: {detail}") from exc
+
+
+def state_from_checkpoint(path: str, device: torch.device) -> TrainState:
+    """Restore a run exactly as it was saved: weights, optimizers, noise RNG and step."""
+    payload = load_checkpoint(path)
+    config = config_from_checkpoint(payload)
+    train = _dataclass_from(TrainConfig, payload["train"], "training settings")
+    state = new_state(config, train, device)
+    _load_weights(state.generator, payload["generator"], "generator")
+    _load_weights(state.generator_ema, payload["generator_ema"], "EMA generator")
+    _load_weights(state.discriminator, payload["discriminator"], "discriminator")
+    try:
+        state.opt_g.load_state_dict(payload["optimizers"]["generator"])
+        state.opt_d.load_state_dict(payload["optimizers"]["discriminator"])
+        state.noise_rng.set_state(payload["rng"]["noise"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: optimizer or RNG state is invalid ({exc})") from exc
+    state.step = int(payload["step"])
+    return state
