@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import write_tiny_mnist
+from training.config import GANConfig, TrainConfig
+from training.data import load_mnist
+from training.loop import train
+from training.state import new_state
+
+TINY_MODEL = GANConfig(latent_dim=8, g_width=16, d_width=16)
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "datasets"
+
+
+def train_tiny(run_dir: Path, data_root: Path, steps: int = 4, seed: int = 0, **overrides) -> Path:
+    """Train the tiny configuration for a few steps on CPU and return its checkpoint."""
+    settings = TrainConfig(total_steps=steps, batch_size=16, seed=seed, **overrides)
+    state = new_state(TINY_MODEL, settings, torch.device("cpu"))
+    return train(state, load_mnist(data_root, download=False), run_dir).checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_mnist: Path) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("run"), tiny_mnist)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    from export.onnx_export import export_generator
+
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_generator(tiny_checkpoint, path)
+    return path

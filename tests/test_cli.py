@@ -1,0 +1,140 @@
+"""The Click CLI: every command through CliRunner, errors as one line with a non-zero exit."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from tests.helpers import read_idx
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output
+
+
+def test_generate_png_default_count(tmp_path: Path, tiny_onnx: Path) -> None:
+    code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path)
+    assert code == 0, output
+    assert len(list(tmp_path.glob("*.png"))) == 10
+
+
+@pytest.mark.parametrize("flag", ["-n", "--num-digits", "--num_digits"])
+def test_num_digits_spellings(tmp_path: Path, tiny_onnx: Path, flag: str) -> None:
+    code, output = run("generate", "--generator", tiny_onnx, flag, 3, "--out", tmp_path, "--format", "npz")
+    assert code == 0, output
+    assert len(np.load(tmp_path / "digits.npz")["labels"]) == 3
+
+
+def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None:
+    code, _ = run(
+        "generate", "--generator", tiny_onnx, "-n", 5, "--digit", 7, "--out", tmp_path / "a", "--format", "idx"
+    )
+    assert code == 0 and read_idx(tmp_path / "a" / "train-labels-idx1-ubyte").tolist() == [7] * 5
+    code, _ = run(
+        "generate", "--generator", tiny_onnx, "-n", 5, "--digits", "1,2", "--out", tmp_path / "b", "--format", "idx"
+    )
+    assert code == 0 and read_idx(tmp_path / "b" / "train-labels-idx1-ubyte").tolist() == [1, 2, 1, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-n", "0"], "0 is not in the range"),
+        (["-n", "-4"], "-4 is not in the range"),
+        (["-n", "ten"], "'ten' is not a valid integer"),
+        (["--digits", "1,x"], "comma-separated list of digits"),
+        (["--digits", "3,12"], "digit 12 is not a class"),
+        (["--digit", "10"], "digit 10 is not a class"),
+        (["--digit", "1", "--digits", "2"], "not both"),
+        (["--format", "jpg"], "'jpg' is not one of"),
+        (["--provider", "tpu"], "'tpu' is not one of"),
+        (["--generator", "/nonexistent/g.onnx"], "model not found"),
+    ],
+)
+def test_bad_generate_input_is_one_clear_line(tmp_path: Path, tiny_onnx: Path, args: list[str], message: str) -> None:
+    base = ["generate", "--out", tmp_path / "out"]
+    if "--generator" not in args:
+        base += ["--generator", tiny_onnx]
+    code, output = run(*base, *args)
+    assert code != 0
+    assert message in output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_generate_refuses_to_overwrite(tmp_path: Path, tiny_onnx: Path) -> None:
+    args = ("generate", "--generator", tiny_onnx, "--out", tmp_path, "--format", "grid")
+    assert run(*args)[0] == 0
+    code, output = run(*args)
+    assert code == 1 and "already exists; pass --overwrite" in output
+    assert run(*args, "--overwrite")[0] == 0
+
+
+def test_info_prints_contract_and_metadata(tiny_onnx: Path) -> None:
+    code, output = run("info", tiny_onnx)
+    assert code == 0
+    for expected in ("input   z", "input   digit", "output  image", "latent_dim: 8", "contract_version: 1"):
+        assert expected in output
+
+
+def test_train_export_verify(tmp_path: Path, tiny_mnist: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, output = run(
+        "train",
+        "--data-dir",
+        tiny_mnist,
+        "--out",
+        run_dir,
+        "--steps",
+        3,
+        "--batch-size",
+        16,
+        "--latent-dim",
+        8,
+        "--device",
+        "cpu",
+    )
+    assert code == 0, output
+    checkpoint = run_dir / "checkpoint.pt"
+    code, output = run("export", "--checkpoint", checkpoint, "--out", tmp_path / "g.onnx")
+    assert code == 0, output
+    assert output.count("ok (atol 1e-04)") == 6 and (tmp_path / "g.onnx").is_file()
+    code, output = run("verify", tmp_path / "g.onnx", "--checkpoint", checkpoint)
+    assert code == 0 and "matches" in output
+    code, output = run("train", "--data-dir", tiny_mnist, "--out", run_dir, "--steps", 5, "--resume", checkpoint)
+    assert code == 0, output
+    assert "steps 3 -> 5" in output
+
+
+def test_train_without_data_names_the_files(tmp_path: Path) -> None:
+    code, output = run("train", "--data-dir", tmp_path, "--out", tmp_path / "run", "--steps", 1)
+    assert code == 1
+    assert "train-images-idx3-ubyte" in output and "t10k-labels-idx1-ubyte" in output
+
+
+def test_export_rejects_garbage_checkpoint(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    code, output = run("export", "--checkpoint", bad, "--out", tmp_path / "g.onnx")
+    assert code == 1 and "not a readable digitgen checkpoint" in output
+    assert not (tmp_path / "g.onnx").exists()
+
+
+def test_verify_against_another_checkpoint_fails(tmp_path: Path, tiny_onnx: Path, tiny_mnist: Path) -> None:
+    from tests.conftest import train_tiny
+
+    other = train_tiny(tmp_path / "other", tiny_mnist, seed=3)
+    code, output = run("verify", tiny_onnx, "--checkpoint", other)
+    assert code == 1 and "ONNX output differs from PyTorch" in output and "FAIL" in output
+
+
+def test_idx_header_counts(tmp_path: Path, tiny_onnx: Path) -> None:
+    code, _ = run("generate", "--generator", tiny_onnx, "-n", 12, "--out", tmp_path, "--format", "idx")
+    header = (tmp_path / "train-images-idx3-ubyte").read_bytes()[:16]
+    assert code == 0 and struct.unpack(">IIII", header) == (0x803, 12, 28, 28)

@@ -1,0 +1,69 @@
+"""Export parity and metadata on a tiny freshly trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+import export.onnx_export as onnx_export
+from export.errors import ExportError, ExportVerificationError
+from export.onnx_export import export_generator, verify_file
+from export.verify import ATOL, BATCH_SIZES
+from tests.conftest import train_tiny
+
+
+def test_export_passes_parity_on_every_case(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    report = export_generator(tiny_checkpoint, tmp_path / "g.onnx")
+    assert report.passed and report.atol == ATOL
+    assert {c.batch_size for c in report.cases} == set(BATCH_SIZES) >= {1, 7, 64}
+    assert len({c.seed for c in report.cases}) >= 2
+    assert all(c.max_abs_diff <= ATOL for c in report.cases)
+
+
+def test_exported_model_carries_contract_and_metadata(tiny_onnx: Path) -> None:
+    model = onnx.load(str(tiny_onnx))
+    onnx.checker.check_model(model)
+    assert [i.name for i in model.graph.input] == ["z", "digit"]
+    assert [o.name for o in model.graph.output] == ["image"]
+    batch_dims = [i.type.tensor_type.shape.dim[0].dim_param for i in model.graph.input]
+    assert all(batch_dims)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["latent_dim"] == "8" and meta["num_classes"] == "10" and meta["image_size"] == "28"
+    assert meta["contract_version"] == "1" and meta["train_steps"] == "4"
+
+
+def test_verify_accepts_matching_checkpoint(tiny_onnx: Path, tiny_checkpoint: Path) -> None:
+    assert verify_file(tiny_onnx, tiny_checkpoint).passed
+
+
+def test_verify_rejects_another_checkpoint(tmp_path: Path, tiny_onnx: Path, tiny_mnist: Path) -> None:
+    other = train_tiny(tmp_path, tiny_mnist, steps=4, seed=7)
+    with pytest.raises(ExportVerificationError, match="FAIL"):
+        verify_file(tiny_onnx, other)
+
+
+def test_failed_verification_leaves_no_file(tmp_path: Path, tiny_checkpoint: Path, monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise ExportVerificationError("forced mismatch")
+
+    monkeypatch.setattr(onnx_export, "verify_parity", fail)
+    with pytest.raises(ExportVerificationError):
+        export_generator(tiny_checkpoint, tmp_path / "g.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_export_leaves_no_file(tmp_path: Path, tiny_checkpoint: Path, monkeypatch) -> None:
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "_add_metadata", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_generator(tiny_checkpoint, tmp_path / "g.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_to_missing_directory_is_a_clear_error(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    with pytest.raises(ExportError, match="does not exist"):
+        export_generator(tiny_checkpoint, tmp_path / "nope" / "g.onnx")

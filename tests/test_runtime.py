@@ -1,0 +1,143 @@
+"""The torch-free runtime API on a tiny exported model and on the shipped artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from runtime import (
+    DigitGenerator,
+    InvalidModelError,
+    InvalidRequestError,
+    ModelContractError,
+    ModelNotFoundError,
+    ProviderUnavailableError,
+    default_model_path,
+)
+from runtime.generator import noise_for
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_onnx: Path) -> DigitGenerator:
+    return DigitGenerator.from_path(tiny_onnx, "cpu")
+
+
+def test_generate_returns_uint8_images_and_cycling_labels(tiny: DigitGenerator) -> None:
+    out = tiny.generate(23, seed=1)
+    assert out.images.shape == (23, 28, 28) and out.images.dtype == np.uint8
+    assert out.labels.dtype == np.int64
+    assert out.labels.tolist() == [i % 10 for i in range(23)]
+
+
+def test_digit_list_is_repeated_to_n(tiny: DigitGenerator) -> None:
+    assert tiny.generate(7, digits=[3, 0, 9]).labels.tolist() == [3, 0, 9, 3, 0, 9, 3]
+
+
+def test_same_seed_same_images_whatever_the_batch_size(tiny: DigitGenerator) -> None:
+    reference = tiny.generate(50, seed=5, batch_size=50).images
+    for batch_size in (1, 7, 1000):
+        assert np.array_equal(tiny.generate(50, seed=5, batch_size=batch_size).images, reference)
+    assert not np.array_equal(tiny.generate(50, seed=6).images, reference)
+
+
+def test_noise_is_fixed_per_index_across_blocks() -> None:
+    whole = noise_for(3, 0, 3000, 4)
+    assert np.array_equal(noise_for(3, 1000, 2100, 4), whole[1000:2100])
+    assert abs(float(whole.std()) - 1.0) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num": 0}, "number of digits"),
+        ({"num": -3}, "number of digits"),
+        ({"num": "5"}, "number of digits"),
+        ({"num": 5, "digits": [10]}, "digit 10"),
+        ({"num": 5, "digits": [-1]}, "digit -1"),
+        ({"num": 5, "digits": []}, "empty"),
+        ({"num": 5, "seed": -1}, "seed"),
+        ({"num": 5, "batch_size": 0}, "batch size"),
+    ],
+)
+def test_bad_requests_raise_typed_errors(tiny: DigitGenerator, kwargs: dict, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        tiny.generate(**kwargs)
+
+
+def test_missing_model(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        DigitGenerator.from_path(tmp_path / "none.onnx")
+
+
+@pytest.mark.parametrize("content", [b"not a model at all", b""], ids=["text", "empty"])
+def test_non_onnx_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(InvalidModelError, match="not a valid ONNX model"):
+        DigitGenerator.from_path(path)
+
+
+def test_truncated_model(tmp_path: Path, tiny_onnx: Path) -> None:
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(tiny_onnx.read_bytes()[: len(tiny_onnx.read_bytes()) // 2])
+    with pytest.raises(InvalidModelError):
+        DigitGenerator.from_path(path)
+
+
+def _rewrite(tiny_onnx: Path, tmp_path: Path, edit) -> Path:
+    model = onnx.load(str(tiny_onnx))
+    edit(model)
+    path = tmp_path / "edited.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _rename_input(model: onnx.ModelProto) -> None:
+    old = model.graph.input[0].name
+    model.graph.input[0].name = "noise"
+    for node in model.graph.node:
+        node.input[:] = ["noise" if name == old else name for name in node.input]
+
+
+def _drop_metadata(model: onnx.ModelProto) -> None:
+    kept = [p for p in model.metadata_props if p.key != "latent_dim"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [(_rename_input, "inputs must be 'z' and 'digit'"), (_drop_metadata, "latent_dim")],
+    ids=["input-name", "metadata"],
+)
+def test_contract_violations_are_named(tmp_path: Path, tiny_onnx: Path, edit, message: str) -> None:
+    with pytest.raises(ModelContractError, match=message):
+        DigitGenerator.from_path(_rewrite(tiny_onnx, tmp_path, edit))
+
+
+def test_unknown_provider(tiny_onnx: Path) -> None:
+    with pytest.raises(ProviderUnavailableError, match="unknown provider"):
+        DigitGenerator.from_path(tiny_onnx, "tpu")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available")
+def test_cuda_request_without_cuda_lists_what_can_run(tiny_onnx: Path) -> None:
+    with pytest.raises(ProviderUnavailableError, match="available: cpu"):
+        DigitGenerator.from_path(tiny_onnx, "cuda")
+    auto = DigitGenerator.from_path(tiny_onnx, "auto")
+    assert auto.provider == "cpu" and "CPU" in auto.note
+
+
+def test_shipped_model_follows_the_contract() -> None:
+    gen = DigitGenerator.from_path()
+    assert gen.path == default_model_path()
+    assert gen.info.metadata["producer"] == "digitgen"
+    assert int(gen.info.metadata["train_steps"]) > 1000
+    out = gen.generate(20, seed=0)
+    assert out.images.shape == (20, 28, 28)
+    assert out.images.mean() < 128  # black background, white strokes
+    assert out.images.max() > 200

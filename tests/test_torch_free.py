@@ -1,0 +1,50 @@
+"""The runtime and `generate` must work where PyTorch cannot be imported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+
+
+def _run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH + code],
+        cwd=cwd,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_import_torch_really_fails_in_the_subprocess(tmp_path: Path) -> None:
+    result = _run_python("import torch", tmp_path)
+    assert result.returncode != 0 and "import of torch halted" in result.stderr
+
+
+def test_cli_generate_without_torch(tmp_path: Path, tiny_onnx: Path) -> None:
+    code = (
+        "from cli import main\n"
+        f"main(['generate', '--generator', {str(tiny_onnx)!r}, '-n', '12', '--out', 'digits', '--format', 'npz'])\n"
+    )
+    result = _run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "digits" / "digits.npz").is_file()
+
+
+def test_shipped_model_through_api_without_torch(tmp_path: Path) -> None:
+    code = (
+        "from runtime import DigitGenerator\n"
+        "out = DigitGenerator.from_path().generate(10, seed=1)\n"
+        "assert out.images.shape == (10, 28, 28), out.images.shape\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print('ok')\n"
+    )
+    result = _run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

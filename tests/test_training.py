@@ -1,0 +1,161 @@
+"""Model, data, checkpoint and loop behaviour on tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_MODEL, train_tiny
+from tests.helpers import write_tiny_mnist
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import GANConfig, TrainConfig
+from training.data import MNIST_FILES, load_mnist
+from training.errors import CheckpointError, DatasetCorruptError, DatasetNotFoundError, NonFiniteLossError
+from training.loop import train
+from training.models import Discriminator, Generator
+from training.state import new_state, state_from_checkpoint, state_to_checkpoint
+
+
+def test_generator_and_discriminator_shapes() -> None:
+    g, d = Generator(TINY_MODEL), Discriminator(TINY_MODEL)
+    z, labels = torch.randn(5, TINY_MODEL.latent_dim), torch.arange(5)
+    images = g(z, labels)
+    assert images.shape == (5, 1, 28, 28)
+    assert images.min() >= -1 and images.max() <= 1
+    assert d(images, labels).shape == (5,)
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="latent_dim"):
+        GANConfig(latent_dim=0)
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(total_steps=0)
+
+
+def test_load_mnist_reads_idx_files(tiny_mnist: Path) -> None:
+    data = load_mnist(tiny_mnist, download=False)
+    assert data.images.shape == (256, 28, 28) and data.images.dtype == torch.uint8
+    assert data.labels[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+
+
+def test_missing_mnist_names_all_four_files(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError) as excinfo:
+        load_mnist(tmp_path, download=False)
+    message = str(excinfo.value)
+    assert all(name in message for name in MNIST_FILES)
+    assert str(tmp_path / "MNIST" / "raw") in message
+
+
+@pytest.mark.parametrize(
+    ("name", "mutate"),
+    [
+        ("train-images-idx3-ubyte", lambda b: b[:-100]),
+        ("train-labels-idx1-ubyte", lambda b: b[:4]),
+        ("train-images-idx3-ubyte", lambda b: b"\x00\x00\x09\x99" + b[4:]),
+    ],
+    ids=["truncated-images", "truncated-header", "bad-magic"],
+)
+def test_corrupt_mnist_names_the_file(tmp_path: Path, name: str, mutate) -> None:
+    root = write_tiny_mnist(tmp_path)
+    path = root / "MNIST" / "raw" / name
+    path.write_bytes(mutate(path.read_bytes()))
+    with pytest.raises(DatasetCorruptError, match=name):
+        load_mnist(root, download=False)
+
+
+def test_training_writes_checkpoint_grid_and_metrics(tmp_path: Path, tiny_mnist: Path) -> None:
+    checkpoint = train_tiny(tmp_path, tiny_mnist, steps=6, log_every=3)
+    payload = torch.load(checkpoint, weights_only=True)
+    assert payload["step"] == 6 and payload["config"]["latent_dim"] == TINY_MODEL.latent_dim
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6]
+    assert {"loss_d", "loss_g", "d_real", "d_fake", "images_per_s"} <= set(records[0])
+    assert list((tmp_path / "samples").glob("step*.png"))
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    payload = load_checkpoint(checkpoint)
+    return {
+        f"{part}.{k}": v for part in ("generator", "generator_ema", "discriminator") for k, v in payload[part].items()
+    }
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path: Path, tiny_mnist: Path) -> None:
+    straight = train_tiny(tmp_path / "straight", tiny_mnist, steps=20)  # crosses an epoch boundary
+    data = load_mnist(tiny_mnist, download=False)
+    state = new_state(TINY_MODEL, TrainConfig(total_steps=20, batch_size=16), torch.device("cpu"))
+    stops = iter([False] * 6 + [True])
+    first = train(state, data, tmp_path / "resumed", should_stop=lambda: next(stops))
+    assert first.interrupted and first.step == 7
+    resumed = train(state_from_checkpoint(str(first.checkpoint), torch.device("cpu")), data, tmp_path / "resumed")
+    assert resumed.step == 20
+    expected, actual = _weights(straight), _weights(resumed.checkpoint)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, tiny_mnist: Path) -> None:
+    checkpoint = train_tiny(tmp_path, tiny_mnist, steps=2)
+    before = checkpoint.read_bytes()
+    state = state_from_checkpoint(str(checkpoint), torch.device("cpu"))
+    state.train = TrainConfig(total_steps=4, batch_size=16)
+    with torch.no_grad():
+        next(state.discriminator.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        train(state, load_mnist(tiny_mnist, download=False), tmp_path)
+    assert checkpoint.read_bytes() == before
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_code_in_checkpoint_is_refused_and_never_runs(tmp_path: Path) -> None:
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "payload": _Payload(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="not a readable digitgen checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # proof that the payload is live when loaded unsafely
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"\x00" * 100, bytes(range(256)) * 40], ids=["empty", "zeros", "random-bytes"]
+)
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"bad\.pt"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    path = tmp_path / "cut.pt"
+    path.write_bytes(tiny_checkpoint.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"cut\.pt"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    payload = load_checkpoint(tiny_checkpoint)
+    payload["config"]["g_width"] = 32
+    path = tmp_path / "other.pt"
+    save_checkpoint(payload, path)
+    with pytest.raises(CheckpointError, match="do not match"):
+        state_from_checkpoint(str(path), torch.device("cpu"))
+
+
+def test_checkpoint_roundtrip_is_self_describing(tiny_checkpoint: Path) -> None:
+    state = state_from_checkpoint(str(tiny_checkpoint), torch.device("cpu"))
+    assert state.config == TINY_MODEL
+    again = state_to_checkpoint(state)
+    assert again["step"] == 4 and again["config"] == load_checkpoint(tiny_checkpoint)["config"]

@@ -1,0 +1,102 @@
+"""Every output format, read back and compared with the API's images; output-path safety."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime import DigitGenerator, OutputError, write_digits
+from runtime.writers import GRID_FILE, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, png_name
+from tests.helpers import read_idx
+
+N = 23
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_onnx: Path) -> DigitGenerator:
+    return DigitGenerator.from_path(tiny_onnx, "cpu")
+
+
+def _write(gen: DigitGenerator, out: Path, fmt: str, **kwargs) -> list[Path]:
+    return write_digits(gen.iter_batches(N, seed=2, batch_size=5), out, fmt, N, **kwargs)
+
+
+def test_png_one_file_per_digit(gen: DigitGenerator, tmp_path: Path) -> None:
+    expected = gen.generate(N, seed=2)
+    files = _write(gen, tmp_path, "png")
+    assert [f.name for f in files] == [png_name(i, i % 10) for i in range(N)]
+    for i, path in enumerate(files):
+        assert np.array_equal(np.asarray(Image.open(path)), expected.images[i])
+
+
+def test_grid_contact_sheet(gen: DigitGenerator, tmp_path: Path) -> None:
+    (path,) = _write(gen, tmp_path, "grid")
+    sheet = np.asarray(Image.open(path))
+    assert path.name == GRID_FILE and sheet.shape == (3 * 30 + 2, 10 * 30 + 2)
+    assert np.array_equal(sheet[2:30, 2:30], gen.generate(1, seed=2).images[0])
+
+
+def test_npz_arrays(gen: DigitGenerator, tmp_path: Path) -> None:
+    (path,) = _write(gen, tmp_path, "npz")
+    with np.load(path) as archive:
+        assert archive["images"].dtype == np.uint8 and archive["images"].shape == (N, 28, 28)
+        assert archive["labels"].dtype == np.int64
+        assert np.array_equal(archive["images"], gen.generate(N, seed=2).images)
+    assert path.name == NPZ_FILE
+
+
+def test_idx_pair_reads_like_mnist(gen: DigitGenerator, tmp_path: Path) -> None:
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    _write(gen, tmp_path, "idx")
+    expected = gen.generate(N, seed=2)
+    assert np.array_equal(read_idx(tmp_path / IDX_IMAGES_FILE), expected.images)
+    assert np.array_equal(read_image_file(str(tmp_path / IDX_IMAGES_FILE)).numpy(), expected.images)
+    assert read_label_file(str(tmp_path / IDX_LABELS_FILE)).tolist() == expected.labels.tolist()
+
+
+@pytest.mark.parametrize("fmt", ["png", "grid", "npz", "idx"])
+def test_existing_outputs_are_kept_unless_overwrite(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
+    first = _write(gen, tmp_path, fmt)
+    stamp = {p: p.stat().st_mtime_ns for p in first}
+    with pytest.raises(OutputError, match="--overwrite"):
+        _write(gen, tmp_path, fmt)
+    assert {p: p.stat().st_mtime_ns for p in first} == stamp
+    assert _write(gen, tmp_path, fmt, overwrite=True) == first
+
+
+def test_out_is_a_file(gen: DigitGenerator, tmp_path: Path) -> None:
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    with pytest.raises(OutputError, match="is an existing file"):
+        _write(gen, target, "png")
+    with pytest.raises(OutputError, match="lies under"):
+        _write(gen, target / "sub", "png")
+
+
+@pytest.mark.parametrize("fmt", ["idx", "npz", "grid"])
+def test_interrupted_stream_leaves_no_partial_file(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
+    def interrupted():
+        batches = gen.iter_batches(N, seed=2, batch_size=5)
+        yield next(batches)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_digits(interrupted(), tmp_path, fmt, N)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_png_leaves_only_complete_files(gen: DigitGenerator, tmp_path: Path) -> None:
+    def interrupted():
+        batches = gen.iter_batches(N, seed=2, batch_size=5)
+        yield next(batches)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_digits(interrupted(), tmp_path, "png", N)
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == [png_name(i, i) for i in range(5)]
+    assert all(np.asarray(Image.open(f)).shape == (28, 28) for f in files)
