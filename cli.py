@@ -28,7 +28,26 @@ if TYPE_CHECKING:
 DEFAULT_RUN_DIR = "runs/latest"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """A group whose errors are one line on stderr: no usage block, no traceback."""
+
+    def main(self, *args, **kwargs):  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            click.echo(f"Error: {exc.format_message()} (see --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Error: aborted", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="digitgen")
 def main() -> None:
     """Generate handwritten digits with a GAN trained on MNIST."""
@@ -281,7 +300,8 @@ def generate(
     except DigitgenError as exc:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
-        raise click.ClickException("interrupted; files already written are complete, none is partial") from None
+        click.echo("Error: interrupted; files already written are complete, none is partial", err=True)
+        sys.exit(130)
     seconds = time.perf_counter() - start
     where = files[0] if len(files) == 1 else out
     click.echo(f"wrote {num_digits} digits as {fmt} to {where} in {seconds:.2f}s on {gen.provider}")

@@ -20,6 +20,7 @@ ORT_ERRORS = (
     ort_state.NoSuchFile,
     ort_state.NotImplemented,
     ort_state.RuntimeException,
+    UnicodeDecodeError,  # onnxruntime decodes strings in corrupt files and can fail doing so
 )
 
 

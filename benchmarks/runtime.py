@@ -1,0 +1,134 @@
+"""Generation speed of an ONNX generator: throughput, batch-1 latency and CLI cold start.
+
+    python benchmarks/runtime.py [--generator MODEL.onnx] [--checkpoint CKPT] [--json]
+
+With ``--checkpoint`` (needs torch) the same weights also run in PyTorch eager for comparison.
+Prints a table; with ``--json`` the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from runtime import DigitGenerator  # noqa: E402
+from runtime.generator import noise_for  # noqa: E402
+
+BATCH_SIZES = (1, 64, 256, 1024)
+LATENCY_RUNS = 200
+
+
+def images_per_s(run, batch_size: int, min_seconds: float = 1.0) -> float:
+    """Calls ``run()`` (one batch) until ``min_seconds`` pass, after a warm-up; returns images/s."""
+    run()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        run()
+        done += batch_size
+    return done / (time.perf_counter() - start)
+
+
+def latency_ms(run) -> tuple[float, float]:
+    run()
+    samples = []
+    for _ in range(LATENCY_RUNS):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1000)
+    samples.sort()
+    return statistics.median(samples), samples[int(0.99 * (len(samples) - 1))]
+
+
+def cold_start_s(generator: Path, repeats: int = 5) -> float:
+    """Median wall time of ``cli.py generate -n 10`` in a fresh interpreter."""
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            cmd = [
+                sys.executable,
+                str(REPO / "cli.py"),
+                "generate",
+                "-n",
+                "10",
+                "--generator",
+                str(generator),
+                "--provider",
+                "cpu",
+                "--out",
+                f"{tmp}/d{i}",
+            ]
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_runner(checkpoint: str, batch_size: int, latent_dim: int):
+    import torch
+
+    from export.verify import ContractGenerator
+    from training.state import load_generator
+
+    generator, _, _ = load_generator(checkpoint)
+    model = ContractGenerator(generator).eval()
+    z = torch.from_numpy(noise_for(0, 0, batch_size, latent_dim))
+    digits = torch.arange(batch_size) % 10
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(z, digits)
+
+    return run
+
+
+@click.command()
+@click.option("--generator", "model", type=click.Path(dir_okay=False), help="Default: the shipped model.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Also time PyTorch eager on these weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on the last line.")
+def main(model: str | None, checkpoint: str | None, as_json: bool) -> None:
+    gen = DigitGenerator.from_path(model, "cpu")
+    result: dict[str, object] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "model_bytes": gen.path.stat().st_size,
+        "ort_images_per_s": {},
+        "torch_images_per_s": {},
+    }
+    for batch_size in BATCH_SIZES:
+        z, labels = noise_for(0, 0, batch_size, gen.latent_dim), np.arange(batch_size) % 10
+        result["ort_images_per_s"][batch_size] = images_per_s(lambda z=z, labels=labels: gen.run(z, labels), batch_size)
+        if checkpoint:
+            run = torch_runner(checkpoint, batch_size, gen.latent_dim)
+            result["torch_images_per_s"][batch_size] = images_per_s(run, batch_size)
+    z1, l1 = noise_for(0, 0, 1, gen.latent_dim), np.zeros(1, dtype=np.int64)
+    result["ort_latency_ms_p50"], result["ort_latency_ms_p99"] = latency_ms(lambda: gen.run(z1, l1))
+    result["cli_cold_start_s"] = cold_start_s(gen.path)
+
+    click.echo(f"machine: {result['machine']}; model {result['model_bytes'] / 1e6:.2f} MB")
+    click.echo(f"{'batch':>6} {'onnxruntime img/s':>18} {'torch eager img/s':>18}")
+    for batch_size in BATCH_SIZES:
+        torch_rate = result["torch_images_per_s"].get(batch_size)
+        click.echo(
+            f"{batch_size:>6} {result['ort_images_per_s'][batch_size]:>18.0f} "
+            f"{(f'{torch_rate:.0f}' if torch_rate else '-'):>18}"
+        )
+    click.echo(f"batch-1 latency: p50 {result['ort_latency_ms_p50']:.2f} ms, p99 {result['ort_latency_ms_p99']:.2f} ms")
+    click.echo(f"cold start of `generate -n 10`: {result['cli_cold_start_s']:.2f} s")
+    if as_json:
+        click.echo(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

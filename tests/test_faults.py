@@ -1,0 +1,127 @@
+"""Faults in real processes: signals during training and generation, fuzzed model files."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from runtime import default_model_path
+from tests.conftest import REPO
+
+CLI = [sys.executable, str(REPO / "cli.py")]
+
+
+@contextmanager
+def running(args: list[str]) -> Iterator[subprocess.Popen]:
+    """A child process that is killed if the test fails before it ends."""
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _wait_for(proc: subprocess.Popen, predicate, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path, tiny_mnist: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [
+        *CLI,
+        "train",
+        "--data-dir",
+        str(tiny_mnist),
+        "--out",
+        str(run_dir),
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+    ]
+    with running([*args, "--steps", "100000"]) as proc:
+        _wait_for(proc, lambda: (run_dir / "metrics.jsonl").is_file())
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
+    assert f"interrupted at step {step};" in stderr and step >= 50
+    resumed = subprocess.run(
+        [*args, "--steps", str(step + 3), "--resume", str(run_dir / "checkpoint.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"steps {step} -> {step + 3}" in resumed.stderr
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == step + 3
+
+
+def test_ctrl_c_during_generation_leaves_no_partial_file(tmp_path: Path, tiny_onnx: Path) -> None:
+    out = tmp_path / "out"
+    args = [*CLI, "generate", "--generator", str(tiny_onnx), "-n", "5000000", "--format", "idx", "--out", str(out)]
+    with running(args) as proc:
+        _wait_for(proc, lambda: out.is_dir() and any(out.iterdir()))
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert list(out.iterdir()) == []
+
+
+FUZZ_SCRIPT = """
+import json, sys
+import numpy as np
+from runtime import DigitGenerator, DigitgenError
+data = open(sys.argv[1], 'rb').read()
+rng = np.random.default_rng(0)
+outcomes = {}
+for i in range(int(sys.argv[3])):
+    buf = bytearray(data)
+    kind = i % 3
+    if kind == 0:
+        for pos in rng.integers(0, len(buf), 20):
+            buf[pos] = int(rng.integers(0, 256))
+    elif kind == 1:
+        buf = buf[: int(rng.integers(0, len(buf)))]
+    else:
+        pos = int(rng.integers(0, 4096))
+        buf[pos:pos] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+    path = sys.argv[2]
+    open(path, 'wb').write(bytes(buf))
+    try:
+        DigitGenerator.from_path(path, 'cpu').generate(2)
+        name = 'loaded'
+    except DigitgenError as exc:
+        name = type(exc).__name__
+    outcomes[name] = outcomes.get(name, 0) + 1
+print(json.dumps(outcomes))
+"""
+
+
+def test_mutated_model_bytes_give_only_typed_errors(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FUZZ_SCRIPT, str(default_model_path()), str(tmp_path / "m.onnx"), "90"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]  # an uncaught error or a crash fails here
+    outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sum(outcomes.values()) == 90
+    assert outcomes.get("InvalidModelError", 0) > 0

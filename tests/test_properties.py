@@ -1,0 +1,83 @@
+"""Property-based tests: random requests never fail with anything but the typed errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cli import main
+from runtime import DigitGenerator, InvalidRequestError, write_digits
+
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_onnx: Path) -> DigitGenerator:
+    return DigitGenerator.from_path(tiny_onnx, "cpu")
+
+
+@SETTINGS
+@given(
+    num=st.integers(-5, 120),
+    digits=st.none() | st.lists(st.integers(-3, 13), max_size=5),
+    seed=st.integers(-3, 2**40),
+    batch_size=st.integers(-2, 300),
+)
+def test_api_returns_digits_or_a_typed_error(gen: DigitGenerator, num, digits, seed, batch_size) -> None:
+    try:
+        out = gen.generate(num, digits, seed, batch_size)
+    except InvalidRequestError:
+        return
+    cycle = digits if digits is not None else list(range(10))
+    assert out.images.shape == (num, 28, 28) and out.images.dtype == np.uint8
+    assert out.labels.tolist() == [cycle[i % len(cycle)] for i in range(num)]
+
+
+@SETTINGS
+@given(
+    num=st.integers(1, 80), seed=st.integers(0, 2**32), batch_sizes=st.tuples(st.integers(1, 90), st.integers(1, 90))
+)
+def test_same_seed_same_bytes_across_batch_sizes_and_formats(
+    gen: DigitGenerator, tmp_path_factory, num, seed, batch_sizes
+) -> None:
+    first = gen.generate(num, seed=seed, batch_size=batch_sizes[0]).images
+    assert np.array_equal(gen.generate(num, seed=seed, batch_size=batch_sizes[1]).images, first)
+    out = tmp_path_factory.mktemp("fmt")
+    write_digits(gen.iter_batches(num, seed=seed, batch_size=batch_sizes[1]), out, "idx", num)
+    idx_bytes = (out / "train-images-idx3-ubyte").read_bytes()[16:]
+    assert idx_bytes == first.tobytes()
+
+
+@SETTINGS
+@given(
+    n=st.text(max_size=6) | st.integers(-5, 50).map(str),
+    digits=st.text(alphabet="0123456789,- x", max_size=8),
+)
+def test_cli_parsing_never_crashes(tiny_onnx: Path, tmp_path_factory, n: str, digits: str) -> None:
+    out = tmp_path_factory.mktemp("cli")
+    args = [
+        "generate",
+        "--generator",
+        str(tiny_onnx),
+        "-n",
+        n,
+        "--digits",
+        digits,
+        "--out",
+        str(out),
+        "--format",
+        "npz",
+        "--provider",
+        "cpu",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code in (0, 1, 2), result.output
+    assert isinstance(result.exception, (SystemExit, type(None))), result.exception
+    if result.exit_code != 0:
+        assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+        assert not (out / "digits.npz").exists()
