@@ -20,7 +20,8 @@ import click
 from runtime.errors import DigitgenError
 from runtime.generator import DigitGenerator
 from runtime.session import PROVIDER_CHOICES
-from runtime.writers import FORMATS, write_digits
+from runtime.shards import Shard
+from runtime.writers import FORMATS, merge_shards, write_digits
 
 if TYPE_CHECKING:
     from export.verify import ParityReport
@@ -48,7 +49,6 @@ class OneLineErrors(click.Group):
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="digitgen")
 def main() -> None:
     """Generate handwritten digits with a GAN trained on MNIST."""
 
@@ -270,6 +270,20 @@ def _parse_digits(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option(
+    "--num-shards",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Split the request into this many parts (run one per process or job).",
+)
+@click.option(
+    "--shard-index",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Which part this run writes (0-based).",
+)
 def generate(
     model: str | None,
     num_digits: int,
@@ -281,6 +295,8 @@ def generate(
     provider: str,
     batch_size: int,
     overwrite: bool,
+    num_shards: int,
+    shard_index: int,
 ) -> None:
     """Generate digits with an ONNX generator (no PyTorch needed)."""
     if digits is not None and digit is not None:
@@ -291,12 +307,14 @@ def generate(
         if gen.note:
             click.echo(f"note: {gen.note}", err=True)
         gen.check_digits(requested)
+        shard = Shard(shard_index, num_shards).check(num_digits)
+        first, stop = shard.bounds(num_digits)
         start = time.perf_counter()
-        batches = gen.iter_batches(num_digits, requested, seed, batch_size)
+        batches = gen.iter_batches(stop - first, requested, seed, batch_size, start=first)
         with click.progressbar(
-            length=num_digits, label="generating", file=sys.stderr, hidden=num_digits <= batch_size
+            length=stop - first, label="generating", file=sys.stderr, hidden=stop - first <= batch_size
         ) as bar:
-            files = write_digits(batches, out, fmt, num_digits, overwrite=overwrite, on_batch=bar.update)
+            files = write_digits(batches, out, fmt, num_digits, shard=shard, overwrite=overwrite, on_batch=bar.update)
     except DigitgenError as exc:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
@@ -304,7 +322,21 @@ def generate(
         sys.exit(130)
     seconds = time.perf_counter() - start
     where = files[0] if len(files) == 1 else out
-    click.echo(f"wrote {num_digits} digits as {fmt} to {where} in {seconds:.2f}s on {gen.provider}")
+    part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
+    click.echo(f"wrote {stop - first} digits{part} as {fmt} to {where} in {seconds:.2f}s on {gen.provider}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", default="idx", show_default=True, type=click.Choice(["idx", "npz"]))
+@click.option("--overwrite", is_flag=True, help="Replace existing merged files.")
+def merge(out_dir: str, fmt: str, overwrite: bool) -> None:
+    """Join the shard files of a sharded `generate` into the unsharded files."""
+    try:
+        files = merge_shards(out_dir, fmt, overwrite=overwrite)
+    except DigitgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("merged into " + ", ".join(str(f) for f in files))
 
 
 @main.command()

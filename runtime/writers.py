@@ -20,6 +20,7 @@ from PIL import Image
 
 from runtime.errors import InvalidRequestError, OutputError
 from runtime.generator import GeneratedDigits
+from runtime.shards import WHOLE, Shard, concat_idx, concat_npz, find_shards
 
 FORMATS = ("png", "grid", "npz", "idx")
 GRID_FILE = "grid.png"
@@ -66,17 +67,23 @@ def prepare_output_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def existing_outputs(out_dir: Path, fmt: str, start: int, num: int) -> list[Path]:
+def output_names(fmt: str, shard: Shard = WHOLE) -> list[str]:
+    """File names a non-PNG format writes (PNG names depend on index and label)."""
+    names = {"grid": [GRID_FILE], "npz": [NPZ_FILE], "idx": [IDX_IMAGES_FILE, IDX_LABELS_FILE]}[fmt]
+    return [shard.name(name) for name in names]
+
+
+def existing_outputs(out_dir: Path, fmt: str, shard: Shard, total: int) -> list[Path]:
     """Files a run would replace: named outputs of ``fmt``, or PNGs for indices in range."""
     if fmt == "png":
+        start, stop = shard.bounds(total)
         clashes = []
         for entry in os.scandir(out_dir):
             match = PNG_NAME.match(entry.name)
-            if match and start <= int(match.group(1)) < start + num:
+            if match and start <= int(match.group(1)) < stop:
                 clashes.append(Path(entry.path))
         return sorted(clashes)
-    names = {"grid": [GRID_FILE], "npz": [NPZ_FILE], "idx": [IDX_IMAGES_FILE, IDX_LABELS_FILE]}[fmt]
-    return [out_dir / name for name in names if (out_dir / name).exists()]
+    return [out_dir / name for name in output_names(fmt, shard) if (out_dir / name).exists()]
 
 
 def _write_png(image: np.ndarray, path: Path) -> None:
@@ -118,23 +125,23 @@ def contact_sheet(images: np.ndarray, columns: int = GRID_COLUMNS) -> np.ndarray
     return sheet
 
 
-def _write_grid(batches: Iterable[GeneratedDigits], out_dir: Path, num: int, on_batch: OnBatch) -> list[Path]:
-    path = out_dir / GRID_FILE
-    _write_png(contact_sheet(_collect(batches, num, on_batch).images), path)
-    return [path]
+def _write_grid(batches: Iterable[GeneratedDigits], paths: list[Path], num: int, on_batch: OnBatch) -> None:
+    _write_png(contact_sheet(_collect(batches, num, on_batch).images), paths[0])
 
 
-def _write_npz(batches: Iterable[GeneratedDigits], out_dir: Path, num: int, on_batch: OnBatch) -> list[Path]:
-    digits = _collect(batches, num, on_batch)
-    path = out_dir / NPZ_FILE
+def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     with _atomic_file(path) as f:
-        np.savez_compressed(f, images=digits.images, labels=digits.labels)
-    return [path]
+        np.savez_compressed(f, images=images, labels=labels)
 
 
-def _write_idx(batches: Iterable[GeneratedDigits], out_dir: Path, num: int, on_batch: OnBatch) -> list[Path]:
+def _write_npz(batches: Iterable[GeneratedDigits], paths: list[Path], num: int, on_batch: OnBatch) -> None:
+    digits = _collect(batches, num, on_batch)
+    _save_npz(paths[0], digits.images, digits.labels)
+
+
+def _write_idx(batches: Iterable[GeneratedDigits], paths: list[Path], num: int, on_batch: OnBatch) -> None:
     """MNIST IDX pair (big-endian headers: magic, count, rows, cols), streamed batch by batch."""
-    images_path, labels_path = out_dir / IDX_IMAGES_FILE, out_dir / IDX_LABELS_FILE
+    images_path, labels_path = paths
     with _atomic_file(images_path) as images_f, _atomic_file(labels_path) as labels_f:
         images_f.write(struct.pack(">IIII", 0x00000803, num, 28, 28))
         labels_f.write(struct.pack(">II", 0x00000801, num))
@@ -142,30 +149,54 @@ def _write_idx(batches: Iterable[GeneratedDigits], out_dir: Path, num: int, on_b
             images_f.write(batch.images.tobytes())
             labels_f.write(batch.labels.astype(np.uint8).tobytes())
             on_batch(len(batch.labels))
-    return [images_path, labels_path]
 
 
 def write_digits(
     batches: Iterable[GeneratedDigits],
     out_dir: str | Path,
     fmt: str,
-    num: int,
+    total: int,
     *,
-    start: int = 0,
+    shard: Shard = WHOLE,
     overwrite: bool = False,
     on_batch: OnBatch = lambda n: None,
 ) -> list[Path]:
-    """Write ``num`` digits from ``batches`` to ``out_dir`` in ``fmt``; returns the files written."""
+    """Write ``shard`` of a ``total``-digit request, streamed from ``batches``; returns the files written."""
     if fmt not in FORMATS:
         raise InvalidRequestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "grid" and num > GRID_MAX_DIGITS:
+    start, stop = shard.check(total).bounds(total)
+    if fmt == "grid" and stop - start > GRID_MAX_DIGITS:
         raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use png, npz or idx")
     out_dir = prepare_output_dir(out_dir)
-    clashes = existing_outputs(out_dir, fmt, start, num)
+    _refuse_clobber(existing_outputs(out_dir, fmt, shard, total), overwrite)
+    if fmt == "png":
+        return _write_pngs(batches, out_dir, on_batch)
+    paths = [out_dir / name for name in output_names(fmt, shard)]
+    {"grid": _write_grid, "npz": _write_npz, "idx": _write_idx}[fmt](batches, paths, stop - start, on_batch)
+    return paths
+
+
+def _refuse_clobber(clashes: list[Path], overwrite: bool) -> None:
     if clashes and not overwrite:
         more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
         raise OutputError(f"{clashes[0]}{more} already exists; pass --overwrite to replace")
-    if fmt == "png":
-        return _write_pngs(batches, out_dir, on_batch)
-    writer = {"grid": _write_grid, "npz": _write_npz, "idx": _write_idx}[fmt]
-    return writer(batches, out_dir, num, on_batch)
+
+
+def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> list[Path]:
+    """Join the shard files of ``fmt`` ("idx" or "npz") in ``out_dir`` into the unsharded files."""
+    out_dir = Path(out_dir)
+    if fmt not in ("idx", "npz"):
+        raise InvalidRequestError(f"merge joins idx or npz shards, not {fmt!r}")
+    if not out_dir.is_dir():
+        raise OutputError(f"{out_dir} is not a directory")
+    targets = [out_dir / name for name in output_names(fmt)]
+    _refuse_clobber([path for path in targets if path.exists()], overwrite)
+    parts = [find_shards(out_dir, path.name) for path in targets]
+    if fmt == "npz":
+        merged = concat_npz(parts[0])
+        _save_npz(targets[0], merged["images"], merged["labels"])
+        return targets
+    for target, shard_files, header_size in zip(targets, parts, (16, 8), strict=True):
+        with _atomic_file(target) as out:
+            concat_idx(shard_files, header_size, out)
+    return targets

@@ -56,6 +56,8 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["--format", "jpg"], "'jpg' is not one of"),
         (["--provider", "tpu"], "'tpu' is not one of"),
         (["--generator", "/nonexistent/g.onnx"], "model not found"),
+        (["--out", "/proc/digitgen-cannot-write"], "cannot create output directory"),
+        (["--num-shards", "3", "--shard-index", "3"], "shard index must be in 0..2"),
     ],
 )
 def test_bad_generate_input_is_one_clear_line(tmp_path: Path, tiny_onnx: Path, args: list[str], message: str) -> None:

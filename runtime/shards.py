@@ -1,0 +1,89 @@
+"""Split one generation request into K independent parts, and join the parts again.
+
+Shard ``i`` of ``K`` covers global indices ``[i*N//K, (i+1)*N//K)``; noise and labels depend only
+on the global index, so the parts, concatenated in order, equal the unsharded output.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from runtime.errors import InvalidRequestError, OutputError
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int = 0
+    count: int = 1
+
+    def check(self, total: int) -> Shard:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise InvalidRequestError(f"shard index must be in 0..{self.count - 1} for {self.count} shards")
+        if self.count > total:
+            raise InvalidRequestError(f"{self.count} shards for {total} digits would leave some empty")
+        return self
+
+    def bounds(self, total: int) -> tuple[int, int]:
+        """Global ``(start, stop)`` indices of this shard."""
+        return self.index * total // self.count, (self.index + 1) * total // self.count
+
+    def name(self, file_name: str) -> str:
+        """``digits.npz`` -> ``digits-00001-of-00004.npz`` (unchanged for a single shard)."""
+        if self.count == 1:
+            return file_name
+        stem, dot, ext = file_name.partition(".")
+        return f"{stem}-{self.index:05d}-of-{self.count:05d}{dot}{ext}"
+
+
+WHOLE = Shard()
+
+
+def find_shards(out_dir: Path, file_name: str) -> list[Path]:
+    """The complete, ordered set of shard files of ``file_name`` in ``out_dir``."""
+    stem, dot, ext = file_name.partition(".")
+    pattern = re.compile(rf"^{re.escape(stem)}-(\d{{5}})-of-(\d{{5}}){re.escape(dot + ext)}$")
+    found: dict[int, set[int]] = {}
+    for path in out_dir.iterdir():
+        match = pattern.match(path.name)
+        if match:
+            found.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
+    if not found:
+        raise OutputError(f"no shards of {file_name} in {out_dir}")
+    if len(found) > 1:
+        raise OutputError(f"{out_dir} holds shards of {file_name} from runs with different shard counts")
+    ((count, indices),) = found.items()
+    missing = sorted(set(range(count)) - indices)
+    if missing:
+        raise OutputError(f"{out_dir}: shard(s) {', '.join(map(str, missing))} of {count} of {file_name} missing")
+    return [out_dir / Shard(i, count).name(file_name) for i in range(count)]
+
+
+def _read_header(path: Path, size: int) -> bytes:
+    with path.open("rb") as f:
+        return f.read(size)
+
+
+def concat_idx(parts: list[Path], header_size: int, out: BinaryIO) -> None:
+    """Write to ``out`` one IDX file holding every part's items in order."""
+    headers = [_read_header(part, header_size) for part in parts]
+    count = sum(int.from_bytes(header[4:8], "big") for header in headers)
+    out.write(headers[0][:4] + count.to_bytes(4, "big") + headers[0][8:])
+    for part in parts:
+        with part.open("rb") as f:
+            f.seek(header_size)
+            shutil.copyfileobj(f, out, 1 << 20)
+
+
+def concat_npz(parts: list[Path]) -> dict[str, np.ndarray]:
+    arrays: dict[str, list[np.ndarray]] = {"images": [], "labels": []}
+    for part in parts:
+        with np.load(part) as archive:
+            for key, chunks in arrays.items():
+                chunks.append(archive[key])
+    return {key: np.concatenate(chunks) for key, chunks in arrays.items()}

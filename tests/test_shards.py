@@ -1,0 +1,66 @@
+"""Sharded generation: the parts concatenate to exactly the unsharded output."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime import DigitGenerator, InvalidRequestError, OutputError, write_digits
+from runtime.shards import WHOLE, Shard
+from runtime.writers import merge_shards
+
+N, K = 47, 3
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_onnx: Path) -> DigitGenerator:
+    return DigitGenerator.from_path(tiny_onnx, "cpu")
+
+
+def _write(gen: DigitGenerator, out: Path, fmt: str, shard: Shard = WHOLE) -> list[Path]:
+    start, stop = shard.check(N).bounds(N)
+    batches = gen.iter_batches(stop - start, [3, 1, 4], seed=9, batch_size=4, start=start)
+    return write_digits(batches, out, fmt, N, shard=shard)
+
+
+def test_shard_bounds_cover_every_index_once() -> None:
+    bounds = [Shard(i, K).bounds(N) for i in range(K)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == N
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+
+
+@pytest.mark.parametrize("fmt", ["idx", "npz"])
+def test_merged_shards_equal_unsharded_files(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
+    whole = _write(gen, tmp_path / "whole", fmt)
+    for i in range(K):
+        _write(gen, tmp_path / "parts", fmt, Shard(i, K))
+    merged = merge_shards(tmp_path / "parts", fmt)
+    if fmt == "idx":
+        assert [p.read_bytes() for p in merged] == [p.read_bytes() for p in whole]
+    else:
+        with np.load(merged[0]) as a, np.load(whole[0]) as b:
+            assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
+
+
+def test_png_shards_are_the_unsharded_files(gen: DigitGenerator, tmp_path: Path) -> None:
+    whole = _write(gen, tmp_path / "whole", "png")
+    parts = [p for i in range(K) for p in _write(gen, tmp_path / "parts", "png", Shard(i, K))]
+    assert [p.name for p in parts] == [p.name for p in whole]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(parts, whole, strict=True))
+
+
+def test_merge_names_missing_shards(gen: DigitGenerator, tmp_path: Path) -> None:
+    _write(gen, tmp_path, "idx", Shard(0, K))
+    _write(gen, tmp_path, "idx", Shard(2, K))
+    with pytest.raises(OutputError, match="shard\\(s\\) 1 of 3"):
+        merge_shards(tmp_path, "idx")
+    assert not (tmp_path / "train-images-idx3-ubyte").exists()
+
+
+@pytest.mark.parametrize(("shard", "message"), [(Shard(3, 3), "0..2"), (Shard(0, 60), "empty")])
+def test_bad_shards(gen: DigitGenerator, tmp_path: Path, shard: Shard, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        _write(gen, tmp_path, "idx", shard)
