@@ -116,11 +116,12 @@ def train(
     subset: int | None,
     checkpoint_every: int,
 ) -> None:
-    """Train the conditional GAN on MNIST."""
+    """Train the conditional GAN on MNIST (under torchrun: one process per device, DDP)."""
     import torch
 
     from training.config import GANConfig, TrainConfig
     from training.data import MnistTensors, load_mnist
+    from training.distributed import init_distributed, shutdown
     from training.loop import steps_per_epoch
     from training.loop import train as run_training
     from training.state import new_state, state_from_checkpoint
@@ -128,34 +129,36 @@ def train(
     if device_name == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
     device = torch.device("cuda" if device_name != "cpu" and torch.cuda.is_available() else "cpu")
+    ctx, device = init_distributed(device)
+    say = click.echo if ctx.is_main else lambda *args, **kwargs: None
     try:
         if resume:
-            state = state_from_checkpoint(resume, device)
+            state = state_from_checkpoint(resume, device, ctx.rank)
         else:
-            state = new_state(
-                GANConfig(latent_dim=latent_dim),
-                TrainConfig(
-                    total_steps=1,
-                    batch_size=batch_size,
-                    lr=lr,
-                    seed=seed,
-                    subset=subset,
-                    checkpoint_every=checkpoint_every,
-                ),
-                device,
+            settings = TrainConfig(
+                total_steps=1, batch_size=batch_size, lr=lr, seed=seed, subset=subset, checkpoint_every=checkpoint_every
             )
+            state = new_state(GANConfig(latent_dim=latent_dim), settings, device, ctx.rank)
         data = load_mnist(data_dir)
         if state.train.subset is not None:
             data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])
-        per_epoch = steps_per_epoch(len(data.images), state.train.batch_size)
+        global_batch = state.train.batch_size * ctx.world_size
+        per_epoch = steps_per_epoch(len(data.images), global_batch)
         if steps is not None or epochs is not None or not resume:
             total = steps if steps is not None else (epochs or 1) * per_epoch
             state.train = replace(state.train, total_steps=total)
-        click.echo(
+        say(
             f"training on {device} ({len(data.images)} images, {per_epoch} steps/epoch), "
             f"steps {state.step} -> {state.train.total_steps}, batch {state.train.batch_size}",
             err=True,
         )
+        if ctx.enabled:
+            say(
+                f"distributed: {ctx.world_size} processes, effective batch {global_batch} "
+                f"({ctx.world_size} x {state.train.batch_size}), learning rate {state.train.lr:g} "
+                "(not scaled with the batch)",
+                err=True,
+            )
         with (
             _stop_on_signals() as should_stop,
             click.progressbar(
@@ -164,22 +167,29 @@ def train(
                 file=sys.stderr,
                 item_show_func=_format_progress,
                 show_pos=True,
+                hidden=not ctx.is_main,
             ) as bar,
         ):
             bar.update(state.step)
             result = run_training(
-                state, data, run_dir, should_stop=should_stop, progress=lambda step, info: bar.update(1, info)
+                state, data, run_dir, should_stop=should_stop, ctx=ctx, progress=lambda step, info: bar.update(1, info)
             )
     except _training_errors() as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        shutdown(ctx)
+    if not result.ranks_agree:
+        raise click.ClickException("generator weights differ between ranks after training")
+    if ctx.enabled:
+        say(f"generator weights identical on all {ctx.world_size} ranks", err=True)
     if result.interrupted:
-        click.echo(
+        say(
             f"interrupted at step {result.step}; checkpoint saved to {result.checkpoint}; "
             f"continue with --resume {result.checkpoint}",
             err=True,
         )
         sys.exit(130)
-    click.echo(
+    say(
         f"done: step {result.step} in {result.seconds:.0f}s ({result.images_per_s:.0f} images/s); "
         f"checkpoint {result.checkpoint}",
         err=True,

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
 from training.checkpoint import save_checkpoint
 from training.data import MnistTensors
+from training.distributed import SINGLE, DistContext, any_rank, gather_objects, weights_digest
 from training.errors import NonFiniteLossError
 from training.state import TrainState, state_to_checkpoint
 
@@ -32,7 +35,8 @@ class TrainResult:
     checkpoint: Path
     interrupted: bool
     seconds: float
-    images_per_s: float
+    images_per_s: float  # over all ranks
+    ranks_agree: bool = True  # generator weights identical on every rank at the end
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
@@ -64,15 +68,20 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         ema_b.copy_(b)
 
 
-def train_step(state: TrainState, real: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """One discriminator and one generator update; returns the step's losses and D outputs."""
-    g, d, device = state.generator, state.discriminator, real.device
+def train_step(
+    state: TrainState, real: torch.Tensor, labels: torch.Tensor, g: nn.Module, d: nn.Module
+) -> dict[str, float]:
+    """One discriminator and one generator update; returns the step's losses and D outputs.
+
+    ``g`` and ``d`` are the state's networks, or their DistributedDataParallel wrappers.
+    """
+    device = real.device
     batch, latent = real.shape[0], state.config.latent_dim
 
     z = torch.randn(batch, latent, generator=state.noise_rng).to(device)
     with torch.no_grad():
         fake = g(z, labels)
-    d_real, d_fake = d(real, labels), d(fake, labels)
+    d_real, d_fake = d(torch.cat([real, fake]), torch.cat([labels, labels])).split(batch)
     loss_d = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
     _check_finite(loss_d, "discriminator", state.step)
     state.opt_d.zero_grad(set_to_none=True)
@@ -81,14 +90,15 @@ def train_step(state: TrainState, real: torch.Tensor, labels: torch.Tensor) -> d
 
     z = torch.randn(batch, latent, generator=state.noise_rng).to(device)
     fake_labels = torch.randint(0, state.config.num_classes, (batch,), generator=state.noise_rng).to(device)
-    loss_g = -d(g(z, fake_labels), fake_labels).mean()
+    # the bare discriminator: its gradients here are discarded, so they need no all-reduce
+    loss_g = -state.discriminator(g(z, fake_labels), fake_labels).mean()
     _check_finite(loss_g, "generator", state.step)
     state.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     state.opt_g.step()
 
     decay = min(state.train.ema_decay, (1 + state.step) / (10 + state.step))
-    _update_ema(state.generator_ema, g, decay)
+    _update_ema(state.generator_ema, state.generator, decay)
     state.step += 1
     return {
         "loss_d": loss_d.item(),
@@ -117,6 +127,19 @@ def _append_metrics(path: Path, record: dict[str, float]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _save(state: TrainState, path: Path, ctx: DistContext) -> None:
+    """Collective in a distributed run (every rank's noise state is gathered); rank 0 writes."""
+    noise_states = gather_objects(ctx, state.noise_rng.get_state())
+    if ctx.is_main:
+        save_checkpoint(state_to_checkpoint(state, noise_states), path)
+
+
+def _wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    if not ctx.enabled:
+        return module
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
 def train(
     state: TrainState,
     data: MnistTensors,
@@ -124,21 +147,27 @@ def train(
     *,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    ctx: DistContext = SINGLE,
 ) -> TrainResult:
     """Train until ``state.train.total_steps``; checkpoint periodically, at each epoch and at the end.
 
     ``should_stop`` is polled after every step (signal handlers set it); the run then writes a
     checkpoint and returns with ``interrupted=True`` so ``--resume`` can continue it exactly.
+    Under torchrun each rank trains on its own slice of every batch of ``world_size * batch_size``
+    images; only rank 0 writes files.
     """
     run_dir = Path(run_dir)
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / CHECKPOINT_NAME
+    if ctx.is_main:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
     device = next(state.generator.parameters()).device
     images, labels = data.images.to(device), data.labels.to(device)
     cfg = state.train
-    per_epoch = steps_per_epoch(len(images), cfg.batch_size)
+    global_batch = cfg.batch_size * ctx.world_size
+    per_epoch = steps_per_epoch(len(images), global_batch)
     state.generator.train()
     state.discriminator.train()
+    g, d = _wrap(state.generator, ctx, device), _wrap(state.discriminator, ctx, device)
 
     start, window_start, window_steps, interrupted = time.perf_counter(), time.perf_counter(), 0, False
     first_step = state.step
@@ -147,25 +176,28 @@ def train(
         epoch, position = divmod(state.step, per_epoch)
         if epoch != order_epoch:
             order, order_epoch = epoch_permutation(cfg.seed, epoch, len(images)).to(device), epoch
-        idx = order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
-        metrics = train_step(state, _to_model_range(images[idx]), labels[idx])
+        offset = position * global_batch + ctx.rank * cfg.batch_size
+        idx = order[offset : offset + cfg.batch_size]
+        metrics = train_step(state, _to_model_range(images[idx]), labels[idx], g, d)
         window_steps += 1
         if state.step % cfg.log_every == 0 or state.step == cfg.total_steps:
             elapsed = time.perf_counter() - window_start
-            metrics["images_per_s"] = window_steps * cfg.batch_size / max(elapsed, 1e-9)
-            _append_metrics(run_dir / METRICS_NAME, {"step": state.step, "epoch": epoch, **metrics})
+            metrics["images_per_s"] = window_steps * global_batch / max(elapsed, 1e-9)
+            if ctx.is_main:
+                _append_metrics(run_dir / METRICS_NAME, {"step": state.step, "epoch": epoch, **metrics})
             window_start, window_steps = time.perf_counter(), 0
         if progress is not None:
             progress(state.step, {"epoch": epoch + 1, **metrics})
         epoch_done = state.step % per_epoch == 0
-        if epoch_done or state.step == cfg.total_steps:
+        if ctx.is_main and (epoch_done or state.step == cfg.total_steps):
             write_sample_grid(state, run_dir / "samples" / f"step{state.step:07d}.png")
         if epoch_done or state.step % cfg.checkpoint_every == 0:
-            save_checkpoint(state_to_checkpoint(state), checkpoint)
-        if should_stop():
+            _save(state, checkpoint, ctx)
+        if any_rank(ctx, should_stop(), device):
             interrupted = True
             break
-    save_checkpoint(state_to_checkpoint(state), checkpoint)
+    _save(state, checkpoint, ctx)
     seconds = time.perf_counter() - start
-    trained = (state.step - first_step) * cfg.batch_size
-    return TrainResult(state.step, checkpoint, interrupted, seconds, trained / max(seconds, 1e-9))
+    trained = (state.step - first_step) * global_batch
+    ranks_agree = len(set(gather_objects(ctx, weights_digest(state.generator)))) == 1
+    return TrainResult(state.step, checkpoint, interrupted, seconds, trained / max(seconds, 1e-9), ranks_agree)

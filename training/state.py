@@ -31,13 +31,18 @@ def _optimizer(module: torch.nn.Module, train: TrainConfig) -> torch.optim.Optim
     return torch.optim.Adam(module.parameters(), lr=train.lr, betas=train.betas)
 
 
-def new_state(config: GANConfig, train: TrainConfig, device: torch.device) -> TrainState:
-    """Fresh networks initialised from ``train.seed``."""
+def noise_generator(seed: int, rank: int = 0) -> torch.Generator:
+    """Each process of a distributed run draws its own noise stream."""
+    return torch.Generator().manual_seed(seed + 1 + 1_000_003 * rank)
+
+
+def new_state(config: GANConfig, train: TrainConfig, device: torch.device, rank: int = 0) -> TrainState:
+    """Fresh networks initialised from ``train.seed`` (identical on every rank)."""
     torch.manual_seed(train.seed)
     generator = Generator(config).to(device)
     discriminator = Discriminator(config).to(device)
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
-    noise_rng = torch.Generator().manual_seed(train.seed + 1)
+    noise_rng = noise_generator(train.seed, rank)
     return TrainState(
         config,
         train,
@@ -50,7 +55,8 @@ def new_state(config: GANConfig, train: TrainConfig, device: torch.device) -> Tr
     )
 
 
-def state_to_checkpoint(state: TrainState) -> dict[str, Any]:
+def state_to_checkpoint(state: TrainState, noise_states: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Checkpoint form; ``noise_states`` holds every rank's noise RNG state in a distributed run."""
     return {
         "format_version": FORMAT_VERSION,
         "config": asdict(state.config),
@@ -60,7 +66,7 @@ def state_to_checkpoint(state: TrainState) -> dict[str, Any]:
         "discriminator": state.discriminator.state_dict(),
         "optimizers": {"generator": state.opt_g.state_dict(), "discriminator": state.opt_d.state_dict()},
         "step": state.step,
-        "rng": {"noise": state.noise_rng.get_state()},
+        "rng": {"noise": noise_states or [state.noise_rng.get_state()]},
     }
 
 
@@ -100,19 +106,25 @@ def _load_weights(module: torch.nn.Module, weights: Any, what: str) -> None:
         raise CheckpointError(f"{what} weights do not match the checkpoint's configuration: {detail}") from exc
 
 
-def state_from_checkpoint(path: str, device: torch.device) -> TrainState:
-    """Restore a run exactly as it was saved: weights, optimizers, noise RNG and step."""
+def state_from_checkpoint(path: str, device: torch.device, rank: int = 0) -> TrainState:
+    """Restore a run as it was saved: weights, optimizers, noise RNG and step.
+
+    Exact when resumed with the number of processes that saved it; a rank the checkpoint has no
+    noise state for gets a fresh stream.
+    """
     payload = load_checkpoint(path)
     config = config_from_checkpoint(payload)
     train = _dataclass_from(TrainConfig, payload["train"], "training settings")
-    state = new_state(config, train, device)
+    state = new_state(config, train, device, rank)
     _load_weights(state.generator, payload["generator"], "generator")
     _load_weights(state.generator_ema, payload["generator_ema"], "EMA generator")
     _load_weights(state.discriminator, payload["discriminator"], "discriminator")
     try:
         state.opt_g.load_state_dict(payload["optimizers"]["generator"])
         state.opt_d.load_state_dict(payload["optimizers"]["discriminator"])
-        state.noise_rng.set_state(payload["rng"]["noise"])
+        noise_states = payload["rng"]["noise"]
+        if rank < len(noise_states):
+            state.noise_rng.set_state(noise_states[rank])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: optimizer or RNG state is invalid ({exc})") from exc
     state.step = int(payload["step"])
