@@ -6,6 +6,7 @@ Heavy imports (torch) happen inside the commands that need them, so ``generate``
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ from runtime.writers import FORMATS, merge_shards, write_digits
 
 if TYPE_CHECKING:
     from export.verify import ParityReport
+    from runtime.evaluate import Evaluation
 
 DEFAULT_RUN_DIR = "runs/latest"
 
@@ -363,6 +365,105 @@ def info(model: str | None) -> None:
             click.echo(f"{kind:<7} {arg.name:<6} {arg.type:<14} {arg.shape}")
     for key, value in sorted(gen.info.metadata.items()):
         click.echo(f"{key}: {value}")
+
+
+@main.command("train-classifier")
+@click.option(
+    "--data-dir",
+    envvar="MNIST_ROOT",
+    default="data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",
+)
+@click.option("--out", default="artifacts/classifier.onnx", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+def train_classifier_cmd(data_dir: str, out: str, epochs: int, seed: int) -> None:
+    """Train the evaluator's reference MNIST classifier and export it to ONNX."""
+    from export.classifier_export import export_classifier
+    from training.classifier import train_classifier
+    from training.data import load_mnist
+
+    try:
+        train, test = load_mnist(data_dir), load_mnist(data_dir, train=False)
+        with click.progressbar(
+            length=epochs * (len(train.images) // 128), label="training classifier", file=sys.stderr
+        ) as bar:
+            result = train_classifier(train, test, epochs=epochs, seed=seed, progress=lambda step, total: bar.update(1))
+        diff = export_classifier(result.model, out, result.test_accuracy)
+    except _export_errors() as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"MNIST test accuracy {result.test_accuracy:.2%} after {epochs} epochs in {result.seconds:.0f}s; "
+        f"wrote {out} (max |torch-ort| {diff:.1e})"
+    )
+
+
+@main.command()
+@click.option("--generator", "model", type=click.Path(dir_okay=False), help="Default: the shipped model.")
+@click.option("--classifier", type=click.Path(dir_okay=False), help="Default: the shipped reference classifier.")
+@click.option("--num-samples", default=10_000, show_default=True, type=click.IntRange(min=100))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option(
+    "--data-dir",
+    envvar="MNIST_ROOT",
+    default="data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def evaluate(
+    model: str | None, classifier: str | None, num_samples: int, seed: int, data_dir: str, as_json: bool
+) -> None:
+    """Score a generator against MNIST test: class accuracy, FID, precision, recall."""
+    from runtime.evaluate import ReferenceClassifier
+    from runtime.evaluate import evaluate as run_evaluation
+    from runtime.idx import read_mnist_split
+
+    try:
+        gen = DigitGenerator.from_path(model, "cpu")
+        reference = ReferenceClassifier(classifier)
+        test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
+        work = len(test[0]) + num_samples + min(num_samples, len(train[0]))
+        with click.progressbar(length=work, label="evaluating", file=sys.stderr) as bar:
+            result = run_evaluation(
+                gen, reference, test, train, num_samples=num_samples, seed=seed, progress=bar.update
+            )
+    except DigitgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    click.echo(quality_table(result))
+
+
+def quality_table(result: Evaluation) -> str:
+    """The evaluation as a Markdown table: generated digits beside the real-data reference."""
+    g, r = result.generated, result.real
+    rows = [
+        ("samples", f"{g.num_samples}", f"{r.num_samples}", ""),
+        ("class accuracy", f"{g.class_accuracy:.2%}", f"{r.class_accuracy:.2%}", ""),
+        ("worst digit accuracy", _worst(g.per_digit_accuracy), _worst(r.per_digit_accuracy), ""),
+        ("FID (classifier features)", f"{g.fid:.3f}", f"{r.fid:.3f}", f"{g.fid / max(r.fid, 1e-12):.1f}x real"),
+        (
+            "precision (k=5)",
+            f"{g.precision:.3f}",
+            f"{r.precision:.3f}",
+            f"{g.precision / max(r.precision, 1e-12):.2f}x real",
+        ),
+        ("recall (k=5)", f"{g.recall:.3f}", f"{r.recall:.3f}", f"{g.recall / max(r.recall, 1e-12):.2f}x real"),
+    ]
+    lines = ["| metric | generated | real (MNIST train sample) | ratio |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    per_digit = " ".join(f"{d}:{acc:.1%}" for d, acc in enumerate(g.per_digit_accuracy))
+    return "\n".join(lines) + f"\n\nper-digit accuracy (generated): {per_digit}"
+
+
+def _worst(per_digit: list[float]) -> str:
+    digit = int(min(range(len(per_digit)), key=per_digit.__getitem__))
+    return f"{per_digit[digit]:.2%} (digit {digit})"
 
 
 def _format_progress(info: dict[str, float] | None) -> str:

@@ -36,8 +36,15 @@ def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
     }
 
 
-def _trace(model: ContractGenerator, latent_dim: int, path: Path, opset: int) -> None:
-    example = (torch.randn(2, latent_dim), torch.zeros(2, dtype=torch.long))
+def trace_to_onnx(
+    model: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int = DEFAULT_OPSET,
+) -> None:
+    """Trace ``model`` (TorchScript tracer) to ``path`` with a dynamic batch axis on every input and output."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=DeprecationWarning)
         torch.onnx.export(
@@ -45,15 +52,16 @@ def _trace(model: ContractGenerator, latent_dim: int, path: Path, opset: int) ->
             example,
             str(path),
             dynamo=False,
-            input_names=["z", "digit"],
-            output_names=["image"],
-            dynamic_axes={"z": {0: "batch"}, "digit": {0: "batch"}, "image": {0: "batch"}},
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in [*input_names, *output_names]},
             opset_version=opset,
             do_constant_folding=True,
         )
 
 
-def _add_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+def write_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    """Replace the model's ``metadata_props`` and run the full ONNX checker."""
     model = onnx.load(str(path))
     del model.metadata_props[:]
     for key, value in metadata.items():
@@ -84,8 +92,9 @@ def export_generator(
     model = ContractGenerator(generator).eval()
     tmp = out.with_name(f".{out.name}.part")
     try:
-        _trace(model, config.latent_dim, tmp, opset)
-        _add_metadata(tmp, {**contract_metadata(payload), **(extra_metadata or {})})
+        example = (torch.randn(2, config.latent_dim), torch.zeros(2, dtype=torch.long))
+        trace_to_onnx(model, example, tmp, ["z", "digit"], ["image"], opset)
+        write_metadata(tmp, {**contract_metadata(payload), **(extra_metadata or {})})
         report = verify_parity(tmp, model, atol)
         os.replace(tmp, out)
     finally:

@@ -17,9 +17,9 @@ DEFAULT_BATCH_SIZE = 256
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def default_model_path() -> Path:
-    """The shipped generator: inside the installed package, or ``artifacts/`` of a checkout."""
-    candidates = (_PACKAGE_DIR / "artifacts" / "generator.onnx", _PACKAGE_DIR.parent / "artifacts" / "generator.onnx")
+def default_model_path(name: str = "generator.onnx") -> Path:
+    """A shipped model: inside the installed package, or in ``artifacts/`` of a checkout."""
+    candidates = (_PACKAGE_DIR / "artifacts" / name, _PACKAGE_DIR.parent / "artifacts" / name)
     return next((path for path in candidates if path.is_file()), candidates[-1])
 
 

@@ -18,14 +18,6 @@ def write_idx_labels(path: Path, labels: np.ndarray) -> None:
     path.write_bytes(struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
 
 
-def read_idx(path: Path) -> np.ndarray:
-    data = path.read_bytes()
-    magic, count = struct.unpack(">II", data[:8])
-    if magic == 0x803:
-        return np.frombuffer(data, np.uint8, offset=16).reshape(count, 28, 28)
-    return np.frombuffer(data, np.uint8, offset=8).reshape(count)
-
-
 def tiny_digit_images(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     """Label-dependent bright bars on black, with noise: enough structure for a GAN to fit."""
     rng = np.random.default_rng(seed)

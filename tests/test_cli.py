@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from tests.helpers import read_idx
+from runtime.idx import read_idx
 
 
 def run(*args: str) -> tuple[int, str]:

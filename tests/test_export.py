@@ -58,7 +58,7 @@ def test_interrupted_export_leaves_no_file(tmp_path: Path, tiny_checkpoint: Path
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(onnx_export, "_add_metadata", interrupt)
+    monkeypatch.setattr(onnx_export, "write_metadata", interrupt)
     with pytest.raises(KeyboardInterrupt):
         export_generator(tiny_checkpoint, tmp_path / "g.onnx")
     assert list(tmp_path.iterdir()) == []

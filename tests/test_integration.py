@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runtime.idx import read_idx
 from tests.conftest import REPO, SHARED_MNIST
-from tests.helpers import read_idx, write_tiny_mnist
+from tests.helpers import write_tiny_mnist
 
 
 def cli(*args: object, cwd: Path) -> subprocess.CompletedProcess:

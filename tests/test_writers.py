@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from runtime import DigitGenerator, OutputError, write_digits
+from runtime.idx import read_idx
 from runtime.writers import GRID_FILE, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, png_name
-from tests.helpers import read_idx
 
 N = 23
 

@@ -1,0 +1,44 @@
+"""Export the reference classifier to ONNX (inputs ``image``; outputs ``logits``, ``features``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.errors import ExportVerificationError
+from export.onnx_export import trace_to_onnx, write_metadata
+from export.verify import ATOL
+from runtime.session import open_session
+from training.classifier import Classifier
+
+
+def _check_parity(path: Path, model: Classifier) -> float:
+    images = np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32)
+    session = open_session(path, "cpu").session
+    logits, features = session.run(["logits", "features"], {"image": images})
+    with torch.no_grad():
+        expected = [t.numpy() for t in model(torch.from_numpy(images))]
+    diff = max(float(np.abs(a - b).max()) for a, b in zip((logits, features), expected, strict=True))
+    if diff > 10 * ATOL:
+        raise ExportVerificationError(f"classifier ONNX differs from PyTorch by {diff:.2e}")
+    return diff
+
+
+def export_classifier(model: Classifier, out: str | Path, test_accuracy: float) -> float:
+    """Write ``out`` atomically after a parity check; returns max |torch - ort|."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.part")
+    model.eval()
+    try:
+        trace_to_onnx(model, (torch.zeros(2, 1, 28, 28),), tmp, ["image"], ["logits", "features"])
+        write_metadata(
+            tmp, {"producer": "digitgen", "kind": "reference classifier", "mnist_test_accuracy": f"{test_accuracy:.4f}"}
+        )
+        diff = _check_parity(tmp, model)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return diff

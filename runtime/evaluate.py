@@ -1,0 +1,139 @@
+"""Digit quality in the reference classifier's feature space, torch-free.
+
+- class accuracy: share of samples the classifier assigns to the requested digit (also per digit);
+- FID: Fréchet distance between Gaussians fitted to sample and MNIST-test features;
+- precision / recall: k-NN manifold estimates (Kynkäänniemi et al. 2019, k=5): the share of
+  samples inside the real manifold, and of real images inside the sample manifold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import InvalidRequestError, ModelContractError
+from runtime.generator import DigitGenerator, default_model_path
+from runtime.session import open_session
+
+K_NEAREST = 5
+Progress = Callable[[int], None]
+
+
+class ReferenceClassifier:
+    """The shipped MNIST classifier (ONNX): ``image`` [B,1,28,28] -> ``logits`` [B,10], ``features`` [B,D]."""
+
+    def __init__(self, path: str | Path | None = None, provider: str = "cpu") -> None:
+        self.path = Path(path) if path is not None else default_model_path("classifier.onnx")
+        self._session = open_session(self.path, provider).session
+        names = ([i.name for i in self._session.get_inputs()], [o.name for o in self._session.get_outputs()])
+        if names != (["image"], ["logits", "features"]):
+            raise ModelContractError(f"{self.path} is not a digitgen classifier (inputs/outputs {names})")
+
+    def embed(self, images: np.ndarray, batch_size: int = 500, progress: Progress = lambda n: None):
+        """uint8 (N, 28, 28) -> (features float64 (N, D), predicted classes int64 (N,))."""
+        features, predictions = [], []
+        for i in range(0, len(images), batch_size):
+            batch = images[i : i + batch_size, None].astype(np.float32) / 255.0
+            logits, feats = self._session.run(["logits", "features"], {"image": batch})
+            features.append(feats.astype(np.float64))
+            predictions.append(logits.argmax(1))
+            progress(len(batch))
+        return np.concatenate(features), np.concatenate(predictions)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """FID between feature sets: |mu_a - mu_b|^2 + tr(Sa + Sb - 2 (Sa^1/2 Sb Sa^1/2)^1/2)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    values, vectors = np.linalg.eigh(cov_a)
+    sqrt_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    cross = np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a)
+    trace_sqrt = np.sqrt(np.clip(cross, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
+
+
+def _squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.maximum((x * x).sum(1)[:, None] - 2 * x @ y.T + (y * y).sum(1)[None, :], 0)
+
+
+def knn_radii(x: np.ndarray, k: int = K_NEAREST, chunk: int = 1000) -> np.ndarray:
+    """Squared distance from each point of ``x`` to its k-th nearest other point of ``x``."""
+    radii = np.empty(len(x))
+    for i in range(0, len(x), chunk):
+        d = _squared_distances(x[i : i + chunk], x)
+        radii[i : i + chunk] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself
+    return radii
+
+
+def coverage(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray, chunk: int = 1000) -> float:
+    """Share of ``queries`` inside at least one k-NN ball of ``manifold``."""
+    inside = 0
+    for i in range(0, len(queries), chunk):
+        inside += int((_squared_distances(queries[i : i + chunk], manifold) <= radii[None, :]).any(1).sum())
+    return inside / len(queries)
+
+
+@dataclass(frozen=True)
+class Scores:
+    num_samples: int
+    class_accuracy: float
+    per_digit_accuracy: list[float]
+    fid: float
+    precision: float
+    recall: float
+
+
+def score(
+    features: np.ndarray,
+    predictions: np.ndarray,
+    labels: np.ndarray,
+    reference: np.ndarray,
+    reference_radii: np.ndarray,
+) -> Scores:
+    """Scores of one sample set (features, predicted and requested labels) against the reference."""
+    per_digit = [float((predictions[labels == d] == d).mean()) for d in range(10)]
+    return Scores(
+        num_samples=len(labels),
+        class_accuracy=float((predictions == labels).mean()),
+        per_digit_accuracy=per_digit,
+        fid=frechet_distance(features, reference),
+        precision=coverage(reference, reference_radii, features),
+        recall=coverage(features, knn_radii(features), reference),
+    )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    generated: Scores
+    real: Scores  # an MNIST train sample of the same size, scored the same way
+
+    def to_dict(self) -> dict[str, dict]:
+        return {"generated": asdict(self.generated), "real": asdict(self.real)}
+
+
+def evaluate(
+    generator: DigitGenerator,
+    classifier: ReferenceClassifier,
+    test: tuple[np.ndarray, np.ndarray],
+    train: tuple[np.ndarray, np.ndarray],
+    *,
+    num_samples: int = 10_000,
+    seed: int = 0,
+    progress: Progress = lambda n: None,
+) -> Evaluation:
+    """Score ``num_samples`` generated digits (classes 0-9 in turn) and a real reference sample."""
+    if num_samples < 100:
+        raise InvalidRequestError(f"evaluation needs at least 100 samples, got {num_samples}")
+    reference, _ = classifier.embed(test[0], progress=progress)
+    reference_radii = knn_radii(reference)
+    fake = generator.generate(num_samples, seed=seed)
+    fake_features, fake_predictions = classifier.embed(fake.images, progress=progress)
+    pick = np.random.default_rng(seed).choice(len(train[0]), size=min(num_samples, len(train[0])), replace=False)
+    real_features, real_predictions = classifier.embed(train[0][pick], progress=progress)
+    return Evaluation(
+        score(fake_features, fake_predictions, fake.labels, reference, reference_radii),
+        score(real_features, real_predictions, train[1][pick], reference, reference_radii),
+    )

@@ -1,0 +1,87 @@
+"""The evaluator: metric maths on known inputs, and the CLI end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from runtime.evaluate import coverage, frechet_distance, knn_radii
+
+
+def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift() -> None:
+    a = np.random.default_rng(0).standard_normal((2000, 8))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    shift = np.full(8, 0.5)
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
+
+
+def test_fid_matches_closed_form_for_scaled_gaussians() -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((50_000, 4)), 2 * rng.standard_normal((50_000, 4))
+    # N(0, I) vs N(0, 4I): tr(I + 4I - 2 * 2I) = 4 * (1 + 4 - 4) = 4
+    assert frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
+
+
+def test_precision_and_recall_of_same_and_disjoint_sets() -> None:
+    rng = np.random.default_rng(2)
+    real = rng.standard_normal((500, 4))
+    radii = knn_radii(real)
+    assert coverage(real, radii, real) == 1.0
+    assert coverage(real, radii, real + 100.0) == 0.0
+    half = np.concatenate([real[:250], real[:250] + 100.0])
+    assert coverage(real, radii, half) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from export.classifier_export import export_classifier
+    from training.classifier import Classifier
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cls") / "classifier.onnx"
+    export_classifier(Classifier(), path, test_accuracy=0.0)
+    return path
+
+
+def test_evaluate_cli_prints_json_and_table(tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path) -> None:
+    args = [
+        "evaluate",
+        "--generator",
+        str(tiny_onnx),
+        "--classifier",
+        str(tiny_classifier),
+        "--data-dir",
+        str(tiny_mnist),
+        "--num-samples",
+        "100",
+    ]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output.strip().splitlines()[-1])
+    for part in ("generated", "real"):
+        assert set(scores[part]) == {
+            "num_samples",
+            "class_accuracy",
+            "per_digit_accuracy",
+            "fid",
+            "precision",
+            "recall",
+        }
+        assert len(scores[part]["per_digit_accuracy"]) == 10 and scores[part]["fid"] >= 0
+    table = CliRunner().invoke(main, args)
+    assert table.exit_code == 0 and "| class accuracy |" in table.output and "x real" in table.output
+
+
+def test_evaluate_without_data_is_a_clear_error(tiny_onnx: Path, tiny_classifier: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["evaluate", "--generator", str(tiny_onnx), "--classifier", str(tiny_classifier), "--data-dir", str(tmp_path)],
+    )
+    assert result.exit_code == 1 and "IDX file not found" in result.output
