@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,10 +70,12 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
             signal.signal(sig, old)
 
 
-def _training_errors() -> tuple[type[Exception], ...]:
+def _library_errors() -> tuple[type[Exception], ...]:
+    """The typed errors of every package (imports torch: for the training and export commands)."""
+    from export.errors import ExportError
     from training.errors import TrainingError
 
-    return (TrainingError,)
+    return (ExportError, TrainingError, DigitgenError)
 
 
 @main.command()
@@ -121,42 +122,27 @@ def train(
     """Train the conditional GAN on MNIST (under torchrun: one process per device, DDP)."""
     import torch
 
-    from training.config import GANConfig, TrainConfig
-    from training.data import MnistTensors, load_mnist
     from training.distributed import init_distributed, shutdown
-    from training.loop import steps_per_epoch
     from training.loop import train as run_training
-    from training.state import new_state, state_from_checkpoint
+    from training.run import RunOptions, prepare_run
 
     if device_name == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
     device = torch.device("cuda" if device_name != "cpu" and torch.cuda.is_available() else "cpu")
+    options = RunOptions(data_dir, epochs, steps, batch_size, lr, latent_dim, seed, subset, checkpoint_every, resume)
     ctx, device = init_distributed(device)
     say = click.echo if ctx.is_main else lambda *args, **kwargs: None
     try:
-        if resume:
-            state = state_from_checkpoint(resume, device, ctx.rank)
-        else:
-            settings = TrainConfig(
-                total_steps=1, batch_size=batch_size, lr=lr, seed=seed, subset=subset, checkpoint_every=checkpoint_every
-            )
-            state = new_state(GANConfig(latent_dim=latent_dim), settings, device, ctx.rank)
-        data = load_mnist(data_dir)
-        if state.train.subset is not None:
-            data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])
-        global_batch = state.train.batch_size * ctx.world_size
-        per_epoch = steps_per_epoch(len(data.images), global_batch)
-        if steps is not None or epochs is not None or not resume:
-            total = steps if steps is not None else (epochs or 1) * per_epoch
-            state.train = replace(state.train, total_steps=total)
+        run = prepare_run(options, device, ctx)
+        state = run.state
         say(
-            f"training on {device} ({len(data.images)} images, {per_epoch} steps/epoch), "
+            f"training on {device} ({len(run.data.images)} images, {run.steps_per_epoch} steps/epoch), "
             f"steps {state.step} -> {state.train.total_steps}, batch {state.train.batch_size}",
             err=True,
         )
         if ctx.enabled:
             say(
-                f"distributed: {ctx.world_size} processes, effective batch {global_batch} "
+                f"distributed: {ctx.world_size} processes, effective batch {run.global_batch} "
                 f"({ctx.world_size} x {state.train.batch_size}), learning rate {state.train.lr:g} "
                 "(not scaled with the batch)",
                 err=True,
@@ -174,9 +160,14 @@ def train(
         ):
             bar.update(state.step)
             result = run_training(
-                state, data, run_dir, should_stop=should_stop, ctx=ctx, progress=lambda step, info: bar.update(1, info)
+                state,
+                run.data,
+                run_dir,
+                should_stop=should_stop,
+                ctx=ctx,
+                progress=lambda step, info: bar.update(1, info),
             )
-    except _training_errors() as exc:
+    except _library_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         shutdown(ctx)
@@ -196,14 +187,6 @@ def train(
         f"checkpoint {result.checkpoint}",
         err=True,
     )
-
-
-def _export_errors() -> tuple[type[Exception], ...]:
-    from export.errors import ExportError
-    from runtime.errors import DigitgenError
-    from training.errors import TrainingError
-
-    return (ExportError, TrainingError, DigitgenError)
 
 
 def _echo_report(report: ParityReport) -> None:
@@ -228,7 +211,7 @@ def export_cmd(checkpoint: str, out: str, opset: int, atol: float) -> None:
 
     try:
         report = export_generator(checkpoint, out, opset=opset, atol=atol)
-    except _export_errors() as exc:
+    except _library_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     _echo_report(report)
     click.echo(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB), verified on {len(report.cases)} cases")
@@ -244,7 +227,7 @@ def verify(model: str, checkpoint: str, atol: float) -> None:
 
     try:
         report = verify_file(model, checkpoint, atol)
-    except _export_errors() as exc:
+    except _library_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     _echo_report(report)
     click.echo(f"{model}: matches {checkpoint} on {len(report.cases)} cases")
@@ -392,7 +375,7 @@ def train_classifier_cmd(data_dir: str, out: str, epochs: int, seed: int) -> Non
         ) as bar:
             result = train_classifier(train, test, epochs=epochs, seed=seed, progress=lambda step, total: bar.update(1))
         diff = export_classifier(result.model, out, result.test_accuracy)
-    except _export_errors() as exc:
+    except _library_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(
         f"MNIST test accuracy {result.test_accuracy:.2%} after {epochs} epochs in {result.seconds:.0f}s; "

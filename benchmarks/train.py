@@ -1,0 +1,115 @@
+"""Training throughput on this machine: the in-memory loop vs a naive torchvision DataLoader loop.
+
+    python benchmarks/train.py [--data-dir ../shared/datasets] [--steps 60] [--json]
+
+Reports images/s and useful multiply-adds per second (forward and backward of both networks)
+as a share of the machine's fp32 GEMM rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.macs import count_macs, gemm_macs_per_s  # noqa: E402
+from training.config import GANConfig, TrainConfig  # noqa: E402
+from training.data import load_mnist  # noqa: E402
+from training.loop import _to_model_range, train_step  # noqa: E402
+from training.state import new_state  # noqa: E402
+
+
+def step_macs_per_image(cfg: GANConfig) -> int:
+    """One D step (G forward, D forward+backward on real and fake) and one G step (G and D fwd+bwd).
+
+    Backward is counted as twice the forward: 4 G forwards and 9 D forwards per image.
+    """
+    state = new_state(cfg, TrainConfig(total_steps=1), torch.device("cpu"))
+    z, labels = torch.randn(1, cfg.latent_dim), torch.zeros(1, dtype=torch.long)
+    g = count_macs(state.generator.eval(), z, labels)
+    d = count_macs(state.discriminator.eval(), torch.zeros(1, 1, 28, 28), labels)
+    return 4 * g + 9 * d
+
+
+def in_memory_rate(data, batch_size: int, steps: int) -> float:
+    state = new_state(GANConfig(), TrainConfig(total_steps=steps, batch_size=batch_size), torch.device("cpu"))
+    g, d = state.generator, state.discriminator
+
+    def step(i: int) -> None:
+        lo = (i * batch_size) % (len(data.images) - batch_size)
+        train_step(state, _to_model_range(data.images[lo : lo + batch_size]), data.labels[lo : lo + batch_size], g, d)
+
+    for i in range(3):
+        step(i)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def dataloader_rate(data_dir: str, batch_size: int, steps: int) -> float:
+    """The naive recipe: torchvision MNIST with per-item PIL -> ToTensor through a DataLoader."""
+    from torchvision import datasets, transforms
+
+    dataset = datasets.MNIST(
+        data_dir,
+        train=True,
+        download=False,
+        transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]),
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+    state = new_state(GANConfig(), TrainConfig(total_steps=steps, batch_size=batch_size), torch.device("cpu"))
+    batches = iter(loader)
+    for _ in range(3):
+        images, labels = next(batches)
+        train_step(state, images, labels, state.generator, state.discriminator)
+    start = time.perf_counter()
+    for _ in range(steps):
+        images, labels = next(batches)
+        train_step(state, images, labels, state.generator, state.discriminator)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+@click.command()
+@click.option("--data-dir", envvar="MNIST_ROOT", default=str(REPO.parent / "shared" / "datasets"), show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--steps", default=40, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def main(data_dir: str, batch_size: int, steps: int, as_json: bool) -> None:
+    data = load_mnist(data_dir, download=False)
+    macs = step_macs_per_image(GANConfig())
+    gemm = gemm_macs_per_s()
+    rates = {
+        "in_memory": in_memory_rate(data, batch_size, steps),
+        "dataloader": dataloader_rate(data_dir, batch_size, steps),
+    }
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "macs_per_image_step": macs,
+        "gemm_gmacs_per_s": gemm / 1e9,
+        "images_per_s": rates,
+        "share_of_gemm": {k: v * macs / gemm for k, v in rates.items()},
+    }
+    click.echo(
+        f"machine: {result['machine']}; fp32 GEMM {gemm / 1e9:.1f} GMAC/s; "
+        f"{macs / 1e6:.0f} M multiply-adds per image per training step"
+    )
+    for name, rate in rates.items():
+        click.echo(f"{name:>11}: {rate:7.0f} images/s  ({result['share_of_gemm'][name]:.0%} of GEMM rate)")
+    if as_json:
+        click.echo(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
