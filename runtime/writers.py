@@ -91,15 +91,11 @@ def _write_png(image: np.ndarray, path: Path) -> None:
         Image.fromarray(image, mode="L").save(f, format="PNG")
 
 
-def _write_pngs(batches: Iterable[GeneratedDigits], out_dir: Path, on_batch: OnBatch) -> list[Path]:
-    written = []
+def _write_pngs(batches: Iterable[GeneratedDigits], out_dir: Path, on_batch: OnBatch) -> None:
     for batch in batches:
         for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
-            path = out_dir / png_name(batch.start + offset, int(label))
-            _write_png(image, path)
-            written.append(path)
+            _write_png(image, out_dir / png_name(batch.start + offset, int(label)))
         on_batch(len(batch.labels))
-    return written
 
 
 def _collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch) -> GeneratedDigits:
@@ -161,7 +157,10 @@ def write_digits(
     overwrite: bool = False,
     on_batch: OnBatch = lambda n: None,
 ) -> list[Path]:
-    """Write ``shard`` of a ``total``-digit request, streamed from ``batches``; returns the files written."""
+    """Write ``shard`` of a ``total``-digit request, streamed from ``batches``.
+
+    Returns the files written; for ``png``, whose files are many, the output directory.
+    """
     if fmt not in FORMATS:
         raise InvalidRequestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     start, stop = shard.check(total).bounds(total)
@@ -170,7 +169,8 @@ def write_digits(
     out_dir = prepare_output_dir(out_dir)
     _refuse_clobber(existing_outputs(out_dir, fmt, shard, total), overwrite)
     if fmt == "png":
-        return _write_pngs(batches, out_dir, on_batch)
+        _write_pngs(batches, out_dir, on_batch)
+        return [out_dir]
     paths = [out_dir / name for name in output_names(fmt, shard)]
     {"grid": _write_grid, "npz": _write_npz, "idx": _write_idx}[fmt](batches, paths, stop - start, on_batch)
     return paths

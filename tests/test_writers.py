@@ -26,7 +26,8 @@ def _write(gen: DigitGenerator, out: Path, fmt: str, **kwargs) -> list[Path]:
 
 def test_png_one_file_per_digit(gen: DigitGenerator, tmp_path: Path) -> None:
     expected = gen.generate(N, seed=2)
-    files = _write(gen, tmp_path, "png")
+    assert _write(gen, tmp_path, "png") == [tmp_path]
+    files = sorted(tmp_path.glob("*.png"))
     assert [f.name for f in files] == [png_name(i, i % 10) for i in range(N)]
     for i, path in enumerate(files):
         assert np.array_equal(np.asarray(Image.open(path)), expected.images[i])
@@ -60,12 +61,14 @@ def test_idx_pair_reads_like_mnist(gen: DigitGenerator, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["png", "grid", "npz", "idx"])
 def test_existing_outputs_are_kept_unless_overwrite(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
-    first = _write(gen, tmp_path, fmt)
+    _write(gen, tmp_path, fmt)
+    first = sorted(tmp_path.iterdir())
     stamp = {p: p.stat().st_mtime_ns for p in first}
     with pytest.raises(OutputError, match="--overwrite"):
         _write(gen, tmp_path, fmt)
     assert {p: p.stat().st_mtime_ns for p in first} == stamp
-    assert _write(gen, tmp_path, fmt, overwrite=True) == first
+    _write(gen, tmp_path, fmt, overwrite=True)
+    assert sorted(tmp_path.iterdir()) == first
 
 
 def test_out_is_a_file(gen: DigitGenerator, tmp_path: Path) -> None:
