@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
@@ -189,6 +189,13 @@ def train(
     )
 
 
+def _read_json(file: TextIO) -> dict:
+    try:
+        return json.loads(file.read().strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError) as exc:
+        raise click.BadParameter(f"{file.name} holds no JSON object", param_hint="--quality") from exc
+
+
 def _echo_report(report: ParityReport) -> None:
     for line in report.lines():
         click.echo(line)
@@ -205,12 +212,14 @@ def _echo_report(report: ParityReport) -> None:
     type=click.FloatRange(min=0),
     help="Largest allowed |torch - onnxruntime| per pixel.",
 )
-def export_cmd(checkpoint: str, out: str, opset: int, atol: float) -> None:
+@click.option("--quality", type=click.File("r"), help="JSON of `digitgen evaluate --json` to store as metadata.")
+def export_cmd(checkpoint: str, out: str, opset: int, atol: float, quality: TextIO | None) -> None:
     """Export the EMA generator to ONNX and verify it numerically against PyTorch."""
-    from export.onnx_export import export_generator
+    from export.onnx_export import export_generator, quality_metadata
 
     try:
-        report = export_generator(checkpoint, out, opset=opset, atol=atol)
+        extra = quality_metadata(_read_json(quality)) if quality else None
+        report = export_generator(checkpoint, out, opset=opset, atol=atol, extra_metadata=extra)
     except _library_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     _echo_report(report)

@@ -36,6 +36,25 @@ def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
     }
 
 
+def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str, str]:
+    """Headline figures of ``digitgen evaluate --json`` as ``metadata_props`` entries."""
+    try:
+        generated, real = evaluation["generated"], evaluation["real"]
+        return {
+            "quality_num_samples": str(generated["num_samples"]),
+            "quality_class_accuracy": f"{generated['class_accuracy']:.4f}",
+            "quality_min_digit_accuracy": f"{min(generated['per_digit_accuracy']):.4f}",
+            "quality_fid": f"{generated['fid']:.4f}",
+            "quality_precision": f"{generated['precision']:.4f}",
+            "quality_recall": f"{generated['recall']:.4f}",
+            "quality_real_fid": f"{real['fid']:.4f}",
+            "quality_real_precision": f"{real['precision']:.4f}",
+            "quality_real_recall": f"{real['recall']:.4f}",
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"not an evaluation from `digitgen evaluate --json`: missing or bad {exc}") from exc
+
+
 def trace_to_onnx(
     model: torch.nn.Module,
     example: tuple[torch.Tensor, ...],

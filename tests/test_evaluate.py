@@ -85,3 +85,44 @@ def test_evaluate_without_data_is_a_clear_error(tiny_onnx: Path, tiny_classifier
         ["evaluate", "--generator", str(tiny_onnx), "--classifier", str(tiny_classifier), "--data-dir", str(tmp_path)],
     )
     assert result.exit_code == 1 and "IDX file not found" in result.output
+
+
+def test_export_stores_evaluation_as_metadata(
+    tmp_path: Path, tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path, tiny_checkpoint: Path
+) -> None:
+    from runtime import DigitGenerator
+
+    evaluation = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--generator",
+            str(tiny_onnx),
+            "--classifier",
+            str(tiny_classifier),
+            "--data-dir",
+            str(tiny_mnist),
+            "--num-samples",
+            "100",
+            "--json",
+        ],
+    )
+    quality = tmp_path / "quality.json"
+    quality.write_text(evaluation.output)
+    out = tmp_path / "g.onnx"
+    result = CliRunner().invoke(
+        main, ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--quality", str(quality)]
+    )
+    assert result.exit_code == 0, result.output
+    metadata = DigitGenerator.from_path(out, "cpu").info.metadata
+    scores = json.loads(evaluation.output.strip().splitlines()[-1])["generated"]
+    assert float(metadata["quality_fid"]) == pytest.approx(scores["fid"], rel=1e-3)
+    assert metadata["quality_num_samples"] == "100"
+
+    quality.write_text('{"unrelated": 1}')
+    result = CliRunner().invoke(
+        main,
+        ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "h.onnx"), "--quality", str(quality)],
+    )
+    assert result.exit_code == 1 and "not an evaluation" in result.output
+    assert not (tmp_path / "h.onnx").exists()
