@@ -206,20 +206,27 @@ def _echo_report(report: ParityReport) -> None:
 @click.option("--out", default="generator.onnx", show_default=True, type=click.Path(), help="ONNX file to write.")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(min=13))
 @click.option(
-    "--atol",
-    default=1e-4,
+    "--precision",
+    default="fp32",
     show_default=True,
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    help="fp16 weights and activations, or int8 static QDQ quantization; inputs and output stay float32.",
+)
+@click.option(
+    "--atol",
     type=click.FloatRange(min=0),
-    help="Largest allowed |torch - onnxruntime| per pixel.",
+    help="Largest allowed |torch - onnxruntime| per pixel [default: 1e-4 fp32, 2e-2 fp16, 0.5 int8].",
 )
 @click.option("--quality", type=click.File("r"), help="JSON of `digitgen evaluate --json` to store as metadata.")
-def export_cmd(checkpoint: str, out: str, opset: int, atol: float, quality: TextIO | None) -> None:
-    """Export the EMA generator to ONNX and verify it numerically against PyTorch."""
+def export_cmd(
+    checkpoint: str, out: str, opset: int, precision: str, atol: float | None, quality: TextIO | None
+) -> None:
+    """Export the EMA generator to ONNX and verify it numerically against PyTorch (fp32)."""
     from export.onnx_export import export_generator, quality_metadata
 
     try:
         extra = quality_metadata(_read_json(quality)) if quality else None
-        report = export_generator(checkpoint, out, opset=opset, atol=atol, extra_metadata=extra)
+        report = export_generator(checkpoint, out, opset=opset, precision=precision, atol=atol, extra_metadata=extra)
     except _library_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     _echo_report(report)
@@ -229,8 +236,8 @@ def export_cmd(checkpoint: str, out: str, opset: int, atol: float, quality: Text
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Checkpoint it came from.")
-@click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(min=0))
-def verify(model: str, checkpoint: str, atol: float) -> None:
+@click.option("--atol", type=click.FloatRange(min=0), help="Per-pixel tolerance [default: by the model's precision].")
+def verify(model: str, checkpoint: str, atol: float | None) -> None:
     """Check an existing ONNX model against the PyTorch checkpoint it was exported from."""
     from export.onnx_export import verify_file
 

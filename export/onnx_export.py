@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Mapping
@@ -11,7 +12,8 @@ import onnx
 import torch
 
 from export.errors import ExportError
-from export.verify import ATOL, ContractGenerator, ParityReport, verify_parity
+from export.precision import HalfPrecision, quantize_int8
+from export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityReport, verify_parity
 from runtime.contract import CONTRACT_VERSION
 from training.state import load_generator
 
@@ -94,14 +96,18 @@ def export_generator(
     out: str | Path,
     *,
     opset: int = DEFAULT_OPSET,
-    atol: float = ATOL,
+    precision: str = "fp32",
+    atol: float | None = None,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> ParityReport:
-    """Export the checkpoint's EMA generator to ``out`` and verify it against PyTorch.
+    """Export the checkpoint's EMA generator to ``out`` and verify it against the fp32 PyTorch model.
 
-    The file appears at ``out`` only after verification passes; on any failure or interrupt
-    nothing is left behind.
+    ``precision`` is ``fp32``, ``fp16`` or ``int8`` (see :mod:`export.precision`); each has its own
+    tolerance, and ``atol`` overrides its per-pixel maximum. The file appears at ``out`` only after
+    verification passes; on any failure or interrupt nothing is left behind.
     """
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"output {out} is a directory; give a file name such as generator.onnx")
@@ -109,19 +115,26 @@ def export_generator(
         raise ExportError(f"output directory {out.parent} does not exist")
     generator, config, payload = load_generator(str(checkpoint))
     model = ContractGenerator(generator).eval()
-    tmp = out.with_name(f".{out.name}.part")
+    metadata = {**contract_metadata(payload), "precision": precision, **(extra_metadata or {})}
+    tmp, fp32_tmp = out.with_name(f".{out.name}.part"), out.with_name(f".{out.name}.fp32.part")
     try:
         example = (torch.randn(2, config.latent_dim), torch.zeros(2, dtype=torch.long))
-        trace_to_onnx(model, example, tmp, ["z", "digit"], ["image"], opset)
-        write_metadata(tmp, {**contract_metadata(payload), **(extra_metadata or {})})
-        report = verify_parity(tmp, model, atol)
+        if precision == "int8":
+            trace_to_onnx(model, example, fp32_tmp, ["z", "digit"], ["image"], opset)
+            quantize_int8(fp32_tmp, tmp, config.latent_dim, config.num_classes)
+        else:
+            traced = HalfPrecision(copy.deepcopy(model)) if precision == "fp16" else model
+            trace_to_onnx(traced, example, tmp, ["z", "digit"], ["image"], opset)
+        write_metadata(tmp, metadata)
+        report = verify_parity(tmp, model, TOLERANCES[precision], atol)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        fp32_tmp.unlink(missing_ok=True)
     return report
 
 
-def verify_file(model_path: str | Path, checkpoint: str | Path, atol: float = ATOL) -> ParityReport:
-    """Verify an existing ONNX file against the checkpoint it was exported from."""
+def verify_file(model_path: str | Path, checkpoint: str | Path, atol: float | None = None) -> ParityReport:
+    """Verify an existing ONNX file (any precision) against the checkpoint it was exported from."""
     generator, _, _ = load_generator(str(checkpoint))
-    return verify_parity(model_path, ContractGenerator(generator), atol)
+    return verify_parity(model_path, ContractGenerator(generator), atol=atol)

@@ -10,7 +10,8 @@ import pytest
 import export.onnx_export as onnx_export
 from export.errors import ExportError, ExportVerificationError
 from export.onnx_export import export_generator, verify_file
-from export.verify import ATOL, BATCH_SIZES
+from export.verify import ATOL, BATCH_SIZES, TOLERANCES
+from runtime import DigitGenerator
 from tests.conftest import train_tiny
 
 
@@ -54,13 +55,38 @@ def test_failed_verification_leaves_no_file(tmp_path: Path, tiny_checkpoint: Pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupted_export_leaves_no_file(tmp_path: Path, tiny_checkpoint: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_interrupted_export_leaves_no_file(tmp_path: Path, tiny_checkpoint: Path, monkeypatch, precision) -> None:
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(onnx_export, "write_metadata", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        export_generator(tiny_checkpoint, tmp_path / "g.onnx")
+        export_generator(tiny_checkpoint, tmp_path / "g.onnx", precision=precision)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("precision", "weight_type"), [("fp16", onnx.TensorProto.FLOAT16), ("int8", onnx.TensorProto.INT8)]
+)
+def test_lighter_precisions_keep_the_contract_and_verify_against_fp32(
+    tmp_path: Path, tiny_checkpoint: Path, precision: str, weight_type: int
+) -> None:
+    out = tmp_path / f"{precision}.onnx"
+    report = export_generator(tiny_checkpoint, out, precision=precision)
+    assert report.passed and report.tolerance == TOLERANCES[precision]
+
+    weight_types = {t.data_type for t in onnx.load(str(out)).graph.initializer}
+    assert weight_type in weight_types
+    generator = DigitGenerator.from_path(out, "cpu")
+    assert generator.info.metadata["precision"] == precision
+    assert generator.generate(3, seed=0).images.shape == (3, 28, 28)
+    assert verify_file(out, tiny_checkpoint).tolerance == TOLERANCES[precision]
+
+
+def test_lighter_precision_beyond_its_tolerance_leaves_no_file(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    with pytest.raises(ExportVerificationError, match="FAIL"):
+        export_generator(tiny_checkpoint, tmp_path / "g.onnx", precision="int8", atol=1e-6)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,0 +1,60 @@
+"""Lighter exports: fp16 weights and activations, or int8 by static QDQ quantization.
+
+Both keep the model contract (float32 ``z`` in, float32 ``image`` out): an fp16 graph casts at its
+edges, an int8 graph quantizes and dequantizes around each convolution and matrix product with
+scales calibrated on generated batches (onnxruntime's dynamic quantization does not cover
+ConvTranspose).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+
+class HalfPrecision(torch.nn.Module):
+    """Runs ``model`` in fp16 behind float32 inputs and outputs (the contract's types)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, z: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
+        return self.model(z.half(), digit).float()
+
+
+class _GeneratedBatches(CalibrationDataReader):
+    """Calibration inputs: seeded standard-normal noise with digits cycling 0-9."""
+
+    def __init__(self, latent_dim: int, num_classes: int, batches: int, batch_size: int, seed: int = 0) -> None:
+        self._batches = self._make(latent_dim, num_classes, batches, batch_size, seed)
+
+    @staticmethod
+    def _make(latent_dim: int, num_classes: int, batches: int, batch_size: int, seed: int) -> Iterator[dict]:
+        rng = np.random.default_rng(seed)
+        digits = np.arange(batch_size, dtype=np.int64) % num_classes
+        for _ in range(batches):
+            yield {"z": rng.standard_normal((batch_size, latent_dim), dtype=np.float32), "digit": digits}
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)
+
+
+def quantize_int8(
+    fp32_model: Path, out: Path, latent_dim: int, num_classes: int, batches: int = 16, batch_size: int = 64
+) -> None:
+    """Write an int8 QDQ version of ``fp32_model`` (per-channel int8 weights, uint8 activations)."""
+    quantize_static(
+        fp32_model,
+        out,
+        _GeneratedBatches(latent_dim, num_classes, batches, batch_size),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv", "ConvTranspose", "Gemm", "MatMul"],
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
