@@ -315,8 +315,6 @@ def generate(
     requested = [digit] if digit is not None else digits
     try:
         gen = DigitGenerator.from_path(model, provider)
-        if gen.note:
-            click.echo(f"note: {gen.note}", err=True)
         gen.check_digits(requested)
         shard = Shard(shard_index, num_shards).check(num_digits)
         first, stop = shard.bounds(num_digits)
@@ -332,6 +330,8 @@ def generate(
         click.echo("Error: interrupted; files already written are complete, none is partial", err=True)
         sys.exit(130)
     seconds = time.perf_counter() - start
+    if gen.note:
+        click.echo(f"note: {gen.note}", err=True)
     where = files[0] if len(files) == 1 else out
     part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
     click.echo(f"wrote {stop - first} digits{part} as {fmt} to {where} in {seconds:.2f}s on {gen.provider}")

@@ -2,8 +2,10 @@
 
     python benchmarks/runtime.py [--generator MODEL.onnx] [--checkpoint CKPT] [--json]
 
-With ``--checkpoint`` (needs torch) the same weights also run in PyTorch eager for comparison.
-Prints a table; with ``--json`` the last line is one JSON object.
+With ``--checkpoint`` (needs torch) the same weights also run in PyTorch eager: throughput side by
+side, multiply-adds per image (and so the share of the machine's fp32 GEMM rate, measured with
+numpy in the same run), and the cold start of a script that imports torch to make the same 10
+digits. Prints a table; with ``--json`` the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -52,28 +54,54 @@ def latency_ms(run) -> tuple[float, float]:
     return statistics.median(samples), samples[int(0.99 * (len(samples) - 1))]
 
 
-def cold_start_s(generator: Path, repeats: int = 5) -> float:
-    """Median wall time of ``cli.py generate -n 10`` in a fresh interpreter."""
+TORCH_SCRIPT = """
+import sys, torch
+from PIL import Image
+sys.path.insert(0, {repo!r})
+from export.verify import ContractGenerator
+from runtime.generator import noise_for
+from training.state import load_generator
+generator, config, _ = load_generator({checkpoint!r})
+z = torch.from_numpy(noise_for(0, 0, 10, config.latent_dim))
+with torch.inference_mode():
+    images = ContractGenerator(generator.eval())(z, torch.arange(10))
+for i, image in enumerate((images[:, 0] * 255).round().to(torch.uint8).numpy()):
+    Image.fromarray(image).save(f"{out}/{{i}}.png")
+"""
+
+
+def cold_start_s(command: list[str], repeats: int = 5) -> float:
+    """Median wall time of ``command`` in a fresh process; ``{out}`` in it becomes an empty directory."""
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
-            cmd = [
-                sys.executable,
-                str(REPO / "cli.py"),
-                "generate",
-                "-n",
-                "10",
-                "--generator",
-                str(generator),
-                "--provider",
-                "cpu",
-                "--out",
-                f"{tmp}/d{i}",
-            ]
+            out = Path(tmp) / f"d{i}"
+            out.mkdir()
             start = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True)
+            subprocess.run([part.replace("{out}", str(out)) for part in command], check=True, capture_output=True)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cli_command(generator: Path) -> list[str]:
+    cli = [sys.executable, str(REPO / "cli.py"), "generate", "-n", "10", "--generator", str(generator)]
+    return [*cli, "--provider", "cpu", "--out", "{out}", "--overwrite"]
+
+
+def torch_command(checkpoint: str) -> list[str]:
+    script = TORCH_SCRIPT.format(repo=str(REPO), checkpoint=str(Path(checkpoint).resolve()), out="{out}")
+    return [sys.executable, "-c", script]
+
+
+def torch_macs_per_image(checkpoint: str) -> int:
+    import torch
+
+    from benchmarks.macs import count_macs
+    from export.verify import ContractGenerator
+    from training.state import load_generator
+
+    generator, config, _ = load_generator(checkpoint)
+    return count_macs(ContractGenerator(generator).eval(), torch.randn(1, config.latent_dim), torch.zeros(1).long())
 
 
 def torch_runner(checkpoint: str, batch_size: int, latent_dim: int):
@@ -114,18 +142,40 @@ def main(model: str | None, checkpoint: str | None, as_json: bool) -> None:
             result["torch_images_per_s"][batch_size] = images_per_s(run, batch_size)
     z1, l1 = noise_for(0, 0, 1, gen.latent_dim), np.zeros(1, dtype=np.int64)
     result["ort_latency_ms_p50"], result["ort_latency_ms_p99"] = latency_ms(lambda: gen.run(z1, l1))
-    result["cli_cold_start_s"] = cold_start_s(gen.path)
+    result["cli_cold_start_s"] = cold_start_s(cli_command(gen.path))
+    if checkpoint:
+        from benchmarks.macs import gemm_macs_per_s
+
+        macs, gemm = torch_macs_per_image(checkpoint), gemm_macs_per_s()
+        result["ort_vs_torch_speedup"] = result["ort_images_per_s"][256] / result["torch_images_per_s"][256]
+        result["macs_per_image"] = macs
+        result["gemm_gmacs_per_s"] = gemm / 1e9
+        result["ort_share_of_gemm"] = {b: r * macs / gemm for b, r in result["ort_images_per_s"].items()}
+        result["torch_share_of_gemm"] = {b: r * macs / gemm for b, r in result["torch_images_per_s"].items()}
+        result["import_torch_s"] = cold_start_s([sys.executable, "-c", "import torch"])
+        result["torch_cold_start_s"] = cold_start_s(torch_command(checkpoint))
 
     click.echo(f"machine: {result['machine']}; model {result['model_bytes'] / 1e6:.2f} MB")
-    click.echo(f"{'batch':>6} {'onnxruntime img/s':>18} {'torch eager img/s':>18}")
+    click.echo(f"{'batch':>6} {'onnxruntime img/s':>18} {'torch eager img/s':>18} {'ort share of GEMM':>18}")
     for batch_size in BATCH_SIZES:
         torch_rate = result["torch_images_per_s"].get(batch_size)
+        share = result.get("ort_share_of_gemm", {}).get(batch_size)
         click.echo(
             f"{batch_size:>6} {result['ort_images_per_s'][batch_size]:>18.0f} "
-            f"{(f'{torch_rate:.0f}' if torch_rate else '-'):>18}"
+            f"{(f'{torch_rate:.0f}' if torch_rate else '-'):>18} {(f'{share:.0%}' if share else '-'):>18}"
         )
     click.echo(f"batch-1 latency: p50 {result['ort_latency_ms_p50']:.2f} ms, p99 {result['ort_latency_ms_p99']:.2f} ms")
     click.echo(f"cold start of `generate -n 10`: {result['cli_cold_start_s']:.2f} s")
+    if checkpoint:
+        click.echo(
+            f"onnxruntime / torch at batch 256: {result['ort_vs_torch_speedup']:.2f}x; "
+            f"{result['macs_per_image'] / 1e6:.1f} M multiply-adds per image; "
+            f"fp32 GEMM {result['gemm_gmacs_per_s']:.1f} GMAC/s"
+        )
+        click.echo(
+            f"cold start, torch script making the same 10 digits: {result['torch_cold_start_s']:.2f} s "
+            f"(bare `import torch`: {result['import_torch_s']:.2f} s)"
+        )
     if as_json:
         click.echo(json.dumps(result))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,15 @@ def _resolve(provider: str) -> tuple[str, str]:
     return provider, ""
 
 
+def _reason(exc: BaseException) -> str:
+    """onnxruntime's message without its "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model ... failed:" prefix."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .* failed:)?", "", lines[0])
+    return reason.strip().rstrip(".")
+
+
 def open_session(path: str | Path, provider: str = "auto") -> OpenedSession:
     """Load ``path`` with onnxruntime; raise typed errors for missing, corrupt or unrunnable models."""
     path = Path(path)
@@ -66,8 +76,7 @@ def open_session(path: str | Path, provider: str = "auto") -> OpenedSession:
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except ORT_ERRORS as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelError(f"{path} is not a valid ONNX model: {detail}") from exc
+        raise InvalidModelError(f"{path} is not a valid ONNX model ({_reason(exc)})") from exc
     running = session.get_providers()[0]
     if running != PROVIDERS[chosen]:
         if provider == "auto":

@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
@@ -66,8 +67,16 @@ def test_bad_generate_input_is_one_clear_line(tmp_path: Path, tiny_onnx: Path, a
         base += ["--generator", tiny_onnx]
     code, output = run(*base, *args)
     assert code != 0
-    assert message in output
+    assert message in output and len(output.strip().splitlines()) == 1, output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA can run here")
+def test_auto_provider_says_once_that_it_runs_on_the_cpu(tmp_path: Path, tiny_onnx: Path) -> None:
+    code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path, "--provider", "auto")
+    assert code == 0, output
+    assert output.count("note: CUDA is not available to onnxruntime here; running on the CPU") == 1
+    assert "note:" not in run("generate", "--generator", tiny_onnx, "--out", tmp_path / "cpu", "--provider", "cpu")[1]
 
 
 def test_generate_refuses_to_overwrite(tmp_path: Path, tiny_onnx: Path) -> None:
