@@ -215,7 +215,7 @@ def _echo_report(report: ParityReport) -> None:
 @click.option(
     "--atol",
     type=click.FloatRange(min=0),
-    help="Largest allowed |torch - onnxruntime| per pixel [default: 1e-4 fp32, 2e-2 fp16, 0.5 int8].",
+    help="Largest allowed |torch - onnxruntime| per pixel [default: 1e-4 fp32, 2e-2 fp16, 0.3 int8].",
 )
 @click.option("--quality", type=click.File("r"), help="JSON of `digitgen evaluate --json` to store as metadata.")
 def export_cmd(

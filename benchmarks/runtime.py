@@ -11,8 +11,6 @@ digits. Prints a table; with ``--json`` the last line is one JSON object.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import describe  # noqa: E402
 from runtime import DigitGenerator  # noqa: E402
 from runtime.generator import noise_for  # noqa: E402
 
@@ -129,7 +128,7 @@ def torch_runner(checkpoint: str, batch_size: int, latent_dim: int):
 def main(model: str | None, checkpoint: str | None, as_json: bool) -> None:
     gen = DigitGenerator.from_path(model, "cpu")
     result: dict[str, object] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": describe(),
         "model_bytes": gen.path.stat().st_size,
         "ort_images_per_s": {},
         "torch_images_per_s": {},

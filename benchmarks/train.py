@@ -9,8 +9,6 @@ as a share of the machine's fp32 GEMM rate measured in the same run.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import describe  # noqa: E402
 from benchmarks.macs import count_macs, gemm_macs_per_s  # noqa: E402
 from training.config import GANConfig, TrainConfig  # noqa: E402
 from training.data import load_mnist  # noqa: E402
@@ -93,7 +92,7 @@ def main(data_dir: str, batch_size: int, steps: int, as_json: bool) -> None:
         "dataloader": dataloader_rate(data_dir, batch_size, steps),
     }
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{describe()}, torch {torch.__version__}",
         "threads": torch.get_num_threads(),
         "batch_size": batch_size,
         "macs_per_image_step": macs,

@@ -28,7 +28,7 @@ class Tolerance:
 TOLERANCES = {
     "fp32": Tolerance(max_abs=1e-4, mean_abs=1e-5),
     "fp16": Tolerance(max_abs=2e-2, mean_abs=1e-3),
-    "int8": Tolerance(max_abs=0.5, mean_abs=2e-2),
+    "int8": Tolerance(max_abs=0.3, mean_abs=1e-2),
 }
 PRECISIONS = tuple(TOLERANCES)
 ATOL = TOLERANCES["fp32"].max_abs
