@@ -44,9 +44,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable digitgen checkpoint ({first_line})") from exc
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: not a readable digitgen checkpoint (not a PyTorch file of tensors and plain data; "
+            "read with weights_only=True, nothing in it ran)"
+        ) from exc
+    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first_sentence = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a readable digitgen checkpoint (truncated or corrupt: {first_sentence})"
+        ) from exc
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a digitgen training checkpoint (keys missing)")
     if payload["format_version"] != FORMAT_VERSION:
