@@ -50,18 +50,14 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def evaluate_args(generator: Path, classifier: Path, data_dir: Path) -> list[str]:
+    """`digitgen evaluate` on the tiny models, 100 samples."""
+    models = ["--generator", str(generator), "--classifier", str(classifier)]
+    return ["evaluate", *models, "--data-dir", str(data_dir), "--num-samples", "100"]
+
+
 def test_evaluate_cli_prints_json_and_table(tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path) -> None:
-    args = [
-        "evaluate",
-        "--generator",
-        str(tiny_onnx),
-        "--classifier",
-        str(tiny_classifier),
-        "--data-dir",
-        str(tiny_mnist),
-        "--num-samples",
-        "100",
-    ]
+    args = evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist)
     result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output.strip().splitlines()[-1])
@@ -92,21 +88,7 @@ def test_export_stores_evaluation_as_metadata(
 ) -> None:
     from runtime import DigitGenerator
 
-    evaluation = CliRunner().invoke(
-        main,
-        [
-            "evaluate",
-            "--generator",
-            str(tiny_onnx),
-            "--classifier",
-            str(tiny_classifier),
-            "--data-dir",
-            str(tiny_mnist),
-            "--num-samples",
-            "100",
-            "--json",
-        ],
-    )
+    evaluation = CliRunner().invoke(main, [*evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist), "--json"])
     quality = tmp_path / "quality.json"
     quality.write_text(evaluation.output)
     out = tmp_path / "g.onnx"
