@@ -58,13 +58,13 @@ import sys, torch
 from PIL import Image
 sys.path.insert(0, {repo!r})
 from export.verify import ContractGenerator
-from runtime.generator import noise_for
+from runtime.generator import noise_for, to_uint8
 from training.state import load_generator
 generator, config, _ = load_generator({checkpoint!r})
 z = torch.from_numpy(noise_for(0, 0, 10, config.latent_dim))
 with torch.inference_mode():
     images = ContractGenerator(generator.eval())(z, torch.arange(10))
-for i, image in enumerate((images[:, 0] * 255).round().to(torch.uint8).numpy()):
+for i, image in enumerate(to_uint8(images.numpy())):
     Image.fromarray(image).save(f"{out}/{{i}}.png")
 """
 

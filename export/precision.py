@@ -27,21 +27,20 @@ class HalfPrecision(torch.nn.Module):
         return self.model(z.half(), digit).float()
 
 
-class _GeneratedBatches(CalibrationDataReader):
+def _generated_inputs(latent_dim: int, num_classes: int, batches: int, batch_size: int) -> Iterator[dict]:
     """Calibration inputs: seeded standard-normal noise with digits cycling 0-9."""
+    rng = np.random.default_rng(0)
+    digits = np.arange(batch_size, dtype=np.int64) % num_classes
+    for _ in range(batches):
+        yield {"z": rng.standard_normal((batch_size, latent_dim), dtype=np.float32), "digit": digits}
 
-    def __init__(self, latent_dim: int, num_classes: int, batches: int, batch_size: int, seed: int = 0) -> None:
-        self._batches = self._make(latent_dim, num_classes, batches, batch_size, seed)
 
-    @staticmethod
-    def _make(latent_dim: int, num_classes: int, batches: int, batch_size: int, seed: int) -> Iterator[dict]:
-        rng = np.random.default_rng(seed)
-        digits = np.arange(batch_size, dtype=np.int64) % num_classes
-        for _ in range(batches):
-            yield {"z": rng.standard_normal((batch_size, latent_dim), dtype=np.float32), "digit": digits}
+class _Calibration(CalibrationDataReader):
+    def __init__(self, inputs: Iterator[dict]) -> None:
+        self._inputs = inputs
 
     def get_next(self) -> dict | None:
-        return next(self._batches, None)
+        return next(self._inputs, None)
 
 
 def quantize_int8(
@@ -51,7 +50,7 @@ def quantize_int8(
     quantize_static(
         fp32_model,
         out,
-        _GeneratedBatches(latent_dim, num_classes, batches, batch_size),
+        _Calibration(_generated_inputs(latent_dim, num_classes, batches, batch_size)),
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["Conv", "ConvTranspose", "Gemm", "MatMul"],
         per_channel=True,
