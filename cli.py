@@ -105,6 +105,11 @@ def _library_errors() -> tuple[type[Exception], ...]:
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run saved in this checkpoint.")
 @click.option("--subset", type=click.IntRange(min=1), help="Use only the first N training images (kept on --resume).")
 @click.option("--checkpoint-every", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--lr-decay-epochs",
+    type=click.FloatRange(min=0),
+    help="Lower the learning rate linearly to zero over the run's last N epochs [default: no decay].",
+)
 def train(
     data_dir: str,
     run_dir: str,
@@ -118,6 +123,7 @@ def train(
     resume: str | None,
     subset: int | None,
     checkpoint_every: int,
+    lr_decay_epochs: float | None,
 ) -> None:
     """Train the conditional GAN on MNIST (under torchrun: one process per device, DDP)."""
     import torch
@@ -129,7 +135,9 @@ def train(
     if device_name == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
     device = torch.device("cuda" if device_name != "cpu" and torch.cuda.is_available() else "cpu")
-    options = RunOptions(data_dir, epochs, steps, batch_size, lr, latent_dim, seed, subset, checkpoint_every, resume)
+    options = RunOptions(
+        data_dir, epochs, steps, batch_size, lr, latent_dim, seed, subset, checkpoint_every, resume, lr_decay_epochs
+    )
     ctx, device = init_distributed(device)
     say = click.echo if ctx.is_main else lambda *args, **kwargs: None
     try:
@@ -137,7 +145,9 @@ def train(
         state = run.state
         say(
             f"training on {device} ({len(run.data.images)} images, {run.steps_per_epoch} steps/epoch), "
-            f"steps {state.step} -> {state.train.total_steps}, batch {state.train.batch_size}",
+            f"steps {state.step} -> {state.train.total_steps}, batch {state.train.batch_size}, "
+            f"learning rate {state.train.lr:g}"
+            + (f" falling to 0 over the last {state.train.lr_decay_steps} steps" if state.train.lr_decay_steps else ""),
             err=True,
         )
         if ctx.enabled:

@@ -118,9 +118,13 @@ def test_train_export_verify(tmp_path: Path, tiny_mnist: Path) -> None:
     assert output.count("ok (atol 1e-04, mean 1e-05)") == 6 and (tmp_path / "g.onnx").is_file()
     code, output = run("verify", tmp_path / "g.onnx", "--checkpoint", checkpoint)
     assert code == 0 and "matches" in output
-    code, output = run("train", "--data-dir", tiny_mnist, "--out", run_dir, "--steps", 5, "--resume", checkpoint)
+    resume = ("train", "--data-dir", tiny_mnist, "--out", run_dir, "--resume", checkpoint)
+    code, output = run(*resume, "--steps", 5, "--lr-decay-epochs", 0.125)  # 16 steps per epoch here
     assert code == 0, output
-    assert "steps 3 -> 5" in output
+    assert "steps 3 -> 5" in output and "falling to 0 over the last 2 steps" in output
+    code, output = run(*resume, "--steps", 8, "--lr-decay-epochs", 1)
+    assert code == 1
+    assert output.strip() == "Error: the learning-rate decay (16 steps) is longer than the run (8 steps)"
 
 
 def test_train_without_data_names_the_files(tmp_path: Path) -> None:

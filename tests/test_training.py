@@ -33,6 +33,14 @@ def test_config_rejects_bad_values() -> None:
         GANConfig(latent_dim=0)
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(total_steps=0)
+    with pytest.raises(ValueError, match="decay"):
+        TrainConfig(total_steps=10, lr_decay_steps=11)
+
+
+def test_learning_rate_is_constant_then_falls_linearly_to_zero() -> None:
+    assert TrainConfig(total_steps=100, lr=1.0).learning_rate(99) == 1.0
+    decayed = TrainConfig(total_steps=100, lr=1.0, lr_decay_steps=40)
+    assert [decayed.learning_rate(s) for s in (0, 60, 80, 99, 100)] == [1.0, 1.0, 0.5, 1 / 40, 0.0]
 
 
 def test_load_mnist_reads_idx_files(tiny_mnist: Path) -> None:
@@ -84,12 +92,15 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resumed_run_matches_uninterrupted_run(tmp_path: Path, tiny_mnist: Path) -> None:
-    straight = train_tiny(tmp_path / "straight", tiny_mnist, steps=20)  # crosses an epoch boundary
+    # crosses an epoch boundary; interrupted while the learning rate is falling
+    straight = train_tiny(tmp_path / "straight", tiny_mnist, steps=20, lr_decay_steps=15)
     data = load_mnist(tiny_mnist, download=False)
-    state = new_state(TINY_MODEL, TrainConfig(total_steps=20, batch_size=16), torch.device("cpu"))
+    settings = TrainConfig(total_steps=20, batch_size=16, lr_decay_steps=15)
+    state = new_state(TINY_MODEL, settings, torch.device("cpu"))
     stops = iter([False] * 6 + [True])
     first = train(state, data, tmp_path / "resumed", should_stop=lambda: next(stops))
     assert first.interrupted and first.step == 7
+    assert state.opt_g.param_groups[0]["lr"] == settings.learning_rate(6) < settings.lr
     resumed = train(state_from_checkpoint(str(first.checkpoint), torch.device("cpu")), data, tmp_path / "resumed")
     assert resumed.step == 20
     expected, actual = _weights(straight), _weights(resumed.checkpoint)

@@ -33,6 +33,7 @@ class TrainConfig:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     ema_decay: float = 0.999
+    lr_decay_steps: int = 0  # the learning rate falls linearly to zero over the last N steps
     seed: int = 0
     subset: int | None = None  # train on the first N images only (tests, quick experiments)
     checkpoint_every: int = 500
@@ -47,3 +48,11 @@ class TrainConfig:
             raise ValueError("subset must be positive")
         if not self.lr > 0:
             raise ValueError("learning rate must be positive")
+        if not 0 <= self.lr_decay_steps <= self.total_steps:
+            raise ValueError("the learning-rate decay must span 0 to all of the run's steps")
+
+    def learning_rate(self, step: int) -> float:
+        """Constant ``lr``, then a linear fall to zero over the last ``lr_decay_steps`` steps."""
+        if self.lr_decay_steps == 0:
+            return self.lr
+        return self.lr * min(1.0, (self.total_steps - step) / self.lr_decay_steps)

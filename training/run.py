@@ -9,6 +9,7 @@ import torch
 from training.config import GANConfig, TrainConfig
 from training.data import MnistTensors, load_mnist
 from training.distributed import DistContext
+from training.errors import TrainingError
 from training.loop import steps_per_epoch
 from training.state import TrainState, new_state, state_from_checkpoint
 
@@ -25,6 +26,7 @@ class RunOptions:
     subset: int | None = None
     checkpoint_every: int = 500
     resume: str | None = None
+    lr_decay_epochs: float | None = None  # None: no decay, or the resumed run's own
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,11 @@ class PreparedRun:
 
 
 def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> PreparedRun:
-    """Build or restore the state (a resumed run keeps its own settings and subset) and load the data."""
+    """Build or restore the state and load the data.
+
+    A resumed run keeps its own settings and subset; only the step budget and the learning-rate
+    decay can be changed (the decay is a function of the step, so a resumed run stays exact).
+    """
     if options.resume:
         state = state_from_checkpoint(options.resume, device, ctx.rank)
     else:
@@ -56,5 +62,12 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
     per_epoch = steps_per_epoch(len(data.images), global_batch)
     if options.steps is not None or options.epochs is not None or not options.resume:
         total = options.steps if options.steps is not None else (options.epochs or 1) * per_epoch
-        state.train = replace(state.train, total_steps=total)
+        state.train = replace(state.train, total_steps=total, lr_decay_steps=min(state.train.lr_decay_steps, total))
+    if options.lr_decay_epochs is not None:
+        decay = round(options.lr_decay_epochs * per_epoch)
+        if decay > state.train.total_steps:
+            raise TrainingError(
+                f"the learning-rate decay ({decay} steps) is longer than the run ({state.train.total_steps} steps)"
+            )
+        state.train = replace(state.train, lr_decay_steps=decay)
     return PreparedRun(state, data, per_epoch, global_batch)
