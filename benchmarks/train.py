@@ -1,6 +1,6 @@
-"""Training throughput on this machine: the in-memory loop vs a naive torchvision DataLoader loop.
+"""Training throughput: the in-memory loop (channels_last or NCHW, eager or torch.compile) vs a DataLoader loop.
 
-    python benchmarks/train.py [--data-dir ../shared/datasets] [--steps 60] [--to-accuracy 0.95] [--json]
+    python benchmarks/train.py [--data-dir ../shared/datasets] [--steps 30] [--rounds 3] [--to-accuracy 0.95] [--json]
 
 Reports images/s and useful multiply-adds per second (forward and backward of both networks)
 as a share of the machine's fp32 GEMM rate measured in the same run. With ``--to-accuracy`` it
@@ -11,9 +11,12 @@ reports the training time it took, evaluation time excluded.
 
 from __future__ import annotations
 
+import itertools
 import json
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -26,7 +29,7 @@ from benchmarks.machine import describe  # noqa: E402
 from benchmarks.macs import count_macs, gemm_macs_per_s  # noqa: E402
 from training.config import GANConfig, TrainConfig  # noqa: E402
 from training.data import load_mnist  # noqa: E402
-from training.loop import _to_model_range, train_step  # noqa: E402
+from training.loop import _to_model_range, train_step, use_channels_last  # noqa: E402
 from training.state import new_state  # noqa: E402
 
 
@@ -42,23 +45,36 @@ def step_macs_per_image(cfg: GANConfig) -> int:
     return 4 * g + 9 * d
 
 
-def in_memory_rate(data, batch_size: int, steps: int) -> float:
-    state = new_state(GANConfig(), TrainConfig(total_steps=steps, batch_size=batch_size), torch.device("cpu"))
-    g, d = state.generator, state.discriminator
+# in-memory loop variants: name -> (channels_last memory format, torch.compile); the first is
+# what `cli.py train` does on CPU
+VARIANTS = {
+    "in_memory": (True, False),
+    "in_memory_nchw": (False, False),
+    "in_memory_compiled": (True, True),
+    "in_memory_compiled_nchw": (False, True),
+}
 
-    def step(i: int) -> None:
-        lo = (i * batch_size) % (len(data.images) - batch_size)
+
+def in_memory_loop(data, batch_size: int, variant: str) -> Callable[[], None]:
+    """One training step per call on consecutive slices of the in-memory dataset."""
+    state = new_state(GANConfig(), TrainConfig(total_steps=1, batch_size=batch_size), torch.device("cpu"))
+    channels_last, compiled = VARIANTS[variant]
+    if channels_last:
+        use_channels_last(state)
+    g, d = state.generator, state.discriminator
+    if compiled:  # the generator step calls the bare discriminator, so compile that one in place
+        g, d = torch.compile(g, dynamic=False), torch.compile(d, dynamic=False)
+        state.discriminator = d
+    offsets = itertools.cycle(range(0, len(data.images) - batch_size + 1, batch_size))
+
+    def step() -> None:
+        lo = next(offsets)
         train_step(state, _to_model_range(data.images[lo : lo + batch_size]), data.labels[lo : lo + batch_size], g, d)
 
-    for i in range(3):
-        step(i)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    return steps * batch_size / (time.perf_counter() - start)
+    return step
 
 
-def dataloader_rate(data_dir: str, batch_size: int, steps: int) -> float:
+def dataloader_loop(data_dir: str, batch_size: int) -> Callable[[], None]:
     """The naive recipe: torchvision MNIST with per-item PIL -> ToTensor through a DataLoader."""
     from torchvision import datasets, transforms
 
@@ -69,16 +85,34 @@ def dataloader_rate(data_dir: str, batch_size: int, steps: int) -> float:
         transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]),
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
-    state = new_state(GANConfig(), TrainConfig(total_steps=steps, batch_size=batch_size), torch.device("cpu"))
-    batches = iter(loader)
-    for _ in range(3):
+    state = new_state(GANConfig(), TrainConfig(total_steps=1, batch_size=batch_size), torch.device("cpu"))
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+
+    def step() -> None:
         images, labels = next(batches)
         train_step(state, images, labels, state.generator, state.discriminator)
-    start = time.perf_counter()
-    for _ in range(steps):
-        images, labels = next(batches)
-        train_step(state, images, labels, state.generator, state.discriminator)
-    return steps * batch_size / (time.perf_counter() - start)
+
+    return step
+
+
+def measure(loops: dict[str, Callable[[], None]], batch_size: int, steps: int, rounds: int) -> tuple[dict, dict]:
+    """Median images/s of each loop over ``rounds`` interleaved rounds of ``steps`` steps, so that
+    drift of the machine's speed hits every loop alike; also the seconds of each loop's first three
+    steps (which include any compilation)."""
+    first_steps = {}
+    for name, step in loops.items():
+        start = time.perf_counter()
+        for _ in range(3):
+            step()
+        first_steps[name] = time.perf_counter() - start
+    rates = {name: [] for name in loops}
+    for _ in range(rounds):
+        for name, step in loops.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            rates[name].append(steps * batch_size / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}, first_steps
 
 
 def time_to_accuracy(data, target: float, batch_size: int, eval_every: int, max_steps: int) -> dict:
@@ -125,7 +159,8 @@ def time_to_accuracy(data, target: float, batch_size: int, eval_every: int, max_
 @click.command()
 @click.option("--data-dir", envvar="MNIST_ROOT", default=str(REPO.parent / "shared" / "datasets"), show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
-@click.option("--steps", default=40, show_default=True)
+@click.option("--steps", default=30, show_default=True, help="Steps per loop in each round.")
+@click.option("--rounds", default=3, show_default=True, help="Interleaved rounds; the median is reported.")
 @click.option("--to-accuracy", type=click.FloatRange(0, 1), help="Also time training to this class accuracy.")
 @click.option("--eval-every", default=234, show_default=True, help="Steps between accuracy checks.")
 @click.option("--max-steps", default=9360, show_default=True, help="Give up after this many steps.")
@@ -134,6 +169,7 @@ def main(
     data_dir: str,
     batch_size: int,
     steps: int,
+    rounds: int,
     to_accuracy: float | None,
     eval_every: int,
     max_steps: int,
@@ -142,17 +178,19 @@ def main(
     data = load_mnist(data_dir, download=False)
     macs = step_macs_per_image(GANConfig())
     gemm = gemm_macs_per_s()
-    rates = {
-        "in_memory": in_memory_rate(data, batch_size, steps),
-        "dataloader": dataloader_rate(data_dir, batch_size, steps),
-    }
+    loops = {variant: in_memory_loop(data, batch_size, variant) for variant in VARIANTS}
+    loops["dataloader"] = dataloader_loop(data_dir, batch_size)
+    rates, warmup_s = measure(loops, batch_size, steps, rounds)
     result = {
         "machine": f"{describe()}, torch {torch.__version__}",
         "threads": torch.get_num_threads(),
         "batch_size": batch_size,
+        "steps_per_round": steps,
+        "rounds": rounds,
         "macs_per_image_step": macs,
         "gemm_gmacs_per_s": gemm / 1e9,
         "images_per_s": rates,
+        "first_3_steps_s": warmup_s,
         "share_of_gemm": {k: v * macs / gemm for k, v in rates.items()},
     }
     click.echo(
@@ -160,7 +198,8 @@ def main(
         f"{macs / 1e6:.0f} M multiply-adds per image per training step"
     )
     for name, rate in rates.items():
-        click.echo(f"{name:>11}: {rate:7.0f} images/s  ({result['share_of_gemm'][name]:.0%} of GEMM rate)")
+        first = f"; first 3 steps {warmup_s[name]:.1f}s" if name in warmup_s else ""
+        click.echo(f"{name:>32}: {rate:7.0f} images/s  ({result['share_of_gemm'][name]:.0%} of GEMM rate{first})")
     if to_accuracy is not None:
         result["time_to_accuracy"] = time_to_accuracy(data, to_accuracy, batch_size, eval_every, max_steps)
         reached = result["time_to_accuracy"]["reached"]

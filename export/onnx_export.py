@@ -34,6 +34,7 @@ def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
         "train_steps": str(payload["step"]),
         "train_batch_size": str(train["batch_size"]),
         "train_seed": str(train["seed"]),
+        "train_lr_decay_steps": str(train.get("lr_decay_steps", 0)),
         "weights": "generator EMA",
     }
 
