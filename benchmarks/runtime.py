@@ -3,7 +3,7 @@
     python benchmarks/runtime.py [--generator MODEL.onnx] [--checkpoint CKPT] [--json]
 
 With ``--checkpoint`` (needs torch) the same weights also run in PyTorch eager: throughput side by
-side (the median of five interleaved rounds each), multiply-adds per image (and so the share of
+side (the median of five interleaved half-second rounds each), multiply-adds per image (and so the share of
 the machine's fp32 GEMM rate, measured with numpy in the same run), and the cold start of a script
 that imports torch to make the same 10 digits. Prints a table; with ``--json`` the last line is one
 JSON object.
@@ -11,13 +11,13 @@ JSON object.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import describe  # noqa: E402
+from benchmarks.timing import interleaved_medians  # noqa: E402
 from runtime import DigitGenerator  # noqa: E402
 from runtime.generator import noise_for  # noqa: E402
 
@@ -42,16 +43,6 @@ def images_per_s(run, batch_size: int, min_seconds: float = 1.0) -> float:
         run()
         done += batch_size
     return done / (time.perf_counter() - start)
-
-
-def throughput(runners: dict[str, Callable[[], None]], batch_size: int, rounds: int = 5) -> dict[str, float]:
-    """Median images/s of each runner over ``rounds`` interleaved half-second rounds, so that drift
-    of the machine's speed hits every runner alike."""
-    rates: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            rates[name].append(images_per_s(run, batch_size, min_seconds=0.5))
-    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def latency_ms(run) -> tuple[float, float]:
@@ -150,7 +141,10 @@ def main(model: str | None, checkpoint: str | None, as_json: bool) -> None:
         runners = {"ort": lambda z=z, labels=labels: gen.run(z, labels)}
         if checkpoint:
             runners["torch"] = torch_runner(checkpoint, batch_size, gen.latent_dim)
-        for name, rate in throughput(runners, batch_size).items():
+        rates = interleaved_medians(
+            {name: functools.partial(images_per_s, run, batch_size, 0.5) for name, run in runners.items()}, rounds=5
+        )
+        for name, rate in rates.items():
             result[f"{name}_images_per_s"][batch_size] = rate
     z1, l1 = noise_for(0, 0, 1, gen.latent_dim), np.zeros(1, dtype=np.int64)
     result["ort_latency_ms_p50"], result["ort_latency_ms_p99"] = latency_ms(lambda: gen.run(z1, l1))

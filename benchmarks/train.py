@@ -11,9 +11,9 @@ reports the training time it took, evaluation time excluded.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import describe  # noqa: E402
 from benchmarks.macs import count_macs, gemm_macs_per_s  # noqa: E402
+from benchmarks.timing import interleaved_medians  # noqa: E402
 from training.config import GANConfig, TrainConfig  # noqa: E402
 from training.data import load_mnist  # noqa: E402
 from training.loop import _to_model_range, train_step, use_channels_last  # noqa: E402
@@ -96,23 +97,23 @@ def dataloader_loop(data_dir: str, batch_size: int) -> Callable[[], None]:
 
 
 def measure(loops: dict[str, Callable[[], None]], batch_size: int, steps: int, rounds: int) -> tuple[dict, dict]:
-    """Median images/s of each loop over ``rounds`` interleaved rounds of ``steps`` steps, so that
-    drift of the machine's speed hits every loop alike; also the seconds of each loop's first three
-    steps (which include any compilation)."""
+    """(median images/s of each loop over interleaved rounds of ``steps`` steps, seconds of each
+    loop's first three steps, which include any compilation)."""
     first_steps = {}
     for name, step in loops.items():
         start = time.perf_counter()
         for _ in range(3):
             step()
         first_steps[name] = time.perf_counter() - start
-    rates = {name: [] for name in loops}
-    for _ in range(rounds):
-        for name, step in loops.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            rates[name].append(steps * batch_size / (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in rates.items()}, first_steps
+
+    def images_per_s(step: Callable[[], None]) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return steps * batch_size / (time.perf_counter() - start)
+
+    rates = interleaved_medians({name: functools.partial(images_per_s, step) for name, step in loops.items()}, rounds)
+    return rates, first_steps
 
 
 def time_to_accuracy(data, target: float, batch_size: int, eval_every: int, max_steps: int) -> dict:
@@ -198,8 +199,10 @@ def main(
         f"{macs / 1e6:.0f} M multiply-adds per image per training step"
     )
     for name, rate in rates.items():
-        first = f"; first 3 steps {warmup_s[name]:.1f}s" if name in warmup_s else ""
-        click.echo(f"{name:>32}: {rate:7.0f} images/s  ({result['share_of_gemm'][name]:.0%} of GEMM rate{first})")
+        click.echo(
+            f"{name:>32}: {rate:7.0f} images/s  ({result['share_of_gemm'][name]:.0%} of GEMM rate; "
+            f"first 3 steps {warmup_s[name]:.1f}s)"
+        )
     if to_accuracy is not None:
         result["time_to_accuracy"] = time_to_accuracy(data, to_accuracy, batch_size, eval_every, max_steps)
         reached = result["time_to_accuracy"]["reached"]
