@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, TextIO
 
 import click
 
-from runtime.errors import DigitgenError
-from runtime.generator import DigitGenerator
-from runtime.session import PROVIDER_CHOICES
-from runtime.shards import Shard
-from runtime.writers import FORMATS, merge_shards, write_digits
+from digitgen.runtime.errors import DigitgenError
+from digitgen.runtime.generator import DigitGenerator
+from digitgen.runtime.session import PROVIDER_CHOICES
+from digitgen.runtime.shards import Shard
+from digitgen.runtime.writers import FORMATS, merge_shards, write_digits
 
 if TYPE_CHECKING:
-    from export.verify import ParityReport
-    from runtime.evaluate import Evaluation
+    from digitgen.export.verify import ParityReport
+    from digitgen.runtime.evaluate import Evaluation
 
 DEFAULT_RUN_DIR = "runs/latest"
 
@@ -72,8 +72,8 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 
 def _library_errors() -> tuple[type[Exception], ...]:
     """The typed errors of every package (imports torch: for the training and export commands)."""
-    from export.errors import ExportError
-    from training.errors import TrainingError
+    from digitgen.export.errors import ExportError
+    from digitgen.training.errors import TrainingError
 
     return (ExportError, TrainingError, DigitgenError)
 
@@ -128,9 +128,9 @@ def train(
     """Train the conditional GAN on MNIST (under torchrun: one process per device, DDP)."""
     import torch
 
-    from training.distributed import init_distributed, shutdown
-    from training.loop import train as run_training
-    from training.run import RunOptions, prepare_run
+    from digitgen.training.distributed import init_distributed, shutdown
+    from digitgen.training.loop import train as run_training
+    from digitgen.training.run import RunOptions, prepare_run
 
     if device_name == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
@@ -214,7 +214,7 @@ def _echo_report(report: ParityReport) -> None:
 @main.command("export")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Training checkpoint.")
 @click.option("--out", default="generator.onnx", show_default=True, type=click.Path(), help="ONNX file to write.")
-@click.option("--opset", default=17, show_default=True, type=click.IntRange(min=13))
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(min=18))
 @click.option(
     "--precision",
     default="fp32",
@@ -228,15 +228,28 @@ def _echo_report(report: ParityReport) -> None:
     help="Largest allowed |torch - onnxruntime| per pixel [default: 1e-4 fp32, 2e-2 fp16, 0.3 int8].",
 )
 @click.option("--quality", type=click.File("r"), help="JSON of `digitgen evaluate --json` to store as metadata.")
+@click.option(
+    "--weights-out",
+    type=click.Path(dir_okay=False),
+    help="Also write the EMA generator weights (what a release ships beside its ONNX file).",
+)
 def export_cmd(
-    checkpoint: str, out: str, opset: int, precision: str, atol: float | None, quality: TextIO | None
+    checkpoint: str,
+    out: str,
+    opset: int,
+    precision: str,
+    atol: float | None,
+    quality: TextIO | None,
+    weights_out: str | None,
 ) -> None:
     """Export the EMA generator to ONNX and verify it numerically against PyTorch (fp32)."""
-    from export.onnx_export import export_generator, quality_metadata
+    from digitgen.export.onnx_export import export_generator, quality_metadata
 
     try:
         extra = quality_metadata(_read_json(quality)) if quality else None
-        report = export_generator(checkpoint, out, opset=opset, precision=precision, atol=atol, extra_metadata=extra)
+        report = export_generator(
+            checkpoint, out, opset=opset, precision=precision, atol=atol, extra_metadata=extra, weights_out=weights_out
+        )
     except _library_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     _echo_report(report)
@@ -249,7 +262,7 @@ def export_cmd(
 @click.option("--atol", type=click.FloatRange(min=0), help="Per-pixel tolerance [default: by the model's precision].")
 def verify(model: str, checkpoint: str, atol: float | None) -> None:
     """Check an existing ONNX model against the PyTorch checkpoint it was exported from."""
-    from export.onnx_export import verify_file
+    from digitgen.export.onnx_export import verify_file
 
     try:
         report = verify_file(model, checkpoint, atol)
@@ -390,9 +403,9 @@ def info(model: str | None) -> None:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 def train_classifier_cmd(data_dir: str, out: str, epochs: int, seed: int) -> None:
     """Train the evaluator's reference MNIST classifier and export it to ONNX."""
-    from export.classifier_export import export_classifier
-    from training.classifier import train_classifier
-    from training.data import load_mnist
+    from digitgen.export.classifier_export import export_classifier
+    from digitgen.training.classifier import train_classifier
+    from digitgen.training.data import load_mnist
 
     try:
         train, test = load_mnist(data_dir), load_mnist(data_dir, train=False)
@@ -427,9 +440,9 @@ def evaluate(
     model: str | None, classifier: str | None, num_samples: int, seed: int, data_dir: str, as_json: bool
 ) -> None:
     """Score a generator against MNIST test: class accuracy, FID, precision, recall."""
-    from runtime.evaluate import ReferenceClassifier
-    from runtime.evaluate import evaluate as run_evaluation
-    from runtime.idx import read_mnist_split
+    from digitgen.runtime.evaluate import ReferenceClassifier
+    from digitgen.runtime.evaluate import evaluate as run_evaluation
+    from digitgen.runtime.idx import read_mnist_split
 
     try:
         gen = DigitGenerator.from_path(model, "cpu")

@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import describe  # noqa: E402
 from benchmarks.timing import interleaved_medians  # noqa: E402
-from runtime import DigitGenerator  # noqa: E402
-from runtime.generator import noise_for  # noqa: E402
+from digitgen.runtime import DigitGenerator  # noqa: E402
+from digitgen.runtime.generator import noise_for  # noqa: E402
 
 BATCH_SIZES = (1, 64, 256, 1024)
 LATENCY_RUNS = 200
@@ -60,9 +60,9 @@ TORCH_SCRIPT = """
 import sys, torch
 from PIL import Image
 sys.path.insert(0, {repo!r})
-from export.verify import ContractGenerator
-from runtime.generator import noise_for, to_uint8
-from training.state import load_generator
+from digitgen.export.verify import ContractGenerator
+from digitgen.runtime.generator import noise_for, to_uint8
+from digitgen.training.state import load_generator
 generator, config, _ = load_generator({checkpoint!r})
 z = torch.from_numpy(noise_for(0, 0, 10, config.latent_dim))
 with torch.inference_mode():
@@ -99,8 +99,8 @@ def torch_macs_per_image(checkpoint: str) -> int:
     import torch
 
     from benchmarks.macs import count_macs
-    from export.verify import ContractGenerator
-    from training.state import load_generator
+    from digitgen.export.verify import ContractGenerator
+    from digitgen.training.state import load_generator
 
     generator, config, _ = load_generator(checkpoint)
     return count_macs(ContractGenerator(generator).eval(), torch.randn(1, config.latent_dim), torch.zeros(1).long())
@@ -109,8 +109,8 @@ def torch_macs_per_image(checkpoint: str) -> int:
 def torch_runner(checkpoint: str, batch_size: int, latent_dim: int):
     import torch
 
-    from export.verify import ContractGenerator
-    from training.state import load_generator
+    from digitgen.export.verify import ContractGenerator
+    from digitgen.training.state import load_generator
 
     generator, _, _ = load_generator(checkpoint)
     model = ContractGenerator(generator).eval()

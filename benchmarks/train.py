@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 from benchmarks.machine import describe  # noqa: E402
 from benchmarks.macs import count_macs, gemm_macs_per_s  # noqa: E402
 from benchmarks.timing import interleaved_medians  # noqa: E402
-from training.config import GANConfig, TrainConfig  # noqa: E402
-from training.data import load_mnist  # noqa: E402
-from training.loop import _to_model_range, train_step, use_channels_last  # noqa: E402
-from training.state import new_state  # noqa: E402
+from digitgen.training.config import GANConfig, TrainConfig  # noqa: E402
+from digitgen.training.data import load_mnist  # noqa: E402
+from digitgen.training.loop import _to_model_range, train_step, use_channels_last  # noqa: E402
+from digitgen.training.state import new_state  # noqa: E402
 
 
 def step_macs_per_image(cfg: GANConfig) -> int:
@@ -120,10 +120,10 @@ def time_to_accuracy(data, target: float, batch_size: int, eval_every: int, max_
     """Train the default recipe until the class accuracy reaches ``target``; return the history."""
     import tempfile
 
-    from export.verify import ContractGenerator
-    from runtime.evaluate import ReferenceClassifier
-    from runtime.generator import noise_for, to_uint8
-    from training.loop import train
+    from digitgen.export.verify import ContractGenerator
+    from digitgen.runtime.evaluate import ReferenceClassifier
+    from digitgen.runtime.generator import noise_for, to_uint8
+    from digitgen.training.loop import train
 
     classifier = ReferenceClassifier()
     cfg = GANConfig()

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.errors import ExportVerificationError
-from export.onnx_export import trace_to_onnx, write_metadata
-from export.verify import ATOL
-from runtime.session import open_session
-from training.classifier import Classifier
+from digitgen.export.errors import ExportVerificationError
+from digitgen.export.onnx_export import to_onnx, write_metadata
+from digitgen.export.verify import ATOL
+from digitgen.runtime.session import open_session
+from digitgen.training.classifier import Classifier
 
 
 def _check_parity(path: Path, model: Classifier) -> float:
@@ -33,7 +33,7 @@ def export_classifier(model: Classifier, out: str | Path, test_accuracy: float) 
     tmp = out.with_name(f".{out.name}.part")
     model.eval()
     try:
-        trace_to_onnx(model, (torch.zeros(2, 1, 28, 28),), tmp, ["image"], ["logits", "features"])
+        to_onnx(model, (torch.zeros(2, 1, 28, 28),), tmp, ["image"], ["logits", "features"])
         write_metadata(
             tmp, {"producer": "digitgen", "kind": "reference classifier", "mnist_test_accuracy": f"{test_accuracy:.4f}"}
         )

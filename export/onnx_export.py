@@ -1,23 +1,23 @@
-"""Trace the EMA generator into the ONNX model contract, then verify before publishing the file."""
+"""Export the EMA generator to the ONNX model contract, then verify before publishing the file."""
 
 from __future__ import annotations
 
 import copy
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
 import torch
 
-from export.errors import ExportError
-from export.precision import HalfPrecision, quantize_int8
-from export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityReport, verify_parity
-from runtime.contract import CONTRACT_VERSION
-from training.state import load_generator
+from digitgen.export.errors import ExportError
+from digitgen.export.precision import HalfPrecision, quantize_int8
+from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityReport, verify_parity
+from digitgen.runtime.contract import CONTRACT_VERSION
+from digitgen.training.checkpoint import release_weights, save_checkpoint
+from digitgen.training.state import load_generator
 
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = 18  # the lowest the torch.export-based exporter writes
 
 
 def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
@@ -58,7 +58,7 @@ def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str
         raise ExportError(f"not an evaluation from `digitgen evaluate --json`: missing or bad {exc}") from exc
 
 
-def trace_to_onnx(
+def to_onnx(
     model: torch.nn.Module,
     example: tuple[torch.Tensor, ...],
     path: Path,
@@ -66,20 +66,24 @@ def trace_to_onnx(
     output_names: list[str],
     opset: int = DEFAULT_OPSET,
 ) -> None:
-    """Trace ``model`` (TorchScript tracer) to ``path`` with a dynamic batch axis on every input and output."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        torch.onnx.export(
-            model,
-            example,
-            str(path),
-            dynamo=False,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes={name: {0: "batch"} for name in [*input_names, *output_names]},
-            opset_version=opset,
-            do_constant_folding=True,
-        )
+    """Export ``model`` with PyTorch's torch.export-based ONNX exporter; axis 0 of every input is ``batch``.
+
+    The first input names the axis; the others follow it (torch.export unifies them), and the
+    outputs inherit it.
+    """
+    dynamic_shapes = ({0: "batch"}, *({0: torch.export.Dim.DYNAMIC} for _ in example[1:]))
+    torch.onnx.export(
+        model,
+        example,
+        str(path),
+        dynamo=True,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_shapes=dynamic_shapes,
+        opset_version=opset,
+        external_data=False,
+        verbose=False,
+    )
 
 
 def write_metadata(path: Path, metadata: Mapping[str, str]) -> None:
@@ -100,12 +104,15 @@ def export_generator(
     precision: str = "fp32",
     atol: float | None = None,
     extra_metadata: Mapping[str, str] | None = None,
+    weights_out: str | Path | None = None,
 ) -> ParityReport:
     """Export the checkpoint's EMA generator to ``out`` and verify it against the fp32 PyTorch model.
 
-    ``precision`` is ``fp32``, ``fp16`` or ``int8`` (see :mod:`export.precision`); each has its own
+    ``precision`` is ``fp32``, ``fp16`` or ``int8`` (see :mod:`digitgen.export.precision`); each has its own
     tolerance, and ``atol`` overrides its per-pixel maximum. The file appears at ``out`` only after
-    verification passes; on any failure or interrupt nothing is left behind.
+    verification passes; on any failure or interrupt nothing is left behind. ``weights_out`` also
+    writes the EMA generator weights a release ships beside its ONNX file (see
+    :func:`digitgen.training.checkpoint.release_weights`).
     """
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -121,17 +128,19 @@ def export_generator(
     try:
         example = (torch.randn(2, config.latent_dim), torch.zeros(2, dtype=torch.long))
         if precision == "int8":
-            trace_to_onnx(model, example, fp32_tmp, ["z", "digit"], ["image"], opset)
+            to_onnx(model, example, fp32_tmp, ["z", "digit"], ["image"], opset)
             quantize_int8(fp32_tmp, tmp, config.latent_dim, config.num_classes)
         else:
-            traced = HalfPrecision(copy.deepcopy(model)) if precision == "fp16" else model
-            trace_to_onnx(traced, example, tmp, ["z", "digit"], ["image"], opset)
+            traced = HalfPrecision(copy.deepcopy(model)).eval() if precision == "fp16" else model
+            to_onnx(traced, example, tmp, ["z", "digit"], ["image"], opset)
         write_metadata(tmp, metadata)
         report = verify_parity(tmp, model, TOLERANCES[precision], atol)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
         fp32_tmp.unlink(missing_ok=True)
+    if weights_out is not None:
+        save_checkpoint(release_weights(payload), weights_out)
     return report
 
 

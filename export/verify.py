@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.errors import ExportVerificationError
-from runtime.contract import check_contract
-from runtime.errors import DigitgenError
-from runtime.session import open_session
+from digitgen.export.errors import ExportVerificationError
+from digitgen.runtime.contract import check_contract
+from digitgen.runtime.errors import DigitgenError
+from digitgen.runtime.session import open_session
 
 BATCH_SIZES = (1, 7, 64)
 SEEDS = (0, 1)

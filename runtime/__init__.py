@@ -3,7 +3,7 @@
 Depends on numpy, onnxruntime and pillow only.
 """
 
-from runtime.errors import (
+from digitgen.runtime.errors import (
     DigitgenError,
     InvalidModelError,
     InvalidRequestError,
@@ -12,8 +12,8 @@ from runtime.errors import (
     OutputError,
     ProviderUnavailableError,
 )
-from runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
-from runtime.writers import FORMATS, write_digits
+from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
+from digitgen.runtime.writers import FORMATS, write_digits
 
 __all__ = [
     "FORMATS",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import onnxruntime as ort
 
-from runtime.errors import ModelContractError
+from digitgen.runtime.errors import ModelContractError
 
 CONTRACT_VERSION = "1"
 IMAGE_SIZE = 28

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import InvalidRequestError, ModelContractError
-from runtime.generator import DigitGenerator, default_model_path
-from runtime.session import open_session
+from digitgen.runtime.errors import InvalidRequestError, ModelContractError
+from digitgen.runtime.generator import DigitGenerator, default_model_path
+from digitgen.runtime.session import open_session
 
 K_NEAREST = 5
 Progress = Callable[[int], None]

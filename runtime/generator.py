@@ -8,19 +8,18 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.contract import ModelInfo, check_contract
-from runtime.errors import InvalidRequestError
-from runtime.session import open_session
+from digitgen.runtime.contract import ModelInfo, check_contract
+from digitgen.runtime.errors import InvalidRequestError
+from digitgen.runtime.session import open_session
 
 NOISE_BLOCK = 1024  # noise is drawn per block of global indices, so batching never changes it
 DEFAULT_BATCH_SIZE = 256
-_PACKAGE_DIR = Path(__file__).resolve().parent
+ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"  # digitgen/artifacts, installed or checked out
 
 
 def default_model_path(name: str = "generator.onnx") -> Path:
-    """A shipped model: inside the installed package, or in ``artifacts/`` of a checkout."""
-    candidates = (_PACKAGE_DIR / "artifacts" / name, _PACKAGE_DIR.parent / "artifacts" / name)
-    return next((path for path in candidates if path.is_file()), candidates[-1])
+    """A shipped model file (``generator.onnx`` or ``classifier.onnx``) in ``digitgen/artifacts``."""
+    return ARTIFACTS_DIR / name
 
 
 @dataclass(frozen=True)

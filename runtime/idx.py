@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import InvalidRequestError
+from digitgen.runtime.errors import InvalidRequestError
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from runtime.errors import InvalidModelError, ModelNotFoundError, ProviderUnavailableError
+from digitgen.runtime.errors import InvalidModelError, ModelNotFoundError, ProviderUnavailableError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PROVIDER_CHOICES = ("auto", *PROVIDERS)

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from runtime.errors import InvalidRequestError, OutputError
+from digitgen.runtime.errors import InvalidRequestError, OutputError
 
 
 @dataclass(frozen=True)

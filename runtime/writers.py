@@ -18,9 +18,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from runtime.errors import InvalidRequestError, OutputError
-from runtime.generator import GeneratedDigits
-from runtime.shards import WHOLE, Shard, concat_idx, concat_npz, find_shards
+from digitgen.runtime.errors import InvalidRequestError, OutputError
+from digitgen.runtime.generator import GeneratedDigits
+from digitgen.runtime.shards import WHOLE, Shard, concat_idx, concat_npz, find_shards
 
 FORMATS = ("png", "grid", "npz", "idx")
 GRID_FILE = "grid.png"

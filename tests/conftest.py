@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from digitgen.training.config import GANConfig, TrainConfig
+from digitgen.training.data import load_mnist
+from digitgen.training.loop import train
+from digitgen.training.state import new_state
 from tests.helpers import write_tiny_mnist
-from training.config import GANConfig, TrainConfig
-from training.data import load_mnist
-from training.loop import train
-from training.state import new_state
 
 TINY_MODEL = GANConfig(latent_dim=8, g_width=16, d_width=16)
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_mnist: Path) 
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
-    from export.onnx_export import export_generator
+    from digitgen.export.onnx_export import export_generator
 
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     export_generator(tiny_checkpoint, path)

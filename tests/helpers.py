@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import MNIST_FILES
+from digitgen.training.data import MNIST_FILES
 
 
 def write_idx_images(path: Path, images: np.ndarray) -> None:

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from runtime.idx import read_idx
+from digitgen.cli import main
+from digitgen.runtime.idx import read_idx
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from export.onnx_export import export_generator
+from digitgen.export.onnx_export import export_generator
 from tests.conftest import REPO
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from runtime.evaluate import coverage, frechet_distance, knn_radii
+from digitgen.cli import main
+from digitgen.runtime.evaluate import coverage, frechet_distance, knn_radii
 
 
 def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift() -> None:
@@ -41,8 +41,8 @@ def test_precision_and_recall_of_same_and_disjoint_sets() -> None:
 def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from export.classifier_export import export_classifier
-    from training.classifier import Classifier
+    from digitgen.export.classifier_export import export_classifier
+    from digitgen.training.classifier import Classifier
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("cls") / "classifier.onnx"
@@ -86,7 +86,7 @@ def test_evaluate_without_data_is_a_clear_error(tiny_onnx: Path, tiny_classifier
 def test_export_stores_evaluation_as_metadata(
     tmp_path: Path, tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path, tiny_checkpoint: Path
 ) -> None:
-    from runtime import DigitGenerator
+    from digitgen.runtime import DigitGenerator
 
     evaluation = CliRunner().invoke(main, [*evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist), "--json"])
     quality = tmp_path / "quality.json"

@@ -7,11 +7,11 @@ from pathlib import Path
 import onnx
 import pytest
 
-import export.onnx_export as onnx_export
-from export.errors import ExportError, ExportVerificationError
-from export.onnx_export import export_generator, verify_file
-from export.verify import ATOL, BATCH_SIZES, TOLERANCES
-from runtime import DigitGenerator
+import digitgen.export.onnx_export as onnx_export
+from digitgen.export.errors import ExportError, ExportVerificationError
+from digitgen.export.onnx_export import export_generator, verify_file
+from digitgen.export.verify import ATOL, BATCH_SIZES, TOLERANCES
+from digitgen.runtime import DigitGenerator
 from tests.conftest import train_tiny
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from runtime import default_model_path
+from digitgen.runtime import default_model_path
 from tests.conftest import REPO
 
 CLI = [sys.executable, str(REPO / "cli.py")]
@@ -86,7 +86,7 @@ def test_ctrl_c_during_generation_leaves_no_partial_file(tmp_path: Path, tiny_on
 FUZZ_SCRIPT = """
 import json, sys
 import numpy as np
-from runtime import DigitGenerator, DigitgenError
+from digitgen.runtime import DigitGenerator, DigitgenError
 data = open(sys.argv[1], 'rb').read()
 rng = np.random.default_rng(0)
 outcomes = {}

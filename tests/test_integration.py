@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.idx import read_idx
+from digitgen.runtime.idx import read_idx
 from tests.conftest import REPO, SHARED_MNIST
 from tests.helpers import write_tiny_mnist
 

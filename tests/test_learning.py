@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.onnx_export import export_generator
-from runtime import DigitGenerator
-from runtime.evaluate import ReferenceClassifier
+from digitgen.export.onnx_export import export_generator
+from digitgen.runtime import DigitGenerator
+from digitgen.runtime.evaluate import ReferenceClassifier
+from digitgen.training.checkpoint import save_checkpoint
+from digitgen.training.config import GANConfig, TrainConfig
+from digitgen.training.data import load_mnist
+from digitgen.training.loop import train
+from digitgen.training.state import new_state, state_to_checkpoint
 from tests.conftest import SHARED_MNIST
-from training.checkpoint import save_checkpoint
-from training.config import GANConfig, TrainConfig
-from training.data import load_mnist
-from training.loop import train
-from training.state import new_state, state_to_checkpoint
 
 SHORT_RUN = TrainConfig(total_steps=600, batch_size=64, seed=0, subset=20_000, checkpoint_every=600)
 

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli import main
-from runtime import DigitGenerator, InvalidRequestError, write_digits
+from digitgen.cli import main
+from digitgen.runtime import DigitGenerator, InvalidRequestError, write_digits
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

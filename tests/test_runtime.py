@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from runtime import (
+from digitgen.runtime import (
     DigitGenerator,
     InvalidModelError,
     InvalidRequestError,
@@ -18,7 +18,7 @@ from runtime import (
     ProviderUnavailableError,
     default_model_path,
 )
-from runtime.generator import noise_for
+from digitgen.runtime.generator import noise_for
 
 
 @pytest.fixture(scope="module")

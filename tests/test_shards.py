@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import DigitGenerator, InvalidRequestError, OutputError, write_digits
-from runtime.shards import WHOLE, Shard
-from runtime.writers import merge_shards
+from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, write_digits
+from digitgen.runtime.shards import WHOLE, Shard
+from digitgen.runtime.writers import merge_shards
 
 N, K = 47, 3
 

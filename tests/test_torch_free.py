@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
@@ -29,7 +31,7 @@ def test_import_torch_really_fails_in_the_subprocess(tmp_path: Path) -> None:
 
 def test_cli_generate_without_torch(tmp_path: Path, tiny_onnx: Path) -> None:
     code = (
-        "from cli import main\n"
+        "from digitgen.cli import main\n"
         f"main(['generate', '--generator', {str(tiny_onnx)!r}, '-n', '12', '--out', 'digits', '--format', 'npz'])\n"
     )
     result = _run_python(code, tmp_path)
@@ -37,9 +39,18 @@ def test_cli_generate_without_torch(tmp_path: Path, tiny_onnx: Path) -> None:
     assert (tmp_path / "digits" / "digits.npz").is_file()
 
 
+@pytest.mark.parametrize("command", [["info"], ["evaluate", "--num-samples", "100", "--json"]])
+def test_info_and_evaluate_without_torch(tmp_path: Path, tiny_mnist: Path, command: list[str]) -> None:
+    args = [*command, "--data-dir", str(tiny_mnist)] if command[0] == "evaluate" else command
+    code = f"from digitgen.cli import main\nmain({args!r})\n"
+    result = _run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
 def test_shipped_model_through_api_without_torch(tmp_path: Path) -> None:
     code = (
-        "from runtime import DigitGenerator\n"
+        "from digitgen import DigitGenerator\n"
         "out = DigitGenerator.from_path().generate(10, seed=1)\n"
         "assert out.images.shape == (10, 28, 28), out.images.shape\n"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"

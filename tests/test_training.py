@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from digitgen.training.checkpoint import load_checkpoint, save_checkpoint
+from digitgen.training.config import GANConfig, TrainConfig
+from digitgen.training.data import MNIST_FILES, load_mnist
+from digitgen.training.errors import CheckpointError, DatasetCorruptError, DatasetNotFoundError, NonFiniteLossError
+from digitgen.training.loop import train
+from digitgen.training.models import Discriminator, Generator
+from digitgen.training.state import new_state, state_from_checkpoint, state_to_checkpoint
 from tests.conftest import TINY_MODEL, train_tiny
 from tests.helpers import write_tiny_mnist
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import GANConfig, TrainConfig
-from training.data import MNIST_FILES, load_mnist
-from training.errors import CheckpointError, DatasetCorruptError, DatasetNotFoundError, NonFiniteLossError
-from training.loop import train
-from training.models import Discriminator, Generator
-from training.state import new_state, state_from_checkpoint, state_to_checkpoint
 
 
 def test_generator_and_discriminator_shapes() -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime import DigitGenerator, OutputError, write_digits
-from runtime.idx import read_idx
-from runtime.writers import GRID_FILE, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, png_name
+from digitgen.runtime import DigitGenerator, OutputError, write_digits
+from digitgen.runtime.idx import read_idx
+from digitgen.runtime.writers import GRID_FILE, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, png_name
 
 N = 23
 

@@ -10,20 +10,12 @@ from typing import Any
 
 import torch
 
-from training.errors import CheckpointError
+from digitgen.training.errors import CheckpointError
 
 FORMAT_VERSION = 1
-REQUIRED_KEYS = (
-    "format_version",
-    "config",
-    "train",
-    "generator",
-    "generator_ema",
-    "discriminator",
-    "optimizers",
-    "step",
-    "rng",
-)
+# A release ships only what export needs: the EMA generator and the settings that describe it.
+WEIGHTS_KEYS = ("format_version", "config", "train", "step", "generator_ema")
+REQUIRED_KEYS = (*WEIGHTS_KEYS, "generator", "discriminator", "optimizers", "rng")
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
@@ -38,7 +30,23 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint as data only; raise :class:`CheckpointError` if it is not ours."""
+    """Read a training checkpoint (everything ``--resume`` needs) as data only."""
+    payload = load_weights(path)
+    if any(key not in payload for key in REQUIRED_KEYS):
+        raise CheckpointError(
+            f"{path}: holds generator weights only (no discriminator or optimizer state): "
+            "it can be exported and verified, not resumed; start a new run instead"
+        )
+    return payload
+
+
+def release_weights(payload: dict[str, Any]) -> dict[str, Any]:
+    """The part of a checkpoint a release ships: EMA generator, configuration, training summary."""
+    return {key: payload[key] for key in WEIGHTS_KEYS}
+
+
+def load_weights(path: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint or release weights as data only; :class:`CheckpointError` if not ours."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -54,8 +62,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: not a readable digitgen checkpoint (truncated or corrupt: {first_sentence})"
         ) from exc
-    if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
-        raise CheckpointError(f"{path}: not a digitgen training checkpoint (keys missing)")
+    if not isinstance(payload, dict) or any(key not in payload for key in WEIGHTS_KEYS):
+        raise CheckpointError(f"{path}: not a digitgen checkpoint (keys missing)")
     if payload["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {payload['format_version']}, this version reads {FORMAT_VERSION}"

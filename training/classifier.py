@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.data import MnistTensors
+from digitgen.training.data import MnistTensors
 
 FEATURE_DIM = 128
 

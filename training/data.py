@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from training.errors import DatasetCorruptError, DatasetNotFoundError
+from digitgen.training.errors import DatasetCorruptError, DatasetNotFoundError
 
 IMAGE_MAGIC = 0x00000803
 LABEL_MAGIC = 0x00000801

@@ -16,11 +16,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
-from training.checkpoint import save_checkpoint
-from training.data import MnistTensors
-from training.distributed import SINGLE, DistContext, any_rank, gather_objects, weights_digest
-from training.errors import NonFiniteLossError
-from training.state import TrainState, state_to_checkpoint
+from digitgen.training.checkpoint import save_checkpoint
+from digitgen.training.data import MnistTensors
+from digitgen.training.distributed import SINGLE, DistContext, any_rank, gather_objects, weights_digest
+from digitgen.training.errors import NonFiniteLossError
+from digitgen.training.state import TrainState, state_to_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from training.config import GANConfig
+from digitgen.training.config import GANConfig
 
 
 class Generator(nn.Module):

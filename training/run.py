@@ -6,12 +6,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from training.config import GANConfig, TrainConfig
-from training.data import MnistTensors, load_mnist
-from training.distributed import DistContext
-from training.errors import TrainingError
-from training.loop import steps_per_epoch
-from training.state import TrainState, new_state, state_from_checkpoint
+from digitgen.training.config import GANConfig, TrainConfig
+from digitgen.training.data import MnistTensors, load_mnist
+from digitgen.training.distributed import DistContext
+from digitgen.training.errors import TrainingError
+from digitgen.training.loop import steps_per_epoch
+from digitgen.training.state import TrainState, new_state, state_from_checkpoint
 
 
 @dataclass(frozen=True)

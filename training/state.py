@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from training.checkpoint import FORMAT_VERSION, load_checkpoint
-from training.config import GANConfig, TrainConfig
-from training.errors import CheckpointError
-from training.models import Discriminator, Generator
+from digitgen.training.checkpoint import FORMAT_VERSION, load_checkpoint, load_weights
+from digitgen.training.config import GANConfig, TrainConfig
+from digitgen.training.errors import CheckpointError
+from digitgen.training.models import Discriminator, Generator
 
 
 @dataclass
@@ -89,12 +89,12 @@ def config_from_checkpoint(payload: dict[str, Any]) -> GANConfig:
     return _dataclass_from(GANConfig, payload["config"], "config")
 
 
-def load_generator(path: str, *, ema: bool = True) -> tuple[Generator, GANConfig, dict[str, Any]]:
-    """Rebuild the (EMA) generator from a checkpoint alone; returns it in eval mode."""
-    payload = load_checkpoint(path)
+def load_generator(path: str) -> tuple[Generator, GANConfig, dict[str, Any]]:
+    """Rebuild the EMA generator from a checkpoint or release weights alone; returns it in eval mode."""
+    payload = load_weights(path)
     config = config_from_checkpoint(payload)
     generator = Generator(config)
-    _load_weights(generator, payload["generator_ema" if ema else "generator"], "generator")
+    _load_weights(generator, payload["generator_ema"], "generator")
     return generator.eval(), config, payload
 
 

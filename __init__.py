@@ -1,0 +1,37 @@
+"""digitgen: handwritten digits from a GAN trained on MNIST, exported to ONNX, run without PyTorch.
+
+The embedding API (torch-free)::
+
+    from digitgen import DigitGenerator
+
+    batch = DigitGenerator.from_path().generate(16, digits=[4, 2], seed=7)
+
+Layers: :mod:`digitgen.runtime` (numpy + onnxruntime + pillow), :mod:`digitgen.training` and
+:mod:`digitgen.export` (PyTorch), :mod:`digitgen.cli` (the ``digitgen`` command).
+"""
+
+from digitgen.runtime import (
+    DigitGenerator,
+    DigitgenError,
+    GeneratedDigits,
+    InvalidModelError,
+    InvalidRequestError,
+    ModelContractError,
+    ModelNotFoundError,
+    OutputError,
+    ProviderUnavailableError,
+    default_model_path,
+)
+
+__all__ = [
+    "DigitGenerator",
+    "DigitgenError",
+    "GeneratedDigits",
+    "InvalidModelError",
+    "InvalidRequestError",
+    "ModelContractError",
+    "ModelNotFoundError",
+    "OutputError",
+    "ProviderUnavailableError",
+    "default_model_path",
+]

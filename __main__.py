@@ -1,0 +1,5 @@
+"""``python -m digitgen``: the ``digitgen`` command."""
+
+from digitgen.cli import main
+
+main()

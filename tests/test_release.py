@@ -1,0 +1,76 @@
+"""The shipped release rebuilds from the repository, through the supported (torch.export) exporter."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from digitgen.cli import main
+from digitgen.export.onnx_export import export_generator, verify_file
+from digitgen.export.verify import ATOL
+from digitgen.runtime import DigitGenerator, default_model_path
+from digitgen.runtime.generator import noise_for
+from digitgen.training.checkpoint import load_checkpoint
+from digitgen.training.errors import CheckpointError
+from digitgen.training.state import load_generator
+from tests.conftest import REPO
+
+SHIPPED_WEIGHTS = REPO / "artifacts" / "generator_weights.pt"
+
+
+def _images(model: Path, count: int = 64) -> np.ndarray:
+    gen = DigitGenerator.from_path(model, "cpu")
+    return gen.run(noise_for(3, 0, count, gen.latent_dim), np.arange(count) % gen.num_classes)
+
+
+def test_export_raises_no_deprecation_warning_from_torch_onnx(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_generator(tiny_checkpoint, tmp_path / "g.onnx")
+    deprecated = [
+        w
+        for w in caught
+        if issubclass(w.category, (DeprecationWarning, FutureWarning)) and "torch/onnx" in Path(w.filename).as_posix()
+    ]
+    assert not deprecated, [str(w.message) for w in deprecated]
+
+
+def test_shipped_weights_rebuild_the_shipped_model(tmp_path: Path) -> None:
+    rebuilt = tmp_path / "generator.onnx"
+    report = export_generator(SHIPPED_WEIGHTS, rebuilt)
+    assert report.passed
+    diff = np.abs(_images(rebuilt) - _images(default_model_path())).max()
+    assert diff <= ATOL, diff
+    assert verify_file(default_model_path(), SHIPPED_WEIGHTS).passed
+
+
+def test_release_weights_export_but_do_not_resume(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    weights = tmp_path / "weights.pt"
+    export_generator(tiny_checkpoint, tmp_path / "g.onnx", weights_out=weights)
+    _, config, payload = load_generator(str(weights))
+    assert set(payload) == {"format_version", "config", "train", "step", "generator_ema"}
+    assert config.latent_dim == 8 and payload["step"] == 4
+    with pytest.raises(CheckpointError, match="not resumed"):
+        load_checkpoint(weights)
+    assert np.array_equal(_images(tmp_path / "g.onnx"), _images(_reexport(weights, tmp_path / "again.onnx")))
+
+
+def _reexport(weights: Path, out: Path) -> Path:
+    export_generator(weights, out)
+    return out
+
+
+def test_resume_from_release_weights_is_one_clear_line(tmp_path: Path, tiny_mnist: Path) -> None:
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(
+        main, ["train", "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "run"), "--resume", str(SHIPPED_WEIGHTS)]
+    )
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [
+        f"Error: {SHIPPED_WEIGHTS}: holds generator weights only (no discriminator or optimizer state): "
+        "it can be exported and verified, not resumed; start a new run instead"
+    ]
