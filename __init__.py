@@ -22,8 +22,10 @@ from digitgen.runtime import (
     ProviderUnavailableError,
     default_model_path,
 )
+from digitgen.runtime.noise import NOISE_SCHEME
 
 __all__ = [
+    "NOISE_SCHEME",
     "DigitGenerator",
     "DigitgenError",
     "GeneratedDigits",

@@ -19,6 +19,7 @@ import click
 
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.generator import DigitGenerator
+from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
 from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
 from digitgen.runtime.writers import FORMATS, merge_shards, write_digits
@@ -298,7 +299,7 @@ def _parse_digits(ctx: click.Context, param: click.Parameter, value: str | None)
 )
 @click.option("--digits", callback=_parse_digits, help="Digits to generate, repeated to N (e.g. 0,3,7).")
 @click.option("--digit", type=int, help="Generate only this digit.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=MAX_SEED))
 @click.option("--out", default="digits", show_default=True, type=click.Path(), help="Output directory.")
 @click.option("--format", "fmt", default="png", show_default=True, type=click.Choice(FORMATS))
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))
@@ -387,6 +388,7 @@ def info(model: str | None) -> None:
             click.echo(f"{kind:<7} {arg.name:<6} {arg.type:<14} {arg.shape}")
     for key, value in sorted(gen.info.metadata.items()):
         click.echo(f"{key}: {value}")
+    click.echo(f"noise (runtime, any model): {NOISE_SCHEME}")
 
 
 @main.command("train-classifier")
@@ -426,7 +428,7 @@ def train_classifier_cmd(data_dir: str, out: str, epochs: int, seed: int) -> Non
 @click.option("--generator", "model", type=click.Path(dir_okay=False), help="Default: the shipped model.")
 @click.option("--classifier", type=click.Path(dir_okay=False), help="Default: the shipped reference classifier.")
 @click.option("--num-samples", default=10_000, show_default=True, type=click.IntRange(min=100))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=MAX_SEED))
 @click.option(
     "--data-dir",
     envvar="MNIST_ROOT",

@@ -24,7 +24,7 @@ from benchmarks.machine import describe  # noqa: E402
 from benchmarks.runtime import images_per_s  # noqa: E402
 from benchmarks.timing import interleaved_medians  # noqa: E402
 from digitgen.runtime import DigitGenerator  # noqa: E402
-from digitgen.runtime.generator import noise_for  # noqa: E402
+from digitgen.runtime.noise import standard_normal  # noqa: E402
 from digitgen.runtime.session import open_session  # noqa: E402
 
 BATCH_SIZES = (1, 64, 256)
@@ -61,7 +61,7 @@ def main(models: tuple[Path, ...], checkpoint: str | None, rounds: int) -> None:
         runners = {
             str(path): functools.partial(
                 images_per_s,
-                functools.partial(gen.run, noise_for(0, 0, batch_size, gen.latent_dim), labels),
+                functools.partial(gen.run, standard_normal(0, 0, batch_size, gen.latent_dim), labels),
                 batch_size,
                 0.5,
             )

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.machine import describe  # noqa: E402
 from benchmarks.timing import interleaved_medians  # noqa: E402
 from digitgen.runtime import DigitGenerator  # noqa: E402
-from digitgen.runtime.generator import noise_for  # noqa: E402
+from digitgen.runtime.noise import standard_normal  # noqa: E402
 
 BATCH_SIZES = (1, 64, 256, 1024)
 LATENCY_RUNS = 200
@@ -61,10 +61,11 @@ import sys, torch
 from PIL import Image
 sys.path.insert(0, {repo!r})
 from digitgen.export.verify import ContractGenerator
-from digitgen.runtime.generator import noise_for, to_uint8
+from digitgen.runtime.generator import to_uint8
+from digitgen.runtime.noise import standard_normal
 from digitgen.training.state import load_generator
 generator, config, _ = load_generator({checkpoint!r})
-z = torch.from_numpy(noise_for(0, 0, 10, config.latent_dim))
+z = torch.from_numpy(standard_normal(0, 0, 10, config.latent_dim))
 with torch.inference_mode():
     images = ContractGenerator(generator.eval())(z, torch.arange(10))
 for i, image in enumerate(to_uint8(images.numpy())):
@@ -114,7 +115,7 @@ def torch_runner(checkpoint: str, batch_size: int, latent_dim: int):
 
     generator, _, _ = load_generator(checkpoint)
     model = ContractGenerator(generator).eval()
-    z = torch.from_numpy(noise_for(0, 0, batch_size, latent_dim))
+    z = torch.from_numpy(standard_normal(0, 0, batch_size, latent_dim))
     digits = torch.arange(batch_size) % 10
 
     def run() -> None:
@@ -137,7 +138,7 @@ def main(model: str | None, checkpoint: str | None, as_json: bool) -> None:
         "torch_images_per_s": {},
     }
     for batch_size in BATCH_SIZES:
-        z, labels = noise_for(0, 0, batch_size, gen.latent_dim), np.arange(batch_size) % 10
+        z, labels = standard_normal(0, 0, batch_size, gen.latent_dim), np.arange(batch_size) % 10
         runners = {"ort": lambda z=z, labels=labels: gen.run(z, labels)}
         if checkpoint:
             runners["torch"] = torch_runner(checkpoint, batch_size, gen.latent_dim)
@@ -146,7 +147,7 @@ def main(model: str | None, checkpoint: str | None, as_json: bool) -> None:
         )
         for name, rate in rates.items():
             result[f"{name}_images_per_s"][batch_size] = rate
-    z1, l1 = noise_for(0, 0, 1, gen.latent_dim), np.zeros(1, dtype=np.int64)
+    z1, l1 = standard_normal(0, 0, 1, gen.latent_dim), np.zeros(1, dtype=np.int64)
     result["ort_latency_ms_p50"], result["ort_latency_ms_p99"] = latency_ms(lambda: gen.run(z1, l1))
     result["cli_cold_start_s"] = cold_start_s(cli_command(gen.path))
     if checkpoint:

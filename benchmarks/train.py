@@ -122,13 +122,14 @@ def time_to_accuracy(data, target: float, batch_size: int, eval_every: int, max_
 
     from digitgen.export.verify import ContractGenerator
     from digitgen.runtime.evaluate import ReferenceClassifier
-    from digitgen.runtime.generator import noise_for, to_uint8
+    from digitgen.runtime.generator import to_uint8
+    from digitgen.runtime.noise import standard_normal
     from digitgen.training.loop import train
 
     classifier = ReferenceClassifier()
     cfg = GANConfig()
     state = new_state(cfg, TrainConfig(total_steps=max_steps, batch_size=batch_size), torch.device("cpu"))
-    z = torch.from_numpy(noise_for(0, 0, 2000, cfg.latent_dim))
+    z = torch.from_numpy(standard_normal(0, 0, 2000, cfg.latent_dim))
     labels = torch.arange(2000) % cfg.num_classes
     history, evaluating = [], 0.0
     start = time.perf_counter()

@@ -10,9 +10,9 @@ import numpy as np
 
 from digitgen.runtime.contract import ModelInfo, check_contract
 from digitgen.runtime.errors import InvalidRequestError
+from digitgen.runtime.noise import MAX_SEED, standard_normal
 from digitgen.runtime.session import open_session
 
-NOISE_BLOCK = 1024  # noise is drawn per block of global indices, so batching never changes it
 DEFAULT_BATCH_SIZE = 256
 ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"  # digitgen/artifacts, installed or checked out
 
@@ -29,17 +29,6 @@ class GeneratedDigits:
     start: int = 0  # global index of the first digit
 
 
-def noise_for(seed: int, start: int, stop: int, latent_dim: int) -> np.ndarray:
-    """Standard-normal ``z`` for global indices ``[start, stop)``, identical however it is batched."""
-    first, last = start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK
-    blocks = [
-        np.random.default_rng([seed, block]).standard_normal((NOISE_BLOCK, latent_dim), dtype=np.float32)
-        for block in range(first, last + 1)
-    ]
-    offset = start - first * NOISE_BLOCK
-    return np.concatenate(blocks)[offset : offset + stop - start]
-
-
 def labels_for(digits: Sequence[int], start: int, stop: int) -> np.ndarray:
     """Labels of global indices ``[start, stop)``: ``digits`` repeated."""
     cycle = np.asarray(digits, dtype=np.int64)
@@ -51,9 +40,15 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(images[:, 0], 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InvalidRequestError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def _check_int(value: object, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise InvalidRequestError(f"{name} must be an integer {bounds}, got {value!r}")
     return int(value)
 
 
@@ -124,15 +119,15 @@ class DigitGenerator:
         start: int = 0,
     ) -> Iterator[GeneratedDigits]:
         """Yield digits ``start .. start+num-1`` of the sequence defined by (digits, seed), batch by batch."""
-        num = _check_positive_int(num, "number of digits")
-        seed = _check_positive_int(seed, "seed", minimum=0)
-        batch_size = _check_positive_int(batch_size, "batch size")
-        start = _check_positive_int(start, "start index", minimum=0)
+        num = _check_int(num, "number of digits")
+        seed = _check_int(seed, "seed", minimum=0, maximum=MAX_SEED)
+        batch_size = _check_int(batch_size, "batch size")
+        start = _check_int(start, "start index", minimum=0)
         cycle = self.check_digits(digits)
         for lo in range(start, start + num, batch_size):
             hi = min(lo + batch_size, start + num)
             labels = labels_for(cycle, lo, hi)
-            images = self.run(noise_for(seed, lo, hi, self.latent_dim), labels)
+            images = self.run(standard_normal(seed, lo, hi, self.latent_dim), labels)
             yield GeneratedDigits(to_uint8(images), labels, lo)
 
     def generate(

@@ -59,6 +59,7 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["--generator", "/nonexistent/g.onnx"], "model not found"),
         (["--out", "/proc/digitgen-cannot-write"], "cannot create output directory"),
         (["--num-shards", "3", "--shard-index", "3"], "shard index must be in 0..2"),
+        (["--seed", str(2**64)], "18446744073709551616 is not in the range 0<=x<=18446744073709551615"),
     ],
 )
 def test_bad_generate_input_is_one_clear_line(tmp_path: Path, tiny_onnx: Path, args: list[str], message: str) -> None:
@@ -90,7 +91,14 @@ def test_generate_refuses_to_overwrite(tmp_path: Path, tiny_onnx: Path) -> None:
 def test_info_prints_contract_and_metadata(tiny_onnx: Path) -> None:
     code, output = run("info", tiny_onnx)
     assert code == 0
-    for expected in ("input   z", "input   digit", "output  image", "latent_dim: 8", "contract_version: 1"):
+    for expected in (
+        "input   z",
+        "input   digit",
+        "output  image",
+        "latent_dim: 8",
+        "contract_version: 1",
+        "noise (runtime, any model): splitmix64-boxmuller-v1",
+    ):
         assert expected in output
 
 

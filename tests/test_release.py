@@ -12,7 +12,7 @@ from digitgen.cli import main
 from digitgen.export.onnx_export import export_generator, verify_file
 from digitgen.export.verify import ATOL
 from digitgen.runtime import DigitGenerator, default_model_path
-from digitgen.runtime.generator import noise_for
+from digitgen.runtime.noise import standard_normal
 from digitgen.training.checkpoint import load_checkpoint
 from digitgen.training.errors import CheckpointError
 from digitgen.training.state import load_generator
@@ -23,7 +23,7 @@ SHIPPED_WEIGHTS = REPO / "artifacts" / "generator_weights.pt"
 
 def _images(model: Path, count: int = 64) -> np.ndarray:
     gen = DigitGenerator.from_path(model, "cpu")
-    return gen.run(noise_for(3, 0, count, gen.latent_dim), np.arange(count) % gen.num_classes)
+    return gen.run(standard_normal(3, 0, count, gen.latent_dim), np.arange(count) % gen.num_classes)
 
 
 def test_export_raises_no_deprecation_warning_from_torch_onnx(tmp_path: Path, tiny_checkpoint: Path) -> None:
