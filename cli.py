@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, TextIO
 import click
 
 from digitgen.runtime.errors import DigitgenError
+from digitgen.runtime.files import refuse_existing
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
 from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
-from digitgen.runtime.writers import FORMATS, merge_shards, write_digits
+from digitgen.runtime.writers import FORMATS, generate_files, merge_shards
+from digitgen.training.config import GANConfig, TrainConfig
 
 if TYPE_CHECKING:
     from digitgen.export.verify import ParityReport
@@ -98,14 +100,21 @@ def _library_errors() -> tuple[type[Exception], ...]:
 )
 @click.option("--epochs", type=click.IntRange(min=1), help="Train this many passes over the data.")
 @click.option("--steps", type=click.IntRange(min=1), help="Train this many steps (overrides --epochs).")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--latent-dim", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--batch-size", type=click.IntRange(min=1), help=f"Images per step [default: {TrainConfig.batch_size}].")
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), help=f"Adam learning rate [default: {TrainConfig.lr:g}]."
+)
+@click.option("--latent-dim", type=click.IntRange(min=1), help=f"Noise size [default: {GANConfig.latent_dim}].")
+@click.option("--seed", type=click.IntRange(min=0), help=f"Seed of weights and noise [default: {TrainConfig.seed}].")
 @click.option("--device", "device_name", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run saved in this checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start over in an --out that holds another run, deleting it.")
 @click.option("--subset", type=click.IntRange(min=1), help="Use only the first N training images (kept on --resume).")
-@click.option("--checkpoint-every", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    help=f"Steps between checkpoints [default: {TrainConfig.checkpoint_every}].",
+)
 @click.option(
     "--lr-decay-epochs",
     type=click.FloatRange(min=0),
@@ -116,14 +125,15 @@ def train(
     run_dir: str,
     epochs: int | None,
     steps: int | None,
-    batch_size: int,
-    lr: float,
-    latent_dim: int,
-    seed: int,
+    batch_size: int | None,
+    lr: float | None,
+    latent_dim: int | None,
+    seed: int | None,
     device_name: str,
     resume: str | None,
+    overwrite: bool,
     subset: int | None,
-    checkpoint_every: int,
+    checkpoint_every: int | None,
     lr_decay_epochs: float | None,
 ) -> None:
     """Train the conditional GAN on MNIST (under torchrun: one process per device, DDP)."""
@@ -137,13 +147,27 @@ def train(
         raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
     device = torch.device("cuda" if device_name != "cpu" and torch.cuda.is_available() else "cpu")
     options = RunOptions(
-        data_dir, epochs, steps, batch_size, lr, latent_dim, seed, subset, checkpoint_every, resume, lr_decay_epochs
+        data_dir,
+        run_dir,
+        epochs,
+        steps,
+        batch_size,
+        lr,
+        latent_dim,
+        seed,
+        subset,
+        checkpoint_every,
+        resume,
+        overwrite,
+        lr_decay_epochs,
     )
     ctx, device = init_distributed(device)
     say = click.echo if ctx.is_main else lambda *args, **kwargs: None
     try:
         run = prepare_run(options, device, ctx)
         state = run.state
+        if run.replaced:
+            say(f"--overwrite: deleted the earlier run's {', '.join(str(p) for p in run.replaced)}", err=True)
         say(
             f"training on {device} ({len(run.data.images)} images, {run.steps_per_epoch} steps/epoch), "
             f"steps {state.step} -> {state.train.total_steps}, batch {state.train.batch_size}, "
@@ -234,6 +258,7 @@ def _echo_report(report: ParityReport) -> None:
     type=click.Path(dir_okay=False),
     help="Also write the EMA generator weights (what a release ships beside its ONNX file).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 def export_cmd(
     checkpoint: str,
     out: str,
@@ -242,6 +267,7 @@ def export_cmd(
     atol: float | None,
     quality: TextIO | None,
     weights_out: str | None,
+    overwrite: bool,
 ) -> None:
     """Export the EMA generator to ONNX and verify it numerically against PyTorch (fp32)."""
     from digitgen.export.onnx_export import export_generator, quality_metadata
@@ -249,7 +275,14 @@ def export_cmd(
     try:
         extra = quality_metadata(_read_json(quality)) if quality else None
         report = export_generator(
-            checkpoint, out, opset=opset, precision=precision, atol=atol, extra_metadata=extra, weights_out=weights_out
+            checkpoint,
+            out,
+            opset=opset,
+            precision=precision,
+            atol=atol,
+            extra_metadata=extra,
+            weights_out=weights_out,
+            overwrite=overwrite,
         )
     except _library_errors() as exc:
         raise click.ClickException(str(exc)) from exc
@@ -337,17 +370,24 @@ def generate(
     if digits is not None and digit is not None:
         raise click.UsageError("give --digits or --digit, not both")
     requested = [digit] if digit is not None else digits
+    shard = Shard(shard_index, num_shards)
     try:
         gen = DigitGenerator.from_path(model, provider)
-        gen.check_digits(requested)
-        shard = Shard(shard_index, num_shards).check(num_digits)
-        first, stop = shard.bounds(num_digits)
+        count = shard.check(num_digits).size(num_digits)
         start = time.perf_counter()
-        batches = gen.iter_batches(stop - first, requested, seed, batch_size, start=first)
-        with click.progressbar(
-            length=stop - first, label="generating", file=sys.stderr, hidden=stop - first <= batch_size
-        ) as bar:
-            files = write_digits(batches, out, fmt, num_digits, shard=shard, overwrite=overwrite, on_batch=bar.update)
+        with click.progressbar(length=count, label="generating", file=sys.stderr, hidden=count <= batch_size) as bar:
+            files = generate_files(
+                gen,
+                out,
+                num_digits,
+                fmt,
+                digits=requested,
+                seed=seed,
+                batch_size=batch_size,
+                shard=shard,
+                overwrite=overwrite,
+                on_batch=bar.update,
+            )
     except DigitgenError as exc:
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
@@ -358,7 +398,7 @@ def generate(
         click.echo(f"note: {gen.note}", err=True)
     where = files[0] if len(files) == 1 else out
     part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
-    click.echo(f"wrote {stop - first} digits{part} as {fmt} to {where} in {seconds:.2f}s on {gen.provider}")
+    click.echo(f"wrote {count} digits{part} as {fmt} to {where} in {seconds:.2f}s on {gen.provider}")
 
 
 @main.command()
@@ -400,22 +440,24 @@ def info(model: str | None) -> None:
     type=click.Path(file_okay=False),
     help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",
 )
-@click.option("--out", default="artifacts/classifier.onnx", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-def train_classifier_cmd(data_dir: str, out: str, epochs: int, seed: int) -> None:
+def train_classifier_cmd(data_dir: str, out: str, overwrite: bool, epochs: int, seed: int) -> None:
     """Train the evaluator's reference MNIST classifier and export it to ONNX."""
     from digitgen.export.classifier_export import export_classifier
-    from digitgen.training.classifier import train_classifier
+    from digitgen.training.classifier import train_classifier, training_steps
     from digitgen.training.data import load_mnist
 
     try:
+        refuse_existing([out], overwrite)
         train, test = load_mnist(data_dir), load_mnist(data_dir, train=False)
         with click.progressbar(
-            length=epochs * (len(train.images) // 128), label="training classifier", file=sys.stderr
+            length=training_steps(len(train.images), epochs), label="training classifier", file=sys.stderr
         ) as bar:
             result = train_classifier(train, test, epochs=epochs, seed=seed, progress=lambda step, total: bar.update(1))
-        diff = export_classifier(result.model, out, result.test_accuracy)
+        diff = export_classifier(result.model, out, result.test_accuracy, overwrite=overwrite)
     except _library_errors() as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from digitgen.export.errors import ExportVerificationError
 from digitgen.export.onnx_export import to_onnx, write_metadata
 from digitgen.export.verify import ATOL
+from digitgen.runtime.files import publish, refuse_existing
 from digitgen.runtime.session import open_session
 from digitgen.training.classifier import Classifier
 
@@ -27,18 +27,16 @@ def _check_parity(path: Path, model: Classifier) -> float:
     return diff
 
 
-def export_classifier(model: Classifier, out: str | Path, test_accuracy: float) -> float:
-    """Write ``out`` atomically after a parity check; returns max |torch - ort|."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.part")
+def export_classifier(model: Classifier, out: str | Path, test_accuracy: float, overwrite: bool = False) -> float:
+    """Write ``out`` atomically after a parity check; returns max |torch - ort|.
+
+    An existing ``out`` is replaced only with ``overwrite``.
+    """
+    refuse_existing([out], overwrite)
     model.eval()
-    try:
+    with publish(out) as tmp:
         to_onnx(model, (torch.zeros(2, 1, 28, 28),), tmp, ["image"], ["logits", "features"])
         write_metadata(
             tmp, {"producer": "digitgen", "kind": "reference classifier", "mnist_test_accuracy": f"{test_accuracy:.4f}"}
         )
-        diff = _check_parity(tmp, model)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return diff
+        return _check_parity(tmp, model)

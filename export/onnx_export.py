@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from digitgen.export.errors import ExportError
 from digitgen.export.precision import HalfPrecision, quantize_int8
 from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityReport, verify_parity
 from digitgen.runtime.contract import CONTRACT_VERSION
+from digitgen.runtime.files import publish, refuse_existing
 from digitgen.training.checkpoint import release_weights, save_checkpoint
 from digitgen.training.state import load_generator
 
@@ -105,6 +106,7 @@ def export_generator(
     atol: float | None = None,
     extra_metadata: Mapping[str, str] | None = None,
     weights_out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> ParityReport:
     """Export the checkpoint's EMA generator to ``out`` and verify it against the fp32 PyTorch model.
 
@@ -112,7 +114,8 @@ def export_generator(
     tolerance, and ``atol`` overrides its per-pixel maximum. The file appears at ``out`` only after
     verification passes; on any failure or interrupt nothing is left behind. ``weights_out`` also
     writes the EMA generator weights a release ships beside its ONNX file (see
-    :func:`digitgen.training.checkpoint.release_weights`).
+    :func:`digitgen.training.checkpoint.release_weights`). Existing files are replaced only with
+    ``overwrite``.
     """
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -121,24 +124,22 @@ def export_generator(
         raise ExportError(f"output {out} is a directory; give a file name such as generator.onnx")
     if not out.parent.is_dir():
         raise ExportError(f"output directory {out.parent} does not exist")
+    refuse_existing([out, weights_out], overwrite)
     generator, config, payload = load_generator(str(checkpoint))
     model = ContractGenerator(generator).eval()
     metadata = {**contract_metadata(payload), "precision": precision, **(extra_metadata or {})}
-    tmp, fp32_tmp = out.with_name(f".{out.name}.part"), out.with_name(f".{out.name}.fp32.part")
-    try:
-        example = (torch.randn(2, config.latent_dim), torch.zeros(2, dtype=torch.long))
+    example = (torch.randn(2, config.latent_dim), torch.zeros(2, dtype=torch.long))
+    with publish(out) as tmp:
         if precision == "int8":
-            to_onnx(model, example, fp32_tmp, ["z", "digit"], ["image"], opset)
-            quantize_int8(fp32_tmp, tmp, config.latent_dim, config.num_classes)
+            with tempfile.TemporaryDirectory() as scratch:
+                fp32 = Path(scratch) / "fp32.onnx"
+                to_onnx(model, example, fp32, ["z", "digit"], ["image"], opset)
+                quantize_int8(fp32, tmp, config.latent_dim, config.num_classes)
         else:
-            traced = HalfPrecision(copy.deepcopy(model)).eval() if precision == "fp16" else model
-            to_onnx(traced, example, tmp, ["z", "digit"], ["image"], opset)
+            exported = HalfPrecision(copy.deepcopy(model)).eval() if precision == "fp16" else model
+            to_onnx(exported, example, tmp, ["z", "digit"], ["image"], opset)
         write_metadata(tmp, metadata)
         report = verify_parity(tmp, model, TOLERANCES[precision], atol)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        fp32_tmp.unlink(missing_ok=True)
     if weights_out is not None:
         save_checkpoint(release_weights(payload), weights_out)
     return report

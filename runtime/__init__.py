@@ -13,7 +13,7 @@ from digitgen.runtime.errors import (
     ProviderUnavailableError,
 )
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
-from digitgen.runtime.writers import FORMATS, write_digits
+from digitgen.runtime.writers import FORMATS, generate_files, write_digits
 
 __all__ = [
     "FORMATS",
@@ -27,5 +27,6 @@ __all__ = [
     "OutputError",
     "ProviderUnavailableError",
     "default_model_path",
+    "generate_files",
     "write_digits",
 ]

@@ -33,6 +33,11 @@ class Shard:
         """Global ``(start, stop)`` indices of this shard."""
         return self.index * total // self.count, (self.index + 1) * total // self.count
 
+    def size(self, total: int) -> int:
+        """How many of ``total`` digits this shard holds."""
+        start, stop = self.bounds(total)
+        return stop - start
+
     def name(self, file_name: str) -> str:
         """``digits.npz`` -> ``digits-00001-of-00004.npz`` (unchanged for a single shard)."""
         if self.count == 1:

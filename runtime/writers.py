@@ -10,16 +10,15 @@ from __future__ import annotations
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
 from digitgen.runtime.errors import InvalidRequestError, OutputError
-from digitgen.runtime.generator import GeneratedDigits
+from digitgen.runtime.files import atomic_file, refuse_existing
+from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
 from digitgen.runtime.shards import WHOLE, Shard, concat_idx, concat_npz, find_shards
 
 FORMATS = ("png", "grid", "npz", "idx")
@@ -37,18 +36,6 @@ OnBatch = Callable[[int], None]
 
 def png_name(index: int, label: int) -> str:
     return f"{index:08d}_label{label}.png"
-
-
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` only on success."""
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        with tmp.open("wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def prepare_output_dir(out_dir: str | Path) -> Path:
@@ -73,28 +60,58 @@ def output_names(fmt: str, shard: Shard = WHOLE) -> list[str]:
     return [shard.name(name) for name in names]
 
 
+def pngs_in_range(out_dir: Path, start: int, stop: int) -> list[Path]:
+    """PNG digits in ``out_dir`` whose index lies in ``[start, stop)``, whatever their label."""
+    found = []
+    for entry in os.scandir(out_dir):
+        match = PNG_NAME.match(entry.name)
+        if match and start <= int(match.group(1)) < stop:
+            found.append(Path(entry.path))
+    return sorted(found)
+
+
 def existing_outputs(out_dir: Path, fmt: str, shard: Shard, total: int) -> list[Path]:
     """Files a run would replace: named outputs of ``fmt``, or PNGs for indices in range."""
     if fmt == "png":
-        start, stop = shard.bounds(total)
-        clashes = []
-        for entry in os.scandir(out_dir):
-            match = PNG_NAME.match(entry.name)
-            if match and start <= int(match.group(1)) < stop:
-                clashes.append(Path(entry.path))
-        return sorted(clashes)
+        return pngs_in_range(out_dir, *shard.bounds(total))
     return [out_dir / name for name in output_names(fmt, shard) if (out_dir / name).exists()]
 
 
+def _checked(batches: Iterable[GeneratedDigits], start: int, stop: int) -> Iterator[GeneratedDigits]:
+    """``batches`` while they hold exactly the digits ``start .. stop-1`` in order; a typed error otherwise."""
+    expected = start
+    for batch in batches:
+        if batch.start != expected or expected + len(batch.labels) > stop:
+            raise InvalidRequestError(
+                f"the batches do not hold digits {start}..{stop - 1} in order: got {len(batch.labels)} "
+                f"starting at {batch.start} after {expected - start}; nothing was written"
+            )
+        expected += len(batch.labels)
+        yield batch
+    if expected != stop:
+        raise InvalidRequestError(
+            f"the batches held {expected - start} digits, not the {stop - start} promised; nothing was written"
+        )
+
+
 def _write_png(image: np.ndarray, path: Path) -> None:
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         Image.fromarray(image, mode="L").save(f, format="PNG")
 
 
-def _write_pngs(batches: Iterable[GeneratedDigits], out_dir: Path, on_batch: OnBatch) -> None:
+def _write_pngs(batches: Iterable[GeneratedDigits], out_dir: Path, replaced: list[Path], on_batch: OnBatch) -> None:
+    """One PNG per digit; a replaced file of the same index but another label is removed, so an index
+    never has two labels in one folder."""
+    stale: dict[int, list[Path]] = {}
+    for path in replaced:
+        stale.setdefault(int(PNG_NAME.match(path.name).group(1)), []).append(path)
     for batch in batches:
         for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
-            _write_png(image, out_dir / png_name(batch.start + offset, int(label)))
+            path = out_dir / png_name(batch.start + offset, int(label))
+            _write_png(image, path)
+            for old in stale.pop(batch.start + offset, []):
+                if old != path:
+                    old.unlink(missing_ok=True)
         on_batch(len(batch.labels))
 
 
@@ -126,7 +143,7 @@ def _write_grid(batches: Iterable[GeneratedDigits], paths: list[Path], num: int,
 
 
 def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         np.savez_compressed(f, images=images, labels=labels)
 
 
@@ -138,7 +155,7 @@ def _write_npz(batches: Iterable[GeneratedDigits], paths: list[Path], num: int, 
 def _write_idx(batches: Iterable[GeneratedDigits], paths: list[Path], num: int, on_batch: OnBatch) -> None:
     """MNIST IDX pair (big-endian headers: magic, count, rows, cols), streamed batch by batch."""
     images_path, labels_path = paths
-    with _atomic_file(images_path) as images_f, _atomic_file(labels_path) as labels_f:
+    with atomic_file(images_path) as images_f, atomic_file(labels_path) as labels_f:
         images_f.write(struct.pack(">IIII", 0x00000803, num, 28, 28))
         labels_f.write(struct.pack(">II", 0x00000801, num))
         for batch in batches:
@@ -159,7 +176,9 @@ def write_digits(
 ) -> list[Path]:
     """Write ``shard`` of a ``total``-digit request, streamed from ``batches``.
 
-    Returns the files written; for ``png``, whose files are many, the output directory.
+    ``batches`` must hold exactly the shard's digits, in order (as :meth:`DigitGenerator.iter_batches`
+    yields them); anything else raises :class:`InvalidRequestError` and leaves no file. Returns the
+    files written; for ``png``, whose files are many, the output directory.
     """
     if fmt not in FORMATS:
         raise InvalidRequestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -167,19 +186,43 @@ def write_digits(
     if fmt == "grid" and stop - start > GRID_MAX_DIGITS:
         raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use png, npz or idx")
     out_dir = prepare_output_dir(out_dir)
-    _refuse_clobber(existing_outputs(out_dir, fmt, shard, total), overwrite)
+    replaced = existing_outputs(out_dir, fmt, shard, total)
+    refuse_existing(replaced, overwrite)
+    batches = _checked(batches, start, stop)
     if fmt == "png":
-        _write_pngs(batches, out_dir, on_batch)
+        try:
+            _write_pngs(batches, out_dir, replaced, on_batch)
+        except InvalidRequestError:
+            for path in pngs_in_range(out_dir, start, stop):
+                path.unlink()
+            raise
         return [out_dir]
     paths = [out_dir / name for name in output_names(fmt, shard)]
     {"grid": _write_grid, "npz": _write_npz, "idx": _write_idx}[fmt](batches, paths, stop - start, on_batch)
     return paths
 
 
-def _refuse_clobber(clashes: list[Path], overwrite: bool) -> None:
-    if clashes and not overwrite:
-        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
-        raise OutputError(f"{clashes[0]}{more} already exists; pass --overwrite to replace")
+def generate_files(
+    gen: DigitGenerator,
+    out_dir: str | Path,
+    num: int,
+    fmt: str = "png",
+    *,
+    digits: Sequence[int] | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    shard: Shard = WHOLE,
+    overwrite: bool = False,
+    on_batch: OnBatch = lambda n: None,
+) -> list[Path]:
+    """What ``digitgen generate`` does: make ``shard`` of ``num`` digits with ``gen`` and write them as ``fmt``.
+
+    Returns the files written (for ``png``, the output directory).
+    """
+    gen.check_digits(digits)
+    start, stop = shard.check(num).bounds(num)
+    batches = gen.iter_batches(stop - start, digits, seed, batch_size, start=start)
+    return write_digits(batches, out_dir, fmt, num, shard=shard, overwrite=overwrite, on_batch=on_batch)
 
 
 def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> list[Path]:
@@ -190,13 +233,13 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
     if not out_dir.is_dir():
         raise OutputError(f"{out_dir} is not a directory")
     targets = [out_dir / name for name in output_names(fmt)]
-    _refuse_clobber([path for path in targets if path.exists()], overwrite)
+    refuse_existing([path for path in targets if path.exists()], overwrite)
     parts = [find_shards(out_dir, path.name) for path in targets]
     if fmt == "npz":
         merged = concat_npz(parts[0])
         _save_npz(targets[0], merged["images"], merged["labels"])
         return targets
     for target, shard_files, header_size in zip(targets, parts, (16, 8), strict=True):
-        with _atomic_file(target) as out:
+        with atomic_file(target) as out:
             concat_idx(shard_files, header_size, out)
     return targets

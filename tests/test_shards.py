@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, write_digits
+from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, generate_files
 from digitgen.runtime.shards import WHOLE, Shard
 from digitgen.runtime.writers import merge_shards
 
@@ -21,9 +21,7 @@ def gen(tiny_onnx: Path) -> DigitGenerator:
 
 
 def _write(gen: DigitGenerator, out: Path, fmt: str, shard: Shard = WHOLE) -> list[Path]:
-    start, stop = shard.check(N).bounds(N)
-    batches = gen.iter_batches(stop - start, [3, 1, 4], seed=9, batch_size=4, start=start)
-    return write_digits(batches, out, fmt, N, shard=shard)
+    return generate_files(gen, out, N, fmt, digits=[3, 1, 4], seed=9, batch_size=4, shard=shard)
 
 
 def test_shard_bounds_cover_every_index_once() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import torch
 
+from digitgen.runtime.files import publish
 from digitgen.training.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -20,13 +20,8 @@ REQUIRED_KEYS = (*WEIGHTS_KEYS, "generator", "discriminator", "optimizers", "rng
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     """Write ``payload`` to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with publish(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -64,12 +64,20 @@ def accuracy(model: Classifier, data: MnistTensors, batch_size: int = 1000) -> f
     return correct / len(data.images)
 
 
+BATCH_SIZE = 128
+
+
+def training_steps(num_images: int, epochs: int, batch_size: int = BATCH_SIZE) -> int:
+    """Optimizer steps of :func:`train_classifier` (for progress bars)."""
+    return epochs * (num_images // batch_size)
+
+
 def train_classifier(
     train: MnistTensors,
     test: MnistTensors,
     *,
     epochs: int = 4,
-    batch_size: int = 128,
+    batch_size: int = BATCH_SIZE,
     seed: int = 0,
     progress: Callable[[int, int], None] = lambda step, total: None,
 ) -> ClassifierResult:
@@ -77,7 +85,7 @@ def train_classifier(
     torch.manual_seed(seed)
     model = Classifier()
     steps_per_epoch = len(train.images) // batch_size
-    total = epochs * steps_per_epoch
+    total = training_steps(len(train.images), epochs, batch_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=total)
     rng = torch.Generator().manual_seed(seed)

@@ -29,7 +29,7 @@ class TrainConfig:
     """Optimisation settings of a run; stored in the checkpoint so `--resume` continues it."""
 
     total_steps: int
-    batch_size: int = 64
+    batch_size: int = 128
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     ema_decay: float = 0.999

@@ -19,3 +19,7 @@ class CheckpointError(TrainingError, ValueError):
 
 class NonFiniteLossError(TrainingError, FloatingPointError):
     """A loss became NaN or infinite; training stops before the bad update is applied."""
+
+
+class RunDirectoryError(TrainingError, FileExistsError):
+    """The run directory holds another run and neither --resume nor --overwrite was given."""

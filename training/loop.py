@@ -24,6 +24,7 @@ from digitgen.training.state import TrainState, state_to_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+SAMPLES_DIR = "samples"
 GRID_COLUMNS = 10
 
 ProgressFn = Callable[[int, dict[str, float]], None]
@@ -168,7 +169,7 @@ def train(
     run_dir = Path(run_dir)
     checkpoint = run_dir / CHECKPOINT_NAME
     if ctx.is_main:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (run_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
     device = next(state.generator.parameters()).device
     if device.type == "cpu":
         use_channels_last(state)
@@ -201,7 +202,7 @@ def train(
             progress(state.step, {"epoch": epoch + 1, **metrics})
         epoch_done = state.step % per_epoch == 0
         if ctx.is_main and (epoch_done or state.step == cfg.total_steps):
-            write_sample_grid(state, run_dir / "samples" / f"step{state.step:07d}.png")
+            write_sample_grid(state, run_dir / SAMPLES_DIR / f"step{state.step:07d}.png")
         if epoch_done or state.step % cfg.checkpoint_every == 0:
             _save(state, checkpoint, ctx)
         if any_rank(ctx, should_stop(), device):

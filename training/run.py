@@ -2,31 +2,49 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
 from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, load_mnist
 from digitgen.training.distributed import DistContext
-from digitgen.training.errors import TrainingError
-from digitgen.training.loop import steps_per_epoch
+from digitgen.training.errors import RunDirectoryError, TrainingError
+from digitgen.training.loop import CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR, steps_per_epoch
 from digitgen.training.state import TrainState, new_state, state_from_checkpoint
 
 
 @dataclass(frozen=True)
 class RunOptions:
+    """What the user asked for; ``None`` means "not given": the default, or the resumed run's own."""
+
     data_dir: str
+    run_dir: str
     epochs: int | None = None
     steps: int | None = None  # wins over epochs; with neither, one epoch (or the resumed run's budget)
-    batch_size: int = 128
-    lr: float = 2e-4
-    latent_dim: int = 64
-    seed: int = 0
+    batch_size: int | None = None
+    lr: float | None = None
+    latent_dim: int | None = None
+    seed: int | None = None
     subset: int | None = None
-    checkpoint_every: int = 500
+    checkpoint_every: int | None = None
     resume: str | None = None
+    overwrite: bool = False
     lr_decay_epochs: float | None = None  # None: no decay, or the resumed run's own
+
+
+# Options that define a run: on --resume they must match the checkpoint or be left out.
+# name in RunOptions -> (command-line option, where the checkpoint keeps it)
+FIXED_ON_RESUME = {
+    "batch_size": ("--batch-size", "train"),
+    "lr": ("--lr", "train"),
+    "seed": ("--seed", "train"),
+    "subset": ("--subset", "train"),
+    "latent_dim": ("--latent-dim", "config"),
+}
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR)
 
 
 @dataclass(frozen=True)
@@ -35,26 +53,66 @@ class PreparedRun:
     data: MnistTensors
     steps_per_epoch: int
     global_batch: int
+    replaced: tuple[Path, ...]  # files of an earlier run removed by --overwrite
+
+
+def claim_run_dir(options: RunOptions, remove: bool = True) -> tuple[Path, ...]:
+    """Refuse a run directory that holds another run, unless resuming it or told to overwrite.
+
+    With ``overwrite`` the earlier run's files are removed (only where ``remove``: rank 0).
+    """
+    run_dir = Path(options.run_dir)
+    existing = tuple(run_dir / name for name in RUN_FILES if (run_dir / name).exists())
+    own_checkpoint = run_dir / CHECKPOINT_NAME
+    resumes_it = options.resume is not None and own_checkpoint.exists() and own_checkpoint.samefile(options.resume)
+    if resumes_it and options.overwrite:
+        raise RunDirectoryError(f"--resume continues the run in {run_dir} and --overwrite would delete it: give one")
+    if not existing or resumes_it:
+        return ()
+    if not options.overwrite:
+        raise RunDirectoryError(
+            f"{run_dir} already holds a run ({', '.join(p.name for p in existing)}); "
+            f"continue it with --resume {own_checkpoint} or start over with --overwrite"
+        )
+    if remove:
+        for path in existing:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return existing
+
+
+def _check_resume_options(options: RunOptions, state: TrainState) -> None:
+    saved = {"train": asdict(state.train), "config": asdict(state.config)}
+    for name, (flag, part) in FIXED_ON_RESUME.items():
+        given, kept = getattr(options, name), saved[part][name]
+        if given is not None and given != kept:
+            raise TrainingError(
+                f"{flag} {given} differs from the resumed run's {kept}; a resumed run keeps its settings "
+                "(only --steps, --epochs, --lr-decay-epochs and --checkpoint-every can change)"
+            )
+
+
+def _new_state(options: RunOptions, device: torch.device, rank: int) -> TrainState:
+    given = {name: getattr(options, name) for name in ("batch_size", "lr", "seed", "subset", "checkpoint_every")}
+    settings = TrainConfig(total_steps=1, **{k: v for k, v in given.items() if v is not None})
+    config = GANConfig() if options.latent_dim is None else GANConfig(latent_dim=options.latent_dim)
+    return new_state(config, settings, device, rank)
 
 
 def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> PreparedRun:
-    """Build or restore the state and load the data.
+    """Check the run directory, build or restore the state and load the data.
 
-    A resumed run keeps its own settings and subset; only the step budget and the learning-rate
-    decay can be changed (the decay is a function of the step, so a resumed run stays exact).
+    A resumed run keeps its own settings and subset (an option that would change them is an
+    error); only the step budget, the learning-rate decay and the checkpoint interval can change
+    (the decay is a function of the step, so a resumed run stays exact).
     """
+    replaced = claim_run_dir(options, remove=ctx.is_main)
     if options.resume:
         state = state_from_checkpoint(options.resume, device, ctx.rank)
+        _check_resume_options(options, state)
+        if options.checkpoint_every is not None:
+            state.train = replace(state.train, checkpoint_every=options.checkpoint_every)
     else:
-        settings = TrainConfig(
-            total_steps=1,
-            batch_size=options.batch_size,
-            lr=options.lr,
-            seed=options.seed,
-            subset=options.subset,
-            checkpoint_every=options.checkpoint_every,
-        )
-        state = new_state(GANConfig(latent_dim=options.latent_dim), settings, device, ctx.rank)
+        state = _new_state(options, device, ctx.rank)
     data = load_mnist(options.data_dir)
     if state.train.subset is not None:
         data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])
@@ -70,4 +128,4 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
                 f"the learning-rate decay ({decay} steps) is longer than the run ({state.train.total_steps} steps)"
             )
         state.train = replace(state.train, lr_decay_steps=decay)
-    return PreparedRun(state, data, per_epoch, global_batch)
+    return PreparedRun(state, data, per_epoch, global_batch, replaced)

@@ -1,0 +1,96 @@
+"""No output is replaced without --overwrite, and a writer never publishes a wrong count of digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from digitgen.cli import main
+from digitgen.runtime import DigitGenerator, GeneratedDigits, InvalidRequestError, generate_files, write_digits
+from digitgen.runtime.writers import FORMATS, png_name
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_onnx: Path) -> DigitGenerator:
+    return DigitGenerator.from_path(tiny_onnx, "cpu")
+
+
+def _fewer(gen: DigitGenerator) -> list[GeneratedDigits]:
+    return list(gen.iter_batches(N - 2, seed=1, batch_size=5))
+
+
+def _more(gen: DigitGenerator) -> list[GeneratedDigits]:
+    return list(gen.iter_batches(N + 3, seed=1, batch_size=5))
+
+
+def _gap(gen: DigitGenerator) -> list[GeneratedDigits]:
+    first, _, third = gen.iter_batches(N, seed=1, batch_size=4)
+    return [first, third, third]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("batches", [_fewer, _more, _gap])
+def test_writer_fed_the_wrong_digits_raises_and_leaves_no_file(
+    gen: DigitGenerator, tmp_path: Path, fmt: str, batches
+) -> None:
+    with pytest.raises(InvalidRequestError, match="nothing was written"):
+        write_digits(batches(gen), tmp_path, fmt, N)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_files_writes_what_the_cli_writes(gen: DigitGenerator, tmp_path: Path, tiny_onnx: Path) -> None:
+    generate_files(gen, tmp_path / "api", N, "npz", digits=[2, 5], seed=4, batch_size=5)
+    args = ["generate", "--generator", tiny_onnx, "-n", N, "--digits", "2,5", "--seed", 4, "--format", "npz"]
+    result = CliRunner().invoke(main, [*map(str, args), "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    api, cli = np.load(tmp_path / "api" / "digits.npz"), np.load(tmp_path / "cli" / "digits.npz")
+    assert np.array_equal(api["images"], cli["images"]) and api["labels"].tolist() == [2, 5] * (N // 2)
+
+
+def test_png_overwrite_replaces_an_index_whatever_its_label(gen: DigitGenerator, tmp_path: Path) -> None:
+    generate_files(gen, tmp_path, 4, digits=[7])
+    (tmp_path / "notes.txt").write_text("mine")
+    generate_files(gen, tmp_path, 3, overwrite=True)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([png_name(0, 0), png_name(1, 1), png_name(2, 2), png_name(3, 7), "notes.txt"])
+
+
+def _cli(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_export_refuses_to_replace_a_file(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "g.onnx"
+    out.write_bytes(b"my model")
+    code, output = _cli("export", "--checkpoint", tiny_checkpoint, "--out", out)
+    assert code == 1 and output.strip() == f"Error: {out} already exists; pass --overwrite to replace"
+    assert out.read_bytes() == b"my model"
+    code, output = _cli("export", "--checkpoint", tiny_checkpoint, "--out", out, "--overwrite")
+    assert code == 0, output
+    assert DigitGenerator.from_path(out, "cpu").latent_dim == 8
+
+
+def test_export_refuses_to_replace_release_weights(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"mine")
+    code, output = _cli(
+        "export", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "g.onnx", "--weights-out", weights
+    )
+    assert code == 1 and "already exists" in output
+    assert weights.read_bytes() == b"mine" and not (tmp_path / "g.onnx").exists()
+
+
+def test_train_classifier_needs_an_out_and_refuses_to_replace_it(tmp_path: Path, tiny_mnist: Path) -> None:
+    code, output = _cli("train-classifier", "--data-dir", tiny_mnist)
+    assert code != 0 and "Missing option '--out'" in output
+    out = tmp_path / "classifier.onnx"
+    out.write_bytes(b"my classifier")
+    code, output = _cli("train-classifier", "--data-dir", tiny_mnist, "--out", out)
+    assert code == 1 and output.strip() == f"Error: {out} already exists; pass --overwrite to replace"
+    assert out.read_bytes() == b"my classifier"
