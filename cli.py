@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import click
 
+from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.files import refuse_existing
 from digitgen.runtime.generator import DigitGenerator
@@ -25,12 +26,16 @@ from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
 from digitgen.runtime.writers import FORMATS, generate_files, merge_shards
 from digitgen.training.config import GANConfig, TrainConfig
+from digitgen.training.errors import TrainingError
 
 if TYPE_CHECKING:
     from digitgen.export.verify import ParityReport
-    from digitgen.runtime.evaluate import Evaluation
 
 DEFAULT_RUN_DIR = "runs/latest"
+
+
+# The typed errors of every layer (torch-free modules): the one place they become one-line messages.
+LIBRARY_ERRORS = (DigitgenError, TrainingError, ExportError)
 
 
 class OneLineErrors(click.Group):
@@ -46,10 +51,23 @@ class OneLineErrors(click.Group):
         except click.ClickException as exc:
             click.echo(f"Error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
+        except LIBRARY_ERRORS as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
         except click.Abort:
             click.echo("Error: aborted", err=True)
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+data_dir_option = click.option(
+    "--data-dir",
+    envvar="MNIST_ROOT",
+    default="data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",
+)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,23 +91,8 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
             signal.signal(sig, old)
 
 
-def _library_errors() -> tuple[type[Exception], ...]:
-    """The typed errors of every package (imports torch: for the training and export commands)."""
-    from digitgen.export.errors import ExportError
-    from digitgen.training.errors import TrainingError
-
-    return (ExportError, TrainingError, DigitgenError)
-
-
 @main.command()
-@click.option(
-    "--data-dir",
-    envvar="MNIST_ROOT",
-    default="data",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",
-)
+@data_dir_option
 @click.option(
     "--out",
     "run_dir",
@@ -202,8 +205,6 @@ def train(
                 ctx=ctx,
                 progress=lambda step, info: bar.update(1, info),
             )
-    except _library_errors() as exc:
-        raise click.ClickException(str(exc)) from exc
     finally:
         shutdown(ctx)
     if not result.ranks_agree:
@@ -272,20 +273,17 @@ def export_cmd(
     """Export the EMA generator to ONNX and verify it numerically against PyTorch (fp32)."""
     from digitgen.export.onnx_export import export_generator, quality_metadata
 
-    try:
-        extra = quality_metadata(_read_json(quality)) if quality else None
-        report = export_generator(
-            checkpoint,
-            out,
-            opset=opset,
-            precision=precision,
-            atol=atol,
-            extra_metadata=extra,
-            weights_out=weights_out,
-            overwrite=overwrite,
-        )
-    except _library_errors() as exc:
-        raise click.ClickException(str(exc)) from exc
+    extra = quality_metadata(_read_json(quality)) if quality else None
+    report = export_generator(
+        checkpoint,
+        out,
+        opset=opset,
+        precision=precision,
+        atol=atol,
+        extra_metadata=extra,
+        weights_out=weights_out,
+        overwrite=overwrite,
+    )
     _echo_report(report)
     click.echo(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB), verified on {len(report.cases)} cases")
 
@@ -298,10 +296,7 @@ def verify(model: str, checkpoint: str, atol: float | None) -> None:
     """Check an existing ONNX model against the PyTorch checkpoint it was exported from."""
     from digitgen.export.onnx_export import verify_file
 
-    try:
-        report = verify_file(model, checkpoint, atol)
-    except _library_errors() as exc:
-        raise click.ClickException(str(exc)) from exc
+    report = verify_file(model, checkpoint, atol)
     _echo_report(report)
     click.echo(f"{model}: matches {checkpoint} on {len(report.cases)} cases")
 
@@ -388,8 +383,6 @@ def generate(
                 overwrite=overwrite,
                 on_batch=bar.update,
             )
-    except DigitgenError as exc:
-        raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
         click.echo("Error: interrupted; files already written are complete, none is partial", err=True)
         sys.exit(130)
@@ -407,10 +400,7 @@ def generate(
 @click.option("--overwrite", is_flag=True, help="Replace existing merged files.")
 def merge(out_dir: str, fmt: str, overwrite: bool) -> None:
     """Join the shard files of a sharded `generate` into the unsharded files."""
-    try:
-        files = merge_shards(out_dir, fmt, overwrite=overwrite)
-    except DigitgenError as exc:
-        raise click.ClickException(str(exc)) from exc
+    files = merge_shards(out_dir, fmt, overwrite=overwrite)
     click.echo("merged into " + ", ".join(str(f) for f in files))
 
 
@@ -418,10 +408,7 @@ def merge(out_dir: str, fmt: str, overwrite: bool) -> None:
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 def info(model: str | None) -> None:
     """Print a model's contract and metadata (default: the shipped model)."""
-    try:
-        gen = DigitGenerator.from_path(model, "cpu")
-    except DigitgenError as exc:
-        raise click.ClickException(str(exc)) from exc
+    gen = DigitGenerator.from_path(model, "cpu")
     click.echo(f"model: {gen.path}")
     for kind, args in (("input", gen.inputs), ("output", gen.outputs)):
         for arg in args:
@@ -432,14 +419,7 @@ def info(model: str | None) -> None:
 
 
 @main.command("train-classifier")
-@click.option(
-    "--data-dir",
-    envvar="MNIST_ROOT",
-    default="data",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",
-)
+@data_dir_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
@@ -450,16 +430,13 @@ def train_classifier_cmd(data_dir: str, out: str, overwrite: bool, epochs: int, 
     from digitgen.training.classifier import train_classifier, training_steps
     from digitgen.training.data import load_mnist
 
-    try:
-        refuse_existing([out], overwrite)
-        train, test = load_mnist(data_dir), load_mnist(data_dir, train=False)
-        with click.progressbar(
-            length=training_steps(len(train.images), epochs), label="training classifier", file=sys.stderr
-        ) as bar:
-            result = train_classifier(train, test, epochs=epochs, seed=seed, progress=lambda step, total: bar.update(1))
-        diff = export_classifier(result.model, out, result.test_accuracy, overwrite=overwrite)
-    except _library_errors() as exc:
-        raise click.ClickException(str(exc)) from exc
+    refuse_existing([out], overwrite)
+    train, test = load_mnist(data_dir), load_mnist(data_dir, train=False)
+    with click.progressbar(
+        length=training_steps(len(train.images), epochs), label="training classifier", file=sys.stderr
+    ) as bar:
+        result = train_classifier(train, test, epochs=epochs, seed=seed, progress=lambda step, total: bar.update(1))
+    diff = export_classifier(result.model, out, result.test_accuracy, overwrite=overwrite)
     click.echo(
         f"MNIST test accuracy {result.test_accuracy:.2%} after {epochs} epochs in {result.seconds:.0f}s; "
         f"wrote {out} (max |torch-ort| {diff:.1e})"
@@ -471,65 +448,26 @@ def train_classifier_cmd(data_dir: str, out: str, overwrite: bool, epochs: int, 
 @click.option("--classifier", type=click.Path(dir_okay=False), help="Default: the shipped reference classifier.")
 @click.option("--num-samples", default=10_000, show_default=True, type=click.IntRange(min=100))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=MAX_SEED))
-@click.option(
-    "--data-dir",
-    envvar="MNIST_ROOT",
-    default="data",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",
-)
+@data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def evaluate(
     model: str | None, classifier: str | None, num_samples: int, seed: int, data_dir: str, as_json: bool
 ) -> None:
     """Score a generator against MNIST test: class accuracy, FID, precision, recall."""
-    from digitgen.runtime.evaluate import ReferenceClassifier
+    from digitgen.runtime.evaluate import ReferenceClassifier, evaluation_work
     from digitgen.runtime.evaluate import evaluate as run_evaluation
     from digitgen.runtime.idx import read_mnist_split
 
-    try:
-        gen = DigitGenerator.from_path(model, "cpu")
-        reference = ReferenceClassifier(classifier)
-        test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
-        work = len(test[0]) + num_samples + min(num_samples, len(train[0]))
-        with click.progressbar(length=work, label="evaluating", file=sys.stderr) as bar:
-            result = run_evaluation(
-                gen, reference, test, train, num_samples=num_samples, seed=seed, progress=bar.update
-            )
-    except DigitgenError as exc:
-        raise click.ClickException(str(exc)) from exc
+    gen = DigitGenerator.from_path(model, "cpu")
+    reference = ReferenceClassifier(classifier)
+    test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
+    work = evaluation_work(len(test[0]), len(train[0]), num_samples)
+    with click.progressbar(length=work, label="evaluating", file=sys.stderr) as bar:
+        result = run_evaluation(gen, reference, test, train, num_samples=num_samples, seed=seed, progress=bar.update)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
-    click.echo(quality_table(result))
-
-
-def quality_table(result: Evaluation) -> str:
-    """The evaluation as a Markdown table: generated digits beside the real-data reference."""
-    g, r = result.generated, result.real
-    rows = [
-        ("samples", f"{g.num_samples}", f"{r.num_samples}", ""),
-        ("class accuracy", f"{g.class_accuracy:.2%}", f"{r.class_accuracy:.2%}", ""),
-        ("worst digit accuracy", _worst(g.per_digit_accuracy), _worst(r.per_digit_accuracy), ""),
-        ("FID (classifier features)", f"{g.fid:.3f}", f"{r.fid:.3f}", f"{g.fid / max(r.fid, 1e-12):.1f}x real"),
-        (
-            "precision (k=5)",
-            f"{g.precision:.3f}",
-            f"{r.precision:.3f}",
-            f"{g.precision / max(r.precision, 1e-12):.2f}x real",
-        ),
-        ("recall (k=5)", f"{g.recall:.3f}", f"{r.recall:.3f}", f"{g.recall / max(r.recall, 1e-12):.2f}x real"),
-    ]
-    lines = ["| metric | generated | real (MNIST train sample) | ratio |", "|---|---|---|---|"]
-    lines += [f"| {' | '.join(row)} |" for row in rows]
-    per_digit = " ".join(f"{d}:{acc:.1%}" for d, acc in enumerate(g.per_digit_accuracy))
-    return "\n".join(lines) + f"\n\nper-digit accuracy (generated): {per_digit}"
-
-
-def _worst(per_digit: list[float]) -> str:
-    digit = int(min(range(len(per_digit)), key=per_digit.__getitem__))
-    return f"{per_digit[digit]:.2%} (digit {digit})"
+    click.echo(result.table())
 
 
 def _format_progress(info: dict[str, float] | None) -> str:

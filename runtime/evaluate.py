@@ -113,6 +113,37 @@ class Evaluation:
     def to_dict(self) -> dict[str, dict]:
         return {"generated": asdict(self.generated), "real": asdict(self.real)}
 
+    def table(self) -> str:
+        """The evaluation as a Markdown table: generated digits beside the real-data reference."""
+        g, r = self.generated, self.real
+        rows = [
+            ("samples", f"{g.num_samples}", f"{r.num_samples}", ""),
+            ("class accuracy", f"{g.class_accuracy:.2%}", f"{r.class_accuracy:.2%}", ""),
+            ("worst digit accuracy", _worst(g.per_digit_accuracy), _worst(r.per_digit_accuracy), ""),
+            ("FID (classifier features)", f"{g.fid:.3f}", f"{r.fid:.3f}", f"{g.fid / max(r.fid, 1e-12):.1f}x real"),
+            (
+                "precision (k=5)",
+                f"{g.precision:.3f}",
+                f"{r.precision:.3f}",
+                f"{g.precision / max(r.precision, 1e-12):.2f}x real",
+            ),
+            ("recall (k=5)", f"{g.recall:.3f}", f"{r.recall:.3f}", f"{g.recall / max(r.recall, 1e-12):.2f}x real"),
+        ]
+        lines = ["| metric | generated | real (MNIST train sample) | ratio |", "|---|---|---|---|"]
+        lines += [f"| {' | '.join(row)} |" for row in rows]
+        per_digit = " ".join(f"{d}:{acc:.1%}" for d, acc in enumerate(g.per_digit_accuracy))
+        return "\n".join(lines) + f"\n\nper-digit accuracy (generated): {per_digit}"
+
+
+def _worst(per_digit: list[float]) -> str:
+    digit = int(min(range(len(per_digit)), key=per_digit.__getitem__))
+    return f"{per_digit[digit]:.2%} (digit {digit})"
+
+
+def evaluation_work(num_test: int, num_train: int, num_samples: int) -> int:
+    """Images :func:`evaluate` embeds (its ``progress`` total): test set, samples, real reference."""
+    return num_test + num_samples + min(num_samples, num_train)
+
 
 def evaluate(
     generator: DigitGenerator,

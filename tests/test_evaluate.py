@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from digitgen.cli import main
-from digitgen.runtime.evaluate import coverage, frechet_distance, knn_radii
+from digitgen.runtime.evaluate import coverage, frechet_distance, knn_radii, score
 
 
 def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift() -> None:
@@ -108,3 +108,28 @@ def test_export_stores_evaluation_as_metadata(
     )
     assert result.exit_code == 1 and "not an evaluation" in result.output
     assert not (tmp_path / "h.onnx").exists()
+
+
+def test_knn_radius_is_the_fifth_neighbour() -> None:
+    line = np.arange(21, dtype=np.float64)[:, None]
+    radii = knn_radii(line)
+    assert radii[10] == 9.0  # neighbours at 1, 1, 2, 2, 3: the fifth is 3 away
+    assert radii[0] == 25.0  # an end point's fifth neighbour is 5 away
+
+
+def test_scores_on_hand_made_predictions_and_features() -> None:
+    labels = np.repeat(np.arange(10), 10)
+    correct = np.concatenate([np.arange(10) < d for d in range(10)])  # digit d: d of its 10 right
+    predictions = np.where(correct, labels, (labels + 1) % 10)
+    reference = np.stack([np.arange(100.0), np.zeros(100)], axis=1)  # points on a line, 1 apart
+    near, far = reference[:50], reference[:50] + np.array([1000.0, 0.0])
+    scores = score(np.concatenate([near, far]), predictions, labels, reference, knn_radii(reference))
+    assert scores.num_samples == 100
+    assert scores.class_accuracy == pytest.approx(0.45)
+    assert scores.per_digit_accuracy == pytest.approx([d / 10 for d in range(10)])
+    assert scores.precision == pytest.approx(0.5)  # the near half lies on the reference, the far half nowhere
+    # reference 0..49 coincide with samples; 50..54 lie within 5 of sample 49, whose fifth neighbour is 5 away
+    assert scores.recall == pytest.approx(0.55)
+    a, b = reference[:, 0], np.concatenate([near, far])[:, 0]  # the second coordinate is constant
+    expected = (a.mean() - b.mean()) ** 2 + a.var(ddof=1) + b.var(ddof=1) - 2 * np.sqrt(a.var(ddof=1) * b.var(ddof=1))
+    assert scores.fid == pytest.approx(expected, rel=1e-9)

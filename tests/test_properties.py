@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from digitgen.cli import main
 from digitgen.runtime import DigitGenerator, InvalidRequestError, write_digits
+from digitgen.runtime.noise import MAX_SEED
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -25,14 +26,21 @@ def gen(tiny_onnx: Path) -> DigitGenerator:
 @given(
     num=st.integers(-5, 120),
     digits=st.none() | st.lists(st.integers(-3, 13), max_size=5),
-    seed=st.integers(-3, 2**40),
+    seed=st.integers(-3, 2**40) | st.integers(MAX_SEED - 2, MAX_SEED + 2),
     batch_size=st.integers(-2, 300),
 )
 def test_api_returns_digits_or_a_typed_error(gen: DigitGenerator, num, digits, seed, batch_size) -> None:
-    try:
-        out = gen.generate(num, digits, seed, batch_size)
-    except InvalidRequestError:
+    valid = (
+        num >= 1
+        and batch_size >= 1
+        and 0 <= seed <= MAX_SEED
+        and (digits is None or (len(digits) > 0 and all(0 <= d < 10 for d in digits)))
+    )
+    if not valid:
+        with pytest.raises(InvalidRequestError):
+            gen.generate(num, digits, seed, batch_size)
         return
+    out = gen.generate(num, digits, seed, batch_size)
     cycle = digits if digits is not None else list(range(10))
     assert out.images.shape == (num, 28, 28) and out.images.dtype == np.uint8
     assert out.labels.tolist() == [cycle[i % len(cycle)] for i in range(num)]

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from digitgen.cli import main
 from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, generate_files
 from digitgen.runtime.shards import WHOLE, Shard
 from digitgen.runtime.writers import merge_shards
@@ -64,3 +66,14 @@ def test_merge_names_missing_shards(gen: DigitGenerator, tmp_path: Path) -> None
 def test_bad_shards(gen: DigitGenerator, tmp_path: Path, shard: Shard, message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         _write(gen, tmp_path, "idx", shard)
+
+
+@pytest.mark.parametrize("fmt", ["idx", "npz"])
+def test_merge_command_joins_the_format_asked_for(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
+    for i in range(K):
+        _write(gen, tmp_path, fmt, Shard(i, K))
+    result = CliRunner().invoke(main, ["merge", str(tmp_path), "--format", fmt])
+    assert result.exit_code == 0, result.output
+    expected = {"idx": ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"], "npz": ["digits.npz"]}[fmt]
+    assert result.output.strip() == "merged into " + ", ".join(str(tmp_path / name) for name in expected)
+    assert all((tmp_path / name).stat().st_size > 0 for name in expected)

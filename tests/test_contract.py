@@ -1,0 +1,86 @@
+"""Every way a model can break the contract is named, on hand-built models (one violation each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from digitgen.runtime import DigitGenerator, ModelContractError
+
+LATENT = 8
+METADATA = {"latent_dim": "8", "num_classes": "10", "image_size": "28", "contract_version": "1"}
+
+
+def contract_model(
+    path: Path,
+    *,
+    z=("z", TensorProto.FLOAT, ["batch", LATENT]),
+    digit=("digit", TensorProto.INT64, ["batch"]),
+    image=("image", TensorProto.FLOAT, ["batch", 1, 28, 28]),
+    metadata: dict[str, str | None] | None = None,
+) -> Path:
+    """image = reshape(z @ W): a valid graph whatever names, types and shapes the case declares."""
+    z_name, z_type, z_shape = z
+    image_name, image_type, image_shape = image
+    pixels = int(np.prod(image_shape[1:]))
+    weight = np.ones((z_shape[-1], pixels), dtype=helper.tensor_dtype_to_np_dtype(z_type))
+    nodes = [
+        helper.make_node("MatMul", [z_name, "w"], ["flat"]),
+        helper.make_node("Reshape", ["flat", "shape"], ["pixels"]),
+        helper.make_node("Cast", ["pixels"], [image_name], to=image_type),
+    ]
+    initializers = [
+        numpy_helper.from_array(weight, "w"),
+        numpy_helper.from_array(np.array([-1, *image_shape[1:]]), "shape"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "contract-case",
+        [helper.make_tensor_value_info(*z), helper.make_tensor_value_info(*digit)],
+        [helper.make_tensor_value_info(*image)],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    merged = {**METADATA, **(metadata or {})}
+    helper.set_model_props(model, {k: v for k, v in merged.items() if v is not None})
+    onnx.save(model, str(path))
+    return path
+
+
+CASES = {
+    "z-name": ({"z": ("noise", TensorProto.FLOAT, ["batch", LATENT])}, "inputs must be 'z' and 'digit'"),
+    "digit-name": ({"digit": ("label", TensorProto.INT64, ["batch"])}, "inputs must be 'z' and 'digit'"),
+    "image-name": ({"image": ("pixels_out", TensorProto.FLOAT, ["batch", 1, 28, 28])}, "output must be 'image'"),
+    "z-dtype": ({"z": ("z", TensorProto.DOUBLE, ["batch", LATENT])}, "'z' must be float32"),
+    "digit-dtype": ({"digit": ("digit", TensorProto.INT32, ["batch"])}, "'digit' must be int64"),
+    "image-dtype": ({"image": ("image", TensorProto.DOUBLE, ["batch", 1, 28, 28])}, "'image' must be float32"),
+    "z-rank": ({"z": ("z", TensorProto.FLOAT, ["batch", 2, LATENT])}, "'z' must be float32 \\[batch, latent_dim\\]"),
+    "digit-rank": ({"digit": ("digit", TensorProto.INT64, ["batch", 1])}, "'digit' must be int64 \\[batch\\]"),
+    "image-rank": ({"image": ("image", TensorProto.FLOAT, ["batch", 28, 28])}, "'image' must be float32"),
+    "image-shape": ({"image": ("image", TensorProto.FLOAT, ["batch", 1, 14, 14])}, "must be \\[batch, 1, 28, 28\\]"),
+    "latent-mismatch": ({"metadata": {"latent_dim": "16"}}, "'z' has 8 features but metadata latent_dim is 16"),
+    **{
+        f"missing-{key}": ({"metadata": {key: None}}, f"'{key}' is missing")
+        for key in ("latent_dim", "num_classes", "image_size", "contract_version")
+    },
+    "latent-not-int": ({"metadata": {"latent_dim": "eight"}}, "'latent_dim' is missing or not an integer"),
+    "classes-zero": ({"metadata": {"num_classes": "0"}}, "'num_classes' must be positive"),
+    "image-size": ({"metadata": {"image_size": "32"}}, "'image_size' must be 28"),
+    "contract-version": ({"metadata": {"contract_version": "2"}}, "contract_version '2' is not '1'"),
+}
+
+
+def test_the_hand_built_model_itself_follows_the_contract(tmp_path: Path) -> None:
+    gen = DigitGenerator.from_path(contract_model(tmp_path / "ok.onnx"), "cpu")
+    assert gen.latent_dim == LATENT and gen.generate(3).images.shape == (3, 28, 28)
+
+
+@pytest.mark.parametrize(("change", "message"), CASES.values(), ids=CASES.keys())
+def test_each_violation_is_named(tmp_path: Path, change: dict, message: str) -> None:
+    path = contract_model(tmp_path / "case.onnx", **change)
+    with pytest.raises(ModelContractError, match=message):
+        DigitGenerator.from_path(path, "cpu")
