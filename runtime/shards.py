@@ -15,6 +15,7 @@ from typing import BinaryIO
 import numpy as np
 
 from digitgen.runtime.errors import InvalidRequestError, OutputError
+from digitgen.runtime.idx import check_idx, header_size, idx_header
 
 
 @dataclass(frozen=True)
@@ -69,19 +70,13 @@ def find_shards(out_dir: Path, file_name: str) -> list[Path]:
     return [out_dir / Shard(i, count).name(file_name) for i in range(count)]
 
 
-def _read_header(path: Path, size: int) -> bytes:
-    with path.open("rb") as f:
-        return f.read(size)
-
-
-def concat_idx(parts: list[Path], header_size: int, out: BinaryIO) -> None:
-    """Write to ``out`` one IDX file holding every part's items in order."""
-    headers = [_read_header(part, header_size) for part in parts]
-    count = sum(int.from_bytes(header[4:8], "big") for header in headers)
-    out.write(headers[0][:4] + count.to_bytes(4, "big") + headers[0][8:])
+def concat_idx(parts: list[Path], images: bool, out: BinaryIO) -> None:
+    """Write to ``out`` one IDX file holding every part's items (images or labels) in order."""
+    count = sum(check_idx(part, images)[0] for part in parts)
+    out.write(idx_header(count, images))
     for part in parts:
         with part.open("rb") as f:
-            f.seek(header_size)
+            f.seek(header_size(images))
             shutil.copyfileobj(f, out, 1 << 20)
 
 

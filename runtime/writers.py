@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from PIL import Image
 from digitgen.runtime.errors import InvalidRequestError, OutputError
 from digitgen.runtime.files import atomic_file, refuse_existing
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
+from digitgen.runtime.idx import idx_header
 from digitgen.runtime.shards import WHOLE, Shard, concat_idx, concat_npz, find_shards
 
 FORMATS = ("png", "grid", "npz", "idx")
@@ -156,8 +156,8 @@ def _write_idx(batches: Iterable[GeneratedDigits], paths: list[Path], num: int, 
     """MNIST IDX pair (big-endian headers: magic, count, rows, cols), streamed batch by batch."""
     images_path, labels_path = paths
     with atomic_file(images_path) as images_f, atomic_file(labels_path) as labels_f:
-        images_f.write(struct.pack(">IIII", 0x00000803, num, 28, 28))
-        labels_f.write(struct.pack(">II", 0x00000801, num))
+        images_f.write(idx_header(num, images=True))
+        labels_f.write(idx_header(num, images=False))
         for batch in batches:
             images_f.write(batch.images.tobytes())
             labels_f.write(batch.labels.astype(np.uint8).tobytes())
@@ -239,7 +239,7 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
         merged = concat_npz(parts[0])
         _save_npz(targets[0], merged["images"], merged["labels"])
         return targets
-    for target, shard_files, header_size in zip(targets, parts, (16, 8), strict=True):
+    for target, shard_files, images in zip(targets, parts, (True, False), strict=True):
         with atomic_file(target) as out:
-            concat_idx(shard_files, header_size, out)
+            concat_idx(shard_files, images, out)
     return targets

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
 
+from digitgen.runtime.idx import write_idx
 from digitgen.training.data import MNIST_FILES
-
-
-def write_idx_images(path: Path, images: np.ndarray) -> None:
-    path.write_bytes(struct.pack(">IIII", 0x803, len(images), 28, 28) + images.astype(np.uint8).tobytes())
-
-
-def write_idx_labels(path: Path, labels: np.ndarray) -> None:
-    path.write_bytes(struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
 
 
 def tiny_digit_images(labels: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -33,7 +25,7 @@ def write_tiny_mnist(root: Path, train_count: int = 256, test_count: int = 64) -
     raw.mkdir(parents=True, exist_ok=True)
     for prefix, count in (("train", train_count), ("t10k", test_count)):
         labels = np.arange(count) % 10
-        write_idx_images(raw / f"{prefix}-images-idx3-ubyte", tiny_digit_images(labels))
-        write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", tiny_digit_images(labels))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     assert sorted(p.name for p in raw.iterdir()) == sorted(MNIST_FILES)
     return root

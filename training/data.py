@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from digitgen.runtime.errors import InvalidRequestError
+from digitgen.runtime.idx import check_idx
 from digitgen.training.errors import DatasetCorruptError, DatasetNotFoundError
 
-IMAGE_MAGIC = 0x00000803
-LABEL_MAGIC = 0x00000801
 MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -32,28 +31,10 @@ def raw_folder(root: str | Path) -> Path:
 
 def check_idx_file(path: Path) -> None:
     """Raise :class:`DatasetCorruptError` unless ``path`` is a complete MNIST IDX file."""
-    is_images = "images" in path.name
-    header_size = 16 if is_images else 8
-    with path.open("rb") as f:
-        header = f.read(header_size)
-    if len(header) < header_size:
-        raise DatasetCorruptError(f"{path}: truncated IDX header ({len(header)} bytes)")
-    magic, count = struct.unpack(">II", header[:8])
-    expected_magic = IMAGE_MAGIC if is_images else LABEL_MAGIC
-    if magic != expected_magic:
-        raise DatasetCorruptError(f"{path}: not an MNIST IDX file (magic {magic:#010x})")
-    item_size = 1
-    if is_images:
-        rows, cols = struct.unpack(">II", header[8:16])
-        if (rows, cols) != (28, 28):
-            raise DatasetCorruptError(f"{path}: images are {rows}x{cols}, expected 28x28")
-        item_size = rows * cols
-    expected = header_size + count * item_size
-    actual = path.stat().st_size
-    if actual != expected:
-        raise DatasetCorruptError(
-            f"{path}: {actual} bytes, expected {expected} for {count} items (truncated or corrupt)"
-        )
+    try:
+        check_idx(path, images="images" in path.name)
+    except InvalidRequestError as exc:
+        raise DatasetCorruptError(str(exc)) from exc
 
 
 def _missing_files(root: Path) -> list[str]:
