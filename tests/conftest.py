@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,19 @@ from tests.helpers import write_tiny_mnist
 TINY_MODEL = GANConfig(latent_dim=8, g_width=16, d_width=16)
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "datasets"
+# Mutation testing runs the runtime tests once per mutant: there the tiny models, which only the
+# (unmutated) training and export layers make, are built once and reused from this folder.
+PREBUILT = os.environ.get("DIGITGEN_TEST_PREBUILT")
+
+
+def prebuilt(name: str, build: Callable[[], Path]) -> Path:
+    """``build()``, or its copy in ``$DIGITGEN_TEST_PREBUILT`` when that is set."""
+    if not PREBUILT:
+        return build()
+    kept = Path(PREBUILT) / name
+    if not kept.exists():
+        shutil.copy(build(), kept)
+    return kept
 
 
 def train_tiny(run_dir: Path, data_root: Path, steps: int = 4, seed: int = 0, **overrides) -> Path:
@@ -34,9 +50,12 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_mnist: Path) 
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     from digitgen.export.onnx_export import export_generator
 
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    export_generator(tiny_checkpoint, path)
-    return path
+    def build() -> Path:
+        path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+        export_generator(request.getfixturevalue("tiny_checkpoint"), path)
+        return path
+
+    return prebuilt("tiny.onnx", build)

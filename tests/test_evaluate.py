@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from digitgen.cli import main
 from digitgen.runtime.evaluate import coverage, frechet_distance, knn_radii, score
+from tests.conftest import prebuilt
 
 
 def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift() -> None:
@@ -44,10 +45,13 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from digitgen.export.classifier_export import export_classifier
     from digitgen.training.classifier import Classifier
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("cls") / "classifier.onnx"
-    export_classifier(Classifier(), path, test_accuracy=0.0)
-    return path
+    def build() -> Path:
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp("cls") / "classifier.onnx"
+        export_classifier(Classifier(), path, test_accuracy=0.0)
+        return path
+
+    return prebuilt("classifier.onnx", build)
 
 
 def evaluate_args(generator: Path, classifier: Path, data_dir: Path) -> list[str]:
