@@ -10,7 +10,19 @@ import pytest
 from click.testing import CliRunner
 
 from digitgen.cli import main
-from digitgen.runtime.evaluate import coverage, frechet_distance, knn_radii, score
+from digitgen.runtime import DigitGenerator, InvalidRequestError, ModelContractError, default_model_path
+from digitgen.runtime.evaluate import (
+    Evaluation,
+    ReferenceClassifier,
+    Scores,
+    coverage,
+    evaluate,
+    evaluation_work,
+    frechet_distance,
+    knn_radii,
+    score,
+)
+from digitgen.runtime.idx import read_mnist_split
 from tests.conftest import prebuilt
 
 
@@ -137,3 +149,58 @@ def test_scores_on_hand_made_predictions_and_features() -> None:
     a, b = reference[:, 0], np.concatenate([near, far])[:, 0]  # the second coordinate is constant
     expected = (a.mean() - b.mean()) ** 2 + a.var(ddof=1) + b.var(ddof=1) - 2 * np.sqrt(a.var(ddof=1) * b.var(ddof=1))
     assert scores.fid == pytest.approx(expected, rel=1e-9)
+
+
+def test_chunked_neighbours_and_coverage_match_one_pass() -> None:
+    points = np.random.default_rng(3).standard_normal((40, 3)) * 0.1  # distances well below 1
+    radii = knn_radii(points)
+    assert np.array_equal(knn_radii(points, chunk=7), radii)
+    assert radii.max() < 0.5  # squared distances are not floored at 1
+    queries = np.concatenate([points[:10], points[:10] + 50.0])
+    assert coverage(points, radii, queries, chunk=3) == coverage(points, radii, queries) == 0.5
+
+
+def _scores(accuracy: float, fid: float, precision: float, recall: float) -> Scores:
+    per_digit = [accuracy] * 10
+    per_digit[7] = accuracy - 0.05
+    return Scores(10_000, accuracy, per_digit, fid, precision, recall)
+
+
+def test_table_prints_every_figure_beside_the_real_reference() -> None:
+    table = Evaluation(_scores(0.99, 15.4, 0.912, 0.885), _scores(0.997, 3.3, 0.944, 0.955)).table()
+    assert table.splitlines() == [
+        "| metric | generated | real (MNIST train sample) | ratio |",
+        "|---|---|---|---|",
+        "| samples | 10000 | 10000 |  |",
+        "| class accuracy | 99.00% | 99.70% |  |",
+        "| worst digit accuracy | 94.00% (digit 7) | 94.70% (digit 7) |  |",
+        "| FID (classifier features) | 15.400 | 3.300 | 4.7x real |",
+        "| precision (k=5) | 0.912 | 0.944 | 0.97x real |",
+        "| recall (k=5) | 0.885 | 0.955 | 0.93x real |",
+        "",
+        "per-digit accuracy (generated): " + " ".join(f"{d}:{'94.0' if d == 7 else '99.0'}%" for d in range(10)),
+    ]
+
+
+def test_evaluate_reports_progress_uses_its_seed_and_needs_100_samples(
+    tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path
+) -> None:
+    gen, reference = DigitGenerator.from_path(tiny_onnx, "cpu"), ReferenceClassifier(tiny_classifier)
+    test, train = read_mnist_split(tiny_mnist, "t10k"), read_mnist_split(tiny_mnist, "train")
+    done: list[int] = []
+    first = evaluate(gen, reference, test, train, num_samples=100, seed=1, progress=done.append)
+    assert sum(done) == evaluation_work(len(test[0]), len(train[0]), 100) == 64 + 100 + 100
+    again = evaluate(gen, reference, test, train, num_samples=100, seed=1)
+    other = evaluate(gen, reference, test, train, num_samples=100, seed=2)
+    assert first == again
+    assert first.generated.fid != other.generated.fid and first.real.fid != other.real.fid
+    with pytest.raises(InvalidRequestError, match="evaluation needs at least 100 samples, got 99"):
+        evaluate(gen, reference, test, train, num_samples=99)
+
+
+def test_reference_classifier_defaults_to_the_shipped_one_and_checks_its_outputs(tiny_onnx: Path) -> None:
+    assert ReferenceClassifier().path == default_model_path("classifier.onnx")
+    with pytest.raises(
+        ModelContractError, match="is not a digitgen classifier \\(inputs/outputs \\(\\['z', 'digit'\\]"
+    ):
+        ReferenceClassifier(tiny_onnx)

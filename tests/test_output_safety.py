@@ -94,3 +94,15 @@ def test_train_classifier_needs_an_out_and_refuses_to_replace_it(tmp_path: Path,
     code, output = _cli("train-classifier", "--data-dir", tiny_mnist, "--out", out)
     assert code == 1 and output.strip() == f"Error: {out} already exists; pass --overwrite to replace"
     assert out.read_bytes() == b"my classifier"
+
+
+def test_a_png_just_past_the_requested_range_is_not_a_clash(gen: DigitGenerator, tmp_path: Path) -> None:
+    generate_files(gen, tmp_path, 4, digits=[7])
+    (tmp_path / png_name(0, 7)).unlink()
+    generate_files(gen, tmp_path, 1)  # index 0 is free again; index 1 onwards lies past the request
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        png_name(0, 0),
+        png_name(1, 7),
+        png_name(2, 7),
+        png_name(3, 7),
+    ]

@@ -67,12 +67,22 @@ def test_missing_model(tmp_path: Path) -> None:
         DigitGenerator.from_path(tmp_path / "none.onnx")
 
 
-@pytest.mark.parametrize("content", [b"not a model at all", b""], ids=["text", "empty"])
-def test_non_onnx_file(tmp_path: Path, content: bytes) -> None:
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"not a model at all", "Protobuf parsing failed"), (b"", "No graph was found in the protobuf")],
+    ids=["text", "empty"],
+)
+def test_non_onnx_file(tmp_path: Path, content: bytes, reason: str) -> None:
     path = tmp_path / "bad.onnx"
     path.write_bytes(content)
-    with pytest.raises(InvalidModelError, match="not a valid ONNX model"):
+    with pytest.raises(InvalidModelError) as caught:
         DigitGenerator.from_path(path)
+    # onnxruntime's reason, without its "[ONNXRuntimeError] : 7 : ... failed:" prefix or a final period
+    assert str(caught.value) == f"{path} is not a valid ONNX model ({reason})"
+
+
+def test_default_seed_is_zero(tiny: DigitGenerator) -> None:
+    assert np.array_equal(tiny.generate(5).images, tiny.generate(5, seed=0).images)
 
 
 def test_truncated_model(tmp_path: Path, tiny_onnx: Path) -> None:

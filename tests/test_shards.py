@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from digitgen.cli import main
 from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, generate_files
+from digitgen.runtime.idx import read_idx
 from digitgen.runtime.shards import WHOLE, Shard
 from digitgen.runtime.writers import merge_shards
 
@@ -77,3 +78,38 @@ def test_merge_command_joins_the_format_asked_for(gen: DigitGenerator, tmp_path:
     expected = {"idx": ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"], "npz": ["digits.npz"]}[fmt]
     assert result.output.strip() == "merged into " + ", ".join(str(tmp_path / name) for name in expected)
     assert all((tmp_path / name).stat().st_size > 0 for name in expected)
+
+
+def test_merge_refuses_what_it_cannot_join(gen: DigitGenerator, tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match="merge joins idx or npz shards, not 'png'"):
+        merge_shards(tmp_path, "png")
+    with pytest.raises(OutputError, match="is not a directory"):
+        merge_shards(tmp_path / "none", "idx")
+    with pytest.raises(OutputError, match=f"no shards of digits.npz in {tmp_path}"):
+        merge_shards(tmp_path, "npz")
+    _write(gen, tmp_path, "npz", Shard(0, 2))
+    _write(gen, tmp_path, "npz", Shard(1, 3))
+    with pytest.raises(OutputError, match="from runs with different shard counts"):
+        merge_shards(tmp_path, "npz")
+
+
+def test_merge_lists_every_missing_shard_and_keeps_existing_files(gen: DigitGenerator, tmp_path: Path) -> None:
+    _write(gen, tmp_path, "idx", Shard(0, 4))
+    with pytest.raises(OutputError, match="shard\\(s\\) 1, 2, 3 of 4"):
+        merge_shards(tmp_path, "idx")
+    for i in range(1, 4):
+        _write(gen, tmp_path, "idx", Shard(i, 4))
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"mine")
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        merge_shards(tmp_path, "idx")
+    assert (tmp_path / "train-images-idx3-ubyte").read_bytes() == b"mine"
+    merge_shards(tmp_path, "idx", overwrite=True)
+    assert len(read_idx(tmp_path / "train-images-idx3-ubyte")) == N
+
+
+def test_cli_says_how_many_digits_its_shard_wrote(tiny_onnx: Path, tmp_path: Path) -> None:
+    args = ["generate", "--generator", str(tiny_onnx), "-n", str(N), "--num-shards", "3", "--shard-index", "1"]
+    result = CliRunner().invoke(main, [*args, "--format", "npz", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {Shard(1, 3).size(N)} digits (shard 1 of 3) as npz" in result.output
+    assert Shard(1, 3).size(N) == 16 and Shard(2, 3).size(N) == 16 and Shard(0, 3).size(N) == 15
