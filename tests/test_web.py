@@ -1,0 +1,408 @@
+"""The browser version in web/: digitgen.js and its page, run by headless Chromium, must draw the digits
+the Python runtime draws and report every failure on the page."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from digitgen import DigitGenerator
+from digitgen.runtime.noise import MAX_SEED, standard_normal
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
+WEB = Path(__file__).resolve().parents[1] / "web"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+MAX_DIFFERING_SHARE = 0.001  # pixels allowed to be 1 off (float rounding across runtimes); none may be 2 off
+COLUMNS = 10
+
+
+def _missing_requirement() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is missing"
+    if shutil.which("npm") is None:
+        return "npm is missing"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is missing"
+    return None
+
+
+if (_missing := _missing_requirement()) is not None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"browser tests cannot run in CI: {_missing}", pytrace=False)
+    pytest.skip(f"browser tests need Chromium, npm and playwright: {_missing}", allow_module_level=True)
+
+
+class _DistHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with the MIME types the page needs and cross-origin isolation (for WebAssembly threads)."""
+
+    extensions_map: ClassVar[dict[str, str]] = {
+        **http.server.SimpleHTTPRequestHandler.extensions_map,
+        ".js": "application/javascript",
+        ".mjs": "application/javascript",
+        ".wasm": "application/wasm",
+        ".onnx": "application/octet-stream",
+    }
+
+    def end_headers(self) -> None:
+        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        super().end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _npm(*args: str, timeout: int) -> None:
+    done = subprocess.run(["npm", *args], cwd=WEB, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        pytest.fail(f"npm {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def dist() -> Path:
+    if not (WEB / "node_modules").exists():
+        _npm("ci", timeout=300)
+    _npm("run", "build", timeout=60)
+    return WEB / "dist"
+
+
+@pytest.fixture(scope="session")
+def base_url(dist: Path) -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_DistHandler, directory=dist))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def python_gen() -> DigitGenerator:
+    return DigitGenerator.from_path()
+
+
+@pytest.fixture(scope="session")
+def pixel_report(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """Lines on the worst pixel differences found, printed at the end of the session."""
+    lines: list[str] = []
+    yield lines
+    plugins = request.config.pluginmanager
+    with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
+        terminal = plugins.get_plugin("terminalreporter")
+        terminal.write_line("")
+        terminal.write_sep("-", "browser vs Python: pixel differences")
+        for line in lines:
+            terminal.write_line(line)
+
+
+def open_page(browser: Browser, url: str) -> Page:
+    """A new tab on ``url``, once the page has drawn its first sheet or shown an error."""
+    page = browser.new_page()
+    page.goto(url)
+    wait_settled(page)
+    return page
+
+
+def wait_settled(page: Page) -> str:
+    page.wait_for_function("['drawn', 'error'].includes(document.body.dataset.state)", timeout=30_000)
+    return page.evaluate("document.body.dataset.state")
+
+
+@pytest.fixture(scope="module")
+def page(browser: Browser, base_url: str) -> Iterator[Page]:
+    page = open_page(browser, base_url + "index.html")
+    assert page.evaluate("document.body.dataset.state") == "drawn", page.text_content("#error")
+    yield page
+    page.close()
+
+
+def assert_same_pixels(actual: np.ndarray, expected: np.ndarray, what: str, report: list[str]) -> None:
+    assert actual.shape == expected.shape, what
+    diff = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    differing = int(np.count_nonzero(diff))
+    report.append(f"{what}: max |diff| {diff.max()}, {differing} of {diff.size} pixels differ")
+    assert diff.max() <= 1, f"{what}: a pixel is {diff.max()} off"
+    assert differing <= MAX_DIFFERING_SHARE * diff.size, f"{what}: {differing} pixels differ"
+
+
+def browser_digits(page: Page, count: int, digits: list[int] | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    result = page.evaluate(
+        """async ([count, digits, seed]) => {
+            const { images, labels } = await window.digitgen.generate({ count, digits, seed });
+            return { images: Array.from(images), labels: Array.from(labels) };
+        }""",
+        [count, digits, str(seed)],
+    )
+    return np.array(result["images"], dtype=np.uint8).reshape(count, 28, 28), np.array(result["labels"])
+
+
+@pytest.mark.parametrize(
+    ("seed", "digits", "count"),
+    [(0, None, 10), (7, [4, 2], 13), (123456789, [9], 33), (MAX_SEED, [0, 3, 7], 5), (5, None, 130)],
+)
+def test_module_draws_the_python_digits(
+    page: Page, python_gen: DigitGenerator, pixel_report: list[str], seed: int, digits: list[int] | None, count: int
+) -> None:
+    images, labels = browser_digits(page, count, digits, seed)
+    expected = python_gen.generate(count, digits=digits, seed=seed)
+    np.testing.assert_array_equal(labels, expected.labels)
+    assert_same_pixels(images, expected.images, f"seed {seed}, digits {digits}, {count} digits", pixel_report)
+
+
+# (seed, index, the first 6 values of z): the scheme's published test vectors.
+NOISE_VECTORS = [
+    (0, 0, [-0.17660188674926758, 1.4621628522872925, -1.60213303565979,
+            0.20066267251968384, -0.9293337464332581, 0.40957605838775635]),
+    (0, 1, [-2.001168727874756, 0.6026115417480469, -0.5857755541801453,
+            -2.2049670219421387, -0.4628305733203888, 1.3937655687332153]),
+    (12345, 1000, [-0.29711756110191345, -0.8580911159515381, -0.33615410327911377,
+                   1.225866436958313, 1.115574836730957, 1.0664565563201904]),
+    (MAX_SEED, 7, [0.7745639681816101, 0.22601185739040375, 0.4236651360988617,
+                   -0.22347533702850342, -0.014700106345117092, -0.8170931339263916]),
+]  # fmt: skip
+
+
+def browser_noise(page: Page, seed: int, start: int, stop: int, size: int) -> np.ndarray:
+    values = page.evaluate(
+        """async ([seed, start, stop, size]) => {
+            const { standardNormal } = await import("./digitgen.js");
+            return Array.from(standardNormal(seed, start, stop, size));
+        }""",
+        [str(seed), start, stop, size],
+    )
+    return np.array(values, dtype=np.float64).astype(np.float32).reshape(stop - start, size)
+
+
+@pytest.mark.parametrize(("seed", "index", "head"), NOISE_VECTORS)
+def test_noise_matches_the_test_vectors(page: Page, seed: int, index: int, head: list[float]) -> None:
+    expected = np.array(head, dtype=np.float32)
+    np.testing.assert_array_equal(standard_normal(seed, index, index + 1, 6)[0], expected)
+    np.testing.assert_array_equal(browser_noise(page, seed, index, index + 1, 6)[0], expected)
+
+
+@pytest.mark.parametrize(("seed", "start", "stop", "size"), [(99, 0, 400, 64), (2**63 + 5, 10**9, 10**9 + 50, 7)])
+def test_noise_is_bit_identical_to_python(page: Page, seed: int, start: int, stop: int, size: int) -> None:
+    actual = browser_noise(page, seed, start, stop, size)
+    np.testing.assert_array_equal(actual.view(np.uint32), standard_normal(seed, start, stop, size).view(np.uint32))
+
+
+def test_to_uint8_rounds_like_numpy(page: Page) -> None:
+    steps = np.arange(256, dtype=np.float32)
+    ties = (steps + np.float32(0.5)) / np.float32(255)  # products near k + 0.5, many of them exact ties
+    values = np.concatenate(
+        [ties, np.nextafter(ties, np.float32(0)), np.nextafter(ties, np.float32(1)), np.linspace(-0.5, 1.5, 2001)]
+    ).astype(np.float32)
+    products = np.clip(values, 0, 1) * np.float32(255)
+    assert np.count_nonzero(products % 1 == 0.5) > 50  # the half-to-even rule is exercised
+    actual = page.evaluate(
+        """async (values) => {
+            const { toUint8 } = await import("./digitgen.js");
+            return Array.from(toUint8(Float32Array.from(values)));
+        }""",
+        values.tolist(),
+    )
+    np.testing.assert_array_equal(np.array(actual, dtype=np.uint8), np.rint(products).astype(np.uint8))
+
+
+def python_sheet(images: np.ndarray) -> np.ndarray:
+    """The page's layout: 10 columns, digit k at column k % 10, row k // 10, unused cells black."""
+    rows = -(-len(images) // COLUMNS)
+    cells = np.zeros((rows * COLUMNS, 28, 28), dtype=np.uint8)
+    cells[: len(images)] = images
+    return cells.reshape(rows, COLUMNS, 28, 28).transpose(0, 2, 1, 3).reshape(rows * 28, COLUMNS * 28)
+
+
+def canvas_pixels(page: Page) -> np.ndarray:
+    """RGBA pixels of the sheet canvas, (height, width, 4)."""
+    width, height, data = page.evaluate(
+        """() => {
+            const canvas = document.getElementById("sheet");
+            const rgba = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+            return [canvas.width, canvas.height, Array.from(rgba)];
+        }"""
+    )
+    return np.array(data, dtype=np.uint8).reshape(height, width, 4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linked_sheet_matches_python(
+    browser: Browser, base_url: str, python_gen: DigitGenerator, pixel_report: list[str], threads: int
+) -> None:
+    query = f"seed=3&digits=0,3,7&n=21&threads={threads}"
+    page = open_page(browser, f"{base_url}index.html?{query}")
+    try:
+        assert page.evaluate("document.body.dataset.state") == "drawn", page.text_content("#error")
+        assert page.evaluate("crossOriginIsolated")  # so that threads=2 really runs two threads
+        assert [page.input_value(f"#{field}") for field in ("seed", "digits", "count")] == ["3", "0,3,7", "21"]
+        rgba = canvas_pixels(page)
+        assert rgba.shape == (3 * 28, 280, 4)
+        assert (rgba[..., 3] == 255).all()
+        assert (rgba[..., 0] == rgba[..., 1]).all() and (rgba[..., 1] == rgba[..., 2]).all()
+        expected = python_sheet(python_gen.generate(21, digits=[0, 3, 7], seed=3).images)
+        assert_same_pixels(rgba[..., 0], expected, f"page ?{query}", pixel_report)
+        assert "21 digits in" in page.text_content("#timing")
+        assert page.evaluate("window.digitgenLoadSeconds") > 0
+    finally:
+        page.close()
+
+
+def test_page_shows_the_contract_and_quality(page: Page, python_gen: DigitGenerator) -> None:
+    contract = page.text_content("#contract")
+    for text in ("z", "float32", f"[batch, {python_gen.latent_dim}]", "digit", "int64", "[batch, 1, 28, 28]"):
+        assert text in contract
+    quality = page.text_content("#quality")
+    metadata = python_gen.info.metadata
+    assert f"{100 * float(metadata['quality_class_accuracy']):.2f}%" in quality
+    assert f"{float(metadata['quality_fid']):.2f}" in quality
+    assert f"{float(metadata['quality_recall']):.3f}" in quality
+    assert f"{int(metadata['train_steps']):,} steps" in quality
+
+
+@pytest.fixture(scope="module")
+def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
+    """Models the page must refuse, written into dist/ under test names and removed afterwards."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["noise"], ["image"])],
+        "renamed_input",
+        [
+            helper.make_tensor_value_info("noise", TensorProto.FLOAT, ["batch", python_gen.latent_dim]),
+            helper.make_tensor_value_info("digit", TensorProto.INT64, ["batch"]),
+        ],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", python_gen.latent_dim])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    helper.set_model_props(model, python_gen.info.metadata)
+    paths = [dist / "_test_renamed.onnx", dist / "_test_truncated.onnx"]
+    onnx.save(model, paths[0])
+    paths[1].write_bytes((dist / "generator.onnx").read_bytes()[:5000])
+    yield
+    for path in paths:
+        path.unlink()
+
+
+@pytest.mark.usefixtures("bad_models")
+@pytest.mark.parametrize(
+    ("query", "messages"),
+    [
+        ("model=missing.onnx", ["could not fetch the model missing.onnx: HTTP 404"]),
+        ("model=index.html", ["index.html is not an ONNX model"]),
+        ("model=_test_truncated.onnx", ["_test_truncated.onnx is not an ONNX model"]),
+        (
+            "model=_test_renamed.onnx",
+            [
+                "_test_renamed.onnx does not follow the digitgen model contract",
+                "inputs must be 'z' and 'digit', found [digit,noise]",
+                "'image' must be float32 [batch, 1, 28, 28], found float32 [batch, 64]",
+            ],
+        ),
+        ("threads=0", ["threads must be an integer from 1 to 64"]),
+    ],
+)
+def test_model_failures_show_on_the_page(browser: Browser, base_url: str, query: str, messages: list[str]) -> None:
+    page = open_page(browser, f"{base_url}index.html?{query}")
+    try:
+        assert_error_shown(page, messages)
+    finally:
+        page.close()
+
+
+def test_missing_webassembly_shows_on_the_page(browser: Browser, base_url: str) -> None:
+    page = browser.new_page()
+    try:
+        page.add_init_script("delete globalThis.WebAssembly")
+        page.goto(base_url + "index.html")
+        wait_settled(page)
+        assert_error_shown(page, ["WebAssembly is not available"])
+    finally:
+        page.close()
+
+
+def assert_error_shown(page: Page, messages: list[str]) -> None:
+    assert page.evaluate("document.body.dataset.state") == "error"
+    error = page.locator("#error")
+    assert error.is_visible()
+    assert error.get_attribute("role") == "alert"
+    for message in messages:
+        assert message in error.text_content()
+
+
+def submit(page: Page, digits: str = "", count: str = "10", seed: str = "0") -> str:
+    for field, value in (("digits", digits), ("count", count), ("seed", seed)):
+        page.fill(f"#{field}", value)
+    page.click("#generate")
+    return wait_settled(page)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"count": "0"}, 'count must be an integer from 1 to 100, got "0"'),
+        ({"count": "101"}, 'count must be an integer from 1 to 100, got "101"'),
+        ({"count": "2.5"}, 'count must be an integer from 1 to 100, got "2.5"'),
+        ({"digits": "12"}, 'digit "12" is not a class of this model (0-9)'),
+        ({"digits": "a,b"}, 'digit "a" is not a class of this model (0-9)'),
+        ({"seed": "abc"}, 'seed must be an integer from 0 to 18446744073709551615, got "abc"'),
+        ({"seed": "-1"}, 'seed must be an integer from 0 to 18446744073709551615, got "-1"'),
+        ({"seed": str(2**64)}, "seed must be an integer from 0 to 18446744073709551615"),
+    ],
+)
+def test_bad_fields_show_on_the_page_until_the_next_sheet(page: Page, fields: dict[str, str], message: str) -> None:
+    assert submit(page, **fields) == "error"
+    assert_error_shown(page, [message])
+    assert submit(page) == "drawn"
+    assert page.locator("#error").is_hidden()
+
+
+def test_screenshot_and_download(
+    page: Page, python_gen: DigitGenerator, pixel_report: list[str], tmp_path: Path
+) -> None:
+    assert submit(page, digits="1,2", count="30", seed="42") == "drawn"
+    screenshot = page.screenshot(path=tmp_path / "page.png", full_page=True)
+    assert screenshot.startswith(b"\x89PNG\r\n\x1a\n") and len(screenshot) > 10_000
+    with page.expect_download() as download:
+        page.click("#download")
+    assert download.value.suggested_filename == "digits-seed42.png"
+    download.value.save_as(tmp_path / "sheet.png")
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        assert sheet.format == "PNG"
+        pixels = np.asarray(sheet.convert("L"))
+    expected = python_sheet(python_gen.generate(30, digits=[1, 2], seed=42).images)
+    assert_same_pixels(pixels, expected, "downloaded PNG, seed 42, digits [1, 2]", pixel_report)

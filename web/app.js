@@ -1,0 +1,152 @@
+// The digitgen page: form fields -> DigitGenerator.generate -> a contact sheet on <canvas id="sheet">.
+// URL parameters: model (default generator.onnx beside the page), threads, and seed, digits, n to preset the fields.
+// document.body.dataset.state: loading -> ready | error, then busy -> drawn | error for each sheet.
+
+const COLUMNS = 10;
+const MAX_DIGITS = 100;
+const DISPLAY_SCALE = 2;
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const setState = (state) => (document.body.dataset.state = state);
+let digitgen; // the module digitgen.js, imported by main()
+
+function showError(error) {
+  $("error").textContent = error instanceof Error ? error.message : String(error);
+  $("error").hidden = false;
+  setState("error");
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+/** Draw `count` digits at scale 1, digit k at column k % 10, row floor(k / 10); unused cells stay black. */
+function drawSheet(images, count, size) {
+  const canvas = $("sheet");
+  canvas.width = COLUMNS * size;
+  canvas.height = Math.ceil(count / COLUMNS) * size;
+  canvas.style.width = `${canvas.width * DISPLAY_SCALE}px`;
+  const context = canvas.getContext("2d");
+  const sheet = context.createImageData(canvas.width, canvas.height);
+  const rgba = sheet.data;
+  for (let k = 0; k < count; k++) {
+    const left = (k % COLUMNS) * size;
+    const top = Math.floor(k / COLUMNS) * size;
+    for (let y = 0; y < size; y++) {
+      for (let x = 0; x < size; x++) {
+        const at = ((top + y) * canvas.width + left + x) * 4;
+        rgba[at] = rgba[at + 1] = rgba[at + 2] = images[(k * size + y) * size + x];
+      }
+    }
+  }
+  for (let at = 3; at < rgba.length; at += 4) rgba[at] = 255;
+  context.putImageData(sheet, 0, 0);
+}
+
+/** The model's inputs and outputs, and what its metadata says about training and quality. */
+function describe(gen) {
+  const rows = [...gen.contract.inputs.map((v) => ["input", v]), ...gen.contract.outputs.map((v) => ["output", v])];
+  $("contract").replaceChildren(
+    ...rows.map(([kind, v]) => {
+      const row = document.createElement("tr");
+      for (const cell of [kind, v.name, v.type, `[${v.shape.join(", ")}]`]) {
+        row.append(Object.assign(document.createElement("td"), { textContent: cell }));
+      }
+      return row;
+    }),
+  );
+  const m = gen.metadata;
+  $("summary").textContent =
+    `Latent size ${gen.latentDim}, ${gen.numClasses} classes, ${m.precision ?? "unknown"} weights, ` +
+    `contract version ${m.contract_version}, noise ${digitgen.NOISE_SCHEME}.`;
+  const percent = (x) => `${(100 * x).toFixed(2)}%`;
+  const count = (x) => x.toLocaleString("en");
+  const facts = [
+    ["Class accuracy", ["quality_class_accuracy", "quality_min_digit_accuracy"], (acc, worst) =>
+      `${percent(acc)} (worst digit: ${percent(worst)})`],
+    ["FID", ["quality_fid", "quality_real_fid"], (fid, real) =>
+      `${fid.toFixed(2)} (a real MNIST sample: ${real.toFixed(2)})`],
+    ["Precision", ["quality_precision", "quality_real_precision"], (p, real) =>
+      `${p.toFixed(3)} (real: ${real.toFixed(3)})`],
+    ["Recall", ["quality_recall", "quality_real_recall"], (r, real) => `${r.toFixed(3)} (real: ${real.toFixed(3)})`],
+    ["Scored on", ["quality_num_samples"], (n) => `${count(n)} generated digits`],
+    ["Training", ["train_steps", "train_seed"], (steps, seed) => `${count(steps)} steps, seed ${seed}`],
+  ];
+  $("quality").replaceChildren(
+    ...facts
+      .filter(([, keys]) => keys.every((key) => key in m))
+      .flatMap(([label, keys, format]) => [
+        Object.assign(document.createElement("dt"), { textContent: label }),
+        Object.assign(document.createElement("dd"), { textContent: format(...keys.map((key) => Number(m[key]))) }),
+      ]),
+  );
+  $("model").hidden = false;
+}
+
+async function draw(gen) {
+  setState("busy");
+  $("generate").disabled = true;
+  try {
+    const count = Number(digitgen.checkInteger($("count").value, "count", 1n, BigInt(MAX_DIGITS)));
+    const digitsText = $("digits").value.trim();
+    const digits = digitsText ? digitsText.split(",") : null;
+    const seed = digitgen.checkInteger($("seed").value, "seed", 0n, digitgen.MAX_SEED);
+    const { images, seconds } = await gen.generate({ count, digits, seed });
+    drawSheet(images, count, digitgen.IMAGE_SIZE);
+    const rate = Math.round(count / seconds).toLocaleString("en");
+    $("timing").textContent = `${count} digits in ${(seconds * 1000).toFixed(1)} ms (${rate} digits/s)`;
+    $("download").disabled = false;
+    $("download").dataset.filename = `digits-seed${seed}.png`;
+    clearError();
+    window.digitgenLoadSeconds ??= performance.now() / 1000;
+    setState("drawn");
+  } catch (error) {
+    showError(error);
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+function download() {
+  $("sheet").toBlob((blob) => {
+    const link = Object.assign(document.createElement("a"), {
+      href: URL.createObjectURL(blob),
+      download: $("download").dataset.filename,
+    });
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+  }, "image/png");
+}
+
+async function main() {
+  for (const [param, field] of [["seed", "seed"], ["digits", "digits"], ["n", "count"]]) {
+    if (params.has(param)) $(field).value = params.get(param);
+  }
+  let gen;
+  try {
+    // Imported here, not at the top, so that a runtime that fails to load is reported on the page.
+    digitgen = await import("./digitgen.js");
+    gen = await digitgen.DigitGenerator.load(params.get("model") || "generator.onnx", {
+      threads: params.get("threads") ?? undefined,
+    });
+  } catch (error) {
+    $("status").textContent = "The model could not be loaded.";
+    showError(error);
+    return;
+  }
+  window.digitgen = gen;
+  describe(gen);
+  $("status").textContent = `Model ${gen.source} loaded.`;
+  setState("ready");
+  $("controls").addEventListener("submit", (event) => {
+    event.preventDefault();
+    draw(gen);
+  });
+  $("download").addEventListener("click", download);
+  $("generate").disabled = false;
+  await draw(gen);
+}
+
+main();

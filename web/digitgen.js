@@ -1,0 +1,323 @@
+/**
+ * digitgen in the browser: load an ONNX generator that follows the digitgen contract and make
+ * handwritten digits with onnxruntime-web (WebAssembly). The same (model, seed, digits) give the same
+ * uint8 images as the Python runtime, `digitgen.DigitGenerator`.
+ *
+ *   import { DigitGenerator } from "./digitgen.js";
+ *   const gen = await DigitGenerator.load("generator.onnx");
+ *   const { images, labels, seconds } = await gen.generate({ count: 16, digits: [4, 2], seed: 7 });
+ *
+ * `images` holds count * 28 * 28 bytes, digit after digit, row after row, 0 = black background.
+ */
+import * as ort from "./ort.wasm.min.mjs";
+
+export const NOISE_SCHEME = "splitmix64-boxmuller-v1";
+export const CONTRACT_VERSION = "1";
+export const IMAGE_SIZE = 28;
+export const MAX_SEED = 2n ** 64n - 1n;
+export const MAX_COUNT = 100_000; // 78 MB of images; larger requests belong to the Python runtime
+export const DEFAULT_BATCH_SIZE = 64;
+const PIXELS = IMAGE_SIZE * IMAGE_SIZE;
+
+// Typed errors, named as in the Python runtime (digitgen/runtime/errors.py).
+export class DigitgenError extends Error {
+  get name() {
+    return this.constructor.name;
+  }
+}
+export class ModelNotFoundError extends DigitgenError {}
+export class InvalidModelError extends DigitgenError {}
+export class ModelContractError extends DigitgenError {}
+export class ProviderUnavailableError extends DigitgenError {}
+export class InvalidRequestError extends DigitgenError {}
+
+const show = (value) => (typeof value === "string" ? JSON.stringify(value) : String(value));
+
+/** An integer given as a number, BigInt or decimal string, as a BigInt; null for anything else. */
+function toBigInt(value) {
+  if (typeof value === "bigint") return value;
+  if (typeof value === "number") return Number.isSafeInteger(value) ? BigInt(value) : null;
+  if (typeof value === "string" && /^\s*[+-]?\d+\s*$/.test(value)) return BigInt(value.trim());
+  return null;
+}
+
+/** `value` as a BigInt in [min, max] (BigInts), or an InvalidRequestError that names it. */
+export function checkInteger(value, name, min, max) {
+  const n = toBigInt(value);
+  if (n === null || n < min || n > max) {
+    throw new InvalidRequestError(`${name} must be an integer from ${min} to ${max}, got ${show(value)}`);
+  }
+  return n;
+}
+
+// ---- Noise: scheme splitmix64-boxmuller-v1 (digitgen/runtime/noise.py), 64-bit arithmetic on BigInts.
+
+const wrap = (x) => BigInt.asUintN(64, x);
+const GOLDEN = 0x9e3779b97f4a7c15n;
+
+/** SplitMix64's finalizer. */
+function mix(x) {
+  x = wrap((x ^ (x >> 30n)) * 0xbf58476d1ce4e5b9n);
+  x = wrap((x ^ (x >> 27n)) * 0x94d049bb133111ebn);
+  return x ^ (x >> 31n);
+}
+
+/** `z` for the digits `start .. stop-1` of `seed`: (stop - start) * size float32s, digit after digit. */
+export function standardNormal(seed, start, stop, size) {
+  const stream = mix(wrap(checkInteger(seed, "seed", 0n, MAX_SEED) + GOLDEN));
+  const z = new Float32Array((stop - start) * size);
+  let at = 0;
+  for (let index = start; index < stop; index++) {
+    const key = mix(stream ^ wrap(BigInt(index) * GOLDEN));
+    const uniform = (c) => (Number(mix(wrap(key + BigInt(c + 1) * GOLDEN)) >> 11n) + 0.5) / 2 ** 53;
+    for (let c = 0; c < size; c += 2) {
+      const radius = Math.sqrt(-2 * Math.log(uniform(c)));
+      const angle = 2 * Math.PI * uniform(c + 1);
+      z[at++] = radius * Math.cos(angle);
+      if (c + 1 < size) z[at++] = radius * Math.sin(angle);
+    }
+  }
+  return z;
+}
+
+/** Floats in [0, 1] to bytes as numpy's `rint(clip(x, 0, 1) * float32(255))`: float32 product, half to even. */
+export function toUint8(floats) {
+  const bytes = new Uint8Array(floats.length);
+  for (let i = 0; i < floats.length; i++) {
+    const v = Math.fround(Math.min(Math.max(floats[i], 0), 1) * 255);
+    const r = Math.round(v);
+    bytes[i] = r - v === 0.5 && r % 2 === 1 ? r - 1 : r;
+  }
+  return bytes;
+}
+
+// ---- The model file: a minimal protobuf reader, enough for the graph's inputs/outputs and metadata_props.
+
+/** Fields of one protobuf message: field number -> list of values (numbers for varints, bytes for the rest). */
+function readMessage(bytes) {
+  const fields = new Map();
+  let pos = 0;
+  const varint = () => {
+    let value = 0;
+    for (let shift = 0; shift < 70; shift += 7) {
+      if (pos >= bytes.length) throw new Error("truncated varint");
+      const byte = bytes[pos++];
+      value += (byte & 0x7f) * 2 ** shift;
+      if (byte < 0x80) return value;
+    }
+    throw new Error("varint longer than 10 bytes");
+  };
+  const skip = (n) => {
+    if (pos + n > bytes.length) throw new Error("field runs past the end");
+    pos += n;
+    return bytes.subarray(pos - n, pos);
+  };
+  while (pos < bytes.length) {
+    const key = varint();
+    const field = Math.floor(key / 8);
+    const wire = key % 8;
+    if (field === 0) throw new Error("field number 0");
+    let value;
+    if (wire === 0) value = varint();
+    else if (wire === 1) value = skip(8);
+    else if (wire === 2) value = skip(varint());
+    else if (wire === 5) value = skip(4);
+    else throw new Error(`unsupported wire type ${wire}`);
+    if (!fields.has(field)) fields.set(field, []);
+    fields.get(field).push(value);
+  }
+  return fields;
+}
+
+const utf8 = new TextDecoder();
+const first = (fields, field) => fields.get(field)?.[0];
+const all = (fields, field) => fields.get(field) ?? [];
+const text = (fields, field) => utf8.decode(first(fields, field) ?? new Uint8Array());
+const ELEMENT_TYPES = { 1: "float32", 7: "int64", 10: "float16", 11: "float64", 6: "int32", 2: "uint8" };
+
+/** A graph input or output (ValueInfoProto) as {name, type, shape}; shape entries are numbers or names. */
+function valueInfo(bytes) {
+  const info = readMessage(bytes);
+  const tensor = first(readMessage(first(info, 2) ?? new Uint8Array()), 1);
+  if (!tensor) return { name: text(info, 1), type: "not a tensor", shape: null };
+  const fields = readMessage(tensor);
+  const elem = first(fields, 1);
+  const shapeBytes = first(fields, 2);
+  const shape = shapeBytes
+    ? all(readMessage(shapeBytes), 1).map((dim) => {
+        const d = readMessage(dim);
+        return d.has(1) ? first(d, 1) : d.has(2) ? text(d, 2) : "?";
+      })
+    : null;
+  return { name: text(info, 1), type: ELEMENT_TYPES[elem] ?? `element type ${elem}`, shape };
+}
+
+/** {inputs, outputs, metadata} of ONNX model bytes, or an InvalidModelError when they are not ONNX. */
+export function describeModel(bytes, source = "the model") {
+  try {
+    const model = readMessage(bytes);
+    if (!model.has(1) || !model.has(7)) throw new Error("no IR version or no graph");
+    const graph = readMessage(first(model, 7));
+    // Weights may also be listed as inputs (old IR versions); the runtime does not count them.
+    const weights = new Set(all(graph, 5).map((tensor) => text(readMessage(tensor), 8)));
+    const metadata = {};
+    for (const entry of all(model, 14)) {
+      const fields = readMessage(entry);
+      metadata[text(fields, 1)] = text(fields, 2);
+    }
+    return {
+      inputs: all(graph, 11).map(valueInfo).filter((input) => !weights.has(input.name)),
+      outputs: all(graph, 12).map(valueInfo),
+      metadata,
+    };
+  } catch (error) {
+    throw new InvalidModelError(`${source} is not an ONNX model (${error.message})`);
+  }
+}
+
+// ---- The contract (digitgen/runtime/contract.py): every problem is listed in one error.
+
+const formatShape = (shape) => (shape ? `[${shape.join(", ")}]` : "[unknown shape]");
+const isDynamic = (dim) => typeof dim !== "number";
+
+/** Check a describeModel() result; return {latentDim, numClasses}, or throw a ModelContractError. */
+export function checkContract({ inputs, outputs, metadata }, source = "the model") {
+  const problems = [];
+  const names = (list) => list.map((v) => v.name).sort();
+  const find = (list, name) => list.find((v) => v.name === name);
+  if (names(inputs).join() !== "digit,z") problems.push(`inputs must be 'z' and 'digit', found [${names(inputs)}]`);
+  if (names(outputs).join() !== "image") problems.push(`output must be 'image', found [${names(outputs)}]`);
+  const expected = [
+    [find(inputs, "z"), "float32", 2, "float32 [batch, latent_dim]"],
+    [find(inputs, "digit"), "int64", 1, "int64 [batch]"],
+    [find(outputs, "image"), "float32", 4, "float32 [batch, 1, 28, 28]"],
+  ];
+  for (const [value, type, rank, wanted] of expected) {
+    if (value && (value.type !== type || value.shape?.length !== rank)) {
+      problems.push(`'${value.name}' must be ${wanted}, found ${value.type} ${formatShape(value.shape)}`);
+    }
+  }
+  const image = find(outputs, "image");
+  const imageDims = [1, IMAGE_SIZE, IMAGE_SIZE];
+  if (image?.shape?.length === 4 && !image.shape.slice(1).every((d, i) => isDynamic(d) || d === imageDims[i])) {
+    problems.push(`'image' must be [batch, 1, 28, 28], found ${formatShape(image.shape)}`);
+  }
+  const integer = (key) => {
+    const value = /^\s*[+-]?\d+\s*$/.test(metadata[key] ?? "") ? Number(metadata[key]) : null;
+    if (value === null) problems.push(`metadata '${key}' is missing or not an integer`);
+    else if (value < 1) problems.push(`metadata '${key}' must be positive, found ${value}`);
+    return value;
+  };
+  const latentDim = integer("latent_dim");
+  const numClasses = integer("num_classes");
+  const imageSize = integer("image_size");
+  if (imageSize && imageSize !== IMAGE_SIZE) problems.push(`metadata 'image_size' must be 28, found ${imageSize}`);
+  if (!("contract_version" in metadata)) problems.push("metadata 'contract_version' is missing");
+  else if (metadata.contract_version !== CONTRACT_VERSION) {
+    problems.push(`contract_version '${metadata.contract_version}' is not '${CONTRACT_VERSION}'`);
+  }
+  const features = find(inputs, "z")?.shape?.[1];
+  if (latentDim !== null && !isDynamic(features) && features !== latentDim) {
+    problems.push(`'z' has ${features} features but metadata latent_dim is ${latentDim}`);
+  }
+  if (problems.length) {
+    throw new ModelContractError(`${source} does not follow the digitgen model contract: ${problems.join("; ")}`);
+  }
+  return { latentDim, numClasses };
+}
+
+// ---- The generator.
+
+async function fetchModel(url) {
+  let response;
+  try {
+    response = await fetch(url);
+  } catch (error) {
+    throw new ModelNotFoundError(`could not fetch the model ${url}: ${error.message}`);
+  }
+  if (!response.ok) {
+    throw new ModelNotFoundError(`could not fetch the model ${url}: HTTP ${response.status} ${response.statusText}`);
+  }
+  return new Uint8Array(await response.arrayBuffer());
+}
+
+/**
+ * onnxruntime-web settings, applied before its first session: they hold for the whole page.
+ * One thread by default, isolated page or not: on 2 CPU cores two threads ran this model at batch 64
+ * about 40% slower than one. More than one thread needs a cross-origin isolated page (COOP/COEP
+ * headers); without it onnxruntime-web falls back to one.
+ */
+function configureRuntime(threads) {
+  if (typeof WebAssembly !== "object") {
+    throw new ProviderUnavailableError("WebAssembly is not available in this browser, so the model cannot run here");
+  }
+  ort.env.wasm.wasmPaths = new URL("./", import.meta.url).href; // the runtime files lie beside this module
+  ort.env.wasm.numThreads = Number(checkInteger(threads ?? 1, "threads", 1n, 64n));
+}
+
+export class DigitGenerator {
+  constructor(session, description, info, source) {
+    this._session = session;
+    this.source = source;
+    this.metadata = description.metadata;
+    this.contract = { inputs: description.inputs, outputs: description.outputs };
+    this.latentDim = info.latentDim;
+    this.numClasses = info.numClasses;
+  }
+
+  /** Fetch, check and open a model. `threads`: WebAssembly threads (default 1). */
+  static async load(url = "generator.onnx", { threads } = {}) {
+    configureRuntime(threads);
+    const bytes = await fetchModel(url);
+    const description = describeModel(bytes, url);
+    const info = checkContract(description, url);
+    let session;
+    try {
+      session = await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"] });
+    } catch (error) {
+      throw new InvalidModelError(`onnxruntime-web could not load ${url}: ${error.message ?? error}`);
+    }
+    return new DigitGenerator(session, description, info, url);
+  }
+
+  /** The classes to draw in turn: all of them for null/undefined, else a non-empty list of valid digits. */
+  checkDigits(digits) {
+    if (digits == null) return Array.from({ length: this.numClasses }, (_, d) => d);
+    const list = Array.from(digits);
+    if (!list.length) throw new InvalidRequestError("the list of digits is empty");
+    return list.map((d) => {
+      const n = toBigInt(d);
+      if (n === null || n < 0n || n >= BigInt(this.numClasses)) {
+        throw new InvalidRequestError(`digit ${show(d)} is not a class of this model (0-${this.numClasses - 1})`);
+      }
+      return Number(n);
+    });
+  }
+
+  /** Raw model call: z (B * latentDim float32s) and B labels -> B * 784 floats in [0, 1]. */
+  async run(z, labels) {
+    const batch = labels.length;
+    const { image } = await this._session.run({
+      z: new ort.Tensor("float32", z, [batch, this.latentDim]),
+      digit: new ort.Tensor("int64", BigInt64Array.from(labels, BigInt), [batch]),
+    });
+    return image.data;
+  }
+
+  /** Digits 0 .. count-1 of the sequence defined by (digits, seed); digit i has label digits[i % digits.length]. */
+  async generate({ count = 10, digits = null, seed = 0, batchSize = DEFAULT_BATCH_SIZE } = {}) {
+    const n = Number(checkInteger(count, "number of digits", 1n, BigInt(MAX_COUNT)));
+    const cycle = this.checkDigits(digits);
+    const seedValue = checkInteger(seed, "seed", 0n, MAX_SEED);
+    const step = Number(checkInteger(batchSize, "batch size", 1n, BigInt(MAX_COUNT)));
+    const started = performance.now();
+    const labels = Int32Array.from({ length: n }, (_, i) => cycle[i % cycle.length]);
+    const images = new Uint8Array(n * PIXELS);
+    for (let lo = 0; lo < n; lo += step) {
+      const hi = Math.min(lo + step, n);
+      const floats = await this.run(standardNormal(seedValue, lo, hi, this.latentDim), labels.subarray(lo, hi));
+      images.set(toUint8(floats), lo * PIXELS);
+    }
+    return { images, labels, seconds: (performance.now() - started) / 1000 };
+  }
+}
