@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
+from digitgen.runtime.files import publish
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.data import MnistTensors
 from digitgen.training.distributed import SINGLE, DistContext, any_rank, gather_objects, weights_digest
@@ -127,9 +127,8 @@ def write_sample_grid(state: TrainState, path: Path) -> None:
     z = noise.repeat(cfg.num_classes, 1).to(device)
     labels = torch.arange(cfg.num_classes).repeat_interleave(GRID_COLUMNS).to(device)
     images = state.generator_ema(z, labels).add(1.0).div(2.0)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    save_image(images.cpu(), tmp, nrow=GRID_COLUMNS, padding=2, pad_value=0.5)
-    os.replace(tmp, path)
+    with publish(path) as tmp:
+        save_image(images.cpu(), tmp, nrow=GRID_COLUMNS, padding=2, pad_value=0.5, format="png")
 
 
 def _append_metrics(path: Path, record: dict[str, float]) -> None:
