@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -204,3 +205,33 @@ def test_reference_classifier_defaults_to_the_shipped_one_and_checks_its_outputs
         ModelContractError, match="is not a digitgen classifier \\(inputs/outputs \\(\\['z', 'digit'\\]"
     ):
         ReferenceClassifier(tiny_onnx)
+
+
+def test_classifier_sees_pixels_in_zero_to_one(tmp_path: Path) -> None:
+    """A stand-in classifier whose features are its input: embed must feed it uint8 / 255."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Reshape", ["image", "flat"], ["features"]),
+        helper.make_node("MatMul", ["features", "w"], ["logits"]),
+    ]
+    weights = np.zeros((784, 10), dtype=np.float32)
+    weights[0, 3] = 1.0  # class 3 wins when the first pixel is lit
+    graph = helper.make_graph(
+        nodes,
+        "identity-classifier",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]),
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 784]),
+        ],
+        [numpy_helper.from_array(np.array([-1, 784]), "flat"), numpy_helper.from_array(weights, "w")],
+    )
+    path = tmp_path / "identity.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    images = np.random.default_rng(4).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    images[:, 0, 0] = [0, 255, 0, 255, 0, 255, 0]
+    features, predictions = ReferenceClassifier(path).embed(images, batch_size=3)
+    assert features.dtype == np.float64
+    assert np.allclose(features, images.reshape(7, -1) / 255.0)
+    assert predictions.tolist() == [0, 3, 0, 3, 0, 3, 0]

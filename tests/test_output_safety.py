@@ -106,3 +106,8 @@ def test_a_png_just_past_the_requested_range_is_not_a_clash(gen: DigitGenerator,
         png_name(2, 7),
         png_name(3, 7),
     ]
+
+
+def test_generate_files_defaults_to_seed_zero(gen: DigitGenerator, tmp_path: Path) -> None:
+    generate_files(gen, tmp_path, N, "npz")
+    assert np.array_equal(np.load(tmp_path / "digits.npz")["images"], gen.generate(N, seed=0).images)

@@ -38,6 +38,7 @@ def test_grid_contact_sheet(gen: DigitGenerator, tmp_path: Path) -> None:
     sheet = np.asarray(Image.open(path))
     assert path.name == GRID_FILE and sheet.shape == (3 * 30 + 2, 10 * 30 + 2)
     assert np.array_equal(sheet[2:30, 2:30], gen.generate(1, seed=2).images[0])
+    assert sheet[0, 0] == sheet[30, 150] == 128  # mid-grey gaps around every cell
 
 
 def test_npz_arrays(gen: DigitGenerator, tmp_path: Path) -> None:
