@@ -69,6 +69,12 @@ data_dir_option = click.option(
     help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",
 )
 
+truncation_option = click.option(
+    "--truncation",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Redraw noise components beyond +-T: cleaner digits, less variety [default: none].",
+)
+
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
@@ -347,6 +353,7 @@ def _parse_digits(ctx: click.Context, param: click.Parameter, value: str | None)
     type=click.IntRange(min=0),
     help="Which part this run writes (0-based).",
 )
+@truncation_option
 def generate(
     model: str | None,
     num_digits: int,
@@ -360,6 +367,7 @@ def generate(
     overwrite: bool,
     num_shards: int,
     shard_index: int,
+    truncation: float | None,
 ) -> None:
     """Generate digits with an ONNX generator (no PyTorch needed)."""
     if digits is not None and digit is not None:
@@ -381,6 +389,7 @@ def generate(
                 batch_size=batch_size,
                 shard=shard,
                 overwrite=overwrite,
+                truncation=truncation,
                 on_batch=bar.update,
             )
     except KeyboardInterrupt:
@@ -449,9 +458,16 @@ def train_classifier_cmd(data_dir: str, out: str, overwrite: bool, epochs: int, 
 @click.option("--num-samples", default=10_000, show_default=True, type=click.IntRange(min=100))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=MAX_SEED))
 @data_dir_option
+@truncation_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def evaluate(
-    model: str | None, classifier: str | None, num_samples: int, seed: int, data_dir: str, as_json: bool
+    model: str | None,
+    classifier: str | None,
+    num_samples: int,
+    seed: int,
+    data_dir: str,
+    truncation: float | None,
+    as_json: bool,
 ) -> None:
     """Score a generator against MNIST test: class accuracy, FID, precision, recall."""
     from digitgen.runtime.evaluate import ReferenceClassifier, evaluation_work
@@ -463,7 +479,9 @@ def evaluate(
     test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
     work = evaluation_work(len(test[0]), len(train[0]), num_samples)
     with click.progressbar(length=work, label="evaluating", file=sys.stderr) as bar:
-        result = run_evaluation(gen, reference, test, train, num_samples=num_samples, seed=seed, progress=bar.update)
+        result = run_evaluation(
+            gen, reference, test, train, num_samples=num_samples, seed=seed, truncation=truncation, progress=bar.update
+        )
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

@@ -153,6 +153,7 @@ def evaluate(
     *,
     num_samples: int = 10_000,
     seed: int = 0,
+    truncation: float | None = None,
     progress: Progress = lambda n: None,
 ) -> Evaluation:
     """Score ``num_samples`` generated digits (classes 0-9 in turn) and a real reference sample."""
@@ -160,7 +161,7 @@ def evaluate(
         raise InvalidRequestError(f"evaluation needs at least 100 samples, got {num_samples}")
     reference, _ = classifier.embed(test[0], progress=progress)
     reference_radii = knn_radii(reference)
-    fake = generator.generate(num_samples, seed=seed)
+    fake = generator.generate(num_samples, seed=seed, truncation=truncation)
     fake_features, fake_predictions = classifier.embed(fake.images, progress=progress)
     pick = np.random.default_rng(seed).choice(len(train[0]), size=min(num_samples, len(train[0])), replace=False)
     real_features, real_predictions = classifier.embed(train[0][pick], progress=progress)

@@ -52,6 +52,15 @@ def _check_int(value: object, name: str, minimum: int = 1, maximum: int | None =
     return int(value)
 
 
+def check_truncation(value: object) -> float | None:
+    """``None`` (no truncation) or a finite positive number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < float("inf"):
+        raise InvalidRequestError(f"truncation must be a positive number, got {value!r}")
+    return float(value)
+
+
 class DigitGenerator:
     """A loaded generator. ``DigitGenerator.from_path()`` opens the shipped model.
 
@@ -117,17 +126,22 @@ class DigitGenerator:
         seed: int = 0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         start: int = 0,
+        truncation: float | None = None,
     ) -> Iterator[GeneratedDigits]:
-        """Yield digits ``start .. start+num-1`` of the sequence defined by (digits, seed), batch by batch."""
+        """Yield digits ``start .. start+num-1`` of the sequence defined by (digits, seed), batch by batch.
+
+        ``truncation`` T redraws noise components beyond +-T (cleaner digits, less variety).
+        """
         num = _check_int(num, "number of digits")
         seed = _check_int(seed, "seed", minimum=0, maximum=MAX_SEED)
         batch_size = _check_int(batch_size, "batch size")
         start = _check_int(start, "start index", minimum=0)
+        truncation = check_truncation(truncation)
         cycle = self.check_digits(digits)
         for lo in range(start, start + num, batch_size):
             hi = min(lo + batch_size, start + num)
             labels = labels_for(cycle, lo, hi)
-            images = self.run(standard_normal(seed, lo, hi, self.latent_dim), labels)
+            images = self.run(standard_normal(seed, lo, hi, self.latent_dim, truncation), labels)
             yield GeneratedDigits(to_uint8(images), labels, lo)
 
     def generate(
@@ -136,7 +150,8 @@ class DigitGenerator:
         digits: Sequence[int] | None = None,
         seed: int = 0,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        truncation: float | None = None,
     ) -> GeneratedDigits:
         """Generate ``num`` digits at once (use :meth:`iter_batches` for very large ``num``)."""
-        batches = list(self.iter_batches(num, digits, seed, batch_size))
+        batches = list(self.iter_batches(num, digits, seed, batch_size, truncation=truncation))
         return GeneratedDigits(np.concatenate([b.images for b in batches]), np.concatenate([b.labels for b in batches]))

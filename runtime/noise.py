@@ -12,6 +12,9 @@ Scheme ``splitmix64-boxmuller-v1``, all integer arithmetic modulo 2**64:
 - Box-Muller in float64 on each pair: ``r = sqrt(-2 ln u_2p)``, ``t = 2 pi u_2p+1``, then
   ``z[2p] = r cos t`` and ``z[2p+1] = r sin t`` (the last sine is dropped for an odd size),
   rounded to float32.
+- truncation T (optional): each component with ``|z[j]| > T`` (in float64), in increasing ``j``,
+  is replaced by the next Box-Muller value within ``[-T, T]`` of the same digit's stream, taken
+  in order (cosine, then sine) from word pairs ``ceil(size / 2)`` onwards.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 NOISE_SCHEME = "splitmix64-boxmuller-v1"
 MAX_SEED = 2**64 - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_REDRAW_PAIRS = 32  # words are drawn in chunks; the values used do not depend on it
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -30,15 +34,42 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def standard_normal(seed: int, start: int, stop: int, size: int) -> np.ndarray:
-    """``z`` of shape (stop - start, size), float32, for the digits ``start .. stop-1`` of ``seed``."""
+def _normals(keys: np.ndarray, first_pair: int, pairs: int) -> np.ndarray:
+    """Box-Muller values (float64) of word pairs ``first_pair .. first_pair+pairs-1`` of each key, in stream order."""
     with np.errstate(over="ignore"):
-        stream = _mix(np.array([seed], dtype=np.uint64) + _GOLDEN)
-        keys = _mix(stream ^ (np.arange(start, stop, dtype=np.uint64) * _GOLDEN))
-        counters = np.arange(1, 2 * ((size + 1) // 2) + 1, dtype=np.uint64) * _GOLDEN
+        counters = np.arange(2 * first_pair + 1, 2 * (first_pair + pairs) + 1, dtype=np.uint64) * _GOLDEN
         words = _mix(keys[:, None] + counters[None, :])
     uniform = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
     radius = np.sqrt(-2.0 * np.log(uniform[:, 0::2]))
     angle = 2.0 * np.pi * uniform[:, 1::2]
-    pairs = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=-1)
-    return pairs.reshape(len(keys), -1)[:, :size].astype(np.float32)
+    return np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=-1).reshape(len(keys), -1)
+
+
+def _redraw_beyond(z: np.ndarray, keys: np.ndarray, truncation: float, first_pair: int) -> None:
+    """Replace, in coordinate order, every ``|z| > truncation`` by the next values of the digit's
+    stream (word pairs from ``first_pair`` on) that lie within the bound."""
+    for row in np.flatnonzero((np.abs(z) > truncation).any(axis=1)):
+        wanted = np.flatnonzero(np.abs(z[row]) > truncation)
+        found: list[float] = []
+        pair = first_pair
+        while len(found) < len(wanted):
+            values = _normals(keys[row : row + 1], pair, _REDRAW_PAIRS)[0]
+            found += values[np.abs(values) <= truncation].tolist()
+            pair += _REDRAW_PAIRS
+        z[row, wanted] = found[: len(wanted)]
+
+
+def standard_normal(seed: int, start: int, stop: int, size: int, truncation: float | None = None) -> np.ndarray:
+    """``z`` of shape (stop - start, size), float32, for the digits ``start .. stop-1`` of ``seed``.
+
+    With ``truncation`` T (the truncation trick of BigGAN), each component beyond +-T is redrawn
+    from the digit's own stream, so the result is still a pure function of (seed, index).
+    """
+    with np.errstate(over="ignore"):
+        stream = _mix(np.array([seed], dtype=np.uint64) + _GOLDEN)
+        keys = _mix(stream ^ (np.arange(start, stop, dtype=np.uint64) * _GOLDEN))
+    pairs = (size + 1) // 2
+    z = _normals(keys, 0, pairs)[:, :size]
+    if truncation is not None:
+        _redraw_beyond(z, keys, truncation, first_pair=pairs)
+    return z.astype(np.float32)

@@ -213,6 +213,7 @@ def generate_files(
     batch_size: int = DEFAULT_BATCH_SIZE,
     shard: Shard = WHOLE,
     overwrite: bool = False,
+    truncation: float | None = None,
     on_batch: OnBatch = lambda n: None,
 ) -> list[Path]:
     """What ``digitgen generate`` does: make ``shard`` of ``num`` digits with ``gen`` and write them as ``fmt``.
@@ -221,7 +222,7 @@ def generate_files(
     """
     gen.check_digits(digits)
     start, stop = shard.check(num).bounds(num)
-    batches = gen.iter_batches(stop - start, digits, seed, batch_size, start=start)
+    batches = gen.iter_batches(stop - start, digits, seed, batch_size, start=start, truncation=truncation)
     return write_digits(batches, out_dir, fmt, num, shard=shard, overwrite=overwrite, on_batch=on_batch)
 
 

@@ -64,3 +64,29 @@ def test_noise_is_standard_normal() -> None:
 def test_seeds_and_indices_give_different_noise() -> None:
     rows = np.concatenate([standard_normal(seed, 0, 50, 16) for seed in (0, 1, 2**32, MAX_SEED)])
     assert len(np.unique(rows, axis=0)) == len(rows)
+
+
+def reference_truncated(seed: int, index: int, size: int, truncation: float) -> list[float]:
+    """Truncation as documented: out-of-bound components, in order, take the next in-bound values
+    of the same stream, continuing after the words the untruncated noise used."""
+    longer = reference_noise(seed, index, size + size % 2 + 400)  # the stream's values, in order
+    z, spare = longer[:size], iter(v for v in longer[size + size % 2 :] if abs(v) <= truncation)
+    return [v if abs(v) <= truncation else next(spare) for v in z]
+
+
+@pytest.mark.parametrize(
+    ("seed", "index", "size", "truncation"), [(0, 0, 64, 1.0), (9, 77, 7, 0.5), (MAX_SEED, 3, 64, 2.0)]
+)
+def test_truncation_is_the_documented_redraw(seed: int, index: int, size: int, truncation: float) -> None:
+    expected = np.asarray(reference_truncated(seed, index, size, truncation), dtype=np.float32)
+    assert np.array_equal(standard_normal(seed, index, index + 1, size, truncation)[0], expected)
+
+
+def test_truncated_noise_stays_within_the_bound_and_keeps_the_rest() -> None:
+    plain = standard_normal(5, 0, 2000, 64)
+    truncated = standard_normal(5, 0, 2000, 64, truncation=1.0)
+    inside = np.abs(plain) <= 1.0
+    assert np.abs(truncated).max() <= 1.0 and np.array_equal(truncated[inside], plain[inside])
+    assert not np.array_equal(truncated[~inside], plain[~inside])
+    assert np.array_equal(standard_normal(5, 700, 1300, 64, truncation=1.0), truncated[700:1300])
+    assert np.array_equal(standard_normal(5, 0, 50, 64, truncation=1e9), plain[:50])

@@ -55,6 +55,10 @@ def test_same_seed_same_images_whatever_the_batch_size(tiny: DigitGenerator) -> 
         ({"num": 5, "seed": -1}, "seed"),
         ({"num": 5, "seed": 2**64}, "seed must be an integer from 0 to 18446744073709551615"),
         ({"num": 5, "batch_size": 0}, "batch size"),
+        ({"num": 5, "truncation": 0}, "truncation must be a positive number, got 0"),
+        ({"num": 5, "truncation": -1.0}, "truncation must be a positive number"),
+        ({"num": 5, "truncation": float("inf")}, "truncation must be a positive number"),
+        ({"num": 5, "truncation": "1"}, "truncation must be a positive number"),
     ],
 )
 def test_bad_requests_raise_typed_errors(tiny: DigitGenerator, kwargs: dict, message: str) -> None:
@@ -145,3 +149,9 @@ def test_shipped_model_follows_the_contract() -> None:
     assert out.images.shape == (20, 28, 28)
     assert out.images.mean() < 128  # black background, white strokes
     assert out.images.max() > 200
+
+
+def test_truncation_changes_digits_whatever_the_batch_size(tiny: DigitGenerator) -> None:
+    truncated = tiny.generate(40, seed=3, truncation=0.5, batch_size=40).images
+    assert np.array_equal(tiny.generate(40, seed=3, truncation=0.5, batch_size=7).images, truncated)
+    assert not np.array_equal(tiny.generate(40, seed=3).images, truncated)

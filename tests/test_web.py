@@ -160,13 +160,15 @@ def assert_same_pixels(actual: np.ndarray, expected: np.ndarray, what: str, repo
     assert differing <= MAX_DIFFERING_SHARE * diff.size, f"{what}: {differing} pixels differ"
 
 
-def browser_digits(page: Page, count: int, digits: list[int] | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def browser_digits(
+    page: Page, count: int, digits: list[int] | None, seed: int, truncation: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     result = page.evaluate(
-        """async ([count, digits, seed]) => {
-            const { images, labels } = await window.digitgen.generate({ count, digits, seed });
+        """async ([count, digits, seed, truncation]) => {
+            const { images, labels } = await window.digitgen.generate({ count, digits, seed, truncation });
             return { images: Array.from(images), labels: Array.from(labels) };
         }""",
-        [count, digits, str(seed)],
+        [count, digits, str(seed), truncation],
     )
     return np.array(result["images"], dtype=np.uint8).reshape(count, 28, 28), np.array(result["labels"])
 
@@ -184,6 +186,15 @@ def test_module_draws_the_python_digits(
     assert_same_pixels(images, expected.images, f"seed {seed}, digits {digits}, {count} digits", pixel_report)
 
 
+@pytest.mark.parametrize("truncation", [0.5, 1.5])
+def test_module_draws_the_python_digits_with_truncation(
+    page: Page, python_gen: DigitGenerator, pixel_report: list[str], truncation: float
+) -> None:
+    images, _ = browser_digits(page, 30, None, 11, truncation)
+    expected = python_gen.generate(30, seed=11, truncation=truncation).images
+    assert_same_pixels(images, expected, f"seed 11, 30 digits, truncation {truncation}", pixel_report)
+
+
 # (seed, index, the first 6 values of z): the scheme's published test vectors.
 NOISE_VECTORS = [
     (0, 0, [-0.17660188674926758, 1.4621628522872925, -1.60213303565979,
@@ -197,13 +208,15 @@ NOISE_VECTORS = [
 ]  # fmt: skip
 
 
-def browser_noise(page: Page, seed: int, start: int, stop: int, size: int) -> np.ndarray:
+def browser_noise(
+    page: Page, seed: int, start: int, stop: int, size: int, truncation: float | None = None
+) -> np.ndarray:
     values = page.evaluate(
-        """async ([seed, start, stop, size]) => {
+        """async ([seed, start, stop, size, truncation]) => {
             const { standardNormal } = await import("./digitgen.js");
-            return Array.from(standardNormal(seed, start, stop, size));
+            return Array.from(standardNormal(seed, start, stop, size, truncation));
         }""",
-        [str(seed), start, stop, size],
+        [str(seed), start, stop, size, truncation],
     )
     return np.array(values, dtype=np.float64).astype(np.float32).reshape(stop - start, size)
 
@@ -215,10 +228,16 @@ def test_noise_matches_the_test_vectors(page: Page, seed: int, index: int, head:
     np.testing.assert_array_equal(browser_noise(page, seed, index, index + 1, 6)[0], expected)
 
 
-@pytest.mark.parametrize(("seed", "start", "stop", "size"), [(99, 0, 400, 64), (2**63 + 5, 10**9, 10**9 + 50, 7)])
-def test_noise_is_bit_identical_to_python(page: Page, seed: int, start: int, stop: int, size: int) -> None:
-    actual = browser_noise(page, seed, start, stop, size)
-    np.testing.assert_array_equal(actual.view(np.uint32), standard_normal(seed, start, stop, size).view(np.uint32))
+@pytest.mark.parametrize(
+    ("seed", "start", "stop", "size", "truncation"),
+    [(99, 0, 400, 64, None), (2**63 + 5, 10**9, 10**9 + 50, 7, None), (99, 0, 200, 64, 0.5), (4, 3, 90, 7, 1.0)],
+)
+def test_noise_is_bit_identical_to_python(
+    page: Page, seed: int, start: int, stop: int, size: int, truncation: float | None
+) -> None:
+    actual = browser_noise(page, seed, start, stop, size, truncation)
+    expected = standard_normal(seed, start, stop, size, truncation)
+    np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
 
 
 def test_to_uint8_rounds_like_numpy(page: Page) -> None:
@@ -364,8 +383,8 @@ def assert_error_shown(page: Page, messages: list[str]) -> None:
         assert message in error.text_content()
 
 
-def submit(page: Page, digits: str = "", count: str = "10", seed: str = "0") -> str:
-    for field, value in (("digits", digits), ("count", count), ("seed", seed)):
+def submit(page: Page, digits: str = "", count: str = "10", seed: str = "0", truncation: str = "") -> str:
+    for field, value in (("digits", digits), ("count", count), ("seed", seed), ("truncation", truncation)):
         page.fill(f"#{field}", value)
     page.click("#generate")
     return wait_settled(page)
@@ -382,6 +401,8 @@ def submit(page: Page, digits: str = "", count: str = "10", seed: str = "0") -> 
         ({"seed": "abc"}, 'seed must be an integer from 0 to 18446744073709551615, got "abc"'),
         ({"seed": "-1"}, 'seed must be an integer from 0 to 18446744073709551615, got "-1"'),
         ({"seed": str(2**64)}, "seed must be an integer from 0 to 18446744073709551615"),
+        ({"truncation": "0"}, 'truncation must be a positive number, got "0"'),
+        ({"truncation": "wide"}, 'truncation must be a positive number, got "wide"'),
     ],
 )
 def test_bad_fields_show_on_the_page_until_the_next_sheet(page: Page, fields: dict[str, str], message: str) -> None:

@@ -1,5 +1,6 @@
 // The digitgen page: form fields -> DigitGenerator.generate -> a contact sheet on <canvas id="sheet">.
-// URL parameters: model (default generator.onnx beside the page), threads, and seed, digits, n to preset the fields.
+// URL parameters: model (default generator.onnx beside the page), threads, and seed, digits, n, truncation to
+// preset the fields.
 // document.body.dataset.state: loading -> ready | error, then busy -> drawn | error for each sheet.
 
 const COLUMNS = 10;
@@ -93,7 +94,8 @@ async function draw(gen) {
     const digitsText = $("digits").value.trim();
     const digits = digitsText ? digitsText.split(",") : null;
     const seed = digitgen.checkInteger($("seed").value, "seed", 0n, digitgen.MAX_SEED);
-    const { images, seconds } = await gen.generate({ count, digits, seed });
+    const truncation = digitgen.checkTruncation($("truncation").value.trim());
+    const { images, seconds } = await gen.generate({ count, digits, seed, truncation });
     drawSheet(images, count, digitgen.IMAGE_SIZE);
     const rate = Math.round(count / seconds).toLocaleString("en");
     $("timing").textContent = `${count} digits in ${(seconds * 1000).toFixed(1)} ms (${rate} digits/s)`;
@@ -121,7 +123,7 @@ function download() {
 }
 
 async function main() {
-  for (const [param, field] of [["seed", "seed"], ["digits", "digits"], ["n", "count"]]) {
+  for (const [param, field] of [["seed", "seed"], ["digits", "digits"], ["n", "count"], ["truncation", "truncation"]]) {
     if (params.has(param)) $(field).value = params.get(param);
   }
   let gen;

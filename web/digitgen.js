@@ -63,21 +63,43 @@ function mix(x) {
 }
 
 /** `z` for the digits `start .. stop-1` of `seed`: (stop - start) * size float32s, digit after digit. */
-export function standardNormal(seed, start, stop, size) {
+export function standardNormal(seed, start, stop, size, truncation = null) {
   const stream = mix(wrap(checkInteger(seed, "seed", 0n, MAX_SEED) + GOLDEN));
+  const bound = checkTruncation(truncation);
   const z = new Float32Array((stop - start) * size);
-  let at = 0;
   for (let index = start; index < stop; index++) {
-    const key = mix(stream ^ wrap(BigInt(index) * GOLDEN));
-    const uniform = (c) => (Number(mix(wrap(key + BigInt(c + 1) * GOLDEN)) >> 11n) + 0.5) / 2 ** 53;
-    for (let c = 0; c < size; c += 2) {
-      const radius = Math.sqrt(-2 * Math.log(uniform(c)));
-      const angle = 2 * Math.PI * uniform(c + 1);
-      z[at++] = radius * Math.cos(angle);
-      if (c + 1 < size) z[at++] = radius * Math.sin(angle);
+    const values = normals(mix(stream ^ wrap(BigInt(index) * GOLDEN)));
+    const row = Array.from({ length: size + (size % 2) }, () => values.next().value).slice(0, size);
+    if (bound !== null) {
+      // Truncation: each component beyond +-bound takes the next in-bound value of the stream.
+      for (let j = 0; j < size; j++) {
+        while (Math.abs(row[j]) > bound) row[j] = values.next().value;
+      }
     }
+    z.set(row, (index - start) * size);
   }
   return z;
+}
+
+/** The Box-Muller values of one digit's key, in stream order: cosine, then sine, of each word pair. */
+function* normals(key) {
+  const uniform = (c) => (Number(mix(wrap(key + BigInt(c + 1) * GOLDEN)) >> 11n) + 0.5) / 2 ** 53;
+  for (let c = 0; ; c += 2) {
+    const radius = Math.sqrt(-2 * Math.log(uniform(c)));
+    const angle = 2 * Math.PI * uniform(c + 1);
+    yield radius * Math.cos(angle);
+    yield radius * Math.sin(angle);
+  }
+}
+
+/** null (no truncation) or a finite positive number. */
+export function checkTruncation(value) {
+  if (value === null || value === undefined || value === "") return null;
+  const bound = typeof value === "string" ? Number(value) : value;
+  if (typeof bound !== "number" || !(bound > 0) || !Number.isFinite(bound)) {
+    throw new InvalidRequestError(`truncation must be a positive number, got ${JSON.stringify(value)}`);
+  }
+  return bound;
 }
 
 /** Floats in [0, 1] to bytes as numpy's `rint(clip(x, 0, 1) * float32(255))`: float32 product, half to even. */
@@ -305,8 +327,9 @@ export class DigitGenerator {
   }
 
   /** Digits 0 .. count-1 of the sequence defined by (digits, seed); digit i has label digits[i % digits.length]. */
-  async generate({ count = 10, digits = null, seed = 0, batchSize = DEFAULT_BATCH_SIZE } = {}) {
+  async generate({ count = 10, digits = null, seed = 0, batchSize = DEFAULT_BATCH_SIZE, truncation = null } = {}) {
     const n = Number(checkInteger(count, "number of digits", 1n, BigInt(MAX_COUNT)));
+    const bound = checkTruncation(truncation);
     const cycle = this.checkDigits(digits);
     const seedValue = checkInteger(seed, "seed", 0n, MAX_SEED);
     const step = Number(checkInteger(batchSize, "batch size", 1n, BigInt(MAX_COUNT)));
@@ -315,7 +338,7 @@ export class DigitGenerator {
     const images = new Uint8Array(n * PIXELS);
     for (let lo = 0; lo < n; lo += step) {
       const hi = Math.min(lo + step, n);
-      const floats = await this.run(standardNormal(seedValue, lo, hi, this.latentDim), labels.subarray(lo, hi));
+      const floats = await this.run(standardNormal(seedValue, lo, hi, this.latentDim, bound), labels.subarray(lo, hi));
       images.set(toUint8(floats), lo * PIXELS);
     }
     return { images, labels, seconds: (performance.now() - started) / 1000 };
