@@ -113,7 +113,18 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 @click.option(
     "--lr", type=click.FloatRange(min=0, min_open=True), help=f"Adam learning rate [default: {TrainConfig.lr:g}]."
 )
+@click.option(
+    "--lr-d",
+    type=click.FloatRange(min=0, min_open=True),
+    help="The discriminator's own learning rate (two time-scales) [default: --lr].",
+)
 @click.option("--latent-dim", type=click.IntRange(min=1), help=f"Noise size [default: {GANConfig.latent_dim}].")
+@click.option(
+    "--conditional-norm",
+    is_flag=True,
+    default=None,
+    help="Generator BatchNorm gain and bias chosen by the digit (kept on --resume).",
+)
 @click.option("--seed", type=click.IntRange(min=0), help=f"Seed of weights and noise [default: {TrainConfig.seed}].")
 @click.option("--device", "device_name", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run saved in this checkpoint.")
@@ -136,7 +147,9 @@ def train(
     steps: int | None,
     batch_size: int | None,
     lr: float | None,
+    lr_d: float | None,
     latent_dim: int | None,
+    conditional_norm: bool | None,
     seed: int | None,
     device_name: str,
     resume: str | None,
@@ -169,6 +182,8 @@ def train(
         resume,
         overwrite,
         lr_decay_epochs,
+        lr_d,
+        conditional_norm,
     )
     ctx, device = init_distributed(device)
     say = click.echo if ctx.is_main else lambda *args, **kwargs: None
@@ -181,6 +196,7 @@ def train(
             f"training on {device} ({len(run.data.images)} images, {run.steps_per_epoch} steps/epoch), "
             f"steps {state.step} -> {state.train.total_steps}, batch {state.train.batch_size}, "
             f"learning rate {state.train.lr:g}"
+            + (f" (discriminator {state.train.lr_d:g})" if state.train.lr_d is not None else "")
             + (f" falling to 0 over the last {state.train.lr_decay_steps} steps" if state.train.lr_decay_steps else ""),
             err=True,
         )

@@ -32,10 +32,12 @@ def prebuilt(name: str, build: Callable[[], Path]) -> Path:
     return kept
 
 
-def train_tiny(run_dir: Path, data_root: Path, steps: int = 4, seed: int = 0, **overrides) -> Path:
-    """Train the tiny configuration for a few steps on CPU and return its checkpoint."""
+def train_tiny(
+    run_dir: Path, data_root: Path, steps: int = 4, seed: int = 0, model: GANConfig = TINY_MODEL, **overrides
+) -> Path:
+    """Train a tiny configuration for a few steps on CPU and return its checkpoint."""
     settings = TrainConfig(total_steps=steps, batch_size=16, seed=seed, **overrides)
-    state = new_state(TINY_MODEL, settings, torch.device("cpu"))
+    state = new_state(model, settings, torch.device("cpu"))
     return train(state, load_mnist(data_root, download=False), run_dir).checkpoint
 
 

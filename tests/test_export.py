@@ -12,6 +12,7 @@ from digitgen.export.errors import ExportError, ExportVerificationError
 from digitgen.export.onnx_export import export_generator, verify_file
 from digitgen.export.verify import ATOL, BATCH_SIZES, TOLERANCES
 from digitgen.runtime import DigitGenerator
+from digitgen.training.config import GANConfig
 from tests.conftest import train_tiny
 
 
@@ -82,6 +83,15 @@ def test_lighter_precisions_keep_the_contract_and_verify_against_fp32(
     assert generator.info.metadata["precision"] == precision
     assert generator.generate(3, seed=0).images.shape == (3, 28, 28)
     assert verify_file(out, tiny_checkpoint).tolerance == TOLERANCES[precision]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_conditional_norm_generator_exports_and_verifies(tmp_path: Path, tiny_mnist: Path, precision: str) -> None:
+    model = GANConfig(latent_dim=8, g_width=16, d_width=16, conditional_norm=True)
+    checkpoint = train_tiny(tmp_path / "run", tiny_mnist, model=model)
+    report = export_generator(checkpoint, tmp_path / "g.onnx", precision=precision)
+    assert report.passed
+    assert DigitGenerator.from_path(tmp_path / "g.onnx", "cpu").generate(10, seed=0).images.shape == (10, 28, 28)
 
 
 def test_lighter_precision_beyond_its_tolerance_leaves_no_file(tmp_path: Path, tiny_checkpoint: Path) -> None:

@@ -75,17 +75,23 @@ def test_resuming_another_run_into_a_run_directory_is_refused(
 
 @pytest.mark.parametrize(
     ("option", "value", "kept"),
-    [("--batch-size", "32", "16"), ("--lr", "0.001", "0.0002"), ("--seed", "5", "0"), ("--latent-dim", "16", "8")],
+    [
+        ("--batch-size", "32", "16"),
+        ("--lr", "0.001", "0.0002"),
+        ("--lr-d", "0.0004", "None"),
+        ("--seed", "5", "0"),
+        ("--latent-dim", "16", "8"),
+        ("--conditional-norm", None, "False"),
+    ],
 )
 def test_resume_refuses_options_that_would_change_the_run(
-    finished_run: Path, tiny_mnist: Path, option: str, value: str, kept: str
+    finished_run: Path, tiny_mnist: Path, option: str, value: str | None, kept: str
 ) -> None:
     before = (finished_run / "checkpoint.pt").read_bytes()
-    code, output = train(
-        tiny_mnist, finished_run, "--resume", finished_run / "checkpoint.pt", "--steps", 4, option, value
-    )
+    given = (option,) if value is None else (option, value)
+    code, output = train(tiny_mnist, finished_run, "--resume", finished_run / "checkpoint.pt", "--steps", 4, *given)
     assert code == 1
-    assert output.startswith(f"Error: {option} {value} differs from the resumed run's {kept};"), output
+    assert output.startswith(f"Error: {' '.join(given)} differs from the resumed run's {kept};"), output
     assert (finished_run / "checkpoint.pt").read_bytes() == before
 
 

@@ -13,7 +13,7 @@ from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.data import MNIST_FILES, load_mnist
 from digitgen.training.errors import CheckpointError, DatasetCorruptError, DatasetNotFoundError, NonFiniteLossError
 from digitgen.training.loop import train
-from digitgen.training.models import Discriminator, Generator
+from digitgen.training.models import ConditionalBatchNorm2d, Discriminator, Generator
 from digitgen.training.state import new_state, state_from_checkpoint, state_to_checkpoint
 from tests.conftest import TINY_MODEL, train_tiny
 from tests.helpers import write_tiny_mnist
@@ -26,6 +26,33 @@ def test_generator_and_discriminator_shapes() -> None:
     assert images.shape == (5, 1, 28, 28)
     assert images.min() >= -1 and images.max() <= 1
     assert d(images, labels).shape == (5,)
+
+
+def test_conditional_norm_gives_every_generator_block_the_label() -> None:
+    plain = Generator(TINY_MODEL)
+    assert not any(isinstance(m, ConditionalBatchNorm2d) for m in plain.modules())
+    g = Generator(GANConfig(latent_dim=8, g_width=16, d_width=16, conditional_norm=True)).eval()
+    norms = [m for m in g.modules() if isinstance(m, ConditionalBatchNorm2d)]
+    assert len(norms) == 4  # after the projection and after each of the three hidden convolutions
+    z, labels = torch.randn(4, 8), torch.tensor([3, 5, 3, 5])
+    with torch.no_grad():
+        before = g(z, labels)
+        for norm in norms:
+            norm.bias.weight[3] += 0.5
+        after = g(z, labels)
+    assert not torch.allclose(before[labels == 3], after[labels == 3])
+    assert torch.equal(before[labels == 5], after[labels == 5])
+
+
+def test_discriminator_learning_rate_follows_the_same_schedule(tmp_path: Path, tiny_mnist: Path) -> None:
+    settings = TrainConfig(total_steps=100, lr=1.0, lr_d=3.0, lr_decay_steps=40)
+    assert [settings.discriminator_learning_rate(s) for s in (0, 80)] == [3.0, 1.5]
+    assert TrainConfig(total_steps=100, lr=1.0).discriminator_learning_rate(80) == 1.0
+    with pytest.raises(ValueError, match="learning rate"):
+        TrainConfig(total_steps=1, lr_d=0.0)
+    payload = load_checkpoint(train_tiny(tmp_path, tiny_mnist, steps=3, lr=1e-4, lr_d=5e-4))
+    assert payload["optimizers"]["generator"]["param_groups"][0]["lr"] == 1e-4
+    assert payload["optimizers"]["discriminator"]["param_groups"][0]["lr"] == 5e-4
 
 
 def test_config_rejects_bad_values() -> None:

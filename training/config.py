@@ -15,6 +15,7 @@ class GANConfig:
     label_embed_dim: int = 16
     g_width: int = 64
     d_width: int = 64
+    conditional_norm: bool = False  # class-dependent BatchNorm gain and bias in the generator
 
     def __post_init__(self) -> None:
         if self.image_size != 28:
@@ -31,6 +32,7 @@ class TrainConfig:
     total_steps: int
     batch_size: int = 128
     lr: float = 2e-4
+    lr_d: float | None = None  # the discriminator's own learning rate (two time-scales); None: lr
     betas: tuple[float, float] = (0.5, 0.999)
     ema_decay: float = 0.999
     lr_decay_steps: int = 0  # the learning rate falls linearly to zero over the last N steps
@@ -46,13 +48,20 @@ class TrainConfig:
             raise ValueError("batch size must be positive")
         if self.subset is not None and self.subset < 1:
             raise ValueError("subset must be positive")
-        if not self.lr > 0:
+        if not self.lr > 0 or (self.lr_d is not None and not self.lr_d > 0):
             raise ValueError("learning rate must be positive")
         if not 0 <= self.lr_decay_steps <= self.total_steps:
             raise ValueError("the learning-rate decay must span 0 to all of the run's steps")
 
     def learning_rate(self, step: int) -> float:
         """Constant ``lr``, then a linear fall to zero over the last ``lr_decay_steps`` steps."""
+        return self.lr * self._decay(step)
+
+    def discriminator_learning_rate(self, step: int) -> float:
+        """``lr_d`` (or ``lr``) on the same schedule."""
+        return (self.lr if self.lr_d is None else self.lr_d) * self._decay(step)
+
+    def _decay(self, step: int) -> float:
         if self.lr_decay_steps == 0:
-            return self.lr
-        return self.lr * min(1.0, (self.total_steps - step) / self.lr_decay_steps)
+            return 1.0
+        return min(1.0, (self.total_steps - step) / self.lr_decay_steps)

@@ -84,9 +84,10 @@ def train_step(
     """
     device = real.device
     batch, latent = real.shape[0], state.config.latent_dim
-    lr = state.train.learning_rate(state.step)
-    for group in (*state.opt_g.param_groups, *state.opt_d.param_groups):
-        group["lr"] = lr
+    for group in state.opt_g.param_groups:
+        group["lr"] = state.train.learning_rate(state.step)
+    for group in state.opt_d.param_groups:
+        group["lr"] = state.train.discriminator_learning_rate(state.step)
 
     z = torch.randn(batch, latent, generator=state.noise_rng).to(device)
     with torch.no_grad():

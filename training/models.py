@@ -9,28 +9,52 @@ from torch.nn.utils.parametrizations import spectral_norm
 from digitgen.training.config import GANConfig
 
 
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm whose gain and bias are chosen by the label (de Vries et al. 2017)."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gain = nn.Embedding(num_classes, channels)
+        self.bias = nn.Embedding(num_classes, channels)
+        nn.init.ones_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.gain(labels)[:, :, None, None] + self.bias(labels)[:, :, None, None]
+
+
 class Generator(nn.Module):
-    """Maps noise ``z`` (B, latent_dim) and labels (B,) to images (B, 1, 28, 28) in [-1, 1]."""
+    """Maps noise ``z`` (B, latent_dim) and labels (B,) to images (B, 1, 28, 28) in [-1, 1].
+
+    With ``cfg.conditional_norm`` every BatchNorm takes its gain and bias from the label too.
+    """
 
     def __init__(self, cfg: GANConfig) -> None:
         super().__init__()
         w = cfg.g_width
+
+        def norm(channels: int) -> nn.Module:
+            if cfg.conditional_norm:
+                return ConditionalBatchNorm2d(channels, cfg.num_classes)
+            return nn.BatchNorm2d(channels)
+
         self.embed = nn.Embedding(cfg.num_classes, cfg.label_embed_dim)
         self.project = nn.Sequential(
             nn.Linear(cfg.latent_dim + cfg.label_embed_dim, w * 7 * 7, bias=False),
             nn.Unflatten(1, (w, 7, 7)),  # (B, w, 7, 7)
-            nn.BatchNorm2d(w),
+            norm(w),
             nn.ReLU(inplace=True),
         )
         self.body = nn.Sequential(
             nn.Conv2d(w, 2 * w, 3, padding=1, bias=False),  # (B, 2w, 7, 7)
-            nn.BatchNorm2d(2 * w),
+            norm(2 * w),
             nn.ReLU(inplace=True),
             nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1, bias=False),  # (B, w, 14, 14)
-            nn.BatchNorm2d(w),
+            norm(w),
             nn.ReLU(inplace=True),
             nn.ConvTranspose2d(w, w // 2, 4, stride=2, padding=1, bias=False),  # (B, w/2, 28, 28)
-            nn.BatchNorm2d(w // 2),
+            norm(w // 2),
             nn.ReLU(inplace=True),
             nn.Conv2d(w // 2, 1, 3, padding=1),  # (B, 1, 28, 28)
             nn.Tanh(),
@@ -38,7 +62,9 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = torch.cat([z, self.embed(labels)], dim=1)
-        return self.body(self.project(h))
+        for layer in (*self.project, *self.body):
+            h = layer(h, labels) if isinstance(layer, ConditionalBatchNorm2d) else layer(h)
+        return h
 
 
 class Discriminator(nn.Module):

@@ -33,6 +33,8 @@ class RunOptions:
     resume: str | None = None
     overwrite: bool = False
     lr_decay_epochs: float | None = None  # None: no decay, or the resumed run's own
+    lr_d: float | None = None
+    conditional_norm: bool | None = None
 
 
 # Options that define a run: on --resume they must match the checkpoint or be left out.
@@ -40,9 +42,11 @@ class RunOptions:
 FIXED_ON_RESUME = {
     "batch_size": ("--batch-size", "train"),
     "lr": ("--lr", "train"),
+    "lr_d": ("--lr-d", "train"),
     "seed": ("--seed", "train"),
     "subset": ("--subset", "train"),
     "latent_dim": ("--latent-dim", "config"),
+    "conditional_norm": ("--conditional-norm", "config"),
 }
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR)
 
@@ -85,16 +89,19 @@ def _check_resume_options(options: RunOptions, state: TrainState) -> None:
     for name, (flag, part) in FIXED_ON_RESUME.items():
         given, kept = getattr(options, name), saved[part][name]
         if given is not None and given != kept:
+            shown = flag if given is True else f"{flag} {given}"
             raise TrainingError(
-                f"{flag} {given} differs from the resumed run's {kept}; a resumed run keeps its settings "
+                f"{shown} differs from the resumed run's {kept}; a resumed run keeps its settings "
                 "(only --steps, --epochs, --lr-decay-epochs and --checkpoint-every can change)"
             )
 
 
 def _new_state(options: RunOptions, device: torch.device, rank: int) -> TrainState:
-    given = {name: getattr(options, name) for name in ("batch_size", "lr", "seed", "subset", "checkpoint_every")}
-    settings = TrainConfig(total_steps=1, **{k: v for k, v in given.items() if v is not None})
-    config = GANConfig() if options.latent_dim is None else GANConfig(latent_dim=options.latent_dim)
+    def given(*names: str) -> dict:
+        return {name: getattr(options, name) for name in names if getattr(options, name) is not None}
+
+    settings = TrainConfig(total_steps=1, **given("batch_size", "lr", "lr_d", "seed", "subset", "checkpoint_every"))
+    config = GANConfig(**given("latent_dim", "conditional_norm"))
     return new_state(config, settings, device, rank)
 
 
