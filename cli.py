@@ -6,6 +6,7 @@ Heavy imports (torch) happen inside the commands that need them, so ``generate``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -36,6 +37,8 @@ DEFAULT_RUN_DIR = "runs/latest"
 
 # The typed errors of every layer (torch-free modules): the one place they become one-line messages.
 LIBRARY_ERRORS = (DigitgenError, TrainingError, ExportError)
+# What training, export and `evaluate --cas` import beyond the runtime's dependencies.
+TRAINING_MODULES = ("torch", "torchvision", "onnx", "onnxscript")
 
 
 class OneLineErrors(click.Group):
@@ -53,6 +56,13 @@ class OneLineErrors(click.Group):
             sys.exit(exc.exit_code)
         except LIBRARY_ERRORS as exc:
             click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except ModuleNotFoundError as exc:
+            if exc.name not in TRAINING_MODULES:
+                raise
+            click.echo(
+                f"Error: this needs {exc.name}, part of the train extra: pip install 'digitgen-mnist[train]'", err=True
+            )
             sys.exit(1)
         except click.Abort:
             click.echo("Error: aborted", err=True)
@@ -475,6 +485,11 @@ def train_classifier_cmd(data_dir: str, out: str, overwrite: bool, epochs: int, 
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=MAX_SEED))
 @data_dir_option
 @truncation_option
+@click.option(
+    "--cas",
+    is_flag=True,
+    help="Also train a classifier on 60,000 generated digits and test it on real ones (needs the train extra).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def evaluate(
     model: str | None,
@@ -483,9 +498,10 @@ def evaluate(
     seed: int,
     data_dir: str,
     truncation: float | None,
+    cas: bool,
     as_json: bool,
 ) -> None:
-    """Score a generator against MNIST test: class accuracy, FID, precision, recall."""
+    """Score a generator against MNIST test: class accuracy, FID, precision, recall (and CAS)."""
     from digitgen.runtime.evaluate import ReferenceClassifier, evaluation_work
     from digitgen.runtime.evaluate import evaluate as run_evaluation
     from digitgen.runtime.idx import read_mnist_split
@@ -498,6 +514,16 @@ def evaluate(
         result = run_evaluation(
             gen, reference, test, train, num_samples=num_samples, seed=seed, truncation=truncation, progress=bar.update
         )
+    if cas:
+        from digitgen.training.cas import cas_work, classification_accuracy_score
+
+        with click.progressbar(
+            length=cas_work(len(train[0])), label="CAS: training classifiers", file=sys.stderr
+        ) as bar:
+            scores = classification_accuracy_score(
+                gen, train, test, seed=seed, truncation=truncation, progress=lambda: bar.update(1)
+            )
+        result = dataclasses.replace(result, cas=scores)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

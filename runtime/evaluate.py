@@ -106,12 +106,34 @@ def score(
 
 
 @dataclass(frozen=True)
+class Cas:
+    """Classification accuracy score: MNIST test accuracy of the reference architecture trained
+    on generated digits, beside the same recipe trained on real ones (``evaluate --cas``)."""
+
+    generated: float
+    real: float
+    num_generated: int
+    num_real: int
+    epochs: int
+
+    @property
+    def gap(self) -> float:
+        """Points of test accuracy lost by training on generated digits instead of real ones."""
+        return 100 * (self.real - self.generated)
+
+
+@dataclass(frozen=True)
 class Evaluation:
     generated: Scores
     real: Scores  # an MNIST train sample of the same size, scored the same way
+    cas: Cas | None = None
 
-    def to_dict(self) -> dict[str, dict]:
-        return {"generated": asdict(self.generated), "real": asdict(self.real)}
+    def to_dict(self) -> dict[str, dict | None]:
+        return {
+            "generated": asdict(self.generated),
+            "real": asdict(self.real),
+            "cas": asdict(self.cas) if self.cas else None,
+        }
 
     def table(self) -> str:
         """The evaluation as a Markdown table: generated digits beside the real-data reference."""
@@ -129,6 +151,16 @@ class Evaluation:
             ),
             ("recall (k=5)", f"{g.recall:.3f}", f"{r.recall:.3f}", f"{g.recall / max(r.recall, 1e-12):.2f}x real"),
         ]
+        if self.cas is not None:
+            c = self.cas
+            rows.append(
+                (
+                    f"CAS (trained on {c.num_generated} / {c.num_real}, tested on MNIST test)",
+                    f"{c.generated:.2%}",
+                    f"{c.real:.2%}",
+                    f"{c.gap:.2f} points below real",
+                )
+            )
         lines = ["| metric | generated | real (MNIST train sample) | ratio |", "|---|---|---|---|"]
         lines += [f"| {' | '.join(row)} |" for row in rows]
         per_digit = " ".join(f"{d}:{acc:.1%}" for d, acc in enumerate(g.per_digit_accuracy))

@@ -61,3 +61,17 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureR
         return path
 
     return prebuilt("tiny.onnx", build)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from digitgen.export.classifier_export import export_classifier
+    from digitgen.training.classifier import Classifier
+
+    def build() -> Path:
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp("cls") / "classifier.onnx"
+        export_classifier(Classifier(), path, test_accuracy=0.0)
+        return path
+
+    return prebuilt("classifier.onnx", build)

@@ -24,7 +24,6 @@ from digitgen.runtime.evaluate import (
     score,
 )
 from digitgen.runtime.idx import read_mnist_split
-from tests.conftest import prebuilt
 
 
 def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift() -> None:
@@ -49,22 +48,6 @@ def test_precision_and_recall_of_same_and_disjoint_sets() -> None:
     assert coverage(real, radii, real + 100.0) == 0.0
     half = np.concatenate([real[:250], real[:250] + 100.0])
     assert coverage(real, radii, half) == pytest.approx(0.5)
-
-
-@pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from digitgen.export.classifier_export import export_classifier
-    from digitgen.training.classifier import Classifier
-
-    def build() -> Path:
-        torch.manual_seed(0)
-        path = tmp_path_factory.mktemp("cls") / "classifier.onnx"
-        export_classifier(Classifier(), path, test_accuracy=0.0)
-        return path
-
-    return prebuilt("classifier.onnx", build)
 
 
 def evaluate_args(generator: Path, classifier: Path, data_dir: Path) -> list[str]:

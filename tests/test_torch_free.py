@@ -59,3 +59,13 @@ def test_shipped_model_through_api_without_torch(tmp_path: Path) -> None:
     result = _run_python(code, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--cas"], ["train", "--steps", "1"]])
+def test_commands_needing_torch_name_the_extra(tmp_path: Path, tiny_mnist: Path, command: list[str]) -> None:
+    code = f"from digitgen.cli import main\nmain({[*command, '--data-dir', str(tiny_mnist)]!r})\n"
+    result = _run_python(code, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "Error: this needs torch, part of the train extra: pip install 'digitgen-mnist[train]'"
+    ), result.stderr
