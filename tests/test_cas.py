@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from click.testing import CliRunner
 
 import digitgen.training.cas as cas_module
@@ -58,7 +57,6 @@ def test_cas_trains_on_generated_then_real_digits_and_tests_on_real(
 
 
 def test_cas_with_the_real_trainer_gives_accuracies(tiny_onnx: Path, tiny_mnist: Path) -> None:
-    torch.set_num_threads(1)
     gen = DigitGenerator.from_path(tiny_onnx, "cpu")
     train, test = read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
     result = classification_accuracy_score(gen, train, test, per_class=26, epochs=1)

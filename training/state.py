@@ -27,8 +27,8 @@ class TrainState:
     step: int = 0
 
 
-def _optimizer(module: torch.nn.Module, lr: float, train: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=train.betas)
+def _optimizer(module: torch.nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
 
 
 def noise_generator(seed: int, rank: int = 0) -> torch.Generator:
@@ -49,8 +49,8 @@ def new_state(config: GANConfig, train: TrainConfig, device: torch.device, rank:
         generator,
         generator_ema,
         discriminator,
-        _optimizer(generator, train.learning_rate(0), train),
-        _optimizer(discriminator, train.discriminator_learning_rate(0), train),
+        _optimizer(generator, train.learning_rate(0), train.betas),
+        _optimizer(discriminator, train.discriminator_learning_rate(0), train.betas),
         noise_rng,
     )
 
