@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from digitgen.runtime.encode import grid_png_bytes, idx_records, npz_bytes, png_bytes
 from digitgen.runtime.errors import InvalidRequestError, OutputError
 from digitgen.runtime.files import atomic_file, refuse_existing
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
@@ -26,9 +26,7 @@ GRID_FILE = "grid.png"
 NPZ_FILE = "digits.npz"
 IDX_IMAGES_FILE = "train-images-idx3-ubyte"
 IDX_LABELS_FILE = "train-labels-idx1-ubyte"
-GRID_COLUMNS = 10
 GRID_MAX_DIGITS = 10_000
-GRID_GAP = 2
 PNG_NAME = re.compile(r"^(\d{8,})_label\d+\.png$")
 
 OnBatch = Callable[[int], None]
@@ -96,7 +94,7 @@ def _checked(batches: Iterable[GeneratedDigits], start: int, stop: int) -> Itera
 
 def _write_png(image: np.ndarray, path: Path) -> None:
     with atomic_file(path) as f:
-        Image.fromarray(image, mode="L").save(f, format="PNG")
+        f.write(png_bytes(image))
 
 
 def _write_pngs(batches: Iterable[GeneratedDigits], out_dir: Path, replaced: list[Path], on_batch: OnBatch) -> None:
@@ -127,24 +125,14 @@ def _collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch) ->
     return GeneratedDigits(images, labels)
 
 
-def contact_sheet(images: np.ndarray, columns: int = GRID_COLUMNS) -> np.ndarray:
-    """Tile (N, 28, 28) images into one uint8 picture, ``columns`` per row, gray gaps between."""
-    rows = -(-len(images) // columns)
-    cell = 28 + GRID_GAP
-    sheet = np.full((rows * cell + GRID_GAP, columns * cell + GRID_GAP), 128, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        sheet[GRID_GAP + r * cell : GRID_GAP + r * cell + 28, GRID_GAP + c * cell : GRID_GAP + c * cell + 28] = image
-    return sheet
-
-
 def _write_grid(batches: Iterable[GeneratedDigits], paths: list[Path], num: int, on_batch: OnBatch) -> None:
-    _write_png(contact_sheet(_collect(batches, num, on_batch).images), paths[0])
+    with atomic_file(paths[0]) as f:
+        f.write(grid_png_bytes(_collect(batches, num, on_batch).images))
 
 
 def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     with atomic_file(path) as f:
-        np.savez_compressed(f, images=images, labels=labels)
+        f.write(npz_bytes(images, labels))
 
 
 def _write_npz(batches: Iterable[GeneratedDigits], paths: list[Path], num: int, on_batch: OnBatch) -> None:
@@ -159,8 +147,9 @@ def _write_idx(batches: Iterable[GeneratedDigits], paths: list[Path], num: int, 
         images_f.write(idx_header(num, images=True))
         labels_f.write(idx_header(num, images=False))
         for batch in batches:
-            images_f.write(batch.images.tobytes())
-            labels_f.write(batch.labels.astype(np.uint8).tobytes())
+            image_records, label_records = idx_records(batch.images, batch.labels)
+            images_f.write(image_records)
+            labels_f.write(label_records)
             on_batch(len(batch.labels))
 
 
