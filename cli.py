@@ -78,6 +78,9 @@ data_dir_option = click.option(
     type=click.Path(file_okay=False),
     help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",
 )
+download_option = click.option(
+    "--download", is_flag=True, help="Download MNIST into --data-dir when it is missing there (default: never)."
+)
 
 truncation_option = click.option(
     "--truncation",
@@ -109,6 +112,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 
 @main.command()
 @data_dir_option
+@download_option
 @click.option(
     "--out",
     "run_dir",
@@ -152,6 +156,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 def train(
     data_dir: str,
+    download: bool,
     run_dir: str,
     epochs: int | None,
     steps: int | None,
@@ -194,6 +199,7 @@ def train(
         lr_decay_epochs,
         lr_d,
         conditional_norm,
+        download=download,
     )
     ctx, device = init_distributed(device)
     say = click.echo if ctx.is_main else lambda *args, **kwargs: None
@@ -455,18 +461,19 @@ def info(model: str | None) -> None:
 
 @main.command("train-classifier")
 @data_dir_option
+@download_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-def train_classifier_cmd(data_dir: str, out: str, overwrite: bool, epochs: int, seed: int) -> None:
+def train_classifier_cmd(data_dir: str, download: bool, out: str, overwrite: bool, epochs: int, seed: int) -> None:
     """Train the evaluator's reference MNIST classifier and export it to ONNX."""
     from digitgen.export.classifier_export import export_classifier
     from digitgen.training.classifier import train_classifier, training_steps
     from digitgen.training.data import load_mnist
 
     refuse_existing([out], overwrite)
-    train, test = load_mnist(data_dir), load_mnist(data_dir, train=False)
+    train, test = load_mnist(data_dir, download=download), load_mnist(data_dir, train=False)
     with click.progressbar(
         length=training_steps(len(train.images), epochs), label="training classifier", file=sys.stderr
     ) as bar:

@@ -17,6 +17,12 @@ from digitgen.runtime.files import atomic_file
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
 IMAGE_SIDE = 28
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def header_size(images: bool) -> int:
@@ -71,9 +77,59 @@ def write_idx(path: str | Path, items: np.ndarray) -> None:
         f.write(idx_header(len(items), items.ndim == 3) + items.astype(np.uint8).tobytes())
 
 
+def mnist_raw_folder(root: str | Path) -> Path:
+    """Where a torchvision MNIST root keeps the uncompressed IDX files."""
+    return Path(root) / "MNIST" / "raw"
+
+
+def missing_mnist_files(root: str | Path) -> list[str]:
+    """The names of :data:`MNIST_FILES` absent from ``root``'s ``MNIST/raw/``."""
+    return [name for name in MNIST_FILES if not (mnist_raw_folder(root) / name).is_file()]
+
+
+def _holds_all(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in MNIST_FILES)
+
+
+def likely_mnist_root(root: str | Path) -> str:
+    """A hint naming the MNIST root nearby when ``root`` is one level off, or an empty string.
+
+    Recognised: ``root`` is itself the raw folder or the ``MNIST`` folder, or a folder one level
+    below ``root`` is a complete MNIST root.
+    """
+    root = Path(root)
+    if _holds_all(root):
+        if root.name == "raw" and root.parent.name == "MNIST":
+            return f"{root} is the raw folder itself: use --data-dir {root.parent.parent}"
+        return f"{root} holds the four files itself; move them into {mnist_raw_folder(root)}/"
+    if _holds_all(root / "raw"):
+        return f"{root} is the MNIST folder itself: use --data-dir {root.parent}"
+    try:
+        children = sorted(child for child in root.iterdir() if child.is_dir())
+    except OSError:
+        return ""
+    found = [child for child in children if _holds_all(mnist_raw_folder(child))]
+    if found:
+        return f"{mnist_raw_folder(found[0])}/ has them: use --data-dir {found[0]}"
+    return ""
+
+
+def mnist_not_found_message(root: str | Path) -> str:
+    """One line: the four files, where they were looked for, and the likely right root when one is near."""
+    missing = missing_mnist_files(root)
+    which = "" if len(missing) == len(MNIST_FILES) else f" (missing: {', '.join(missing)})"
+    hint = likely_mnist_root(root)
+    return (
+        f"MNIST not found: the four uncompressed IDX files {', '.join(MNIST_FILES)} are looked for in "
+        f"{mnist_raw_folder(root)}/{which}" + (f"; {hint}" if hint else "")
+    )
+
+
 def read_mnist_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of ``split`` ("train" or "t10k") from a torchvision root holding MNIST/raw/."""
-    raw = Path(root) / "MNIST" / "raw"
+    raw = mnist_raw_folder(root)
+    if not all((raw / f"{split}-{kind}").is_file() for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")):
+        raise InvalidRequestError(mnist_not_found_message(root))
     images = read_idx(raw / f"{split}-images-idx3-ubyte")
     labels = read_idx(raw / f"{split}-labels-idx1-ubyte").astype(np.int64)
     if len(images) != len(labels):

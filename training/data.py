@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from digitgen.runtime.errors import InvalidRequestError
-from digitgen.runtime.idx import check_idx
+from digitgen.runtime.idx import (
+    MNIST_FILES,
+    check_idx,
+    likely_mnist_root,
+    missing_mnist_files,
+    mnist_not_found_message,
+    mnist_raw_folder,
+)
 from digitgen.training.errors import DatasetCorruptError, DatasetNotFoundError
 
-MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+__all__ = ["MNIST_FILES", "MnistTensors", "check_idx_file", "load_mnist", "raw_folder"]
 
 
 class MnistTensors(NamedTuple):
@@ -26,7 +30,7 @@ class MnistTensors(NamedTuple):
 
 def raw_folder(root: str | Path) -> Path:
     """Where torchvision keeps the uncompressed IDX files under ``root``."""
-    return Path(root) / "MNIST" / "raw"
+    return mnist_raw_folder(root)
 
 
 def check_idx_file(path: Path) -> None:
@@ -37,40 +41,41 @@ def check_idx_file(path: Path) -> None:
         raise DatasetCorruptError(str(exc)) from exc
 
 
-def _missing_files(root: Path) -> list[str]:
-    return [name for name in MNIST_FILES if not (raw_folder(root) / name).is_file()]
-
-
 def _try_download(root: Path) -> str:
-    """Download MNIST with torchvision; return an empty string or why it failed."""
+    """Download MNIST with torchvision into ``root``; return an empty string or why it failed.
+
+    torchvision's own lines (each URL it tries) are kept out of the output: a failure is one reason.
+    """
     from torchvision.datasets import MNIST
 
     try:
-        MNIST(str(root), train=True, download=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            MNIST(str(root), train=True, download=True)
     except (OSError, RuntimeError) as exc:
-        return f"download failed: {exc}"
+        return f"download failed: {' '.join(str(exc).split())}"
     return ""
 
 
-def load_mnist(root: str | Path, *, train: bool = True, download: bool = True) -> MnistTensors:
+def load_mnist(root: str | Path, *, train: bool = True, download: bool = False) -> MnistTensors:
     """Load the MNIST train (or test) split as uint8 images and int64 labels.
 
-    ``root`` is the torchvision root (it holds ``MNIST/raw/``). Missing files are downloaded
-    when ``download`` is true and the network allows.
+    ``root`` is the torchvision root (it holds ``MNIST/raw/``). Missing files are downloaded only
+    when ``download`` is true; otherwise nothing is created, and the error names the four files,
+    where they were looked for, and the likely right root when one is one level off.
     """
     from torchvision.datasets import MNIST
 
     root = Path(root)
     reason = ""
-    if _missing_files(root) and download:
+    if missing_mnist_files(root) and download:
         reason = _try_download(root)
-    missing = _missing_files(root)
-    if missing:
-        hint = f" ({reason})" if reason else ""
-        raise DatasetNotFoundError(
-            f"MNIST not found: put the four uncompressed IDX files {', '.join(MNIST_FILES)} "
-            f"in {raw_folder(root)}/ (missing: {', '.join(missing)}){hint}"
-        )
+    if missing_mnist_files(root):
+        message = mnist_not_found_message(root)
+        if reason:
+            message += f" ({reason})"
+        elif not download and not likely_mnist_root(root):
+            message += "; or pass --download to fetch them"
+        raise DatasetNotFoundError(message)
     split = MNIST_FILES[:2] if train else MNIST_FILES[2:]
     for name in split:
         check_idx_file(raw_folder(root) / name)

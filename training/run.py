@@ -35,6 +35,7 @@ class RunOptions:
     lr_decay_epochs: float | None = None  # None: no decay, or the resumed run's own
     lr_d: float | None = None
     conditional_norm: bool | None = None
+    download: bool = False  # fetch MNIST when it is missing from data_dir
 
 
 # Options that define a run: on --resume they must match the checkpoint or be left out.
@@ -120,7 +121,7 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
             state.train = replace(state.train, checkpoint_every=options.checkpoint_every)
     else:
         state = _new_state(options, device, ctx.rank)
-    data = load_mnist(options.data_dir)
+    data = load_mnist(options.data_dir, download=options.download)
     if state.train.subset is not None:
         data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])
     global_batch = state.train.batch_size * ctx.world_size

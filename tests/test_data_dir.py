@@ -1,0 +1,111 @@
+"""A wrong --data-dir creates nothing, downloads nothing unless asked, and says in one line where MNIST is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from digitgen.cli import main
+from digitgen.runtime.idx import MNIST_FILES
+from tests.helpers import write_tiny_mnist
+
+TINY = ("--batch-size", "16", "--latent-dim", "8", "--device", "cpu", "--steps", "1")
+
+
+def _tree(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Path:
+    """A folder whose ``datasets/`` child is the MNIST root: ``shared`` itself is one level too high."""
+    write_tiny_mnist(tmp_path / "shared" / "datasets")
+    return tmp_path / "shared"
+
+
+@pytest.fixture
+def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(root: Path) -> str:
+        raise AssertionError(f"a download into {root} was attempted without --download")
+
+    monkeypatch.setattr("digitgen.training.data._try_download", refuse)
+
+
+def _run(*args: object) -> tuple[int, list[str]]:
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    return result.exit_code, result.output.strip().splitlines()
+
+
+def _assert_one_line_naming(lines: list[str], looked_in: Path, hint: str) -> None:
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: MNIST not found")
+    assert all(name in lines[0] for name in MNIST_FILES)
+    assert f"{looked_in}/" in lines[0]
+    assert lines[0].endswith(hint), lines[0]
+
+
+@pytest.mark.usefixtures("no_download")
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("train", "--out", "{tmp}/run", *TINY),
+        ("train-classifier", "--out", "{tmp}/classifier.onnx", "--epochs", "1"),
+        ("evaluate", "--num-samples", "100"),
+    ],
+    ids=["train", "train-classifier", "evaluate"],
+)
+def test_one_level_too_high_names_the_root_below_and_creates_nothing(
+    shared: Path, tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    before = _tree(tmp_path)
+    code, lines = _run(*(part.format(tmp=tmp_path) for part in command), "--data-dir", shared)
+    assert code == 1
+    root = shared / "datasets"
+    _assert_one_line_naming(lines, shared / "MNIST" / "raw", f"{root}/MNIST/raw/ has them: use --data-dir {root}")
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.usefixtures("no_download")
+@pytest.mark.parametrize(
+    ("given", "hint"),
+    [
+        ("datasets/MNIST", "{root}/MNIST is the MNIST folder itself: use --data-dir {root}"),
+        ("datasets/MNIST/raw", "{root}/MNIST/raw is the raw folder itself: use --data-dir {root}"),
+    ],
+    ids=["mnist-folder", "raw-folder"],
+)
+def test_one_level_too_low_names_the_root_above(shared: Path, tmp_path: Path, given: str, hint: str) -> None:
+    before = _tree(tmp_path)
+    root = shared / "datasets"
+    code, lines = _run("train", "--data-dir", shared / given, "--out", tmp_path / "run", *TINY)
+    assert code == 1
+    _assert_one_line_naming(lines, shared / given / "MNIST" / "raw", hint.format(root=root))
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.usefixtures("no_download")
+def test_nothing_nearby_suggests_download(tmp_path: Path) -> None:
+    code, lines = _run("train", "--data-dir", tmp_path / "empty", "--out", tmp_path / "run", *TINY)
+    assert code == 1
+    _assert_one_line_naming(lines, tmp_path / "empty" / "MNIST" / "raw", "; or pass --download to fetch them")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_is_done_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fetched: list[Path] = []
+
+    def fake_download(root: Path) -> str:
+        fetched.append(root)
+        write_tiny_mnist(root)
+        return ""
+
+    monkeypatch.setattr("digitgen.training.data._try_download", fake_download)
+    root = tmp_path / "fresh"
+    code, lines = _run("train", "--data-dir", root, "--download", "--out", tmp_path / "run", *TINY)
+    assert code == 0, lines
+    assert fetched == [root]
+    code, lines = _run("train", "--data-dir", root, "--download", "--out", tmp_path / "run2", *TINY)
+    assert code == 0, lines
+    assert fetched == [root]  # present now: not fetched again
