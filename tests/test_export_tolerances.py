@@ -1,0 +1,105 @@
+"""Export verification's tolerances are the README's, and an error just beyond them is refused;
+int8 calibration sees the noise the runtime feeds."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import digitgen
+import digitgen.export.precision as precision_module
+from digitgen.export.errors import ExportVerificationError
+from digitgen.export.onnx_export import write_metadata
+from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, verify_parity
+from digitgen.runtime.noise import standard_normal
+from digitgen.training.state import load_generator
+
+README = Path(digitgen.__file__).resolve().parent / "README.md"
+
+
+def documented_tolerances() -> dict[str, tuple[float, float]]:
+    """``{precision: (max, mean)}`` as the README states them ("fp16: max 2e-2, mean 1e-3")."""
+    found: dict[str, tuple[float, float]] = {}
+    for name, max_abs, mean_abs in re.findall(r"(fp32|fp16|int8): max ([\d.e-]+), mean ([\d.e-]+)", README.read_text()):
+        value = (float(max_abs), float(mean_abs))
+        assert found.setdefault(name, value) == value, f"the README gives {name} two tolerances"
+    return found
+
+
+def test_tolerances_are_the_documented_ones() -> None:
+    documented = documented_tolerances()
+    assert set(documented) == set(PRECISIONS) == {"fp32", "fp16", "int8"}
+    for name, (max_abs, mean_abs) in documented.items():
+        assert (TOLERANCES[name].max_abs, TOLERANCES[name].mean_abs) == (max_abs, mean_abs), name
+
+
+class Offset(torch.nn.Module):
+    """The reference model with a known error: ``offset`` added to pixel 0 of every image, or to every pixel."""
+
+    def __init__(self, model: torch.nn.Module, offset: float, everywhere: bool) -> None:
+        super().__init__()
+        self.model, self.offset, self.everywhere = model, offset, everywhere
+
+    def forward(self, z: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
+        image = self.model(z, digit).clone()
+        if self.everywhere:
+            return image + self.offset
+        image[:, 0, 0, 0] += self.offset
+        return image
+
+
+@pytest.fixture(scope="module")
+def labelled_models(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path) -> dict[str, Path]:
+    """The tiny fp32 export labelled with each precision, so ``verify`` picks that precision's tolerance."""
+    folder = tmp_path_factory.mktemp("labelled")
+    paths = {}
+    for name in PRECISIONS:
+        paths[name] = folder / f"{name}.onnx"
+        shutil.copy(tiny_onnx, paths[name])
+        metadata = {p.key: p.value for p in onnx.load(str(tiny_onnx)).metadata_props}
+        write_metadata(paths[name], {**metadata, "precision": name})
+    return paths
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("everywhere", [False, True], ids=["one-pixel", "every-pixel"])
+def test_an_error_beyond_the_documented_tolerance_is_refused(
+    labelled_models: dict[str, Path], tiny_checkpoint: Path, name: str, everywhere: bool
+) -> None:
+    """One pixel off tests the per-pixel maximum, every pixel off tests the mean (below the maximum)."""
+    max_abs, mean_abs = documented_tolerances()[name]
+    limit = mean_abs if everywhere else max_abs
+    generator = ContractGenerator(load_generator(str(tiny_checkpoint))[0])
+
+    assert verify_parity(labelled_models[name], Offset(generator, 0.5 * limit, everywhere)).passed
+    with pytest.raises(ExportVerificationError, match="FAIL"):
+        verify_parity(labelled_models[name], Offset(generator, 1.5 * limit, everywhere))
+
+
+def test_int8_calibration_sees_standard_normal_noise_and_every_digit(tmp_path: Path, monkeypatch) -> None:
+    """The activation ranges come from these inputs: they must be what the runtime feeds the model."""
+    seen: list[dict] = []
+
+    def capture(fp32_model, out, reader, **settings) -> None:
+        while (batch := reader.get_next()) is not None:
+            seen.append(batch)
+
+    monkeypatch.setattr(precision_module, "quantize_static", capture)
+    precision_module.quantize_int8(tmp_path / "in.onnx", tmp_path / "out.onnx", latent_dim=64, num_classes=10)
+
+    z = np.concatenate([b["z"] for b in seen])
+    digits = np.concatenate([b["digit"] for b in seen])
+    calibrated = re.search(r"calibrated on ([\d,]+)", README.read_text())
+    assert calibrated and len(z) == len(digits) == int(calibrated.group(1).replace(",", ""))
+    assert z.dtype == np.float32 and z.shape[1] == 64 and digits.dtype == np.int64
+    assert np.bincount(digits, minlength=10).min() >= 0.8 * len(digits) / 10  # every digit, about as often
+    runtime = standard_normal(seed=0, start=0, stop=len(z), size=64)
+    assert abs(z.mean()) < 0.05
+    assert z.std() == pytest.approx(runtime.std(), rel=0.05)  # standard normal, as the runtime draws
+    assert np.abs(z).max() == pytest.approx(np.abs(runtime).max(), rel=0.2)  # the same tails

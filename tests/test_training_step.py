@@ -1,0 +1,97 @@
+"""One training step in detail: the hinge losses, each update's direction, and the EMA generator."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from digitgen.training.config import TrainConfig
+from digitgen.training.loop import train_step
+from digitgen.training.state import TrainState, new_state
+from tests.conftest import TINY_MODEL
+
+BATCH = 16
+
+
+def _state() -> TrainState:
+    return new_state(TINY_MODEL, TrainConfig(total_steps=10_000, batch_size=BATCH), torch.device("cpu"))
+
+
+def _real_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    rng = torch.Generator().manual_seed(0)
+    return torch.rand(BATCH, 1, 28, 28, generator=rng) * 2 - 1, torch.arange(BATCH) % 10
+
+
+def _step(state: TrainState) -> dict[str, float]:
+    real, labels = _real_batch()
+    return train_step(state, real, labels, state.generator, state.discriminator)
+
+
+def _scores(d: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Discriminator scores from a frozen copy (eval mode: spectral norm's power iteration stays put)."""
+    with torch.no_grad():
+        return copy.deepcopy(d).eval()(images, labels)
+
+
+def test_discriminator_step_uses_the_hinge_loss_with_real_and_fake_in_their_places() -> None:
+    state = _state()
+    real, labels = _real_batch()
+    noise = torch.Generator()
+    noise.set_state(state.noise_rng.get_state())
+    z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)
+    with torch.no_grad():
+        fake = copy.deepcopy(state.generator)(z, labels)
+        d_real, d_fake = copy.deepcopy(state.discriminator)(torch.cat([real, fake]), torch.cat([labels, labels])).split(
+            BATCH
+        )
+    before_real, before_fake = _scores(state.discriminator, real, labels), _scores(state.discriminator, fake, labels)
+
+    metrics = _step(state)
+
+    expected = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
+    assert metrics["loss_d"] == pytest.approx(expected.item(), abs=1e-6)
+    assert metrics["d_real"] == pytest.approx(d_real.mean().item(), abs=1e-6)
+    assert metrics["d_fake"] == pytest.approx(d_fake.mean().item(), abs=1e-6)
+    after_real, after_fake = _scores(state.discriminator, real, labels), _scores(state.discriminator, fake, labels)
+    assert after_real.mean() > before_real.mean()  # the update scores real digits higher
+    assert after_fake.mean() < before_fake.mean()  # and the generator's lower
+
+
+def test_generator_step_raises_the_discriminators_score_of_its_digits() -> None:
+    state = _state()
+    noise = torch.Generator()
+    noise.set_state(state.noise_rng.get_state())
+    torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)  # the discriminator step's draw
+    z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)
+    labels = torch.randint(0, TINY_MODEL.num_classes, (BATCH,), generator=noise)
+    generator_before = copy.deepcopy(state.generator)
+
+    metrics = _step(state)
+
+    with torch.no_grad():
+        before = _scores(state.discriminator, copy.deepcopy(generator_before)(z, labels), labels)
+        after = _scores(state.discriminator, copy.deepcopy(state.generator)(z, labels), labels)
+    assert after.mean() > before.mean()
+    assert metrics["loss_g"] == pytest.approx(-before.mean().item(), abs=0.05)  # minus the score, not plus
+
+
+# decay = min(ema_decay, (1 + step) / (10 + step)): a short warm-up, then the configured 0.999
+@pytest.mark.parametrize(("step", "decay"), [(0, 0.1), (1, 2 / 11), (20, 0.7), (5_000, 0.999)])
+def test_ema_generator_moves_towards_the_live_one_by_the_decay(step: int, decay: float) -> None:
+    state = _state()
+    _step(state)  # the live generator and the average now differ
+    state.step = step
+    ema_before = [p.clone() for p in state.generator_ema.parameters()]
+
+    _step(state)
+
+    live, ema = list(state.generator.parameters()), list(state.generator_ema.parameters())
+    for before, p, e in zip(ema_before, live, ema, strict=True):
+        assert torch.allclose(e, before + (1 - decay) * (p - before), rtol=0, atol=1e-6)
+    assert not all(torch.equal(e, b) for e, b in zip(ema, ema_before, strict=True))  # it moved
+    assert not all(torch.allclose(e, p, rtol=0, atol=1e-7) for e, p in zip(ema, live, strict=True))  # not the live one
+    for e, b in zip(state.generator_ema.buffers(), state.generator.buffers(), strict=True):
+        assert torch.equal(e, b)  # BatchNorm statistics are copied, not averaged
