@@ -39,6 +39,8 @@ DEFAULT_RUN_DIR = "runs/latest"
 LIBRARY_ERRORS = (DigitgenError, TrainingError, ExportError)
 # What training, export and `evaluate --cas` import beyond the runtime's dependencies.
 TRAINING_MODULES = ("torch", "torchvision", "onnx", "onnxscript")
+# What `serve` imports beyond the runtime's dependencies.
+SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client")
 
 
 class OneLineErrors(click.Group):
@@ -58,10 +60,12 @@ class OneLineErrors(click.Group):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         except ModuleNotFoundError as exc:
-            if exc.name not in TRAINING_MODULES:
+            extra = "train" if exc.name in TRAINING_MODULES else "serve" if exc.name in SERVE_MODULES else None
+            if extra is None:
                 raise
             click.echo(
-                f"Error: this needs {exc.name}, part of the train extra: pip install 'digitgen-mnist[train]'", err=True
+                f"Error: this needs {exc.name}, part of the {extra} extra: pip install 'digitgen-mnist[{extra}]'",
+                err=True,
             )
             sys.exit(1)
         except click.Abort:
@@ -535,6 +539,101 @@ def evaluate(
         click.echo(json.dumps(result.to_dict()))
         return
     click.echo(result.table())
+
+
+@main.command()
+@click.option(
+    "--generator", "model", type=click.Path(dir_okay=False), help="ONNX generator (default: the shipped model)."
+)
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Server processes; each loads the model.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="onnxruntime intra-op threads per worker [default: cores / workers].",
+)
+@click.option(
+    "--max-count", default=10_000, show_default=True, type=click.IntRange(min=1), help="Most digits per request."
+)
+@click.option(
+    "--max-in-flight", default=2, show_default=True, type=click.IntRange(min=1), help="Generations at once per worker."
+)
+@click.option(
+    "--queue",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Requests that may wait for a generation; more get 503 with Retry-After.",
+)
+@click.option(
+    "--time-limit",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request may wait and generate before it gets 503.",
+)
+@click.option(
+    "--graceful-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="On SIGTERM or Ctrl-C, seconds to finish requests in flight.",
+)
+@click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser pages from this origin (repeatable).")
+@click.option(
+    "--web",
+    "web_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Serve this built page at / (web/dist).",
+)
+@click.option("--quiet", is_flag=True, help="No access log or start-up lines.")
+def serve(
+    model: str | None,
+    provider: str,
+    host: str,
+    port: int,
+    workers: int,
+    threads: int | None,
+    max_count: int,
+    max_in_flight: int,
+    queue: int,
+    time_limit: float,
+    graceful_timeout: float,
+    cors_origins: tuple[str, ...],
+    web_dir: str | None,
+    quiet: bool,
+) -> None:
+    """Serve digits over HTTP (FastAPI + uvicorn; needs the serve extra)."""
+    from digitgen.serve.app import ServeSettings
+    from digitgen.serve.run import ServerOptions
+    from digitgen.serve.run import serve as run_server
+
+    settings = ServeSettings(
+        max_count=max_count,
+        max_in_flight=max_in_flight,
+        queue=queue,
+        time_limit=time_limit,
+        cors_origins=cors_origins,
+        web_dir=web_dir,
+        access_log=not quiet,
+    )
+    options = ServerOptions(model, provider, host, port, workers, threads, graceful_timeout, settings)
+    generator = options.load()
+    if not quiet:
+        click.echo(
+            f"digitgen serve: {generator.path} on {generator.provider}, {workers} worker(s) with "
+            f"{options.intra_op_threads} onnxruntime thread(s) each, http://{host}:{port}/docs",
+            err=True,
+        )
+    run_server(options, generator if workers == 1 else None)
 
 
 def _format_progress(info: dict[str, float] | None) -> str:

@@ -40,7 +40,7 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(images[:, 0], 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _check_int(value: object, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+def check_int(value: object, name: str, minimum: int = 1, maximum: int | None = None) -> int:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, np.integer))
@@ -78,10 +78,17 @@ class DigitGenerator:
         self._session = session
 
     @classmethod
-    def from_path(cls, path: str | Path | None = None, provider: str = "auto") -> DigitGenerator:
-        """Open ``path`` (default: the shipped model) on ``provider`` ("auto", "cpu" or "cuda")."""
+    def from_path(
+        cls, path: str | Path | None = None, provider: str = "auto", threads: int | None = None
+    ) -> DigitGenerator:
+        """Open ``path`` (default: the shipped model) on ``provider`` ("auto", "cpu" or "cuda").
+
+        ``threads``: onnxruntime's intra-op threads (default: one per core). One generator may be
+        called from several threads at once: onnxruntime's session is thread-safe and nothing else
+        is shared between calls.
+        """
         path = Path(path) if path is not None else default_model_path()
-        opened = open_session(path, provider)
+        opened = open_session(path, provider, threads)
         info = check_contract(opened.session, str(path))
         return cls(path, info, opened.session, opened.provider, opened.note)
 
@@ -132,10 +139,10 @@ class DigitGenerator:
 
         ``truncation`` T redraws noise components beyond +-T (cleaner digits, less variety).
         """
-        num = _check_int(num, "number of digits")
-        seed = _check_int(seed, "seed", minimum=0, maximum=MAX_SEED)
-        batch_size = _check_int(batch_size, "batch size")
-        start = _check_int(start, "start index", minimum=0)
+        num = check_int(num, "number of digits")
+        seed = check_int(seed, "seed", minimum=0, maximum=MAX_SEED)
+        batch_size = check_int(batch_size, "batch size")
+        start = check_int(start, "start index", minimum=0)
         truncation = check_truncation(truncation)
         cycle = self.check_digits(digits)
         for lo in range(start, start + num, batch_size):

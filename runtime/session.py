@@ -62,8 +62,11 @@ def _reason(exc: BaseException) -> str:
     return reason.strip().rstrip(".")
 
 
-def open_session(path: str | Path, provider: str = "auto") -> OpenedSession:
-    """Load ``path`` with onnxruntime; raise typed errors for missing, corrupt or unrunnable models."""
+def open_session(path: str | Path, provider: str = "auto", threads: int | None = None) -> OpenedSession:
+    """Load ``path`` with onnxruntime; raise typed errors for missing, corrupt or unrunnable models.
+
+    ``threads`` sets onnxruntime's intra-op threads (default: onnxruntime's choice, one per core).
+    """
     path = Path(path)
     if not path.exists():
         raise ModelNotFoundError(f"model not found: {path}")
@@ -73,6 +76,8 @@ def open_session(path: str | Path, provider: str = "auto") -> OpenedSession:
     providers = [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except ORT_ERRORS as exc:

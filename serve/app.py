@@ -1,0 +1,216 @@
+"""The ASGI app: ``create_app(generator)`` serves digits over HTTP with FastAPI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from digitgen.runtime.errors import DigitgenError
+from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
+from digitgen.serve.limits import Admission, OverloadedError
+from digitgen.serve.observe import ACCESS_LOG, Metrics, RequestMiddleware
+from digitgen.serve.params import MEDIA_TYPES, DigitsRequest, NotAcceptableError, etag, file_sha256, not_modified
+from digitgen.serve.params import parse_request as parse
+from digitgen.serve.render import TimeLimitError, encode, filename, generate
+from digitgen.serve.spec import GENERATE_DOC
+
+ENDPOINTS = frozenset({"/generate", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+
+
+class ServeConfigError(DigitgenError, ValueError):
+    """The server cannot start with these settings."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What a server allows: limits, caching, CORS, the page, logging."""
+
+    max_count: int = 10_000  # digits per request
+    max_in_flight: int = 2  # generations at once
+    queue: int = 64  # requests waiting for a generation slot; more are refused with 503
+    time_limit: float = 30.0  # seconds per request, waiting included
+    cache_max_age: int = 31_536_000  # seconds a response may be cached (it never changes)
+    inline_digits: int = 16  # requests this small run on the event loop, larger ones on a thread
+    cors_origins: tuple[str, ...] = ()
+    web_dir: str | None = None  # the built page, served at /
+    access_log: bool = True
+
+    def __post_init__(self) -> None:
+        if self.web_dir is not None and not (Path(self.web_dir) / "index.html").is_file():
+            raise ServeConfigError(
+                f"{self.web_dir} holds no index.html; build the page first: cd web && npm ci && npm run build"
+            )
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps({"error": message}),
+        status_code=status,
+        media_type="application/json",
+        headers={"Cache-Control": "no-store", **(headers or {})},
+    )
+
+
+class _Service:
+    """The state behind the endpoints: the generator, its model's hash, admission and readiness."""
+
+    def __init__(self, generator: DigitGenerator, settings: ServeSettings, metrics: Metrics) -> None:
+        self.generator = generator
+        self.settings = settings
+        self.metrics = metrics
+        self.model_sha256 = file_sha256(str(generator.path))
+        self.admission = Admission(settings.max_in_flight, settings.queue)
+        self.executor = ThreadPoolExecutor(settings.max_in_flight, thread_name_prefix="digitgen-generate")
+        self.cache_control = f"public, max-age={settings.cache_max_age}, immutable"
+        self.warmup_error: str | None = None
+        self.ready = False
+        metrics.admitted.set_function(lambda: self.admission.admitted)
+
+    def warm_up(self) -> None:
+        """One batch through the model, so the first request does not pay onnxruntime's first-run cost."""
+        try:
+            self.generator.generate(DEFAULT_BATCH_SIZE)
+        except DigitgenError as exc:
+            self.warmup_error = str(exc)
+            return
+        self.ready = True
+
+    async def body(self, request: DigitsRequest, deadline: float) -> bytes:
+        """The response body; small requests inline, larger ones on a generation thread."""
+        if request.count <= self.settings.inline_digits:
+            return encode(generate(self.generator, request), request.fmt)
+        cancelled = threading.Event()
+
+        def work() -> bytes:
+            return encode(generate(self.generator, request, deadline, cancelled), request.fmt)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def respond(self, http: Request) -> Response:
+        try:
+            request = parse(
+                http.query_params.multi_items(), http.headers.get("accept"), self.generator, self.settings.max_count
+            )
+        except NotAcceptableError as exc:
+            return _error(406, str(exc))
+        except DigitgenError as exc:
+            return _error(422, str(exc))
+        tag = etag(self.model_sha256, request)
+        headers = {"ETag": tag, "Cache-Control": self.cache_control, "Vary": "Accept"}
+        if not_modified(http.headers.get("if-none-match"), tag):
+            return Response(status_code=304, headers=headers)
+        deadline = time.monotonic() + self.settings.time_limit
+        try:
+            async with self.admission.slot(deadline):
+                body = await self.body(request, deadline)
+        except OverloadedError as exc:
+            self.metrics.refused.labels("busy").inc()
+            return _error(503, str(exc), {"Retry-After": "1"})
+        except TimeLimitError:
+            self.metrics.refused.labels("time_limit").inc()
+            message = f"the request ran past this server's time limit of {self.settings.time_limit:g} s (--time-limit)"
+            return _error(503, message, {"Retry-After": "1"})
+        self.metrics.digits.inc(request.count)
+        name = filename(request.fmt, request.digits[0])
+        if name:
+            disposition = "inline" if request.fmt in ("png", "grid") else "attachment"
+            headers["Content-Disposition"] = f'{disposition}; filename="{name}"'
+        return Response(body, media_type=MEDIA_TYPES[request.fmt], headers=headers)
+
+
+def _lifespan(service: _Service) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        warm_up = asyncio.get_running_loop().run_in_executor(service.executor, service.warm_up)
+        yield
+        await warm_up
+        service.executor.shutdown(wait=True, cancel_futures=True)
+
+    return lifespan
+
+
+def create_app(generator: DigitGenerator, settings: ServeSettings | None = None) -> FastAPI:
+    """An ASGI app that serves ``generator``'s digits: ``/generate``, ``/healthz``, ``/readyz``,
+    ``/metrics``, OpenAPI docs at ``/docs``, and the built page at ``/`` when ``settings.web_dir`` is set.
+
+    Run it with any ASGI server, or mount it in another app. Generation threads and the warm-up start
+    with the app's lifespan.
+    """
+    settings = settings or ServeSettings()
+    metrics = Metrics()
+    service = _Service(generator, settings, metrics)
+    app = FastAPI(
+        title="digitgen",
+        summary="Handwritten digits from a GAN trained on MNIST, as PNG, contact sheet, NPZ, IDX or JSON.",
+        lifespan=_lifespan(service),
+    )
+
+    @app.get("/generate", openapi_extra=GENERATE_DOC, response_class=Response)
+    async def generate_digits(request: Request) -> Response:
+        """Generate digits: the same parameters, noise and bytes as `digitgen generate`."""
+        return await service.respond(request)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "alive"}
+
+    @app.get("/readyz", responses={503: {"description": "Not ready yet"}})
+    async def readyz() -> Response:
+        """Ready once the model has run one warm-up batch."""
+        if not service.ready:
+            why = service.warmup_error or "the model's warm-up batch has not run yet"
+            return _error(503, f"not ready: {why}")
+        body = {"status": "ready", "model_sha256": service.model_sha256, "provider": generator.provider}
+        return Response(json.dumps(body), media_type="application/json")
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics of this process."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        message = f"no endpoint {request.url.path}; see /docs" if exc.status_code == 404 else str(exc.detail)
+        return _error(exc.status_code, message, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        logging.getLogger("digitgen.serve").exception("unexpected error in %s", request.url.path)
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+    if settings.web_dir is not None:
+        app.mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web")
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET"],
+            allow_headers=["Accept", "If-None-Match", "X-Request-ID"],
+            expose_headers=["ETag", "X-Request-ID", "Content-Disposition", "Retry-After"],
+        )
+    if settings.access_log and not ACCESS_LOG.handlers:
+        ACCESS_LOG.addHandler(logging.StreamHandler(sys.stderr))
+        ACCESS_LOG.setLevel(logging.INFO)
+        ACCESS_LOG.propagate = False
+    app.add_middleware(RequestMiddleware, metrics=metrics, endpoints=ENDPOINTS, access_log=settings.access_log)
+    return app

@@ -1,0 +1,98 @@
+"""Per-request bookkeeping as one ASGI middleware: the X-Request-ID, Prometheus metrics and the
+access log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+ACCESS_LOG = logging.getLogger("digitgen.serve.access")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "digitgen_requests",
+            "Requests answered, by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "digitgen_request_seconds",
+            "Time from request to the end of the response, by endpoint",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.digits = Counter("digitgen_digits_generated", "Digits generated", registry=self.registry)
+        self.refused = Counter(
+            "digitgen_requests_refused", "Requests refused with 503, by reason", ["reason"], registry=self.registry
+        )
+        self.admitted = Gauge("digitgen_requests_admitted", "Requests generating or waiting", registry=self.registry)
+
+
+class RequestMiddleware:
+    """Gives every response an ``X-Request-ID`` (the client's when it is a plain token, else a new one),
+    counts and times it by endpoint, and writes one access-log line when ``access_log`` is set."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: frozenset[str], access_log: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.endpoints = endpoints
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - started
+            path = scope["path"]
+            endpoint = path if path in self.endpoints else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(seconds)
+            if self.access_log:
+                query = scope["query_string"].decode("latin-1")
+                client = scope.get("client") or ("-", 0)
+                ACCESS_LOG.info(
+                    '%s:%s "%s %s%s" %d %.1fms id=%s',
+                    client[0],
+                    client[1],
+                    scope["method"],
+                    path,
+                    f"?{query}" if query else "",
+                    status,
+                    seconds * 1000,
+                    request_id,
+                )

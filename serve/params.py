@@ -1,0 +1,164 @@
+"""The generate endpoint's request: query parameters and ``Accept`` parsed into one normalised request,
+with the runtime's own checks and words, and the strong ETag that names its response."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from digitgen.runtime.errors import InvalidRequestError
+from digitgen.runtime.generator import DigitGenerator, check_int, check_truncation
+from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
+from digitgen.runtime.writers import GRID_MAX_DIGITS
+
+MEDIA_TYPES = {
+    "png": "image/png",
+    "grid": "image/png",
+    "npz": "application/x-npz",
+    "idx": "application/x-tar",
+    "json": "application/json",
+}
+PARAMETERS = ("digits", "digit", "count", "seed", "truncation", "format")
+ENCODING_VERSION = "1"  # bump when the bytes of any format change
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+class NotAcceptableError(InvalidRequestError):
+    """The ``Accept`` header names no type this endpoint sends."""
+
+
+@dataclass(frozen=True)
+class DigitsRequest:
+    """A checked generate request: ``digits`` is the full cycle of classes, ``fmt`` the chosen format."""
+
+    digits: tuple[int, ...]
+    count: int
+    seed: int
+    truncation: float | None
+    fmt: str
+
+    def key(self) -> str:
+        """The normalised parameters, one string: equal requests give equal keys."""
+        digits = ",".join(map(str, self.digits))
+        return f"digits={digits}&count={self.count}&seed={self.seed}&truncation={self.truncation!r}&format={self.fmt}"
+
+
+def _integer(text: str) -> int | str:
+    """``text`` as an int when it is one, else ``text`` itself for the runtime's check to reject by name."""
+    return int(text) if _INTEGER.fullmatch(text) else text
+
+
+def _digits(digits: str | None, digit: str | None) -> list[int | str] | None:
+    if digits is not None and digit is not None:
+        raise InvalidRequestError("give digits or digit, not both")
+    if digit is not None:
+        return [_integer(digit)]
+    if digits is None:
+        return None
+    parts = digits.split(",")
+    if not all(_INTEGER.fullmatch(part) for part in parts):
+        raise InvalidRequestError(f"{digits!r} is not a comma-separated list of digits such as 0,3,7")
+    return [int(part) for part in parts]
+
+
+def _truncation(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value: float | str = float(text)
+    except ValueError:
+        value = text
+    return check_truncation(value)
+
+
+def _accepted(accept: str) -> list[str]:
+    """Media ranges of an ``Accept`` header, best first (by q, then order); q=0 ranges dropped."""
+    ranked = []
+    for position, item in enumerate(accept.split(",")):
+        media, *options = (part.strip() for part in item.split(";"))
+        quality = 1.0
+        for option in options:
+            name, _, value = option.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if media and quality > 0:
+            ranked.append((-quality, position, media.lower()))
+    return [media for _, _, media in sorted(ranked)]
+
+
+def _matches(media_range: str, media_type: str) -> bool:
+    kind, _, sub = media_range.partition("/")
+    want_kind, _, want_sub = media_type.partition("/")
+    return media_range == "*/*" or (kind == want_kind and sub in ("*", want_sub))
+
+
+def choose_format(fmt: str | None, accept: str | None, count: int) -> str:
+    """The format asked by ``format=``, else by ``Accept``; one digit defaults to png, more to grid."""
+    default = "png" if count == 1 else "grid"
+    if fmt is not None and fmt not in MEDIA_TYPES:
+        raise InvalidRequestError(f"unknown format {fmt!r}; choose one of {', '.join(MEDIA_TYPES)}")
+    if not accept or not accept.strip():
+        return fmt or default
+    candidates = [fmt] if fmt is not None else [default, *(f for f in MEDIA_TYPES if f not in ("png", "grid"))]
+    for media_range in _accepted(accept):
+        for candidate in candidates:
+            if _matches(media_range, MEDIA_TYPES[candidate]):
+                return candidate
+    offered = ", ".join(sorted({MEDIA_TYPES[c] for c in candidates}))
+    raise NotAcceptableError(f"cannot answer Accept: {accept!r}; this request can send {offered}")
+
+
+def parse_request(
+    query: Sequence[tuple[str, str]], accept: str | None, generator: DigitGenerator, max_count: int
+) -> DigitsRequest:
+    """Check the query string's parameters with the runtime's own checks and pick the format."""
+    given: dict[str, str] = {}
+    for name, value in query:
+        if name not in PARAMETERS:
+            raise InvalidRequestError(f"unknown parameter {name!r}; parameters: {', '.join(PARAMETERS)}")
+        if name in given:
+            raise InvalidRequestError(f"give {name} once")
+        given[name] = value
+    count = check_int(_integer(given.get("count", "1")), "number of digits")
+    if count > max_count:
+        raise InvalidRequestError(
+            f"number of digits {count} is over this server's limit of {max_count} per request (--max-count)"
+        )
+    seed = check_int(_integer(given.get("seed", "0")), "seed", minimum=0, maximum=MAX_SEED)
+    truncation = _truncation(given.get("truncation"))
+    cycle = generator.check_digits(_digits(given.get("digits"), given.get("digit")))  # type: ignore[arg-type]
+    fmt = choose_format(given.get("format"), accept, count)
+    if fmt == "png" and count != 1:
+        raise InvalidRequestError(f"format png holds one digit, not {count}; ask for grid, npz, idx or json")
+    if fmt == "grid" and count > GRID_MAX_DIGITS:
+        raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use npz, idx or json")
+    return DigitsRequest(tuple(cycle), count, seed, truncation, fmt)
+
+
+def file_sha256(path: str) -> str:
+    """The hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def etag(model_sha256: str, request: DigitsRequest) -> str:
+    """A strong ETag: the response is a pure function of the model, the noise scheme, the encodings and
+    the normalised request."""
+    text = f"{model_sha256}|{NOISE_SCHEME}|{ENCODING_VERSION}|{request.key()}"
+    return '"' + hashlib.sha256(text.encode()).hexdigest()[:32] + '"'
+
+
+def not_modified(if_none_match: str | None, tag: str) -> bool:
+    """Whether ``If-None-Match`` names ``tag`` (weak comparison, as RFC 9110 asks) or is ``*``."""
+    if not if_none_match:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or tag in tags

@@ -1,0 +1,68 @@
+"""Generate a checked request's digits with the runtime and encode them as the response body."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+
+import numpy as np
+
+from digitgen.runtime.encode import grid_png_bytes, idx_files, npz_bytes, png_bytes, tar_bytes
+from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
+from digitgen.runtime.writers import GRID_FILE, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, png_name
+from digitgen.serve.params import DigitsRequest
+
+IDX_ARCHIVE = "digits-idx.tar"
+
+
+class TimeLimitError(Exception):
+    """Generation stopped: the request ran past its deadline, or its client is gone."""
+
+
+def generate(
+    generator: DigitGenerator,
+    request: DigitsRequest,
+    deadline: float = float("inf"),
+    cancelled: threading.Event | None = None,
+) -> GeneratedDigits:
+    """The request's digits, batch by batch as ``digitgen generate`` makes them; between batches, stop
+    with :class:`TimeLimitError` once ``time.monotonic()`` passes ``deadline`` or ``cancelled`` is set."""
+    images = np.empty((request.count, 28, 28), dtype=np.uint8)
+    labels = np.empty(request.count, dtype=np.int64)
+    batches = generator.iter_batches(
+        request.count, request.digits, request.seed, DEFAULT_BATCH_SIZE, truncation=request.truncation
+    )
+    for batch in batches:
+        images[batch.start : batch.start + len(batch.labels)] = batch.images
+        labels[batch.start : batch.start + len(batch.labels)] = batch.labels
+        if time.monotonic() > deadline or (cancelled is not None and cancelled.is_set()):
+            raise TimeLimitError
+    return GeneratedDigits(images, labels)
+
+
+def _json(digits: GeneratedDigits) -> bytes:
+    pngs = [base64.b64encode(png_bytes(image)).decode("ascii") for image in digits.images]
+    return json.dumps({"labels": digits.labels.tolist(), "images": pngs}, separators=(",", ":")).encode()
+
+
+def encode(digits: GeneratedDigits, fmt: str) -> bytes:
+    """The response body of ``fmt``: the bytes ``digitgen generate`` writes (IDX: both files in one tar;
+    JSON: labels and base64 PNGs, each the bytes of the digit's PNG file)."""
+    if fmt == "png":
+        return png_bytes(digits.images[0])
+    if fmt == "grid":
+        return grid_png_bytes(digits.images)
+    if fmt == "npz":
+        return npz_bytes(digits.images, digits.labels)
+    if fmt == "idx":
+        images, labels = idx_files(digits.images, digits.labels)
+        return tar_bytes([(IDX_IMAGES_FILE, images), (IDX_LABELS_FILE, labels)])
+    return _json(digits)
+
+
+def filename(fmt: str, first_label: int) -> str | None:
+    """The name ``digitgen generate`` gives the file (IDX: the tar's), or ``None`` for JSON."""
+    names = {"grid": GRID_FILE, "npz": NPZ_FILE, "idx": IDX_ARCHIVE}
+    return png_name(0, first_label) if fmt == "png" else names.get(fmt)

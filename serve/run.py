@@ -1,0 +1,89 @@
+"""Run the app under uvicorn: one process, or ``workers`` processes that each load the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI
+
+from digitgen.runtime.generator import DigitGenerator
+from digitgen.serve.app import ServeSettings, create_app
+
+WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
+
+
+def default_threads(workers: int) -> int:
+    """onnxruntime intra-op threads per worker that, together, use each core once."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Where and how to serve: the model, the address, processes, threads and the app's settings."""
+
+    model: str | None = None
+    provider: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    threads: int | None = None  # default: default_threads(workers)
+    graceful_timeout: float = 10.0
+    settings: ServeSettings = field(default_factory=ServeSettings)
+
+    @property
+    def intra_op_threads(self) -> int:
+        return self.threads if self.threads is not None else default_threads(self.workers)
+
+    def load(self) -> DigitGenerator:
+        return DigitGenerator.from_path(self.model, self.provider, self.intra_op_threads)
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process, built from the options its parent put in the environment."""
+    config = json.loads(os.environ[WORKER_CONFIG])
+    settings = config.pop("settings")
+    settings["cors_origins"] = tuple(settings["cors_origins"])
+    options = ServerOptions(**config, settings=ServeSettings(**settings))
+    return create_app(options.load(), options.settings)
+
+
+@contextmanager
+def _exit_zero_on_signals() -> Iterator[None]:
+    """uvicorn stops on SIGINT/SIGTERM, then raises the signal again for the handler it found; this
+    handler ignores that, so a graceful stop ends the process with status 0."""
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then finish requests in flight within ``graceful_timeout`` seconds.
+
+    With one worker, ``generator`` (default: ``options.load()``) serves in this process; with more,
+    each worker process loads the model itself.
+    """
+    log_level = "info" if options.settings.access_log else "warning"
+    common = {
+        "host": options.host,
+        "port": options.port,
+        "log_level": log_level,
+        "access_log": False,
+        "timeout_graceful_shutdown": options.graceful_timeout,
+    }
+    with _exit_zero_on_signals():
+        if options.workers == 1:
+            app = create_app(generator or options.load(), options.settings)
+            uvicorn.Server(uvicorn.Config(app, **common)).run()
+            return
+        os.environ[WORKER_CONFIG] = json.dumps(dataclasses.asdict(options))
+        uvicorn.run("digitgen.serve.run:app_from_environment", factory=True, workers=options.workers, **common)

@@ -1,0 +1,516 @@
+"""`digitgen serve` tested as users meet it: a real uvicorn subprocess on a free loopback port, driven
+by httpx. Bytes are compared with what `digitgen generate` writes; every refusal with its words."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from digitgen.cli import main
+from digitgen.runtime.generator import DigitGenerator
+from digitgen.runtime.noise import MAX_SEED
+from digitgen.serve.params import DigitsRequest, etag
+
+# --- a real server in a subprocess -------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def get(self, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=120, **kwargs)  # type: ignore[arg-type]
+
+    def wait(self, path: str, status: int = 200, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"server exited: {self.log.read_text()}"
+            try:
+                if self.get(path).status_code == status:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{path} never answered {status}: {self.log.read_text()}")
+
+    def metric(self, name: str) -> float:
+        """The value of one sample line of /metrics (0 when absent)."""
+        for line in self.get("/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+
+
+def start(log: Path, command: list[str], ready: str = "/readyz") -> Server:
+    """Run ``command`` (``{port}`` filled in) and wait until ``ready`` answers 200."""
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [part.format(port=port) for part in command],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    try:
+        server.wait(ready)
+    except AssertionError:
+        server.stop()
+        raise
+    return server
+
+
+def serve_command(*options: str) -> list[str]:
+    return [sys.executable, "-m", "digitgen", "serve", "--port", "{port}", "--threads", "1", *options]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The defaults (access log on), one onnxruntime thread."""
+    running = start(tmp_path_factory.mktemp("serve") / "server.log", serve_command())
+    yield running
+    assert running.stop() == 0
+
+
+def cli_files(tmp_path: Path, *args: str) -> Path:
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, ["generate", "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# --- bytes: the same as `digitgen generate` ----------------------------------------------------
+
+SAME_AS_CLI = [
+    ("digit=7&seed=3", ["-n", "1", "--digit", "7", "--seed", "3"], "png", "00000000_label7.png"),
+    ("count=25&digits=0,3,7&seed=11&truncation=1.5&format=grid", ["-n", "25", "--digits", "0,3,7", "--seed",
+     "11", "--truncation", "1.5", "--format", "grid"], "grid", "grid.png"),
+    ("count=300&seed=18446744073709551615&format=npz", ["-n", "300", "--seed", str(MAX_SEED), "--format", "npz"],
+     "npz", "digits.npz"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("query", "cli_args", "fmt", "name"), SAME_AS_CLI, ids=[c[2] for c in SAME_AS_CLI])
+def test_bytes_equal_the_cli_files(
+    server: Server, tmp_path: Path, query: str, cli_args: list[str], fmt: str, name: str
+) -> None:
+    response = server.get(f"/generate?{query}")
+    assert response.status_code == 200, response.text
+    assert response.content == (cli_files(tmp_path, *cli_args) / name).read_bytes()
+    assert response.headers["content-disposition"].endswith(f'filename="{name}"')
+
+
+def test_idx_tar_holds_the_cli_files(server: Server, tmp_path: Path) -> None:
+    response = server.get("/generate?count=260&digits=4,2&seed=9&format=idx")
+    assert response.headers["content-type"] == "application/x-tar"
+    out = cli_files(tmp_path, "-n", "260", "--digits", "4,2", "--seed", "9", "--format", "idx")
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert members == {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert len(members) == 2
+
+
+def test_json_holds_labels_and_the_cli_pngs(server: Server, tmp_path: Path) -> None:
+    response = server.get("/generate?count=12&seed=5&format=json")
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    out = cli_files(tmp_path, "-n", "12", "--seed", "5")
+    assert body["labels"] == [i % 10 for i in range(12)]
+    for index, (label, png) in enumerate(zip(body["labels"], body["images"], strict=True)):
+        assert base64.b64decode(png) == (out / f"{index:08d}_label{label}.png").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("query", "accept", "media"),
+    [
+        ("count=1", "application/json", "application/json"),
+        ("count=5", "image/png", "image/png"),
+        ("count=5", "application/x-npz;q=0.5, application/x-tar", "application/x-tar"),
+        ("count=5", "text/html, */*;q=0.1", "image/png"),
+        ("count=5&format=npz", "*/*", "application/x-npz"),
+        ("count=5&format=json", "application/*", "application/json"),
+    ],
+)
+def test_accept_chooses_the_format(server: Server, query: str, accept: str, media: str) -> None:
+    response = server.get(f"/generate?{query}", headers={"Accept": accept})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == media
+    assert response.headers["vary"] == "Accept"
+
+
+def test_grid_by_accept_equals_grid_by_format(server: Server) -> None:
+    by_accept = server.get("/generate?count=20&seed=2", headers={"Accept": "image/png"})
+    assert by_accept.content == server.get("/generate?count=20&seed=2&format=grid").content
+
+
+# --- caching -----------------------------------------------------------------------------------
+
+
+def test_etag_names_the_normalised_request_and_304_skips_the_model(server: Server) -> None:
+    first = server.get("/generate?digit=7&seed=3")
+    assert first.headers["cache-control"] == "public, max-age=31536000, immutable"
+    tag = first.headers["etag"]
+    assert re.fullmatch(r'"[0-9a-f]{32}"', tag)
+    same = server.get("/generate?seed=03&digits=7&count=1&format=png")
+    assert same.headers["etag"] == tag and same.content == first.content
+    assert server.get("/generate?digit=7&seed=4").headers["etag"] != tag
+    assert server.get("/generate?digit=7&seed=3&truncation=2").headers["etag"] != tag
+    digits_before = server.metric("digitgen_digits_generated_total")
+    for header in (tag, f"W/{tag}", f'"other", {tag}', "*"):
+        cached = server.get("/generate?digit=7&seed=3", headers={"If-None-Match": header})
+        assert cached.status_code == 304 and cached.content == b""
+        assert cached.headers["etag"] == tag and "immutable" in cached.headers["cache-control"]
+    assert server.get("/generate?digit=7&seed=3", headers={"If-None-Match": '"other"'}).status_code == 200
+    assert server.metric("digitgen_digits_generated_total") == digits_before + 1
+
+
+def test_etag_changes_with_the_model() -> None:
+    request = DigitsRequest((0, 1), 2, 0, None, "grid")
+    assert etag("a" * 64, request) != etag("b" * 64, request)
+    assert etag("a" * 64, request) != etag("a" * 64, DigitsRequest((0, 1), 2, 0, None, "npz"))
+
+
+# --- refusals: JSON, 4xx, the runtime's words --------------------------------------------------
+
+BAD = [
+    ("count=abc", 422, "number of digits must be an integer >= 1, got 'abc'"),
+    ("count=1.5", 422, "number of digits must be an integer >= 1, got '1.5'"),
+    ("count=0", 422, "number of digits must be an integer >= 1, got 0"),
+    ("count=10001&format=npz", 422, "number of digits 10001 is over this server's limit of 10000 per request"),
+    ("digit=10", 422, "digit 10 is not a class of this model (0-9)"),
+    ("digit=x", 422, "digit 'x' is not a class of this model (0-9)"),
+    ("digits=abc", 422, "'abc' is not a comma-separated list of digits such as 0,3,7"),
+    ("digits=1,,2", 422, "'1,,2' is not a comma-separated list of digits such as 0,3,7"),
+    ("digits=1&digit=2", 422, "give digits or digit, not both"),
+    ("seed=-1", 422, "seed must be an integer from 0 to 18446744073709551615, got -1"),
+    (f"seed={2**64}", 422, f"seed must be an integer from 0 to 18446744073709551615, got {2**64}"),
+    ("truncation=0", 422, "truncation must be a positive number, got 0.0"),
+    ("truncation=nan", 422, "truncation must be a positive number, got nan"),
+    ("truncation=x", 422, "truncation must be a positive number, got 'x'"),
+    ("format=gif", 422, "unknown format 'gif'; choose one of png, grid, npz, idx, json"),
+    ("count=3&format=png", 422, "format png holds one digit, not 3; ask for grid, npz, idx or json"),
+    ("count=3&count=4", 422, "give count once"),
+    ("model=/etc/passwd", 422, "unknown parameter 'model'; parameters: digits, digit, count, seed, truncation, format"),
+    ("url=http://example.com/m.onnx", 422, "unknown parameter 'url'"),
+]
+
+
+@pytest.mark.parametrize(("query", "status", "words"), BAD, ids=[b[0] for b in BAD])
+def test_bad_parameters_are_refused_in_words(server: Server, query: str, status: int, words: str) -> None:
+    response = server.get(f"/generate?{query}")
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert list(body) == ["error"] and words in body["error"]
+
+
+@pytest.mark.parametrize("accept", ["text/html", "image/jpeg, text/*", "image/png;q=0"])
+def test_unsupported_accept_is_406(server: Server, accept: str) -> None:
+    response = server.get("/generate?count=2&format=npz" if accept == "image/png;q=0" else "/generate?count=2",
+                          headers={"Accept": accept})  # fmt: skip
+    assert response.status_code == 406
+    assert response.json()["error"].startswith(f"cannot answer Accept: {accept!r}")
+
+
+@pytest.mark.parametrize(
+    ("query", "cli_args"),
+    [("digit=10", ["--digit", "10"]), ("digits=abc", ["--digits", "abc"]), ("digits=3,11", ["--digits", "3,11"])],
+)
+def test_refusals_use_the_cli_words(server: Server, tmp_path: Path, query: str, cli_args: list[str]) -> None:
+    result = CliRunner().invoke(main, ["generate", "--out", str(tmp_path), *cli_args])
+    assert result.exit_code != 0
+    cli_message = result.output.strip().splitlines()[-1]
+    cli_message = re.sub(r"^Error: (Invalid value for '--digits': )?", "", cli_message).removesuffix(" (see --help)")
+    assert server.get(f"/generate?{query}").json()["error"] == cli_message
+
+
+def test_unknown_paths_and_methods_answer_json(server: Server) -> None:
+    missing = server.get("/etc/passwd")
+    assert missing.status_code == 404 and missing.json() == {"error": "no endpoint /etc/passwd; see /docs"}
+    post = httpx.post(server.url + "/generate", content=b"x")
+    assert post.status_code == 405 and "error" in post.json()
+
+
+# --- operations --------------------------------------------------------------------------------
+
+
+def test_request_id_echoed_or_made(server: Server) -> None:
+    assert server.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
+    made = server.get("/healthz").headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", made)
+    unsafe = server.get("/healthz", headers={"X-Request-ID": "a b\tc"}).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", unsafe)
+
+
+def test_metrics_count_requests_digits_and_latency(server: Server) -> None:
+    before = server.metric('digitgen_requests_total{endpoint="/generate",status="422"}')
+    digits = server.metric("digitgen_digits_generated_total")
+    server.get("/generate?count=0")
+    server.get("/generate?count=6&seed=77&format=npz")
+    assert server.metric('digitgen_requests_total{endpoint="/generate",status="422"}') == before + 1
+    assert server.metric("digitgen_digits_generated_total") == digits + 6
+    text = server.get("/metrics").text
+    assert 'digitgen_request_seconds_bucket{endpoint="/generate",le="0.05"}' in text
+    assert "digitgen_requests_refused_total" in text or "# TYPE digitgen_requests_refused counter" in text
+
+
+def test_openapi_docs_describe_generate(server: Server) -> None:
+    spec = server.get("/openapi.json").json()
+    names = {p["name"] for p in spec["paths"]["/generate"]["get"]["parameters"]}
+    assert names == {"digits", "digit", "count", "seed", "truncation", "format"}
+    assert server.get("/docs").status_code == 200
+
+
+def test_access_log_one_line_per_request(server: Server) -> None:
+    server.get("/healthz", headers={"X-Request-ID": "log-line-check"})
+    deadline = time.monotonic() + 5
+    while "log-line-check" not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [line for line in server.log.read_text().splitlines() if "log-line-check" in line]
+    assert len(lines) == 1 and '"GET /healthz" 200' in lines[0]
+
+
+def test_binds_loopback_and_sends_no_cors_by_default(server: Server) -> None:
+    assert f"Uvicorn running on http://127.0.0.1:{server.url.rsplit(':', 1)[1]}" in server.log.read_text()
+    cross = server.get("/generate?count=1", headers={"Origin": "http://evil.example"})
+    assert cross.status_code == 200 and "access-control-allow-origin" not in cross.headers
+
+
+# --- limits, page, CORS: a second server with small limits -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    page = tmp_path_factory.mktemp("page")
+    (page / "index.html").write_text("<!doctype html><title>digits</title>")
+    (page / "digitgen.mjs").write_text("export const x = 1;")
+    options = ["--quiet", "--max-in-flight", "1", "--queue", "1", "--max-count", "4000", "--web", str(page)]
+    options += ["--cors-origin", "http://app.example"]
+    running = start(tmp_path_factory.mktemp("limited") / "server.log", serve_command(*options))
+    yield running
+    assert running.stop() == 0
+    assert running.log.read_text() == "", "--quiet still logged"
+
+
+def test_max_count_names_the_limit(limited: Server) -> None:
+    response = limited.get("/generate?count=4001&format=npz")
+    assert response.status_code == 422
+    assert response.json()["error"].startswith("number of digits 4001 is over this server's limit of 4000")
+
+
+def test_over_the_in_flight_bound_is_503_and_the_server_stays_healthy(limited: Server) -> None:
+    slow = "/generate?count=4000&format=npz&seed={}"
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(limited.get, slow.format(seed)) for seed in (1, 2)]  # one generating, one queued
+        deadline = time.monotonic() + 30
+        while limited.metric("digitgen_requests_admitted") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = limited.get(slow.format(3))
+        health = limited.get("/healthz")
+        results = [future.result() for future in running]
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json() == {"error": "the server is busy (1 requests generating, 1 waiting); retry later"}
+    assert health.status_code == 200
+    assert [r.status_code for r in results] == [200, 200]
+    assert limited.metric('digitgen_requests_refused_total{reason="busy"}') >= 1
+    assert limited.get("/generate?count=2&format=npz").status_code == 200
+
+
+def test_web_page_at_root(limited: Server) -> None:
+    page = limited.get("/")
+    assert page.status_code == 200 and "<title>digits</title>" in page.text
+    module = limited.get("/digitgen.mjs")
+    assert module.headers["content-type"].startswith("text/javascript")
+    assert limited.get("/../../etc/passwd").status_code == 404
+    assert limited.get("/generate?count=1").headers["content-type"] == "image/png"
+
+
+def test_cors_only_for_the_given_origin(limited: Server) -> None:
+    allowed = limited.get("/generate?count=1", headers={"Origin": "http://app.example"})
+    assert allowed.headers["access-control-allow-origin"] == "http://app.example"
+    assert "access-control-allow-credentials" not in allowed.headers
+    assert "etag" in allowed.headers["access-control-expose-headers"].lower()
+    other = limited.get("/generate?count=1", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_time_limit_is_503(tmp_path: Path) -> None:
+    server = start(tmp_path / "server.log", serve_command("--quiet", "--time-limit", "0.05"))
+    try:
+        response = server.get("/generate?count=3000&format=npz")
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json() == {"error": "the request ran past this server's time limit of 0.05 s (--time-limit)"}
+        assert server.metric('digitgen_requests_refused_total{reason="time_limit"}') == 1
+        assert server.get("/healthz").status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+# --- lifecycle ---------------------------------------------------------------------------------
+
+HELD_WARMUP = """
+import sys, time
+from pathlib import Path
+import uvicorn
+from digitgen.runtime.generator import DigitGenerator
+from digitgen.serve import ServeSettings, create_app
+
+class Held(DigitGenerator):
+    def run(self, z, labels):
+        while not Path(sys.argv[2]).exists():
+            time.sleep(0.01)
+        return super().run(z, labels)
+
+app = create_app(Held.from_path(threads=1), ServeSettings(access_log=False))
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def test_ready_only_after_the_warmup_batch(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    server = start(tmp_path / "server.log", [sys.executable, "-c", HELD_WARMUP, "{port}", str(release)], "/healthz")
+    try:
+        not_ready = server.get("/readyz")
+        assert not_ready.status_code == 503
+        assert not_ready.json() == {"error": "not ready: the model's warm-up batch has not run yet"}
+        assert server.get("/healthz").json() == {"status": "alive"}
+        release.touch()
+        server.wait("/readyz")
+        assert len(server.get("/readyz").json()["model_sha256"]) == 64
+    finally:
+        server.stop()
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path: Path) -> None:
+    server = start(tmp_path / "server.log", serve_command("--graceful-timeout", "60"))
+    with ThreadPoolExecutor(1) as pool:
+        large = pool.submit(server.get, "/generate?count=3000&format=npz&seed=8")
+        deadline = time.monotonic() + 30
+        while server.metric("digitgen_requests_admitted") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)
+        response = large.result()
+    assert server.process.wait(60) == 0
+    assert response.status_code == 200
+    with np.load(io.BytesIO(response.content)) as npz:
+        assert npz["images"].shape == (3000, 28, 28)
+    with pytest.raises(httpx.ConnectError):
+        server.get("/healthz")
+    assert "Shutting down" in server.log.read_text()
+
+
+def test_two_workers_serve_identical_bytes(server: Server, tmp_path: Path) -> None:
+    workers = start(tmp_path / "server.log", serve_command("--quiet", "--workers", "2"))
+    try:
+        for query in ("count=30&seed=4&format=grid", "count=300&digits=1,2&format=npz", "digit=5&seed=6"):
+            expected = server.get(f"/generate?{query}")
+            answers = [workers.get(f"/generate?{query}") for _ in range(4)]
+            assert all(a.content == expected.content and a.headers["etag"] == expected.headers["etag"] for a in answers)
+    finally:
+        assert workers.stop() == 0
+
+
+def test_without_the_serve_extra_one_line_names_it() -> None:
+    code = "import sys; sys.modules['fastapi'] = None; from digitgen.cli import main; main(sys.argv[1:])"
+    result = subprocess.run([sys.executable, "-c", code, "serve"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: this needs fastapi, part of the serve extra: pip install 'digitgen-mnist[serve]'\n"
+    )
+    helped = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "serve" in helped.stdout
+
+
+def test_web_dir_without_a_page_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["serve", "--web", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: {tmp_path} holds no index.html; build the page first: cd web && npm ci && npm run build"
+    )
+
+
+# --- the generator under concurrent calls ------------------------------------------------------
+
+
+def test_concurrent_calls_equal_serial_results() -> None:
+    generator = DigitGenerator.from_path(threads=1)
+    requests = [(n, seed) for seed in range(12) for n in (1, 7, 300)]
+    serial = [generator.generate(n, seed=seed).images for n, seed in requests]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(lambda r: generator.generate(r[0], seed=r[1]).images, requests))
+    for one, other in zip(serial, concurrent, strict=True):
+        np.testing.assert_array_equal(one, other)
+
+
+# --- soak: many requests, no failures, bounded memory -------------------------------------------
+
+SOAK_REQUESTS = 6_000
+SOAK_RSS_GROWTH = 12 * 2**20
+
+
+async def _hammer(url: str, count: int, concurrency: int, first_seed: int) -> list[int]:
+    statuses: list[int] = []
+    seeds = iter(range(first_seed, first_seed + count))
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+
+        async def worker() -> None:
+            for seed in seeds:
+                statuses.append((await client.get(f"/generate?seed={seed}&digit={seed % 10}")).status_code)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return statuses
+
+
+def test_soak_no_failures_and_memory_stays_flat(server: Server) -> None:
+    asyncio.run(_hammer(server.url, 1_000, 16, 10**9))  # warm: allocator pools, caches, metric series
+    before = rss_bytes(server.process.pid)
+    statuses = asyncio.run(_hammer(server.url, SOAK_REQUESTS, 16, 2 * 10**9))
+    after = rss_bytes(server.process.pid)
+    assert statuses == [200] * SOAK_REQUESTS
+    assert after - before < SOAK_RSS_GROWTH, f"RSS grew {(after - before) / 2**20:.1f} MB"
