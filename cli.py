@@ -10,6 +10,7 @@ import dataclasses
 import json
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
 from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
-from digitgen.runtime.writers import FORMATS, generate_files, merge_shards
+from digitgen.runtime.writers import FORMATS, merge_shards, plan_generation
 from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.errors import TrainingError
 
@@ -43,13 +44,36 @@ TRAINING_MODULES = ("torch", "torchvision", "onnx", "onnxscript")
 SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client")
 
 
+# Job schedulers stop a job with SIGTERM, a closed terminal sends SIGHUP: both stop a command as Ctrl-C does.
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _raise_keyboard_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextmanager
+def _terminate_like_ctrl_c() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP raise KeyboardInterrupt (in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in TERMINATING_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 class OneLineErrors(click.Group):
     """A group whose errors are one line on stderr: no usage block, no traceback."""
 
     def main(self, *args, **kwargs):  # type: ignore[override]
         kwargs["standalone_mode"] = False
         try:
-            result = super().main(*args, **kwargs)
+            with _terminate_like_ctrl_c():
+                result = super().main(*args, **kwargs)
         except click.UsageError as exc:
             click.echo(f"Error: {exc.format_message()} (see --help)", err=True)
             sys.exit(exc.exit_code)
@@ -93,6 +117,18 @@ truncation_option = click.option(
 )
 
 
+def generator_option(help_text: str) -> Callable:
+    """``--generator MODEL.onnx``: every command that reads a generator spells it this way."""
+    return click.option("--generator", "model", type=click.Path(dir_okay=False), help=help_text)
+
+
+def _one_model(positional: str | None, option: str | None) -> str | None:
+    """The model named as an argument or by ``--generator`` (both only if they agree)."""
+    if positional is not None and option is not None and positional != option:
+        raise click.UsageError(f"the model is given twice ({positional} and --generator {option}): give it once")
+    return positional if positional is not None else option
+
+
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Generate handwritten digits with a GAN trained on MNIST."""
@@ -100,13 +136,13 @@ def main() -> None:
 
 @contextmanager
 def _stop_on_signals() -> Iterator[Callable[[], bool]]:
-    """Turn Ctrl-C and SIGTERM into a polled flag so training can checkpoint and exit cleanly."""
+    """Turn Ctrl-C, SIGTERM and SIGHUP into a polled flag so training can checkpoint and exit cleanly."""
     requested: list[int] = []
 
     def handler(signum: int, _frame: object) -> None:
         requested.append(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, *TERMINATING_SIGNALS)}
     try:
         yield lambda: bool(requested)
     finally:
@@ -331,13 +367,17 @@ def export_cmd(
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model_argument", metavar="[MODEL]", required=False, type=click.Path(dir_okay=False))
+@generator_option("ONNX model to check (or give it as the argument).")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Checkpoint it came from.")
 @click.option("--atol", type=click.FloatRange(min=0), help="Per-pixel tolerance [default: by the model's precision].")
-def verify(model: str, checkpoint: str, atol: float | None) -> None:
+def verify(model_argument: str | None, model: str | None, checkpoint: str, atol: float | None) -> None:
     """Check an existing ONNX model against the PyTorch checkpoint it was exported from."""
     from digitgen.export.onnx_export import verify_file
 
+    model = _one_model(model_argument, model)
+    if model is None:
+        raise click.UsageError("name the model to check: digitgen verify MODEL --checkpoint CHECKPOINT")
     report = verify_file(model, checkpoint, atol)
     _echo_report(report)
     click.echo(f"{model}: matches {checkpoint} on {len(report.cases)} cases")
@@ -354,9 +394,7 @@ def _parse_digits(ctx: click.Context, param: click.Parameter, value: str | None)
 
 
 @main.command()
-@click.option(
-    "--generator", "model", type=click.Path(dir_okay=False), help="ONNX generator (default: the shipped model)."
-)
+@generator_option("ONNX generator (default: the shipped model).")
 @click.option(
     "-n",
     "--num-digits",
@@ -375,6 +413,16 @@ def _parse_digits(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run: keep files that hold exactly what this command writes, redo the rest.",
+)
+@click.option(
+    "--test-count",
+    type=click.IntRange(min=1),
+    help="--format mnist: digits in the test split, after the N train digits [default: 10000].",
+)
 @click.option(
     "--num-shards",
     default=1,
@@ -401,6 +449,8 @@ def generate(
     provider: str,
     batch_size: int,
     overwrite: bool,
+    resume: bool,
+    test_count: int | None,
     num_shards: int,
     shard_index: int,
     truncation: float | None,
@@ -410,33 +460,41 @@ def generate(
         raise click.UsageError("give --digits or --digit, not both")
     requested = [digit] if digit is not None else digits
     shard = Shard(shard_index, num_shards)
+    gen = DigitGenerator.from_path(model, provider)
+    job = plan_generation(
+        gen,
+        out,
+        num_digits,
+        fmt,
+        digits=requested,
+        seed=seed,
+        batch_size=batch_size,
+        shard=shard,
+        overwrite=overwrite,
+        resume=resume,
+        truncation=truncation,
+        test_count=test_count,
+    )
+    start = time.perf_counter()
     try:
-        gen = DigitGenerator.from_path(model, provider)
-        count = shard.check(num_digits).size(num_digits)
-        start = time.perf_counter()
-        with click.progressbar(length=count, label="generating", file=sys.stderr, hidden=count <= batch_size) as bar:
-            files = generate_files(
-                gen,
-                out,
-                num_digits,
-                fmt,
-                digits=requested,
-                seed=seed,
-                batch_size=batch_size,
-                shard=shard,
-                overwrite=overwrite,
-                truncation=truncation,
-                on_batch=bar.update,
-            )
+        with click.progressbar(
+            length=job.plan.count, label="generating", file=sys.stderr, hidden=job.plan.count <= batch_size
+        ) as bar:
+            written = job.run(on_batch=bar.update)
     except KeyboardInterrupt:
-        click.echo("Error: interrupted; files already written are complete, none is partial", err=True)
+        click.echo(
+            "Error: interrupted; the files written are complete and none is partial; "
+            "the same command with --resume continues",
+            err=True,
+        )
         sys.exit(130)
     seconds = time.perf_counter() - start
     if gen.note:
         click.echo(f"note: {gen.note}", err=True)
-    where = files[0] if len(files) == 1 else out
+    where = written.paths[0] if len(written.paths) == 1 else out
     part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
-    click.echo(f"wrote {count} digits{part} as {fmt} to {where} in {seconds:.2f}s on {gen.provider}")
+    kept = f", kept {written.kept} complete files of the earlier run" if resume else ""
+    click.echo(f"wrote {job.plan.count} digits{part} as {fmt} to {where} in {seconds:.2f}s on {gen.provider}{kept}")
 
 
 @main.command()
@@ -450,10 +508,11 @@ def merge(out_dir: str, fmt: str, overwrite: bool) -> None:
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(dir_okay=False))
-def info(model: str | None) -> None:
+@click.argument("model_argument", metavar="[MODEL]", required=False, type=click.Path(dir_okay=False))
+@generator_option("ONNX generator, the same as MODEL (default: the shipped model).")
+def info(model_argument: str | None, model: str | None) -> None:
     """Print a model's contract and metadata (default: the shipped model)."""
-    gen = DigitGenerator.from_path(model, "cpu")
+    gen = DigitGenerator.from_path(_one_model(model_argument, model), "cpu")
     click.echo(f"model: {gen.path}")
     for kind, args in (("input", gen.inputs), ("output", gen.outputs)):
         for arg in args:
@@ -490,7 +549,7 @@ def train_classifier_cmd(data_dir: str, download: bool, out: str, overwrite: boo
 
 
 @main.command()
-@click.option("--generator", "model", type=click.Path(dir_okay=False), help="Default: the shipped model.")
+@generator_option("ONNX generator (default: the shipped model).")
 @click.option("--classifier", type=click.Path(dir_okay=False), help="Default: the shipped reference classifier.")
 @click.option("--num-samples", default=10_000, show_default=True, type=click.IntRange(min=100))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=MAX_SEED))
@@ -558,7 +617,7 @@ def evaluate(
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
-    help="onnxruntime intra-op threads per worker [default: cores / workers].",
+    help="onnxruntime intra-op threads per worker [default: cores / workers - 1, at least 1].",
 )
 @click.option(
     "--max-count", default=10_000, show_default=True, type=click.IntRange(min=1), help="Most digits per request."

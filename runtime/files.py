@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -12,21 +13,26 @@ from digitgen.runtime.errors import OutputError
 
 
 @contextmanager
-def publish(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; rename it onto ``path`` only if the block succeeds."""
+def publish(path: str | Path, keep_identical: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; rename it onto ``path`` only if the block succeeds.
+
+    With ``keep_identical``, an existing ``path`` that already holds exactly the new bytes is left
+    untouched (same file, same modification time).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.part")
     try:
         yield tmp
-        os.replace(tmp, path)
+        if not (keep_identical and path.is_file() and filecmp.cmp(tmp, path, shallow=False)):
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 @contextmanager
-def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+def atomic_file(path: str | Path, keep_identical: bool = False) -> Iterator[BinaryIO]:
     """Open ``path`` for binary writing through :func:`publish`."""
-    with publish(path) as tmp, tmp.open("wb") as f:
+    with publish(path, keep_identical) as tmp, tmp.open("wb") as f:
         yield f
 
 

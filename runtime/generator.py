@@ -29,6 +29,18 @@ class GeneratedDigits:
     start: int = 0  # global index of the first digit
 
 
+@dataclass(frozen=True)
+class Request:
+    """Checked, normalised arguments of :meth:`DigitGenerator.iter_batches`."""
+
+    num: int
+    digits: tuple[int, ...]  # the label cycle
+    seed: int
+    batch_size: int
+    start: int
+    truncation: float | None
+
+
 def labels_for(digits: Sequence[int], start: int, stop: int) -> np.ndarray:
     """Labels of global indices ``[start, stop)``: ``digits`` repeated."""
     cycle = np.asarray(digits, dtype=np.int64)
@@ -126,6 +138,25 @@ class DigitGenerator:
         (images,) = self._session.run(["image"], {"z": z, "digit": labels})
         return images
 
+    def check_request(
+        self,
+        num: int,
+        digits: Sequence[int] | None = None,
+        seed: int = 0,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        start: int = 0,
+        truncation: float | None = None,
+    ) -> Request:
+        """Validate the arguments of :meth:`iter_batches` (typed errors) and return them normalised."""
+        return Request(
+            check_int(num, "number of digits"),
+            tuple(self.check_digits(digits)),
+            check_int(seed, "seed", minimum=0, maximum=MAX_SEED),
+            check_int(batch_size, "batch size"),
+            check_int(start, "start index", minimum=0),
+            check_truncation(truncation),
+        )
+
     def iter_batches(
         self,
         num: int,
@@ -139,17 +170,12 @@ class DigitGenerator:
 
         ``truncation`` T redraws noise components beyond +-T (cleaner digits, less variety).
         """
-        num = check_int(num, "number of digits")
-        seed = check_int(seed, "seed", minimum=0, maximum=MAX_SEED)
-        batch_size = check_int(batch_size, "batch size")
-        start = check_int(start, "start index", minimum=0)
-        truncation = check_truncation(truncation)
-        cycle = self.check_digits(digits)
-        for lo in range(start, start + num, batch_size):
-            hi = min(lo + batch_size, start + num)
-            labels = labels_for(cycle, lo, hi)
-            images = self.run(standard_normal(seed, lo, hi, self.latent_dim, truncation), labels)
-            yield GeneratedDigits(to_uint8(images), labels, lo)
+        request = self.check_request(num, digits, seed, batch_size, start, truncation)
+        for lo in range(request.start, request.start + request.num, request.batch_size):
+            hi = min(lo + request.batch_size, request.start + request.num)
+            labels = labels_for(request.digits, lo, hi)
+            noise = standard_normal(request.seed, lo, hi, self.latent_dim, request.truncation)
+            yield GeneratedDigits(to_uint8(self.run(noise, labels)), labels, lo)
 
     def generate(
         self,

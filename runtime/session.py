@@ -29,7 +29,7 @@ ORT_ERRORS = (
 class OpenedSession:
     session: ort.InferenceSession
     provider: str  # "cpu" or "cuda": what really runs
-    note: str  # non-empty when "auto" fell back to the CPU
+    note: str  # non-empty when "auto" found onnxruntime's CUDA provider but it failed to start
 
 
 def _usable_providers() -> list[str]:
@@ -37,20 +37,19 @@ def _usable_providers() -> list[str]:
     return [name for name, ort_name in PROVIDERS.items() if ort_name in available]
 
 
-def _resolve(provider: str) -> tuple[str, str]:
+def _resolve(provider: str) -> str:
     if provider not in PROVIDER_CHOICES:
         raise ProviderUnavailableError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
     usable = _usable_providers()
     if provider == "auto":
-        if "cuda" in usable:
-            return "cuda", ""
-        return "cpu", "CUDA is not available to onnxruntime here; running on the CPU"
+        # Without onnxruntime-gpu nobody expects CUDA, so falling back to the CPU needs no note.
+        return "cuda" if "cuda" in usable else "cpu"
     if provider not in usable:
         raise ProviderUnavailableError(
             f"provider {provider!r} cannot run here; available: {', '.join(usable)} "
             "(CUDA needs the onnxruntime-gpu package and an NVIDIA GPU)"
         )
-    return provider, ""
+    return provider
 
 
 def _reason(exc: BaseException) -> str:
@@ -72,7 +71,7 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         raise ModelNotFoundError(f"model not found: {path}")
     if not path.is_file():
         raise InvalidModelError(f"model path is not a file: {path}")
-    chosen, note = _resolve(provider)
+    chosen = _resolve(provider)
     providers = [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -89,4 +88,4 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         raise ProviderUnavailableError(
             f"provider {provider!r} failed to start (onnxruntime fell back to {running}); available: cpu"
         )
-    return OpenedSession(session, chosen, note)
+    return OpenedSession(session, chosen, "")

@@ -1,15 +1,22 @@
-"""Write generated digits as PNG files, a contact sheet, an NPZ archive or an MNIST IDX pair.
+"""Write generated digits as PNG files, a contact sheet, an NPZ archive, an MNIST IDX pair or a
+torchvision MNIST root.
 
-Every file is written under a temporary name and renamed when complete, so an interrupted or
-failed run leaves complete files or none. Batches stream in, so PNG and IDX output use memory
-independent of the number of digits.
+A request is planned (checked) before any digit is made, then written. Every file is written under
+a temporary name and renamed when complete, so an interrupted or failed run leaves complete files
+or none; ``resume`` keeps the files that already hold exactly what the run would write and
+replaces the others. Batches stream in, so PNG and IDX output use memory independent of the
+number of digits.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +28,14 @@ from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, Gener
 from digitgen.runtime.idx import idx_header
 from digitgen.runtime.shards import WHOLE, Shard, concat_idx, concat_npz, find_shards
 
-FORMATS = ("png", "grid", "npz", "idx")
+FORMATS = ("png", "grid", "npz", "idx", "mnist")
 GRID_FILE = "grid.png"
 NPZ_FILE = "digits.npz"
 IDX_IMAGES_FILE = "train-images-idx3-ubyte"
 IDX_LABELS_FILE = "train-labels-idx1-ubyte"
+MNIST_RAW = "MNIST/raw"  # where torchvision.datasets.MNIST(root) reads the four IDX files
+MNIST_TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+DEFAULT_TEST_COUNT = 10_000  # the size of MNIST's own test split
 GRID_MAX_DIGITS = 10_000
 PNG_NAME = re.compile(r"^(\d{8,})_label\d+\.png$")
 
@@ -53,7 +63,9 @@ def prepare_output_dir(out_dir: str | Path) -> Path:
 
 
 def output_names(fmt: str, shard: Shard = WHOLE) -> list[str]:
-    """File names a non-PNG format writes (PNG names depend on index and label)."""
+    """Files a non-PNG format writes, relative to the output directory (PNG names depend on index and label)."""
+    if fmt == "mnist":
+        return [f"{MNIST_RAW}/{name}" for name in (IDX_IMAGES_FILE, IDX_LABELS_FILE, *MNIST_TEST_FILES)]
     names = {"grid": [GRID_FILE], "npz": [NPZ_FILE], "idx": [IDX_IMAGES_FILE, IDX_LABELS_FILE]}[fmt]
     return [shard.name(name) for name in names]
 
@@ -92,25 +104,36 @@ def _checked(batches: Iterable[GeneratedDigits], start: int, stop: int) -> Itera
         )
 
 
-def _write_png(image: np.ndarray, path: Path) -> None:
-    with atomic_file(path) as f:
-        f.write(png_bytes(image))
+def _index(path: Path) -> int:
+    return int(PNG_NAME.match(path.name).group(1))
 
 
-def _write_pngs(batches: Iterable[GeneratedDigits], out_dir: Path, replaced: list[Path], on_batch: OnBatch) -> None:
-    """One PNG per digit; a replaced file of the same index but another label is removed, so an index
-    never has two labels in one folder."""
+def _write_pngs(
+    batches: Iterable[GeneratedDigits], out_dir: Path, replaced: Sequence[Path], resume: bool, on_batch: OnBatch
+) -> int:
+    """One PNG per digit; returns how many existing files were kept.
+
+    A file of the same index but another label is removed, so an index never has two labels in one
+    folder. With ``resume``, a file that already holds exactly the digit's bytes is kept as it is.
+    """
     stale: dict[int, list[Path]] = {}
     for path in replaced:
-        stale.setdefault(int(PNG_NAME.match(path.name).group(1)), []).append(path)
+        stale.setdefault(_index(path), []).append(path)
+    kept = 0
     for batch in batches:
         for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
             path = out_dir / png_name(batch.start + offset, int(label))
-            _write_png(image, path)
+            encoded = png_bytes(image)
+            if resume and path in stale.get(batch.start + offset, ()) and path.read_bytes() == encoded:
+                kept += 1
+            else:
+                with atomic_file(path) as f:
+                    f.write(encoded)
             for old in stale.pop(batch.start + offset, []):
                 if old != path:
                     old.unlink(missing_ok=True)
         on_batch(len(batch.labels))
+    return kept
 
 
 def _collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch) -> GeneratedDigits:
@@ -125,32 +148,176 @@ def _collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch) ->
     return GeneratedDigits(images, labels)
 
 
-def _write_grid(batches: Iterable[GeneratedDigits], paths: list[Path], num: int, on_batch: OnBatch) -> None:
-    with atomic_file(paths[0]) as f:
+def _write_grid(
+    batches: Iterable[GeneratedDigits], paths: list[Path], num: int, resume: bool, on_batch: OnBatch
+) -> None:
+    with atomic_file(paths[0], keep_identical=resume) as f:
         f.write(grid_png_bytes(_collect(batches, num, on_batch).images))
 
 
-def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    with atomic_file(path) as f:
+def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray, resume: bool = False) -> None:
+    with atomic_file(path, keep_identical=resume) as f:
         f.write(npz_bytes(images, labels))
 
 
-def _write_npz(batches: Iterable[GeneratedDigits], paths: list[Path], num: int, on_batch: OnBatch) -> None:
+def _write_npz(
+    batches: Iterable[GeneratedDigits], paths: list[Path], num: int, resume: bool, on_batch: OnBatch
+) -> None:
     digits = _collect(batches, num, on_batch)
-    _save_npz(paths[0], digits.images, digits.labels)
+    _save_npz(paths[0], digits.images, digits.labels, resume)
 
 
-def _write_idx(batches: Iterable[GeneratedDigits], paths: list[Path], num: int, on_batch: OnBatch) -> None:
+def _write_idx(
+    batches: Iterable[GeneratedDigits], paths: Sequence[Path], num: int, resume: bool, on_batch: OnBatch
+) -> None:
     """MNIST IDX pair (big-endian headers: magic, count, rows, cols), streamed batch by batch."""
-    images_path, labels_path = paths
-    with atomic_file(images_path) as images_f, atomic_file(labels_path) as labels_f:
-        images_f.write(idx_header(num, images=True))
-        labels_f.write(idx_header(num, images=False))
-        for batch in batches:
+    _write_idx_splits(batches, paths, [num], resume, on_batch)
+
+
+def _write_idx_splits(
+    batches: Iterable[GeneratedDigits], paths: Sequence[Path], sizes: Sequence[int], resume: bool, on_batch: OnBatch
+) -> None:
+    """One IDX pair (images, labels) per split of ``sizes`` consecutive digits, all published together."""
+    with ExitStack() as stack:
+        files = [stack.enter_context(atomic_file(path, keep_identical=resume)) for path in paths]
+        pairs = [files[i : i + 2] for i in range(0, len(files), 2)]
+        for (images_f, labels_f), size in zip(pairs, sizes, strict=True):
+            images_f.write(idx_header(size, images=True))
+            labels_f.write(idx_header(size, images=False))
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return
+        cuts = (first.start + np.cumsum(sizes[:-1], dtype=np.int64)).tolist()
+        for batch in _cut_at(itertools.chain([first], batches), cuts):
+            images_f, labels_f = pairs[bisect.bisect_right(cuts, batch.start)]
             image_records, label_records = idx_records(batch.images, batch.labels)
             images_f.write(image_records)
             labels_f.write(label_records)
             on_batch(len(batch.labels))
+
+
+def _cut_at(batches: Iterable[GeneratedDigits], cuts: Sequence[int]) -> Iterator[GeneratedDigits]:
+    """The same digits, with any batch that straddles a cut (a global index) split there."""
+    for batch in batches:
+        for cut in cuts:
+            k = cut - batch.start
+            if 0 < k < len(batch.labels):
+                yield GeneratedDigits(batch.images[:k], batch.labels[:k], batch.start)
+                batch = GeneratedDigits(batch.images[k:], batch.labels[k:], cut)
+        yield batch
+
+
+@dataclass(frozen=True)
+class WrittenFiles:
+    paths: list[Path]  # the files written; for png, the output directory
+    kept: int  # files of an earlier run kept as they were (resume only)
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """A checked request: where its digits go and which existing files it may replace.
+
+    Made by :func:`plan_output` before any digit is generated, so every refusal comes first.
+    """
+
+    out_dir: Path
+    fmt: str
+    total: int  # digits of the whole (unsharded) request; for mnist, of the train split
+    shard: Shard
+    test_count: int  # mnist only: digits total .. total+test_count-1 form the test split
+    resume: bool
+    existing: tuple[Path, ...]  # outputs already there, which the run may replace
+
+    @property
+    def start(self) -> int:
+        """Global index of the first digit this run writes."""
+        return self.shard.bounds(self.total)[0]
+
+    @property
+    def count(self) -> int:
+        """How many digits this run writes."""
+        return self.shard.size(self.total) + self.test_count
+
+    def write(self, batches: Iterable[GeneratedDigits], on_batch: OnBatch = lambda n: None) -> WrittenFiles:
+        """Write the digits ``start .. start+count-1``, streamed from ``batches`` in order."""
+        start, stop = self.start, self.start + self.count
+        batches = _checked(batches, start, stop)
+        if self.fmt == "png":
+            try:
+                kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, on_batch)
+            except InvalidRequestError:
+                for path in pngs_in_range(self.out_dir, start, stop):
+                    path.unlink()
+                raise
+            return WrittenFiles([self.out_dir], kept)
+        paths = [self.out_dir / name for name in output_names(self.fmt, self.shard)]
+        before = {path: path.stat() for path in self.existing}
+        if self.fmt == "mnist":
+            with _new_folders(paths[0].parent):
+                _write_idx_splits(batches, paths, [self.total, self.test_count], self.resume, on_batch)
+        else:
+            writer = {"grid": _write_grid, "npz": _write_npz, "idx": _write_idx}[self.fmt]
+            writer(batches, paths, self.count, self.resume, on_batch)
+        return WrittenFiles(paths, sum(_unchanged(path, stat) for path, stat in before.items()))
+
+
+@contextmanager
+def _new_folders(folder: Path) -> Iterator[None]:
+    """Create ``folder`` and its missing parents; remove those it created if the block fails."""
+    created = [parent for parent in [folder, *folder.parents] if not parent.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            with suppress(OSError):  # not empty: something else was put there meanwhile
+                path.rmdir()
+        raise
+
+
+def _unchanged(path: Path, before: os.stat_result) -> bool:
+    after = path.stat()
+    return (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def plan_output(
+    out_dir: str | Path,
+    fmt: str,
+    total: int,
+    *,
+    shard: Shard = WHOLE,
+    overwrite: bool = False,
+    resume: bool = False,
+    test_count: int | None = None,
+) -> OutputPlan:
+    """Check a request for ``shard`` of ``total`` digits as ``fmt`` in ``out_dir``; raise before writing anything.
+
+    Existing outputs are refused unless ``overwrite`` (replace them) or ``resume`` (keep those that
+    already hold exactly what this request writes, replace the rest). ``fmt="mnist"`` writes a
+    torchvision root: ``MNIST/raw/`` with the train split (digits ``0 .. total-1``) and the test
+    split (the next ``test_count`` digits, 10,000 unless given; no digit is in both).
+    """
+    if fmt not in FORMATS:
+        raise InvalidRequestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if overwrite and resume:
+        raise InvalidRequestError("--resume keeps what is complete and --overwrite replaces everything: give one")
+    if fmt == "mnist":
+        test_count = DEFAULT_TEST_COUNT if test_count is None else test_count
+        if isinstance(test_count, bool) or not isinstance(test_count, int) or test_count < 1:
+            raise InvalidRequestError(f"the test split needs at least one digit, got {test_count!r}")
+        if shard.count > 1:
+            raise InvalidRequestError("--format mnist writes one dataset root and is not sharded; shard --format idx")
+    elif test_count is not None:
+        raise InvalidRequestError("a test split (--test-count) is written by --format mnist only")
+    start, stop = shard.check(total).bounds(total)
+    if fmt == "grid" and stop - start > GRID_MAX_DIGITS:
+        raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use png, npz or idx")
+    out_dir = prepare_output_dir(out_dir)
+    existing = existing_outputs(out_dir, fmt, shard, total)
+    if not resume:
+        refuse_existing(existing, overwrite)
+    return OutputPlan(out_dir, fmt, total, shard, test_count or 0, resume, tuple(existing))
 
 
 def write_digits(
@@ -161,6 +328,7 @@ def write_digits(
     *,
     shard: Shard = WHOLE,
     overwrite: bool = False,
+    resume: bool = False,
     on_batch: OnBatch = lambda n: None,
 ) -> list[Path]:
     """Write ``shard`` of a ``total``-digit request, streamed from ``batches``.
@@ -169,26 +337,47 @@ def write_digits(
     yields them); anything else raises :class:`InvalidRequestError` and leaves no file. Returns the
     files written; for ``png``, whose files are many, the output directory.
     """
-    if fmt not in FORMATS:
-        raise InvalidRequestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    start, stop = shard.check(total).bounds(total)
-    if fmt == "grid" and stop - start > GRID_MAX_DIGITS:
-        raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use png, npz or idx")
-    out_dir = prepare_output_dir(out_dir)
-    replaced = existing_outputs(out_dir, fmt, shard, total)
-    refuse_existing(replaced, overwrite)
-    batches = _checked(batches, start, stop)
-    if fmt == "png":
-        try:
-            _write_pngs(batches, out_dir, replaced, on_batch)
-        except InvalidRequestError:
-            for path in pngs_in_range(out_dir, start, stop):
-                path.unlink()
-            raise
-        return [out_dir]
-    paths = [out_dir / name for name in output_names(fmt, shard)]
-    {"grid": _write_grid, "npz": _write_npz, "idx": _write_idx}[fmt](batches, paths, stop - start, on_batch)
-    return paths
+    plan = plan_output(out_dir, fmt, total, shard=shard, overwrite=overwrite, resume=resume)
+    return plan.write(batches, on_batch).paths
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """A checked ``digitgen generate`` request; :meth:`run` makes and writes the digits."""
+
+    gen: DigitGenerator
+    plan: OutputPlan
+    digits: Sequence[int] | None
+    seed: int
+    batch_size: int
+    truncation: float | None
+
+    def run(self, on_batch: OnBatch = lambda n: None) -> WrittenFiles:
+        batches = self.gen.iter_batches(
+            self.plan.count, self.digits, self.seed, self.batch_size, start=self.plan.start, truncation=self.truncation
+        )
+        return self.plan.write(batches, on_batch)
+
+
+def plan_generation(
+    gen: DigitGenerator,
+    out_dir: str | Path,
+    num: int,
+    fmt: str = "png",
+    *,
+    digits: Sequence[int] | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    shard: Shard = WHOLE,
+    overwrite: bool = False,
+    resume: bool = False,
+    truncation: float | None = None,
+    test_count: int | None = None,
+) -> GenerationJob:
+    """Check everything about a :func:`generate_files` request, generating nothing and writing no file."""
+    gen.check_request(num, digits, seed, batch_size, truncation=truncation)
+    plan = plan_output(out_dir, fmt, num, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count)
+    return GenerationJob(gen, plan, digits, seed, batch_size, truncation)
 
 
 def generate_files(
@@ -202,17 +391,32 @@ def generate_files(
     batch_size: int = DEFAULT_BATCH_SIZE,
     shard: Shard = WHOLE,
     overwrite: bool = False,
+    resume: bool = False,
     truncation: float | None = None,
+    test_count: int | None = None,
     on_batch: OnBatch = lambda n: None,
 ) -> list[Path]:
     """What ``digitgen generate`` does: make ``shard`` of ``num`` digits with ``gen`` and write them as ``fmt``.
 
-    Returns the files written (for ``png``, the output directory).
+    ``resume`` continues an interrupted run: files that already hold exactly what this request
+    writes are kept, a damaged or different one is replaced, missing ones are written. Returns the
+    files written (for ``png``, the output directory).
     """
-    gen.check_digits(digits)
-    start, stop = shard.check(num).bounds(num)
-    batches = gen.iter_batches(stop - start, digits, seed, batch_size, start=start, truncation=truncation)
-    return write_digits(batches, out_dir, fmt, num, shard=shard, overwrite=overwrite, on_batch=on_batch)
+    job = plan_generation(
+        gen,
+        out_dir,
+        num,
+        fmt,
+        digits=digits,
+        seed=seed,
+        batch_size=batch_size,
+        shard=shard,
+        overwrite=overwrite,
+        resume=resume,
+        truncation=truncation,
+        test_count=test_count,
+    )
+    return job.run(on_batch).paths
 
 
 def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> list[Path]:

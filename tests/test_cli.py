@@ -74,11 +74,21 @@ def test_bad_generate_input_is_one_clear_line(tmp_path: Path, tiny_onnx: Path, a
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA can run here")
-def test_auto_provider_says_once_that_it_runs_on_the_cpu(tmp_path: Path, tiny_onnx: Path) -> None:
+def test_auto_provider_on_a_cpu_only_onnxruntime_says_nothing(tmp_path: Path, tiny_onnx: Path) -> None:
     code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path, "--provider", "auto")
     assert code == 0, output
-    assert output.count("note: CUDA is not available to onnxruntime here; running on the CPU") == 1
-    assert "note:" not in run("generate", "--generator", tiny_onnx, "--out", tmp_path / "cpu", "--provider", "cpu")[1]
+    assert "note:" not in output and "CUDA" not in output
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_auto_provider_says_once_when_installed_cuda_fails(tmp_path: Path, tiny_onnx: Path, monkeypatch) -> None:
+    """onnxruntime-gpu on a machine without a usable GPU: auto falls back to the CPU and says so once."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path, "--provider", "auto")
+    assert code == 0, output
+    assert output.count("note: CUDA failed to start in onnxruntime; running on the CPU") == 1
+    code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path / "cuda", "--provider", "cuda")
+    assert code == 1 and "provider 'cuda' failed to start" in output and len(output.strip().splitlines()) == 1
 
 
 def test_generate_refuses_to_overwrite(tmp_path: Path, tiny_onnx: Path) -> None:
@@ -101,6 +111,45 @@ def test_info_prints_contract_and_metadata(tiny_onnx: Path) -> None:
         "noise (runtime, any model): splitmix64-boxmuller-v1",
     ):
         assert expected in output
+
+
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_the_model_is_spelled_generator_everywhere(tmp_path: Path, tiny_onnx: Path, command: str) -> None:
+    checkpoint = ["--checkpoint", tmp_path / "none.pt"] if command == "verify" else []
+    positional = run(command, tiny_onnx, *checkpoint)
+    assert run(command, "--generator", tiny_onnx, *checkpoint) == positional
+    assert run(command, tiny_onnx, "--generator", tiny_onnx, *checkpoint) == positional
+    code, output = run(command, tiny_onnx, "--generator", tmp_path / "other.onnx", *checkpoint)
+    assert code == 2 and "the model is given twice" in output and len(output.strip().splitlines()) == 1
+
+
+def test_verify_without_a_model_names_it(tmp_path: Path) -> None:
+    code, output = run("verify", "--checkpoint", tmp_path / "c.pt")
+    assert code == 2 and "name the model to check" in output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--format", "grid"], "already exists; pass --overwrite"),
+        (["--format", "grid", "--resume", "--overwrite"], "give one"),
+        (["--format", "png", "--test-count", "5"], "--format mnist only"),
+        (["--format", "mnist", "--num-shards", "2"], "not sharded"),
+    ],
+)
+def test_refusals_come_before_any_progress(tmp_path: Path, tiny_onnx: Path, args: list, message: str) -> None:
+    assert run("generate", "--generator", tiny_onnx, "--out", tmp_path, "--format", "grid", "-n", 300)[0] == 0
+    code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path, "-n", 300, "--batch-size", 10, *args)
+    assert code == 1 and message in output
+    assert output.strip().splitlines() == [output.strip()] and "generating" not in output, output
+
+
+def test_resume_reports_what_it_kept(tmp_path: Path, tiny_onnx: Path) -> None:
+    args = ("generate", "--generator", tiny_onnx, "--out", tmp_path, "-n", 12)
+    assert run(*args)[0] == 0
+    (tmp_path / "00000005_label5.png").unlink()
+    code, output = run(*args, "--resume")
+    assert code == 0 and "kept 11 complete files of the earlier run" in output, output
 
 
 def test_train_export_verify(tmp_path: Path, tiny_mnist: Path) -> None:

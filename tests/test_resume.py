@@ -1,0 +1,159 @@
+"""Interrupted generation: SIGTERM and SIGHUP stop `generate` as Ctrl-C does, and `--resume` finishes
+the folder byte for byte as an uninterrupted run would have written it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, generate_files
+from digitgen.runtime.writers import FORMATS
+
+N = 40
+BATCH = 8
+REQUEST = {"digits": [1, 4, 7], "seed": 5, "batch_size": BATCH}
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_onnx: Path) -> DigitGenerator:
+    return DigitGenerator.from_path(tiny_onnx, "cpu")
+
+
+def folder(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (hidden temporary files included) by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def interrupt_after(batches: int):
+    seen = []
+
+    def on_batch(n: int) -> None:
+        seen.append(n)
+        if len(seen) == batches:
+            raise KeyboardInterrupt
+
+    return on_batch
+
+
+@pytest.fixture(scope="module")
+def clean_runs(gen: DigitGenerator, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes]]:
+    runs = {}
+    for fmt in FORMATS:
+        out = tmp_path_factory.mktemp(f"clean-{fmt}")
+        generate_files(gen, out, N, fmt, **REQUEST)
+        runs[fmt] = folder(out)
+    return runs
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("stop_after", [1, 3, 5])
+def test_resume_after_an_interrupt_equals_an_uninterrupted_run(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, fmt: str, stop_after: int
+) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, fmt, on_batch=interrupt_after(stop_after), **REQUEST)
+    left = folder(tmp_path)
+    assert not [name for name in left if name.endswith(".part")]
+    if fmt == "png":
+        assert len(left) == stop_after * BATCH  # every complete batch's files, nothing else
+        assert all(clean_runs[fmt][name] == content for name, content in left.items())
+        with pytest.raises(OutputError, match="pass --overwrite"):
+            generate_files(gen, tmp_path, N, fmt, **REQUEST)
+    else:
+        assert left == {}
+    generate_files(gen, tmp_path, N, fmt, resume=True, **REQUEST)
+    assert folder(tmp_path) == clean_runs[fmt]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resume_replaces_a_damaged_file_and_keeps_the_good_ones(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, fmt: str
+) -> None:
+    generate_files(gen, tmp_path, N, fmt, **REQUEST)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    damaged = files[len(files) // 2]
+    damaged.write_bytes(damaged.read_bytes()[:-7])
+    good = [p for p in files if p != damaged]
+    stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in good}
+    generate_files(gen, tmp_path, N, fmt, resume=True, **REQUEST)
+    assert folder(tmp_path) == clean_runs[fmt]
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in good} == stamps  # kept, not rewritten
+
+
+def test_resume_replaces_a_png_of_another_label_or_seed(gen: DigitGenerator, tmp_path: Path, clean_runs: dict) -> None:
+    generate_files(gen, tmp_path, N // 2, "png", digits=[2], seed=5, batch_size=BATCH)  # other labels
+    generate_files(gen, tmp_path / "x", N, "png", digits=[1, 4, 7], seed=6, batch_size=BATCH)  # other seed
+    for path in (tmp_path / "x").iterdir():
+        path.rename(tmp_path / path.name)
+    (tmp_path / "x").rmdir()
+    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert folder(tmp_path) == clean_runs["png"]
+
+
+def test_resume_and_overwrite_are_exclusive(gen: DigitGenerator, tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match="give one"):
+        generate_files(gen, tmp_path, N, "png", resume=True, overwrite=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _generate(out: Path, *args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "digitgen", "generate", "--out", str(out), "--seed", "3", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_progress(proc: subprocess.Popen) -> None:
+    """Block until the command has checked its request and started generating."""
+    line = proc.stderr.readline()
+    assert line.strip() == "generating", line + proc.stderr.read()
+
+
+# Long enough that each run is still generating when the signal arrives (the shipped model, 2 cores:
+# minutes of work), small enough that npz and grid fit in memory.
+SIZES = {"png": 200_000, "grid": 10_000, "npz": 200_000, "idx": 200_000, "mnist": 200_000}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_terminating_signals_leave_what_ctrl_c_leaves(tmp_path: Path, fmt: str, signum: int) -> None:
+    batch = "1" if fmt == "grid" else "64"
+    proc = _generate(tmp_path, "-n", str(SIZES[fmt]), "--format", fmt, "--batch-size", batch)
+    _wait_for_progress(proc)
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "Error: interrupted; the files written are complete and none is partial; "
+        "the same command with --resume continues"
+    )
+    assert "Traceback" not in stderr and stdout == ""
+    left = [p for p in tmp_path.rglob("*") if p.is_file()]
+    if fmt == "png":
+        assert left and all(p.stat().st_size > 60 for p in left)
+    else:
+        assert left == []
+
+
+def test_sigterm_then_resume_gives_the_uninterrupted_folder(tmp_path: Path) -> None:
+    args = ("-n", "2000", "--digits", "3,8", "--batch-size", "64")
+    proc = _generate(tmp_path / "resumed", *args)
+    _wait_for_progress(proc)
+    while len(os.listdir(tmp_path / "resumed")) < 200:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    interrupted = len(os.listdir(tmp_path / "resumed"))
+    assert 200 <= interrupted < 2000
+    resumed = _generate(tmp_path / "resumed", *args, "--resume")
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert f"kept {interrupted} complete files of the earlier run" in stdout
+    clean = _generate(tmp_path / "clean", *args)
+    assert clean.wait(timeout=300) == 0
+    assert folder(tmp_path / "resumed") == folder(tmp_path / "clean")
