@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -410,6 +411,54 @@ def test_bad_fields_show_on_the_page_until_the_next_sheet(page: Page, fields: di
     assert_error_shown(page, [message])
     assert submit(page) == "drawn"
     assert page.locator("#error").is_hidden()
+
+
+def test_every_bad_field_is_named_and_marked(page: Page) -> None:
+    assert submit(page, digits="12", count="0", seed="abc", truncation="wide") == "error"
+    messages = [
+        'digit "12" is not a class of this model (0-9)',
+        'count must be an integer from 1 to 100, got "0"',
+        'seed must be an integer from 0 to 18446744073709551615, got "abc"',
+        'truncation must be a positive number, got "wide"',
+    ]
+    assert_error_shown(page, messages)
+    assert page.locator("#error").inner_text().splitlines() == messages  # one per line, in the page's order
+    invalid = page.eval_on_selector_all("input[aria-invalid=true]", "inputs => inputs.map((i) => i.id)")
+    assert invalid == ["digits", "count", "seed", "truncation"]
+    assert submit(page, count="0", truncation="1.5") == "error"
+    assert page.locator("#error").inner_text().splitlines() == [messages[1]]
+    assert page.eval_on_selector_all("input[aria-invalid=true]", "inputs => inputs.map((i) => i.id)") == ["count"]
+    assert submit(page) == "drawn"
+    assert page.locator("#error").is_hidden()
+    assert page.eval_on_selector_all("input[aria-invalid=true]", "inputs => inputs.length") == 0
+
+
+def _readme_page_fields() -> list[tuple[str, str]]:
+    """(name, description) of each field in the README's sentence on the page."""
+    readme = (WEB.parent / "README.md").read_text()
+    bullet = readme.split("- **The page**", 1)[1].split("\n- ", 1)[0]
+    return re.findall(r"\*(\w+)\* \(([^)]*)\)", " ".join(bullet.split()))
+
+
+def test_readme_describes_the_page_fields(browser: Browser, base_url: str) -> None:
+    page = open_page(browser, base_url + "index.html")
+    try:
+        fields = page.eval_on_selector_all(
+            "#controls label",
+            """labels => labels.map((label) => {
+                const input = label.querySelector("input");
+                return [label.firstChild.textContent.trim(), input.value, input.placeholder, input.title];
+            })""",
+        )
+        described = _readme_page_fields()
+        assert [name for name, _ in described] == [name for name, *_ in fields]
+        for (name, text), (_, value, placeholder, title) in zip(described, fields, strict=True):
+            assert title in text, f"README's {name} field lacks the page's range or example {title!r}"
+            assert (f"default {value}" if value else f"empty: {placeholder}") in text, f"README's {name} default"
+        count = next(value for name, value, *_ in fields if name == "Count")
+        assert f"{count} digits in" in page.text_content("#timing")  # the default the page draws
+    finally:
+        page.close()
 
 
 def test_screenshot_and_download(

@@ -86,15 +86,38 @@ function describe(gen) {
   $("model").hidden = false;
 }
 
+/**
+ * The four fields, each checked: the request, or an InvalidRequestError naming every bad field (one per line,
+ * in the page's order); the bad fields are marked aria-invalid.
+ */
+function readFields(gen) {
+  const problems = [];
+  const check = (field, read) => {
+    try {
+      const value = read($(field).value.trim());
+      $(field).removeAttribute("aria-invalid");
+      return value;
+    } catch (error) {
+      $(field).setAttribute("aria-invalid", "true");
+      problems.push(error.message);
+      return undefined;
+    }
+  };
+  const request = {
+    digits: check("digits", (text) => (text ? gen.checkDigits(text.split(",")) : null)),
+    count: check("count", (text) => Number(digitgen.checkInteger(text, "count", 1n, BigInt(MAX_DIGITS)))),
+    seed: check("seed", (text) => digitgen.checkInteger(text, "seed", 0n, digitgen.MAX_SEED)),
+    truncation: check("truncation", (text) => digitgen.checkTruncation(text)),
+  };
+  if (problems.length) throw new digitgen.InvalidRequestError(problems.join("\n"));
+  return request;
+}
+
 async function draw(gen) {
   setState("busy");
   $("generate").disabled = true;
   try {
-    const count = Number(digitgen.checkInteger($("count").value, "count", 1n, BigInt(MAX_DIGITS)));
-    const digitsText = $("digits").value.trim();
-    const digits = digitsText ? digitsText.split(",") : null;
-    const seed = digitgen.checkInteger($("seed").value, "seed", 0n, digitgen.MAX_SEED);
-    const truncation = digitgen.checkTruncation($("truncation").value.trim());
+    const { digits, count, seed, truncation } = readFields(gen);
     const { images, seconds } = await gen.generate({ count, digits, seed, truncation });
     drawSheet(images, count, digitgen.IMAGE_SIZE);
     const rate = Math.round(count / seconds).toLocaleString("en");
