@@ -20,8 +20,9 @@ WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to w
 
 
 def default_threads(workers: int) -> int:
-    """onnxruntime intra-op threads per worker that, together, use each core once."""
-    return max(1, (os.cpu_count() or 1) // workers)
+    """onnxruntime intra-op threads per worker: its share of the cores less one for its event loop
+    (HTTP, noise, encoding), at least one."""
+    return max(1, (os.cpu_count() or 1) // workers - 1)
 
 
 @dataclass(frozen=True)

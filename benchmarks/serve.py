@@ -1,0 +1,214 @@
+"""`digitgen serve` under load, beside its two anchors measured in the same run.
+
+    python benchmarks/serve.py                 # the README's table (a few minutes)
+    python benchmarks/serve.py --soak 100000   # RSS before and after that many one-digit requests
+
+Anchors: a bare FastAPI/uvicorn endpoint that returns a constant PNG-sized body (the stack's own
+ceiling), and the library's in-process ``generate`` rate. The load generator is an asyncio client
+with keep-alive connections in this process; every request carries its own seed, so no cache can
+stand in for the model. Traffic goes to 127.0.0.1 only, bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import describe  # noqa: E402
+from digitgen.runtime.generator import DigitGenerator  # noqa: E402
+
+HOST = "127.0.0.1"
+LENGTH = re.compile(rb"content-length: *(\d+)", re.IGNORECASE)
+BARE_APP = """
+import sys
+import uvicorn
+from fastapi import FastAPI, Response
+
+app = FastAPI()
+BODY = bytes(300)
+
+@app.get("/constant")
+async def constant() -> Response:
+    return Response(BODY, media_type="image/png")
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(command: list[str], ready: str) -> Iterator[tuple[int, subprocess.Popen]]:
+    """Start a server (``{port}`` filled in), wait until ``ready`` answers 200, stop it with SIGTERM."""
+    port = free_port()
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen([part.format(port=port) for part in command], stdout=log, stderr=log)
+        yield from _serve_until_done(process, port, ready, log)
+
+
+def _serve_until_done(
+    process: subprocess.Popen, port: int, ready: str, log: IO[bytes]
+) -> Iterator[tuple[int, subprocess.Popen]]:
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://{HOST}:{port}{ready}", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise SystemExit(f"server did not start: {log.read().decode(errors='replace')}")
+            time.sleep(0.05)
+        yield port, process
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+async def _connection(
+    port: int, paths: Iterator[str], stop_at: float, latencies: list[float], statuses: Counter
+) -> None:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        for path in paths:
+            if time.perf_counter() > stop_at:
+                return
+            started = time.perf_counter()
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(LENGTH.search(head).group(1)))
+            latencies.append(time.perf_counter() - started)
+            statuses[int(head[9:12])] += 1
+    finally:
+        writer.close()
+
+
+def load(port: int, template: str, concurrency: int, seconds: float, limit: int | None = None) -> dict:
+    """``concurrency`` keep-alive connections send ``template`` (``{seed}`` filled, one seed per request)
+    for ``seconds`` or until ``limit`` requests; requests/s, p50 and p99 latency, statuses."""
+    seeds = itertools.count(int(time.time() * 1000) % 10**9)
+    paths = (
+        (template.format(seed=next(seeds)) for _ in itertools.count())
+        if limit is None
+        else (template.format(seed=next(seeds)) for _ in range(limit))
+    )
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+
+    async def main() -> float:
+        started = time.perf_counter()
+        stop_at = started + seconds
+        await asyncio.gather(*(_connection(port, paths, stop_at, latencies, statuses) for _ in range(concurrency)))
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(main())
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+        "requests": len(latencies),
+        "failed": sum(n for status, n in statuses.items() if status != 200),
+    }
+
+
+def in_process(threads: int, count: int, seconds: float) -> float:
+    """Digits/s of ``DigitGenerator.generate(count)`` calls, each with its own seed."""
+    generator = DigitGenerator.from_path(threads=threads)
+    generator.generate(256)
+    done, seed, started = 0, 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        generator.generate(count, seed=seed)
+        done, seed = done + count, seed + 1
+    return done / (time.perf_counter() - started)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def serve_command(*options: str) -> list[str]:
+    return [sys.executable, "-m", "digitgen", "serve", "--quiet", "--port", "{port}", *options]
+
+
+def row(name: str, result: dict) -> str:
+    return (
+        f"| {name} | {result['rps']:,.0f} | {result['p50_ms']:.1f} | {result['p99_ms']:.1f} | "
+        f"{result['failed']} of {result['requests']:,} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
+    parser.add_argument("--soak", type=int, default=0, help="one-digit requests for the RSS figure (0: skip)")
+    args = parser.parse_args()
+    png = "/generate?seed={seed}&digit=7"
+    print(f"machine: {describe()}; python {sys.version.split()[0]}; {time.strftime('%Y-%m-%d')}")
+    print("| server, one-digit PNG | requests/s | p50 ms | p99 ms | failed |\n|---|---|---|---|---|")
+    with running([sys.executable, "-c", BARE_APP, "{port}"], "/constant") as (port, _):
+        load(port, "/constant?seed={seed}", 16, 1)
+        bare = {c: load(port, "/constant?seed={seed}", c, args.seconds) for c in (1, 16, 64)}
+    for c, result in bare.items():
+        print(row(f"anchor: bare FastAPI constant, concurrency {c}", result), flush=True)
+    variants = {"1 worker, 1 thread": ("--threads", "1"), "1 worker, 2 threads": ("--threads", "2"),
+                "2 workers, 1 thread each": ("--workers", "2")}  # fmt: skip
+    npz = {}
+    for name, options in variants.items():
+        with running(serve_command(*options), "/readyz") as (port, _):
+            load(port, png, 16, 1)
+            for c in (1, 16, 64):
+                result = load(port, png, c, args.seconds)
+                share = result["rps"] / bare[c]["rps"]
+                print(row(f"digitgen serve, {name}, concurrency {c} ({share:.0%} of bare)", result), flush=True)
+            npz[name] = load(port, "/generate?seed={seed}&count=1000&format=npz", 2, 2 * args.seconds)
+    print("\n| count=1000 NPZ, 2 connections | digits/s |\n|---|---|")
+    for threads in (1, 2):
+        print(f"| anchor: in-process generate(1000), {threads} thread(s) | {in_process(threads, 1000, 5):,.0f} |")
+    for name, result in npz.items():
+        print(f"| digitgen serve, {name} | {1000 * result['rps']:,.0f} |", flush=True)
+    print("\n| in-process, one digit per call | digits/s |\n|---|---|")
+    print(f"| generate(1), 1 thread | {in_process(1, 1, 3):,.0f} |")
+    print(f"| generate(64), 1 thread (what coalescing 64 requests could reach) | {in_process(1, 64, 3):,.0f} |")
+    if args.soak:
+        with running(serve_command("--threads", "1"), "/readyz") as (port, process):
+            load(port, png, 16, 60, limit=2_000)
+            before = rss_mb(process.pid)
+            result = load(port, png, 16, 3_600, limit=args.soak)
+            after = rss_mb(process.pid)
+        print(f"\nsoak: {result['requests']:,} requests, {result['failed']} failed, {result['rps']:,.0f}/s; "
+              f"RSS {before:.1f} MB -> {after:.1f} MB ({after - before:+.1f} MB)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
