@@ -12,6 +12,11 @@ from typing import BinaryIO
 from digitgen.runtime.errors import OutputError
 
 
+def temporary_name(path: Path) -> Path:
+    """Where :func:`publish` writes ``path`` before renaming it: a hidden sibling."""
+    return path.with_name(f".{path.name}.part")
+
+
 @contextmanager
 def publish(path: str | Path, keep_identical: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; rename it onto ``path`` only if the block succeeds.
@@ -20,7 +25,7 @@ def publish(path: str | Path, keep_identical: bool = False) -> Iterator[Path]:
     untouched (same file, same modification time).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.part")
+    tmp = temporary_name(path)
     try:
         yield tmp
         if not (keep_identical and path.is_file() and filecmp.cmp(tmp, path, shallow=False)):

@@ -23,7 +23,7 @@ import numpy as np
 
 from digitgen.runtime.encode import grid_png_bytes, idx_records, npz_bytes, png_bytes
 from digitgen.runtime.errors import InvalidRequestError, OutputError
-from digitgen.runtime.files import atomic_file, refuse_existing
+from digitgen.runtime.files import atomic_file, refuse_existing, temporary_name
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
 from digitgen.runtime.idx import idx_header
 from digitgen.runtime.shards import WHOLE, Shard, concat_idx, concat_npz, find_shards
@@ -38,6 +38,7 @@ MNIST_TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DEFAULT_TEST_COUNT = 10_000  # the size of MNIST's own test split
 GRID_MAX_DIGITS = 10_000
 PNG_NAME = re.compile(r"^(\d{8,})_label\d+\.png$")
+TEMPORARY_PNG = re.compile(r"^\.(\d{8,})_label\d+\.png\.part$")  # what files.publish writes first
 
 OnBatch = Callable[[int], None]
 
@@ -85,6 +86,18 @@ def existing_outputs(out_dir: Path, fmt: str, shard: Shard, total: int) -> list[
     if fmt == "png":
         return pngs_in_range(out_dir, *shard.bounds(total))
     return [out_dir / name for name in output_names(fmt, shard) if (out_dir / name).exists()]
+
+
+def leftover_temporaries(out_dir: Path, fmt: str, shard: Shard, total: int) -> list[Path]:
+    """Temporary files of this request's outputs that a killed run (SIGKILL, power loss) left behind."""
+    if fmt == "png":
+        start, stop = shard.bounds(total)
+        return [
+            Path(entry.path)
+            for entry in os.scandir(out_dir)
+            if (match := TEMPORARY_PNG.match(entry.name)) and start <= int(match.group(1)) < stop
+        ]
+    return [path for name in output_names(fmt, shard) if (path := temporary_name(out_dir / name)).exists()]
 
 
 def _checked(batches: Iterable[GeneratedDigits], start: int, stop: int) -> Iterator[GeneratedDigits]:
@@ -242,6 +255,9 @@ class OutputPlan:
     def write(self, batches: Iterable[GeneratedDigits], on_batch: OnBatch = lambda n: None) -> WrittenFiles:
         """Write the digits ``start .. start+count-1``, streamed from ``batches`` in order."""
         start, stop = self.start, self.start + self.count
+        if self.resume and self.out_dir.is_dir():
+            for path in leftover_temporaries(self.out_dir, self.fmt, self.shard, self.total):
+                path.unlink(missing_ok=True)
         batches = _checked(batches, start, stop)
         if self.fmt == "png":
             try:

@@ -79,6 +79,8 @@ def test_resume_replaces_a_damaged_file_and_keeps_the_good_ones(
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
     damaged = files[len(files) // 2]
     damaged.write_bytes(damaged.read_bytes()[:-7])
+    killed = files[0].with_name(f".{files[0].name}.part")  # what a SIGKILL mid-write leaves
+    killed.write_bytes(files[0].read_bytes()[:50])
     good = [p for p in files if p != damaged]
     stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in good}
     generate_files(gen, tmp_path, N, fmt, resume=True, **REQUEST)
