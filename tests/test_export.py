@@ -103,3 +103,96 @@ def test_lighter_precision_beyond_its_tolerance_leaves_no_file(tmp_path: Path, t
 def test_export_to_missing_directory_is_a_clear_error(tmp_path: Path, tiny_checkpoint: Path) -> None:
     with pytest.raises(ExportError, match="does not exist"):
         export_generator(tiny_checkpoint, tmp_path / "nope" / "g.onnx")
+
+
+EVALUATION = {
+    "generated": {
+        "num_samples": 100,
+        "class_accuracy": 0.987654,
+        "per_digit_accuracy": [0.99, 0.95, 0.971234, 1.0, 0.98, 0.99, 0.99, 0.99, 0.99, 0.99],
+        "fid": 12.345678,
+        "precision": 0.81234,
+        "recall": 0.71234,
+    },
+    "real": {"fid": 1.234567, "precision": 0.91234, "recall": 0.61234},
+}
+
+
+def test_quality_metadata_holds_the_headline_figures_to_four_decimals() -> None:
+    assert onnx_export.quality_metadata(EVALUATION) == {
+        "quality_num_samples": "100",
+        "quality_class_accuracy": "0.9877",
+        "quality_min_digit_accuracy": "0.9500",
+        "quality_fid": "12.3457",
+        "quality_precision": "0.8123",
+        "quality_recall": "0.7123",
+        "quality_real_fid": "1.2346",
+        "quality_real_precision": "0.9123",
+        "quality_real_recall": "0.6123",
+    }
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"real": EVALUATION["real"]},
+        {"generated": EVALUATION["generated"]},
+        {**EVALUATION, "generated": {**EVALUATION["generated"], "fid": "n/a"}},
+        {**EVALUATION, "generated": {**EVALUATION["generated"], "per_digit_accuracy": None}},
+        {**EVALUATION, "real": {**EVALUATION["real"], "recall": None}},
+        [],
+    ],
+    ids=["no-generated", "no-real", "text-fid", "no-per-digit", "none-recall", "a-list"],
+)
+def test_quality_metadata_refuses_what_evaluate_does_not_write(broken) -> None:
+    with pytest.raises(ExportError, match="not an evaluation from `digitgen evaluate --json`: missing or bad"):
+        onnx_export.quality_metadata(broken)
+
+
+def test_classifier_export_matches_pytorch_and_replaces_a_file_only_when_asked(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from digitgen.export.classifier_export import export_classifier
+    from digitgen.runtime.errors import OutputError
+    from digitgen.runtime.session import open_session
+    from digitgen.training.classifier import Classifier
+
+    torch.manual_seed(0)
+    model, out = Classifier(), tmp_path / "classifier.onnx"
+    diff = export_classifier(model, out, test_accuracy=0.99456)
+    assert 0 <= diff <= 10 * ATOL
+    saved = onnx.load(str(out))
+    assert {p.key: p.value for p in saved.metadata_props} == {
+        "producer": "digitgen",
+        "kind": "reference classifier",
+        "mnist_test_accuracy": "0.9946",
+    }
+    session = open_session(out, "cpu").session
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    images = np.random.default_rng(1).random((5, 1, 28, 28), dtype=np.float32)  # another batch size than the check's
+    logits, features = session.run(["logits", "features"], {"image": images})
+    with torch.no_grad():
+        expected_logits, expected_features = model.eval()(torch.from_numpy(images))
+    np.testing.assert_allclose(logits, expected_logits.numpy(), atol=10 * ATOL, rtol=0)
+    np.testing.assert_allclose(features, expected_features.numpy(), atol=10 * ATOL, rtol=0)
+
+    with pytest.raises(OutputError, match="already exists"):
+        export_classifier(model, out, test_accuracy=0.5)
+    export_classifier(model, out, test_accuracy=0.5, overwrite=True)
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}["mnist_test_accuracy"] == "0.5000"
+
+
+def test_classifier_parity_check_refuses_another_model(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    import digitgen.export.classifier_export as classifier_export
+    from digitgen.training.classifier import Classifier
+
+    torch.manual_seed(0)
+    exported, other = Classifier(), Classifier()
+    checked = classifier_export._check_parity
+    monkeypatch.setattr(classifier_export, "_check_parity", lambda path, model: checked(path, other))
+    with pytest.raises(ExportVerificationError, match="classifier ONNX differs from PyTorch by"):
+        classifier_export.export_classifier(exported, tmp_path / "c.onnx", test_accuracy=0.5)
+    assert list(tmp_path.iterdir()) == []
