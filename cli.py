@@ -530,22 +530,40 @@ def info(model_argument: str | None, model: str | None) -> None:
 @click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 def train_classifier_cmd(data_dir: str, download: bool, out: str, overwrite: bool, epochs: int, seed: int) -> None:
-    """Train the evaluator's reference MNIST classifier and export it to ONNX."""
+    """Train the evaluator's reference MNIST classifier and export it to ONNX (its weights beside it)."""
     from digitgen.export.classifier_export import export_classifier
-    from digitgen.training.classifier import train_classifier, training_steps
+    from digitgen.training.classifier import train_classifier, training_steps, weights_path_beside
     from digitgen.training.data import load_mnist
 
-    refuse_existing([out], overwrite)
+    weights = weights_path_beside(out)
+    refuse_existing([out, weights], overwrite)
     train, test = load_mnist(data_dir, download=download), load_mnist(data_dir, train=False)
     with click.progressbar(
         length=training_steps(len(train.images), epochs), label="training classifier", file=sys.stderr
     ) as bar:
         result = train_classifier(train, test, epochs=epochs, seed=seed, progress=lambda step, total: bar.update(1))
-    diff = export_classifier(result.model, out, result.test_accuracy, overwrite=overwrite)
+    diff = export_classifier(result.model, out, result.test_accuracy, weights_out=weights, overwrite=overwrite)
     click.echo(
         f"MNIST test accuracy {result.test_accuracy:.2%} after {epochs} epochs in {result.seconds:.0f}s; "
-        f"wrote {out} (max |torch-ort| {diff:.1e})"
+        f"wrote {out} (max |torch-ort| {diff:.1e}) and {weights}"
     )
+
+
+@main.command("export-classifier")
+@click.option(
+    "--weights",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Classifier weights, e.g. artifacts/classifier_weights.pt (written by train-classifier).",
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def export_classifier_cmd(weights: str, out: str, overwrite: bool) -> None:
+    """Rebuild the reference classifier's ONNX file from its weights."""
+    from digitgen.export.classifier_export import export_classifier_weights
+
+    diff = export_classifier_weights(weights, out, overwrite=overwrite)
+    click.echo(f"wrote {out} (max |torch-ort| {diff:.1e})")
 
 
 @main.command()

@@ -7,12 +7,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digitgen.export.errors import ExportVerificationError
+from digitgen.export.errors import ExportError, ExportVerificationError
 from digitgen.export.onnx_export import to_onnx, write_metadata
 from digitgen.export.verify import ATOL
 from digitgen.runtime.files import publish, refuse_existing
 from digitgen.runtime.session import open_session
-from digitgen.training.classifier import Classifier
+from digitgen.training.classifier import (
+    WEIGHTS_KIND,
+    Classifier,
+    load_classifier_weights,
+    save_classifier_weights,
+)
 
 
 def _check_parity(path: Path, model: Classifier) -> float:
@@ -27,16 +32,37 @@ def _check_parity(path: Path, model: Classifier) -> float:
     return diff
 
 
-def export_classifier(model: Classifier, out: str | Path, test_accuracy: float, overwrite: bool = False) -> float:
+def export_classifier(
+    model: Classifier,
+    out: str | Path,
+    test_accuracy: float,
+    *,
+    weights_out: str | Path | None = None,
+    overwrite: bool = False,
+) -> float:
     """Write ``out`` atomically after a parity check; returns max |torch - ort|.
 
-    An existing ``out`` is replaced only with ``overwrite``.
+    ``weights_out`` also writes the model's weights (:func:`~digitgen.training.classifier.save_classifier_weights`),
+    from which :func:`export_classifier_weights` rebuilds ``out``. Existing files are replaced only with
+    ``overwrite``.
     """
-    refuse_existing([out], overwrite)
+    out = Path(out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ExportError(f"output {out}: give a file name in an existing directory, such as classifier.onnx")
+    refuse_existing([out, weights_out], overwrite)
     model.eval()
     with publish(out) as tmp:
         to_onnx(model, (torch.zeros(2, 1, 28, 28),), tmp, ["image"], ["logits", "features"])
         write_metadata(
-            tmp, {"producer": "digitgen", "kind": "reference classifier", "mnist_test_accuracy": f"{test_accuracy:.4f}"}
+            tmp, {"producer": "digitgen", "kind": WEIGHTS_KIND, "mnist_test_accuracy": f"{test_accuracy:.4f}"}
         )
-        return _check_parity(tmp, model)
+        diff = _check_parity(tmp, model)
+    if weights_out is not None:
+        save_classifier_weights(model, test_accuracy, weights_out)
+    return diff
+
+
+def export_classifier_weights(weights: str | Path, out: str | Path, *, overwrite: bool = False) -> float:
+    """Rebuild the classifier ONNX file ``out`` from a weights file; returns max |torch - ort|."""
+    model, test_accuracy = load_classifier_weights(weights)
+    return export_classifier(model, out, test_accuracy, overwrite=overwrite)

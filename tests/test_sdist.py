@@ -18,6 +18,7 @@ SOURCE_RELEASE = (
     "tests/helpers.py",
     "tests/test_runtime.py",
     "artifacts/generator_weights.pt",
+    "artifacts/classifier_weights.pt",
     "artifacts/evaluation.json",
     "web/package.json",
     "web/package-lock.json",

@@ -3,17 +3,24 @@ features define the space for FID, precision and recall."""
 
 from __future__ import annotations
 
+import pickle
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.data import MnistTensors
+from digitgen.training.errors import CheckpointError
 
 FEATURE_DIM = 128
+WEIGHTS_KIND = "reference classifier"
+WEIGHTS_FORMAT_VERSION = 1
 
 
 class Classifier(nn.Module):
@@ -103,3 +110,51 @@ def train_classifier(
             schedule.step()
             progress(epoch * steps_per_epoch + i + 1, total)
     return ClassifierResult(model.eval(), accuracy(model, test), time.perf_counter() - start)
+
+
+def weights_path_beside(onnx_path: str | Path) -> Path:
+    """Where ``train-classifier`` keeps the weights of ``NAME.onnx``: ``NAME_weights.pt`` beside it."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(f"{onnx_path.stem}_weights.pt")
+
+
+def save_classifier_weights(model: Classifier, test_accuracy: float, path: str | Path) -> None:
+    """Write the state dict and its self-description atomically; reads back with ``weights_only=True``."""
+    payload = {
+        "format_version": WEIGHTS_FORMAT_VERSION,
+        "kind": WEIGHTS_KIND,
+        "mnist_test_accuracy": float(test_accuracy),
+        "classifier": model.state_dict(),
+    }
+    save_checkpoint(payload, path)
+
+
+def load_classifier_weights(path: str | Path) -> tuple[Classifier, float]:
+    """The classifier of a weights file (in eval mode) and its MNIST test accuracy; :class:`CheckpointError` if
+    the file is missing, unreadable or not classifier weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"classifier weights not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch weights file (truncated, corrupt, or more than tensors and plain data)"
+        ) from exc
+    if (
+        not isinstance(payload, dict)
+        or payload.get("kind") != WEIGHTS_KIND
+        or not isinstance(payload.get("mnist_test_accuracy"), float)
+    ):
+        raise CheckpointError(f"{path}: not digitgen classifier weights (see `digitgen train-classifier`)")
+    if payload.get("format_version") != WEIGHTS_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: classifier weights format {payload.get('format_version')}, this version reads "
+            f"{WEIGHTS_FORMAT_VERSION}"
+        )
+    model = Classifier()
+    try:
+        model.load_state_dict(payload["classifier"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: classifier weights do not fit the reference architecture") from exc
+    return model.eval(), payload["mnist_test_accuracy"]

@@ -1,0 +1,129 @@
+"""The evaluator's reference classifier rebuilds from its shipped weights, through the torch.export exporter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from digitgen.cli import main
+from digitgen.export.classifier_export import export_classifier_weights
+from digitgen.export.onnx_export import DEFAULT_OPSET
+from digitgen.export.verify import ATOL
+from digitgen.runtime import DigitGenerator, default_model_path
+from digitgen.runtime.noise import standard_normal
+from digitgen.runtime.session import open_session
+from digitgen.training.classifier import WEIGHTS_KIND, load_classifier_weights
+from digitgen.training.errors import CheckpointError
+from tests.conftest import REPO
+
+SHIPPED_WEIGHTS = REPO / "artifacts" / "classifier_weights.pt"
+SHIPPED_CLASSIFIER = REPO / "artifacts" / "classifier.onnx"
+
+
+def _fixed_batch() -> np.ndarray:
+    """64 digits of the shipped generator (seed 0, classes 0-9 in turn) and 16 uniform-noise images."""
+    gen = DigitGenerator.from_path(default_model_path(), "cpu")
+    digits = gen.run(standard_normal(0, 0, 64, gen.latent_dim), np.arange(64) % gen.num_classes)
+    noise = np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32)
+    return np.concatenate([digits, noise])
+
+
+def _outputs(model: Path, images: np.ndarray) -> list[np.ndarray]:
+    return open_session(model, "cpu").session.run(["logits", "features"], {"image": images})
+
+
+def _metadata(model: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+
+
+def _cli(*args: object) -> tuple[int, list[str]]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output.strip().splitlines()
+
+
+def test_shipped_weights_rebuild_the_shipped_classifier(tmp_path: Path) -> None:
+    rebuilt = tmp_path / "classifier.onnx"
+    code, lines = _cli("export-classifier", "--weights", SHIPPED_WEIGHTS, "--out", rebuilt)
+    assert code == 0 and lines[0].startswith(f"wrote {rebuilt} "), lines
+    images = _fixed_batch()
+    for name, new, shipped in zip(
+        ("logits", "features"), _outputs(rebuilt, images), _outputs(SHIPPED_CLASSIFIER, images), strict=True
+    ):
+        diff = float(np.abs(new - shipped).max())
+        assert diff <= ATOL, (name, diff)
+    assert _metadata(rebuilt) == _metadata(SHIPPED_CLASSIFIER)
+
+
+def test_shipped_classifier_is_the_torch_export_exporters_file() -> None:
+    opsets = {o.domain: o.version for o in onnx.load(str(SHIPPED_CLASSIFIER)).opset_import}
+    assert opsets[""] == DEFAULT_OPSET
+
+
+def test_shipped_weights_load_as_data_only_and_describe_themselves() -> None:
+    payload = torch.load(SHIPPED_WEIGHTS, map_location="cpu", weights_only=True)
+    assert set(payload) == {"format_version", "kind", "mnist_test_accuracy", "classifier"}
+    assert payload["kind"] == WEIGHTS_KIND
+    _, accuracy = load_classifier_weights(SHIPPED_WEIGHTS)
+    assert f"{accuracy:.4f}" == _metadata(SHIPPED_CLASSIFIER)["mnist_test_accuracy"]
+
+
+def test_export_classifier_refuses_to_replace_a_file(tmp_path: Path) -> None:
+    out = tmp_path / "classifier.onnx"
+    out.write_bytes(b"mine")
+    code, lines = _cli("export-classifier", "--weights", SHIPPED_WEIGHTS, "--out", out)
+    assert code == 1 and lines == [f"Error: {out} already exists; pass --overwrite to replace"]
+    assert out.read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ("missing.pt", "classifier weights not found: {path}"),
+        ("generator_weights.pt", "{path}: not digitgen classifier weights (see `digitgen train-classifier`)"),
+    ],
+    ids=["missing", "generator weights"],
+)
+def test_export_classifier_from_other_files_is_one_line(tmp_path: Path, weights: str, message: str) -> None:
+    path = REPO / "artifacts" / weights
+    code, lines = _cli("export-classifier", "--weights", path, "--out", tmp_path / "c.onnx")
+    assert code == 1 and lines == ["Error: " + message.format(path=path)]
+    assert not (tmp_path / "c.onnx").exists()
+
+
+def test_export_classifier_into_a_missing_directory_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "missing" / "c.onnx"
+    code, lines = _cli("export-classifier", "--weights", SHIPPED_WEIGHTS, "--out", out)
+    assert code == 1 and lines == [
+        f"Error: output {out}: give a file name in an existing directory, such as classifier.onnx"
+    ]
+
+
+def test_corrupt_weights_are_a_checkpoint_error(tmp_path: Path) -> None:
+    corrupt = tmp_path / "w.pt"
+    corrupt.write_bytes(SHIPPED_WEIGHTS.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch weights file"):
+        export_classifier_weights(corrupt, tmp_path / "c.onnx")
+
+
+def test_train_classifier_keeps_weights_that_rebuild_its_file(tmp_path: Path, tiny_mnist: Path) -> None:
+    out = tmp_path / "classifier.onnx"
+    code, lines = _cli("train-classifier", "--data-dir", tiny_mnist, "--out", out, "--epochs", "1")
+    weights = tmp_path / "classifier_weights.pt"
+    assert code == 0 and lines[-1].endswith(f" and {weights}"), lines
+    again = tmp_path / "again.onnx"
+    export_classifier_weights(weights, again)
+    images = _fixed_batch()
+    assert all(np.array_equal(a, b) for a, b in zip(_outputs(out, images), _outputs(again, images), strict=True))
+
+
+def test_train_classifier_refuses_weights_beside_its_file_before_training(tmp_path: Path, tiny_mnist: Path) -> None:
+    weights = tmp_path / "classifier_weights.pt"
+    weights.write_bytes(b"mine")
+    code, lines = _cli("train-classifier", "--data-dir", tiny_mnist, "--out", tmp_path / "classifier.onnx")
+    assert code == 1 and lines == [f"Error: {weights} already exists; pass --overwrite to replace"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier_weights.pt"]
