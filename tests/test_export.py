@@ -196,3 +196,17 @@ def test_classifier_parity_check_refuses_another_model(tmp_path: Path, monkeypat
     with pytest.raises(ExportVerificationError, match="classifier ONNX differs from PyTorch by"):
         classifier_export.export_classifier(exported, tmp_path / "c.onnx", test_accuracy=0.5)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_names_every_case_with_its_figures_and_verdict(tiny_onnx: Path, tiny_checkpoint: Path) -> None:
+    report = verify_file(tiny_onnx, tiny_checkpoint)
+    assert len(report.lines()) == len(report.cases) == len(BATCH_SIZES) * 2
+    for line, c in zip(report.lines(), report.cases, strict=True):
+        assert line == (
+            f"batch {c.batch_size:>3}  seed {c.seed}  max|torch-ort| {c.max_abs_diff:.2e}  mean {c.mean_abs_diff:.2e}  "
+            "ok (atol 1e-04, mean 1e-05)"
+        )
+    with pytest.raises(ExportVerificationError) as failed:
+        verify_file(tiny_onnx, tiny_checkpoint, atol=1e-12)  # the per-pixel maximum overridden
+    assert str(failed.value).count("(atol 1e-12, mean 1e-05)") == len(report.cases)
+    assert "FAIL (atol 1e-12" in str(failed.value)
