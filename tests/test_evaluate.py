@@ -80,7 +80,7 @@ def test_evaluate_without_data_is_a_clear_error(tiny_onnx: Path, tiny_classifier
         main,
         ["evaluate", "--generator", str(tiny_onnx), "--classifier", str(tiny_classifier), "--data-dir", str(tmp_path)],
     )
-    assert result.exit_code == 1 and "IDX file not found" in result.output
+    assert result.exit_code == 1 and "MNIST not found" in result.output
 
 
 def test_export_stores_evaluation_as_metadata(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -97,6 +98,17 @@ def _check_resume_options(options: RunOptions, state: TrainState) -> None:
             )
 
 
+def _decay_too_long(epochs: float, decay: int, total: int, per_epoch: int) -> str:
+    """The refusal of a decay longer than the run, naming the largest decay that fits and the run it needs."""
+    fits = math.floor(total / per_epoch * 1000) / 1000
+    shorter = f"give --lr-decay-epochs {fits:g} or less" if fits > 0 else "leave out --lr-decay-epochs"
+    return (
+        f"the learning-rate decay (--lr-decay-epochs {epochs:g}: {decay} steps) is longer than the run "
+        f"({total} steps); for a run this short {shorter} (the whole run is {total / per_epoch:.3g} epochs), "
+        f"or train at least {decay} steps"
+    )
+
+
 def _new_state(options: RunOptions, device: torch.device, rank: int) -> TrainState:
     def given(*names: str) -> dict:
         return {name: getattr(options, name) for name in names if getattr(options, name) is not None}
@@ -132,8 +144,6 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
     if options.lr_decay_epochs is not None:
         decay = round(options.lr_decay_epochs * per_epoch)
         if decay > state.train.total_steps:
-            raise TrainingError(
-                f"the learning-rate decay ({decay} steps) is longer than the run ({state.train.total_steps} steps)"
-            )
+            raise TrainingError(_decay_too_long(options.lr_decay_epochs, decay, state.train.total_steps, per_epoch))
         state.train = replace(state.train, lr_decay_steps=decay)
     return PreparedRun(state, data, per_epoch, global_batch, replaced)
