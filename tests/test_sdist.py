@@ -20,6 +20,7 @@ SOURCE_RELEASE = (
     "artifacts/generator_weights.pt",
     "artifacts/classifier_weights.pt",
     "artifacts/evaluation.json",
+    "artifacts/first_run.png",  # the README shows it
     "web/package.json",
     "web/package-lock.json",
     "web/build.mjs",
