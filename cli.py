@@ -671,6 +671,13 @@ def evaluate(
     type=click.Path(exists=True, file_okay=False),
     help="Serve this built page at / (web/dist).",
 )
+@click.option(
+    "--batch-window-ms",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Micro-batching: ms small requests wait to share one model call (0: off).",
+)
 @click.option("--quiet", is_flag=True, help="No access log or start-up lines.")
 def serve(
     model: str | None,
@@ -686,6 +693,7 @@ def serve(
     graceful_timeout: float,
     cors_origins: tuple[str, ...],
     web_dir: str | None,
+    batch_window_ms: float,
     quiet: bool,
 ) -> None:
     """Serve digits over HTTP (FastAPI + uvicorn; needs the serve extra)."""
@@ -700,6 +708,7 @@ def serve(
         time_limit=time_limit,
         cors_origins=cors_origins,
         web_dir=web_dir,
+        batch_window_ms=batch_window_ms,
         access_log=not quiet,
     )
     options = ServerOptions(model, provider, host, port, workers, threads, graceful_timeout, settings)

@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -167,9 +167,28 @@ def row(name: str, result: dict) -> str:
     )
 
 
+def throughput_tables(ports: dict[str, int], seconds: float) -> None:
+    """``count=1000`` NPZ digits/s of each server beside the in-process rate; one digit per call in-process."""
+    npz_path = "/generate?seed={seed}&count=1000&format=npz"
+    npz = {name: load(port, npz_path, 2, 2 * seconds) for name, port in ports.items()}
+    print("\n| count=1000 NPZ, 2 connections | digits/s |\n|---|---|")
+    for threads in (1, 2):
+        print(f"| anchor: in-process generate(1000), {threads} thread(s) | {in_process(threads, 1000, 5):,.0f} |")
+    for name, result in npz.items():
+        print(f"| digitgen serve, {name} | {1000 * result['rps']:,.0f} |", flush=True)
+    print("\n| in-process, one digit per call | digits/s |\n|---|---|")
+    print(f"| generate(1), 1 thread | {in_process(1, 1, 3):,.0f} |")
+    print(f"| generate(64), 1 thread (what coalescing 64 requests could reach) | {in_process(1, 64, 3):,.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
+    parser.add_argument("--rounds", type=int, default=2, help="one-digit load runs of each server per concurrency")
+    parser.add_argument(
+        "--batch-window-ms", type=float, nargs="+", default=[0, 2], help="micro-batching windows to compare (0: off)"
+    )
+    parser.add_argument("--batching-only", action="store_true", help="only the one-digit PNG rows of the windows")
     parser.add_argument("--soak", type=int, default=0, help="one-digit requests for the RSS figure (0: skip)")
     args = parser.parse_args()
     png = "/generate?seed={seed}&digit=7"
@@ -180,25 +199,26 @@ def main() -> None:
         bare = {c: load(port, "/constant?seed={seed}", c, args.seconds) for c in (1, 16, 64)}
     for c, result in bare.items():
         print(row(f"anchor: bare FastAPI constant, concurrency {c}", result), flush=True)
-    variants = {"1 worker, 1 thread": ("--threads", "1"), "1 worker, 2 threads": ("--threads", "2"),
-                "2 workers, 1 thread each": ("--workers", "2")}  # fmt: skip
-    npz = {}
-    for name, options in variants.items():
-        with running(serve_command(*options), "/readyz") as (port, _):
+    variants = {f"1 worker, 1 thread, --batch-window-ms {w:g}": ("--threads", "1", "--batch-window-ms", str(w))
+                for w in args.batch_window_ms}  # fmt: skip
+    if not args.batching_only:
+        variants |= {"1 worker, 2 threads": ("--threads", "2"), "2 workers, 1 thread each": ("--workers", "2")}
+    with ExitStack() as servers:
+        ports = {name: servers.enter_context(running(serve_command(*options), "/readyz"))[0]
+                 for name, options in variants.items()}  # fmt: skip
+        for port in ports.values():
             load(port, png, 16, 1)
-            for c in (1, 16, 64):
-                result = load(port, png, c, args.seconds)
-                share = result["rps"] / bare[c]["rps"]
-                print(row(f"digitgen serve, {name}, concurrency {c} ({share:.0%} of bare)", result), flush=True)
-            npz[name] = load(port, "/generate?seed={seed}&count=1000&format=npz", 2, 2 * args.seconds)
-    print("\n| count=1000 NPZ, 2 connections | digits/s |\n|---|---|")
-    for threads in (1, 2):
-        print(f"| anchor: in-process generate(1000), {threads} thread(s) | {in_process(threads, 1000, 5):,.0f} |")
-    for name, result in npz.items():
-        print(f"| digitgen serve, {name} | {1000 * result['rps']:,.0f} |", flush=True)
-    print("\n| in-process, one digit per call | digits/s |\n|---|---|")
-    print(f"| generate(1), 1 thread | {in_process(1, 1, 3):,.0f} |")
-    print(f"| generate(64), 1 thread (what coalescing 64 requests could reach) | {in_process(1, 64, 3):,.0f} |")
+        names = list(ports)
+        for c in (1, 16, 64):  # the variants in turn, each round in a rotated order, to share the machine's moods
+            for round_ in range(1, args.rounds + 1):
+                for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                    port = ports[name]
+                    result = load(port, png, c, args.seconds)
+                    share = result["rps"] / bare[c]["rps"]
+                    label = f"digitgen serve, {name}, concurrency {c}, round {round_} ({share:.0%} of bare)"
+                    print(row(label, result), flush=True)
+        if not args.batching_only:
+            throughput_tables(ports, args.seconds)
     if args.soak:
         with running(serve_command("--threads", "1"), "/readyz") as (port, process):
             load(port, png, 16, 60, limit=2_000)

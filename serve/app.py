@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
+from digitgen.serve.batch import Batcher
 from digitgen.serve.limits import Admission, OverloadedError
 from digitgen.serve.observe import ACCESS_LOG, Metrics, RequestMiddleware
 from digitgen.serve.params import MEDIA_TYPES, DigitsRequest, NotAcceptableError, etag, file_sha256, not_modified
@@ -45,12 +46,16 @@ class ServeSettings:
     queue: int = 64  # requests waiting for a generation slot; more are refused with 503
     time_limit: float = 30.0  # seconds per request, waiting included
     cache_max_age: int = 31_536_000  # seconds a response may be cached (it never changes)
-    inline_digits: int = 16  # requests this small run on the event loop, larger ones on a thread
+    inline_digits: int = 16  # requests this small run on the event loop (or the batcher), larger ones on a thread
+    batch_window_ms: float = 2.0  # micro-batching: how long small requests wait to share a model call (0: off)
+    batch_max_digits: int = 64  # digits in one micro-batch
     cors_origins: tuple[str, ...] = ()
     web_dir: str | None = None  # the built page, served at /
     access_log: bool = True
 
     def __post_init__(self) -> None:
+        if self.batch_window_ms < 0:
+            raise ServeConfigError(f"the batch window must be 0 ms (off) or more, got {self.batch_window_ms:g}")
         if self.web_dir is not None and not (Path(self.web_dir) / "index.html").is_file():
             raise ServeConfigError(
                 f"{self.web_dir} holds no index.html; build the page first: cd web && npm ci && npm run build"
@@ -79,6 +84,18 @@ class _Service:
         self.cache_control = f"public, max-age={settings.cache_max_age}, immutable"
         self.warmup_error: str | None = None
         self.ready = False
+        self.batcher = (
+            Batcher(
+                generator,
+                settings.batch_window_ms / 1000,
+                settings.batch_max_digits,
+                self.executor,
+                self.admission.generation,
+                metrics.batch_requests.observe,
+            )
+            if settings.batch_window_ms > 0
+            else None
+        )
         metrics.admitted.set_function(lambda: self.admission.admitted)
 
     def warm_up(self) -> None:
@@ -90,8 +107,17 @@ class _Service:
             return
         self.ready = True
 
+    def batched(self, request: DigitsRequest) -> bool:
+        return self.batcher is not None and request.count <= self.settings.inline_digits
+
     async def body(self, request: DigitsRequest, deadline: float) -> bytes:
-        """The response body; small requests inline, larger ones on a generation thread."""
+        """The response body; small requests inline or through the batcher, larger ones on a generation thread."""
+        if self.batcher is not None and self.batched(request):
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    return await self.batcher.body(request)
+            except TimeoutError:
+                raise TimeLimitError from None
         if request.count <= self.settings.inline_digits:
             return encode(generate(self.generator, request), request.fmt)
         cancelled = threading.Event()
@@ -120,7 +146,7 @@ class _Service:
             return Response(status_code=304, headers=headers)
         deadline = time.monotonic() + self.settings.time_limit
         try:
-            async with self.admission.slot(deadline):
+            async with self.admission.admit() if self.batched(request) else self.admission.slot(deadline):
                 body = await self.body(request, deadline)
         except OverloadedError as exc:
             self.metrics.refused.labels("busy").inc()
@@ -141,7 +167,10 @@ def _lifespan(service: _Service) -> Callable[[FastAPI], AbstractAsyncContextMana
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         warm_up = asyncio.get_running_loop().run_in_executor(service.executor, service.warm_up)
+        batching = asyncio.create_task(service.batcher.run()) if service.batcher is not None else None
         yield
+        if batching is not None:
+            batching.cancel()
         await warm_up
         service.executor.shutdown(wait=True, cancel_futures=True)
 

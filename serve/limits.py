@@ -27,21 +27,33 @@ class Admission:
         return self._admitted
 
     @asynccontextmanager
-    async def slot(self, deadline: float) -> AsyncIterator[None]:
-        """Hold a generation slot; :class:`OverloadedError` when full or when no slot frees before ``deadline``."""
+    async def admit(self) -> AsyncIterator[None]:
+        """Count a request as admitted; :class:`OverloadedError` when ``in_flight + queue`` already are."""
         if self._admitted >= self.in_flight + self.queue:
             raise OverloadedError(
                 f"the server is busy ({self.in_flight} requests generating, {self.queue} waiting); retry later"
             )
         self._admitted += 1
         try:
-            try:
-                await asyncio.wait_for(self._slots.acquire(), timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise OverloadedError("the server stayed busy past this request's time limit; retry later") from None
-            try:
-                yield
-            finally:
-                self._slots.release()
+            yield
         finally:
             self._admitted -= 1
+
+    @asynccontextmanager
+    async def generation(self, deadline: float | None = None) -> AsyncIterator[None]:
+        """Hold a generation slot; :class:`OverloadedError` when none frees before ``deadline``."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=timeout)
+        except TimeoutError:
+            raise OverloadedError("the server stayed busy past this request's time limit; retry later") from None
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    @asynccontextmanager
+    async def slot(self, deadline: float) -> AsyncIterator[None]:
+        """Be admitted and hold a generation slot (see :meth:`admit` and :meth:`generation`)."""
+        async with self.admit(), self.generation(deadline):
+            yield

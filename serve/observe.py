@@ -20,6 +20,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 ACCESS_LOG = logging.getLogger("digitgen.serve.access")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -44,6 +45,12 @@ class Metrics:
         self.digits = Counter("digitgen_digits_generated", "Digits generated", registry=self.registry)
         self.refused = Counter(
             "digitgen_requests_refused", "Requests refused with 503, by reason", ["reason"], registry=self.registry
+        )
+        self.batch_requests = Histogram(
+            "digitgen_batch_requests",
+            "Requests per micro-batched model call",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
         )
         self.admitted = Gauge("digitgen_requests_admitted", "Requests generating or waiting", registry=self.registry)
 

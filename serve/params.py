@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from digitgen.runtime.errors import InvalidRequestError
-from digitgen.runtime.generator import DigitGenerator, check_int, check_truncation
-from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
+from digitgen.runtime.generator import DigitGenerator
+from digitgen.runtime.noise import NOISE_SCHEME
 from digitgen.runtime.writers import GRID_MAX_DIGITS
 
 MEDIA_TYPES = {
@@ -63,14 +63,14 @@ def _digits(digits: str | None, digit: str | None) -> list[int | str] | None:
     return [int(part) for part in parts]
 
 
-def _truncation(text: str | None) -> float | None:
+def _number(text: str | None) -> float | str | None:
+    """``text`` as a float when it is one, else ``text`` itself for the runtime's check to reject by name."""
     if text is None:
         return None
     try:
-        value: float | str = float(text)
+        return float(text)
     except ValueError:
-        value = text
-    return check_truncation(value)
+        return text
 
 
 def _accepted(accept: str) -> list[str]:
@@ -124,20 +124,20 @@ def parse_request(
         if name in given:
             raise InvalidRequestError(f"give {name} once")
         given[name] = value
-    count = check_int(_integer(given.get("count", "1")), "number of digits")
+    num, seed = _integer(given.get("count", "1")), _integer(given.get("seed", "0"))
+    digits, truncation = _digits(given.get("digits"), given.get("digit")), _number(given.get("truncation"))
+    checked = generator.check_request(num, digits, seed, truncation=truncation)  # type: ignore[arg-type]
+    count = checked.num
     if count > max_count:
         raise InvalidRequestError(
             f"number of digits {count} is over this server's limit of {max_count} per request (--max-count)"
         )
-    seed = check_int(_integer(given.get("seed", "0")), "seed", minimum=0, maximum=MAX_SEED)
-    truncation = _truncation(given.get("truncation"))
-    cycle = generator.check_digits(_digits(given.get("digits"), given.get("digit")))  # type: ignore[arg-type]
     fmt = choose_format(given.get("format"), accept, count)
     if fmt == "png" and count != 1:
         raise InvalidRequestError(f"format png holds one digit, not {count}; ask for grid, npz, idx or json")
     if fmt == "grid" and count > GRID_MAX_DIGITS:
         raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use npz, idx or json")
-    return DigitsRequest(tuple(cycle), count, seed, truncation, fmt)
+    return DigitsRequest(checked.digits, count, checked.seed, checked.truncation, fmt)
 
 
 def file_sha256(path: str) -> str:

@@ -27,7 +27,9 @@ from click.testing import CliRunner
 from digitgen.cli import main
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.noise import MAX_SEED
+from digitgen.serve.batch import run_batch
 from digitgen.serve.params import DigitsRequest, etag
+from digitgen.serve.render import encode, generate
 
 # --- a real server in a subprocess -------------------------------------------------------------
 
@@ -111,7 +113,7 @@ def serve_command(*options: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The defaults (access log on), one onnxruntime thread."""
+    """The defaults (access log on, micro-batching on), one onnxruntime thread."""
     running = start(tmp_path_factory.mktemp("serve") / "server.log", serve_command())
     yield running
     assert running.stop() == 0
@@ -331,6 +333,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     (page / "index.html").write_text("<!doctype html><title>digits</title>")
     (page / "digitgen.mjs").write_text("export const x = 1;")
     options = ["--quiet", "--max-in-flight", "1", "--queue", "1", "--max-count", "1500", "--web", str(page)]
+    options += ["--batch-window-ms", "0"]  # without micro-batching
     options += ["--cors-origin", "http://app.example"]
     running = start(tmp_path_factory.mktemp("limited") / "server.log", serve_command(*options))
     yield running
@@ -486,6 +489,50 @@ def test_concurrent_calls_equal_serial_results() -> None:
         concurrent = list(pool.map(lambda r: generator.generate(r[0], seed=r[1]).images, requests))
     for one, other in zip(serial, concurrent, strict=True):
         np.testing.assert_array_equal(one, other)
+
+
+# --- micro-batching: the same bytes, whoever shares the model call ---------------------------------
+
+MIXED = [
+    DigitsRequest((7,), 1, 3, None, "png"),
+    DigitsRequest((0, 3, 7), 5, MAX_SEED, 1.5, "grid"),
+    DigitsRequest((4,), 1, 12, 0.5, "png"),
+    DigitsRequest(tuple(range(10)), 16, 0, None, "npz"),
+    DigitsRequest((2, 9), 3, 99, 2.0, "json"),
+    DigitsRequest((1,), 2, 5, None, "idx"),
+]
+
+
+def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
+    generator = DigitGenerator.from_path(threads=1)
+    alone = [encode(generate(generator, request), request.fmt) for request in MIXED]
+    assert run_batch(generator, MIXED) == alone
+    assert run_batch(generator, MIXED[::-1]) == alone[::-1]
+
+
+def _query(request: DigitsRequest) -> str:
+    digits = ",".join(map(str, request.digits))
+    truncation = "" if request.truncation is None else f"&truncation={request.truncation}"
+    return f"/generate?count={request.count}&digits={digits}&seed={request.seed}&format={request.fmt}{truncation}"
+
+
+async def _get_all(url: str, paths: list[str]) -> list[bytes]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        responses = await asyncio.gather(*(client.get(path) for path in paths))
+    assert [r.status_code for r in responses] == [200] * len(paths)
+    return [r.content for r in responses]
+
+
+def test_concurrent_requests_share_model_calls_and_keep_their_bytes(server: Server) -> None:
+    requests = MIXED + [DigitsRequest((s % 10,), 1, s, None, "png") for s in range(30)]
+    requests += [DigitsRequest((3,), 1, s, 1.25, "png") for s in range(20)]
+    generator = DigitGenerator.from_path(threads=1)
+    unbatched = [encode(generate(generator, request), request.fmt) for request in requests]
+    calls, batched = server.metric("digitgen_batch_requests_count"), server.metric("digitgen_batch_requests_sum")
+    assert asyncio.run(_get_all(server.url, [_query(r) for r in requests])) == unbatched
+    assert server.metric("digitgen_batch_requests_sum") - batched == len(requests)
+    calls = server.metric("digitgen_batch_requests_count") - calls
+    assert calls < len(requests) / 2, f"{len(requests)} concurrent requests took {calls:.0f} model calls"
 
 
 # --- soak: many requests, no failures, bounded memory -------------------------------------------
