@@ -109,3 +109,22 @@ def test_download_is_done_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyP
     code, lines = _run("train", "--data-dir", root, "--download", "--out", tmp_path / "run2", *TINY)
     assert code == 0, lines
     assert fetched == [root]  # present now: not fetched again
+
+
+def test_a_failed_download_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            print("Downloading https://example.invalid/mnist/train-images-idx3-ubyte.gz")
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example.invalid/mnist/")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    root = tmp_path / "fresh"
+    code, lines = _run("train", "--data-dir", root, "--download", "--out", tmp_path / "run", *TINY)
+    assert code == 1
+    _assert_one_line_naming(
+        lines,
+        root / "MNIST" / "raw",
+        "(download failed: Error downloading train-images-idx3-ubyte.gz: Tried https://example.invalid/mnist/)",
+    )
