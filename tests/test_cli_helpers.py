@@ -1,0 +1,42 @@
+"""The CLI's small helpers: the `--quality` file, training's progress text, signals as Ctrl-C."""
+
+from __future__ import annotations
+
+import io
+import signal
+
+import click
+import pytest
+
+from digitgen.cli import _format_progress, _raise_keyboard_interrupt, _read_json
+
+
+def named(text: str) -> io.StringIO:
+    file = io.StringIO(text)
+    file.name = "quality.json"
+    return file
+
+
+def test_quality_file_is_read_from_its_last_line() -> None:
+    """`evaluate --json` may print progress first; the JSON object is the last line."""
+    text = 'evaluating 100 digits\n{"generated": {"fid": 1.5}, "real": {"fid": 1.0}}\n\n'
+    assert _read_json(named(text)) == {"generated": {"fid": 1.5}, "real": {"fid": 1.0}}
+
+
+@pytest.mark.parametrize("text", ["", "  \n", "done\n", '{"generated": 1}\nnot json'], ids=repr)
+def test_quality_file_without_json_is_a_bad_parameter(text: str) -> None:
+    with pytest.raises(click.BadParameter, match=r"quality\.json holds no JSON object") as raised:
+        _read_json(named(text))
+    assert raised.value.param_hint == "--quality"
+
+
+def test_training_progress_names_epoch_losses_and_scores() -> None:
+    assert _format_progress(None) == _format_progress({}) == ""
+    info = {"epoch": 3.0, "loss_d": 1.23456, "loss_g": -0.5, "d_real": 0.123, "d_fake": -0.3456}
+    assert _format_progress(info) == "epoch 3  loss_d 1.235  loss_g -0.500  D(real) 0.12  D(fake) -0.35"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_terminating_signals_raise_keyboard_interrupt_named_after_the_signal(signum: int) -> None:
+    with pytest.raises(KeyboardInterrupt, match=signal.Signals(signum).name):
+        _raise_keyboard_interrupt(signum, None)
