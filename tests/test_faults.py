@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 from digitgen.runtime import default_model_path
@@ -39,7 +40,8 @@ def _wait_for(proc: subprocess.Popen, predicate, timeout: float = 300.0) -> None
         time.sleep(0.05)
 
 
-def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path, tiny_mnist: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path, tiny_mnist: Path, signum: int) -> None:
     run_dir = tmp_path / "run"
     args = [
         *CLI,
@@ -55,7 +57,7 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path, tiny_mnist: Pa
     ]
     with running([*args, "--steps", "100000"]) as proc:
         _wait_for(proc, lambda: (run_dir / "metrics.jsonl").is_file())
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
