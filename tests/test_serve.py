@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from digitgen.cli import main
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.noise import MAX_SEED
+from digitgen.serve import ServeConfigError, ServeSettings
 from digitgen.serve.batch import run_batch
 from digitgen.serve.params import DigitsRequest, etag
 from digitgen.serve.render import encode, generate
@@ -508,6 +509,11 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
     alone = [encode(generate(generator, request), request.fmt) for request in MIXED]
     assert run_batch(generator, MIXED) == alone
     assert run_batch(generator, MIXED[::-1]) == alone[::-1]
+
+
+def test_a_negative_batch_window_is_refused() -> None:
+    with pytest.raises(ServeConfigError, match="the batch window must be 0 ms \\(off\\) or more, got -1"):
+        ServeSettings(batch_window_ms=-1)
 
 
 def _query(request: DigitsRequest) -> str:
