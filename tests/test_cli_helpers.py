@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import signal
+from pathlib import Path
 
 import click
 import pytest
@@ -40,3 +41,25 @@ def test_training_progress_names_epoch_losses_and_scores() -> None:
 def test_terminating_signals_raise_keyboard_interrupt_named_after_the_signal(signum: int) -> None:
     with pytest.raises(KeyboardInterrupt, match=signal.Signals(signum).name):
         _raise_keyboard_interrupt(signum, None)
+
+
+@pytest.mark.parametrize(
+    ("command", "help_text"),
+    [
+        ("generate", "ONNX generator (default: the shipped model)."),
+        ("info", "ONNX generator, the same as MODEL (default: the shipped model)."),
+        ("verify", "ONNX model to check (or give it as the argument)."),
+        ("evaluate", "ONNX generator (default: the shipped model)."),
+    ],
+)
+def test_every_command_that_reads_a_generator_spells_it_generator(tmp_path: Path, command: str, help_text: str) -> None:
+    from click.testing import CliRunner
+
+    from digitgen.cli import main
+
+    shown = CliRunner().invoke(main, [command, "--help"], terminal_width=200)
+    assert shown.exit_code == 0
+    assert " ".join(shown.output.split()).count(f"--generator FILE {help_text}") == 1
+    required = ["--checkpoint", "c.pt"] if command == "verify" else []
+    refused = CliRunner().invoke(main, [command, "--generator", str(tmp_path), *required])
+    assert refused.exit_code == 2 and f"'{tmp_path}' is a directory" in refused.output
