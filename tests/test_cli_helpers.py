@@ -63,3 +63,27 @@ def test_every_command_that_reads_a_generator_spells_it_generator(tmp_path: Path
     required = ["--checkpoint", "c.pt"] if command == "verify" else []
     refused = CliRunner().invoke(main, [command, "--generator", str(tmp_path), *required])
     assert refused.exit_code == 2 and f"'{tmp_path}' is a directory" in refused.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["generate", "-n", "0"], ["generate", "--generator", "missing.onnx"], ["info", "--generator", "a", "b"]],
+    ids=["usage", "library", "two-models"],
+)
+def test_errors_go_to_stderr_as_one_line(args: list[str]) -> None:
+    from click.testing import CliRunner
+
+    from digitgen.cli import main
+
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code in (1, 2)
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1 and result.stderr.startswith("Error: ")
+
+
+def test_the_group_takes_its_arguments_positionally_too() -> None:
+    """`main(["--help"])`, as an app embedding the CLI may call it, parses that list, not sys.argv."""
+    from digitgen.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main.main(["--help"])
+    assert exited.value.code == 0

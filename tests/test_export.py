@@ -206,6 +206,7 @@ def test_report_names_every_case_with_its_figures_and_verdict(tiny_onnx: Path, t
             f"batch {c.batch_size:>3}  seed {c.seed}  max|torch-ort| {c.max_abs_diff:.2e}  mean {c.mean_abs_diff:.2e}  "
             "ok (atol 1e-04, mean 1e-05)"
         )
+    assert verify_file(tiny_onnx, tiny_checkpoint).cases == report.cases  # the same inputs every time
     with pytest.raises(ExportVerificationError) as failed:
         verify_file(tiny_onnx, tiny_checkpoint, atol=1e-12)  # the per-pixel maximum overridden
     assert str(failed.value).count("(atol 1e-12, mean 1e-05)") == len(report.cases)

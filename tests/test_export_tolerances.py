@@ -16,7 +16,7 @@ import digitgen
 import digitgen.export.precision as precision_module
 from digitgen.export.errors import ExportVerificationError
 from digitgen.export.onnx_export import write_metadata
-from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, verify_parity
+from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityCase, ParityReport, verify_parity
 from digitgen.runtime.noise import standard_normal
 from digitgen.training.state import load_generator
 
@@ -37,6 +37,15 @@ def test_tolerances_are_the_documented_ones() -> None:
     assert set(documented) == set(PRECISIONS) == {"fp32", "fp16", "int8"}
     for name, (max_abs, mean_abs) in documented.items():
         assert (TOLERANCES[name].max_abs, TOLERANCES[name].mean_abs) == (max_abs, mean_abs), name
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8"])
+def test_a_difference_equal_to_the_tolerance_passes(name: str) -> None:
+    """A case fails only when a figure exceeds its tolerance."""
+    max_abs, mean_abs = documented_tolerances()[name]
+    assert ParityReport((ParityCase(7, 0, max_abs, mean_abs),), TOLERANCES[name]).passed
+    assert not ParityReport((ParityCase(7, 0, max_abs, mean_abs * 1.01),), TOLERANCES[name]).passed
+    assert not ParityReport((ParityCase(7, 0, max_abs * 1.01, mean_abs),), TOLERANCES[name]).passed
 
 
 class Offset(torch.nn.Module):
