@@ -66,18 +66,24 @@ def test_every_command_that_reads_a_generator_spells_it_generator(tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    "args",
-    [["generate", "-n", "0"], ["generate", "--generator", "missing.onnx"], ["info", "--generator", "a", "b"]],
-    ids=["usage", "library", "two-models"],
+    ("args", "culprit"),
+    [
+        (["generate", "-n", "0"], "0 is not in the range"),
+        (["generate", "--generator", "missing.onnx"], "missing.onnx"),
+        (["info", "--generator", "a", "b"], "given twice"),
+        (["export", "--checkpoint", "c.pt", "--quality", "missing.json"], "missing.json"),
+    ],
+    ids=["usage", "library", "two-models", "unreadable-file"],
 )
-def test_errors_go_to_stderr_as_one_line(args: list[str]) -> None:
+def test_errors_go_to_stderr_as_one_line(args: list[str], culprit: str) -> None:
     from click.testing import CliRunner
 
     from digitgen.cli import main
 
     result = CliRunner().invoke(main, args)
     assert result.exit_code in (1, 2)
-    assert result.stdout == "" and len(result.stderr.splitlines()) == 1 and result.stderr.startswith("Error: ")
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("Error: ") and culprit in result.stderr
 
 
 def test_the_group_takes_its_arguments_positionally_too() -> None:
