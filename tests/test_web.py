@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import os
 import re
 import shutil
@@ -476,3 +477,25 @@ def test_screenshot_and_download(
         pixels = np.asarray(sheet.convert("L"))
     expected = python_sheet(python_gen.generate(30, digits=[1, 2], seed=42).images)
     assert_same_pixels(pixels, expected, "downloaded PNG, seed 42, digits [1, 2]", pixel_report)
+
+
+def test_page_from_digitgen_serve_draws_what_the_api_sends(
+    browser: Browser, dist: Path, tmp_path: Path, python_gen: DigitGenerator, pixel_report: list[str]
+) -> None:
+    """`digitgen serve --web web/dist`: one server gives a person the page and an app the API, same digits."""
+    from tests.test_serve import serve_command, start
+
+    server = start(tmp_path / "server.log", serve_command("--quiet", "--web", str(dist)))
+    try:
+        page = open_page(browser, f"{server.url}/?seed=4&digits=2,9&n=12")
+        try:
+            assert page.evaluate("document.body.dataset.state") == "drawn", page.text_content("#error")
+            sheet = canvas_pixels(page)[..., 0]
+        finally:
+            page.close()
+        expected = python_gen.generate(12, digits=[2, 9], seed=4).images
+        assert_same_pixels(sheet, python_sheet(expected), "page served by digitgen serve", pixel_report)
+        api = np.load(io.BytesIO(server.get("/generate?count=12&digits=2,9&seed=4&format=npz").content))
+        np.testing.assert_array_equal(api["images"], expected)
+    finally:
+        assert server.stop() == 0
