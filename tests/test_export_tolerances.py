@@ -115,3 +115,21 @@ def test_int8_calibration_sees_standard_normal_noise_and_every_digit(tmp_path: P
     assert abs(z.mean()) < 0.05
     assert z.std() == pytest.approx(runtime.std(), rel=0.05)  # standard normal, as the runtime draws
     assert np.abs(z).max() == pytest.approx(np.abs(runtime).max(), rel=0.2)  # the same tails
+
+
+class WrongDigit(torch.nn.Module):
+    """The reference model, but every image of one digit is off by 0.5."""
+
+    def __init__(self, model: torch.nn.Module, digit: int) -> None:
+        super().__init__()
+        self.model, self.digit = model, digit
+
+    def forward(self, z: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
+        return self.model(z, digit) + 0.5 * (digit == self.digit).float()[:, None, None, None]
+
+
+@pytest.mark.parametrize("digit", [0, 9])
+def test_verification_asks_for_every_digit(labelled_models: dict[str, Path], tiny_checkpoint: Path, digit: int) -> None:
+    generator = ContractGenerator(load_generator(str(tiny_checkpoint))[0])
+    with pytest.raises(ExportVerificationError, match="FAIL"):
+        verify_parity(labelled_models["fp32"], WrongDigit(generator, digit))
