@@ -47,6 +47,13 @@ def test_shipped_weights_rebuild_the_shipped_model(tmp_path: Path) -> None:
     assert verify_file(default_model_path(), SHIPPED_WEIGHTS).passed
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # onnxruntime's quantizer suggests pre-processing
+def test_shipped_weights_export_to_int8_within_its_tolerance(tmp_path: Path) -> None:
+    """On CPUs without VNNI (AVX2 only), 8-bit weights saturate onnxruntime's u8s8 kernels: 0.45 off."""
+    report = export_generator(SHIPPED_WEIGHTS, tmp_path / "generator-int8.onnx", precision="int8")
+    assert report.passed and report.atol == 0.3  # export_generator raises, leaving no file, when it fails
+
+
 def test_release_weights_export_but_do_not_resume(tmp_path: Path, tiny_checkpoint: Path) -> None:
     weights = tmp_path / "weights.pt"
     export_generator(tiny_checkpoint, tmp_path / "g.onnx", weights_out=weights)
