@@ -149,7 +149,8 @@ def _write_pngs(
     return kept
 
 
-def _collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch) -> GeneratedDigits:
+def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = lambda n: None) -> GeneratedDigits:
+    """The ``num`` digits of ``batches`` in two arrays; ``on_batch`` after each batch (it may raise to stop)."""
     images = np.empty((num, 28, 28), dtype=np.uint8)
     labels = np.empty(num, dtype=np.int64)
     filled = 0
@@ -165,7 +166,7 @@ def _write_grid(
     batches: Iterable[GeneratedDigits], paths: list[Path], num: int, resume: bool, on_batch: OnBatch
 ) -> None:
     with atomic_file(paths[0], keep_identical=resume) as f:
-        f.write(grid_png_bytes(_collect(batches, num, on_batch).images))
+        f.write(grid_png_bytes(collect(batches, num, on_batch).images))
 
 
 def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray, resume: bool = False) -> None:
@@ -176,7 +177,7 @@ def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray, resume: bool =
 def _write_npz(
     batches: Iterable[GeneratedDigits], paths: list[Path], num: int, resume: bool, on_batch: OnBatch
 ) -> None:
-    digits = _collect(batches, num, on_batch)
+    digits = collect(batches, num, on_batch)
     _save_npz(paths[0], digits.images, digits.labels, resume)
 
 

@@ -7,11 +7,9 @@ import json
 import threading
 import time
 
-import numpy as np
-
 from digitgen.runtime.encode import grid_png_bytes, idx_files, npz_bytes, png_bytes, tar_bytes
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
-from digitgen.runtime.writers import GRID_FILE, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, png_name
+from digitgen.runtime.writers import GRID_FILE, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, collect, png_name
 from digitgen.serve.params import DigitsRequest
 
 IDX_ARCHIVE = "digits-idx.tar"
@@ -29,17 +27,15 @@ def generate(
 ) -> GeneratedDigits:
     """The request's digits, batch by batch as ``digitgen generate`` makes them; between batches, stop
     with :class:`TimeLimitError` once ``time.monotonic()`` passes ``deadline`` or ``cancelled`` is set."""
-    images = np.empty((request.count, 28, 28), dtype=np.uint8)
-    labels = np.empty(request.count, dtype=np.int64)
     batches = generator.iter_batches(
         request.count, request.digits, request.seed, DEFAULT_BATCH_SIZE, truncation=request.truncation
     )
-    for batch in batches:
-        images[batch.start : batch.start + len(batch.labels)] = batch.images
-        labels[batch.start : batch.start + len(batch.labels)] = batch.labels
+
+    def check_time(_count: int) -> None:
         if time.monotonic() > deadline or (cancelled is not None and cancelled.is_set()):
             raise TimeLimitError
-    return GeneratedDigits(images, labels)
+
+    return collect(batches, request.count, check_time)
 
 
 def _json(digits: GeneratedDigits) -> bytes:
