@@ -179,6 +179,16 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     default=None,
     help="Generator BatchNorm gain and bias chosen by the digit (kept on --resume).",
 )
+@click.option(
+    "--d-width",
+    type=click.IntRange(min=1),
+    help=f"The discriminator's first-layer channels (then 2x, 4x) [default: {GANConfig.d_width}].",
+)
+@click.option(
+    "--adc-weight",
+    type=click.FloatRange(min=0),
+    help="Weight of an auxiliary discriminative classifier (ADC-GAN) in both losses [default: 0, none].",
+)
 @click.option("--seed", type=click.IntRange(min=0), help=f"Seed of weights and noise [default: {TrainConfig.seed}].")
 @click.option("--device", "device_name", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run saved in this checkpoint.")
@@ -205,6 +215,8 @@ def train(
     lr_d: float | None,
     latent_dim: int | None,
     conditional_norm: bool | None,
+    d_width: int | None,
+    adc_weight: float | None,
     seed: int | None,
     device_name: str,
     resume: str | None,
@@ -239,6 +251,8 @@ def train(
         lr_decay_epochs,
         lr_d,
         conditional_norm,
+        d_width=d_width,
+        adc_weight=adc_weight,
         download=download,
     )
     ctx, device = init_distributed(device)
@@ -253,7 +267,8 @@ def train(
             f"steps {state.step} -> {state.train.total_steps}, batch {state.train.batch_size}, "
             f"learning rate {state.train.lr:g}"
             + (f" (discriminator {state.train.lr_d:g})" if state.train.lr_d is not None else "")
-            + (f" falling to 0 over the last {state.train.lr_decay_steps} steps" if state.train.lr_decay_steps else ""),
+            + (f" falling to 0 over the last {state.train.lr_decay_steps} steps" if state.train.lr_decay_steps else "")
+            + (f", ADC classifier weight {state.train.adc_weight:g}" if state.train.adc_weight else ""),
             err=True,
         )
         if ctx.enabled:

@@ -62,6 +62,8 @@ def test_config_rejects_bad_values() -> None:
         TrainConfig(total_steps=0)
     with pytest.raises(ValueError, match="decay"):
         TrainConfig(total_steps=10, lr_decay_steps=11)
+    with pytest.raises(ValueError, match="classifier weight"):
+        TrainConfig(total_steps=10, adc_weight=-0.1)
 
 
 def test_learning_rate_is_constant_then_falls_linearly_to_zero() -> None:

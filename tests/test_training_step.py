@@ -95,3 +95,60 @@ def test_ema_generator_moves_towards_the_live_one_by_the_decay(step: int, decay:
     assert not all(torch.allclose(e, p, rtol=0, atol=1e-7) for e, p in zip(ema, live, strict=True))  # not the live one
     for e, b in zip(state.generator_ema.buffers(), state.generator.buffers(), strict=True):
         assert torch.equal(e, b)  # BatchNorm statistics are copied, not averaged
+
+
+def _adc_state(weight: float = 0.5) -> TrainState:
+    settings = TrainConfig(total_steps=10_000, batch_size=BATCH, adc_weight=weight)
+    return new_state(TINY_MODEL, settings, torch.device("cpu"))
+
+
+def test_without_the_adc_weight_the_discriminator_has_no_classifier() -> None:
+    state = _state()
+    assert state.discriminator.classifier is None
+    real, labels = _real_batch()
+    with pytest.raises(ValueError, match="no classifier head"):
+        state.discriminator(real, labels, with_classes=True)
+
+
+def test_adc_discriminator_step_adds_the_classifier_loss_on_real_k_and_generated_k() -> None:
+    state = _adc_state(0.5)
+    real, labels = _real_batch()
+    noise = torch.Generator()
+    noise.set_state(state.noise_rng.get_state())
+    z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)
+    with torch.no_grad():
+        fake = copy.deepcopy(state.generator)(z, labels)
+        scores, logits = copy.deepcopy(state.discriminator)(
+            torch.cat([real, fake]), torch.cat([labels, labels]), with_classes=True
+        )
+    assert logits.shape == (2 * BATCH, 2 * TINY_MODEL.num_classes)
+    d_real, d_fake = scores.split(BATCH)
+    hinge = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
+    classes = F.cross_entropy(logits, torch.cat([labels, labels + TINY_MODEL.num_classes]))
+
+    metrics = _step(state)
+
+    assert metrics["loss_d"] == pytest.approx((hinge + 0.5 * classes).item(), abs=1e-5)
+    assert classes.item() > 0.1  # the classifier term is not negligible, so the check above can fail
+
+
+def test_adc_generator_step_pulls_its_digits_to_real_k_and_away_from_generated_k() -> None:
+    state = _adc_state(2.0)
+    noise = torch.Generator()
+    noise.set_state(state.noise_rng.get_state())
+    torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)  # the discriminator step's draw
+    z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)
+    labels = torch.randint(0, TINY_MODEL.num_classes, (BATCH,), generator=noise)
+    generator_before = copy.deepcopy(state.generator)
+
+    metrics = _step(state)
+
+    d = copy.deepcopy(state.discriminator).eval()  # the discriminator as the generator step saw it
+    pairs = torch.stack([labels, labels + TINY_MODEL.num_classes], dim=1)  # "real k", "generated k"
+    with torch.no_grad():
+        scores, logits = d(copy.deepcopy(generator_before)(z, labels), labels, with_classes=True)
+        _, logits_after = d(copy.deepcopy(state.generator)(z, labels), labels, with_classes=True)
+    real_k, generated_k = logits.gather(1, pairs).unbind(1)
+    assert metrics["loss_g"] == pytest.approx((-scores.mean() + 2.0 * (generated_k - real_k).mean()).item(), abs=0.05)
+    real_k_after, generated_k_after = logits_after.gather(1, pairs).unbind(1)
+    assert (real_k_after - generated_k_after).mean() > (real_k - generated_k).mean()  # "real k" gained

@@ -29,6 +29,16 @@ def _tensors(split: Split) -> MnistTensors:
     return MnistTensors(torch.tensor(split[0]), torch.tensor(split[1], dtype=torch.int64))
 
 
+def accuracy_when_trained_on(
+    train: Split, test: Split, *, epochs: int = EPOCHS, progress: Callable[[], None] = lambda: None
+) -> float:
+    """MNIST ``test`` accuracy of the reference architecture trained on ``train`` (CAS's recipe and seed)."""
+    result = train_classifier(
+        _tensors(train), _tensors(test), epochs=epochs, seed=CLASSIFIER_SEED, progress=lambda done, total: progress()
+    )
+    return result.test_accuracy
+
+
 def classification_accuracy_score(
     generator: DigitGenerator,
     train: Split,
@@ -43,16 +53,8 @@ def classification_accuracy_score(
     """Test accuracy of the reference architecture trained on ``10 * per_class`` generated digits
     (noise ``seed``, digits 0-9 in turn) and, with the same recipe and seed, on the real ``train``."""
     fake = generator.generate(10 * per_class, seed=seed, truncation=truncation)
-    real_test = _tensors(test)
-
-    def trained_on(split: Split) -> float:
-        result = train_classifier(
-            _tensors(split), real_test, epochs=epochs, seed=CLASSIFIER_SEED, progress=lambda done, total: progress()
-        )
-        return result.test_accuracy
-
-    on_generated = trained_on((fake.images, fake.labels))
-    on_real = trained_on(train)
+    on_generated = accuracy_when_trained_on((fake.images, fake.labels), test, epochs=epochs, progress=progress)
+    on_real = accuracy_when_trained_on(train, test, epochs=epochs, progress=progress)
     return Cas(
         generated=on_generated,
         real=on_real,

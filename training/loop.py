@@ -92,8 +92,15 @@ def train_step(
     z = torch.randn(batch, latent, generator=state.noise_rng).to(device)
     with torch.no_grad():
         fake = g(z, labels)
-    d_real, d_fake = d(torch.cat([real, fake]), torch.cat([labels, labels])).split(batch)
-    loss_d = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
+    adc_weight, classes = state.train.adc_weight, state.config.num_classes
+    if adc_weight:
+        scores, logits = d(torch.cat([real, fake]), torch.cat([labels, labels]), with_classes=True)
+        # the classifier learns "real k" for real digits and "generated k" for the generator's
+        adc_d = F.cross_entropy(logits, torch.cat([labels, labels + classes]))
+    else:
+        scores, adc_d = d(torch.cat([real, fake]), torch.cat([labels, labels])), 0.0
+    d_real, d_fake = scores.split(batch)
+    loss_d = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean() + adc_weight * adc_d
     _check_finite(loss_d, "discriminator", state.step)
     state.opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
@@ -102,7 +109,15 @@ def train_step(
     z = torch.randn(batch, latent, generator=state.noise_rng).to(device)
     fake_labels = torch.randint(0, state.config.num_classes, (batch,), generator=state.noise_rng).to(device)
     # the bare discriminator: its gradients here are discarded, so they need no all-reduce
-    loss_g = -state.discriminator(g(z, fake_labels), fake_labels).mean()
+    if adc_weight:
+        scores, logits = state.discriminator(g(z, fake_labels), fake_labels, with_classes=True)
+        # ADC-GAN's generator term: cross-entropy to "real k" minus cross-entropy to "generated k",
+        # which is the difference of the two logits (the log-normaliser cancels)
+        pair = logits.gather(1, torch.stack([fake_labels, fake_labels + classes], dim=1))
+        adc_g = (pair[:, 1] - pair[:, 0]).mean()
+    else:
+        scores, adc_g = state.discriminator(g(z, fake_labels), fake_labels), 0.0
+    loss_g = -scores.mean() + adc_weight * adc_g
     _check_finite(loss_g, "generator", state.step)
     state.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()

@@ -68,9 +68,14 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Scores (image, label) pairs; higher means "real". Projection conditioning (Miyato 2018)."""
+    """Scores (image, label) pairs; higher means "real". Projection conditioning (Miyato 2018).
 
-    def __init__(self, cfg: GANConfig) -> None:
+    ``with_classifier`` adds ADC-GAN's discriminative classifier (Hou et al. 2022): a linear head on
+    the same features over ``2 * num_classes`` classes, "real digit k" (k) and "generated digit k"
+    (``num_classes + k``).
+    """
+
+    def __init__(self, cfg: GANConfig, with_classifier: bool = False) -> None:
         super().__init__()
         w = cfg.d_width
         features = 4 * w * 4 * 4
@@ -85,8 +90,17 @@ class Discriminator(nn.Module):
         )
         self.score = spectral_norm(nn.Linear(features, 1))
         self.class_embed = spectral_norm(nn.Embedding(cfg.num_classes, features))
+        self.classifier = spectral_norm(nn.Linear(features, 2 * cfg.num_classes)) if with_classifier else None
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, with_classes: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B,); with ``with_classes`` also the classifier's logits (B, 2 * num_classes)."""
         h = self.features(images)
         projection = (self.class_embed(labels) * h).sum(dim=1)
-        return self.score(h).squeeze(1) + projection
+        scores = self.score(h).squeeze(1) + projection
+        if not with_classes:
+            return scores
+        if self.classifier is None:
+            raise ValueError("this discriminator has no classifier head")
+        return scores, self.classifier(h)

@@ -36,6 +36,8 @@ class RunOptions:
     lr_decay_epochs: float | None = None  # None: no decay, or the resumed run's own
     lr_d: float | None = None
     conditional_norm: bool | None = None
+    d_width: int | None = None
+    adc_weight: float | None = None
     download: bool = False  # fetch MNIST when it is missing from data_dir
 
 
@@ -49,6 +51,8 @@ FIXED_ON_RESUME = {
     "subset": ("--subset", "train"),
     "latent_dim": ("--latent-dim", "config"),
     "conditional_norm": ("--conditional-norm", "config"),
+    "d_width": ("--d-width", "config"),
+    "adc_weight": ("--adc-weight", "train"),
 }
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR)
 
@@ -113,8 +117,10 @@ def _new_state(options: RunOptions, device: torch.device, rank: int) -> TrainSta
     def given(*names: str) -> dict:
         return {name: getattr(options, name) for name in names if getattr(options, name) is not None}
 
-    settings = TrainConfig(total_steps=1, **given("batch_size", "lr", "lr_d", "seed", "subset", "checkpoint_every"))
-    config = GANConfig(**given("latent_dim", "conditional_norm"))
+    settings = TrainConfig(
+        total_steps=1, **given("batch_size", "lr", "lr_d", "seed", "subset", "checkpoint_every", "adc_weight")
+    )
+    config = GANConfig(**given("latent_dim", "conditional_norm", "d_width"))
     return new_state(config, settings, device, rank)
 
 

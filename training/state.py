@@ -40,7 +40,7 @@ def new_state(config: GANConfig, train: TrainConfig, device: torch.device, rank:
     """Fresh networks initialised from ``train.seed`` (identical on every rank)."""
     torch.manual_seed(train.seed)
     generator = Generator(config).to(device)
-    discriminator = Discriminator(config).to(device)
+    discriminator = Discriminator(config, with_classifier=train.adc_weight > 0).to(device)
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
     noise_rng = noise_generator(train.seed, rank)
     return TrainState(

@@ -1,0 +1,207 @@
+"""Ablation of the training recipe: one change at a time against the shipped recipe, at a small scale.
+
+    python benchmarks/ablation.py run [--epochs 5] [--seed 1] [--jobs 2] [--threads 1] [--variant NAME ...]
+    python benchmarks/ablation.py table [--out runs/ablation] [--json]
+
+``run`` trains each variant with ``cli.py train`` (``--jobs`` runs side by side, ``--threads`` each),
+exports it, scores it like ``digitgen evaluate --cas`` (10,000 digits, seed 0, the reference
+classifier) and prints the table. The real-data CAS is the same for every variant, so it is trained
+once. Everything lands in ``--out``; a variant whose run is there already is resumed (a finished one
+is only re-scored when its scores are missing), so an interrupted ablation continues.
+The shipped recipe is scaled to ``--epochs``: the learning rates fall to zero over the last half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import click
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import describe  # noqa: E402
+
+# The shipped recipe (artifacts/MODEL_CARD.md) as `cli.py train` options (None: a flag), beside two of
+# this script's own: --decay-share (the share of the epochs the decay spans) and --seed-offset.
+SHIPPED = {"--conditional-norm": None, "--lr-d": "4e-4", "--decay-share": "0.5"}
+
+# name -> (what changes, the options that differ from SHIPPED; a value of False drops the option)
+VARIANTS: dict[str, tuple[str, dict[str, str | bool | None]]] = {
+    "shipped": ("the shipped recipe", {}),
+    "no-cbn": ("conditional BatchNorm off (plain BatchNorm)", {"--conditional-norm": False}),
+    "no-lr-d": ("one learning rate (discriminator 2e-4, not 4e-4)", {"--lr-d": False}),
+    "decay-quarter": ("decay over the last quarter, not half", {"--decay-share": "0.25"}),
+    "wide-d": ("wider discriminator (96-192-384 channels, not 64-128-256)", {"--d-width": "96"}),
+    "adc": ("ADC-GAN classifier in the discriminator, weight 0.5", {"--adc-weight": "0.5"}),
+    "shipped-seed2": ("the shipped recipe on another seed (seed noise)", {"--seed-offset": "1"}),
+}
+SCORES = "scores.json"
+REAL_CAS = "real_cas.json"
+
+
+def train_arguments(variant: str, epochs: int, seed: int) -> list[str]:
+    """The `cli.py train` options of ``variant`` at ``epochs`` epochs."""
+    options = {**SHIPPED, **VARIANTS[variant][1]}
+    arguments = ["--epochs", str(epochs), "--seed", str(seed + int(options.pop("--seed-offset", 0)))]
+    share = float(options.pop("--decay-share"))
+    arguments += ["--lr-decay-epochs", f"{epochs * share:g}"]
+    for flag, value in options.items():
+        if value is False:
+            continue
+        arguments += [flag] if value is None else [flag, str(value)]
+    return arguments
+
+
+def training_seconds(metrics: Path, batch_size: int) -> float:
+    """Training wall time from the run's metrics log (each record covers its window of steps)."""
+    seconds, step = 0.0, 0
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        seconds += (record["step"] - step) * batch_size / record["images_per_s"]
+        step = record["step"]
+    return seconds
+
+
+def _run(command: list[str], threads: int, log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with log.open("a") as out:
+        if subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT).returncode:
+            raise click.ClickException(f"{' '.join(command)} failed; see {log}")
+
+
+def _variant(name: str, out: Path, data_dir: str, epochs: int, seed: int, threads: int) -> None:
+    run_dir = out / name
+    checkpoint = run_dir / "checkpoint.pt"
+    train = [sys.executable, str(REPO / "cli.py"), "train", "--data-dir", data_dir, "--out", str(run_dir)]
+    resume = ["--resume", str(checkpoint)] if checkpoint.exists() else []
+    log = out / f"{name}.log"
+    if not (run_dir / SCORES).exists():
+        _run([*train, *train_arguments(name, epochs, seed), *resume], threads, log)
+        onnx = run_dir / "generator.onnx"
+        export = [sys.executable, str(REPO / "cli.py"), "export", "--checkpoint", str(checkpoint), "--out", str(onnx)]
+        _run([*export, "--overwrite"], threads, log)
+        _run([sys.executable, __file__, "score", str(run_dir), "--data-dir", data_dir], threads, log)
+
+
+@click.group()
+def main() -> None:
+    """Train, score and tabulate the recipe's ablation."""
+
+
+@main.command()
+@click.option("--data-dir", default="../shared/datasets", show_default=True)
+@click.option("--out", default="runs/ablation", show_default=True, type=click.Path(path_type=Path))
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=1, show_default=True, type=click.IntRange(min=0))
+@click.option("--jobs", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--variant", "variants", multiple=True, type=click.Choice(list(VARIANTS)), help="Default: all.")
+def run(data_dir: str, out: Path, epochs: int, seed: int, jobs: int, threads: int, variants: tuple[str, ...]) -> None:
+    """Train and score the variants (``--jobs`` at a time), then print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    real = [sys.executable, __file__, "real-cas", str(out), "--data-dir", data_dir]
+    tasks = [] if (out / REAL_CAS).exists() else [lambda: _run(real, threads, out / "real_cas.log")]
+    tasks += [
+        lambda name=name: _variant(name, out, data_dir, epochs, seed, threads) for name in variants or list(VARIANTS)
+    ]
+    with ThreadPoolExecutor(jobs) as pool:
+        for future in [pool.submit(task) for task in tasks]:
+            future.result()
+    click.echo(table_markdown(out))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--data-dir", default="../shared/datasets", show_default=True)
+def score(run_dir: Path, data_dir: str) -> None:
+    """Score RUN_DIR/generator.onnx as `evaluate --cas` does, less the real-data CAS."""
+    from digitgen.runtime import DigitGenerator
+    from digitgen.runtime.evaluate import ReferenceClassifier, evaluate
+    from digitgen.runtime.idx import read_mnist_split
+    from digitgen.training.cas import PER_CLASS, accuracy_when_trained_on
+    from digitgen.training.checkpoint import load_checkpoint
+
+    generator = DigitGenerator.from_path(run_dir / "generator.onnx", "cpu")
+    test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
+    scores = evaluate(generator, ReferenceClassifier(), test, train).to_dict()
+    fake = generator.generate(10 * PER_CLASS, seed=0)
+    scores["cas_generated"] = accuracy_when_trained_on((fake.images, fake.labels), test)
+    batch_size = load_checkpoint(str(run_dir / "checkpoint.pt"))["train"]["batch_size"]
+    scores["train_seconds"] = training_seconds(run_dir / "metrics.jsonl", batch_size)
+    (run_dir / SCORES).write_text(json.dumps(scores))
+
+
+@main.command("real-cas")
+@click.argument("out", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--data-dir", default="../shared/datasets", show_default=True)
+def real_cas(out: Path, data_dir: str) -> None:
+    """The CAS recipe trained on MNIST's own training set."""
+    from digitgen.runtime.idx import read_mnist_split
+    from digitgen.training.cas import accuracy_when_trained_on
+
+    accuracy = accuracy_when_trained_on(read_mnist_split(data_dir, "train"), read_mnist_split(data_dir, "t10k"))
+    (out / REAL_CAS).write_text(json.dumps({"real": accuracy}))
+
+
+def table_rows(out: Path) -> list[dict[str, float | str]]:
+    """One row per scored variant, in VARIANTS order."""
+    real_cas_accuracy = json.loads((out / REAL_CAS).read_text())["real"] if (out / REAL_CAS).exists() else None
+    rows = []
+    for name, (change, _) in VARIANTS.items():
+        path = out / name / SCORES
+        if not path.exists():
+            continue
+        s = json.loads(path.read_text())
+        g, r = s["generated"], s["real"]
+        worst = min(range(10), key=g["per_digit_accuracy"].__getitem__)
+        rows.append(
+            {
+                "variant": name,
+                "change": change,
+                "class_accuracy": g["class_accuracy"],
+                "worst_digit": worst,
+                "worst_accuracy": g["per_digit_accuracy"][worst],
+                "fid_ratio": g["fid"] / r["fid"],
+                "precision_ratio": g["precision"] / r["precision"],
+                "recall_ratio": g["recall"] / r["recall"],
+                "cas_gap": None if real_cas_accuracy is None else 100 * (real_cas_accuracy - s["cas_generated"]),
+                "train_minutes": s["train_seconds"] / 60,
+            }
+        )
+    return rows
+
+
+def table_markdown(out: Path) -> str:
+    lines = [
+        f"machine: {describe()}",
+        "",
+        "| variant | change | class acc. | worst digit | FID / real | precision / real | recall / real "
+        "| CAS gap (points) | training min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table_rows(out):
+        gap = "n/a" if row["cas_gap"] is None else f"{row['cas_gap']:.2f}"
+        lines.append(
+            f"| {row['variant']} | {row['change']} | {row['class_accuracy']:.2%} "
+            f"| {row['worst_accuracy']:.1%} ({row['worst_digit']}) | {row['fid_ratio']:.2f}x "
+            f"| {row['precision_ratio']:.2f}x | {row['recall_ratio']:.2f}x | {gap} | {row['train_minutes']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--out", default="runs/ablation", show_default=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def table(out: Path, as_json: bool) -> None:
+    """Print the table of the variants scored so far."""
+    click.echo(json.dumps(table_rows(out)) if as_json else table_markdown(out))
+
+
+if __name__ == "__main__":
+    main()
