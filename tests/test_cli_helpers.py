@@ -93,3 +93,44 @@ def test_the_group_takes_its_arguments_positionally_too() -> None:
     with pytest.raises(SystemExit) as exited:
         main.main(["--help"])
     assert exited.value.code == 0
+
+
+def _group_raising(exc: BaseException) -> click.Group:
+    """A one-command group of the CLI's kind whose command raises ``exc``."""
+    from digitgen.cli import OneLineErrors
+
+    group = OneLineErrors()
+
+    @group.command()
+    def fail() -> None:
+        raise exc
+
+    return group
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "line"),
+    [
+        (
+            click.ClickException("the ranks ended with different weights"),
+            1,
+            "Error: the ranks ended with different weights",
+        ),
+        (click.Abort(), 130, "Error: aborted"),
+        (ModuleNotFoundError("no torch", name="torch"), 1, "Error: this needs torch, part of the train extra"),
+    ],
+    ids=["click-exception", "abort", "missing-extra"],
+)
+def test_other_errors_are_one_line_on_stderr_with_their_status(exc: BaseException, code: int, line: str) -> None:
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(_group_raising(exc), ["fail"])
+    assert result.exit_code == code
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1 and result.stderr.startswith(line)
+
+
+def test_a_missing_module_outside_the_extras_is_not_disguised() -> None:
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(_group_raising(ModuleNotFoundError("no yaml", name="yaml")), ["fail"])
+    assert isinstance(result.exception, ModuleNotFoundError) and result.exception.name == "yaml"
