@@ -5,10 +5,12 @@
 
 ``run`` trains each variant with ``cli.py train`` (``--jobs`` runs side by side, ``--threads`` each),
 exports it, scores it like ``digitgen evaluate --cas`` (10,000 digits, seed 0, the reference
-classifier) and prints the table. The real-data CAS is the same for every variant, so it is trained
-once. Everything lands in ``--out``; a variant whose run is there already is resumed (a finished one
-is only re-scored when its scores are missing), so an interrupted ablation continues.
-The shipped recipe is scaled to ``--epochs``: the learning rates fall to zero over the last half.
+classifier) and prints the table. CAS is scaled down with the rest: the classifier trains on
+``--cas-images`` generated digits (the release's figure: 60,000) and, once for all variants, on as
+many real ones (MNIST's first training images). Everything lands in ``--out``; a variant without
+scores there is trained (its run resumed, if there is one: a finished run is not trained again),
+exported and scored, so an interrupted ablation continues where it stopped. The shipped recipe is
+scaled to ``--epochs``: the learning rates fall to zero over the last half.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ VARIANTS: dict[str, tuple[str, dict[str, str | bool | None]]] = {
     "shipped-seed2": ("the shipped recipe on another seed (seed noise)", {"--seed-offset": "1"}),
 }
 SCORES = "scores.json"
+CAS_IMAGES = 20_000
 REAL_CAS = "real_cas.json"
 
 
@@ -75,7 +78,7 @@ def _run(command: list[str], threads: int, log: Path) -> None:
             raise click.ClickException(f"{' '.join(command)} failed; see {log}")
 
 
-def _variant(name: str, out: Path, data_dir: str, epochs: int, seed: int, threads: int) -> None:
+def _variant(name: str, out: Path, data_dir: str, epochs: int, seed: int, threads: int, cas_images: int) -> None:
     run_dir = out / name
     checkpoint = run_dir / "checkpoint.pt"
     train = [sys.executable, str(REPO / "cli.py"), "train", "--data-dir", data_dir, "--out", str(run_dir)]
@@ -86,7 +89,17 @@ def _variant(name: str, out: Path, data_dir: str, epochs: int, seed: int, thread
         onnx = run_dir / "generator.onnx"
         export = [sys.executable, str(REPO / "cli.py"), "export", "--checkpoint", str(checkpoint), "--out", str(onnx)]
         _run([*export, "--overwrite"], threads, log)
-        _run([sys.executable, __file__, "score", str(run_dir), "--data-dir", data_dir], threads, log)
+        score = [
+            sys.executable,
+            __file__,
+            "score",
+            str(run_dir),
+            "--data-dir",
+            data_dir,
+            "--cas-images",
+            str(cas_images),
+        ]
+        _run(score, threads, log)
 
 
 @click.group()
@@ -101,14 +114,25 @@ def main() -> None:
 @click.option("--seed", default=1, show_default=True, type=click.IntRange(min=0))
 @click.option("--jobs", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--cas-images", default=CAS_IMAGES, show_default=True, type=click.IntRange(min=1000))
 @click.option("--variant", "variants", multiple=True, type=click.Choice(list(VARIANTS)), help="Default: all.")
-def run(data_dir: str, out: Path, epochs: int, seed: int, jobs: int, threads: int, variants: tuple[str, ...]) -> None:
+def run(
+    data_dir: str,
+    out: Path,
+    epochs: int,
+    seed: int,
+    jobs: int,
+    threads: int,
+    cas_images: int,
+    variants: tuple[str, ...],
+) -> None:
     """Train and score the variants (``--jobs`` at a time), then print the table."""
     out.mkdir(parents=True, exist_ok=True)
-    real = [sys.executable, __file__, "real-cas", str(out), "--data-dir", data_dir]
+    real = [sys.executable, __file__, "real-cas", str(out), "--data-dir", data_dir, "--cas-images", str(cas_images)]
     tasks = [] if (out / REAL_CAS).exists() else [lambda: _run(real, threads, out / "real_cas.log")]
     tasks += [
-        lambda name=name: _variant(name, out, data_dir, epochs, seed, threads) for name in variants or list(VARIANTS)
+        lambda name=name: _variant(name, out, data_dir, epochs, seed, threads, cas_images)
+        for name in variants or list(VARIANTS)
     ]
     with ThreadPoolExecutor(jobs) as pool:
         for future in [pool.submit(task) for task in tasks]:
@@ -119,19 +143,21 @@ def run(data_dir: str, out: Path, epochs: int, seed: int, jobs: int, threads: in
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--data-dir", default="../shared/datasets", show_default=True)
-def score(run_dir: Path, data_dir: str) -> None:
+@click.option("--cas-images", default=CAS_IMAGES, show_default=True, type=click.IntRange(min=1000))
+def score(run_dir: Path, data_dir: str, cas_images: int) -> None:
     """Score RUN_DIR/generator.onnx as `evaluate --cas` does, less the real-data CAS."""
     from digitgen.runtime import DigitGenerator
     from digitgen.runtime.evaluate import ReferenceClassifier, evaluate
     from digitgen.runtime.idx import read_mnist_split
-    from digitgen.training.cas import PER_CLASS, accuracy_when_trained_on
+    from digitgen.training.cas import accuracy_when_trained_on
     from digitgen.training.checkpoint import load_checkpoint
 
     generator = DigitGenerator.from_path(run_dir / "generator.onnx", "cpu")
     test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
     scores = evaluate(generator, ReferenceClassifier(), test, train).to_dict()
-    fake = generator.generate(10 * PER_CLASS, seed=0)
+    fake = generator.generate(cas_images, seed=0)  # digits 0-9 in turn
     scores["cas_generated"] = accuracy_when_trained_on((fake.images, fake.labels), test)
+    scores["cas_images"] = cas_images
     batch_size = load_checkpoint(str(run_dir / "checkpoint.pt"))["train"]["batch_size"]
     scores["train_seconds"] = training_seconds(run_dir / "metrics.jsonl", batch_size)
     (run_dir / SCORES).write_text(json.dumps(scores))
@@ -140,18 +166,20 @@ def score(run_dir: Path, data_dir: str) -> None:
 @main.command("real-cas")
 @click.argument("out", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--data-dir", default="../shared/datasets", show_default=True)
-def real_cas(out: Path, data_dir: str) -> None:
-    """The CAS recipe trained on MNIST's own training set."""
+@click.option("--cas-images", default=CAS_IMAGES, show_default=True, type=click.IntRange(min=1000))
+def real_cas(out: Path, data_dir: str, cas_images: int) -> None:
+    """The CAS recipe trained on MNIST's first ``--cas-images`` training images."""
     from digitgen.runtime.idx import read_mnist_split
     from digitgen.training.cas import accuracy_when_trained_on
 
-    accuracy = accuracy_when_trained_on(read_mnist_split(data_dir, "train"), read_mnist_split(data_dir, "t10k"))
-    (out / REAL_CAS).write_text(json.dumps({"real": accuracy}))
+    images, labels = read_mnist_split(data_dir, "train")
+    accuracy = accuracy_when_trained_on((images[:cas_images], labels[:cas_images]), read_mnist_split(data_dir, "t10k"))
+    (out / REAL_CAS).write_text(json.dumps({"real": accuracy, "cas_images": cas_images}))
 
 
 def table_rows(out: Path) -> list[dict[str, float | str]]:
     """One row per scored variant, in VARIANTS order."""
-    real_cas_accuracy = json.loads((out / REAL_CAS).read_text())["real"] if (out / REAL_CAS).exists() else None
+    real_cas = json.loads((out / REAL_CAS).read_text()) if (out / REAL_CAS).exists() else {}
     rows = []
     for name, (change, _) in VARIANTS.items():
         path = out / name / SCORES
@@ -170,7 +198,11 @@ def table_rows(out: Path) -> list[dict[str, float | str]]:
                 "fid_ratio": g["fid"] / r["fid"],
                 "precision_ratio": g["precision"] / r["precision"],
                 "recall_ratio": g["recall"] / r["recall"],
-                "cas_gap": None if real_cas_accuracy is None else 100 * (real_cas_accuracy - s["cas_generated"]),
+                "cas_gap": (
+                    100 * (real_cas["real"] - s["cas_generated"])
+                    if real_cas.get("cas_images") == s["cas_images"]  # trained on as many images
+                    else None
+                ),
                 "train_minutes": s["train_seconds"] / 60,
             }
         )

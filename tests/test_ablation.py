@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.ablation import VARIANTS, train_arguments, training_seconds
+from benchmarks.ablation import VARIANTS, table_rows, train_arguments, training_seconds
 from digitgen.cli import train
 
 
@@ -48,3 +48,25 @@ def test_training_seconds_add_up_the_logged_windows(tmp_path: Path) -> None:
     windows = [(50, 100.0), (100, 200.0), (110, 64.0)]  # (step, images/s)
     metrics.write_text("".join(json.dumps({"step": s, "images_per_s": rate}) + "\n" for s, rate in windows))
     assert training_seconds(metrics, batch_size=128) == pytest.approx(50 * 128 / 100 + 50 * 128 / 200 + 10 * 128 / 64)
+
+
+def _scores(accuracies: list[float], fid: float, cas: float, cas_images: int) -> dict:
+    generated = {"class_accuracy": sum(accuracies) / 10, "per_digit_accuracy": accuracies, "fid": fid}
+    real = {"fid": 4.0, "precision": 0.9, "recall": 0.8}
+    generated |= {"precision": 0.45, "recall": 0.6}
+    return {"generated": generated, "real": real, "cas_generated": cas, "cas_images": cas_images, "train_seconds": 90}
+
+
+def test_table_rows_hold_ratios_worst_digit_and_the_cas_gap_of_like_sized_training(tmp_path: Path) -> None:
+    (tmp_path / "real_cas.json").write_text(json.dumps({"real": 0.99, "cas_images": 20_000}))
+    for name, cas_images in (("shipped", 20_000), ("adc", 60_000)):
+        (tmp_path / name).mkdir()
+        accuracies = [1.0] * 10
+        accuracies[7] = 0.9
+        (tmp_path / name / "scores.json").write_text(json.dumps(_scores(accuracies, 10.0, 0.98, cas_images)))
+    shipped, adc = table_rows(tmp_path)
+    assert shipped["variant"] == "shipped" and adc["variant"] == "adc"
+    assert (shipped["worst_digit"], shipped["worst_accuracy"]) == (7, 0.9)
+    assert shipped["fid_ratio"] == 2.5 and shipped["precision_ratio"] == 0.5 and shipped["recall_ratio"] == 0.75
+    assert shipped["cas_gap"] == pytest.approx(1.0) and shipped["train_minutes"] == 1.5
+    assert adc["cas_gap"] is None  # its classifier saw more images than the real-data one
