@@ -36,6 +36,15 @@ def _scores(d: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> t
         return copy.deepcopy(d).eval()(images, labels)
 
 
+def _generator_step_draws(state: TrainState) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise and labels the next step's generator update will draw."""
+    noise = torch.Generator()
+    noise.set_state(state.noise_rng.get_state())
+    torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)  # the discriminator step's draw
+    z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)
+    return z, torch.randint(0, TINY_MODEL.num_classes, (BATCH,), generator=noise)
+
+
 def test_discriminator_step_uses_the_hinge_loss_with_real_and_fake_in_their_places() -> None:
     state = _state()
     real, labels = _real_batch()
@@ -62,11 +71,7 @@ def test_discriminator_step_uses_the_hinge_loss_with_real_and_fake_in_their_plac
 
 def test_generator_step_raises_the_discriminators_score_of_its_digits() -> None:
     state = _state()
-    noise = torch.Generator()
-    noise.set_state(state.noise_rng.get_state())
-    torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)  # the discriminator step's draw
-    z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)
-    labels = torch.randint(0, TINY_MODEL.num_classes, (BATCH,), generator=noise)
+    z, labels = _generator_step_draws(state)
     generator_before = copy.deepcopy(state.generator)
 
     metrics = _step(state)
@@ -134,11 +139,7 @@ def test_adc_discriminator_step_adds_the_classifier_loss_on_real_k_and_generated
 
 def test_adc_generator_step_pulls_its_digits_to_real_k_and_away_from_generated_k() -> None:
     state = _adc_state(2.0)
-    noise = torch.Generator()
-    noise.set_state(state.noise_rng.get_state())
-    torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)  # the discriminator step's draw
-    z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)
-    labels = torch.randint(0, TINY_MODEL.num_classes, (BATCH,), generator=noise)
+    z, labels = _generator_step_draws(state)
     generator_before = copy.deepcopy(state.generator)
 
     metrics = _step(state)
