@@ -36,6 +36,15 @@ def _scores(d: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> t
         return copy.deepcopy(d).eval()(images, labels)
 
 
+def _discriminator_step_fakes(state: TrainState, labels: torch.Tensor) -> torch.Tensor:
+    """The generated digits the next step's discriminator update will see beside the real ones."""
+    noise = torch.Generator()
+    noise.set_state(state.noise_rng.get_state())
+    z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)
+    with torch.no_grad():
+        return copy.deepcopy(state.generator)(z, labels)
+
+
 def _generator_step_draws(state: TrainState) -> tuple[torch.Tensor, torch.Tensor]:
     """The noise and labels the next step's generator update will draw."""
     noise = torch.Generator()
@@ -48,11 +57,8 @@ def _generator_step_draws(state: TrainState) -> tuple[torch.Tensor, torch.Tensor
 def test_discriminator_step_uses_the_hinge_loss_with_real_and_fake_in_their_places() -> None:
     state = _state()
     real, labels = _real_batch()
-    noise = torch.Generator()
-    noise.set_state(state.noise_rng.get_state())
-    z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)
+    fake = _discriminator_step_fakes(state, labels)
     with torch.no_grad():
-        fake = copy.deepcopy(state.generator)(z, labels)
         d_real, d_fake = copy.deepcopy(state.discriminator)(torch.cat([real, fake]), torch.cat([labels, labels])).split(
             BATCH
         )
@@ -118,11 +124,8 @@ def test_without_the_adc_weight_the_discriminator_has_no_classifier() -> None:
 def test_adc_discriminator_step_adds_the_classifier_loss_on_real_k_and_generated_k() -> None:
     state = _adc_state(0.5)
     real, labels = _real_batch()
-    noise = torch.Generator()
-    noise.set_state(state.noise_rng.get_state())
-    z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)
+    fake = _discriminator_step_fakes(state, labels)
     with torch.no_grad():
-        fake = copy.deepcopy(state.generator)(z, labels)
         scores, logits = copy.deepcopy(state.discriminator)(
             torch.cat([real, fake]), torch.cat([labels, labels]), with_classes=True
         )
