@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -29,32 +30,41 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import describe  # noqa: E402
 
-# The shipped recipe (artifacts/MODEL_CARD.md) as `cli.py train` options (None: a flag), beside two of
-# this script's own: --decay-share (the share of the epochs the decay spans) and --seed-offset.
-SHIPPED = {"--conditional-norm": None, "--lr-d": "4e-4", "--decay-share": "0.5"}
+# The shipped recipe (artifacts/MODEL_CARD.md) as `cli.py train` options (None: a flag); its decay spans
+# the last half of the epochs.
+SHIPPED = {"--conditional-norm": None, "--lr-d": "4e-4"}
 
-# name -> (what changes, the options that differ from SHIPPED; a value of False drops the option)
-VARIANTS: dict[str, tuple[str, dict[str, str | bool | None]]] = {
-    "shipped": ("the shipped recipe", {}),
-    "no-cbn": ("conditional BatchNorm off (plain BatchNorm)", {"--conditional-norm": False}),
-    "no-lr-d": ("one learning rate (discriminator 2e-4, not 4e-4)", {"--lr-d": False}),
-    "decay-quarter": ("decay over the last quarter, not half", {"--decay-share": "0.25"}),
-    "wide-d": ("wider discriminator (96-192-384 channels, not 64-128-256)", {"--d-width": "96"}),
-    "adc": ("ADC-GAN classifier in the discriminator, weight 0.5", {"--adc-weight": "0.5"}),
-    "shipped-seed2": ("the shipped recipe on another seed (seed noise)", {"--seed-offset": "1"}),
+
+@dataclass(frozen=True)
+class Variant:
+    """The shipped recipe with one change."""
+
+    change: str
+    options: dict[str, str | bool | None] = field(default_factory=dict)  # differ from SHIPPED; False drops one
+    decay_share: float = 0.5  # the share of the epochs over which the learning rates fall
+    seed_offset: int = 0
+
+
+VARIANTS = {
+    "shipped": Variant("the shipped recipe"),
+    "no-cbn": Variant("conditional BatchNorm off (plain BatchNorm)", {"--conditional-norm": False}),
+    "no-lr-d": Variant("one learning rate (discriminator 2e-4, not 4e-4)", {"--lr-d": False}),
+    "decay-quarter": Variant("decay over the last quarter, not half", decay_share=0.25),
+    "wide-d": Variant("wider discriminator (96-192-384 channels, not 64-128-256)", {"--d-width": "96"}),
+    "adc": Variant("ADC-GAN classifier in the discriminator, weight 0.5", {"--adc-weight": "0.5"}),
+    "shipped-seed2": Variant("the shipped recipe on another seed (seed noise)", seed_offset=1),
 }
 SCORES = "scores.json"
 CAS_IMAGES = 20_000
 REAL_CAS = "real_cas.json"
 
 
-def train_arguments(variant: str, epochs: int, seed: int) -> list[str]:
-    """The `cli.py train` options of ``variant`` at ``epochs`` epochs."""
-    options = {**SHIPPED, **VARIANTS[variant][1]}
-    arguments = ["--epochs", str(epochs), "--seed", str(seed + int(options.pop("--seed-offset", 0)))]
-    share = float(options.pop("--decay-share"))
-    arguments += ["--lr-decay-epochs", f"{epochs * share:g}"]
-    for flag, value in options.items():
+def train_arguments(name: str, epochs: int, seed: int) -> list[str]:
+    """The `cli.py train` options of variant ``name`` at ``epochs`` epochs."""
+    variant = VARIANTS[name]
+    arguments = ["--epochs", str(epochs), "--seed", str(seed + variant.seed_offset)]
+    arguments += ["--lr-decay-epochs", f"{epochs * variant.decay_share:g}"]
+    for flag, value in {**SHIPPED, **variant.options}.items():
         if value is False:
             continue
         arguments += [flag] if value is None else [flag, str(value)]
@@ -181,7 +191,7 @@ def table_rows(out: Path) -> list[dict[str, float | str]]:
     """One row per scored variant, in VARIANTS order."""
     real_cas = json.loads((out / REAL_CAS).read_text()) if (out / REAL_CAS).exists() else {}
     rows = []
-    for name, (change, _) in VARIANTS.items():
+    for name, variant in VARIANTS.items():
         path = out / name / SCORES
         if not path.exists():
             continue
@@ -191,7 +201,7 @@ def table_rows(out: Path) -> list[dict[str, float | str]]:
         rows.append(
             {
                 "variant": name,
-                "change": change,
+                "change": variant.change,
                 "class_accuracy": g["class_accuracy"],
                 "worst_digit": worst,
                 "worst_accuracy": g["per_digit_accuracy"][worst],
