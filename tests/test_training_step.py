@@ -36,19 +36,23 @@ def _scores(d: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> t
         return copy.deepcopy(d).eval()(images, labels)
 
 
-def _discriminator_step_fakes(state: TrainState, labels: torch.Tensor) -> torch.Tensor:
-    """The generated digits the next step's discriminator update will see beside the real ones."""
+def _noise_stream(state: TrainState) -> torch.Generator:
+    """A copy of the run's noise generator, to replay what the next step will draw."""
     noise = torch.Generator()
     noise.set_state(state.noise_rng.get_state())
-    z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)
+    return noise
+
+
+def _discriminator_step_fakes(state: TrainState, labels: torch.Tensor) -> torch.Tensor:
+    """The generated digits the next step's discriminator update will see beside the real ones."""
+    z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=_noise_stream(state))
     with torch.no_grad():
         return copy.deepcopy(state.generator)(z, labels)
 
 
 def _generator_step_draws(state: TrainState) -> tuple[torch.Tensor, torch.Tensor]:
     """The noise and labels the next step's generator update will draw."""
-    noise = torch.Generator()
-    noise.set_state(state.noise_rng.get_state())
+    noise = _noise_stream(state)
     torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)  # the discriminator step's draw
     z = torch.randn(BATCH, TINY_MODEL.latent_dim, generator=noise)
     return z, torch.randint(0, TINY_MODEL.num_classes, (BATCH,), generator=noise)
