@@ -37,7 +37,7 @@ SHIPPED = {"--conditional-norm": None, "--lr-d": "4e-4"}
 
 @dataclass(frozen=True)
 class Variant:
-    """The shipped recipe with one change."""
+    """The shipped recipe with one change (a seed variant: another variant on the next seed)."""
 
     change: str
     options: dict[str, str | bool | None] = field(default_factory=dict)  # differ from SHIPPED; False drops one
@@ -53,6 +53,7 @@ VARIANTS = {
     "wide-d": Variant("wider discriminator (96-192-384 channels, not 64-128-256)", {"--d-width": "96"}),
     "adc": Variant("ADC-GAN classifier in the discriminator, weight 0.5", {"--adc-weight": "0.5"}),
     "shipped-seed2": Variant("the shipped recipe on another seed (seed noise)", seed_offset=1),
+    "adc-seed2": Variant("ADC-GAN, weight 0.5, on another seed (seed noise)", {"--adc-weight": "0.5"}, seed_offset=1),
 }
 SCORES = "scores.json"
 CAS_IMAGES = 20_000
