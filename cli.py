@@ -189,6 +189,17 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     type=click.FloatRange(min=0),
     help="Weight of an auxiliary discriminative classifier (ADC-GAN) in both losses [default: 0, none].",
 )
+@click.option(
+    "--label-classifier",
+    type=click.Path(dir_okay=False),
+    help="Classifier weights (from train-classifier, not the evaluator's) whose cross-entropy on the generated "
+    "digits joins the generator's loss; saved in the checkpoint.",
+)
+@click.option(
+    "--label-weight",
+    type=click.FloatRange(min=0),
+    help="Weight of --label-classifier's cross-entropy in the generator's loss, e.g. 0.5.",
+)
 @click.option("--seed", type=click.IntRange(min=0), help=f"Seed of weights and noise [default: {TrainConfig.seed}].")
 @click.option("--device", "device_name", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run saved in this checkpoint.")
@@ -217,6 +228,8 @@ def train(
     conditional_norm: bool | None,
     d_width: int | None,
     adc_weight: float | None,
+    label_classifier: str | None,
+    label_weight: float | None,
     seed: int | None,
     device_name: str,
     resume: str | None,
@@ -253,6 +266,8 @@ def train(
         conditional_norm,
         d_width=d_width,
         adc_weight=adc_weight,
+        label_classifier=label_classifier,
+        label_weight=label_weight,
         download=download,
     )
     ctx, device = init_distributed(device)
@@ -268,7 +283,8 @@ def train(
             f"learning rate {state.train.lr:g}"
             + (f" (discriminator {state.train.lr_d:g})" if state.train.lr_d is not None else "")
             + (f" falling to 0 over the last {state.train.lr_decay_steps} steps" if state.train.lr_decay_steps else "")
-            + (f", ADC classifier weight {state.train.adc_weight:g}" if state.train.adc_weight else ""),
+            + (f", ADC classifier weight {state.train.adc_weight:g}" if state.train.adc_weight else "")
+            + (f", label classifier weight {state.train.label_weight:g}" if state.train.label_weight else ""),
             err=True,
         )
         if ctx.enabled:

@@ -10,6 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from digitgen.cli import main
+from digitgen.training.classifier import Classifier, save_classifier_weights
+from tests.conftest import REPO
 
 TINY = ("--batch-size", "16", "--latent-dim", "8", "--device", "cpu", "--checkpoint-every", "100")
 
@@ -84,6 +86,7 @@ def test_resuming_another_run_into_a_run_directory_is_refused(
         ("--conditional-norm", None, "False"),
         ("--d-width", "32", "64"),
         ("--adc-weight", "0.5", "0.0"),
+        ("--label-weight", "0.5", "0.0"),
     ],
 )
 def test_resume_refuses_options_that_would_change_the_run(
@@ -127,3 +130,70 @@ def test_discriminator_width_and_adc_weight_are_kept_in_the_checkpoint(tmp_path:
     code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--steps", 3)
     assert code == 0, output
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+@pytest.fixture
+def label_weights(tmp_path: Path) -> Path:
+    """Classifier weights that are not the evaluator's (an untrained classifier)."""
+    path = tmp_path / "label_weights.pt"
+    torch.manual_seed(1)
+    save_classifier_weights(Classifier(), 0.1, path)
+    return path
+
+
+def test_the_label_classifier_is_saved_in_the_checkpoint_and_kept_on_resume(
+    tmp_path: Path, tiny_mnist: Path, label_weights: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    code, output = train(
+        tiny_mnist, run_dir, "--steps", 2, *TINY, "--label-classifier", label_weights, "--label-weight", 0.5
+    )
+    assert code == 0, output
+    assert "label classifier weight 0.5" in output
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    given = torch.load(label_weights, weights_only=True)["classifier"]
+    assert saved["train"]["label_weight"] == 0.5
+    assert saved["label_classifier"].keys() == given.keys()
+    assert all(torch.equal(saved["label_classifier"][k], given[k]) for k in given)
+    label_weights.unlink()  # the run needs only its checkpoint from now on
+    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--steps", 3)
+    assert code == 0, output
+    resumed = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert resumed["step"] == 3 and all(torch.equal(resumed["label_classifier"][k], given[k]) for k in given)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--label-weight", "0.5"), "--label-weight needs --label-classifier (weights written by train-classifier)"),
+        (
+            ("--label-classifier", "{weights}"),
+            "--label-classifier needs a positive --label-weight, e.g. --label-weight 0.5",
+        ),
+        (
+            ("--label-classifier", "{weights}", "--label-weight", "0"),
+            "--label-classifier needs a positive --label-weight",
+        ),
+        (("--label-classifier", "{evaluator}", "--label-weight", "0.5"), "holds the evaluator's classifier"),
+        (("--label-classifier", "{checkpoint}", "--label-weight", "0.5"), "not digitgen classifier weights"),
+        (("--label-classifier", "{missing}", "--label-weight", "0.5"), "classifier weights not found"),
+        (("--resume", "{checkpoint}", "--label-classifier", "{weights}"), "a resumed run keeps the label classifier"),
+    ],
+)
+def test_label_classifier_options_are_refused_before_any_run_is_touched(
+    finished_run: Path, tiny_mnist: Path, label_weights: Path, options: tuple[str, ...], message: str
+) -> None:
+    checkpoint = finished_run / "checkpoint.pt"
+    paths = {
+        "weights": label_weights,
+        "evaluator": REPO / "artifacts" / "classifier_weights.pt",
+        "checkpoint": checkpoint,
+        "missing": finished_run / "none.pt",
+    }
+    before = checkpoint.read_bytes()
+    overwrite = () if "--resume" in options else ("--overwrite",)
+    given = [option.format(**paths) for option in options]
+    code, output = train(tiny_mnist, finished_run, "--steps", 2, *TINY, *overwrite, *given)
+    assert code == 1
+    assert len(output.strip().splitlines()) == 1 and output.startswith("Error: ") and message in output, output
+    assert checkpoint.read_bytes() == before

@@ -1,4 +1,4 @@
-"""One training step in detail: the hinge losses, each update's direction, and the EMA generator."""
+"""One training step in detail: the hinge losses, the classifier terms, each update's direction, the EMA generator."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from digitgen.training.classifier import Classifier
 from digitgen.training.config import TrainConfig
 from digitgen.training.loop import train_step
 from digitgen.training.state import TrainState, new_state
@@ -160,3 +161,78 @@ def test_adc_generator_step_pulls_its_digits_to_real_k_and_away_from_generated_k
     assert metrics["loss_g"] == pytest.approx((-scores.mean() + 2.0 * (generated_k - real_k).mean()).item(), abs=0.05)
     real_k_after, generated_k_after = logits_after.gather(1, pairs).unbind(1)
     assert (real_k_after - generated_k_after).mean() > (real_k - generated_k).mean()  # "real k" gained
+
+
+def _label_state(weight: float) -> TrainState:
+    torch.manual_seed(3)
+    settings = TrainConfig(total_steps=10_000, batch_size=BATCH, label_weight=weight)
+    return new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifier=Classifier())
+
+
+def _cross_entropy(classifier: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return F.cross_entropy(classifier(images.add(1.0).mul(0.5))[0], labels)
+
+
+def test_label_classifier_adds_its_cross_entropy_to_the_generator_loss_and_stays_frozen() -> None:
+    state = _label_state(2.0)
+    classifier = copy.deepcopy(state.label_classifier)
+    z, labels = _generator_step_draws(state)
+    generated = copy.deepcopy(state.generator)(z, labels)
+
+    metrics = _step(state)
+
+    scores = _scores(state.discriminator, generated, labels)
+    label_term = _cross_entropy(classifier, generated, labels)
+    assert label_term.item() > 1.0  # an untrained classifier: the term is large, so the check below can fail
+    assert metrics["loss_g"] == pytest.approx((-scores.mean() + 2.0 * label_term).item(), abs=0.05)
+    assert state.label_classifier.training is False  # BatchNorm statistics and dropout stay fixed
+    frozen, now = classifier.state_dict(), state.label_classifier.state_dict()
+    assert all(torch.equal(frozen[name], now[name]) for name in frozen)
+
+
+def test_label_classifier_pulls_the_generated_digits_to_their_labels() -> None:
+    state = _label_state(50.0)
+    z, labels = _generator_step_draws(state)
+    generator_before = copy.deepcopy(state.generator)
+
+    _step(state)
+
+    with torch.no_grad():
+        before = _cross_entropy(state.label_classifier, generator_before(z, labels), labels)
+        after = _cross_entropy(state.label_classifier, copy.deepcopy(state.generator)(z, labels), labels)
+    assert after < before
+
+
+class _RecordingClassifier(torch.nn.Module):
+    """A stand-in that keeps what it is shown (a linear map, so gradients flow)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(28 * 28, 10)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen.append(images.detach().clone())
+        return self.linear(images.flatten(1)), images.flatten(1)
+
+
+def test_label_classifier_sees_the_generated_digits_as_pixels_in_0_1() -> None:
+    settings = TrainConfig(total_steps=10_000, batch_size=BATCH, label_weight=1.0)
+    recorder = _RecordingClassifier()
+    state = new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifier=recorder)
+    z, labels = _generator_step_draws(state)
+    with torch.no_grad():
+        generated = copy.deepcopy(state.generator)(z, labels)
+
+    _step(state)
+
+    assert len(recorder.seen) == 1  # the generator step only
+    torch.testing.assert_close(recorder.seen[0], (generated + 1) / 2, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("weight", "classifier"), [(0.5, None), (0.0, Classifier())])
+def test_a_label_classifier_comes_with_a_weight_and_only_with_one(weight: float, classifier: Classifier | None) -> None:
+    settings = TrainConfig(total_steps=10, label_weight=weight)
+    with pytest.raises(ValueError, match="label classifier goes with a positive label weight"):
+        new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifier=classifier)

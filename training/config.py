@@ -37,6 +37,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     lr_decay_steps: int = 0  # the learning rate falls linearly to zero over the last N steps
     adc_weight: float = 0.0  # weight of ADC-GAN's classifier terms in both losses; 0: no classifier
+    label_weight: float = 0.0  # weight of a frozen classifier's cross-entropy in the generator's loss; 0: none
     seed: int = 0
     subset: int | None = None  # train on the first N images only (tests, quick experiments)
     checkpoint_every: int = 500
@@ -51,7 +52,7 @@ class TrainConfig:
             raise ValueError("subset must be positive")
         if not self.lr > 0 or (self.lr_d is not None and not self.lr_d > 0):
             raise ValueError("learning rate must be positive")
-        if not self.adc_weight >= 0:
+        if not self.adc_weight >= 0 or not self.label_weight >= 0:
             raise ValueError("the classifier weight must be zero or positive")
         if not 0 <= self.lr_decay_steps <= self.total_steps:
             raise ValueError("the learning-rate decay must span 0 to all of the run's steps")

@@ -108,16 +108,21 @@ def train_step(
 
     z = torch.randn(batch, latent, generator=state.noise_rng).to(device)
     fake_labels = torch.randint(0, state.config.num_classes, (batch,), generator=state.noise_rng).to(device)
+    generated = g(z, fake_labels)
     # the bare discriminator: its gradients here are discarded, so they need no all-reduce
     if adc_weight:
-        scores, logits = state.discriminator(g(z, fake_labels), fake_labels, with_classes=True)
+        scores, logits = state.discriminator(generated, fake_labels, with_classes=True)
         # ADC-GAN's generator term: cross-entropy to "real k" minus cross-entropy to "generated k",
         # which is the difference of the two logits (the log-normaliser cancels)
         pair = logits.gather(1, torch.stack([fake_labels, fake_labels + classes], dim=1))
         adc_g = (pair[:, 1] - pair[:, 0]).mean()
     else:
-        scores, adc_g = state.discriminator(g(z, fake_labels), fake_labels), 0.0
+        scores, adc_g = state.discriminator(generated, fake_labels), 0.0
     loss_g = -scores.mean() + adc_weight * adc_g
+    if state.label_classifier is not None:
+        # the frozen classifier reads pixels in [0, 1]; confidently right digits add (almost) nothing
+        logits, _ = state.label_classifier(generated.add(1.0).mul(0.5))
+        loss_g = loss_g + state.train.label_weight * F.cross_entropy(logits, fake_labels)
     _check_finite(loss_g, "generator", state.step)
     state.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from digitgen.runtime.generator import default_model_path
+from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, load_mnist
 from digitgen.training.distributed import DistContext
@@ -38,6 +40,8 @@ class RunOptions:
     conditional_norm: bool | None = None
     d_width: int | None = None
     adc_weight: float | None = None
+    label_classifier: str | None = None  # classifier weights (train-classifier) whose cross-entropy steers G
+    label_weight: float | None = None
     download: bool = False  # fetch MNIST when it is missing from data_dir
 
 
@@ -53,6 +57,7 @@ FIXED_ON_RESUME = {
     "conditional_norm": ("--conditional-norm", "config"),
     "d_width": ("--d-width", "config"),
     "adc_weight": ("--adc-weight", "train"),
+    "label_weight": ("--label-weight", "train"),
 }
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR)
 
@@ -113,15 +118,39 @@ def _decay_too_long(epochs: float, decay: int, total: int, per_epoch: int) -> st
     )
 
 
-def _new_state(options: RunOptions, device: torch.device, rank: int) -> TrainState:
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    mine, theirs = a.state_dict(), b.state_dict()
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def label_classifier(options: RunOptions) -> Classifier | None:
+    """The frozen classifier of ``--label-classifier``, checked: it comes with ``--label-weight`` (and the
+    weight with it), and it is not the evaluator's classifier, which would then grade its own pupil."""
+    weighted = options.label_weight is not None and options.label_weight > 0
+    if options.label_classifier is None:
+        if weighted:
+            raise TrainingError("--label-weight needs --label-classifier (weights written by train-classifier)")
+        return None
+    if not weighted:
+        raise TrainingError("--label-classifier needs a positive --label-weight, e.g. --label-weight 0.5")
+    model, _accuracy = load_classifier_weights(options.label_classifier)
+    evaluator = default_model_path("classifier_weights.pt")
+    if evaluator.is_file() and _same_weights(model, load_classifier_weights(evaluator)[0]):
+        raise TrainingError(
+            f"{options.label_classifier} holds the evaluator's classifier ({evaluator.name}); training against it "
+            "would game `evaluate`: train another, e.g. `digitgen train-classifier --seed 1 --out label.onnx`"
+        )
+    return model
+
+
+def _new_state(options: RunOptions, device: torch.device, rank: int, classifier: Classifier | None) -> TrainState:
     def given(*names: str) -> dict:
         return {name: getattr(options, name) for name in names if getattr(options, name) is not None}
 
-    settings = TrainConfig(
-        total_steps=1, **given("batch_size", "lr", "lr_d", "seed", "subset", "checkpoint_every", "adc_weight")
-    )
+    names = ("batch_size", "lr", "lr_d", "seed", "subset", "checkpoint_every", "adc_weight", "label_weight")
+    settings = TrainConfig(total_steps=1, **given(*names))
     config = GANConfig(**given("latent_dim", "conditional_norm", "d_width"))
-    return new_state(config, settings, device, rank)
+    return new_state(config, settings, device, rank, classifier)
 
 
 def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> PreparedRun:
@@ -131,6 +160,9 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
     error); only the step budget, the learning-rate decay and the checkpoint interval can change
     (the decay is a function of the step, so a resumed run stays exact).
     """
+    if options.resume and options.label_classifier is not None:
+        raise TrainingError("a resumed run keeps the label classifier in its checkpoint: leave out --label-classifier")
+    classifier = None if options.resume else label_classifier(options)  # checked before --overwrite deletes anything
     replaced = claim_run_dir(options, remove=ctx.is_main)
     if options.resume:
         state = state_from_checkpoint(options.resume, device, ctx.rank)
@@ -138,7 +170,7 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
         if options.checkpoint_every is not None:
             state.train = replace(state.train, checkpoint_every=options.checkpoint_every)
     else:
-        state = _new_state(options, device, ctx.rank)
+        state = _new_state(options, device, ctx.rank, classifier)
     data = load_mnist(options.data_dir, download=options.download)
     if state.train.subset is not None:
         data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])

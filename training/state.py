@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from digitgen.training.checkpoint import FORMAT_VERSION, load_checkpoint, load_weights
+from digitgen.training.classifier import Classifier
 from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.errors import CheckpointError
 from digitgen.training.models import Discriminator, Generator
@@ -25,6 +26,7 @@ class TrainState:
     opt_d: torch.optim.Optimizer
     noise_rng: torch.Generator  # CPU generator for z and fake labels: same draws on any device
     step: int = 0
+    label_classifier: Classifier | None = None  # frozen; its cross-entropy steers the generator (label_weight)
 
 
 def _optimizer(module: torch.nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
@@ -36,8 +38,19 @@ def noise_generator(seed: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed + 1 + 1_000_003 * rank)
 
 
-def new_state(config: GANConfig, train: TrainConfig, device: torch.device, rank: int = 0) -> TrainState:
-    """Fresh networks initialised from ``train.seed`` (identical on every rank)."""
+def new_state(
+    config: GANConfig,
+    train: TrainConfig,
+    device: torch.device,
+    rank: int = 0,
+    label_classifier: Classifier | None = None,
+) -> TrainState:
+    """Fresh networks initialised from ``train.seed`` (identical on every rank); ``label_classifier`` is
+    required when ``train.label_weight`` is set, and used only then."""
+    if (label_classifier is not None) != (train.label_weight > 0):
+        raise ValueError("a label classifier goes with a positive label weight, and only with one")
+    if label_classifier is not None:
+        label_classifier = label_classifier.to(device).eval().requires_grad_(False)
     torch.manual_seed(train.seed)
     generator = Generator(config).to(device)
     discriminator = Discriminator(config, with_classifier=train.adc_weight > 0).to(device)
@@ -52,11 +65,14 @@ def new_state(config: GANConfig, train: TrainConfig, device: torch.device, rank:
         _optimizer(generator, train.learning_rate(0), train.betas),
         _optimizer(discriminator, train.discriminator_learning_rate(0), train.betas),
         noise_rng,
+        label_classifier=label_classifier,
     )
 
 
 def state_to_checkpoint(state: TrainState, noise_states: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """Checkpoint form; ``noise_states`` holds every rank's noise RNG state in a distributed run."""
+    classifier = state.label_classifier
+    label_classifier = {} if classifier is None else {"label_classifier": classifier.state_dict()}
     return {
         "format_version": FORMAT_VERSION,
         "config": asdict(state.config),
@@ -67,6 +83,7 @@ def state_to_checkpoint(state: TrainState, noise_states: list[torch.Tensor] | No
         "optimizers": {"generator": state.opt_g.state_dict(), "discriminator": state.opt_d.state_dict()},
         "step": state.step,
         "rng": {"noise": noise_states or [state.noise_rng.get_state()]},
+        **label_classifier,
     }
 
 
@@ -115,7 +132,13 @@ def state_from_checkpoint(path: str, device: torch.device, rank: int = 0) -> Tra
     payload = load_checkpoint(path)
     config = config_from_checkpoint(payload)
     train = _dataclass_from(TrainConfig, payload["train"], "training settings")
-    state = new_state(config, train, device, rank)
+    label_classifier = None
+    if train.label_weight > 0:
+        if "label_classifier" not in payload:
+            raise CheckpointError(f"{path}: a label weight is set but the checkpoint holds no label classifier")
+        label_classifier = Classifier()
+        _load_weights(label_classifier, payload["label_classifier"], "label classifier")
+    state = new_state(config, train, device, rank, label_classifier)
     _load_weights(state.generator, payload["generator"], "generator")
     _load_weights(state.generator_ema, payload["generator_ema"], "EMA generator")
     _load_weights(state.discriminator, payload["discriminator"], "discriminator")
