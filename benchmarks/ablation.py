@@ -7,10 +7,11 @@
 exports it, scores it like ``digitgen evaluate --cas`` (10,000 digits, seed 0, the reference
 classifier) and prints the table. CAS is scaled down with the rest: the classifier trains on
 ``--cas-images`` generated digits (the release's figure: 60,000) and, once for all variants, on as
-many real ones (MNIST's first training images). Everything lands in ``--out``; a variant without
-scores there is trained (its run resumed, if there is one: a finished run is not trained again),
-exported and scored, so an interrupted ablation continues where it stopped. The shipped recipe is
-scaled to ``--epochs``: the learning rates fall to zero over the last half.
+many real ones (MNIST's first training images). The "label" variant's classifier is trained first,
+once (``train-classifier --seed 1``: the evaluator's recipe on another seed). Everything lands in
+``--out``; a variant without scores there is trained (its run resumed, if there is one: a finished run
+is not trained again), exported and scored, so an interrupted ablation continues where it stopped.
+The shipped recipe is scaled to ``--epochs``: the learning rates fall to zero over the last half.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Variant:
     options: dict[str, str | bool | None] = field(default_factory=dict)  # differ from SHIPPED; False drops one
     decay_share: float = 0.5  # the share of the epochs over which the learning rates fall
     seed_offset: int = 0
+    label_classifier: bool = False  # passes --label-classifier: the ablation's own classifier (LABEL_CLASSIFIER)
 
 
 VARIANTS = {
@@ -54,16 +56,30 @@ VARIANTS = {
     "adc": Variant("ADC-GAN classifier in the discriminator, weight 0.5", {"--adc-weight": "0.5"}),
     "shipped-seed2": Variant("the shipped recipe on another seed (seed noise)", seed_offset=1),
     "adc-seed2": Variant("ADC-GAN, weight 0.5, on another seed (seed noise)", {"--adc-weight": "0.5"}, seed_offset=1),
+    "label": Variant(
+        "a frozen classifier's cross-entropy in the generator's loss, weight 0.5 (not the evaluator: seed 1)",
+        {"--label-weight": "0.5"},
+        label_classifier=True,
+    ),
 }
+# The classifier of the "label" variant: `train-classifier` as the evaluator's, on another seed; weights beside it.
+LABEL_CLASSIFIER = "label_classifier.onnx"
+LABEL_CLASSIFIER_WEIGHTS = "label_classifier_weights.pt"
+LABEL_CLASSIFIER_SEED = 1
 SCORES = "scores.json"
 CAS_IMAGES = 20_000
 REAL_CAS = "real_cas.json"
 
 
-def train_arguments(name: str, epochs: int, seed: int) -> list[str]:
-    """The `cli.py train` options of variant ``name`` at ``epochs`` epochs."""
+def train_arguments(name: str, epochs: int, seed: int, label_weights: Path | None = None) -> list[str]:
+    """The `cli.py train` options of variant ``name`` at ``epochs`` epochs (``label_weights``: the classifier
+    weights of a variant that needs them)."""
     variant = VARIANTS[name]
     arguments = ["--epochs", str(epochs), "--seed", str(seed + variant.seed_offset)]
+    if variant.label_classifier:
+        if label_weights is None:
+            raise ValueError(f"variant {name} needs classifier weights")
+        arguments += ["--label-classifier", str(label_weights)]
     arguments += ["--lr-decay-epochs", f"{epochs * variant.decay_share:g}"]
     for flag, value in {**SHIPPED, **variant.options}.items():
         if value is False:
@@ -96,7 +112,7 @@ def _variant(name: str, out: Path, data_dir: str, epochs: int, seed: int, thread
     resume = ["--resume", str(checkpoint)] if checkpoint.exists() else []
     log = out / f"{name}.log"
     if not (run_dir / SCORES).exists():
-        _run([*train, *train_arguments(name, epochs, seed), *resume], threads, log)
+        _run([*train, *train_arguments(name, epochs, seed, out / LABEL_CLASSIFIER_WEIGHTS), *resume], threads, log)
         onnx = run_dir / "generator.onnx"
         export = [sys.executable, str(REPO / "cli.py"), "export", "--checkpoint", str(checkpoint), "--out", str(onnx)]
         _run([*export, "--overwrite"], threads, log)
@@ -139,12 +155,14 @@ def run(
 ) -> None:
     """Train and score the variants (``--jobs`` at a time), then print the table."""
     out.mkdir(parents=True, exist_ok=True)
+    chosen = variants or list(VARIANTS)
+    if any(VARIANTS[name].label_classifier for name in chosen) and not (out / LABEL_CLASSIFIER_WEIGHTS).exists():
+        classifier = [sys.executable, str(REPO / "cli.py"), "train-classifier", "--data-dir", data_dir]
+        classifier += ["--out", str(out / LABEL_CLASSIFIER), "--seed", str(LABEL_CLASSIFIER_SEED)]
+        _run(classifier, threads, out / "label_classifier.log")
     real = [sys.executable, __file__, "real-cas", str(out), "--data-dir", data_dir, "--cas-images", str(cas_images)]
     tasks = [] if (out / REAL_CAS).exists() else [lambda: _run(real, threads, out / "real_cas.log")]
-    tasks += [
-        lambda name=name: _variant(name, out, data_dir, epochs, seed, threads, cas_images)
-        for name in variants or list(VARIANTS)
-    ]
+    tasks += [lambda name=name: _variant(name, out, data_dir, epochs, seed, threads, cas_images) for name in chosen]
     with ThreadPoolExecutor(jobs) as pool:
         for future in [pool.submit(task) for task in tasks]:
             future.result()

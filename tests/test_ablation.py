@@ -33,16 +33,23 @@ def test_the_shipped_recipe_scales_its_decay_to_half_the_epochs() -> None:
         ("adc", "shipped", {"adc_weight": 0.5}),
         ("shipped-seed2", "shipped", {"seed": 2}),
         ("adc-seed2", "adc", {"seed": 2}),
+        ("label", "shipped", {"label_weight": 0.5, "label_classifier": "label.pt"}),
     ],
 )
 def test_each_variant_changes_one_thing(variant: str, baseline: str, changed: dict[str, object]) -> None:
-    before, options = _options(train_arguments(baseline, 5, 1)), _options(train_arguments(variant, 5, 1))
+    label = Path("label.pt")
+    before, options = _options(train_arguments(baseline, 5, 1, label)), _options(train_arguments(variant, 5, 1, label))
     assert {name: value for name, value in options.items() if before[name] != value} == changed
 
 
 def test_every_variant_is_tested() -> None:
     seed_variants = {"shipped-seed2", "adc-seed2"}
-    assert set(VARIANTS) == {"shipped", "no-cbn", "no-lr-d", "decay-quarter", "wide-d", "adc", *seed_variants}
+    assert set(VARIANTS) == {"shipped", "no-cbn", "no-lr-d", "decay-quarter", "wide-d", "adc", "label", *seed_variants}
+
+
+def test_the_label_variant_needs_its_classifier_weights() -> None:
+    with pytest.raises(ValueError, match="label needs classifier weights"):
+        train_arguments("label", 5, 1)
 
 
 def test_training_seconds_add_up_the_logged_windows(tmp_path: Path) -> None:
