@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from digitgen.training.checkpoint import load_checkpoint, save_checkpoint
+from digitgen.training.classifier import Classifier
 from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.data import MNIST_FILES, load_mnist
 from digitgen.training.errors import CheckpointError, DatasetCorruptError, DatasetNotFoundError, NonFiniteLossError
 from digitgen.training.loop import train
 from digitgen.training.models import ConditionalBatchNorm2d, Discriminator, Generator
-from digitgen.training.state import new_state, state_from_checkpoint, state_to_checkpoint
+from digitgen.training.state import TrainState, new_state, state_from_checkpoint, state_to_checkpoint
 from tests.conftest import TINY_MODEL, train_tiny
 from tests.helpers import write_tiny_mnist
 
@@ -135,6 +136,34 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path: Path, tiny_mnist: Path)
     expected, actual = _weights(straight), _weights(resumed.checkpoint)
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_resumed_run_with_a_label_classifier_matches_uninterrupted_run(tmp_path: Path, tiny_mnist: Path) -> None:
+    data = load_mnist(tiny_mnist, download=False)
+    settings = TrainConfig(total_steps=8, batch_size=16, label_weight=0.5)
+
+    def fresh() -> TrainState:
+        torch.manual_seed(7)
+        return new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifier=Classifier())
+
+    straight = train(fresh(), data, tmp_path / "straight").checkpoint
+    stops = iter([False] * 2 + [True])
+    first = train(fresh(), data, tmp_path / "resumed", should_stop=lambda: next(stops))
+    assert first.interrupted and first.step == 3
+    resumed = train(state_from_checkpoint(str(first.checkpoint), torch.device("cpu")), data, tmp_path / "resumed")
+    expected, actual = _weights(straight), _weights(resumed.checkpoint)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    label = load_checkpoint(resumed.checkpoint)["label_classifier"]
+    assert all(torch.equal(label[k], v) for k, v in load_checkpoint(straight)["label_classifier"].items())
+
+
+def test_a_checkpoint_with_a_label_weight_and_no_classifier_is_refused(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    payload = load_checkpoint(tiny_checkpoint)
+    payload["train"]["label_weight"] = 0.5
+    path = tmp_path / "no-classifier.pt"
+    save_checkpoint(payload, path)
+    with pytest.raises(CheckpointError, match="holds no label classifier"):
+        state_from_checkpoint(str(path), torch.device("cpu"))
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, tiny_mnist: Path) -> None:
