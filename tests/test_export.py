@@ -8,10 +8,12 @@ import onnx
 import pytest
 
 import digitgen.export.onnx_export as onnx_export
+import digitgen.export.verify as verify
 from digitgen.export.errors import ExportError, ExportVerificationError
 from digitgen.export.onnx_export import export_generator, verify_file
 from digitgen.export.verify import ATOL, BATCH_SIZES, TOLERANCES
 from digitgen.runtime import DigitGenerator
+from digitgen.runtime.session import open_session
 from digitgen.training.config import GANConfig
 from tests.conftest import train_tiny
 
@@ -211,3 +213,49 @@ def test_report_names_every_case_with_its_figures_and_verdict(tiny_onnx: Path, t
         verify_file(tiny_onnx, tiny_checkpoint, atol=1e-12)  # the per-pixel maximum overridden
     assert str(failed.value).count("(atol 1e-12, mean 1e-05)") == len(report.cases)
     assert "FAIL (atol 1e-12" in str(failed.value)
+
+
+def _with_metadata(source: Path, out: Path, **changes: str | None) -> Path:
+    """A copy of ``source`` with metadata entries changed (``None``: removed)."""
+    model = onnx.load(source)
+    kept = {p.key: p.value for p in model.metadata_props}
+    kept.update(changes)
+    del model.metadata_props[:]
+    for key, value in kept.items():
+        if value is not None:
+            model.metadata_props.add(key=key, value=value)
+    onnx.save(model, out)
+    return out
+
+
+def test_verify_refuses_a_file_off_the_contract_naming_it_and_the_problem(
+    tmp_path: Path, tiny_onnx: Path, tiny_checkpoint: Path
+) -> None:
+    path = _with_metadata(tiny_onnx, tmp_path / "off-contract.onnx", contract_version=None)
+    with pytest.raises(ExportVerificationError) as refused:
+        verify_file(path, tiny_checkpoint)
+    assert str(refused.value) == (
+        f"{path} does not follow the digitgen model contract: metadata 'contract_version' is missing"
+    )
+
+
+@pytest.mark.parametrize("precision", ["bf16", None])
+def test_a_file_of_unknown_or_no_precision_is_held_to_the_fp32_tolerance(
+    tmp_path: Path, tiny_onnx: Path, tiny_checkpoint: Path, precision: str | None
+) -> None:
+    path = _with_metadata(tiny_onnx, tmp_path / "g.onnx", precision=precision)
+    assert verify_file(path, tiny_checkpoint).tolerance == TOLERANCES["fp32"]
+
+
+def test_verification_runs_on_the_cpu_whatever_the_machine(
+    tiny_onnx: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    providers = []
+
+    def recording(path, provider="auto", threads=None):
+        providers.append(provider)
+        return open_session(path, provider, threads)
+
+    monkeypatch.setattr(verify, "open_session", recording)
+    verify_file(tiny_onnx, tiny_checkpoint)
+    assert providers == ["cpu"]  # the same numbers on a machine with a GPU
