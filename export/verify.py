@@ -97,7 +97,7 @@ def verify_parity(
         info = check_contract(opened.session, str(onnx_path))
     except DigitgenError as exc:
         raise ExportVerificationError(str(exc)) from exc
-    tolerance = tolerance or TOLERANCES.get(info.metadata.get("precision", "fp32"), TOLERANCES["fp32"])
+    tolerance = tolerance or TOLERANCES.get(info.metadata.get("precision"), TOLERANCES["fp32"])
     if atol is not None:
         tolerance = replace(tolerance, max_abs=atol)
     cases = []
