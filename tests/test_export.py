@@ -13,6 +13,7 @@ from digitgen.export.errors import ExportError, ExportVerificationError
 from digitgen.export.onnx_export import export_generator, verify_file
 from digitgen.export.verify import ATOL, BATCH_SIZES, TOLERANCES
 from digitgen.runtime import DigitGenerator
+from digitgen.runtime.contract import CONTRACT_VERSION
 from digitgen.runtime.session import open_session
 from digitgen.training.config import GANConfig
 from tests.conftest import train_tiny
@@ -259,3 +260,36 @@ def test_verification_runs_on_the_cpu_whatever_the_machine(
     monkeypatch.setattr(verify, "open_session", recording)
     verify_file(tiny_onnx, tiny_checkpoint)
     assert providers == ["cpu"]  # the same numbers on a machine with a GPU
+
+
+def test_an_output_of_another_shape_than_pytorchs_is_refused(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    # within the contract (the image's dimensions may be dynamic) but 2x4 pixels at run time
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [  # the target shape depends on the input's values (times 0), so no shape inference can see it
+            helper.make_node("ReduceMin", ["digit"], ["smallest"]),
+            helper.make_node("Mul", ["smallest", "zero"], ["nothing"]),
+            helper.make_node("Add", ["shape", "nothing"], ["target"]),
+            helper.make_node("Reshape", ["z", "target"], ["image"]),
+        ],
+        "wrong-shape",
+        [
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 8]),
+            helper.make_tensor_value_info("digit", TensorProto.INT64, ["batch"]),
+        ],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, "height", "width"])],
+        [
+            helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 4]),
+            helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    metadata = {"latent_dim": "8", "num_classes": "10", "image_size": "28", "contract_version": CONTRACT_VERSION}
+    helper.set_model_props(model, metadata)
+    path = tmp_path / "wrong-shape.onnx"
+    onnx.save(model, path)
+    with pytest.raises(
+        ExportVerificationError, match=r"output shape \(1, 1, 2, 4\) differs from PyTorch's \(1, 1, 28, 28\)"
+    ):
+        verify_file(path, tiny_checkpoint)
