@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -11,7 +12,7 @@ import digitgen.export.onnx_export as onnx_export
 import digitgen.export.verify as verify
 from digitgen.export.errors import ExportError, ExportVerificationError
 from digitgen.export.onnx_export import export_generator, verify_file
-from digitgen.export.verify import ATOL, BATCH_SIZES, TOLERANCES
+from digitgen.export.verify import ATOL, BATCH_SIZES, TOLERANCES, ParityReport
 from digitgen.runtime import DigitGenerator
 from digitgen.runtime.contract import CONTRACT_VERSION
 from digitgen.runtime.session import open_session
@@ -212,8 +213,9 @@ def test_report_names_every_case_with_its_figures_and_verdict(tiny_onnx: Path, t
     assert verify_file(tiny_onnx, tiny_checkpoint).cases == report.cases  # the same inputs every time
     with pytest.raises(ExportVerificationError) as failed:
         verify_file(tiny_onnx, tiny_checkpoint, atol=1e-12)  # the per-pixel maximum overridden
-    assert str(failed.value).count("(atol 1e-12, mean 1e-05)") == len(report.cases)
-    assert "FAIL (atol 1e-12" in str(failed.value)
+    strict = ParityReport(report.cases, replace(TOLERANCES["fp32"], max_abs=1e-12))
+    assert str(failed.value) == "ONNX output differs from PyTorch: " + "; ".join(strict.lines())
+    assert str(failed.value).count("FAIL (atol 1e-12, mean 1e-05)") == len(report.cases)
 
 
 def _with_metadata(source: Path, out: Path, **changes: str | None) -> Path:
