@@ -155,11 +155,20 @@ def test_the_label_classifier_is_saved_in_the_checkpoint_and_kept_on_resume(
     assert saved["train"]["label_weight"] == 0.5
     assert saved["label_classifier"].keys() == given.keys()
     assert all(torch.equal(saved["label_classifier"][k], given[k]) for k in given)
-    label_weights.unlink()  # the run needs only its checkpoint from now on
-    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--steps", 3)
+    again = ("--label-classifier", label_weights, "--label-weight", 0.5)  # the same command, resumed
+    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--steps", 3, *again)
+    assert code == 0, output
+    label_weights.unlink()  # the run needs only its checkpoint
+    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--steps", 4)
     assert code == 0, output
     resumed = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert resumed["step"] == 3 and all(torch.equal(resumed["label_classifier"][k], given[k]) for k in given)
+    assert resumed["step"] == 4 and all(torch.equal(resumed["label_classifier"][k], given[k]) for k in given)
+    other = tmp_path / "other_weights.pt"
+    torch.manual_seed(2)
+    save_classifier_weights(Classifier(), 0.1, other)
+    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--label-classifier", other)
+    assert code == 1
+    assert output.startswith(f"Error: --label-classifier {other} differs from the resumed run's label classifier")
 
 
 @pytest.mark.parametrize(
@@ -177,7 +186,7 @@ def test_the_label_classifier_is_saved_in_the_checkpoint_and_kept_on_resume(
         (("--label-classifier", "{evaluator}", "--label-weight", "0.5"), "holds the evaluator's classifier"),
         (("--label-classifier", "{checkpoint}", "--label-weight", "0.5"), "not digitgen classifier weights"),
         (("--label-classifier", "{missing}", "--label-weight", "0.5"), "classifier weights not found"),
-        (("--resume", "{checkpoint}", "--label-classifier", "{weights}"), "a resumed run keeps the label classifier"),
+        (("--resume", "{checkpoint}", "--label-classifier", "{weights}"), "differs from the resumed run's label"),
     ],
 )
 def test_label_classifier_options_are_refused_before_any_run_is_touched(

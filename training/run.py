@@ -95,6 +95,19 @@ def claim_run_dir(options: RunOptions, remove: bool = True) -> tuple[Path, ...]:
     return existing
 
 
+def _check_resume_classifier(options: RunOptions, state: TrainState) -> None:
+    """A ``--label-classifier`` given with ``--resume`` must hold the weights the run keeps in its checkpoint."""
+    if options.label_classifier is None:
+        return
+    given, _accuracy = load_classifier_weights(options.label_classifier)
+    if state.label_classifier is None or not _same_weights(given, state.label_classifier):
+        kept = "none" if state.label_classifier is None else "the one in its checkpoint"
+        raise TrainingError(
+            f"--label-classifier {options.label_classifier} differs from the resumed run's label classifier "
+            f"({kept}); a resumed run keeps its settings: leave it out"
+        )
+
+
 def _check_resume_options(options: RunOptions, state: TrainState) -> None:
     saved = {"train": asdict(state.train), "config": asdict(state.config)}
     for name, (flag, part) in FIXED_ON_RESUME.items():
@@ -120,7 +133,7 @@ def _decay_too_long(epochs: float, decay: int, total: int, per_epoch: int) -> st
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     mine, theirs = a.state_dict(), b.state_dict()
-    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine)
 
 
 def label_classifier(options: RunOptions) -> Classifier | None:
@@ -160,13 +173,12 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
     error); only the step budget, the learning-rate decay and the checkpoint interval can change
     (the decay is a function of the step, so a resumed run stays exact).
     """
-    if options.resume and options.label_classifier is not None:
-        raise TrainingError("a resumed run keeps the label classifier in its checkpoint: leave out --label-classifier")
     classifier = None if options.resume else label_classifier(options)  # checked before --overwrite deletes anything
     replaced = claim_run_dir(options, remove=ctx.is_main)
     if options.resume:
         state = state_from_checkpoint(options.resume, device, ctx.rank)
         _check_resume_options(options, state)
+        _check_resume_classifier(options, state)
         if options.checkpoint_every is not None:
             state.train = replace(state.train, checkpoint_every=options.checkpoint_every)
     else:
