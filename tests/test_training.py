@@ -157,15 +157,6 @@ def test_resumed_run_with_a_label_classifier_matches_uninterrupted_run(tmp_path:
     assert all(torch.equal(label[k], v) for k, v in load_checkpoint(straight)["label_classifier"].items())
 
 
-def test_a_checkpoint_with_a_label_weight_and_no_classifier_is_refused(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    payload = load_checkpoint(tiny_checkpoint)
-    payload["train"]["label_weight"] = 0.5
-    path = tmp_path / "no-classifier.pt"
-    save_checkpoint(payload, path)
-    with pytest.raises(CheckpointError, match="holds no label classifier"):
-        state_from_checkpoint(str(path), torch.device("cpu"))
-
-
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, tiny_mnist: Path) -> None:
     checkpoint = train_tiny(tmp_path, tiny_mnist, steps=2)
     before = checkpoint.read_bytes()
@@ -214,12 +205,21 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path, tiny_checkpoint: 
         load_checkpoint(path)
 
 
-def test_checkpoint_from_another_configuration_is_refused(tmp_path: Path, tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize(
+    ("part", "name", "value", "message"),
+    [
+        ("config", "g_width", 32, "do not match"),  # weights from another configuration
+        ("train", "label_weight", 0.5, "holds no label classifier"),  # a label weight without its classifier
+    ],
+)
+def test_a_checkpoint_at_odds_with_its_own_settings_is_refused(
+    tmp_path: Path, tiny_checkpoint: Path, part: str, name: str, value: object, message: str
+) -> None:
     payload = load_checkpoint(tiny_checkpoint)
-    payload["config"]["g_width"] = 32
-    path = tmp_path / "other.pt"
+    payload[part][name] = value
+    path = tmp_path / "edited.pt"
     save_checkpoint(payload, path)
-    with pytest.raises(CheckpointError, match="do not match"):
+    with pytest.raises(CheckpointError, match=message):
         state_from_checkpoint(str(path), torch.device("cpu"))
 
 
