@@ -117,16 +117,42 @@ def _group_raising(exc: BaseException) -> click.Group:
             "Error: the ranks ended with different weights",
         ),
         (click.Abort(), 130, "Error: aborted"),
-        (ModuleNotFoundError("no torch", name="torch"), 1, "Error: this needs torch, part of the train extra"),
+        (
+            ModuleNotFoundError("no torch", name="torch"),
+            1,
+            "Error: this needs torch, part of the train extra: pip install 'digitgen-mnist[train]'",
+        ),
+        (
+            ModuleNotFoundError("no fastapi", name="fastapi"),
+            1,
+            "Error: this needs fastapi, part of the serve extra: pip install 'digitgen-mnist[serve]'",
+        ),
     ],
-    ids=["click-exception", "abort", "missing-extra"],
+    ids=["click-exception", "abort", "missing-train-extra", "missing-serve-extra"],
 )
 def test_other_errors_are_one_line_on_stderr_with_their_status(exc: BaseException, code: int, line: str) -> None:
     from click.testing import CliRunner
 
     result = CliRunner().invoke(_group_raising(exc), ["fail"])
     assert result.exit_code == code
-    assert result.stdout == "" and len(result.stderr.splitlines()) == 1 and result.stderr.startswith(line)
+    assert result.stdout == "" and result.stderr == line + "\n"
+
+
+@pytest.mark.parametrize(("body", "code"), [(lambda: click.get_current_context().exit(3), 3), (lambda: "done", 0)])
+def test_a_command_exits_with_its_context_exit_code_and_its_return_value_is_ignored(body, code: int) -> None:
+    """As in Click's standalone mode: ``ctx.exit(N)`` sets the status; a returned value does not."""
+    from click.testing import CliRunner
+
+    from digitgen.cli import OneLineErrors
+
+    group = OneLineErrors()
+
+    @group.command()
+    def run() -> object:
+        return body()
+
+    result = CliRunner().invoke(group, ["run"])
+    assert (result.exit_code, result.output) == (code, "")
 
 
 def test_a_missing_module_outside_the_extras_is_not_disguised() -> None:
