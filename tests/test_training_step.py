@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from digitgen.training.classifier import Classifier
 from digitgen.training.config import TrainConfig
+from digitgen.training.errors import NonFiniteLossError
 from digitgen.training.loop import train_step
 from digitgen.training.state import TrainState, new_state
 from tests.conftest import TINY_MODEL
@@ -236,3 +237,37 @@ def test_a_label_classifier_comes_with_a_weight_and_only_with_one(weight: float,
     settings = TrainConfig(total_steps=10, label_weight=weight)
     with pytest.raises(ValueError, match="label classifier goes with a positive label weight"):
         new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifier=classifier)
+
+
+def test_each_update_takes_its_learning_rate_from_the_schedule_and_the_step_advances_by_one() -> None:
+    settings = TrainConfig(total_steps=10, batch_size=BATCH, lr=2e-4, lr_d=4e-4, lr_decay_steps=4)
+    state = new_state(TINY_MODEL, settings, torch.device("cpu"))
+    state.step = 8  # halfway down the decay: 2 of its 4 steps left
+
+    _step(state)
+
+    assert [group["lr"] for group in state.opt_g.param_groups] == [pytest.approx(1e-4)]
+    assert [group["lr"] for group in state.opt_d.param_groups] == [pytest.approx(2e-4)]
+    assert state.step == 9
+
+
+def _poisoned(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        next(module.parameters()).fill_(float("nan"))
+
+
+@pytest.mark.parametrize("network", ["discriminator", "generator"])
+def test_a_non_finite_loss_names_its_network_and_step_and_is_not_applied(network: str) -> None:
+    state = _label_state(1.0)
+    state.step = 6
+    # a NaN discriminator spoils its own loss first; a NaN label classifier only the generator's
+    _poisoned(state.discriminator if network == "discriminator" else state.label_classifier)
+    weights = [p.detach().clone() for p in state.generator.parameters()]
+
+    with pytest.raises(NonFiniteLossError) as error:
+        _step(state)
+
+    assert str(error.value) == (
+        f"{network} loss is nan at step 7; stopped before applying it (the last checkpoint is intact; try a lower --lr)"
+    )
+    assert all(torch.equal(before, now) for before, now in zip(weights, state.generator.parameters(), strict=True))
