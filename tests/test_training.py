@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from digitgen.training.checkpoint import load_checkpoint, save_checkpoint
+from digitgen.training.checkpoint import FORMAT_VERSION, WEIGHTS_KEYS, load_checkpoint, load_weights, save_checkpoint
 from digitgen.training.classifier import Classifier
 from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.data import MNIST_FILES, load_mnist
@@ -181,8 +181,12 @@ def test_pickled_code_in_checkpoint_is_refused_and_never_runs(tmp_path: Path) ->
     marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"format_version": 1, "payload": _Payload(marker)}, path)
     assert not marker.exists()
-    with pytest.raises(CheckpointError, match="not a readable digitgen checkpoint"):
+    with pytest.raises(CheckpointError) as error:
         load_checkpoint(path)
+    assert str(error.value) == (
+        f"{path}: not a readable digitgen checkpoint (not a PyTorch file of tensors and plain data; "
+        "read with weights_only=True, nothing in it ran)"
+    )
     assert not marker.exists()
     torch.load(path, weights_only=False)  # proof that the payload is live when loaded unsafely
     assert marker.exists()
@@ -228,3 +232,49 @@ def test_checkpoint_roundtrip_is_self_describing(tiny_checkpoint: Path) -> None:
     assert state.config == TINY_MODEL
     again = state_to_checkpoint(state)
     assert again["step"] == 4 and again["config"] == load_checkpoint(tiny_checkpoint)["config"]
+
+
+def test_checkpoints_are_read_as_data_only_whatever_the_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``weights_only=True`` is passed, not left to torch, whose default was False before 2.6."""
+    path, calls = tmp_path / "weights.pt", []
+    torch.save({key: 1 for key in WEIGHTS_KEYS}, path)
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append(kwargs) or real_load(*args, **kwargs))
+    load_weights(path)
+    assert calls and all(kwargs.get("weights_only") is True for kwargs in calls)
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        (None, "checkpoint not found: {path}"),
+        ([1, 2], "{path}: not a digitgen checkpoint (keys missing)"),
+        ({"format_version": FORMAT_VERSION}, "{path}: not a digitgen checkpoint (keys missing)"),
+        ({key: 99 for key in WEIGHTS_KEYS}, "{path}: checkpoint format 99, this version reads " + str(FORMAT_VERSION)),
+    ],
+    ids=["missing", "not-a-dict", "keys-missing", "other-format"],
+)
+def test_files_that_are_not_our_checkpoints_are_refused_by_name(tmp_path: Path, payload: object, problem: str) -> None:
+    path = tmp_path / "weights.pt"
+    if payload is not None:
+        torch.save(payload, path)
+    with pytest.raises(CheckpointError) as error:
+        load_weights(path)
+    assert str(error.value) == problem.format(path=path)
+
+
+def test_a_truncated_checkpoint_is_refused_with_the_first_sentence_of_torchs_reason(tmp_path: Path) -> None:
+    whole, path = tmp_path / "whole.pt", tmp_path / "cut.pt"
+    torch.save({key: torch.zeros(1000) for key in WEIGHTS_KEYS}, whole)
+    path.write_bytes(whole.read_bytes()[:-200])
+    with pytest.raises(CheckpointError) as error:
+        load_weights(path)
+    reason = str(error.value.__cause__).strip()
+    prefix = f"{path}: not a readable digitgen checkpoint (truncated or corrupt: "
+    message = str(error.value)
+    assert message.startswith(prefix) and message.endswith(")")
+    sentence = message[len(prefix) : -1]
+    rest = reason[len(sentence) :]
+    assert sentence and reason.startswith(sentence) and (rest == "" or rest.startswith((". ", "\n")))
