@@ -278,3 +278,54 @@ def test_a_truncated_checkpoint_is_refused_with_the_first_sentence_of_torchs_rea
     sentence = message[len(prefix) : -1]
     rest = reason[len(sentence) :]
     assert sentence and reason.startswith(sentence) and (rest == "" or rest.startswith((". ", "\n")))
+
+
+def _edited(tmp_path: Path, tiny_checkpoint: Path, edit) -> Path:
+    payload = load_checkpoint(tiny_checkpoint)
+    edit(payload)
+    path = tmp_path / "edited.pt"
+    save_checkpoint(payload, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("part", "what"),
+    [("generator", "generator"), ("generator_ema", "EMA generator"), ("discriminator", "discriminator")],
+)
+def test_weights_that_do_not_fit_are_refused_naming_the_part(
+    tmp_path: Path, tiny_checkpoint: Path, part: str, what: str
+) -> None:
+    other = "discriminator" if part != "discriminator" else "generator"
+    path = _edited(tmp_path, tiny_checkpoint, lambda payload: payload.update({part: payload[other]}))
+    with pytest.raises(CheckpointError) as error:
+        state_from_checkpoint(str(path), torch.device("cpu"))
+    assert str(error.value).startswith(f"{what} weights do not match the checkpoint's configuration: ")
+
+
+def test_a_label_classifier_that_does_not_fit_is_refused_by_name(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    def edit(payload: dict) -> None:
+        payload["train"]["label_weight"] = 0.5
+        payload["label_classifier"] = payload["generator"]
+
+    with pytest.raises(CheckpointError) as error:
+        state_from_checkpoint(str(_edited(tmp_path, tiny_checkpoint, edit)), torch.device("cpu"))
+    assert str(error.value).startswith("label classifier weights do not match the checkpoint's configuration: ")
+
+
+def test_unknown_training_settings_and_a_broken_optimizer_state_are_refused_by_name(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    path = _edited(tmp_path, tiny_checkpoint, lambda payload: payload["train"].update({"warp": 9}))
+    with pytest.raises(CheckpointError) as error:
+        state_from_checkpoint(str(path), torch.device("cpu"))
+    assert str(error.value) == "checkpoint training settings has unknown fields: warp"
+    path = _edited(tmp_path, tiny_checkpoint, lambda payload: payload.update({"optimizers": {}}))
+    with pytest.raises(CheckpointError) as error:
+        state_from_checkpoint(str(path), torch.device("cpu"))
+    assert str(error.value) == f"{path}: optimizer or RNG state is invalid ('generator')"
+
+
+def test_a_rank_the_checkpoint_has_no_noise_state_for_gets_a_fresh_stream(tiny_checkpoint: Path) -> None:
+    saved = len(load_checkpoint(tiny_checkpoint)["rng"]["noise"])
+    state = state_from_checkpoint(str(tiny_checkpoint), torch.device("cpu"), rank=saved)
+    assert state.step == load_checkpoint(tiny_checkpoint)["step"]
