@@ -562,11 +562,11 @@ def info(model_argument: str | None, model: str | None) -> None:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 def train_classifier_cmd(data_dir: str, download: bool, out: str, overwrite: bool, epochs: int, seed: int) -> None:
     """Train the evaluator's reference MNIST classifier and export it to ONNX (its weights beside it)."""
-    from digitgen.export.classifier_export import export_classifier
+    from digitgen.export.classifier_export import check_classifier_out, export_classifier
     from digitgen.training.classifier import train_classifier, training_steps, weights_path_beside
     from digitgen.training.data import load_mnist
 
-    weights = weights_path_beside(out)
+    weights = weights_path_beside(check_classifier_out(out))
     refuse_existing([out, weights], overwrite)
     train, test = load_mnist(data_dir, download=download), load_mnist(data_dir, train=False)
     with click.progressbar(

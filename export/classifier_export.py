@@ -32,6 +32,14 @@ def _check_parity(path: Path, model: Classifier) -> float:
     return diff
 
 
+def check_classifier_out(out: str | Path) -> Path:
+    """``out`` as a path; :class:`ExportError` unless it names a file in an existing directory."""
+    out = Path(out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ExportError(f"output {out}: give a file name in an existing directory, such as classifier.onnx")
+    return out
+
+
 def export_classifier(
     model: Classifier,
     out: str | Path,
@@ -46,9 +54,7 @@ def export_classifier(
     from which :func:`export_classifier_weights` rebuilds ``out``. Existing files are replaced only with
     ``overwrite``.
     """
-    out = Path(out)
-    if out.is_dir() or not out.parent.is_dir():
-        raise ExportError(f"output {out}: give a file name in an existing directory, such as classifier.onnx")
+    out = check_classifier_out(out)
     refuse_existing([out, weights_out], overwrite)
     model.eval()
     with publish(out) as tmp:

@@ -103,6 +103,15 @@ def test_export_classifier_into_a_missing_directory_is_one_line(tmp_path: Path) 
     ]
 
 
+def test_train_classifier_into_a_missing_directory_is_refused_before_training(tmp_path: Path) -> None:
+    """The folder is checked first: no data is read (there is none here) and no minute of training is lost."""
+    out = tmp_path / "missing" / "c.onnx"
+    code, lines = _cli("train-classifier", "--data-dir", tmp_path / "no-mnist", "--out", out)
+    assert code == 1 and lines == [
+        f"Error: output {out}: give a file name in an existing directory, such as classifier.onnx"
+    ]
+
+
 def test_corrupt_weights_are_a_checkpoint_error(tmp_path: Path) -> None:
     corrupt = tmp_path / "w.pt"
     corrupt.write_bytes(SHIPPED_WEIGHTS.read_bytes()[:1000])
