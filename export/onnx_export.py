@@ -36,6 +36,11 @@ def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
         "train_batch_size": str(train["batch_size"]),
         "train_seed": str(train["seed"]),
         "train_lr_decay_steps": str(train.get("lr_decay_steps", 0)),
+        "train_lr": str(train["lr"]),
+        "train_lr_d": str(train.get("lr_d") or train["lr"]),
+        "train_conditional_norm": str(config.get("conditional_norm", False)).lower(),
+        "train_adc_weight": str(train.get("adc_weight", 0.0)),
+        "train_label_weight": str(train.get("label_weight", 0.0)),
         "weights": "generator EMA",
     }
 
