@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import describe  # noqa: E402
+from digitgen.runtime.evaluate import label_accuracy  # noqa: E402
 from digitgen.runtime.generator import DigitGenerator  # noqa: E402
 from digitgen.runtime.idx import read_idx  # noqa: E402
 
@@ -45,13 +46,8 @@ def knn_predict(train_images: np.ndarray, train_labels: np.ndarray, images: np.n
     return np.concatenate(predictions)
 
 
-def accuracy(predictions: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
-    """Overall and per-digit accuracy."""
-    return float((predictions == labels).mean()), [float((predictions[labels == d] == d).mean()) for d in range(10)]
-
-
 def _line(name: str, predictions: np.ndarray, labels: np.ndarray) -> str:
-    overall, per_digit = accuracy(predictions, labels)
+    overall, per_digit = label_accuracy(predictions, labels)
     worst = int(np.argmin(per_digit))
     return f"{name}: {overall:.2%}, worst digit {per_digit[worst]:.1%} ({worst})"
 

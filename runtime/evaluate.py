@@ -86,6 +86,12 @@ class Scores:
     recall: float
 
 
+def label_accuracy(predictions: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
+    """The share of predictions equal to the label: overall, and for each digit 0-9."""
+    per_digit = [float((predictions[labels == d] == d).mean()) for d in range(10)]
+    return float((predictions == labels).mean()), per_digit
+
+
 def score(
     features: np.ndarray,
     predictions: np.ndarray,
@@ -94,10 +100,10 @@ def score(
     reference_radii: np.ndarray,
 ) -> Scores:
     """Scores of one sample set (features, predicted and requested labels) against the reference."""
-    per_digit = [float((predictions[labels == d] == d).mean()) for d in range(10)]
+    overall, per_digit = label_accuracy(predictions, labels)
     return Scores(
         num_samples=len(labels),
-        class_accuracy=float((predictions == labels).mean()),
+        class_accuracy=overall,
         per_digit_accuracy=per_digit,
         fid=frechet_distance(features, reference),
         precision=coverage(reference, reference_radii, features),

@@ -21,6 +21,7 @@ from digitgen.runtime.evaluate import (
     evaluation_work,
     frechet_distance,
     knn_radii,
+    label_accuracy,
     score,
 )
 from digitgen.runtime.idx import read_mnist_split
@@ -218,3 +219,12 @@ def test_classifier_sees_pixels_in_zero_to_one(tmp_path: Path) -> None:
     assert features.dtype == np.float64
     assert np.allclose(features, images.reshape(7, -1) / 255.0)
     assert predictions.tolist() == [0, 3, 0, 3, 0, 3, 0]
+
+
+def test_label_accuracy_overall_and_per_digit() -> None:
+    labels = np.repeat(np.arange(10), 2)
+    predictions = labels.copy()
+    predictions[[0, 15]] = [1, 2]  # one of the two zeros and one of the two sevens read wrong
+    overall, per_digit = label_accuracy(predictions, labels)
+    assert overall == 18 / 20
+    assert per_digit == [0.5, 1, 1, 1, 1, 1, 1, 0.5, 1, 1]
