@@ -59,6 +59,9 @@ def test_discriminator_learning_rate_follows_the_same_schedule(tmp_path: Path, t
 def test_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="latent_dim"):
         GANConfig(latent_dim=0)
+    with pytest.raises(ValueError, match=r"^only 28x28 images are supported$"):
+        GANConfig(image_size=32)
+    assert GANConfig(latent_dim=1, label_embed_dim=1, g_width=1, d_width=1).latent_dim == 1  # the smallest
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(total_steps=0)
     with pytest.raises(ValueError, match="decay"):
@@ -114,6 +117,42 @@ def test_training_writes_checkpoint_grid_and_metrics(tmp_path: Path, tiny_mnist:
     assert list((tmp_path / "samples").glob("step*.png"))
 
 
+def test_a_finished_run_reports_progress_each_step_and_writes_grids_at_epoch_ends(
+    tmp_path: Path, tiny_mnist: Path
+) -> None:
+    data = load_mnist(tiny_mnist, download=False)  # 256 images: 16 steps an epoch
+    state = new_state(TINY_MODEL, TrainConfig(total_steps=20, batch_size=16, log_every=8), torch.device("cpu"))
+    reported: list[tuple[int, int]] = []
+    result = train(state, data, tmp_path, progress=lambda step, info: reported.append((step, info["epoch"])))
+    assert not result.interrupted and result.step == 20
+    assert reported == [(step, 1 if step <= 16 else 2) for step in range(1, 21)]  # epochs counted from 1
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in records] == [(8, 0), (16, 0), (20, 1)]  # the epoch of the step taken
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step0000016.png", "step0000020.png"]
+    conv = next(m for m in state.discriminator.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # on CPU: measured faster
+
+
+def test_images_per_second_counts_the_steps_of_each_logging_window(
+    tmp_path: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import digitgen.training.loop as loop
+
+    clock = [100.0]  # a step takes exactly half a second; nothing else takes time
+    real_step = loop.train_step
+
+    def timed_step(*args, **kwargs):
+        clock[0] += 0.5
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", timed_step)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    state = new_state(TINY_MODEL, TrainConfig(total_steps=6, batch_size=16, log_every=2), torch.device("cpu"))
+    train(state, load_mnist(tiny_mnist, download=False), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["images_per_s"] for r in records] == [32.0, 32.0, 32.0]  # 2 steps of 16 images in 1 s
+
+
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     payload = load_checkpoint(checkpoint)
     return {
@@ -121,16 +160,18 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def test_resumed_run_matches_uninterrupted_run(tmp_path: Path, tiny_mnist: Path) -> None:
-    # crosses an epoch boundary; interrupted while the learning rate is falling
+@pytest.mark.parametrize("stop_at", [7, 18], ids=["first-epoch", "second-epoch"])
+def test_resumed_run_matches_uninterrupted_run(tmp_path: Path, tiny_mnist: Path, stop_at: int) -> None:
+    # 16 steps an epoch: the resumed run crosses an epoch boundary, or starts past one;
+    # interrupted while the learning rate is falling
     straight = train_tiny(tmp_path / "straight", tiny_mnist, steps=20, lr_decay_steps=15)
     data = load_mnist(tiny_mnist, download=False)
     settings = TrainConfig(total_steps=20, batch_size=16, lr_decay_steps=15)
     state = new_state(TINY_MODEL, settings, torch.device("cpu"))
-    stops = iter([False] * 6 + [True])
+    stops = iter([False] * (stop_at - 1) + [True])
     first = train(state, data, tmp_path / "resumed", should_stop=lambda: next(stops))
-    assert first.interrupted and first.step == 7
-    assert state.opt_g.param_groups[0]["lr"] == settings.learning_rate(6) < settings.lr
+    assert first.interrupted and first.step == stop_at
+    assert state.opt_g.param_groups[0]["lr"] == settings.learning_rate(stop_at - 1) < settings.lr
     resumed = train(state_from_checkpoint(str(first.checkpoint), torch.device("cpu")), data, tmp_path / "resumed")
     assert resumed.step == 20
     expected, actual = _weights(straight), _weights(resumed.checkpoint)
