@@ -15,7 +15,13 @@ from digitgen.training.data import MNIST_FILES, load_mnist
 from digitgen.training.errors import CheckpointError, DatasetCorruptError, DatasetNotFoundError, NonFiniteLossError
 from digitgen.training.loop import train
 from digitgen.training.models import ConditionalBatchNorm2d, Discriminator, Generator
-from digitgen.training.state import TrainState, new_state, state_from_checkpoint, state_to_checkpoint
+from digitgen.training.state import (
+    TrainState,
+    config_from_checkpoint,
+    new_state,
+    state_from_checkpoint,
+    state_to_checkpoint,
+)
 from tests.conftest import TINY_MODEL, train_tiny
 from tests.helpers import write_tiny_mnist
 
@@ -364,6 +370,25 @@ def test_unknown_training_settings_and_a_broken_optimizer_state_are_refused_by_n
     with pytest.raises(CheckpointError) as error:
         state_from_checkpoint(str(path), torch.device("cpu"))
     assert str(error.value) == f"{path}: optimizer or RNG state is invalid ('generator')"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ([64, 10], "checkpoint config is not a mapping"),
+        ({"latent_dim": 0}, "checkpoint config is invalid: latent_dim must be positive"),
+    ],
+)
+def test_a_model_configuration_that_cannot_be_built_is_refused_whole(config: object, message: str) -> None:
+    with pytest.raises(CheckpointError) as error:
+        config_from_checkpoint({"config": config})
+    assert str(error.value) == message
+
+
+def test_a_resumed_run_keeps_adams_betas_as_saved(tmp_path: Path, tiny_mnist: Path) -> None:
+    checkpoint = train_tiny(tmp_path, tiny_mnist, steps=2, betas=(0.0, 0.99))
+    state = state_from_checkpoint(str(checkpoint), torch.device("cpu"))
+    assert state.train.betas == (0.0, 0.99) and state.opt_d.param_groups[0]["betas"] == (0.0, 0.99)
 
 
 def test_a_rank_the_checkpoint_has_no_noise_state_for_gets_a_fresh_stream(tiny_checkpoint: Path) -> None:

@@ -94,8 +94,6 @@ def _dataclass_from(cls: type, values: Any, what: str) -> Any:
     unknown = set(values) - known
     if unknown:
         raise CheckpointError(f"checkpoint {what} has unknown fields: {', '.join(sorted(unknown))}")
-    if "betas" in values:
-        values = {**values, "betas": tuple(values["betas"])}
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
