@@ -1,7 +1,8 @@
-"""Small builders shared by the tests: IDX files and a tiny MNIST-like dataset."""
+"""Small builders and readers shared by the tests: IDX files, a tiny MNIST-like dataset, a run's metrics."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,3 +30,8 @@ def write_tiny_mnist(root: Path, train_count: int = 256, test_count: int = 64) -
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     assert sorted(p.name for p in raw.iterdir()) == sorted(MNIST_FILES)
     return root
+
+
+def run_metrics(run_dir: Path) -> list[dict]:
+    """The records of a training run's ``metrics.jsonl``, in order."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

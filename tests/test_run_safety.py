@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from click.testing import CliRunner
 from digitgen.cli import main
 from digitgen.training.classifier import Classifier, save_classifier_weights
 from tests.conftest import REPO
+from tests.helpers import run_metrics
 
 TINY = ("--batch-size", "16", "--latent-dim", "8", "--device", "cpu", "--checkpoint-every", "100")
 
@@ -31,7 +31,7 @@ def finished_run(tmp_path: Path, tiny_mnist: Path) -> Path:
 
 
 def _metrics_steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["step"] for record in run_metrics(run_dir)]
 
 
 def test_training_into_a_run_directory_is_refused(finished_run: Path, tiny_mnist: Path) -> None:

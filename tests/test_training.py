@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from digitgen.training.state import (
     state_to_checkpoint,
 )
 from tests.conftest import TINY_MODEL, train_tiny
-from tests.helpers import write_tiny_mnist
+from tests.helpers import run_metrics, write_tiny_mnist
 
 
 def test_generator_and_discriminator_shapes() -> None:
@@ -117,7 +116,7 @@ def test_training_writes_checkpoint_grid_and_metrics(tmp_path: Path, tiny_mnist:
     checkpoint = train_tiny(tmp_path, tiny_mnist, steps=6, log_every=3)
     payload = torch.load(checkpoint, weights_only=True)
     assert payload["step"] == 6 and payload["config"]["latent_dim"] == TINY_MODEL.latent_dim
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = run_metrics(tmp_path)
     assert [r["step"] for r in records] == [3, 6]
     assert {"loss_d", "loss_g", "d_real", "d_fake", "images_per_s"} <= set(records[0])
     assert list((tmp_path / "samples").glob("step*.png"))
@@ -132,7 +131,7 @@ def test_a_finished_run_reports_progress_each_step_and_writes_grids_at_epoch_end
     result = train(state, data, tmp_path, progress=lambda step, info: reported.append((step, info["epoch"])))
     assert not result.interrupted and result.step == 20
     assert reported == [(step, 1 if step <= 16 else 2) for step in range(1, 21)]  # epochs counted from 1
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = run_metrics(tmp_path)
     assert [(r["step"], r["epoch"]) for r in records] == [(8, 0), (16, 0), (20, 1)]  # the epoch of the step taken
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step0000016.png", "step0000020.png"]
     conv = next(m for m in state.discriminator.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
@@ -155,7 +154,7 @@ def test_images_per_second_counts_the_steps_of_each_logging_window(
     monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
     state = new_state(TINY_MODEL, TrainConfig(total_steps=6, batch_size=16, log_every=2), torch.device("cpu"))
     train(state, load_mnist(tiny_mnist, download=False), tmp_path)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = run_metrics(tmp_path)
     assert [r["images_per_s"] for r in records] == [32.0, 32.0, 32.0]  # 2 steps of 16 images in 1 s
 
 
