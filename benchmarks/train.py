@@ -1,12 +1,14 @@
 """Training throughput: the in-memory loop (channels_last or NCHW, eager or torch.compile) vs a DataLoader loop.
 
     python benchmarks/train.py [--data-dir ../shared/datasets] [--steps 30] [--rounds 3] [--json]
-    python benchmarks/train.py --to-quality 0.95 5.0 [--eval-every 234] [--max-minutes 60] [--threads 1] [--json]
+    python benchmarks/train.py --to-quality 0.95 5.0 [--label-classifier WEIGHTS.pt | --recipe previous]
+        [--eval-every 234] [--max-minutes 60] [--threads 1] [--json]
 
 Reports images/s and useful multiply-adds per second (forward and backward of both networks)
 as a share of the machine's fp32 GEMM rate measured in the same run. ``--to-quality`` instead
-trains the base recipe (``BASE_RECIPE``) from scratch until the EMA generator reaches that class accuracy and FID
-ratio to real data by the evaluator's reference classifier (``--samples`` digits, checked every
+trains a recipe (``RECIPES``: the shipped one, which needs ``--label-classifier``, or the previous
+release's) from scratch until the EMA generator reaches that class accuracy and FID ratio to real
+data by the evaluator's reference classifier (``--samples`` digits, checked every
 ``--eval-every`` steps) and reports the step, training wall and process CPU time to each target,
 evaluation time excluded.
 """
@@ -118,17 +120,44 @@ def measure(loops: dict[str, Callable[[], None]], batch_size: int, steps: int, r
     return rates, first_steps
 
 
-# the recipe of the release before the classifier terms (artifacts/MODEL_CARD.md, "Two seeds"), on which
-# time to quality was measured: `train --epochs 20 --lr-decay-epochs 10 --conditional-norm --lr-d 4e-4 --seed 1`
-BASE_RECIPE = {"epochs": 20, "lr_decay_epochs": 10, "conditional_norm": True, "lr_d": 4e-4, "seed": 1}
+# `train` options of the recipes timed to quality (artifacts/MODEL_CARD.md, "Recipe" and "Two seeds"); the shipped
+# one's label classifier (weights from `train-classifier --seed 1`) is given on the command line
+RECIPES = {
+    "shipped": {
+        "epochs": 16, "lr_decay_epochs": 8, "conditional_norm": True, "lr_d": 4e-4, "adc_weight": 0.5,
+        "label_weight": 0.1, "seed": 0,
+    },
+    "previous": {"epochs": 20, "lr_decay_epochs": 10, "conditional_norm": True, "lr_d": 4e-4, "seed": 1},
+}  # fmt: skip
+
+
+def recipe_options(recipe: str, label_classifier: str | None) -> dict[str, object]:
+    """The ``RunOptions`` fields of ``recipe``; a recipe with a label weight needs the classifier's weights."""
+    options = dict(RECIPES[recipe])
+    if "label_weight" in options:
+        if label_classifier is None:
+            raise click.UsageError(
+                f"the {recipe} recipe needs --label-classifier (weights from train-classifier --seed 1)"
+            )
+        options["label_classifier"] = label_classifier
+    elif label_classifier is not None:
+        raise click.UsageError(f"the {recipe} recipe has no label classifier; leave out --label-classifier")
+    return options
 
 
 def time_to_quality(
-    data_dir: str, targets: tuple[float, float], eval_every: int, max_steps: int, max_minutes: float, samples: int
+    data_dir: str,
+    recipe: dict[str, object],
+    targets: tuple[float, float],
+    eval_every: int,
+    max_steps: int,
+    max_minutes: float,
+    samples: int,
 ) -> dict:
-    """Train the base recipe until the EMA generator reaches both ``targets`` (class accuracy, FID
-    ratio to real), ``max_steps`` or ``max_minutes`` of wall time; return when each target was first
-    met (step, training wall and process CPU seconds, evaluation excluded) and the history.
+    """Train ``recipe`` (``RunOptions`` fields) from scratch until the EMA generator reaches both
+    ``targets`` (class accuracy, FID ratio to real), ``max_steps`` or ``max_minutes`` of wall time;
+    return when each target was first met (step, training wall and process CPU seconds, evaluation
+    excluded) and the history.
 
     FID of ``samples`` generated digits is divided by the FID of as many real training images (both
     against the MNIST test features), as small samples bias FID upward.
@@ -151,7 +180,7 @@ def time_to_quality(
     history: list[dict] = []
     reached: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as run_dir:
-        run = prepare_run(RunOptions(data_dir, run_dir, **BASE_RECIPE), torch.device("cpu"), SINGLE)
+        run = prepare_run(RunOptions(data_dir, run_dir, **recipe), torch.device("cpu"), SINGLE)
         pick = np.random.default_rng(0).choice(len(run.data.images), size=samples, replace=False)
         real_fid = frechet_distance(classifier.embed(run.data.images.numpy()[pick])[0], test_features)
         z = torch.from_numpy(standard_normal(0, 0, samples, run.state.config.latent_dim))
@@ -194,13 +223,27 @@ def time_to_quality(
 
         train(run.state, run.data, run_dir, progress=check, should_stop=should_stop)
     return {
-        "recipe": BASE_RECIPE,
+        "recipe": recipe,
         "samples": samples,
         "real_fid": real_fid,
         "targets": {"class_accuracy": accuracy_target, "fid_ratio": fid_target},
         "reached": {name: reached.get(name) for name in ("class_accuracy", "fid_ratio")},
         "history": history,
     }
+
+
+TO_QUALITY_ONLY = ("recipe", "label_classifier", "eval_every", "samples", "max_steps", "max_minutes")
+THROUGHPUT_ONLY = ("batch_size", "steps", "rounds")
+
+
+def refuse_options_of_the_other_mode(ctx: click.Context, to_quality: bool) -> None:
+    """Options of one mode given in the other would be ignored: refuse them instead."""
+    misplaced = THROUGHPUT_ONLY if to_quality else TO_QUALITY_ONLY
+    given = [name for name in misplaced if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        spelled = ", ".join("--" + name.replace("_", "-") for name in given)
+        mode = "with" if to_quality else "without"
+        raise click.UsageError(f"{spelled}: not used {mode} --to-quality")
 
 
 def _outcome(name: str, reached: dict | None, history: list[dict]) -> str:
@@ -219,7 +262,13 @@ def _outcome(name: str, reached: dict | None, history: list[dict]) -> str:
 @click.option(
     "--to-quality",
     type=(click.FloatRange(0, 1), click.FloatRange(min=0)),
-    help="Instead, time the base recipe (the previous release's) to this class accuracy and FID ratio, e.g. 0.95 5.0.",
+    help="Instead, time a recipe from scratch to this class accuracy and FID ratio, e.g. 0.95 5.0.",
+)
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default="shipped", show_default=True)
+@click.option(
+    "--label-classifier",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The shipped recipe's label classifier weights (train-classifier --seed 1).",
 )
 @click.option("--eval-every", default=234, show_default=True, help="Steps between quality checks.")
 @click.option("--samples", default=2000, show_default=True, help="Generated (and real) digits per quality check.")
@@ -233,6 +282,8 @@ def main(
     steps: int,
     rounds: int,
     to_quality: tuple[float, float] | None,
+    recipe: str,
+    label_classifier: str | None,
     eval_every: int,
     samples: int,
     max_steps: int,
@@ -240,10 +291,12 @@ def main(
     threads: int | None,
     as_json: bool,
 ) -> None:
+    refuse_options_of_the_other_mode(click.get_current_context(), to_quality is not None)
     if threads is not None:
         torch.set_num_threads(threads)
     if to_quality is not None:
-        result = time_to_quality(data_dir, to_quality, eval_every, max_steps, max_minutes, samples)
+        options = recipe_options(recipe, label_classifier)
+        result = time_to_quality(data_dir, options, to_quality, eval_every, max_steps, max_minutes, samples)
         result["machine"] = f"{describe()}, torch {torch.__version__}, torch threads: {torch.get_num_threads()}"
         click.echo(f"machine: {result['machine']}; real-data FID at {samples} samples: {result['real_fid']:.3f}")
         for name, target in result["targets"].items():
