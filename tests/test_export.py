@@ -41,18 +41,35 @@ def test_exported_model_carries_contract_and_metadata(tiny_onnx: Path) -> None:
 
 
 def test_metadata_names_the_recipe_that_trained_the_weights() -> None:
-    """The file says how it was trained: the learning rates, conditional BN and the classifier weights."""
+    """The file says how it was trained: every entry, from the contract to the classifier weights."""
     config = {"latent_dim": 64, "num_classes": 10, "image_size": 28, "conditional_norm": True}
     train = {"batch_size": 128, "seed": 1, "lr": 2e-4, "lr_d": 4e-4, "lr_decay_steps": 3744}
     payload = {"config": config, "step": 7488, "train": {**train, "adc_weight": 0.5, "label_weight": 0.1}}
-    meta = onnx_export.contract_metadata(payload)
-    assert (meta["train_seed"], meta["train_steps"], meta["train_lr_decay_steps"]) == ("1", "7488", "3744")
-    assert (meta["train_lr"], meta["train_lr_d"], meta["train_conditional_norm"]) == ("0.0002", "0.0004", "true")
-    assert (meta["train_adc_weight"], meta["train_label_weight"]) == ("0.5", "0.1")
-    older = {"config": {**config, "conditional_norm": False}, "step": 10, "train": {**train, "lr_d": None}}
-    meta = onnx_export.contract_metadata(older)  # before two time-scales and the classifier terms
+    contract = {"latent_dim": "64", "num_classes": "10", "image_size": "28", "contract_version": CONTRACT_VERSION}
+    assert onnx_export.contract_metadata(payload) == {
+        **contract,
+        "producer": "digitgen",
+        "train_dataset": "MNIST train (60000 images)",
+        "train_steps": "7488",
+        "train_batch_size": "128",
+        "train_seed": "1",
+        "train_lr_decay_steps": "3744",
+        "train_lr": "0.0002",
+        "train_lr_d": "0.0004",
+        "train_conditional_norm": "true",
+        "train_adc_weight": "0.5",
+        "train_label_weight": "0.1",
+        "weights": "generator EMA",
+    }
+    # a run on a subset, from before two time-scales, the decay and the classifier terms
+    older_train = {"batch_size": 64, "seed": 0, "lr": 2e-4, "lr_d": None, "subset": 512}
+    older = {"config": {**config, "conditional_norm": False}, "step": 10, "train": older_train}
+    meta = onnx_export.contract_metadata(older)
+    assert meta["train_dataset"] == "MNIST train (first 512 images)"
     assert (meta["train_lr_d"], meta["train_conditional_norm"]) == ("0.0002", "false")
-    assert (meta["train_adc_weight"], meta["train_label_weight"]) == ("0.0", "0.0")
+    assert (meta["train_lr_decay_steps"], meta["train_adc_weight"], meta["train_label_weight"]) == ("0", "0.0", "0.0")
+    del older["config"]["conditional_norm"]  # before conditional BN existed
+    assert onnx_export.contract_metadata(older)["train_conditional_norm"] == "false"
 
 
 def test_verify_accepts_matching_checkpoint(tiny_onnx: Path, tiny_checkpoint: Path) -> None:
