@@ -133,3 +133,25 @@ def test_verification_asks_for_every_digit(labelled_models: dict[str, Path], tin
     generator = ContractGenerator(load_generator(str(tiny_checkpoint))[0])
     with pytest.raises(ExportVerificationError, match="FAIL"):
         verify_parity(labelled_models["fp32"], WrongDigit(generator, digit))
+
+
+def test_int8_quantizes_every_weighted_layer_per_channel_with_uint8_activations(
+    tmp_path: Path, tiny_onnx: Path
+) -> None:
+    """The int8 file is the one the README describes: QDQ around every convolution and matrix product,
+    int8 weights with a scale per output channel, uint8 activations (see ``quantize_int8``)."""
+    out = tmp_path / "int8.onnx"
+    precision_module.quantize_int8(tiny_onnx, out, latent_dim=8, num_classes=10, batches=1, batch_size=10)
+    graph = onnx.load(str(out)).graph
+    made_by = {name: node for node in graph.node for name in node.output}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    weighted = [node for node in graph.node if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    assert {node.op_type for node in weighted} == {"Conv", "ConvTranspose", "Gemm"}
+    for node in weighted:
+        activation, weight = (made_by[name] for name in node.input[:2])
+        assert activation.op_type == weight.op_type == "DequantizeLinear", node.name
+        assert initializers[activation.input[2]].data_type == onnx.TensorProto.UINT8, node.name
+        weights, scale = initializers[weight.input[0]], initializers[weight.input[1]]
+        axis = next((a.i for a in weight.attribute if a.name == "axis"), 1)
+        assert weights.data_type == onnx.TensorProto.INT8, node.name
+        assert list(scale.dims) == [weights.dims[axis]], f"{node.name}: not one scale per output channel"
