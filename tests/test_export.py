@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -139,6 +140,26 @@ def test_lighter_precision_beyond_its_tolerance_leaves_no_file(tmp_path: Path, t
 def test_export_to_missing_directory_is_a_clear_error(tmp_path: Path, tiny_checkpoint: Path) -> None:
     with pytest.raises(ExportError, match="does not exist"):
         export_generator(tiny_checkpoint, tmp_path / "nope" / "g.onnx")
+
+
+def test_export_names_a_bad_precision_or_a_directory_for_output(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    with pytest.raises(ExportError, match=r"^unknown precision 'fp8'; choose one of fp32, fp16, int8$"):
+        export_generator(tiny_checkpoint, tmp_path / "g.onnx", precision="fp8")
+    with pytest.raises(ExportError, match=rf"^output {re.escape(str(tmp_path))} is a directory; give a file name"):
+        export_generator(tiny_checkpoint, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_replaces_an_existing_file_only_with_overwrite(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from digitgen.runtime.errors import OutputError
+
+    out = tmp_path / "g.onnx"
+    out.write_bytes(b"mine")
+    with pytest.raises(OutputError, match="already exists"):
+        export_generator(tiny_checkpoint, out)
+    assert out.read_bytes() == b"mine"
+    assert export_generator(tiny_checkpoint, out, overwrite=True).passed
+    assert [i.name for i in onnx.load(str(out)).graph.input] == ["z", "digit"]
 
 
 EVALUATION = {
