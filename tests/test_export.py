@@ -114,8 +114,9 @@ def test_lighter_precisions_keep_the_contract_and_verify_against_fp32(
     report = export_generator(tiny_checkpoint, out, precision=precision)
     assert report.passed and report.tolerance == TOLERANCES[precision]
 
-    weight_types = {t.data_type for t in onnx.load(str(out)).graph.initializer}
-    assert weight_type in weight_types
+    model = onnx.load(str(out))
+    assert weight_type in {t.data_type for t in model.graph.initializer}
+    assert {o.domain: o.version for o in model.opset_import}[""] == onnx_export.DEFAULT_OPSET  # not torch's default
     generator = DigitGenerator.from_path(out, "cpu")
     assert generator.info.metadata["precision"] == precision
     assert generator.generate(3, seed=0).images.shape == (3, 28, 28)
