@@ -151,6 +151,13 @@ def test_export_names_a_bad_precision_or_a_directory_for_output(tmp_path: Path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_keeps_torch_exporter_progress_off_the_console(tmp_path: Path, tiny_checkpoint: Path, capfd) -> None:
+    """`digitgen export` prints its own report; the exporter's step-by-step log would bury it."""
+    export_generator(tiny_checkpoint, tmp_path / "g.onnx")
+    captured = capfd.readouterr()
+    assert "[torch.onnx]" not in captured.out + captured.err
+
+
 def test_export_replaces_an_existing_file_only_with_overwrite(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from digitgen.runtime.errors import OutputError
 
