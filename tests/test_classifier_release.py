@@ -15,6 +15,7 @@ from digitgen.export.classifier_export import export_classifier_weights
 from digitgen.export.onnx_export import DEFAULT_OPSET
 from digitgen.export.verify import ATOL
 from digitgen.runtime import DigitGenerator, default_model_path
+from digitgen.runtime.errors import OutputError
 from digitgen.runtime.noise import standard_normal
 from digitgen.runtime.session import open_session
 from digitgen.training.classifier import WEIGHTS_KIND, load_classifier_weights
@@ -72,12 +73,14 @@ def test_shipped_weights_load_as_data_only_and_describe_themselves() -> None:
     assert f"{accuracy:.4f}" == _metadata(SHIPPED_CLASSIFIER)["mnist_test_accuracy"]
 
 
-def test_export_classifier_refuses_to_replace_a_file(tmp_path: Path) -> None:
+def test_export_classifier_replaces_a_file_only_with_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "classifier.onnx"
     out.write_bytes(b"mine")
     code, lines = _cli("export-classifier", "--weights", SHIPPED_WEIGHTS, "--out", out)
     assert code == 1 and lines == [f"Error: {out} already exists; pass --overwrite to replace"]
     assert out.read_bytes() == b"mine"
+    code, lines = _cli("export-classifier", "--weights", SHIPPED_WEIGHTS, "--out", out, "--overwrite")
+    assert code == 0 and _metadata(out)["kind"] == WEIGHTS_KIND, lines
 
 
 @pytest.mark.parametrize(
@@ -117,6 +120,14 @@ def test_corrupt_weights_are_a_checkpoint_error(tmp_path: Path) -> None:
     corrupt.write_bytes(SHIPPED_WEIGHTS.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="not a readable PyTorch weights file"):
         export_classifier_weights(corrupt, tmp_path / "c.onnx")
+
+
+def test_export_classifier_weights_keeps_an_existing_file_by_default(tmp_path: Path) -> None:
+    out = tmp_path / "c.onnx"
+    out.write_bytes(b"mine")
+    with pytest.raises(OutputError, match="already exists"):
+        export_classifier_weights(SHIPPED_WEIGHTS, out)
+    assert out.read_bytes() == b"mine"
 
 
 def test_train_classifier_keeps_weights_that_rebuild_its_file(tmp_path: Path, tiny_mnist: Path) -> None:
