@@ -27,7 +27,7 @@ from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
 from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
 from digitgen.runtime.writers import FORMATS, merge_shards, plan_generation
-from digitgen.training.config import GANConfig, TrainConfig
+from digitgen.training.config import AUGMENTATIONS, GANConfig, TrainConfig, parse_policy
 from digitgen.training.errors import TrainingError
 
 if TYPE_CHECKING:
@@ -134,6 +134,13 @@ def main() -> None:
     """Generate handwritten digits with a GAN trained on MNIST."""
 
 
+def _augmentation_policy(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        return None if value is None else parse_policy(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
 @contextmanager
 def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     """Turn Ctrl-C, SIGTERM and SIGHUP into a polled flag so training can checkpoint and exit cleanly."""
@@ -200,6 +207,12 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     type=click.FloatRange(min=0),
     help="Weight of --label-classifier's cross-entropy in the generator's loss, e.g. 0.5.",
 )
+@click.option(
+    "--diffaugment",
+    callback=_augmentation_policy,
+    help="DiffAugment: transforms of every digit the discriminator sees, comma-separated from "
+    f"{', '.join(AUGMENTATIONS)}, e.g. translation,cutout [default: none].",
+)
 @click.option("--seed", type=click.IntRange(min=0), help=f"Seed of weights and noise [default: {TrainConfig.seed}].")
 @click.option("--device", "device_name", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run saved in this checkpoint.")
@@ -230,6 +243,7 @@ def train(
     adc_weight: float | None,
     label_classifier: str | None,
     label_weight: float | None,
+    diffaugment: str | None,
     seed: int | None,
     device_name: str,
     resume: str | None,
@@ -268,6 +282,7 @@ def train(
         adc_weight=adc_weight,
         label_classifier=label_classifier,
         label_weight=label_weight,
+        diffaugment=diffaugment,
         download=download,
     )
     ctx, device = init_distributed(device)
@@ -284,7 +299,8 @@ def train(
             + (f" (discriminator {state.train.lr_d:g})" if state.train.lr_d is not None else "")
             + (f" falling to 0 over the last {state.train.lr_decay_steps} steps" if state.train.lr_decay_steps else "")
             + (f", ADC classifier weight {state.train.adc_weight:g}" if state.train.adc_weight else "")
-            + (f", label classifier weight {state.train.label_weight:g}" if state.train.label_weight else ""),
+            + (f", label classifier weight {state.train.label_weight:g}" if state.train.label_weight else "")
+            + (f", DiffAugment {state.train.diffaugment}" if state.train.diffaugment else ""),
             err=True,
         )
         if ctx.enabled:

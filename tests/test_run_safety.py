@@ -87,6 +87,7 @@ def test_resuming_another_run_into_a_run_directory_is_refused(
         ("--d-width", "32", "64"),
         ("--adc-weight", "0.5", "0.0"),
         ("--label-weight", "0.5", "0.0"),
+        ("--diffaugment", "translation", "none"),
     ],
 )
 def test_resume_refuses_options_that_would_change_the_run(

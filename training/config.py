@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+AUGMENTATIONS = ("translation", "cutout")  # DiffAugment transforms, in training/augment.py
+
+
+def parse_policy(text: str) -> str:
+    """The canonical form of a comma-separated DiffAugment policy ("" for none); ValueError names a bad part."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {name!r}: choose from {', '.join(AUGMENTATIONS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"augmentation {text!r} names a transform twice")
+    return ",".join(names)
+
 
 @dataclass(frozen=True)
 class GANConfig:
@@ -38,6 +51,7 @@ class TrainConfig:
     lr_decay_steps: int = 0  # the learning rate falls linearly to zero over the last N steps
     adc_weight: float = 0.0  # weight of ADC-GAN's classifier terms in both losses; 0: no classifier
     label_weight: float = 0.0  # weight of a frozen classifier's cross-entropy in the generator's loss; 0: none
+    diffaugment: str = ""  # DiffAugment transforms of the discriminator's inputs, e.g. "translation,cutout"
     seed: int = 0
     subset: int | None = None  # train on the first N images only (tests, quick experiments)
     checkpoint_every: int = 500
@@ -54,6 +68,8 @@ class TrainConfig:
             raise ValueError("learning rate must be positive")
         if not self.adc_weight >= 0 or not self.label_weight >= 0:
             raise ValueError("the classifier weight must be zero or positive")
+        if parse_policy(self.diffaugment) != self.diffaugment:
+            raise ValueError(f"the augmentation policy {self.diffaugment!r} is not in canonical form")
         if not 0 <= self.lr_decay_steps <= self.total_steps:
             raise ValueError("the learning-rate decay must span 0 to all of the run's steps")
 

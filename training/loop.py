@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
 from digitgen.runtime.files import publish
+from digitgen.training.augment import diff_augment
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.data import MnistTensors
 from digitgen.training.distributed import SINGLE, DistContext, any_rank, gather_objects, weights_digest
@@ -93,12 +94,14 @@ def train_step(
     with torch.no_grad():
         fake = g(z, labels)
     adc_weight, classes = state.train.adc_weight, state.config.num_classes
+    policy = state.train.diffaugment
+    seen = diff_augment(torch.cat([real, fake]), policy, state.noise_rng)
     if adc_weight:
-        scores, logits = d(torch.cat([real, fake]), torch.cat([labels, labels]), with_classes=True)
+        scores, logits = d(seen, torch.cat([labels, labels]), with_classes=True)
         # the classifier learns "real k" for real digits and "generated k" for the generator's
         adc_d = F.cross_entropy(logits, torch.cat([labels, labels + classes]))
     else:
-        scores, adc_d = d(torch.cat([real, fake]), torch.cat([labels, labels])), 0.0
+        scores, adc_d = d(seen, torch.cat([labels, labels])), 0.0
     d_real, d_fake = scores.split(batch)
     loss_d = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean() + adc_weight * adc_d
     _check_finite(loss_d, "discriminator", state.step)
@@ -109,15 +112,16 @@ def train_step(
     z = torch.randn(batch, latent, generator=state.noise_rng).to(device)
     fake_labels = torch.randint(0, state.config.num_classes, (batch,), generator=state.noise_rng).to(device)
     generated = g(z, fake_labels)
+    seen = diff_augment(generated, policy, state.noise_rng)
     # the bare discriminator: its gradients here are discarded, so they need no all-reduce
     if adc_weight:
-        scores, logits = state.discriminator(generated, fake_labels, with_classes=True)
+        scores, logits = state.discriminator(seen, fake_labels, with_classes=True)
         # ADC-GAN's generator term: cross-entropy to "real k" minus cross-entropy to "generated k",
         # which is the difference of the two logits (the log-normaliser cancels)
         pair = logits.gather(1, torch.stack([fake_labels, fake_labels + classes], dim=1))
         adc_g = (pair[:, 1] - pair[:, 0]).mean()
     else:
-        scores, adc_g = state.discriminator(generated, fake_labels), 0.0
+        scores, adc_g = state.discriminator(seen, fake_labels), 0.0
     loss_g = -scores.mean() + adc_weight * adc_g
     if state.label_classifier is not None:
         # the frozen classifier reads pixels in [0, 1]; confidently right digits add (almost) nothing

@@ -42,6 +42,7 @@ class RunOptions:
     adc_weight: float | None = None
     label_classifier: str | None = None  # classifier weights (train-classifier) whose cross-entropy steers G
     label_weight: float | None = None
+    diffaugment: str | None = None
     download: bool = False  # fetch MNIST when it is missing from data_dir
 
 
@@ -58,6 +59,7 @@ FIXED_ON_RESUME = {
     "d_width": ("--d-width", "config"),
     "adc_weight": ("--adc-weight", "train"),
     "label_weight": ("--label-weight", "train"),
+    "diffaugment": ("--diffaugment", "train"),
 }
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR)
 
@@ -114,6 +116,7 @@ def _check_resume_options(options: RunOptions, state: TrainState) -> None:
         given, kept = getattr(options, name), saved[part][name]
         if given is not None and given != kept:
             shown = flag if given is True else f"{flag} {given}"
+            kept = "none" if kept == "" else kept
             raise TrainingError(
                 f"{shown} differs from the resumed run's {kept}; a resumed run keeps its settings "
                 "(only --steps, --epochs, --lr-decay-epochs and --checkpoint-every can change)"
@@ -160,7 +163,17 @@ def _new_state(options: RunOptions, device: torch.device, rank: int, classifier:
     def given(*names: str) -> dict:
         return {name: getattr(options, name) for name in names if getattr(options, name) is not None}
 
-    names = ("batch_size", "lr", "lr_d", "seed", "subset", "checkpoint_every", "adc_weight", "label_weight")
+    names = (
+        "batch_size",
+        "lr",
+        "lr_d",
+        "seed",
+        "subset",
+        "checkpoint_every",
+        "adc_weight",
+        "label_weight",
+        "diffaugment",
+    )
     settings = TrainConfig(total_steps=1, **given(*names))
     config = GANConfig(**given("latent_dim", "conditional_norm", "d_width"))
     return new_state(config, settings, device, rank, classifier)
