@@ -725,6 +725,13 @@ def evaluate(
     type=click.FloatRange(min=0),
     help="Micro-batching: ms small requests wait to share one model call (0: off).",
 )
+@click.option(
+    "--batch-max-digits",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Micro-batching: digits in one shared model call.",
+)
 @click.option("--quiet", is_flag=True, help="No access log or start-up lines.")
 def serve(
     model: str | None,
@@ -741,6 +748,7 @@ def serve(
     cors_origins: tuple[str, ...],
     web_dir: str | None,
     batch_window_ms: float,
+    batch_max_digits: int,
     quiet: bool,
 ) -> None:
     """Serve digits over HTTP (FastAPI + uvicorn; needs the serve extra)."""
@@ -756,6 +764,7 @@ def serve(
         cors_origins=cors_origins,
         web_dir=web_dir,
         batch_window_ms=batch_window_ms,
+        batch_max_digits=batch_max_digits,
         access_log=not quiet,
     )
     options = ServerOptions(model, provider, host, port, workers, threads, graceful_timeout, settings)

@@ -188,6 +188,9 @@ def main() -> None:
     parser.add_argument(
         "--batch-window-ms", type=float, nargs="+", default=[0, 2], help="micro-batching windows to compare (0: off)"
     )
+    parser.add_argument(
+        "--batch-max-digits", type=int, nargs="+", default=[8, 64], help="micro-batch sizes to compare (first: default)"
+    )
     parser.add_argument("--batching-only", action="store_true", help="only the one-digit PNG rows of the windows")
     parser.add_argument("--soak", type=int, default=0, help="one-digit requests for the RSS figure (0: skip)")
     args = parser.parse_args()
@@ -199,8 +202,12 @@ def main() -> None:
         bare = {c: load(port, "/constant?seed={seed}", c, args.seconds) for c in (1, 16, 64)}
     for c, result in bare.items():
         print(row(f"anchor: bare FastAPI constant, concurrency {c}", result), flush=True)
-    variants = {f"1 worker, 1 thread, --batch-window-ms {w:g}": ("--threads", "1", "--batch-window-ms", str(w))
-                for w in args.batch_window_ms}  # fmt: skip
+    variants = {}
+    for window in args.batch_window_ms:  # the batch size matters only with a window
+        for size in args.batch_max_digits if window else args.batch_max_digits[:1]:
+            name = f"1 worker, 1 thread, --batch-window-ms {window:g}"
+            name += f", --batch-max-digits {size}" if window else ""
+            variants[name] = ("--threads", "1", "--batch-window-ms", str(window), "--batch-max-digits", str(size))
     if not args.batching_only:
         variants |= {"1 worker, 2 threads": ("--threads", "2"), "2 workers, 1 thread each": ("--workers", "2")}
     with ExitStack() as servers:

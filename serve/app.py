@@ -48,7 +48,8 @@ class ServeSettings:
     cache_max_age: int = 31_536_000  # seconds a response may be cached (it never changes)
     inline_digits: int = 16  # requests this small run on the event loop (or the batcher), larger ones on a thread
     batch_window_ms: float = 2.0  # micro-batching: how long small requests wait to share a model call (0: off)
-    batch_max_digits: int = 64  # digits in one micro-batch
+    # digits in one micro-batch: small, so that one batch's HTTP work overlaps the next one's model call
+    batch_max_digits: int = 8
     cors_origins: tuple[str, ...] = ()
     web_dir: str | None = None  # the built page, served at /
     access_log: bool = True
@@ -56,6 +57,8 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.batch_window_ms < 0:
             raise ServeConfigError(f"the batch window must be 0 ms (off) or more, got {self.batch_window_ms:g}")
+        if self.batch_max_digits < 1:
+            raise ServeConfigError(f"a micro-batch must hold at least 1 digit, got {self.batch_max_digits}")
         if self.web_dir is not None and not (Path(self.web_dir) / "index.html").is_file():
             raise ServeConfigError(
                 f"{self.web_dir} holds no index.html; build the page first: cd web && npm ci && npm run build"

@@ -41,11 +41,12 @@ def run_batch(generator: DigitGenerator, requests: list[DigitsRequest]) -> list[
 
 
 class Batcher:
-    """Collects requests for up to ``window`` seconds after the first, at most ``max_digits`` digits in all,
-    then makes their bodies in one call of :func:`run_batch` on ``executor``, holding a ``generation()``
-    slot, and passes the number of requests to ``observe``. The window is waited only while requests come
-    together: a request that arrives alone, after a batch of one, runs at once, on the event loop as
-    without batching (a thread hop costs more than one small request's model call)."""
+    """Collects requests for up to ``window`` seconds after the first, at most ``max_digits`` digits in all
+    (a larger request gets a call of its own), then makes their bodies in one call of :func:`run_batch` on
+    ``executor``, holding a ``generation()`` slot, and passes the number of requests to ``observe``. The
+    window is waited only while requests come together: a request that arrives alone, after a batch of
+    one, runs at once, on the event loop as without batching (a thread hop costs more than one small
+    request's model call)."""
 
     def __init__(
         self,
@@ -67,7 +68,7 @@ class Batcher:
         self._last_size = 0
 
     async def body(self, request: DigitsRequest) -> bytes:
-        """The response body of ``request`` (at most ``max_digits`` digits); needs :meth:`run` running."""
+        """The response body of ``request``; needs :meth:`run` running."""
         pending = _Pending(request, asyncio.get_running_loop().create_future())
         self._waiting.append(pending)
         self._arrived.set()

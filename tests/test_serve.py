@@ -28,7 +28,7 @@ from digitgen.cli import main
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.noise import MAX_SEED
 from digitgen.serve import ServeConfigError, ServeSettings
-from digitgen.serve.batch import run_batch
+from digitgen.serve.batch import Batcher, _Pending, run_batch
 from digitgen.serve.params import DigitsRequest, etag
 from digitgen.serve.render import encode, generate
 
@@ -523,6 +523,25 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
 def test_a_negative_batch_window_is_refused() -> None:
     with pytest.raises(ServeConfigError, match="the batch window must be 0 ms \\(off\\) or more, got -1"):
         ServeSettings(batch_window_ms=-1)
+    with pytest.raises(ServeConfigError, match="a micro-batch must hold at least 1 digit, got 0"):
+        ServeSettings(batch_max_digits=0)
+
+
+def test_a_micro_batch_takes_waiting_requests_in_order_up_to_its_digit_limit() -> None:
+    counts = [3, 3, 2, 3, 9, 1]
+
+    async def batches() -> list[list[int]]:
+        batcher = Batcher(None, 0.001, 8, None, None, None)  # type: ignore[arg-type]
+        for count in counts:
+            request = DigitsRequest((7,), count, 0, None, "grid")
+            batcher._waiting.append(_Pending(request, asyncio.get_running_loop().create_future()))
+        taken = []
+        while batcher._waiting:
+            taken.append([p.request.count for p in await batcher._collect()])
+        return taken
+
+    # 3 + 3 + 2 fill 8 digits exactly; a request over the limit gets a call of its own
+    assert asyncio.run(batches()) == [[3, 3, 2], [3], [9], [1]]
 
 
 def _query(request: DigitsRequest) -> str:
