@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, labels_for, to_uint8
-from digitgen.runtime.noise import standard_normal
+from digitgen.runtime.noise import NoiseSpan, standard_normal_spans
 from digitgen.serve.params import DigitsRequest
 from digitgen.serve.render import encode
 
@@ -29,9 +29,9 @@ class _Pending:
 
 def run_batch(generator: DigitGenerator, requests: list[DigitsRequest]) -> list[bytes]:
     """The response bodies of ``requests`` from one model call over all their digits."""
-    noise = [standard_normal(r.seed, 0, r.count, generator.latent_dim, r.truncation) for r in requests]
+    noise = standard_normal_spans([NoiseSpan(r.seed, 0, r.count, r.truncation) for r in requests], generator.latent_dim)
     labels = [labels_for(r.digits, 0, r.count) for r in requests]
-    images = to_uint8(generator.run(np.concatenate(noise), np.concatenate(labels)))
+    images = to_uint8(generator.run(noise, np.concatenate(labels)))
     bodies, start = [], 0
     for request, request_labels in zip(requests, labels, strict=True):
         digits = GeneratedDigits(images[start : start + request.count], request_labels)

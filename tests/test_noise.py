@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME, standard_normal
+from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME, NoiseSpan, standard_normal, standard_normal_spans
 
 MASK = 2**64 - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -90,3 +90,17 @@ def test_truncated_noise_stays_within_the_bound_and_keeps_the_rest() -> None:
     assert not np.array_equal(truncated[~inside], plain[~inside])
     assert np.array_equal(standard_normal(5, 700, 1300, 64, truncation=1.0), truncated[700:1300])
     assert np.array_equal(standard_normal(5, 0, 50, 64, truncation=1e9), plain[:50])
+
+
+def test_spans_drawn_together_equal_each_drawn_alone() -> None:
+    spans = [
+        NoiseSpan(7, 0, 3),
+        NoiseSpan(MAX_SEED, 10, 12, 0.5),  # truncated: redraws from the right rows' streams
+        NoiseSpan(7, 2, 6, 1.0),
+        NoiseSpan(2**63, 0, 1),
+    ]
+    alone = [standard_normal(span.seed, span.start, span.stop, 64, span.truncation) for span in spans]
+    together = standard_normal_spans(spans, 64)
+    assert together.dtype == np.float32 and together.shape == (3 + 2 + 4 + 1, 64)
+    assert np.array_equal(together, np.concatenate(alone))
+    assert np.abs(together[3:5]).max() <= 0.5 and np.abs(together[5:9]).max() <= 1.0
