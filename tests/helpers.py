@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +36,9 @@ def write_tiny_mnist(root: Path, train_count: int = 256, test_count: int = 64) -
 def run_metrics(run_dir: Path) -> list[dict]:
     """The records of a training run's ``metrics.jsonl``, in order."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test stops with SIGINT: a shell that runs the tests in the
+    background makes them ignore SIGINT, and the child would inherit that and never stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

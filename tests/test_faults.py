@@ -16,6 +16,7 @@ import torch
 
 from digitgen.runtime import default_model_path
 from tests.conftest import REPO
+from tests.helpers import default_sigint
 
 CLI = [sys.executable, str(REPO / "cli.py")]
 
@@ -23,7 +24,7 @@ CLI = [sys.executable, str(REPO / "cli.py")]
 @contextmanager
 def running(args: list[str]) -> Iterator[subprocess.Popen]:
     """A child process that is killed if the test fails before it ends."""
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         yield proc
     finally:

@@ -14,6 +14,7 @@ import pytest
 
 from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, generate_files
 from digitgen.runtime.writers import FORMATS
+from tests.helpers import default_sigint
 
 N = 40
 BATCH = 8
@@ -106,7 +107,9 @@ def test_resume_and_overwrite_are_exclusive(gen: DigitGenerator, tmp_path: Path)
 
 def _generate(out: Path, *args: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "digitgen", "generate", "--out", str(out), "--seed", "3", *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
 
 
 def _wait_for_progress(proc: subprocess.Popen) -> None:
