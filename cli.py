@@ -187,6 +187,11 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     help="Generator BatchNorm gain and bias chosen by the digit (kept on --resume).",
 )
 @click.option(
+    "--g-width",
+    type=click.IntRange(min=2),
+    help=f"The generator's channels at 7x7 (2x after its first conv, then 1x, 1/2x) [default: {GANConfig.g_width}].",
+)
+@click.option(
     "--d-width",
     type=click.IntRange(min=1),
     help=f"The discriminator's first-layer channels (then 2x, 4x) [default: {GANConfig.d_width}].",
@@ -239,6 +244,7 @@ def train(
     lr_d: float | None,
     latent_dim: int | None,
     conditional_norm: bool | None,
+    g_width: int | None,
     d_width: int | None,
     adc_weight: float | None,
     label_classifier: str | None,
@@ -278,6 +284,7 @@ def train(
         lr_decay_epochs,
         lr_d,
         conditional_norm,
+        g_width=g_width,
         d_width=d_width,
         adc_weight=adc_weight,
         label_classifier=label_classifier,

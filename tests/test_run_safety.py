@@ -84,6 +84,7 @@ def test_resuming_another_run_into_a_run_directory_is_refused(
         ("--seed", "5", "0"),
         ("--latent-dim", "16", "8"),
         ("--conditional-norm", None, "False"),
+        ("--g-width", "32", "64"),
         ("--d-width", "32", "64"),
         ("--adc-weight", "0.5", "0.0"),
         ("--label-weight", "0.5", "0.0"),
@@ -119,13 +120,17 @@ def test_resume_accepts_options_equal_to_the_run_and_sets_the_checkpoint_interva
     assert torch.load(finished_run / "checkpoint.pt", weights_only=True)["train"]["checkpoint_every"] == 1
 
 
-def test_discriminator_width_and_adc_weight_are_kept_in_the_checkpoint(tmp_path: Path, tiny_mnist: Path) -> None:
+def test_model_widths_and_adc_weight_are_kept_in_the_checkpoint(tmp_path: Path, tiny_mnist: Path) -> None:
     run_dir = tmp_path / "run"
-    code, output = train(tiny_mnist, run_dir, "--steps", 2, *TINY, "--d-width", 24, "--adc-weight", 0.25)
+    code, output = train(
+        tiny_mnist, run_dir, "--steps", 2, *TINY, "--g-width", 12, "--d-width", 24, "--adc-weight", 0.25
+    )
     assert code == 0, output
     assert "ADC classifier weight 0.25" in output
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert saved["config"]["d_width"] == 24 and saved["train"]["adc_weight"] == 0.25
+    assert saved["config"]["g_width"] == 12
+    assert saved["generator"]["project.0.weight"].shape[0] == 12 * 7 * 7
     assert saved["discriminator"]["features.0.parametrizations.weight.original"].shape[0] == 24
     assert saved["discriminator"]["classifier.parametrizations.weight.original"].shape == (20, 4 * 24 * 16)
     code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--steps", 3)

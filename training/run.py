@@ -38,6 +38,7 @@ class RunOptions:
     lr_decay_epochs: float | None = None  # None: no decay, or the resumed run's own
     lr_d: float | None = None
     conditional_norm: bool | None = None
+    g_width: int | None = None
     d_width: int | None = None
     adc_weight: float | None = None
     label_classifier: str | None = None  # classifier weights (train-classifier) whose cross-entropy steers G
@@ -56,6 +57,7 @@ FIXED_ON_RESUME = {
     "subset": ("--subset", "train"),
     "latent_dim": ("--latent-dim", "config"),
     "conditional_norm": ("--conditional-norm", "config"),
+    "g_width": ("--g-width", "config"),
     "d_width": ("--d-width", "config"),
     "adc_weight": ("--adc-weight", "train"),
     "label_weight": ("--label-weight", "train"),
@@ -175,7 +177,7 @@ def _new_state(options: RunOptions, device: torch.device, rank: int, classifier:
         "diffaugment",
     )
     settings = TrainConfig(total_steps=1, **given(*names))
-    config = GANConfig(**given("latent_dim", "conditional_norm", "d_width"))
+    config = GANConfig(**given("latent_dim", "conditional_norm", "g_width", "d_width"))
     return new_state(config, settings, device, rank, classifier)
 
 
