@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +10,7 @@ import onnx
 import torch
 
 from digitgen.export.errors import ExportError
+from digitgen.export.fast_layers import with_fast_layers
 from digitgen.export.precision import HalfPrecision, quantize_int8
 from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityReport, verify_parity
 from digitgen.runtime.contract import CONTRACT_VERSION
@@ -131,17 +131,18 @@ def export_generator(
         raise ExportError(f"output directory {out.parent} does not exist")
     refuse_existing([out, weights_out], overwrite)
     generator, config, payload = load_generator(str(checkpoint))
-    model = ContractGenerator(generator).eval()
+    model = ContractGenerator(generator).eval()  # the reference the file is verified against
+    fast = ContractGenerator(with_fast_layers(generator)).eval()  # the same function, as written to the file
     metadata = {**contract_metadata(payload), "precision": precision, **(extra_metadata or {})}
     example = (torch.randn(2, config.latent_dim), torch.zeros(2, dtype=torch.long))
     with publish(out) as tmp:
         if precision == "int8":
             with tempfile.TemporaryDirectory() as scratch:
                 fp32 = Path(scratch) / "fp32.onnx"
-                to_onnx(model, example, fp32, ["z", "digit"], ["image"], opset)
+                to_onnx(fast, example, fp32, ["z", "digit"], ["image"], opset)
                 quantize_int8(fp32, tmp, config.latent_dim, config.num_classes)
         else:
-            exported = HalfPrecision(copy.deepcopy(model)).eval() if precision == "fp16" else model
+            exported = HalfPrecision(fast).eval() if precision == "fp16" else fast
             to_onnx(exported, example, tmp, ["z", "digit"], ["image"], opset)
         write_metadata(tmp, metadata)
         report = verify_parity(tmp, model, TOLERANCES[precision], atol)
