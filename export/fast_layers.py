@@ -37,9 +37,8 @@ class PhaseConvTranspose2d(nn.Module):
         for a, b in PHASES:
             phase = weight[:, :, [3 - a, 1 - a]][:, :, :, [3 - b, 1 - b]]  # (in, out, 2, 2)
             kernels.append(phase.transpose(0, 1).contiguous())
-        self.weight = nn.Parameter(torch.stack(kernels), requires_grad=False)  # (4, out, in, 2, 2)
-        bias = layer.bias.detach().clone() if layer.bias is not None else None
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.weight = nn.Parameter(torch.stack(kernels))  # (4, out, in, 2, 2)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
 
     @staticmethod
     def fits(layer: nn.Module) -> bool:
@@ -70,8 +69,8 @@ class ChannelSumConv2d(nn.Module):
 
     def __init__(self, layer: nn.Conv2d) -> None:
         super().__init__()
-        self.weight = nn.Parameter(layer.weight.detach().transpose(0, 1).contiguous(), requires_grad=False)
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.weight = nn.Parameter(layer.weight.detach().transpose(0, 1).contiguous())  # (in, 1, k, k)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         self.padding = layer.padding
 
     @staticmethod
@@ -90,7 +89,7 @@ class ChannelSumConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_channel = F.conv2d(x, self.weight, padding=self.padding, groups=self.weight.shape[0])
         total = per_channel.sum(dim=1, keepdim=True)
-        return total if self.bias is None else total + self.bias.view(1, 1, 1, 1)
+        return total if self.bias is None else total + self.bias
 
 
 def with_fast_layers(model: nn.Module) -> nn.Module:

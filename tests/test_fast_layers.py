@@ -20,6 +20,7 @@ from digitgen.training.models import Generator
 def test_phase_convolutions_equal_the_transposed_convolution(shape: tuple[int, ...], bias: bool) -> None:
     torch.manual_seed(0)
     layer = nn.ConvTranspose2d(shape[1], 6, 4, stride=2, padding=1, bias=bias)
+    assert PhaseConvTranspose2d.fits(layer)
     x = torch.randn(shape)
     with torch.no_grad():
         expected, got = layer(x), PhaseConvTranspose2d(layer)(x)
@@ -31,9 +32,12 @@ def test_phase_convolutions_equal_the_transposed_convolution(shape: tuple[int, .
 def test_depthwise_sum_equals_the_one_channel_convolution(kernel: int, bias: bool) -> None:
     torch.manual_seed(1)
     layer = nn.Conv2d(7, 1, kernel, padding=kernel // 2, bias=bias)
+    assert ChannelSumConv2d.fits(layer)
+    fast = ChannelSumConv2d(layer)
+    assert fast.weight.shape == (7, 1, kernel, kernel)  # depthwise: one filter per input channel
     x = torch.randn(2, 7, 9, 11)
     with torch.no_grad():
-        expected, got = layer(x), ChannelSumConv2d(layer)(x)
+        expected, got = layer(x), fast(x)
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
