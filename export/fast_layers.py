@@ -42,6 +42,7 @@ class PhaseConvTranspose2d(nn.Module):
 
     @staticmethod
     def fits(layer: nn.Module) -> bool:
+        """Whether ``layer`` is a transposed convolution this class computes exactly."""
         return (
             type(layer) is nn.ConvTranspose2d
             and layer.kernel_size == (4, 4)
@@ -75,6 +76,7 @@ class ChannelSumConv2d(nn.Module):
 
     @staticmethod
     def fits(layer: nn.Module) -> bool:
+        """Whether ``layer`` is a convolution this class computes exactly."""
         return (
             type(layer) is nn.Conv2d
             and layer.out_channels == 1
