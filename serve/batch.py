@@ -18,35 +18,41 @@ import numpy as np
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, labels_for, to_uint8
 from digitgen.runtime.noise import NoiseSpan, standard_normal_spans
 from digitgen.serve.params import DigitsRequest
-from digitgen.serve.render import encode
 
 
 @dataclass(frozen=True)
 class _Pending:
     request: DigitsRequest
-    body: asyncio.Future[bytes]
+    digits: asyncio.Future[GeneratedDigits]
 
 
-def run_batch(generator: DigitGenerator, requests: list[DigitsRequest]) -> list[bytes]:
-    """The response bodies of ``requests`` from one model call over all their digits."""
-    noise = standard_normal_spans([NoiseSpan(r.seed, 0, r.count, r.truncation) for r in requests], generator.latent_dim)
-    labels = [labels_for(r.digits, 0, r.count) for r in requests]
-    images = to_uint8(generator.run(noise, np.concatenate(labels)))
-    bodies, start = [], 0
-    for request, request_labels in zip(requests, labels, strict=True):
-        digits = GeneratedDigits(images[start : start + request.count], request_labels)
-        bodies.append(encode(digits, request.fmt))
-        start += request.count
-    return bodies
+def batch_inputs(requests: list[DigitsRequest], latent_dim: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The noise of all the requests' digits, in order, and each request's labels."""
+    noise = standard_normal_spans([NoiseSpan(r.seed, 0, r.count, r.truncation) for r in requests], latent_dim)
+    return noise, [labels_for(r.digits, 0, r.count) for r in requests]
+
+
+def split_batch(images: np.ndarray, labels: list[np.ndarray]) -> list[GeneratedDigits]:
+    """One model call's images, (B, 1, 28, 28) floats, as each request's digits."""
+    ends = np.cumsum([len(request_labels) for request_labels in labels])
+    parts = np.split(to_uint8(images), ends[:-1])
+    return [GeneratedDigits(pixels, request_labels) for pixels, request_labels in zip(parts, labels, strict=True)]
+
+
+def run_batch(generator: DigitGenerator, requests: list[DigitsRequest]) -> list[GeneratedDigits]:
+    """The digits of ``requests`` from one model call over all of them."""
+    noise, labels = batch_inputs(requests, generator.latent_dim)
+    return split_batch(generator.run(noise, np.concatenate(labels)), labels)
 
 
 class Batcher:
     """Collects requests for up to ``window`` seconds after the first, at most ``max_digits`` digits in all
-    (a larger request gets a call of its own), then makes their bodies in one call of :func:`run_batch` on
-    ``executor``, holding a ``generation()`` slot, and passes the number of requests to ``observe``. The
-    window is waited only while requests come together: a request that arrives alone, after a batch of
-    one, runs at once, on the event loop as without batching (a thread hop costs more than one small
-    request's model call)."""
+    (a larger request gets a call of its own), then makes their digits in one model call on ``executor``,
+    holding a ``generation()`` slot, and passes the number of requests to ``observe``. Only the model call
+    runs on ``executor``, where it does not hold the GIL; noise and the split run on the event loop, and
+    each request encodes its own body while the next batch's model call runs. The window is waited only
+    while requests come together: a request that arrives alone, after a batch of one, runs at once, on the
+    event loop as without batching (a thread hop costs more than one small request's model call)."""
 
     def __init__(
         self,
@@ -67,12 +73,12 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._last_size = 0
 
-    async def body(self, request: DigitsRequest) -> bytes:
-        """The response body of ``request``; needs :meth:`run` running."""
+    async def digits(self, request: DigitsRequest) -> GeneratedDigits:
+        """The digits of ``request``; needs :meth:`run` running."""
         pending = _Pending(request, asyncio.get_running_loop().create_future())
         self._waiting.append(pending)
         self._arrived.set()
-        return await pending.body
+        return await pending.digits
 
     async def _collect(self) -> list[_Pending]:
         while not self._waiting:
@@ -90,7 +96,7 @@ class Batcher:
         while self._waiting and digits + self._waiting[0].request.count <= self.max_digits:
             batch.append(self._waiting.popleft())
             digits += batch[-1].request.count
-        return [p for p in batch if not p.body.done()]
+        return [p for p in batch if not p.digits.done()]
 
     async def run(self) -> None:
         """Serve the waiting requests until cancelled."""
@@ -104,16 +110,18 @@ class Batcher:
             try:
                 async with self.generation():
                     requests = [p.request for p in batch]
-                    bodies = (
-                        run_batch(self.generator, requests)
-                        if len(requests) == 1
-                        else await loop.run_in_executor(self.executor, run_batch, self.generator, requests)
-                    )
+                    if len(requests) == 1:
+                        results = run_batch(self.generator, requests)
+                    else:
+                        noise, labels = batch_inputs(requests, self.generator.latent_dim)
+                        run = self.generator.run
+                        images = await loop.run_in_executor(self.executor, run, noise, np.concatenate(labels))
+                        results = split_batch(images, labels)
             except Exception as exc:  # each request of the batch gets the error its own call would raise
                 for pending in batch:
-                    if not pending.body.done():
-                        pending.body.set_exception(exc)
+                    if not pending.digits.done():
+                        pending.digits.set_exception(exc)
                 continue
-            for pending, body in zip(batch, bodies, strict=True):
-                if not pending.body.done():
-                    pending.body.set_result(body)
+            for pending, digits in zip(batch, results, strict=True):
+                if not pending.digits.done():
+                    pending.digits.set_result(digits)

@@ -431,6 +431,31 @@ def test_ready_only_after_the_warmup_batch(tmp_path: Path) -> None:
         server.stop()
 
 
+MOUNTED = """
+import sys
+import uvicorn
+from fastapi import FastAPI
+from digitgen.runtime.generator import DigitGenerator
+from digitgen.serve import ServeSettings, create_app
+
+parent = FastAPI()  # a mounted app's lifespan never runs: its first request starts it
+parent.mount("/digits", create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False)))
+uvicorn.run(parent, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def test_mounted_in_another_app_it_warms_up_and_batches(server: Server, tmp_path: Path) -> None:
+    mounted = start(tmp_path / "server.log", [sys.executable, "-c", MOUNTED, "{port}"], "/digits/readyz")
+    try:
+        for query in ("digit=7&seed=3", "count=5&digits=2,4&format=json", "count=300&format=npz"):
+            response = mounted.get(f"/digits/generate?{query}")
+            assert response.status_code == 200, response.text
+            assert response.content == server.get(f"/generate?{query}").content
+        assert mounted.get("/generate?digit=7").status_code == 404
+    finally:
+        mounted.stop()
+
+
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path: Path) -> None:
     server = start(tmp_path / "server.log", serve_command("--graceful-timeout", "60"))
     with ThreadPoolExecutor(1) as pool:
@@ -516,8 +541,8 @@ MIXED = [
 def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
     generator = DigitGenerator.from_path(threads=1)
     alone = [encode(generate(generator, request), request.fmt) for request in MIXED]
-    assert run_batch(generator, MIXED) == alone
-    assert run_batch(generator, MIXED[::-1]) == alone[::-1]
+    for requests, expected in ((MIXED, alone), (MIXED[::-1], alone[::-1])):
+        assert [encode(d, r.fmt) for d, r in zip(run_batch(generator, requests), requests, strict=True)] == expected
 
 
 def test_a_negative_batch_window_is_refused() -> None:
