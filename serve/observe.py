@@ -3,6 +3,7 @@ access log line."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -56,14 +57,17 @@ class Metrics:
 
 
 class RequestMiddleware:
-    """Gives every response an ``X-Request-ID`` (the client's when it is a plain token, else a new one),
-    counts and times it by endpoint, and writes one access-log line when ``access_log`` is set."""
+    """Gives every response an ``X-Request-ID`` (the client's when it is a plain token, else a new one:
+    32 hex digits, this process's random half and a count), counts and times it by endpoint, and writes
+    one access-log line when ``access_log`` is set."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: frozenset[str], access_log: bool) -> None:
         self.app = app
         self.metrics = metrics
         self.endpoints = endpoints
         self.access_log = access_log
+        process_id = uuid.uuid4().hex[:16]  # one random draw per process, not a system call per request
+        self._new_ids = (f"{process_id}{n:016x}" for n in itertools.count())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,7 +75,7 @@ class RequestMiddleware:
             return
         started = time.perf_counter()
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if REQUEST_ID.fullmatch(given) else next(self._new_ids)
         status = 500
 
         async def send_with_id(message: Message) -> None:

@@ -287,6 +287,7 @@ def test_request_id_echoed_or_made(server: Server) -> None:
     assert server.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
     made = server.get("/healthz").headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", made)
+    assert server.get("/healthz").headers["x-request-id"] != made
     unsafe = server.get("/healthz", headers={"X-Request-ID": "a b\tc"}).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", unsafe)
 
