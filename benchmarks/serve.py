@@ -4,7 +4,8 @@
     python benchmarks/serve.py --soak 100000   # RSS before and after that many one-digit requests
 
 Anchors: a bare FastAPI/uvicorn endpoint that returns a constant PNG-sized body (the stack's own
-ceiling), and the library's in-process ``generate`` rate. The load generator is an asyncio client
+ceiling), the library's in-process ``generate`` rate, and (one-digit rows) the server with its model
+call replaced by a constant picture (the server's own work without the model). The load generator is an asyncio client
 with keep-alive connections in this process; every request carries its own seed, so no cache can
 stand in for the model. Traffic goes to 127.0.0.1 only, bounded in time and count.
 """
@@ -50,6 +51,19 @@ async def constant() -> Response:
     return Response(BODY, media_type="image/png")
 
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+# `digitgen serve` with its defaults and the model call replaced by a constant picture: what the server's
+# own work (HTTP, parameters, noise, PNG encoding) costs without the model
+MODEL_FREE_APP = """
+import sys
+import numpy as np
+from digitgen.runtime.generator import DigitGenerator
+from digitgen.serve.app import ServeSettings
+from digitgen.serve.run import ServerOptions, serve
+
+generator = DigitGenerator.from_path(threads=1)
+generator.run = lambda z, labels: np.full((len(z), 1, 28, 28), 0.5, np.float32)
+serve(ServerOptions(port=int(sys.argv[1]), settings=ServeSettings(access_log=False)), generator)
 """
 
 
@@ -207,12 +221,16 @@ def main() -> None:
         for size in args.batch_max_digits if window else args.batch_max_digits[:1]:
             name = f"1 worker, 1 thread, --batch-window-ms {window:g}"
             name += f", --batch-max-digits {size}" if window else ""
-            variants[name] = ("--threads", "1", "--batch-window-ms", str(window), "--batch-max-digits", str(size))
+            options = ("--threads", "1", "--batch-window-ms", str(window), "--batch-max-digits", str(size))
+            variants[name] = serve_command(*options)
     if not args.batching_only:
-        variants |= {"1 worker, 2 threads": ("--threads", "2"), "2 workers, 1 thread each": ("--workers", "2")}
+        variants |= {
+            "1 worker, 2 threads": serve_command("--threads", "2"),
+            "2 workers, 1 thread each": serve_command("--workers", "2"),
+            "anchor: defaults, model call replaced by a constant": [sys.executable, "-c", MODEL_FREE_APP, "{port}"],
+        }
     with ExitStack() as servers:
-        ports = {name: servers.enter_context(running(serve_command(*options), "/readyz"))[0]
-                 for name, options in variants.items()}  # fmt: skip
+        ports = {name: servers.enter_context(running(command, "/readyz"))[0] for name, command in variants.items()}
         for port in ports.values():
             load(port, png, 16, 1)
         names = list(ports)
@@ -225,7 +243,8 @@ def main() -> None:
                     label = f"digitgen serve, {name}, concurrency {c}, round {round_} ({share:.0%} of bare)"
                     print(row(label, result), flush=True)
         if not args.batching_only:
-            throughput_tables(ports, args.seconds)
+            servers_with_model = {name: port for name, port in ports.items() if not name.startswith("anchor")}
+            throughput_tables(servers_with_model, args.seconds)
     if args.soak:
         with running(serve_command("--threads", "1"), "/readyz") as (port, process):
             load(port, png, 16, 60, limit=2_000)
