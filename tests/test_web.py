@@ -302,6 +302,18 @@ def test_linked_sheet_matches_python(
         page.close()
 
 
+def test_a_sheet_too_fast_to_time_shows_no_rate(browser: Browser, base_url: str) -> None:
+    """Coarse or virtual browser clocks can time a small sheet at 0 ms: no "Infinity digits/s"."""
+    page = browser.new_page()
+    try:
+        page.add_init_script("performance.now = () => 1000;")
+        page.goto(f"{base_url}index.html?n=1")
+        assert wait_settled(page) == "drawn", page.text_content("#error")
+        assert page.text_content("#timing") == "1 digit in less than this browser's clock can time"
+    finally:
+        page.close()
+
+
 def test_page_shows_the_contract_and_quality(page: Page, python_gen: DigitGenerator) -> None:
     contract = page.text_content("#contract")
     for text in ("z", "float32", f"[batch, {python_gen.latent_dim}]", "digit", "int64", "[batch, 1, 28, 28]"):

@@ -113,6 +113,14 @@ function readFields(gen) {
   return request;
 }
 
+/** "N digits in T ms (R digits/s)"; no rate when the sheet took less than one tick of the browser's clock. */
+function timing(count, seconds) {
+  const digits = `${count} digit${count === 1 ? "" : "s"}`;
+  if (!(seconds > 0)) return `${digits} in less than this browser's clock can time`;
+  const rate = Math.round(count / seconds).toLocaleString("en");
+  return `${digits} in ${(seconds * 1000).toFixed(1)} ms (${rate} digits/s)`;
+}
+
 async function draw(gen) {
   setState("busy");
   $("generate").disabled = true;
@@ -120,8 +128,7 @@ async function draw(gen) {
     const { digits, count, seed, truncation } = readFields(gen);
     const { images, seconds } = await gen.generate({ count, digits, seed, truncation });
     drawSheet(images, count, digitgen.IMAGE_SIZE);
-    const rate = Math.round(count / seconds).toLocaleString("en");
-    $("timing").textContent = `${count} digits in ${(seconds * 1000).toFixed(1)} ms (${rate} digits/s)`;
+    $("timing").textContent = timing(count, seconds);
     $("download").disabled = false;
     $("download").dataset.filename = `digits-seed${seed}.png`;
     clearError();
