@@ -5,9 +5,9 @@
 
 Anchors: a bare FastAPI/uvicorn endpoint that returns a constant PNG-sized body (the stack's own
 ceiling), the library's in-process ``generate`` rate, and (one-digit rows) the server with its model
-call replaced by a constant picture (the server's own work without the model). The load generator is an asyncio client
-with keep-alive connections in this process; every request carries its own seed, so no cache can
-stand in for the model. Traffic goes to 127.0.0.1 only, bounded in time and count.
+call replaced by a constant picture (the server's own work without the model). The load generator
+is an asyncio client with keep-alive connections in this process; every request carries its own
+seed, so no cache can stand in for the model. Traffic goes to 127.0.0.1 only, bounded in time and count.
 """
 
 from __future__ import annotations
