@@ -30,9 +30,10 @@ SAMPLES = 10_000
 MNIST_BOX = 20  # pixels: the larger side of every MNIST digit's box
 
 
-def recall_by_digit(features: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray) -> list[float]:
-    """For each class, the share of its reference digits inside a k-NN ball of ``features``."""
-    radii = knn_radii(features)
+def recall_by_digit(
+    features: np.ndarray, radii: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray
+) -> list[float]:
+    """For each class, the share of its reference digits inside a k-NN ball (``radii``) of ``features``."""
     return [coverage(features, radii, reference[reference_labels == digit]) for digit in range(10)]
 
 
@@ -68,8 +69,9 @@ def main(data_dir: str, models: tuple[str, ...]) -> None:
     print("|---|---|" + "---|" * 10)
     for name, images in samples.items():
         features, _ = classifier.embed(images)
-        by_digit = recall_by_digit(features, reference, test_labels)
-        overall = coverage(features, knn_radii(features), reference)
+        radii = knn_radii(features)
+        by_digit = recall_by_digit(features, radii, reference, test_labels)
+        overall = coverage(features, radii, reference)
         print(f"| {name} | {overall:.3f} | " + " | ".join(f"{r:.3f}" for r in by_digit) + " |", flush=True)
     print(f"\n| sample (MNIST test too) | larger side {MNIST_BOX} px, ink > 0 | 90% within | ink > 127 | 90% within |")
     print("|---|---|---|---|---|")

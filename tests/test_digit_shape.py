@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks.digit_shape import box_sides, recall_by_digit
+from digitgen.runtime.evaluate import knn_radii
 
 
 def test_box_side_is_the_larger_side_above_the_threshold() -> None:
@@ -22,4 +23,4 @@ def test_recall_by_digit_counts_each_class_of_the_reference_on_its_own() -> None
     generated = rng.normal(0.0, 1.0, (50, 2))  # covers only the cluster at the origin
     reference = np.concatenate([rng.normal(0.0, 0.3, (20, 2)), rng.normal(50.0, 0.3, (90, 2))])
     labels = np.array([0] * 20 + [1 + i % 9 for i in range(90)])  # class 0 at the origin, 1-9 far away
-    assert recall_by_digit(generated, reference, labels) == [1.0] + [0.0] * 9
+    assert recall_by_digit(generated, knn_radii(generated), reference, labels) == [1.0] + [0.0] * 9
