@@ -213,6 +213,13 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     help="Weight of --label-classifier's cross-entropy in the generator's loss, e.g. 0.5.",
 )
 @click.option(
+    "--label-weight-falls",
+    is_flag=True,
+    default=None,
+    help="Lower --label-weight to zero with the learning rate (over --lr-decay-epochs), so the last epochs "
+    "train on the discriminator alone (kept on --resume).",
+)
+@click.option(
     "--diffaugment",
     callback=_augmentation_policy,
     help="DiffAugment: transforms of every digit the discriminator sees, comma-separated from "
@@ -249,6 +256,7 @@ def train(
     adc_weight: float | None,
     label_classifier: str | None,
     label_weight: float | None,
+    label_weight_falls: bool | None,
     diffaugment: str | None,
     seed: int | None,
     device_name: str,
@@ -289,6 +297,7 @@ def train(
         adc_weight=adc_weight,
         label_classifier=label_classifier,
         label_weight=label_weight,
+        label_weight_falls=label_weight_falls,
         diffaugment=diffaugment,
         download=download,
     )
@@ -307,6 +316,7 @@ def train(
             + (f" falling to 0 over the last {state.train.lr_decay_steps} steps" if state.train.lr_decay_steps else "")
             + (f", ADC classifier weight {state.train.adc_weight:g}" if state.train.adc_weight else "")
             + (f", label classifier weight {state.train.label_weight:g}" if state.train.label_weight else "")
+            + (" falling with the learning rate" if state.train.label_weight_falls else "")
             + (f", DiffAugment {state.train.diffaugment}" if state.train.diffaugment else ""),
             err=True,
         )

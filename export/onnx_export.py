@@ -41,6 +41,7 @@ def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
         "train_conditional_norm": str(config.get("conditional_norm", False)).lower(),
         "train_adc_weight": str(train.get("adc_weight", 0.0)),
         "train_label_weight": str(train.get("label_weight", 0.0)),
+        "train_label_weight_falls": str(train.get("label_weight_falls", False)).lower(),
         "weights": "generator EMA",
     }
 

@@ -88,6 +88,7 @@ def test_resuming_another_run_into_a_run_directory_is_refused(
         ("--d-width", "32", "64"),
         ("--adc-weight", "0.5", "0.0"),
         ("--label-weight", "0.5", "0.0"),
+        ("--label-weight-falls", None, "False"),
         ("--diffaugment", "translation", "none"),
     ],
 )
@@ -180,6 +181,20 @@ def test_the_label_classifier_is_saved_in_the_checkpoint_and_kept_on_resume(
     )
 
 
+def test_a_falling_label_weight_is_said_saved_and_kept_on_resume(
+    tmp_path: Path, tiny_mnist: Path, label_weights: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    label = ("--label-classifier", label_weights, "--label-weight", 0.5, "--label-weight-falls")
+    code, output = train(tiny_mnist, run_dir, "--epochs", 1, "--lr-decay-epochs", 1, *TINY, *label)
+    assert code == 0, output
+    assert "label classifier weight 0.5 falling with the learning rate" in output
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["train"]["label_weight_falls"] is True
+    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--epochs", 2)
+    assert code == 0, output
+    assert "falling with the learning rate" in output
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -202,6 +217,14 @@ def test_the_label_classifier_is_saved_in_the_checkpoint_and_kept_on_resume(
             "{checkpoint}: not digitgen classifier weights (see `digitgen train-classifier`)",
         ),
         (("--label-classifier", "{missing}", "--label-weight", "0.5"), "classifier weights not found: {missing}"),
+        (
+            ("--label-weight-falls", "--lr-decay-epochs", "1"),
+            "--label-weight-falls needs a positive --label-weight and its --label-classifier",
+        ),
+        (
+            ("--label-classifier", "{weights}", "--label-weight", "0.5", "--label-weight-falls"),
+            "--label-weight-falls follows the learning-rate decay: give --lr-decay-epochs too",
+        ),
         (
             ("--resume", "{checkpoint}", "--label-classifier", "{weights}"),
             "--label-classifier {weights} differs from the resumed run's label classifier (none); a resumed run keeps "

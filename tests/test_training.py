@@ -73,6 +73,15 @@ def test_config_rejects_bad_values() -> None:
         TrainConfig(total_steps=10, lr_decay_steps=11)
     with pytest.raises(ValueError, match="classifier weight"):
         TrainConfig(total_steps=10, adc_weight=-0.1)
+    with pytest.raises(ValueError, match=r"^a falling label weight needs a positive label weight$"):
+        TrainConfig(total_steps=10, label_weight_falls=True)
+
+
+def test_a_falling_label_weight_follows_the_learning_rate_and_a_constant_one_stays() -> None:
+    falling = TrainConfig(total_steps=100, lr_decay_steps=40, label_weight=0.2, label_weight_falls=True)
+    assert [falling.label_classifier_weight(s) for s in (0, 60, 80, 100)] == [0.2, 0.2, 0.1, 0.0]
+    constant = TrainConfig(total_steps=100, lr_decay_steps=40, label_weight=0.2)
+    assert [constant.label_classifier_weight(s) for s in (0, 80, 100)] == [0.2, 0.2, 0.2]
 
 
 def test_learning_rate_is_constant_then_falls_linearly_to_zero() -> None:

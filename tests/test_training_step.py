@@ -164,9 +164,9 @@ def test_adc_generator_step_pulls_its_digits_to_real_k_and_away_from_generated_k
     assert (real_k_after - generated_k_after).mean() > (real_k - generated_k).mean()  # "real k" gained
 
 
-def _label_state(weight: float) -> TrainState:
+def _label_state(weight: float, **schedule: object) -> TrainState:
     torch.manual_seed(3)
-    settings = TrainConfig(total_steps=10_000, batch_size=BATCH, label_weight=weight)
+    settings = TrainConfig(**{"total_steps": 10_000, "batch_size": BATCH, "label_weight": weight, **schedule})
     return new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifier=Classifier())
 
 
@@ -190,6 +190,21 @@ def test_label_classifier_adds_its_cross_entropy_to_the_generator_loss_and_stays
     assert state.label_classifier.training is False  # BatchNorm statistics and dropout stay fixed
     frozen, now = classifier.state_dict(), state.label_classifier.state_dict()
     assert all(torch.equal(frozen[name], now[name]) for name in frozen)
+
+
+def test_a_falling_label_weight_enters_the_loss_at_its_point_on_the_learning_rate_schedule() -> None:
+    state = _label_state(4.0, total_steps=10, lr_decay_steps=4, label_weight_falls=True)
+    state.step = 8  # halfway down the decay: the weight is 2.0
+    classifier = copy.deepcopy(state.label_classifier)
+    z, labels = _generator_step_draws(state)
+    generated = copy.deepcopy(state.generator)(z, labels)
+
+    metrics = _step(state)
+
+    scores = _scores(state.discriminator, generated, labels)
+    label_term = _cross_entropy(classifier, generated, labels)
+    assert label_term.item() > 1.0
+    assert metrics["loss_g"] == pytest.approx((-scores.mean() + 2.0 * label_term).item(), abs=0.05)
 
 
 def test_label_classifier_pulls_the_generated_digits_to_their_labels() -> None:

@@ -51,6 +51,7 @@ class TrainConfig:
     lr_decay_steps: int = 0  # the learning rate falls linearly to zero over the last N steps
     adc_weight: float = 0.0  # weight of ADC-GAN's classifier terms in both losses; 0: no classifier
     label_weight: float = 0.0  # weight of a frozen classifier's cross-entropy in the generator's loss; 0: none
+    label_weight_falls: bool = False  # the label weight falls to zero with the learning rate
     diffaugment: str = ""  # DiffAugment transforms of the discriminator's inputs, e.g. "translation,cutout"
     seed: int = 0
     subset: int | None = None  # train on the first N images only (tests, quick experiments)
@@ -68,6 +69,8 @@ class TrainConfig:
             raise ValueError("learning rate must be positive")
         if not self.adc_weight >= 0 or not self.label_weight >= 0:
             raise ValueError("the classifier weight must be zero or positive")
+        if self.label_weight_falls and not self.label_weight > 0:
+            raise ValueError("a falling label weight needs a positive label weight")
         if parse_policy(self.diffaugment) != self.diffaugment:
             raise ValueError(f"the augmentation policy {self.diffaugment!r} is not in canonical form")
         if not 0 <= self.lr_decay_steps <= self.total_steps:
@@ -80,6 +83,10 @@ class TrainConfig:
     def discriminator_learning_rate(self, step: int) -> float:
         """``lr_d`` (or ``lr``) on the same schedule."""
         return (self.lr if self.lr_d is None else self.lr_d) * self._decay(step)
+
+    def label_classifier_weight(self, step: int) -> float:
+        """``label_weight``, constant or (``label_weight_falls``) on the learning rate's schedule."""
+        return self.label_weight * (self._decay(step) if self.label_weight_falls else 1.0)
 
     def _decay(self, step: int) -> float:
         if self.lr_decay_steps == 0:

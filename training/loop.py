@@ -126,7 +126,7 @@ def train_step(
     if state.label_classifier is not None:
         # the frozen classifier reads pixels in [0, 1]; confidently right digits add (almost) nothing
         logits, _ = state.label_classifier(generated.add(1.0).mul(0.5))
-        loss_g = loss_g + state.train.label_weight * F.cross_entropy(logits, fake_labels)
+        loss_g = loss_g + state.train.label_classifier_weight(state.step) * F.cross_entropy(logits, fake_labels)
     _check_finite(loss_g, "generator", state.step)
     state.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()

@@ -43,6 +43,7 @@ class RunOptions:
     adc_weight: float | None = None
     label_classifier: str | None = None  # classifier weights (train-classifier) whose cross-entropy steers G
     label_weight: float | None = None
+    label_weight_falls: bool | None = None
     diffaugment: str | None = None
     download: bool = False  # fetch MNIST when it is missing from data_dir
 
@@ -61,6 +62,7 @@ FIXED_ON_RESUME = {
     "d_width": ("--d-width", "config"),
     "adc_weight": ("--adc-weight", "train"),
     "label_weight": ("--label-weight", "train"),
+    "label_weight_falls": ("--label-weight-falls", "train"),
     "diffaugment": ("--diffaugment", "train"),
 }
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR)
@@ -145,6 +147,10 @@ def label_classifier(options: RunOptions) -> Classifier | None:
     """The frozen classifier of ``--label-classifier``, checked: it comes with ``--label-weight`` (and the
     weight with it), and it is not the evaluator's classifier, which would then grade its own pupil."""
     weighted = options.label_weight is not None and options.label_weight > 0
+    if options.label_weight_falls and not weighted:
+        raise TrainingError("--label-weight-falls needs a positive --label-weight and its --label-classifier")
+    if options.label_weight_falls and not options.lr_decay_epochs:
+        raise TrainingError("--label-weight-falls follows the learning-rate decay: give --lr-decay-epochs too")
     if options.label_classifier is None:
         if weighted:
             raise TrainingError("--label-weight needs --label-classifier (weights written by train-classifier)")
@@ -174,6 +180,7 @@ def _new_state(options: RunOptions, device: torch.device, rank: int, classifier:
         "checkpoint_every",
         "adc_weight",
         "label_weight",
+        "label_weight_falls",
         "diffaugment",
     )
     settings = TrainConfig(total_steps=1, **given(*names))
@@ -211,4 +218,6 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
         if decay > state.train.total_steps:
             raise TrainingError(_decay_too_long(options.lr_decay_epochs, decay, state.train.total_steps, per_epoch))
         state.train = replace(state.train, lr_decay_steps=decay)
+    if state.train.label_weight_falls and state.train.lr_decay_steps == 0:
+        raise TrainingError("--label-weight-falls follows the learning-rate decay: give --lr-decay-epochs too")
     return PreparedRun(state, data, per_epoch, global_batch, replaced)
