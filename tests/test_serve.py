@@ -434,19 +434,30 @@ def test_ready_only_after_the_warmup_batch(tmp_path: Path) -> None:
 
 MOUNTED = """
 import sys
+from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.serve import ServeSettings, create_app
 
-parent = FastAPI()  # a mounted app's lifespan never runs: its first request starts it
-parent.mount("/digits", create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False)))
-uvicorn.run(parent, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+digits = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
+if sys.argv[2] == "own-lifespan":  # the parent runs the digit app's lifespan inside its own
+    @asynccontextmanager
+    async def lifespan(app):
+        async with digits.router.lifespan_context(digits):
+            yield
+
+    parent = FastAPI(lifespan=lifespan)
+else:  # a mounted app's lifespan never runs: its first request starts it
+    parent = FastAPI()
+parent.mount("/digits", digits)
+uvicorn.run(parent, host="127.0.0.1", port=int(sys.argv[1]), log_level="info")
 """
 
 
-def test_mounted_in_another_app_it_warms_up_and_batches(server: Server, tmp_path: Path) -> None:
-    mounted = start(tmp_path / "server.log", [sys.executable, "-c", MOUNTED, "{port}"], "/digits/readyz")
+@pytest.mark.parametrize("parent", ["no-lifespan", "own-lifespan"])
+def test_mounted_in_another_app_it_warms_up_batches_and_stops(server: Server, tmp_path: Path, parent: str) -> None:
+    mounted = start(tmp_path / "server.log", [sys.executable, "-c", MOUNTED, "{port}", parent], "/digits/readyz")
     try:
         for query in ("digit=7&seed=3", "count=5&digits=2,4&format=json", "count=300&format=npz"):
             response = mounted.get(f"/digits/generate?{query}")
@@ -455,6 +466,8 @@ def test_mounted_in_another_app_it_warms_up_and_batches(server: Server, tmp_path
         assert mounted.get("/generate?digit=7").status_code == 404
     finally:
         mounted.stop()
+    log = mounted.log.read_text()
+    assert "Application shutdown complete" in log and "Traceback" not in log and "destroyed" not in log, log
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path: Path) -> None:
