@@ -190,6 +190,13 @@ def test_a_falling_label_weight_is_said_saved_and_kept_on_resume(
     assert code == 0, output
     assert "label classifier weight 0.5 falling with the learning rate" in output
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["train"]["label_weight_falls"] is True
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--lr-decay-epochs", 0)
+    assert (code, output.strip()) == (
+        1,
+        "Error: --label-weight-falls follows the learning-rate decay: give a positive --lr-decay-epochs",
+    )
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
     code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--epochs", 2)
     assert code == 0, output
     assert "falling with the learning rate" in output
@@ -223,7 +230,7 @@ def test_a_falling_label_weight_is_said_saved_and_kept_on_resume(
         ),
         (
             ("--label-classifier", "{weights}", "--label-weight", "0.5", "--label-weight-falls"),
-            "--label-weight-falls follows the learning-rate decay: give --lr-decay-epochs too",
+            "--label-weight-falls follows the learning-rate decay: give a positive --lr-decay-epochs",
         ),
         (
             ("--resume", "{checkpoint}", "--label-classifier", "{weights}"),

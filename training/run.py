@@ -150,7 +150,7 @@ def label_classifier(options: RunOptions) -> Classifier | None:
     if options.label_weight_falls and not weighted:
         raise TrainingError("--label-weight-falls needs a positive --label-weight and its --label-classifier")
     if options.label_weight_falls and not options.lr_decay_epochs:
-        raise TrainingError("--label-weight-falls follows the learning-rate decay: give --lr-decay-epochs too")
+        raise TrainingError("--label-weight-falls follows the learning-rate decay: give a positive --lr-decay-epochs")
     if options.label_classifier is None:
         if weighted:
             raise TrainingError("--label-weight needs --label-classifier (weights written by train-classifier)")
@@ -219,5 +219,5 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
             raise TrainingError(_decay_too_long(options.lr_decay_epochs, decay, state.train.total_steps, per_epoch))
         state.train = replace(state.train, lr_decay_steps=decay)
     if state.train.label_weight_falls and state.train.lr_decay_steps == 0:
-        raise TrainingError("--label-weight-falls follows the learning-rate decay: give --lr-decay-epochs too")
+        raise TrainingError("--label-weight-falls follows the learning-rate decay: give a positive --lr-decay-epochs")
     return PreparedRun(state, data, per_epoch, global_batch, replaced)
