@@ -66,6 +66,7 @@ FIXED_ON_RESUME = {
     "diffaugment": ("--diffaugment", "train"),
 }
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR)
+FALLS_WITHOUT_DECAY = "--label-weight-falls follows the learning-rate decay: give a positive --lr-decay-epochs"
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def label_classifier(options: RunOptions) -> Classifier | None:
     if options.label_weight_falls and not weighted:
         raise TrainingError("--label-weight-falls needs a positive --label-weight and its --label-classifier")
     if options.label_weight_falls and not options.lr_decay_epochs:
-        raise TrainingError("--label-weight-falls follows the learning-rate decay: give a positive --lr-decay-epochs")
+        raise TrainingError(FALLS_WITHOUT_DECAY)
     if options.label_classifier is None:
         if weighted:
             raise TrainingError("--label-weight needs --label-classifier (weights written by train-classifier)")
@@ -219,5 +220,5 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
             raise TrainingError(_decay_too_long(options.lr_decay_epochs, decay, state.train.total_steps, per_epoch))
         state.train = replace(state.train, lr_decay_steps=decay)
     if state.train.label_weight_falls and state.train.lr_decay_steps == 0:
-        raise TrainingError("--label-weight-falls follows the learning-rate decay: give a positive --lr-decay-epochs")
+        raise TrainingError(FALLS_WITHOUT_DECAY)
     return PreparedRun(state, data, per_epoch, global_batch, replaced)
