@@ -216,8 +216,8 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     "--label-weight-falls",
     is_flag=True,
     default=None,
-    help="Lower --label-weight to zero with the learning rate (over --lr-decay-epochs), so the last epochs "
-    "train on the discriminator alone (kept on --resume).",
+    help="Lower --label-weight linearly with the learning rate over the last --lr-decay-epochs, reaching zero "
+    "at the end of the run (kept on --resume).",
 )
 @click.option(
     "--diffaugment",

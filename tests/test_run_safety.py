@@ -55,6 +55,25 @@ def test_overwrite_starts_over_and_says_what_it_deleted(finished_run: Path, tiny
     assert steps == sorted(set(steps)) and torch.load(finished_run / "checkpoint.pt", weights_only=True)["step"] == 3
 
 
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        (("--steps", "3", "--lr-decay-epochs", "1000"), "is longer than the run"),
+        (("--resume", "{other}", "--seed", "5"), "differs from the resumed run's 0"),
+    ],
+)
+def test_overwrite_deletes_nothing_when_another_option_is_refused(
+    finished_run: Path, tiny_mnist: Path, tmp_path: Path, options: tuple[str, ...], words: str
+) -> None:
+    other = tmp_path / "other"
+    assert train(tiny_mnist, other, "--steps", 2, *TINY)[0] == 0
+    files = {path: path.read_bytes() for path in finished_run.rglob("*") if path.is_file()}
+    given = [option.format(other=other / "checkpoint.pt") for option in options]
+    code, output = train(tiny_mnist, finished_run, "--overwrite", *TINY, *given)
+    assert code == 1 and words in output, output
+    assert {path: path.read_bytes() for path in finished_run.rglob("*") if path.is_file()} == files
+
+
 def test_resume_continues_the_run_in_place(finished_run: Path, tiny_mnist: Path) -> None:
     code, output = train(tiny_mnist, finished_run, "--resume", finished_run / "checkpoint.pt", "--steps", 4)
     assert code == 0, output
@@ -194,12 +213,24 @@ def test_a_falling_label_weight_is_said_saved_and_kept_on_resume(
     code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--lr-decay-epochs", 0)
     assert (code, output.strip()) == (
         1,
-        "Error: --label-weight-falls follows the learning-rate decay: give a positive --lr-decay-epochs",
+        "Error: --label-weight-falls needs a learning-rate decay of at least one step: give --lr-decay-epochs",
     )
     assert (run_dir / "checkpoint.pt").read_bytes() == before
     code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--epochs", 2)
     assert code == 0, output
     assert "falling with the learning rate" in output
+
+
+def test_a_checkpoint_from_before_the_falling_label_weight_resumes_with_a_constant_one(
+    finished_run: Path, tiny_mnist: Path
+) -> None:
+    checkpoint = finished_run / "checkpoint.pt"
+    payload = torch.load(checkpoint, weights_only=True)
+    del payload["train"]["label_weight_falls"]
+    torch.save(payload, checkpoint)
+    code, output = train(tiny_mnist, finished_run, "--resume", checkpoint, "--steps", 3)
+    assert code == 0, output
+    assert torch.load(checkpoint, weights_only=True)["train"]["label_weight_falls"] is False
 
 
 @pytest.mark.parametrize(
@@ -230,7 +261,19 @@ def test_a_falling_label_weight_is_said_saved_and_kept_on_resume(
         ),
         (
             ("--label-classifier", "{weights}", "--label-weight", "0.5", "--label-weight-falls"),
-            "--label-weight-falls follows the learning-rate decay: give a positive --lr-decay-epochs",
+            "--label-weight-falls needs a learning-rate decay of at least one step: give --lr-decay-epochs",
+        ),
+        (
+            (
+                "--label-classifier",
+                "{weights}",
+                "--label-weight",
+                "0.5",
+                "--label-weight-falls",
+                "--lr-decay-epochs",
+                "1e-6",
+            ),
+            "--label-weight-falls needs a learning-rate decay of at least one step: give --lr-decay-epochs",
         ),
         (
             ("--resume", "{checkpoint}", "--label-classifier", "{weights}"),

@@ -51,7 +51,7 @@ class TrainConfig:
     lr_decay_steps: int = 0  # the learning rate falls linearly to zero over the last N steps
     adc_weight: float = 0.0  # weight of ADC-GAN's classifier terms in both losses; 0: no classifier
     label_weight: float = 0.0  # weight of a frozen classifier's cross-entropy in the generator's loss; 0: none
-    label_weight_falls: bool = False  # the label weight falls to zero with the learning rate
+    label_weight_falls: bool = False  # the label weight follows the learning-rate decay (none: stays constant)
     diffaugment: str = ""  # DiffAugment transforms of the discriminator's inputs, e.g. "translation,cutout"
     seed: int = 0
     subset: int | None = None  # train on the first N images only (tests, quick experiments)

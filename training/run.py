@@ -66,7 +66,6 @@ FIXED_ON_RESUME = {
     "diffaugment": ("--diffaugment", "train"),
 }
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR)
-FALLS_WITHOUT_DECAY = "--label-weight-falls follows the learning-rate decay: give a positive --lr-decay-epochs"
 
 
 @dataclass(frozen=True)
@@ -78,10 +77,11 @@ class PreparedRun:
     replaced: tuple[Path, ...]  # files of an earlier run removed by --overwrite
 
 
-def claim_run_dir(options: RunOptions, remove: bool = True) -> tuple[Path, ...]:
+def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
     """Refuse a run directory that holds another run, unless resuming it or told to overwrite.
 
-    With ``overwrite`` the earlier run's files are removed (only where ``remove``: rank 0).
+    With ``overwrite`` it returns the earlier run's files, for :func:`remove_run_files` once every
+    other check has passed; it deletes nothing itself.
     """
     run_dir = Path(options.run_dir)
     existing = tuple(run_dir / name for name in RUN_FILES if (run_dir / name).exists())
@@ -96,10 +96,13 @@ def claim_run_dir(options: RunOptions, remove: bool = True) -> tuple[Path, ...]:
             f"{run_dir} already holds a run ({', '.join(p.name for p in existing)}); "
             f"continue it with --resume {own_checkpoint} or start over with --overwrite"
         )
-    if remove:
-        for path in existing:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
     return existing
+
+
+def remove_run_files(paths: tuple[Path, ...]) -> None:
+    """Delete an earlier run's files and folders (see :func:`claim_run_dir`)."""
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _check_resume_classifier(options: RunOptions, state: TrainState) -> None:
@@ -146,12 +149,11 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def label_classifier(options: RunOptions) -> Classifier | None:
     """The frozen classifier of ``--label-classifier``, checked: it comes with ``--label-weight`` (and the
-    weight with it), and it is not the evaluator's classifier, which would then grade its own pupil."""
+    weight, and ``--label-weight-falls``, with it), and it is not the evaluator's classifier, which would
+    then grade its own pupil."""
     weighted = options.label_weight is not None and options.label_weight > 0
     if options.label_weight_falls and not weighted:
         raise TrainingError("--label-weight-falls needs a positive --label-weight and its --label-classifier")
-    if options.label_weight_falls and not options.lr_decay_epochs:
-        raise TrainingError(FALLS_WITHOUT_DECAY)
     if options.label_classifier is None:
         if weighted:
             raise TrainingError("--label-weight needs --label-classifier (weights written by train-classifier)")
@@ -190,14 +192,15 @@ def _new_state(options: RunOptions, device: torch.device, rank: int, classifier:
 
 
 def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> PreparedRun:
-    """Check the run directory, build or restore the state and load the data.
+    """Check the run directory, build or restore the state and load the data; only then, with every
+    option checked, delete an earlier run's files for ``--overwrite`` (on the main process).
 
     A resumed run keeps its own settings and subset (an option that would change them is an
     error); only the step budget, the learning-rate decay and the checkpoint interval can change
     (the decay is a function of the step, so a resumed run stays exact).
     """
-    classifier = None if options.resume else label_classifier(options)  # checked before --overwrite deletes anything
-    replaced = claim_run_dir(options, remove=ctx.is_main)
+    classifier = None if options.resume else label_classifier(options)
+    replaced = claim_run_dir(options)
     if options.resume:
         state = state_from_checkpoint(options.resume, device, ctx.rank)
         _check_resume_options(options, state)
@@ -220,5 +223,9 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
             raise TrainingError(_decay_too_long(options.lr_decay_epochs, decay, state.train.total_steps, per_epoch))
         state.train = replace(state.train, lr_decay_steps=decay)
     if state.train.label_weight_falls and state.train.lr_decay_steps == 0:
-        raise TrainingError(FALLS_WITHOUT_DECAY)
+        raise TrainingError(
+            "--label-weight-falls needs a learning-rate decay of at least one step: give --lr-decay-epochs"
+        )
+    if ctx.is_main:
+        remove_run_files(replaced)
     return PreparedRun(state, data, per_epoch, global_batch, replaced)
