@@ -23,7 +23,7 @@ from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.files import refuse_existing
 from digitgen.runtime.generator import DigitGenerator
-from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
+from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
 from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
 from digitgen.runtime.writers import FORMATS, merge_shards, plan_generation
@@ -112,8 +112,8 @@ download_option = click.option(
 
 truncation_option = click.option(
     "--truncation",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Redraw noise components beyond +-T: cleaner digits, less variety [default: none].",
+    type=click.FloatRange(min=MIN_TRUNCATION),
+    help="Redraw noise components beyond +-T (T >= 0.1): cleaner digits, less variety [default: none].",
 )
 
 
@@ -785,14 +785,18 @@ def serve(
         access_log=not quiet,
     )
     options = ServerOptions(model, provider, host, port, workers, threads, graceful_timeout, settings)
-    generator = options.load()
+    generator = options.load()  # a bad model or provider is refused here, before any worker starts
     if not quiet:
         click.echo(
             f"digitgen serve: {generator.path} on {generator.provider}, {workers} worker(s) with "
             f"{options.intra_op_threads} onnxruntime thread(s) each, http://{host}:{port}/docs",
             err=True,
         )
-    run_server(options, generator if workers == 1 else None)
+    if workers > 1:
+        del generator  # each worker loads its own; the parent keeps no session
+        run_server(options)
+    else:
+        run_server(options, generator)
 
 
 def _format_progress(info: dict[str, float] | None) -> str:

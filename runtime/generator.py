@@ -10,7 +10,7 @@ import numpy as np
 
 from digitgen.runtime.contract import ModelInfo, check_contract
 from digitgen.runtime.errors import InvalidRequestError
-from digitgen.runtime.noise import MAX_SEED, standard_normal
+from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
 from digitgen.runtime.session import open_session
 
 DEFAULT_BATCH_SIZE = 256
@@ -65,11 +65,15 @@ def check_int(value: object, name: str, minimum: int = 1, maximum: int | None = 
 
 
 def check_truncation(value: object) -> float | None:
-    """``None`` (no truncation) or a finite positive number."""
+    """``None`` (no truncation) or a finite number of at least :data:`MIN_TRUNCATION`."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < float("inf"):
-        raise InvalidRequestError(f"truncation must be a positive number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.number))
+        or not MIN_TRUNCATION <= value < float("inf")
+    ):
+        raise InvalidRequestError(f"truncation must be a number >= {MIN_TRUNCATION:g}, got {value!r}")
     return float(value)
 
 

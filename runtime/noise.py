@@ -26,6 +26,9 @@ import numpy as np
 
 NOISE_SCHEME = "splitmix64-boxmuller-v1"
 MAX_SEED = 2**64 - 1
+# the smallest truncation accepted: the redraw takes about 1 / (0.8 T) values per component, 12 at 0.1
+# (a few seconds for 10,000 digits), and without a floor a tiny T would keep a process busy for hours
+MIN_TRUNCATION = 0.1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _REDRAW_PAIRS = 32  # words are drawn in chunks; the values used do not depend on it
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -24,7 +25,9 @@ class Shard:
     count: int = 1
 
     def check(self, total: int) -> Shard:
-        if self.count < 1 or not 0 <= self.index < self.count:
+        if self.count < 1:
+            raise InvalidRequestError(f"the number of shards must be at least 1, got {self.count}")
+        if not 0 <= self.index < self.count:
             raise InvalidRequestError(f"shard index must be in 0..{self.count - 1} for {self.count} shards")
         if self.count > total:
             raise InvalidRequestError(f"{self.count} shards for {total} digits would leave some empty")
@@ -81,9 +84,13 @@ def concat_idx(parts: list[Path], images: bool, out: BinaryIO) -> None:
 
 
 def concat_npz(parts: list[Path]) -> dict[str, np.ndarray]:
+    """Every part's images and labels, in order; :class:`OutputError` naming a part that is not a digits NPZ."""
     arrays: dict[str, list[np.ndarray]] = {"images": [], "labels": []}
     for part in parts:
-        with np.load(part) as archive:
-            for key, chunks in arrays.items():
-                chunks.append(archive[key])
+        try:
+            with np.load(part) as archive:
+                for key, chunks in arrays.items():
+                    chunks.append(archive[key])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise OutputError(f"{part} is not a digits NPZ shard ({type(exc).__name__}: {exc})") from None
     return {key: np.concatenate(chunks) for key, chunks in arrays.items()}

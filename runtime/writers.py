@@ -25,7 +25,7 @@ from digitgen.runtime.encode import grid_png_bytes, idx_records, npz_bytes, png_
 from digitgen.runtime.errors import InvalidRequestError, OutputError
 from digitgen.runtime.files import atomic_file, refuse_existing, temporary_name
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
-from digitgen.runtime.idx import idx_header
+from digitgen.runtime.idx import check_idx, idx_header
 from digitgen.runtime.shards import WHOLE, Shard, concat_idx, concat_npz, find_shards
 
 FORMATS = ("png", "grid", "npz", "idx", "mnist")
@@ -199,9 +199,7 @@ def _write_idx_splits(
             images_f.write(idx_header(size, images=True))
             labels_f.write(idx_header(size, images=False))
         batches = iter(batches)
-        first = next(batches, None)
-        if first is None:
-            return
+        first = next(batches)  # a request holds at least one digit
         cuts = (first.start + np.cumsum(sizes[:-1], dtype=np.int64)).tolist()
         for batch in _cut_at(itertools.chain([first], batches), cuts):
             images_f, labels_f = pairs[bisect.bisect_right(cuts, batch.start)]
@@ -450,7 +448,15 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
         merged = concat_npz(parts[0])
         _save_npz(targets[0], merged["images"], merged["labels"])
         return targets
-    for target, shard_files, images in zip(targets, parts, (True, False), strict=True):
-        with atomic_file(target) as out:
+    uneven = [
+        str(i)
+        for i, (image_part, label_part) in enumerate(zip(*parts, strict=True))
+        if check_idx(image_part, images=True)[0] != check_idx(label_part, images=False)[0]
+    ]
+    if uneven:
+        raise OutputError(f"{out_dir}: shard(s) {', '.join(uneven)} hold different numbers of images and labels")
+    with ExitStack() as stack:  # both files, or neither
+        files = [stack.enter_context(atomic_file(target)) for target in targets]
+        for out, shard_files, images in zip(files, parts, (True, False), strict=True):
             concat_idx(shard_files, images, out)
     return targets

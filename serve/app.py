@@ -55,6 +55,14 @@ class ServeSettings:
     access_log: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("max_count", "max_in_flight"):
+            if getattr(self, name) < 1:
+                raise ServeConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("queue", "inline_digits", "cache_max_age"):
+            if getattr(self, name) < 0:
+                raise ServeConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not self.time_limit > 0:
+            raise ServeConfigError(f"the time limit must be more than 0 s, got {self.time_limit:g}")
         if self.batch_window_ms < 0:
             raise ServeConfigError(f"the batch window must be 0 ms (off) or more, got {self.batch_window_ms:g}")
         if self.batch_max_digits < 1:
@@ -82,51 +90,61 @@ class _Service:
         self.settings = settings
         self.metrics = metrics
         self.model_sha256 = file_sha256(str(generator.path))
-        self.admission = Admission(settings.max_in_flight, settings.queue)
-        self.executor = ThreadPoolExecutor(settings.max_in_flight, thread_name_prefix="digitgen-generate")
         self.cache_control = f"public, max-age={settings.cache_max_age}, immutable"
         self.warmup_error: str | None = None
         self.ready = False
-        self.batcher = (
-            Batcher(
-                generator,
-                settings.batch_window_ms / 1000,
-                settings.batch_max_digits,
-                self.executor,
-                self.admission.generation,
-                metrics.batch_requests.observe,
-            )
-            if settings.batch_window_ms > 0
-            else None
-        )
-        metrics.admitted.set_function(lambda: self.admission.admitted)
+        # the generation threads, and what runs on one event loop: made by start()
+        self.executor: ThreadPoolExecutor | None = None
+        self.admission = Admission(settings.max_in_flight, settings.queue)
+        self.batcher: Batcher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._warming_up: asyncio.Future[None] | None = None
         self._batching: asyncio.Task[None] | None = None
+        metrics.admitted.set_function(lambda: self.admission.admitted)
 
     def start(self) -> None:
-        """Start the warm-up and the batcher on the running loop, once: from the app's lifespan, or from
-        its first request where no lifespan runs (an app mounted in another app)."""
-        if self._warming_up is not None:
+        """Start the warm-up (until one has succeeded) and the batcher on the running loop: from the app's
+        lifespan, or from its first request where no lifespan runs (an app mounted in another app). A
+        later lifespan, or a request on another loop, starts them again there."""
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
             return
-        self._warming_up = asyncio.get_running_loop().run_in_executor(self.executor, self.warm_up)
-        if self.batcher is not None:
-            self._batching = asyncio.create_task(self.batcher.run())
+        self._loop = loop
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(self.settings.max_in_flight, thread_name_prefix="digitgen-generate")
+        self.admission = Admission(self.settings.max_in_flight, self.settings.queue)
+        self._warming_up = None if self.ready else loop.run_in_executor(self.executor, self.warm_up)
+        if self.settings.batch_window_ms > 0:
+            self.batcher = Batcher(
+                self.generator,
+                self.settings.batch_window_ms / 1000,
+                self.settings.batch_max_digits,
+                self.executor,
+                self.admission.generation,
+                self.metrics.batch_requests.observe,
+            )
+            self._batching = loop.create_task(self.batcher.run())
 
     async def stop(self) -> None:
-        """Stop the batcher, let the warm-up and generation threads finish."""
+        """Stop the batcher, let the warm-up and generation threads finish; :meth:`start` may follow."""
         if self._batching is not None:
             self._batching.cancel()
         if self._warming_up is not None:
             await self._warming_up
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor, self._loop, self._warming_up, self._batching = None, None, None, None
 
     def warm_up(self) -> None:
-        """One batch through the model, so the first request does not pay onnxruntime's first-run cost."""
+        """One batch through the model, so the first request does not pay onnxruntime's first-run cost; a
+        failure is kept for ``/readyz`` and the log."""
         try:
             self.generator.generate(DEFAULT_BATCH_SIZE)
-        except DigitgenError as exc:
-            self.warmup_error = str(exc)
+        except Exception as exc:  # onnxruntime's own errors are not DigitgenErrors
+            self.warmup_error = str(exc) if isinstance(exc, DigitgenError) else f"{type(exc).__name__}: {exc}"
+            logging.getLogger("digitgen.serve").error("warm-up batch failed: %s", self.warmup_error)
             return
+        self.warmup_error = None
         self.ready = True
 
     def batched(self, request: DigitsRequest) -> bool:

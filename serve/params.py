@@ -22,7 +22,8 @@ MEDIA_TYPES = {
 }
 PARAMETERS = ("digits", "digit", "count", "seed", "truncation", "format")
 ENCODING_VERSION = "1"  # bump when the bytes of any format change
-_INTEGER = re.compile(r"-?[0-9]+")
+# up to 40 digits: every valid value has at most 20, and int() refuses strings over 4,300 digits
+_INTEGER = re.compile(r"-?[0-9]{1,40}")
 
 
 class NotAcceptableError(InvalidRequestError):
@@ -92,9 +93,10 @@ def _accepted(accept: str) -> list[str]:
 
 
 def _matches(media_range: str, media_type: str) -> bool:
+    """Whether ``media_range`` covers ``media_type`` (a bare ``*``, which some clients send, as ``*/*``)."""
     kind, _, sub = media_range.partition("/")
     want_kind, _, want_sub = media_type.partition("/")
-    return media_range == "*/*" or (kind == want_kind and sub in ("*", want_sub))
+    return media_range in ("*/*", "*") or (kind == want_kind and sub in ("*", want_sub))
 
 
 def choose_format(fmt: str | None, accept: str | None, count: int) -> str:

@@ -16,7 +16,7 @@ IDX_ARCHIVE = "digits-idx.tar"
 
 
 class TimeLimitError(Exception):
-    """Generation stopped: the request ran past its deadline, or its client is gone."""
+    """Generation stopped: the request ran past its deadline, or its task was cancelled."""
 
 
 def generate(

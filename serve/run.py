@@ -100,10 +100,11 @@ def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> No
         "timeout_graceful_shutdown": options.graceful_timeout,
         "http": NoDelayHTTP,
     }
-    with _exit_zero_on_signals():
-        if options.workers == 1:
-            app = create_app(generator or options.load(), options.settings)
+    if options.workers == 1:
+        app = create_app(generator or options.load(), options.settings)  # Ctrl-C still interrupts the load
+        with _exit_zero_on_signals():
             uvicorn.Server(uvicorn.Config(app, **common)).run()
-            return
-        os.environ[WORKER_CONFIG] = json.dumps(dataclasses.asdict(options))
+        return
+    os.environ[WORKER_CONFIG] = json.dumps(dataclasses.asdict(options))
+    with _exit_zero_on_signals():
         uvicorn.run("digitgen.serve.run:app_from_environment", factory=True, workers=options.workers, **common)

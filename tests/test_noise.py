@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME, NoiseSpan, standard_normal, standard_normal_spans
+from digitgen.runtime.noise import (
+    MAX_SEED,
+    MIN_TRUNCATION,
+    NOISE_SCHEME,
+    NoiseSpan,
+    standard_normal,
+    standard_normal_spans,
+)
 
 MASK = 2**64 - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -90,6 +97,11 @@ def test_truncated_noise_stays_within_the_bound_and_keeps_the_rest() -> None:
     assert not np.array_equal(truncated[~inside], plain[~inside])
     assert np.array_equal(standard_normal(5, 700, 1300, 64, truncation=1.0), truncated[700:1300])
     assert np.array_equal(standard_normal(5, 0, 50, 64, truncation=1e9), plain[:50])
+
+
+def test_the_smallest_truncation_redraws_every_component_within_it() -> None:
+    floor = standard_normal(5, 0, 100, 64, truncation=MIN_TRUNCATION)
+    assert np.abs(floor).max() <= MIN_TRUNCATION and len(np.unique(floor)) > 6000
 
 
 def test_spans_drawn_together_equal_each_drawn_alone() -> None:

@@ -23,11 +23,12 @@ import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fastapi import FastAPI
 
 from digitgen.cli import main
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.noise import MAX_SEED
-from digitgen.serve import ServeConfigError, ServeSettings
+from digitgen.serve import ServeConfigError, ServeSettings, create_app
 from digitgen.serve.batch import Batcher, _Pending, run_batch
 from digitgen.serve.params import DigitsRequest, etag
 from digitgen.serve.render import encode, generate
@@ -176,6 +177,7 @@ def test_json_holds_labels_and_the_cli_pngs(server: Server, tmp_path: Path) -> N
         ("count=5", "application/x-npz;q=0.5, application/x-tar", "application/x-tar"),
         ("count=5", "text/html, */*;q=0.1", "image/png"),
         ("count=5&format=npz", "*/*", "application/x-npz"),
+        ("count=5", "*", "image/png"),
         ("count=5&format=json", "application/*", "application/json"),
     ],
 )
@@ -232,9 +234,12 @@ BAD = [
     ("digits=1&digit=2", 422, "give digits or digit, not both"),
     ("seed=-1", 422, "seed must be an integer from 0 to 18446744073709551615, got -1"),
     (f"seed={2**64}", 422, f"seed must be an integer from 0 to 18446744073709551615, got {2**64}"),
-    ("truncation=0", 422, "truncation must be a positive number, got 0.0"),
-    ("truncation=nan", 422, "truncation must be a positive number, got nan"),
-    ("truncation=x", 422, "truncation must be a positive number, got 'x'"),
+    ("seed=" + "9" * 5000, 422, "seed must be an integer from 0 to 18446744073709551615, got '999"),
+    ("count=" + "1" * 41, 422, "number of digits must be an integer >= 1, got '111"),
+    ("truncation=0", 422, "truncation must be a number >= 0.1, got 0.0"),
+    ("truncation=1e-300", 422, "truncation must be a number >= 0.1, got 1e-300"),
+    ("truncation=nan", 422, "truncation must be a number >= 0.1, got nan"),
+    ("truncation=x", 422, "truncation must be a number >= 0.1, got 'x'"),
     ("format=gif", 422, "unknown format 'gif'; choose one of png, grid, npz, idx, json"),
     ("count=3&format=png", 422, "format png holds one digit, not 3; ask for grid, npz, idx or json"),
     ("count=3&count=4", 422, "give count once"),
@@ -243,7 +248,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("query", "status", "words"), BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize(("query", "status", "words"), BAD, ids=[b[0][:40] for b in BAD])
 def test_bad_parameters_are_refused_in_words(server: Server, query: str, status: int, words: str) -> None:
     response = server.get(f"/generate?{query}")
     assert response.status_code == status
@@ -561,11 +566,58 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
         assert [encode(d, r.fmt) for d, r in zip(run_batch(generator, requests), requests, strict=True)] == expected
 
 
-def test_a_negative_batch_window_is_refused() -> None:
-    with pytest.raises(ServeConfigError, match="the batch window must be 0 ms \\(off\\) or more, got -1"):
-        ServeSettings(batch_window_ms=-1)
-    with pytest.raises(ServeConfigError, match="a micro-batch must hold at least 1 digit, got 0"):
-        ServeSettings(batch_max_digits=0)
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ({"batch_window_ms": -1}, "the batch window must be 0 ms (off) or more, got -1"),
+        ({"batch_max_digits": 0}, "a micro-batch must hold at least 1 digit, got 0"),
+        ({"max_in_flight": 0}, "max_in_flight must be at least 1, got 0"),
+        ({"max_count": 0}, "max_count must be at least 1, got 0"),
+        ({"queue": -1}, "queue must be 0 or more, got -1"),
+        ({"inline_digits": -1}, "inline_digits must be 0 or more, got -1"),
+        ({"cache_max_age": -1}, "cache_max_age must be 0 or more, got -1"),
+        ({"time_limit": 0}, "the time limit must be more than 0 s, got 0"),
+    ],
+)
+def test_settings_that_would_refuse_every_request_are_refused(setting: dict, words: str) -> None:
+    with pytest.raises(ServeConfigError) as refused:
+        ServeSettings(**setting)
+    assert str(refused.value) == words
+
+
+async def _lifespan_responses(app: FastAPI, paths: list[str]) -> list[httpx.Response]:
+    """Run ``app``'s lifespan, wait for ``/readyz`` to stop saying that the warm-up has not run, then GET
+    ``paths``; the ``/readyz`` response first."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
+            deadline = time.monotonic() + 30
+            while "has not run" in (ready := await client.get("/readyz")).text and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return [ready, *[await client.get(path) for path in paths]]
+
+
+def test_one_app_serves_through_lifespans_in_turn() -> None:
+    """A test suite (or a host app) may start and stop the same app more than once."""
+    generator = DigitGenerator.from_path(threads=1)
+    app = create_app(generator, ServeSettings(access_log=False, time_limit=10))
+    expected = encode(generate(generator, DigitsRequest((3,), 1, 9, None, "png")), "png")
+    for _ in range(2):
+        # one digit through the batcher, 100 on a generation thread
+        ready, one, many = asyncio.run(_lifespan_responses(app, ["/generate?digit=3&seed=9", "/generate?count=100"]))
+        assert (ready.status_code, one.status_code, many.status_code) == (200, 200, 200)
+        assert one.content == expected
+
+
+def test_a_failed_warmup_is_named_by_readyz() -> None:
+    generator = DigitGenerator.from_path(threads=1)
+
+    def broken(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        raise RuntimeError("onnxruntime could not run the model")
+
+    generator.run = broken  # type: ignore[method-assign]
+    (ready,) = asyncio.run(_lifespan_responses(create_app(generator, ServeSettings(access_log=False)), []))
+    assert ready.json() == {"error": "not ready: RuntimeError: onnxruntime could not run the model"}
 
 
 def test_a_micro_batch_takes_waiting_requests_in_order_up_to_its_digit_limit() -> None:

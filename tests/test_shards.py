@@ -107,6 +107,26 @@ def test_merge_lists_every_missing_shard_and_keeps_existing_files(gen: DigitGene
     assert len(read_idx(tmp_path / "train-images-idx3-ubyte")) == N
 
 
+def test_a_damaged_shard_is_named_and_nothing_is_merged(gen: DigitGenerator, tmp_path: Path) -> None:
+    for i in range(2):
+        _write(gen, tmp_path / "idx", "idx", Shard(i, 2))
+        _write(gen, tmp_path / "npz", "npz", Shard(i, 2))
+    label_shard = tmp_path / "idx" / "train-labels-idx1-ubyte-00001-of-00002"
+    label_shard.write_bytes(label_shard.read_bytes()[:-1])
+    with pytest.raises(InvalidRequestError, match=r"train-labels-idx1-ubyte-00001-of-00002 is truncated or corrupt"):
+        merge_shards(tmp_path / "idx", "idx")
+    assert not list((tmp_path / "idx").glob("train-*-ubyte"))  # the images file is not written either
+    (tmp_path / "npz" / "digits-00000-of-00002.npz").write_bytes(b"not an archive")
+    with pytest.raises(OutputError, match=r"digits-00000-of-00002\.npz is not a digits NPZ shard"):
+        merge_shards(tmp_path / "npz", "npz")
+    assert not (tmp_path / "npz" / "digits.npz").exists()
+
+
+def test_a_shard_count_below_one_is_named() -> None:
+    with pytest.raises(InvalidRequestError, match=r"^the number of shards must be at least 1, got 0$"):
+        Shard(0, 0).check(5)
+
+
 def test_cli_says_how_many_digits_its_shard_wrote(tiny_onnx: Path, tmp_path: Path) -> None:
     args = ["generate", "--generator", str(tiny_onnx), "-n", str(N), "--num-shards", "3", "--shard-index", "1"]
     result = CliRunner().invoke(main, [*args, "--format", "npz", "--out", str(tmp_path)])

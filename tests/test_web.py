@@ -415,8 +415,9 @@ def submit(page: Page, digits: str = "", count: str = "10", seed: str = "0", tru
         ({"seed": "abc"}, 'seed must be an integer from 0 to 18446744073709551615, got "abc"'),
         ({"seed": "-1"}, 'seed must be an integer from 0 to 18446744073709551615, got "-1"'),
         ({"seed": str(2**64)}, "seed must be an integer from 0 to 18446744073709551615"),
-        ({"truncation": "0"}, 'truncation must be a positive number, got "0"'),
-        ({"truncation": "wide"}, 'truncation must be a positive number, got "wide"'),
+        ({"truncation": "0"}, 'truncation must be a number >= 0.1, got "0"'),
+        ({"truncation": "wide"}, 'truncation must be a number >= 0.1, got "wide"'),
+        ({"truncation": "0.01"}, 'truncation must be a number >= 0.1, got "0.01"'),
     ],
 )
 def test_bad_fields_show_on_the_page_until_the_next_sheet(page: Page, fields: dict[str, str], message: str) -> None:
@@ -432,7 +433,7 @@ def test_every_bad_field_is_named_and_marked(page: Page) -> None:
         'digit "12" is not a class of this model (0-9)',
         'count must be an integer from 1 to 100, got "0"',
         'seed must be an integer from 0 to 18446744073709551615, got "abc"',
-        'truncation must be a positive number, got "wide"',
+        'truncation must be a number >= 0.1, got "wide"',
     ]
     assert_error_shown(page, messages)
     assert page.locator("#error").inner_text().splitlines() == messages  # one per line, in the page's order
