@@ -27,7 +27,7 @@ from digitgen.serve.limits import Admission, OverloadedError
 from digitgen.serve.observe import ACCESS_LOG, ASGIApp, Metrics, Receive, RequestMiddleware, Scope, Send
 from digitgen.serve.params import MEDIA_TYPES, DigitsRequest, NotAcceptableError, etag, file_sha256, not_modified
 from digitgen.serve.params import parse_request as parse
-from digitgen.serve.render import TimeLimitError, encode, filename, generate
+from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filename, generate
 from digitgen.serve.spec import GENERATE_DOC
 
 ENDPOINTS = frozenset({"/generate", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
@@ -80,6 +80,13 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
         media_type="application/json",
         headers={"Cache-Control": "no-store", **(headers or {})},
     )
+
+
+async def _when_disconnected(receive: Receive, then: Callable[[], None]) -> None:
+    """Call ``then`` once ASGI's ``receive`` says that the client has gone."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    then()
 
 
 class _Service:
@@ -150,8 +157,9 @@ class _Service:
     def batched(self, request: DigitsRequest) -> bool:
         return self.batcher is not None and request.count <= self.settings.inline_digits
 
-    async def body(self, request: DigitsRequest, deadline: float) -> bytes:
-        """The response body; small requests inline or through the batcher, larger ones on a generation thread."""
+    async def body(self, request: DigitsRequest, deadline: float, receive: Receive) -> bytes:
+        """The response body; small requests inline or through the batcher, larger ones on a generation
+        thread, which stops between batches once the client has gone."""
         if self.batcher is not None and self.batched(request):
             try:
                 async with asyncio.timeout(deadline - time.monotonic()):
@@ -161,16 +169,19 @@ class _Service:
             return encode(digits, request.fmt)
         if request.count <= self.settings.inline_digits:
             return encode(generate(self.generator, request), request.fmt)
-        cancelled = threading.Event()
+        abandoned = threading.Event()
 
         def work() -> bytes:
-            return encode(generate(self.generator, request, deadline, cancelled), request.fmt)
+            return encode(generate(self.generator, request, deadline, abandoned), request.fmt)
 
+        watcher = asyncio.create_task(_when_disconnected(receive, abandoned.set))
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, work)
         except asyncio.CancelledError:
-            cancelled.set()
+            abandoned.set()
             raise
+        finally:
+            watcher.cancel()
 
     async def respond(self, http: Request) -> Response:
         try:
@@ -188,7 +199,7 @@ class _Service:
         deadline = time.monotonic() + self.settings.time_limit
         try:
             async with self.admission.admit() if self.batched(request) else self.admission.slot(deadline):
-                body = await self.body(request, deadline)
+                body = await self.body(request, deadline, http.receive)
         except OverloadedError as exc:
             self.metrics.refused.labels("busy").inc()
             return _error(503, str(exc), {"Retry-After": "1"})
@@ -196,6 +207,9 @@ class _Service:
             self.metrics.refused.labels("time_limit").inc()
             message = f"the request ran past this server's time limit of {self.settings.time_limit:g} s (--time-limit)"
             return _error(503, message, {"Retry-After": "1"})
+        except AbandonedError:
+            self.metrics.abandoned.inc()
+            return _error(499, "the client closed the connection before the response was ready")
         self.metrics.digits.inc(request.count)
         name = filename(request.fmt, request.digits[0])
         if name:

@@ -47,6 +47,11 @@ class Metrics:
         self.refused = Counter(
             "digitgen_requests_refused", "Requests refused with 503, by reason", ["reason"], registry=self.registry
         )
+        self.abandoned = Counter(
+            "digitgen_requests_abandoned",
+            "Requests whose client left before the response; their generation stopped",
+            registry=self.registry,
+        )
         self.batch_requests = Histogram(
             "digitgen_batch_requests",
             "Requests per micro-batched model call",

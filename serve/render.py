@@ -16,7 +16,11 @@ IDX_ARCHIVE = "digits-idx.tar"
 
 
 class TimeLimitError(Exception):
-    """Generation stopped: the request ran past its deadline, or its task was cancelled."""
+    """Generation stopped: the request ran past its deadline."""
+
+
+class AbandonedError(Exception):
+    """Generation stopped: nobody waits for the response any more (its client left, or its task was cancelled)."""
 
 
 def generate(
@@ -26,13 +30,16 @@ def generate(
     cancelled: threading.Event | None = None,
 ) -> GeneratedDigits:
     """The request's digits, batch by batch as ``digitgen generate`` makes them; between batches, stop
-    with :class:`TimeLimitError` once ``time.monotonic()`` passes ``deadline`` or ``cancelled`` is set."""
+    with :class:`AbandonedError` once ``cancelled`` is set, or :class:`TimeLimitError` once
+    ``time.monotonic()`` passes ``deadline``."""
     batches = generator.iter_batches(
         request.count, request.digits, request.seed, DEFAULT_BATCH_SIZE, truncation=request.truncation
     )
 
     def check_time(_count: int) -> None:
-        if time.monotonic() > deadline or (cancelled is not None and cancelled.is_set()):
+        if cancelled is not None and cancelled.is_set():
+            raise AbandonedError
+        if time.monotonic() > deadline:
             raise TimeLimitError
 
     return collect(batches, request.count, check_time)

@@ -402,6 +402,21 @@ def test_time_limit_is_503(tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
+def test_a_request_whose_client_left_stops_generating(server: Server) -> None:
+    abandoned, digits = (
+        server.metric("digitgen_requests_abandoned_total"),
+        server.metric("digitgen_digits_generated_total"),
+    )
+    with pytest.raises(httpx.ReadTimeout):  # 10,000 digits take seconds; the client gives up after 0.3
+        httpx.get(server.url + "/generate?count=10000&format=npz&seed=31", timeout=0.3)
+    deadline = time.monotonic() + 10
+    while server.metric("digitgen_requests_abandoned_total") == abandoned:
+        assert time.monotonic() < deadline, "the generation ran on after its client had gone"
+        time.sleep(0.05)
+    assert server.metric("digitgen_digits_generated_total") == digits
+    assert server.get("/generate?count=2&format=npz").status_code == 200
+
+
 # --- lifecycle ---------------------------------------------------------------------------------
 
 HELD_WARMUP = """
