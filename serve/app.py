@@ -102,12 +102,12 @@ class _Service:
         self.ready = False
         # the generation threads, and what runs on one event loop: made by start()
         self.executor: ThreadPoolExecutor | None = None
-        self.admission = Admission(settings.max_in_flight, settings.queue)
+        self.admission: Admission | None = None
         self.batcher: Batcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warming_up: asyncio.Future[None] | None = None
         self._batching: asyncio.Task[None] | None = None
-        metrics.admitted.set_function(lambda: self.admission.admitted)
+        metrics.admitted.set_function(lambda: self.admission.admitted if self.admission else 0)
 
     def start(self) -> None:
         """Start the warm-up (until one has succeeded) and the batcher on the running loop: from the app's
