@@ -27,7 +27,7 @@ from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
 from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
 from digitgen.runtime.writers import FORMATS, merge_shards, plan_generation
-from digitgen.training.config import AUGMENTATIONS, GANConfig, TrainConfig, parse_policy
+from digitgen.training.config import AUGMENTATIONS, GANConfig, TrainConfig, parse_digit_weights, parse_policy
 from digitgen.training.errors import TrainingError
 
 if TYPE_CHECKING:
@@ -141,6 +141,13 @@ def _augmentation_policy(ctx: click.Context, param: click.Parameter, value: str 
         raise click.BadParameter(str(exc)) from exc
 
 
+def _digit_weights(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        return None if value is None else parse_digit_weights(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
 @contextmanager
 def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     """Turn Ctrl-C, SIGTERM and SIGHUP into a polled flag so training can checkpoint and exit cleanly."""
@@ -220,6 +227,12 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     "at the end of the run (kept on --resume).",
 )
 @click.option(
+    "--label-digit-weights",
+    callback=_digit_weights,
+    help="Multiply --label-weight for the generated digits of some classes, e.g. 4=2.5,7=2.5 (the rest: 1; "
+    "kept on --resume).",
+)
+@click.option(
     "--diffaugment",
     callback=_augmentation_policy,
     help="DiffAugment: transforms of every digit the discriminator sees, comma-separated from "
@@ -257,6 +270,7 @@ def train(
     label_classifier: str | None,
     label_weight: float | None,
     label_weight_falls: bool | None,
+    label_digit_weights: str | None,
     diffaugment: str | None,
     seed: int | None,
     device_name: str,
@@ -298,6 +312,7 @@ def train(
         label_classifier=label_classifier,
         label_weight=label_weight,
         label_weight_falls=label_weight_falls,
+        label_digit_weights=label_digit_weights,
         diffaugment=diffaugment,
         download=download,
     )
@@ -317,6 +332,7 @@ def train(
             + (f", ADC classifier weight {state.train.adc_weight:g}" if state.train.adc_weight else "")
             + (f", label classifier weight {state.train.label_weight:g}" if state.train.label_weight else "")
             + (" falling with the learning rate" if state.train.label_weight_falls else "")
+            + (f" (per digit x {state.train.label_digit_weights})" if state.train.label_digit_weights else "")
             + (f", DiffAugment {state.train.diffaugment}" if state.train.diffaugment else ""),
             err=True,
         )

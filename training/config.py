@@ -18,6 +18,31 @@ def parse_policy(text: str) -> str:
     return ",".join(names)
 
 
+def parse_digit_weights(text: str, num_classes: int = 10) -> str:
+    """The canonical form of per-digit multipliers such as "7=2.5,4=2" ("4=2.5,7=2.5" sorted; "" for none).
+
+    ValueError names a bad part: a digit outside 0..num_classes-1, one given twice, or a multiplier
+    that is not a number >= 0.
+    """
+    weights: dict[int, float] = {}
+    for part in (part.strip() for part in text.split(",")):
+        if not part:
+            continue
+        digit, sep, value = part.partition("=")
+        try:
+            label, multiplier = int(digit), float(value)
+        except ValueError:
+            raise ValueError(f"{part!r} is not DIGIT=MULTIPLIER, e.g. 7=2.5") from None
+        if not sep or not 0 <= label < num_classes:
+            raise ValueError(f"{part!r} is not DIGIT=MULTIPLIER with a digit from 0 to {num_classes - 1}")
+        if not multiplier >= 0 or multiplier == float("inf"):
+            raise ValueError(f"{part!r}: the multiplier must be a number >= 0")
+        if label in weights:
+            raise ValueError(f"digit {label} is given twice in {text!r}")
+        weights[label] = multiplier
+    return ",".join(f"{label}={weights[label]:g}" for label in sorted(weights))
+
+
 @dataclass(frozen=True)
 class GANConfig:
     """Architecture of the conditional GAN; stored in every checkpoint."""
@@ -52,6 +77,7 @@ class TrainConfig:
     adc_weight: float = 0.0  # weight of ADC-GAN's classifier terms in both losses; 0: no classifier
     label_weight: float = 0.0  # weight of a frozen classifier's cross-entropy in the generator's loss; 0: none
     label_weight_falls: bool = False  # the label weight follows the learning-rate decay (none: stays constant)
+    label_digit_weights: str = ""  # per-digit multipliers of the label weight, e.g. "4=2.5,7=2.5"; others: 1
     diffaugment: str = ""  # DiffAugment transforms of the discriminator's inputs, e.g. "translation,cutout"
     seed: int = 0
     subset: int | None = None  # train on the first N images only (tests, quick experiments)
@@ -71,6 +97,10 @@ class TrainConfig:
             raise ValueError("the classifier weight must be zero or positive")
         if self.label_weight_falls and not self.label_weight > 0:
             raise ValueError("a falling label weight needs a positive label weight")
+        if self.label_digit_weights and not self.label_weight > 0:
+            raise ValueError("per-digit label weights need a positive label weight")
+        if parse_digit_weights(self.label_digit_weights) != self.label_digit_weights:
+            raise ValueError(f"the per-digit label weights {self.label_digit_weights!r} are not in canonical form")
         if parse_policy(self.diffaugment) != self.diffaugment:
             raise ValueError(f"the augmentation policy {self.diffaugment!r} is not in canonical form")
         if not 0 <= self.lr_decay_steps <= self.total_steps:
@@ -87,6 +117,14 @@ class TrainConfig:
     def label_classifier_weight(self, step: int) -> float:
         """``label_weight``, constant or (``label_weight_falls``) on the learning rate's schedule."""
         return self.label_weight * (self._decay(step) if self.label_weight_falls else 1.0)
+
+    def label_digit_multipliers(self, num_classes: int) -> list[float]:
+        """The multiplier of the label weight for each digit: 1 unless ``label_digit_weights`` says otherwise."""
+        multipliers = [1.0] * num_classes
+        for part in filter(None, self.label_digit_weights.split(",")):
+            digit, value = part.split("=")
+            multipliers[int(digit)] = float(value)
+        return multipliers
 
     def _decay(self, step: int) -> float:
         if self.lr_decay_steps == 0:

@@ -63,6 +63,14 @@ def _check_finite(loss: torch.Tensor, name: str, step: int) -> None:
 
 
 @torch.no_grad()
+def _label_term(state: TrainState, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The frozen classifier's cross-entropy, each digit's term scaled by its ``label_digit_weights`` multiplier."""
+    if not state.train.label_digit_weights:
+        return F.cross_entropy(logits, labels)
+    multipliers = torch.tensor(state.train.label_digit_multipliers(state.config.num_classes), device=logits.device)
+    return (F.cross_entropy(logits, labels, reduction="none") * multipliers[labels]).mean()
+
+
 def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
         ema_p.lerp_(p, 1.0 - decay)
@@ -126,7 +134,7 @@ def train_step(
     if state.label_classifier is not None:
         # the frozen classifier reads pixels in [0, 1]; confidently right digits add (almost) nothing
         logits, _ = state.label_classifier(generated.add(1.0).mul(0.5))
-        loss_g = loss_g + state.train.label_classifier_weight(state.step) * F.cross_entropy(logits, fake_labels)
+        loss_g = loss_g + state.train.label_classifier_weight(state.step) * _label_term(state, logits, fake_labels)
     _check_finite(loss_g, "generator", state.step)
     state.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()

@@ -44,6 +44,7 @@ class RunOptions:
     label_classifier: str | None = None  # classifier weights (train-classifier) whose cross-entropy steers G
     label_weight: float | None = None
     label_weight_falls: bool | None = None
+    label_digit_weights: str | None = None  # canonical "DIGIT=MULTIPLIER,..." (see parse_digit_weights)
     diffaugment: str | None = None
     download: bool = False  # fetch MNIST when it is missing from data_dir
 
@@ -63,6 +64,7 @@ FIXED_ON_RESUME = {
     "adc_weight": ("--adc-weight", "train"),
     "label_weight": ("--label-weight", "train"),
     "label_weight_falls": ("--label-weight-falls", "train"),
+    "label_digit_weights": ("--label-digit-weights", "train"),
     "diffaugment": ("--diffaugment", "train"),
 }
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR)
@@ -154,6 +156,8 @@ def label_classifier(options: RunOptions) -> Classifier | None:
     weighted = options.label_weight is not None and options.label_weight > 0
     if options.label_weight_falls and not weighted:
         raise TrainingError("--label-weight-falls needs a positive --label-weight and its --label-classifier")
+    if options.label_digit_weights and not weighted:
+        raise TrainingError("--label-digit-weights needs a positive --label-weight and its --label-classifier")
     if options.label_classifier is None:
         if weighted:
             raise TrainingError("--label-weight needs --label-classifier (weights written by train-classifier)")
@@ -184,6 +188,7 @@ def _new_state(options: RunOptions, device: torch.device, rank: int, classifier:
         "adc_weight",
         "label_weight",
         "label_weight_falls",
+        "label_digit_weights",
         "diffaugment",
     )
     settings = TrainConfig(total_steps=1, **given(*names))
