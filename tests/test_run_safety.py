@@ -108,6 +108,7 @@ def test_resuming_another_run_into_a_run_directory_is_refused(
         ("--adc-weight", "0.5", "0.0"),
         ("--label-weight", "0.5", "0.0"),
         ("--label-weight-falls", None, "False"),
+        ("--label-digit-weights", "7=2", "none"),
         ("--diffaugment", "translation", "none"),
     ],
 )
@@ -200,15 +201,17 @@ def test_the_label_classifier_is_saved_in_the_checkpoint_and_kept_on_resume(
     )
 
 
-def test_a_falling_label_weight_is_said_saved_and_kept_on_resume(
+def test_a_falling_label_weight_and_per_digit_weights_are_said_saved_and_kept_on_resume(
     tmp_path: Path, tiny_mnist: Path, label_weights: Path
 ) -> None:
     run_dir = tmp_path / "run"
     label = ("--label-classifier", label_weights, "--label-weight", 0.5, "--label-weight-falls")
-    code, output = train(tiny_mnist, run_dir, "--epochs", 1, "--lr-decay-epochs", 1, *TINY, *label)
+    per_digit = ("--label-digit-weights", "7=2, 4=3")
+    code, output = train(tiny_mnist, run_dir, "--epochs", 1, "--lr-decay-epochs", 1, *TINY, *label, *per_digit)
     assert code == 0, output
-    assert "label classifier weight 0.5 falling with the learning rate" in output
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["train"]["label_weight_falls"] is True
+    assert "label classifier weight 0.5 falling with the learning rate (per digit x 4=3,7=2)" in output
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["train"]
+    assert (saved["label_weight_falls"], saved["label_digit_weights"]) == (True, "4=3,7=2")
     before = (run_dir / "checkpoint.pt").read_bytes()
     code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--lr-decay-epochs", 0)
     assert (code, output.strip()) == (
@@ -216,9 +219,9 @@ def test_a_falling_label_weight_is_said_saved_and_kept_on_resume(
         "Error: --label-weight-falls needs a learning-rate decay of at least one step: give --lr-decay-epochs",
     )
     assert (run_dir / "checkpoint.pt").read_bytes() == before
-    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--epochs", 2)
+    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--epochs", 2, *per_digit)
     assert code == 0, output
-    assert "falling with the learning rate" in output
+    assert "falling with the learning rate (per digit x 4=3,7=2)" in output
 
 
 def test_a_checkpoint_from_before_the_falling_label_weight_resumes_with_a_constant_one(
@@ -274,6 +277,10 @@ def test_a_checkpoint_from_before_the_falling_label_weight_resumes_with_a_consta
                 "1e-6",
             ),
             "--label-weight-falls needs a learning-rate decay of at least one step: give --lr-decay-epochs",
+        ),
+        (
+            ("--label-digit-weights", "7=2"),
+            "--label-digit-weights needs a positive --label-weight and its --label-classifier",
         ),
         (
             ("--resume", "{checkpoint}", "--label-classifier", "{weights}"),

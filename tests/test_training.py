@@ -9,7 +9,7 @@ import torch
 
 from digitgen.training.checkpoint import FORMAT_VERSION, WEIGHTS_KEYS, load_checkpoint, load_weights, save_checkpoint
 from digitgen.training.classifier import Classifier
-from digitgen.training.config import GANConfig, TrainConfig
+from digitgen.training.config import GANConfig, TrainConfig, parse_digit_weights
 from digitgen.training.data import MNIST_FILES, load_mnist
 from digitgen.training.errors import CheckpointError, DatasetCorruptError, DatasetNotFoundError, NonFiniteLossError
 from digitgen.training.loop import train
@@ -75,6 +75,44 @@ def test_config_rejects_bad_values() -> None:
         TrainConfig(total_steps=10, adc_weight=-0.1)
     with pytest.raises(ValueError, match=r"^a falling label weight needs a positive label weight$"):
         TrainConfig(total_steps=10, label_weight_falls=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [("", ""), (" 7=2.5, 4=2 ", "4=2,7=2.5"), ("0=0,9=1.50", "0=0,9=1.5"), ("3=1e1,", "3=10")],
+)
+def test_per_digit_label_weights_have_one_canonical_form(text: str, canonical: str) -> None:
+    assert parse_digit_weights(text) == canonical
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("7", "'7' is not DIGIT=MULTIPLIER, e.g. 7=2.5"),
+        ("10=2", "'10=2' is not DIGIT=MULTIPLIER with a digit from 0 to 9"),
+        ("-1=2", "'-1=2' is not DIGIT=MULTIPLIER with a digit from 0 to 9"),
+        ("seven=2", "'seven=2' is not DIGIT=MULTIPLIER, e.g. 7=2.5"),
+        ("7=x", "'7=x' is not DIGIT=MULTIPLIER, e.g. 7=2.5"),
+        ("7=-1", "'7=-1': the multiplier must be a number >= 0"),
+        ("7=nan", "'7=nan': the multiplier must be a number >= 0"),
+        ("7=inf", "'7=inf': the multiplier must be a number >= 0"),
+        ("7=2,7=3", "digit 7 is given twice in '7=2,7=3'"),
+    ],
+)
+def test_bad_per_digit_label_weights_are_named(text: str, message: str) -> None:
+    with pytest.raises(ValueError) as excinfo:
+        parse_digit_weights(text)
+    assert str(excinfo.value) == message
+
+
+def test_per_digit_label_weights_multiply_their_digits_only() -> None:
+    settings = TrainConfig(total_steps=10, label_weight=0.2, label_digit_weights="4=2.5,7=0")
+    assert settings.label_digit_multipliers(10) == [1, 1, 1, 1, 2.5, 1, 1, 0, 1, 1]
+    assert TrainConfig(total_steps=10, label_weight=0.2).label_digit_multipliers(3) == [1, 1, 1]
+    with pytest.raises(ValueError, match=r"^per-digit label weights need a positive label weight$"):
+        TrainConfig(total_steps=10, label_digit_weights="7=2")
+    with pytest.raises(ValueError, match="not in canonical form"):
+        TrainConfig(total_steps=10, label_weight=0.2, label_digit_weights="7=2,4=2")
 
 
 def test_a_falling_label_weight_follows_the_learning_rate_and_a_constant_one_stays() -> None:

@@ -202,6 +202,23 @@ def test_label_classifier_adds_its_weighted_cross_entropy_to_the_generator_loss_
     assert all(torch.equal(frozen[name], now[name]) for name in frozen)
 
 
+def test_per_digit_multipliers_scale_each_generated_digit_s_label_term() -> None:
+    state = _label_state(2.0, label_digit_weights="0=0,1=0,2=0,3=0,4=0,5=0,6=0,7=5,8=0")  # 7: 5x, 9: 1x
+    classifier = copy.deepcopy(state.label_classifier)
+    z, labels = _generator_step_draws(state)
+    generated = copy.deepcopy(state.generator)(z, labels)
+    assert 0 < int((labels == 7).sum()) < BATCH  # the batch mixes sevens and others
+
+    metrics = _step(state)
+
+    with torch.no_grad():
+        each = F.cross_entropy(classifier(generated.add(1.0).mul(0.5))[0], labels, reduction="none")
+    label_term = (each * (5.0 * (labels == 7) + (labels == 9))).mean()
+    assert abs(label_term - each.mean()) > 0.2  # far from the unweighted term, so the check below can fail
+    scores = _scores(state.discriminator, generated, labels)
+    assert metrics["loss_g"] == pytest.approx((-scores.mean() + 2.0 * label_term).item(), abs=0.05)
+
+
 def test_label_classifier_pulls_the_generated_digits_to_their_labels() -> None:
     state = _label_state(50.0)
     z, labels = _generator_step_draws(state)
