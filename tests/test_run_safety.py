@@ -224,6 +224,16 @@ def test_a_falling_label_weight_and_per_digit_weights_are_said_saved_and_kept_on
     assert "falling with the learning rate (per digit x 4=3,7=2)" in output
 
 
+def test_bad_per_digit_label_weights_are_refused_in_one_line(tmp_path: Path, tiny_mnist: Path) -> None:
+    code, output = train(tiny_mnist, tmp_path / "run", "--steps", 1, *TINY, "--label-digit-weights", "7=2,11=1")
+    assert code == 2
+    assert output.strip() == (
+        "Error: Invalid value for '--label-digit-weights': '11=1' is not DIGIT=MULTIPLIER with a digit from 0 to 9 "
+        "(see --help)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_checkpoint_from_before_the_falling_label_weight_resumes_with_a_constant_one(
     finished_run: Path, tiny_mnist: Path
 ) -> None:

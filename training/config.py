@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 AUGMENTATIONS = ("translation", "cutout")  # DiffAugment transforms, in training/augment.py
@@ -35,7 +36,7 @@ def parse_digit_weights(text: str, num_classes: int = 10) -> str:
             raise ValueError(f"{part!r} is not DIGIT=MULTIPLIER, e.g. 7=2.5") from None
         if not sep or not 0 <= label < num_classes:
             raise ValueError(f"{part!r} is not DIGIT=MULTIPLIER with a digit from 0 to {num_classes - 1}")
-        if not multiplier >= 0 or multiplier == float("inf"):
+        if not (math.isfinite(multiplier) and multiplier >= 0):
             raise ValueError(f"{part!r}: the multiplier must be a number >= 0")
         if label in weights:
             raise ValueError(f"digit {label} is given twice in {text!r}")
