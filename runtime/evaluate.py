@@ -35,13 +35,23 @@ class ReferenceClassifier:
     def embed(self, images: np.ndarray, batch_size: int = 500, progress: Progress = lambda n: None):
         """uint8 (N, 28, 28) -> (features float64 (N, D), predicted classes int64 (N,))."""
         features, predictions = [], []
-        for i in range(0, len(images), batch_size):
-            batch = images[i : i + batch_size, None].astype(np.float32) / 255.0
-            logits, feats = self._session.run(["logits", "features"], {"image": batch})
+        for count, (logits, feats) in self._outputs(images, batch_size):
             features.append(feats.astype(np.float64))
             predictions.append(logits.argmax(1))
-            progress(len(batch))
+            progress(count)
         return np.concatenate(features), np.concatenate(predictions)
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        """uint8 (N, 28, 28) -> float64 (N, classes): the softmax of the logits, each row summing to 1."""
+        logits = np.concatenate([logits for _, (logits, _) in self._outputs(images, batch_size)]).astype(np.float64)
+        exp = np.exp(logits - logits.max(1, keepdims=True))
+        return exp / exp.sum(1, keepdims=True)
+
+    def _outputs(self, images: np.ndarray, batch_size: int):
+        """(batch size, (logits, features)) for each batch of ``images``, scaled to [0, 1]."""
+        for i in range(0, len(images), batch_size):
+            batch = images[i : i + batch_size, None].astype(np.float32) / 255.0
+            yield len(batch), self._session.run(["logits", "features"], {"image": batch})
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -219,6 +219,11 @@ def test_classifier_sees_pixels_in_zero_to_one(tmp_path: Path) -> None:
     assert features.dtype == np.float64
     assert np.allclose(features, images.reshape(7, -1) / 255.0)
     assert predictions.tolist() == [0, 3, 0, 3, 0, 3, 0]
+    probabilities = ReferenceClassifier(path).probabilities(images, batch_size=3)
+    lit = np.full(10, 1 / (np.e + 9))
+    lit[3] = np.e / (np.e + 9)  # softmax of logit 1 for class 3, 0 for the rest
+    expected = np.array([lit if i % 2 else np.full(10, 0.1) for i in range(7)])
+    assert probabilities.dtype == np.float64 and np.allclose(probabilities, expected, atol=1e-6)
 
 
 def test_label_accuracy_overall_and_per_digit() -> None:
