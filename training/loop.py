@@ -62,7 +62,6 @@ def _check_finite(loss: torch.Tensor, name: str, step: int) -> None:
         )
 
 
-@torch.no_grad()
 def _label_term(state: TrainState, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The frozen classifier's cross-entropy, each digit's term scaled by its ``label_digit_weights`` multiplier."""
     if not state.train.label_digit_weights:
@@ -71,6 +70,7 @@ def _label_term(state: TrainState, logits: torch.Tensor, labels: torch.Tensor) -
     return (F.cross_entropy(logits, labels, reduction="none") * multipliers[labels]).mean()
 
 
+@torch.no_grad()
 def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
         ema_p.lerp_(p, 1.0 - decay)
