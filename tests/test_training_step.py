@@ -110,6 +110,7 @@ def test_ema_generator_moves_towards_the_live_one_by_the_decay(step: int, decay:
         assert torch.allclose(e, before + (1 - decay) * (p - before), rtol=0, atol=1e-6)
     assert not all(torch.equal(e, b) for e, b in zip(ema, ema_before, strict=True))  # it moved
     assert not all(torch.allclose(e, p, rtol=0, atol=1e-7) for e, p in zip(ema, live, strict=True))  # not the live one
+    assert all(e.grad_fn is None and not e.requires_grad for e in ema)  # updated outside autograd
     for e, b in zip(state.generator_ema.buffers(), state.generator.buffers(), strict=True):
         assert torch.equal(e, b)  # BatchNorm statistics are copied, not averaged
 
@@ -217,6 +218,32 @@ def test_per_digit_multipliers_scale_each_generated_digit_s_label_term() -> None
     assert abs(label_term - each.mean()) > 0.2  # far from the unweighted term, so the check below can fail
     scores = _scores(state.discriminator, generated, labels)
     assert metrics["loss_g"] == pytest.approx((-scores.mean() + 2.0 * label_term).item(), abs=0.05)
+
+
+def _generator_after_one_step(state: TrainState) -> list[torch.Tensor]:
+    _step(state)
+    return [p.detach().clone() for p in state.generator.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("digit_weights", "moves"),
+    [("", True), ("7=5", True), (",".join(f"{digit}=0" for digit in range(10)), False)],
+)
+def test_the_label_term_s_gradient_reaches_the_generator_unless_every_digit_s_multiplier_is_zero(
+    digit_weights: str, moves: bool
+) -> None:
+    """The same step with and without the frozen classifier: only the generator's update may differ."""
+    settings = TrainConfig(total_steps=10_000, batch_size=BATCH)
+    without = new_state(TINY_MODEL, settings, torch.device("cpu"))
+    with_label = _label_state(2.0, label_digit_weights=digit_weights)
+    plain = _generator_after_one_step(without)
+    steered = _generator_after_one_step(with_label)
+    same = all(torch.equal(a, b) for a, b in zip(plain, steered, strict=True))
+    assert same is not moves
+    assert all(  # the discriminator's step does not involve the classifier
+        torch.equal(a, b)
+        for a, b in zip(without.discriminator.parameters(), with_label.discriminator.parameters(), strict=True)
+    )
 
 
 def test_label_classifier_pulls_the_generated_digits_to_their_labels() -> None:
