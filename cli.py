@@ -210,9 +210,11 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 @click.option(
     "--label-classifier",
+    "label_classifiers",
+    multiple=True,
     type=click.Path(dir_okay=False),
     help="Classifier weights (from train-classifier, not the evaluator's) whose cross-entropy on the generated "
-    "digits joins the generator's loss; saved in the checkpoint.",
+    "digits joins the generator's loss; saved in the checkpoint. Given more than once: their mean.",
 )
 @click.option(
     "--label-weight",
@@ -267,7 +269,7 @@ def train(
     g_width: int | None,
     d_width: int | None,
     adc_weight: float | None,
-    label_classifier: str | None,
+    label_classifiers: tuple[str, ...],
     label_weight: float | None,
     label_weight_falls: bool | None,
     label_digit_weights: str | None,
@@ -309,7 +311,7 @@ def train(
         g_width=g_width,
         d_width=d_width,
         adc_weight=adc_weight,
-        label_classifier=label_classifier,
+        label_classifiers=label_classifiers,
         label_weight=label_weight,
         label_weight_falls=label_weight_falls,
         label_digit_weights=label_digit_weights,
@@ -331,6 +333,7 @@ def train(
             + (f" falling to 0 over the last {state.train.lr_decay_steps} steps" if state.train.lr_decay_steps else "")
             + (f", ADC classifier weight {state.train.adc_weight:g}" if state.train.adc_weight else "")
             + (f", label classifier weight {state.train.label_weight:g}" if state.train.label_weight else "")
+            + (f" (mean of {len(state.label_classifiers)} classifiers)" if len(state.label_classifiers) > 1 else "")
             + (" falling with the learning rate" if state.train.label_weight_falls else "")
             + (f" (per digit x {state.train.label_digit_weights})" if state.train.label_digit_weights else "")
             + (f", DiffAugment {state.train.diffaugment}" if state.train.diffaugment else ""),

@@ -139,7 +139,7 @@ def recipe_options(recipe: str, label_classifier: str | None) -> dict[str, objec
             raise click.UsageError(
                 f"the {recipe} recipe needs --label-classifier (weights from train-classifier --seed 1)"
             )
-        options["label_classifier"] = label_classifier
+        options["label_classifiers"] = (label_classifier,)
     elif label_classifier is not None:
         raise click.UsageError(f"the {recipe} recipe has no label classifier; leave out --label-classifier")
     return options

@@ -33,7 +33,7 @@ def test_the_shipped_recipe_scales_its_decay_to_half_the_epochs() -> None:
         ("adc", "shipped", {"adc_weight": 0.5}),
         ("shipped-seed2", "shipped", {"seed": 2}),
         ("adc-seed2", "adc", {"seed": 2}),
-        ("label", "shipped", {"label_weight": 0.5, "label_classifier": "label.pt"}),
+        ("label", "shipped", {"label_weight": 0.5, "label_classifiers": ("label.pt",)}),
     ],
 )
 def test_each_variant_changes_one_thing(variant: str, baseline: str, changed: dict[str, object]) -> None:

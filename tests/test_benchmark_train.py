@@ -25,7 +25,7 @@ def test_the_shipped_recipe_is_the_one_the_shipped_weights_were_trained_with() -
 
 
 def test_the_shipped_recipe_takes_its_label_classifier_from_the_command_line() -> None:
-    assert recipe_options("shipped", "label.pt") == {**RECIPES["shipped"], "label_classifier": "label.pt"}
+    assert recipe_options("shipped", "label.pt") == {**RECIPES["shipped"], "label_classifiers": ("label.pt",)}
     assert recipe_options("previous", None) == RECIPES["previous"]
 
 

@@ -180,8 +180,8 @@ def test_the_label_classifier_is_saved_in_the_checkpoint_and_kept_on_resume(
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     given = torch.load(label_weights, weights_only=True)["classifier"]
     assert saved["train"]["label_weight"] == 0.5
-    assert saved["label_classifier"].keys() == given.keys()
-    assert all(torch.equal(saved["label_classifier"][k], given[k]) for k in given)
+    [kept] = saved["label_classifiers"]
+    assert kept.keys() == given.keys() and all(torch.equal(kept[k], given[k]) for k in given)
     again = ("--label-classifier", label_weights, "--label-weight", 0.5)  # the same command, resumed
     code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--steps", 3, *again)
     assert code == 0, output
@@ -189,7 +189,7 @@ def test_the_label_classifier_is_saved_in_the_checkpoint_and_kept_on_resume(
     code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--steps", 4)
     assert code == 0, output
     resumed = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert resumed["step"] == 4 and all(torch.equal(resumed["label_classifier"][k], given[k]) for k in given)
+    assert resumed["step"] == 4 and all(torch.equal(resumed["label_classifiers"][0][k], given[k]) for k in given)
     other = tmp_path / "other_weights.pt"
     torch.manual_seed(2)
     save_classifier_weights(Classifier(), 0.1, other)
@@ -199,6 +199,46 @@ def test_the_label_classifier_is_saved_in_the_checkpoint_and_kept_on_resume(
         f"Error: --label-classifier {other} differs from the resumed run's label classifier "
         "(the one in its checkpoint); a resumed run keeps its settings: leave it out"
     )
+
+
+def test_several_label_classifiers_are_said_saved_in_order_and_kept_on_resume(
+    tmp_path: Path, tiny_mnist: Path, label_weights: Path
+) -> None:
+    second = tmp_path / "second_weights.pt"
+    torch.manual_seed(2)
+    save_classifier_weights(Classifier(), 0.1, second)
+    run_dir = tmp_path / "run"
+    both = ("--label-classifier", label_weights, "--label-classifier", second)
+    code, output = train(tiny_mnist, run_dir, "--steps", 2, *TINY, *both, "--label-weight", 0.5)
+    assert code == 0, output
+    assert "label classifier weight 0.5 (mean of 2 classifiers)" in output
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["label_classifiers"]
+    given = [torch.load(path, weights_only=True)["classifier"] for path in (label_weights, second)]
+    assert len(saved) == 2 and all(torch.equal(s[k], g[k]) for s, g in zip(saved, given, strict=True) for k in g)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    swapped = ("--label-classifier", second, "--label-classifier", label_weights)
+    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--steps", 3, *swapped)
+    assert (code, output.strip()) == (
+        1,
+        f"Error: --label-classifier {second} --label-classifier {label_weights} differs from the resumed run's "
+        "label classifier (the 2 in its checkpoint); a resumed run keeps its settings: leave it out",
+    )
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--steps", 3, *both)
+    assert code == 0, output
+    assert "(mean of 2 classifiers)" in output
+
+
+def test_the_same_label_classifier_twice_is_refused(tmp_path: Path, tiny_mnist: Path, label_weights: Path) -> None:
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(label_weights.read_bytes())
+    both = ("--label-classifier", label_weights, "--label-classifier", copy, "--label-weight", 0.5)
+    code, output = train(tiny_mnist, tmp_path / "run", "--steps", 2, *TINY, *both)
+    assert (code, output.strip()) == (
+        1,
+        f"Error: {copy} holds the same weights as an earlier --label-classifier: give each once",
+    )
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_a_falling_label_weight_and_per_digit_weights_are_said_saved_and_kept_on_resume(

@@ -237,7 +237,7 @@ def test_resumed_run_with_a_label_classifier_matches_uninterrupted_run(tmp_path:
 
     def fresh() -> TrainState:
         torch.manual_seed(7)
-        return new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifier=Classifier())
+        return new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifiers=[Classifier()])
 
     straight = train(fresh(), data, tmp_path / "straight").checkpoint
     stops = iter([False] * 2 + [True])
@@ -246,8 +246,8 @@ def test_resumed_run_with_a_label_classifier_matches_uninterrupted_run(tmp_path:
     resumed = train(state_from_checkpoint(str(first.checkpoint), torch.device("cpu")), data, tmp_path / "resumed")
     expected, actual = _weights(straight), _weights(resumed.checkpoint)
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
-    label = load_checkpoint(resumed.checkpoint)["label_classifier"]
-    assert all(torch.equal(label[k], v) for k, v in load_checkpoint(straight)["label_classifier"].items())
+    [label] = load_checkpoint(resumed.checkpoint)["label_classifiers"]
+    assert all(torch.equal(label[k], v) for k, v in load_checkpoint(straight)["label_classifiers"][0].items())
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, tiny_mnist: Path) -> None:
@@ -398,11 +398,40 @@ def test_weights_that_do_not_fit_are_refused_naming_the_part(
 def test_a_label_classifier_that_does_not_fit_is_refused_by_name(tmp_path: Path, tiny_checkpoint: Path) -> None:
     def edit(payload: dict) -> None:
         payload["train"]["label_weight"] = 0.5
-        payload["label_classifier"] = payload["generator"]
+        payload["label_classifiers"] = [Classifier().state_dict(), payload["generator"]]
 
     with pytest.raises(CheckpointError) as error:
         state_from_checkpoint(str(_edited(tmp_path, tiny_checkpoint, edit)), torch.device("cpu"))
     assert str(error.value).startswith("label classifier weights do not match the checkpoint's configuration: ")
+
+
+@pytest.mark.parametrize("kept", [None, [], "not a list"])
+def test_a_label_weight_without_its_classifiers_is_refused(tmp_path: Path, tiny_checkpoint: Path, kept: object) -> None:
+    def edit(payload: dict) -> None:
+        payload["train"]["label_weight"] = 0.5
+        if kept is not None:
+            payload["label_classifiers"] = kept
+
+    path = _edited(tmp_path, tiny_checkpoint, edit)
+    with pytest.raises(CheckpointError) as error:
+        state_from_checkpoint(str(path), torch.device("cpu"))
+    assert str(error.value) == f"{path}: a label weight is set but the checkpoint holds no label classifier"
+
+
+def test_a_checkpoint_from_before_ensembles_keeps_its_one_label_classifier(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    torch.manual_seed(5)
+    classifier = Classifier()
+
+    def edit(payload: dict) -> None:
+        payload["train"]["label_weight"] = 0.5
+        payload["label_classifier"] = classifier.state_dict()  # the key of one classifier, before ensembles
+
+    [restored] = state_from_checkpoint(
+        str(_edited(tmp_path, tiny_checkpoint, edit)), torch.device("cpu")
+    ).label_classifiers
+    assert all(torch.equal(v, restored.state_dict()[k]) for k, v in classifier.state_dict().items())
 
 
 def test_unknown_training_settings_and_a_broken_optimizer_state_are_refused_by_name(

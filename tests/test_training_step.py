@@ -168,7 +168,7 @@ def test_adc_generator_step_pulls_its_digits_to_real_k_and_away_from_generated_k
 def _label_state(weight: float, **schedule: object) -> TrainState:
     torch.manual_seed(3)
     settings = TrainConfig(**{"total_steps": 10_000, "batch_size": BATCH, "label_weight": weight, **schedule})
-    return new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifier=Classifier())
+    return new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifiers=[Classifier()])
 
 
 def _cross_entropy(classifier: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -188,7 +188,7 @@ def test_label_classifier_adds_its_weighted_cross_entropy_to_the_generator_loss_
 ) -> None:
     state = _label_state(weight, **schedule)
     state.step = step
-    classifier = copy.deepcopy(state.label_classifier)
+    classifier = copy.deepcopy(state.label_classifiers[0])
     z, labels = _generator_step_draws(state)
     generated = copy.deepcopy(state.generator)(z, labels)
 
@@ -198,14 +198,14 @@ def test_label_classifier_adds_its_weighted_cross_entropy_to_the_generator_loss_
     label_term = _cross_entropy(classifier, generated, labels)
     assert label_term.item() > 1.0  # an untrained classifier: the term is large, so the check below can fail
     assert metrics["loss_g"] == pytest.approx((-scores.mean() + 2.0 * label_term).item(), abs=0.05)
-    assert state.label_classifier.training is False  # BatchNorm statistics and dropout stay fixed
-    frozen, now = classifier.state_dict(), state.label_classifier.state_dict()
+    assert state.label_classifiers[0].training is False  # BatchNorm statistics and dropout stay fixed
+    frozen, now = classifier.state_dict(), state.label_classifiers[0].state_dict()
     assert all(torch.equal(frozen[name], now[name]) for name in frozen)
 
 
 def test_per_digit_multipliers_scale_each_generated_digit_s_label_term() -> None:
     state = _label_state(2.0, label_digit_weights="0=0,1=0,2=0,3=0,4=0,5=0,6=0,7=5,8=0")  # 7: 5x, 9: 1x
-    classifier = copy.deepcopy(state.label_classifier)
+    classifier = copy.deepcopy(state.label_classifiers[0])
     z, labels = _generator_step_draws(state)
     generated = copy.deepcopy(state.generator)(z, labels)
     assert 0 < int((labels == 7).sum()) < BATCH  # the batch mixes sevens and others
@@ -246,6 +246,25 @@ def test_the_label_term_s_gradient_reaches_the_generator_unless_every_digit_s_mu
     )
 
 
+def test_several_label_classifiers_add_their_mean_cross_entropy() -> None:
+    state = _label_state(2.0)
+    torch.manual_seed(4)
+    second = Classifier().eval()
+    with torch.no_grad():
+        second.head.bias[0] = 5.0  # reads most digits as zeros: a reading unlike the first classifier's
+    state.label_classifiers = (*state.label_classifiers, second)
+    first = copy.deepcopy(state.label_classifiers[0])
+    z, labels = _generator_step_draws(state)
+    generated = copy.deepcopy(state.generator)(z, labels)
+
+    metrics = _step(state)
+
+    terms = [_cross_entropy(classifier, generated, labels) for classifier in (first, second)]
+    assert abs(terms[0] - terms[1]) > 0.1  # two different readings, so that their mean differs from either
+    scores = _scores(state.discriminator, generated, labels)
+    assert metrics["loss_g"] == pytest.approx((-scores.mean() + 2.0 * (terms[0] + terms[1]) / 2).item(), abs=0.02)
+
+
 def test_label_classifier_pulls_the_generated_digits_to_their_labels() -> None:
     state = _label_state(50.0)
     z, labels = _generator_step_draws(state)
@@ -254,8 +273,8 @@ def test_label_classifier_pulls_the_generated_digits_to_their_labels() -> None:
     _step(state)
 
     with torch.no_grad():
-        before = _cross_entropy(state.label_classifier, generator_before(z, labels), labels)
-        after = _cross_entropy(state.label_classifier, copy.deepcopy(state.generator)(z, labels), labels)
+        before = _cross_entropy(state.label_classifiers[0], generator_before(z, labels), labels)
+        after = _cross_entropy(state.label_classifiers[0], copy.deepcopy(state.generator)(z, labels), labels)
     assert after < before
 
 
@@ -275,7 +294,7 @@ class _RecordingClassifier(torch.nn.Module):
 def test_label_classifier_sees_the_generated_digits_as_pixels_in_0_1() -> None:
     settings = TrainConfig(total_steps=10_000, batch_size=BATCH, label_weight=1.0)
     recorder = _RecordingClassifier()
-    state = new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifier=recorder)
+    state = new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifiers=[recorder])
     z, labels = _generator_step_draws(state)
     with torch.no_grad():
         generated = copy.deepcopy(state.generator)(z, labels)
@@ -286,11 +305,11 @@ def test_label_classifier_sees_the_generated_digits_as_pixels_in_0_1() -> None:
     torch.testing.assert_close(recorder.seen[0], (generated + 1) / 2, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("weight", "classifier"), [(0.5, None), (0.0, Classifier())])
-def test_a_label_classifier_comes_with_a_weight_and_only_with_one(weight: float, classifier: Classifier | None) -> None:
+@pytest.mark.parametrize(("weight", "classifiers"), [(0.5, []), (0.0, [Classifier()])])
+def test_a_label_classifier_comes_with_a_weight_and_only_with_one(weight: float, classifiers: list[Classifier]) -> None:
     settings = TrainConfig(total_steps=10, label_weight=weight)
     with pytest.raises(ValueError, match="label classifier goes with a positive label weight"):
-        new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifier=classifier)
+        new_state(TINY_MODEL, settings, torch.device("cpu"), label_classifiers=classifiers)
 
 
 def test_each_update_takes_its_learning_rate_from_the_schedule_and_the_step_advances_by_one() -> None:
@@ -315,7 +334,7 @@ def test_a_non_finite_loss_names_its_network_and_step_and_is_not_applied(network
     state = _label_state(1.0)
     state.step = 6
     # a NaN discriminator spoils its own loss first; a NaN label classifier only the generator's
-    _poisoned(state.discriminator if network == "discriminator" else state.label_classifier)
+    _poisoned(state.discriminator if network == "discriminator" else state.label_classifiers[0])
     weights = [p.detach().clone() for p in state.generator.parameters()]
 
     with pytest.raises(NonFiniteLossError) as error:

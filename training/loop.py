@@ -62,12 +62,15 @@ def _check_finite(loss: torch.Tensor, name: str, step: int) -> None:
         )
 
 
-def _label_term(state: TrainState, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The frozen classifier's cross-entropy, each digit's term scaled by its ``label_digit_weights`` multiplier."""
-    if not state.train.label_digit_weights:
-        return F.cross_entropy(logits, labels)
-    multipliers = torch.tensor(state.train.label_digit_multipliers(state.config.num_classes), device=logits.device)
-    return (F.cross_entropy(logits, labels, reduction="none") * multipliers[labels]).mean()
+def _label_term(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The frozen classifiers' mean cross-entropy, each digit's scaled by its ``label_digit_weights`` multiplier."""
+    each = torch.stack(
+        [F.cross_entropy(classifier(images)[0], labels, reduction="none") for classifier in state.label_classifiers]
+    ).mean(0)
+    if state.train.label_digit_weights:
+        multipliers = state.train.label_digit_multipliers(state.config.num_classes)
+        each = each * torch.tensor(multipliers, device=each.device)[labels]
+    return each.mean()
 
 
 @torch.no_grad()
@@ -131,10 +134,10 @@ def train_step(
     else:
         scores, adc_g = state.discriminator(seen, fake_labels), 0.0
     loss_g = -scores.mean() + adc_weight * adc_g
-    if state.label_classifier is not None:
-        # the frozen classifier reads pixels in [0, 1]; confidently right digits add (almost) nothing
-        logits, _ = state.label_classifier(generated.add(1.0).mul(0.5))
-        loss_g = loss_g + state.train.label_classifier_weight(state.step) * _label_term(state, logits, fake_labels)
+    if state.label_classifiers:
+        # the frozen classifiers read pixels in [0, 1]; confidently right digits add (almost) nothing
+        label_term = _label_term(state, generated.add(1.0).mul(0.5), fake_labels)
+        loss_g = loss_g + state.train.label_classifier_weight(state.step) * label_term
     _check_finite(loss_g, "generator", state.step)
     state.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()

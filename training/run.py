@@ -41,7 +41,8 @@ class RunOptions:
     g_width: int | None = None
     d_width: int | None = None
     adc_weight: float | None = None
-    label_classifier: str | None = None  # classifier weights (train-classifier) whose cross-entropy steers G
+    # classifier weights (train-classifier), one or more, whose mean cross-entropy steers G
+    label_classifiers: tuple[str, ...] = ()
     label_weight: float | None = None
     label_weight_falls: bool | None = None
     label_digit_weights: str | None = None  # canonical "DIGIT=MULTIPLIER,..." (see parse_digit_weights)
@@ -107,16 +108,19 @@ def remove_run_files(paths: tuple[Path, ...]) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _check_resume_classifier(options: RunOptions, state: TrainState) -> None:
-    """A ``--label-classifier`` given with ``--resume`` must hold the weights the run keeps in its checkpoint."""
-    if options.label_classifier is None:
+def _check_resume_classifiers(options: RunOptions, state: TrainState) -> None:
+    """``--label-classifier`` given with ``--resume`` must hold the weights the run keeps in its checkpoint,
+    in the same order."""
+    if not options.label_classifiers:
         return
-    given, _accuracy = load_classifier_weights(options.label_classifier)
-    if state.label_classifier is None or not _same_weights(given, state.label_classifier):
-        kept = "none" if state.label_classifier is None else "the one in its checkpoint"
+    given = [load_classifier_weights(path)[0] for path in options.label_classifiers]
+    kept = state.label_classifiers
+    if len(given) != len(kept) or not all(_same_weights(a, b) for a, b in zip(given, kept, strict=True)):
+        shown = " ".join(f"--label-classifier {path}" for path in options.label_classifiers)
+        count = {0: "none", 1: "the one in its checkpoint"}.get(len(kept), f"the {len(kept)} in its checkpoint")
         raise TrainingError(
-            f"--label-classifier {options.label_classifier} differs from the resumed run's label classifier "
-            f"({kept}); a resumed run keeps its settings: leave it out"
+            f"{shown} differs from the resumed run's label classifier ({count}); a resumed run keeps its "
+            "settings: leave it out"
         )
 
 
@@ -149,32 +153,38 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return mine.keys() == theirs.keys() and all(torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine)
 
 
-def label_classifier(options: RunOptions) -> Classifier | None:
-    """The frozen classifier of ``--label-classifier``, checked: it comes with ``--label-weight`` (and the
-    weight, and ``--label-weight-falls``, with it), and it is not the evaluator's classifier, which would
-    then grade its own pupil."""
+def label_classifiers(options: RunOptions) -> tuple[Classifier, ...]:
+    """The frozen classifiers of ``--label-classifier``, checked: they come with ``--label-weight`` (and the
+    weight, and ``--label-weight-falls``, with them), no two are the same, and none is the evaluator's
+    classifier, which would then grade its own pupil."""
     weighted = options.label_weight is not None and options.label_weight > 0
     if options.label_weight_falls and not weighted:
         raise TrainingError("--label-weight-falls needs a positive --label-weight and its --label-classifier")
     if options.label_digit_weights and not weighted:
         raise TrainingError("--label-digit-weights needs a positive --label-weight and its --label-classifier")
-    if options.label_classifier is None:
+    if not options.label_classifiers:
         if weighted:
             raise TrainingError("--label-weight needs --label-classifier (weights written by train-classifier)")
-        return None
+        return ()
     if not weighted:
         raise TrainingError("--label-classifier needs a positive --label-weight, e.g. --label-weight 0.5")
-    model, _accuracy = load_classifier_weights(options.label_classifier)
-    evaluator = default_model_path("classifier_weights.pt")
-    if evaluator.is_file() and _same_weights(model, load_classifier_weights(evaluator)[0]):
-        raise TrainingError(
-            f"{options.label_classifier} holds the evaluator's classifier ({evaluator.name}); training against it "
-            "would game `evaluate`: train another, e.g. `digitgen train-classifier --seed 1 --out label.onnx`"
-        )
-    return model
+    evaluator_path = default_model_path("classifier_weights.pt")
+    evaluator = load_classifier_weights(evaluator_path)[0] if evaluator_path.is_file() else None
+    models: list[Classifier] = []
+    for path in options.label_classifiers:
+        model, _accuracy = load_classifier_weights(path)
+        if evaluator is not None and _same_weights(model, evaluator):
+            raise TrainingError(
+                f"{path} holds the evaluator's classifier ({evaluator_path.name}); training against it would game "
+                "`evaluate`: train another, e.g. `digitgen train-classifier --seed 1 --out label.onnx`"
+            )
+        if any(_same_weights(model, earlier) for earlier in models):
+            raise TrainingError(f"{path} holds the same weights as an earlier --label-classifier: give each once")
+        models.append(model)
+    return tuple(models)
 
 
-def _new_state(options: RunOptions, device: torch.device, rank: int, classifier: Classifier | None) -> TrainState:
+def _new_state(options: RunOptions, device: torch.device, rank: int, classifiers: tuple[Classifier, ...]) -> TrainState:
     def given(*names: str) -> dict:
         return {name: getattr(options, name) for name in names if getattr(options, name) is not None}
 
@@ -193,7 +203,7 @@ def _new_state(options: RunOptions, device: torch.device, rank: int, classifier:
     )
     settings = TrainConfig(total_steps=1, **given(*names))
     config = GANConfig(**given("latent_dim", "conditional_norm", "g_width", "d_width"))
-    return new_state(config, settings, device, rank, classifier)
+    return new_state(config, settings, device, rank, classifiers)
 
 
 def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> PreparedRun:
@@ -204,16 +214,16 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
     error); only the step budget, the learning-rate decay and the checkpoint interval can change
     (the decay is a function of the step, so a resumed run stays exact).
     """
-    classifier = None if options.resume else label_classifier(options)
+    classifiers = () if options.resume else label_classifiers(options)
     replaced = claim_run_dir(options)
     if options.resume:
         state = state_from_checkpoint(options.resume, device, ctx.rank)
         _check_resume_options(options, state)
-        _check_resume_classifier(options, state)
+        _check_resume_classifiers(options, state)
         if options.checkpoint_every is not None:
             state.train = replace(state.train, checkpoint_every=options.checkpoint_every)
     else:
-        state = _new_state(options, device, ctx.rank, classifier)
+        state = _new_state(options, device, ctx.rank, classifiers)
     data = load_mnist(options.data_dir, download=options.download)
     if state.train.subset is not None:
         data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -26,7 +27,8 @@ class TrainState:
     opt_d: torch.optim.Optimizer
     noise_rng: torch.Generator  # CPU generator for z and fake labels: same draws on any device
     step: int = 0
-    label_classifier: Classifier | None = None  # frozen; its cross-entropy steers the generator (label_weight)
+    # frozen; their mean cross-entropy steers the generator (label_weight)
+    label_classifiers: tuple[Classifier, ...] = ()
 
 
 def _optimizer(module: torch.nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
@@ -43,14 +45,13 @@ def new_state(
     train: TrainConfig,
     device: torch.device,
     rank: int = 0,
-    label_classifier: Classifier | None = None,
+    label_classifiers: Sequence[Classifier] = (),
 ) -> TrainState:
-    """Fresh networks initialised from ``train.seed`` (identical on every rank); ``label_classifier`` is
-    required when ``train.label_weight`` is set, and used only then."""
-    if (label_classifier is not None) != (train.label_weight > 0):
+    """Fresh networks initialised from ``train.seed`` (identical on every rank); ``label_classifiers``
+    (one or more) are required when ``train.label_weight`` is set, and used only then."""
+    if bool(label_classifiers) != (train.label_weight > 0):
         raise ValueError("a label classifier goes with a positive label weight, and only with one")
-    if label_classifier is not None:
-        label_classifier = label_classifier.to(device).eval().requires_grad_(False)
+    frozen = tuple(classifier.to(device).eval().requires_grad_(False) for classifier in label_classifiers)
     torch.manual_seed(train.seed)
     generator = Generator(config).to(device)
     discriminator = Discriminator(config, with_classifier=train.adc_weight > 0).to(device)
@@ -65,14 +66,14 @@ def new_state(
         _optimizer(generator, train.learning_rate(0), train.betas),
         _optimizer(discriminator, train.discriminator_learning_rate(0), train.betas),
         noise_rng,
-        label_classifier=label_classifier,
+        label_classifiers=frozen,
     )
 
 
 def state_to_checkpoint(state: TrainState, noise_states: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """Checkpoint form; ``noise_states`` holds every rank's noise RNG state in a distributed run."""
-    classifier = state.label_classifier
-    label_classifier = {} if classifier is None else {"label_classifier": classifier.state_dict()}
+    classifiers = [classifier.state_dict() for classifier in state.label_classifiers]
+    label_classifiers = {"label_classifiers": classifiers} if classifiers else {}
     return {
         "format_version": FORMAT_VERSION,
         "config": asdict(state.config),
@@ -83,7 +84,7 @@ def state_to_checkpoint(state: TrainState, noise_states: list[torch.Tensor] | No
         "optimizers": {"generator": state.opt_g.state_dict(), "discriminator": state.opt_d.state_dict()},
         "step": state.step,
         "rng": {"noise": noise_states or [state.noise_rng.get_state()]},
-        **label_classifier,
+        **label_classifiers,
     }
 
 
@@ -121,6 +122,17 @@ def _load_weights(module: torch.nn.Module, weights: Any, what: str) -> None:
         raise CheckpointError(f"{what} weights do not match the checkpoint's configuration: {detail}") from exc
 
 
+def _label_classifiers(payload: dict[str, Any], path: str) -> tuple[Classifier, ...]:
+    """The frozen classifiers a checkpoint keeps (one, under its older key, in checkpoints from before ensembles)."""
+    weights = payload.get("label_classifiers", [payload["label_classifier"]] if "label_classifier" in payload else [])
+    if not isinstance(weights, list) or not weights:
+        raise CheckpointError(f"{path}: a label weight is set but the checkpoint holds no label classifier")
+    classifiers = tuple(Classifier() for _ in weights)
+    for classifier, state_dict in zip(classifiers, weights, strict=True):
+        _load_weights(classifier, state_dict, "label classifier")
+    return classifiers
+
+
 def state_from_checkpoint(path: str, device: torch.device, rank: int = 0) -> TrainState:
     """Restore a run as it was saved: weights, optimizers, noise RNG and step.
 
@@ -130,13 +142,8 @@ def state_from_checkpoint(path: str, device: torch.device, rank: int = 0) -> Tra
     payload = load_checkpoint(path)
     config = config_from_checkpoint(payload)
     train = _dataclass_from(TrainConfig, payload["train"], "training settings")
-    label_classifier = None
-    if train.label_weight > 0:
-        if "label_classifier" not in payload:
-            raise CheckpointError(f"{path}: a label weight is set but the checkpoint holds no label classifier")
-        label_classifier = Classifier()
-        _load_weights(label_classifier, payload["label_classifier"], "label classifier")
-    state = new_state(config, train, device, rank, label_classifier)
+    label_classifiers = _label_classifiers(payload, path) if train.label_weight > 0 else ()
+    state = new_state(config, train, device, rank, label_classifiers)
     _load_weights(state.generator, payload["generator"], "generator")
     _load_weights(state.generator_ema, payload["generator_ema"], "EMA generator")
     _load_weights(state.discriminator, payload["discriminator"], "discriminator")
