@@ -25,6 +25,11 @@ def parse_digit_weights(text: str, num_classes: int = 10) -> str:
     ValueError names a bad part: a digit outside 0..num_classes-1, one given twice, or a multiplier
     that is not a number >= 0.
     """
+    weights = _digit_weights(text, num_classes)
+    return ",".join(f"{label}={weights[label]:g}" for label in sorted(weights))
+
+
+def _digit_weights(text: str, num_classes: int) -> dict[int, float]:
     weights: dict[int, float] = {}
     for part in (part.strip() for part in text.split(",")):
         if not part:
@@ -41,7 +46,7 @@ def parse_digit_weights(text: str, num_classes: int = 10) -> str:
         if label in weights:
             raise ValueError(f"digit {label} is given twice in {text!r}")
         weights[label] = multiplier
-    return ",".join(f"{label}={weights[label]:g}" for label in sorted(weights))
+    return weights
 
 
 @dataclass(frozen=True)
@@ -121,11 +126,8 @@ class TrainConfig:
 
     def label_digit_multipliers(self, num_classes: int) -> list[float]:
         """The multiplier of the label weight for each digit: 1 unless ``label_digit_weights`` says otherwise."""
-        multipliers = [1.0] * num_classes
-        for part in filter(None, self.label_digit_weights.split(",")):
-            digit, value = part.split("=")
-            multipliers[int(digit)] = float(value)
-        return multipliers
+        weights = _digit_weights(self.label_digit_weights, num_classes)
+        return [weights.get(digit, 1.0) for digit in range(num_classes)]
 
     def _decay(self, step: int) -> float:
         if self.lr_decay_steps == 0:
