@@ -5,7 +5,7 @@ from __future__ import annotations
 import filecmp
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,6 +23,7 @@ def publish(path: str | Path, keep_identical: bool = False) -> Iterator[Path]:
 
     With ``keep_identical``, an existing ``path`` that already holds exactly the new bytes is left
     untouched (same file, same modification time).
+    Writing or renaming that fails (a full disk, a folder in the way) raises :class:`OutputError`.
     """
     path = Path(path)
     tmp = temporary_name(path)
@@ -30,8 +31,13 @@ def publish(path: str | Path, keep_identical: bool = False) -> Iterator[Path]:
         yield tmp
         if not (keep_identical and path.is_file() and filecmp.cmp(tmp, path, shallow=False)):
             os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno is None:  # one of the project's own errors, raised in the block: already worded
+            raise
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -9,7 +9,15 @@ import pytest
 from click.testing import CliRunner
 
 from digitgen.cli import main
-from digitgen.runtime import DigitGenerator, GeneratedDigits, InvalidRequestError, generate_files, write_digits
+from digitgen.runtime import (
+    DigitGenerator,
+    GeneratedDigits,
+    InvalidRequestError,
+    OutputError,
+    generate_files,
+    write_digits,
+)
+from digitgen.runtime.files import publish
 from digitgen.runtime.writers import FORMATS, png_name
 
 N = 12
@@ -111,3 +119,35 @@ def test_a_png_just_past_the_requested_range_is_not_a_clash(gen: DigitGenerator,
 def test_generate_files_defaults_to_seed_zero(gen: DigitGenerator, tmp_path: Path) -> None:
     generate_files(gen, tmp_path, N, "npz")
     assert np.array_equal(np.load(tmp_path / "digits.npz")["images"], gen.generate(N, seed=0).images)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "grid"])
+def test_a_folder_where_the_file_goes_is_a_one_line_error(tmp_path: Path, tiny_onnx: Path, fmt: str) -> None:
+    target = "digits.npz" if fmt == "npz" else "grid.png"
+    (tmp_path / target).mkdir()
+    (tmp_path / target / "keep.txt").write_text("mine")
+    args = [
+        "generate",
+        "--generator",
+        str(tiny_onnx),
+        "-n",
+        "4",
+        "--format",
+        fmt,
+        "--out",
+        str(tmp_path),
+        "--overwrite",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"Error: cannot write {tmp_path / target}: ")
+    assert "Traceback" not in result.output
+    assert (tmp_path / target / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target]
+
+
+def test_publish_keeps_the_projects_own_errors_as_raised(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match=r"^mine$"), publish(tmp_path / "x") as tmp:
+        tmp.write_bytes(b"part")
+        raise OutputError("mine")
+    assert list(tmp_path.iterdir()) == []
