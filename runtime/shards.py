@@ -67,6 +67,8 @@ def find_shards(out_dir: Path, file_name: str) -> list[Path]:
     if len(found) > 1:
         raise OutputError(f"{out_dir} holds shards of {file_name} from runs with different shard counts")
     ((count, indices),) = found.items()
+    if count < 2:
+        raise OutputError(f"{out_dir}: '-of-{count:05d}' shards are not ones this project writes (one is {file_name})")
     missing = sorted(set(range(count)) - indices)
     if missing:
         raise OutputError(f"{out_dir}: shard(s) {', '.join(map(str, missing))} of {count} of {file_name} missing")

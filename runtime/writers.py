@@ -448,6 +448,8 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
         merged = concat_npz(parts[0])
         _save_npz(targets[0], merged["images"], merged["labels"])
         return targets
+    if len(parts[0]) != len(parts[1]):
+        raise OutputError(f"{out_dir} holds {len(parts[0])} image shards but {len(parts[1])} label shards")
     uneven = [
         str(i)
         for i, (image_part, label_part) in enumerate(zip(*parts, strict=True))

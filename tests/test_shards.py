@@ -93,6 +93,27 @@ def test_merge_refuses_what_it_cannot_join(gen: DigitGenerator, tmp_path: Path) 
         merge_shards(tmp_path, "npz")
 
 
+def test_merge_refuses_image_and_label_shards_of_different_runs(gen: DigitGenerator, tmp_path: Path) -> None:
+    for i in range(2):
+        _write(gen, tmp_path, "idx", Shard(i, 2))
+    for path in tmp_path.glob("train-labels-*"):
+        path.unlink()
+    for i in range(3):
+        _write(gen, tmp_path / "three", "idx", Shard(i, 3))
+    for path in (tmp_path / "three").glob("train-labels-*"):
+        path.rename(tmp_path / path.name)
+    with pytest.raises(OutputError, match=f"^{tmp_path} holds 2 image shards but 3 label shards$"):
+        merge_shards(tmp_path, "idx")
+    assert not list(tmp_path.glob("train-*-ubyte"))
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_merge_names_shard_files_this_project_never_writes(tmp_path: Path, count: int) -> None:
+    (tmp_path / f"digits-00000-of-0000{count}.npz").write_bytes(b"")
+    with pytest.raises(OutputError, match=f"'-of-0000{count}' shards are not ones this project writes"):
+        merge_shards(tmp_path, "npz")
+
+
 def test_merge_lists_every_missing_shard_and_keeps_existing_files(gen: DigitGenerator, tmp_path: Path) -> None:
     _write(gen, tmp_path, "idx", Shard(0, 4))
     with pytest.raises(OutputError, match="shard\\(s\\) 1, 2, 3 of 4"):
