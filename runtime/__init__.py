@@ -9,6 +9,7 @@ from digitgen.runtime.errors import (
     InvalidRequestError,
     ModelContractError,
     ModelNotFoundError,
+    ModelRunError,
     OutputError,
     ProviderUnavailableError,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "InvalidRequestError",
     "ModelContractError",
     "ModelNotFoundError",
+    "ModelRunError",
     "OutputError",
     "ProviderUnavailableError",
     "default_model_path",

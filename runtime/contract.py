@@ -45,6 +45,8 @@ def _check_io(session: ort.InferenceSession) -> list[str]:
             continue
         if arg.type != dtype or len(arg.shape) != rank:
             problems.append(f"'{name}' must be {wanted}, found {arg.type} {arg.shape}")
+        elif not _is_dynamic(arg.shape[0]):
+            problems.append(f"'{name}' must take any batch size, found a fixed batch of {arg.shape[0]}")
     image = outputs.get("image")
     if (
         image is not None

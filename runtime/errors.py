@@ -25,5 +25,9 @@ class InvalidRequestError(DigitgenError, ValueError):
     """Bad generation arguments: counts, digits, seeds, batch sizes or formats."""
 
 
+class ModelRunError(DigitgenError, RuntimeError):
+    """The model passed the contract check but onnxruntime failed to run it."""
+
+
 class OutputError(DigitgenError, OSError):
     """The output location is unusable, or would overwrite files without permission."""

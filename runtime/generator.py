@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from digitgen.runtime.contract import ModelInfo, check_contract
-from digitgen.runtime.errors import InvalidRequestError
+from digitgen.runtime.errors import InvalidRequestError, ModelRunError
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
-from digitgen.runtime.session import open_session
+from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
 
 DEFAULT_BATCH_SIZE = 256
 ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"  # digitgen/artifacts, installed or checked out
@@ -138,8 +138,12 @@ class DigitGenerator:
         return [int(d) for d in digits]
 
     def run(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Raw model call: (B, latent_dim) float32 and (B,) int64 -> (B, 1, 28, 28) float32 in [0, 1]."""
-        (images,) = self._session.run(["image"], {"z": z, "digit": labels})
+        """Raw model call: (B, latent_dim) float32 and (B,) int64 -> (B, 1, 28, 28) float32 in [0, 1];
+        :class:`ModelRunError` if onnxruntime fails to run it."""
+        try:
+            (images,) = self._session.run(["image"], {"z": z, "digit": labels})
+        except ORT_ERRORS as exc:
+            raise ModelRunError(f"{self.path}: the model failed to run: {ort_reason(exc)}") from exc
         return images
 
     def check_request(

@@ -52,7 +52,7 @@ def _resolve(provider: str) -> str:
     return provider
 
 
-def _reason(exc: BaseException) -> str:
+def ort_reason(exc: BaseException) -> str:
     """onnxruntime's message without its "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model ... failed:" prefix."""
     lines = str(exc).strip().splitlines()
     if not lines:
@@ -80,7 +80,7 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except ORT_ERRORS as exc:
-        raise InvalidModelError(f"{path} is not a valid ONNX model ({_reason(exc)})") from exc
+        raise InvalidModelError(f"{path} is not a valid ONNX model ({ort_reason(exc)})") from exc
     running = session.get_providers()[0]
     if running != PROVIDERS[chosen]:
         if provider == "auto":

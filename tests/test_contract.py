@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from digitgen.runtime import DigitGenerator, ModelContractError
+from digitgen.cli import main
+from digitgen.runtime import DigitGenerator, ModelContractError, ModelRunError
 
 LATENT = 8
 METADATA = {"latent_dim": "8", "num_classes": "10", "image_size": "28", "contract_version": "1"}
@@ -62,6 +65,17 @@ CASES = {
     "digit-rank": ({"digit": ("digit", TensorProto.INT64, ["batch", 1])}, "'digit' must be int64 \\[batch\\]"),
     "image-rank": ({"image": ("image", TensorProto.FLOAT, ["batch", 28, 28])}, "'image' must be float32"),
     "image-shape": ({"image": ("image", TensorProto.FLOAT, ["batch", 1, 14, 14])}, "must be \\[batch, 1, 28, 28\\]"),
+    **{
+        f"{name}-fixed-batch": (
+            {name: (name, kind, [1, *shape])},
+            f"'{name}' must take any batch size, found a fixed batch of 1",
+        )
+        for name, kind, shape in [
+            ("z", TensorProto.FLOAT, [LATENT]),
+            ("digit", TensorProto.INT64, []),
+            ("image", TensorProto.FLOAT, [1, 28, 28]),
+        ]
+    },
     "latent-mismatch": ({"metadata": {"latent_dim": "16"}}, "'z' has 8 features but metadata latent_dim is 16"),
     **{
         f"missing-{key}": ({"metadata": {key: None}}, f"'{key}' is missing")
@@ -84,3 +98,26 @@ def test_each_violation_is_named(tmp_path: Path, change: dict, message: str) -> 
     path = contract_model(tmp_path / "case.onnx", **change)
     with pytest.raises(ModelContractError, match=message):
         DigitGenerator.from_path(path, "cpu")
+
+
+def test_a_model_that_fails_to_run_is_a_one_line_error(tmp_path: Path) -> None:
+    """The declared shapes follow the contract, but the graph scales each image by a table of 5 digits, not 10."""
+    model = onnx.load(str(contract_model(tmp_path / "ok.onnx")))
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((5, 1), np.float32), "table"))
+    reshape = next(node for node in model.graph.node if node.op_type == "Reshape")
+    reshape.input[0] = "scaled"
+    model.graph.node.insert(1, helper.make_node("Gather", ["table", "digit"], ["scale"]))
+    model.graph.node.insert(2, helper.make_node("Mul", ["flat", "scale"], ["scaled"]))
+    path = tmp_path / "five-digits.onnx"
+    onnx.save(model, str(path))
+    gen = DigitGenerator.from_path(path, "cpu")
+    assert gen.generate(3, digits=[4]).images.shape == (3, 28, 28)
+    with pytest.raises(ModelRunError, match=f"^{re.escape(str(path))}: the model failed to run: ") as caught:
+        gen.generate(3, digits=[7])
+    assert "\n" not in str(caught.value) and "ONNXRuntimeError" not in str(caught.value)
+    out = tmp_path / "out"
+    args = ["generate", "--generator", str(path), "-n", "3", "--digit", "7", "--format", "npz", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"Error: {path}: the model failed to run: ")
+    assert list(out.iterdir()) == []

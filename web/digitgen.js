@@ -220,6 +220,8 @@ export function checkContract({ inputs, outputs, metadata }, source = "the model
   for (const [value, type, rank, wanted] of expected) {
     if (value && (value.type !== type || value.shape?.length !== rank)) {
       problems.push(`'${value.name}' must be ${wanted}, found ${value.type} ${formatShape(value.shape)}`);
+    } else if (value && !isDynamic(value.shape[0])) {
+      problems.push(`'${value.name}' must take any batch size, found a fixed batch of ${value.shape[0]}`);
     }
   }
   const image = find(outputs, "image");
