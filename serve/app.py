@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -24,8 +25,16 @@ from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
 from digitgen.serve.batch import Batcher
 from digitgen.serve.limits import Admission, OverloadedError
-from digitgen.serve.observe import ACCESS_LOG, ASGIApp, Metrics, Receive, RequestMiddleware, Scope, Send
-from digitgen.serve.params import MEDIA_TYPES, DigitsRequest, NotAcceptableError, etag, file_sha256, not_modified
+from digitgen.serve.observe import ACCESS_LOG, ASGIApp, Message, Metrics, Receive, RequestMiddleware, Scope, Send
+from digitgen.serve.params import (
+    MEDIA_TYPES,
+    DigitsRequest,
+    NotAcceptableError,
+    encoder_versions,
+    etag,
+    file_sha256,
+    not_modified,
+)
 from digitgen.serve.params import parse_request as parse
 from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filename, generate
 from digitgen.serve.spec import GENERATE_DOC
@@ -63,8 +72,10 @@ class ServeSettings:
                 raise ServeConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not self.time_limit > 0:
             raise ServeConfigError(f"the time limit must be more than 0 s, got {self.time_limit:g}")
-        if self.batch_window_ms < 0:
-            raise ServeConfigError(f"the batch window must be 0 ms (off) or more, got {self.batch_window_ms:g}")
+        if not (0 <= self.batch_window_ms < math.inf):
+            raise ServeConfigError(
+                f"the batch window must be 0 ms (off) or a finite number of ms, got {self.batch_window_ms:g}"
+            )
         if self.batch_max_digits < 1:
             raise ServeConfigError(f"a micro-batch must hold at least 1 digit, got {self.batch_max_digits}")
         if self.web_dir is not None and not (Path(self.web_dir) / "index.html").is_file():
@@ -97,6 +108,7 @@ class _Service:
         self.settings = settings
         self.metrics = metrics
         self.model_sha256 = file_sha256(str(generator.path))
+        self.etag_source = f"{self.model_sha256}|{encoder_versions(generator.provider)}"
         self.cache_control = f"public, max-age={settings.cache_max_age}, immutable"
         self.warmup_error: str | None = None
         self.ready = False
@@ -154,6 +166,13 @@ class _Service:
         self.warmup_error = None
         self.ready = True
 
+    def retry_warm_up(self) -> None:
+        """Start another warm-up if the last one failed and none is running: a replica whose model could
+        not run at start (a busy GPU, say) becomes ready once it can."""
+        running = self._warming_up is not None and not self._warming_up.done()
+        if self.warmup_error is not None and not running and self._loop is asyncio.get_running_loop():
+            self._warming_up = self._loop.run_in_executor(self.executor, self.warm_up)
+
     def batched(self, request: DigitsRequest) -> bool:
         return self.batcher is not None and request.count <= self.settings.inline_digits
 
@@ -192,7 +211,7 @@ class _Service:
             return _error(406, str(exc))
         except DigitgenError as exc:
             return _error(422, str(exc))
-        tag = etag(self.model_sha256, request)
+        tag = etag(self.etag_source, request)
         headers = {"ETag": tag, "Cache-Control": self.cache_control, "Vary": "Accept"}
         if not_modified(http.headers.get("if-none-match"), tag):
             return Response(status_code=304, headers=headers)
@@ -229,13 +248,30 @@ class _ServiceEntry:
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
             self.service.start()
             if scope["method"] == "GET" and scope["path"] == scope.get("root_path", "") + "/generate":
                 response = await self.service.respond(Request(scope, receive))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+                await response(scope, receive, send_tracked)
+            else:
+                await self.app(scope, receive, send_tracked)
+        except Exception as exc:  # a bug, or the model failing to run: logged, and a 500 in the service's words
+            request_id = scope.get("state", {}).get("request_id", "-")
+            logging.getLogger("digitgen.serve").exception("unexpected error in %s (id=%s)", scope["path"], request_id)
+            if started:  # too late for a response of its own: the server closes the connection
+                raise
+            message = f"internal error ({type(exc).__name__}); the server log has the details (id={request_id})"
+            await _error(500, message)(scope, receive, send)
 
 
 def _lifespan(service: _Service) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -276,8 +312,9 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
 
     @app.get("/readyz", responses={503: {"description": "Not ready yet"}})
     async def readyz() -> Response:
-        """Ready once the model has run one warm-up batch."""
+        """Ready once the model has run one warm-up batch (a failed one is tried again)."""
         if not service.ready:
+            service.retry_warm_up()
             why = service.warmup_error or "the model's warm-up batch has not run yet"
             return _error(503, f"not ready: {why}")
         body = {"status": "ready", "model_sha256": service.model_sha256, "provider": generator.provider}
@@ -292,11 +329,6 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         message = f"no endpoint {request.url.path}; see /docs" if exc.status_code == 404 else str(exc.detail)
         return _error(exc.status_code, message, dict(exc.headers or {}))
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception) -> Response:
-        logging.getLogger("digitgen.serve").exception("unexpected error in %s", request.url.path)
-        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
     app.add_middleware(_ServiceEntry, service=service)
     if settings.web_dir is not None:

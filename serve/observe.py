@@ -63,8 +63,8 @@ class Metrics:
 
 class RequestMiddleware:
     """Gives every response an ``X-Request-ID`` (the client's when it is a plain token, else a new one:
-    32 hex digits, this process's random half and a count), counts and times it by endpoint, and writes
-    one access-log line when ``access_log`` is set."""
+    32 hex digits, this process's random half and a count; also ``scope["state"]["request_id"]``), counts
+    and times it by endpoint, and writes one access-log line when ``access_log`` is set."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: frozenset[str], access_log: bool) -> None:
         self.app = app
@@ -81,6 +81,7 @@ class RequestMiddleware:
         started = time.perf_counter()
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if REQUEST_ID.fullmatch(given) else next(self._new_ids)
+        scope.setdefault("state", {})["request_id"] = request_id  # for the app's own log lines
         status = 500
 
         async def send_with_id(message: Message) -> None:
@@ -95,7 +96,8 @@ class RequestMiddleware:
         finally:
             seconds = time.perf_counter() - started
             path = scope["path"]
-            endpoint = path if path in self.endpoints else "other"
+            local_path = path.removeprefix(scope.get("root_path", ""))  # the same in a mounted app
+            endpoint = local_path if local_path in self.endpoints else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(seconds)
             if self.access_log:

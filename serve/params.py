@@ -8,6 +8,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import onnxruntime as ort
+import PIL
+import PIL.features
+
 from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.noise import NOISE_SCHEME
@@ -151,10 +156,18 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def etag(model_sha256: str, request: DigitsRequest) -> str:
-    """A strong ETag: the response is a pure function of the model, the noise scheme, the encodings and
-    the normalised request."""
-    text = f"{model_sha256}|{NOISE_SCHEME}|{ENCODING_VERSION}|{request.key()}"
+def encoder_versions(provider: str) -> str:
+    """What else shapes a response's bytes: the libraries that compute its pixels and encode them."""
+    return (
+        f"onnxruntime {ort.__version__} {provider}|numpy {np.__version__}|"
+        f"pillow {PIL.__version__} zlib {PIL.features.version('zlib')}"
+    )
+
+
+def etag(source: str, request: DigitsRequest) -> str:
+    """A strong ETag: the response is a pure function of its ``source`` (the model's sha256 and
+    :func:`encoder_versions`), the noise scheme, the encodings and the normalised request."""
+    text = f"{source}|{NOISE_SCHEME}|{ENCODING_VERSION}|{request.key()}"
     return '"' + hashlib.sha256(text.encode()).hexdigest()[:32] + '"'
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnxruntime
+import PIL
 import pytest
 from click.testing import CliRunner
 from fastapi import FastAPI
@@ -30,7 +32,7 @@ from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.noise import MAX_SEED
 from digitgen.serve import ServeConfigError, ServeSettings, create_app
 from digitgen.serve.batch import Batcher, _Pending, run_batch
-from digitgen.serve.params import DigitsRequest, etag
+from digitgen.serve.params import DigitsRequest, encoder_versions, etag
 from digitgen.serve.render import encode, generate
 
 # --- a real server in a subprocess -------------------------------------------------------------
@@ -214,10 +216,21 @@ def test_etag_names_the_normalised_request_and_304_skips_the_model(server: Serve
     assert server.metric("digitgen_digits_generated_total") == digits_before + 1
 
 
-def test_etag_changes_with_the_model() -> None:
+def test_etag_changes_with_the_model_and_the_libraries_that_make_the_bytes(server: Server) -> None:
     request = DigitsRequest((0, 1), 2, 0, None, "grid")
     assert etag("a" * 64, request) != etag("b" * 64, request)
     assert etag("a" * 64, request) != etag("a" * 64, DigitsRequest((0, 1), 2, 0, None, "npz"))
+    versions = encoder_versions("cpu")
+    for library in (
+        f"onnxruntime {onnxruntime.__version__} cpu",
+        f"numpy {np.__version__}",
+        f"pillow {PIL.__version__}",
+    ):
+        assert library in versions
+    assert encoder_versions("cuda") != versions
+    model_sha256 = server.get("/readyz").json()["model_sha256"]
+    served = server.get("/generate?digits=0,1&count=2&format=grid").headers["etag"]
+    assert served == etag(f"{model_sha256}|{versions}", request)
 
 
 # --- refusals: JSON, 4xx, the runtime's words --------------------------------------------------
@@ -584,7 +597,8 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
 @pytest.mark.parametrize(
     ("setting", "words"),
     [
-        ({"batch_window_ms": -1}, "the batch window must be 0 ms (off) or more, got -1"),
+        ({"batch_window_ms": -1}, "the batch window must be 0 ms (off) or a finite number of ms, got -1"),
+        ({"batch_window_ms": float("inf")}, "the batch window must be 0 ms (off) or a finite number of ms, got inf"),
         ({"batch_max_digits": 0}, "a micro-batch must hold at least 1 digit, got 0"),
         ({"max_in_flight": 0}, "max_in_flight must be at least 1, got 0"),
         ({"max_count": 0}, "max_count must be at least 1, got 0"),
@@ -633,6 +647,82 @@ def test_a_failed_warmup_is_named_by_readyz() -> None:
     generator.run = broken  # type: ignore[method-assign]
     (ready,) = asyncio.run(_lifespan_responses(create_app(generator, ServeSettings(access_log=False)), []))
     assert ready.json() == {"error": "not ready: RuntimeError: onnxruntime could not run the model"}
+
+
+def test_a_failed_warmup_is_tried_again_until_ready() -> None:
+    generator = DigitGenerator.from_path(threads=1)
+    model_call = generator.run
+    calls = []
+
+    def fails_once(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        calls.append(len(z))
+        if len(calls) == 1:
+            raise RuntimeError("the GPU is busy")
+        return model_call(z, labels)
+
+    generator.run = fails_once  # type: ignore[method-assign]
+    app = create_app(generator, ServeSettings(access_log=False))
+
+    async def probes() -> list[httpx.Response]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
+                answers = [await client.get("/readyz")]
+                deadline = time.monotonic() + 30
+                while answers[-1].status_code != 200 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                    answers.append(await client.get("/readyz"))
+                return answers
+
+    answers = asyncio.run(probes())
+    assert answers[-1].status_code == 200, answers[-1].text
+    assert any(a.json() == {"error": "not ready: RuntimeError: the GPU is busy"} for a in answers)
+    assert len(calls) == 2  # one failed warm-up, one that worked: no more
+
+
+def _in_process(app: FastAPI, requests: list[tuple[str, dict[str, str]]]) -> list[httpx.Response]:
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
+            return [await client.get(path, headers=headers) for path, headers in requests]
+
+    return asyncio.run(run())
+
+
+def test_an_unexpected_error_is_a_500_in_json_with_the_request_id_and_cors(caplog: pytest.LogCaptureFixture) -> None:
+    generator = DigitGenerator.from_path(threads=1)
+    model_call = generator.run
+
+    def fails_for_seven_digits(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        if len(z) == 7:
+            raise RuntimeError("a bug")
+        return model_call(z, labels)
+
+    generator.run = fails_for_seven_digits  # type: ignore[method-assign]
+    origin = "https://digits.example"
+    app = create_app(generator, ServeSettings(access_log=False, cors_origins=(origin,), batch_window_ms=0))
+    headers = {"X-Request-ID": "req-7", "Origin": origin}
+    with caplog.at_level("ERROR", logger="digitgen.serve"):
+        failed, fine = _in_process(
+            app, [("/generate?count=7&format=npz", headers), ("/generate?count=6&format=npz", headers)]
+        )
+    assert failed.status_code == 500 and fine.status_code == 200
+    error = "internal error (RuntimeError); the server log has the details (id=req-7)"
+    assert failed.json() == {"error": error}
+    assert failed.headers["x-request-id"] == "req-7" and failed.headers["access-control-allow-origin"] == origin
+    assert [r.getMessage() for r in caplog.records] == ["unexpected error in /generate (id=req-7)"]
+
+
+def test_a_mounted_app_counts_requests_by_its_own_endpoints() -> None:
+    digits = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
+    parent = FastAPI()
+    parent.mount("/digits", digits)
+    answers = _in_process(parent, [("/digits/healthz", {}), ("/digits/generate?digit=3", {}), ("/digits/metrics", {})])
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    metrics = answers[-1].text
+    assert 'digitgen_requests_total{endpoint="/healthz",status="200"} 1.0' in metrics
+    assert 'digitgen_requests_total{endpoint="/generate",status="200"} 1.0' in metrics
+    assert 'endpoint="other"' not in metrics
 
 
 def test_a_micro_batch_takes_waiting_requests_in_order_up_to_its_digit_limit() -> None:
