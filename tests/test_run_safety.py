@@ -356,3 +356,32 @@ def test_label_classifier_options_are_refused_before_any_run_is_touched(
     assert code == 1
     assert output.strip() == "Error: " + message.format(**paths)
     assert checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("where", "options", "words"),
+    [
+        ("afile", ("--steps", "2"), "--out {out} is a file, not a run directory"),
+        ("run", ("--resume", "{tmp}/typo.pt"), "checkpoint not found: {tmp}/typo.pt"),
+        (
+            "run",
+            ("--resume", "{out}/checkpoint.pt", "--steps", "1"),
+            "the resumed run is at step 2, past the 1 steps asked for; give --steps or --epochs beyond it",
+        ),
+        (
+            "new",
+            ("--steps", "2", "--subset", "10"),
+            "a batch of 16 images is more than the 10 training images; lower --batch-size or raise --subset",
+        ),
+    ],
+)
+def test_what_training_cannot_do_is_one_line_and_touches_nothing(
+    finished_run: Path, tiny_mnist: Path, tmp_path: Path, where: str, options: tuple[str, ...], words: str
+) -> None:
+    (tmp_path / "afile").write_text("mine")
+    out = tmp_path / where
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    given = [option.format(out=out, tmp=tmp_path) for option in options]
+    code, output = train(tiny_mnist, out, *given, *TINY)
+    assert (code, output.strip().splitlines()) == (1, ["Error: " + words.format(out=out, tmp=tmp_path)])
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files

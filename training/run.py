@@ -14,7 +14,7 @@ from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, load_mnist
 from digitgen.training.distributed import DistContext
-from digitgen.training.errors import RunDirectoryError, TrainingError
+from digitgen.training.errors import CheckpointError, RunDirectoryError, TrainingError
 from digitgen.training.loop import CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR, steps_per_epoch
 from digitgen.training.state import TrainState, new_state, state_from_checkpoint
 
@@ -87,6 +87,10 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
     other check has passed; it deletes nothing itself.
     """
     run_dir = Path(options.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirectoryError(f"--out {run_dir} is a file, not a run directory")
+    if options.resume is not None and not Path(options.resume).is_file():
+        raise CheckpointError(f"checkpoint not found: {options.resume}")
     existing = tuple(run_dir / name for name in RUN_FILES if (run_dir / name).exists())
     own_checkpoint = run_dir / CHECKPOINT_NAME
     resumes_it = options.resume is not None and own_checkpoint.exists() and own_checkpoint.samefile(options.resume)
@@ -228,9 +232,20 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
     if state.train.subset is not None:
         data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])
     global_batch = state.train.batch_size * ctx.world_size
+    if global_batch > len(data.images):
+        processes = f" ({ctx.world_size} processes x {state.train.batch_size})" if ctx.world_size > 1 else ""
+        raise TrainingError(
+            f"a batch of {global_batch} images{processes} is more than the {len(data.images)} training images; "
+            "lower --batch-size or raise --subset"
+        )
     per_epoch = steps_per_epoch(len(data.images), global_batch)
     if options.steps is not None or options.epochs is not None or not options.resume:
         total = options.steps if options.steps is not None else (options.epochs or 1) * per_epoch
+        if total < state.step:
+            raise TrainingError(
+                f"the resumed run is at step {state.step}, past the {total} steps asked for; "
+                "give --steps or --epochs beyond it"
+            )
         state.train = replace(state.train, total_steps=total, lr_decay_steps=min(state.train.lr_decay_steps, total))
     if options.lr_decay_epochs is not None:
         decay = round(options.lr_decay_epochs * per_epoch)
