@@ -156,5 +156,5 @@ def export_generator(
 
 def verify_file(model_path: str | Path, checkpoint: str | Path, atol: float | None = None) -> ParityReport:
     """Verify an existing ONNX file (any precision) against the checkpoint it was exported from."""
-    generator, _, _ = load_generator(str(checkpoint))
-    return verify_parity(model_path, ContractGenerator(generator), atol=atol)
+    generator, config, _ = load_generator(str(checkpoint))
+    return verify_parity(model_path, ContractGenerator(generator), atol=atol, config=config)

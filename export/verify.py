@@ -12,6 +12,7 @@ from digitgen.export.errors import ExportVerificationError
 from digitgen.runtime.contract import check_contract
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.session import open_session
+from digitgen.training.config import GANConfig
 
 BATCH_SIZES = (1, 7, 64)
 SEEDS = (0, 1)
@@ -85,9 +86,14 @@ def _inputs(batch_size: int, seed: int, latent_dim: int, num_classes: int) -> tu
 
 
 def verify_parity(
-    onnx_path: str | Path, model: ContractGenerator, tolerance: Tolerance | None = None, atol: float | None = None
+    onnx_path: str | Path,
+    model: ContractGenerator,
+    tolerance: Tolerance | None = None,
+    atol: float | None = None,
+    config: GANConfig | None = None,
 ) -> ParityReport:
-    """Check ``onnx_path`` against the fp32 ``model``: contract (names, types, shapes), then values.
+    """Check ``onnx_path`` against the fp32 ``model``: contract (names, types, shapes), the sizes of
+    ``model``'s ``config`` when given, then values.
 
     The tolerance defaults to that of the model's ``precision`` metadata; ``atol`` overrides its
     per-pixel maximum. Raises :class:`ExportVerificationError` naming every failing case.
@@ -97,6 +103,11 @@ def verify_parity(
         info = check_contract(opened.session, str(onnx_path))
     except DigitgenError as exc:
         raise ExportVerificationError(str(exc)) from exc
+    if config is not None and (info.latent_dim, info.num_classes) != (config.latent_dim, config.num_classes):
+        raise ExportVerificationError(
+            f"{onnx_path} takes {info.latent_dim} noise values and {info.num_classes} digits, the checkpoint's "
+            f"generator {config.latent_dim} and {config.num_classes}: it was not exported from this checkpoint"
+        )
     tolerance = tolerance or TOLERANCES.get(info.metadata.get("precision"), TOLERANCES["fp32"])
     if atol is not None:
         tolerance = replace(tolerance, max_abs=atol)

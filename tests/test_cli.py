@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,23 @@ def test_verify_against_another_checkpoint_fails(tmp_path: Path, tiny_onnx: Path
     other = train_tiny(tmp_path / "other", tiny_mnist, seed=3)
     code, output = run("verify", tiny_onnx, "--checkpoint", other)
     assert code == 1 and "ONNX output differs from PyTorch" in output and "FAIL" in output
+
+
+def test_verify_against_a_checkpoint_of_other_sizes_is_one_line(
+    tmp_path: Path, tiny_onnx: Path, tiny_mnist: Path
+) -> None:
+    from tests.conftest import TINY_MODEL, train_tiny
+
+    other = train_tiny(tmp_path / "other", tiny_mnist, model=replace(TINY_MODEL, latent_dim=TINY_MODEL.latent_dim + 4))
+    code, output = run("verify", tiny_onnx, "--checkpoint", other)
+    latent = TINY_MODEL.latent_dim
+    assert (code, output.strip().splitlines()) == (
+        1,
+        [
+            f"Error: {tiny_onnx} takes {latent} noise values and 10 digits, the checkpoint's generator "
+            f"{latent + 4} and 10: it was not exported from this checkpoint"
+        ],
+    )
 
 
 def test_idx_header_counts(tmp_path: Path, tiny_onnx: Path) -> None:
