@@ -389,7 +389,7 @@ def train(
 def _read_json(file: TextIO) -> dict:
     try:
         return json.loads(file.read().strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, IndexError) as exc:
         raise click.BadParameter(f"{file.name} holds no JSON object", param_hint="--quality") from exc
 
 

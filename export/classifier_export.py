@@ -63,8 +63,8 @@ def export_classifier(
             tmp, {"producer": "digitgen", "kind": WEIGHTS_KIND, "mnist_test_accuracy": f"{test_accuracy:.4f}"}
         )
         diff = _check_parity(tmp, model)
-    if weights_out is not None:
-        save_classifier_weights(model, test_accuracy, weights_out)
+        if weights_out is not None:  # before the file appears: a failure here leaves neither
+            save_classifier_weights(model, test_accuracy, weights_out)
     return diff
 
 

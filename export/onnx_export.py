@@ -130,8 +130,9 @@ def export_generator(
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"output {out} is a directory; give a file name such as generator.onnx")
-    if not out.parent.is_dir():
-        raise ExportError(f"output directory {out.parent} does not exist")
+    for folder in {out.parent, *([Path(weights_out).parent] if weights_out is not None else [])}:
+        if not folder.is_dir():
+            raise ExportError(f"output directory {folder} does not exist")
     refuse_existing([out, weights_out], overwrite)
     generator, config, payload = load_generator(str(checkpoint))
     model = ContractGenerator(generator).eval()  # the reference the file is verified against
@@ -149,8 +150,8 @@ def export_generator(
             to_onnx(exported, example, tmp, ["z", "digit"], ["image"], opset)
         write_metadata(tmp, metadata)
         report = verify_parity(tmp, model, TOLERANCES[precision], atol)
-    if weights_out is not None:
-        save_checkpoint(release_weights(payload), weights_out)
+        if weights_out is not None:  # before the file appears: a failure here leaves neither
+            save_checkpoint(release_weights(payload), weights_out)
     return report
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from digitgen.cli import main
@@ -151,3 +152,36 @@ def test_publish_keeps_the_projects_own_errors_as_raised(tmp_path: Path) -> None
         tmp.write_bytes(b"part")
         raise OutputError("mine")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_into_a_missing_weights_folder_leaves_nothing(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    weights = tmp_path / "nowhere" / "weights.pt"
+    code, output = _cli(
+        "export", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "g.onnx", "--weights-out", weights
+    )
+    assert (code, output.strip()) == (1, f"Error: output directory {weights.parent} does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_release_weights_write_that_fails_leaves_no_model(tmp_path: Path, tiny_checkpoint: Path, monkeypatch) -> None:
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    weights = tmp_path / "weights.pt"
+    code, output = _cli(
+        "export", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "g.onnx", "--weights-out", weights
+    )
+    assert (code, output.strip()) == (
+        1,
+        f"Error: cannot write {weights}: [enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_quality_that_is_not_text_is_one_line(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    quality = tmp_path / "quality.json"
+    quality.write_bytes(b"\xf8\xff not text")
+    code, output = _cli("export", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "g.onnx", "--quality", quality)
+    assert code == 2 and f"{quality} holds no JSON object" in output and "Traceback" not in output
+    assert not (tmp_path / "g.onnx").exists()

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from digitgen.runtime.errors import OutputError
 from digitgen.runtime.files import publish
 from digitgen.training.errors import CheckpointError
 
@@ -19,9 +20,13 @@ REQUIRED_KEYS = (*WEIGHTS_KEYS, "generator", "discriminator", "optimizers", "rng
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write ``payload`` to ``path`` via a temporary file and an atomic rename."""
+    """Write ``payload`` to ``path`` via a temporary file and an atomic rename; :class:`OutputError` if it
+    cannot be written."""
     with publish(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's word for a missing folder or a failed write
+            raise OutputError(f"cannot write {path}: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
