@@ -150,8 +150,12 @@ def _digit_weights(ctx: click.Context, param: click.Parameter, value: str | None
 
 @contextmanager
 def _stop_on_signals() -> Iterator[Callable[[], bool]]:
-    """Turn Ctrl-C, SIGTERM and SIGHUP into a polled flag so training can checkpoint and exit cleanly."""
+    """Turn Ctrl-C, SIGTERM and SIGHUP into a polled flag so training can checkpoint and exit cleanly (off the
+    main thread, where Python delivers no signals, the flag stays down)."""
     requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
 
     def handler(signum: int, _frame: object) -> None:
         requested.append(signum)

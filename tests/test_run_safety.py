@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -385,3 +386,14 @@ def test_what_training_cannot_do_is_one_line_and_touches_nothing(
     code, output = train(tiny_mnist, out, *given, *TINY)
     assert (code, output.strip().splitlines()) == (1, ["Error: " + words.format(out=out, tmp=tmp_path)])
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
+
+
+def test_training_runs_when_the_cli_is_called_off_the_main_thread(tmp_path: Path, tiny_mnist: Path) -> None:
+    """An app may call the CLI from a worker thread, where Python allows no signal handlers."""
+    results: list[tuple[int, str]] = []
+    worker = threading.Thread(target=lambda: results.append(train(tiny_mnist, tmp_path / "run", "--steps", 2, *TINY)))
+    worker.start()
+    worker.join(timeout=120)
+    ((code, output),) = results
+    assert code == 0, output
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
