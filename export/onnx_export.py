@@ -93,6 +93,9 @@ def to_onnx(
         external_data=False,
         verbose=False,
     )
+    written = {entry.domain: entry.version for entry in onnx.load(str(path)).opset_import}.get("", opset)
+    if written != opset:  # the exporter falls back to the opset it can write, with a warning only
+        raise ExportError(f"the exporter wrote opset {written}, not the {opset} asked for; choose an opset it supports")
 
 
 def write_metadata(path: Path, metadata: Mapping[str, str]) -> None:

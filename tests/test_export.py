@@ -411,3 +411,12 @@ def test_an_output_of_another_shape_than_pytorchs_is_refused(tmp_path: Path, tin
         ExportVerificationError, match=r"output shape \(1, 1, 2, 4\) differs from PyTorch's \(1, 1, 28, 28\)"
     ):
         verify_file(path, tiny_checkpoint)
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused_not_ignored(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "g.onnx"
+    with pytest.raises(
+        ExportError, match=r"^the exporter wrote opset 18, not the 99 asked for; choose an opset it supports$"
+    ):
+        export_generator(tiny_checkpoint, out, opset=99)
+    assert list(tmp_path.iterdir()) == []
