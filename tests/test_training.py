@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,21 @@ def test_images_per_second_counts_the_steps_of_each_logging_window(
     train(state, load_mnist(tiny_mnist, download=False), tmp_path)
     records = run_metrics(tmp_path)
     assert [r["images_per_s"] for r in records] == [32.0, 32.0, 32.0]  # 2 steps of 16 images in 1 s
+
+
+def test_a_resumed_run_drops_the_records_a_hard_stop_left_past_its_checkpoint(tmp_path: Path, tiny_mnist: Path) -> None:
+    data = load_mnist(tiny_mnist, download=False)
+    settings = TrainConfig(total_steps=4, batch_size=16, log_every=1)
+    first = train(new_state(TINY_MODEL, settings, torch.device("cpu")), data, tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    kept = metrics.read_text()
+    with metrics.open("a") as f:  # a run killed after step 6, its last checkpoint at step 4
+        f.write('{"step": 5, "loss_d": 1.0}\n{"step": 6, "loss_d": 1.0}\n{"step": 7, "lo')
+    state = state_from_checkpoint(str(first.checkpoint), torch.device("cpu"))
+    state.train = replace(state.train, total_steps=8)
+    train(state, data, tmp_path)
+    assert metrics.read_text().startswith(kept)
+    assert [record["step"] for record in run_metrics(tmp_path)] == list(range(1, 9))
 
 
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -167,6 +167,23 @@ def write_sample_grid(state: TrainState, path: Path) -> None:
         save_image(images.cpu(), tmp, nrow=GRID_COLUMNS, padding=2, pad_value=0.5, format="png")
 
 
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the records up to ``step``, where a resumed run starts: those a hard stop (a kill, a crash)
+    left after its last checkpoint would be logged twice, and a line it cut short would break the file."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    with publish(path) as tmp:
+        tmp.write_text("".join(kept))
+
+
 def _append_metrics(path: Path, record: dict[str, float]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -205,6 +222,7 @@ def train(
     checkpoint = run_dir / CHECKPOINT_NAME
     if ctx.is_main:
         (run_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+        _trim_metrics(run_dir / METRICS_NAME, state.step)
     device = next(state.generator.parameters()).device
     if device.type == "cpu":
         use_channels_last(state)
