@@ -241,7 +241,9 @@ class _ServiceEntry:
     """Where requests enter: starts the service on the first one (see :meth:`_Service.start`), and
     answers ``GET /generate`` ahead of FastAPI's router with the documented route's own handler (the
     router's layers, an exit stack and dependency solving among them, cost a third as much as making a
-    one-digit request's digit). Everything else goes on to the app."""
+    one-digit request's digit). Everything else goes on to the app. An unexpected exception from either is
+    logged with the request id and answered with a 500 in JSON here, inside the CORS and request-id
+    middleware, so that the answer keeps their headers."""
 
     def __init__(self, app: ASGIApp, service: _Service) -> None:
         self.app = app
