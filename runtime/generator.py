@@ -86,11 +86,12 @@ class DigitGenerator:
     ((10, 28, 28), array([7, 7, 7]))
     """
 
-    def __init__(self, path: Path, info: ModelInfo, session: object, provider: str, note: str) -> None:
+    def __init__(self, path: Path, info: ModelInfo, session: object, provider: str, note: str, sha256: str) -> None:
         self.path = path
         self.info = info
         self.provider = provider
         self.note = note
+        self.sha256 = sha256  # of the model bytes this generator runs (read once with the session)
         self._session = session
 
     @classmethod
@@ -106,7 +107,7 @@ class DigitGenerator:
         path = Path(path) if path is not None else default_model_path()
         opened = open_session(path, provider, threads)
         info = check_contract(opened.session, str(path))
-        return cls(path, info, opened.session, opened.provider, opened.note)
+        return cls(path, info, opened.session, opened.provider, opened.note, opened.sha256)
 
     @property
     def inputs(self) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class OpenedSession:
     session: ort.InferenceSession
     provider: str  # "cpu" or "cuda": what really runs
     note: str  # non-empty when "auto" found onnxruntime's CUDA provider but it failed to start
+    sha256: str  # hex SHA-256 of the model bytes the session was built from
 
 
 def _usable_providers() -> list[str]:
@@ -64,7 +66,9 @@ def ort_reason(exc: BaseException) -> str:
 def open_session(path: str | Path, provider: str = "auto", threads: int | None = None) -> OpenedSession:
     """Load ``path`` with onnxruntime; raise typed errors for missing, corrupt or unrunnable models.
 
-    ``threads`` sets onnxruntime's intra-op threads (default: onnxruntime's choice, one per core).
+    The file is read once: the session and :attr:`OpenedSession.sha256` come from the same bytes, so
+    the hash names the model that runs even if the file is replaced meanwhile. ``threads`` sets
+    onnxruntime's intra-op threads (default: onnxruntime's choice, one per core).
     """
     path = Path(path)
     if not path.exists():
@@ -75,17 +79,24 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     providers = [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # external data (tensors in files beside the model) is found next to the file, as when loading by path
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     if threads is not None:
         options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        model = path.read_bytes()
+    except OSError as exc:
+        raise InvalidModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
+    try:
+        session = ort.InferenceSession(model, sess_options=options, providers=providers)
     except ORT_ERRORS as exc:
         raise InvalidModelError(f"{path} is not a valid ONNX model ({ort_reason(exc)})") from exc
+    sha256 = hashlib.sha256(model).hexdigest()
     running = session.get_providers()[0]
     if running != PROVIDERS[chosen]:
         if provider == "auto":
-            return OpenedSession(session, "cpu", "CUDA failed to start in onnxruntime; running on the CPU")
+            return OpenedSession(session, "cpu", "CUDA failed to start in onnxruntime; running on the CPU", sha256)
         raise ProviderUnavailableError(
             f"provider {provider!r} failed to start (onnxruntime fell back to {running}); available: cpu"
         )
-    return OpenedSession(session, chosen, "")
+    return OpenedSession(session, chosen, "", sha256)

@@ -32,7 +32,6 @@ from digitgen.serve.params import (
     NotAcceptableError,
     encoder_versions,
     etag,
-    file_sha256,
     not_modified,
 )
 from digitgen.serve.params import parse_request as parse
@@ -107,7 +106,7 @@ class _Service:
         self.generator = generator
         self.settings = settings
         self.metrics = metrics
-        self.model_sha256 = file_sha256(str(generator.path))
+        self.model_sha256 = generator.sha256
         self.etag_source = f"{self.model_sha256}|{encoder_versions(generator.provider)}"
         self.cache_control = f"public, max-age={settings.cache_max_age}, immutable"
         self.warmup_error: str | None = None

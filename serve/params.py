@@ -147,15 +147,6 @@ def parse_request(
     return DigitsRequest(checked.digits, count, checked.seed, checked.truncation, fmt)
 
 
-def file_sha256(path: str) -> str:
-    """The hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def encoder_versions(provider: str) -> str:
     """What else shapes a response's bytes: the libraries that compute its pixels and encode them."""
     return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,10 @@ def test_missing_model(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "reason"),
-    [(b"not a model at all", "Protobuf parsing failed"), (b"", "No graph was found in the protobuf")],
+    [
+        (b"not a model at all", "Failed to load model because protobuf parsing failed"),
+        (b"", "No graph was found in the protobuf"),
+    ],
     ids=["text", "empty"],
 )
 def test_non_onnx_file(tmp_path: Path, content: bytes, reason: str) -> None:
@@ -84,6 +88,28 @@ def test_non_onnx_file(tmp_path: Path, content: bytes, reason: str) -> None:
         DigitGenerator.from_path(path)
     # onnxruntime's reason, without its "[ONNXRuntimeError] : 7 : ... failed:" prefix or a final period
     assert str(caught.value) == f"{path} is not a valid ONNX model ({reason})"
+
+
+def test_sha256_names_the_bytes_loaded_even_if_the_file_is_replaced(tmp_path: Path, tiny_onnx: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(tiny_onnx.read_bytes())
+    gen = DigitGenerator.from_path(path, "cpu")
+    path.write_bytes(default_model_path().read_bytes())
+    assert gen.sha256 == hashlib.sha256(tiny_onnx.read_bytes()).hexdigest()
+    assert np.array_equal(
+        gen.generate(4, seed=2).images, DigitGenerator.from_path(tiny_onnx, "cpu").generate(4, seed=2).images
+    )
+
+
+def test_model_with_external_data_loads_from_beside_it(tmp_path: Path) -> None:
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    shipped = default_model_path()
+    onnx.save_model(onnx.load(shipped), folder / "split.onnx", save_as_external_data=True, location="weights.bin")
+    assert (folder / "weights.bin").stat().st_size > (folder / "split.onnx").stat().st_size
+    split = DigitGenerator.from_path(folder / "split.onnx", "cpu")
+    whole = DigitGenerator.from_path(shipped, "cpu")
+    assert np.array_equal(split.generate(6, seed=3).images, whole.generate(6, seed=3).images)
 
 
 def test_default_seed_is_zero(tiny: DigitGenerator) -> None:

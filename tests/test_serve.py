@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import os
 import re
@@ -28,7 +29,7 @@ from click.testing import CliRunner
 from fastapi import FastAPI
 
 from digitgen.cli import main
-from digitgen.runtime.generator import DigitGenerator
+from digitgen.runtime.generator import DigitGenerator, default_model_path
 from digitgen.runtime.noise import MAX_SEED
 from digitgen.serve import ServeConfigError, ServeSettings, create_app
 from digitgen.serve.batch import Batcher, _Pending, run_batch
@@ -460,7 +461,8 @@ def test_ready_only_after_the_warmup_batch(tmp_path: Path) -> None:
         assert server.get("/healthz").json() == {"status": "alive"}
         release.touch()
         server.wait("/readyz")
-        assert len(server.get("/readyz").json()["model_sha256"]) == 64
+        shipped = hashlib.sha256(default_model_path().read_bytes()).hexdigest()
+        assert server.get("/readyz").json()["model_sha256"] == shipped
     finally:
         server.stop()
 
