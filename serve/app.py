@@ -100,14 +100,13 @@ async def _when_disconnected(receive: Receive, then: Callable[[], None]) -> None
 
 
 class _Service:
-    """The state behind the endpoints: the generator, its model's hash, admission and readiness."""
+    """The state behind the endpoints: the generator, the ETag source, admission and readiness."""
 
     def __init__(self, generator: DigitGenerator, settings: ServeSettings, metrics: Metrics) -> None:
         self.generator = generator
         self.settings = settings
         self.metrics = metrics
-        self.model_sha256 = generator.sha256
-        self.etag_source = f"{self.model_sha256}|{encoder_versions(generator.provider)}"
+        self.etag_source = f"{generator.sha256}|{encoder_versions(generator.provider)}"
         self.cache_control = f"public, max-age={settings.cache_max_age}, immutable"
         self.warmup_error: str | None = None
         self.ready = False
@@ -318,7 +317,7 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
             service.retry_warm_up()
             why = service.warmup_error or "the model's warm-up batch has not run yet"
             return _error(503, f"not ready: {why}")
-        body = {"status": "ready", "model_sha256": service.model_sha256, "provider": generator.provider}
+        body = {"status": "ready", "model_sha256": generator.sha256, "provider": generator.provider}
         return Response(json.dumps(body), media_type="application/json")
 
     @app.get("/metrics", response_class=Response)
