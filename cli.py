@@ -233,6 +233,12 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     "at the end of the run (kept on --resume).",
 )
 @click.option(
+    "--label-weight-floor",
+    type=click.FloatRange(min=0),
+    help="With --label-weight-falls: the weight it falls to at the end of the run instead of zero, e.g. 0.05 "
+    "(kept on --resume).",
+)
+@click.option(
     "--label-digit-weights",
     callback=_digit_weights,
     help="Multiply --label-weight for the generated digits of some classes, e.g. 4=2.5,7=2.5 (the rest: 1; "
@@ -276,6 +282,7 @@ def train(
     label_classifiers: tuple[str, ...],
     label_weight: float | None,
     label_weight_falls: bool | None,
+    label_weight_floor: float | None,
     label_digit_weights: str | None,
     diffaugment: str | None,
     seed: int | None,
@@ -318,6 +325,7 @@ def train(
         label_classifiers=label_classifiers,
         label_weight=label_weight,
         label_weight_falls=label_weight_falls,
+        label_weight_floor=label_weight_floor,
         label_digit_weights=label_digit_weights,
         diffaugment=diffaugment,
         download=download,
@@ -339,6 +347,7 @@ def train(
             + (f", label classifier weight {state.train.label_weight:g}" if state.train.label_weight else "")
             + (f" (mean of {len(state.label_classifiers)} classifiers)" if len(state.label_classifiers) > 1 else "")
             + (" falling with the learning rate" if state.train.label_weight_falls else "")
+            + (f" to {state.train.label_weight_floor:g}" if state.train.label_weight_floor else "")
             + (f" (per digit x {state.train.label_digit_weights})" if state.train.label_digit_weights else "")
             + (f", DiffAugment {state.train.diffaugment}" if state.train.diffaugment else ""),
             err=True,

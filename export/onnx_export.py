@@ -43,7 +43,8 @@ def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
         "train_label_weight": str(train.get("label_weight", 0.0)),
         "train_label_weight_falls": str(train.get("label_weight_falls", False)).lower(),
         "weights": "generator EMA",
-        # only when given, so that files trained without per-digit weights keep their metadata
+        # only when given, so that files trained without a floor or per-digit weights keep their metadata
+        **({"train_label_weight_floor": str(train["label_weight_floor"])} if train.get("label_weight_floor") else {}),
         **({"train_label_digit_weights": train["label_digit_weights"]} if train.get("label_digit_weights") else {}),
     }
 

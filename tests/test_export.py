@@ -48,7 +48,8 @@ def test_metadata_names_the_recipe_that_trained_the_weights() -> None:
     """The file says how it was trained: every entry, from the contract to the classifier weights."""
     config = {"latent_dim": 64, "num_classes": 10, "image_size": 28, "conditional_norm": True}
     train = {"batch_size": 128, "seed": 1, "lr": 2e-4, "lr_d": 4e-4, "lr_decay_steps": 3744}
-    label = {"label_weight": 0.1, "label_weight_falls": True, "label_digit_weights": "4=2.5,7=2.5"}
+    label = {"label_weight": 0.1, "label_weight_falls": True, "label_weight_floor": 0.05}
+    label["label_digit_weights"] = "4=2.5,7=2.5"
     payload = {"config": config, "step": 7488, "train": {**train, "adc_weight": 0.5, **label}}
     contract = {"latent_dim": "64", "num_classes": "10", "image_size": "28", "contract_version": CONTRACT_VERSION}
     assert onnx_export.contract_metadata(payload) == {
@@ -66,6 +67,7 @@ def test_metadata_names_the_recipe_that_trained_the_weights() -> None:
         "train_label_weight": "0.1",
         "train_label_weight_falls": "true",
         "weights": "generator EMA",
+        "train_label_weight_floor": "0.05",
         "train_label_digit_weights": "4=2.5,7=2.5",
     }
     # a run on a subset, from before two time-scales, the decay and the classifier terms
@@ -76,7 +78,7 @@ def test_metadata_names_the_recipe_that_trained_the_weights() -> None:
     assert (meta["train_lr_d"], meta["train_conditional_norm"]) == ("0.0002", "false")
     assert (meta["train_lr_decay_steps"], meta["train_adc_weight"], meta["train_label_weight"]) == ("0", "0.0", "0.0")
     assert meta["train_label_weight_falls"] == "false"
-    assert "train_label_digit_weights" not in meta  # only given weights are named
+    assert "train_label_digit_weights" not in meta and "train_label_weight_floor" not in meta  # only when given
     del older["config"]["conditional_norm"]  # before conditional BN existed
     assert onnx_export.contract_metadata(older)["train_conditional_norm"] == "false"
 

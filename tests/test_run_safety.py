@@ -109,6 +109,7 @@ def test_resuming_another_run_into_a_run_directory_is_refused(
         ("--adc-weight", "0.5", "0.0"),
         ("--label-weight", "0.5", "0.0"),
         ("--label-weight-falls", None, "False"),
+        ("--label-weight-floor", "0.05", "0.0"),
         ("--label-digit-weights", "7=2", "none"),
         ("--diffaugment", "translation", "none"),
     ],
@@ -242,17 +243,23 @@ def test_the_same_label_classifier_twice_is_refused(tmp_path: Path, tiny_mnist: 
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_a_falling_label_weight_and_per_digit_weights_are_said_saved_and_kept_on_resume(
+def test_a_falling_label_weight_its_floor_and_per_digit_weights_are_said_saved_and_kept_on_resume(
     tmp_path: Path, tiny_mnist: Path, label_weights: Path
 ) -> None:
     run_dir = tmp_path / "run"
     label = ("--label-classifier", label_weights, "--label-weight", 0.5, "--label-weight-falls")
-    per_digit = ("--label-digit-weights", "7=2, 4=3")
-    code, output = train(tiny_mnist, run_dir, "--epochs", 1, "--lr-decay-epochs", 1, *TINY, *label, *per_digit)
+    floor_and_per_digit = ("--label-weight-floor", 0.1, "--label-digit-weights", "7=2, 4=3")
+    code, output = train(
+        tiny_mnist, run_dir, "--epochs", 1, "--lr-decay-epochs", 1, *TINY, *label, *floor_and_per_digit
+    )
     assert code == 0, output
-    assert "label classifier weight 0.5 falling with the learning rate (per digit x 4=3,7=2)" in output
+    assert "label classifier weight 0.5 falling with the learning rate to 0.1 (per digit x 4=3,7=2)" in output
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["train"]
-    assert (saved["label_weight_falls"], saved["label_digit_weights"]) == (True, "4=3,7=2")
+    assert (saved["label_weight_falls"], saved["label_weight_floor"], saved["label_digit_weights"]) == (
+        True,
+        0.1,
+        "4=3,7=2",
+    )
     before = (run_dir / "checkpoint.pt").read_bytes()
     code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--lr-decay-epochs", 0)
     assert (code, output.strip()) == (
@@ -260,9 +267,10 @@ def test_a_falling_label_weight_and_per_digit_weights_are_said_saved_and_kept_on
         "Error: --label-weight-falls needs a learning-rate decay of at least one step: give --lr-decay-epochs",
     )
     assert (run_dir / "checkpoint.pt").read_bytes() == before
-    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--epochs", 2, *per_digit)
+    resume = ("--resume", run_dir / "checkpoint.pt", "--epochs", 2, *floor_and_per_digit)
+    code, output = train(tiny_mnist, run_dir, *resume)
     assert code == 0, output
-    assert "falling with the learning rate (per digit x 4=3,7=2)" in output
+    assert "falling with the learning rate to 0.1 (per digit x 4=3,7=2)" in output
 
 
 def test_bad_per_digit_label_weights_are_refused_in_one_line(tmp_path: Path, tiny_mnist: Path) -> None:
@@ -332,6 +340,22 @@ def test_a_checkpoint_from_before_the_falling_label_weight_resumes_with_a_consta
         (
             ("--label-digit-weights", "7=2"),
             "--label-digit-weights needs a positive --label-weight and its --label-classifier",
+        ),
+        (
+            ("--label-classifier", "{weights}", "--label-weight", "0.5", "--label-weight-floor", "0.1"),
+            "--label-weight-floor needs --label-weight-falls",
+        ),
+        (
+            (
+                "--label-classifier",
+                "{weights}",
+                "--label-weight",
+                "0.5",
+                "--label-weight-falls",
+                "--label-weight-floor",
+                "0.5",
+            ),
+            "--label-weight-floor 0.5 must be below --label-weight 0.5",
         ),
         (
             ("--resume", "{checkpoint}", "--label-classifier", "{weights}"),

@@ -76,6 +76,9 @@ def test_config_rejects_bad_values() -> None:
         TrainConfig(total_steps=10, adc_weight=-0.1)
     with pytest.raises(ValueError, match=r"^a falling label weight needs a positive label weight$"):
         TrainConfig(total_steps=10, label_weight_falls=True)
+    for floor, falls in ((0.1, False), (0.2, True), (0.3, True), (-0.1, True)):
+        with pytest.raises(ValueError, match=r"^a label-weight floor needs a falling label weight above it$"):
+            TrainConfig(total_steps=10, label_weight=0.2, label_weight_falls=falls, label_weight_floor=floor)
 
 
 @pytest.mark.parametrize(
@@ -116,9 +119,11 @@ def test_per_digit_label_weights_multiply_their_digits_only() -> None:
         TrainConfig(total_steps=10, label_weight=0.2, label_digit_weights="7=2,4=2")
 
 
-def test_a_falling_label_weight_follows_the_learning_rate_and_a_constant_one_stays() -> None:
+def test_a_falling_label_weight_follows_the_learning_rate_to_its_floor_and_a_constant_one_stays() -> None:
     falling = TrainConfig(total_steps=100, lr_decay_steps=40, label_weight=0.2, label_weight_falls=True)
     assert [falling.label_classifier_weight(s) for s in (0, 60, 80, 100)] == [0.2, 0.2, 0.1, 0.0]
+    floored = replace(falling, label_weight_floor=0.05)
+    assert [floored.label_classifier_weight(s) for s in (0, 60, 80, 100)] == pytest.approx([0.2, 0.2, 0.125, 0.05])
     constant = TrainConfig(total_steps=100, lr_decay_steps=40, label_weight=0.2)
     assert [constant.label_classifier_weight(s) for s in (0, 80, 100)] == [0.2, 0.2, 0.2]
 

@@ -181,6 +181,7 @@ def _cross_entropy(classifier: torch.nn.Module, images: torch.Tensor, labels: to
     [
         (2.0, {}, 0),
         (4.0, {"total_steps": 10, "lr_decay_steps": 4, "label_weight_falls": True}, 8),  # halfway down: 2.0
+        (3.0, {"total_steps": 10, "lr_decay_steps": 4, "label_weight_falls": True, "label_weight_floor": 1.0}, 8),
     ],
 )
 def test_label_classifier_adds_its_weighted_cross_entropy_to_the_generator_loss_and_stays_frozen(

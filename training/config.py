@@ -83,6 +83,7 @@ class TrainConfig:
     adc_weight: float = 0.0  # weight of ADC-GAN's classifier terms in both losses; 0: no classifier
     label_weight: float = 0.0  # weight of a frozen classifier's cross-entropy in the generator's loss; 0: none
     label_weight_falls: bool = False  # the label weight follows the learning-rate decay (none: stays constant)
+    label_weight_floor: float = 0.0  # where a falling label weight ends, instead of zero
     label_digit_weights: str = ""  # per-digit multipliers of the label weight, e.g. "4=2.5,7=2.5"; others: 1
     diffaugment: str = ""  # DiffAugment transforms of the discriminator's inputs, e.g. "translation,cutout"
     seed: int = 0
@@ -103,6 +104,9 @@ class TrainConfig:
             raise ValueError("the classifier weight must be zero or positive")
         if self.label_weight_falls and not self.label_weight > 0:
             raise ValueError("a falling label weight needs a positive label weight")
+        floor = self.label_weight_floor
+        if floor != 0 and not (self.label_weight_falls and 0 < floor < self.label_weight):
+            raise ValueError("a label-weight floor needs a falling label weight above it")
         if self.label_digit_weights and not self.label_weight > 0:
             raise ValueError("per-digit label weights need a positive label weight")
         if parse_digit_weights(self.label_digit_weights) != self.label_digit_weights:
@@ -121,8 +125,12 @@ class TrainConfig:
         return (self.lr if self.lr_d is None else self.lr_d) * self._decay(step)
 
     def label_classifier_weight(self, step: int) -> float:
-        """``label_weight``, constant or (``label_weight_falls``) on the learning rate's schedule."""
-        return self.label_weight * (self._decay(step) if self.label_weight_falls else 1.0)
+        """``label_weight``, constant or (``label_weight_falls``) on the learning rate's schedule, falling to
+        ``label_weight_floor``."""
+        if not self.label_weight_falls:
+            return self.label_weight
+        floor = self.label_weight_floor
+        return floor + (self.label_weight - floor) * self._decay(step)
 
     def label_digit_multipliers(self, num_classes: int) -> list[float]:
         """The multiplier of the label weight for each digit: 1 unless ``label_digit_weights`` says otherwise."""

@@ -45,6 +45,7 @@ class RunOptions:
     label_classifiers: tuple[str, ...] = ()
     label_weight: float | None = None
     label_weight_falls: bool | None = None
+    label_weight_floor: float | None = None
     label_digit_weights: str | None = None  # canonical "DIGIT=MULTIPLIER,..." (see parse_digit_weights)
     diffaugment: str | None = None
     download: bool = False  # fetch MNIST when it is missing from data_dir
@@ -65,6 +66,7 @@ FIXED_ON_RESUME = {
     "adc_weight": ("--adc-weight", "train"),
     "label_weight": ("--label-weight", "train"),
     "label_weight_falls": ("--label-weight-falls", "train"),
+    "label_weight_floor": ("--label-weight-floor", "train"),
     "label_digit_weights": ("--label-digit-weights", "train"),
     "diffaugment": ("--diffaugment", "train"),
 }
@@ -164,6 +166,12 @@ def label_classifiers(options: RunOptions) -> tuple[Classifier, ...]:
     weighted = options.label_weight is not None and options.label_weight > 0
     if options.label_weight_falls and not weighted:
         raise TrainingError("--label-weight-falls needs a positive --label-weight and its --label-classifier")
+    if options.label_weight_floor and not options.label_weight_falls:
+        raise TrainingError("--label-weight-floor needs --label-weight-falls")
+    if options.label_weight_floor and not options.label_weight_floor < options.label_weight:
+        raise TrainingError(
+            f"--label-weight-floor {options.label_weight_floor:g} must be below --label-weight {options.label_weight:g}"
+        )
     if options.label_digit_weights and not weighted:
         raise TrainingError("--label-digit-weights needs a positive --label-weight and its --label-classifier")
     if not options.label_classifiers:
@@ -202,6 +210,7 @@ def _new_state(options: RunOptions, device: torch.device, rank: int, classifiers
         "adc_weight",
         "label_weight",
         "label_weight_falls",
+        "label_weight_floor",
         "label_digit_weights",
         "diffaugment",
     )
