@@ -230,7 +230,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     is_flag=True,
     default=None,
     help="Lower --label-weight linearly with the learning rate over the last --lr-decay-epochs, reaching zero "
-    "at the end of the run (kept on --resume).",
+    "(or --label-weight-floor) at the end of the run (kept on --resume).",
 )
 @click.option(
     "--label-weight-floor",
