@@ -74,6 +74,9 @@ class OneLineErrors(click.Group):
         try:
             with _terminate_like_ctrl_c():
                 result = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # plain `digitgen`: the help, not an error
+            click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+            sys.exit(0)
         except click.UsageError as exc:
             click.echo(f"Error: {exc.format_message()} (see --help)", err=True)
             sys.exit(exc.exit_code)
@@ -82,6 +85,10 @@ class OneLineErrors(click.Group):
             sys.exit(exc.exit_code)
         except LIBRARY_ERRORS as exc:
             click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:  # what the library did not foresee (a folder it cannot list, a full disk)
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"Error: {exc.strerror or exc}{where}", err=True)
             sys.exit(1)
         except ModuleNotFoundError as exc:
             extra = "train" if exc.name in TRAINING_MODULES else "serve" if exc.name in SERVE_MODULES else None
@@ -731,7 +738,7 @@ def evaluate(
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
-    help="onnxruntime intra-op threads per worker [default: cores / workers - 1, at least 1].",
+    help="onnxruntime intra-op threads per worker [default: usable cores / workers - 1, at least 1].",
 )
 @click.option(
     "--max-count", default=10_000, show_default=True, type=click.IntRange(min=1), help="Most digits per request."

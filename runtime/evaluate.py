@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from digitgen.runtime.errors import InvalidRequestError, ModelContractError
+from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError
 from digitgen.runtime.generator import DigitGenerator, default_model_path
-from digitgen.runtime.session import open_session
+from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
 
 K_NEAREST = 5
 Progress = Callable[[int], None]
@@ -51,7 +51,11 @@ class ReferenceClassifier:
         """(batch size, (logits, features)) for each batch of ``images``, scaled to [0, 1]."""
         for i in range(0, len(images), batch_size):
             batch = images[i : i + batch_size, None].astype(np.float32) / 255.0
-            yield len(batch), self._session.run(["logits", "features"], {"image": batch})
+            try:
+                outputs = self._session.run(["logits", "features"], {"image": batch})
+            except ORT_ERRORS as exc:
+                raise ModelRunError(f"{self.path}: the classifier failed to run: {ort_reason(exc)}") from exc
+            yield len(batch), outputs
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

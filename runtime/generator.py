@@ -91,7 +91,9 @@ class DigitGenerator:
         self.info = info
         self.provider = provider
         self.note = note
-        self.sha256 = sha256  # of the model bytes this generator runs (read once with the session)
+        self.sha256 = (
+            sha256  # of the model bytes this generator runs (read once with the session) and its external data
+        )
         self._session = session
 
     @classmethod

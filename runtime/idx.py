@@ -17,6 +17,7 @@ from digitgen.runtime.files import atomic_file
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
 IMAGE_SIDE = 28
+IDX_MAX_ITEMS = 2**32 - 1  # the count field of an IDX header is an unsigned 32-bit integer
 MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -29,8 +30,17 @@ def header_size(images: bool) -> int:
     return 16 if images else 8
 
 
+def check_idx_count(count: int) -> None:
+    """Refuse ``count`` digits in one IDX file if its 32-bit count field cannot hold the number."""
+    if count > IDX_MAX_ITEMS:
+        raise InvalidRequestError(
+            f"an IDX file holds at most {IDX_MAX_ITEMS:,} digits (its count is 32 bits), not {count:,}"
+        )
+
+
 def idx_header(count: int, images: bool) -> bytes:
     """The header of an IDX file holding ``count`` 28x28 images, or ``count`` labels."""
+    check_idx_count(count)
     if images:
         return struct.pack(">IIII", IMAGES_MAGIC, count, IMAGE_SIDE, IMAGE_SIDE)
     return struct.pack(">II", LABELS_MAGIC, count)

@@ -11,17 +11,14 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from digitgen.runtime.errors import InvalidModelError, ModelNotFoundError, ProviderUnavailableError
+from digitgen.runtime.external_data import external_data_files
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PROVIDER_CHOICES = ("auto", *PROVIDERS)
-ORT_ERRORS = (
-    ort_state.Fail,
-    ort_state.InvalidArgument,
-    ort_state.InvalidGraph,
-    ort_state.InvalidProtobuf,
-    ort_state.NoSuchFile,
-    ort_state.NotImplemented,
-    ort_state.RuntimeException,
+# Every exception class onnxruntime's binding defines (Fail, InvalidGraph, EPFail, DeviceReset, ...): none
+# derives from a common base, and a new release may add more.
+ORT_ERRORS: tuple[type[BaseException], ...] = (
+    *(cls for cls in vars(ort_state).values() if isinstance(cls, type) and issubclass(cls, Exception)),
     UnicodeDecodeError,  # onnxruntime decodes strings in corrupt files and can fail doing so
 )
 
@@ -31,7 +28,7 @@ class OpenedSession:
     session: ort.InferenceSession
     provider: str  # "cpu" or "cuda": what really runs
     note: str  # non-empty when "auto" found onnxruntime's CUDA provider but it failed to start
-    sha256: str  # hex SHA-256 of the model bytes the session was built from
+    sha256: str  # hex SHA-256 of the model bytes the session was built from (and of its external data files)
 
 
 def _usable_providers() -> list[str]:
@@ -63,11 +60,27 @@ def ort_reason(exc: BaseException) -> str:
     return reason.strip().rstrip(".")
 
 
+def _model_sha256(model: bytes, path: Path) -> str:
+    """SHA-256 of ``model``, the bytes read from ``path``; for a model that keeps tensors in files beside it,
+    extended by each file's name and SHA-256, so that the hash changes with any weight."""
+    digest = hashlib.sha256(model)
+    try:
+        for location in external_data_files(model):
+            external = hashlib.sha256((path.parent / location).read_bytes()).digest()
+            digest.update(b"\0" + location.encode() + b"\0" + external)
+    except ValueError as exc:
+        raise InvalidModelError(f"{path} is not a valid ONNX model ({exc})") from exc
+    except OSError as exc:
+        raise InvalidModelError(f"cannot read the external data of {path}: {exc.strerror or exc}") from exc
+    return digest.hexdigest()
+
+
 def open_session(path: str | Path, provider: str = "auto", threads: int | None = None) -> OpenedSession:
     """Load ``path`` with onnxruntime; raise typed errors for missing, corrupt or unrunnable models.
 
     The file is read once: the session and :attr:`OpenedSession.sha256` come from the same bytes, so
-    the hash names the model that runs even if the file is replaced meanwhile. ``threads`` sets
+    the hash names the model that runs even if the file is replaced meanwhile (external data files, which
+    onnxruntime reads itself, are read again for the hash). ``threads`` sets
     onnxruntime's intra-op threads (default: onnxruntime's choice, one per core).
     """
     path = Path(path)
@@ -91,7 +104,7 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         session = ort.InferenceSession(model, sess_options=options, providers=providers)
     except ORT_ERRORS as exc:
         raise InvalidModelError(f"{path} is not a valid ONNX model ({ort_reason(exc)})") from exc
-    sha256 = hashlib.sha256(model).hexdigest()
+    sha256 = _model_sha256(model, path)
     running = session.get_providers()[0]
     if running != PROVIDERS[chosen]:
         if provider == "auto":

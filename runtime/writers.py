@@ -25,7 +25,7 @@ from digitgen.runtime.encode import grid_png_bytes, idx_records, npz_bytes, png_
 from digitgen.runtime.errors import InvalidRequestError, OutputError
 from digitgen.runtime.files import atomic_file, refuse_existing, temporary_name
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
-from digitgen.runtime.idx import check_idx, idx_header
+from digitgen.runtime.idx import check_idx, check_idx_count, idx_header
 from digitgen.runtime.shards import WHOLE, Shard, concat_idx, concat_npz, find_shards
 
 FORMATS = ("png", "grid", "npz", "idx", "mnist")
@@ -60,6 +60,8 @@ def prepare_output_dir(out_dir: str | Path) -> Path:
         raise OutputError(f"cannot create output directory {out_dir}: {exc.strerror or exc}") from exc
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise OutputError(f"output directory {out_dir} is not writable")
+    if not os.access(out_dir, os.R_OK):  # its listing tells what a run would replace or resume
+        raise OutputError(f"output directory {out_dir} is not readable")
     return out_dir
 
 
@@ -326,8 +328,12 @@ def plan_output(
     elif test_count is not None:
         raise InvalidRequestError("a test split (--test-count) is written by --format mnist only")
     start, stop = shard.check(total).bounds(total)
+    if fmt == "grid" and shard.count > 1:
+        raise InvalidRequestError("--format grid writes one contact sheet and is not sharded; shard png, npz or idx")
     if fmt == "grid" and stop - start > GRID_MAX_DIGITS:
         raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use png, npz or idx")
+    if fmt in ("idx", "mnist"):
+        check_idx_count(max(stop - start, test_count or 0))
     out_dir = prepare_output_dir(out_dir)
     existing = existing_outputs(out_dir, fmt, shard, total)
     if not resume:

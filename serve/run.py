@@ -22,10 +22,17 @@ from digitgen.serve.app import ServeSettings, create_app
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_threads(workers: int) -> int:
-    """onnxruntime intra-op threads per worker: its share of the cores less one for its event loop
+    """onnxruntime intra-op threads per worker: its share of the usable cores less one for its event loop
     (HTTP, noise, encoding), at least one."""
-    return max(1, (os.cpu_count() or 1) // workers - 1)
+    return max(1, usable_cores() // workers - 1)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,9 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["--num-shards", "3", "--shard-index", "3"], "shard index must be in 0..2"),
         (["--truncation", "0.05"], "0.05 is not in the range x>=0.1"),
         (["--seed", str(2**64)], "18446744073709551616 is not in the range 0<=x<=18446744073709551615"),
+        (["-n", str(2**32), "--format", "idx"], "an IDX file holds at most 4,294,967,295 digits"),
+        (["--format", "mnist", "--test-count", str(2**32)], "(its count is 32 bits), not 4,294,967,296"),
+        (["-n", "20", "--format", "grid", "--num-shards", "2"], "--format grid writes one contact sheet"),
     ],
 )
 def test_bad_generate_input_is_one_clear_line(tmp_path: Path, tiny_onnx: Path, args: list[str], message: str) -> None:
@@ -98,6 +101,24 @@ def test_generate_refuses_to_overwrite(tmp_path: Path, tiny_onnx: Path) -> None:
     code, output = run(*args)
     assert code == 1 and "already exists; pass --overwrite" in output
     assert run(*args, "--overwrite")[0] == 0
+
+
+def test_plain_digitgen_prints_the_help_not_an_error() -> None:
+    code, output = run()
+    assert code == 0 and output.startswith("Usage:") and "Error" not in output, output
+
+
+def test_an_os_error_the_library_did_not_foresee_is_one_line(
+    tmp_path: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import digitgen.runtime.writers as writers
+
+    def unlistable(out_dir: Path, *_bounds: int) -> list[Path]:
+        raise PermissionError(13, "Permission denied", str(out_dir))
+
+    monkeypatch.setattr(writers, "pngs_in_range", unlistable)
+    code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path / "out")
+    assert (code, output) == (1, f"Error: Permission denied: {tmp_path / 'out'}\n")
 
 
 def test_info_prints_contract_and_metadata(tiny_onnx: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from digitgen.runtime import InvalidRequestError
-from digitgen.runtime.idx import check_idx, read_idx, read_mnist_split, write_idx
+from digitgen.runtime.idx import check_idx, idx_header, read_idx, read_mnist_split, write_idx
 
 IMAGES = np.arange(3 * 28 * 28, dtype=np.int64).reshape(3, 28, 28) % 256
 LABELS = np.array([7, 0, 9])
@@ -70,3 +70,10 @@ def test_missing_file_and_mismatched_split(tmp_path: Path) -> None:
     write_idx(raw / "t10k-labels-idx1-ubyte", LABELS)
     images, labels = read_mnist_split(tmp_path, "t10k")
     assert images.shape == (3, 28, 28) and labels.dtype == np.int64 and labels.tolist() == [7, 0, 9]
+
+
+def test_the_header_count_is_32_bits_and_a_larger_one_is_refused() -> None:
+    """merge checks nothing else before it writes a header, so the limit lives in idx_header itself."""
+    assert idx_header(2**32 - 1, images=False)[4:] == b"\xff\xff\xff\xff"
+    with pytest.raises(InvalidRequestError, match="^an IDX file holds at most 4,294,967,295 digits"):
+        idx_header(2**32, images=True)

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from digitgen.runtime import (
     DigitGenerator,
@@ -16,9 +17,12 @@ from digitgen.runtime import (
     InvalidRequestError,
     ModelContractError,
     ModelNotFoundError,
+    ModelRunError,
     ProviderUnavailableError,
     default_model_path,
 )
+from digitgen.runtime.evaluate import ReferenceClassifier
+from digitgen.runtime.external_data import external_data_files
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +114,42 @@ def test_model_with_external_data_loads_from_beside_it(tmp_path: Path) -> None:
     split = DigitGenerator.from_path(folder / "split.onnx", "cpu")
     whole = DigitGenerator.from_path(shipped, "cpu")
     assert np.array_equal(split.generate(6, seed=3).images, whole.generate(6, seed=3).images)
+    assert external_data_files((folder / "split.onnx").read_bytes()) == ["weights.bin"]
+    assert external_data_files(shipped.read_bytes()) == []
+
+
+def test_the_hash_of_a_split_model_covers_its_weights(tmp_path: Path) -> None:
+    """Two replicas with one .onnx and different weights files must not share an ETag."""
+    model = onnx.load(default_model_path())
+    onnx.save_model(model, tmp_path / "split.onnx", save_as_external_data=True, location="weights.bin")
+    first = DigitGenerator.from_path(tmp_path / "split.onnx", "cpu").sha256
+    assert first == DigitGenerator.from_path(tmp_path / "split.onnx", "cpu").sha256
+    assert first != hashlib.sha256((tmp_path / "split.onnx").read_bytes()).hexdigest()
+    weights = bytearray((tmp_path / "weights.bin").read_bytes())
+    weights[-1] ^= 1
+    (tmp_path / "weights.bin").write_bytes(bytes(weights))
+    assert DigitGenerator.from_path(tmp_path / "split.onnx", "cpu").sha256 != first
+
+
+def test_external_data_is_found_in_subgraphs_and_sparse_tensors() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    def external(name: str, location: str) -> onnx.TensorProto:
+        tensor = numpy_helper.from_array(np.ones(3, np.float32), name)
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        tensor.external_data.add(key="location", value=location)
+        tensor.external_data.add(key="offset", value="0")
+        return tensor
+
+    branch = helper.make_graph([], "branch", [], [], [external("b", "branch.bin")])
+    node = helper.make_node("If", ["cond"], [], then_branch=branch, else_branch=branch)
+    sparse = helper.make_sparse_tensor(external("v", "values.bin"), external("i", "indices.bin"), [3])
+    graph = helper.make_graph([node], "g", [], [], [external("w", "top.bin")], sparse_initializer=[sparse])
+    model = helper.make_model(graph).SerializeToString()
+    assert external_data_files(model) == ["branch.bin", "indices.bin", "top.bin", "values.bin"]
+    with pytest.raises(ValueError, match="truncated"):
+        external_data_files(model[:-3])
 
 
 def test_default_seed_is_zero(tiny: DigitGenerator) -> None:
@@ -182,3 +222,27 @@ def test_truncation_changes_digits_whatever_the_batch_size(tiny: DigitGenerator)
     truncated = tiny.generate(40, seed=3, truncation=0.5, batch_size=40).images
     assert np.array_equal(tiny.generate(40, seed=3, truncation=0.5, batch_size=7).images, truncated)
     assert not np.array_equal(tiny.generate(40, seed=3).images, truncated)
+
+
+class _FailingSession:
+    """Stands in for an onnxruntime session whose execution provider fails mid-run (a GPU reset, say)."""
+
+    def __init__(self, error: type[BaseException]) -> None:
+        self.error = error
+
+    def run(self, *_args: object) -> None:
+        raise self.error("[ONNXRuntimeError] : 11 : EP_FAIL : the device went away")
+
+
+@pytest.mark.parametrize("error", [ort_state.EPFail, ort_state.DeviceReset, ort_state.EngineError])
+def test_any_onnxruntime_failure_while_running_is_a_model_run_error(
+    tiny_onnx: Path, tiny_classifier: Path, monkeypatch: pytest.MonkeyPatch, error: type[BaseException]
+) -> None:
+    gen = DigitGenerator.from_path(tiny_onnx, "cpu")
+    monkeypatch.setattr(gen, "_session", _FailingSession(error))
+    with pytest.raises(ModelRunError, match=r"the model failed to run: the device went away$"):
+        gen.generate(2)
+    classifier = ReferenceClassifier(tiny_classifier)
+    monkeypatch.setattr(classifier, "_session", _FailingSession(error))
+    with pytest.raises(ModelRunError, match=r"the classifier failed to run: the device went away$"):
+        classifier.embed(np.zeros((2, 28, 28), np.uint8))

@@ -795,3 +795,14 @@ def test_soak_no_failures_and_memory_stays_flat(server: Server) -> None:
     after = rss_bytes(server.process.pid)
     assert statuses == [200] * SOAK_REQUESTS
     assert after - before < SOAK_RSS_GROWTH, f"RSS grew {(after - before) / 2**20:.1f} MB"
+
+
+def test_default_threads_count_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2-CPU container on a 64-core host: one onnxruntime thread, not 63."""
+    from digitgen.serve import run
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert run.default_threads(1) == 1 and run.default_threads(2) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    assert [run.default_threads(workers) for workers in (1, 2, 4, 8)] == [7, 3, 1, 1]

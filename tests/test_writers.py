@@ -81,6 +81,19 @@ def test_out_is_a_file(gen: DigitGenerator, tmp_path: Path) -> None:
         _write(gen, target / "sub", "png")
 
 
+def test_out_that_cannot_be_listed(gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its listing says what a run would replace (the root user reads any folder, so access is faked)."""
+    import os
+
+    access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: access(path, mode) and (Path(path), mode) != (tmp_path, os.R_OK)
+    )
+    with pytest.raises(OutputError, match=f"^output directory {tmp_path} is not readable$"):
+        _write(gen, tmp_path, "png")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("fmt", ["idx", "npz", "grid"])
 def test_interrupted_stream_leaves_no_partial_file(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
     def interrupted():

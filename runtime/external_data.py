@@ -1,0 +1,99 @@
+"""The files an ONNX model keeps its tensors in (ONNX "external data"), read from the protobuf's wire format.
+
+The runtime installs without the ``onnx`` package, so this walks the few messages that can hold a tensor:
+a graph's initializers, and tensors and subgraphs in node attributes (If, Loop, Scan), at any depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
+
+MODEL_GRAPH = 7
+GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_SPARSE_INITIALIZER = 1, 5, 15
+NODE_ATTRIBUTE = 5
+ATTRIBUTE_TENSORS = {5, 10}  # t, tensors
+ATTRIBUTE_GRAPHS = {6, 11}  # g, graphs
+ATTRIBUTE_SPARSE_TENSORS = {22, 23}  # sparse_tensor, sparse_tensors
+SPARSE_VALUES, SPARSE_INDICES = 1, 2
+TENSOR_EXTERNAL_DATA = 13
+ENTRY_KEY, ENTRY_VALUE = 1, 2
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _fields(message: memoryview) -> Iterator[tuple[int, memoryview]]:
+    """(field number, contents) of each length-delimited field of ``message`` (views, not copies: tensors can be
+    large); fields of other wire types are skipped."""
+    pos = 0
+    while pos < len(message):
+        key, pos = _varint(message, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == VARINT:
+            _, pos = _varint(message, pos)
+        elif wire_type in (FIXED64, FIXED32):
+            pos += 8 if wire_type == FIXED64 else 4
+        elif wire_type == LENGTH_DELIMITED:
+            size, pos = _varint(message, pos)
+            if pos + size > len(message):
+                raise ValueError("truncated field")
+            yield number, message[pos : pos + size]
+            pos += size
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+    if pos > len(message):
+        raise ValueError("truncated field")
+
+
+def _tensor_locations(tensor: memoryview) -> Iterator[str]:
+    for number, entry in _fields(tensor):
+        if number == TENSOR_EXTERNAL_DATA:
+            parts = dict(_fields(entry))
+            if ENTRY_KEY in parts and parts[ENTRY_KEY] == b"location" and ENTRY_VALUE in parts:
+                yield bytes(parts[ENTRY_VALUE]).decode("utf-8")
+
+
+def _sparse_locations(sparse: memoryview) -> Iterator[str]:
+    for number, tensor in _fields(sparse):
+        if number in (SPARSE_VALUES, SPARSE_INDICES):
+            yield from _tensor_locations(tensor)
+
+
+def _graph_locations(graph: memoryview) -> Iterator[str]:
+    for number, field in _fields(graph):
+        if number == GRAPH_INITIALIZER:
+            yield from _tensor_locations(field)
+        elif number == GRAPH_SPARSE_INITIALIZER:
+            yield from _sparse_locations(field)
+        elif number == GRAPH_NODE:
+            for attribute_number, attribute in _fields(field):
+                if attribute_number == NODE_ATTRIBUTE:
+                    yield from _attribute_locations(attribute)
+
+
+def _attribute_locations(attribute: memoryview) -> Iterator[str]:
+    for number, field in _fields(attribute):
+        if number in ATTRIBUTE_TENSORS:
+            yield from _tensor_locations(field)
+        elif number in ATTRIBUTE_GRAPHS:
+            yield from _graph_locations(field)
+        elif number in ATTRIBUTE_SPARSE_TENSORS:
+            yield from _sparse_locations(field)
+
+
+def external_data_files(model: bytes) -> list[str]:
+    """The external data locations (paths relative to the model's folder) that ``model`` names, sorted, once
+    each; ``[]`` for a self-contained model. ``ValueError`` if the bytes are not a well-formed protobuf."""
+    graphs = (graph for number, graph in _fields(memoryview(model)) if number == MODEL_GRAPH)
+    return sorted({location for graph in graphs for location in _graph_locations(graph)})
