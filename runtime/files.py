@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import filecmp
 import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+import signal
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
 from digitgen.runtime.errors import OutputError
+
+# Ctrl-C, and what the CLI treats as Ctrl-C: held back while several files are renamed into place.
+INTERRUPTING_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
 
 
 def temporary_name(path: Path) -> Path:
@@ -45,6 +50,55 @@ def atomic_file(path: str | Path, keep_identical: bool = False) -> Iterator[Bina
     """Open ``path`` for binary writing through :func:`publish`."""
     with publish(path, keep_identical) as tmp, tmp.open("wb") as f:
         yield f
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold back Ctrl-C, SIGTERM and SIGHUP until the block ends, then deliver them (in the main thread, where
+    Python runs signal handlers, on platforms with ``pthread_sigmask``; elsewhere a no-op)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTING_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextmanager
+def atomic_files(paths: Sequence[str | Path], keep_identical: bool = False) -> Iterator[list[BinaryIO]]:
+    """Open several files for binary writing, published together: an interrupt leaves all the old ones or
+    all the new ones.
+
+    Each is written to a temporary sibling. Once the block succeeds, those that differ from what is
+    there (all of them, unless ``keep_identical``) are compared first and then renamed into place with
+    interrupts held back, so Ctrl-C or SIGTERM cannot land between two renames. Writing or renaming
+    that fails raises :class:`OutputError` (a rename that fails, onto a folder say, stops there).
+    """
+    paths = [Path(path) for path in paths]
+    temps = [temporary_name(path) for path in paths]
+    failing: Sequence[Path] = paths
+    try:
+        with ExitStack() as stack:
+            yield [stack.enter_context(tmp.open("wb")) for tmp in temps]
+        changed = [
+            (tmp, path)
+            for tmp, path in zip(temps, paths, strict=True)
+            if not (keep_identical and path.is_file() and filecmp.cmp(tmp, path, shallow=False))
+        ]
+        with interrupts_held():
+            for tmp, path in changed:
+                failing = [path]
+                os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno is None:  # one of the project's own errors, raised in the block: already worded
+            raise
+        raise OutputError(f"cannot write {', '.join(map(str, failing))}: {exc.strerror}") from exc
+    finally:
+        for tmp in temps:
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool) -> None:

@@ -15,7 +15,7 @@ import itertools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from digitgen.runtime.encode import grid_png_bytes, idx_records, npz_bytes, png_bytes
 from digitgen.runtime.errors import InvalidRequestError, OutputError
-from digitgen.runtime.files import atomic_file, refuse_existing, temporary_name
+from digitgen.runtime.files import atomic_file, atomic_files, refuse_existing, temporary_name
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
 from digitgen.runtime.idx import check_idx, check_idx_count, idx_header
 from digitgen.runtime.shards import WHOLE, Shard, concat_idx, concat_npz, find_shards
@@ -194,8 +194,7 @@ def _write_idx_splits(
     batches: Iterable[GeneratedDigits], paths: Sequence[Path], sizes: Sequence[int], resume: bool, on_batch: OnBatch
 ) -> None:
     """One IDX pair (images, labels) per split of ``sizes`` consecutive digits, all published together."""
-    with ExitStack() as stack:
-        files = [stack.enter_context(atomic_file(path, keep_identical=resume)) for path in paths]
+    with atomic_files(paths, keep_identical=resume) as files:
         pairs = [files[i : i + 2] for i in range(0, len(files), 2)]
         for (images_f, labels_f), size in zip(pairs, sizes, strict=True):
             images_f.write(idx_header(size, images=True))
@@ -463,8 +462,7 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
     ]
     if uneven:
         raise OutputError(f"{out_dir}: shard(s) {', '.join(uneven)} hold different numbers of images and labels")
-    with ExitStack() as stack:  # both files, or neither
-        files = [stack.enter_context(atomic_file(target)) for target in targets]
+    with atomic_files(targets) as files:  # both files, or neither
         for out, shard_files, images in zip(files, parts, (True, False), strict=True):
             concat_idx(shard_files, images, out)
     return targets

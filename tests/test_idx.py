@@ -75,5 +75,5 @@ def test_missing_file_and_mismatched_split(tmp_path: Path) -> None:
 def test_the_header_count_is_32_bits_and_a_larger_one_is_refused() -> None:
     """merge checks nothing else before it writes a header, so the limit lives in idx_header itself."""
     assert idx_header(2**32 - 1, images=False)[4:] == b"\xff\xff\xff\xff"
-    with pytest.raises(InvalidRequestError, match="^an IDX file holds at most 4,294,967,295 digits"):
+    with pytest.raises(InvalidRequestError, match=r"^an IDX file holds at most 4,294,967,295 digits"):
         idx_header(2**32, images=True)

@@ -18,7 +18,7 @@ from digitgen.runtime import (
     generate_files,
     write_digits,
 )
-from digitgen.runtime.files import publish
+from digitgen.runtime.files import atomic_files, publish
 from digitgen.runtime.writers import FORMATS, png_name
 
 N = 12
@@ -152,6 +152,53 @@ def test_publish_keeps_the_projects_own_errors_as_raised(tmp_path: Path) -> None
         tmp.write_bytes(b"part")
         raise OutputError("mine")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_between_two_renames_waits_until_both_are_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (Ctrl-C to the CLI) as the first of an IDX pair is renamed: both new files, then the interrupt."""
+    import os
+    import signal
+
+    paths = [tmp_path / "train-images-idx3-ubyte", tmp_path / "train-labels-idx1-ubyte"]
+    for path in paths:
+        path.write_bytes(b"old")
+    replace = os.replace
+
+    def replace_then_terminate(source: Path, target: Path) -> None:
+        replace(source, target)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace_then_terminate)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt), atomic_files(paths) as files:
+            for f in files:
+                f.write(b"new")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [path.read_bytes() for path in paths] == [b"new", b"new"]
+    assert sorted(tmp_path.iterdir()) == sorted(paths)
+
+
+def test_atomic_files_keeps_identical_files_and_names_the_one_it_cannot_write(tmp_path: Path) -> None:
+    same, other, blocked = tmp_path / "same", tmp_path / "other", tmp_path / "blocked"
+    same.write_bytes(b"same")
+    other.write_bytes(b"old")
+    before = same.stat().st_mtime_ns
+    with atomic_files([same, other], keep_identical=True) as (same_f, other_f):
+        same_f.write(b"same")
+        other_f.write(b"new")
+    assert (same.stat().st_mtime_ns, other.read_bytes()) == (before, b"new")
+    (blocked / "mine").mkdir(parents=True)
+    with pytest.raises(OutputError, match=f"^cannot write {blocked}: "), atomic_files([other, blocked]) as files:
+        for f in files:
+            f.write(b"x")
+    assert (blocked / "mine").is_dir() and sorted(tmp_path.iterdir()) == [blocked, other, same]
 
 
 def test_export_into_a_missing_weights_folder_leaves_nothing(tmp_path: Path, tiny_checkpoint: Path) -> None:
