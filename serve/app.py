@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,11 +141,30 @@ class _Service:
                 self.metrics.batch_requests.observe,
             )
             self._batching = loop.create_task(self.batcher.run())
+            self._batching.add_done_callback(self._batcher_ended)
+
+    def _batcher_ended(self, task: asyncio.Task[None]) -> None:
+        """Only :meth:`stop` should end the batcher. If a bug ends it, say so in the log, answer the requests it
+        held with the error (a 500), and run small requests one by one from then on rather than let them wait
+        for a batcher that is gone."""
+        if task.cancelled() or task is not self._batching:
+            return
+        error = task.exception()
+        logging.getLogger("digitgen.serve").error(
+            "micro-batching stopped (%s: %s); small requests now run one by one", type(error).__name__, error
+        )
+        if self.batcher is not None:
+            self.batcher.fail_waiting(error or RuntimeError("the micro-batcher stopped"))
+        self.batcher, self._batching = None, None
 
     async def stop(self) -> None:
         """Stop the batcher, let the warm-up and generation threads finish; :meth:`start` may follow."""
         if self._batching is not None:
             self._batching.cancel()
+            if self._batching.get_loop() is asyncio.get_running_loop():
+                with suppress(asyncio.CancelledError):
+                    await self._batching
+        self.batcher = None
         if self._warming_up is not None:
             await self._warming_up
         if self.executor is not None:

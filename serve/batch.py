@@ -80,6 +80,13 @@ class Batcher:
         self._arrived.set()
         return await pending.digits
 
+    def fail_waiting(self, error: BaseException) -> None:
+        """Answer every request still waiting with ``error`` (the batcher has stopped and will not serve them)."""
+        while self._waiting:
+            pending = self._waiting.popleft()
+            if not pending.digits.done():
+                pending.digits.set_exception(error)
+
     async def _collect(self) -> list[_Pending]:
         while not self._waiting:
             self._arrived.clear()

@@ -806,3 +806,22 @@ def test_default_threads_count_the_cores_this_process_may_use(monkeypatch: pytes
     assert run.default_threads(1) == 1 and run.default_threads(2) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
     assert [run.default_threads(workers) for workers in (1, 2, 4, 8)] == [7, 3, 1, 1]
+
+
+def test_a_batcher_that_fails_leaves_small_requests_served_one_by_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug that ends the batcher's task must not leave every small request waiting for its time limit."""
+
+    async def broken(self: Batcher) -> list:
+        raise RuntimeError("a bug in the batcher")
+
+    monkeypatch.setattr(Batcher, "_collect", broken)
+    generator = DigitGenerator.from_path(threads=1)
+    app = create_app(generator, ServeSettings(access_log=False, time_limit=30))
+    expected = encode(generate(generator, DigitsRequest((3,), 1, 9, None, "png")), "png")
+    started = time.monotonic()
+    ready, one = asyncio.run(_lifespan_responses(app, ["/generate?digit=3&seed=9"]))
+    assert (ready.status_code, one.status_code, one.content) == (200, 200, expected)
+    assert time.monotonic() - started < 15
+    assert "micro-batching stopped (RuntimeError: a bug in the batcher)" in caplog.text
