@@ -1,4 +1,5 @@
-"""digitgen command line: train, export, verify, generate, info.
+"""digitgen command line: train, export, verify, generate, merge, info, train-classifier, export-classifier,
+evaluate, serve.
 
 Heavy imports (torch) happen inside the commands that need them, so ``generate`` and
 ``info`` run with the runtime dependencies alone.
@@ -8,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
 from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
+from digitgen.runtime.signals import INTERRUPTING_SIGNALS, TERMINATING_SIGNALS, handling
 from digitgen.runtime.writers import FORMATS, merge_shards, plan_generation
 from digitgen.training.config import AUGMENTATIONS, GANConfig, TrainConfig, parse_digit_weights, parse_policy
 from digitgen.training.errors import TrainingError
@@ -44,26 +46,8 @@ TRAINING_MODULES = ("torch", "torchvision", "onnx", "onnxscript")
 SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client")
 
 
-# Job schedulers stop a job with SIGTERM, a closed terminal sends SIGHUP: both stop a command as Ctrl-C does.
-TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
 def _raise_keyboard_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-@contextmanager
-def _terminate_like_ctrl_c() -> Iterator[None]:
-    """While a command runs, SIGTERM and SIGHUP raise KeyboardInterrupt (in the main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in TERMINATING_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 class OneLineErrors(click.Group):
@@ -72,7 +56,7 @@ class OneLineErrors(click.Group):
     def main(self, *args, **kwargs):  # type: ignore[override]
         kwargs["standalone_mode"] = False
         try:
-            with _terminate_like_ctrl_c():
+            with handling(TERMINATING_SIGNALS, _raise_keyboard_interrupt):  # they stop a command as Ctrl-C does
                 result = super().main(*args, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:  # plain `digitgen`: the help, not an error
             click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
@@ -105,6 +89,16 @@ class OneLineErrors(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
+class FiniteFloat(click.FloatRange):
+    """A float in a range, never nan or infinity (which Click's FloatRange lets through)."""
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 data_dir_option = click.option(
     "--data-dir",
     envvar="MNIST_ROOT",
@@ -119,7 +113,7 @@ download_option = click.option(
 
 truncation_option = click.option(
     "--truncation",
-    type=click.FloatRange(min=MIN_TRUNCATION),
+    type=FiniteFloat(min=MIN_TRUNCATION),
     help="Redraw noise components beyond +-T (T >= 0.1): cleaner digits, less variety [default: none].",
 )
 
@@ -141,18 +135,16 @@ def main() -> None:
     """Generate handwritten digits with a GAN trained on MNIST."""
 
 
-def _augmentation_policy(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    try:
-        return None if value is None else parse_policy(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+def _parsed_by(parse: Callable[[str], str]) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """A Click callback that checks an option's text with ``parse``, whose ValueError becomes a usage error."""
 
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        try:
+            return None if value is None else parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
 
-def _digit_weights(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    try:
-        return None if value is None else parse_digit_weights(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    return callback
 
 
 @contextmanager
@@ -160,19 +152,8 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     """Turn Ctrl-C, SIGTERM and SIGHUP into a polled flag so training can checkpoint and exit cleanly (off the
     main thread, where Python delivers no signals, the flag stays down)."""
     requested: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-
-    def handler(signum: int, _frame: object) -> None:
-        requested.append(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, *TERMINATING_SIGNALS)}
-    try:
+    with handling(INTERRUPTING_SIGNALS, lambda signum, _frame: requested.append(signum)):
         yield lambda: bool(requested)
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 @main.command()
@@ -186,15 +167,20 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     type=click.Path(),
     help="Run directory for checkpoint, sample grids and metrics.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), help="Train this many passes over the data.")
-@click.option("--steps", type=click.IntRange(min=1), help="Train this many steps (overrides --epochs).")
-@click.option("--batch-size", type=click.IntRange(min=1), help=f"Images per step [default: {TrainConfig.batch_size}].")
 @click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), help=f"Adam learning rate [default: {TrainConfig.lr:g}]."
+    "--epochs",
+    type=click.IntRange(min=1),
+    help="Passes over the data in the whole run (on --resume too: the total, not more on top) "
+    "[default: 1, or the resumed run's].",
 )
 @click.option(
+    "--steps", type=click.IntRange(min=1), help="Steps in the whole run, resumed or not (overrides --epochs)."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), help=f"Images per step [default: {TrainConfig.batch_size}].")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), help=f"Adam learning rate [default: {TrainConfig.lr:g}].")
+@click.option(
     "--lr-d",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     help="The discriminator's own learning rate (two time-scales) [default: --lr].",
 )
 @click.option("--latent-dim", type=click.IntRange(min=1), help=f"Noise size [default: {GANConfig.latent_dim}].")
@@ -216,7 +202,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 @click.option(
     "--adc-weight",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="Weight of an auxiliary discriminative classifier (ADC-GAN) in both losses [default: 0, none].",
 )
 @click.option(
@@ -229,7 +215,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 @click.option(
     "--label-weight",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="Weight of --label-classifier's cross-entropy in the generator's loss, e.g. 0.5.",
 )
 @click.option(
@@ -241,19 +227,19 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 @click.option(
     "--label-weight-floor",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="With --label-weight-falls: the weight it falls to at the end of the run instead of zero, e.g. 0.05 "
     "(kept on --resume).",
 )
 @click.option(
     "--label-digit-weights",
-    callback=_digit_weights,
+    callback=_parsed_by(parse_digit_weights),
     help="Multiply --label-weight for the generated digits of some classes, e.g. 4=2.5,7=2.5 (the rest: 1; "
     "kept on --resume).",
 )
 @click.option(
     "--diffaugment",
-    callback=_augmentation_policy,
+    callback=_parsed_by(parse_policy),
     help="DiffAugment: transforms of every digit the discriminator sees, comma-separated from "
     f"{', '.join(AUGMENTATIONS)}, e.g. translation,cutout [default: none].",
 )
@@ -269,8 +255,9 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 @click.option(
     "--lr-decay-epochs",
-    type=click.FloatRange(min=0),
-    help="Lower the learning rate linearly to zero over the run's last N epochs [default: no decay].",
+    type=FiniteFloat(min=0),
+    help="Lower the learning rate linearly to zero over the run's last N epochs [default: no decay; on --resume "
+    "the run's own, cut to a shorter --steps or --epochs].",
 )
 def train(
     data_dir: str,
@@ -431,7 +418,7 @@ def _echo_report(report: ParityReport) -> None:
 )
 @click.option(
     "--atol",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="Largest allowed |torch - onnxruntime| per pixel [default: 1e-4 fp32, 2e-2 fp16, 0.3 int8].",
 )
 @click.option("--quality", type=click.File("r"), help="JSON of `digitgen evaluate --json` to store as metadata.")
@@ -473,7 +460,7 @@ def export_cmd(
 @click.argument("model_argument", metavar="[MODEL]", required=False, type=click.Path(dir_okay=False))
 @generator_option("ONNX model to check (or give it as the argument).")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Checkpoint it came from.")
-@click.option("--atol", type=click.FloatRange(min=0), help="Per-pixel tolerance [default: by the model's precision].")
+@click.option("--atol", type=FiniteFloat(min=0), help="Per-pixel tolerance [default: by the model's precision].")
 def verify(model_argument: str | None, model: str | None, checkpoint: str, atol: float | None) -> None:
     """Check an existing ONNX model against the PyTorch checkpoint it was exported from."""
     from digitgen.export.onnx_export import verify_file
@@ -722,9 +709,7 @@ def evaluate(
 
 
 @main.command()
-@click.option(
-    "--generator", "model", type=click.Path(dir_okay=False), help="ONNX generator (default: the shipped model)."
-)
+@generator_option("ONNX generator (default: the shipped model).")
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
@@ -757,14 +742,14 @@ def evaluate(
     "--time-limit",
     default=30.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     help="Seconds a request may wait and generate before it gets 503.",
 )
 @click.option(
     "--graceful-timeout",
     default=10.0,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="On SIGTERM or Ctrl-C, seconds to finish requests in flight.",
 )
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser pages from this origin (repeatable).")
@@ -778,7 +763,7 @@ def evaluate(
     "--batch-window-ms",
     default=2.0,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="Micro-batching: ms small requests wait to share one model call (0: off).",
 )
 @click.option(
@@ -825,6 +810,8 @@ def serve(
     )
     options = ServerOptions(model, provider, host, port, workers, threads, graceful_timeout, settings)
     generator = options.load()  # a bad model or provider is refused here, before any worker starts
+    if generator.note:
+        click.echo(f"note: {generator.note}", err=True)
     if not quiet:
         click.echo(
             f"digitgen serve: {generator.path} on {generator.provider}, {workers} worker(s) with "

@@ -10,7 +10,7 @@ import torch
 from digitgen.export.errors import ExportError, ExportVerificationError
 from digitgen.export.onnx_export import to_onnx, write_metadata
 from digitgen.export.verify import ATOL
-from digitgen.runtime.files import publish, refuse_existing
+from digitgen.runtime.files import publish, refuse_existing, refuse_one_file_twice
 from digitgen.runtime.session import open_session
 from digitgen.training.classifier import (
     WEIGHTS_KIND,
@@ -55,6 +55,7 @@ def export_classifier(
     ``overwrite``.
     """
     out = check_classifier_out(out)
+    refuse_one_file_twice({"--out": out, "--weights-out": weights_out})
     refuse_existing([out, weights_out], overwrite)
     model.eval()
     with publish(out) as tmp:
@@ -70,5 +71,6 @@ def export_classifier(
 
 def export_classifier_weights(weights: str | Path, out: str | Path, *, overwrite: bool = False) -> float:
     """Rebuild the classifier ONNX file ``out`` from a weights file; returns max |torch - ort|."""
+    refuse_one_file_twice({"--weights": weights, "--out": out})
     model, test_accuracy = load_classifier_weights(weights)
     return export_classifier(model, out, test_accuracy, overwrite=overwrite)

@@ -14,7 +14,7 @@ from digitgen.export.fast_layers import with_fast_layers
 from digitgen.export.precision import HalfPrecision, quantize_int8
 from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityReport, verify_parity
 from digitgen.runtime.contract import CONTRACT_VERSION
-from digitgen.runtime.files import publish, refuse_existing
+from digitgen.runtime.files import publish, refuse_existing, refuse_one_file_twice
 from digitgen.training.checkpoint import release_weights, save_checkpoint
 from digitgen.training.state import load_generator
 
@@ -137,6 +137,7 @@ def export_generator(
     for folder in {out.parent, *([Path(weights_out).parent] if weights_out is not None else [])}:
         if not folder.is_dir():
             raise ExportError(f"output directory {folder} does not exist")
+    refuse_one_file_twice({"--checkpoint": checkpoint, "--out": out, "--weights-out": weights_out})
     refuse_existing([out, weights_out], overwrite)
     generator, config, payload = load_generator(str(checkpoint))
     model = ContractGenerator(generator).eval()  # the reference the file is verified against

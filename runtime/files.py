@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import filecmp
 import os
-import signal
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
 from digitgen.runtime.errors import OutputError
-
-# Ctrl-C, and what the CLI treats as Ctrl-C: held back while several files are renamed into place.
-INTERRUPTING_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
+from digitgen.runtime.signals import interrupts_held
 
 
 def temporary_name(path: Path) -> Path:
@@ -53,20 +49,6 @@ def atomic_file(path: str | Path, keep_identical: bool = False) -> Iterator[Bina
 
 
 @contextmanager
-def interrupts_held() -> Iterator[None]:
-    """Hold back Ctrl-C, SIGTERM and SIGHUP until the block ends, then deliver them (in the main thread, where
-    Python runs signal handlers, on platforms with ``pthread_sigmask``; elsewhere a no-op)."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTING_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-@contextmanager
 def atomic_files(paths: Sequence[str | Path], keep_identical: bool = False) -> Iterator[list[BinaryIO]]:
     """Open several files for binary writing, published together: an interrupt leaves all the old ones or
     all the new ones.
@@ -99,6 +81,19 @@ def atomic_files(paths: Sequence[str | Path], keep_identical: bool = False) -> I
         for tmp in temps:
             with suppress(OSError):
                 tmp.unlink(missing_ok=True)
+
+
+def refuse_one_file_twice(files: dict[str, str | Path | None]) -> None:
+    """Raise :class:`OutputError` if two of ``files`` (option name -> path, ``None`` for not given) are one file:
+    one output would overwrite the other, or the input it is made from."""
+    seen: dict[Path, str] = {}
+    for option, path in files.items():
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise OutputError(f"{seen[resolved]} and {option} name the same file ({path}); give each its own")
+        seen[resolved] = option
 
 
 def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool) -> None:

@@ -18,6 +18,7 @@ IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
 IMAGE_SIDE = 28
 IDX_MAX_ITEMS = 2**32 - 1  # the count field of an IDX header is an unsigned 32-bit integer
+MNIST_RAW = "MNIST/raw"  # where torchvision.datasets.MNIST(root) reads the four IDX files
 MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -89,7 +90,7 @@ def write_idx(path: str | Path, items: np.ndarray) -> None:
 
 def mnist_raw_folder(root: str | Path) -> Path:
     """Where a torchvision MNIST root keeps the uncompressed IDX files."""
-    return Path(root) / "MNIST" / "raw"
+    return Path(root) / MNIST_RAW
 
 
 def missing_mnist_files(root: str | Path) -> list[str]:

@@ -25,16 +25,13 @@ from digitgen.runtime.encode import grid_png_bytes, idx_records, npz_bytes, png_
 from digitgen.runtime.errors import InvalidRequestError, OutputError
 from digitgen.runtime.files import atomic_file, atomic_files, refuse_existing, temporary_name
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
-from digitgen.runtime.idx import check_idx, check_idx_count, idx_header
+from digitgen.runtime.idx import MNIST_FILES, MNIST_RAW, check_idx, check_idx_count, idx_header
 from digitgen.runtime.shards import WHOLE, Shard, concat_idx, concat_npz, find_shards
 
 FORMATS = ("png", "grid", "npz", "idx", "mnist")
 GRID_FILE = "grid.png"
 NPZ_FILE = "digits.npz"
-IDX_IMAGES_FILE = "train-images-idx3-ubyte"
-IDX_LABELS_FILE = "train-labels-idx1-ubyte"
-MNIST_RAW = "MNIST/raw"  # where torchvision.datasets.MNIST(root) reads the four IDX files
-MNIST_TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_IMAGES_FILE, IDX_LABELS_FILE = MNIST_FILES[:2]  # the train split's names
 DEFAULT_TEST_COUNT = 10_000  # the size of MNIST's own test split
 GRID_MAX_DIGITS = 10_000
 PNG_NAME = re.compile(r"^(\d{8,})_label\d+\.png$")
@@ -68,7 +65,7 @@ def prepare_output_dir(out_dir: str | Path) -> Path:
 def output_names(fmt: str, shard: Shard = WHOLE) -> list[str]:
     """Files a non-PNG format writes, relative to the output directory (PNG names depend on index and label)."""
     if fmt == "mnist":
-        return [f"{MNIST_RAW}/{name}" for name in (IDX_IMAGES_FILE, IDX_LABELS_FILE, *MNIST_TEST_FILES)]
+        return [f"{MNIST_RAW}/{name}" for name in MNIST_FILES]
     names = {"grid": [GRID_FILE], "npz": [NPZ_FILE], "idx": [IDX_IMAGES_FILE, IDX_LABELS_FILE]}[fmt]
     return [shard.name(name) for name in names]
 

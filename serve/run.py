@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from digitgen.runtime.generator import DigitGenerator
+from digitgen.runtime.signals import handling
 from digitgen.serve.app import ServeSettings, create_app
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
@@ -84,12 +85,8 @@ class NoDelayHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 def _exit_zero_on_signals() -> Iterator[None]:
     """uvicorn stops on SIGINT/SIGTERM, then raises the signal again for the handler it found; this
     handler ignores that, so a graceful stop ends the process with status 0."""
-    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handling((signal.SIGINT, signal.SIGTERM), lambda signum, frame: None):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> None:
@@ -112,6 +109,13 @@ def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> No
         with _exit_zero_on_signals():
             uvicorn.Server(uvicorn.Config(app, **common)).run()
         return
+    previous_config = os.environ.get(WORKER_CONFIG)
     os.environ[WORKER_CONFIG] = json.dumps(dataclasses.asdict(options))
-    with _exit_zero_on_signals():
-        uvicorn.run("digitgen.serve.run:app_from_environment", factory=True, workers=options.workers, **common)
+    try:
+        with _exit_zero_on_signals():
+            uvicorn.run("digitgen.serve.run:app_from_environment", factory=True, workers=options.workers, **common)
+    finally:  # the workers have read it; an app that calls serve() keeps its environment as it was
+        if previous_config is None:
+            os.environ.pop(WORKER_CONFIG, None)
+        else:
+            os.environ[WORKER_CONFIG] = previous_config

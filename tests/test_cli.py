@@ -121,6 +121,25 @@ def test_an_os_error_the_library_did_not_foresee_is_one_line(
     assert (code, output) == (1, f"Error: Permission denied: {tmp_path / 'out'}\n")
 
 
+@pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [
+        ("train", "--lr", "nan"),
+        ("train", "--label-weight", "inf"),
+        ("train", "--lr-decay-epochs", "inf"),
+        ("generate", "--truncation", "nan"),
+        ("serve", "--time-limit", "inf"),
+        ("verify", "--atol", "nan"),
+    ],
+)
+def test_nan_and_infinity_are_refused_as_numbers(tmp_path: Path, command: str, option: str, value: str) -> None:
+    """Click's FloatRange lets them through; they would end in a traceback or a run that cannot work."""
+    code, output = run(command, option, value)
+    assert (
+        code == 2 and output == f"Error: Invalid value for '{option}': '{value}' is not a finite number (see --help)\n"
+    )
+
+
 def test_info_prints_contract_and_metadata(tiny_onnx: Path) -> None:
     code, output = run("info", tiny_onnx)
     assert code == 0

@@ -157,9 +157,11 @@ def test_publish_keeps_the_projects_own_errors_as_raised(tmp_path: Path) -> None
 def test_an_interrupt_between_two_renames_waits_until_both_are_done(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SIGTERM (Ctrl-C to the CLI) as the first of an IDX pair is renamed: both new files, then the interrupt."""
+    """SIGTERM (Ctrl-C to the CLI) as the first of an IDX pair is renamed: both new files, then the interrupt;
+    with another thread running, as onnxruntime's are, which the kernel may hand the signal to."""
     import os
     import signal
+    import threading
 
     paths = [tmp_path / "train-images-idx3-ubyte", tmp_path / "train-labels-idx1-ubyte"]
     for path in paths:
@@ -175,12 +177,17 @@ def test_an_interrupt_between_two_renames_waits_until_both_are_done(
 
     monkeypatch.setattr(os, "replace", replace_then_terminate)
     previous = signal.signal(signal.SIGTERM, interrupt)
+    done = threading.Event()
+    other = threading.Thread(target=done.wait)
+    other.start()
     try:
         with pytest.raises(KeyboardInterrupt), atomic_files(paths) as files:
             for f in files:
                 f.write(b"new")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        done.set()
+        other.join()
     assert [path.read_bytes() for path in paths] == [b"new", b"new"]
     assert sorted(tmp_path.iterdir()) == sorted(paths)
 
@@ -232,3 +239,23 @@ def test_export_quality_that_is_not_text_is_one_line(tmp_path: Path, tiny_checkp
     code, output = _cli("export", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "g.onnx", "--quality", quality)
     assert code == 2 and f"{quality} holds no JSON object" in output and "Traceback" not in output
     assert not (tmp_path / "g.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "same"),
+    [
+        (["--out", "{dir}/g.onnx", "--weights-out", "{dir}/g.onnx"], "--out and --weights-out"),
+        (["--out", "{dir}/g.onnx", "--weights-out", "{checkpoint}"], "--checkpoint and --weights-out"),
+        (["--out", "{checkpoint}"], "--checkpoint and --out"),
+    ],
+)
+def test_export_refuses_one_file_for_two_roles(tmp_path: Path, tiny_checkpoint: Path, args: list, same: str) -> None:
+    """Even with --overwrite: the weights would land in the ONNX file's place, or over the checkpoint."""
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(tiny_checkpoint.read_bytes())
+    filled = [arg.format(dir=tmp_path, checkpoint=checkpoint) for arg in args]
+    code, output = _cli("export", "--checkpoint", checkpoint, *filled, "--overwrite")
+    assert code == 1 and output.startswith(f"Error: {same} name the same file ("), output
+    assert checkpoint.read_bytes() == tiny_checkpoint.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

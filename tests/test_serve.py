@@ -825,3 +825,18 @@ def test_a_batcher_that_fails_leaves_small_requests_served_one_by_one(
     assert (ready.status_code, one.status_code, one.content) == (200, 200, expected)
     assert time.monotonic() - started < 15
     assert "micro-batching stopped (RuntimeError: a bug in the batcher)" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_serve_says_when_auto_falls_back_to_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu without a usable GPU: serve names the fallback, as generate does, even with --quiet."""
+    from digitgen.serve import run
+
+    served = []
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(run, "serve", lambda options, generator=None: served.append(generator.provider))
+    result = CliRunner().invoke(main, ["serve", "--quiet"])
+    assert (result.exit_code, served) == (0, ["cpu"]), result.output
+    assert result.output == "note: CUDA failed to start in onnxruntime; running on the CPU\n"

@@ -83,7 +83,13 @@ def test_config_rejects_bad_values() -> None:
 
 @pytest.mark.parametrize(
     ("text", "canonical"),
-    [("", ""), (" 7=2.5, 4=2 ", "4=2,7=2.5"), ("0=0,9=1.50", "0=0,9=1.5"), ("3=1e1,", "3=10")],
+    [
+        ("", ""),
+        (" 7=2.5, 4=2 ", "4=2,7=2.5"),
+        ("0=0,9=1.50", "0=0,9=1.5"),
+        ("3=1e1,", "3=10"),
+        ("7=2.1234567,4=1234567", "4=1234567.0,7=2.1234567"),  # never rounded to 6 digits
+    ],
 )
 def test_per_digit_label_weights_have_one_canonical_form(text: str, canonical: str) -> None:
     assert parse_digit_weights(text) == canonical

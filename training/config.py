@@ -26,7 +26,13 @@ def parse_digit_weights(text: str, num_classes: int = 10) -> str:
     that is not a number >= 0.
     """
     weights = _digit_weights(text, num_classes)
-    return ",".join(f"{label}={weights[label]:g}" for label in sorted(weights))
+    return ",".join(f"{label}={_shortest(weights[label])}" for label in sorted(weights))
+
+
+def _shortest(number: float) -> str:
+    """``number`` as written briefly ("2", "2.5") where that is exact, else in full (never rounded)."""
+    brief = f"{number:g}"
+    return brief if float(brief) == number else repr(number)
 
 
 def _digit_weights(text: str, num_classes: int) -> dict[int, float]:
