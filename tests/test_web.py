@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from digitgen import DigitGenerator
+from digitgen.runtime.encode import contact_sheet
 from digitgen.runtime.noise import MAX_SEED, standard_normal
 
 if TYPE_CHECKING:
@@ -261,11 +262,8 @@ def test_to_uint8_rounds_like_numpy(page: Page) -> None:
 
 
 def python_sheet(images: np.ndarray) -> np.ndarray:
-    """The page's layout: 10 columns, digit k at column k % 10, row k // 10, unused cells black."""
-    rows = -(-len(images) // COLUMNS)
-    cells = np.zeros((rows * COLUMNS, 28, 28), dtype=np.uint8)
-    cells[: len(images)] = images
-    return cells.reshape(rows, COLUMNS, 28, 28).transpose(0, 2, 1, 3).reshape(rows * 28, COLUMNS * 28)
+    """What `digitgen generate --format grid` draws: 10 columns, 2-pixel gray gaps, unused cells gray."""
+    return contact_sheet(images, COLUMNS)
 
 
 def canvas_pixels(page: Page) -> np.ndarray:
@@ -291,7 +289,7 @@ def test_linked_sheet_matches_python(
         assert page.evaluate("crossOriginIsolated")  # so that threads=2 really runs two threads
         assert [page.input_value(f"#{field}") for field in ("seed", "digits", "count")] == ["3", "0,3,7", "21"]
         rgba = canvas_pixels(page)
-        assert rgba.shape == (3 * 28, 280, 4)
+        assert rgba.shape == (3 * 30 + 2, 302, 4)
         assert (rgba[..., 3] == 255).all()
         assert (rgba[..., 0] == rgba[..., 1]).all() and (rgba[..., 1] == rgba[..., 2]).all()
         expected = python_sheet(python_gen.generate(21, digits=[0, 3, 7], seed=3).images)
@@ -419,6 +417,7 @@ def submit(page: Page, digits: str = "", count: str = "10", seed: str = "0", tru
         ({"truncation": "0"}, 'truncation must be a number >= 0.1, got "0"'),
         ({"truncation": "wide"}, 'truncation must be a number >= 0.1, got "wide"'),
         ({"truncation": "0.01"}, 'truncation must be a number >= 0.1, got "0.01"'),
+        ({"truncation": "0x10"}, 'truncation must be a number >= 0.1, got "0x10"'),  # Python's float() refuses it
     ],
 )
 def test_bad_fields_show_on_the_page_until_the_next_sheet(page: Page, fields: dict[str, str], message: str) -> None:
@@ -438,6 +437,9 @@ def test_every_bad_field_is_named_and_marked(page: Page) -> None:
     ]
     assert_error_shown(page, messages)
     assert page.locator("#error").inner_text().splitlines() == messages  # one per line, in the page's order
+    # the last sheet no longer matches the fields: it goes, with its timing and download
+    assert page.evaluate("document.getElementById('sheet').height") == 0
+    assert page.is_disabled("#download") and page.text_content("#timing") == ""
     invalid = page.eval_on_selector_all("input[aria-invalid=true]", "inputs => inputs.map((i) => i.id)")
     assert invalid == ["digits", "count", "seed", "truncation"]
     assert submit(page, count="0", truncation="1.5") == "error"
@@ -493,6 +495,24 @@ def test_screenshot_and_download(
     assert_same_pixels(pixels, expected, "downloaded PNG, seed 42, digits [1, 2]", pixel_report)
 
 
+def test_a_released_generator_and_a_failed_run_are_typed_errors(browser: Browser, base_url: str) -> None:
+    page = open_page(browser, base_url + "index.html")
+    try:
+        failed_run, released = page.evaluate(
+            """async () => {
+                const gen = window.digitgen;
+                const named = (error) => [error.name, error.message, error instanceof Error];
+                const run = await gen.run(new Float32Array(3), [1]).catch(named);  // z of the wrong size
+                await gen.release();
+                return [run, await gen.generate({ count: 1 }).catch(named)];
+            }"""
+        )
+    finally:
+        page.close()
+    assert failed_run[0] == "ModelRunError" and failed_run[1].startswith("generator.onnx: the model failed to run: ")
+    assert released == ["InvalidRequestError", "the generator of generator.onnx was released", True]
+
+
 def test_page_from_digitgen_serve_draws_what_the_api_sends(
     browser: Browser, dist: Path, tmp_path: Path, python_gen: DigitGenerator, pixel_report: list[str]
 ) -> None:
@@ -509,6 +529,13 @@ def test_page_from_digitgen_serve_draws_what_the_api_sends(
             page.close()
         expected = python_gen.generate(12, digits=[2, 9], seed=4).images
         assert_same_pixels(sheet, python_sheet(expected), "page served by digitgen serve", pixel_report)
+        # this server sends no COOP/COEP headers, so two threads cannot run: refused, not quietly one
+        page = open_page(browser, f"{server.url}/?threads=2")
+        try:
+            assert page.evaluate("[document.body.dataset.state, crossOriginIsolated]") == ["error", False]
+            assert page.text_content("#error").startswith("2 threads need a cross-origin isolated page")
+        finally:
+            page.close()
         api = np.load(io.BytesIO(server.get("/generate?count=12&digits=2,9&seed=4&format=npz").content))
         np.testing.assert_array_equal(api["images"], expected)
     finally:

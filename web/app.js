@@ -3,7 +3,9 @@
 // preset the fields.
 // document.body.dataset.state: loading -> ready | error, then busy -> drawn | error for each sheet.
 
-const COLUMNS = 10;
+const COLUMNS = 10; // the layout of `digitgen generate --format grid`: 10 columns, 2-pixel gray gaps
+const GAP = 2;
+const GRAY = 128;
 const MAX_DIGITS = 100;
 const DISPLAY_SCALE = 2;
 
@@ -23,18 +25,24 @@ function clearError() {
   $("error").textContent = "";
 }
 
-/** Draw `count` digits at scale 1, digit k at column k % 10, row floor(k / 10); unused cells stay black. */
-function drawSheet(images, count, size) {
+/**
+ * Draw `count` digits at scale 1 as Python's contact sheet does: digit k at column k % 10, row floor(k / 10),
+ * gray gaps around every cell, unused cells gray.
+ */
+function drawSheet(images, count, size, description) {
   const canvas = $("sheet");
-  canvas.width = COLUMNS * size;
-  canvas.height = Math.ceil(count / COLUMNS) * size;
+  const cell = size + GAP;
+  canvas.width = COLUMNS * cell + GAP;
+  canvas.height = Math.ceil(count / COLUMNS) * cell + GAP;
   canvas.style.width = `${canvas.width * DISPLAY_SCALE}px`;
+  canvas.setAttribute("aria-label", description);
   const context = canvas.getContext("2d");
   const sheet = context.createImageData(canvas.width, canvas.height);
   const rgba = sheet.data;
+  rgba.fill(GRAY);
   for (let k = 0; k < count; k++) {
-    const left = (k % COLUMNS) * size;
-    const top = Math.floor(k / COLUMNS) * size;
+    const left = GAP + (k % COLUMNS) * cell;
+    const top = GAP + Math.floor(k / COLUMNS) * cell;
     for (let y = 0; y < size; y++) {
       for (let x = 0; x < size; x++) {
         const at = ((top + y) * canvas.width + left + x) * 4;
@@ -75,12 +83,15 @@ function describe(gen) {
     ["Scored on", ["quality_num_samples"], (n) => `${count(n)} generated digits`],
     ["Training", ["train_steps", "train_seed"], (steps, seed) => `${count(steps)} steps, seed ${seed}`],
   ];
+  const exact = new Set(["train_seed"]); // seeds may pass 2^53: shown as written, not as a Number
   $("quality").replaceChildren(
     ...facts
       .filter(([, keys]) => keys.every((key) => key in m))
       .flatMap(([label, keys, format]) => [
         Object.assign(document.createElement("dt"), { textContent: label }),
-        Object.assign(document.createElement("dd"), { textContent: format(...keys.map((key) => Number(m[key]))) }),
+        Object.assign(document.createElement("dd"), {
+          textContent: format(...keys.map((key) => (exact.has(key) ? m[key] : Number(m[key])))),
+        }),
       ]),
   );
   $("model").hidden = false;
@@ -127,7 +138,8 @@ async function draw(gen) {
   try {
     const { digits, count, seed, truncation } = readFields(gen);
     const { images, seconds } = await gen.generate({ count, digits, seed, truncation });
-    drawSheet(images, count, digitgen.IMAGE_SIZE);
+    const which = digits ? `digits ${digits.join(", ")} in turn` : "all ten digits in turn";
+    drawSheet(images, count, digitgen.IMAGE_SIZE, `${count} generated handwritten digits, ${which}, seed ${seed}`);
     $("timing").textContent = timing(count, seconds);
     $("download").disabled = false;
     $("download").dataset.filename = `digits-seed${seed}.png`;
@@ -135,6 +147,11 @@ async function draw(gen) {
     window.digitgenLoadSeconds ??= performance.now() / 1000;
     setState("drawn");
   } catch (error) {
+    // the sheet below no longer matches the fields: take it away with its timing and download
+    $("sheet").height = 0;
+    $("sheet").removeAttribute("aria-label");
+    $("timing").textContent = "";
+    $("download").disabled = true;
     showError(error);
   } finally {
     $("generate").disabled = false;

@@ -1,7 +1,7 @@
 /**
  * digitgen in the browser: load an ONNX generator that follows the digitgen contract and make
- * handwritten digits with onnxruntime-web (WebAssembly). The same (model, seed, digits) give the same
- * uint8 images as the Python runtime, `digitgen.DigitGenerator`.
+ * handwritten digits with onnxruntime-web (WebAssembly). The same (model, seed, digits) give the uint8
+ * images of the Python runtime, `digitgen.DigitGenerator`, at most one level off on a few pixels.
  *
  *   import { DigitGenerator } from "./digitgen.js";
  *   const gen = await DigitGenerator.load("generator.onnx");
@@ -30,6 +30,7 @@ export class InvalidModelError extends DigitgenError {}
 export class ModelContractError extends DigitgenError {}
 export class ProviderUnavailableError extends DigitgenError {}
 export class InvalidRequestError extends DigitgenError {}
+export class ModelRunError extends DigitgenError {}
 
 const show = (value) => (typeof value === "string" ? JSON.stringify(value) : String(value));
 
@@ -98,11 +99,18 @@ export const MIN_TRUNCATION = 0.1;
 /** null (no truncation) or a finite number of at least MIN_TRUNCATION. */
 export function checkTruncation(value) {
   if (value === null || value === undefined || value === "") return null;
-  const bound = typeof value === "string" ? Number(value) : value;
+  const bound = typeof value === "string" ? parseDecimal(value) : value;
   if (typeof bound !== "number" || !(bound >= MIN_TRUNCATION) || !Number.isFinite(bound)) {
     throw new InvalidRequestError(`truncation must be a number >= ${MIN_TRUNCATION}, got ${JSON.stringify(value)}`);
   }
   return bound;
+}
+
+/** A decimal number as Python's float() reads one (digits may be grouped by "_"; no 0x, 0b or 0o), else NaN. */
+function parseDecimal(text) {
+  const digits = String.raw`\d(?:_?\d)*`;
+  const decimal = new RegExp(`^[+-]?(?:${digits}(?:\\.(?:${digits})?)?|\\.${digits})(?:[eE][+-]?${digits})?$`);
+  return decimal.test(text.trim()) ? Number(text.trim().replaceAll("_", "")) : NaN;
 }
 
 /** Floats in [0, 1] to bytes as numpy's `rint(clip(x, 0, 1) * float32(255))`: float32 product, half to even. */
@@ -265,8 +273,14 @@ async function fetchModel(url) {
   if (!response.ok) {
     throw new ModelNotFoundError(`could not fetch the model ${url}: HTTP ${response.status} ${response.statusText}`);
   }
-  return new Uint8Array(await response.arrayBuffer());
+  try {
+    return new Uint8Array(await response.arrayBuffer());
+  } catch (error) {
+    throw new ModelNotFoundError(`could not read the model ${url}: ${error.message ?? error}`);
+  }
 }
+
+let configuredThreads = null; // onnxruntime-web reads its thread count once, at its first session
 
 /**
  * onnxruntime-web settings, applied before its first session: they hold for the whole page.
@@ -278,8 +292,22 @@ function configureRuntime(threads) {
   if (typeof WebAssembly !== "object") {
     throw new ProviderUnavailableError("WebAssembly is not available in this browser, so the model cannot run here");
   }
+  const count = Number(checkInteger(threads ?? 1, "threads", 1n, 64n));
+  if (count > 1 && !globalThis.crossOriginIsolated) {
+    throw new ProviderUnavailableError(
+      `${count} threads need a cross-origin isolated page (served with COOP and COEP headers); ` +
+        "this one is not, so onnxruntime-web would run one thread: use threads=1 or such a server",
+    );
+  }
+  if (configuredThreads !== null && count !== configuredThreads) {
+    throw new ProviderUnavailableError(
+      `onnxruntime-web runs ${configuredThreads} thread(s) on this page, set by the first model loaded; ` +
+        `it cannot change to ${count}`,
+    );
+  }
   ort.env.wasm.wasmPaths = new URL("./", import.meta.url).href; // the runtime files lie beside this module
-  ort.env.wasm.numThreads = Number(checkInteger(threads ?? 1, "threads", 1n, 64n));
+  ort.env.wasm.numThreads = count;
+  return count;
 }
 
 export class DigitGenerator {
@@ -294,7 +322,7 @@ export class DigitGenerator {
 
   /** Fetch, check and open a model. `threads`: WebAssembly threads (default 1). */
   static async load(url = "generator.onnx", { threads } = {}) {
-    configureRuntime(threads);
+    const count = configureRuntime(threads);
     const bytes = await fetchModel(url);
     const description = describeModel(bytes, url);
     const info = checkContract(description, url);
@@ -304,6 +332,7 @@ export class DigitGenerator {
     } catch (error) {
       throw new InvalidModelError(`onnxruntime-web could not load ${url}: ${error.message ?? error}`);
     }
+    configuredThreads = count;
     return new DigitGenerator(session, description, info, url);
   }
 
@@ -323,12 +352,26 @@ export class DigitGenerator {
 
   /** Raw model call: z (B * latentDim float32s) and B labels -> B * 784 floats in [0, 1]. */
   async run(z, labels) {
+    if (this._session === null) throw new InvalidRequestError(`the generator of ${this.source} was released`);
     const batch = labels.length;
-    const { image } = await this._session.run({
-      z: new ort.Tensor("float32", z, [batch, this.latentDim]),
-      digit: new ort.Tensor("int64", BigInt64Array.from(labels, BigInt), [batch]),
-    });
-    return image.data;
+    let outputs;
+    try {
+      outputs = await this._session.run({
+        z: new ort.Tensor("float32", z, [batch, this.latentDim]),
+        digit: new ort.Tensor("int64", BigInt64Array.from(labels, BigInt), [batch]),
+      });
+    } catch (error) {
+      throw new ModelRunError(`${this.source}: the model failed to run: ${error.message ?? error}`);
+    }
+    return outputs.image.data;
+  }
+
+  /** Free the model's WebAssembly memory; the generator cannot be used afterwards. */
+  async release() {
+    if (this._session === null) return;
+    const session = this._session;
+    this._session = null;
+    await session.release();
   }
 
   /** Digits 0 .. count-1 of the sequence defined by (digits, seed); digit i has label digits[i % digits.length]. */
