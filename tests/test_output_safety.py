@@ -259,3 +259,22 @@ def test_export_refuses_one_file_for_two_roles(tmp_path: Path, tiny_checkpoint: 
     assert code == 1 and output.startswith(f"Error: {same} name the same file ("), output
     assert checkpoint.read_bytes() == tiny_checkpoint.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize(
+    ("train", "problem"),
+    [
+        ({}, "checkpoint training settings is invalid: "),
+        ("x", "checkpoint training settings is not a mapping"),
+        ({"total_steps": 4, "batch": 3}, "checkpoint training settings has unknown fields: batch"),
+    ],
+)
+def test_export_checks_the_training_settings_it_writes_into_the_model(
+    tmp_path: Path, tiny_checkpoint: Path, train: object, problem: str
+) -> None:
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    payload["train"] = train
+    torch.save(payload, tmp_path / "edited.pt")
+    code, output = _cli("export", "--checkpoint", tmp_path / "edited.pt", "--out", tmp_path / "g.onnx")
+    assert code == 1 and output.startswith(f"Error: {problem}") and len(output.splitlines()) == 1, output
+    assert not (tmp_path / "g.onnx").exists()

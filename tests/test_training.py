@@ -373,8 +373,16 @@ def test_checkpoints_are_read_as_data_only_whatever_the_default(
         ([1, 2], "{path}: not a digitgen checkpoint (keys missing)"),
         ({"format_version": FORMAT_VERSION}, "{path}: not a digitgen checkpoint (keys missing)"),
         ({key: 99 for key in WEIGHTS_KEYS}, "{path}: checkpoint format 99, this version reads " + str(FORMAT_VERSION)),
+        (
+            {**dict.fromkeys(WEIGHTS_KEYS, 1), "step": "x"},
+            "{path}: not a digitgen checkpoint (its step 'x' is not a count of steps)",
+        ),
+        (
+            {**dict.fromkeys(WEIGHTS_KEYS, 1), "step": -1},
+            "{path}: not a digitgen checkpoint (its step -1 is not a count of steps)",
+        ),
     ],
-    ids=["missing", "not-a-dict", "keys-missing", "other-format"],
+    ids=["missing", "not-a-dict", "keys-missing", "other-format", "step-not-a-number", "step-negative"],
 )
 def test_files_that_are_not_our_checkpoints_are_refused_by_name(tmp_path: Path, payload: object, problem: str) -> None:
     path = tmp_path / "weights.pt"

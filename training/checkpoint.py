@@ -68,4 +68,7 @@ def load_weights(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: checkpoint format {payload['format_version']}, this version reads {FORMAT_VERSION}"
         )
+    step = payload["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: not a digitgen checkpoint (its step {step!r} is not a count of steps)")
     return payload

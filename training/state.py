@@ -106,12 +106,14 @@ def config_from_checkpoint(payload: dict[str, Any]) -> GANConfig:
 
 
 def load_generator(path: str) -> tuple[Generator, GANConfig, dict[str, Any]]:
-    """Rebuild the EMA generator from a checkpoint or release weights alone; returns it in eval mode."""
+    """Rebuild the EMA generator from a checkpoint or release weights alone; returns it in eval mode, its
+    configuration, and the payload with its training settings checked and complete."""
     payload = load_weights(path)
     config = config_from_checkpoint(payload)
+    train = _dataclass_from(TrainConfig, payload["train"], "training settings")
     generator = Generator(config)
     _load_weights(generator, payload["generator_ema"], "generator")
-    return generator.eval(), config, payload
+    return generator.eval(), config, {**payload, "train": asdict(train)}
 
 
 def _load_weights(module: torch.nn.Module, weights: Any, what: str) -> None:
