@@ -44,3 +44,80 @@ def test_two_process_training_agrees_resumes_and_exports(tmp_path: Path, tiny_mn
 
     report = export_generator(tmp_path / "straight" / "checkpoint.pt", tmp_path / "g.onnx")
     assert report.passed and (tmp_path / "g.onnx").is_file()
+
+
+def _one_rank_goes_nan(rank: int, port: int, outcomes: dict) -> None:
+    import torch.distributed as dist
+
+    from digitgen.training.distributed import DistContext
+    from digitgen.training.errors import NonFiniteLossError
+    from digitgen.training.loop import check_finite
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        check_finite(torch.tensor(float("nan") if rank == 1 else 1.0), "generator", 4, DistContext(rank, 2))
+        outcomes[rank] = "went on"
+    except NonFiniteLossError as exc:
+        outcomes[rank] = str(exc)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_on_one_process_stops_every_process() -> None:
+    """Otherwise the other process goes on into DDP's all-reduce and waits there for one that has stopped."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outcomes = mp.Manager().dict()
+    mp.spawn(_one_rank_goes_nan, args=(port, outcomes), nprocs=2, join=True)
+    tail = "at step 5; stopped before applying it (the last checkpoint is intact; try a lower --lr)"
+    assert dict(outcomes) == {
+        0: f"generator loss is not finite on another process {tail}",
+        1: f"generator loss is nan {tail}",
+    }
+
+
+def _load_with_a_slow_download(rank: int, port: int, source: str, root: str, calls: dict) -> None:
+    """Each process of a two-process run asks for MNIST with --download into one empty folder."""
+    import shutil
+    import time
+
+    import torch.distributed as dist
+
+    from digitgen.training import data
+    from digitgen.training.distributed import DistContext
+
+    def download(into: Path) -> str:  # stands in for torchvision's: slow, and writes the files one by one
+        calls[rank] = True
+        raw = into / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for part in sorted((Path(source) / "MNIST" / "raw").iterdir()):
+            time.sleep(0.2)
+            shutil.copy(part, raw / part.name)
+        return ""
+
+    data._try_download = download
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        loaded = data.load_mnist_once(root, True, DistContext(rank, 2), torch.device("cpu"))
+        calls[f"labels {rank}"] = loaded.labels.tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_only_the_first_process_downloads_mnist_and_the_others_wait(tmp_path: Path, tiny_mnist: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    calls = mp.Manager().dict()
+    mp.spawn(_load_with_a_slow_download, args=(port, str(tiny_mnist), str(tmp_path), calls), nprocs=2, join=True)
+    assert 0 in calls and 1 not in calls
+    assert calls["labels 0"] == calls["labels 1"] and len(calls["labels 1"]) > 0

@@ -18,7 +18,8 @@ from digitgen.runtime.idx import (
     mnist_not_found_message,
     mnist_raw_folder,
 )
-from digitgen.training.errors import DatasetCorruptError, DatasetNotFoundError
+from digitgen.training.distributed import DistContext, any_rank
+from digitgen.training.errors import DatasetCorruptError, DatasetNotFoundError, TrainingError
 
 __all__ = ["MNIST_FILES", "MnistTensors", "check_idx_file", "load_mnist", "raw_folder"]
 
@@ -81,3 +82,20 @@ def load_mnist(root: str | Path, *, train: bool = True, download: bool = False) 
         check_idx_file(raw_folder(root) / name)
     dataset = MNIST(str(root), train=train, download=False)
     return MnistTensors(dataset.data.contiguous(), dataset.targets.long())
+
+
+def load_mnist_once(root: str | Path, download: bool, ctx: DistContext, device: torch.device) -> MnistTensors:
+    """:func:`load_mnist` of the train split on every process of a run, with any download made by the first
+    process alone while the others wait: processes downloading into one folder at once could read each
+    other's half-written files. If the first process fails, all fail (it with its reason)."""
+    if not ctx.enabled:
+        return load_mnist(root, download=download)
+    data, failure = None, None
+    if ctx.is_main:
+        try:
+            data = load_mnist(root, download=download)
+        except TrainingError as exc:
+            failure = exc
+    if any_rank(ctx, failure is not None, device):  # also the others' wait for the download
+        raise failure or TrainingError("the first process could not load MNIST (its error says why)")
+    return data if data is not None else load_mnist(root)

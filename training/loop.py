@@ -54,10 +54,14 @@ def _to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.unsqueeze(1).float().div_(127.5).sub_(1.0)  # (B, 1, 28, 28) in [-1, 1]
 
 
-def _check_finite(loss: torch.Tensor, name: str, step: int) -> None:
-    if not math.isfinite(loss.item()):
+def check_finite(loss: torch.Tensor, name: str, step: int, ctx: DistContext = SINGLE) -> None:
+    """:class:`NonFiniteLossError` if ``loss`` is nan or infinite on this process or on any other, so that all
+    processes of a torchrun stop together rather than wait in the next all-reduce for the one that stopped."""
+    value = loss.item()
+    if any_rank(ctx, not math.isfinite(value), loss.device):
+        where = f"is {value}" if not math.isfinite(value) else "is not finite on another process"
         raise NonFiniteLossError(
-            f"{name} loss is {loss.item()} at step {step + 1}; stopped before applying it "
+            f"{name} loss {where} at step {step + 1}; stopped before applying it "
             "(the last checkpoint is intact; try a lower --lr)"
         )
 
@@ -88,11 +92,17 @@ def use_channels_last(state: TrainState) -> None:
 
 
 def train_step(
-    state: TrainState, real: torch.Tensor, labels: torch.Tensor, g: nn.Module, d: nn.Module
+    state: TrainState,
+    real: torch.Tensor,
+    labels: torch.Tensor,
+    g: nn.Module,
+    d: nn.Module,
+    ctx: DistContext = SINGLE,
 ) -> dict[str, float]:
     """One discriminator and one generator update; returns the step's losses and D outputs.
 
-    ``g`` and ``d`` are the state's networks, or their DistributedDataParallel wrappers.
+    ``g`` and ``d`` are the state's networks, or their DistributedDataParallel wrappers (``ctx`` then
+    names this process among the others).
     """
     device = real.device
     batch, latent = real.shape[0], state.config.latent_dim
@@ -115,7 +125,7 @@ def train_step(
         scores, adc_d = d(seen, torch.cat([labels, labels])), 0.0
     d_real, d_fake = scores.split(batch)
     loss_d = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean() + adc_weight * adc_d
-    _check_finite(loss_d, "discriminator", state.step)
+    check_finite(loss_d, "discriminator", state.step, ctx)
     state.opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     state.opt_d.step()
@@ -138,7 +148,7 @@ def train_step(
         # the frozen classifiers read pixels in [0, 1]; confidently right digits add (almost) nothing
         label_term = _label_term(state, generated.add(1.0).mul(0.5), fake_labels)
         loss_g = loss_g + state.train.label_classifier_weight(state.step) * label_term
-    _check_finite(loss_g, "generator", state.step)
+    check_finite(loss_g, "generator", state.step, ctx)
     state.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     state.opt_g.step()
@@ -243,7 +253,7 @@ def train(
             order, order_epoch = epoch_permutation(cfg.seed, epoch, len(images)).to(device), epoch
         offset = position * global_batch + ctx.rank * cfg.batch_size
         idx = order[offset : offset + cfg.batch_size]
-        metrics = train_step(state, _to_model_range(images[idx]), labels[idx], g, d)
+        metrics = train_step(state, _to_model_range(images[idx]), labels[idx], g, d, ctx)
         window_steps += 1
         if state.step % cfg.log_every == 0 or state.step == cfg.total_steps:
             elapsed = time.perf_counter() - window_start

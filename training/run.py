@@ -12,7 +12,7 @@ import torch
 from digitgen.runtime.generator import default_model_path
 from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import GANConfig, TrainConfig
-from digitgen.training.data import MnistTensors, load_mnist
+from digitgen.training.data import MnistTensors, load_mnist_once
 from digitgen.training.distributed import DistContext
 from digitgen.training.errors import CheckpointError, RunDirectoryError, TrainingError
 from digitgen.training.loop import CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR, steps_per_epoch
@@ -237,7 +237,7 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
             state.train = replace(state.train, checkpoint_every=options.checkpoint_every)
     else:
         state = _new_state(options, device, ctx.rank, classifiers)
-    data = load_mnist(options.data_dir, download=options.download)
+    data = load_mnist_once(options.data_dir, options.download, ctx, device)
     if state.train.subset is not None:
         data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])
     global_batch = state.train.batch_size * ctx.world_size
