@@ -5,7 +5,7 @@ from __future__ import annotations
 import filecmp
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,57 +19,26 @@ def temporary_name(path: Path) -> Path:
 
 
 @contextmanager
-def publish(path: str | Path, keep_identical: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; rename it onto ``path`` only if the block succeeds.
+def publish_all(paths: Sequence[str | Path], keep_identical: bool = False) -> Iterator[list[Path]]:
+    """Yield a temporary sibling of each of ``paths`` to write; rename them onto ``paths`` only if the block
+    succeeds, all together: an interrupt leaves all the old files or all the new ones.
 
-    With ``keep_identical``, an existing ``path`` that already holds exactly the new bytes is left
-    untouched (same file, same modification time).
-    Writing or renaming that fails (a full disk, a folder in the way) raises :class:`OutputError`.
-    """
-    path = Path(path)
-    tmp = temporary_name(path)
-    try:
-        yield tmp
-        if not (keep_identical and path.is_file() and filecmp.cmp(tmp, path, shallow=False)):
-            os.replace(tmp, path)
-    except OSError as exc:
-        if exc.errno is None:  # one of the project's own errors, raised in the block: already worded
-            raise
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
-    finally:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_file(path: str | Path, keep_identical: bool = False) -> Iterator[BinaryIO]:
-    """Open ``path`` for binary writing through :func:`publish`."""
-    with publish(path, keep_identical) as tmp, tmp.open("wb") as f:
-        yield f
-
-
-@contextmanager
-def atomic_files(paths: Sequence[str | Path], keep_identical: bool = False) -> Iterator[list[BinaryIO]]:
-    """Open several files for binary writing, published together: an interrupt leaves all the old ones or
-    all the new ones.
-
-    Each is written to a temporary sibling. Once the block succeeds, those that differ from what is
-    there (all of them, unless ``keep_identical``) are compared first and then renamed into place with
-    interrupts held back, so Ctrl-C or SIGTERM cannot land between two renames. Writing or renaming
-    that fails raises :class:`OutputError` (a rename that fails, onto a folder say, stops there).
+    With ``keep_identical``, an existing path that already holds exactly the new bytes is left untouched
+    (same file, same modification time). The files are compared first, then renamed one after another
+    with Ctrl-C, SIGTERM and SIGHUP held back. Writing or renaming that fails (a full disk, a folder in
+    the way) raises :class:`OutputError`; a rename that fails stops there.
     """
     paths = [Path(path) for path in paths]
     temps = [temporary_name(path) for path in paths]
     failing: Sequence[Path] = paths
     try:
-        with ExitStack() as stack:
-            yield [stack.enter_context(tmp.open("wb")) for tmp in temps]
+        yield temps
         changed = [
             (tmp, path)
             for tmp, path in zip(temps, paths, strict=True)
             if not (keep_identical and path.is_file() and filecmp.cmp(tmp, path, shallow=False))
         ]
-        with interrupts_held():
+        with interrupts_held() if len(changed) > 1 else nullcontext():
             for tmp, path in changed:
                 failing = [path]
                 os.replace(tmp, path)
@@ -81,6 +50,27 @@ def atomic_files(paths: Sequence[str | Path], keep_identical: bool = False) -> I
         for tmp in temps:
             with suppress(OSError):
                 tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def publish(path: str | Path, keep_identical: bool = False) -> Iterator[Path]:
+    """:func:`publish_all` of one file: yield its temporary sibling to write."""
+    with publish_all([path], keep_identical) as (tmp,):
+        yield tmp
+
+
+@contextmanager
+def atomic_file(path: str | Path, keep_identical: bool = False) -> Iterator[BinaryIO]:
+    """Open ``path`` for binary writing through :func:`publish`."""
+    with publish(path, keep_identical) as tmp, tmp.open("wb") as f:
+        yield f
+
+
+@contextmanager
+def atomic_files(paths: Sequence[str | Path], keep_identical: bool = False) -> Iterator[list[BinaryIO]]:
+    """Open several files for binary writing through :func:`publish_all` (closed before they are renamed)."""
+    with publish_all(paths, keep_identical) as temps, ExitStack() as opened:
+        yield [opened.enter_context(tmp.open("wb")) for tmp in temps]
 
 
 def refuse_one_file_twice(files: dict[str, str | Path | None]) -> None:
