@@ -45,23 +45,28 @@ def release_weights(payload: dict[str, Any]) -> dict[str, Any]:
     return {key: payload[key] for key in WEIGHTS_KEYS}
 
 
-def load_weights(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint or release weights as data only; :class:`CheckpointError` if not ours."""
+def read_data_file(path: str | Path, missing: str, unreadable: str) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain data, nothing in the file runs.
+    :class:`CheckpointError` "``missing``: PATH" if there is no such file, "PATH: ``unreadable`` (why)" if it
+    cannot be read so."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{missing}: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{path}: not a readable digitgen checkpoint (not a PyTorch file of tensors and plain data; "
+            f"{path}: {unreadable} (not a PyTorch file of tensors and plain data; "
             "read with weights_only=True, nothing in it ran)"
         ) from exc
     except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:
         first_sentence = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: not a readable digitgen checkpoint (truncated or corrupt: {first_sentence})"
-        ) from exc
+        raise CheckpointError(f"{path}: {unreadable} (truncated or corrupt: {first_sentence})") from exc
+
+
+def load_weights(path: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint or release weights as data only; :class:`CheckpointError` if not ours."""
+    payload = read_data_file(path, "checkpoint not found", "not a readable digitgen checkpoint")
     if not isinstance(payload, dict) or any(key not in payload for key in WEIGHTS_KEYS):
         raise CheckpointError(f"{path}: not a digitgen checkpoint (keys missing)")
     if payload["format_version"] != FORMAT_VERSION:

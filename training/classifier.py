@@ -3,9 +3,7 @@ features define the space for FID, precision and recall."""
 
 from __future__ import annotations
 
-import pickle
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digitgen.training.checkpoint import save_checkpoint
+from digitgen.training.checkpoint import read_data_file, save_checkpoint
 from digitgen.training.data import MnistTensors
 from digitgen.training.errors import CheckpointError
 
@@ -132,15 +130,7 @@ def save_classifier_weights(model: Classifier, test_accuracy: float, path: str |
 def load_classifier_weights(path: str | Path) -> tuple[Classifier, float]:
     """The classifier of a weights file (in eval mode) and its MNIST test accuracy; :class:`CheckpointError` if
     the file is missing, unreadable or not classifier weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"classifier weights not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch weights file (truncated, corrupt, or more than tensors and plain data)"
-        ) from exc
+    payload = read_data_file(path, "classifier weights not found", "not a readable PyTorch weights file")
     if (
         not isinstance(payload, dict)
         or payload.get("kind") != WEIGHTS_KIND
