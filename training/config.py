@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 AUGMENTATIONS = ("translation", "cutout")  # DiffAugment transforms, in training/augment.py
+PRECISIONS = ("fp32", "bf16")  # bf16: autocast of convolutions and matrix products; weights stay fp32
 
 
 def parse_policy(text: str) -> str:
@@ -92,6 +93,7 @@ class TrainConfig:
     label_weight_floor: float = 0.0  # where a falling label weight ends, instead of zero
     label_digit_weights: str = ""  # per-digit multipliers of the label weight, e.g. "4=2.5,7=2.5"; others: 1
     diffaugment: str = ""  # DiffAugment transforms of the discriminator's inputs, e.g. "translation,cutout"
+    precision: str = "fp32"  # one of PRECISIONS
     seed: int = 0
     subset: int | None = None  # train on the first N images only (tests, quick experiments)
     checkpoint_every: int = 500
@@ -119,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"the per-digit label weights {self.label_digit_weights!r} are not in canonical form")
         if parse_policy(self.diffaugment) != self.diffaugment:
             raise ValueError(f"the augmentation policy {self.diffaugment!r} is not in canonical form")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not 0 <= self.lr_decay_steps <= self.total_steps:
             raise ValueError("the learning-rate decay must span 0 to all of the run's steps")
 

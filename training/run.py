@@ -48,6 +48,7 @@ class RunOptions:
     label_weight_floor: float | None = None
     label_digit_weights: str | None = None  # canonical "DIGIT=MULTIPLIER,..." (see parse_digit_weights)
     diffaugment: str | None = None
+    precision: str | None = None
     download: bool = False  # fetch MNIST when it is missing from data_dir
 
 
@@ -69,6 +70,7 @@ FIXED_ON_RESUME = {
     "label_weight_floor": ("--label-weight-floor", "train"),
     "label_digit_weights": ("--label-digit-weights", "train"),
     "diffaugment": ("--diffaugment", "train"),
+    "precision": ("--precision", "train"),
 }
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR)
 
@@ -213,6 +215,7 @@ def _new_state(options: RunOptions, device: torch.device, rank: int, classifiers
         "label_weight_floor",
         "label_digit_weights",
         "diffaugment",
+        "precision",
     )
     settings = TrainConfig(total_steps=1, **given(*names))
     config = GANConfig(**given("latent_dim", "conditional_norm", "g_width", "d_width"))
@@ -237,6 +240,8 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
             state.train = replace(state.train, checkpoint_every=options.checkpoint_every)
     else:
         state = _new_state(options, device, ctx.rank, classifiers)
+    if state.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("this GPU has no bfloat16 support for --precision bf16; train with --precision fp32")
     data = load_mnist_once(options.data_dir, options.download, ctx, device)
     if state.train.subset is not None:
         data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])
