@@ -112,6 +112,7 @@ def test_resuming_another_run_into_a_run_directory_is_refused(
         ("--label-weight-floor", "0.05", "0.0"),
         ("--label-digit-weights", "7=2", "none"),
         ("--diffaugment", "translation", "none"),
+        ("--precision", "bf16", "fp32"),
     ],
 )
 def test_resume_refuses_options_that_would_change_the_run(
@@ -123,6 +124,15 @@ def test_resume_refuses_options_that_would_change_the_run(
     assert code == 1
     assert output.startswith(f"Error: {' '.join(given)} differs from the resumed run's {kept};"), output
     assert (finished_run / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_resumed_bf16_run_stays_bf16(tmp_path: Path, tiny_mnist: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, output = train(tiny_mnist, run_dir, "--steps", 2, "--precision", "bf16", *TINY)
+    assert code == 0 and ", bf16 autocast" in output, output
+    code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--steps", 3)
+    assert code == 0 and ", bf16 autocast" in output, output
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["train"]["precision"] == "bf16"
 
 
 def test_resume_accepts_options_equal_to_the_run_and_sets_the_checkpoint_interval(

@@ -12,9 +12,16 @@ from digitgen.training.checkpoint import FORMAT_VERSION, WEIGHTS_KEYS, load_chec
 from digitgen.training.classifier import Classifier
 from digitgen.training.config import GANConfig, TrainConfig, parse_digit_weights
 from digitgen.training.data import MNIST_FILES, load_mnist
-from digitgen.training.errors import CheckpointError, DatasetCorruptError, DatasetNotFoundError, NonFiniteLossError
+from digitgen.training.errors import (
+    CheckpointError,
+    DatasetCorruptError,
+    DatasetNotFoundError,
+    NonFiniteLossError,
+    TrainingError,
+)
 from digitgen.training.loop import train
 from digitgen.training.models import ConditionalBatchNorm2d, Discriminator, Generator
+from digitgen.training.run import check_precision
 from digitgen.training.state import (
     TrainState,
     config_from_checkpoint,
@@ -505,3 +512,54 @@ def test_a_rank_the_checkpoint_has_no_noise_state_for_gets_a_fresh_stream(tiny_c
     saved = len(load_checkpoint(tiny_checkpoint)["rng"]["noise"])
     state = state_from_checkpoint(str(tiny_checkpoint), torch.device("cpu"), rank=saved)
     assert state.step == load_checkpoint(tiny_checkpoint)["step"]
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_sets_the_convolutions_dtype_and_the_saved_weights_stay_fp32(
+    tmp_path: Path, tiny_mnist: Path, precision: str, dtype: torch.dtype
+) -> None:
+    state = new_state(TINY_MODEL, TrainConfig(total_steps=2, batch_size=16, precision=precision), torch.device("cpu"))
+    seen: set[torch.dtype] = set()
+    first_conv = next(m for m in state.discriminator.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda _module, _inputs, output: seen.add(output.dtype))
+    result = train(state, load_mnist(tiny_mnist, download=False), tmp_path)
+    assert seen == {dtype}
+    payload = load_checkpoint(result.checkpoint)
+    assert payload["train"]["precision"] == precision
+    weights = [v for part in ("generator", "generator_ema", "discriminator") for v in payload[part].values()]
+    assert {w.dtype for w in weights if w.is_floating_point()} == {torch.float32}
+
+
+def test_a_resumed_bf16_run_matches_an_uninterrupted_one_and_differs_from_fp32(
+    tmp_path: Path, tiny_mnist: Path
+) -> None:
+    straight = _weights(train_tiny(tmp_path / "straight", tiny_mnist, steps=6, precision="bf16"))
+    fp32 = _weights(train_tiny(tmp_path / "fp32", tiny_mnist, steps=6))
+    settings = TrainConfig(total_steps=6, batch_size=16, precision="bf16")
+    stops = iter([False, False, True])
+    first = train(
+        new_state(TINY_MODEL, settings, torch.device("cpu")),
+        load_mnist(tiny_mnist, download=False),
+        tmp_path / "resumed",
+        should_stop=lambda: next(stops),
+    )
+    assert first.interrupted and first.step == 3
+    state = state_from_checkpoint(str(first.checkpoint), torch.device("cpu"))
+    assert state.train.precision == "bf16"
+    resumed = _weights(train(state, load_mnist(tiny_mnist, download=False), tmp_path / "resumed").checkpoint)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not all(torch.equal(straight[k], fp32[k]) for k in straight)
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision 'fp16' is not one of fp32, bf16"):
+        TrainConfig(total_steps=1, precision="fp16")
+
+
+def test_bf16_on_a_gpu_without_bfloat16_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    bf16, cuda = TrainConfig(total_steps=1, precision="bf16"), torch.device("cuda")
+    with pytest.raises(TrainingError, match="this GPU has no bfloat16 support for --precision bf16"):
+        check_precision(bf16, cuda)
+    check_precision(replace(bf16, precision="fp32"), cuda)
+    check_precision(bf16, torch.device("cpu"))

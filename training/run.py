@@ -156,6 +156,12 @@ def _decay_too_long(epochs: float, decay: int, total: int, per_epoch: int) -> st
     )
 
 
+def check_precision(train: TrainConfig, device: torch.device) -> None:
+    """Refuse bf16 on a GPU without bfloat16 (on a CPU it runs everywhere, fast only with AMX or AVX512-BF16)."""
+    if train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("this GPU has no bfloat16 support for --precision bf16; train with --precision fp32")
+
+
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     mine, theirs = a.state_dict(), b.state_dict()
     return mine.keys() == theirs.keys() and all(torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine)
@@ -240,8 +246,7 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
             state.train = replace(state.train, checkpoint_every=options.checkpoint_every)
     else:
         state = _new_state(options, device, ctx.rank, classifiers)
-    if state.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise TrainingError("this GPU has no bfloat16 support for --precision bf16; train with --precision fp32")
+    check_precision(state.train, device)
     data = load_mnist_once(options.data_dir, options.download, ctx, device)
     if state.train.subset is not None:
         data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])
