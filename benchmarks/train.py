@@ -1,4 +1,5 @@
-"""Training throughput: the in-memory loop (channels_last or NCHW, eager or torch.compile) vs a DataLoader loop.
+"""Training throughput: the in-memory loop (channels_last or NCHW, eager or torch.compile, fp32 or bf16 autocast)
+vs a DataLoader loop.
 
     python benchmarks/train.py [--data-dir ../shared/datasets] [--steps 30] [--rounds 3] [--json]
     python benchmarks/train.py --to-quality 0.95 5.0 [--label-classifier WEIGHTS.pt | --recipe previous]
@@ -34,7 +35,7 @@ from benchmarks.macs import count_macs, gemm_macs_per_s  # noqa: E402
 from benchmarks.timing import interleaved_medians  # noqa: E402
 from digitgen.training.config import GANConfig, TrainConfig  # noqa: E402
 from digitgen.training.data import load_mnist  # noqa: E402
-from digitgen.training.loop import _to_model_range, train_step, use_channels_last  # noqa: E402
+from digitgen.training.loop import _to_model_range, precision_context, train_step, use_channels_last  # noqa: E402
 from digitgen.training.state import new_state  # noqa: E402
 
 
@@ -50,20 +51,22 @@ def step_macs_per_image(cfg: GANConfig) -> int:
     return 4 * g + 9 * d
 
 
-# in-memory loop variants: name -> (channels_last memory format, torch.compile); the first is
-# what `cli.py train` does on CPU
+# in-memory loop variants: name -> (channels_last memory format, torch.compile, `train --precision`); the first
+# is what `cli.py train` does on CPU
 VARIANTS = {
-    "in_memory": (True, False),
-    "in_memory_nchw": (False, False),
-    "in_memory_compiled": (True, True),
-    "in_memory_compiled_nchw": (False, True),
+    "in_memory": (True, False, "fp32"),
+    "in_memory_nchw": (False, False, "fp32"),
+    "in_memory_compiled": (True, True, "fp32"),
+    "in_memory_compiled_nchw": (False, True, "fp32"),
+    "in_memory_bf16": (True, False, "bf16"),
 }
 
 
 def in_memory_loop(data, batch_size: int, variant: str) -> Callable[[], None]:
     """One training step per call on consecutive slices of the in-memory dataset."""
-    state = new_state(GANConfig(), TrainConfig(total_steps=1, batch_size=batch_size), torch.device("cpu"))
-    channels_last, compiled = VARIANTS[variant]
+    channels_last, compiled, precision = VARIANTS[variant]
+    settings = TrainConfig(total_steps=1, batch_size=batch_size, precision=precision)
+    state = new_state(GANConfig(), settings, torch.device("cpu"))
     if channels_last:
         use_channels_last(state)
     g, d = state.generator, state.discriminator
@@ -74,7 +77,10 @@ def in_memory_loop(data, batch_size: int, variant: str) -> Callable[[], None]:
 
     def step() -> None:
         lo = next(offsets)
-        train_step(state, _to_model_range(data.images[lo : lo + batch_size]), data.labels[lo : lo + batch_size], g, d)
+        with precision_context(settings, torch.device("cpu")):
+            train_step(
+                state, _to_model_range(data.images[lo : lo + batch_size]), data.labels[lo : lo + batch_size], g, d
+            )
 
     return step
 
