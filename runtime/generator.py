@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from digitgen.runtime.contract import ModelInfo, check_contract
-from digitgen.runtime.errors import InvalidRequestError, ModelRunError
+from digitgen.runtime.contract import IMAGE_SIZE, ModelInfo, check_contract
+from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
 
@@ -142,11 +142,18 @@ class DigitGenerator:
 
     def run(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Raw model call: (B, latent_dim) float32 and (B,) int64 -> (B, 1, 28, 28) float32 in [0, 1];
-        :class:`ModelRunError` if onnxruntime fails to run it."""
+        :class:`ModelRunError` if onnxruntime fails to run it, :class:`ModelContractError` if what it
+        returns is not that (a model can declare its output's dimensions symbolic)."""
         try:
             (images,) = self._session.run(["image"], {"z": z, "digit": labels})
         except ORT_ERRORS as exc:
             raise ModelRunError(f"{self.path}: the model failed to run: {ort_reason(exc)}") from exc
+        expected = (len(z), 1, IMAGE_SIZE, IMAGE_SIZE)
+        if images.dtype != np.float32 or images.shape != expected:
+            raise ModelContractError(
+                f"{self.path}: the model returned 'image' of shape {images.shape} ({images.dtype}) for "
+                f"{len(z)} digits, not {expected} (float32)"
+            )
         return images
 
     def check_request(

@@ -121,3 +121,34 @@ def test_a_model_that_fails_to_run_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert result.output.strip().splitlines()[-1].startswith(f"Error: {path}: the model failed to run: ")
     assert list(out.iterdir()) == []
+
+
+def test_a_model_whose_output_breaks_the_contract_at_run_time_writes_nothing(tmp_path: Path) -> None:
+    """The output's dimensions are declared symbolic, which the contract allows; what the model returns
+    for them (14x14 images, four per digit) is checked before any of it is written."""
+    model = onnx.load(str(contract_model(tmp_path / "ok.onnx")))
+    shape = next(init for init in model.graph.initializer if init.name == "shape")
+    shape.CopyFrom(numpy_helper.from_array(np.array([-1, 1, 14, 14]), "shape"))
+    # the target shape plus 0 * min(digit): onnxruntime cannot infer it, so the declared dims stand
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0), "zero"))
+    reshape = next(node for node in model.graph.node if node.op_type == "Reshape")
+    reshape.input[1] = "hidden_shape"
+    model.graph.node.insert(0, helper.make_node("ReduceMin", ["digit"], ["least"], keepdims=0))
+    model.graph.node.insert(1, helper.make_node("Mul", ["least", "zero"], ["nothing"]))
+    model.graph.node.insert(2, helper.make_node("Add", ["shape", "nothing"], ["hidden_shape"]))
+    declared = model.graph.output[0].type.tensor_type.shape.dim
+    for dim, name in zip(declared, ["batch", "c", "h", "w"], strict=True):
+        dim.dim_param = name
+    path = tmp_path / "small-images.onnx"
+    onnx.save(model, str(path))
+    gen = DigitGenerator.from_path(path, "cpu")
+    expected = "returned 'image' of shape (12, 1, 14, 14) (float32) for 3 digits, not (3, 1, 28, 28)"
+    with pytest.raises(ModelContractError, match=re.escape(expected)):
+        gen.generate(3)
+    for fmt in ("idx", "png", "npz"):
+        out = tmp_path / fmt
+        args = ["generate", "--generator", str(path), "-n", "3", "--format", fmt, "--out", str(out)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert result.output.strip().splitlines()[-1].startswith(f"Error: {path}: the model returned 'image'")
+        assert not out.exists() or list(out.iterdir()) == []
