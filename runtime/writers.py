@@ -106,13 +106,13 @@ def _checked(batches: Iterable[GeneratedDigits], start: int, stop: int) -> Itera
         if batch.start != expected or expected + len(batch.labels) > stop:
             raise InvalidRequestError(
                 f"the batches do not hold digits {start}..{stop - 1} in order: got {len(batch.labels)} "
-                f"starting at {batch.start} after {expected - start}; nothing was written"
+                f"starting at {batch.start} after {expected - start}; no new file was kept"
             )
         expected += len(batch.labels)
         yield batch
     if expected != stop:
         raise InvalidRequestError(
-            f"the batches held {expected - start} digits, not the {stop - start} promised; nothing was written"
+            f"the batches held {expected - start} digits, not the {stop - start} promised; no new file was kept"
         )
 
 
@@ -127,24 +127,34 @@ def _write_pngs(
 
     A file of the same index but another label is removed, so an index never has two labels in one
     folder. With ``resume``, a file that already holds exactly the digit's bytes is kept as it is.
+    If ``batches`` turn out not to hold the promised digits, the files this call created are removed
+    (those it replaced, with the caller's permission, already hold their digits).
     """
     stale: dict[int, list[Path]] = {}
     for path in replaced:
         stale.setdefault(_index(path), []).append(path)
-    kept = 0
-    for batch in batches:
-        for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
-            path = out_dir / png_name(batch.start + offset, int(label))
-            encoded = png_bytes(image)
-            if resume and path in stale.get(batch.start + offset, ()) and path.read_bytes() == encoded:
-                kept += 1
-            else:
-                with atomic_file(path) as f:
-                    f.write(encoded)
-            for old in stale.pop(batch.start + offset, []):
-                if old != path:
-                    old.unlink(missing_ok=True)
-        on_batch(len(batch.labels))
+    kept, created = 0, []
+    try:
+        for batch in batches:
+            for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
+                path = out_dir / png_name(batch.start + offset, int(label))
+                encoded = png_bytes(image)
+                known = path in stale.get(batch.start + offset, ())
+                if resume and known and path.read_bytes() == encoded:
+                    kept += 1
+                else:
+                    with atomic_file(path) as f:
+                        f.write(encoded)
+                    if not known:
+                        created.append(path)
+                for old in stale.pop(batch.start + offset, []):
+                    if old != path:
+                        old.unlink(missing_ok=True)
+            on_batch(len(batch.labels))
+    except InvalidRequestError:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
     return kept
 
 
@@ -257,12 +267,7 @@ class OutputPlan:
                 path.unlink(missing_ok=True)
         batches = _checked(batches, start, stop)
         if self.fmt == "png":
-            try:
-                kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, on_batch)
-            except InvalidRequestError:
-                for path in pngs_in_range(self.out_dir, start, stop):
-                    path.unlink()
-                raise
+            kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, on_batch)
             return WrittenFiles([self.out_dir], kept)
         paths = [self.out_dir / name for name in output_names(self.fmt, self.shard)]
         before = {path: path.stat() for path in self.existing}

@@ -47,9 +47,22 @@ def _gap(gen: DigitGenerator) -> list[GeneratedDigits]:
 def test_writer_fed_the_wrong_digits_raises_and_leaves_no_file(
     gen: DigitGenerator, tmp_path: Path, fmt: str, batches
 ) -> None:
-    with pytest.raises(InvalidRequestError, match="nothing was written"):
+    with pytest.raises(InvalidRequestError, match="no new file was kept"):
         write_digits(batches(gen), tmp_path, fmt, N)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("permission", ["overwrite", "resume"])
+def test_png_writer_fed_the_wrong_digits_keeps_the_files_that_were_there(
+    gen: DigitGenerator, tmp_path: Path, permission: str
+) -> None:
+    """Only what the failed call created goes: the user's files past the failure point stay as they were."""
+    generate_files(gen, tmp_path, 4, seed=1)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(InvalidRequestError, match="no new file was kept"):
+        write_digits(_more(gen), tmp_path, "png", N, **{permission: True})
+    after = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert after == before
 
 
 def test_generate_files_writes_what_the_cli_writes(gen: DigitGenerator, tmp_path: Path, tiny_onnx: Path) -> None:
