@@ -91,8 +91,24 @@ def concat_npz(parts: list[Path]) -> dict[str, np.ndarray]:
     for part in parts:
         try:
             with np.load(part) as archive:
-                for key, chunks in arrays.items():
-                    chunks.append(archive[key])
+                images, labels = archive["images"], archive["labels"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise OutputError(f"{part} is not a digits NPZ shard ({type(exc).__name__}: {exc})") from None
+        if not _is_digits(images, labels):
+            raise OutputError(
+                f"{part} is not a digits NPZ shard: images {images.dtype} {list(images.shape)} and labels "
+                f"{labels.dtype} {list(labels.shape)}, not uint8 [N, 28, 28] and int64 [N]"
+            )
+        arrays["images"].append(images)
+        arrays["labels"].append(labels)
     return {key: np.concatenate(chunks) for key, chunks in arrays.items()}
+
+
+def _is_digits(images: np.ndarray, labels: np.ndarray) -> bool:
+    """What ``generate --format npz`` writes: uint8 images (N, 28, 28) and int64 labels (N,)."""
+    return (
+        images.dtype == np.uint8
+        and images.shape[1:] == (28, 28)
+        and labels.dtype == np.int64
+        and labels.shape == images.shape[:1]
+    )

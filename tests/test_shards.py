@@ -143,6 +143,25 @@ def test_a_damaged_shard_is_named_and_nothing_is_merged(gen: DigitGenerator, tmp
     assert not (tmp_path / "npz" / "digits.npz").exists()
 
 
+BAD_NPZ_SHARDS = {
+    "more labels than images": (np.zeros((2, 28, 28), np.uint8), np.zeros(5, np.int64)),
+    "float images": (np.zeros((2, 28, 28), np.float64), np.zeros(2, np.int64)),
+    "5x5 images": (np.zeros((2, 5, 5), np.uint8), np.zeros(2, np.int64)),
+    "int32 labels": (np.zeros((2, 28, 28), np.uint8), np.zeros(2, np.int32)),
+}
+
+
+@pytest.mark.parametrize(("images", "labels"), BAD_NPZ_SHARDS.values(), ids=BAD_NPZ_SHARDS.keys())
+def test_an_npz_shard_that_is_not_digits_is_named_and_nothing_is_merged(
+    gen: DigitGenerator, tmp_path: Path, images: np.ndarray, labels: np.ndarray
+) -> None:
+    _write(gen, tmp_path, "npz", Shard(0, 2))
+    np.savez(tmp_path / "digits-00001-of-00002.npz", images=images, labels=labels)
+    with pytest.raises(OutputError, match=r"digits-00001-of-00002\.npz is not a digits NPZ shard: images "):
+        merge_shards(tmp_path, "npz")
+    assert not (tmp_path / "digits.npz").exists()
+
+
 def test_a_shard_count_below_one_is_named() -> None:
     with pytest.raises(InvalidRequestError, match=r"^the number of shards must be at least 1, got 0$"):
         Shard(0, 0).check(5)
