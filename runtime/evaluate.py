@@ -32,7 +32,9 @@ class ReferenceClassifier:
         if names != (["image"], ["logits", "features"]):
             raise ModelContractError(f"{self.path} is not a digitgen classifier (inputs/outputs {names})")
 
-    def embed(self, images: np.ndarray, batch_size: int = 500, progress: Progress = lambda n: None):
+    def embed(
+        self, images: np.ndarray, batch_size: int = 500, progress: Progress = lambda n: None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, 28, 28) -> (features float64 (N, D), predicted classes int64 (N,))."""
         features, predictions = [], []
         for count, (logits, feats) in self._outputs(images, batch_size):
@@ -55,7 +57,18 @@ class ReferenceClassifier:
                 outputs = self._session.run(["logits", "features"], {"image": batch})
             except ORT_ERRORS as exc:
                 raise ModelRunError(f"{self.path}: the classifier failed to run: {ort_reason(exc)}") from exc
+            self._check_outputs(len(batch), *outputs)
             yield len(batch), outputs
+
+    def _check_outputs(self, count: int, logits: np.ndarray, features: np.ndarray) -> None:
+        """:class:`ModelContractError` unless the outputs are float logits (count, 10) and features (count, D)."""
+        floats = logits.dtype.kind == "f" and features.dtype.kind == "f"
+        if not floats or logits.shape != (count, 10) or features.ndim != 2 or len(features) != count:
+            raise ModelContractError(
+                f"{self.path} is not a digitgen classifier: for {count} images it returned logits "
+                f"{logits.dtype} {list(logits.shape)} and features {features.dtype} {list(features.shape)}, "
+                f"not float [{count}, 10] and float [{count}, D]"
+            )
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -191,28 +192,42 @@ def test_reference_classifier_defaults_to_the_shipped_one_and_checks_its_outputs
         ReferenceClassifier(tiny_onnx)
 
 
-def test_classifier_sees_pixels_in_zero_to_one(tmp_path: Path) -> None:
-    """A stand-in classifier whose features are its input: embed must feed it uint8 / 255."""
+def identity_classifier(path: Path, classes: int = 10) -> Path:
+    """A stand-in classifier whose features are its input and whose class 3 wins when the first pixel is lit."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [
         helper.make_node("Reshape", ["image", "flat"], ["features"]),
         helper.make_node("MatMul", ["features", "w"], ["logits"]),
     ]
-    weights = np.zeros((784, 10), dtype=np.float32)
-    weights[0, 3] = 1.0  # class 3 wins when the first pixel is lit
+    weights = np.zeros((784, classes), dtype=np.float32)
+    weights[0, 3] = 1.0
     graph = helper.make_graph(
         nodes,
         "identity-classifier",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])],
         [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "classes"]),
             helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 784]),
         ],
         [numpy_helper.from_array(np.array([-1, 784]), "flat"), numpy_helper.from_array(weights, "w")],
     )
-    path = tmp_path / "identity.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_a_classifier_with_the_right_names_but_not_ten_logits_is_refused_before_use(tmp_path: Path) -> None:
+    classifier = ReferenceClassifier(identity_classifier(tmp_path / "seven.onnx", classes=7))
+    images = np.zeros((3, 28, 28), np.uint8)
+    expected = "it returned logits float32 [3, 7] and features float32 [3, 784], not float [3, 10]"
+    for use in (classifier.embed, classifier.probabilities):
+        with pytest.raises(ModelContractError, match=re.escape(expected)):
+            use(images)
+
+
+def test_classifier_sees_pixels_in_zero_to_one(tmp_path: Path) -> None:
+    """embed must feed the classifier uint8 / 255."""
+    path = identity_classifier(tmp_path / "identity.onnx")
     images = np.random.default_rng(4).integers(0, 256, (7, 28, 28), dtype=np.uint8)
     images[:, 0, 0] = [0, 255, 0, 255, 0, 255, 0]
     features, predictions = ReferenceClassifier(path).embed(images, batch_size=3)
