@@ -11,7 +11,7 @@ import torch
 from digitgen.export.errors import ExportVerificationError
 from digitgen.runtime.contract import check_contract
 from digitgen.runtime.errors import DigitgenError
-from digitgen.runtime.session import open_session
+from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
 from digitgen.training.config import GANConfig
 
 BATCH_SIZES = (1, 7, 64)
@@ -118,7 +118,12 @@ def verify_parity(
             z, digits = _inputs(batch_size, seed, info.latent_dim, info.num_classes)
             with torch.no_grad():
                 expected = model(torch.from_numpy(z), torch.from_numpy(digits)).numpy()
-            (actual,) = opened.session.run(["image"], {"z": z, "digit": digits})
+            try:
+                (actual,) = opened.session.run(["image"], {"z": z, "digit": digits})
+            except ORT_ERRORS as exc:
+                raise ExportVerificationError(
+                    f"{onnx_path} failed to run on a batch of {batch_size}: {ort_reason(exc)}"
+                ) from exc
             if actual.shape != expected.shape:
                 raise ExportVerificationError(f"output shape {actual.shape} differs from PyTorch's {expected.shape}")
             diff = np.abs(actual - expected)

@@ -11,9 +11,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from click.testing import CliRunner
 
 import digitgen.export.onnx_export as onnx_export
 import digitgen.export.verify as verify
+from digitgen.cli import main
 from digitgen.export.errors import ExportError, ExportVerificationError
 from digitgen.export.onnx_export import export_generator, verify_file
 from digitgen.export.verify import ATOL, BATCH_SIZES, TOLERANCES, ParityReport
@@ -413,6 +415,43 @@ def test_an_output_of_another_shape_than_pytorchs_is_refused(tmp_path: Path, tin
         ExportVerificationError, match=r"output shape \(1, 1, 2, 4\) differs from PyTorch's \(1, 1, 28, 28\)"
     ):
         verify_file(path, tiny_checkpoint)
+
+
+def test_a_model_that_fails_to_run_is_refused_in_one_line(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """Within the contract, but its graph takes one digit at a time: onnxruntime fails on a batch of two."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [  # the one-row shape plus 0 * min(digit): hidden from shape inference, which would see a fixed batch
+            helper.make_node("ReduceMin", ["digit"], ["smallest"]),
+            helper.make_node("Mul", ["smallest", "zero"], ["nothing"]),
+            helper.make_node("Add", ["one_row", "nothing"], ["target"]),
+            helper.make_node("Reshape", ["z", "target"], ["row"]),
+            helper.make_node("MatMul", ["row", "w"], ["flat"]),
+            helper.make_node("Reshape", ["flat", "images"], ["image"]),
+        ],
+        "one-at-a-time",
+        [
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 8]),
+            helper.make_tensor_value_info("digit", TensorProto.INT64, ["batch"]),
+        ],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [
+            numpy_helper.from_array(np.array([1, 8]), "one_row"),
+            numpy_helper.from_array(np.array([0]), "zero"),
+            numpy_helper.from_array(np.zeros((8, 784), np.float32), "w"),
+            numpy_helper.from_array(np.array([-1, 1, 28, 28]), "images"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    metadata = {"latent_dim": "8", "num_classes": "10", "image_size": "28", "contract_version": CONTRACT_VERSION}
+    helper.set_model_props(model, metadata)
+    path = tmp_path / "one-at-a-time.onnx"
+    onnx.save(model, path)
+    result = CliRunner().invoke(main, ["verify", str(path), "--checkpoint", str(tiny_checkpoint)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.startswith(f"Error: {path} failed to run on a batch of "), result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_an_opset_the_exporter_cannot_write_is_refused_not_ignored(tmp_path: Path, tiny_checkpoint: Path) -> None:
