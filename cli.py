@@ -32,6 +32,7 @@ from digitgen.runtime.writers import FORMATS, merge_shards, plan_generation
 from digitgen.training.config import (
     AUGMENTATIONS,
     PRECISIONS,
+    TRAIN_MAX_SEED,
     GANConfig,
     TrainConfig,
     parse_digit_weights,
@@ -80,6 +81,13 @@ class OneLineErrors(click.Group):
         except OSError as exc:  # what the library did not foresee (a folder it cannot list, a full disk)
             where = f": {exc.filename}" if exc.filename else ""
             click.echo(f"Error: {exc.strerror or exc}{where}", err=True)
+            sys.exit(1)
+        except MemoryError:
+            click.echo(
+                "Error: not enough memory for this request; ask for fewer digits or a smaller --batch-size "
+                "(npz and grid hold every digit in memory, png and idx stream them)",
+                err=True,
+            )
             sys.exit(1)
         except ModuleNotFoundError as exc:
             extra = "train" if exc.name in TRAINING_MODULES else "serve" if exc.name in SERVE_MODULES else None
@@ -169,10 +177,9 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 @click.option(
     "--out",
     "run_dir",
-    default=DEFAULT_RUN_DIR,
-    show_default=True,
     type=click.Path(),
-    help="Run directory for checkpoint, sample grids and metrics.",
+    help=f"Run directory for checkpoint, sample grids and metrics [default: {DEFAULT_RUN_DIR}; with --resume, "
+    "the checkpoint's folder].",
 )
 @click.option(
     "--epochs",
@@ -256,7 +263,11 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     help="bf16: convolutions and matrix products in bfloat16 (autocast), weights and optimiser in fp32; faster on "
     "CPUs with AMX or AVX512-BF16 and on recent GPUs, slower on others (kept on --resume) [default: fp32].",
 )
-@click.option("--seed", type=click.IntRange(min=0), help=f"Seed of weights and noise [default: {TrainConfig.seed}].")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, TRAIN_MAX_SEED),
+    help=f"Seed of weights and noise (0 to 2^32-1) [default: {TrainConfig.seed}].",
+)
 @click.option("--device", "device_name", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run saved in this checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out that holds another run, deleting it.")
@@ -275,7 +286,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 def train(
     data_dir: str,
     download: bool,
-    run_dir: str,
+    run_dir: str | None,
     epochs: int | None,
     steps: int | None,
     batch_size: int | None,
@@ -311,6 +322,8 @@ def train(
     if device_name == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
     device = torch.device("cuda" if device_name != "cpu" and torch.cuda.is_available() else "cpu")
+    if run_dir is None:  # a resumed run goes on where it was saved
+        run_dir = str(Path(resume).parent) if resume is not None else DEFAULT_RUN_DIR
     options = RunOptions(
         data_dir,
         run_dir,
@@ -634,7 +647,7 @@ def info(model_argument: str | None, model: str | None) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, TRAIN_MAX_SEED))
 def train_classifier_cmd(data_dir: str, download: bool, out: str, overwrite: bool, epochs: int, seed: int) -> None:
     """Train the evaluator's reference MNIST classifier and export it to ONNX (its weights beside it)."""
     from digitgen.export.classifier_export import check_classifier_out, export_classifier

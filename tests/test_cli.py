@@ -121,6 +121,19 @@ def test_an_os_error_the_library_did_not_foresee_is_one_line(
     assert (code, output) == (1, f"Error: Permission denied: {tmp_path / 'out'}\n")
 
 
+def test_running_out_of_memory_is_one_line(tmp_path: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What no check foresaw (numpy's 71 TiB for 10^11 digits in one NPZ) still ends in one line."""
+    import digitgen.runtime.writers as writers
+
+    def too_big(*_args: object, **_kwargs: object) -> None:
+        raise MemoryError("Unable to allocate 71.3 TiB for an array")
+
+    monkeypatch.setattr(writers, "collect", too_big)
+    code, output = run("generate", "--generator", tiny_onnx, "--format", "npz", "--out", tmp_path / "out")
+    assert code == 1 and output.startswith("Error: not enough memory for this request; ask for fewer digits")
+    assert len(output.splitlines()) == 1, output
+
+
 @pytest.mark.parametrize(
     ("command", "option", "value"),
     [

@@ -153,6 +153,51 @@ def test_resume_accepts_options_equal_to_the_run_and_sets_the_checkpoint_interva
     assert torch.load(finished_run / "checkpoint.pt", weights_only=True)["train"]["checkpoint_every"] == 1
 
 
+def test_resume_without_out_continues_the_run_where_its_checkpoint_is(
+    finished_run: Path, tiny_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not in the default runs/latest, which would leave the saved run behind at its old step."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    checkpoint = finished_run / "checkpoint.pt"
+    args = ["train", "--data-dir", str(tiny_mnist), "--resume", str(checkpoint), "--steps", "4", *TINY]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert torch.load(checkpoint, weights_only=True)["step"] == 4
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "problem"),
+    [
+        ("checkpoint_every", 0, "checkpoint and log intervals must be positive"),
+        ("log_every", 0, "checkpoint and log intervals must be positive"),
+        ("betas", (2.0, 0.999), "Adam's betas must be two numbers in [0, 1)"),
+        ("ema_decay", 1.5, "the EMA decay must be in [0, 1]"),
+        ("seed", 2**40, "the seed must be 0 to 4294967295"),
+    ],
+)
+def test_a_checkpoint_with_impossible_settings_is_refused_in_one_line(
+    finished_run: Path, tiny_mnist: Path, tmp_path: Path, setting: str, value: object, problem: str
+) -> None:
+    payload = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    payload["train"][setting] = value
+    edited = tmp_path / "edited.pt"
+    torch.save(payload, edited)
+    code, output = train(tiny_mnist, tmp_path / "resumed", "--resume", edited, "--steps", 4)
+    assert code == 1 and len(output.strip().splitlines()) == 1, output
+    assert output.startswith("Error: ") and problem in output, output
+
+
+@pytest.mark.parametrize("command", ["train", "train-classifier"])
+def test_a_training_seed_past_32_bits_is_refused(command: str, tiny_mnist: Path, tmp_path: Path) -> None:
+    """torch seeds with 64 bits and an epoch's order with seed * 100,003 + epoch: larger seeds overflow."""
+    args = [command, "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "x"), "--seed", str(2**32)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "4294967296 is not in the range 0<=x<=4294967295" in result.output, result.output
+
+
 def test_model_widths_and_adc_weight_are_kept_in_the_checkpoint(tmp_path: Path, tiny_mnist: Path) -> None:
     run_dir = tmp_path / "run"
     code, output = train(

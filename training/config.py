@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 AUGMENTATIONS = ("translation", "cutout")  # DiffAugment transforms, in training/augment.py
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast of convolutions and matrix products; weights stay fp32
+# torch seeds its generators with 64 bits, and an epoch's order is seeded with seed * 100,003 + epoch
+TRAIN_MAX_SEED = 2**32 - 1
 
 
 def parse_policy(text: str) -> str:
@@ -125,6 +127,14 @@ class TrainConfig:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if not 0 <= self.lr_decay_steps <= self.total_steps:
             raise ValueError("the learning-rate decay must span 0 to all of the run's steps")
+        if not 0 <= self.seed <= TRAIN_MAX_SEED:
+            raise ValueError(f"the seed must be 0 to {TRAIN_MAX_SEED}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint and log intervals must be positive")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError("Adam's betas must be two numbers in [0, 1)")
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError("the EMA decay must be in [0, 1]")
 
     def learning_rate(self, step: int) -> float:
         """Constant ``lr``, then a linear fall to zero over the last ``lr_decay_steps`` steps."""
