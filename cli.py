@@ -188,7 +188,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     "[default: 1, or the resumed run's].",
 )
 @click.option(
-    "--steps", type=click.IntRange(min=1), help="Steps in the whole run, resumed or not (overrides --epochs)."
+    "--steps", type=click.IntRange(min=1), help="Steps in the whole run, resumed or not (instead of --epochs)."
 )
 @click.option("--batch-size", type=click.IntRange(min=1), help=f"Images per step [default: {TrainConfig.batch_size}].")
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), help=f"Adam learning rate [default: {TrainConfig.lr:g}].")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from digitgen.cli import main
 from digitgen.training.classifier import Classifier, save_classifier_weights
 from tests.conftest import REPO
-from tests.helpers import run_metrics
+from tests.helpers import run_metrics, write_tiny_mnist
 
 TINY = ("--batch-size", "16", "--latent-dim", "8", "--device", "cpu", "--checkpoint-every", "100")
 
@@ -188,6 +188,34 @@ def test_a_checkpoint_with_impossible_settings_is_refused_in_one_line(
     code, output = train(tiny_mnist, tmp_path / "resumed", "--resume", edited, "--steps", 4)
     assert code == 1 and len(output.strip().splitlines()) == 1, output
     assert output.startswith("Error: ") and problem in output, output
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        (("--steps", 4, "--epochs", 1), "give --steps or --epochs, not both"),
+        (("--steps", 4, "--subset", 1000), "--subset 1000 is more than the 256 training images in "),
+        (
+            ("--epochs", 1, "--lr-decay-epochs", 0.01),
+            "--lr-decay-epochs 0.01 is less than one step (16 steps an epoch); give at least 0.062, or 0 for no decay",
+        ),
+    ],
+)
+def test_options_that_would_do_nothing_are_refused_not_ignored(
+    tiny_mnist: Path, tmp_path: Path, options: tuple, problem: str
+) -> None:
+    code, output = train(tiny_mnist, tmp_path / "run", *options, *TINY)
+    assert code == 1 and output.startswith(f"Error: {problem}") and len(output.splitlines()) == 1, output
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_classifier_on_fewer_images_than_a_batch_is_one_line(tmp_path: Path) -> None:
+    root = write_tiny_mnist(tmp_path / "small", train_count=100)
+    result = CliRunner().invoke(main, ["train-classifier", "--data-dir", str(root), "--out", str(tmp_path / "c.onnx")])
+    assert result.exit_code == 1, result.output
+    problem = "a batch of 128 images is more than the 100 training images; the classifier needs a larger training split"
+    assert result.output.splitlines()[-1] == f"Error: {problem}", result.output
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("command", ["train", "train-classifier"])

@@ -14,7 +14,7 @@ from torch import nn
 
 from digitgen.training.checkpoint import read_data_file, save_checkpoint
 from digitgen.training.data import MnistTensors
-from digitgen.training.errors import CheckpointError
+from digitgen.training.errors import CheckpointError, TrainingError
 
 FEATURE_DIM = 128
 WEIGHTS_KIND = "reference classifier"
@@ -87,6 +87,11 @@ def train_classifier(
     progress: Callable[[int, int], None] = lambda step, total: None,
 ) -> ClassifierResult:
     """Adam with a one-cycle schedule and +-2 px shifts; returns the model and its test accuracy."""
+    if len(train.images) < batch_size:
+        raise TrainingError(
+            f"a batch of {batch_size} images is more than the {len(train.images)} training images; "
+            "the classifier needs a larger training split"
+        )
     torch.manual_seed(seed)
     model = Classifier()
     steps_per_epoch = len(train.images) // batch_size

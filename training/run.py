@@ -236,6 +236,8 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
     error); only the step budget, the learning-rate decay and the checkpoint interval can change
     (the decay is a function of the step, so a resumed run stays exact).
     """
+    if options.steps is not None and options.epochs is not None:
+        raise TrainingError("give --steps or --epochs, not both")
     classifiers = () if options.resume else label_classifiers(options)
     replaced = claim_run_dir(options)
     if options.resume:
@@ -249,6 +251,11 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
     check_precision(state.train, device)
     data = load_mnist_once(options.data_dir, options.download, ctx, device)
     if state.train.subset is not None:
+        if state.train.subset > len(data.images):
+            raise TrainingError(
+                f"--subset {state.train.subset} is more than the {len(data.images)} training images in "
+                f"{options.data_dir}"
+            )
         data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])
     global_batch = state.train.batch_size * ctx.world_size
     if global_batch > len(data.images):
@@ -268,6 +275,11 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
         state.train = replace(state.train, total_steps=total, lr_decay_steps=min(state.train.lr_decay_steps, total))
     if options.lr_decay_epochs is not None:
         decay = round(options.lr_decay_epochs * per_epoch)
+        if decay == 0 and options.lr_decay_epochs > 0:
+            raise TrainingError(
+                f"--lr-decay-epochs {options.lr_decay_epochs:g} is less than one step ({per_epoch} steps an epoch); "
+                f"give at least {1 / per_epoch:.2g}, or 0 for no decay"
+            )
         if decay > state.train.total_steps:
             raise TrainingError(_decay_too_long(options.lr_decay_epochs, decay, state.train.total_steps, per_epoch))
         state.train = replace(state.train, lr_decay_steps=decay)
