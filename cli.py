@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import click
+from click.core import ParameterSource
 
 from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError
@@ -822,6 +823,11 @@ def serve(
     quiet: bool,
 ) -> None:
     """Serve digits over HTTP (FastAPI + uvicorn; needs the serve extra)."""
+    given = click.get_current_context().get_parameter_source("batch_max_digits") is ParameterSource.COMMANDLINE
+    if batch_window_ms == 0 and given:
+        raise click.UsageError(
+            "--batch-max-digits sizes a micro-batch and --batch-window-ms 0 turns them off: give one"
+        )
     from digitgen.serve.app import ServeSettings
     from digitgen.serve.run import ServerOptions
     from digitgen.serve.run import serve as run_server

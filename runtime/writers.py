@@ -351,15 +351,17 @@ def write_digits(
     shard: Shard = WHOLE,
     overwrite: bool = False,
     resume: bool = False,
+    test_count: int | None = None,
     on_batch: OnBatch = lambda n: None,
 ) -> list[Path]:
     """Write ``shard`` of a ``total``-digit request, streamed from ``batches``.
 
     ``batches`` must hold exactly the shard's digits, in order (as :meth:`DigitGenerator.iter_batches`
-    yields them); anything else raises :class:`InvalidRequestError` and leaves no file. Returns the
-    files written; for ``png``, whose files are many, the output directory.
+    yields them); for ``mnist``, the ``total`` train digits then the ``test_count`` test digits (default
+    10,000). Anything else raises :class:`InvalidRequestError` and leaves no new file. Returns the files
+    written; for ``png``, whose files are many, the output directory.
     """
-    plan = plan_output(out_dir, fmt, total, shard=shard, overwrite=overwrite, resume=resume)
+    plan = plan_output(out_dir, fmt, total, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count)
     return plan.write(batches, on_batch).paths
 
 

@@ -134,6 +134,12 @@ def test_running_out_of_memory_is_one_line(tmp_path: Path, tiny_onnx: Path, monk
     assert len(output.splitlines()) == 1, output
 
 
+def test_a_micro_batch_size_without_micro_batching_is_refused() -> None:
+    code, output = run("serve", "--batch-window-ms", "0", "--batch-max-digits", "4")
+    expected = "--batch-max-digits sizes a micro-batch and --batch-window-ms 0 turns them off: give one"
+    assert (code, output) == (2, f"Error: {expected} (see --help)\n")
+
+
 @pytest.mark.parametrize(
     ("command", "option", "value"),
     [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from torchvision.datasets import MNIST
 
-from digitgen.runtime import DigitGenerator, InvalidRequestError, generate_files
+from digitgen.runtime import DigitGenerator, InvalidRequestError, generate_files, write_digits
 from digitgen.runtime.shards import Shard
 
 
@@ -28,6 +28,16 @@ def test_torchvision_loads_both_splits_with_the_library_digits(
     assert np.array_equal(train.targets.numpy(), expected.labels[:30])
     assert np.array_equal(test.data.numpy(), expected.images[30:])  # the digits after the train split: no overlap
     assert np.array_equal(test.targets.numpy(), expected.labels[30:])
+
+
+def test_write_digits_takes_the_test_split_too(gen: DigitGenerator, tmp_path: Path) -> None:
+    """The streaming API writes the same root from batches the caller made: 30 train digits then 12 test."""
+    generate_files(gen, tmp_path / "files", 30, "mnist", seed=9, test_count=12)
+    write_digits(gen.iter_batches(42, seed=9, batch_size=8), tmp_path / "streamed", "mnist", 30, test_count=12)
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            name = f"MNIST/raw/{split}-{kind}-ubyte"
+            assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "files" / name).read_bytes()
 
 
 def test_the_test_split_defaults_to_mnist_size(gen: DigitGenerator, tmp_path: Path) -> None:
