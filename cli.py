@@ -22,9 +22,9 @@ import click
 from click.core import ParameterSource
 
 from digitgen.export.errors import ExportError
-from digitgen.runtime.errors import DigitgenError
+from digitgen.runtime.errors import DigitgenError, InvalidRequestError
 from digitgen.runtime.files import refuse_existing
-from digitgen.runtime.generator import DigitGenerator
+from digitgen.runtime.generator import DigitGenerator, parse_digit_list
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
 from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
@@ -507,10 +507,9 @@ def _parse_digits(ctx: click.Context, param: click.Parameter, value: str | None)
     if value is None:
         return None
     try:
-        digits = [int(part) for part in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of digits such as 0,3,7") from None
-    return digits
+        return parse_digit_list(value)
+    except InvalidRequestError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @main.command()

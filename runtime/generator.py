@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,18 @@ ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"  # digitgen
 def default_model_path(name: str = "generator.onnx") -> Path:
     """A shipped model file (``generator.onnx`` or ``classifier.onnx``) in ``digitgen/artifacts``."""
     return ARTIFACTS_DIR / name
+
+
+_DIGIT_IN_LIST = re.compile(r"\s*-?[0-9]{1,40}\s*")
+
+
+def parse_digit_list(text: str) -> list[int]:
+    """``"0,3,7"`` -> ``[0, 3, 7]`` for the CLI and the server alike; whether each is a class of the model
+    is for :meth:`DigitGenerator.check_digits` to say."""
+    parts = text.split(",")
+    if not all(_DIGIT_IN_LIST.fullmatch(part) for part in parts):
+        raise InvalidRequestError(f"{text!r} is not a comma-separated list of digits such as 0,3,7")
+    return [int(part) for part in parts]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import PIL
 import PIL.features
 
 from digitgen.runtime.errors import InvalidRequestError
-from digitgen.runtime.generator import DigitGenerator
+from digitgen.runtime.generator import DigitGenerator, parse_digit_list
 from digitgen.runtime.noise import NOISE_SCHEME
 from digitgen.runtime.writers import GRID_MAX_DIGITS
 
@@ -61,12 +61,7 @@ def _digits(digits: str | None, digit: str | None) -> list[int | str] | None:
         raise InvalidRequestError("give digits or digit, not both")
     if digit is not None:
         return [_integer(digit)]
-    if digits is None:
-        return None
-    parts = digits.split(",")
-    if not all(_INTEGER.fullmatch(part) for part in parts):
-        raise InvalidRequestError(f"{digits!r} is not a comma-separated list of digits such as 0,3,7")
-    return [int(part) for part in parts]
+    return None if digits is None else parse_digit_list(digits)
 
 
 def _number(text: str | None) -> float | str | None:

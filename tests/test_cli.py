@@ -52,6 +52,7 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["-n", "-4"], "-4 is not in the range"),
         (["-n", "ten"], "'ten' is not a valid integer"),
         (["--digits", "1,x"], "comma-separated list of digits"),
+        (["--digits", "1_0"], "'1_0' is not a comma-separated list of digits such as 0,3,7"),
         (["--digits", "3,12"], "digit 12 is not a class"),
         (["--digit", "10"], "digit 10 is not a class"),
         (["--digit", "1", "--digits", "2"], "not both"),
