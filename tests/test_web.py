@@ -243,6 +243,24 @@ def test_noise_is_bit_identical_to_python(
     np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
 
 
+def test_truncation_takes_a_bigint_as_python_takes_an_int(page: Page) -> None:
+    accepted, refused = page.evaluate(
+        """async () => {
+            const { checkTruncation } = await import("./digitgen.js");
+            const refusal = (value) => {
+                try {
+                    checkTruncation(value);
+                } catch (error) {
+                    return [error.name, error.message];
+                }
+            };
+            return [checkTruncation(2n), refusal(0n)];
+        }"""
+    )
+    assert accepted == 2
+    assert refused == ["InvalidRequestError", "truncation must be a number >= 0.1, got 0"]
+
+
 def test_to_uint8_rounds_like_numpy(page: Page) -> None:
     steps = np.arange(256, dtype=np.float32)
     ties = (steps + np.float32(0.5)) / np.float32(255)  # products near k + 0.5, many of them exact ties
@@ -324,6 +342,37 @@ def test_page_shows_the_contract_and_quality(page: Page, python_gen: DigitGenera
     assert f"{int(metadata['train_steps']):,} steps" in quality
 
 
+def _small_images_model(python_gen: DigitGenerator):
+    """Within the contract as declared (the image's dimensions symbolic), but 14x14 images, four per digit,
+    at run time: the target shape plus 0 * min(digit) hides them from shape inference."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    latent = python_gen.latent_dim
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["z", "w"], ["flat"]),
+            helper.make_node("ReduceMin", ["digit"], ["smallest"], keepdims=0),
+            helper.make_node("Mul", ["smallest", "zero"], ["nothing"]),
+            helper.make_node("Add", ["shape", "nothing"], ["target"]),
+            helper.make_node("Reshape", ["flat", "target"], ["image"]),
+        ],
+        "small_images",
+        [
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", latent]),
+            helper.make_tensor_value_info("digit", TensorProto.INT64, ["batch"]),
+        ],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", "c", "h", "w"])],
+        [
+            numpy_helper.from_array(np.zeros((latent, 784), np.float32), "w"),
+            numpy_helper.from_array(np.array([-1, 1, 14, 14]), "shape"),
+            numpy_helper.from_array(np.array(0), "zero"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    helper.set_model_props(model, python_gen.info.metadata)
+    return model
+
+
 @pytest.fixture(scope="module")
 def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
     """Models the page must refuse, written into dist/ under test names and removed afterwards."""
@@ -341,9 +390,10 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     helper.set_model_props(model, python_gen.info.metadata)
-    paths = [dist / "_test_renamed.onnx", dist / "_test_truncated.onnx"]
+    paths = [dist / "_test_renamed.onnx", dist / "_test_truncated.onnx", dist / "_test_small_images.onnx"]
     onnx.save(model, paths[0])
     paths[1].write_bytes((dist / "generator.onnx").read_bytes()[:5000])
+    onnx.save(_small_images_model(python_gen), paths[2])
     yield
     for path in paths:
         path.unlink()
@@ -366,6 +416,10 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
             ],
         ),
         ("threads=0", ["threads must be an integer from 1 to 64"]),
+        (
+            "model=_test_small_images.onnx&n=20",
+            ["_test_small_images.onnx: the model returned 'image' of shape (80, 1, 14, 14) (float32) for 20 digits"],
+        ),
     ],
 )
 def test_model_failures_show_on_the_page(browser: Browser, base_url: str, query: str, messages: list[str]) -> None:
@@ -383,6 +437,19 @@ def test_missing_webassembly_shows_on_the_page(browser: Browser, base_url: str) 
         page.goto(base_url + "index.html")
         wait_settled(page)
         assert_error_shown(page, ["WebAssembly is not available"])
+    finally:
+        page.close()
+
+
+def test_a_webassembly_runtime_that_cannot_start_is_not_blamed_on_the_model(browser: Browser, base_url: str) -> None:
+    """A host that does not serve the .wasm file: the words name the runtime, not generator.onnx."""
+    page = browser.new_page()
+    try:
+        page.route("**/*.wasm", lambda route: route.fulfill(status=404, body="not here"))
+        page.goto(base_url + "index.html")
+        wait_settled(page)
+        assert_error_shown(page, ["the WebAssembly runtime could not start: "])
+        assert "could not load generator.onnx" not in page.locator("#error").text_content()
     finally:
         page.close()
 

@@ -99,9 +99,9 @@ export const MIN_TRUNCATION = 0.1;
 /** null (no truncation) or a finite number of at least MIN_TRUNCATION. */
 export function checkTruncation(value) {
   if (value === null || value === undefined || value === "") return null;
-  const bound = typeof value === "string" ? parseDecimal(value) : value;
+  const bound = typeof value === "string" ? parseDecimal(value) : typeof value === "bigint" ? Number(value) : value;
   if (typeof bound !== "number" || !(bound >= MIN_TRUNCATION) || !Number.isFinite(bound)) {
-    throw new InvalidRequestError(`truncation must be a number >= ${MIN_TRUNCATION}, got ${JSON.stringify(value)}`);
+    throw new InvalidRequestError(`truncation must be a number >= ${MIN_TRUNCATION}, got ${show(value)}`);
   }
   return bound;
 }
@@ -301,7 +301,7 @@ function configureRuntime(threads) {
   }
   if (configuredThreads !== null && count !== configuredThreads) {
     throw new ProviderUnavailableError(
-      `onnxruntime-web runs ${configuredThreads} thread(s) on this page, set by the first model loaded; ` +
+      `onnxruntime-web runs ${configuredThreads} thread(s) on this page, fixed when the first model was opened; ` +
         `it cannot change to ${count}`,
     );
   }
@@ -327,12 +327,16 @@ export class DigitGenerator {
     const description = describeModel(bytes, url);
     const info = checkContract(description, url);
     let session;
+    configuredThreads = count; // onnxruntime-web fixes its threads on its first start, whether the model loads or not
     try {
       session = await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"] });
     } catch (error) {
-      throw new InvalidModelError(`onnxruntime-web could not load ${url}: ${error.message ?? error}`);
+      const reason = error.message ?? String(error);
+      if (/no available backend/.test(reason)) {
+        throw new ProviderUnavailableError(`the WebAssembly runtime could not start: ${reason}`);
+      }
+      throw new InvalidModelError(`onnxruntime-web could not load ${url}: ${reason}`);
     }
-    configuredThreads = count;
     return new DigitGenerator(session, description, info, url);
   }
 
@@ -363,7 +367,16 @@ export class DigitGenerator {
     } catch (error) {
       throw new ModelRunError(`${this.source}: the model failed to run: ${error.message ?? error}`);
     }
-    return outputs.image.data;
+    // the contract lets a model declare its output's dimensions symbolic: what it returns is checked here
+    const { type, dims, data } = outputs.image;
+    const expected = [batch, 1, IMAGE_SIZE, IMAGE_SIZE];
+    if (type !== "float32" || dims.length !== 4 || dims.some((d, i) => d !== expected[i])) {
+      throw new ModelContractError(
+        `${this.source}: the model returned 'image' of shape (${dims.join(", ")}) (${type}) for ${batch} ` +
+          `digits, not (${expected.join(", ")}) (float32)`,
+      );
+    }
+    return data;
   }
 
   /** Free the model's WebAssembly memory; the generator cannot be used afterwards. */
