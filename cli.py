@@ -376,6 +376,12 @@ def train(
             + (f", {state.train.precision} autocast" if state.train.precision != "fp32" else ""),
             err=True,
         )
+        if options.resume is not None and state.saved_by != ctx.world_size:
+            say(
+                f"note: the checkpoint was saved by {state.saved_by} process(es) and resumes with {ctx.world_size}; "
+                f"the run goes on, but not exactly as with {state.saved_by} (batches and noise streams differ)",
+                err=True,
+            )
         if ctx.enabled:
             say(
                 f"distributed: {ctx.world_size} processes, effective batch {run.global_batch} "

@@ -168,6 +168,20 @@ def test_resume_without_out_continues_the_run_where_its_checkpoint_is(
     assert list(elsewhere.iterdir()) == []
 
 
+def test_resuming_with_another_number_of_processes_says_it_is_not_exact(
+    finished_run: Path, tiny_mnist: Path, tmp_path: Path
+) -> None:
+    payload = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    payload["rng"]["noise"] = payload["rng"]["noise"] * 2  # as two processes save it
+    edited = tmp_path / "two.pt"
+    torch.save(payload, edited)
+    code, output = train(tiny_mnist, tmp_path / "resumed", "--resume", edited, "--steps", 4)
+    assert code == 0, output
+    assert "note: the checkpoint was saved by 2 process(es) and resumes with 1; the run goes on, but not" in output
+    code, output = train(tiny_mnist, finished_run, "--resume", finished_run / "checkpoint.pt", "--steps", 4)
+    assert code == 0 and "note:" not in output, output
+
+
 @pytest.mark.parametrize(
     ("setting", "value", "problem"),
     [

@@ -29,6 +29,7 @@ class TrainState:
     step: int = 0
     # frozen; their mean cross-entropy steers the generator (label_weight)
     label_classifiers: tuple[Classifier, ...] = ()
+    saved_by: int = 1  # processes that wrote the checkpoint this state was resumed from
 
 
 def _optimizer(module: torch.nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
@@ -155,6 +156,7 @@ def state_from_checkpoint(path: str, device: torch.device, rank: int = 0) -> Tra
         noise_states = payload["rng"]["noise"]
         if rank < len(noise_states):
             state.noise_rng.set_state(noise_states[rank])
+        state.saved_by = len(noise_states)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: optimizer or RNG state is invalid ({exc})") from exc
     state.step = int(payload["step"])
