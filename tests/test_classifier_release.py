@@ -147,3 +147,11 @@ def test_train_classifier_refuses_weights_beside_its_file_before_training(tmp_pa
     code, lines = _cli("train-classifier", "--data-dir", tiny_mnist, "--out", tmp_path / "classifier.onnx")
     assert code == 1 and lines == [f"Error: {weights} already exists; pass --overwrite to replace"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier_weights.pt"]
+
+
+def test_the_guard_against_training_on_the_evaluator_knows_the_shipped_weights() -> None:
+    """The guard holds where the weights file is not installed (a wheel): it keeps their digest instead."""
+    from digitgen.training.distributed import weights_digest
+    from digitgen.training.run import EVALUATOR_WEIGHTS_SHA256
+
+    assert weights_digest(load_classifier_weights(SHIPPED_WEIGHTS)[0]) == EVALUATOR_WEIGHTS_SHA256

@@ -432,7 +432,7 @@ def test_a_checkpoint_from_before_the_falling_label_weight_resumes_with_a_consta
                 "--lr-decay-epochs",
                 "1e-6",
             ),
-            "--label-weight-falls needs a learning-rate decay of at least one step: give --lr-decay-epochs",
+            "--lr-decay-epochs 1e-06 is less than one step (16 steps an epoch); give at least 0.062, or 0 for no decay",
         ),
         (
             ("--label-digit-weights", "7=2"),

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 
-from digitgen.runtime.generator import default_model_path
 from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, load_mnist_once
-from digitgen.training.distributed import DistContext
+from digitgen.training.distributed import DistContext, weights_digest
 from digitgen.training.errors import CheckpointError, RunDirectoryError, TrainingError
 from digitgen.training.loop import CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR, steps_per_epoch
 from digitgen.training.state import TrainState, new_state, state_from_checkpoint
@@ -162,6 +161,11 @@ def check_precision(train: TrainConfig, device: torch.device) -> None:
         raise TrainingError("this GPU has no bfloat16 support for --precision bf16; train with --precision fp32")
 
 
+# weights_digest of the evaluator's classifier (artifacts/classifier_weights.pt, which a wheel does not
+# carry): the guard below holds in an installed package too
+EVALUATOR_WEIGHTS_SHA256 = "cc6c86a9d32ba330bab6e278d901c748b19cdc352466e313b603e1db73056861"
+
+
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     mine, theirs = a.state_dict(), b.state_dict()
     return mine.keys() == theirs.keys() and all(torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine)
@@ -188,14 +192,12 @@ def label_classifiers(options: RunOptions) -> tuple[Classifier, ...]:
         return ()
     if not weighted:
         raise TrainingError("--label-classifier needs a positive --label-weight, e.g. --label-weight 0.5")
-    evaluator_path = default_model_path("classifier_weights.pt")
-    evaluator = load_classifier_weights(evaluator_path)[0] if evaluator_path.is_file() else None
     models: list[Classifier] = []
     for path in options.label_classifiers:
         model, _accuracy = load_classifier_weights(path)
-        if evaluator is not None and _same_weights(model, evaluator):
+        if weights_digest(model) == EVALUATOR_WEIGHTS_SHA256:
             raise TrainingError(
-                f"{path} holds the evaluator's classifier ({evaluator_path.name}); training against it would game "
+                f"{path} holds the evaluator's classifier (classifier_weights.pt); training against it would game "
                 "`evaluate`: train another, e.g. `digitgen train-classifier --seed 1 --out label.onnx`"
             )
         if any(_same_weights(model, earlier) for earlier in models):
