@@ -1,4 +1,4 @@
-"""Ablation of the training recipe: one change at a time against the shipped recipe, at a small scale.
+"""Ablation of the training recipe: one change at a time against a base recipe, at a small scale.
 
     python benchmarks/ablation.py run [--epochs 5] [--seed 1] [--jobs 2] [--threads 1] [--variant NAME ...]
     python benchmarks/ablation.py table [--out runs/ablation] [--json]
@@ -11,7 +11,9 @@ many real ones (MNIST's first training images). The "label" variant's classifier
 once (``train-classifier --seed 1``: the evaluator's recipe on another seed). Everything lands in
 ``--out``; a variant without scores there is trained (its run resumed, if there is one: a finished run
 is not trained again), exported and scored, so an interrupted ablation continues where it stopped.
-The shipped recipe is scaled to ``--epochs``: the learning rates fall to zero over the last half.
+The base recipe is the one shipped when the ablation ran (variant "shipped": conditional BatchNorm and the
+discriminator's own learning rate, no classifier terms; today's recipe adds ADC-GAN and a frozen classifier),
+scaled to ``--epochs``: the learning rates fall to zero over the last half.
 """
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import describe  # noqa: E402
 
-# The shipped recipe (artifacts/MODEL_CARD.md) as `cli.py train` options (None: a flag); its decay spans
-# the last half of the epochs.
+# The base recipe (shipped when the ablation ran; artifacts/MODEL_CARD.md) as `cli.py train` options (None: a
+# flag); its decay spans the last half of the epochs.
 SHIPPED = {"--conditional-norm": None, "--lr-d": "4e-4"}
 
 
 @dataclass(frozen=True)
 class Variant:
-    """The shipped recipe with one change (a seed variant: another variant on the next seed)."""
+    """The base recipe with one change (a seed variant: another variant on the next seed)."""
 
     change: str
     options: dict[str, str | bool | None] = field(default_factory=dict)  # differ from SHIPPED; False drops one
@@ -48,13 +50,13 @@ class Variant:
 
 
 VARIANTS = {
-    "shipped": Variant("the shipped recipe"),
+    "shipped": Variant("the base recipe (shipped when the ablation ran)"),
     "no-cbn": Variant("conditional BatchNorm off (plain BatchNorm)", {"--conditional-norm": False}),
     "no-lr-d": Variant("one learning rate (discriminator 2e-4, not 4e-4)", {"--lr-d": False}),
     "decay-quarter": Variant("decay over the last quarter, not half", decay_share=0.25),
     "wide-d": Variant("wider discriminator (96-192-384 channels, not 64-128-256)", {"--d-width": "96"}),
     "adc": Variant("ADC-GAN classifier in the discriminator, weight 0.5", {"--adc-weight": "0.5"}),
-    "shipped-seed2": Variant("the shipped recipe on another seed (seed noise)", seed_offset=1),
+    "shipped-seed2": Variant("the base recipe on another seed (seed noise)", seed_offset=1),
     "adc-seed2": Variant("ADC-GAN, weight 0.5, on another seed (seed noise)", {"--adc-weight": "0.5"}, seed_offset=1),
     "label": Variant(
         "a frozen classifier's cross-entropy in the generator's loss, weight 0.5 (not the evaluator: seed 1)",
