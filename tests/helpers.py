@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,20 @@ def default_sigint() -> None:
     """``preexec_fn`` of a child that a test stops with SIGINT: a shell that runs the tests in the
     background makes them ignore SIGINT, and the child would inherit that and never stop."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def shape_hidden_from_inference(shape: Sequence[int], name: str = "target") -> tuple[list, list]:
+    """ONNX nodes and initializers that compute the int64 tensor ``shape`` as ``shape + 0 * min(digit)``:
+    shape inference cannot see through it, so a Reshape to ``name`` leaves the graph's declared dims standing."""
+    from onnx import helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ReduceMin", ["digit"], [f"{name}_least"], keepdims=0),
+        helper.make_node("Mul", [f"{name}_least", f"{name}_zero"], [f"{name}_nothing"]),
+        helper.make_node("Add", [f"{name}_value", f"{name}_nothing"], [name]),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.array(shape, dtype=np.int64), f"{name}_value"),
+        numpy_helper.from_array(np.array(0, dtype=np.int64), f"{name}_zero"),
+    ]
+    return nodes, initializers

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from digitgen.cli import main
 from digitgen.runtime import DigitGenerator, ModelContractError, ModelRunError
+from tests.helpers import shape_hidden_from_inference
 
 LATENT = 8
 METADATA = {"latent_dim": "8", "num_classes": "10", "image_size": "28", "contract_version": "1"}
@@ -127,15 +128,12 @@ def test_a_model_whose_output_breaks_the_contract_at_run_time_writes_nothing(tmp
     """The output's dimensions are declared symbolic, which the contract allows; what the model returns
     for them (14x14 images, four per digit) is checked before any of it is written."""
     model = onnx.load(str(contract_model(tmp_path / "ok.onnx")))
-    shape = next(init for init in model.graph.initializer if init.name == "shape")
-    shape.CopyFrom(numpy_helper.from_array(np.array([-1, 1, 14, 14]), "shape"))
-    # the target shape plus 0 * min(digit): onnxruntime cannot infer it, so the declared dims stand
-    model.graph.initializer.append(numpy_helper.from_array(np.array(0), "zero"))
+    hidden, constants = shape_hidden_from_inference([-1, 1, 14, 14])
+    model.graph.initializer.extend(constants)
     reshape = next(node for node in model.graph.node if node.op_type == "Reshape")
-    reshape.input[1] = "hidden_shape"
-    model.graph.node.insert(0, helper.make_node("ReduceMin", ["digit"], ["least"], keepdims=0))
-    model.graph.node.insert(1, helper.make_node("Mul", ["least", "zero"], ["nothing"]))
-    model.graph.node.insert(2, helper.make_node("Add", ["shape", "nothing"], ["hidden_shape"]))
+    reshape.input[1] = "target"
+    for position, node in enumerate(hidden):
+        model.graph.node.insert(position, node)
     declared = model.graph.output[0].type.tensor_type.shape.dim
     for dim, name in zip(declared, ["batch", "c", "h", "w"], strict=True):
         dim.dim_param = name

@@ -24,6 +24,7 @@ from digitgen.runtime.contract import CONTRACT_VERSION
 from digitgen.runtime.session import open_session
 from digitgen.training.config import GANConfig
 from tests.conftest import train_tiny
+from tests.helpers import shape_hidden_from_inference
 
 
 def test_export_passes_parity_on_every_case(tmp_path: Path, tiny_checkpoint: Path) -> None:
@@ -388,23 +389,16 @@ def test_an_output_of_another_shape_than_pytorchs_is_refused(tmp_path: Path, tin
     # within the contract (the image's dimensions may be dynamic) but 2x4 pixels at run time
     from onnx import TensorProto, helper
 
+    hidden, constants = shape_hidden_from_inference([-1, 1, 2, 4])
     graph = helper.make_graph(
-        [  # the target shape depends on the input's values (times 0), so no shape inference can see it
-            helper.make_node("ReduceMin", ["digit"], ["smallest"]),
-            helper.make_node("Mul", ["smallest", "zero"], ["nothing"]),
-            helper.make_node("Add", ["shape", "nothing"], ["target"]),
-            helper.make_node("Reshape", ["z", "target"], ["image"]),
-        ],
+        [*hidden, helper.make_node("Reshape", ["z", "target"], ["image"])],
         "wrong-shape",
         [
             helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 8]),
             helper.make_tensor_value_info("digit", TensorProto.INT64, ["batch"]),
         ],
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, "height", "width"])],
-        [
-            helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 2, 4]),
-            helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
-        ],
+        constants,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     metadata = {"latent_dim": "8", "num_classes": "10", "image_size": "28", "contract_version": CONTRACT_VERSION}
@@ -421,11 +415,10 @@ def test_a_model_that_fails_to_run_is_refused_in_one_line(tmp_path: Path, tiny_c
     """Within the contract, but its graph takes one digit at a time: onnxruntime fails on a batch of two."""
     from onnx import TensorProto, helper, numpy_helper
 
+    hidden, constants = shape_hidden_from_inference([1, 8])  # seen, shape inference would find a fixed batch
     graph = helper.make_graph(
-        [  # the one-row shape plus 0 * min(digit): hidden from shape inference, which would see a fixed batch
-            helper.make_node("ReduceMin", ["digit"], ["smallest"]),
-            helper.make_node("Mul", ["smallest", "zero"], ["nothing"]),
-            helper.make_node("Add", ["one_row", "nothing"], ["target"]),
+        [
+            *hidden,
             helper.make_node("Reshape", ["z", "target"], ["row"]),
             helper.make_node("MatMul", ["row", "w"], ["flat"]),
             helper.make_node("Reshape", ["flat", "images"], ["image"]),
@@ -437,8 +430,7 @@ def test_a_model_that_fails_to_run_is_refused_in_one_line(tmp_path: Path, tiny_c
         ],
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])],
         [
-            numpy_helper.from_array(np.array([1, 8]), "one_row"),
-            numpy_helper.from_array(np.array([0]), "zero"),
+            *constants,
             numpy_helper.from_array(np.zeros((8, 784), np.float32), "w"),
             numpy_helper.from_array(np.array([-1, 1, 28, 28]), "images"),
         ],
