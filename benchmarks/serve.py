@@ -150,11 +150,11 @@ def load(port: int, template: str, concurrency: int, seconds: float, limit: int 
         return time.perf_counter() - started
 
     elapsed = asyncio.run(main())
-    latencies.sort() if latencies else latencies.append(float("nan"))
+    latencies.sort()
     return {
         "rps": statuses[200] / elapsed,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
+        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan"),
         "requests": statuses.total(),
         "failed": statuses.total() - statuses[200],
     }
