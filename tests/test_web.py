@@ -262,6 +262,30 @@ def test_truncation_takes_a_bigint_as_python_takes_an_int(page: Page) -> None:
     assert refused == ["InvalidRequestError", "truncation must be a number >= 0.1, got 0"]
 
 
+def test_an_integer_past_2_53_as_a_number_is_refused_with_the_fix(page: Page) -> None:
+    """2**60 as a JavaScript number prints as 1152921504606847000 and may not be the integer the caller wrote:
+    the module asks for a BigInt or a string instead of claiming the value is not an integer in range; as a
+    BigInt the same seed draws."""
+    refused, drawn = page.evaluate(
+        """async () => {
+            const { standardNormal } = await import("./digitgen.js");
+            let refused;
+            try {
+                standardNormal(2 ** 60, 0, 1, 4);
+            } catch (error) {
+                refused = [error.name, error.message];
+            }
+            return [refused, Array.from(standardNormal(2n ** 60n, 0, 1, 4))];
+        }"""
+    )
+    assert refused == [
+        "InvalidRequestError",
+        "seed 1152921504606847000 is past 2^53 - 1, where a JavaScript number no longer holds every integer; "
+        "give it as a BigInt or a string",
+    ]
+    np.testing.assert_array_equal(np.float32(drawn), standard_normal(2**60, 0, 1, 4).ravel())
+
+
 def test_to_uint8_rounds_like_numpy(page: Page) -> None:
     steps = np.arange(256, dtype=np.float32)
     ties = (steps + np.float32(0.5)) / np.float32(255)  # products near k + 0.5, many of them exact ties

@@ -44,6 +44,11 @@ function toBigInt(value) {
 
 /** `value` as a BigInt in [min, max] (BigInts), or an InvalidRequestError that names it. */
 export function checkInteger(value, name, min, max) {
+  if (typeof value === "number" && Number.isInteger(value) && !Number.isSafeInteger(value)) {
+    throw new InvalidRequestError(
+      `${name} ${value} is past 2^53 - 1, where a JavaScript number no longer holds every integer; give it as a BigInt or a string`,
+    );
+  }
   const n = toBigInt(value);
   if (n === null || n < min || n > max) {
     throw new InvalidRequestError(`${name} must be an integer from ${min} to ${max}, got ${show(value)}`);
