@@ -2,13 +2,13 @@
 vs a DataLoader loop.
 
     python benchmarks/train.py [--data-dir ../shared/datasets] [--steps 30] [--rounds 3] [--json]
-    python benchmarks/train.py --to-quality 0.95 5.0 [--label-classifier WEIGHTS.pt | --recipe previous]
+    python benchmarks/train.py --to-quality 0.95 5.0 [--label-classifier WEIGHTS.pt [--recipe 16-epoch] | --recipe previous]
         [--eval-every 234] [--max-minutes 60] [--threads 1] [--json]
 
 Reports images/s and useful multiply-adds per second (forward and backward of both networks)
 as a share of the machine's fp32 GEMM rate measured in the same run. ``--to-quality`` instead
-trains a recipe (``RECIPES``: the shipped one, which needs ``--label-classifier``, or the previous
-release's) from scratch until the EMA generator reaches that class accuracy and FID ratio to real
+trains a recipe (``RECIPES``: the shipped one or the 16-epoch one shipped before it, which need
+``--label-classifier``, or the release's before those) from scratch until the EMA generator reaches that class accuracy and FID ratio to real
 data by the evaluator's reference classifier (``--samples`` digits, checked every
 ``--eval-every`` steps) and reports the step, training wall and process CPU time to each target,
 evaluation time excluded.
@@ -130,9 +130,16 @@ def measure(loops: dict[str, Callable[[], None]], batch_size: int, steps: int, r
 # one's label classifier (weights from `train-classifier --seed 1`) is given on the command line
 RECIPES = {
     "shipped": {
+        "epochs": 30, "lr_decay_epochs": 15, "conditional_norm": True, "lr_d": 4e-4, "adc_weight": 0.5,
+        "label_weight": 0.2, "label_weight_falls": True, "label_digit_weights": "4=2.5,7=2.5", "precision": "bf16",
+        "seed": 1,
+    },
+    # shipped from 2026-12-01 to 2026-12-03
+    "16-epoch": {
         "epochs": 16, "lr_decay_epochs": 8, "conditional_norm": True, "lr_d": 4e-4, "adc_weight": 0.5,
         "label_weight": 0.1, "seed": 0,
     },
+    # shipped before 2026-12-01
     "previous": {"epochs": 20, "lr_decay_epochs": 10, "conditional_norm": True, "lr_d": 4e-4, "seed": 1},
 }  # fmt: skip
 
