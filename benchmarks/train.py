@@ -2,16 +2,17 @@
 vs a DataLoader loop.
 
     python benchmarks/train.py [--data-dir ../shared/datasets] [--steps 30] [--rounds 3] [--json]
-    python benchmarks/train.py --to-quality 0.95 5.0 [--label-classifier WEIGHTS.pt [--recipe 16-epoch] | --recipe previous]
+    python benchmarks/train.py --to-quality 0.95 5.0 --label-classifier WEIGHTS.pt [--recipe 16-epoch]
+    python benchmarks/train.py --to-quality 0.95 5.0 --recipe previous
         [--eval-every 234] [--max-minutes 60] [--threads 1] [--json]
 
 Reports images/s and useful multiply-adds per second (forward and backward of both networks)
 as a share of the machine's fp32 GEMM rate measured in the same run. ``--to-quality`` instead
 trains a recipe (``RECIPES``: the shipped one or the 16-epoch one shipped before it, which need
-``--label-classifier``, or the release's before those) from scratch until the EMA generator reaches that class accuracy and FID ratio to real
-data by the evaluator's reference classifier (``--samples`` digits, checked every
-``--eval-every`` steps) and reports the step, training wall and process CPU time to each target,
-evaluation time excluded.
+``--label-classifier``, or the release's before those) from scratch until the EMA generator reaches
+that class accuracy and FID ratio to real data by the evaluator's reference classifier (``--samples``
+digits, checked every ``--eval-every`` steps) and reports the step, training wall and process CPU
+time to each target, evaluation time excluded.
 """
 
 from __future__ import annotations

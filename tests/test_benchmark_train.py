@@ -20,7 +20,8 @@ def test_the_shipped_recipe_is_the_one_the_shipped_weights_were_trained_with() -
     assert recipe["epochs"] * STEPS_PER_EPOCH == trained["total_steps"]
     assert recipe["lr_decay_epochs"] * STEPS_PER_EPOCH == trained["lr_decay_steps"]
     assert recipe["conditional_norm"] is shipped["config"]["conditional_norm"]
-    for name in ("lr_d", "adc_weight", "label_weight", "label_weight_falls", "label_digit_weights", "precision", "seed"):
+    names = ("lr_d", "adc_weight", "label_weight", "label_weight_falls", "label_digit_weights", "precision", "seed")
+    for name in names:
         assert recipe[name] == trained[name], name
 
 
