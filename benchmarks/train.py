@@ -135,12 +135,12 @@ RECIPES = {
         "label_weight": 0.2, "label_weight_falls": True, "label_digit_weights": "4=2.5,7=2.5", "precision": "bf16",
         "seed": 1,
     },
-    # shipped from 2026-12-01 to 2026-12-03
+    # shipped from 2026-11-30 to 2026-12-03
     "16-epoch": {
         "epochs": 16, "lr_decay_epochs": 8, "conditional_norm": True, "lr_d": 4e-4, "adc_weight": 0.5,
         "label_weight": 0.1, "seed": 0,
     },
-    # shipped before 2026-12-01
+    # shipped before 2026-11-30
     "previous": {"epochs": 20, "lr_decay_epochs": 10, "conditional_norm": True, "lr_d": 4e-4, "seed": 1},
 }  # fmt: skip
 
