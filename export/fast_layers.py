@@ -33,11 +33,12 @@ class PhaseConvTranspose2d(nn.Module):
     def __init__(self, layer: nn.ConvTranspose2d) -> None:
         super().__init__()
         weight = layer.weight.detach()  # (in, out, 4, 4)
-        kernels = []
-        for a, b in PHASES:
-            phase = weight[:, :, [3 - a, 1 - a]][:, :, :, [3 - b, 1 - b]]  # (in, out, 2, 2)
-            kernels.append(phase.transpose(0, 1).contiguous())
-        self.weight = nn.Parameter(torch.stack(kernels))  # (4, out, in, 2, 2)
+        # one (out, in, 2, 2) tensor per phase, so that each becomes its convolution's own initializer
+        # (which int8 quantization needs) rather than a slice of one
+        self.weights = nn.ParameterList(
+            nn.Parameter(weight[:, :, [3 - a, 1 - a]][:, :, :, [3 - b, 1 - b]].transpose(0, 1).contiguous())
+            for a, b in PHASES
+        )
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
 
     @staticmethod
@@ -55,9 +56,10 @@ class PhaseConvTranspose2d(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels, height, width = self.weight.shape[1], x.shape[2], x.shape[3]
+        channels, height, width = self.weights[0].shape[0], x.shape[2], x.shape[3]
         phases = [
-            F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), self.weight[k], self.bias) for k, (a, b) in enumerate(PHASES)
+            F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), weight, self.bias)
+            for weight, (a, b) in zip(self.weights, PHASES, strict=True)
         ]  # each (B, out, H, W)
         rows = [
             torch.stack(phases[2 * a : 2 * a + 2], dim=-1).reshape(-1, channels, height, 2 * width) for a in (0, 1)

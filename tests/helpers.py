@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from digitgen.runtime.idx import write_idx
 from digitgen.training.data import MNIST_FILES
@@ -60,3 +61,21 @@ def shape_hidden_from_inference(shape: Sequence[int], name: str = "target") -> t
         numpy_helper.from_array(np.array(0, dtype=np.int64), f"{name}_zero"),
     ]
     return nodes, initializers
+
+
+def assert_int8_qdq(model: Path) -> None:
+    """Every convolution and matrix product of an int8 export reads a uint8 activation and int8 weights
+    with one scale per output channel, both through ``DequantizeLinear`` (no weight left in fp32)."""
+    graph = onnx.load(str(model)).graph
+    made_by = {name: node for node in graph.node for name in node.output}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    weighted = [node for node in graph.node if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    assert {node.op_type for node in weighted} == {"Conv", "Gemm"}  # transposed convolutions export as convolutions
+    for node in weighted:
+        activation, weight = (made_by[name] for name in node.input[:2])
+        assert activation.op_type == weight.op_type == "DequantizeLinear", node.name
+        assert initializers[activation.input[2]].data_type == onnx.TensorProto.UINT8, node.name
+        weights, scale = initializers[weight.input[0]], initializers[weight.input[1]]
+        axis = next((a.i for a in weight.attribute if a.name == "axis"), 1)
+        assert weights.data_type == onnx.TensorProto.INT8, node.name
+        assert list(scale.dims) == [weights.dims[axis]], f"{node.name}: not one scale per output channel"

@@ -19,6 +19,7 @@ from digitgen.export.onnx_export import write_metadata
 from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityCase, ParityReport, verify_parity
 from digitgen.runtime.noise import standard_normal
 from digitgen.training.state import load_generator
+from tests.helpers import assert_int8_qdq
 
 README = Path(digitgen.__file__).resolve().parent / "README.md"
 
@@ -142,16 +143,4 @@ def test_int8_quantizes_every_weighted_layer_per_channel_with_uint8_activations(
     int8 weights with a scale per output channel, uint8 activations (see ``quantize_int8``)."""
     out = tmp_path / "int8.onnx"
     precision_module.quantize_int8(tiny_onnx, out, latent_dim=8, num_classes=10, batches=1, batch_size=10)
-    graph = onnx.load(str(out)).graph
-    made_by = {name: node for node in graph.node for name in node.output}
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    weighted = [node for node in graph.node if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
-    assert {node.op_type for node in weighted} == {"Conv", "Gemm"}  # transposed convolutions export as convolutions
-    for node in weighted:
-        activation, weight = (made_by[name] for name in node.input[:2])
-        assert activation.op_type == weight.op_type == "DequantizeLinear", node.name
-        assert initializers[activation.input[2]].data_type == onnx.TensorProto.UINT8, node.name
-        weights, scale = initializers[weight.input[0]], initializers[weight.input[1]]
-        axis = next((a.i for a in weight.attribute if a.name == "axis"), 1)
-        assert weights.data_type == onnx.TensorProto.INT8, node.name
-        assert list(scale.dims) == [weights.dims[axis]], f"{node.name}: not one scale per output channel"
+    assert_int8_qdq(out)

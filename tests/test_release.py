@@ -17,6 +17,7 @@ from digitgen.training.checkpoint import load_checkpoint
 from digitgen.training.errors import CheckpointError
 from digitgen.training.state import load_generator
 from tests.conftest import REPO
+from tests.helpers import assert_int8_qdq
 
 SHIPPED_WEIGHTS = REPO / "artifacts" / "generator_weights.pt"
 
@@ -50,8 +51,10 @@ def test_shipped_weights_rebuild_the_shipped_model(tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore::UserWarning")  # onnxruntime's quantizer suggests pre-processing
 def test_shipped_weights_export_to_int8_within_its_tolerance(tmp_path: Path) -> None:
     """On CPUs without VNNI (AVX2 only), 8-bit weights saturate onnxruntime's u8s8 kernels: 0.45 off."""
-    report = export_generator(SHIPPED_WEIGHTS, tmp_path / "generator-int8.onnx", precision="int8")
+    out = tmp_path / "generator-int8.onnx"
+    report = export_generator(SHIPPED_WEIGHTS, out, precision="int8")
     assert report.passed and report.atol == 0.3  # export_generator raises, leaving no file, when it fails
+    assert_int8_qdq(out)  # at full size too: the exporter folds a small model's weight slices, not these
 
 
 def test_release_weights_export_but_do_not_resume(tmp_path: Path, tiny_checkpoint: Path) -> None:

@@ -1,4 +1,4 @@
-"""The runtime and `generate` must work where PyTorch cannot be imported."""
+"""The runtime and `generate` must work where PyTorch and Pillow (which the runtime does not need) are absent."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO
 
-BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+BLOCK_TORCH = "import sys; sys.modules['torch'] = sys.modules['torchvision'] = sys.modules['PIL'] = None\n"
 
 
 def _run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -24,19 +24,23 @@ def _run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_import_torch_really_fails_in_the_subprocess(tmp_path: Path) -> None:
-    result = _run_python("import torch", tmp_path)
-    assert result.returncode != 0 and "import of torch halted" in result.stderr
+@pytest.mark.parametrize("module", ["torch", "PIL"])
+def test_import_really_fails_in_the_subprocess(tmp_path: Path, module: str) -> None:
+    result = _run_python(f"import {module}", tmp_path)
+    assert result.returncode != 0 and f"import of {module} halted" in result.stderr
 
 
-def test_cli_generate_without_torch(tmp_path: Path, tiny_onnx: Path) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "written"), [("npz", "digits.npz"), ("png", "00000011_label1.png"), ("grid", "grid.png")]
+)
+def test_cli_generate_without_torch(tmp_path: Path, tiny_onnx: Path, fmt: str, written: str) -> None:
     code = (
         "from digitgen.cli import main\n"
-        f"main(['generate', '--generator', {str(tiny_onnx)!r}, '-n', '12', '--out', 'digits', '--format', 'npz'])\n"
+        f"main(['generate', '--generator', {str(tiny_onnx)!r}, '-n', '12', '--out', 'digits', '--format', {fmt!r}])\n"
     )
     result = _run_python(code, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "digits" / "digits.npz").is_file()
+    assert (tmp_path / "digits" / written).is_file()
 
 
 @pytest.mark.parametrize("command", [["info"], ["evaluate", "--num-samples", "100", "--json"]])
