@@ -29,11 +29,11 @@ from click.testing import CliRunner
 from fastapi import FastAPI
 
 from digitgen.cli import main
-from digitgen.runtime.generator import DigitGenerator, default_model_path
+from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
 from digitgen.runtime.noise import MAX_SEED
 from digitgen.serve import ServeConfigError, ServeSettings, create_app
 from digitgen.serve.batch import Batcher, _Pending, run_batch
-from digitgen.serve.params import DigitsRequest, encoder_versions, etag
+from digitgen.serve.params import ENCODING_VERSION, MEDIA_TYPES, DigitsRequest, encoder_versions, etag
 from digitgen.serve.render import encode, generate
 
 # --- a real server in a subprocess -------------------------------------------------------------
@@ -215,6 +215,34 @@ def test_etag_names_the_normalised_request_and_304_skips_the_model(server: Serve
         assert cached.headers["etag"] == tag and "immutable" in cached.headers["cache-control"]
     assert server.get("/generate?digit=7&seed=3", headers={"If-None-Match": '"other"'}).status_code == 200
     assert server.metric("digitgen_digits_generated_total") == digits_before + 1
+
+
+# sha256 (first 16 hex digits) of each format's bytes for one fixed input, by ETag encoding version and zlib
+# version (zlib's deflate shapes PNG, NPZ and JSON bytes): a change to any encoding's bytes must bump
+# ENCODING_VERSION, which every ETag carries, or caches would mix the old bytes and the new under one tag
+PINNED_BYTES = {
+    ("2", "1.2.13"): {
+        "png": "18d0b70a39575243",
+        "grid": "69272fd1098a3333",
+        "npz": "f71e0cc8c4c6250e",
+        "idx": "5538671f8477847f",
+        "json": "c9313947de9a288c",
+    },
+}
+
+
+def test_the_bytes_of_every_format_are_pinned_to_the_etag_encoding_version() -> None:
+    pinned_zlib = {version for encoding, version in PINNED_BYTES if encoding == ENCODING_VERSION}
+    if pinned_zlib and zlib.ZLIB_RUNTIME_VERSION not in pinned_zlib:
+        pytest.skip(f"bytes pinned for zlib {sorted(pinned_zlib)}; this is zlib {zlib.ZLIB_RUNTIME_VERSION}")
+    images = (np.arange(3 * 28 * 28) * 7 % 251).reshape(3, 28, 28).astype(np.uint8)
+    images[:, :6] = 0
+    three, one = GeneratedDigits(images, np.array([4, 2, 9])), GeneratedDigits(images[:1], np.array([4]))
+    encoded = {fmt: encode(one if fmt == "png" else three, fmt) for fmt in MEDIA_TYPES}
+    hashes = {fmt: hashlib.sha256(body).hexdigest()[:16] for fmt, body in encoded.items()}
+    assert hashes == PINNED_BYTES.get((ENCODING_VERSION, zlib.ZLIB_RUNTIME_VERSION)), (
+        "an encoding's bytes changed: bump ENCODING_VERSION and pin the new bytes"
+    )
 
 
 def test_etag_changes_with_the_model_and_the_libraries_that_make_the_bytes(server: Server) -> None:
