@@ -6,7 +6,7 @@ The embedding API (torch-free)::
 
     batch = DigitGenerator.from_path().generate(16, digits=[4, 2], seed=7)
 
-Layers: :mod:`digitgen.runtime` (numpy + onnxruntime + pillow), :mod:`digitgen.training` and
+Layers: :mod:`digitgen.runtime` (numpy + onnxruntime), :mod:`digitgen.training` and
 :mod:`digitgen.export` (PyTorch), :mod:`digitgen.cli` (the ``digitgen`` command).
 """
 

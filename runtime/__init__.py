@@ -1,6 +1,6 @@
 """digitgen runtime: generate handwritten digits from an ONNX generator, without PyTorch.
 
-Depends on numpy, onnxruntime and pillow only.
+Depends on numpy and onnxruntime only (PNG files come from its own encoder, on Python's zlib).
 """
 
 from digitgen.runtime.errors import (
