@@ -113,21 +113,24 @@ def test_png_encoder_round_trips_through_an_independent_decoder(height, width, s
     with Image.open(io.BytesIO(encoded)) as decoded:
         assert decoded.mode == "L" and decoded.size == (width, height)
         assert np.array_equal(np.asarray(decoded), image)
-    # Pillow stops reading once it has every row, so the zlib stream's end and checksum are checked here
+    # Pillow stops reading once it has every row and lets some header fields pass, so the chunks, the
+    # header and the zlib stream's end and checksum are checked here
+    chunks = _png_chunks(encoded)
+    assert [name for name, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    # bit depth 8, greyscale, deflate, adaptive filtering (method 0), no interlace: what every decoder reads
+    assert chunks[0][1] == struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0) and chunks[2][1] == b""
     stream = zlib.decompressobj()
-    rows = stream.decompress(_png_data(encoded))
+    rows = stream.decompress(chunks[1][1])
     assert stream.eof and not stream.unused_data
     assert rows == b"".join(b"\0" + row.tobytes() for row in image)  # filter type 0 on every row
 
 
-def _png_data(png: bytes) -> bytes:
-    """The concatenated IDAT chunks of ``png``, after checking that the chunks run IHDR ... IEND to its end."""
-    position, names, data = 8, [], b""
+def _png_chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    """The (type, data) chunks of ``png``, which must run from its signature to its last byte."""
+    position, chunks = 8, []
     while position < len(png):
         (length,) = struct.unpack(">I", png[position : position + 4])
-        names.append(png[position + 4 : position + 8])
-        if names[-1] == b"IDAT":
-            data += png[position + 8 : position + 8 + length]
+        chunks.append((png[position + 4 : position + 8], png[position + 8 : position + 8 + length]))
         position += 12 + length
-    assert position == len(png) and names[0] == b"IHDR" and names[-1] == b"IEND", names
-    return data
+    assert position == len(png), "a chunk runs past the end"
+    return chunks

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from digitgen.runtime import DigitGenerator, OutputError, write_digits
+from digitgen.runtime.encode import contact_sheet
 from digitgen.runtime.idx import read_idx
 from digitgen.runtime.writers import GRID_FILE, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, png_name
 
@@ -39,6 +40,7 @@ def test_grid_contact_sheet(gen: DigitGenerator, tmp_path: Path) -> None:
     assert path.name == GRID_FILE and sheet.shape == (3 * 30 + 2, 10 * 30 + 2)
     assert np.array_equal(sheet[2:30, 2:30], gen.generate(1, seed=2).images[0])
     assert sheet[0, 0] == sheet[30, 150] == 128  # mid-grey gaps around every cell
+    assert contact_sheet(gen.generate(3, seed=2).images).dtype == np.uint8  # the API's picture, not only its PNG
 
 
 def test_npz_arrays(gen: DigitGenerator, tmp_path: Path) -> None:
