@@ -21,6 +21,8 @@ from PIL import Image
 
 from digitgen import DigitGenerator
 from digitgen.runtime.encode import contact_sheet
+from digitgen.runtime.errors import InvalidRequestError
+from digitgen.runtime.generator import parse_digit_list
 from digitgen.runtime.noise import MAX_SEED, standard_normal
 from tests.helpers import shape_hidden_from_inference
 
@@ -262,6 +264,35 @@ def test_truncation_takes_a_bigint_as_python_takes_an_int(page: Page) -> None:
     assert refused == ["InvalidRequestError", "truncation must be a number >= 0.1, got 0"]
 
 
+DIGIT_LISTS = ["0,3,7", " 4 , 2 ", "12", "-1", "007", "+3", "a,b", "3,,7", "", ",", "3.0", "1e1", "\u0663", "9" * 41]
+
+
+def test_the_page_reads_a_digit_list_as_the_cli_does(page: Page) -> None:
+    """Every text is accepted with the same numbers or refused by both (the class check comes after)."""
+    read = page.evaluate(
+        """async (texts) => {
+            const { parseDigitList } = await import("./digitgen.js");
+            return texts.map((text) => {
+                try {
+                    return parseDigitList(text).map(String);
+                } catch (error) {
+                    return error.name;
+                }
+            });
+        }""",
+        DIGIT_LISTS,
+    )
+
+    def python(text: str) -> list[str] | str:
+        try:
+            return [str(d) for d in parse_digit_list(text)]
+        except InvalidRequestError:
+            return "InvalidRequestError"
+
+    assert read == [python(text) for text in DIGIT_LISTS]
+    assert read[:2] == [["0", "3", "7"], ["4", "2"]]  # the table holds accepted lists, not only refusals
+
+
 def test_an_integer_past_2_53_as_a_number_is_refused_with_the_fix(page: Page) -> None:
     """2**60 as a JavaScript number prints as 1152921504606847000 and may not be the integer the caller wrote:
     the module asks for a BigInt or a string instead of claiming the value is not an integer in range; as a
@@ -496,8 +527,10 @@ def submit(page: Page, digits: str = "", count: str = "10", seed: str = "0", tru
         ({"count": "0"}, 'count must be an integer from 1 to 100, got "0"'),
         ({"count": "101"}, 'count must be an integer from 1 to 100, got "101"'),
         ({"count": "2.5"}, 'count must be an integer from 1 to 100, got "2.5"'),
-        ({"digits": "12"}, 'digit "12" is not a class of this model (0-9)'),
-        ({"digits": "a,b"}, 'digit "a" is not a class of this model (0-9)'),
+        ({"digits": "12"}, "digit 12 is not a class of this model (0-9)"),
+        ({"digits": "a,b"}, '"a,b" is not a comma-separated list of digits such as 0,3,7'),
+        ({"digits": "+3"}, '"+3" is not a comma-separated list of digits such as 0,3,7'),  # as the CLI refuses it
+        ({"digits": "3,,7"}, '"3,,7" is not a comma-separated list of digits such as 0,3,7'),
         ({"seed": "abc"}, 'seed must be an integer from 0 to 18446744073709551615, got "abc"'),
         ({"seed": "-1"}, 'seed must be an integer from 0 to 18446744073709551615, got "-1"'),
         ({"seed": str(2**64)}, "seed must be an integer from 0 to 18446744073709551615"),
@@ -517,7 +550,7 @@ def test_bad_fields_show_on_the_page_until_the_next_sheet(page: Page, fields: di
 def test_every_bad_field_is_named_and_marked(page: Page) -> None:
     assert submit(page, digits="12", count="0", seed="abc", truncation="wide") == "error"
     messages = [
-        'digit "12" is not a class of this model (0-9)',
+        "digit 12 is not a class of this model (0-9)",
         'count must be an integer from 1 to 100, got "0"',
         'seed must be an integer from 0 to 18446744073709551615, got "abc"',
         'truncation must be a number >= 0.1, got "wide"',

@@ -115,7 +115,7 @@ function readFields(gen) {
     }
   };
   const request = {
-    digits: check("digits", (text) => (text ? gen.checkDigits(text.split(",")) : null)),
+    digits: check("digits", (text) => (text ? gen.checkDigits(digitgen.parseDigitList(text)) : null)),
     count: check("count", (text) => Number(digitgen.checkInteger(text, "count", 1n, BigInt(MAX_DIGITS)))),
     seed: check("seed", (text) => digitgen.checkInteger(text, "seed", 0n, digitgen.MAX_SEED)),
     truncation: check("truncation", (text) => digitgen.checkTruncation(text)),

@@ -56,6 +56,18 @@ export function checkInteger(value, name, min, max) {
   return n;
 }
 
+const DIGIT_IN_LIST = /^\s*-?[0-9]{1,40}\s*$/;
+
+/** "0,3,7" -> [0n, 3n, 7n], as the CLI and the server read `digits` (digitgen/runtime/generator.py's
+ * parse_digit_list); whether each is a class of the model is for DigitGenerator.checkDigits to say. */
+export function parseDigitList(text) {
+  const parts = text.split(",");
+  if (!parts.every((part) => DIGIT_IN_LIST.test(part))) {
+    throw new InvalidRequestError(`${show(text)} is not a comma-separated list of digits such as 0,3,7`);
+  }
+  return parts.map((part) => BigInt(part.trim()));
+}
+
 // ---- Noise: scheme splitmix64-boxmuller-v1 (digitgen/runtime/noise.py), 64-bit arithmetic on BigInts.
 
 const wrap = (x) => BigInt.asUintN(64, x);
