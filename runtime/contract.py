@@ -10,7 +10,6 @@ from digitgen.runtime.errors import ModelContractError
 
 CONTRACT_VERSION = "1"
 IMAGE_SIZE = 28
-REQUIRED_METADATA = ("latent_dim", "num_classes", "image_size", "contract_version")
 
 
 @dataclass(frozen=True)
