@@ -8,7 +8,7 @@ vs a DataLoader loop.
 
 Reports images/s and useful multiply-adds per second (forward and backward of both networks)
 as a share of the machine's fp32 GEMM rate measured in the same run. ``--to-quality`` instead
-trains a recipe (``RECIPES``: the shipped one or the 16-epoch one shipped before it, which need
+trains a recipe (``RECIPES``: the shipped one or the 30- and 16-epoch ones shipped before it, which need
 ``--label-classifier``, or the release's before those) from scratch until the EMA generator reaches
 that class accuracy and FID ratio to real data by the evaluator's reference classifier (``--samples``
 digits, checked every ``--eval-every`` steps) and reports the step, training wall and process CPU
@@ -131,6 +131,12 @@ def measure(loops: dict[str, Callable[[], None]], batch_size: int, steps: int, r
 # one's label classifier (weights from `train-classifier --seed 1`) is given on the command line
 RECIPES = {
     "shipped": {
+        "epochs": 40, "lr_decay_epochs": 20, "conditional_norm": True, "lr_d": 4e-4, "adc_weight": 0.5,
+        "label_weight": 0.2, "label_weight_falls": True, "label_digit_weights": "1=2.5,4=2.5,7=2.5",
+        "precision": "bf16", "seed": 0,
+    },
+    # shipped 2026-12-03
+    "30-epoch": {
         "epochs": 30, "lr_decay_epochs": 15, "conditional_norm": True, "lr_d": 4e-4, "adc_weight": 0.5,
         "label_weight": 0.2, "label_weight_falls": True, "label_digit_weights": "4=2.5,7=2.5", "precision": "bf16",
         "seed": 1,
