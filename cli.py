@@ -26,6 +26,7 @@ from digitgen.runtime.errors import DigitgenError, InvalidRequestError
 from digitgen.runtime.files import refuse_existing
 from digitgen.runtime.generator import DigitGenerator, parse_digit_list
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
+from digitgen.runtime.progress import progress
 from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
 from digitgen.runtime.signals import INTERRUPTING_SIGNALS, TERMINATING_SIGNALS, handling
@@ -391,14 +392,7 @@ def train(
             )
         with (
             _stop_on_signals() as should_stop,
-            click.progressbar(
-                length=state.train.total_steps,
-                label="training",
-                file=sys.stderr,
-                item_show_func=_format_progress,
-                show_pos=True,
-                hidden=not ctx.is_main,
-            ) as bar,
+            progress(state.train.total_steps, "training", describe=_format_progress, hidden=not ctx.is_main) as bar,
         ):
             bar.update(state.step)
             result = run_training(
@@ -602,9 +596,7 @@ def generate(
     )
     start = time.perf_counter()
     try:
-        with click.progressbar(
-            length=job.plan.count, label="generating", file=sys.stderr, hidden=job.plan.count <= batch_size
-        ) as bar:
+        with progress(job.plan.count, "generating", hidden=job.plan.count <= batch_size) as bar:
             written = job.run(on_batch=bar.update)
     except KeyboardInterrupt:
         click.echo(
@@ -663,9 +655,7 @@ def train_classifier_cmd(data_dir: str, download: bool, out: str, overwrite: boo
     weights = weights_path_beside(check_classifier_out(out))
     refuse_existing([out, weights], overwrite)
     train, test = load_mnist(data_dir, download=download), load_mnist(data_dir, train=False)
-    with click.progressbar(
-        length=training_steps(len(train.images), epochs), label="training classifier", file=sys.stderr
-    ) as bar:
+    with progress(training_steps(len(train.images), epochs), "training classifier") as bar:
         result = train_classifier(train, test, epochs=epochs, seed=seed, progress=lambda step, total: bar.update(1))
     diff = export_classifier(result.model, out, result.test_accuracy, weights_out=weights, overwrite=overwrite)
     click.echo(
@@ -723,16 +713,14 @@ def evaluate(
     reference = ReferenceClassifier(classifier)
     test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
     work = evaluation_work(len(test[0]), len(train[0]), num_samples)
-    with click.progressbar(length=work, label="evaluating", file=sys.stderr) as bar:
+    with progress(work, "evaluating") as bar:
         result = run_evaluation(
             gen, reference, test, train, num_samples=num_samples, seed=seed, truncation=truncation, progress=bar.update
         )
     if cas:
         from digitgen.training.cas import cas_work, classification_accuracy_score
 
-        with click.progressbar(
-            length=cas_work(len(train[0])), label="CAS: training classifiers", file=sys.stderr
-        ) as bar:
+        with progress(cas_work(len(train[0])), "CAS: training classifiers") as bar:
             scores = classification_accuracy_score(
                 gen, train, test, seed=seed, truncation=truncation, progress=lambda: bar.update(1)
             )

@@ -292,3 +292,18 @@ def test_idx_header_counts(tmp_path: Path, tiny_onnx: Path) -> None:
     code, _ = run("generate", "--generator", tiny_onnx, "-n", 12, "--out", tmp_path, "--format", "idx")
     header = (tmp_path / "train-images-idx3-ubyte").read_bytes()[:16]
     assert code == 0 and struct.unpack(">IIII", header) == (0x803, 12, 28, 28)
+
+
+def test_generate_writes_progress_lines_to_a_log(
+    tmp_path: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("digitgen.runtime.progress.LOG_INTERVAL_S", 0.0)
+    code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path, "-n", 30, "--batch-size", 10)
+    lines = output.splitlines()
+    assert code == 0, output
+    assert lines[0] == "generating"
+    assert [line.split(",")[0] for line in lines[1:4]] == [
+        "generating: 10/30 (33%)",
+        "generating: 20/30 (67%)",
+        "generating: 30/30 (100%)",
+    ]

@@ -1,0 +1,90 @@
+"""Progress of long work on stderr: click's bar on a terminal; elsewhere (``nohup``, a job scheduler's log,
+CI), where a bar shows only its label, a plain line once a minute."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any, Protocol
+
+import click
+
+LOG_INTERVAL_S = 60.0
+
+
+class Progress(Protocol):
+    def update(self, n_steps: int, current_item: Any = None) -> None: ...
+
+
+def _clock_time(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class LogProgress:
+    """Progress as a line every ``interval`` seconds: ``label: done/length (percent), elapsed, about ETA
+    left  item``. The rate is measured from the first update on, so that work counted at once (a resumed
+    run's steps) does not make the estimate optimistic."""
+
+    def __init__(
+        self,
+        length: int,
+        label: str,
+        stream: IO[str],
+        describe: Callable[[Any], str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        interval: float = LOG_INTERVAL_S,
+    ) -> None:
+        self.length, self.label, self.stream, self.describe = length, label, stream, describe
+        self.clock, self.interval = clock, interval
+        self.done = 0
+        self.started = clock()
+        self._base: tuple[int, float] | None = None  # (done, time) after the first update
+        self._last_line = self.started
+
+    def update(self, n_steps: int, current_item: Any = None) -> None:
+        self.done += n_steps
+        now = self.clock()
+        if self._base is None:
+            self._base = (self.done, now)
+        if now - self._last_line >= self.interval:
+            self._write(now, current_item)
+
+    def _write(self, now: float, item: Any) -> None:
+        self._last_line = now
+        line = f"{self.label}: {self.done:,}/{self.length:,} ({self.done / max(self.length, 1):.0%}), "
+        line += f"{_clock_time(now - self.started)} elapsed"
+        base_done, base_time = self._base
+        if self.done < self.length and self.done > base_done and now > base_time:
+            rate = (self.done - base_done) / (now - base_time)
+            line += f", about {_clock_time((self.length - self.done) / rate)} left"
+        extra = self.describe(item) if self.describe is not None else ""
+        self.stream.write(f"{line}  {extra}\n" if extra else f"{line}\n")
+        self.stream.flush()
+
+
+@contextmanager
+def progress(
+    length: int,
+    label: str,
+    *,
+    hidden: bool = False,
+    describe: Callable[[Any], str] | None = None,
+    stream: IO[str] | None = None,
+) -> Iterator[Progress]:
+    """Report ``length`` steps of work on ``stream`` (default stderr); ``update(n, item)`` adds ``n`` done,
+    ``describe(item)`` adds a few words. The label comes first, as a line of its own where the stream is not
+    a terminal; ``hidden`` shows nothing."""
+    stream = stream or sys.stderr
+    if hidden or stream.isatty():
+        with click.progressbar(
+            length=length, label=label, file=stream, item_show_func=describe, show_pos=True, hidden=hidden
+        ) as bar:
+            yield bar
+        return
+    stream.write(f"{label}\n")
+    stream.flush()
+    yield LogProgress(length, label, stream, describe, interval=LOG_INTERVAL_S)

@@ -1,0 +1,78 @@
+"""Progress where stderr is a log, not a terminal: a line a minute, with the rate measured after the first update."""
+
+from __future__ import annotations
+
+import io
+
+from digitgen.runtime.progress import LogProgress, progress
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def log(length: int, describe=None) -> tuple[LogProgress, Clock, io.StringIO]:
+    clock, stream = Clock(), io.StringIO()
+    return LogProgress(length, "training", stream, describe, clock=clock, interval=60), clock, stream
+
+
+def test_a_line_once_a_minute_with_done_percent_elapsed_and_time_left() -> None:
+    bar, clock, stream = log(1000)
+    clock.now += 10
+    bar.update(100)  # the rate is measured from here: 200 steps in the next 50 s, 4 a second
+    clock.now += 49
+    bar.update(100)
+    assert stream.getvalue() == ""
+    clock.now += 1
+    bar.update(100)
+    assert stream.getvalue() == "training: 300/1,000 (30%), 1:00 elapsed, about 2:55 left\n"
+    clock.now += 59
+    bar.update(100)
+    assert stream.getvalue().count("\n") == 1
+    clock.now += 3600
+    bar.update(600, {"loss": 1})
+    assert stream.getvalue().splitlines()[-1] == "training: 1,000/1,000 (100%), 1:01:59 elapsed"
+
+
+def test_work_counted_at_once_does_not_shorten_the_estimate() -> None:
+    bar, clock, stream = log(1000)
+    bar.update(500)  # a resumed run's steps, counted before any work
+    clock.now += 60
+    bar.update(100)
+    assert stream.getvalue() == "training: 600/1,000 (60%), 1:00 elapsed, about 4:00 left\n"
+
+
+def test_the_item_is_described_after_the_line() -> None:
+    bar, clock, stream = log(10, describe=lambda info: f"epoch {info['epoch']}" if info else "")
+    clock.now += 60
+    bar.update(1, {"epoch": 3})
+    clock.now += 60
+    bar.update(1)
+    assert [line.split("  ")[-1] for line in stream.getvalue().splitlines()] == [
+        "epoch 3",
+        "training: 2/10 (20%), 2:00 elapsed, about 8:00 left",
+    ]
+
+
+def test_a_log_gets_the_label_first_a_terminal_a_bar_and_hidden_nothing() -> None:
+    stream = io.StringIO()
+    with progress(5, "generating", stream=stream) as bar:
+        assert isinstance(bar, LogProgress)
+    assert stream.getvalue() == "generating\n"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    with progress(5, "generating", stream=terminal) as bar:
+        bar.update(5)
+    assert "generating" in terminal.getvalue() and "5/5" in terminal.getvalue()
+    hidden = Terminal()
+    with progress(5, "generating", stream=hidden, hidden=True) as bar:
+        bar.update(5)
+    assert hidden.getvalue() == ""
