@@ -55,12 +55,12 @@ class LogProgress:
 
     def _write(self, now: float, item: Any) -> None:
         self._last_line = now
-        line = f"{self.label}: {self.done:,}/{self.length:,} ({self.done / max(self.length, 1):.0%}), "
+        line = f"{self.label}: {self.done:,}/{self.length:,} ({self.done / self.length:.0%}), "
         line += f"{_clock_time(now - self.started)} elapsed"
         base_done, base_time = self._base
-        if self.done < self.length and self.done > base_done and now > base_time:
-            rate = (self.done - base_done) / (now - base_time)
-            line += f", about {_clock_time((self.length - self.done) / rate)} left"
+        if base_done < self.done < self.length:
+            left = (now - base_time) * (self.length - self.done) / (self.done - base_done)
+            line += f", about {_clock_time(left)} left"
         extra = self.describe(item) if self.describe is not None else ""
         self.stream.write(f"{line}  {extra}\n" if extra else f"{line}\n")
         self.stream.flush()

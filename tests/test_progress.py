@@ -76,3 +76,17 @@ def test_a_log_gets_the_label_first_a_terminal_a_bar_and_hidden_nothing() -> Non
     with progress(5, "generating", stream=hidden, hidden=True) as bar:
         bar.update(5)
     assert hidden.getvalue() == ""
+
+
+def test_a_first_update_after_a_minute_gives_no_estimate_yet() -> None:
+    bar, clock, stream = log(1000)
+    clock.now += 61
+    bar.update(1)
+    assert stream.getvalue() == "training: 1/1,000 (0%), 1:01 elapsed\n"
+
+
+def test_a_single_step_of_work_is_all_of_it() -> None:
+    bar, clock, stream = log(1)
+    clock.now += 60
+    bar.update(1)
+    assert stream.getvalue() == "training: 1/1 (100%), 1:00 elapsed\n"
