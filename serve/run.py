@@ -18,7 +18,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.signals import handling
-from digitgen.serve.app import ServeSettings, create_app
+from digitgen.serve.app import ServeConfigError, ServeSettings, create_app
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
 
@@ -55,6 +55,20 @@ class ServerOptions:
 
     def load(self) -> DigitGenerator:
         return DigitGenerator.from_path(self.model, self.provider, self.intra_op_threads)
+
+    def check_address(self) -> None:
+        """:class:`ServeConfigError` if the server could not listen on ``host:port`` (in use, not an address
+        of this machine, a privileged port): bound and let go at once, the way uvicorn binds it after."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((self.host, self.port))
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ServeConfigError(
+                f"cannot listen on {self.host}:{self.port}: {reason.lower()} (--port and --host choose another)"
+            ) from None
 
 
 def app_from_environment() -> FastAPI:
@@ -93,8 +107,9 @@ def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> No
     """Serve until SIGINT or SIGTERM, then finish requests in flight within ``graceful_timeout`` seconds.
 
     With one worker, ``generator`` (default: ``options.load()``) serves in this process; with more,
-    each worker process loads the model itself.
+    each worker process loads the model itself. :class:`ServeConfigError` if the address is not free.
     """
+    options.check_address()
     log_level = "info" if options.settings.access_log else "warning"
     common = {
         "host": options.host,

@@ -35,6 +35,7 @@ from digitgen.serve import ServeConfigError, ServeSettings, create_app
 from digitgen.serve.batch import Batcher, _Pending, run_batch
 from digitgen.serve.params import ENCODING_VERSION, MEDIA_TYPES, DigitsRequest, encoder_versions, etag
 from digitgen.serve.render import encode, generate
+from digitgen.serve.run import ServerOptions, serve
 
 # --- a real server in a subprocess -------------------------------------------------------------
 
@@ -642,6 +643,23 @@ def test_settings_that_would_refuse_every_request_are_refused(setting: dict, wor
     with pytest.raises(ServeConfigError) as refused:
         ServeSettings(**setting)
     assert str(refused.value) == words
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_address_in_use_is_one_line_before_the_model_loads(workers: int) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        words = f"cannot listen on 127.0.0.1:{port}: address already in use (--port and --host choose another)"
+        options = ServerOptions(port=port, workers=workers)
+        with pytest.raises(ServeConfigError, match=re.escape(words)):
+            serve(options, DigitGenerator.from_path(threads=1))
+        # the CLI refuses it before loading the model: a missing one is not the error
+        result = CliRunner().invoke(
+            main, ["serve", "--port", str(port), "--workers", str(workers), "--generator", "missing.onnx"]
+        )
+    assert result.exit_code == 1 and result.output == f"Error: {words}\n", result.output
 
 
 async def _lifespan_responses(app: FastAPI, paths: list[str]) -> list[httpx.Response]:
