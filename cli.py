@@ -148,6 +148,7 @@ def _one_model(positional: str | None, option: str | None) -> str | None:
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="digitgen-mnist", message="digitgen %(version)s")
 def main() -> None:
     """Generate handwritten digits with a GAN trained on MNIST."""
 

@@ -307,3 +307,9 @@ def test_generate_writes_progress_lines_to_a_log(
         "generating: 20/30 (67%)",
         "generating: 30/30 (100%)",
     ]
+
+
+def test_version_is_the_installed_distributions() -> None:
+    from importlib.metadata import version
+
+    assert run("--version") == (0, f"digitgen {version('digitgen-mnist')}\n")
