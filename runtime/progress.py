@@ -34,9 +34,9 @@ class LogProgress:
         length: int,
         label: str,
         stream: IO[str],
-        describe: Callable[[Any], str] | None = None,
+        describe: Callable[[Any], str] | None,
+        interval: float,
         clock: Callable[[], float] = time.monotonic,
-        interval: float = LOG_INTERVAL_S,
     ) -> None:
         self.length, self.label, self.stream, self.describe = length, label, stream, describe
         self.clock, self.interval = clock, interval
@@ -87,4 +87,4 @@ def progress(
         return
     stream.write(f"{label}\n")
     stream.flush()
-    yield LogProgress(length, label, stream, describe, interval=LOG_INTERVAL_S)
+    yield LogProgress(length, label, stream, describe, LOG_INTERVAL_S)  # read here, so a test can shorten it

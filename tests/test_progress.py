@@ -17,7 +17,7 @@ class Clock:
 
 def log(length: int, describe=None) -> tuple[LogProgress, Clock, io.StringIO]:
     clock, stream = Clock(), io.StringIO()
-    return LogProgress(length, "training", stream, describe, clock=clock, interval=60), clock, stream
+    return LogProgress(length, "training", stream, describe, 60, clock=clock), clock, stream
 
 
 def test_a_line_once_a_minute_with_done_percent_elapsed_and_time_left() -> None:
