@@ -18,7 +18,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -29,11 +29,22 @@ from click.testing import CliRunner
 from fastapi import FastAPI
 
 from digitgen.cli import main
+from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
 from digitgen.runtime.noise import MAX_SEED
 from digitgen.serve import ServeConfigError, ServeSettings, create_app
 from digitgen.serve.batch import Batcher, _Pending, run_batch
-from digitgen.serve.params import ENCODING_VERSION, MEDIA_TYPES, DigitsRequest, encoder_versions, etag
+from digitgen.serve.params import (
+    ENCODING_VERSION,
+    MEDIA_TYPES,
+    DigitsRequest,
+    NotAcceptableError,
+    choose_format,
+    encoder_versions,
+    etag,
+    not_modified,
+    parse_request,
+)
 from digitgen.serve.render import encode, generate
 from digitgen.serve.run import ServerOptions, serve
 
@@ -298,7 +309,7 @@ def test_bad_parameters_are_refused_in_words(server: Server, query: str, status:
     assert response.headers["content-type"] == "application/json"
     assert response.headers["cache-control"] == "no-store"
     body = response.json()
-    assert list(body) == ["error"] and words in body["error"]
+    assert list(body) == ["error"] and body["error"].startswith(words)
 
 
 @pytest.mark.parametrize("accept", ["text/html", "image/jpeg, text/*", "image/png;q=0"])
@@ -307,6 +318,63 @@ def test_unsupported_accept_is_406(server: Server, accept: str) -> None:
                           headers={"Accept": accept})  # fmt: skip
     assert response.status_code == 406
     assert response.json()["error"].startswith(f"cannot answer Accept: {accept!r}")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "accept", "count", "chosen"),
+    [
+        (None, None, 1, "png"),  # no Accept header at all (curl -H 'Accept:', raw clients)
+        (None, None, 5, "grid"),
+        ("npz", None, 5, "npz"),
+        (None, "  ", 5, "grid"),
+        ("json", "  ", 5, "json"),
+        (None, "application/json, image/png", 5, "json"),  # equal q: the first listed
+        (None, "application/x-npz;q=1, application/json", 5, "npz"),  # no q is q=1, no more
+        (None, "application/json;q=abc, image/png", 5, "grid"),  # an unreadable q drops its range
+        (None, "application/json;q=0.5, application/x-tar", 5, "idx"),
+    ],
+)
+def test_the_format_from_format_and_accept(fmt: str | None, accept: str | None, count: int, chosen: str) -> None:
+    assert choose_format(fmt, accept, count) == chosen
+
+
+@pytest.mark.parametrize("accept", ["application/json;q=0", "application/json;q=0, text/html", "*/*;q=0"])
+def test_ranges_with_q_0_are_refused(accept: str) -> None:
+    with pytest.raises(NotAcceptableError):
+        choose_format(None, accept, 5)
+
+
+def test_not_acceptable_names_what_the_request_can_send() -> None:
+    with pytest.raises(NotAcceptableError) as refused:
+        choose_format(None, "text/html", 5)
+    assert str(refused.value) == (
+        "cannot answer Accept: 'text/html'; this request can send "
+        "application/json, application/x-npz, application/x-tar, image/png"
+    )
+
+
+def test_if_none_match_lists_and_weak_tags() -> None:
+    assert not_modified('"a", "b"', '"a"') and not_modified('"b",W/"a"', '"a"') and not_modified("*", '"a"')
+    assert not not_modified('"b", "c"', '"a"') and not not_modified("", '"a"') and not not_modified(None, '"a"')
+
+
+def test_a_grid_holds_at_most_its_limit_and_other_formats_more(tiny_onnx: Path) -> None:
+    generator = DigitGenerator.from_path(tiny_onnx)
+    limit = 10_000
+
+    def request(count: int, fmt: str) -> DigitsRequest:
+        return parse_request([("count", str(count)), ("format", fmt)], None, generator, max_count=2 * limit)
+
+    assert request(limit, "grid").count == limit and request(limit + 1, "npz").count == limit + 1
+    with pytest.raises(InvalidRequestError) as refused:
+        request(limit + 1, "grid")
+    assert str(refused.value) == f"a grid holds at most {limit} digits; use npz, idx or json"
+
+
+def test_requests_that_differ_only_in_their_digits_have_different_etags() -> None:
+    request = DigitsRequest((1, 2), 4, 0, None, "npz")
+    assert etag("model", request) != etag("model", replace(request, digits=(3,)))
+    assert etag("model", request) == etag("model", replace(request))
 
 
 @pytest.mark.parametrize(
