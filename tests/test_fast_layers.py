@@ -94,4 +94,5 @@ def test_the_exported_file_holds_the_fast_layers(tmp_path: Path, tiny_checkpoint
     out = tmp_path / "g.onnx"
     assert export_generator(tiny_checkpoint, out).passed  # verified against the trained layers
     ops = {node.op_type for node in onnx.load(str(out)).graph.node}
-    assert "ConvTranspose" not in ops and {"Conv", "ReduceSum", "Concat"} <= ops
+    assert "ConvTranspose" not in ops and {"Conv", "Add", "Concat"} <= ops
+    assert "ReduceSum" not in ops  # its order of addition depends on the batch size (see fast_layers)

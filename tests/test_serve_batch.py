@@ -1,0 +1,242 @@
+"""The micro-batcher and the request renderer in-process: when a batch waits, what it takes, where its
+model call runs, and how a request stops. (tests/test_serve.py drives them through a real server.)"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from digitgen.runtime.generator import DigitGenerator, GeneratedDigits
+from digitgen.serve.batch import Batcher, run_batch
+from digitgen.serve.params import DigitsRequest
+from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filename, generate
+
+
+@pytest.fixture(scope="module")
+def generator() -> DigitGenerator:
+    return DigitGenerator.from_path(threads=1)
+
+
+def one_digit(seed: int, count: int = 1) -> DigitsRequest:
+    return DigitsRequest((seed % 10,), count, seed, None, "png" if count == 1 else "grid")
+
+
+class Recorder:
+    """What the batcher did: the size of each model call, the threads it ran on, the batches it observed,
+    and the generation slots it held."""
+
+    def __init__(self, generator: DigitGenerator) -> None:
+        self.generator = generator
+        self.calls: list[int] = []
+        self.threads: list[str] = []
+        self.observed: list[int] = []
+        self.slots = 0
+        self.submitted = 0
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="generation")
+        self.fail_next = False
+
+    def run(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        self.calls.append(len(z))
+        self.threads.append(threading.current_thread().name)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the model failed")
+        return self.generator.run(z, labels)
+
+    @asynccontextmanager
+    async def generation(self) -> AsyncIterator[None]:
+        self.slots += 1
+        yield
+
+    def submit(self, fn: Callable, *args: object) -> Future:
+        self.submitted += 1
+        return self.executor.submit(fn, *args)
+
+    def batcher(self, window: float, max_digits: int = 8) -> Batcher:
+        model = SimpleNamespace(latent_dim=self.generator.latent_dim, run=self.run)
+        executor = ThreadPoolExecutor(1)
+        executor.submit = self.submit  # type: ignore[method-assign]
+        return Batcher(model, window, max_digits, executor, self.generation, self.observed.append)  # type: ignore[arg-type]
+
+
+def with_batcher(batcher: Batcher, body: Callable[[], Awaitable[object]]) -> object:
+    """Run ``body`` while ``batcher`` serves, then stop the batcher."""
+
+    async def main() -> object:
+        task = asyncio.create_task(batcher.run())
+        try:
+            return await asyncio.wait_for(body(), 30)
+        finally:
+            task.cancel()
+
+    return asyncio.run(main())
+
+
+def alone(generator: DigitGenerator, request: DigitsRequest) -> bytes:
+    return encode(generate(generator, request), request.fmt)
+
+
+def test_a_lone_request_runs_at_once_on_the_event_loop(generator: DigitGenerator) -> None:
+    recorder = Recorder(generator)
+    batcher = recorder.batcher(window=20.0)  # a window this long would time the test out if it were waited
+
+    async def three_in_turn() -> list[GeneratedDigits]:
+        return [await batcher.digits(one_digit(seed)) for seed in (1, 2, 3)]
+
+    started = time.monotonic()
+    digits = with_batcher(batcher, three_in_turn)
+    assert time.monotonic() - started < 10
+    assert [encode(d, "png") for d in digits] == [alone(generator, one_digit(s)) for s in (1, 2, 3)]
+    assert recorder.calls == [1, 1, 1] and recorder.observed == [1, 1, 1] and recorder.slots == 3
+    assert recorder.submitted == 0 and set(recorder.threads) == {threading.current_thread().name}
+
+
+def test_requests_that_arrive_together_share_a_call_on_the_executor(generator: DigitGenerator) -> None:
+    recorder = Recorder(generator)
+    batcher = recorder.batcher(window=0.5)
+    requests = [one_digit(4), one_digit(5, count=3), one_digit(6)]
+
+    async def late_joiner() -> list[GeneratedDigits]:
+        first = [asyncio.ensure_future(batcher.digits(r)) for r in requests[:2]]
+        await asyncio.sleep(0.05)  # within the window: joins the same call
+        return await asyncio.gather(*first, batcher.digits(requests[2]))
+
+    digits = with_batcher(batcher, late_joiner)
+    assert [encode(d, r.fmt) for d, r in zip(digits, requests, strict=True)] == [alone(generator, r) for r in requests]
+    assert recorder.calls == [5] and recorder.observed == [3] and recorder.slots == 1
+    assert recorder.submitted == 1 and recorder.threads[0].startswith("generation")
+
+
+def test_after_a_shared_call_the_next_request_waits_for_company(generator: DigitGenerator) -> None:
+    recorder = Recorder(generator)
+    batcher = recorder.batcher(window=0.3)
+
+    async def pair_then_one() -> float:
+        await asyncio.gather(batcher.digits(one_digit(1)), batcher.digits(one_digit(2)))
+        started = time.monotonic()
+        await batcher.digits(one_digit(3))
+        return time.monotonic() - started
+
+    waited = with_batcher(batcher, pair_then_one)
+    assert 0.25 < waited < 5 and recorder.calls == [2, 1]
+
+
+def test_a_full_batch_does_not_wait_out_its_window(generator: DigitGenerator) -> None:
+    recorder = Recorder(generator)
+    batcher = recorder.batcher(window=20.0, max_digits=4)
+
+    async def full() -> list[GeneratedDigits]:
+        return await asyncio.gather(*(batcher.digits(one_digit(seed)) for seed in range(4)))
+
+    started = time.monotonic()
+    with_batcher(batcher, full)
+    assert time.monotonic() - started < 10 and recorder.calls == [4]
+
+
+def test_a_failed_call_fails_its_requests_and_the_batcher_goes_on(generator: DigitGenerator) -> None:
+    recorder = Recorder(generator)
+    batcher = recorder.batcher(window=0.05)
+    recorder.fail_next = True
+
+    async def fail_then_serve() -> tuple[list[object], GeneratedDigits]:
+        pair = (batcher.digits(one_digit(1)), batcher.digits(one_digit(2)))
+        failed = await asyncio.gather(*pair, return_exceptions=True)
+        return failed, await batcher.digits(one_digit(3))
+
+    failed, served = with_batcher(batcher, fail_then_serve)  # type: ignore[misc]
+    assert [str(e) for e in failed] == ["the model failed"] * 2
+    assert encode(served, "png") == alone(generator, one_digit(3))
+
+
+def test_requests_given_up_while_waiting_take_no_part_in_the_call(generator: DigitGenerator) -> None:
+    recorder = Recorder(generator)
+    batcher = recorder.batcher(window=0.2)
+
+    async def one_given_up() -> GeneratedDigits:
+        kept = asyncio.ensure_future(batcher.digits(one_digit(1)))
+        gone = asyncio.ensure_future(batcher.digits(one_digit(2, count=3)))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        return await kept
+
+    digits = with_batcher(batcher, one_given_up)
+    assert encode(digits, "png") == alone(generator, one_digit(1))
+    assert recorder.calls == [1] and recorder.observed == [1]
+
+
+def test_a_batch_given_up_entirely_makes_no_call(generator: DigitGenerator) -> None:
+    recorder = Recorder(generator)
+    batcher = recorder.batcher(window=0.2)
+
+    async def all_given_up() -> GeneratedDigits:
+        gone = [asyncio.ensure_future(batcher.digits(one_digit(s))) for s in (1, 2)]
+        await asyncio.sleep(0.05)
+        for future in gone:
+            future.cancel()
+        await asyncio.sleep(0.3)
+        return await batcher.digits(one_digit(3))
+
+    with_batcher(batcher, all_given_up)
+    assert recorder.calls == [1] and recorder.observed == [1] and recorder.slots == 1
+
+
+def test_fail_waiting_answers_every_waiting_request(generator: DigitGenerator) -> None:
+    async def stopped() -> list[object]:
+        batcher = Recorder(generator).batcher(window=0.1)
+        waiting = [asyncio.ensure_future(batcher.digits(one_digit(s))) for s in range(3)]
+        await asyncio.sleep(0)
+        waiting[1].cancel()
+        await asyncio.sleep(0)
+        batcher.fail_waiting(RuntimeError("stopped"))
+        return [type(e).__name__ + str(e) for e in await asyncio.gather(*waiting, return_exceptions=True)]
+
+    assert asyncio.run(stopped()) == ["RuntimeErrorstopped", "CancelledError", "RuntimeErrorstopped"]
+
+
+def test_run_batch_splits_one_call_by_request(generator: DigitGenerator) -> None:
+    requests = [one_digit(3, count=2), one_digit(8), one_digit(5, count=4)]
+    results = run_batch(generator, requests)
+    assert [len(d.images) for d in results] == [2, 1, 4]
+    for digits, request in zip(results, requests, strict=True):
+        expected = generate(generator, request)
+        np.testing.assert_array_equal(digits.images, expected.images)
+        np.testing.assert_array_equal(digits.labels, expected.labels)
+
+
+# --- generating one request: stops between batches -----------------------------------------------
+
+
+def test_generate_stops_once_abandoned_or_past_its_deadline(generator: DigitGenerator) -> None:
+    request = DigitsRequest((2,), 600, 1, None, "npz")
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(AbandonedError):
+        generate(generator, request, cancelled=cancelled)
+    with pytest.raises(TimeLimitError):
+        generate(generator, request, deadline=time.monotonic() - 1)
+    finished = generate(generator, request, deadline=time.monotonic() + 60, cancelled=threading.Event())
+    assert finished.images.shape == (600, 28, 28) and set(finished.labels.tolist()) == {2}
+
+
+def test_abandoned_wins_over_the_deadline(generator: DigitGenerator) -> None:
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(AbandonedError):
+        generate(generator, DigitsRequest((2,), 3, 1, None, "npz"), deadline=0.0, cancelled=cancelled)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "first_label", "name"),
+    [("png", 7, "00000000_label7.png"), ("grid", 0, "grid.png"), ("npz", 3, "digits.npz"),
+     ("idx", 1, "digits-idx.tar"), ("json", 2, None)],
+)  # fmt: skip
+def test_filenames_are_the_clis(fmt: str, first_label: int, name: str | None) -> None:
+    assert filename(fmt, first_label) == name
