@@ -841,9 +841,18 @@ def test_a_mounted_app_counts_requests_by_its_own_endpoints() -> None:
     assert 'endpoint="other"' not in metrics
 
 
-def test_a_micro_batch_takes_waiting_requests_in_order_up_to_its_digit_limit() -> None:
-    counts = [3, 3, 2, 3, 9, 1]
-
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        # 3 + 3 + 2 fill 8 digits exactly; a request over the limit gets a call of its own
+        ([3, 3, 2, 3, 9, 1], [[3, 3, 2], [3], [9], [1]]),
+        # the count is of every request taken, each its own size: 1 + 1 + 2 + 4 = 8 leaves out the 3
+        ([1, 1, 2, 4, 3], [[1, 1, 2, 4], [3]]),
+    ],
+)
+def test_a_micro_batch_takes_waiting_requests_in_order_up_to_its_digit_limit(
+    counts: list[int], expected: list[list[int]]
+) -> None:
     async def batches() -> list[list[int]]:
         batcher = Batcher(None, 0.001, 8, None, None, None)  # type: ignore[arg-type]
         for count in counts:
@@ -854,8 +863,7 @@ def test_a_micro_batch_takes_waiting_requests_in_order_up_to_its_digit_limit() -
             taken.append([p.request.count for p in await batcher._collect()])
         return taken
 
-    # 3 + 3 + 2 fill 8 digits exactly; a request over the limit gets a call of its own
-    assert asyncio.run(batches()) == [[3, 3, 2], [3], [9], [1]]
+    assert asyncio.run(batches()) == expected
 
 
 def _query(request: DigitsRequest) -> str:
