@@ -80,7 +80,10 @@ def with_batcher(batcher: Batcher, body: Callable[[], Awaitable[object]]) -> obj
         finally:
             task.cancel()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        batcher.executor.shutdown()
 
 
 def alone(generator: DigitGenerator, request: DigitsRequest) -> bytes:
