@@ -1,0 +1,166 @@
+"""The per-request middleware in-process, around a stub app: request ids, metrics by endpoint and
+status, and the access-log line, word for word. (tests/test_serve.py checks them on a real server.)"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import httpx
+import pytest
+
+from digitgen.serve.observe import Message, Metrics, Receive, RequestMiddleware, Scope, Send
+
+ENDPOINTS = frozenset({"/generate", "/healthz"})
+
+
+async def stub(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers 201 with one header of its own after 10 ms; ``/fail`` raises before it answers."""
+    if scope["path"].endswith("/fail"):
+        raise RuntimeError("a bug")
+    await asyncio.sleep(0.01)
+    await send({"type": "http.response.start", "status": 201, "headers": [(b"x-own", b"1")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def get(
+    middleware: RequestMiddleware, path: str, headers: dict[str, str] | None = None, root_path: str = ""
+) -> httpx.Response:
+    async def run() -> httpx.Response:
+        transport = httpx.ASGITransport(app=middleware, root_path=root_path, client=("10.1.2.3", 4567))
+        async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
+            return await client.get(path, headers=headers)
+
+    return asyncio.run(run())
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+def test_a_plain_request_id_is_echoed_and_others_replaced(metrics: Metrics) -> None:
+    middleware = RequestMiddleware(stub, metrics, ENDPOINTS, access_log=False)
+    echoed = get(middleware, "/healthz", {"X-Request-ID": "job-7.a:b_c"})
+    assert echoed.status_code == 201 and echoed.headers["x-request-id"] == "job-7.a:b_c"
+    assert echoed.headers["x-own"] == "1"  # the app's own headers kept
+    made = [get(middleware, "/healthz", {"X-Request-ID": bad}).headers["x-request-id"] for bad in ("a b", "x" * 129)]
+    made.append(get(middleware, "/healthz").headers["x-request-id"])
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in made), made
+    assert len({rid[:16] for rid in made}) == 1  # one random half per process
+    assert [int(rid[16:], 16) for rid in made] == [0, 1, 2]  # and a count
+
+
+def test_requests_are_counted_and_timed_by_endpoint_and_status(metrics: Metrics) -> None:
+    middleware = RequestMiddleware(stub, metrics, ENDPOINTS, access_log=False)
+    for path in ("/generate?count=2", "/generate", "/elsewhere", "/mounted/healthz"):
+        get(middleware, path)
+    get(middleware, "/mounted/healthz", root_path="/mounted")  # a mounted app counts its own endpoints
+    with pytest.raises(RuntimeError):
+        get(middleware, "/fail")
+    assert sample(metrics, "digitgen_requests_total", endpoint="/generate", status="201") == 2
+    assert sample(metrics, "digitgen_requests_total", endpoint="/healthz", status="201") == 1
+    assert sample(metrics, "digitgen_requests_total", endpoint="other", status="201") == 2
+    assert sample(metrics, "digitgen_requests_total", endpoint="other", status="500") == 1  # no answer: 500
+    assert sample(metrics, "digitgen_request_seconds_count", endpoint="/generate") == 2
+    seconds = sample(metrics, "digitgen_request_seconds_sum", endpoint="/generate")
+    assert seconds is not None and 0.02 <= seconds < 5
+
+
+def test_one_access_log_line_per_request_in_its_own_words(metrics: Metrics, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="digitgen.serve.access"):
+        get(RequestMiddleware(stub, metrics, ENDPOINTS, access_log=True), "/generate?digit=7", {"X-Request-ID": "r1"})
+        get(RequestMiddleware(stub, metrics, ENDPOINTS, access_log=True), "/healthz", {"X-Request-ID": "r2"})
+        get(RequestMiddleware(stub, metrics, ENDPOINTS, access_log=False), "/healthz", {"X-Request-ID": "r3"})
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r'10\.1\.2\.3:4567 "GET /generate\?digit=7" 201 \d+\.\dms id=r1', lines[0]), lines[0]
+    assert re.fullmatch(r'10\.1\.2\.3:4567 "GET /healthz" 201 \d+\.\dms id=r2', lines[1]), lines[1]
+    milliseconds = float(lines[0].split()[-2].removesuffix("ms"))
+    assert 10 <= milliseconds < 5000
+
+
+def test_other_traffic_passes_through_untouched(metrics: Metrics) -> None:
+    seen: list[str] = []
+
+    async def lifespan_app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["type"])
+        message: Message = await receive()
+        await send({"type": message["type"] + ".complete"})
+
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    middleware = RequestMiddleware(lifespan_app, metrics, ENDPOINTS, access_log=True)
+    asyncio.run(middleware({"type": "lifespan"}, receive, send))
+    assert seen == ["lifespan"] and sent == [{"type": "lifespan.startup.complete"}]
+    assert sample(metrics, "digitgen_requests_total", endpoint="other", status="500") is None
+
+
+def test_metrics_are_named_typed_labelled_and_described_in_their_own_registry() -> None:
+    metrics = Metrics()
+    described = {family.name: (family.type, family.documentation) for family in metrics.registry.collect()}
+    assert described == {
+        "digitgen_requests": ("counter", "Requests answered, by endpoint and status"),
+        "digitgen_request_seconds": ("histogram", "Time from request to the end of the response, by endpoint"),
+        "digitgen_digits_generated": ("counter", "Digits generated"),
+        "digitgen_requests_refused": ("counter", "Requests refused with 503, by reason"),
+        "digitgen_requests_abandoned": (
+            "counter",
+            "Requests whose client left before the response; their generation stopped",
+        ),
+        "digitgen_batch_requests": ("histogram", "Requests per micro-batched model call"),
+        "digitgen_requests_admitted": ("gauge", "Requests generating or waiting"),
+    }
+    metrics.requests.labels(endpoint="/generate", status="200").inc()
+    metrics.latency.labels(endpoint="/generate").observe(0.003)
+    metrics.refused.labels(reason="busy").inc(2)
+    metrics.digits.inc(5)
+    metrics.abandoned.inc()
+    metrics.batch_requests.observe(3)
+    metrics.admitted.set(4)
+    assert sample(metrics, "digitgen_requests_total", endpoint="/generate", status="200") == 1
+    assert sample(metrics, "digitgen_request_seconds_bucket", endpoint="/generate", le="0.005") == 1
+    assert sample(metrics, "digitgen_request_seconds_bucket", endpoint="/generate", le="0.0025") == 0
+    assert sample(metrics, "digitgen_requests_refused_total", reason="busy") == 2
+    assert sample(metrics, "digitgen_digits_generated_total") == 5
+    assert sample(metrics, "digitgen_requests_abandoned_total") == 1
+    assert sample(metrics, "digitgen_batch_requests_bucket", le="4.0") == 1
+    assert sample(metrics, "digitgen_batch_requests_bucket", le="2.0") == 0
+    assert sample(metrics, "digitgen_requests_admitted") == 4
+    assert Metrics().registry is not metrics.registry  # one per app: two apps in one process do not clash
+
+
+def test_a_minimal_http_scope_and_response_start(metrics: Metrics, caplog: pytest.LogCaptureFixture) -> None:
+    """No client, no root_path, a response start without headers: all optional in ASGI."""
+
+    async def echo(scope: Scope, receive: Receive, send: Send) -> None:
+        request = await receive()
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": request["body"]})
+
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"hello"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/healthz", "query_string": b"", "headers": []}
+    with caplog.at_level(logging.INFO, logger="digitgen.serve.access"):
+        asyncio.run(RequestMiddleware(echo, metrics, ENDPOINTS, access_log=True)(scope, receive, send))
+    [(name, value)], body = sent[0]["headers"], sent[1]["body"]  # one header: the id, named in lower case
+    assert name == b"x-request-id" and re.fullmatch(rb"[0-9a-f]{32}", value) and body == b"hello"
+    assert re.fullmatch(r'-:0 "GET /healthz" 200 \d+\.\dms id=[0-9a-f]{32}', caplog.records[0].getMessage())
+    assert sample(metrics, "digitgen_requests_total", endpoint="/healthz", status="200") == 1
