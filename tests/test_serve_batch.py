@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits
-from digitgen.serve.batch import Batcher, run_batch
+from digitgen.serve.batch import Batcher
 from digitgen.serve.params import DigitsRequest
 from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filename, generate
 
@@ -205,16 +205,6 @@ def test_fail_waiting_answers_every_waiting_request(generator: DigitGenerator) -
         return [type(e).__name__ + str(e) for e in await asyncio.gather(*waiting, return_exceptions=True)]
 
     assert asyncio.run(stopped()) == ["RuntimeErrorstopped", "CancelledError", "RuntimeErrorstopped"]
-
-
-def test_run_batch_splits_one_call_by_request(generator: DigitGenerator) -> None:
-    requests = [one_digit(3, count=2), one_digit(8), one_digit(5, count=4)]
-    results = run_batch(generator, requests)
-    assert [len(d.images) for d in results] == [2, 1, 4]
-    for digits, request in zip(results, requests, strict=True):
-        expected = generate(generator, request)
-        np.testing.assert_array_equal(digits.images, expected.images)
-        np.testing.assert_array_equal(digits.labels, expected.labels)
 
 
 # --- generating one request: stops between batches -----------------------------------------------
