@@ -730,6 +730,19 @@ def test_an_address_in_use_is_one_line_before_the_model_loads(workers: int) -> N
     assert result.exit_code == 1 and result.output == f"Error: {words}\n", result.output
 
 
+def test_an_ipv6_address_is_checked_as_one() -> None:
+    with socket.socket(socket.AF_INET6) as taken:
+        try:
+            taken.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this machine")
+        taken.listen()
+        port = taken.getsockname()[1]
+        words = f"cannot listen on ::1:{port}: address already in use (--port and --host choose another)"
+        with pytest.raises(ServeConfigError, match=re.escape(words)):
+            ServerOptions(host="::1", port=port).check_address()
+
+
 async def _lifespan_responses(app: FastAPI, paths: list[str]) -> list[httpx.Response]:
     """Run ``app``'s lifespan, wait for ``/readyz`` to stop saying that the warm-up has not run, then GET
     ``paths``; the ``/readyz`` response first."""
@@ -928,6 +941,26 @@ def test_default_threads_count_the_cores_this_process_may_use(monkeypatch: pytes
     assert run.default_threads(1) == 1 and run.default_threads(2) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
     assert [run.default_threads(workers) for workers in (1, 2, 4, 8)] == [7, 3, 1, 1]
+
+
+def test_without_cpu_affinity_the_cores_are_the_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where there is no CPU affinity to read (macOS, Windows), every core, or one when even that is unknown."""
+    from digitgen.serve import run
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert run.usable_cores() == 6 and run.default_threads(1) == 5
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert run.usable_cores() == 1 and run.default_threads(1) == 1
+
+
+def test_the_model_loads_with_the_threads_asked_for_or_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from digitgen.serve import run
+
+    monkeypatch.setattr(run.DigitGenerator, "from_path", lambda *args: args)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    assert ServerOptions("model.onnx", "cpu", threads=3).load() == ("model.onnx", "cpu", 3)
+    assert ServerOptions("model.onnx", "cuda", workers=2).load() == ("model.onnx", "cuda", 3)
 
 
 def test_a_batcher_that_fails_leaves_small_requests_served_one_by_one(
