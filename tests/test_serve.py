@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -840,6 +841,41 @@ def test_an_unexpected_error_is_a_500_in_json_with_the_request_id_and_cors(caplo
     assert failed.json() == {"error": error}
     assert failed.headers["x-request-id"] == "req-7" and failed.headers["access-control-allow-origin"] == origin
     assert [r.getMessage() for r in caplog.records] == ["unexpected error in /generate (id=req-7)"]
+
+
+def test_waiting_for_a_generation_slot_ends_at_the_time_limit() -> None:
+    """With one generation running, a queued request is refused once its time limit passes, in the words
+    for a busy server: the slot is waited for with the deadline, not the thread pool behind it."""
+    generator = DigitGenerator.from_path(threads=1)
+    model_call, running, release = generator.run, threading.Event(), threading.Event()
+
+    def held(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        if len(z) == 20:
+            running.set()
+            release.wait(30)
+        return model_call(z, labels)
+
+    generator.run = held  # type: ignore[method-assign]
+    app = create_app(generator, ServeSettings(access_log=False, max_in_flight=1, time_limit=0.5))
+
+    async def requests() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
+            while (await client.get("/readyz")).status_code != 200:
+                await asyncio.sleep(0.01)
+            first = asyncio.create_task(client.get("/generate?count=20&format=npz&seed=1"))
+            await asyncio.to_thread(running.wait, 30)
+            try:
+                queued = await asyncio.wait_for(client.get("/generate?count=20&format=npz&seed=2"), 10)
+            finally:
+                release.set()
+                await first
+            return queued, await client.get("/metrics")
+
+    queued, metrics = asyncio.run(requests())
+    assert queued.status_code == 503 and queued.headers["retry-after"] == "1"
+    assert queued.json() == {"error": "the server stayed busy past this request's time limit; retry later"}
+    assert 'digitgen_requests_refused_total{reason="busy"} 1.0' in metrics.text
 
 
 def test_a_mounted_app_counts_requests_by_its_own_endpoints() -> None:
