@@ -17,7 +17,7 @@ import tarfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +34,9 @@ from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
 from digitgen.runtime.noise import MAX_SEED
 from digitgen.serve import ServeConfigError, ServeSettings, create_app
+from digitgen.serve.app import _Service, _ServiceEntry
 from digitgen.serve.batch import Batcher, _Pending, run_batch
+from digitgen.serve.observe import Metrics
 from digitgen.serve.params import (
     ENCODING_VERSION,
     MEDIA_TYPES,
@@ -162,7 +164,8 @@ def test_bytes_equal_the_cli_files(
     response = server.get(f"/generate?{query}")
     assert response.status_code == 200, response.text
     assert response.content == (cli_files(tmp_path, *cli_args) / name).read_bytes()
-    assert response.headers["content-disposition"].endswith(f'filename="{name}"')
+    disposition = "attachment" if fmt == "npz" else "inline"  # a browser shows pictures, saves data
+    assert response.headers["content-disposition"] == f'{disposition}; filename="{name}"'
 
 
 def test_idx_tar_holds_the_cli_files(server: Server, tmp_path: Path) -> None:
@@ -173,11 +176,13 @@ def test_idx_tar_holds_the_cli_files(server: Server, tmp_path: Path) -> None:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     assert members == {name: (out / name).read_bytes() for name in os.listdir(out)}
     assert len(members) == 2
+    assert response.headers["content-disposition"] == 'attachment; filename="digits-idx.tar"'
 
 
 def test_json_holds_labels_and_the_cli_pngs(server: Server, tmp_path: Path) -> None:
     response = server.get("/generate?count=12&seed=5&format=json")
     assert response.headers["content-type"] == "application/json"
+    assert "content-disposition" not in response.headers  # no file of the CLI's to name
     body = response.json()
     out = cli_files(tmp_path, "-n", "12", "--seed", "5")
     assert body["labels"] == [i % 10 for i in range(12)]
@@ -515,9 +520,11 @@ def test_time_limit_is_503(tmp_path: Path) -> None:
 
 
 def test_a_request_whose_client_left_stops_generating(server: Server) -> None:
-    abandoned, digits = (
+    answered_499 = 'digitgen_requests_total{endpoint="/generate",status="499"}'
+    abandoned, digits, logged = (
         server.metric("digitgen_requests_abandoned_total"),
         server.metric("digitgen_digits_generated_total"),
+        server.metric(answered_499),
     )
     with pytest.raises(httpx.ReadTimeout):  # 10,000 digits take seconds; the client gives up after 0.3
         httpx.get(server.url + "/generate?count=10000&format=npz&seed=31", timeout=0.3)
@@ -526,6 +533,7 @@ def test_a_request_whose_client_left_stops_generating(server: Server) -> None:
         assert time.monotonic() < deadline, "the generation ran on after its client had gone"
         time.sleep(0.05)
     assert server.metric("digitgen_digits_generated_total") == digits
+    assert server.metric(answered_499) == logged + 1  # nginx's "client closed request"
     assert server.get("/generate?count=2&format=npz").status_code == 200
 
 
@@ -876,6 +884,47 @@ def test_waiting_for_a_generation_slot_ends_at_the_time_limit() -> None:
     assert queued.status_code == 503 and queued.headers["retry-after"] == "1"
     assert queued.json() == {"error": "the server stayed busy past this request's time limit; retry later"}
     assert 'digitgen_requests_refused_total{reason="busy"} 1.0' in metrics.text
+
+
+def test_the_app_passes_the_lifespan_protocol_through_its_middleware() -> None:
+    """An ASGI server's lifespan messages reach the app's own lifespan (warm-up, batcher) and come back."""
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return incoming.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send))
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+
+
+def test_an_error_after_the_response_started_is_raised_not_answered_twice() -> None:
+    """Once the status line is sent, a 500 of its own cannot follow: the error goes to the ASGI server,
+    which closes the connection."""
+    service = _Service(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False), Metrics())
+
+    async def fails_midway(scope: dict, receive: object, send: Callable) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("the body failed")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def request() -> None:
+        try:
+            await _ServiceEntry(fails_midway, service)({"type": "http", "method": "GET", "path": "/"}, None, send)
+        finally:
+            await service.stop()
+
+    with pytest.raises(RuntimeError, match="the body failed"):
+        asyncio.run(request())
+    assert sent == [{"type": "http.response.start", "status": 200, "headers": []}]
 
 
 def test_a_mounted_app_counts_requests_by_its_own_endpoints() -> None:
