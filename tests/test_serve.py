@@ -902,9 +902,9 @@ def test_the_app_passes_the_lifespan_protocol_through_its_middleware() -> None:
     assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
 
 
-def test_an_error_after_the_response_started_is_raised_not_answered_twice() -> None:
-    """Once the status line is sent, a 500 of its own cannot follow: the error goes to the ASGI server,
-    which closes the connection."""
+def test_an_error_after_the_response_started_is_raised_not_answered_twice(caplog: pytest.LogCaptureFixture) -> None:
+    """Once the status line is sent, a 500 of its own cannot follow: the error is logged and goes to the
+    ASGI server, which closes the connection. (A bare scope: no request id, no root path.)"""
     service = _Service(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False), Metrics())
 
     async def fails_midway(scope: dict, receive: object, send: Callable) -> None:
@@ -922,9 +922,10 @@ def test_an_error_after_the_response_started_is_raised_not_answered_twice() -> N
         finally:
             await service.stop()
 
-    with pytest.raises(RuntimeError, match="the body failed"):
+    with pytest.raises(RuntimeError, match="the body failed"), caplog.at_level("ERROR", logger="digitgen.serve"):
         asyncio.run(request())
     assert sent == [{"type": "http.response.start", "status": 200, "headers": []}]
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("digitgen.serve", "unexpected error in / (id=-)")]
 
 
 def test_a_mounted_app_counts_requests_by_its_own_endpoints() -> None:
