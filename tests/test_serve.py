@@ -21,11 +21,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import onnxruntime
 import pytest
+import uvicorn
 from click.testing import CliRunner
 from fastapi import FastAPI
 
@@ -36,7 +38,7 @@ from digitgen.runtime.noise import MAX_SEED
 from digitgen.serve import ServeConfigError, ServeSettings, create_app
 from digitgen.serve.app import _Service, _ServiceEntry
 from digitgen.serve.batch import Batcher, _Pending, run_batch
-from digitgen.serve.observe import Metrics
+from digitgen.serve.observe import ACCESS_LOG, Metrics
 from digitgen.serve.params import (
     ENCODING_VERSION,
     MEDIA_TYPES,
@@ -1016,6 +1018,52 @@ def test_soak_no_failures_and_memory_stays_flat(server: Server) -> None:
     after = rss_bytes(server.process.pid)
     assert statuses == [200] * SOAK_REQUESTS
     assert after - before < SOAK_RSS_GROWTH, f"RSS grew {(after - before) / 2**20:.1f} MB"
+
+
+def test_one_worker_runs_uvicorn_here_with_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from digitgen.serve import run
+
+    monkeypatch.setattr(ACCESS_LOG, "handlers", [])  # the app's access-log handler stays in this test
+    monkeypatch.setattr(ACCESS_LOG, "propagate", ACCESS_LOG.propagate)
+    monkeypatch.setattr(ACCESS_LOG, "level", ACCESS_LOG.level)
+    configs: list[uvicorn.Config] = []
+    monkeypatch.setattr(run.uvicorn, "Server", lambda config: SimpleNamespace(run=lambda: configs.append(config)))
+    options = ServerOptions("missing.onnx", port=free_port(), graceful_timeout=3.5)  # the given generator serves
+    serve(replace(options, settings=ServeSettings(access_log=False)), DigitGenerator.from_path(threads=1))
+    assert ACCESS_LOG.handlers == []  # the app got the quiet settings
+    serve(options, DigitGenerator.from_path(threads=1))
+    assert len(ACCESS_LOG.handlers) == 1
+    assert [(c.host, c.port, c.log_level, c.access_log) for c in configs] == [
+        ("127.0.0.1", options.port, "warning", False),
+        ("127.0.0.1", options.port, "info", False),  # digitgen's own access log, not uvicorn's
+    ]
+    assert [(c.timeout_graceful_shutdown, c.http) for c in configs] == [(3.5, run.NoDelayHTTP)] * 2
+    assert isinstance(configs[0].app, FastAPI)
+
+
+@pytest.mark.parametrize("before", [None, "a parent's value"])
+def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.MonkeyPatch, before: str | None) -> None:
+    """Each worker process rebuilds the parent's options; the parent's environment is left as it was."""
+    from digitgen.serve import run
+
+    if before is None:
+        monkeypatch.delenv(run.WORKER_CONFIG, raising=False)
+    else:
+        monkeypatch.setenv(run.WORKER_CONFIG, before)
+    calls: list[tuple[str, dict, str]] = []
+    monkeypatch.setattr(run.uvicorn, "run", lambda app, **kw: calls.append((app, kw, os.environ[run.WORKER_CONFIG])))
+    settings = ServeSettings(max_count=50, cors_origins=("http://app.example",), access_log=False)
+    options = ServerOptions("model.onnx", "cpu", port=free_port(), workers=2, threads=1, settings=settings)
+    serve(options)
+    assert os.environ.get(run.WORKER_CONFIG) == before
+    [(app, kwargs, config)] = calls
+    assert app == "digitgen.serve.run:app_from_environment" and kwargs["factory"] is True
+    wanted = {"workers": 2, "port": options.port, "log_level": "warning", "http": run.NoDelayHTTP}
+    assert {key: kwargs[key] for key in wanted} == wanted
+    monkeypatch.setenv(run.WORKER_CONFIG, config)
+    monkeypatch.setattr(run.ServerOptions, "load", lambda self: self)
+    monkeypatch.setattr(run, "create_app", lambda loaded, app_settings: (loaded, app_settings))
+    assert run.app_from_environment() == (options, settings)
 
 
 def test_default_threads_count_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
