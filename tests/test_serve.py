@@ -930,6 +930,14 @@ def test_an_error_after_the_response_started_is_raised_not_answered_twice(caplog
     assert [(r.name, r.getMessage()) for r in caplog.records] == [("digitgen.serve", "unexpected error in / (id=-)")]
 
 
+@pytest.mark.parametrize(("window_ms", "batched"), [(0, 0), (0.5, 1), (2, 1)])
+def test_a_batch_window_of_0_turns_micro_batching_off(window_ms: float, batched: int) -> None:
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False, batch_window_ms=window_ms))
+    lone, metrics = _in_process(app, [("/generate?digit=3", {}), ("/metrics", {})])
+    assert lone.status_code == 200
+    assert f"digitgen_batch_requests_count {batched:.1f}" in metrics.text
+
+
 def test_a_mounted_app_counts_requests_by_its_own_endpoints() -> None:
     digits = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
     parent = FastAPI()
