@@ -33,7 +33,7 @@ from fastapi import FastAPI
 
 from digitgen.cli import main
 from digitgen.runtime.errors import InvalidRequestError
-from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
+from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits, default_model_path
 from digitgen.runtime.noise import MAX_SEED
 from digitgen.serve import ServeConfigError, ServeSettings, create_app
 from digitgen.serve.app import _Service, _ServiceEntry
@@ -771,11 +771,19 @@ def test_one_app_serves_through_lifespans_in_turn() -> None:
     generator = DigitGenerator.from_path(threads=1)
     app = create_app(generator, ServeSettings(access_log=False, time_limit=10))
     expected = encode(generate(generator, DigitsRequest((3,), 1, 9, None, "png")), "png")
+    model_call, batch_sizes = generator.run, []
+
+    def counted(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        batch_sizes.append(len(z))
+        return model_call(z, labels)
+
+    generator.run = counted  # type: ignore[method-assign]
     for _ in range(2):
         # one digit through the batcher, 100 on a generation thread
         ready, one, many = asyncio.run(_lifespan_responses(app, ["/generate?digit=3&seed=9", "/generate?count=100"]))
         assert (ready.status_code, one.status_code, many.status_code) == (200, 200, 200)
         assert one.content == expected
+    assert batch_sizes.count(DEFAULT_BATCH_SIZE) == 1  # warmed up once: a ready app is not warmed up again
 
 
 def test_a_failed_warmup_is_named_by_readyz() -> None:
