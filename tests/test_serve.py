@@ -766,10 +766,12 @@ async def _lifespan_responses(app: FastAPI, paths: list[str]) -> list[httpx.Resp
             return [ready, *[await client.get(path) for path in paths]]
 
 
-def test_one_app_serves_through_lifespans_in_turn() -> None:
-    """A test suite (or a host app) may start and stop the same app more than once."""
+@pytest.mark.parametrize("window_ms", [2, 0])
+def test_one_app_serves_through_lifespans_in_turn(window_ms: float) -> None:
+    """A test suite (or a host app) may start and stop the same app more than once, with micro-batching
+    on or off."""
     generator = DigitGenerator.from_path(threads=1)
-    app = create_app(generator, ServeSettings(access_log=False, time_limit=10))
+    app = create_app(generator, ServeSettings(access_log=False, time_limit=10, batch_window_ms=window_ms))
     expected = encode(generate(generator, DigitsRequest((3,), 1, 9, None, "png")), "png")
     model_call, batch_sizes = generator.run, []
 
@@ -779,7 +781,7 @@ def test_one_app_serves_through_lifespans_in_turn() -> None:
 
     generator.run = counted  # type: ignore[method-assign]
     for _ in range(2):
-        # one digit through the batcher, 100 on a generation thread
+        # one digit through the batcher (or on the event loop), 100 on a generation thread
         ready, one, many = asyncio.run(_lifespan_responses(app, ["/generate?digit=3&seed=9", "/generate?count=100"]))
         assert (ready.status_code, one.status_code, many.status_code) == (200, 200, 200)
         assert one.content == expected
