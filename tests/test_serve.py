@@ -780,11 +780,13 @@ def test_one_app_serves_through_lifespans_in_turn(window_ms: float) -> None:
         return model_call(z, labels)
 
     generator.run = counted  # type: ignore[method-assign]
+    threads_before = set(threading.enumerate())
     for _ in range(2):
         # one digit through the batcher (or on the event loop), 100 on a generation thread
         ready, one, many = asyncio.run(_lifespan_responses(app, ["/generate?digit=3&seed=9", "/generate?count=100"]))
         assert (ready.status_code, one.status_code, many.status_code) == (200, 200, 200)
         assert one.content == expected
+        assert set(threading.enumerate()) <= threads_before  # its generation threads were joined
     assert batch_sizes.count(DEFAULT_BATCH_SIZE) == 1  # warmed up once: a ready app is not warmed up again
 
 
