@@ -32,7 +32,7 @@ from click.testing import CliRunner
 from fastapi import FastAPI
 
 from digitgen.cli import main
-from digitgen.runtime.errors import InvalidRequestError
+from digitgen.runtime.errors import InvalidRequestError, ModelRunError
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits, default_model_path
 from digitgen.runtime.noise import MAX_SEED
 from digitgen.serve import ServeConfigError, ServeSettings, create_app
@@ -790,15 +790,27 @@ def test_one_app_serves_through_lifespans_in_turn(window_ms: float) -> None:
     assert batch_sizes.count(DEFAULT_BATCH_SIZE) == 1  # warmed up once: a ready app is not warmed up again
 
 
-def test_a_failed_warmup_is_named_by_readyz() -> None:
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        (RuntimeError("onnxruntime could not run the model"), "RuntimeError: onnxruntime could not run the model"),
+        (ModelRunError("the model's output is not (N, 1, 28, 28)"), "the model's output is not (N, 1, 28, 28)"),
+    ],
+)
+def test_a_failed_warmup_is_named_by_readyz_and_the_log(
+    caplog: pytest.LogCaptureFixture, error: Exception, words: str
+) -> None:
+    """In digitgen's own words where it has them, with the exception's type where it does not."""
     generator = DigitGenerator.from_path(threads=1)
 
     def broken(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        raise RuntimeError("onnxruntime could not run the model")
+        raise error
 
     generator.run = broken  # type: ignore[method-assign]
-    (ready,) = asyncio.run(_lifespan_responses(create_app(generator, ServeSettings(access_log=False)), []))
-    assert ready.json() == {"error": "not ready: RuntimeError: onnxruntime could not run the model"}
+    with caplog.at_level("ERROR", logger="digitgen.serve"):
+        (ready,) = asyncio.run(_lifespan_responses(create_app(generator, ServeSettings(access_log=False)), []))
+    assert ready.json() == {"error": f"not ready: {words}"}
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("digitgen.serve", f"warm-up batch failed: {words}")]
 
 
 def test_a_failed_warmup_is_tried_again_until_ready() -> None:
