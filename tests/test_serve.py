@@ -36,6 +36,7 @@ from digitgen.runtime.errors import InvalidRequestError, ModelRunError
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits, default_model_path
 from digitgen.runtime.noise import MAX_SEED
 from digitgen.serve import ServeConfigError, ServeSettings, create_app
+from digitgen.serve import run as serve_run
 from digitgen.serve.app import _Service, _ServiceEntry
 from digitgen.serve.batch import Batcher, _Pending, run_batch
 from digitgen.serve.observe import ACCESS_LOG, Metrics
@@ -1057,13 +1058,11 @@ def test_soak_no_failures_and_memory_stays_flat(server: Server) -> None:
 
 
 def test_one_worker_runs_uvicorn_here_with_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    from digitgen.serve import run
-
     monkeypatch.setattr(ACCESS_LOG, "handlers", [])  # the app's access-log handler stays in this test
     monkeypatch.setattr(ACCESS_LOG, "propagate", ACCESS_LOG.propagate)
     monkeypatch.setattr(ACCESS_LOG, "level", ACCESS_LOG.level)
     configs: list[uvicorn.Config] = []
-    monkeypatch.setattr(run.uvicorn, "Server", lambda config: SimpleNamespace(run=lambda: configs.append(config)))
+    monkeypatch.setattr(serve_run.uvicorn, "Server", lambda config: SimpleNamespace(run=lambda: configs.append(config)))
     options = ServerOptions("missing.onnx", port=free_port(), graceful_timeout=3.5)  # the given generator serves
     serve(replace(options, settings=ServeSettings(access_log=False)), DigitGenerator.from_path(threads=1))
     assert ACCESS_LOG.handlers == []  # the app got the quiet settings
@@ -1073,61 +1072,57 @@ def test_one_worker_runs_uvicorn_here_with_the_options(monkeypatch: pytest.Monke
         ("127.0.0.1", options.port, "warning", False),
         ("127.0.0.1", options.port, "info", False),  # digitgen's own access log, not uvicorn's
     ]
-    assert [(c.timeout_graceful_shutdown, c.http) for c in configs] == [(3.5, run.NoDelayHTTP)] * 2
+    assert [(c.timeout_graceful_shutdown, c.http) for c in configs] == [(3.5, serve_run.NoDelayHTTP)] * 2
     assert isinstance(configs[0].app, FastAPI)
 
 
 @pytest.mark.parametrize("before", [None, "a parent's value"])
 def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.MonkeyPatch, before: str | None) -> None:
     """Each worker process rebuilds the parent's options; the parent's environment is left as it was."""
-    from digitgen.serve import run
-
     if before is None:
-        monkeypatch.delenv(run.WORKER_CONFIG, raising=False)
+        monkeypatch.delenv(serve_run.WORKER_CONFIG, raising=False)
     else:
-        monkeypatch.setenv(run.WORKER_CONFIG, before)
+        monkeypatch.setenv(serve_run.WORKER_CONFIG, before)
     calls: list[tuple[str, dict, str]] = []
-    monkeypatch.setattr(run.uvicorn, "run", lambda app, **kw: calls.append((app, kw, os.environ[run.WORKER_CONFIG])))
+
+    def uvicorn_run(app: str, **kwargs: object) -> None:
+        calls.append((app, kwargs, os.environ[serve_run.WORKER_CONFIG]))
+
+    monkeypatch.setattr(serve_run.uvicorn, "run", uvicorn_run)
     settings = ServeSettings(max_count=50, cors_origins=("http://app.example",), access_log=False)
     options = ServerOptions("model.onnx", "cpu", port=free_port(), workers=2, threads=1, settings=settings)
     serve(options)
-    assert os.environ.get(run.WORKER_CONFIG) == before
+    assert os.environ.get(serve_run.WORKER_CONFIG) == before
     [(app, kwargs, config)] = calls
     assert app == "digitgen.serve.run:app_from_environment" and kwargs["factory"] is True
-    wanted = {"workers": 2, "port": options.port, "log_level": "warning", "http": run.NoDelayHTTP}
+    wanted = {"workers": 2, "port": options.port, "log_level": "warning", "http": serve_run.NoDelayHTTP}
     assert {key: kwargs[key] for key in wanted} == wanted
-    monkeypatch.setenv(run.WORKER_CONFIG, config)
-    monkeypatch.setattr(run.ServerOptions, "load", lambda self: self)
-    monkeypatch.setattr(run, "create_app", lambda loaded, app_settings: (loaded, app_settings))
-    assert run.app_from_environment() == (options, settings)
+    monkeypatch.setenv(serve_run.WORKER_CONFIG, config)
+    monkeypatch.setattr(serve_run.ServerOptions, "load", lambda self: self)
+    monkeypatch.setattr(serve_run, "create_app", lambda loaded, app_settings: (loaded, app_settings))
+    assert serve_run.app_from_environment() == (options, settings)
 
 
 def test_default_threads_count_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 2-CPU container on a 64-core host: one onnxruntime thread, not 63."""
-    from digitgen.serve import run
-
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
-    assert run.default_threads(1) == 1 and run.default_threads(2) == 1
+    assert serve_run.default_threads(1) == 1 and serve_run.default_threads(2) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
-    assert [run.default_threads(workers) for workers in (1, 2, 4, 8)] == [7, 3, 1, 1]
+    assert [serve_run.default_threads(workers) for workers in (1, 2, 4, 8)] == [7, 3, 1, 1]
 
 
 def test_without_cpu_affinity_the_cores_are_the_machines(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where there is no CPU affinity to read (macOS, Windows), every core, or one when even that is unknown."""
-    from digitgen.serve import run
-
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
-    assert run.usable_cores() == 6 and run.default_threads(1) == 5
+    assert serve_run.usable_cores() == 6 and serve_run.default_threads(1) == 5
     monkeypatch.setattr(os, "cpu_count", lambda: None)
-    assert run.usable_cores() == 1 and run.default_threads(1) == 1
+    assert serve_run.usable_cores() == 1 and serve_run.default_threads(1) == 1
 
 
 def test_the_model_loads_with_the_threads_asked_for_or_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    from digitgen.serve import run
-
-    monkeypatch.setattr(run.DigitGenerator, "from_path", lambda *args: args)
+    monkeypatch.setattr(serve_run.DigitGenerator, "from_path", lambda *args: args)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
     assert ServerOptions("model.onnx", "cpu", threads=3).load() == ("model.onnx", "cpu", 3)
     assert ServerOptions("model.onnx", "cuda", workers=2).load() == ("model.onnx", "cuda", 3)
@@ -1155,13 +1150,11 @@ def test_a_batcher_that_fails_leaves_small_requests_served_one_by_one(
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
 def test_serve_says_when_auto_falls_back_to_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """onnxruntime-gpu without a usable GPU: serve names the fallback, as generate does, even with --quiet."""
-    from digitgen.serve import run
-
     served = []
     monkeypatch.setattr(
         onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
-    monkeypatch.setattr(run, "serve", lambda options, generator=None: served.append(generator.provider))
+    monkeypatch.setattr(serve_run, "serve", lambda options, generator=None: served.append(generator.provider))
     result = CliRunner().invoke(main, ["serve", "--quiet"])
     assert (result.exit_code, served) == (0, ["cpu"]), result.output
     assert result.output == "note: CUDA failed to start in onnxruntime; running on the CPU\n"
