@@ -794,6 +794,23 @@ def test_one_app_serves_through_lifespans_in_turn(window_ms: float) -> None:
     assert batch_sizes.count(DEFAULT_BATCH_SIZE) == 1  # warmed up once: a ready app is not warmed up again
 
 
+def test_stop_returns_once_the_batcher_has_ended() -> None:
+    """No batch runs after stop(), and the loop may close at once without a pending task left behind."""
+
+    async def stopped() -> bool:
+        service = _Service(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False), Metrics())
+        service.start()
+        async with asyncio.timeout(30):  # the warm-up done, stop() has nothing else to wait for
+            while not service.ready:
+                await asyncio.sleep(0.01)
+        batching = service._batching
+        assert batching is not None and not batching.done()
+        await service.stop()
+        return batching.cancelled()  # here, before asyncio.run's own clean-up cancels what is left
+
+    assert asyncio.run(stopped())
+
+
 @pytest.mark.parametrize(
     ("error", "words"),
     [
@@ -882,9 +899,18 @@ def test_an_unexpected_error_is_a_500_in_json_with_the_request_id_and_cors(caplo
     assert [r.getMessage() for r in caplog.records] == ["unexpected error in /generate (id=req-7)"]
 
 
-def test_waiting_for_a_generation_slot_ends_at_the_time_limit() -> None:
-    """With one generation running, a queued request is refused once its time limit passes, in the words
-    for a busy server: the slot is waited for with the deadline, not the thread pool behind it."""
+@pytest.mark.parametrize(
+    ("query", "error", "reason"),
+    [
+        ("count=20&format=npz", "the server stayed busy past this request's time limit; retry later", "busy"),
+        ("count=1", "the request ran past this server's time limit of 0.5 s (--time-limit)", "time_limit"),
+    ],
+    ids=["queued-for-a-slot", "micro-batched"],
+)
+def test_waiting_for_a_generation_slot_ends_at_the_time_limit(query: str, error: str, reason: str) -> None:
+    """With one generation running, a request waiting for it is refused once its time limit passes: a
+    queued one in the words for a busy server (the slot is waited for with the deadline, not the thread
+    pool behind it), a micro-batched one, whose batch waits for the slot, as past the time limit."""
     generator = DigitGenerator.from_path(threads=1)
     model_call, running, release = generator.run, threading.Event(), threading.Event()
 
@@ -900,12 +926,13 @@ def test_waiting_for_a_generation_slot_ends_at_the_time_limit() -> None:
     async def requests() -> tuple[httpx.Response, httpx.Response]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
-            while (await client.get("/readyz")).status_code != 200:
-                await asyncio.sleep(0.01)
+            async with asyncio.timeout(30):
+                while (await client.get("/readyz")).status_code != 200:
+                    await asyncio.sleep(0.01)
             first = asyncio.create_task(client.get("/generate?count=20&format=npz&seed=1"))
             await asyncio.to_thread(running.wait, 30)
             try:
-                queued = await asyncio.wait_for(client.get("/generate?count=20&format=npz&seed=2"), 10)
+                queued = await asyncio.wait_for(client.get(f"/generate?{query}&seed=2"), 10)
             finally:
                 release.set()
                 await first
@@ -913,8 +940,9 @@ def test_waiting_for_a_generation_slot_ends_at_the_time_limit() -> None:
 
     queued, metrics = asyncio.run(requests())
     assert queued.status_code == 503 and queued.headers["retry-after"] == "1"
-    assert queued.json() == {"error": "the server stayed busy past this request's time limit; retry later"}
-    assert 'digitgen_requests_refused_total{reason="busy"} 1.0' in metrics.text
+    assert queued.json() == {"error": error}
+    refused = 2 if reason == "time_limit" else 1  # the held request ran past the time limit too
+    assert f'digitgen_requests_refused_total{{reason="{reason}"}} {refused}.0' in metrics.text
 
 
 def test_the_app_passes_the_lifespan_protocol_through_its_middleware() -> None:
