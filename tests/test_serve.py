@@ -770,6 +770,17 @@ async def _lifespan_responses(app: FastAPI, paths: list[str]) -> list[httpx.Resp
             return [ready, *[await client.get(path) for path in paths]]
 
 
+def before_each_model_call(generator: DigitGenerator, hook: Callable[[np.ndarray], None]) -> None:
+    """Call ``hook(z)`` before each of ``generator``'s model calls, to count, hold or fail them."""
+    model_call = generator.run
+
+    def run(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        hook(z)
+        return model_call(z, labels)
+
+    generator.run = run  # type: ignore[method-assign]
+
+
 @pytest.mark.parametrize("window_ms", [2, 0])
 def test_one_app_serves_through_lifespans_in_turn(window_ms: float) -> None:
     """A test suite (or a host app) may start and stop the same app more than once, with micro-batching
@@ -777,13 +788,8 @@ def test_one_app_serves_through_lifespans_in_turn(window_ms: float) -> None:
     generator = DigitGenerator.from_path(threads=1)
     app = create_app(generator, ServeSettings(access_log=False, time_limit=10, batch_window_ms=window_ms))
     expected = encode(generate(generator, DigitsRequest((3,), 1, 9, None, "png")), "png")
-    model_call, batch_sizes = generator.run, []
-
-    def counted(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        batch_sizes.append(len(z))
-        return model_call(z, labels)
-
-    generator.run = counted  # type: ignore[method-assign]
+    batch_sizes: list[int] = []
+    before_each_model_call(generator, lambda z: batch_sizes.append(len(z)))
     threads_before = set(threading.enumerate())
     for _ in range(2):
         # one digit through the batcher (or on the event loop), 100 on a generation thread
@@ -824,10 +830,10 @@ def test_a_failed_warmup_is_named_by_readyz_and_the_log(
     """In digitgen's own words where it has them, with the exception's type where it does not."""
     generator = DigitGenerator.from_path(threads=1)
 
-    def broken(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def broken(z: np.ndarray) -> None:
         raise error
 
-    generator.run = broken  # type: ignore[method-assign]
+    before_each_model_call(generator, broken)
     with caplog.at_level("ERROR", logger="digitgen.serve"):
         (ready,) = asyncio.run(_lifespan_responses(create_app(generator, ServeSettings(access_log=False)), []))
     assert ready.json() == {"error": f"not ready: {words}"}
@@ -837,16 +843,14 @@ def test_a_failed_warmup_is_named_by_readyz_and_the_log(
 
 def test_a_failed_warmup_is_tried_again_until_ready() -> None:
     generator = DigitGenerator.from_path(threads=1)
-    model_call = generator.run
     calls = []
 
-    def fails_once(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def fails_once(z: np.ndarray) -> None:
         calls.append(len(z))
         if len(calls) == 1:
             raise RuntimeError("the GPU is busy")
-        return model_call(z, labels)
 
-    generator.run = fails_once  # type: ignore[method-assign]
+    before_each_model_call(generator, fails_once)
     app = create_app(generator, ServeSettings(access_log=False))
 
     async def probes() -> list[httpx.Response]:
@@ -877,14 +881,12 @@ def _in_process(app: FastAPI, requests: list[tuple[str, dict[str, str]]]) -> lis
 
 def test_an_unexpected_error_is_a_500_in_json_with_the_request_id_and_cors(caplog: pytest.LogCaptureFixture) -> None:
     generator = DigitGenerator.from_path(threads=1)
-    model_call = generator.run
 
-    def fails_for_seven_digits(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def fails_for_seven_digits(z: np.ndarray) -> None:
         if len(z) == 7:
             raise RuntimeError("a bug")
-        return model_call(z, labels)
 
-    generator.run = fails_for_seven_digits  # type: ignore[method-assign]
+    before_each_model_call(generator, fails_for_seven_digits)
     origin = "https://digits.example"
     app = create_app(generator, ServeSettings(access_log=False, cors_origins=(origin,), batch_window_ms=0))
     headers = {"X-Request-ID": "req-7", "Origin": origin}
@@ -912,15 +914,14 @@ def test_waiting_for_a_generation_slot_ends_at_the_time_limit(query: str, error:
     queued one in the words for a busy server (the slot is waited for with the deadline, not the thread
     pool behind it), a micro-batched one, whose batch waits for the slot, as past the time limit."""
     generator = DigitGenerator.from_path(threads=1)
-    model_call, running, release = generator.run, threading.Event(), threading.Event()
+    running, release = threading.Event(), threading.Event()
 
-    def held(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def held(z: np.ndarray) -> None:
         if len(z) == 20:
             running.set()
             release.wait(30)
-        return model_call(z, labels)
 
-    generator.run = held  # type: ignore[method-assign]
+    before_each_model_call(generator, held)
     app = create_app(generator, ServeSettings(access_log=False, max_in_flight=1, time_limit=0.5))
 
     async def requests() -> tuple[httpx.Response, httpx.Response]:
