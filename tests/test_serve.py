@@ -669,7 +669,7 @@ def test_without_the_serve_extra_one_line_names_it() -> None:
 
 
 def test_web_dir_without_a_page_is_one_line(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["serve", "--web", str(tmp_path)])
+    result = CliRunner().invoke(main, ["serve", "--port", str(free_port()), "--web", str(tmp_path)])
     assert result.exit_code == 1
     assert result.output.strip() == (
         f"Error: {tmp_path} holds no index.html; build the page first: cd web && npm ci && npm run build"
@@ -1184,6 +1184,6 @@ def test_serve_says_when_auto_falls_back_to_the_cpu(monkeypatch: pytest.MonkeyPa
         onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     monkeypatch.setattr(serve_run, "serve", lambda options, generator=None: served.append(generator.provider))
-    result = CliRunner().invoke(main, ["serve", "--quiet"])
+    result = CliRunner().invoke(main, ["serve", "--quiet", "--port", str(free_port())])
     assert (result.exit_code, served) == (0, ["cpu"]), result.output
     assert result.output == "note: CUDA failed to start in onnxruntime; running on the CPU\n"
