@@ -433,6 +433,7 @@ def test_openapi_docs_describe_generate(server: Server) -> None:
     spec = server.get("/openapi.json").json()
     names = {p["name"] for p in spec["paths"]["/generate"]["get"]["parameters"]}
     assert names == {"digits", "digit", "count", "seed", "truncation", "format"}
+    assert spec["info"]["title"] == "digitgen" and "GAN trained on MNIST" in spec["info"]["summary"]
     assert server.get("/docs").status_code == 200
 
 
@@ -505,9 +506,33 @@ def test_cors_only_for_the_given_origin(limited: Server) -> None:
     allowed = limited.get("/generate?count=1", headers={"Origin": "http://app.example"})
     assert allowed.headers["access-control-allow-origin"] == "http://app.example"
     assert "access-control-allow-credentials" not in allowed.headers
-    assert "etag" in allowed.headers["access-control-expose-headers"].lower()
+    exposed = {name.strip().lower() for name in allowed.headers["access-control-expose-headers"].split(",")}
+    assert exposed == {"etag", "x-request-id", "content-disposition", "retry-after"}  # what a page's script reads
     other = limited.get("/generate?count=1", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "allowed"),
+    [
+        ("GET", "If-None-Match, X-Request-ID, Accept", True),
+        ("POST", "", False),
+        ("GET", "Authorization", False),
+    ],
+)
+def test_cors_preflight_allows_a_get_with_the_api_headers_only(
+    limited: Server, method: str, headers: str, allowed: bool
+) -> None:
+    """A page on the allowed origin may send the headers the API reads (a conditional GET, its own request
+    id, a format by Accept); nothing that writes, and no credentials."""
+    asked = {"Origin": "http://app.example", "Access-Control-Request-Method": method}
+    if headers:
+        asked["Access-Control-Request-Headers"] = headers
+    preflight = httpx.options(limited.url + "/generate", headers=asked, timeout=60)
+    assert (preflight.status_code == 200) == allowed, preflight.text
+    if allowed:
+        assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+        assert "access-control-allow-credentials" not in preflight.headers
 
 
 def test_time_limit_is_503(tmp_path: Path) -> None:
