@@ -1157,6 +1157,31 @@ def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.Mon
     assert serve_run.app_from_environment() == (options, settings)
 
 
+def test_every_tcp_connection_turns_nagle_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What --workers needs (its shared listener's connections arrive with Nagle's algorithm on): TCP_NODELAY
+    on each TCP connection; a Unix socket, or a transport without one, is passed on untouched."""
+    passed_on: list[object] = []
+    monkeypatch.setattr(
+        serve_run.AutoHTTPProtocol, "connection_made", lambda self, transport: passed_on.append(transport)
+    )
+    protocol = object.__new__(serve_run.NoDelayHTTP)  # only connection_made runs: uvicorn's own part is stubbed
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    with socket.create_server(("127.0.0.1", 0)) as listener, socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(*nodelay) == 0  # as a listener that reports protocol 0 hands it over
+            tcp = SimpleNamespace(get_extra_info={"socket": accepted}.get)
+            protocol.connection_made(tcp)
+            assert accepted.getsockopt(*nodelay) != 0
+    unix, peer = socket.socketpair(socket.AF_UNIX)
+    with unix, peer:
+        local = SimpleNamespace(get_extra_info={"socket": unix}.get)
+        protocol.connection_made(local)
+        without_socket = SimpleNamespace(get_extra_info={}.get)
+        protocol.connection_made(without_socket)
+    assert passed_on == [tcp, local, without_socket]
+
+
 def test_default_threads_count_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 2-CPU container on a 64-core host: one onnxruntime thread, not 63."""
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
