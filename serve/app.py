@@ -149,12 +149,12 @@ class _Service:
         for a batcher that is gone."""
         if task.cancelled() or task is not self._batching:
             return
-        error = task.exception()
+        error = task.exception() or RuntimeError("the micro-batcher returned")
         logging.getLogger("digitgen.serve").error(
             "micro-batching stopped (%s: %s); small requests now run one by one", type(error).__name__, error
         )
         if self.batcher is not None:
-            self.batcher.fail_waiting(error or RuntimeError("the micro-batcher stopped"))
+            self.batcher.fail_waiting(error)
         self.batcher, self._batching = None, None
 
     async def stop(self) -> None:

@@ -1207,23 +1207,49 @@ def test_the_model_loads_with_the_threads_asked_for_or_the_default(monkeypatch: 
     assert ServerOptions("model.onnx", "cuda", workers=2).load() == ("model.onnx", "cuda", 3)
 
 
-def test_a_batcher_that_fails_leaves_small_requests_served_one_by_one(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        (RuntimeError("a bug in the batcher"), "RuntimeError: a bug in the batcher"),
+        (None, "RuntimeError: the micro-batcher returned"),
+    ],
+    ids=["raises", "returns"],
+)
+def test_a_batcher_that_ends_fails_its_request_and_leaves_the_rest_served_one_by_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception | None, words: str
 ) -> None:
-    """A bug that ends the batcher's task must not leave every small request waiting for its time limit."""
+    """A bug that ends the batcher's task answers the request it held with a 500 (that bug in the log) and
+    must not leave later small requests waiting for their time limit."""
 
-    async def broken(self: Batcher) -> list:
-        raise RuntimeError("a bug in the batcher")
+    async def ends_with_a_request_waiting(self: Batcher) -> None:
+        async with asyncio.timeout(30):
+            while not self._waiting:
+                await asyncio.sleep(0.001)
+        if error is not None:
+            raise error
 
-    monkeypatch.setattr(Batcher, "_collect", broken)
+    monkeypatch.setattr(Batcher, "run", ends_with_a_request_waiting)
     generator = DigitGenerator.from_path(threads=1)
     app = create_app(generator, ServeSettings(access_log=False, time_limit=30))
     expected = encode(generate(generator, DigitsRequest((3,), 1, 9, None, "png")), "png")
     started = time.monotonic()
-    ready, one = asyncio.run(_lifespan_responses(app, ["/generate?digit=3&seed=9"]))
-    assert (ready.status_code, one.status_code, one.content) == (200, 200, expected)
+    with caplog.at_level("ERROR", logger="digitgen.serve"):
+        ready, held, later = asyncio.run(
+            _lifespan_responses(app, ["/generate?digit=3&seed=8", "/generate?digit=3&seed=9"])
+        )
+    assert (ready.status_code, held.status_code) == (200, 500)
+    assert (later.status_code, later.content) == (200, expected)
     assert time.monotonic() - started < 15
-    assert "micro-batching stopped (RuntimeError: a bug in the batcher)" in caplog.text
+    stopped, unexpected = caplog.records
+    assert (stopped.name, stopped.getMessage()) == (
+        "digitgen.serve",
+        f"micro-batching stopped ({words}); small requests now run one by one",
+    )
+    assert unexpected.getMessage().startswith("unexpected error in /generate")
+    assert (
+        unexpected.exc_info is not None
+        and f"{type(unexpected.exc_info[1]).__name__}: {unexpected.exc_info[1]}" == words
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
