@@ -843,9 +843,11 @@ def serve(
     if generator.note:
         click.echo(f"note: {generator.note}", err=True)
     if not quiet:
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        where = f"the page at {url}/, API docs at {url}/docs" if web_dir else f"API docs at {url}/docs"
         click.echo(
             f"digitgen serve: {generator.path} on {generator.provider}, {workers} worker(s) with "
-            f"{options.intra_op_threads} onnxruntime thread(s) each, http://{host}:{port}/docs",
+            f"{options.intra_op_threads} onnxruntime thread(s) each; {where}",
             err=True,
         )
     if workers > 1:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import sys
 import threading
 import time
@@ -39,6 +40,8 @@ from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filena
 from digitgen.serve.spec import GENERATE_DOC
 
 ENDPOINTS = frozenset({"/generate", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+# what a browser sends in Origin: scheme://host[:port], no path, not even a trailing slash (or * for any)
+ORIGIN = re.compile(r"\*|[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
 
 class ServeConfigError(DigitgenError, ValueError):
@@ -77,6 +80,12 @@ class ServeSettings:
             )
         if self.batch_max_digits < 1:
             raise ServeConfigError(f"a micro-batch must hold at least 1 digit, got {self.batch_max_digits}")
+        for origin in self.cors_origins:
+            if not ORIGIN.fullmatch(origin):
+                raise ServeConfigError(
+                    f"{origin!r} is not an origin: scheme://host[:port] with no path, as browsers send it "
+                    "(e.g. https://app.example)"
+                )
         if self.web_dir is not None and not (Path(self.web_dir) / "index.html").is_file():
             raise ServeConfigError(
                 f"{self.web_dir} holds no index.html; build the page first: cd web && npm ci && npm run build"

@@ -30,6 +30,16 @@ def tiny(tiny_onnx: Path) -> DigitGenerator:
     return DigitGenerator.from_path(tiny_onnx, "cpu")
 
 
+def test_every_typed_error_is_importable_from_the_package() -> None:
+    """An app catches what the runtime raises with ``from digitgen import ...``, as the README's list says."""
+    import digitgen
+    from digitgen.runtime import errors
+
+    typed = {name for name, value in vars(errors).items() if isinstance(value, type) and issubclass(value, Exception)}
+    assert typed <= set(digitgen.__all__)
+    assert all(getattr(digitgen, name) is getattr(errors, name) for name in typed)
+
+
 def test_generate_returns_uint8_images_and_cycling_labels(tiny: DigitGenerator) -> None:
     out = tiny.generate(23, seed=1)
     assert out.images.shape == (23, 28, 28) and out.images.dtype == np.uint8

@@ -693,12 +693,31 @@ def test_without_the_serve_extra_one_line_names_it() -> None:
     assert helped.returncode == 0 and "serve" in helped.stdout
 
 
-def test_web_dir_without_a_page_is_one_line(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["serve", "--port", str(free_port()), "--web", str(tmp_path)])
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        ("--web", "{page} holds no index.html; build the page first: cd web && npm ci && npm run build"),
+        (
+            "--cors-origin",
+            "'{page}' is not an origin: scheme://host[:port] with no path, as browsers send it (e.g. https://app.example)",
+        ),
+    ],
+)
+def test_a_bad_web_dir_or_origin_is_one_line(tmp_path: Path, option: str, words: str) -> None:
+    result = CliRunner().invoke(main, ["serve", "--port", str(free_port()), option, str(tmp_path)])
     assert result.exit_code == 1
-    assert result.output.strip() == (
-        f"Error: {tmp_path} holds no index.html; build the page first: cd web && npm ci && npm run build"
-    )
+    assert result.output.strip() == "Error: " + words.format(page=tmp_path)
+
+
+@pytest.mark.parametrize("with_page", [False, True])
+def test_serve_says_where_to_open_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, with_page: bool) -> None:
+    monkeypatch.setattr(serve_run, "serve", lambda options, generator=None: None)
+    (tmp_path / "index.html").write_text("<!doctype html><title>digits</title>")
+    port = free_port()
+    result = CliRunner().invoke(main, ["serve", "--port", str(port), *(["--web", str(tmp_path)] if with_page else [])])
+    url = f"http://127.0.0.1:{port}"
+    where = f"the page at {url}/, API docs at {url}/docs" if with_page else f"API docs at {url}/docs"
+    assert result.exit_code == 0 and result.output.strip().endswith(f"thread(s) each; {where}"), result.output
 
 
 # --- the generator under concurrent calls ------------------------------------------------------
@@ -745,12 +764,35 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
         ({"inline_digits": -1}, "inline_digits must be 0 or more, got -1"),
         ({"cache_max_age": -1}, "cache_max_age must be 0 or more, got -1"),
         ({"time_limit": 0}, "the time limit must be more than 0 s, got 0"),
+        *[
+            (
+                {"cors_origins": ("https://app.example", origin)},
+                f"{origin!r} is not an origin: scheme://host[:port] with no path, as browsers send it "
+                "(e.g. https://app.example)",
+            )
+            for origin in ["https://app.example/", "app.example", "https://app.example/page", "not a url", ""]
+        ],
     ],
 )
 def test_settings_that_would_refuse_every_request_are_refused(setting: dict, words: str) -> None:
     with pytest.raises(ServeConfigError) as refused:
         ServeSettings(**setting)
     assert str(refused.value) == words
+
+
+def test_the_smallest_settings_and_any_origin_a_browser_sends_are_accepted() -> None:
+    origins = ("*", "https://app.example", "http://localhost:5173", "https://[::1]:8443", "tauri://localhost")
+    settings = ServeSettings(
+        max_count=1,
+        max_in_flight=1,
+        queue=0,
+        inline_digits=0,
+        cache_max_age=0,
+        batch_max_digits=1,
+        cors_origins=origins,
+    )
+    assert (settings.queue, settings.inline_digits, settings.cache_max_age, settings.batch_max_digits) == (0, 0, 0, 1)
+    assert ServeSettings(batch_window_ms=0).batch_window_ms == 0
 
 
 @pytest.mark.parametrize("workers", [1, 2])
