@@ -58,7 +58,12 @@ class ServerOptions:
 
     def check_address(self) -> None:
         """:class:`ServeConfigError` if the server could not listen on ``host:port`` (in use, not an address
-        of this machine, a privileged port): bound and let go at once, the way uvicorn binds it after."""
+        of this machine, a privileged port): bound and let go at once, the way uvicorn binds it after. An empty
+        host, which would listen on every interface, is refused: that takes 0.0.0.0 (or ::), said on purpose."""
+        if not self.host.strip():
+            raise ServeConfigError(
+                "the host is empty; give an address: 127.0.0.1 (the default), or 0.0.0.0 to listen on every interface"
+            )
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:

@@ -812,6 +812,15 @@ def test_an_address_in_use_is_one_line_before_the_model_loads(workers: int) -> N
     assert result.exit_code == 1 and result.output == f"Error: {words}\n", result.output
 
 
+@pytest.mark.parametrize("host", ["", " "])
+def test_an_empty_host_is_refused_not_taken_for_every_interface(host: str) -> None:
+    """``--host "$HOST"`` with HOST unset must not open the server to the network."""
+    words = "the host is empty; give an address: 127.0.0.1 (the default), or 0.0.0.0 to listen on every interface"
+    with pytest.raises(ServeConfigError) as refused:
+        ServerOptions(host=host, port=free_port()).check_address()
+    assert str(refused.value) == words
+
+
 def test_an_ipv6_address_is_checked_as_one() -> None:
     with socket.socket(socket.AF_INET6) as taken:
         try:
