@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import logging
 import os
 import re
 import signal
@@ -953,6 +954,23 @@ def _in_process(app: FastAPI, requests: list[tuple[str, dict[str, str]]]) -> lis
             return [await client.get(path, headers=headers) for path, headers in requests]
 
     return asyncio.run(run())
+
+
+def test_one_access_log_line_even_where_the_host_app_logs_everything(caplog: pytest.LogCaptureFixture) -> None:
+    """The access log has its own handler and does not pass its lines on to the root logger, where an app
+    that mounts the server (or logging.basicConfig) would print each one a second time."""
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings())  # the access log on
+    seen: list[logging.LogRecord] = []
+    counter = logging.Handler()
+    counter.emit = seen.append  # type: ignore[method-assign]
+    ACCESS_LOG.addHandler(counter)
+    try:
+        with caplog.at_level("INFO"):  # a handler on the root logger, as basicConfig puts there
+            (alive,) = _in_process(app, [("/healthz", {})])
+    finally:
+        ACCESS_LOG.removeHandler(counter)
+    assert alive.status_code == 200 and len(seen) == 1 and "/healthz" in seen[0].getMessage()
+    assert [record for record in caplog.records if record.name == ACCESS_LOG.name] == []
 
 
 def test_an_unexpected_error_is_a_500_in_json_with_the_request_id_and_cors(caplog: pytest.LogCaptureFixture) -> None:
