@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,3 +80,10 @@ def assert_int8_qdq(model: Path) -> None:
         axis = next((a.i for a in weight.attribute if a.name == "axis"), 1)
         assert weights.data_type == onnx.TensorProto.INT8, node.name
         assert list(scale.dims) == [weights.dims[axis]], f"{node.name}: not one scale per output channel"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

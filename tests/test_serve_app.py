@@ -1,0 +1,431 @@
+"""The serve app in-process, through httpx's ASGI transport (no sockets, no subprocess): lifespans and
+warm-up, micro-batching, time limits, unexpected errors, settings and the access log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from digitgen.runtime.errors import ModelRunError
+from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
+from digitgen.serve import ServeConfigError, ServeSettings, create_app
+from digitgen.serve.app import _Service, _ServiceEntry
+from digitgen.serve.batch import Batcher, _Pending, run_batch
+from digitgen.serve.observe import ACCESS_LOG, Metrics
+from digitgen.serve.params import DigitsRequest
+from digitgen.serve.render import encode, generate
+from tests.test_serve import MIXED
+
+# --- the generator under concurrent calls ------------------------------------------------------
+
+
+def test_concurrent_calls_equal_serial_results() -> None:
+    generator = DigitGenerator.from_path(threads=1)
+    requests = [(n, seed) for seed in range(6) for n in (1, 300)]
+    serial = [generator.generate(n, seed=seed).images for n, seed in requests]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(lambda r: generator.generate(r[0], seed=r[1]).images, requests))
+    for one, other in zip(serial, concurrent, strict=True):
+        np.testing.assert_array_equal(one, other)
+
+
+# --- micro-batching: the same bytes, whoever shares the model call ---------------------------------
+
+
+def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
+    generator = DigitGenerator.from_path(threads=1)
+    alone = [encode(generate(generator, request), request.fmt) for request in MIXED]
+    for requests, expected in ((MIXED, alone), (MIXED[::-1], alone[::-1])):
+        assert [encode(d, r.fmt) for d, r in zip(run_batch(generator, requests), requests, strict=True)] == expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ({"batch_window_ms": -1}, "the batch window must be 0 ms (off) or a finite number of ms, got -1"),
+        ({"batch_window_ms": float("inf")}, "the batch window must be 0 ms (off) or a finite number of ms, got inf"),
+        ({"batch_max_digits": 0}, "a micro-batch must hold at least 1 digit, got 0"),
+        ({"max_in_flight": 0}, "max_in_flight must be at least 1, got 0"),
+        ({"max_count": 0}, "max_count must be at least 1, got 0"),
+        ({"queue": -1}, "queue must be 0 or more, got -1"),
+        ({"inline_digits": -1}, "inline_digits must be 0 or more, got -1"),
+        ({"cache_max_age": -1}, "cache_max_age must be 0 or more, got -1"),
+        ({"time_limit": 0}, "the time limit must be more than 0 s, got 0"),
+        *[
+            (
+                {"cors_origins": ("https://app.example", origin)},
+                f"{origin!r} is not an origin: scheme://host[:port] with no path, as browsers send it "
+                "(e.g. https://app.example)",
+            )
+            for origin in ["https://app.example/", "app.example", "https://app.example/page", "not a url", ""]
+        ],
+    ],
+)
+def test_settings_that_would_refuse_every_request_are_refused(setting: dict, words: str) -> None:
+    with pytest.raises(ServeConfigError) as refused:
+        ServeSettings(**setting)
+    assert str(refused.value) == words
+
+
+def test_the_smallest_settings_and_any_origin_a_browser_sends_are_accepted() -> None:
+    origins = ("*", "https://app.example", "http://localhost:5173", "https://[::1]:8443", "tauri://localhost")
+    settings = ServeSettings(
+        max_count=1,
+        max_in_flight=1,
+        queue=0,
+        inline_digits=0,
+        cache_max_age=0,
+        batch_max_digits=1,
+        cors_origins=origins,
+    )
+    assert (settings.queue, settings.inline_digits, settings.cache_max_age, settings.batch_max_digits) == (0, 0, 0, 1)
+    assert ServeSettings(batch_window_ms=0).batch_window_ms == 0
+
+
+# --- lifespans, warm-up, limits and errors -----------------------------------------------------
+
+
+async def _lifespan_responses(app: FastAPI, paths: list[str]) -> list[httpx.Response]:
+    """Run ``app``'s lifespan, wait for ``/readyz`` to stop saying that the warm-up has not run, then GET
+    ``paths``; the ``/readyz`` response first."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
+            deadline = time.monotonic() + 30
+            while "has not run" in (ready := await client.get("/readyz")).text and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return [ready, *[await client.get(path) for path in paths]]
+
+
+def before_each_model_call(generator: DigitGenerator, hook: Callable[[np.ndarray], None]) -> None:
+    """Call ``hook(z)`` before each of ``generator``'s model calls, to count, hold or fail them."""
+    model_call = generator.run
+
+    def run(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        hook(z)
+        return model_call(z, labels)
+
+    generator.run = run  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("window_ms", [2, 0])
+def test_one_app_serves_through_lifespans_in_turn(window_ms: float) -> None:
+    """A test suite (or a host app) may start and stop the same app more than once, with micro-batching
+    on or off."""
+    generator = DigitGenerator.from_path(threads=1)
+    app = create_app(generator, ServeSettings(access_log=False, time_limit=10, batch_window_ms=window_ms))
+    expected = encode(generate(generator, DigitsRequest((3,), 1, 9, None, "png")), "png")
+    batch_sizes: list[int] = []
+    before_each_model_call(generator, lambda z: batch_sizes.append(len(z)))
+    threads_before = set(threading.enumerate())
+    for _ in range(2):
+        # one digit through the batcher (or on the event loop), 100 on a generation thread
+        ready, one, many = asyncio.run(_lifespan_responses(app, ["/generate?digit=3&seed=9", "/generate?count=100"]))
+        assert (ready.status_code, one.status_code, many.status_code) == (200, 200, 200)
+        assert one.content == expected
+        assert set(threading.enumerate()) <= threads_before  # its generation threads were joined
+    assert batch_sizes.count(DEFAULT_BATCH_SIZE) == 1  # warmed up once: a ready app is not warmed up again
+
+
+def test_stop_returns_once_the_batcher_has_ended() -> None:
+    """No batch runs after stop(), and the loop may close at once without a pending task left behind."""
+
+    async def stopped() -> bool:
+        service = _Service(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False), Metrics())
+        service.start()
+        async with asyncio.timeout(30):  # the warm-up done, stop() has nothing else to wait for
+            while not service.ready:
+                await asyncio.sleep(0.01)
+        batching = service._batching
+        assert batching is not None and not batching.done()
+        await service.stop()
+        return batching.cancelled()  # here, before asyncio.run's own clean-up cancels what is left
+
+    assert asyncio.run(stopped())
+
+
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        (RuntimeError("onnxruntime could not run the model"), "RuntimeError: onnxruntime could not run the model"),
+        (ModelRunError("the model's output is not (N, 1, 28, 28)"), "the model's output is not (N, 1, 28, 28)"),
+    ],
+)
+def test_a_failed_warmup_is_named_by_readyz_and_the_log(
+    caplog: pytest.LogCaptureFixture, error: Exception, words: str
+) -> None:
+    """In digitgen's own words where it has them, with the exception's type where it does not."""
+    generator = DigitGenerator.from_path(threads=1)
+
+    def broken(z: np.ndarray) -> None:
+        raise error
+
+    before_each_model_call(generator, broken)
+    with caplog.at_level("ERROR", logger="digitgen.serve"):
+        (ready,) = asyncio.run(_lifespan_responses(create_app(generator, ServeSettings(access_log=False)), []))
+    assert ready.json() == {"error": f"not ready: {words}"}
+    # one line a warm-up: /readyz may have started a second one (it tries again after a failure)
+    assert {(r.name, r.getMessage()) for r in caplog.records} == {("digitgen.serve", f"warm-up batch failed: {words}")}
+
+
+def test_a_failed_warmup_is_tried_again_until_ready() -> None:
+    generator = DigitGenerator.from_path(threads=1)
+    calls = []
+
+    def fails_once(z: np.ndarray) -> None:
+        calls.append(len(z))
+        if len(calls) == 1:
+            raise RuntimeError("the GPU is busy")
+
+    before_each_model_call(generator, fails_once)
+    app = create_app(generator, ServeSettings(access_log=False))
+
+    async def probes() -> list[httpx.Response]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
+                answers = [await client.get("/readyz")]
+                deadline = time.monotonic() + 30
+                while answers[-1].status_code != 200 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                    answers.append(await client.get("/readyz"))
+                return answers
+
+    answers = asyncio.run(probes())
+    assert answers[-1].status_code == 200, answers[-1].text
+    assert any(a.json() == {"error": "not ready: RuntimeError: the GPU is busy"} for a in answers)
+    assert len(calls) == 2  # one failed warm-up, one that worked: no more
+
+
+def _in_process(app: FastAPI, requests: list[tuple[str, dict[str, str]]]) -> list[httpx.Response]:
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
+            return [await client.get(path, headers=headers) for path, headers in requests]
+
+    return asyncio.run(run())
+
+
+def test_one_access_log_line_even_where_the_host_app_logs_everything(caplog: pytest.LogCaptureFixture) -> None:
+    """The access log has its own handler and does not pass its lines on to the root logger, where an app
+    that mounts the server (or logging.basicConfig) would print each one a second time."""
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings())  # the access log on
+    seen: list[logging.LogRecord] = []
+    counter = logging.Handler()
+    counter.emit = seen.append  # type: ignore[method-assign]
+    ACCESS_LOG.addHandler(counter)
+    try:
+        with caplog.at_level("INFO"):  # a handler on the root logger, as basicConfig puts there
+            (alive,) = _in_process(app, [("/healthz", {})])
+    finally:
+        ACCESS_LOG.removeHandler(counter)
+    assert alive.status_code == 200 and len(seen) == 1 and "/healthz" in seen[0].getMessage()
+    assert [record for record in caplog.records if record.name == ACCESS_LOG.name] == []
+
+
+def test_an_unexpected_error_is_a_500_in_json_with_the_request_id_and_cors(caplog: pytest.LogCaptureFixture) -> None:
+    generator = DigitGenerator.from_path(threads=1)
+
+    def fails_for_seven_digits(z: np.ndarray) -> None:
+        if len(z) == 7:
+            raise RuntimeError("a bug")
+
+    before_each_model_call(generator, fails_for_seven_digits)
+    origin = "https://digits.example"
+    app = create_app(generator, ServeSettings(access_log=False, cors_origins=(origin,), batch_window_ms=0))
+    headers = {"X-Request-ID": "req-7", "Origin": origin}
+    with caplog.at_level("ERROR", logger="digitgen.serve"):
+        failed, fine = _in_process(
+            app, [("/generate?count=7&format=npz", headers), ("/generate?count=6&format=npz", headers)]
+        )
+    assert failed.status_code == 500 and fine.status_code == 200
+    error = "internal error (RuntimeError); the server log has the details (id=req-7)"
+    assert failed.json() == {"error": error}
+    assert failed.headers["x-request-id"] == "req-7" and failed.headers["access-control-allow-origin"] == origin
+    assert [r.getMessage() for r in caplog.records] == ["unexpected error in /generate (id=req-7)"]
+
+
+@pytest.mark.parametrize(
+    ("query", "error", "reason"),
+    [
+        ("count=20&format=npz", "the server stayed busy past this request's time limit; retry later", "busy"),
+        ("count=1", "the request ran past this server's time limit of 0.5 s (--time-limit)", "time_limit"),
+    ],
+    ids=["queued-for-a-slot", "micro-batched"],
+)
+def test_waiting_for_a_generation_slot_ends_at_the_time_limit(query: str, error: str, reason: str) -> None:
+    """With one generation running, a request waiting for it is refused once its time limit passes: a
+    queued one in the words for a busy server (the slot is waited for with the deadline, not the thread
+    pool behind it), a micro-batched one, whose batch waits for the slot, as past the time limit."""
+    generator = DigitGenerator.from_path(threads=1)
+    running, release = threading.Event(), threading.Event()
+
+    def held(z: np.ndarray) -> None:
+        if len(z) == 20:
+            running.set()
+            release.wait(30)
+
+    before_each_model_call(generator, held)
+    app = create_app(generator, ServeSettings(access_log=False, max_in_flight=1, time_limit=0.5))
+
+    async def requests() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
+            async with asyncio.timeout(30):
+                while (await client.get("/readyz")).status_code != 200:
+                    await asyncio.sleep(0.01)
+            first = asyncio.create_task(client.get("/generate?count=20&format=npz&seed=1"))
+            await asyncio.to_thread(running.wait, 30)
+            try:
+                queued = await asyncio.wait_for(client.get(f"/generate?{query}&seed=2"), 10)
+            finally:
+                release.set()
+                await first
+            return queued, await client.get("/metrics")
+
+    queued, metrics = asyncio.run(requests())
+    assert queued.status_code == 503 and queued.headers["retry-after"] == "1"
+    assert queued.json() == {"error": error}
+    refused = 2 if reason == "time_limit" else 1  # the held request ran past the time limit too
+    assert f'digitgen_requests_refused_total{{reason="{reason}"}} {refused}.0' in metrics.text
+
+
+def test_the_app_passes_the_lifespan_protocol_through_its_middleware() -> None:
+    """An ASGI server's lifespan messages reach the app's own lifespan (warm-up, batcher) and come back."""
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return incoming.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send))
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+
+
+def test_an_error_after_the_response_started_is_raised_not_answered_twice(caplog: pytest.LogCaptureFixture) -> None:
+    """Once the status line is sent, a 500 of its own cannot follow: the error is logged and goes to the
+    ASGI server, which closes the connection. (A bare scope: no request id, no root path.)"""
+    service = _Service(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False), Metrics())
+
+    async def fails_midway(scope: dict, receive: object, send: Callable) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("the body failed")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def request() -> None:
+        try:
+            await _ServiceEntry(fails_midway, service)({"type": "http", "method": "GET", "path": "/"}, None, send)
+        finally:
+            await service.stop()
+
+    with pytest.raises(RuntimeError, match="the body failed"), caplog.at_level("ERROR", logger="digitgen.serve"):
+        asyncio.run(request())
+    assert sent == [{"type": "http.response.start", "status": 200, "headers": []}]
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("digitgen.serve", "unexpected error in / (id=-)")]
+
+
+@pytest.mark.parametrize(("window_ms", "batched"), [(0, 0), (0.5, 1), (2, 1)])
+def test_a_batch_window_of_0_turns_micro_batching_off(window_ms: float, batched: int) -> None:
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False, batch_window_ms=window_ms))
+    lone, metrics = _in_process(app, [("/generate?digit=3", {}), ("/metrics", {})])
+    assert lone.status_code == 200
+    assert f"digitgen_batch_requests_count {batched:.1f}" in metrics.text
+
+
+def test_a_mounted_app_counts_requests_by_its_own_endpoints() -> None:
+    digits = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
+    parent = FastAPI()
+    parent.mount("/digits", digits)
+    answers = _in_process(parent, [("/digits/healthz", {}), ("/digits/generate?digit=3", {}), ("/digits/metrics", {})])
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    metrics = answers[-1].text
+    assert 'digitgen_requests_total{endpoint="/healthz",status="200"} 1.0' in metrics
+    assert 'digitgen_requests_total{endpoint="/generate",status="200"} 1.0' in metrics
+    assert 'endpoint="other"' not in metrics
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        # 3 + 3 + 2 fill 8 digits exactly; a request over the limit gets a call of its own
+        ([3, 3, 2, 3, 9, 1], [[3, 3, 2], [3], [9], [1]]),
+        # the count is of every request taken, each its own size: 1 + 1 + 2 + 4 = 8 leaves out the 3
+        ([1, 1, 2, 4, 3], [[1, 1, 2, 4], [3]]),
+    ],
+)
+def test_a_micro_batch_takes_waiting_requests_in_order_up_to_its_digit_limit(
+    counts: list[int], expected: list[list[int]]
+) -> None:
+    async def batches() -> list[list[int]]:
+        batcher = Batcher(None, 0.001, 8, None, None, None)  # type: ignore[arg-type]
+        for count in counts:
+            request = DigitsRequest((7,), count, 0, None, "grid")
+            batcher._waiting.append(_Pending(request, asyncio.get_running_loop().create_future()))
+        taken = []
+        while batcher._waiting:
+            taken.append([p.request.count for p in await batcher._collect()])
+        return taken
+
+    assert asyncio.run(batches()) == expected
+
+
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        (RuntimeError("a bug in the batcher"), "RuntimeError: a bug in the batcher"),
+        (None, "RuntimeError: the micro-batcher returned"),
+    ],
+    ids=["raises", "returns"],
+)
+def test_a_batcher_that_ends_fails_its_request_and_leaves_the_rest_served_one_by_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: Exception | None, words: str
+) -> None:
+    """A bug that ends the batcher's task answers the request it held with a 500 (that bug in the log) and
+    must not leave later small requests waiting for their time limit."""
+
+    async def ends_with_a_request_waiting(self: Batcher) -> None:
+        async with asyncio.timeout(30):
+            while not self._waiting:
+                await asyncio.sleep(0.001)
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(Batcher, "run", ends_with_a_request_waiting)
+    generator = DigitGenerator.from_path(threads=1)
+    app = create_app(generator, ServeSettings(access_log=False, time_limit=30))
+    expected = encode(generate(generator, DigitsRequest((3,), 1, 9, None, "png")), "png")
+    started = time.monotonic()
+    with caplog.at_level("ERROR", logger="digitgen.serve"):
+        ready, held, later = asyncio.run(
+            _lifespan_responses(app, ["/generate?digit=3&seed=8", "/generate?digit=3&seed=9"])
+        )
+    assert (ready.status_code, held.status_code) == (200, 500)
+    assert (later.status_code, later.content) == (200, expected)
+    assert time.monotonic() - started < 15
+    stopped, unexpected = caplog.records
+    assert (stopped.name, stopped.getMessage()) == (
+        "digitgen.serve",
+        f"micro-batching stopped ({words}); small requests now run one by one",
+    )
+    assert unexpected.getMessage().startswith("unexpected error in /generate")
+    assert (
+        unexpected.exc_info is not None
+        and f"{type(unexpected.exc_info[1]).__name__}: {unexpected.exc_info[1]}" == words
+    )

@@ -1,0 +1,213 @@
+"""`digitgen serve`'s runner and command, with no server left running: the address checks, uvicorn's
+options for one worker and for several, threads, TCP_NODELAY, start-up lines and one-line refusals."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import onnxruntime
+import pytest
+import uvicorn
+from click.testing import CliRunner
+from fastapi import FastAPI
+
+from digitgen.cli import main
+from digitgen.runtime.generator import DigitGenerator
+from digitgen.serve import ServeConfigError, ServeSettings
+from digitgen.serve import run as serve_run
+from digitgen.serve.observe import ACCESS_LOG
+from digitgen.serve.run import ServerOptions, serve
+from tests.helpers import free_port
+
+
+def test_without_the_serve_extra_one_line_names_it() -> None:
+    code = "import sys; sys.modules['fastapi'] = None; from digitgen.cli import main; main(sys.argv[1:])"
+    result = subprocess.run([sys.executable, "-c", code, "serve"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: this needs fastapi, part of the serve extra: pip install 'digitgen-mnist[serve]'\n"
+    )
+    helped = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "serve" in helped.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        ("--web", "{page} holds no index.html; build the page first: cd web && npm ci && npm run build"),
+        (
+            "--cors-origin",
+            "'{page}' is not an origin: scheme://host[:port] with no path, as browsers send it (e.g. https://app.example)",
+        ),
+    ],
+)
+def test_a_bad_web_dir_or_origin_is_one_line(tmp_path: Path, option: str, words: str) -> None:
+    result = CliRunner().invoke(main, ["serve", "--port", str(free_port()), option, str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: " + words.format(page=tmp_path)
+
+
+@pytest.mark.parametrize("with_page", [False, True])
+def test_serve_says_where_to_open_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, with_page: bool) -> None:
+    monkeypatch.setattr(serve_run, "serve", lambda options, generator=None: None)
+    (tmp_path / "index.html").write_text("<!doctype html><title>digits</title>")
+    port = free_port()
+    result = CliRunner().invoke(main, ["serve", "--port", str(port), *(["--web", str(tmp_path)] if with_page else [])])
+    url = f"http://127.0.0.1:{port}"
+    where = f"the page at {url}/, API docs at {url}/docs" if with_page else f"API docs at {url}/docs"
+    assert result.exit_code == 0 and result.output.strip().endswith(f"thread(s) each; {where}"), result.output
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_address_in_use_is_one_line_before_the_model_loads(workers: int) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        words = f"cannot listen on 127.0.0.1:{port}: address already in use (--port and --host choose another)"
+        options = ServerOptions(port=port, workers=workers)
+        with pytest.raises(ServeConfigError, match=re.escape(words)):
+            serve(options, DigitGenerator.from_path(threads=1))
+        # the CLI refuses it before loading the model: a missing one is not the error
+        result = CliRunner().invoke(
+            main, ["serve", "--port", str(port), "--workers", str(workers), "--generator", "missing.onnx"]
+        )
+    assert result.exit_code == 1 and result.output == f"Error: {words}\n", result.output
+
+
+@pytest.mark.parametrize("host", ["", " "])
+def test_an_empty_host_is_refused_not_taken_for_every_interface(host: str) -> None:
+    """``--host "$HOST"`` with HOST unset must not open the server to the network."""
+    words = "the host is empty; give an address: 127.0.0.1 (the default), or 0.0.0.0 to listen on every interface"
+    with pytest.raises(ServeConfigError) as refused:
+        ServerOptions(host=host, port=free_port()).check_address()
+    assert str(refused.value) == words
+
+
+def test_an_ipv6_address_is_checked_as_one() -> None:
+    with socket.socket(socket.AF_INET6) as taken:
+        try:
+            taken.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this machine")
+        taken.listen()
+        port = taken.getsockname()[1]
+        words = f"cannot listen on ::1:{port}: address already in use (--port and --host choose another)"
+        with pytest.raises(ServeConfigError, match=re.escape(words)):
+            ServerOptions(host="::1", port=port).check_address()
+
+
+def test_one_worker_runs_uvicorn_here_with_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ACCESS_LOG, "handlers", [])  # the app's access-log handler stays in this test
+    monkeypatch.setattr(ACCESS_LOG, "propagate", ACCESS_LOG.propagate)
+    monkeypatch.setattr(ACCESS_LOG, "level", ACCESS_LOG.level)
+    configs: list[uvicorn.Config] = []
+    monkeypatch.setattr(serve_run.uvicorn, "Server", lambda config: SimpleNamespace(run=lambda: configs.append(config)))
+    options = ServerOptions("missing.onnx", port=free_port(), graceful_timeout=3.5)  # the given generator serves
+    serve(replace(options, settings=ServeSettings(access_log=False)), DigitGenerator.from_path(threads=1))
+    assert ACCESS_LOG.handlers == []  # the app got the quiet settings
+    serve(options, DigitGenerator.from_path(threads=1))
+    assert len(ACCESS_LOG.handlers) == 1
+    assert [(c.host, c.port, c.log_level, c.access_log) for c in configs] == [
+        ("127.0.0.1", options.port, "warning", False),
+        ("127.0.0.1", options.port, "info", False),  # digitgen's own access log, not uvicorn's
+    ]
+    assert [(c.timeout_graceful_shutdown, c.http) for c in configs] == [(3.5, serve_run.NoDelayHTTP)] * 2
+    assert isinstance(configs[0].app, FastAPI)
+
+
+@pytest.mark.parametrize("before", [None, "a parent's value"])
+def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.MonkeyPatch, before: str | None) -> None:
+    """Each worker process rebuilds the parent's options; the parent's environment is left as it was."""
+    if before is None:
+        monkeypatch.delenv(serve_run.WORKER_CONFIG, raising=False)
+    else:
+        monkeypatch.setenv(serve_run.WORKER_CONFIG, before)
+    calls: list[tuple[str, dict, str]] = []
+
+    def uvicorn_run(app: str, **kwargs: object) -> None:
+        calls.append((app, kwargs, os.environ[serve_run.WORKER_CONFIG]))
+
+    monkeypatch.setattr(serve_run.uvicorn, "run", uvicorn_run)
+    settings = ServeSettings(max_count=50, cors_origins=("http://app.example",), access_log=False)
+    options = ServerOptions("model.onnx", "cpu", port=free_port(), workers=2, threads=1, settings=settings)
+    serve(options)
+    assert os.environ.get(serve_run.WORKER_CONFIG) == before
+    [(app, kwargs, config)] = calls
+    assert app == "digitgen.serve.run:app_from_environment" and kwargs["factory"] is True
+    wanted = {"workers": 2, "port": options.port, "log_level": "warning", "http": serve_run.NoDelayHTTP}
+    assert {key: kwargs[key] for key in wanted} == wanted
+    monkeypatch.setenv(serve_run.WORKER_CONFIG, config)
+    monkeypatch.setattr(serve_run.ServerOptions, "load", lambda self: self)
+    monkeypatch.setattr(serve_run, "create_app", lambda loaded, app_settings: (loaded, app_settings))
+    assert serve_run.app_from_environment() == (options, settings)
+
+
+def test_every_tcp_connection_turns_nagle_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What --workers needs (its shared listener's connections arrive with Nagle's algorithm on): TCP_NODELAY
+    on each TCP connection; a Unix socket, or a transport without one, is passed on untouched."""
+    passed_on: list[object] = []
+    monkeypatch.setattr(
+        serve_run.AutoHTTPProtocol, "connection_made", lambda self, transport: passed_on.append(transport)
+    )
+    protocol = object.__new__(serve_run.NoDelayHTTP)  # only connection_made runs: uvicorn's own part is stubbed
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    with socket.create_server(("127.0.0.1", 0)) as listener, socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(*nodelay) == 0  # as a listener that reports protocol 0 hands it over
+            tcp = SimpleNamespace(get_extra_info={"socket": accepted}.get)
+            protocol.connection_made(tcp)
+            assert accepted.getsockopt(*nodelay) != 0
+    unix, peer = socket.socketpair(socket.AF_UNIX)
+    with unix, peer:
+        local = SimpleNamespace(get_extra_info={"socket": unix}.get)
+        protocol.connection_made(local)
+        without_socket = SimpleNamespace(get_extra_info={}.get)
+        protocol.connection_made(without_socket)
+    assert passed_on == [tcp, local, without_socket]
+
+
+def test_default_threads_count_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2-CPU container on a 64-core host: one onnxruntime thread, not 63."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert serve_run.default_threads(1) == 1 and serve_run.default_threads(2) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    assert [serve_run.default_threads(workers) for workers in (1, 2, 4, 8)] == [7, 3, 1, 1]
+
+
+def test_without_cpu_affinity_the_cores_are_the_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where there is no CPU affinity to read (macOS, Windows), every core, or one when even that is unknown."""
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert serve_run.usable_cores() == 6 and serve_run.default_threads(1) == 5
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert serve_run.usable_cores() == 1 and serve_run.default_threads(1) == 1
+
+
+def test_the_model_loads_with_the_threads_asked_for_or_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve_run.DigitGenerator, "from_path", lambda *args: args)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    assert ServerOptions("model.onnx", "cpu", threads=3).load() == ("model.onnx", "cpu", 3)
+    assert ServerOptions("model.onnx", "cuda", workers=2).load() == ("model.onnx", "cuda", 3)
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_serve_says_when_auto_falls_back_to_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu without a usable GPU: serve names the fallback, as generate does, even with --quiet."""
+    served = []
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(serve_run, "serve", lambda options, generator=None: served.append(generator.provider))
+    result = CliRunner().invoke(main, ["serve", "--quiet", "--port", str(free_port())])
+    assert (result.exit_code, served) == (0, ["cpu"]), result.output
+    assert result.output == "note: CUDA failed to start in onnxruntime; running on the CPU\n"
