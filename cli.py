@@ -843,7 +843,7 @@ def serve(
     if generator.note:
         click.echo(f"note: {generator.note}", err=True)
     if not quiet:
-        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        url = options.url
         where = f"the page at {url}/, API docs at {url}/docs" if web_dir else f"API docs at {url}/docs"
         click.echo(
             f"digitgen serve: {generator.path} on {generator.provider}, {workers} worker(s) with "

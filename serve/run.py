@@ -50,6 +50,12 @@ class ServerOptions:
     settings: ServeSettings = field(default_factory=ServeSettings)
 
     @property
+    def url(self) -> str:
+        """Where clients reach the server: ``http://host:port``, an IPv6 host in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
     def intra_op_threads(self) -> int:
         return self.threads if self.threads is not None else default_threads(self.workers)
 

@@ -10,6 +10,7 @@ import torch
 
 from digitgen.export.onnx_export import export_generator
 from tests.conftest import REPO
+from tests.helpers import free_port
 
 
 def torchrun(*args: object) -> subprocess.CompletedProcess:
@@ -65,13 +66,9 @@ def _one_rank_goes_nan(rank: int, port: int, outcomes: dict) -> None:
 
 def test_a_nan_on_one_process_stops_every_process() -> None:
     """Otherwise the other process goes on into DDP's all-reduce and waits there for one that has stopped."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     outcomes = mp.Manager().dict()
     mp.spawn(_one_rank_goes_nan, args=(port, outcomes), nprocs=2, join=True)
     tail = "at step 5; stopped before applying it (the last checkpoint is intact; try a lower --lr)"
@@ -110,13 +107,9 @@ def _load_with_a_slow_download(rank: int, port: int, source: str, root: str, cal
 
 
 def test_only_the_first_process_downloads_mnist_and_the_others_wait(tmp_path: Path, tiny_mnist: Path) -> None:
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     calls = mp.Manager().dict()
     mp.spawn(_load_with_a_slow_download, args=(port, str(tiny_mnist), str(tmp_path), calls), nprocs=2, join=True)
     assert 0 in calls and 1 not in calls

@@ -94,16 +94,19 @@ def test_the_smallest_settings_and_any_origin_a_browser_sends_are_accepted() -> 
 # --- lifespans, warm-up, limits and errors -----------------------------------------------------
 
 
+def asgi_client(app: FastAPI) -> httpx.AsyncClient:
+    """A client that calls ``app`` in this process, through no socket."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://digitgen.test")
+
+
 async def _lifespan_responses(app: FastAPI, paths: list[str]) -> list[httpx.Response]:
     """Run ``app``'s lifespan, wait for ``/readyz`` to stop saying that the warm-up has not run, then GET
     ``paths``; the ``/readyz`` response first."""
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
-            deadline = time.monotonic() + 30
-            while "has not run" in (ready := await client.get("/readyz")).text and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            return [ready, *[await client.get(path) for path in paths]]
+    async with app.router.lifespan_context(app), asgi_client(app) as client:
+        deadline = time.monotonic() + 30
+        while "has not run" in (ready := await client.get("/readyz")).text and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return [ready, *[await client.get(path) for path in paths]]
 
 
 def before_each_model_call(generator: DigitGenerator, hook: Callable[[np.ndarray], None]) -> None:
@@ -190,15 +193,13 @@ def test_a_failed_warmup_is_tried_again_until_ready() -> None:
     app = create_app(generator, ServeSettings(access_log=False))
 
     async def probes() -> list[httpx.Response]:
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
-                answers = [await client.get("/readyz")]
-                deadline = time.monotonic() + 30
-                while answers[-1].status_code != 200 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.01)
-                    answers.append(await client.get("/readyz"))
-                return answers
+        async with app.router.lifespan_context(app), asgi_client(app) as client:
+            answers = [await client.get("/readyz")]
+            deadline = time.monotonic() + 30
+            while answers[-1].status_code != 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+                answers.append(await client.get("/readyz"))
+            return answers
 
     answers = asyncio.run(probes())
     assert answers[-1].status_code == 200, answers[-1].text
@@ -208,8 +209,7 @@ def test_a_failed_warmup_is_tried_again_until_ready() -> None:
 
 def _in_process(app: FastAPI, requests: list[tuple[str, dict[str, str]]]) -> list[httpx.Response]:
     async def run() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
+        async with asgi_client(app) as client:
             return [await client.get(path, headers=headers) for path, headers in requests]
 
     return asyncio.run(run())
@@ -278,8 +278,7 @@ def test_waiting_for_a_generation_slot_ends_at_the_time_limit(query: str, error:
     app = create_app(generator, ServeSettings(access_log=False, max_in_flight=1, time_limit=0.5))
 
     async def requests() -> tuple[httpx.Response, httpx.Response]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://digitgen.test") as client:
+        async with asgi_client(app) as client:
             async with asyncio.timeout(30):
                 while (await client.get("/readyz")).status_code != 200:
                     await asyncio.sleep(0.01)
