@@ -267,7 +267,9 @@ class _ServiceEntry:
     """Where requests enter: starts the service on the first one (see :meth:`_Service.start`), and
     answers ``GET /generate`` ahead of FastAPI's router with the documented route's own handler (the
     router's layers, an exit stack and dependency solving among them, cost a third as much as making a
-    one-digit request's digit). Everything else goes on to the app. An unexpected exception from either is
+    one-digit request's digit). Everything else goes on to the app. ``HEAD`` is answered as ``GET``
+    without the body, on every path, as HTTP asks of a server (FastAPI's routes answer only the methods
+    they name, and naming HEAD too would give each OpenAPI operation twice). An unexpected exception is
     logged with the request id and answered with a 500 in JSON here, inside the CORS and request-id
     middleware, so that the answer keeps their headers."""
 
@@ -280,10 +282,15 @@ class _ServiceEntry:
             await self.app(scope, receive, send)
             return
         started = False
+        head = scope["method"] == "HEAD"
+        if head:
+            scope = {**scope, "method": "GET"}
 
         async def send_tracked(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
+            if head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:
@@ -299,7 +306,7 @@ class _ServiceEntry:
             if started:  # too late for a response of its own: the server closes the connection
                 raise
             message = f"internal error ({type(exc).__name__}); the server log has the details (id={request_id})"
-            await _error(500, message)(scope, receive, send)
+            await _error(500, message)(scope, receive, send_tracked)
 
 
 def _lifespan(service: _Service) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -330,7 +337,8 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
 
     @app.get("/generate", openapi_extra=GENERATE_DOC, response_class=Response)
     async def generate_digits(request: Request) -> Response:
-        """Generate digits: the same parameters, noise and bytes as `digitgen generate`."""
+        """Generate digits: the same parameters, noise and bytes as `digitgen generate`. HEAD answers the
+        same headers without the body."""
         return await service.respond(request)
 
     @app.get("/healthz")
@@ -355,8 +363,12 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        message = f"no endpoint {request.url.path}; see /docs" if exc.status_code == 404 else str(exc.detail)
-        return _error(exc.status_code, message, dict(exc.headers or {}))
+        if exc.status_code == 404:
+            return _error(404, f"no endpoint {request.url.path}; see /docs")
+        if exc.status_code == 405:  # every endpoint here answers GET, and HEAD through _ServiceEntry
+            message = f"{request.method} is not allowed on {request.url.path}; this server answers GET and HEAD"
+            return _error(405, message, {"Allow": "GET, HEAD"})
+        return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
     app.add_middleware(_ServiceEntry, service=service)
     if settings.web_dir is not None:

@@ -386,7 +386,18 @@ def test_unknown_paths_and_methods_answer_json(server: Server) -> None:
     missing = server.get("/etc/passwd")
     assert missing.status_code == 404 and missing.json() == {"error": "no endpoint /etc/passwd; see /docs"}
     post = httpx.post(server.url + "/generate", content=b"x")
-    assert post.status_code == 405 and "error" in post.json()
+    assert post.status_code == 405 and post.headers["allow"] == "GET, HEAD"
+    assert post.json() == {"error": "POST is not allowed on /generate; this server answers GET and HEAD"}
+
+
+def test_head_answers_the_headers_of_get_through_uvicorn(server: Server) -> None:
+    get, head = server.get("/generate?digit=3&seed=9"), httpx.head(server.url + "/generate?digit=3&seed=9")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["etag"] == get.headers["etag"] and head.headers["content-length"] == str(len(get.content))
+    assert (
+        httpx.head(server.url + "/generate?digit=3&seed=9", headers={"If-None-Match": get.headers["etag"]}).status_code
+        == 304
+    )
 
 
 # --- operations --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -346,6 +347,52 @@ def test_a_batch_window_of_0_turns_micro_batching_off(window_ms: float, batched:
     lone, metrics = _in_process(app, [("/generate?digit=3", {}), ("/metrics", {})])
     assert lone.status_code == 200
     assert f"digitgen_batch_requests_count {batched:.1f}" in metrics.text
+
+
+def test_head_is_get_without_the_body_on_every_path(tmp_path: Path) -> None:
+    """HTTP asks every server to answer HEAD as GET with no body: `curl -I`, link checkers and caches send it."""
+    (tmp_path / "index.html").write_text("<html>the page</html>")
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False, web_dir=str(tmp_path)))
+    paths = ["/generate?digit=3", "/generate?count=4&format=npz", "/generate?digit=12", "/healthz", "/", "/nope"]
+
+    async def run() -> list[tuple[httpx.Response, httpx.Response]]:
+        async with asgi_client(app) as client:
+            return [(await client.get(path), await client.head(path)) for path in paths]
+
+    for get, head in asyncio.run(run()):
+        assert (head.status_code, head.content) == (get.status_code, b"")
+        assert {**head.headers, "x-request-id": ""} == {**get.headers, "x-request-id": ""}
+        assert int(head.headers["content-length"]) == len(get.content) > 0
+    assert [get.status_code for get, _ in asyncio.run(run())] == [200, 200, 422, 200, 200, 404]
+
+
+def test_head_sends_no_body_to_the_asgi_server() -> None:
+    """The app leaves out the body itself: not every ASGI server drops it from a HEAD response."""
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
+    sent: list[dict] = []
+    scope = {"type": "http", "method": "HEAD", "path": "/generate", "query_string": b"digit=3", "headers": []}
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app({**scope, "asgi": {"version": "3.0"}, "http_version": "1.1", "root_path": ""}, receive, send))
+    assert sent[0]["status"] == 200 and [m["body"] for m in sent[1:]] == [b""]
+
+
+def test_other_methods_are_refused_in_words() -> None:
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
+
+    async def run() -> list[httpx.Response]:
+        async with asgi_client(app) as client:
+            return [await client.post("/generate", content=b"x"), await client.delete("/healthz")]
+
+    post, delete = asyncio.run(run())
+    assert post.status_code == delete.status_code == 405 and post.headers["allow"] == "GET, HEAD"
+    assert post.json() == {"error": "POST is not allowed on /generate; this server answers GET and HEAD"}
+    assert delete.json() == {"error": "DELETE is not allowed on /healthz; this server answers GET and HEAD"}
 
 
 def test_a_mounted_app_counts_requests_by_its_own_endpoints() -> None:
