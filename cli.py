@@ -519,11 +519,12 @@ def _parse_digits(ctx: click.Context, param: click.Parameter, value: str | None)
     "-n",
     "--num-digits",
     "--num_digits",
+    "--count",
     "num_digits",
     default=10,
     show_default=True,
     type=click.IntRange(min=1),
-    help="How many digits to generate.",
+    help="How many digits to generate (--count: as the HTTP API's count).",
 )
 @click.option("--digits", callback=_parse_digits, help="Digits to generate, repeated to N (e.g. 0,3,7).")
 @click.option("--digit", type=int, help="Generate only this digit.")

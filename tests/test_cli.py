@@ -27,7 +27,7 @@ def test_generate_png_default_count(tmp_path: Path, tiny_onnx: Path) -> None:
     assert len(list(tmp_path.glob("*.png"))) == 10
 
 
-@pytest.mark.parametrize("flag", ["-n", "--num-digits", "--num_digits"])
+@pytest.mark.parametrize("flag", ["-n", "--num-digits", "--num_digits", "--count"])
 def test_num_digits_spellings(tmp_path: Path, tiny_onnx: Path, flag: str) -> None:
     code, output = run("generate", "--generator", tiny_onnx, flag, 3, "--out", tmp_path, "--format", "npz")
     assert code == 0, output
