@@ -8,7 +8,7 @@ REQUIRED = (
     "digitgen/artifacts/classifier.onnx",
     "digitgen/artifacts/MODEL_CARD.md",
     "digitgen/artifacts/samples.png",
-    "digitgen/runtime/py.typed",
+    "digitgen/py.typed",
     "digitgen/cli.py",
     "digitgen/__main__.py",
 )
