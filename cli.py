@@ -612,8 +612,15 @@ def generate(
         click.echo(f"note: {gen.note}", err=True)
     where = written.paths[0] if len(written.paths) == 1 else out
     part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
-    kept = f", kept {written.kept} complete files of the earlier run" if resume else ""
-    click.echo(f"wrote {job.plan.count} digits{part} as {fmt} to {where} in {seconds:.2f}s on {gen.provider}{kept}")
+    timing = f"in {seconds:.2f}s on {gen.provider}"
+    if not resume:
+        click.echo(f"wrote {job.plan.count} digits{part} as {fmt} to {where} {timing}")
+        return
+    files = job.plan.count if fmt == "png" else len(written.paths)
+    click.echo(
+        f"{job.plan.count} digits{part} as {fmt} in {where}: kept {written.kept} complete "
+        f"file{'' if written.kept == 1 else 's'} of the earlier run, wrote {files - written.kept}, {timing}"
+    )
 
 
 @main.command()

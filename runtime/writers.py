@@ -332,7 +332,7 @@ def plan_output(
     if fmt == "grid" and shard.count > 1:
         raise InvalidRequestError("--format grid writes one contact sheet and is not sharded; shard png, npz or idx")
     if fmt == "grid" and stop - start > GRID_MAX_DIGITS:
-        raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use png, npz or idx")
+        raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use png, npz, idx or mnist")
     if fmt in ("idx", "mnist"):
         check_idx_count(max(stop - start, test_count or 0))
     out_dir = prepare_output_dir(out_dir)

@@ -30,6 +30,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 ACCESS_LOG = logging.getLogger("digitgen.serve.access")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+REFUSAL_REASONS = ("busy", "time_limit")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -59,6 +60,8 @@ class Metrics:
         self.refused = Counter(
             "digitgen_requests_refused", "Requests refused with 503, by reason", ["reason"], registry=self.registry
         )
+        for reason in REFUSAL_REASONS:  # at 0 from the start, so that a dashboard's rate() has a series to read
+            self.refused.labels(reason)
         self.abandoned = Counter(
             "digitgen_requests_abandoned",
             "Requests whose client left before the response; their generation stopped",

@@ -210,7 +210,15 @@ def test_resume_reports_what_it_kept(tmp_path: Path, tiny_onnx: Path) -> None:
     assert run(*args)[0] == 0
     (tmp_path / "00000005_label5.png").unlink()
     code, output = run(*args, "--resume")
-    assert code == 0 and "kept 11 complete files of the earlier run" in output, output
+    assert (
+        code == 0
+        and "12 digits as png in" in output
+        and "kept 11 complete files of the earlier run, wrote 1," in output
+    )
+    code, output = run(*args, "--format", "npz")
+    assert code == 0
+    code, output = run(*args, "--format", "npz", "--resume")
+    assert code == 0 and "kept 1 complete file of the earlier run, wrote 0," in output, output
 
 
 def test_train_export_verify(tmp_path: Path, tiny_mnist: Path) -> None:

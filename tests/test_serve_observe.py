@@ -128,6 +128,7 @@ def test_metrics_are_named_typed_labelled_and_described_in_their_own_registry() 
         "digitgen_batch_requests": ("histogram", "Requests per micro-batched model call"),
         "digitgen_requests_admitted": ("gauge", "Requests generating or waiting"),
     }
+    assert [sample(metrics, "digitgen_requests_refused_total", reason=r) for r in ("busy", "time_limit")] == [0, 0]
     metrics.requests.labels(endpoint="/generate", status="200").inc()
     metrics.latency.labels(endpoint="/generate").observe(0.003)
     metrics.refused.labels(reason="busy").inc(2)

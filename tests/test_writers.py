@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digitgen.runtime import DigitGenerator, OutputError, write_digits
+from digitgen.runtime import FORMATS, DigitGenerator, InvalidRequestError, OutputError, write_digits
 from digitgen.runtime.encode import contact_sheet
 from digitgen.runtime.idx import read_idx
-from digitgen.runtime.writers import GRID_FILE, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, png_name
+from digitgen.runtime.writers import (
+    GRID_FILE,
+    GRID_MAX_DIGITS,
+    IDX_IMAGES_FILE,
+    IDX_LABELS_FILE,
+    NPZ_FILE,
+    plan_output,
+    png_name,
+)
 
 N = 23
 
@@ -41,6 +49,14 @@ def test_grid_contact_sheet(gen: DigitGenerator, tmp_path: Path) -> None:
     assert np.array_equal(sheet[2:30, 2:30], gen.generate(1, seed=2).images[0])
     assert sheet[0, 0] == sheet[30, 150] == 128  # mid-grey gaps around every cell
     assert contact_sheet(gen.generate(3, seed=2).images).dtype == np.uint8  # the API's picture, not only its PNG
+
+
+def test_a_grid_too_large_names_every_format_that_holds_it(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        plan_output(tmp_path, "grid", GRID_MAX_DIGITS + 1)
+    assert str(refused.value) == f"a grid holds at most {GRID_MAX_DIGITS} digits; use png, npz, idx or mnist"
+    assert [fmt for fmt in FORMATS if fmt != "grid" and fmt not in str(refused.value)] == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_npz_arrays(gen: DigitGenerator, tmp_path: Path) -> None:
