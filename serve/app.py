@@ -264,14 +264,14 @@ class _Service:
 
 
 class _ServiceEntry:
-    """Where requests enter: starts the service on the first one (see :meth:`_Service.start`), and
-    answers ``GET /generate`` ahead of FastAPI's router with the documented route's own handler (the
-    router's layers, an exit stack and dependency solving among them, cost a third as much as making a
-    one-digit request's digit). Everything else goes on to the app. ``HEAD`` is answered as ``GET``
-    without the body, on every path, as HTTP asks of a server (FastAPI's routes answer only the methods
-    they name, and naming HEAD too would give each OpenAPI operation twice). An unexpected exception is
-    logged with the request id and answered with a 500 in JSON here, inside the CORS and request-id
-    middleware, so that the answer keeps their headers."""
+    """Where requests enter: starts the service on the first one (see :meth:`_Service.start`), and answers
+    ``GET /generate`` ahead of FastAPI's router with the documented route's own handler (the router's layers, an exit
+    stack and dependency solving among them, cost a third as much as making a one-digit request's digit).
+    Everything else goes on to the app. ``HEAD`` to an endpoint is answered as ``GET`` (FastAPI's routes answer
+    only the methods they name, and naming HEAD too would give each OpenAPI operation twice), and no HEAD
+    response carries a body, whatever the server. An unexpected exception is logged with the request id and
+    answered with a 500 in JSON here, inside the CORS and request-id middleware, so that the answer keeps their
+    headers."""
 
     def __init__(self, app: ASGIApp, service: _Service) -> None:
         self.app = app
@@ -283,7 +283,7 @@ class _ServiceEntry:
             return
         started = False
         head = scope["method"] == "HEAD"
-        if head:
+        if head and scope["path"].removeprefix(scope.get("root_path", "")) in ENDPOINTS:  # the page's files take HEAD
             scope = {**scope, "method": "GET"}
 
         async def send_tracked(message: Message) -> None:

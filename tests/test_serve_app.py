@@ -366,11 +366,14 @@ def test_head_is_get_without_the_body_on_every_path(tmp_path: Path) -> None:
     assert [get.status_code for get, _ in asyncio.run(run())] == [200, 200, 422, 200, 200, 404]
 
 
-def test_head_sends_no_body_to_the_asgi_server() -> None:
+@pytest.mark.parametrize(
+    ("path", "query", "status"), [("/generate", b"digit=3", 200), ("/generate", b"digit=30", 422), ("/nope", b"", 404)]
+)
+def test_head_sends_no_body_to_the_asgi_server(path: str, query: bytes, status: int) -> None:
     """The app leaves out the body itself: not every ASGI server drops it from a HEAD response."""
     app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
     sent: list[dict] = []
-    scope = {"type": "http", "method": "HEAD", "path": "/generate", "query_string": b"digit=3", "headers": []}
+    scope = {"type": "http", "method": "HEAD", "path": path, "query_string": query, "headers": []}
 
     async def receive() -> dict:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -379,7 +382,18 @@ def test_head_sends_no_body_to_the_asgi_server() -> None:
         sent.append(message)
 
     asyncio.run(app({**scope, "asgi": {"version": "3.0"}, "http_version": "1.1", "root_path": ""}, receive, send))
-    assert sent[0]["status"] == 200 and [m["body"] for m in sent[1:]] == [b""]
+    assert sent[0]["status"] == status and [m["body"] for m in sent[1:]] == [b""]
+
+
+def test_head_reaches_a_mounted_apps_endpoints() -> None:
+    parent = FastAPI()
+    parent.mount("/digits", create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False)))
+
+    async def run() -> list[httpx.Response]:
+        async with asgi_client(parent) as client:
+            return [await client.head(path) for path in ("/digits/healthz", "/digits/generate?digit=3")]
+
+    assert [(head.status_code, head.content) for head in asyncio.run(run())] == [(200, b""), (200, b"")]
 
 
 def test_other_methods_are_refused_in_words() -> None:
