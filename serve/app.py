@@ -26,7 +26,17 @@ from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
 from digitgen.serve.batch import Batcher
 from digitgen.serve.limits import Admission, OverloadedError
-from digitgen.serve.observe import ACCESS_LOG, ASGIApp, Message, Metrics, Receive, RequestMiddleware, Scope, Send
+from digitgen.serve.observe import (
+    ACCESS_LOG,
+    ASGIApp,
+    Message,
+    Metrics,
+    Receive,
+    RequestMiddleware,
+    Scope,
+    Send,
+    printable,
+)
 from digitgen.serve.params import (
     MEDIA_TYPES,
     DigitsRequest,
@@ -41,11 +51,20 @@ from digitgen.serve.spec import GENERATE_DOC
 
 ENDPOINTS = frozenset({"/generate", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
 # what a browser sends in Origin: scheme://host[:port], no path, not even a trailing slash (or * for any)
-ORIGIN = re.compile(r"\*|[a-z][a-z0-9+.-]*://[^/?#\s]+")
+ORIGIN = re.compile(r"\*|[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
 
 
 class ServeConfigError(DigitgenError, ValueError):
     """The server cannot start with these settings."""
+
+
+def _as_browsers_send(origin: str) -> str:
+    """An origin as a browser's ``Origin`` header carries it: in lower case, without the scheme's default port."""
+    lowered = origin.lower()
+    for scheme, default_port in (("http", ":80"), ("https", ":443")):
+        if lowered.startswith(f"{scheme}://") and lowered.endswith(default_port):
+            return lowered.removesuffix(default_port)
+    return lowered
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,10 @@ class ServeSettings:
                 raise ServeConfigError(
                     f"{origin!r} is not an origin: scheme://host[:port] with no path, as browsers send it "
                     "(e.g. https://app.example)"
+                )
+            if origin != _as_browsers_send(origin):  # CORS compares the strings: this one would never match
+                raise ServeConfigError(
+                    f"browsers send the origin {origin!r} as {_as_browsers_send(origin)!r}; give that"
                 )
         if self.web_dir is not None and not (Path(self.web_dir) / "index.html").is_file():
             raise ServeConfigError(
@@ -302,7 +325,8 @@ class _ServiceEntry:
                 await self.app(scope, receive, send_tracked)
         except Exception as exc:  # a bug, or the model failing to run: logged, and a 500 in the service's words
             request_id = scope.get("state", {}).get("request_id", "-")
-            logging.getLogger("digitgen.serve").exception("unexpected error in %s (id=%s)", scope["path"], request_id)
+            log = logging.getLogger("digitgen.serve")
+            log.exception("unexpected error in %s (id=%s)", printable(scope["path"]), request_id)
             if started:  # too late for a response of its own: the server closes the connection
                 raise
             message = f"internal error ({type(exc).__name__}); the server log has the details (id={request_id})"
@@ -335,6 +359,7 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
         lifespan=_lifespan(service),
     )
 
+    # documents the endpoint in OpenAPI; _ServiceEntry answers its requests first, with the same handler
     @app.get("/generate", openapi_extra=GENERATE_DOC, response_class=Response)
     async def generate_digits(request: Request) -> Response:
         """Generate digits: the same parameters, noise and bytes as `digitgen generate`. HEAD answers the
@@ -377,7 +402,7 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET"],
+            allow_methods=["GET", "HEAD"],
             allow_headers=["Accept", "If-None-Match", "X-Request-ID"],
             expose_headers=["ETag", "X-Request-ID", "Content-Disposition", "Retry-After"],
         )

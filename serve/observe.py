@@ -28,10 +28,17 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 ACCESS_LOG = logging.getLogger("digitgen.serve.access")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 REFUSAL_REASONS = ("busy", "time_limit")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n`` for a newline the server decoded from ``%0A``),
+    so that a request cannot write a line of its own into the log."""
+    return _CONTROL.sub(lambda control: control.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class Metrics:
@@ -123,8 +130,8 @@ class RequestMiddleware:
                     client[0],
                     client[1],
                     scope["method"],
-                    path,
-                    f"?{query}" if query else "",
+                    printable(path),
+                    printable(f"?{query}") if query else "",
                     status,
                     seconds * 1000,
                     request_id,

@@ -511,11 +511,12 @@ def test_cors_only_for_the_given_origin(limited: Server) -> None:
     ("method", "headers", "allowed"),
     [
         ("GET", "If-None-Match, X-Request-ID, Accept", True),
+        ("HEAD", "X-Request-ID", True),
         ("POST", "", False),
         ("GET", "Authorization", False),
     ],
 )
-def test_cors_preflight_allows_a_get_with_the_api_headers_only(
+def test_cors_preflight_allows_get_and_head_with_the_api_headers_only(
     limited: Server, method: str, headers: str, allowed: bool
 ) -> None:
     """A page on the allowed origin may send the headers the API reads (a conditional GET, its own request

@@ -69,6 +69,14 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
             )
             for origin in ["https://app.example/", "app.example", "https://app.example/page", "not a url", ""]
         ],
+        *[
+            ({"cors_origins": (origin,)}, f"browsers send the origin {origin!r} as {sent!r}; give that")
+            for origin, sent in [
+                ("https://App.Example", "https://app.example"),
+                ("https://app.example:443", "https://app.example"),
+                ("HTTP://localhost:80", "http://localhost"),
+            ]
+        ],
     ],
 )
 def test_settings_that_would_refuse_every_request_are_refused(setting: dict, words: str) -> None:
@@ -78,7 +86,14 @@ def test_settings_that_would_refuse_every_request_are_refused(setting: dict, wor
 
 
 def test_the_smallest_settings_and_any_origin_a_browser_sends_are_accepted() -> None:
-    origins = ("*", "https://app.example", "http://localhost:5173", "https://[::1]:8443", "tauri://localhost")
+    origins = (
+        "*",
+        "https://app.example",
+        "http://localhost:5173",
+        "https://[::1]:8443",
+        "tauri://localhost",
+        "http://a:8080",
+    )
     settings = ServeSettings(
         max_count=1,
         max_in_flight=1,

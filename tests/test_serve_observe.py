@@ -8,11 +8,12 @@ import logging
 import platform
 import re
 import sys
+from urllib.parse import quote
 
 import httpx
 import pytest
 
-from digitgen.serve.observe import Message, Metrics, Receive, RequestMiddleware, Scope, Send
+from digitgen.serve.observe import ACCESS_LOG, Message, Metrics, Receive, RequestMiddleware, Scope, Send, printable
 
 ENDPOINTS = frozenset({"/generate", "/healthz"})
 
@@ -85,6 +86,18 @@ def test_one_access_log_line_per_request_in_its_own_words(metrics: Metrics, capl
     assert re.fullmatch(r'10\.1\.2\.3:4567 "GET /healthz" 201 \d+\.\dms id=r2', lines[1]), lines[1]
     milliseconds = float(lines[0].split()[-2].removesuffix("ms"))
     assert 10 <= milliseconds < 5000
+
+
+def test_a_request_cannot_write_a_log_line_of_its_own(metrics: Metrics, caplog: pytest.LogCaptureFixture) -> None:
+    """The server decodes %0A in the path to a newline; the log escapes it, so the forged line stays in its own."""
+    forged = '\n10.0.0.1:1 "GET /admin" 200 1.0ms id=x'
+    with caplog.at_level("INFO", logger=ACCESS_LOG.name):
+        get(RequestMiddleware(stub, metrics, ENDPOINTS, access_log=True), "/x" + quote(forged), {"X-Request-ID": "r1"})
+    (line,) = [record.getMessage() for record in caplog.records]
+    assert re.fullmatch(
+        r'10\.1\.2\.3:4567 "GET /x\\n10\.0\.0\.1:1 "GET /admin" 200 1\.0ms id=x" 201 \S+ id=r1', line
+    ), line
+    assert printable("a\x00b\x7fc\u0085d\te\u00e9") == "a\\x00b\\x7fc\\x85d\\te\u00e9"
 
 
 def test_other_traffic_passes_through_untouched(metrics: Metrics) -> None:
