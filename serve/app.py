@@ -190,12 +190,16 @@ class _Service:
         self.batcher, self._batching = None, None
 
     async def stop(self) -> None:
-        """Stop the batcher, let the warm-up and generation threads finish; :meth:`start` may follow."""
+        """Stop the batcher, answering the requests it held with a 503 (a server that stops cancels its requests
+        first; a host that does not still gets an answer), let the warm-up and generation threads finish;
+        :meth:`start` may follow."""
         if self._batching is not None:
             self._batching.cancel()
             if self._batching.get_loop() is asyncio.get_running_loop():
                 with suppress(asyncio.CancelledError):
                     await self._batching
+        if self.batcher is not None:
+            self.batcher.fail_waiting(OverloadedError("the server is stopping; retry later"))
         self.batcher = None
         if self._warming_up is not None:
             await self._warming_up

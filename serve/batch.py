@@ -70,6 +70,7 @@ class Batcher:
         self.generation = generation
         self.observe = observe
         self._waiting: deque[_Pending] = deque()
+        self._running: list[_Pending] = []  # the batch taken from the queue, until each request has its answer
         self._arrived = asyncio.Event()
         self._last_size = 0
 
@@ -81,11 +82,12 @@ class Batcher:
         return await pending.digits
 
     def fail_waiting(self, error: BaseException) -> None:
-        """Answer every request still waiting with ``error`` (the batcher has stopped and will not serve them)."""
-        while self._waiting:
-            pending = self._waiting.popleft()
+        """Answer every request the batcher still holds, waiting or in the batch it was running, with ``error``
+        (the batcher has stopped and will not serve them)."""
+        for pending in [*self._running, *self._waiting]:
             if not pending.digits.done():
                 pending.digits.set_exception(error)
+        self._running, self._waiting = [], deque()
 
     async def _collect(self) -> list[_Pending]:
         while not self._waiting:
@@ -109,7 +111,7 @@ class Batcher:
         """Serve the waiting requests until cancelled."""
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
+            batch = self._running = await self._collect()
             self._last_size = len(batch)
             if not batch:
                 continue
@@ -132,3 +134,4 @@ class Batcher:
             for pending, digits in zip(batch, results, strict=True):
                 if not pending.digits.done():
                     pending.digits.set_result(digits)
+            self._running = []

@@ -172,6 +172,40 @@ def test_stop_returns_once_the_batcher_has_ended() -> None:
     assert asyncio.run(stopped())
 
 
+def test_stop_answers_the_requests_the_batcher_held() -> None:
+    """A host that stops the app without cancelling its requests first still gets them answered, with a 503,
+    rather than left waiting for their time limit."""
+    generator = DigitGenerator.from_path(threads=1)
+    app = create_app(generator, ServeSettings(access_log=False, batch_window_ms=100, time_limit=25))
+    in_model, release = threading.Event(), threading.Event()
+
+    def hold_batches(z: np.ndarray) -> None:
+        if len(z) > 1:
+            in_model.set()
+            release.wait(30)
+
+    async def run() -> list[httpx.Response]:
+        async with asgi_client(app) as client:
+            async with app.router.lifespan_context(app):
+                while (await client.get("/readyz")).status_code != 200:
+                    await asyncio.sleep(0.01)
+                before_each_model_call(generator, hold_batches)
+                requests = [asyncio.create_task(client.get(f"/generate?digit=3&seed={s}")) for s in range(3)]
+                await asyncio.to_thread(in_model.wait, 30)
+                threading.Timer(0.5, release.set).start()  # stop() waits for the generation thread
+            return await asyncio.gather(*requests)
+
+    started = time.monotonic()
+    try:
+        answers = asyncio.run(run())
+    finally:
+        release.set()
+    assert time.monotonic() - started < 15
+    stopped = [a for a in answers if a.status_code == 503]
+    assert stopped and all(a.json() == {"error": "the server is stopping; retry later"} for a in stopped)
+    assert {a.status_code for a in answers} <= {200, 503}
+
+
 @pytest.mark.parametrize(
     ("error", "words"),
     [

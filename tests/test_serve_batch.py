@@ -207,6 +207,37 @@ def test_fail_waiting_answers_every_waiting_request(generator: DigitGenerator) -
     assert asyncio.run(stopped()) == ["RuntimeErrorstopped", "CancelledError", "RuntimeErrorstopped"]
 
 
+def test_fail_waiting_answers_the_batch_in_the_model_too(generator: DigitGenerator) -> None:
+    """A batcher stopped while its batch runs in the model leaves no request of that batch waiting."""
+    recorder = Recorder(generator)
+    in_model, release = threading.Event(), threading.Event()
+    model_call = recorder.run
+
+    def held(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        in_model.set()
+        release.wait(30)
+        return model_call(z, labels)
+
+    recorder.run = held  # type: ignore[method-assign]
+    batcher = recorder.batcher(window=0.5)
+
+    async def stopped() -> list[object]:
+        task = asyncio.create_task(batcher.run())
+        requests = [asyncio.ensure_future(batcher.digits(one_digit(s))) for s in range(2)]
+        await asyncio.to_thread(in_model.wait, 30)
+        task.cancel()
+        batcher.fail_waiting(RuntimeError("stopped"))
+        release.set()
+        return [repr(e) for e in await asyncio.gather(*requests, return_exceptions=True)]
+
+    try:
+        assert asyncio.run(asyncio.wait_for(stopped(), 20)) == ["RuntimeError('stopped')"] * 2
+    finally:
+        release.set()
+        recorder.executor.shutdown()
+    assert recorder.calls == [2]
+
+
 # --- generating one request: stops between batches -----------------------------------------------
 
 
