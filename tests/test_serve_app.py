@@ -93,6 +93,8 @@ def test_the_smallest_settings_and_any_origin_a_browser_sends_are_accepted() -> 
         "https://[::1]:8443",
         "tauri://localhost",
         "http://a:8080",
+        "https://a:80",  # not the default port of https
+        "http://a:443",
     )
     settings = ServeSettings(
         max_count=1,
@@ -430,7 +432,7 @@ def test_head_sends_no_body_to_the_asgi_server(path: str, query: bytes, status: 
     async def send(message: dict) -> None:
         sent.append(message)
 
-    asyncio.run(app({**scope, "asgi": {"version": "3.0"}, "http_version": "1.1", "root_path": ""}, receive, send))
+    asyncio.run(app({**scope, "asgi": {"version": "3.0"}, "http_version": "1.1"}, receive, send))  # no root_path
     assert sent[0]["status"] == status and [m["body"] for m in sent[1:]] == [b""]
 
 
