@@ -616,10 +616,9 @@ def generate(
     if not resume:
         click.echo(f"wrote {job.plan.count} digits{part} as {fmt} to {where} {timing}")
         return
-    files = job.plan.count if fmt == "png" else len(written.paths)
     click.echo(
         f"{job.plan.count} digits{part} as {fmt} in {where}: kept {written.kept} complete "
-        f"file{'' if written.kept == 1 else 's'} of the earlier run, wrote {files - written.kept}, {timing}"
+        f"file{'' if written.kept == 1 else 's'} of the earlier run, wrote {written.written}, {timing}"
     )
 
 

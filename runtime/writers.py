@@ -232,6 +232,12 @@ def _cut_at(batches: Iterable[GeneratedDigits], cuts: Sequence[int]) -> Iterator
 class WrittenFiles:
     paths: list[Path]  # the files written; for png, the output directory
     kept: int  # files of an earlier run kept as they were (resume only)
+    files: int  # the files this request's output is made of, the kept ones included
+
+    @property
+    def written(self) -> int:
+        """Files this run wrote (all of them, unless it resumed)."""
+        return self.files - self.kept
 
 
 @dataclass(frozen=True)
@@ -268,7 +274,7 @@ class OutputPlan:
         batches = _checked(batches, start, stop)
         if self.fmt == "png":
             kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, on_batch)
-            return WrittenFiles([self.out_dir], kept)
+            return WrittenFiles([self.out_dir], kept, self.count)
         paths = [self.out_dir / name for name in output_names(self.fmt, self.shard)]
         before = {path: path.stat() for path in self.existing}
         if self.fmt == "mnist":
@@ -277,7 +283,7 @@ class OutputPlan:
         else:
             writer = {"grid": _write_grid, "npz": _write_npz, "idx": _write_idx}[self.fmt]
             writer(batches, paths, self.count, self.resume, on_batch)
-        return WrittenFiles(paths, sum(_unchanged(path, stat) for path, stat in before.items()))
+        return WrittenFiles(paths, sum(_unchanged(path, stat) for path, stat in before.items()), len(paths))
 
 
 @contextmanager

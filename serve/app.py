@@ -35,6 +35,7 @@ from digitgen.serve.observe import (
     RequestMiddleware,
     Scope,
     Send,
+    local_path,
     printable,
 )
 from digitgen.serve.params import (
@@ -105,10 +106,9 @@ class ServeSettings:
                     f"{origin!r} is not an origin: scheme://host[:port] with no path, as browsers send it "
                     "(e.g. https://app.example)"
                 )
-            if origin != _as_browsers_send(origin):  # CORS compares the strings: this one would never match
-                raise ServeConfigError(
-                    f"browsers send the origin {origin!r} as {_as_browsers_send(origin)!r}; give that"
-                )
+            sent = _as_browsers_send(origin)
+            if origin != sent:  # CORS compares the strings: this one would never match
+                raise ServeConfigError(f"browsers send the origin {origin!r} as {sent!r}; give that")
         if self.web_dir is not None and not (Path(self.web_dir) / "index.html").is_file():
             raise ServeConfigError(
                 f"{self.web_dir} holds no index.html; build the page first: cd web && npm ci && npm run build"
@@ -310,7 +310,7 @@ class _ServiceEntry:
             return
         started = False
         head = scope["method"] == "HEAD"
-        if head and scope["path"].removeprefix(scope.get("root_path", "")) in ENDPOINTS:  # the page's files take HEAD
+        if head and local_path(scope) in ENDPOINTS:  # the page's files answer HEAD themselves
             scope = {**scope, "method": "GET"}
 
         async def send_tracked(message: Message) -> None:
@@ -322,7 +322,7 @@ class _ServiceEntry:
 
         try:
             self.service.start()
-            if scope["method"] == "GET" and scope["path"] == scope.get("root_path", "") + "/generate":
+            if scope["method"] == "GET" and local_path(scope) == "/generate":
                 response = await self.service.respond(Request(scope, receive))
                 await response(scope, receive, send_tracked)
             else:

@@ -35,6 +35,11 @@ REFUSAL_REASONS = ("busy", "time_limit")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+def local_path(scope: Scope) -> str:
+    """The request's path inside this app: the same whether the app is mounted under a prefix or not."""
+    return scope["path"].removeprefix(scope.get("root_path", ""))
+
+
 def printable(text: str) -> str:
     """``text`` with its control characters escaped (``\\n`` for a newline the server decoded from ``%0A``),
     so that a request cannot write a line of its own into the log."""
@@ -118,8 +123,8 @@ class RequestMiddleware:
         finally:
             seconds = time.perf_counter() - started
             path = scope["path"]
-            local_path = path.removeprefix(scope.get("root_path", ""))  # the same in a mounted app
-            endpoint = local_path if local_path in self.endpoints else "other"
+            local = local_path(scope)
+            endpoint = local if local in self.endpoints else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(seconds)
             if self.access_log:
