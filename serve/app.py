@@ -147,7 +147,7 @@ class _Service:
         self.admission: Admission | None = None
         self.batcher: Batcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._warming_up: asyncio.Future[None] | None = None
+        self._warming_up: asyncio.Task[None] | None = None
         self._batching: asyncio.Task[None] | None = None
         metrics.admitted.set_function(lambda: self.admission.admitted if self.admission else 0)
 
@@ -162,7 +162,7 @@ class _Service:
         if self.executor is None:
             self.executor = ThreadPoolExecutor(self.settings.max_in_flight, thread_name_prefix="digitgen-generate")
         self.admission = Admission(self.settings.max_in_flight, self.settings.queue)
-        self._warming_up = None if self.ready else loop.run_in_executor(self.executor, self.warm_up)
+        self._warming_up = None if self.ready else loop.create_task(self._warm_up_in_a_slot())
         if self.settings.batch_window_ms > 0:
             self.batcher = Batcher(
                 self.generator,
@@ -207,6 +207,12 @@ class _Service:
             self.executor.shutdown(wait=True, cancel_futures=True)
         self.executor, self._loop, self._warming_up, self._batching = None, None, None, None
 
+    async def _warm_up_in_a_slot(self) -> None:
+        """:meth:`warm_up` on a generation thread, holding a generation slot as a request does: requests that
+        arrive meanwhile wait for it rather than run beside it."""
+        async with self.admission.generation():
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.warm_up)
+
     def warm_up(self) -> None:
         """One batch through the model, so the first request does not pay onnxruntime's first-run cost; a
         failure is kept for ``/readyz`` and the log."""
@@ -224,7 +230,7 @@ class _Service:
         not run at start (a busy GPU, say) becomes ready once it can."""
         running = self._warming_up is not None and not self._warming_up.done()
         if self.warmup_error is not None and not running and self._loop is asyncio.get_running_loop():
-            self._warming_up = self._loop.run_in_executor(self.executor, self.warm_up)
+            self._warming_up = self._loop.create_task(self._warm_up_in_a_slot())
 
     def batched(self, request: DigitsRequest) -> bool:
         return self.batcher is not None and request.count <= self.settings.inline_digits

@@ -157,6 +157,44 @@ def test_one_app_serves_through_lifespans_in_turn(window_ms: float) -> None:
     assert batch_sizes.count(DEFAULT_BATCH_SIZE) == 1  # warmed up once: a ready app is not warmed up again
 
 
+@pytest.mark.parametrize("query", ["count=20&format=npz", "digit=3"], ids=["on-a-thread", "micro-batched"])
+def test_the_warmup_holds_a_generation_slot(query: str) -> None:
+    """The warm-up counts among --max-in-flight: a request that arrives while it runs waits for it."""
+    generator = DigitGenerator.from_path(threads=1)
+    warming, release = threading.Event(), threading.Event()
+    running, most_at_once = [0], [0]
+    lock = threading.Lock()
+
+    def hold_the_warmup(z: np.ndarray) -> None:
+        with lock:
+            running[0] += 1
+            most_at_once[0] = max(most_at_once[0], running[0])
+        if len(z) == DEFAULT_BATCH_SIZE:
+            warming.set()
+            release.wait(30)
+        with lock:
+            running[0] -= 1
+
+    before_each_model_call(generator, hold_the_warmup)
+    app = create_app(generator, ServeSettings(access_log=False, max_in_flight=1))
+
+    async def request_during_the_warmup() -> httpx.Response:
+        async with app.router.lifespan_context(app), asgi_client(app) as client:
+            await asyncio.to_thread(warming.wait, 30)
+            answer = asyncio.create_task(client.get(f"/generate?{query}&seed=4"))
+            await asyncio.sleep(0.3)
+            assert not answer.done()  # waiting for the warm-up's slot
+            release.set()
+            return await asyncio.wait_for(answer, 30)
+
+    try:
+        answer = asyncio.run(request_during_the_warmup())
+    finally:
+        release.set()
+    assert answer.status_code == 200
+    assert most_at_once[0] == 1
+
+
 def test_stop_returns_once_the_batcher_has_ended() -> None:
     """No batch runs after stop(), and the loop may close at once without a pending task left behind."""
 
