@@ -28,6 +28,8 @@ from digitgen.serve.batch import Batcher
 from digitgen.serve.limits import Admission, OverloadedError
 from digitgen.serve.observe import (
     ACCESS_LOG,
+    BUSY,
+    TIME_LIMIT,
     ASGIApp,
     Message,
     Metrics,
@@ -279,10 +281,10 @@ class _Service:
             async with self.admission.admit() if self.batched(request) else self.admission.slot(deadline):
                 body = await self.body(request, deadline, http.receive)
         except OverloadedError as exc:
-            self.metrics.refused.labels("busy").inc()
+            self.metrics.refused.labels(BUSY).inc()
             return _error(503, str(exc), {"Retry-After": "1"})
         except TimeLimitError:
-            self.metrics.refused.labels("time_limit").inc()
+            self.metrics.refused.labels(TIME_LIMIT).inc()
             message = f"the request ran past this server's time limit of {self.settings.time_limit:g} s (--time-limit)"
             return _error(503, message, {"Retry-After": "1"})
         except AbandonedError:
