@@ -10,6 +10,7 @@ from digitgen.runtime.errors import (
     ModelContractError,
     ModelNotFoundError,
     ModelRunError,
+    OtherRunError,
     OutputError,
     ProviderUnavailableError,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "ModelContractError",
     "ModelNotFoundError",
     "ModelRunError",
+    "OtherRunError",
     "OutputError",
     "ProviderUnavailableError",
     "default_model_path",

@@ -29,6 +29,23 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def is_whole_png(data: bytes) -> bool:
+    """Whether ``data`` is a whole PNG file: the signature, then chunks whose lengths and CRCs hold, up to an
+    IEND that ends the data (a truncated or damaged file fails)."""
+    if not data.startswith(PNG_SIGNATURE):
+        return False
+    at = len(PNG_SIGNATURE)
+    while at + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        end = at + 12 + length
+        if end > len(data) or zlib.crc32(data[at + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            return False
+        if data[at + 4 : at + 8] == b"IEND":
+            return end == len(data)
+        at = end
+    return False
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """A (H, W) uint8 picture as an 8-bit grayscale PNG: one IDAT chunk, every row unfiltered.
 

@@ -31,3 +31,7 @@ class ModelRunError(DigitgenError, RuntimeError):
 
 class OutputError(DigitgenError, OSError):
     """The output location is unusable, or would overwrite files without permission."""
+
+
+class OtherRunError(OutputError):
+    """``resume`` found a complete file of other digits (another run's): it is not replaced."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import BinaryIO
@@ -18,14 +18,21 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.part")
 
 
+def _nothing(_path: Path) -> None:
+    pass
+
+
 @contextmanager
-def publish_all(paths: Sequence[str | Path], keep_identical: bool = False) -> Iterator[list[Path]]:
+def publish_all(
+    paths: Sequence[str | Path], keep_identical: bool = False, before_replacing: Callable[[Path], None] = _nothing
+) -> Iterator[list[Path]]:
     """Yield a temporary sibling of each of ``paths`` to write; rename them onto ``paths`` only if the block
     succeeds, all together: an interrupt leaves all the old files or all the new ones.
 
     With ``keep_identical``, an existing path that already holds exactly the new bytes is left untouched
-    (same file, same modification time). The files are compared first, then renamed one after another
-    with Ctrl-C, SIGTERM and SIGHUP held back. Writing or renaming that fails (a full disk, a folder in
+    (same file, same modification time), and ``before_replacing`` is called with each existing path that
+    holds other bytes (it may raise to refuse them all). The files are compared first, then renamed one
+    after another with Ctrl-C, SIGTERM and SIGHUP held back. Writing or renaming that fails (a full disk, a folder in
     the way) raises :class:`OutputError`; a rename that fails stops there.
     """
     paths = [Path(path) for path in paths]
@@ -38,6 +45,10 @@ def publish_all(paths: Sequence[str | Path], keep_identical: bool = False) -> It
             for tmp, path in zip(temps, paths, strict=True)
             if not (keep_identical and path.is_file() and filecmp.cmp(tmp, path, shallow=False))
         ]
+        if keep_identical:
+            for _tmp, path in changed:
+                if path.is_file():
+                    before_replacing(path)
         with interrupts_held() if len(changed) > 1 else nullcontext():
             for tmp, path in changed:
                 failing = [path]
@@ -53,23 +64,29 @@ def publish_all(paths: Sequence[str | Path], keep_identical: bool = False) -> It
 
 
 @contextmanager
-def publish(path: str | Path, keep_identical: bool = False) -> Iterator[Path]:
+def publish(
+    path: str | Path, keep_identical: bool = False, before_replacing: Callable[[Path], None] = _nothing
+) -> Iterator[Path]:
     """:func:`publish_all` of one file: yield its temporary sibling to write."""
-    with publish_all([path], keep_identical) as (tmp,):
+    with publish_all([path], keep_identical, before_replacing) as (tmp,):
         yield tmp
 
 
 @contextmanager
-def atomic_file(path: str | Path, keep_identical: bool = False) -> Iterator[BinaryIO]:
+def atomic_file(
+    path: str | Path, keep_identical: bool = False, before_replacing: Callable[[Path], None] = _nothing
+) -> Iterator[BinaryIO]:
     """Open ``path`` for binary writing through :func:`publish`."""
-    with publish(path, keep_identical) as tmp, tmp.open("wb") as f:
+    with publish(path, keep_identical, before_replacing) as tmp, tmp.open("wb") as f:
         yield f
 
 
 @contextmanager
-def atomic_files(paths: Sequence[str | Path], keep_identical: bool = False) -> Iterator[list[BinaryIO]]:
+def atomic_files(
+    paths: Sequence[str | Path], keep_identical: bool = False, before_replacing: Callable[[Path], None] = _nothing
+) -> Iterator[list[BinaryIO]]:
     """Open several files for binary writing through :func:`publish_all` (closed before they are renamed)."""
-    with publish_all(paths, keep_identical) as temps, ExitStack() as opened:
+    with publish_all(paths, keep_identical, before_replacing) as temps, ExitStack() as opened:
         yield [opened.enter_context(tmp.open("wb")) for tmp in temps]
 
 

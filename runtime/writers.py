@@ -3,9 +3,9 @@ torchvision MNIST root.
 
 A request is planned (checked) before any digit is made, then written. Every file is written under
 a temporary name and renamed when complete, so an interrupted or failed run leaves complete files
-or none; ``resume`` keeps the files that already hold exactly what the run would write and
-replaces the others. Batches stream in, so PNG and IDX output use memory independent of the
-number of digits.
+or none; ``resume`` keeps the files that already hold exactly what the run would write, replaces
+damaged ones and refuses complete files of other digits (another run's). Batches stream in, so PNG
+and IDX output use memory independent of the number of digits.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import bisect
 import itertools
 import os
 import re
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -21,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from digitgen.runtime.encode import grid_png_bytes, idx_records, npz_bytes, png_bytes
-from digitgen.runtime.errors import InvalidRequestError, OutputError
+from digitgen.runtime.encode import grid_png_bytes, idx_records, is_whole_png, npz_bytes, png_bytes
+from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputError
 from digitgen.runtime.files import atomic_file, atomic_files, refuse_existing, temporary_name
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
 from digitgen.runtime.idx import MNIST_FILES, MNIST_RAW, check_idx, check_idx_count, idx_header
@@ -120,15 +122,43 @@ def _index(path: Path) -> int:
     return int(PNG_NAME.match(path.name).group(1))
 
 
+def _is_complete(path: Path) -> bool:
+    """Whether ``path`` is a whole file of its format (PNG, NPZ or IDX) rather than a damaged or truncated one.
+    An IDX file has no checksum: only its header and size can tell."""
+    if path.suffix == ".png":
+        return is_whole_png(path.read_bytes())
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:  # each member's CRC is checked as it is read
+                for name in archive.files:
+                    archive[name]
+        else:
+            check_idx(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+        return False
+    return True
+
+
+def _refuse_other_digits(path: Path) -> None:
+    """Refuse to let ``resume`` replace ``path`` if it is complete: it then holds another run's digits (a damaged
+    file is replaced)."""
+    if _is_complete(path):
+        raise OtherRunError(
+            f"{path} holds other digits than this command makes (written with other options or another model); "
+            "resume with the options of the run that wrote it, or pass --overwrite to replace it"
+        )
+
+
 def _write_pngs(
     batches: Iterable[GeneratedDigits], out_dir: Path, replaced: Sequence[Path], resume: bool, on_batch: OnBatch
 ) -> int:
     """One PNG per digit; returns how many existing files were kept.
 
     A file of the same index but another label is removed, so an index never has two labels in one
-    folder. With ``resume``, a file that already holds exactly the digit's bytes is kept as it is.
-    If ``batches`` turn out not to hold the promised digits, the files this call created are removed
-    (those it replaced, with the caller's permission, already hold their digits).
+    folder. With ``resume``, a file that already holds exactly the digit's bytes is kept as it is, and a
+    complete file of other digits is refused (:func:`_refuse_other_digits`). If ``batches`` turn out not to
+    hold the promised digits, or a file is refused, the files this call created are removed (those it
+    replaced, with the caller's permission, already hold their digits).
     """
     stale: dict[int, list[Path]] = {}
     for path in replaced:
@@ -139,19 +169,23 @@ def _write_pngs(
             for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
                 path = out_dir / png_name(batch.start + offset, int(label))
                 encoded = png_bytes(image)
-                known = path in stale.get(batch.start + offset, ())
-                if resume and known and path.read_bytes() == encoded:
+                earlier = stale.pop(batch.start + offset, [])
+                keep = resume and path in earlier and path.read_bytes() == encoded
+                for old in earlier:
+                    if resume and not (keep and old == path):
+                        _refuse_other_digits(old)
+                if keep:
                     kept += 1
                 else:
                     with atomic_file(path) as f:
                         f.write(encoded)
-                    if not known:
+                    if path not in earlier:
                         created.append(path)
-                for old in stale.pop(batch.start + offset, []):
+                for old in earlier:
                     if old != path:
                         old.unlink(missing_ok=True)
             on_batch(len(batch.labels))
-    except InvalidRequestError:
+    except (InvalidRequestError, OtherRunError):
         for path in created:
             path.unlink(missing_ok=True)
         raise
@@ -174,12 +208,12 @@ def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = la
 def _write_grid(
     batches: Iterable[GeneratedDigits], paths: list[Path], num: int, resume: bool, on_batch: OnBatch
 ) -> None:
-    with atomic_file(paths[0], keep_identical=resume) as f:
+    with atomic_file(paths[0], resume, _refuse_other_digits) as f:
         f.write(grid_png_bytes(collect(batches, num, on_batch).images))
 
 
 def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray, resume: bool = False) -> None:
-    with atomic_file(path, keep_identical=resume) as f:
+    with atomic_file(path, resume, _refuse_other_digits) as f:
         f.write(npz_bytes(images, labels))
 
 
@@ -201,7 +235,7 @@ def _write_idx_splits(
     batches: Iterable[GeneratedDigits], paths: Sequence[Path], sizes: Sequence[int], resume: bool, on_batch: OnBatch
 ) -> None:
     """One IDX pair (images, labels) per split of ``sizes`` consecutive digits, all published together."""
-    with atomic_files(paths, keep_identical=resume) as files:
+    with atomic_files(paths, resume, _refuse_other_digits) as files:
         pairs = [files[i : i + 2] for i in range(0, len(files), 2)]
         for (images_f, labels_f), size in zip(pairs, sizes, strict=True):
             images_f.write(idx_header(size, images=True))
@@ -407,7 +441,19 @@ def plan_generation(
     """Check everything about a :func:`generate_files` request, generating nothing and writing no file."""
     gen.check_request(num, digits, seed, batch_size, truncation=truncation)
     plan = plan_output(out_dir, fmt, num, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count)
+    if resume and fmt == "png" and plan.existing:
+        _refuse_another_runs_folder(gen, min(plan.existing, key=_index), digits, seed, truncation)
     return GenerationJob(gen, plan, digits, seed, batch_size, truncation)
+
+
+def _refuse_another_runs_folder(
+    gen: DigitGenerator, first: Path, digits: Sequence[int] | None, seed: int, truncation: float | None
+) -> None:
+    """Make the digit of the folder's first PNG again, and refuse the folder now if that file is another run's: a
+    resume with a mistyped option stops before any work (each file is checked again as it is reached)."""
+    (digit,) = gen.iter_batches(1, digits, seed, 1, start=_index(first), truncation=truncation)
+    if first.name != png_name(digit.start, int(digit.labels[0])) or first.read_bytes() != png_bytes(digit.images[0]):
+        _refuse_other_digits(first)
 
 
 def generate_files(
@@ -429,7 +475,8 @@ def generate_files(
     """What ``digitgen generate`` does: make ``shard`` of ``num`` digits with ``gen`` and write them as ``fmt``.
 
     ``resume`` continues an interrupted run: files that already hold exactly what this request
-    writes are kept, a damaged or different one is replaced, missing ones are written. Returns the
+    writes are kept, a damaged one is replaced, missing ones are written; a complete file of other digits
+    is another run's, and refused with :class:`OtherRunError`. Returns the
     files written (for ``png``, the output directory).
     """
     job = plan_generation(

@@ -219,6 +219,13 @@ def test_resume_reports_what_it_kept(tmp_path: Path, tiny_onnx: Path) -> None:
     assert code == 0
     code, output = run(*args, "--format", "npz", "--resume")
     assert code == 0 and "kept 1 complete file of the earlier run, wrote 0," in output, output
+    # a typo in --seed: another run's files are kept, and the refusal comes before any progress
+    code, output = run(*args, "--resume", "--seed", 9, "--batch-size", 4)
+    assert code == 1 and output.strip() == (
+        f"Error: {tmp_path / '00000000_label0.png'} holds other digits than this command makes (written with "
+        "other options or another model); resume with the options of the run that wrote it, or pass --overwrite "
+        "to replace it"
+    )
 
 
 def test_train_export_verify(tmp_path: Path, tiny_mnist: Path) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from digitgen.cli import main
 from digitgen.runtime import DigitGenerator, InvalidRequestError, write_digits
-from digitgen.runtime.encode import png_bytes
+from digitgen.runtime.encode import is_whole_png, png_bytes
 from digitgen.runtime.noise import MAX_SEED
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -94,6 +94,19 @@ def test_cli_parsing_never_crashes(tiny_onnx: Path, tmp_path_factory, n: str, di
     if result.exit_code != 0:
         assert result.output.startswith("Error: ") and result.output.count("\n") == 1
         assert not (out / "digits.npz").exists()
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), cut=st.integers(1, 400), flip=st.integers(0, 10_000))
+def test_a_whole_png_is_told_from_a_truncated_or_damaged_one(seed: int, cut: int, flip: int) -> None:
+    """What ``generate --resume`` replaces (a damaged file) and what it refuses (another run's whole file)."""
+    encoded = png_bytes(np.random.default_rng(seed).integers(0, 256, (28, 28)).astype(np.uint8))
+    assert is_whole_png(encoded)
+    assert not is_whole_png(encoded[: max(0, len(encoded) - cut)])
+    assert not is_whole_png(encoded + b"\0")
+    damaged = bytearray(encoded)
+    damaged[flip % len(encoded)] ^= 0x10
+    assert not is_whole_png(bytes(damaged))
 
 
 @SETTINGS

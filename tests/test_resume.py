@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, generate_files
+from digitgen.runtime import DigitGenerator, InvalidRequestError, OtherRunError, OutputError, generate_files
 from digitgen.runtime.writers import FORMATS
 from tests.helpers import default_sigint
 
@@ -89,14 +89,46 @@ def test_resume_replaces_a_damaged_file_and_keeps_the_good_ones(
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in good} == stamps  # kept, not rewritten
 
 
-def test_resume_replaces_a_png_of_another_label_or_seed(gen: DigitGenerator, tmp_path: Path, clean_runs: dict) -> None:
-    generate_files(gen, tmp_path, N // 2, "png", digits=[2], seed=5, batch_size=BATCH)  # other labels
-    generate_files(gen, tmp_path / "x", N, "png", digits=[1, 4, 7], seed=6, batch_size=BATCH)  # other seed
-    for path in (tmp_path / "x").iterdir():
-        path.rename(tmp_path / path.name)
-    (tmp_path / "x").rmdir()
+def test_resume_replaces_a_png_damaged_inside_and_keeps_the_rest(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict
+) -> None:
+    generate_files(gen, tmp_path, N, "png", **REQUEST)
+    damaged = sorted(tmp_path.iterdir())[5]
+    data = bytearray(damaged.read_bytes())
+    data[60] ^= 0xFF  # inside the pixels: the chunk's CRC no longer holds
+    damaged.write_bytes(bytes(data))
     generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
     assert folder(tmp_path) == clean_runs["png"]
+
+
+OTHER_RUNS = {"another seed": {**REQUEST, "seed": 6}, "other labels": {**REQUEST, "digits": [2]}}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("other", OTHER_RUNS, ids=list(OTHER_RUNS))
+def test_resume_refuses_to_replace_another_runs_complete_files(
+    gen: DigitGenerator, tmp_path: Path, fmt: str, other: str
+) -> None:
+    """A typo in --seed or --digits must not turn --resume into --overwrite: another run's complete files are
+    refused, named, and left as they were, and nothing is added."""
+    generate_files(gen, tmp_path, N, fmt, **OTHER_RUNS[other])
+    before = folder(tmp_path)
+    with pytest.raises(OtherRunError, match=r"holds other digits than this command makes .*pass --overwrite"):
+        generate_files(gen, tmp_path, N, fmt, resume=True, **REQUEST)
+    assert folder(tmp_path) == before
+
+
+def test_a_refused_resume_removes_the_files_it_had_added(gen: DigitGenerator, tmp_path: Path) -> None:
+    """Digits 0-7 this run's, 8-15 missing, 16-39 another run's: the first file passes the check before the run,
+    and the files written for 8-15 go again when 16 is refused."""
+    generate_files(gen, tmp_path, N, "png", **{**REQUEST, "seed": 6})
+    generate_files(gen, tmp_path, 16, "png", overwrite=True, **REQUEST)
+    for path in sorted(tmp_path.iterdir())[8:16]:
+        path.unlink()
+    before = folder(tmp_path)
+    with pytest.raises(OtherRunError, match="00000016_label"):
+        generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert folder(tmp_path) == before
 
 
 def test_resume_and_overwrite_are_exclusive(gen: DigitGenerator, tmp_path: Path) -> None:
