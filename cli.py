@@ -96,7 +96,8 @@ class OneLineErrors(click.Group):
             if extra is None:
                 raise
             click.echo(
-                f"Error: this needs {exc.name}, part of the {extra} extra: pip install 'digitgen-mnist[{extra}]'",
+                f"Error: this needs the {extra} extra ({exc.name} is not installed): "
+                f"pip install 'digitgen-mnist[{extra}]'",
                 err=True,
             )
             sys.exit(1)
@@ -717,6 +718,9 @@ def evaluate(
     from digitgen.runtime.evaluate import evaluate as run_evaluation
     from digitgen.runtime.idx import read_mnist_split
 
+    if cas:  # imported first: without the train extra, the refusal comes before any work
+        from digitgen.training.cas import cas_work, classification_accuracy_score
+
     gen = DigitGenerator.from_path(model, "cpu")
     reference = ReferenceClassifier(classifier)
     test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
@@ -726,8 +730,6 @@ def evaluate(
             gen, reference, test, train, num_samples=num_samples, seed=seed, truncation=truncation, progress=bar.update
         )
     if cas:
-        from digitgen.training.cas import cas_work, classification_accuracy_score
-
         with progress(cas_work(len(train[0])), "CAS: training classifiers") as bar:
             scores = classification_accuracy_score(
                 gen, train, test, seed=seed, truncation=truncation, progress=lambda: bar.update(1)

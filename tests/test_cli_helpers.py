@@ -120,12 +120,12 @@ def _group_raising(exc: BaseException) -> click.Group:
         (
             ModuleNotFoundError("no torch", name="torch"),
             1,
-            "Error: this needs torch, part of the train extra: pip install 'digitgen-mnist[train]'",
+            "Error: this needs the train extra (torch is not installed): pip install 'digitgen-mnist[train]'",
         ),
         (
             ModuleNotFoundError("no fastapi", name="fastapi"),
             1,
-            "Error: this needs fastapi, part of the serve extra: pip install 'digitgen-mnist[serve]'",
+            "Error: this needs the serve extra (fastapi is not installed): pip install 'digitgen-mnist[serve]'",
         ),
     ],
     ids=["click-exception", "abort", "missing-train-extra", "missing-serve-extra"],

@@ -32,7 +32,7 @@ def test_without_the_serve_extra_one_line_names_it() -> None:
     result = subprocess.run([sys.executable, "-c", code, "serve"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr == (
-        "Error: this needs fastapi, part of the serve extra: pip install 'digitgen-mnist[serve]'\n"
+        "Error: this needs the serve extra (fastapi is not installed): pip install 'digitgen-mnist[serve]'\n"
     )
     helped = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=60)
     assert helped.returncode == 0 and "serve" in helped.stdout
