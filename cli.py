@@ -847,7 +847,7 @@ def serve(
         access_log=not quiet,
     )
     options = ServerOptions(model, provider, host, port, workers, threads, graceful_timeout, settings)
-    options.check_address()  # a busy port is refused before the model loads
+    options = options.check_address()  # a busy port is refused before the model loads; port 0 becomes a free one
     generator = options.load()  # a bad model or provider is refused here, before any worker starts
     if generator.note:
         click.echo(f"note: {generator.note}", err=True)

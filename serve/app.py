@@ -53,6 +53,9 @@ from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filena
 from digitgen.serve.spec import GENERATE_DOC
 
 ENDPOINTS = frozenset({"/generate", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+# what `npm run build` puts in web/dist beside the page's code: the page and the model it loads (the web/ folder,
+# its source, has no model)
+BUILT_PAGE = ("index.html", "generator.onnx")
 # what a browser sends in Origin: scheme://host[:port], no path, not even a trailing slash (or * for any)
 ORIGIN = re.compile(r"\*|[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
 
@@ -111,10 +114,13 @@ class ServeSettings:
             sent = _as_browsers_send(origin)
             if origin != sent:  # CORS compares the strings: this one would never match
                 raise ServeConfigError(f"browsers send the origin {origin!r} as {sent!r}; give that")
-        if self.web_dir is not None and not (Path(self.web_dir) / "index.html").is_file():
-            raise ServeConfigError(
-                f"{self.web_dir} holds no index.html; build the page first: cd web && npm ci && npm run build"
-            )
+        if self.web_dir is not None:
+            missing = [name for name in BUILT_PAGE if not (Path(self.web_dir) / name).is_file()]
+            if missing:
+                raise ServeConfigError(
+                    f"{self.web_dir} holds no {missing[0]}, so it is not the built page; build it first "
+                    "(cd web && npm ci && npm run build) and give web/dist"
+                )
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:

@@ -62,10 +62,11 @@ class ServerOptions:
     def load(self) -> DigitGenerator:
         return DigitGenerator.from_path(self.model, self.provider, self.intra_op_threads)
 
-    def check_address(self) -> None:
-        """:class:`ServeConfigError` if the server could not listen on ``host:port`` (in use, not an address
-        of this machine, a privileged port): bound and let go at once, the way uvicorn binds it after. An empty
-        host, which would listen on every interface, is refused: that takes 0.0.0.0 (or ::), said on purpose."""
+    def check_address(self) -> ServerOptions:
+        """These options, port 0 (any free port) replaced by the free port the system gives, once ``host:port``
+        has been bound and let go, the way uvicorn binds it after; :class:`ServeConfigError` if it could not be
+        (in use, not an address of this machine, a privileged port). An empty host, which would listen on every
+        interface, is refused: that takes 0.0.0.0 (or ::), said on purpose."""
         if not self.host.strip():
             raise ServeConfigError(
                 "the host is empty; give an address: 127.0.0.1 (the default), or 0.0.0.0 to listen on every interface"
@@ -75,11 +76,13 @@ class ServerOptions:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind((self.host, self.port))
+                port = probe.getsockname()[1]
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise ServeConfigError(
                 f"cannot listen on {self.host}:{self.port}: {reason.lower()} (--port and --host choose another)"
             ) from None
+        return dataclasses.replace(self, port=port)
 
 
 def app_from_environment() -> FastAPI:
@@ -120,7 +123,7 @@ def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> No
     With one worker, ``generator`` (default: ``options.load()``) serves in this process; with more,
     each worker process loads the model itself. :class:`ServeConfigError` if the address is not free.
     """
-    options.check_address()
+    options = options.check_address()
     log_level = "info" if options.settings.access_log else "warning"
     common = {
         "host": options.host,

@@ -454,6 +454,7 @@ def test_binds_loopback_and_sends_no_cors_by_default(server: Server) -> None:
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     page = tmp_path_factory.mktemp("page")
     (page / "index.html").write_text("<!doctype html><title>digits</title>")
+    (page / "generator.onnx").write_bytes(b"the page's model")
     (page / "digitgen.mjs").write_text("export const x = 1;")
     options = ["--quiet", "--max-in-flight", "1", "--queue", "1", "--max-count", "1500", "--web", str(page)]
     options += ["--batch-window-ms", "0"]  # without micro-batching

@@ -441,6 +441,7 @@ def test_a_batch_window_of_0_turns_micro_batching_off(window_ms: float, batched:
 def test_head_is_get_without_the_body_on_every_path(tmp_path: Path) -> None:
     """HTTP asks every server to answer HEAD as GET with no body: `curl -I`, link checkers and caches send it."""
     (tmp_path / "index.html").write_text("<html>the page</html>")
+    (tmp_path / "generator.onnx").write_bytes(b"the page's model")
     app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False, web_dir=str(tmp_path)))
     paths = ["/generate?digit=3", "/generate?count=4&format=npz", "/generate?digit=12", "/healthz", "/", "/nope"]
 

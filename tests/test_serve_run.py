@@ -41,7 +41,11 @@ def test_without_the_serve_extra_one_line_names_it() -> None:
 @pytest.mark.parametrize(
     ("option", "words"),
     [
-        ("--web", "{page} holds no index.html; build the page first: cd web && npm ci && npm run build"),
+        (
+            "--web",
+            "{page} holds no index.html, so it is not the built page; build it first "
+            "(cd web && npm ci && npm run build) and give web/dist",
+        ),
         (
             "--cors-origin",
             "'{page}' is not an origin: scheme://host[:port] with no path, as browsers send it (e.g. https://app.example)",
@@ -54,15 +58,35 @@ def test_a_bad_web_dir_or_origin_is_one_line(tmp_path: Path, option: str, words:
     assert result.output.strip() == "Error: " + words.format(page=tmp_path)
 
 
-@pytest.mark.parametrize("with_page", [False, True])
-def test_serve_says_where_to_open_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, with_page: bool) -> None:
-    monkeypatch.setattr(serve_run, "serve", lambda options, generator=None: None)
+def test_the_web_source_folder_is_not_taken_for_the_built_page(tmp_path: Path) -> None:
+    """``--web web`` (the source: the page without its model) instead of ``--web web/dist``."""
     (tmp_path / "index.html").write_text("<!doctype html><title>digits</title>")
-    port = free_port()
+    result = CliRunner().invoke(main, ["serve", "--port", str(free_port()), "--web", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: {tmp_path} holds no generator.onnx, so it is not the built page; build it first "
+        "(cd web && npm ci && npm run build) and give web/dist"
+    )
+
+
+@pytest.mark.parametrize("with_page", [False, True])
+@pytest.mark.parametrize("any_port", [False, True], ids=["port", "port-0"])
+def test_serve_says_where_to_open_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, with_page: bool, any_port: bool
+) -> None:
+    """With ``--port 0`` (any free port), the port the server will listen on, not 0."""
+    served = []
+    monkeypatch.setattr(serve_run, "serve", lambda options, generator=None: served.append(options))
+    (tmp_path / "index.html").write_text("<!doctype html><title>digits</title>")
+    (tmp_path / "generator.onnx").write_bytes(b"the page's model")
+    port = 0 if any_port else free_port()
     result = CliRunner().invoke(main, ["serve", "--port", str(port), *(["--web", str(tmp_path)] if with_page else [])])
-    url = f"http://127.0.0.1:{port}"
+    assert result.exit_code == 0, result.output
+    (options,) = served
+    assert options.port == port or (any_port and options.port > 0)
+    url = f"http://127.0.0.1:{options.port}"
     where = f"the page at {url}/, API docs at {url}/docs" if with_page else f"API docs at {url}/docs"
-    assert result.exit_code == 0 and result.output.strip().endswith(f"thread(s) each; {where}"), result.output
+    assert result.output.strip().endswith(f"thread(s) each; {where}"), result.output
 
 
 @pytest.mark.parametrize("workers", [1, 2])
