@@ -291,7 +291,10 @@ class _Service:
             return _error(503, str(exc), {"Retry-After": "1"})
         except TimeLimitError:
             self.metrics.refused.labels(TIME_LIMIT).inc()
-            message = f"the request ran past this server's time limit of {self.settings.time_limit:g} s (--time-limit)"
+            message = (
+                f"the request ran past this server's time limit of {self.settings.time_limit:g} s (--time-limit); "
+                "ask for fewer digits, or retry when the server is less busy"
+            )
             return _error(503, message, {"Retry-After": "1"})
         except AbandonedError:
             self.metrics.abandoned.inc()

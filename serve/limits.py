@@ -30,9 +30,8 @@ class Admission:
     async def admit(self) -> AsyncIterator[None]:
         """Count a request as admitted; :class:`OverloadedError` when ``in_flight + queue`` already are."""
         if self._admitted >= self.in_flight + self.queue:
-            raise OverloadedError(
-                f"the server is busy ({self.in_flight} requests generating, {self.queue} waiting); retry later"
-            )
+            generating = f"{self.in_flight} request{'s' if self.in_flight != 1 else ''} generating"
+            raise OverloadedError(f"the server is busy ({generating}, {self.queue} waiting); retry later")
         self._admitted += 1
         try:
             yield

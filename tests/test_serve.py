@@ -482,7 +482,7 @@ def test_over_the_in_flight_bound_is_503_and_the_server_stays_healthy(limited: S
         health = limited.get("/healthz")
         results = [future.result() for future in running]
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-    assert refused.json() == {"error": "the server is busy (1 requests generating, 1 waiting); retry later"}
+    assert refused.json() == {"error": "the server is busy (1 request generating, 1 waiting); retry later"}
     assert health.status_code == 200
     assert [r.status_code for r in results] == [200, 200]
     assert limited.metric('digitgen_requests_refused_total{reason="busy"}') >= 1
@@ -537,7 +537,10 @@ def test_time_limit_is_503(tmp_path: Path) -> None:
     try:
         response = server.get("/generate?count=1500&format=npz")
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
-        assert response.json() == {"error": "the request ran past this server's time limit of 0.05 s (--time-limit)"}
+        assert response.json() == {
+            "error": "the request ran past this server's time limit of 0.05 s (--time-limit); "
+            "ask for fewer digits, or retry when the server is less busy"
+        }
         assert server.metric('digitgen_requests_refused_total{reason="time_limit"}') == 1
         assert server.get("/healthz").status_code == 200
     finally:

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,6 +16,7 @@ import pytest
 
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits
 from digitgen.serve.batch import Batcher
+from digitgen.serve.limits import Admission, OverloadedError
 from digitgen.serve.params import DigitsRequest
 from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filename, generate
 
@@ -267,3 +268,22 @@ def test_abandoned_wins_over_the_deadline(generator: DigitGenerator) -> None:
 )  # fmt: skip
 def test_filenames_are_the_clis(fmt: str, first_label: int, name: str | None) -> None:
     assert filename(fmt, first_label) == name
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "queue", "words"),
+    [(1, 0, "1 request generating, 0 waiting"), (2, 3, "2 requests generating, 3 waiting")],
+)
+def test_admission_refuses_past_its_bound_in_words(in_flight: int, queue: int, words: str) -> None:
+    async def admit_one_too_many() -> str:
+        admission = Admission(in_flight, queue)
+        async with AsyncExitStack() as admitted:
+            for _ in range(in_flight + queue):
+                await admitted.enter_async_context(admission.admit())
+            assert admission.admitted == in_flight + queue
+            with pytest.raises(OverloadedError) as refused:
+                await admitted.enter_async_context(admission.admit())
+        assert admission.admitted == 0
+        return str(refused.value)
+
+    assert asyncio.run(admit_one_too_many()) == f"the server is busy ({words}); retry later"
