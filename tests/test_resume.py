@@ -89,16 +89,16 @@ def test_resume_replaces_a_damaged_file_and_keeps_the_good_ones(
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in good} == stamps  # kept, not rewritten
 
 
-def test_resume_replaces_a_png_damaged_inside_and_keeps_the_rest(
-    gen: DigitGenerator, tmp_path: Path, clean_runs: dict
-) -> None:
-    generate_files(gen, tmp_path, N, "png", **REQUEST)
-    damaged = sorted(tmp_path.iterdir())[5]
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+def test_resume_replaces_a_file_damaged_inside(gen: DigitGenerator, tmp_path: Path, clean_runs: dict, fmt: str) -> None:
+    """A changed byte inside the pixels: a PNG chunk's or an NPZ member's CRC no longer holds."""
+    generate_files(gen, tmp_path, N, fmt, **REQUEST)
+    damaged = sorted(tmp_path.iterdir())[5 if fmt == "png" else 0]
     data = bytearray(damaged.read_bytes())
-    data[60] ^= 0xFF  # inside the pixels: the chunk's CRC no longer holds
+    data[60 if fmt == "png" else len(data) // 3] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
-    assert folder(tmp_path) == clean_runs["png"]
+    generate_files(gen, tmp_path, N, fmt, resume=True, **REQUEST)
+    assert folder(tmp_path) == clean_runs[fmt]
 
 
 OTHER_RUNS = {"another seed": {**REQUEST, "seed": 6}, "other labels": {**REQUEST, "digits": [2]}}
