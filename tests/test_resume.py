@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from digitgen.runtime import DigitGenerator, InvalidRequestError, OtherRunError, OutputError, generate_files
@@ -129,6 +130,43 @@ def test_a_refused_resume_removes_the_files_it_had_added(gen: DigitGenerator, tm
     with pytest.raises(OtherRunError, match="00000016_label"):
         generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
     assert folder(tmp_path) == before
+
+
+def test_resume_of_a_truncated_run_missing_its_first_files(
+    gen: DigitGenerator, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The check before the run makes the folder's first file's digit as the run would: at its own index, with
+    the run's truncation."""
+    request = {**REQUEST, "truncation": 1.0}
+    clean = tmp_path_factory.mktemp("clean-truncated")
+    generate_files(gen, clean, N, "png", **request)
+    generate_files(gen, tmp_path, N, "png", **request)
+    for path in sorted(tmp_path.iterdir())[:8]:
+        path.unlink()
+    generate_files(gen, tmp_path, N, "png", resume=True, **request)
+    assert folder(tmp_path) == folder(clean)
+
+
+def test_resume_never_unpickles_an_npz(gen: DigitGenerator, tmp_path: Path) -> None:
+    """An NPZ in the way is data: one holding a pickled object is read without running it (and, not being a
+    whole NPZ of digits, replaced)."""
+    marker = tmp_path.parent / f"{tmp_path.name}-unpickled"
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Touches(marker)
+    np.savez(tmp_path / "digits.npz", images=payload)
+    generate_files(gen, tmp_path, N, "npz", resume=True, **REQUEST)
+    assert not marker.exists()
+    assert np.load(tmp_path / "digits.npz")["images"].shape == (N, 28, 28)
+
+
+class _Touches:
+    """Unpickled, it creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.path,))
 
 
 def test_resume_and_overwrite_are_exclusive(gen: DigitGenerator, tmp_path: Path) -> None:
