@@ -105,6 +105,10 @@ def _checked(batches: Iterable[GeneratedDigits], start: int, stop: int) -> Itera
     """``batches`` while they hold exactly the digits ``start .. stop-1`` in order; a typed error otherwise."""
     expected = start
     for batch in batches:
+        if len(batch.images) != len(batch.labels):
+            raise InvalidRequestError(
+                f"a batch holds {len(batch.images)} images and {len(batch.labels)} labels; no new file was kept"
+            )
         if batch.start != expected or expected + len(batch.labels) > stop:
             raise InvalidRequestError(
                 f"the batches do not hold digits {start}..{stop - 1} in order: got {len(batch.labels)} "

@@ -42,8 +42,13 @@ def _gap(gen: DigitGenerator) -> list[GeneratedDigits]:
     return [first, third, third]
 
 
+def _unlabelled(gen: DigitGenerator) -> list[GeneratedDigits]:
+    first, *rest = gen.iter_batches(N, seed=1, batch_size=4)
+    return [GeneratedDigits(first.images, first.labels[:-1], first.start), *rest]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("batches", [_fewer, _more, _gap])
+@pytest.mark.parametrize("batches", [_fewer, _more, _gap, _unlabelled])
 def test_writer_fed_the_wrong_digits_raises_and_leaves_no_file(
     gen: DigitGenerator, tmp_path: Path, fmt: str, batches
 ) -> None:
