@@ -18,20 +18,14 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.part")
 
 
-def _nothing(_path: Path) -> None:
-    pass
-
-
 @contextmanager
-def publish_all(
-    paths: Sequence[str | Path], keep_identical: bool = False, before_replacing: Callable[[Path], None] = _nothing
-) -> Iterator[list[Path]]:
+def publish_all(paths: Sequence[str | Path], resume: Callable[[Path], None] | None = None) -> Iterator[list[Path]]:
     """Yield a temporary sibling of each of ``paths`` to write; rename them onto ``paths`` only if the block
     succeeds, all together: an interrupt leaves all the old files or all the new ones.
 
-    With ``keep_identical``, an existing path that already holds exactly the new bytes is left untouched
-    (same file, same modification time), and ``before_replacing`` is called with each existing path that
-    holds other bytes (it may raise to refuse them all). The files are compared first, then renamed one
+    With ``resume`` (a check of an existing file), an existing path that already holds exactly the new bytes
+    is left untouched (same file, same modification time), and ``resume`` is called with each existing path
+    that holds other bytes: it may raise to refuse them all. The files are compared first, then renamed one
     after another with Ctrl-C, SIGTERM and SIGHUP held back. Writing or renaming that fails (a full disk, a folder in
     the way) raises :class:`OutputError`; a rename that fails stops there.
     """
@@ -43,12 +37,12 @@ def publish_all(
         changed = [
             (tmp, path)
             for tmp, path in zip(temps, paths, strict=True)
-            if not (keep_identical and path.is_file() and filecmp.cmp(tmp, path, shallow=False))
+            if not (resume and path.is_file() and filecmp.cmp(tmp, path, shallow=False))
         ]
-        if keep_identical:
+        if resume:
             for _tmp, path in changed:
                 if path.is_file():
-                    before_replacing(path)
+                    resume(path)
         with interrupts_held() if len(changed) > 1 else nullcontext():
             for tmp, path in changed:
                 failing = [path]
@@ -64,29 +58,23 @@ def publish_all(
 
 
 @contextmanager
-def publish(
-    path: str | Path, keep_identical: bool = False, before_replacing: Callable[[Path], None] = _nothing
-) -> Iterator[Path]:
+def publish(path: str | Path, resume: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """:func:`publish_all` of one file: yield its temporary sibling to write."""
-    with publish_all([path], keep_identical, before_replacing) as (tmp,):
+    with publish_all([path], resume) as (tmp,):
         yield tmp
 
 
 @contextmanager
-def atomic_file(
-    path: str | Path, keep_identical: bool = False, before_replacing: Callable[[Path], None] = _nothing
-) -> Iterator[BinaryIO]:
+def atomic_file(path: str | Path, resume: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
     """Open ``path`` for binary writing through :func:`publish`."""
-    with publish(path, keep_identical, before_replacing) as tmp, tmp.open("wb") as f:
+    with publish(path, resume) as tmp, tmp.open("wb") as f:
         yield f
 
 
 @contextmanager
-def atomic_files(
-    paths: Sequence[str | Path], keep_identical: bool = False, before_replacing: Callable[[Path], None] = _nothing
-) -> Iterator[list[BinaryIO]]:
+def atomic_files(paths: Sequence[str | Path], resume: Callable[[Path], None] | None = None) -> Iterator[list[BinaryIO]]:
     """Open several files for binary writing through :func:`publish_all` (closed before they are renamed)."""
-    with publish_all(paths, keep_identical, before_replacing) as temps, ExitStack() as opened:
+    with publish_all(paths, resume) as temps, ExitStack() as opened:
         yield [opened.enter_context(tmp.open("wb")) for tmp in temps]
 
 

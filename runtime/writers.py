@@ -153,6 +153,11 @@ def _refuse_other_digits(path: Path) -> None:
         )
 
 
+def _resume_check(resume: bool) -> Callable[[Path], None] | None:
+    """What :func:`~digitgen.runtime.files.publish_all` is given to keep or vet existing files when resuming."""
+    return _refuse_other_digits if resume else None
+
+
 def _write_pngs(
     batches: Iterable[GeneratedDigits], out_dir: Path, replaced: Sequence[Path], resume: bool, on_batch: OnBatch
 ) -> int:
@@ -212,12 +217,12 @@ def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = la
 def _write_grid(
     batches: Iterable[GeneratedDigits], paths: list[Path], num: int, resume: bool, on_batch: OnBatch
 ) -> None:
-    with atomic_file(paths[0], resume, _refuse_other_digits) as f:
+    with atomic_file(paths[0], _resume_check(resume)) as f:
         f.write(grid_png_bytes(collect(batches, num, on_batch).images))
 
 
 def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray, resume: bool = False) -> None:
-    with atomic_file(path, resume, _refuse_other_digits) as f:
+    with atomic_file(path, _resume_check(resume)) as f:
         f.write(npz_bytes(images, labels))
 
 
@@ -239,7 +244,7 @@ def _write_idx_splits(
     batches: Iterable[GeneratedDigits], paths: Sequence[Path], sizes: Sequence[int], resume: bool, on_batch: OnBatch
 ) -> None:
     """One IDX pair (images, labels) per split of ``sizes`` consecutive digits, all published together."""
-    with atomic_files(paths, resume, _refuse_other_digits) as files:
+    with atomic_files(paths, _resume_check(resume)) as files:
         pairs = [files[i : i + 2] for i in range(0, len(files), 2)]
         for (images_f, labels_f), size in zip(pairs, sizes, strict=True):
             images_f.write(idx_header(size, images=True))

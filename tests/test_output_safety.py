@@ -215,10 +215,11 @@ def test_atomic_files_keeps_identical_files_and_names_the_one_it_cannot_write(tm
     same.write_bytes(b"same")
     other.write_bytes(b"old")
     before = same.stat().st_mtime_ns
-    with atomic_files([same, other], keep_identical=True) as (same_f, other_f):
+    vetted: list[Path] = []
+    with atomic_files([same, other], resume=vetted.append) as (same_f, other_f):
         same_f.write(b"same")
         other_f.write(b"new")
-    assert (same.stat().st_mtime_ns, other.read_bytes()) == (before, b"new")
+    assert (same.stat().st_mtime_ns, other.read_bytes(), vetted) == (before, b"new", [other])
     (blocked / "mine").mkdir(parents=True)
     with pytest.raises(OutputError, match=f"^cannot write {blocked}: "), atomic_files([other, blocked]) as files:
         for f in files:
