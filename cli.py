@@ -33,6 +33,7 @@ from digitgen.runtime.signals import INTERRUPTING_SIGNALS, TERMINATING_SIGNALS, 
 from digitgen.runtime.writers import FORMATS, merge_shards, plan_generation
 from digitgen.training.config import (
     AUGMENTATIONS,
+    MAX_SIZE,
     PRECISIONS,
     TRAIN_MAX_SEED,
     GANConfig,
@@ -201,7 +202,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     type=FiniteFloat(min=0, min_open=True),
     help="The discriminator's own learning rate (two time-scales) [default: --lr].",
 )
-@click.option("--latent-dim", type=click.IntRange(min=1), help=f"Noise size [default: {GANConfig.latent_dim}].")
+@click.option("--latent-dim", type=click.IntRange(1, MAX_SIZE), help=f"Noise size [default: {GANConfig.latent_dim}].")
 @click.option(
     "--conditional-norm",
     is_flag=True,
@@ -210,12 +211,12 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 @click.option(
     "--g-width",
-    type=click.IntRange(min=2),
+    type=click.IntRange(2, MAX_SIZE),
     help=f"The generator's channels at 7x7 (2x after its first conv, then 1x, 1/2x) [default: {GANConfig.g_width}].",
 )
 @click.option(
     "--d-width",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_SIZE),
     help=f"The discriminator's first-layer channels (then 2x, 4x) [default: {GANConfig.d_width}].",
 )
 @click.option(

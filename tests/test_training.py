@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -415,6 +417,19 @@ def test_a_truncated_checkpoint_is_refused_with_the_first_sentence_of_torchs_rea
     assert sentence and reason.startswith(sentence) and (rest == "" or rest.startswith((". ", "\n")))
 
 
+@pytest.mark.parametrize("data", [b"hi\n", b"\x85#q$", b"j", pickle.dumps({"step": 1})], ids=repr)
+def test_a_file_of_stray_bytes_is_refused_in_words_whatever_the_unpickler_raises(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder, data: bytes
+) -> None:
+    """Bytes that make the unpickler raise KeyError, IndexError or struct.error, or a legacy pickle (which torch
+    warns about first), all get the one refusal and no warning."""
+    path = tmp_path / "weights.pt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: not a readable digitgen checkpoint \\("):
+        load_weights(path)
+    assert not recwarn.list
+
+
 def _edited(tmp_path: Path, tiny_checkpoint: Path, edit) -> Path:
     payload = load_checkpoint(tiny_checkpoint)
     edit(payload)
@@ -434,7 +449,9 @@ def test_weights_that_do_not_fit_are_refused_naming_the_part(
     path = _edited(tmp_path, tiny_checkpoint, lambda payload: payload.update({part: payload[other]}))
     with pytest.raises(CheckpointError) as error:
         state_from_checkpoint(str(path), torch.device("cpu"))
-    assert str(error.value).startswith(f"{what} weights do not match the checkpoint's configuration: ")
+    message = str(error.value)
+    assert message.startswith(f"{what} weights do not match the checkpoint's configuration: ")
+    assert message.endswith("...") and ("Missing key(s)" in message or "Unexpected key(s)" in message), message
 
 
 def test_a_label_classifier_that_does_not_fit_is_refused_by_name(tmp_path: Path, tiny_checkpoint: Path) -> None:
@@ -493,7 +510,14 @@ def test_unknown_training_settings_and_a_broken_optimizer_state_are_refused_by_n
     ("config", "message"),
     [
         ([64, 10], "checkpoint config is not a mapping"),
-        ({"latent_dim": 0}, "checkpoint config is invalid: latent_dim must be positive"),
+        ({"latent_dim": 0}, "checkpoint config is invalid: latent_dim must be from 1 to 1024"),
+        ({"latent_dim": 10**10}, "checkpoint config is invalid: latent_dim must be from 1 to 1024"),
+        ({"latent_dim": 64.0}, "checkpoint config is invalid: latent_dim must be a whole number, not 64.0"),
+        ({"g_width": True}, "checkpoint config is invalid: g_width must be a whole number, not True"),
+        (
+            {"conditional_norm": "yes"},
+            "checkpoint config is invalid: conditional_norm must be true or false, not 'yes'",
+        ),
     ],
 )
 def test_a_model_configuration_that_cannot_be_built_is_refused_whole(config: object, message: str) -> None:

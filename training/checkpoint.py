@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -53,15 +54,24 @@ def read_data_file(path: str | Path, missing: str, unreadable: str) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{missing}: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a legacy (non-zip) file before reading it; the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: {unreadable} (not a PyTorch file of tensors and plain data; "
             "read with weights_only=True, nothing in it ran)"
         ) from exc
-    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:
+    except (zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:  # these say what is wrong
         first_sentence = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: {unreadable} (truncated or corrupt: {first_sentence})") from exc
+    except Exception as exc:  # stray bytes fail the unpickler in other ways too (KeyError, IndexError, struct.error)
+        kind = (
+            type(exc).__qualname__
+            if type(exc).__module__ == "builtins"
+            else f"{type(exc).__module__}.{type(exc).__qualname__}"
+        )
+        raise CheckpointError(f"{path}: {unreadable} (corrupt: {kind} in its pickled data)") from exc
 
 
 def load_weights(path: str | Path) -> dict[str, Any]:
@@ -71,7 +81,7 @@ def load_weights(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a digitgen checkpoint (keys missing)")
     if payload["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: checkpoint format {payload['format_version']}, this version reads {FORMAT_VERSION}"
+            f"{path}: checkpoint format {payload['format_version']!r}, this version reads {FORMAT_VERSION}"
         )
     step = payload["step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:

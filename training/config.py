@@ -9,6 +9,16 @@ AUGMENTATIONS = ("translation", "cutout")  # DiffAugment transforms, in training
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast of convolutions and matrix products; weights stay fp32
 # torch seeds its generators with 64 bits, and an epoch's order is seeded with seed * 100,003 + epoch
 TRAIN_MAX_SEED = 2**32 - 1
+MAX_SIZE = 1024  # the largest noise size, class count, embedding or width a configuration may name
+
+
+def _check_whole(name: str, value: object, low: int, high: int | None = None) -> None:
+    """ValueError unless ``value`` is an int (not a bool) from ``low`` to ``high``: a checkpoint is data, so
+    a float or a bool where a count belongs is refused here rather than failing inside torch."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, not {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be from {low} to {high}" if high is not None else f"{name} must be >= {low}")
 
 
 def parse_policy(text: str) -> str:
@@ -74,8 +84,9 @@ class GANConfig:
         if self.image_size != 28:
             raise ValueError("only 28x28 images are supported")
         for name in ("latent_dim", "num_classes", "label_embed_dim", "g_width", "d_width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
+            _check_whole(name, getattr(self, name), 1, MAX_SIZE)
+        if not isinstance(self.conditional_norm, bool):
+            raise ValueError(f"conditional_norm must be true or false, not {self.conditional_norm!r}")
 
 
 @dataclass(frozen=True)

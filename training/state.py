@@ -121,8 +121,16 @@ def _load_weights(module: torch.nn.Module, weights: Any, what: str) -> None:
     try:
         module.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        detail = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{what} weights do not match the checkpoint's configuration: {detail}") from exc
+        problem = _first_problem(exc)
+        raise CheckpointError(f"{what} weights do not match the checkpoint's configuration: {problem}") from exc
+
+
+def _first_problem(exc: Exception, limit: int = 160) -> str:
+    """The first line of torch's list of what does not load (after its "Error(s) in loading ..." heading), cut
+    to ``limit`` characters: a missing key, an unexpected one or a size mismatch."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    problem = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0] if lines else ""
+    return problem if len(problem) <= limit else problem[: limit - 3] + "..."
 
 
 def _label_classifiers(payload: dict[str, Any], path: str) -> tuple[Classifier, ...]:
