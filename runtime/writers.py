@@ -14,6 +14,7 @@ import bisect
 import itertools
 import os
 import re
+import sys
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -156,6 +157,18 @@ def _refuse_other_digits(path: Path) -> None:
 def _resume_check(resume: bool) -> Callable[[Path], None] | None:
     """What :func:`~digitgen.runtime.files.publish_all` is given to keep or vet existing files when resuming."""
     return _refuse_other_digits if resume else None
+
+
+def _refuse_a_longer_run(out_dir: Path, total: int) -> None:
+    """Refuse to resume a PNG run of ``total`` digits in a folder holding digits past it: they are a longer run's,
+    and the folder could never end as this run's would."""
+    beyond = pngs_in_range(out_dir, total, sys.maxsize)
+    if beyond:
+        more = f" (and {len(beyond) - 1} more)" if len(beyond) > 1 else ""
+        raise OtherRunError(
+            f"{beyond[0]}{more} lies past this command's {total} digits: the folder holds a run of another count; "
+            "resume with that run's count, or write to another folder"
+        )
 
 
 def _write_pngs(
@@ -388,6 +401,8 @@ def plan_output(
     existing = existing_outputs(out_dir, fmt, shard, total)
     if not resume:
         refuse_existing(existing, overwrite)
+    elif fmt == "png":
+        _refuse_a_longer_run(out_dir, total)
     return OutputPlan(out_dir, fmt, total, shard, test_count or 0, resume, tuple(existing))
 
 

@@ -119,6 +119,22 @@ def test_resume_refuses_to_replace_another_runs_complete_files(
     assert folder(tmp_path) == before
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resume_refuses_a_folder_of_a_longer_run(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
+    """Its first N digits are this run's too (PNG files of the same index and label), but the folder could never
+    end as an uninterrupted run of N leaves it."""
+    generate_files(gen, tmp_path, N + 5, fmt, **REQUEST)
+    before = folder(tmp_path)
+    with pytest.raises(OtherRunError) as error:
+        generate_files(gen, tmp_path, N, fmt, resume=True, **REQUEST)
+    if fmt == "png":
+        assert str(error.value) == (
+            f"{tmp_path / '00000040_label4.png'} (and 4 more) lies past this command's 40 digits: the folder holds a "
+            "run of another count; resume with that run's count, or write to another folder"
+        )
+    assert folder(tmp_path) == before
+
+
 def test_a_refused_resume_removes_the_files_it_had_added(gen: DigitGenerator, tmp_path: Path) -> None:
     """Digits 0-7 this run's, 8-15 missing, 16-39 another run's: the first file passes the check before the run,
     and the files written for 8-15 go again when 16 is refused."""
