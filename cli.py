@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import signal
 import sys
 import time
@@ -118,10 +119,18 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+DEFAULT_DATA_DIR = "data"
+
+
+def _data_dir_again(data_dir: str) -> str:
+    """`` --data-dir DIR`` for a hint to rerun a command, unless DIR is the default (a resume does not keep it)."""
+    return "" if data_dir == DEFAULT_DATA_DIR else f" --data-dir {shlex.quote(data_dir)}"
+
+
 data_dir_option = click.option(
     "--data-dir",
     envvar="MNIST_ROOT",
-    default="data",
+    default=DEFAULT_DATA_DIR,
     show_default=True,
     type=click.Path(file_okay=False),
     help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",
@@ -415,7 +424,7 @@ def train(
     if result.interrupted:
         say(
             f"interrupted at step {result.step}; checkpoint saved to {result.checkpoint}; "
-            f"continue with --resume {result.checkpoint}",
+            f"continue with --resume {shlex.quote(str(result.checkpoint))}{_data_dir_again(data_dir)}",
             err=True,
         )
         sys.exit(130)

@@ -46,6 +46,18 @@ def test_training_into_a_run_directory_is_refused(finished_run: Path, tiny_mnist
     assert (finished_run / "checkpoint.pt").read_bytes() == before
 
 
+def test_a_run_without_a_checkpoint_is_not_offered_a_resume(finished_run: Path, tiny_mnist: Path) -> None:
+    """A run that stopped before its first checkpoint (a loss that went non-finite) leaves only its metrics and
+    samples: the refusal must not point at a checkpoint that is not there."""
+    (finished_run / "checkpoint.pt").unlink()
+    code, output = train(tiny_mnist, finished_run, "--steps", 2, *TINY)
+    assert (code, output.strip()) == (
+        1,
+        f"Error: {finished_run} holds a run that saved no checkpoint (metrics.jsonl, samples); "
+        "start over with --overwrite",
+    )
+
+
 def test_overwrite_starts_over_and_says_what_it_deleted(finished_run: Path, tiny_mnist: Path) -> None:
     (finished_run / "samples" / "mine.png").write_bytes(b"old grid")
     code, output = train(tiny_mnist, finished_run, "--steps", 3, "--overwrite", *TINY)

@@ -102,9 +102,14 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
     if not existing or resumes_it:
         return ()
     if not options.overwrite:
+        found = ", ".join(p.name for p in existing)
+        if not own_checkpoint.exists():  # a run that stopped before its first checkpoint cannot be continued
+            raise RunDirectoryError(
+                f"{run_dir} holds a run that saved no checkpoint ({found}); start over with --overwrite"
+            )
         raise RunDirectoryError(
-            f"{run_dir} already holds a run ({', '.join(p.name for p in existing)}); "
-            f"continue it with --resume {own_checkpoint} or start over with --overwrite"
+            f"{run_dir} already holds a run ({found}); continue it with --resume {own_checkpoint} "
+            "or start over with --overwrite"
         )
     return existing
 
