@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +54,13 @@ class Request:
     truncation: float | None
 
 
+MAX_INDEX = 2**63 - 1  # the last digit index a request may reach
+
+
 def labels_for(digits: Sequence[int], start: int, stop: int) -> np.ndarray:
     """Labels of global indices ``[start, stop)``: ``digits`` repeated."""
     cycle = np.asarray(digits, dtype=np.int64)
-    return cycle[np.arange(start, stop) % len(cycle)]
+    return cycle[(np.arange(stop - start) + start % len(cycle)) % len(cycle)]  # no index past int64 is formed
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -145,6 +148,8 @@ class DigitGenerator:
         """Validate requested classes; ``None`` means all classes in turn."""
         if digits is None:
             return list(range(self.num_classes))
+        if isinstance(digits, (str, bytes)) or not isinstance(digits, Iterable):
+            raise InvalidRequestError(f"digits must be a list of classes, e.g. [3, 7], got {digits!r}")
         digits = list(digits)
         if not digits:
             raise InvalidRequestError("the list of digits is empty")
@@ -178,13 +183,15 @@ class DigitGenerator:
         start: int = 0,
         truncation: float | None = None,
     ) -> Request:
-        """Validate the arguments of :meth:`iter_batches` (typed errors) and return them normalised."""
+        """Validate the arguments of :meth:`iter_batches` (typed errors) and return them normalised. Indices run
+        to :data:`MAX_INDEX` (labels and noise counters are int64 and uint64 arrays)."""
+        start = check_int(start, "start index", minimum=0, maximum=MAX_INDEX)
         return Request(
-            check_int(num, "number of digits"),
+            check_int(num, "number of digits", maximum=MAX_INDEX + 1 - start),
             tuple(self.check_digits(digits)),
             check_int(seed, "seed", minimum=0, maximum=MAX_SEED),
             check_int(batch_size, "batch size"),
-            check_int(start, "start index", minimum=0),
+            start,
             check_truncation(truncation),
         )
 

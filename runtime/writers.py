@@ -102,10 +102,30 @@ def leftover_temporaries(out_dir: Path, fmt: str, shard: Shard, total: int) -> l
     return [path for name in output_names(fmt, shard) if (path := temporary_name(out_dir / name)).exists()]
 
 
+def _check_arrays(batch: object) -> None:
+    """A typed error unless ``batch`` holds uint8 images (N, 28, 28) and integer labels (N,) from 0 to 255 (what
+    every format can store: an IDX label is one byte), as a hand-made batch passed to :func:`write_digits` may not."""
+    images, labels = getattr(batch, "images", None), getattr(batch, "labels", None)
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape[1:] != (28, 28):
+        got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise InvalidRequestError(f"a batch's images must be uint8 (N, 28, 28), got {got}; no new file was kept")
+    if (
+        not isinstance(labels, np.ndarray)
+        or labels.ndim != 1
+        or not np.issubdtype(labels.dtype, np.integer)
+        or (labels.size and not 0 <= labels.min() <= labels.max() <= 255)
+    ):
+        got = f"{labels.dtype} {labels.shape}" if isinstance(labels, np.ndarray) else type(labels).__name__
+        raise InvalidRequestError(
+            f"a batch's labels must be integers 0-255 of shape (N,), got {got}; no new file was kept"
+        )
+
+
 def _checked(batches: Iterable[GeneratedDigits], start: int, stop: int) -> Iterator[GeneratedDigits]:
     """``batches`` while they hold exactly the digits ``start .. stop-1`` in order; a typed error otherwise."""
     expected = start
     for batch in batches:
+        _check_arrays(batch)
         if len(batch.images) != len(batch.labels):
             raise InvalidRequestError(
                 f"a batch holds {len(batch.images)} images and {len(batch.labels)} labels; no new file was kept"
@@ -215,9 +235,13 @@ def _write_pngs(
 
 
 def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = lambda n: None) -> GeneratedDigits:
-    """The ``num`` digits of ``batches`` in two arrays; ``on_batch`` after each batch (it may raise to stop)."""
-    images = np.empty((num, 28, 28), dtype=np.uint8)
-    labels = np.empty(num, dtype=np.int64)
+    """The ``num`` digits of ``batches`` in two arrays; ``on_batch`` after each batch (it may raise to stop).
+    :class:`MemoryError` if they cannot be held (numpy's ValueError for an array past its address space too)."""
+    try:
+        images = np.empty((num, 28, 28), dtype=np.uint8)
+        labels = np.empty(num, dtype=np.int64)
+    except ValueError as exc:
+        raise MemoryError(f"{num} digits do not fit in one array") from exc
     filled = 0
     for batch in batches:
         n = len(batch.labels)

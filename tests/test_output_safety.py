@@ -47,8 +47,29 @@ def _unlabelled(gen: DigitGenerator) -> list[GeneratedDigits]:
     return [GeneratedDigits(first.images, first.labels[:-1], first.start), *rest]
 
 
+def _second_changed(gen: DigitGenerator, **change: object) -> list:
+    """The right digits, but the second batch's arrays replaced (a batch of None when ``change`` is empty)."""
+    first, second, *rest = gen.iter_batches(N, seed=1, batch_size=4)
+    fields = {"images": second.images, "labels": second.labels, "start": second.start, **change}
+    return [first, GeneratedDigits(**fields) if change else None, *rest]
+
+
+WRONG_ARRAYS = {
+    "small images": lambda gen: _second_changed(gen, images=np.zeros((4, 3, 3), np.uint8)),
+    "float images": lambda gen: _second_changed(gen, images=np.zeros((4, 28, 28), np.float32)),
+    "label 300": lambda gen: _second_changed(gen, labels=np.array([1, 2, 300, 4])),
+    "label -1": lambda gen: _second_changed(gen, labels=np.array([1, 2, -1, 4])),
+    "float labels": lambda gen: _second_changed(gen, labels=np.array([1.0, 2.0, 3.0, 4.0])),
+    "no batch": _second_changed,
+}
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("batches", [_fewer, _more, _gap, _unlabelled])
+@pytest.mark.parametrize(
+    "batches",
+    [_fewer, _more, _gap, _unlabelled, *WRONG_ARRAYS.values()],
+    ids=["fewer", "more", "gap", "unlabelled", *WRONG_ARRAYS],
+)
 def test_writer_fed_the_wrong_digits_raises_and_leaves_no_file(
     gen: DigitGenerator, tmp_path: Path, fmt: str, batches
 ) -> None:

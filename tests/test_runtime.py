@@ -84,6 +84,8 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
         ({"num": 5, "digits": [10]}, "digit 10"),
         ({"num": 5, "digits": [-1]}, "digit -1"),
         ({"num": 5, "digits": []}, "empty"),
+        ({"num": 5, "digits": 5}, r"digits must be a list of classes, e\.g\. \[3, 7\], got 5"),
+        ({"num": 5, "digits": "37"}, "digits must be a list of classes"),
         ({"num": 5, "seed": -1}, "seed"),
         ({"num": 5, "seed": 2**64}, "seed must be an integer from 0 to 18446744073709551615"),
         ({"num": 5, "batch_size": 0}, "batch size"),
@@ -97,6 +99,16 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
 def test_bad_requests_raise_typed_errors(tiny: DigitGenerator, kwargs: dict, message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         tiny.generate(**kwargs)
+
+
+def test_indices_run_to_the_last_int64_and_no_further(tiny: DigitGenerator) -> None:
+    last = 2**63 - 1
+    (batch,) = tiny.iter_batches(3, start=last - 2)
+    assert (batch.start, batch.labels.tolist(), batch.images.shape) == (last - 2, [5, 6, 7], (3, 28, 28))
+    with pytest.raises(InvalidRequestError, match=r"^number of digits must be an integer from 1 to 3, got 4$"):
+        list(tiny.iter_batches(4, start=last - 2))
+    with pytest.raises(InvalidRequestError, match=r"^start index must be an integer from 0 to "):
+        list(tiny.iter_batches(1, start=last + 1))
 
 
 def test_missing_model(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from digitgen.runtime.writers import (
     IDX_IMAGES_FILE,
     IDX_LABELS_FILE,
     NPZ_FILE,
+    collect,
     plan_output,
     png_name,
 )
@@ -135,3 +136,9 @@ def test_interrupted_png_leaves_only_complete_files(gen: DigitGenerator, tmp_pat
     files = sorted(tmp_path.iterdir())
     assert [f.name for f in files] == [png_name(i, i) for i in range(5)]
     assert all(np.asarray(Image.open(f)).shape == (28, 28) for f in files)
+
+
+def test_digits_past_numpys_address_space_are_a_memory_error() -> None:
+    """numpy refuses such an array with a ValueError; the CLI words a MemoryError ("not enough memory ...")."""
+    with pytest.raises(MemoryError, match=r"^4611686018427387904 digits do not fit in one array$"):
+        collect([], 2**62)
