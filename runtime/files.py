@@ -93,7 +93,7 @@ def refuse_one_file_twice(files: dict[str, str | Path | None]) -> None:
 
 def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool) -> None:
     """Raise :class:`OutputError` if any of ``paths`` exists and ``overwrite`` is not set."""
-    clashes = [Path(p) for p in paths if p is not None and Path(p).exists()]
+    clashes = [Path(p) for p in paths if p is not None and os.path.lexists(p)]  # a dangling link is a file too
     if clashes and not overwrite:
         more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
         raise OutputError(f"{clashes[0]}{more} already exists; pass --overwrite to replace")

@@ -87,7 +87,7 @@ def existing_outputs(out_dir: Path, fmt: str, shard: Shard, total: int) -> list[
     """Files a run would replace: named outputs of ``fmt``, or PNGs for indices in range."""
     if fmt == "png":
         return pngs_in_range(out_dir, *shard.bounds(total))
-    return [out_dir / name for name in output_names(fmt, shard) if (out_dir / name).exists()]
+    return [out_dir / name for name in output_names(fmt, shard) if os.path.lexists(out_dir / name)]
 
 
 def leftover_temporaries(out_dir: Path, fmt: str, shard: Shard, total: int) -> list[Path]:

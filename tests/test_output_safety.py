@@ -124,6 +124,16 @@ def test_export_refuses_to_replace_a_file(tmp_path: Path, tiny_checkpoint: Path)
     assert DigitGenerator.from_path(out, "cpu").latent_dim == 8
 
 
+@pytest.mark.parametrize("fmt", ["npz", "png"])
+def test_a_dangling_link_in_the_way_is_refused_like_a_file(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
+    """The link is the user's (it may name a file they mean to create elsewhere): replacing it needs --overwrite."""
+    link = tmp_path / ("digits.npz" if fmt == "npz" else "00000000_label0.png")
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputError, match=f"^{link} already exists; pass --overwrite to replace$"):
+        generate_files(gen, tmp_path, 3, fmt)
+    assert link.is_symlink() and sorted(tmp_path.iterdir()) == [link]
+
+
 def test_export_refuses_to_replace_release_weights(tmp_path: Path, tiny_checkpoint: Path) -> None:
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"mine")
