@@ -10,6 +10,9 @@ from digitgen.runtime.errors import ModelContractError
 
 CONTRACT_VERSION = "1"
 IMAGE_SIZE = 28
+# bounds that keep a model's noise and label cycle small: far past any digit model, short of exhausting memory
+MAX_LATENT_DIM = 4096
+MAX_CLASSES = 1000
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def _check_io(session: ort.InferenceSession) -> list[str]:
     return problems
 
 
-def _int_metadata(metadata: dict[str, str], key: str, problems: list[str]) -> int:
+def _int_metadata(metadata: dict[str, str], key: str, problems: list[str], maximum: int | None = None) -> int:
     try:
         value = int(metadata[key])
     except (KeyError, ValueError):
@@ -66,6 +69,8 @@ def _int_metadata(metadata: dict[str, str], key: str, problems: list[str]) -> in
         return 0
     if value < 1:
         problems.append(f"metadata '{key}' must be positive, found {value}")
+    elif maximum is not None and value > maximum:
+        problems.append(f"metadata '{key}' must be at most {maximum}, found {value}")
     return value
 
 
@@ -73,8 +78,8 @@ def check_contract(session: ort.InferenceSession, source: str) -> ModelInfo:
     """Check names, then types and shapes, then metadata; raise one error listing every problem."""
     problems = _check_io(session)
     metadata = dict(session.get_modelmeta().custom_metadata_map)
-    latent_dim = _int_metadata(metadata, "latent_dim", problems)
-    num_classes = _int_metadata(metadata, "num_classes", problems)
+    latent_dim = _int_metadata(metadata, "latent_dim", problems, MAX_LATENT_DIM)
+    num_classes = _int_metadata(metadata, "num_classes", problems, MAX_CLASSES)
     image_size = _int_metadata(metadata, "image_size", problems)
     if image_size and image_size != IMAGE_SIZE:
         problems.append(f"metadata 'image_size' must be {IMAGE_SIZE}, found {image_size}")

@@ -10,11 +10,17 @@ from pathlib import Path
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from digitgen.runtime.errors import InvalidModelError, ModelNotFoundError, ProviderUnavailableError
+from digitgen.runtime.errors import (
+    InvalidModelError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ProviderUnavailableError,
+)
 from digitgen.runtime.external_data import external_data_files
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PROVIDER_CHOICES = ("auto", *PROVIDERS)
+MAX_THREADS = 1024  # onnxruntime's intra-op threads; far more than any core count, short of its int32 overflow
 # Every exception class onnxruntime's binding defines (Fail, InvalidGraph, EPFail, DeviceReset, ...): none
 # derives from a common base, and a new release may add more.
 ORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -83,6 +89,10 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     onnxruntime reads itself, are read again for the hash). ``threads`` sets
     onnxruntime's intra-op threads (default: onnxruntime's choice, one per core).
     """
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS
+    ):
+        raise InvalidRequestError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
     path = Path(path)
     if not path.exists():
         raise ModelNotFoundError(f"model not found: {path}")
@@ -91,7 +101,7 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     chosen = _resolve(provider)
     providers = [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failure reaches the user as a typed error, in its words
     # external data (tensors in files beside the model) is found next to the file, as when loading by path
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     if threads is not None:

@@ -84,6 +84,11 @@ CASES = {
     },
     "latent-not-int": ({"metadata": {"latent_dim": "eight"}}, "'latent_dim' is missing or not an integer"),
     "classes-zero": ({"metadata": {"num_classes": "0"}}, "'num_classes' must be positive"),
+    "classes-huge": ({"metadata": {"num_classes": "100000"}}, "'num_classes' must be at most 1000, found 100000$"),
+    "latent-huge": (
+        {"metadata": {"latent_dim": "4097"}},
+        "'latent_dim' must be at most 4096, found 4097; 'z' has 8 features but metadata latent_dim is 4097",
+    ),
     "image-size": ({"metadata": {"image_size": "32"}}, "'image_size' must be 28"),
     "contract-version": ({"metadata": {"contract_version": "2"}}, "contract_version '2' is not '1'"),
 }

@@ -111,6 +111,12 @@ def test_indices_run_to_the_last_int64_and_no_further(tiny: DigitGenerator) -> N
         list(tiny.iter_batches(1, start=last + 1))
 
 
+@pytest.mark.parametrize("threads", [0, -1, True, 1.5, "2", 2**31])
+def test_threads_outside_what_onnxruntime_takes_are_refused_in_words(tiny_onnx: Path, threads: object) -> None:
+    with pytest.raises(InvalidRequestError, match=f"^threads must be an integer from 1 to 1024, got {threads!r}$"):
+        DigitGenerator.from_path(tiny_onnx, "cpu", threads=threads)
+
+
 def test_missing_model(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="not found"):
         DigitGenerator.from_path(tmp_path / "none.onnx")

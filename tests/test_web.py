@@ -440,7 +440,7 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", python_gen.latent_dim])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    helper.set_model_props(model, python_gen.info.metadata)
+    helper.set_model_props(model, {**python_gen.info.metadata, "num_classes": "100000"})
     paths = [dist / "_test_renamed.onnx", dist / "_test_truncated.onnx", dist / "_test_small_images.onnx"]
     onnx.save(model, paths[0])
     paths[1].write_bytes((dist / "generator.onnx").read_bytes()[:5000])
@@ -464,6 +464,7 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
                 "inputs must be 'z' and 'digit', found [digit,noise]",
                 "'image' must be float32 [batch, 1, 28, 28], found float32 [batch, 64]",
                 "'digit' must take any batch size, found a fixed batch of 1",
+                "metadata 'num_classes' must be at most 1000, found 100000",
             ],
         ),
         ("threads=0", ["threads must be an integer from 1 to 64"]),

@@ -14,6 +14,8 @@ import * as ort from "./ort.wasm.min.mjs";
 export const NOISE_SCHEME = "splitmix64-boxmuller-v1";
 export const CONTRACT_VERSION = "1";
 export const IMAGE_SIZE = 28;
+export const MAX_LATENT_DIM = 4096; // bounds of the contract check, as runtime/contract.py
+export const MAX_CLASSES = 1000;
 export const MAX_SEED = 2n ** 64n - 1n;
 export const MAX_COUNT = 100_000; // 78 MB of images; larger requests belong to the Python runtime
 export const DEFAULT_BATCH_SIZE = 64;
@@ -254,14 +256,15 @@ export function checkContract({ inputs, outputs, metadata }, source = "the model
   if (image?.shape?.length === 4 && !image.shape.slice(1).every((d, i) => isDynamic(d) || d === imageDims[i])) {
     problems.push(`'image' must be [batch, 1, 28, 28], found ${formatShape(image.shape)}`);
   }
-  const integer = (key) => {
+  const integer = (key, maximum = Infinity) => {
     const value = /^\s*[+-]?\d+\s*$/.test(metadata[key] ?? "") ? Number(metadata[key]) : null;
     if (value === null) problems.push(`metadata '${key}' is missing or not an integer`);
     else if (value < 1) problems.push(`metadata '${key}' must be positive, found ${value}`);
+    else if (value > maximum) problems.push(`metadata '${key}' must be at most ${maximum}, found ${value}`);
     return value;
   };
-  const latentDim = integer("latent_dim");
-  const numClasses = integer("num_classes");
+  const latentDim = integer("latent_dim", MAX_LATENT_DIM);
+  const numClasses = integer("num_classes", MAX_CLASSES);
   const imageSize = integer("image_size");
   if (imageSize && imageSize !== IMAGE_SIZE) problems.push(`metadata 'image_size' must be 28, found ${imageSize}`);
   if (!("contract_version" in metadata)) problems.push("metadata 'contract_version' is missing");
