@@ -19,6 +19,7 @@ from digitgen.runtime.generator import DigitGenerator, default_model_path
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
 
 K_NEAREST = 5
+MNIST_CLASSES = 10  # what the reference classifier tells apart
 Progress = Callable[[int], None]
 
 
@@ -222,6 +223,10 @@ def evaluate(
     progress: Progress = lambda n: None,
 ) -> Evaluation:
     """Score ``num_samples`` generated digits (classes 0-9 in turn) and a real reference sample."""
+    if generator.num_classes != MNIST_CLASSES:
+        raise InvalidRequestError(
+            f"{generator.path} has num_classes {generator.num_classes}; the evaluator scores MNIST's {MNIST_CLASSES} digits"
+        )
     if num_samples < 100:
         raise InvalidRequestError(f"evaluation needs at least 100 samples, got {num_samples}")
     reference, _ = classifier.embed(test[0], progress=progress)

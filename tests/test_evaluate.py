@@ -184,6 +184,22 @@ def test_evaluate_reports_progress_uses_its_seed_and_needs_100_samples(
         evaluate(gen, reference, test, train, num_samples=99)
 
 
+def test_a_model_of_other_than_ten_classes_is_refused_before_any_work(
+    tmp_path: Path, tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path
+) -> None:
+    """Scored as MNIST digits, one class gave NaN figures and a 100% class accuracy."""
+    model = onnx.load(str(tiny_onnx))
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, "num_classes": "1"})
+    path = tmp_path / "one-class.onnx"
+    onnx.save(model, str(path))
+    gen, reference = DigitGenerator.from_path(path, "cpu"), ReferenceClassifier(tiny_classifier)
+    test, train = read_mnist_split(tiny_mnist, "t10k"), read_mnist_split(tiny_mnist, "train")
+    done: list[int] = []
+    with pytest.raises(InvalidRequestError, match=f"^{re.escape(str(path))} has num_classes 1; the evaluator scores MNIST's 10 digits$"):
+        evaluate(gen, reference, test, train, num_samples=100, progress=done.append)
+    assert done == []
+
+
 def test_reference_classifier_defaults_to_the_shipped_one_and_checks_its_outputs(tiny_onnx: Path) -> None:
     assert ReferenceClassifier().path == default_model_path("classifier.onnx")
     with pytest.raises(
