@@ -225,7 +225,8 @@ def evaluate(
     """Score ``num_samples`` generated digits (classes 0-9 in turn) and a real reference sample."""
     if generator.num_classes != MNIST_CLASSES:
         raise InvalidRequestError(
-            f"{generator.path} has num_classes {generator.num_classes}; the evaluator scores MNIST's {MNIST_CLASSES} digits"
+            f"{generator.path} has num_classes {generator.num_classes}; "
+            f"the evaluator scores MNIST's {MNIST_CLASSES} digits"
         )
     if num_samples < 100:
         raise InvalidRequestError(f"evaluation needs at least 100 samples, got {num_samples}")

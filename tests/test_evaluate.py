@@ -195,7 +195,8 @@ def test_a_model_of_other_than_ten_classes_is_refused_before_any_work(
     gen, reference = DigitGenerator.from_path(path, "cpu"), ReferenceClassifier(tiny_classifier)
     test, train = read_mnist_split(tiny_mnist, "t10k"), read_mnist_split(tiny_mnist, "train")
     done: list[int] = []
-    with pytest.raises(InvalidRequestError, match=f"^{re.escape(str(path))} has num_classes 1; the evaluator scores MNIST's 10 digits$"):
+    refusal = f"^{re.escape(str(path))} has num_classes 1; the evaluator scores MNIST's 10 digits$"
+    with pytest.raises(InvalidRequestError, match=refusal):
         evaluate(gen, reference, test, train, num_samples=100, progress=done.append)
     assert done == []
 
