@@ -104,7 +104,7 @@ class OneLineErrors(click.Group):
             )
             sys.exit(1)
         except click.Abort:
-            click.echo("Error: aborted", err=True)
+            click.echo("Error: interrupted; no file was left half-written", err=True)
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)
 

@@ -131,12 +131,16 @@ def export_generator(
     """
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not DEFAULT_OPSET <= opset <= newest:
+        raise ExportError(f"opset {opset!r} is not one this exporter writes: choose {DEFAULT_OPSET} to {newest}")
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"output {out} is a directory; give a file name such as generator.onnx")
     for folder in {out.parent, *([Path(weights_out).parent] if weights_out is not None else [])}:
         if not folder.is_dir():
-            raise ExportError(f"output directory {folder} does not exist")
+            missing = "is a file, not a directory" if folder.exists() else "does not exist"
+            raise ExportError(f"output directory {folder} {missing}")
     refuse_one_file_twice({"--checkpoint": checkpoint, "--out": out, "--weights-out": weights_out})
     refuse_existing([out, weights_out], overwrite)
     generator, config, payload = load_generator(str(checkpoint))

@@ -116,7 +116,7 @@ def _group_raising(exc: BaseException) -> click.Group:
             1,
             "Error: the ranks ended with different weights",
         ),
-        (click.Abort(), 130, "Error: aborted"),
+        (click.Abort(), 130, "Error: interrupted; no file was left half-written"),
         (
             ModuleNotFoundError("no torch", name="torch"),
             1,

@@ -446,10 +446,25 @@ def test_a_model_that_fails_to_run_is_refused_in_one_line(tmp_path: Path, tiny_c
     assert len(result.output.strip().splitlines()) == 1, result.output
 
 
-def test_an_opset_the_exporter_cannot_write_is_refused_not_ignored(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    out = tmp_path / "g.onnx"
+@pytest.mark.parametrize("opset", [17, 99, 2**40])
+def test_an_opset_onnx_does_not_define_is_refused_before_any_work(
+    tmp_path: Path, tiny_checkpoint: Path, opset: int
+) -> None:
+    """A huge one reached the exporter and ended in its traceback."""
+    newest = onnx.defs.onnx_opset_version()
+    refusal = f"^opset {opset} is not one this exporter writes: choose 18 to {newest}$"
+    with pytest.raises(ExportError, match=refusal):
+        export_generator(tiny_checkpoint, tmp_path / "g.onnx", opset=opset)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused_not_ignored(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past what it writes, the exporter falls back to another opset with a warning only."""
+    monkeypatch.setattr(onnx.defs, "onnx_opset_version", lambda: 99)
     with pytest.raises(
         ExportError, match=r"^the exporter wrote opset 18, not the 99 asked for; choose an opset it supports$"
     ):
-        export_generator(tiny_checkpoint, out, opset=99)
+        export_generator(tiny_checkpoint, tmp_path / "g.onnx", opset=99)
     assert list(tmp_path.iterdir()) == []

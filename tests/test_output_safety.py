@@ -265,6 +265,9 @@ def test_export_into_a_missing_weights_folder_leaves_nothing(tmp_path: Path, tin
     )
     assert (code, output.strip()) == (1, f"Error: output directory {weights.parent} does not exist")
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file.onnx").write_bytes(b"mine")
+    code, output = _cli("export", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "file.onnx" / "g.onnx")
+    assert (code, output.strip()) == (1, f"Error: output directory {tmp_path / 'file.onnx'} is a file, not a directory")
 
 
 def test_a_release_weights_write_that_fails_leaves_no_model(tmp_path: Path, tiny_checkpoint: Path, monkeypatch) -> None:
