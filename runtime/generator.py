@@ -186,8 +186,11 @@ class DigitGenerator:
         """Validate the arguments of :meth:`iter_batches` (typed errors) and return them normalised. Indices run
         to :data:`MAX_INDEX` (labels and noise counters are int64 and uint64 arrays)."""
         start = check_int(start, "start index", minimum=0, maximum=MAX_INDEX)
+        num = check_int(num, "number of digits")
+        if start + num - 1 > MAX_INDEX:
+            raise InvalidRequestError(f"digits {start}..{start + num - 1} run past index {MAX_INDEX}, the last one")
         return Request(
-            check_int(num, "number of digits", maximum=MAX_INDEX + 1 - start),
+            num,
             tuple(self.check_digits(digits)),
             check_int(seed, "seed", minimum=0, maximum=MAX_SEED),
             check_int(batch_size, "batch size"),

@@ -272,7 +272,7 @@ class _Service:
     async def respond(self, http: Request) -> Response:
         try:
             request = parse(
-                http.query_params.multi_items(), http.headers.get("accept"), self.generator, self.settings.max_count
+                http.query_params.multi_items(), _combined(http, "accept"), self.generator, self.settings.max_count
             )
         except NotAcceptableError as exc:
             return _error(406, str(exc))
@@ -280,7 +280,7 @@ class _Service:
             return _error(422, str(exc))
         tag = etag(self.etag_source, request)
         headers = {"ETag": tag, "Cache-Control": self.cache_control, "Vary": "Accept"}
-        if not_modified(http.headers.get("if-none-match"), tag):
+        if not_modified(_combined(http, "if-none-match"), tag):
             return Response(status_code=304, headers=headers)
         deadline = time.monotonic() + self.settings.time_limit
         try:
@@ -305,6 +305,11 @@ class _Service:
             disposition = "inline" if request.fmt in ("png", "grid") else "attachment"
             headers["Content-Disposition"] = f'{disposition}; filename="{name}"'
         return Response(body, media_type=MEDIA_TYPES[request.fmt], headers=headers)
+
+
+def _combined(http: Request, name: str) -> str | None:
+    """A list-valued header sent as several fields, joined as one (RFC 9110, 5.3); ``None`` if absent."""
+    return ", ".join(http.headers.getlist(name)) or None
 
 
 class _ServiceEntry:
@@ -375,6 +380,7 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
     metrics = Metrics()
     service = _Service(generator, settings, metrics)
     app = FastAPI(
+        redirect_slashes=False,  # "/generate/" is a 404 in JSON, not a redirect built from the Host header
         title="digitgen",
         summary="Handwritten digits from a GAN trained on MNIST, as PNG, contact sheet, NPZ, IDX or JSON.",
         lifespan=_lifespan(service),

@@ -28,6 +28,7 @@ PARAMETERS = ("digits", "digit", "count", "seed", "truncation", "format")
 ENCODING_VERSION = "2"  # bump when the bytes of any format change
 # up to 40 digits: every valid value has at most 20, and int() refuses strings over 4,300 digits
 _INTEGER = re.compile(r"-?[0-9]{1,40}")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?")
 
 
 class NotAcceptableError(InvalidRequestError):
@@ -64,13 +65,9 @@ def _digits(digits: str | None, digit: str | None) -> list[int | str] | None:
 
 
 def _number(text: str | None) -> float | str | None:
-    """``text`` as a float when it is one, else ``text`` itself for the runtime's check to reject by name."""
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    """``text`` as a float when it is a decimal number, else ``text`` itself for the runtime's check to reject
+    by name (Python's float() takes "1_0", " 2", "nan" and "infinity" too)."""
+    return float(text) if text is not None and _DECIMAL.fullmatch(text) else text
 
 
 def _accepted(accept: str) -> list[str]:

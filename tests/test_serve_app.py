@@ -584,3 +584,20 @@ def test_a_batcher_that_ends_fails_its_request_and_leaves_the_rest_served_one_by
         unexpected.exc_info is not None
         and f"{type(unexpected.exc_info[1]).__name__}: {unexpected.exc_info[1]}" == words
     )
+
+
+def test_list_headers_sent_as_several_fields_count_whole_and_no_path_redirects() -> None:
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
+
+    async def run() -> list[httpx.Response]:
+        async with asgi_client(app) as client:
+            two_accepts = [("accept", "text/html"), ("accept", "application/json")]
+            json_answer = await client.get("/generate?seed=4", headers=two_accepts)
+            tag = json_answer.headers["etag"]
+            two_tags = [("if-none-match", '"elsewhere"'), ("if-none-match", tag), *two_accepts]
+            return [json_answer, await client.get("/generate?seed=4", headers=two_tags), await client.get("/generate/")]
+
+    json_answer, not_modified, slash = asyncio.run(run())
+    assert (json_answer.status_code, json_answer.headers["content-type"]) == (200, "application/json")
+    assert not_modified.status_code == 304
+    assert (slash.status_code, slash.json()) == (404, {"error": "no endpoint /generate/; see /docs"})
