@@ -109,6 +109,15 @@ class OneLineErrors(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
+class GivenPath(click.Path):
+    """A path that is not the empty string (which would mean the current folder without saying so)."""
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        if value == "":
+            self.fail("an empty path; name a file or folder (. for the current folder)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class FiniteFloat(click.FloatRange):
     """A float in a range, never nan or infinity (which Click's FloatRange lets through)."""
 
@@ -132,7 +141,7 @@ data_dir_option = click.option(
     envvar="MNIST_ROOT",
     default=DEFAULT_DATA_DIR,
     show_default=True,
-    type=click.Path(file_okay=False),
+    type=GivenPath(file_okay=False),
     help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",
 )
 download_option = click.option(
@@ -148,7 +157,7 @@ truncation_option = click.option(
 
 def generator_option(help_text: str) -> Callable:
     """``--generator MODEL.onnx``: every command that reads a generator spells it this way."""
-    return click.option("--generator", "model", type=click.Path(dir_okay=False), help=help_text)
+    return click.option("--generator", "model", type=GivenPath(dir_okay=False), help=help_text)
 
 
 def _one_model(positional: str | None, option: str | None) -> str | None:
@@ -191,7 +200,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 @click.option(
     "--out",
     "run_dir",
-    type=click.Path(),
+    type=GivenPath(),
     help=f"Run directory for checkpoint, sample grids and metrics [default: {DEFAULT_RUN_DIR}; with --resume, "
     "the checkpoint's folder].",
 )
@@ -237,7 +246,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     "--label-classifier",
     "label_classifiers",
     multiple=True,
-    type=click.Path(dir_okay=False),
+    type=GivenPath(dir_okay=False),
     help="Classifier weights (from train-classifier, not the evaluator's) whose cross-entropy on the generated "
     "digits joins the generator's loss; saved in the checkpoint. Given more than once: their mean.",
 )
@@ -283,7 +292,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     help=f"Seed of weights and noise (0 to 2^32-1) [default: {TrainConfig.seed}].",
 )
 @click.option("--device", "device_name", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--resume", type=click.Path(dir_okay=False), help="Continue the run saved in this checkpoint.")
+@click.option("--resume", type=GivenPath(dir_okay=False), help="Continue the run saved in this checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out that holds another run, deleting it.")
 @click.option("--subset", type=click.IntRange(min=1), help="Use only the first N training images (kept on --resume).")
 @click.option(
@@ -448,8 +457,8 @@ def _echo_report(report: ParityReport) -> None:
 
 
 @main.command("export")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Training checkpoint.")
-@click.option("--out", default="generator.onnx", show_default=True, type=click.Path(), help="ONNX file to write.")
+@click.option("--checkpoint", required=True, type=GivenPath(dir_okay=False), help="Training checkpoint.")
+@click.option("--out", default="generator.onnx", show_default=True, type=GivenPath(), help="ONNX file to write.")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(min=18))
 @click.option(
     "--precision",
@@ -466,7 +475,7 @@ def _echo_report(report: ParityReport) -> None:
 @click.option("--quality", type=click.File("r"), help="JSON of `digitgen evaluate --json` to store as metadata.")
 @click.option(
     "--weights-out",
-    type=click.Path(dir_okay=False),
+    type=GivenPath(dir_okay=False),
     help="Also write the EMA generator weights (what a release ships beside its ONNX file).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
@@ -499,9 +508,9 @@ def export_cmd(
 
 
 @main.command()
-@click.argument("model_argument", metavar="[MODEL]", required=False, type=click.Path(dir_okay=False))
+@click.argument("model_argument", metavar="[MODEL]", required=False, type=GivenPath(dir_okay=False))
 @generator_option("ONNX model to check (or give it as the argument).")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Checkpoint it came from.")
+@click.option("--checkpoint", required=True, type=GivenPath(dir_okay=False), help="Checkpoint it came from.")
 @click.option("--atol", type=FiniteFloat(min=0), help="Per-pixel tolerance [default: by the model's precision].")
 def verify(model_argument: str | None, model: str | None, checkpoint: str, atol: float | None) -> None:
     """Check an existing ONNX model against the PyTorch checkpoint it was exported from."""
@@ -540,7 +549,7 @@ def _parse_digits(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--digits", callback=_parse_digits, help="Digits to generate, repeated to N (e.g. 0,3,7).")
 @click.option("--digit", type=int, help="Generate only this digit.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=MAX_SEED))
-@click.option("--out", default="digits", show_default=True, type=click.Path(), help="Output directory.")
+@click.option("--out", default="digits", show_default=True, type=GivenPath(), help="Output directory.")
 @click.option("--format", "fmt", default="png", show_default=True, type=click.Choice(FORMATS))
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
@@ -624,17 +633,18 @@ def generate(
     where = written.paths[0] if len(written.paths) == 1 else out
     part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
     timing = f"in {seconds:.2f}s on {gen.provider}"
+    digits = f"{job.plan.count} digit{'' if job.plan.count == 1 else 's'}{part} as {fmt}"
     if not resume:
-        click.echo(f"wrote {job.plan.count} digits{part} as {fmt} to {where} {timing}")
+        click.echo(f"wrote {digits} to {where} {timing}")
         return
     click.echo(
-        f"{job.plan.count} digits{part} as {fmt} in {where}: kept {written.kept} complete "
+        f"{digits} in {where}: kept {written.kept} complete "
         f"file{'' if written.kept == 1 else 's'} of the earlier run, wrote {written.written}, {timing}"
     )
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=GivenPath(file_okay=False))
 @click.option("--format", "fmt", default="idx", show_default=True, type=click.Choice(["idx", "npz"]))
 @click.option("--overwrite", is_flag=True, help="Replace existing merged files.")
 def merge(out_dir: str, fmt: str, overwrite: bool) -> None:
@@ -644,7 +654,7 @@ def merge(out_dir: str, fmt: str, overwrite: bool) -> None:
 
 
 @main.command()
-@click.argument("model_argument", metavar="[MODEL]", required=False, type=click.Path(dir_okay=False))
+@click.argument("model_argument", metavar="[MODEL]", required=False, type=GivenPath(dir_okay=False))
 @generator_option("ONNX generator, the same as MODEL (default: the shipped model).")
 def info(model_argument: str | None, model: str | None) -> None:
     """Print a model's contract and metadata (default: the shipped model)."""
@@ -661,7 +671,7 @@ def info(model_argument: str | None, model: str | None) -> None:
 @main.command("train-classifier")
 @data_dir_option
 @download_option
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--out", required=True, type=GivenPath(dir_okay=False), help="ONNX file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, TRAIN_MAX_SEED))
@@ -687,10 +697,10 @@ def train_classifier_cmd(data_dir: str, download: bool, out: str, overwrite: boo
 @click.option(
     "--weights",
     required=True,
-    type=click.Path(dir_okay=False),
+    type=GivenPath(dir_okay=False),
     help="Classifier weights, e.g. artifacts/classifier_weights.pt (written by train-classifier).",
 )
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--out", required=True, type=GivenPath(dir_okay=False), help="ONNX file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 def export_classifier_cmd(weights: str, out: str, overwrite: bool) -> None:
     """Rebuild the reference classifier's ONNX file from its weights."""
@@ -702,7 +712,7 @@ def export_classifier_cmd(weights: str, out: str, overwrite: bool) -> None:
 
 @main.command()
 @generator_option("ONNX generator (default: the shipped model).")
-@click.option("--classifier", type=click.Path(dir_okay=False), help="Default: the shipped reference classifier.")
+@click.option("--classifier", type=GivenPath(dir_okay=False), help="Default: the shipped reference classifier.")
 @click.option("--num-samples", default=10_000, show_default=True, type=click.IntRange(min=100))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=MAX_SEED))
 @data_dir_option
@@ -799,7 +809,7 @@ def evaluate(
 @click.option(
     "--web",
     "web_dir",
-    type=click.Path(exists=True, file_okay=False),
+    type=GivenPath(exists=True, file_okay=False),
     help="Serve this built page at / (web/dist).",
 )
 @click.option(

@@ -28,6 +28,8 @@ class Shard:
         if self.count < 1:
             raise InvalidRequestError(f"the number of shards must be at least 1, got {self.count}")
         if not 0 <= self.index < self.count:
+            if self.count == 1:
+                raise InvalidRequestError(f"shard index {self.index} needs a number of shards (--num-shards) above it")
             raise InvalidRequestError(f"shard index must be in 0..{self.count - 1} for {self.count} shards")
         if self.count > total:
             raise InvalidRequestError(f"{self.count} shards for {total} digits would leave some empty")
@@ -101,7 +103,19 @@ def concat_npz(parts: list[Path]) -> dict[str, np.ndarray]:
             )
         arrays["images"].append(images)
         arrays["labels"].append(labels)
+    check_shard_sizes(parts, [len(labels) for labels in arrays["labels"]])
     return {key: np.concatenate(chunks) for key, chunks in arrays.items()}
+
+
+def check_shard_sizes(parts: list[Path], sizes: list[int]) -> None:
+    """:class:`OutputError` unless ``sizes`` (digits in each of ``parts``) are how one run splits their sum."""
+    total = sum(sizes)
+    expected = [Shard(index, len(sizes)).size(total) for index in range(len(sizes))]
+    if sizes != expected:
+        raise OutputError(
+            f"{parts[0].parent}: the shards hold {', '.join(map(str, sizes))} digits, where one run of {total} "
+            f"splits as {', '.join(map(str, expected))}: they come from different runs"
+        )
 
 
 def _is_digits(images: np.ndarray, labels: np.ndarray) -> bool:

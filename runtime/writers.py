@@ -29,7 +29,7 @@ from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputEr
 from digitgen.runtime.files import atomic_file, atomic_files, refuse_existing, temporary_name
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
 from digitgen.runtime.idx import MNIST_FILES, MNIST_RAW, check_idx, check_idx_count, idx_header
-from digitgen.runtime.shards import WHOLE, Shard, concat_idx, concat_npz, find_shards
+from digitgen.runtime.shards import WHOLE, Shard, check_shard_sizes, concat_idx, concat_npz, find_shards
 
 FORMATS = ("png", "grid", "npz", "idx", "mnist")
 GRID_FILE = "grid.png"
@@ -552,8 +552,8 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
     if not out_dir.is_dir():
         raise OutputError(f"{out_dir} is not a directory")
     targets = [out_dir / name for name in output_names(fmt)]
-    refuse_existing([path for path in targets if path.exists()], overwrite)
     parts = [find_shards(out_dir, path.name) for path in targets]
+    refuse_existing(targets, overwrite)
     if fmt == "npz":
         merged = concat_npz(parts[0])
         _save_npz(targets[0], merged["images"], merged["labels"])
@@ -567,6 +567,7 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
     ]
     if uneven:
         raise OutputError(f"{out_dir}: shard(s) {', '.join(uneven)} hold different numbers of images and labels")
+    check_shard_sizes(parts[1], [check_idx(part, images=False)[0] for part in parts[1]])
     with atomic_files(targets) as files:  # both files, or neither
         for out, shard_files, images in zip(files, parts, (True, False), strict=True):
             concat_idx(shard_files, images, out)

@@ -61,6 +61,8 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["--generator", "/nonexistent/g.onnx"], "model not found"),
         (["--out", "/proc/digitgen-cannot-write"], "cannot create output directory"),
         (["--num-shards", "3", "--shard-index", "3"], "shard index must be in 0..2"),
+        (["--shard-index", "1"], "shard index 1 needs a number of shards (--num-shards) above it"),
+        (["--out", ""], "Invalid value for '--out': an empty path; name a file or folder (. for the current folder)"),
         (["--truncation", "0.05"], "0.05 is not in the range x>=0.1"),
         (["--seed", str(2**64)], "18446744073709551616 is not in the range 0<=x<=18446744073709551615"),
         (["-n", str(2**32), "--format", "idx"], "an IDX file holds at most 4,294,967,295 digits"),

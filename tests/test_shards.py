@@ -107,6 +107,26 @@ def test_merge_refuses_image_and_label_shards_of_different_runs(gen: DigitGenera
     assert not list(tmp_path.glob("train-*-ubyte"))
 
 
+@pytest.mark.parametrize("fmt", ["idx", "npz"])
+def test_merge_refuses_shards_of_runs_of_different_counts(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
+    """Shards 0 and 2 of 30 digits and shard 1 of 40 hold 10, 13, 10: no one run splits so."""
+    for index, total in [(0, 30), (1, 40), (2, 30)]:
+        generate_files(gen, tmp_path, total, fmt, seed=9, shard=Shard(index, 3))
+    with pytest.raises(OutputError) as error:
+        merge_shards(tmp_path, fmt)
+    assert str(error.value) == (
+        f"{tmp_path}: the shards hold 10, 13, 10 digits, where one run of 33 splits as 11, 11, 11: "
+        "they come from different runs"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir() if "-of-" not in path.name) == []
+
+
+def test_merge_with_no_shards_says_so_before_anything_about_existing_files(tmp_path: Path) -> None:
+    (tmp_path / "digits.npz").write_bytes(b"merged earlier")
+    with pytest.raises(OutputError, match=f"^no shards of digits.npz in {tmp_path}$"):
+        merge_shards(tmp_path, "npz")
+
+
 @pytest.mark.parametrize("count", [0, 1])
 def test_merge_names_shard_files_this_project_never_writes(tmp_path: Path, count: int) -> None:
     (tmp_path / f"digits-00000-of-0000{count}.npz").write_bytes(b"")
