@@ -445,8 +445,14 @@ def train(
 
 
 def _read_json(file: TextIO) -> dict:
+    """The file's JSON, whole (pretty-printed or not), else its last line (``evaluate --json`` output captured
+    together with the lines before it)."""
     try:
-        return json.loads(file.read().strip().splitlines()[-1])
+        text = file.read().strip()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return json.loads(text.splitlines()[-1])
     except (json.JSONDecodeError, UnicodeDecodeError, IndexError) as exc:
         raise click.BadParameter(f"{file.name} holds no JSON object", param_hint="--quality") from exc
 

@@ -51,6 +51,8 @@ def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
 
 def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str, str]:
     """Headline figures of ``digitgen evaluate --json`` as ``metadata_props`` entries."""
+    if not isinstance(evaluation, Mapping):
+        raise ExportError(f"not an evaluation from `digitgen evaluate --json`: a JSON {type(evaluation).__name__}")
     try:
         generated, real = evaluation["generated"], evaluation["real"]
         return {

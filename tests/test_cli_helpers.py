@@ -24,6 +24,11 @@ def test_quality_file_is_read_from_its_last_line() -> None:
     assert _read_json(named(text)) == {"generated": {"fid": 1.5}, "real": {"fid": 1.0}}
 
 
+def test_a_pretty_printed_quality_file_is_read_whole() -> None:
+    text = '{\n  "generated": {"fid": 1.5},\n  "real": {"fid": 1.0}\n}\n'
+    assert _read_json(named(text)) == {"generated": {"fid": 1.5}, "real": {"fid": 1.0}}
+
+
 @pytest.mark.parametrize("text", ["", "  \n", "done\n", '{"generated": 1}\nnot json'], ids=repr)
 def test_quality_file_without_json_is_a_bad_parameter(text: str) -> None:
     with pytest.raises(click.BadParameter, match=r"quality\.json holds no JSON object") as raised:

@@ -218,12 +218,13 @@ def test_quality_metadata_holds_the_headline_figures_to_four_decimals() -> None:
         {**EVALUATION, "generated": {**EVALUATION["generated"], "fid": "n/a"}},
         {**EVALUATION, "generated": {**EVALUATION["generated"], "per_digit_accuracy": None}},
         {**EVALUATION, "real": {**EVALUATION["real"], "recall": None}},
-        [],
+        [1, 2],
     ],
     ids=["no-generated", "no-real", "text-fid", "no-per-digit", "none-recall", "a-list"],
 )
 def test_quality_metadata_refuses_what_evaluate_does_not_write(broken) -> None:
-    with pytest.raises(ExportError, match="not an evaluation from `digitgen evaluate --json`: missing or bad"):
+    reason = "a JSON list" if isinstance(broken, list) else "missing or bad"
+    with pytest.raises(ExportError, match=f"^not an evaluation from `digitgen evaluate --json`: {reason}"):
         onnx_export.quality_metadata(broken)
 
 
