@@ -404,6 +404,11 @@ def plan_output(
     """
     if fmt not in FORMATS:
         raise InvalidRequestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    for name, flag in (("overwrite", overwrite), ("resume", resume)):
+        if not isinstance(flag, bool):  # "no" is truthy: a string here must not replace the user's files
+            raise InvalidRequestError(f"{name} must be True or False, got {flag!r}")
+    if not isinstance(shard, Shard):
+        raise InvalidRequestError(f"shard must be a Shard(index, count), got {shard!r}")
     if overwrite and resume:
         raise InvalidRequestError("--resume keeps what is complete and --overwrite replaces everything: give one")
     if fmt == "mnist":

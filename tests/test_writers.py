@@ -142,3 +142,20 @@ def test_digits_past_numpys_address_space_are_a_memory_error() -> None:
     """numpy refuses such an array with a ValueError; the CLI words a MemoryError ("not enough memory ...")."""
     with pytest.raises(MemoryError, match=r"^4611686018427387904 digits do not fit in one array$"):
         collect([], 2**62)
+
+
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        ({"overwrite": "no"}, "overwrite must be True or False, got 'no'"),
+        ({"resume": 1}, "resume must be True or False, got 1"),
+        ({"shard": (0, 2)}, r"shard must be a Shard\(index, count\), got \(0, 2\)"),
+    ],
+)
+def test_options_of_the_wrong_type_are_refused_before_any_file_is_touched(
+    tmp_path: Path, option: dict, words: str
+) -> None:
+    (tmp_path / NPZ_FILE).write_bytes(b"mine")
+    with pytest.raises(InvalidRequestError, match=f"^{words}$"):
+        plan_output(tmp_path, "npz", 10, **option)
+    assert (tmp_path / NPZ_FILE).read_bytes() == b"mine"
