@@ -292,7 +292,7 @@ class _Service:
         except TimeLimitError:
             self.metrics.refused.labels(TIME_LIMIT).inc()
             message = (
-                f"the request ran past this server's time limit of {self.settings.time_limit:g} s (--time-limit); "
+                f"the request ran past this server's time limit of {self.settings.time_limit:g} s; "
                 "ask for fewer digits, or retry when the server is less busy"
             )
             return _error(503, message, {"Retry-After": "1"})

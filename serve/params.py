@@ -127,9 +127,7 @@ def parse_request(
     checked = generator.check_request(num, digits, seed, truncation=truncation)  # type: ignore[arg-type]
     count = checked.num
     if count > max_count:
-        raise InvalidRequestError(
-            f"number of digits {count} is over this server's limit of {max_count} per request (--max-count)"
-        )
+        raise InvalidRequestError(f"number of digits {count} is over this server's limit of {max_count} per request")
     fmt = choose_format(given.get("format"), accept, count)
     if fmt == "png" and count != 1:
         raise InvalidRequestError(f"format png holds one digit, not {count}; ask for grid, npz, idx or json")

@@ -539,7 +539,7 @@ def test_time_limit_is_503(tmp_path: Path) -> None:
         response = server.get("/generate?count=1500&format=npz")
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
         assert response.json() == {
-            "error": "the request ran past this server's time limit of 0.05 s (--time-limit); "
+            "error": "the request ran past this server's time limit of 0.05 s; "
             "ask for fewer digits, or retry when the server is less busy"
         }
         assert server.metric('digitgen_requests_refused_total{reason="time_limit"}') == 1

@@ -350,7 +350,7 @@ def test_an_unexpected_error_is_a_500_in_json_with_the_request_id_and_cors(caplo
         ("count=20&format=npz", "the server stayed busy past this request's time limit; retry later", "busy"),
         (
             "count=1",
-            "the request ran past this server's time limit of 0.5 s (--time-limit); "
+            "the request ran past this server's time limit of 0.5 s; "
             "ask for fewer digits, or retry when the server is less busy",
             "time_limit",
         ),
