@@ -10,9 +10,9 @@ from digitgen.runtime.errors import ModelContractError
 
 CONTRACT_VERSION = "1"
 IMAGE_SIZE = 28
-# bounds that keep a model's noise and label cycle small: far past any digit model, short of exhausting memory
+# bounds that keep a model's noise small and its labels storable: far past any digit model
 MAX_LATENT_DIM = 4096
-MAX_CLASSES = 1000
+MAX_CLASSES = 256  # every label fits the one byte an IDX label file gives it
 
 
 @dataclass(frozen=True)

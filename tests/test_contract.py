@@ -84,7 +84,7 @@ CASES = {
     },
     "latent-not-int": ({"metadata": {"latent_dim": "eight"}}, "'latent_dim' is missing or not an integer"),
     "classes-zero": ({"metadata": {"num_classes": "0"}}, "'num_classes' must be positive"),
-    "classes-huge": ({"metadata": {"num_classes": "100000"}}, "'num_classes' must be at most 1000, found 100000$"),
+    "classes-huge": ({"metadata": {"num_classes": "100000"}}, "'num_classes' must be at most 256, found 100000$"),
     "latent-huge": (
         {"metadata": {"latent_dim": "4097"}},
         "'latent_dim' must be at most 4096, found 4097; 'z' has 8 features but metadata latent_dim is 4097",

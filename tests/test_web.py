@@ -464,7 +464,7 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
                 "inputs must be 'z' and 'digit', found [digit,noise]",
                 "'image' must be float32 [batch, 1, 28, 28], found float32 [batch, 64]",
                 "'digit' must take any batch size, found a fixed batch of 1",
-                "metadata 'num_classes' must be at most 1000, found 100000",
+                "metadata 'num_classes' must be at most 256, found 100000",
             ],
         ),
         ("threads=0", ["threads must be an integer from 1 to 64"]),
