@@ -78,6 +78,22 @@ def test_writer_fed_the_wrong_digits_raises_and_leaves_no_file(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        ("small images", "a batch's images must be uint8 (N, 28, 28), got uint8 (4, 3, 3)"),
+        ("no batch", "a batch's images must be uint8 (N, 28, 28), got NoneType"),
+        ("label 300", "a batch's labels must be integers 0-255 of shape (N,), got int64 (4,)"),
+    ],
+)
+def test_a_wrong_batch_is_described_by_what_it_holds(
+    gen: DigitGenerator, tmp_path: Path, wrong: str, message: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as error:
+        write_digits(WRONG_ARRAYS[wrong](gen), tmp_path, "npz", N)
+    assert str(error.value) == f"{message}; no new file was kept"
+
+
 @pytest.mark.parametrize("permission", ["overwrite", "resume"])
 def test_png_writer_fed_the_wrong_digits_keeps_the_files_that_were_there(
     gen: DigitGenerator, tmp_path: Path, permission: str

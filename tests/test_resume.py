@@ -135,6 +135,12 @@ def test_resume_refuses_a_folder_of_a_longer_run(gen: DigitGenerator, tmp_path: 
     assert folder(tmp_path) == before
 
 
+def test_one_png_past_the_count_is_named_alone(gen: DigitGenerator, tmp_path: Path) -> None:
+    generate_files(gen, tmp_path, N + 1, "png", **REQUEST)
+    with pytest.raises(OtherRunError, match=f"^{tmp_path / '00000040_label4.png'} lies past this command's 40 digits"):
+        generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+
+
 def test_a_refused_resume_removes_the_files_it_had_added(gen: DigitGenerator, tmp_path: Path) -> None:
     """Digits 0-7 this run's, 8-15 missing, 16-39 another run's: the first file passes the check before the run,
     and the files written for 8-15 go again when 16 is refused."""

@@ -127,6 +127,18 @@ def test_merge_with_no_shards_says_so_before_anything_about_existing_files(tmp_p
         merge_shards(tmp_path, "npz")
 
 
+def test_merge_refuses_image_and_label_shards_of_different_sizes(gen: DigitGenerator, tmp_path: Path) -> None:
+    """Three image shards of 47 digits (15, 16, 16) beside three label shards of 50 (16, 17, 17)."""
+    for i in range(K):
+        _write(gen, tmp_path, "idx", Shard(i, K))
+        generate_files(gen, tmp_path / "fifty", 50, "idx", seed=9, shard=Shard(i, K))
+    for path in (tmp_path / "fifty").glob("train-labels-*"):
+        path.replace(tmp_path / path.name)
+    with pytest.raises(OutputError) as error:
+        merge_shards(tmp_path, "idx")
+    assert str(error.value) == f"{tmp_path}: shard(s) 0, 1, 2 hold different numbers of images and labels"
+
+
 @pytest.mark.parametrize("count", [0, 1])
 def test_merge_names_shard_files_this_project_never_writes(tmp_path: Path, count: int) -> None:
     (tmp_path / f"digits-00000-of-0000{count}.npz").write_bytes(b"")
