@@ -94,6 +94,16 @@ CASES = {
 }
 
 
+def test_the_bounds_themselves_are_within_the_contract(tmp_path: Path) -> None:
+    path = contract_model(
+        tmp_path / "widest.onnx",
+        z=("z", TensorProto.FLOAT, ["batch", 4096]),
+        metadata={"latent_dim": "4096", "num_classes": "256"},
+    )
+    gen = DigitGenerator.from_path(path, "cpu")
+    assert (gen.latent_dim, gen.num_classes, gen.generate(2, digits=[255]).labels.tolist()) == (4096, 256, [255, 255])
+
+
 def test_the_hand_built_model_itself_follows_the_contract(tmp_path: Path) -> None:
     gen = DigitGenerator.from_path(contract_model(tmp_path / "ok.onnx"), "cpu")
     assert gen.latent_dim == LATENT and gen.generate(3).images.shape == (3, 28, 28)
