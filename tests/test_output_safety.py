@@ -19,6 +19,7 @@ from digitgen.runtime import (
     write_digits,
 )
 from digitgen.runtime.files import atomic_files, publish
+from digitgen.runtime.idx import read_idx
 from digitgen.runtime.writers import FORMATS, png_name
 
 N = 12
@@ -60,6 +61,7 @@ WRONG_ARRAYS = {
     "label 300": lambda gen: _second_changed(gen, labels=np.array([1, 2, 300, 4])),
     "label -1": lambda gen: _second_changed(gen, labels=np.array([1, 2, -1, 4])),
     "float labels": lambda gen: _second_changed(gen, labels=np.array([1.0, 2.0, 3.0, 4.0])),
+    "list labels": lambda gen: _second_changed(gen, labels=[1, 2, 3, 4]),
     "no batch": _second_changed,
 }
 
@@ -78,12 +80,20 @@ def test_writer_fed_the_wrong_digits_raises_and_leaves_no_file(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_labels_up_to_255_are_written(gen: DigitGenerator, tmp_path: Path) -> None:
+    """The largest label a byte holds, as a model of 256 classes makes."""
+    (batch,) = gen.iter_batches(2, batch_size=2)
+    write_digits([GeneratedDigits(batch.images, np.array([0, 255]), 0)], tmp_path, "idx", 2)
+    assert read_idx(tmp_path / "train-labels-idx1-ubyte").tolist() == [0, 255]
+
+
 @pytest.mark.parametrize(
     ("wrong", "message"),
     [
         ("small images", "a batch's images must be uint8 (N, 28, 28), got uint8 (4, 3, 3)"),
         ("no batch", "a batch's images must be uint8 (N, 28, 28), got NoneType"),
         ("label 300", "a batch's labels must be integers 0-255 of shape (N,), got int64 (4,)"),
+        ("list labels", "a batch's labels must be integers 0-255 of shape (N,), got list"),
     ],
 )
 def test_a_wrong_batch_is_described_by_what_it_holds(
