@@ -78,7 +78,7 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num": 0}, "number of digits"),
+        ({"num": 0}, "^number of digits must be an integer >= 1, got 0$"),
         ({"num": -3}, "number of digits"),
         ({"num": "5"}, "number of digits"),
         ({"num": 5, "digits": [10]}, r"^digit 10 is not a class of this model \(0-9\)$"),
@@ -89,7 +89,7 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
         ({"num": 5, "digits": "37"}, "digits must be a list of classes"),
         ({"num": 5, "seed": -1}, "seed"),
         ({"num": 5, "seed": 2**64}, "seed must be an integer from 0 to 18446744073709551615"),
-        ({"num": 5, "batch_size": 0}, "batch size"),
+        ({"num": 5, "batch_size": 0}, "^batch size must be an integer >= 1, got 0$"),
         ({"num": 5, "truncation": 0}, "truncation must be a number >= 0.1, got 0"),
         ({"num": 5, "truncation": 0.099}, "truncation must be a number >= 0.1, got 0.099"),
         ({"num": 5, "truncation": -1.0}, "truncation must be a number >= 0.1"),

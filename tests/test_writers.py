@@ -159,3 +159,14 @@ def test_options_of_the_wrong_type_are_refused_before_any_file_is_touched(
     with pytest.raises(InvalidRequestError, match=f"^{words}$"):
         plan_output(tmp_path, "npz", 10, **option)
     assert (tmp_path / NPZ_FILE).read_bytes() == b"mine"
+
+
+def test_existing_files_are_counted_in_the_refusal(tmp_path: Path) -> None:
+    for index in range(3):
+        (tmp_path / png_name(index, index)).write_bytes(b"mine")
+    with pytest.raises(OutputError, match=f"^{tmp_path / png_name(0, 0)} \\(and 2 more\\) already exists; pass"):
+        plan_output(tmp_path, "png", 3)
+    (tmp_path / png_name(1, 1)).unlink()
+    (tmp_path / png_name(2, 2)).unlink()
+    with pytest.raises(OutputError, match=f"^{tmp_path / png_name(0, 0)} already exists; pass --overwrite to replace$"):
+        plan_output(tmp_path, "png", 3)
