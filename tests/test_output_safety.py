@@ -62,6 +62,8 @@ WRONG_ARRAYS = {
     "label -1": lambda gen: _second_changed(gen, labels=np.array([1, 2, -1, 4])),
     "float labels": lambda gen: _second_changed(gen, labels=np.array([1.0, 2.0, 3.0, 4.0])),
     "list labels": lambda gen: _second_changed(gen, labels=[1, 2, 3, 4]),
+    "list images": lambda gen: _second_changed(gen, images=[[0]] * 4),
+    "label 256": lambda gen: _second_changed(gen, labels=np.array([1, 2, 256, 4])),
     "no batch": _second_changed,
 }
 
@@ -94,6 +96,8 @@ def test_labels_up_to_255_are_written(gen: DigitGenerator, tmp_path: Path) -> No
         ("no batch", "a batch's images must be uint8 (N, 28, 28), got NoneType"),
         ("label 300", "a batch's labels must be integers 0-255 of shape (N,), got int64 (4,)"),
         ("list labels", "a batch's labels must be integers 0-255 of shape (N,), got list"),
+        ("list images", "a batch's images must be uint8 (N, 28, 28), got list"),
+        ("label 256", "a batch's labels must be integers 0-255 of shape (N,), got int64 (4,)"),
     ],
 )
 def test_a_wrong_batch_is_described_by_what_it_holds(

@@ -4,6 +4,7 @@ the folder byte for byte as an uninterrupted run would have written it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,9 +136,11 @@ def test_resume_refuses_a_folder_of_a_longer_run(gen: DigitGenerator, tmp_path: 
     assert folder(tmp_path) == before
 
 
-def test_one_png_past_the_count_is_named_alone(gen: DigitGenerator, tmp_path: Path) -> None:
-    generate_files(gen, tmp_path, N + 1, "png", **REQUEST)
-    with pytest.raises(OtherRunError, match=f"^{tmp_path / '00000040_label4.png'} lies past this command's 40 digits"):
+@pytest.mark.parametrize(("extra", "more"), [(1, ""), (2, " (and 1 more)")])
+def test_pngs_past_the_count_are_counted(gen: DigitGenerator, tmp_path: Path, extra: int, more: str) -> None:
+    generate_files(gen, tmp_path, N + extra, "png", **REQUEST)
+    first = re.escape(str(tmp_path / "00000040_label4.png") + more)
+    with pytest.raises(OtherRunError, match=f"^{first} lies past this command's 40 digits"):
         generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
 
 
