@@ -12,13 +12,13 @@ TRAIN_MAX_SEED = 2**32 - 1
 MAX_SIZE = 1024  # the largest noise size, class count, embedding or width a configuration may name
 
 
-def _check_whole(name: str, value: object, low: int, high: int | None = None) -> None:
+def _check_whole(name: str, value: object, low: int, high: int) -> None:
     """ValueError unless ``value`` is an int (not a bool) from ``low`` to ``high``: a checkpoint is data, so
     a float or a bool where a count belongs is refused here rather than failing inside torch."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be a whole number, not {value!r}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be from {low} to {high}" if high is not None else f"{name} must be >= {low}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be from {low} to {high}")
 
 
 def parse_policy(text: str) -> str:

@@ -129,7 +129,9 @@ def _first_problem(exc: Exception, limit: int = 160) -> str:
     """The first line of torch's list of what does not load (after its "Error(s) in loading ..." heading), cut
     to ``limit`` characters: a missing key, an unexpected one or a size mismatch."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    problem = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0] if lines else ""
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        lines = lines[1:]
+    problem = lines[0] if lines else ""
     return problem if len(problem) <= limit else problem[: limit - 3] + "..."
 
 
