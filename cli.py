@@ -30,7 +30,7 @@ from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
 from digitgen.runtime.progress import progress
 from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
-from digitgen.runtime.signals import INTERRUPTING_SIGNALS, TERMINATING_SIGNALS, handling
+from digitgen.runtime.signals import INTERRUPTING_SIGNALS, TERMINATING_SIGNALS, handling, release_held_at_start
 from digitgen.runtime.writers import FORMATS, merge_shards, plan_generation
 from digitgen.training.config import (
     AUGMENTATIONS,
@@ -69,6 +69,7 @@ class OneLineErrors(click.Group):
         kwargs["standalone_mode"] = False
         try:
             with handling(TERMINATING_SIGNALS, _raise_keyboard_interrupt):  # they stop a command as Ctrl-C does
+                release_held_at_start()
                 result = super().main(*args, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:  # plain `digitgen`: the help, not an error
             click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
@@ -103,7 +104,7 @@ class OneLineErrors(click.Group):
                 err=True,
             )
             sys.exit(1)
-        except click.Abort:
+        except (click.Abort, KeyboardInterrupt):  # KeyboardInterrupt: a stop signal held while the command loaded
             click.echo("Error: interrupted; no file was left half-written", err=True)
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)

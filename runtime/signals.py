@@ -35,6 +35,13 @@ def handling(signals: Iterable[signal.Signals], handler: Handler) -> Iterator[No
             signal.signal(sig, old)
 
 
+def release_held_at_start() -> None:
+    """Let through the stop signals that the ``digitgen`` command holds while it loads (``digitgen.__main__``);
+    one that came meanwhile is delivered now, to the handlers in place."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTING_SIGNALS)
+
+
 @contextmanager
 def interrupts_held() -> Iterator[None]:
     """Hold back Ctrl-C, SIGTERM and SIGHUP until the block ends, then raise them again for the handlers found.

@@ -1,0 +1,87 @@
+"""The `digitgen` command's entry point: a light package import, and stop signals while the command loads."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+import digitgen.__main__
+from digitgen.runtime.signals import INTERRUPTING_SIGNALS
+from tests.conftest import REPO
+from tests.helpers import default_sigint
+
+# Runs the command's entry point with a stop signal sent to itself the moment the CLI starts loading,
+# i.e. during the slow imports (numpy, onnxruntime) before any handler of the command's is in place.
+SIGNAL_WHILE_LOADING = """
+import builtins, os, sys
+import digitgen.__main__
+
+real_import = builtins.__import__
+
+def import_and_signal(name, *args, **kwargs):
+    if name == "digitgen.cli":
+        os.kill(os.getpid(), {signum})
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = import_and_signal
+sys.argv = ["digitgen", "generate", "-n", "3", "--out", "digits"]
+digitgen.__main__.run()
+"""
+
+
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env={"PYTHONPATH": str(REPO.parent), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=default_sigint,
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_stop_signal_while_the_command_loads_ends_it_in_one_line(tmp_path: Path, signum: signal.Signals) -> None:
+    """Not a traceback (Ctrl-C) or a silent kill (SIGTERM, SIGHUP): the words and status of an interrupt."""
+    result = _python(SIGNAL_WHILE_LOADING.format(signum=int(signum)), tmp_path)
+    assert (result.returncode, result.stderr, result.stdout) == (
+        130,
+        "Error: interrupted; no file was left half-written\n",
+        "",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_importing_the_package_loads_no_runtime(tmp_path: Path) -> None:
+    """What lets the entry point hold signals before the slow imports; the API's names still load on use."""
+    code = (
+        "import sys, digitgen\n"
+        "print(sorted(m for m in ('numpy', 'onnxruntime', 'digitgen.runtime') if m in sys.modules))\n"
+        "from digitgen import DigitGenerator, NOISE_SCHEME\n"
+        "print(DigitGenerator.__module__, NOISE_SCHEME)\n"
+    )
+    result = _python(code, tmp_path)
+    assert result.stdout.splitlines() == ["[]", "digitgen.runtime.generator splitmix64-boxmuller-v1"], result.stderr
+
+
+def test_an_unknown_name_of_the_package_is_an_attribute_error() -> None:
+    import digitgen
+
+    with pytest.raises(AttributeError, match="module 'digitgen' has no attribute 'Generator'"):
+        digitgen.Generator  # noqa: B018
+    assert set(digitgen.__all__) <= set(dir(digitgen))
+
+
+def test_the_installed_command_is_the_entry_point() -> None:
+    (command,) = entry_points(group="console_scripts", name="digitgen")
+    assert command.load() is digitgen.__main__.run
+
+
+def test_the_entry_point_holds_the_signals_the_command_handles() -> None:
+    assert set(INTERRUPTING_SIGNALS) == digitgen.__main__.STOP_SIGNALS
