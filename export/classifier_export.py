@@ -8,15 +8,16 @@ import numpy as np
 import torch
 
 from digitgen.export.errors import ExportError, ExportVerificationError
-from digitgen.export.onnx_export import to_onnx, write_metadata
+from digitgen.export.onnx_export import publish_with_weights, to_onnx, write_metadata
 from digitgen.export.verify import ATOL
-from digitgen.runtime.files import publish, refuse_existing, refuse_one_file_twice
+from digitgen.runtime.files import refuse_existing, refuse_one_file_twice
 from digitgen.runtime.session import open_session
+from digitgen.training.checkpoint import write_payload
 from digitgen.training.classifier import (
     WEIGHTS_KIND,
     Classifier,
+    classifier_weights,
     load_classifier_weights,
-    save_classifier_weights,
 )
 
 
@@ -50,7 +51,7 @@ def export_classifier(
 ) -> float:
     """Write ``out`` atomically after a parity check; returns max |torch - ort|.
 
-    ``weights_out`` also writes the model's weights (:func:`~digitgen.training.classifier.save_classifier_weights`),
+    ``weights_out`` also writes the model's weights (:func:`~digitgen.training.classifier.classifier_weights`),
     from which :func:`export_classifier_weights` rebuilds ``out``. Existing files are replaced only with
     ``overwrite``.
     """
@@ -58,14 +59,14 @@ def export_classifier(
     refuse_one_file_twice({"--out": out, "--weights-out": weights_out})
     refuse_existing([out, weights_out], overwrite)
     model.eval()
-    with publish(out) as tmp:
+    with publish_with_weights(out, weights_out) as (tmp, weights_tmp):
         to_onnx(model, (torch.zeros(2, 1, 28, 28),), tmp, ["image"], ["logits", "features"])
         write_metadata(
             tmp, {"producer": "digitgen", "kind": WEIGHTS_KIND, "mnist_test_accuracy": f"{test_accuracy:.4f}"}
         )
         diff = _check_parity(tmp, model)
-        if weights_out is not None:  # before the file appears: a failure here leaves neither
-            save_classifier_weights(model, test_accuracy, weights_out)
+        if weights_tmp is not None:
+            write_payload(classifier_weights(model, test_accuracy), weights_tmp, weights_out)
     return diff
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -14,8 +15,8 @@ from digitgen.export.fast_layers import with_fast_layers
 from digitgen.export.precision import HalfPrecision, quantize_int8
 from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityReport, verify_parity
 from digitgen.runtime.contract import CONTRACT_VERSION
-from digitgen.runtime.files import publish, refuse_existing, refuse_one_file_twice
-from digitgen.training.checkpoint import release_weights, save_checkpoint
+from digitgen.runtime.files import publish_all, refuse_existing, refuse_one_file_twice
+from digitgen.training.checkpoint import release_weights, write_payload
 from digitgen.training.state import load_generator
 
 DEFAULT_OPSET = 18  # the lowest the torch.export-based exporter writes
@@ -111,6 +112,14 @@ def write_metadata(path: Path, metadata: Mapping[str, str]) -> None:
     onnx.save(model, str(path))
 
 
+@contextmanager
+def publish_with_weights(out: Path, weights_out: str | Path | None) -> Iterator[tuple[Path, Path | None]]:
+    """Temporary names for an ONNX file and, if ``weights_out`` is given, the weights it is exported from; both
+    appear together when the block succeeds, and neither on an error or interrupt."""
+    with publish_all([out] if weights_out is None else [out, weights_out]) as temps:
+        yield temps[0], (temps[1] if weights_out is not None else None)
+
+
 def export_generator(
     checkpoint: str | Path,
     out: str | Path,
@@ -150,7 +159,7 @@ def export_generator(
     fast = ContractGenerator(with_fast_layers(generator)).eval()  # the same function, as written to the file
     metadata = {**contract_metadata(payload), "precision": precision, **(extra_metadata or {})}
     example = (torch.randn(2, config.latent_dim), torch.zeros(2, dtype=torch.long))
-    with publish(out) as tmp:
+    with publish_with_weights(out, weights_out) as (tmp, weights_tmp):
         if precision == "int8":
             with tempfile.TemporaryDirectory() as scratch:
                 fp32 = Path(scratch) / "fp32.onnx"
@@ -161,8 +170,8 @@ def export_generator(
             to_onnx(exported, example, tmp, ["z", "digit"], ["image"], opset)
         write_metadata(tmp, metadata)
         report = verify_parity(tmp, model, TOLERANCES[precision], atol)
-        if weights_out is not None:  # before the file appears: a failure here leaves neither
-            save_checkpoint(release_weights(payload), weights_out)
+        if weights_tmp is not None:
+            write_payload(release_weights(payload), weights_tmp, weights_out)
     return report
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +23,7 @@ from digitgen.export.onnx_export import export_generator, verify_file
 from digitgen.export.verify import ATOL, BATCH_SIZES, TOLERANCES, ParityReport
 from digitgen.runtime import DigitGenerator
 from digitgen.runtime.contract import CONTRACT_VERSION
+from digitgen.runtime.errors import OutputError
 from digitgen.runtime.session import open_session
 from digitgen.training.config import GANConfig
 from tests.conftest import train_tiny
@@ -115,6 +118,42 @@ def test_interrupted_export_leaves_no_file(tmp_path: Path, tiny_checkpoint: Path
     with pytest.raises(KeyboardInterrupt):
         export_generator(tiny_checkpoint, tmp_path / "g.onnx", precision=precision)
     assert list(tmp_path.iterdir()) == []
+
+
+def _export_with_weights(which: str, checkpoint: Path, out: Path, weights: Path) -> None:
+    if which == "generator":
+        export_generator(checkpoint, out, weights_out=weights, overwrite=True)
+    else:
+        from digitgen.export.classifier_export import export_classifier
+        from digitgen.training.classifier import Classifier
+
+        export_classifier(Classifier(), out, 0.99, weights_out=weights, overwrite=True)
+
+
+@pytest.mark.parametrize("which", ["generator", "classifier"])
+def test_a_model_and_its_weights_appear_together_or_not_at_all(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch, which: str
+) -> None:
+    """The ONNX file is renamed into place first: when that fails, the weights must not be renamed alone (new weights
+    beside an old model, or weights without their model)."""
+    out, weights = tmp_path / "model.onnx", tmp_path / "weights.pt"
+    out.write_bytes(b"old model")
+    weights.write_bytes(b"old weights")
+    real_replace = os.replace
+
+    def replace_but_not_the_model(src, dst):
+        if Path(dst) == out:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_but_not_the_model)
+    with pytest.raises(OutputError, match="No space left on device"):
+        _export_with_weights(which, tiny_checkpoint, out, weights)
+    assert (out.read_bytes(), weights.read_bytes()) == (b"old model", b"old weights")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "weights.pt"]  # no temporary file left
+    monkeypatch.undo()
+    _export_with_weights(which, tiny_checkpoint, out, weights)
+    assert out.read_bytes().startswith(b"\x08") and weights.read_bytes().startswith(b"PK")  # ONNX protobuf; torch zip
 
 
 @pytest.mark.parametrize(

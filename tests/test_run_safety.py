@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from digitgen.cli import main
-from digitgen.training.classifier import Classifier, save_classifier_weights
+from digitgen.training.checkpoint import save_checkpoint
+from digitgen.training.classifier import Classifier, classifier_weights
 from tests.conftest import REPO
 from tests.helpers import run_metrics, write_tiny_mnist
 
@@ -275,7 +276,7 @@ def label_weights(tmp_path: Path) -> Path:
     """Classifier weights that are not the evaluator's (an untrained classifier)."""
     path = tmp_path / "label_weights.pt"
     torch.manual_seed(1)
-    save_classifier_weights(Classifier(), 0.1, path)
+    save_checkpoint(classifier_weights(Classifier(), 0.1), path)
     return path
 
 
@@ -303,7 +304,7 @@ def test_the_label_classifier_is_saved_in_the_checkpoint_and_kept_on_resume(
     assert resumed["step"] == 4 and all(torch.equal(resumed["label_classifiers"][0][k], given[k]) for k in given)
     other = tmp_path / "other_weights.pt"
     torch.manual_seed(2)
-    save_classifier_weights(Classifier(), 0.1, other)
+    save_checkpoint(classifier_weights(Classifier(), 0.1), other)
     code, output = train(tiny_mnist, run_dir, "--resume", run_dir / "checkpoint.pt", "--label-classifier", other)
     assert code == 1
     assert output.strip() == (
@@ -317,7 +318,7 @@ def test_several_label_classifiers_are_said_saved_in_order_and_kept_on_resume(
 ) -> None:
     second = tmp_path / "second_weights.pt"
     torch.manual_seed(2)
-    save_classifier_weights(Classifier(), 0.1, second)
+    save_checkpoint(classifier_weights(Classifier(), 0.1), second)
     run_dir = tmp_path / "run"
     both = ("--label-classifier", label_weights, "--label-classifier", second)
     code, output = train(tiny_mnist, run_dir, "--steps", 2, *TINY, *both, "--label-weight", 0.5)

@@ -24,10 +24,15 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     """Write ``payload`` to ``path`` via a temporary file and an atomic rename; :class:`OutputError` if it
     cannot be written."""
     with publish(path) as tmp:
-        try:
-            torch.save(payload, tmp)
-        except RuntimeError as exc:  # torch's word for a missing folder or a failed write
-            raise OutputError(f"cannot write {path}: {str(exc).strip().splitlines()[0]}") from exc
+        write_payload(payload, tmp, path)
+
+
+def write_payload(payload: dict[str, Any], tmp: Path, path: str | Path) -> None:
+    """Write ``payload`` to ``tmp``, the temporary name of ``path`` (which an error names)."""
+    try:
+        torch.save(payload, tmp)
+    except RuntimeError as exc:  # torch's word for a missing folder or a failed write
+        raise OutputError(f"cannot write {path}: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

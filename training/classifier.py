@@ -7,12 +7,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digitgen.training.checkpoint import read_data_file, save_checkpoint
+from digitgen.training.checkpoint import read_data_file
 from digitgen.training.data import MnistTensors
 from digitgen.training.errors import CheckpointError, TrainingError
 
@@ -121,15 +122,14 @@ def weights_path_beside(onnx_path: str | Path) -> Path:
     return onnx_path.with_name(f"{onnx_path.stem}_weights.pt")
 
 
-def save_classifier_weights(model: Classifier, test_accuracy: float, path: str | Path) -> None:
-    """Write the state dict and its self-description atomically; reads back with ``weights_only=True``."""
-    payload = {
+def classifier_weights(model: Classifier, test_accuracy: float) -> dict[str, Any]:
+    """The weights file's payload: the state dict and its self-description (reads back with ``weights_only``)."""
+    return {
         "format_version": WEIGHTS_FORMAT_VERSION,
         "kind": WEIGHTS_KIND,
         "mnist_test_accuracy": float(test_accuracy),
         "classifier": model.state_dict(),
     }
-    save_checkpoint(payload, path)
 
 
 def load_classifier_weights(path: str | Path) -> tuple[Classifier, float]:
