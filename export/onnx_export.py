@@ -71,6 +71,11 @@ def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str
         raise ExportError(f"not an evaluation from `digitgen evaluate --json`: missing or bad {exc}") from exc
 
 
+# The exporter records each node's Python stack: the source paths of the machine that exported it, which
+# would make a rebuild elsewhere differ from the shipped file (the other records name modules, not files).
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
 def to_onnx(
     model: torch.nn.Module,
     example: tuple[torch.Tensor, ...],
@@ -79,7 +84,8 @@ def to_onnx(
     output_names: list[str],
     opset: int = DEFAULT_OPSET,
 ) -> None:
-    """Export ``model`` with PyTorch's torch.export-based ONNX exporter; axis 0 of every input is ``batch``.
+    """Export ``model`` with PyTorch's torch.export-based ONNX exporter, without its per-node stack traces; axis 0
+    of every input is ``batch``.
 
     The first input names the axis; the others follow it (torch.export unifies them), and the
     outputs inherit it.
@@ -97,9 +103,15 @@ def to_onnx(
         external_data=False,
         verbose=False,
     )
-    written = {entry.domain: entry.version for entry in onnx.load(str(path)).opset_import}.get("", opset)
+    exported = onnx.load(str(path))
+    written = {entry.domain: entry.version for entry in exported.opset_import}.get("", opset)
     if written != opset:  # the exporter falls back to the opset it can write, with a warning only
         raise ExportError(f"the exporter wrote opset {written}, not the {opset} asked for; choose an opset it supports")
+    for node in exported.graph.node:
+        kept = [prop for prop in node.metadata_props if prop.key != STACK_TRACE]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.save(exported, str(path))
 
 
 def write_metadata(path: Path, metadata: Mapping[str, str]) -> None:

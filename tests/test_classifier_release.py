@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from digitgen.cli import main
 from digitgen.export.classifier_export import export_classifier_weights
 from digitgen.export.onnx_export import DEFAULT_OPSET
-from digitgen.export.verify import ATOL
 from digitgen.runtime import DigitGenerator, default_model_path
 from digitgen.runtime.errors import OutputError
 from digitgen.runtime.noise import standard_normal
@@ -51,13 +50,7 @@ def test_shipped_weights_rebuild_the_shipped_classifier(tmp_path: Path) -> None:
     rebuilt = tmp_path / "classifier.onnx"
     code, lines = _cli("export-classifier", "--weights", SHIPPED_WEIGHTS, "--out", rebuilt)
     assert code == 0 and lines[0].startswith(f"wrote {rebuilt} "), lines
-    images = _fixed_batch()
-    for name, new, shipped in zip(
-        ("logits", "features"), _outputs(rebuilt, images), _outputs(SHIPPED_CLASSIFIER, images), strict=True
-    ):
-        diff = float(np.abs(new - shipped).max())
-        assert diff <= ATOL, (name, diff)
-    assert _metadata(rebuilt) == _metadata(SHIPPED_CLASSIFIER)
+    assert rebuilt.read_bytes() == SHIPPED_CLASSIFIER.read_bytes()  # with the pinned torch and CI's exporter
 
 
 def test_shipped_classifier_is_the_torch_export_exporters_file() -> None:
