@@ -8,7 +8,9 @@ ConvTranspose).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,22 @@ class _Calibration(CalibrationDataReader):
         return next(self._inputs, None)
 
 
+def _is_not_preprocessing_advice(record: logging.LogRecord) -> bool:
+    return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """Drop the quantizer's advice to pre-process the model (on Python's root logger): the exporter's graph
+    comes optimised and shape-inferred, and the int8 file is verified against PyTorch after."""
+    root = logging.getLogger()
+    root.addFilter(_is_not_preprocessing_advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(_is_not_preprocessing_advice)
+
+
 def quantize_int8(
     fp32_model: Path, out: Path, latent_dim: int, num_classes: int, batches: int = 16, batch_size: int = 64
 ) -> None:
@@ -51,14 +69,15 @@ def quantize_int8(
     Weights use 7 of their 8 bits (``reduce_range``): on x86 CPUs without VNNI, onnxruntime's u8s8
     kernels add pairs of products in 16 bits, which full-range weights overflow.
     """
-    quantize_static(
-        fp32_model,
-        out,
-        _Calibration(_generated_inputs(latent_dim, num_classes, batches, batch_size)),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["Conv", "ConvTranspose", "Gemm", "MatMul"],
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        reduce_range=True,
-    )
+    with _quiet_quantizer():
+        quantize_static(
+            fp32_model,
+            out,
+            _Calibration(_generated_inputs(latent_dim, num_classes, batches, batch_size)),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv", "ConvTranspose", "Gemm", "MatMul"],
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            reduce_range=True,
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 from dataclasses import replace
@@ -508,3 +509,14 @@ def test_an_opset_the_exporter_cannot_write_is_refused_not_ignored(
     ):
         export_generator(tiny_checkpoint, tmp_path / "g.onnx", opset=99)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_export_leaves_out_the_quantizers_advice_and_only_it(
+    tmp_path: Path, tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """onnxruntime's quantizer logs advice to pre-process on the root logger, which users saw as a stray line."""
+    with caplog.at_level(logging.INFO):
+        export_generator(tiny_checkpoint, tmp_path / "g.onnx", precision="int8")
+        assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
+        logging.warning("Please consider pre-processing before quantization, said after the export")
+    assert caplog.records[-1].getMessage().endswith("said after the export")
