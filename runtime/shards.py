@@ -16,7 +16,7 @@ from typing import BinaryIO
 import numpy as np
 
 from digitgen.runtime.errors import InvalidRequestError, OutputError
-from digitgen.runtime.idx import check_idx, header_size, idx_header
+from digitgen.runtime.idx import header_size, idx_header
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,10 @@ def find_shards(out_dir: Path, file_name: str) -> list[Path]:
     return [out_dir / Shard(i, count).name(file_name) for i in range(count)]
 
 
-def concat_idx(parts: list[Path], images: bool, out: BinaryIO) -> None:
-    """Write to ``out`` one IDX file holding every part's items (images or labels) in order."""
-    count = sum(check_idx(part, images)[0] for part in parts)
-    out.write(idx_header(count, images))
+def concat_idx(parts: list[Path], counts: list[int], images: bool, out: BinaryIO) -> None:
+    """Write to ``out`` one IDX file holding every part's items (images or labels) in order; ``counts`` are the
+    parts' item counts, as :func:`~digitgen.runtime.idx.check_idx` read them from their headers."""
+    out.write(idx_header(sum(counts), images))
     for part in parts:
         with part.open("rb") as f:
             f.seek(header_size(images))

@@ -565,13 +565,17 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
         return targets
     if len(parts[0]) != len(parts[1]):
         raise OutputError(f"{out_dir} holds {len(parts[0])} image shards but {len(parts[1])} label shards")
-    images = [check_idx(part, images=True)[0] for part in parts[0]]
-    labels = [check_idx(part, images=False)[0] for part in parts[1]]
-    uneven = [str(i) for i, (n_images, n_labels) in enumerate(zip(images, labels, strict=True)) if n_images != n_labels]
+    image_counts = [check_idx(part, images=True)[0] for part in parts[0]]
+    label_counts = [check_idx(part, images=False)[0] for part in parts[1]]
+    uneven = [
+        str(i)
+        for i, (n_images, n_labels) in enumerate(zip(image_counts, label_counts, strict=True))
+        if n_images != n_labels
+    ]
     if uneven:
         raise OutputError(f"{out_dir}: shard(s) {', '.join(uneven)} hold different numbers of images and labels")
-    check_shard_sizes(parts[1], labels)
-    with atomic_files(targets) as files:  # both files, or neither
-        for out, shard_files, images in zip(files, parts, (True, False), strict=True):
-            concat_idx(shard_files, images, out)
+    check_shard_sizes(parts[1], label_counts)
+    with atomic_files(targets) as (images_out, labels_out):  # both files, or neither
+        concat_idx(parts[0], image_counts, True, images_out)
+        concat_idx(parts[1], label_counts, False, labels_out)
     return targets

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import digitgen.runtime.shards as shards
+import digitgen.runtime.writers as writers
 from digitgen.cli import main
 from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, generate_files
-from digitgen.runtime.idx import read_idx
+from digitgen.runtime.idx import check_idx, read_idx
 from digitgen.runtime.shards import WHOLE, Shard
 from digitgen.runtime.writers import merge_shards
 
@@ -205,3 +207,19 @@ def test_cli_says_how_many_digits_its_shard_wrote(tiny_onnx: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     assert f"wrote {Shard(1, 3).size(N)} digits (shard 1 of 3) as npz" in result.output
     assert Shard(1, 3).size(N) == 16 and Shard(2, 3).size(N) == 16 and Shard(0, 3).size(N) == 15
+
+
+def test_merge_reads_each_idx_shards_header_once(gen: DigitGenerator, tmp_path: Path, monkeypatch) -> None:
+    for index in range(3):
+        _write(gen, tmp_path, "idx", Shard(index, 3))
+    read: list[str] = []
+
+    def counted_check_idx(path: Path, images: bool) -> tuple[int, ...]:
+        read.append(Path(path).name)
+        return check_idx(path, images)
+
+    monkeypatch.setattr(writers, "check_idx", counted_check_idx)
+    monkeypatch.setattr(shards, "check_idx", counted_check_idx, raising=False)
+    merge_shards(tmp_path, "idx")
+    assert len(read) == 6 and sorted(read) == sorted(set(read))
+    assert read_idx(tmp_path / "train-labels-idx1-ubyte").shape == (N,)
