@@ -136,13 +136,22 @@ def _check_resume_classifiers(options: RunOptions, state: TrainState) -> None:
         )
 
 
+def _setting_text(value: object) -> object:
+    """A setting as a resume refusal shows it: a flag on or off, ``none`` for one not set."""
+    if value is None or value == "":
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
 def _check_resume_options(options: RunOptions, state: TrainState) -> None:
     saved = {"train": asdict(state.train), "config": asdict(state.config)}
     for name, (flag, part) in FIXED_ON_RESUME.items():
         given, kept = getattr(options, name), saved[part][name]
         if given is not None and given != kept:
             shown = flag if given is True else f"{flag} {given}"
-            kept = "none" if kept == "" else kept
+            kept = _setting_text(kept)
             raise TrainingError(
                 f"{shown} differs from the resumed run's {kept}; a resumed run keeps its settings "
                 "(only --steps, --epochs, --lr-decay-epochs and --checkpoint-every can change)"
