@@ -226,6 +226,40 @@ def test_images_per_second_counts_the_steps_of_each_logging_window(
     assert [r["images_per_s"] for r in records] == [32.0, 32.0, 32.0]  # 2 steps of 16 images in 1 s
 
 
+@pytest.mark.parametrize(
+    ("total_steps", "checkpoint_every", "resumed_to", "written"),
+    [
+        (20, 1000, None, [16, 20]),  # each epoch (16 steps), then the last step
+        (16, 1000, None, [16]),  # the last step ends an epoch: written once
+        (12, 4, None, [4, 8, 12]),
+        (16, 1000, 16, [16]),  # a finished run resumed into another folder: its checkpoint there
+    ],
+)
+def test_each_checkpoint_is_written_once(
+    tmp_path: Path,
+    tiny_mnist: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    total_steps: int,
+    checkpoint_every: int,
+    resumed_to: int | None,
+    written: list[int],
+) -> None:
+    import digitgen.training.loop as loop
+
+    data = load_mnist(tiny_mnist, download=False)  # 256 images: 16 steps an epoch
+    settings = TrainConfig(total_steps=total_steps, batch_size=16, checkpoint_every=checkpoint_every)
+    state = new_state(TINY_MODEL, settings, torch.device("cpu"))
+    if resumed_to is not None:
+        state = state_from_checkpoint(str(train(state, data, tmp_path / "first").checkpoint), torch.device("cpu"))
+    saved: list[int] = []
+    real_save = loop.save_checkpoint
+    monkeypatch.setattr(
+        loop, "save_checkpoint", lambda payload, path: (saved.append(payload["step"]), real_save(payload, path))
+    )
+    result = train(state, data, tmp_path / "run")
+    assert saved == written and load_checkpoint(result.checkpoint)["step"] == total_steps
+
+
 def test_a_resumed_run_drops_the_records_a_hard_stop_left_past_its_checkpoint(tmp_path: Path, tiny_mnist: Path) -> None:
     data = load_mnist(tiny_mnist, download=False)
     settings = TrainConfig(total_steps=4, batch_size=16, log_every=1)

@@ -253,7 +253,7 @@ def train(
     g, d = _wrap(state.generator, ctx, device), _wrap(state.discriminator, ctx, device)
 
     start, window_start, window_steps, interrupted = time.perf_counter(), time.perf_counter(), 0, False
-    first_step = state.step
+    first_step, saved_at = state.step, None
     order, order_epoch = None, -1
     while state.step < cfg.total_steps:
         epoch, position = divmod(state.step, per_epoch)
@@ -277,10 +277,12 @@ def train(
             write_sample_grid(state, run_dir / SAMPLES_DIR / f"step{state.step:07d}.png")
         if epoch_done or state.step % cfg.checkpoint_every == 0:
             _save(state, checkpoint, ctx)
+            saved_at = state.step
         if any_rank(ctx, should_stop(), device):
             interrupted = True
             break
-    _save(state, checkpoint, ctx)
+    if saved_at != state.step:  # the last step's, unless just written (a resumed run in a new folder: its first)
+        _save(state, checkpoint, ctx)
     seconds = time.perf_counter() - start
     trained = (state.step - first_step) * global_batch
     ranks_agree = len(set(gather_objects(ctx, weights_digest(state.generator)))) == 1
