@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 import click
 from click.core import ParameterSource
 
 from digitgen.export.errors import ExportError
-from digitgen.runtime.errors import DigitgenError, InvalidRequestError
+from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.files import refuse_existing
 from digitgen.runtime.generator import DigitGenerator, parse_digit_list
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from digitgen.export.verify import ParityReport
 
 DEFAULT_RUN_DIR = "runs/latest"
+Parsed = TypeVar("Parsed")
 
 
 # The typed errors of every layer (torch-free modules): the one place they become one-line messages.
@@ -174,10 +175,11 @@ def main() -> None:
     """Generate handwritten digits with a GAN trained on MNIST."""
 
 
-def _parsed_by(parse: Callable[[str], str]) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
-    """A Click callback that checks an option's text with ``parse``, whose ValueError becomes a usage error."""
+def _parsed_by(parse: Callable[[str], Parsed]) -> Callable[[click.Context, click.Parameter, str | None], Parsed | None]:
+    """A Click callback that reads an option's text with ``parse``, whose ValueError (the runtime's
+    InvalidRequestError is one) becomes a usage error."""
 
-    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Parsed | None:
         try:
             return None if value is None else parse(value)
         except ValueError as exc:
@@ -531,15 +533,6 @@ def verify(model_argument: str | None, model: str | None, checkpoint: str, atol:
     click.echo(f"{model}: matches {checkpoint} on {len(report.cases)} cases")
 
 
-def _parse_digits(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return parse_digit_list(value)
-    except InvalidRequestError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 @main.command()
 @generator_option("ONNX generator (default: the shipped model).")
 @click.option(
@@ -553,7 +546,7 @@ def _parse_digits(ctx: click.Context, param: click.Parameter, value: str | None)
     type=click.IntRange(min=1),
     help="How many digits to generate (--count: as the HTTP API's count).",
 )
-@click.option("--digits", callback=_parse_digits, help="Digits to generate, repeated to N (e.g. 0,3,7).")
+@click.option("--digits", callback=_parsed_by(parse_digit_list), help="Digits to generate, repeated to N (e.g. 0,3,7).")
 @click.option("--digit", type=int, help="Generate only this digit.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=MAX_SEED))
 @click.option("--out", default="digits", show_default=True, type=GivenPath(), help="Output directory.")

@@ -385,6 +385,12 @@ def _unchanged(path: Path, before: os.stat_result) -> bool:
     return (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
+def check_grid_count(count: int, other_formats: str) -> None:
+    """Refuse a contact sheet of more than :data:`GRID_MAX_DIGITS` digits, naming ``other_formats`` instead."""
+    if count > GRID_MAX_DIGITS:
+        raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use {other_formats}")
+
+
 def plan_output(
     out_dir: str | Path,
     fmt: str,
@@ -422,8 +428,8 @@ def plan_output(
     start, stop = shard.check(total).bounds(total)
     if fmt == "grid" and shard.count > 1:
         raise InvalidRequestError("--format grid writes one contact sheet and is not sharded; shard png, npz or idx")
-    if fmt == "grid" and stop - start > GRID_MAX_DIGITS:
-        raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use png, npz, idx or mnist")
+    if fmt == "grid":
+        check_grid_count(stop - start, "png, npz, idx or mnist")
     if fmt in ("idx", "mnist"):
         check_idx_count(max(stop - start, test_count or 0))
     out_dir = prepare_output_dir(out_dir)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.generator import DigitGenerator, parse_digit_list
 from digitgen.runtime.noise import NOISE_SCHEME
-from digitgen.runtime.writers import GRID_MAX_DIGITS
+from digitgen.runtime.writers import check_grid_count
 
 MEDIA_TYPES = {
     "png": "image/png",
@@ -131,8 +131,8 @@ def parse_request(
     fmt = choose_format(given.get("format"), accept, count)
     if fmt == "png" and count != 1:
         raise InvalidRequestError(f"format png holds one digit, not {count}; ask for grid, npz, idx or json")
-    if fmt == "grid" and count > GRID_MAX_DIGITS:
-        raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use npz, idx or json")
+    if fmt == "grid":
+        check_grid_count(count, "npz, idx or json")
     return DigitsRequest(checked.digits, count, checked.seed, checked.truncation, fmt)
 
 
