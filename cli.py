@@ -88,12 +88,8 @@ class OneLineErrors(click.Group):
             where = f": {exc.filename}" if exc.filename else ""
             click.echo(f"Error: {exc.strerror or exc}{where}", err=True)
             sys.exit(1)
-        except MemoryError:
-            click.echo(
-                "Error: not enough memory for this request; ask for fewer digits or a smaller --batch-size "
-                "(npz and grid hold every digit in memory, png and idx stream them)",
-                err=True,
-            )
+        except MemoryError as exc:  # the library's words where it knows the cause, else numpy's
+            click.echo(f"Error: not enough memory{f': {exc}' if str(exc) else ''}; ask for less", err=True)
             sys.exit(1)
         except ModuleNotFoundError as exc:
             extra = "train" if exc.name in TRAINING_MODULES else "serve" if exc.name in SERVE_MODULES else None

@@ -240,8 +240,10 @@ def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = la
     try:
         images = np.empty((num, 28, 28), dtype=np.uint8)
         labels = np.empty(num, dtype=np.int64)
-    except ValueError as exc:
-        raise MemoryError(f"{num} digits do not fit in one array") from exc
+    except (ValueError, MemoryError) as exc:
+        raise MemoryError(
+            f"{num} digits do not fit in memory at once (npz and grid hold every digit, png and idx stream them)"
+        ) from exc
     filled = 0
     for batch in batches:
         n = len(batch.labels)
