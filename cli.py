@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 DEFAULT_RUN_DIR = "runs/latest"
 Parsed = TypeVar("Parsed")
+Command = TypeVar("Command", bound=Callable[..., Any])
 
 
 # The typed errors of every layer (torch-free modules): the one place they become one-line messages.
@@ -66,7 +67,7 @@ def _raise_keyboard_interrupt(signum: int, _frame: object) -> None:
 class OneLineErrors(click.Group):
     """A group whose errors are one line on stderr: no usage block, no traceback."""
 
-    def main(self, *args, **kwargs):  # type: ignore[override]
+    def main(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override]
         kwargs["standalone_mode"] = False
         try:
             with handling(TERMINATING_SIGNALS, _raise_keyboard_interrupt):  # they stop a command as Ctrl-C does
@@ -153,7 +154,7 @@ truncation_option = click.option(
 )
 
 
-def generator_option(help_text: str) -> Callable:
+def generator_option(help_text: str) -> Callable[[Command], Command]:
     """``--generator MODEL.onnx``: every command that reads a generator spells it this way."""
     return click.option("--generator", "model", type=GivenPath(dir_okay=False), help=help_text)
 
@@ -347,21 +348,21 @@ def train(
     if run_dir is None:  # a resumed run goes on where it was saved
         run_dir = str(Path(resume).parent) if resume is not None else DEFAULT_RUN_DIR
     options = RunOptions(
-        data_dir,
-        run_dir,
-        epochs,
-        steps,
-        batch_size,
-        lr,
-        latent_dim,
-        seed,
-        subset,
-        checkpoint_every,
-        resume,
-        overwrite,
-        lr_decay_epochs,
-        lr_d,
-        conditional_norm,
+        data_dir=data_dir,
+        run_dir=run_dir,
+        epochs=epochs,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        latent_dim=latent_dim,
+        seed=seed,
+        subset=subset,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        overwrite=overwrite,
+        lr_decay_epochs=lr_decay_epochs,
+        lr_d=lr_d,
+        conditional_norm=conditional_norm,
         g_width=g_width,
         d_width=d_width,
         adc_weight=adc_weight,
@@ -862,7 +863,16 @@ def serve(
         batch_max_digits=batch_max_digits,
         access_log=not quiet,
     )
-    options = ServerOptions(model, provider, host, port, workers, threads, graceful_timeout, settings)
+    options = ServerOptions(
+        model=model,
+        provider=provider,
+        host=host,
+        port=port,
+        workers=workers,
+        threads=threads,
+        graceful_timeout=graceful_timeout,
+        settings=settings,
+    )
     options = options.check_address()  # a busy port is refused before the model loads; port 0 becomes a free one
     generator = options.load()  # a bad model or provider is refused here, before any worker starts
     if generator.note:

@@ -1,6 +1,8 @@
 """digitgen runtime: generate handwritten digits from an ONNX generator, without PyTorch.
 
-Depends on numpy and onnxruntime only (PNG files come from its own encoder, on Python's zlib).
+The generator, the writers and the evaluator depend on numpy and onnxruntime only (PNG files come from
+the runtime's own encoder, on Python's zlib); :mod:`digitgen.runtime.progress`, the CLI's progress lines,
+uses click.
 """
 
 from digitgen.runtime.errors import (

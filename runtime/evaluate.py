@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,7 +50,7 @@ class ReferenceClassifier:
         exp = np.exp(logits - logits.max(1, keepdims=True))
         return exp / exp.sum(1, keepdims=True)
 
-    def _outputs(self, images: np.ndarray, batch_size: int):
+    def _outputs(self, images: np.ndarray, batch_size: int) -> Iterator[tuple[int, list[np.ndarray]]]:
         """(batch size, (logits, features)) for each batch of ``images``, scaled to [0, 1]."""
         for i in range(0, len(images), batch_size):
             batch = images[i : i + batch_size, None].astype(np.float32) / 255.0

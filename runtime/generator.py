@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from digitgen.runtime.contract import IMAGE_SIZE, ModelInfo, check_contract
 from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 DEFAULT_BATCH_SIZE = 256
 ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"  # digitgen/artifacts, installed or checked out
@@ -128,12 +132,13 @@ class DigitGenerator:
         return cls(path, info, opened.session, opened.provider, opened.note, opened.sha256)
 
     @property
-    def inputs(self) -> list:
+    def inputs(self) -> list[ort.NodeArg]:
         """onnxruntime's description of the model inputs (name, type, shape)."""
         return self._session.get_inputs()
 
     @property
-    def outputs(self) -> list:
+    def outputs(self) -> list[ort.NodeArg]:
+        """onnxruntime's description of the model outputs."""
         return self._session.get_outputs()
 
     @property

@@ -36,13 +36,13 @@ def generate(
         request.count, request.digits, request.seed, DEFAULT_BATCH_SIZE, truncation=request.truncation
     )
 
-    def check_time(_count: int) -> None:
+    def stop_if_abandoned_or_late(_count: int) -> None:
         if cancelled is not None and cancelled.is_set():
             raise AbandonedError
         if time.monotonic() > deadline:
             raise TimeLimitError
 
-    return collect(batches, request.count, check_time)
+    return collect(batches, request.count, stop_if_abandoned_or_late)
 
 
 def _json(digits: GeneratedDigits) -> bytes:
