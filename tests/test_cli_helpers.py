@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import pytest
 
-from digitgen.cli import _format_progress, _raise_keyboard_interrupt, _read_json
+from digitgen.cli import _format_progress, _raise_keyboard_interrupt, _read_json, main
 
 
 def named(text: str) -> io.StringIO:
@@ -165,3 +165,25 @@ def test_a_missing_module_outside_the_extras_is_not_disguised() -> None:
 
     result = CliRunner().invoke(_group_raising(ModuleNotFoundError("no yaml", name="yaml")), ["fail"])
     assert isinstance(result.exception, ModuleNotFoundError) and result.exception.name == "yaml"
+
+
+def _defaults(command: str) -> dict[str, object]:
+    return {param.name: param.default for param in main.commands[command].params}
+
+
+def test_the_servers_option_defaults_are_the_apps() -> None:
+    """cli.py spells them out so that it loads without the serve extra; they must not drift from ServeSettings."""
+    from digitgen.serve import ServeSettings
+
+    shown, settings = _defaults("serve"), ServeSettings()
+    for name in ("max_count", "max_in_flight", "queue", "time_limit", "batch_window_ms", "batch_max_digits"):
+        assert shown[name] == getattr(settings, name), name
+
+
+def test_the_exporters_option_defaults_are_the_exporters() -> None:
+    """Likewise without torch: the lowest opset the exporter writes, and fp32."""
+    from digitgen.export.onnx_export import DEFAULT_OPSET
+    from digitgen.export.verify import PRECISIONS
+
+    shown = _defaults("export")
+    assert (shown["opset"], shown["precision"]) == (DEFAULT_OPSET, PRECISIONS[0])
