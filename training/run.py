@@ -224,23 +224,12 @@ def _new_state(options: RunOptions, device: torch.device, rank: int, classifiers
     def given(*names: str) -> dict:
         return {name: getattr(options, name) for name in names if getattr(options, name) is not None}
 
-    names = (
-        "batch_size",
-        "lr",
-        "lr_d",
-        "seed",
-        "subset",
-        "checkpoint_every",
-        "adc_weight",
-        "label_weight",
-        "label_weight_falls",
-        "label_weight_floor",
-        "label_digit_weights",
-        "diffaugment",
-        "precision",
-    )
-    settings = TrainConfig(total_steps=1, **given(*names))
-    config = GANConfig(**given("latent_dim", "conditional_norm", "g_width", "d_width"))
+    fixed = {
+        part: [name for name, (_flag, kept_in) in FIXED_ON_RESUME.items() if kept_in == part]
+        for part in ("train", "config")
+    }
+    settings = TrainConfig(total_steps=1, **given(*fixed["train"], "checkpoint_every"))
+    config = GANConfig(**given(*fixed["config"]))
     return new_state(config, settings, device, rank, classifiers)
 
 
