@@ -149,10 +149,23 @@ def test_learning_rate_is_constant_then_falls_linearly_to_zero() -> None:
     assert [decayed.learning_rate(s) for s in (0, 60, 80, 99, 100)] == [1.0, 1.0, 0.5, 1 / 40, 0.0]
 
 
-def test_load_mnist_reads_idx_files(tiny_mnist: Path) -> None:
-    data = load_mnist(tiny_mnist, download=False)
-    assert data.images.shape == (256, 28, 28) and data.images.dtype == torch.uint8
+@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+def test_load_mnist_reads_what_torchvision_reads(tiny_mnist: Path, train: bool) -> None:
+    from torchvision.datasets import MNIST
+
+    data, reference = load_mnist(tiny_mnist, train=train), MNIST(str(tiny_mnist), train=train)
+    assert data.images.dtype == torch.uint8 and data.labels.dtype == torch.int64
+    assert torch.equal(data.images, reference.data) and torch.equal(data.labels, reference.targets)
     assert data.labels[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+
+
+def test_mnist_splits_whose_files_disagree_are_corrupt(tmp_path: Path) -> None:
+    root = write_tiny_mnist(tmp_path)
+    labels = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    other = write_tiny_mnist(tmp_path / "other", test_count=10) / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(other.read_bytes())
+    with pytest.raises(DatasetCorruptError, match="t10k images but 10 labels"):
+        load_mnist(root, train=False)
 
 
 def test_missing_mnist_names_all_four_files(tmp_path: Path) -> None:

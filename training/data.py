@@ -1,4 +1,4 @@
-"""MNIST as two in-memory tensors, read with torchvision from its standard root layout."""
+"""MNIST as two in-memory tensors, read from torchvision's standard root layout (torchvision downloads it)."""
 
 from __future__ import annotations
 
@@ -12,34 +12,20 @@ import torch
 from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.idx import (
     MNIST_FILES,
-    check_idx,
     likely_mnist_root,
     missing_mnist_files,
     mnist_not_found_message,
-    mnist_raw_folder,
+    read_mnist_split,
 )
 from digitgen.training.distributed import DistContext, any_rank
 from digitgen.training.errors import DatasetCorruptError, DatasetNotFoundError, TrainingError
 
-__all__ = ["MNIST_FILES", "MnistTensors", "check_idx_file", "load_mnist", "raw_folder"]
+__all__ = ["MNIST_FILES", "MnistTensors", "load_mnist"]
 
 
 class MnistTensors(NamedTuple):
     images: torch.Tensor  # (N, 28, 28) uint8
     labels: torch.Tensor  # (N,) int64
-
-
-def raw_folder(root: str | Path) -> Path:
-    """Where torchvision keeps the uncompressed IDX files under ``root``."""
-    return mnist_raw_folder(root)
-
-
-def check_idx_file(path: Path) -> None:
-    """Raise :class:`DatasetCorruptError` unless ``path`` is a complete MNIST IDX file."""
-    try:
-        check_idx(path, images="images" in path.name)
-    except InvalidRequestError as exc:
-        raise DatasetCorruptError(str(exc)) from exc
 
 
 def _try_download(root: Path) -> str:
@@ -64,8 +50,6 @@ def load_mnist(root: str | Path, *, train: bool = True, download: bool = False) 
     when ``download`` is true; otherwise nothing is created, and the error names the four files,
     where they were looked for, and the likely right root when one is one level off.
     """
-    from torchvision.datasets import MNIST
-
     root = Path(root)
     reason = ""
     if missing_mnist_files(root) and download:
@@ -77,11 +61,11 @@ def load_mnist(root: str | Path, *, train: bool = True, download: bool = False) 
         elif not download and not likely_mnist_root(root):
             message += "; or pass --download to fetch them"
         raise DatasetNotFoundError(message)
-    split = MNIST_FILES[:2] if train else MNIST_FILES[2:]
-    for name in split:
-        check_idx_file(raw_folder(root) / name)
-    dataset = MNIST(str(root), train=train, download=False)
-    return MnistTensors(dataset.data.contiguous(), dataset.targets.long())
+    try:
+        images, labels = read_mnist_split(root, "train" if train else "t10k")
+    except InvalidRequestError as exc:  # a damaged file, or a split whose two files disagree
+        raise DatasetCorruptError(str(exc)) from exc
+    return MnistTensors(torch.from_numpy(images), torch.from_numpy(labels))
 
 
 def load_mnist_once(root: str | Path, download: bool, ctx: DistContext, device: torch.device) -> MnistTensors:
