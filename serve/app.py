@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from digitgen.runtime.errors import DigitgenError
@@ -299,6 +300,8 @@ class _Service:
         except AbandonedError:
             self.metrics.abandoned.inc()
             return _error(499, "the client closed the connection before the response was ready")
+        except MemoryError as exc:  # the runtime's words where it knows the cause, as the CLI says them
+            return _error(422, f"not enough memory{f': {exc}' if str(exc) else ''}; ask for less")
         self.metrics.digits.inc(request.count)
         name = filename(request.fmt, request.digits[0])
         if name:
@@ -342,6 +345,9 @@ class _ServiceEntry:
                 message = {**message, "body": b""}
             await send(message)
 
+        request_id = scope.get("state", {}).get("request_id", "-")
+        where = f"{printable(scope['path'])} (id={request_id})"
+        log = logging.getLogger("digitgen.serve")
         try:
             self.service.start()
             if scope["method"] == "GET" and local_path(scope) == "/generate":
@@ -349,14 +355,29 @@ class _ServiceEntry:
                 await response(scope, receive, send_tracked)
             else:
                 await self.app(scope, receive, send_tracked)
+        except asyncio.CancelledError:  # the server stopped waiting for it: its graceful timeout ran out
+            log.warning("%s cut off: the server stopped before it was answered", where)
+            if not started:
+                stopping = _error(503, "the server is stopping; retry later", {"Retry-After": "1"})
+                await stopping(scope, receive, send_tracked)
         except Exception as exc:  # a bug, or the model failing to run: logged, and a 500 in the service's words
-            request_id = scope.get("state", {}).get("request_id", "-")
-            log = logging.getLogger("digitgen.serve")
-            log.exception("unexpected error in %s (id=%s)", printable(scope["path"]), request_id)
+            log.exception("unexpected error in %s", where)
             if started:  # too late for a response of its own: the server closes the connection
                 raise
             message = f"internal error ({type(exc).__name__}); the server log has the details (id={request_id})"
             await _error(500, message)(scope, receive, send_tracked)
+
+
+class _Cors(CORSMiddleware):
+    """Starlette's CORS middleware, whose refused preflight requests answer in JSON as every refusal here does."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
+        message = f"{bytes(response.body).decode()}: this server allows cross-origin GET and HEAD only from its origins"
+        return _error(response.status_code, message, headers)
 
 
 def _lifespan(service: _Service) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -427,7 +448,7 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
         app.mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web")
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            _Cors,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "HEAD"],
             allow_headers=["Accept", "If-None-Match", "X-Request-ID"],

@@ -26,8 +26,10 @@ MEDIA_TYPES = {
 }
 PARAMETERS = ("digits", "digit", "count", "seed", "truncation", "format")
 ENCODING_VERSION = "2"  # bump when the bytes of any format change
-# up to 40 digits: every valid value has at most 20, and int() refuses strings over 4,300 digits
-_INTEGER = re.compile(r"-?[0-9]{1,40}")
+# as int() and the CLI read them: a sign and spaces around allowed; underscores (which int() takes) are not
+_INTEGER = re.compile(r"\s*([+-]?)0*([0-9]+)\s*")
+_LONGEST = 40  # significant digits read as a number: every valid value has at most 20, and int() stops at 4,300
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")  # RFC 9110, 12.4.2
 _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?")
 
 
@@ -52,8 +54,21 @@ class DigitsRequest:
 
 
 def _integer(text: str) -> int | str:
-    """``text`` as an int when it is one, else ``text`` itself for the runtime's check to reject by name."""
-    return int(text) if _INTEGER.fullmatch(text) else text
+    """``text`` as an int when it is one (of at most 40 significant digits), else ``text`` itself for the
+    runtime's check to reject by name."""
+    match = _INTEGER.fullmatch(text)
+    if match is None or len(match[2]) > _LONGEST:
+        return text
+    return int(match[1] + match[2])
+
+
+def _check_limit(count: str, max_count: int) -> None:
+    """Refuse a count over ``max_count``, however many digits it is written with, before any other check."""
+    match = _INTEGER.fullmatch(count)
+    if match is None or match[1] == "-" or (len(match[2]) <= _LONGEST and int(match[2]) <= max_count):
+        return
+    shown = match[2] if len(match[2]) <= _LONGEST else f"{match[2][:20]}... ({len(match[2])} digits long)"
+    raise InvalidRequestError(f"number of digits {shown} is over this server's limit of {max_count} per request")
 
 
 def _digits(digits: str | None, digit: str | None) -> list[int | str] | None:
@@ -70,29 +85,39 @@ def _number(text: str | None) -> float | str | None:
     return float(text) if text is not None and _DECIMAL.fullmatch(text) else text
 
 
-def _accepted(accept: str) -> list[str]:
-    """Media ranges of an ``Accept`` header, best first (by q, then order); q=0 ranges dropped."""
-    ranked = []
-    for position, item in enumerate(accept.split(",")):
+def _ranges(accept: str) -> list[tuple[str, float]]:
+    """The media ranges of an ``Accept`` header with their q-values, in order; a range with an unreadable
+    q-value is dropped."""
+    ranges = []
+    for item in accept.split(","):
         media, *options = (part.strip() for part in item.split(";"))
-        quality = 1.0
-        for option in options:
-            name, _, value = option.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
-        if media and quality > 0:
-            ranked.append((-quality, position, media.lower()))
-    return [media for _, _, media in sorted(ranked)]
+        parameters = (option.partition("=") for option in options)
+        qvalues = [value.strip() for name, _, value in parameters if name.strip().lower() == "q"]
+        if media and all(_QVALUE.fullmatch(q) for q in qvalues):
+            ranges.append((media.lower(), float(qvalues[-1]) if qvalues else 1.0))
+    return ranges
 
 
-def _matches(media_range: str, media_type: str) -> bool:
-    """Whether ``media_range`` covers ``media_type`` (a bare ``*``, which some clients send, as ``*/*``)."""
+def _specificity(media_range: str, media_type: str) -> int:
+    """How closely ``media_range`` names ``media_type``: 3 exactly, 2 as ``type/*``, 1 as ``*/*`` (or a bare
+    ``*``, which some clients send), 0 not at all."""
+    if media_range == media_type:
+        return 3
+    if media_range in ("*/*", "*"):
+        return 1
     kind, _, sub = media_range.partition("/")
-    want_kind, _, want_sub = media_type.partition("/")
-    return media_range in ("*/*", "*") or (kind == want_kind and sub in ("*", want_sub))
+    return 2 if sub == "*" and kind == media_type.partition("/")[0] else 0
+
+
+def _preference(ranges: list[tuple[str, float]], media_type: str) -> tuple[float, int]:
+    """The q-value the most specific matching range gives ``media_type`` (RFC 9110, 12.5.1: ``image/png;q=0,
+    */*`` refuses PNG), and that range's position; q 0 where none matches."""
+    best = (0, 0.0, len(ranges))
+    for position, (media_range, quality) in enumerate(ranges):
+        specificity = _specificity(media_range, media_type)
+        if specificity > best[0]:
+            best = (specificity, quality, position)
+    return best[1], best[2]
 
 
 def choose_format(fmt: str | None, accept: str | None, count: int) -> str:
@@ -103,10 +128,14 @@ def choose_format(fmt: str | None, accept: str | None, count: int) -> str:
     if not accept or not accept.strip():
         return fmt or default
     candidates = [fmt] if fmt is not None else [default, *(f for f in MEDIA_TYPES if f not in ("png", "grid"))]
-    for media_range in _accepted(accept):
-        for candidate in candidates:
-            if _matches(media_range, MEDIA_TYPES[candidate]):
-                return candidate
+    ranges = _ranges(accept)
+    ranked = []
+    for order, candidate in enumerate(candidates):
+        quality, position = _preference(ranges, MEDIA_TYPES[candidate])
+        if quality > 0:
+            ranked.append((-quality, position, order, candidate))
+    if ranked:
+        return min(ranked)[-1]
     offered = ", ".join(sorted({MEDIA_TYPES[c] for c in candidates}))
     raise NotAcceptableError(f"cannot answer Accept: {accept!r}; this request can send {offered}")
 
@@ -122,12 +151,11 @@ def parse_request(
         if name in given:
             raise InvalidRequestError(f"give {name} once")
         given[name] = value
+    _check_limit(given.get("count", "1"), max_count)
     num, seed = _integer(given.get("count", "1")), _integer(given.get("seed", "0"))
     digits, truncation = _digits(given.get("digits"), given.get("digit")), _number(given.get("truncation"))
     checked = generator.check_request(num, digits, seed, truncation=truncation)  # type: ignore[arg-type]
     count = checked.num
-    if count > max_count:
-        raise InvalidRequestError(f"number of digits {count} is over this server's limit of {max_count} per request")
     fmt = choose_format(given.get("format"), accept, count)
     if fmt == "png" and count != 1:
         raise InvalidRequestError(f"format png holds one digit, not {count}; ask for grid, npz, idx or json")

@@ -282,7 +282,12 @@ BAD = [
     ("seed=-1", 422, "seed must be an integer from 0 to 18446744073709551615, got -1"),
     (f"seed={2**64}", 422, f"seed must be an integer from 0 to 18446744073709551615, got {2**64}"),
     ("seed=" + "9" * 5000, 422, "seed must be an integer from 0 to 18446744073709551615, got '999"),
-    ("count=" + "1" * 41, 422, "number of digits must be an integer >= 1, got '111"),
+    ("count=" + "1" * 41, 422, "number of digits 11111111111111111111... (41 digits long) is over this server's limit"),
+    ("count=" + "9" * 40, 422, f"number of digits {'9' * 40} is over this server's limit of 10000 per request"),
+    (f"count={2**63}", 422, f"number of digits {2**63} is over this server's limit of 10000 per request"),
+    ("count=1_0", 422, "number of digits must be an integer >= 1, got '1_0'"),
+    ("count=-1", 422, "number of digits must be an integer >= 1, got -1"),
+    ("seed=%2B-1", 422, "seed must be an integer from 0 to 18446744073709551615, got '+-1'"),
     ("truncation=0", 422, "truncation must be a number >= 0.1, got 0.0"),
     ("truncation=1e-300", 422, "truncation must be a number >= 0.1, got 1e-300"),
     ("truncation=nan", 422, "truncation must be a number >= 0.1, got 'nan'"),
@@ -306,10 +311,17 @@ def test_bad_parameters_are_refused_in_words(server: Server, query: str, status:
     assert list(body) == ["error"] and body["error"].startswith(words)
 
 
-@pytest.mark.parametrize("accept", ["text/html", "image/jpeg, text/*", "image/png;q=0"])
-def test_unsupported_accept_is_406(server: Server, accept: str) -> None:
-    response = server.get("/generate?count=2&format=npz" if accept == "image/png;q=0" else "/generate?count=2",
-                          headers={"Accept": accept})  # fmt: skip
+@pytest.mark.parametrize(
+    ("query", "accept"),
+    [
+        ("count=2", "text/html"),
+        ("count=2", "image/jpeg, text/*"),
+        ("count=2&format=npz", "image/png;q=0"),
+        ("count=2&format=json", "application/json;q=0, */*"),  # the most specific range decides (RFC 9110)
+    ],
+)
+def test_unsupported_accept_is_406(server: Server, query: str, accept: str) -> None:
+    response = server.get(f"/generate?{query}", headers={"Accept": accept})
     assert response.status_code == 406
     assert response.json()["error"].startswith(f"cannot answer Accept: {accept!r}")
 
@@ -326,16 +338,50 @@ def test_unsupported_accept_is_406(server: Server, accept: str) -> None:
         (None, "application/x-npz;q=1, application/json", 5, "npz"),  # no q is q=1, no more
         (None, "application/json;q=abc, image/png", 5, "grid"),  # an unreadable q drops its range
         (None, "application/json;q=0.5, application/x-tar", 5, "idx"),
+        (None, "image/png;q=0, */*;q=0.1", 1, "npz"),  # PNG refused by name, the rest accepted
+        (None, "*/*;q=0.1, image/png;q=0", 1, "npz"),
+        (None, "application/*;q=0.2, application/json;q=0.9", 5, "json"),  # by q, whatever the order
+        (None, "application/json;q=0.9, */*;q=1.0", 5, "grid"),
+        (None, "application/json;q=2, image/png;q=0.5", 5, "grid"),  # q over 1 is unreadable: the range drops
+        (None, "application/json;q=inf, image/png;q=0.5", 5, "grid"),
+        (None, "application/json;q=0.3333, application/x-tar;q=0.3", 5, "idx"),  # at most 3 decimals
+        (None, "Application/JSON; Q=1, image/png;q=0.5", 5, "json"),  # names are case-insensitive
+        ("json", "application/*;q=0.1", 5, "json"),
     ],
 )
 def test_the_format_from_format_and_accept(fmt: str | None, accept: str | None, count: int, chosen: str) -> None:
     assert choose_format(fmt, accept, count) == chosen
 
 
-@pytest.mark.parametrize("accept", ["application/json;q=0", "application/json;q=0, text/html", "*/*;q=0"])
-def test_ranges_with_q_0_are_refused(accept: str) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "accept"),
+    [
+        (None, "application/json;q=0"),
+        (None, "application/json;q=0, text/html"),
+        (None, "*/*;q=0"),
+        (None, "image/png;q=0, image/*"),
+        ("json", "application/json;q=0, */*"),
+        ("png", "image/*;q=0.000, */*"),
+    ],
+)
+def test_ranges_with_q_0_are_refused(fmt: str | None, accept: str) -> None:
     with pytest.raises(NotAcceptableError):
-        choose_format(None, accept, 5)
+        choose_format(fmt, accept, 1 if fmt == "png" else 5)
+
+
+@pytest.mark.parametrize(
+    ("given", "plain"),
+    [
+        ("seed=%2B5&digit=%2B7&count=%2B1", "seed=5&digit=7"),  # a sign, as the CLI takes --seed +5
+        ("seed=%205%20&digit=%207", "seed=5&digit=7"),  # spaces around, as the CLI takes --digit ' 7'
+        ("seed=0005&count=003&digits=1,2&format=npz", "seed=5&count=3&digits=1,2&format=npz"),
+        (f"count=1&seed={'0' * 60}9", "seed=9"),  # leading zeros are not significant digits
+    ],
+)
+def test_integers_are_read_as_the_cli_reads_them(server: Server, given: str, plain: str) -> None:
+    answer, expected = server.get(f"/generate?{given}"), server.get(f"/generate?{plain}")
+    assert answer.status_code == 200, answer.text
+    assert answer.content == expected.content and answer.headers["etag"] == expected.headers["etag"]
 
 
 def test_not_acceptable_names_what_the_request_can_send() -> None:
@@ -531,6 +577,21 @@ def test_cors_preflight_allows_get_and_head_with_the_api_headers_only(
     if allowed:
         assert preflight.headers["access-control-allow-origin"] == "http://app.example"
         assert "access-control-allow-credentials" not in preflight.headers
+    else:
+        assert preflight.status_code == 400 and preflight.headers["content-type"] == "application/json"
+        refused = "method" if method == "POST" else "headers"
+        assert preflight.json() == {
+            "error": f"Disallowed CORS {refused}: this server allows cross-origin GET and HEAD only from its origins"
+        }
+
+
+def test_cors_preflight_from_another_origin_is_refused_in_json(limited: Server) -> None:
+    asked = {"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"}
+    preflight = httpx.options(limited.url + "/generate", headers=asked, timeout=60)
+    assert preflight.status_code == 400 and "access-control-allow-origin" not in preflight.headers
+    assert preflight.json() == {
+        "error": "Disallowed CORS origin: this server allows cross-origin GET and HEAD only from its origins"
+    }
 
 
 def test_time_limit_is_503(tmp_path: Path) -> None:
@@ -661,6 +722,23 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path: Path) -> 
     with pytest.raises(httpx.ConnectError):
         server.get("/healthz")
     assert "Shutting down" in server.log.read_text()
+
+
+def test_a_request_cut_off_by_the_graceful_timeout_gets_a_503_in_json(tmp_path: Path) -> None:
+    server = start(tmp_path / "server.log", serve_command("--graceful-timeout", "0.2"))
+    with ThreadPoolExecutor(1) as pool:
+        large = pool.submit(server.get, "/generate?count=10000&format=npz&seed=8")
+        deadline = time.monotonic() + 30
+        while server.metric("digitgen_requests_admitted") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)
+        response = large.result()
+    assert server.process.wait(60) == 0
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json() == {"error": "the server is stopping; retry later"}
+    log = server.log.read_text()
+    assert "/generate (id=" in log and "cut off: the server stopped before it was answered" in log, log
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log
 
 
 def test_two_workers_serve_identical_bytes(server: Server, tmp_path: Path) -> None:

@@ -344,6 +344,14 @@ def test_an_unexpected_error_is_a_500_in_json_with_the_request_id_and_cors(caplo
     assert [r.getMessage() for r in caplog.records] == ["unexpected error in /generate (id=req-7)"]
 
 
+def test_a_request_too_large_for_memory_is_refused_in_the_cli_words() -> None:
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False, max_count=10**13))
+    (refused,) = _in_process(app, [("/generate?count=10000000000000&format=npz", {})])
+    assert refused.status_code == 422
+    words = refused.json()["error"]
+    assert words.startswith("not enough memory: ") and words.endswith("; ask for less"), words
+
+
 @pytest.mark.parametrize(
     ("query", "error", "reason"),
     [
