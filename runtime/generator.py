@@ -166,7 +166,7 @@ class DigitGenerator:
     def run(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Raw model call: (B, latent_dim) float32 and (B,) int64 -> (B, 1, 28, 28) float32 in [0, 1];
         :class:`ModelRunError` if onnxruntime fails to run it, :class:`ModelContractError` if what it
-        returns is not that (a model can declare its output's dimensions symbolic)."""
+        returns is not that (a model can declare its output's dimensions symbolic, or return NaN)."""
         try:
             (images,) = self._session.run(["image"], {"z": z, "digit": labels})
         except ORT_ERRORS as exc:
@@ -177,6 +177,8 @@ class DigitGenerator:
                 f"{self.path}: the model returned 'image' of shape {images.shape} ({images.dtype}) for "
                 f"{len(z)} digits, not {expected} (float32)"
             )
+        if not np.isfinite(images).all():  # NaN would become black pixels, silently
+            raise ModelContractError(f"{self.path}: the model returned pixels that are NaN or infinite, not 0 to 1")
         return images
 
     def check_request(

@@ -79,6 +79,7 @@ def progress(
     ``describe(item)`` adds a few words. The label comes first, as a line of its own where the stream is not
     a terminal; ``hidden`` shows nothing."""
     stream = stream or sys.stderr
+    hidden = hidden or stream is None  # no stderr at all (closed, or a GUI interpreter): no progress, same work
     if hidden or stream.isatty():
         with click.progressbar(
             length=length, label=label, file=stream, item_show_func=describe, show_pos=True, hidden=hidden

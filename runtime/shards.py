@@ -53,12 +53,13 @@ class Shard:
 
 
 WHOLE = Shard()
+MISSING_NAMED = 10  # missing shards named in a refusal; the rest counted
 
 
 def find_shards(out_dir: Path, file_name: str) -> list[Path]:
     """The complete, ordered set of shard files of ``file_name`` in ``out_dir``."""
     stem, dot, ext = file_name.partition(".")
-    pattern = re.compile(rf"^{re.escape(stem)}-(\d{{5}})-of-(\d{{5}}){re.escape(dot + ext)}$")
+    pattern = re.compile(rf"^{re.escape(stem)}-(\d{{5,}})-of-(\d{{5,}}){re.escape(dot + ext)}$")
     found: dict[int, set[int]] = {}
     for path in out_dir.iterdir():
         match = pattern.match(path.name)
@@ -73,7 +74,9 @@ def find_shards(out_dir: Path, file_name: str) -> list[Path]:
         raise OutputError(f"{out_dir}: '-of-{count:05d}' shards are not ones this project writes (one is {file_name})")
     missing = sorted(set(range(count)) - indices)
     if missing:
-        raise OutputError(f"{out_dir}: shard(s) {', '.join(map(str, missing))} of {count} of {file_name} missing")
+        named = ", ".join(map(str, missing[:MISSING_NAMED]))
+        more = f" and {len(missing) - MISSING_NAMED:,} more" if len(missing) > MISSING_NAMED else ""
+        raise OutputError(f"{out_dir}: shard(s) {named}{more} of {count} of {file_name} missing")
     return [out_dir / Shard(i, count).name(file_name) for i in range(count)]
 
 

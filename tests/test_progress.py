@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import shlex
+import subprocess
+import sys
+
+import numpy as np
 
 from digitgen.runtime.progress import LogProgress, progress
 
@@ -90,3 +95,19 @@ def test_a_single_step_of_work_is_all_of_it() -> None:
     clock.now += 60
     bar.update(1)
     assert stream.getvalue() == "training: 1/1 (100%), 1:00 elapsed\n"
+
+
+def test_no_stderr_at_all_means_no_progress_and_the_same_work(monkeypatch) -> None:
+    """A process started with stderr closed (``2>&-``, some service managers) has ``sys.stderr`` None."""
+    monkeypatch.setattr(sys, "stderr", None)
+    with progress(5, "generating") as bar:
+        bar.update(5)
+
+
+def test_generate_with_stderr_closed_writes_its_files(tmp_path) -> None:
+    out = tmp_path / "digits"
+    command = (
+        f"{shlex.quote(sys.executable)} -m digitgen generate -n 300 --batch-size 100 --format npz --out {out} 2>&-"
+    )
+    assert subprocess.run(["bash", "-c", command], check=False).returncode == 0
+    assert np.load(out / "digits.npz")["images"].shape == (300, 28, 28)

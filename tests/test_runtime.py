@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import helper, numpy_helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from digitgen.runtime import (
@@ -180,7 +181,7 @@ def test_the_hash_of_a_split_model_covers_its_weights(tmp_path: Path) -> None:
 
 
 def test_external_data_is_found_in_subgraphs_and_sparse_tensors() -> None:
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
     def external(name: str, location: str) -> onnx.TensorProto:
         tensor = numpy_helper.from_array(np.ones(3, np.float32), name)
@@ -240,6 +241,20 @@ def _drop_metadata(model: onnx.ModelProto) -> None:
 def test_contract_violations_are_named(tmp_path: Path, tiny_onnx: Path, edit, message: str) -> None:
     with pytest.raises(ModelContractError, match=message):
         DigitGenerator.from_path(_rewrite(tiny_onnx, tmp_path, edit))
+
+
+def _nan_pixels(model: onnx.ModelProto) -> None:
+    """The output times NaN: a model that keeps the contract's shapes and runs, but whose pixels are not numbers."""
+    for node in model.graph.node:
+        node.output[:] = ["before_nan" if name == "image" else name for name in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan"))
+    model.graph.node.append(helper.make_node("Mul", ["before_nan", "nan"], ["image"]))
+
+
+def test_a_model_that_returns_nan_is_refused_not_drawn_black(tmp_path: Path, tiny_onnx: Path) -> None:
+    generator = DigitGenerator.from_path(_rewrite(tiny_onnx, tmp_path, _nan_pixels))
+    with pytest.raises(ModelContractError, match=r"edited.onnx: the model returned pixels that are NaN or infinite"):
+        generator.generate(3)
 
 
 def test_unknown_provider(tiny_onnx: Path) -> None:

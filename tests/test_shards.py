@@ -162,6 +162,17 @@ def test_merge_lists_every_missing_shard_and_keeps_existing_files(gen: DigitGene
     assert len(read_idx(tmp_path / "train-images-idx3-ubyte")) == N
 
 
+def test_merge_finds_shards_of_runs_of_100000_or_more_shards(tmp_path: Path) -> None:
+    for index in (0, 3):
+        (tmp_path / Shard(index, 100_000).name("digits.npz")).write_bytes(b"")
+    assert (tmp_path / "digits-00003-of-100000.npz").exists()
+    with pytest.raises(OutputError) as missing:
+        merge_shards(tmp_path, "npz")
+    assert str(missing.value) == (
+        f"{tmp_path}: shard(s) 1, 2, 4, 5, 6, 7, 8, 9, 10, 11 and 99,988 more of 100000 of digits.npz missing"
+    )
+
+
 def test_a_damaged_shard_is_named_and_nothing_is_merged(gen: DigitGenerator, tmp_path: Path) -> None:
     for i in range(2):
         _write(gen, tmp_path / "idx", "idx", Shard(i, 2))
