@@ -150,9 +150,9 @@ def _index(path: Path) -> int:
 def _is_complete(path: Path) -> bool:
     """Whether ``path`` is a whole file of its format (PNG, NPZ or IDX) rather than a damaged or truncated one.
     An IDX file has no checksum: only its header and size can tell."""
-    if path.suffix == ".png":
-        return is_whole_png(path.read_bytes())
     try:
+        if path.suffix == ".png":
+            return is_whole_png(path.read_bytes())
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:  # each member's CRC is checked as it is read
                 for name in archive.files:
@@ -162,6 +162,14 @@ def _is_complete(path: Path) -> bool:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
         return False
     return True
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether ``path`` is a file holding exactly ``data`` (a dangling link or a folder holds nothing)."""
+    try:
+        return path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _refuse_other_digits(path: Path) -> None:
@@ -212,7 +220,7 @@ def _write_pngs(
                 path = out_dir / png_name(batch.start + offset, int(label))
                 encoded = png_bytes(image)
                 earlier = stale.pop(batch.start + offset, [])
-                keep = resume and path in earlier and path.read_bytes() == encoded
+                keep = resume and path in earlier and _holds(path, encoded)
                 for old in earlier:
                     if resume and not (keep and old == path):
                         _refuse_other_digits(old)
@@ -358,7 +366,7 @@ class OutputPlan:
             kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, on_batch)
             return WrittenFiles([self.out_dir], kept, self.count)
         paths = [self.out_dir / name for name in output_names(self.fmt, self.shard)]
-        before = {path: path.stat() for path in self.existing}
+        before = {path: path.lstat() for path in self.existing}  # a dangling link is an existing file too
         if self.fmt == "mnist":
             with _new_folders(paths[0].parent):
                 _write_idx_splits(batches, paths, [self.total, self.test_count], self.resume, on_batch)
@@ -383,7 +391,7 @@ def _new_folders(folder: Path) -> Iterator[None]:
 
 
 def _unchanged(path: Path, before: os.stat_result) -> bool:
-    after = path.stat()
+    after = path.lstat()
     return (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
@@ -513,7 +521,7 @@ def _refuse_another_runs_folder(
     """Make the digit of the folder's first PNG again, and refuse the folder now if that file is another run's: a
     resume with a mistyped option stops before any work (each file is checked again as it is reached)."""
     (digit,) = gen.iter_batches(1, digits, seed, 1, start=_index(first), truncation=truncation)
-    if first.name != png_name(digit.start, int(digit.labels[0])) or first.read_bytes() != png_bytes(digit.images[0]):
+    if first.name != png_name(digit.start, int(digit.labels[0])) or not _holds(first, png_bytes(digit.images[0])):
         _refuse_other_digits(first)
 
 

@@ -164,6 +164,20 @@ def test_a_dangling_link_in_the_way_is_refused_like_a_file(gen: DigitGenerator, 
     assert link.is_symlink() and sorted(tmp_path.iterdir()) == [link]
 
 
+@pytest.mark.parametrize("fmt", ["npz", "png", "idx", "grid"])
+@pytest.mark.parametrize("permission", ["overwrite", "resume"])
+def test_a_dangling_link_in_the_way_is_replaced_when_allowed(
+    gen: DigitGenerator, tmp_path: Path, fmt: str, permission: str
+) -> None:
+    names = {"npz": "digits.npz", "png": "00000000_label0.png", "idx": "train-images-idx3-ubyte", "grid": "grid.png"}
+    link = tmp_path / names[fmt]
+    link.symlink_to(tmp_path / "nowhere")
+    generate_files(gen, tmp_path / "expected", 3, fmt)
+    generate_files(gen, tmp_path, 3, fmt, **{permission: True})
+    assert not link.is_symlink() and link.read_bytes() == (tmp_path / "expected" / names[fmt]).read_bytes()
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_export_refuses_to_replace_release_weights(tmp_path: Path, tiny_checkpoint: Path) -> None:
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"mine")
