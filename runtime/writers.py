@@ -10,6 +10,7 @@ and IDX output use memory independent of the number of digits.
 
 from __future__ import annotations
 
+import array
 import bisect
 import itertools
 import os
@@ -204,16 +205,17 @@ def _write_pngs(
 ) -> int:
     """One PNG per digit; returns how many existing files were kept.
 
-    A file of the same index but another label is removed, so an index never has two labels in one
-    folder. With ``resume``, a file that already holds exactly the digit's bytes is kept as it is, and a
-    complete file of other digits is refused (:func:`_refuse_other_digits`). If ``batches`` turn out not to
-    hold the promised digits, or a file is refused, the files this call created are removed (those it
-    replaced, with the caller's permission, already hold their digits).
+    A file of the same index but another label is removed, so an index never has two labels in one folder, and
+    so are ``replaced`` files past the batches' digits (a longer run's). With ``resume``, a file that already
+    holds exactly the digit's bytes is kept as it is, and a complete file of other digits is refused
+    (:func:`_refuse_other_digits`). If ``batches`` turn out not to hold the promised digits, or a file is refused,
+    the files this call created are removed (those it replaced, with the caller's permission, already hold their
+    digits).
     """
     stale: dict[int, list[Path]] = {}
     for path in replaced:
         stale.setdefault(_index(path), []).append(path)
-    kept, created = 0, []
+    kept, created, created_labels = 0, array.array("q"), bytearray()  # 9 bytes a file, for millions of files
     try:
         for batch in batches:
             for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
@@ -230,14 +232,18 @@ def _write_pngs(
                     with atomic_file(path) as f:
                         f.write(encoded)
                     if path not in earlier:
-                        created.append(path)
+                        created.append(batch.start + offset)
+                        created_labels.append(int(label))
                 for old in earlier:
                     if old != path:
                         old.unlink(missing_ok=True)
             on_batch(len(batch.labels))
+        for past in stale.values():
+            for path in past:
+                path.unlink(missing_ok=True)
     except (InvalidRequestError, OtherRunError):
-        for path in created:
-            path.unlink(missing_ok=True)
+        for index, label in zip(created, created_labels, strict=True):
+            (out_dir / png_name(index, label)).unlink(missing_ok=True)
         raise
     return kept
 
@@ -446,6 +452,8 @@ def plan_output(
     existing = existing_outputs(out_dir, fmt, shard, total)
     if not resume:
         refuse_existing(existing, overwrite)
+        if overwrite and fmt == "png":  # a longer run's digits: replaced too, so the folder ends as this run's
+            existing += pngs_in_range(out_dir, total, sys.maxsize)
     elif fmt == "png":
         _refuse_a_longer_run(out_dir, total)
     return OutputPlan(out_dir, fmt, total, shard, test_count or 0, resume, tuple(existing))

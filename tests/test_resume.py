@@ -148,9 +148,12 @@ def test_a_refused_resume_removes_the_files_it_had_added(gen: DigitGenerator, tm
     """Digits 0-7 this run's, 8-15 missing, 16-39 another run's: the first file passes the check before the run,
     and the files written for 8-15 go again when 16 is refused."""
     generate_files(gen, tmp_path, N, "png", **{**REQUEST, "seed": 6})
-    generate_files(gen, tmp_path, 16, "png", overwrite=True, **REQUEST)
-    for path in sorted(tmp_path.iterdir())[8:16]:
+    ours = tmp_path.parent / f"{tmp_path.name}-ours"
+    generate_files(gen, ours, 8, "png", **REQUEST)  # the same digits [1, 4, 7], so the same names
+    for path in sorted(tmp_path.iterdir())[:16]:
         path.unlink()
+    for path in ours.iterdir():
+        path.rename(tmp_path / path.name)
     before = folder(tmp_path)
     with pytest.raises(OtherRunError, match="00000016_label"):
         generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
@@ -257,3 +260,14 @@ def test_sigterm_then_resume_gives_the_uninterrupted_folder(tmp_path: Path) -> N
     clean = _generate(tmp_path / "clean", *args)
     assert clean.wait(timeout=300) == 0
     assert folder(tmp_path / "resumed") == folder(tmp_path / "clean")
+
+
+def test_overwrite_with_fewer_png_digits_leaves_this_runs_folder_which_then_resumes(
+    gen: DigitGenerator, tmp_path: Path
+) -> None:
+    generate_files(gen, tmp_path / "fewer", 10, seed=2)
+    generate_files(gen, tmp_path / "out", 20, seed=1)
+    generate_files(gen, tmp_path / "out", 10, seed=2, overwrite=True)
+    assert folder(tmp_path / "out") == folder(tmp_path / "fewer")
+    generate_files(gen, tmp_path / "out", 10, seed=2, resume=True)
+    assert folder(tmp_path / "out") == folder(tmp_path / "fewer")
