@@ -12,28 +12,63 @@ from typing import BinaryIO
 from digitgen.runtime.errors import OutputError
 from digitgen.runtime.signals import interrupts_held
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 
 def temporary_name(path: Path) -> Path:
     """Where :func:`publish` writes ``path`` before renaming it: a hidden sibling."""
     return path.with_name(f".{path.name}.part")
 
 
-@contextmanager
-def publish_all(paths: Sequence[str | Path], resume: Callable[[Path], None] | None = None) -> Iterator[list[Path]]:
-    """Yield a temporary sibling of each of ``paths`` to write; rename them onto ``paths`` only if the block
-    succeeds, all together: an interrupt leaves all the old files or all the new ones.
+def claim_temporary(tmp: Path) -> int:
+    """Open ``tmp`` (a :func:`temporary_name`) empty for writing, locked so that no other process can claim it
+    while this one writes it: a second run writing the same file is refused rather than interleaved with the
+    first. Returns the descriptor, which holds the lock until it is closed (a killed process's lock goes with
+    it). Without ``fcntl`` (Windows) the file is not locked."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_size:  # a killed run's leftover (truncating a new, empty file costs as much as writing it)
+            os.ftruncate(fd, 0)
+    except BlockingIOError:
+        os.close(fd)
+        path = tmp.with_name(tmp.name.removeprefix(".").removesuffix(".part"))
+        raise OutputError(
+            f"another process is writing {path} now (its temporary file {tmp.name} is in use); "
+            "let it finish, or write elsewhere"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
-    With ``resume`` (a check of an existing file), an existing path that already holds exactly the new bytes
-    is left untouched (same file, same modification time), and ``resume`` is called with each existing path
-    that holds other bytes: it may raise to refuse them all. The files are compared first, then renamed one
-    after another with Ctrl-C, SIGTERM and SIGHUP held back. Writing or renaming that fails (a full disk, a folder in
-    the way) raises :class:`OutputError`; a rename that fails stops there.
-    """
+
+def remove_leftover(tmp: Path) -> None:
+    """Remove ``tmp``, a temporary file left by a killed run; refuse one that a running process holds."""
+    os.close(claim_temporary(tmp))
+    tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _published(paths: Sequence[str | Path], resume: Callable[[Path], None] | None) -> Iterator[list[tuple[Path, int]]]:
+    """:func:`publish_all`, yielding each temporary file with the descriptor that claims it."""
     paths = [Path(path) for path in paths]
     temps = [temporary_name(path) for path in paths]
     failing: Sequence[Path] = paths
+    claims: list[int] = []  # one for each temporary file claimed so far: only those are this call's to remove
+    renamed: set[Path] = set()  # gone from their names, which another run may have claimed since
+    claiming: Path | None = None  # a temporary file being claimed, which an interrupt may leave unclaimed
     try:
-        yield temps
+        for tmp, path in zip(temps, paths, strict=True):
+            failing, claiming = [path], tmp
+            claims.append(claim_temporary(tmp))
+            claiming = None
+        failing = paths
+        yield list(zip(temps, claims, strict=True))
         changed = [
             (tmp, path)
             for tmp, path in zip(temps, paths, strict=True)
@@ -47,14 +82,38 @@ def publish_all(paths: Sequence[str | Path], resume: Callable[[Path], None] | No
             for tmp, path in changed:
                 failing = [path]
                 os.replace(tmp, path)
+                renamed.add(tmp)
     except OSError as exc:
         if exc.errno is None:  # one of the project's own errors, raised in the block: already worded
             raise
         raise OutputError(f"cannot write {', '.join(map(str, failing))}: {exc.strerror}") from exc
     finally:
-        for tmp in temps:
-            with suppress(OSError):
-                tmp.unlink(missing_ok=True)
+        for tmp, fd in zip(temps, claims, strict=False):
+            if tmp not in renamed:
+                with suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+            os.close(fd)
+        if claiming is not None and len(claims) == temps.index(claiming):  # not claimed, perhaps created
+            with suppress(OSError):  # OutputError too: another process holds it, and it is theirs
+                remove_leftover(claiming)
+
+
+@contextmanager
+def publish_all(paths: Sequence[str | Path], resume: Callable[[Path], None] | None = None) -> Iterator[list[Path]]:
+    """Yield a temporary sibling of each of ``paths`` to write; rename them onto ``paths`` only if the block
+    succeeds, all together: an interrupt leaves all the old files or all the new ones.
+
+    With ``resume`` (a check of an existing file), an existing path that already holds exactly the new bytes
+    is left untouched (same file, same modification time), and ``resume`` is called with each existing path
+    that holds other bytes: it may raise to refuse them all. The files are compared first, then renamed one
+    after another with Ctrl-C, SIGTERM and SIGHUP held back. Writing or renaming that fails (a full disk, a folder in
+    the way) raises :class:`OutputError`; a rename that fails stops there.
+
+    Each temporary file is claimed first (:func:`claim_temporary`): another process writing the same file
+    now is refused with :class:`OutputError`.
+    """
+    with _published(paths, resume) as claimed:
+        yield [tmp for tmp, _fd in claimed]
 
 
 @contextmanager
@@ -66,16 +125,17 @@ def publish(path: str | Path, resume: Callable[[Path], None] | None = None) -> I
 
 @contextmanager
 def atomic_file(path: str | Path, resume: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
-    """Open ``path`` for binary writing through :func:`publish`."""
-    with publish(path, resume) as tmp, tmp.open("wb") as f:
+    """Open ``path`` for binary writing through :func:`publish_all` (its temporary file, claimed)."""
+    with atomic_files([path], resume) as (f,):
         yield f
 
 
 @contextmanager
 def atomic_files(paths: Sequence[str | Path], resume: Callable[[Path], None] | None = None) -> Iterator[list[BinaryIO]]:
-    """Open several files for binary writing through :func:`publish_all` (closed before they are renamed)."""
-    with publish_all(paths, resume) as temps, ExitStack() as opened:
-        yield [opened.enter_context(tmp.open("wb")) for tmp in temps]
+    """Open several files for binary writing through :func:`publish_all` (their temporary files, claimed; closed
+    before they are renamed)."""
+    with _published(paths, resume) as claimed, ExitStack() as opened:
+        yield [opened.enter_context(os.fdopen(fd, "wb", closefd=False)) for _tmp, fd in claimed]
 
 
 def refuse_one_file_twice(files: dict[str, str | Path | None]) -> None:

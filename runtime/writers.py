@@ -27,7 +27,7 @@ import numpy as np
 
 from digitgen.runtime.encode import grid_png_bytes, idx_records, is_whole_png, npz_bytes, png_bytes
 from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputError
-from digitgen.runtime.files import atomic_file, atomic_files, refuse_existing, temporary_name
+from digitgen.runtime.files import atomic_file, atomic_files, refuse_existing, remove_leftover, temporary_name
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
 from digitgen.runtime.idx import MNIST_FILES, MNIST_RAW, check_idx, check_idx_count, idx_header
 from digitgen.runtime.shards import WHOLE, Shard, check_shard_sizes, concat_idx, concat_npz, find_shards
@@ -228,6 +228,11 @@ def _write_pngs(
                         _refuse_other_digits(old)
                 if keep:
                     kept += 1
+                elif path not in earlier and os.path.lexists(path):  # not there when the run was checked
+                    raise OutputError(
+                        f"{path} appeared while this run was writing: another process is writing to {out_dir}; "
+                        "let it finish, or write elsewhere"
+                    )
                 else:
                     with atomic_file(path) as f:
                         f.write(encoded)
@@ -274,16 +279,12 @@ def _write_grid(
         f.write(grid_png_bytes(collect(batches, num, on_batch).images))
 
 
-def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray, resume: bool = False) -> None:
-    with atomic_file(path, _resume_check(resume)) as f:
-        f.write(npz_bytes(images, labels))
-
-
 def _write_npz(
     batches: Iterable[GeneratedDigits], paths: list[Path], num: int, resume: bool, on_batch: OnBatch
 ) -> None:
-    digits = collect(batches, num, on_batch)
-    _save_npz(paths[0], digits.images, digits.labels, resume)
+    with atomic_file(paths[0], _resume_check(resume)) as f:  # claimed first: a second run is refused at once
+        digits = collect(batches, num, on_batch)
+        f.write(npz_bytes(digits.images, digits.labels))
 
 
 def _write_idx(
@@ -365,8 +366,8 @@ class OutputPlan:
         """Write the digits ``start .. start+count-1``, streamed from ``batches`` in order."""
         start, stop = self.start, self.start + self.count
         if self.resume and self.out_dir.is_dir():
-            for path in leftover_temporaries(self.out_dir, self.fmt, self.shard, self.total):
-                path.unlink(missing_ok=True)
+            for tmp in leftover_temporaries(self.out_dir, self.fmt, self.shard, self.total):
+                remove_leftover(tmp)
         batches = _checked(batches, start, stop)
         if self.fmt == "png":
             kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, on_batch)
@@ -585,7 +586,8 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
     refuse_existing(targets, overwrite)
     if fmt == "npz":
         merged = concat_npz(parts[0])
-        _save_npz(targets[0], merged["images"], merged["labels"])
+        with atomic_file(targets[0]) as f:
+            f.write(npz_bytes(merged["images"], merged["labels"]))
         return targets
     if len(parts[0]) != len(parts[1]):
         raise OutputError(f"{out_dir} holds {len(parts[0])} image shards but {len(parts[1])} label shards")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from digitgen.runtime import (
     generate_files,
     write_digits,
 )
-from digitgen.runtime.files import atomic_files, publish
+from digitgen.runtime.files import atomic_files, claim_temporary, publish, temporary_name
 from digitgen.runtime.idx import read_idx
 from digitgen.runtime.writers import FORMATS, png_name
 
@@ -375,3 +376,54 @@ def test_export_checks_the_training_settings_it_writes_into_the_model(
     code, output = _cli("export", "--checkpoint", tmp_path / "edited.pt", "--out", tmp_path / "g.onnx")
     assert code == 1 and output.startswith(f"Error: {problem}") and len(output.splitlines()) == 1, output
     assert not (tmp_path / "g.onnx").exists()
+
+
+# --- two runs writing the same files at once -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("idx", "train-images-idx3-ubyte"), ("npz", "digits.npz")])
+@pytest.mark.parametrize("permission", [{}, {"overwrite": True}, {"resume": True}])
+def test_a_file_another_process_is_writing_is_refused_before_any_digit(
+    gen: DigitGenerator, tmp_path: Path, fmt: str, name: str, permission: dict
+) -> None:
+    """Another run holds the temporary file (a lock, as a second process would): this run is refused before it
+    generates anything, and the other run's temporary file is left alone, even by --resume's clean-up."""
+    tmp = temporary_name(tmp_path / name)
+    held = claim_temporary(tmp)
+    os.write(held, b"the other run's bytes")
+    batches: list[int] = []
+    try:
+        with pytest.raises(OutputError) as refused:
+            generate_files(gen, tmp_path, N, fmt, on_batch=batches.append, **permission)
+        assert str(refused.value) == (
+            f"another process is writing {tmp_path / name} now (its temporary file {tmp.name} is in use); "
+            "let it finish, or write elsewhere"
+        )
+        assert batches == [] and tmp.read_bytes() == b"the other run's bytes"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [tmp.name]
+    finally:
+        os.close(held)
+    generate_files(gen, tmp_path, N, fmt, **permission)  # the lock goes with the other run
+    assert (tmp_path / name).exists() and not tmp.exists()
+
+
+def test_a_png_another_process_writes_meanwhile_stops_the_run(gen: DigitGenerator, tmp_path: Path) -> None:
+    """The folder was checked empty; then, while this run writes, another one writes digit 6 of the same range."""
+    other, out = tmp_path / "other", tmp_path / "out"
+    generate_files(gen, other, N, seed=9)
+    sixth = other / png_name(6, 6)
+    theirs = sixth.read_bytes()
+
+    def batches():
+        for batch in gen.iter_batches(N, seed=1, batch_size=4):
+            yield batch
+            if batch.start == 0:
+                sixth.rename(out / sixth.name)
+
+    with pytest.raises(OutputError) as refused:
+        write_digits(batches(), out, "png", N)
+    assert str(refused.value) == (
+        f"{out / sixth.name} appeared while this run was writing: another process is writing to {out}; "
+        "let it finish, or write elsewhere"
+    )
+    assert (out / sixth.name).read_bytes() == theirs
