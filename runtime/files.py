@@ -23,6 +23,32 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.part")
 
 
+def _lock(fd: int, tmp: Path) -> None:
+    """Lock ``fd`` (open on ``tmp``) for this process, or refuse: another process is writing ``tmp`` now."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        path = tmp.with_name(tmp.name.removeprefix(".").removesuffix(".part"))
+        raise OutputError(
+            f"another process is writing {path} now (its temporary file {tmp.name} is in use); "
+            "let it finish, or write elsewhere"
+        ) from None
+
+
+def refuse_if_claimed(tmp: Path) -> None:
+    """Refuse now, before any work, if another process holds ``tmp`` (see :func:`claim_temporary`)."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except OSError:  # none there (or none this process could lock): the claim itself decides later
+        return
+    try:
+        _lock(fd, tmp)
+    finally:
+        os.close(fd)
+
+
 def claim_temporary(tmp: Path) -> int:
     """Open ``tmp`` (a :func:`temporary_name`) empty for writing, locked so that no other process can claim it
     while this one writes it: a second run writing the same file is refused rather than interleaved with the
@@ -30,17 +56,9 @@ def claim_temporary(tmp: Path) -> int:
     it). Without ``fcntl`` (Windows) the file is not locked."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666)
     try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock(fd, tmp)
         if os.fstat(fd).st_size:  # a killed run's leftover (truncating a new, empty file costs as much as writing it)
             os.ftruncate(fd, 0)
-    except BlockingIOError:
-        os.close(fd)
-        path = tmp.with_name(tmp.name.removeprefix(".").removesuffix(".part"))
-        raise OutputError(
-            f"another process is writing {path} now (its temporary file {tmp.name} is in use); "
-            "let it finish, or write elsewhere"
-        ) from None
     except BaseException:
         os.close(fd)
         raise

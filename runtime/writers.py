@@ -27,7 +27,14 @@ import numpy as np
 
 from digitgen.runtime.encode import grid_png_bytes, idx_records, is_whole_png, npz_bytes, png_bytes
 from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputError
-from digitgen.runtime.files import atomic_file, atomic_files, refuse_existing, remove_leftover, temporary_name
+from digitgen.runtime.files import (
+    atomic_file,
+    atomic_files,
+    refuse_existing,
+    refuse_if_claimed,
+    remove_leftover,
+    temporary_name,
+)
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
 from digitgen.runtime.idx import MNIST_FILES, MNIST_RAW, check_idx, check_idx_count, idx_header
 from digitgen.runtime.shards import WHOLE, Shard, check_shard_sizes, concat_idx, concat_npz, find_shards
@@ -450,6 +457,9 @@ def plan_output(
     if fmt in ("idx", "mnist"):
         check_idx_count(max(stop - start, test_count or 0))
     out_dir = prepare_output_dir(out_dir)
+    if fmt != "png":  # a run writing these files now is refused here, before any progress (PNGs: as written)
+        for name in output_names(fmt, shard):
+            refuse_if_claimed(temporary_name(out_dir / name))
     existing = existing_outputs(out_dir, fmt, shard, total)
     if not resume:
         refuse_existing(existing, overwrite)

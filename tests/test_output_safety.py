@@ -407,6 +407,19 @@ def test_a_file_another_process_is_writing_is_refused_before_any_digit(
     assert (tmp_path / name).exists() and not tmp.exists()
 
 
+def test_the_cli_refuses_a_file_being_written_in_one_line_before_any_progress(tmp_path: Path) -> None:
+    tmp = temporary_name(tmp_path / "digits.npz")
+    held = claim_temporary(tmp)
+    try:
+        code, output = _cli("generate", "-n", 5, "--format", "npz", "--out", tmp_path)
+    finally:
+        os.close(held)
+    assert code == 1 and output == (
+        f"Error: another process is writing {tmp_path / 'digits.npz'} now (its temporary file .digits.npz.part is "
+        "in use); let it finish, or write elsewhere\n"
+    )
+
+
 def test_a_png_another_process_writes_meanwhile_stops_the_run(gen: DigitGenerator, tmp_path: Path) -> None:
     """The folder was checked empty; then, while this run writes, another one writes digit 6 of the same range."""
     other, out = tmp_path / "other", tmp_path / "out"
