@@ -675,12 +675,18 @@ def info(model_argument: str | None, model: str | None) -> None:
 def train_classifier_cmd(data_dir: str, download: bool, out: str, overwrite: bool, epochs: int, seed: int) -> None:
     """Train the evaluator's reference MNIST classifier and export it to ONNX (its weights beside it)."""
     from digitgen.export.classifier_export import check_classifier_out, export_classifier
-    from digitgen.training.classifier import train_classifier, training_steps, weights_path_beside
+    from digitgen.training.classifier import (
+        check_classifier_data,
+        train_classifier,
+        training_steps,
+        weights_path_beside,
+    )
     from digitgen.training.data import load_mnist
 
     weights = weights_path_beside(check_classifier_out(out))
     refuse_existing([out, weights], overwrite)
     train, test = load_mnist(data_dir, download=download), load_mnist(data_dir, train=False)
+    check_classifier_data(train, test)
     with progress(training_steps(len(train.images), epochs), "training classifier") as bar:
         result = train_classifier(train, test, epochs=epochs, seed=seed, progress=lambda step, total: bar.update(1))
     diff = export_classifier(result.model, out, result.test_accuracy, weights_out=weights, overwrite=overwrite)

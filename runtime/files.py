@@ -170,7 +170,13 @@ def refuse_one_file_twice(files: dict[str, str | Path | None]) -> None:
 
 
 def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool) -> None:
-    """Raise :class:`OutputError` if any of ``paths`` exists and ``overwrite`` is not set."""
+    """Raise :class:`OutputError` if any of ``paths`` exists and ``overwrite`` is not set, or is a folder (which
+    ``overwrite`` does not replace: only found when renaming, it would stop a run after its work, or between the
+    files of a pair)."""
+    paths = list(paths)
+    for path in paths:
+        if path is not None and os.path.isdir(path) and not os.path.islink(path):
+            raise OutputError(f"{path} is a folder, not a file; move it, or name another file")
     clashes = [Path(p) for p in paths if p is not None and os.path.lexists(p)]  # a dangling link is a file too
     if clashes and not overwrite:
         more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""

@@ -15,11 +15,13 @@ from digitgen.export.classifier_export import export_classifier_weights
 from digitgen.export.onnx_export import DEFAULT_OPSET
 from digitgen.runtime import DigitGenerator, default_model_path
 from digitgen.runtime.errors import OutputError
+from digitgen.runtime.idx import write_idx
 from digitgen.runtime.noise import standard_normal
 from digitgen.runtime.session import open_session
 from digitgen.training.classifier import WEIGHTS_KIND, load_classifier_weights
 from digitgen.training.errors import CheckpointError
 from tests.conftest import REPO
+from tests.helpers import write_tiny_mnist
 
 SHIPPED_WEIGHTS = REPO / "artifacts" / "classifier_weights.pt"
 SHIPPED_CLASSIFIER = REPO / "artifacts" / "classifier.onnx"
@@ -148,3 +150,56 @@ def test_the_guard_against_training_on_the_evaluator_knows_the_shipped_weights()
     from digitgen.training.run import EVALUATOR_WEIGHTS_SHA256
 
     assert weights_digest(load_classifier_weights(SHIPPED_WEIGHTS)[0]) == EVALUATOR_WEIGHTS_SHA256
+
+
+def test_train_classifier_refuses_a_folder_where_its_weights_go_before_training(
+    tmp_path: Path, tiny_mnist: Path
+) -> None:
+    """--overwrite replaces files: a folder in the way would otherwise be found after training, between the
+    two files of the pair, with the ONNX file already published."""
+    (tmp_path / "classifier_weights.pt").mkdir()
+    out = tmp_path / "classifier.onnx"
+    code, lines = _cli("train-classifier", "--data-dir", tiny_mnist, "--out", out, "--overwrite")
+    assert code == 1 and lines == [
+        f"Error: {tmp_path / 'classifier_weights.pt'} is a folder, not a file; move it, or name another file"
+    ]
+    assert not out.exists()
+
+
+def _mnist_with(tmp_path: Path, test_count: int = 64, train_label_12_at: int | None = None) -> Path:
+    root = write_tiny_mnist(tmp_path / "data", test_count=test_count)
+    if train_label_12_at is not None:
+        labels = np.arange(256) % 10
+        labels[train_label_12_at] = 12
+        write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"test_count": 0}, "the test split holds no images; the classifier's accuracy is measured on it"),
+        (
+            {"train_label_12_at": 200},
+            "the training split: item 200 is labelled 12, not a class 0-9 of this model (1 such labels)",
+        ),
+    ],
+)
+def test_train_classifier_refuses_data_it_cannot_learn_or_score_before_training(
+    tmp_path: Path, data: dict, words: str
+) -> None:
+    out = tmp_path / "classifier.onnx"
+    code, lines = _cli("train-classifier", "--data-dir", _mnist_with(tmp_path, **data), "--out", out)
+    assert code == 1 and lines == [f"Error: {words}"] and not out.exists()
+
+
+def test_classifier_weights_that_are_not_numbers_are_refused(tmp_path: Path) -> None:
+    payload = torch.load(SHIPPED_WEIGHTS, weights_only=True)
+    payload["classifier"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                             for k, v in payload["classifier"].items()}  # fmt: skip
+    nan = tmp_path / "nan.pt"
+    torch.save(payload, nan)
+    code, lines = _cli("export-classifier", "--weights", nan, "--out", tmp_path / "c.onnx")
+    assert code == 1 and lines == [f"Error: {nan}: classifier weights hold NaN or infinite values"]
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_classifier_weights(nan)

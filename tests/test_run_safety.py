@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from digitgen.cli import main
+from digitgen.runtime.idx import write_idx
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.classifier import Classifier, classifier_weights
 from tests.conftest import REPO
@@ -448,6 +450,11 @@ def test_a_checkpoint_from_before_the_falling_label_weight_resumes_with_a_consta
             "--lr-decay-epochs 1e-06 is less than one step (16 steps an epoch); give at least 0.062, or 0 for no decay",
         ),
         (
+            ("--lr-decay-epochs", "1e308"),
+            "the learning-rate decay (--lr-decay-epochs 1e+308: more steps than any run) is longer than the run "
+            "(2 steps); for a run this short give --lr-decay-epochs 0.125 or less (the whole run is 0.125 epochs)",
+        ),
+        (
             ("--label-digit-weights", "7=2"),
             "--label-digit-weights needs a positive --label-weight and its --label-classifier",
         ),
@@ -531,3 +538,17 @@ def test_training_runs_when_the_cli_is_called_off_the_main_thread(tmp_path: Path
     ((code, output),) = results
     assert code == 0, output
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_a_label_outside_the_models_classes_is_refused_in_one_line(tmp_path: Path) -> None:
+    """An IDX label is any byte: label 12 late in the split would stop training with an index error at the batch
+    that drew it, or not at all in a short run."""
+    root = write_tiny_mnist(tmp_path / "data")
+    labels = np.arange(256) % 10
+    labels[250] = 12
+    write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", labels)
+    code, output = train(root, tmp_path / "run", "--steps", 2, *TINY)
+    assert code == 1 and output.strip() == (
+        f"Error: the training split in {root}: item 250 is labelled 12, not a class 0-9 of this model (1 such labels)"
+    )
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -14,18 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from digitgen.training.checkpoint import read_data_file
-from digitgen.training.data import MnistTensors
+from digitgen.training.data import MnistTensors, check_labels
 from digitgen.training.errors import CheckpointError, TrainingError
 
 FEATURE_DIM = 128
 WEIGHTS_KIND = "reference classifier"
 WEIGHTS_FORMAT_VERSION = 1
+NUM_CLASSES = 10  # the reference classifier reads digits 0-9
 
 
 class Classifier(nn.Module):
     """(B, 1, 28, 28) pixels in [0, 1] -> (logits (B, 10), features (B, 128))."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
 
         def block(cin: int, cout: int) -> list[nn.Module]:
@@ -78,6 +79,19 @@ def training_steps(num_images: int, epochs: int, batch_size: int = BATCH_SIZE) -
     return epochs * (num_images // batch_size)
 
 
+def check_classifier_data(train: MnistTensors, test: MnistTensors, batch_size: int = BATCH_SIZE) -> None:
+    """:class:`TrainingError` unless the splits can train and score the classifier (before any work)."""
+    if len(test.images) == 0:
+        raise TrainingError("the test split holds no images; the classifier's accuracy is measured on it")
+    check_labels(train, NUM_CLASSES, "the training split")
+    check_labels(test, NUM_CLASSES, "the test split")
+    if len(train.images) < batch_size:
+        raise TrainingError(
+            f"a batch of {batch_size} images is more than the {len(train.images)} training images; "
+            "the classifier needs a larger training split"
+        )
+
+
 def train_classifier(
     train: MnistTensors,
     test: MnistTensors,
@@ -88,11 +102,7 @@ def train_classifier(
     progress: Callable[[int, int], None] = lambda step, total: None,
 ) -> ClassifierResult:
     """Adam with a one-cycle schedule and +-2 px shifts; returns the model and its test accuracy."""
-    if len(train.images) < batch_size:
-        raise TrainingError(
-            f"a batch of {batch_size} images is more than the {len(train.images)} training images; "
-            "the classifier needs a larger training split"
-        )
+    check_classifier_data(train, test, batch_size)
     torch.manual_seed(seed)
     model = Classifier()
     steps_per_epoch = len(train.images) // batch_size
@@ -152,4 +162,6 @@ def load_classifier_weights(path: str | Path) -> tuple[Classifier, float]:
         model.load_state_dict(payload["classifier"])
     except (KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: classifier weights do not fit the reference architecture") from exc
+    if not all(torch.isfinite(tensor).all() for tensor in model.state_dict().values() if tensor.is_floating_point()):
+        raise CheckpointError(f"{path}: classifier weights hold NaN or infinite values")
     return model.eval(), payload["mnist_test_accuracy"]

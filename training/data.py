@@ -68,6 +68,18 @@ def load_mnist(root: str | Path, *, train: bool = True, download: bool = False) 
     return MnistTensors(torch.from_numpy(images), torch.from_numpy(labels))
 
 
+def check_labels(data: MnistTensors, num_classes: int, where: str) -> None:
+    """Refuse labels outside ``0 .. num_classes - 1`` (an IDX label is any byte), naming the first: one would stop
+    training with an index error, or only at the batch that draws it."""
+    bad = torch.nonzero((data.labels < 0) | (data.labels >= num_classes))
+    if len(bad):
+        index = int(bad[0])
+        raise DatasetCorruptError(
+            f"{where}: item {index} is labelled {int(data.labels[index])}, not a class 0-{num_classes - 1} "
+            f"of this model ({len(bad)} such labels)"
+        )
+
+
 def load_mnist_once(root: str | Path, download: bool, ctx: DistContext, device: torch.device) -> MnistTensors:
     """:func:`load_mnist` of the train split on every process of a run, with any download made by the first
     process alone while the others wait: processes downloading into one folder at once could read each

@@ -11,7 +11,7 @@ import torch
 
 from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import GANConfig, TrainConfig
-from digitgen.training.data import MnistTensors, load_mnist_once
+from digitgen.training.data import MnistTensors, check_labels, load_mnist_once
 from digitgen.training.distributed import DistContext, weights_digest
 from digitgen.training.errors import CheckpointError, RunDirectoryError, TrainingError
 from digitgen.training.loop import CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR, steps_per_epoch
@@ -158,14 +158,16 @@ def _check_resume_options(options: RunOptions, state: TrainState) -> None:
             )
 
 
-def _decay_too_long(epochs: float, decay: int, total: int, per_epoch: int) -> str:
-    """The refusal of a decay longer than the run, naming the largest decay that fits and the run it needs."""
+def _decay_too_long(epochs: float, decay: int | None, total: int, per_epoch: int) -> str:
+    """The refusal of a decay longer than the run, naming the largest decay that fits and the run it needs
+    (``decay`` None: more steps than any run)."""
     fits = math.floor(total / per_epoch * 1000) / 1000
     shorter = f"give --lr-decay-epochs {fits:g} or less" if fits > 0 else "leave out --lr-decay-epochs"
+    steps = "more steps than any run" if decay is None else f"{decay} steps"
+    longer = "" if decay is None else f", or train at least {decay} steps"
     return (
-        f"the learning-rate decay (--lr-decay-epochs {epochs:g}: {decay} steps) is longer than the run "
-        f"({total} steps); for a run this short {shorter} (the whole run is {total / per_epoch:.3g} epochs), "
-        f"or train at least {decay} steps"
+        f"the learning-rate decay (--lr-decay-epochs {epochs:g}: {steps}) is longer than the run "
+        f"({total} steps); for a run this short {shorter} (the whole run is {total / per_epoch:.3g} epochs){longer}"
     )
 
 
@@ -255,6 +257,7 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
         state = _new_state(options, device, ctx.rank, classifiers)
     check_precision(state.train, device)
     data = load_mnist_once(options.data_dir, options.download, ctx, device)
+    check_labels(data, state.config.num_classes, f"the training split in {options.data_dir}")
     if state.train.subset is not None:
         if state.train.subset > len(data.images):
             raise TrainingError(
@@ -279,7 +282,10 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
             )
         state.train = replace(state.train, total_steps=total, lr_decay_steps=min(state.train.lr_decay_steps, total))
     if options.lr_decay_epochs is not None:
-        decay = round(options.lr_decay_epochs * per_epoch)
+        steps = options.lr_decay_epochs * per_epoch
+        if not math.isfinite(steps):  # 1e308 epochs: more steps than a float holds
+            raise TrainingError(_decay_too_long(options.lr_decay_epochs, None, state.train.total_steps, per_epoch))
+        decay = round(steps)
         if decay == 0 and options.lr_decay_epochs > 0:
             raise TrainingError(
                 f"--lr-decay-epochs {options.lr_decay_epochs:g} is less than one step ({per_epoch} steps an epoch); "
