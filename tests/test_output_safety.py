@@ -235,8 +235,7 @@ def test_a_folder_where_the_file_goes_is_a_one_line_error(tmp_path: Path, tiny_o
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output
-    assert result.output.strip().splitlines()[-1].startswith(f"Error: cannot write {tmp_path / target}: ")
-    assert "Traceback" not in result.output
+    assert result.output == f"Error: {tmp_path / target} is a folder, not a file; move it, or name another file\n"
     assert (tmp_path / target / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == [target]
 
