@@ -340,7 +340,7 @@ def train(
 
     from digitgen.training.distributed import init_distributed, shutdown
     from digitgen.training.loop import train as run_training
-    from digitgen.training.run import RunOptions, prepare_run
+    from digitgen.training.run import RunOptions, describe_run_files, prepare_run
 
     if device_name == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
@@ -381,7 +381,7 @@ def train(
         run = prepare_run(options, device, ctx)
         state = run.state
         if run.replaced:
-            say(f"--overwrite: deleted the earlier run's {', '.join(str(p) for p in run.replaced)}", err=True)
+            say(f"--overwrite: deleted the earlier run's {describe_run_files(run.replaced)} in {run_dir}", err=True)
         say(
             f"training on {device} ({len(run.data.images)} images, {run.steps_per_epoch} steps/epoch), "
             f"steps {state.step} -> {state.train.total_steps}, batch {state.train.batch_size}, "

@@ -43,10 +43,18 @@ def test_training_into_a_run_directory_is_refused(finished_run: Path, tiny_mnist
     code, output = train(tiny_mnist, finished_run, "--steps", 2, *TINY)
     assert code == 1
     assert output.strip().splitlines() == [
-        f"Error: {finished_run} already holds a run (checkpoint.pt, metrics.jsonl, samples); continue it with "
-        f"--resume {finished_run / 'checkpoint.pt'} or start over with --overwrite"
+        f"Error: {finished_run} already holds a run (checkpoint.pt, metrics.jsonl, samples (1 grid)); continue it "
+        f"with --resume {finished_run / 'checkpoint.pt'} or start over with --overwrite"
     ]
     assert (finished_run / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_folder_of_the_users_named_samples_is_not_a_run(tmp_path: Path, tiny_mnist: Path) -> None:
+    (tmp_path / "run" / "samples").mkdir(parents=True)
+    (tmp_path / "run" / "samples" / "notes.txt").write_text("mine")
+    code, output = train(tiny_mnist, tmp_path / "run", "--steps", 2, *TINY)
+    assert code == 0, output
+    assert (tmp_path / "run" / "samples" / "notes.txt").read_text() == "mine"
 
 
 def test_a_run_without_a_checkpoint_is_not_offered_a_resume(finished_run: Path, tiny_mnist: Path) -> None:
@@ -56,17 +64,25 @@ def test_a_run_without_a_checkpoint_is_not_offered_a_resume(finished_run: Path, 
     code, output = train(tiny_mnist, finished_run, "--steps", 2, *TINY)
     assert (code, output.strip()) == (
         1,
-        f"Error: {finished_run} holds a run that saved no checkpoint (metrics.jsonl, samples); "
+        f"Error: {finished_run} holds a run that saved no checkpoint (metrics.jsonl, samples (1 grid)); "
         "start over with --overwrite",
     )
 
 
 def test_overwrite_starts_over_and_says_what_it_deleted(finished_run: Path, tiny_mnist: Path) -> None:
-    (finished_run / "samples" / "mine.png").write_bytes(b"old grid")
+    """It deletes the earlier run's files only: a file of the user's in the folder, or in its samples, stays."""
+    (finished_run / "samples" / "step0000099.png").write_bytes(b"an older grid")
+    (finished_run / "samples" / "notes.txt").write_text("mine")
+    (finished_run / "mine.png").write_bytes(b"mine")
     code, output = train(tiny_mnist, finished_run, "--steps", 3, "--overwrite", *TINY)
     assert code == 0, output
-    assert "--overwrite: deleted the earlier run's" in output and "metrics.jsonl" in output
-    assert not (finished_run / "samples" / "mine.png").exists()
+    assert (
+        f"--overwrite: deleted the earlier run's checkpoint.pt, metrics.jsonl, samples (2 grids) in {finished_run}"
+        in output
+    )
+    assert not (finished_run / "samples" / "step0000099.png").exists()
+    assert (finished_run / "samples" / "notes.txt").read_text() == "mine"
+    assert (finished_run / "mine.png").read_bytes() == b"mine"
     steps = _metrics_steps(finished_run)
     assert steps == sorted(set(steps)) and torch.load(finished_run / "checkpoint.pt", weights_only=True)["step"] == 3
 

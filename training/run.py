@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-import shutil
+import os
+import re
+from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -71,7 +73,25 @@ FIXED_ON_RESUME = {
     "diffaugment": ("--diffaugment", "train"),
     "precision": ("--precision", "train"),
 }
-RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR)
+RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)  # and the sample grids in SAMPLES_DIR
+SAMPLE_GRID = re.compile(r"^step\d{7,}\.png$")
+
+
+def earlier_run_files(run_dir: Path) -> tuple[Path, ...]:
+    """What a run leaves in ``run_dir``: its checkpoint, its metrics and its sample grids (nothing else that the
+    folder, or its samples folder, may hold)."""
+    files = [run_dir / name for name in RUN_FILES if os.path.lexists(run_dir / name)]
+    samples = run_dir / SAMPLES_DIR
+    if samples.is_dir():
+        files += sorted(path for path in samples.iterdir() if SAMPLE_GRID.match(path.name))
+    return tuple(files)
+
+
+def describe_run_files(paths: tuple[Path, ...]) -> str:
+    """``checkpoint.pt, metrics.jsonl, samples (3 grids)``: the files of :func:`earlier_run_files`, in short."""
+    named = [path.name for path in paths if not SAMPLE_GRID.match(path.name)]
+    grids = len(paths) - len(named)
+    return ", ".join(named + ([f"{SAMPLES_DIR} ({grids} grid{'s' if grids > 1 else ''})"] if grids else []))
 
 
 @dataclass(frozen=True)
@@ -94,7 +114,7 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
         raise RunDirectoryError(f"--out {run_dir} is a file, not a run directory")
     if options.resume is not None and not Path(options.resume).is_file():
         raise CheckpointError(f"checkpoint not found: {options.resume}")
-    existing = tuple(run_dir / name for name in RUN_FILES if (run_dir / name).exists())
+    existing = earlier_run_files(run_dir) if run_dir.is_dir() else ()
     own_checkpoint = run_dir / CHECKPOINT_NAME
     resumes_it = options.resume is not None and own_checkpoint.exists() and own_checkpoint.samefile(options.resume)
     if resumes_it and options.overwrite:
@@ -102,7 +122,7 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
     if not existing or resumes_it:
         return ()
     if not options.overwrite:
-        found = ", ".join(p.name for p in existing)
+        found = describe_run_files(existing)
         if not own_checkpoint.exists():  # a run that stopped before its first checkpoint cannot be continued
             raise RunDirectoryError(
                 f"{run_dir} holds a run that saved no checkpoint ({found}); start over with --overwrite"
@@ -115,9 +135,12 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
 
 
 def remove_run_files(paths: tuple[Path, ...]) -> None:
-    """Delete an earlier run's files and folders (see :func:`claim_run_dir`)."""
+    """Delete an earlier run's files (see :func:`claim_run_dir`); its samples folder too if nothing else is in it."""
     for path in paths:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        path.unlink(missing_ok=True)
+    for folder in {path.parent for path in paths if SAMPLE_GRID.match(path.name)}:
+        with suppress(OSError):  # the user's files are in it
+            folder.rmdir()
 
 
 def _check_resume_classifiers(options: RunOptions, state: TrainState) -> None:
