@@ -520,6 +520,8 @@ def test_label_classifier_options_are_refused_before_any_run_is_touched(
     ("where", "options", "words"),
     [
         ("afile", ("--steps", "2"), "--out {out} is a file, not a run directory"),
+        ("afile/run", ("--steps", "2"), "--out {out} lies under {tmp}/afile, which is a file"),
+        ("dangling", ("--steps", "2"), "--out {out} is a link to nothing; give a folder"),
         ("run", ("--resume", "{tmp}/typo.pt"), "checkpoint not found: {tmp}/typo.pt"),
         (
             "run",
@@ -537,6 +539,7 @@ def test_what_training_cannot_do_is_one_line_and_touches_nothing(
     finished_run: Path, tiny_mnist: Path, tmp_path: Path, where: str, options: tuple[str, ...], words: str
 ) -> None:
     (tmp_path / "afile").write_text("mine")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     out = tmp_path / where
     files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     given = [option.format(out=out, tmp=tmp_path) for option in options]

@@ -112,6 +112,11 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
     run_dir = Path(options.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirectoryError(f"--out {run_dir} is a file, not a run directory")
+    if os.path.islink(run_dir) and not run_dir.exists():
+        raise RunDirectoryError(f"--out {run_dir} is a link to nothing; give a folder")
+    for parent in run_dir.parents:  # found here on every process, not when the first one saves a file
+        if parent.exists() and not parent.is_dir():
+            raise RunDirectoryError(f"--out {run_dir} lies under {parent}, which is a file")
     if options.resume is not None and not Path(options.resume).is_file():
         raise CheckpointError(f"checkpoint not found: {options.resume}")
     existing = earlier_run_files(run_dir) if run_dir.is_dir() else ()
