@@ -221,6 +221,14 @@ def test_resuming_with_another_number_of_processes_says_it_is_not_exact(
         ("betas", (2.0, 0.999), "Adam's betas must be two numbers in [0, 1)"),
         ("ema_decay", 1.5, "the EMA decay must be in [0, 1]"),
         ("seed", 2**40, "the seed must be 0 to 4294967295"),
+        ("seed", 1.5, "seed must be a whole number, not 1.5"),
+        ("subset", 100.5, "subset must be a whole number, not 100.5"),
+        ("batch_size", 16.0, "batch_size must be a whole number, not 16.0"),
+        ("batch_size", True, "batch_size must be a whole number, not True"),
+        ("total_steps", 20.5, "total_steps must be a whole number, not 20.5"),
+        ("lr", float("inf"), "lr must be a finite number, not inf"),
+        ("label_weight_falls", 1, "label_weight_falls must be true or false, not 1"),
+        ("precision", None, "precision must be text, not None"),
     ],
 )
 def test_a_checkpoint_with_impossible_settings_is_refused_in_one_line(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 AUGMENTATIONS = ("translation", "cutout")  # DiffAugment transforms, in training/augment.py
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast of convolutions and matrix products; weights stay fp32
@@ -19,6 +19,30 @@ def _check_whole(name: str, value: object, low: int, high: int) -> None:
         raise ValueError(f"{name} must be a whole number, not {value!r}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be from {low} to {high}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What each annotation of a setting admits: a checkpoint is data, and a wrong type would fail deep inside torch
+_ADMITS = {
+    "int": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a finite number", _is_number),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("text", lambda v: isinstance(v, str)),
+    "tuple[float, float]": ("two finite numbers", lambda v: isinstance(v, (tuple, list)) and len(v) == 2
+                            and all(map(_is_number, v))),
+}  # fmt: skip
+
+
+def _check_types(config: object) -> None:
+    """ValueError naming the first setting of ``config`` whose value is not of its annotated type."""
+    for field in fields(config):
+        value, kind = getattr(config, field.name), field.type.removesuffix(" | None")
+        words, admits = _ADMITS[kind]
+        if not (admits(value) or (value is None and field.type.endswith(" | None"))):
+            raise ValueError(f"{field.name} must be {words}, not {value!r}")
 
 
 def parse_policy(text: str) -> str:
@@ -113,6 +137,7 @@ class TrainConfig:
     log_every: int = 50
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.total_steps < 1:
             raise ValueError("the number of steps must be positive")
         if self.batch_size < 1:
