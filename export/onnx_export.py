@@ -25,14 +25,15 @@ DEFAULT_OPSET = 18  # the lowest the torch.export-based exporter writes
 def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
     """ONNX ``metadata_props`` for a checkpoint: the contract figures and the training summary."""
     config, train = payload["config"], payload["train"]
-    subset = train.get("subset")
+    subset, images = train.get("subset"), train.get("train_images")
+    dataset = f" (first {subset} images)" if subset else f" ({images} images)" if images else ""
     return {
         "latent_dim": str(config["latent_dim"]),
         "num_classes": str(config["num_classes"]),
         "image_size": str(config["image_size"]),
         "contract_version": CONTRACT_VERSION,
         "producer": "digitgen",
-        "train_dataset": "MNIST train" + (f" (first {subset} images)" if subset else " (60000 images)"),
+        "train_dataset": "MNIST train" + dataset,  # from a run before its size was recorded: no count
         "train_steps": str(payload["step"]),
         "train_batch_size": str(train["batch_size"]),
         "train_seed": str(train["seed"]),

@@ -54,7 +54,7 @@ def test_exported_model_carries_contract_and_metadata(tiny_onnx: Path) -> None:
 def test_metadata_names_the_recipe_that_trained_the_weights() -> None:
     """The file says how it was trained: every entry, from the contract to the classifier weights."""
     config = {"latent_dim": 64, "num_classes": 10, "image_size": 28, "conditional_norm": True}
-    train = {"batch_size": 128, "seed": 1, "lr": 2e-4, "lr_d": 4e-4, "lr_decay_steps": 3744}
+    train = {"batch_size": 128, "seed": 1, "lr": 2e-4, "lr_d": 4e-4, "lr_decay_steps": 3744, "train_images": 60000}
     label = {"label_weight": 0.1, "label_weight_falls": True, "label_weight_floor": 0.05}
     label["label_digit_weights"] = "4=2.5,7=2.5"
     payload = {"config": config, "step": 7488, "train": {**train, "adc_weight": 0.5, **label}}
@@ -86,6 +86,10 @@ def test_metadata_names_the_recipe_that_trained_the_weights() -> None:
     assert (meta["train_lr_decay_steps"], meta["train_adc_weight"], meta["train_label_weight"]) == ("0", "0.0", "0.0")
     assert meta["train_label_weight_falls"] == "false"
     assert "train_label_digit_weights" not in meta and "train_label_weight_floor" not in meta  # only when given
+    del older_train["subset"]  # a run on all its data from before the size was recorded: no count, no guess
+    assert onnx_export.contract_metadata(older)["train_dataset"] == "MNIST train"
+    older_train["train_images"] = 256
+    assert onnx_export.contract_metadata(older)["train_dataset"] == "MNIST train (256 images)"
     del older["config"]["conditional_norm"]  # before conditional BN existed
     assert onnx_export.contract_metadata(older)["train_conditional_norm"] == "false"
 

@@ -579,3 +579,15 @@ def test_a_label_outside_the_models_classes_is_refused_in_one_line(tmp_path: Pat
         f"Error: the training split in {root}: item 250 is labelled 12, not a class 0-9 of this model (1 such labels)"
     )
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_run_records_its_images_and_resumes_only_on_them(finished_run: Path, tmp_path: Path) -> None:
+    checkpoint = finished_run / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=True)["train"]["train_images"] == 256
+    bigger = write_tiny_mnist(tmp_path / "bigger", train_count=512)
+    code, output = train(bigger, finished_run, "--resume", checkpoint, "--steps", 4)
+    assert (code, output.strip()) == (
+        1,
+        f"Error: the resumed run trained on 256 images and {bigger} holds 512; resume with the --data-dir it "
+        "trained on",
+    )

@@ -133,6 +133,7 @@ class TrainConfig:
     precision: str = "fp32"  # one of PRECISIONS
     seed: int = 0
     subset: int | None = None  # train on the first N images only (tests, quick experiments)
+    train_images: int | None = None  # images the run trains on (after subset): recorded by the run, kept on resume
     checkpoint_every: int = 500
     log_every: int = 50
 
@@ -144,6 +145,8 @@ class TrainConfig:
             raise ValueError("batch size must be positive")
         if self.subset is not None and self.subset < 1:
             raise ValueError("subset must be positive")
+        if self.train_images is not None and self.train_images < 1:
+            raise ValueError("the number of training images must be positive")
         if not self.lr > 0 or (self.lr_d is not None and not self.lr_d > 0):
             raise ValueError("learning rate must be positive")
         if not self.adc_weight >= 0 or not self.label_weight >= 0:

@@ -293,6 +293,13 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
                 f"{options.data_dir}"
             )
         data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])
+    recorded = state.train.train_images
+    if recorded is not None and recorded != len(data.images):
+        raise TrainingError(
+            f"the resumed run trained on {recorded} images and {options.data_dir} holds {len(data.images)}; "
+            "resume with the --data-dir it trained on"
+        )
+    state.train = replace(state.train, train_images=len(data.images))
     global_batch = state.train.batch_size * ctx.world_size
     if global_batch > len(data.images):
         processes = f" ({ctx.world_size} processes x {state.train.batch_size})" if ctx.world_size > 1 else ""
