@@ -64,8 +64,38 @@ def _raise_keyboard_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+class OptionsOnce(click.Command):
+    """A command that refuses an option given twice (``-n 5 --count 7``), which Click would settle silently by
+    keeping the last; options that collect several values (``multiple``) may repeat."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        names = {
+            name: option
+            for option in self.params
+            if isinstance(option, click.Option) and not option.multiple
+            for name in (*option.opts, *option.secondary_opts)
+        }
+        seen: dict[str, str] = {}
+        for arg in args:
+            if arg == "--":
+                break
+            given = arg.partition("=")[0] if arg.startswith("--") else arg[:2]  # --name=value, -nVALUE
+            option = names.get(given)
+            if option is None:
+                continue
+            if option.name in seen:
+                first = seen[option.name]
+                twice = f"{given} is given twice" if first == given else f"{first} and {given} are one option"
+                raise click.UsageError(f"{twice}; give it once", ctx)
+            seen[option.name] = given
+        return super().parse_args(ctx, args)
+
+
 class OneLineErrors(click.Group):
-    """A group whose errors are one line on stderr: no usage block, no traceback."""
+    """A group whose errors are one line on stderr: no usage block, no traceback; its commands take each option
+    once."""
+
+    command_class = OptionsOnce
 
     def main(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override]
         kwargs["standalone_mode"] = False

@@ -34,6 +34,29 @@ def test_num_digits_spellings(tmp_path: Path, tiny_onnx: Path, flag: str) -> Non
     assert len(np.load(tmp_path / "digits.npz")["labels"]) == 3
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("generate", "-n", "5", "--count", "7"), "-n and --count are one option"),
+        (("generate", "--format", "npz", "--format=idx"), "--format is given twice"),
+        (("generate", "-n3", "--num_digits", "4"), "-n and --num_digits are one option"),
+        (("generate", "--digit", "3", "--digit", "4"), "--digit is given twice"),
+        (("train", "--steps", "3", "--steps", "4"), "--steps is given twice"),
+    ],
+)
+def test_an_option_given_twice_is_refused_not_settled_silently(tmp_path: Path, args: tuple, words: str) -> None:
+    code, output = run(*args, "--out", tmp_path / "out")
+    assert (code, output) == (2, f"Error: {words}; give it once (see --help)\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_that_collect_values_may_repeat_and_a_value_may_look_like_an_option(tmp_path: Path) -> None:
+    code, output = run("serve", "--cors-origin", "https://a.example", "--cors-origin", "https://b.example", "-h")
+    assert code == 0 and "--cors-origin" in output
+    code, output = run("generate", "--seed", "-1", "--out", tmp_path)  # "-1" is a value, refused for its range
+    assert code == 2 and "is given twice" not in output and "-1" in output
+
+
 def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None:
     code, _ = run(
         "generate", "--generator", tiny_onnx, "-n", 5, "--digit", 7, "--out", tmp_path / "a", "--format", "idx"
@@ -71,7 +94,7 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
     ],
 )
 def test_bad_generate_input_is_one_clear_line(tmp_path: Path, tiny_onnx: Path, args: list[str], message: str) -> None:
-    base = ["generate", "--out", tmp_path / "out"]
+    base = ["generate"] if "--out" in args else ["generate", "--out", tmp_path / "out"]
     if "--generator" not in args:
         base += ["--generator", tiny_onnx]
     code, output = run(*base, *args)
