@@ -260,16 +260,20 @@ def _write_pngs(
     return kept
 
 
-def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = lambda n: None) -> GeneratedDigits:
-    """The ``num`` digits of ``batches`` in two arrays; ``on_batch`` after each batch (it may raise to stop).
-    :class:`MemoryError` if they cannot be held (numpy's ValueError for an array past its address space too)."""
+def _arrays_for(num: int) -> tuple[np.ndarray, np.ndarray]:
+    """Empty arrays for ``num`` digits and their labels; :class:`MemoryError` in words if they cannot be had."""
     try:
-        images = np.empty((num, 28, 28), dtype=np.uint8)
-        labels = np.empty(num, dtype=np.int64)
+        return np.empty((num, 28, 28), dtype=np.uint8), np.empty(num, dtype=np.int64)
     except (ValueError, MemoryError) as exc:
         raise MemoryError(
             f"{num} digits do not fit in memory at once (npz and grid hold every digit, png and idx stream them)"
         ) from exc
+
+
+def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = lambda n: None) -> GeneratedDigits:
+    """The ``num`` digits of ``batches`` in two arrays; ``on_batch`` after each batch (it may raise to stop).
+    :class:`MemoryError` if they cannot be held (numpy's ValueError for an array past its address space too)."""
+    images, labels = _arrays_for(num)
     filled = 0
     for batch in batches:
         n = len(batch.labels)
@@ -456,7 +460,15 @@ def plan_output(
         check_grid_count(stop - start, "png, npz, idx or mnist")
     if fmt in ("idx", "mnist"):
         check_idx_count(max(stop - start, test_count or 0))
+    if fmt in ("npz", "grid"):
+        _arrays_for(stop - start)  # address space, not memory touched: a count that can never be held stops here
     out_dir = prepare_output_dir(out_dir)
+    if fmt == "mnist":
+        for folder in (out_dir / MNIST_RAW).parent, out_dir / MNIST_RAW:
+            if os.path.lexists(folder) and not folder.is_dir():
+                raise OutputError(
+                    f"{folder} is a file where --format mnist writes a folder; move it, or write elsewhere"
+                )
     if fmt != "png":  # a run writing these files now is refused here, before any progress (PNGs: as written)
         for name in output_names(fmt, shard):
             refuse_if_claimed(temporary_name(out_dir / name))

@@ -439,3 +439,23 @@ def test_a_png_another_process_writes_meanwhile_stops_the_run(gen: DigitGenerato
         "let it finish, or write elsewhere"
     )
     assert (out / sixth.name).read_bytes() == theirs
+
+
+def test_an_npz_too_large_for_memory_is_refused_before_any_progress_or_folder(tmp_path: Path) -> None:
+    code, output = _cli("generate", "-n", 10**11, "--format", "npz", "--out", tmp_path / "out")
+    assert code == 1 and output == (
+        "Error: not enough memory: 100000000000 digits do not fit in memory at once (npz and grid hold every "
+        "digit, png and idx stream them); ask for less\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("file", ["MNIST", "MNIST/raw"])
+def test_a_file_where_mnist_puts_its_folders_is_refused_before_any_progress(tmp_path: Path, file: str) -> None:
+    (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / file).write_text("mine")
+    code, output = _cli("generate", "-n", 20, "--format", "mnist", "--test-count", 2, "--out", tmp_path)
+    assert code == 1 and output == (
+        f"Error: {tmp_path / file} is a file where --format mnist writes a folder; move it, or write elsewhere\n"
+    )
+    assert (tmp_path / file).read_text() == "mine"
