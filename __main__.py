@@ -6,12 +6,17 @@ import signal
 STOP_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
 
 
-def run() -> None:
-    """Run the ``digitgen`` command. Loading it (numpy, onnxruntime) takes a moment: a stop signal in that
-    moment is held until the command's handlers are in place (``digitgen.cli`` lets it through then), so it
-    ends the command as one during its work does, with the same words, not with a traceback."""
+def hold_stop_signals() -> None:
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the command's handlers are in place (``digitgen.cli`` lets them
+    through then): loading the command (numpy, onnxruntime) takes a moment, and a stop signal in that moment
+    then ends it as one during its work does, with the same words, not with a traceback."""
     if hasattr(signal, "pthread_sigmask"):  # POSIX; the threads started while loading inherit the mask
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def run() -> None:
+    """Run the ``digitgen`` command, stop signals held while it loads."""
+    hold_stop_signals()
     from digitgen.cli import main
 
     main()

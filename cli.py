@@ -7,6 +7,11 @@ Heavy imports (torch) happen inside the commands that need them, so ``generate``
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python cli.py`: stop signals wait while it loads, as for the `digitgen` command
+    from digitgen.__main__ import hold_stop_signals
+
+    hold_stop_signals()
+
 import dataclasses
 import json
 import math

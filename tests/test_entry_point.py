@@ -85,3 +85,32 @@ def test_the_installed_command_is_the_entry_point() -> None:
 
 def test_the_entry_point_holds_the_signals_the_command_handles() -> None:
     assert set(INTERRUPTING_SIGNALS) == digitgen.__main__.STOP_SIGNALS
+
+
+# The same from a checkout: `python cli.py` (runpy runs it as the script), the signal sent as it imports click.
+SIGNAL_WHILE_CLI_PY_LOADS = """
+import builtins, os, runpy, sys
+
+real_import = builtins.__import__
+
+def import_and_signal(name, *args, **kwargs):
+    if name == "click":
+        builtins.__import__ = real_import
+        os.kill(os.getpid(), {signum})
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = import_and_signal
+sys.argv = ["cli.py", "generate", "-n", "3", "--out", "digits"]
+runpy.run_path({cli!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_stop_signal_while_cli_py_loads_ends_it_in_one_line(tmp_path: Path, signum: signal.Signals) -> None:
+    result = _python(SIGNAL_WHILE_CLI_PY_LOADS.format(signum=int(signum), cli=str(REPO / "cli.py")), tmp_path)
+    assert (result.returncode, result.stderr, result.stdout) == (
+        130,
+        "Error: interrupted; no file was left half-written\n",
+        "",
+    )
+    assert list(tmp_path.iterdir()) == []
