@@ -17,6 +17,7 @@ from digitgen.runtime.errors import (
     ProviderUnavailableError,
 )
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
+from digitgen.runtime.shards import Shard
 from digitgen.runtime.writers import FORMATS, generate_files, write_digits
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "OtherRunError",
     "OutputError",
     "ProviderUnavailableError",
+    "Shard",
     "default_model_path",
     "generate_files",
     "write_digits",

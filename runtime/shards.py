@@ -21,10 +21,16 @@ from digitgen.runtime.idx import header_size, idx_header
 
 @dataclass(frozen=True)
 class Shard:
+    """Part ``index`` (from 0) of a request split into ``count`` parts."""
+
     index: int = 0
     count: int = 1
 
     def check(self, total: int) -> Shard:
+        """This shard if ``total`` digits can be split so, else :class:`InvalidRequestError` in words."""
+        for name, value in (("shard index", self.index), ("number of shards", self.count)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise InvalidRequestError(f"the {name} must be an integer, got {value!r}")
         if self.count < 1:
             raise InvalidRequestError(f"the number of shards must be at least 1, got {self.count}")
         if not 0 <= self.index < self.count:

@@ -57,6 +57,8 @@ def png_name(index: int, label: int) -> str:
 
 def prepare_output_dir(out_dir: str | Path) -> Path:
     """Create ``out_dir`` (and parents) or explain in one line why it cannot be used."""
+    if str(out_dir) == "":  # Path("") is the current folder, unsaid
+        raise OutputError("the output directory is an empty path; name a folder (. for the current folder)")
     out_dir = Path(out_dir)
     for parent in [out_dir, *out_dir.parents]:
         if parent.exists() and not parent.is_dir():

@@ -459,3 +459,12 @@ def test_a_file_where_mnist_puts_its_folders_is_refused_before_any_progress(tmp_
         f"Error: {tmp_path / file} is a file where --format mnist writes a folder; move it, or write elsewhere\n"
     )
     assert (tmp_path / file).read_text() == "mine"
+
+
+def test_an_empty_output_path_is_refused_in_the_api_as_on_the_command_line(
+    gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match=r"^the output directory is an empty path; name a folder \(\. for the"):
+        generate_files(gen, "", 3)
+    assert list(tmp_path.iterdir()) == []

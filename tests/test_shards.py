@@ -234,3 +234,25 @@ def test_merge_reads_each_idx_shards_header_once(gen: DigitGenerator, tmp_path: 
     merge_shards(tmp_path, "idx")
     assert len(read) == 6 and sorted(read) == sorted(set(read))
     assert read_idx(tmp_path / "train-labels-idx1-ubyte").shape == (N,)
+
+
+@pytest.mark.parametrize(
+    ("shard", "words"),
+    [
+        (Shard(True, 2), "the shard index must be an integer, got True"),
+        (Shard(1.0, 2), "the shard index must be an integer, got 1.0"),
+        (Shard(1, "2"), "the number of shards must be an integer, got '2'"),
+    ],
+)
+def test_a_shard_of_other_types_is_refused_before_any_folder(
+    gen: DigitGenerator, tmp_path: Path, shard: Shard, words: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        generate_files(gen, tmp_path / "out", 10, "npz", shard=shard)
+    assert str(refused.value) == words and not (tmp_path / "out").exists()
+
+
+def test_shard_is_part_of_the_runtime_api() -> None:
+    import digitgen.runtime
+
+    assert digitgen.runtime.Shard is Shard and "Shard" in digitgen.runtime.__all__
