@@ -516,12 +516,15 @@ def test_a_mounted_app_counts_requests_by_its_own_endpoints() -> None:
     digits = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
     parent = FastAPI()
     parent.mount("/digits", digits)
-    answers = _in_process(parent, [("/digits/healthz", {}), ("/digits/generate?digit=3", {}), ("/digits/metrics", {})])
-    assert [a.status_code for a in answers] == [200, 200, 200]
+    paths = ["/digits/healthz", "/digits/generate?digit=3", "/digits/nowhere", "/digits/metrics"]
+    answers = _in_process(parent, [(path, {}) for path in paths])
+    assert [a.status_code for a in answers] == [200, 200, 404, 200]
+    assert answers[2].json() == {"error": "no endpoint /digits/nowhere; see /digits/docs"}  # the docs it serves
     metrics = answers[-1].text
     assert 'digitgen_requests_total{endpoint="/healthz",status="200"} 1.0' in metrics
     assert 'digitgen_requests_total{endpoint="/generate",status="200"} 1.0' in metrics
-    assert 'endpoint="other"' not in metrics
+    assert 'digitgen_requests_total{endpoint="other",status="404"} 1.0' in metrics  # only the unknown path
+    assert 'endpoint="other",status="200"' not in metrics
 
 
 @pytest.mark.parametrize(
