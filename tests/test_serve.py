@@ -706,16 +706,22 @@ def test_mounted_in_another_app_it_serves_and_shuts_down_cleanly(server: Server,
     assert ("digitgen app stopped" in log) == (parent == "own-lifespan"), log
 
 
-def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path: Path) -> None:
-    server = start(tmp_path / "server.log", serve_command("--graceful-timeout", "60"))
+def _sigterm_during(server: Server, query: str) -> httpx.Response:
+    """SIGTERM to ``server`` once it has admitted ``query``; the response, after the server exited 0."""
     with ThreadPoolExecutor(1) as pool:
-        large = pool.submit(server.get, "/generate?count=1500&format=npz&seed=8")
+        large = pool.submit(server.get, query)
         deadline = time.monotonic() + 30
         while server.metric("digitgen_requests_admitted") < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         server.process.send_signal(signal.SIGTERM)
         response = large.result()
     assert server.process.wait(60) == 0
+    return response
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path: Path) -> None:
+    server = start(tmp_path / "server.log", serve_command("--graceful-timeout", "60"))
+    response = _sigterm_during(server, "/generate?count=1500&format=npz&seed=8")
     assert response.status_code == 200
     with np.load(io.BytesIO(response.content)) as npz:
         assert npz["images"].shape == (1500, 28, 28)
@@ -726,14 +732,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path: Path) -> 
 
 def test_a_request_cut_off_by_the_graceful_timeout_gets_a_503_in_json(tmp_path: Path) -> None:
     server = start(tmp_path / "server.log", serve_command("--graceful-timeout", "0.2"))
-    with ThreadPoolExecutor(1) as pool:
-        large = pool.submit(server.get, "/generate?count=10000&format=npz&seed=8")
-        deadline = time.monotonic() + 30
-        while server.metric("digitgen_requests_admitted") < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        server.process.send_signal(signal.SIGTERM)
-        response = large.result()
-    assert server.process.wait(60) == 0
+    response = _sigterm_during(server, "/generate?count=10000&format=npz&seed=8")
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json() == {"error": "the server is stopping; retry later"}
     log = server.log.read_text()
