@@ -19,7 +19,14 @@ from digitgen.runtime import (
     generate_files,
     write_digits,
 )
-from digitgen.runtime.files import atomic_files, claim_temporary, publish, temporary_name
+from digitgen.runtime.files import (
+    atomic_files,
+    claim_temporary,
+    publish,
+    publish_all,
+    refuse_one_file_twice,
+    temporary_name,
+)
 from digitgen.runtime.idx import read_idx
 from digitgen.runtime.writers import FORMATS, png_name
 
@@ -468,3 +475,31 @@ def test_an_empty_output_path_is_refused_in_the_api_as_on_the_command_line(
     with pytest.raises(OutputError, match=r"^the output directory is an empty path; name a folder \(\. for the"):
         generate_files(gen, "", 3)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_claim_refused_while_publishing_names_the_file_and_leaves_the_others_temporary(tmp_path: Path) -> None:
+    """The claim when the writing starts (after the check at planning): refused in words, nothing removed."""
+    held = claim_temporary(temporary_name(tmp_path / "b.bin"))
+    try:
+        with pytest.raises(OutputError) as refused, publish_all([tmp_path / "a.bin", tmp_path / "b.bin"]):
+            pytest.fail("the block must not run")
+    finally:
+        os.close(held)
+    assert str(refused.value) == (
+        f"another process is writing {tmp_path / 'b.bin'} now (its temporary file .b.bin.part is in use); "
+        "let it finish, or write elsewhere"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.bin.part"]  # a.bin's claim released and removed
+
+
+def test_published_files_have_the_mode_of_any_new_file(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with atomic_files([tmp_path / "digits.bin"]) as (f,):
+        f.write(b"x")
+    assert (tmp_path / "digits.bin").stat().st_mode & 0o777 == 0o666 & ~umask  # not executable
+
+
+def test_two_options_naming_one_file_are_refused_whatever_comes_before(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match=r"^--out and --weights-out name the same file"):
+        refuse_one_file_twice({"--quality": None, "--out": tmp_path / "m.onnx", "--weights-out": tmp_path / "m.onnx"})
