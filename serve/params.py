@@ -56,19 +56,25 @@ class DigitsRequest:
 def _integer(text: str) -> int | str:
     """``text`` as an int when it is one (of at most 40 significant digits), else ``text`` itself for the
     runtime's check to reject by name."""
+    if len(text) <= _LONGEST and text.isascii() and text.isdigit():  # the usual form, read without a regex
+        return int(text)
     match = _INTEGER.fullmatch(text)
     if match is None or len(match[2]) > _LONGEST:
         return text
     return int(match[1] + match[2])
 
 
-def _check_limit(count: str, max_count: int) -> None:
-    """Refuse a count over ``max_count``, however many digits it is written with, before any other check."""
-    match = _INTEGER.fullmatch(count)
-    if match is None or match[1] == "-" or (len(match[2]) <= _LONGEST and int(match[2]) <= max_count):
-        return
-    shown = match[2] if len(match[2]) <= _LONGEST else f"{match[2][:20]}... ({len(match[2])} digits long)"
-    raise InvalidRequestError(f"number of digits {shown} is over this server's limit of {max_count} per request")
+def _check_limit(count: int | str, max_count: int) -> None:
+    """Refuse a count (as :func:`_integer` read it) over ``max_count``, however many digits it is written with,
+    before any other check."""
+    if isinstance(count, int):
+        shown = count if count > max_count else None
+    else:  # a positive integer too long to read is over any limit; anything else is for the runtime to refuse
+        match = _INTEGER.fullmatch(count)
+        long = match is not None and match[1] != "-" and len(match[2]) > _LONGEST
+        shown = f"{match[2][:20]}... ({len(match[2])} digits long)" if long else None
+    if shown is not None:
+        raise InvalidRequestError(f"number of digits {shown} is over this server's limit of {max_count} per request")
 
 
 def _digits(digits: str | None, digit: str | None) -> list[int | str] | None:
@@ -125,7 +131,7 @@ def choose_format(fmt: str | None, accept: str | None, count: int) -> str:
     default = "png" if count == 1 else "grid"
     if fmt is not None and fmt not in MEDIA_TYPES:
         raise InvalidRequestError(f"unknown format {fmt!r}; choose one of {', '.join(MEDIA_TYPES)}")
-    if not accept or not accept.strip():
+    if not accept or accept.strip() in ("", "*/*", "*"):  # no header, or curl's and httpx's: any type
         return fmt or default
     candidates = [fmt] if fmt is not None else [default, *(f for f in MEDIA_TYPES if f not in ("png", "grid"))]
     ranges = _ranges(accept)
@@ -151,8 +157,8 @@ def parse_request(
         if name in given:
             raise InvalidRequestError(f"give {name} once")
         given[name] = value
-    _check_limit(given.get("count", "1"), max_count)
     num, seed = _integer(given.get("count", "1")), _integer(given.get("seed", "0"))
+    _check_limit(num, max_count)
     digits, truncation = _digits(given.get("digits"), given.get("digit")), _number(given.get("truncation"))
     checked = generator.check_request(num, digits, seed, truncation=truncation)  # type: ignore[arg-type]
     count = checked.num
