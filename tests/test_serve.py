@@ -347,6 +347,8 @@ def test_unsupported_accept_is_406(server: Server, query: str, accept: str) -> N
         (None, "application/json;q=0.3333, application/x-tar;q=0.3", 5, "idx"),  # at most 3 decimals
         (None, "Application/JSON; Q=1, image/png;q=0.5", 5, "json"),  # names are case-insensitive
         ("json", "application/*;q=0.1", 5, "json"),
+        (None, "*/*, image/*;q=0", 5, "npz"),  # image/* is more specific than */*, wherever it stands
+        (None, "*;q=0.5", 5, "grid"),  # a bare * with a q-value: */* too
     ],
 )
 def test_the_format_from_format_and_accept(fmt: str | None, accept: str | None, count: int, chosen: str) -> None:
@@ -382,6 +384,50 @@ def test_integers_are_read_as_the_cli_reads_them(server: Server, given: str, pla
     answer, expected = server.get(f"/generate?{given}"), server.get(f"/generate?{plain}")
     assert answer.status_code == 200, answer.text
     assert answer.content == expected.content and answer.headers["etag"] == expected.headers["etag"]
+
+
+@pytest.mark.parametrize(
+    ("query", "parsed"),
+    [
+        ([("seed", "+5"), ("digit", " 7 "), ("count", "+1")], (5, (7,), 1)),
+        ([("seed", "0005"), ("count", "003")], (5, tuple(range(10)), 3)),
+        ([("seed", "0" * 60 + "9")], (9, tuple(range(10)), 1)),
+        ([("seed", str(MAX_SEED)), ("count", "1" + "0" * 3)], (MAX_SEED, tuple(range(10)), 1000)),
+    ],
+)
+def test_integers_read_in_process(tiny_onnx: Path, query: list, parsed: tuple) -> None:
+    """The same reading as through the server, without one (a mutation run sees only in-process calls)."""
+    generator = DigitGenerator.from_path(tiny_onnx)
+    request = parse_request([*query, ("format", "npz")], None, generator, max_count=10_000)
+    assert (request.seed, request.digits, request.count) == parsed
+
+
+@pytest.mark.parametrize(
+    ("count", "words"),
+    [
+        ("10001", "number of digits 10001 is over this server's limit of 10000 per request"),
+        (" +10001", "number of digits 10001 is over this server's limit of 10000 per request"),
+        ("9" * 41, f"number of digits {'9' * 20}... (41 digits long) is over this server's limit of 10000"),
+        ("-5", "number of digits must be an integer >= 1, got -5"),
+        ("-" + "9" * 41, "number of digits must be an integer >= 1, got '-999"),
+        ("1e3", "number of digits must be an integer >= 1, got '1e3'"),
+        ("10000", None),
+    ],
+)
+def test_counts_over_the_limit_in_process(tiny_onnx: Path, count: str, words: str | None) -> None:
+    generator = DigitGenerator.from_path(tiny_onnx)
+    if words is None:
+        assert parse_request([("count", count), ("format", "npz")], None, generator, 10_000).count == 10_000
+        return
+    with pytest.raises(InvalidRequestError) as refused:
+        parse_request([("count", count), ("format", "npz")], None, generator, 10_000)
+    assert str(refused.value).startswith(words)
+
+
+def test_an_unknown_format_names_the_formats() -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        choose_format("gif", None, 1)
+    assert str(refused.value) == "unknown format 'gif'; choose one of png, grid, npz, idx, json"
 
 
 def test_not_acceptable_names_what_the_request_can_send() -> None:
