@@ -288,6 +288,7 @@ BAD = [
     ("count=1_0", 422, "number of digits must be an integer >= 1, got '1_0'"),
     ("count=-1", 422, "number of digits must be an integer >= 1, got -1"),
     ("seed=%2B-1", 422, "seed must be an integer from 0 to 18446744073709551615, got '+-1'"),
+    ("seed=%2B" + "9" * 40, 422, f"seed must be an integer from 0 to 18446744073709551615, got {'9' * 40}"),
     ("truncation=0", 422, "truncation must be a number >= 0.1, got 0.0"),
     ("truncation=1e-300", 422, "truncation must be a number >= 0.1, got 1e-300"),
     ("truncation=nan", 422, "truncation must be a number >= 0.1, got 'nan'"),
