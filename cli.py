@@ -864,7 +864,9 @@ def evaluate(
     type=click.IntRange(min=1),
     help="Micro-batching: digits in one shared model call.",
 )
-@click.option("--quiet", is_flag=True, help="No access log or start-up lines.")
+@click.option(
+    "--quiet", is_flag=True, help="No access log or start-up lines (with --port 0, one line: the address chosen)."
+)
 def serve(
     model: str | None,
     provider: str,
@@ -918,7 +920,9 @@ def serve(
     generator = options.load()  # a bad model or provider is refused here, before any worker starts
     if generator.note:
         click.echo(f"note: {generator.note}", err=True)
-    if not quiet:
+    if quiet and port == 0:  # the one thing a caller cannot know otherwise
+        click.echo(f"digitgen serve: {options.url}", err=True)
+    elif not quiet:
         url = options.url
         where = f"the page at {url}/, API docs at {url}/docs" if web_dir else f"API docs at {url}/docs"
         click.echo(

@@ -89,6 +89,16 @@ def test_serve_says_where_to_open_it(
     assert result.output.strip().endswith(f"thread(s) each; {where}"), result.output
 
 
+def test_quiet_with_any_port_still_names_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    served = []
+    monkeypatch.setattr(serve_run, "serve", lambda options, generator=None: served.append(options))
+    result = CliRunner().invoke(main, ["serve", "--port", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    (options,) = served
+    assert options.port > 0 and result.output == f"digitgen serve: http://127.0.0.1:{options.port}\n"
+    assert CliRunner().invoke(main, ["serve", "--port", str(free_port()), "--quiet"]).output == ""
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_an_address_in_use_is_one_line_before_the_model_loads(workers: int) -> None:
     with socket.socket() as taken:
