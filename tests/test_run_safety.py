@@ -131,7 +131,7 @@ def test_resuming_another_run_into_a_run_directory_is_refused(
     [
         ("--batch-size", "32", "16"),
         ("--lr", "0.001", "0.0002"),
-        ("--lr-d", "0.0004", "none"),
+        ("--lr-d", "0.0004", "0.0002"),  # a run without --lr-d trained its discriminator at --lr
         ("--seed", "5", "0"),
         ("--latent-dim", "16", "8"),
         ("--conditional-norm", None, "off"),
@@ -177,6 +177,8 @@ def test_resume_accepts_options_equal_to_the_run_and_sets_the_checkpoint_interva
         "--steps",
         4,
         *TINY[:4],
+        "--lr-d",
+        "0.0002",  # the rate the run's discriminator had: its --lr
         "--checkpoint-every",
         1,
     )

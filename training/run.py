@@ -177,6 +177,8 @@ def _check_resume_options(options: RunOptions, state: TrainState) -> None:
     saved = {"train": asdict(state.train), "config": asdict(state.config)}
     for name, (flag, part) in FIXED_ON_RESUME.items():
         given, kept = getattr(options, name), saved[part][name]
+        if name == "lr_d" and kept is None:  # the run's discriminator used --lr: giving that rate changes nothing
+            kept = saved["train"]["lr"]
         if given is not None and given != kept:
             shown = flag if given is True else f"{flag} {given}"
             kept = _setting_text(kept)
