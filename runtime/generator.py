@@ -93,7 +93,7 @@ def check_truncation(value: object) -> float | None:
         or not isinstance(value, (int, float, np.number))
         or not MIN_TRUNCATION <= value < float("inf")
     ):
-        raise InvalidRequestError(f"truncation must be a number >= {MIN_TRUNCATION:g}, got {value!r}")
+        raise InvalidRequestError(f"truncation must be a finite number >= {MIN_TRUNCATION:g}, got {value!r}")
     return float(value)
 
 

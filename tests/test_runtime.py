@@ -91,11 +91,11 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
         ({"num": 5, "seed": -1}, "seed"),
         ({"num": 5, "seed": 2**64}, "seed must be an integer from 0 to 18446744073709551615"),
         ({"num": 5, "batch_size": 0}, "^batch size must be an integer >= 1, got 0$"),
-        ({"num": 5, "truncation": 0}, "truncation must be a number >= 0.1, got 0"),
-        ({"num": 5, "truncation": 0.099}, "truncation must be a number >= 0.1, got 0.099"),
-        ({"num": 5, "truncation": -1.0}, "truncation must be a number >= 0.1"),
-        ({"num": 5, "truncation": float("inf")}, "truncation must be a number >= 0.1"),
-        ({"num": 5, "truncation": "1"}, "truncation must be a number >= 0.1"),
+        ({"num": 5, "truncation": 0}, "truncation must be a finite number >= 0.1, got 0"),
+        ({"num": 5, "truncation": 0.099}, "truncation must be a finite number >= 0.1, got 0.099"),
+        ({"num": 5, "truncation": -1.0}, "truncation must be a finite number >= 0.1"),
+        ({"num": 5, "truncation": float("inf")}, "truncation must be a finite number >= 0.1"),
+        ({"num": 5, "truncation": "1"}, "truncation must be a finite number >= 0.1"),
     ],
 )
 def test_bad_requests_raise_typed_errors(tiny: DigitGenerator, kwargs: dict, message: str) -> None:

@@ -261,7 +261,7 @@ def test_truncation_takes_a_bigint_as_python_takes_an_int(page: Page) -> None:
         }"""
     )
     assert accepted == 2
-    assert refused == ["InvalidRequestError", "truncation must be a number >= 0.1, got 0"]
+    assert refused == ["InvalidRequestError", "truncation must be a finite number >= 0.1, got 0"]
 
 
 DIGIT_LISTS = ["0,3,7", " 4 , 2 ", "12", "-1", "007", "+3", "a,b", "3,,7", "", ",", "3.0", "1e1", "\u0663", "9" * 41]
@@ -370,6 +370,41 @@ def test_linked_sheet_matches_python(
         assert_same_pixels(rgba[..., 0], expected, f"page ?{query}", pixel_report)
         assert "21 digits in" in page.text_content("#timing")
         assert page.evaluate("window.digitgenLoadSeconds") > 0
+    finally:
+        page.close()
+
+
+READS = "seed, digits, digit, n, count, truncation, model, threads"
+
+
+@pytest.mark.parametrize(
+    ("query", "messages"),
+    [
+        ("count=50&digits=7&trunc=1.5", [f'the link\'s parameter "trunc" is not one this page reads ({READS})']),
+        ("Seed=5&digit=3", [f'the link\'s parameter "Seed" is not one this page reads ({READS})']),
+        ("n=5&count=6", ["the link gives n and count; give it once"]),
+        ("seed=1&seed=2", ["the link gives seed twice; give it once"]),
+    ],
+)
+def test_a_link_the_page_cannot_read_whole_is_named_on_the_page(
+    browser: Browser, base_url: str, query: str, messages: list[str]
+) -> None:
+    """Not silently dropped: a query copied from the HTTP API, or a typo, would lose its parameter unseen."""
+    page = open_page(browser, f"{base_url}index.html?{query}")
+    try:
+        assert_error_shown(page, messages)
+        assert page.evaluate("document.getElementById('generate').disabled") is False  # the form still works
+        submit(page, count="3")
+        assert wait_settled(page) == "drawn", page.text_content("#error")
+    finally:
+        page.close()
+
+
+def test_a_link_takes_the_apis_count_and_digit(browser: Browser, base_url: str) -> None:
+    page = open_page(browser, f"{base_url}index.html?count=12&digit=7&seed=4")
+    try:
+        assert page.evaluate("document.body.dataset.state") == "drawn", page.text_content("#error")
+        assert [page.input_value(f"#{field}") for field in ("count", "digits", "seed")] == ["12", "7", "4"]
     finally:
         page.close()
 
@@ -535,10 +570,11 @@ def submit(page: Page, digits: str = "", count: str = "10", seed: str = "0", tru
         ({"seed": "abc"}, 'seed must be an integer from 0 to 18446744073709551615, got "abc"'),
         ({"seed": "-1"}, 'seed must be an integer from 0 to 18446744073709551615, got "-1"'),
         ({"seed": str(2**64)}, "seed must be an integer from 0 to 18446744073709551615"),
-        ({"truncation": "0"}, 'truncation must be a number >= 0.1, got "0"'),
-        ({"truncation": "wide"}, 'truncation must be a number >= 0.1, got "wide"'),
-        ({"truncation": "0.01"}, 'truncation must be a number >= 0.1, got "0.01"'),
-        ({"truncation": "0x10"}, 'truncation must be a number >= 0.1, got "0x10"'),  # Python's float() refuses it
+        ({"truncation": "0"}, 'truncation must be a finite number >= 0.1, got "0"'),
+        ({"truncation": "wide"}, 'truncation must be a finite number >= 0.1, got "wide"'),
+        ({"truncation": "0.01"}, 'truncation must be a finite number >= 0.1, got "0.01"'),
+        ({"truncation": "0x10"}, 'truncation must be a finite number >= 0.1, got "0x10"'),  # as Python's float()
+        ({"truncation": "1e400"}, 'truncation must be a finite number >= 0.1, got "1e400"'),  # read as infinity
     ],
 )
 def test_bad_fields_show_on_the_page_until_the_next_sheet(page: Page, fields: dict[str, str], message: str) -> None:
@@ -554,7 +590,7 @@ def test_every_bad_field_is_named_and_marked(page: Page) -> None:
         "digit 12 is not a class of this model (0-9)",
         'count must be an integer from 1 to 100, got "0"',
         'seed must be an integer from 0 to 18446744073709551615, got "abc"',
-        'truncation must be a number >= 0.1, got "wide"',
+        'truncation must be a finite number >= 0.1, got "wide"',
     ]
     assert_error_shown(page, messages)
     assert page.locator("#error").inner_text().splitlines() == messages  # one per line, in the page's order

@@ -1,6 +1,6 @@
 // The digitgen page: form fields -> DigitGenerator.generate -> a contact sheet on <canvas id="sheet">.
 // URL parameters: model (default generator.onnx beside the page), threads, and seed, digits, n, truncation to
-// preset the fields.
+// preset the fields (digit and count as the HTTP API and the CLI name them too); any other is named on the page.
 // document.body.dataset.state: loading -> ready | error, then busy -> drawn | error for each sheet.
 
 const COLUMNS = 10; // the layout of `digitgen generate --format grid`: 10 columns, 2-pixel gray gaps
@@ -8,6 +8,17 @@ const GAP = 2;
 const GRAY = 128;
 const MAX_DIGITS = 100;
 const DISPLAY_SCALE = 2;
+
+// the link's parameter -> the field it presets; count and digit are the HTTP API's and the CLI's names
+const FIELD_PARAMS = {
+  seed: "seed",
+  digits: "digits",
+  digit: "digits",
+  n: "count",
+  count: "count",
+  truncation: "truncation",
+};
+const PAGE_PARAMS = ["model", "threads"];
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -169,8 +180,28 @@ function download() {
   }, "image/png");
 }
 
+/** What is wrong with the link's parameters, one line each: unknown ones, and any given twice (both spellings too). */
+function linkProblems() {
+  const known = [...Object.keys(FIELD_PARAMS), ...PAGE_PARAMS];
+  const problems = [];
+  const setBy = {};
+  for (const name of new Set(params.keys())) {
+    if (!known.includes(name)) {
+      problems.push(`the link's parameter "${name}" is not one this page reads (${known.join(", ")})`);
+      continue;
+    }
+    const target = FIELD_PARAMS[name] ?? name;
+    if (params.getAll(name).length > 1 || setBy[target]) {
+      const given = setBy[target] && setBy[target] !== name ? `${setBy[target]} and ${name}` : `${name} twice`;
+      problems.push(`the link gives ${given}; give it once`);
+    }
+    setBy[target] = name;
+  }
+  return problems;
+}
+
 async function main() {
-  for (const [param, field] of [["seed", "seed"], ["digits", "digits"], ["n", "count"], ["truncation", "truncation"]]) {
+  for (const [param, field] of Object.entries(FIELD_PARAMS)) {
     if (params.has(param)) $(field).value = params.get(param);
   }
   let gen;
@@ -195,6 +226,11 @@ async function main() {
   });
   $("download").addEventListener("click", download);
   $("generate").disabled = false;
+  const problems = linkProblems();
+  if (problems.length) {
+    showError(problems.join("\n")); // the fields hold what the page could read; Generate draws them
+    return;
+  }
   await draw(gen);
 }
 

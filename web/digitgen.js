@@ -120,7 +120,7 @@ export function checkTruncation(value) {
   if (value === null || value === undefined || value === "") return null;
   const bound = typeof value === "string" ? parseDecimal(value) : typeof value === "bigint" ? Number(value) : value;
   if (typeof bound !== "number" || !(bound >= MIN_TRUNCATION) || !Number.isFinite(bound)) {
-    throw new InvalidRequestError(`truncation must be a number >= ${MIN_TRUNCATION}, got ${show(value)}`);
+    throw new InvalidRequestError(`truncation must be a finite number >= ${MIN_TRUNCATION}, got ${show(value)}`);
   }
   return bound;
 }
