@@ -541,6 +541,32 @@ def test_a_webassembly_runtime_that_cannot_start_is_not_blamed_on_the_model(brow
         page.close()
 
 
+@pytest.mark.parametrize(
+    ("missing", "status", "words"),
+    [
+        ("app.js", "The page could not start.", "The script app.js of this page did not load: serve the whole"),
+        (
+            "ort.wasm.min.mjs",
+            "The page's runtime could not be loaded.",
+            "(digitgen.js, or the onnxruntime-web module it imports, ort.wasm.min.mjs: serve the whole built folder",
+        ),
+    ],
+)
+def test_a_script_of_the_page_that_does_not_load_is_named_on_the_page(
+    browser: Browser, base_url: str, missing: str, status: str, words: str
+) -> None:
+    """Not a page left at "Loading the model..." with nothing said, nor an error naming only digitgen.js."""
+    page = browser.new_page()
+    try:
+        page.route(f"**/{missing}", lambda route: route.fulfill(status=404, body="not here"))
+        page.goto(base_url + "index.html")
+        assert wait_settled(page) == "error"
+        assert_error_shown(page, [words])
+        assert page.text_content("#status") == status
+    finally:
+        page.close()
+
+
 def assert_error_shown(page: Page, messages: list[str]) -> None:
     assert page.evaluate("document.body.dataset.state") == "error"
     error = page.locator("#error")

@@ -204,10 +204,19 @@ async function main() {
   for (const [param, field] of Object.entries(FIELD_PARAMS)) {
     if (params.has(param)) $(field).value = params.get(param);
   }
-  let gen;
   try {
     // Imported here, not at the top, so that a runtime that fails to load is reported on the page.
     digitgen = await import("./digitgen.js");
+  } catch (error) {
+    $("status").textContent = "The page's runtime could not be loaded.";
+    showError(
+      `${error.message} (digitgen.js, or the onnxruntime-web module it imports, ort.wasm.min.mjs: serve the whole ` +
+        "built folder, .js and .mjs files as JavaScript)",
+    );
+    return;
+  }
+  let gen;
+  try {
     gen = await digitgen.DigitGenerator.load(params.get("model") || "generator.onnx", {
       threads: params.get("threads") ?? undefined,
     });
