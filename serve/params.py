@@ -25,12 +25,14 @@ MEDIA_TYPES = {
     "json": "application/json",
 }
 PARAMETERS = ("digits", "digit", "count", "seed", "truncation", "format")
+MAX_VALUE_LENGTH = 1024  # characters of one parameter's value: a list of 512 digits; a refusal never echoes more
 ENCODING_VERSION = "2"  # bump when the bytes of any format change
 # as int() and the CLI read them: a sign and spaces around allowed; underscores (which int() takes) are not
-_INTEGER = re.compile(r"\s*([+-]?)0*([0-9]+)\s*")
+# (no two parts of a pattern here can match the same characters: a refused value takes time linear in its length)
+_INTEGER = re.compile(r"\s*([+-]?)([0-9]+)\s*")
 _LONGEST = 40  # significant digits read as a number: every valid value has at most 20, and int() stops at 4,300
-_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")  # RFC 9110, 12.4.2
-_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?")
+_QVALUE = re.compile(r"0(\.[0-9]*)?|1(\.0*)?")  # RFC 9110, 12.4.2, with any number of decimals
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
 
 
 class NotAcceptableError(InvalidRequestError):
@@ -59,9 +61,14 @@ def _integer(text: str) -> int | str:
     if len(text) <= _LONGEST and text.isascii() and text.isdigit():  # the usual form, read without a regex
         return int(text)
     match = _INTEGER.fullmatch(text)
-    if match is None or len(match[2]) > _LONGEST:
+    if match is None or len(_significant(match)) > _LONGEST:
         return text
-    return int(match[1] + match[2])
+    return int(match[1] + _significant(match))
+
+
+def _significant(match: re.Match[str]) -> str:
+    """The digits of an :data:`_INTEGER` match without leading zeros."""
+    return match[2].lstrip("0") or "0"
 
 
 def _check_limit(count: int | str, max_count: int) -> None:
@@ -71,8 +78,8 @@ def _check_limit(count: int | str, max_count: int) -> None:
         shown = count if count > max_count else None
     else:  # a positive integer too long to read is over any limit; anything else is for the runtime to refuse
         match = _INTEGER.fullmatch(count)
-        long = match is not None and match[1] != "-" and len(match[2]) > _LONGEST
-        shown = f"{match[2][:20]}... ({len(match[2])} digits long)" if long else None
+        digits = _significant(match) if match is not None and match[1] != "-" else ""
+        shown = f"{digits[:20]}... ({len(digits)} digits long)" if len(digits) > _LONGEST else None
     if shown is not None:
         raise InvalidRequestError(f"number of digits {shown} is over this server's limit of {max_count} per request")
 
@@ -156,6 +163,10 @@ def parse_request(
             raise InvalidRequestError(f"unknown parameter {name!r}; parameters: {', '.join(PARAMETERS)}")
         if name in given:
             raise InvalidRequestError(f"give {name} once")
+        if len(value) > MAX_VALUE_LENGTH:
+            raise InvalidRequestError(
+                f"{name} is {len(value):,} characters long; this server reads at most {MAX_VALUE_LENGTH:,}"
+            )
         given[name] = value
     num, seed = _integer(given.get("count", "1")), _integer(given.get("seed", "0"))
     _check_limit(num, max_count)

@@ -281,7 +281,10 @@ BAD = [
     ("digits=1&digit=2", 422, "give digits or digit, not both"),
     ("seed=-1", 422, "seed must be an integer from 0 to 18446744073709551615, got -1"),
     (f"seed={2**64}", 422, f"seed must be an integer from 0 to 18446744073709551615, got {2**64}"),
-    ("seed=" + "9" * 5000, 422, "seed must be an integer from 0 to 18446744073709551615, got '999"),
+    ("seed=" + "9" * 1024, 422, "seed must be an integer from 0 to 18446744073709551615, got '999"),
+    ("seed=" + "9" * 5000, 422, "seed is 5,000 characters long; this server reads at most 1,024"),
+    ("digits=" + "1," * 8000 + "x", 422, "digits is 16,001 characters long; this server reads at most 1,024"),
+    ("count=" + "0" * 1000 + "x", 422, "number of digits must be an integer >= 1, got '000"),  # at once, not in minutes
     ("count=" + "1" * 41, 422, "number of digits 11111111111111111111... (41 digits long) is over this server's limit"),
     ("count=" + "9" * 40, 422, f"number of digits {'9' * 40} is over this server's limit of 10000 per request"),
     (f"count={2**63}", 422, f"number of digits {2**63} is over this server's limit of 10000 per request"),
