@@ -23,12 +23,16 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.part")
 
 
-def _lock(fd: int, tmp: Path) -> None:
+# O_BINARY: on Windows a descriptor opened without it writes each \n as \r\n
+_OPEN_TO_WRITE = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0)
+
+
+def _lock(fd: int, tmp: Path, *, shared: bool = False) -> None:
     """Lock ``fd`` (open on ``tmp``) for this process, or refuse: another process is writing ``tmp`` now."""
     if fcntl is None:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         path = tmp.with_name(tmp.name.removeprefix(".").removesuffix(".part"))
         raise OutputError(
@@ -38,15 +42,27 @@ def _lock(fd: int, tmp: Path) -> None:
 
 
 def refuse_if_claimed(tmp: Path) -> None:
-    """Refuse now, before any work, if another process holds ``tmp`` (see :func:`claim_temporary`)."""
+    """Refuse now, before any work, if another process holds ``tmp`` (see :func:`claim_temporary`); a shared
+    lock for the look, so that two runs looking at once do not refuse each other."""
     try:
         fd = os.open(tmp, os.O_RDONLY)
     except OSError:  # none there (or none this process could lock): the claim itself decides later
         return
     try:
-        _lock(fd, tmp)
+        _lock(fd, tmp, shared=True)
     finally:
         os.close(fd)
+
+
+def _still_named(fd: int, tmp: Path) -> bool:
+    """Whether ``tmp`` still names the file ``fd`` is open on (its last holder may have renamed or removed it
+    between this process opening it and locking it)."""
+    try:
+        named = os.stat(tmp)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino)
 
 
 def claim_temporary(tmp: Path) -> int:
@@ -54,21 +70,33 @@ def claim_temporary(tmp: Path) -> int:
     while this one writes it: a second run writing the same file is refused rather than interleaved with the
     first. Returns the descriptor, which holds the lock until it is closed (a killed process's lock goes with
     it). Without ``fcntl`` (Windows) the file is not locked."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666)
-    try:
-        _lock(fd, tmp)
-        if os.fstat(fd).st_size:  # a killed run's leftover (truncating a new, empty file costs as much as writing it)
-            os.ftruncate(fd, 0)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    while True:
+        fd = os.open(tmp, _OPEN_TO_WRITE, 0o666)
+        try:
+            _lock(fd, tmp)
+            current = _still_named(fd, tmp)
+            if current and os.fstat(fd).st_size:  # a killed run's leftover (truncating an empty file costs as much)
+                os.ftruncate(fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            return fd
+        os.close(fd)  # a file already published or removed: open the name again
 
 
 def remove_leftover(tmp: Path) -> None:
-    """Remove ``tmp``, a temporary file left by a killed run; refuse one that a running process holds."""
-    os.close(claim_temporary(tmp))
-    tmp.unlink(missing_ok=True)
+    """Remove ``tmp``, a temporary file left by a killed run; refuse one that a running process holds. It is
+    removed while this process holds it, so no run can claim the name in between."""
+    fd = claim_temporary(tmp)
+    if fcntl is None:  # Windows removes no open file (and there is no lock to hold)
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        return
+    try:
+        tmp.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -77,16 +105,21 @@ def _published(paths: Sequence[str | Path], resume: Callable[[Path], None] | Non
     paths = [Path(path) for path in paths]
     temps = [temporary_name(path) for path in paths]
     failing: Sequence[Path] = paths
-    claims: list[int] = []  # one for each temporary file claimed so far: only those are this call's to remove
-    renamed: set[Path] = set()  # gone from their names, which another run may have claimed since
+    claimed: list[tuple[Path, int]] = []  # only these temporary files are this call's to remove
+    still_open: list[int] = []
+    renamed: set[Path] = set()  # gone from their names, which another run may claim from then on
     claiming: Path | None = None  # a temporary file being claimed, which an interrupt may leave unclaimed
     try:
         for tmp, path in zip(temps, paths, strict=True):
             failing, claiming = [path], tmp
-            claims.append(claim_temporary(tmp))
+            fd = claim_temporary(tmp)
+            claimed.append((tmp, fd))
+            still_open.append(fd)
             claiming = None
         failing = paths
-        yield list(zip(temps, claims, strict=True))
+        yield claimed
+        if fcntl is None:  # Windows renames no open file
+            _close_all(still_open)
         changed = [
             (tmp, path)
             for tmp, path in zip(temps, paths, strict=True)
@@ -99,21 +132,32 @@ def _published(paths: Sequence[str | Path], resume: Callable[[Path], None] | Non
         with interrupts_held() if len(changed) > 1 else nullcontext():
             for tmp, path in changed:
                 failing = [path]
-                os.replace(tmp, path)
-                renamed.add(tmp)
+                renamed.add(tmp)  # before: an interrupt after the rename must not remove a name claimed since
+                try:
+                    os.replace(tmp, path)
+                except OSError:
+                    renamed.discard(tmp)
+                    raise
     except OSError as exc:
         if exc.errno is None:  # one of the project's own errors, raised in the block: already worded
             raise
         raise OutputError(f"cannot write {', '.join(map(str, failing))}: {exc.strerror}") from exc
     finally:
-        for tmp, fd in zip(temps, claims, strict=False):
-            if tmp not in renamed:
+        if fcntl is None:
+            _close_all(still_open)
+        for tmp, _fd in claimed:
+            if tmp not in renamed:  # removed while still held (on Windows: closed first)
                 with suppress(OSError):
                     tmp.unlink(missing_ok=True)
-            os.close(fd)
-        if claiming is not None and len(claims) == temps.index(claiming):  # not claimed, perhaps created
+        _close_all(still_open)
+        if claiming is not None and (not claimed or claimed[-1][0] != claiming):  # not claimed, perhaps created
             with suppress(OSError):  # OutputError too: another process holds it, and it is theirs
                 remove_leftover(claiming)
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
 
 
 @contextmanager

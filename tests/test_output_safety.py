@@ -16,6 +16,7 @@ from digitgen.runtime import (
     GeneratedDigits,
     InvalidRequestError,
     OutputError,
+    files,
     generate_files,
     write_digits,
 )
@@ -503,3 +504,24 @@ def test_published_files_have_the_mode_of_any_new_file(tmp_path: Path) -> None:
 def test_two_options_naming_one_file_are_refused_whatever_comes_before(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match=r"^--out and --weights-out name the same file"):
         refuse_one_file_twice({"--quality": None, "--out": tmp_path / "m.onnx", "--weights-out": tmp_path / "m.onnx"})
+
+
+def test_a_claim_that_loses_the_name_to_the_run_publishing_it_opens_the_name_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between this run opening the temporary file and locking it, the run that held it renames it onto its
+    output: the lock then holds a published file, which this run must not truncate or write."""
+    out, tmp = tmp_path / "digits.npz", temporary_name(tmp_path / "digits.npz")
+    tmp.write_bytes(b"the other run's digits")
+    real_lock = files._lock
+
+    def publish_in_between(fd: int, path: Path, **how: bool) -> None:
+        if tmp.exists() and not out.exists():
+            os.replace(tmp, out)
+        real_lock(fd, path, **how)
+
+    monkeypatch.setattr(files, "_lock", publish_in_between)
+    fd = claim_temporary(tmp)
+    os.write(fd, b"mine")
+    os.close(fd)
+    assert out.read_bytes() == b"the other run's digits" and tmp.read_bytes() == b"mine"
