@@ -315,6 +315,16 @@ def _combined(http: Request, name: str) -> str | None:
     return ", ".join(http.headers.getlist(name)) or None
 
 
+# uvicorn cancels the requests still running when its --graceful-timeout (timeout_graceful_shutdown) ends so
+_SERVER_STOPPING = "timeout graceful shutdown exceeded"
+
+
+def _server_stopping(cancelled: asyncio.CancelledError) -> bool:
+    """Whether ``cancelled`` is the server giving up on the request as it stops (uvicorn's words), not a host
+    app's own cancellation, which must go on up."""
+    return any(_SERVER_STOPPING in str(reason) for reason in cancelled.args)
+
+
 class _ServiceEntry:
     """Where requests enter: starts the service on the first one (see :meth:`_Service.start`), and answers
     ``GET /generate`` ahead of FastAPI's router with the documented route's own handler (the router's layers, an exit
@@ -355,7 +365,10 @@ class _ServiceEntry:
                 await response(scope, receive, send_tracked)
             else:
                 await self.app(scope, receive, send_tracked)
-        except asyncio.CancelledError:  # the server stopped waiting for it: its graceful timeout ran out
+        except asyncio.CancelledError as cancelled:
+            if not _server_stopping(cancelled):  # a host's own timeout or cancel scope: its to handle
+                raise
+            asyncio.current_task().uncancel()  # answered here: the request's task ends as a request does
             log.warning("%s cut off: the server stopped before it was answered", where)
             if not started:
                 stopping = _error(503, "the server is stopping; retry later", {"Retry-After": "1"})

@@ -612,3 +612,19 @@ def test_list_headers_sent_as_several_fields_count_whole_and_no_path_redirects()
     assert (json_answer.status_code, json_answer.headers["content-type"]) == (200, "application/json")
     assert not_modified.status_code == 304
     assert (slash.status_code, slash.json()) == (404, {"error": "no endpoint /generate/; see /docs"})
+
+
+def test_a_hosts_own_cancellation_goes_on_up(caplog: pytest.LogCaptureFixture) -> None:
+    """Only the server's giving up as it stops is answered here (a 503, tested with uvicorn in test_serve.py):
+    a host app's timeout around this one must see its cancellation, not a response."""
+    generator = DigitGenerator.from_path(threads=1)
+    before_each_model_call(generator, lambda z: time.sleep(0.3))
+    app = create_app(generator, ServeSettings(access_log=False))
+
+    async def run() -> None:
+        async with asgi_client(app) as client, asyncio.timeout(0.1):
+            await client.get("/generate?count=300&format=npz")
+
+    with caplog.at_level("WARNING", logger="digitgen.serve"), pytest.raises(TimeoutError):
+        asyncio.run(run())
+    assert "cut off" not in caplog.text
