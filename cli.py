@@ -71,28 +71,19 @@ def _raise_keyboard_interrupt(signum: int, _frame: object) -> None:
 
 class OptionsOnce(click.Command):
     """A command that refuses an option given twice (``-n 5 --count 7``), which Click would settle silently by
-    keeping the last; options that collect several values (``multiple``) may repeat."""
+    keeping the last; options that collect several values (``multiple``) may repeat. Counted on Click's own
+    parse, so a value that looks like an option (``--out -nine``) is a value."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        names = {
-            name: option
-            for option in self.params
-            if isinstance(option, click.Option) and not option.multiple
-            for name in (*option.opts, *option.secondary_opts)
-        }
-        seen: dict[str, str] = {}
-        for arg in args:
-            if arg == "--":
-                break
-            given = arg.partition("=")[0] if arg.startswith("--") else arg[:2]  # --name=value, -nVALUE
-            option = names.get(given)
-            if option is None:
-                continue
-            if option.name in seen:
-                first = seen[option.name]
-                twice = f"{given} is given twice" if first == given else f"{first} and {given} are one option"
-                raise click.UsageError(f"{twice}; give it once", ctx)
-            seen[option.name] = given
+        _values, _rest, order = self.make_parser(ctx).parse_args(args=list(args))
+        if not any(getattr(param, "is_eager", False) for param in order):  # --help, --version: answered first
+            seen: set[str | None] = set()
+            for param in order:
+                if isinstance(param, click.Option) and not param.multiple:
+                    if param.name in seen:
+                        names = " / ".join(param.opts)
+                        raise click.UsageError(f"{names} is given twice; give it once", ctx)
+                    seen.add(param.name)
         return super().parse_args(ctx, args)
 
 

@@ -34,14 +34,18 @@ def test_num_digits_spellings(tmp_path: Path, tiny_onnx: Path, flag: str) -> Non
     assert len(np.load(tmp_path / "digits.npz")["labels"]) == 3
 
 
+COUNT = "-n / --num-digits / --num_digits / --count"
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (("generate", "-n", "5", "--count", "7"), "-n and --count are one option"),
+        (("generate", "-n", "5", "--count", "7"), f"{COUNT} is given twice"),
         (("generate", "--format", "npz", "--format=idx"), "--format is given twice"),
-        (("generate", "-n3", "--num_digits", "4"), "-n and --num_digits are one option"),
+        (("generate", "-n3", "--num_digits", "4"), f"{COUNT} is given twice"),
         (("generate", "--digit", "3", "--digit", "4"), "--digit is given twice"),
         (("train", "--steps", "3", "--steps", "4"), "--steps is given twice"),
+        (("generate", "--generator", "--", "-n", "3", "--count", "4"), f"{COUNT} is given twice"),  # "--": a value
     ],
 )
 def test_an_option_given_twice_is_refused_not_settled_silently(tmp_path: Path, args: tuple, words: str) -> None:
@@ -50,11 +54,18 @@ def test_an_option_given_twice_is_refused_not_settled_silently(tmp_path: Path, a
     assert not (tmp_path / "out").exists()
 
 
-def test_options_that_collect_values_may_repeat_and_a_value_may_look_like_an_option(tmp_path: Path) -> None:
+def test_options_that_collect_values_may_repeat_and_a_value_may_look_like_an_option(
+    tmp_path: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     code, output = run("serve", "--cors-origin", "https://a.example", "--cors-origin", "https://b.example", "-h")
     assert code == 0 and "--cors-origin" in output
     code, output = run("generate", "--seed", "-1", "--out", tmp_path)  # "-1" is a value, refused for its range
     assert code == 2 and "is given twice" not in output and "-1" in output
+    monkeypatch.chdir(tmp_path)
+    code, output = run("generate", "--generator", tiny_onnx, "--out", "-nine", "--count", "3")  # a folder "-nine"
+    assert code == 0 and len(list((tmp_path / "-nine").glob("*.png"))) == 3, output
+    code, output = run("generate", "-n", "3", "-n", "4", "--help")  # help first, as for any command line
+    assert code == 0 and output.startswith("Usage: ")
 
 
 def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None:
