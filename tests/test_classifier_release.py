@@ -181,7 +181,7 @@ def _mnist_with(tmp_path: Path, test_count: int = 64, train_label_12_at: int | N
         ({"test_count": 0}, "the test split holds no images; the classifier's accuracy is measured on it"),
         (
             {"train_label_12_at": 200},
-            "the training split: item 200 is labelled 12, not a class 0-9 of this model (1 such labels)",
+            "the training split: item 200 is labelled 12, not a class 0-9 of this model (1 such label)",
         ),
     ],
 )

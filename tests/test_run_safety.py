@@ -578,7 +578,7 @@ def test_a_label_outside_the_models_classes_is_refused_in_one_line(tmp_path: Pat
     write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", labels)
     code, output = train(root, tmp_path / "run", "--steps", 2, *TINY)
     assert code == 1 and output.strip() == (
-        f"Error: the training split in {root}: item 250 is labelled 12, not a class 0-9 of this model (1 such labels)"
+        f"Error: the training split in {root}: item 250 is labelled 12, not a class 0-9 of this model (1 such label)"
     )
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 

@@ -76,7 +76,7 @@ def check_labels(data: MnistTensors, num_classes: int, where: str) -> None:
         index = int(bad[0])
         raise DatasetCorruptError(
             f"{where}: item {index} is labelled {int(data.labels[index])}, not a class 0-{num_classes - 1} "
-            f"of this model ({len(bad)} such labels)"
+            f"of this model ({len(bad)} such label{'s' if len(bad) > 1 else ''})"
         )
 
 
