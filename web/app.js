@@ -19,6 +19,8 @@ const FIELD_PARAMS = {
   truncation: "truncation",
 };
 const PAGE_PARAMS = ["model", "threads"];
+// what sharing platforms and campaign links add to a URL: not the user's, and passed over in silence
+const ADDED_BY_PLATFORMS = /^(utm_\w+|fbclid|gclid|msclkid|mc_eid)$/;
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -186,6 +188,7 @@ function linkProblems() {
   const problems = [];
   const setBy = {};
   for (const name of new Set(params.keys())) {
+    if (ADDED_BY_PLATFORMS.test(name)) continue;
     if (!known.includes(name)) {
       problems.push(`the link's parameter "${name}" is not one this page reads (${known.join(", ")})`);
       continue;
