@@ -348,7 +348,7 @@ def test_unsupported_accept_is_406(server: Server, query: str, accept: str) -> N
         (None, "application/json;q=0.9, */*;q=1.0", 5, "grid"),
         (None, "application/json;q=2, image/png;q=0.5", 5, "grid"),  # q over 1 is unreadable: the range drops
         (None, "application/json;q=inf, image/png;q=0.5", 5, "grid"),
-        (None, "application/json;q=0.3333, application/x-tar;q=0.3", 5, "idx"),  # at most 3 decimals
+        (None, "application/json;q=0.3333, application/x-tar;q=0.3", 5, "json"),  # decimals past 3 read too
         (None, "Application/JSON; Q=1, image/png;q=0.5", 5, "json"),  # names are case-insensitive
         ("json", "application/*;q=0.1", 5, "json"),
         (None, "*/*, image/*;q=0", 5, "npz"),  # image/* is more specific than */*, wherever it stands
