@@ -94,8 +94,13 @@ def app_from_environment() -> FastAPI:
     return create_app(options.load(), options.settings)
 
 
-class NoDelayHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-    """uvicorn's HTTP protocol with Nagle's algorithm off on every TCP connection.
+# the answer to bytes that are not an HTTP request (the app never sees them): JSON, as every refusal here
+NOT_HTTP = json.dumps({"error": "not a valid HTTP/1.1 request; the server closed the connection"}).encode()
+
+
+class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP protocol with Nagle's algorithm off on every TCP connection, and its 400 for a
+    request it cannot parse in JSON rather than plain text.
 
     asyncio sets ``TCP_NODELAY`` only on sockets that report ``IPPROTO_TCP``; the listener uvicorn
     shares between several workers reports 0, and every keep-alive request after the first then
@@ -107,6 +112,15 @@ class NoDelayHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
+
+    def send_400_response(self, msg: str) -> None:
+        """Answer :data:`NOT_HTTP` and close (uvicorn has logged ``msg``)."""
+        head = (
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncache-control: no-store\r\n"
+            f"content-length: {len(NOT_HTTP)}\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + NOT_HTTP)
+        self.transport.close()
 
 
 @contextmanager
@@ -131,7 +145,7 @@ def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> No
         "log_level": log_level,
         "access_log": False,
         "timeout_graceful_shutdown": options.graceful_timeout,
-        "http": NoDelayHTTP,
+        "http": ServerHTTP,
     }
     if options.workers == 1:
         app = create_app(generator or options.load(), options.settings)  # Ctrl-C still interrupts the load

@@ -7,9 +7,11 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -485,6 +487,27 @@ def test_unknown_paths_and_methods_answer_json(server: Server) -> None:
     post = httpx.post(server.url + "/generate", content=b"x")
     assert post.status_code == 405 and post.headers["allow"] == "GET, HEAD"
     assert post.json() == {"error": "POST is not allowed on /generate; this server answers GET and HEAD"}
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"NOT AN HTTP REQUEST\r\n\r\n", b"GET /healthz HTTP/1.1\r\nHost: x\r\na header without a colon\r\n\r\n"],
+    ids=["request line", "header"],
+)
+def test_bytes_that_are_not_http_get_a_400_in_json(server: Server, sent: bytes) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(sent)
+        answer = b""
+        while chunk := connection.recv(4096):  # the server closes the connection after its answer
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *fields = head.decode().split("\r\n")
+    headers = dict(field.lower().split(": ", 1) for field in fields)
+    assert status_line == "HTTP/1.1 400 Bad Request" and headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body) and headers["connection"] == "close"
+    assert json.loads(body) == {"error": "not a valid HTTP/1.1 request; the server closed the connection"}
+    assert server.get("/healthz").status_code == 200
 
 
 def test_head_answers_the_headers_of_get_through_uvicorn(server: Server) -> None:

@@ -153,7 +153,7 @@ def test_one_worker_runs_uvicorn_here_with_the_options(monkeypatch: pytest.Monke
         ("127.0.0.1", options.port, "warning", False),
         ("127.0.0.1", options.port, "info", False),  # digitgen's own access log, not uvicorn's
     ]
-    assert [(c.timeout_graceful_shutdown, c.http) for c in configs] == [(3.5, serve_run.NoDelayHTTP)] * 2
+    assert [(c.timeout_graceful_shutdown, c.http) for c in configs] == [(3.5, serve_run.ServerHTTP)] * 2
     assert isinstance(configs[0].app, FastAPI)
 
 
@@ -176,7 +176,7 @@ def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.Mon
     assert os.environ.get(serve_run.WORKER_CONFIG) == before
     [(app, kwargs, config)] = calls
     assert app == "digitgen.serve.run:app_from_environment" and kwargs["factory"] is True
-    wanted = {"workers": 2, "port": options.port, "log_level": "warning", "http": serve_run.NoDelayHTTP}
+    wanted = {"workers": 2, "port": options.port, "log_level": "warning", "http": serve_run.ServerHTTP}
     assert {key: kwargs[key] for key in wanted} == wanted
     monkeypatch.setenv(serve_run.WORKER_CONFIG, config)
     monkeypatch.setattr(serve_run.ServerOptions, "load", lambda self: self)
@@ -191,7 +191,7 @@ def test_every_tcp_connection_turns_nagle_off(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(
         serve_run.AutoHTTPProtocol, "connection_made", lambda self, transport: passed_on.append(transport)
     )
-    protocol = object.__new__(serve_run.NoDelayHTTP)  # only connection_made runs: uvicorn's own part is stubbed
+    protocol = object.__new__(serve_run.ServerHTTP)  # only connection_made runs: uvicorn's own part is stubbed
     nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY)
     with socket.create_server(("127.0.0.1", 0)) as listener, socket.create_connection(listener.getsockname()):
         accepted, _ = listener.accept()
