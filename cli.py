@@ -404,52 +404,57 @@ def train(
     ctx, device = init_distributed(device)
     say = click.echo if ctx.is_main else lambda *args, **kwargs: None
     try:
-        run = prepare_run(options, device, ctx)
-        state = run.state
-        if run.replaced:
-            say(f"--overwrite: deleted the earlier run's {describe_run_files(run.replaced)} in {run_dir}", err=True)
-        say(
-            f"training on {device} ({len(run.data.images)} images, {run.steps_per_epoch} steps/epoch), "
-            f"steps {state.step} -> {state.train.total_steps}, batch {state.train.batch_size}, "
-            f"learning rate {state.train.lr:g}"
-            + (f" (discriminator {state.train.lr_d:g})" if state.train.lr_d is not None else "")
-            + (f" falling to 0 over the last {state.train.lr_decay_steps} steps" if state.train.lr_decay_steps else "")
-            + (f", ADC classifier weight {state.train.adc_weight:g}" if state.train.adc_weight else "")
-            + (f", label classifier weight {state.train.label_weight:g}" if state.train.label_weight else "")
-            + (f" (mean of {len(state.label_classifiers)} classifiers)" if len(state.label_classifiers) > 1 else "")
-            + (" falling with the learning rate" if state.train.label_weight_falls else "")
-            + (f" to {state.train.label_weight_floor:g}" if state.train.label_weight_floor else "")
-            + (f" (per digit x {state.train.label_digit_weights})" if state.train.label_digit_weights else "")
-            + (f", DiffAugment {state.train.diffaugment}" if state.train.diffaugment else "")
-            + (f", {state.train.precision} autocast" if state.train.precision != "fp32" else ""),
-            err=True,
-        )
-        if options.resume is not None and state.saved_by != ctx.world_size:
+        with prepare_run(options, device, ctx) as run:
+            state = run.state
+            if run.replaced:
+                say(f"--overwrite: deleted the earlier run's {describe_run_files(run.replaced)} in {run_dir}", err=True)
             say(
-                f"note: the checkpoint was saved by {state.saved_by} process(es) and resumes with {ctx.world_size}; "
-                f"the run goes on, but not exactly as with {state.saved_by} (batches and noise streams differ)",
+                f"training on {device} ({len(run.data.images)} images, {run.steps_per_epoch} steps/epoch), "
+                f"steps {state.step} -> {state.train.total_steps}, batch {state.train.batch_size}, "
+                f"learning rate {state.train.lr:g}"
+                + (f" (discriminator {state.train.lr_d:g})" if state.train.lr_d is not None else "")
+                + (
+                    f" falling to 0 over the last {state.train.lr_decay_steps} steps"
+                    if state.train.lr_decay_steps
+                    else ""
+                )
+                + (f", ADC classifier weight {state.train.adc_weight:g}" if state.train.adc_weight else "")
+                + (f", label classifier weight {state.train.label_weight:g}" if state.train.label_weight else "")
+                + (f" (mean of {len(state.label_classifiers)} classifiers)" if len(state.label_classifiers) > 1 else "")
+                + (" falling with the learning rate" if state.train.label_weight_falls else "")
+                + (f" to {state.train.label_weight_floor:g}" if state.train.label_weight_floor else "")
+                + (f" (per digit x {state.train.label_digit_weights})" if state.train.label_digit_weights else "")
+                + (f", DiffAugment {state.train.diffaugment}" if state.train.diffaugment else "")
+                + (f", {state.train.precision} autocast" if state.train.precision != "fp32" else ""),
                 err=True,
             )
-        if ctx.enabled:
-            say(
-                f"distributed: {ctx.world_size} processes, effective batch {run.global_batch} "
-                f"({ctx.world_size} x {state.train.batch_size}), learning rate {state.train.lr:g} "
-                "(not scaled with the batch)",
-                err=True,
-            )
-        with (
-            _stop_on_signals() as should_stop,
-            progress(state.train.total_steps, "training", describe=_format_progress, hidden=not ctx.is_main) as bar,
-        ):
-            bar.update(state.step)
-            result = run_training(
-                state,
-                run.data,
-                run_dir,
-                should_stop=should_stop,
-                ctx=ctx,
-                progress=lambda step, info: bar.update(1, info),
-            )
+            if options.resume is not None and state.saved_by != ctx.world_size:
+                say(
+                    f"note: the checkpoint was saved by {state.saved_by} process(es) and resumes with "
+                    f"{ctx.world_size}; the run goes on, but not exactly as with {state.saved_by} "
+                    "(batches and noise streams differ)",
+                    err=True,
+                )
+            if ctx.enabled:
+                say(
+                    f"distributed: {ctx.world_size} processes, effective batch {run.global_batch} "
+                    f"({ctx.world_size} x {state.train.batch_size}), learning rate {state.train.lr:g} "
+                    "(not scaled with the batch)",
+                    err=True,
+                )
+            with (
+                _stop_on_signals() as should_stop,
+                progress(state.train.total_steps, "training", describe=_format_progress, hidden=not ctx.is_main) as bar,
+            ):
+                bar.update(state.step)
+                result = run_training(
+                    state,
+                    run.data,
+                    run_dir,
+                    should_stop=should_stop,
+                    ctx=ctx,
+                    progress=lambda step, info: bar.update(1, info),
+                )
     finally:
         shutdown(ctx)
     if not result.ranks_agree:

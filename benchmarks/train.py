@@ -199,8 +199,10 @@ def time_to_quality(
     accuracy_target, fid_target = targets
     history: list[dict] = []
     reached: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as run_dir:
-        run = prepare_run(RunOptions(data_dir, run_dir, **recipe), torch.device("cpu"), SINGLE)
+    with (
+        tempfile.TemporaryDirectory() as run_dir,
+        prepare_run(RunOptions(data_dir, run_dir, **recipe), torch.device("cpu"), SINGLE) as run,
+    ):
         pick = np.random.default_rng(0).choice(len(run.data.images), size=samples, replace=False)
         real_fid = frechet_distance(classifier.embed(run.data.images.numpy()[pick])[0], test_features)
         z = torch.from_numpy(standard_normal(0, 0, samples, run.state.config.latent_dim))

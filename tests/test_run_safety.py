@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -17,6 +18,12 @@ from digitgen.training.classifier import Classifier, classifier_weights
 from tests.conftest import REPO
 from tests.helpers import run_metrics, write_tiny_mnist
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+needs_flock = pytest.mark.skipif(fcntl is None, reason="run directories are locked with flock, which Windows lacks")
 TINY = ("--batch-size", "16", "--latent-dim", "8", "--device", "cpu", "--checkpoint-every", "100")
 
 
@@ -593,3 +600,55 @@ def test_a_run_records_its_images_and_resumes_only_on_them(finished_run: Path, t
         f"Error: the resumed run trained on 256 images and {bigger} holds 512; resume with the --data-dir it "
         "trained on",
     )
+
+
+@pytest.mark.parametrize(
+    "options", [(), ("--overwrite",), ("--resume", "{checkpoint}")], ids=["plain", "overwrite", "resume"]
+)
+def test_a_run_directory_another_process_trains_in_is_refused_and_untouched(
+    finished_run: Path, tiny_mnist: Path, options: tuple[str, ...]
+) -> None:
+    """A job started twice, or a resume while the first run still trains: refused in one line, before its
+    --overwrite can delete the live run's files. (The lock is taken here as another process takes it: flock
+    locks belong to an open file, so this one conflicts with the CLI's in the same process too.)"""
+    files = {path: path.read_bytes() for path in finished_run.rglob("*") if path.is_file()}
+    held = os.open(finished_run, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        given = [option.format(checkpoint=finished_run / "checkpoint.pt") for option in options]
+        code, output = train(tiny_mnist, finished_run, "--steps", 4, *TINY, *given)
+    finally:
+        os.close(held)
+    assert (code, output.strip()) == (
+        1,
+        f"Error: another run is training in {finished_run} now; let it finish (or stop it), or give another --out",
+    )
+    assert {path: path.read_bytes() for path in finished_run.rglob("*") if path.is_file()} == files
+
+
+@needs_flock
+def test_the_run_directory_is_claimed_while_training_and_let_go_after(
+    tmp_path: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from digitgen.training import loop
+
+    claimed: list[bool] = []
+    real_train = loop.train
+
+    def train_and_look(state: object, data: object, run_dir: Path, **kwargs: object) -> object:
+        look = os.open(run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(look, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            claimed.append(False)
+        except BlockingIOError:
+            claimed.append(True)
+        finally:
+            os.close(look)
+        return real_train(state, data, run_dir, **kwargs)
+
+    monkeypatch.setattr(loop, "train", train_and_look)
+    assert train(tiny_mnist, tmp_path / "run", "--steps", 2, *TINY)[0] == 0
+    assert claimed == [True]
+    monkeypatch.undo()
+    code, output = train(tiny_mnist, tmp_path / "run", "--resume", tmp_path / "run" / "checkpoint.pt", "--steps", 3)
+    assert code == 0, output

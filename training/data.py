@@ -17,8 +17,8 @@ from digitgen.runtime.idx import (
     mnist_not_found_message,
     read_mnist_split,
 )
-from digitgen.training.distributed import DistContext, any_rank
-from digitgen.training.errors import DatasetCorruptError, DatasetNotFoundError, TrainingError
+from digitgen.training.distributed import DistContext, on_main_first
+from digitgen.training.errors import DatasetCorruptError, DatasetNotFoundError
 
 __all__ = ["MNIST_FILES", "MnistTensors", "load_mnist"]
 
@@ -84,14 +84,6 @@ def load_mnist_once(root: str | Path, download: bool, ctx: DistContext, device: 
     """:func:`load_mnist` of the train split on every process of a run, with any download made by the first
     process alone while the others wait: processes downloading into one folder at once could read each
     other's half-written files. If the first process fails, all fail (it with its reason)."""
-    if not ctx.enabled:
-        return load_mnist(root, download=download)
-    data, failure = None, None
-    if ctx.is_main:
-        try:
-            data = load_mnist(root, download=download)
-        except TrainingError as exc:
-            failure = exc
-    if any_rank(ctx, failure is not None, device):  # also the others' wait for the download
-        raise failure or TrainingError("the first process could not load MNIST (its error says why)")
+    failed = "the first process could not load MNIST (its error says why)"
+    data = on_main_first(ctx, device, lambda: load_mnist(root, download=download), failed)  # also the others' wait
     return data if data is not None else load_mnist(root)

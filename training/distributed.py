@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from digitgen.training.errors import TrainingError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,20 @@ def any_rank(ctx: DistContext, flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def on_main_first(ctx: DistContext, device: torch.device, work: Callable[[], T], failed: str) -> T | None:
+    """``work()`` on the main process while the others wait for it: its result there, ``None`` on the others. If it
+    raises :class:`TrainingError`, every process raises (the main one its error, the others ``failed``)."""
+    result, failure = None, None
+    if ctx.is_main:
+        try:
+            result = work()
+        except TrainingError as exc:
+            failure = exc
+    if any_rank(ctx, failure is not None, device):
+        raise failure or TrainingError(failed)
+    return result
 
 
 def gather_objects(ctx: DistContext, obj: object) -> list[object]:

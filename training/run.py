@@ -14,9 +14,10 @@ import torch
 from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, check_labels, load_mnist_once
-from digitgen.training.distributed import DistContext, weights_digest
+from digitgen.training.distributed import DistContext, on_main_first, weights_digest
 from digitgen.training.errors import CheckpointError, RunDirectoryError, TrainingError
 from digitgen.training.loop import CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR, steps_per_epoch
+from digitgen.training.run_lock import RunLock, refuse_if_training
 from digitgen.training.state import TrainState, new_state, state_from_checkpoint
 
 
@@ -101,6 +102,14 @@ class PreparedRun:
     steps_per_epoch: int
     global_batch: int
     replaced: tuple[Path, ...]  # files of an earlier run removed by --overwrite
+    lock: RunLock | None  # the run directory, claimed by the main process until the run ends
+
+    def __enter__(self) -> PreparedRun:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
@@ -119,6 +128,7 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
             raise RunDirectoryError(f"--out {run_dir} lies under {parent}, which is a file")
     if options.resume is not None and not Path(options.resume).is_file():
         raise CheckpointError(f"checkpoint not found: {options.resume}")
+    refuse_if_training(run_dir)
     existing = earlier_run_files(run_dir) if run_dir.is_dir() else ()
     own_checkpoint = run_dir / CHECKPOINT_NAME
     resumes_it = options.resume is not None and own_checkpoint.exists() and own_checkpoint.samefile(options.resume)
@@ -267,7 +277,9 @@ def _new_state(options: RunOptions, device: torch.device, rank: int, classifiers
 
 def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> PreparedRun:
     """Check the run directory, build or restore the state and load the data; only then, with every
-    option checked, delete an earlier run's files for ``--overwrite`` (on the main process).
+    option checked, claim the run directory (see :class:`RunLock`) and delete an earlier run's files for
+    ``--overwrite`` (on the main process). Use the result as a context manager around the training: its
+    exit releases the run directory.
 
     A resumed run keeps its own settings and subset (an option that would change them is an
     error); only the step budget, the learning-rate decay and the checkpoint interval can change
@@ -335,6 +347,22 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
         raise TrainingError(
             "--label-weight-falls needs a learning-rate decay of at least one step: give --lr-decay-epochs"
         )
-    if ctx.is_main:
-        remove_run_files(replaced)
-    return PreparedRun(state, data, per_epoch, global_batch, replaced)
+    lock = on_main_first(
+        ctx,
+        device,
+        lambda: _claim(Path(options.run_dir)),
+        "the first process could not claim the run directory (its error says why)",
+    )
+    try:
+        if ctx.is_main:
+            remove_run_files(replaced)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return PreparedRun(state, data, per_epoch, global_batch, replaced, lock)
+
+
+def _claim(run_dir: Path) -> RunLock:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return RunLock(run_dir)
