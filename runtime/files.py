@@ -54,11 +54,11 @@ def refuse_if_claimed(tmp: Path) -> None:
         os.close(fd)
 
 
-def _still_named(fd: int, tmp: Path) -> bool:
-    """Whether ``tmp`` still names the file ``fd`` is open on (its last holder may have renamed or removed it
+def still_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file ``fd`` is open on (its last holder may have renamed or removed it
     between this process opening it and locking it)."""
     try:
-        named = os.stat(tmp)
+        named = os.stat(path)
     except FileNotFoundError:
         return False
     opened = os.fstat(fd)
@@ -74,7 +74,7 @@ def claim_temporary(tmp: Path) -> int:
         fd = os.open(tmp, _OPEN_TO_WRITE, 0o666)
         try:
             _lock(fd, tmp)
-            current = _still_named(fd, tmp)
+            current = still_named(fd, tmp)
             if current and os.fstat(fd).st_size:  # a killed run's leftover (truncating an empty file costs as much)
                 os.ftruncate(fd, 0)
         except BaseException:

@@ -37,6 +37,7 @@ from digitgen.runtime.files import (
 )
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
 from digitgen.runtime.idx import MNIST_FILES, MNIST_RAW, check_idx, check_idx_count, idx_header
+from digitgen.runtime.index_lock import claim_indices, refuse_if_indices_claimed
 from digitgen.runtime.shards import WHOLE, Shard, check_shard_sizes, concat_idx, concat_npz, find_shards
 
 FORMATS = ("png", "grid", "npz", "idx", "mnist")
@@ -195,6 +196,11 @@ def _refuse_other_digits(path: Path) -> None:
 def _resume_check(resume: bool) -> Callable[[Path], None] | None:
     """What :func:`~digitgen.runtime.files.publish_all` is given to keep or vet existing files when resuming."""
     return _refuse_other_digits if resume else None
+
+
+def _png_indices(shard: Shard, total: int) -> tuple[int, int | None]:
+    """The PNG indices a run may write or remove: its shard's, or, unsharded, every one (a longer run's too)."""
+    return (0, None) if shard.count == 1 else shard.bounds(total)
 
 
 def _refuse_a_longer_run(out_dir: Path, total: int) -> None:
@@ -377,14 +383,14 @@ class OutputPlan:
 
     def write(self, batches: Iterable[GeneratedDigits], on_batch: OnBatch = lambda n: None) -> WrittenFiles:
         """Write the digits ``start .. start+count-1``, streamed from ``batches`` in order."""
-        start, stop = self.start, self.start + self.count
-        if self.resume and self.out_dir.is_dir():
-            for tmp in leftover_temporaries(self.out_dir, self.fmt, self.shard, self.total):
-                remove_leftover(tmp)
-        batches = _checked(batches, start, stop)
         if self.fmt == "png":
-            kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, on_batch)
+            with claim_indices(self.out_dir, *_png_indices(self.shard, self.total)):
+                self._remove_leftovers()
+                batches = _checked(batches, self.start, self.start + self.count)
+                kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, on_batch)
             return WrittenFiles([self.out_dir], kept, self.count)
+        self._remove_leftovers()
+        batches = _checked(batches, self.start, self.start + self.count)
         paths = [self.out_dir / name for name in output_names(self.fmt, self.shard)]
         before = {path: path.lstat() for path in self.existing}  # a dangling link is an existing file too
         if self.fmt == "mnist":
@@ -394,6 +400,12 @@ class OutputPlan:
             writer = {"grid": _write_grid, "npz": _write_npz, "idx": _write_idx}[self.fmt]
             writer(batches, paths, self.count, self.resume, on_batch)
         return WrittenFiles(paths, sum(_unchanged(path, stat) for path, stat in before.items()), len(paths))
+
+    def _remove_leftovers(self) -> None:
+        """On resume, remove the temporary files a killed run left of this request's outputs."""
+        if self.resume and self.out_dir.is_dir():
+            for tmp in leftover_temporaries(self.out_dir, self.fmt, self.shard, self.total):
+                remove_leftover(tmp)
 
 
 @contextmanager
@@ -471,7 +483,9 @@ def plan_output(
                 raise OutputError(
                     f"{folder} is a file where --format mnist writes a folder; move it, or write elsewhere"
                 )
-    if fmt != "png":  # a run writing these files now is refused here, before any progress (PNGs: as written)
+    if fmt == "png":  # a run writing these files now is refused here, before any progress
+        refuse_if_indices_claimed(out_dir, *_png_indices(shard, total))
+    else:
         for name in output_names(fmt, shard):
             refuse_if_claimed(temporary_name(out_dir / name))
     existing = existing_outputs(out_dir, fmt, shard, total)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,10 @@ from digitgen.runtime import (
     GeneratedDigits,
     InvalidRequestError,
     OutputError,
+    Shard,
     files,
     generate_files,
+    index_lock,
     write_digits,
 )
 from digitgen.runtime.files import (
@@ -29,7 +33,7 @@ from digitgen.runtime.files import (
     temporary_name,
 )
 from digitgen.runtime.idx import read_idx
-from digitgen.runtime.writers import FORMATS, png_name
+from digitgen.runtime.writers import FORMATS, plan_generation, png_name
 
 N = 12
 
@@ -447,6 +451,104 @@ def test_a_png_another_process_writes_meanwhile_stops_the_run(gen: DigitGenerato
         "let it finish, or write elsewhere"
     )
     assert (out / sixth.name).read_bytes() == theirs
+
+
+needs_locks = pytest.mark.skipif(index_lock.fcntl is None, reason="Windows has no file locks here")
+
+
+def _folder(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def _in_use(folder: Path) -> str:
+    return f"another run is writing PNG digits of the same indices to {folder} now; let it finish, or write elsewhere"
+
+
+@needs_locks
+@pytest.mark.parametrize("permission", [{}, {"overwrite": True}, {"resume": True}])
+def test_png_indices_another_run_writes_are_refused_before_any_digit(
+    gen: DigitGenerator, tmp_path: Path, permission: dict
+) -> None:
+    """Another run holds the folder's indices (its lock, taken as a second process takes it): refused before
+    any digit, --overwrite or not, and the folder stays as it was."""
+    generate_files(gen, tmp_path, N, seed=1)
+    before, batches = _folder(tmp_path), []
+    with index_lock.claim_indices(tmp_path, 0, None), pytest.raises(OutputError) as refused:
+        generate_files(gen, tmp_path, N, seed=2, on_batch=batches.append, **permission)
+    assert str(refused.value) == _in_use(tmp_path)
+    assert batches == [] and _folder(tmp_path) == before
+
+
+@needs_locks
+def test_a_png_run_planned_before_another_took_its_indices_is_refused_when_it_writes(
+    gen: DigitGenerator, tmp_path: Path
+) -> None:
+    generate_files(gen, tmp_path, N, seed=1)
+    before = _folder(tmp_path)
+    job = plan_generation(gen, tmp_path, N, seed=2, overwrite=True)
+    with index_lock.claim_indices(tmp_path, 0, None), pytest.raises(OutputError) as refused:
+        job.run()
+    assert str(refused.value) == _in_use(tmp_path) and _folder(tmp_path) == before
+
+
+@needs_locks
+def test_png_shards_write_side_by_side_and_only_other_indices(gen: DigitGenerator, tmp_path: Path) -> None:
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    generate_files(gen, whole, N, seed=3)
+    out.mkdir()
+    with index_lock.claim_indices(out, *Shard(0, 2).bounds(N)):
+        generate_files(gen, out, N, seed=3, shard=Shard(1, 2))  # other indices: written beside the first shard
+        for shard in Shard(0, 2), Shard(0, 1):  # the same indices, or all of them
+            with pytest.raises(OutputError, match="another run is writing PNG digits"):
+                generate_files(gen, out, N, seed=3, shard=shard, overwrite=True)
+        assert (out / index_lock.LOCK_FILE).exists()
+    generate_files(gen, out, N, seed=3, shard=Shard(0, 2))
+    assert _folder(out) == _folder(whole)  # the lock file gone with the last run
+
+
+@needs_locks
+def test_a_lock_file_a_killed_run_left_is_reused_and_removed(gen: DigitGenerator, tmp_path: Path) -> None:
+    (tmp_path / index_lock.LOCK_FILE).write_bytes(b"")
+    generate_files(gen, tmp_path, N, seed=1)
+    assert (
+        sorted(_folder(tmp_path)) == sorted(png.name for png in tmp_path.glob("*.png")) and len(_folder(tmp_path)) == N
+    )
+
+
+@needs_locks
+def test_two_overwriting_png_runs_at_once_leave_one_runs_folder(gen: DigitGenerator, tmp_path: Path) -> None:
+    """Two runs started together (two threads here; two processes alike): the folder ends as one run's
+    whole, never a mix, and a run that is refused says so."""
+    count, out = 300, tmp_path / "out"
+    expected = {}
+    for seed in 3, 4:
+        generate_files(gen, tmp_path / f"seed{seed}", count, seed=seed)
+        expected[seed] = _folder(tmp_path / f"seed{seed}")
+    generate_files(gen, out, count, seed=1)
+    outcomes: dict[int, str] = {}
+    start = threading.Barrier(2)
+
+    def pause(_count: int) -> None:  # lets the other run go on between batches
+        time.sleep(0.002)
+
+    def run(seed: int) -> None:
+        start.wait()
+        try:
+            generate_files(gen, out, count, seed=seed, batch_size=8, overwrite=True, on_batch=pause)
+            outcomes[seed] = "written"
+        except OutputError as exc:
+            outcomes[seed] = str(exc)
+
+    runs = [threading.Thread(target=run, args=(seed,)) for seed in (3, 4)]
+    for thread in runs:
+        thread.start()
+    for thread in runs:
+        thread.join(timeout=120)
+    assert _folder(out) in (expected[3], expected[4])
+    written = [seed for seed, outcome in outcomes.items() if outcome == "written"]
+    assert all(outcomes[seed] == _in_use(out) for seed in outcomes if seed not in written)
+    if len(written) == 1:
+        assert _folder(out) == expected[written[0]]
 
 
 def test_an_npz_too_large_for_memory_is_refused_before_any_progress_or_folder(tmp_path: Path) -> None:
