@@ -355,6 +355,10 @@ def test_unsupported_accept_is_406(server: Server, query: str, accept: str) -> N
         ("json", "application/*;q=0.1", 5, "json"),
         (None, "*/*, image/*;q=0", 5, "npz"),  # image/* is more specific than */*, wherever it stands
         (None, "*;q=0.5", 5, "grid"),  # a bare * with a q-value: */* too
+        # the Accept that Java's HttpURLConnection sends unless told otherwise
+        (None, "text/html, image/gif, image/jpeg, *; q=.2, */*; q=.2", 1, "png"),
+        ("json", "text/html, image/gif, image/jpeg, *; q=.2, */*; q=.2", 5, "json"),
+        (None, "application/json;q=.5, application/x-tar;q=.25", 5, "json"),
     ],
 )
 def test_the_format_from_format_and_accept(fmt: str | None, accept: str | None, count: int, chosen: str) -> None:
