@@ -35,7 +35,9 @@ class Shard:
             raise InvalidRequestError(f"the number of shards must be at least 1, got {self.count}")
         if not 0 <= self.index < self.count:
             if self.count == 1:
-                raise InvalidRequestError(f"shard index {self.index} needs a number of shards (--num-shards) above it")
+                raise InvalidRequestError(
+                    f"shard index {self.index} needs a number of shards (--num-shards, Shard.count) above it"
+                )
             raise InvalidRequestError(f"shard index must be in 0..{self.count - 1} for {self.count} shards")
         if self.count > total:
             raise InvalidRequestError(f"{self.count} shards for {total} digits would leave some empty")

@@ -35,7 +35,7 @@ from digitgen.runtime.files import (
     remove_leftover,
     temporary_name,
 )
-from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
+from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, MAX_INDEX, DigitGenerator, GeneratedDigits, check_int
 from digitgen.runtime.idx import MNIST_FILES, MNIST_RAW, check_idx, check_idx_count, idx_header
 from digitgen.runtime.index_lock import claim_indices, refuse_if_indices_claimed
 from digitgen.runtime.shards import WHOLE, Shard, check_shard_sizes, concat_idx, concat_npz, find_shards
@@ -189,7 +189,7 @@ def _refuse_other_digits(path: Path) -> None:
     if _is_complete(path):
         raise OtherRunError(
             f"{path} holds other digits than this command makes (written with other options or another model); "
-            "resume with the options of the run that wrote it, or pass --overwrite to replace it"
+            "resume with the options of the run that wrote it, or pass --overwrite (overwrite=True) to replace it"
         )
 
 
@@ -224,13 +224,13 @@ def _write_pngs(
     so are ``replaced`` files past the batches' digits (a longer run's). With ``resume``, a file that already
     holds exactly the digit's bytes is kept as it is, and a complete file of other digits is refused
     (:func:`_refuse_other_digits`). If ``batches`` turn out not to hold the promised digits, or a file is refused,
-    the files this call created are removed (those it replaced, with the caller's permission, already hold their
-    digits).
+    the files this call created are removed; those it replaced, with the caller's permission, hold their digits,
+    and the error says how many.
     """
     stale: dict[int, list[Path]] = {}
     for path in replaced:
         stale.setdefault(_index(path), []).append(path)
-    kept, created, created_labels = 0, array.array("q"), bytearray()  # 9 bytes a file, for millions of files
+    kept, replaced, created, created_labels = 0, 0, array.array("q"), bytearray()  # 9 bytes a created file
     try:
         for batch in batches:
             for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
@@ -254,6 +254,8 @@ def _write_pngs(
                     if path not in earlier:
                         created.append(batch.start + offset)
                         created_labels.append(int(label))
+                    else:
+                        replaced += 1
                 for old in earlier:
                     if old != path:
                         old.unlink(missing_ok=True)
@@ -261,9 +263,14 @@ def _write_pngs(
         for past in stale.values():
             for path in past:
                 path.unlink(missing_ok=True)
-    except (InvalidRequestError, OtherRunError):
+    except (InvalidRequestError, OtherRunError) as exc:
         for index, label in zip(created, created_labels, strict=True):
             (out_dir / png_name(index, label)).unlink(missing_ok=True)
+        if (
+            replaced
+        ):  # with permission, and no longer there to put back: said, so that no one takes the folder as before
+            files = f"{replaced} file{'s' if replaced > 1 else ''}"
+            raise type(exc)(f"{exc}; the {files} it had replaced before that hold this request's digits") from exc
         raise
     return kept
 
@@ -452,24 +459,25 @@ def plan_output(
     """
     if fmt not in FORMATS:
         raise InvalidRequestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    total = check_int(total, "number of digits", maximum=MAX_INDEX + 1)
     for name, flag in (("overwrite", overwrite), ("resume", resume)):
         if not isinstance(flag, bool):  # "no" is truthy: a string here must not replace the user's files
             raise InvalidRequestError(f"{name} must be True or False, got {flag!r}")
     if not isinstance(shard, Shard):
         raise InvalidRequestError(f"shard must be a Shard(index, count), got {shard!r}")
     if overwrite and resume:
-        raise InvalidRequestError("--resume keeps what is complete and --overwrite replaces everything: give one")
+        raise InvalidRequestError("resume keeps what is complete and overwrite replaces everything: give one")
     if fmt == "mnist":
-        test_count = DEFAULT_TEST_COUNT if test_count is None else test_count
-        if isinstance(test_count, bool) or not isinstance(test_count, int) or test_count < 1:
-            raise InvalidRequestError(f"the test split needs at least one digit, got {test_count!r}")
+        test_count = DEFAULT_TEST_COUNT if test_count is None else check_int(test_count, "the test split's count")
         if shard.count > 1:
-            raise InvalidRequestError("--format mnist writes one dataset root and is not sharded; shard --format idx")
+            raise InvalidRequestError(
+                "the mnist format writes one dataset root and is not sharded; shard the idx format"
+            )
     elif test_count is not None:
-        raise InvalidRequestError("a test split (--test-count) is written by --format mnist only")
+        raise InvalidRequestError("a test split (--test-count, test_count) is written by the mnist format only")
     start, stop = shard.check(total).bounds(total)
     if fmt == "grid" and shard.count > 1:
-        raise InvalidRequestError("--format grid writes one contact sheet and is not sharded; shard png, npz or idx")
+        raise InvalidRequestError("the grid format writes one contact sheet and is not sharded; shard png, npz or idx")
     if fmt == "grid":
         check_grid_count(stop - start, "png, npz, idx or mnist")
     if fmt in ("idx", "mnist"):
@@ -481,7 +489,7 @@ def plan_output(
         for folder in (out_dir / MNIST_RAW).parent, out_dir / MNIST_RAW:
             if os.path.lexists(folder) and not folder.is_dir():
                 raise OutputError(
-                    f"{folder} is a file where --format mnist writes a folder; move it, or write elsewhere"
+                    f"{folder} is a file where the mnist format writes a folder; move it, or write elsewhere"
                 )
     if fmt == "png":  # a run writing these files now is refused here, before any progress
         refuse_if_indices_claimed(out_dir, *_png_indices(shard, total))

@@ -95,13 +95,13 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["--generator", "/nonexistent/g.onnx"], "model not found"),
         (["--out", "/proc/digitgen-cannot-write"], "cannot create output directory"),
         (["--num-shards", "3", "--shard-index", "3"], "shard index must be in 0..2"),
-        (["--shard-index", "1"], "shard index 1 needs a number of shards (--num-shards) above it"),
+        (["--shard-index", "1"], "shard index 1 needs a number of shards (--num-shards, Shard.count) above it"),
         (["--out", ""], "Invalid value for '--out': an empty path; name a file or folder (. for the current folder)"),
         (["--truncation", "0.05"], "0.05 is not in the range x>=0.1"),
         (["--seed", str(2**64)], "18446744073709551616 is not in the range 0<=x<=18446744073709551615"),
         (["-n", str(2**32), "--format", "idx"], "an IDX file holds at most 4,294,967,295 digits"),
         (["--format", "mnist", "--test-count", str(2**32)], "(its count is 32 bits), not 4,294,967,296"),
-        (["-n", "20", "--format", "grid", "--num-shards", "2"], "--format grid writes one contact sheet"),
+        (["-n", "20", "--format", "grid", "--num-shards", "2"], "the grid format writes one contact sheet"),
     ],
 )
 def test_bad_generate_input_is_one_clear_line(tmp_path: Path, tiny_onnx: Path, args: list[str], message: str) -> None:
@@ -238,7 +238,7 @@ def test_verify_without_a_model_names_it(tmp_path: Path) -> None:
     [
         (["--format", "grid"], "already exists; pass --overwrite"),
         (["--format", "grid", "--resume", "--overwrite"], "give one"),
-        (["--format", "png", "--test-count", "5"], "--format mnist only"),
+        (["--format", "png", "--test-count", "5"], "by the mnist format only"),
         (["--format", "mnist", "--num-shards", "2"], "not sharded"),
     ],
 )
@@ -268,7 +268,7 @@ def test_resume_reports_what_it_kept(tmp_path: Path, tiny_onnx: Path) -> None:
     assert code == 1 and output.strip() == (
         f"Error: {tmp_path / '00000000_label0.png'} holds other digits than this command makes (written with "
         "other options or another model); resume with the options of the run that wrote it, or pass --overwrite "
-        "to replace it"
+        "(overwrite=True) to replace it"
     )
 
 

@@ -48,8 +48,8 @@ def test_the_test_split_defaults_to_mnist_size(gen: DigitGenerator, tmp_path: Pa
 @pytest.mark.parametrize(
     ("fmt", "options", "message"),
     [
-        ("idx", {"test_count": 5}, "by --format mnist only"),
-        ("mnist", {"test_count": 0}, "at least one digit"),
+        ("idx", {"test_count": 5}, "by the mnist format only"),
+        ("mnist", {"test_count": 0}, "the test split's count must be an integer >= 1, got 0"),
         ("mnist", {"shard": Shard(0, 2)}, "not sharded"),
     ],
 )

@@ -24,6 +24,7 @@ from digitgen.runtime import (
     index_lock,
     write_digits,
 )
+from digitgen.runtime.encode import png_bytes
 from digitgen.runtime.files import (
     atomic_files,
     claim_temporary,
@@ -134,6 +135,21 @@ def test_png_writer_fed_the_wrong_digits_keeps_the_files_that_were_there(
     assert after == before
 
 
+def test_png_overwrite_fed_a_wrong_batch_says_how_many_files_it_had_replaced(
+    gen: DigitGenerator, tmp_path: Path
+) -> None:
+    """Replaced files cannot be put back: the error says they now hold this request's digits."""
+    generate_files(gen, tmp_path, N, seed=9)
+    with pytest.raises(InvalidRequestError) as refused:
+        write_digits(WRONG_ARRAYS["float images"](gen), tmp_path, "png", N, overwrite=True)
+    assert str(refused.value) == (
+        "a batch's images must be uint8 (N, 28, 28), got float32 (4, 28, 28); no new file was kept; "
+        "the 4 files it had replaced before that hold this request's digits"
+    )
+    (first,) = gen.iter_batches(4, seed=1, batch_size=4)
+    assert [path.read_bytes() for path in sorted(tmp_path.iterdir())[:4]] == [png_bytes(i) for i in first.images]
+
+
 def test_generate_files_writes_what_the_cli_writes(gen: DigitGenerator, tmp_path: Path, tiny_onnx: Path) -> None:
     generate_files(gen, tmp_path / "api", N, "npz", digits=[2, 5], seed=4, batch_size=5)
     args = ["generate", "--generator", tiny_onnx, "-n", N, "--digits", "2,5", "--seed", 4, "--format", "npz"]
@@ -160,7 +176,7 @@ def test_export_refuses_to_replace_a_file(tmp_path: Path, tiny_checkpoint: Path)
     out = tmp_path / "g.onnx"
     out.write_bytes(b"my model")
     code, output = _cli("export", "--checkpoint", tiny_checkpoint, "--out", out)
-    assert code == 1 and output.strip() == f"Error: {out} already exists; pass --overwrite to replace"
+    assert code == 1 and output.strip() == f"Error: {out} already exists; pass --overwrite (overwrite=True) to replace"
     assert out.read_bytes() == b"my model"
     code, output = _cli("export", "--checkpoint", tiny_checkpoint, "--out", out, "--overwrite")
     assert code == 0, output
@@ -172,7 +188,7 @@ def test_a_dangling_link_in_the_way_is_refused_like_a_file(gen: DigitGenerator, 
     """The link is the user's (it may name a file they mean to create elsewhere): replacing it needs --overwrite."""
     link = tmp_path / ("digits.npz" if fmt == "npz" else "00000000_label0.png")
     link.symlink_to(tmp_path / "nowhere")
-    with pytest.raises(OutputError, match=f"^{link} already exists; pass --overwrite to replace$"):
+    with pytest.raises(OutputError, match=f"^{link} already exists; pass --overwrite \\(overwrite=True\\) to replace$"):
         generate_files(gen, tmp_path, 3, fmt)
     assert link.is_symlink() and sorted(tmp_path.iterdir()) == [link]
 
@@ -207,7 +223,7 @@ def test_train_classifier_needs_an_out_and_refuses_to_replace_it(tmp_path: Path,
     out = tmp_path / "classifier.onnx"
     out.write_bytes(b"my classifier")
     code, output = _cli("train-classifier", "--data-dir", tiny_mnist, "--out", out)
-    assert code == 1 and output.strip() == f"Error: {out} already exists; pass --overwrite to replace"
+    assert code == 1 and output.strip() == f"Error: {out} already exists; pass --overwrite (overwrite=True) to replace"
     assert out.read_bytes() == b"my classifier"
 
 
@@ -567,7 +583,7 @@ def test_a_file_where_mnist_puts_its_folders_is_refused_before_any_progress(tmp_
     (tmp_path / file).write_text("mine")
     code, output = _cli("generate", "-n", 20, "--format", "mnist", "--test-count", 2, "--out", tmp_path)
     assert code == 1 and output == (
-        f"Error: {tmp_path / file} is a file where --format mnist writes a folder; move it, or write elsewhere\n"
+        f"Error: {tmp_path / file} is a file where the mnist format writes a folder; move it, or write elsewhere\n"
     )
     assert (tmp_path / file).read_text() == "mine"
 

@@ -165,6 +165,19 @@ def test_options_of_the_wrong_type_are_refused_before_any_file_is_touched(
     assert (tmp_path / NPZ_FILE).read_bytes() == b"mine"
 
 
+@pytest.mark.parametrize("total", [0, -3, "5", None, 2.5, True, 2**63 + 1])
+def test_a_total_that_is_not_a_count_of_digits_is_refused_in_words(tmp_path: Path, total: object) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        plan_output(tmp_path / "out", "npz", total)  # type: ignore[arg-type]
+    assert str(refused.value) == f"number of digits must be an integer from 1 to {2**63}, got {total!r}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_counts_may_be_numpy_integers(tmp_path: Path) -> None:
+    plan = plan_output(tmp_path, "mnist", np.int64(5), test_count=np.int64(3))
+    assert (plan.total, plan.test_count) == (5, 3) and type(plan.total) is int
+
+
 def test_existing_files_are_counted_in_the_refusal(tmp_path: Path) -> None:
     for index in range(3):
         (tmp_path / png_name(index, index)).write_bytes(b"mine")
@@ -174,5 +187,8 @@ def test_existing_files_are_counted_in_the_refusal(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match=f"^{tmp_path / png_name(0, 0)} \\(and 1 more\\) already exists; pass"):
         plan_output(tmp_path, "png", 3)
     (tmp_path / png_name(1, 1)).unlink()
-    with pytest.raises(OutputError, match=f"^{tmp_path / png_name(0, 0)} already exists; pass --overwrite to replace$"):
+    with pytest.raises(
+        OutputError,
+        match=f"^{tmp_path / png_name(0, 0)} already exists; pass --overwrite \\(overwrite=True\\) to replace$",
+    ):
         plan_output(tmp_path, "png", 3)
