@@ -92,6 +92,7 @@ class ServeSettings:
     access_log: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("max_count", "max_in_flight"):
             if getattr(self, name) < 1:
                 raise ServeConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -122,6 +123,25 @@ class ServeSettings:
                     f"{self.web_dir} holds no {missing[0]}, so it is not the built page; build it first "
                     "(cd web && npm ci && npm run build) and give web/dist"
                 )
+
+    def _check_types(self) -> None:
+        """Each setting of its own type (a string of origins would be read one letter at a time)."""
+        for name in ("max_count", "max_in_flight", "queue", "inline_digits", "cache_max_age", "batch_max_digits"):
+            _check_type(name, getattr(self, name), (int,), "an integer")
+        for name in ("time_limit", "batch_window_ms"):
+            _check_type(name, getattr(self, name), (int, float), "a number")
+        _check_type("access_log", self.access_log, (bool,), "True or False")
+        _check_type("web_dir", self.web_dir, (str, type(None)), "a folder's path (a str) or None")
+        origins = self.cors_origins
+        if not isinstance(origins, tuple) or not all(isinstance(origin, str) for origin in origins):
+            raise ServeConfigError(
+                f"cors_origins must be a tuple of origins, e.g. ('https://app.example',), got {origins!r}"
+            )
+
+
+def _check_type(name: str, value: object, kinds: tuple[type, ...], what: str) -> None:
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        raise ServeConfigError(f"{name} must be {what}, got {value!r}")
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -300,8 +320,8 @@ class _Service:
         except AbandonedError:
             self.metrics.abandoned.inc()
             return _error(499, "the client closed the connection before the response was ready")
-        except MemoryError as exc:  # the runtime's words where it knows the cause, as the CLI says them
-            return _error(422, f"not enough memory{f': {exc}' if str(exc) else ''}; ask for less")
+        except MemoryError:  # the CLI's words, less its advice on formats: a response holds every digit in memory
+            return _error(422, f"not enough memory: {request.count} digits do not fit in memory at once; ask for less")
         self.metrics.digits.inc(request.count)
         name = filename(request.fmt, request.digits[0])
         if name:
@@ -410,7 +430,11 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
     Run it with any ASGI server, or mount it in another app. The warm-up and the micro-batcher start with
     the app's lifespan, or with its first request where none runs (a mounted app).
     """
-    settings = settings or ServeSettings()
+    if not isinstance(generator, DigitGenerator):
+        raise ServeConfigError(f"create_app needs a DigitGenerator (DigitGenerator.from_path(...)), got {generator!r}")
+    settings = ServeSettings() if settings is None else settings
+    if not isinstance(settings, ServeSettings):
+        raise ServeConfigError(f"settings must be a ServeSettings, got {settings!r}")
     metrics = Metrics()
     service = _Service(generator, settings, metrics)
     app = FastAPI(

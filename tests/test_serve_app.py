@@ -61,6 +61,18 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
         ({"inline_digits": -1}, "inline_digits must be 0 or more, got -1"),
         ({"cache_max_age": -1}, "cache_max_age must be 0 or more, got -1"),
         ({"time_limit": 0}, "the time limit must be more than 0 s, got 0"),
+        (
+            {"cors_origins": "https://app.example"},
+            "cors_origins must be a tuple of origins, e.g. ('https://app.example',), got 'https://app.example'",
+        ),
+        ({"cors_origins": (1,)}, "cors_origins must be a tuple of origins, e.g. ('https://app.example',), got (1,)"),
+        ({"max_count": "10"}, "max_count must be an integer, got '10'"),
+        ({"max_count": None}, "max_count must be an integer, got None"),
+        ({"max_in_flight": 1.5}, "max_in_flight must be an integer, got 1.5"),
+        ({"queue": True}, "queue must be an integer, got True"),
+        ({"time_limit": "30"}, "time_limit must be a number, got '30'"),
+        ({"access_log": "no"}, "access_log must be True or False, got 'no'"),
+        ({"web_dir": 3}, "web_dir must be a folder's path (a str) or None, got 3"),
         *[
             (
                 {"cors_origins": ("https://app.example", origin)},
@@ -82,6 +94,23 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
 def test_settings_that_would_refuse_every_request_are_refused(setting: dict, words: str) -> None:
     with pytest.raises(ServeConfigError) as refused:
         ServeSettings(**setting)
+    assert str(refused.value) == words
+
+
+@pytest.mark.parametrize(
+    ("generator", "settings", "words"),
+    [
+        (None, None, "create_app needs a DigitGenerator (DigitGenerator.from_path(...)), got None"),
+        ("model.onnx", None, "create_app needs a DigitGenerator (DigitGenerator.from_path(...)), got 'model.onnx'"),
+        ("the generator", {"max_count": 5}, "settings must be a ServeSettings, got {'max_count': 5}"),
+    ],
+)
+def test_create_app_refuses_what_is_not_a_generator_or_settings(
+    generator: object, settings: object, words: str
+) -> None:
+    given = DigitGenerator.from_path(threads=1) if generator == "the generator" else generator
+    with pytest.raises(ServeConfigError) as refused:
+        create_app(given, settings)  # type: ignore[arg-type]
     assert str(refused.value) == words
 
 
@@ -348,8 +377,9 @@ def test_a_request_too_large_for_memory_is_refused_in_the_cli_words() -> None:
     app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False, max_count=10**13))
     (refused,) = _in_process(app, [("/generate?count=10000000000000&format=npz", {})])
     assert refused.status_code == 422
-    words = refused.json()["error"]
-    assert words.startswith("not enough memory: ") and words.endswith("; ask for less"), words
+    assert refused.json() == {
+        "error": "not enough memory: 10000000000000 digits do not fit in memory at once; ask for less"
+    }
 
 
 @pytest.mark.parametrize(
