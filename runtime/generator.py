@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +70,32 @@ def labels_for(digits: Sequence[int], start: int, stop: int) -> np.ndarray:
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """(B, 1, 28, 28) floats in [0, 1] -> (B, 28, 28) uint8."""
     return np.rint(np.clip(images[:, 0], 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def empty_digits(num: int) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays for ``num`` digits and their labels, to be filled; :class:`MemoryError` in words if they cannot be had
+    (address space is asked for, not memory touched: a count that can never be held stops here, at once)."""
+    try:
+        return np.empty((num, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8), np.empty(num, dtype=np.int64)
+    except (ValueError, MemoryError) as exc:  # numpy's ValueError: an array past its address space
+        raise MemoryError(f"{num} digits do not fit in memory at once") from exc
+
+
+def fill_digits(
+    batches: Iterable[GeneratedDigits],
+    images: np.ndarray,
+    labels: np.ndarray,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> GeneratedDigits:
+    """``batches`` copied into ``images`` and ``labels`` (from :func:`empty_digits`), in order; ``on_batch`` after each
+    batch (it may raise to stop)."""
+    filled = 0
+    for batch in batches:
+        n = len(batch.labels)
+        images[filled : filled + n], labels[filled : filled + n] = batch.images, batch.labels
+        filled += n
+        on_batch(n)
+    return GeneratedDigits(images, labels)
 
 
 def check_int(value: object, name: str, minimum: int = 1, maximum: int | None = None) -> int:
@@ -153,7 +179,8 @@ class DigitGenerator:
         """Validate requested classes; ``None`` means all classes in turn."""
         if digits is None:
             return list(range(self.num_classes))
-        if isinstance(digits, (str, bytes)) or not isinstance(digits, Iterable):
+        zero_dimensional = isinstance(digits, np.ndarray) and digits.ndim == 0  # iterable by type, not in fact
+        if isinstance(digits, (str, bytes)) or not isinstance(digits, Iterable) or zero_dimensional:
             raise InvalidRequestError(f"digits must be a list of classes, e.g. [3, 7], got {digits!r}")
         digits = list(digits)
         if not digits:
@@ -218,7 +245,9 @@ class DigitGenerator:
 
         ``truncation`` T redraws noise components beyond +-T (cleaner digits, less variety).
         """
-        request = self.check_request(num, digits, seed, batch_size, start, truncation)
+        return self._batches(self.check_request(num, digits, seed, batch_size, start, truncation))
+
+    def _batches(self, request: Request) -> Iterator[GeneratedDigits]:
         for lo in range(request.start, request.start + request.num, request.batch_size):
             hi = min(lo + request.batch_size, request.start + request.num)
             labels = labels_for(request.digits, lo, hi)
@@ -233,6 +262,11 @@ class DigitGenerator:
         batch_size: int = DEFAULT_BATCH_SIZE,
         truncation: float | None = None,
     ) -> GeneratedDigits:
-        """Generate ``num`` digits at once (use :meth:`iter_batches` for very large ``num``)."""
-        batches = list(self.iter_batches(num, digits, seed, batch_size, truncation=truncation))
-        return GeneratedDigits(np.concatenate([b.images for b in batches]), np.concatenate([b.labels for b in batches]))
+        """Generate ``num`` digits at once (use :meth:`iter_batches` for very large ``num``); :class:`MemoryError`
+        before any work if they cannot be held."""
+        batches = self.iter_batches(num, digits, seed, batch_size, truncation=truncation)
+        try:
+            images, labels = empty_digits(num)
+        except MemoryError as exc:
+            raise MemoryError(f"{exc}; make them batch by batch with iter_batches") from exc
+        return fill_digits(batches, images, labels)

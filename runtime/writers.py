@@ -35,7 +35,15 @@ from digitgen.runtime.files import (
     remove_leftover,
     temporary_name,
 )
-from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, MAX_INDEX, DigitGenerator, GeneratedDigits, check_int
+from digitgen.runtime.generator import (
+    DEFAULT_BATCH_SIZE,
+    MAX_INDEX,
+    DigitGenerator,
+    GeneratedDigits,
+    check_int,
+    empty_digits,
+    fill_digits,
+)
 from digitgen.runtime.idx import MNIST_FILES, MNIST_RAW, check_idx, check_idx_count, idx_header
 from digitgen.runtime.index_lock import claim_indices, refuse_if_indices_claimed
 from digitgen.runtime.shards import WHOLE, Shard, check_shard_sizes, concat_idx, concat_npz, find_shards
@@ -276,26 +284,17 @@ def _write_pngs(
 
 
 def _arrays_for(num: int) -> tuple[np.ndarray, np.ndarray]:
-    """Empty arrays for ``num`` digits and their labels; :class:`MemoryError` in words if they cannot be had."""
+    """:func:`empty_digits`, whose refusal names the formats that need no such arrays."""
     try:
-        return np.empty((num, 28, 28), dtype=np.uint8), np.empty(num, dtype=np.int64)
-    except (ValueError, MemoryError) as exc:
-        raise MemoryError(
-            f"{num} digits do not fit in memory at once (npz and grid hold every digit, png and idx stream them)"
-        ) from exc
+        return empty_digits(num)
+    except MemoryError as exc:
+        raise MemoryError(f"{exc} (npz and grid hold every digit, png and idx stream them)") from exc
 
 
 def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = lambda n: None) -> GeneratedDigits:
     """The ``num`` digits of ``batches`` in two arrays; ``on_batch`` after each batch (it may raise to stop).
-    :class:`MemoryError` if they cannot be held (numpy's ValueError for an array past its address space too)."""
-    images, labels = _arrays_for(num)
-    filled = 0
-    for batch in batches:
-        n = len(batch.labels)
-        images[filled : filled + n], labels[filled : filled + n] = batch.images, batch.labels
-        filled += n
-        on_batch(n)
-    return GeneratedDigits(images, labels)
+    :class:`MemoryError` if they cannot be held."""
+    return fill_digits(batches, *_arrays_for(num), on_batch)
 
 
 def _write_grid(

@@ -48,6 +48,26 @@ def test_generate_returns_uint8_images_and_cycling_labels(tiny: DigitGenerator) 
     assert out.labels.tolist() == [i % 10 for i in range(23)]
 
 
+def test_generate_refuses_a_count_it_cannot_hold_before_any_work(
+    tiny: DigitGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10**12 digits: 784 TB, past a 64-bit machine's address space; refused at once, not after filling memory."""
+    calls: list[int] = []
+    monkeypatch.setattr(tiny, "run", lambda z, labels: calls.append(len(z)))
+    with pytest.raises(MemoryError) as refused:
+        tiny.generate(10**12)
+    assert str(refused.value) == (
+        "1000000000000 digits do not fit in memory at once; make them batch by batch with iter_batches"
+    )
+    assert calls == []
+
+
+@pytest.mark.parametrize("num", [-1, 0, "5"])
+def test_iter_batches_refuses_a_bad_request_when_called_not_when_first_read(tiny: DigitGenerator, num: object) -> None:
+    with pytest.raises(InvalidRequestError, match="number of digits must be an integer >= 1"):
+        tiny.iter_batches(num)  # type: ignore[arg-type]
+
+
 def test_digit_list_is_repeated_to_n(tiny: DigitGenerator) -> None:
     assert tiny.generate(7, digits=[3, 0, 9]).labels.tolist() == [3, 0, 9, 3, 0, 9, 3]
 
@@ -88,6 +108,7 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
         ({"num": 5, "digits": []}, "^the list of digits is empty$"),
         ({"num": 5, "digits": 5}, r"digits must be a list of classes, e\.g\. \[3, 7\], got 5"),
         ({"num": 5, "digits": "37"}, "digits must be a list of classes"),
+        ({"num": 5, "digits": np.array(7)}, r"digits must be a list of classes, e\.g\. \[3, 7\], got array\(7\)"),
         ({"num": 5, "seed": -1}, "seed"),
         ({"num": 5, "seed": 2**64}, "seed must be an integer from 0 to 18446744073709551615"),
         ({"num": 5, "batch_size": 0}, "^batch size must be an integer >= 1, got 0$"),
