@@ -747,7 +747,7 @@ def export_classifier_cmd(weights: str, out: str, overwrite: bool) -> None:
 @main.command()
 @generator_option("ONNX generator (default: the shipped model).")
 @click.option("--classifier", type=GivenPath(dir_okay=False), help="Default: the shipped reference classifier.")
-@click.option("--num-samples", default=10_000, show_default=True, type=click.IntRange(min=100))
+@click.option("--num-samples", default=10_000, show_default=True, type=int, help="100 to 60,000.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=MAX_SEED))
 @data_dir_option
 @truncation_option
@@ -768,7 +768,7 @@ def evaluate(
     as_json: bool,
 ) -> None:
     """Score a generator against MNIST test: class accuracy, FID, precision, recall (and CAS)."""
-    from digitgen.runtime.evaluate import ReferenceClassifier, evaluation_work
+    from digitgen.runtime.evaluate import ReferenceClassifier, check_evaluation, evaluation_work
     from digitgen.runtime.evaluate import evaluate as run_evaluation
     from digitgen.runtime.idx import read_mnist_split
 
@@ -776,6 +776,7 @@ def evaluate(
         from digitgen.training.cas import cas_work, classification_accuracy_score
 
     gen = DigitGenerator.from_path(model, "cpu")
+    check_evaluation(gen, num_samples)
     reference = ReferenceClassifier(classifier)
     test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
     work = evaluation_work(len(test[0]), len(train[0]), num_samples)

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError
-from digitgen.runtime.generator import DigitGenerator, default_model_path
+from digitgen.runtime.generator import DigitGenerator, default_model_path, empty_digits, fill_digits
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
 
 K_NEAREST = 5
 MNIST_CLASSES = 10  # what the reference classifier tells apart
+MAX_SAMPLES = 60_000  # generated digits scored at most: as many as the real ones they are compared with
 Progress = Callable[[int], None]
 
 
@@ -207,8 +208,24 @@ def _worst(per_digit: list[float]) -> str:
 
 
 def evaluation_work(num_test: int, num_train: int, num_samples: int) -> int:
-    """Images :func:`evaluate` embeds (its ``progress`` total): test set, samples, real reference."""
-    return num_test + num_samples + min(num_samples, num_train)
+    """Images :func:`evaluate` makes or embeds (its ``progress`` total): test set, samples made and embedded, real
+    reference."""
+    return num_test + 2 * num_samples + min(num_samples, num_train)
+
+
+def check_evaluation(generator: DigitGenerator, num_samples: int) -> None:
+    """Refuse what :func:`evaluate` cannot score, before any work: a model of other classes than MNIST's, a number
+    of samples out of range."""
+    if generator.num_classes != MNIST_CLASSES:
+        raise InvalidRequestError(
+            f"{generator.path} has num_classes {generator.num_classes}; "
+            f"the evaluator scores MNIST's {MNIST_CLASSES} digits"
+        )
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 100 <= num_samples <= MAX_SAMPLES:
+        raise InvalidRequestError(
+            f"evaluation needs 100 to {MAX_SAMPLES} samples (as many as MNIST's training digits, the real sample "
+            f"they are compared with), got {num_samples!r}"
+        )
 
 
 def evaluate(
@@ -223,16 +240,11 @@ def evaluate(
     progress: Progress = lambda n: None,
 ) -> Evaluation:
     """Score ``num_samples`` generated digits (classes 0-9 in turn) and a real reference sample."""
-    if generator.num_classes != MNIST_CLASSES:
-        raise InvalidRequestError(
-            f"{generator.path} has num_classes {generator.num_classes}; "
-            f"the evaluator scores MNIST's {MNIST_CLASSES} digits"
-        )
-    if num_samples < 100:
-        raise InvalidRequestError(f"evaluation needs at least 100 samples, got {num_samples}")
+    check_evaluation(generator, num_samples)
+    batches = generator.iter_batches(num_samples, seed=seed, truncation=truncation)
+    fake = fill_digits(batches, *empty_digits(num_samples), progress)
     reference, _ = classifier.embed(test[0], progress=progress)
     reference_radii = knn_radii(reference)
-    fake = generator.generate(num_samples, seed=seed, truncation=truncation)
     fake_features, fake_predictions = classifier.embed(fake.images, progress=progress)
     pick = np.random.default_rng(seed).choice(len(train[0]), size=min(num_samples, len(train[0])), replace=False)
     real_features, real_predictions = classifier.embed(train[0][pick], progress=progress)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 DEFAULT_BATCH_SIZE = 256
+MAX_BATCH_SIZE = 8192  # digits in one model call; each takes about 0.36 MB while it runs (3 GB at the most)
 ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"  # digitgen/artifacts, installed or checked out
 
 
@@ -227,7 +228,7 @@ class DigitGenerator:
             num,
             tuple(self.check_digits(digits)),
             check_int(seed, "seed", minimum=0, maximum=MAX_SEED),
-            check_int(batch_size, "batch size"),
+            check_int(batch_size, "batch size", maximum=MAX_BATCH_SIZE),
             start,
             check_truncation(truncation),
         )

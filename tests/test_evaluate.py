@@ -85,6 +85,18 @@ def test_evaluate_without_data_is_a_clear_error(tiny_onnx: Path, tiny_classifier
     assert result.exit_code == 1 and "MNIST not found" in result.output
 
 
+@pytest.mark.parametrize("samples", ["99", "60001", "100000000"])
+def test_the_cli_refuses_a_number_of_samples_in_one_line_before_any_progress(
+    tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path, samples: str
+) -> None:
+    args = evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist)
+    result = CliRunner().invoke(main, [*args[:-1], samples])
+    assert result.exit_code == 1 and result.output == (
+        "Error: evaluation needs 100 to 60000 samples (as many as MNIST's training digits, the real sample they are "
+        f"compared with), got {samples}\n"
+    )
+
+
 def test_export_stores_evaluation_as_metadata(
     tmp_path: Path, tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path, tiny_checkpoint: Path
 ) -> None:
@@ -175,13 +187,18 @@ def test_evaluate_reports_progress_uses_its_seed_and_needs_100_samples(
     test, train = read_mnist_split(tiny_mnist, "t10k"), read_mnist_split(tiny_mnist, "train")
     done: list[int] = []
     first = evaluate(gen, reference, test, train, num_samples=100, seed=1, progress=done.append)
-    assert sum(done) == evaluation_work(len(test[0]), len(train[0]), 100) == 64 + 100 + 100
+    assert sum(done) == evaluation_work(len(test[0]), len(train[0]), 100) == 64 + 2 * 100 + 100
     again = evaluate(gen, reference, test, train, num_samples=100, seed=1)
     other = evaluate(gen, reference, test, train, num_samples=100, seed=2)
     assert first == again
     assert first.generated.fid != other.generated.fid and first.real.fid != other.real.fid
-    with pytest.raises(InvalidRequestError, match="evaluation needs at least 100 samples, got 99"):
-        evaluate(gen, reference, test, train, num_samples=99)
+    for wrong in 99, 60_001, 10**10, 100.0:
+        with pytest.raises(InvalidRequestError) as refused:
+            evaluate(gen, reference, test, train, num_samples=wrong)
+        assert str(refused.value) == (
+            "evaluation needs 100 to 60000 samples (as many as MNIST's training digits, the real sample they are "
+            f"compared with), got {wrong!r}"
+        )
 
 
 def test_a_model_of_other_than_ten_classes_is_refused_before_any_work(

@@ -111,7 +111,9 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
         ({"num": 5, "digits": np.array(7)}, r"digits must be a list of classes, e\.g\. \[3, 7\], got array\(7\)"),
         ({"num": 5, "seed": -1}, "seed"),
         ({"num": 5, "seed": 2**64}, "seed must be an integer from 0 to 18446744073709551615"),
-        ({"num": 5, "batch_size": 0}, "^batch size must be an integer >= 1, got 0$"),
+        ({"num": 5, "batch_size": 0}, "^batch size must be an integer from 1 to 8192, got 0$"),
+        # 36 TB of the model's working memory: refused, not left to the kernel's out-of-memory killer
+        ({"num": 5, "batch_size": 10**8}, "^batch size must be an integer from 1 to 8192, got 100000000$"),
         ({"num": 5, "truncation": 0}, "truncation must be a finite number >= 0.1, got 0"),
         ({"num": 5, "truncation": 0.099}, "truncation must be a finite number >= 0.1, got 0.099"),
         ({"num": 5, "truncation": -1.0}, "truncation must be a finite number >= 0.1"),
