@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from digitgen.cli import main
-from digitgen.runtime.idx import write_idx
+from digitgen.runtime.idx import read_idx, write_idx
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.classifier import Classifier, classifier_weights
 from tests.conftest import REPO
@@ -600,6 +600,18 @@ def test_a_run_records_its_images_and_resumes_only_on_them(finished_run: Path, t
         f"Error: the resumed run trained on 256 images and {bigger} holds 512; resume with the --data-dir it "
         "trained on",
     )
+    other = write_tiny_mnist(tmp_path / "other")  # as many images, one pixel changed
+    images_file = other / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images = read_idx(images_file)
+    images[100, 14, 14] ^= 0xFF
+    write_idx(images_file, images)
+    code, output = train(other, finished_run, "--resume", checkpoint, "--steps", 4)
+    assert (code, output.strip()) == (
+        1,
+        f"Error: the resumed run trained on other images than the 256 in {other} (their sha256 differs); resume "
+        "with the --data-dir it trained on",
+    )
+    assert train(write_tiny_mnist(tmp_path / "same"), finished_run, "--resume", checkpoint, "--steps", 4)[0] == 0
 
 
 @pytest.mark.parametrize(

@@ -134,6 +134,7 @@ class TrainConfig:
     seed: int = 0
     subset: int | None = None  # train on the first N images only (tests, quick experiments)
     train_images: int | None = None  # images the run trains on (after subset): recorded by the run, kept on resume
+    train_data_sha256: str | None = None  # of those images and their labels: recorded by the run, kept on resume
     checkpoint_every: int = 500
     log_every: int = 50
 

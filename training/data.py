@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 from pathlib import Path
 from typing import NamedTuple
@@ -26,6 +27,12 @@ __all__ = ["MNIST_FILES", "MnistTensors", "load_mnist"]
 class MnistTensors(NamedTuple):
     images: torch.Tensor  # (N, 28, 28) uint8
     labels: torch.Tensor  # (N,) int64
+
+    def sha256(self) -> str:
+        """A fingerprint of the images and their labels, in order: the same data gives the same one on any machine."""
+        digest = hashlib.sha256(self.images.cpu().numpy().tobytes())
+        digest.update(self.labels.cpu().numpy().astype("<i8").tobytes())
+        return digest.hexdigest()
 
 
 def _try_download(root: Path) -> str:

@@ -158,6 +158,20 @@ def remove_run_files(paths: tuple[Path, ...]) -> None:
             folder.rmdir()
 
 
+def _check_same_data(train: TrainConfig, images: int, digest: str, data_dir: str) -> None:
+    """A resumed run goes on with the images it trained on (as many, and the same: their fingerprint) or stops."""
+    if train.train_images is not None and train.train_images != images:
+        raise TrainingError(
+            f"the resumed run trained on {train.train_images} images and {data_dir} holds {images}; "
+            "resume with the --data-dir it trained on"
+        )
+    if train.train_data_sha256 is not None and train.train_data_sha256 != digest:
+        raise TrainingError(
+            f"the resumed run trained on other images than the {images} in {data_dir} (their sha256 differs); "
+            "resume with the --data-dir it trained on"
+        )
+
+
 def _check_resume_classifiers(options: RunOptions, state: TrainState) -> None:
     """``--label-classifier`` given with ``--resume`` must hold the weights the run keeps in its checkpoint,
     in the same order."""
@@ -307,13 +321,9 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
                 f"{options.data_dir}"
             )
         data = MnistTensors(data.images[: state.train.subset], data.labels[: state.train.subset])
-    recorded = state.train.train_images
-    if recorded is not None and recorded != len(data.images):
-        raise TrainingError(
-            f"the resumed run trained on {recorded} images and {options.data_dir} holds {len(data.images)}; "
-            "resume with the --data-dir it trained on"
-        )
-    state.train = replace(state.train, train_images=len(data.images))
+    digest = data.sha256()
+    _check_same_data(state.train, len(data.images), digest, options.data_dir)
+    state.train = replace(state.train, train_images=len(data.images), train_data_sha256=digest)
     global_batch = state.train.batch_size * ctx.world_size
     if global_batch > len(data.images):
         processes = f" ({ctx.world_size} processes x {state.train.batch_size})" if ctx.world_size > 1 else ""
