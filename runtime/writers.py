@@ -627,6 +627,11 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
     if not out_dir.is_dir():
         raise OutputError(f"{out_dir} is not a directory")
     targets = [out_dir / name for name in output_names(fmt)]
+    other = "npz" if fmt == "idx" else "idx"
+    if not any(out_dir.glob(f"{Path(output_names(fmt)[0]).stem}-*-of-*")) and any(
+        out_dir.glob(f"{Path(output_names(other)[0]).stem}-*-of-*")
+    ):
+        raise OutputError(f"{out_dir} holds {other} shards and no {fmt} ones: merge them as {other} (--format {other})")
     parts = [find_shards(out_dir, path.name) for path in targets]
     refuse_existing(targets, overwrite)
     if fmt == "npz":

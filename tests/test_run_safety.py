@@ -119,6 +119,15 @@ def test_resume_continues_the_run_in_place(finished_run: Path, tiny_mnist: Path)
     assert torch.load(finished_run / "checkpoint.pt", weights_only=True)["step"] == 4
 
 
+def test_resuming_from_a_file_that_is_no_checkpoint_says_so_first(finished_run: Path, tiny_mnist: Path) -> None:
+    """Not "the folder already holds a run": what is wrong is the file given to --resume."""
+    model = finished_run / "generator.onnx"
+    model.write_bytes(b"an ONNX file, say")
+    code, output = train(tiny_mnist, finished_run, "--resume", model, "--steps", 4)
+    assert code == 1 and "already holds a run" not in output and str(model) in output, output
+    assert len(output.strip().splitlines()) == 1
+
+
 def test_resume_and_overwrite_of_the_same_run_is_refused(finished_run: Path, tiny_mnist: Path) -> None:
     code, output = train(tiny_mnist, finished_run, "--resume", finished_run / "checkpoint.pt", "--overwrite")
     assert code == 1 and "give one" in output

@@ -129,6 +129,19 @@ def test_merge_with_no_shards_says_so_before_anything_about_existing_files(tmp_p
         merge_shards(tmp_path, "npz")
 
 
+@pytest.mark.parametrize(("written", "merged"), [("npz", "idx"), ("idx", "npz")])
+def test_merge_of_the_other_format_names_the_format_the_folder_holds(
+    gen: DigitGenerator, tmp_path: Path, written: str, merged: str
+) -> None:
+    for i in range(K):
+        _write(gen, tmp_path, written, Shard(i, K))
+    with pytest.raises(OutputError) as refused:
+        merge_shards(tmp_path, merged)
+    assert str(refused.value) == (
+        f"{tmp_path} holds {written} shards and no {merged} ones: merge them as {written} (--format {written})"
+    )
+
+
 def test_merge_refuses_image_and_label_shards_of_different_sizes(gen: DigitGenerator, tmp_path: Path) -> None:
     """Three image shards of 47 digits (15, 16, 16) beside three label shards of 50 (16, 17, 17)."""
     for i in range(K):

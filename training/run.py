@@ -126,8 +126,6 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
     for parent in run_dir.parents:  # found here on every process, not when the first one saves a file
         if parent.exists() and not parent.is_dir():
             raise RunDirectoryError(f"--out {run_dir} lies under {parent}, which is a file")
-    if options.resume is not None and not Path(options.resume).is_file():
-        raise CheckpointError(f"checkpoint not found: {options.resume}")
     refuse_if_training(run_dir)
     existing = earlier_run_files(run_dir) if run_dir.is_dir() else ()
     own_checkpoint = run_dir / CHECKPOINT_NAME
@@ -301,9 +299,10 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
     """
     if options.steps is not None and options.epochs is not None:
         raise TrainingError("give --steps or --epochs, not both")
-    classifiers = () if options.resume else label_classifiers(options)
-    replaced = claim_run_dir(options)
-    if options.resume:
+    classifiers = () if options.resume is not None else label_classifiers(options)
+    if options.resume is not None:  # first: the run directory's refusals take the file for a checkpoint
+        if not Path(options.resume).is_file():
+            raise CheckpointError(f"checkpoint not found: {options.resume}")
         state = state_from_checkpoint(options.resume, device, ctx.rank)
         _check_resume_options(options, state)
         _check_resume_classifiers(options, state)
@@ -311,6 +310,7 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
             state.train = replace(state.train, checkpoint_every=options.checkpoint_every)
     else:
         state = _new_state(options, device, ctx.rank, classifiers)
+    replaced = claim_run_dir(options)
     check_precision(state.train, device)
     data = load_mnist_once(options.data_dir, options.download, ctx, device)
     check_labels(data, state.config.num_classes, f"the training split in {options.data_dir}")
