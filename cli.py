@@ -330,7 +330,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     "--lr-decay-epochs",
     type=FiniteFloat(min=0),
     help="Lower the learning rate linearly to zero over the run's last N epochs [default: no decay; on --resume "
-    "the run's own, cut to a shorter --steps or --epochs].",
+    "the run's own, which a shorter --steps or --epochs must not cut].",
 )
 def train(
     data_dir: str,

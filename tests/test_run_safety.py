@@ -128,6 +128,25 @@ def test_resuming_from_a_file_that_is_no_checkpoint_says_so_first(finished_run: 
     assert len(output.strip().splitlines()) == 1
 
 
+def test_a_resume_shorter_than_the_runs_decay_is_refused_unless_given_one_that_fits(
+    finished_run: Path, tiny_mnist: Path, tmp_path: Path
+) -> None:
+    """The decay is part of the recipe: a shorter resumed run does not cut it (the learning rate would jump)."""
+    payload = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    payload["train"].update(total_steps=40, lr_decay_steps=32)  # at step 2 of 40, decaying over the last 32
+    torch.save(payload, tmp_path / "mid-run.pt")
+    resume = ("--resume", tmp_path / "mid-run.pt")
+    code, output = train(tiny_mnist, tmp_path / "cut", *resume, "--steps", 10)
+    assert (code, output.strip()) == (
+        1,
+        "Error: the resumed run's learning-rate decay (32 steps) is longer than the 10 steps asked for; give more "
+        "steps, or a shorter decay with --lr-decay-epochs",
+    )
+    code, output = train(tiny_mnist, tmp_path / "shorter", *resume, "--steps", 10, "--lr-decay-epochs", 0.5)
+    assert code == 0 and "falling to 0 over the last 8 steps" in output, output
+    assert torch.load(tmp_path / "shorter" / "checkpoint.pt", weights_only=True)["train"]["lr_decay_steps"] == 8
+
+
 def test_resume_and_overwrite_of_the_same_run_is_refused(finished_run: Path, tiny_mnist: Path) -> None:
     code, output = train(tiny_mnist, finished_run, "--resume", finished_run / "checkpoint.pt", "--overwrite")
     assert code == 1 and "give one" in output

@@ -339,6 +339,12 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
                 f"the resumed run is at step {state.step}, past the {total} steps asked for; "
                 "give --steps or --epochs beyond it"
             )
+        if options.lr_decay_epochs is None and state.train.lr_decay_steps > total:  # the run's own decay, kept whole
+            raise TrainingError(
+                f"the resumed run's learning-rate decay ({state.train.lr_decay_steps} steps) is longer than the "
+                f"{total} steps asked for; give more steps, or a shorter decay with --lr-decay-epochs"
+            )
+        # within the new total until a given --lr-decay-epochs replaces it below (kept whole otherwise: checked above)
         state.train = replace(state.train, total_steps=total, lr_decay_steps=min(state.train.lr_decay_steps, total))
     if options.lr_decay_epochs is not None:
         steps = options.lr_decay_epochs * per_epoch
