@@ -21,6 +21,9 @@ class Progress(Protocol):
 def _clock_time(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
+    if hours >= 48:  # a clock of thousands of hours reads as noise
+        days = hours // 24
+        return f"{days:,} days" if days < 36_500 else "more than a century"
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 

@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from digitgen.runtime.progress import LogProgress, progress
+from digitgen.runtime.progress import LogProgress, _clock_time, progress
 
 
 class Clock:
@@ -111,3 +112,12 @@ def test_generate_with_stderr_closed_writes_its_files(tmp_path) -> None:
     )
     assert subprocess.run(["bash", "-c", command], check=False).returncode == 0
     assert np.load(out / "digits.npz")["images"].shape == (300, 28, 28)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(59, "0:59"), (3600, "1:00:00"), (47 * 3600 + 59 * 60 + 59, "47:59:59"), (48 * 3600, "2 days"),
+     (10**9, "11,574 days"), (6.5e19, "more than a century")],
+)  # fmt: skip
+def test_time_left_reads_as_a_clock_then_in_days(seconds: float, shown: str) -> None:
+    assert _clock_time(seconds) == shown
