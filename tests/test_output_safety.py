@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -520,6 +522,70 @@ def test_png_shards_write_side_by_side_and_only_other_indices(gen: DigitGenerato
         assert (out / index_lock.LOCK_FILE).exists()
     generate_files(gen, out, N, seed=3, shard=Shard(0, 2))
     assert _folder(out) == _folder(whole)  # the lock file gone with the last run
+
+
+@needs_locks
+def test_a_run_claims_exactly_its_own_indices(gen: DigitGenerator, tmp_path: Path) -> None:
+    """Shard 1 of 3 (digits 4-7) writes beside a run holding shard 2 (8-11); a whole run does not, even beside a
+    run holding only the last indices."""
+    with index_lock.claim_indices(tmp_path, *Shard(2, 3).bounds(N)):
+        generate_files(gen, tmp_path, N, shard=Shard(1, 3))
+    assert sorted(path.name for path in tmp_path.iterdir()) == [png_name(i, i % 10) for i in range(4, 8)]
+    with index_lock.claim_indices(tmp_path, *Shard(1, 2).bounds(N)), pytest.raises(OutputError, match="same indices"):
+        generate_files(gen, tmp_path, N, overwrite=True)
+
+
+ANOTHER_PROCESS_HOLDS_8_TO_11 = """
+import sys
+from pathlib import Path
+from digitgen.runtime.index_lock import claim_indices
+with claim_indices(Path(sys.argv[1]), 8, 12):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@needs_locks
+def test_the_posix_record_locks_used_where_linux_locks_are_missing_exclude_other_processes(
+    gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", ANOTHER_PROCESS_HOLDS_8_TO_11, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        monkeypatch.setattr(index_lock, "_OFD_SETLK", None)  # fcntl.lockf: locks of this process, as on macOS
+        with pytest.raises(OutputError, match="same indices"):
+            generate_files(gen, tmp_path, N, shard=Shard(2, 3))
+        generate_files(gen, tmp_path, N, shard=Shard(1, 3))  # 4-7: beside the other process's 8-11
+    finally:
+        holder.communicate(b"", timeout=30)
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == [png_name(i, i % 10) for i in range(4, 8)]
+
+
+@needs_locks
+def test_a_lock_file_that_cannot_be_made_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*args: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(index_lock.os, "open", refused)
+    with pytest.raises(OutputError) as error, index_lock.claim_indices(tmp_path, 0, None):
+        pass
+    assert str(error.value) == f"cannot write {tmp_path / index_lock.LOCK_FILE}: Permission denied"
+
+
+@needs_locks
+def test_a_lock_file_removed_before_it_was_locked_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run that let go last removed the file between this one opening and locking it: open it again."""
+    looks = iter([False, True])
+    monkeypatch.setattr(index_lock, "still_named", lambda fd, path: next(looks))
+    with index_lock.claim_indices(tmp_path, 0, None):
+        assert (tmp_path / index_lock.LOCK_FILE).exists()
+    assert list(looks) == [] and not (tmp_path / index_lock.LOCK_FILE).exists()
 
 
 @needs_locks
