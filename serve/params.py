@@ -99,17 +99,19 @@ def _number(text: str | None) -> float | str | None:
     return float(text) if text is not None and _DECIMAL.fullmatch(text) else text
 
 
-def _ranges(accept: str) -> list[tuple[str, float]]:
-    """The media ranges of an ``Accept`` header with their q-values, in order; a range with an unreadable
-    q-value is dropped."""
-    ranges = []
+def _ranges(accept: str) -> tuple[list[tuple[str, float]], list[str]]:
+    """The media ranges of an ``Accept`` header with their q-values, in order, and the ranges left out for a
+    q-value that cannot be read."""
+    ranges, unread = [], []
     for item in accept.split(","):
         media, *options = (part.strip() for part in item.split(";"))
         parameters = (option.partition("=") for option in options)
         qvalues = [value.strip() for name, _, value in parameters if name.strip().lower() == "q"]
-        if media and all(_QVALUE.fullmatch(q) for q in qvalues):
+        if not all(_QVALUE.fullmatch(q) for q in qvalues):
+            unread.append(item.strip())
+        elif media:
             ranges.append((media.lower(), float(qvalues[-1]) if qvalues else 1.0))
-    return ranges
+    return ranges, unread
 
 
 def _specificity(media_range: str, media_type: str) -> int:
@@ -142,7 +144,7 @@ def choose_format(fmt: str | None, accept: str | None, count: int) -> str:
     if not accept or accept.strip() in ("", "*/*", "*"):  # no header, or curl's and httpx's: any type
         return fmt or default
     candidates = [fmt] if fmt is not None else [default, *(f for f in MEDIA_TYPES if f not in ("png", "grid"))]
-    ranges = _ranges(accept)
+    ranges, unread = _ranges(accept)
     ranked = []
     for order, candidate in enumerate(candidates):
         quality, position = _preference(ranges, MEDIA_TYPES[candidate])
@@ -151,7 +153,8 @@ def choose_format(fmt: str | None, accept: str | None, count: int) -> str:
     if ranked:
         return min(ranked)[-1]
     offered = ", ".join(sorted({MEDIA_TYPES[c] for c in candidates}))
-    raise NotAcceptableError(f"cannot answer Accept: {accept!r}; this request can send {offered}")
+    left_out = f" (left out, their q-value unreadable: {'; '.join(map(repr, unread))})" if unread else ""
+    raise NotAcceptableError(f"cannot answer Accept: {accept!r}{left_out}; this request can send {offered}")
 
 
 def parse_request(

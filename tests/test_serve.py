@@ -449,6 +449,15 @@ def test_not_acceptable_names_what_the_request_can_send() -> None:
     )
 
 
+def test_not_acceptable_names_the_ranges_it_could_not_read() -> None:
+    with pytest.raises(NotAcceptableError) as refused:
+        choose_format("png", "text/html, */*;q=0.2.5, image/*; q=high", 1)
+    assert str(refused.value) == (
+        "cannot answer Accept: 'text/html, */*;q=0.2.5, image/*; q=high' (left out, their q-value unreadable: "
+        "'*/*;q=0.2.5'; 'image/*; q=high'); this request can send image/png"
+    )
+
+
 def test_if_none_match_lists_and_weak_tags() -> None:
     assert not_modified('"a", "b"', '"a"') and not_modified('"b",W/"a"', '"a"') and not_modified("*", '"a"')
     assert not not_modified('"b", "c"', '"a"') and not not_modified("", '"a"') and not not_modified(None, '"a"')
