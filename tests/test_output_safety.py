@@ -538,8 +538,9 @@ def test_a_run_claims_exactly_its_own_indices(gen: DigitGenerator, tmp_path: Pat
 ANOTHER_PROCESS_HOLDS_8_TO_11 = """
 import sys
 from pathlib import Path
-from digitgen.runtime.index_lock import claim_indices
-with claim_indices(Path(sys.argv[1]), 8, 12):
+from digitgen.runtime import index_lock
+index_lock._OFD_SETLK = None  # fcntl.lockf, as on macOS
+with index_lock.claim_indices(Path(sys.argv[1]), 8, 12):
     print("held", flush=True)
     sys.stdin.read()
 """
