@@ -19,7 +19,7 @@ import sys
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,7 +238,7 @@ def _write_pngs(
     stale: dict[int, list[Path]] = {}
     for path in replaced:
         stale.setdefault(_index(path), []).append(path)
-    kept, replaced, created, created_labels = 0, 0, array.array("q"), bytearray()  # 9 bytes a created file
+    kept, overwritten, created, created_labels = 0, 0, array.array("q"), bytearray()  # 9 bytes a created file
     try:
         for batch in batches:
             for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
@@ -263,7 +263,7 @@ def _write_pngs(
                         created.append(batch.start + offset)
                         created_labels.append(int(label))
                     else:
-                        replaced += 1
+                        overwritten += 1
                 for old in earlier:
                     if old != path:
                         old.unlink(missing_ok=True)
@@ -274,10 +274,8 @@ def _write_pngs(
     except (InvalidRequestError, OtherRunError) as exc:
         for index, label in zip(created, created_labels, strict=True):
             (out_dir / png_name(index, label)).unlink(missing_ok=True)
-        if (
-            replaced
-        ):  # with permission, and no longer there to put back: said, so that no one takes the folder as before
-            files = f"{replaced} file{'s' if replaced > 1 else ''}"
+        if overwritten:  # with permission, and not to be put back: said, so that no one takes the folder as it was
+            files = f"{overwritten} file{'s' if overwritten > 1 else ''}"
             raise type(exc)(f"{exc}; the {files} it had replaced before that hold this request's digits") from exc
         raise
     return kept
@@ -389,14 +387,15 @@ class OutputPlan:
 
     def write(self, batches: Iterable[GeneratedDigits], on_batch: OnBatch = lambda n: None) -> WrittenFiles:
         """Write the digits ``start .. start+count-1``, streamed from ``batches`` in order."""
-        if self.fmt == "png":
-            with claim_indices(self.out_dir, *_png_indices(self.shard, self.total)):
-                self._remove_leftovers()
-                batches = _checked(batches, self.start, self.start + self.count)
+        png = self.fmt == "png"
+        with claim_indices(self.out_dir, *_png_indices(self.shard, self.total)) if png else nullcontext():
+            if self.resume and self.out_dir.is_dir():
+                for tmp in leftover_temporaries(self.out_dir, self.fmt, self.shard, self.total):
+                    remove_leftover(tmp)
+            batches = _checked(batches, self.start, self.start + self.count)
+            if png:
                 kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, on_batch)
-            return WrittenFiles([self.out_dir], kept, self.count)
-        self._remove_leftovers()
-        batches = _checked(batches, self.start, self.start + self.count)
+                return WrittenFiles([self.out_dir], kept, self.count)
         paths = [self.out_dir / name for name in output_names(self.fmt, self.shard)]
         before = {path: path.lstat() for path in self.existing}  # a dangling link is an existing file too
         if self.fmt == "mnist":
@@ -406,12 +405,6 @@ class OutputPlan:
             writer = {"grid": _write_grid, "npz": _write_npz, "idx": _write_idx}[self.fmt]
             writer(batches, paths, self.count, self.resume, on_batch)
         return WrittenFiles(paths, sum(_unchanged(path, stat) for path, stat in before.items()), len(paths))
-
-    def _remove_leftovers(self) -> None:
-        """On resume, remove the temporary files a killed run left of this request's outputs."""
-        if self.resume and self.out_dir.is_dir():
-            for tmp in leftover_temporaries(self.out_dir, self.fmt, self.shard, self.total):
-                remove_leftover(tmp)
 
 
 @contextmanager
