@@ -13,8 +13,10 @@ from click.testing import CliRunner
 
 from digitgen.cli import main
 from digitgen.runtime.idx import read_idx, write_idx
+from digitgen.training import run_lock
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.classifier import Classifier, classifier_weights
+from digitgen.training.run_lock import RunLock, refuse_if_training
 from tests.conftest import REPO
 from tests.helpers import run_metrics, write_tiny_mnist
 
@@ -692,3 +694,27 @@ def test_the_run_directory_is_claimed_while_training_and_let_go_after(
     monkeypatch.undo()
     code, output = train(tiny_mnist, tmp_path / "run", "--resume", tmp_path / "run" / "checkpoint.pt", "--steps", 3)
     assert code == 0, output
+
+
+@needs_flock
+def test_a_look_at_a_run_directory_does_not_refuse_another_look(tmp_path: Path) -> None:
+    """Every process of a torchrun looks at once: shared locks, which only a training run's lock refuses."""
+    looking = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(looking, fcntl.LOCK_SH)
+        refuse_if_training(tmp_path)
+    finally:
+        os.close(looking)
+
+
+def test_a_run_lock_lets_go_once_however_often_released_and_is_none_without_flock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = RunLock(tmp_path)
+    lock.release()
+    lock.release()
+    RunLock(tmp_path).release()  # the folder is free again
+    monkeypatch.setattr(run_lock, "fcntl", None)  # Windows
+    unlocked = RunLock(tmp_path)
+    unlocked.release()
+    unlocked.release()
