@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError
-from digitgen.runtime.generator import DigitGenerator, default_model_path, empty_digits, fill_digits
+from digitgen.runtime.generator import DigitGenerator, check_int, default_model_path, empty_digits, fill_digits
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
 
 K_NEAREST = 5
@@ -221,11 +221,13 @@ def check_evaluation(generator: DigitGenerator, num_samples: int) -> None:
             f"{generator.path} has num_classes {generator.num_classes}; "
             f"the evaluator scores MNIST's {MNIST_CLASSES} digits"
         )
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 100 <= num_samples <= MAX_SAMPLES:
+    try:
+        check_int(num_samples, "num_samples", 100, MAX_SAMPLES)
+    except InvalidRequestError:
         raise InvalidRequestError(
             f"evaluation needs 100 to {MAX_SAMPLES} samples (as many as MNIST's training digits, the real sample "
             f"they are compared with), got {num_samples!r}"
-        )
+        ) from None
 
 
 def evaluate(

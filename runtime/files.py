@@ -27,31 +27,48 @@ def temporary_name(path: Path) -> Path:
 _OPEN_TO_WRITE = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0)
 
 
-def _lock(fd: int, tmp: Path, *, shared: bool = False) -> None:
-    """Lock ``fd`` (open on ``tmp``) for this process, or refuse: another process is writing ``tmp`` now."""
+def locking_available() -> bool:
+    """Whether this system has the ``flock`` locks the claims here use (Windows has not: nothing is locked)."""
+    return fcntl is not None
+
+
+def try_flock(fd: int, *, shared: bool = False) -> bool:
+    """Lock ``fd`` for this process without waiting; ``False`` if another process holds a lock that excludes
+    this one (``True`` where there are no locks)."""
     if fcntl is None:
-        return
+        return True
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
-        path = tmp.with_name(tmp.name.removeprefix(".").removesuffix(".part"))
-        raise OutputError(
-            f"another process is writing {path} now (its temporary file {tmp.name} is in use); "
-            "let it finish, or write elsewhere"
-        ) from None
+        return False
+    return True
+
+
+def held_elsewhere(path: Path) -> bool:
+    """Whether another process holds ``path`` under an exclusive lock now. The look takes a shared lock, so that
+    processes looking at once do not see each other; a path this process cannot open is not held."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return not try_flock(fd, shared=True)
+    finally:
+        os.close(fd)
+
+
+def _written_elsewhere(tmp: Path) -> OutputError:
+    path = tmp.with_name(tmp.name.removeprefix(".").removesuffix(".part"))
+    return OutputError(
+        f"another process is writing {path} now (its temporary file {tmp.name} is in use); "
+        "let it finish, or write elsewhere"
+    )
 
 
 def refuse_if_claimed(tmp: Path) -> None:
-    """Refuse now, before any work, if another process holds ``tmp`` (see :func:`claim_temporary`); a shared
-    lock for the look, so that two runs looking at once do not refuse each other."""
-    try:
-        fd = os.open(tmp, os.O_RDONLY)
-    except OSError:  # none there (or none this process could lock): the claim itself decides later
-        return
-    try:
-        _lock(fd, tmp, shared=True)
-    finally:
-        os.close(fd)
+    """Refuse now, before any work, if another process holds ``tmp`` (see :func:`claim_temporary`)."""
+    if held_elsewhere(tmp):
+        raise _written_elsewhere(tmp)
 
 
 def still_named(fd: int, path: Path) -> bool:
@@ -73,7 +90,8 @@ def claim_temporary(tmp: Path) -> int:
     while True:
         fd = os.open(tmp, _OPEN_TO_WRITE, 0o666)
         try:
-            _lock(fd, tmp)
+            if not try_flock(fd):
+                raise _written_elsewhere(tmp)
             current = still_named(fd, tmp)
             if current and os.fstat(fd).st_size:  # a killed run's leftover (truncating an empty file costs as much)
                 os.ftruncate(fd, 0)

@@ -699,14 +699,14 @@ def test_a_claim_that_loses_the_name_to_the_run_publishing_it_opens_the_name_aga
     output: the lock then holds a published file, which this run must not truncate or write."""
     out, tmp = tmp_path / "digits.npz", temporary_name(tmp_path / "digits.npz")
     tmp.write_bytes(b"the other run's digits")
-    real_lock = files._lock
+    real_lock = files.try_flock
 
-    def publish_in_between(fd: int, path: Path, **how: bool) -> None:
+    def publish_in_between(fd: int, **how: bool) -> bool:
         if tmp.exists() and not out.exists():
             os.replace(tmp, out)
-        real_lock(fd, path, **how)
+        return real_lock(fd, **how)
 
-    monkeypatch.setattr(files, "_lock", publish_in_between)
+    monkeypatch.setattr(files, "try_flock", publish_in_between)
     fd = claim_temporary(tmp)
     os.write(fd, b"mine")
     os.close(fd)

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from digitgen.cli import main
+from digitgen.runtime import files
 from digitgen.runtime.idx import read_idx, write_idx
-from digitgen.training import run_lock
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.classifier import Classifier, classifier_weights
 from digitgen.training.run_lock import RunLock, refuse_if_training
@@ -714,7 +714,7 @@ def test_a_run_lock_lets_go_once_however_often_released_and_is_none_without_floc
     lock.release()
     lock.release()
     RunLock(tmp_path).release()  # the folder is free again
-    monkeypatch.setattr(run_lock, "fcntl", None)  # Windows
+    monkeypatch.setattr(files, "fcntl", None)  # Windows
     unlocked = RunLock(tmp_path)
     unlocked.release()
     unlocked.release()

@@ -5,12 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from digitgen.runtime.files import held_elsewhere, locking_available, try_flock
 from digitgen.training.errors import RunDirectoryError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no lock, as for the runtime's temporary files
-    fcntl = None
 
 
 class RunLock:
@@ -19,20 +15,15 @@ class RunLock:
     than interleaved with it, and its ``--overwrite`` cannot delete a live run's files. The lock goes with the
     process however it ends; :meth:`release` lets it go sooner."""
 
-    def __init__(self, run_dir: Path, *, shared: bool = False) -> None:
-        """Lock ``run_dir`` (it must exist); :class:`RunDirectoryError` if another process trains there now. A
-        ``shared`` lock only looks: runs looking at once do not refuse each other."""
+    def __init__(self, run_dir: Path) -> None:
+        """Lock ``run_dir`` (it must exist); :class:`RunDirectoryError` if another process trains there now."""
         self._fd: int | None = None
-        if fcntl is None:
+        if not locking_available():
             return
         fd = os.open(run_dir, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_flock(fd):
             os.close(fd)
-            raise RunDirectoryError(
-                f"another run is training in {run_dir} now; let it finish (or stop it), or give another --out"
-            ) from None
+            raise _training_in(run_dir)
         self._fd = fd
 
     def release(self) -> None:
@@ -42,6 +33,13 @@ class RunLock:
 
 
 def refuse_if_training(run_dir: Path) -> None:
-    """Refuse now, before any other check of ``run_dir`` speaks of its files, if a process trains there."""
-    if run_dir.is_dir():
-        RunLock(run_dir, shared=True).release()
+    """Refuse now, before any other check of ``run_dir`` speaks of its files, if a process trains there (a look
+    that other processes looking at once do not see: every process of a torchrun looks)."""
+    if held_elsewhere(run_dir):
+        raise _training_in(run_dir)
+
+
+def _training_in(run_dir: Path) -> RunDirectoryError:
+    return RunDirectoryError(
+        f"another run is training in {run_dir} now; let it finish (or stop it), or give another --out"
+    )
