@@ -491,7 +491,8 @@ def plan_output(
     existing = existing_outputs(out_dir, fmt, shard, total)
     if not resume:
         refuse_existing(existing, overwrite)
-        if overwrite and fmt == "png":  # a longer run's digits: replaced too, so the folder ends as this run's
+        if overwrite and fmt == "png" and shard.count == 1:
+            # a longer run's digits go too, so that the folder ends as this run's (a shard removes only its own)
             existing += pngs_in_range(out_dir, total, sys.maxsize)
     elif fmt == "png":
         _refuse_a_longer_run(out_dir, total)

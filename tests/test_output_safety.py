@@ -169,6 +169,12 @@ def test_png_overwrite_replaces_an_index_whatever_its_label(gen: DigitGenerator,
     assert names == sorted([png_name(0, 0), png_name(1, 1), png_name(2, 2), "notes.txt"])
 
 
+def test_a_shard_overwriting_removes_no_digit_outside_its_shard(gen: DigitGenerator, tmp_path: Path) -> None:
+    generate_files(gen, tmp_path, 8, shard=Shard(1, 2))  # digits 4-7 of an 8-digit run, another job's
+    generate_files(gen, tmp_path, 4, shard=Shard(0, 2), overwrite=True)  # digits 0-1 of a 4-digit run
+    assert sorted(p.name for p in tmp_path.iterdir()) == [png_name(i, i) for i in (0, 1, 4, 5, 6, 7)]
+
+
 def _cli(*args: object) -> tuple[int, str]:
     result = CliRunner().invoke(main, [str(a) for a in args])
     return result.exit_code, result.output
