@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from digitgen.runtime.generator import DigitGenerator
-from digitgen.runtime.signals import handling
+from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
 from digitgen.serve.app import ServeConfigError, ServeSettings, create_app
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
@@ -126,8 +126,13 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 @contextmanager
 def _exit_zero_on_signals() -> Iterator[None]:
     """uvicorn stops on SIGINT/SIGTERM, then raises the signal again for the handler it found; this
-    handler ignores that, so a graceful stop ends the process with status 0."""
-    with handling((signal.SIGINT, signal.SIGTERM), lambda signum, frame: None):
+    handler ignores that, so a graceful stop ends the process with status 0. SIGHUP (a closed terminal)
+    stops a server as SIGTERM does; with several workers uvicorn's supervisor takes it over, to restart them."""
+    hangup = [sig for sig in TERMINATING_SIGNALS if sig != signal.SIGTERM]
+    with (
+        handling((signal.SIGINT, signal.SIGTERM), lambda signum, frame: None),
+        handling(hangup, lambda signum, frame: signal.raise_signal(signal.SIGTERM)),
+    ):
         yield
 
 

@@ -792,28 +792,30 @@ def test_mounted_in_another_app_it_serves_and_shuts_down_cleanly(server: Server,
     assert ("digitgen app stopped" in log) == (parent == "own-lifespan"), log
 
 
-def _sigterm_during(server: Server, query: str) -> httpx.Response:
-    """SIGTERM to ``server`` once it has admitted ``query``; the response, after the server exited 0."""
+def _sigterm_during(server: Server, query: str, signum: int = signal.SIGTERM) -> httpx.Response:
+    """``signum`` to ``server`` once it has admitted ``query``; the response, after the server exited 0."""
     with ThreadPoolExecutor(1) as pool:
         large = pool.submit(server.get, query)
         deadline = time.monotonic() + 30
         while server.metric("digitgen_requests_admitted") < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        server.process.send_signal(signal.SIGTERM)
+        server.process.send_signal(signum)
         response = large.result()
     assert server.process.wait(60) == 0
     return response
 
 
-def test_sigterm_finishes_the_request_in_flight_then_exits_0(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_finishes_the_request_in_flight_then_exits_0(tmp_path: Path, signum: int) -> None:
     server = start(tmp_path / "server.log", serve_command("--graceful-timeout", "60"))
-    response = _sigterm_during(server, "/generate?count=1500&format=npz&seed=8")
+    response = _sigterm_during(server, "/generate?count=1500&format=npz&seed=8", signum)
     assert response.status_code == 200
     with np.load(io.BytesIO(response.content)) as npz:
         assert npz["images"].shape == (1500, 28, 28)
     with pytest.raises(httpx.ConnectError):
         server.get("/healthz")
-    assert "Shutting down" in server.log.read_text()
+    log = server.log.read_text()
+    assert "Shutting down" in log and "Traceback" not in log and "interrupted" not in log, log
 
 
 def test_a_request_cut_off_by_the_graceful_timeout_gets_a_503_in_json(tmp_path: Path) -> None:
