@@ -13,6 +13,7 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -74,6 +75,15 @@ def contact_sheet(images: np.ndarray, columns: int = GRID_COLUMNS) -> np.ndarray
 def grid_png_bytes(images: np.ndarray) -> bytes:
     """The contact sheet of (N, 28, 28) images as a PNG."""
     return png_bytes(contact_sheet(images))
+
+
+def open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    """``path`` opened as a NumPy archive, pickles refused; ``ValueError`` for a file that holds one array (``.npy``
+    bytes under an ``.npz`` name), which ``np.load`` would return instead."""
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("it holds one NumPy array (.npy), not an archive of images and labels")
+    return loaded
 
 
 def npz_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:

@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from digitgen.runtime.encode import open_npz
 from digitgen.runtime.errors import InvalidRequestError, OutputError
 from digitgen.runtime.idx import header_size, idx_header
 
@@ -103,7 +104,7 @@ def concat_npz(parts: list[Path]) -> dict[str, np.ndarray]:
     arrays: dict[str, list[np.ndarray]] = {"images": [], "labels": []}
     for part in parts:
         try:
-            with np.load(part) as archive:
+            with open_npz(part) as archive:
                 images, labels = archive["images"], archive["labels"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise OutputError(f"{part} is not a digits NPZ shard ({type(exc).__name__}: {exc})") from None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digitgen.runtime.encode import grid_png_bytes, idx_records, is_whole_png, npz_bytes, png_bytes
+from digitgen.runtime.encode import grid_png_bytes, idx_records, is_whole_png, npz_bytes, open_npz, png_bytes
 from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputError
 from digitgen.runtime.files import (
     atomic_file,
@@ -173,7 +173,7 @@ def _is_complete(path: Path) -> bool:
         if path.suffix == ".png":
             return is_whole_png(path.read_bytes())
         if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:  # each member's CRC is checked as it is read
+            with open_npz(path) as archive:  # each member's CRC is checked as it is read
                 for name in archive.files:
                     archive[name]
         else:

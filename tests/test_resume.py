@@ -103,6 +103,13 @@ def test_resume_replaces_a_file_damaged_inside(gen: DigitGenerator, tmp_path: Pa
     assert folder(tmp_path) == clean_runs[fmt]
 
 
+def test_resume_replaces_an_npz_that_holds_one_array(gen: DigitGenerator, tmp_path: Path, clean_runs: dict) -> None:
+    with (tmp_path / "digits.npz").open("wb") as f:
+        np.save(f, np.zeros((N, 28, 28), np.uint8))  # .npy bytes under the output's name: not a whole NPZ
+    generate_files(gen, tmp_path, N, "npz", resume=True, **REQUEST)
+    assert folder(tmp_path) == clean_runs["npz"]
+
+
 OTHER_RUNS = {"another seed": {**REQUEST, "seed": 6}, "other labels": {**REQUEST, "digits": [2]}}
 
 

@@ -201,6 +201,16 @@ def test_a_damaged_shard_is_named_and_nothing_is_merged(gen: DigitGenerator, tmp
     assert not (tmp_path / "npz" / "digits.npz").exists()
 
 
+def test_an_npz_shard_holding_one_array_is_named_and_nothing_is_merged(gen: DigitGenerator, tmp_path: Path) -> None:
+    _write(gen, tmp_path, "npz", Shard(0, 2))
+    with (tmp_path / "digits-00001-of-00002.npz").open("wb") as f:
+        np.save(f, np.zeros((2, 28, 28), np.uint8))  # .npy bytes under an .npz name
+    shard = r"digits-00001-of-00002\.npz is not a digits NPZ shard \(ValueError: it holds one NumPy array"
+    with pytest.raises(OutputError, match=shard):
+        merge_shards(tmp_path, "npz")
+    assert not (tmp_path / "digits.npz").exists()
+
+
 BAD_NPZ_SHARDS = {
     "more labels than images": (np.zeros((2, 28, 28), np.uint8), np.zeros(5, np.int64)),
     "float images": (np.zeros((2, 28, 28), np.float64), np.zeros(2, np.int64)),
