@@ -389,7 +389,7 @@ class OutputPlan:
         """Write the digits ``start .. start+count-1``, streamed from ``batches`` in order."""
         png = self.fmt == "png"
         with claim_indices(self.out_dir, *_png_indices(self.shard, self.total)) if png else nullcontext():
-            if self.resume and self.out_dir.is_dir():
+            if self.out_dir.is_dir():  # a killed run's, of any label: none is left beside this run's digits
                 for tmp in leftover_temporaries(self.out_dir, self.fmt, self.shard, self.total):
                     remove_leftover(tmp)
             batches = _checked(batches, self.start, self.start + self.count)

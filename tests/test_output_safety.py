@@ -175,6 +175,20 @@ def test_a_shard_overwriting_removes_no_digit_outside_its_shard(gen: DigitGenera
     assert sorted(p.name for p in tmp_path.iterdir()) == [png_name(i, i) for i in (0, 1, 4, 5, 6, 7)]
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_every_png_run_removes_what_a_killed_run_left_in_its_indices(
+    gen: DigitGenerator, tmp_path: Path, overwrite: bool
+) -> None:
+    """A killed run's temporary files of other labels: no later run writes their names, so it removes them."""
+    if overwrite:
+        generate_files(gen, tmp_path, 4, digits=[3])
+    for index, label in ((1, 5), (9, 5)):  # index 9 is past this run's digits: another run's to remove
+        temporary_name(tmp_path / png_name(index, label)).write_bytes(b"\x89PNG half")
+    generate_files(gen, tmp_path, 4, overwrite=overwrite)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [temporary_name(tmp_path / png_name(9, 5)).name, *(png_name(i, i) for i in range(4))]
+
+
 def _cli(*args: object) -> tuple[int, str]:
     result = CliRunner().invoke(main, [str(a) for a in args])
     return result.exit_code, result.output
