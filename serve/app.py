@@ -51,7 +51,7 @@ from digitgen.serve.params import (
 )
 from digitgen.serve.params import parse_request as parse
 from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filename, generate
-from digitgen.serve.spec import GENERATE_DOC
+from digitgen.serve.spec import error_response, generate_doc
 
 ENDPOINTS = frozenset({"/generate", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
 # what `npm run build` puts in web/dist beside the page's code: the page and the model it loads (the web/ folder,
@@ -445,7 +445,9 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
     )
 
     # documents the endpoint in OpenAPI; _ServiceEntry answers its requests first, with the same handler
-    @app.get("/generate", openapi_extra=GENERATE_DOC, response_class=Response)
+    doc = generate_doc(settings.max_count, generator.num_classes)
+
+    @app.get("/generate", openapi_extra=doc, response_class=Response)
     async def generate_digits(request: Request) -> Response:
         """Generate digits: the same parameters, noise and bytes as `digitgen generate`. HEAD answers the
         same headers without the body."""
@@ -456,7 +458,7 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
         """The process is alive."""
         return {"status": "alive"}
 
-    @app.get("/readyz", responses={503: {"description": "Not ready yet"}})
+    @app.get("/readyz", responses={503: error_response("Not ready yet")})
     async def readyz() -> Response:
         """Ready once the model has run one warm-up batch (a failed one is tried again)."""
         if not service.ready:

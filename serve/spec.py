@@ -1,44 +1,89 @@
-"""The generate endpoint's OpenAPI description (its parameters are read from the query string by hand,
-so that every refusal carries the runtime's words)."""
+"""The generate endpoint's OpenAPI description, typed and bounded for client generators (its parameters are
+read from the query string by hand, so that every refusal carries the runtime's words)."""
 
 from __future__ import annotations
 
+from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION
 from digitgen.serve.params import MEDIA_TYPES
 
-
-def _parameter(name: str, description: str, example: str) -> dict:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "schema": {"type": "string"},
-        "description": description,
-        "example": example,
-    }
-
-
-GENERATE_DOC = {
-    "parameters": [
-        _parameter("count", "How many digits, 1 to the server's --max-count (default 1).", "10"),
-        _parameter("digits", "Classes to generate, repeated to count (default: 0-9 in turn).", "0,3,7"),
-        _parameter("digit", "Generate only this digit (instead of digits).", "7"),
-        _parameter("seed", "Noise seed, 0 to 2^64 - 1 (default 0).", "0"),
-        _parameter("truncation", "Redraw noise components beyond +-T (default: none).", "1.5"),
-        _parameter(
-            "format",
-            "png (one digit), grid (contact sheet), npz, idx (tar of the MNIST IDX pair) or json (labels and "
-            "base64 PNGs). Without it, Accept chooses; one digit defaults to png, more to grid.",
-            "grid",
-        ),
-    ],
-    "responses": {
-        "200": {
-            "description": "The digits, byte for byte what `digitgen generate` writes",
-            "content": {media: {} for media in sorted(set(MEDIA_TYPES.values()))},
-        },
-        "304": {"description": "Not modified (If-None-Match names the ETag)"},
-        "406": {"description": "Accept names no type this request can send"},
-        "422": {"description": 'A bad parameter: {"error": "..."}'},
-        "503": {"description": "Busy or past the time limit; retry after Retry-After seconds"},
-    },
+ERROR_BODY = {
+    "type": "object",
+    "properties": {"error": {"type": "string", "description": "What was wrong, in the CLI's words"}},
+    "required": ["error"],
 }
+JSON_DIGITS = {
+    "type": "object",
+    "properties": {
+        "labels": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "images": {
+            "type": "array",
+            "items": {"type": "string", "contentEncoding": "base64", "description": "One digit's PNG file"},
+        },
+    },
+    "required": ["labels", "images"],
+}
+
+
+def _parameter(name: str, schema: dict, description: str, where: str = "query") -> dict:
+    return {"name": name, "in": where, "required": False, "schema": schema, "description": description}
+
+
+def error_response(description: str) -> dict:
+    """An OpenAPI response of the JSON error body every refusal carries."""
+    return {"description": description, "content": {"application/json": {"schema": ERROR_BODY}}}
+
+
+def generate_doc(max_count: int, num_classes: int) -> dict:
+    """The operation's parameters and responses for a server of ``max_count`` digits a request and a model of
+    ``num_classes`` classes."""
+    last = num_classes - 1
+    binary = {"type": "string", "format": "binary"}
+    return {
+        "parameters": [
+            _parameter(
+                "count", {"type": "integer", "minimum": 1, "maximum": max_count, "default": 1}, "How many digits."
+            ),
+            _parameter(
+                "digits",
+                {"type": "string", "pattern": r"^\s*\d+\s*(,\s*\d+\s*)*$", "example": "0,3,7"},
+                f"Classes 0-{last} to generate, comma-separated, repeated to count (default: 0-{last} in turn).",
+            ),
+            _parameter(
+                "digit", {"type": "integer", "minimum": 0, "maximum": last}, "Only this digit (not with digits)."
+            ),
+            _parameter("seed", {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "default": 0}, "Noise seed."),
+            _parameter(
+                "truncation",
+                {"type": "number", "minimum": MIN_TRUNCATION},
+                "Redraw noise components beyond +-T: cleaner, less varied digits (default: none).",
+            ),
+            _parameter(
+                "format",
+                {"type": "string", "enum": list(MEDIA_TYPES)},
+                "png (one digit), grid (contact sheet), npz, idx (tar of the MNIST IDX pair) or json (labels and "
+                "base64 PNGs). Without it, Accept chooses; one digit defaults to png, more to grid.",
+            ),
+            _parameter("Accept", {"type": "string"}, "Chooses the format when format is not given.", "header"),
+            _parameter(
+                "If-None-Match", {"type": "string"}, "An ETag held: 304 if it still names the answer.", "header"
+            ),
+            _parameter("X-Request-ID", {"type": "string"}, "Echoed (a token of up to 128 characters).", "header"),
+        ],
+        "responses": {
+            "200": {
+                "description": "The digits, byte for byte what `digitgen generate` writes",
+                "headers": {
+                    "ETag": {"schema": {"type": "string"}, "description": "Strong: the model and the parameters"},
+                    "Cache-Control": {"schema": {"type": "string"}, "description": "public, immutable"},
+                },
+                "content": {
+                    media: {"schema": JSON_DIGITS if media == "application/json" else binary}
+                    for media in sorted(set(MEDIA_TYPES.values()))
+                },
+            },
+            "304": {"description": "Not modified (If-None-Match names the ETag)"},
+            "406": error_response("Accept names no type this request can send"),
+            "422": error_response("A bad parameter"),
+            "503": error_response("Busy or past the time limit; retry after Retry-After seconds"),
+        },
+    }

@@ -31,10 +31,11 @@ from click.testing import CliRunner
 from digitgen.cli import main
 from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
-from digitgen.runtime.noise import MAX_SEED
+from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION
 from digitgen.serve.params import (
     ENCODING_VERSION,
     MEDIA_TYPES,
+    PARAMETERS,
     DigitsRequest,
     NotAcceptableError,
     choose_format,
@@ -559,8 +560,19 @@ def test_metrics_count_requests_digits_and_latency(server: Server) -> None:
 
 def test_openapi_docs_describe_generate(server: Server) -> None:
     spec = server.get("/openapi.json").json()
-    names = {p["name"] for p in spec["paths"]["/generate"]["get"]["parameters"]}
-    assert names == {"digits", "digit", "count", "seed", "truncation", "format"}
+    operation = spec["paths"]["/generate"]["get"]
+    schemas = {(p["in"], p["name"]): p["schema"] for p in operation["parameters"]}
+    query = {name: schema for (where, name), schema in schemas.items() if where == "query"}
+    assert set(query) == set(PARAMETERS)  # every parameter the server reads, typed for a client generator
+    assert query["count"] == {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 1}  # --max-count
+    assert query["digit"] == {"type": "integer", "minimum": 0, "maximum": 9}
+    assert query["seed"]["maximum"] == MAX_SEED and query["truncation"]["minimum"] == MIN_TRUNCATION
+    assert query["format"]["enum"] == list(MEDIA_TYPES)
+    assert {name for where, name in schemas if where == "header"} == {"Accept", "If-None-Match", "X-Request-ID"}
+    responses = operation["responses"]
+    assert responses["200"]["content"]["application/json"]["schema"]["required"] == ["labels", "images"]
+    for status in ("406", "422", "503"):
+        assert responses[status]["content"]["application/json"]["schema"]["required"] == ["error"]
     assert spec["info"]["title"] == "digitgen" and "GAN trained on MNIST" in spec["info"]["summary"]
     assert server.get("/docs").status_code == 200
 
