@@ -475,10 +475,11 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
+        path = printable(request.scope["path"])  # as received: the URL's path drops a tab or a newline
         if exc.status_code == 404:
-            return _error(404, f"no endpoint {request.url.path}; see {request.scope.get('root_path', '')}/docs")
+            return _error(404, f"no endpoint {path}; see {request.scope.get('root_path', '')}/docs")
         if exc.status_code == 405:  # every endpoint here answers GET, and HEAD through _ServiceEntry
-            message = f"{request.method} is not allowed on {request.url.path}; this server answers GET and HEAD"
+            message = f"{request.method} is not allowed on {path}; this server answers GET and HEAD"
             return _error(405, message, {"Allow": "GET, HEAD"})
         return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 

@@ -28,6 +28,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# a request target in absolute form, as a client talking to a proxy sends it (RFC 9112, 3.2.2): scheme://authority
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
+LOGGED_TARGET = 1024  # characters of a request's path and query in its access-log line
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 ACCESS_LOG = logging.getLogger("digitgen.serve.access")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -39,6 +42,32 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 def local_path(scope: Scope) -> str:
     """The request's path inside this app: the same whether the app is mounted under a prefix or not."""
     return scope["path"].removeprefix(scope.get("root_path", ""))
+
+
+def origin_form(scope: Scope) -> Scope:
+    """``scope`` with a request target in absolute form (``http://host/generate``) read as its path (``/generate``),
+    as servers must accept it; uvicorn's pure-Python HTTP parser leaves the whole URL in the path."""
+    if scope["path"].startswith("/"):
+        return scope
+    match = _ABSOLUTE_FORM.match(scope["path"].encode("utf-8", "surrogateescape"))
+    if match is None:
+        return scope
+    authority = match.group().decode("utf-8", "surrogateescape")
+    raw_path = scope.get("raw_path") or scope["path"].encode()
+    return {
+        **scope,
+        "path": scope["path"].removeprefix(authority) or "/",
+        "raw_path": raw_path.removeprefix(match.group()) or b"/",
+    }
+
+
+def logged_target(path: str, query: str) -> str:
+    """The request's path and query as its access-log line shows them: control characters escaped, at most
+    :data:`LOGGED_TARGET` characters of them, so that no request writes more than a line of bounded length."""
+    target = f"{path}?{query}" if query else path
+    if len(target) > LOGGED_TARGET:
+        target = f"{target[:LOGGED_TARGET]}...({len(target) - LOGGED_TARGET} more characters)"
+    return printable(target)
 
 
 def printable(text: str) -> str:
@@ -107,6 +136,7 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        scope = origin_form(scope)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if REQUEST_ID.fullmatch(given) else next(self._new_ids)
         scope.setdefault("state", {})["request_id"] = request_id  # for the app's own log lines
@@ -129,15 +159,13 @@ class RequestMiddleware:
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(seconds)
             if self.access_log:
-                query = scope["query_string"].decode("latin-1")
                 client = scope.get("client") or ("-", 0)
                 ACCESS_LOG.info(
-                    '%s:%s "%s %s%s" %d %.1fms id=%s',
+                    '%s:%s "%s %s" %d %.1fms id=%s',
                     client[0],
                     client[1],
                     scope["method"],
-                    printable(path),
-                    printable(f"?{query}") if query else "",
+                    logged_target(path, scope["query_string"].decode("latin-1")),
                     status,
                     seconds * 1000,
                     request_id,

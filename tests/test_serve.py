@@ -509,19 +509,41 @@ def test_unknown_paths_and_methods_answer_json(server: Server) -> None:
     ids=["request line", "header"],
 )
 def test_bytes_that_are_not_http_get_a_400_in_json(server: Server, sent: bytes) -> None:
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as connection:
-        connection.sendall(sent)
-        answer = b""
-        while chunk := connection.recv(4096):  # the server closes the connection after its answer
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    status_line, *fields = head.decode().split("\r\n")
-    headers = dict(field.lower().split(": ", 1) for field in fields)
+    status_line, headers, body = _exchange(server, sent)
     assert status_line == "HTTP/1.1 400 Bad Request" and headers["content-type"] == "application/json"
     assert int(headers["content-length"]) == len(body) and headers["connection"] == "close"
     assert json.loads(body) == {"error": "not a valid HTTP/1.1 request; the server closed the connection"}
     assert server.get("/healthz").status_code == 200
+
+
+def _exchange(server: Server, sent: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send raw bytes, read until the server closes the connection: its status line, headers and body."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(sent)
+        answer = b""
+        while chunk := connection.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *fields = head.decode().split("\r\n")
+    return status_line, dict(field.lower().split(": ", 1) for field in fields), body
+
+
+def test_a_request_target_in_absolute_form_is_read_as_its_path(server: Server) -> None:
+    """What a client configured for a proxy sends (RFC 9112, 3.2.2: a server must accept it)."""
+    url = server.url + "/generate?digit=4&seed=2"
+    sent = f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    status_line, headers, body = _exchange(server, sent)
+    assert status_line == "HTTP/1.1 200 OK" and headers["content-type"] == "image/png"
+    assert body == server.get("/generate?digit=4&seed=2").content
+
+
+@pytest.mark.parametrize(("target", "named"), [("healthz", "healthz"), ("/generate%09", "/generate\\t")])
+def test_a_404_names_the_path_as_received(server: Server, target: str, named: str) -> None:
+    sent = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    status_line, _, body = _exchange(server, sent)
+    assert status_line == "HTTP/1.1 404 Not Found"
+    assert json.loads(body) == {"error": f"no endpoint {named}; see /docs"}
 
 
 def test_head_answers_the_headers_of_get_through_uvicorn(server: Server) -> None:
@@ -584,6 +606,18 @@ def test_access_log_one_line_per_request(server: Server) -> None:
         time.sleep(0.05)
     lines = [line for line in server.log.read_text().splitlines() if "log-line-check" in line]
     assert len(lines) == 1 and '"GET /healthz" 200' in lines[0]
+
+
+def test_an_access_log_line_is_bounded_whatever_the_query(server: Server) -> None:
+    digits = ",".join(["1"] * 500)  # 999 characters: a valid value, the query past the logged length
+    response = server.get(f"/generate?digits={digits}&count=3&format=npz", headers={"X-Request-ID": "long-query"})
+    assert response.status_code == 200
+    deadline = time.monotonic() + 5
+    while "long-query" not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (line,) = [line for line in server.log.read_text().splitlines() if "long-query" in line]
+    target = f"/generate?digits={digits}&count=3&format=npz"
+    assert f'{target[:1024]}...({len(target) - 1024} more characters)" 200 ' in line and len(line) < 1200, line
 
 
 def test_binds_loopback_and_sends_no_cors_by_default(server: Server) -> None:
