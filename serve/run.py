@@ -96,30 +96,75 @@ def app_from_environment() -> FastAPI:
 
 # the answer to bytes that are not an HTTP request (the app never sees them): JSON, as every refusal here
 NOT_HTTP = json.dumps({"error": "not a valid HTTP/1.1 request; the server closed the connection"}).encode()
+HEAD_TIMEOUT = 10.0  # seconds a connection has to send a whole request head after it opens or after its last answer
 
 
 class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-    """uvicorn's HTTP protocol with Nagle's algorithm off on every TCP connection, and its 400 for a
-    request it cannot parse in JSON rather than plain text.
+    """uvicorn's HTTP protocol with Nagle's algorithm off on every TCP connection, its 400 for a request it
+    cannot parse in JSON rather than plain text, and a deadline for each request's head.
 
     asyncio sets ``TCP_NODELAY`` only on sockets that report ``IPPROTO_TCP``; the listener uvicorn
     shares between several workers reports 0, and every keep-alive request after the first then
     waits about 40 ms for the client's delayed ACK.
+
+    uvicorn closes a connection left idle after an answer, but not one that never finishes a request head (a
+    slow or stalled client, or one holding connections open on purpose): each would keep a socket and a file
+    descriptor for good. Here a connection with no whole head :data:`HEAD_TIMEOUT` seconds after it opened or
+    after its last answer is closed, with a 408 in JSON if it had sent part of one.
     """
+
+    head_timeout = HEAD_TIMEOUT
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._head_begun = False
         super().connection_made(transport)
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        self._head_begun = True
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        self._head_begun = False
+        self._await_head()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+        self._head_deadline = self.loop.call_later(self.head_timeout, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        """Close the connection unless a request is being answered (its own time limit is the app's)."""
+        self._head_deadline = None
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if answering or self.transport.is_closing():
+            return
+        if self._head_begun:
+            too_slow = f"no whole request head within {self.head_timeout:g} s; the server closed the connection"
+            self._answer_and_close("408 Request Timeout", json.dumps({"error": too_slow}).encode())
+        else:
+            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         """Answer :data:`NOT_HTTP` and close (uvicorn has logged ``msg``)."""
+        self._answer_and_close("400 Bad Request", NOT_HTTP)
+
+    def _answer_and_close(self, status: str, body: bytes) -> None:
         head = (
-            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncache-control: no-store\r\n"
-            f"content-length: {len(NOT_HTTP)}\r\nconnection: close\r\n\r\n"
+            f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncache-control: no-store\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         )
-        self.transport.write(head.encode() + NOT_HTTP)
+        self.transport.write(head.encode() + body)
         self.transport.close()
 
 

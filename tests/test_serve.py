@@ -546,6 +546,39 @@ def test_a_404_names_the_path_as_received(server: Server, target: str, named: st
     assert json.loads(body) == {"error": f"no endpoint {named}; see /docs"}
 
 
+SHORT_HEAD_TIMEOUT = """
+import sys
+from digitgen.serve.app import ServeSettings
+from digitgen.serve.run import ServerHTTP, ServerOptions, serve
+
+ServerHTTP.head_timeout = 0.5
+serve(ServerOptions(port=int(sys.argv[1]), threads=1, settings=ServeSettings(access_log=False)))
+"""
+
+
+def test_a_connection_without_a_whole_request_head_in_time_is_closed_but_a_slow_answer_is_not(tmp_path: Path) -> None:
+    server = start(tmp_path / "server.log", [sys.executable, "-c", SHORT_HEAD_TIMEOUT, "{port}"])
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as silent:
+            assert silent.recv(4096) == b""  # closed, nothing said: it asked nothing
+        with socket.create_connection((host, int(port)), timeout=10) as stalled:
+            stalled.sendall(b"GET /generate?digit=3 HTTP/1.1\r\nHost: x\r\n")  # no blank line: never whole
+            answer = b""
+            while chunk := stalled.recv(4096):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in head
+        assert json.loads(body) == {"error": "no whole request head within 0.5 s; the server closed the connection"}
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            begin = time.monotonic()  # about 2 s of work: longer than the head's deadline, and not cut by it
+            assert client.get("/generate?count=6000&format=npz").status_code == 200
+            assert time.monotonic() - begin > 0.5
+            assert client.get("/healthz").status_code == 200  # the same connection, kept alive after it
+    finally:
+        assert server.stop() == 0
+
+
 def test_head_answers_the_headers_of_get_through_uvicorn(server: Server) -> None:
     get, head = server.get("/generate?digit=3&seed=9"), httpx.head(server.url + "/generate?digit=3&seed=9")
     assert head.status_code == 200 and head.content == b""
