@@ -18,7 +18,6 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -41,6 +40,7 @@ from digitgen.serve.observe import (
     local_path,
     printable,
 )
+from digitgen.serve.page import PageFiles
 from digitgen.serve.params import (
     MEDIA_TYPES,
     DigitsRequest,
@@ -50,6 +50,7 @@ from digitgen.serve.params import (
     not_modified,
 )
 from digitgen.serve.params import parse_request as parse
+from digitgen.serve.refusal import refusal
 from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filename, generate
 from digitgen.serve.spec import error_response, generate_doc
 
@@ -142,15 +143,6 @@ class ServeSettings:
 def _check_type(name: str, value: object, kinds: tuple[type, ...], what: str) -> None:
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         raise ServeConfigError(f"{name} must be {what}, got {value!r}")
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        json.dumps({"error": message}),
-        status_code=status,
-        media_type="application/json",
-        headers={"Cache-Control": "no-store", **(headers or {})},
-    )
 
 
 async def _when_disconnected(receive: Receive, then: Callable[[], None]) -> None:
@@ -296,9 +288,9 @@ class _Service:
                 http.query_params.multi_items(), _combined(http, "accept"), self.generator, self.settings.max_count
             )
         except NotAcceptableError as exc:
-            return _error(406, str(exc))
+            return refusal(406, str(exc))
         except DigitgenError as exc:
-            return _error(422, str(exc))
+            return refusal(422, str(exc))
         tag = etag(self.etag_source, request)
         headers = {"ETag": tag, "Cache-Control": self.cache_control, "Vary": "Accept"}
         if not_modified(_combined(http, "if-none-match"), tag):
@@ -309,19 +301,19 @@ class _Service:
                 body = await self.body(request, deadline, http.receive)
         except OverloadedError as exc:
             self.metrics.refused.labels(BUSY).inc()
-            return _error(503, str(exc), {"Retry-After": "1"})
+            return refusal(503, str(exc), {"Retry-After": "1"})
         except TimeLimitError:
             self.metrics.refused.labels(TIME_LIMIT).inc()
             message = (
                 f"the request ran past this server's time limit of {self.settings.time_limit:g} s; "
                 "ask for fewer digits, or retry when the server is less busy"
             )
-            return _error(503, message, {"Retry-After": "1"})
+            return refusal(503, message, {"Retry-After": "1"})
         except AbandonedError:
             self.metrics.abandoned.inc()
-            return _error(499, "the client closed the connection before the response was ready")
+            return refusal(499, "the client closed the connection before the response was ready")
         except MemoryError:  # the CLI's words, less its advice on formats: a response holds every digit in memory
-            return _error(422, f"not enough memory: {request.count} digits do not fit in memory at once; ask for less")
+            return refusal(422, f"not enough memory: {request.count} digits do not fit in memory at once; ask for less")
         self.metrics.digits.inc(request.count)
         name = filename(request.fmt, request.digits[0])
         if name:
@@ -391,14 +383,14 @@ class _ServiceEntry:
             asyncio.current_task().uncancel()  # answered here: the request's task ends as a request does
             log.warning("%s cut off: the server stopped before it was answered", where)
             if not started:
-                stopping = _error(503, "the server is stopping; retry later", {"Retry-After": "1"})
+                stopping = refusal(503, "the server is stopping; retry later", {"Retry-After": "1"})
                 await stopping(scope, receive, send_tracked)
         except Exception as exc:  # a bug, or the model failing to run: logged, and a 500 in the service's words
             log.exception("unexpected error in %s", where)
             if started:  # too late for a response of its own: the server closes the connection
                 raise
             message = f"internal error ({type(exc).__name__}); the server log has the details (id={request_id})"
-            await _error(500, message)(scope, receive, send_tracked)
+            await refusal(500, message)(scope, receive, send_tracked)
 
 
 class _Cors(CORSMiddleware):
@@ -410,7 +402,7 @@ class _Cors(CORSMiddleware):
             return response
         headers = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
         message = f"{bytes(response.body).decode()}: this server allows cross-origin GET and HEAD only from its origins"
-        return _error(response.status_code, message, headers)
+        return refusal(response.status_code, message, headers)
 
 
 def _lifespan(service: _Service) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -464,7 +456,7 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
         if not service.ready:
             service.retry_warm_up()
             why = service.warmup_error or "the model's warm-up batch has not run yet"
-            return _error(503, f"not ready: {why}")
+            return refusal(503, f"not ready: {why}")
         body = {"status": "ready", "model_sha256": generator.sha256, "provider": generator.provider}
         return Response(json.dumps(body), media_type="application/json")
 
@@ -477,15 +469,15 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         path = printable(request.scope["path"])  # as received: the URL's path drops a tab or a newline
         if exc.status_code == 404:
-            return _error(404, f"no endpoint {path}; see {request.scope.get('root_path', '')}/docs")
+            return refusal(404, f"no endpoint {path}; see {request.scope.get('root_path', '')}/docs")
         if exc.status_code == 405:  # every endpoint here answers GET, and HEAD through _ServiceEntry
             message = f"{request.method} is not allowed on {path}; this server answers GET and HEAD"
-            return _error(405, message, {"Allow": "GET, HEAD"})
-        return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+            return refusal(405, message, {"Allow": "GET, HEAD"})
+        return refusal(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
     app.add_middleware(_ServiceEntry, service=service)
     if settings.web_dir is not None:
-        app.mount("/", StaticFiles(directory=settings.web_dir, html=True), name="web")
+        app.mount("/", PageFiles(directory=settings.web_dir, html=True), name="web")
     if settings.cors_origins:
         app.add_middleware(
             _Cors,

@@ -710,6 +710,20 @@ def test_web_page_at_root(limited: Server) -> None:
     assert limited.get("/generate?count=1").headers["content-type"] == "image/png"
 
 
+@pytest.mark.parametrize(
+    ("sent", "status", "error"),
+    [
+        ("bytes=abc", 400, "cannot serve this Range header (range must be requested); send bytes=START-END, or"),
+        ("bytes=99999-", 416, "the Range asked for starts past the end of the file (16 bytes); ask for less, or"),
+    ],
+)
+def test_a_range_the_page_cannot_serve_is_refused_in_json(limited: Server, sent: str, status: int, error: str) -> None:
+    response = limited.get("/generator.onnx", headers={"Range": sent})
+    assert response.status_code == status and response.headers["content-type"] == "application/json"
+    assert response.json()["error"].startswith(error) and response.headers["cache-control"] == "no-store"
+    assert limited.get("/generator.onnx", headers={"Range": "bytes=4-8"}).content == b"the page's model"[4:9]
+
+
 def test_cors_only_for_the_given_origin(limited: Server) -> None:
     allowed = limited.get("/generate?count=1", headers={"Origin": "http://app.example"})
     assert allowed.headers["access-control-allow-origin"] == "http://app.example"

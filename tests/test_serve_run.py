@@ -3,6 +3,7 @@ options for one worker and for several, threads, TCP_NODELAY, start-up lines and
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -192,6 +193,7 @@ def test_every_tcp_connection_turns_nagle_off(monkeypatch: pytest.MonkeyPatch) -
         serve_run.AutoHTTPProtocol, "connection_made", lambda self, transport: passed_on.append(transport)
     )
     protocol = object.__new__(serve_run.ServerHTTP)  # only connection_made runs: uvicorn's own part is stubbed
+    protocol.loop = asyncio.new_event_loop()  # where the request head's deadline is set (never run here)
     nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY)
     with socket.create_server(("127.0.0.1", 0)) as listener, socket.create_connection(listener.getsockname()):
         accepted, _ = listener.accept()
@@ -206,6 +208,7 @@ def test_every_tcp_connection_turns_nagle_off(monkeypatch: pytest.MonkeyPatch) -
         protocol.connection_made(local)
         without_socket = SimpleNamespace(get_extra_info={}.get)
         protocol.connection_made(without_socket)
+    protocol.loop.close()
     assert passed_on == [tcp, local, without_socket]
 
 

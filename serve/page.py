@@ -1,0 +1,38 @@
+"""The built browser page, served at ``/`` beside the API, its refusals in JSON as the API's are."""
+
+from __future__ import annotations
+
+from fastapi.staticfiles import StaticFiles
+
+from digitgen.serve.observe import Message, Receive, Scope, Send
+from digitgen.serve.refusal import refusal
+
+
+def _range_refusal(status: int, plain_text: str, headers: dict[str, str]) -> str:
+    """What was wrong with a ``Range`` header, from the plain-text answer Starlette's files give it."""
+    if status == 416:  # Content-Range: bytes */SIZE
+        size = headers.get("content-range", "").rpartition("/")[2]
+        return f"the Range asked for starts past the end of the file ({size} bytes); ask for less, or leave Range out"
+    reason = plain_text.removeprefix("Range header: ").rstrip(".") or "unreadable"
+    return f"cannot serve this Range header ({reason}); send bytes=START-END, or leave Range out"
+
+
+class PageFiles(StaticFiles):
+    """Starlette's static files, whose refusals of a ``Range`` header (plain text, or no body) are JSON here."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refused: Message | None = None
+
+        async def send_in_json(message: Message) -> None:
+            nonlocal refused
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                refused = message  # answered once its body (its reason) has come
+            elif refused is None:
+                await send(message)
+            elif message["type"] == "http.response.body":
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in refused.get("headers", [])}
+                text = _range_refusal(refused["status"], bytes(message.get("body", b"")).decode(), headers)
+                kept = {k: v for k, v in headers.items() if k not in ("content-type", "content-length")}
+                await refusal(refused["status"], text, kept)(scope, receive, send)
+
+        await super().__call__(scope, receive, send_in_json)
