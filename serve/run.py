@@ -19,6 +19,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
 from digitgen.serve.app import ServeConfigError, ServeSettings, create_app
+from digitgen.serve.observe import ACCESS_LOG
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
 
@@ -156,7 +157,10 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
-        """Answer :data:`NOT_HTTP` and close (uvicorn has logged ``msg``)."""
+        """Answer :data:`NOT_HTTP` and close (uvicorn has logged ``msg``), with the access-log line the app would
+        have written (it never sees the request)."""
+        client = self.client or ("-", 0)
+        ACCESS_LOG.info('%s:%s "-" 400 id=-', *client)
         self._answer_and_close("400 Bad Request", NOT_HTTP)
 
     def _answer_and_close(self, status: str, body: bytes) -> None:

@@ -514,6 +514,7 @@ def test_bytes_that_are_not_http_get_a_400_in_json(server: Server, sent: bytes) 
     assert int(headers["content-length"]) == len(body) and headers["connection"] == "close"
     assert json.loads(body) == {"error": "not a valid HTTP/1.1 request; the server closed the connection"}
     assert server.get("/healthz").status_code == 200
+    assert '"-" 400 id=-' in server.log.read_text()  # its access-log line, though the app never saw it
 
 
 def _exchange(server: Server, sent: bytes) -> tuple[str, dict[str, str], bytes]:
