@@ -108,15 +108,15 @@ class OneLineErrors(click.Group):
         except click.ClickException as exc:
             click.echo(f"Error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
+        except MemoryError as exc:  # the library's words where it knows the cause, else numpy's
+            click.echo(f"Error: not enough memory{f': {exc}' if str(exc) else ''}; ask for less", err=True)
+            sys.exit(1)
         except LIBRARY_ERRORS as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         except OSError as exc:  # what the library did not foresee (a folder it cannot list, a full disk)
             where = f": {exc.filename}" if exc.filename else ""
             click.echo(f"Error: {exc.strerror or exc}{where}", err=True)
-            sys.exit(1)
-        except MemoryError as exc:  # the library's words where it knows the cause, else numpy's
-            click.echo(f"Error: not enough memory{f': {exc}' if str(exc) else ''}; ask for less", err=True)
             sys.exit(1)
         except ModuleNotFoundError as exc:
             extra = "train" if exc.name in TRAINING_MODULES else "serve" if exc.name in SERVE_MODULES else None

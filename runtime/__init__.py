@@ -15,6 +15,7 @@ from digitgen.runtime.errors import (
     OtherRunError,
     OutputError,
     ProviderUnavailableError,
+    TooManyDigitsError,
 )
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
 from digitgen.runtime.shards import Shard
@@ -34,6 +35,7 @@ __all__ = [
     "OutputError",
     "ProviderUnavailableError",
     "Shard",
+    "TooManyDigitsError",
     "default_model_path",
     "generate_files",
     "write_digits",

@@ -25,6 +25,10 @@ class InvalidRequestError(DigitgenError, ValueError):
     """Bad generation arguments: counts, digits, seeds, batch sizes or formats."""
 
 
+class TooManyDigitsError(DigitgenError, MemoryError):
+    """More digits asked for at once than memory can hold (a ``MemoryError`` too)."""
+
+
 class ModelRunError(DigitgenError, RuntimeError):
     """The model passed the contract check but onnxruntime failed to run it."""
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from digitgen.runtime.contract import IMAGE_SIZE, ModelInfo, check_contract
-from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError
+from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError, TooManyDigitsError
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
 
@@ -74,12 +74,12 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def empty_digits(num: int) -> tuple[np.ndarray, np.ndarray]:
-    """Arrays for ``num`` digits and their labels, to be filled; :class:`MemoryError` in words if they cannot be had
+    """Arrays for ``num`` digits and their labels, to be filled; :class:`TooManyDigitsError` if they cannot be had
     (address space is asked for, not memory touched: a count that can never be held stops here, at once)."""
     try:
         return np.empty((num, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8), np.empty(num, dtype=np.int64)
     except (ValueError, MemoryError) as exc:  # numpy's ValueError: an array past its address space
-        raise MemoryError(f"{num} digits do not fit in memory at once") from exc
+        raise TooManyDigitsError(f"{num} digits do not fit in memory at once") from exc
 
 
 def fill_digits(
@@ -263,11 +263,11 @@ class DigitGenerator:
         batch_size: int = DEFAULT_BATCH_SIZE,
         truncation: float | None = None,
     ) -> GeneratedDigits:
-        """Generate ``num`` digits at once (use :meth:`iter_batches` for very large ``num``); :class:`MemoryError`
-        before any work if they cannot be held."""
+        """Generate ``num`` digits at once (use :meth:`iter_batches` for very large ``num``);
+        :class:`TooManyDigitsError` (a ``MemoryError``) before any work if they cannot be held."""
         batches = self.iter_batches(num, digits, seed, batch_size, truncation=truncation)
         try:
             images, labels = empty_digits(num)
         except MemoryError as exc:
-            raise MemoryError(f"{exc}; make them batch by batch with iter_batches") from exc
+            raise TooManyDigitsError(f"{exc}; make them batch by batch with iter_batches") from exc
         return fill_digits(batches, images, labels)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from digitgen.runtime.encode import grid_png_bytes, idx_records, is_whole_png, npz_bytes, open_npz, png_bytes
-from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputError
+from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputError, TooManyDigitsError
 from digitgen.runtime.files import (
     atomic_file,
     atomic_files,
@@ -286,7 +286,7 @@ def _arrays_for(num: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         return empty_digits(num)
     except MemoryError as exc:
-        raise MemoryError(f"{exc} (npz and grid hold every digit, png and idx stream them)") from exc
+        raise TooManyDigitsError(f"{exc} (npz and grid hold every digit, png and idx stream them)") from exc
 
 
 def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = lambda n: None) -> GeneratedDigits:

@@ -14,12 +14,14 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from digitgen.runtime import (
     DigitGenerator,
+    DigitgenError,
     InvalidModelError,
     InvalidRequestError,
     ModelContractError,
     ModelNotFoundError,
     ModelRunError,
     ProviderUnavailableError,
+    TooManyDigitsError,
     default_model_path,
 )
 from digitgen.runtime.evaluate import ReferenceClassifier
@@ -54,8 +56,9 @@ def test_generate_refuses_a_count_it_cannot_hold_before_any_work(
     """10**12 digits: 784 TB, past a 64-bit machine's address space; refused at once, not after filling memory."""
     calls: list[int] = []
     monkeypatch.setattr(tiny, "run", lambda z, labels: calls.append(len(z)))
-    with pytest.raises(MemoryError) as refused:
+    with pytest.raises(TooManyDigitsError) as refused:  # a DigitgenError and a MemoryError
         tiny.generate(10**12)
+    assert isinstance(refused.value, DigitgenError) and isinstance(refused.value, MemoryError)
     assert str(refused.value) == (
         "1000000000000 digits do not fit in memory at once; make them batch by batch with iter_batches"
     )

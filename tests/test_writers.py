@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digitgen.runtime import FORMATS, DigitGenerator, InvalidRequestError, OutputError, write_digits
+from digitgen.runtime import FORMATS, DigitGenerator, InvalidRequestError, OutputError, TooManyDigitsError, write_digits
 from digitgen.runtime.encode import contact_sheet
 from digitgen.runtime.idx import read_idx
 from digitgen.runtime.writers import (
@@ -141,7 +141,7 @@ def test_interrupted_png_leaves_only_complete_files(gen: DigitGenerator, tmp_pat
 def test_digits_past_numpys_address_space_are_a_memory_error() -> None:
     """numpy refuses such an array with a ValueError, a merely too large one with its own MemoryError."""
     for num in (2**62, 2**40):
-        with pytest.raises(MemoryError) as refused:
+        with pytest.raises(TooManyDigitsError) as refused:
             collect([], num)
         assert str(refused.value) == (
             f"{num} digits do not fit in memory at once (npz and grid hold every digit, png and idx stream them)"
