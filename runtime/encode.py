@@ -23,6 +23,7 @@ GRID_COLUMNS = 10
 GRID_GAP = 2
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ZIP_SIGNATURE = b"PK\x03\x04"  # what a zip archive, and so an NPZ file, begins with
 PNG_ZLIB_LEVEL = 6
 
 

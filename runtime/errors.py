@@ -38,4 +38,4 @@ class OutputError(DigitgenError, OSError):
 
 
 class OtherRunError(OutputError):
-    """``resume`` found a complete file of other digits (another run's): it is not replaced."""
+    """``resume`` found a complete file of other digits (another run's), or a file no run wrote: it is not replaced."""

@@ -15,6 +15,7 @@ import bisect
 import itertools
 import os
 import re
+import struct
 import sys
 import zipfile
 import zlib
@@ -25,7 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from digitgen.runtime.encode import grid_png_bytes, idx_records, is_whole_png, npz_bytes, open_npz, png_bytes
+from digitgen.runtime.encode import (
+    PNG_SIGNATURE,
+    ZIP_SIGNATURE,
+    grid_png_bytes,
+    idx_records,
+    is_whole_png,
+    npz_bytes,
+    open_npz,
+    png_bytes,
+)
 from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputError, TooManyDigitsError
 from digitgen.runtime.files import (
     atomic_file,
@@ -44,7 +54,15 @@ from digitgen.runtime.generator import (
     empty_digits,
     fill_digits,
 )
-from digitgen.runtime.idx import MNIST_FILES, MNIST_RAW, check_idx, check_idx_count, idx_header
+from digitgen.runtime.idx import (
+    IMAGES_MAGIC,
+    LABELS_MAGIC,
+    MNIST_FILES,
+    MNIST_RAW,
+    check_idx,
+    check_idx_count,
+    idx_header,
+)
 from digitgen.runtime.index_lock import claim_indices, refuse_if_indices_claimed
 from digitgen.runtime.shards import WHOLE, Shard, check_shard_sizes, concat_idx, concat_npz, find_shards
 
@@ -191,13 +209,33 @@ def _holds(path: Path, data: bytes) -> bool:
         return False
 
 
+def _first_bytes(path: Path) -> tuple[str, bytes]:
+    """The kind of file ``path`` names and the bytes every file of that kind begins with."""
+    if path.suffix == ".png":
+        return "a PNG", PNG_SIGNATURE
+    if path.suffix == ".npz":
+        return "an NPZ", ZIP_SIGNATURE
+    return "an IDX", struct.pack(">I", IMAGES_MAGIC if "-idx3-" in path.name else LABELS_MAGIC)
+
+
 def _refuse_other_digits(path: Path) -> None:
-    """Refuse to let ``resume`` replace ``path`` if it is complete: it then holds another run's digits (a damaged
-    file is replaced)."""
+    """Refuse to let ``resume`` replace ``path`` if it is complete (it then holds another run's digits) or does not
+    begin as a file of its kind (then no run of this tool wrote it). A damaged or cut-short file is replaced."""
     if _is_complete(path):
         raise OtherRunError(
             f"{path} holds other digits than this command makes (written with other options or another model); "
             "resume with the options of the run that wrote it, or pass --overwrite (overwrite=True) to replace it"
+        )
+    kind, first = _first_bytes(path)
+    try:
+        with path.open("rb") as f:
+            begins = f.read(len(first))
+    except OSError:  # a dangling link, say: nothing in it to keep
+        return
+    if not first.startswith(begins):
+        raise OtherRunError(
+            f"{path} is not {kind} file, so no run of this command wrote it; move it, or pass --overwrite "
+            "(overwrite=True) to replace it"
         )
 
 

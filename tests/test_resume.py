@@ -103,11 +103,23 @@ def test_resume_replaces_a_file_damaged_inside(gen: DigitGenerator, tmp_path: Pa
     assert folder(tmp_path) == clean_runs[fmt]
 
 
-def test_resume_replaces_an_npz_that_holds_one_array(gen: DigitGenerator, tmp_path: Path, clean_runs: dict) -> None:
-    with (tmp_path / "digits.npz").open("wb") as f:
-        np.save(f, np.zeros((N, 28, 28), np.uint8))  # .npy bytes under the output's name: not a whole NPZ
-    generate_files(gen, tmp_path, N, "npz", resume=True, **REQUEST)
-    assert folder(tmp_path) == clean_runs["npz"]
+NOT_OURS = {"a .npy array": b"\x93NUMPY\x01\x00", "notes": b"my notes\n"}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("content", NOT_OURS.values(), ids=NOT_OURS.keys())
+def test_resume_refuses_a_file_that_does_not_begin_as_its_format(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, fmt: str, content: bytes
+) -> None:
+    """A file of an output's name that is not of its kind at all (no run wrote it) is the user's: kept, not taken
+    for a damaged output."""
+    names = sorted(clean_runs[fmt])
+    theirs = tmp_path / names[len(names) // 2]
+    theirs.parent.mkdir(parents=True, exist_ok=True)
+    theirs.write_bytes(content)
+    with pytest.raises(OtherRunError, match=rf"^{re.escape(str(theirs))} is not an? (PNG|NPZ|IDX) file, so no run"):
+        generate_files(gen, tmp_path, N, fmt, resume=True, **REQUEST)
+    assert theirs.read_bytes() == content
 
 
 OTHER_RUNS = {"another seed": {**REQUEST, "seed": 6}, "other labels": {**REQUEST, "digits": [2]}}
