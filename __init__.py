@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         OtherRunError,
         OutputError,
         ProviderUnavailableError,
+        TooManyDigitsError,
         default_model_path,
     )
     from digitgen.runtime.noise import NOISE_SCHEME
@@ -48,6 +49,7 @@ __all__ = [
     "OtherRunError",
     "OutputError",
     "ProviderUnavailableError",
+    "TooManyDigitsError",
     "default_model_path",
 ]
 

@@ -111,6 +111,18 @@ def check_int(value: object, name: str, minimum: int = 1, maximum: int | None = 
     return int(value)
 
 
+def check_path(value: object, name: str) -> Path:
+    """``value`` as a :class:`~pathlib.Path` when it is one or a ``str``; :class:`InvalidRequestError` otherwise."""
+    if isinstance(value, (str, Path)):
+        return Path(value)
+    raise InvalidRequestError(f"{name} must be a path (a str or a pathlib.Path), got {type(value).__name__} {value!r}")
+
+
+def check_callable(value: object, name: str) -> None:
+    if not callable(value):
+        raise InvalidRequestError(f"{name} must be a function, e.g. lambda count: None, got {value!r}")
+
+
 def check_truncation(value: object) -> float | None:
     """``None`` (no truncation) or a finite number of at least :data:`MIN_TRUNCATION`."""
     if value is None:
@@ -153,7 +165,7 @@ class DigitGenerator:
         called from several threads at once: onnxruntime's session is thread-safe and nothing else
         is shared between calls.
         """
-        path = Path(path) if path is not None else default_model_path()
+        path = check_path(path, "the model's path") if path is not None else default_model_path()
         opened = open_session(path, provider, threads)
         info = check_contract(opened.session, str(path))
         return cls(path, info, opened.session, opened.provider, opened.note, opened.sha256)

@@ -50,7 +50,9 @@ from digitgen.runtime.generator import (
     MAX_INDEX,
     DigitGenerator,
     GeneratedDigits,
+    check_callable,
     check_int,
+    check_path,
     empty_digits,
     fill_digits,
 )
@@ -86,7 +88,7 @@ def prepare_output_dir(out_dir: str | Path) -> Path:
     """Create ``out_dir`` (and parents) or explain in one line why it cannot be used."""
     if str(out_dir) == "":  # Path("") is the current folder, unsaid
         raise OutputError("the output directory is an empty path; name a folder (. for the current folder)")
-    out_dir = Path(out_dir)
+    out_dir = check_path(out_dir, "the output directory")
     for parent in [out_dir, *out_dir.parents]:
         if parent.exists() and not parent.is_dir():
             where = "is" if parent == out_dir else f"lies under {parent}, which is"
@@ -142,7 +144,12 @@ def leftover_temporaries(out_dir: Path, fmt: str, shard: Shard, total: int) -> l
 def _check_arrays(batch: object) -> None:
     """A typed error unless ``batch`` holds uint8 images (N, 28, 28) and integer labels (N,) from 0 to 255 (what
     every format can store: an IDX label is one byte), as a hand-made batch passed to :func:`write_digits` may not."""
-    images, labels = getattr(batch, "images", None), getattr(batch, "labels", None)
+    if not isinstance(batch, GeneratedDigits):
+        raise InvalidRequestError(
+            f"a batch must be a GeneratedDigits(images, labels, start), got {type(batch).__name__}; "
+            "no new file was kept"
+        )
+    images, labels = batch.images, batch.labels
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape[1:] != (28, 28):
         got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
         raise InvalidRequestError(f"a batch's images must be uint8 (N, 28, 28), got {got}; no new file was kept")
@@ -556,6 +563,9 @@ def write_digits(
     10,000). Anything else raises :class:`InvalidRequestError` and leaves no new file. Returns the files
     written; for ``png``, whose files are many, the output directory.
     """
+    if not isinstance(batches, Iterable):
+        raise InvalidRequestError(f"batches must be an iterable of GeneratedDigits, got {type(batches).__name__}")
+    check_callable(on_batch, "on_batch")
     plan = plan_output(out_dir, fmt, total, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count)
     return plan.write(batches, on_batch).paths
 
@@ -634,6 +644,7 @@ def generate_files(
     is another run's, and refused with :class:`OtherRunError`. Returns the
     files written (for ``png``, the output directory).
     """
+    check_callable(on_batch, "on_batch")
     job = plan_generation(
         gen,
         out_dir,

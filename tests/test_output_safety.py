@@ -65,10 +65,15 @@ def _unlabelled(gen: DigitGenerator) -> list[GeneratedDigits]:
 
 
 def _second_changed(gen: DigitGenerator, **change: object) -> list:
-    """The right digits, but the second batch's arrays replaced (a batch of None when ``change`` is empty)."""
+    """The right digits, but the second batch's arrays replaced."""
     first, second, *rest = gen.iter_batches(N, seed=1, batch_size=4)
     fields = {"images": second.images, "labels": second.labels, "start": second.start, **change}
-    return [first, GeneratedDigits(**fields) if change else None, *rest]
+    return [first, GeneratedDigits(**fields), *rest]
+
+
+def _second_as_a_tuple(gen: DigitGenerator) -> list:
+    first, second, *rest = gen.iter_batches(N, seed=1, batch_size=4)
+    return [first, (second.images, second.labels), *rest]
 
 
 WRONG_ARRAYS = {
@@ -80,7 +85,8 @@ WRONG_ARRAYS = {
     "list labels": lambda gen: _second_changed(gen, labels=[1, 2, 3, 4]),
     "list images": lambda gen: _second_changed(gen, images=[[0]] * 4),
     "label 256": lambda gen: _second_changed(gen, labels=np.array([1, 2, 256, 4])),
-    "no batch": _second_changed,
+    "no batch": lambda gen: [*_second_changed(gen)[:1], None],
+    "a tuple": _second_as_a_tuple,
 }
 
 
@@ -109,7 +115,8 @@ def test_labels_up_to_255_are_written(gen: DigitGenerator, tmp_path: Path) -> No
     ("wrong", "message"),
     [
         ("small images", "a batch's images must be uint8 (N, 28, 28), got uint8 (4, 3, 3)"),
-        ("no batch", "a batch's images must be uint8 (N, 28, 28), got NoneType"),
+        ("no batch", "a batch must be a GeneratedDigits(images, labels, start), got NoneType"),
+        ("a tuple", "a batch must be a GeneratedDigits(images, labels, start), got tuple"),
         ("label 300", "a batch's labels must be integers 0-255 of shape (N,), got int64 (4,)"),
         ("list labels", "a batch's labels must be integers 0-255 of shape (N,), got list"),
         ("list images", "a batch's images must be uint8 (N, 28, 28), got list"),
@@ -122,6 +129,28 @@ def test_a_wrong_batch_is_described_by_what_it_holds(
     with pytest.raises(InvalidRequestError) as error:
         write_digits(WRONG_ARRAYS[wrong](gen), tmp_path, "npz", N)
     assert str(error.value) == f"{message}; no new file was kept"
+
+
+def test_arguments_of_the_wrong_type_are_refused_before_any_file_or_folder(gen: DigitGenerator, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    calls = {
+        "the output directory must be a path (a str or a pathlib.Path), got NoneType None": lambda: generate_files(
+            gen, None, 3
+        ),
+        "on_batch must be a function, e.g. lambda count: None, got None": lambda: generate_files(
+            gen, out, 3, on_batch=None
+        ),
+        "batches must be an iterable of GeneratedDigits, got NoneType": lambda: write_digits(None, out, "png", 4),
+        "on_batch must be a function, e.g. lambda count: None, got 3": lambda: write_digits(
+            [], out, "png", 4, on_batch=3
+        ),
+        "the model's path must be a path (a str or a pathlib.Path), got int 5": lambda: DigitGenerator.from_path(5),
+    }
+    for message, call in calls.items():
+        with pytest.raises(InvalidRequestError) as refused:
+            call()
+        assert str(refused.value) == message
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("permission", ["overwrite", "resume"])
