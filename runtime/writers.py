@@ -84,8 +84,9 @@ def png_name(index: int, label: int) -> str:
     return f"{index:08d}_label{label}.png"
 
 
-def prepare_output_dir(out_dir: str | Path) -> Path:
-    """Create ``out_dir`` (and parents) or explain in one line why it cannot be used."""
+def _prepare_output_dir(out_dir: str | Path) -> tuple[Path, list[Path]]:
+    """Create ``out_dir`` (and parents) or explain in one line why it cannot be used; returns it and the folders
+    this created (deepest first)."""
     if str(out_dir) == "":  # Path("") is the current folder, unsaid
         raise OutputError("the output directory is an empty path; name a folder (. for the current folder)")
     out_dir = check_path(out_dir, "the output directory")
@@ -94,14 +95,14 @@ def prepare_output_dir(out_dir: str | Path) -> Path:
             where = "is" if parent == out_dir else f"lies under {parent}, which is"
             raise OutputError(f"output directory {out_dir} {where} an existing file")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        created = _make_folders(out_dir)
     except OSError as exc:
         raise OutputError(f"cannot create output directory {out_dir}: {exc.strerror or exc}") from exc
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise OutputError(f"output directory {out_dir} is not writable")
     if not os.access(out_dir, os.R_OK):  # its listing tells what a run would replace or resume
         raise OutputError(f"output directory {out_dir} is not readable")
-    return out_dir
+    return out_dir, created
 
 
 def output_names(fmt: str, shard: Shard = WHOLE) -> list[str]:
@@ -419,6 +420,7 @@ class OutputPlan:
     test_count: int  # mnist only: digits total .. total+test_count-1 form the test split
     resume: bool
     existing: tuple[Path, ...]  # outputs already there, which the run may replace
+    created: tuple[Path, ...] = ()  # the folders the plan created, removed again if the run fails with them empty
 
     @property
     def start(self) -> int:
@@ -432,6 +434,13 @@ class OutputPlan:
 
     def write(self, batches: Iterable[GeneratedDigits], on_batch: OnBatch = lambda n: None) -> WrittenFiles:
         """Write the digits ``start .. start+count-1``, streamed from ``batches`` in order."""
+        try:
+            return self._write(batches, on_batch)
+        except BaseException:
+            _remove_if_empty(self.created)
+            raise
+
+    def _write(self, batches: Iterable[GeneratedDigits], on_batch: OnBatch) -> WrittenFiles:
         png = self.fmt == "png"
         with claim_indices(self.out_dir, *_png_indices(self.shard, self.total)) if png else nullcontext():
             if self.out_dir.is_dir():  # a killed run's, of any label: none is left beside this run's digits
@@ -452,17 +461,28 @@ class OutputPlan:
         return WrittenFiles(paths, sum(_unchanged(path, stat) for path, stat in before.items()), len(paths))
 
 
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones this created, deepest first."""
+    created = [parent for parent in [folder, *folder.parents] if not parent.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_if_empty(folders: Iterable[Path]) -> None:
+    """Remove ``folders`` (deepest first) that are empty: a failed run leaves none that it created for nothing."""
+    for path in folders:
+        with suppress(OSError):  # not empty: something was put there (files this run completed, or another's)
+            path.rmdir()
+
+
 @contextmanager
 def _new_folders(folder: Path) -> Iterator[None]:
     """Create ``folder`` and its missing parents; remove those it created if the block fails."""
-    created = [parent for parent in [folder, *folder.parents] if not parent.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
+    created = _make_folders(folder)
     try:
         yield
     except BaseException:
-        for path in created:
-            with suppress(OSError):  # not empty: something else was put there meanwhile
-                path.rmdir()
+        _remove_if_empty(created)
         raise
 
 
@@ -521,7 +541,26 @@ def plan_output(
         check_idx_count(max(stop - start, test_count or 0))
     if fmt in ("npz", "grid"):
         _arrays_for(stop - start)  # address space, not memory touched: a count that can never be held stops here
-    out_dir = prepare_output_dir(out_dir)
+    out_dir, created = _prepare_output_dir(out_dir)
+    try:
+        return _check_output(out_dir, fmt, total, shard, overwrite, resume, test_count or 0, tuple(created))
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+
+
+def _check_output(
+    out_dir: Path,
+    fmt: str,
+    total: int,
+    shard: Shard,
+    overwrite: bool,
+    resume: bool,
+    test_count: int,
+    created: tuple[Path, ...],
+) -> OutputPlan:
+    """The checks of :func:`plan_output` that look into ``out_dir``: files other runs are writing now, and those
+    this run would replace."""
     if fmt == "mnist":
         for folder in (out_dir / MNIST_RAW).parent, out_dir / MNIST_RAW:
             if os.path.lexists(folder) and not folder.is_dir():
@@ -541,7 +580,7 @@ def plan_output(
             existing += pngs_in_range(out_dir, total, sys.maxsize)
     elif fmt == "png":
         _refuse_a_longer_run(out_dir, total)
-    return OutputPlan(out_dir, fmt, total, shard, test_count or 0, resume, tuple(existing))
+    return OutputPlan(out_dir, fmt, total, shard, test_count, resume, tuple(existing), created)
 
 
 def write_digits(

@@ -19,6 +19,7 @@ from digitgen.runtime import (
     DigitGenerator,
     GeneratedDigits,
     InvalidRequestError,
+    ModelRunError,
     OutputError,
     Shard,
     files,
@@ -100,8 +101,36 @@ def test_writer_fed_the_wrong_digits_raises_and_leaves_no_file(
     gen: DigitGenerator, tmp_path: Path, fmt: str, batches
 ) -> None:
     with pytest.raises(InvalidRequestError, match="no new file was kept"):
-        write_digits(batches(gen), tmp_path, fmt, N)
+        write_digits(batches(gen), tmp_path / "new" / "out", fmt, N)
+    assert list(tmp_path.iterdir()) == []  # nor the folders it made for them
+
+
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+def test_a_run_that_fails_or_is_stopped_before_any_file_leaves_no_folder_it_made(
+    gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """A model that fails on its first batch; a Ctrl-C before any file is complete. A folder that was there
+    already stays, empty or not."""
+    with monkeypatch.context() as failing:
+
+        def fail(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+            raise ModelRunError("onnxruntime failed")
+
+        failing.setattr(gen, "run", fail)
+        with pytest.raises(ModelRunError):
+            generate_files(gen, tmp_path / "new" / "out", N, fmt)
     assert list(tmp_path.iterdir()) == []
+
+    def stop(count: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path / "new", N, "npz", batch_size=4, on_batch=stop)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path / "mine", N, "npz", batch_size=4, on_batch=stop)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
 
 
 def test_labels_up_to_255_are_written(gen: DigitGenerator, tmp_path: Path) -> None:
