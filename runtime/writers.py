@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import dataclasses
 import itertools
 import os
 import re
@@ -66,6 +67,14 @@ from digitgen.runtime.idx import (
     idx_header,
 )
 from digitgen.runtime.index_lock import claim_indices, refuse_if_indices_claimed
+from digitgen.runtime.run_record import (
+    check_record_count,
+    common_record,
+    is_recorded,
+    is_whole_record,
+    record_name,
+    run_record,
+)
 from digitgen.runtime.shards import WHOLE, Shard, check_shard_sizes, concat_idx, concat_npz, find_shards
 
 FORMATS = ("png", "grid", "npz", "idx", "mnist")
@@ -75,6 +84,7 @@ IDX_IMAGES_FILE, IDX_LABELS_FILE = MNIST_FILES[:2]  # the train split's names
 DEFAULT_TEST_COUNT = 10_000  # the size of MNIST's own test split
 GRID_MAX_DIGITS = 10_000
 PNG_NAME = re.compile(r"^(\d{8,})_label\d+\.png$")
+RECORD_NAME = re.compile(r"^digitgen-[a-z]+-run-\d{5,}-of-\d{5,}$")
 TEMPORARY_PNG = re.compile(r"^\.(\d{8,})_label\d+\.png\.part$")  # what files.publish writes first
 
 OnBatch = Callable[[int], None]
@@ -105,12 +115,14 @@ def _prepare_output_dir(out_dir: str | Path) -> tuple[Path, list[Path]]:
     return out_dir, created
 
 
-def output_names(fmt: str, shard: Shard = WHOLE) -> list[str]:
-    """Files a non-PNG format writes, relative to the output directory (PNG names depend on index and label)."""
+def output_names(fmt: str, shard: Shard = WHOLE, recorded: bool = False) -> list[str]:
+    """Files a non-PNG format writes, relative to the output directory (PNG names depend on index and label);
+    ``recorded``: the shard's run record last (see :mod:`~digitgen.runtime.run_record`)."""
     if fmt == "mnist":
         return [f"{MNIST_RAW}/{name}" for name in MNIST_FILES]
     names = {"grid": [GRID_FILE], "npz": [NPZ_FILE], "idx": [IDX_IMAGES_FILE, IDX_LABELS_FILE]}[fmt]
-    return [shard.name(name) for name in names]
+    record = [record_name(fmt, shard)] if recorded and is_recorded(fmt, shard) else []
+    return [shard.name(name) for name in names] + record
 
 
 def pngs_in_range(out_dir: Path, start: int, stop: int) -> list[Path]:
@@ -123,14 +135,14 @@ def pngs_in_range(out_dir: Path, start: int, stop: int) -> list[Path]:
     return sorted(found)
 
 
-def existing_outputs(out_dir: Path, fmt: str, shard: Shard, total: int) -> list[Path]:
+def existing_outputs(out_dir: Path, fmt: str, shard: Shard, total: int, recorded: bool = False) -> list[Path]:
     """Files a run would replace: named outputs of ``fmt``, or PNGs for indices in range."""
     if fmt == "png":
         return pngs_in_range(out_dir, *shard.bounds(total))
-    return [out_dir / name for name in output_names(fmt, shard) if os.path.lexists(out_dir / name)]
+    return [out_dir / name for name in output_names(fmt, shard, recorded) if os.path.lexists(out_dir / name)]
 
 
-def leftover_temporaries(out_dir: Path, fmt: str, shard: Shard, total: int) -> list[Path]:
+def leftover_temporaries(out_dir: Path, fmt: str, shard: Shard, total: int, recorded: bool = False) -> list[Path]:
     """Temporary files of this request's outputs that a killed run (SIGKILL, power loss) left behind."""
     if fmt == "png":
         start, stop = shard.bounds(total)
@@ -139,7 +151,8 @@ def leftover_temporaries(out_dir: Path, fmt: str, shard: Shard, total: int) -> l
             for entry in os.scandir(out_dir)
             if (match := TEMPORARY_PNG.match(entry.name)) and start <= int(match.group(1)) < stop
         ]
-    return [path for name in output_names(fmt, shard) if (path := temporary_name(out_dir / name)).exists()]
+    names = output_names(fmt, shard, recorded)
+    return [path for name in names if (path := temporary_name(out_dir / name)).exists()]
 
 
 def _check_arrays(batch: object) -> None:
@@ -188,6 +201,10 @@ def _checked(batches: Iterable[GeneratedDigits], start: int, stop: int) -> Itera
         )
 
 
+def _is_record(path: Path) -> bool:
+    return RECORD_NAME.match(path.name) is not None
+
+
 def _index(path: Path) -> int:
     return int(PNG_NAME.match(path.name).group(1))
 
@@ -196,6 +213,8 @@ def _is_complete(path: Path) -> bool:
     """Whether ``path`` is a whole file of its format (PNG, NPZ or IDX) rather than a damaged or truncated one.
     An IDX file has no checksum: only its header and size can tell."""
     try:
+        if _is_record(path):
+            return is_whole_record(path.read_bytes())
         if path.suffix == ".png":
             return is_whole_png(path.read_bytes())
         if path.suffix == ".npz":
@@ -219,6 +238,8 @@ def _holds(path: Path, data: bytes) -> bool:
 
 def _first_bytes(path: Path) -> tuple[str, bytes]:
     """The kind of file ``path`` names and the bytes every file of that kind begins with."""
+    if _is_record(path):
+        return "a run record", b"{"
     if path.suffix == ".png":
         return "a PNG", PNG_SIGNATURE
     if path.suffix == ".npz":
@@ -349,26 +370,47 @@ def _write_grid(
 
 
 def _write_npz(
-    batches: Iterable[GeneratedDigits], paths: list[Path], num: int, resume: bool, on_batch: OnBatch
+    batches: Iterable[GeneratedDigits],
+    paths: list[Path],
+    num: int,
+    resume: bool,
+    on_batch: OnBatch,
+    extras: Sequence[bytes] = (),
 ) -> None:
-    with atomic_file(paths[0], _resume_check(resume)) as f:  # claimed first: a second run is refused at once
+    """The NPZ file, then ``extras`` (the shard's run record) in the files after it, all published together."""
+    with atomic_files(paths, _resume_check(resume)) as files:  # claimed first: a second run is refused at once
         digits = collect(batches, num, on_batch)
-        f.write(npz_bytes(digits.images, digits.labels))
+        files[0].write(npz_bytes(digits.images, digits.labels))
+        for f, data in zip(files[1:], extras, strict=True):
+            f.write(data)
 
 
 def _write_idx(
-    batches: Iterable[GeneratedDigits], paths: Sequence[Path], num: int, resume: bool, on_batch: OnBatch
+    batches: Iterable[GeneratedDigits],
+    paths: Sequence[Path],
+    num: int,
+    resume: bool,
+    on_batch: OnBatch,
+    extras: Sequence[bytes] = (),
 ) -> None:
     """MNIST IDX pair (big-endian headers: magic, count, rows, cols), streamed batch by batch."""
-    _write_idx_splits(batches, paths, [num], resume, on_batch)
+    _write_idx_splits(batches, paths, [num], resume, on_batch, extras)
 
 
 def _write_idx_splits(
-    batches: Iterable[GeneratedDigits], paths: Sequence[Path], sizes: Sequence[int], resume: bool, on_batch: OnBatch
+    batches: Iterable[GeneratedDigits],
+    paths: Sequence[Path],
+    sizes: Sequence[int],
+    resume: bool,
+    on_batch: OnBatch,
+    extras: Sequence[bytes] = (),
 ) -> None:
-    """One IDX pair (images, labels) per split of ``sizes`` consecutive digits, all published together."""
+    """One IDX pair (images, labels) per split of ``sizes`` consecutive digits, then ``extras`` in the files after
+    them, all published together."""
     with atomic_files(paths, _resume_check(resume)) as files:
-        pairs = [files[i : i + 2] for i in range(0, len(files), 2)]
+        for f, data in zip(files[2 * len(sizes) :], extras, strict=True):
+            f.write(data)
+        pairs = [files[i : i + 2] for i in range(0, 2 * len(sizes), 2)]
         for (images_f, labels_f), size in zip(pairs, sizes, strict=True):
             images_f.write(idx_header(size, images=True))
             labels_f.write(idx_header(size, images=False))
@@ -421,6 +463,7 @@ class OutputPlan:
     resume: bool
     existing: tuple[Path, ...]  # outputs already there, which the run may replace
     created: tuple[Path, ...] = ()  # the folders the plan created, removed again if the run fails with them empty
+    record: bytes | None = None  # a sharded IDX or NPZ run's record, written beside its part
 
     @property
     def start(self) -> int:
@@ -431,6 +474,11 @@ class OutputPlan:
     def count(self) -> int:
         """How many digits this run writes."""
         return self.shard.size(self.total) + self.test_count
+
+    @property
+    def recorded(self) -> bool:
+        """Whether this run writes a record beside its part."""
+        return self.record is not None and is_recorded(self.fmt, self.shard)
 
     def write(self, batches: Iterable[GeneratedDigits], on_batch: OnBatch = lambda n: None) -> WrittenFiles:
         """Write the digits ``start .. start+count-1``, streamed from ``batches`` in order."""
@@ -444,20 +492,22 @@ class OutputPlan:
         png = self.fmt == "png"
         with claim_indices(self.out_dir, *_png_indices(self.shard, self.total)) if png else nullcontext():
             if self.out_dir.is_dir():  # a killed run's, of any label: none is left beside this run's digits
-                for tmp in leftover_temporaries(self.out_dir, self.fmt, self.shard, self.total):
+                for tmp in leftover_temporaries(self.out_dir, self.fmt, self.shard, self.total, self.recorded):
                     remove_leftover(tmp)
             batches = _checked(batches, self.start, self.start + self.count)
             if png:
                 kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, on_batch)
                 return WrittenFiles([self.out_dir], kept, self.count)
-        paths = [self.out_dir / name for name in output_names(self.fmt, self.shard)]
+        paths = [self.out_dir / name for name in output_names(self.fmt, self.shard, self.recorded)]
         before = {path: path.lstat() for path in self.existing}  # a dangling link is an existing file too
         if self.fmt == "mnist":
             with _new_folders(paths[0].parent):
                 _write_idx_splits(batches, paths, [self.total, self.test_count], self.resume, on_batch)
+        elif self.fmt == "grid":
+            _write_grid(batches, paths, self.count, self.resume, on_batch)
         else:
-            writer = {"grid": _write_grid, "npz": _write_npz, "idx": _write_idx}[self.fmt]
-            writer(batches, paths, self.count, self.resume, on_batch)
+            writer = _write_npz if self.fmt == "npz" else _write_idx
+            writer(batches, paths, self.count, self.resume, on_batch, [self.record] if self.recorded else [])
         return WrittenFiles(paths, sum(_unchanged(path, stat) for path, stat in before.items()), len(paths))
 
 
@@ -506,8 +556,10 @@ def plan_output(
     overwrite: bool = False,
     resume: bool = False,
     test_count: int | None = None,
+    record: bytes | None = None,
 ) -> OutputPlan:
     """Check a request for ``shard`` of ``total`` digits as ``fmt`` in ``out_dir``; raise before writing anything.
+    ``record``: the run's record, written beside a shard of IDX or NPZ (:mod:`~digitgen.runtime.run_record`).
 
     Existing outputs are refused unless ``overwrite`` (replace them) or ``resume`` (keep those that
     already hold exactly what this request writes, replace the rest). ``fmt="mnist"`` writes a
@@ -542,25 +594,18 @@ def plan_output(
     if fmt in ("npz", "grid"):
         _arrays_for(stop - start)  # address space, not memory touched: a count that can never be held stops here
     out_dir, created = _prepare_output_dir(out_dir)
+    plan = OutputPlan(out_dir, fmt, total, shard, test_count or 0, resume, (), tuple(created), record)
     try:
-        return _check_output(out_dir, fmt, total, shard, overwrite, resume, test_count or 0, tuple(created))
+        return _with_existing(plan, overwrite)
     except BaseException:
         _remove_if_empty(created)
         raise
 
 
-def _check_output(
-    out_dir: Path,
-    fmt: str,
-    total: int,
-    shard: Shard,
-    overwrite: bool,
-    resume: bool,
-    test_count: int,
-    created: tuple[Path, ...],
-) -> OutputPlan:
-    """The checks of :func:`plan_output` that look into ``out_dir``: files other runs are writing now, and those
-    this run would replace."""
+def _with_existing(plan: OutputPlan, overwrite: bool) -> OutputPlan:
+    """``plan`` with the outputs already in its folder, which it may replace; the checks of :func:`plan_output`
+    that look into the folder: files other runs are writing now, and those this run would replace."""
+    out_dir, fmt, shard, total = plan.out_dir, plan.fmt, plan.shard, plan.total
     if fmt == "mnist":
         for folder in (out_dir / MNIST_RAW).parent, out_dir / MNIST_RAW:
             if os.path.lexists(folder) and not folder.is_dir():
@@ -570,17 +615,17 @@ def _check_output(
     if fmt == "png":  # a run writing these files now is refused here, before any progress
         refuse_if_indices_claimed(out_dir, *_png_indices(shard, total))
     else:
-        for name in output_names(fmt, shard):
+        for name in output_names(fmt, shard, plan.recorded):
             refuse_if_claimed(temporary_name(out_dir / name))
-    existing = existing_outputs(out_dir, fmt, shard, total)
-    if not resume:
+    existing = existing_outputs(out_dir, fmt, shard, total, plan.recorded)
+    if not plan.resume:
         refuse_existing(existing, overwrite)
         if overwrite and fmt == "png" and shard.count == 1:
             # a longer run's digits go too, so that the folder ends as this run's (a shard removes only its own)
             existing += pngs_in_range(out_dir, total, sys.maxsize)
     elif fmt == "png":
         _refuse_a_longer_run(out_dir, total)
-    return OutputPlan(out_dir, fmt, total, shard, test_count, resume, tuple(existing), created)
+    return dataclasses.replace(plan, existing=tuple(existing))
 
 
 def write_digits(
@@ -643,8 +688,11 @@ def plan_generation(
     test_count: int | None = None,
 ) -> GenerationJob:
     """Check everything about a :func:`generate_files` request, generating nothing and writing no file."""
-    gen.check_request(num, digits, seed, batch_size, truncation=truncation)
-    plan = plan_output(out_dir, fmt, num, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count)
+    request = gen.check_request(num, digits, seed, batch_size, truncation=truncation)
+    record = run_record(fmt, num, shard.count, request.digits, request.seed, request.truncation, gen.sha256)
+    plan = plan_output(
+        out_dir, fmt, num, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count, record=record
+    )
     if resume and fmt == "png" and plan.existing:
         _refuse_another_runs_folder(gen, min(plan.existing, key=_index), digits, seed, truncation)
     return GenerationJob(gen, plan, digits, seed, batch_size, truncation)
@@ -716,8 +764,10 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
         raise OutputError(f"{out_dir} holds {other} shards and no {fmt} ones: merge them as {other} (--format {other})")
     parts = [find_shards(out_dir, path.name) for path in targets]
     refuse_existing(targets, overwrite)
+    record = common_record(out_dir, fmt, len(parts[0]))
     if fmt == "npz":
         merged = concat_npz(parts[0])
+        check_record_count(out_dir, record, len(merged["labels"]))
         with atomic_file(targets[0]) as f:
             f.write(npz_bytes(merged["images"], merged["labels"]))
         return targets
@@ -733,6 +783,7 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
     if uneven:
         raise OutputError(f"{out_dir}: shard(s) {', '.join(uneven)} hold different numbers of images and labels")
     check_shard_sizes(parts[1], label_counts)
+    check_record_count(out_dir, record, sum(label_counts))
     with atomic_files(targets) as (images_out, labels_out):  # both files, or neither
         concat_idx(parts[0], image_counts, True, images_out)
         concat_idx(parts[1], label_counts, False, labels_out)

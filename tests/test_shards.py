@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import digitgen.runtime.writers as writers
 from digitgen.cli import main
 from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, generate_files
 from digitgen.runtime.idx import check_idx, read_idx
+from digitgen.runtime.noise import NOISE_SCHEME
 from digitgen.runtime.shards import WHOLE, Shard
 from digitgen.runtime.writers import merge_shards
 
@@ -46,6 +48,54 @@ def test_merged_shards_equal_unsharded_files(gen: DigitGenerator, tmp_path: Path
     else:
         with np.load(merged[0]) as a, np.load(whole[0]) as b:
             assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
+    records = sorted((tmp_path / "parts").glob(f"digitgen-{fmt}-run-*-of-0000{K}"))
+    assert len(records) == K and len({p.read_bytes() for p in records}) == 1  # one run: the same record each
+    assert json.loads(records[0].read_bytes()) == {
+        "record": 1,
+        "format": fmt,
+        "count": N,
+        "shards": K,
+        "digits": [3, 1, 4],
+        "seed": 9,
+        "truncation": None,
+        "model_sha256": gen.sha256,
+        "noise": NOISE_SCHEME,
+    }
+    assert not list((tmp_path / "whole").glob("digitgen-*"))  # an unsharded run has nothing to merge
+
+
+@pytest.mark.parametrize("fmt", ["idx", "npz"])
+def test_merge_refuses_a_shard_run_again_with_other_options(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
+    """A job array's failed shard, run again after its script changed (another seed): its size alone would pass."""
+    _write(gen, tmp_path, fmt, Shard(0, 2))
+    generate_files(gen, tmp_path, N, fmt, digits=[3, 1, 4], seed=5, batch_size=4, shard=Shard(1, 2), overwrite=True)
+    with pytest.raises(OutputError) as error:
+        merge_shards(tmp_path, fmt)
+    assert str(error.value) == (
+        f"{tmp_path}: shards 0 and 1 come from different runs (seed 9 against 5); run shard 1 again with the "
+        "options of the others"
+    )
+    generate_files(gen, tmp_path, N, fmt, digits=[3, 1, 4], seed=9, batch_size=4, shard=Shard(1, 2), overwrite=True)
+    merge_shards(tmp_path, fmt)  # the shard run again as the others were: merged
+
+
+def test_merge_refuses_a_shard_without_the_record_the_others_have_or_with_a_damaged_one(
+    gen: DigitGenerator, tmp_path: Path
+) -> None:
+    for i in range(3):
+        _write(gen, tmp_path, "idx", Shard(i, 3))
+    record = tmp_path / "digitgen-idx-run-00002-of-00003"
+    record.write_bytes(b'{"count": ')
+    with pytest.raises(OutputError, match=rf"^{record} is not a run record \(damaged\?\); run shard 2 again"):
+        merge_shards(tmp_path, "idx")
+    record.unlink()
+    with pytest.raises(OutputError) as error:
+        merge_shards(tmp_path, "idx")
+    assert str(error.value) == (
+        f"{tmp_path}: shard 2 has no run record (digitgen-idx-run-00002-of-00003) where shard 0 has one: they were "
+        "written by different runs; run shard 2 again as the others were"
+    )
+    assert not list(tmp_path.glob("train-*-ubyte"))
 
 
 def test_png_shards_are_the_unsharded_files(gen: DigitGenerator, tmp_path: Path) -> None:
@@ -111,9 +161,18 @@ def test_merge_refuses_image_and_label_shards_of_different_runs(gen: DigitGenera
 
 @pytest.mark.parametrize("fmt", ["idx", "npz"])
 def test_merge_refuses_shards_of_runs_of_different_counts(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
-    """Shards 0 and 2 of 30 digits and shard 1 of 40 hold 10, 13, 10: no one run splits so."""
+    """Shards 0 and 2 of 30 digits and shard 1 of 40: their run records differ; without them (parts written before
+    records were kept), their sizes 10, 13, 10 are no one run's split."""
     for index, total in [(0, 30), (1, 40), (2, 30)]:
         generate_files(gen, tmp_path, total, fmt, seed=9, shard=Shard(index, 3))
+    with pytest.raises(OutputError) as error:
+        merge_shards(tmp_path, fmt)
+    assert str(error.value) == (
+        f"{tmp_path}: shards 0 and 1 come from different runs (count 30 against 40); run shard 1 again with the "
+        "options of the others"
+    )
+    for record in tmp_path.glob(f"digitgen-{fmt}-run-*"):
+        record.unlink()
     with pytest.raises(OutputError) as error:
         merge_shards(tmp_path, fmt)
     assert str(error.value) == (
@@ -203,6 +262,7 @@ def test_a_damaged_shard_is_named_and_nothing_is_merged(gen: DigitGenerator, tmp
 
 def test_an_npz_shard_holding_one_array_is_named_and_nothing_is_merged(gen: DigitGenerator, tmp_path: Path) -> None:
     _write(gen, tmp_path, "npz", Shard(0, 2))
+    (tmp_path / "digitgen-npz-run-00000-of-00002").unlink()  # as parts made before run records were kept
     with (tmp_path / "digits-00001-of-00002.npz").open("wb") as f:
         np.save(f, np.zeros((2, 28, 28), np.uint8))  # .npy bytes under an .npz name
     shard = r"digits-00001-of-00002\.npz is not a digits NPZ shard \(ValueError: it holds one NumPy array"
@@ -224,6 +284,7 @@ def test_an_npz_shard_that_is_not_digits_is_named_and_nothing_is_merged(
     gen: DigitGenerator, tmp_path: Path, images: np.ndarray, labels: np.ndarray
 ) -> None:
     _write(gen, tmp_path, "npz", Shard(0, 2))
+    (tmp_path / "digitgen-npz-run-00000-of-00002").unlink()  # as parts made before run records were kept
     np.savez(tmp_path / "digits-00001-of-00002.npz", images=images, labels=labels)
     with pytest.raises(OutputError, match=r"digits-00001-of-00002\.npz is not a digits NPZ shard: images "):
         merge_shards(tmp_path, "npz")

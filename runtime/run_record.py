@@ -1,0 +1,92 @@
+"""A sharded run's record: the request each IDX or NPZ part was made from, written beside the part, so that
+``merge`` joins only parts of one run (an IDX file has no room to say which run wrote it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from digitgen.runtime.errors import OutputError
+from digitgen.runtime.noise import NOISE_SCHEME
+from digitgen.runtime.shards import Shard
+
+RECORDED_FORMATS = ("idx", "npz")  # the formats whose shards merge joins
+RECORD_VERSION = 1
+
+
+def is_recorded(fmt: str, shard: Shard) -> bool:
+    """Whether a run of ``fmt`` writing ``shard`` writes a record: the shards that merge joins."""
+    return fmt in RECORDED_FORMATS and shard.count > 1
+
+
+def record_name(fmt: str, shard: Shard) -> str:
+    """``digitgen-idx-run-00001-of-00004``: named as its part is, so ``rm DIR/*-of-00004`` removes both."""
+    return shard.name(f"digitgen-{fmt}-run")
+
+
+def run_record(
+    fmt: str, count: int, shards: int, digits: tuple[int, ...], seed: int, truncation: float | None, model: str
+) -> bytes:
+    """The record of a sharded run of ``count`` digits: the same bytes for each of its shards."""
+    record = {
+        "record": RECORD_VERSION,
+        "format": fmt,
+        "count": count,
+        "shards": shards,
+        "digits": list(digits),
+        "seed": seed,
+        "truncation": truncation,
+        "model_sha256": model,
+        "noise": NOISE_SCHEME,
+    }
+    return (json.dumps(record, indent=1) + "\n").encode()
+
+
+def is_whole_record(data: bytes) -> bool:
+    """Whether ``data`` reads as a run record (a damaged one does not)."""
+    try:
+        return isinstance(json.loads(data), dict)
+    except ValueError:  # UnicodeDecodeError among them
+        return False
+
+
+def common_record(out_dir: Path, fmt: str, shards: int) -> dict | None:
+    """The record every one of the ``shards`` parts of ``fmt`` in ``out_dir`` carries, or ``None`` where none
+    carries one (parts written before records were kept: their sizes are all there is to check).
+    :class:`OutputError` naming the shard where parts of different runs meet."""
+    records: list[dict | None] = []
+    for index in range(shards):
+        path = out_dir / record_name(fmt, Shard(index, shards))
+        if not path.exists():
+            records.append(None)
+            continue
+        data = path.read_bytes()
+        if not is_whole_record(data):
+            raise OutputError(f"{path} is not a run record (damaged?); run shard {index} again with --overwrite")
+        records.append(json.loads(data))
+    if all(record is None for record in records):
+        return None
+    first = next(index for index, record in enumerate(records) if record is not None)
+    for index, record in enumerate(records):
+        if record is None:
+            raise OutputError(
+                f"{out_dir}: shard {index} has no run record ({record_name(fmt, Shard(index, shards))}) where shard "
+                f"{first} has one: they were written by different runs; run shard {index} again as the others were"
+            )
+        if record != records[first]:
+            ours, theirs = records[first], record
+            field = next(key for key in {**ours, **theirs} if ours.get(key) != theirs.get(key))
+            raise OutputError(
+                f"{out_dir}: shards {first} and {index} come from different runs ({field} {ours.get(field)!r} "
+                f"against {theirs.get(field)!r}); run shard {index} again with the options of the others"
+            )
+    return records[first]
+
+
+def check_record_count(out_dir: Path, record: dict | None, total: int) -> None:
+    """:class:`OutputError` if the parts hold another number of digits than their run's record says."""
+    if record is not None and record.get("count") != total:
+        raise OutputError(
+            f"{out_dir}: the parts hold {total} digits where their run made {record.get('count')}: "
+            "a part was replaced by hand; run it again"
+        )
