@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import onnxruntime as ort
 
 from digitgen.runtime.errors import ModelContractError
+from digitgen.runtime.idx import IMAGE_SIDE
 
 CONTRACT_VERSION = "1"
-IMAGE_SIZE = 28
 # bounds that keep a model's noise small and its labels storable: far past any digit model
 MAX_LATENT_DIM = 4096
 MAX_CLASSES = 256  # every label fits the one byte an IDX label file gives it
@@ -54,7 +54,7 @@ def _check_io(session: ort.InferenceSession) -> list[str]:
         image is not None
         and len(image.shape) == 4
         and not all(
-            _is_dynamic(d) or d == want for d, want in zip(image.shape[1:], (1, IMAGE_SIZE, IMAGE_SIZE), strict=True)
+            _is_dynamic(d) or d == want for d, want in zip(image.shape[1:], (1, IMAGE_SIDE, IMAGE_SIDE), strict=True)
         )
     ):
         problems.append(f"'image' must be [batch, 1, 28, 28], found {image.shape}")
@@ -81,8 +81,8 @@ def check_contract(session: ort.InferenceSession, source: str) -> ModelInfo:
     latent_dim = _int_metadata(metadata, "latent_dim", problems, MAX_LATENT_DIM)
     num_classes = _int_metadata(metadata, "num_classes", problems, MAX_CLASSES)
     image_size = _int_metadata(metadata, "image_size", problems)
-    if image_size and image_size != IMAGE_SIZE:
-        problems.append(f"metadata 'image_size' must be {IMAGE_SIZE}, found {image_size}")
+    if image_size and image_size != IMAGE_SIDE:
+        problems.append(f"metadata 'image_size' must be {IMAGE_SIDE}, found {image_size}")
     if "contract_version" in metadata and metadata["contract_version"] != CONTRACT_VERSION:
         problems.append(f"contract_version {metadata['contract_version']!r} is not {CONTRACT_VERSION!r}")
     elif "contract_version" not in metadata:

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from digitgen.runtime.contract import IMAGE_SIZE, ModelInfo, check_contract
+from digitgen.runtime.contract import ModelInfo, check_contract
 from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError, TooManyDigitsError
+from digitgen.runtime.idx import IMAGE_SIDE
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
 
@@ -77,7 +78,7 @@ def empty_digits(num: int) -> tuple[np.ndarray, np.ndarray]:
     """Arrays for ``num`` digits and their labels, to be filled; :class:`TooManyDigitsError` if they cannot be had
     (address space is asked for, not memory touched: a count that can never be held stops here, at once)."""
     try:
-        return np.empty((num, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8), np.empty(num, dtype=np.int64)
+        return np.empty((num, IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8), np.empty(num, dtype=np.int64)
     except (ValueError, MemoryError) as exc:  # numpy's ValueError: an array past its address space
         raise TooManyDigitsError(f"{num} digits do not fit in memory at once") from exc
 
@@ -211,7 +212,7 @@ class DigitGenerator:
             (images,) = self._session.run(["image"], {"z": z, "digit": labels})
         except ORT_ERRORS as exc:
             raise ModelRunError(f"{self.path}: the model failed to run: {ort_reason(exc)}") from exc
-        expected = (len(z), 1, IMAGE_SIZE, IMAGE_SIZE)
+        expected = (len(z), 1, IMAGE_SIDE, IMAGE_SIDE)
         if images.dtype != np.float32 or images.shape != expected:
             raise ModelContractError(
                 f"{self.path}: the model returned 'image' of shape {images.shape} ({images.dtype}) for "

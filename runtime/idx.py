@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from digitgen.runtime.errors import InvalidRequestError
-from digitgen.runtime.files import atomic_file
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -80,12 +79,6 @@ def read_idx(path: str | Path) -> np.ndarray:
     """uint8 images (N, 28, 28) or labels (N,), checked against the header's count."""
     shape = check_idx(path)
     return np.fromfile(path, np.uint8, offset=header_size(len(shape) == 3)).reshape(shape)
-
-
-def write_idx(path: str | Path, items: np.ndarray) -> None:
-    """Write uint8 images (N, 28, 28) or labels (N,) as one IDX file, atomically."""
-    with atomic_file(path) as f:
-        f.write(idx_header(len(items), items.ndim == 3) + items.astype(np.uint8).tobytes())
 
 
 def mnist_raw_folder(root: str | Path) -> Path:

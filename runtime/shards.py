@@ -17,7 +17,7 @@ import numpy as np
 
 from digitgen.runtime.encode import open_npz
 from digitgen.runtime.errors import InvalidRequestError, OutputError
-from digitgen.runtime.idx import header_size, idx_header
+from digitgen.runtime.idx import IMAGE_SIDE, header_size, idx_header
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _is_digits(images: np.ndarray, labels: np.ndarray) -> bool:
     """What ``generate --format npz`` writes: uint8 images (N, 28, 28) and int64 labels (N,)."""
     return (
         images.dtype == np.uint8
-        and images.shape[1:] == (28, 28)
+        and images.shape[1:] == (IMAGE_SIDE, IMAGE_SIDE)
         and labels.dtype == np.int64
         and labels.shape == images.shape[:1]
     )

@@ -58,6 +58,7 @@ from digitgen.runtime.generator import (
     fill_digits,
 )
 from digitgen.runtime.idx import (
+    IMAGE_SIDE,
     IMAGES_MAGIC,
     LABELS_MAGIC,
     MNIST_FILES,
@@ -85,7 +86,7 @@ DEFAULT_TEST_COUNT = 10_000  # the size of MNIST's own test split
 GRID_MAX_DIGITS = 10_000
 PNG_NAME = re.compile(r"^(\d{8,})_label\d+\.png$")
 RECORD_NAME = re.compile(r"^digitgen-[a-z]+-run-\d{5,}-of-\d{5,}$")
-TEMPORARY_PNG = re.compile(r"^\.(\d{8,})_label\d+\.png\.part$")  # what files.publish writes first
+TEMPORARY_PNG = re.compile(r"^\.(\d{8,})_label\d+\.png\.part$")  # a PNG's temporary file (files.temporary_name)
 
 OnBatch = Callable[[int], None]
 
@@ -164,7 +165,7 @@ def _check_arrays(batch: object) -> None:
             "no new file was kept"
         )
     images, labels = batch.images, batch.labels
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape[1:] != (28, 28):
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
         got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
         raise InvalidRequestError(f"a batch's images must be uint8 (N, 28, 28), got {got}; no new file was kept")
     if (
@@ -269,7 +270,7 @@ def _refuse_other_digits(path: Path) -> None:
 
 
 def _resume_check(resume: bool) -> Callable[[Path], None] | None:
-    """What :func:`~digitgen.runtime.files.publish_all` is given to keep or vet existing files when resuming."""
+    """What :func:`~digitgen.runtime.files.atomic_files` is given to keep or vet existing files when resuming."""
     return _refuse_other_digits if resume else None
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from digitgen.runtime.idx import write_idx
+from digitgen.runtime.idx import idx_header
 from digitgen.training.data import MNIST_FILES
 
 
@@ -87,3 +87,8 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_idx(path: str | Path, items: np.ndarray) -> None:
+    """Write uint8 images (N, 28, 28) or labels (N,) as one IDX file."""
+    Path(path).write_bytes(idx_header(len(items), items.ndim == 3) + items.astype(np.uint8).tobytes())

@@ -15,13 +15,12 @@ from digitgen.export.classifier_export import export_classifier_weights
 from digitgen.export.onnx_export import DEFAULT_OPSET
 from digitgen.runtime import DigitGenerator, default_model_path
 from digitgen.runtime.errors import OutputError
-from digitgen.runtime.idx import write_idx
 from digitgen.runtime.noise import standard_normal
 from digitgen.runtime.session import open_session
 from digitgen.training.classifier import WEIGHTS_KIND, load_classifier_weights
 from digitgen.training.errors import CheckpointError
 from tests.conftest import REPO
-from tests.helpers import write_tiny_mnist
+from tests.helpers import write_idx, write_tiny_mnist
 
 SHIPPED_WEIGHTS = REPO / "artifacts" / "classifier_weights.pt"
 SHIPPED_CLASSIFIER = REPO / "artifacts" / "classifier.onnx"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from digitgen.runtime import InvalidRequestError
-from digitgen.runtime.idx import check_idx, idx_header, read_idx, read_mnist_split, write_idx
+from digitgen.runtime.idx import check_idx, idx_header, read_idx, read_mnist_split
+from tests.helpers import write_idx
 
 IMAGES = np.arange(3 * 28 * 28, dtype=np.int64).reshape(3, 28, 28) % 256
 LABELS = np.array([7, 0, 9])

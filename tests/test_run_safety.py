@@ -13,12 +13,12 @@ from click.testing import CliRunner
 
 from digitgen.cli import main
 from digitgen.runtime import files
-from digitgen.runtime.idx import read_idx, write_idx
+from digitgen.runtime.idx import read_idx
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.classifier import Classifier, classifier_weights
 from digitgen.training.run_lock import RunLock, refuse_if_training
 from tests.conftest import REPO
-from tests.helpers import run_metrics, write_tiny_mnist
+from tests.helpers import run_metrics, write_idx, write_tiny_mnist
 
 try:
     import fcntl
