@@ -644,6 +644,8 @@ def generate(
         truncation=truncation,
         test_count=test_count,
     )
+    if gen.note:  # said before the work, so that a run that fails or is stopped still says where it ran
+        click.echo(f"note: {gen.note}", err=True)
     start = time.perf_counter()
     try:
         with progress(job.plan.count, "generating", hidden=job.plan.count <= batch_size) as bar:
@@ -656,8 +658,6 @@ def generate(
         )
         sys.exit(130)
     seconds = time.perf_counter() - start
-    if gen.note:
-        click.echo(f"note: {gen.note}", err=True)
     where = written.paths[0] if len(written.paths) == 1 else out
     part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
     timing = f"in {seconds:.2f}s on {gen.provider}"
