@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from digitgen.runtime.errors import OutputError
@@ -12,6 +13,7 @@ from digitgen.runtime.shards import Shard
 
 RECORDED_FORMATS = ("idx", "npz")  # the formats whose shards merge joins
 RECORD_VERSION = 1
+_RECORD_NAME = re.compile(r"^digitgen-[a-z]+-run-\d{5,}-of-\d{5,}$")
 
 
 def is_recorded(fmt: str, shard: Shard) -> bool:
@@ -22,6 +24,11 @@ def is_recorded(fmt: str, shard: Shard) -> bool:
 def record_name(fmt: str, shard: Shard) -> str:
     """``digitgen-idx-run-00001-of-00004``: named as its part is, so ``rm DIR/*-of-00004`` removes both."""
     return shard.name(f"digitgen-{fmt}-run")
+
+
+def is_record_file(path: Path) -> bool:
+    """Whether ``path`` names a run record (see :func:`record_name`)."""
+    return _RECORD_NAME.match(path.name) is not None
 
 
 def run_record(

@@ -71,6 +71,7 @@ from digitgen.runtime.index_lock import claim_indices, refuse_if_indices_claimed
 from digitgen.runtime.run_record import (
     check_record_count,
     common_record,
+    is_record_file,
     is_recorded,
     is_whole_record,
     record_name,
@@ -85,7 +86,6 @@ IDX_IMAGES_FILE, IDX_LABELS_FILE = MNIST_FILES[:2]  # the train split's names
 DEFAULT_TEST_COUNT = 10_000  # the size of MNIST's own test split
 GRID_MAX_DIGITS = 10_000
 PNG_NAME = re.compile(r"^(\d{8,})_label\d+\.png$")
-RECORD_NAME = re.compile(r"^digitgen-[a-z]+-run-\d{5,}-of-\d{5,}$")
 TEMPORARY_PNG = re.compile(r"^\.(\d{8,})_label\d+\.png\.part$")  # a PNG's temporary file (files.temporary_name)
 
 OnBatch = Callable[[int], None]
@@ -202,10 +202,6 @@ def _checked(batches: Iterable[GeneratedDigits], start: int, stop: int) -> Itera
         )
 
 
-def _is_record(path: Path) -> bool:
-    return RECORD_NAME.match(path.name) is not None
-
-
 def _index(path: Path) -> int:
     return int(PNG_NAME.match(path.name).group(1))
 
@@ -214,7 +210,7 @@ def _is_complete(path: Path) -> bool:
     """Whether ``path`` is a whole file of its format (PNG, NPZ or IDX) rather than a damaged or truncated one.
     An IDX file has no checksum: only its header and size can tell."""
     try:
-        if _is_record(path):
+        if is_record_file(path):
             return is_whole_record(path.read_bytes())
         if path.suffix == ".png":
             return is_whole_png(path.read_bytes())
@@ -239,7 +235,7 @@ def _holds(path: Path, data: bytes) -> bool:
 
 def _first_bytes(path: Path) -> tuple[str, bytes]:
     """The kind of file ``path`` names and the bytes every file of that kind begins with."""
-    if _is_record(path):
+    if is_record_file(path):
         return "a run record", b"{"
     if path.suffix == ".png":
         return "a PNG", PNG_SIGNATURE
