@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digitgen.runtime import DigitGenerator, InvalidRequestError, OtherRunError, OutputError, generate_files
+from digitgen.runtime import (
+    DigitGenerator,
+    InvalidRequestError,
+    OtherRunError,
+    OutputError,
+    Shard,
+    generate_files,
+)
 from digitgen.runtime.writers import FORMATS
 from tests.helpers import default_sigint
 
@@ -214,6 +221,23 @@ class _Touches:
 
     def __reduce__(self) -> tuple:
         return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("fmt", ["idx", "npz"])
+def test_resuming_a_shard_keeps_its_run_record_or_replaces_a_damaged_one(
+    gen: DigitGenerator, tmp_path: Path, fmt: str
+) -> None:
+    clean = tmp_path / "clean"
+    generate_files(gen, clean, N, fmt, shard=Shard(1, 3), **REQUEST)
+    out = tmp_path / "resumed"
+    generate_files(gen, out, N, fmt, shard=Shard(1, 3), **REQUEST)
+    record = out / f"digitgen-{fmt}-run-00001-of-00003"
+    stamp = record.stat().st_mtime_ns
+    generate_files(gen, out, N, fmt, shard=Shard(1, 3), resume=True, **REQUEST)
+    assert record.stat().st_mtime_ns == stamp  # the same run's: kept as it was
+    record.write_bytes(record.read_bytes()[:20])  # cut short
+    generate_files(gen, out, N, fmt, shard=Shard(1, 3), resume=True, **REQUEST)
+    assert folder(out) == folder(clean)
 
 
 def test_resume_and_overwrite_are_exclusive(gen: DigitGenerator, tmp_path: Path) -> None:
