@@ -79,6 +79,24 @@ def test_merge_refuses_a_shard_run_again_with_other_options(gen: DigitGenerator,
     merge_shards(tmp_path, fmt)  # the shard run again as the others were: merged
 
 
+@pytest.mark.parametrize("fmt", ["idx", "npz"])
+def test_merge_refuses_parts_that_hold_another_count_than_their_records(
+    gen: DigitGenerator, tmp_path: Path, fmt: str
+) -> None:
+    """Every part swapped by hand for one of a run of N + 1 digits, the records left: sizes of one split, not theirs."""
+    for i in range(K):
+        _write(gen, tmp_path / "ours", fmt, Shard(i, K))
+        generate_files(gen, tmp_path / "other", N + 1, fmt, digits=[3, 1, 4], seed=9, shard=Shard(i, K))
+    for part in (tmp_path / "other").glob("train-*-of-*" if fmt == "idx" else "digits-*-of-*.npz"):  # not records
+        part.replace(tmp_path / "ours" / part.name)
+    with pytest.raises(OutputError) as error:
+        merge_shards(tmp_path / "ours", fmt)
+    assert str(error.value) == (
+        f"{tmp_path / 'ours'}: the parts hold {N + 1} digits where their run made {N}: a part was replaced by hand; "
+        "run it again"
+    )
+
+
 def test_merge_refuses_a_shard_without_the_record_the_others_have_or_with_a_damaged_one(
     gen: DigitGenerator, tmp_path: Path
 ) -> None:
