@@ -50,17 +50,25 @@ def test_merged_shards_equal_unsharded_files(gen: DigitGenerator, tmp_path: Path
             assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
     records = sorted((tmp_path / "parts").glob(f"digitgen-{fmt}-run-*-of-0000{K}"))
     assert len(records) == K and len({p.read_bytes() for p in records}) == 1  # one run: the same record each
-    assert json.loads(records[0].read_bytes()) == {
-        "record": 1,
-        "format": fmt,
-        "count": N,
-        "shards": K,
-        "digits": [3, 1, 4],
-        "seed": 9,
-        "truncation": None,
-        "model_sha256": gen.sha256,
-        "noise": NOISE_SCHEME,
-    }
+    # pinned to the byte: a later version's --resume must take this version's record as the same run's
+    assert (
+        records[0].read_text()
+        == json.dumps(
+            {
+                "record": 1,
+                "format": fmt,
+                "count": N,
+                "shards": K,
+                "digits": [3, 1, 4],
+                "seed": 9,
+                "truncation": None,
+                "model_sha256": gen.sha256,
+                "noise": NOISE_SCHEME,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     assert not list((tmp_path / "whole").glob("digitgen-*"))  # an unsharded run has nothing to merge
 
 
@@ -102,16 +110,16 @@ def test_merge_refuses_a_shard_without_the_record_the_others_have_or_with_a_dama
 ) -> None:
     for i in range(3):
         _write(gen, tmp_path, "idx", Shard(i, 3))
-    record = tmp_path / "digitgen-idx-run-00002-of-00003"
+    record = tmp_path / "digitgen-idx-run-00000-of-00003"
     record.write_bytes(b'{"count": ')
-    with pytest.raises(OutputError, match=rf"^{record} is not a run record \(damaged\?\); run shard 2 again"):
+    with pytest.raises(OutputError, match=rf"^{record} is not a run record \(damaged\?\); run shard 0 again"):
         merge_shards(tmp_path, "idx")
     record.unlink()
     with pytest.raises(OutputError) as error:
         merge_shards(tmp_path, "idx")
     assert str(error.value) == (
-        f"{tmp_path}: shard 2 has no run record (digitgen-idx-run-00002-of-00003) where shard 0 has one: they were "
-        "written by different runs; run shard 2 again as the others were"
+        f"{tmp_path}: shard 0 has no run record (digitgen-idx-run-00000-of-00003) where shard 1 has one: they were "
+        "written by different runs; run shard 0 again as the others were"
     )
     assert not list(tmp_path.glob("train-*-ubyte"))
 
