@@ -30,7 +30,7 @@ from click.core import ParameterSource
 from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.files import refuse_existing
-from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, parse_digit_list
+from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, DigitGenerator, parse_digit_list
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
 from digitgen.runtime.progress import progress
 from digitgen.runtime.session import PROVIDER_CHOICES
@@ -580,7 +580,9 @@ def verify(model_argument: str | None, model: str | None, checkpoint: str, atol:
 @click.option("--out", default="digits", show_default=True, type=GivenPath(), help="Output directory.")
 @click.option("--format", "fmt", default="png", show_default=True, type=click.Choice(FORMATS))
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))
-@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(min=1, max=MAX_BATCH_SIZE)
+)
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option(
     "--resume",

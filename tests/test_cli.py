@@ -102,6 +102,7 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["-n", str(2**32), "--format", "idx"], "an IDX file holds at most 4,294,967,295 digits"),
         (["--format", "mnist", "--test-count", str(2**32)], "(its count is 32 bits), not 4,294,967,296"),
         (["-n", "20", "--format", "grid", "--num-shards", "2"], "the grid format writes one contact sheet"),
+        (["--batch-size", "8193"], "8193 is not in the range 1<=x<=8192"),
     ],
 )
 def test_bad_generate_input_is_one_clear_line(tmp_path: Path, tiny_onnx: Path, args: list[str], message: str) -> None:
