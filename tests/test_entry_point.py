@@ -114,3 +114,15 @@ def test_a_stop_signal_while_cli_py_loads_ends_it_in_one_line(tmp_path: Path, si
         "",
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_checkout_s_cli_in_a_python_without_digitgen_says_so_in_one_line(tmp_path: Path) -> None:
+    """``-S``: no site-packages, so no installed digitgen, as in a Python the README's commands did not set up."""
+    run = subprocess.run(
+        [sys.executable, "-S", str(REPO / "cli.py"), "info"], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr == (
+        "Error: cli.py runs the installed digitgen package, and this Python lacks digitgen: install it "
+        "(README command 1 or 2), then run digitgen or .venv-dev/bin/python cli.py\n"
+    )
