@@ -414,26 +414,7 @@ def train(
             state = run.state
             if run.replaced:
                 say(f"--overwrite: deleted the earlier run's {describe_run_files(run.replaced)} in {run_dir}", err=True)
-            say(
-                f"training on {device} ({len(run.data.images)} images, {run.steps_per_epoch} steps/epoch), "
-                f"steps {state.step} -> {state.train.total_steps}, batch {state.train.batch_size}, "
-                f"learning rate {state.train.lr:g}"
-                + (f" (discriminator {state.train.lr_d:g})" if state.train.lr_d is not None else "")
-                + (
-                    f" falling to 0 over the last {state.train.lr_decay_steps} steps"
-                    if state.train.lr_decay_steps
-                    else ""
-                )
-                + (f", ADC classifier weight {state.train.adc_weight:g}" if state.train.adc_weight else "")
-                + (f", label classifier weight {state.train.label_weight:g}" if state.train.label_weight else "")
-                + (f" (mean of {len(state.label_classifiers)} classifiers)" if len(state.label_classifiers) > 1 else "")
-                + (" falling with the learning rate" if state.train.label_weight_falls else "")
-                + (f" to {state.train.label_weight_floor:g}" if state.train.label_weight_floor else "")
-                + (f" (per digit x {state.train.label_digit_weights})" if state.train.label_digit_weights else "")
-                + (f", DiffAugment {state.train.diffaugment}" if state.train.diffaugment else "")
-                + (f", {state.train.precision} autocast" if state.train.precision != "fp32" else ""),
-                err=True,
-            )
+            say(run.summary(device), err=True)
             if options.resume is not None and state.saved_by != ctx.world_size:
                 say(
                     f"note: the checkpoint was saved by {state.saved_by} process(es) and resumes with "

@@ -111,6 +111,27 @@ class PreparedRun:
         if self.lock is not None:
             self.lock.release()
 
+    def summary(self, device: torch.device) -> str:
+        """One line on what this run will do: where, on how much data, from which step to which, and how."""
+        train, state = self.state.train, self.state
+        levers = [
+            f" (discriminator {train.lr_d:g})" if train.lr_d is not None else "",
+            f" falling to 0 over the last {train.lr_decay_steps} steps" if train.lr_decay_steps else "",
+            f", ADC classifier weight {train.adc_weight:g}" if train.adc_weight else "",
+            f", label classifier weight {train.label_weight:g}" if train.label_weight else "",
+            f" (mean of {len(state.label_classifiers)} classifiers)" if len(state.label_classifiers) > 1 else "",
+            " falling with the learning rate" if train.label_weight_falls else "",
+            f" to {train.label_weight_floor:g}" if train.label_weight_floor else "",
+            f" (per digit x {train.label_digit_weights})" if train.label_digit_weights else "",
+            f", DiffAugment {train.diffaugment}" if train.diffaugment else "",
+            f", {train.precision} autocast" if train.precision != "fp32" else "",
+        ]
+        return (
+            f"training on {device} ({len(self.data.images)} images, {self.steps_per_epoch} steps/epoch), "
+            f"steps {state.step} -> {train.total_steps}, batch {train.batch_size}, learning rate {train.lr:g}"
+            + "".join(levers)
+        )
+
 
 def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
     """Refuse a run directory that holds another run, unless resuming it or told to overwrite.
