@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -113,9 +114,12 @@ def check_int(value: object, name: str, minimum: int = 1, maximum: int | None = 
 
 
 def check_path(value: object, name: str) -> Path:
-    """``value`` as a :class:`~pathlib.Path` when it is one or a ``str``; :class:`InvalidRequestError` otherwise."""
-    if isinstance(value, (str, Path)):
-        return Path(value)
+    """``value`` as a :class:`~pathlib.Path` when it names one (a ``str``, a ``Path`` or any ``os.PathLike`` of
+    text); :class:`InvalidRequestError` otherwise."""
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if isinstance(path, str):
+            return Path(path)
     raise InvalidRequestError(f"{name} must be a path (a str or a pathlib.Path), got {type(value).__name__} {value!r}")
 
 

@@ -509,10 +509,16 @@ class OutputPlan:
 
 
 def _make_folders(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; the ones this created, deepest first."""
-    created = [parent for parent in [folder, *folder.parents] if not parent.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
-    return created
+    """Create ``folder`` and its missing parents; the ones this made, deepest first (only those: ``new/../mine``
+    makes ``new``, not ``mine``, which is there already)."""
+    made = []
+    for path in reversed([folder, *folder.parents]):
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # there already (a file in the way is refused by the caller)
+            continue
+        made.append(path)
+    return made[::-1]
 
 
 def _remove_if_empty(folders: Iterable[Path]) -> None:

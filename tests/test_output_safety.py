@@ -128,9 +128,10 @@ def test_a_run_that_fails_or_is_stopped_before_any_file_leaves_no_folder_it_made
         generate_files(gen, tmp_path / "new", N, "npz", batch_size=4, on_batch=stop)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "mine").mkdir()
-    with pytest.raises(KeyboardInterrupt):
-        generate_files(gen, tmp_path / "mine", N, "npz", batch_size=4, on_batch=stop)
-    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    for out in (tmp_path / "mine", tmp_path / "new" / ".." / "mine"):  # the second makes "new", not "mine"
+        with pytest.raises(KeyboardInterrupt):
+            generate_files(gen, out, N, "npz", batch_size=4, on_batch=stop)
+        assert [p.name for p in tmp_path.iterdir()] == ["mine"]
 
 
 def test_labels_up_to_255_are_written(gen: DigitGenerator, tmp_path: Path) -> None:
@@ -158,6 +159,19 @@ def test_a_wrong_batch_is_described_by_what_it_holds(
     with pytest.raises(InvalidRequestError) as error:
         write_digits(WRONG_ARRAYS[wrong](gen), tmp_path, "npz", N)
     assert str(error.value) == f"{message}; no new file was kept"
+
+
+def test_any_path_like_names_the_output_and_the_model(gen: DigitGenerator, tmp_path: Path, tiny_onnx: Path) -> None:
+    class PathLike:  # what pytest's tmpdir and other path objects are
+        def __init__(self, path: Path) -> None:
+            self.path = path
+
+        def __fspath__(self) -> str:
+            return str(self.path)
+
+    assert DigitGenerator.from_path(PathLike(tiny_onnx), "cpu").sha256 == gen.sha256
+    generate_files(gen, PathLike(tmp_path / "out"), 2, "npz")
+    assert (tmp_path / "out" / "digits.npz").is_file()
 
 
 def test_arguments_of_the_wrong_type_are_refused_before_any_file_or_folder(gen: DigitGenerator, tmp_path: Path) -> None:
