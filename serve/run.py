@@ -11,6 +11,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 
 import uvicorn
 from fastapi import FastAPI
@@ -87,7 +88,11 @@ class ServerOptions:
 
 
 def app_from_environment() -> FastAPI:
-    """The app of one worker process, built from the options its parent put in the environment."""
+    """The app of one worker process, built from the options its parent put in the environment. A worker ignores
+    SIGHUP: a closed terminal sends it to every process of the group, and the supervisor answers it for all
+    (replacing the workers one by one, each old one finishing its requests in flight first)."""
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     config = json.loads(os.environ[WORKER_CONFIG])
     settings = config.pop("settings")
     settings["cors_origins"] = tuple(settings["cors_origins"])
@@ -208,6 +213,9 @@ def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> No
         return
     previous_config = os.environ.get(WORKER_CONFIG)
     os.environ[WORKER_CONFIG] = json.dumps(dataclasses.asdict(options))
+    if hasattr(signal, "SIGHUP"):  # started ignoring it, as the workers do: a closed terminal's SIGHUP cannot kill it
+        with handling([signal.SIGHUP], signal.SIG_IGN):
+            resource_tracker.ensure_running()
     try:
         with _exit_zero_on_signals():
             uvicorn.run("digitgen.serve.run:app_from_environment", factory=True, workers=options.workers, **common)

@@ -98,8 +98,9 @@ class Server:
                 self.process.wait()
 
 
-def start(log: Path, command: list[str], ready: str = "/readyz") -> Server:
-    """Run ``command`` (``{port}`` filled in) and wait until ``ready`` answers 200."""
+def start(log: Path, command: list[str], ready: str = "/readyz", *, own_group: bool = False) -> Server:
+    """Run ``command`` (``{port}`` filled in; ``own_group``: in a process group of its own, as a terminal starts
+    it) and wait until ``ready`` answers 200."""
     port = free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -107,6 +108,7 @@ def start(log: Path, command: list[str], ready: str = "/readyz") -> Server:
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=own_group,
         )
     server = Server(process, f"http://127.0.0.1:{port}", log)
     try:
@@ -940,6 +942,21 @@ def test_two_workers_serve_identical_bytes(server: Server, tmp_path: Path) -> No
         assert sorted(seconds)[4] < 0.030, seconds
     finally:
         assert workers.stop() == 0
+
+
+def test_a_closed_terminal_restarts_two_workers_and_loses_no_request(tmp_path: Path) -> None:
+    """SIGHUP to the whole process group, as a closed terminal sends it: uvicorn's supervisor replaces the workers,
+    each old one finishing its request in flight; the server goes on, and SIGTERM still stops it with 0."""
+    workers = start(tmp_path / "server.log", serve_command("--quiet", "--workers", "2"), own_group=True)
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(workers.get, f"/generate?count=6000&format=npz&seed={seed}") for seed in (1, 2)]
+        time.sleep(0.5)  # both admitted, one on each worker or queued
+        os.killpg(workers.process.pid, signal.SIGHUP)
+        assert [response.result().status_code for response in running] == [200, 200]
+    workers.wait("/readyz")
+    assert workers.stop() == 0
+    log = workers.log.read_text()
+    assert "died" not in log and "Traceback" not in log, log
 
 
 # --- micro-batching across real connections ---------------------------------------------------
