@@ -17,19 +17,26 @@ def _range_refusal(status: int, plain_text: str, headers: dict[str, str]) -> str
     return f"cannot serve this Range header ({reason}); send bytes=START-END, or leave Range out"
 
 
+RANGE_REFUSALS = (400, 416)  # what Starlette answers a Range header it cannot serve, in plain text or no body
+
+
 class PageFiles(StaticFiles):
-    """Starlette's static files, whose refusals of a ``Range`` header (plain text, or no body) are JSON here."""
+    """Starlette's static files, whose refusals of a ``Range`` header are JSON here (any other answer, a 404 page
+    of the folder's own among them, goes as it is)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not any(name == b"range" for name, _ in scope["headers"]):
+            await super().__call__(scope, receive, send)
+            return
         refused: Message | None = None
 
         async def send_in_json(message: Message) -> None:
             nonlocal refused
-            if message["type"] == "http.response.start" and message["status"] >= 400:
+            if message["type"] == "http.response.start" and message["status"] in RANGE_REFUSALS:
                 refused = message  # answered once its body (its reason) has come
             elif refused is None:
                 await send(message)
-            elif message["type"] == "http.response.body":
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in refused.get("headers", [])}
                 text = _range_refusal(refused["status"], bytes(message.get("body", b"")).decode(), headers)
                 kept = {k: v for k, v in headers.items() if k not in ("content-type", "content-length")}

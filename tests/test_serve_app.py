@@ -22,6 +22,7 @@ from digitgen.serve import ServeConfigError, ServeSettings, create_app
 from digitgen.serve.app import _Service, _ServiceEntry
 from digitgen.serve.batch import Batcher, _Pending, run_batch
 from digitgen.serve.observe import ACCESS_LOG, Metrics
+from digitgen.serve.page import PageFiles
 from digitgen.serve.params import DigitsRequest
 from digitgen.serve.render import encode, generate
 from tests.test_serve import MIXED
@@ -658,3 +659,24 @@ def test_a_hosts_own_cancellation_goes_on_up(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level("WARNING", logger="digitgen.serve"), pytest.raises(TimeoutError):
         asyncio.run(run())
     assert "cut off" not in caplog.text
+
+
+def test_the_page_rewrites_only_its_range_refusals(tmp_path: Path) -> None:
+    """A folder's own 404 page goes as it is, Range header or not; a Range it cannot serve is a JSON refusal."""
+    (tmp_path / "404.html").write_text("<p>not here</p>")
+    (tmp_path / "model.onnx").write_bytes(bytes(100))
+
+    async def answers() -> list[httpx.Response]:
+        async with asgi_client(PageFiles(directory=tmp_path, html=True)) as client:
+            return [
+                await client.get("/missing", headers={"Range": "bytes=0-1"}),
+                await client.get("/model.onnx", headers={"Range": "bytes=500-"}),
+                await client.get("/model.onnx", headers={"Range": "bytes=10-19"}),
+            ]
+
+    missing, past_the_end, part = asyncio.run(answers())
+    assert missing.status_code == 404 and missing.text == "<p>not here</p>"
+    assert past_the_end.status_code == 416 and past_the_end.json()["error"].startswith(
+        "the Range asked for starts past the end of the file (100 bytes)"
+    )
+    assert part.status_code == 206 and part.content == bytes(10)
