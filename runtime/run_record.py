@@ -22,7 +22,8 @@ def is_recorded(fmt: str, shard: Shard) -> bool:
 
 
 def record_name(fmt: str, shard: Shard) -> str:
-    """``digitgen-idx-run-00001-of-00004``: named as its part is, so ``rm DIR/*-of-00004`` removes both."""
+    """``digitgen-idx-run-00001-of-00004``: named as its part is, so the glob that removes the IDX parts
+    (``rm DIR/*-of-00004``) removes the records too."""
     return shard.name(f"digitgen-{fmt}-run")
 
 
@@ -78,7 +79,8 @@ def common_record(out_dir: Path, fmt: str, shards: int) -> dict | None:
         if record is None:
             raise OutputError(
                 f"{out_dir}: shard {index} has no run record ({record_name(fmt, Shard(index, shards))}) where shard "
-                f"{first} has one: they were written by different runs; run shard {index} again as the others were"
+                f"{first} has one, so nothing says it is of the same run (it may be another's, or older than "
+                f"records); run it again with the others' options and --resume, which keeps it if it is theirs"
             )
         if record != records[first]:
             ours, theirs = records[first], record

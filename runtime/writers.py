@@ -605,6 +605,14 @@ def plan_output(
         raise
 
 
+def _remove_an_orphan_record(out_dir: Path, fmt: str, shard: Shard) -> None:
+    """Remove the run record of a shard whose parts are gone (deleted once merged, say): it describes nothing now,
+    and would stand in the way of the next run of that shard."""
+    record = out_dir / record_name(fmt, shard)
+    if record.is_file() and not any(os.path.lexists(out_dir / name) for name in output_names(fmt, shard)):
+        record.unlink()
+
+
 def _with_existing(plan: OutputPlan, overwrite: bool) -> OutputPlan:
     """``plan`` with the outputs already in its folder, which it may replace; the checks of :func:`plan_output`
     that look into the folder: files other runs are writing now, and those this run would replace."""
@@ -620,6 +628,8 @@ def _with_existing(plan: OutputPlan, overwrite: bool) -> OutputPlan:
     else:
         for name in output_names(fmt, shard, plan.recorded):
             refuse_if_claimed(temporary_name(out_dir / name))
+    if plan.recorded:
+        _remove_an_orphan_record(out_dir, fmt, shard)
     existing = existing_outputs(out_dir, fmt, shard, total, plan.recorded)
     if not plan.resume:
         refuse_existing(existing, overwrite)

@@ -27,8 +27,8 @@ def gen(tiny_onnx: Path) -> DigitGenerator:
     return DigitGenerator.from_path(tiny_onnx, "cpu")
 
 
-def _write(gen: DigitGenerator, out: Path, fmt: str, shard: Shard = WHOLE) -> list[Path]:
-    return generate_files(gen, out, N, fmt, digits=[3, 1, 4], seed=9, batch_size=4, shard=shard)
+def _write(gen: DigitGenerator, out: Path, fmt: str, shard: Shard = WHOLE, **options: object) -> list[Path]:
+    return generate_files(gen, out, N, fmt, **{"digits": [3, 1, 4], "seed": 9, "batch_size": 4, **options}, shard=shard)
 
 
 def test_shard_bounds_cover_every_index_once() -> None:
@@ -118,10 +118,23 @@ def test_merge_refuses_a_shard_without_the_record_the_others_have_or_with_a_dama
     with pytest.raises(OutputError) as error:
         merge_shards(tmp_path, "idx")
     assert str(error.value) == (
-        f"{tmp_path}: shard 0 has no run record (digitgen-idx-run-00000-of-00003) where shard 1 has one: they were "
-        "written by different runs; run shard 0 again as the others were"
+        f"{tmp_path}: shard 0 has no run record (digitgen-idx-run-00000-of-00003) where shard 1 has one, so nothing "
+        "says it is of the same run (it may be another's, or older than records); run it again with the others' "
+        "options and --resume, which keeps it if it is theirs"
     )
     assert not list(tmp_path.glob("train-*-ubyte"))
+    _write(gen, tmp_path, "idx", Shard(0, 3), resume=True)  # as the message says: the part kept, the record added
+    merge_shards(tmp_path, "idx")
+
+
+@pytest.mark.parametrize("fmt", ["idx", "npz"])
+def test_a_record_whose_parts_are_gone_does_not_stand_in_the_way(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
+    """Parts deleted once merged (the NPZ parts' glob leaves the records): the next sharded run needs no --overwrite."""
+    _write(gen, tmp_path, fmt, Shard(0, 2))
+    for part in tmp_path.glob("train-*-of-*" if fmt == "idx" else "digits-*-of-*.npz"):
+        part.unlink()
+    _write(gen, tmp_path, fmt, Shard(0, 2), seed=5)
+    assert json.loads((tmp_path / f"digitgen-{fmt}-run-00000-of-00002").read_bytes())["seed"] == 5
 
 
 def test_png_shards_are_the_unsharded_files(gen: DigitGenerator, tmp_path: Path) -> None:
