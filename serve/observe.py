@@ -62,12 +62,12 @@ def origin_form(scope: Scope) -> Scope:
 
 
 def logged_target(path: str, query: str) -> str:
-    """The request's path and query as its access-log line shows them: control characters escaped, at most
-    :data:`LOGGED_TARGET` characters of them, so that no request writes more than a line of bounded length."""
-    target = f"{path}?{query}" if query else path
+    """The request's path and query as its access-log line shows them: control characters escaped, then cut at
+    :data:`LOGGED_TARGET` characters, so that no request writes more than a line of bounded length."""
+    target = printable(f"{path}?{query}" if query else path)
     if len(target) > LOGGED_TARGET:
         target = f"{target[:LOGGED_TARGET]}...({len(target) - LOGGED_TARGET} more characters)"
-    return printable(target)
+    return target
 
 
 def printable(text: str) -> str:

@@ -157,6 +157,7 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             return
         if self._head_begun:
             too_slow = f"no whole request head within {self.head_timeout:g} s; the server closed the connection"
+            self._log_unseen(408)
             self._answer_and_close("408 Request Timeout", json.dumps({"error": too_slow}).encode())
         else:
             self.transport.close()
@@ -164,9 +165,13 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def send_400_response(self, msg: str) -> None:
         """Answer :data:`NOT_HTTP` and close (uvicorn has logged ``msg``), with the access-log line the app would
         have written (it never sees the request)."""
-        client = self.client or ("-", 0)
-        ACCESS_LOG.info('%s:%s "-" 400 id=-', *client)
+        self._log_unseen(400)
         self._answer_and_close("400 Bad Request", NOT_HTTP)
+
+    def _log_unseen(self, status: int) -> None:
+        """The access-log line of a request the app never saw."""
+        client = self.client or ("-", 0)
+        ACCESS_LOG.info('%s:%s "-" %d id=-', *client, status)
 
     def _answer_and_close(self, status: str, body: bytes) -> None:
         head = (

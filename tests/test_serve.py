@@ -555,7 +555,7 @@ from digitgen.serve.app import ServeSettings
 from digitgen.serve.run import ServerHTTP, ServerOptions, serve
 
 ServerHTTP.head_timeout = 0.5
-serve(ServerOptions(port=int(sys.argv[1]), threads=1, settings=ServeSettings(access_log=False)))
+serve(ServerOptions(port=int(sys.argv[1]), threads=1))
 """
 
 
@@ -573,6 +573,7 @@ def test_a_connection_without_a_whole_request_head_in_time_is_closed_but_a_slow_
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in head
         assert json.loads(body) == {"error": "no whole request head within 0.5 s; the server closed the connection"}
+        assert '"-" 408 id=-' in server.log.read_text()  # its access-log line, though the app never saw it
         with httpx.Client(base_url=server.url, timeout=60) as client:
             begin = time.monotonic()  # about 2 s of work: longer than the head's deadline, and not cut by it
             assert client.get("/generate?count=6000&format=npz").status_code == 200
@@ -654,6 +655,12 @@ def test_an_access_log_line_is_bounded_whatever_the_query(server: Server) -> Non
     (line,) = [line for line in server.log.read_text().splitlines() if "long-query" in line]
     target = f"/generate?digits={digits}&count=3&format=npz"
     assert f'{target[:1024]}...({len(target) - 1024} more characters)" 200 ' in line and len(line) < 1200, line
+    server.get("/" + "%01" * 600, headers={"X-Request-ID": "escaped-path"})  # 600 characters, 2,400 escaped
+    deadline = time.monotonic() + 5
+    while "escaped-path" not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (line,) = [line for line in server.log.read_text().splitlines() if "escaped-path" in line]
+    assert '"GET /\\x01\\x01' in line and "...(1377 more characters)" in line and len(line) < 1200, line
 
 
 def test_binds_loopback_and_sends_no_cors_by_default(server: Server) -> None:
