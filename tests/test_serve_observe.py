@@ -13,7 +13,18 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from digitgen.serve.observe import ACCESS_LOG, Message, Metrics, Receive, RequestMiddleware, Scope, Send, printable
+from digitgen.serve.observe import (
+    ACCESS_LOG,
+    Message,
+    Metrics,
+    Receive,
+    RequestMiddleware,
+    Scope,
+    Send,
+    logged_target,
+    origin_form,
+    printable,
+)
 
 ENDPOINTS = frozenset({"/generate", "/healthz"})
 
@@ -169,3 +180,27 @@ def test_metrics_carry_the_process_memory_gc_and_python_version() -> None:
     assert sample(metrics, "python_gc_objects_collected_total", generation="0") is not None
     versions = {s.labels["version"] for f in metrics.registry.collect() if f.name == "python_info" for s in f.samples}
     assert versions == {platform.python_version()}
+
+
+@pytest.mark.parametrize(
+    ("path", "raw_path", "read_as"),
+    [
+        ("http://127.0.0.1:8000/generate", b"http://127.0.0.1:8000/generate", ("/generate", b"/generate")),
+        ("HTTPS://user@host/a%20b", b"HTTPS://user@host/a%2520b", ("/a%20b", b"/a%2520b")),
+        ("http://host", b"http://host", ("/", b"/")),  # no path: the root
+        ("/generate", b"/generate", ("/generate", b"/generate")),  # origin form: as it is
+        ("healthz", b"healthz", ("healthz", b"healthz")),  # neither: left for the 404 to name
+    ],
+)
+def test_a_target_in_absolute_form_is_read_as_its_path(path: str, raw_path: bytes, read_as: tuple[str, bytes]) -> None:
+    scope = origin_form({"type": "http", "path": path, "raw_path": raw_path, "query_string": b"digit=3"})
+    assert (scope["path"], scope["raw_path"], scope["query_string"]) == (*read_as, b"digit=3")
+
+
+def test_a_logged_target_is_escaped_then_cut() -> None:
+    assert logged_target("/generate", "") == "/generate"
+    assert logged_target("/generate", "digit=3") == "/generate?digit=3"
+    assert logged_target("/a\nb", "") == "/a\\nb"
+    assert logged_target("/" + "x" * 1023, "") == "/" + "x" * 1023  # 1,024 characters: whole
+    assert logged_target("/" + "x" * 1024, "") == "/" + "x" * 1023 + "...(1 more characters)"
+    assert logged_target("/", "\x01" * 300) == "/?" + "\\x01" * 255 + "\\x...(178 more characters)"
