@@ -29,7 +29,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # a request target in absolute form, as a client talking to a proxy sends it (RFC 9112, 3.2.2): scheme://authority
-_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
 LOGGED_TARGET = 1024  # characters of a request's path and query in its access-log line
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 ACCESS_LOG = logging.getLogger("digitgen.serve.access")
@@ -47,18 +47,20 @@ def local_path(scope: Scope) -> str:
 def origin_form(scope: Scope) -> Scope:
     """``scope`` with a request target in absolute form (``http://host/generate``) read as its path (``/generate``),
     as servers must accept it; uvicorn's pure-Python HTTP parser leaves the whole URL in the path."""
-    if scope["path"].startswith("/"):
+    if scope["path"].startswith("/"):  # the usual form: no look for a scheme
         return scope
-    match = _ABSOLUTE_FORM.match(scope["path"].encode("utf-8", "surrogateescape"))
-    if match is None:
+    path = _after_authority(scope["path"])
+    if path is None:
         return scope
-    authority = match.group().decode("utf-8", "surrogateescape")
-    raw_path = scope.get("raw_path") or scope["path"].encode()
-    return {
-        **scope,
-        "path": scope["path"].removeprefix(authority) or "/",
-        "raw_path": raw_path.removeprefix(match.group()) or b"/",
-    }
+    raw_path = scope.get("raw_path")  # optional in ASGI; latin-1 keeps each byte as one character
+    raw = path.encode() if raw_path is None else _after_authority(raw_path.decode("latin-1")).encode("latin-1")
+    return {**scope, "path": path, "raw_path": raw}
+
+
+def _after_authority(target: str) -> str | None:
+    """``target``'s path after its ``scheme://authority`` (``/`` for none), or ``None`` if it has none."""
+    match = _ABSOLUTE_FORM.match(target)
+    return None if match is None else target[match.end() :] or "/"
 
 
 def logged_target(path: str, query: str) -> str:

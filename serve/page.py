@@ -7,27 +7,23 @@ from fastapi.staticfiles import StaticFiles
 from digitgen.serve.observe import Message, Receive, Scope, Send
 from digitgen.serve.refusal import refusal
 
+RANGE_REFUSALS = (400, 416)  # what Starlette answers a Range header it cannot serve, in plain text or no body
+
 
 def _range_refusal(status: int, plain_text: str, headers: dict[str, str]) -> str:
     """What was wrong with a ``Range`` header, from the plain-text answer Starlette's files give it."""
     if status == 416:  # Content-Range: bytes */SIZE
-        size = headers.get("content-range", "").rpartition("/")[2]
+        size = headers["content-range"].rpartition("/")[2]
         return f"the Range asked for starts past the end of the file ({size} bytes); ask for less, or leave Range out"
-    reason = plain_text.removeprefix("Range header: ").rstrip(".") or "unreadable"
+    reason = plain_text.removeprefix("Range header: ").rstrip(".")
     return f"cannot serve this Range header ({reason}); send bytes=START-END, or leave Range out"
 
 
-RANGE_REFUSALS = (400, 416)  # what Starlette answers a Range header it cannot serve, in plain text or no body
-
-
 class PageFiles(StaticFiles):
-    """Starlette's static files, whose refusals of a ``Range`` header are JSON here (any other answer, a 404 page
-    of the folder's own among them, goes as it is)."""
+    """Starlette's static files, whose refusals of a ``Range`` header (a 400 or a 416, one short message) are JSON
+    here; any other answer, a 404 page of the folder's own among them, goes as it is."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not any(name == b"range" for name, _ in scope["headers"]):
-            await super().__call__(scope, receive, send)
-            return
         refused: Message | None = None
 
         async def send_in_json(message: Message) -> None:
@@ -36,9 +32,9 @@ class PageFiles(StaticFiles):
                 refused = message  # answered once its body (its reason) has come
             elif refused is None:
                 await send(message)
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in refused.get("headers", [])}
-                text = _range_refusal(refused["status"], bytes(message.get("body", b"")).decode(), headers)
+            else:
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in refused["headers"]}
+                text = _range_refusal(refused["status"], bytes(message["body"]).decode(), headers)
                 kept = {k: v for k, v in headers.items() if k not in ("content-type", "content-length")}
                 await refusal(refused["status"], text, kept)(scope, receive, send)
 

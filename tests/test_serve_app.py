@@ -672,9 +672,16 @@ def test_the_page_rewrites_only_its_range_refusals(tmp_path: Path) -> None:
                 await client.get("/missing", headers={"Range": "bytes=0-1"}),
                 await client.get("/model.onnx", headers={"Range": "bytes=500-"}),
                 await client.get("/model.onnx", headers={"Range": "bytes=10-19"}),
+                await client.get("/model.onnx", headers={"Range": "bytes=abc"}),
             ]
 
-    missing, past_the_end, part = asyncio.run(answers())
+    missing, past_the_end, part, unreadable = asyncio.run(answers())
+    assert unreadable.status_code == 400 and unreadable.json() == {
+        "error": "cannot serve this Range header (range must be requested); send bytes=START-END, or leave Range out"
+    }
+    assert (
+        past_the_end.headers["content-range"] == "bytes */100" and past_the_end.headers["cache-control"] == "no-store"
+    )
     assert missing.status_code == 404 and missing.text == "<p>not here</p>"
     assert past_the_end.status_code == 416 and past_the_end.json()["error"].startswith(
         "the Range asked for starts past the end of the file (100 bytes)"

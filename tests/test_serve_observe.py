@@ -187,6 +187,7 @@ def test_metrics_carry_the_process_memory_gc_and_python_version() -> None:
     [
         ("http://127.0.0.1:8000/generate", b"http://127.0.0.1:8000/generate", ("/generate", b"/generate")),
         ("HTTPS://user@host/a%20b", b"HTTPS://user@host/a%2520b", ("/a%20b", b"/a%2520b")),
+        ("http://hé/x", b"http://h%C3%A9/x", ("/x", b"/x")),  # the authority as sent differs from as read
         ("http://host", b"http://host", ("/", b"/")),  # no path: the root
         ("/generate", b"/generate", ("/generate", b"/generate")),  # origin form: as it is
         ("healthz", b"healthz", ("healthz", b"healthz")),  # neither: left for the 404 to name
@@ -195,6 +196,8 @@ def test_metrics_carry_the_process_memory_gc_and_python_version() -> None:
 def test_a_target_in_absolute_form_is_read_as_its_path(path: str, raw_path: bytes, read_as: tuple[str, bytes]) -> None:
     scope = origin_form({"type": "http", "path": path, "raw_path": raw_path, "query_string": b"digit=3"})
     assert (scope["path"], scope["raw_path"], scope["query_string"]) == (*read_as, b"digit=3")
+    without_raw = origin_form({"type": "http", "path": path, "query_string": b""})  # raw_path is optional in ASGI
+    assert (without_raw["path"], without_raw.get("raw_path", read_as[0].encode())) == (read_as[0], read_as[0].encode())
 
 
 def test_a_logged_target_is_escaped_then_cut() -> None:
