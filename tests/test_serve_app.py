@@ -673,9 +673,16 @@ def test_the_page_rewrites_only_its_range_refusals(tmp_path: Path) -> None:
                 await client.get("/model.onnx", headers={"Range": "bytes=500-"}),
                 await client.get("/model.onnx", headers={"Range": "bytes=10-19"}),
                 await client.get("/model.onnx", headers={"Range": "bytes=abc"}),
+                await client.get("/model.onnx", headers={"Range": "abc"}),
             ]
 
-    missing, past_the_end, part, unreadable = asyncio.run(answers())
+    missing, past_the_end, part, unreadable, malformed = asyncio.run(answers())
+    for refused in (past_the_end, unreadable, malformed):  # the JSON's own type and length, not the plain text's
+        assert refused.headers.get_list("content-type") == ["application/json"]
+        assert refused.headers.get_list("content-length") == [str(len(refused.content))]
+    assert malformed.status_code == 400 and malformed.json() == {
+        "error": "cannot serve this Range header (Malformed range header); send bytes=START-END, or leave Range out"
+    }
     assert unreadable.status_code == 400 and unreadable.json() == {
         "error": "cannot serve this Range header (range must be requested); send bytes=START-END, or leave Range out"
     }
