@@ -50,12 +50,18 @@ def run_record(
     return (json.dumps(record, indent=1) + "\n").encode()
 
 
+def _read_record(data: bytes) -> dict | None:
+    """``data`` as a run record, or ``None`` if it does not read as one (a damaged record)."""
+    try:
+        record = json.loads(data)
+    except ValueError:  # UnicodeDecodeError among them
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def is_whole_record(data: bytes) -> bool:
     """Whether ``data`` reads as a run record (a damaged one does not)."""
-    try:
-        return isinstance(json.loads(data), dict)
-    except ValueError:  # UnicodeDecodeError among them
-        return False
+    return _read_record(data) is not None
 
 
 def common_record(out_dir: Path, fmt: str, shards: int) -> dict | None:
@@ -68,10 +74,10 @@ def common_record(out_dir: Path, fmt: str, shards: int) -> dict | None:
         if not path.exists():
             records.append(None)
             continue
-        data = path.read_bytes()
-        if not is_whole_record(data):
+        record = _read_record(path.read_bytes())
+        if record is None:
             raise OutputError(f"{path} is not a run record (damaged?); run shard {index} again with --overwrite")
-        records.append(json.loads(data))
+        records.append(record)
     if all(record is None for record in records):
         return None
     first = next(index for index, record in enumerate(records) if record is not None)
