@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from pathlib import Path
@@ -23,8 +24,11 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.part")
 
 
+# O_NOFOLLOW, O_NONBLOCK: a link or a pipe under a name this program opens in an output folder is opened as itself,
+# at once, never written through or waited on (under a temporary file's name it is refused: _open_regular);
 # O_BINARY: on Windows a descriptor opened without it writes each \n as \r\n
-_OPEN_TO_WRITE = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0)
+AS_ITSELF = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+_OPEN_TO_WRITE = os.O_WRONLY | os.O_CREAT | AS_ITSELF | getattr(os, "O_BINARY", 0)
 
 
 def locking_available() -> bool:
@@ -48,7 +52,7 @@ def held_elsewhere(path: Path) -> bool:
     """Whether another process holds ``path`` under an exclusive lock now. The look takes a shared lock, so that
     processes looking at once do not see each other; a path this process cannot open is not held."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | AS_ITSELF)
     except OSError:
         return False
     try:
@@ -88,7 +92,7 @@ def claim_temporary(tmp: Path) -> int:
     first. Returns the descriptor, which holds the lock until it is closed (a killed process's lock goes with
     it). Without ``fcntl`` (Windows) the file is not locked."""
     while True:
-        fd = os.open(tmp, _OPEN_TO_WRITE, 0o666)
+        fd = _open_regular(tmp)
         try:
             if not try_flock(fd):
                 raise _written_elsewhere(tmp)
@@ -101,6 +105,36 @@ def claim_temporary(tmp: Path) -> int:
         if current:
             return fd
         os.close(fd)  # a file already published or removed: open the name again
+
+
+def _open_regular(tmp: Path) -> int:
+    """``tmp`` opened to write, created if absent; :class:`OutputError` if something other than a regular file
+    has its name (a link, whose target is not this run's to empty, or a pipe, which would never be written)."""
+    try:
+        fd = os.open(tmp, _OPEN_TO_WRITE, 0o666)
+    except OSError:
+        if not _regular(tmp, os.lstat):
+            raise _not_a_file(tmp) from None
+        raise
+    if not _regular(fd, os.fstat):
+        os.close(fd)
+        raise _not_a_file(tmp)
+    return fd
+
+
+def _regular(what: Path | int, look: Callable[[Path | int], os.stat_result]) -> bool:
+    """Whether ``what`` (a path, not followed, or a descriptor) is a regular file; a path gone counts as one."""
+    try:
+        return stat.S_ISREG(look(what).st_mode)
+    except FileNotFoundError:
+        return True
+
+
+def _not_a_file(tmp: Path) -> OutputError:
+    return OutputError(
+        f"{tmp} is not a file a run left (a link, a pipe or a device has a temporary file's name); "
+        "remove it, or write elsewhere"
+    )
 
 
 def remove_leftover(tmp: Path) -> None:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from digitgen.runtime.errors import OutputError
-from digitgen.runtime.files import still_named
+from digitgen.runtime.files import AS_ITSELF, still_named
 
 try:
     import fcntl
@@ -79,7 +79,7 @@ def _open_locked(path: Path, start: int, stop: int | None) -> int:
     """A descriptor of ``path``, created if need be, holding the lock of ``start .. stop-1``."""
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | AS_ITSELF, 0o666)
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
         try:
@@ -99,7 +99,7 @@ def refuse_if_indices_claimed(folder: Path, start: int, stop: int | None) -> Non
     if fcntl is None:
         return
     try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | AS_ITSELF)
     except OSError:  # none there (or none this process may read): the claim itself decides later
         return
     try:

@@ -38,6 +38,7 @@ from digitgen.serve.observe import (
     Scope,
     Send,
     local_path,
+    logged_target,
     printable,
 )
 from digitgen.serve.page import PageFiles
@@ -467,7 +468,8 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        path = printable(request.scope["path"])  # as received: the URL's path drops a tab or a newline
+        # as received (the URL's path drops a tab or a newline), escaped and cut as in the access log
+        path = logged_target(request.scope["path"], "")
         if exc.status_code == 404:
             return refusal(404, f"no endpoint {path}; see {request.scope.get('root_path', '')}/docs")
         if exc.status_code == 405:  # every endpoint here answers GET, and HEAD through _ServiceEntry

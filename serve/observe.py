@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import unquote
 
 from prometheus_client import (
     CollectorRegistry,
@@ -49,12 +50,14 @@ def origin_form(scope: Scope) -> Scope:
     as servers must accept it; uvicorn's pure-Python HTTP parser leaves the whole URL in the path."""
     if scope["path"].startswith("/"):  # the usual form: no look for a scheme
         return scope
-    path = _after_authority(scope["path"])
-    if path is None:
-        return scope
-    raw_path = scope.get("raw_path")  # optional in ASGI; latin-1 keeps each byte as one character
-    raw = path.encode() if raw_path is None else _after_authority(raw_path.decode("latin-1")).encode("latin-1")
-    return {**scope, "path": path, "raw_path": raw}
+    raw_path = scope.get("raw_path")  # optional in ASGI
+    if raw_path is None:
+        path = _after_authority(scope["path"])
+        return scope if path is None else {**scope, "path": path, "raw_path": path.encode()}
+    # the form is the one sent: a scheme or an authority written with %-escapes is not one (latin-1 keeps each
+    # byte as one character), and the path is the rest as sent, decoded as the server decodes a path
+    raw = _after_authority(raw_path.decode("latin-1"))
+    return scope if raw is None else {**scope, "path": unquote(raw), "raw_path": raw.encode("latin-1")}
 
 
 def _after_authority(target: str) -> str | None:

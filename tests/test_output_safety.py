@@ -301,6 +301,40 @@ def test_a_dangling_link_in_the_way_is_replaced_when_allowed(
     assert not (tmp_path / "nowhere").exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("fmt", ["npz", "png", "idx", "grid"])
+@pytest.mark.parametrize("kind", ["link", "dangling link", "pipe"])
+@pytest.mark.parametrize("permission", [{}, {"overwrite": True}, {"resume": True}])
+def test_what_is_not_a_file_under_a_temporary_name_is_refused_and_left_as_it_is(
+    gen: DigitGenerator, tmp_path: Path, fmt: str, kind: str, permission: dict
+) -> None:
+    """A link's target is not this run's to empty, and a pipe would block the run for ever: both are refused."""
+    names = {"npz": "digits.npz", "png": png_name(2, 2), "idx": "train-images-idx3-ubyte", "grid": "grid.png"}
+    kept = tmp_path / "thesis.txt"
+    kept.write_bytes(b"three years of work")
+    out = tmp_path / "out"
+    out.mkdir()
+    tmp = temporary_name(out / names[fmt])
+    if kind == "pipe":
+        os.mkfifo(tmp)
+    else:
+        tmp.symlink_to(kept if kind == "link" else tmp_path / "nowhere")
+    message = f"^{tmp} is not a file a run left \\(a link, a pipe or a device has a temporary file's name\\); "
+    with pytest.raises(OutputError, match=message + "remove it, or write elsewhere$"):
+        generate_files(gen, out, 5, fmt, **permission)
+    assert kept.read_bytes() == b"three years of work"
+    assert os.listdir(out) == [tmp.name] and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_pipe_under_the_index_lock_name_does_not_stop_a_run(tmp_path: Path, tiny_onnx: Path) -> None:
+    os.mkfifo(tmp_path / ".digitgen.lock")
+    command = [sys.executable, "-m", "digitgen", "generate", "-n", "3", "--out", tmp_path, "--generator", tiny_onnx]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)  # it waited for a writer before
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [png_name(i, i) for i in range(3)]
+
+
 def test_export_refuses_to_replace_release_weights(tmp_path: Path, tiny_checkpoint: Path) -> None:
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"mine")

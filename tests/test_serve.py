@@ -541,7 +541,16 @@ def test_a_request_target_in_absolute_form_is_read_as_its_path(server: Server) -
     assert body == server.get("/generate?digit=4&seed=2").content
 
 
-@pytest.mark.parametrize(("target", "named"), [("healthz", "healthz"), ("/generate%09", "/generate\\t")])
+@pytest.mark.parametrize(
+    ("target", "named"),
+    [
+        ("healthz", "healthz"),
+        ("/generate%09", "/generate\\t"),
+        ("http%3A//h/healthz", "http://h/healthz"),  # a scheme written with an escape: not absolute form
+        ("/" + "x" * 5000, "/" + "x" * 1023 + "...(3977 more characters)"),  # cut as in the access log
+    ],
+    ids=["no-slash", "escaped-tab", "escaped-scheme", "long"],
+)
 def test_a_404_names_the_path_as_received(server: Server, target: str, named: str) -> None:
     sent = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
     status_line, _, body = _exchange(server, sent)

@@ -200,6 +200,20 @@ def test_a_target_in_absolute_form_is_read_as_its_path(path: str, raw_path: byte
     assert (without_raw["path"], without_raw.get("raw_path", read_as[0].encode())) == (read_as[0], read_as[0].encode())
 
 
+@pytest.mark.parametrize(
+    ("path", "raw_path", "read_as"),
+    [
+        ("http://h/healthz", b"http%3A//h/healthz", ("http://h/healthz", b"http%3A//h/healthz")),  # no scheme as sent
+        ("a://h/healthz", b"a%3A//h/healthz", ("a://h/healthz", b"a%3A//h/healthz")),
+        ("http://h/x/generate", b"http://h%2Fx/generate", ("/generate", b"/generate")),  # a slash in the authority
+    ],
+)
+def test_a_target_is_read_in_the_form_it_was_sent(path: str, raw_path: bytes, read_as: tuple[str, bytes]) -> None:
+    """A %-escape in the scheme or the authority is not absolute form: the path decoded from it would be."""
+    scope = origin_form({"type": "http", "path": path, "raw_path": raw_path, "query_string": b""})
+    assert (scope["path"], scope["raw_path"]) == read_as
+
+
 def test_a_logged_target_is_escaped_then_cut() -> None:
     assert logged_target("/generate", "") == "/generate"
     assert logged_target("/generate", "digit=3") == "/generate?digit=3"
