@@ -101,6 +101,11 @@ class ServeSettings:
         for name in ("queue", "inline_digits", "cache_max_age"):
             if getattr(self, name) < 0:
                 raise ServeConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.inline_digits > DEFAULT_BATCH_SIZE:
+            raise ServeConfigError(
+                f"inline_digits must be at most {DEFAULT_BATCH_SIZE}, got {self.inline_digits}: a request that small "
+                "is made in one model call on the event loop, which no time limit stops and no other request passes"
+            )
         if not self.time_limit > 0:
             raise ServeConfigError(f"the time limit must be more than 0 s, got {self.time_limit:g}")
         if not (0 <= self.batch_window_ms < math.inf):
@@ -459,7 +464,7 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
             why = service.warmup_error or "the model's warm-up batch has not run yet"
             return refusal(503, f"not ready: {why}")
         body = {"status": "ready", "model_sha256": generator.sha256, "provider": generator.provider}
-        return Response(json.dumps(body), media_type="application/json")
+        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics() -> Response:

@@ -39,12 +39,6 @@ def split_batch(images: np.ndarray, labels: list[np.ndarray]) -> list[GeneratedD
     return [GeneratedDigits(pixels, request_labels) for pixels, request_labels in zip(parts, labels, strict=True)]
 
 
-def run_batch(generator: DigitGenerator, requests: list[DigitsRequest]) -> list[GeneratedDigits]:
-    """The digits of ``requests`` from one model call over all of them."""
-    noise, labels = batch_inputs(requests, generator.latent_dim)
-    return split_batch(generator.run(noise, np.concatenate(labels)), labels)
-
-
 class Batcher:
     """Collects requests for up to ``window`` seconds after the first, at most ``max_digits`` digits in all
     (a larger request gets a call of its own), then makes their digits in one model call on ``executor``,
@@ -118,14 +112,13 @@ class Batcher:
             self.observe(len(batch))
             try:
                 async with self.generation():
-                    requests = [p.request for p in batch]
-                    if len(requests) == 1:
-                        results = run_batch(self.generator, requests)
+                    noise, labels = batch_inputs([p.request for p in batch], self.generator.latent_dim)
+                    inputs = (noise, np.concatenate(labels))
+                    if len(batch) == 1:  # alone: on the event loop, as without batching
+                        images = self.generator.run(*inputs)
                     else:
-                        noise, labels = batch_inputs(requests, self.generator.latent_dim)
-                        run = self.generator.run
-                        images = await loop.run_in_executor(self.executor, run, noise, np.concatenate(labels))
-                        results = split_batch(images, labels)
+                        images = await loop.run_in_executor(self.executor, self.generator.run, *inputs)
+                    results = split_batch(images, labels)
             except Exception as exc:  # each request of the batch gets the error its own call would raise
                 for pending in batch:
                     if not pending.digits.done():

@@ -84,6 +84,7 @@ def generate_doc(max_count: int, num_classes: int) -> dict:
             "304": {"description": "Not modified (If-None-Match names the ETag)"},
             "406": error_response("Accept names no type this request can send"),
             "422": error_response("A bad parameter"),
+            "500": error_response("An internal error; the server log has the details under the request id"),
             "503": error_response("Busy or past the time limit; retry after Retry-After seconds"),
         },
     }

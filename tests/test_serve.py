@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -519,6 +520,10 @@ def test_bytes_that_are_not_http_get_a_400_in_json(server: Server, sent: bytes) 
     assert '"-" 400 id=-' in server.log.read_text()  # its access-log line, though the app never saw it
 
 
+# uvicorn parses HTTP with httptools when it is installed (`uvicorn[standard]`), with h11 otherwise
+HTTPTOOLS = importlib.util.find_spec("httptools") is not None
+
+
 def _exchange(server: Server, sent: bytes) -> tuple[str, dict[str, str], bytes]:
     """Send raw bytes, read until the server closes the connection: its status line, headers and body."""
     host, port = server.url.removeprefix("http://").split(":")
@@ -554,6 +559,10 @@ def test_a_request_target_in_absolute_form_is_read_as_its_path(server: Server) -
 def test_a_404_names_the_path_as_received(server: Server, target: str, named: str) -> None:
     sent = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
     status_line, _, body = _exchange(server, sent)
+    if HTTPTOOLS and not target.startswith("/"):  # its parser refuses a target that is neither a path nor a URL
+        assert status_line == "HTTP/1.1 400 Bad Request"
+        assert json.loads(body) == {"error": "not a valid HTTP/1.1 request; the server closed the connection"}
+        return
     assert status_line == "HTTP/1.1 404 Not Found"
     assert json.loads(body) == {"error": f"no endpoint {named}; see /docs"}
 
@@ -615,15 +624,17 @@ def test_request_id_echoed_or_made(server: Server) -> None:
 
 
 def test_metrics_count_requests_digits_and_latency(server: Server) -> None:
+    """(Refusals with 503 are counted in the tests that provoke them.)"""
+    timed = 'digitgen_request_seconds_count{endpoint="/generate"}'
     before = server.metric('digitgen_requests_total{endpoint="/generate",status="422"}')
-    digits = server.metric("digitgen_digits_generated_total")
+    digits, times = server.metric("digitgen_digits_generated_total"), server.metric(timed)
     server.get("/generate?count=0")
     server.get("/generate?count=6&seed=77&format=npz")
     assert server.metric('digitgen_requests_total{endpoint="/generate",status="422"}') == before + 1
     assert server.metric("digitgen_digits_generated_total") == digits + 6
-    text = server.get("/metrics").text
-    assert 'digitgen_request_seconds_bucket{endpoint="/generate",le="0.05"}' in text
-    assert "digitgen_requests_refused_total" in text or "# TYPE digitgen_requests_refused counter" in text
+    assert server.metric(timed) == times + 2
+    slowest = server.metric('digitgen_request_seconds_bucket{endpoint="/generate",le="+Inf"}')
+    assert server.metric('digitgen_request_seconds_bucket{endpoint="/generate",le="0.001"}') <= slowest == times + 2
 
 
 def test_openapi_docs_describe_generate(server: Server) -> None:
@@ -639,7 +650,7 @@ def test_openapi_docs_describe_generate(server: Server) -> None:
     assert {name for where, name in schemas if where == "header"} == {"Accept", "If-None-Match", "X-Request-ID"}
     responses = operation["responses"]
     assert responses["200"]["content"]["application/json"]["schema"]["required"] == ["labels", "images"]
-    for status in ("406", "422", "503"):
+    for status in ("406", "422", "500", "503"):
         assert responses[status]["content"]["application/json"]["schema"]["required"] == ["error"]
     assert spec["info"]["title"] == "digitgen" and "GAN trained on MNIST" in spec["info"]["summary"]
     assert server.get("/docs").status_code == 200

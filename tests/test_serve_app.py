@@ -4,6 +4,7 @@ warm-up, micro-batching, time limits, unexpected errors, settings and the access
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -17,10 +18,10 @@ import pytest
 from fastapi import FastAPI
 
 from digitgen.runtime.errors import ModelRunError
-from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
+from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
 from digitgen.serve import ServeConfigError, ServeSettings, create_app
 from digitgen.serve.app import _Service, _ServiceEntry
-from digitgen.serve.batch import Batcher, _Pending, run_batch
+from digitgen.serve.batch import Batcher, _Pending
 from digitgen.serve.observe import ACCESS_LOG, Metrics
 from digitgen.serve.page import PageFiles
 from digitgen.serve.params import DigitsRequest
@@ -43,11 +44,28 @@ def test_concurrent_calls_equal_serial_results() -> None:
 # --- micro-batching: the same bytes, whoever shares the model call ---------------------------------
 
 
+def _through_a_batcher(generator: DigitGenerator, requests: list[DigitsRequest]) -> tuple[list[bytes], list[int]]:
+    """Each request's bytes when all arrive at once at a :class:`Batcher`, and the sizes of its batches."""
+    sizes: list[int] = []
+
+    async def main() -> list[GeneratedDigits]:
+        with ThreadPoolExecutor(1) as pool:
+            total = sum(r.count for r in requests)
+            batcher = Batcher(generator, 0.05, total, pool, contextlib.nullcontext, sizes.append)
+            running = asyncio.create_task(batcher.run())
+            try:
+                return await asyncio.gather(*(batcher.digits(r) for r in requests))
+            finally:
+                running.cancel()
+
+    return [encode(d, r.fmt) for d, r in zip(asyncio.run(main()), requests, strict=True)], sizes
+
+
 def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
     generator = DigitGenerator.from_path(threads=1)
     alone = [encode(generate(generator, request), request.fmt) for request in MIXED]
-    for requests, expected in ((MIXED, alone), (MIXED[::-1], alone[::-1])):
-        assert [encode(d, r.fmt) for d, r in zip(run_batch(generator, requests), requests, strict=True)] == expected
+    for requests, expected in ((MIXED, alone), (MIXED[::-1], alone[::-1]), (MIXED[:1], alone[:1])):
+        assert _through_a_batcher(generator, requests) == (expected, [len(requests)])
 
 
 @pytest.mark.parametrize(
@@ -60,6 +78,11 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
         ({"max_count": 0}, "max_count must be at least 1, got 0"),
         ({"queue": -1}, "queue must be 0 or more, got -1"),
         ({"inline_digits": -1}, "inline_digits must be 0 or more, got -1"),
+        (
+            {"inline_digits": 257},
+            "inline_digits must be at most 256, got 257: a request that small is made in one model call on the "
+            "event loop, which no time limit stops and no other request passes",
+        ),
         ({"cache_max_age": -1}, "cache_max_age must be 0 or more, got -1"),
         ({"time_limit": 0}, "the time limit must be more than 0 s, got 0"),
         (
@@ -137,6 +160,7 @@ def test_the_smallest_settings_and_any_origin_a_browser_sends_are_accepted() -> 
     )
     assert (settings.queue, settings.inline_digits, settings.cache_max_age, settings.batch_max_digits) == (0, 0, 0, 1)
     assert ServeSettings(batch_window_ms=0).batch_window_ms == 0
+    assert ServeSettings(inline_digits=256).inline_digits == 256  # one default batch: the most
 
 
 # --- lifespans, warm-up, limits and errors -----------------------------------------------------
