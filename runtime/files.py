@@ -152,7 +152,9 @@ def remove_leftover(tmp: Path) -> None:
 
 
 @contextmanager
-def _published(paths: Sequence[str | Path], resume: Callable[[Path], None] | None) -> Iterator[list[tuple[Path, int]]]:
+def _published(
+    paths: Sequence[str | Path], resume: Callable[[Path], None] | None, durable: bool
+) -> Iterator[list[tuple[Path, int]]]:
     """:func:`publish_all`, yielding each temporary file with the descriptor that claims it."""
     paths = [Path(path) for path in paths]
     temps = [temporary_name(path) for path in paths]
@@ -170,6 +172,9 @@ def _published(paths: Sequence[str | Path], resume: Callable[[Path], None] | Non
             claiming = None
         failing = paths
         yield claimed
+        if durable:  # on the disk before a rename can make it the file's content
+            for _tmp, fd in claimed:
+                os.fsync(fd)
         if fcntl is None:  # Windows renames no open file
             _close_all(still_open)
         changed = [
@@ -190,6 +195,9 @@ def _published(paths: Sequence[str | Path], resume: Callable[[Path], None] | Non
                 except OSError:
                     renamed.discard(tmp)
                     raise
+        if durable and changed:
+            for folder in {path.parent for _tmp, path in changed}:
+                _sync_folder(folder)
     except OSError as exc:
         if exc.errno is None:  # one of the project's own errors, raised in the block: already worded
             raise
@@ -207,15 +215,32 @@ def _published(paths: Sequence[str | Path], resume: Callable[[Path], None] | Non
                 remove_leftover(claiming)
 
 
+def _sync_folder(folder: Path) -> None:
+    """Put ``folder``'s entries on the disk (its renames), where a folder can be opened for that (not on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with suppress(OSError):  # some file systems cannot sync a folder: the renames stand as they keep them
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _close_all(fds: list[int]) -> None:
     while fds:
         os.close(fds.pop())
 
 
 @contextmanager
-def publish_all(paths: Sequence[str | Path], resume: Callable[[Path], None] | None = None) -> Iterator[list[Path]]:
+def publish_all(
+    paths: Sequence[str | Path], resume: Callable[[Path], None] | None = None, *, durable: bool = True
+) -> Iterator[list[Path]]:
     """Yield a temporary sibling of each of ``paths`` to write; rename them onto ``paths`` only if the block
-    succeeds, all together: an interrupt leaves all the old files or all the new ones.
+    succeeds, all together: an interrupt leaves all the old files or all the new ones. With ``durable``, the
+    files are on the disk before they are renamed, and the renames after, so that a power cut leaves the old
+    files or the new ones, never an empty or a partial file under a path's name.
 
     With ``resume`` (a check of an existing file), an existing path that already holds exactly the new bytes
     is left untouched (same file, same modification time), and ``resume`` is called with each existing path
@@ -226,7 +251,7 @@ def publish_all(paths: Sequence[str | Path], resume: Callable[[Path], None] | No
     Each temporary file is claimed first (:func:`claim_temporary`): another process writing the same file
     now is refused with :class:`OutputError`.
     """
-    with _published(paths, resume) as claimed:
+    with _published(paths, resume, durable) as claimed:
         yield [tmp for tmp, _fd in claimed]
 
 
@@ -238,17 +263,21 @@ def publish(path: str | Path, resume: Callable[[Path], None] | None = None) -> I
 
 
 @contextmanager
-def atomic_file(path: str | Path, resume: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
+def atomic_file(
+    path: str | Path, resume: Callable[[Path], None] | None = None, *, durable: bool = True
+) -> Iterator[BinaryIO]:
     """Open ``path`` for binary writing through :func:`publish_all` (its temporary file, claimed)."""
-    with atomic_files([path], resume) as (f,):
+    with atomic_files([path], resume, durable=durable) as (f,):
         yield f
 
 
 @contextmanager
-def atomic_files(paths: Sequence[str | Path], resume: Callable[[Path], None] | None = None) -> Iterator[list[BinaryIO]]:
+def atomic_files(
+    paths: Sequence[str | Path], resume: Callable[[Path], None] | None = None, *, durable: bool = True
+) -> Iterator[list[BinaryIO]]:
     """Open several files for binary writing through :func:`publish_all` (their temporary files, claimed; closed
     before they are renamed)."""
-    with _published(paths, resume) as claimed, ExitStack() as opened:
+    with _published(paths, resume, durable) as claimed, ExitStack() as opened:
         yield [opened.enter_context(os.fdopen(fd, "wb", closefd=False)) for _tmp, fd in claimed]
 
 

@@ -321,7 +321,9 @@ def _write_pngs(
                         "let it finish, or write elsewhere"
                     )
                 else:
-                    with atomic_file(path) as f:
+                    # not synced one by one (a run of many small files would wait on the disk for each): after a
+                    # power cut, --resume finds and rewrites any file the disk did not keep whole
+                    with atomic_file(path, durable=False) as f:
                         f.write(encoded)
                     if path not in earlier:
                         created.append(batch.start + offset)

@@ -335,6 +335,24 @@ def test_a_pipe_under_the_index_lock_name_does_not_stop_a_run(tmp_path: Path, ti
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [png_name(i, i) for i in range(3)]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor's file through /proc")
+def test_a_file_is_on_the_disk_before_its_rename_but_pngs_are_not_synced_one_by_one(
+    gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced, sync = [], os.fsync
+
+    def recorded(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        sync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    generate_files(gen, tmp_path / "npz", 5, "npz")
+    assert synced == [str(temporary_name(tmp_path / "npz" / "digits.npz")), str(tmp_path / "npz")]
+    synced.clear()
+    generate_files(gen, tmp_path / "png", 5, "png")
+    assert synced == []  # --resume repairs what a power cut leaves of them
+
+
 def test_export_refuses_to_replace_release_weights(tmp_path: Path, tiny_checkpoint: Path) -> None:
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"mine")
