@@ -197,7 +197,8 @@ def test_a_target_in_absolute_form_is_read_as_its_path(path: str, raw_path: byte
     scope = origin_form({"type": "http", "path": path, "raw_path": raw_path, "query_string": b"digit=3"})
     assert (scope["path"], scope["raw_path"], scope["query_string"]) == (*read_as, b"digit=3")
     without_raw = origin_form({"type": "http", "path": path, "query_string": b""})  # raw_path is optional in ASGI
-    assert (without_raw["path"], without_raw.get("raw_path", read_as[0].encode())) == (read_as[0], read_as[0].encode())
+    made = read_as[0].encode() if read_as[0] != path else None  # a raw_path only for a target read anew
+    assert (without_raw["path"], without_raw.get("raw_path")) == (read_as[0], made)
 
 
 @pytest.mark.parametrize(
