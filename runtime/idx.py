@@ -75,9 +75,10 @@ def check_idx(path: str | Path, images: bool | None = None) -> tuple[int, ...]:
     return shape
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """uint8 images (N, 28, 28) or labels (N,), checked against the header's count."""
-    shape = check_idx(path)
+def read_idx(path: str | Path, images: bool | None = None) -> np.ndarray:
+    """uint8 images (N, 28, 28) or labels (N,), checked against the header's count (and kind: see
+    :func:`check_idx`)."""
+    shape = check_idx(path, images)
     return np.fromfile(path, np.uint8, offset=header_size(len(shape) == 3)).reshape(shape)
 
 
@@ -134,8 +135,8 @@ def read_mnist_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
     raw = mnist_raw_folder(root)
     if not all((raw / f"{split}-{kind}").is_file() for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")):
         raise InvalidRequestError(mnist_not_found_message(root))
-    images = read_idx(raw / f"{split}-images-idx3-ubyte")
-    labels = read_idx(raw / f"{split}-labels-idx1-ubyte").astype(np.int64)
+    images = read_idx(raw / f"{split}-images-idx3-ubyte", images=True)
+    labels = read_idx(raw / f"{split}-labels-idx1-ubyte", images=False).astype(np.int64)
     if len(images) != len(labels):
         raise InvalidRequestError(f"{raw}: {len(images)} {split} images but {len(labels)} labels")
     return images, labels

@@ -128,3 +128,30 @@ def test_a_failed_download_is_one_line(tmp_path: Path, monkeypatch: pytest.Monke
         root / "MNIST" / "raw",
         "(download failed: Error downloading train-images-idx3-ubyte.gz: Tried https://example.invalid/mnist/)",
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "swapped"),
+    [
+        (("train", "--out", "{tmp}/run", *TINY), "train-images-idx3-ubyte"),
+        (("train", "--out", "{tmp}/run", *TINY), "train-labels-idx1-ubyte"),
+        (("train-classifier", "--out", "{tmp}/classifier.onnx", "--epochs", "1"), "t10k-images-idx3-ubyte"),
+    ],
+    ids=["train-labels-as-images", "train-images-as-labels", "classifier-test-labels-as-images"],
+)
+def test_an_mnist_file_of_the_other_kind_is_one_line(tmp_path: Path, command: tuple[str, ...], swapped: str) -> None:
+    root = write_tiny_mnist(tmp_path / "data")
+    raw = root / "MNIST" / "raw"
+    other = (
+        swapped.replace("images-idx3", "labels-idx1")
+        if "images" in swapped
+        else swapped.replace("labels-idx1", "images-idx3")
+    )
+    (raw / swapped).write_bytes((raw / other).read_bytes())
+    args = [part.format(tmp=tmp_path) for part in command] + ["--data-dir", str(root)]
+    result = CliRunner().invoke(main, args)
+    kind = "images" if "images" in swapped else "labels"
+    assert result.exit_code == 1 and result.output.startswith(
+        f"Error: {raw / swapped} is not an MNIST IDX file of {kind}"
+    )
+    assert len(result.output.splitlines()) == 1
