@@ -718,3 +718,37 @@ def test_a_run_lock_lets_go_once_however_often_released_and_is_none_without_floc
     unlocked = RunLock(tmp_path)
     unlocked.release()
     unlocked.release()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4014080000 bytes."),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.74 GiB."),
+    ],
+    ids=["cpu", "cuda"],
+)
+def test_a_step_that_does_not_fit_in_memory_is_one_line(
+    tmp_path: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch, failure: RuntimeError
+) -> None:
+    def out_of_memory(*_args: object) -> None:
+        raise failure
+
+    monkeypatch.setattr("digitgen.training.loop.train_step", out_of_memory)
+    code, output = train(tiny_mnist, tmp_path / "run", *TINY, "--steps", "2")
+    assert code == 1
+    assert output.splitlines()[-1] == (
+        "Error: not enough memory: a training step of this size does not fit; lower --batch-size, --g-width or "
+        "--d-width; ask for less"
+    )
+
+
+def test_another_runtime_error_of_a_step_is_not_taken_for_memory(
+    tmp_path: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def bug(*_args: object) -> None:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr("digitgen.training.loop.train_step", bug)
+    result = CliRunner().invoke(main, ["train", "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "run"), *TINY])
+    assert isinstance(result.exception, RuntimeError) and "shapes cannot be multiplied" in str(result.exception)

@@ -23,3 +23,7 @@ class NonFiniteLossError(TrainingError, FloatingPointError):
 
 class RunDirectoryError(TrainingError, FileExistsError):
     """The run directory holds another run and neither --resume nor --overwrite was given."""
+
+
+class TrainingMemoryError(TrainingError, MemoryError):
+    """PyTorch could not allocate the memory a training step needs."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.config import TrainConfig
 from digitgen.training.data import MnistTensors
 from digitgen.training.distributed import SINGLE, DistContext, any_rank, gather_objects, weights_digest
-from digitgen.training.errors import NonFiniteLossError
+from digitgen.training.errors import NonFiniteLossError, TrainingMemoryError
 from digitgen.training.state import TrainState, state_to_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -220,6 +220,20 @@ def _wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Modul
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
 
+@contextmanager
+def _memory_errors_in_words() -> Iterator[None]:
+    """PyTorch's allocator failing (a ``RuntimeError`` on the CPU, ``torch.OutOfMemoryError`` on CUDA) as a
+    :class:`TrainingMemoryError` that names the options to lower."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)):
+            raise
+        raise TrainingMemoryError(
+            "a training step of this size does not fit; lower --batch-size, --g-width or --d-width"
+        ) from exc
+
+
 def train(
     state: TrainState,
     data: MnistTensors,
@@ -261,7 +275,7 @@ def train(
             order, order_epoch = epoch_permutation(cfg.seed, epoch, len(images)).to(device), epoch
         offset = position * global_batch + ctx.rank * cfg.batch_size
         idx = order[offset : offset + cfg.batch_size]
-        with precision_context(cfg, device):
+        with precision_context(cfg, device), _memory_errors_in_words():
             metrics = train_step(state, _to_model_range(images[idx]), labels[idx], g, d, ctx)
         window_steps += 1
         if state.step % cfg.log_every == 0 or state.step == cfg.total_steps:
