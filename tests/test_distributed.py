@@ -70,30 +70,39 @@ def test_a_run_directory_in_use_stops_every_process_with_the_reason(tmp_path: Pa
     assert list(run_dir.iterdir()) == []
 
 
-def _main_fails_first(rank: int, port: int, outcomes: dict) -> None:
+def _main_fails_first(rank: int, port: int, outcomes: dict, kind: str) -> None:
     import torch.distributed as dist
 
     from digitgen.training.distributed import DistContext, on_main_first
     from digitgen.training.errors import TrainingError
 
     def work() -> str:
+        if kind == "os":  # not one of the package's own errors: a folder it cannot make, say
+            raise FileNotFoundError(2, "No such file or directory", "/proc/run")
         raise TrainingError("the first process's reason")
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         outcomes[rank] = on_main_first(DistContext(rank, 2), torch.device("cpu"), work, "the others' words")
-    except TrainingError as exc:
-        outcomes[rank] = str(exc)
+    except Exception as exc:
+        outcomes[rank] = f"{type(exc).__name__}: {exc}"
     finally:
         dist.destroy_process_group()
 
 
-def test_when_the_first_process_fails_its_work_every_process_fails() -> None:
+@pytest.mark.parametrize(
+    ("kind", "first"),
+    [
+        ("training", "TrainingError: the first process's reason"),
+        ("os", "FileNotFoundError: [Errno 2] No such file or directory: '/proc/run'"),
+    ],
+)
+def test_when_the_first_process_fails_its_work_every_process_fails(kind: str, first: str) -> None:
     import torch.multiprocessing as mp
 
     outcomes = mp.Manager().dict()
-    mp.spawn(_main_fails_first, args=(free_port(), outcomes), nprocs=2, join=True)
-    assert dict(outcomes) == {0: "the first process's reason", 1: "the others' words"}
+    mp.spawn(_main_fails_first, args=(free_port(), outcomes, kind), nprocs=2, join=True)
+    assert dict(outcomes) == {0: first, 1: "TrainingError: the others' words"}
 
 
 def _one_rank_goes_nan(rank: int, port: int, outcomes: dict) -> None:

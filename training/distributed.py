@@ -68,12 +68,13 @@ def any_rank(ctx: DistContext, flag: bool, device: torch.device) -> bool:
 
 def on_main_first(ctx: DistContext, device: torch.device, work: Callable[[], T], failed: str) -> T | None:
     """``work()`` on the main process while the others wait for it: its result there, ``None`` on the others. If it
-    raises :class:`TrainingError`, every process raises (the main one its error, the others ``failed``)."""
+    raises, every process raises (the main one its error, the others :class:`TrainingError` ``failed``), rather
+    than the others waiting for a process that has gone."""
     result, failure = None, None
     if ctx.is_main:
         try:
             result = work()
-        except TrainingError as exc:
+        except Exception as exc:  # an OSError of a folder, say, as much as the package's own errors
             failure = exc
     if any_rank(ctx, failure is not None, device):
         raise failure or TrainingError(failed)
