@@ -35,7 +35,7 @@ from click.core import ParameterSource
 
 from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError
-from digitgen.runtime.files import refuse_existing
+from digitgen.runtime.files import check_writable, refuse_existing
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, DigitGenerator, parse_digit_list
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
 from digitgen.runtime.progress import progress
@@ -705,6 +705,8 @@ def train_classifier_cmd(data_dir: str, download: bool, out: str, overwrite: boo
 
     weights = weights_path_beside(check_classifier_out(out))
     refuse_existing([out, weights], overwrite)
+    for path in (out, weights):  # before the training, whose result they hold
+        check_writable(path)
     train, test = load_mnist(data_dir, download=download), load_mnist(data_dir, train=False)
     check_classifier_data(train, test)
     with progress(training_steps(len(train.images), epochs), "training classifier") as bar:

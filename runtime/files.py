@@ -137,6 +137,17 @@ def _not_a_file(tmp: Path) -> OutputError:
     )
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse now, with :class:`OutputError`, a file that could not be written (a folder without permission, a
+    read-only file system), before work whose result it would hold: its temporary file is made, then removed."""
+    try:
+        remove_leftover(temporary_name(Path(path)))
+    except OSError as exc:
+        if exc.errno is None:  # the project's own error (another process writes it now): already worded
+            raise
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
+
+
 def remove_leftover(tmp: Path) -> None:
     """Remove ``tmp``, a temporary file left by a killed run; refuse one that a running process holds. It is
     removed while this process holds it, so no run can claim the name in between."""

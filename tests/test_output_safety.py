@@ -391,6 +391,29 @@ def test_train_classifier_needs_an_out_and_refuses_to_replace_it(tmp_path: Path,
     assert out.read_bytes() == b"my classifier"
 
 
+def _unwritable_folder() -> Path | None:
+    """A folder no process may create a file in, not even root's (sysfs), where this system has one."""
+    folder = Path("/sys")
+    try:
+        os.close(os.open(folder / "digitgen-probe", os.O_WRONLY | os.O_CREAT, 0o666))
+    except OSError:
+        return folder
+    return None
+
+
+@pytest.mark.skipif(_unwritable_folder() is None, reason="no folder here that refuses every writer")
+def test_train_classifier_finds_an_unwritable_out_before_it_trains(
+    tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def trained(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("trained before finding that its result could not be written")
+
+    monkeypatch.setattr("digitgen.training.classifier.train_classifier", trained)
+    out = _unwritable_folder() / "classifier.onnx"
+    code, output = _cli("train-classifier", "--data-dir", tiny_mnist, "--out", out, "--epochs", "1")
+    assert code == 1 and output.strip().startswith(f"Error: cannot write {out}: ")
+
+
 def test_a_png_just_past_the_requested_range_is_not_a_clash(gen: DigitGenerator, tmp_path: Path) -> None:
     generate_files(gen, tmp_path, 4, digits=[7])
     (tmp_path / png_name(0, 7)).unlink()
