@@ -551,6 +551,18 @@ def test_unknown_training_settings_and_a_broken_optimizer_state_are_refused_by_n
     with pytest.raises(CheckpointError) as error:
         state_from_checkpoint(str(path), torch.device("cpu"))
     assert str(error.value) == f"{path}: optimizer or RNG state is invalid ('generator')"
+    shapes = []
+
+    def wrong_moment(payload: dict) -> None:
+        moments = payload["optimizers"]["discriminator"]["state"][0]
+        shapes.append(tuple(moments["exp_avg_sq"].shape))
+        moments["exp_avg_sq"] = torch.zeros(3)
+
+    path = _edited(tmp_path, tiny_checkpoint, wrong_moment)
+    with pytest.raises(CheckpointError) as error:  # it failed at the first step
+        state_from_checkpoint(str(path), torch.device("cpu"))
+    moment = f"the discriminator's exp_avg_sq is (3,) for a parameter of {shapes[0]}"
+    assert str(error.value) == f"{path}: optimizer or RNG state is invalid ({moment})"
 
 
 @pytest.mark.parametrize(

@@ -146,6 +146,18 @@ def _label_classifiers(payload: dict[str, Any], path: str) -> tuple[Classifier, 
     return classifiers
 
 
+def _check_moments(optimizer: torch.optim.Optimizer, name: str) -> None:
+    """``ValueError`` unless each tensor of the loaded optimizer state has its parameter's shape (PyTorch checks
+    only the parameter groups when loading; a wrong moment would fail at the first step)."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for key, value in optimizer.state.get(parameter, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != parameter.shape:
+                    raise ValueError(
+                        f"the {name}'s {key} is {tuple(value.shape)} for a parameter of {tuple(parameter.shape)}"
+                    )
+
+
 def state_from_checkpoint(path: str, device: torch.device, rank: int = 0) -> TrainState:
     """Restore a run as it was saved: weights, optimizers, noise RNG and step.
 
@@ -161,8 +173,9 @@ def state_from_checkpoint(path: str, device: torch.device, rank: int = 0) -> Tra
     _load_weights(state.generator_ema, payload["generator_ema"], "EMA generator")
     _load_weights(state.discriminator, payload["discriminator"], "discriminator")
     try:
-        state.opt_g.load_state_dict(payload["optimizers"]["generator"])
-        state.opt_d.load_state_dict(payload["optimizers"]["discriminator"])
+        for optimizer, name in ((state.opt_g, "generator"), (state.opt_d, "discriminator")):
+            optimizer.load_state_dict(payload["optimizers"][name])
+            _check_moments(optimizer, name)
         noise_states = payload["rng"]["noise"]
         if rank < len(noise_states):
             state.noise_rng.set_state(noise_states[rank])
