@@ -330,7 +330,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 @click.option(
     "--checkpoint-every",
     type=click.IntRange(min=1),
-    help=f"Steps between checkpoints [default: {TrainConfig.checkpoint_every}].",
+    help=f"Steps between checkpoints, besides one at each epoch's end [default: {TrainConfig.checkpoint_every}].",
 )
 @click.option(
     "--lr-decay-epochs",

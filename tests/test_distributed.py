@@ -129,7 +129,10 @@ def test_a_nan_on_one_process_stops_every_process() -> None:
     port = free_port()
     outcomes = mp.Manager().dict()
     mp.spawn(_one_rank_goes_nan, args=(port, outcomes), nprocs=2, join=True)
-    tail = "at step 5; stopped before applying it (any checkpoint saved before it is intact; try a lower --lr)"
+    tail = (
+        "at step 5; stopped before applying it (any checkpoint saved before it is intact and can be exported; "
+        "to train on, start over with --overwrite and a lower --lr)"
+    )
     assert dict(outcomes) == {
         0: f"generator loss is not finite on another process {tail}",
         1: f"generator loss is nan {tail}",

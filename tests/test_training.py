@@ -551,6 +551,10 @@ def test_unknown_training_settings_and_a_broken_optimizer_state_are_refused_by_n
     with pytest.raises(CheckpointError) as error:
         state_from_checkpoint(str(path), torch.device("cpu"))
     assert str(error.value) == f"{path}: optimizer or RNG state is invalid ('generator')"
+    path = _edited(tmp_path, tiny_checkpoint, lambda payload: payload.pop("rng"))
+    with pytest.raises(CheckpointError) as error:  # it was said to hold generator weights only
+        state_from_checkpoint(str(path), torch.device("cpu"))
+    assert str(error.value) == f"{path}: a checkpoint without rng cannot be resumed"
     shapes = []
 
     def wrong_moment(payload: dict) -> None:

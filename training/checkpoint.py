@@ -38,11 +38,14 @@ def write_payload(payload: dict[str, Any], tmp: Path, path: str | Path) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a training checkpoint (everything ``--resume`` needs) as data only."""
     payload = load_weights(path)
-    if any(key not in payload for key in REQUIRED_KEYS):
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing and set(missing) == set(REQUIRED_KEYS) - set(WEIGHTS_KEYS):
         raise CheckpointError(
             f"{path}: holds generator weights only (no discriminator or optimizer state): "
             "it can be exported and verified, not resumed; start a new run instead"
         )
+    if missing:
+        raise CheckpointError(f"{path}: a checkpoint without {', '.join(missing)} cannot be resumed")
     return payload
 
 

@@ -64,7 +64,8 @@ def check_finite(loss: torch.Tensor, name: str, step: int, ctx: DistContext = SI
         where = f"is {value}" if not math.isfinite(value) else "is not finite on another process"
         raise NonFiniteLossError(
             f"{name} loss {where} at step {step + 1}; stopped before applying it "
-            "(any checkpoint saved before it is intact; try a lower --lr)"
+            "(any checkpoint saved before it is intact and can be exported; to train on, start over with "
+            "--overwrite and a lower --lr)"
         )
 
 

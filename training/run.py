@@ -28,7 +28,7 @@ class RunOptions:
     data_dir: str
     run_dir: str
     epochs: int | None = None
-    steps: int | None = None  # wins over epochs; with neither, one epoch (or the resumed run's budget)
+    steps: int | None = None  # not with epochs; with neither, one epoch (or the resumed run's budget)
     batch_size: int | None = None
     lr: float | None = None
     latent_dim: int | None = None
