@@ -105,6 +105,37 @@ def test_when_the_first_process_fails_its_work_every_process_fails(kind: str, fi
     assert dict(outcomes) == {0: first, 1: "TrainingError: the others' words"}
 
 
+def _first_cannot_save(rank: int, port: int, folder: str, outcomes: dict) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from digitgen.training import loop
+    from digitgen.training.distributed import DistContext
+
+    loop.state_to_checkpoint = lambda _state, noise_states: {"noise": noise_states}  # what is saved matters not
+    state = SimpleNamespace(noise_rng=torch.Generator(), generator=torch.nn.Linear(1, 1))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        loop._save(state, Path(folder) / "gone" / "checkpoint.pt", DistContext(rank, 2))
+        outcomes[rank] = "went on"
+    except Exception as exc:
+        outcomes[rank] = f"{type(exc).__name__}: {exc}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_the_first_process_cannot_write_stops_every_process(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    outcomes = mp.Manager().dict()
+    mp.spawn(_first_cannot_save, args=(free_port(), str(tmp_path), outcomes), nprocs=2, join=True)
+    assert dict(outcomes) == {
+        0: f"OutputError: cannot write {tmp_path / 'gone' / 'checkpoint.pt'}: No such file or directory",
+        1: "TrainingError: the first process could not write the checkpoint (its error says why)",
+    }
+
+
 def _one_rank_goes_nan(rank: int, port: int, outcomes: dict) -> None:
     import torch.distributed as dist
 

@@ -21,7 +21,14 @@ from digitgen.training.augment import diff_augment
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.config import TrainConfig
 from digitgen.training.data import MnistTensors
-from digitgen.training.distributed import SINGLE, DistContext, any_rank, gather_objects, weights_digest
+from digitgen.training.distributed import (
+    SINGLE,
+    DistContext,
+    any_rank,
+    gather_objects,
+    on_main_first,
+    weights_digest,
+)
 from digitgen.training.errors import NonFiniteLossError, TrainingMemoryError
 from digitgen.training.state import TrainState, state_to_checkpoint
 
@@ -209,10 +216,15 @@ def _append_metrics(path: Path, record: dict[str, float]) -> None:
 
 
 def _save(state: TrainState, path: Path, ctx: DistContext) -> None:
-    """Collective in a distributed run (every rank's noise state is gathered); rank 0 writes."""
+    """Collective in a distributed run (every rank's noise state is gathered); rank 0 writes, and if it cannot,
+    every rank stops (rather than wait for it in the next step)."""
     noise_states = gather_objects(ctx, state.noise_rng.get_state())
-    if ctx.is_main:
-        save_checkpoint(state_to_checkpoint(state, noise_states), path)
+    on_main_first(
+        ctx,
+        next(state.generator.parameters()).device,
+        lambda: save_checkpoint(state_to_checkpoint(state, noise_states), path),
+        "the first process could not write the checkpoint (its error says why)",
+    )
 
 
 def _wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
