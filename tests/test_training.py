@@ -567,6 +567,8 @@ def test_unknown_training_settings_and_a_broken_optimizer_state_are_refused_by_n
         state_from_checkpoint(str(path), torch.device("cpu"))
     moment = f"the discriminator's exp_avg_sq is (3,) for a parameter of {shapes[0]}"
     assert str(error.value) == f"{path}: optimizer or RNG state is invalid ({moment})"
+    path = _edited(tmp_path, tiny_checkpoint, lambda payload: payload["optimizers"]["generator"]["state"].pop(0))
+    assert state_from_checkpoint(str(path), torch.device("cpu")).step  # a parameter with no gradient yet has none
 
 
 @pytest.mark.parametrize(
