@@ -316,4 +316,4 @@ def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool) -> None
     clashes = [Path(p) for p in paths if p is not None and os.path.lexists(p)]  # a dangling link is a file too
     if clashes and not overwrite:
         more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
-        raise OutputError(f"{clashes[0]}{more} already exists; pass --overwrite (overwrite=True) to replace")
+        raise OutputError(f"{clashes[0]}{more} already exists; pass --overwrite to replace")

@@ -1,5 +1,5 @@
 """Progress of long work on stderr: click's bar on a terminal; elsewhere (``nohup``, a job scheduler's log,
-CI), where a bar shows only its label, a plain line once a minute."""
+CI), where a bar shows only its label, the size of the work, then a plain line once a minute."""
 
 from __future__ import annotations
 
@@ -79,8 +79,8 @@ def progress(
     stream: IO[str] | None = None,
 ) -> Iterator[Progress]:
     """Report ``length`` steps of work on ``stream`` (default stderr); ``update(n, item)`` adds ``n`` done,
-    ``describe(item)`` adds a few words. The label comes first, as a line of its own where the stream is not
-    a terminal; ``hidden`` shows nothing."""
+    ``describe(item)`` adds a few words. Where the stream is not a terminal, a first line names the label and
+    ``length``; ``hidden`` shows nothing."""
     stream = stream or sys.stderr
     hidden = hidden or stream is None  # no stderr at all (closed, or a GUI interpreter): no progress, same work
     if hidden or stream.isatty():
@@ -89,6 +89,6 @@ def progress(
         ) as bar:
             yield bar
         return
-    stream.write(f"{label}\n")
+    stream.write(f"{label}: {length:,} to do\n")
     stream.flush()
     yield LogProgress(length, label, stream, describe, LOG_INTERVAL_S)  # read here, so a test can shorten it

@@ -250,7 +250,7 @@ def _refuse_other_digits(path: Path) -> None:
     if _is_complete(path):
         raise OtherRunError(
             f"{path} holds other digits than this command makes (written with other options or another model); "
-            "resume with the options of the run that wrote it, or pass --overwrite (overwrite=True) to replace it"
+            "resume with the options of the run that wrote it, or pass --overwrite to replace it"
         )
     kind, first = _first_bytes(path)
     try:
@@ -260,8 +260,7 @@ def _refuse_other_digits(path: Path) -> None:
         return
     if not first.startswith(begins):
         raise OtherRunError(
-            f"{path} is not {kind} file, so no run of this command wrote it; move it, or pass --overwrite "
-            "(overwrite=True) to replace it"
+            f"{path} is not {kind} file, so no run of this command wrote it; move it, or pass --overwrite to replace it"
         )
 
 

@@ -269,7 +269,7 @@ def test_resume_reports_what_it_kept(tmp_path: Path, tiny_onnx: Path) -> None:
     assert code == 1 and output.strip() == (
         f"Error: {tmp_path / '00000000_label0.png'} holds other digits than this command makes (written with "
         "other options or another model); resume with the options of the run that wrote it, or pass --overwrite "
-        "(overwrite=True) to replace it"
+        "to replace it"
     )
 
 
@@ -361,7 +361,7 @@ def test_generate_writes_progress_lines_to_a_log(
     code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path, "-n", 30, "--batch-size", 10)
     lines = output.splitlines()
     assert code == 0, output
-    assert lines[0] == "generating"
+    assert lines[0] == "generating: 30 to do"
     assert [line.split(",")[0] for line in lines[1:4]] == [
         "generating: 10/30 (33%)",
         "generating: 20/30 (67%)",

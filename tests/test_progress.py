@@ -68,7 +68,7 @@ def test_a_log_gets_the_label_first_a_terminal_a_bar_and_hidden_nothing() -> Non
     stream = io.StringIO()
     with progress(5, "generating", stream=stream) as bar:
         assert isinstance(bar, LogProgress)
-    assert stream.getvalue() == "generating\n"
+    assert stream.getvalue() == "generating: 5 to do\n"
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

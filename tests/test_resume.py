@@ -256,7 +256,7 @@ def _generate(out: Path, *args: str) -> subprocess.Popen:
 def _wait_for_progress(proc: subprocess.Popen) -> None:
     """Block until the command has checked its request and started generating."""
     line = proc.stderr.readline()
-    assert line.strip() == "generating", line + proc.stderr.read()
+    assert line.startswith("generating: ") and line.endswith(" to do\n"), line + proc.stderr.read()
 
 
 # Long enough that each run is still generating when the signal arrives (the shipped model, 2 cores:

@@ -189,6 +189,6 @@ def test_existing_files_are_counted_in_the_refusal(tmp_path: Path) -> None:
     (tmp_path / png_name(1, 1)).unlink()
     with pytest.raises(
         OutputError,
-        match=f"^{tmp_path / png_name(0, 0)} already exists; pass --overwrite \\(overwrite=True\\) to replace$",
+        match=f"^{tmp_path / png_name(0, 0)} already exists; pass --overwrite to replace$",
     ):
         plan_output(tmp_path, "png", 3)
