@@ -654,10 +654,10 @@ def generate(
     if not resume:
         click.echo(f"wrote {digits} to {where} {timing}")
         return
-    click.echo(
-        f"{digits} in {where}: kept {written.kept} complete "
-        f"file{'' if written.kept == 1 else 's'} of the earlier run, wrote {written.written}, {timing}"
-    )
+    plural = "" if written.kept == 1 else "s"
+    kept = f"kept {written.kept} complete file{plural} of the earlier run"
+    kept = kept if written.kept else "found no complete file to keep"
+    click.echo(f"{digits} in {where}: {kept}, wrote {written.written}, {timing}")
 
 
 @main.command()

@@ -252,6 +252,8 @@ def test_refusals_come_before_any_progress(tmp_path: Path, tiny_onnx: Path, args
 
 def test_resume_reports_what_it_kept(tmp_path: Path, tiny_onnx: Path) -> None:
     args = ("generate", "--generator", tiny_onnx, "--out", tmp_path, "-n", 12)
+    code, output = run(*args, "--format", "idx", "--resume")  # nothing to continue: said so, not "kept 0"
+    assert code == 0 and ": found no complete file to keep, wrote 2, in " in output, output
     assert run(*args)[0] == 0
     (tmp_path / "00000005_label5.png").unlink()
     code, output = run(*args, "--resume")
