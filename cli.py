@@ -149,6 +149,13 @@ class GivenPath(click.Path):
         return super().convert(value, param, ctx)
 
 
+class Integer(click.IntRange):
+    """An integer in a range; a value that is no integer is called that ("'abc' is not a valid integer"), not
+    Click's "integer range"."""
+
+    name = "integer"
+
+
 class FiniteFloat(click.FloatRange):
     """A float in a range, never nan or infinity (which Click's FloatRange lets through)."""
 
@@ -238,21 +245,19 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 @click.option(
     "--epochs",
-    type=click.IntRange(min=1),
+    type=Integer(min=1),
     help="Passes over the data in the whole run (on --resume too: the total, not more on top) "
     "[default: 1, or the resumed run's].",
 )
-@click.option(
-    "--steps", type=click.IntRange(min=1), help="Steps in the whole run, resumed or not (instead of --epochs)."
-)
-@click.option("--batch-size", type=click.IntRange(min=1), help=f"Images per step [default: {TrainConfig.batch_size}].")
+@click.option("--steps", type=Integer(min=1), help="Steps in the whole run, resumed or not (instead of --epochs).")
+@click.option("--batch-size", type=Integer(min=1), help=f"Images per step [default: {TrainConfig.batch_size}].")
 @click.option("--lr", type=FiniteFloat(min=0, min_open=True), help=f"Adam learning rate [default: {TrainConfig.lr:g}].")
 @click.option(
     "--lr-d",
     type=FiniteFloat(min=0, min_open=True),
     help="The discriminator's own learning rate (two time-scales) [default: --lr].",
 )
-@click.option("--latent-dim", type=click.IntRange(1, MAX_SIZE), help=f"Noise size [default: {GANConfig.latent_dim}].")
+@click.option("--latent-dim", type=Integer(1, MAX_SIZE), help=f"Noise size [default: {GANConfig.latent_dim}].")
 @click.option(
     "--conditional-norm",
     is_flag=True,
@@ -261,12 +266,12 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 @click.option(
     "--g-width",
-    type=click.IntRange(2, MAX_SIZE),
+    type=Integer(2, MAX_SIZE),
     help=f"The generator's channels at 7x7 (2x after its first conv, then 1x, 1/2x) [default: {GANConfig.g_width}].",
 )
 @click.option(
     "--d-width",
-    type=click.IntRange(1, MAX_SIZE),
+    type=Integer(1, MAX_SIZE),
     help=f"The discriminator's first-layer channels (then 2x, 4x) [default: {GANConfig.d_width}].",
 )
 @click.option(
@@ -320,16 +325,16 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 @click.option(
     "--seed",
-    type=click.IntRange(0, TRAIN_MAX_SEED),
+    type=Integer(0, TRAIN_MAX_SEED),
     help=f"Seed of weights and noise (0 to 2^32-1) [default: {TrainConfig.seed}].",
 )
 @click.option("--device", "device_name", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--resume", type=GivenPath(dir_okay=False), help="Continue the run saved in this checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out that holds another run, deleting it.")
-@click.option("--subset", type=click.IntRange(min=1), help="Use only the first N training images (kept on --resume).")
+@click.option("--subset", type=Integer(min=1), help="Use only the first N training images (kept on --resume).")
 @click.option(
     "--checkpoint-every",
-    type=click.IntRange(min=1),
+    type=Integer(min=1),
     help=f"Steps between checkpoints, besides one at each epoch's end [default: {TrainConfig.checkpoint_every}].",
 )
 @click.option(
@@ -483,7 +488,7 @@ def _echo_report(report: ParityReport) -> None:
 @main.command("export")
 @click.option("--checkpoint", required=True, type=GivenPath(dir_okay=False), help="Training checkpoint.")
 @click.option("--out", default="generator.onnx", show_default=True, type=GivenPath(), help="ONNX file to write.")
-@click.option("--opset", default=18, show_default=True, type=click.IntRange(min=18))
+@click.option("--opset", default=18, show_default=True, type=Integer(min=18))
 @click.option(
     "--precision",
     default="fp32",
@@ -558,18 +563,16 @@ def verify(model_argument: str | None, model: str | None, checkpoint: str, atol:
     "num_digits",
     default=10,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=Integer(min=1),
     help="How many digits to generate (--count: as the HTTP API's count).",
 )
 @click.option("--digits", callback=_parsed_by(parse_digit_list), help="Digits to generate, repeated to N (e.g. 0,3,7).")
 @click.option("--digit", type=int, help="Generate only this digit.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=MAX_SEED))
+@click.option("--seed", default=0, show_default=True, type=Integer(min=0, max=MAX_SEED))
 @click.option("--out", default="digits", show_default=True, type=GivenPath(), help="Output directory.")
 @click.option("--format", "fmt", default="png", show_default=True, type=click.Choice(FORMATS))
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))
-@click.option(
-    "--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(min=1, max=MAX_BATCH_SIZE)
-)
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=Integer(min=1, max=MAX_BATCH_SIZE))
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option(
     "--resume",
@@ -578,21 +581,21 @@ def verify(model_argument: str | None, model: str | None, checkpoint: str, atol:
 )
 @click.option(
     "--test-count",
-    type=click.IntRange(min=1),
+    type=Integer(min=1),
     help="--format mnist: digits in the test split, after the N train digits [default: 10000].",
 )
 @click.option(
     "--num-shards",
     default=1,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=Integer(min=1),
     help="Split the request into this many parts (run one per process or job).",
 )
 @click.option(
     "--shard-index",
     default=0,
     show_default=True,
-    type=click.IntRange(min=0),
+    type=Integer(min=0),
     help="Which part this run writes (0-based).",
 )
 @truncation_option
@@ -690,8 +693,8 @@ def info(model_argument: str | None, model: str | None) -> None:
 @download_option
 @click.option("--out", required=True, type=GivenPath(dir_okay=False), help="ONNX file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
-@click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, TRAIN_MAX_SEED))
+@click.option("--epochs", default=4, show_default=True, type=Integer(min=1))
+@click.option("--seed", default=0, show_default=True, type=Integer(0, TRAIN_MAX_SEED))
 def train_classifier_cmd(data_dir: str, download: bool, out: str, overwrite: bool, epochs: int, seed: int) -> None:
     """Train the evaluator's reference MNIST classifier and export it to ONNX (its weights beside it)."""
     from digitgen.export.classifier_export import check_classifier_out, export_classifier
@@ -739,7 +742,7 @@ def export_classifier_cmd(weights: str, out: str, overwrite: bool) -> None:
 @generator_option("ONNX generator (default: the shipped model).")
 @click.option("--classifier", type=GivenPath(dir_okay=False), help="Default: the shipped reference classifier.")
 @click.option("--num-samples", default=10_000, show_default=True, type=int, help="100 to 60,000.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=MAX_SEED))
+@click.option("--seed", default=0, show_default=True, type=Integer(min=0, max=MAX_SEED))
 @data_dir_option
 @truncation_option
 @click.option(
@@ -791,30 +794,28 @@ def evaluate(
 @generator_option("ONNX generator (default: the shipped model).")
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(min=0, max=65535))
+@click.option("--port", default=8000, show_default=True, type=Integer(min=0, max=65535))
 @click.option(
     "--workers",
     default=1,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=Integer(min=1),
     help="Server processes; each loads the model.",
 )
 @click.option(
     "--threads",
-    type=click.IntRange(min=1),
+    type=Integer(min=1),
     help="onnxruntime intra-op threads per worker [default: usable cores / workers - 1, at least 1].",
 )
+@click.option("--max-count", default=10_000, show_default=True, type=Integer(min=1), help="Most digits per request.")
 @click.option(
-    "--max-count", default=10_000, show_default=True, type=click.IntRange(min=1), help="Most digits per request."
-)
-@click.option(
-    "--max-in-flight", default=2, show_default=True, type=click.IntRange(min=1), help="Generations at once per worker."
+    "--max-in-flight", default=2, show_default=True, type=Integer(min=1), help="Generations at once per worker."
 )
 @click.option(
     "--queue",
     default=64,
     show_default=True,
-    type=click.IntRange(min=0),
+    type=Integer(min=0),
     help="Requests that may wait for a generation; more get 503 with Retry-After.",
 )
 @click.option(
@@ -849,7 +850,7 @@ def evaluate(
     "--batch-max-digits",
     default=8,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=Integer(min=1),
     help="Micro-batching: digits in one shared model call.",
 )
 @click.option(

@@ -84,7 +84,7 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
     [
         (["-n", "0"], "0 is not in the range"),
         (["-n", "-4"], "-4 is not in the range"),
-        (["-n", "ten"], "'ten' is not a valid integer"),
+        (["-n", "ten"], "'ten' is not a valid integer. (see --help)"),
         (["--digits", "1,x"], "comma-separated list of digits"),
         (["--digits", "1_0"], "'1_0' is not a comma-separated list of digits such as 0,3,7"),
         (["--digits", "3,12"], "digit 12 is not a class"),
