@@ -92,3 +92,13 @@ def free_port() -> int:
 def write_idx(path: str | Path, items: np.ndarray) -> None:
     """Write uint8 images (N, 28, 28) or labels (N,) as one IDX file."""
     Path(path).write_bytes(idx_header(len(items), items.ndim == 3) + items.astype(np.uint8).tobytes())
+
+
+def nan_pixels(model: onnx.ModelProto) -> None:
+    """The output times NaN: a model that keeps the contract's shapes and runs, but whose pixels are not numbers."""
+    from onnx import helper, numpy_helper
+
+    for node in model.graph.node:
+        node.output[:] = ["before_nan" if name == "image" else name for name in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan"))
+    model.graph.node.append(helper.make_node("Mul", ["before_nan", "nan"], ["image"]))

@@ -26,6 +26,7 @@ from digitgen.runtime import (
 )
 from digitgen.runtime.evaluate import ReferenceClassifier
 from digitgen.runtime.external_data import external_data_files
+from tests.helpers import nan_pixels
 
 
 @pytest.fixture(scope="module")
@@ -269,16 +270,8 @@ def test_contract_violations_are_named(tmp_path: Path, tiny_onnx: Path, edit, me
         DigitGenerator.from_path(_rewrite(tiny_onnx, tmp_path, edit))
 
 
-def _nan_pixels(model: onnx.ModelProto) -> None:
-    """The output times NaN: a model that keeps the contract's shapes and runs, but whose pixels are not numbers."""
-    for node in model.graph.node:
-        node.output[:] = ["before_nan" if name == "image" else name for name in node.output]
-    model.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan"))
-    model.graph.node.append(helper.make_node("Mul", ["before_nan", "nan"], ["image"]))
-
-
 def test_a_model_that_returns_nan_is_refused_not_drawn_black(tmp_path: Path, tiny_onnx: Path) -> None:
-    generator = DigitGenerator.from_path(_rewrite(tiny_onnx, tmp_path, _nan_pixels))
+    generator = DigitGenerator.from_path(_rewrite(tiny_onnx, tmp_path, nan_pixels))
     with pytest.raises(ModelContractError, match=r"edited.onnx: the model returned pixels that are NaN or infinite"):
         generator.generate(3)
 

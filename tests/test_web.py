@@ -24,7 +24,7 @@ from digitgen.runtime.encode import contact_sheet
 from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.generator import parse_digit_list
 from digitgen.runtime.noise import MAX_SEED, standard_normal
-from tests.helpers import shape_hidden_from_inference
+from tests.helpers import nan_pixels, shape_hidden_from_inference
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -477,10 +477,17 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     helper.set_model_props(model, {**python_gen.info.metadata, "num_classes": "100000"})
-    paths = [dist / "_test_renamed.onnx", dist / "_test_truncated.onnx", dist / "_test_small_images.onnx"]
+    names = ("renamed", "truncated", "small_images", "nan_pixels", "odd_metadata")
+    paths = [dist / f"_test_{name}.onnx" for name in names]
     onnx.save(model, paths[0])
     paths[1].write_bytes((dist / "generator.onnx").read_bytes()[:5000])
     onnx.save(_small_images_model(python_gen), paths[2])
+    nan_model = onnx.load(dist / "generator.onnx")
+    nan_pixels(nan_model)
+    onnx.save(nan_model, paths[3])
+    odd = onnx.load(dist / "generator.onnx")  # a model that runs, with quality figures that are not numbers
+    helper.set_model_props(odd, {**python_gen.info.metadata, "quality_fid": "n/a", "quality_recall": " "})
+    onnx.save(odd, paths[4])
     yield
     for path in paths:
         path.unlink()
@@ -508,6 +515,8 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
             "model=_test_small_images.onnx&n=20",
             ["_test_small_images.onnx: the model returned 'image' of shape (80, 1, 14, 14) (float32) for 20 digits"],
         ),
+        # as the Python runtime refuses it, not drawn as a black sheet
+        ("model=_test_nan_pixels.onnx", ["_test_nan_pixels.onnx: the model returned pixels that are NaN or infinite"]),
     ],
 )
 def test_model_failures_show_on_the_page(browser: Browser, base_url: str, query: str, messages: list[str]) -> None:
@@ -679,22 +688,45 @@ def test_screenshot_and_download(
     assert_same_pixels(pixels, expected, "downloaded PNG, seed 42, digits [1, 2]", pixel_report)
 
 
+@pytest.mark.usefixtures("bad_models")
+def test_quality_figures_that_are_not_numbers_are_left_out_not_shown_as_nan(browser: Browser, base_url: str) -> None:
+    page = open_page(browser, f"{base_url}index.html?model=_test_odd_metadata.onnx")
+    try:
+        assert page.evaluate("document.body.dataset.state") == "drawn", page.text_content("#error")
+        quality = page.text_content("#quality")
+    finally:
+        page.close()
+    assert "Class accuracy" in quality and "Precision" in quality
+    assert "FID" not in quality and "Recall" not in quality and "NaN" not in quality
+
+
 def test_a_released_generator_and_a_failed_run_are_typed_errors(browser: Browser, base_url: str) -> None:
     page = open_page(browser, base_url + "index.html")
     try:
-        failed_run, released = page.evaluate(
+        failed_run, in_flight, released = page.evaluate(
             """async () => {
                 const gen = window.digitgen;
                 const named = (error) => [error.name, error.message, error instanceof Error];
                 const run = await gen.run(new Float32Array(3), [1]).catch(named);  // z of the wrong size
+                // released while a call runs: the call finishes first (its memory is not freed under it)
+                const call = gen.run(new Float32Array(64 * gen.latentDim), new Array(64).fill(7));
                 await gen.release();
-                return [run, await gen.generate({ count: 1 }).catch(named)];
+                const pixels = await call.then((data) => data.length, named);
+                return [run, pixels, await gen.generate({ count: 1 }).catch(named)];
             }"""
         )
     finally:
         page.close()
     assert failed_run[0] == "ModelRunError" and failed_run[1].startswith("generator.onnx: the model failed to run: ")
+    assert in_flight == 64 * 28 * 28
     assert released == ["InvalidRequestError", "the generator of generator.onnx was released", True]
+
+
+@pytest.mark.parametrize(("digits", "shown"), [('"37"', '"37"'), ('"3,7"', '"3,7"'), ("5", "5")])
+def test_digits_that_are_no_list_are_refused_as_python_refuses_them(page: Page, digits: str, shown: str) -> None:
+    """A string is not read letter by letter, nor a number as an empty list."""
+    error = page.evaluate(f"window.digitgen.generate({{ digits: {digits} }}).catch((e) => [e.name, e.message])")
+    assert error == ["InvalidRequestError", f"digits must be a list of classes, e.g. [3, 7], got {shown}"]
 
 
 def test_page_from_digitgen_serve_draws_what_the_api_sends(

@@ -97,9 +97,11 @@ function describe(gen) {
     ["Training", ["train_steps", "train_seed"], (steps, seed) => `${count(steps)} steps, seed ${seed}`],
   ];
   const exact = new Set(["train_seed"]); // seeds may pass 2^53: shown as written, not as a Number
+  // a fact whose values are not numbers (another tool's metadata, say) is left out, not shown as NaN
+  const readable = (key) => key in m && (exact.has(key) || (m[key].trim() !== "" && Number.isFinite(Number(m[key]))));
   $("quality").replaceChildren(
     ...facts
-      .filter(([, keys]) => keys.every((key) => key in m))
+      .filter(([, keys]) => keys.every(readable))
       .flatMap(([label, keys, format]) => [
         Object.assign(document.createElement("dt"), { textContent: label }),
         Object.assign(document.createElement("dd"), {

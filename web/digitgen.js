@@ -333,6 +333,7 @@ function configureRuntime(threads) {
 export class DigitGenerator {
   constructor(session, description, info, source) {
     this._session = session;
+    this._running = new Set(); // model calls in flight, which release() lets finish
     this.source = source;
     this.metadata = description.metadata;
     this.contract = { inputs: description.inputs, outputs: description.outputs };
@@ -363,6 +364,9 @@ export class DigitGenerator {
   /** The classes to draw in turn: all of them for null/undefined, else a non-empty list of valid digits. */
   checkDigits(digits) {
     if (digits == null) return Array.from({ length: this.numClasses }, (_, d) => d);
+    if (typeof digits === "string" || typeof digits[Symbol.iterator] !== "function") {
+      throw new InvalidRequestError(`digits must be a list of classes, e.g. [3, 7], got ${show(digits)}`);
+    }
     const list = Array.from(digits);
     if (!list.length) throw new InvalidRequestError("the list of digits is empty");
     return list.map((d) => {
@@ -379,13 +383,18 @@ export class DigitGenerator {
     if (this._session === null) throw new InvalidRequestError(`the generator of ${this.source} was released`);
     const batch = labels.length;
     let outputs;
+    let call;
     try {
-      outputs = await this._session.run({
+      call = this._session.run({
         z: new ort.Tensor("float32", z, [batch, this.latentDim]),
         digit: new ort.Tensor("int64", BigInt64Array.from(labels, BigInt), [batch]),
       });
+      this._running.add(call);
+      outputs = await call;
     } catch (error) {
       throw new ModelRunError(`${this.source}: the model failed to run: ${error.message ?? error}`);
+    } finally {
+      this._running.delete(call);
     }
     // the contract lets a model declare its output's dimensions symbolic: what it returns is checked here
     const { type, dims, data } = outputs.image;
@@ -396,14 +405,20 @@ export class DigitGenerator {
           `digits, not (${expected.join(", ")}) (float32)`,
       );
     }
+    if (!data.every(Number.isFinite)) {
+      // NaN would become black pixels, silently
+      throw new ModelContractError(`${this.source}: the model returned pixels that are NaN or infinite, not 0 to 1`);
+    }
     return data;
   }
 
-  /** Free the model's WebAssembly memory; the generator cannot be used afterwards. */
+  /** Free the model's WebAssembly memory once the model calls in flight have finished; the generator cannot be
+   * used afterwards (a generate() in progress stops with an error before its next call). */
   async release() {
     if (this._session === null) return;
     const session = this._session;
     this._session = null;
+    await Promise.allSettled(this._running);
     await session.release();
   }
 
