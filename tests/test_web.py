@@ -635,12 +635,17 @@ def test_every_bad_field_is_named_and_marked(page: Page) -> None:
     assert page.is_disabled("#download") and page.text_content("#timing") == ""
     invalid = page.eval_on_selector_all("input[aria-invalid=true]", "inputs => inputs.map((i) => i.id)")
     assert invalid == ["digits", "count", "seed", "truncation"]
+    described = page.eval_on_selector_all("input[aria-describedby=error]", "inputs => inputs.map((i) => i.id)")
+    assert described == invalid and page.evaluate("document.activeElement.id") == "digits"
+    assert page.locator("#sheet").is_hidden()  # no sheet, no unnamed picture for a screen reader
     assert submit(page, count="0", truncation="1.5") == "error"
+    assert page.evaluate("document.activeElement.id") == "count"
     assert page.locator("#error").inner_text().splitlines() == [messages[1]]
     assert page.eval_on_selector_all("input[aria-invalid=true]", "inputs => inputs.map((i) => i.id)") == ["count"]
     assert submit(page) == "drawn"
-    assert page.locator("#error").is_hidden()
-    assert page.eval_on_selector_all("input[aria-invalid=true]", "inputs => inputs.length") == 0
+    assert page.locator("#error").is_hidden() and page.locator("#sheet").is_visible()
+    marked = page.eval_on_selector_all("input[aria-invalid=true], input[aria-describedby]", "inputs => inputs.length")
+    assert marked == 0
 
 
 def _readme_page_fields() -> list[tuple[str, str]]:

@@ -49,6 +49,7 @@ function drawSheet(images, count, size, description) {
   canvas.height = Math.ceil(count / COLUMNS) * cell + GAP;
   canvas.style.width = `${canvas.width * DISPLAY_SCALE}px`;
   canvas.setAttribute("aria-label", description);
+  canvas.hidden = false;
   const context = canvas.getContext("2d");
   const sheet = context.createImageData(canvas.width, canvas.height);
   const rgba = sheet.data;
@@ -114,7 +115,8 @@ function describe(gen) {
 
 /**
  * The four fields, each checked: the request, or an InvalidRequestError naming every bad field (one per line,
- * in the page's order); the bad fields are marked aria-invalid.
+ * in the page's order); the bad fields are marked aria-invalid, described by the error, and the first one
+ * takes the focus.
  */
 function readFields(gen) {
   const problems = [];
@@ -122,9 +124,11 @@ function readFields(gen) {
     try {
       const value = read($(field).value.trim());
       $(field).removeAttribute("aria-invalid");
+      $(field).removeAttribute("aria-describedby");
       return value;
     } catch (error) {
       $(field).setAttribute("aria-invalid", "true");
+      $(field).setAttribute("aria-describedby", "error");
       problems.push(error.message);
       return undefined;
     }
@@ -135,7 +139,10 @@ function readFields(gen) {
     seed: check("seed", (text) => digitgen.checkInteger(text, "seed", 0n, digitgen.MAX_SEED)),
     truncation: check("truncation", (text) => digitgen.checkTruncation(text)),
   };
-  if (problems.length) throw new digitgen.InvalidRequestError(problems.join("\n"));
+  if (problems.length) {
+    document.querySelector("#controls [aria-invalid=true]").focus();
+    throw new digitgen.InvalidRequestError(problems.join("\n"));
+  }
   return request;
 }
 
@@ -165,6 +172,7 @@ async function draw(gen) {
     // the sheet below no longer matches the fields: take it away with its timing and download
     $("sheet").height = 0;
     $("sheet").removeAttribute("aria-label");
+    $("sheet").hidden = true; // no sheet: nothing for a screen reader to name
     $("timing").textContent = "";
     $("download").disabled = true;
     showError(error);
