@@ -384,6 +384,7 @@ READS = "seed, digits, digit, n, count, truncation, model, threads"
         ("Seed=5&digit=3", [f'the link\'s parameter "Seed" is not one this page reads ({READS})']),
         ("n=5&count=6", ["the link gives n and count; give it once"]),
         ("seed=1&seed=2", ["the link gives seed twice; give it once"]),
+        ("model=", ["the link's model is empty, so the page loaded its own; name a file, e.g. model=generator.onnx"]),
     ],
 )
 def test_a_link_the_page_cannot_read_whole_is_named_on_the_page(

@@ -203,6 +203,9 @@ function linkProblems() {
       problems.push(`the link's parameter "${name}" is not one this page reads (${known.join(", ")})`);
       continue;
     }
+    if (name === "model" && !params.get(name)) {
+      problems.push(`the link's model is empty, so the page loaded its own; name a file, e.g. model=generator.onnx`);
+    }
     const target = FIELD_PARAMS[name] ?? name;
     if (params.getAll(name).length > 1 || setBy[target]) {
       const given = setBy[target] && setBy[target] !== name ? `${setBy[target]} and ${name}` : `${name} twice`;
