@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from click.testing import CliRunner
 
 import digitgen.training.cas as cas_module
@@ -54,6 +55,19 @@ def test_cas_trains_on_generated_then_real_digits_and_tests_on_real(
         assert np.array_equal(split.images.numpy(), test[0]) and np.array_equal(split.labels.numpy(), test[1])
     assert (epochs, seed) == (2, real_seed)
     assert len(steps) == cas_work(len(train[0]), per_class=130, epochs=2)
+
+
+def test_cas_draws_seed_0_by_default_and_takes_labels_of_any_integer_type(
+    tiny_onnx: Path, tiny_mnist: Path, monkeypatch
+) -> None:
+    trainer = RecordingTrainer([0.5, 0.5])
+    monkeypatch.setattr(cas_module, "train_classifier", trainer)
+    gen = DigitGenerator.from_path(tiny_onnx, "cpu")
+    (images, labels), test = read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
+    classification_accuracy_score(gen, (images, labels.astype(np.uint8)), test, per_class=13, epochs=1)
+    (fake, *_), (real, *_) = trainer.seen
+    assert np.array_equal(fake.images.numpy(), gen.generate(130, seed=0).images)  # as `evaluate --cas` by default
+    assert real.labels.dtype == torch.int64 and np.array_equal(real.labels.numpy(), labels)  # what the loss takes
 
 
 def test_cas_with_the_real_trainer_gives_accuracies(tiny_onnx: Path, tiny_mnist: Path) -> None:

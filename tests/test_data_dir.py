@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from digitgen.cli import main
-from digitgen.runtime.idx import MNIST_FILES
+from digitgen.runtime.idx import MNIST_FILES, mnist_not_found_message
+from digitgen.training.data import MnistTensors, load_mnist
+from digitgen.training.errors import DatasetNotFoundError
 from tests.helpers import write_tiny_mnist
 
 TINY = ("--batch-size", "16", "--latent-dim", "8", "--device", "cpu", "--steps", "1")
@@ -155,3 +160,60 @@ def test_an_mnist_file_of_the_other_kind_is_one_line(tmp_path: Path, command: tu
         f"Error: {raw / swapped} is not an MNIST IDX file of {kind}"
     )
     assert len(result.output.splitlines()) == 1
+
+
+@pytest.mark.usefixtures("no_download")
+def test_the_library_downloads_only_when_asked(tmp_path: Path) -> None:
+    """``load_mnist``'s own default, as the CLI's: nothing fetched, nothing created."""
+    with pytest.raises(DatasetNotFoundError):
+        load_mnist(tmp_path / "empty")
+    with pytest.raises(DatasetNotFoundError):
+        load_mnist(tmp_path / "empty", train=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _fake_torchvision(monkeypatch: pytest.MonkeyPatch, writes: bool) -> list[tuple[str, bool]]:
+    """torchvision's MNIST replaced by one that records where and whether it was asked to download, prints a line
+    as torchvision does, and writes a tiny MNIST there (``writes``) or nothing."""
+    import torchvision.datasets
+
+    asked: list[tuple[str, bool]] = []
+
+    class Fetcher:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            asked.append((root, download))
+            print(f"Downloading https://example.invalid/mnist/ to {root}")
+            if writes and download:
+                write_tiny_mnist(Path(root))
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Fetcher)
+    return asked
+
+
+def test_a_download_goes_to_the_root_and_prints_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asked = _fake_torchvision(monkeypatch, writes=True)
+    root = tmp_path / "fresh"
+    data = load_mnist(root, download=True)
+    assert asked == [(str(root), True)] and len(data.images) == len(data.labels) > 0
+    assert capsys.readouterr().out == ""  # torchvision's URL lines are kept out
+
+
+def test_a_download_that_leaves_the_files_missing_says_so_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_torchvision(monkeypatch, writes=False)
+    root = tmp_path / "fresh"
+    with pytest.raises(DatasetNotFoundError) as caught:
+        load_mnist(root, download=True)
+    assert str(caught.value) == mnist_not_found_message(root)
+
+
+def test_the_data_fingerprint_is_the_images_then_the_labels_as_little_endian_int64() -> None:
+    """The same on any machine: the labels' bytes do not depend on the platform's integer width or order."""
+    images = torch.arange(2 * 28 * 28, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 28, 28)
+    labels = torch.tensor([3, 7])
+    expected = hashlib.sha256(images.numpy().tobytes() + np.array([3, 7], dtype="<i8").tobytes()).hexdigest()
+    assert MnistTensors(images, labels).sha256() == expected
+    assert MnistTensors(images, labels.to(torch.int32)).sha256() == expected

@@ -206,3 +206,32 @@ def test_only_the_first_process_downloads_mnist_and_the_others_wait(tmp_path: Pa
     mp.spawn(_load_with_a_slow_download, args=(port, str(tiny_mnist), str(tmp_path), calls), nprocs=2, join=True)
     assert 0 in calls and 1 not in calls
     assert calls["labels 0"] == calls["labels 1"] and len(calls["labels 1"]) > 0
+
+
+def _load_from_an_empty_root(rank: int, port: int, root: str, outcomes: dict) -> None:
+    import torch.distributed as dist
+
+    from digitgen.training.data import load_mnist_once
+    from digitgen.training.distributed import DistContext
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        load_mnist_once(root, False, DistContext(rank, 2), torch.device("cpu"))
+        outcomes[rank] = "loaded"
+    except Exception as exc:
+        outcomes[rank] = f"{type(exc).__name__}: {exc}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mnist_the_first_process_cannot_load_stops_every_process_with_the_reason(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from digitgen.runtime.idx import mnist_not_found_message
+
+    outcomes = mp.Manager().dict()
+    mp.spawn(_load_from_an_empty_root, args=(free_port(), str(tmp_path), outcomes), nprocs=2, join=True)
+    assert dict(outcomes) == {
+        0: f"DatasetNotFoundError: {mnist_not_found_message(tmp_path)}; or pass --download to fetch them",
+        1: "TrainingError: the first process could not load MNIST (its error says why)",
+    }
