@@ -107,7 +107,7 @@ def train_classifier(
     model = Classifier()
     steps_per_epoch = len(train.images) // batch_size
     total = training_steps(len(train.images), epochs, batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters())  # its learning rate is the schedule's, set at every step
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=total)
     rng = torch.Generator().manual_seed(seed)
     start = time.perf_counter()

@@ -1,0 +1,143 @@
+"""The reference classifier's training recipe: what `train-classifier` runs to rebuild the evaluator."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from digitgen.training import classifier as classifier_module
+from digitgen.training.classifier import (
+    WEIGHTS_FORMAT_VERSION,
+    check_classifier_data,
+    classifier_weights,
+    load_classifier_weights,
+    random_shift,
+    train_classifier,
+    training_steps,
+)
+from digitgen.training.data import MnistTensors, load_mnist
+from digitgen.training.errors import CheckpointError, TrainingError
+from tests.helpers import write_tiny_mnist
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory) -> tuple[MnistTensors, MnistTensors]:
+    root = write_tiny_mnist(tmp_path_factory.mktemp("mnist"), train_count=1024, test_count=256)
+    return load_mnist(root), load_mnist(root, train=False)
+
+
+def _first(data: MnistTensors, count: int) -> MnistTensors:
+    return MnistTensors(data.images[:count], data.labels[:count])
+
+
+def test_random_shift_moves_each_image_by_its_own_drawn_offset() -> None:
+    images = torch.rand(6, 1, 28, 28)
+    shifted = random_shift(images, 2, torch.Generator().manual_seed(5))
+    offsets = torch.randint(0, 5, (6, 2), generator=torch.Generator().manual_seed(5)).tolist()
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for image, original, (dy, dx) in zip(shifted, padded, offsets, strict=True):
+        assert torch.equal(image, original[:, dy : dy + 28, dx : dx + 28])
+    assert {tuple(offset) for offset in offsets} != {(2, 2)}  # some image did move
+
+
+def test_train_classifier_follows_its_recipe(
+    splits: tuple[MnistTensors, MnistTensors], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches in the order of the seed's own generator, pixels in [0, 1], +-2 px shifts drawn from it too, and one
+    progress call per step, with a batch size of the caller's (100 images: fewer than the default batch)."""
+    train, test = _first(splits[0], 100), splits[1]
+    shifted: list[tuple[torch.Tensor, int, torch.Generator]] = []
+
+    def recording_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+        shifted.append((images.clone(), max_shift, generator))
+        return random_shift(images, max_shift, generator)
+
+    monkeypatch.setattr(classifier_module, "random_shift", recording_shift)
+    calls: list[tuple[int, int]] = []
+    train_classifier(train, test, epochs=2, batch_size=32, seed=3, progress=lambda *call: calls.append(call))
+    total = training_steps(100, 2, 32)
+    assert total == 6 and calls == [(step, total) for step in range(1, total + 1)]
+    rng, batches = torch.Generator().manual_seed(3), []  # one generator: each epoch's order, then its batches' shifts
+    for _epoch in range(2):
+        order = torch.randperm(100, generator=rng)
+        for step in range(3):
+            batches.append(order[step * 32 : (step + 1) * 32])
+            torch.randint(0, 5, (32, 2), generator=rng)
+    for (images, max_shift, generator), indices in zip(shifted, batches, strict=True):
+        assert torch.equal(images, train.images[indices].unsqueeze(1).float() / 255.0)
+        assert max_shift == 2 and isinstance(generator, torch.Generator)
+    assert max(images.max() for images, _, _ in shifted) == 1.0
+
+
+def test_the_default_recipe_learns_the_tiny_set_and_repeats_itself(splits: tuple[MnistTensors, MnistTensors]) -> None:
+    """4 epochs and seed 0 by default; a learning rate, loss and scaling that learn; the same weights every run."""
+    started = time.perf_counter()
+    default = train_classifier(*splits)
+    wall = time.perf_counter() - started
+    explicit = train_classifier(*splits, epochs=4, seed=0)
+    assert default.test_accuracy >= 0.95, default.test_accuracy
+    assert 0 < default.seconds <= wall
+    weights, again = default.model.state_dict(), explicit.model.state_dict()
+    assert all(torch.equal(weights[name], again[name]) for name in weights)
+
+
+def test_the_data_checks_name_the_split_and_the_batch(splits: tuple[MnistTensors, MnistTensors]) -> None:
+    train, test = splits
+    bad_test = MnistTensors(test.images, test.labels.clone())
+    bad_test.labels[7] = 11
+    with pytest.raises(TrainingError) as caught:
+        check_classifier_data(train, bad_test)
+    assert str(caught.value) == "the test split: item 7 is labelled 11, not a class 0-9 of this model (1 such label)"
+    check_classifier_data(_first(train, 128), test)  # one whole batch is enough
+    with pytest.raises(TrainingError) as caught:
+        check_classifier_data(_first(train, 127), test)
+    assert str(caught.value) == (
+        "a batch of 128 images is more than the 127 training images; the classifier needs a larger training split"
+    )
+
+
+def _payload(**changes: object) -> dict:
+    from digitgen.training.classifier import Classifier
+
+    return {**classifier_weights(Classifier(), 0.99), **changes}
+
+
+@pytest.mark.parametrize(
+    ("payload", "words"),
+    [
+        (["not", "a", "dict"], "not digitgen classifier weights (see `digitgen train-classifier`)"),
+        (_payload(kind="generator"), "not digitgen classifier weights (see `digitgen train-classifier`)"),
+        (_payload(mnist_test_accuracy="99%"), "not digitgen classifier weights (see `digitgen train-classifier`)"),
+        (
+            _payload(format_version=WEIGHTS_FORMAT_VERSION + 1),
+            f"classifier weights format {WEIGHTS_FORMAT_VERSION + 1}, this version reads {WEIGHTS_FORMAT_VERSION}",
+        ),
+        (
+            _payload(classifier={"head.weight": torch.zeros(3)}),
+            "classifier weights do not fit the reference architecture",
+        ),
+    ],
+    ids=["list", "other kind", "accuracy not a number", "newer format", "other architecture"],
+)
+def test_weights_that_are_not_reference_classifier_weights_are_refused_in_words(
+    tmp_path: Path, payload: object, words: str
+) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as caught:
+        load_classifier_weights(path)
+    assert str(caught.value) == f"{path}: {words}"
+
+
+def test_weights_that_are_no_pytorch_file_are_refused_in_words(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"not a zip archive")
+    with pytest.raises(CheckpointError) as caught:
+        load_classifier_weights(path)
+    assert str(caught.value) == (
+        f"{path}: not a readable PyTorch weights file (not a PyTorch file of tensors and plain data; read with "
+        "weights_only=True, nothing in it ran)"
+    )
