@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 
 import httpx
+import numpy as np
 import pytest
 
 from benchmarks.serve import running
-from benchmarks.serve_latency import VARIANTS
+from benchmarks.serve_latency import VARIANTS, asgi_requests, stand_ins
 from digitgen.runtime.encode import png_bytes
 from digitgen.runtime.generator import DigitGenerator
+from digitgen.serve.app import ServeSettings, create_app
 
 SCRIPTS = {name: script for name, script in VARIANTS.items() if isinstance(script, str)}
 
@@ -31,3 +34,27 @@ def test_a_variant_serves_the_bytes_of_the_library(name: str) -> None:
         response = httpx.get(f"http://127.0.0.1:{port}/generate?digit=7&seed=3", timeout=30)
     assert response.status_code == 200, response.text
     assert response.content == expected
+
+
+def test_the_stand_ins_return_pictures_of_the_contract_after_their_work() -> None:
+    z, labels = np.zeros((2, 64), np.float32), np.array([7, 7])
+    calls = stand_ins()
+    real = calls.pop("no model call (one real digit, made before)")(z, labels)
+    assert real.shape == (2, 1, 28, 28) and np.array_equal(real[0], real[1]) and len(np.unique(real)) > 2
+    assert calls.pop("the model") is None  # the generator's own call, timed where it runs
+    for name, call in calls.items():
+        images = call(z, labels)
+        assert images.shape == (2, 1, 28, 28) and np.all(images == 0.5), name
+
+
+def test_the_in_process_driver_times_each_request_and_refuses_anything_but_200() -> None:
+    generator = DigitGenerator.from_path(threads=1)
+    seconds = asyncio.run(asgi_requests(create_app(generator, ServeSettings(access_log=False)), 3, 5))
+    assert len(seconds) == 3 and all(0 < s < 5 for s in seconds)
+
+    def broken(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        raise RuntimeError("no model here")
+
+    generator.run = broken
+    with pytest.raises(SystemExit, match=r"responses other than 200: \[500\]"):
+        asyncio.run(asgi_requests(create_app(generator, ServeSettings(access_log=False)), 2, 5))
