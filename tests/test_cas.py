@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -33,11 +34,17 @@ class RecordingTrainer:
         return ClassifierResult(model=None, test_accuracy=next(self.accuracies), seconds=0.0)
 
 
+@pytest.fixture
+def trainer(monkeypatch: pytest.MonkeyPatch) -> RecordingTrainer:
+    """CAS's classifier training, recorded: 91% on the generated digits, then 98% on the real ones."""
+    recording = RecordingTrainer([0.91, 0.98])
+    monkeypatch.setattr(cas_module, "train_classifier", recording)
+    return recording
+
+
 def test_cas_trains_on_generated_then_real_digits_and_tests_on_real(
-    tiny_onnx: Path, tiny_mnist: Path, monkeypatch
+    tiny_onnx: Path, tiny_mnist: Path, trainer: RecordingTrainer
 ) -> None:
-    trainer = RecordingTrainer([0.91, 0.98])
-    monkeypatch.setattr(cas_module, "train_classifier", trainer)
     gen = DigitGenerator.from_path(tiny_onnx, "cpu")
     train, test = read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
     steps = []
@@ -58,10 +65,8 @@ def test_cas_trains_on_generated_then_real_digits_and_tests_on_real(
 
 
 def test_cas_draws_seed_0_by_default_and_takes_labels_of_any_integer_type(
-    tiny_onnx: Path, tiny_mnist: Path, monkeypatch
+    tiny_onnx: Path, tiny_mnist: Path, trainer: RecordingTrainer
 ) -> None:
-    trainer = RecordingTrainer([0.5, 0.5])
-    monkeypatch.setattr(cas_module, "train_classifier", trainer)
     gen = DigitGenerator.from_path(tiny_onnx, "cpu")
     (images, labels), test = read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
     classification_accuracy_score(gen, (images, labels.astype(np.uint8)), test, per_class=13, epochs=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -70,9 +71,29 @@ def test_a_run_directory_in_use_stops_every_process_with_the_reason(tmp_path: Pa
     assert list(run_dir.iterdir()) == []
 
 
-def _main_fails_first(rank: int, port: int, outcomes: dict, kind: str) -> None:
+def _on_each_process(rank: int, port: int, work: Callable[..., object], args: tuple, outcomes: dict) -> None:
+    """``work(rank, *args)`` on one of two gloo processes: what it returns, or its error as "Type: message"."""
     import torch.distributed as dist
 
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        outcomes[rank] = work(rank, *args)
+    except Exception as exc:
+        outcomes[rank] = f"{type(exc).__name__}: {exc}"
+    finally:
+        dist.destroy_process_group()
+
+
+def _on_two_processes(work: Callable[..., object], *args: object) -> dict[int, object]:
+    """What ``work(rank, *args)`` gives on each of two processes of a distributed run (``work``: a module function)."""
+    import torch.multiprocessing as mp
+
+    outcomes = mp.Manager().dict()
+    mp.spawn(_on_each_process, args=(free_port(), work, args, outcomes), nprocs=2, join=True)
+    return dict(outcomes)
+
+
+def _main_fails_first(rank: int, kind: str) -> object:
     from digitgen.training.distributed import DistContext, on_main_first
     from digitgen.training.errors import TrainingError
 
@@ -81,13 +102,7 @@ def _main_fails_first(rank: int, port: int, outcomes: dict, kind: str) -> None:
             raise FileNotFoundError(2, "No such file or directory", "/proc/run")
         raise TrainingError("the first process's reason")
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        outcomes[rank] = on_main_first(DistContext(rank, 2), torch.device("cpu"), work, "the others' words")
-    except Exception as exc:
-        outcomes[rank] = f"{type(exc).__name__}: {exc}"
-    finally:
-        dist.destroy_process_group()
+    return on_main_first(DistContext(rank, 2), torch.device("cpu"), work, "the others' words")
 
 
 @pytest.mark.parametrize(
@@ -98,75 +113,45 @@ def _main_fails_first(rank: int, port: int, outcomes: dict, kind: str) -> None:
     ],
 )
 def test_when_the_first_process_fails_its_work_every_process_fails(kind: str, first: str) -> None:
-    import torch.multiprocessing as mp
-
-    outcomes = mp.Manager().dict()
-    mp.spawn(_main_fails_first, args=(free_port(), outcomes, kind), nprocs=2, join=True)
-    assert dict(outcomes) == {0: first, 1: "TrainingError: the others' words"}
+    assert _on_two_processes(_main_fails_first, kind) == {0: first, 1: "TrainingError: the others' words"}
 
 
-def _first_cannot_save(rank: int, port: int, folder: str, outcomes: dict) -> None:
+def _first_cannot_save(rank: int, folder: str) -> str:
     from types import SimpleNamespace
-
-    import torch.distributed as dist
 
     from digitgen.training import loop
     from digitgen.training.distributed import DistContext
 
     loop.state_to_checkpoint = lambda _state, noise_states: {"noise": noise_states}  # what is saved matters not
     state = SimpleNamespace(noise_rng=torch.Generator(), generator=torch.nn.Linear(1, 1))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        loop._save(state, Path(folder) / "gone" / "checkpoint.pt", DistContext(rank, 2))
-        outcomes[rank] = "went on"
-    except Exception as exc:
-        outcomes[rank] = f"{type(exc).__name__}: {exc}"
-    finally:
-        dist.destroy_process_group()
+    loop._save(state, Path(folder) / "gone" / "checkpoint.pt", DistContext(rank, 2))
+    return "went on"
 
 
 def test_a_checkpoint_the_first_process_cannot_write_stops_every_process(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
-    outcomes = mp.Manager().dict()
-    mp.spawn(_first_cannot_save, args=(free_port(), str(tmp_path), outcomes), nprocs=2, join=True)
-    assert dict(outcomes) == {
+    assert _on_two_processes(_first_cannot_save, str(tmp_path)) == {
         0: f"OutputError: cannot write {tmp_path / 'gone' / 'checkpoint.pt'}: No such file or directory",
         1: "TrainingError: the first process could not write the checkpoint (its error says why)",
     }
 
 
-def _one_rank_goes_nan(rank: int, port: int, outcomes: dict) -> None:
-    import torch.distributed as dist
-
+def _one_rank_goes_nan(rank: int) -> str:
     from digitgen.training.distributed import DistContext
-    from digitgen.training.errors import NonFiniteLossError
     from digitgen.training.loop import check_finite
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        check_finite(torch.tensor(float("nan") if rank == 1 else 1.0), "generator", 4, DistContext(rank, 2))
-        outcomes[rank] = "went on"
-    except NonFiniteLossError as exc:
-        outcomes[rank] = str(exc)
-    finally:
-        dist.destroy_process_group()
+    check_finite(torch.tensor(float("nan") if rank == 1 else 1.0), "generator", 4, DistContext(rank, 2))
+    return "went on"
 
 
 def test_a_nan_on_one_process_stops_every_process() -> None:
     """Otherwise the other process goes on into DDP's all-reduce and waits there for one that has stopped."""
-    import torch.multiprocessing as mp
-
-    port = free_port()
-    outcomes = mp.Manager().dict()
-    mp.spawn(_one_rank_goes_nan, args=(port, outcomes), nprocs=2, join=True)
     tail = (
         "at step 5; stopped before applying it (any checkpoint saved before it is intact and can be exported; "
         "to train on, start over with --overwrite and a lower --lr)"
     )
-    assert dict(outcomes) == {
-        0: f"generator loss is not finite on another process {tail}",
-        1: f"generator loss is nan {tail}",
+    assert _on_two_processes(_one_rank_goes_nan) == {
+        0: f"NonFiniteLossError: generator loss is not finite on another process {tail}",
+        1: f"NonFiniteLossError: generator loss is nan {tail}",
     }
 
 
@@ -208,30 +193,18 @@ def test_only_the_first_process_downloads_mnist_and_the_others_wait(tmp_path: Pa
     assert calls["labels 0"] == calls["labels 1"] and len(calls["labels 1"]) > 0
 
 
-def _load_from_an_empty_root(rank: int, port: int, root: str, outcomes: dict) -> None:
-    import torch.distributed as dist
-
+def _load_from(rank: int, root: str) -> str:
     from digitgen.training.data import load_mnist_once
     from digitgen.training.distributed import DistContext
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        load_mnist_once(root, False, DistContext(rank, 2), torch.device("cpu"))
-        outcomes[rank] = "loaded"
-    except Exception as exc:
-        outcomes[rank] = f"{type(exc).__name__}: {exc}"
-    finally:
-        dist.destroy_process_group()
+    load_mnist_once(root, False, DistContext(rank, 2), torch.device("cpu"))
+    return "loaded"
 
 
 def test_mnist_the_first_process_cannot_load_stops_every_process_with_the_reason(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
     from digitgen.runtime.idx import mnist_not_found_message
 
-    outcomes = mp.Manager().dict()
-    mp.spawn(_load_from_an_empty_root, args=(free_port(), str(tmp_path), outcomes), nprocs=2, join=True)
-    assert dict(outcomes) == {
+    assert _on_two_processes(_load_from, str(tmp_path)) == {
         0: f"DatasetNotFoundError: {mnist_not_found_message(tmp_path)}; or pass --download to fetch them",
         1: "TrainingError: the first process could not load MNIST (its error says why)",
     }
