@@ -35,7 +35,6 @@ from click.core import ParameterSource
 
 from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError
-from digitgen.runtime.files import check_writable, refuse_existing
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, DigitGenerator, parse_digit_list
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
 from digitgen.runtime.progress import progress
@@ -697,19 +696,11 @@ def info(model_argument: str | None, model: str | None) -> None:
 @click.option("--seed", default=0, show_default=True, type=Integer(0, TRAIN_MAX_SEED))
 def train_classifier_cmd(data_dir: str, download: bool, out: str, overwrite: bool, epochs: int, seed: int) -> None:
     """Train the evaluator's reference MNIST classifier and export it to ONNX (its weights beside it)."""
-    from digitgen.export.classifier_export import check_classifier_out, export_classifier
-    from digitgen.training.classifier import (
-        check_classifier_data,
-        train_classifier,
-        training_steps,
-        weights_path_beside,
-    )
+    from digitgen.export.classifier_export import check_classifier_outputs, export_classifier
+    from digitgen.training.classifier import check_classifier_data, train_classifier, training_steps
     from digitgen.training.data import load_mnist
 
-    weights = weights_path_beside(check_classifier_out(out))
-    refuse_existing([out, weights], overwrite)
-    for path in (out, weights):  # before the training, whose result they hold
-        check_writable(path)
+    weights = check_classifier_outputs(out, overwrite)  # before the training, whose result they hold
     train, test = load_mnist(data_dir, download=download), load_mnist(data_dir, train=False)
     check_classifier_data(train, test)
     with progress(training_steps(len(train.images), epochs), "training classifier") as bar:

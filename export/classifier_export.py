@@ -10,7 +10,7 @@ import torch
 from digitgen.export.errors import ExportError, ExportVerificationError
 from digitgen.export.onnx_export import publish_with_weights, to_onnx, write_metadata
 from digitgen.export.verify import ATOL
-from digitgen.runtime.files import refuse_existing, refuse_one_file_twice
+from digitgen.runtime.files import check_writable, refuse_existing, refuse_one_file_twice
 from digitgen.runtime.session import open_session
 from digitgen.training.checkpoint import write_payload
 from digitgen.training.classifier import (
@@ -18,6 +18,7 @@ from digitgen.training.classifier import (
     Classifier,
     classifier_weights,
     load_classifier_weights,
+    weights_path_beside,
 )
 
 
@@ -39,6 +40,16 @@ def check_classifier_out(out: str | Path) -> Path:
     if out.is_dir() or not out.parent.is_dir():
         raise ExportError(f"output {out}: give a file name in an existing directory, such as classifier.onnx")
     return out
+
+
+def check_classifier_outputs(out: str | Path, overwrite: bool) -> Path:
+    """Before any training: ``out`` and the weights beside it (returned) name files that can be written, in an
+    existing directory, and replace none unless ``overwrite``."""
+    weights = weights_path_beside(check_classifier_out(out))
+    refuse_existing([out, weights], overwrite)
+    for path in (out, weights):
+        check_writable(path)
+    return weights
 
 
 def export_classifier(
