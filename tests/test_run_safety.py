@@ -16,6 +16,7 @@ from digitgen.runtime import files
 from digitgen.runtime.idx import read_idx
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.classifier import Classifier, classifier_weights
+from digitgen.training.run import _decay_too_long, _setting_text, describe_run_files, remove_run_files
 from digitgen.training.run_lock import RunLock, refuse_if_training
 from tests.conftest import REPO
 from tests.helpers import run_metrics, write_idx, write_tiny_mnist
@@ -181,6 +182,7 @@ def test_resuming_another_run_into_a_run_directory_is_refused(
         ("--label-digit-weights", "7=2", "none"),
         ("--diffaugment", "translation", "none"),
         ("--precision", "bf16", "fp32"),
+        ("--subset", "100", "none"),  # the run trained on every image: no subset
     ],
 )
 def test_resume_refuses_options_that_would_change_the_run(
@@ -190,7 +192,10 @@ def test_resume_refuses_options_that_would_change_the_run(
     given = (option,) if value is None else (option, value)
     code, output = train(tiny_mnist, finished_run, "--resume", finished_run / "checkpoint.pt", "--steps", 4, *given)
     assert code == 1
-    assert output.startswith(f"Error: {' '.join(given)} differs from the resumed run's {kept};"), output
+    assert output.strip() == (
+        f"Error: {' '.join(given)} differs from the resumed run's {kept}; a resumed run keeps its settings "
+        "(only --steps, --epochs, --lr-decay-epochs and --checkpoint-every can change)"
+    )
     assert (finished_run / "checkpoint.pt").read_bytes() == before
 
 
@@ -752,3 +757,40 @@ def test_another_runtime_error_of_a_step_is_not_taken_for_memory(
     monkeypatch.setattr("digitgen.training.loop.train_step", bug)
     result = CliRunner().invoke(main, ["train", "--data-dir", str(tiny_mnist), "--out", str(tmp_path / "run"), *TINY])
     assert isinstance(result.exception, RuntimeError) and "shapes cannot be multiplied" in str(result.exception)
+
+
+@pytest.mark.parametrize(("value", "shown"), [(True, "on"), (False, "off"), (None, "none"), ("", "none"), (16, 16)])
+def test_a_refusal_shows_a_kept_setting_as_a_user_reads_it(value: object, shown: object) -> None:
+    assert _setting_text(value) == shown
+
+
+@pytest.mark.parametrize(
+    ("decay", "total", "per_epoch", "words"),
+    [
+        (
+            None,
+            3997,
+            4000,
+            "the learning-rate decay (--lr-decay-epochs 1e+300: more steps than any run) is longer than the run (3997 "
+            "steps); for a run this short give --lr-decay-epochs 0.999 or less (the whole run is 0.999 epochs)",
+        ),
+        (
+            4000,
+            1,
+            2000,
+            "the learning-rate decay (--lr-decay-epochs 1e+300: 4000 steps) is longer than the run (1 steps); for a "
+            "run this short leave out --lr-decay-epochs (the whole run is 0.0005 epochs), or train at least 4000 steps",
+        ),
+    ],
+    ids=["more than any run, just under an epoch", "less than a thousandth of an epoch"],
+)
+def test_a_decay_longer_than_the_run_names_what_fits(decay: int | None, total: int, per_epoch: int, words: str) -> None:
+    assert _decay_too_long(1e300, decay, total, per_epoch) == words
+
+
+def test_an_earlier_run_without_grids_is_named_by_its_files_and_gone_files_are_not_an_error(tmp_path: Path) -> None:
+    paths = (tmp_path / "checkpoint.pt", tmp_path / "metrics.jsonl")
+    assert describe_run_files(paths) == "checkpoint.pt, metrics.jsonl"
+    paths[0].write_bytes(b"")
+    remove_run_files(paths)  # metrics.jsonl went meanwhile (another process, a user): nothing to do for it
+    assert list(tmp_path.iterdir()) == []
