@@ -16,7 +16,15 @@ from digitgen.runtime import files
 from digitgen.runtime.idx import read_idx
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.classifier import Classifier, classifier_weights
-from digitgen.training.run import _decay_too_long, _setting_text, describe_run_files, remove_run_files
+from digitgen.training.config import TrainConfig
+from digitgen.training.errors import TrainingError
+from digitgen.training.run import (
+    _decay_too_long,
+    _setting_text,
+    check_precision,
+    describe_run_files,
+    remove_run_files,
+)
 from digitgen.training.run_lock import RunLock, refuse_if_training
 from tests.conftest import REPO
 from tests.helpers import run_metrics, write_idx, write_tiny_mnist
@@ -794,3 +802,18 @@ def test_an_earlier_run_without_grids_is_named_by_its_files_and_gone_files_are_n
     paths[0].write_bytes(b"")
     remove_run_files(paths)  # metrics.jsonl went meanwhile (another process, a user): nothing to do for it
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_folder_whose_parents_are_missing_is_made_with_them(tmp_path: Path, tiny_mnist: Path) -> None:
+    """As the README's first run does in a fresh clone: --out runs/first, with no runs/ yet."""
+    run_dir = tmp_path / "runs" / "first"
+    code, output = train(tiny_mnist, run_dir, "--steps", 1, *TINY)
+    assert code == 0 and (run_dir / "checkpoint.pt").is_file(), output
+
+
+def test_bf16_on_a_gpu_without_it_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    with pytest.raises(TrainingError) as caught:
+        check_precision(TrainConfig(total_steps=1, precision="bf16"), torch.device("cuda"))
+    assert str(caught.value) == "this GPU has no bfloat16 support for --precision bf16; train with --precision fp32"
+    check_precision(TrainConfig(total_steps=1, precision="bf16"), torch.device("cpu"))  # a CPU runs bf16 everywhere
