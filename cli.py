@@ -656,9 +656,10 @@ def generate(
     if not resume:
         click.echo(f"wrote {digits} to {where} {timing}")
         return
-    plural = "" if written.kept == 1 else "s"
-    kept = f"kept {written.kept} complete file{plural} of the earlier run"
-    kept = kept if written.kept else "found no complete file to keep"
+    if written.kept:
+        kept = f"kept {written.kept} complete file{'' if written.kept == 1 else 's'} of the earlier run"
+    else:
+        kept = "found no complete file to keep"
     click.echo(f"{digits} in {where}: {kept}, wrote {written.written}, {timing}")
 
 
