@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 import click
-from click.core import ParameterSource
 
 from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError
@@ -840,8 +839,8 @@ def evaluate(
 )
 @click.option(
     "--batch-max-digits",
-    default=8,
-    show_default=True,
+    default=None,
+    show_default="8",
     type=Integer(min=1),
     help="Micro-batching: digits in one shared model call.",
 )
@@ -863,12 +862,11 @@ def serve(
     cors_origins: tuple[str, ...],
     web_dir: str | None,
     batch_window_ms: float,
-    batch_max_digits: int,
+    batch_max_digits: int | None,
     quiet: bool,
 ) -> None:
     """Serve digits over HTTP (FastAPI + uvicorn; needs the serve extra)."""
-    given = click.get_current_context().get_parameter_source("batch_max_digits") is ParameterSource.COMMANDLINE
-    if batch_window_ms == 0 and given:
+    if batch_window_ms == 0 and batch_max_digits is not None:
         raise click.UsageError(
             "--batch-max-digits sizes a micro-batch and --batch-window-ms 0 turns them off: give one"
         )
@@ -911,11 +909,7 @@ def serve(
             f"{options.intra_op_threads} onnxruntime thread(s) each; {where}",
             err=True,
         )
-    if workers > 1:
-        del generator  # each worker loads its own; the parent keeps no session
-        run_server(options)
-    else:
-        run_server(options, generator)
+    run_server(options, generator)
 
 
 def _format_progress(info: dict[str, float] | None) -> str:

@@ -66,7 +66,7 @@ def ort_reason(exc: BaseException) -> str:
     return reason.strip().rstrip(".")
 
 
-def _model_sha256(model: bytes, path: Path) -> str:
+def model_sha256(model: bytes, path: Path) -> str:
     """SHA-256 of ``model``, the bytes read from ``path``; for a model that keeps tensors in files beside it,
     extended by each file's name and SHA-256, so that the hash changes with any weight."""
     digest = hashlib.sha256(model)
@@ -114,7 +114,7 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         session = ort.InferenceSession(model, sess_options=options, providers=providers)
     except ORT_ERRORS as exc:
         raise InvalidModelError(f"{path} is not a valid ONNX model ({ort_reason(exc)})") from exc
-    sha256 = _model_sha256(model, path)
+    sha256 = model_sha256(model, path)
     running = session.get_providers()[0]
     if running != PROVIDERS[chosen]:
         if provider == "auto":

@@ -59,6 +59,7 @@ ENDPOINTS = frozenset({"/generate", "/healthz", "/readyz", "/metrics", "/docs", 
 # what `npm run build` puts in web/dist beside the page's code: the page and the model it loads (the web/ folder,
 # its source, has no model)
 BUILT_PAGE = ("index.html", "generator.onnx")
+BATCH_MAX_DIGITS = 8  # the default micro-batch
 # what a browser sends in Origin: scheme://host[:port], no path, not even a trailing slash (or * for any)
 ORIGIN = re.compile(r"\*|[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
 
@@ -87,8 +88,9 @@ class ServeSettings:
     cache_max_age: int = 31_536_000  # seconds a response may be cached (it never changes)
     inline_digits: int = 16  # requests this small run on the event loop (or the batcher), larger ones on a thread
     batch_window_ms: float = 2.0  # micro-batching: how long small requests wait to share a model call (0: off)
-    # digits in one micro-batch: small, so that one batch's HTTP work overlaps the next one's model call
-    batch_max_digits: int = 8
+    # digits in one micro-batch (default 8 with a window, None without): small, so that one batch's HTTP work
+    # overlaps the next one's model call
+    batch_max_digits: int | None = None
     cors_origins: tuple[str, ...] = ()
     web_dir: str | None = None  # the built page, served at /
     access_log: bool = True
@@ -112,7 +114,20 @@ class ServeSettings:
             raise ServeConfigError(
                 f"the batch window must be 0 ms (off) or a finite number of ms, got {self.batch_window_ms:g}"
             )
-        if self.batch_max_digits < 1:
+        if self.batch_window_ms / 1000 >= self.time_limit:
+            raise ServeConfigError(
+                f"the batch window of {self.batch_window_ms:g} ms must be shorter than the time limit of "
+                f"{self.time_limit:g} s, or every request that waits for a batch runs out of time"
+            )
+        if self.batch_max_digits is None:
+            if self.batch_window_ms > 0:
+                object.__setattr__(self, "batch_max_digits", BATCH_MAX_DIGITS)
+        elif self.batch_window_ms == 0:
+            raise ServeConfigError(
+                f"batch_max_digits={self.batch_max_digits} sizes a micro-batch and batch_window_ms=0 turns them off: "
+                "give one"
+            )
+        elif self.batch_max_digits < 1:
             raise ServeConfigError(f"a micro-batch must hold at least 1 digit, got {self.batch_max_digits}")
         for origin in self.cors_origins:
             if not ORIGIN.fullmatch(origin):
@@ -133,8 +148,9 @@ class ServeSettings:
 
     def _check_types(self) -> None:
         """Each setting of its own type (a string of origins would be read one letter at a time)."""
-        for name in ("max_count", "max_in_flight", "queue", "inline_digits", "cache_max_age", "batch_max_digits"):
+        for name in ("max_count", "max_in_flight", "queue", "inline_digits", "cache_max_age"):
             _check_type(name, getattr(self, name), (int,), "an integer")
+        _check_type("batch_max_digits", self.batch_max_digits, (int, type(None)), "an integer or None")
         for name in ("time_limit", "batch_window_ms"):
             _check_type(name, getattr(self, name), (int, float), "a number")
         _check_type("access_log", self.access_log, (bool,), "True or False")

@@ -90,16 +90,24 @@ class Batcher:
         loop = asyncio.get_running_loop()
         if self._last_size > 1 or len(self._waiting) > 1:
             until = loop.time() + self.window
-            while sum(p.request.count for p in self._waiting) < self.max_digits and loop.time() < until:
+            while self._waiting_digits() < self.max_digits and loop.time() < until:
                 self._arrived.clear()
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), until - loop.time())
+        # requests past their time limit no longer want an answer: neither digits nor a place in the batch
+        self._waiting = deque(p for p in self._waiting if not p.digits.done())
+        if not self._waiting:
+            return []
         batch = [self._waiting.popleft()]
         digits = batch[0].request.count
         while self._waiting and digits + self._waiting[0].request.count <= self.max_digits:
             batch.append(self._waiting.popleft())
             digits += batch[-1].request.count
-        return [p for p in batch if not p.digits.done()]
+        return batch
+
+    def _waiting_digits(self) -> int:
+        """The digits of the waiting requests that still want an answer (not those past their time limit)."""
+        return sum(p.request.count for p in self._waiting if not p.digits.done())
 
     async def run(self) -> None:
         """Serve the waiting requests until cancelled."""

@@ -6,18 +6,23 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from digitgen.runtime.external_data import external_data_files
 from digitgen.runtime.generator import DigitGenerator
+from digitgen.runtime.session import model_sha256
 from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
 from digitgen.serve.app import ServeConfigError, ServeSettings, create_app
 from digitgen.serve.observe import ACCESS_LOG
@@ -195,11 +200,33 @@ def _exit_zero_on_signals() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _model_copy(generator: DigitGenerator) -> Iterator[Path]:
+    """A private copy of the model ``generator`` was loaded from (and of its external data files), for worker
+    processes to load, when they start and when SIGHUP replaces them: every worker serves the same model, whatever
+    happens to the file meanwhile. :class:`ServeConfigError` if the file no longer holds that model."""
+    with tempfile.TemporaryDirectory(prefix="digitgen-serve-") as folder:
+        copy = Path(folder) / generator.path.name
+        try:
+            model = generator.path.read_bytes()
+            copy.write_bytes(model)
+            for location in external_data_files(model):
+                (copy.parent / location).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(generator.path.parent / location, copy.parent / location)
+            same = model_sha256(model, copy) == generator.sha256
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise ServeConfigError(f"{generator.path} changed while the server started; start it again")
+        yield copy
+
+
 def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then finish requests in flight within ``graceful_timeout`` seconds.
 
-    With one worker, ``generator`` (default: ``options.load()``) serves in this process; with more,
-    each worker process loads the model itself. :class:`ServeConfigError` if the address is not free.
+    ``generator`` (default: ``options.load()``) serves in this process with one worker; with more, each worker
+    process loads a copy of the model file it was loaded from, made once. :class:`ServeConfigError` if the address
+    is not free.
     """
     options = options.check_address()
     log_level = "info" if options.settings.access_log else "warning"
@@ -211,11 +238,18 @@ def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> No
         "timeout_graceful_shutdown": options.graceful_timeout,
         "http": ServerHTTP,
     }
+    generator = generator or options.load()  # Ctrl-C still interrupts the load
     if options.workers == 1:
-        app = create_app(generator or options.load(), options.settings)  # Ctrl-C still interrupts the load
+        app = create_app(generator, options.settings)
         with _exit_zero_on_signals():
             uvicorn.Server(uvicorn.Config(app, **common)).run()
         return
+    with _model_copy(generator) as copy:
+        _run_workers(dataclasses.replace(options, model=str(copy)), common)
+
+
+def _run_workers(options: ServerOptions, common: dict) -> None:
+    """uvicorn's supervisor and ``options.workers`` processes, each building its app from ``options``."""
     previous_config = os.environ.get(WORKER_CONFIG)
     os.environ[WORKER_CONFIG] = json.dumps(dataclasses.asdict(options))
     if hasattr(signal, "SIGHUP"):  # started ignoring it, as the workers do: a closed terminal's SIGHUP cannot kill it

@@ -176,8 +176,11 @@ def test_the_servers_option_defaults_are_the_apps() -> None:
     from digitgen.serve import ServeSettings
 
     shown, settings = _defaults("serve"), ServeSettings()
-    for name in ("max_count", "max_in_flight", "queue", "time_limit", "batch_window_ms", "batch_max_digits"):
+    for name in ("max_count", "max_in_flight", "queue", "time_limit", "batch_window_ms"):
         assert shown[name] == getattr(settings, name), name
+    # not given, --batch-max-digits is None (so that --batch-window-ms 0 can refuse it) and the app's default applies
+    batch_max_digits = next(param for param in main.commands["serve"].params if param.name == "batch_max_digits")
+    assert (shown["batch_max_digits"], batch_max_digits.show_default) == (None, str(settings.batch_max_digits))
 
 
 def test_the_exporters_option_defaults_are_the_exporters() -> None:

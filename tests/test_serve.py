@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 from click.testing import CliRunner
@@ -973,17 +975,28 @@ def test_two_workers_serve_identical_bytes(server: Server, tmp_path: Path) -> No
 
 def test_a_closed_terminal_restarts_two_workers_and_loses_no_request(tmp_path: Path) -> None:
     """SIGHUP to the whole process group, as a closed terminal sends it: uvicorn's supervisor replaces the workers,
-    each old one finishing its request in flight; the server goes on, and SIGTERM still stops it with 0."""
-    workers = start(tmp_path / "server.log", serve_command("--quiet", "--workers", "2"), own_group=True)
+    each old one finishing its request in flight; the server goes on, with the model it started with though the
+    file now holds another, and SIGTERM still stops it with 0."""
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(default_model_path(), model)
+    workers = start(tmp_path / "server.log", serve_command("--workers", "2", "--generator", str(model)), own_group=True)
+    started_with = workers.get("/readyz").json()["model_sha256"]
+    another = onnx.load(model)
+    onnx.helper.set_model_props(another, {**{p.key: p.value for p in another.metadata_props}, "note": "another"})
+    onnx.save_model(another, model)
     with ThreadPoolExecutor(2) as pool:
         running = [pool.submit(workers.get, f"/generate?count=6000&format=npz&seed={seed}") for seed in (1, 2)]
         time.sleep(0.5)  # both admitted, one on each worker or queued
         os.killpg(workers.process.pid, signal.SIGHUP)
         assert [response.result().status_code for response in running] == [200, 200]
-    workers.wait("/readyz")
+    deadline = time.monotonic() + 60
+    while workers.log.read_text().count("Application startup complete") < 4:  # two workers, then their two successors
+        assert time.monotonic() < deadline, workers.log.read_text()
+        time.sleep(0.1)
+    assert {workers.get("/readyz").json()["model_sha256"] for _ in range(20)} == {started_with}
     assert workers.stop() == 0
     log = workers.log.read_text()
-    assert "died" not in log and "Traceback" not in log, log
+    assert "died" not in log and "Traceback" not in log and "not ready" not in log, log
 
 
 # --- micro-batching across real connections ---------------------------------------------------

@@ -74,6 +74,16 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
         ({"batch_window_ms": -1}, "the batch window must be 0 ms (off) or a finite number of ms, got -1"),
         ({"batch_window_ms": float("inf")}, "the batch window must be 0 ms (off) or a finite number of ms, got inf"),
         ({"batch_max_digits": 0}, "a micro-batch must hold at least 1 digit, got 0"),
+        (
+            {"batch_window_ms": 0, "batch_max_digits": 64},
+            "batch_max_digits=64 sizes a micro-batch and batch_window_ms=0 turns them off: give one",
+        ),
+        (
+            {"batch_window_ms": 2000, "time_limit": 2},
+            "the batch window of 2000 ms must be shorter than the time limit of 2 s, or every request that waits for "
+            "a batch runs out of time",
+        ),
+        ({"batch_max_digits": 8.0}, "batch_max_digits must be an integer or None, got 8.0"),
         ({"max_in_flight": 0}, "max_in_flight must be at least 1, got 0"),
         ({"max_count": 0}, "max_count must be at least 1, got 0"),
         ({"queue": -1}, "queue must be 0 or more, got -1"),
@@ -160,6 +170,9 @@ def test_the_smallest_settings_and_any_origin_a_browser_sends_are_accepted() -> 
     )
     assert (settings.queue, settings.inline_digits, settings.cache_max_age, settings.batch_max_digits) == (0, 0, 0, 1)
     assert ServeSettings(batch_window_ms=0).batch_window_ms == 0
+    # batch_max_digits: 8 when not given and batching is on, None with it off
+    assert [ServeSettings(batch_window_ms=ms).batch_max_digits for ms in (2, 0)] == [8, None]
+    assert ServeSettings(batch_window_ms=1999, time_limit=2).batch_window_ms == 1999
     assert ServeSettings(inline_digits=256).inline_digits == 256  # one default batch: the most
 
 
@@ -605,6 +618,24 @@ def test_a_micro_batch_takes_waiting_requests_in_order_up_to_its_digit_limit(
         return taken
 
     assert asyncio.run(batches()) == expected
+
+
+def test_a_request_past_its_time_limit_takes_no_digits_of_a_micro_batch() -> None:
+    """Its 8 digits would fill the batch and end the window at once; they are not waited for, so the two live
+    requests share the next model call."""
+
+    async def batches() -> list[list[int]]:
+        batcher = Batcher(None, 0.001, 8, None, None, None)  # type: ignore[arg-type]
+        for count in (8, 1, 1):
+            request = DigitsRequest((7,), count, 0, None, "grid")
+            batcher._waiting.append(_Pending(request, asyncio.get_running_loop().create_future()))
+        batcher._waiting[0].digits.cancel()  # what the time limit does to a request's wait
+        taken = []
+        while batcher._waiting:
+            taken.append([p.request.count for p in await batcher._collect()])
+        return taken
+
+    assert asyncio.run(batches()) == [[1, 1]]
 
 
 @pytest.mark.parametrize(

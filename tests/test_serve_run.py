@@ -4,8 +4,10 @@ options for one worker and for several, threads, TCP_NODELAY, start-up lines and
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import onnx
 import onnxruntime
 import pytest
 import uvicorn
@@ -20,7 +23,7 @@ from click.testing import CliRunner
 from fastapi import FastAPI
 
 from digitgen.cli import main
-from digitgen.runtime.generator import DigitGenerator
+from digitgen.runtime.generator import DigitGenerator, default_model_path
 from digitgen.serve import ServeConfigError, ServeSettings
 from digitgen.serve import run as serve_run
 from digitgen.serve.observe import ACCESS_LOG
@@ -160,7 +163,8 @@ def test_one_worker_runs_uvicorn_here_with_the_options(monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("before", [None, "a parent's value"])
 def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.MonkeyPatch, before: str | None) -> None:
-    """Each worker process rebuilds the parent's options; the parent's environment is left as it was."""
+    """Each worker process rebuilds the parent's options, its model a copy the parent made; the parent's
+    environment is left as it was, and the copy is gone once the server stops."""
     if before is None:
         monkeypatch.delenv(serve_run.WORKER_CONFIG, raising=False)
     else:
@@ -172,8 +176,8 @@ def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(serve_run.uvicorn, "run", uvicorn_run)
     settings = ServeSettings(max_count=50, cors_origins=("http://app.example",), access_log=False)
-    options = ServerOptions("model.onnx", "cpu", port=free_port(), workers=2, threads=1, settings=settings)
-    serve(options)
+    options = ServerOptions(None, "cpu", port=free_port(), workers=2, threads=1, settings=settings)
+    serve(options, DigitGenerator.from_path(threads=1))
     assert os.environ.get(serve_run.WORKER_CONFIG) == before
     [(app, kwargs, config)] = calls
     assert app == "digitgen.serve.run:app_from_environment" and kwargs["factory"] is True
@@ -182,7 +186,55 @@ def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.Mon
     monkeypatch.setenv(serve_run.WORKER_CONFIG, config)
     monkeypatch.setattr(serve_run.ServerOptions, "load", lambda self: self)
     monkeypatch.setattr(serve_run, "create_app", lambda loaded, app_settings: (loaded, app_settings))
-    assert serve_run.app_from_environment() == (options, settings)
+    worker_options, worker_settings = serve_run.app_from_environment()
+    copy = Path(worker_options.model)
+    assert (replace(worker_options, model=None), worker_settings) == (options, settings)
+    assert copy.name == "generator.onnx" and copy != default_model_path() and not copy.parent.exists()
+
+
+def _split_model(folder: Path) -> Path:
+    """The shipped model with its weights in weights.bin beside it."""
+    folder.mkdir()
+    onnx.save_model(
+        onnx.load(default_model_path()), folder / "split.onnx", save_as_external_data=True, location="weights.bin"
+    )
+    return folder / "split.onnx"
+
+
+def test_every_worker_loads_the_model_the_server_started_with(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Replacing the file, or its external data, while the server runs changes nothing: workers load (also when
+    SIGHUP replaces them) a copy made at start-up."""
+    model = _split_model(tmp_path / "model")
+    started = DigitGenerator.from_path(model, threads=1)
+    loaded: list[str] = []
+
+    def uvicorn_run(app: str, **kwargs: object) -> None:
+        model.write_bytes(b"not a model")
+        (model.parent / "weights.bin").write_bytes(b"")
+        copy = json.loads(os.environ[serve_run.WORKER_CONFIG])["model"]
+        loaded.append(DigitGenerator.from_path(copy, threads=1).sha256)
+
+    monkeypatch.setattr(serve_run.uvicorn, "run", uvicorn_run)
+    serve(ServerOptions(str(model), "cpu", port=free_port(), workers=2, threads=1), started)
+    assert loaded == [started.sha256]
+
+
+@pytest.mark.parametrize("change", ["model", "external data", "removed"])
+def test_a_model_file_changed_while_the_server_starts_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, change: str
+) -> None:
+    model = _split_model(tmp_path / "model")
+    started = DigitGenerator.from_path(model, threads=1)
+    if change == "model":
+        shutil.copyfile(default_model_path(), model)
+    elif change == "external data":
+        (model.parent / "weights.bin").write_bytes(b"\0" * 16)
+    else:
+        model.unlink()
+    monkeypatch.setattr(serve_run.uvicorn, "run", lambda app, **kwargs: pytest.fail("workers started"))
+    with pytest.raises(ServeConfigError) as refused:
+        serve(ServerOptions(str(model), "cpu", port=free_port(), workers=2, threads=1), started)
+    assert str(refused.value) == f"{model} changed while the server started; start it again"
 
 
 def test_every_tcp_connection_turns_nagle_off(monkeypatch: pytest.MonkeyPatch) -> None:
