@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import onnxruntime as ort
@@ -13,6 +14,7 @@ CONTRACT_VERSION = "1"
 # bounds that keep a model's noise small and its labels storable: far past any digit model
 MAX_LATENT_DIM = 4096
 MAX_CLASSES = 256  # every label fits the one byte an IDX label file gives it
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,12 @@ def _check_io(session: ort.InferenceSession) -> list[str]:
 
 
 def _int_metadata(metadata: dict[str, str], key: str, problems: list[str], maximum: int | None = None) -> int:
-    try:
-        value = int(metadata[key])
-    except (KeyError, ValueError):
+    """An integer written in ASCII digits, as the page's module reads it too (int() also takes "6_4" and "٦٤")."""
+    text = metadata.get(key)
+    if text is None or not _INTEGER.fullmatch(text):
         problems.append(f"metadata '{key}' is missing or not an integer")
         return 0
+    value = int(text)
     if value < 1:
         problems.append(f"metadata '{key}' must be positive, found {value}")
     elif maximum is not None and value > maximum:
@@ -88,7 +91,8 @@ def check_contract(session: ort.InferenceSession, source: str) -> ModelInfo:
     elif "contract_version" not in metadata:
         problems.append("metadata 'contract_version' is missing")
     z = next((i for i in session.get_inputs() if i.name == "z"), None)
-    if z is not None and len(z.shape) == 2 and not _is_dynamic(z.shape[1]) and z.shape[1] != latent_dim:
+    fixed_width = z is not None and len(z.shape) == 2 and not _is_dynamic(z.shape[1])
+    if fixed_width and latent_dim >= 1 and z.shape[1] != latent_dim:  # a latent_dim that could not be read is named
         problems.append(f"'z' has {z.shape[1]} features but metadata latent_dim is {latent_dim}")
     if problems:
         raise ModelContractError(f"{source} does not follow the digitgen model contract: " + "; ".join(problems))

@@ -573,9 +573,8 @@ def plan_output(
     if fmt not in FORMATS:
         raise InvalidRequestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     total = check_int(total, "number of digits", maximum=MAX_INDEX + 1)
-    for name, flag in (("overwrite", overwrite), ("resume", resume)):
-        if not isinstance(flag, bool):  # "no" is truthy: a string here must not replace the user's files
-            raise InvalidRequestError(f"{name} must be True or False, got {flag!r}")
+    check_flag(overwrite, "overwrite")
+    check_flag(resume, "resume")
     if not isinstance(shard, Shard):
         raise InvalidRequestError(f"shard must be a Shard(index, count), got {shard!r}")
     if overwrite and resume:
@@ -763,8 +762,16 @@ def generate_files(
     return job.run(on_batch).paths
 
 
+def check_flag(flag: object, name: str) -> bool:
+    """``flag`` if it is True or False; "no" is truthy, and a string here must not replace the user's files."""
+    if not isinstance(flag, bool):
+        raise InvalidRequestError(f"{name} must be True or False, got {flag!r}")
+    return flag
+
+
 def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> list[Path]:
     """Join the shard files of ``fmt`` ("idx" or "npz") in ``out_dir`` into the unsharded files."""
+    check_flag(overwrite, "overwrite")
     out_dir = Path(out_dir)
     if fmt not in ("idx", "npz"):
         raise InvalidRequestError(f"merge joins idx or npz shards, not {fmt!r}")

@@ -33,7 +33,7 @@ _INTEGER = re.compile(r"\s*([+-]?)([0-9]+)\s*")
 _LONGEST = 40  # significant digits read as a number: every valid value has at most 20, and int() stops at 4,300
 # RFC 9110, 12.4.2, with any number of decimals, and ".2" for 0.2 (what Java's HttpURLConnection sends)
 _QVALUE = re.compile(r"0(\.[0-9]*)?|\.[0-9]+|1(\.0*)?")
-_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
+_DECIMAL = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\s*")  # spaces as for integers
 
 
 class NotAcceptableError(InvalidRequestError):

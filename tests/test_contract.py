@@ -83,6 +83,13 @@ CASES = {
         for key in ("latent_dim", "num_classes", "image_size", "contract_version")
     },
     "latent-not-int": ({"metadata": {"latent_dim": "eight"}}, "'latent_dim' is missing or not an integer"),
+    # int() reads these as 8, the page's module refuses them: both refuse them
+    **{
+        f"latent-{name}": ({"metadata": {"latent_dim": text}}, "'latent_dim' is missing or not an integer$")
+        for name, text in (("underscore", "0_8"), ("arabic-indic", "\u0668"))
+    },
+    # an unreadable latent_dim is named alone, not also compared with z's width
+    "latent-missing-alone": ({"metadata": {"latent_dim": None}}, "'latent_dim' is missing or not an integer$"),
     "classes-zero": ({"metadata": {"num_classes": "0"}}, "'num_classes' must be positive"),
     "classes-huge": ({"metadata": {"num_classes": "100000"}}, "'num_classes' must be at most 256, found 100000$"),
     "latent-huge": (

@@ -392,11 +392,13 @@ def test_ranges_with_q_0_are_refused(fmt: str | None, accept: str) -> None:
     [
         ("seed=%2B5&digit=%2B7&count=%2B1", "seed=5&digit=7"),  # a sign, as the CLI takes --seed +5
         ("seed=%205%20&digit=%207", "seed=5&digit=7"),  # spaces around, as the CLI takes --digit ' 7'
+        ("seed=3&truncation=+1.5", "seed=3&truncation=1.5"),  # an unescaped + is a space: --truncation ' 1.5'
+        ("seed=3&truncation=%2B1.5%20", "seed=3&truncation=1.5"),
         ("seed=0005&count=003&digits=1,2&format=npz", "seed=5&count=3&digits=1,2&format=npz"),
         (f"count=1&seed={'0' * 60}9", "seed=9"),  # leading zeros are not significant digits
     ],
 )
-def test_integers_are_read_as_the_cli_reads_them(server: Server, given: str, plain: str) -> None:
+def test_numbers_are_read_as_the_cli_reads_them(server: Server, given: str, plain: str) -> None:
     answer, expected = server.get(f"/generate?{given}"), server.get(f"/generate?{plain}")
     assert answer.status_code == 200, answer.text
     assert answer.content == expected.content and answer.headers["etag"] == expected.headers["etag"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -379,3 +380,15 @@ def test_shard_is_part_of_the_runtime_api() -> None:
     import digitgen.runtime
 
     assert digitgen.runtime.Shard is Shard and "Shard" in digitgen.runtime.__all__
+
+
+@pytest.mark.parametrize("flag", ["no", 0, None])
+def test_merge_takes_overwrite_as_true_or_false_only(gen: DigitGenerator, tmp_path: Path, flag: object) -> None:
+    """A truthy "no" must not replace the merged file a first merge wrote."""
+    for i in range(K):
+        _write(gen, tmp_path, "npz", Shard(i, K))
+    [merged] = merge_shards(tmp_path, "npz")
+    before = merged.read_bytes()
+    with pytest.raises(InvalidRequestError, match=f"^overwrite must be True or False, got {re.escape(repr(flag))}$"):
+        merge_shards(tmp_path, "npz", overwrite=flag)
+    assert merged.read_bytes() == before
