@@ -77,6 +77,17 @@ def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str
 STACK_TRACE = "pkg.torch.onnx.stack_trace"
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised because of a KeyboardInterrupt, somewhere along its chain of causes."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def to_onnx(
     model: torch.nn.Module,
     example: tuple[torch.Tensor, ...],
@@ -92,18 +103,23 @@ def to_onnx(
     outputs inherit it.
     """
     dynamic_shapes = ({0: "batch"}, *({0: torch.export.Dim.DYNAMIC} for _ in example[1:]))
-    torch.onnx.export(
-        model,
-        example,
-        str(path),
-        dynamo=True,
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_shapes=dynamic_shapes,
-        opset_version=opset,
-        external_data=False,
-        verbose=False,
-    )
+    try:
+        torch.onnx.export(
+            model,
+            example,
+            str(path),
+            dynamo=True,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as exc:
+        if _interrupted(exc):  # the exporter wraps a Ctrl-C or SIGTERM that arrives while it works in its own error
+            raise KeyboardInterrupt from exc
+        raise
     exported = onnx.load(str(path))
     written = {entry.domain: entry.version for entry in exported.opset_import}.get("", opset)
     if written != opset:  # the exporter falls back to the opset it can write, with a warning only
