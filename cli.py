@@ -21,6 +21,7 @@ if __name__ == "__main__":  # `python cli.py`: stop signals wait while it loads,
 import dataclasses
 import json
 import math
+import os
 import shlex
 import signal
 import sys
@@ -139,11 +140,14 @@ class OneLineErrors(click.Group):
 
 
 class GivenPath(click.Path):
-    """A path that is not the empty string (which would mean the current folder without saying so)."""
+    """A path that is not the empty string (which would mean the current folder without saying so), nor, where a
+    file is wanted, one ending in a slash (a folder, which the file would otherwise be named after)."""
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
         if value == "":
             self.fail("an empty path; name a file or folder (. for the current folder)", param, ctx)
+        if not self.dir_okay and isinstance(value, str) and value.endswith(("/", os.sep)):
+            self.fail(f"{value!r} ends in a slash, so it names a folder; give a file's name", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -485,7 +489,9 @@ def _echo_report(report: ParityReport) -> None:
 
 @main.command("export")
 @click.option("--checkpoint", required=True, type=GivenPath(dir_okay=False), help="Training checkpoint.")
-@click.option("--out", default="generator.onnx", show_default=True, type=GivenPath(), help="ONNX file to write.")
+@click.option(
+    "--out", default="generator.onnx", show_default=True, type=GivenPath(dir_okay=False), help="ONNX file to write."
+)
 @click.option("--opset", default=18, show_default=True, type=Integer(min=18))
 @click.option(
     "--precision",

@@ -16,8 +16,11 @@ from digitgen.runtime.idx import read_idx
 
 
 def run(*args: str) -> tuple[int, str]:
+    """The exit status and output of the CLI; an exception that escaped the command (a traceback, outside the
+    runner) fails the test."""
     result = CliRunner().invoke(main, [str(a) for a in args])
-    assert "Traceback" not in result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"the command raised {result.exception!r}") from result.exception
     return result.exit_code, result.output
 
 

@@ -190,3 +190,26 @@ def test_the_exporters_option_defaults_are_the_exporters() -> None:
 
     shown = _defaults("export")
     assert (shown["opset"], shown["precision"]) == (DEFAULT_OPSET, PRECISIONS[0])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["export", "--checkpoint", "c.pt", "--out", "{folder}/"],
+        ["export", "--checkpoint", "c.pt", "--weights-out", "{folder}/"],
+        ["export-classifier", "--weights", "w.pt", "--out", "{folder}/"],
+        ["train-classifier", "--out", "{folder}/"],
+    ],
+    ids=["export", "weights-out", "export-classifier", "train-classifier"],
+)
+def test_a_file_option_ending_in_a_slash_is_refused(tmp_path: Path, args: list[str]) -> None:
+    """``--out models/`` means a folder: the file is not written under the folder's name."""
+    from click.testing import CliRunner
+
+    from digitgen.cli import main
+
+    folder = tmp_path / "models"
+    result = CliRunner().invoke(main, [arg.format(folder=folder) for arg in args])
+    assert result.exit_code == 2, result.output
+    assert f"'{folder}/' ends in a slash, so it names a folder; give a file's name" in result.output
+    assert list(tmp_path.iterdir()) == []
