@@ -438,9 +438,14 @@ def train(
                 )
             with (
                 _stop_on_signals() as should_stop,
-                progress(state.train.total_steps, "training", describe=_format_progress, hidden=not ctx.is_main) as bar,
+                progress(
+                    state.train.total_steps,
+                    "training",
+                    describe=_format_progress,
+                    hidden=not ctx.is_main,
+                    done=state.step,
+                ) as bar,
             ):
-                bar.update(state.step)
                 result = run_training(
                     state,
                     run.data,

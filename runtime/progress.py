@@ -40,10 +40,11 @@ class LogProgress:
         describe: Callable[[Any], str] | None,
         interval: float,
         clock: Callable[[], float] = time.monotonic,
+        done: int = 0,
     ) -> None:
         self.length, self.label, self.stream, self.describe = length, label, stream, describe
         self.clock, self.interval = clock, interval
-        self.done = 0
+        self.done = done
         self.started = clock()
         self._base: tuple[int, float] | None = None  # (done, time) after the first update
         self._last_line = self.started
@@ -77,18 +78,22 @@ def progress(
     hidden: bool = False,
     describe: Callable[[Any], str] | None = None,
     stream: IO[str] | None = None,
+    done: int = 0,
 ) -> Iterator[Progress]:
-    """Report ``length`` steps of work on ``stream`` (default stderr); ``update(n, item)`` adds ``n`` done,
-    ``describe(item)`` adds a few words. Where the stream is not a terminal, a first line names the label and
-    ``length``; ``hidden`` shows nothing."""
+    """Report ``length`` steps of work, ``done`` of them before (a resumed run's), on ``stream`` (default
+    stderr); ``update(n, item)`` adds ``n`` done, ``describe(item)`` adds a few words. Where the stream is not a
+    terminal, a first line names the label and the steps left; ``hidden`` shows nothing."""
     stream = stream or sys.stderr
     hidden = hidden or stream is None  # no stderr at all (closed, or a GUI interpreter): no progress, same work
     if hidden or stream.isatty():
         with click.progressbar(
             length=length, label=label, file=stream, item_show_func=describe, show_pos=True, hidden=hidden
         ) as bar:
+            bar.update(done)
             yield bar
         return
-    stream.write(f"{label}: {length:,} to do\n")
+    before = f" ({done:,} of {length:,} done before)" if done else ""
+    stream.write(f"{label}: {length - done:,} to do{before}\n")
     stream.flush()
-    yield LogProgress(length, label, stream, describe, LOG_INTERVAL_S)  # read here, so a test can shorten it
+    # the interval read here, so that a test can shorten it
+    yield LogProgress(length, label, stream, describe, LOG_INTERVAL_S, done=done)

@@ -84,6 +84,18 @@ def test_a_log_gets_the_label_first_a_terminal_a_bar_and_hidden_nothing() -> Non
     assert hidden.getvalue() == ""
 
 
+def test_a_resumed_run_says_what_is_left_and_counts_on_from_its_steps() -> None:
+    stream = io.StringIO()
+    with progress(16, "training", stream=stream, done=14) as bar:
+        assert isinstance(bar, LogProgress) and bar.done == 14
+    assert stream.getvalue() == "training: 2 to do (14 of 16 done before)\n"
+    clock, stream = Clock(), io.StringIO()
+    bar = LogProgress(1000, "training", stream, None, 60, clock=clock, done=500)
+    clock.now += 60
+    bar.update(100)
+    assert stream.getvalue() == "training: 600/1,000 (60%), 1:00 elapsed\n"
+
+
 def test_a_first_update_after_a_minute_gives_no_estimate_yet() -> None:
     bar, clock, stream = log(1000)
     clock.now += 61
