@@ -55,6 +55,11 @@ def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str
     """Headline figures of ``digitgen evaluate --json`` as ``metadata_props`` entries."""
     if not isinstance(evaluation, Mapping):
         raise ExportError(f"not an evaluation from `digitgen evaluate --json`: a JSON {type(evaluation).__name__}")
+    if evaluation.get("truncation") is not None:
+        raise ExportError(
+            f"the evaluation scored digits drawn with truncation {evaluation['truncation']}, not the model's own "
+            "distribution; evaluate without --truncation"
+        )
     try:
         generated, real = evaluation["generated"], evaluation["real"]
         return {

@@ -162,12 +162,14 @@ class Evaluation:
     generated: Scores
     real: Scores  # an MNIST train sample of the same size, scored the same way
     cas: Cas | None = None
+    truncation: float | None = None  # of the generated digits' noise (None: the model's own distribution)
 
-    def to_dict(self) -> dict[str, dict | None]:
+    def to_dict(self) -> dict[str, dict | float | None]:
         return {
             "generated": asdict(self.generated),
             "real": asdict(self.real),
             "cas": asdict(self.cas) if self.cas else None,
+            "truncation": self.truncation,
         }
 
     def table(self) -> str:
@@ -253,4 +255,5 @@ def evaluate(
     return Evaluation(
         score(fake_features, fake_predictions, fake.labels, reference, reference_radii),
         score(real_features, real_predictions, train[1][pick], reference, reference_radii),
+        truncation=truncation,
     )

@@ -73,6 +73,7 @@ def test_evaluate_cli_prints_json_and_table(tiny_onnx: Path, tiny_classifier: Pa
             "recall",
         }
         assert len(scores[part]["per_digit_accuracy"]) == 10 and scores[part]["fid"] >= 0
+    assert (scores["cas"], scores["truncation"]) == (None, None)
     table = CliRunner().invoke(main, args)
     assert table.exit_code == 0 and "| class accuracy |" in table.output and "x real" in table.output
 
@@ -121,6 +122,22 @@ def test_export_stores_evaluation_as_metadata(
         ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "h.onnx"), "--quality", str(quality)],
     )
     assert result.exit_code == 1 and "not an evaluation" in result.output
+    assert not (tmp_path / "h.onnx").exists()
+
+    # scores of truncated digits are not the model's: refused, not stored as its quality
+    args = [*evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist), "--truncation", "0.5", "--json"]
+    truncated = CliRunner().invoke(main, args)
+    assert json.loads(truncated.output.strip().splitlines()[-1])["truncation"] == 0.5
+    quality.write_text(truncated.output.strip().splitlines()[-1])
+    result = CliRunner().invoke(
+        main,
+        ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "h.onnx"), "--quality", str(quality)],
+    )
+    assert (result.exit_code, result.output) == (
+        1,
+        "Error: the evaluation scored digits drawn with truncation 0.5, not the model's own distribution; evaluate "
+        "without --truncation\n",
+    )
     assert not (tmp_path / "h.onnx").exists()
 
 
