@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import torch
 
 from digitgen.export.errors import ExportError
@@ -15,6 +16,7 @@ from digitgen.export.fast_layers import with_fast_layers
 from digitgen.export.precision import HalfPrecision, quantize_int8
 from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityReport, verify_parity
 from digitgen.runtime.contract import CONTRACT_VERSION
+from digitgen.runtime.errors import InvalidModelError
 from digitgen.runtime.files import publish_all, refuse_existing, refuse_one_file_twice
 from digitgen.training.checkpoint import release_weights, write_payload
 from digitgen.training.state import load_generator
@@ -203,7 +205,11 @@ def export_generator(
             exported = HalfPrecision(fast).eval() if precision == "fp16" else fast
             to_onnx(exported, example, tmp, ["z", "digit"], ["image"], opset)
         write_metadata(tmp, metadata)
-        report = verify_parity(tmp, model, TOLERANCES[precision], atol)
+        try:
+            report = verify_parity(tmp, model, TOLERANCES[precision], atol)
+        except InvalidModelError as exc:  # named as the file it would have been, not its hidden temporary name
+            newer = f"; onnxruntime {ort.__version__} may not run opset {opset}: try a lower --opset"
+            raise ExportError(str(exc).replace(str(tmp), str(out)) + (newer if opset > DEFAULT_OPSET else "")) from exc
         if weights_tmp is not None:
             write_payload(release_weights(payload), weights_tmp, weights_out)
     return report

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from click.testing import CliRunner
@@ -24,7 +25,7 @@ from digitgen.export.onnx_export import export_generator, verify_file
 from digitgen.export.verify import ATOL, BATCH_SIZES, TOLERANCES, ParityReport
 from digitgen.runtime import DigitGenerator
 from digitgen.runtime.contract import CONTRACT_VERSION
-from digitgen.runtime.errors import OutputError
+from digitgen.runtime.errors import InvalidModelError, OutputError
 from digitgen.runtime.session import open_session
 from digitgen.training.config import GANConfig
 from tests.conftest import train_tiny
@@ -153,6 +154,26 @@ def test_an_interrupt_the_exporter_wraps_is_an_interrupt(tmp_path: Path, tiny_ch
     monkeypatch.setattr(onnx_export.torch.onnx, "export", exporter_failed)
     with pytest.raises(RuntimeError, match="an exporter bug"):
         export_generator(tiny_checkpoint, tmp_path / "g.onnx")
+
+
+@pytest.mark.parametrize("opset", [onnx_export.DEFAULT_OPSET, onnx_export.DEFAULT_OPSET + 1])
+def test_a_file_onnxruntime_cannot_load_is_named_as_the_output(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch, opset: int
+) -> None:
+    """As onnxruntime refuses an int8 file at an opset newer than its kernels: the error names --out (not the
+    hidden temporary file) and, past the default opset, the option that fixes it."""
+
+    def refuse(path, *args, **kwargs):
+        raise InvalidModelError(f"{path} is not a valid ONNX model (Could not find an implementation for X)")
+
+    monkeypatch.setattr(onnx_export, "verify_parity", refuse)
+    out = tmp_path / "g.onnx"
+    with pytest.raises(ExportError) as refused:
+        export_generator(tiny_checkpoint, out, opset=opset)
+    newer = f"; onnxruntime {onnxruntime.__version__} may not run opset {opset}: try a lower --opset"
+    expected = f"{out} is not a valid ONNX model (Could not find an implementation for X)"
+    assert str(refused.value) == expected + (newer if opset > onnx_export.DEFAULT_OPSET else "")
+    assert list(tmp_path.iterdir()) == []
 
 
 def _export_with_weights(which: str, checkpoint: Path, out: Path, weights: Path) -> None:
