@@ -17,7 +17,7 @@ from digitgen.runtime.idx import read_idx
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.classifier import Classifier, classifier_weights
 from digitgen.training.config import TrainConfig
-from digitgen.training.errors import TrainingError
+from digitgen.training.errors import RunDirectoryError, TrainingError
 from digitgen.training.run import (
     _decay_too_long,
     _setting_text,
@@ -724,11 +724,17 @@ def test_a_run_lock_lets_go_once_however_often_released_and_is_none_without_floc
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lock = RunLock(tmp_path)
+    if files.locking_available():
+        with pytest.raises(RunDirectoryError, match="another run is training in"):
+            RunLock(tmp_path)  # held: refused
     lock.release()
-    lock.release()
+    with open(tmp_path / "other", "w") as other:  # likely given the descriptor the lock had
+        lock.release()  # a second release closes nothing
+        os.fstat(other.fileno())
     RunLock(tmp_path).release()  # the folder is free again
     monkeypatch.setattr(files, "fcntl", None)  # Windows
     unlocked = RunLock(tmp_path)
+    RunLock(tmp_path).release()  # no lock, so nothing refused
     unlocked.release()
     unlocked.release()
 
