@@ -2,6 +2,7 @@
 
     python benchmarks/serve_latency.py --seconds 3 --rounds 5
     python benchmarks/serve_latency.py --in-process --rounds 3
+    python benchmarks/serve_latency.py --models narrow.onnx   # other models beside the shipped one, defaults
 
 At concurrency 1 a request's model call, its noise, its PNG and the HTTP stack run one after the other,
 so the share of the bare endpoint is bounded by the sum. Each variant below tries one way to shorten that
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import describe
 from benchmarks.serve import BARE, BARE_APP, load, running, serve_command
+from digitgen.runtime.generator import DigitGenerator
 
 PNG = "/generate?seed={seed}&digit=7"
 # each variant: a script run as `python -c SCRIPT PORT` (no braces: the port is filled in with str.format),
@@ -245,18 +247,39 @@ def in_process_table(requests: int, rounds: int) -> None:
         print(f"| {name} | {median:.0f} ({spread}) | {alone[name]:.0f} | {call_us:.0f} | {rest:+.0f} |")
 
 
+def model_variants(models: list[str]) -> dict[str, list[str]]:
+    """The shipped model and each of ``models`` served with the defaults, each named with its one-digit call's
+    time alone (``generate(1)`` on one thread, the median of five loops of 500 calls)."""
+    variants = {}
+    for model in [None, *models]:
+        generator = DigitGenerator.from_path(model, threads=1)
+        loops = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for seed in range(500):
+                generator.generate(1, seed=seed)
+            loops.append((time.perf_counter() - started) / 500)
+        name = f"{model or 'the shipped model'} (generate(1) alone: {1e6 * statistics.median(loops):.0f} us)"
+        variants[name] = serve_command(*(["--generator", model] if model else []))
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each load run")
     parser.add_argument("--rounds", type=int, default=5, help="load runs of each server")
     parser.add_argument("--in-process", action="store_true", help="the ASGI app in-process, with stand-in model calls")
     parser.add_argument("--requests", type=int, default=3000, help="requests a round, with --in-process")
+    parser.add_argument(
+        "--models", nargs="+", metavar="ONNX", help="serve these models (and the shipped one) with the defaults instead"
+    )
     args = parser.parse_args()
     if args.in_process:
         in_process_table(args.requests, args.rounds)
         return
+    variants = VARIANTS if not args.models else model_variants(args.models)
     commands = {BARE: ([sys.executable, "-c", BARE_APP, "{port}"], "/constant", "/constant?seed={seed}")}
-    for name, command in VARIANTS.items():
+    for name, command in variants.items():
         command = command if isinstance(command, list) else [sys.executable, "-c", command, "{port}"]
         commands[name] = (command, "/readyz", PNG)
     print(f"machine: {describe()}; python {sys.version.split()[0]}; concurrency 1")
