@@ -67,7 +67,11 @@ class ServerOptions:
         return self.threads if self.threads is not None else default_threads(self.workers)
 
     def load(self) -> DigitGenerator:
-        return DigitGenerator.from_path(self.model, self.provider, self.intra_op_threads)
+        """The model, opened and made to draw one digit of each class: one that cannot is refused now, with the
+        runtime's error, rather than served by a server that never becomes ready."""
+        generator = DigitGenerator.from_path(self.model, self.provider, self.intra_op_threads)
+        generator.generate(generator.num_classes)
+        return generator
 
     def check_address(self) -> ServerOptions:
         """These options, port 0 (any free port) replaced by the free port the system gives, once ``host:port``

@@ -123,16 +123,22 @@ def test_each_violation_is_named(tmp_path: Path, change: dict, message: str) -> 
         DigitGenerator.from_path(path, "cpu")
 
 
-def test_a_model_that_fails_to_run_is_a_one_line_error(tmp_path: Path) -> None:
-    """The declared shapes follow the contract, but the graph scales each image by a table of 5 digits, not 10."""
-    model = onnx.load(str(contract_model(tmp_path / "ok.onnx")))
+def five_digit_model(folder: Path) -> Path:
+    """A model whose declared shapes follow the contract, but whose graph scales each image by a table of 5
+    digits, not 10: it runs for digits 0-4 and fails for 5-9."""
+    model = onnx.load(str(contract_model(folder / "ok.onnx")))
     model.graph.initializer.append(numpy_helper.from_array(np.ones((5, 1), np.float32), "table"))
     reshape = next(node for node in model.graph.node if node.op_type == "Reshape")
     reshape.input[0] = "scaled"
     model.graph.node.insert(1, helper.make_node("Gather", ["table", "digit"], ["scale"]))
     model.graph.node.insert(2, helper.make_node("Mul", ["flat", "scale"], ["scaled"]))
-    path = tmp_path / "five-digits.onnx"
+    path = folder / "five-digits.onnx"
     onnx.save(model, str(path))
+    return path
+
+
+def test_a_model_that_fails_to_run_is_a_one_line_error(tmp_path: Path) -> None:
+    path = five_digit_model(tmp_path)
     gen = DigitGenerator.from_path(path, "cpu")
     assert gen.generate(3, digits=[4]).images.shape == (3, 28, 28)
     with pytest.raises(ModelRunError, match=f"^{re.escape(str(path))}: the model failed to run: ") as caught:

@@ -23,12 +23,14 @@ from click.testing import CliRunner
 from fastapi import FastAPI
 
 from digitgen.cli import main
+from digitgen.runtime.errors import ModelRunError
 from digitgen.runtime.generator import DigitGenerator, default_model_path
 from digitgen.serve import ServeConfigError, ServeSettings
 from digitgen.serve import run as serve_run
 from digitgen.serve.observe import ACCESS_LOG
 from digitgen.serve.run import ServerOptions, serve
 from tests.helpers import free_port
+from tests.test_contract import five_digit_model
 
 
 def test_without_the_serve_extra_one_line_names_it() -> None:
@@ -192,6 +194,22 @@ def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.Mon
     assert copy.name == "generator.onnx" and copy != default_model_path() and not copy.parent.exists()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_model_that_fails_to_make_a_digit_is_refused_before_serving(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, workers: int
+) -> None:
+    """Not a server that is never ready and answers 500: the runtime's one-line error, before uvicorn starts."""
+    model = five_digit_model(tmp_path)
+    monkeypatch.setattr(serve_run.uvicorn, "run", lambda app, **kwargs: pytest.fail("workers started"))
+    monkeypatch.setattr(serve_run.uvicorn, "Server", lambda config: pytest.fail("server started"))
+    options = ServerOptions(str(model), "cpu", port=free_port(), workers=workers, threads=1)
+    with pytest.raises(ModelRunError, match=f"^{re.escape(str(model))}: the model failed to run: "):
+        serve(options)
+    result = CliRunner().invoke(main, ["serve", "--generator", str(model), "--port", "0", "--quiet"])
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {model}: the model failed to run: ")
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
 def _split_model(folder: Path) -> Path:
     """The shipped model with its weights in weights.bin beside it."""
     folder.mkdir()
@@ -283,7 +301,13 @@ def test_without_cpu_affinity_the_cores_are_the_machines(monkeypatch: pytest.Mon
 
 
 def test_the_model_loads_with_the_threads_asked_for_or_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serve_run.DigitGenerator, "from_path", lambda *args: args)
+    class Opened(tuple):
+        num_classes = 10
+
+        def generate(self, count: int) -> None:
+            assert count == 10
+
+    monkeypatch.setattr(serve_run.DigitGenerator, "from_path", lambda *args: Opened(args))
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
     assert ServerOptions("model.onnx", "cpu", threads=3).load() == ("model.onnx", "cpu", 3)
     assert ServerOptions("model.onnx", "cuda", workers=2).load() == ("model.onnx", "cuda", 3)
