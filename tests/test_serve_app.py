@@ -621,21 +621,25 @@ def test_a_micro_batch_takes_waiting_requests_in_order_up_to_its_digit_limit(
 
 
 def test_a_request_past_its_time_limit_takes_no_digits_of_a_micro_batch() -> None:
-    """Its 8 digits would fill the batch and end the window at once; they are not waited for, so the two live
-    requests share the next model call."""
+    """Its 8 digits would fill the batch and end the window at once: they are not counted, so the window waits
+    for the next request, which shares the model call with the one live request waiting."""
 
-    async def batches() -> list[list[int]]:
-        batcher = Batcher(None, 0.001, 8, None, None, None)  # type: ignore[arg-type]
-        for count in (8, 1, 1):
-            request = DigitsRequest((7,), count, 0, None, "grid")
-            batcher._waiting.append(_Pending(request, asyncio.get_running_loop().create_future()))
-        batcher._waiting[0].digits.cancel()  # what the time limit does to a request's wait
-        taken = []
-        while batcher._waiting:
-            taken.append([p.request.count for p in await batcher._collect()])
-        return taken
+    async def batch() -> list[int]:
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(None, 0.5, 8, None, None, None)  # type: ignore[arg-type]
 
-    assert asyncio.run(batches()) == [[1, 1]]
+        def arrive(count: int) -> _Pending:
+            pending = _Pending(DigitsRequest((7,), count, 0, None, "grid"), loop.create_future())
+            batcher._waiting.append(pending)
+            batcher._arrived.set()
+            return pending
+
+        arrive(8).digits.cancel()  # what the time limit does to a request's wait
+        arrive(1)
+        loop.call_later(0.05, arrive, 2)
+        return [p.request.count for p in await batcher._collect()]
+
+    assert asyncio.run(batch()) == [1, 2]
 
 
 @pytest.mark.parametrize(
