@@ -851,9 +851,8 @@ def evaluate(
 @click.option(
     "--batch-max-digits",
     default=None,
-    show_default="8",
     type=Integer(min=1),
-    help="Micro-batching: digits in one shared model call.",
+    help="Micro-batching: digits in one shared model call [default: 8].",
 )
 @click.option(
     "--quiet", is_flag=True, help="No access log or start-up lines (with --port 0, one line: the address chosen)."
