@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
 from benchmarks.serve import running
-from benchmarks.serve_latency import VARIANTS, asgi_requests, stand_ins
+from benchmarks.serve_latency import VARIANTS, asgi_requests, model_variants, stand_ins
 from digitgen.runtime.encode import png_bytes
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.serve.app import ServeSettings, create_app
@@ -34,6 +35,14 @@ def test_a_variant_serves_the_bytes_of_the_library(name: str) -> None:
         response = httpx.get(f"http://127.0.0.1:{port}/generate?digit=7&seed=3", timeout=30)
     assert response.status_code == 200, response.text
     assert response.content == expected
+
+
+def test_models_are_served_with_the_defaults_beside_the_shipped_one(tiny_onnx: Path) -> None:
+    variants = model_variants([str(tiny_onnx)])
+    [(shipped, shipped_command), (other, other_command)] = variants.items()
+    assert shipped.startswith("the shipped model (generate(1) alone: ") and "--generator" not in shipped_command
+    assert other.startswith(f"{tiny_onnx} (generate(1) alone: ") and other.endswith(" us)")
+    assert other_command == [*shipped_command, "--generator", str(tiny_onnx)]
 
 
 def test_the_stand_ins_return_pictures_of_the_contract_after_their_work() -> None:
