@@ -982,7 +982,15 @@ def test_a_closed_terminal_restarts_two_workers_and_loses_no_request(tmp_path: P
     model = tmp_path / "model.onnx"
     shutil.copyfile(default_model_path(), model)
     workers = start(tmp_path / "server.log", serve_command("--workers", "2", "--generator", str(model)), own_group=True)
-    started_with = workers.get("/readyz").json()["model_sha256"]
+    deadline = time.monotonic() + 120
+
+    def served_model() -> str:
+        """The model of a worker that has run its warm-up batch (until then a worker answers 503)."""
+        while (ready := workers.get("/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, workers.log.read_text()
+        return ready.json()["model_sha256"]
+
+    started_with = served_model()
     another = onnx.load(model)
     onnx.helper.set_model_props(another, {**{p.key: p.value for p in another.metadata_props}, "note": "another"})
     onnx.save_model(another, model)
@@ -991,17 +999,10 @@ def test_a_closed_terminal_restarts_two_workers_and_loses_no_request(tmp_path: P
         time.sleep(0.5)  # both admitted, one on each worker or queued
         os.killpg(workers.process.pid, signal.SIGHUP)
         assert [response.result().status_code for response in running] == [200, 200]
-    deadline = time.monotonic() + 60
     while workers.log.read_text().count("Application startup complete") < 4:  # two workers, then their two successors
         assert time.monotonic() < deadline, workers.log.read_text()
         time.sleep(0.1)
-    served = []
-    while len(served) < 20:  # a new worker answers 503 until its warm-up batch has run
-        assert time.monotonic() < deadline, workers.log.read_text()
-        ready = workers.get("/readyz")
-        if ready.status_code == 200:
-            served.append(ready.json()["model_sha256"])
-    assert set(served) == {started_with}
+    assert {served_model() for _ in range(20)} == {started_with}
     assert workers.stop() == 0
     log = workers.log.read_text()
     assert "died" not in log and "Traceback" not in log and "not ready" not in log, log
