@@ -762,11 +762,10 @@ def generate_files(
     return job.run(on_batch).paths
 
 
-def check_flag(flag: object, name: str) -> bool:
-    """``flag`` if it is True or False; "no" is truthy, and a string here must not replace the user's files."""
+def check_flag(flag: object, name: str) -> None:
+    """Refuse a ``flag`` that is not True or False: "no" is truthy, and a string must not replace the user's files."""
     if not isinstance(flag, bool):
         raise InvalidRequestError(f"{name} must be True or False, got {flag!r}")
-    return flag
 
 
 def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> list[Path]:
