@@ -528,16 +528,15 @@ def export_cmd(
     overwrite: bool,
 ) -> None:
     """Export the EMA generator to ONNX and verify it numerically against PyTorch (fp32)."""
-    from digitgen.export.onnx_export import export_generator, quality_metadata
+    from digitgen.export.onnx_export import export_generator
 
-    extra = quality_metadata(_read_json(quality)) if quality else None
     report = export_generator(
         checkpoint,
         out,
         opset=opset,
         precision=precision,
         atol=atol,
-        extra_metadata=extra,
+        evaluation=_read_json(quality) if quality else None,
         weights_out=weights_out,
         overwrite=overwrite,
     )

@@ -18,6 +18,7 @@ from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, Pa
 from digitgen.runtime.contract import CONTRACT_VERSION
 from digitgen.runtime.errors import InvalidModelError
 from digitgen.runtime.files import publish_all, refuse_existing, refuse_one_file_twice
+from digitgen.runtime.session import model_sha256
 from digitgen.training.checkpoint import release_weights, write_payload
 from digitgen.training.state import load_generator
 
@@ -77,6 +78,24 @@ def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str
         }
     except (KeyError, TypeError, ValueError) as exc:
         raise ExportError(f"not an evaluation from `digitgen evaluate --json`: missing or bad {exc}") from exc
+
+
+def check_scored_model(evaluation: Mapping[str, object], model: Path, shown_as: Path) -> None:
+    """Refuse to store ``evaluation``'s figures in ``model`` (to be published as ``shown_as``) unless they were
+    measured on the same model: equal bytes, metadata aside (``evaluate --json`` records their hash)."""
+    scored = evaluation.get("model_sha256_without_metadata")
+    if not isinstance(scored, str):
+        raise ExportError(
+            "the evaluation does not say which model it scored (no model_sha256_without_metadata): "
+            "run `digitgen evaluate --json` on the model again"
+        )
+    exported = model_sha256(model.read_bytes(), model, with_metadata=False)
+    if scored != exported:
+        raise ExportError(
+            f"the evaluation scored another model than {shown_as} (sha256 without metadata {scored[:12]}..., this "
+            f"export {exported[:12]}...): evaluate what `digitgen export` writes from this checkpoint with the same "
+            "options and no --quality, then pass that evaluation"
+        )
 
 
 # The exporter records each node's Python stack: the source paths of the machine that exported it, which
@@ -163,15 +182,16 @@ def export_generator(
     opset: int = DEFAULT_OPSET,
     precision: str = "fp32",
     atol: float | None = None,
-    extra_metadata: Mapping[str, str] | None = None,
+    evaluation: Mapping[str, Mapping[str, object]] | None = None,
     weights_out: str | Path | None = None,
     overwrite: bool = False,
 ) -> ParityReport:
     """Export the checkpoint's EMA generator to ``out`` and verify it against the fp32 PyTorch model.
 
     ``precision`` is ``fp32``, ``fp16`` or ``int8`` (see :mod:`digitgen.export.precision`); each has its own
-    tolerance, and ``atol`` overrides its per-pixel maximum. The file appears at ``out`` only after
-    verification passes; on any failure or interrupt nothing is left behind. ``weights_out`` also
+    tolerance, and ``atol`` overrides its per-pixel maximum. ``evaluation`` (of ``digitgen evaluate --json``)
+    adds its headline figures to the metadata, if it scored the model this export writes. The file appears at
+    ``out`` only after verification passes; on any failure or interrupt nothing is left behind. ``weights_out`` also
     writes the EMA generator weights a release ships beside its ONNX file (see
     :func:`digitgen.training.checkpoint.release_weights`). Existing files are replaced only with
     ``overwrite``.
@@ -193,7 +213,8 @@ def export_generator(
     generator, config, payload = load_generator(str(checkpoint))
     model = ContractGenerator(generator).eval()  # the reference the file is verified against
     fast = ContractGenerator(with_fast_layers(generator)).eval()  # the same function, as written to the file
-    metadata = {**contract_metadata(payload), "precision": precision, **(extra_metadata or {})}
+    quality = quality_metadata(evaluation) if evaluation is not None else {}
+    metadata = {**contract_metadata(payload), "precision": precision, **quality}
     example = (torch.randn(2, config.latent_dim), torch.zeros(2, dtype=torch.long))
     with publish_with_weights(out, weights_out) as (tmp, weights_tmp):
         if precision == "int8":
@@ -205,6 +226,8 @@ def export_generator(
             exported = HalfPrecision(fast).eval() if precision == "fp16" else fast
             to_onnx(exported, example, tmp, ["z", "digit"], ["image"], opset)
         write_metadata(tmp, metadata)
+        if evaluation is not None:
+            check_scored_model(evaluation, tmp, out)
         try:
             report = verify_parity(tmp, model, TOLERANCES[precision], atol)
         except InvalidModelError as exc:  # named as the file it would have been, not its hidden temporary name

@@ -163,13 +163,19 @@ class Evaluation:
     real: Scores  # an MNIST train sample of the same size, scored the same way
     cas: Cas | None = None
     truncation: float | None = None  # of the generated digits' noise (None: the model's own distribution)
+    seed: int | None = None  # of the generated digits and the real sample
+    model_sha256: str | None = None  # of the scored model (DigitGenerator.sha256)
+    model_sha256_without_metadata: str | None = None  # the same less its metadata, as `export --quality` checks
 
-    def to_dict(self) -> dict[str, dict | float | None]:
+    def to_dict(self) -> dict[str, dict | float | str | None]:
         return {
             "generated": asdict(self.generated),
             "real": asdict(self.real),
             "cas": asdict(self.cas) if self.cas else None,
             "truncation": self.truncation,
+            "seed": self.seed,
+            "model_sha256": self.model_sha256,
+            "model_sha256_without_metadata": self.model_sha256_without_metadata,
         }
 
     def table(self) -> str:
@@ -256,4 +262,7 @@ def evaluate(
         score(fake_features, fake_predictions, fake.labels, reference, reference_radii),
         score(real_features, real_predictions, train[1][pick], reference, reference_radii),
         truncation=truncation,
+        seed=seed,
+        model_sha256=generator.sha256,
+        model_sha256_without_metadata=generator.sha256_without_metadata,
     )

@@ -1,4 +1,5 @@
-"""The files an ONNX model keeps its tensors in (ONNX "external data"), read from the protobuf's wire format.
+"""What the runtime reads of an ONNX file's protobuf wire format: the files it keeps its tensors in (ONNX
+"external data"), and its bytes less its metadata.
 
 The runtime installs without the ``onnx`` package, so this walks the few messages that can hold a tensor:
 a graph's initializers, and tensors and subgraphs in node attributes (If, Loop, Scan), at any depth.
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 
 VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
 
-MODEL_GRAPH = 7
+MODEL_GRAPH, MODEL_METADATA_PROPS = 7, 14
 GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_SPARSE_INITIALIZER = 1, 5, 15
 NODE_ATTRIBUTE = 5
 ATTRIBUTE_TENSORS = {5, 10}  # t, tensors
@@ -33,27 +34,34 @@ def _varint(data: memoryview, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def _fields(message: memoryview) -> Iterator[tuple[int, memoryview]]:
-    """(field number, contents) of each length-delimited field of ``message`` (views, not copies: tensors can be
-    large); fields of other wire types are skipped."""
+def _spans(message: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, offset of its key, of its value, of its end) of each field of ``message``."""
     pos = 0
     while pos < len(message):
+        start = pos
         key, pos = _varint(message, pos)
         number, wire_type = key >> 3, key & 7
+        value = pos
         if wire_type == VARINT:
             _, pos = _varint(message, pos)
         elif wire_type in (FIXED64, FIXED32):
             pos += 8 if wire_type == FIXED64 else 4
         elif wire_type == LENGTH_DELIMITED:
-            size, pos = _varint(message, pos)
-            if pos + size > len(message):
-                raise ValueError("truncated field")
-            yield number, message[pos : pos + size]
-            pos += size
+            size, value = _varint(message, pos)
+            pos = value + size
         else:
             raise ValueError(f"unsupported wire type {wire_type}")
-    if pos > len(message):
-        raise ValueError("truncated field")
+        if pos > len(message):
+            raise ValueError("truncated field")
+        yield number, wire_type, start, value, pos
+
+
+def _fields(message: memoryview) -> Iterator[tuple[int, memoryview]]:
+    """(field number, contents) of each length-delimited field of ``message`` (views, not copies: tensors can be
+    large); fields of other wire types are skipped."""
+    for number, wire_type, _, value, end in _spans(message):
+        if wire_type == LENGTH_DELIMITED:
+            yield number, message[value:end]
 
 
 def _tensor_locations(tensor: memoryview) -> Iterator[str]:
@@ -97,3 +105,12 @@ def external_data_files(model: bytes) -> list[str]:
     each; ``[]`` for a self-contained model. ``ValueError`` if the bytes are not a well-formed protobuf."""
     graphs = (graph for number, graph in _fields(memoryview(model)) if number == MODEL_GRAPH)
     return sorted({location for graph in graphs for location in _graph_locations(graph)})
+
+
+def without_metadata(model: bytes) -> Iterator[memoryview]:
+    """``model``'s bytes, in pieces, less its ``metadata_props``: the same for two files of one model whose
+    metadata differ (one written with ``export --quality``, one without). ``ValueError`` if the bytes are not a
+    well-formed protobuf."""
+    view = memoryview(model)
+    kept = [(start, end) for number, _, start, _, end in _spans(view) if number != MODEL_METADATA_PROPS]
+    return (view[start:end] for start, end in kept)

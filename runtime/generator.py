@@ -15,7 +15,7 @@ from digitgen.runtime.contract import ModelInfo, check_contract
 from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError, TooManyDigitsError
 from digitgen.runtime.idx import IMAGE_SIDE
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
-from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
+from digitgen.runtime.session import ORT_ERRORS, OpenedSession, open_session, ort_reason
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -150,15 +150,16 @@ class DigitGenerator:
     ((10, 28, 28), array([7, 7, 7]))
     """
 
-    def __init__(self, path: Path, info: ModelInfo, session: object, provider: str, note: str, sha256: str) -> None:
+    def __init__(self, path: Path, info: ModelInfo, opened: OpenedSession) -> None:
         self.path = path
         self.info = info
-        self.provider = provider
-        self.note = note
-        self.sha256 = (
-            sha256  # of the model bytes this generator runs (read once with the session) and its external data
-        )
-        self._session = session
+        self.provider = opened.provider
+        self.note = opened.note
+        self.sha256 = opened.sha256  # of the model bytes this generator runs (read once with the session)
+        # the same less the model's metadata: what `evaluate --json` records, so that `export --quality` can check
+        # that the figures it stores were measured on the model it writes
+        self.sha256_without_metadata = opened.sha256_without_metadata
+        self._session = opened.session
 
     @classmethod
     def from_path(
@@ -173,7 +174,7 @@ class DigitGenerator:
         path = check_path(path, "the model's path") if path is not None else default_model_path()
         opened = open_session(path, provider, threads)
         info = check_contract(opened.session, str(path))
-        return cls(path, info, opened.session, opened.provider, opened.note, opened.sha256)
+        return cls(path, info, opened)
 
     @property
     def inputs(self) -> list[ort.NodeArg]:

@@ -16,7 +16,7 @@ from digitgen.runtime.errors import (
     ModelNotFoundError,
     ProviderUnavailableError,
 )
-from digitgen.runtime.external_data import external_data_files
+from digitgen.runtime.external_data import external_data_files, without_metadata
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PROVIDER_CHOICES = ("auto", *PROVIDERS)
@@ -35,6 +35,7 @@ class OpenedSession:
     provider: str  # "cpu" or "cuda": what really runs
     note: str  # non-empty when "auto" found onnxruntime's CUDA provider but it failed to start
     sha256: str  # hex SHA-256 of the model bytes the session was built from (and of its external data files)
+    sha256_without_metadata: str  # the same less the model's metadata_props
 
 
 def _usable_providers() -> list[str]:
@@ -66,11 +67,14 @@ def ort_reason(exc: BaseException) -> str:
     return reason.strip().rstrip(".")
 
 
-def model_sha256(model: bytes, path: Path) -> str:
-    """SHA-256 of ``model``, the bytes read from ``path``; for a model that keeps tensors in files beside it,
-    extended by each file's name and SHA-256, so that the hash changes with any weight."""
-    digest = hashlib.sha256(model)
+def model_sha256(model: bytes, path: Path, *, with_metadata: bool = True) -> str:
+    """SHA-256 of ``model``, the bytes read from ``path`` (less its ``metadata_props`` unless ``with_metadata``);
+    for a model that keeps tensors in files beside it, extended by each file's name and SHA-256, so that the
+    hash changes with any weight."""
+    digest = hashlib.sha256()
     try:
+        for piece in [model] if with_metadata else without_metadata(model):
+            digest.update(piece)
         for location in external_data_files(model):
             external = hashlib.sha256((path.parent / location).read_bytes()).digest()
             digest.update(b"\0" + location.encode() + b"\0" + external)
@@ -114,12 +118,12 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         session = ort.InferenceSession(model, sess_options=options, providers=providers)
     except ORT_ERRORS as exc:
         raise InvalidModelError(f"{path} is not a valid ONNX model ({ort_reason(exc)})") from exc
-    sha256 = model_sha256(model, path)
+    hashes = model_sha256(model, path), model_sha256(model, path, with_metadata=False)
     running = session.get_providers()[0]
     if running != PROVIDERS[chosen]:
         if provider == "auto":
-            return OpenedSession(session, "cpu", "CUDA failed to start in onnxruntime; running on the CPU", sha256)
+            return OpenedSession(session, "cpu", "CUDA failed to start in onnxruntime; running on the CPU", *hashes)
         raise ProviderUnavailableError(
             f"provider {provider!r} failed to start (onnxruntime fell back to {running}); available: cpu"
         )
-    return OpenedSession(session, chosen, "", sha256)
+    return OpenedSession(session, chosen, "", *hashes)

@@ -115,6 +115,32 @@ def test_export_stores_evaluation_as_metadata(
     scores = json.loads(evaluation.output.strip().splitlines()[-1])["generated"]
     assert float(metadata["quality_fid"]) == pytest.approx(scores["fid"], abs=5e-5)  # stored with 4 decimals
     assert metadata["quality_num_samples"] == "100"
+    scored = json.loads(evaluation.output.strip().splitlines()[-1])
+    evaluated = DigitGenerator.from_path(tiny_onnx, "cpu")
+    assert (scored["seed"], scored["model_sha256"], scored["model_sha256_without_metadata"]) == (
+        0,
+        evaluated.sha256,
+        evaluated.sha256_without_metadata,
+    )
+    assert DigitGenerator.from_path(out, "cpu").sha256_without_metadata == evaluated.sha256_without_metadata
+
+    # figures measured on another model are refused: here the fp32 model's, for an fp16 export
+    half = tmp_path / "half.onnx"
+    args = ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(half), "--quality", str(quality)]
+    result = CliRunner().invoke(main, [*args, "--precision", "fp16"])
+    assert result.exit_code == 1 and result.output.startswith(
+        f"Error: the evaluation scored another model than {half} (sha256 without metadata "
+        f"{evaluated.sha256_without_metadata[:12]}..., this export "
+    ), result.output
+    assert not half.exists()
+    quality.write_text(json.dumps({key: value for key, value in scored.items() if not key.startswith("model_")}))
+    result = CliRunner().invoke(main, args)
+    assert (result.exit_code, result.output) == (
+        1,
+        "Error: the evaluation does not say which model it scored (no model_sha256_without_metadata): run `digitgen "
+        "evaluate --json` on the model again\n",
+    )
+    assert not half.exists()
 
     quality.write_text('{"unrelated": 1}')
     result = CliRunner().invoke(

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from digitgen.cli import main
-from digitgen.export.onnx_export import STACK_TRACE, export_generator, quality_metadata, verify_file
+from digitgen.export.onnx_export import STACK_TRACE, export_generator, verify_file
 from digitgen.runtime import DigitGenerator, default_model_path
 from digitgen.runtime.noise import standard_normal
 from digitgen.training.checkpoint import load_checkpoint
@@ -45,7 +45,7 @@ def test_shipped_weights_rebuild_the_shipped_model_byte_for_byte(tmp_path: Path)
     versions CI installs): no path of the machine that exported it is in the file."""
     rebuilt = tmp_path / "generator.onnx"
     evaluation = json.loads((REPO / "artifacts" / "evaluation.json").read_text())
-    report = export_generator(SHIPPED_WEIGHTS, rebuilt, extra_metadata=quality_metadata(evaluation))
+    report = export_generator(SHIPPED_WEIGHTS, rebuilt, evaluation=evaluation)
     assert report.passed
     assert rebuilt.read_bytes() == default_model_path().read_bytes()
     assert verify_file(default_model_path(), SHIPPED_WEIGHTS).passed

@@ -26,6 +26,7 @@ from digitgen.runtime import (
 )
 from digitgen.runtime.evaluate import ReferenceClassifier
 from digitgen.runtime.external_data import external_data_files
+from digitgen.runtime.session import open_session
 from tests.helpers import nan_pixels
 
 
@@ -179,6 +180,28 @@ def test_sha256_names_the_bytes_loaded_even_if_the_file_is_replaced(tmp_path: Pa
     assert np.array_equal(
         gen.generate(4, seed=2).images, DigitGenerator.from_path(tiny_onnx, "cpu").generate(4, seed=2).images
     )
+
+
+def test_the_hash_without_metadata_ignores_metadata_only(tmp_path: Path, tiny_onnx: Path) -> None:
+    """What lets `export --quality` check that an evaluation scored the model it writes."""
+    model = onnx.load(tiny_onnx)
+    assert len(model.metadata_props) > 2
+    model.metadata_props.add(key="quality_fid", value="1.0")
+    model.metadata_props[0].value += "x"
+    onnx.save(model, tmp_path / "relabelled.onnx")
+    del model.metadata_props[:]
+    onnx.save(model, tmp_path / "bare.onnx")
+    model.graph.initializer[0].raw_data = bytes(len(model.graph.initializer[0].raw_data))
+    onnx.save(model, tmp_path / "other_weights.onnx")
+    original, relabelled, bare, other = (
+        open_session(path, "cpu")
+        for path in (tiny_onnx, *(tmp_path / f"{name}.onnx" for name in ("relabelled", "bare", "other_weights")))
+    )
+    assert len({original.sha256, relabelled.sha256, bare.sha256, other.sha256}) == 4
+    assert original.sha256_without_metadata == relabelled.sha256_without_metadata == bare.sha256_without_metadata
+    assert other.sha256_without_metadata != original.sha256_without_metadata
+    assert bare.sha256_without_metadata == bare.sha256  # nothing left to leave out
+    assert DigitGenerator.from_path(tiny_onnx, "cpu").sha256_without_metadata == original.sha256_without_metadata
 
 
 def test_model_with_external_data_loads_from_beside_it(tmp_path: Path) -> None:
