@@ -251,6 +251,7 @@ def evaluate(
 ) -> Evaluation:
     """Score ``num_samples`` generated digits (classes 0-9 in turn) and a real reference sample."""
     check_evaluation(generator, num_samples)
+    scored = generator.sha256_without_metadata  # before the work: the file is read again to hash it
     batches = generator.iter_batches(num_samples, seed=seed, truncation=truncation)
     fake = fill_digits(batches, *empty_digits(num_samples), progress)
     reference, _ = classifier.embed(test[0], progress=progress)
@@ -264,5 +265,5 @@ def evaluate(
         truncation=truncation,
         seed=seed,
         model_sha256=generator.sha256,
-        model_sha256_without_metadata=generator.sha256_without_metadata,
+        model_sha256_without_metadata=scored,
     )

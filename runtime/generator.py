@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -12,10 +13,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from digitgen.runtime.contract import ModelInfo, check_contract
-from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError, TooManyDigitsError
+from digitgen.runtime.errors import (
+    InvalidModelError,
+    InvalidRequestError,
+    ModelContractError,
+    ModelRunError,
+    TooManyDigitsError,
+)
 from digitgen.runtime.idx import IMAGE_SIDE
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
-from digitgen.runtime.session import ORT_ERRORS, OpenedSession, open_session, ort_reason
+from digitgen.runtime.session import ORT_ERRORS, OpenedSession, model_sha256, open_session, ort_reason
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -156,9 +163,6 @@ class DigitGenerator:
         self.provider = opened.provider
         self.note = opened.note
         self.sha256 = opened.sha256  # of the model bytes this generator runs (read once with the session)
-        # the same less the model's metadata: what `evaluate --json` records, so that `export --quality` can check
-        # that the figures it stores were measured on the model it writes
-        self.sha256_without_metadata = opened.sha256_without_metadata
         self._session = opened.session
 
     @classmethod
@@ -175,6 +179,19 @@ class DigitGenerator:
         opened = open_session(path, provider, threads)
         info = check_contract(opened.session, str(path))
         return cls(path, info, opened)
+
+    @functools.cached_property
+    def sha256_without_metadata(self) -> str:
+        """:attr:`sha256` less the model's metadata: what ``evaluate --json`` records, so that ``export --quality``
+        can check that the figures it stores were measured on the model it writes. Read from the file again,
+        which must still hold the model this generator runs."""
+        try:
+            model = self.path.read_bytes()
+        except OSError as exc:
+            raise InvalidModelError(f"cannot read model {self.path}: {exc.strerror or exc}") from exc
+        if model_sha256(model, self.path) != self.sha256:
+            raise InvalidModelError(f"{self.path} changed after it was loaded; load it again")
+        return model_sha256(model, self.path, with_metadata=False)
 
     @property
     def inputs(self) -> list[ort.NodeArg]:

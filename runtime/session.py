@@ -35,7 +35,6 @@ class OpenedSession:
     provider: str  # "cpu" or "cuda": what really runs
     note: str  # non-empty when "auto" found onnxruntime's CUDA provider but it failed to start
     sha256: str  # hex SHA-256 of the model bytes the session was built from (and of its external data files)
-    sha256_without_metadata: str  # the same less the model's metadata_props
 
 
 def _usable_providers() -> list[str]:
@@ -118,12 +117,12 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         session = ort.InferenceSession(model, sess_options=options, providers=providers)
     except ORT_ERRORS as exc:
         raise InvalidModelError(f"{path} is not a valid ONNX model ({ort_reason(exc)})") from exc
-    hashes = model_sha256(model, path), model_sha256(model, path, with_metadata=False)
+    sha256 = model_sha256(model, path)
     running = session.get_providers()[0]
     if running != PROVIDERS[chosen]:
         if provider == "auto":
-            return OpenedSession(session, "cpu", "CUDA failed to start in onnxruntime; running on the CPU", *hashes)
+            return OpenedSession(session, "cpu", "CUDA failed to start in onnxruntime; running on the CPU", sha256)
         raise ProviderUnavailableError(
             f"provider {provider!r} failed to start (onnxruntime fell back to {running}); available: cpu"
         )
-    return OpenedSession(session, chosen, "", *hashes)
+    return OpenedSession(session, chosen, "", sha256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from digitgen.runtime import (
 )
 from digitgen.runtime.evaluate import ReferenceClassifier
 from digitgen.runtime.external_data import external_data_files
-from digitgen.runtime.session import open_session
+from digitgen.runtime.session import model_sha256
 from tests.helpers import nan_pixels
 
 
@@ -194,14 +195,20 @@ def test_the_hash_without_metadata_ignores_metadata_only(tmp_path: Path, tiny_on
     model.graph.initializer[0].raw_data = bytes(len(model.graph.initializer[0].raw_data))
     onnx.save(model, tmp_path / "other_weights.onnx")
     original, relabelled, bare, other = (
-        open_session(path, "cpu")
+        (model_sha256(path.read_bytes(), path), model_sha256(path.read_bytes(), path, with_metadata=False))
         for path in (tiny_onnx, *(tmp_path / f"{name}.onnx" for name in ("relabelled", "bare", "other_weights")))
     )
-    assert len({original.sha256, relabelled.sha256, bare.sha256, other.sha256}) == 4
-    assert original.sha256_without_metadata == relabelled.sha256_without_metadata == bare.sha256_without_metadata
-    assert other.sha256_without_metadata != original.sha256_without_metadata
-    assert bare.sha256_without_metadata == bare.sha256  # nothing left to leave out
-    assert DigitGenerator.from_path(tiny_onnx, "cpu").sha256_without_metadata == original.sha256_without_metadata
+    assert len({original[0], relabelled[0], bare[0], other[0]}) == 4
+    assert original[1] == relabelled[1] == bare[1] != other[1]
+    assert bare[1] == bare[0]  # nothing left to leave out
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(tiny_onnx.read_bytes())
+    asked, not_asked = DigitGenerator.from_path(copy, "cpu"), DigitGenerator.from_path(copy, "cpu")
+    assert (asked.sha256, asked.sha256_without_metadata) == original
+    copy.write_bytes((tmp_path / "relabelled.onnx").read_bytes())
+    assert asked.sha256_without_metadata == original[1]  # read once
+    with pytest.raises(InvalidModelError, match=f"^{re.escape(str(copy))} changed after it was loaded; load it again$"):
+        _ = not_asked.sha256_without_metadata
 
 
 def test_model_with_external_data_loads_from_beside_it(tmp_path: Path) -> None:
