@@ -22,7 +22,7 @@ from digitgen.runtime.errors import (
 )
 from digitgen.runtime.idx import IMAGE_SIDE
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
-from digitgen.runtime.session import ORT_ERRORS, OpenedSession, model_sha256, open_session, ort_reason
+from digitgen.runtime.session import ORT_ERRORS, model_sha256, open_session, ort_reason
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -157,13 +157,15 @@ class DigitGenerator:
     ((10, 28, 28), array([7, 7, 7]))
     """
 
-    def __init__(self, path: Path, info: ModelInfo, opened: OpenedSession) -> None:
+    def __init__(self, path: Path, info: ModelInfo, session: object, provider: str, note: str, sha256: str) -> None:
         self.path = path
         self.info = info
-        self.provider = opened.provider
-        self.note = opened.note
-        self.sha256 = opened.sha256  # of the model bytes this generator runs (read once with the session)
-        self._session = opened.session
+        self.provider = provider
+        self.note = note
+        self.sha256 = (
+            sha256  # of the model bytes this generator runs (read once with the session) and its external data
+        )
+        self._session = session
 
     @classmethod
     def from_path(
@@ -178,7 +180,7 @@ class DigitGenerator:
         path = check_path(path, "the model's path") if path is not None else default_model_path()
         opened = open_session(path, provider, threads)
         info = check_contract(opened.session, str(path))
-        return cls(path, info, opened)
+        return cls(path, info, opened.session, opened.provider, opened.note, opened.sha256)
 
     @functools.cached_property
     def sha256_without_metadata(self) -> str:
