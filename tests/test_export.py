@@ -323,6 +323,29 @@ def test_quality_metadata_refuses_what_evaluate_does_not_write(broken) -> None:
         onnx_export.quality_metadata(broken)
 
 
+def test_an_export_takes_the_figures_of_its_own_model_only(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """An evaluation names the model it scored by its hash without metadata; the export compares it with the
+    file it writes, whose metadata (the figures among them) differs from the scored file's."""
+    scored = tmp_path / "scored.onnx"
+    export_generator(tiny_checkpoint, scored)
+    evaluation = {
+        **EVALUATION,
+        "model_sha256_without_metadata": DigitGenerator.from_path(scored).sha256_without_metadata,
+    }
+    out = tmp_path / "with_quality.onnx"
+    assert export_generator(tiny_checkpoint, out, evaluation=evaluation).passed
+    metadata = DigitGenerator.from_path(out).info.metadata
+    assert metadata["quality_fid"] == "12.3457" and "quality_fid" not in DigitGenerator.from_path(scored).info.metadata
+    onnx_export.check_scored_model(evaluation, out, out)
+
+    other = {**evaluation, "model_sha256_without_metadata": "0" * 64}
+    with pytest.raises(ExportError, match=r"^the evaluation scored another model than .*again\.onnx \(sha256 "):
+        export_generator(tiny_checkpoint, tmp_path / "again.onnx", evaluation=other)
+    with pytest.raises(ExportError, match="does not say which model it scored"):
+        export_generator(tiny_checkpoint, tmp_path / "again.onnx", evaluation=EVALUATION)
+    assert not (tmp_path / "again.onnx").exists()
+
+
 def test_classifier_export_matches_pytorch_and_replaces_a_file_only_when_asked(tmp_path: Path) -> None:
     from digitgen.export.classifier_export import export_classifier
     from digitgen.runtime.errors import OutputError
