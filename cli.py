@@ -19,6 +19,7 @@ if __name__ == "__main__":  # `python cli.py`: stop signals wait while it loads,
     hold_stop_signals()
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -26,6 +27,8 @@ import shlex
 import signal
 import sys
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +61,7 @@ if TYPE_CHECKING:
     from digitgen.export.verify import ParityReport
 
 DEFAULT_RUN_DIR = "runs/latest"
+DISTRIBUTION = "digitgen-mnist"  # the name pip knows digitgen by
 Parsed = TypeVar("Parsed")
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -68,6 +72,22 @@ LIBRARY_ERRORS = (DigitgenError, TrainingError, ExportError)
 TRAINING_MODULES = ("torch", "torchvision", "onnx", "onnxscript")
 # What `serve` imports beyond the runtime's dependencies.
 SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client")
+
+
+def install_command(extra: str) -> str:
+    """The command that adds ``extra`` to the environment running this: from the folder or file digitgen was
+    installed from (a checkout: it is not on an index), by name otherwise."""
+    # every record of the name on sys.path: a checkout's build metadata (egg-info, no direct_url.json) can come
+    # before the installed one when the command runs from the checkout
+    records = (found.read_text("direct_url.json") for found in importlib.metadata.distributions(name=DISTRIBUTION))
+    try:
+        record = next((text for text in records if text), None)
+        source = urllib.parse.urlsplit(json.loads(record).get("url", "")) if record else None
+    except (ValueError, AttributeError):  # AttributeError: JSON, but not an object
+        source = None
+    local = source is not None and source.scheme == "file"
+    target = urllib.request.url2pathname(source.path) if local else DISTRIBUTION
+    return f"{shlex.quote(sys.executable)} -m pip install {shlex.quote(f'{target}[{extra}]')}"
 
 
 def _raise_keyboard_interrupt(signum: int, _frame: object) -> None:
@@ -128,8 +148,7 @@ class OneLineErrors(click.Group):
             if extra is None:
                 raise
             click.echo(
-                f"Error: this needs the {extra} extra ({exc.name} is not installed): "
-                f"pip install 'digitgen-mnist[{extra}]'",
+                f"Error: this needs the {extra} extra ({exc.name} is not installed): {install_command(extra)}",
                 err=True,
             )
             sys.exit(1)
@@ -208,7 +227,7 @@ def _one_model(positional: str | None, option: str | None) -> str | None:
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="digitgen-mnist", message="digitgen %(version)s")
+@click.version_option(package_name=DISTRIBUTION, message="digitgen %(version)s")
 def main() -> None:
     """Generate handwritten digits with a GAN trained on MNIST."""
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +15,10 @@ import onnx
 
 from digitgen.runtime.idx import idx_header
 from digitgen.training.data import MNIST_FILES
+
+# how the CLI says to add an extra here: the tests' interpreter, its pip, and the checkout it has as an editable
+# install (README command 2, CI)
+PIP = f"{shlex.quote(sys.executable)} -m pip install"
 
 
 def tiny_digit_images(labels: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
+import shlex
 import signal
 from pathlib import Path
 
 import click
 import pytest
 
-from digitgen.cli import _format_progress, _raise_keyboard_interrupt, _read_json, main
+import digitgen.cli as cli
+from digitgen.cli import _format_progress, _raise_keyboard_interrupt, _read_json, install_command, main
+from tests.conftest import REPO
+from tests.helpers import PIP
 
 
 def named(text: str) -> io.StringIO:
@@ -125,12 +129,12 @@ def _group_raising(exc: BaseException) -> click.Group:
         (
             ModuleNotFoundError("no torch", name="torch"),
             1,
-            "Error: this needs the train extra (torch is not installed): pip install 'digitgen-mnist[train]'",
+            f"Error: this needs the train extra (torch is not installed): {PIP} '{REPO}[train]'",
         ),
         (
             ModuleNotFoundError("no fastapi", name="fastapi"),
             1,
-            "Error: this needs the serve extra (fastapi is not installed): pip install 'digitgen-mnist[serve]'",
+            f"Error: this needs the serve extra (fastapi is not installed): {PIP} '{REPO}[serve]'",
         ),
     ],
     ids=["click-exception", "abort", "missing-train-extra", "missing-serve-extra"],
@@ -141,6 +145,37 @@ def test_other_errors_are_one_line_on_stderr_with_their_status(exc: BaseExceptio
     result = CliRunner().invoke(_group_raising(exc), ["fail"])
     assert result.exit_code == code
     assert result.stdout == "" and result.stderr == line + "\n"
+
+
+class Installed:
+    """A distribution's record as importlib.metadata gives it: only ``direct_url.json`` is read."""
+
+    def __init__(self, direct_url: str | None) -> None:
+        self.direct_url = direct_url
+
+    def read_text(self, name: str) -> str | None:
+        return self.direct_url if name == "direct_url.json" else None
+
+
+@pytest.mark.parametrize(
+    ("records", "target"),
+    [
+        ([], "digitgen-mnist"),  # not installed at all (a checkout on PYTHONPATH)
+        ([Installed(None)], "digitgen-mnist"),  # from an index: no direct_url.json
+        ([Installed(None), Installed('{"url": "file:///src/my%20copy", "dir_info": {}}')], "/src/my copy"),
+        (
+            [Installed('{"url": "file:///dl/digitgen_mnist-0.1.0.tar.gz", "archive_info": {}}')],
+            "/dl/digitgen_mnist-0.1.0.tar.gz",
+        ),
+        ([Installed('{"url": "https://example.org/digitgen.git", "vcs_info": {"vcs": "git"}}')], "digitgen-mnist"),
+        ([Installed("not json")], "digitgen-mnist"),
+        ([Installed("[1]")], "digitgen-mnist"),
+    ],
+    ids=["absent", "index", "folder-after-egg-info", "archive", "vcs", "broken", "not-an-object"],
+)
+def test_the_install_hint_names_where_digitgen_came_from(monkeypatch, records: list[Installed], target: str) -> None:
+    monkeypatch.setattr(cli.importlib.metadata, "distributions", lambda name: iter(records))
+    assert install_command("train") == f"{PIP} {shlex.quote(target + '[train]')}"
 
 
 @pytest.mark.parametrize(("body", "code"), [(lambda: click.get_current_context().exit(3), 3), (lambda: "done", 0)])

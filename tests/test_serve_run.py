@@ -29,7 +29,8 @@ from digitgen.serve import ServeConfigError, ServeSettings
 from digitgen.serve import run as serve_run
 from digitgen.serve.observe import ACCESS_LOG
 from digitgen.serve.run import ServerOptions, serve
-from tests.helpers import free_port
+from tests.conftest import REPO
+from tests.helpers import PIP, free_port
 from tests.test_contract import five_digit_model
 
 
@@ -37,9 +38,7 @@ def test_without_the_serve_extra_one_line_names_it() -> None:
     code = "import sys; sys.modules['fastapi'] = None; from digitgen.cli import main; main(sys.argv[1:])"
     result = subprocess.run([sys.executable, "-c", code, "serve"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert result.stderr == (
-        "Error: this needs the serve extra (fastapi is not installed): pip install 'digitgen-mnist[serve]'\n"
-    )
+    assert result.stderr == (f"Error: this needs the serve extra (fastapi is not installed): {PIP} '{REPO}[serve]'\n")
     helped = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=60)
     assert helped.returncode == 0 and "serve" in helped.stdout
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers import PIP
 
 BLOCK_TORCH = "import sys; sys.modules['torch'] = sys.modules['torchvision'] = sys.modules['PIL'] = None\n"
 
@@ -71,5 +72,5 @@ def test_commands_needing_torch_name_the_extra(tmp_path: Path, tiny_mnist: Path,
     result = _run_python(code, tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == (  # one line: before any work (evaluating) or progress
-        "Error: this needs the train extra (torch is not installed): pip install 'digitgen-mnist[train]'"
+        f"Error: this needs the train extra (torch is not installed): {PIP} '{REPO}[train]'"
     ), result.stderr
