@@ -338,10 +338,20 @@ def test_an_export_takes_the_figures_of_its_own_model_only(tmp_path: Path, tiny_
     assert metadata["quality_fid"] == "12.3457" and "quality_fid" not in DigitGenerator.from_path(scored).info.metadata
     onnx_export.check_scored_model(evaluation, out, out)
 
-    other = {**evaluation, "model_sha256_without_metadata": "0" * 64}
-    with pytest.raises(ExportError, match=r"^the evaluation scored another model than .*again\.onnx \(sha256 "):
+    other = {**evaluation, "model_sha256_without_metadata": "0123456789abcdef" * 4}
+    with pytest.raises(ExportError) as refused:
         export_generator(tiny_checkpoint, tmp_path / "again.onnx", evaluation=other)
-    with pytest.raises(ExportError, match="does not say which model it scored"):
+    assert str(refused.value) == (
+        f"the evaluation scored another model than {tmp_path / 'again.onnx'} (sha256 without metadata "
+        f"0123456789ab..., this export {evaluation['model_sha256_without_metadata'][:12]}...): evaluate what "
+        "`digitgen export` writes from this checkpoint with the same options and no --quality, then pass that "
+        "evaluation"
+    )
+    missing = (
+        r"^the evaluation does not say which model it scored \(no model_sha256_without_metadata\): run `digitgen "
+        r"evaluate --json` on the model again$"
+    )
+    with pytest.raises(ExportError, match=missing):
         export_generator(tiny_checkpoint, tmp_path / "again.onnx", evaluation=EVALUATION)
     assert not (tmp_path / "again.onnx").exists()
 
