@@ -732,7 +732,7 @@ def train_classifier_cmd(data_dir: str, download: bool, out: str, overwrite: boo
     weights = check_classifier_outputs(out, overwrite)  # before the training, whose result they hold
     train, test = load_mnist(data_dir, download=download), load_mnist(data_dir, train=False)
     check_classifier_data(train, test)
-    with progress(training_steps(len(train.images), epochs), "training classifier") as bar:
+    with progress(training_steps(len(train.images), epochs), "training classifier (steps)") as bar:
         result = train_classifier(train, test, epochs=epochs, seed=seed, progress=lambda step, total: bar.update(1))
     diff = export_classifier(result.model, out, result.test_accuracy, weights_out=weights, overwrite=overwrite)
     click.echo(
@@ -794,12 +794,12 @@ def evaluate(
     reference = ReferenceClassifier(classifier)
     test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
     work = evaluation_work(len(test[0]), len(train[0]), num_samples)
-    with progress(work, "evaluating") as bar:
+    with progress(work, "evaluating (images made or scored)") as bar:
         result = run_evaluation(
             gen, reference, test, train, num_samples=num_samples, seed=seed, truncation=truncation, progress=bar.update
         )
     if cas:
-        with progress(cas_work(len(train[0])), "CAS: training classifiers") as bar:
+        with progress(cas_work(len(train[0])), "CAS: training classifiers (steps)") as bar:
             scores = classification_accuracy_score(
                 gen, train, test, seed=seed, truncation=truncation, progress=lambda: bar.update(1)
             )

@@ -74,6 +74,8 @@ def test_evaluate_cli_prints_json_and_table(tiny_onnx: Path, tiny_classifier: Pa
         }
         assert len(scores[part]["per_digit_accuracy"]) == 10 and scores[part]["fid"] >= 0
     assert (scores["cas"], scores["truncation"]) == (None, None)
+    # what the progress counts: 64 test images scored, 100 samples made and scored, 100 real ones scored
+    assert result.stderr.splitlines()[0] == "evaluating (images made or scored): 364 to do"
     table = CliRunner().invoke(main, args)
     assert table.exit_code == 0 and "| class accuracy |" in table.output and "x real" in table.output
 
