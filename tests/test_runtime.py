@@ -26,7 +26,7 @@ from digitgen.runtime import (
     default_model_path,
 )
 from digitgen.runtime.evaluate import ReferenceClassifier
-from digitgen.runtime.external_data import external_data_files
+from digitgen.runtime.external_data import external_data_files, without_metadata
 from digitgen.runtime.session import model_sha256
 from tests.helpers import nan_pixels
 
@@ -235,6 +235,24 @@ def test_the_hash_of_a_split_model_covers_its_weights(tmp_path: Path) -> None:
     weights[-1] ^= 1
     (tmp_path / "weights.bin").write_bytes(bytes(weights))
     assert DigitGenerator.from_path(tmp_path / "split.onnx", "cpu").sha256 != first
+
+
+def test_without_metadata_walks_every_wire_type_and_refuses_broken_bytes() -> None:
+    """Top-level fields of each wire type (an ONNX file need not hold them all, a newer one may) are kept; only
+    metadata_props (field 14) go."""
+    varint, fixed64, fixed32 = b"\x08\x96\x01", b"\x11" + bytes(range(8)), b"\x1d" + bytes(range(4))
+    graph, metadata = b"\x3a\x02\x0a\x00", b"\x72\x05\x0a\x01k\x12\x00"  # field 7 (graph), field 14
+    model = varint + metadata + fixed64 + graph + metadata + fixed32
+    assert b"".join(without_metadata(model)) == varint + fixed64 + graph + fixed32
+    for broken, reason in [
+        (graph[:-1], "truncated field"),
+        (b"\x11" + bytes(7), "truncated field"),
+        (b"\x1d" + bytes(3), "truncated field"),
+        (b"\x08\x96", "truncated or overlong varint"),
+        (b"\x0b", "unsupported wire type 3"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{reason}$"):
+            list(without_metadata(broken))
 
 
 def test_external_data_is_found_in_subgraphs_and_sparse_tensors() -> None:
