@@ -708,6 +708,8 @@ def info(model_argument: str | None, model: str | None) -> None:
     """Print a model's contract and metadata (default: the shipped model)."""
     gen = DigitGenerator.from_path(_one_model(model_argument, model), "cpu")
     click.echo(f"model: {gen.path}")
+    click.echo(f"sha256: {gen.sha256}")  # the names `evaluate --json` records them by
+    click.echo(f"sha256_without_metadata: {gen.sha256_without_metadata}")
     for kind, args in (("input", gen.inputs), ("output", gen.outputs)):
         for arg in args:
             click.echo(f"{kind:<7} {arg.name:<6} {arg.type:<14} {arg.shape}")

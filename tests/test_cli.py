@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from digitgen.cli import main
+from digitgen.runtime import DigitGenerator
 from digitgen.runtime.idx import read_idx
 
 
@@ -211,6 +213,11 @@ def test_nan_and_infinity_are_refused_as_numbers(tmp_path: Path, command: str, o
 def test_info_prints_contract_and_metadata(tiny_onnx: Path) -> None:
     code, output = run("info", tiny_onnx)
     assert code == 0
+    gen = DigitGenerator.from_path(tiny_onnx, "cpu")
+    assert output.splitlines()[1:3] == [
+        f"sha256: {hashlib.sha256(tiny_onnx.read_bytes()).hexdigest()}",
+        f"sha256_without_metadata: {gen.sha256_without_metadata}",
+    ]
     for expected in (
         "input   z",
         "input   digit",
