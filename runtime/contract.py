@@ -80,7 +80,12 @@ def _int_metadata(metadata: dict[str, str], key: str, problems: list[str], maxim
 def check_contract(session: ort.InferenceSession, source: str) -> ModelInfo:
     """Check names, then types and shapes, then metadata; raise one error listing every problem."""
     problems = _check_io(session)
-    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    try:
+        metadata = dict(session.get_modelmeta().custom_metadata_map)
+    except UnicodeDecodeError:
+        raise ModelContractError(
+            f"{source} does not follow the digitgen model contract: its metadata is not UTF-8 text"
+        ) from None
     latent_dim = _int_metadata(metadata, "latent_dim", problems, MAX_LATENT_DIM)
     num_classes = _int_metadata(metadata, "num_classes", problems, MAX_CLASSES)
     image_size = _int_metadata(metadata, "image_size", problems)

@@ -27,6 +27,9 @@ ORT_ERRORS: tuple[type[BaseException], ...] = (
     *(cls for cls in vars(ort_state).values() if isinstance(cls, type) and issubclass(cls, Exception)),
     UnicodeDecodeError,  # onnxruntime decodes strings in corrupt files and can fail doing so
 )
+# ...and what building a session can raise besides: a C++ exception onnxruntime does not map to its own classes
+# (a CUDA provider that cannot start, among them)
+SESSION_ERRORS = (*ORT_ERRORS, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,18 @@ def model_sha256(model: bytes, path: Path, *, with_metadata: bool = True) -> str
     return digest.hexdigest()
 
 
+def _create_session(model: bytes, options: ort.SessionOptions, chosen: str) -> ort.InferenceSession:
+    """A session on ``chosen`` ("cuda": with the CPU behind it), or on the CPU alone where the CUDA session cannot
+    even be created, as onnxruntime's own retry does, but without the banner that retry prints on stdout."""
+    providers = [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=providers, enable_fallback=0)
+    except SESSION_ERRORS:
+        if chosen == "cpu":
+            raise
+    return ort.InferenceSession(model, sess_options=options, providers=[PROVIDERS["cpu"]], enable_fallback=0)
+
+
 def open_session(path: str | Path, provider: str = "auto", threads: int | None = None) -> OpenedSession:
     """Load ``path`` with onnxruntime; raise typed errors for missing, corrupt or unrunnable models.
 
@@ -102,7 +117,6 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     if not path.is_file():
         raise InvalidModelError(f"model path is not a file: {path}")
     chosen = _resolve(provider)
-    providers = [PROVIDERS[chosen]] + ([PROVIDERS["cpu"]] if chosen != "cpu" else [])
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a failure reaches the user as a typed error, in its words
     # external data (tensors in files beside the model) is found next to the file, as when loading by path
@@ -114,8 +128,8 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     except OSError as exc:
         raise InvalidModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
     try:
-        session = ort.InferenceSession(model, sess_options=options, providers=providers)
-    except ORT_ERRORS as exc:
+        session = _create_session(model, options, chosen)
+    except SESSION_ERRORS as exc:
         raise InvalidModelError(f"{path} is not a valid ONNX model ({ort_reason(exc)})") from exc
     sha256 = model_sha256(model, path)
     running = session.get_providers()[0]

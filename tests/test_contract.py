@@ -178,3 +178,33 @@ def test_a_model_whose_output_breaks_the_contract_at_run_time_writes_nothing(tmp
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert result.output.strip().splitlines()[-1].startswith(f"Error: {path}: the model returned 'image'")
         assert not out.exists() or list(out.iterdir()) == []
+
+
+def _with_byte_changed(source: Path, after: bytes, out: Path) -> Path:
+    """``source`` with the byte after the first ``after`` set to 0xCC, which no UTF-8 text holds there: lengths
+    stay, so the protobuf stays well-formed and only that string is broken."""
+    model = bytearray(source.read_bytes())
+    model[model.index(after) + len(after)] = 0xCC
+    out.write_bytes(bytes(model))
+    return out
+
+
+@pytest.mark.parametrize("command", ["info", "generate"])
+def test_metadata_that_is_not_utf8_is_a_one_line_error(tmp_path: Path, tiny_onnx: Path, command: str) -> None:
+    broken = _with_byte_changed(tiny_onnx, b"latent", tmp_path / "broken.onnx")
+    args = ["--generator", str(broken)] + (["--out", str(tmp_path / "out")] if command == "generate" else [])
+    result = CliRunner().invoke(main, [command, *args])
+    assert (result.exit_code, result.output) == (
+        1,
+        f"Error: {broken} does not follow the digitgen model contract: its metadata is not UTF-8 text\n",
+    )
+
+
+def test_a_model_onnxruntime_cannot_decode_prints_nothing_but_the_error(tmp_path: Path, capfd) -> None:
+    """onnxruntime's own retry on another provider prints a banner on stdout; the runtime retries itself, quietly."""
+    from digitgen.runtime import InvalidModelError, default_model_path
+
+    broken = _with_byte_changed(default_model_path(), b"val_", tmp_path / "broken.onnx")
+    with pytest.raises(InvalidModelError, match=f"^{re.escape(str(broken))} is not a valid ONNX model"):
+        DigitGenerator.from_path(broken, "cpu")
+    assert capfd.readouterr() == ("", "")

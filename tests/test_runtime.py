@@ -376,3 +376,27 @@ def test_any_onnxruntime_failure_while_running_is_a_model_run_error(
     monkeypatch.setattr(classifier, "_session", _FailingSession(error))
     with pytest.raises(ModelRunError, match=r"the classifier failed to run: the device went away$"):
         classifier.embed(np.zeros((2, 28, 28), np.uint8))
+
+
+def test_where_a_cuda_session_cannot_be_created_auto_runs_on_the_cpu_quietly(
+    tiny_onnx: Path, monkeypatch, capfd
+) -> None:
+    """onnxruntime-gpu whose CUDA session fails to build: the runtime retries on the CPU itself (onnxruntime's own
+    retry would print a banner on stdout); auto says so in its note, an explicit cuda is refused."""
+    real_session = ort.InferenceSession
+    asked = []
+
+    def session(model: bytes, sess_options: object, providers: list[str], **kwargs: object) -> ort.InferenceSession:
+        asked.append(providers)
+        if "CUDAExecutionProvider" in providers:
+            raise RuntimeError("CUDA failure 35: CUDA driver version is insufficient")
+        return real_session(model, sess_options=sess_options, providers=providers, **kwargs)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    gen = DigitGenerator.from_path(tiny_onnx, "auto")
+    assert (gen.provider, gen.note) == ("cpu", "CUDA failed to start in onnxruntime; running on the CPU")
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]]
+    with pytest.raises(ProviderUnavailableError, match=r"^provider 'cuda' failed to start"):
+        DigitGenerator.from_path(tiny_onnx, "cuda")
+    assert capfd.readouterr() == ("", "")
