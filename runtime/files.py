@@ -305,14 +305,28 @@ def refuse_one_file_twice(files: dict[str, str | Path | None]) -> None:
         seen[resolved] = option
 
 
-def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool) -> None:
-    """Raise :class:`OutputError` if any of ``paths`` exists and ``overwrite`` is not set, or is a folder (which
-    ``overwrite`` does not replace: only found when renaming, it would stop a run after its work, or between the
-    files of a pair)."""
-    paths = list(paths)
+def readable_file(path: Path) -> bool:
+    """Whether ``path`` is, or links to, a regular file: one that reading cannot hang on (a pipe) or never end
+    (a device)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def refuse_folders(paths: Iterable[str | Path]) -> None:
+    """Raise :class:`OutputError` if any of ``paths`` is a folder, which no run replaces: only found when renaming,
+    it would stop a run after its work, or between the files of a pair."""
     for path in paths:
-        if path is not None and os.path.isdir(path) and not os.path.islink(path):
+        if os.path.isdir(path) and not os.path.islink(path):
             raise OutputError(f"{path} is a folder, not a file; move it, or name another file")
+
+
+def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool) -> None:
+    """Raise :class:`OutputError` if any of ``paths`` exists and ``overwrite`` is not set, or is a folder
+    (:func:`refuse_folders`)."""
+    paths = list(paths)
+    refuse_folders(p for p in paths if p is not None)
     clashes = [Path(p) for p in paths if p is not None and os.path.lexists(p)]  # a dangling link is a file too
     if clashes and not overwrite:
         more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from digitgen.runtime.errors import OutputError
+from digitgen.runtime.files import readable_file
 from digitgen.runtime.noise import NOISE_SCHEME
 from digitgen.runtime.shards import Shard
 
@@ -74,7 +75,7 @@ def common_record(out_dir: Path, fmt: str, shards: int) -> dict | None:
         if not path.exists():
             records.append(None)
             continue
-        record = _read_record(path.read_bytes())
+        record = _read_record(path.read_bytes()) if readable_file(path) else None
         if record is None:
             raise OutputError(f"{path} is not a run record (damaged?); run shard {index} again with --overwrite")
         records.append(record)

@@ -41,7 +41,9 @@ from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputEr
 from digitgen.runtime.files import (
     atomic_file,
     atomic_files,
+    readable_file,
     refuse_existing,
+    refuse_folders,
     refuse_if_claimed,
     remove_leftover,
     temporary_name,
@@ -209,6 +211,8 @@ def _index(path: Path) -> int:
 def _is_complete(path: Path) -> bool:
     """Whether ``path`` is a whole file of its format (PNG, NPZ or IDX) rather than a damaged or truncated one.
     An IDX file has no checksum: only its header and size can tell."""
+    if not readable_file(path):  # a pipe, a device, a link to none: nothing to keep, and never read
+        return False
     try:
         if is_record_file(path):
             return is_whole_record(path.read_bytes())
@@ -226,9 +230,12 @@ def _is_complete(path: Path) -> bool:
 
 
 def _holds(path: Path, data: bytes) -> bool:
-    """Whether ``path`` is a file holding exactly ``data`` (a dangling link or a folder holds nothing)."""
+    """Whether ``path`` is a file holding exactly ``data`` (a dangling link, a folder or a pipe holds nothing)."""
+    if not readable_file(path):
+        return False
     try:
-        return path.read_bytes() == data
+        with path.open("rb") as f:
+            return f.read(len(data) + 1) == data  # a larger file is not read to its end
     except OSError:
         return False
 
@@ -252,11 +259,13 @@ def _refuse_other_digits(path: Path) -> None:
             f"{path} holds other digits than this command makes (written with other options or another model); "
             "resume with the options of the run that wrote it, or pass --overwrite to replace it"
         )
+    if not readable_file(path):  # a pipe, a device, a dangling link: nothing in it to keep
+        return
     kind, first = _first_bytes(path)
     try:
         with path.open("rb") as f:
             begins = f.read(len(first))
-    except OSError:  # a dangling link, say: nothing in it to keep
+    except OSError:
         return
     if not first.startswith(begins):
         raise OtherRunError(
@@ -635,9 +644,13 @@ def _with_existing(plan: OutputPlan, overwrite: bool) -> OutputPlan:
         refuse_existing(existing, overwrite)
         if overwrite and fmt == "png" and shard.count == 1:
             # a longer run's digits go too, so that the folder ends as this run's (a shard removes only its own)
-            existing += pngs_in_range(out_dir, total, sys.maxsize)
-    elif fmt == "png":
-        _refuse_a_longer_run(out_dir, total)
+            longer = pngs_in_range(out_dir, total, sys.maxsize)
+            refuse_folders(longer)
+            existing += longer
+    else:
+        refuse_folders(existing)
+        if fmt == "png":
+            _refuse_a_longer_run(out_dir, total)
     return dataclasses.replace(plan, existing=tuple(existing))
 
 
@@ -784,6 +797,9 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
         raise OutputError(f"{out_dir} holds {other} shards and no {fmt} ones: merge them as {other} (--format {other})")
     parts = [find_shards(out_dir, path.name) for path in targets]
     refuse_existing(targets, overwrite)
+    for part in (part for kind in parts for part in kind):
+        if not readable_file(part):
+            raise OutputError(f"{part} is not a file merge can read (a folder, a pipe, a device, or a link to one)")
     record = common_record(out_dir, fmt, len(parts[0]))
     if fmt == "npz":
         merged = concat_npz(parts[0])

@@ -896,3 +896,67 @@ def test_a_claim_that_loses_the_name_to_the_run_publishing_it_opens_the_name_aga
     os.write(fd, b"mine")
     os.close(fd)
     assert out.read_bytes() == b"the other run's digits" and tmp.read_bytes() == b"mine"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("fmt", ["png", "npz", "idx"])
+def test_resume_never_reads_a_pipe_or_a_device_in_the_way(tmp_path: Path, tiny_onnx: Path, fmt: str) -> None:
+    """Neither is a file a run wrote: each is replaced as a damaged file would be, without being read (a pipe waits
+    for a writer for ever, /dev/zero never ends)."""
+    command = [sys.executable, "-m", "digitgen", "generate", "-n", "3", "--format", fmt, "--generator", tiny_onnx]
+    subprocess.run([*command, "--out", tmp_path / "expected"], check=True, capture_output=True, timeout=60)
+    out = tmp_path / "out"
+    out.mkdir()
+    first, second = {"png": (png_name(0, 0), png_name(1, 1)), "npz": ("digits.npz",) * 2}.get(
+        fmt, ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+    )
+    (out / first).symlink_to("/dev/zero")
+    if second != first:
+        os.mkfifo(out / second)
+    done = subprocess.run([*command, "--out", out, "--resume"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    expected = tmp_path / "expected"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in expected.iterdir()}
+    assert not any(p.is_symlink() for p in out.iterdir())
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("npz", "digits.npz"), ("idx", "train-labels-idx1-ubyte"), ("png", None)])
+def test_a_folder_in_the_way_is_refused_before_any_digit_is_made(
+    gen: DigitGenerator, tmp_path: Path, fmt: str, name: str | None
+) -> None:
+    """With --resume as without it; and with --overwrite also where the folder is named like a longer run's PNG,
+    which the run would remove."""
+    made = []
+    for permission, folder in [("resume", name or png_name(1, 1)), ("overwrite", name or png_name(99, 9))]:
+        out = tmp_path / permission
+        (out / folder).mkdir(parents=True)
+        with pytest.raises(
+            OutputError, match=f"^{out / folder} is a folder, not a file; move it, or name another file$"
+        ):
+            generate_files(gen, out, 3, fmt, on_batch=made.append, **{permission: True})
+        assert os.listdir(out) == [folder] and made == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("fmt", ["npz", "idx"])
+def test_merge_refuses_a_part_it_cannot_read_to_an_end(tmp_path: Path, gen: DigitGenerator, fmt: str) -> None:
+    """In a process of its own, bounded in time: reading the pipe would wait for a writer for ever."""
+    for index in range(2):
+        generate_files(gen, tmp_path, 4, fmt, shard=Shard(index, 2))
+    merge = [sys.executable, "-m", "digitgen", "merge", tmp_path, "--format", fmt]
+    part = tmp_path / ("digits-00001-of-00002.npz" if fmt == "npz" else "train-images-idx3-ubyte-00001-of-00002")
+    part.unlink()
+    os.mkfifo(part)
+    done = subprocess.run(merge, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"Error: {part} is not a file merge can read (a folder, a pipe, a device, or a link to one)\n",
+    )
+    record = tmp_path / f"digitgen-{fmt}-run-00000-of-00002"
+    for made in tmp_path.glob("*-00001-of-00002*"):
+        made.unlink()
+    generate_files(gen, tmp_path, 4, fmt, shard=Shard(1, 2))
+    record.unlink()
+    record.symlink_to("/dev/zero")
+    done = subprocess.run(merge, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.startswith(f"Error: {record} is not a run record"), done.stderr
