@@ -721,6 +721,10 @@ def plan_generation(
     )
     if resume and fmt == "png" and plan.existing:
         _refuse_another_runs_folder(gen, min(plan.existing, key=_index), digits, seed, truncation)
+    if resume and plan.recorded:  # the shard's record says at once whether its parts are another run's
+        path = plan.out_dir / record_name(fmt, shard)
+        if os.path.lexists(path) and not _holds(path, record):
+            _refuse_other_digits(path)
     return GenerationJob(gen, plan, digits, seed, batch_size, truncation)
 
 

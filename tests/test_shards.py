@@ -392,3 +392,18 @@ def test_merge_takes_overwrite_as_true_or_false_only(gen: DigitGenerator, tmp_pa
     with pytest.raises(InvalidRequestError, match=f"^overwrite must be True or False, got {re.escape(repr(flag))}$"):
         merge_shards(tmp_path, "npz", overwrite=flag)
     assert merged.read_bytes() == before
+
+
+@pytest.mark.parametrize("fmt", ["npz", "idx"])
+def test_a_resume_whose_record_is_another_runs_is_refused_before_any_digit(
+    gen: DigitGenerator, tmp_path: Path, fmt: str
+) -> None:
+    """The shard's run record alone tells that the request differs (here the total count): no work first."""
+    generate_files(gen, tmp_path, 40, fmt, shard=Shard(1, 2))
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    made: list[int] = []
+    record = tmp_path / f"digitgen-{fmt}-run-00001-of-00002"
+    with pytest.raises(writers.OtherRunError, match=f"^{record} holds other digits than this command makes"):
+        generate_files(gen, tmp_path, 39, fmt, shard=Shard(1, 2), resume=True, on_batch=made.append)
+    assert made == [] and {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert generate_files(gen, tmp_path, 40, fmt, shard=Shard(1, 2), resume=True)  # the same request resumes
