@@ -211,8 +211,6 @@ def _index(path: Path) -> int:
 def _is_complete(path: Path) -> bool:
     """Whether ``path`` is a whole file of its format (PNG, NPZ or IDX) rather than a damaged or truncated one.
     An IDX file has no checksum: only its header and size can tell."""
-    if not readable_file(path):  # a pipe, a device, a link to none: nothing to keep, and never read
-        return False
     try:
         if is_record_file(path):
             return is_whole_record(path.read_bytes())
@@ -254,13 +252,13 @@ def _first_bytes(path: Path) -> tuple[str, bytes]:
 def _refuse_other_digits(path: Path) -> None:
     """Refuse to let ``resume`` replace ``path`` if it is complete (it then holds another run's digits) or does not
     begin as a file of its kind (then no run of this tool wrote it). A damaged or cut-short file is replaced."""
+    if not readable_file(path):  # a pipe, a device, a dangling link: nothing in it to keep, and never read
+        return
     if _is_complete(path):
         raise OtherRunError(
             f"{path} holds other digits than this command makes (written with other options or another model); "
             "resume with the options of the run that wrote it, or pass --overwrite to replace it"
         )
-    if not readable_file(path):  # a pipe, a device, a dangling link: nothing in it to keep
-        return
     kind, first = _first_bytes(path)
     try:
         with path.open("rb") as f:
