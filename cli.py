@@ -38,7 +38,15 @@ import click
 
 from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError
-from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, DigitGenerator, parse_digit_list
+from digitgen.runtime.evaluate import MAX_SAMPLES
+from digitgen.runtime.generator import (
+    DECIMAL_TEXT,
+    DEFAULT_BATCH_SIZE,
+    INTEGER_TEXT,
+    MAX_BATCH_SIZE,
+    DigitGenerator,
+    parse_digit_list,
+)
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
 from digitgen.runtime.progress import progress
 from digitgen.runtime.session import PROVIDER_CHOICES
@@ -171,16 +179,24 @@ class GivenPath(click.Path):
 
 
 class Integer(click.IntRange):
-    """An integer in a range; a value that is no integer is called that ("'abc' is not a valid integer"), not
-    Click's "integer range"."""
+    """An integer in a range, read as the server reads one (no underscores, only the digits 0-9); a value that is
+    no integer is called that ("'abc' is not a valid integer"), not Click's "integer range"."""
 
     name = "integer"
 
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, str) and not INTEGER_TEXT.fullmatch(value):
+            self.fail(f"{value!r} is not a valid integer.", param, ctx)
+        return super().convert(value, param, ctx)
+
 
 class FiniteFloat(click.FloatRange):
-    """A float in a range, never nan or infinity (which Click's FloatRange lets through)."""
+    """A float in a range, read as the server reads one: never nan or infinity (which Click's FloatRange lets
+    through), no underscores, only the digits 0-9."""
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
@@ -594,7 +610,7 @@ def verify(model_argument: str | None, model: str | None, checkpoint: str, atol:
     help="How many digits to generate (--count: as the HTTP API's count).",
 )
 @click.option("--digits", callback=_parsed_by(parse_digit_list), help="Digits to generate, repeated to N (e.g. 0,3,7).")
-@click.option("--digit", type=int, help="Generate only this digit.")
+@click.option("--digit", type=Integer(), help="Generate only this digit.")
 @click.option("--seed", default=0, show_default=True, type=Integer(min=0, max=MAX_SEED))
 @click.option("--out", default="digits", show_default=True, type=GivenPath(), help="Output directory.")
 @click.option("--format", "fmt", default="png", show_default=True, type=click.Choice(FORMATS))
@@ -763,7 +779,13 @@ def export_classifier_cmd(weights: str, out: str, overwrite: bool) -> None:
 @main.command()
 @generator_option("ONNX generator (default: the shipped model).")
 @click.option("--classifier", type=GivenPath(dir_okay=False), help="Default: the shipped reference classifier.")
-@click.option("--num-samples", default=10_000, show_default=True, type=int, help="100 to 60,000.")
+@click.option(
+    "--num-samples",
+    default=10_000,
+    show_default=True,
+    type=Integer(min=100, max=MAX_SAMPLES),
+    help="Generated digits to score (at most as many as MNIST's training digits, which they are compared with).",
+)
 @click.option("--seed", default=0, show_default=True, type=Integer(min=0, max=MAX_SEED))
 @data_dir_option
 @truncation_option

@@ -38,6 +38,11 @@ def default_model_path(name: str = "generator.onnx") -> Path:
 
 
 _DIGIT_IN_LIST = re.compile(r"\s*-?[0-9]{1,40}\s*")
+# Numbers as the CLI and the server read them: what int() and float() read, less underscores, digits other than
+# 0-9, nan, infinity and exponents past 3 digits. No two parts of a pattern can match the same characters, so a
+# refused value takes time linear in its length.
+INTEGER_TEXT = re.compile(r"\s*([+-]?)([0-9]+)\s*")  # groups: the sign, the digits
+DECIMAL_TEXT = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\s*")
 
 
 def parse_digit_list(text: str) -> list[int]:

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from digitgen.runtime.errors import InvalidRequestError
-from digitgen.runtime.generator import DigitGenerator, parse_digit_list
+from digitgen.runtime.generator import DECIMAL_TEXT, INTEGER_TEXT, DigitGenerator, parse_digit_list
 from digitgen.runtime.noise import NOISE_SCHEME
 from digitgen.runtime.writers import check_grid_count
 
@@ -27,13 +27,9 @@ MEDIA_TYPES = {
 PARAMETERS = ("digits", "digit", "count", "seed", "truncation", "format")
 MAX_VALUE_LENGTH = 1024  # characters of one parameter's value: a list of 512 digits; a refusal never echoes more
 ENCODING_VERSION = "2"  # bump when the bytes of any format change
-# as int() and the CLI read them: a sign and spaces around allowed; underscores (which int() takes) are not
-# (no two parts of a pattern here can match the same characters: a refused value takes time linear in its length)
-_INTEGER = re.compile(r"\s*([+-]?)([0-9]+)\s*")
 _LONGEST = 40  # significant digits read as a number: every valid value has at most 20, and int() stops at 4,300
 # RFC 9110, 12.4.2, with any number of decimals, and ".2" for 0.2 (what Java's HttpURLConnection sends)
 _QVALUE = re.compile(r"0(\.[0-9]*)?|\.[0-9]+|1(\.0*)?")
-_DECIMAL = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\s*")  # spaces as for integers
 
 
 class NotAcceptableError(InvalidRequestError):
@@ -61,14 +57,14 @@ def _integer(text: str) -> int | str:
     runtime's check to reject by name."""
     if len(text) <= _LONGEST and text.isascii() and text.isdigit():  # the usual form, read without a regex
         return int(text)
-    match = _INTEGER.fullmatch(text)
+    match = INTEGER_TEXT.fullmatch(text)
     if match is None or len(_significant(match)) > _LONGEST:
         return text
     return int(match[1] + _significant(match))
 
 
 def _significant(match: re.Match[str]) -> str:
-    """The digits of an :data:`_INTEGER` match without leading zeros."""
+    """The digits of an :data:`INTEGER_TEXT` match without leading zeros."""
     return match[2].lstrip("0") or "0"
 
 
@@ -78,7 +74,7 @@ def _check_limit(count: int | str, max_count: int) -> None:
     if isinstance(count, int):
         shown = count if count > max_count else None
     else:  # a positive integer too long to read is over any limit; anything else is for the runtime to refuse
-        match = _INTEGER.fullmatch(count)
+        match = INTEGER_TEXT.fullmatch(count)
         digits = _significant(match) if match is not None and match[1] != "-" else ""
         shown = f"{digits[:20]}... ({len(digits)} digits long)" if len(digits) > _LONGEST else None
     if shown is not None:
@@ -96,7 +92,7 @@ def _digits(digits: str | None, digit: str | None) -> list[int | str] | None:
 def _number(text: str | None) -> float | str | None:
     """``text`` as a float when it is a decimal number, else ``text`` itself for the runtime's check to reject
     by name (Python's float() takes "1_0", " 2", "nan" and "infinity" too)."""
-    return float(text) if text is not None and _DECIMAL.fullmatch(text) else text
+    return float(text) if text is not None and DECIMAL_TEXT.fullmatch(text) else text
 
 
 def _ranges(accept: str) -> tuple[list[tuple[str, float]], list[str]]:

@@ -90,6 +90,10 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["-n", "0"], "0 is not in the range"),
         (["-n", "-4"], "-4 is not in the range"),
         (["-n", "ten"], "'ten' is not a valid integer. (see --help)"),
+        (["-n", "1_0"], "'1_0' is not a valid integer. (see --help)"),  # int() reads it; the server does not
+        (["--seed", "\u0663"], "'\u0663' is not a valid integer. (see --help)"),  # an Arabic-Indic 3, as int() reads it
+        (["--digit", "\u0663"], "'\u0663' is not a valid integer. (see --help)"),
+        (["--truncation", "1_0"], "'1_0' is not a finite number (see --help)"),
         (["--digits", "1,x"], "comma-separated list of digits"),
         (["--digits", "1_0"], "'1_0' is not a comma-separated list of digits such as 0,3,7"),
         (["--digits", "3,12"], "digit 12 is not a class"),

@@ -94,9 +94,8 @@ def test_the_cli_refuses_a_number_of_samples_in_one_line_before_any_progress(
 ) -> None:
     args = evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist)
     result = CliRunner().invoke(main, [*args[:-1], samples])
-    assert result.exit_code == 1 and result.output == (
-        "Error: evaluation needs 100 to 60000 samples (as many as MNIST's training digits, the real sample they are "
-        f"compared with), got {samples}\n"
+    assert result.exit_code == 2 and result.output == (  # a usage error, as every other number out of range
+        f"Error: Invalid value for '--num-samples': {samples} is not in the range 100<=x<=60000. (see --help)\n"
     )
 
 
