@@ -7,8 +7,11 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from digitgen.runtime.errors import OutputError
 from digitgen.runtime.files import readable_file
+from digitgen.runtime.generator import labels_for
 from digitgen.runtime.noise import NOISE_SCHEME
 from digitgen.runtime.shards import Shard
 
@@ -99,10 +102,25 @@ def common_record(out_dir: Path, fmt: str, shards: int) -> dict | None:
     return records[first]
 
 
-def check_record_count(out_dir: Path, record: dict | None, total: int) -> None:
-    """:class:`OutputError` if the parts hold another number of digits than their run's record says."""
-    if record is not None and record.get("count") != total:
+def check_against_record(record: dict | None, parts: list[Path], labels: list[np.ndarray]) -> None:
+    """:class:`OutputError` if the ``parts`` (with their ``labels``) hold another number of digits or other labels
+    than their run's record says: a part replaced by hand."""
+    if record is None:
+        return
+    out_dir, total = parts[0].parent, sum(map(len, labels))
+    if record.get("count") != total:
         raise OutputError(
             f"{out_dir}: the parts hold {total} digits where their run made {record.get('count')}: "
             "a part was replaced by hand; run it again"
         )
+    digits = record.get("digits")
+    if not isinstance(digits, list) or not digits or not all(type(digit) is int for digit in digits):
+        raise OutputError(f"{out_dir}: the run record names no digits (damaged?); run the shards again")
+    start = 0
+    for part, part_labels in zip(parts, labels, strict=True):
+        if not np.array_equal(part_labels, labels_for(digits, start, start + len(part_labels))):
+            raise OutputError(
+                f"{part} holds other labels than its run's digits ({','.join(map(str, digits))}): it was "
+                "replaced by hand; run its shard again"
+            )
+        start += len(part_labels)

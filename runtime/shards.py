@@ -99,8 +99,9 @@ def concat_idx(parts: list[Path], counts: list[int], images: bool, out: BinaryIO
             shutil.copyfileobj(f, out, 1 << 20)
 
 
-def concat_npz(parts: list[Path]) -> dict[str, np.ndarray]:
-    """Every part's images and labels, in order; :class:`OutputError` naming a part that is not a digits NPZ."""
+def concat_npz(parts: list[Path]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """Every part's images and labels, in order, and each part's labels; :class:`OutputError` naming a part that
+    is not a digits NPZ."""
     arrays: dict[str, list[np.ndarray]] = {"images": [], "labels": []}
     for part in parts:
         try:
@@ -116,7 +117,7 @@ def concat_npz(parts: list[Path]) -> dict[str, np.ndarray]:
         arrays["images"].append(images)
         arrays["labels"].append(labels)
     check_shard_sizes(parts, [len(labels) for labels in arrays["labels"]])
-    return {key: np.concatenate(chunks) for key, chunks in arrays.items()}
+    return {key: np.concatenate(chunks) for key, chunks in arrays.items()}, arrays["labels"]
 
 
 def check_shard_sizes(parts: list[Path], sizes: list[int]) -> None:

@@ -68,10 +68,11 @@ from digitgen.runtime.idx import (
     check_idx,
     check_idx_count,
     idx_header,
+    read_idx,
 )
 from digitgen.runtime.index_lock import claim_indices, refuse_if_indices_claimed
 from digitgen.runtime.run_record import (
-    check_record_count,
+    check_against_record,
     common_record,
     is_record_file,
     is_recorded,
@@ -804,8 +805,8 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
             raise OutputError(f"{part} is not a file merge can read (a folder, a pipe, a device, or a link to one)")
     record = common_record(out_dir, fmt, len(parts[0]))
     if fmt == "npz":
-        merged = concat_npz(parts[0])
-        check_record_count(out_dir, record, len(merged["labels"]))
+        merged, labels = concat_npz(parts[0])
+        check_against_record(record, parts[0], labels)
         with atomic_file(targets[0]) as f:
             f.write(npz_bytes(merged["images"], merged["labels"]))
         return targets
@@ -821,7 +822,7 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
     if uneven:
         raise OutputError(f"{out_dir}: shard(s) {', '.join(uneven)} hold different numbers of images and labels")
     check_shard_sizes(parts[1], label_counts)
-    check_record_count(out_dir, record, sum(label_counts))
+    check_against_record(record, parts[1], [read_idx(part, images=False) for part in parts[1]])
     with atomic_files(targets) as (images_out, labels_out):  # both files, or neither
         concat_idx(parts[0], image_counts, True, images_out)
         concat_idx(parts[1], label_counts, False, labels_out)

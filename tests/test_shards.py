@@ -106,6 +106,31 @@ def test_merge_refuses_parts_that_hold_another_count_than_their_records(
     )
 
 
+@pytest.mark.parametrize("fmt", ["idx", "npz"])
+def test_merge_refuses_a_part_swapped_for_one_of_other_digits_and_the_same_size(
+    gen: DigitGenerator, tmp_path: Path, fmt: str
+) -> None:
+    """Shard 1 swapped by hand for shard 1 of a run of other digits, the records left: sizes and records agree."""
+    for i in range(K):
+        _write(gen, tmp_path / "ours", fmt, Shard(i, K))
+    _write(gen, tmp_path / "other", fmt, Shard(1, K), digits=[3, 1, 5])  # the same first labels, not all
+    for part in (tmp_path / "other").glob("train-*-of-*" if fmt == "idx" else "digits-*-of-*.npz"):
+        part.replace(tmp_path / "ours" / part.name)
+    swapped = Shard(1, K).name("train-labels-idx1-ubyte" if fmt == "idx" else "digits.npz")
+    with pytest.raises(OutputError) as error:
+        merge_shards(tmp_path / "ours", fmt)
+    assert str(error.value) == (
+        f"{tmp_path / 'ours' / swapped} holds other labels than its run's digits (3,1,4): it was replaced by hand; "
+        "run its shard again"
+    )
+    assert not list((tmp_path / "ours").glob("train-*-ubyte")) and not (tmp_path / "ours" / "digits.npz").exists()
+    record = tmp_path / "ours" / f"digitgen-{fmt}-run-00000-of-0000{K}"
+    for name in (f"digitgen-{fmt}-run-{i:05d}-of-0000{K}" for i in range(K)):  # every record, so that they agree
+        (tmp_path / "ours" / name).write_text(record.read_text().replace('"digits": [\n  3,', '"digits": [\n  "3",'))
+    with pytest.raises(OutputError, match=r"the run record names no digits \(damaged\?\); run the shards again$"):
+        merge_shards(tmp_path / "ours", fmt)
+
+
 def test_merge_refuses_a_shard_without_the_record_the_others_have_or_with_a_damaged_one(
     gen: DigitGenerator, tmp_path: Path
 ) -> None:
