@@ -88,6 +88,12 @@ def test_merge_refuses_a_shard_run_again_with_other_options(gen: DigitGenerator,
     merge_shards(tmp_path, fmt)  # the shard run again as the others were: merged
 
 
+def _move_parts_without_records(source: Path, target: Path, fmt: str) -> None:
+    """Swap parts by hand: ``source``'s IDX or NPZ parts replace ``target``'s, whose run records stay."""
+    for part in source.glob("train-*-of-*" if fmt == "idx" else "digits-*-of-*.npz"):
+        part.replace(target / part.name)
+
+
 @pytest.mark.parametrize("fmt", ["idx", "npz"])
 def test_merge_refuses_parts_that_hold_another_count_than_their_records(
     gen: DigitGenerator, tmp_path: Path, fmt: str
@@ -96,8 +102,7 @@ def test_merge_refuses_parts_that_hold_another_count_than_their_records(
     for i in range(K):
         _write(gen, tmp_path / "ours", fmt, Shard(i, K))
         generate_files(gen, tmp_path / "other", N + 1, fmt, digits=[3, 1, 4], seed=9, shard=Shard(i, K))
-    for part in (tmp_path / "other").glob("train-*-of-*" if fmt == "idx" else "digits-*-of-*.npz"):  # not records
-        part.replace(tmp_path / "ours" / part.name)
+    _move_parts_without_records(tmp_path / "other", tmp_path / "ours", fmt)
     with pytest.raises(OutputError) as error:
         merge_shards(tmp_path / "ours", fmt)
     assert str(error.value) == (
@@ -114,8 +119,7 @@ def test_merge_refuses_a_part_swapped_for_one_of_other_digits_and_the_same_size(
     for i in range(K):
         _write(gen, tmp_path / "ours", fmt, Shard(i, K))
     _write(gen, tmp_path / "other", fmt, Shard(1, K), digits=[3, 1, 5])  # the same first labels, not all
-    for part in (tmp_path / "other").glob("train-*-of-*" if fmt == "idx" else "digits-*-of-*.npz"):
-        part.replace(tmp_path / "ours" / part.name)
+    _move_parts_without_records(tmp_path / "other", tmp_path / "ours", fmt)
     swapped = Shard(1, K).name("train-labels-idx1-ubyte" if fmt == "idx" else "digits.npz")
     with pytest.raises(OutputError) as error:
         merge_shards(tmp_path / "ours", fmt)
