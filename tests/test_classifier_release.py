@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -202,3 +204,46 @@ def test_classifier_weights_that_are_not_numbers_are_refused(tmp_path: Path) -> 
     assert code == 1 and lines == [f"Error: {nan}: classifier weights hold NaN or infinite values"]
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         load_classifier_weights(nan)
+
+
+def test_train_classifier_stopped_by_a_signal_resumes_to_the_files_of_a_run_never_stopped(
+    tmp_path: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM during the third of 4 steps (256 images, 2 epochs): the state kept, nothing else written; the same
+    command refuses to lose it, one with other options cannot resume it, the same with --resume ends the run."""
+    from digitgen.training import classifier as classifier_module
+
+    whole = tmp_path / "whole" / "classifier.onnx"
+    whole.parent.mkdir()
+    assert _cli("train-classifier", "--data-dir", tiny_mnist, "--out", whole, "--epochs", 2)[0] == 0
+    out, state = tmp_path / "classifier.onnx", tmp_path / "classifier_resume.pt"
+    command = ("train-classifier", "--data-dir", tiny_mnist, "--out", out, "--epochs", 2)
+    shifts = itertools.count(1)
+    shift = classifier_module.random_shift
+
+    def shift_then_stop_at_the_third(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> torch.Tensor:
+        if next(shifts) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return shift(images, max_shift, rng)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(classifier_module, "random_shift", shift_then_stop_at_the_third)
+        code, lines = _cli(*command)
+    assert code == 130 and lines[-1] == (
+        f"interrupted at step 3 of 4; its state is saved to {state}; continue with the same command and --resume"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier_resume.pt", "whole"]
+    assert _cli(*command) == (
+        1,
+        [f"Error: {state} holds an interrupted run of this command: continue it with --resume, or start over with "
+         "--overwrite"],
+    )  # fmt: skip
+    code, lines = _cli(*command, "--resume", "--seed", 1)
+    assert code == 1 and lines[-1].startswith(f"Error: {state} is a run of --seed 0, not 1: resume it with")
+    code, lines = _cli(*command, "--resume")
+    assert code == 0 and lines[-1].endswith(f" and {tmp_path / 'classifier_weights.pt'}"), lines
+    assert not state.exists() and out.read_bytes() == whole.read_bytes()
+    assert _cli(*command, "--resume", "--overwrite") == (
+        1,
+        [f"Error: nothing to resume: {state} (what an interrupted run of this command leaves) not found"],
+    )

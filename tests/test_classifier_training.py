@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,9 @@ import torch
 
 from digitgen.training import classifier as classifier_module
 from digitgen.training.classifier import (
+    BATCH_SIZE,
     WEIGHTS_FORMAT_VERSION,
+    ClassifierResult,
     check_classifier_data,
     classifier_weights,
     load_classifier_weights,
@@ -18,6 +22,7 @@ from digitgen.training.classifier import (
     train_classifier,
     training_steps,
 )
+from digitgen.training.classifier_resume import load_state, recipe_of
 from digitgen.training.data import MnistTensors, load_mnist
 from digitgen.training.errors import CheckpointError, TrainingError
 from tests.helpers import write_tiny_mnist
@@ -141,3 +146,51 @@ def test_weights_that_are_no_pytorch_file_are_refused_in_words(tmp_path: Path) -
         f"{path}: not a readable PyTorch weights file (not a PyTorch file of tensors and plain data; read with "
         "weights_only=True, nothing in it ran)"
     )
+
+
+def _stopping_after(steps: int) -> Callable[[], bool]:
+    """A ``should_stop`` that says stop once asked ``steps`` times (once a step)."""
+    asked = itertools.count(1)
+    return lambda: next(asked) >= steps
+
+
+@pytest.fixture(scope="module")
+def small(splits: tuple[MnistTensors, MnistTensors]) -> tuple[MnistTensors, MnistTensors]:
+    """512 training images: 4 steps an epoch."""
+    return _first(splits[0], 512), _first(splits[1], 64)
+
+
+@pytest.fixture(scope="module")
+def never_stopped(small: tuple[MnistTensors, MnistTensors]) -> ClassifierResult:
+    return train_classifier(*small, epochs=2, seed=1)
+
+
+@pytest.mark.parametrize("stop_after", [1, 4, 7])  # in the first epoch, at its end, in the second (of 8 steps)
+def test_an_interrupted_training_resumes_to_the_weights_of_one_never_stopped(
+    small: tuple[MnistTensors, MnistTensors], never_stopped: ClassifierResult, tmp_path: Path, stop_after: int
+) -> None:
+    train, test = small
+    state = tmp_path / "classifier_resume.pt"
+    stopped = train_classifier(train, test, epochs=2, seed=1, state_path=state, should_stop=_stopping_after(stop_after))
+    assert (stopped.test_accuracy, stopped.step) == (None, stop_after) and state.is_file()
+    with pytest.raises(CheckpointError, match=r"is a run of --seed 1, not 2: resume it with the options"):
+        load_state(state, recipe_of(train, 2, BATCH_SIZE, 2), 8)
+    with pytest.raises(CheckpointError, match="was trained on other MNIST training images than these"):
+        load_state(state, recipe_of(_first(train, 500), 2, BATCH_SIZE, 1), 8)
+    saved = load_state(state, recipe_of(train, 2, BATCH_SIZE, 1), 8)
+    resumed = train_classifier(train, test, epochs=2, seed=1, state_path=state, resume_from=saved)
+    assert (resumed.test_accuracy, resumed.step) == (never_stopped.test_accuracy, 8)
+    weights, again = never_stopped.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(weights[name], again[name]) for name in weights)
+
+
+def test_a_run_keeps_its_state_after_each_epoch_but_the_last(
+    small: tuple[MnistTensors, MnistTensors], tmp_path: Path
+) -> None:
+    """What a run killed outright (no signal it can catch) leaves to resume from."""
+    state, saved = tmp_path / "classifier_resume.pt", []
+    result = train_classifier(
+        *small, epochs=3, state_path=state, progress=lambda step, total: saved.append(state.is_file())
+    )
+    assert result.step == 12 and saved == [False] * 4 + [True] * 8  # written after step 4; the caller removes it
+    assert load_state(state, recipe_of(small[0], 3, BATCH_SIZE, 0), 12)["step"] == 8

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from digitgen.training.checkpoint import read_data_file
+from digitgen.training.classifier_resume import recipe_of, restore_state, save_state, training_state
 from digitgen.training.data import MnistTensors, check_labels
 from digitgen.training.errors import CheckpointError, TrainingError
 
@@ -57,8 +58,9 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
 @dataclass(frozen=True)
 class ClassifierResult:
     model: Classifier
-    test_accuracy: float
+    test_accuracy: float | None  # None: stopped before the end (see train_classifier)
     seconds: float
+    step: int  # steps trained, by this call or before it (a resumed run's)
 
 
 @torch.no_grad()
@@ -100,8 +102,16 @@ def train_classifier(
     batch_size: int = BATCH_SIZE,
     seed: int = 0,
     progress: Callable[[int, int], None] = lambda step, total: None,
+    state_path: Path | None = None,
+    resume_from: dict[str, Any] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> ClassifierResult:
-    """Adam with a one-cycle schedule and +-2 px shifts; returns the model and its test accuracy."""
+    """Adam with a one-cycle schedule and +-2 px shifts; returns the model and its test accuracy.
+
+    With ``state_path``, the training state is written there after each epoch but the last, and after the step
+    at which ``should_stop`` (asked after each step) says to stop: the result then has no test accuracy.
+    ``resume_from`` (what :func:`~digitgen.training.classifier_resume.load_state` read from that file for this
+    recipe) continues to the weights of a run never stopped; removing the file is the caller's."""
     check_classifier_data(train, test, batch_size)
     torch.manual_seed(seed)
     model = Classifier()
@@ -110,20 +120,35 @@ def train_classifier(
     optimizer = torch.optim.Adam(model.parameters())  # its learning rate is the schedule's, set at every step
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=total)
     rng = torch.Generator().manual_seed(seed)
+    parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
+    recipe = recipe_of(train, epochs, batch_size, seed) if state_path is not None else {}
+    step, order = 0, torch.empty(0, dtype=torch.int64)
+    if resume_from is not None:
+        if state_path is None:
+            raise TrainingError("a resumed training writes its state at state_path; none was given")
+        restore_state(state_path, resume_from, parts, rng)
+        step, order = resume_from["step"], resume_from["order"]
     start = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(train.images), generator=rng)
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            images = random_shift(train.images[idx].unsqueeze(1).float() / 255.0, 2, rng)
-            loss = F.cross_entropy(model(images)[0], train.labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            progress(epoch * steps_per_epoch + i + 1, total)
-    return ClassifierResult(model.eval(), accuracy(model, test), time.perf_counter() - start)
+    model.train()
+    while step < total:
+        position = step % steps_per_epoch
+        if position == 0:
+            order = torch.randperm(len(train.images), generator=rng)
+        idx = order[position * batch_size : (position + 1) * batch_size]
+        images = random_shift(train.images[idx].unsqueeze(1).float() / 255.0, 2, rng)
+        loss = F.cross_entropy(model(images)[0], train.labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        progress(step, total)
+        stop = should_stop()
+        if state_path is not None and step < total and (stop or step % steps_per_epoch == 0):
+            save_state(state_path, recipe, step, training_state(parts, rng, order))
+        if stop and step < total:
+            return ClassifierResult(model.eval(), None, time.perf_counter() - start, step)
+    return ClassifierResult(model.eval(), accuracy(model, test), time.perf_counter() - start, step)
 
 
 def weights_path_beside(onnx_path: str | Path) -> Path:

@@ -1,0 +1,105 @@
+"""What an interrupted ``train-classifier`` leaves for ``--resume``: the whole training state after a step, in one
+file beside the ONNX file it was to write, read back as data only (``weights_only=True``)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from digitgen.runtime.files import check_writable, refuse_folders
+from digitgen.training.checkpoint import read_data_file, save_checkpoint
+from digitgen.training.data import MnistTensors
+from digitgen.training.errors import CheckpointError
+
+STATE_KIND = "reference classifier training state"
+STATE_FORMAT_VERSION = 1
+RECIPE_OPTIONS = {"epochs": "--epochs", "batch_size": "batch size", "seed": "--seed"}
+
+
+def state_path_beside(onnx_path: str | Path) -> Path:
+    """Where ``train-classifier --out NAME.onnx`` keeps its training state until it ends: ``NAME_resume.pt``."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(f"{onnx_path.stem}_resume.pt")
+
+
+def data_digest(train: MnistTensors) -> str:
+    """SHA-256 of the training images and labels: a resumed run must train on the same ones."""
+    digest = hashlib.sha256(train.images.numpy().tobytes())
+    digest.update(train.labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_resume(path: Path, resume: bool, overwrite: bool) -> None:
+    """Before any work: a state to resume is there when ``resume`` asks for one; one that is there is continued
+    (``resume``) or replaced (``overwrite``), never lost by a new run that was given neither."""
+    refuse_folders([path])
+    if resume and not path.is_file():
+        raise CheckpointError(f"nothing to resume: {path} (what an interrupted run of this command leaves) not found")
+    if not resume and path.exists() and not overwrite:
+        raise CheckpointError(
+            f"{path} holds an interrupted run of this command: continue it with --resume, "
+            "or start over with --overwrite"
+        )
+    check_writable(path)
+
+
+def save_state(path: Path, recipe: dict[str, Any], step: int, state: dict[str, Any]) -> None:
+    """Write the training ``state`` after ``step`` steps of ``recipe`` (atomically)."""
+    payload = {"kind": STATE_KIND, "format_version": STATE_FORMAT_VERSION, "recipe": recipe, "step": step, **state}
+    save_checkpoint(payload, path)
+
+
+def recipe_of(train: MnistTensors, epochs: int, batch_size: int, seed: int) -> dict[str, Any]:
+    """What a training state must have been trained with to be resumed: the options and the training data."""
+    return {"epochs": epochs, "batch_size": batch_size, "seed": seed, "data": data_digest(train)}
+
+
+def load_state(path: Path, recipe: dict[str, Any], total: int) -> dict[str, Any]:
+    """The state in ``path``, saved after a step (``payload["step"]``) of the ``total`` of ``recipe`` (the same
+    options and training data); :class:`CheckpointError` in words otherwise."""
+    payload = read_data_file(path, "nothing to resume", "not a readable training state")
+    if not isinstance(payload, dict) or payload.get("kind") != STATE_KIND:
+        raise CheckpointError(f"{path}: not the training state of train-classifier")
+    if payload.get("format_version") != STATE_FORMAT_VERSION or not isinstance(payload.get("recipe"), dict):
+        raise CheckpointError(
+            f"{path}: training state format {payload.get('format_version')!r}, this version reads "
+            f"{STATE_FORMAT_VERSION}; start over with --overwrite"
+        )
+    theirs = payload["recipe"]
+    for key, option in RECIPE_OPTIONS.items():
+        if theirs.get(key) != recipe[key]:
+            raise CheckpointError(
+                f"{path} is a run of {option} {theirs.get(key)!r}, not {recipe[key]!r}: resume it with the options it "
+                "was started with, or start over with --overwrite"
+            )
+    if theirs.get("data") != recipe["data"]:
+        raise CheckpointError(
+            f"{path} was trained on other MNIST training images than these: resume it on its own data "
+            "(--data-dir), or start over with --overwrite"
+        )
+    step, order = payload.get("step"), payload.get("order")
+    if type(step) is not int or not 0 < step < total or not isinstance(order, torch.Tensor):
+        raise CheckpointError(f"{path}: a damaged training state (step {step!r} of {total})")
+    return payload
+
+
+def training_state(parts: dict[str, Any], rng: torch.Generator, order: torch.Tensor) -> dict[str, Any]:
+    """The state of the model, optimizer and schedule in ``parts``, of both random generators and of the epoch's
+    ``order``: all that the next step depends on."""
+    state = {name: part.state_dict() for name, part in parts.items()}
+    return {**state, "rng": rng.get_state(), "torch_rng": torch.get_rng_state(), "order": order}
+
+
+def restore_state(path: Path, payload: dict[str, Any], parts: dict[str, Any], rng: torch.Generator) -> None:
+    """Put the state :func:`load_state` read from ``path`` back into ``parts`` and ``rng``."""
+    try:
+        for name, part in parts.items():
+            part.load_state_dict(payload[name])
+        rng.set_state(payload["rng"])
+        torch.set_rng_state(payload["torch_rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: a damaged training state ({first_line})") from None
