@@ -687,7 +687,7 @@ def generate(
             written = job.run(on_batch=bar.update)
     except KeyboardInterrupt:
         click.echo(
-            "Error: interrupted; the files written are complete and none is partial; "
+            "Error: interrupted; any file it wrote is complete, none is partial; "
             "the same command with --resume continues",
             err=True,
         )
@@ -774,7 +774,7 @@ def train_classifier_cmd(
         )
     if result.test_accuracy is None:
         click.echo(
-            f"interrupted at step {result.step} of {total}; its state is saved to {state}; continue with the same "
+            f"interrupted at step {result.step:,} of {total:,}; its state is saved to {state}; continue with the same "
             "command and --resume",
             err=True,
         )

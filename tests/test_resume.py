@@ -275,7 +275,7 @@ def test_terminating_signals_leave_what_ctrl_c_leaves(tmp_path: Path, fmt: str, 
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == (
-        "Error: interrupted; the files written are complete and none is partial; "
+        "Error: interrupted; any file it wrote is complete, none is partial; "
         "the same command with --resume continues"
     )
     assert "Traceback" not in stderr and stdout == ""
