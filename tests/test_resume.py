@@ -275,8 +275,7 @@ def test_terminating_signals_leave_what_ctrl_c_leaves(tmp_path: Path, fmt: str, 
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == (
-        "Error: interrupted; any file it wrote is complete, none is partial; "
-        "the same command with --resume continues"
+        "Error: interrupted; any file it wrote is complete, none is partial; the same command with --resume continues"
     )
     assert "Traceback" not in stderr and stdout == ""
     left = [p for p in tmp_path.rglob("*") if p.is_file()]
