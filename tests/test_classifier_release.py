@@ -206,20 +206,11 @@ def test_classifier_weights_that_are_not_numbers_are_refused(tmp_path: Path) -> 
         load_classifier_weights(nan)
 
 
-def test_train_classifier_stopped_by_a_signal_resumes_to_the_files_of_a_run_never_stopped(
-    tmp_path: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """SIGTERM during the third of 4 steps (256 images, 2 epochs): the state kept, nothing else written; the same
-    command refuses to lose it, one with other options cannot resume it, the same with --resume ends the run."""
+def _stopped_by_sigterm_in_step_3(monkeypatch: pytest.MonkeyPatch, *args: object) -> tuple[int, list[str]]:
+    """``_cli(*args)`` with a SIGTERM during the third training step."""
     from digitgen.training import classifier as classifier_module
 
-    whole = tmp_path / "whole" / "classifier.onnx"
-    whole.parent.mkdir()
-    assert _cli("train-classifier", "--data-dir", tiny_mnist, "--out", whole, "--epochs", 2)[0] == 0
-    out, state = tmp_path / "classifier.onnx", tmp_path / "classifier_resume.pt"
-    command = ("train-classifier", "--data-dir", tiny_mnist, "--out", out, "--epochs", 2)
-    shifts = itertools.count(1)
-    shift = classifier_module.random_shift
+    shifts, shift = itertools.count(1), classifier_module.random_shift
 
     def shift_then_stop_at_the_third(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> torch.Tensor:
         if next(shifts) == 3:
@@ -228,7 +219,20 @@ def test_train_classifier_stopped_by_a_signal_resumes_to_the_files_of_a_run_neve
 
     with monkeypatch.context() as patched:
         patched.setattr(classifier_module, "random_shift", shift_then_stop_at_the_third)
-        code, lines = _cli(*command)
+        return _cli(*args)
+
+
+def test_train_classifier_stopped_by_a_signal_resumes_to_the_files_of_a_run_never_stopped(
+    tmp_path: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM during the third of 4 steps (256 images, 2 epochs): the state kept, nothing else written; the same
+    command refuses to lose it, one with other options cannot resume it, the same with --resume ends the run."""
+    whole = tmp_path / "whole" / "classifier.onnx"
+    whole.parent.mkdir()
+    assert _cli("train-classifier", "--data-dir", tiny_mnist, "--out", whole, "--epochs", 2)[0] == 0
+    out, state = tmp_path / "classifier.onnx", tmp_path / "classifier_resume.pt"
+    command = ("train-classifier", "--data-dir", tiny_mnist, "--out", out, "--epochs", 2)
+    code, lines = _stopped_by_sigterm_in_step_3(monkeypatch, *command)
     assert code == 130 and lines[-1] == (
         f"interrupted at step 3 of 4; its state is saved to {state}; continue with the same command and --resume"
     )
@@ -247,3 +251,8 @@ def test_train_classifier_stopped_by_a_signal_resumes_to_the_files_of_a_run_neve
         1,
         [f"Error: nothing to resume: {state} (what an interrupted run of this command leaves) not found"],
     )
+    out.write_bytes(b"mine")
+    assert _stopped_by_sigterm_in_step_3(monkeypatch, *command, "--overwrite")[0] == 130
+    assert out.read_bytes() == b"mine" and state.is_file()  # replaced only at the end
+    code, lines = _cli(*command, "--overwrite")  # starts over: the state replaced, then removed
+    assert code == 0 and out.read_bytes() == whole.read_bytes() and not state.exists()

@@ -194,3 +194,28 @@ def test_a_run_keeps_its_state_after_each_epoch_but_the_last(
     )
     assert result.step == 12 and saved == [False] * 4 + [True] * 8  # written after step 4; the caller removes it
     assert load_state(state, recipe_of(small[0], 3, BATCH_SIZE, 0), 12)["step"] == 8
+
+
+def test_a_state_that_is_not_this_runs_or_is_damaged_is_refused_in_words(
+    small: tuple[MnistTensors, MnistTensors], tmp_path: Path
+) -> None:
+    train, test = small
+    state = tmp_path / "classifier_resume.pt"
+    train_classifier(train, test, epochs=2, seed=1, state_path=state, should_stop=_stopping_after(2))
+    recipe, saved = recipe_of(train, 2, BATCH_SIZE, 1), torch.load(state, weights_only=True)
+    for change, words in [
+        ({"kind": "reference classifier"}, f"{state}: not the training state of train-classifier"),
+        ({"format_version": 2}, f"{state}: training state format 2, this version reads 1; start over with --overwrite"),
+        ({"step": 8}, f"{state}: a damaged training state (step 8 of 8)"),
+        ({"order": None}, f"{state}: a damaged training state (step 2 of 8)"),
+        ({"recipe": {**recipe, "epochs": 3}}, f"{state} is a run of --epochs 3, not 2: resume it with the options"),
+    ]:
+        torch.save({**saved, **change}, state)
+        with pytest.raises(CheckpointError) as refused:
+            load_state(state, recipe, 8)
+        assert str(refused.value).startswith(words)
+    torch.save({**saved, "optimizer": {"state": {}}}, state)
+    with pytest.raises(CheckpointError, match=rf"^{state}: a damaged training state \("):
+        train_classifier(train, test, epochs=2, seed=1, state_path=state, resume_from=load_state(state, recipe, 8))
+    with pytest.raises(TrainingError, match="a resumed training writes its state at state_path; none was given"):
+        train_classifier(train, test, epochs=2, seed=1, resume_from=saved)
