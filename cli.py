@@ -804,6 +804,20 @@ def export_classifier_cmd(weights: str, out: str, overwrite: bool) -> None:
     click.echo(f"wrote {out} (max |torch-ort| {diff:.1e})")
 
 
+def _cas_state_dir() -> Path:
+    """Where ``evaluate --cas`` keeps its training state while it runs: ``$XDG_CACHE_HOME/digitgen`` (by default
+    ``~/.cache/digitgen``), made if missing."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "digitgen"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot make {folder}, where evaluate --cas keeps its state ({exc.strerror}): set XDG_CACHE_HOME to a "
+            "folder it can write"
+        ) from None
+    return folder
+
+
 @main.command()
 @generator_option("ONNX generator (default: the shipped model).")
 @click.option("--classifier", type=GivenPath(dir_okay=False), help="Default: the shipped reference classifier.")
@@ -839,10 +853,11 @@ def evaluate(
     from digitgen.runtime.idx import read_mnist_split
 
     if cas:  # imported first: without the train extra, the refusal comes before any work
-        from digitgen.training.cas import cas_work, classification_accuracy_score
+        from digitgen.training.cas import CasRun
 
     gen = DigitGenerator.from_path(model, "cpu")
     check_evaluation(gen, num_samples)
+    state_dir = _cas_state_dir() if cas else None
     reference = ReferenceClassifier(classifier)
     test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
     work = evaluation_work(len(test[0]), len(train[0]), num_samples)
@@ -851,10 +866,18 @@ def evaluate(
             gen, reference, test, train, num_samples=num_samples, seed=seed, truncation=truncation, progress=bar.update
         )
     if cas:
-        with progress(cas_work(len(train[0])), "CAS: training classifiers (steps)") as bar:
-            scores = classification_accuracy_score(
-                gen, train, test, seed=seed, truncation=truncation, progress=lambda: bar.update(1)
+        run = CasRun(gen, train, test, seed=seed, truncation=truncation, state_dir=state_dir)
+        for note in run.notes:
+            click.echo(f"note: {note}", err=True)
+        label = "CAS: training classifiers (steps)"
+        with _stop_on_signals() as should_stop, progress(run.total, label, done=run.done) as bar:
+            scores = run.run(progress=lambda: bar.update(1), should_stop=should_stop)
+        if scores is None:
+            click.echo(
+                f"interrupted; CAS's training state is kept in {state_dir}; the same command continues it",
+                err=True,
             )
+            sys.exit(130)
         result = dataclasses.replace(result, cas=scores)
     if as_json:
         click.echo(json.dumps(result.to_dict()))

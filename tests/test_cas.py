@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ from digitgen.cli import main
 from digitgen.runtime import DigitGenerator
 from digitgen.runtime.evaluate import Cas, Evaluation
 from digitgen.runtime.idx import read_mnist_split
-from digitgen.training.cas import cas_work, classification_accuracy_score
+from digitgen.training.cas import CasRun, cas_work
 from digitgen.training.classifier import ClassifierResult, training_steps
 from tests.test_evaluate import _scores, evaluate_args
 
@@ -26,7 +29,7 @@ class RecordingTrainer:
     def __init__(self, accuracies: list[float]) -> None:
         self.accuracies, self.seen = iter(accuracies), []
 
-    def __call__(self, train, test, *, epochs, seed, progress):
+    def __call__(self, train, test, *, epochs, seed, progress, state_path=None, resume_from=None, should_stop=None):
         self.seen.append((train, test, epochs, seed))
         total = training_steps(len(train.images), epochs)
         for step in range(total):
@@ -48,9 +51,9 @@ def test_cas_trains_on_generated_then_real_digits_and_tests_on_real(
     gen = DigitGenerator.from_path(tiny_onnx, "cpu")
     train, test = read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
     steps = []
-    result = classification_accuracy_score(
-        gen, train, test, seed=4, truncation=1.5, per_class=130, epochs=2, progress=lambda: steps.append(1)
-    )
+    cas = CasRun(gen, train, test, seed=4, truncation=1.5, per_class=130, epochs=2)
+    assert cas.done == 0 and cas.notes == []
+    result = cas.run(progress=lambda: steps.append(1))
     assert result == Cas(generated=0.91, real=0.98, num_generated=1300, num_real=len(train[0]), epochs=2)
     assert round(result.gap, 6) == 7.0
     (fake, fake_test, epochs, seed), (real, real_test, _, real_seed) = trainer.seen
@@ -61,7 +64,7 @@ def test_cas_trains_on_generated_then_real_digits_and_tests_on_real(
     for split in (fake_test, real_test):
         assert np.array_equal(split.images.numpy(), test[0]) and np.array_equal(split.labels.numpy(), test[1])
     assert (epochs, seed) == (2, real_seed)
-    assert len(steps) == cas_work(len(train[0]), per_class=130, epochs=2)
+    assert len(steps) == cas_work(len(train[0]), per_class=130, epochs=2) == cas.total
 
 
 def test_cas_draws_seed_0_by_default_and_takes_labels_of_any_integer_type(
@@ -69,7 +72,7 @@ def test_cas_draws_seed_0_by_default_and_takes_labels_of_any_integer_type(
 ) -> None:
     gen = DigitGenerator.from_path(tiny_onnx, "cpu")
     (images, labels), test = read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
-    classification_accuracy_score(gen, (images, labels.astype(np.uint8)), test, per_class=13, epochs=1)
+    CasRun(gen, (images, labels.astype(np.uint8)), test, per_class=13, epochs=1).run()
     (fake, *_), (real, *_) = trainer.seen
     assert np.array_equal(fake.images.numpy(), gen.generate(130, seed=0).images)  # as `evaluate --cas` by default
     assert real.labels.dtype == torch.int64 and np.array_equal(real.labels.numpy(), labels)  # what the loss takes
@@ -78,7 +81,7 @@ def test_cas_draws_seed_0_by_default_and_takes_labels_of_any_integer_type(
 def test_cas_with_the_real_trainer_gives_accuracies(tiny_onnx: Path, tiny_mnist: Path) -> None:
     gen = DigitGenerator.from_path(tiny_onnx, "cpu")
     train, test = read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
-    result = classification_accuracy_score(gen, train, test, per_class=26, epochs=1)
+    result = CasRun(gen, train, test, per_class=26, epochs=1).run()
     assert result.num_generated == 260 and 0 <= result.generated <= 1 and 0 <= result.real <= 1
 
 
@@ -97,9 +100,90 @@ def test_table_and_json_carry_cas() -> None:
     assert "CAS" not in Evaluation(evaluation.generated, evaluation.real).table()
 
 
-def test_evaluate_cas_cli(tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path, monkeypatch) -> None:
+def test_evaluate_cas_cli(
+    tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(cas_module, "train_classifier", RecordingTrainer([0.5, 0.75]))
     result = CliRunner().invoke(main, [*evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist), "--cas", "--json"])
     assert result.exit_code == 0, result.output
     cas = json.loads(result.output.strip().splitlines()[-1])["cas"]
     assert cas == {"generated": 0.5, "real": 0.75, "num_generated": 60_000, "num_real": 256, "epochs": 4}
+
+
+def _stopping_after(steps: int) -> Callable[[], bool]:
+    asked = itertools.count(1)
+    return lambda: next(asked) >= steps
+
+
+@pytest.mark.parametrize("stop_after", [1, 5])  # of 8: 4 steps on the generated digits, then 4 on the real ones
+def test_cas_stopped_and_run_again_gives_the_scores_of_a_run_never_stopped(
+    tiny_onnx: Path, tiny_mnist: Path, tmp_path: Path, stop_after: int
+) -> None:
+    gen = DigitGenerator.from_path(tiny_onnx, "cpu")
+    splits = read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
+    request = {"seed": 2, "per_class": 26, "epochs": 2, "state_dir": tmp_path}
+    whole = CasRun(gen, *splits, **{**request, "state_dir": None}).run()
+    stopped = CasRun(gen, *splits, **request)
+    assert stopped.total == 8 and stopped.run(should_stop=_stopping_after(stop_after)) is None
+    kept = sorted(path.name.split("-", 2)[2] for path in tmp_path.iterdir())
+    assert kept == (["generated.pt"] if stop_after < 4 else ["generated-accuracy.json", "real.pt"])
+    again, steps = CasRun(gen, *splits, **request), []
+    assert again.done == stop_after and again.notes == []
+    assert again.run(progress=lambda: steps.append(1)) == whole and len(steps) == 8 - stop_after
+    assert list(tmp_path.iterdir()) == []  # removed at the end
+    assert CasRun(gen, *splits, **{**request, "seed": 3}).paths["real"] != again.paths["real"]  # names of the request
+
+
+def test_cas_trains_again_what_it_cannot_continue_and_says_so(
+    tiny_onnx: Path, tiny_mnist: Path, tmp_path: Path
+) -> None:
+    gen = DigitGenerator.from_path(tiny_onnx, "cpu")
+    splits = read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
+    request = {"per_class": 26, "epochs": 2, "state_dir": tmp_path}
+    whole = CasRun(gen, *splits, **request).run()
+    assert CasRun(gen, *splits, **request).run(should_stop=_stopping_after(5)) is None
+    paths = CasRun(gen, *splits, **request).paths
+    paths["accuracy"].write_text('{"accuracy": 7}')
+    paths["real"].write_bytes(b"damaged")
+    again = CasRun(gen, *splits, **request)
+    assert again.done == 0 and [note.split(": ", 1)[1] for note in again.notes] == [
+        "not an accuracy kept by evaluate --cas (damaged?); trained again",
+        "not a readable training state (not a PyTorch file of tensors and plain data; read with weights_only=True, "
+        "nothing in it ran); trained again",
+    ]
+    assert again.run() == whole and list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_cas_stopped_by_a_signal_continues_where_it_stopped(
+    tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM in CAS's second of 3 steps (130 generated digits: 1 step, 256 real: 2): its state kept in the cache
+    folder; the same command then ends with the scores of a run never stopped."""
+    from digitgen.training import classifier as classifier_module
+
+    monkeypatch.setattr(cas_module, "PER_CLASS", 13)
+    monkeypatch.setattr(cas_module, "EPOCHS", 1)
+    command = [*evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist), "--cas", "--json"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "whole"))
+    whole = CliRunner().invoke(main, command)
+    assert whole.exit_code == 0, whole.output
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shifts, shift = itertools.count(1), classifier_module.random_shift
+
+    def shift_then_stop_at_the_second(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> torch.Tensor:
+        if next(shifts) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return shift(images, max_shift, rng)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(classifier_module, "random_shift", shift_then_stop_at_the_second)
+        stopped = CliRunner().invoke(main, command)
+    state_dir = tmp_path / "cache" / "digitgen"
+    assert stopped.exit_code == 130 and stopped.output.splitlines()[-1] == (
+        f"interrupted; CAS's training state is kept in {state_dir}; the same command continues it"
+    )
+    assert len(list(state_dir.iterdir())) == 2  # the first classifier's accuracy, the second's state
+    again = CliRunner().invoke(main, command)
+    assert again.exit_code == 0 and "CAS: training classifiers (steps): 1 to do (2 of 3 done before)" in again.output
+    assert again.output.splitlines()[-1] == whole.output.splitlines()[-1] and list(state_dir.iterdir()) == []

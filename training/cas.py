@@ -3,15 +3,22 @@ test it on real ones, beside the same recipe trained on real digits."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from digitgen.runtime.evaluate import Cas
+from digitgen.runtime.files import atomic_file
 from digitgen.runtime.generator import DigitGenerator
-from digitgen.training.classifier import train_classifier, training_steps
+from digitgen.training.classifier import BATCH_SIZE, train_classifier, training_steps
+from digitgen.training.classifier_resume import data_digest, load_state, recipe_of
 from digitgen.training.data import MnistTensors
+from digitgen.training.errors import CheckpointError
 
 PER_CLASS = 6_000  # 60,000 generated digits, as many as MNIST's training set
 EPOCHS = 4  # the reference classifier's recipe (`train-classifier --epochs 4`)
@@ -21,7 +28,7 @@ Split = tuple[np.ndarray, np.ndarray]
 
 
 def cas_work(num_real: int, per_class: int = PER_CLASS, epochs: int = EPOCHS) -> int:
-    """Optimizer steps of :func:`classification_accuracy_score` (its ``progress`` total)."""
+    """Optimizer steps of a :class:`CasRun` (its ``progress`` total)."""
     return training_steps(10 * per_class, epochs) + training_steps(num_real, epochs)
 
 
@@ -39,26 +46,133 @@ def accuracy_when_trained_on(
     return result.test_accuracy
 
 
-def classification_accuracy_score(
-    generator: DigitGenerator,
-    train: Split,
-    test: Split,
-    *,
-    seed: int = 0,
-    truncation: float | None = None,
-    per_class: int = PER_CLASS,
-    epochs: int = EPOCHS,
-    progress: Callable[[], None] = lambda: None,
-) -> Cas:
-    """Test accuracy of the reference architecture trained on ``10 * per_class`` generated digits
-    (noise ``seed``, digits 0-9 in turn) and, with the same recipe and seed, on the real ``train``."""
-    fake = generator.generate(10 * per_class, seed=seed, truncation=truncation)
-    on_generated = accuracy_when_trained_on((fake.images, fake.labels), test, epochs=epochs, progress=progress)
-    on_real = accuracy_when_trained_on(train, test, epochs=epochs, progress=progress)
-    return Cas(
-        generated=on_generated,
-        real=on_real,
-        num_generated=10 * per_class,
-        num_real=len(train[0]),
-        epochs=epochs,
-    )
+class CasRun:
+    """Test accuracy of the reference architecture trained on ``10 * per_class`` generated digits (noise ``seed``,
+    digits 0-9 in turn) and, with the same recipe and seed, on the real ``train``.
+
+    It can be stopped and continued: with ``state_dir``,
+    each classifier's training state is kept there while it trains (and the first one's accuracy once known),
+    under names of this request (model, seed, truncation, recipe and data), and a later run of the same request
+    continues from them to the same scores. They are removed at the end."""
+
+    def __init__(
+        self,
+        generator: DigitGenerator,
+        train: Split,
+        test: Split,
+        *,
+        seed: int = 0,
+        truncation: float | None = None,
+        per_class: int | None = None,
+        epochs: int | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.generator, self.train, self.test = generator, _tensors(train), _tensors(test)
+        self.seed, self.truncation = seed, truncation
+        self.per_class = PER_CLASS if per_class is None else per_class  # read here, so that a test can make them small
+        self.epochs = EPOCHS if epochs is None else epochs
+        self.notes: list[str] = []  # state files found but not continued, in words
+        self.paths: dict[str, Path] = {}
+        self.resumed: dict[str, dict | None] = {"generated": None, "real": None}
+        self.generated_accuracy: float | None = None
+        if state_dir is not None:
+            self._find_state(state_dir)
+
+    @property
+    def total(self) -> int:
+        """Optimizer steps of the whole request (its ``progress`` total)."""
+        return cas_work(len(self.train.images), self.per_class, self.epochs)
+
+    @property
+    def done(self) -> int:
+        """Steps an earlier run of this request did, which this one continues from."""
+        first = training_steps(10 * self.per_class, self.epochs)
+        steps = {name: payload["step"] if payload else 0 for name, payload in self.resumed.items()}
+        return (first if self.generated_accuracy is not None else steps["generated"]) + steps["real"]
+
+    def _find_state(self, state_dir: Path) -> None:
+        key = hashlib.sha256(
+            json.dumps(
+                [self.generator.sha256, self.seed, self.truncation, self.per_class, self.epochs, CLASSIFIER_SEED]
+                + [data_digest(split) for split in (self.train, self.test)]
+            ).encode()
+        ).hexdigest()[:32]
+        self.paths = {name: state_dir / f"cas-{key}-{name}.pt" for name in self.resumed}
+        self.paths["accuracy"] = state_dir / f"cas-{key}-generated-accuracy.json"
+        try:
+            self.generated_accuracy = _read_accuracy(self.paths["accuracy"])
+        except CheckpointError as damaged:
+            self.notes.append(f"{damaged}; trained again")
+        for name, images in (("generated", 10 * self.per_class), ("real", len(self.train.images))):
+            if not self.paths[name].exists() or (name == "generated" and self.generated_accuracy is not None):
+                continue
+            total = training_steps(images, self.epochs)
+            try:
+                recipe = recipe_of(self._split(name), self.epochs, BATCH_SIZE, CLASSIFIER_SEED)
+                self.resumed[name] = load_state(self.paths[name], recipe, total)
+            except CheckpointError as damaged:
+                self.notes.append(f"{damaged}; trained again")
+
+    def _split(self, name: str) -> MnistTensors:
+        return self.train if name == "real" else self._generated
+
+    @functools.cached_property
+    def _generated(self) -> MnistTensors:
+        fake = self.generator.generate(10 * self.per_class, seed=self.seed, truncation=self.truncation)
+        return _tensors((fake.images, fake.labels))
+
+    def run(
+        self, progress: Callable[[], None] = lambda: None, should_stop: Callable[[], bool] = lambda: False
+    ) -> Cas | None:
+        """The scores, or ``None`` if ``should_stop`` (asked after each step) stopped it, its state kept."""
+        if self.generated_accuracy is None:
+            self.generated_accuracy = self._train("generated", progress, should_stop)
+            if self.generated_accuracy is None:
+                return None
+            if self.paths:
+                _write_accuracy(self.paths["accuracy"], self.generated_accuracy)
+                self.paths["generated"].unlink(missing_ok=True)
+        on_real = self._train("real", progress, should_stop)
+        if on_real is None:
+            return None
+        for path in self.paths.values():
+            path.unlink(missing_ok=True)
+        return Cas(
+            generated=self.generated_accuracy,
+            real=on_real,
+            num_generated=10 * self.per_class,
+            num_real=len(self.train.images),
+            epochs=self.epochs,
+        )
+
+    def _train(self, name: str, progress: Callable[[], None], should_stop: Callable[[], bool]) -> float | None:
+        result = train_classifier(
+            self._split(name),
+            self.test,
+            epochs=self.epochs,
+            seed=CLASSIFIER_SEED,
+            progress=lambda done, total: progress(),
+            state_path=self.paths.get(name),
+            resume_from=self.resumed[name],
+            should_stop=should_stop,
+        )
+        return result.test_accuracy
+
+
+def _read_accuracy(path: Path) -> float | None:
+    """The accuracy :func:`_write_accuracy` kept in ``path``, ``None`` if there is none; :class:`CheckpointError`
+    if it does not read as one."""
+    if not path.exists():
+        return None
+    try:
+        accuracy = json.loads(path.read_bytes())["accuracy"]
+    except (OSError, ValueError, TypeError, KeyError):
+        accuracy = None
+    if type(accuracy) is not float or not 0 <= accuracy <= 1:
+        raise CheckpointError(f"{path}: not an accuracy kept by evaluate --cas (damaged?)")
+    return accuracy
+
+
+def _write_accuracy(path: Path, accuracy: float) -> None:
+    with atomic_file(path) as f:
+        f.write(json.dumps({"accuracy": accuracy}).encode())
