@@ -51,7 +51,14 @@ from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
 from digitgen.runtime.progress import progress
 from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
-from digitgen.runtime.signals import INTERRUPTING_SIGNALS, TERMINATING_SIGNALS, handling, release_held_at_start
+from digitgen.runtime.signals import (
+    INTERRUPTING_SIGNALS,
+    TERMINATING_SIGNALS,
+    handling,
+    model_calls_run_through_signals,
+    model_calls_stop_on_signals,
+    release_held_at_start,
+)
 from digitgen.runtime.writers import FORMATS, merge_shards, plan_generation
 from digitgen.training.config import (
     AUGMENTATIONS,
@@ -129,7 +136,10 @@ class OneLineErrors(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override]
         kwargs["standalone_mode"] = False
         try:
-            with handling(TERMINATING_SIGNALS, _raise_keyboard_interrupt):  # they stop a command as Ctrl-C does
+            with (
+                handling(TERMINATING_SIGNALS, _raise_keyboard_interrupt),  # they stop a command as Ctrl-C does
+                model_calls_stop_on_signals(),  # in a model call too
+            ):
                 release_held_at_start()
                 result = super().main(*args, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:  # plain `digitgen`: the help, not an error
@@ -1012,7 +1022,8 @@ def serve(
             f"{options.intra_op_threads} onnxruntime thread(s) each; {where}",
             err=True,
         )
-    run_server(options, generator)
+    with model_calls_run_through_signals():  # SIGTERM stops the server, which finishes its requests in flight
+        run_server(options, generator)
 
 
 def _format_progress(info: dict[str, float] | None) -> str:

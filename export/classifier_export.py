@@ -11,7 +11,7 @@ from digitgen.export.errors import ExportError, ExportVerificationError
 from digitgen.export.onnx_export import publish_with_weights, to_onnx, write_metadata
 from digitgen.export.verify import ATOL
 from digitgen.runtime.files import check_writable, refuse_existing, refuse_one_file_twice
-from digitgen.runtime.session import open_session
+from digitgen.runtime.session import open_session, run_model
 from digitgen.training.checkpoint import write_payload
 from digitgen.training.classifier import (
     WEIGHTS_KIND,
@@ -25,7 +25,7 @@ from digitgen.training.classifier import (
 def _check_parity(path: Path, model: Classifier) -> float:
     images = np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32)
     session = open_session(path, "cpu").session
-    logits, features = session.run(["logits", "features"], {"image": images})
+    logits, features = run_model(session, ["logits", "features"], {"image": images})
     with torch.no_grad():
         expected = [t.numpy() for t in model(torch.from_numpy(images))]
     diff = max(float(np.abs(a - b).max()) for a, b in zip((logits, features), expected, strict=True))

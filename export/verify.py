@@ -11,7 +11,7 @@ import torch
 from digitgen.export.errors import ExportVerificationError
 from digitgen.runtime.contract import check_contract
 from digitgen.runtime.errors import DigitgenError
-from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
+from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason, run_model
 from digitgen.training.config import GANConfig
 
 BATCH_SIZES = (1, 7, 64)
@@ -119,7 +119,7 @@ def verify_parity(
             with torch.no_grad():
                 expected = model(torch.from_numpy(z), torch.from_numpy(digits)).numpy()
             try:
-                (actual,) = opened.session.run(["image"], {"z": z, "digit": digits})
+                (actual,) = run_model(opened.session, ["image"], {"z": z, "digit": digits})
             except ORT_ERRORS as exc:
                 raise ExportVerificationError(
                     f"{onnx_path} failed to run on a batch of {batch_size}: {ort_reason(exc)}"

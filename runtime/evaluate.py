@@ -16,7 +16,7 @@ import numpy as np
 
 from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError
 from digitgen.runtime.generator import DigitGenerator, check_int, default_model_path, empty_digits, fill_digits
-from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason
+from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason, run_model
 
 K_NEAREST = 5
 MNIST_CLASSES = 10  # what the reference classifier tells apart
@@ -56,7 +56,7 @@ class ReferenceClassifier:
         for i in range(0, len(images), batch_size):
             batch = images[i : i + batch_size, None].astype(np.float32) / 255.0
             try:
-                outputs = self._session.run(["logits", "features"], {"image": batch})
+                outputs = run_model(self._session, ["logits", "features"], {"image": batch})
             except ORT_ERRORS as exc:
                 raise ModelRunError(f"{self.path}: the classifier failed to run: {ort_reason(exc)}") from exc
             self._check_outputs(len(batch), *outputs)

@@ -22,7 +22,7 @@ from digitgen.runtime.errors import (
 )
 from digitgen.runtime.idx import IMAGE_SIDE
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
-from digitgen.runtime.session import ORT_ERRORS, model_sha256, open_session, ort_reason
+from digitgen.runtime.session import ORT_ERRORS, model_sha256, open_session, ort_reason, run_model
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -238,7 +238,7 @@ class DigitGenerator:
         :class:`ModelRunError` if onnxruntime fails to run it, :class:`ModelContractError` if what it
         returns is not that (a model can declare its output's dimensions symbolic, or return NaN)."""
         try:
-            (images,) = self._session.run(["image"], {"z": z, "digit": labels})
+            (images,) = run_model(self._session, ["image"], {"z": z, "digit": labels})
         except ORT_ERRORS as exc:
             raise ModelRunError(f"{self.path}: the model failed to run: {ort_reason(exc)}") from exc
         expected = (len(z), 1, IMAGE_SIDE, IMAGE_SIDE)

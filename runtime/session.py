@@ -6,6 +6,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
@@ -30,6 +31,23 @@ ORT_ERRORS: tuple[type[BaseException], ...] = (
 # ...and what building a session can raise besides: a C++ exception onnxruntime does not map to its own classes
 # (a CUDA provider that cannot start, among them)
 SESSION_ERRORS = (*ORT_ERRORS, RuntimeError)
+
+
+# The options of every model call the project makes: a stop signal sets their terminate flag
+# (runtime.signals.model_calls_stop_on_signals), which onnxruntime reads between nodes and in each loop.
+RUN_OPTIONS = ort.RunOptions()
+RUN_OPTIONS.log_severity_level = 4  # fatal only, as for the session
+
+
+def run_model(session: ort.InferenceSession, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
+    """``session.run`` with :data:`RUN_OPTIONS`: :class:`KeyboardInterrupt` where a stop signal ended the call,
+    onnxruntime's own errors otherwise."""
+    try:
+        return session.run(outputs, feeds, RUN_OPTIONS)
+    except ORT_ERRORS:
+        if RUN_OPTIONS.terminate:
+            raise KeyboardInterrupt("a stop signal ended the model call") from None
+        raise
 
 
 @dataclass(frozen=True)

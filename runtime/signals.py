@@ -5,10 +5,13 @@ Python runs signal handlers in the main thread only, so off it these helpers cha
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+
+from digitgen.runtime.session import RUN_OPTIONS
 
 # Job schedulers stop a job with SIGTERM, a closed terminal sends SIGHUP: both stop a command as Ctrl-C does.
 TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -56,3 +59,48 @@ def interrupts_held() -> Iterator[None]:
     finally:
         for signum in dict.fromkeys(held):
             signal.raise_signal(signum)
+
+
+@contextmanager
+def model_calls_stop_on_signals() -> Iterator[None]:
+    """Let Ctrl-C, SIGTERM and SIGHUP end a model call under way, which then raises :class:`KeyboardInterrupt`.
+
+    Python runs a signal's handler only between the main thread's bytecodes, so a model call that never
+    returns (a model with a loop of 2^62 steps) would otherwise never see one. The signal's byte reaches a pipe
+    at once (``signal.set_wakeup_fd``), and a thread waiting on it sets onnxruntime's terminate flag."""
+    if not _in_main_thread():
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_terminate_on_stop_signals, args=(read_end,), daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write_end)  # the watcher reads the end of the pipe and returns
+        watcher.join()
+        os.close(read_end)
+        RUN_OPTIONS.terminate = False
+
+
+def _terminate_on_stop_signals(read_end: int) -> None:
+    while signals := os.read(read_end, 64):
+        if any(signum in INTERRUPTING_SIGNALS for signum in signals):
+            RUN_OPTIONS.terminate = True
+
+
+@contextmanager
+def model_calls_run_through_signals() -> Iterator[None]:
+    """Within :func:`model_calls_stop_on_signals`, let stop signals leave model calls alone (a server finishing
+    its requests in flight on SIGTERM)."""
+    if not _in_main_thread():
+        yield
+        return
+    ours = signal.set_wakeup_fd(-1)
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(ours)

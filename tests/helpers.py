@@ -108,3 +108,28 @@ def nan_pixels(model: onnx.ModelProto) -> None:
         node.output[:] = ["before_nan" if name == "image" else name for name in node.output]
     model.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan"))
     model.graph.node.append(helper.make_node("Mul", ["before_nan", "nan"], ["image"]))
+
+
+def endless_loop(model: onnx.ModelProto) -> None:
+    """The output passed through a loop of 2^62 steps: a model that keeps the contract and never returns."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    for node in model.graph.node:
+        node.output[:] = ["before_loop" if name == "image" else name for name in node.output]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["go"], ["go_on"]), helper.make_node("Identity", ["x"], ["x_on"])],
+        "step",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("go", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("go_on", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_on", TensorProto.FLOAT, None),
+        ],
+    )
+    model.graph.initializer.extend(
+        [numpy_helper.from_array(np.array(2**62), "steps"), numpy_helper.from_array(np.array(True), "always")]
+    )
+    model.graph.node.append(helper.make_node("Loop", ["steps", "always", "before_loop"], ["image"], body=body))

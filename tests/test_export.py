@@ -418,7 +418,7 @@ def test_classifier_parity_allows_ten_times_atol_on_the_cpu_with_fixed_inputs(mo
         def __init__(self, offset: float) -> None:
             self.offset = offset
 
-        def run(self, names, feeds):
+        def run(self, names, feeds, options=None):
             seen.append(feeds["image"])
             return np.full((len(feeds["image"]), 10), self.offset), np.zeros((len(feeds["image"]), 4))
 

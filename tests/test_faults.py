@@ -11,12 +11,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
 from digitgen.runtime import default_model_path
 from tests.conftest import REPO
-from tests.helpers import default_sigint
+from tests.helpers import default_sigint, endless_loop
 
 CLI = [sys.executable, str(REPO / "cli.py")]
 
@@ -85,6 +86,43 @@ def test_ctrl_c_during_generation_leaves_no_partial_file(tmp_path: Path, tiny_on
     assert proc.returncode == 130
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not out.exists()  # nor the folder the run made for them
+
+
+@pytest.fixture(scope="module")
+def endless_onnx(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = onnx.load(str(tiny_onnx))
+    endless_loop(model)
+    path = tmp_path_factory.mktemp("endless") / "endless.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_ends_a_model_call_that_never_returns(tmp_path: Path, endless_onnx: Path, signum: int) -> None:
+    """Python runs signal handlers between bytecodes only, never inside onnxruntime's call: the signal must reach
+    the call itself (its terminate flag), or the command runs on for good."""
+    out = tmp_path / "out"
+    args = [*CLI, "generate", "--generator", str(endless_onnx), "-n", "3", "--format", "npz", "--out", str(out)]
+    with running(args) as proc:
+        _wait_for(proc, lambda: (out / ".digits.npz.part").exists())  # made just before the first model call
+        time.sleep(0.5)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and stderr.splitlines()[-1] == (
+        "Error: interrupted; any file it wrote is complete, none is partial; the same command with --resume continues"
+    )
+    assert not out.exists()
+
+
+def test_serve_stops_while_its_model_check_never_returns(endless_onnx: Path) -> None:
+    """The start-up check draws a digit of each class in the main thread, before the server listens."""
+    args = [*CLI, "serve", "--generator", str(endless_onnx), "--port", "0", "--quiet"]
+    with running(args) as proc:
+        time.sleep(3)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and stderr.splitlines()[-1] == "Error: interrupted; no file was left half-written"
 
 
 FUZZ_SCRIPT = """
