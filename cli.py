@@ -32,13 +32,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.evaluate import MAX_SAMPLES
+from digitgen.runtime.files import readable_file
 from digitgen.runtime.generator import (
     DECIMAL_TEXT,
     DEFAULT_BATCH_SIZE,
@@ -519,17 +520,39 @@ def train(
     )
 
 
-def _read_json(file: TextIO) -> dict:
-    """The file's JSON, whole (pretty-printed or not), else its last line (``evaluate --json`` output captured
+MAX_QUALITY_BYTES = 1 << 20  # what --quality reads at most: evaluate --json writes about 1 kB
+
+
+def _read_json(data: bytes, name: str) -> dict:
+    """``data``'s JSON, whole (pretty-printed or not), else its last line (``evaluate --json`` output captured
     together with the lines before it)."""
     try:
-        text = file.read().strip()
+        text = data.decode().strip()
         try:
             return json.loads(text)
         except json.JSONDecodeError:
             return json.loads(text.splitlines()[-1])
     except (json.JSONDecodeError, UnicodeDecodeError, IndexError) as exc:
-        raise click.BadParameter(f"{file.name} holds no JSON object", param_hint="--quality") from exc
+        raise click.BadParameter(f"{name} holds no JSON object", param_hint="--quality") from exc
+
+
+def _quality_json(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
+    """``--quality``'s file as JSON: a regular file (a device or a pipe could never end) of at most 1 MiB."""
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.exists():
+        raise click.BadParameter(f"{value} not found")
+    if not readable_file(path):
+        raise click.BadParameter(f"{value} is not a regular file (a folder, a pipe or a device)")
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_QUALITY_BYTES + 1)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc.strerror}") from None
+    if len(data) > MAX_QUALITY_BYTES:
+        raise click.BadParameter(f"{value} is over 1 MiB: not what evaluate --json writes")
+    return _read_json(data, value)
 
 
 def _echo_report(report: ParityReport) -> None:
@@ -555,7 +578,12 @@ def _echo_report(report: ParityReport) -> None:
     type=FiniteFloat(min=0),
     help="Largest allowed |torch - onnxruntime| per pixel [default: 1e-4 fp32, 2e-2 fp16, 0.3 int8].",
 )
-@click.option("--quality", type=click.File("r"), help="JSON of `digitgen evaluate --json` to store as metadata.")
+@click.option(
+    "--quality",
+    type=GivenPath(dir_okay=False),
+    callback=_quality_json,
+    help="JSON of `digitgen evaluate --json` to store as metadata.",
+)
 @click.option(
     "--weights-out",
     type=GivenPath(dir_okay=False),
@@ -568,7 +596,7 @@ def export_cmd(
     opset: int,
     precision: str,
     atol: float | None,
-    quality: TextIO | None,
+    quality: dict | None,
     weights_out: str | None,
     overwrite: bool,
 ) -> None:
@@ -581,7 +609,7 @@ def export_cmd(
         opset=opset,
         precision=precision,
         atol=atol,
-        evaluation=_read_json(quality) if quality else None,
+        evaluation=quality,
         weights_out=weights_out,
         overwrite=overwrite,
     )

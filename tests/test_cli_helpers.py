@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import shlex
 import signal
 from pathlib import Path
@@ -16,27 +15,25 @@ from tests.conftest import REPO
 from tests.helpers import PIP
 
 
-def named(text: str) -> io.StringIO:
-    file = io.StringIO(text)
-    file.name = "quality.json"
-    return file
+def named(text: str) -> tuple[bytes, str]:
+    return text.encode(), "quality.json"
 
 
 def test_quality_file_is_read_from_its_last_line() -> None:
     """`evaluate --json` may print progress first; the JSON object is the last line."""
     text = 'evaluating 100 digits\n{"generated": {"fid": 1.5}, "real": {"fid": 1.0}}\n\n'
-    assert _read_json(named(text)) == {"generated": {"fid": 1.5}, "real": {"fid": 1.0}}
+    assert _read_json(*named(text)) == {"generated": {"fid": 1.5}, "real": {"fid": 1.0}}
 
 
 def test_a_pretty_printed_quality_file_is_read_whole() -> None:
     text = '{\n  "generated": {"fid": 1.5},\n  "real": {"fid": 1.0}\n}\n'
-    assert _read_json(named(text)) == {"generated": {"fid": 1.5}, "real": {"fid": 1.0}}
+    assert _read_json(*named(text)) == {"generated": {"fid": 1.5}, "real": {"fid": 1.0}}
 
 
 @pytest.mark.parametrize("text", ["", "  \n", "done\n", '{"generated": 1}\nnot json'], ids=repr)
 def test_quality_file_without_json_is_a_bad_parameter(text: str) -> None:
     with pytest.raises(click.BadParameter, match=r"quality\.json holds no JSON object") as raised:
-        _read_json(named(text))
+        _read_json(*named(text))
     assert raised.value.param_hint == "--quality"
 
 

@@ -545,6 +545,20 @@ def test_a_release_weights_write_that_fails_leaves_no_model(tmp_path: Path, tiny
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("kind", ["device", "pipe", "large"])
+def test_export_quality_reads_a_regular_file_of_at_most_1_mib(tmp_path: Path, tiny_checkpoint: Path, kind: str) -> None:
+    """A device would be read for ever (and into memory), a pipe waited on for good."""
+    quality = Path("/dev/zero") if kind == "device" else tmp_path / "quality.json"
+    if kind == "pipe":
+        os.mkfifo(quality)
+    elif kind == "large":
+        quality.write_bytes(b" " * (1 << 20) + b"{}")
+    code, output = _cli("export", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "g.onnx", "--quality", quality)
+    words = "is over 1 MiB: not what evaluate --json writes" if kind == "large" else "is not a regular file"
+    assert code == 2 and output.startswith(f"Error: Invalid value for '--quality': {quality} {words}")
+    assert not (tmp_path / "g.onnx").exists()
+
+
 def test_export_quality_that_is_not_text_is_one_line(tmp_path: Path, tiny_checkpoint: Path) -> None:
     quality = tmp_path / "quality.json"
     quality.write_bytes(b"\xf8\xff not text")
