@@ -60,6 +60,7 @@ from digitgen.runtime.signals import (
     model_calls_stop_on_signals,
     release_held_at_start,
 )
+from digitgen.runtime.text import printable
 from digitgen.runtime.writers import FORMATS, merge_shards, plan_generation
 from digitgen.training.config import (
     AUGMENTATIONS,
@@ -648,7 +649,7 @@ def verify(model_argument: str | None, model: str | None, checkpoint: str, atol:
     help="How many digits to generate (--count: as the HTTP API's count).",
 )
 @click.option("--digits", callback=_parsed_by(parse_digit_list), help="Digits to generate, repeated to N (e.g. 0,3,7).")
-@click.option("--digit", type=Integer(), help="Generate only this digit.")
+@click.option("--digit", type=Integer(min=0), help="Generate only this digit.")
 @click.option("--seed", default=0, show_default=True, type=Integer(min=0, max=MAX_SEED))
 @click.option("--out", default="digits", show_default=True, type=GivenPath(), help="Output directory.")
 @click.option("--format", "fmt", default="png", show_default=True, type=click.Choice(FORMATS))
@@ -767,8 +768,8 @@ def info(model_argument: str | None, model: str | None) -> None:
     for kind, args in (("input", gen.inputs), ("output", gen.outputs)):
         for arg in args:
             click.echo(f"{kind:<7} {arg.name:<6} {arg.type:<14} {arg.shape}")
-    for key, value in sorted(gen.info.metadata.items()):
-        click.echo(f"{key}: {value}")
+    for key, value in sorted(gen.info.metadata.items()):  # the file's words, never a line or a cursor move of theirs
+        click.echo(f"{printable(key)}: {printable(value)}")
     click.echo(f"noise (runtime, any model): {NOISE_SCHEME}")
 
 

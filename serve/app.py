@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
+from digitgen.runtime.text import printable
 from digitgen.serve.batch import Batcher
 from digitgen.serve.limits import Admission, OverloadedError
 from digitgen.serve.observe import (
@@ -39,7 +40,6 @@ from digitgen.serve.observe import (
     Send,
     local_path,
     logged_target,
-    printable,
 )
 from digitgen.serve.page import PageFiles
 from digitgen.serve.params import (

@@ -22,6 +22,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from digitgen.runtime.text import printable
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -32,7 +34,6 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # a request target in absolute form, as a client talking to a proxy sends it (RFC 9112, 3.2.2): scheme://authority
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
 LOGGED_TARGET = 1024  # characters of a request's path and query in its access-log line
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 ACCESS_LOG = logging.getLogger("digitgen.serve.access")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 BUSY, TIME_LIMIT = "busy", "time_limit"  # why a request was refused with 503, a label of the refused counter
@@ -73,12 +74,6 @@ def logged_target(path: str, query: str) -> str:
     if len(target) > LOGGED_TARGET:
         target = f"{target[:LOGGED_TARGET]}...({len(target) - LOGGED_TARGET} more characters)"
     return target
-
-
-def printable(text: str) -> str:
-    """``text`` with its control characters escaped (``\\n`` for a newline the server decoded from ``%0A``),
-    so that a request cannot write a line of its own into the log."""
-    return _CONTROL.sub(lambda control: control.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class Metrics:

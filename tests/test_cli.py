@@ -233,6 +233,21 @@ def test_info_prints_contract_and_metadata(tiny_onnx: Path) -> None:
         assert expected in output
 
 
+def test_info_prints_a_models_metadata_on_its_own_lines_only(tmp_path: Path, tiny_onnx: Path) -> None:
+    """A file's words cannot forge a line of info's output, nor move the terminal's cursor."""
+    import onnx
+
+    model = onnx.load(str(tiny_onnx))
+    model.metadata_props.add(key="train_note\n", value="\x1b[31mred\x1b[0m\nsha256: forged")
+    forging = tmp_path / "forging.onnx"
+    onnx.save(model, str(forging))
+    code, output = run("info", forging)
+    assert code == 0 and "train_note\\n: \\x1b[31mred\\x1b[0m\\nsha256: forged" in output.splitlines()
+    assert [line for line in output.splitlines() if line.startswith("sha256:")] == [
+        f"sha256: {hashlib.sha256(forging.read_bytes()).hexdigest()}"
+    ]
+
+
 @pytest.mark.parametrize("command", ["info", "verify"])
 def test_the_model_is_spelled_generator_everywhere(tmp_path: Path, tiny_onnx: Path, command: str) -> None:
     checkpoint = ["--checkpoint", tmp_path / "none.pt"] if command == "verify" else []

@@ -13,6 +13,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from digitgen.runtime.text import printable
 from digitgen.serve.observe import (
     ACCESS_LOG,
     Message,
@@ -23,7 +24,6 @@ from digitgen.serve.observe import (
     Send,
     logged_target,
     origin_form,
-    printable,
 )
 
 ENDPOINTS = frozenset({"/generate", "/healthz"})
