@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from digitgen.training.checkpoint import FORMAT_VERSION, WEIGHTS_KEYS, load_checkpoint, load_weights, save_checkpoint
+from digitgen.training.checkpoint import (
+    FORMAT_VERSION,
+    WEIGHTS_KEYS,
+    load_checkpoint,
+    load_weights,
+    read_data_file,
+    save_checkpoint,
+)
 from digitgen.training.classifier import Classifier
 from digitgen.training.config import GANConfig, TrainConfig, parse_digit_weights
 from digitgen.training.data import MNIST_FILES, load_mnist
@@ -462,6 +471,31 @@ def test_a_truncated_checkpoint_is_refused_with_the_first_sentence_of_torchs_rea
     sentence = message[len(prefix) : -1]
     rest = reason[len(sentence) :]
     assert sentence and reason.startswith(sentence) and (rest == "" or rest.startswith((". ", "\n")))
+
+
+def test_a_checkpoint_whose_bytes_changed_in_place_is_refused_by_its_crc(tmp_path: Path) -> None:
+    """torch.load reads a tensor whose bytes changed (a bit flipped on disk, an edit by hand) without a word; the
+    CRC-32 the file keeps for each record says so. A file saved without CRCs is read as before."""
+    path = tmp_path / "weights.pt"
+    torch.save({key: torch.zeros(1000) for key in WEIGHTS_KEYS}, path)
+    with zipfile.ZipFile(path) as archive:
+        record = next(info for info in archive.infolist() if info.filename.endswith("/data/0"))
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[record.header_offset + 26 : record.header_offset + 30])
+    start = record.header_offset + 30 + name_length + extra_length  # after the record's local header
+    data[start + 100 : start + 104] = struct.pack("<f", 50.0)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as error:
+        load_weights(path)
+    assert str(error.value) == (
+        f"{path}: not a readable digitgen checkpoint (corrupt: its record {record.filename} fails its CRC-32 check)"
+    )
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({key: torch.zeros(1000) for key in WEIGHTS_KEYS}, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert read_data_file(path, "", "")["step"].shape == (1000,)  # every CRC 0: nothing to check
 
 
 @pytest.mark.parametrize("data", [b"hi\n", b"\x85#q$", b"j", pickle.dumps({"step": 1})], ids=repr)

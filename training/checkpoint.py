@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from digitgen.runtime.errors import OutputError
-from digitgen.runtime.files import publish
+from digitgen.runtime.files import publish, readable_file
 from digitgen.training.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -59,8 +59,13 @@ def read_data_file(path: str | Path, missing: str, unreadable: str) -> Any:
     :class:`CheckpointError` "``missing``: PATH" if there is no such file, "PATH: ``unreadable`` (why)" if it
     cannot be read so."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{missing}: {path}")
+    if not readable_file(path):
+        raise CheckpointError(f"{path}: {unreadable} (not a regular file: a folder, a pipe or a device)")
+    damaged = _record_failing_its_crc(path)
+    if damaged is not None:
+        raise CheckpointError(f"{path}: {unreadable} (corrupt: its record {damaged} fails its CRC-32 check)")
     try:
         with warnings.catch_warnings():  # torch warns of a legacy (non-zip) file before reading it; the error says it
             warnings.simplefilter("ignore")
@@ -80,6 +85,18 @@ def read_data_file(path: str | Path, missing: str, unreadable: str) -> Any:
             else f"{type(exc).__module__}.{type(exc).__qualname__}"
         )
         raise CheckpointError(f"{path}: {unreadable} (corrupt: {kind} in its pickled data)") from exc
+
+
+def _record_failing_its_crc(path: Path) -> str | None:
+    """The first record of a PyTorch file (a zip) whose bytes fail the CRC-32 stored for them, which torch.load
+    does not check; ``None`` if all pass, if the file stores none, or if it is no zip (torch.load says why)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(info.CRC for info in archive.infolist()):  # saved without checksums
+                return None
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
 
 
 def load_weights(path: str | Path) -> dict[str, Any]:
