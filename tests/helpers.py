@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shlex
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
+import torch
 
 from digitgen.runtime.idx import idx_header
 from digitgen.training.data import MNIST_FILES
@@ -133,3 +137,20 @@ def endless_loop(model: onnx.ModelProto) -> None:
         [numpy_helper.from_array(np.array(2**62), "steps"), numpy_helper.from_array(np.array(True), "always")]
     )
     model.graph.node.append(helper.make_node("Loop", ["steps", "always", "before_loop"], ["image"], body=body))
+
+
+@contextmanager
+def sigterm_in_training_step(monkeypatch: pytest.MonkeyPatch, step: int) -> Iterator[None]:
+    """Within the block, a SIGTERM to this process during the ``step``-th step (from 1) of classifier training."""
+    from digitgen.training import classifier as classifier_module
+
+    steps, shift = itertools.count(1), classifier_module.random_shift
+
+    def shift_then_stop(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> torch.Tensor:
+        if next(steps) == step:
+            signal.raise_signal(signal.SIGTERM)
+        return shift(images, max_shift, rng)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(classifier_module, "random_shift", shift_then_stop)
+        yield

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from digitgen.runtime.evaluate import Cas, Evaluation
 from digitgen.runtime.idx import read_mnist_split
 from digitgen.training.cas import CasRun, cas_work
 from digitgen.training.classifier import ClassifierResult, training_steps
+from tests.helpers import sigterm_in_training_step
 from tests.test_evaluate import _scores, evaluate_args
 
 
@@ -160,8 +160,6 @@ def test_evaluate_cas_stopped_by_a_signal_continues_where_it_stopped(
 ) -> None:
     """SIGTERM in CAS's second of 3 steps (130 generated digits: 1 step, 256 real: 2): its state kept in the cache
     folder; the same command then ends with the scores of a run never stopped."""
-    from digitgen.training import classifier as classifier_module
-
     monkeypatch.setattr(cas_module, "PER_CLASS", 13)
     monkeypatch.setattr(cas_module, "EPOCHS", 1)
     command = [*evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist), "--cas", "--json"]
@@ -169,15 +167,7 @@ def test_evaluate_cas_stopped_by_a_signal_continues_where_it_stopped(
     whole = CliRunner().invoke(main, command)
     assert whole.exit_code == 0, whole.output
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    shifts, shift = itertools.count(1), classifier_module.random_shift
-
-    def shift_then_stop_at_the_second(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> torch.Tensor:
-        if next(shifts) == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return shift(images, max_shift, rng)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(classifier_module, "random_shift", shift_then_stop_at_the_second)
+    with sigterm_in_training_step(monkeypatch, 2):
         stopped = CliRunner().invoke(main, command)
     state_dir = tmp_path / "cache" / "digitgen"
     assert stopped.exit_code == 130 and stopped.output.splitlines()[-1] == (

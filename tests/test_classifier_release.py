@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from digitgen.runtime.session import open_session
 from digitgen.training.classifier import WEIGHTS_KIND, load_classifier_weights
 from digitgen.training.errors import CheckpointError
 from tests.conftest import REPO
-from tests.helpers import write_idx, write_tiny_mnist
+from tests.helpers import sigterm_in_training_step, write_idx, write_tiny_mnist
 
 SHIPPED_WEIGHTS = REPO / "artifacts" / "classifier_weights.pt"
 SHIPPED_CLASSIFIER = REPO / "artifacts" / "classifier.onnx"
@@ -208,17 +206,7 @@ def test_classifier_weights_that_are_not_numbers_are_refused(tmp_path: Path) -> 
 
 def _stopped_by_sigterm_in_step_3(monkeypatch: pytest.MonkeyPatch, *args: object) -> tuple[int, list[str]]:
     """``_cli(*args)`` with a SIGTERM during the third training step."""
-    from digitgen.training import classifier as classifier_module
-
-    shifts, shift = itertools.count(1), classifier_module.random_shift
-
-    def shift_then_stop_at_the_third(images: torch.Tensor, max_shift: int, rng: torch.Generator) -> torch.Tensor:
-        if next(shifts) == 3:
-            signal.raise_signal(signal.SIGTERM)
-        return shift(images, max_shift, rng)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(classifier_module, "random_shift", shift_then_stop_at_the_third)
+    with sigterm_in_training_step(monkeypatch, 3):
         return _cli(*args)
 
 
