@@ -5,8 +5,8 @@ Python runs signal handlers in the main thread only, so off it these helpers cha
 
 from __future__ import annotations
 
-import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -66,28 +66,28 @@ def model_calls_stop_on_signals() -> Iterator[None]:
     """Let Ctrl-C, SIGTERM and SIGHUP end a model call under way, which then raises :class:`KeyboardInterrupt`.
 
     Python runs a signal's handler only between the main thread's bytecodes, so a model call that never
-    returns (a model with a loop of 2^62 steps) would otherwise never see one. The signal's byte reaches a pipe
+    returns (a model with a loop of 2^62 steps) would otherwise never see one. The signal's byte reaches a socket
     at once (``signal.set_wakeup_fd``), and a thread waiting on it sets onnxruntime's terminate flag."""
     if not _in_main_thread():
         yield
         return
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-    watcher = threading.Thread(target=_terminate_on_stop_signals, args=(read_end,), daemon=True)
+    reader, writer = socket.socketpair()  # a socket, not a pipe: what set_wakeup_fd takes on Windows too
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_terminate_on_stop_signals, args=(reader,), daemon=True)
     watcher.start()
     try:
         yield
     finally:
         signal.set_wakeup_fd(previous)
-        os.close(write_end)  # the watcher reads the end of the pipe and returns
+        writer.close()  # the watcher reads the end of the stream and returns
         watcher.join()
-        os.close(read_end)
+        reader.close()
         RUN_OPTIONS.terminate = False
 
 
-def _terminate_on_stop_signals(read_end: int) -> None:
-    while signals := os.read(read_end, 64):
+def _terminate_on_stop_signals(reader: socket.socket) -> None:
+    while signals := reader.recv(64):
         if any(signum in INTERRUPTING_SIGNALS for signum in signals):
             RUN_OPTIONS.terminate = True
 
