@@ -121,13 +121,14 @@ def train_classifier(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=total)
     rng = torch.Generator().manual_seed(seed)
     parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
-    recipe = recipe_of(train, epochs, batch_size, seed) if state_path is not None else {}
-    step, order = 0, torch.empty(0, dtype=torch.int64)
+    step, order, recipe = 0, torch.empty(0, dtype=torch.int64), {}
     if resume_from is not None:
         if state_path is None:
             raise TrainingError("a resumed training writes its state at state_path; none was given")
         restore_state(state_path, resume_from, parts, rng)
-        step, order = resume_from["step"], resume_from["order"]
+        step, order, recipe = resume_from["step"], resume_from["order"], resume_from["recipe"]  # load_state checked it
+    elif state_path is not None:
+        recipe = recipe_of(train, epochs, batch_size, seed)
     start = time.perf_counter()
     model.train()
     while step < total:
