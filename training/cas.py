@@ -16,7 +16,7 @@ from digitgen.runtime.evaluate import Cas
 from digitgen.runtime.files import atomic_file
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.training.classifier import BATCH_SIZE, train_classifier, training_steps
-from digitgen.training.classifier_resume import data_digest, load_state, recipe_of
+from digitgen.training.classifier_resume import data_digest, finding, load_state, recipe_of
 from digitgen.training.data import MnistTensors
 from digitgen.training.errors import CheckpointError
 
@@ -111,7 +111,7 @@ class CasRun:
                 recipe = recipe_of(self._split(name), self.epochs, BATCH_SIZE, CLASSIFIER_SEED)
                 self.resumed[name] = load_state(self.paths[name], recipe, total)
             except CheckpointError as damaged:
-                self.notes.append(f"{damaged}; trained again")
+                self.notes.append(f"{finding(damaged)}; trained again")
 
     def _split(self, name: str) -> MnistTensors:
         return self.train if name == "real" else self._generated

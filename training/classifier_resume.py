@@ -17,6 +17,21 @@ from digitgen.training.errors import CheckpointError
 STATE_KIND = "reference classifier training state"
 STATE_FORMAT_VERSION = 1
 RECIPE_OPTIONS = {"epochs": "--epochs", "batch_size": "batch size", "seed": "--seed"}
+START_OVER = "start over with --overwrite"
+
+
+class UnusableStateError(CheckpointError):
+    """A readable training state that cannot be continued: ``finding`` says why, the message adds what
+    ``train-classifier`` can do about it."""
+
+    def __init__(self, finding: str, advice: str) -> None:
+        super().__init__(f"{finding}{advice}")
+        self.finding = finding
+
+
+def finding(error: CheckpointError) -> str:
+    """Why a training state cannot be continued, without ``train-classifier``'s advice."""
+    return error.finding if isinstance(error, UnusableStateError) else str(error)
 
 
 def state_path_beside(onnx_path: str | Path) -> Path:
@@ -40,8 +55,7 @@ def check_resume(path: Path, resume: bool, overwrite: bool) -> None:
         raise CheckpointError(f"nothing to resume: {path} (what an interrupted run of this command leaves) not found")
     if not resume and path.exists() and not overwrite:
         raise CheckpointError(
-            f"{path} holds an interrupted run of this command: continue it with --resume, "
-            "or start over with --overwrite"
+            f"{path} holds an interrupted run of this command: continue it with --resume, or {START_OVER}"
         )
     check_writable(path)
 
@@ -64,21 +78,22 @@ def load_state(path: Path, recipe: dict[str, Any], total: int) -> dict[str, Any]
     if not isinstance(payload, dict) or payload.get("kind") != STATE_KIND:
         raise CheckpointError(f"{path}: not the training state of train-classifier")
     if payload.get("format_version") != STATE_FORMAT_VERSION or not isinstance(payload.get("recipe"), dict):
-        raise CheckpointError(
+        raise UnusableStateError(
             f"{path}: training state format {payload.get('format_version')!r}, this version reads "
-            f"{STATE_FORMAT_VERSION}; start over with --overwrite"
+            f"{STATE_FORMAT_VERSION}",
+            f"; {START_OVER}",
         )
     theirs = payload["recipe"]
     for key, option in RECIPE_OPTIONS.items():
         if theirs.get(key) != recipe[key]:
-            raise CheckpointError(
-                f"{path} is a run of {option} {theirs.get(key)!r}, not {recipe[key]!r}: resume it with the options it "
-                "was started with, or start over with --overwrite"
+            raise UnusableStateError(
+                f"{path} is a run of {option} {theirs.get(key)!r}, not {recipe[key]!r}",
+                f": resume it with the options it was started with, or {START_OVER}",
             )
     if theirs.get("data") != recipe["data"]:
-        raise CheckpointError(
-            f"{path} was trained on other MNIST training images than these: resume it on its own data "
-            "(--data-dir), or start over with --overwrite"
+        raise UnusableStateError(
+            f"{path} was trained on other MNIST training images than these",
+            f": resume it on its own data (--data-dir), or {START_OVER}",
         )
     step, order = payload.get("step"), payload.get("order")
     if type(step) is not int or not 0 < step < total or not isinstance(order, torch.Tensor):
