@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import RedirectResponse, Response
 
 from digitgen.serve.observe import Message, Receive, Scope, Send
 from digitgen.serve.refusal import refusal
@@ -21,7 +24,15 @@ def _range_refusal(status: int, plain_text: str, headers: dict[str, str]) -> str
 
 class PageFiles(StaticFiles):
     """Starlette's static files, whose refusals of a ``Range`` header (a 400 or a 416, one short message) are JSON
-    here; any other answer, a 404 page of the folder's own among them, goes as it is."""
+    here; any other answer, a 404 page of the folder's own among them, goes as it is. A folder named without its
+    final slash is redirected by a relative reference, never to an address built from the request's ``Host``."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        if isinstance(response, RedirectResponse):  # ./NAME/: NAME may hold a colon, which would read as a scheme
+            last = scope["path"].rpartition("/")[2]
+            return RedirectResponse(f"./{quote(last)}/", response.status_code)
+        return response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         refused: Message | None = None

@@ -753,3 +753,27 @@ def test_the_page_rewrites_only_its_range_refusals(tmp_path: Path) -> None:
         "the Range asked for starts past the end of the file (100 bytes)"
     )
     assert part.status_code == 206 and part.content == bytes(10)
+
+
+def test_the_page_redirects_a_folder_without_its_slash_relatively_whatever_the_host(tmp_path: Path) -> None:
+    """Starlette would redirect to http://HOST/.../ with the request's Host header: an address anyone can set."""
+    (tmp_path / "sub:folder").mkdir()
+    for folder in (tmp_path, tmp_path / "sub:folder"):
+        (folder / "index.html").write_text("<html>the page</html>")
+    (tmp_path / "generator.onnx").write_bytes(b"the page's model")
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False, web_dir=str(tmp_path)))
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    for path in ("/.", "/sub:folder"):
+        scope = {"type": "http", "method": "GET", "path": path, "query_string": b"", "root_path": ""}
+        scope |= {"headers": [(b"host", b"evil.example")], "asgi": {"version": "3.0"}, "http_version": "1.1"}
+        asyncio.run(app(scope, receive, send))
+    locations = [dict(m["headers"]).get(b"location") for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [307, 307]
+    assert locations == [b"././", b"./sub%3Afolder/"]
