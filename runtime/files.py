@@ -299,7 +299,7 @@ def refuse_one_file_twice(files: dict[str, str | Path | None]) -> None:
     for option, path in files.items():
         if path is None:
             continue
-        resolved = Path(path).resolve()
+        resolved = Path(os.path.realpath(path))  # Path.resolve raises RuntimeError on a loop of links
         if resolved in seen:
             raise OutputError(f"{seen[resolved]} and {option} name the same file ({path}); give each its own")
         seen[resolved] = option

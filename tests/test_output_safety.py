@@ -891,6 +891,14 @@ def test_two_options_naming_one_file_are_refused_whatever_comes_before(tmp_path:
         refuse_one_file_twice({"--quality": None, "--out": tmp_path / "m.onnx", "--weights-out": tmp_path / "m.onnx"})
 
 
+def test_a_loop_of_links_is_one_file_as_any_other_name(tmp_path: Path) -> None:
+    """Its own errors (not found, already exists) come after, from the command; here it is no crash."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    refuse_one_file_twice({"--checkpoint": tmp_path / "loop", "--out": tmp_path / "m.onnx"})
+    with pytest.raises(OutputError, match=r"^--checkpoint and --out name the same file"):
+        refuse_one_file_twice({"--checkpoint": tmp_path / "loop", "--out": tmp_path / "loop"})
+
+
 def test_a_claim_that_loses_the_name_to_the_run_publishing_it_opens_the_name_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
