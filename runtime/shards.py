@@ -28,7 +28,8 @@ class Shard:
     count: int = 1
 
     def check(self, total: int) -> Shard:
-        """This shard if ``total`` digits can be split so, else :class:`InvalidRequestError` in words."""
+        """This shard, its numbers as ``int`` (not numpy's), if ``total`` digits can be split so, else
+        :class:`InvalidRequestError` in words."""
         for name, value in (("shard index", self.index), ("number of shards", self.count)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise InvalidRequestError(f"the {name} must be an integer, got {value!r}")
@@ -42,7 +43,14 @@ class Shard:
             raise InvalidRequestError(f"shard index must be in 0..{self.count - 1} for {self.count} shards")
         if self.count > total:
             raise InvalidRequestError(f"{self.count} shards for {total} digits would leave some empty")
-        return self
+        return Shard(int(self.index), int(self.count))
+
+    @staticmethod
+    def checked(shard: object, total: int) -> Shard:
+        """``shard`` checked for ``total`` digits (:meth:`check`), if it is a :class:`Shard` at all."""
+        if not isinstance(shard, Shard):
+            raise InvalidRequestError(f"shard must be a Shard(index, count), got {shard!r}")
+        return shard.check(total)
 
     def bounds(self, total: int) -> tuple[int, int]:
         """Global ``(start, stop)`` indices of this shard."""

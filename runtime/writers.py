@@ -583,8 +583,7 @@ def plan_output(
     total = check_int(total, "number of digits", maximum=MAX_INDEX + 1)
     check_flag(overwrite, "overwrite")
     check_flag(resume, "resume")
-    if not isinstance(shard, Shard):
-        raise InvalidRequestError(f"shard must be a Shard(index, count), got {shard!r}")
+    shard = Shard.checked(shard, total)
     if overwrite and resume:
         raise InvalidRequestError("resume keeps what is complete and overwrite replaces everything: give one")
     if fmt == "mnist":
@@ -595,7 +594,7 @@ def plan_output(
             )
     elif test_count is not None:
         raise InvalidRequestError("a test split (--test-count, test_count) is written by the mnist format only")
-    start, stop = shard.check(total).bounds(total)
+    start, stop = shard.bounds(total)
     if fmt == "grid" and shard.count > 1:
         raise InvalidRequestError("the grid format writes one contact sheet and is not sharded; shard png, npz or idx")
     if fmt == "grid":
@@ -714,7 +713,8 @@ def plan_generation(
 ) -> GenerationJob:
     """Check everything about a :func:`generate_files` request, generating nothing and writing no file."""
     request = gen.check_request(num, digits, seed, batch_size, truncation=truncation)
-    record = run_record(fmt, num, shard.count, request.digits, request.seed, request.truncation, gen.sha256)
+    shard = Shard.checked(shard, request.num)
+    record = run_record(fmt, request.num, shard.count, request.digits, request.seed, request.truncation, gen.sha256)
     plan = plan_output(
         out_dir, fmt, num, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count, record=record
     )

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digitgen.runtime import FORMATS, DigitGenerator, InvalidRequestError, OutputError, TooManyDigitsError, write_digits
+from digitgen.runtime import (
+    FORMATS,
+    DigitGenerator,
+    InvalidRequestError,
+    OutputError,
+    Shard,
+    TooManyDigitsError,
+    generate_files,
+    write_digits,
+)
 from digitgen.runtime.encode import contact_sheet
 from digitgen.runtime.idx import read_idx
 from digitgen.runtime.writers import (
@@ -176,6 +185,23 @@ def test_a_total_that_is_not_a_count_of_digits_is_refused_in_words(tmp_path: Pat
 def test_counts_may_be_numpy_integers(tmp_path: Path) -> None:
     plan = plan_output(tmp_path, "mnist", np.int64(5), test_count=np.int64(3))
     assert (plan.total, plan.test_count) == (5, 3) and type(plan.total) is int
+
+
+@pytest.mark.parametrize("fmt", ["png", "npz", "idx"])
+def test_generate_files_takes_numpy_integers_for_its_count_and_shard(
+    gen: DigitGenerator, tmp_path: Path, fmt: str
+) -> None:
+    """As ``generate`` and ``write_digits`` do: the count and the shard go into a sharded run's JSON record."""
+    generate_files(gen, tmp_path / "numpy", np.int64(7), fmt, shard=Shard(np.int64(1), np.int64(2)))
+    generate_files(gen, tmp_path / "int", 7, fmt, shard=Shard(1, 2))
+    files = [{path.name: path.read_bytes() for path in (tmp_path / run).iterdir()} for run in ("numpy", "int")]
+    assert files[0] == files[1] and len(files[0]) == {"png": 4, "npz": 2, "idx": 3}[fmt]
+
+
+def test_generate_files_refuses_a_shard_that_is_not_a_shard(gen: DigitGenerator, tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match=r"^shard must be a Shard\(index, count\), got \(0, 2\)$"):
+        generate_files(gen, tmp_path / "out", 30, "npz", shard=(0, 2))  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_files_are_counted_in_the_refusal(tmp_path: Path) -> None:
