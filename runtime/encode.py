@@ -8,6 +8,7 @@ same digits always give the same bytes.
 from __future__ import annotations
 
 import io
+import math
 import struct
 import tarfile
 import zipfile
@@ -80,11 +81,33 @@ def grid_png_bytes(images: np.ndarray) -> bytes:
 
 def open_npz(path: Path) -> np.lib.npyio.NpzFile:
     """``path`` opened as a NumPy archive, pickles refused; ``ValueError`` for a file that holds one array (``.npy``
-    bytes under an ``.npz`` name), which ``np.load`` would return instead."""
+    bytes under an ``.npz`` name), which ``np.load`` would return instead, or an array whose header declares more
+    or fewer bytes than the archive holds, which ``np.load`` would allocate first."""
     loaded = np.load(path, allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ValueError("it holds one NumPy array (.npy), not an archive of images and labels")
+    try:
+        for member in loaded.zip.infolist():
+            if member.filename.endswith(".npy"):
+                _check_declared_size(loaded.zip, member)
+    except BaseException:
+        loaded.close()
+        raise
     return loaded
+
+
+def _check_declared_size(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
+    """``ValueError`` unless the array in ``member`` holds as many bytes as its header says it has."""
+    with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        if dtype.hasobject:
+            return  # an array of objects is a pickle, which reading refuses
+        declared = math.prod(shape) * dtype.itemsize
+        held = member.file_size - f.tell()
+    if declared != held:
+        raise ValueError(f"{member.filename} declares {declared} bytes of {dtype} {list(shape)} but holds {held}")
 
 
 def npz_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import shlex
 import signal
 import socket
 import sys
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,6 +104,18 @@ def free_port() -> int:
 def write_idx(path: str | Path, items: np.ndarray) -> None:
     """Write uint8 images (N, 28, 28) or labels (N,) as one IDX file."""
     Path(path).write_bytes(idx_header(len(items), items.ndim == 3) + items.astype(np.uint8).tobytes())
+
+
+def write_npz_declaring(path: Path, shape: tuple[int, ...]) -> None:
+    """An NPZ of digits whose images header declares ``shape`` over a kilobyte of data: what ``np.load`` would
+    allocate in full before finding the data short."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    labels = io.BytesIO()
+    np.lib.format.write_array(labels, np.zeros(3, np.int64))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("images.npy", header.getvalue() + bytes(1024))
+        archive.writestr("labels.npy", labels.getvalue())
 
 
 def nan_pixels(model: onnx.ModelProto) -> None:

@@ -23,7 +23,7 @@ from digitgen.runtime import (
     generate_files,
 )
 from digitgen.runtime.writers import FORMATS
-from tests.helpers import default_sigint
+from tests.helpers import default_sigint, write_npz_declaring
 
 N = 40
 BATCH = 8
@@ -210,6 +210,13 @@ def test_resume_never_unpickles_an_npz(gen: DigitGenerator, tmp_path: Path) -> N
     np.savez(tmp_path / "digits.npz", images=payload)
     generate_files(gen, tmp_path, N, "npz", resume=True, **REQUEST)
     assert not marker.exists()
+    assert np.load(tmp_path / "digits.npz")["images"].shape == (N, 28, 28)
+
+
+def test_resume_replaces_an_npz_declaring_more_than_it_holds(gen: DigitGenerator, tmp_path: Path) -> None:
+    """Damaged (its header says 279 GiB of images, it holds a kilobyte), not a file too large for memory."""
+    write_npz_declaring(tmp_path / "digits.npz", (382_653_061, 28, 28))
+    generate_files(gen, tmp_path, N, "npz", resume=True, **REQUEST)
     assert np.load(tmp_path / "digits.npz")["images"].shape == (N, 28, 28)
 
 

@@ -19,6 +19,7 @@ from digitgen.runtime.idx import check_idx, read_idx
 from digitgen.runtime.noise import NOISE_SCHEME
 from digitgen.runtime.shards import WHOLE, Shard
 from digitgen.runtime.writers import merge_shards
+from tests.helpers import write_npz_declaring
 
 N, K = 47, 3
 
@@ -335,6 +336,21 @@ def test_an_npz_shard_holding_one_array_is_named_and_nothing_is_merged(gen: Digi
     with (tmp_path / "digits-00001-of-00002.npz").open("wb") as f:
         np.save(f, np.zeros((2, 28, 28), np.uint8))  # .npy bytes under an .npz name
     shard = r"digits-00001-of-00002\.npz is not a digits NPZ shard \(ValueError: it holds one NumPy array"
+    with pytest.raises(OutputError, match=shard):
+        merge_shards(tmp_path, "npz")
+    assert not (tmp_path / "digits.npz").exists()
+
+
+def test_an_npz_shard_declaring_more_than_it_holds_is_named_without_allocating_it(
+    gen: DigitGenerator, tmp_path: Path
+) -> None:
+    _write(gen, tmp_path, "npz", Shard(0, 2))
+    (tmp_path / "digitgen-npz-run-00000-of-00002").unlink()  # as parts made before run records were kept
+    write_npz_declaring(tmp_path / "digits-00001-of-00002.npz", (382_653_061, 28, 28))  # 279 GiB
+    shard = (
+        r"digits-00001-of-00002\.npz is not a digits NPZ shard \(ValueError: images\.npy declares 299999999824 "
+        r"bytes of uint8 \[382653061, 28, 28\] but holds 1024\)"
+    )
     with pytest.raises(OutputError, match=shard):
         merge_shards(tmp_path, "npz")
     assert not (tmp_path / "digits.npz").exists()
