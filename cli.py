@@ -129,6 +129,13 @@ class OptionsOnce(click.Command):
         return super().parse_args(ctx, args)
 
 
+def _fail(message: str, exit_code: int = 1) -> NoReturn:
+    """Say ``message`` as one line of stderr, whatever it quotes (a path with a newline or a terminal's escape
+    codes among them), and exit."""
+    click.echo(f"Error: {printable(message)}", err=True)
+    sys.exit(exit_code)
+
+
 class OneLineErrors(click.Group):
     """A group whose errors are one line on stderr: no usage block, no traceback; its commands take each option
     once."""
@@ -148,33 +155,22 @@ class OneLineErrors(click.Group):
             click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
             sys.exit(0)
         except click.UsageError as exc:
-            click.echo(f"Error: {exc.format_message()} (see --help)", err=True)
-            sys.exit(exc.exit_code)
+            _fail(f"{exc.format_message()} (see --help)", exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"Error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc.format_message(), exc.exit_code)
         except MemoryError as exc:  # the library's words where it knows the cause, else numpy's
-            click.echo(f"Error: not enough memory{f': {exc}' if str(exc) else ''}; ask for less", err=True)
-            sys.exit(1)
+            _fail(f"not enough memory{f': {exc}' if str(exc) else ''}; ask for less")
         except LIBRARY_ERRORS as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
+            _fail(str(exc))
         except OSError as exc:  # what the library did not foresee (a folder it cannot list, a full disk)
-            where = f": {exc.filename}" if exc.filename else ""
-            click.echo(f"Error: {exc.strerror or exc}{where}", err=True)
-            sys.exit(1)
+            _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
         except ModuleNotFoundError as exc:
             extra = "train" if exc.name in TRAINING_MODULES else "serve" if exc.name in SERVE_MODULES else None
             if extra is None:
                 raise
-            click.echo(
-                f"Error: this needs the {extra} extra ({exc.name} is not installed): {install_command(extra)}",
-                err=True,
-            )
-            sys.exit(1)
+            _fail(f"this needs the {extra} extra ({exc.name} is not installed): {install_command(extra)}")
         except (click.Abort, KeyboardInterrupt):  # KeyboardInterrupt: a stop signal held while the command loaded
-            click.echo("Error: interrupted; no file was left half-written", err=True)
-            sys.exit(130)
+            _fail("interrupted; no file was left half-written", 130)
         sys.exit(result if isinstance(result, int) else 0)
 
 

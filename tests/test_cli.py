@@ -169,6 +169,21 @@ def test_an_os_error_the_library_did_not_foresee_is_one_line(
 
 
 @pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--generator", "no\nsuch\x1b[31m.onnx"],  # from the library
+        ["generate", "--format", "jp\neg"],  # from Click
+        ["merge", "no\rsuch"],  # an OSError
+    ],
+)
+def test_an_error_quoting_control_characters_stays_one_line_that_cannot_drive_a_terminal(args: list[str]) -> None:
+    code, output = run(*args)
+    assert code in (1, 2) and output.startswith("Error: ") and output.count("\n") == 1, output
+    assert not any(character in output for character in "\r\x1b")
+    assert any(escaped in output for escaped in ("\\n", "\\r", "\\x1b")), output
+
+
+@pytest.mark.parametrize(
     ("raised", "words"),
     [
         (MemoryError("Unable to allocate 71.3 TiB for an array"), ": Unable to allocate 71.3 TiB for an array"),
