@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -54,30 +55,53 @@ def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
     }
 
 
+NOT_AN_EVALUATION = "not an evaluation from `digitgen evaluate --json`"
+
+
+def _number(value: object, name: str, most: float | None = 1.0) -> float:
+    """``value`` if it is a finite number from 0 to ``most`` (no bound: ``None``), else :class:`ExportError`:
+    accuracies, precision and recall are fractions, FID a distance."""
+    in_range = isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= (most or math.inf)
+    if isinstance(value, bool) or not in_range:
+        bounds = "0 or more" if most is None else f"from 0 to {most:g}"
+        raise ExportError(f"{NOT_AN_EVALUATION}: {name} is {value!r}, not a number {bounds}")
+    return float(value)
+
+
+def _section(evaluation: Mapping[str, object], part: str) -> Mapping[str, object]:
+    section = evaluation.get(part)
+    if not isinstance(section, Mapping):
+        raise ExportError(f"{NOT_AN_EVALUATION}: missing or bad {part!r}")
+    return section
+
+
 def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str, str]:
-    """Headline figures of ``digitgen evaluate --json`` as ``metadata_props`` entries."""
+    """Headline figures of ``digitgen evaluate --json`` as ``metadata_props`` entries; :class:`ExportError` for a
+    figure missing, or not a number in its range (a NaN, an accuracy over 1)."""
     if not isinstance(evaluation, Mapping):
-        raise ExportError(f"not an evaluation from `digitgen evaluate --json`: a JSON {type(evaluation).__name__}")
+        raise ExportError(f"{NOT_AN_EVALUATION}: a JSON {type(evaluation).__name__}")
     if evaluation.get("truncation") is not None:
         raise ExportError(
             f"the evaluation scored digits drawn with truncation {evaluation['truncation']}, not the model's own "
             "distribution; evaluate without --truncation"
         )
-    try:
-        generated, real = evaluation["generated"], evaluation["real"]
-        return {
-            "quality_num_samples": str(generated["num_samples"]),
-            "quality_class_accuracy": f"{generated['class_accuracy']:.4f}",
-            "quality_min_digit_accuracy": f"{min(generated['per_digit_accuracy']):.4f}",
-            "quality_fid": f"{generated['fid']:.4f}",
-            "quality_precision": f"{generated['precision']:.4f}",
-            "quality_recall": f"{generated['recall']:.4f}",
-            "quality_real_fid": f"{real['fid']:.4f}",
-            "quality_real_precision": f"{real['precision']:.4f}",
-            "quality_real_recall": f"{real['recall']:.4f}",
-        }
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ExportError(f"not an evaluation from `digitgen evaluate --json`: missing or bad {exc}") from exc
+    generated, real = _section(evaluation, "generated"), _section(evaluation, "real")
+    samples, per_digit = generated.get("num_samples"), generated.get("per_digit_accuracy")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ExportError(f"{NOT_AN_EVALUATION}: generated.num_samples is {samples!r}, not a count of digits")
+    if not isinstance(per_digit, list) or not per_digit:
+        raise ExportError(f"{NOT_AN_EVALUATION}: generated.per_digit_accuracy is {per_digit!r}, not a list")
+    return {
+        "quality_num_samples": str(samples),
+        "quality_class_accuracy": f"{_number(generated.get('class_accuracy'), 'generated.class_accuracy'):.4f}",
+        "quality_min_digit_accuracy": f"{min(_number(a, 'generated.per_digit_accuracy') for a in per_digit):.4f}",
+        "quality_fid": f"{_number(generated.get('fid'), 'generated.fid', None):.4f}",
+        "quality_precision": f"{_number(generated.get('precision'), 'generated.precision'):.4f}",
+        "quality_recall": f"{_number(generated.get('recall'), 'generated.recall'):.4f}",
+        "quality_real_fid": f"{_number(real.get('fid'), 'real.fid', None):.4f}",
+        "quality_real_precision": f"{_number(real.get('precision'), 'real.precision'):.4f}",
+        "quality_real_recall": f"{_number(real.get('recall'), 'real.recall'):.4f}",
+    }
 
 
 def check_scored_model(evaluation: Mapping[str, object], model: Path, shown_as: Path) -> None:

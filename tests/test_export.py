@@ -305,21 +305,38 @@ def test_quality_metadata_holds_the_headline_figures_to_four_decimals() -> None:
     }
 
 
+def _changed(part: str, key: str, value: object) -> dict:
+    return {**EVALUATION, part: {**EVALUATION[part], key: value}}
+
+
 @pytest.mark.parametrize(
-    "broken",
+    ("broken", "reason"),
     [
-        {"real": EVALUATION["real"]},
-        {"generated": EVALUATION["generated"]},
-        {**EVALUATION, "generated": {**EVALUATION["generated"], "fid": "n/a"}},
-        {**EVALUATION, "generated": {**EVALUATION["generated"], "per_digit_accuracy": None}},
-        {**EVALUATION, "real": {**EVALUATION["real"], "recall": None}},
-        [1, 2],
+        ({"real": EVALUATION["real"]}, "missing or bad 'generated'"),
+        ({"generated": EVALUATION["generated"]}, "missing or bad 'real'"),
+        (_changed("generated", "fid", "n/a"), "generated.fid is 'n/a', not a number 0 or more"),
+        (_changed("generated", "fid", float("nan")), "generated.fid is nan, not a number 0 or more"),
+        (_changed("generated", "fid", -1.0), "generated.fid is -1.0, not a number 0 or more"),
+        (_changed("generated", "fid", float("inf")), "generated.fid is inf, not a number 0 or more"),
+        (_changed("generated", "class_accuracy", "NaN"), "generated.class_accuracy is 'NaN', not a number from 0 to 1"),
+        (_changed("generated", "class_accuracy", 5.0), "generated.class_accuracy is 5.0, not a number from 0 to 1"),
+        (_changed("generated", "precision", True), "generated.precision is True, not a number from 0 to 1"),
+        (_changed("generated", "recall", float("inf")), "generated.recall is inf, not a number from 0 to 1"),
+        (_changed("generated", "per_digit_accuracy", None), "generated.per_digit_accuracy is None, not a list"),
+        (_changed("generated", "per_digit_accuracy", []), "generated.per_digit_accuracy is \\[\\], not a list"),
+        (
+            _changed("generated", "per_digit_accuracy", [1.0, 1.5]),
+            "generated.per_digit_accuracy is 1.5, not a number from 0 to 1",
+        ),
+        (_changed("generated", "num_samples", 0), "generated.num_samples is 0, not a count of digits"),
+        (_changed("generated", "num_samples", 10.5), "generated.num_samples is 10.5, not a count of digits"),
+        (_changed("real", "recall", None), "real.recall is None, not a number from 0 to 1"),
+        (_changed("real", "fid", float("-inf")), "real.fid is -inf, not a number 0 or more"),
+        ([1, 2], "a JSON list"),
     ],
-    ids=["no-generated", "no-real", "text-fid", "no-per-digit", "none-recall", "a-list"],
 )
-def test_quality_metadata_refuses_what_evaluate_does_not_write(broken) -> None:
-    reason = "a JSON list" if isinstance(broken, list) else "missing or bad"
-    with pytest.raises(ExportError, match=f"^not an evaluation from `digitgen evaluate --json`: {reason}"):
+def test_quality_metadata_refuses_what_evaluate_does_not_write(broken: object, reason: str) -> None:
+    with pytest.raises(ExportError, match=f"^not an evaluation from `digitgen evaluate --json`: {reason}$"):
         onnx_export.quality_metadata(broken)
 
 
