@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,8 @@ def check_path(value: object, name: str) -> Path:
     text); :class:`InvalidRequestError` otherwise."""
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
+        if path == "":  # Path("") is the current folder, which no one meant without saying so
+            raise InvalidRequestError(f"{name} is an empty path; name a file or folder ('.' for the current folder)")
         if isinstance(path, str):
             return Path(path)
     raise InvalidRequestError(f"{name} must be a path (a str or a pathlib.Path), got {type(value).__name__} {value!r}")
@@ -144,11 +147,10 @@ def check_truncation(value: object) -> float | None:
     """``None`` (no truncation) or a finite number of at least :data:`MIN_TRUNCATION`."""
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.number))
-        or not MIN_TRUNCATION <= value < float("inf")
-    ):
+    if isinstance(value, (np.integer, np.floating)):  # compared as Python numbers: float16 cannot hold the bound
+        value = int(value) if isinstance(value, np.integer) else float(value)
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not real or not MIN_TRUNCATION <= value <= sys.float_info.max:  # 10**400: an int no float holds
         raise InvalidRequestError(f"truncation must be a finite number >= {MIN_TRUNCATION:g}, got {value!r}")
     return float(value)
 

@@ -125,11 +125,24 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
         ({"num": 5, "truncation": -1.0}, "truncation must be a finite number >= 0.1"),
         ({"num": 5, "truncation": float("inf")}, "truncation must be a finite number >= 0.1"),
         ({"num": 5, "truncation": "1"}, "truncation must be a finite number >= 0.1"),
+        ({"num": 5, "truncation": 10**400}, "^truncation must be a finite number >= 0.1, got 1000"),  # no float
+        ({"num": 5, "truncation": np.complex128(1 + 5j)}, r"truncation must be a finite number >= 0\.1, got np\.com"),
     ],
 )
 def test_bad_requests_raise_typed_errors(tiny: DigitGenerator, kwargs: dict, message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         tiny.generate(**kwargs)
+
+
+def test_truncation_may_be_any_numpy_real_number(tiny: DigitGenerator) -> None:
+    expected = tiny.generate(3, truncation=2.0).images
+    for truncation in (np.float16(2), np.int8(2), np.longdouble(2)):
+        assert np.array_equal(tiny.generate(3, truncation=truncation).images, expected)
+
+
+def test_an_empty_model_path_is_refused_as_the_cli_does() -> None:
+    with pytest.raises(InvalidRequestError, match=r"^the model's path is an empty path; name a file or folder"):
+        DigitGenerator.from_path("")
 
 
 def test_indices_run_to_the_last_int64_and_no_further(tiny: DigitGenerator) -> None:
