@@ -149,8 +149,13 @@ def choose_format(fmt: str | None, accept: str | None, count: int) -> str:
     if ranked:
         return min(ranked)[-1]
     offered = ", ".join(sorted({MEDIA_TYPES[c] for c in candidates}))
-    left_out = f" (left out, their q-value unreadable: {'; '.join(map(repr, unread))})" if unread else ""
-    raise NotAcceptableError(f"cannot answer Accept: {accept!r}{left_out}; this request can send {offered}")
+    left_out = f" (left out, their q-value unreadable: {_cut('; '.join(map(repr, unread)))})" if unread else ""
+    raise NotAcceptableError(f"cannot answer Accept: {_cut(repr(accept))}{left_out}; this request can send {offered}")
+
+
+def _cut(text: str) -> str:
+    """``text``, or its first :data:`MAX_VALUE_LENGTH` characters and its length: a refusal never echoes more."""
+    return text if len(text) <= MAX_VALUE_LENGTH else f"{text[:MAX_VALUE_LENGTH]}... ({len(text):,} characters)"
 
 
 def parse_request(

@@ -466,6 +466,17 @@ def test_not_acceptable_names_the_ranges_it_could_not_read() -> None:
     )
 
 
+def test_not_acceptable_echoes_no_more_of_a_long_accept_than_of_a_parameter() -> None:
+    with pytest.raises(NotAcceptableError) as refused:
+        choose_format("png", "a/b," * 5000, 1)
+    assert str(refused.value) == (
+        f"cannot answer Accept: {repr('a/b,' * 5000)[:1024]}... (20,002 characters); this request can send image/png"
+    )
+    with pytest.raises(NotAcceptableError) as refused:
+        choose_format("png", "a/b;q=x," * 2000, 1)
+    assert len(str(refused.value)) < 2 * 1024 + 200 and "(16,002 characters)" in str(refused.value)
+
+
 def test_if_none_match_lists_and_weak_tags() -> None:
     assert not_modified('"a", "b"', '"a"') and not_modified('"b",W/"a"', '"a"') and not_modified("*", '"a"')
     assert not not_modified('"b", "c"', '"a"') and not not_modified("", '"a"') and not not_modified(None, '"a"')
