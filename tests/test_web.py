@@ -385,6 +385,13 @@ READS = "seed, digits, digit, n, count, truncation, model, threads"
         ("n=5&count=6", ["the link gives n and count; give it once"]),
         ("seed=1&seed=2", ["the link gives seed twice; give it once"]),
         ("model=", ["the link's model is empty, so the page loaded its own; name a file, e.g. model=generator.onnx"]),
+        (  # what is wrong with the fields it fills too, at once
+            "seed=abc&foo=1",
+            [
+                f'the link\'s parameter "foo" is not one this page reads ({READS})',
+                'seed must be an integer from 0 to 18446744073709551615, got "abc"',
+            ],
+        ),
     ],
 )
 def test_a_link_the_page_cannot_read_whole_is_named_on_the_page(
@@ -546,8 +553,9 @@ def test_a_webassembly_runtime_that_cannot_start_is_not_blamed_on_the_model(brow
         page.route("**/*.wasm", lambda route: route.fulfill(status=404, body="not here"))
         page.goto(base_url + "index.html")
         wait_settled(page)
-        assert_error_shown(page, ["the WebAssembly runtime could not start: "])
+        assert_error_shown(page, ["the WebAssembly runtime could not start: ", "serve the whole built folder"])
         assert "could not load generator.onnx" not in page.locator("#error").text_content()
+        assert page.text_content("#status") == "The page's WebAssembly runtime could not start."
     finally:
         page.close()
 
@@ -612,6 +620,9 @@ def submit(page: Page, digits: str = "", count: str = "10", seed: str = "0", tru
         ({"truncation": "0.01"}, 'truncation must be a finite number >= 0.1, got "0.01"'),
         ({"truncation": "0x10"}, 'truncation must be a finite number >= 0.1, got "0x10"'),  # as Python's float()
         ({"truncation": "1e400"}, 'truncation must be a finite number >= 0.1, got "1e400"'),  # read as infinity
+        ({"truncation": "1_5"}, 'truncation must be a finite number >= 0.1, got "1_5"'),  # as the CLI: no grouping
+        ({"truncation": "1.5e0000"}, 'truncation must be a finite number >= 0.1, got "1.5e0000"'),  # as the server
+        ({"seed": "9" * 2000}, f'from 0 to 18446744073709551615, got "{"9" * 1023}... (2,002 characters)'),
     ],
 )
 def test_bad_fields_show_on_the_page_until_the_next_sheet(page: Page, fields: dict[str, str], message: str) -> None:
@@ -619,6 +630,57 @@ def test_bad_fields_show_on_the_page_until_the_next_sheet(page: Page, fields: di
     assert_error_shown(page, [message])
     assert submit(page) == "drawn"
     assert page.locator("#error").is_hidden()
+
+
+def test_generate_asked_while_a_sheet_is_under_way_draws_the_newest_fields_after_it(
+    browser: Browser, base_url: str
+) -> None:
+    """Enter in a field, or a click, during a sheet: answered once that sheet is done, never dropped or run twice
+    at once, and the sheet that stays is the one of the fields as they are."""
+    page = open_page(browser, base_url + "index.html")
+    try:
+        page.evaluate(
+            """() => {
+                const gen = window.digitgen, generate = gen.generate.bind(gen);
+                window.calls = [];
+                gen.generate = async (options) => {
+                    window.calls.push(String(options.seed));
+                    await new Promise((done) => setTimeout(done, 700));
+                    return generate(options);
+                };
+            }"""
+        )
+        page.fill("#seed", "1")
+        page.click("#generate")
+        page.wait_for_function("document.body.dataset.state === 'busy'")
+        assert page.get_attribute("#sheet", "aria-busy") == "true" and page.text_content("#timing") == "Generating…"
+        page.fill("#seed", "2")
+        page.press("#seed", "Enter")
+        page.fill("#seed", "3")
+        page.press("#seed", "Enter")
+        assert wait_settled(page) == "drawn"
+        assert page.evaluate("window.calls") == ["1", "3"]  # one sheet after the one under way, of the last fields
+        assert page.get_attribute("#sheet", "aria-label").endswith("seed 3")
+        assert page.get_attribute("#sheet", "aria-busy") is None
+    finally:
+        page.close()
+
+
+def test_a_long_error_stays_on_the_page_and_a_bad_field_keeps_its_focus_ring(page: Page) -> None:
+    assert submit(page, count="0", seed="9" * 300) == "error"
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
+    page.focus("#seed")
+    outline = "(id) => [getComputedStyle(document.getElementById(id))].map((s) => [s.outlineStyle, s.borderColor])[0]"
+    focused, unfocused = page.evaluate(outline, "seed"), page.evaluate(outline, "count")
+    assert focused[0] != unfocused[0]  # which bad field has the focus shows
+    assert focused[1] == unfocused[1] == "rgb(176, 0, 32)"  # both still marked bad
+    assert submit(page) == "drawn"
+
+
+def test_the_sheet_names_the_digits_it_shows_not_a_whole_long_list(page: Page) -> None:
+    assert submit(page, digits=",".join(["1", "2"] * 500), count="3") == "drawn"
+    label = page.get_attribute("#sheet", "aria-label")
+    assert label == "3 generated handwritten digits, digits 1, 2, 1 (the first 3 of 1000) in turn, seed 0"
 
 
 def test_every_bad_field_is_named_and_marked(page: Page) -> None:
@@ -726,6 +788,21 @@ def test_a_released_generator_and_a_failed_run_are_typed_errors(browser: Browser
     assert failed_run[0] == "ModelRunError" and failed_run[1].startswith("generator.onnx: the model failed to run: ")
     assert in_flight == 64 * 28 * 28
     assert released == ["InvalidRequestError", "the generator of generator.onnx was released", True]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("{ num: 16 }", 'generate has no option "num"; its options are count, digits, seed, batchSize, truncation'),
+        ("{ count: 1, sead: 5, batch_size: 2 }", 'generate has no option "sead", "batch_size"; its options are'),
+        ("null", "generate takes an object of options, e.g. { count: 16 }, got null"),
+        ("[3]", "generate takes an object of options, e.g. { count: 16 }, got 3"),
+    ],
+)
+def test_the_module_refuses_options_it_does_not_take(page: Page, options: str, message: str) -> None:
+    """A misspelt or Python-named option would otherwise draw its default in silence."""
+    error = page.evaluate(f"window.digitgen.generate({options}).catch((e) => [e.name, e.message])")
+    assert error[0] == "InvalidRequestError" and error[1].startswith(message), error
 
 
 @pytest.mark.parametrize(("digits", "shown"), [('"37"', '"37"'), ('"3,7"', '"3,7"'), ("5", "5")])

@@ -154,13 +154,40 @@ function timing(count, seconds) {
   return `${digits} in ${(seconds * 1000).toFixed(1)} ms (${rate} digits/s)`;
 }
 
+/** "digits 4, 2 in turn": the digits of the cycle that the sheet shows, not all of a longer list. */
+function describeDigits(digits, count) {
+  if (!digits) return "all ten digits in turn";
+  const shown = digits.slice(0, count).join(", ");
+  return `digits ${shown}${digits.length > count ? ` (the first ${count} of ${digits.length})` : ""} in turn`;
+}
+
+let drawing = false; // a sheet is under way
+let asked = false; // a sheet was asked for since the one under way started: drawn from the fields after it
+
+/** Draw a sheet of the fields now, or, while one is under way, once it is done: every Generate (a click, Enter
+ * in a field) is answered, the last with the fields as they are then, and two sheets never run at once. */
+async function requestSheet(gen) {
+  asked = true;
+  if (drawing) return;
+  drawing = true;
+  try {
+    while (asked) {
+      asked = false;
+      await draw(gen);
+    }
+  } finally {
+    drawing = false;
+  }
+}
+
 async function draw(gen) {
   setState("busy");
-  $("generate").disabled = true;
+  $("sheet").setAttribute("aria-busy", "true");
+  $("timing").textContent = "Generating…";
   try {
     const { digits, count, seed, truncation } = readFields(gen);
     const { images, seconds } = await gen.generate({ count, digits, seed, truncation });
-    const which = digits ? `digits ${digits.join(", ")} in turn` : "all ten digits in turn";
+    const which = describeDigits(digits, count);
     drawSheet(images, count, digitgen.IMAGE_SIZE, `${count} generated handwritten digits, ${which}, seed ${seed}`);
     $("timing").textContent = timing(count, seconds);
     $("download").disabled = false;
@@ -177,7 +204,7 @@ async function draw(gen) {
     $("download").disabled = true;
     showError(error);
   } finally {
-    $("generate").disabled = false;
+    $("sheet").removeAttribute("aria-busy");
   }
 }
 
@@ -237,7 +264,8 @@ async function main() {
       threads: params.get("threads") ?? undefined,
     });
   } catch (error) {
-    $("status").textContent = "The model could not be loaded.";
+    const runtime = error instanceof digitgen.ProviderUnavailableError;
+    $("status").textContent = runtime ? "The page's WebAssembly runtime could not start." : "The model could not be loaded.";
     showError(error);
     return;
   }
@@ -247,16 +275,22 @@ async function main() {
   setState("ready");
   $("controls").addEventListener("submit", (event) => {
     event.preventDefault();
-    draw(gen);
+    requestSheet(gen);
   });
   $("download").addEventListener("click", download);
   $("generate").disabled = false;
   const problems = linkProblems();
   if (problems.length) {
-    showError(problems.join("\n")); // the fields hold what the page could read; Generate draws them
+    // the fields hold what the page could read, each checked and marked as Generate would; Generate draws them
+    try {
+      readFields(gen);
+    } catch (error) {
+      problems.push(error.message);
+    }
+    showError(problems.join("\n"));
     return;
   }
-  await draw(gen);
+  await requestSheet(gen);
 }
 
 main();

@@ -34,7 +34,14 @@ export class ProviderUnavailableError extends DigitgenError {}
 export class InvalidRequestError extends DigitgenError {}
 export class ModelRunError extends DigitgenError {}
 
-const show = (value) => (typeof value === "string" ? JSON.stringify(value) : String(value));
+const MAX_SHOWN = 1024; // characters of a value an error quotes, as the HTTP server quotes a parameter
+
+/** `value` as an error quotes it: a string in quotes, at most MAX_SHOWN characters and its length. */
+function show(value) {
+  const text = typeof value === "string" ? JSON.stringify(value) : String(value);
+  if (text.length <= MAX_SHOWN) return text;
+  return `${text.slice(0, MAX_SHOWN)}... (${text.length.toLocaleString("en")} characters)`;
+}
 
 /** An integer given as a number, BigInt or decimal string, as a BigInt; null for anything else. */
 function toBigInt(value) {
@@ -125,11 +132,13 @@ export function checkTruncation(value) {
   return bound;
 }
 
-/** A decimal number as Python's float() reads one (digits may be grouped by "_"; no 0x, 0b or 0o), else NaN. */
+// A decimal number as the CLI and the HTTP server read one (runtime/generator.py's DECIMAL_TEXT): ASCII digits,
+// no "_" grouping, no 0x, an exponent of at most three digits.
+const DECIMAL = /^\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\s*$/;
+
+/** `text` as a number if DECIMAL reads it, else NaN. */
 function parseDecimal(text) {
-  const digits = String.raw`\d(?:_?\d)*`;
-  const decimal = new RegExp(`^[+-]?(?:${digits}(?:\\.(?:${digits})?)?|\\.${digits})(?:[eE][+-]?${digits})?$`);
-  return decimal.test(text.trim()) ? Number(text.trim().replaceAll("_", "")) : NaN;
+  return DECIMAL.test(text) ? Number(text.trim()) : NaN;
 }
 
 /** Floats in [0, 1] to bytes as numpy's `rint(clip(x, 0, 1) * float32(255))`: float32 product, half to even. */
@@ -330,6 +339,22 @@ function configureRuntime(threads) {
   return count;
 }
 
+const GENERATE_OPTIONS = ["count", "digits", "seed", "batchSize", "truncation"];
+
+/** An InvalidRequestError unless `options` is an object of GENERATE_OPTIONS only: a misspelt or Python-named one
+ * (`num`, `batch_size`) would otherwise be passed over, and its default drawn in silence. */
+function checkOptions(options) {
+  if (typeof options !== "object" || options === null || Array.isArray(options)) {
+    throw new InvalidRequestError(`generate takes an object of options, e.g. { count: 16 }, got ${show(options)}`);
+  }
+  const unknown = Object.keys(options).filter((name) => !GENERATE_OPTIONS.includes(name));
+  if (unknown.length) {
+    throw new InvalidRequestError(
+      `generate has no option ${unknown.map((name) => show(name)).join(", ")}; its options are ${GENERATE_OPTIONS.join(", ")}`,
+    );
+  }
+}
+
 export class DigitGenerator {
   constructor(session, description, info, source) {
     this._session = session;
@@ -354,7 +379,10 @@ export class DigitGenerator {
     } catch (error) {
       const reason = error.message ?? String(error);
       if (/no available backend/.test(reason)) {
-        throw new ProviderUnavailableError(`the WebAssembly runtime could not start: ${reason}`);
+        throw new ProviderUnavailableError(
+          `the WebAssembly runtime could not start: ${reason} (its files ort-wasm-simd-threaded.mjs and ` +
+            ".wasm lie beside this module: serve the whole built folder, .wasm files as application/wasm)",
+        );
       }
       throw new InvalidModelError(`onnxruntime-web could not load ${url}: ${reason}`);
     }
@@ -422,8 +450,11 @@ export class DigitGenerator {
     await session.release();
   }
 
-  /** Digits 0 .. count-1 of the sequence defined by (digits, seed); digit i has label digits[i % digits.length]. */
-  async generate({ count = 10, digits = null, seed = 0, batchSize = DEFAULT_BATCH_SIZE, truncation = null } = {}) {
+  /** Digits 0 .. count-1 of the sequence defined by (digits, seed); digit i has label digits[i % digits.length].
+   * `options` holds any of count, digits, seed, batchSize and truncation; any other name is refused. */
+  async generate(options = {}) {
+    checkOptions(options);
+    const { count = 10, digits = null, seed = 0, batchSize = DEFAULT_BATCH_SIZE, truncation = null } = options;
     const n = Number(checkInteger(count, "number of digits", 1n, BigInt(MAX_COUNT)));
     const bound = checkTruncation(truncation);
     const cycle = this.checkDigits(digits);
