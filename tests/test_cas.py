@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,9 +19,25 @@ from digitgen.runtime import DigitGenerator
 from digitgen.runtime.evaluate import Cas, Evaluation
 from digitgen.runtime.idx import read_mnist_split
 from digitgen.training.cas import CasRun, cas_work
-from digitgen.training.classifier import ClassifierResult, training_steps
+from digitgen.training.classifier import BATCH_SIZE, ClassifierResult, training_steps
+from digitgen.training.classifier_resume import recipe_of
+from digitgen.training.data import MnistTensors
+from digitgen.training.errors import CheckpointError
 from tests.helpers import sigterm_in_training_step
 from tests.test_evaluate import _scores, evaluate_args
+
+Splits = tuple[MnistTensors, MnistTensors]
+
+
+@pytest.fixture
+def gen(tiny_onnx: Path) -> DigitGenerator:
+    return DigitGenerator.from_path(tiny_onnx, "cpu")
+
+
+@pytest.fixture
+def splits(tiny_mnist: Path) -> Splits:
+    """The tiny MNIST's training and test splits."""
+    return read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
 
 
 class RecordingTrainer:
@@ -118,10 +135,8 @@ def _stopping_after(steps: int) -> Callable[[], bool]:
 
 @pytest.mark.parametrize("stop_after", [1, 5])  # of 8: 4 steps on the generated digits, then 4 on the real ones
 def test_cas_stopped_and_run_again_gives_the_scores_of_a_run_never_stopped(
-    tiny_onnx: Path, tiny_mnist: Path, tmp_path: Path, stop_after: int
+    gen: DigitGenerator, splits: Splits, tmp_path: Path, stop_after: int
 ) -> None:
-    gen = DigitGenerator.from_path(tiny_onnx, "cpu")
-    splits = read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
     request = {"seed": 2, "per_class": 26, "epochs": 2, "state_dir": tmp_path}
     whole = CasRun(gen, *splits, **{**request, "state_dir": None}).run()
     stopped = CasRun(gen, *splits, **request)
@@ -136,10 +151,8 @@ def test_cas_stopped_and_run_again_gives_the_scores_of_a_run_never_stopped(
 
 
 def test_cas_trains_again_what_it_cannot_continue_and_says_so(
-    tiny_onnx: Path, tiny_mnist: Path, tmp_path: Path
+    gen: DigitGenerator, splits: Splits, tmp_path: Path
 ) -> None:
-    gen = DigitGenerator.from_path(tiny_onnx, "cpu")
-    splits = read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
     request = {"per_class": 26, "epochs": 2, "state_dir": tmp_path}
     whole = CasRun(gen, *splits, **request).run()
     assert CasRun(gen, *splits, **request).run(should_stop=_stopping_after(5)) is None
@@ -177,3 +190,110 @@ def test_evaluate_cas_stopped_by_a_signal_continues_where_it_stopped(
     again = CliRunner().invoke(main, command)
     assert again.exit_code == 0 and "CAS: training classifiers (steps): 1 to do (2 of 3 done before)" in again.output
     assert again.output.splitlines()[-1] == whole.output.splitlines()[-1] and list(state_dir.iterdir()) == []
+
+
+def test_cas_notes_a_state_it_cannot_continue_in_its_own_words_and_trains_it_again(
+    gen: DigitGenerator, splits: Splits, tmp_path: Path, trainer: RecordingTrainer
+) -> None:
+    """A state of another format or recipe: why, without train-classifier's advice to pass --overwrite."""
+    request = {"per_class": 13, "epochs": 1, "state_dir": tmp_path}
+    paths = CasRun(gen, *splits, **request).paths
+    assert sorted(paths) == ["accuracy", "generated", "real"]
+    for name, path in paths.items():  # stable names: a later version continues the state of an earlier one
+        assert re.fullmatch(
+            r"cas-[0-9a-f]{32}-" + {"accuracy": "generated-accuracy.json"}.get(name, f"{name}.pt"), path.name
+        )
+        assert path.parent == tmp_path
+    state = {"kind": "reference classifier training state", "format_version": 1, "step": 1, "order": torch.arange(3)}
+    torch.save({**state, "format_version": 2, "recipe": {}}, paths["generated"])
+    torch.save({**state, "recipe": {"epochs": 3, "batch_size": BATCH_SIZE, "seed": 0, "data": ""}}, paths["real"])
+    again = CasRun(gen, *splits, **request)
+    assert again.done == 0 and again.resumed == {"generated": None, "real": None}
+    assert again.notes == [
+        f"{paths['generated']}: training state format 2, this version reads 1; trained again",
+        f"{paths['real']} is a run of --epochs 3, not 1; trained again",
+    ]
+    assert again.run() == Cas(generated=0.91, real=0.98, num_generated=130, num_real=len(splits[0][0]), epochs=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_accuracy_when_trained_on_trains_cas_s_recipe_on_the_split_given(
+    tiny_mnist: Path, trainer: RecordingTrainer
+) -> None:
+    train, test = read_mnist_split(tiny_mnist, "train"), read_mnist_split(tiny_mnist, "t10k")
+    steps = []
+    assert cas_module.accuracy_when_trained_on(train, test, epochs=3, progress=lambda: steps.append(1)) == 0.91
+    assert cas_module.accuracy_when_trained_on(train, test) == 0.98  # progress optional
+    (fit, tested, epochs, seed), (_, _, default_epochs, _) = trainer.seen
+    assert np.array_equal(fit.images.numpy(), train[0]) and fit.labels.dtype == torch.int64
+    assert np.array_equal(tested.labels.numpy(), test[1])
+    assert (epochs, seed, default_epochs) == (3, 0, 4) and len(steps) == training_steps(len(train[0]), 3)
+
+
+@pytest.mark.parametrize("accuracy", [0.0, 0.5, 1.0])
+def test_a_kept_accuracy_reads_back(tmp_path: Path, accuracy: float) -> None:
+    path = tmp_path / "accuracy.json"
+    cas_module._write_accuracy(path, accuracy)
+    assert json.loads(path.read_bytes()) == {"accuracy": accuracy}
+    assert cas_module._read_accuracy(path) == accuracy and type(cas_module._read_accuracy(path)) is float
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        *(b'{"accuracy": 1}', b'{"accuracy": true}', b'{"accuracy": "0.5"}', b'{"accuracy": null}'),  # no float
+        *(b'{"accuracy": -0.01}', b'{"accuracy": 1.01}', b'{"accuracy": NaN}'),  # out of [0, 1]
+        *(b'{"score": 0.5}', b"[0.5]", b'"0.5"', b'{"accuracy": 0.', b"\xff"),  # no such JSON
+    ],
+)
+def test_what_does_not_read_as_an_accuracy_is_refused_in_words(tmp_path: Path, kept: bytes) -> None:
+    path = tmp_path / "accuracy.json"
+    path.write_bytes(kept)
+    with pytest.raises(CheckpointError) as refused:
+        cas_module._read_accuracy(path)
+    assert str(refused.value) == f"{path}: not an accuracy kept by evaluate --cas (damaged?)"
+
+
+def test_no_kept_accuracy_is_none_and_a_folder_in_its_place_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "accuracy.json"
+    assert cas_module._read_accuracy(path) is None
+    path.mkdir()
+    with pytest.raises(CheckpointError, match="not an accuracy kept by evaluate --cas"):
+        cas_module._read_accuracy(path)
+
+
+def test_cas_refuses_a_state_past_its_last_step_counting_each_classifier_s_own_steps(
+    gen: DigitGenerator, splits: Splits, tmp_path: Path, trainer: RecordingTrainer
+) -> None:
+    """1,170 generated digits: 9 steps an epoch (1,287 would be 10); 256 real ones: 2."""
+    request = {"per_class": 117, "epochs": 1, "state_dir": tmp_path}
+    paths = CasRun(gen, *splits, **request).paths
+    fake = gen.generate(1170, seed=0)
+    for name, split, total in [("generated", (fake.images, fake.labels), 9), ("real", splits[0], 2)]:
+        recipe = recipe_of(
+            MnistTensors(torch.tensor(split[0]), torch.tensor(split[1], dtype=torch.int64)), 1, BATCH_SIZE, 0
+        )
+        state = {"kind": "reference classifier training state", "format_version": 1, "recipe": recipe}
+        torch.save({**state, "step": total, "order": torch.arange(3)}, paths[name])
+    again = CasRun(gen, *splits, **request)
+    assert again.done == 0 and again.notes == [
+        f"{paths['generated']}: a damaged training state (step 9 of 9); trained again",
+        f"{paths['real']}: a damaged training state (step 2 of 2); trained again",
+    ]
+
+
+def test_cas_with_its_first_accuracy_kept_leaves_a_leftover_first_state_alone(
+    gen: DigitGenerator, splits: Splits, tmp_path: Path, trainer: RecordingTrainer
+) -> None:
+    """Stopped between keeping the first accuracy and removing the first classifier's state: that state is not
+    read (nor its 10 * per_class digits generated) and goes at the end."""
+    request = {"per_class": 26, "epochs": 2, "state_dir": tmp_path}
+    paths = CasRun(gen, *splits, **request).paths
+    cas_module._write_accuracy(paths["accuracy"], 0.5)
+    paths["generated"].write_bytes(b"damaged")
+    again = CasRun(gen, *splits, **request)
+    assert (again.generated_accuracy, again.notes, again.resumed["generated"]) == (0.5, [], None)
+    assert again.done == training_steps(260, 2)
+    assert again.run() == Cas(generated=0.5, real=0.91, num_generated=260, num_real=len(splits[0][0]), epochs=2)
+    assert [real.images.shape[0] for real, *_ in trainer.seen] == [len(splits[0][0])]  # the second classifier only
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from digitgen.runtime.errors import OutputError
 from digitgen.training import classifier as classifier_module
 from digitgen.training.classifier import (
     BATCH_SIZE,
@@ -22,7 +23,15 @@ from digitgen.training.classifier import (
     train_classifier,
     training_steps,
 )
-from digitgen.training.classifier_resume import load_state, recipe_of
+from digitgen.training.classifier_resume import (
+    UnusableStateError,
+    check_resume,
+    finding,
+    load_state,
+    recipe_of,
+    restore_state,
+    state_path_beside,
+)
 from digitgen.training.data import MnistTensors, load_mnist
 from digitgen.training.errors import CheckpointError, TrainingError
 from tests.helpers import write_tiny_mnist
@@ -219,3 +228,124 @@ def test_a_state_that_is_not_this_runs_or_is_damaged_is_refused_in_words(
         train_classifier(train, test, epochs=2, seed=1, state_path=state, resume_from=load_state(state, recipe, 8))
     with pytest.raises(TrainingError, match="a resumed training writes its state at state_path; none was given"):
         train_classifier(train, test, epochs=2, seed=1, resume_from=saved)
+
+
+def test_finding_is_why_a_state_cannot_be_continued_without_train_classifier_s_advice(tmp_path: Path) -> None:
+    """What `evaluate --cas` notes: the finding alone, as a damaged state's whole message."""
+    state = tmp_path / "classifier_resume.pt"
+    torch.save({"kind": "reference classifier training state", "format_version": 2, "recipe": {}}, state)
+    with pytest.raises(UnusableStateError) as refused:
+        load_state(state, {"epochs": 1, "batch_size": BATCH_SIZE, "seed": 0, "data": "digest"}, 8)
+    words = f"{state}: training state format 2, this version reads 1"
+    assert (refused.value.finding, str(refused.value)) == (words, f"{words}; start over with --overwrite")
+    assert finding(refused.value) == words
+    assert finding(CheckpointError(f"{state}: not the training state of train-classifier")) == (
+        f"{state}: not the training state of train-classifier"
+    )
+
+
+class _Part:
+    """Stands in for a model, optimizer or schedule: ``load_state_dict`` raises ``error`` if given one."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error, self.loaded = error, None
+
+    def load_state_dict(self, state: object) -> None:
+        if self.error is not None:
+            raise self.error
+        self.loaded = state
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        (
+            RuntimeError("\n  Error(s) in loading state_dict:\n\tMissing key(s): head.weight\n"),
+            "Error(s) in loading state_dict:",
+        ),
+        (ValueError(), "ValueError"),
+        (TypeError("  \n "), "TypeError"),
+        (None, "'model'"),  # a part the file lacks: KeyError
+    ],
+    ids=["first line of several", "no message", "blank message", "missing part"],
+)
+def test_restore_state_refuses_a_state_that_does_not_fit_with_the_first_line_of_why(
+    tmp_path: Path, error: BaseException | None, why: str
+) -> None:
+    state, rng = tmp_path / "classifier_resume.pt", torch.Generator()
+    payload = {"optimizer": {"lr": 1}, "rng": rng.get_state(), "torch_rng": torch.get_rng_state()}
+    if error is not None:
+        payload["model"] = {}
+    with pytest.raises(CheckpointError) as refused:
+        restore_state(state, payload, {"optimizer": _Part(), "model": _Part(error)}, rng)
+    assert str(refused.value) == f"{state}: a damaged training state ({why})"
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__
+
+
+def test_the_state_is_kept_beside_the_onnx_file_it_was_to_write(tmp_path: Path) -> None:
+    assert state_path_beside(tmp_path / "out" / "classifier.onnx") == tmp_path / "out" / "classifier_resume.pt"
+    assert state_path_beside("evaluator.v2.onnx") == Path("evaluator.v2_resume.pt")
+
+
+def test_check_resume_continues_or_replaces_a_state_and_never_loses_one(tmp_path: Path) -> None:
+    state = tmp_path / "classifier_resume.pt"
+    check_resume(state, resume=False, overwrite=False)  # nothing there: a new run
+    check_resume(state, resume=False, overwrite=True)
+    with pytest.raises(CheckpointError) as refused:
+        check_resume(state, resume=True, overwrite=True)
+    assert (
+        str(refused.value) == f"nothing to resume: {state} (what an interrupted run of this command leaves) not found"
+    )
+    state.write_bytes(b"a state")
+    check_resume(state, resume=True, overwrite=False)
+    check_resume(state, resume=False, overwrite=True)  # started over
+    with pytest.raises(CheckpointError) as refused:
+        check_resume(state, resume=False, overwrite=False)
+    assert str(refused.value) == (
+        f"{state} holds an interrupted run of this command: continue it with --resume, or start over with --overwrite"
+    )
+    assert state.read_bytes() == b"a state"
+    state.unlink()
+    state.mkdir()
+    for resume in (True, False):
+        with pytest.raises(OutputError, match="is a folder, not a file"):
+            check_resume(state, resume=resume, overwrite=True)
+
+
+def test_a_state_that_is_not_there_is_nothing_to_resume(tmp_path: Path) -> None:
+    state = tmp_path / "classifier_resume.pt"
+    with pytest.raises(CheckpointError) as refused:
+        load_state(state, {"epochs": 1, "batch_size": BATCH_SIZE, "seed": 0, "data": "digest"}, 8)
+    assert str(refused.value) == f"nothing to resume: {state}"
+
+
+def test_load_state_takes_a_step_within_the_run_only(tmp_path: Path) -> None:
+    """What a state must hold besides its recipe: an int step strictly between 0 and the total, and an order."""
+    state, recipe = tmp_path / "classifier_resume.pt", {"epochs": 2, "batch_size": BATCH_SIZE, "seed": 1, "data": "d"}
+    kept = {"kind": "reference classifier training state", "format_version": 1, "recipe": recipe}
+    for step in (1, 7):
+        torch.save({**kept, "step": step, "order": torch.arange(4)}, state)
+        assert load_state(state, recipe, 8)["step"] == step
+    for step in (0, 8, -1, 2.0, True, "2", None):
+        torch.save({**kept, "step": step, "order": torch.arange(4)}, state)
+        with pytest.raises(CheckpointError) as refused:
+            load_state(state, recipe, 8)
+        assert str(refused.value) == f"{state}: a damaged training state (step {step!r} of 8)"
+    for payload, words in [
+        (["reference classifier training state"], ": not the training state of train-classifier"),
+        ({**kept, "recipe": [recipe]}, ": training state format 1, this version reads 1; start over with --overwrite"),
+        (
+            {**kept, "recipe": {**recipe, "batch_size": 64}},
+            f" is a run of batch size 64, not {BATCH_SIZE}: resume it with the options it was started with, or start "
+            "over with --overwrite",
+        ),
+        (
+            {**kept, "recipe": {**recipe, "data": "other"}},
+            " was trained on other MNIST training images than these: resume it on its own data (--data-dir), or start "
+            "over with --overwrite",
+        ),
+    ]:
+        torch.save({"step": 1, "order": torch.arange(4), **payload} if isinstance(payload, dict) else payload, state)
+        with pytest.raises(CheckpointError) as refused:
+            load_state(state, recipe, 8)
+        assert str(refused.value) == f"{state}{words}"
