@@ -331,6 +331,7 @@ def _changed(part: str, key: str, value: object) -> dict:
         (_changed("generated", "num_samples", 0), "generated.num_samples is 0, not a count of digits"),
         (_changed("generated", "num_samples", 10.5), "generated.num_samples is 10.5, not a count of digits"),
         (_changed("real", "recall", None), "real.recall is None, not a number from 0 to 1"),
+        (_changed("real", "precision", "high"), "real.precision is 'high', not a number from 0 to 1"),
         (_changed("real", "fid", float("-inf")), "real.fid is -inf, not a number 0 or more"),
         ([1, 2], "a JSON list"),
     ],
@@ -338,6 +339,23 @@ def _changed(part: str, key: str, value: object) -> dict:
 def test_quality_metadata_refuses_what_evaluate_does_not_write(broken: object, reason: str) -> None:
     with pytest.raises(ExportError, match=f"^not an evaluation from `digitgen evaluate --json`: {reason}$"):
         onnx_export.quality_metadata(broken)
+
+
+def test_quality_metadata_takes_each_figure_at_the_edges_of_its_range() -> None:
+    edges = {"num_samples": 1, "class_accuracy": 0, "per_digit_accuracy": [0, 1], "fid": 0, "precision": 1}
+    figures = onnx_export.quality_metadata({**EVALUATION, "generated": {**EVALUATION["generated"], **edges}})
+    assert figures["quality_num_samples"] == "1" and figures["quality_class_accuracy"] == "0.0000"
+    assert figures["quality_min_digit_accuracy"] == "0.0000" and figures["quality_fid"] == "0.0000"
+    assert figures["quality_precision"] == "1.0000"
+
+
+def test_quality_metadata_refuses_an_evaluation_of_truncated_digits() -> None:
+    with pytest.raises(ExportError) as refused:
+        onnx_export.quality_metadata({**EVALUATION, "truncation": 0.5})
+    assert str(refused.value) == (
+        "the evaluation scored digits drawn with truncation 0.5, not the model's own distribution; "
+        "evaluate without --truncation"
+    )
 
 
 def test_an_export_takes_the_figures_of_its_own_model_only(tmp_path: Path, tiny_checkpoint: Path) -> None:
