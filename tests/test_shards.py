@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import digitgen.runtime.shards as shards
 import digitgen.runtime.writers as writers
 from digitgen.cli import main
 from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, generate_files
+from digitgen.runtime.encode import open_npz
 from digitgen.runtime.idx import check_idx, read_idx
 from digitgen.runtime.noise import NOISE_SCHEME
 from digitgen.runtime.shards import WHOLE, Shard
@@ -339,6 +341,17 @@ def test_an_npz_shard_holding_one_array_is_named_and_nothing_is_merged(gen: Digi
     with pytest.raises(OutputError, match=shard):
         merge_shards(tmp_path, "npz")
     assert not (tmp_path / "digits.npz").exists()
+
+
+def test_npz_arrays_in_numpys_format_version_2_are_read(tmp_path: Path) -> None:
+    """What ``np.save`` writes for an array whose header passes 64 KiB; its header is read as version 2's."""
+    images, labels = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28), np.array([3, 7])
+    with zipfile.ZipFile(tmp_path / "v2.npz", "w") as archive:
+        for name, array in (("images", images), ("labels", labels)):
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, array, version=(2, 0))
+    with open_npz(tmp_path / "v2.npz") as archive:
+        assert np.array_equal(archive["images"], images) and np.array_equal(archive["labels"], labels)
 
 
 def test_an_npz_shard_declaring_more_than_it_holds_is_named_without_allocating_it(
