@@ -389,6 +389,17 @@ def test_an_npz_shard_that_is_not_digits_is_named_and_nothing_is_merged(
     assert not (tmp_path / "digits.npz").exists()
 
 
+def test_a_shard_index_is_checked_against_its_count_and_the_count_against_the_digits() -> None:
+    with pytest.raises(InvalidRequestError) as alone:
+        Shard(1, 1).check(5)
+    assert str(alone.value) == "shard index 1 needs a number of shards (--num-shards, Shard.count) above it"
+    with pytest.raises(InvalidRequestError, match=r"^shard index must be in 0\.\.1 for 2 shards$"):
+        Shard(2, 2).check(5)
+    assert Shard(4, 5).check(5).bounds(5) == (4, 5)  # one digit a shard: none left empty
+    with pytest.raises(InvalidRequestError, match=r"^6 shards for 5 digits would leave some empty$"):
+        Shard(0, 6).check(5)
+
+
 def test_a_shard_count_below_one_is_named() -> None:
     with pytest.raises(InvalidRequestError, match=r"^the number of shards must be at least 1, got 0$"):
         Shard(0, 0).check(5)
