@@ -148,7 +148,7 @@ def check_truncation(value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, (np.integer, np.floating)):  # compared as Python numbers: float16 cannot hold the bound
-        value = int(value) if isinstance(value, np.integer) else float(value)
+        value = float(value)
     real = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not real or not MIN_TRUNCATION <= value <= sys.float_info.max:  # 10**400: an int no float holds
         raise InvalidRequestError(f"truncation must be a finite number >= {MIN_TRUNCATION:g}, got {value!r}")

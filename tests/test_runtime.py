@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,9 +136,22 @@ def test_bad_requests_raise_typed_errors(tiny: DigitGenerator, kwargs: dict, mes
 
 
 def test_truncation_may_be_any_numpy_real_number(tiny: DigitGenerator) -> None:
-    expected = tiny.generate(3, truncation=2.0).images
-    for truncation in (np.float16(2), np.int8(2), np.longdouble(2)):
-        assert np.array_equal(tiny.generate(3, truncation=truncation).images, expected)
+    for expected, truncations in ((1.5, (np.float16(1.5), np.float32(1.5), np.longdouble(1.5))), (2, (np.int8(2),))):
+        images = tiny.generate(3, truncation=expected).images
+        for truncation in truncations:
+            assert np.array_equal(tiny.generate(3, truncation=truncation).images, images), truncation
+
+
+def test_truncation_runs_from_its_least_to_the_largest_float(tiny: DigitGenerator) -> None:
+    """At the top, as good as none: every component of the noise is within it."""
+    assert np.array_equal(tiny.generate(2, truncation=sys.float_info.max).images, tiny.generate(2).images)
+    assert tiny.generate(2, truncation=0.1).images.shape == (2, 28, 28)
+
+
+def test_a_model_path_that_is_no_path_is_named_with_its_type(tiny: DigitGenerator) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        DigitGenerator.from_path(3)  # type: ignore[arg-type]
+    assert str(refused.value) == "the model's path must be a path (a str or a pathlib.Path), got int 3"
 
 
 def test_an_empty_model_path_is_refused_as_the_cli_does() -> None:
