@@ -401,6 +401,11 @@ def test_a_link_the_page_cannot_read_whole_is_named_on_the_page(
     page = open_page(browser, f"{base_url}index.html?{query}")
     try:
         assert_error_shown(page, messages)
+        described = page.evaluate(
+            """() => [...document.querySelectorAll("input[aria-invalid=true]")].map(
+                (input) => document.getElementById(input.getAttribute("aria-describedby"))?.textContent ?? null)"""
+        )
+        assert described == [message for message in messages if message.startswith("seed ")]  # its own line
         assert page.evaluate("document.getElementById('generate').disabled") is False  # the form still works
         submit(page, count="3")
         assert wait_settled(page) == "drawn", page.text_content("#error")
@@ -531,6 +536,11 @@ def test_model_failures_show_on_the_page(browser: Browser, base_url: str, query:
     page = open_page(browser, f"{base_url}index.html?{query}")
     try:
         assert_error_shown(page, messages)
+        described = page.evaluate(
+            """() => [...document.querySelectorAll("input[aria-invalid=true]")].map(
+                (input) => document.getElementById(input.getAttribute("aria-describedby"))?.textContent ?? null)"""
+        )
+        assert described == [message for message in messages if message.startswith("seed ")]  # its own line
     finally:
         page.close()
 
@@ -698,8 +708,12 @@ def test_every_bad_field_is_named_and_marked(page: Page) -> None:
     assert page.is_disabled("#download") and page.text_content("#timing") == ""
     invalid = page.eval_on_selector_all("input[aria-invalid=true]", "inputs => inputs.map((i) => i.id)")
     assert invalid == ["digits", "count", "seed", "truncation"]
-    described = page.eval_on_selector_all("input[aria-describedby=error]", "inputs => inputs.map((i) => i.id)")
-    assert described == invalid and page.evaluate("document.activeElement.id") == "digits"
+    # each bad field is described by its own line of the error, not by all of them
+    described = page.evaluate(
+        """() => [...document.querySelectorAll("input[aria-invalid=true]")].map(
+            (input) => document.getElementById(input.getAttribute("aria-describedby")).textContent)"""
+    )
+    assert described == messages and page.evaluate("document.activeElement.id") == "digits"
     assert page.locator("#sheet").is_hidden()  # no sheet, no unnamed picture for a screen reader
     assert submit(page, count="0", truncation="1.5") == "error"
     assert page.evaluate("document.activeElement.id") == "count"

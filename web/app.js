@@ -27,8 +27,18 @@ const params = new URLSearchParams(location.search);
 const setState = (state) => (document.body.dataset.state = state);
 let digitgen; // the module digitgen.js, imported by main()
 
+/** Show `error` (an Error or words), one line of the box per line of its message; the line of each bad field it
+ * names (`error.fields`: [field, message] pairs) gets the id error-FIELD, which that field's description points to. */
 function showError(error) {
-  $("error").textContent = error instanceof Error ? error.message : String(error);
+  const lines = (error instanceof Error ? error.message : String(error)).split("\n");
+  const fieldOf = new Map((error?.fields ?? []).map(([field, message]) => [message, field]));
+  $("error").replaceChildren(
+    ...lines.map((line) => {
+      const shown = Object.assign(document.createElement("span"), { className: "line", textContent: line });
+      if (fieldOf.has(line)) shown.id = `error-${fieldOf.get(line)}`;
+      return shown;
+    }),
+  );
   $("error").hidden = false;
   setState("error");
 }
@@ -115,8 +125,8 @@ function describe(gen) {
 
 /**
  * The four fields, each checked: the request, or an InvalidRequestError naming every bad field (one per line,
- * in the page's order); the bad fields are marked aria-invalid, described by the error, and the first one
- * takes the focus.
+ * in the page's order; `fields` pairs each field with its line); the bad fields are marked aria-invalid,
+ * each described by its own line of the error, and the first one takes the focus.
  */
 function readFields(gen) {
   const problems = [];
@@ -128,8 +138,8 @@ function readFields(gen) {
       return value;
     } catch (error) {
       $(field).setAttribute("aria-invalid", "true");
-      $(field).setAttribute("aria-describedby", "error");
-      problems.push(error.message);
+      $(field).setAttribute("aria-describedby", `error-${field}`);
+      problems.push([field, error.message]);
       return undefined;
     }
   };
@@ -141,9 +151,16 @@ function readFields(gen) {
   };
   if (problems.length) {
     document.querySelector("#controls [aria-invalid=true]").focus();
-    throw new digitgen.InvalidRequestError(problems.join("\n"));
+    throw fieldsError(problems);
   }
   return request;
+}
+
+/** An InvalidRequestError of `lines` before the `fields` problems ([field, message] pairs), one line each. */
+function fieldsError(fields, lines = []) {
+  const error = new digitgen.InvalidRequestError([...lines, ...fields.map(([, message]) => message)].join("\n"));
+  error.fields = fields;
+  return error;
 }
 
 /** "N digits in T ms (R digits/s)"; no rate when the sheet took less than one tick of the browser's clock. */
@@ -284,10 +301,10 @@ async function main() {
     // the fields hold what the page could read, each checked and marked as Generate would; Generate draws them
     try {
       readFields(gen);
+      showError(problems.join("\n"));
     } catch (error) {
-      problems.push(error.message);
+      showError(fieldsError(error.fields, problems));
     }
-    showError(problems.join("\n"));
     return;
   }
   await requestSheet(gen);
