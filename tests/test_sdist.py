@@ -29,6 +29,7 @@ SOURCE_RELEASE = (
     "web/digitgen.js",
     "web/style.css",
     "benchmarks/train.py",
+    "benchmarks/README.md",  # the README points to it
 )
 
 
