@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 DEFAULT_BATCH_SIZE = 256
 MAX_BATCH_SIZE = 8192  # digits in one model call; each takes about 0.36 MB while it runs (3 GB at the most)
 ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"  # digitgen/artifacts, installed or checked out
+_NAMED_BAD_DIGITS = 5  # a refusal names the first few bad digits of a list, then counts the rest
 
 
 def default_model_path(name: str = "generator.onnx") -> Path:
@@ -155,6 +156,15 @@ def check_truncation(value: object) -> float | None:
     return float(value)
 
 
+def not_classes_message(shown: list[str], num_classes: int) -> str:
+    """The refusal of digits that are not classes of a model, each named once (the first few of many)."""
+    unique = list(dict.fromkeys(shown))
+    if len(unique) == 1:
+        return f"digit {unique[0]} is not a class of this model (0-{num_classes - 1})"
+    more = f" and {len(unique) - _NAMED_BAD_DIGITS} more" if len(unique) > _NAMED_BAD_DIGITS else ""
+    return f"digits {', '.join(unique[:_NAMED_BAD_DIGITS])}{more} are not classes of this model (0-{num_classes - 1})"
+
+
 class DigitGenerator:
     """A loaded generator. ``DigitGenerator.from_path()`` opens the shipped model.
 
@@ -230,9 +240,13 @@ class DigitGenerator:
         digits = list(digits)
         if not digits:
             raise InvalidRequestError("the list of digits is empty")
-        for d in digits:
-            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d < self.num_classes:
-                raise InvalidRequestError(f"digit {d!r} is not a class of this model (0-{self.num_classes - 1})")
+        bad = [
+            d
+            for d in digits
+            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d < self.num_classes
+        ]
+        if bad:
+            raise InvalidRequestError(not_classes_message([repr(d) for d in bad], self.num_classes))
         return [int(d) for d in digits]
 
     def run(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -98,6 +98,7 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["--digits", "1_0"], "'1_0' is not a comma-separated list of digits such as 0,3,7"),
         (["--digits", "3,12"], "digit 12 is not a class"),
         (["--digit", "10"], "digit 10 is not a class"),
+        (["--digits", "12,3,15"], "Error: digits 12, 15 are not classes of this model (0-9)"),  # every bad one
         (["--digit", "1", "--digits", "2"], "not both"),
         (["--format", "jpg"], "'jpg' is not one of"),
         (["--provider", "tpu"], "'tpu' is not one of"),

@@ -283,6 +283,7 @@ BAD = [
     ("count=0", 422, "number of digits must be an integer >= 1, got 0"),
     ("count=10001&format=npz", 422, "number of digits 10001 is over this server's limit of 10000 per request"),
     ("digit=10", 422, "digit 10 is not a class of this model (0-9)"),
+    ("digits=12,3,15", 422, "digits 12, 15 are not classes of this model (0-9)"),
     ("digit=x", 422, "digit 'x' is not a class of this model (0-9)"),
     ("digits=abc", 422, "'abc' is not a comma-separated list of digits such as 0,3,7"),
     ("digits=1,,2", 422, "'1,,2' is not a comma-separated list of digits such as 0,3,7"),

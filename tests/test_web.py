@@ -619,6 +619,8 @@ def submit(page: Page, digits: str = "", count: str = "10", seed: str = "0", tru
         ({"count": "101"}, 'count must be an integer from 1 to 100, got "101"'),
         ({"count": "2.5"}, 'count must be an integer from 1 to 100, got "2.5"'),
         ({"digits": "12"}, "digit 12 is not a class of this model (0-9)"),
+        ({"digits": "12,3,15,12"}, "digits 12, 15 are not classes of this model (0-9)"),  # each bad one, once
+        ({"digits": "10,11,12,13,14,15,16"}, "digits 10, 11, 12, 13, 14 and 2 more are not classes of this model"),
         ({"digits": "a,b"}, '"a,b" is not a comma-separated list of digits such as 0,3,7'),
         ({"digits": "+3"}, '"+3" is not a comma-separated list of digits such as 0,3,7'),  # as the CLI refuses it
         ({"digits": "3,,7"}, '"3,,7" is not a comma-separated list of digits such as 0,3,7'),

@@ -35,12 +35,22 @@ export class InvalidRequestError extends DigitgenError {}
 export class ModelRunError extends DigitgenError {}
 
 const MAX_SHOWN = 1024; // characters of a value an error quotes, as the HTTP server quotes a parameter
+const NAMED_BAD_DIGITS = 5; // a refusal names the first few bad digits of a list, then counts the rest
 
 /** `value` as an error quotes it: a string in quotes, at most MAX_SHOWN characters and its length. */
 function show(value) {
   const text = typeof value === "string" ? JSON.stringify(value) : String(value);
   if (text.length <= MAX_SHOWN) return text;
   return `${text.slice(0, MAX_SHOWN)}... (${text.length.toLocaleString("en")} characters)`;
+}
+
+/** The refusal of digits that are not classes of a model, each named once (the first few of many), as the CLI says it. */
+function notClassesMessage(shown, numClasses) {
+  const unique = [...new Set(shown)];
+  const range = `(0-${numClasses - 1})`;
+  if (unique.length === 1) return `digit ${unique[0]} is not a class of this model ${range}`;
+  const more = unique.length > NAMED_BAD_DIGITS ? ` and ${unique.length - NAMED_BAD_DIGITS} more` : "";
+  return `digits ${unique.slice(0, NAMED_BAD_DIGITS).join(", ")}${more} are not classes of this model ${range}`;
 }
 
 /** An integer given as a number, BigInt or decimal string, as a BigInt; null for anything else. */
@@ -397,13 +407,10 @@ export class DigitGenerator {
     }
     const list = Array.from(digits);
     if (!list.length) throw new InvalidRequestError("the list of digits is empty");
-    return list.map((d) => {
-      const n = toBigInt(d);
-      if (n === null || n < 0n || n >= BigInt(this.numClasses)) {
-        throw new InvalidRequestError(`digit ${show(d)} is not a class of this model (0-${this.numClasses - 1})`);
-      }
-      return Number(n);
-    });
+    const classes = list.map(toBigInt);
+    const bad = list.filter((d, i) => classes[i] === null || classes[i] < 0n || classes[i] >= BigInt(this.numClasses));
+    if (bad.length) throw new InvalidRequestError(notClassesMessage(bad.map(show), this.numClasses));
+    return classes.map(Number);
   }
 
   /** Raw model call: z (B * latentDim float32s) and B labels -> B * 784 floats in [0, 1]. */
