@@ -301,15 +301,18 @@ def _write_pngs(
 
     A file of the same index but another label is removed, so an index never has two labels in one folder, and
     so are ``replaced`` files past the batches' digits (a longer run's). With ``resume``, a file that already
-    holds exactly the digit's bytes is kept as it is, and a complete file of other digits is refused
-    (:func:`_refuse_other_digits`). If ``batches`` turn out not to hold the promised digits, or a file is refused,
-    the files this call created are removed; those it replaced, with the caller's permission, hold their digits,
-    and the error says how many.
+    holds exactly the digit's bytes is kept as it is, a complete file of other digits is refused
+    (:func:`_refuse_other_digits`), and damaged files are replaced or removed only once every file has been
+    checked, so that a refusal leaves them as they were. If ``batches`` turn out not to hold the promised digits,
+    or a file is refused, the files this call created are removed; those it replaced with ``--overwrite``'s
+    permission hold their digits, and the error says how many.
     """
     stale: dict[int, list[Path]] = {}
     for path in replaced:
         stale.setdefault(_index(path), []).append(path)
     kept, overwritten, created, created_labels = 0, 0, array.array("q"), bytearray()  # 9 bytes a created file
+    repairs: list[tuple[Path, bytes]] = []  # with resume: damaged files and their digits, written at the end
+    discarded: list[Path] = []  # with resume: damaged files of another label, removed at the end
     try:
         for batch in batches:
             for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
@@ -327,11 +330,10 @@ def _write_pngs(
                         f"{path} appeared while this run was writing: another process is writing to {out_dir}; "
                         "let it finish, or write elsewhere"
                     )
+                elif resume and path in earlier:
+                    repairs.append((path, encoded))
                 else:
-                    # not synced one by one (a run of many small files would wait on the disk for each): after a
-                    # power cut, --resume finds and rewrites any file the disk did not keep whole
-                    with atomic_file(path, durable=False) as f:
-                        f.write(encoded)
+                    _write_png(path, encoded)
                     if path not in earlier:
                         created.append(batch.start + offset)
                         created_labels.append(int(label))
@@ -339,19 +341,31 @@ def _write_pngs(
                         overwritten += 1
                 for old in earlier:
                     if old != path:
-                        old.unlink(missing_ok=True)
+                        (discarded.append if resume else _remove)(old)
             on_batch(len(batch.labels))
-        for past in stale.values():
-            for path in past:
-                path.unlink(missing_ok=True)
+        for path, encoded in repairs:
+            _write_png(path, encoded)
+        for path in [*discarded, *(path for past in stale.values() for path in past)]:
+            _remove(path)
     except (InvalidRequestError, OtherRunError) as exc:
         for index, label in zip(created, created_labels, strict=True):
-            (out_dir / png_name(index, label)).unlink(missing_ok=True)
+            _remove(out_dir / png_name(index, label))
         if overwritten:  # with permission, and not to be put back: said, so that no one takes the folder as it was
-            files = f"{overwritten} file{'s' if overwritten > 1 else ''}"
-            raise type(exc)(f"{exc}; the {files} it had replaced before that hold this request's digits") from exc
+            files = "1 file it had replaced holds" if overwritten == 1 else f"{overwritten} files it had replaced hold"
+            raise type(exc)(f"{exc}; {files} this request's digits now (--overwrite)") from exc
         raise
     return kept
+
+
+def _write_png(path: Path, encoded: bytes) -> None:
+    # not synced one by one (a run of many small files would wait on the disk for each): after a power cut,
+    # --resume finds and rewrites any file the disk did not keep whole
+    with atomic_file(path, durable=False) as f:
+        f.write(encoded)
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def _arrays_for(num: int) -> tuple[np.ndarray, np.ndarray]:

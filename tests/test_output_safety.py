@@ -219,7 +219,7 @@ def test_png_overwrite_fed_a_wrong_batch_says_how_many_files_it_had_replaced(
         write_digits(WRONG_ARRAYS["float images"](gen), tmp_path, "png", N, overwrite=True)
     assert str(refused.value) == (
         "a batch's images must be uint8 (N, 28, 28), got float32 (4, 28, 28); no new file was kept; "
-        "the 4 files it had replaced before that hold this request's digits"
+        "4 files it had replaced hold this request's digits now (--overwrite)"
     )
     (first,) = gen.iter_batches(4, seed=1, batch_size=4)
     assert [path.read_bytes() for path in sorted(tmp_path.iterdir())[:4]] == [png_bytes(i) for i in first.images]

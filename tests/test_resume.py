@@ -146,6 +146,24 @@ def test_resume_refuses_to_replace_another_runs_complete_files(
     assert folder(tmp_path) == before
 
 
+@pytest.mark.parametrize("other", OTHER_RUNS, ids=list(OTHER_RUNS))
+def test_a_refused_resume_leaves_damaged_files_for_the_run_that_wrote_them(
+    gen: DigitGenerator, tmp_path: Path, other: str
+) -> None:
+    """A damaged file before another run's first complete one is not replaced, nor removed, by a resume with a
+    typo: the folder stays as it was, and the right resume then finishes it."""
+    generate_files(gen, tmp_path, N, "png", **OTHER_RUNS[other])
+    clean = folder(tmp_path)
+    first = sorted(tmp_path.iterdir())[0]
+    first.write_bytes(first.read_bytes()[:40])
+    before = folder(tmp_path)
+    with pytest.raises(OtherRunError, match=r"holds other digits than this command makes .*pass --overwrite"):
+        generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert folder(tmp_path) == before
+    generate_files(gen, tmp_path, N, "png", resume=True, **OTHER_RUNS[other])
+    assert folder(tmp_path) == clean
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_resume_refuses_a_folder_of_a_longer_run(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
     """Its first N digits are this run's too (PNG files of the same index and label), but the folder could never
