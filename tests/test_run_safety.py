@@ -585,6 +585,11 @@ def test_label_classifier_options_are_refused_before_any_run_is_touched(
         ("run", ("--resume", "{tmp}/typo.pt"), "checkpoint not found: {tmp}/typo.pt"),
         (
             "run",
+            ("--resume", "/dev/zero"),
+            "/dev/zero: not a readable digitgen checkpoint (not a regular file: a folder, a pipe or a device)",
+        ),
+        (
+            "run",
             ("--resume", "{out}/checkpoint.pt", "--steps", "1"),
             "the resumed run is at step 2, past the 1 steps asked for; give --steps or --epochs beyond it",
         ),

@@ -322,7 +322,7 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
         raise TrainingError("give --steps or --epochs, not both")
     classifiers = () if options.resume is not None else label_classifiers(options)
     if options.resume is not None:  # first: the run directory's refusals take the file for a checkpoint
-        if not Path(options.resume).is_file():
+        if not os.path.lexists(options.resume):  # a folder, a pipe or a device is named as one when read
             raise CheckpointError(f"checkpoint not found: {options.resume}")
         state = state_from_checkpoint(options.resume, device, ctx.rank)
         _check_resume_options(options, state)
