@@ -105,9 +105,14 @@ def _prepare_output_dir(out_dir: str | Path) -> tuple[Path, list[Path]]:
         raise OutputError("the output directory is an empty path; name a folder (. for the current folder)")
     out_dir = check_path(out_dir, "the output directory")
     for parent in [out_dir, *out_dir.parents]:
+        where = "is" if parent == out_dir else f"lies under {parent}, which is"
         if parent.exists() and not parent.is_dir():
-            where = "is" if parent == out_dir else f"lies under {parent}, which is"
             raise OutputError(f"output directory {out_dir} {where} an existing file")
+        if os.path.islink(parent) and not parent.exists():
+            raise OutputError(
+                f"output directory {out_dir} {where} a link to {os.readlink(parent)}, which does not exist; "
+                "create it, or name another folder"
+            )
     try:
         created = _make_folders(out_dir)
     except OSError as exc:

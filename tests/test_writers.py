@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,18 @@ def test_out_is_a_file(gen: DigitGenerator, tmp_path: Path) -> None:
         _write(gen, target, "png")
     with pytest.raises(OutputError, match="lies under"):
         _write(gen, target / "sub", "png")
+
+
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+def test_out_is_a_link_to_nothing(gen: DigitGenerator, tmp_path: Path, fmt: str) -> None:
+    """Named as one, with what it points to, not as a folder that cannot be written; nothing is created."""
+    link = tmp_path / "digits"
+    link.symlink_to(tmp_path / "gone")
+    for out, where in ((link, "is"), (link / "sub", f"lies under {link}, which is")):
+        message = f"output directory {out} {where} a link to {tmp_path / 'gone'}, which does not exist; create it,"
+        with pytest.raises(OutputError, match=re.escape(message)):
+            _write(gen, out, fmt)
+    assert sorted(tmp_path.iterdir()) == [link]
 
 
 def test_out_that_cannot_be_listed(gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
