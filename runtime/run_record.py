@@ -13,7 +13,7 @@ from digitgen.runtime.errors import OutputError
 from digitgen.runtime.files import readable_file
 from digitgen.runtime.generator import labels_for
 from digitgen.runtime.noise import NOISE_SCHEME
-from digitgen.runtime.shards import Shard
+from digitgen.runtime.shards import Shard, rerun_damaged
 
 RECORDED_FORMATS = ("idx", "npz")  # the formats whose shards merge joins
 RECORD_VERSION = 1
@@ -80,7 +80,7 @@ def common_record(out_dir: Path, fmt: str, shards: int) -> dict | None:
             continue
         record = _read_record(path.read_bytes()) if readable_file(path) else None
         if record is None:
-            raise OutputError(f"{path} is not a run record (damaged?); run shard {index} again with --overwrite")
+            raise OutputError(f"{path} is not a run record (damaged?); {rerun_damaged(index)}")
         records.append(record)
     if all(record is None for record in records):
         return None

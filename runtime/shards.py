@@ -17,7 +17,7 @@ import numpy as np
 
 from digitgen.runtime.encode import open_npz
 from digitgen.runtime.errors import InvalidRequestError, OutputError
-from digitgen.runtime.idx import IMAGE_SIDE, header_size, idx_header
+from digitgen.runtime.idx import IMAGE_SIDE, check_idx, header_size, idx_header
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,13 @@ class Shard:
 
 
 WHOLE = Shard()
+
+
+def rerun_damaged(index: int) -> str:
+    """What to do about a damaged part of a sharded run: its shard, resumed, replaces it and keeps the rest."""
+    return f"run shard {index} again with --resume, which replaces a damaged file"
+
+
 MISSING_NAMED = 10  # missing shards named in a refusal; the rest counted
 
 
@@ -97,6 +104,18 @@ def find_shards(out_dir: Path, file_name: str) -> list[Path]:
     return [out_dir / Shard(i, count).name(file_name) for i in range(count)]
 
 
+def idx_counts(parts: list[Path], images: bool) -> list[int]:
+    """The item count of each IDX part, its header and size checked (:func:`~digitgen.runtime.idx.check_idx`);
+    a damaged part is named with what to do."""
+    counts = []
+    for index, part in enumerate(parts):
+        try:
+            counts.append(check_idx(part, images=images)[0])
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"{exc}; {rerun_damaged(index)}") from None
+    return counts
+
+
 def concat_idx(parts: list[Path], counts: list[int], images: bool, out: BinaryIO) -> None:
     """Write to ``out`` one IDX file holding every part's items (images or labels) in order; ``counts`` are the
     parts' item counts, as :func:`~digitgen.runtime.idx.check_idx` read them from their headers."""
@@ -111,12 +130,14 @@ def concat_npz(parts: list[Path]) -> tuple[dict[str, np.ndarray], list[np.ndarra
     """Every part's images and labels, in order, and each part's labels; :class:`OutputError` naming a part that
     is not a digits NPZ."""
     arrays: dict[str, list[np.ndarray]] = {"images": [], "labels": []}
-    for part in parts:
+    for index, part in enumerate(parts):
         try:
             with open_npz(part) as archive:
                 images, labels = archive["images"], archive["labels"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            raise OutputError(f"{part} is not a digits NPZ shard ({type(exc).__name__}: {exc})") from None
+            raise OutputError(
+                f"{part} is not a digits NPZ shard ({type(exc).__name__}: {exc}); {rerun_damaged(index)}"
+            ) from None
         if not _is_digits(images, labels):
             raise OutputError(
                 f"{part} is not a digits NPZ shard: images {images.dtype} {list(images.shape)} and labels "

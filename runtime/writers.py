@@ -80,7 +80,7 @@ from digitgen.runtime.run_record import (
     record_name,
     run_record,
 )
-from digitgen.runtime.shards import WHOLE, Shard, check_shard_sizes, concat_idx, concat_npz, find_shards
+from digitgen.runtime.shards import WHOLE, Shard, check_shard_sizes, concat_idx, concat_npz, find_shards, idx_counts
 
 FORMATS = ("png", "grid", "npz", "idx", "mnist")
 GRID_FILE = "grid.png"
@@ -831,8 +831,7 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
         return targets
     if len(parts[0]) != len(parts[1]):
         raise OutputError(f"{out_dir} holds {len(parts[0])} image shards but {len(parts[1])} label shards")
-    image_counts = [check_idx(part, images=True)[0] for part in parts[0]]
-    label_counts = [check_idx(part, images=False)[0] for part in parts[1]]
+    image_counts, label_counts = idx_counts(parts[0], images=True), idx_counts(parts[1], images=False)
     uneven = [
         str(i)
         for i, (n_images, n_labels) in enumerate(zip(image_counts, label_counts, strict=True))

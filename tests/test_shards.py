@@ -323,13 +323,18 @@ def test_a_damaged_shard_is_named_and_nothing_is_merged(gen: DigitGenerator, tmp
         _write(gen, tmp_path / "npz", "npz", Shard(i, 2))
     label_shard = tmp_path / "idx" / "train-labels-idx1-ubyte-00001-of-00002"
     label_shard.write_bytes(label_shard.read_bytes()[:-1])
-    with pytest.raises(InvalidRequestError, match=r"train-labels-idx1-ubyte-00001-of-00002 is truncated or corrupt"):
+    advice = "; run shard 1 again with --resume, which replaces a damaged file$"
+    with pytest.raises(InvalidRequestError, match=r"labels-idx1-ubyte-00001-of-00002 is truncated .*" + advice):
         merge_shards(tmp_path / "idx", "idx")
     assert not list((tmp_path / "idx").glob("train-*-ubyte"))  # the images file is not written either
-    (tmp_path / "npz" / "digits-00000-of-00002.npz").write_bytes(b"not an archive")
-    with pytest.raises(OutputError, match=r"digits-00000-of-00002\.npz is not a digits NPZ shard"):
+    npz_shard = tmp_path / "npz" / "digits-00001-of-00002.npz"
+    npz_shard.write_bytes(npz_shard.read_bytes()[:300])  # cut short, as by a full disk
+    with pytest.raises(OutputError, match=r"digits-00001-of-00002\.npz is not a digits NPZ shard .*" + advice):
         merge_shards(tmp_path / "npz", "npz")
     assert not (tmp_path / "npz" / "digits.npz").exists()
+    for fmt in ("idx", "npz"):  # as the advice says
+        _write(gen, tmp_path / fmt, fmt, Shard(1, 2), resume=True)
+        merge_shards(tmp_path / fmt, fmt)
 
 
 def test_an_npz_shard_holding_one_array_is_named_and_nothing_is_merged(gen: DigitGenerator, tmp_path: Path) -> None:
