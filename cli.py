@@ -129,10 +129,15 @@ class OptionsOnce(click.Command):
         return super().parse_args(ctx, args)
 
 
+def _say(line: str, err: bool = False) -> None:
+    """Say ``line`` as one line, whatever it quotes (a path with a newline or a terminal's escape codes)."""
+    click.echo(printable(line), err=err)
+
+
 def _fail(message: str, exit_code: int = 1) -> NoReturn:
     """Say ``message`` as one line of stderr, whatever it quotes (a path with a newline or a terminal's escape
     codes among them), and exit."""
-    click.echo(f"Error: {printable(message)}", err=True)
+    _say(f"Error: {message}", err=True)
     sys.exit(exit_code)
 
 
@@ -458,7 +463,7 @@ def train(
         download=download,
     )
     ctx, device = init_distributed(device)
-    say = click.echo if ctx.is_main else lambda *args, **kwargs: None
+    say = _say if ctx.is_main else lambda *args, **kwargs: None
     try:
         with prepare_run(options, device, ctx) as run:
             state = run.state
@@ -554,7 +559,7 @@ def _quality_json(ctx: click.Context, param: click.Parameter, value: str | None)
 
 def _echo_report(report: ParityReport) -> None:
     for line in report.lines():
-        click.echo(line)
+        _say(line)
 
 
 @main.command("export")
@@ -611,7 +616,7 @@ def export_cmd(
         overwrite=overwrite,
     )
     _echo_report(report)
-    click.echo(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB), verified on {len(report.cases)} cases")
+    _say(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB), verified on {len(report.cases)} cases")
 
 
 @main.command()
@@ -628,7 +633,7 @@ def verify(model_argument: str | None, model: str | None, checkpoint: str, atol:
         raise click.UsageError("name the model to check: digitgen verify MODEL --checkpoint CHECKPOINT")
     report = verify_file(model, checkpoint, atol)
     _echo_report(report)
-    click.echo(f"{model}: matches {checkpoint} on {len(report.cases)} cases")
+    _say(f"{model}: matches {checkpoint} on {len(report.cases)} cases")
 
 
 @main.command()
@@ -715,13 +720,13 @@ def generate(
         test_count=test_count,
     )
     if gen.note:  # said before the work, so that a run that fails or is stopped still says where it ran
-        click.echo(f"note: {gen.note}", err=True)
+        _say(f"note: {gen.note}", err=True)
     start = time.perf_counter()
     try:
         with progress(job.plan.count, "generating", hidden=job.plan.count <= batch_size) as bar:
             written = job.run(on_batch=bar.update)
     except KeyboardInterrupt:
-        click.echo(
+        _say(
             "Error: interrupted; any file it wrote is complete, none is partial; "
             "the same command with --resume continues",
             err=True,
@@ -733,13 +738,13 @@ def generate(
     timing = f"in {seconds:.2f}s on {gen.provider}"
     digits = f"{job.plan.count} digit{'' if job.plan.count == 1 else 's'}{part} as {fmt}"
     if not resume:
-        click.echo(f"wrote {digits} to {where} {timing}")
+        _say(f"wrote {digits} to {where} {timing}")
         return
     if written.kept:
         kept = f"kept {written.kept} complete file{'' if written.kept == 1 else 's'} of the earlier run"
     else:
         kept = "found no complete file to keep"
-    click.echo(f"{digits} in {where}: {kept}, wrote {written.written}, {timing}")
+    _say(f"{digits} in {where}: {kept}, wrote {written.written}, {timing}")
 
 
 @main.command()
@@ -749,7 +754,7 @@ def generate(
 def merge(out_dir: str, fmt: str, overwrite: bool) -> None:
     """Join the shard files of a sharded `generate` into the unsharded files."""
     files = merge_shards(out_dir, fmt, overwrite=overwrite)
-    click.echo("merged into " + ", ".join(str(f) for f in files))
+    _say("merged into " + ", ".join(str(f) for f in files))
 
 
 @main.command()
@@ -758,15 +763,15 @@ def merge(out_dir: str, fmt: str, overwrite: bool) -> None:
 def info(model_argument: str | None, model: str | None) -> None:
     """Print a model's contract and metadata (default: the shipped model)."""
     gen = DigitGenerator.from_path(_one_model(model_argument, model), "cpu")
-    click.echo(f"model: {gen.path}")
-    click.echo(f"sha256: {gen.sha256}")  # the names `evaluate --json` records them by
-    click.echo(f"sha256_without_metadata: {gen.sha256_without_metadata}")
+    _say(f"model: {gen.path}")
+    _say(f"sha256: {gen.sha256}")  # the names `evaluate --json` records them by
+    _say(f"sha256_without_metadata: {gen.sha256_without_metadata}")
     for kind, args in (("input", gen.inputs), ("output", gen.outputs)):
         for arg in args:
-            click.echo(f"{kind:<7} {arg.name:<6} {arg.type:<14} {arg.shape}")
+            _say(f"{kind:<7} {arg.name:<6} {arg.type:<14} {arg.shape}")
     for key, value in sorted(gen.info.metadata.items()):  # the file's words, never a line or a cursor move of theirs
-        click.echo(f"{printable(key)}: {printable(value)}")
-    click.echo(f"noise (runtime, any model): {NOISE_SCHEME}")
+        _say(f"{key}: {value}")
+    _say(f"noise (runtime, any model): {NOISE_SCHEME}")
 
 
 @main.command("train-classifier")
@@ -808,7 +813,7 @@ def train_classifier_cmd(
             should_stop=should_stop,
         )
     if result.test_accuracy is None:
-        click.echo(
+        _say(
             f"interrupted at step {result.step:,} of {total:,}; its state is saved to {state}; continue with the same "
             "command and --resume",
             err=True,
@@ -816,7 +821,7 @@ def train_classifier_cmd(
         sys.exit(130)
     diff = export_classifier(result.model, out, result.test_accuracy, weights_out=weights, overwrite=overwrite)
     state.unlink(missing_ok=True)
-    click.echo(
+    _say(
         f"MNIST test accuracy {result.test_accuracy:.2%} after {epochs} epochs in {result.seconds:.0f}s; "
         f"wrote {out} (max |torch-ort| {diff:.1e}) and {weights}"
     )
@@ -836,7 +841,7 @@ def export_classifier_cmd(weights: str, out: str, overwrite: bool) -> None:
     from digitgen.export.classifier_export import export_classifier_weights
 
     diff = export_classifier_weights(weights, out, overwrite=overwrite)
-    click.echo(f"wrote {out} (max |torch-ort| {diff:.1e})")
+    _say(f"wrote {out} (max |torch-ort| {diff:.1e})")
 
 
 def _cas_state_dir() -> Path:
@@ -903,12 +908,12 @@ def evaluate(
     if cas:
         run = CasRun(gen, train, test, seed=seed, truncation=truncation, state_dir=state_dir)
         for note in run.notes:
-            click.echo(f"note: {note}", err=True)
+            _say(f"note: {note}", err=True)
         label = "CAS: training classifiers (steps)"
         with _stop_on_signals() as should_stop, progress(run.total, label, done=run.done) as bar:
             scores = run.run(progress=lambda: bar.update(1), should_stop=should_stop)
         if scores is None:
-            click.echo(
+            _say(
                 f"interrupted; CAS's training state is kept in {state_dir}; the same command continues it",
                 err=True,
             )
@@ -1036,13 +1041,13 @@ def serve(
     options = options.check_address()  # a busy port is refused before the model loads; port 0 becomes a free one
     generator = options.load()  # a bad model or provider is refused here, before any worker starts
     if generator.note:
-        click.echo(f"note: {generator.note}", err=True)
+        _say(f"note: {generator.note}", err=True)
     if quiet and port == 0:  # the one thing a caller cannot know otherwise
-        click.echo(f"digitgen serve: {options.url}", err=True)
+        _say(f"digitgen serve: {options.url}", err=True)
     elif not quiet:
         url = options.url
         where = f"the page at {url}/, API docs at {url}/docs" if web_dir else f"API docs at {url}/docs"
-        click.echo(
+        _say(
             f"digitgen serve: {generator.path} on {generator.provider}, {workers} worker(s) with "
             f"{options.intra_op_threads} onnxruntime thread(s) each; {where}",
             err=True,

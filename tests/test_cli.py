@@ -184,6 +184,15 @@ def test_an_error_quoting_control_characters_stays_one_line_that_cannot_drive_a_
     assert any(escaped in output for escaped in ("\\n", "\\r", "\\x1b")), output
 
 
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+def test_a_success_line_quoting_control_characters_stays_one_line(tmp_path: Path, tiny_onnx: Path, fmt: str) -> None:
+    out = tmp_path / "a\nb\x1b[31m"
+    code, output = run("generate", "--generator", tiny_onnx, "-n", 2, "--format", fmt, "--out", out)
+    assert code == 0 and output.count("\n") == 1, output
+    assert f"{tmp_path}/a\\nb\\x1b[31m" in output and "\x1b" not in output
+    assert len(list(out.iterdir())) == (2 if fmt == "png" else 1)
+
+
 @pytest.mark.parametrize(
     ("raised", "words"),
     [
