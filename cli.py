@@ -54,7 +54,6 @@ from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
 from digitgen.runtime.signals import (
     INTERRUPTING_SIGNALS,
-    TERMINATING_SIGNALS,
     handling,
     model_calls_run_through_signals,
     model_calls_stop_on_signals,
@@ -107,8 +106,18 @@ def install_command(extra: str) -> str:
     return f"{shlex.quote(sys.executable)} -m pip install {shlex.quote(f'{target}[{extra}]')}"
 
 
-def _raise_keyboard_interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+class _StopOnce:
+    """A stop signal's handler: the first raises :class:`KeyboardInterrupt`, as Ctrl-C does; later ones, while
+    the command stops, are let go: they ask for what is under way, and raised in its clean-up they could cut it
+    short."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 class OptionsOnce(click.Command):
@@ -151,7 +160,7 @@ class OneLineErrors(click.Group):
         kwargs["standalone_mode"] = False
         try:
             with (
-                handling(TERMINATING_SIGNALS, _raise_keyboard_interrupt),  # they stop a command as Ctrl-C does
+                handling(INTERRUPTING_SIGNALS, _StopOnce()),  # SIGTERM and SIGHUP stop a command as Ctrl-C does
                 model_calls_stop_on_signals(),  # in a model call too
             ):
                 release_held_at_start()

@@ -87,6 +87,45 @@ def test_the_entry_point_holds_the_signals_the_command_handles() -> None:
     assert set(INTERRUPTING_SIGNALS) == digitgen.__main__.STOP_SIGNALS
 
 
+# A first stop signal at the first model call, and a second one in the clean-up after it (as a file is removed)
+# or once the command has stopped (as the process exits): the command still ends as one interrupt, status 130.
+SECOND_SIGNAL = """
+import atexit, os, pathlib, signal, sys
+from digitgen.runtime.generator import DigitGenerator
+
+real_run, real_unlink = DigitGenerator.run, pathlib.Path.unlink
+stopping = []
+
+def run(self, *args):
+    stopping.append(True)
+    os.kill(os.getpid(), signal.SIGINT)
+    return real_run(self, *args)
+
+def unlink(self, *args, **kwargs):
+    if "{when}" == "clean-up" and stopping:
+        os.kill(os.getpid(), {signum})
+    return real_unlink(self, *args, **kwargs)
+
+DigitGenerator.run, pathlib.Path.unlink = run, unlink
+if "{when}" == "stopped":
+    atexit.register(os.kill, os.getpid(), {signum})
+sys.argv = ["digitgen", "generate", "-n", "40", "--batch-size", "8", "--format", "npz", "--out", "digits"]
+import digitgen.__main__
+digitgen.__main__.run()
+"""
+
+
+@pytest.mark.parametrize("when", ["clean-up", "stopped"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_second_stop_signal_does_not_change_how_the_command_ends(
+    tmp_path: Path, signum: signal.Signals, when: str
+) -> None:
+    result = _python(SECOND_SIGNAL.format(signum=int(signum), when=when), tmp_path)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("Error: interrupted"), result.stderr  # said once, last
+    assert list(tmp_path.iterdir()) == []
+
+
 # The same from a checkout: `python cli.py` (runpy runs it as the script), the signal sent as it imports click.
 SIGNAL_WHILE_CLI_PY_LOADS = """
 import builtins, os, runpy, sys
