@@ -50,7 +50,7 @@ from digitgen.runtime.generator import (
 )
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
 from digitgen.runtime.progress import progress
-from digitgen.runtime.session import PROVIDER_CHOICES
+from digitgen.runtime.session import MAX_THREADS, PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
 from digitgen.runtime.signals import (
     INTERRUPTING_SIGNALS,
@@ -948,7 +948,7 @@ def evaluate(
 )
 @click.option(
     "--threads",
-    type=Integer(min=1),
+    type=Integer(min=1, max=MAX_THREADS),
     help="onnxruntime intra-op threads per worker [default: usable cores / workers - 1, at least 1].",
 )
 @click.option("--max-count", default=10_000, show_default=True, type=Integer(min=1), help="Most digits per request.")

@@ -121,8 +121,12 @@ def likely_mnist_root(root: str | Path) -> str:
 
 def mnist_not_found_message(root: str | Path) -> str:
     """One line: the four files, where they were looked for, and the likely right root when one is near."""
-    missing = missing_mnist_files(root)
-    which = "" if len(missing) == len(MNIST_FILES) else f" (missing: {', '.join(missing)})"
+    raw = mnist_raw_folder(root)
+    absent = [name for name in MNIST_FILES if not (raw / name).exists()]
+    not_files = [name for name in missing_mnist_files(root) if name not in absent]  # a folder, say
+    found = (("missing", absent), ("not files", not_files))
+    problems = [f"{what}: {', '.join(names)}" for what, names in found if names]
+    which = "" if len(absent) == len(MNIST_FILES) else f" ({'; '.join(problems)})"
     hint = likely_mnist_root(root)
     return (
         f"MNIST not found: the four uncompressed IDX files {', '.join(MNIST_FILES)} are looked for in "

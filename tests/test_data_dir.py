@@ -217,3 +217,14 @@ def test_the_data_fingerprint_is_the_images_then_the_labels_as_little_endian_int
     expected = hashlib.sha256(images.numpy().tobytes() + np.array([3, 7], dtype="<i8").tobytes()).hexdigest()
     assert MnistTensors(images, labels).sha256() == expected
     assert MnistTensors(images, labels.to(torch.int32)).sha256() == expected
+
+
+def test_a_folder_in_place_of_an_mnist_file_is_named_as_one_not_as_missing(tmp_path: Path) -> None:
+    raw = write_tiny_mnist(tmp_path) / "MNIST" / "raw"
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    (raw / "t10k-labels-idx1-ubyte").mkdir()
+    (raw / "t10k-images-idx3-ubyte").unlink()
+    message = mnist_not_found_message(tmp_path)
+    assert message.endswith(
+        f"looked for in {raw}/ (missing: t10k-images-idx3-ubyte; not files: t10k-labels-idx1-ubyte)"
+    ), message

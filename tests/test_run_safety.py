@@ -613,6 +613,18 @@ def test_what_training_cannot_do_is_one_line_and_touches_nothing(
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
 
 
+def test_a_batch_larger_than_all_the_training_images_asks_only_for_a_smaller_batch(
+    tmp_path: Path, tiny_mnist: Path
+) -> None:
+    """Without --subset every image is in use: raising it is no way out."""
+    options = [option for option in TINY if option not in ("--batch-size", "16")]
+    code, output = train(tiny_mnist, tmp_path / "run", "--steps", 2, "--batch-size", 512, *options)
+    assert (code, output.strip()) == (
+        1,
+        "Error: a batch of 512 images is more than the 256 training images; lower --batch-size",
+    )
+
+
 def test_training_runs_when_the_cli_is_called_off_the_main_thread(tmp_path: Path, tiny_mnist: Path) -> None:
     """An app may call the CLI from a worker thread, where Python allows no signal handlers."""
     results: list[tuple[int, str]] = []

@@ -63,6 +63,13 @@ def test_a_bad_web_dir_or_origin_is_one_line(tmp_path: Path, option: str, words:
     assert result.output.strip() == "Error: " + words.format(page=tmp_path)
 
 
+def test_too_many_threads_are_refused_with_the_range_help_shows() -> None:
+    result = CliRunner().invoke(main, ["serve", "--port", str(free_port()), "--threads", "2000"])
+    assert result.exit_code == 2
+    assert "2000 is not in the range 1<=x<=1024" in result.output
+    assert "1<=x<=1024" in CliRunner().invoke(main, ["serve", "--help"]).output
+
+
 def test_the_web_source_folder_is_not_taken_for_the_built_page(tmp_path: Path) -> None:
     """``--web web`` (the source: the page without its model) instead of ``--web web/dist``."""
     (tmp_path / "index.html").write_text("<!doctype html><title>digits</title>")

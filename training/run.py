@@ -350,7 +350,7 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
         processes = f" ({ctx.world_size} processes x {state.train.batch_size})" if ctx.world_size > 1 else ""
         raise TrainingError(
             f"a batch of {global_batch} images{processes} is more than the {len(data.images)} training images; "
-            "lower --batch-size or raise --subset"
+            + ("lower --batch-size" if state.train.subset is None else "lower --batch-size or raise --subset")
         )
     per_epoch = steps_per_epoch(len(data.images), global_batch)
     if options.steps is not None or options.epochs is not None or not options.resume:
