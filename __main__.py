@@ -6,16 +6,24 @@ import signal
 STOP_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
 
 
+def let_go_then_stop(_signum: int, _frame: object) -> None:
+    """A stop signal that comes while the command stops, or after it has ended: let go, as it asks for what is
+    under way (raised in a clean-up, it could cut that short, and a scheduler's SIGTERM after Ctrl-C must not
+    change the exit status), but the next one stops the process at once, as it would by default: a way out of a
+    clean-up that hangs."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def hold_stop_signals() -> None:
     """Hold Ctrl-C, SIGTERM and SIGHUP until the command's handlers are in place (``digitgen.cli`` lets them
     through then): loading the command (numpy, onnxruntime) takes a moment, and a stop signal in that moment
     then ends it as one during its work does, with the same words, not with a traceback. Outside the command's
-    handlers they are ignored, so that once it has stopped, a second one (a scheduler's SIGTERM after Ctrl-C)
-    cannot end the process while it says so and exits 130."""
+    handlers they meet :func:`let_go_then_stop`."""
     if hasattr(signal, "pthread_sigmask"):  # POSIX; the threads started while loading inherit the mask
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        for signum in STOP_SIGNALS:  # held, a signal that comes now stays pending for the command's handler
-            signal.signal(signum, signal.SIG_IGN)
+        for signum in STOP_SIGNALS:  # caught, not ignored: a held signal stays pending for the command's handler
+            signal.signal(signum, let_go_then_stop)
 
 
 def run() -> None:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from digitgen.__main__ import let_go_then_stop
 from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.evaluate import MAX_SAMPLES
@@ -107,17 +108,22 @@ def install_command(extra: str) -> str:
 
 
 class _StopOnce:
-    """A stop signal's handler: the first raises :class:`KeyboardInterrupt`, as Ctrl-C does; later ones, while
-    the command stops, are let go: they ask for what is under way, and raised in its clean-up they could cut it
-    short."""
+    """The command's stop-signal handler: the first signal raises :class:`KeyboardInterrupt`, as Ctrl-C does;
+    one that comes while the command stops (its own handler took the first, or this one did) meets
+    :func:`~digitgen.__main__.let_go_then_stop`."""
 
     def __init__(self) -> None:
         self.stopping = False
 
-    def __call__(self, signum: int, _frame: object) -> None:
-        if not self.stopping:
-            self.stopping = True
-            raise KeyboardInterrupt(signal.Signals(signum).name)
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            let_go_then_stop(signum, frame)
+            return
+        self.stopping = True
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+_STOP = _StopOnce()  # one per process: the handlers of training's own stop (_stop_on_signals) set it too
 
 
 class OptionsOnce(click.Command):
@@ -158,9 +164,10 @@ class OneLineErrors(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override]
         kwargs["standalone_mode"] = False
+        _STOP.stopping = False  # called again in one process (an app, a test): a new command
         try:
             with (
-                handling(INTERRUPTING_SIGNALS, _StopOnce()),  # SIGTERM and SIGHUP stop a command as Ctrl-C does
+                handling(INTERRUPTING_SIGNALS, _STOP),  # SIGTERM and SIGHUP stop a command as Ctrl-C does
                 model_calls_stop_on_signals(),  # in a model call too
             ):
                 release_held_at_start()
@@ -288,7 +295,12 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     """Turn Ctrl-C, SIGTERM and SIGHUP into a polled flag so training can checkpoint and exit cleanly (off the
     main thread, where Python delivers no signals, the flag stays down)."""
     requested: list[int] = []
-    with handling(INTERRUPTING_SIGNALS, lambda signum, _frame: requested.append(signum)):
+
+    def request(signum: int, _frame: object) -> None:
+        requested.append(signum)
+        _STOP.stopping = True  # a signal after this block is a second one, not a new stop
+
+    with handling(INTERRUPTING_SIGNALS, request):
         yield lambda: bool(requested)
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
 import digitgen.__main__
-from digitgen.runtime.signals import INTERRUPTING_SIGNALS
+from digitgen import cli
+from digitgen.runtime.signals import INTERRUPTING_SIGNALS, handling
 from tests.conftest import REPO
 from tests.helpers import default_sigint
 
@@ -124,6 +126,47 @@ def test_a_second_stop_signal_does_not_change_how_the_command_ends(
     assert result.returncode == 130, result.stderr
     assert result.stderr.splitlines()[-1].startswith("Error: interrupted"), result.stderr  # said once, last
     assert list(tmp_path.iterdir()) == []
+
+
+# Two stop signals once the command has ended, as the process exits and something there hangs (an atexit
+# function): the first is let go, the second ends the process at once, as by default.
+HANGING_EXIT = """
+import atexit, os, sys, time
+import digitgen.__main__
+
+def hang():
+    os.kill(os.getpid(), {signum})
+    time.sleep(0.1)
+    os.kill(os.getpid(), {signum})
+    time.sleep(60)
+
+atexit.register(hang)
+sys.argv = ["digitgen", "generate", "-n", "3", "--out", "digits"]
+digitgen.__main__.run()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_second_stop_signal_ends_a_process_that_hangs_after_its_command(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    started = time.monotonic()
+    result = _python(HANGING_EXIT.format(signum=int(signum)), tmp_path)
+    assert result.returncode == -signum, result.stderr
+    assert time.monotonic() - started < 30
+    assert len(list((tmp_path / "digits").iterdir())) == 3  # the command itself had finished
+
+
+def test_a_signal_after_trainings_own_stop_is_not_a_new_stop() -> None:
+    """Training takes the first signal itself (to save its state and say how to resume); one that comes after
+    must not start a second stop with other words."""
+    with handling(INTERRUPTING_SIGNALS, cli._STOP):
+        cli._STOP.stopping = False
+        with cli._stop_on_signals() as should_stop:
+            signal.raise_signal(signal.SIGTERM)
+            assert should_stop()
+        signal.raise_signal(signal.SIGTERM)  # let go: no KeyboardInterrupt
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the next one would end the process
 
 
 # The same from a checkout: `python cli.py` (runpy runs it as the script), the signal sent as it imports click.
