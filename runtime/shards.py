@@ -73,8 +73,9 @@ WHOLE = Shard()
 
 
 def rerun_damaged(index: int) -> str:
-    """What to do about a damaged part of a sharded run: its shard, resumed, replaces it and keeps the rest."""
-    return f"run shard {index} again with --resume, which replaces a damaged file"
+    """What to do about a damaged part of a sharded run: its shard, resumed, replaces it and keeps the rest; a
+    part that no longer even begins as its kind of file (zeros after a crash) only ``--overwrite`` replaces."""
+    return f"run shard {index} again with --resume, which replaces a damaged file (--overwrite: whatever it holds)"
 
 
 MISSING_NAMED = 10  # missing shards named in a refusal; the rest counted

@@ -18,12 +18,14 @@ import os
 import re
 import struct
 import sys
+import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -304,8 +306,9 @@ def _write_pngs(
 ) -> int:
     """One PNG per digit; returns how many existing files were kept.
 
-    A file of the same index but another label is removed, so an index never has two labels in one folder, and
-    so are ``replaced`` files past the batches' digits (a longer run's). With ``resume``, a file that already
+    A file of the same index but another label is removed, so that, once the call is done, an index never has
+    two labels in one folder, and so are ``replaced`` files past the batches' digits (a longer run's). With
+    ``resume``, a file that already
     holds exactly the digit's bytes is kept as it is, a complete file of other digits is refused
     (:func:`_refuse_other_digits`), and damaged files are replaced or removed only once every file has been
     checked, so that a refusal leaves them as they were. If ``batches`` turn out not to hold the promised digits,
@@ -316,8 +319,8 @@ def _write_pngs(
     for path in replaced:
         stale.setdefault(_index(path), []).append(path)
     kept, overwritten, created, created_labels = 0, 0, array.array("q"), bytearray()  # 9 bytes a created file
-    repairs: list[tuple[Path, bytes]] = []  # with resume: damaged files and their digits, written at the end
     discarded: list[Path] = []  # with resume: damaged files of another label, removed at the end
+    repairs = _Repairs(out_dir)  # with resume: damaged files of this label, replaced at the end
     try:
         for batch in batches:
             for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
@@ -336,7 +339,7 @@ def _write_pngs(
                         "let it finish, or write elsewhere"
                     )
                 elif resume and path in earlier:
-                    repairs.append((path, encoded))
+                    repairs.add(batch.start + offset, int(label), encoded)
                 else:
                     _write_png(path, encoded)
                     if path not in earlier:
@@ -348,8 +351,7 @@ def _write_pngs(
                     if old != path:
                         (discarded.append if resume else _remove)(old)
             on_batch(len(batch.labels))
-        for path, encoded in repairs:
-            _write_png(path, encoded)
+        repairs.write()
         for path in [*discarded, *(path for past in stale.values() for path in past)]:
             _remove(path)
     except (InvalidRequestError, OtherRunError) as exc:
@@ -359,7 +361,41 @@ def _write_pngs(
             files = "1 file it had replaced holds" if overwritten == 1 else f"{overwritten} files it had replaced hold"
             raise type(exc)(f"{exc}; {files} this request's digits now (--overwrite)") from exc
         raise
+    finally:
+        repairs.close()
     return kept
+
+
+class _Repairs:
+    """Damaged PNGs of a resumed run and the bytes to replace them with, set aside until every file has been
+    checked: the bytes in an unnamed temporary file in the output folder (gone with the process, however it
+    ends), 13 bytes each in memory, so that a folder of a million cut-short files costs no more memory than
+    a complete one."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.indices, self.labels, self.sizes = array.array("q"), bytearray(), array.array("I")
+        self._spool: BinaryIO | None = None
+
+    def add(self, index: int, label: int, encoded: bytes) -> None:
+        if self._spool is None:
+            self._spool = tempfile.TemporaryFile(dir=self.out_dir)  # noqa: SIM115 (closed by close())
+        self._spool.write(encoded)
+        self.indices.append(index)
+        self.labels.append(label)
+        self.sizes.append(len(encoded))
+
+    def write(self) -> None:
+        """Replace each damaged file with its digit."""
+        if self._spool is None:
+            return
+        self._spool.seek(0)
+        for index, label, size in zip(self.indices, self.labels, self.sizes, strict=True):
+            _write_png(self.out_dir / png_name(index, label), self._spool.read(size))
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
 
 
 def _write_png(path: Path, encoded: bytes) -> None:

@@ -98,6 +98,18 @@ def test_resume_replaces_a_damaged_file_and_keeps_the_good_ones(
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in good} == stamps  # kept, not rewritten
 
 
+def test_resume_replaces_every_file_a_power_cut_left_empty(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict
+) -> None:
+    """PNGs are not synced one by one: after a power cut every file may be there, and empty. Their digits are set
+    aside (in an unnamed file) until every file has been checked, then written."""
+    generate_files(gen, tmp_path, N, "png", **REQUEST)
+    for path in tmp_path.iterdir():
+        path.write_bytes(b"")
+    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert folder(tmp_path) == clean_runs["png"]
+
+
 @pytest.mark.parametrize("fmt", ["png", "npz"])
 def test_resume_replaces_a_file_damaged_inside(gen: DigitGenerator, tmp_path: Path, clean_runs: dict, fmt: str) -> None:
     """A changed byte inside the pixels: a PNG chunk's or an NPZ member's CRC no longer holds."""

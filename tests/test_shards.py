@@ -323,7 +323,7 @@ def test_a_damaged_shard_is_named_and_nothing_is_merged(gen: DigitGenerator, tmp
         _write(gen, tmp_path / "npz", "npz", Shard(i, 2))
     label_shard = tmp_path / "idx" / "train-labels-idx1-ubyte-00001-of-00002"
     label_shard.write_bytes(label_shard.read_bytes()[:-1])
-    advice = "; run shard 1 again with --resume, which replaces a damaged file$"
+    advice = r"; run shard 1 again with --resume, which replaces a damaged file \(--overwrite: whatever it holds\)$"
     with pytest.raises(InvalidRequestError, match=r"labels-idx1-ubyte-00001-of-00002 is truncated .*" + advice):
         merge_shards(tmp_path / "idx", "idx")
     assert not list((tmp_path / "idx").glob("train-*-ubyte"))  # the images file is not written either
