@@ -223,8 +223,17 @@ def test_a_folder_in_place_of_an_mnist_file_is_named_as_one_not_as_missing(tmp_p
     raw = write_tiny_mnist(tmp_path) / "MNIST" / "raw"
     (raw / "t10k-labels-idx1-ubyte").unlink()
     (raw / "t10k-labels-idx1-ubyte").mkdir()
-    (raw / "t10k-images-idx3-ubyte").unlink()
+    for name in ("train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        (raw / name).unlink()
     message = mnist_not_found_message(tmp_path)
     assert message.endswith(
-        f"looked for in {raw}/ (missing: t10k-images-idx3-ubyte; not files: t10k-labels-idx1-ubyte)"
+        f"looked for in {raw}/ (missing: train-labels-idx1-ubyte, t10k-images-idx3-ubyte; "
+        "not files: t10k-labels-idx1-ubyte)"
     ), message
+
+
+def test_none_of_the_four_files_is_one_plain_sentence(tmp_path: Path) -> None:
+    assert mnist_not_found_message(tmp_path) == (
+        "MNIST not found: the four uncompressed IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte are looked for in {tmp_path}/MNIST/raw/"
+    )

@@ -114,6 +114,7 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
         ({"num": 5, "digits": ["7"]}, r"^digit '7' is not a class of this model \(0-9\)$"),
         ({"num": 5, "digits": [12, 3, 15, 12]}, r"^digits 12, 15 are not classes of this model \(0-9\)$"),
         ({"num": 5, "digits": list(range(10, 17))}, r"^digits 10, 11, 12, 13, 14 and 2 more are not classes of"),
+        ({"num": 5, "digits": list(range(10, 15))}, r"^digits 10, 11, 12, 13, 14 are not classes of this model"),
         ({"num": 5, "digits": []}, "^the list of digits is empty$"),
         ({"num": 5, "digits": 5}, r"digits must be a list of classes, e\.g\. \[3, 7\], got 5"),
         ({"num": 5, "digits": "37"}, "digits must be a list of classes"),

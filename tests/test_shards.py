@@ -317,6 +317,19 @@ def test_merge_finds_shards_of_runs_of_100000_or_more_shards(tmp_path: Path) -> 
     )
 
 
+def test_a_labels_shard_under_an_images_name_is_refused(gen: DigitGenerator, tmp_path: Path) -> None:
+    """Same count, other kind: its bytes would otherwise be copied in as pixels."""
+    for i in range(2):
+        _write(gen, tmp_path, "idx", Shard(i, 2))
+    labels = (tmp_path / "train-labels-idx1-ubyte-00001-of-00002").read_bytes()
+    (tmp_path / "train-images-idx3-ubyte-00001-of-00002").write_bytes(labels)
+    with pytest.raises(
+        InvalidRequestError, match=r"images-idx3-ubyte-00001-of-00002 is not an MNIST IDX file of images"
+    ):
+        merge_shards(tmp_path, "idx")
+    assert not list(tmp_path.glob("train-*-ubyte"))
+
+
 def test_a_damaged_shard_is_named_and_nothing_is_merged(gen: DigitGenerator, tmp_path: Path) -> None:
     for i in range(2):
         _write(gen, tmp_path / "idx", "idx", Shard(i, 2))
