@@ -103,7 +103,7 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["--format", "jpg"], "'jpg' is not one of"),
         (["--provider", "tpu"], "'tpu' is not one of"),
         (["--generator", "/nonexistent/g.onnx"], "model not found"),
-        (["--out", "/proc/digitgen-cannot-write"], "cannot create output directory"),
+        (["--out", "/proc/digitgen-cannot-write"], "directory /proc/digitgen-cannot-write: No such file or directory"),
         (["--num-shards", "3", "--shard-index", "3"], "shard index must be in 0..2"),
         (["--shard-index", "1"], "shard index 1 needs a number of shards (--num-shards, Shard.count) above it"),
         (["--out", ""], "Invalid value for '--out': an empty path; name a file or folder (. for the current folder)"),

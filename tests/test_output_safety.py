@@ -210,19 +210,28 @@ def test_png_writer_fed_the_wrong_digits_keeps_the_files_that_were_there(
     assert after == before
 
 
+@pytest.mark.parametrize(
+    ("missing", "replaced"),
+    [(0, "4 files it had replaced hold"), (3, "1 file it had replaced holds")],
+)
 def test_png_overwrite_fed_a_wrong_batch_says_how_many_files_it_had_replaced(
-    gen: DigitGenerator, tmp_path: Path
+    gen: DigitGenerator, tmp_path: Path, missing: int, replaced: str
 ) -> None:
-    """Replaced files cannot be put back: the error says they now hold this request's digits."""
+    """Replaced files cannot be put back: the error says they now hold this request's digits (files the first
+    batch created, where none was, are removed)."""
     generate_files(gen, tmp_path, N, seed=9)
+    for path in sorted(tmp_path.iterdir())[1 : 1 + missing]:
+        path.unlink()
     with pytest.raises(InvalidRequestError) as refused:
         write_digits(WRONG_ARRAYS["float images"](gen), tmp_path, "png", N, overwrite=True)
     assert str(refused.value) == (
         "a batch's images must be uint8 (N, 28, 28), got float32 (4, 28, 28); no new file was kept; "
-        "4 files it had replaced hold this request's digits now (--overwrite)"
+        f"{replaced} this request's digits now (--overwrite)"
     )
     (first,) = gen.iter_batches(4, seed=1, batch_size=4)
-    assert [path.read_bytes() for path in sorted(tmp_path.iterdir())[:4]] == [png_bytes(i) for i in first.images]
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == N - missing
+    assert [path.read_bytes() for path in files[: 4 - missing]] == [png_bytes(i) for i in first.images[: 4 - missing]]
 
 
 def test_generate_files_writes_what_the_cli_writes(gen: DigitGenerator, tmp_path: Path, tiny_onnx: Path) -> None:

@@ -122,6 +122,19 @@ def test_out_is_a_link_to_nothing(gen: DigitGenerator, tmp_path: Path, fmt: str)
     assert sorted(tmp_path.iterdir()) == [link]
 
 
+def test_out_that_cannot_be_written(gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Named before any work (the root user writes any folder, so access is faked)."""
+    import os
+
+    access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: access(path, mode) and not (Path(path) == tmp_path and mode & os.W_OK)
+    )
+    with pytest.raises(OutputError, match=f"^output directory {tmp_path} is not writable$"):
+        _write(gen, tmp_path, "png")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_that_cannot_be_listed(gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its listing says what a run would replace (the root user reads any folder, so access is faked)."""
     import os
