@@ -10,7 +10,7 @@ import click
 import pytest
 
 import digitgen.cli as cli
-from digitgen.cli import _format_progress, _raise_keyboard_interrupt, _read_json, install_command, main
+from digitgen.cli import _format_progress, _read_json, _StopOnce, install_command, main
 from tests.conftest import REPO
 from tests.helpers import PIP
 
@@ -43,10 +43,17 @@ def test_training_progress_names_epoch_losses_and_scores() -> None:
     assert _format_progress(info) == "epoch 3  loss_d 1.235  loss_g -0.500  D(real) 0.12  D(fake) -0.35"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_terminating_signals_raise_keyboard_interrupt_named_after_the_signal(signum: int) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_raises_keyboard_interrupt_named_after_it_once(
+    signum: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    let_go: list[int] = []
+    monkeypatch.setattr(cli, "let_go_then_stop", lambda signum, _frame: let_go.append(signum))
+    stop = _StopOnce()
     with pytest.raises(KeyboardInterrupt, match=signal.Signals(signum).name):
-        _raise_keyboard_interrupt(signum, None)
+        stop(signum, None)
+    stop(signum, None)  # while it stops: let go, no second KeyboardInterrupt
+    assert let_go == [signum]
 
 
 @pytest.mark.parametrize(
