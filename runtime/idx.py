@@ -123,7 +123,7 @@ def mnist_not_found_message(root: str | Path) -> str:
     """One line: the four files, where they were looked for, and the likely right root when one is near."""
     raw = mnist_raw_folder(root)
     absent = [name for name in MNIST_FILES if not (raw / name).exists()]
-    not_files = [name for name in missing_mnist_files(root) if name not in absent]  # a folder, say
+    not_files = [name for name in MNIST_FILES if name not in absent and not (raw / name).is_file()]  # a folder
     found = (("missing", absent), ("not files", not_files))
     problems = [f"{what}: {', '.join(names)}" for what, names in found if names]
     which = "" if len(absent) == len(MNIST_FILES) else f" ({'; '.join(problems)})"

@@ -308,12 +308,11 @@ def _write_pngs(
 
     A file of the same index but another label is removed, so that, once the call is done, an index never has
     two labels in one folder, and so are ``replaced`` files past the batches' digits (a longer run's). With
-    ``resume``, a file that already
-    holds exactly the digit's bytes is kept as it is, a complete file of other digits is refused
-    (:func:`_refuse_other_digits`), and damaged files are replaced or removed only once every file has been
-    checked, so that a refusal leaves them as they were. If ``batches`` turn out not to hold the promised digits,
-    or a file is refused, the files this call created are removed; those it replaced with ``--overwrite``'s
-    permission hold their digits, and the error says how many.
+    ``resume``, a file that already holds exactly the digit's bytes is kept as it is, a complete file of other
+    digits is refused (:func:`_refuse_other_digits`), and damaged files are replaced or removed only once every
+    file has been checked, so that a refusal leaves them as they were. If ``batches`` turn out not to hold the
+    promised digits, or a file is refused, the files this call created are removed; those it replaced with
+    ``--overwrite``'s permission hold their digits, and the error says how many.
     """
     stale: dict[int, list[Path]] = {}
     for path in replaced:
