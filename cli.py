@@ -809,42 +809,24 @@ def train_classifier_cmd(
     data_dir: str, download: bool, out: str, overwrite: bool, resume: bool, epochs: int, seed: int
 ) -> None:
     """Train the evaluator's reference MNIST classifier and export it to ONNX (its weights beside it)."""
-    from digitgen.export.classifier_export import check_classifier_outputs, export_classifier
-    from digitgen.training.classifier import BATCH_SIZE, check_classifier_data, train_classifier, training_steps
-    from digitgen.training.classifier_resume import check_resume, load_state, recipe_of, state_path_beside
-    from digitgen.training.data import load_mnist
+    from digitgen.export.classifier_export import ClassifierRun
 
-    weights = check_classifier_outputs(out, overwrite)  # before the training, whose result they hold
-    state = state_path_beside(out)
-    check_resume(state, resume, overwrite)
-    train, test = load_mnist(data_dir, download=download), load_mnist(data_dir, train=False)
-    check_classifier_data(train, test)
-    total = training_steps(len(train.images), epochs)
-    resumed = load_state(state, recipe_of(train, epochs, BATCH_SIZE, seed), total) if resume else None
-    done = resumed["step"] if resumed else 0
-    with _stop_on_signals() as should_stop, progress(total, "training classifier (steps)", done=done) as bar:
-        result = train_classifier(
-            train,
-            test,
-            epochs=epochs,
-            seed=seed,
-            progress=lambda step, total: bar.update(1),
-            state_path=state,
-            resume_from=resumed,
-            should_stop=should_stop,
-        )
-    if result.test_accuracy is None:
+    run = ClassifierRun(data_dir, out, epochs=epochs, seed=seed, download=download, resume=resume, overwrite=overwrite)
+    with (
+        _stop_on_signals() as should_stop,
+        progress(run.total, "training classifier (steps)", done=run.done) as bar,
+    ):
+        result, diff = run.run(progress=lambda step, total: bar.update(1), should_stop=should_stop)
+    if diff is None:
         _say(
-            f"interrupted at step {result.step:,} of {total:,}; its state is saved to {state}; continue with the same "
-            "command and --resume",
+            f"interrupted at step {result.step:,} of {run.total:,}; its state is saved to {run.state}; continue with "
+            "the same command and --resume",
             err=True,
         )
         sys.exit(130)
-    diff = export_classifier(result.model, out, result.test_accuracy, weights_out=weights, overwrite=overwrite)
-    state.unlink(missing_ok=True)
     _say(
         f"MNIST test accuracy {result.test_accuracy:.2%} after {epochs} epochs in {result.seconds:.0f}s; "
-        f"wrote {out} (max |torch-ort| {diff:.1e}) and {weights}"
+        f"wrote {out} (max |torch-ort| {diff:.1e}) and {run.weights}"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,19 @@ from digitgen.runtime.files import check_writable, refuse_existing, refuse_one_f
 from digitgen.runtime.session import open_session, run_model
 from digitgen.training.checkpoint import write_payload
 from digitgen.training.classifier import (
+    BATCH_SIZE,
     WEIGHTS_KIND,
     Classifier,
+    ClassifierResult,
+    check_classifier_data,
     classifier_weights,
     load_classifier_weights,
+    train_classifier,
+    training_steps,
     weights_path_beside,
 )
+from digitgen.training.classifier_resume import check_resume, load_state, recipe_of, state_path_beside
+from digitgen.training.data import load_mnist
 
 
 def _check_parity(path: Path, model: Classifier) -> float:
@@ -86,3 +94,61 @@ def export_classifier_weights(weights: str | Path, out: str | Path, *, overwrite
     refuse_one_file_twice({"--weights": weights, "--out": out})
     model, test_accuracy = load_classifier_weights(weights)
     return export_classifier(model, out, test_accuracy, overwrite=overwrite)
+
+
+class ClassifierRun:
+    """``train-classifier``: the reference classifier trained on MNIST from ``data_dir`` and exported to ``out``, its
+    weights beside it. Every check comes before any training; while it trains, its state is kept beside ``out``
+    (``NAME_resume.pt``), so that a stopped run continues with ``resume`` to the same weights."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        out: str | Path,
+        *,
+        epochs: int,
+        seed: int,
+        download: bool = False,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        self.out, self.epochs, self.seed, self.overwrite = Path(out), epochs, seed, overwrite
+        self.weights = check_classifier_outputs(out, overwrite)  # before the training, whose result they hold
+        self.state = state_path_beside(out)
+        check_resume(self.state, resume, overwrite)
+        self.train = load_mnist(data_dir, download=download)
+        self.test = load_mnist(data_dir, train=False)
+        check_classifier_data(self.train, self.test)
+        self.total = training_steps(len(self.train.images), epochs)
+        recipe = recipe_of(self.train, epochs, BATCH_SIZE, seed)
+        self.resumed = load_state(self.state, recipe, self.total) if resume else None
+
+    @property
+    def done(self) -> int:
+        """Steps an earlier run did, which this one continues from."""
+        return self.resumed["step"] if self.resumed else 0
+
+    def run(
+        self,
+        progress: Callable[[int, int], None] = lambda step, total: None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> tuple[ClassifierResult, float | None]:
+        """The training's result and the written file's max |torch - ort|; ``None`` for it if ``should_stop``
+        (asked after each step) stopped the training, whose state is then kept for ``resume``."""
+        result = train_classifier(
+            self.train,
+            self.test,
+            epochs=self.epochs,
+            seed=self.seed,
+            progress=progress,
+            state_path=self.state,
+            resume_from=self.resumed,
+            should_stop=should_stop,
+        )
+        if result.test_accuracy is None:
+            return result, None
+        diff = export_classifier(
+            result.model, self.out, result.test_accuracy, weights_out=self.weights, overwrite=self.overwrite
+        )
+        self.state.unlink(missing_ok=True)
+        return result, diff

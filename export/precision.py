@@ -30,7 +30,7 @@ class HalfPrecision(torch.nn.Module):
 
 
 def _generated_inputs(latent_dim: int, num_classes: int, batches: int, batch_size: int) -> Iterator[dict]:
-    """Calibration inputs: seeded standard-normal noise with digits cycling 0-9."""
+    """Calibration inputs: seeded standard-normal noise with digits cycling through the classes."""
     rng = np.random.default_rng(0)
     digits = np.arange(batch_size, dtype=np.int64) % num_classes
     for _ in range(batches):

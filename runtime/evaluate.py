@@ -65,7 +65,7 @@ class ReferenceClassifier:
     def _check_outputs(self, count: int, logits: np.ndarray, features: np.ndarray) -> None:
         """:class:`ModelContractError` unless the outputs are float logits (count, 10) and features (count, D)."""
         floats = logits.dtype.kind == "f" and features.dtype.kind == "f"
-        if not floats or logits.shape != (count, 10) or features.ndim != 2 or len(features) != count:
+        if not floats or logits.shape != (count, MNIST_CLASSES) or features.ndim != 2 or len(features) != count:
             raise ModelContractError(
                 f"{self.path} is not a digitgen classifier: for {count} images it returned logits "
                 f"{logits.dtype} {list(logits.shape)} and features {features.dtype} {list(features.shape)}, "
@@ -117,7 +117,7 @@ class Scores:
 
 def label_accuracy(predictions: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
     """The share of predictions equal to the label: overall, and for each digit 0-9."""
-    per_digit = [float((predictions[labels == d] == d).mean()) for d in range(10)]
+    per_digit = [float((predictions[labels == d] == d).mean()) for d in range(MNIST_CLASSES)]
     return float((predictions == labels).mean()), per_digit
 
 
@@ -168,15 +168,7 @@ class Evaluation:
     model_sha256_without_metadata: str | None = None  # the same less its metadata, as `export --quality` checks
 
     def to_dict(self) -> dict[str, dict | float | str | None]:
-        return {
-            "generated": asdict(self.generated),
-            "real": asdict(self.real),
-            "cas": asdict(self.cas) if self.cas else None,
-            "truncation": self.truncation,
-            "seed": self.seed,
-            "model_sha256": self.model_sha256,
-            "model_sha256_without_metadata": self.model_sha256_without_metadata,
-        }
+        return asdict(self)
 
     def table(self) -> str:
         """The evaluation as a Markdown table: generated digits beside the real-data reference."""

@@ -132,7 +132,7 @@ def output_names(fmt: str, shard: Shard = WHOLE, recorded: bool = False) -> list
     if fmt == "mnist":
         return [f"{MNIST_RAW}/{name}" for name in MNIST_FILES]
     names = {"grid": [GRID_FILE], "npz": [NPZ_FILE], "idx": [IDX_IMAGES_FILE, IDX_LABELS_FILE]}[fmt]
-    record = [record_name(fmt, shard)] if recorded and is_recorded(fmt, shard) else []
+    record = [record_name(fmt, shard)] if recorded else []
     return [shard.name(name) for name in names] + record
 
 

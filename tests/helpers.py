@@ -19,8 +19,7 @@ import onnx
 import pytest
 import torch
 
-from digitgen.runtime.idx import idx_header
-from digitgen.training.data import MNIST_FILES
+from digitgen.runtime.idx import MNIST_FILES, idx_header
 
 # how the CLI says to add an extra here: the tests' interpreter, its pip, and the checkout it has as an editable
 # install (README command 2, CI)

@@ -417,7 +417,7 @@ def test_train_classifier_finds_an_unwritable_out_before_it_trains(
     def trained(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("trained before finding that its result could not be written")
 
-    monkeypatch.setattr("digitgen.training.classifier.train_classifier", trained)
+    monkeypatch.setattr("digitgen.export.classifier_export.train_classifier", trained)
     out = _unwritable_folder() / "classifier.onnx"
     code, output = _cli("train-classifier", "--data-dir", tiny_mnist, "--out", out, "--epochs", "1")
     assert code == 1 and output.strip().startswith(f"Error: cannot write {out}: ")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from digitgen.runtime.idx import MNIST_FILES
 from digitgen.training.checkpoint import (
     FORMAT_VERSION,
     WEIGHTS_KEYS,
@@ -22,7 +23,7 @@ from digitgen.training.checkpoint import (
 )
 from digitgen.training.classifier import Classifier
 from digitgen.training.config import GANConfig, TrainConfig, parse_digit_weights
-from digitgen.training.data import MNIST_FILES, load_mnist
+from digitgen.training.data import load_mnist
 from digitgen.training.errors import (
     CheckpointError,
     DatasetCorruptError,

@@ -16,7 +16,7 @@ from digitgen.runtime.evaluate import Cas
 from digitgen.runtime.files import atomic_file
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.training.classifier import BATCH_SIZE, train_classifier, training_steps
-from digitgen.training.classifier_resume import data_digest, finding, load_state, recipe_of
+from digitgen.training.classifier_resume import finding, load_state, recipe_of
 from digitgen.training.data import MnistTensors
 from digitgen.training.errors import CheckpointError
 
@@ -94,7 +94,7 @@ class CasRun:
         key = hashlib.sha256(
             json.dumps(
                 [self.generator.sha256, self.seed, self.truncation, self.per_class, self.epochs, CLASSIFIER_SEED]
-                + [data_digest(split) for split in (self.train, self.test)]
+                + [split.sha256() for split in (self.train, self.test)]
             ).encode()
         ).hexdigest()[:32]
         self.paths = {name: state_dir / f"cas-{key}-{name}.pt" for name in self.resumed}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from digitgen.training.checkpoint import read_data_file
-from digitgen.training.classifier_resume import recipe_of, restore_state, save_state, training_state
+from digitgen.training.classifier_resume import beside, recipe_of, restore_state, save_state, training_state
 from digitgen.training.data import MnistTensors, check_labels
 from digitgen.training.errors import CheckpointError, TrainingError
 
@@ -154,8 +154,7 @@ def train_classifier(
 
 def weights_path_beside(onnx_path: str | Path) -> Path:
     """Where ``train-classifier`` keeps the weights of ``NAME.onnx``: ``NAME_weights.pt`` beside it."""
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_name(f"{onnx_path.stem}_weights.pt")
+    return beside(onnx_path, "_weights.pt")
 
 
 def classifier_weights(model: Classifier, test_accuracy: float) -> dict[str, Any]:

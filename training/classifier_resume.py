@@ -3,7 +3,6 @@ file beside the ONNX file it was to write, read back as data only (``weights_onl
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +33,15 @@ def finding(error: CheckpointError) -> str:
     return error.finding if isinstance(error, UnusableStateError) else str(error)
 
 
+def beside(onnx_path: str | Path, suffix: str) -> Path:
+    """``NAME.onnx`` -> ``NAME{suffix}`` in the same folder: the files ``train-classifier`` keeps beside its model."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(f"{onnx_path.stem}{suffix}")
+
+
 def state_path_beside(onnx_path: str | Path) -> Path:
     """Where ``train-classifier --out NAME.onnx`` keeps its training state until it ends: ``NAME_resume.pt``."""
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_name(f"{onnx_path.stem}_resume.pt")
-
-
-def data_digest(train: MnistTensors) -> str:
-    """SHA-256 of the training images and labels: a resumed run must train on the same ones."""
-    digest = hashlib.sha256(train.images.numpy().tobytes())
-    digest.update(train.labels.numpy().tobytes())
-    return digest.hexdigest()
+    return beside(onnx_path, "_resume.pt")
 
 
 def check_resume(path: Path, resume: bool, overwrite: bool) -> None:
@@ -68,7 +65,7 @@ def save_state(path: Path, recipe: dict[str, Any], step: int, state: dict[str, A
 
 def recipe_of(train: MnistTensors, epochs: int, batch_size: int, seed: int) -> dict[str, Any]:
     """What a training state must have been trained with to be resumed: the options and the training data."""
-    return {"epochs": epochs, "batch_size": batch_size, "seed": seed, "data": data_digest(train)}
+    return {"epochs": epochs, "batch_size": batch_size, "seed": seed, "data": train.sha256()}
 
 
 def load_state(path: Path, recipe: dict[str, Any], total: int) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import torch
 
 from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.idx import (
-    MNIST_FILES,
     likely_mnist_root,
     missing_mnist_files,
     mnist_not_found_message,
@@ -21,7 +20,7 @@ from digitgen.runtime.idx import (
 from digitgen.training.distributed import DistContext, on_main_first
 from digitgen.training.errors import DatasetCorruptError, DatasetNotFoundError
 
-__all__ = ["MNIST_FILES", "MnistTensors", "load_mnist"]
+__all__ = ["MnistTensors", "check_labels", "load_mnist", "load_mnist_once"]
 
 
 class MnistTensors(NamedTuple):
@@ -59,9 +58,11 @@ def load_mnist(root: str | Path, *, train: bool = True, download: bool = False) 
     """
     root = Path(root)
     reason = ""
-    if missing_mnist_files(root) and download:
+    missing = missing_mnist_files(root)
+    if missing and download:
         reason = _try_download(root)
-    if missing_mnist_files(root):
+        missing = missing_mnist_files(root)
+    if missing:
         message = mnist_not_found_message(root)
         if reason:
             message += f" ({reason})"

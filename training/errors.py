@@ -22,7 +22,8 @@ class NonFiniteLossError(TrainingError, FloatingPointError):
 
 
 class RunDirectoryError(TrainingError, FileExistsError):
-    """The run directory holds another run and neither --resume nor --overwrite was given."""
+    """The run directory cannot take this run: it holds another one (and neither --resume nor --overwrite was
+    given), is not a folder, or a run is still training there."""
 
 
 class TrainingMemoryError(TrainingError, MemoryError):
