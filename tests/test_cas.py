@@ -16,9 +16,10 @@ from click.testing import CliRunner
 import digitgen.training.cas as cas_module
 from digitgen.cli import main
 from digitgen.runtime import DigitGenerator
+from digitgen.runtime.errors import OutputError
 from digitgen.runtime.evaluate import Cas, Evaluation
 from digitgen.runtime.idx import read_mnist_split
-from digitgen.training.cas import CasRun, cas_work
+from digitgen.training.cas import CasRun, cas_work, default_state_dir
 from digitgen.training.classifier import BATCH_SIZE, ClassifierResult, training_steps
 from digitgen.training.classifier_resume import recipe_of
 from digitgen.training.data import MnistTensors
@@ -297,3 +298,24 @@ def test_cas_with_its_first_accuracy_kept_leaves_a_leftover_first_state_alone(
     assert again.run() == Cas(generated=0.5, real=0.91, num_generated=260, num_real=len(splits[0][0]), epochs=2)
     assert [real.images.shape[0] for real, *_ in trainer.seen] == [len(splits[0][0])]  # the second classifier only
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_state_folder_is_the_cache_of_xdg_or_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_state_dir() == tmp_path / "cache" / "digitgen" and default_state_dir().is_dir()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_state_dir() == tmp_path / "home" / ".cache" / "digitgen"
+
+
+def test_a_state_folder_that_cannot_be_made_is_named_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))
+    with pytest.raises(OutputError) as refused:
+        default_state_dir()
+    assert str(refused.value) == (
+        f"cannot make {tmp_path / 'a-file' / 'digitgen'}, where evaluate --cas keeps its state (Not a directory): "
+        "set XDG_CACHE_HOME to a folder it can write"
+    )

@@ -501,7 +501,7 @@ def test_an_error_after_the_response_started_is_raised_not_answered_twice(caplog
 
     async def request() -> None:
         try:
-            await _ServiceEntry(fails_midway, service)({"type": "http", "method": "GET", "path": "/"}, None, send)
+            await _ServiceEntry(fails_midway, service, frozenset())({"type": "http", "method": "GET", "path": "/"}, None, send)
         finally:
             await service.stop()
 
@@ -584,13 +584,14 @@ def test_a_mounted_app_counts_requests_by_its_own_endpoints() -> None:
     digits = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
     parent = FastAPI()
     parent.mount("/digits", digits)
-    paths = ["/digits/healthz", "/digits/generate?digit=3", "/digits/nowhere", "/digits/metrics"]
+    paths = ["/digits/healthz", "/digits/generate?digit=3", "/digits/nowhere", "/digits/redoc", "/digits/metrics"]
     answers = _in_process(parent, [(path, {}) for path in paths])
-    assert [a.status_code for a in answers] == [200, 200, 404, 200]
+    assert [a.status_code for a in answers] == [200, 200, 404, 200, 200]
     assert answers[2].json() == {"error": "no endpoint /digits/nowhere; see /digits/docs"}  # the docs it serves
     metrics = answers[-1].text
     assert 'digitgen_requests_total{endpoint="/healthz",status="200"} 1.0' in metrics
     assert 'digitgen_requests_total{endpoint="/generate",status="200"} 1.0' in metrics
+    assert 'digitgen_requests_total{endpoint="/redoc",status="200"} 1.0' in metrics  # every route of the app
     assert 'digitgen_requests_total{endpoint="other",status="404"} 1.0' in metrics  # only the unknown path
     assert 'endpoint="other",status="200"' not in metrics
 

@@ -283,6 +283,21 @@ def test_each_checkpoint_is_written_once(
     assert saved == written and load_checkpoint(result.checkpoint)["step"] == total_steps
 
 
+def test_weights_that_differ_between_ranks_fail_the_run(
+    tmp_path: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import digitgen.training.loop as loop
+
+    real_gather = loop.gather_objects
+    # a second rank whose generator ended elsewhere: its digest is not this one's
+    monkeypatch.setattr(
+        loop, "gather_objects", lambda ctx, obj: real_gather(ctx, obj) + (["another"] if isinstance(obj, str) else [])
+    )
+    with pytest.raises(TrainingError, match=r"^generator weights differ between ranks after training \(checkpoint: "):
+        train_tiny(tmp_path / "run", tiny_mnist, steps=2)
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()  # the steps done are kept
+
+
 def test_a_resumed_run_drops_the_records_a_hard_stop_left_past_its_checkpoint(tmp_path: Path, tiny_mnist: Path) -> None:
     data = load_mnist(tiny_mnist, download=False)
     settings = TrainConfig(total_steps=4, batch_size=16, log_every=1)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from digitgen.runtime.errors import OutputError
 from digitgen.runtime.evaluate import Cas
 from digitgen.runtime.files import atomic_file
 from digitgen.runtime.generator import DigitGenerator
@@ -25,6 +27,20 @@ EPOCHS = 4  # the reference classifier's recipe (`train-classifier --epochs 4`)
 CLASSIFIER_SEED = 0
 
 Split = tuple[np.ndarray, np.ndarray]
+
+
+def default_state_dir() -> Path:
+    """Where ``evaluate --cas`` keeps its training state while it runs: ``$XDG_CACHE_HOME/digitgen`` (by default
+    ``~/.cache/digitgen``), made if missing; :class:`OutputError` if it cannot be."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "digitgen"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot make {folder}, where evaluate --cas keeps its state ({exc.strerror}): set XDG_CACHE_HOME to a "
+            "folder it can write"
+        ) from None
+    return folder
 
 
 def cas_work(num_real: int, per_class: int = PER_CLASS, epochs: int = EPOCHS) -> int:

@@ -29,7 +29,7 @@ from digitgen.training.distributed import (
     on_main_first,
     weights_digest,
 )
-from digitgen.training.errors import NonFiniteLossError, TrainingMemoryError
+from digitgen.training.errors import NonFiniteLossError, TrainingError, TrainingMemoryError
 from digitgen.training.state import TrainState, state_to_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -47,7 +47,6 @@ class TrainResult:
     interrupted: bool
     seconds: float
     images_per_s: float  # over all ranks
-    ranks_agree: bool = True  # generator weights identical on every rank at the end
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
@@ -312,5 +311,6 @@ def train(
         _save(state, checkpoint, ctx)
     seconds = time.perf_counter() - start
     trained = (state.step - first_step) * global_batch
-    ranks_agree = len(set(gather_objects(ctx, weights_digest(state.generator)))) == 1
-    return TrainResult(state.step, checkpoint, interrupted, seconds, trained / max(seconds, 1e-9), ranks_agree)
+    if len(set(gather_objects(ctx, weights_digest(state.generator)))) > 1:
+        raise TrainingError(f"generator weights differ between ranks after training (checkpoint: {checkpoint})")
+    return TrainResult(state.step, checkpoint, interrupted, seconds, trained / max(seconds, 1e-9))
