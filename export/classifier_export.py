@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digitgen.export.errors import ExportError, ExportVerificationError
-from digitgen.export.onnx_export import publish_with_weights, to_onnx, write_metadata
+from digitgen.export.errors import ExportVerificationError
+from digitgen.export.onnx_export import check_output_files, publish_with_weights, to_onnx, write_metadata
 from digitgen.export.verify import ATOL
 from digitgen.runtime.files import check_writable, refuse_existing, refuse_one_file_twice
 from digitgen.runtime.session import open_session, run_model
@@ -29,6 +29,8 @@ from digitgen.training.classifier import (
 from digitgen.training.classifier_resume import check_resume, load_state, recipe_of, state_path_beside
 from digitgen.training.data import load_mnist
 
+CLASSIFIER_FILE = "classifier.onnx"  # a file name to show in a refusal
+
 
 def _check_parity(path: Path, model: Classifier) -> float:
     images = np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32)
@@ -42,18 +44,10 @@ def _check_parity(path: Path, model: Classifier) -> float:
     return diff
 
 
-def check_classifier_out(out: str | Path) -> Path:
-    """``out`` as a path; :class:`ExportError` unless it names a file in an existing directory."""
-    out = Path(out)
-    if out.is_dir() or not out.parent.is_dir():
-        raise ExportError(f"output {out}: give a file name in an existing directory, such as classifier.onnx")
-    return out
-
-
 def check_classifier_outputs(out: str | Path, overwrite: bool) -> Path:
     """Before any training: ``out`` and the weights beside it (returned) name files that can be written, in an
     existing directory, and replace none unless ``overwrite``."""
-    weights = weights_path_beside(check_classifier_out(out))
+    weights = weights_path_beside(check_output_files(out, [], CLASSIFIER_FILE))
     refuse_existing([out, weights], overwrite)
     for path in (out, weights):
         check_writable(path)
@@ -74,7 +68,7 @@ def export_classifier(
     from which :func:`export_classifier_weights` rebuilds ``out``. Existing files are replaced only with
     ``overwrite``.
     """
-    out = check_classifier_out(out)
+    out = check_output_files(out, [weights_out], CLASSIFIER_FILE)
     refuse_one_file_twice({"--out": out, "--weights-out": weights_out})
     refuse_existing([out, weights_out], overwrite)
     model.eval()

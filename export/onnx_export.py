@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -199,6 +199,19 @@ def publish_with_weights(out: Path, weights_out: str | Path | None) -> Iterator[
         yield temps[0], (temps[1] if weights_out is not None else None)
 
 
+def check_output_files(out: str | Path, others: Iterable[str | Path | None], example: str) -> Path:
+    """``out`` as a path; :class:`ExportError` unless it names a file (``example`` shows one) and it and the
+    ``others`` given lie in existing folders."""
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"output {out} is a directory; give a file name such as {example}")
+    for folder in dict.fromkeys([out.parent, *(Path(other).parent for other in others if other is not None)]):
+        if not folder.is_dir():
+            missing = "is a file, not a directory" if folder.exists() else "does not exist"
+            raise ExportError(f"output directory {folder} {missing}")
+    return out
+
+
 def export_generator(
     checkpoint: str | Path,
     out: str | Path,
@@ -225,13 +238,7 @@ def export_generator(
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not DEFAULT_OPSET <= opset <= newest:
         raise ExportError(f"opset {opset!r} is not one this exporter writes: choose {DEFAULT_OPSET} to {newest}")
-    out = Path(out)
-    if out.is_dir():
-        raise ExportError(f"output {out} is a directory; give a file name such as generator.onnx")
-    for folder in {out.parent, *([Path(weights_out).parent] if weights_out is not None else [])}:
-        if not folder.is_dir():
-            missing = "is a file, not a directory" if folder.exists() else "does not exist"
-            raise ExportError(f"output directory {folder} {missing}")
+    out = check_output_files(out, [weights_out], "generator.onnx")
     refuse_one_file_twice({"--checkpoint": checkpoint, "--out": out, "--weights-out": weights_out})
     refuse_existing([out, weights_out], overwrite)
     generator, config, payload = load_generator(str(checkpoint))

@@ -501,7 +501,9 @@ def test_an_error_after_the_response_started_is_raised_not_answered_twice(caplog
 
     async def request() -> None:
         try:
-            await _ServiceEntry(fails_midway, service, frozenset())({"type": "http", "method": "GET", "path": "/"}, None, send)
+            await _ServiceEntry(fails_midway, service, frozenset())(
+                {"type": "http", "method": "GET", "path": "/"}, None, send
+            )
         finally:
             await service.stop()
 
