@@ -314,19 +314,28 @@ def readable_file(path: Path) -> bool:
         return False
 
 
-def refuse_folders(paths: Iterable[str | Path]) -> None:
-    """Raise :class:`OutputError` if any of ``paths`` is a folder, which no run replaces: only found when renaming,
-    it would stop a run after its work, or between the files of a pair."""
+def refuse_non_files(paths: Iterable[str | Path]) -> None:
+    """Raise :class:`OutputError` if any of ``paths`` is a folder, a pipe, a device or a socket, which no run
+    writes and none replaces, not even with --overwrite or --resume: a folder, only found when renaming, would stop
+    a run after its work, or between the files of a pair; the others would be lost to the rename (``/dev/null``
+    made a file). A link is replaced, never what it points to."""
     for path in paths:
-        if os.path.isdir(path) and not os.path.islink(path):
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:  # not there (or not to be looked at): nothing to lose
+            continue
+        if stat.S_ISDIR(mode):
             raise OutputError(f"{path} is a folder, not a file; move it, or name another file")
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            kind = "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            raise OutputError(f"{path} is {kind}, not a file, and no run replaces it; name another file")
 
 
 def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool) -> None:
-    """Raise :class:`OutputError` if any of ``paths`` exists and ``overwrite`` is not set, or is a folder
-    (:func:`refuse_folders`)."""
+    """Raise :class:`OutputError` if any of ``paths`` exists and ``overwrite`` is not set, or is not a file
+    (:func:`refuse_non_files`)."""
     paths = list(paths)
-    refuse_folders(p for p in paths if p is not None)
+    refuse_non_files(p for p in paths if p is not None)
     clashes = [Path(p) for p in paths if p is not None and os.path.lexists(p)]  # a dangling link is a file too
     if clashes and not overwrite:
         more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""

@@ -45,8 +45,8 @@ from digitgen.runtime.files import (
     atomic_files,
     readable_file,
     refuse_existing,
-    refuse_folders,
     refuse_if_claimed,
+    refuse_non_files,
     remove_leftover,
     temporary_name,
 )
@@ -693,10 +693,10 @@ def _with_existing(plan: OutputPlan, overwrite: bool) -> OutputPlan:
         if overwrite and fmt == "png" and shard.count == 1:
             # a longer run's digits go too, so that the folder ends as this run's (a shard removes only its own)
             longer = pngs_in_range(out_dir, total, sys.maxsize)
-            refuse_folders(longer)
+            refuse_non_files(longer)
             existing += longer
     else:
-        refuse_folders(existing)
+        refuse_non_files(existing)
         if fmt == "png":
             _refuse_a_longer_run(out_dir, total)
     return dataclasses.replace(plan, existing=tuple(existing))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -931,24 +933,49 @@ def test_a_claim_that_loses_the_name_to_the_run_publishing_it_opens_the_name_aga
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 @pytest.mark.parametrize("fmt", ["png", "npz", "idx"])
-def test_resume_never_reads_a_pipe_or_a_device_in_the_way(tmp_path: Path, tiny_onnx: Path, fmt: str) -> None:
-    """Neither is a file a run wrote: each is replaced as a damaged file would be, without being read (a pipe waits
-    for a writer for ever, /dev/zero never ends)."""
+def test_resume_replaces_a_link_to_a_device_without_reading_it(tmp_path: Path, tiny_onnx: Path, fmt: str) -> None:
+    """A link is not a file a run wrote: it is replaced as a damaged file would be (the link, never /dev/zero, which
+    reading would never end), and a pipe is refused without being read (it would wait for a writer for ever) and
+    kept, with --resume and with --overwrite: no run writes one, so none replaces one."""
     command = [sys.executable, "-m", "digitgen", "generate", "-n", "3", "--format", fmt, "--generator", tiny_onnx]
     subprocess.run([*command, "--out", tmp_path / "expected"], check=True, capture_output=True, timeout=60)
     out = tmp_path / "out"
     out.mkdir()
-    first, second = {"png": (png_name(0, 0), png_name(1, 1)), "npz": ("digits.npz",) * 2}.get(
+    first, second = {"png": (png_name(0, 0), png_name(1, 1)), "npz": ("digits.npz", "digits.npz")}.get(
         fmt, ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
     )
+    os.mkfifo(out / second)
+    for permission in ("--resume", "--overwrite"):
+        done = subprocess.run([*command, "--out", out, permission], capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr) == (
+            1,
+            f"Error: {out / second} is a pipe, not a file, and no run replaces it; name another file\n",
+        )
+        assert os.listdir(out) == [second] and stat.S_ISFIFO(os.lstat(out / second).st_mode)
+    (out / second).unlink()
     (out / first).symlink_to("/dev/zero")
-    if second != first:
-        os.mkfifo(out / second)
     done = subprocess.run([*command, "--out", out, "--resume"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     expected = tmp_path / "expected"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in expected.iterdir()}
     assert not any(p.is_symlink() for p in out.iterdir())
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_export_never_replaces_a_pipe_or_a_socket(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """Not even with --overwrite: renamed over, it would be lost (a device node too: /dev/null made a file)."""
+    pipe, sock = tmp_path / "pipe.onnx", tmp_path / "sock.onnx"
+    os.mkfifo(pipe)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(sock))
+        for out, kind in ((pipe, "a pipe"), (sock, "a socket")):
+            code, output = _cli("export", "--checkpoint", tiny_checkpoint, "--out", out, "--overwrite")
+            assert (code, output) == (
+                1,
+                f"Error: {out} is {kind}, not a file, and no run replaces it; name another file\n",
+            )
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and stat.S_ISSOCK(os.lstat(sock).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["pipe.onnx", "sock.onnx"]
 
 
 @pytest.mark.parametrize(("fmt", "name"), [("npz", "digits.npz"), ("idx", "train-labels-idx1-ubyte"), ("png", None)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,32 @@ def test_a_folder_of_the_users_named_samples_is_not_a_run(tmp_path: Path, tiny_m
     code, output = train(tiny_mnist, tmp_path / "run", "--steps", 2, *TINY)
     assert code == 0, output
     assert (tmp_path / "run" / "samples" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "refusal"),
+    [
+        (
+            "samples",
+            lambda path: path.write_text("mine"),
+            "{path} is not a folder, where a run keeps its sample grids; move it",
+        ),
+        ("checkpoint.pt", Path.mkdir, "{path} is a folder, not a file; move it, or name another file"),
+        ("metrics.jsonl", os.mkfifo, "{path} is a pipe, not a file, and no run replaces it; name another file"),
+    ],
+    ids=["samples-file", "checkpoint-folder", "metrics-pipe"],
+)
+def test_a_run_file_of_the_wrong_kind_is_refused_before_any_step(
+    tmp_path: Path, tiny_mnist: Path, name: str, make: Callable[[Path], object], refusal: str
+) -> None:
+    """Neither a resume nor --overwrite could use it: named at once, before the data loads, and kept."""
+    path = tmp_path / "run" / name
+    path.parent.mkdir()
+    make(path)
+    for extra in ((), ("--overwrite",)):
+        code, output = train(tiny_mnist, tmp_path / "run", "--steps", 2, *TINY, *extra)
+        assert (code, output.strip().splitlines()) == (1, [f"Error: {refusal.format(path=path)}"])
+    assert os.listdir(path.parent) == [name]
 
 
 def test_a_run_without_a_checkpoint_is_not_offered_a_resume(finished_run: Path, tiny_mnist: Path) -> None:

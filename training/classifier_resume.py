@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from digitgen.runtime.files import check_writable, refuse_folders
+from digitgen.runtime.files import check_writable, refuse_non_files
 from digitgen.training.checkpoint import read_data_file, save_checkpoint
 from digitgen.training.data import MnistTensors
 from digitgen.training.errors import CheckpointError
@@ -47,7 +47,7 @@ def state_path_beside(onnx_path: str | Path) -> Path:
 def check_resume(path: Path, resume: bool, overwrite: bool) -> None:
     """Before any work: a state to resume is there when ``resume`` asks for one; one that is there is continued
     (``resume``) or replaced (``overwrite``), never lost by a new run that was given neither."""
-    refuse_folders([path])
+    refuse_non_files([path])
     if resume and not path.is_file():
         raise CheckpointError(f"nothing to resume: {path} (what an interrupted run of this command leaves) not found")
     if not resume and path.exists() and not overwrite:

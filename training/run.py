@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from digitgen.runtime.files import refuse_non_files
 from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, check_labels, load_mnist_once
@@ -148,6 +149,10 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
         if parent.exists() and not parent.is_dir():
             raise RunDirectoryError(f"--out {run_dir} lies under {parent}, which is a file")
     refuse_if_training(run_dir)
+    refuse_non_files(run_dir / name for name in RUN_FILES)  # a folder or a pipe of that name: never a run's
+    samples = run_dir / SAMPLES_DIR
+    if os.path.lexists(samples) and not samples.is_dir():
+        raise RunDirectoryError(f"{samples} is not a folder, where a run keeps its sample grids; move it")
     existing = earlier_run_files(run_dir) if run_dir.is_dir() else ()
     own_checkpoint = run_dir / CHECKPOINT_NAME
     resumes_it = options.resume is not None and own_checkpoint.exists() and own_checkpoint.samefile(options.resume)
