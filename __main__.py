@@ -1,5 +1,6 @@
 """The ``digitgen`` command's entry point (also ``python -m digitgen``)."""
 
+import os
 import signal
 
 # runtime.signals.INTERRUPTING_SIGNALS, which cannot be imported here without loading the runtime
@@ -27,8 +28,11 @@ def hold_stop_signals() -> None:
 
 
 def run() -> None:
-    """Run the ``digitgen`` command, stop signals held while it loads."""
+    """Run the ``digitgen`` command, stop signals held while it loads, and onnxruntime's telemetry off unless the
+    environment turns it on (``ORT_DISABLE_TELEMETRY=0``): loading onnxruntime otherwise writes a device id and an
+    event store under ``~/.cache/Microsoft`` (and warns in colour where it cannot) for events it may send."""
     hold_stop_signals()
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before onnxruntime loads; the server's workers inherit it
     from digitgen.cli import main
 
     main()

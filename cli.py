@@ -544,20 +544,23 @@ def train(
 MAX_QUALITY_BYTES = 1 << 20  # what --quality reads at most: evaluate --json writes about 1 kB
 
 
-def _read_json(data: bytes, name: str) -> dict:
+def _read_json(data: bytes, name: str) -> object:
     """``data``'s JSON, whole (pretty-printed or not), else its last line (``evaluate --json`` output captured
-    together with the lines before it)."""
+    together with the lines before it); not JSON's null, which would read as no ``--quality`` at all."""
     try:
         text = data.decode().strip()
         try:
-            return json.loads(text)
+            parsed = json.loads(text)
         except json.JSONDecodeError:
-            return json.loads(text.splitlines()[-1])
+            parsed = json.loads(text.splitlines()[-1])
     except (json.JSONDecodeError, UnicodeDecodeError, IndexError) as exc:
         raise click.BadParameter(f"{name} holds no JSON object", param_hint="--quality") from exc
+    if parsed is None:
+        raise click.BadParameter(f"{name} holds no JSON object (null)", param_hint="--quality")
+    return parsed
 
 
-def _quality_json(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
+def _quality_json(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
     """``--quality``'s file as JSON: a regular file (a device or a pipe could never end) of at most 1 MiB."""
     if value is None:
         return None

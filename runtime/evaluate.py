@@ -22,6 +22,7 @@ K_NEAREST = 5
 MNIST_CLASSES = 10  # what the reference classifier tells apart
 MAX_SAMPLES = 60_000  # generated digits scored at most: as many as the real ones they are compared with
 Progress = Callable[[int], None]
+Split = tuple[np.ndarray, np.ndarray]  # MNIST images and their labels
 
 
 class ReferenceClassifier:
@@ -63,14 +64,18 @@ class ReferenceClassifier:
             yield len(batch), outputs
 
     def _check_outputs(self, count: int, logits: np.ndarray, features: np.ndarray) -> None:
-        """:class:`ModelContractError` unless the outputs are float logits (count, 10) and features (count, D)."""
+        """:class:`ModelContractError` unless the outputs are finite float logits (count, 10) and features
+        (count, D), D at least 2 (a distance between sets of features needs a covariance)."""
         floats = logits.dtype.kind == "f" and features.dtype.kind == "f"
-        if not floats or logits.shape != (count, MNIST_CLASSES) or features.ndim != 2 or len(features) != count:
+        shaped = logits.shape == (count, MNIST_CLASSES) and features.ndim == 2 and len(features) == count
+        if not floats or not shaped or features.shape[1] < 2:
             raise ModelContractError(
                 f"{self.path} is not a digitgen classifier: for {count} images it returned logits "
                 f"{logits.dtype} {list(logits.shape)} and features {features.dtype} {list(features.shape)}, "
-                f"not float [{count}, 10] and float [{count}, D]"
+                f"not float [{count}, 10] and float [{count}, D >= 2]"
             )
+        if not (np.isfinite(logits).all() and np.isfinite(features).all()):
+            raise ModelContractError(f"{self.path} returned NaN or infinite logits or features; it cannot score")
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -109,15 +114,18 @@ def coverage(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray, chunk
 class Scores:
     num_samples: int
     class_accuracy: float
-    per_digit_accuracy: list[float]
+    per_digit_accuracy: list[float | None]  # None: no digit of that class in the sample
     fid: float
     precision: float
     recall: float
 
 
-def label_accuracy(predictions: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
-    """The share of predictions equal to the label: overall, and for each digit 0-9."""
-    per_digit = [float((predictions[labels == d] == d).mean()) for d in range(MNIST_CLASSES)]
+def label_accuracy(predictions: np.ndarray, labels: np.ndarray) -> tuple[float, list[float | None]]:
+    """The share of predictions equal to the label: overall, and for each digit 0-9 (``None`` for a digit the labels
+    lack, as a small real sample may)."""
+    per_digit = [
+        float((predictions[labels == d] == d).mean()) if (labels == d).any() else None for d in range(MNIST_CLASSES)
+    ]
     return float((predictions == labels).mean()), per_digit
 
 
@@ -202,8 +210,8 @@ class Evaluation:
         return "\n".join(lines) + f"\n\nper-digit accuracy (generated): {per_digit}"
 
 
-def _worst(per_digit: list[float]) -> str:
-    digit = int(min(range(len(per_digit)), key=per_digit.__getitem__))
+def _worst(per_digit: list[float | None]) -> str:
+    digit = min((d for d, accuracy in enumerate(per_digit) if accuracy is not None), key=per_digit.__getitem__)
     return f"{per_digit[digit]:.2%} (digit {digit})"
 
 
@@ -230,11 +238,27 @@ def check_evaluation(generator: DigitGenerator, num_samples: int) -> None:
         ) from None
 
 
+def check_reference_data(test: Split, train: Split) -> None:
+    """:class:`InvalidRequestError` unless each split holds more than :data:`K_NEAREST` images (a k-NN ball needs
+    k other points) and labels that are digits 0-9 (the real sample's accuracy is read from them)."""
+    for name, (images, labels) in (("test", test), ("train", train)):
+        if len(images) <= K_NEAREST:
+            raise InvalidRequestError(
+                f"the MNIST {name} split holds {len(images)} images; the evaluator needs more than {K_NEAREST}"
+            )
+        bad = np.flatnonzero((labels < 0) | (labels >= MNIST_CLASSES))
+        if len(bad):
+            raise InvalidRequestError(
+                f"the MNIST {name} split: item {bad[0]} is labelled {labels[bad[0]]}, not a digit 0-9 "
+                f"({len(bad)} such label{'s' if len(bad) > 1 else ''})"
+            )
+
+
 def evaluate(
     generator: DigitGenerator,
     classifier: ReferenceClassifier,
-    test: tuple[np.ndarray, np.ndarray],
-    train: tuple[np.ndarray, np.ndarray],
+    test: Split,
+    train: Split,
     *,
     num_samples: int = 10_000,
     seed: int = 0,
@@ -243,6 +267,7 @@ def evaluate(
 ) -> Evaluation:
     """Score ``num_samples`` generated digits (classes 0-9 in turn) and a real reference sample."""
     check_evaluation(generator, num_samples)
+    check_reference_data(test, train)
     scored = generator.sha256_without_metadata  # before the work: the file is read again to hash it
     batches = generator.iter_batches(num_samples, seed=seed, truncation=truncation)
     fake = fill_digits(batches, *empty_digits(num_samples), progress)

@@ -70,6 +70,7 @@ class Shard:
 
 
 WHOLE = Shard()
+NPZ_ARRAYS = {"images", "labels"}  # what a digits NPZ holds
 
 
 def rerun_damaged(index: int) -> str:
@@ -134,11 +135,15 @@ def concat_npz(parts: list[Path]) -> tuple[dict[str, np.ndarray], list[np.ndarra
     for index, part in enumerate(parts):
         try:
             with open_npz(part) as archive:
-                images, labels = archive["images"], archive["labels"]
+                images, labels, others = archive["images"], archive["labels"], sorted(set(archive.files) - NPZ_ARRAYS)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise OutputError(
                 f"{part} is not a digits NPZ shard ({type(exc).__name__}: {exc}); {rerun_damaged(index)}"
             ) from None
+        if others:  # the merged file would drop them
+            raise OutputError(
+                f"{part} is not a digits NPZ shard: it holds {', '.join(others)} beside images and labels"
+            )
         if not _is_digits(images, labels):
             raise OutputError(
                 f"{part} is not a digits NPZ shard: images {images.dtype} {list(images.shape)} and labels "

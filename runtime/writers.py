@@ -648,8 +648,8 @@ def plan_output(
         raise InvalidRequestError("the grid format writes one contact sheet and is not sharded; shard png, npz or idx")
     if fmt == "grid":
         check_grid_count(stop - start, "png, npz, idx or mnist")
-    if fmt in ("idx", "mnist"):
-        check_idx_count(max(stop - start, test_count or 0))
+    if fmt in ("idx", "mnist"):  # the whole request's: its shards merge into one file
+        check_idx_count(max(total, test_count or 0))
     if fmt in ("npz", "grid"):
         # address space, not memory touched: a count that can never be held stops here
         empty_digits(stop - start, IN_MEMORY_FORMATS)

@@ -292,12 +292,15 @@ def test_check_resume_continues_or_replaces_a_state_and_never_loses_one(tmp_path
     check_resume(state, resume=False, overwrite=False)  # nothing there: a new run
     check_resume(state, resume=False, overwrite=True)
     with pytest.raises(CheckpointError) as refused:
-        check_resume(state, resume=True, overwrite=True)
+        check_resume(state, resume=True, overwrite=False)
     assert (
         str(refused.value) == f"nothing to resume: {state} (what an interrupted run of this command leaves) not found"
     )
     state.write_bytes(b"a state")
     check_resume(state, resume=True, overwrite=False)
+    with pytest.raises(CheckpointError) as refused:  # neither is honoured in silence
+        check_resume(state, resume=True, overwrite=True)
+    assert str(refused.value) == "--resume continues the interrupted run and --overwrite starts over: give one"
     check_resume(state, resume=False, overwrite=True)  # started over
     with pytest.raises(CheckpointError) as refused:
         check_resume(state, resume=False, overwrite=False)

@@ -110,6 +110,7 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["--truncation", "0.05"], "0.05 is not in the range x>=0.1"),
         (["--seed", str(2**64)], "18446744073709551616 is not in the range 0<=x<=18446744073709551615"),
         (["-n", str(2**32), "--format", "idx"], "an IDX file holds at most 4,294,967,295 digits"),
+        (["-n", str(2**33), "--format", "idx", "--num-shards", "4"], "not 8,589,934,592"),  # the merged file's count
         (["--format", "mnist", "--test-count", str(2**32)], "(its count is 32 bits), not 4,294,967,296"),
         (["-n", "20", "--format", "grid", "--num-shards", "2"], "the grid format writes one contact sheet"),
         (["--batch-size", "8193"], "8193 is not in the range 1<=x<=8192"),

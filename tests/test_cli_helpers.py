@@ -30,7 +30,7 @@ def test_a_pretty_printed_quality_file_is_read_whole() -> None:
     assert _read_json(*named(text)) == {"generated": {"fid": 1.5}, "real": {"fid": 1.0}}
 
 
-@pytest.mark.parametrize("text", ["", "  \n", "done\n", '{"generated": 1}\nnot json'], ids=repr)
+@pytest.mark.parametrize("text", ["", "  \n", "done\n", '{"generated": 1}\nnot json', "null\n", "done\nnull"], ids=repr)
 def test_quality_file_without_json_is_a_bad_parameter(text: str) -> None:
     with pytest.raises(click.BadParameter, match=r"quality\.json holds no JSON object") as raised:
         _read_json(*named(text))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -208,3 +209,17 @@ def test_the_checkout_s_cli_in_a_python_without_digitgen_says_so_in_one_line(tmp
         "Error: cli.py runs the installed digitgen package, and this Python lacks digitgen: install it "
         "(README command 1 or 2), then run digitgen or .venv-dev/bin/python cli.py\n"
     )
+
+
+def test_the_command_keeps_onnxruntime_from_writing_telemetry_files(tmp_path: Path) -> None:
+    """Unless the environment turns telemetry on, as the second run here does."""
+    env = {key: value for key, value in os.environ.items() if key not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    store = Path(".cache", "Microsoft")
+    for home, turned_on in ((tmp_path / "default", {}), (tmp_path / "on", {"ORT_DISABLE_TELEMETRY": "0"})):
+        home.mkdir()
+        command = [sys.executable, "-m", "digitgen", "info"]
+        done = subprocess.run(command, env={**env, "HOME": str(home), **turned_on}, capture_output=True, timeout=60)
+        assert done.returncode == 0 and done.stderr == b"", done.stderr
+    if not (tmp_path / "on" / store).exists():
+        pytest.skip("this onnxruntime writes no telemetry files even when told to")
+    assert not (tmp_path / "default" / store).exists()

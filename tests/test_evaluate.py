@@ -270,8 +270,9 @@ def test_reference_classifier_defaults_to_the_shipped_one_and_checks_its_outputs
         ReferenceClassifier(tiny_onnx)
 
 
-def identity_classifier(path: Path, classes: int = 10) -> Path:
-    """A stand-in classifier whose features are its input and whose class 3 wins when the first pixel is lit."""
+def identity_classifier(path: Path, classes: int = 10, lit: float = 1.0) -> Path:
+    """A stand-in classifier whose features are its input and whose class 3 wins when the first pixel is lit
+    (its logit: the pixel times ``lit``)."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [
@@ -279,7 +280,7 @@ def identity_classifier(path: Path, classes: int = 10) -> Path:
         helper.make_node("MatMul", ["features", "w"], ["logits"]),
     ]
     weights = np.zeros((784, classes), dtype=np.float32)
-    weights[0, 3] = 1.0
+    weights[0, 3] = lit
     graph = helper.make_graph(
         nodes,
         "identity-classifier",
@@ -326,3 +327,46 @@ def test_label_accuracy_overall_and_per_digit() -> None:
     overall, per_digit = label_accuracy(predictions, labels)
     assert overall == 18 / 20
     assert per_digit == [0.5, 1, 1, 1, 1, 1, 1, 0.5, 1, 1]
+
+
+def test_a_classifier_of_nan_logits_or_one_feature_cannot_score(tmp_path: Path) -> None:
+    """Its figures would mean nothing (every image misread, a FID of a single number), so it is refused."""
+    nan = ReferenceClassifier(identity_classifier(tmp_path / "nan.onnx", lit=float("nan")))
+    with pytest.raises(ModelContractError, match=r"nan.onnx returned NaN or infinite logits or features; it cannot"):
+        nan.embed(np.zeros((3, 28, 28), np.uint8))
+    narrow = ReferenceClassifier(identity_classifier(tmp_path / "identity.onnx"))
+    for width in (0, 1):
+        with pytest.raises(ModelContractError, match=re.escape(f"features float32 [3, {width}], not float [3, 10]")):
+            narrow._check_outputs(3, np.zeros((3, 10), np.float32), np.zeros((3, width), np.float32))
+
+
+def test_a_digit_missing_from_a_sample_has_no_accuracy_and_is_not_the_worst() -> None:
+    labels = np.array([0, 0, 1, 2, 3, 4, 5, 6, 8, 9])  # no 7, as a small real sample may lack one
+    predictions = labels.copy()
+    predictions[0] = 5
+    overall, per_digit = label_accuracy(predictions, labels)
+    assert overall == 0.9 and per_digit == [0.5, 1, 1, 1, 1, 1, 1, None, 1, 1]
+    real = Scores(10, overall, per_digit, 1.0, 1.0, 1.0)
+    table = Evaluation(_scores(0.99, 15.4, 0.912, 0.885), real).table()
+    assert "| worst digit accuracy | 94.00% (digit 7) | 50.00% (digit 0) |  |" in table.splitlines()
+    assert json.loads(json.dumps(Evaluation(real, real).to_dict()))["real"]["per_digit_accuracy"][7] is None
+
+
+@pytest.mark.parametrize(
+    ("split", "count", "labels", "refusal"),
+    [
+        ("test", 5, 0, "the MNIST test split holds 5 images; the evaluator needs more than 5"),
+        ("train", 0, 0, "the MNIST train split holds 0 images; the evaluator needs more than 5"),
+        ("train", 8, 200, "the MNIST train split: item 0 is labelled 200, not a digit 0-9 (8 such labels)"),
+    ],
+)
+def test_splits_too_small_or_mislabelled_are_refused_before_any_work(
+    tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path, split: str, count: int, labels: int, refusal: str
+) -> None:
+    gen, reference = DigitGenerator.from_path(tiny_onnx, "cpu"), ReferenceClassifier(tiny_classifier)
+    data = {name: read_mnist_split(tiny_mnist, name) for name in ("t10k", "train")}
+    data["t10k" if split == "test" else "train"] = (np.zeros((count, 28, 28), np.uint8), np.full(count, labels))
+    made = []
+    with pytest.raises(InvalidRequestError) as refused:
+        evaluate(gen, reference, data["t10k"], data["train"], num_samples=100, progress=made.append)
+    assert str(refused.value) == refusal and made == []

@@ -867,3 +867,10 @@ def test_bf16_on_a_gpu_without_it_is_refused_with_the_fix(monkeypatch: pytest.Mo
         check_precision(TrainConfig(total_steps=1, precision="bf16"), torch.device("cuda"))
     assert str(caught.value) == "this GPU has no bfloat16 support for --precision bf16; train with --precision fp32"
     check_precision(TrainConfig(total_steps=1, precision="bf16"), torch.device("cpu"))  # a CPU runs bf16 everywhere
+
+
+def test_a_training_split_of_no_images_is_one_line(tmp_path: Path) -> None:
+    data = write_tiny_mnist(tmp_path / "data", train_count=0)
+    code, output = train(data, tmp_path / "run", "--steps", 2, *TINY)
+    assert (code, output.strip().splitlines()) == (1, [f"Error: the training split in {data} holds no images"])
+    assert not (tmp_path / "run").exists()

@@ -407,6 +407,20 @@ def test_an_npz_shard_that_is_not_digits_is_named_and_nothing_is_merged(
     assert not (tmp_path / "digits.npz").exists()
 
 
+def test_an_npz_shard_holding_more_than_digits_is_named_not_merged_without_it(
+    gen: DigitGenerator, tmp_path: Path
+) -> None:
+    _write(gen, tmp_path, "npz", Shard(0, 2))
+    (tmp_path / "digitgen-npz-run-00000-of-00002").unlink()  # as parts made before run records were kept
+    digits = gen.generate(2)
+    np.savez(tmp_path / "digits-00001-of-00002.npz", images=digits.images, labels=digits.labels, notes=np.zeros(3))
+    with pytest.raises(OutputError) as refused:
+        merge_shards(tmp_path, "npz")
+    part = tmp_path / "digits-00001-of-00002.npz"
+    assert str(refused.value) == f"{part} is not a digits NPZ shard: it holds notes beside images and labels"
+    assert not (tmp_path / "digits.npz").exists()
+
+
 def test_a_shard_index_is_checked_against_its_count_and_the_count_against_the_digits() -> None:
     with pytest.raises(InvalidRequestError) as alone:
         Shard(1, 1).check(5)

@@ -77,8 +77,10 @@ def load_mnist(root: str | Path, *, train: bool = True, download: bool = False) 
 
 
 def check_labels(data: MnistTensors, num_classes: int, where: str) -> None:
-    """Refuse labels outside ``0 .. num_classes - 1`` (an IDX label is any byte), naming the first: one would stop
-    training with an index error, or only at the batch that draws it."""
+    """Refuse a split of no images, and labels outside ``0 .. num_classes - 1`` (an IDX label is any byte), naming
+    the first: one would stop training with an index error, or only at the batch that draws it."""
+    if not len(data.labels):
+        raise DatasetCorruptError(f"{where} holds no images")
     bad = torch.nonzero((data.labels < 0) | (data.labels >= num_classes))
     if len(bad):
         index = int(bad[0])
