@@ -79,11 +79,13 @@ def _resolve(provider: str) -> str:
 
 
 def ort_reason(exc: BaseException) -> str:
-    """onnxruntime's message without its "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model ... failed:" prefix."""
+    """onnxruntime's message without its "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model ... failed:" prefix,
+    nor the source file and C++ function that raised it ("/onnxruntime_src/.../model.cc:256 onnxruntime::...(...)")."""
     lines = str(exc).strip().splitlines()
     if not lines:
         return type(exc).__name__
-    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .* failed:)?", "", lines[0])
+    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .* failed:)?", "", lines[0]).strip()
+    reason = re.sub(r"^\S+\.(?:cc|cpp|h):\d+ \S+\(.*?\) ", "", reason)
     return reason.strip().rstrip(".")
 
 

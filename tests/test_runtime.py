@@ -28,7 +28,7 @@ from digitgen.runtime import (
 )
 from digitgen.runtime.evaluate import ReferenceClassifier
 from digitgen.runtime.external_data import external_data_files, without_metadata
-from digitgen.runtime.session import model_sha256
+from digitgen.runtime.session import model_sha256, ort_reason
 from tests.helpers import nan_pixels
 
 
@@ -430,3 +430,24 @@ def test_where_a_cuda_session_cannot_be_created_auto_runs_on_the_cpu_quietly(
     with pytest.raises(ProviderUnavailableError, match=r"^provider 'cuda' failed to start"):
         DigitGenerator.from_path(tiny_onnx, "cuda")
     assert capfd.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (
+            "[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/onnxruntime/core/graph/model.cc:256 onnxruntime::Model::"
+            "Model(onnx::ModelProto&&, const onnxruntime::PathString&, const onnxruntime::logging::Logger&) Unsupported"
+            " model IR version: 999, max supported IR version: 14\n",
+            "Unsupported model IR version: 999, max supported IR version: 14",
+        ),
+        (
+            "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from g.onnx failed:Protobuf parsing failed.",
+            "Protobuf parsing failed",
+        ),
+        ("", "RuntimeError"),
+    ],
+    ids=["source-location", "load-prefix", "empty"],
+)
+def test_onnxruntimes_reason_is_its_words_without_its_codes_or_source(message: str, reason: str) -> None:
+    assert ort_reason(RuntimeError(message)) == reason
