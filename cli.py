@@ -758,15 +758,15 @@ def generate(
     where = written.paths[0] if len(written.paths) == 1 else out
     part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
     timing = f"in {seconds:.2f}s on {gen.provider}"
-    digits = f"{job.plan.count} digit{'' if job.plan.count == 1 else 's'}{part} as {fmt}"
+    digits = f"{job.plan.count:,} digit{'' if job.plan.count == 1 else 's'}{part} as {fmt}"
     if not resume:
         _say(f"wrote {digits} to {where} {timing}")
         return
     if written.kept:
-        kept = f"kept {written.kept} complete file{'' if written.kept == 1 else 's'} of the earlier run"
+        kept = f"kept {written.kept:,} complete file{'' if written.kept == 1 else 's'} of the earlier run"
     else:
         kept = "found no complete file to keep"
-    _say(f"{digits} in {where}: {kept}, wrote {written.written}, {timing}")
+    _say(f"{digits} in {where}: {kept}, wrote {written.written:,}, {timing}")
 
 
 @main.command()

@@ -114,8 +114,8 @@ class ClassifierRun:
         self.test = load_mnist(data_dir, train=False)
         check_classifier_data(self.train, self.test)
         self.total = training_steps(len(self.train.images), epochs)
-        recipe = recipe_of(self.train, epochs, BATCH_SIZE, seed)
-        self.resumed = load_state(self.state, recipe, self.total) if resume else None
+        recipe = recipe_of(self.train, epochs, BATCH_SIZE, seed) if resume else None  # a new run: train_classifier's
+        self.resumed = load_state(self.state, recipe, self.total) if recipe else None
 
     @property
     def done(self) -> int:

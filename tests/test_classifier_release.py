@@ -233,7 +233,7 @@ def test_train_classifier_stopped_by_a_signal_resumes_to_the_files_of_a_run_neve
     assert not state.exists() and out.read_bytes() == whole.read_bytes()
     assert _cli(*command, "--resume", "--overwrite") == (
         1,
-        [f"Error: nothing to resume: {state} (what an interrupted run of this command leaves) not found"],
+        ["Error: --resume continues the interrupted run and --overwrite starts over: give one"],
     )
     out.write_bytes(b"mine")
     assert _stopped_by_sigterm_in_step_3(monkeypatch, *command, "--overwrite")[0] == 130

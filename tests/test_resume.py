@@ -335,7 +335,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_folder(tmp_path: Path) -> N
     resumed = _generate(tmp_path / "resumed", *args, "--resume")
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
-    assert f"kept {interrupted} complete files of the earlier run" in stdout
+    assert f"kept {interrupted:,} complete files of the earlier run" in stdout
     clean = _generate(tmp_path / "clean", *args)
     assert clean.wait(timeout=300) == 0
     assert folder(tmp_path / "resumed") == folder(tmp_path / "clean")
