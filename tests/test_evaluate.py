@@ -17,6 +17,7 @@ from digitgen.runtime.evaluate import (
     Evaluation,
     ReferenceClassifier,
     Scores,
+    check_reference_data,
     coverage,
     evaluate,
     evaluation_work,
@@ -338,6 +339,10 @@ def test_a_classifier_of_nan_logits_or_one_feature_cannot_score(tmp_path: Path) 
     for width in (0, 1):
         with pytest.raises(ModelContractError, match=re.escape(f"features float32 [3, {width}], not float [3, 10]")):
             narrow._check_outputs(3, np.zeros((3, 10), np.float32), np.zeros((3, width), np.float32))
+    narrow._check_outputs(3, np.zeros((3, 10), np.float32), np.zeros((3, 2), np.float32))  # two are enough
+    for logits, features in ((np.int64, np.float32), (np.float32, np.int64)):  # each must be float
+        with pytest.raises(ModelContractError, match="is not a digitgen classifier"):
+            narrow._check_outputs(3, np.zeros((3, 10), logits), np.zeros((3, 4), features))
 
 
 def test_a_digit_missing_from_a_sample_has_no_accuracy_and_is_not_the_worst() -> None:
@@ -350,6 +355,22 @@ def test_a_digit_missing_from_a_sample_has_no_accuracy_and_is_not_the_worst() ->
     table = Evaluation(_scores(0.99, 15.4, 0.912, 0.885), real).table()
     assert "| worst digit accuracy | 94.00% (digit 7) | 50.00% (digit 0) |  |" in table.splitlines()
     assert json.loads(json.dumps(Evaluation(real, real).to_dict()))["real"]["per_digit_accuracy"][7] is None
+
+
+@pytest.mark.parametrize(
+    ("labels", "refusal"),
+    [
+        ([0, 1, 2, 10, 3, 4], "item 3 is labelled 10, not a digit 0-9 (1 such label)"),
+        ([0, -1, 2, 12, 3, 4], "item 1 is labelled -1, not a digit 0-9 (2 such labels)"),
+        ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14, 15, 16], "item 10 is labelled 14, not a digit 0-9 (3 such labels)"),
+    ],
+)
+def test_labels_outside_the_digits_are_named_the_first_and_counted(labels: list[int], refusal: str) -> None:
+    fine = (np.zeros((6, 28, 28), np.uint8), np.arange(6))
+    with pytest.raises(InvalidRequestError) as refused:
+        check_reference_data(fine, (np.zeros((len(labels), 28, 28), np.uint8), np.array(labels)))
+    assert str(refused.value) == f"the MNIST train split: {refusal}"
+    check_reference_data(fine, fine)  # 6 images, labels 0-5: enough
 
 
 @pytest.mark.parametrize(

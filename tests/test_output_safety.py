@@ -36,6 +36,7 @@ from digitgen.runtime.files import (
     claim_temporary,
     publish,
     publish_all,
+    refuse_non_files,
     refuse_one_file_twice,
     temporary_name,
 )
@@ -1018,3 +1019,17 @@ def test_merge_refuses_a_part_it_cannot_read_to_an_end(tmp_path: Path, gen: Digi
     record.symlink_to("/dev/zero")
     done = subprocess.run(merge, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stderr.startswith(f"Error: {record} is not a run record"), done.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="no /dev/null here")
+def test_every_path_is_looked_at_and_a_device_is_named_as_one(tmp_path: Path) -> None:
+    """Past one that is not there; only looked at (lstat), so /dev/null itself can be the device."""
+    with pytest.raises(OutputError) as refused:
+        refuse_non_files([tmp_path / "missing", tmp_path, "/dev/null"])
+    assert str(refused.value) == f"{tmp_path} is a folder, not a file; move it, or name another file"
+    with pytest.raises(OutputError) as refused:
+        refuse_non_files([tmp_path / "missing", "/dev/null"])
+    assert str(refused.value) == "/dev/null is a device, not a file, and no run replaces it; name another file"
+    (tmp_path / "file").write_bytes(b"")
+    (tmp_path / "link").symlink_to("/dev/null")
+    refuse_non_files([tmp_path / "file", tmp_path / "link", tmp_path / "missing"])  # a link is replaced, not followed

@@ -413,11 +413,12 @@ def test_an_npz_shard_holding_more_than_digits_is_named_not_merged_without_it(
     _write(gen, tmp_path, "npz", Shard(0, 2))
     (tmp_path / "digitgen-npz-run-00000-of-00002").unlink()  # as parts made before run records were kept
     digits = gen.generate(2)
-    np.savez(tmp_path / "digits-00001-of-00002.npz", images=digits.images, labels=digits.labels, notes=np.zeros(3))
+    extra = {"notes": np.zeros(3), "more": np.ones(2)}
+    np.savez(tmp_path / "digits-00001-of-00002.npz", images=digits.images, labels=digits.labels, **extra)
     with pytest.raises(OutputError) as refused:
         merge_shards(tmp_path, "npz")
     part = tmp_path / "digits-00001-of-00002.npz"
-    assert str(refused.value) == f"{part} is not a digits NPZ shard: it holds notes beside images and labels"
+    assert str(refused.value) == f"{part} is not a digits NPZ shard: it holds more, notes beside images and labels"
     assert not (tmp_path / "digits.npz").exists()
 
 

@@ -20,6 +20,7 @@ from digitgen.runtime import (
     write_digits,
 )
 from digitgen.runtime.encode import contact_sheet
+from digitgen.runtime.generator import empty_digits
 from digitgen.runtime.idx import read_idx
 from digitgen.runtime.writers import (
     GRID_FILE,
@@ -181,6 +182,9 @@ def test_digits_past_numpys_address_space_are_a_memory_error() -> None:
         assert str(refused.value) == (
             f"{num} digits do not fit in memory at once (npz and grid hold every digit, png and idx stream them)"
         )
+        with pytest.raises(TooManyDigitsError) as refused:
+            empty_digits(num)  # with no advice: the refusal alone
+        assert str(refused.value) == f"{num} digits do not fit in memory at once"
 
 
 @pytest.mark.parametrize(
