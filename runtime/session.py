@@ -21,6 +21,8 @@ from digitgen.runtime.external_data import external_data_files, without_metadata
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PROVIDER_CHOICES = ("auto", *PROVIDERS)
+# protobuf's limit on one message, and so on an ONNX file: a larger model keeps its tensors in files beside it
+MAX_MODEL_BYTES = 2**31 - 1
 MAX_THREADS = 1024  # onnxruntime's intra-op threads; far more than any core count, short of its int32 overflow
 # Every exception class onnxruntime's binding defines (Fail, InvalidGraph, EPFail, DeviceReset, ...): none
 # derives from a common base, and a new release may add more.
@@ -136,6 +138,12 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         raise ModelNotFoundError(f"model not found: {path}")
     if not path.is_file():
         raise InvalidModelError(f"model path is not a file: {path}")
+    size = path.stat().st_size
+    if size > MAX_MODEL_BYTES:  # refused before it is read into memory
+        raise InvalidModelError(
+            f"{path} is not a valid ONNX model ({size:,} bytes: an ONNX file holds at most 2 GiB; a larger model "
+            "keeps its tensors in external data files)"
+        )
     chosen = _resolve(provider)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a failure reaches the user as a typed error, in its words

@@ -202,6 +202,18 @@ def test_non_onnx_file(tmp_path: Path, content: bytes, reason: str) -> None:
     assert str(caught.value) == f"{path} is not a valid ONNX model ({reason})"
 
 
+def test_a_file_past_the_onnx_size_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "huge.onnx"
+    with path.open("wb") as sparse:  # no disk taken: a hole of 2 GiB
+        sparse.truncate(2**31)
+    with pytest.raises(InvalidModelError) as caught:
+        DigitGenerator.from_path(path)
+    assert str(caught.value) == (
+        f"{path} is not a valid ONNX model (2,147,483,648 bytes: an ONNX file holds at most 2 GiB; a larger model "
+        "keeps its tensors in external data files)"
+    )
+
+
 def test_sha256_names_the_bytes_loaded_even_if_the_file_is_replaced(tmp_path: Path, tiny_onnx: Path) -> None:
     path = tmp_path / "model.onnx"
     path.write_bytes(tiny_onnx.read_bytes())
