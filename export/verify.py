@@ -10,7 +10,6 @@ import torch
 
 from digitgen.export.errors import ExportVerificationError
 from digitgen.runtime.contract import check_contract
-from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason, run_model
 from digitgen.training.config import GANConfig
 
@@ -96,13 +95,12 @@ def verify_parity(
     ``model``'s ``config`` when given, then values.
 
     The tolerance defaults to that of the model's ``precision`` metadata; ``atol`` overrides its
-    per-pixel maximum. Raises :class:`ExportVerificationError` naming every failing case.
+    per-pixel maximum. A file that cannot be loaded, or breaks the contract, raises the loader's own typed
+    error (:class:`InvalidModelError`, :class:`ModelContractError`); one that runs but differs raises
+    :class:`ExportVerificationError` naming every failing case.
     """
-    try:
-        opened = open_session(onnx_path, "cpu")
-        info = check_contract(opened.session, str(onnx_path))
-    except DigitgenError as exc:
-        raise ExportVerificationError(str(exc)) from exc
+    opened = open_session(onnx_path, "cpu")
+    info = check_contract(opened.session, str(onnx_path))
     if config is not None and (info.latent_dim, info.num_classes) != (config.latent_dim, config.num_classes):
         raise ExportVerificationError(
             f"{onnx_path} takes {info.latent_dim} noise values and {info.num_classes} digits, the checkpoint's "
