@@ -88,8 +88,8 @@ class ServeSettings:
     cache_max_age: int = 31_536_000  # seconds a response may be cached (it never changes)
     inline_digits: int = 16  # requests this small run on the event loop (or the batcher), larger ones on a thread
     batch_window_ms: float = 2.0  # micro-batching: how long small requests wait to share a model call (0: off)
-    # digits in one micro-batch (default 8 with a window, None without): small, so that one batch's HTTP work
-    # overlaps the next one's model call
+    # digits in one micro-batch (None: 8 with a window, see micro_batch_digits): small, so that one batch's HTTP
+    # work overlaps the next one's model call
     batch_max_digits: int | None = None
     cors_origins: tuple[str, ...] = ()
     web_dir: str | None = None  # the built page, served at /
@@ -119,16 +119,14 @@ class ServeSettings:
                 f"the batch window of {self.batch_window_ms:g} ms must be shorter than the time limit of "
                 f"{self.time_limit:g} s, or every request that waits for a batch runs out of time"
             )
-        if self.batch_max_digits is None:
-            if self.batch_window_ms > 0:
-                object.__setattr__(self, "batch_max_digits", BATCH_MAX_DIGITS)
-        elif self.batch_window_ms == 0:
-            raise ServeConfigError(
-                f"batch_max_digits={self.batch_max_digits} sizes a micro-batch and batch_window_ms=0 turns them off: "
-                "give one"
-            )
-        elif self.batch_max_digits < 1:
-            raise ServeConfigError(f"a micro-batch must hold at least 1 digit, got {self.batch_max_digits}")
+        if self.batch_max_digits is not None:
+            if self.batch_window_ms == 0:
+                raise ServeConfigError(
+                    f"batch_max_digits={self.batch_max_digits} sizes a micro-batch and batch_window_ms=0 turns them "
+                    "off: give one"
+                )
+            if self.batch_max_digits < 1:
+                raise ServeConfigError(f"a micro-batch must hold at least 1 digit, got {self.batch_max_digits}")
         for origin in self.cors_origins:
             if not ORIGIN.fullmatch(origin):
                 raise ServeConfigError(
@@ -146,15 +144,23 @@ class ServeSettings:
                     "(cd web && npm ci && npm run build) and give web/dist"
                 )
 
+    @property
+    def micro_batch_digits(self) -> int | None:
+        """Digits in one micro-batch: ``batch_max_digits``, or the default where batching is on and none was
+        given; ``None`` with batching off."""
+        if self.batch_window_ms == 0:
+            return None
+        return BATCH_MAX_DIGITS if self.batch_max_digits is None else self.batch_max_digits
+
     def _check_types(self) -> None:
         """Each setting of its own type (a string of origins would be read one letter at a time)."""
         for name in ("max_count", "max_in_flight", "queue", "inline_digits", "cache_max_age"):
-            _check_type(name, getattr(self, name), (int,), "an integer")
-        _check_type("batch_max_digits", self.batch_max_digits, (int, type(None)), "an integer or None")
+            check_type(name, getattr(self, name), (int,), "an integer")
+        check_type("batch_max_digits", self.batch_max_digits, (int, type(None)), "an integer or None")
         for name in ("time_limit", "batch_window_ms"):
-            _check_type(name, getattr(self, name), (int, float), "a number")
-        _check_type("access_log", self.access_log, (bool,), "True or False")
-        _check_type("web_dir", self.web_dir, (str, type(None)), "a folder's path (a str) or None")
+            check_type(name, getattr(self, name), (int, float), "a number")
+        check_type("access_log", self.access_log, (bool,), "True or False")
+        check_type("web_dir", self.web_dir, (str, type(None)), "a folder's path (a str) or None")
         origins = self.cors_origins
         if not isinstance(origins, tuple) or not all(isinstance(origin, str) for origin in origins):
             raise ServeConfigError(
@@ -162,7 +168,8 @@ class ServeSettings:
             )
 
 
-def _check_type(name: str, value: object, kinds: tuple[type, ...], what: str) -> None:
+def check_type(name: str, value: object, kinds: tuple[type, ...], what: str) -> None:
+    """:class:`ServeConfigError` unless ``value`` is one of ``kinds`` (a bool counts as an int only if listed)."""
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         raise ServeConfigError(f"{name} must be {what}, got {value!r}")
 
@@ -210,7 +217,7 @@ class _Service:
             self.batcher = Batcher(
                 self.generator,
                 self.settings.batch_window_ms / 1000,
-                self.settings.batch_max_digits,
+                self.settings.micro_batch_digits,
                 self.executor,
                 self.admission.generation,
                 self.metrics.batch_requests.observe,

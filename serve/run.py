@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -22,9 +23,9 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from digitgen.runtime.external_data import external_data_files
 from digitgen.runtime.generator import DigitGenerator
-from digitgen.runtime.session import model_sha256
+from digitgen.runtime.session import MAX_THREADS, model_sha256
 from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
-from digitgen.serve.app import ServeConfigError, ServeSettings, create_app
+from digitgen.serve.app import ServeConfigError, ServeSettings, check_type, create_app
 from digitgen.serve.observe import ACCESS_LOG
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
@@ -55,6 +56,24 @@ class ServerOptions:
     threads: int | None = None  # default: default_threads(workers)
     graceful_timeout: float = 10.0
     settings: ServeSettings = field(default_factory=ServeSettings)
+
+    def __post_init__(self) -> None:
+        check_type("model", self.model, (str, type(None)), "a model file's path (a str) or None")
+        for name in ("provider", "host"):
+            check_type(name, getattr(self, name), (str,), "a str")
+        for name in ("port", "workers"):
+            check_type(name, getattr(self, name), (int,), "an integer")
+        check_type("threads", self.threads, (int, type(None)), "an integer or None")
+        check_type("graceful_timeout", self.graceful_timeout, (int, float), "a number")
+        check_type("settings", self.settings, (ServeSettings,), "a ServeSettings")
+        if not 0 <= self.port <= 65_535:
+            raise ServeConfigError(f"port must be from 0 (any free port) to 65535, got {self.port}")
+        if self.workers < 1:
+            raise ServeConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ServeConfigError(f"threads must be from 1 to {MAX_THREADS}, got {self.threads}")
+        if not 0 <= self.graceful_timeout < math.inf:
+            raise ServeConfigError(f"the graceful timeout must be a finite 0 s or more, got {self.graceful_timeout:g}")
 
     @property
     def url(self) -> str:

@@ -219,7 +219,7 @@ def test_the_servers_option_defaults_are_the_apps() -> None:
         assert shown[name] == getattr(settings, name), name
     # not given, --batch-max-digits is None (so that --batch-window-ms 0 can refuse it) and the app's default applies
     batch_max_digits = next(param for param in main.commands["serve"].params if param.name == "batch_max_digits")
-    assert shown["batch_max_digits"] is None and f"[default: {settings.batch_max_digits}]" in batch_max_digits.help
+    assert shown["batch_max_digits"] is None and f"[default: {settings.micro_batch_digits}]" in batch_max_digits.help
 
 
 def test_the_exporters_option_defaults_are_the_exporters() -> None:

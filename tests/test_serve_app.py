@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -169,9 +170,13 @@ def test_the_smallest_settings_and_any_origin_a_browser_sends_are_accepted() -> 
         cors_origins=origins,
     )
     assert (settings.queue, settings.inline_digits, settings.cache_max_age, settings.batch_max_digits) == (0, 0, 0, 1)
+    assert settings.micro_batch_digits == 1
     assert ServeSettings(batch_window_ms=0).batch_window_ms == 0
-    # batch_max_digits: 8 when not given and batching is on, None with it off
-    assert [ServeSettings(batch_window_ms=ms).batch_max_digits for ms in (2, 0)] == [8, None]
+    # a micro-batch: 8 digits when not given and batching is on, None with it off; the field keeps what was given
+    assert [ServeSettings(batch_window_ms=ms).micro_batch_digits for ms in (2, 0)] == [8, None]
+    assert ServeSettings().batch_max_digits is None
+    # so settings derived from the defaults can turn batching off, as ServeSettings(batch_window_ms=0) does
+    assert dataclasses.replace(ServeSettings(), batch_window_ms=0).micro_batch_digits is None
     assert ServeSettings(batch_window_ms=1999, time_limit=2).batch_window_ms == 1999
     assert ServeSettings(inline_digits=256).inline_digits == 256  # one default batch: the most
 

@@ -70,6 +70,31 @@ def test_too_many_threads_are_refused_with_the_range_help_shows() -> None:
     assert "1<=x<=1024" in CliRunner().invoke(main, ["serve", "--help"]).output
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"port": 70_000}, "port must be from 0 (any free port) to 65535, got 70000"),
+        ({"port": -1}, "port must be from 0 (any free port) to 65535, got -1"),
+        ({"port": "8000"}, "port must be an integer, got '8000'"),
+        ({"workers": 0}, "workers must be at least 1, got 0"),
+        ({"workers": True}, "workers must be an integer, got True"),
+        ({"threads": -3}, "threads must be from 1 to 1024, got -3"),
+        ({"threads": 2.0}, "threads must be an integer or None, got 2.0"),
+        ({"graceful_timeout": -1}, "the graceful timeout must be a finite 0 s or more, got -1"),
+        ({"graceful_timeout": float("nan")}, "the graceful timeout must be a finite 0 s or more, got nan"),
+        ({"model": Path("g.onnx")}, "model must be a model file's path (a str) or None, got PosixPath('g.onnx')"),
+        ({"host": None}, "host must be a str, got None"),
+        ({"settings": {}}, "settings must be a ServeSettings, got {}"),
+    ],
+)
+def test_server_options_out_of_range_are_refused_in_words(options: dict, message: str) -> None:
+    """As the CLI's option types refuse them, for an app that builds the options itself (workers=0 had divided by
+    zero, port 70000 had raised OverflowError from the socket)."""
+    with pytest.raises(ServeConfigError) as refused:
+        ServerOptions(**options)
+    assert str(refused.value) == message
+
+
 def test_the_web_source_folder_is_not_taken_for_the_built_page(tmp_path: Path) -> None:
     """``--web web`` (the source: the page without its model) instead of ``--web web/dist``."""
     (tmp_path / "index.html").write_text("<!doctype html><title>digits</title>")
