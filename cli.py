@@ -156,6 +156,11 @@ def _fail(message: str, exit_code: int = 1) -> NoReturn:
     sys.exit(exit_code)
 
 
+class Interrupted(Exception):
+    """A command stopped by a stop signal with its work kept; the message says what was kept and how to continue.
+    The group says it as an error and exits 130, as for any stop."""
+
+
 class OneLineErrors(click.Group):
     """A group whose errors are one line on stderr: no usage block, no traceback; its commands take each option
     once."""
@@ -190,6 +195,8 @@ class OneLineErrors(click.Group):
             if extra is None:
                 raise
             _fail(f"this needs the {extra} extra ({exc.name} is not installed): {install_command(extra)}")
+        except Interrupted as exc:
+            _fail(f"interrupted; {exc}", 130)
         except (click.Abort, KeyboardInterrupt):  # KeyboardInterrupt: a stop signal held while the command loaded
             _fail("interrupted; no file was left half-written", 130)
         sys.exit(result if isinstance(result, int) else 0)
@@ -528,12 +535,12 @@ def train(
     if ctx.enabled:
         say(f"generator weights identical on all {ctx.world_size} ranks", err=True)
     if result.interrupted:
-        say(
-            f"interrupted at step {result.step}; checkpoint saved to {result.checkpoint}; "
-            f"continue with --resume {shlex.quote(str(result.checkpoint))}{_data_dir_again(data_dir)}",
-            err=True,
+        if not ctx.is_main:  # the first rank says it for all
+            sys.exit(130)
+        raise Interrupted(
+            f"stopped at step {result.step}; checkpoint saved to {result.checkpoint}; "
+            f"continue with --resume {shlex.quote(str(result.checkpoint))}{_data_dir_again(data_dir)}"
         )
-        sys.exit(130)
     say(
         f"done: step {result.step} in {result.seconds:.0f}s ({result.images_per_s:.0f} images/s); "
         f"checkpoint {result.checkpoint}",
@@ -748,12 +755,9 @@ def generate(
         with progress(job.plan.count, "generating", hidden=job.plan.count <= batch_size) as bar:
             written = job.run(on_batch=bar.update)
     except KeyboardInterrupt:
-        _say(
-            "Error: interrupted; any file it wrote is complete, none is partial; "
-            "the same command with --resume continues",
-            err=True,
-        )
-        sys.exit(130)
+        raise Interrupted(
+            "any file it wrote is complete, none is partial; the same command with --resume continues"
+        ) from None
     seconds = time.perf_counter() - start
     where = written.paths[0] if len(written.paths) == 1 else out
     part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
@@ -819,12 +823,10 @@ def train_classifier_cmd(
     ):
         result, diff = run.run(progress=lambda step, total: bar.update(1), should_stop=should_stop)
     if diff is None:
-        _say(
-            f"interrupted at step {result.step:,} of {run.total:,}; its state is saved to {run.state}; continue with "
-            "the same command and --resume",
-            err=True,
+        raise Interrupted(
+            f"stopped at step {result.step:,} of {run.total:,}; its state is saved to {run.state}; continue with "
+            "the same command and --resume"
         )
-        sys.exit(130)
     _say(
         f"MNIST test accuracy {result.test_accuracy:.2%} after {epochs} epochs in {result.seconds:.0f}s; "
         f"wrote {out} (max |torch-ort| {diff:.1e}) and {run.weights}"
@@ -903,11 +905,7 @@ def evaluate(
         with _stop_on_signals() as should_stop, progress(run.total, label, done=run.done) as bar:
             scores = run.run(progress=lambda: bar.update(1), should_stop=should_stop)
         if scores is None:
-            _say(
-                f"interrupted; CAS's training state is kept in {state_dir}; the same command continues it",
-                err=True,
-            )
-            sys.exit(130)
+            raise Interrupted(f"CAS's training state is kept in {state_dir}; the same command continues it")
         result = dataclasses.replace(result, cas=scores)
     if as_json:
         click.echo(json.dumps(result.to_dict()))

@@ -185,7 +185,7 @@ def test_evaluate_cas_stopped_by_a_signal_continues_where_it_stopped(
         stopped = CliRunner().invoke(main, command)
     state_dir = tmp_path / "cache" / "digitgen"
     assert stopped.exit_code == 130 and stopped.output.splitlines()[-1] == (
-        f"interrupted; CAS's training state is kept in {state_dir}; the same command continues it"
+        f"Error: interrupted; CAS's training state is kept in {state_dir}; the same command continues it"
     )
     assert len(list(state_dir.iterdir())) == 2  # the first classifier's accuracy, the second's state
     again = CliRunner().invoke(main, command)

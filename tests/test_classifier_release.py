@@ -218,7 +218,8 @@ def test_train_classifier_stopped_by_a_signal_resumes_to_the_files_of_a_run_neve
     command = ("train-classifier", "--data-dir", tiny_mnist, "--out", out, "--epochs", 2)
     code, lines = _stopped_by_sigterm_in_step_3(monkeypatch, *command)
     assert code == 130 and lines[-1] == (
-        f"interrupted at step 3 of 4; its state is saved to {state}; continue with the same command and --resume"
+        f"Error: interrupted; stopped at step 3 of 4; its state is saved to {state}; "
+        "continue with the same command and --resume"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier_resume.pt", "whole"]
     assert _cli(*command) == (
