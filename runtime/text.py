@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-import re
+import unicodedata
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# escaped: control characters, invisible format characters (bidirectional overrides, zero-width ones), the line
+# and paragraph separators (U+2028, U+2029: line ends to str.splitlines and many log readers), lone surrogates
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 
 
 def printable(text: str) -> str:
-    """``text`` with its control characters escaped (``\\n`` for a newline), so that it cannot write a line of
-    its own, or move a terminal's cursor."""
-    return _CONTROL.sub(lambda control: control.group().encode("unicode_escape").decode("ascii"), text)
+    """``text`` with its control, format and line-separator characters escaped (``\\n`` for a newline,
+    ``\\u202e`` for a right-to-left override), so that it cannot write a line of its own, move a terminal's
+    cursor, or show itself in another order than it is."""
+    if text.isprintable():  # the usual case, checked in C
+        return text
+    return "".join(
+        char.encode("unicode_escape", "backslashreplace").decode("ascii")
+        if unicodedata.category(char) in _ESCAPED_CATEGORIES
+        else char
+        for char in text
+    )

@@ -40,6 +40,7 @@ from digitgen.serve.observe import (
     Scope,
     Send,
     local_path,
+    logged_method,
     logged_target,
 )
 from digitgen.serve.page import PageFiles
@@ -60,8 +61,11 @@ from digitgen.serve.spec import error_response, generate_doc
 # its source, has no model)
 BUILT_PAGE = ("index.html", "generator.onnx")
 BATCH_MAX_DIGITS = 8  # the default micro-batch
-# what a browser sends in Origin: scheme://host[:port], no path, not even a trailing slash (or * for any)
-ORIGIN = re.compile(r"\*|[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
+# what a browser sends in Origin: scheme://host[:port], no path, not even a trailing slash, no user, a port
+# without leading zeros (or * for any)
+ORIGIN = re.compile(
+    r"\*|[a-z][a-z0-9+.-]*://(?:[a-z0-9._~%-]+|\[[0-9a-f:.]+\])(?::(?P<port>[1-9][0-9]{0,4}))?", re.IGNORECASE
+)
 
 
 class ServeConfigError(DigitgenError, ValueError):
@@ -128,7 +132,13 @@ class ServeSettings:
             if self.batch_max_digits < 1:
                 raise ServeConfigError(f"a micro-batch must hold at least 1 digit, got {self.batch_max_digits}")
         for origin in self.cors_origins:
-            if not ORIGIN.fullmatch(origin):
+            if "*" in origin and origin != "*":
+                raise ServeConfigError(
+                    f"{origin!r} holds a wildcard, which CORS never matches: it compares whole origins; "
+                    "give each one (or * alone for any)"
+                )
+            match = ORIGIN.fullmatch(origin)
+            if not match or int(match["port"] or 0) > 65_535:
                 raise ServeConfigError(
                     f"{origin!r} is not an origin: scheme://host[:port] with no path, as browsers send it "
                     "(e.g. https://app.example)"
@@ -366,6 +376,20 @@ def _server_stopping(cancelled: asyncio.CancelledError) -> bool:
     return any(_SERVER_STOPPING in str(reason) for reason in cancelled.args)
 
 
+FRAMED_TWICE = (
+    "a request with both Content-Length and Transfer-Encoding has no one length (RFC 9112, 6.3); send one of them "
+    "(the server closes this connection)"
+)
+
+
+def _framed_twice(scope: Scope) -> bool:
+    """Whether the request says its body's length two ways: a proxy in front that reads the other one would take
+    the rest of the connection for a request of its own (request smuggling), so it is refused and the
+    connection closed."""
+    names = {name.lower() for name, _ in scope.get("headers", ())}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
 class _ServiceEntry:
     """Where requests enter: starts the service on the first one (see :meth:`_Service.start`), and answers
     ``GET /generate`` ahead of FastAPI's router with the documented route's own handler (the router's layers, an exit
@@ -397,6 +421,9 @@ class _ServiceEntry:
                 message = {**message, "body": b""}
             await send(message)
 
+        if _framed_twice(scope):
+            await refusal(400, FRAMED_TWICE, {"Connection": "close"})(scope, receive, send_tracked)
+            return
         request_id = scope.get("state", {}).get("request_id", "-")
         where = f"{printable(scope['path'])} (id={request_id})"
         log = logging.getLogger("digitgen.serve")
@@ -502,7 +529,7 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
         if exc.status_code == 404:
             return refusal(404, f"no endpoint {path}; see {request.scope.get('root_path', '')}/docs")
         if exc.status_code == 405:  # every endpoint here answers GET, and HEAD through _ServiceEntry
-            message = f"{request.method} is not allowed on {path}; this server answers GET and HEAD"
+            message = f"{logged_method(request.scope)} is not allowed on {path}; this server answers GET and HEAD"
             return refusal(405, message, {"Allow": "GET, HEAD"})
         return refusal(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 

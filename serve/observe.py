@@ -34,6 +34,7 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # a request target in absolute form, as a client talking to a proxy sends it (RFC 9112, 3.2.2): scheme://authority
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
 LOGGED_TARGET = 1024  # characters of a request's path and query in its access-log line
+LOGGED_METHOD = 32  # characters of a request's method there (the longest registered method has 17)
 ACCESS_LOG = logging.getLogger("digitgen.serve.access")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 BUSY, TIME_LIMIT = "busy", "time_limit"  # why a request was refused with 503, a label of the refused counter
@@ -67,13 +68,22 @@ def _after_authority(target: str) -> str | None:
     return None if match is None else target[match.end() :] or "/"
 
 
+def bounded(text: str, limit: int) -> str:
+    """``text`` as a log line or a refusal shows what a client sent: escaped as :func:`printable` does, then cut at
+    ``limit`` characters, so that no request writes more than a line of bounded length."""
+    shown = printable(text)
+    return shown if len(shown) <= limit else f"{shown[:limit]}...({len(shown) - limit} more characters)"
+
+
 def logged_target(path: str, query: str) -> str:
-    """The request's path and query as its access-log line shows them: control characters escaped, then cut at
-    :data:`LOGGED_TARGET` characters, so that no request writes more than a line of bounded length."""
-    target = printable(f"{path}?{query}" if query else path)
-    if len(target) > LOGGED_TARGET:
-        target = f"{target[:LOGGED_TARGET]}...({len(target) - LOGGED_TARGET} more characters)"
-    return target
+    """The request's path and query as its access-log line shows them (:func:`bounded`), a quote as ``%22``,
+    so that the line's quoted field ends where the server's own quote does."""
+    return bounded(f"{path}?{query}" if query else path, LOGGED_TARGET).replace('"', "%22")
+
+
+def logged_method(scope: Scope) -> str:
+    """The request's method as a log line or a refusal shows it: HTTP does not bound it, so it is cut."""
+    return bounded(scope["method"], LOGGED_METHOD).replace('"', "%22")
 
 
 class Metrics:
@@ -164,7 +174,7 @@ class RequestMiddleware:
                     '%s:%s "%s %s" %d %.1fms id=%s',
                     client[0],
                     client[1],
-                    scope["method"],
+                    logged_method(scope),
                     logged_target(path, scope["query_string"].decode("latin-1")),
                     status,
                     seconds * 1000,

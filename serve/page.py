@@ -22,6 +22,18 @@ def _range_refusal(status: int, plain_text: str, headers: dict[str, str]) -> str
     return f"cannot serve this Range header ({reason}); send bytes=START-END, or leave Range out"
 
 
+def _without_other_range_units(scope: Scope) -> Scope:
+    """``scope`` without a ``Range`` header in a unit other than bytes (``items=0-1``), which a server must ignore
+    (RFC 9110, 14.2) and Starlette would refuse."""
+    headers = scope.get("headers", [])
+    other_unit = [
+        (name, value)
+        for name, value in headers
+        if name.lower() == b"range" and b"=" in value and value.partition(b"=")[0].strip().lower() != b"bytes"
+    ]
+    return {**scope, "headers": [h for h in headers if h not in other_unit]} if other_unit else scope
+
+
 class PageFiles(StaticFiles):
     """Starlette's static files, whose refusals of a ``Range`` header (a 400 or a 416, one short message) are JSON
     here; any other answer, a 404 page of the folder's own among them, goes as it is. A folder named without its
@@ -36,6 +48,7 @@ class PageFiles(StaticFiles):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         refused: Message | None = None
+        scope = _without_other_range_units(scope)
 
         async def send_in_json(message: Message) -> None:
             nonlocal refused

@@ -165,7 +165,7 @@ def parse_request(
     given: dict[str, str] = {}
     for name, value in query:
         if name not in PARAMETERS:
-            raise InvalidRequestError(f"unknown parameter {name!r}; parameters: {', '.join(PARAMETERS)}")
+            raise InvalidRequestError(f"unknown parameter {_cut(repr(name))}; parameters: {', '.join(PARAMETERS)}")
         if name in given:
             raise InvalidRequestError(f"give {name} once")
         if len(value) > MAX_VALUE_LENGTH:

@@ -101,6 +101,9 @@ class ServerOptions:
             raise ServeConfigError(
                 "the host is empty; give an address: 127.0.0.1 (the default), or 0.0.0.0 to listen on every interface"
             )
+        host, colon, port = self.host.rpartition(":")
+        if colon and ":" not in host and port.isdigit():  # one colon: not an IPv6 address, a host and a port
+            raise ServeConfigError(f"the host {self.host!r} holds a port; give them apart: --host {host} --port {port}")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:

@@ -311,6 +311,7 @@ BAD = [
     ("count=3&count=4", 422, "give count once"),
     ("model=/etc/passwd", 422, "unknown parameter 'model'; parameters: digits, digit, count, seed, truncation, format"),
     ("url=http://example.com/m.onnx", 422, "unknown parameter 'url'"),
+    ("a" * 3000 + "=1", 422, f"unknown parameter '{'a' * 1023}... (3,002 characters); parameters: digits, digit,"),
 ]
 
 
@@ -581,6 +582,36 @@ def test_a_404_names_the_path_as_received(server: Server, target: str, named: st
         return
     assert status_line == "HTTP/1.1 404 Not Found"
     assert json.loads(body) == {"error": f"no endpoint {named}; see /docs"}
+
+
+def test_a_request_framed_two_ways_is_refused_and_its_connection_closed(server: Server) -> None:
+    """Content-Length and Transfer-Encoding together (RFC 9112, 6.3): behind a proxy that reads the other length,
+    what follows on the connection would be taken for a request of its own. Without a Connection: close of the
+    client's, the exchange below ends only if the server closes the connection."""
+    sent = (
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    )
+    status_line, headers, body = _exchange(server, sent)
+    assert status_line == "HTTP/1.1 400 Bad Request" and headers["connection"] == "close"
+    assert json.loads(body) == {
+        "error": "a request with both Content-Length and Transfer-Encoding has no one length (RFC 9112, 6.3); "
+        "send one of them (the server closes this connection)"
+    }
+    assert b"HTTP/1.1" not in body  # nothing answered the request smuggled behind it
+    assert server.get("/healthz").status_code == 200
+
+
+def test_a_long_method_is_cut_in_the_refusal_and_the_log(server: Server) -> None:
+    method = "A" * 5000
+    status_line, _, body = _exchange(
+        server, f"{method} /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert status_line == "HTTP/1.1 405 Method Not Allowed"
+    shown = "A" * 32 + "...(4968 more characters)"
+    assert json.loads(body) == {"error": f"{shown} is not allowed on /healthz; this server answers GET and HEAD"}
+    line = next(line for line in server.log.read_text().splitlines() if '"AAAA' in line)
+    assert f'"{shown} /healthz" 405 ' in line and len(line) < 200, line
 
 
 SHORT_HEAD_TIMEOUT = """

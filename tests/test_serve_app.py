@@ -114,7 +114,26 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
                 f"{origin!r} is not an origin: scheme://host[:port] with no path, as browsers send it "
                 "(e.g. https://app.example)",
             )
-            for origin in ["https://app.example/", "app.example", "https://app.example/page", "not a url", ""]
+            for origin in [
+                "https://app.example/",
+                "app.example",
+                "https://app.example/page",
+                "not a url",
+                "",
+                "https://user@app.example",  # user info, which browsers never send
+                "https://app.example:",  # an empty port
+                "https://app.example:0443",  # browsers send no leading zero
+                "https://app.example:99999",
+                "https://app.example:0",
+            ]
+        ],
+        *[
+            (
+                {"cors_origins": (origin,)},
+                f"{origin!r} holds a wildcard, which CORS never matches: it compares whole origins; give each one "
+                "(or * alone for any)",
+            )
+            for origin in ["https://*.example", "*://app.example", "https://app.example:*"]
         ],
         *[
             ({"cors_origins": (origin,)}, f"browsers send the origin {origin!r} as {sent!r}; give that")
@@ -159,6 +178,8 @@ def test_the_smallest_settings_and_any_origin_a_browser_sends_are_accepted() -> 
         "http://a:8080",
         "https://a:80",  # not the default port of https
         "http://a:443",
+        "http://127.0.0.1:65535",
+        "https://xn--bcher-kva.example",  # a non-ASCII name as browsers send it
     )
     settings = ServeSettings(
         max_count=1,
@@ -729,7 +750,8 @@ def test_a_hosts_own_cancellation_goes_on_up(caplog: pytest.LogCaptureFixture) -
 
 
 def test_the_page_rewrites_only_its_range_refusals(tmp_path: Path) -> None:
-    """A folder's own 404 page goes as it is, Range header or not; a Range it cannot serve is a JSON refusal."""
+    """A folder's own 404 page goes as it is, Range header or not; a Range it cannot serve is a JSON refusal; one in
+    another unit than bytes is ignored."""
     (tmp_path / "404.html").write_text("<p>not here</p>")
     (tmp_path / "model.onnx").write_bytes(bytes(100))
 
@@ -741,9 +763,12 @@ def test_the_page_rewrites_only_its_range_refusals(tmp_path: Path) -> None:
                 await client.get("/model.onnx", headers={"Range": "bytes=10-19"}),
                 await client.get("/model.onnx", headers={"Range": "bytes=abc"}),
                 await client.get("/model.onnx", headers={"Range": "abc"}),
+                await client.get("/model.onnx", headers={"Range": "items=0-1"}),
             ]
 
-    missing, past_the_end, part, unreadable, malformed = asyncio.run(answers())
+    missing, past_the_end, part, unreadable, malformed, other_unit = asyncio.run(answers())
+    # a unit other than bytes is ignored (RFC 9110, 14.2: a server must): the whole file
+    assert other_unit.status_code == 200 and other_unit.content == bytes(100)
     for refused in (past_the_end, unreadable, malformed):  # the JSON's own type and length, not the plain text's
         assert refused.headers.get_list("content-type") == ["application/json"]
         assert refused.headers.get_list("content-length") == [str(len(refused.content))]

@@ -100,14 +100,21 @@ def test_one_access_log_line_per_request_in_its_own_words(metrics: Metrics, capl
 
 
 def test_a_request_cannot_write_a_log_line_of_its_own(metrics: Metrics, caplog: pytest.LogCaptureFixture) -> None:
-    """The server decodes %0A in the path to a newline; the log escapes it, so the forged line stays in its own."""
-    forged = '\n10.0.0.1:1 "GET /admin" 200 1.0ms id=x'
+    """The server decodes %0A in the path to a newline, %22 to a quote and %E2%80%A8 to U+2028 (a line end to
+    str.splitlines and many log readers); the log escapes them, so a forged line stays in the request's own, and its
+    quoted field ends where the server's quote does (a reader of the first quoted field and the status after it
+    would have read a forged 200)."""
+    middleware = RequestMiddleware(stub, metrics, ENDPOINTS, access_log=True)
     with caplog.at_level("INFO", logger=ACCESS_LOG.name):
-        get(RequestMiddleware(stub, metrics, ENDPOINTS, access_log=True), "/x" + quote(forged), {"X-Request-ID": "r1"})
-    (line,) = [record.getMessage() for record in caplog.records]
-    assert re.fullmatch(
-        r'10\.1\.2\.3:4567 "GET /x\\n10\.0\.0\.1:1 "GET /admin" 200 1\.0ms id=x" 201 \S+ id=r1', line
-    ), line
+        for forged in ('\n10.0.0.1:1 "GET /admin" 200 1.0ms id=x', '" 200 0.1ms id=x', "\u2028\u202e"):
+            get(middleware, "/x" + quote(forged), {"X-Request-ID": "r1"})
+    lines = [record.getMessage() for record in caplog.records]
+    assert [line.split(" 201 ")[0] for line in lines] == [
+        '10.1.2.3:4567 "GET /x\\n10.0.0.1:1 %22GET /admin%22 200 1.0ms id=x"',
+        '10.1.2.3:4567 "GET /x%22 200 0.1ms id=x"',
+        '10.1.2.3:4567 "GET /x\\u2028\\u202e"',
+    ]
+    assert all(re.fullmatch(r'[^"]*"[^"]*" 201 \S+ id=r1', line) and len(line.splitlines()) == 1 for line in lines)
     assert printable("a\x00b\x7fc\u0085d\te\u00e9") == "a\\x00b\\x7fc\\x85d\\te\u00e9"
 
 

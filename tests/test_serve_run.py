@@ -162,6 +162,14 @@ def test_an_empty_host_is_refused_not_taken_for_every_interface(host: str) -> No
     assert str(refused.value) == words
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1:9000", "localhost:80"])
+def test_a_host_with_a_port_is_refused_naming_both_options(host: str) -> None:
+    name, port = host.split(":")
+    with pytest.raises(ServeConfigError) as refused:
+        ServerOptions(host=host, port=free_port()).check_address()
+    assert str(refused.value) == f"the host {host!r} holds a port; give them apart: --host {name} --port {port}"
+
+
 def test_an_ipv6_address_is_checked_as_one() -> None:
     with socket.socket(socket.AF_INET6) as taken:
         try:

@@ -185,3 +185,8 @@ def test_printable_escapes_control_characters_and_keeps_the_rest() -> None:
     text = "a\x00b\nc\x1b[2J\x1f \x7e\x7f\x80\x9f\xa0é€\t"
     assert printable(text) == "a\\x00b\\nc\\x1b[2J\\x1f ~\\x7f\\x80\\x9f\xa0é€\\t"
     assert printable("plain text, 100% (ok)") == "plain text, 100% (ok)"
+    # a line or paragraph separator, a right-to-left override, a zero-width space, a byte order mark, a lone
+    # surrogate (an undecodable byte of a file name); other spaces and letters stay
+    assert printable("a\u2028b\u2029c\u202ed\u200be\ufeff\udcff \u3000\u00e9") == (
+        "a\\u2028b\\u2029c\\u202ed\\u200be\\ufeff\\udcff \u3000\u00e9"
+    )
