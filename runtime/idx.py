@@ -27,7 +27,26 @@ MNIST_FILES = (
 
 
 def header_size(images: bool) -> int:
+    """Bytes before the items: magic, count, and for images rows and columns."""
     return 16 if images else 8
+
+
+# bytes per item of each IDX data type (the magic's third byte): unsigned and signed bytes, short, int, float, double
+_IDX_TYPE_SIZES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+
+
+def is_whole_idx(path: Path) -> bool:
+    """Whether ``path`` is an IDX file of any type and shape (not only MNIST's) exactly as long as its header says:
+    whole, whatever it holds, rather than cut short. ``OSError`` if it cannot be read."""
+    with path.open("rb") as f:
+        magic = f.read(4)
+        if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in _IDX_TYPE_SIZES or magic[3] == 0:
+            return False
+        dims = f.read(4 * magic[3])
+    if len(dims) < 4 * magic[3]:
+        return False
+    items = int(np.prod(struct.unpack(f">{magic[3]}I", dims), dtype=object))
+    return path.stat().st_size == 4 + len(dims) + items * _IDX_TYPE_SIZES[magic[2]]
 
 
 def check_idx_count(count: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -231,23 +232,49 @@ def test_resume_of_a_truncated_run_missing_its_first_files(
     assert folder(tmp_path) == folder(clean)
 
 
-def test_resume_never_unpickles_an_npz(gen: DigitGenerator, tmp_path: Path) -> None:
-    """An NPZ in the way is data: one holding a pickled object is read without running it (and, not being a
-    whole NPZ of digits, replaced)."""
-    marker = tmp_path.parent / f"{tmp_path.name}-unpickled"
-    payload = np.empty(1, dtype=object)
-    payload[0] = _Touches(marker)
-    np.savez(tmp_path / "digits.npz", images=payload)
-    generate_files(gen, tmp_path, N, "npz", resume=True, **REQUEST)
-    assert not marker.exists()
-    assert np.load(tmp_path / "digits.npz")["images"].shape == (N, 28, 28)
+def _other_whole_files(folder: Path) -> dict[str, Path]:
+    """Whole files under the names of generate's outputs that no run of it wrote: each is someone's, never damage
+    that --resume may repair (each member of an NPZ reads back with its CRC; an IDX file is as long as its
+    header says)."""
+    pickled = np.empty(1, dtype=object)
+    pickled[0] = _Touches(folder.parent / f"{folder.name}-unpickled")
+    np.savez(folder / "pickled.npz", images=pickled)
+    write_npz_declaring(folder / "declaring.npz", (382_653_061, 28, 28))  # 279 GiB said, a kilobyte held
+    (folder / "wide-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, 3, 32, 32) + bytes(3 * 32 * 32))
+    (folder / "float-idx1-ubyte").write_bytes(struct.pack(">II", 0xD01, 3) + bytes(12))
+    return {
+        "an NPZ of pickled objects": folder / "pickled.npz",
+        "an NPZ declaring more than it holds": folder / "declaring.npz",
+        "an IDX of 32x32 images": folder / "wide-idx3-ubyte",
+        "an IDX of floats": folder / "float-idx1-ubyte",
+    }
 
 
-def test_resume_replaces_an_npz_declaring_more_than_it_holds(gen: DigitGenerator, tmp_path: Path) -> None:
-    """Damaged (its header says 279 GiB of images, it holds a kilobyte), not a file too large for memory."""
-    write_npz_declaring(tmp_path / "digits.npz", (382_653_061, 28, 28))
-    generate_files(gen, tmp_path, N, "npz", resume=True, **REQUEST)
-    assert np.load(tmp_path / "digits.npz")["images"].shape == (N, 28, 28)
+@pytest.mark.parametrize(
+    ("fmt", "kind"),
+    [
+        ("npz", "an NPZ of pickled objects"),
+        ("npz", "an NPZ declaring more than it holds"),
+        ("idx", "an IDX of 32x32 images"),
+        ("idx", "an IDX of floats"),
+    ],
+)
+def test_resume_refuses_someones_whole_file_of_another_shape_and_never_unpickles_it(
+    gen: DigitGenerator, tmp_path: Path, fmt: str, kind: str
+) -> None:
+    """Not digits of this tool, but whole: refused and left as it was (these had been taken for damage and
+    replaced), and an NPZ in the way is data: a pickled object in it is never run."""
+    made = tmp_path / "made"
+    made.mkdir()
+    source = _other_whole_files(made)[kind]
+    out = tmp_path / "out"
+    out.mkdir()
+    name = "digits.npz" if fmt == "npz" else "train-images-idx3-ubyte" if "32x32" in kind else "train-labels-idx1-ubyte"
+    (out / name).write_bytes(source.read_bytes())
+    with pytest.raises(OtherRunError, match=r"holds other digits than this command makes .*pass --overwrite"):
+        generate_files(gen, out, N, fmt, resume=True, **REQUEST)
+    assert (out / name).read_bytes() == source.read_bytes()
+    assert not (tmp_path / "made-unpickled").exists()
 
 
 class _Touches:
