@@ -60,7 +60,7 @@ from digitgen.runtime.signals import (
     model_calls_stop_on_signals,
     release_held_at_start,
 )
-from digitgen.runtime.text import printable
+from digitgen.runtime.text import printable, read_json
 from digitgen.runtime.writers import FORMATS, merge_shards, plan_generation
 from digitgen.training.config import (
     AUGMENTATIONS,
@@ -99,7 +99,7 @@ def install_command(extra: str) -> str:
     records = (found.read_text("direct_url.json") for found in importlib.metadata.distributions(name=DISTRIBUTION))
     try:
         record = next((text for text in records if text), None)
-        source = urllib.parse.urlsplit(json.loads(record).get("url", "")) if record else None
+        source = urllib.parse.urlsplit(read_json(record).get("url", "")) if record else None  # type: ignore[union-attr]
     except (ValueError, AttributeError):  # AttributeError: JSON, but not an object
         source = None
     local = source is not None and source.scheme == "file"
@@ -557,10 +557,10 @@ def _read_json(data: bytes, name: str) -> object:
     try:
         text = data.decode().strip()
         try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError:
-            parsed = json.loads(text.splitlines()[-1])
-    except (json.JSONDecodeError, UnicodeDecodeError, IndexError) as exc:
+            parsed = read_json(text)
+        except ValueError:
+            parsed = read_json(text.splitlines()[-1])
+    except (ValueError, IndexError) as exc:  # UnicodeDecodeError is a ValueError
         raise click.BadParameter(f"{name} holds no JSON object", param_hint="--quality") from exc
     if parsed is None:
         raise click.BadParameter(f"{name} holds no JSON object (null)", param_hint="--quality")

@@ -14,6 +14,7 @@ from digitgen.runtime.files import readable_file
 from digitgen.runtime.generator import labels_for
 from digitgen.runtime.noise import NOISE_SCHEME
 from digitgen.runtime.shards import Shard, rerun_damaged
+from digitgen.runtime.text import read_json
 
 RECORDED_FORMATS = ("idx", "npz")  # the formats whose shards merge joins
 RECORD_VERSION = 1
@@ -57,7 +58,7 @@ def run_record(
 def _read_record(data: bytes) -> dict | None:
     """``data`` as a run record, or ``None`` if it does not read as one (a damaged record)."""
     try:
-        record = json.loads(data)
+        record = read_json(data)
     except ValueError:  # UnicodeDecodeError among them
         return None
     return record if isinstance(record, dict) else None

@@ -1,7 +1,9 @@
-"""Text from outside (a model's metadata, a request's path) shown on one line of a terminal or a log."""
+"""Text from outside: shown on one line of a terminal or a log (a model's metadata, a request's path), read as
+JSON (a run record, a state file, an evaluation)."""
 
 from __future__ import annotations
 
+import json
 import unicodedata
 
 # escaped: control characters, invisible format characters (bidirectional overrides, zero-width ones), the line
@@ -21,3 +23,12 @@ def printable(text: str) -> str:
         else char
         for char in text
     )
+
+
+def read_json(data: str | bytes) -> object:
+    """``data`` parsed as JSON; ``ValueError`` for anything that is not, text nested too deep for the parser among
+    it (``json.loads`` raises ``RecursionError`` there, which no caller expects of a damaged file)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deep to read") from None

@@ -17,6 +17,7 @@ from digitgen.runtime.errors import OutputError
 from digitgen.runtime.evaluate import Cas
 from digitgen.runtime.files import atomic_file
 from digitgen.runtime.generator import DigitGenerator
+from digitgen.runtime.text import read_json
 from digitgen.training.classifier import BATCH_SIZE, train_classifier, training_steps
 from digitgen.training.classifier_resume import finding, load_state, recipe_of
 from digitgen.training.data import MnistTensors
@@ -181,7 +182,7 @@ def _read_accuracy(path: Path) -> float | None:
     if not path.exists():
         return None
     try:
-        accuracy = json.loads(path.read_bytes())["accuracy"]
+        accuracy = read_json(path.read_bytes())["accuracy"]  # type: ignore[index]
     except (OSError, ValueError, TypeError, KeyError):
         accuracy = None
     if type(accuracy) is not float or not 0 <= accuracy <= 1:

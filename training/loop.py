@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
 from digitgen.runtime.files import publish
+from digitgen.runtime.text import read_json
 from digitgen.training.augment import diff_augment
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.config import TrainConfig
@@ -200,8 +201,8 @@ def _trim_metrics(path: Path, step: int) -> None:
     kept = []
     for line in path.read_text().splitlines():
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = read_json(line)
+        except ValueError:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line + "\n")

@@ -1,0 +1,47 @@
+"""JSON nested deeper than Python's parser goes (json.loads raises RecursionError) read from files a user or a
+damaged disk may leave: each reader answers as for any other damaged JSON, never with a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+
+from digitgen.cli import _read_json
+from digitgen.runtime.run_record import is_whole_record
+from digitgen.runtime.text import read_json
+from digitgen.training.cas import _read_accuracy
+from digitgen.training.errors import CheckpointError
+from digitgen.training.loop import _trim_metrics
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_read_json_says_value_error_for_json_too_deep() -> None:
+    with pytest.raises(ValueError, match=r"^JSON nested too deep to read$"):
+        read_json(DEEP)
+    assert read_json('{"a": [1]}') == {"a": [1]}
+
+
+def test_a_run_record_too_deep_is_damaged() -> None:
+    assert not is_whole_record(DEEP.encode())
+
+
+def test_a_metrics_line_too_deep_is_dropped_as_a_cut_one(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(f'{{"step": 1}}\n{DEEP}\n{{"step": 2}}\n{{"step": 3}}\n')
+    _trim_metrics(metrics, 2)
+    assert metrics.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_an_accuracy_state_too_deep_is_a_damaged_state(tmp_path: Path) -> None:
+    state = tmp_path / "accuracy.json"
+    state.write_text(DEEP)
+    with pytest.raises(CheckpointError, match="not an accuracy kept by evaluate --cas"):
+        _read_accuracy(state)
+
+
+def test_a_quality_file_too_deep_holds_no_json_object() -> None:
+    with pytest.raises(click.BadParameter, match=r"^deep\.json holds no JSON object$"):
+        _read_json(DEEP.encode(), "deep.json")
