@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -136,7 +137,7 @@ def concat_npz(parts: list[Path]) -> tuple[dict[str, np.ndarray], list[np.ndarra
         try:
             with open_npz(part) as archive:
                 images, labels, others = archive["images"], archive["labels"], sorted(set(archive.files) - NPZ_ARRAYS)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             raise OutputError(
                 f"{part} is not a digits NPZ shard ({type(exc).__name__}: {exc}); {rerun_damaged(index)}"
             ) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import struct
 import zipfile
 from pathlib import Path
 
@@ -383,6 +384,24 @@ def test_an_npz_shard_declaring_more_than_it_holds_is_named_without_allocating_i
         r"bytes of uint8 \[382653061, 28, 28\] but holds 1024\)"
     )
     with pytest.raises(OutputError, match=shard):
+        merge_shards(tmp_path, "npz")
+    assert not (tmp_path / "digits.npz").exists()
+
+
+@pytest.mark.parametrize("garble", [b"\xff" * 40, bytes(40)], ids=["ones", "zeros"])
+def test_an_npz_shard_with_garbled_compressed_data_is_named(gen: DigitGenerator, tmp_path: Path, garble: bytes) -> None:
+    """Bytes changed inside a member's deflate stream: zlib's own error (or a failed CRC), named in one line."""
+    for index in range(2):
+        _write(gen, tmp_path, "npz", Shard(index, 2))
+    part = tmp_path / "digits-00001-of-00002.npz"
+    with zipfile.ZipFile(part) as archive:
+        member = archive.getinfo("images.npy")
+    data = bytearray(part.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    middle = member.header_offset + 30 + name_length + extra_length + member.compress_size // 2
+    data[middle : middle + len(garble)] = garble
+    part.write_bytes(bytes(data))
+    with pytest.raises(OutputError, match=r"digits-00001-of-00002\.npz is not a digits NPZ shard \((error|BadZipFile)"):
         merge_shards(tmp_path, "npz")
     assert not (tmp_path / "digits.npz").exists()
 
