@@ -18,7 +18,7 @@ ATTRIBUTE_TENSORS = {5, 10}  # t, tensors
 ATTRIBUTE_GRAPHS = {6, 11}  # g, graphs
 ATTRIBUTE_SPARSE_TENSORS = {22, 23}  # sparse_tensor, sparse_tensors
 SPARSE_VALUES, SPARSE_INDICES = 1, 2
-TENSOR_EXTERNAL_DATA = 13
+TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION, EXTERNAL = 13, 14, 1
 ENTRY_KEY, ENTRY_VALUE = 1, 2
 
 
@@ -65,6 +65,14 @@ def _fields(message: memoryview) -> Iterator[tuple[int, memoryview]]:
 
 
 def _tensor_locations(tensor: memoryview) -> Iterator[str]:
+    """The location of a tensor kept in an external file; nothing for one whose data is in the model, whatever
+    external data entries it carries (onnxruntime reads none for it)."""
+    kept_outside = any(
+        number == TENSOR_DATA_LOCATION and wire_type == VARINT and _varint(tensor, value)[0] == EXTERNAL
+        for number, wire_type, _, value, _ in _spans(tensor)
+    )
+    if not kept_outside:
+        return
     for number, entry in _fields(tensor):
         if number == TENSOR_EXTERNAL_DATA:
             parts = dict(_fields(entry))

@@ -91,6 +91,33 @@ def ort_reason(exc: BaseException) -> str:
     return reason.strip().rstrip(".")
 
 
+def external_files(model: bytes, path: Path) -> list[Path]:
+    """The files beside ``path`` that ``model`` keeps tensors in, checked before anything reads them:
+    :class:`InvalidModelError` for a location that is absolute or leaves the model's folder (ONNX's own rule), and
+    for one that is not a regular file (missing, a folder, or a pipe or a device, which would be read for ever)."""
+    try:
+        locations = external_data_files(model)
+    except ValueError as exc:
+        raise InvalidModelError(f"{path} is not a valid ONNX model ({exc})") from exc
+    return _checked_locations(locations, path)
+
+
+def _checked_locations(locations: list[str], path: Path) -> list[Path]:
+    files = []
+    for location in locations:
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+            raise InvalidModelError(
+                f"{path} keeps tensors in {location!r}, which is not a path inside its folder; external data "
+                "lies beside the model"
+            )
+        file = path.parent / location
+        if not file.is_file():
+            what = "does not exist" if not file.exists() else "is not a regular file (a folder, a pipe or a device)"
+            raise InvalidModelError(f"{path} keeps tensors in {file}, which {what}")
+        files.append(file)
+    return files
+
+
 def model_sha256(model: bytes, path: Path, *, with_metadata: bool = True) -> str:
     """SHA-256 of ``model``, the bytes read from ``path`` (less its ``metadata_props`` unless ``with_metadata``);
     for a model that keeps tensors in files beside it, extended by each file's name and SHA-256, so that the
@@ -99,8 +126,9 @@ def model_sha256(model: bytes, path: Path, *, with_metadata: bool = True) -> str
     try:
         for piece in [model] if with_metadata else without_metadata(model):
             digest.update(piece)
-        for location in external_data_files(model):
-            external = hashlib.sha256((path.parent / location).read_bytes()).digest()
+        for file in external_files(model, path):
+            external = hashlib.sha256(file.read_bytes()).digest()
+            location = file.relative_to(path.parent).as_posix()
             digest.update(b"\0" + location.encode() + b"\0" + external)
     except ValueError as exc:
         raise InvalidModelError(f"{path} is not a valid ONNX model ({exc})") from exc
@@ -155,6 +183,11 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         model = path.read_bytes()
     except OSError as exc:
         raise InvalidModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
+    try:
+        locations = external_data_files(model)
+    except ValueError:  # not a protobuf: onnxruntime's own words say what is wrong, below
+        locations = []
+    _checked_locations(locations, path)  # before onnxruntime reads them
     try:
         session = _create_session(model, options, chosen)
     except SESSION_ERRORS as exc:

@@ -21,9 +21,9 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from digitgen.runtime.external_data import external_data_files
+from digitgen.runtime.errors import InvalidModelError
 from digitgen.runtime.generator import DigitGenerator
-from digitgen.runtime.session import MAX_THREADS, model_sha256
+from digitgen.runtime.session import MAX_THREADS, external_files, model_sha256
 from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
 from digitgen.serve.app import ServeConfigError, ServeSettings, check_type, create_app
 from digitgen.serve.observe import ACCESS_LOG
@@ -236,11 +236,12 @@ def _model_copy(generator: DigitGenerator) -> Iterator[Path]:
         try:
             model = generator.path.read_bytes()
             copy.write_bytes(model)
-            for location in external_data_files(model):
+            for file in external_files(model, generator.path):
+                location = file.relative_to(generator.path.parent)
                 (copy.parent / location).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(generator.path.parent / location, copy.parent / location)
+                shutil.copyfile(file, copy.parent / location)
             same = model_sha256(model, copy) == generator.sha256
-        except (OSError, ValueError):
+        except (OSError, ValueError, InvalidModelError):
             same = False
         if not same:
             raise ServeConfigError(f"{generator.path} changed while the server started; start it again")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -277,6 +279,74 @@ def test_the_hash_of_a_split_model_covers_its_weights(tmp_path: Path) -> None:
     weights[-1] ^= 1
     (tmp_path / "weights.bin").write_bytes(bytes(weights))
     assert DigitGenerator.from_path(tmp_path / "split.onnx", "cpu").sha256 != first
+
+
+def _split_model_naming(folder: Path, location: str) -> Path:
+    """The shipped model with its tensors in ``weights.bin``, whose location entries then name ``location``."""
+    onnx.save_model(
+        onnx.load(default_model_path()), folder / "split.onnx", save_as_external_data=True, location="weights.bin"
+    )
+    model = onnx.load(folder / "split.onnx", load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, folder / "split.onnx")
+    return folder / "split.onnx"
+
+
+OUTSIDE = "which is not a path inside its folder; external data lies beside the model"
+NOT_A_FILE = "which is not a regular file (a folder, a pipe or a device)"
+
+
+@pytest.mark.parametrize(
+    ("location", "named", "why"),
+    [
+        ("../weights.bin", "'../weights.bin'", OUTSIDE),
+        ("/etc/hostname", "'/etc/hostname'", OUTSIDE),
+        ("sub", "{folder}/sub", NOT_A_FILE),
+        ("null", "{folder}/null", NOT_A_FILE),  # a link to /dev/null
+        ("gone.bin", "{folder}/gone.bin", "which does not exist"),
+    ],
+)
+def test_external_data_outside_the_folder_or_not_a_file_is_refused_before_it_is_read(
+    tmp_path: Path, location: str, named: str, why: str
+) -> None:
+    """An untrusted model is data: it cannot make the runtime read a file outside its folder, or a device or a
+    pipe (a pipe would be read for ever)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "sub").mkdir()
+    (folder / "null").symlink_to("/dev/null")
+    path = _split_model_naming(folder, location)
+    (tmp_path / "weights.bin").write_bytes((folder / "weights.bin").read_bytes())  # what ../ would reach
+    with pytest.raises(InvalidModelError) as refused:
+        DigitGenerator.from_path(path, "cpu")
+    assert str(refused.value) == f"{path} keeps tensors in {named.format(folder=folder)}, {why}"
+
+
+def test_a_pipe_as_external_data_is_refused_before_onnxruntime_opens_it(tmp_path: Path) -> None:
+    """Refused in the runtime's words before onnxruntime or the model's hash opens it: opening a pipe waits for a
+    writer, and the hash had done so for ever. In a process of its own with a time limit, so that a regression
+    fails rather than hangs."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe")
+    path = _split_model_naming(folder, "pipe")
+    load = f"from digitgen.runtime import DigitGenerator; DigitGenerator.from_path({str(path)!r}, 'cpu')"
+    done = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120)
+    assert f"InvalidModelError: {path} keeps tensors in {folder / 'pipe'}, {NOT_A_FILE}" in done.stderr
+
+
+def test_external_data_entries_of_a_tensor_kept_inside_the_model_are_never_read(tmp_path: Path) -> None:
+    """onnxruntime reads a tensor's data from a file only when its data_location says EXTERNAL; entries beside
+    data kept in the model name nothing the runtime reads or hashes (they had been hashed: a pipe there hung)."""
+    model = onnx.load(default_model_path())
+    model.graph.initializer[0].external_data.add(key="location", value="missing-or-a-pipe.bin")
+    onnx.save_model(model, tmp_path / "stray.onnx")
+    stray = DigitGenerator.from_path(tmp_path / "stray.onnx", "cpu")
+    assert external_data_files((tmp_path / "stray.onnx").read_bytes()) == []
+    assert np.array_equal(stray.generate(3, seed=1).images, DigitGenerator.from_path().generate(3, seed=1).images)
 
 
 def test_without_metadata_walks_every_wire_type_and_refuses_broken_bytes() -> None:
