@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from digitgen.runtime.errors import OutputError
 from digitgen.runtime.idx import MNIST_FILES
 from digitgen.training.checkpoint import (
     FORMAT_VERSION,
@@ -20,6 +21,7 @@ from digitgen.training.checkpoint import (
     load_weights,
     read_data_file,
     save_checkpoint,
+    write_payload,
 )
 from digitgen.training.classifier import Classifier
 from digitgen.training.config import GANConfig, TrainConfig, parse_digit_weights
@@ -43,6 +45,14 @@ from digitgen.training.state import (
 )
 from tests.conftest import TINY_MODEL, train_tiny
 from tests.helpers import run_metrics, write_tiny_mnist
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_a_checkpoint_write_on_a_full_disk_says_so_in_the_systems_words() -> None:
+    """/dev/full answers every write with ENOSPC; torch's own writer had said "unexpected pos ..." instead."""
+    with pytest.raises(OutputError) as refused:
+        write_payload({"weights": torch.zeros(1000)}, Path("/dev/full"), "runs/a/checkpoint.pt")
+    assert str(refused.value) == "cannot write runs/a/checkpoint.pt: No space left on device"
 
 
 def test_generator_and_discriminator_shapes() -> None:

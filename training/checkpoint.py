@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import warnings
 import zipfile
@@ -28,11 +29,15 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
 
 
 def write_payload(payload: dict[str, Any], tmp: Path, path: str | Path) -> None:
-    """Write ``payload`` to ``tmp``, the temporary name of ``path`` (which an error names)."""
+    """Write ``payload`` to ``tmp``, the temporary name of ``path`` (which an error names). Serialised in memory
+    first, then written as any file is, so that a failed write (a full disk) is named by the system's words, not
+    by torch's writer ("unexpected pos ...")."""
+    serialised = io.BytesIO()
+    torch.save(payload, serialised)
     try:
-        torch.save(payload, tmp)
-    except RuntimeError as exc:  # torch's word for a missing folder or a failed write
-        raise OutputError(f"cannot write {path}: {str(exc).strip().splitlines()[0]}") from exc
+        tmp.write_bytes(serialised.getbuffer())
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
