@@ -238,9 +238,10 @@ def check_evaluation(generator: DigitGenerator, num_samples: int) -> None:
         ) from None
 
 
-def check_reference_data(test: Split, train: Split) -> None:
+def check_reference_data(test: Split, train: Split, num_samples: int) -> None:
     """:class:`InvalidRequestError` unless each split holds more than :data:`K_NEAREST` images (a k-NN ball needs
-    k other points) and labels that are digits 0-9 (the real sample's accuracy is read from them)."""
+    k other points) and labels that are digits 0-9 (the real sample's accuracy is read from them), and the train
+    split at least ``num_samples`` (the real sample is as large as the generated one: FID falls with the size)."""
     for name, (images, labels) in (("test", test), ("train", train)):
         if len(images) <= K_NEAREST:
             raise InvalidRequestError(
@@ -252,6 +253,11 @@ def check_reference_data(test: Split, train: Split) -> None:
                 f"the MNIST {name} split: item {bad[0]} is labelled {labels[bad[0]]}, not a digit 0-9 "
                 f"({len(bad)} such label{'s' if len(bad) > 1 else ''})"
             )
+    if len(train[0]) < num_samples:
+        raise InvalidRequestError(
+            f"the MNIST train split holds {len(train[0]):,} images, fewer than the {num_samples:,} samples: the real "
+            f"sample is as large as the generated one; ask for at most {len(train[0]):,}"
+        )
 
 
 def evaluate(
@@ -267,14 +273,14 @@ def evaluate(
 ) -> Evaluation:
     """Score ``num_samples`` generated digits (classes 0-9 in turn) and a real reference sample."""
     check_evaluation(generator, num_samples)
-    check_reference_data(test, train)
+    check_reference_data(test, train, num_samples)
     scored = generator.sha256_without_metadata  # before the work: the file is read again to hash it
     batches = generator.iter_batches(num_samples, seed=seed, truncation=truncation)
     fake = fill_digits(batches, *empty_digits(num_samples), progress)
     reference, _ = classifier.embed(test[0], progress=progress)
     reference_radii = knn_radii(reference)
     fake_features, fake_predictions = classifier.embed(fake.images, progress=progress)
-    pick = np.random.default_rng(seed).choice(len(train[0]), size=min(num_samples, len(train[0])), replace=False)
+    pick = np.random.default_rng(seed).choice(len(train[0]), size=num_samples, replace=False)
     real_features, real_predictions = classifier.embed(train[0][pick], progress=progress)
     return Evaluation(
         score(fake_features, fake_predictions, fake.labels, reference, reference_radii),

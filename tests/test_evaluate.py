@@ -368,9 +368,22 @@ def test_a_digit_missing_from_a_sample_has_no_accuracy_and_is_not_the_worst() ->
 def test_labels_outside_the_digits_are_named_the_first_and_counted(labels: list[int], refusal: str) -> None:
     fine = (np.zeros((6, 28, 28), np.uint8), np.arange(6))
     with pytest.raises(InvalidRequestError) as refused:
-        check_reference_data(fine, (np.zeros((len(labels), 28, 28), np.uint8), np.array(labels)))
+        check_reference_data(fine, (np.zeros((len(labels), 28, 28), np.uint8), np.array(labels)), 6)
     assert str(refused.value) == f"the MNIST train split: {refusal}"
-    check_reference_data(fine, fine)  # 6 images, labels 0-5: enough
+    check_reference_data(fine, fine, 6)  # 6 images, labels 0-5: enough
+
+
+def test_a_train_split_smaller_than_the_generated_sample_is_refused() -> None:
+    """The real sample is as large as the generated one (FID falls with the sample's size); it had been smaller
+    without a word."""
+    split = (np.zeros((200, 28, 28), np.uint8), np.arange(200) % 10)
+    with pytest.raises(InvalidRequestError) as refused:
+        check_reference_data(split, split, 1000)
+    assert str(refused.value) == (
+        "the MNIST train split holds 200 images, fewer than the 1,000 samples: the real sample is as large as the "
+        "generated one; ask for at most 200"
+    )
+    check_reference_data(split, split, 200)
 
 
 @pytest.mark.parametrize(
