@@ -47,9 +47,14 @@ from digitgen.runtime.generator import (
     INTEGER_TEXT,
     MAX_BATCH_SIZE,
     DigitGenerator,
+    check_count,
+    check_seed,
+    check_truncation,
     parse_digit_list,
+    read_integer,
+    read_number,
 )
-from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, NOISE_SCHEME
+from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
 from digitgen.runtime.progress import progress
 from digitgen.runtime.session import MAX_THREADS, PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
@@ -239,6 +244,19 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+def _parsed_by(parse: Callable[[str], Parsed]) -> Callable[[click.Context, click.Parameter, str | None], Parsed | None]:
+    """A Click callback that reads an option's text with ``parse``, whose ValueError (the runtime's
+    InvalidRequestError is one) becomes a usage error."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Parsed | None:
+        try:
+            return None if value is None else parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
+
+    return callback
+
+
 DEFAULT_DATA_DIR = "data"
 
 
@@ -261,7 +279,8 @@ download_option = click.option(
 
 truncation_option = click.option(
     "--truncation",
-    type=FiniteFloat(min=MIN_TRUNCATION),
+    metavar="T",
+    callback=_parsed_by(lambda text: check_truncation(read_number(text))),
     help="Redraw noise components beyond +-T (T >= 0.1): cleaner digits, less variety [default: none].",
 )
 
@@ -282,19 +301,6 @@ def _one_model(positional: str | None, option: str | None) -> str | None:
 @click.version_option(package_name=DISTRIBUTION, message="digitgen %(version)s")
 def main() -> None:
     """Generate handwritten digits with a GAN trained on MNIST."""
-
-
-def _parsed_by(parse: Callable[[str], Parsed]) -> Callable[[click.Context, click.Parameter, str | None], Parsed | None]:
-    """A Click callback that reads an option's text with ``parse``, whose ValueError (the runtime's
-    InvalidRequestError is one) becomes a usage error."""
-
-    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Parsed | None:
-        try:
-            return None if value is None else parse(value)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc)) from exc
-
-    return callback
 
 
 @contextmanager
@@ -675,12 +681,22 @@ def verify(model_argument: str | None, model: str | None, checkpoint: str, atol:
     "num_digits",
     default=10,
     show_default=True,
-    type=Integer(min=1),
-    help="How many digits to generate (--count: as the HTTP API's count).",
+    metavar="N",
+    type=str,  # read and checked by the runtime, in the HTTP API's words
+    callback=_parsed_by(lambda text: check_count(read_integer(text))),
+    help="How many digits to generate, 1 or more (--count: as the HTTP API's count).",
 )
 @click.option("--digits", callback=_parsed_by(parse_digit_list), help="Digits to generate, repeated to N (e.g. 0,3,7).")
-@click.option("--digit", type=Integer(min=0), help="Generate only this digit.")
-@click.option("--seed", default=0, show_default=True, type=Integer(min=0, max=MAX_SEED))
+@click.option("--digit", metavar="D", callback=_parsed_by(read_integer), help="Generate only this digit.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    metavar="SEED",
+    type=str,  # read and checked by the runtime, in the HTTP API's words
+    callback=_parsed_by(lambda text: check_seed(read_integer(text))),
+    help="Noise seed, 0 to 2^64-1: the same seed, the same digits.",
+)
 @click.option("--out", default="digits", show_default=True, type=GivenPath(), help="Output directory.")
 @click.option("--format", "fmt", default="png", show_default=True, type=click.Choice(FORMATS))
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))

@@ -45,6 +45,29 @@ _DIGIT_IN_LIST = re.compile(r"\s*-?[0-9]{1,40}\s*")
 # refused value takes time linear in its length.
 INTEGER_TEXT = re.compile(r"\s*([+-]?)([0-9]+)\s*")  # groups: the sign, the digits
 DECIMAL_TEXT = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\s*")
+LONGEST_NUMBER = 40  # significant digits read as a number: every valid value has at most 20, and int() stops at 4,300
+
+
+def read_integer(text: str) -> int | str:
+    """``text`` as an int when it is one (of at most :data:`LONGEST_NUMBER` significant digits), else ``text``
+    itself, for the runtime's check to refuse by name (so the CLI and the server refuse in the same words)."""
+    if len(text) <= LONGEST_NUMBER and text.isascii() and text.isdigit():  # the usual form, read without a regex
+        return int(text)
+    match = INTEGER_TEXT.fullmatch(text)
+    if match is None or len(integer_digits(match)) > LONGEST_NUMBER:
+        return text
+    return int(match[1] + integer_digits(match))
+
+
+def integer_digits(match: re.Match[str]) -> str:
+    """The digits of an :data:`INTEGER_TEXT` match without leading zeros."""
+    return match[2].lstrip("0") or "0"
+
+
+def read_number(text: str | None) -> float | str | None:
+    """``text`` as a float when it is a decimal number, else ``text`` itself for the runtime's check to refuse
+    by name (Python's float() takes "1_0", " 2", "nan" and "infinity" too)."""
+    return float(text) if text is not None and DECIMAL_TEXT.fullmatch(text) else text
 
 
 def parse_digit_list(text: str) -> list[int]:
@@ -126,6 +149,16 @@ def check_int(value: object, name: str, minimum: int = 1, maximum: int | None = 
         bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
         raise InvalidRequestError(f"{name} must be an integer {bounds}, got {value!r}")
     return int(value)
+
+
+def check_count(value: object) -> int:
+    """A number of digits: an integer, 1 or more."""
+    return check_int(value, "number of digits")
+
+
+def check_seed(value: object) -> int:
+    """A noise seed: an integer from 0 to :data:`MAX_SEED`."""
+    return check_int(value, "seed", minimum=0, maximum=MAX_SEED)
 
 
 def check_path(value: object, name: str) -> Path:
@@ -280,13 +313,13 @@ class DigitGenerator:
         """Validate the arguments of :meth:`iter_batches` (typed errors) and return them normalised. Indices run
         to :data:`MAX_INDEX` (labels and noise counters are int64 and uint64 arrays)."""
         start = check_int(start, "start index", minimum=0, maximum=MAX_INDEX)
-        num = check_int(num, "number of digits")
+        num = check_count(num)
         if start + num - 1 > MAX_INDEX:
             raise InvalidRequestError(f"digits {start}..{start + num - 1} run past index {MAX_INDEX}, the last one")
         return Request(
             num,
             tuple(self.check_digits(digits)),
-            check_int(seed, "seed", minimum=0, maximum=MAX_SEED),
+            check_seed(seed),
             check_int(batch_size, "batch size", maximum=MAX_BATCH_SIZE),
             start,
             check_truncation(truncation),

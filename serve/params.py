@@ -13,7 +13,15 @@ import numpy as np
 import onnxruntime as ort
 
 from digitgen.runtime.errors import InvalidRequestError
-from digitgen.runtime.generator import DECIMAL_TEXT, INTEGER_TEXT, DigitGenerator, parse_digit_list
+from digitgen.runtime.generator import (
+    INTEGER_TEXT,
+    LONGEST_NUMBER,
+    DigitGenerator,
+    integer_digits,
+    parse_digit_list,
+    read_integer,
+    read_number,
+)
 from digitgen.runtime.noise import NOISE_SCHEME
 from digitgen.runtime.writers import check_grid_count
 
@@ -27,7 +35,6 @@ MEDIA_TYPES = {
 PARAMETERS = ("digits", "digit", "count", "seed", "truncation", "format")
 MAX_VALUE_LENGTH = 1024  # characters of one parameter's value: a list of 512 digits; a refusal never echoes more
 ENCODING_VERSION = "2"  # bump when the bytes of any format change
-_LONGEST = 40  # significant digits read as a number: every valid value has at most 20, and int() stops at 4,300
 # RFC 9110, 12.4.2, with any number of decimals, and ".2" for 0.2 (what Java's HttpURLConnection sends)
 _QVALUE = re.compile(r"0(\.[0-9]*)?|\.[0-9]+|1(\.0*)?")
 
@@ -52,22 +59,6 @@ class DigitsRequest:
         return f"digits={digits}&count={self.count}&seed={self.seed}&truncation={self.truncation!r}&format={self.fmt}"
 
 
-def _integer(text: str) -> int | str:
-    """``text`` as an int when it is one (of at most 40 significant digits), else ``text`` itself for the
-    runtime's check to reject by name."""
-    if len(text) <= _LONGEST and text.isascii() and text.isdigit():  # the usual form, read without a regex
-        return int(text)
-    match = INTEGER_TEXT.fullmatch(text)
-    if match is None or len(_significant(match)) > _LONGEST:
-        return text
-    return int(match[1] + _significant(match))
-
-
-def _significant(match: re.Match[str]) -> str:
-    """The digits of an :data:`INTEGER_TEXT` match without leading zeros."""
-    return match[2].lstrip("0") or "0"
-
-
 def _check_limit(count: int | str, max_count: int) -> None:
     """Refuse a count (as :func:`_integer` read it) over ``max_count``, however many digits it is written with,
     before any other check."""
@@ -75,8 +66,8 @@ def _check_limit(count: int | str, max_count: int) -> None:
         shown = count if count > max_count else None
     else:  # a positive integer too long to read is over any limit; anything else is for the runtime to refuse
         match = INTEGER_TEXT.fullmatch(count)
-        digits = _significant(match) if match is not None and match[1] != "-" else ""
-        shown = f"{digits[:20]}... ({len(digits)} digits long)" if len(digits) > _LONGEST else None
+        digits = integer_digits(match) if match is not None and match[1] != "-" else ""
+        shown = f"{digits[:20]}... ({len(digits)} digits long)" if len(digits) > LONGEST_NUMBER else None
     if shown is not None:
         raise InvalidRequestError(f"number of digits {shown} is over this server's limit of {max_count} per request")
 
@@ -85,14 +76,8 @@ def _digits(digits: str | None, digit: str | None) -> list[int | str] | None:
     if digits is not None and digit is not None:
         raise InvalidRequestError("give digits or digit, not both")
     if digit is not None:
-        return [_integer(digit)]
+        return [read_integer(digit)]
     return None if digits is None else parse_digit_list(digits)
-
-
-def _number(text: str | None) -> float | str | None:
-    """``text`` as a float when it is a decimal number, else ``text`` itself for the runtime's check to reject
-    by name (Python's float() takes "1_0", " 2", "nan" and "infinity" too)."""
-    return float(text) if text is not None and DECIMAL_TEXT.fullmatch(text) else text
 
 
 def _ranges(accept: str) -> tuple[list[tuple[str, float]], list[str]]:
@@ -173,9 +158,9 @@ def parse_request(
                 f"{name} is {len(value):,} characters long; this server reads at most {MAX_VALUE_LENGTH:,}"
             )
         given[name] = value
-    num, seed = _integer(given.get("count", "1")), _integer(given.get("seed", "0"))
+    num, seed = read_integer(given.get("count", "1")), read_integer(given.get("seed", "0"))
     _check_limit(num, max_count)
-    digits, truncation = _digits(given.get("digits"), given.get("digit")), _number(given.get("truncation"))
+    digits, truncation = _digits(given.get("digits"), given.get("digit")), read_number(given.get("truncation"))
     checked = generator.check_request(num, digits, seed, truncation=truncation)  # type: ignore[arg-type]
     count = checked.num
     fmt = choose_format(given.get("format"), accept, count)

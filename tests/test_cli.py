@@ -87,13 +87,13 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-n", "0"], "0 is not in the range"),
-        (["-n", "-4"], "-4 is not in the range"),
-        (["-n", "ten"], "'ten' is not a valid integer. (see --help)"),
-        (["-n", "1_0"], "'1_0' is not a valid integer. (see --help)"),  # int() reads it; the server does not
-        (["--seed", "\u0663"], "'\u0663' is not a valid integer. (see --help)"),  # an Arabic-Indic 3, as int() reads it
-        (["--digit", "\u0663"], "'\u0663' is not a valid integer. (see --help)"),
-        (["--truncation", "1_0"], "'1_0' is not a finite number (see --help)"),
+        (["-n", "0"], "number of digits must be an integer >= 1, got 0 (see --help)"),
+        (["-n", "-4"], "number of digits must be an integer >= 1, got -4 (see --help)"),
+        (["-n", "ten"], "number of digits must be an integer >= 1, got 'ten' (see --help)"),
+        (["-n", "1_0"], "number of digits must be an integer >= 1, got '1_0' (see --help)"),  # int() reads it
+        (["--seed", "\u0663"], "seed must be an integer from 0 to 18446744073709551615, got '\u0663'"),
+        (["--digit", "\u0663"], "Error: digit '\u0663' is not a class of this model (0-9)"),
+        (["--truncation", "1_0"], "truncation must be a finite number >= 0.1, got '1_0' (see --help)"),
         (["--digits", "1,x"], "comma-separated list of digits"),
         (["--digits", "1_0"], "'1_0' is not a comma-separated list of digits such as 0,3,7"),
         (["--digits", "3,12"], "digit 12 is not a class"),
@@ -107,8 +107,8 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["--num-shards", "3", "--shard-index", "3"], "shard index must be in 0..2"),
         (["--shard-index", "1"], "shard index 1 needs a number of shards (--num-shards, Shard.count) above it"),
         (["--out", ""], "Invalid value for '--out': an empty path; name a file or folder (. for the current folder)"),
-        (["--truncation", "0.05"], "0.05 is not in the range x>=0.1"),
-        (["--seed", str(2**64)], "18446744073709551616 is not in the range 0<=x<=18446744073709551615"),
+        (["--truncation", "0.05"], "truncation must be a finite number >= 0.1, got 0.05"),
+        (["--seed", str(2**64)], "seed must be an integer from 0 to 18446744073709551615, got 18446744073709551616"),
         (["-n", str(2**32), "--format", "idx"], "an IDX file holds at most 4,294,967,295 digits"),
         (["-n", str(2**33), "--format", "idx", "--num-shards", "4"], "not 8,589,934,592"),  # the merged file's count
         (["--format", "mnist", "--test-count", str(2**32)], "(its count is 32 bits), not 4,294,967,296"),
@@ -227,7 +227,6 @@ def test_a_micro_batch_size_without_micro_batching_is_refused() -> None:
         ("train", "--lr", "nan"),
         ("train", "--label-weight", "inf"),
         ("train", "--lr-decay-epochs", "inf"),
-        ("generate", "--truncation", "nan"),
         ("serve", "--time-limit", "inf"),
         ("verify", "--atol", "nan"),
     ],

@@ -810,3 +810,44 @@ def test_the_page_redirects_a_folder_without_its_slash_relatively_whatever_the_h
     locations = [dict(m["headers"]).get(b"location") for m in sent if m["type"] == "http.response.start"]
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [307, 307]
     assert locations == [b"././", b"./sub%3Afolder/"]
+
+
+# --- the same words as the CLI --------------------------------------------------------------------
+
+SHARED_REFUSALS = [
+    (["-n", "0"], "count=0"),
+    (["-n", "ten"], "count=ten"),
+    (["-n", "1_0"], "count=1_0"),
+    (["--seed", "-1"], "seed=-1"),
+    (["--seed", str(2**64)], f"seed={2**64}"),
+    (["--seed", "\u0663"], "seed=\u0663"),  # an Arabic-Indic 3, which int() reads
+    (["--digit", "10"], "digit=10"),
+    (["--digit", "-1"], "digit=-1"),
+    (["--digit", "abc"], "digit=abc"),
+    (["--digits", "1,x"], "digits=1,x"),
+    (["--digits", "12,3,15"], "digits=12,3,15"),
+    (["--truncation", "0.05"], "truncation=0.05"),
+    (["--truncation", "nan"], "truncation=nan"),
+    (["--truncation", "1_0"], "truncation=1_0"),
+]
+
+
+@pytest.mark.parametrize(("cli_args", "query"), SHARED_REFUSALS, ids=[query for _, query in SHARED_REFUSALS])
+def test_the_server_refuses_a_parameter_in_the_words_of_the_cli(
+    tmp_path: Path, cli_args: list[str], query: str
+) -> None:
+    """The HTTP API's refusal of a bad value is the sentence `digitgen generate` says for the same value (the CLI
+    adds which option it was)."""
+    from click.testing import CliRunner
+
+    from digitgen.cli import main
+    from digitgen.runtime.errors import InvalidRequestError
+    from digitgen.serve.params import parse_request
+
+    name, value = query.split("=", 1)
+    with pytest.raises(InvalidRequestError) as refused:
+        parse_request([(name, value)], None, DigitGenerator.from_path(threads=1), 10_000)
+    result = CliRunner().invoke(main, ["generate", "--out", str(tmp_path / "out"), *cli_args])
+    assert result.exit_code != 0 and len(result.output.splitlines()) == 1
+    assert str(refused.value) in result.output, (str(refused.value), result.output)
+    assert not (tmp_path / "out").exists()
