@@ -129,7 +129,7 @@ class Metrics:
 
 
 class RequestMiddleware:
-    """Gives every response an ``X-Request-ID`` (the client's when it is a plain token, else a new one:
+    """Gives every response an ``X-Request-ID`` (the client's when it sends one, a plain token, else a new one:
     32 hex digits, this process's random half and a count; also ``scope["state"]["request_id"]``), counts
     and times it by endpoint, and writes one access-log line when ``access_log`` is set."""
 
@@ -147,8 +147,9 @@ class RequestMiddleware:
             return
         started = time.perf_counter()
         scope = origin_form(scope)
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if REQUEST_ID.fullmatch(given) else next(self._new_ids)
+        given = [value for name, value in scope["headers"] if name.lower() == b"x-request-id"]
+        one = given[0].decode("latin-1") if len(given) == 1 else ""  # two: neither is the request's, a new one is
+        request_id = one if REQUEST_ID.fullmatch(one) else next(self._new_ids)
         scope.setdefault("state", {})["request_id"] = request_id  # for the app's own log lines
         status = 500
 

@@ -82,15 +82,17 @@ def _digits(digits: str | None, digit: str | None) -> list[int | str] | None:
 
 def _ranges(accept: str) -> tuple[list[tuple[str, float]], list[str]]:
     """The media ranges of an ``Accept`` header with their q-values, in order, and the ranges left out for a
-    q-value that cannot be read."""
+    q-value that cannot be read. A range with media-type parameters before its q (``image/png;level=1``) names
+    only a type with those parameters (RFC 9110, 12.5.1), which no response here has: it matches nothing."""
     ranges, unread = [], []
     for item in accept.split(","):
         media, *options = (part.strip() for part in item.split(";"))
-        parameters = (option.partition("=") for option in options)
-        qvalues = [value.strip() for name, _, value in parameters if name.strip().lower() == "q"]
+        names = [option.partition("=")[0].strip().lower() for option in options]
+        q_at = names.index("q") if "q" in names else len(names)
+        qvalues = [option.partition("=")[2].strip() for option, name in zip(options, names, strict=True) if name == "q"]
         if not all(_QVALUE.fullmatch(q) for q in qvalues):
             unread.append(item.strip())
-        elif media:
+        elif media and q_at == 0:  # no parameter before q (or no parameter at all)
             ranges.append((media.lower(), float(qvalues[-1]) if qvalues else 1.0))
     return ranges, unread
 
@@ -187,5 +189,5 @@ def not_modified(if_none_match: str | None, tag: str) -> bool:
     """Whether ``If-None-Match`` names ``tag`` (weak comparison, as RFC 9110 asks) or is ``*``."""
     if not if_none_match:
         return False
-    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
-    return "*" in tags or tag in tags
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or tag in (t.removeprefix("W/") for t in tags)  # W/* is no tag

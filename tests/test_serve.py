@@ -367,6 +367,10 @@ def test_unsupported_accept_is_406(server: Server, query: str, accept: str) -> N
         (None, "text/html, image/gif, image/jpeg, *; q=.2, */*; q=.2", 1, "png"),
         ("json", "text/html, image/gif, image/jpeg, *; q=.2, */*; q=.2", 5, "json"),
         (None, "application/json;q=.5, application/x-tar;q=.25", 5, "json"),
+        # a parameter before q names a type with it, which no answer here has (RFC 9110, 12.5.1)
+        (None, "image/png;level=1;q=0, image/png", 1, "png"),
+        (None, "application/json;charset=utf-8, application/x-npz;q=0.5", 5, "npz"),
+        (None, "application/json;q=0.9;ext=1, image/png;q=0.5", 5, "json"),  # after q: an accept-ext, no matter
     ],
 )
 def test_the_format_from_format_and_accept(fmt: str | None, accept: str | None, count: int, chosen: str) -> None:
@@ -482,6 +486,7 @@ def test_not_acceptable_echoes_no_more_of_a_long_accept_than_of_a_parameter() ->
 def test_if_none_match_lists_and_weak_tags() -> None:
     assert not_modified('"a", "b"', '"a"') and not_modified('"b",W/"a"', '"a"') and not_modified("*", '"a"')
     assert not not_modified('"b", "c"', '"a"') and not not_modified("", '"a"') and not not_modified(None, '"a"')
+    assert not not_modified("W/*", '"a"')  # not a tag, nor the * of any
 
 
 def test_a_grid_holds_at_most_its_limit_and_other_formats_more(tiny_onnx: Path) -> None:

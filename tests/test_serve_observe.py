@@ -39,7 +39,7 @@ async def stub(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 def get(
-    middleware: RequestMiddleware, path: str, headers: dict[str, str] | None = None, root_path: str = ""
+    middleware: RequestMiddleware, path: str, headers: dict[str, str] | httpx.Headers | None = None, root_path: str = ""
 ) -> httpx.Response:
     async def run() -> httpx.Response:
         transport = httpx.ASGITransport(app=middleware, root_path=root_path, client=("10.1.2.3", 4567))
@@ -65,9 +65,11 @@ def test_a_plain_request_id_is_echoed_and_others_replaced(metrics: Metrics) -> N
     assert echoed.headers["x-own"] == "1"  # the app's own headers kept
     made = [get(middleware, "/healthz", {"X-Request-ID": bad}).headers["x-request-id"] for bad in ("a b", "x" * 129)]
     made.append(get(middleware, "/healthz").headers["x-request-id"])
+    twice = httpx.Headers([("X-Request-ID", "first"), ("X-Request-ID", "second")])  # neither is the request's
+    made.append(get(middleware, "/healthz", twice).headers["x-request-id"])
     assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in made), made
     assert len({rid[:16] for rid in made}) == 1  # one random half per process
-    assert [int(rid[16:], 16) for rid in made] == [0, 1, 2]  # and a count
+    assert [int(rid[16:], 16) for rid in made] == [0, 1, 2, 3]  # and a count
 
 
 def test_requests_are_counted_and_timed_by_endpoint_and_status(metrics: Metrics) -> None:
