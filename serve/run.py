@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
 import signal
 import socket
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -134,6 +136,7 @@ def app_from_environment() -> FastAPI:
 # the answer to bytes that are not an HTTP request (the app never sees them): JSON, as every refusal here
 NOT_HTTP = json.dumps({"error": "not a valid HTTP/1.1 request; the server closed the connection"}).encode()
 HEAD_TIMEOUT = 10.0  # seconds a connection has to send a whole request head after it opens or after its last answer
+SEND_TIMEOUT = 30.0  # seconds a client may leave its answer unread (the socket's buffers full) before it is cut off
 
 
 class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
@@ -147,16 +150,20 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     uvicorn closes a connection left idle after an answer, but not one that never finishes a request head (a
     slow or stalled client, or one holding connections open on purpose): each would keep a socket and a file
     descriptor for good. Here a connection with no whole head :data:`HEAD_TIMEOUT` seconds after it opened or
-    after its last answer is closed, with a 408 in JSON if it had sent part of one.
+    after its last answer is closed, with a 408 in JSON if it had sent part of one. Nor does uvicorn bound a
+    client that stops reading its answer: the answer would wait in memory for good. Here one whose buffers stay
+    full for :data:`SEND_TIMEOUT` seconds is cut off, and its request ends as an abandoned one.
     """
 
     head_timeout = HEAD_TIMEOUT
+    send_timeout = SEND_TIMEOUT
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
         self._head_begun = False
         super().connection_made(transport)
         self._await_head()
@@ -170,9 +177,37 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._await_head()
         super().on_response_complete()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_deadline is None:
+            self._send_deadline = self.loop.call_later(self.send_timeout, self._send_overdue)
+
+    def resume_writing(self) -> None:
+        self._cancel_send_deadline()
+        super().resume_writing()
+
+    def _cancel_send_deadline(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _send_overdue(self) -> None:
+        """Cut off a client that has left its answer unread (its buffers full) for :attr:`send_timeout` seconds."""
+        self._send_deadline = None
+        logging.getLogger("digitgen.serve").warning(
+            "%s:%s left its answer unread for %g s; the server cut the connection",
+            *(self.client or ("-", 0)),
+            self.send_timeout,
+        )
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # a reset, not a close: the system drops the unsent answer too, at once
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_deadline is not None:
             self._head_deadline.cancel()
+        self._cancel_send_deadline()
         super().connection_lost(exc)
 
     def _await_head(self) -> None:

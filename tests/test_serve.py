@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -649,6 +650,39 @@ def test_a_connection_without_a_whole_request_head_in_time_is_closed_but_a_slow_
             assert client.get("/generate?count=6000&format=npz").status_code == 200
             assert time.monotonic() - begin > 0.5
             assert client.get("/healthz").status_code == 200  # the same connection, kept alive after it
+    finally:
+        assert server.stop() == 0
+
+
+SHORT_SEND_TIMEOUT = """
+import sys
+from digitgen.serve.run import ServerHTTP, ServerOptions, serve
+
+ServerHTTP.send_timeout = 1.0
+serve(ServerOptions(port=int(sys.argv[1]), threads=1))
+"""
+
+
+def test_a_client_that_leaves_its_answer_unread_is_cut_off(tmp_path: Path) -> None:
+    """Its answer would otherwise wait in the server's memory for as long as the client keeps the connection."""
+    server = start(tmp_path / "server.log", [sys.executable, "-c", SHORT_SEND_TIMEOUT, "{port}"])
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect((host, int(port)))
+            stalled.sendall(b"GET /generate?count=4000&format=idx HTTP/1.1\r\nHost: x\r\n\r\n")  # 3 MB
+            deadline = time.monotonic() + 30
+            while "left its answer unread for 1 s; the server cut the connection" not in server.log.read_text():
+                assert time.monotonic() < deadline, server.log.read_text()
+                time.sleep(0.1)
+            stalled.settimeout(10)
+            received = 0
+            with contextlib.suppress(ConnectionResetError):  # what is left in the client's buffer, then the reset
+                while chunk := stalled.recv(65536):
+                    received += len(chunk)
+            assert received < 4000 * 784  # the rest of the answer was dropped with the connection
+        assert server.get("/healthz").status_code == 200
     finally:
         assert server.stop() == 0
 
