@@ -47,6 +47,8 @@ class ContractGenerator(torch.nn.Module):
 
 @dataclass(frozen=True)
 class ParityCase:
+    """One batch compared: its size, its noise seed and how far ONNX's pixels are from PyTorch's."""
+
     batch_size: int
     seed: int
     max_abs_diff: float
@@ -55,6 +57,8 @@ class ParityCase:
 
 @dataclass(frozen=True)
 class ParityReport:
+    """Every case of a parity check and the tolerance they were held to."""
+
     cases: tuple[ParityCase, ...]
     tolerance: Tolerance
 

@@ -112,6 +112,8 @@ def coverage(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray, chunk
 
 @dataclass(frozen=True)
 class Scores:
+    """The evaluator's figures for one sample of digits, generated or real."""
+
     num_samples: int
     class_accuracy: float
     per_digit_accuracy: list[float | None]  # None: no digit of that class in the sample
@@ -167,6 +169,8 @@ class Cas:
 
 @dataclass(frozen=True)
 class Evaluation:
+    """A model's scores beside a real sample's, with what was scored and how (the ``--json`` of ``evaluate``)."""
+
     generated: Scores
     real: Scores  # an MNIST train sample of the same size, scored the same way
     cas: Cas | None = None

@@ -81,6 +81,8 @@ def parse_digit_list(text: str) -> list[int]:
 
 @dataclass(frozen=True)
 class GeneratedDigits:
+    """A batch of digits: uint8 images and their labels, from global index ``start``."""
+
     images: np.ndarray  # (N, 28, 28) uint8, 0 = black background
     labels: np.ndarray  # (N,) int64
     start: int = 0  # global index of the first digit
@@ -140,6 +142,8 @@ def fill_digits(
 
 
 def check_int(value: object, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` as an int from ``minimum`` to ``maximum``; :class:`InvalidRequestError` naming ``name`` otherwise
+    (a bool is no integer here)."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, np.integer))
@@ -174,6 +178,7 @@ def check_path(value: object, name: str) -> Path:
 
 
 def check_callable(value: object, name: str) -> None:
+    """:class:`InvalidRequestError` naming ``name`` unless ``value`` can be called."""
     if not callable(value):
         raise InvalidRequestError(f"{name} must be a function, e.g. lambda count: None, got {value!r}")
 

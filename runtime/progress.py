@@ -15,6 +15,8 @@ LOG_INTERVAL_S = 60.0
 
 
 class Progress(Protocol):
+    """What long work reports to: ``update`` after each step, with what it is working on."""
+
     def update(self, n_steps: int, current_item: Any = None) -> None: ...
 
 

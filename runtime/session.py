@@ -54,6 +54,8 @@ def run_model(session: ort.InferenceSession, outputs: list[str], feeds: dict[str
 
 @dataclass(frozen=True)
 class OpenedSession:
+    """An onnxruntime session, where it runs, and the hash of the model it was built from."""
+
     session: ort.InferenceSession
     provider: str  # "cpu" or "cuda": what really runs
     note: str  # non-empty when "auto" found onnxruntime's CUDA provider but it failed to start

@@ -96,6 +96,7 @@ OnBatch = Callable[[int], None]
 
 
 def png_name(index: int, label: int) -> str:
+    """The file name of digit ``index`` of class ``label``: 00000042_label7.png."""
     return f"{index:08d}_label{label}.png"
 
 
@@ -493,6 +494,8 @@ def _cut_at(batches: Iterable[GeneratedDigits], cuts: Sequence[int]) -> Iterator
 
 @dataclass(frozen=True)
 class WrittenFiles:
+    """What :func:`generate_files` left: its files, and how many of an earlier run it kept."""
+
     paths: list[Path]  # the files written; for png, the output directory
     kept: int  # files of an earlier run kept as they were (resume only)
     files: int  # the files this request's output is made of, the kept ones included

@@ -57,6 +57,8 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
 
 @dataclass(frozen=True)
 class ClassifierResult:
+    """A trained (or stopped) classifier, its test accuracy and its time."""
+
     model: Classifier
     test_accuracy: float | None  # None: stopped before the end (see train_classifier)
     seconds: float
@@ -65,6 +67,7 @@ class ClassifierResult:
 
 @torch.no_grad()
 def accuracy(model: Classifier, data: MnistTensors, batch_size: int = 1000) -> float:
+    """The share of ``data`` that ``model`` labels right."""
     model.eval()
     correct = 0
     for i in range(0, len(data.images), batch_size):

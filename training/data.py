@@ -24,6 +24,8 @@ __all__ = ["MnistTensors", "check_labels", "load_mnist", "load_mnist_once"]
 
 
 class MnistTensors(NamedTuple):
+    """One MNIST split as tensors."""
+
     images: torch.Tensor  # (N, 28, 28) uint8
     labels: torch.Tensor  # (N,) int64
 

@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class DistContext:
+    """This process's place among the ranks of a run (one rank without torchrun)."""
+
     rank: int = 0
     world_size: int = 1
 

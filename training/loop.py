@@ -43,6 +43,8 @@ ProgressFn = Callable[[int, dict[str, float]], None]
 
 @dataclass(frozen=True)
 class TrainResult:
+    """Where a training run ended: its last step and checkpoint, whether a stop signal ended it, and its speed."""
+
     step: int
     checkpoint: Path
     interrupted: bool
@@ -51,6 +53,7 @@ class TrainResult:
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Whole batches in one pass over the data (at least one)."""
     return max(1, num_images // batch_size)
 
 

@@ -98,6 +98,9 @@ def describe_run_files(paths: tuple[Path, ...]) -> str:
 
 @dataclass(frozen=True)
 class PreparedRun:
+    """A checked training run, ready to start: its state, data and claimed run directory (a context manager
+    that lets the directory go)."""
+
     state: TrainState
     data: MnistTensors
     steps_per_epoch: int

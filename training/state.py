@@ -18,6 +18,8 @@ from digitgen.training.models import Discriminator, Generator
 
 @dataclass
 class TrainState:
+    """Everything a training run carries from step to step, and saves in a checkpoint."""
+
     config: GANConfig
     train: TrainConfig
     generator: Generator
@@ -103,6 +105,7 @@ def _dataclass_from(cls: type, values: Any, what: str) -> Any:
 
 
 def config_from_checkpoint(payload: dict[str, Any]) -> GANConfig:
+    """The model configuration a checkpoint records, checked field by field."""
     return _dataclass_from(GANConfig, payload["config"], "config")
 
 
