@@ -18,7 +18,7 @@ from digitgen.export.precision import HalfPrecision, quantize_int8
 from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityReport, verify_parity
 from digitgen.runtime.contract import CONTRACT_VERSION
 from digitgen.runtime.errors import InvalidModelError
-from digitgen.runtime.files import publish_all, refuse_existing, refuse_one_file_twice
+from digitgen.runtime.files import folder_problem, publish_all, refuse_existing, refuse_one_file_twice
 from digitgen.runtime.session import model_sha256
 from digitgen.training.checkpoint import release_weights, write_payload
 from digitgen.training.state import load_generator
@@ -206,9 +206,9 @@ def check_output_files(out: str | Path, others: Iterable[str | Path | None], exa
     if out.is_dir():
         raise ExportError(f"output {out} is a directory; give a file name such as {example}")
     for folder in dict.fromkeys([out.parent, *(Path(other).parent for other in others if other is not None)]):
-        if not folder.is_dir():
-            missing = "is a file, not a directory" if folder.exists() else "does not exist"
-            raise ExportError(f"output directory {folder} {missing}")
+        problem = folder_problem(folder) or (None if folder.is_dir() else "does not exist")
+        if problem is not None:
+            raise ExportError(f"output directory {folder} {problem}")
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import os
 import stat
@@ -340,3 +341,26 @@ def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool) -> None
     if clashes and not overwrite:
         more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
         raise OutputError(f"{clashes[0]}{more} already exists; pass --overwrite to replace")
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` can be neither used nor made as a folder, in words that follow its name ("is a file, not a
+    directory", "lies under P, which is a file", a link to nothing or a loop of links); ``None`` if nothing is in
+    its way."""
+    for parent in [folder, *folder.parents]:
+        where = "is" if parent == folder else f"lies under {parent}, which is"
+        if os.path.islink(parent) and not parent.exists():
+            return f"{where} {_broken_link(parent)}"
+        if parent.exists() and not parent.is_dir():
+            return f"{where} a file" if parent != folder else "is a file, not a directory"
+    return None
+
+
+def _broken_link(link: Path) -> str:
+    """A link that leads to no file, described: to a missing one, or in a loop of links."""
+    try:
+        os.stat(link)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"a link in a loop of links ({link} -> {os.readlink(link)} -> ...): name another folder"
+    return f"a link to {os.readlink(link)}, which does not exist: create it, or name another folder"

@@ -42,6 +42,7 @@ from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputEr
 from digitgen.runtime.files import (
     atomic_file,
     atomic_files,
+    folder_problem,
     readable_file,
     refuse_existing,
     refuse_if_claimed,
@@ -106,15 +107,9 @@ def _prepare_output_dir(out_dir: str | Path) -> tuple[Path, list[Path]]:
     if str(out_dir) == "":  # Path("") is the current folder, unsaid
         raise OutputError("the output directory is an empty path; name a folder (. for the current folder)")
     out_dir = check_path(out_dir, "the output directory")
-    for parent in [out_dir, *out_dir.parents]:
-        where = "is" if parent == out_dir else f"lies under {parent}, which is"
-        if parent.exists() and not parent.is_dir():
-            raise OutputError(f"output directory {out_dir} {where} an existing file")
-        if os.path.islink(parent) and not parent.exists():
-            raise OutputError(
-                f"output directory {out_dir} {where} a link to {os.readlink(parent)}, which does not exist; "
-                "create it, or name another folder"
-            )
+    problem = folder_problem(out_dir)
+    if problem is not None:
+        raise OutputError(f"output directory {out_dir} {problem}")
     try:
         created = _make_folders(out_dir)
     except OSError as exc:

@@ -606,9 +606,18 @@ def test_label_classifier_options_are_refused_before_any_run_is_touched(
 @pytest.mark.parametrize(
     ("where", "options", "words"),
     [
-        ("afile", ("--steps", "2"), "--out {out} is a file, not a run directory"),
+        ("afile", ("--steps", "2"), "--out {out} is a file, not a directory"),
         ("afile/run", ("--steps", "2"), "--out {out} lies under {tmp}/afile, which is a file"),
-        ("dangling", ("--steps", "2"), "--out {out} is a link to nothing; give a folder"),
+        (
+            "dangling",
+            ("--steps", "2"),
+            "--out {out} is a link to {tmp}/nowhere, which does not exist: create it, or name another folder",
+        ),
+        (
+            "loop",
+            ("--steps", "2"),
+            "--out {out} is a link in a loop of links ({out} -> {tmp}/loop2 -> ...): name another folder",
+        ),
         ("run", ("--resume", "{tmp}/typo.pt"), "checkpoint not found: {tmp}/typo.pt"),
         (
             "run",
@@ -632,6 +641,8 @@ def test_what_training_cannot_do_is_one_line_and_touches_nothing(
 ) -> None:
     (tmp_path / "afile").write_text("mine")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop")
     out = tmp_path / where
     files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     given = [option.format(out=out, tmp=tmp_path) for option in options]

@@ -105,7 +105,7 @@ def test_existing_outputs_are_kept_unless_overwrite(gen: DigitGenerator, tmp_pat
 def test_out_is_a_file(gen: DigitGenerator, tmp_path: Path) -> None:
     target = tmp_path / "file.txt"
     target.write_text("x")
-    with pytest.raises(OutputError, match="is an existing file"):
+    with pytest.raises(OutputError, match="is a file, not a directory"):
         _write(gen, target, "png")
     with pytest.raises(OutputError, match="lies under"):
         _write(gen, target / "sub", "png")
@@ -117,10 +117,21 @@ def test_out_is_a_link_to_nothing(gen: DigitGenerator, tmp_path: Path, fmt: str)
     link = tmp_path / "digits"
     link.symlink_to(tmp_path / "gone")
     for out, where in ((link, "is"), (link / "sub", f"lies under {link}, which is")):
-        message = f"output directory {out} {where} a link to {tmp_path / 'gone'}, which does not exist; create it,"
+        message = f"output directory {out} {where} a link to {tmp_path / 'gone'}, which does not exist: create it,"
         with pytest.raises(OutputError, match=re.escape(message)):
             _write(gen, out, fmt)
     assert sorted(tmp_path.iterdir()) == [link]
+
+
+def test_out_is_a_link_in_a_loop_of_links(gen: DigitGenerator, tmp_path: Path) -> None:
+    """Named as a loop (it had been called a link to a file that does not exist)."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    message = (
+        f"output directory {tmp_path / 'a'} is a link in a loop of links ({tmp_path / 'a'} -> {tmp_path / 'b'} -> ...)"
+    )
+    with pytest.raises(OutputError, match=re.escape(message)):
+        _write(gen, tmp_path / "a", "png")
 
 
 def test_out_that_cannot_be_written(gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from digitgen.runtime.files import refuse_non_files
+from digitgen.runtime.files import folder_problem, refuse_non_files
 from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, check_labels, load_mnist_once
@@ -144,13 +144,9 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
     other check has passed; it deletes nothing itself.
     """
     run_dir = Path(options.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirectoryError(f"--out {run_dir} is a file, not a run directory")
-    if os.path.islink(run_dir) and not run_dir.exists():
-        raise RunDirectoryError(f"--out {run_dir} is a link to nothing; give a folder")
-    for parent in run_dir.parents:  # found here on every process, not when the first one saves a file
-        if parent.exists() and not parent.is_dir():
-            raise RunDirectoryError(f"--out {run_dir} lies under {parent}, which is a file")
+    problem = folder_problem(run_dir)  # found here on every process, not when the first one saves a file
+    if problem is not None:
+        raise RunDirectoryError(f"--out {run_dir} {problem}")
     refuse_if_training(run_dir)
     refuse_non_files(run_dir / name for name in RUN_FILES)  # a folder or a pipe of that name: never a run's
     samples = run_dir / SAMPLES_DIR
