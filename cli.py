@@ -54,6 +54,8 @@ from digitgen.runtime.generator import (
     read_integer,
     read_number,
 )
+from digitgen.runtime.layout import FORMATS
+from digitgen.runtime.merge import merge_shards
 from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
 from digitgen.runtime.progress import progress
 from digitgen.runtime.session import MAX_THREADS, PROVIDER_CHOICES
@@ -66,7 +68,7 @@ from digitgen.runtime.signals import (
     release_held_at_start,
 )
 from digitgen.runtime.text import printable, read_json
-from digitgen.runtime.writers import FORMATS, merge_shards, plan_generation
+from digitgen.runtime.writers import plan_generation
 from digitgen.training.config import (
     AUGMENTATIONS,
     MAX_SIZE,

@@ -18,8 +18,9 @@ from digitgen.runtime.errors import (
     TooManyDigitsError,
 )
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
+from digitgen.runtime.layout import FORMATS
 from digitgen.runtime.shards import Shard
-from digitgen.runtime.writers import FORMATS, generate_files, write_digits
+from digitgen.runtime.writers import generate_files, write_digits
 
 __all__ = [
     "FORMATS",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from digitgen.runtime.errors import OutputError
+from digitgen.runtime.generator import check_path
 from digitgen.runtime.signals import interrupts_held
 
 try:
@@ -364,3 +365,54 @@ def _broken_link(link: Path) -> str:
         if exc.errno == errno.ELOOP:
             return f"a link in a loop of links ({link} -> {os.readlink(link)} -> ...): name another folder"
     return f"a link to {os.readlink(link)}, which does not exist: create it, or name another folder"
+
+
+def prepare_output_dir(out_dir: str | Path) -> tuple[Path, list[Path]]:
+    """Create ``out_dir`` (and parents) or explain in one line why it cannot be used; returns it and the folders
+    this created (deepest first)."""
+    if str(out_dir) == "":  # Path("") is the current folder, unsaid
+        raise OutputError("the output directory is an empty path; name a folder (. for the current folder)")
+    out_dir = check_path(out_dir, "the output directory")
+    problem = folder_problem(out_dir)
+    if problem is not None:
+        raise OutputError(f"output directory {out_dir} {problem}")
+    try:
+        created = make_folders(out_dir)
+    except OSError as exc:
+        raise OutputError(f"cannot create output directory {out_dir}: {exc.strerror or exc}") from exc
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"output directory {out_dir} is not writable")
+    if not os.access(out_dir, os.R_OK):  # its listing tells what a run would replace or resume
+        raise OutputError(f"output directory {out_dir} is not readable")
+    return out_dir, created
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones this made, deepest first (only those: ``new/../mine``
+    makes ``new``, not ``mine``, which is there already)."""
+    made = []
+    for path in reversed([folder, *folder.parents]):
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # there already (a file in the way is refused by the caller)
+            continue
+        made.append(path)
+    return made[::-1]
+
+
+def remove_if_empty(folders: Iterable[Path]) -> None:
+    """Remove ``folders`` (deepest first) that are empty: a failed run leaves none that it created for nothing."""
+    for path in folders:
+        with suppress(OSError):  # not empty: something was put there (files this run completed, or another's)
+            path.rmdir()
+
+
+@contextmanager
+def new_folders(folder: Path) -> Iterator[None]:
+    """Create ``folder`` and its missing parents; remove those it created if the block fails."""
+    created = make_folders(folder)
+    try:
+        yield
+    except BaseException:
+        remove_if_empty(created)
+        raise

@@ -183,6 +183,12 @@ def check_callable(value: object, name: str) -> None:
         raise InvalidRequestError(f"{name} must be a function, e.g. lambda count: None, got {value!r}")
 
 
+def check_flag(flag: object, name: str) -> None:
+    """Refuse a ``flag`` that is not True or False: "no" is truthy, and a string must not replace the user's files."""
+    if not isinstance(flag, bool):
+        raise InvalidRequestError(f"{name} must be True or False, got {flag!r}")
+
+
 def check_truncation(value: object) -> float | None:
     """``None`` (no truncation) or a finite number of at least :data:`MIN_TRUNCATION`."""
     if value is None:

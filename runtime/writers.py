@@ -15,14 +15,10 @@ import bisect
 import dataclasses
 import itertools
 import os
-import re
-import struct
 import sys
 import tempfile
-import zipfile
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,11 +26,8 @@ from typing import BinaryIO
 import numpy as np
 
 from digitgen.runtime.encode import (
-    PNG_SIGNATURE,
-    ZIP_SIGNATURE,
     grid_png_bytes,
     idx_records,
-    is_whole_png,
     npz_bytes,
     png_bytes,
 )
@@ -42,11 +35,12 @@ from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputEr
 from digitgen.runtime.files import (
     atomic_file,
     atomic_files,
-    folder_problem,
-    readable_file,
+    new_folders,
+    prepare_output_dir,
     refuse_existing,
     refuse_if_claimed,
     refuse_non_files,
+    remove_if_empty,
     remove_leftover,
     temporary_name,
 )
@@ -56,109 +50,38 @@ from digitgen.runtime.generator import (
     DigitGenerator,
     GeneratedDigits,
     check_callable,
+    check_flag,
     check_int,
-    check_path,
     empty_digits,
     fill_digits,
 )
 from digitgen.runtime.idx import (
     IMAGE_SIDE,
-    IMAGES_MAGIC,
-    LABELS_MAGIC,
-    MNIST_FILES,
     MNIST_RAW,
     check_idx_count,
     idx_header,
-    is_whole_idx,
-    read_idx,
 )
 from digitgen.runtime.index_lock import claim_indices, refuse_if_indices_claimed
+from digitgen.runtime.layout import (
+    DEFAULT_TEST_COUNT,
+    FORMATS,
+    check_grid_count,
+    existing_outputs,
+    leftover_temporaries,
+    output_names,
+    png_index,
+    png_name,
+    pngs_in_range,
+)
+from digitgen.runtime.resume import holds, refuse_a_longer_run, refuse_other_digits, resume_check
 from digitgen.runtime.run_record import (
-    check_against_record,
-    common_record,
-    is_record_file,
     is_recorded,
-    is_whole_record,
     record_name,
     run_record,
 )
-from digitgen.runtime.shards import WHOLE, Shard, check_shard_sizes, concat_idx, concat_npz, find_shards, idx_counts
-
-FORMATS = ("png", "grid", "npz", "idx", "mnist")
-GRID_FILE = "grid.png"
-NPZ_FILE = "digits.npz"
-IDX_IMAGES_FILE, IDX_LABELS_FILE = MNIST_FILES[:2]  # the train split's names
-DEFAULT_TEST_COUNT = 10_000  # the size of MNIST's own test split
-GRID_MAX_DIGITS = 10_000
-PNG_NAME = re.compile(r"^(\d{8,})_label\d+\.png$")
-TEMPORARY_PNG = re.compile(r"^\.(\d{8,})_label\d+\.png\.part$")  # a PNG's temporary file (files.temporary_name)
+from digitgen.runtime.shards import WHOLE, Shard
 
 OnBatch = Callable[[int], None]
-
-
-def png_name(index: int, label: int) -> str:
-    """The file name of digit ``index`` of class ``label``: 00000042_label7.png."""
-    return f"{index:08d}_label{label}.png"
-
-
-def _prepare_output_dir(out_dir: str | Path) -> tuple[Path, list[Path]]:
-    """Create ``out_dir`` (and parents) or explain in one line why it cannot be used; returns it and the folders
-    this created (deepest first)."""
-    if str(out_dir) == "":  # Path("") is the current folder, unsaid
-        raise OutputError("the output directory is an empty path; name a folder (. for the current folder)")
-    out_dir = check_path(out_dir, "the output directory")
-    problem = folder_problem(out_dir)
-    if problem is not None:
-        raise OutputError(f"output directory {out_dir} {problem}")
-    try:
-        created = _make_folders(out_dir)
-    except OSError as exc:
-        raise OutputError(f"cannot create output directory {out_dir}: {exc.strerror or exc}") from exc
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise OutputError(f"output directory {out_dir} is not writable")
-    if not os.access(out_dir, os.R_OK):  # its listing tells what a run would replace or resume
-        raise OutputError(f"output directory {out_dir} is not readable")
-    return out_dir, created
-
-
-def output_names(fmt: str, shard: Shard = WHOLE, recorded: bool = False) -> list[str]:
-    """Files a non-PNG format writes, relative to the output directory (PNG names depend on index and label);
-    ``recorded``: the shard's run record last (see :mod:`~digitgen.runtime.run_record`)."""
-    if fmt == "mnist":
-        return [f"{MNIST_RAW}/{name}" for name in MNIST_FILES]
-    names = {"grid": [GRID_FILE], "npz": [NPZ_FILE], "idx": [IDX_IMAGES_FILE, IDX_LABELS_FILE]}[fmt]
-    record = [record_name(fmt, shard)] if recorded else []
-    return [shard.name(name) for name in names] + record
-
-
-def pngs_in_range(out_dir: Path, start: int, stop: int) -> list[Path]:
-    """PNG digits in ``out_dir`` whose index lies in ``[start, stop)``, whatever their label."""
-    found = []
-    for entry in os.scandir(out_dir):
-        match = PNG_NAME.match(entry.name)
-        if match and start <= int(match.group(1)) < stop:
-            found.append(Path(entry.path))
-    return sorted(found)
-
-
-def existing_outputs(out_dir: Path, fmt: str, shard: Shard, total: int, recorded: bool = False) -> list[Path]:
-    """Files a run would replace: named outputs of ``fmt``, or PNGs for indices in range."""
-    if fmt == "png":
-        return pngs_in_range(out_dir, *shard.bounds(total))
-    return [out_dir / name for name in output_names(fmt, shard, recorded) if os.path.lexists(out_dir / name)]
-
-
-def leftover_temporaries(out_dir: Path, fmt: str, shard: Shard, total: int, recorded: bool = False) -> list[Path]:
-    """Temporary files of this request's outputs that a killed run (SIGKILL, power loss) left behind."""
-    if fmt == "png":
-        start, stop = shard.bounds(total)
-        return [
-            Path(entry.path)
-            for entry in os.scandir(out_dir)
-            if (match := TEMPORARY_PNG.match(entry.name)) and start <= int(match.group(1)) < stop
-        ]
-    names = output_names(fmt, shard, recorded)
-    return [path for name in names if (path := temporary_name(out_dir / name)).exists()]
 
 
 def _check_arrays(batch: object) -> None:
@@ -207,94 +130,9 @@ def _checked(batches: Iterable[GeneratedDigits], start: int, stop: int) -> Itera
         )
 
 
-def _index(path: Path) -> int:
-    return int(PNG_NAME.match(path.name).group(1))
-
-
-def _is_complete(path: Path) -> bool:
-    """Whether ``path`` is a whole file of its format (PNG, NPZ or IDX) rather than a damaged or truncated one,
-    whatever it holds (another shape, type or pickled objects: a whole file a run did not leave). An NPZ is whole
-    when each member reads back with its CRC; an IDX file has no checksum: only its header and size can tell."""
-    try:
-        if is_record_file(path):
-            return is_whole_record(path.read_bytes())
-        if path.suffix == ".png":
-            return is_whole_png(path.read_bytes())
-        if path.suffix == ".npz":
-            with zipfile.ZipFile(path) as archive:
-                try:
-                    return archive.testzip() is None
-                except (NotImplementedError, RuntimeError):  # encrypted, or compressed as zipfile cannot read
-                    return True  # someone's whole archive
-        return is_whole_idx(path)
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error):
-        return False
-
-
-def _holds(path: Path, data: bytes) -> bool:
-    """Whether ``path`` is a file holding exactly ``data`` (a dangling link, a folder or a pipe holds nothing)."""
-    if not readable_file(path):
-        return False
-    try:
-        with path.open("rb") as f:
-            return f.read(len(data) + 1) == data  # a larger file is not read to its end
-    except OSError:
-        return False
-
-
-def _first_bytes(path: Path) -> tuple[str, bytes]:
-    """The kind of file ``path`` names and the bytes every file of that kind begins with."""
-    if is_record_file(path):
-        return "a run record", b"{"
-    if path.suffix == ".png":
-        return "a PNG", PNG_SIGNATURE
-    if path.suffix == ".npz":
-        return "an NPZ", ZIP_SIGNATURE
-    return "an IDX", struct.pack(">I", IMAGES_MAGIC if "-idx3-" in path.name else LABELS_MAGIC)
-
-
-def _refuse_other_digits(path: Path) -> None:
-    """Refuse to let ``resume`` replace ``path`` if it is complete (it then holds another run's digits) or does not
-    begin as a file of its kind (then no run of this tool wrote it). A damaged or cut-short file is replaced."""
-    if not readable_file(path):  # a pipe, a device, a dangling link: nothing in it to keep, and never read
-        return
-    if _is_complete(path):
-        raise OtherRunError(
-            f"{path} holds other digits than this command makes (written with other options or another model); "
-            "resume with the options of the run that wrote it, or pass --overwrite to replace it"
-        )
-    kind, first = _first_bytes(path)
-    try:
-        with path.open("rb") as f:
-            begins = f.read(len(first))
-    except OSError:
-        return
-    if not first.startswith(begins):
-        raise OtherRunError(
-            f"{path} is not {kind} file, so no run of this command wrote it; move it, or pass --overwrite to replace it"
-        )
-
-
-def _resume_check(resume: bool) -> Callable[[Path], None] | None:
-    """What :func:`~digitgen.runtime.files.atomic_files` is given to keep or vet existing files when resuming."""
-    return _refuse_other_digits if resume else None
-
-
 def _png_indices(shard: Shard, total: int) -> tuple[int, int | None]:
     """The PNG indices a run may write or remove: its shard's, or, unsharded, every one (a longer run's too)."""
     return (0, None) if shard.count == 1 else shard.bounds(total)
-
-
-def _refuse_a_longer_run(out_dir: Path, total: int) -> None:
-    """Refuse to resume a PNG run of ``total`` digits in a folder holding digits past it: they are a longer run's,
-    and the folder could never end as this run's would."""
-    beyond = pngs_in_range(out_dir, total, sys.maxsize)
-    if beyond:
-        more = f" (and {len(beyond) - 1} more)" if len(beyond) > 1 else ""
-        raise OtherRunError(
-            f"{beyond[0]}{more} lies past this command's {total} digits: the folder holds a run of another count; "
-            "resume with that run's count, or write to another folder"
-        )
 
 
 def _write_pngs(
@@ -305,14 +143,14 @@ def _write_pngs(
     A file of the same index but another label is removed, so that, once the call is done, an index never has
     two labels in one folder, and so are ``replaced`` files past the batches' digits (a longer run's). With
     ``resume``, a file that already holds exactly the digit's bytes is kept as it is, a complete file of other
-    digits is refused (:func:`_refuse_other_digits`), and damaged files are replaced or removed only once every
+    digits is refused (:func:`refuse_other_digits`), and damaged files are replaced or removed only once every
     file has been checked, so that a refusal leaves them as they were. If ``batches`` turn out not to hold the
     promised digits, or a file is refused, the files this call created are removed; those it replaced with
     ``--overwrite``'s permission hold their digits, and the error says how many.
     """
     stale: dict[int, list[Path]] = {}
     for path in replaced:
-        stale.setdefault(_index(path), []).append(path)
+        stale.setdefault(png_index(path), []).append(path)
     kept, overwritten, created, created_labels = 0, 0, array.array("q"), bytearray()  # 9 bytes a created file
     discarded: list[Path] = []  # with resume: damaged files of another label, removed at the end
     repairs = _Repairs(out_dir)  # with resume: damaged files of this label, replaced at the end
@@ -322,10 +160,10 @@ def _write_pngs(
                 path = out_dir / png_name(batch.start + offset, int(label))
                 encoded = png_bytes(image)
                 earlier = stale.pop(batch.start + offset, [])
-                keep = resume and path in earlier and _holds(path, encoded)
+                keep = resume and path in earlier and holds(path, encoded)
                 for old in earlier:
                     if resume and not (keep and old == path):
-                        _refuse_other_digits(old)
+                        refuse_other_digits(old)
                 if keep:
                     kept += 1
                 elif path not in earlier and os.path.lexists(path):  # not there when the run was checked
@@ -416,7 +254,7 @@ def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = la
 def _write_grid(
     batches: Iterable[GeneratedDigits], paths: list[Path], num: int, resume: bool, on_batch: OnBatch
 ) -> None:
-    with atomic_file(paths[0], _resume_check(resume)) as f:
+    with atomic_file(paths[0], resume_check(resume)) as f:
         f.write(grid_png_bytes(collect(batches, num, on_batch).images))
 
 
@@ -429,7 +267,7 @@ def _write_npz(
     extras: Sequence[bytes] = (),
 ) -> None:
     """The NPZ file, then ``extras`` (the shard's run record) in the files after it, all published together."""
-    with atomic_files(paths, _resume_check(resume)) as files:  # claimed first: a second run is refused at once
+    with atomic_files(paths, resume_check(resume)) as files:  # claimed first: a second run is refused at once
         digits = collect(batches, num, on_batch)
         files[0].write(npz_bytes(digits.images, digits.labels))
         for f, data in zip(files[1:], extras, strict=True):
@@ -458,7 +296,7 @@ def _write_idx_splits(
 ) -> None:
     """One IDX pair (images, labels) per split of ``sizes`` consecutive digits, then ``extras`` in the files after
     them, all published together."""
-    with atomic_files(paths, _resume_check(resume)) as files:
+    with atomic_files(paths, resume_check(resume)) as files:
         for f, data in zip(files[2 * len(sizes) :], extras, strict=True):
             f.write(data)
         pairs = [files[i : i + 2] for i in range(0, 2 * len(sizes), 2)]
@@ -538,7 +376,7 @@ class OutputPlan:
         try:
             return self._write(batches, on_batch)
         except BaseException:
-            _remove_if_empty(self.created)
+            remove_if_empty(self.created)
             raise
 
     def _write(self, batches: Iterable[GeneratedDigits], on_batch: OnBatch) -> WrittenFiles:
@@ -554,7 +392,7 @@ class OutputPlan:
         paths = [self.out_dir / name for name in output_names(self.fmt, self.shard, self.recorded)]
         before = {path: path.lstat() for path in self.existing}  # a dangling link is an existing file too
         if self.fmt == "mnist":
-            with _new_folders(paths[0].parent):
+            with new_folders(paths[0].parent):
                 _write_idx_splits(batches, paths, [self.total, self.test_count], self.resume, on_batch)
         elif self.fmt == "grid":
             _write_grid(batches, paths, self.count, self.resume, on_batch)
@@ -564,46 +402,9 @@ class OutputPlan:
         return WrittenFiles(paths, sum(_unchanged(path, stat) for path, stat in before.items()), len(paths))
 
 
-def _make_folders(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; the ones this made, deepest first (only those: ``new/../mine``
-    makes ``new``, not ``mine``, which is there already)."""
-    made = []
-    for path in reversed([folder, *folder.parents]):
-        try:
-            os.mkdir(path)
-        except FileExistsError:  # there already (a file in the way is refused by the caller)
-            continue
-        made.append(path)
-    return made[::-1]
-
-
-def _remove_if_empty(folders: Iterable[Path]) -> None:
-    """Remove ``folders`` (deepest first) that are empty: a failed run leaves none that it created for nothing."""
-    for path in folders:
-        with suppress(OSError):  # not empty: something was put there (files this run completed, or another's)
-            path.rmdir()
-
-
-@contextmanager
-def _new_folders(folder: Path) -> Iterator[None]:
-    """Create ``folder`` and its missing parents; remove those it created if the block fails."""
-    created = _make_folders(folder)
-    try:
-        yield
-    except BaseException:
-        _remove_if_empty(created)
-        raise
-
-
 def _unchanged(path: Path, before: os.stat_result) -> bool:
     after = path.lstat()
     return (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-
-
-def check_grid_count(count: int, other_formats: str) -> None:
-    """Refuse a contact sheet of more than :data:`GRID_MAX_DIGITS` digits, naming ``other_formats`` instead."""
-    if count > GRID_MAX_DIGITS:
-        raise InvalidRequestError(f"a grid holds at most {GRID_MAX_DIGITS} digits; use {other_formats}")
 
 
 def plan_output(
@@ -651,12 +452,12 @@ def plan_output(
     if fmt in ("npz", "grid"):
         # address space, not memory touched: a count that can never be held stops here
         empty_digits(stop - start, IN_MEMORY_FORMATS)
-    out_dir, created = _prepare_output_dir(out_dir)
+    out_dir, created = prepare_output_dir(out_dir)
     plan = OutputPlan(out_dir, fmt, total, shard, test_count or 0, resume, (), tuple(created), record)
     try:
         return _with_existing(plan, overwrite)
     except BaseException:
-        _remove_if_empty(created)
+        remove_if_empty(created)
         raise
 
 
@@ -696,7 +497,7 @@ def _with_existing(plan: OutputPlan, overwrite: bool) -> OutputPlan:
     else:
         refuse_non_files(existing)
         if fmt == "png":
-            _refuse_a_longer_run(out_dir, total)
+            refuse_a_longer_run(out_dir, total)
     return dataclasses.replace(plan, existing=tuple(existing))
 
 
@@ -767,11 +568,11 @@ def plan_generation(
         out_dir, fmt, num, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count, record=record
     )
     if resume and fmt == "png" and plan.existing:
-        _refuse_another_runs_folder(gen, min(plan.existing, key=_index), digits, seed, truncation)
+        _refuse_another_runs_folder(gen, min(plan.existing, key=png_index), digits, seed, truncation)
     if resume and plan.recorded:  # the shard's record says at once whether its parts are another run's
         path = plan.out_dir / record_name(fmt, shard)
-        if os.path.lexists(path) and not _holds(path, record):
-            _refuse_other_digits(path)
+        if os.path.lexists(path) and not holds(path, record):
+            refuse_other_digits(path)
     return GenerationJob(gen, plan, digits, seed, batch_size, truncation)
 
 
@@ -780,9 +581,9 @@ def _refuse_another_runs_folder(
 ) -> None:
     """Make the digit of the folder's first PNG again, and refuse the folder now if that file is another run's: a
     resume with a mistyped option stops before any work (each file is checked again as it is reached)."""
-    (digit,) = gen.iter_batches(1, digits, seed, 1, start=_index(first), truncation=truncation)
-    if first.name != png_name(digit.start, int(digit.labels[0])) or not _holds(first, png_bytes(digit.images[0])):
-        _refuse_other_digits(first)
+    (digit,) = gen.iter_batches(1, digits, seed, 1, start=png_index(first), truncation=truncation)
+    if first.name != png_name(digit.start, int(digit.labels[0])) or not holds(first, png_bytes(digit.images[0])):
+        refuse_other_digits(first)
 
 
 def generate_files(
@@ -824,53 +625,3 @@ def generate_files(
         test_count=test_count,
     )
     return job.run(on_batch).paths
-
-
-def check_flag(flag: object, name: str) -> None:
-    """Refuse a ``flag`` that is not True or False: "no" is truthy, and a string must not replace the user's files."""
-    if not isinstance(flag, bool):
-        raise InvalidRequestError(f"{name} must be True or False, got {flag!r}")
-
-
-def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> list[Path]:
-    """Join the shard files of ``fmt`` ("idx" or "npz") in ``out_dir`` into the unsharded files."""
-    check_flag(overwrite, "overwrite")
-    out_dir = Path(out_dir)
-    if fmt not in ("idx", "npz"):
-        raise InvalidRequestError(f"merge joins idx or npz shards, not {fmt!r}")
-    if not out_dir.is_dir():
-        raise OutputError(f"{out_dir} is not a directory")
-    targets = [out_dir / name for name in output_names(fmt)]
-    other = "npz" if fmt == "idx" else "idx"
-    if not any(out_dir.glob(f"{Path(output_names(fmt)[0]).stem}-*-of-*")) and any(
-        out_dir.glob(f"{Path(output_names(other)[0]).stem}-*-of-*")
-    ):
-        raise OutputError(f"{out_dir} holds {other} shards and no {fmt} ones: merge them as {other} (--format {other})")
-    parts = [find_shards(out_dir, path.name) for path in targets]
-    refuse_existing(targets, overwrite)
-    for part in (part for kind in parts for part in kind):
-        if not readable_file(part):
-            raise OutputError(f"{part} is not a file merge can read (a folder, a pipe, a device, or a link to one)")
-    record = common_record(out_dir, fmt, len(parts[0]))
-    if fmt == "npz":
-        merged, labels = concat_npz(parts[0])
-        check_against_record(record, parts[0], labels)
-        with atomic_file(targets[0]) as f:
-            f.write(npz_bytes(merged["images"], merged["labels"]))
-        return targets
-    if len(parts[0]) != len(parts[1]):
-        raise OutputError(f"{out_dir} holds {len(parts[0])} image shards but {len(parts[1])} label shards")
-    image_counts, label_counts = idx_counts(parts[0], images=True), idx_counts(parts[1], images=False)
-    uneven = [
-        str(i)
-        for i, (n_images, n_labels) in enumerate(zip(image_counts, label_counts, strict=True))
-        if n_images != n_labels
-    ]
-    if uneven:
-        raise OutputError(f"{out_dir}: shard(s) {', '.join(uneven)} hold different numbers of images and labels")
-    check_shard_sizes(parts[1], label_counts)
-    check_against_record(record, parts[1], [read_idx(part, images=False) for part in parts[1]])
-    with atomic_files(targets) as (images_out, labels_out):  # both files, or neither
-        concat_idx(parts[0], image_counts, True, images_out)
-        concat_idx(parts[1], label_counts, False, labels_out)
-    return targets

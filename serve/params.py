@@ -22,8 +22,8 @@ from digitgen.runtime.generator import (
     read_integer,
     read_number,
 )
+from digitgen.runtime.layout import check_grid_count
 from digitgen.runtime.noise import NOISE_SCHEME
-from digitgen.runtime.writers import check_grid_count
 
 MEDIA_TYPES = {
     "png": "image/png",

@@ -160,12 +160,12 @@ def test_plain_digitgen_prints_the_help_not_an_error() -> None:
 def test_an_os_error_the_library_did_not_foresee_is_one_line(
     tmp_path: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import digitgen.runtime.writers as writers
+    import digitgen.runtime.layout as layout
 
     def unlistable(out_dir: Path, *_bounds: int) -> list[Path]:
         raise PermissionError(13, "Permission denied", str(out_dir))
 
-    monkeypatch.setattr(writers, "pngs_in_range", unlistable)
+    monkeypatch.setattr(layout, "pngs_in_range", unlistable)
     code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path / "out")
     assert (code, output) == (1, f"Error: Permission denied: {tmp_path / 'out'}\n")
 

@@ -41,7 +41,8 @@ from digitgen.runtime.files import (
     temporary_name,
 )
 from digitgen.runtime.idx import read_idx
-from digitgen.runtime.writers import FORMATS, plan_generation, png_name
+from digitgen.runtime.layout import FORMATS, png_name
+from digitgen.runtime.writers import plan_generation
 
 N = 12
 

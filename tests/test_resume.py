@@ -23,7 +23,7 @@ from digitgen.runtime import (
     Shard,
     generate_files,
 )
-from digitgen.runtime.writers import FORMATS
+from digitgen.runtime.layout import FORMATS
 from tests.helpers import default_sigint, write_npz_declaring
 
 N = 40

@@ -14,14 +14,14 @@ import pytest
 from click.testing import CliRunner
 
 import digitgen.runtime.shards as shards
-import digitgen.runtime.writers as writers
 from digitgen.cli import main
 from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, generate_files
 from digitgen.runtime.encode import open_npz
+from digitgen.runtime.errors import OtherRunError
 from digitgen.runtime.idx import check_idx, read_idx
+from digitgen.runtime.merge import merge_shards
 from digitgen.runtime.noise import NOISE_SCHEME
 from digitgen.runtime.shards import WHOLE, Shard
-from digitgen.runtime.writers import merge_shards
 from tests.helpers import write_npz_declaring
 
 N, K = 47, 3
@@ -474,8 +474,7 @@ def test_merge_reads_each_idx_shards_header_once(gen: DigitGenerator, tmp_path: 
         read.append(Path(path).name)
         return check_idx(path, images)
 
-    monkeypatch.setattr(writers, "check_idx", counted_check_idx, raising=False)
-    monkeypatch.setattr(shards, "check_idx", counted_check_idx, raising=False)
+    monkeypatch.setattr(shards, "check_idx", counted_check_idx)
     merge_shards(tmp_path, "idx")
     assert len(read) == 6 and sorted(read) == sorted(set(read))
     assert read_idx(tmp_path / "train-labels-idx1-ubyte").shape == (N,)
@@ -524,7 +523,7 @@ def test_a_resume_whose_record_is_another_runs_is_refused_before_any_digit(
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     made: list[int] = []
     record = tmp_path / f"digitgen-{fmt}-run-00001-of-00002"
-    with pytest.raises(writers.OtherRunError, match=f"^{record} holds other digits than this command makes"):
+    with pytest.raises(OtherRunError, match=f"^{record} holds other digits than this command makes"):
         generate_files(gen, tmp_path, 39, fmt, shard=Shard(1, 2), resume=True, on_batch=made.append)
     assert made == [] and {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
     assert generate_files(gen, tmp_path, 40, fmt, shard=Shard(1, 2), resume=True)  # the same request resumes

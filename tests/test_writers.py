@@ -22,16 +22,8 @@ from digitgen.runtime import (
 from digitgen.runtime.encode import contact_sheet
 from digitgen.runtime.generator import empty_digits
 from digitgen.runtime.idx import read_idx
-from digitgen.runtime.writers import (
-    GRID_FILE,
-    GRID_MAX_DIGITS,
-    IDX_IMAGES_FILE,
-    IDX_LABELS_FILE,
-    NPZ_FILE,
-    collect,
-    plan_output,
-    png_name,
-)
+from digitgen.runtime.layout import GRID_FILE, GRID_MAX_DIGITS, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, png_name
+from digitgen.runtime.writers import collect, plan_output
 
 N = 23
 

@@ -1,0 +1,100 @@
+"""What ``--resume`` does with a file already under an output's name: keeps one that holds exactly what the run
+writes, replaces a damaged one, and refuses a whole file of other digits (another run's) or one that is no file
+of its kind, so that a mistyped option never turns a resume into an overwrite."""
+
+from __future__ import annotations
+
+import struct
+import sys
+import zipfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+from digitgen.runtime.encode import PNG_SIGNATURE, ZIP_SIGNATURE, is_whole_png
+from digitgen.runtime.errors import OtherRunError
+from digitgen.runtime.files import readable_file
+from digitgen.runtime.idx import IMAGES_MAGIC, LABELS_MAGIC, is_whole_idx
+from digitgen.runtime.layout import pngs_in_range
+from digitgen.runtime.run_record import is_record_file, is_whole_record
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` is a whole file of its format (PNG, NPZ or IDX) rather than a damaged or truncated one,
+    whatever it holds (another shape, type or pickled objects: a whole file a run did not leave). An NPZ is whole
+    when each member reads back with its CRC; an IDX file has no checksum: only its header and size can tell."""
+    try:
+        if is_record_file(path):
+            return is_whole_record(path.read_bytes())
+        if path.suffix == ".png":
+            return is_whole_png(path.read_bytes())
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as archive:
+                try:
+                    return archive.testzip() is None
+                except (NotImplementedError, RuntimeError):  # encrypted, or compressed as zipfile cannot read
+                    return True  # someone's whole archive
+        return is_whole_idx(path)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error):
+        return False
+
+
+def holds(path: Path, data: bytes) -> bool:
+    """Whether ``path`` is a file holding exactly ``data`` (a dangling link, a folder or a pipe holds nothing)."""
+    if not readable_file(path):
+        return False
+    try:
+        with path.open("rb") as f:
+            return f.read(len(data) + 1) == data  # a larger file is not read to its end
+    except OSError:
+        return False
+
+
+def _first_bytes(path: Path) -> tuple[str, bytes]:
+    """The kind of file ``path`` names and the bytes every file of that kind begins with."""
+    if is_record_file(path):
+        return "a run record", b"{"
+    if path.suffix == ".png":
+        return "a PNG", PNG_SIGNATURE
+    if path.suffix == ".npz":
+        return "an NPZ", ZIP_SIGNATURE
+    return "an IDX", struct.pack(">I", IMAGES_MAGIC if "-idx3-" in path.name else LABELS_MAGIC)
+
+
+def refuse_other_digits(path: Path) -> None:
+    """Refuse to let ``resume`` replace ``path`` if it is complete (it then holds another run's digits) or does not
+    begin as a file of its kind (then no run of this tool wrote it). A damaged or cut-short file is replaced."""
+    if not readable_file(path):  # a pipe, a device, a dangling link: nothing in it to keep, and never read
+        return
+    if is_complete(path):
+        raise OtherRunError(
+            f"{path} holds other digits than this command makes (written with other options or another model); "
+            "resume with the options of the run that wrote it, or pass --overwrite to replace it"
+        )
+    kind, first = _first_bytes(path)
+    try:
+        with path.open("rb") as f:
+            begins = f.read(len(first))
+    except OSError:
+        return
+    if not first.startswith(begins):
+        raise OtherRunError(
+            f"{path} is not {kind} file, so no run of this command wrote it; move it, or pass --overwrite to replace it"
+        )
+
+
+def resume_check(resume: bool) -> Callable[[Path], None] | None:
+    """What :func:`~digitgen.runtime.files.atomic_files` is given to keep or vet existing files when resuming."""
+    return refuse_other_digits if resume else None
+
+
+def refuse_a_longer_run(out_dir: Path, total: int) -> None:
+    """Refuse to resume a PNG run of ``total`` digits in a folder holding digits past it: they are a longer run's,
+    and the folder could never end as this run's would."""
+    beyond = pngs_in_range(out_dir, total, sys.maxsize)
+    if beyond:
+        more = f" (and {len(beyond) - 1} more)" if len(beyond) > 1 else ""
+        raise OtherRunError(
+            f"{beyond[0]}{more} lies past this command's {total} digits: the folder holds a run of another count; "
+            "resume with that run's count, or write to another folder"
+        )
