@@ -40,7 +40,6 @@ from digitgen.__main__ import let_go_then_stop
 from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.evaluate import MAX_SAMPLES
-from digitgen.runtime.files import readable_file
 from digitgen.runtime.generator import (
     DECIMAL_TEXT,
     DEFAULT_BATCH_SIZE,
@@ -556,42 +555,11 @@ def train(
     )
 
 
-MAX_QUALITY_BYTES = 1 << 20  # what --quality reads at most: evaluate --json writes about 1 kB
+def _quality_file(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
+    """``--quality``'s evaluation, read by the exporter (loaded only by the command that needs torch anyway)."""
+    from digitgen.export.quality import read_evaluation
 
-
-def _read_json(data: bytes, name: str) -> object:
-    """``data``'s JSON, whole (pretty-printed or not), else its last line (``evaluate --json`` output captured
-    together with the lines before it); not JSON's null, which would read as no ``--quality`` at all."""
-    try:
-        text = data.decode().strip()
-        try:
-            parsed = read_json(text)
-        except ValueError:
-            parsed = read_json(text.splitlines()[-1])
-    except (ValueError, IndexError) as exc:  # UnicodeDecodeError is a ValueError
-        raise click.BadParameter(f"{name} holds no JSON object", param_hint="--quality") from exc
-    if parsed is None:
-        raise click.BadParameter(f"{name} holds no JSON object (null)", param_hint="--quality")
-    return parsed
-
-
-def _quality_json(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
-    """``--quality``'s file as JSON: a regular file (a device or a pipe could never end) of at most 1 MiB."""
-    if value is None:
-        return None
-    path = Path(value)
-    if not path.exists():
-        raise click.BadParameter(f"{value} not found")
-    if not readable_file(path):
-        raise click.BadParameter(f"{value} is not a regular file (a folder, a pipe or a device)")
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_QUALITY_BYTES + 1)
-    except OSError as exc:
-        raise click.BadParameter(f"cannot read {value}: {exc.strerror}") from None
-    if len(data) > MAX_QUALITY_BYTES:
-        raise click.BadParameter(f"{value} is over 1 MiB: not what evaluate --json writes")
-    return _read_json(data, value)
+    return _parsed_by(read_evaluation)(ctx, param, value)
 
 
 def _echo_report(report: ParityReport) -> None:
@@ -620,7 +588,7 @@ def _echo_report(report: ParityReport) -> None:
 @click.option(
     "--quality",
     type=GivenPath(dir_okay=False),
-    callback=_quality_json,
+    callback=_quality_file,
     help="JSON of `digitgen evaluate --json` to store as metadata.",
 )
 @click.option(

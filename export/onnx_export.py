@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -15,11 +14,11 @@ import torch
 from digitgen.export.errors import ExportError
 from digitgen.export.fast_layers import with_fast_layers
 from digitgen.export.precision import HalfPrecision, quantize_int8
+from digitgen.export.quality import check_scored_model, quality_metadata
 from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityReport, verify_parity
 from digitgen.runtime.contract import CONTRACT_VERSION
 from digitgen.runtime.errors import InvalidModelError
 from digitgen.runtime.files import folder_problem, publish_all, refuse_existing, refuse_one_file_twice
-from digitgen.runtime.session import model_sha256
 from digitgen.training.checkpoint import release_weights, write_payload
 from digitgen.training.state import load_generator
 
@@ -53,73 +52,6 @@ def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
         **({"train_label_weight_floor": str(train["label_weight_floor"])} if train.get("label_weight_floor") else {}),
         **({"train_label_digit_weights": train["label_digit_weights"]} if train.get("label_digit_weights") else {}),
     }
-
-
-NOT_AN_EVALUATION = "not an evaluation from `digitgen evaluate --json`"
-
-
-def _number(value: object, name: str, most: float | None = 1.0) -> float:
-    """``value`` if it is a finite number from 0 to ``most`` (no bound: ``None``), else :class:`ExportError`:
-    accuracies, precision and recall are fractions, FID a distance."""
-    in_range = isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= (most or math.inf)
-    if isinstance(value, bool) or not in_range:
-        bounds = "0 or more" if most is None else f"from 0 to {most:g}"
-        raise ExportError(f"{NOT_AN_EVALUATION}: {name} is {value!r}, not a number {bounds}")
-    return float(value)
-
-
-def _section(evaluation: Mapping[str, object], part: str) -> Mapping[str, object]:
-    section = evaluation.get(part)
-    if not isinstance(section, Mapping):
-        raise ExportError(f"{NOT_AN_EVALUATION}: missing or bad {part!r}")
-    return section
-
-
-def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str, str]:
-    """Headline figures of ``digitgen evaluate --json`` as ``metadata_props`` entries; :class:`ExportError` for a
-    figure missing, or not a number in its range (a NaN, an accuracy over 1)."""
-    if not isinstance(evaluation, Mapping):
-        raise ExportError(f"{NOT_AN_EVALUATION}: a JSON {type(evaluation).__name__}")
-    if evaluation.get("truncation") is not None:
-        raise ExportError(
-            f"the evaluation scored digits drawn with truncation {evaluation['truncation']}, not the model's own "
-            "distribution; evaluate without --truncation"
-        )
-    generated, real = _section(evaluation, "generated"), _section(evaluation, "real")
-    samples, per_digit = generated.get("num_samples"), generated.get("per_digit_accuracy")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ExportError(f"{NOT_AN_EVALUATION}: generated.num_samples is {samples!r}, not a count of digits")
-    if not isinstance(per_digit, list) or not per_digit:
-        raise ExportError(f"{NOT_AN_EVALUATION}: generated.per_digit_accuracy is {per_digit!r}, not a list")
-    return {
-        "quality_num_samples": str(samples),
-        "quality_class_accuracy": f"{_number(generated.get('class_accuracy'), 'generated.class_accuracy'):.4f}",
-        "quality_min_digit_accuracy": f"{min(_number(a, 'generated.per_digit_accuracy') for a in per_digit):.4f}",
-        "quality_fid": f"{_number(generated.get('fid'), 'generated.fid', None):.4f}",
-        "quality_precision": f"{_number(generated.get('precision'), 'generated.precision'):.4f}",
-        "quality_recall": f"{_number(generated.get('recall'), 'generated.recall'):.4f}",
-        "quality_real_fid": f"{_number(real.get('fid'), 'real.fid', None):.4f}",
-        "quality_real_precision": f"{_number(real.get('precision'), 'real.precision'):.4f}",
-        "quality_real_recall": f"{_number(real.get('recall'), 'real.recall'):.4f}",
-    }
-
-
-def check_scored_model(evaluation: Mapping[str, object], model: Path, shown_as: Path) -> None:
-    """Refuse to store ``evaluation``'s figures in ``model`` (to be published as ``shown_as``) unless they were
-    measured on the same model: equal bytes, metadata aside (``evaluate --json`` records their hash)."""
-    scored = evaluation.get("model_sha256_without_metadata")
-    if not isinstance(scored, str):
-        raise ExportError(
-            "the evaluation does not say which model it scored (no model_sha256_without_metadata): "
-            "run `digitgen evaluate --json` on the model again"
-        )
-    exported = model_sha256(model.read_bytes(), model, with_metadata=False)
-    if scored != exported:
-        raise ExportError(
-            f"the evaluation scored another model than {shown_as} (sha256 without metadata {scored[:12]}..., this "
-            f"export {exported[:12]}...): evaluate what `digitgen export` writes from this checkpoint with the same "
-            "options and no --quality, then pass that evaluation"
-        )
 
 
 # The exporter records each node's Python stack: the source paths of the machine that exported it, which

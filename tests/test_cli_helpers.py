@@ -1,4 +1,5 @@
-"""The CLI's small helpers: the `--quality` file, training's progress text, signals as Ctrl-C."""
+"""The CLI's small helpers and what it reads for them: the `--quality` file, training's progress text, signals as
+Ctrl-C."""
 
 from __future__ import annotations
 
@@ -8,33 +9,39 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
 import digitgen.cli as cli
-from digitgen.cli import _format_progress, _read_json, _StopOnce, install_command, main
+from digitgen.cli import _format_progress, _StopOnce, install_command, main
+from digitgen.export.quality import QualityFileError, read_evaluation
 from tests.conftest import REPO
 from tests.helpers import PIP
 
 
-def named(text: str) -> tuple[bytes, str]:
-    return text.encode(), "quality.json"
+def named(tmp_path: Path, text: str) -> str:
+    (tmp_path / "quality.json").write_text(text)
+    return str(tmp_path / "quality.json")
 
 
-def test_quality_file_is_read_from_its_last_line() -> None:
+def test_quality_file_is_read_from_its_last_line(tmp_path: Path) -> None:
     """`evaluate --json` may print progress first; the JSON object is the last line."""
     text = 'evaluating 100 digits\n{"generated": {"fid": 1.5}, "real": {"fid": 1.0}}\n\n'
-    assert _read_json(*named(text)) == {"generated": {"fid": 1.5}, "real": {"fid": 1.0}}
+    assert read_evaluation(named(tmp_path, text)) == {"generated": {"fid": 1.5}, "real": {"fid": 1.0}}
 
 
-def test_a_pretty_printed_quality_file_is_read_whole() -> None:
+def test_a_pretty_printed_quality_file_is_read_whole(tmp_path: Path) -> None:
     text = '{\n  "generated": {"fid": 1.5},\n  "real": {"fid": 1.0}\n}\n'
-    assert _read_json(*named(text)) == {"generated": {"fid": 1.5}, "real": {"fid": 1.0}}
+    assert read_evaluation(named(tmp_path, text)) == {"generated": {"fid": 1.5}, "real": {"fid": 1.0}}
 
 
 @pytest.mark.parametrize("text", ["", "  \n", "done\n", '{"generated": 1}\nnot json', "null\n", "done\nnull"], ids=repr)
-def test_quality_file_without_json_is_a_bad_parameter(text: str) -> None:
-    with pytest.raises(click.BadParameter, match=r"quality\.json holds no JSON object") as raised:
-        _read_json(*named(text))
-    assert raised.value.param_hint == "--quality"
+def test_quality_file_without_json_is_refused_and_the_cli_names_the_option(tmp_path: Path, text: str) -> None:
+    path = named(tmp_path, text)
+    with pytest.raises(QualityFileError, match=r"quality\.json holds no JSON object"):
+        read_evaluation(path)
+    result = CliRunner().invoke(main, ["export", "--checkpoint", path, "--quality", path])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"Error: Invalid value for '--quality': {path} holds no JSON object")
 
 
 def test_training_progress_names_epoch_losses_and_scores() -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
 import pytest
 
-from digitgen.cli import _read_json
+from digitgen.export.quality import QualityFileError, read_evaluation
 from digitgen.runtime.run_record import is_whole_record
 from digitgen.runtime.text import read_json
 from digitgen.training.cas import _read_accuracy
@@ -42,6 +41,7 @@ def test_an_accuracy_state_too_deep_is_a_damaged_state(tmp_path: Path) -> None:
         _read_accuracy(state)
 
 
-def test_a_quality_file_too_deep_holds_no_json_object() -> None:
-    with pytest.raises(click.BadParameter, match=r"^deep\.json holds no JSON object$"):
-        _read_json(DEEP.encode(), "deep.json")
+def test_a_quality_file_too_deep_holds_no_json_object(tmp_path: Path) -> None:
+    (tmp_path / "deep.json").write_text(DEEP)
+    with pytest.raises(QualityFileError, match=r"deep\.json holds no JSON object$"):
+        read_evaluation(str(tmp_path / "deep.json"))

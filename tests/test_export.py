@@ -18,6 +18,7 @@ import torch
 from click.testing import CliRunner
 
 import digitgen.export.onnx_export as onnx_export
+import digitgen.export.quality as quality
 import digitgen.export.verify as verify
 from digitgen.cli import main
 from digitgen.export.errors import ExportError, ExportVerificationError
@@ -305,7 +306,7 @@ EVALUATION = {
 
 
 def test_quality_metadata_holds_the_headline_figures_to_four_decimals() -> None:
-    assert onnx_export.quality_metadata(EVALUATION) == {
+    assert quality.quality_metadata(EVALUATION) == {
         "quality_num_samples": "100",
         "quality_class_accuracy": "0.9877",
         "quality_min_digit_accuracy": "0.9500",
@@ -351,12 +352,12 @@ def _changed(part: str, key: str, value: object) -> dict:
 )
 def test_quality_metadata_refuses_what_evaluate_does_not_write(broken: object, reason: str) -> None:
     with pytest.raises(ExportError, match=f"^not an evaluation from `digitgen evaluate --json`: {reason}$"):
-        onnx_export.quality_metadata(broken)
+        quality.quality_metadata(broken)
 
 
 def test_quality_metadata_takes_each_figure_at_the_edges_of_its_range() -> None:
     edges = {"num_samples": 1, "class_accuracy": 0, "per_digit_accuracy": [0, 1], "fid": 0, "precision": 1}
-    figures = onnx_export.quality_metadata({**EVALUATION, "generated": {**EVALUATION["generated"], **edges}})
+    figures = quality.quality_metadata({**EVALUATION, "generated": {**EVALUATION["generated"], **edges}})
     assert figures["quality_num_samples"] == "1" and figures["quality_class_accuracy"] == "0.0000"
     assert figures["quality_min_digit_accuracy"] == "0.0000" and figures["quality_fid"] == "0.0000"
     assert figures["quality_precision"] == "1.0000"
@@ -364,7 +365,7 @@ def test_quality_metadata_takes_each_figure_at_the_edges_of_its_range() -> None:
 
 def test_quality_metadata_refuses_an_evaluation_of_truncated_digits() -> None:
     with pytest.raises(ExportError) as refused:
-        onnx_export.quality_metadata({**EVALUATION, "truncation": 0.5})
+        quality.quality_metadata({**EVALUATION, "truncation": 0.5})
     assert str(refused.value) == (
         "the evaluation scored digits drawn with truncation 0.5, not the model's own distribution; "
         "evaluate without --truncation"
@@ -384,7 +385,7 @@ def test_an_export_takes_the_figures_of_its_own_model_only(tmp_path: Path, tiny_
     assert export_generator(tiny_checkpoint, out, evaluation=evaluation).passed
     metadata = DigitGenerator.from_path(out).info.metadata
     assert metadata["quality_fid"] == "12.3457" and "quality_fid" not in DigitGenerator.from_path(scored).info.metadata
-    onnx_export.check_scored_model(evaluation, out, out)
+    quality.check_scored_model(evaluation, out, out)
 
     other = {**evaluation, "model_sha256_without_metadata": "0123456789abcdef" * 4}
     with pytest.raises(ExportError) as refused:
