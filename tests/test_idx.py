@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from digitgen.runtime import InvalidRequestError
-from digitgen.runtime.idx import check_idx, idx_header, read_idx, read_mnist_split
+from digitgen.runtime.idx import check_idx, idx_header, is_whole_idx, read_idx, read_mnist_split
 from tests.helpers import write_idx
 
 IMAGES = np.arange(3 * 28 * 28, dtype=np.int64).reshape(3, 28, 28) % 256
@@ -78,3 +78,35 @@ def test_the_header_count_is_32_bits_and_a_larger_one_is_refused() -> None:
     assert idx_header(2**32 - 1, images=False)[4:] == b"\xff\xff\xff\xff"
     with pytest.raises(InvalidRequestError, match=r"^an IDX file holds at most 4,294,967,295 digits"):
         idx_header(2**32, images=True)
+
+
+def _idx(type_code: int, dims: tuple[int, ...], payload: int) -> bytes:
+    return bytes([0, 0, type_code, len(dims)]) + struct.pack(f">{len(dims)}I", *dims) + bytes(payload)
+
+
+@pytest.mark.parametrize(
+    ("content", "whole"),
+    [
+        (_idx(0x08, (3, 28, 28), 3 * 784), True),  # MNIST's images
+        (_idx(0x08, (3, 32, 32), 3 * 1024), True),  # another shape: whole all the same
+        (_idx(0x0D, (3,), 12), True),  # floats, four bytes each
+        (_idx(0x0E, (2, 2), 32), True),  # doubles
+        (_idx(0x08, (3, 28, 28), 3 * 784 - 1), False),  # cut short
+        (_idx(0x08, (3, 28, 28), 3 * 784 + 1), False),  # more than its header says
+        (_idx(0x07, (3,), 3), False),  # no IDX type
+        (b"\x01" + _idx(0x08, (3,), 3)[1:], False),  # the magic's first two bytes are zeros
+        (b"\x00\x01" + _idx(0x08, (3,), 3)[2:], False),
+        (bytes([0, 0, 8, 0]), False),  # no dimension
+        (bytes([0, 0, 8, 3]) + struct.pack(">I", 3), False),  # a header cut short
+        (b"\x00\x00", False),
+        (b"", False),
+        # 2^21 x 2^21 x 2^22 = 2^64 items: a 64-bit product would wrap to 0 and take the bare header for whole
+        (_idx(0x08, (2**21, 2**21, 2**22), 0), False),
+    ],
+)
+def test_a_whole_idx_file_is_one_as_long_as_its_header_says_whatever_it_holds(
+    tmp_path: Path, content: bytes, whole: bool
+) -> None:
+    path = tmp_path / "file-idx3-ubyte"
+    path.write_bytes(content)
+    assert is_whole_idx(path) is whole

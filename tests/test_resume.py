@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,21 @@ def test_resume_refuses_someones_whole_file_of_another_shape_and_never_unpickles
         generate_files(gen, out, N, fmt, resume=True, **REQUEST)
     assert (out / name).read_bytes() == source.read_bytes()
     assert not (tmp_path / "made-unpickled").exists()
+
+
+def test_resume_refuses_an_encrypted_npz_as_someones_whole_file(gen: DigitGenerator, tmp_path: Path) -> None:
+    """zipfile cannot check the CRC of an encrypted member without its password: the archive is someone's, whole
+    as far as anyone here can tell, and never taken for damage."""
+    with zipfile.ZipFile(tmp_path / "digits.npz", "w") as archive:
+        archive.writestr("images.npy", b"secret")
+    data = bytearray((tmp_path / "digits.npz").read_bytes())
+    central = data.rindex(b"PK\x01\x02")
+    data[6] |= 1  # the encrypted flag, in the local header and in the central directory
+    data[central + 8] |= 1
+    (tmp_path / "digits.npz").write_bytes(bytes(data))
+    with pytest.raises(OtherRunError, match=r"holds other digits than this command makes .*pass --overwrite"):
+        generate_files(gen, tmp_path, N, "npz", resume=True, **REQUEST)
+    assert (tmp_path / "digits.npz").read_bytes() == bytes(data)
 
 
 class _Touches:

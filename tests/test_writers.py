@@ -97,7 +97,7 @@ def test_existing_outputs_are_kept_unless_overwrite(gen: DigitGenerator, tmp_pat
 def test_out_is_a_file(gen: DigitGenerator, tmp_path: Path) -> None:
     target = tmp_path / "file.txt"
     target.write_text("x")
-    with pytest.raises(OutputError, match="is a file, not a directory"):
+    with pytest.raises(OutputError, match=f"^output directory {re.escape(str(target))} is a file, not a directory$"):
         _write(gen, target, "png")
     with pytest.raises(OutputError, match="lies under"):
         _write(gen, target / "sub", "png")
