@@ -18,9 +18,7 @@ def printable(text: str) -> str:
     if text.isprintable():  # the usual case, checked in C
         return text
     return "".join(
-        char.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(char) in _ESCAPED_CATEGORIES
-        else char
+        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in _ESCAPED_CATEGORIES else char
         for char in text
     )
 

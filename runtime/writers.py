@@ -76,12 +76,14 @@ from digitgen.runtime.layout import (
 from digitgen.runtime.resume import holds, refuse_a_longer_run, refuse_other_digits, resume_check
 from digitgen.runtime.run_record import (
     is_recorded,
+    is_whole_record,
     record_name,
     run_record,
 )
 from digitgen.runtime.shards import WHOLE, Shard
 
 OnBatch = Callable[[int], None]
+MAX_RECORD_BYTES = 1 << 16  # a run record is a few hundred bytes: a larger file of its name is no record
 
 
 def _check_arrays(batch: object) -> None:
@@ -463,9 +465,12 @@ def plan_output(
 
 def _remove_an_orphan_record(out_dir: Path, fmt: str, shard: Shard) -> None:
     """Remove the run record of a shard whose parts are gone (deleted once merged, say): it describes nothing now,
-    and would stand in the way of the next run of that shard."""
+    and would stand in the way of the next run of that shard. A file of that name that is no record is someone's,
+    and stays for the checks of any other file in the way."""
     record = out_dir / record_name(fmt, shard)
-    if record.is_file() and not any(os.path.lexists(out_dir / name) for name in output_names(fmt, shard)):
+    if any(os.path.lexists(out_dir / name) for name in output_names(fmt, shard)) or not record.is_file():
+        return
+    if record.stat().st_size <= MAX_RECORD_BYTES and is_whole_record(record.read_bytes()):
         record.unlink()
 
 

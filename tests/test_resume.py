@@ -155,7 +155,11 @@ def test_resume_refuses_to_replace_another_runs_complete_files(
     refused, named, and left as they were, and nothing is added."""
     generate_files(gen, tmp_path, N, fmt, **OTHER_RUNS[other])
     before = folder(tmp_path)
-    with pytest.raises(OtherRunError, match=r"holds other digits than this command makes .*pass --overwrite"):
+    words = (
+        r" holds other digits than this command makes \(written with other options or another model\); resume "
+        r"with the options of the run that wrote it, or pass --overwrite to replace it$"
+    )
+    with pytest.raises(OtherRunError, match=words):
         generate_files(gen, tmp_path, N, fmt, resume=True, **REQUEST)
     assert folder(tmp_path) == before
 
@@ -276,6 +280,29 @@ def test_resume_refuses_someones_whole_file_of_another_shape_and_never_unpickles
         generate_files(gen, out, N, fmt, resume=True, **REQUEST)
     assert (out / name).read_bytes() == source.read_bytes()
     assert not (tmp_path / "made-unpickled").exists()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "shard", "name", "kind"),
+    [
+        ("png", Shard(0, 1), "00000000_label0.png", "a PNG"),
+        ("npz", Shard(0, 1), "digits.npz", "an NPZ"),
+        ("idx", Shard(0, 1), "train-labels-idx1-ubyte", "an IDX"),
+        ("npz", Shard(0, 2), "digitgen-npz-run-00000-of-00002", "a run record"),
+    ],
+)
+def test_resume_refuses_a_file_that_does_not_begin_as_one_of_its_kind(
+    gen: DigitGenerator, tmp_path: Path, fmt: str, shard: Shard, name: str, kind: str
+) -> None:
+    """Notes saved under an output's name: no run wrote them, so they are not taken for a damaged output."""
+    (tmp_path / name).write_text("my notes\n")
+    with pytest.raises(OtherRunError) as refused:
+        generate_files(gen, tmp_path, N, fmt, resume=True, shard=shard, **REQUEST)
+    assert str(refused.value) == (
+        f"{tmp_path / name} is not {kind} file, so no run of this command wrote it; move it, or pass --overwrite "
+        "to replace it"
+    )
+    assert (tmp_path / name).read_text() == "my notes\n"
 
 
 def test_resume_refuses_an_encrypted_npz_as_someones_whole_file(gen: DigitGenerator, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from digitgen.runtime import (
 )
 from digitgen.runtime.evaluate import ReferenceClassifier
 from digitgen.runtime.external_data import external_data_files, without_metadata
-from digitgen.runtime.session import model_sha256, ort_reason
+from digitgen.runtime.session import external_files, model_sha256, ort_reason
 from tests.helpers import nan_pixels
 
 
@@ -336,6 +336,12 @@ def test_a_pipe_as_external_data_is_refused_before_onnxruntime_opens_it(tmp_path
     load = f"from digitgen.runtime import DigitGenerator; DigitGenerator.from_path({str(path)!r}, 'cpu')"
     done = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=120)
     assert f"InvalidModelError: {path} keeps tensors in {folder / 'pipe'}, {NOT_A_FILE}" in done.stderr
+
+
+def test_external_files_of_bytes_that_are_no_protobuf_name_the_model() -> None:
+    with pytest.raises(InvalidModelError) as refused:
+        external_files(b"\x0b", Path("m.onnx"))
+    assert str(refused.value) == "m.onnx is not a valid ONNX model (unsupported wire type 3)"
 
 
 def test_external_data_entries_of_a_tensor_kept_inside_the_model_are_never_read(tmp_path: Path) -> None:

@@ -527,3 +527,21 @@ def test_a_resume_whose_record_is_another_runs_is_refused_before_any_digit(
         generate_files(gen, tmp_path, 39, fmt, shard=Shard(1, 2), resume=True, on_batch=made.append)
     assert made == [] and {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
     assert generate_files(gen, tmp_path, 40, fmt, shard=Shard(1, 2), resume=True)  # the same request resumes
+
+
+def test_a_file_named_like_an_orphan_record_that_is_no_record_is_never_removed(
+    gen: DigitGenerator, tmp_path: Path
+) -> None:
+    """A shard's record without its parts is removed as an orphan; a file of its name that is no record is
+    someone's: refused as any file in the way (it had been deleted)."""
+    notes = tmp_path / "digitgen-npz-run-00000-of-00002"
+    notes.write_text("my notes\n")
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        _write(gen, tmp_path, "npz", Shard(0, 2))
+    assert notes.read_text() == "my notes\n"
+    orphan = tmp_path / "digitgen-npz-run-00001-of-00002"
+    _write(gen, tmp_path, "npz", Shard(1, 2))
+    (tmp_path / "digits-00001-of-00002.npz").unlink()  # merged, say: the record describes nothing now
+    assert orphan.exists()
+    _write(gen, tmp_path, "npz", Shard(1, 2))  # the orphan record goes, and the shard is written again
+    assert orphan.exists() and (tmp_path / "digits-00001-of-00002.npz").exists()
