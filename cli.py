@@ -258,6 +258,12 @@ def _parsed_by(parse: Callable[[str], Parsed]) -> Callable[[click.Context, click
     return callback
 
 
+def _runtime_integer(check: Callable[[object], int]) -> dict[str, Any]:
+    """The type and callback of an integer option that the runtime reads and checks as the HTTP API does, so that
+    both refuse a value in the same words."""
+    return {"type": str, "callback": _parsed_by(lambda text: check(read_integer(text)))}
+
+
 DEFAULT_DATA_DIR = "data"
 
 
@@ -652,8 +658,7 @@ def verify(model_argument: str | None, model: str | None, checkpoint: str, atol:
     default=10,
     show_default=True,
     metavar="N",
-    type=str,  # read and checked by the runtime, in the HTTP API's words
-    callback=_parsed_by(lambda text: check_count(read_integer(text))),
+    **_runtime_integer(check_count),
     help="How many digits to generate, 1 or more (--count: as the HTTP API's count).",
 )
 @click.option("--digits", callback=_parsed_by(parse_digit_list), help="Digits to generate, repeated to N (e.g. 0,3,7).")
@@ -663,8 +668,7 @@ def verify(model_argument: str | None, model: str | None, checkpoint: str, atol:
     default=0,
     show_default=True,
     metavar="SEED",
-    type=str,  # read and checked by the runtime, in the HTTP API's words
-    callback=_parsed_by(lambda text: check_seed(read_integer(text))),
+    **_runtime_integer(check_seed),
     help="Noise seed, 0 to 2^64-1: the same seed, the same digits.",
 )
 @click.option("--out", default="digits", show_default=True, type=GivenPath(), help="Output directory.")

@@ -620,18 +620,18 @@ def test_a_long_method_is_cut_in_the_refusal_and_the_log(server: Server) -> None
     assert f'"{shown} /healthz" 405 ' in line and len(line) < 200, line
 
 
-SHORT_HEAD_TIMEOUT = """
+SHORT_TIMEOUT = """
 import sys
-from digitgen.serve.app import ServeSettings
 from digitgen.serve.run import ServerHTTP, ServerOptions, serve
 
-ServerHTTP.head_timeout = 0.5
+ServerHTTP.{name} = {seconds}
 serve(ServerOptions(port=int(sys.argv[1]), threads=1))
 """
 
 
 def test_a_connection_without_a_whole_request_head_in_time_is_closed_but_a_slow_answer_is_not(tmp_path: Path) -> None:
-    server = start(tmp_path / "server.log", [sys.executable, "-c", SHORT_HEAD_TIMEOUT, "{port}"])
+    script = SHORT_TIMEOUT.format(name="head_timeout", seconds=0.5)
+    server = start(tmp_path / "server.log", [sys.executable, "-c", script, "{port}"])
     host, port = server.url.removeprefix("http://").split(":")
     try:
         with socket.create_connection((host, int(port)), timeout=10) as silent:
@@ -654,18 +654,10 @@ def test_a_connection_without_a_whole_request_head_in_time_is_closed_but_a_slow_
         assert server.stop() == 0
 
 
-SHORT_SEND_TIMEOUT = """
-import sys
-from digitgen.serve.run import ServerHTTP, ServerOptions, serve
-
-ServerHTTP.send_timeout = 1.0
-serve(ServerOptions(port=int(sys.argv[1]), threads=1))
-"""
-
-
 def test_a_client_that_leaves_its_answer_unread_is_cut_off(tmp_path: Path) -> None:
     """Its answer would otherwise wait in the server's memory for as long as the client keeps the connection."""
-    server = start(tmp_path / "server.log", [sys.executable, "-c", SHORT_SEND_TIMEOUT, "{port}"])
+    script = SHORT_TIMEOUT.format(name="send_timeout", seconds=1.0)
+    server = start(tmp_path / "server.log", [sys.executable, "-c", script, "{port}"])
     host, port = server.url.removeprefix("http://").split(":")
     try:
         with socket.socket() as stalled:
