@@ -124,16 +124,23 @@ def model_sha256(model: bytes, path: Path, *, with_metadata: bool = True) -> str
     """SHA-256 of ``model``, the bytes read from ``path`` (less its ``metadata_props`` unless ``with_metadata``);
     for a model that keeps tensors in files beside it, extended by each file's name and SHA-256, so that the
     hash changes with any weight."""
-    digest = hashlib.sha256()
     try:
-        for piece in [model] if with_metadata else without_metadata(model):
-            digest.update(piece)
-        for file in external_files(model, path):
+        pieces = [model] if with_metadata else list(without_metadata(model))
+    except ValueError as exc:
+        raise InvalidModelError(f"{path} is not a valid ONNX model ({exc})") from exc
+    return _digest(pieces, external_files(model, path), path)
+
+
+def _digest(pieces: list[bytes] | list[memoryview], files: list[Path], path: Path) -> str:
+    """SHA-256 of a model's ``pieces``, extended by the name and SHA-256 of each of its external data ``files``."""
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    try:
+        for file in files:
             external = hashlib.sha256(file.read_bytes()).digest()
             location = file.relative_to(path.parent).as_posix()
             digest.update(b"\0" + location.encode() + b"\0" + external)
-    except ValueError as exc:
-        raise InvalidModelError(f"{path} is not a valid ONNX model ({exc})") from exc
     except OSError as exc:
         raise InvalidModelError(f"cannot read the external data of {path}: {exc.strerror or exc}") from exc
     return digest.hexdigest()
@@ -189,12 +196,12 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         locations = external_data_files(model)
     except ValueError:  # not a protobuf: onnxruntime's own words say what is wrong, below
         locations = []
-    _checked_locations(locations, path)  # before onnxruntime reads them
+    files = _checked_locations(locations, path)  # before onnxruntime reads them
     try:
         session = _create_session(model, options, chosen)
     except SESSION_ERRORS as exc:
         raise InvalidModelError(f"{path} is not a valid ONNX model ({ort_reason(exc)})") from exc
-    sha256 = model_sha256(model, path)
+    sha256 = _digest([model], files, path)  # the files checked above, not parsed and checked again
     running = session.get_providers()[0]
     if running != PROVIDERS[chosen]:
         if provider == "auto":

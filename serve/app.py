@@ -382,12 +382,15 @@ FRAMED_TWICE = (
 )
 
 
+_FRAMING = (b"content-length", b"transfer-encoding")
+
+
 def _framed_twice(scope: Scope) -> bool:
     """Whether the request says its body's length two ways: a proxy in front that reads the other one would take
     the rest of the connection for a request of its own (request smuggling), so it is refused and the
     connection closed."""
-    names = {name.lower() for name, _ in scope.get("headers", ())}
-    return b"content-length" in names and b"transfer-encoding" in names
+    lengths = {name for name, _ in scope.get("headers", ()) if name in _FRAMING}  # ASGI's names are in lower case
+    return len(lengths) == len(_FRAMING)
 
 
 class _ServiceEntry:

@@ -147,7 +147,7 @@ class RequestMiddleware:
             return
         started = time.perf_counter()
         scope = origin_form(scope)
-        given = [value for name, value in scope["headers"] if name.lower() == b"x-request-id"]
+        given = [value for name, value in scope["headers"] if name == b"x-request-id"]  # ASGI: in lower case
         one = given[0].decode("latin-1") if len(given) == 1 else ""  # two: neither is the request's, a new one is
         request_id = one if REQUEST_ID.fullmatch(one) else next(self._new_ids)
         scope.setdefault("state", {})["request_id"] = request_id  # for the app's own log lines
