@@ -70,6 +70,7 @@ from digitgen.runtime.text import printable, read_json
 from digitgen.runtime.writers import plan_generation
 from digitgen.training.config import (
     AUGMENTATIONS,
+    DEFAULT_RUN_DIR,
     MAX_SIZE,
     PRECISIONS,
     TRAIN_MAX_SEED,
@@ -83,7 +84,6 @@ from digitgen.training.errors import TrainingError
 if TYPE_CHECKING:
     from digitgen.export.verify import ParityReport
 
-DEFAULT_RUN_DIR = "runs/latest"
 DISTRIBUTION = "digitgen-mnist"  # the name pip knows digitgen by
 Parsed = TypeVar("Parsed")
 Command = TypeVar("Command", bound=Callable[..., Any])
@@ -434,97 +434,22 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     help="Lower the learning rate linearly to zero over the run's last N epochs [default: no decay; on --resume "
     "the run's own, which a shorter --steps or --epochs must not cut].",
 )
-def train(
-    data_dir: str,
-    download: bool,
-    run_dir: str | None,
-    epochs: int | None,
-    steps: int | None,
-    batch_size: int | None,
-    lr: float | None,
-    lr_d: float | None,
-    latent_dim: int | None,
-    conditional_norm: bool | None,
-    g_width: int | None,
-    d_width: int | None,
-    adc_weight: float | None,
-    label_classifiers: tuple[str, ...],
-    label_weight: float | None,
-    label_weight_falls: bool | None,
-    label_weight_floor: float | None,
-    label_digit_weights: str | None,
-    diffaugment: str | None,
-    precision: str | None,
-    seed: int | None,
-    device_name: str,
-    resume: str | None,
-    overwrite: bool,
-    subset: int | None,
-    checkpoint_every: int | None,
-    lr_decay_epochs: float | None,
-) -> None:
+def train(run_dir: str | None, resume: str | None, device_name: str, **choices: Any) -> None:
     """Train the conditional GAN on MNIST (under torchrun: one process per device, DDP)."""
-    import torch
-
     from digitgen.training.distributed import init_distributed, shutdown
     from digitgen.training.loop import train as run_training
-    from digitgen.training.run import RunOptions, describe_run_files, prepare_run
+    from digitgen.training.run import RunOptions, prepare_run, run_folder, training_device
 
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
-    device = torch.device("cuda" if device_name != "cpu" and torch.cuda.is_available() else "cpu")
-    if run_dir is None:  # a resumed run goes on where it was saved
-        run_dir = str(Path(resume).parent) if resume is not None else DEFAULT_RUN_DIR
-    options = RunOptions(
-        data_dir=data_dir,
-        run_dir=run_dir,
-        epochs=epochs,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        latent_dim=latent_dim,
-        seed=seed,
-        subset=subset,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        overwrite=overwrite,
-        lr_decay_epochs=lr_decay_epochs,
-        lr_d=lr_d,
-        conditional_norm=conditional_norm,
-        g_width=g_width,
-        d_width=d_width,
-        adc_weight=adc_weight,
-        label_classifiers=label_classifiers,
-        label_weight=label_weight,
-        label_weight_falls=label_weight_falls,
-        label_weight_floor=label_weight_floor,
-        label_digit_weights=label_digit_weights,
-        diffaugment=diffaugment,
-        precision=precision,
-        download=download,
-    )
+    device = training_device(device_name)
+    run_dir = run_folder(run_dir, resume)
+    options = RunOptions(run_dir=run_dir, resume=resume, **choices)
     ctx, device = init_distributed(device)
     say = _say if ctx.is_main else lambda *args, **kwargs: None
     try:
         with prepare_run(options, device, ctx) as run:
             state = run.state
-            if run.replaced:
-                say(f"--overwrite: deleted the earlier run's {describe_run_files(run.replaced)} in {run_dir}", err=True)
-            say(run.summary(device), err=True)
-            if options.resume is not None and state.saved_by != ctx.world_size:
-                say(
-                    f"note: the checkpoint was saved by {state.saved_by} process(es) and resumes with "
-                    f"{ctx.world_size}; the run goes on, but not exactly as with {state.saved_by} "
-                    "(batches and noise streams differ)",
-                    err=True,
-                )
-            if ctx.enabled:
-                say(
-                    f"distributed: {ctx.world_size} processes, effective batch {run.global_batch} "
-                    f"({ctx.world_size} x {state.train.batch_size}), learning rate {state.train.lr:g} "
-                    "(not scaled with the batch)",
-                    err=True,
-                )
+            for line in run.notes(device, ctx):
+                say(line, err=True)
             with (
                 _stop_on_signals() as should_stop,
                 progress(
@@ -552,7 +477,7 @@ def train(
             sys.exit(130)
         raise Interrupted(
             f"stopped at step {result.step}; checkpoint saved to {result.checkpoint}; "
-            f"continue with --resume {shlex.quote(str(result.checkpoint))}{_data_dir_again(data_dir)}"
+            f"continue with --resume {shlex.quote(str(result.checkpoint))}{_data_dir_again(options.data_dir)}"
         )
     say(
         f"done: step {result.step} in {result.seconds:.0f}s ({result.images_per_s:.0f} images/s); "

@@ -341,6 +341,14 @@ def test_options_that_would_do_nothing_are_refused_not_ignored(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where torch sees no CUDA")
+def test_device_cuda_without_cuda_is_refused_before_anything_is_written(tiny_mnist: Path, tmp_path: Path) -> None:
+    code, output = train(tiny_mnist, tmp_path / "run", "--device", "cuda", "--steps", 2)
+    problem = "--device cuda: CUDA is not available on this machine; use --device cpu"
+    assert code == 1 and output == f"Error: {problem}\n", output
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_classifier_on_fewer_images_than_a_batch_is_one_line(tmp_path: Path) -> None:
     root = write_tiny_mnist(tmp_path / "small", train_count=100)
     result = CliRunner().invoke(main, ["train-classifier", "--data-dir", str(root), "--out", str(tmp_path / "c.onnx")])

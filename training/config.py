@@ -9,6 +9,7 @@ AUGMENTATIONS = ("translation", "cutout")  # DiffAugment transforms, in training
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast of convolutions and matrix products; weights stay fp32
 # torch seeds its generators with 64 bits, and an epoch's order is seeded with seed * 100,003 + epoch
 TRAIN_MAX_SEED = 2**32 - 1
+DEFAULT_RUN_DIR = "runs/latest"  # where a run writes unless told (or resumed from another folder)
 MAX_SIZE = 1024  # the largest noise size, class count, embedding or width a configuration may name
 
 

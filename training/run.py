@@ -13,7 +13,7 @@ import torch
 
 from digitgen.runtime.files import folder_problem, refuse_non_files
 from digitgen.training.classifier import Classifier, load_classifier_weights
-from digitgen.training.config import GANConfig, TrainConfig
+from digitgen.training.config import DEFAULT_RUN_DIR, GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, check_labels, load_mnist_once
 from digitgen.training.distributed import DistContext, on_main_first, weights_digest
 from digitgen.training.errors import CheckpointError, RunDirectoryError, TrainingError
@@ -27,7 +27,7 @@ class RunOptions:
     """What the user asked for; ``None`` means "not given": the default, or the resumed run's own."""
 
     data_dir: str
-    run_dir: str
+    run_dir: str  # see run_folder
     epochs: int | None = None
     steps: int | None = None  # not with epochs; with neither, one epoch (or the resumed run's budget)
     batch_size: int | None = None
@@ -53,6 +53,20 @@ class RunOptions:
     diffaugment: str | None = None
     precision: str | None = None
     download: bool = False  # fetch MNIST when it is missing from data_dir
+
+
+def run_folder(out: str | None, resume: str | None) -> str:
+    """Where a run writes: ``out`` when given, else the resumed checkpoint's folder, else ``runs/latest``."""
+    if out is not None:
+        return out
+    return str(Path(resume).parent) if resume is not None else DEFAULT_RUN_DIR
+
+
+def training_device(name: str) -> torch.device:
+    """The device ``--device`` names: ``auto`` is CUDA where torch sees it, the CPU otherwise."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 # Options that define a run: on --resume they must match the checkpoint or be left out.
@@ -107,6 +121,8 @@ class PreparedRun:
     global_batch: int
     replaced: tuple[Path, ...]  # files of an earlier run removed by --overwrite
     lock: RunLock | None  # the run directory, claimed by the main process until the run ends
+    run_dir: str
+    resumed: bool
 
     def __enter__(self) -> PreparedRun:
         return self
@@ -114,6 +130,28 @@ class PreparedRun:
     def __exit__(self, *_exc: object) -> None:
         if self.lock is not None:
             self.lock.release()
+
+    def notes(self, device: torch.device, ctx: DistContext) -> list[str]:
+        """What to tell the user before the run starts: the files ``--overwrite`` deleted, the :meth:`summary`,
+        and what differs in a run resumed by another number of processes or spread over several."""
+        state = self.state
+        lines = [self.summary(device)]
+        if self.replaced:
+            deleted = describe_run_files(self.replaced)
+            lines.insert(0, f"--overwrite: deleted the earlier run's {deleted} in {self.run_dir}")
+        if self.resumed and state.saved_by != ctx.world_size:
+            lines.append(
+                f"note: the checkpoint was saved by {state.saved_by} process(es) and resumes with "
+                f"{ctx.world_size}; the run goes on, but not exactly as with {state.saved_by} "
+                "(batches and noise streams differ)"
+            )
+        if ctx.enabled:
+            lines.append(
+                f"distributed: {ctx.world_size} processes, effective batch {self.global_batch} "
+                f"({ctx.world_size} x {state.train.batch_size}), learning rate {state.train.lr:g} "
+                "(not scaled with the batch)"
+            )
+        return lines
 
     def summary(self, device: torch.device) -> str:
         """One line on what this run will do: where, on how much data, from which step to which, and how."""
@@ -401,7 +439,8 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
         if lock is not None:
             lock.release()
         raise
-    return PreparedRun(state, data, per_epoch, global_batch, replaced, lock)
+    resumed = options.resume is not None
+    return PreparedRun(state, data, per_epoch, global_batch, replaced, lock, options.run_dir, resumed)
 
 
 def _claim(run_dir: Path) -> RunLock:
