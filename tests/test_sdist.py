@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE_RELEASE = (
     "tests/conftest.py",
     "tests/helpers.py",
+    "tests/README.md",  # the README points to it
     "tests/test_runtime.py",
     "artifacts/generator_weights.pt",
     "artifacts/classifier_weights.pt",
