@@ -495,6 +495,7 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
         summary="Handwritten digits from a GAN trained on MNIST, as PNG, contact sheet, NPZ, IDX or JSON.",
         lifespan=_lifespan(service),
     )
+    app.state.metrics = metrics  # for the server's HTTP protocol, which answers what never reaches the app
 
     # documents the endpoint in OpenAPI; _ServiceEntry answers its requests first, with the same handler
     doc = generate_doc(settings.max_count, generator.num_classes)

@@ -37,6 +37,7 @@ LOGGED_TARGET = 1024  # characters of a request's path and query in its access-l
 LOGGED_METHOD = 32  # characters of a request's method there (the longest registered method has 17)
 ACCESS_LOG = logging.getLogger("digitgen.serve.access")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+UNPARSED = "unparsed"  # the endpoint label of a request refused before it could be read (400, 408)
 BUSY, TIME_LIMIT = "busy", "time_limit"  # why a request was refused with 503, a label of the refused counter
 REFUSAL_REASONS = (BUSY, TIME_LIMIT)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -97,7 +98,7 @@ class Metrics:
             collector(registry=self.registry)
         self.requests = Counter(
             "digitgen_requests",
-            "Requests answered, by endpoint and status",
+            "Requests answered, by endpoint and status (endpoint unparsed: refused before the app could read them)",
             ["endpoint", "status"],
             registry=self.registry,
         )

@@ -28,7 +28,7 @@ from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.session import MAX_THREADS, external_files, model_sha256
 from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
 from digitgen.serve.app import ServeConfigError, ServeSettings, check_type, create_app
-from digitgen.serve.observe import ACCESS_LOG
+from digitgen.serve.observe import ACCESS_LOG, UNPARSED, Metrics
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
 
@@ -235,9 +235,13 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._answer_and_close("400 Bad Request", NOT_HTTP)
 
     def _log_unseen(self, status: int) -> None:
-        """The access-log line of a request the app never saw."""
+        """The access-log line of a request the app never saw, and its count in the app's metrics (endpoint
+        ``unparsed``)."""
         client = self.client or ("-", 0)
         ACCESS_LOG.info('%s:%s "-" %d id=-', *client, status)
+        metrics = _metrics_of(self.app)
+        if metrics is not None:
+            metrics.requests.labels(UNPARSED, str(status)).inc()
 
     def _answer_and_close(self, status: str, body: bytes) -> None:
         head = (
@@ -246,6 +250,17 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         )
         self.transport.write(head.encode() + body)
         self.transport.close()
+
+
+def _metrics_of(app: object) -> Metrics | None:
+    """The metrics of the app :func:`create_app` made, under the middleware uvicorn wraps it in; ``None`` for
+    another app."""
+    while app is not None:
+        metrics = getattr(getattr(app, "state", None), "metrics", None)
+        if isinstance(metrics, Metrics):
+            return metrics
+        app = getattr(app, "app", None)
+    return None
 
 
 @contextmanager

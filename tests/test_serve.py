@@ -535,12 +535,15 @@ def test_unknown_paths_and_methods_answer_json(server: Server) -> None:
     ids=["request line", "header"],
 )
 def test_bytes_that_are_not_http_get_a_400_in_json(server: Server, sent: bytes) -> None:
+    unparsed = 'digitgen_requests_total{endpoint="unparsed",status="400"}'
+    before = server.metric(unparsed)
     status_line, headers, body = _exchange(server, sent)
     assert status_line == "HTTP/1.1 400 Bad Request" and headers["content-type"] == "application/json"
     assert int(headers["content-length"]) == len(body) and headers["connection"] == "close"
     assert json.loads(body) == {"error": "not a valid HTTP/1.1 request; the server closed the connection"}
     assert server.get("/healthz").status_code == 200
     assert '"-" 400 id=-' in server.log.read_text()  # its access-log line, though the app never saw it
+    assert server.metric(unparsed) == before + 1  # and its count
 
 
 # uvicorn parses HTTP with httptools when it is installed (`uvicorn[standard]`), with h11 otherwise
@@ -645,6 +648,7 @@ def test_a_connection_without_a_whole_request_head_in_time_is_closed_but_a_slow_
         assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in head
         assert json.loads(body) == {"error": "no whole request head within 0.5 s; the server closed the connection"}
         assert '"-" 408 id=-' in server.log.read_text()  # its access-log line, though the app never saw it
+        assert server.metric('digitgen_requests_total{endpoint="unparsed",status="408"}') == 1
         with httpx.Client(base_url=server.url, timeout=60) as client:
             begin = time.monotonic()  # about 2 s of work: longer than the head's deadline, and not cut by it
             assert client.get("/generate?count=6000&format=npz").status_code == 200

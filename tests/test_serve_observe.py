@@ -150,7 +150,10 @@ def test_metrics_are_named_typed_labelled_and_described_in_their_own_registry() 
         if family.name.startswith("digitgen_")
     }
     assert described == {
-        "digitgen_requests": ("counter", "Requests answered, by endpoint and status"),
+        "digitgen_requests": (
+            "counter",
+            "Requests answered, by endpoint and status (endpoint unparsed: refused before the app could read them)",
+        ),
         "digitgen_request_seconds": ("histogram", "Time from request to the end of the response, by endpoint"),
         "digitgen_digits_generated": ("counter", "Digits generated"),
         "digitgen_requests_refused": ("counter", "Requests refused with 503, by reason"),
