@@ -42,9 +42,13 @@ def test_two_process_training_agrees_resumes_and_exports(tmp_path: Path, tiny_mn
     straight = torchrun(*common, "--out", tmp_path / "straight", "--steps", 6)
     assert "distributed: 2 processes, effective batch 16 (2 x 8)" in straight.stderr
     assert "generator weights identical on all 2 ranks" in straight.stderr
+    assert "note:" not in straight.stderr  # a fresh run resumes nothing, saved by no other number of processes
 
     torchrun(*common, "--out", tmp_path / "resumed", "--steps", 3)
-    torchrun(*common, "--out", tmp_path / "resumed", "--steps", 6, "--resume", tmp_path / "resumed" / "checkpoint.pt")
+    resumed = torchrun(
+        *common, "--out", tmp_path / "resumed", "--steps", 6, "--resume", tmp_path / "resumed" / "checkpoint.pt"
+    )
+    assert "note:" not in resumed.stderr  # saved by two, resumed by two
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 6 and len(a["rng"]["noise"]) == 2
