@@ -152,6 +152,16 @@ def test_overwrite_deletes_nothing_when_another_option_is_refused(
     assert {path: path.read_bytes() for path in finished_run.rglob("*") if path.is_file()} == files
 
 
+def test_overwrite_deletes_nothing_when_a_folder_has_a_sample_grids_name(finished_run: Path, tiny_mnist: Path) -> None:
+    """It could not be deleted, nor replaced by the new run's grid: refused before any file is gone."""
+    (finished_run / "samples" / "step0000099.png").mkdir()
+    files = {path: path.read_bytes() for path in finished_run.rglob("*") if path.is_file()}
+    code, output = train(tiny_mnist, finished_run, "--steps", 2, "--overwrite", *TINY)
+    problem = f"{finished_run / 'samples' / 'step0000099.png'} is a folder, not a file; move it, or name another file"
+    assert code == 1 and output == f"Error: {problem}\n", output
+    assert {path: path.read_bytes() for path in finished_run.rglob("*") if path.is_file()} == files
+
+
 def test_resume_continues_the_run_in_place(finished_run: Path, tiny_mnist: Path) -> None:
     code, output = train(tiny_mnist, finished_run, "--resume", finished_run / "checkpoint.pt", "--steps", 4)
     assert code == 0, output

@@ -191,6 +191,7 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
     if os.path.lexists(samples) and not samples.is_dir():
         raise RunDirectoryError(f"{samples} is not a folder, where a run keeps its sample grids; move it")
     existing = earlier_run_files(run_dir) if run_dir.is_dir() else ()
+    refuse_non_files(existing)  # a folder of a grid's name: --overwrite could not delete it, nor a run replace it
     own_checkpoint = run_dir / CHECKPOINT_NAME
     resumes_it = options.resume is not None and own_checkpoint.exists() and own_checkpoint.samefile(options.resume)
     if resumes_it and options.overwrite:
