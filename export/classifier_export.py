@@ -22,11 +22,12 @@ from digitgen.training.classifier import (
     check_classifier_data,
     classifier_weights,
     load_classifier_weights,
+    load_resumable_state,
     train_classifier,
     training_steps,
     weights_path_beside,
 )
-from digitgen.training.classifier_resume import check_resume, load_state, recipe_of, state_path_beside
+from digitgen.training.classifier_resume import check_resume, recipe_of, state_path_beside
 from digitgen.training.data import load_mnist
 
 CLASSIFIER_FILE = "classifier.onnx"  # a file name to show in a refusal
@@ -115,7 +116,7 @@ class ClassifierRun:
         check_classifier_data(self.train, self.test)
         self.total = training_steps(len(self.train.images), epochs)
         recipe = recipe_of(self.train, epochs, BATCH_SIZE, seed) if resume else None  # a new run: train_classifier's
-        self.resumed = load_state(self.state, recipe, self.total) if recipe else None
+        self.resumed = load_resumable_state(self.state, recipe, self.total, len(self.train.images)) if recipe else None
 
     @property
     def done(self) -> int:

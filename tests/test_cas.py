@@ -283,6 +283,22 @@ def test_cas_refuses_a_state_past_its_last_step_counting_each_classifier_s_own_s
     ]
 
 
+def test_cas_trains_again_a_state_that_reads_but_does_not_restore(
+    gen: DigitGenerator, splits: Splits, tmp_path: Path, trainer: RecordingTrainer
+) -> None:
+    """Found when the request starts, in a note, not as a traceback at the state's first step."""
+    request = {"per_class": 117, "epochs": 1, "state_dir": tmp_path}
+    paths = CasRun(gen, *splits, **request).paths
+    recipe = recipe_of(
+        MnistTensors(torch.tensor(splits[0][0]), torch.tensor(splits[0][1], dtype=torch.int64)), 1, BATCH_SIZE, 0
+    )
+    state = {"kind": "reference classifier training state", "format_version": 1, "recipe": recipe, "step": 1}
+    torch.save({**state, "order": torch.arange(3)}, paths["real"])  # an order of 3 of the 256 real images
+    again = CasRun(gen, *splits, **request)
+    problem = "its epoch's order is not one of the 256 images each"
+    assert again.done == 0 and again.notes == [f"{paths['real']}: a damaged training state ({problem}); trained again"]
+
+
 def test_cas_with_its_first_accuracy_kept_leaves_a_leftover_first_state_alone(
     gen: DigitGenerator, splits: Splits, tmp_path: Path, trainer: RecordingTrainer
 ) -> None:

@@ -19,6 +19,7 @@ from digitgen.training.classifier import (
     check_classifier_data,
     classifier_weights,
     load_classifier_weights,
+    load_resumable_state,
     random_shift,
     train_classifier,
     training_steps,
@@ -29,7 +30,6 @@ from digitgen.training.classifier_resume import (
     finding,
     load_state,
     recipe_of,
-    restore_state,
     state_path_beside,
 )
 from digitgen.training.data import MnistTensors, load_mnist
@@ -244,42 +244,73 @@ def test_finding_is_why_a_state_cannot_be_continued_without_train_classifier_s_a
     )
 
 
-class _Part:
-    """Stands in for a model, optimizer or schedule: ``load_state_dict`` raises ``error`` if given one."""
+def _wrong_moment(payload: dict) -> None:
+    payload["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
 
-    def __init__(self, error: BaseException | None = None) -> None:
-        self.error, self.loaded = error, None
 
-    def load_state_dict(self, state: object) -> None:
-        if self.error is not None:
-            raise self.error
-        self.loaded = state
+def _order_out_of_range(payload: dict) -> None:
+    payload["order"][0] = 10**9
+
+
+def _schedule_at(payload: dict, step: int) -> None:
+    payload["schedule"]["last_epoch"] = step
 
 
 @pytest.mark.parametrize(
-    ("error", "why"),
+    ("edit", "why"),
     [
-        (
-            RuntimeError("\n  Error(s) in loading state_dict:\n\tMissing key(s): head.weight\n"),
-            "Error(s) in loading state_dict:",
-        ),
-        (ValueError(), "ValueError"),
-        (TypeError("  \n "), "TypeError"),
-        (None, "'model'"),  # a part the file lacks: KeyError
+        (lambda p: p.update({"model": {}}), "Missing key(s) in state_dict: "),
+        (lambda p: p.pop("model"), "'model'"),
+        (lambda p: p.update({"optimizer": "x"}), "the classifier optimizer's state does not load ("),
+        (_wrong_moment, "the classifier optimizer's exp_avg is (3,) for a parameter of "),
+        (lambda p: p.update({"schedule": {**p["schedule"], "total_steps": "8"}}), "the schedule's state is not that "),
+        (lambda p: _schedule_at(p, 5), "the schedule stands at step 5, the state at 2"),
+        (lambda p: p.update({"order": p["order"].float()}), "its epoch's order is not one of the 512 images each"),
+        (_order_out_of_range, "its epoch's order is not one of the 512 images each"),
+        (lambda p: p.update({"order": p["order"][:-1]}), "its epoch's order is not one of the 512 images each"),
+        (lambda p: p.update({"torch_rng": torch.zeros(3, dtype=torch.uint8)}), "Expected a CPUGeneratorImplState"),
     ],
-    ids=["first line of several", "no message", "blank message", "missing part"],
+    ids=[
+        "model-empty",
+        "model-missing",
+        "optimizer-text",
+        "moment-shape",
+        "schedule-kind",
+        "schedule-step",
+        "order-float",
+        "order-range",
+        "order-short",
+        "torch-rng",
+    ],
 )
-def test_restore_state_refuses_a_state_that_does_not_fit_with_the_first_line_of_why(
-    tmp_path: Path, error: BaseException | None, why: str
+def test_a_damaged_state_is_refused_before_any_step_with_the_first_line_of_why(
+    small: tuple[MnistTensors, MnistTensors], tmp_path: Path, edit: Callable[[dict], object], why: str
 ) -> None:
-    state, rng = tmp_path / "classifier_resume.pt", torch.Generator()
-    payload = {"optimizer": {"lr": 1}, "rng": rng.get_state(), "torch_rng": torch.get_rng_state()}
-    if error is not None:
-        payload["model"] = {}
+    """Not a traceback at its first step (an IndexError, an AttributeError, a RuntimeError in Adam)."""
+    train, test = small
+    state = tmp_path / "classifier_resume.pt"
+    train_classifier(train, test, epochs=2, seed=1, state_path=state, should_stop=_stopping_after(2))
+    payload = torch.load(state, weights_only=True)
+    edit(payload)
+    torch.save(payload, state)
+    before = torch.get_rng_state()
     with pytest.raises(CheckpointError) as refused:
-        restore_state(state, payload, {"optimizer": _Part(), "model": _Part(error)}, rng)
-    assert str(refused.value) == f"{state}: a damaged training state ({why})"
-    assert refused.value.__cause__ is None and refused.value.__suppress_context__
+        load_resumable_state(state, recipe_of(train, 2, BATCH_SIZE, 1), 8, len(train.images))
+    assert str(refused.value).startswith(f"{state}: a damaged training state ({why}"), refused.value
+    shown_alone = refused.value.__context__ is None or refused.value.__suppress_context__  # no chain of torch's
+    assert refused.value.__cause__ is None and shown_alone
+    assert torch.equal(torch.get_rng_state(), before)  # the trial restore leaves torch's own generator alone
+
+
+def test_a_state_that_restores_is_read_and_leaves_torch_s_generator_alone(
+    small: tuple[MnistTensors, MnistTensors], tmp_path: Path
+) -> None:
+    train, test = small
+    state = tmp_path / "classifier_resume.pt"
+    train_classifier(train, test, epochs=2, seed=1, state_path=state, should_stop=_stopping_after(2))
+    before = torch.get_rng_state()
+    assert load_resumable_state(state, recipe_of(train, 2, BATCH_SIZE, 1), 8, len(train.images))["step"] == 2
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_the_state_is_kept_beside_the_onnx_file_it_was_to_write(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import pickle
 import re
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -625,10 +626,39 @@ def test_unknown_training_settings_and_a_broken_optimizer_state_are_refused_by_n
     path = _edited(tmp_path, tiny_checkpoint, wrong_moment)
     with pytest.raises(CheckpointError) as error:  # it failed at the first step
         state_from_checkpoint(str(path), torch.device("cpu"))
-    moment = f"the discriminator's exp_avg_sq is (3,) for a parameter of {shapes[0]}"
+    moment = f"the discriminator optimizer's exp_avg_sq is (3,) for a parameter of {shapes[0]}"
     assert str(error.value) == f"{path}: optimizer or RNG state is invalid ({moment})"
     path = _edited(tmp_path, tiny_checkpoint, lambda payload: payload["optimizers"]["generator"]["state"].pop(0))
     assert state_from_checkpoint(str(path), torch.device("cpu")).step  # a parameter with no gradient yet has none
+
+
+NOT_LOADED = "the generator optimizer's state does not load ("
+OTHER_KIND = "the generator optimizer's settings are not those of its kind: "
+
+
+def _set_betas(payload: dict, betas: object) -> None:
+    payload["optimizers"]["generator"]["param_groups"][0]["betas"] = betas
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda p: p["optimizers"].update({"generator": "x"}), NOT_LOADED),
+        (lambda p: p["optimizers"]["generator"].update({"state": "x"}), NOT_LOADED),
+        (lambda p: _set_betas(p, "ab"), OTHER_KIND),
+        (lambda p: _set_betas(p, (0.5, float("nan"))), OTHER_KIND),
+        (lambda p: p["rng"].update({"noise": []}), "no noise generator's state: []"),
+    ],
+    ids=["optimizer-text", "moments-text", "betas-text", "betas-nan", "no-noise-state"],
+)
+def test_an_optimizer_or_noise_state_of_another_kind_is_refused_in_words(
+    tmp_path: Path, tiny_checkpoint: Path, edit: Callable[[dict], None], problem: str
+) -> None:
+    """Not a traceback at load (AttributeError) or at the first step (a TypeError in Adam)."""
+    path = _edited(tmp_path, tiny_checkpoint, edit)
+    with pytest.raises(CheckpointError) as error:
+        state_from_checkpoint(str(path), torch.device("cpu"))
+    assert str(error.value).startswith(f"{path}: optimizer or RNG state is invalid ({problem}"), error.value
 
 
 @pytest.mark.parametrize(

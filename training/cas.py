@@ -18,8 +18,8 @@ from digitgen.runtime.evaluate import Cas
 from digitgen.runtime.files import atomic_file
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.text import read_json
-from digitgen.training.classifier import BATCH_SIZE, train_classifier, training_steps
-from digitgen.training.classifier_resume import finding, load_state, recipe_of
+from digitgen.training.classifier import BATCH_SIZE, load_resumable_state, train_classifier, training_steps
+from digitgen.training.classifier_resume import finding, recipe_of
 from digitgen.training.data import MnistTensors
 from digitgen.training.errors import CheckpointError
 
@@ -126,7 +126,7 @@ class CasRun:
             total = training_steps(images, self.epochs)
             try:
                 recipe = recipe_of(self._split(name), self.epochs, BATCH_SIZE, CLASSIFIER_SEED)
-                self.resumed[name] = load_state(self.paths[name], recipe, total)
+                self.resumed[name] = load_resumable_state(self.paths[name], recipe, total, images)
             except CheckpointError as damaged:
                 self.notes.append(f"{finding(damaged)}; trained again")
 

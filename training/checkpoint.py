@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import warnings
 import zipfile
@@ -117,3 +118,46 @@ def load_weights(path: str | Path) -> dict[str, Any]:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{path}: not a digitgen checkpoint (its step {step!r} is not a count of steps)")
     return payload
+
+
+def first_problem(exc: BaseException, limit: int = 160) -> str:
+    """The first line of what ``exc`` says (after torch's "Error(s) in loading ..." heading, its first finding: a
+    missing key, an unexpected one or a size mismatch), cut to ``limit`` characters; its type if it says nothing."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        lines = lines[1:]
+    problem = lines[0] if lines else type(exc).__name__
+    return problem if len(problem) <= limit else problem[: limit - 3] + "..."
+
+
+def same_kinds(saved: object, fresh: object) -> bool:
+    """Whether ``saved`` holds what ``fresh`` holds: the same keys and lengths, values of the same types, numbers
+    finite. A state dict read from a file is data: one of another shape would fail later, deep inside torch."""
+    if isinstance(fresh, dict):
+        same_keys = isinstance(saved, dict) and saved.keys() == fresh.keys()
+        return same_keys and all(same_kinds(saved[key], fresh[key]) for key in fresh)
+    if isinstance(fresh, (list, tuple)):
+        return type(saved) is type(fresh) and len(saved) == len(fresh) and all(map(same_kinds, saved, fresh))
+    if isinstance(fresh, float):
+        return type(saved) is float and math.isfinite(saved)
+    return type(saved) is type(fresh)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: object, name: str) -> None:
+    """Load ``saved`` into ``optimizer``; ``ValueError`` naming the ``name`` optimizer unless its parameter groups
+    hold the settings a fresh one holds (:func:`same_kinds`) and each moment has its parameter's shape (PyTorch
+    checks neither: a wrong one would fail at the first step)."""
+    fresh = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved)  # type: ignore[arg-type]
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"the {name} optimizer's state does not load ({first_problem(exc)})") from None
+    loaded = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    if not same_kinds(loaded, fresh):
+        raise ValueError(f"the {name} optimizer's settings are not those of its kind: {loaded!r}"[:200])
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for key, value in optimizer.state.get(parameter, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != parameter.shape:
+                    shapes = f"{tuple(value.shape)} for a parameter of {tuple(parameter.shape)}"
+                    raise ValueError(f"the {name} optimizer's {key} is {shapes}")

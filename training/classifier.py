@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from digitgen.training.checkpoint import read_data_file
-from digitgen.training.classifier_resume import beside, recipe_of, restore_state, save_state, training_state
+from digitgen.training.classifier_resume import (
+    beside,
+    load_state,
+    recipe_of,
+    restore_state,
+    save_state,
+    training_state,
+)
 from digitgen.training.data import MnistTensors, check_labels
 from digitgen.training.errors import CheckpointError, TrainingError
 
@@ -97,6 +104,25 @@ def check_classifier_data(train: MnistTensors, test: MnistTensors, batch_size: i
         )
 
 
+def _training_parts(total: int) -> dict[str, Any]:
+    """A fresh classifier, its Adam optimizer and its one-cycle schedule over ``total`` steps (the optimizer's
+    learning rate is the schedule's, set at every step)."""
+    model = Classifier()
+    optimizer = torch.optim.Adam(model.parameters())
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=total)
+    return {"model": model, "optimizer": optimizer, "schedule": schedule}
+
+
+def load_resumable_state(path: Path, recipe: dict[str, Any], total: int, num_images: int) -> dict[str, Any]:
+    """What :func:`~digitgen.training.classifier_resume.load_state` reads from ``path``, once restoring it into
+    scratch parts has shown that :func:`train_classifier` can continue it; :class:`CheckpointError` otherwise, so
+    that a damaged state is found before any work rather than at its first step."""
+    payload = load_state(path, recipe, total)
+    with torch.random.fork_rng(devices=[]):  # the scratch classifier's initial weights draw from torch's generator
+        restore_state(path, payload, _training_parts(total), torch.Generator(), num_images, trial=True)
+    return payload
+
+
 def train_classifier(
     train: MnistTensors,
     test: MnistTensors,
@@ -113,22 +139,20 @@ def train_classifier(
 
     With ``state_path``, the training state is written there after each epoch but the last, and after the step
     at which ``should_stop`` (asked after each step) says to stop: the result then has no test accuracy.
-    ``resume_from`` (what :func:`~digitgen.training.classifier_resume.load_state` read from that file for this
+    ``resume_from`` (what :func:`load_resumable_state` read from that file for this
     recipe) continues to the weights of a run never stopped; removing the file is the caller's."""
     check_classifier_data(train, test, batch_size)
     torch.manual_seed(seed)
-    model = Classifier()
     steps_per_epoch = len(train.images) // batch_size
     total = training_steps(len(train.images), epochs, batch_size)
-    optimizer = torch.optim.Adam(model.parameters())  # its learning rate is the schedule's, set at every step
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=total)
+    parts = _training_parts(total)
+    model, optimizer, schedule = parts["model"], parts["optimizer"], parts["schedule"]
     rng = torch.Generator().manual_seed(seed)
-    parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
     step, order, recipe = 0, torch.empty(0, dtype=torch.int64), {}
     if resume_from is not None:
         if state_path is None:
             raise TrainingError("a resumed training writes its state at state_path; none was given")
-        restore_state(state_path, resume_from, parts, rng)
+        restore_state(state_path, resume_from, parts, rng, len(train.images), trial=False)
         step, order, recipe = resume_from["step"], resume_from["order"], resume_from["recipe"]  # load_state checked it
     elif state_path is not None:
         recipe = recipe_of(train, epochs, batch_size, seed)

@@ -9,7 +9,13 @@ from typing import Any
 import torch
 
 from digitgen.runtime.files import check_writable, refuse_non_files
-from digitgen.training.checkpoint import read_data_file, save_checkpoint
+from digitgen.training.checkpoint import (
+    first_problem,
+    load_optimizer_state,
+    read_data_file,
+    same_kinds,
+    save_checkpoint,
+)
 from digitgen.training.data import MnistTensors
 from digitgen.training.errors import CheckpointError
 
@@ -107,13 +113,33 @@ def training_state(parts: dict[str, Any], rng: torch.Generator, order: torch.Ten
     return {**state, "rng": rng.get_state(), "torch_rng": torch.get_rng_state(), "order": order}
 
 
-def restore_state(path: Path, payload: dict[str, Any], parts: dict[str, Any], rng: torch.Generator) -> None:
-    """Put the state :func:`load_state` read from ``path`` back into ``parts`` and ``rng``."""
+def restore_state(
+    path: Path, payload: dict[str, Any], parts: dict[str, Any], rng: torch.Generator, num_images: int, *, trial: bool
+) -> None:
+    """Put the state :func:`load_state` read from ``path`` back into ``parts`` and ``rng``, and torch's own generator
+    unless ``trial`` (a restore into scratch parts, to see that it restores); :class:`CheckpointError` unless every
+    part fits: the epoch's order is one of the ``num_images`` training images each, the optimizer and the schedule
+    hold what fresh ones hold, the schedule stands at the state's step."""
+    order = payload["order"]
+    whole = order.dtype == torch.int64 and order.shape == (num_images,)
+    if not whole or not torch.equal(order.sort().values, torch.arange(num_images)):
+        problem = f"its epoch's order is not one of the {num_images:,} images each"
+        raise CheckpointError(f"{path}: a damaged training state ({problem})")
     try:
         for name, part in parts.items():
+            if isinstance(part, torch.optim.Optimizer):
+                load_optimizer_state(part, payload[name], "classifier")
+                continue
+            fresh = part.state_dict()
             part.load_state_dict(payload[name])
+            if not same_kinds(part.state_dict(), fresh):
+                raise ValueError(f"the {name}'s state is not that of its kind")
+        schedule = parts["schedule"]
+        if schedule.last_epoch != payload["step"]:
+            raise ValueError(f"the schedule stands at step {schedule.last_epoch!r}, the state at {payload['step']}")
         rng.set_state(payload["rng"])
-        torch.set_rng_state(payload["torch_rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: a damaged training state ({first_line})") from None
+        torch.Generator().set_state(payload["torch_rng"])  # checked before it replaces torch's own
+        if not trial:
+            torch.set_rng_state(payload["torch_rng"])
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: a damaged training state ({first_problem(exc)})") from None

@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 
-from digitgen.training.checkpoint import FORMAT_VERSION, load_checkpoint, load_weights
+from digitgen.training.checkpoint import (
+    FORMAT_VERSION,
+    first_problem,
+    load_checkpoint,
+    load_optimizer_state,
+    load_weights,
+)
 from digitgen.training.classifier import Classifier
 from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.errors import CheckpointError
@@ -124,18 +130,8 @@ def _load_weights(module: torch.nn.Module, weights: Any, what: str) -> None:
     try:
         module.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        problem = _first_problem(exc)
+        problem = first_problem(exc)
         raise CheckpointError(f"{what} weights do not match the checkpoint's configuration: {problem}") from exc
-
-
-def _first_problem(exc: Exception, limit: int = 160) -> str:
-    """The first line of torch's list of what does not load (after its "Error(s) in loading ..." heading), cut
-    to ``limit`` characters: a missing key, an unexpected one or a size mismatch."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
-        lines = lines[1:]
-    problem = lines[0] if lines else ""
-    return problem if len(problem) <= limit else problem[: limit - 3] + "..."
 
 
 def _label_classifiers(payload: dict[str, Any], path: str) -> tuple[Classifier, ...]:
@@ -147,18 +143,6 @@ def _label_classifiers(payload: dict[str, Any], path: str) -> tuple[Classifier, 
     for classifier, state_dict in zip(classifiers, weights, strict=True):
         _load_weights(classifier, state_dict, "label classifier")
     return classifiers
-
-
-def _check_moments(optimizer: torch.optim.Optimizer, name: str) -> None:
-    """``ValueError`` unless each tensor of the loaded optimizer state has its parameter's shape (PyTorch checks
-    only the parameter groups when loading; a wrong moment would fail at the first step)."""
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            for key, value in optimizer.state.get(parameter, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() and value.shape != parameter.shape:
-                    raise ValueError(
-                        f"the {name}'s {key} is {tuple(value.shape)} for a parameter of {tuple(parameter.shape)}"
-                    )
 
 
 def state_from_checkpoint(path: str, device: torch.device, rank: int = 0) -> TrainState:
@@ -177,13 +161,14 @@ def state_from_checkpoint(path: str, device: torch.device, rank: int = 0) -> Tra
     _load_weights(state.discriminator, payload["discriminator"], "discriminator")
     try:
         for optimizer, name in ((state.opt_g, "generator"), (state.opt_d, "discriminator")):
-            optimizer.load_state_dict(payload["optimizers"][name])
-            _check_moments(optimizer, name)
+            load_optimizer_state(optimizer, payload["optimizers"][name], name)
         noise_states = payload["rng"]["noise"]
+        if not isinstance(noise_states, list) or not noise_states:
+            raise ValueError(f"no noise generator's state: {noise_states!r}"[:200])
         if rank < len(noise_states):
             state.noise_rng.set_state(noise_states[rank])
         state.saved_by = len(noise_states)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: optimizer or RNG state is invalid ({exc})") from exc
+        raise CheckpointError(f"{path}: optimizer or RNG state is invalid ({first_problem(exc)})") from exc
     state.step = int(payload["step"])
     return state
