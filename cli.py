@@ -719,7 +719,11 @@ def info(model_argument: str | None, model: str | None) -> None:
 @data_dir_option
 @download_option
 @click.option("--out", required=True, type=GivenPath(dir_okay=False), help="ONNX file to write.")
-@click.option("--overwrite", is_flag=True, help="Replace existing files, and start over an interrupted run.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace existing files; without --resume, start over an interrupted run.",
+)
 @click.option(
     "--resume", is_flag=True, help="Continue the interrupted run of this command (its state: NAME_resume.pt)."
 )

@@ -232,12 +232,15 @@ def test_train_classifier_stopped_by_a_signal_resumes_to_the_files_of_a_run_neve
     code, lines = _cli(*command, "--resume")
     assert code == 0 and lines[-1].endswith(f" and {tmp_path / 'classifier_weights.pt'}"), lines
     assert not state.exists() and out.read_bytes() == whole.read_bytes()
-    assert _cli(*command, "--resume", "--overwrite") == (
-        1,
-        ["Error: --resume continues the interrupted run and --overwrite starts over: give one"],
-    )
     out.write_bytes(b"mine")
     assert _stopped_by_sigterm_in_step_3(monkeypatch, *command, "--overwrite")[0] == 130
     assert out.read_bytes() == b"mine" and state.is_file()  # replaced only at the end
     code, lines = _cli(*command, "--overwrite")  # starts over: the state replaced, then removed
     assert code == 0 and out.read_bytes() == whole.read_bytes() and not state.exists()
+    out.write_bytes(b"mine")
+    assert _stopped_by_sigterm_in_step_3(monkeypatch, *command, "--overwrite")[0] == 130
+    assert _cli(*command, "--resume")[1] == [  # the outputs are the user's: only --overwrite replaces them
+        f"Error: {out} (and 1 more) already exists; pass --overwrite to replace"
+    ]
+    code, lines = _cli(*command, "--overwrite", "--resume")  # the same command, and --resume: it goes on
+    assert code == 0 and out.read_bytes() == whole.read_bytes() and not state.exists(), lines

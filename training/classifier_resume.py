@@ -52,10 +52,9 @@ def state_path_beside(onnx_path: str | Path) -> Path:
 
 def check_resume(path: Path, resume: bool, overwrite: bool) -> None:
     """Before any work: a state to resume is there when ``resume`` asks for one; one that is there is continued
-    (``resume``) or replaced (``overwrite``), never lost by a new run that was given neither."""
+    (``resume``, with ``overwrite`` too: the run that was told to replace its outputs goes on to replace them) or
+    replaced (``overwrite`` alone), never lost by a new run that was given neither."""
     refuse_non_files([path])
-    if resume and overwrite:
-        raise CheckpointError("--resume continues the interrupted run and --overwrite starts over: give one")
     if resume and not path.is_file():
         raise CheckpointError(f"nothing to resume: {path} (what an interrupted run of this command leaves) not found")
     if not resume and path.exists() and not overwrite:
