@@ -1,5 +1,6 @@
 """The ``digitgen`` command's entry point (also ``python -m digitgen``)."""
 
+import atexit
 import os
 import signal
 
@@ -25,6 +26,15 @@ def hold_stop_signals() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         for signum in STOP_SIGNALS:  # caught, not ignored: a held signal stays pending for the command's handler
             signal.signal(signum, let_go_then_stop)
+        atexit.register(_ignore_stop_signals)  # first registered: the last exit function to run
+
+
+def _ignore_stop_signals() -> None:
+    """Ignore stop signals once the command and every other exit function have run: Python gives its handlers'
+    signals back their default action as it shuts down, and one that came then (a scheduler's SIGTERM after
+    Ctrl-C) would end the process with the signal's status in place of the command's."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def run() -> None:
