@@ -804,13 +804,15 @@ def evaluate(
     from digitgen.runtime.idx import read_mnist_split
 
     if cas:  # imported first: without the train extra, the refusal comes before any work
-        from digitgen.training.cas import CasRun, default_state_dir
+        from digitgen.training.cas import CasRun, check_cas_data, default_state_dir
 
     gen = DigitGenerator.from_path(model, "cpu")
     check_evaluation(gen, num_samples)
     state_dir = default_state_dir() if cas else None
     reference = ReferenceClassifier(classifier)
     test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
+    if cas:
+        check_cas_data(train, test)
     work = evaluation_work(len(test[0]), len(train[0]), num_samples)
     with progress(work, "evaluating (images made or scored)") as bar:
         result = run_evaluation(

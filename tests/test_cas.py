@@ -23,8 +23,8 @@ from digitgen.training.cas import CasRun, cas_work, default_state_dir
 from digitgen.training.classifier import BATCH_SIZE, ClassifierResult, training_steps
 from digitgen.training.classifier_resume import recipe_of
 from digitgen.training.data import MnistTensors
-from digitgen.training.errors import CheckpointError
-from tests.helpers import sigterm_in_training_step
+from digitgen.training.errors import CheckpointError, TrainingError
+from tests.helpers import sigterm_in_training_step, write_tiny_mnist
 from tests.test_evaluate import _scores, evaluate_args
 
 Splits = tuple[MnistTensors, MnistTensors]
@@ -127,6 +127,20 @@ def test_evaluate_cas_cli(
     assert result.exit_code == 0, result.output
     cas = json.loads(result.output.strip().splitlines()[-1])["cas"]
     assert cas == {"generated": 0.5, "real": 0.75, "num_generated": 60_000, "num_real": 256, "epochs": 4}
+
+
+def test_evaluate_cas_refuses_a_training_split_smaller_than_a_batch_before_any_work(
+    tiny_onnx: Path, tiny_classifier: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Not after the scores and the first classifier, some 12 minutes on MNIST's size."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    data = write_tiny_mnist(tmp_path / "small", train_count=100)
+    result = CliRunner().invoke(main, [*evaluate_args(tiny_onnx, tiny_classifier, data), "--cas"])
+    problem = "a batch of 128 images is more than the 100 training images; the classifier needs a larger training split"
+    assert result.exit_code == 1 and result.output == f"Error: {problem}\n", result.output
+    with pytest.raises(TrainingError) as refused:
+        CasRun(DigitGenerator.from_path(tiny_onnx, "cpu"), *(read_mnist_split(data, s) for s in ("train", "t10k")))
+    assert str(refused.value) == problem
 
 
 def _stopping_after(steps: int) -> Callable[[], bool]:

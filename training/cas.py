@@ -18,7 +18,13 @@ from digitgen.runtime.evaluate import Cas
 from digitgen.runtime.files import atomic_file
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.text import read_json
-from digitgen.training.classifier import BATCH_SIZE, load_resumable_state, train_classifier, training_steps
+from digitgen.training.classifier import (
+    BATCH_SIZE,
+    check_classifier_data,
+    load_resumable_state,
+    train_classifier,
+    training_steps,
+)
 from digitgen.training.classifier_resume import finding, recipe_of
 from digitgen.training.data import MnistTensors
 from digitgen.training.errors import CheckpointError
@@ -63,6 +69,12 @@ def accuracy_when_trained_on(
     return result.test_accuracy
 
 
+def check_cas_data(train: Split, test: Split) -> None:
+    """:class:`TrainingError` unless the real splits can train and score CAS's classifiers: before any work, not
+    when the second classifier starts."""
+    check_classifier_data(_tensors(train), _tensors(test))
+
+
 class CasRun:
     """Test accuracy of the reference architecture trained on ``10 * per_class`` generated digits (noise ``seed``,
     digits 0-9 in turn) and, with the same recipe and seed, on the real ``train``.
@@ -85,6 +97,7 @@ class CasRun:
         state_dir: Path | None = None,
     ) -> None:
         self.generator, self.train, self.test = generator, _tensors(train), _tensors(test)
+        check_classifier_data(self.train, self.test)
         self.seed, self.truncation = seed, truncation
         self.per_class = PER_CLASS if per_class is None else per_class  # read here, so that a test can make them small
         self.epochs = EPOCHS if epochs is None else epochs
