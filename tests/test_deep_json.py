@@ -34,6 +34,14 @@ def test_a_metrics_line_too_deep_is_dropped_as_a_cut_one(tmp_path: Path) -> None
     assert metrics.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
+def test_metrics_lines_that_are_not_records_of_a_step_are_dropped(tmp_path: Path) -> None:
+    """Not a UnicodeDecodeError or a TypeError (a step in quotes) when a run resumes."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1}\n{"step": 1\xff\n{"step": "1"}\n{"step": true}\n{"loss": 1}\n{"step": 2}\n')
+    _trim_metrics(metrics, 2)
+    assert metrics.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
 def test_an_accuracy_state_too_deep_is_a_damaged_state(tmp_path: Path) -> None:
     state = tmp_path / "accuracy.json"
     state.write_text(DEEP)

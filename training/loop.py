@@ -198,16 +198,17 @@ def write_sample_grid(state: TrainState, path: Path) -> None:
 
 def _trim_metrics(path: Path, step: int) -> None:
     """Keep the records up to ``step``, where a resumed run starts: those a hard stop (a kill, a crash)
-    left after its last checkpoint would be logged twice, and a line it cut short would break the file."""
+    left after its last checkpoint would be logged twice, and a line it cut short would break the file. A line
+    that is not a record of a step (not UTF-8 or JSON, or its step not a whole number) goes too."""
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             record = read_json(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
+        if isinstance(record, dict) and type(record.get("step")) is int and record["step"] <= step:
             kept.append(line + "\n")
     with publish(path) as tmp:
         tmp.write_text("".join(kept))
