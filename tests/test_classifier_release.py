@@ -188,6 +188,18 @@ def test_train_classifier_refuses_data_it_cannot_learn_or_score_before_training(
     assert code == 1 and lines == [f"Error: {words}"] and not out.exists()
 
 
+@pytest.mark.parametrize("accuracy", [float("nan"), -0.5, 1.5])
+def test_classifier_weights_whose_accuracy_is_not_a_share_are_refused(tmp_path: Path, accuracy: float) -> None:
+    """It goes into the exported file's metadata: `export-classifier` wrote "mnist_test_accuracy: nan"."""
+    payload = torch.load(SHIPPED_WEIGHTS, weights_only=True)
+    payload["mnist_test_accuracy"] = accuracy
+    odd = tmp_path / "odd.pt"
+    torch.save(payload, odd)
+    code, lines = _cli("export-classifier", "--weights", odd, "--out", tmp_path / "c.onnx")
+    assert code == 1 and lines == [f"Error: {odd}: not digitgen classifier weights (see `digitgen train-classifier`)"]
+    assert not (tmp_path / "c.onnx").exists()
+
+
 def test_classifier_weights_that_are_not_numbers_are_refused(tmp_path: Path) -> None:
     payload = torch.load(SHIPPED_WEIGHTS, weights_only=True)
     payload["classifier"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v

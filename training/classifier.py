@@ -202,6 +202,7 @@ def load_classifier_weights(path: str | Path) -> tuple[Classifier, float]:
         not isinstance(payload, dict)
         or payload.get("kind") != WEIGHTS_KIND
         or not isinstance(payload.get("mnist_test_accuracy"), float)
+        or not 0 <= payload["mnist_test_accuracy"] <= 1  # NaN too: an accuracy is a share of the test images
     ):
         raise CheckpointError(f"{path}: not digitgen classifier weights (see `digitgen train-classifier`)")
     if payload.get("format_version") != WEIGHTS_FORMAT_VERSION:
