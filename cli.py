@@ -72,6 +72,7 @@ from digitgen.training.config import (
     AUGMENTATIONS,
     DEFAULT_RUN_DIR,
     MAX_SIZE,
+    MIN_G_WIDTH,
     PRECISIONS,
     TRAIN_MAX_SEED,
     GANConfig,
@@ -357,7 +358,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 @click.option(
     "--g-width",
-    type=Integer(2, MAX_SIZE),
+    type=Integer(MIN_G_WIDTH, MAX_SIZE),
     help=f"The generator's channels at 7x7 (2x after its first conv, then 1x, 1/2x) [default: {GANConfig.g_width}].",
 )
 @click.option(

@@ -97,7 +97,10 @@ def test_config_rejects_bad_values() -> None:
         GANConfig(latent_dim=0)
     with pytest.raises(ValueError, match=r"^only 28x28 images are supported$"):
         GANConfig(image_size=32)
-    assert GANConfig(latent_dim=1, label_embed_dim=1, g_width=1, d_width=1).latent_dim == 1  # the smallest
+    smallest = GANConfig(latent_dim=1, label_embed_dim=1, g_width=2, d_width=1)
+    assert Generator(smallest)(torch.zeros(2, 1), torch.zeros(2, dtype=torch.int64)).shape == (2, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"^g_width must be from 2 to 1024$"):  # no channel in its last block
+        GANConfig(g_width=1)
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(total_steps=0)
     with pytest.raises(ValueError, match="decay"):
@@ -669,6 +672,7 @@ def test_an_optimizer_or_noise_state_of_another_kind_is_refused_in_words(
         ({"latent_dim": 10**10}, "checkpoint config is invalid: latent_dim must be from 1 to 1024"),
         ({"latent_dim": 64.0}, "checkpoint config is invalid: latent_dim must be a whole number, not 64.0"),
         ({"g_width": True}, "checkpoint config is invalid: g_width must be a whole number, not True"),
+        ({"g_width": 1}, "checkpoint config is invalid: g_width must be from 2 to 1024"),  # its last block: 0 channels
         (
             {"conditional_norm": "yes"},
             "checkpoint config is invalid: conditional_norm must be true or false, not 'yes'",

@@ -11,6 +11,7 @@ PRECISIONS = ("fp32", "bf16")  # bf16: autocast of convolutions and matrix produ
 TRAIN_MAX_SEED = 2**32 - 1
 DEFAULT_RUN_DIR = "runs/latest"  # where a run writes unless told (or resumed from another folder)
 MAX_SIZE = 1024  # the largest noise size, class count, embedding or width a configuration may name
+MIN_G_WIDTH = 2  # the generator's last block has half its width in channels: at least one
 
 
 def _check_whole(name: str, value: object, low: int, high: int) -> None:
@@ -109,7 +110,7 @@ class GANConfig:
         if self.image_size != 28:
             raise ValueError("only 28x28 images are supported")
         for name in ("latent_dim", "num_classes", "label_embed_dim", "g_width", "d_width"):
-            _check_whole(name, getattr(self, name), 1, MAX_SIZE)
+            _check_whole(name, getattr(self, name), MIN_G_WIDTH if name == "g_width" else 1, MAX_SIZE)
         if not isinstance(self.conditional_norm, bool):
             raise ValueError(f"conditional_norm must be true or false, not {self.conditional_norm!r}")
 
