@@ -289,11 +289,11 @@ def test_cas_refuses_a_state_past_its_last_step_counting_each_classifier_s_own_s
             MnistTensors(torch.tensor(split[0]), torch.tensor(split[1], dtype=torch.int64)), 1, BATCH_SIZE, 0
         )
         state = {"kind": "reference classifier training state", "format_version": 1, "recipe": recipe}
-        torch.save({**state, "step": total, "order": torch.arange(3)}, paths[name])
+        torch.save({**state, "step": total + 1, "order": torch.arange(3)}, paths[name])
     again = CasRun(gen, *splits, **request)
     assert again.done == 0 and again.notes == [
-        f"{paths['generated']}: a damaged training state (step 9 of 9); trained again",
-        f"{paths['real']}: a damaged training state (step 2 of 2); trained again",
+        f"{paths['generated']}: a damaged training state (step 10 of 9); trained again",
+        f"{paths['real']}: a damaged training state (step 3 of 2); trained again",
     ]
 
 

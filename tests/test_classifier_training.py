@@ -174,7 +174,8 @@ def never_stopped(small: tuple[MnistTensors, MnistTensors]) -> ClassifierResult:
     return train_classifier(*small, epochs=2, seed=1)
 
 
-@pytest.mark.parametrize("stop_after", [1, 4, 7])  # in the first epoch, at its end, in the second (of 8 steps)
+# in the first epoch, at its end, in the second, at the last step (of 8): the accuracy comes on resume
+@pytest.mark.parametrize("stop_after", [1, 4, 7, 8])
 def test_an_interrupted_training_resumes_to_the_weights_of_one_never_stopped(
     small: tuple[MnistTensors, MnistTensors], never_stopped: ClassifierResult, tmp_path: Path, stop_after: int
 ) -> None:
@@ -215,7 +216,7 @@ def test_a_state_that_is_not_this_runs_or_is_damaged_is_refused_in_words(
     for change, words in [
         ({"kind": "reference classifier"}, f"{state}: not the training state of train-classifier"),
         ({"format_version": 2}, f"{state}: training state format 2, this version reads 1; start over with --overwrite"),
-        ({"step": 8}, f"{state}: a damaged training state (step 8 of 8)"),
+        ({"step": 9}, f"{state}: a damaged training state (step 9 of 8)"),
         ({"order": None}, f"{state}: a damaged training state (step 2 of 8)"),
         ({"recipe": {**recipe, "epochs": 3}}, f"{state} is a run of --epochs 3, not 2: resume it with the options"),
     ]:
@@ -352,13 +353,14 @@ def test_a_state_that_is_not_there_is_nothing_to_resume(tmp_path: Path) -> None:
 
 
 def test_load_state_takes_a_step_within_the_run_only(tmp_path: Path) -> None:
-    """What a state must hold besides its recipe: an int step strictly between 0 and the total, and an order."""
+    """What a state must hold besides its recipe: an int step from 1 to the total (a stop at the last step leaves
+    the accuracy to the resumed run), and an order."""
     state, recipe = tmp_path / "classifier_resume.pt", {"epochs": 2, "batch_size": BATCH_SIZE, "seed": 1, "data": "d"}
     kept = {"kind": "reference classifier training state", "format_version": 1, "recipe": recipe}
-    for step in (1, 7):
+    for step in (1, 7, 8):
         torch.save({**kept, "step": step, "order": torch.arange(4)}, state)
         assert load_state(state, recipe, 8)["step"] == step
-    for step in (0, 8, -1, 2.0, True, "2", None):
+    for step in (0, 9, -1, 2.0, True, "2", None):
         torch.save({**kept, "step": step, "order": torch.arange(4)}, state)
         with pytest.raises(CheckpointError) as refused:
             load_state(state, recipe, 8)

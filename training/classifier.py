@@ -172,9 +172,9 @@ def train_classifier(
         step += 1
         progress(step, total)
         stop = should_stop()
-        if state_path is not None and step < total and (stop or step % steps_per_epoch == 0):
+        if state_path is not None and (stop or (step < total and step % steps_per_epoch == 0)):
             save_state(state_path, recipe, step, training_state(parts, rng, order))
-        if stop and step < total:
+        if stop:  # at the last step too: what follows (the accuracy, an export) is the caller's to finish on resume
             return ClassifierResult(model.eval(), None, time.perf_counter() - start, step)
     return ClassifierResult(model.eval(), accuracy(model, test), time.perf_counter() - start, step)
 

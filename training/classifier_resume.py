@@ -76,8 +76,8 @@ def recipe_of(train: MnistTensors, epochs: int, batch_size: int, seed: int) -> d
 
 
 def load_state(path: Path, recipe: dict[str, Any], total: int) -> dict[str, Any]:
-    """The state in ``path``, saved after a step (``payload["step"]``) of the ``total`` of ``recipe`` (the same
-    options and training data); :class:`CheckpointError` in words otherwise."""
+    """The state in ``path``, saved after a step (``payload["step"]``, the last one too) of the ``total`` of
+    ``recipe`` (the same options and training data); :class:`CheckpointError` in words otherwise."""
     payload = read_data_file(path, "nothing to resume", "not a readable training state")
     if not isinstance(payload, dict) or payload.get("kind") != STATE_KIND:
         raise CheckpointError(f"{path}: not the training state of train-classifier")
@@ -100,7 +100,7 @@ def load_state(path: Path, recipe: dict[str, Any], total: int) -> dict[str, Any]
             f": resume it on its own data (--data-dir), or {START_OVER}",
         )
     step, order = payload.get("step"), payload.get("order")
-    if type(step) is not int or not 0 < step < total or not isinstance(order, torch.Tensor):
+    if type(step) is not int or not 0 < step <= total or not isinstance(order, torch.Tensor):
         raise CheckpointError(f"{path}: a damaged training state (step {step!r} of {total})")
     return payload
 
