@@ -479,6 +479,7 @@ def train(run_dir: str | None, resume: str | None, device_name: str, **choices: 
         raise Interrupted(
             f"stopped at step {result.step}; checkpoint saved to {result.checkpoint}; "
             f"continue with --resume {shlex.quote(str(result.checkpoint))}{_data_dir_again(options.data_dir)}"
+            + ("" if device_name == "auto" else f" --device {device_name}")  # a resume does not keep it either
         )
     say(
         f"done: step {result.step} in {result.seconds:.0f}s ({result.images_per_s:.0f} images/s); "

@@ -63,8 +63,8 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path, tiny_mnist: Pa
         _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
-    hint = f"continue with --resume {run_dir / 'checkpoint.pt'} --data-dir {tiny_mnist}"
-    assert f"Error: interrupted; stopped at step {step};" in stderr and hint in stderr and step >= 50
+    hint = f"continue with --resume {run_dir / 'checkpoint.pt'} --data-dir {tiny_mnist} --device cpu"
+    assert f"Error: interrupted; stopped at step {step};" in stderr and stderr.rstrip().endswith(hint) and step >= 50
     resumed = subprocess.run(
         [*args, "--steps", str(step + 3), "--resume", str(run_dir / "checkpoint.pt")],
         capture_output=True,
