@@ -206,12 +206,19 @@ def test_a_run_keeps_its_state_after_each_epoch_but_the_last(
     assert load_state(state, recipe_of(small[0], 3, BATCH_SIZE, 0), 12)["step"] == 8
 
 
+@pytest.fixture
+def stopped_at_step_2(small: tuple[MnistTensors, MnistTensors], tmp_path: Path) -> Path:
+    """The state a run of 2 epochs (8 steps), seed 1, keeps when stopped after its second step."""
+    state = tmp_path / "classifier_resume.pt"
+    train_classifier(*small, epochs=2, seed=1, state_path=state, should_stop=_stopping_after(2))
+    return state
+
+
 def test_a_state_that_is_not_this_runs_or_is_damaged_is_refused_in_words(
-    small: tuple[MnistTensors, MnistTensors], tmp_path: Path
+    small: tuple[MnistTensors, MnistTensors], stopped_at_step_2: Path
 ) -> None:
     train, test = small
-    state = tmp_path / "classifier_resume.pt"
-    train_classifier(train, test, epochs=2, seed=1, state_path=state, should_stop=_stopping_after(2))
+    state = stopped_at_step_2
     recipe, saved = recipe_of(train, 2, BATCH_SIZE, 1), torch.load(state, weights_only=True)
     for change, words in [
         ({"kind": "reference classifier"}, f"{state}: not the training state of train-classifier"),
@@ -285,12 +292,10 @@ def _schedule_at(payload: dict, step: int) -> None:
     ],
 )
 def test_a_damaged_state_is_refused_before_any_step_with_the_first_line_of_why(
-    small: tuple[MnistTensors, MnistTensors], tmp_path: Path, edit: Callable[[dict], object], why: str
+    small: tuple[MnistTensors, MnistTensors], stopped_at_step_2: Path, edit: Callable[[dict], object], why: str
 ) -> None:
     """Not a traceback at its first step (an IndexError, an AttributeError, a RuntimeError in Adam)."""
-    train, test = small
-    state = tmp_path / "classifier_resume.pt"
-    train_classifier(train, test, epochs=2, seed=1, state_path=state, should_stop=_stopping_after(2))
+    train, state = small[0], stopped_at_step_2
     payload = torch.load(state, weights_only=True)
     edit(payload)
     torch.save(payload, state)
@@ -304,11 +309,9 @@ def test_a_damaged_state_is_refused_before_any_step_with_the_first_line_of_why(
 
 
 def test_a_state_that_restores_is_read_and_leaves_torch_s_generator_alone(
-    small: tuple[MnistTensors, MnistTensors], tmp_path: Path
+    small: tuple[MnistTensors, MnistTensors], stopped_at_step_2: Path
 ) -> None:
-    train, test = small
-    state = tmp_path / "classifier_resume.pt"
-    train_classifier(train, test, epochs=2, seed=1, state_path=state, should_stop=_stopping_after(2))
+    train, state = small[0], stopped_at_step_2
     before = torch.get_rng_state()
     assert load_resumable_state(state, recipe_of(train, 2, BATCH_SIZE, 1), 8, len(train.images))["step"] == 2
     assert torch.equal(torch.get_rng_state(), before)
