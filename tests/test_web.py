@@ -22,7 +22,14 @@ from PIL import Image
 from digitgen import DigitGenerator
 from digitgen.runtime.encode import contact_sheet
 from digitgen.runtime.errors import InvalidRequestError
-from digitgen.runtime.generator import parse_digit_list
+from digitgen.runtime.generator import (
+    check_int,
+    check_seed,
+    check_truncation,
+    parse_digit_list,
+    read_integer,
+    read_number,
+)
 from digitgen.runtime.noise import MAX_SEED, standard_normal
 from tests.helpers import nan_pixels, shape_hidden_from_inference
 
@@ -389,7 +396,7 @@ READS = "seed, digits, digit, n, count, truncation, model, threads"
             "seed=abc&foo=1",
             [
                 f'the link\'s parameter "foo" is not one this page reads ({READS})',
-                'seed must be an integer from 0 to 18446744073709551615, got "abc"',
+                "seed must be an integer from 0 to 18446744073709551615, got 'abc'",
             ],
         ),
     ],
@@ -612,29 +619,63 @@ def submit(page: Page, digits: str = "", count: str = "10", seed: str = "0", tru
     return wait_settled(page)
 
 
+def cli_words(field: str, text: str) -> str:
+    """What the CLI's reading and check of ``text`` say of it (count: the page's range, 1 to 100)."""
+    checks = {
+        "count": lambda: check_int(read_integer(text), "count", 1, 100),
+        "seed": lambda: check_seed(read_integer(text)),
+        "truncation": lambda: check_truncation(read_number(text)),
+        "digits": lambda: parse_digit_list(text),
+    }
+    with pytest.raises(InvalidRequestError) as refused:
+        checks[field]()
+    return str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [
+        ("count", "0"),
+        ("count", "101"),
+        ("count", "2.5"),
+        ("count", " "),
+        ("count", "\u00ad7"),  # a soft hyphen, invisible: escaped in the words
+        ("digits", "a,b"),
+        ("digits", "+3"),  # as the CLI refuses it
+        ("digits", "3,,7"),
+        ("digits", "3,\u200b7"),
+        ("seed", "abc"),
+        ("seed", "-1"),
+        ("seed", "-0001"),
+        ("seed", str(2**64)),
+        ("seed", "\u200b5"),  # a zero-width space, as pasted text carries: the CLI shows it escaped
+        ("seed", "\ufeff5"),  # a byte-order mark is no space to Python (nor to the CLI)
+        ("seed", "it's"),
+        ("truncation", "0"),
+        ("truncation", "-0"),
+        ("truncation", "wide"),
+        ("truncation", "0.01"),
+        ("truncation", "0x10"),  # as Python's float()
+        ("truncation", "1e400"),  # read as infinity
+        ("truncation", "1_5"),  # as the CLI: no grouping
+        ("truncation", "1.5e0000"),  # as the server
+        ("truncation", "1.5\u200b"),
+    ],
+)
+def test_bad_fields_are_named_in_the_cli_s_words_until_the_next_sheet(page: Page, field: str, text: str) -> None:
+    assert submit(page, **{field: text}) == "error"
+    assert page.locator("#error").text_content() == cli_words(field, text)
+    assert submit(page) == "drawn"
+    assert page.locator("#error").is_hidden()
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"count": "0"}, 'count must be an integer from 1 to 100, got "0"'),
-        ({"count": "101"}, 'count must be an integer from 1 to 100, got "101"'),
-        ({"count": "2.5"}, 'count must be an integer from 1 to 100, got "2.5"'),
         ({"digits": "12"}, "digit 12 is not a class of this model (0-9)"),
         ({"digits": "12,3,15,12"}, "digits 12, 15 are not classes of this model (0-9)"),  # each bad one, once
         ({"digits": "10,11,12,13,14,15,16"}, "digits 10, 11, 12, 13, 14 and 2 more are not classes of this model"),
-        ({"digits": "a,b"}, '"a,b" is not a comma-separated list of digits such as 0,3,7'),
-        ({"digits": "+3"}, '"+3" is not a comma-separated list of digits such as 0,3,7'),  # as the CLI refuses it
-        ({"digits": "3,,7"}, '"3,,7" is not a comma-separated list of digits such as 0,3,7'),
-        ({"seed": "abc"}, 'seed must be an integer from 0 to 18446744073709551615, got "abc"'),
-        ({"seed": "-1"}, 'seed must be an integer from 0 to 18446744073709551615, got "-1"'),
-        ({"seed": str(2**64)}, "seed must be an integer from 0 to 18446744073709551615"),
-        ({"truncation": "0"}, 'truncation must be a finite number >= 0.1, got "0"'),
-        ({"truncation": "wide"}, 'truncation must be a finite number >= 0.1, got "wide"'),
-        ({"truncation": "0.01"}, 'truncation must be a finite number >= 0.1, got "0.01"'),
-        ({"truncation": "0x10"}, 'truncation must be a finite number >= 0.1, got "0x10"'),  # as Python's float()
-        ({"truncation": "1e400"}, 'truncation must be a finite number >= 0.1, got "1e400"'),  # read as infinity
-        ({"truncation": "1_5"}, 'truncation must be a finite number >= 0.1, got "1_5"'),  # as the CLI: no grouping
-        ({"truncation": "1.5e0000"}, 'truncation must be a finite number >= 0.1, got "1.5e0000"'),  # as the server
-        ({"seed": "9" * 2000}, f'from 0 to 18446744073709551615, got "{"9" * 1023}... (2,002 characters)'),
+        ({"seed": "9" * 2000}, f"from 0 to 18446744073709551615, got '{'9' * 1023}... (2,000 characters)"),
     ],
 )
 def test_bad_fields_show_on_the_page_until_the_next_sheet(page: Page, fields: dict[str, str], message: str) -> None:
@@ -642,6 +683,43 @@ def test_bad_fields_show_on_the_page_until_the_next_sheet(page: Page, fields: di
     assert_error_shown(page, [message])
     assert submit(page) == "drawn"
     assert page.locator("#error").is_hidden()
+
+
+def test_the_page_shows_generating_before_the_model_holds_its_thread(page: Page) -> None:
+    """The model runs on the page's thread: without a frame first, "Generating…" never reached the screen."""
+    assert submit(page) == "drawn"
+    frames, text = page.evaluate(
+        """() => new Promise((resolve) => {
+            let frames = 0;
+            const tick = () => { frames++; requestAnimationFrame(tick); };
+            requestAnimationFrame(tick);
+            const gen = window.digitgen, real = gen.generate.bind(gen);
+            gen.generate = (options) => {
+                delete gen.generate;
+                resolve([frames - clicked, document.getElementById("timing").textContent]);
+                return real(options);
+            };
+            const clicked = frames;
+            document.getElementById("generate").click();
+        })"""
+    )
+    assert frames >= 1 and text == "Generating…"
+    assert wait_settled(page) == "drawn"
+
+
+def test_the_module_refuses_a_batch_larger_than_the_runtime_runs(page: Page) -> None:
+    """A batch of 100,000 froze the tab, then failed with std::bad_alloc; the Python runtime stops at 8,192."""
+    error = page.evaluate("window.digitgen.generate({ count: 2, batchSize: 8193 }).catch((e) => [e.name, e.message])")
+    assert error == ["InvalidRequestError", "batch size must be an integer from 1 to 8192, got 8193"]
+
+
+def test_what_python_takes_for_whitespace_the_page_takes_too(page: Page) -> None:
+    """U+0085 and U+001C are spaces to Python's int() and the CLI; JavaScript's trim() keeps them."""
+    assert submit(page, seed="5") == "drawn"
+    five = page.locator("#sheet").screenshot()
+    for seed in ("\x855", "\x1c5\x1c", " 5\u3000"):
+        assert submit(page, seed=seed) == "drawn", seed
+        assert page.locator("#sheet").screenshot() == five
 
 
 def test_generate_asked_while_a_sheet_is_under_way_draws_the_newest_fields_after_it(
@@ -699,9 +777,9 @@ def test_every_bad_field_is_named_and_marked(page: Page) -> None:
     assert submit(page, digits="12", count="0", seed="abc", truncation="wide") == "error"
     messages = [
         "digit 12 is not a class of this model (0-9)",
-        'count must be an integer from 1 to 100, got "0"',
-        'seed must be an integer from 0 to 18446744073709551615, got "abc"',
-        'truncation must be a finite number >= 0.1, got "wide"',
+        "count must be an integer from 1 to 100, got 0",
+        "seed must be an integer from 0 to 18446744073709551615, got 'abc'",
+        "truncation must be a finite number >= 0.1, got 'wide'",
     ]
     assert_error_shown(page, messages)
     assert page.locator("#error").inner_text().splitlines() == messages  # one per line, in the page's order
@@ -809,8 +887,8 @@ def test_a_released_generator_and_a_failed_run_are_typed_errors(browser: Browser
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ("{ num: 16 }", 'generate has no option "num"; its options are count, digits, seed, batchSize, truncation'),
-        ("{ count: 1, sead: 5, batch_size: 2 }", 'generate has no option "sead", "batch_size"; its options are'),
+        ("{ num: 16 }", "generate has no option 'num'; its options are count, digits, seed, batchSize, truncation"),
+        ("{ count: 1, sead: 5, batch_size: 2 }", "generate has no option 'sead', 'batch_size'; its options are"),
         ("null", "generate takes an object of options, e.g. { count: 16 }, got null"),
         ("[3]", "generate takes an object of options, e.g. { count: 16 }, got 3"),
     ],
@@ -821,7 +899,7 @@ def test_the_module_refuses_options_it_does_not_take(page: Page, options: str, m
     assert error[0] == "InvalidRequestError" and error[1].startswith(message), error
 
 
-@pytest.mark.parametrize(("digits", "shown"), [('"37"', '"37"'), ('"3,7"', '"3,7"'), ("5", "5")])
+@pytest.mark.parametrize(("digits", "shown"), [('"37"', "'37'"), ('"3,7"', "'3,7'"), ("5", "5")])
 def test_digits_that_are_no_list_are_refused_as_python_refuses_them(page: Page, digits: str, shown: str) -> None:
     """A string is not read letter by letter, nor a number as an empty list."""
     error = page.evaluate(f"window.digitgen.generate({{ digits: {digits} }}).catch((e) => [e.name, e.message])")

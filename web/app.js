@@ -132,7 +132,7 @@ function readFields(gen) {
   const problems = [];
   const check = (field, read) => {
     try {
-      const value = read($(field).value.trim());
+      const value = read($(field).value); // as typed: read and quoted as the CLI reads and quotes its options
       $(field).removeAttribute("aria-invalid");
       $(field).removeAttribute("aria-describedby");
       return value;
@@ -144,10 +144,16 @@ function readFields(gen) {
     }
   };
   const request = {
-    digits: check("digits", (text) => (text ? gen.checkDigits(digitgen.parseDigitList(text)) : null)),
-    count: check("count", (text) => Number(digitgen.checkInteger(text, "count", 1n, BigInt(MAX_DIGITS)))),
-    seed: check("seed", (text) => digitgen.checkInteger(text, "seed", 0n, digitgen.MAX_SEED)),
-    truncation: check("truncation", (text) => digitgen.checkTruncation(text)),
+    digits: check("digits", (text) =>
+      digitgen.isBlank(text) ? null : gen.checkDigits(digitgen.parseDigitList(text)),
+    ),
+    count: check("count", (text) =>
+      Number(digitgen.checkInteger(digitgen.readInteger(text), "count", 1n, BigInt(MAX_DIGITS))),
+    ),
+    seed: check("seed", (text) => digitgen.checkInteger(digitgen.readInteger(text), "seed", 0n, digitgen.MAX_SEED)),
+    truncation: check("truncation", (text) =>
+      digitgen.checkTruncation(digitgen.isBlank(text) ? null : digitgen.readNumber(text)),
+    ),
   };
   if (problems.length) {
     document.querySelector("#controls [aria-invalid=true]").focus();
@@ -197,10 +203,16 @@ async function requestSheet(gen) {
   }
 }
 
+/** Resolves once the browser has painted what the page shows now. */
+function painted() {
+  return new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
+}
+
 async function draw(gen) {
   setState("busy");
   $("sheet").setAttribute("aria-busy", "true");
   $("timing").textContent = "Generating…";
+  await painted(); // the model runs on this thread: say so on the screen before it holds it
   try {
     const { digits, count, seed, truncation } = readFields(gen);
     const { images, seconds } = await gen.generate({ count, digits, seed, truncation });

@@ -18,6 +18,7 @@ export const MAX_LATENT_DIM = 4096; // bounds of the contract check, as runtime/
 export const MAX_CLASSES = 256;
 export const MAX_SEED = 2n ** 64n - 1n;
 export const MAX_COUNT = 100_000; // 78 MB of images; larger requests belong to the Python runtime
+export const MAX_BATCH_SIZE = 8192; // digits in one model call, as in the Python runtime (more run out of memory)
 export const DEFAULT_BATCH_SIZE = 64;
 const PIXELS = IMAGE_SIZE * IMAGE_SIZE;
 
@@ -37,11 +38,60 @@ export class ModelRunError extends DigitgenError {}
 const MAX_SHOWN = 1024; // characters of a value an error quotes, as the HTTP server quotes a parameter
 const NAMED_BAD_DIGITS = 5; // a refusal names the first few bad digits of a list, then counts the rest
 
-/** `value` as an error quotes it: a string in quotes, at most MAX_SHOWN characters and its length. */
-function show(value) {
-  const text = typeof value === "string" ? JSON.stringify(value) : String(value);
+// What Python's str.isspace() takes for whitespace (its `\s`, which int(), float() and the CLI's patterns strip):
+// not JavaScript's \s, which adds U+FEFF and leaves out U+0085 and U+001C-U+001F.
+const SPACE = "[\\t\\n\\v\\f\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]";
+const padded = (core) => new RegExp(`^${SPACE}*${core}${SPACE}*$`, "u");
+// Characters Python's repr() escapes in a string: what str.isprintable() refuses (a space aside)
+const NOT_PRINTABLE = /[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}\p{Zs}]/u;
+
+/** Whether `text` holds nothing but whitespace (an empty field: the default). */
+export function isBlank(text) {
+  return padded("").test(text);
+}
+
+/** `text` in quotes with its invisible characters escaped, as Python's repr() writes a str (what the CLI shows). */
+function quoted(text) {
+  const quote = text.includes("'") && !text.includes('"') ? '"' : "'";
+  const escapes = { "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", [quote]: `\\${quote}` };
+  let out = "";
+  for (const char of text) {
+    const code = char.codePointAt(0);
+    if (char in escapes) out += escapes[char];
+    else if (char !== " " && NOT_PRINTABLE.test(char)) {
+      const [prefix, width] = code < 0x100 ? ["x", 2] : code < 0x10000 ? ["u", 4] : ["U", 8];
+      out += `\\${prefix}${code.toString(16).padStart(width, "0")}`;
+    } else out += char;
+  }
+  return quote + out + quote;
+}
+
+/** A float as Python's repr() writes it: 0.0, -0.0, 0.05, 1e-05, 1e+16, inf, nan. */
+export function pythonFloat(x) {
+  if (Number.isNaN(x)) return "nan";
+  if (!Number.isFinite(x)) return x > 0 ? "inf" : "-inf";
+  if (x === 0) return Object.is(x, -0) ? "-0.0" : "0.0";
+  const [mantissa, power] = x.toExponential().split("e"); // the shortest digits that read back as x
+  const sign = x < 0 ? "-" : "";
+  const digits = mantissa.replace(/^-/, "").replace(".", "");
+  const e = Number(power);
+  if (e < -4 || e >= 16) {
+    const m = digits.length > 1 ? `${digits[0]}.${digits.slice(1)}` : digits;
+    return `${sign}${m}e${e < 0 ? "-" : "+"}${String(Math.abs(e)).padStart(2, "0")}`;
+  }
+  if (e < 0) return `${sign}0.${"0".repeat(-e - 1)}${digits}`;
+  return `${sign}${digits.slice(0, e + 1).padEnd(e + 1, "0")}.${digits.slice(e + 1) || "0"}`;
+}
+
+/** `value` as an error quotes it, in the CLI's words: a string as Python's repr() writes it, a number as an int
+ * or (`asFloat`, or not whole) a float; at most MAX_SHOWN characters, then the value's length. */
+function show(value, asFloat = false) {
+  let text = String(value);
+  if (typeof value === "string") text = quoted(value);
+  else if (typeof value === "number") text = asFloat || !Number.isInteger(value) ? pythonFloat(value) : text;
   if (text.length <= MAX_SHOWN) return text;
-  return `${text.slice(0, MAX_SHOWN)}... (${text.length.toLocaleString("en")} characters)`;
+  const length = typeof value === "string" ? [...value].length : text.length;
+  return `${text.slice(0, MAX_SHOWN)}... (${length.toLocaleString("en")} characters)`;
 }
 
 /** The refusal of digits that are not classes of a model, each named once (the first few of many), as the CLI says it. */
@@ -53,11 +103,25 @@ function notClassesMessage(shown, numClasses) {
   return `digits ${unique.slice(0, NAMED_BAD_DIGITS).join(", ")}${more} are not classes of this model ${range}`;
 }
 
+const INTEGER_TEXT = padded("([+-]?)([0-9]+)"); // runtime/generator.py's INTEGER_TEXT
+const LONGEST_NUMBER = 40; // significant digits read as a number, as the CLI reads them
+
+/** `text` as a BigInt when it is an integer, as the CLI reads one (runtime/generator.py's read_integer), else
+ * `text` itself, for a check to refuse in the CLI's words. */
+export function readInteger(text) {
+  const match = INTEGER_TEXT.exec(text);
+  const digits = match === null ? "" : match[2].replace(/^0+(?=.)/, "");
+  return match === null || digits.length > LONGEST_NUMBER ? text : BigInt(match[1] + digits);
+}
+
 /** An integer given as a number, BigInt or decimal string, as a BigInt; null for anything else. */
 function toBigInt(value) {
   if (typeof value === "bigint") return value;
   if (typeof value === "number") return Number.isSafeInteger(value) ? BigInt(value) : null;
-  if (typeof value === "string" && /^\s*[+-]?\d+\s*$/.test(value)) return BigInt(value.trim());
+  if (typeof value === "string") {
+    const read = readInteger(value);
+    return typeof read === "bigint" ? read : null;
+  }
   return null;
 }
 
@@ -75,7 +139,7 @@ export function checkInteger(value, name, min, max) {
   return n;
 }
 
-const DIGIT_IN_LIST = /^\s*-?[0-9]{1,40}\s*$/;
+const DIGIT_IN_LIST = padded("-?[0-9]{1,40}");
 
 /** "0,3,7" -> [0n, 3n, 7n], as the CLI and the server read `digits` (digitgen/runtime/generator.py's
  * parse_digit_list); whether each is a class of the model is for DigitGenerator.checkDigits to say. */
@@ -84,7 +148,7 @@ export function parseDigitList(text) {
   if (!parts.every((part) => DIGIT_IN_LIST.test(part))) {
     throw new InvalidRequestError(`${show(text)} is not a comma-separated list of digits such as 0,3,7`);
   }
-  return parts.map((part) => BigInt(part.trim()));
+  return parts.map((part) => readInteger(part));
 }
 
 // ---- Noise: scheme splitmix64-boxmuller-v1 (digitgen/runtime/noise.py), 64-bit arithmetic on BigInts.
@@ -137,18 +201,26 @@ export function checkTruncation(value) {
   if (value === null || value === undefined || value === "") return null;
   const bound = typeof value === "string" ? parseDecimal(value) : typeof value === "bigint" ? Number(value) : value;
   if (typeof bound !== "number" || !(bound >= MIN_TRUNCATION) || !Number.isFinite(bound)) {
-    throw new InvalidRequestError(`truncation must be a finite number >= ${MIN_TRUNCATION}, got ${show(value)}`);
+    throw new InvalidRequestError(`truncation must be a finite number >= ${MIN_TRUNCATION}, got ${show(value, true)}`);
   }
   return bound;
 }
 
 // A decimal number as the CLI and the HTTP server read one (runtime/generator.py's DECIMAL_TEXT): ASCII digits,
 // no "_" grouping, no 0x, an exponent of at most three digits.
-const DECIMAL = /^\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\s*$/;
+const DECIMAL = padded("([+-]?(?:[0-9]+(?:\\.[0-9]*)?|\\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?)");
 
 /** `text` as a number if DECIMAL reads it, else NaN. */
 function parseDecimal(text) {
-  return DECIMAL.test(text) ? Number(text.trim()) : NaN;
+  const match = DECIMAL.exec(text);
+  return match === null ? NaN : Number(match[1]);
+}
+
+/** `text` as a number when it is a decimal one, as the CLI reads it (runtime/generator.py's read_number), else
+ * `text` itself, for a check to refuse in the CLI's words. */
+export function readNumber(text) {
+  const number = parseDecimal(text);
+  return Number.isNaN(number) ? text : number;
 }
 
 /** Floats in [0, 1] to bytes as numpy's `rint(clip(x, 0, 1) * float32(255))`: float32 product, half to even. */
@@ -466,7 +538,7 @@ export class DigitGenerator {
     const bound = checkTruncation(truncation);
     const cycle = this.checkDigits(digits);
     const seedValue = checkInteger(seed, "seed", 0n, MAX_SEED);
-    const step = Number(checkInteger(batchSize, "batch size", 1n, BigInt(MAX_COUNT)));
+    const step = Number(checkInteger(batchSize, "batch size", 1n, BigInt(MAX_BATCH_SIZE)));
     const started = performance.now();
     const labels = Int32Array.from({ length: n }, (_, i) => cycle[i % cycle.length]);
     const images = new Uint8Array(n * PIXELS);
