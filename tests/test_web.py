@@ -552,6 +552,24 @@ def test_model_failures_show_on_the_page(browser: Browser, base_url: str, query:
         page.close()
 
 
+def test_a_link_s_unreadable_threads_is_named_as_the_link_s_with_its_other_problems(
+    browser: Browser, base_url: str
+) -> None:
+    """Not "The model could not be loaded." with the link's other problems left out."""
+    page = open_page(browser, f"{base_url}index.html?threads=abc&foo=1")
+    try:
+        assert_error_shown(
+            page,
+            [
+                "threads must be an integer from 1 to 64, got 'abc'",
+                'the link\'s parameter "foo" is not one this page reads',
+            ],
+        )
+        assert page.locator("#status").text_content() == "The link's threads could not be read, so no model was loaded."
+    finally:
+        page.close()
+
+
 def test_missing_webassembly_shows_on_the_page(browser: Browser, base_url: str) -> None:
     page = browser.new_page()
     try:

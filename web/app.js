@@ -293,9 +293,15 @@ async function main() {
       threads: params.get("threads") ?? undefined,
     });
   } catch (error) {
+    // threads=abc is the link's problem, not the model's: named with the link's other problems
+    const link = error instanceof digitgen.InvalidRequestError;
     const runtime = error instanceof digitgen.ProviderUnavailableError;
-    $("status").textContent = runtime ? "The page's WebAssembly runtime could not start." : "The model could not be loaded.";
-    showError(error);
+    $("status").textContent = link
+      ? "The link's threads could not be read, so no model was loaded."
+      : runtime
+        ? "The page's WebAssembly runtime could not start."
+        : "The model could not be loaded.";
+    showError(link ? [error.message, ...linkProblems()].join("\n") : error);
     return;
   }
   window.digitgen = gen;
