@@ -859,7 +859,7 @@ def test_screenshot_and_download(
     assert screenshot.startswith(b"\x89PNG\r\n\x1a\n") and len(screenshot) > 10_000
     with page.expect_download() as download:
         page.click("#download")
-    assert download.value.suggested_filename == "digits-seed42.png"
+    assert download.value.suggested_filename == "digits-seed42-n30-d1_2.png"  # what it shows: names never clash
     download.value.save_as(tmp_path / "sheet.png")
     with Image.open(tmp_path / "sheet.png") as sheet:
         assert sheet.format == "PNG"

@@ -203,6 +203,14 @@ async function requestSheet(gen) {
   }
 }
 
+/** "digits-seed42-n30-d1_2-t1.5.png": a sheet's file named by what it shows, so that two sheets never share a name. */
+function sheetName(digits, count, seed, truncation) {
+  const parts = [`seed${seed}`, `n${count}`];
+  if (digits) parts.push(`d${digits.slice(0, 16).join("_")}${digits.length > 16 ? "_etc" : ""}`); // a name stays short
+  if (truncation !== null) parts.push(`t${truncation}`);
+  return `digits-${parts.join("-")}.png`;
+}
+
 /** Resolves once the browser has painted what the page shows now. */
 function painted() {
   return new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
@@ -220,7 +228,7 @@ async function draw(gen) {
     drawSheet(images, count, digitgen.IMAGE_SIZE, `${count} generated handwritten digits, ${which}, seed ${seed}`);
     $("timing").textContent = timing(count, seconds);
     $("download").disabled = false;
-    $("download").dataset.filename = `digits-seed${seed}.png`;
+    $("download").dataset.filename = sheetName(digits, count, seed, truncation);
     clearError();
     window.digitgenLoadSeconds ??= performance.now() / 1000;
     setState("drawn");
