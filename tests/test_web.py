@@ -862,8 +862,10 @@ def test_screenshot_and_download(
     assert download.value.suggested_filename == "digits-seed42-n30-d1_2.png"  # what it shows: names never clash
     download.value.save_as(tmp_path / "sheet.png")
     with Image.open(tmp_path / "sheet.png") as sheet:
-        assert sheet.format == "PNG"
-        pixels = np.asarray(sheet.convert("L"))
+        sheet.verify()  # every chunk's CRC
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        assert sheet.format == "PNG" and sheet.mode == "L"  # grey levels, as the CLI's grid: numpy reads (H, W)
+        pixels = np.asarray(sheet)
     expected = python_sheet(python_gen.generate(30, digits=[1, 2], seed=42).images)
     assert_same_pixels(pixels, expected, "downloaded PNG, seed 42, digits [1, 2]", pixel_report)
 

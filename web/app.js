@@ -245,15 +245,51 @@ async function draw(gen) {
   }
 }
 
-function download() {
-  $("sheet").toBlob((blob) => {
-    const link = Object.assign(document.createElement("a"), {
-      href: URL.createObjectURL(blob),
-      download: $("download").dataset.filename,
-    });
-    link.click();
-    setTimeout(() => URL.revokeObjectURL(link.href), 1000);
-  }, "image/png");
+/** Save the sheet as a grey-level PNG, as the CLI writes its grid (a canvas would give RGBA). */
+async function download() {
+  const canvas = $("sheet");
+  const rgba = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  const grey = rgba.filter((_, i) => i % 4 === 0); // the sheet is grey: red = green = blue
+  const link = Object.assign(document.createElement("a"), {
+    href: URL.createObjectURL(await greyPng(grey, canvas.width, canvas.height)),
+    download: $("download").dataset.filename,
+  });
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}
+
+const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+
+/** One PNG chunk: its length, type, data and the CRC-32 of type and data. */
+function pngChunk(type, data) {
+  const chunk = new Uint8Array(12 + data.length);
+  const view = new DataView(chunk.buffer);
+  view.setUint32(0, data.length);
+  chunk.set(new TextEncoder().encode(type), 4);
+  chunk.set(data, 8);
+  let crc = 0xffffffff;
+  for (const byte of chunk.subarray(4, 8 + data.length)) crc = CRC_TABLE[(crc ^ byte) & 0xff] ^ (crc >>> 8);
+  view.setUint32(8 + data.length, (crc ^ 0xffffffff) >>> 0);
+  return chunk;
+}
+
+/** `pixels` (width x height bytes, row after row) as an 8-bit grey-level PNG. */
+async function greyPng(pixels, width, height) {
+  const rows = new Uint8Array(height * (width + 1)); // each row after its filter byte, 0 (none)
+  for (let y = 0; y < height; y++) rows.set(pixels.subarray(y * width, (y + 1) * width), y * (width + 1) + 1);
+  const deflated = new Blob([rows]).stream().pipeThrough(new CompressionStream("deflate"));
+  const header = new Uint8Array(13); // width, height, 8 bits, grey levels, deflate, no filter choice, no interlace
+  new DataView(header.buffer).setUint32(0, width);
+  new DataView(header.buffer).setUint32(4, height);
+  header[8] = 8;
+  const signature = new Uint8Array([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+  const data = new Uint8Array(await new Response(deflated).arrayBuffer());
+  const chunks = [pngChunk("IHDR", header), pngChunk("IDAT", data), pngChunk("IEND", new Uint8Array(0))];
+  return new Blob([signature, ...chunks], { type: "image/png" });
 }
 
 /** What is wrong with the link's parameters, one line each: unknown ones, and any given twice (both spellings too). */
