@@ -18,9 +18,11 @@ from digitgen.runtime.idx import MNIST_FILES
 from digitgen.training.checkpoint import (
     FORMAT_VERSION,
     WEIGHTS_KEYS,
+    first_problem,
     load_checkpoint,
     load_weights,
     read_data_file,
+    same_kinds,
     save_checkpoint,
     write_payload,
 )
@@ -639,6 +641,41 @@ NOT_LOADED = "the generator optimizer's state does not load ("
 OTHER_KIND = "the generator optimizer's settings are not those of its kind: "
 
 
+@pytest.mark.parametrize(
+    ("exc", "problem"),
+    [
+        (RuntimeError("Error(s) in loading state_dict:\n\tMissing key(s): fc.weight\n"), "Missing key(s): fc.weight"),
+        (RuntimeError("Error(s) in loading state_dict"), "Error(s) in loading state_dict"),  # a heading alone stays
+        (RuntimeError("first\nsecond"), "first"),
+        (ValueError(), "ValueError"),
+        (TypeError("  \n "), "TypeError"),
+        (RuntimeError("x" * 160), "x" * 160),
+        (RuntimeError("x" * 161), "x" * 157 + "..."),
+    ],
+    ids=["heading-then-finding", "heading-alone", "two-lines", "no-message", "blank-message", "at-limit", "past-it"],
+)
+def test_first_problem_is_the_first_finding_cut_to_160_characters(exc: BaseException, problem: str) -> None:
+    assert first_problem(exc) == problem
+
+
+def test_same_kinds_takes_the_same_keys_lengths_types_and_finite_numbers_only() -> None:
+    fresh = {"lr": 0.1, "betas": (0.5, 0.9), "amsgrad": False, "foreach": None, "steps": [1, 2]}
+    assert same_kinds(dict(fresh), fresh)
+    for saved in [
+        {**fresh, "extra": 1},
+        {key: value for key, value in fresh.items() if key != "lr"},
+        {**fresh, "lr": 1},  # an int where a float was
+        {**fresh, "lr": float("inf")},
+        {**fresh, "betas": [0.5, 0.9]},  # a list where a tuple was
+        {**fresh, "betas": (0.5,)},
+        {**fresh, "betas": (0.5, "0.9")},
+        {**fresh, "amsgrad": 0},
+        {**fresh, "steps": [1, 2, 3]},
+        [fresh],
+    ]:
+        assert not same_kinds(saved, fresh), saved
+
+
 def _set_betas(payload: dict, betas: object) -> None:
     payload["optimizers"]["generator"]["param_groups"][0]["betas"] = betas
 
@@ -648,11 +685,12 @@ def _set_betas(payload: dict, betas: object) -> None:
     [
         (lambda p: p["optimizers"].update({"generator": "x"}), NOT_LOADED),
         (lambda p: p["optimizers"]["generator"].update({"state": "x"}), NOT_LOADED),
+        (lambda p: p["optimizers"]["generator"].pop("param_groups"), f"{NOT_LOADED}'param_groups')"),
         (lambda p: _set_betas(p, "ab"), OTHER_KIND),
         (lambda p: _set_betas(p, (0.5, float("nan"))), OTHER_KIND),
         (lambda p: p["rng"].update({"noise": []}), "no noise generator's state: []"),
     ],
-    ids=["optimizer-text", "moments-text", "betas-text", "betas-nan", "no-noise-state"],
+    ids=["optimizer-text", "moments-text", "no-param-groups", "betas-text", "betas-nan", "no-noise-state"],
 )
 def test_an_optimizer_or_noise_state_of_another_kind_is_refused_in_words(
     tmp_path: Path, tiny_checkpoint: Path, edit: Callable[[dict], None], problem: str

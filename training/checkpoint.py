@@ -154,7 +154,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: object, name: 
         raise ValueError(f"the {name} optimizer's state does not load ({first_problem(exc)})") from None
     loaded = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     if not same_kinds(loaded, fresh):
-        raise ValueError(f"the {name} optimizer's settings are not those of its kind: {loaded!r}"[:200])
+        raise ValueError(f"the {name} optimizer's settings are not those of its kind: {loaded!r}")
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             for key, value in optimizer.state.get(parameter, {}).items():

@@ -164,7 +164,7 @@ def state_from_checkpoint(path: str, device: torch.device, rank: int = 0) -> Tra
             load_optimizer_state(optimizer, payload["optimizers"][name], name)
         noise_states = payload["rng"]["noise"]
         if not isinstance(noise_states, list) or not noise_states:
-            raise ValueError(f"no noise generator's state: {noise_states!r}"[:200])
+            raise ValueError(f"no noise generator's state: {noise_states!r}")
         if rank < len(noise_states):
             state.noise_rng.set_state(noise_states[rank])
         state.saved_by = len(noise_states)
