@@ -168,6 +168,18 @@ def test_resume_continues_the_run_in_place(finished_run: Path, tiny_mnist: Path)
     assert torch.load(finished_run / "checkpoint.pt", weights_only=True)["step"] == 4
 
 
+def test_resume_removes_the_grids_of_steps_after_its_checkpoint(finished_run: Path, tiny_mnist: Path) -> None:
+    """Left by a hard stop after the last checkpoint (as metrics lines are): a resumed run that ends sooner would
+    show them as its own. A file of the user's in the samples folder stays."""
+    samples = finished_run / "samples"
+    (samples / "step0000050.png").write_bytes(b"a grid of a step the checkpoint never reached")
+    (samples / "notes.txt").write_text("mine")
+    code, output = train(tiny_mnist, finished_run, "--resume", finished_run / "checkpoint.pt", "--steps", 4)
+    assert code == 0, output
+    assert not (samples / "step0000050.png").exists() and (samples / "notes.txt").read_text() == "mine"
+    assert (samples / "step0000002.png").is_file() and (samples / "step0000004.png").is_file()
+
+
 def test_resuming_from_a_file_that_is_no_checkpoint_says_so_first(finished_run: Path, tiny_mnist: Path) -> None:
     """Not "the folder already holds a run": what is wrong is the file given to --resume."""
     model = finished_run / "generator.onnx"

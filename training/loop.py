@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -36,6 +37,7 @@ from digitgen.training.state import TrainState, state_to_checkpoint
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
+SAMPLE_GRID = re.compile(r"^step(\d{7,})\.png$")  # the name of the grid of a step, in SAMPLES_DIR
 GRID_COLUMNS = 10
 
 ProgressFn = Callable[[int, dict[str, float]], None]
@@ -214,6 +216,15 @@ def _trim_metrics(path: Path, step: int) -> None:
         tmp.write_text("".join(kept))
 
 
+def _trim_grids(samples: Path, step: int) -> None:
+    """Remove the sample grids of steps after ``step``, where a resumed run starts: a hard stop after its last
+    checkpoint left them, and a resumed run that ends sooner would leave them beside its own."""
+    for path in samples.iterdir():
+        grid = SAMPLE_GRID.match(path.name)
+        if grid is not None and int(grid[1]) > step:
+            path.unlink()
+
+
 def _append_metrics(path: Path, record: dict[str, float]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -272,6 +283,7 @@ def train(
     if ctx.is_main:
         (run_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
         _trim_metrics(run_dir / METRICS_NAME, state.step)
+        _trim_grids(run_dir / SAMPLES_DIR, state.step)
     device = next(state.generator.parameters()).device
     if device.type == "cpu":
         use_channels_last(state)
@@ -305,7 +317,7 @@ def train(
             progress(state.step, {"epoch": epoch + 1, **metrics})
         epoch_done = state.step % per_epoch == 0
         if ctx.is_main and (epoch_done or state.step == cfg.total_steps):
-            write_sample_grid(state, run_dir / SAMPLES_DIR / f"step{state.step:07d}.png")
+            write_sample_grid(state, run_dir / SAMPLES_DIR / f"step{state.step:07d}.png")  # SAMPLE_GRID
         if epoch_done or state.step % cfg.checkpoint_every == 0:
             _save(state, checkpoint, ctx)
             saved_at = state.step

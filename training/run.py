@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from digitgen.training.config import DEFAULT_RUN_DIR, GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, check_labels, load_mnist_once
 from digitgen.training.distributed import DistContext, on_main_first, weights_digest
 from digitgen.training.errors import CheckpointError, RunDirectoryError, TrainingError
-from digitgen.training.loop import CHECKPOINT_NAME, METRICS_NAME, SAMPLES_DIR, steps_per_epoch
+from digitgen.training.loop import CHECKPOINT_NAME, METRICS_NAME, SAMPLE_GRID, SAMPLES_DIR, steps_per_epoch
 from digitgen.training.run_lock import RunLock, refuse_if_training
 from digitgen.training.state import TrainState, new_state, state_from_checkpoint
 
@@ -90,7 +89,6 @@ FIXED_ON_RESUME = {
     "precision": ("--precision", "train"),
 }
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)  # and the sample grids in SAMPLES_DIR
-SAMPLE_GRID = re.compile(r"^step\d{7,}\.png$")
 
 
 def earlier_run_files(run_dir: Path) -> tuple[Path, ...]:
