@@ -25,6 +25,7 @@ from digitgen.training.classifier import (
     training_steps,
 )
 from digitgen.training.classifier_resume import (
+    START_OVER_INSTEAD,
     UnusableStateError,
     check_resume,
     finding,
@@ -194,6 +195,14 @@ def test_an_interrupted_training_resumes_to_the_weights_of_one_never_stopped(
     assert all(torch.equal(weights[name], again[name]) for name in weights)
 
 
+def test_a_stop_at_the_last_step_with_no_state_to_keep_finishes_the_run(
+    small: tuple[MnistTensors, MnistTensors], never_stopped: ClassifierResult
+) -> None:
+    """Nothing could resume it: stopping there would only throw the trained classifier away."""
+    result = train_classifier(*small, epochs=2, seed=1, should_stop=_stopping_after(8))
+    assert (result.test_accuracy, result.step) == (never_stopped.test_accuracy, 8)
+
+
 def test_a_run_keeps_its_state_after_each_epoch_but_the_last(
     small: tuple[MnistTensors, MnistTensors], tmp_path: Path
 ) -> None:
@@ -222,7 +231,10 @@ def test_a_state_that_is_not_this_runs_or_is_damaged_is_refused_in_words(
     recipe, saved = recipe_of(train, 2, BATCH_SIZE, 1), torch.load(state, weights_only=True)
     for change, words in [
         ({"kind": "reference classifier"}, f"{state}: not the training state of train-classifier"),
-        ({"format_version": 2}, f"{state}: training state format 2, this version reads 1; start over with --overwrite"),
+        (
+            {"format_version": 2},
+            f"{state}: training state format 2, this version reads 1; start over with --overwrite in",
+        ),
         ({"step": 9}, f"{state}: a damaged training state (step 9 of 8)"),
         ({"order": None}, f"{state}: a damaged training state (step 2 of 8)"),
         ({"recipe": {**recipe, "epochs": 3}}, f"{state} is a run of --epochs 3, not 2: resume it with the options"),
@@ -245,7 +257,7 @@ def test_finding_is_why_a_state_cannot_be_continued_without_train_classifier_s_a
     with pytest.raises(UnusableStateError) as refused:
         load_state(state, {"epochs": 1, "batch_size": BATCH_SIZE, "seed": 0, "data": "digest"}, 8)
     words = f"{state}: training state format 2, this version reads 1"
-    assert (refused.value.finding, str(refused.value)) == (words, f"{words}; start over with --overwrite")
+    assert (refused.value.finding, str(refused.value)) == (words, f"{words}; {START_OVER_INSTEAD}")
     assert finding(refused.value) == words
     assert finding(CheckpointError(f"{state}: not the training state of train-classifier")) == (
         f"{state}: not the training state of train-classifier"
@@ -271,6 +283,7 @@ def _schedule_at(payload: dict, step: int) -> None:
         (lambda p: p.pop("model"), "'model'"),
         (lambda p: p.update({"optimizer": "x"}), "the classifier optimizer's state does not load ("),
         (_wrong_moment, "the classifier optimizer's exp_avg is (3,) for a parameter of "),
+        (lambda p: p["optimizer"]["state"][0].update({"exp_avg": torch.tensor(1.0)}), "the classifier optimizer's exp"),
         (lambda p: p.update({"schedule": {**p["schedule"], "total_steps": "8"}}), "the schedule's state is not that "),
         (lambda p: _schedule_at(p, 5), "the schedule stands at step 5, the state at 2"),
         (lambda p: p.update({"order": p["order"].float()}), "its epoch's order is not one of the 512 images each"),
@@ -283,6 +296,7 @@ def _schedule_at(payload: dict, step: int) -> None:
         "model-missing",
         "optimizer-text",
         "moment-shape",
+        "moment-0-dim",
         "schedule-kind",
         "schedule-step",
         "order-float",
@@ -370,16 +384,16 @@ def test_load_state_takes_a_step_within_the_run_only(tmp_path: Path) -> None:
         assert str(refused.value) == f"{state}: a damaged training state (step {step!r} of 8)"
     for payload, words in [
         (["reference classifier training state"], ": not the training state of train-classifier"),
-        ({**kept, "recipe": [recipe]}, ": training state format 1, this version reads 1; start over with --overwrite"),
+        ({**kept, "recipe": [recipe]}, f": training state format 1, this version reads 1; {START_OVER_INSTEAD}"),
         (
             {**kept, "recipe": {**recipe, "batch_size": 64}},
-            f" is a run of batch size 64, not {BATCH_SIZE}: resume it with the options it was started with, or start "
-            "over with --overwrite",
+            f" is a run of batch size 64, not {BATCH_SIZE}: resume it with the options it was started with, or "
+            + START_OVER_INSTEAD,
         ),
         (
             {**kept, "recipe": {**recipe, "data": "other"}},
-            " was trained on other MNIST training images than these: resume it on its own data (--data-dir), or start "
-            "over with --overwrite",
+            " was trained on other MNIST training images than these: resume it on its own data (--data-dir), or "
+            + START_OVER_INSTEAD,
         ),
     ]:
         torch.save({"step": 1, "order": torch.arange(4), **payload} if isinstance(payload, dict) else payload, state)

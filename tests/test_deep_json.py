@@ -37,7 +37,8 @@ def test_a_metrics_line_too_deep_is_dropped_as_a_cut_one(tmp_path: Path) -> None
 def test_metrics_lines_that_are_not_records_of_a_step_are_dropped(tmp_path: Path) -> None:
     """Not a UnicodeDecodeError or a TypeError (a step in quotes) when a run resumes."""
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_bytes(b'{"step": 1}\n{"step": 1\xff\n{"step": "1"}\n{"step": true}\n{"loss": 1}\n{"step": 2}\n')
+    lines = [b'{"step": 1}', b'{"step": 1\xff', b'{"step": 1, "x": "\xff"}', b'{"step": "1"}', b'{"step": true}']
+    metrics.write_bytes(b"\n".join([*lines, b'{"loss": 1}', b'{"step": 2}', b""]))
     _trim_metrics(metrics, 2)
     assert metrics.read_text() == '{"step": 1}\n{"step": 2}\n'
 

@@ -638,7 +638,10 @@ def test_unknown_training_settings_and_a_broken_optimizer_state_are_refused_by_n
 
 
 NOT_LOADED = "the generator optimizer's state does not load ("
-OTHER_KIND = "the generator optimizer's settings are not those of its kind: "
+
+
+def _first_moments(payload: dict) -> dict:
+    return payload["optimizers"]["generator"]["state"][0]
 
 
 @pytest.mark.parametrize(
@@ -686,11 +689,29 @@ def _set_betas(payload: dict, betas: object) -> None:
         (lambda p: p["optimizers"].update({"generator": "x"}), NOT_LOADED),
         (lambda p: p["optimizers"]["generator"].update({"state": "x"}), NOT_LOADED),
         (lambda p: p["optimizers"]["generator"].pop("param_groups"), f"{NOT_LOADED}'param_groups')"),
-        (lambda p: _set_betas(p, "ab"), OTHER_KIND),
-        (lambda p: _set_betas(p, (0.5, float("nan"))), OTHER_KIND),
+        (lambda p: _set_betas(p, "ab"), "the generator optimizer's setting betas is 'ab', not of its kind"),
+        (lambda p: _set_betas(p, (0.5, float("nan"))), "the generator optimizer's setting betas is (0.5, nan), not"),
+        (lambda p: _first_moments(p).update({"exp_avg": torch.tensor(1.0)}), "the generator optimizer's exp_avg is ()"),
+        (lambda p: _first_moments(p).update({"exp_avg": 1.0}), "the generator optimizer's exp_avg is 1.0 for a param"),
+        (lambda p: _first_moments(p).update({"step": torch.ones(2)}), "the generator optimizer's step is tensor("),
+        (
+            lambda p: _first_moments(p).pop("exp_avg_sq"),
+            "the generator optimizer's state of a parameter holds ['exp_avg', 'step'], not ['exp_avg', 'exp_avg_sq', ",
+        ),
         (lambda p: p["rng"].update({"noise": []}), "no noise generator's state: []"),
     ],
-    ids=["optimizer-text", "moments-text", "no-param-groups", "betas-text", "betas-nan", "no-noise-state"],
+    ids=[
+        "optimizer-text",
+        "moments-text",
+        "no-param-groups",
+        "betas-text",
+        "betas-nan",
+        "moment-0-dim",
+        "moment-number",
+        "step-two-numbers",
+        "moment-missing",
+        "no-noise-state",
+    ],
 )
 def test_an_optimizer_or_noise_state_of_another_kind_is_refused_in_words(
     tmp_path: Path, tiny_checkpoint: Path, edit: Callable[[dict], None], problem: str

@@ -725,6 +725,17 @@ def test_the_page_shows_generating_before_the_model_holds_its_thread(page: Page)
     assert wait_settled(page) == "drawn"
 
 
+def test_a_browser_that_cannot_write_the_png_says_so_on_the_page(page: Page) -> None:
+    assert submit(page) == "drawn"
+    page.evaluate("() => { window.keptCompressionStream = window.CompressionStream; delete window.CompressionStream; }")
+    try:
+        page.click("#download")
+        page.wait_for_function("document.getElementById('error').textContent.includes('could not write the PNG')")
+        assert "a screenshot keeps the sheet" in page.locator("#error").text_content()
+    finally:
+        page.evaluate("() => { window.CompressionStream = window.keptCompressionStream; }")
+
+
 def test_the_module_refuses_a_batch_larger_than_the_runtime_runs(page: Page) -> None:
     """A batch of 100,000 froze the tab, then failed with std::bad_alloc; the Python runtime stops at 8,192."""
     error = page.evaluate("window.digitgen.generate({ count: 2, batchSize: 8193 }).catch((e) => [e.name, e.message])")
@@ -859,7 +870,7 @@ def test_screenshot_and_download(
     assert screenshot.startswith(b"\x89PNG\r\n\x1a\n") and len(screenshot) > 10_000
     with page.expect_download() as download:
         page.click("#download")
-    assert download.value.suggested_filename == "digits-seed42-n30-d1_2.png"  # what it shows: names never clash
+    assert download.value.suggested_filename == "digits-seed42-n30-d1_2.png"  # named by what it shows
     download.value.save_as(tmp_path / "sheet.png")
     with Image.open(tmp_path / "sheet.png") as sheet:
         sheet.verify()  # every chunk's CRC

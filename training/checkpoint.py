@@ -145,19 +145,34 @@ def same_kinds(saved: object, fresh: object) -> bool:
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: object, name: str) -> None:
     """Load ``saved`` into ``optimizer``; ``ValueError`` naming the ``name`` optimizer unless its parameter groups
-    hold the settings a fresh one holds (:func:`same_kinds`) and each moment has its parameter's shape (PyTorch
-    checks neither: a wrong one would fail at the first step)."""
+    hold the settings a fresh one holds (:func:`same_kinds`) and each parameter's state holds Adam's moments, of
+    its shape, and step (PyTorch checks neither: a wrong one would fail at the first step)."""
     fresh = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(saved)  # type: ignore[arg-type]
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"the {name} optimizer's state does not load ({first_problem(exc)})") from None
-    loaded = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
-    if not same_kinds(loaded, fresh):
-        raise ValueError(f"the {name} optimizer's settings are not those of its kind: {loaded!r}")
-    for group in optimizer.param_groups:
+    for group, before in zip(optimizer.param_groups, fresh, strict=True):
+        for key in sorted(group.keys() - {"params"} | before.keys()):
+            if not same_kinds(group.get(key), before.get(key)):
+                raise ValueError(f"the {name} optimizer's setting {key} is {group.get(key)!r}, not of its kind")
+        moments = {"exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())  # Adam's
         for parameter in group["params"]:
-            for key, value in optimizer.state.get(parameter, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() and value.shape != parameter.shape:
-                    shapes = f"{tuple(value.shape)} for a parameter of {tuple(parameter.shape)}"
-                    raise ValueError(f"the {name} optimizer's {key} is {shapes}")
+            state = optimizer.state.get(parameter)
+            if state is not None:  # none yet for a parameter that has had no gradient
+                _check_adam_state(state, moments, parameter.shape, name)
+
+
+def _check_adam_state(state: dict, moments: set[str], shape: torch.Size, name: str) -> None:
+    """``ValueError`` unless ``state`` holds exactly a one-number step and ``moments`` of ``shape``."""
+    expected = sorted(moments | {"step"})
+    if sorted(state) != expected:
+        raise ValueError(f"the {name} optimizer's state of a parameter holds {sorted(state)}, not {expected}")
+    step = state["step"]
+    if not isinstance(step, torch.Tensor) or step.numel() != 1:
+        raise ValueError(f"the {name} optimizer's step is {step!r}, not one number")
+    for key in sorted(moments):
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or value.shape != shape:
+            found = tuple(value.shape) if isinstance(value, torch.Tensor) else repr(value)
+            raise ValueError(f"the {name} optimizer's {key} is {found} for a parameter of {tuple(shape)}")

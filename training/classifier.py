@@ -174,7 +174,8 @@ def train_classifier(
         stop = should_stop()
         if state_path is not None and (stop or (step < total and step % steps_per_epoch == 0)):
             save_state(state_path, recipe, step, training_state(parts, rng, order))
-        if stop:  # at the last step too: what follows (the accuracy, an export) is the caller's to finish on resume
+        # at the last step too, where a state is kept: the accuracy and what follows are then the resumed run's
+        if stop and (step < total or state_path is not None):
             return ClassifierResult(model.eval(), None, time.perf_counter() - start, step)
     return ClassifierResult(model.eval(), accuracy(model, test), time.perf_counter() - start, step)
 

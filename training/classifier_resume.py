@@ -23,6 +23,7 @@ STATE_KIND = "reference classifier training state"
 STATE_FORMAT_VERSION = 1
 RECIPE_OPTIONS = {"epochs": "--epochs", "batch_size": "batch size", "seed": "--seed"}
 START_OVER = "start over with --overwrite"
+START_OVER_INSTEAD = "start over with --overwrite in place of --resume"  # the advice of a state --resume cannot use
 
 
 class UnusableStateError(CheckpointError):
@@ -85,19 +86,19 @@ def load_state(path: Path, recipe: dict[str, Any], total: int) -> dict[str, Any]
         raise UnusableStateError(
             f"{path}: training state format {payload.get('format_version')!r}, this version reads "
             f"{STATE_FORMAT_VERSION}",
-            f"; {START_OVER}",
+            f"; {START_OVER_INSTEAD}",
         )
     theirs = payload["recipe"]
     for key, option in RECIPE_OPTIONS.items():
         if theirs.get(key) != recipe[key]:
             raise UnusableStateError(
                 f"{path} is a run of {option} {theirs.get(key)!r}, not {recipe[key]!r}",
-                f": resume it with the options it was started with, or {START_OVER}",
+                f": resume it with the options it was started with, or {START_OVER_INSTEAD}",
             )
     if theirs.get("data") != recipe["data"]:
         raise UnusableStateError(
             f"{path} was trained on other MNIST training images than these",
-            f": resume it on its own data (--data-dir), or {START_OVER}",
+            f": resume it on its own data (--data-dir), or {START_OVER_INSTEAD}",
         )
     step, order = payload.get("step"), payload.get("order")
     if type(step) is not int or not 0 < step <= total or not isinstance(order, torch.Tensor):

@@ -37,10 +37,16 @@ from digitgen.training.state import TrainState, state_to_checkpoint
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
-SAMPLE_GRID = re.compile(r"^step(\d{7,})\.png$")  # the name of the grid of a step, in SAMPLES_DIR
+SAMPLE_GRID = re.compile(r"^step(\d{7,})\.png$")  # the names grid_name gives
+
 GRID_COLUMNS = 10
 
 ProgressFn = Callable[[int, dict[str, float]], None]
+
+
+def grid_name(step: int) -> str:
+    """The file name of the sample grid of ``step``, in SAMPLES_DIR: ``step0000042.png``."""
+    return f"step{step:07d}.png"
 
 
 @dataclass(frozen=True)
@@ -205,10 +211,11 @@ def _trim_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
+            line = raw.decode("utf-8")
             record = read_json(line)
-        except ValueError:
+        except ValueError:  # UnicodeDecodeError among them
             continue
         if isinstance(record, dict) and type(record.get("step")) is int and record["step"] <= step:
             kept.append(line + "\n")
@@ -317,7 +324,7 @@ def train(
             progress(state.step, {"epoch": epoch + 1, **metrics})
         epoch_done = state.step % per_epoch == 0
         if ctx.is_main and (epoch_done or state.step == cfg.total_steps):
-            write_sample_grid(state, run_dir / SAMPLES_DIR / f"step{state.step:07d}.png")  # SAMPLE_GRID
+            write_sample_grid(state, run_dir / SAMPLES_DIR / grid_name(state.step))
         if epoch_done or state.step % cfg.checkpoint_every == 0:
             _save(state, checkpoint, ctx)
             saved_at = state.step

@@ -203,7 +203,7 @@ async function requestSheet(gen) {
   }
 }
 
-/** "digits-seed42-n30-d1_2-t1.5.png": a sheet's file named by what it shows, so that two sheets never share a name. */
+/** "digits-seed42-n30-d1_2-t1.5.png": a sheet's file named by what it shows (a digit list past 16 cut, "_etc"). */
 function sheetName(digits, count, seed, truncation) {
   const parts = [`seed${seed}`, `n${count}`];
   if (digits) parts.push(`d${digits.slice(0, 16).join("_")}${digits.length > 16 ? "_etc" : ""}`); // a name stays short
@@ -245,13 +245,21 @@ async function draw(gen) {
   }
 }
 
-/** Save the sheet as a grey-level PNG, as the CLI writes its grid (a canvas would give RGBA). */
+/** Save the sheet as a grey-level PNG, as the CLI writes its grid (a canvas would give RGBA); a browser that
+ * cannot (no CompressionStream) says so on the page. */
 async function download() {
   const canvas = $("sheet");
   const rgba = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
   const grey = rgba.filter((_, i) => i % 4 === 0); // the sheet is grey: red = green = blue
+  let png;
+  try {
+    png = await greyPng(grey, canvas.width, canvas.height);
+  } catch (error) {
+    showError(new Error(`this browser could not write the PNG (${error.message}); a screenshot keeps the sheet`));
+    return;
+  }
   const link = Object.assign(document.createElement("a"), {
-    href: URL.createObjectURL(await greyPng(grey, canvas.width, canvas.height)),
+    href: URL.createObjectURL(png),
     download: $("download").dataset.filename,
   });
   link.click();
