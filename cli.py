@@ -806,22 +806,21 @@ def evaluate(
     from digitgen.runtime.idx import read_mnist_split
 
     if cas:  # imported first: without the train extra, the refusal comes before any work
-        from digitgen.training.cas import CasRun, check_cas_data, default_state_dir
+        from digitgen.training.cas import CasRun, default_state_dir
 
     gen = DigitGenerator.from_path(model, "cpu")
     check_evaluation(gen, num_samples)
     state_dir = default_state_dir() if cas else None
     reference = ReferenceClassifier(classifier)
     test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
-    if cas:
-        check_cas_data(train, test)
+    # made before the scores, so that data it cannot train on is refused before any work
+    run = CasRun(gen, train, test, seed=seed, truncation=truncation, state_dir=state_dir) if cas else None
     work = evaluation_work(len(test[0]), len(train[0]), num_samples)
     with progress(work, "evaluating (images made or scored)") as bar:
         result = run_evaluation(
             gen, reference, test, train, num_samples=num_samples, seed=seed, truncation=truncation, progress=bar.update
         )
-    if cas:
-        run = CasRun(gen, train, test, seed=seed, truncation=truncation, state_dir=state_dir)
+    if run is not None:
         for note in run.notes:
             _say(f"note: {note}", err=True)
         label = "CAS: training classifiers (steps)"

@@ -69,12 +69,6 @@ def accuracy_when_trained_on(
     return result.test_accuracy
 
 
-def check_cas_data(train: Split, test: Split) -> None:
-    """:class:`TrainingError` unless the real splits can train and score CAS's classifiers: before any work, not
-    when the second classifier starts."""
-    check_classifier_data(_tensors(train), _tensors(test))
-
-
 class CasRun:
     """Test accuracy of the reference architecture trained on ``10 * per_class`` generated digits (noise ``seed``,
     digits 0-9 in turn) and, with the same recipe and seed, on the real ``train``.
@@ -97,7 +91,7 @@ class CasRun:
         state_dir: Path | None = None,
     ) -> None:
         self.generator, self.train, self.test = generator, _tensors(train), _tensors(test)
-        check_classifier_data(self.train, self.test)
+        check_classifier_data(self.train, self.test)  # before any work, not when the second classifier starts
         self.seed, self.truncation = seed, truncation
         self.per_class = PER_CLASS if per_class is None else per_class  # read here, so that a test can make them small
         self.epochs = EPOCHS if epochs is None else epochs

@@ -126,15 +126,13 @@ def restore_state(
         problem = f"its epoch's order is not one of the {num_images:,} images each"
         raise CheckpointError(f"{path}: a damaged training state ({problem})")
     try:
-        for name, part in parts.items():
-            if isinstance(part, torch.optim.Optimizer):
-                load_optimizer_state(part, payload[name], "classifier")
-                continue
-            fresh = part.state_dict()
-            part.load_state_dict(payload[name])
-            if not same_kinds(part.state_dict(), fresh):
-                raise ValueError(f"the {name}'s state is not that of its kind")
+        parts["model"].load_state_dict(payload["model"])  # strict: the classifier's own keys and shapes
+        load_optimizer_state(parts["optimizer"], payload["optimizer"], "classifier")
         schedule = parts["schedule"]
+        fresh = schedule.state_dict()
+        schedule.load_state_dict(payload["schedule"])  # takes any dict: checked against a fresh one's below
+        if not same_kinds(schedule.state_dict(), fresh):
+            raise ValueError("the schedule's state is not that of its kind")
         if schedule.last_epoch != payload["step"]:
             raise ValueError(f"the schedule stands at step {schedule.last_epoch!r}, the state at {payload['step']}")
         rng.set_state(payload["rng"])
