@@ -845,7 +845,7 @@ def evaluate(
     default=1,
     show_default=True,
     type=Integer(min=1),
-    help="Server processes; each loads the model.",
+    help="Server processes, at most the cores this process may use; each loads the model.",
 )
 @click.option(
     "--threads",

@@ -25,19 +25,12 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from digitgen.runtime.errors import InvalidModelError
 from digitgen.runtime.generator import DigitGenerator
-from digitgen.runtime.session import MAX_THREADS, external_files, model_sha256
+from digitgen.runtime.session import MAX_THREADS, external_files, model_sha256, usable_cores
 from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
 from digitgen.serve.app import ServeConfigError, ServeSettings, check_type, create_app
 from digitgen.serve.observe import ACCESS_LOG, UNPARSED, Metrics
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def default_threads(workers: int) -> int:
@@ -70,8 +63,12 @@ class ServerOptions:
         check_type("settings", self.settings, (ServeSettings,), "a ServeSettings")
         if not 0 <= self.port <= 65_535:
             raise ServeConfigError(f"port must be from 0 (any free port) to 65535, got {self.port}")
-        if self.workers < 1:
-            raise ServeConfigError(f"workers must be at least 1, got {self.workers}")
+        cores = usable_cores()
+        if not 1 <= self.workers <= cores:  # each worker is a process running the model: more only compete for cores
+            raise ServeConfigError(
+                f"workers must be from 1 to {cores}, the cores this process may run on (each worker is a process "
+                f"with its own copy of the model), got {self.workers}"
+            )
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
             raise ServeConfigError(f"threads must be from 1 to {MAX_THREADS}, got {self.threads}")
         if not 0 <= self.graceful_timeout < math.inf:

@@ -76,7 +76,6 @@ def test_too_many_threads_are_refused_with_the_range_help_shows() -> None:
         ({"port": 70_000}, "port must be from 0 (any free port) to 65535, got 70000"),
         ({"port": -1}, "port must be from 0 (any free port) to 65535, got -1"),
         ({"port": "8000"}, "port must be an integer, got '8000'"),
-        ({"workers": 0}, "workers must be at least 1, got 0"),
         ({"workers": True}, "workers must be an integer, got True"),
         ({"threads": -3}, "threads must be from 1 to 1024, got -3"),
         ({"threads": 2.0}, "threads must be an integer or None, got 2.0"),
@@ -93,6 +92,28 @@ def test_server_options_out_of_range_are_refused_in_words(options: dict, message
     with pytest.raises(ServeConfigError) as refused:
         ServerOptions(**options)
     assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("workers", [0, 3, 10**23])
+def test_workers_are_at_most_the_usable_cores(monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    """Each worker is a process with the model: more than the cores only compete for them, and a huge count had
+    forked until the machine ran out of memory."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert ServerOptions(workers=2).workers == 2
+    with pytest.raises(ServeConfigError) as refused:
+        ServerOptions(workers=workers)
+    assert str(refused.value) == (
+        "workers must be from 1 to 2, the cores this process may run on (each worker is a process with its own "
+        f"copy of the model), got {workers}"
+    )
+
+
+def test_serve_refuses_more_workers_than_cores_before_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    monkeypatch.setattr(serve_run, "serve", lambda *args: pytest.fail("the server started"))
+    result = CliRunner().invoke(main, ["serve", "--port", str(free_port()), "--workers", "99999999999999999999999"])
+    assert (result.exit_code, result.output.count("\n")) == (1, 1), result.output
+    assert result.output.startswith("Error: workers must be from 1 to 2, the cores this process may run on")
 
 
 def test_the_web_source_folder_is_not_taken_for_the_built_page(tmp_path: Path) -> None:
