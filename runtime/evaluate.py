@@ -189,14 +189,14 @@ class Evaluation:
             ("samples", f"{g.num_samples}", f"{r.num_samples}", ""),
             ("class accuracy", f"{g.class_accuracy:.2%}", f"{r.class_accuracy:.2%}", ""),
             ("worst digit accuracy", _worst(g.per_digit_accuracy), _worst(r.per_digit_accuracy), ""),
-            ("FID (classifier features)", f"{g.fid:.3f}", f"{r.fid:.3f}", f"{g.fid / max(r.fid, 1e-12):.1f}x real"),
+            ("FID (classifier features)", f"{g.fid:.3f}", f"{r.fid:.3f}", f"{g.fid / max(r.fid, 1e-12):.2f}x real"),
             (
                 "precision (k=5)",
                 f"{g.precision:.3f}",
                 f"{r.precision:.3f}",
-                f"{g.precision / max(r.precision, 1e-12):.2f}x real",
+                f"{g.precision / max(r.precision, 1e-12):.3f}x real",
             ),
-            ("recall (k=5)", f"{g.recall:.3f}", f"{r.recall:.3f}", f"{g.recall / max(r.recall, 1e-12):.2f}x real"),
+            ("recall (k=5)", f"{g.recall:.3f}", f"{r.recall:.3f}", f"{g.recall / max(r.recall, 1e-12):.3f}x real"),
         ]
         if self.cas is not None:
             c = self.cas
