@@ -667,6 +667,13 @@ def generate(
     )
     if gen.note:  # said before the work, so that a run that fails or is stopped still says where it ran
         _say(f"note: {gen.note}", err=True)
+    if resume and job.plan.existing:
+        found = len(job.plan.existing)
+        _say(
+            f"resuming: {found:,} file{'' if found == 1 else 's'} already there, each kept if it holds exactly "
+            "what this run writes (every digit is made again to compare)",
+            err=True,
+        )
     start = time.perf_counter()
     try:
         with progress(job.plan.count, "generating", hidden=job.plan.count <= batch_size) as bar:

@@ -313,13 +313,17 @@ def test_resume_reports_what_it_kept(tmp_path: Path, tiny_onnx: Path) -> None:
     code, output = run(*args, "--resume")
     assert (
         code == 0
+        and "resuming: 11 files already there, each kept if it holds exactly what this run writes" in output
         and "12 digits as png in" in output
         and "kept 11 complete files of the earlier run, wrote 1," in output
     )
     code, output = run(*args, "--format", "npz")
     assert code == 0
+    code, output = run(*args, "--overwrite")  # replaces the files there: no "resuming"
+    assert code == 0 and "resuming" not in output and "wrote 12 digits as png" in output, output
     code, output = run(*args, "--format", "npz", "--resume")
     assert code == 0 and "kept 1 complete file of the earlier run, wrote 0," in output, output
+    assert "resuming: 1 file already there" in output
     # a typo in --seed: another run's files are kept, and the refusal comes before any progress
     code, output = run(*args, "--resume", "--seed", 9, "--batch-size", 4)
     assert code == 1 and output.strip() == (
