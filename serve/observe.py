@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from prometheus_client import (
     CollectorRegistry,
@@ -35,6 +35,7 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
 LOGGED_TARGET = 1024  # characters of a request's path and query in its access-log line
 LOGGED_METHOD = 32  # characters of a request's method there (the longest registered method has 17)
+LOGGED_CLIENT = 64  # characters of the client's address there (an IPv6 one has at most 45)
 ACCESS_LOG = logging.getLogger("digitgen.serve.access")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 UNPARSED = "unparsed"  # the endpoint label of a request refused before it could be read (400, 408)
@@ -85,6 +86,15 @@ def logged_target(path: str, query: str) -> str:
 def logged_method(scope: Scope) -> str:
     """The request's method as a log line or a refusal shows it: HTTP does not bound it, so it is cut."""
     return bounded(scope["method"], LOGGED_METHOD).replace('"', "%22")
+
+
+def logged_client(host: str) -> str:
+    """The client's address as its access-log line shows it. Behind a proxy the server trusts (uvicorn trusts
+    127.0.0.1's ``X-Forwarded-For`` by default) it is whatever that header said, so anything but the characters
+    of an address is %-escaped (spaces and quotes too, so that it cannot forge the line's other fields) and it
+    is cut."""
+    shown = quote(host, safe=".:[]_-")
+    return shown if len(shown) <= LOGGED_CLIENT else f"{shown[:LOGGED_CLIENT]}...({len(shown) - LOGGED_CLIENT} more)"
 
 
 class Metrics:
@@ -174,7 +184,7 @@ class RequestMiddleware:
                 client = scope.get("client") or ("-", 0)
                 ACCESS_LOG.info(
                     '%s:%s "%s %s" %d %.1fms id=%s',
-                    client[0],
+                    logged_client(str(client[0])),
                     client[1],
                     logged_method(scope),
                     logged_target(path, scope["query_string"].decode("latin-1")),

@@ -120,6 +120,28 @@ def test_a_request_cannot_write_a_log_line_of_its_own(metrics: Metrics, caplog: 
     assert printable("a\x00b\x7fc\u0085d\te\u00e9") == "a\\x00b\\x7fc\\x85d\\te\u00e9"
 
 
+def test_a_forwarded_client_address_cannot_forge_the_log_line(
+    metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind a trusted proxy the client is what X-Forwarded-For said: terminal escapes, a quote and spaces that
+    would forge the line's fields are %-escaped, and a long one is cut."""
+    middleware = RequestMiddleware(stub, metrics, ENDPOINTS, access_log=True)
+
+    async def forwarded(scope: Scope, receive: Receive, send: Send) -> None:
+        await middleware({**scope, "client": (host, 0)}, receive, send)
+
+    with caplog.at_level("INFO", logger=ACCESS_LOG.name):
+        for host in ('6.6.6.6\x1b[2J\x1b[31mFAKE" 200 id=zz', "A" * 20_000, "2001:db8::1", "caf\u00e9"):
+            get(forwarded, "/healthz", {"X-Request-ID": "r1"})  # type: ignore[arg-type]
+    clients = [record.getMessage().split(' "GET /healthz" ')[0] for record in caplog.records]
+    assert clients == [
+        "6.6.6.6%1B[2J%1B[31mFAKE%22%20200%20id%3Dzz:0",
+        "A" * 64 + "...(19936 more):0",
+        "2001:db8::1:0",
+        "caf%C3%A9:0",
+    ]
+
+
 def test_other_traffic_passes_through_untouched(metrics: Metrics) -> None:
     seen: list[str] = []
 
