@@ -13,6 +13,7 @@ import signal
 import socket
 import struct
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     descriptor for good. Here a connection with no whole head :data:`HEAD_TIMEOUT` seconds after it opened or
     after its last answer is closed, with a 408 in JSON if it had sent part of one. Nor does uvicorn bound a
     client that stops reading its answer: the answer would wait in memory for good. Here one whose buffers stay
-    full for :data:`SEND_TIMEOUT` seconds is cut off, and its request ends as an abandoned one.
+    full for :data:`SEND_TIMEOUT` seconds is cut off, and counted among the abandoned requests.
     """
 
     head_timeout = HEAD_TIMEOUT
@@ -196,6 +197,9 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             *(self.client or ("-", 0)),
             self.send_timeout,
         )
+        metrics = _metrics_of(self.app)
+        if metrics is not None:  # its access-log line, written once the app had handed the answer over, stays
+            metrics.abandoned.inc()
         sock = self.transport.get_extra_info("socket")
         if sock is not None:  # a reset, not a close: the system drops the unsent answer too, at once
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -220,30 +224,26 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             return
         if self._head_begun:
             too_slow = f"no whole request head within {self.head_timeout:g} s; the server closed the connection"
-            self._log_unseen(408)
-            self._answer_and_close("408 Request Timeout", json.dumps({"error": too_slow}).encode())
+            self._answer_and_close(408, "Request Timeout", json.dumps({"error": too_slow}).encode())
         else:
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
-        """Answer :data:`NOT_HTTP` and close (uvicorn has logged ``msg``), with the access-log line the app would
-        have written (it never sees the request)."""
-        self._log_unseen(400)
-        self._answer_and_close("400 Bad Request", NOT_HTTP)
+        """Answer :data:`NOT_HTTP` and close (uvicorn has logged ``msg``)."""
+        self._answer_and_close(400, "Bad Request", NOT_HTTP)
 
-    def _log_unseen(self, status: int) -> None:
-        """The access-log line of a request the app never saw, and its count in the app's metrics (endpoint
-        ``unparsed``)."""
-        client = self.client or ("-", 0)
-        ACCESS_LOG.info('%s:%s "-" %d id=-', *client, status)
+    def _answer_and_close(self, status: int, reason: str, body: bytes) -> None:
+        """Answer a request the app never saw (it could not be read), with a new request id (none can be read
+        from it either), the access-log line the app would have written and its count in the app's metrics
+        (endpoint ``unparsed``), then close."""
+        request_id = uuid.uuid4().hex
+        ACCESS_LOG.info('%s:%s "-" %d id=%s', *(self.client or ("-", 0)), status, request_id)
         metrics = _metrics_of(self.app)
         if metrics is not None:
             metrics.requests.labels(UNPARSED, str(status)).inc()
-
-    def _answer_and_close(self, status: str, body: bytes) -> None:
         head = (
-            f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncache-control: no-store\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncache-control: no-store\r\n"
+            f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
         )
         self.transport.write(head.encode() + body)
         self.transport.close()

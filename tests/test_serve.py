@@ -542,7 +542,9 @@ def test_bytes_that_are_not_http_get_a_400_in_json(server: Server, sent: bytes) 
     assert int(headers["content-length"]) == len(body) and headers["connection"] == "close"
     assert json.loads(body) == {"error": "not a valid HTTP/1.1 request; the server closed the connection"}
     assert server.get("/healthz").status_code == 200
-    assert '"-" 400 id=-' in server.log.read_text()  # its access-log line, though the app never saw it
+    assert re.fullmatch("[0-9a-f]{32}", headers["x-request-id"])  # a new one: none can be read from such bytes
+    # its access-log line, though the app never saw it
+    assert f'"-" 400 id={headers["x-request-id"]}' in server.log.read_text()
     assert server.metric(unparsed) == before + 1  # and its count
 
 
@@ -647,7 +649,10 @@ def test_a_connection_without_a_whole_request_head_in_time_is_closed_but_a_slow_
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in head
         assert json.loads(body) == {"error": "no whole request head within 0.5 s; the server closed the connection"}
-        assert '"-" 408 id=-' in server.log.read_text()  # its access-log line, though the app never saw it
+        request_id = re.search(rb"\r\nx-request-id: ([0-9a-f]{32})\r\n", head)
+        assert request_id is not None, head
+        # its access-log line, though the app never saw it
+        assert f'"-" 408 id={request_id[1].decode()}' in server.log.read_text()
         assert server.metric('digitgen_requests_total{endpoint="unparsed",status="408"}') == 1
         with httpx.Client(base_url=server.url, timeout=60) as client:
             begin = time.monotonic()  # about 2 s of work: longer than the head's deadline, and not cut by it
@@ -679,6 +684,7 @@ def test_a_client_that_leaves_its_answer_unread_is_cut_off(tmp_path: Path) -> No
                     received += len(chunk)
             assert received < 4000 * 784  # the rest of the answer was dropped with the connection
         assert server.get("/healthz").status_code == 200
+        assert server.metric("digitgen_requests_abandoned_total") == 1
     finally:
         assert server.stop() == 0
 

@@ -16,6 +16,7 @@ import pytest
 from digitgen.runtime.text import printable
 from digitgen.serve.observe import (
     ACCESS_LOG,
+    ASGIApp,
     Message,
     Metrics,
     Receive,
@@ -127,12 +128,15 @@ def test_a_forwarded_client_address_cannot_forge_the_log_line(
     would forge the line's fields are %-escaped, and a long one is cut."""
     middleware = RequestMiddleware(stub, metrics, ENDPOINTS, access_log=True)
 
-    async def forwarded(scope: Scope, receive: Receive, send: Send) -> None:
-        await middleware({**scope, "client": (host, 0)}, receive, send)
+    def from_client(host: str) -> ASGIApp:
+        async def forwarded(scope: Scope, receive: Receive, send: Send) -> None:
+            await middleware({**scope, "client": (host, 0)}, receive, send)
+
+        return forwarded
 
     with caplog.at_level("INFO", logger=ACCESS_LOG.name):
         for host in ('6.6.6.6\x1b[2J\x1b[31mFAKE" 200 id=zz', "A" * 20_000, "2001:db8::1", "caf\u00e9"):
-            get(forwarded, "/healthz", {"X-Request-ID": "r1"})  # type: ignore[arg-type]
+            get(from_client(host), "/healthz", {"X-Request-ID": "r1"})  # type: ignore[arg-type]
     clients = [record.getMessage().split(' "GET /healthz" ')[0] for record in caplog.records]
     assert clients == [
         "6.6.6.6%1B[2J%1B[31mFAKE%22%20200%20id%3Dzz:0",
