@@ -163,18 +163,8 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._head_deadline: asyncio.TimerHandle | None = None
         self._send_deadline: asyncio.TimerHandle | None = None
         self._head_begun = False
-        self._input_ended = False
         super().connection_made(transport)
         self._await_head()
-
-    def eof_received(self) -> bool | None:
-        """A client that ends its side once its request is sent (``nc -N``, ``shutdown(SHUT_WR)``) still reads:
-        the request being answered, and any sent after it, get their answers, then the connection closes.
-        Otherwise (no request under way) the end of its input closes the connection, as uvicorn does."""
-        if self.cycle is None or self.cycle.response_complete:
-            return None
-        self._input_ended = True
-        return True  # keep the connection open for the answer
 
     def data_received(self, data: bytes) -> None:
         self._head_begun = True
@@ -183,9 +173,7 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def on_response_complete(self) -> None:
         self._head_begun = False
         self._await_head()
-        super().on_response_complete()  # starts the next request already sent, if any
-        if self._input_ended and self.cycle.response_complete and not self.transport.is_closing():
-            self.transport.close()  # the client sends nothing more: after its last answer, the connection closes
+        super().on_response_complete()
 
     def pause_writing(self) -> None:
         super().pause_writing()
