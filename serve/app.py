@@ -209,7 +209,6 @@ class _Service:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warming_up: asyncio.Task[None] | None = None
         self._batching: asyncio.Task[None] | None = None
-        metrics.admitted.set_function(lambda: self.admission.admitted if self.admission else 0)
 
     def start(self) -> None:
         """Start the warm-up (until one has succeeded) and the batcher on the running loop: from the app's
@@ -221,7 +220,7 @@ class _Service:
         self._loop = loop
         if self.executor is None:
             self.executor = ThreadPoolExecutor(self.settings.max_in_flight, thread_name_prefix="digitgen-generate")
-        self.admission = Admission(self.settings.max_in_flight, self.settings.queue)
+        self.admission = Admission(self.settings.max_in_flight, self.settings.queue, self.metrics.admitted.set)
         self._warming_up = None if self.ready else loop.create_task(self._warm_up_in_a_slot())
         if self.settings.batch_window_ms > 0:
             self.batcher = Batcher(
@@ -471,6 +470,7 @@ def _lifespan(service: _Service) -> Callable[[FastAPI], AbstractAsyncContextMana
         service.start()
         yield
         await service.stop()
+        service.metrics.close()
 
     return lifespan
 
@@ -523,7 +523,7 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
 
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
-        """Prometheus metrics of this process."""
+        """Prometheus metrics of this process (of every worker with ``--workers`` 2 or more)."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(HTTPException)

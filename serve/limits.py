@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 
@@ -13,13 +13,15 @@ class OverloadedError(Exception):
 
 
 class Admission:
-    """``in_flight`` generations at once, ``queue`` more waiting; the next one is refused at once."""
+    """``in_flight`` generations at once, ``queue`` more waiting; the next one is refused at once. ``on_change``
+    is told the number admitted each time it changes."""
 
-    def __init__(self, in_flight: int, queue: int) -> None:
+    def __init__(self, in_flight: int, queue: int, on_change: Callable[[int], None] = lambda _admitted: None) -> None:
         self.in_flight = in_flight
         self.queue = queue
         self._slots = asyncio.Semaphore(in_flight)
         self._admitted = 0
+        self._on_change = on_change
 
     @property
     def admitted(self) -> int:
@@ -33,10 +35,12 @@ class Admission:
             generating = f"{self.in_flight} request{'s' if self.in_flight != 1 else ''} generating"
             raise OverloadedError(f"the server is busy ({generating}, {self.queue} waiting); retry later")
         self._admitted += 1
+        self._on_change(self._admitted)
         try:
             yield
         finally:
             self._admitted -= 1
+            self._on_change(self._admitted)
 
     @asynccontextmanager
     async def generation(self, deadline: float | None = None) -> AsyncIterator[None]:

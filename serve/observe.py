@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 import time
 import uuid
@@ -20,6 +21,8 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    multiprocess,
+    values,
 )
 
 from digitgen.runtime.text import printable
@@ -97,46 +100,66 @@ def logged_client(host: str) -> str:
     return shown if len(shown) <= LOGGED_CLIENT else f"{shown[:LOGGED_CLIENT]}...({len(shown) - LOGGED_CLIENT} more)"
 
 
+SHARED_METRICS = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode: where its processes count
+
+
 class Metrics:
     """The service's Prometheus metrics, in a registry of their own (one per app), beside what every Python
     service exports: the process's memory, CPU time and open files (Linux), the garbage collector, the
-    Python version."""
+    Python version.
+
+    Where prometheus-client counts in files that several processes share (:data:`SHARED_METRICS` set before it
+    was imported, as ``serve --workers`` 2 or more does for its workers), the registry reads every process's
+    files, so that a scrape of any worker gives the whole server's counts; the per-process collectors are left
+    out there, as they would describe only the worker that answered."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        for collector in (ProcessCollector, GCCollector, PlatformCollector):
-            collector(registry=self.registry)
+        self.shared = values.ValueClass is not values.MutexValue  # chosen by prometheus-client at its import
+        if self.shared:
+            multiprocess.MultiProcessCollector(self.registry)
+        else:
+            for collector in (ProcessCollector, GCCollector, PlatformCollector):
+                collector(registry=self.registry)
+        own = None if self.shared else self.registry  # shared: the counts reach the registry through the files
         self.requests = Counter(
             "digitgen_requests",
             "Requests answered, by endpoint and status (endpoint unparsed: refused before the app could read them)",
             ["endpoint", "status"],
-            registry=self.registry,
+            registry=own,
         )
         self.latency = Histogram(
             "digitgen_request_seconds",
             "Time from request to the end of the response, by endpoint",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            registry=own,
         )
-        self.digits = Counter("digitgen_digits_generated", "Digits generated", registry=self.registry)
+        self.digits = Counter("digitgen_digits_generated", "Digits generated", registry=own)
         self.refused = Counter(
-            "digitgen_requests_refused", "Requests refused with 503, by reason", ["reason"], registry=self.registry
+            "digitgen_requests_refused", "Requests refused with 503, by reason", ["reason"], registry=own
         )
         for reason in REFUSAL_REASONS:  # at 0 from the start, so that a dashboard's rate() has a series to read
             self.refused.labels(reason)
         self.abandoned = Counter(
             "digitgen_requests_abandoned",
             "Requests whose client left before the response; their generation stopped",
-            registry=self.registry,
+            registry=own,
         )
         self.batch_requests = Histogram(
             "digitgen_batch_requests",
             "Requests per micro-batched model call",
             buckets=BATCH_BUCKETS,
-            registry=self.registry,
+            registry=own,
         )
-        self.admitted = Gauge("digitgen_requests_admitted", "Requests generating or waiting", registry=self.registry)
+        self.admitted = Gauge(
+            "digitgen_requests_admitted", "Requests generating or waiting", registry=own, multiprocess_mode="livesum"
+        )
+
+    def close(self) -> None:
+        """The process is stopping: its share of the shared gauges goes (its counts stay in the totals)."""
+        if self.shared:
+            multiprocess.mark_process_dead(os.getpid())
 
 
 class RequestMiddleware:

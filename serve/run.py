@@ -29,7 +29,7 @@ from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.session import MAX_THREADS, external_files, model_sha256, usable_cores
 from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
 from digitgen.serve.app import ServeConfigError, ServeSettings, check_type, create_app
-from digitgen.serve.observe import ACCESS_LOG, UNPARSED, Metrics
+from digitgen.serve.observe import ACCESS_LOG, SHARED_METRICS, UNPARSED, Metrics
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
 
@@ -323,17 +323,28 @@ def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> No
 
 
 def _run_workers(options: ServerOptions, common: dict) -> None:
-    """uvicorn's supervisor and ``options.workers`` processes, each building its app from ``options``."""
-    previous_config = os.environ.get(WORKER_CONFIG)
-    os.environ[WORKER_CONFIG] = json.dumps(dataclasses.asdict(options))
+    """uvicorn's supervisor and ``options.workers`` processes, each building its app from ``options`` and counting
+    its metrics in files of a folder they share (removed at the end), so that each answers ``/metrics`` for all."""
     if hasattr(signal, "SIGHUP"):  # started ignoring it, as the workers do: a closed terminal's SIGHUP cannot kill it
         with handling([signal.SIGHUP], signal.SIG_IGN):
             resource_tracker.ensure_running()
-    try:
-        with _exit_zero_on_signals():
+    with tempfile.TemporaryDirectory(prefix="digitgen-metrics-") as shared_metrics:
+        worker_environment = {WORKER_CONFIG: json.dumps(dataclasses.asdict(options)), SHARED_METRICS: shared_metrics}
+        with _environment(worker_environment), _exit_zero_on_signals():
             uvicorn.run("digitgen.serve.run:app_from_environment", factory=True, workers=options.workers, **common)
-    finally:  # the workers have read it; an app that calls serve() keeps its environment as it was
-        if previous_config is None:
-            os.environ.pop(WORKER_CONFIG, None)
-        else:
-            os.environ[WORKER_CONFIG] = previous_config
+
+
+@contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """``variables`` in the environment, for the processes started meanwhile; then the environment as it was (an
+    app that calls serve() keeps its own)."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

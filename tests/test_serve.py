@@ -102,16 +102,18 @@ class Server:
                 self.process.wait()
 
 
-def start(log: Path, command: list[str], ready: str = "/readyz", *, own_group: bool = False) -> Server:
+def start(
+    log: Path, command: list[str], ready: str = "/readyz", *, own_group: bool = False, env: dict[str, str] | None = None
+) -> Server:
     """Run ``command`` (``{port}`` filled in; ``own_group``: in a process group of its own, as a terminal starts
-    it) and wait until ``ready`` answers 200."""
+    it; ``env``: more environment variables) and wait until ``ready`` answers 200."""
     port = free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
             [part.format(port=port) for part in command],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=own_group,
         )
     server = Server(process, f"http://127.0.0.1:{port}", log)
@@ -1039,8 +1041,14 @@ def test_a_request_cut_off_by_the_graceful_timeout_gets_a_503_in_json(tmp_path: 
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log
 
 
-def test_two_workers_serve_identical_bytes(server: Server, tmp_path: Path) -> None:
-    workers = start(tmp_path / "server.log", serve_command("--quiet", "--workers", "2"))
+def test_two_workers_serve_identical_bytes_and_count_together(server: Server, tmp_path: Path) -> None:
+    """Each worker answers /metrics with the whole server's counts (a scrape had read one worker's, at random, so
+    that counters went back and forth), without the per-process collectors, which would describe only itself; the
+    folder of shared counts goes with the server."""
+    (tmp_path / "tmp").mkdir()
+    workers = start(
+        tmp_path / "server.log", serve_command("--quiet", "--workers", "2"), env={"TMPDIR": str(tmp_path / "tmp")}
+    )
     try:
         for query in ("count=30&seed=4&format=grid", "count=50&digits=1,2&format=npz", "digit=5&seed=6"):
             expected = server.get(f"/generate?{query}")
@@ -1055,8 +1063,22 @@ def test_two_workers_serve_identical_bytes(server: Server, tmp_path: Path) -> No
                 assert client.get(f"/generate?digit=1&seed={seed}").status_code == 200
                 seconds.append(time.perf_counter() - begin)
         assert sorted(seconds)[4] < 0.030, seconds
+        scrapes = [httpx.get(workers.url + "/metrics").text for _ in range(8)]  # a connection each: either worker
+        answered = 'digitgen_requests_total{endpoint="/generate",status="200"}'
+        assert {_sample(scrape, answered) for scrape in scrapes} == {19.0}  # 3 x 3 + 10 requests, by both workers
+        assert {_sample(scrape, "digitgen_requests_admitted") for scrape in scrapes} == {0.0}
+        assert not any("process_resident_memory_bytes" in scrape for scrape in scrapes)
+        made = {path.name.rsplit("-", 1)[0] for path in (tmp_path / "tmp").iterdir()}
+        assert made == {"digitgen-metrics", "digitgen-serve"}  # the shared counts' folder, the model's copy
     finally:
         assert workers.stop() == 0
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def _sample(exposition: str, name: str) -> float | None:
+    """The value of one sample line of a /metrics answer."""
+    values = [float(line.split()[-1]) for line in exposition.splitlines() if line.startswith(name + " ")]
+    return values[0] if len(values) == 1 else None
 
 
 def test_a_closed_terminal_restarts_two_workers_and_loses_no_request(tmp_path: Path) -> None:
