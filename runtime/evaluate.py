@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -189,14 +190,9 @@ class Evaluation:
             ("samples", f"{g.num_samples}", f"{r.num_samples}", ""),
             ("class accuracy", f"{g.class_accuracy:.2%}", f"{r.class_accuracy:.2%}", ""),
             ("worst digit accuracy", _worst(g.per_digit_accuracy), _worst(r.per_digit_accuracy), ""),
-            ("FID (classifier features)", f"{g.fid:.3f}", f"{r.fid:.3f}", f"{g.fid / max(r.fid, 1e-12):.2f}x real"),
-            (
-                "precision (k=5)",
-                f"{g.precision:.3f}",
-                f"{r.precision:.3f}",
-                f"{g.precision / max(r.precision, 1e-12):.3f}x real",
-            ),
-            ("recall (k=5)", f"{g.recall:.3f}", f"{r.recall:.3f}", f"{g.recall / max(r.recall, 1e-12):.3f}x real"),
+            ("FID (classifier features)", f"{g.fid:.3f}", f"{r.fid:.3f}", _ratio(g.fid, r.fid, 2, round_up=True)),
+            ("precision (k=5)", f"{g.precision:.3f}", f"{r.precision:.3f}", _ratio(g.precision, r.precision, 3)),
+            ("recall (k=5)", f"{g.recall:.3f}", f"{r.recall:.3f}", _ratio(g.recall, r.recall, 3)),
         ]
         if self.cas is not None:
             c = self.cas
@@ -212,6 +208,14 @@ class Evaluation:
         lines += [f"| {' | '.join(row)} |" for row in rows]
         per_digit = " ".join(f"{d}:{acc:.1%}" for d, acc in enumerate(g.per_digit_accuracy))
         return "\n".join(lines) + f"\n\nper-digit accuracy (generated): {per_digit}"
+
+
+def _ratio(generated: float, real: float, decimals: int, round_up: bool = False) -> str:
+    """``generated / real`` to ``decimals`` places, rounded toward the worse side (down where more is better, up for
+    FID), so that a ratio just short of a target never prints as meeting it (0.9495x is "0.949x", not "0.950x")."""
+    scaled = generated / max(real, 1e-12) * 10**decimals
+    rounded = math.ceil(scaled - 1e-9) if round_up else math.floor(scaled + 1e-9)  # no float-noise step
+    return f"{rounded / 10**decimals:.{decimals}f}x real"
 
 
 def _worst(per_digit: list[float | None]) -> str:

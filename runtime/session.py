@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +39,6 @@ SESSION_ERRORS = (*ORT_ERRORS, RuntimeError)
 # (runtime.signals.model_calls_stop_on_signals), which onnxruntime reads between nodes and in each loop.
 RUN_OPTIONS = ort.RunOptions()
 RUN_OPTIONS.log_severity_level = 4  # fatal only, as for the session
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def run_model(session: ort.InferenceSession, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:

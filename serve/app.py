@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
@@ -469,25 +469,30 @@ def _lifespan(service: _Service) -> Callable[[FastAPI], AbstractAsyncContextMana
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         service.start()
         yield
-        await service.stop()
-        service.metrics.close()
+        try:
+            await service.stop()
+        finally:
+            service.metrics.close()
 
     return lifespan
 
 
-def create_app(generator: DigitGenerator, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(
+    generator: DigitGenerator, settings: ServeSettings | None = None, *, metrics: Metrics | None = None
+) -> FastAPI:
     """An ASGI app that serves ``generator``'s digits: ``/generate``, ``/healthz``, ``/readyz``,
     ``/metrics``, OpenAPI docs at ``/docs``, and the built page at ``/`` when ``settings.web_dir`` is set.
 
     Run it with any ASGI server, or mount it in another app. The warm-up and the micro-batcher start with
-    the app's lifespan, or with its first request where none runs (a mounted app).
+    the app's lifespan, or with its first request where none runs (a mounted app). ``metrics``: the app's own
+    unless given (the server's workers give shared ones).
     """
     if not isinstance(generator, DigitGenerator):
         raise ServeConfigError(f"create_app needs a DigitGenerator (DigitGenerator.from_path(...)), got {generator!r}")
     settings = ServeSettings() if settings is None else settings
     if not isinstance(settings, ServeSettings):
         raise ServeConfigError(f"settings must be a ServeSettings, got {settings!r}")
-    metrics = Metrics()
+    metrics = Metrics() if metrics is None else metrics
     service = _Service(generator, settings, metrics)
     app = FastAPI(
         redirect_slashes=False,  # "/generate/" is a 404 in JSON, not a redirect built from the Host header
@@ -524,7 +529,7 @@ def create_app(generator: DigitGenerator, settings: ServeSettings | None = None)
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
         """Prometheus metrics of this process (of every worker with ``--workers`` 2 or more)."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

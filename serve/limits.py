@@ -35,8 +35,8 @@ class Admission:
             generating = f"{self.in_flight} request{'s' if self.in_flight != 1 else ''} generating"
             raise OverloadedError(f"the server is busy ({generating}, {self.queue} waiting); retry later")
         self._admitted += 1
-        self._on_change(self._admitted)
         try:
+            self._on_change(self._admitted)
             yield
         finally:
             self._admitted -= 1

@@ -21,6 +21,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    generate_latest,
     multiprocess,
     values,
 )
@@ -101,6 +102,7 @@ def logged_client(host: str) -> str:
 
 
 SHARED_METRICS = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode: where its processes count
+_LIVE_GAUGE = re.compile(r"gauge_live\w*_(\d+)\.db")  # a process's share of a gauge summed over live processes
 
 
 class Metrics:
@@ -108,15 +110,17 @@ class Metrics:
     service exports: the process's memory, CPU time and open files (Linux), the garbage collector, the
     Python version.
 
-    Where prometheus-client counts in files that several processes share (:data:`SHARED_METRICS` set before it
-    was imported, as ``serve --workers`` 2 or more does for its workers), the registry reads every process's
-    files, so that a scrape of any worker gives the whole server's counts; the per-process collectors are left
-    out there, as they would describe only the worker that answered."""
+    ``shared`` (the workers of ``serve --workers`` 2 or more): the counts are kept in files of the folder
+    :data:`SHARED_METRICS` names, which prometheus-client reads when it is imported, so that a scrape of any
+    worker gives the whole server's counts; the per-process collectors are left out, as they would describe only
+    the worker that answered."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool = False) -> None:
+        if shared and values.ValueClass is values.MutexValue:
+            raise RuntimeError(f"shared metrics need {SHARED_METRICS} set before prometheus_client is imported")
+        self.shared = shared
         self.registry = CollectorRegistry()
-        self.shared = values.ValueClass is not values.MutexValue  # chosen by prometheus-client at its import
-        if self.shared:
+        if shared:
             multiprocess.MultiProcessCollector(self.registry)
         else:
             for collector in (ProcessCollector, GCCollector, PlatformCollector):
@@ -143,7 +147,8 @@ class Metrics:
             self.refused.labels(reason)
         self.abandoned = Counter(
             "digitgen_requests_abandoned",
-            "Requests whose client left before the response; their generation stopped",
+            "Requests whose client left before the whole response (a generation of over 16 digits stops at its "
+            "next batch), or was cut off for leaving it unread",
             registry=own,
         )
         self.batch_requests = Histogram(
@@ -156,10 +161,31 @@ class Metrics:
             "digitgen_requests_admitted", "Requests generating or waiting", registry=own, multiprocess_mode="livesum"
         )
 
+    def latest(self) -> bytes:
+        """The metrics in Prometheus's text format; shared, without the gauge shares of processes that have
+        stopped without :meth:`close` (killed, or replaced by uvicorn's supervisor)."""
+        if self.shared:
+            folder = os.environ[SHARED_METRICS]
+            for name in os.listdir(folder):
+                match = _LIVE_GAUGE.fullmatch(name)
+                if match and not _alive(int(match[1])):
+                    multiprocess.mark_process_dead(int(match[1]), folder)
+        return generate_latest(self.registry)
+
     def close(self) -> None:
         """The process is stopping: its share of the shared gauges goes (its counts stay in the totals)."""
         if self.shared:
             multiprocess.mark_process_dead(os.getpid())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that number
+        return True
+    return True
 
 
 class RequestMiddleware:

@@ -26,12 +26,19 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from digitgen.runtime.errors import InvalidModelError
 from digitgen.runtime.generator import DigitGenerator
-from digitgen.runtime.session import MAX_THREADS, external_files, model_sha256, usable_cores
+from digitgen.runtime.session import MAX_THREADS, external_files, model_sha256
 from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
 from digitgen.serve.app import ServeConfigError, ServeSettings, check_type, create_app
 from digitgen.serve.observe import ACCESS_LOG, SHARED_METRICS, UNPARSED, Metrics
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def default_threads(workers: int) -> int:
@@ -128,7 +135,7 @@ def app_from_environment() -> FastAPI:
     settings = config.pop("settings")
     settings["cors_origins"] = tuple(settings["cors_origins"])
     options = ServerOptions(**config, settings=ServeSettings(**settings))
-    return create_app(options.load(), options.settings)
+    return create_app(options.load(), options.settings, metrics=Metrics(shared=True))
 
 
 # the answer to bytes that are not an HTTP request (the app never sees them): JSON, as every refusal here

@@ -210,7 +210,6 @@ def _scores(accuracy: float, fid: float, precision: float, recall: float) -> Sco
 
 
 def test_table_prints_every_figure_beside_the_real_reference() -> None:
-    """Ratios to the digit that tells a target's edge: 0.9495x real is not "0.95x", nor 2.54x FID "2.5x"."""
     table = Evaluation(_scores(0.99, 15.4, 0.912, 0.885), _scores(0.997, 3.3, 0.944, 0.955)).table()
     assert table.splitlines() == [
         "| metric | generated | real (MNIST train sample) | ratio |",
@@ -220,10 +219,24 @@ def test_table_prints_every_figure_beside_the_real_reference() -> None:
         "| worst digit accuracy | 94.00% (digit 7) | 94.70% (digit 7) |  |",
         "| FID (classifier features) | 15.400 | 3.300 | 4.67x real |",
         "| precision (k=5) | 0.912 | 0.944 | 0.966x real |",
-        "| recall (k=5) | 0.885 | 0.955 | 0.927x real |",
+        "| recall (k=5) | 0.885 | 0.955 | 0.926x real |",
         "",
         "per-digit accuracy (generated): " + " ".join(f"{d}:{'94.0' if d == 7 else '99.0'}%" for d in range(10)),
     ]
+
+
+@pytest.mark.parametrize(
+    ("fid", "precision", "recall", "shown"),
+    [
+        (8.253, 0.9495, 0.95, ("2.51x real", "0.949x real", "0.950x real")),  # just short of 2.5x and 0.95x: short
+        (8.25, 0.95, 1.0, ("2.50x real", "0.950x real", "1.000x real")),  # on the targets: as measured
+    ],
+)
+def test_ratios_are_rounded_toward_the_worse_side(fid: float, precision: float, recall: float, shown: tuple) -> None:
+    """A ratio just short of a target (FID <= 2.5x, precision and recall >= 0.95x) never prints as meeting it."""
+    table = Evaluation(_scores(0.99, fid, precision, recall), _scores(0.997, 3.3, 1.0, 1.0)).table()
+    ratios = tuple(line.rsplit(" | ", 1)[1].removesuffix(" |") for line in table.splitlines()[5:8])
+    assert ratios == shown
 
 
 def test_evaluate_reports_progress_uses_its_seed_and_needs_100_samples(

@@ -49,6 +49,7 @@ from digitgen.serve.params import (
     parse_request,
 )
 from digitgen.serve.render import encode, generate
+from digitgen.serve.run import usable_cores
 from tests.helpers import free_port
 
 # --- a real server in a subprocess -------------------------------------------------------------
@@ -85,10 +86,7 @@ class Server:
 
     def metric(self, name: str) -> float:
         """The value of one sample line of /metrics (0 when absent)."""
-        for line in self.get("/metrics").text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[-1])
-        return 0.0
+        return sample(self.get("/metrics").text, name) or 0.0
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, then the exit status."""
@@ -100,6 +98,17 @@ class Server:
             if self.process.poll() is None:
                 self.process.kill()
                 self.process.wait()
+
+
+def sample(exposition: str, name: str) -> float | None:
+    """The value of one sample line of a /metrics answer (None when absent)."""
+    for line in exposition.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return None
+
+
+TWO_CORES = pytest.mark.skipif(usable_cores() < 2, reason="two workers need two usable cores")
 
 
 def start(
@@ -1041,6 +1050,7 @@ def test_a_request_cut_off_by_the_graceful_timeout_gets_a_503_in_json(tmp_path: 
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log
 
 
+@TWO_CORES
 def test_two_workers_serve_identical_bytes_and_count_together(server: Server, tmp_path: Path) -> None:
     """Each worker answers /metrics with the whole server's counts (a scrape had read one worker's, at random, so
     that counters went back and forth), without the per-process collectors, which would describe only itself; the
@@ -1065,8 +1075,8 @@ def test_two_workers_serve_identical_bytes_and_count_together(server: Server, tm
         assert sorted(seconds)[4] < 0.030, seconds
         scrapes = [httpx.get(workers.url + "/metrics").text for _ in range(8)]  # a connection each: either worker
         answered = 'digitgen_requests_total{endpoint="/generate",status="200"}'
-        assert {_sample(scrape, answered) for scrape in scrapes} == {19.0}  # 3 x 3 + 10 requests, by both workers
-        assert {_sample(scrape, "digitgen_requests_admitted") for scrape in scrapes} == {0.0}
+        assert {sample(scrape, answered) for scrape in scrapes} == {19.0}  # 3 x 3 + 10 requests, by both workers
+        assert {sample(scrape, "digitgen_requests_admitted") for scrape in scrapes} == {0.0}
         assert not any("process_resident_memory_bytes" in scrape for scrape in scrapes)
         made = {path.name.rsplit("-", 1)[0] for path in (tmp_path / "tmp").iterdir()}
         assert made == {"digitgen-metrics", "digitgen-serve"}  # the shared counts' folder, the model's copy
@@ -1075,12 +1085,7 @@ def test_two_workers_serve_identical_bytes_and_count_together(server: Server, tm
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def _sample(exposition: str, name: str) -> float | None:
-    """The value of one sample line of a /metrics answer."""
-    values = [float(line.split()[-1]) for line in exposition.splitlines() if line.startswith(name + " ")]
-    return values[0] if len(values) == 1 else None
-
-
+@TWO_CORES
 def test_a_closed_terminal_restarts_two_workers_and_loses_no_request(tmp_path: Path) -> None:
     """SIGHUP to the whole process group, as a closed terminal sends it: uvicorn's supervisor replaces the workers,
     each old one finishing its request in flight; the server goes on, with the model it started with though the

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import platform
 import re
+import subprocess
 import sys
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -16,6 +19,7 @@ import pytest
 from digitgen.runtime.text import printable
 from digitgen.serve.observe import (
     ACCESS_LOG,
+    SHARED_METRICS,
     ASGIApp,
     Message,
     Metrics,
@@ -185,7 +189,10 @@ def test_metrics_are_named_typed_labelled_and_described_in_their_own_registry() 
         "digitgen_requests_refused": ("counter", "Requests refused with 503, by reason"),
         "digitgen_requests_abandoned": (
             "counter",
-            "Requests whose client left before the response; their generation stopped",
+            (
+                "Requests whose client left before the whole response (a generation of over 16 digits stops at its "
+                "next batch), or was cut off for leaving it unread"
+            ),
         ),
         "digitgen_batch_requests": ("histogram", "Requests per micro-batched model call"),
         "digitgen_requests_admitted": ("gauge", "Requests generating or waiting"),
@@ -260,3 +267,35 @@ def test_a_logged_target_is_escaped_then_cut() -> None:
     assert logged_target("/" + "x" * 1023, "") == "/" + "x" * 1023  # 1,024 characters: whole
     assert logged_target("/" + "x" * 1024, "") == "/" + "x" * 1023 + "...(1 more characters)"
     assert logged_target("/", "\x01" * 300) == "/?" + "\\x01" * 255 + "\\x...(178 more characters)"
+
+
+SHARED_PROCESS = """
+import sys
+from digitgen.serve.observe import Metrics
+metrics = Metrics(shared=True)
+metrics.requests.labels("/generate", "200").inc(int(sys.argv[1]))
+metrics.admitted.set(int(sys.argv[2]))
+sys.stdout.buffer.write(metrics.latest())
+if sys.argv[3] == "close":
+    metrics.close()
+"""
+
+
+def test_shared_metrics_count_every_process_and_forget_the_gauges_of_stopped_ones(tmp_path: Path) -> None:
+    """What each worker of ``serve --workers`` answers: every process's counts, and the admitted requests of the
+    processes still running (a worker killed without closing its metrics had left its count in for good)."""
+
+    def process(answered: int, admitted: int, end: str) -> dict[str, float]:
+        env = {**os.environ, SHARED_METRICS: str(tmp_path)}
+        command = [sys.executable, "-c", SHARED_PROCESS, str(answered), str(admitted), end]
+        exposition = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+        wanted = ('digitgen_requests_total{endpoint="/generate",status="200"}', "digitgen_requests_admitted")
+        return {line.split()[0]: float(line.split()[1]) for line in exposition.splitlines() if line.startswith(wanted)}
+
+    answered, admitted = 'digitgen_requests_total{endpoint="/generate",status="200"}', "digitgen_requests_admitted"
+    assert process(3, 1, "killed") == {answered: 3, admitted: 1}  # ends without close(), as a killed worker does
+    assert process(4, 2, "close") == {answered: 7, admitted: 2}  # the first one's admitted requests are gone
+    assert process(0, 0, "close") == {answered: 7, admitted: 0}
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith("gauge_live")]
+    with pytest.raises(RuntimeError, match=f"shared metrics need {SHARED_METRICS} set before prometheus_client"):
+        Metrics(shared=True)  # this process counts in memory

@@ -227,28 +227,36 @@ def test_one_worker_runs_uvicorn_here_with_the_options(monkeypatch: pytest.Monke
 def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.MonkeyPatch, before: str | None) -> None:
     """Each worker process rebuilds the parent's options, its model a copy the parent made; the parent's
     environment is left as it was, and the copy is gone once the server stops."""
-    if before is None:
-        monkeypatch.delenv(serve_run.WORKER_CONFIG, raising=False)
-    else:
-        monkeypatch.setenv(serve_run.WORKER_CONFIG, before)
+    for variable in (serve_run.WORKER_CONFIG, serve_run.SHARED_METRICS):
+        if before is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, before)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)  # two workers on two cores
     calls: list[tuple[str, dict, str]] = []
+    shared_metrics: list[Path] = []
 
     def uvicorn_run(app: str, **kwargs: object) -> None:
         calls.append((app, kwargs, os.environ[serve_run.WORKER_CONFIG]))
+        shared_metrics.append(Path(os.environ[serve_run.SHARED_METRICS]))
+        assert shared_metrics[0].is_dir() and not any(shared_metrics[0].iterdir())  # a new folder for this server
 
     monkeypatch.setattr(serve_run.uvicorn, "run", uvicorn_run)
     settings = ServeSettings(max_count=50, cors_origins=("http://app.example",), access_log=False)
     options = ServerOptions(None, "cpu", port=free_port(), workers=2, threads=1, settings=settings)
     serve(options, DigitGenerator.from_path(threads=1))
-    assert os.environ.get(serve_run.WORKER_CONFIG) == before
+    assert os.environ.get(serve_run.WORKER_CONFIG) == os.environ.get(serve_run.SHARED_METRICS) == before
+    assert not shared_metrics[0].exists()  # the shared counts go with the server
     [(app, kwargs, config)] = calls
     assert app == "digitgen.serve.run:app_from_environment" and kwargs["factory"] is True
     wanted = {"workers": 2, "port": options.port, "log_level": "warning", "http": serve_run.ServerHTTP}
     assert {key: kwargs[key] for key in wanted} == wanted
     monkeypatch.setenv(serve_run.WORKER_CONFIG, config)
     monkeypatch.setattr(serve_run.ServerOptions, "load", lambda self: self)
-    monkeypatch.setattr(serve_run, "create_app", lambda loaded, app_settings: (loaded, app_settings))
-    worker_options, worker_settings = serve_run.app_from_environment()
+    monkeypatch.setattr(serve_run, "Metrics", lambda shared: f"metrics, shared={shared}")
+    monkeypatch.setattr(serve_run, "create_app", lambda loaded, app_settings, metrics: (loaded, app_settings, metrics))
+    worker_options, worker_settings, worker_metrics = serve_run.app_from_environment()
+    assert worker_metrics == "metrics, shared=True"  # a worker counts in the shared folder
     copy = Path(worker_options.model)
     assert (replace(worker_options, model=None), worker_settings) == (options, settings)
     assert copy.name == "generator.onnx" and copy != default_model_path() and not copy.parent.exists()
@@ -260,6 +268,7 @@ def test_a_model_that_fails_to_make_a_digit_is_refused_before_serving(
 ) -> None:
     """Not a server that is never ready and answers 500: the runtime's one-line error, before uvicorn starts."""
     model = five_digit_model(tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)  # two workers on two cores
     monkeypatch.setattr(serve_run.uvicorn, "run", lambda app, **kwargs: pytest.fail("workers started"))
     monkeypatch.setattr(serve_run.uvicorn, "Server", lambda config: pytest.fail("server started"))
     options = ServerOptions(str(model), "cpu", port=free_port(), workers=workers, threads=1)
@@ -285,6 +294,7 @@ def test_every_worker_loads_the_model_the_server_started_with(monkeypatch: pytes
     model = _split_model(tmp_path / "model")
     started = DigitGenerator.from_path(model, threads=1)
     loaded: list[str] = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)  # two workers on two cores
 
     def uvicorn_run(app: str, **kwargs: object) -> None:
         model.write_bytes(b"not a model")
@@ -310,6 +320,7 @@ def test_a_model_file_changed_while_the_server_starts_is_refused(
     else:
         model.unlink()
     monkeypatch.setattr(serve_run.uvicorn, "run", lambda app, **kwargs: pytest.fail("workers started"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)  # two workers on two cores
     with pytest.raises(ServeConfigError) as refused:
         serve(ServerOptions(str(model), "cpu", port=free_port(), workers=2, threads=1), started)
     assert str(refused.value) == f"{model} changed while the server started; start it again"
