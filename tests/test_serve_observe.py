@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from digitgen.runtime.text import printable
+from digitgen.serve import observe
 from digitgen.serve.observe import (
     ACCESS_LOG,
     SHARED_METRICS,
@@ -299,3 +300,15 @@ def test_shared_metrics_count_every_process_and_forget_the_gauges_of_stopped_one
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith("gauge_live")]
     with pytest.raises(RuntimeError, match=f"shared metrics need {SHARED_METRICS} set before prometheus_client"):
         Metrics(shared=True)  # this process counts in memory
+
+
+def test_a_process_is_alive_unless_the_system_has_no_process_of_its_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's process (the signal refused) is alive: its share of a gauge stays."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert observe._alive(os.getpid()) and not observe._alive(int(finished.stdout))
+
+    def refused(_pid: int, _signal: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", refused)
+    assert observe._alive(int(finished.stdout))
