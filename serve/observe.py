@@ -77,8 +77,12 @@ def _after_authority(target: str) -> str | None:
 def bounded(text: str, limit: int) -> str:
     """``text`` as a log line or a refusal shows what a client sent: escaped as :func:`printable` does, then cut at
     ``limit`` characters, so that no request writes more than a line of bounded length."""
-    shown = printable(text)
-    return shown if len(shown) <= limit else f"{shown[:limit]}...({len(shown) - limit} more characters)"
+    return _cut(printable(text), limit, "more characters")
+
+
+def _cut(shown: str, limit: int, more: str) -> str:
+    """``shown`` cut at ``limit`` characters, saying how many ``more`` it had."""
+    return shown if len(shown) <= limit else f"{shown[:limit]}...({len(shown) - limit} {more})"
 
 
 def logged_target(path: str, query: str) -> str:
@@ -97,8 +101,7 @@ def logged_client(host: str) -> str:
     127.0.0.1's ``X-Forwarded-For`` by default) it is whatever that header said, so anything but the characters
     of an address is %-escaped (spaces and quotes too, so that it cannot forge the line's other fields) and it
     is cut."""
-    shown = quote(host, safe=".:[]_-")
-    return shown if len(shown) <= LOGGED_CLIENT else f"{shown[:LOGGED_CLIENT]}...({len(shown) - LOGGED_CLIENT} more)"
+    return _cut(quote(host, safe=".:[]_-"), LOGGED_CLIENT, "more")
 
 
 SHARED_METRICS = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode: where its processes count
@@ -183,8 +186,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process of that number
-        return True
+    except PermissionError:  # another user's process of that number: alive
+        pass
     return True
 
 
