@@ -17,6 +17,10 @@ SOURCE_RELEASE = (
     "tests/conftest.py",
     "tests/helpers.py",
     "tests/README.md",  # the README points to it
+    "runtime/README.md",  # the README's reference pages
+    "serve/README.md",
+    "training/README.md",
+    "web/README.md",
     "tests/test_runtime.py",
     "artifacts/generator_weights.pt",
     "artifacts/classifier_weights.pt",
