@@ -56,7 +56,7 @@ from digitgen.runtime.generator import (
 from digitgen.runtime.layout import FORMATS
 from digitgen.runtime.merge import merge_shards
 from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
-from digitgen.runtime.progress import progress
+from digitgen.runtime.progress import clock_time, progress
 from digitgen.runtime.session import MAX_THREADS, PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
 from digitgen.runtime.signals import (
@@ -674,9 +674,10 @@ def generate(
             "what this run writes (every digit is made again to compare)",
             err=True,
         )
+    part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""  # shards that run side by side
     start = time.perf_counter()
     try:
-        with progress(job.plan.count, "generating", hidden=job.plan.count <= batch_size) as bar:
+        with progress(job.plan.count, f"generating{part}", hidden=job.plan.count <= batch_size) as bar:
             written = job.run(on_batch=bar.update)
     except KeyboardInterrupt:
         raise Interrupted(
@@ -684,8 +685,8 @@ def generate(
         ) from None
     seconds = time.perf_counter() - start
     where = written.paths[0] if len(written.paths) == 1 else out
-    part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""
-    timing = f"in {seconds:.2f}s on {gen.provider}"
+    timing = f"in {seconds:.2f}s" if seconds < 60 else f"in {clock_time(seconds)}"
+    timing += f" on {gen.provider}"
     digits = f"{job.plan.count:,} digit{'' if job.plan.count == 1 else 's'}{part} as {fmt}"
     if not resume:
         _say(f"wrote {digits} to {where} {timing}")

@@ -340,8 +340,9 @@ def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool) -> None
     refuse_non_files(p for p in paths if p is not None)
     clashes = [Path(p) for p in paths if p is not None and os.path.lexists(p)]  # a dangling link is a file too
     if clashes and not overwrite:
-        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
-        raise OutputError(f"{clashes[0]}{more} already exists; pass --overwrite to replace")
+        if len(clashes) == 1:
+            raise OutputError(f"{clashes[0]} already exists; pass --overwrite to replace")
+        raise OutputError(f"{clashes[0]} and {len(clashes) - 1:,} more already exist; pass --overwrite to replace them")
 
 
 def folder_problem(folder: Path) -> str | None:

@@ -20,7 +20,8 @@ class Progress(Protocol):
     def update(self, n_steps: int, current_item: Any = None) -> None: ...
 
 
-def _clock_time(seconds: float) -> str:
+def clock_time(seconds: float) -> str:
+    """``seconds`` as a clock, ``m:ss`` or ``h:mm:ss``, or in days past 48 hours."""
     minutes, seconds = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     if hours >= 48:  # a clock of thousands of hours reads as noise
@@ -62,11 +63,11 @@ class LogProgress:
     def _write(self, now: float, item: Any) -> None:
         self._last_line = now
         line = f"{self.label}: {self.done:,}/{self.length:,} ({self.done / self.length:.0%}), "
-        line += f"{_clock_time(now - self.started)} elapsed"
+        line += f"{clock_time(now - self.started)} elapsed"
         base_done, base_time = self._base
         if base_done < self.done < self.length:
             left = (now - base_time) * (self.length - self.done) / (self.done - base_done)
-            line += f", about {_clock_time(left)} left"
+            line += f", about {clock_time(left)} left"
         extra = self.describe(item) if self.describe is not None else ""
         self.stream.write(f"{line}  {extra}\n" if extra else f"{line}\n")
         self.stream.flush()

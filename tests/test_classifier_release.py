@@ -252,7 +252,7 @@ def test_train_classifier_stopped_by_a_signal_resumes_to_the_files_of_a_run_neve
     out.write_bytes(b"mine")
     assert _stopped_by_sigterm_in_step_3(monkeypatch, *command, "--overwrite")[0] == 130
     assert _cli(*command, "--resume")[1] == [  # the outputs are the user's: only --overwrite replaces them
-        f"Error: {out} (and 1 more) already exists; pass --overwrite to replace"
+        f"Error: {out} and 1 more already exist; pass --overwrite to replace them"
     ]
     code, lines = _cli(*command, "--overwrite", "--resume")  # the same command, and --resume: it goes on
     assert code == 0 and out.read_bytes() == whole.read_bytes() and not state.exists(), lines

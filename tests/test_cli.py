@@ -429,6 +429,29 @@ def test_generate_writes_progress_lines_to_a_log(
     ]
 
 
+def test_a_shards_progress_and_summary_name_the_shard(
+    tmp_path: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards run side by side (xargs -P) share one terminal: each line says whose it is."""
+    monkeypatch.setattr("digitgen.runtime.progress.LOG_INTERVAL_S", 0.0)
+    shard = ("--num-shards", 3, "--shard-index", 1)
+    code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path, "-n", 60, "--batch-size", 10, *shard)
+    lines = output.splitlines()
+    assert code == 0, output
+    assert lines[0] == "generating (shard 1 of 3): 20 to do"
+    assert lines[1].startswith("generating (shard 1 of 3): 10/20 (50%)")
+    assert lines[-1].startswith(f"wrote 20 digits (shard 1 of 3) as png to {tmp_path} in ")
+
+
+def test_a_long_run_gives_its_time_as_a_clock(tmp_path: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As its progress lines do ("1:00 elapsed"): "in 472.76s" reads worse than "in 7:53"."""
+    ticks = iter([0.0, 472.76])
+    monkeypatch.setattr("digitgen.cli.time.perf_counter", lambda: next(ticks))
+    code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path, "-n", 3)
+    assert code == 0, output
+    assert output.strip().endswith(" in 7:53 on cpu"), output
+
+
 def test_version_is_the_installed_distributions() -> None:
     from importlib.metadata import version
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from digitgen.runtime.progress import LogProgress, _clock_time, progress
+from digitgen.runtime.progress import LogProgress, clock_time, progress
 
 
 class Clock:
@@ -132,4 +132,4 @@ def test_generate_with_stderr_closed_writes_its_files(tmp_path) -> None:
      (10**9, "11,574 days"), (6.5e19, "more than a century")],
 )  # fmt: skip
 def test_time_left_reads_as_a_clock_then_in_days(seconds: float, shown: str) -> None:
-    assert _clock_time(seconds) == shown
+    assert clock_time(seconds) == shown
