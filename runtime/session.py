@@ -95,7 +95,8 @@ def ort_reason(exc: BaseException) -> str:
 
 def external_files(model: bytes, path: Path) -> list[Path]:
     """The files beside ``path`` that ``model`` keeps tensors in, checked before anything reads them:
-    :class:`InvalidModelError` for a location that is absolute or leaves the model's folder (ONNX's own rule), and
+    :class:`InvalidModelError` for a location that is absolute or leaves the model's folder (ONNX's own rule; by a
+    symbolic link too), and
     for one that is not a regular file (missing, a folder, or a pipe or a device, which would be read for ever)."""
     try:
         locations = external_data_files(model)
@@ -106,13 +107,16 @@ def external_files(model: bytes, path: Path) -> list[Path]:
 
 def _checked_locations(locations: list[str], path: Path) -> list[Path]:
     files = []
+    folder = path.parent.resolve()
     for location in locations:
-        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+        file = path.parent / location
+        outside = Path(location).is_absolute() or ".." in Path(location).parts
+        # a symbolic link that leads out of the folder leaves it as `..` does
+        if not location or outside or not file.resolve().is_relative_to(folder):
             raise InvalidModelError(
                 f"{path} keeps tensors in {location!r}, which is not a path inside its folder; external data "
                 "lies beside the model"
             )
-        file = path.parent / location
         if not file.is_file():
             what = "does not exist" if not file.exists() else "is not a regular file (a folder, a pipe or a device)"
             raise InvalidModelError(f"{path} keeps tensors in {file}, which {what}")
@@ -138,7 +142,8 @@ def _digest(pieces: list[bytes] | list[memoryview], files: list[Path], path: Pat
         digest.update(piece)
     try:
         for file in files:
-            external = hashlib.sha256(file.read_bytes()).digest()
+            with file.open("rb") as data:  # in chunks: external data may be gigabytes
+                external = hashlib.file_digest(data, "sha256").digest()
             location = file.relative_to(path.parent).as_posix()
             digest.update(b"\0" + location.encode() + b"\0" + external)
     except OSError as exc:

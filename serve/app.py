@@ -131,6 +131,23 @@ class ServeSettings:
                 )
             if self.batch_max_digits < 1:
                 raise ServeConfigError(f"a micro-batch must hold at least 1 digit, got {self.batch_max_digits}")
+        self._check_origins()
+        if self.web_dir is not None:
+            missing = [name for name in BUILT_PAGE if not (Path(self.web_dir) / name).is_file()]
+            if missing:
+                raise ServeConfigError(
+                    f"{self.web_dir} holds no {missing[0]}, so it is not the built page; build it first "
+                    "(cd web && npm ci && npm run build) and give web/dist"
+                )
+
+    def _check_origins(self) -> None:
+        """Each CORS origin one that browsers send, given once; ``*`` alone, as it allows any."""
+        origins = self.cors_origins
+        repeated = next((origin for origin in origins if origins.count(origin) > 1), None)
+        if repeated is not None:
+            raise ServeConfigError(f"the origin {repeated!r} is given twice")
+        if "*" in origins and len(origins) > 1:
+            raise ServeConfigError("* allows every origin, so the others given with it would do nothing: give * alone")
         for origin in self.cors_origins:
             if "*" in origin and origin != "*":
                 raise ServeConfigError(
@@ -146,13 +163,6 @@ class ServeSettings:
             sent = _as_browsers_send(origin)
             if origin != sent:  # CORS compares the strings: this one would never match
                 raise ServeConfigError(f"browsers send the origin {origin!r} as {sent!r}; give that")
-        if self.web_dir is not None:
-            missing = [name for name in BUILT_PAGE if not (Path(self.web_dir) / name).is_file()]
-            if missing:
-                raise ServeConfigError(
-                    f"{self.web_dir} holds no {missing[0]}, so it is not the built page; build it first "
-                    "(cd web && npm ci && npm run build) and give web/dist"
-                )
 
     @property
     def micro_batch_digits(self) -> int | None:

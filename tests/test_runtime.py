@@ -305,7 +305,8 @@ NOT_A_FILE = "which is not a regular file (a folder, a pipe or a device)"
         ("../weights.bin", "'../weights.bin'", OUTSIDE),
         ("/etc/hostname", "'/etc/hostname'", OUTSIDE),
         ("sub", "{folder}/sub", NOT_A_FILE),
-        ("null", "{folder}/null", NOT_A_FILE),  # a link to /dev/null
+        ("null", "'null'", OUTSIDE),  # a link to /dev/null
+        ("out.bin", "'out.bin'", OUTSIDE),  # a link to ../weights.bin: it would be hashed, however large
         ("gone.bin", "{folder}/gone.bin", "which does not exist"),
     ],
 )
@@ -318,11 +319,20 @@ def test_external_data_outside_the_folder_or_not_a_file_is_refused_before_it_is_
     folder.mkdir()
     (folder / "sub").mkdir()
     (folder / "null").symlink_to("/dev/null")
+    (folder / "out.bin").symlink_to(tmp_path / "weights.bin")
     path = _split_model_naming(folder, location)
     (tmp_path / "weights.bin").write_bytes((folder / "weights.bin").read_bytes())  # what ../ would reach
     with pytest.raises(InvalidModelError) as refused:
         DigitGenerator.from_path(path, "cpu")
     assert str(refused.value) == f"{path} keeps tensors in {named.format(folder=folder)}, {why}"
+
+
+def test_external_data_linked_within_the_folder_loads(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "alias.bin").symlink_to("weights.bin")
+    path = _split_model_naming(folder, "alias.bin")
+    assert DigitGenerator.from_path(path, "cpu").generate(3, seed=1).images.shape == (3, 28, 28)
 
 
 def test_a_pipe_as_external_data_is_refused_before_onnxruntime_opens_it(tmp_path: Path) -> None:

@@ -135,6 +135,18 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
             )
             for origin in ["https://*.example", "*://app.example", "https://app.example:*"]
         ],
+        (
+            {"cors_origins": ("https://app.example", "*")},
+            "* allows every origin, so the others given with it would do nothing: give * alone",
+        ),
+        (
+            {"cors_origins": ("*", "*")},
+            "the origin '*' is given twice",
+        ),
+        (
+            {"cors_origins": ("https://a.example", "https://b.example", "https://a.example")},
+            "the origin 'https://a.example' is given twice",
+        ),
         *[
             ({"cors_origins": (origin,)}, f"browsers send the origin {origin!r} as {sent!r}; give that")
             for origin, sent in [
@@ -170,7 +182,6 @@ def test_create_app_refuses_what_is_not_a_generator_or_settings(
 
 def test_the_smallest_settings_and_any_origin_a_browser_sends_are_accepted() -> None:
     origins = (
-        "*",
         "https://app.example",
         "http://localhost:5173",
         "https://[::1]:8443",
@@ -192,6 +203,7 @@ def test_the_smallest_settings_and_any_origin_a_browser_sends_are_accepted() -> 
     )
     assert (settings.queue, settings.inline_digits, settings.cache_max_age, settings.batch_max_digits) == (0, 0, 0, 1)
     assert settings.micro_batch_digits == 1
+    assert ServeSettings(cors_origins=("*",)).cors_origins == ("*",)
     assert ServeSettings(batch_window_ms=0).batch_window_ms == 0
     # a micro-batch: 8 digits when not given and batching is on, None with it off; the field keeps what was given
     assert [ServeSettings(batch_window_ms=ms).micro_batch_digits for ms in (2, 0)] == [8, None]
