@@ -57,7 +57,7 @@ from digitgen.runtime.layout import FORMATS
 from digitgen.runtime.merge import merge_shards
 from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
 from digitgen.runtime.progress import clock_time, progress
-from digitgen.runtime.session import MAX_THREADS, PROVIDER_CHOICES
+from digitgen.runtime.session import PROVIDER_CHOICES
 from digitgen.runtime.shards import Shard
 from digitgen.runtime.signals import (
     INTERRUPTING_SIGNALS,
@@ -259,6 +259,17 @@ def _parsed_by(parse: Callable[[str], Parsed]) -> Callable[[click.Context, click
     return callback
 
 
+def _not_empty(parse: Callable[[str], Parsed]) -> Callable[[str], Parsed]:
+    """``parse``, refusing an empty value, which it would read as the option's default (none)."""
+
+    def parse_given(text: str) -> Parsed:
+        if not text.strip():
+            raise ValueError("empty: give a value, or leave the option out")
+        return parse(text)
+
+    return parse_given
+
+
 def _runtime_integer(check: Callable[[object], int]) -> dict[str, Any]:
     """The type and callback of an integer option that the runtime reads and checks as the HTTP API does, so that
     both refuse a value in the same words."""
@@ -399,13 +410,13 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 @click.option(
     "--label-digit-weights",
-    callback=_parsed_by(parse_digit_weights),
+    callback=_parsed_by(_not_empty(parse_digit_weights)),
     help="Multiply --label-weight for the generated digits of some classes, e.g. 4=2.5,7=2.5 (the rest: 1; "
     "kept on --resume).",
 )
 @click.option(
     "--diffaugment",
-    callback=_parsed_by(parse_policy),
+    callback=_parsed_by(_not_empty(parse_policy)),
     help="DiffAugment: transforms of every digit the discriminator sees, comma-separated from "
     f"{', '.join(AUGMENTATIONS)}, e.g. translation,cutout [default: none].",
 )
@@ -857,8 +868,9 @@ def evaluate(
 )
 @click.option(
     "--threads",
-    type=Integer(min=1, max=MAX_THREADS),
-    help="onnxruntime intra-op threads per worker [default: usable cores / workers - 1, at least 1].",
+    type=Integer(min=1),
+    help="onnxruntime intra-op threads per worker, at most the cores this process may use [default: usable cores / "
+    "workers - 1, at least 1].",
 )
 @click.option("--max-count", default=10_000, show_default=True, type=Integer(min=1), help="Most digits per request.")
 @click.option(

@@ -26,7 +26,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from digitgen.runtime.errors import InvalidModelError
 from digitgen.runtime.generator import DigitGenerator
-from digitgen.runtime.session import MAX_THREADS, external_files, model_sha256
+from digitgen.runtime.session import external_files, model_sha256
 from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
 from digitgen.serve.app import ServeConfigError, ServeSettings, check_type, create_app
 from digitgen.serve.observe import ACCESS_LOG, SHARED_METRICS, UNPARSED, Metrics
@@ -77,8 +77,10 @@ class ServerOptions:
                 f"workers must be from 1 to {cores}, the cores this process may run on (each worker is a process "
                 f"with its own copy of the model), got {self.workers}"
             )
-        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
-            raise ServeConfigError(f"threads must be from 1 to {MAX_THREADS}, got {self.threads}")
+        if self.threads is not None and not 1 <= self.threads <= cores:  # more only take turns on the cores
+            raise ServeConfigError(
+                f"threads must be from 1 to {cores}, the cores this process may run on, got {self.threads}"
+            )
         if not 0 <= self.graceful_timeout < math.inf:
             raise ServeConfigError(f"the graceful timeout must be a finite 0 s or more, got {self.graceful_timeout:g}")
 

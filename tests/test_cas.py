@@ -336,6 +336,11 @@ def test_the_state_folder_is_the_cache_of_xdg_or_home(tmp_path: Path, monkeypatc
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_state_dir() == tmp_path / "home" / ".cache" / "digitgen"
+    monkeypatch.chdir(tmp_path)
+    for ignored in ("", "relative/cache"):  # a relative one would give each working folder its own state
+        monkeypatch.setenv("XDG_CACHE_HOME", ignored)
+        assert default_state_dir() == tmp_path / "home" / ".cache" / "digitgen"
+    assert not (tmp_path / "relative").exists()
 
 
 def test_a_state_folder_that_cannot_be_made_is_named_with_the_fix(

@@ -31,6 +31,7 @@ from digitgen.training.classifier_resume import (
     finding,
     load_state,
     recipe_of,
+    save_state,
     state_path_beside,
 )
 from digitgen.training.data import MnistTensors, load_mnist
@@ -345,7 +346,8 @@ def test_check_resume_continues_or_replaces_a_state_and_never_loses_one(tmp_path
     assert (
         str(refused.value) == f"nothing to resume: {state} (what an interrupted run of this command leaves) not found"
     )
-    state.write_bytes(b"a state")
+    save_state(state, {"epochs": 1}, 1, {})
+    written = state.read_bytes()
     check_resume(state, resume=True, overwrite=False)
     check_resume(state, resume=True, overwrite=True)  # a run started with --overwrite goes on to replace its outputs
     check_resume(state, resume=False, overwrite=True)  # started over
@@ -354,7 +356,22 @@ def test_check_resume_continues_or_replaces_a_state_and_never_loses_one(tmp_path
     assert str(refused.value) == (
         f"{state} holds an interrupted run of this command: continue it with --resume, or start over with --overwrite"
     )
-    assert state.read_bytes() == b"a state"
+    assert state.read_bytes() == written
+    other_kinds = tmp_path / "other.pt", tmp_path / "list.pt"
+    torch.save({"kind": "generator checkpoint"}, other_kinds[0])
+    torch.save([1, 2], other_kinds[1])
+    for foreign in (b"notes of mine", *(path.read_bytes() for path in other_kinds)):
+        state.write_bytes(foreign)  # a file no run of train-classifier wrote, never taken for its state
+        for resume, overwrite in itertools.product((True, False), repeat=2):
+            with pytest.raises(CheckpointError) as refused:
+                check_resume(state, resume=resume, overwrite=overwrite)
+            assert str(refused.value) == (
+                f"{state} is not a training state of train-classifier, so no run of this command left it there; "
+                "move it, or give --out another name"
+            )
+        assert state.read_bytes() == foreign
+    state.write_bytes(written[: len(written) // 2])  # a state cut short is this command's, damaged: replaced
+    check_resume(state, resume=False, overwrite=True)
     state.unlink()
     state.mkdir()
     for resume in (True, False):

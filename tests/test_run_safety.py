@@ -529,6 +529,16 @@ def test_bad_per_digit_label_weights_are_refused_in_one_line(tmp_path: Path, tin
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("option", ["--label-digit-weights", "--diffaugment"])
+def test_an_empty_list_option_is_refused_not_read_as_none(tmp_path: Path, tiny_mnist: Path, option: str) -> None:
+    code, output = train(tiny_mnist, tmp_path / "run", "--steps", 1, *TINY, option, " ")
+    assert code == 2
+    assert output.strip() == (
+        f"Error: Invalid value for '{option}': empty: give a value, or leave the option out (see --help)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_checkpoint_from_before_the_falling_label_weight_resumes_with_a_constant_one(
     finished_run: Path, tiny_mnist: Path
 ) -> None:

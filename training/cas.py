@@ -37,9 +37,11 @@ Split = tuple[np.ndarray, np.ndarray]
 
 
 def default_state_dir() -> Path:
-    """Where ``evaluate --cas`` keeps its training state while it runs: ``$XDG_CACHE_HOME/digitgen`` (by default
-    ``~/.cache/digitgen``), made if missing; :class:`OutputError` if it cannot be."""
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "digitgen"
+    """Where ``evaluate --cas`` keeps its training state while it runs: ``$XDG_CACHE_HOME/digitgen`` (by default,
+    and where that is not an absolute path, which the XDG spec says to ignore, ``~/.cache/digitgen``), made if
+    missing; :class:`OutputError` if it cannot be."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", ""))
+    folder = (cache if cache.is_absolute() else Path.home() / ".cache") / "digitgen"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

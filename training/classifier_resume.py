@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from digitgen.runtime.encode import ZIP_SIGNATURE
 from digitgen.runtime.files import check_writable, refuse_non_files
 from digitgen.training.checkpoint import (
     first_problem,
@@ -54,8 +55,14 @@ def state_path_beside(onnx_path: str | Path) -> Path:
 def check_resume(path: Path, resume: bool, overwrite: bool) -> None:
     """Before any work: a state to resume is there when ``resume`` asks for one; one that is there is continued
     (``resume``, with ``overwrite`` too: the run that was told to replace its outputs goes on to replace them) or
-    replaced (``overwrite`` alone), never lost by a new run that was given neither."""
+    replaced (``overwrite`` alone), never lost by a new run that was given neither; a file of that name that no
+    run of this command wrote is refused whatever the options."""
     refuse_non_files([path])
+    if path.is_file() and _left_by_another(path):
+        raise CheckpointError(
+            f"{path} is not a training state of train-classifier, so no run of this command left it there; "
+            "move it, or give --out another name"
+        )
     if resume and not path.is_file():
         raise CheckpointError(f"nothing to resume: {path} (what an interrupted run of this command leaves) not found")
     if not resume and path.exists() and not overwrite:
@@ -63,6 +70,20 @@ def check_resume(path: Path, resume: bool, overwrite: bool) -> None:
             f"{path} holds an interrupted run of this command: continue it with --resume, or {START_OVER}"
         )
     check_writable(path)
+
+
+def _left_by_another(path: Path) -> bool:
+    """Whether the file ``path`` is not this command's: not a PyTorch archive (``torch.save`` writes a zip), or a
+    readable one of another kind. A damaged state is taken for this command's, which --resume or --overwrite
+    then deals with."""
+    with path.open("rb") as file:
+        if file.read(len(ZIP_SIGNATURE)) != ZIP_SIGNATURE:
+            return True
+    try:
+        payload = read_data_file(path, "nothing to check", "not a readable training state")
+    except CheckpointError:
+        return False
+    return not (isinstance(payload, dict) and payload.get("kind") == STATE_KIND)
 
 
 def save_state(path: Path, recipe: dict[str, Any], step: int, state: dict[str, Any]) -> None:
