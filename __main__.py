@@ -37,12 +37,18 @@ def _ignore_stop_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def run() -> None:
-    """Run the ``digitgen`` command, stop signals held while it loads, and onnxruntime's telemetry off unless the
-    environment turns it on (``ORT_DISABLE_TELEMETRY=0``): loading onnxruntime otherwise writes a device id and an
-    event store under ``~/.cache/Microsoft`` (and warns in colour where it cannot) for events it may send."""
+def prepare() -> None:
+    """What the command sets before it loads (``digitgen``, ``python -m digitgen`` and ``python cli.py`` alike):
+    stop signals held, and onnxruntime's telemetry off unless the environment turns it on
+    (``ORT_DISABLE_TELEMETRY=0``): loading onnxruntime otherwise writes a device id and an event store under
+    ``~/.cache/Microsoft`` (and warns in colour where it cannot) for events it may send."""
     hold_stop_signals()
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before onnxruntime loads; the server's workers inherit it
+
+
+def run() -> None:
+    """Run the ``digitgen`` command, :func:`prepare` first."""
+    prepare()
     from digitgen.cli import main
 
     main()

@@ -7,16 +7,16 @@ Heavy imports (torch) happen inside the commands that need them, so ``generate``
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # `python cli.py`: stop signals wait while it loads, as for the `digitgen` command
+if __name__ == "__main__":  # `python cli.py`: prepared as the `digitgen` command is, before it loads
     try:
-        from digitgen.__main__ import hold_stop_signals
+        from digitgen.__main__ import prepare
     except ModuleNotFoundError as missing:  # a checkout run by a Python without digitgen installed
         raise SystemExit(
             f"Error: cli.py runs the installed digitgen package, and this Python lacks {missing.name}: "
             "install it (README command 1 or 2), then run digitgen or .venv-dev/bin/python cli.py"
         ) from None
 
-    hold_stop_signals()
+    prepare()
 
 import dataclasses
 import importlib.metadata

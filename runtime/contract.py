@@ -1,4 +1,4 @@
-"""The ONNX model contract (DESIGN.md) and its check against a loaded session."""
+"""The ONNX model contract (README, "The ONNX model contract") and its check against a loaded session."""
 
 from __future__ import annotations
 

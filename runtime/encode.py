@@ -135,7 +135,7 @@ def idx_files(images: np.ndarray, labels: np.ndarray) -> tuple[bytes, bytes]:
 
 
 def tar_bytes(members: Sequence[tuple[str, bytes]]) -> bytes:
-    """An uncompressed tar of ``(name, content)`` files, owned by nobody, dated 1970."""
+    """An uncompressed tar of ``(name, content)`` files, with no owner's name (uid and gid 0), dated 1970."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive:
         for name, content in members:

@@ -284,7 +284,7 @@ def _write_idx(
     on_batch: OnBatch,
     extras: Sequence[bytes] = (),
 ) -> None:
-    """MNIST IDX pair (big-endian headers: magic, count, rows, cols), streamed batch by batch."""
+    """MNIST IDX pair (big-endian headers: magic and count, and the images' rows and cols), streamed batch by batch."""
     _write_idx_splits(batches, paths, [num], resume, on_batch, extras)
 
 
@@ -329,7 +329,7 @@ def _cut_at(batches: Iterable[GeneratedDigits], cuts: Sequence[int]) -> Iterator
 
 @dataclass(frozen=True)
 class WrittenFiles:
-    """What :func:`generate_files` left: its files, and how many of an earlier run it kept."""
+    """What a generation job wrote (:meth:`OutputPlan.write`): its files, and how many of an earlier run it kept."""
 
     paths: list[Path]  # the files written; for png, the output directory
     kept: int  # files of an earlier run kept as they were (resume only)

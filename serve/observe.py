@@ -150,8 +150,8 @@ class Metrics:
             self.refused.labels(reason)
         self.abandoned = Counter(
             "digitgen_requests_abandoned",
-            "Requests whose client left before the whole response (a generation of over 16 digits stops at its "
-            "next batch), or was cut off for leaving it unread",
+            "Requests whose client left before the whole response (a generation run on a thread stops at its next "
+            "batch of 256 digits), or was cut off for leaving it unread",
             registry=own,
         )
         self.batch_requests = Histogram(

@@ -60,8 +60,8 @@ class DigitsRequest:
 
 
 def _check_limit(count: int | str, max_count: int) -> None:
-    """Refuse a count (as :func:`_integer` read it) over ``max_count``, however many digits it is written with,
-    before any other check."""
+    """Refuse a count (as :func:`~digitgen.runtime.generator.read_integer` read it) over ``max_count``, however
+    many digits it is written with, before any other check."""
     if isinstance(count, int):
         shown = count if count > max_count else None
     else:  # a positive integer too long to read is over any limit; anything else is for the runtime to refuse

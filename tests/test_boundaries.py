@@ -1,4 +1,4 @@
-"""The layers' import rules (DESIGN.md), read from the source: runtime stands alone, training never
+"""The layers' import rules (README, "Layout"), read from the source: runtime stands alone, training never
 reaches for export, and nothing imports the old top-level names."""
 
 from __future__ import annotations

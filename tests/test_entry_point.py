@@ -260,14 +260,15 @@ def test_the_checkout_s_cli_in_a_python_without_digitgen_says_so_in_one_line(tmp
     )
 
 
-def test_the_command_keeps_onnxruntime_from_writing_telemetry_files(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["-m", "digitgen"], [str(REPO / "cli.py")]], ids=["digitgen", "cli.py"])
+def test_the_command_keeps_onnxruntime_from_writing_telemetry_files(tmp_path: Path, command: list[str]) -> None:
     """Unless the environment turns telemetry on, as the second run here does."""
     env = {key: value for key, value in os.environ.items() if key not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
     store = Path(".cache", "Microsoft")
     for home, turned_on in ((tmp_path / "default", {}), (tmp_path / "on", {"ORT_DISABLE_TELEMETRY": "0"})):
         home.mkdir()
-        command = [sys.executable, "-m", "digitgen", "info"]
-        done = subprocess.run(command, env={**env, "HOME": str(home), **turned_on}, capture_output=True, timeout=60)
+        info = [sys.executable, *command, "info"]
+        done = subprocess.run(info, env={**env, "HOME": str(home), **turned_on}, capture_output=True, timeout=60)
         assert done.returncode == 0 and done.stderr == b"", done.stderr
     if not (tmp_path / "on" / store).exists():
         pytest.skip("this onnxruntime writes no telemetry files even when told to")

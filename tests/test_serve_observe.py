@@ -191,8 +191,8 @@ def test_metrics_are_named_typed_labelled_and_described_in_their_own_registry() 
         "digitgen_requests_abandoned": (
             "counter",
             (
-                "Requests whose client left before the whole response (a generation of over 16 digits stops at its "
-                "next batch), or was cut off for leaving it unread"
+                "Requests whose client left before the whole response (a generation run on a thread stops at its "
+                "next batch of 256 digits), or was cut off for leaving it unread"
             ),
         ),
         "digitgen_batch_requests": ("histogram", "Requests per micro-batched model call"),
