@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from digitgen.__main__ import let_go_then_stop
+from digitgen.export import tolerances
 from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.evaluate import MAX_SAMPLES
@@ -68,6 +69,7 @@ from digitgen.runtime.signals import (
 )
 from digitgen.runtime.text import printable, read_json
 from digitgen.runtime.writers import plan_generation
+from digitgen.serve.settings import BATCH_MAX_DIGITS, ServerOptions, ServeSettings
 from digitgen.training.config import (
     AUGMENTATIONS,
     DEFAULT_RUN_DIR,
@@ -516,18 +518,22 @@ def _echo_report(report: ParityReport) -> None:
 @click.option(
     "--out", default="generator.onnx", show_default=True, type=GivenPath(dir_okay=False), help="ONNX file to write."
 )
-@click.option("--opset", default=18, show_default=True, type=Integer(min=18))
+@click.option(
+    "--opset", default=tolerances.DEFAULT_OPSET, show_default=True, type=Integer(min=tolerances.DEFAULT_OPSET)
+)
 @click.option(
     "--precision",
-    default="fp32",
+    default=tolerances.PRECISIONS[0],
     show_default=True,
-    type=click.Choice(["fp32", "fp16", "int8"]),
+    type=click.Choice(tolerances.PRECISIONS),
     help="fp16 weights and activations, or int8 static QDQ quantization; inputs and output stay float32.",
 )
 @click.option(
     "--atol",
     type=FiniteFloat(min=0),
-    help="Largest allowed |torch - onnxruntime| per pixel [default: 1e-4 fp32, 2e-2 fp16, 0.3 int8].",
+    help="Largest allowed |torch - onnxruntime| per pixel [default: "
+    + ", ".join(f"{tolerance.max_abs:g} {name}" for name, tolerance in tolerances.TOLERANCES.items())
+    + "].",
 )
 @click.option(
     "--quality",
@@ -856,12 +862,14 @@ def evaluate(
 
 @main.command()
 @generator_option("ONNX generator (default: the shipped model).")
-@click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
-@click.option("--port", default=8000, show_default=True, type=Integer(min=0, max=65535))
+@click.option("--provider", default=ServerOptions.provider, show_default=True, type=click.Choice(PROVIDER_CHOICES))
+@click.option(
+    "--host", default=ServerOptions.host, show_default=True, help="Address to bind (0.0.0.0: every interface)."
+)
+@click.option("--port", default=ServerOptions.port, show_default=True, type=Integer(min=0, max=65535))
 @click.option(
     "--workers",
-    default=1,
+    default=ServerOptions.workers,
     show_default=True,
     type=Integer(min=1),
     help="Server processes, at most the cores this process may use; each loads the model.",
@@ -872,27 +880,37 @@ def evaluate(
     help="onnxruntime intra-op threads per worker, at most the cores this process may use [default: usable cores / "
     "workers - 1, at least 1].",
 )
-@click.option("--max-count", default=10_000, show_default=True, type=Integer(min=1), help="Most digits per request.")
 @click.option(
-    "--max-in-flight", default=2, show_default=True, type=Integer(min=1), help="Generations at once per worker."
+    "--max-count",
+    default=ServeSettings.max_count,
+    show_default=True,
+    type=Integer(min=1),
+    help="Most digits per request.",
+)
+@click.option(
+    "--max-in-flight",
+    default=ServeSettings.max_in_flight,
+    show_default=True,
+    type=Integer(min=1),
+    help="Generations at once per worker.",
 )
 @click.option(
     "--queue",
-    default=64,
+    default=ServeSettings.queue,
     show_default=True,
     type=Integer(min=0),
     help="Requests that may wait for a generation; more get 503 with Retry-After.",
 )
 @click.option(
     "--time-limit",
-    default=30.0,
+    default=ServeSettings.time_limit,
     show_default=True,
     type=FiniteFloat(min=0, min_open=True),
     help="Seconds a request may wait and generate before it gets 503.",
 )
 @click.option(
     "--graceful-timeout",
-    default=10.0,
+    default=ServerOptions.graceful_timeout,
     show_default=True,
     type=FiniteFloat(min=0),
     help="On SIGTERM or Ctrl-C, seconds to finish requests in flight.",
@@ -906,7 +924,7 @@ def evaluate(
 )
 @click.option(
     "--batch-window-ms",
-    default=2.0,
+    default=ServeSettings.batch_window_ms,
     show_default=True,
     type=FiniteFloat(min=0),
     help="Micro-batching: ms small requests wait to share one model call (0: off).",
@@ -915,7 +933,7 @@ def evaluate(
     "--batch-max-digits",
     default=None,
     type=Integer(min=1),
-    help="Micro-batching: digits in one shared model call [default: 8].",
+    help=f"Micro-batching: digits in one shared model call [default: {BATCH_MAX_DIGITS}].",
 )
 @click.option(
     "--quiet", is_flag=True, help="No access log or start-up lines (with --port 0, one line: the address chosen)."
@@ -943,8 +961,6 @@ def serve(
         raise click.UsageError(
             "--batch-max-digits sizes a micro-batch and --batch-window-ms 0 turns them off: give one"
         )
-    from digitgen.serve.app import ServeSettings
-    from digitgen.serve.run import ServerOptions
     from digitgen.serve.run import serve as run_server
 
     settings = ServeSettings(

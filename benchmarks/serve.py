@@ -60,7 +60,7 @@ MODEL_FREE_APP = """
 import sys
 import numpy as np
 from digitgen.runtime.generator import DigitGenerator
-from digitgen.serve.app import ServeSettings
+from digitgen.serve import ServeSettings
 from digitgen.serve.run import ServerOptions, serve
 
 generator = DigitGenerator.from_path(threads=1)

@@ -41,7 +41,7 @@ import onnxruntime as ort
 """
 SERVE = """
 from digitgen.runtime.generator import DigitGenerator
-from digitgen.serve.app import ServeSettings
+from digitgen.serve import ServeSettings
 from digitgen.serve.run import ServerOptions, serve
 generator = DigitGenerator.from_path(threads=THREADS)
 MODEL_CALL
@@ -222,7 +222,7 @@ def in_process_table(requests: int, rounds: int) -> None:
     """Each stand-in's request time in-process, its call alone and inside the server, and what the rest of the
     request took beyond the request without a call."""
     from digitgen.runtime.generator import DigitGenerator
-    from digitgen.serve.app import ServeSettings, create_app
+    from digitgen.serve import ServeSettings, create_app
 
     calls = stand_ins()
     alone = {name: _alone_us(call or DigitGenerator.from_path(threads=1).run) for name, call in calls.items()}

@@ -10,7 +10,7 @@ import torch
 
 from digitgen.export.errors import ExportVerificationError
 from digitgen.export.onnx_export import check_output_files, publish_with_weights, to_onnx, write_metadata
-from digitgen.export.verify import ATOL
+from digitgen.export.tolerances import ATOL
 from digitgen.runtime.files import check_writable, refuse_existing, refuse_one_file_twice
 from digitgen.runtime.session import open_session, run_model
 from digitgen.training.checkpoint import write_payload

@@ -15,14 +15,13 @@ from digitgen.export.errors import ExportError
 from digitgen.export.fast_layers import with_fast_layers
 from digitgen.export.precision import HalfPrecision, quantize_int8
 from digitgen.export.quality import check_scored_model, quality_metadata
-from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityReport, verify_parity
+from digitgen.export.tolerances import DEFAULT_OPSET, PRECISIONS, TOLERANCES
+from digitgen.export.verify import ContractGenerator, ParityReport, verify_parity
 from digitgen.runtime.contract import CONTRACT_VERSION
 from digitgen.runtime.errors import InvalidModelError
 from digitgen.runtime.files import folder_problem, publish_all, refuse_existing, refuse_one_file_twice
 from digitgen.training.checkpoint import release_weights, write_payload
 from digitgen.training.state import load_generator
-
-DEFAULT_OPSET = 18  # the lowest the torch.export-based exporter writes
 
 
 def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:

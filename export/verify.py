@@ -9,29 +9,13 @@ import numpy as np
 import torch
 
 from digitgen.export.errors import ExportVerificationError
+from digitgen.export.tolerances import TOLERANCES, Tolerance
 from digitgen.runtime.contract import check_contract
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason, run_model
 from digitgen.training.config import GANConfig
 
 BATCH_SIZES = (1, 7, 64)
 SEEDS = (0, 1)
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Allowed |fp32 PyTorch - onnxruntime| on pixels in [0, 1]."""
-
-    max_abs: float  # any single pixel
-    mean_abs: float  # averaged over the pixels of a batch
-
-
-TOLERANCES = {
-    "fp32": Tolerance(max_abs=1e-4, mean_abs=1e-5),
-    "fp16": Tolerance(max_abs=2e-2, mean_abs=1e-3),
-    "int8": Tolerance(max_abs=0.3, mean_abs=1e-2),
-}
-PRECISIONS = tuple(TOLERANCES)
-ATOL = TOLERANCES["fp32"].max_abs
 
 
 class ContractGenerator(torch.nn.Module):

@@ -5,16 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
-import re
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -55,143 +51,8 @@ from digitgen.serve.params import (
 from digitgen.serve.params import parse_request as parse
 from digitgen.serve.refusal import refusal
 from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filename, generate
+from digitgen.serve.settings import ServeConfigError, ServeSettings
 from digitgen.serve.spec import error_response, generate_doc
-
-# what `npm run build` puts in web/dist beside the page's code: the page and the model it loads (the web/ folder,
-# its source, has no model)
-BUILT_PAGE = ("index.html", "generator.onnx")
-BATCH_MAX_DIGITS = 8  # the default micro-batch
-# what a browser sends in Origin: scheme://host[:port], no path, not even a trailing slash, no user, a port
-# without leading zeros (or * for any)
-ORIGIN = re.compile(
-    r"\*|[a-z][a-z0-9+.-]*://(?:[a-z0-9._~%-]+|\[[0-9a-f:.]+\])(?::(?P<port>[1-9][0-9]{0,4}))?", re.IGNORECASE
-)
-
-
-class ServeConfigError(DigitgenError, ValueError):
-    """The server cannot start with these settings."""
-
-
-def _as_browsers_send(origin: str) -> str:
-    """An origin as a browser's ``Origin`` header carries it: in lower case, without the scheme's default port."""
-    lowered = origin.lower()
-    for scheme, default_port in (("http", ":80"), ("https", ":443")):
-        if lowered.startswith(f"{scheme}://") and lowered.endswith(default_port):
-            return lowered.removesuffix(default_port)
-    return lowered
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """What a server allows: limits, caching, CORS, the page, logging."""
-
-    max_count: int = 10_000  # digits per request
-    max_in_flight: int = 2  # generations at once
-    queue: int = 64  # requests waiting for a generation slot; more are refused with 503
-    time_limit: float = 30.0  # seconds per request, waiting included
-    cache_max_age: int = 31_536_000  # seconds a response may be cached (it never changes)
-    inline_digits: int = 16  # requests this small run on the event loop (or the batcher), larger ones on a thread
-    batch_window_ms: float = 2.0  # micro-batching: how long small requests wait to share a model call (0: off)
-    # digits in one micro-batch (None: 8 with a window, see micro_batch_digits): small, so that one batch's HTTP
-    # work overlaps the next one's model call
-    batch_max_digits: int | None = None
-    cors_origins: tuple[str, ...] = ()
-    web_dir: str | None = None  # the built page, served at /
-    access_log: bool = True
-
-    def __post_init__(self) -> None:
-        self._check_types()
-        for name in ("max_count", "max_in_flight"):
-            if getattr(self, name) < 1:
-                raise ServeConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("queue", "inline_digits", "cache_max_age"):
-            if getattr(self, name) < 0:
-                raise ServeConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.inline_digits > DEFAULT_BATCH_SIZE:
-            raise ServeConfigError(
-                f"inline_digits must be at most {DEFAULT_BATCH_SIZE}, got {self.inline_digits}: a request that small "
-                "is made in one model call on the event loop, which no time limit stops and no other request passes"
-            )
-        if not self.time_limit > 0:
-            raise ServeConfigError(f"the time limit must be more than 0 s, got {self.time_limit:g}")
-        if not (0 <= self.batch_window_ms < math.inf):
-            raise ServeConfigError(
-                f"the batch window must be 0 ms (off) or a finite number of ms, got {self.batch_window_ms:g}"
-            )
-        if self.batch_window_ms / 1000 >= self.time_limit:
-            raise ServeConfigError(
-                f"the batch window of {self.batch_window_ms:g} ms must be shorter than the time limit of "
-                f"{self.time_limit:g} s, or every request that waits for a batch runs out of time"
-            )
-        if self.batch_max_digits is not None:
-            if self.batch_window_ms == 0:
-                raise ServeConfigError(
-                    f"batch_max_digits={self.batch_max_digits} sizes a micro-batch and batch_window_ms=0 turns them "
-                    "off: give one"
-                )
-            if self.batch_max_digits < 1:
-                raise ServeConfigError(f"a micro-batch must hold at least 1 digit, got {self.batch_max_digits}")
-        self._check_origins()
-        if self.web_dir is not None:
-            missing = [name for name in BUILT_PAGE if not (Path(self.web_dir) / name).is_file()]
-            if missing:
-                raise ServeConfigError(
-                    f"{self.web_dir} holds no {missing[0]}, so it is not the built page; build it first "
-                    "(cd web && npm ci && npm run build) and give web/dist"
-                )
-
-    def _check_origins(self) -> None:
-        """Each CORS origin one that browsers send, given once; ``*`` alone, as it allows any."""
-        origins = self.cors_origins
-        repeated = next((origin for origin in origins if origins.count(origin) > 1), None)
-        if repeated is not None:
-            raise ServeConfigError(f"the origin {repeated!r} is given twice")
-        if "*" in origins and len(origins) > 1:
-            raise ServeConfigError("* allows every origin, so the others given with it would do nothing: give * alone")
-        for origin in self.cors_origins:
-            if "*" in origin and origin != "*":
-                raise ServeConfigError(
-                    f"{origin!r} holds a wildcard, which CORS never matches: it compares whole origins; "
-                    "give each one (or * alone for any)"
-                )
-            match = ORIGIN.fullmatch(origin)
-            if not match or int(match["port"] or 0) > 65_535:
-                raise ServeConfigError(
-                    f"{origin!r} is not an origin: scheme://host[:port] with no path, as browsers send it "
-                    "(e.g. https://app.example)"
-                )
-            sent = _as_browsers_send(origin)
-            if origin != sent:  # CORS compares the strings: this one would never match
-                raise ServeConfigError(f"browsers send the origin {origin!r} as {sent!r}; give that")
-
-    @property
-    def micro_batch_digits(self) -> int | None:
-        """Digits in one micro-batch: ``batch_max_digits``, or the default where batching is on and none was
-        given; ``None`` with batching off."""
-        if self.batch_window_ms == 0:
-            return None
-        return BATCH_MAX_DIGITS if self.batch_max_digits is None else self.batch_max_digits
-
-    def _check_types(self) -> None:
-        """Each setting of its own type (a string of origins would be read one letter at a time)."""
-        for name in ("max_count", "max_in_flight", "queue", "inline_digits", "cache_max_age"):
-            check_type(name, getattr(self, name), (int,), "an integer")
-        check_type("batch_max_digits", self.batch_max_digits, (int, type(None)), "an integer or None")
-        for name in ("time_limit", "batch_window_ms"):
-            check_type(name, getattr(self, name), (int, float), "a number")
-        check_type("access_log", self.access_log, (bool,), "True or False")
-        check_type("web_dir", self.web_dir, (str, type(None)), "a folder's path (a str) or None")
-        origins = self.cors_origins
-        if not isinstance(origins, tuple) or not all(isinstance(origin, str) for origin in origins):
-            raise ServeConfigError(
-                f"cors_origins must be a tuple of origins, e.g. ('https://app.example',), got {origins!r}"
-            )
-
-
-def check_type(name: str, value: object, kinds: tuple[type, ...], what: str) -> None:
-    """:class:`ServeConfigError` unless ``value`` is one of ``kinds`` (a bool counts as an int only if listed)."""
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        raise ServeConfigError(f"{name} must be {what}, got {value!r}")
 
 
 async def _when_disconnected(receive: Receive, then: Callable[[], None]) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -16,7 +15,6 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
 from pathlib import Path
 
@@ -28,103 +26,11 @@ from digitgen.runtime.errors import InvalidModelError
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.session import external_files, model_sha256
 from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
-from digitgen.serve.app import ServeConfigError, ServeSettings, check_type, create_app
+from digitgen.serve.app import create_app
 from digitgen.serve.observe import ACCESS_LOG, SHARED_METRICS, UNPARSED, Metrics
+from digitgen.serve.settings import ServeConfigError, ServerOptions, ServeSettings
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def default_threads(workers: int) -> int:
-    """onnxruntime intra-op threads per worker: its share of the usable cores less one for its event loop
-    (HTTP, noise, encoding), at least one."""
-    return max(1, usable_cores() // workers - 1)
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """Where and how to serve: the model, the address, processes, threads and the app's settings."""
-
-    model: str | None = None
-    provider: str = "auto"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    threads: int | None = None  # default: default_threads(workers)
-    graceful_timeout: float = 10.0
-    settings: ServeSettings = field(default_factory=ServeSettings)
-
-    def __post_init__(self) -> None:
-        check_type("model", self.model, (str, type(None)), "a model file's path (a str) or None")
-        for name in ("provider", "host"):
-            check_type(name, getattr(self, name), (str,), "a str")
-        for name in ("port", "workers"):
-            check_type(name, getattr(self, name), (int,), "an integer")
-        check_type("threads", self.threads, (int, type(None)), "an integer or None")
-        check_type("graceful_timeout", self.graceful_timeout, (int, float), "a number")
-        check_type("settings", self.settings, (ServeSettings,), "a ServeSettings")
-        if not 0 <= self.port <= 65_535:
-            raise ServeConfigError(f"port must be from 0 (any free port) to 65535, got {self.port}")
-        cores = usable_cores()
-        if not 1 <= self.workers <= cores:  # each worker is a process running the model: more only compete for cores
-            raise ServeConfigError(
-                f"workers must be from 1 to {cores}, the cores this process may run on (each worker is a process "
-                f"with its own copy of the model), got {self.workers}"
-            )
-        if self.threads is not None and not 1 <= self.threads <= cores:  # more only take turns on the cores
-            raise ServeConfigError(
-                f"threads must be from 1 to {cores}, the cores this process may run on, got {self.threads}"
-            )
-        if not 0 <= self.graceful_timeout < math.inf:
-            raise ServeConfigError(f"the graceful timeout must be a finite 0 s or more, got {self.graceful_timeout:g}")
-
-    @property
-    def url(self) -> str:
-        """Where clients reach the server: ``http://host:port``, an IPv6 host in brackets."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    @property
-    def intra_op_threads(self) -> int:
-        return self.threads if self.threads is not None else default_threads(self.workers)
-
-    def load(self) -> DigitGenerator:
-        """The model, opened and made to draw one digit of each class: one that cannot is refused now, with the
-        runtime's error, rather than served by a server that never becomes ready."""
-        generator = DigitGenerator.from_path(self.model, self.provider, self.intra_op_threads)
-        generator.generate(generator.num_classes)
-        return generator
-
-    def check_address(self) -> ServerOptions:
-        """These options, port 0 (any free port) replaced by the free port the system gives, once ``host:port``
-        has been bound and let go, the way uvicorn binds it after; :class:`ServeConfigError` if it could not be
-        (in use, not an address of this machine, a privileged port). An empty host, which would listen on every
-        interface, is refused: that takes 0.0.0.0 (or ::), said on purpose."""
-        if not self.host.strip():
-            raise ServeConfigError(
-                "the host is empty; give an address: 127.0.0.1 (the default), or 0.0.0.0 to listen on every interface"
-            )
-        host, colon, port = self.host.rpartition(":")
-        if colon and ":" not in host and port.isdigit():  # one colon: not an IPv6 address, a host and a port
-            raise ServeConfigError(f"the host {self.host!r} holds a port; give them apart: --host {host} --port {port}")
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((self.host, self.port))
-                port = probe.getsockname()[1]
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ServeConfigError(
-                f"cannot listen on {self.host}:{self.port}: {reason.lower()} (--port and --host choose another)"
-            ) from None
-        return dataclasses.replace(self, port=port)
 
 
 def app_from_environment() -> FastAPI:

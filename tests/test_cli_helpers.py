@@ -218,7 +218,7 @@ def _defaults(command: str) -> dict[str, object]:
 
 
 def test_the_servers_option_defaults_are_the_apps() -> None:
-    """cli.py spells them out so that it loads without the serve extra; they must not drift from ServeSettings."""
+    """The command's defaults are the app's (read from ServeSettings, which loads without the serve extra)."""
     from digitgen.serve import ServeSettings
 
     shown, settings = _defaults("serve"), ServeSettings()
@@ -230,9 +230,9 @@ def test_the_servers_option_defaults_are_the_apps() -> None:
 
 
 def test_the_exporters_option_defaults_are_the_exporters() -> None:
-    """Likewise without torch: the lowest opset the exporter writes, and fp32."""
+    """Likewise: the lowest opset the exporter writes, and fp32."""
     from digitgen.export.onnx_export import DEFAULT_OPSET
-    from digitgen.export.verify import PRECISIONS
+    from digitgen.export.tolerances import PRECISIONS
 
     shown = _defaults("export")
     assert (shown["opset"], shown["precision"]) == (DEFAULT_OPSET, PRECISIONS[0])

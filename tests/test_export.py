@@ -23,7 +23,8 @@ import digitgen.export.verify as verify
 from digitgen.cli import main
 from digitgen.export.errors import ExportError, ExportVerificationError
 from digitgen.export.onnx_export import export_generator, verify_file
-from digitgen.export.verify import ATOL, BATCH_SIZES, TOLERANCES, ParityReport
+from digitgen.export.tolerances import ATOL, TOLERANCES
+from digitgen.export.verify import BATCH_SIZES, ParityReport
 from digitgen.runtime import DigitGenerator
 from digitgen.runtime.contract import CONTRACT_VERSION
 from digitgen.runtime.errors import ModelContractError, OutputError

@@ -16,7 +16,8 @@ import digitgen
 import digitgen.export.precision as precision_module
 from digitgen.export.errors import ExportVerificationError
 from digitgen.export.onnx_export import write_metadata
-from digitgen.export.verify import PRECISIONS, TOLERANCES, ContractGenerator, ParityCase, ParityReport, verify_parity
+from digitgen.export.tolerances import PRECISIONS, TOLERANCES
+from digitgen.export.verify import ContractGenerator, ParityCase, ParityReport, verify_parity
 from digitgen.runtime.noise import standard_normal
 from digitgen.training.state import load_generator
 from tests.helpers import assert_int8_qdq

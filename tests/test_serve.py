@@ -49,7 +49,7 @@ from digitgen.serve.params import (
     parse_request,
 )
 from digitgen.serve.render import encode, generate
-from digitgen.serve.run import usable_cores
+from digitgen.serve.settings import usable_cores
 from tests.helpers import free_port
 
 # --- a real server in a subprocess -------------------------------------------------------------

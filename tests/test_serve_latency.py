@@ -15,7 +15,7 @@ from benchmarks.serve import running
 from benchmarks.serve_latency import VARIANTS, asgi_requests, model_variants, stand_ins
 from digitgen.runtime.encode import png_bytes
 from digitgen.runtime.generator import DigitGenerator
-from digitgen.serve.app import ServeSettings, create_app
+from digitgen.serve import ServeSettings, create_app
 
 SCRIPTS = {name: script for name, script in VARIANTS.items() if isinstance(script, str)}
 

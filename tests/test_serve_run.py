@@ -27,8 +27,10 @@ from digitgen.runtime.errors import ModelRunError
 from digitgen.runtime.generator import DigitGenerator, default_model_path
 from digitgen.serve import ServeConfigError, ServeSettings
 from digitgen.serve import run as serve_run
+from digitgen.serve import settings as serve_settings
 from digitgen.serve.observe import ACCESS_LOG
-from digitgen.serve.run import ServerOptions, serve, usable_cores
+from digitgen.serve.run import ServerOptions, serve
+from digitgen.serve.settings import usable_cores
 from tests.conftest import REPO
 from tests.helpers import PIP, free_port
 from tests.test_contract import five_digit_model
@@ -365,18 +367,18 @@ def test_default_threads_count_the_cores_this_process_may_use(monkeypatch: pytes
     """A 2-CPU container on a 64-core host: one onnxruntime thread, not 63."""
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
-    assert serve_run.default_threads(1) == 1 and serve_run.default_threads(2) == 1
+    assert serve_settings.default_threads(1) == 1 and serve_settings.default_threads(2) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
-    assert [serve_run.default_threads(workers) for workers in (1, 2, 4, 8)] == [7, 3, 1, 1]
+    assert [serve_settings.default_threads(workers) for workers in (1, 2, 4, 8)] == [7, 3, 1, 1]
 
 
 def test_without_cpu_affinity_the_cores_are_the_machines(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where there is no CPU affinity to read (macOS, Windows), every core, or one when even that is unknown."""
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
-    assert serve_run.usable_cores() == 6 and serve_run.default_threads(1) == 5
+    assert serve_settings.usable_cores() == 6 and serve_settings.default_threads(1) == 5
     monkeypatch.setattr(os, "cpu_count", lambda: None)
-    assert serve_run.usable_cores() == 1 and serve_run.default_threads(1) == 1
+    assert serve_settings.usable_cores() == 1 and serve_settings.default_threads(1) == 1
 
 
 def test_the_model_loads_with_the_threads_asked_for_or_the_default(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,247 @@
+"""What a server allows and where it runs, checked when they are made: :class:`ServeSettings` (limits, caching,
+CORS, the page, logging) and :class:`ServerOptions` (the model, the address, processes, threads).
+
+Free of FastAPI and uvicorn, so that the command line reads its defaults in an install without the serve extra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from digitgen.runtime.errors import DigitgenError
+from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
+
+# what `npm run build` puts in web/dist beside the page's code: the page and the model it loads (the web/ folder,
+# its source, has no model)
+BUILT_PAGE = ("index.html", "generator.onnx")
+BATCH_MAX_DIGITS = 8  # the default micro-batch
+# what a browser sends in Origin: scheme://host[:port], no path, not even a trailing slash, no user, a port
+# without leading zeros (or * for any)
+ORIGIN = re.compile(
+    r"\*|[a-z][a-z0-9+.-]*://(?:[a-z0-9._~%-]+|\[[0-9a-f:.]+\])(?::(?P<port>[1-9][0-9]{0,4}))?", re.IGNORECASE
+)
+
+
+class ServeConfigError(DigitgenError, ValueError):
+    """The server cannot start with these settings."""
+
+
+def _as_browsers_send(origin: str) -> str:
+    """An origin as a browser's ``Origin`` header carries it: in lower case, without the scheme's default port."""
+    lowered = origin.lower()
+    for scheme, default_port in (("http", ":80"), ("https", ":443")):
+        if lowered.startswith(f"{scheme}://") and lowered.endswith(default_port):
+            return lowered.removesuffix(default_port)
+    return lowered
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What a server allows: limits, caching, CORS, the page, logging."""
+
+    max_count: int = 10_000  # digits per request
+    max_in_flight: int = 2  # generations at once
+    queue: int = 64  # requests waiting for a generation slot; more are refused with 503
+    time_limit: float = 30.0  # seconds per request, waiting included
+    cache_max_age: int = 31_536_000  # seconds a response may be cached (it never changes)
+    inline_digits: int = 16  # requests this small run on the event loop (or the batcher), larger ones on a thread
+    batch_window_ms: float = 2.0  # micro-batching: how long small requests wait to share a model call (0: off)
+    # digits in one micro-batch (None: 8 with a window, see micro_batch_digits): small, so that one batch's HTTP
+    # work overlaps the next one's model call
+    batch_max_digits: int | None = None
+    cors_origins: tuple[str, ...] = ()
+    web_dir: str | None = None  # the built page, served at /
+    access_log: bool = True
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("max_count", "max_in_flight"):
+            if getattr(self, name) < 1:
+                raise ServeConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("queue", "inline_digits", "cache_max_age"):
+            if getattr(self, name) < 0:
+                raise ServeConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.inline_digits > DEFAULT_BATCH_SIZE:
+            raise ServeConfigError(
+                f"inline_digits must be at most {DEFAULT_BATCH_SIZE}, got {self.inline_digits}: a request that small "
+                "is made in one model call on the event loop, which no time limit stops and no other request passes"
+            )
+        if not self.time_limit > 0:
+            raise ServeConfigError(f"the time limit must be more than 0 s, got {self.time_limit:g}")
+        if not (0 <= self.batch_window_ms < math.inf):
+            raise ServeConfigError(
+                f"the batch window must be 0 ms (off) or a finite number of ms, got {self.batch_window_ms:g}"
+            )
+        if self.batch_window_ms / 1000 >= self.time_limit:
+            raise ServeConfigError(
+                f"the batch window of {self.batch_window_ms:g} ms must be shorter than the time limit of "
+                f"{self.time_limit:g} s, or every request that waits for a batch runs out of time"
+            )
+        if self.batch_max_digits is not None:
+            if self.batch_window_ms == 0:
+                raise ServeConfigError(
+                    f"batch_max_digits={self.batch_max_digits} sizes a micro-batch and batch_window_ms=0 turns them "
+                    "off: give one"
+                )
+            if self.batch_max_digits < 1:
+                raise ServeConfigError(f"a micro-batch must hold at least 1 digit, got {self.batch_max_digits}")
+        self._check_origins()
+        if self.web_dir is not None:
+            missing = [name for name in BUILT_PAGE if not (Path(self.web_dir) / name).is_file()]
+            if missing:
+                raise ServeConfigError(
+                    f"{self.web_dir} holds no {missing[0]}, so it is not the built page; build it first "
+                    "(cd web && npm ci && npm run build) and give web/dist"
+                )
+
+    def _check_origins(self) -> None:
+        """Each CORS origin one that browsers send, given once; ``*`` alone, as it allows any."""
+        origins = self.cors_origins
+        repeated = next((origin for origin in origins if origins.count(origin) > 1), None)
+        if repeated is not None:
+            raise ServeConfigError(f"the origin {repeated!r} is given twice")
+        if "*" in origins and len(origins) > 1:
+            raise ServeConfigError("* allows every origin, so the others given with it would do nothing: give * alone")
+        for origin in self.cors_origins:
+            if "*" in origin and origin != "*":
+                raise ServeConfigError(
+                    f"{origin!r} holds a wildcard, which CORS never matches: it compares whole origins; "
+                    "give each one (or * alone for any)"
+                )
+            match = ORIGIN.fullmatch(origin)
+            if not match or int(match["port"] or 0) > 65_535:
+                raise ServeConfigError(
+                    f"{origin!r} is not an origin: scheme://host[:port] with no path, as browsers send it "
+                    "(e.g. https://app.example)"
+                )
+            sent = _as_browsers_send(origin)
+            if origin != sent:  # CORS compares the strings: this one would never match
+                raise ServeConfigError(f"browsers send the origin {origin!r} as {sent!r}; give that")
+
+    @property
+    def micro_batch_digits(self) -> int | None:
+        """Digits in one micro-batch: ``batch_max_digits``, or the default where batching is on and none was
+        given; ``None`` with batching off."""
+        if self.batch_window_ms == 0:
+            return None
+        return BATCH_MAX_DIGITS if self.batch_max_digits is None else self.batch_max_digits
+
+    def _check_types(self) -> None:
+        """Each setting of its own type (a string of origins would be read one letter at a time)."""
+        for name in ("max_count", "max_in_flight", "queue", "inline_digits", "cache_max_age"):
+            check_type(name, getattr(self, name), (int,), "an integer")
+        check_type("batch_max_digits", self.batch_max_digits, (int, type(None)), "an integer or None")
+        for name in ("time_limit", "batch_window_ms"):
+            check_type(name, getattr(self, name), (int, float), "a number")
+        check_type("access_log", self.access_log, (bool,), "True or False")
+        check_type("web_dir", self.web_dir, (str, type(None)), "a folder's path (a str) or None")
+        origins = self.cors_origins
+        if not isinstance(origins, tuple) or not all(isinstance(origin, str) for origin in origins):
+            raise ServeConfigError(
+                f"cors_origins must be a tuple of origins, e.g. ('https://app.example',), got {origins!r}"
+            )
+
+
+def check_type(name: str, value: object, kinds: tuple[type, ...], what: str) -> None:
+    """:class:`ServeConfigError` unless ``value`` is one of ``kinds`` (a bool counts as an int only if listed)."""
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        raise ServeConfigError(f"{name} must be {what}, got {value!r}")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_threads(workers: int) -> int:
+    """onnxruntime intra-op threads per worker: its share of the usable cores less one for its event loop
+    (HTTP, noise, encoding), at least one."""
+    return max(1, usable_cores() // workers - 1)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Where and how to serve: the model, the address, processes, threads and the app's settings."""
+
+    model: str | None = None
+    provider: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    threads: int | None = None  # default: default_threads(workers)
+    graceful_timeout: float = 10.0
+    settings: ServeSettings = field(default_factory=ServeSettings)
+
+    def __post_init__(self) -> None:
+        check_type("model", self.model, (str, type(None)), "a model file's path (a str) or None")
+        for name in ("provider", "host"):
+            check_type(name, getattr(self, name), (str,), "a str")
+        for name in ("port", "workers"):
+            check_type(name, getattr(self, name), (int,), "an integer")
+        check_type("threads", self.threads, (int, type(None)), "an integer or None")
+        check_type("graceful_timeout", self.graceful_timeout, (int, float), "a number")
+        check_type("settings", self.settings, (ServeSettings,), "a ServeSettings")
+        if not 0 <= self.port <= 65_535:
+            raise ServeConfigError(f"port must be from 0 (any free port) to 65535, got {self.port}")
+        cores = usable_cores()
+        if not 1 <= self.workers <= cores:  # each worker is a process running the model: more only compete for cores
+            raise ServeConfigError(
+                f"workers must be from 1 to {cores}, the cores this process may run on (each worker is a process "
+                f"with its own copy of the model), got {self.workers}"
+            )
+        if self.threads is not None and not 1 <= self.threads <= cores:  # more only take turns on the cores
+            raise ServeConfigError(
+                f"threads must be from 1 to {cores}, the cores this process may run on, got {self.threads}"
+            )
+        if not 0 <= self.graceful_timeout < math.inf:
+            raise ServeConfigError(f"the graceful timeout must be a finite 0 s or more, got {self.graceful_timeout:g}")
+
+    @property
+    def url(self) -> str:
+        """Where clients reach the server: ``http://host:port``, an IPv6 host in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def intra_op_threads(self) -> int:
+        return self.threads if self.threads is not None else default_threads(self.workers)
+
+    def load(self) -> DigitGenerator:
+        """The model, opened and made to draw one digit of each class: one that cannot is refused now, with the
+        runtime's error, rather than served by a server that never becomes ready."""
+        generator = DigitGenerator.from_path(self.model, self.provider, self.intra_op_threads)
+        generator.generate(generator.num_classes)
+        return generator
+
+    def check_address(self) -> ServerOptions:
+        """These options, port 0 (any free port) replaced by the free port the system gives, once ``host:port``
+        has been bound and let go, the way uvicorn binds it after; :class:`ServeConfigError` if it could not be
+        (in use, not an address of this machine, a privileged port). An empty host, which would listen on every
+        interface, is refused: that takes 0.0.0.0 (or ::), said on purpose."""
+        if not self.host.strip():
+            raise ServeConfigError(
+                "the host is empty; give an address: 127.0.0.1 (the default), or 0.0.0.0 to listen on every interface"
+            )
+        host, colon, port = self.host.rpartition(":")
+        if colon and ":" not in host and port.isdigit():  # one colon: not an IPv6 address, a host and a port
+            raise ServeConfigError(f"the host {self.host!r} holds a port; give them apart: --host {host} --port {port}")
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((self.host, self.port))
+                port = probe.getsockname()[1]
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ServeConfigError(
+                f"cannot listen on {self.host}:{self.port}: {reason.lower()} (--port and --host choose another)"
+            ) from None
+        return dataclasses.replace(self, port=port)
