@@ -240,10 +240,10 @@ def test_generate_files_refuses_a_shard_that_is_not_a_shard(gen: DigitGenerator,
 def test_existing_files_are_counted_in_the_refusal(tmp_path: Path) -> None:
     for index in range(3):
         (tmp_path / png_name(index, index)).write_bytes(b"mine")
-    with pytest.raises(OutputError, match=f"^{tmp_path / png_name(0, 0)} \\(and 2 more\\) already exists; pass"):
+    with pytest.raises(OutputError, match=f"^{tmp_path / png_name(0, 0)} and 2 more already exist; pass"):
         plan_output(tmp_path, "png", 3)
     (tmp_path / png_name(2, 2)).unlink()
-    with pytest.raises(OutputError, match=f"^{tmp_path / png_name(0, 0)} \\(and 1 more\\) already exists; pass"):
+    with pytest.raises(OutputError, match=f"^{tmp_path / png_name(0, 0)} and 1 more already exist; pass"):
         plan_output(tmp_path, "png", 3)
     (tmp_path / png_name(1, 1)).unlink()
     with pytest.raises(
