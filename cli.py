@@ -44,7 +44,6 @@ from digitgen.runtime.evaluate import MAX_SAMPLES
 from digitgen.runtime.generator import (
     DECIMAL_TEXT,
     DEFAULT_BATCH_SIZE,
-    INTEGER_TEXT,
     MAX_BATCH_SIZE,
     DigitGenerator,
     check_count,
@@ -67,7 +66,7 @@ from digitgen.runtime.signals import (
     model_calls_stop_on_signals,
     release_held_at_start,
 )
-from digitgen.runtime.text import printable, read_json
+from digitgen.runtime.text import INTEGER_TEXT, printable, read_json
 from digitgen.runtime.writers import plan_generation
 from digitgen.serve.settings import BATCH_MAX_DIGITS, ServerOptions, ServeSettings
 from digitgen.training.config import (

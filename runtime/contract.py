@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import onnxruntime as ort
 
 from digitgen.runtime.errors import ModelContractError
 from digitgen.runtime.idx import IMAGE_SIDE
+from digitgen.runtime.text import INTEGER_TEXT
 
 CONTRACT_VERSION = "1"
 # bounds that keep a model's noise small and its labels storable: far past any digit model
 MAX_LATENT_DIM = 4096
 MAX_CLASSES = 256  # every label fits the one byte an IDX label file gives it
-_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def _check_io(session: ort.InferenceSession) -> list[str]:
 def _int_metadata(metadata: dict[str, str], key: str, problems: list[str], maximum: int | None = None) -> int:
     """An integer written in ASCII digits, as the page's module reads it too (int() also takes "6_4" and "٦٤")."""
     text = metadata.get(key)
-    if text is None or not _INTEGER.fullmatch(text):
+    if text is None or not INTEGER_TEXT.fullmatch(text):
         problems.append(f"metadata '{key}' is missing or not an integer")
         return 0
     value = int(text)

@@ -24,6 +24,7 @@ from digitgen.runtime.errors import (
 from digitgen.runtime.idx import IMAGE_SIDE
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
 from digitgen.runtime.session import ORT_ERRORS, model_sha256, open_session, ort_reason, run_model
+from digitgen.runtime.text import INTEGER_TEXT
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -43,7 +44,6 @@ _DIGIT_IN_LIST = re.compile(r"\s*-?[0-9]{1,40}\s*")
 # Numbers as the CLI and the server read them: what int() and float() read, less underscores, digits other than
 # 0-9, nan, infinity and exponents past 3 digits. No two parts of a pattern can match the same characters, so a
 # refused value takes time linear in its length.
-INTEGER_TEXT = re.compile(r"\s*([+-]?)([0-9]+)\s*")  # groups: the sign, the digits
 DECIMAL_TEXT = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\s*")
 LONGEST_NUMBER = 40  # significant digits read as a number: every valid value has at most 20, and int() stops at 4,300
 

@@ -1,10 +1,14 @@
 """Text from outside: shown on one line of a terminal or a log (a model's metadata, a request's path), read as
-JSON (a run record, a state file, an evaluation)."""
+JSON (a run record, a state file, an evaluation), or read as a number (an option, a parameter, a metadata value)."""
 
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
+
+# an integer in ASCII digits (int() also takes "6_4" and "٦٤"), space around it allowed; groups: the sign, the digits
+INTEGER_TEXT = re.compile(r"\s*([+-]?)([0-9]+)\s*")
 
 # escaped: control characters, invisible format characters (bidirectional overrides, zero-width ones), the line
 # and paragraph separators (U+2028, U+2029: line ends to str.splitlines and many log readers), lone surrogates

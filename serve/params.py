@@ -14,7 +14,6 @@ import onnxruntime as ort
 
 from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.generator import (
-    INTEGER_TEXT,
     LONGEST_NUMBER,
     DigitGenerator,
     integer_digits,
@@ -24,6 +23,7 @@ from digitgen.runtime.generator import (
 )
 from digitgen.runtime.layout import check_grid_count
 from digitgen.runtime.noise import NOISE_SCHEME
+from digitgen.runtime.text import INTEGER_TEXT
 
 MEDIA_TYPES = {
     "png": "image/png",
