@@ -27,6 +27,12 @@ def printable(text: str) -> str:
     )
 
 
+def cut(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and its whole length: what a refusal or a log line quotes of a
+    value from outside, so that none writes more than a bounded line."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def read_json(data: str | bytes) -> object:
     """``data`` parsed as JSON; ``ValueError`` for anything that is not, text nested too deep for the parser among
     it (``json.loads`` raises ``RecursionError`` there, which no caller expects of a damaged file)."""

@@ -26,7 +26,7 @@ from prometheus_client import (
     values,
 )
 
-from digitgen.runtime.text import printable
+from digitgen.runtime.text import cut, printable
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -77,12 +77,7 @@ def _after_authority(target: str) -> str | None:
 def bounded(text: str, limit: int) -> str:
     """``text`` as a log line or a refusal shows what a client sent: escaped as :func:`printable` does, then cut at
     ``limit`` characters, so that no request writes more than a line of bounded length."""
-    return _cut(printable(text), limit, "more characters")
-
-
-def _cut(shown: str, limit: int, more: str) -> str:
-    """``shown`` cut at ``limit`` characters, saying how many ``more`` it had."""
-    return shown if len(shown) <= limit else f"{shown[:limit]}...({len(shown) - limit} {more})"
+    return cut(printable(text), limit)
 
 
 def logged_target(path: str, query: str) -> str:
@@ -101,7 +96,7 @@ def logged_client(host: str) -> str:
     127.0.0.1's ``X-Forwarded-For`` by default) it is whatever that header said, so anything but the characters
     of an address is %-escaped (spaces and quotes too, so that it cannot forge the line's other fields) and it
     is cut."""
-    return _cut(quote(host, safe=".:[]_-"), LOGGED_CLIENT, "more")
+    return cut(quote(host, safe=".:[]_-"), LOGGED_CLIENT)
 
 
 SHARED_METRICS = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode: where its processes count

@@ -23,7 +23,7 @@ from digitgen.runtime.generator import (
 )
 from digitgen.runtime.layout import check_grid_count
 from digitgen.runtime.noise import NOISE_SCHEME
-from digitgen.runtime.text import INTEGER_TEXT
+from digitgen.runtime.text import INTEGER_TEXT, cut
 
 MEDIA_TYPES = {
     "png": "image/png",
@@ -136,13 +136,10 @@ def choose_format(fmt: str | None, accept: str | None, count: int) -> str:
     if ranked:
         return min(ranked)[-1]
     offered = ", ".join(sorted({MEDIA_TYPES[c] for c in candidates}))
-    left_out = f" (left out, their q-value unreadable: {_cut('; '.join(map(repr, unread)))})" if unread else ""
-    raise NotAcceptableError(f"cannot answer Accept: {_cut(repr(accept))}{left_out}; this request can send {offered}")
-
-
-def _cut(text: str) -> str:
-    """``text``, or its first :data:`MAX_VALUE_LENGTH` characters and its length: a refusal never echoes more."""
-    return text if len(text) <= MAX_VALUE_LENGTH else f"{text[:MAX_VALUE_LENGTH]}... ({len(text):,} characters)"
+    unreadable = cut("; ".join(map(repr, unread)), MAX_VALUE_LENGTH)
+    left_out = f" (left out, their q-value unreadable: {unreadable})" if unread else ""
+    shown = cut(repr(accept), MAX_VALUE_LENGTH)
+    raise NotAcceptableError(f"cannot answer Accept: {shown}{left_out}; this request can send {offered}")
 
 
 def parse_request(
@@ -152,7 +149,8 @@ def parse_request(
     given: dict[str, str] = {}
     for name, value in query:
         if name not in PARAMETERS:
-            raise InvalidRequestError(f"unknown parameter {_cut(repr(name))}; parameters: {', '.join(PARAMETERS)}")
+            shown = cut(repr(name), MAX_VALUE_LENGTH)
+            raise InvalidRequestError(f"unknown parameter {shown}; parameters: {', '.join(PARAMETERS)}")
         if name in given:
             raise InvalidRequestError(f"give {name} once")
         if len(value) > MAX_VALUE_LENGTH:
