@@ -186,6 +186,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _RequestIds:
+    """New request ids, unique across processes and time: 32 hex digits, a random half drawn once per process (not
+    a system call per request) and a count."""
+
+    def __init__(self) -> None:
+        self._process = 0
+
+    def __call__(self) -> str:
+        if self._process != os.getpid():  # drawn again in a forked child, which would otherwise repeat its parent's
+            self._process = os.getpid()
+            self._random_half = uuid.uuid4().hex[:16]
+            self._count = itertools.count()
+        return f"{self._random_half}{next(self._count):016x}"
+
+
+new_request_id = _RequestIds()
+
+
 class RequestMiddleware:
     """Gives every response an ``X-Request-ID`` (the client's when it sends one, a plain token, else a new one:
     32 hex digits, this process's random half and a count; also ``scope["state"]["request_id"]``), counts
@@ -196,8 +214,6 @@ class RequestMiddleware:
         self.metrics = metrics
         self.endpoints = endpoints
         self.access_log = access_log
-        process_id = uuid.uuid4().hex[:16]  # one random draw per process, not a system call per request
-        self._new_ids = (f"{process_id}{n:016x}" for n in itertools.count())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -207,7 +223,7 @@ class RequestMiddleware:
         scope = origin_form(scope)
         given = [value for name, value in scope["headers"] if name == b"x-request-id"]  # ASGI: in lower case
         one = given[0].decode("latin-1") if len(given) == 1 else ""  # two: neither is the request's, a new one is
-        request_id = one if REQUEST_ID.fullmatch(one) else next(self._new_ids)
+        request_id = one if REQUEST_ID.fullmatch(one) else new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id  # for the app's own log lines
         status = 500
 

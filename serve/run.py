@@ -12,7 +12,6 @@ import signal
 import socket
 import struct
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing import resource_tracker
@@ -27,7 +26,7 @@ from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.session import external_files, model_sha256
 from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
 from digitgen.serve.app import create_app
-from digitgen.serve.observe import ACCESS_LOG, SHARED_METRICS, UNPARSED, Metrics
+from digitgen.serve.observe import ACCESS_LOG, SHARED_METRICS, UNPARSED, Metrics, new_request_id
 from digitgen.serve.settings import ServeConfigError, ServerOptions, ServeSettings
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
@@ -151,7 +150,7 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         """Answer a request the app never saw (it could not be read), with a new request id (none can be read
         from it either), the access-log line the app would have written and its count in the app's metrics
         (endpoint ``unparsed``), then close."""
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         ACCESS_LOG.info('%s:%s "-" %d id=%s', *(self.client or ("-", 0)), status, request_id)
         metrics = _metrics_of(self.app)
         if metrics is not None:

@@ -75,7 +75,23 @@ def test_a_plain_request_id_is_echoed_and_others_replaced(metrics: Metrics) -> N
     made.append(get(middleware, "/healthz", twice).headers["x-request-id"])
     assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in made), made
     assert len({rid[:16] for rid in made}) == 1  # one random half per process
-    assert [int(rid[16:], 16) for rid in made] == [0, 1, 2, 3]  # and a count
+    counts = [int(rid[16:], 16) for rid in made]
+    assert counts == list(range(counts[0], counts[0] + 4))  # and a count
+
+
+def test_a_forked_process_draws_its_own_request_ids() -> None:
+    parent = observe.new_request_id()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's report goes through the pipe
+        os.write(write, observe.new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    forked = os.read(read, 64).decode()
+    os.close(read)
+    assert re.fullmatch(r"[0-9a-f]{32}", forked) and forked[:16] != parent[:16]
+    assert observe.new_request_id()[:16] == parent[:16]
 
 
 def test_requests_are_counted_and_timed_by_endpoint_and_status(metrics: Metrics) -> None:
