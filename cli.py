@@ -66,7 +66,7 @@ from digitgen.runtime.signals import (
     model_calls_stop_on_signals,
     release_held_at_start,
 )
-from digitgen.runtime.text import INTEGER_TEXT, printable, read_json
+from digitgen.runtime.text import INTEGER_TEXT, counted, printable, read_json
 from digitgen.runtime.writers import plan_generation
 from digitgen.serve.settings import BATCH_MAX_DIGITS, ServerOptions, ServeSettings
 from digitgen.training.config import (
@@ -684,9 +684,8 @@ def generate(
     if gen.note:  # said before the work, so that a run that fails or is stopped still says where it ran
         _say(f"note: {gen.note}", err=True)
     if resume and job.plan.existing:
-        found = len(job.plan.existing)
         _say(
-            f"resuming: {found:,} file{'' if found == 1 else 's'} already there, each kept if it holds exactly "
+            f"resuming: {counted(len(job.plan.existing), 'file')} already there, each kept if it holds exactly "
             "what this run writes (every digit is made again to compare)",
             err=True,
         )
@@ -703,12 +702,12 @@ def generate(
     where = written.paths[0] if len(written.paths) == 1 else out
     timing = f"in {seconds:.2f}s" if seconds < 60 else f"in {clock_time(seconds)}"
     timing += f" on {gen.provider}"
-    digits = f"{job.plan.count:,} digit{'' if job.plan.count == 1 else 's'}{part} as {fmt}"
+    digits = f"{counted(job.plan.count, 'digit')}{part} as {fmt}"
     if not resume:
         _say(f"wrote {digits} to {where} {timing}")
         return
     if written.kept:
-        kept = f"kept {written.kept:,} complete file{'' if written.kept == 1 else 's'} of the earlier run"
+        kept = f"kept {counted(written.kept, 'complete file')} of the earlier run"
     else:
         kept = "found no complete file to keep"
     _say(f"{digits} in {where}: {kept}, wrote {written.written:,}, {timing}")

@@ -18,6 +18,7 @@ import numpy as np
 from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError
 from digitgen.runtime.generator import DigitGenerator, check_int, default_model_path, empty_digits, fill_digits
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason, run_model
+from digitgen.runtime.text import counted
 
 K_NEAREST = 5
 MNIST_CLASSES = 10  # what the reference classifier tells apart
@@ -259,7 +260,7 @@ def check_reference_data(test: Split, train: Split, num_samples: int) -> None:
         if len(bad):
             raise InvalidRequestError(
                 f"the MNIST {name} split: item {bad[0]} is labelled {labels[bad[0]]}, not a digit 0-9 "
-                f"({len(bad)} such label{'s' if len(bad) > 1 else ''})"
+                f"({counted(len(bad), 'such label')})"
             )
     if len(train[0]) < num_samples:
         raise InvalidRequestError(

@@ -27,6 +27,11 @@ def printable(text: str) -> str:
     )
 
 
+def counted(count: int, noun: str) -> str:
+    """``count`` of ``noun``, as in "1 file" and "1,200 files"."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def cut(text: str, limit: int) -> str:
     """``text``, or its first ``limit`` characters and its whole length: what a refusal or a log line quotes of a
     value from outside, so that none writes more than a bounded line."""

@@ -7,6 +7,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from digitgen.runtime.text import counted
+
 
 class OverloadedError(Exception):
     """No room to run or wait: the caller should answer 503 with ``Retry-After``."""
@@ -32,7 +34,7 @@ class Admission:
     async def admit(self) -> AsyncIterator[None]:
         """Count a request as admitted; :class:`OverloadedError` when ``in_flight + queue`` already are."""
         if self._admitted >= self.in_flight + self.queue:
-            generating = f"{self.in_flight} request{'s' if self.in_flight != 1 else ''} generating"
+            generating = f"{counted(self.in_flight, 'request')} generating"
             raise OverloadedError(f"the server is busy ({generating}, {self.queue} waiting); retry later")
         self._admitted += 1
         try:

@@ -17,6 +17,7 @@ from digitgen.runtime.idx import (
     mnist_not_found_message,
     read_mnist_split,
 )
+from digitgen.runtime.text import counted
 from digitgen.training.distributed import DistContext, on_main_first
 from digitgen.training.errors import DatasetCorruptError, DatasetNotFoundError
 
@@ -88,7 +89,7 @@ def check_labels(data: MnistTensors, num_classes: int, where: str) -> None:
         index = int(bad[0])
         raise DatasetCorruptError(
             f"{where}: item {index} is labelled {int(data.labels[index])}, not a class 0-{num_classes - 1} "
-            f"of this model ({len(bad)} such label{'s' if len(bad) > 1 else ''})"
+            f"of this model ({counted(len(bad), 'such label')})"
         )
 
 

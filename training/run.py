@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from digitgen.runtime.files import folder_problem, refuse_non_files
+from digitgen.runtime.text import counted
 from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import DEFAULT_RUN_DIR, GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, check_labels, load_mnist_once
@@ -105,7 +106,7 @@ def describe_run_files(paths: tuple[Path, ...]) -> str:
     """``checkpoint.pt, metrics.jsonl, samples (3 grids)``: the files of :func:`earlier_run_files`, in short."""
     named = [path.name for path in paths if not SAMPLE_GRID.match(path.name)]
     grids = len(paths) - len(named)
-    return ", ".join(named + ([f"{SAMPLES_DIR} ({grids} grid{'s' if grids > 1 else ''})"] if grids else []))
+    return ", ".join(named + ([f"{SAMPLES_DIR} ({counted(grids, 'grid')})"] if grids else []))
 
 
 @dataclass(frozen=True)
