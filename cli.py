@@ -622,7 +622,8 @@ def verify(model_argument: str | None, model: str | None, checkpoint: str, atol:
 @click.option(
     "--resume",
     is_flag=True,
-    help="Continue an interrupted run: keep files that hold exactly what this command writes, redo the rest.",
+    help="Continue an interrupted run: keep files that hold exactly what this command writes, redo the rest "
+    "(with --overwrite: continue an interrupted overwrite).",
 )
 @click.option(
     "--test-count",

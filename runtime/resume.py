@@ -1,6 +1,7 @@
 """What ``--resume`` does with a file already under an output's name: keeps one that holds exactly what the run
 writes, replaces a damaged one, and refuses a whole file of other digits (another run's) or one that is no file
-of its kind, so that a mistyped option never turns a resume into an overwrite."""
+of its kind, so that a mistyped option never turns a resume into an overwrite. With ``--overwrite`` too (an
+interrupted overwrite, continued), every file that is not exactly the run's is replaced."""
 
 from __future__ import annotations
 
@@ -83,9 +84,16 @@ def refuse_other_digits(path: Path) -> None:
         )
 
 
-def resume_check(resume: bool) -> Callable[[Path], None] | None:
-    """What :func:`~digitgen.runtime.files.atomic_files` is given to keep or vet existing files when resuming."""
-    return refuse_other_digits if resume else None
+def _replace_it(path: Path) -> None:
+    """Let ``path`` be replaced, whatever it holds (``--overwrite`` gave permission)."""
+
+
+def resume_check(resume: bool, overwrite: bool = False) -> Callable[[Path], None] | None:
+    """What :func:`~digitgen.runtime.files.atomic_files` is given to keep (any run that resumes) and vet (one that
+    does not overwrite) the existing files that differ from what the run writes."""
+    if not resume:
+        return None
+    return _replace_it if overwrite else refuse_other_digits
 
 
 def refuse_a_longer_run(out_dir: Path, total: int) -> None:
@@ -96,5 +104,5 @@ def refuse_a_longer_run(out_dir: Path, total: int) -> None:
         more = f" (and {len(beyond) - 1} more)" if len(beyond) > 1 else ""
         raise OtherRunError(
             f"{beyond[0]}{more} lies past this command's {total} digits: the folder holds a run of another count; "
-            "resume with that run's count, or write to another folder"
+            "resume with that run's count, pass --overwrite to replace it, or write to another folder"
         )

@@ -83,6 +83,7 @@ from digitgen.runtime.run_record import (
 from digitgen.runtime.shards import WHOLE, Shard
 
 OnBatch = Callable[[int], None]
+ExistingCheck = Callable[[Path], None] | None  # resume_check's answer: what to do with a file already there
 MAX_RECORD_BYTES = 1 << 16  # a run record is a few hundred bytes: a larger file of its name is no record
 
 
@@ -138,7 +139,12 @@ def _png_indices(shard: Shard, total: int) -> tuple[int, int | None]:
 
 
 def _write_pngs(
-    batches: Iterable[GeneratedDigits], out_dir: Path, replaced: Sequence[Path], resume: bool, on_batch: OnBatch
+    batches: Iterable[GeneratedDigits],
+    out_dir: Path,
+    replaced: Sequence[Path],
+    resume: bool,
+    overwrite: bool,
+    on_batch: OnBatch,
 ) -> int:
     """One PNG per digit; returns how many existing files were kept.
 
@@ -146,10 +152,12 @@ def _write_pngs(
     two labels in one folder, and so are ``replaced`` files past the batches' digits (a longer run's). With
     ``resume``, a file that already holds exactly the digit's bytes is kept as it is, a complete file of other
     digits is refused (:func:`refuse_other_digits`), and damaged files are replaced or removed only once every
-    file has been checked, so that a refusal leaves them as they were. If ``batches`` turn out not to hold the
+    file has been checked, so that a refusal leaves them as they were; with ``overwrite`` too, every other file is
+    replaced as it is reached and none is refused. If ``batches`` turn out not to hold the
     promised digits, or a file is refused, the files this call created are removed; those it replaced with
     ``--overwrite``'s permission hold their digits, and the error says how many.
     """
+    vet = resume and not overwrite
     stale: dict[int, list[Path]] = {}
     for path in replaced:
         stale.setdefault(png_index(path), []).append(path)
@@ -164,7 +172,7 @@ def _write_pngs(
                 earlier = stale.pop(batch.start + offset, [])
                 keep = resume and path in earlier and holds(path, encoded)
                 for old in earlier:
-                    if resume and not (keep and old == path):
+                    if vet and not (keep and old == path):
                         refuse_other_digits(old)
                 if keep:
                     kept += 1
@@ -173,7 +181,7 @@ def _write_pngs(
                         f"{path} appeared while this run was writing: another process is writing to {out_dir}; "
                         "let it finish, or write elsewhere"
                     )
-                elif resume and path in earlier:
+                elif vet and path in earlier:
                     repairs.add(batch.start + offset, int(label), encoded)
                 else:
                     _write_png(path, encoded)
@@ -184,7 +192,7 @@ def _write_pngs(
                         overwritten += 1
                 for old in earlier:
                     if old != path:
-                        (discarded.append if resume else _remove)(old)
+                        (discarded.append if vet else _remove)(old)
             on_batch(len(batch.labels))
         repairs.write()
         for path in [*discarded, *(path for past in stale.values() for path in past)]:
@@ -254,9 +262,9 @@ def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = la
 
 
 def _write_grid(
-    batches: Iterable[GeneratedDigits], paths: list[Path], num: int, resume: bool, on_batch: OnBatch
+    batches: Iterable[GeneratedDigits], paths: list[Path], num: int, existing: ExistingCheck, on_batch: OnBatch
 ) -> None:
-    with atomic_file(paths[0], resume_check(resume)) as f:
+    with atomic_file(paths[0], existing) as f:
         f.write(grid_png_bytes(collect(batches, num, on_batch).images))
 
 
@@ -264,12 +272,12 @@ def _write_npz(
     batches: Iterable[GeneratedDigits],
     paths: list[Path],
     num: int,
-    resume: bool,
+    existing: ExistingCheck,
     on_batch: OnBatch,
     extras: Sequence[bytes] = (),
 ) -> None:
     """The NPZ file, then ``extras`` (the shard's run record) in the files after it, all published together."""
-    with atomic_files(paths, resume_check(resume)) as files:  # claimed first: a second run is refused at once
+    with atomic_files(paths, existing) as files:  # claimed first: a second run is refused at once
         digits = collect(batches, num, on_batch)
         files[0].write(npz_bytes(digits.images, digits.labels))
         for f, data in zip(files[1:], extras, strict=True):
@@ -280,25 +288,25 @@ def _write_idx(
     batches: Iterable[GeneratedDigits],
     paths: Sequence[Path],
     num: int,
-    resume: bool,
+    existing: ExistingCheck,
     on_batch: OnBatch,
     extras: Sequence[bytes] = (),
 ) -> None:
     """MNIST IDX pair (big-endian headers: magic and count, and the images' rows and cols), streamed batch by batch."""
-    _write_idx_splits(batches, paths, [num], resume, on_batch, extras)
+    _write_idx_splits(batches, paths, [num], existing, on_batch, extras)
 
 
 def _write_idx_splits(
     batches: Iterable[GeneratedDigits],
     paths: Sequence[Path],
     sizes: Sequence[int],
-    resume: bool,
+    existing: ExistingCheck,
     on_batch: OnBatch,
     extras: Sequence[bytes] = (),
 ) -> None:
     """One IDX pair (images, labels) per split of ``sizes`` consecutive digits, then ``extras`` in the files after
-    them, all published together."""
-    with atomic_files(paths, resume_check(resume)) as files:
+    them, all published together; ``existing`` keeps or vets the files already there (:func:`resume_check`)."""
+    with atomic_files(paths, existing) as files:
         for f, data in zip(files[2 * len(sizes) :], extras, strict=True):
             f.write(data)
         pairs = [files[i : i + 2] for i in range(0, 2 * len(sizes), 2)]
@@ -357,6 +365,7 @@ class OutputPlan:
     existing: tuple[Path, ...]  # outputs already there, which the run may replace
     created: tuple[Path, ...] = ()  # the folders the plan created, removed again if the run fails with them empty
     record: bytes | None = None  # a sharded IDX or NPZ run's record, written beside its part
+    overwrite: bool = False  # with resume: files of other digits in the way are replaced, not refused
 
     @property
     def start(self) -> int:
@@ -389,18 +398,19 @@ class OutputPlan:
                     remove_leftover(tmp)
             batches = _checked(batches, self.start, self.start + self.count)
             if png:
-                kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, on_batch)
+                kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, self.overwrite, on_batch)
                 return WrittenFiles([self.out_dir], kept, self.count)
         paths = [self.out_dir / name for name in output_names(self.fmt, self.shard, self.recorded)]
         before = {path: path.lstat() for path in self.existing}  # a dangling link is an existing file too
+        existing = resume_check(self.resume, self.overwrite)
         if self.fmt == "mnist":
             with new_folders(paths[0].parent):
-                _write_idx_splits(batches, paths, [self.total, self.test_count], self.resume, on_batch)
+                _write_idx_splits(batches, paths, [self.total, self.test_count], existing, on_batch)
         elif self.fmt == "grid":
-            _write_grid(batches, paths, self.count, self.resume, on_batch)
+            _write_grid(batches, paths, self.count, existing, on_batch)
         else:
             writer = _write_npz if self.fmt == "npz" else _write_idx
-            writer(batches, paths, self.count, self.resume, on_batch, [self.record] if self.recorded else [])
+            writer(batches, paths, self.count, existing, on_batch, [self.record] if self.recorded else [])
         return WrittenFiles(paths, sum(_unchanged(path, stat) for path, stat in before.items()), len(paths))
 
 
@@ -424,9 +434,10 @@ def plan_output(
     ``record``: the run's record, written beside a shard of IDX or NPZ (:mod:`~digitgen.runtime.run_record`).
 
     Existing outputs are refused unless ``overwrite`` (replace them) or ``resume`` (keep those that
-    already hold exactly what this request writes, replace the rest). ``fmt="mnist"`` writes a
-    torchvision root: ``MNIST/raw/`` with the train split (digits ``0 .. total-1``) and the test
-    split (the next ``test_count`` digits, 10,000 unless given; no digit is in both).
+    already hold exactly what this request writes, replace damaged ones, refuse another run's); both together
+    continue an interrupted overwrite: keep what is exactly this request's, replace everything else.
+    ``fmt="mnist"`` writes a torchvision root: ``MNIST/raw/`` with the train split (digits ``0 .. total-1``) and
+    the test split (the next ``test_count`` digits, 10,000 unless given; no digit is in both).
     """
     if fmt not in FORMATS:
         raise InvalidRequestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -434,8 +445,6 @@ def plan_output(
     check_flag(overwrite, "overwrite")
     check_flag(resume, "resume")
     shard = Shard.checked(shard, total)
-    if overwrite and resume:
-        raise InvalidRequestError("resume keeps what is complete and overwrite replaces everything: give one")
     if fmt == "mnist":
         test_count = DEFAULT_TEST_COUNT if test_count is None else check_int(test_count, "the test split's count")
         if shard.count > 1:
@@ -455,9 +464,9 @@ def plan_output(
         # address space, not memory touched: a count that can never be held stops here
         empty_digits(stop - start, IN_MEMORY_FORMATS)
     out_dir, created = prepare_output_dir(out_dir)
-    plan = OutputPlan(out_dir, fmt, total, shard, test_count or 0, resume, (), tuple(created), record)
+    plan = OutputPlan(out_dir, fmt, total, shard, test_count or 0, resume, (), tuple(created), record, overwrite)
     try:
-        return _with_existing(plan, overwrite)
+        return _with_existing(plan)
     except BaseException:
         remove_if_empty(created)
         raise
@@ -474,7 +483,7 @@ def _remove_an_orphan_record(out_dir: Path, fmt: str, shard: Shard) -> None:
         record.unlink()
 
 
-def _with_existing(plan: OutputPlan, overwrite: bool) -> OutputPlan:
+def _with_existing(plan: OutputPlan) -> OutputPlan:
     """``plan`` with the outputs already in its folder, which it may replace; the checks of :func:`plan_output`
     that look into the folder: files other runs are writing now, and those this run would replace."""
     out_dir, fmt, shard, total = plan.out_dir, plan.fmt, plan.shard, plan.total
@@ -492,17 +501,14 @@ def _with_existing(plan: OutputPlan, overwrite: bool) -> OutputPlan:
     if plan.recorded:
         _remove_an_orphan_record(out_dir, fmt, shard)
     existing = existing_outputs(out_dir, fmt, shard, total, plan.recorded)
-    if not plan.resume:
-        refuse_existing(existing, overwrite)
-        if overwrite and fmt == "png" and shard.count == 1:
-            # a longer run's digits go too, so that the folder ends as this run's (a shard removes only its own)
-            longer = pngs_in_range(out_dir, total, sys.maxsize)
-            refuse_non_files(longer)
-            existing += longer
-    else:
-        refuse_non_files(existing)
-        if fmt == "png":
-            refuse_a_longer_run(out_dir, total)
+    refuse_existing(existing, plan.overwrite or plan.resume)
+    if plan.overwrite and fmt == "png" and shard.count == 1:
+        # a longer run's digits go too, so that the folder ends as this run's (a shard removes only its own)
+        longer = pngs_in_range(out_dir, total, sys.maxsize)
+        refuse_non_files(longer)
+        existing += longer
+    elif plan.resume and not plan.overwrite and fmt == "png":
+        refuse_a_longer_run(out_dir, total)
     return dataclasses.replace(plan, existing=tuple(existing))
 
 
@@ -572,9 +578,10 @@ def plan_generation(
     plan = plan_output(
         out_dir, fmt, num, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count, record=record
     )
-    if resume and fmt == "png" and plan.existing:
+    vet = resume and not overwrite  # with both, another run's files are replaced, not refused
+    if vet and fmt == "png" and plan.existing:
         _refuse_another_runs_folder(gen, min(plan.existing, key=png_index), digits, seed, truncation)
-    if resume and plan.recorded:  # the shard's record says at once whether its parts are another run's
+    if vet and plan.recorded:  # the shard's record says at once whether its parts are another run's
         path = plan.out_dir / record_name(fmt, shard)
         if os.path.lexists(path) and not holds(path, record):
             refuse_other_digits(path)
@@ -611,8 +618,8 @@ def generate_files(
 
     ``resume`` continues an interrupted run: files that already hold exactly what this request
     writes are kept, a damaged one is replaced, missing ones are written; a complete file of other digits
-    is another run's, and refused with :class:`OtherRunError`. Returns the
-    files written (for ``png``, the output directory).
+    is another run's, and refused with :class:`OtherRunError` (with ``overwrite`` too, replaced: an interrupted
+    overwrite, continued). Returns the files written (for ``png``, the output directory).
     """
     check_callable(on_batch, "on_batch")
     job = plan_generation(

@@ -292,7 +292,6 @@ def test_verify_without_a_model_names_it(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--format", "grid"], "already exists; pass --overwrite"),
-        (["--format", "grid", "--resume", "--overwrite"], "give one"),
         (["--format", "png", "--test-count", "5"], "by the mnist format only"),
         (["--format", "mnist", "--num-shards", "2"], "not sharded"),
     ],
@@ -302,6 +301,18 @@ def test_refusals_come_before_any_progress(tmp_path: Path, tiny_onnx: Path, args
     code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path, "-n", 300, "--batch-size", 10, *args)
     assert code == 1 and message in output
     assert output.strip().splitlines() == [output.strip()] and "generating" not in output, output
+
+
+def test_overwrite_and_resume_together_replace_another_runs_file(tmp_path: Path, tiny_onnx: Path) -> None:
+    args = ("generate", "--generator", tiny_onnx, "--out", tmp_path, "--format", "grid", "-n", 30)
+    assert run(*args)[0] == 0
+    earlier = (tmp_path / "grid.png").read_bytes()
+    code, output = run(*args, "--seed", 1, "--resume")
+    assert code == 1 and "holds other digits than this command makes" in output
+    code, output = run(*args, "--seed", 1, "--resume", "--overwrite")  # an interrupted overwrite, continued
+    assert code == 0 and "found no complete file to keep, wrote 1," in output, output
+    assert (tmp_path / "grid.png").read_bytes() != earlier
+    assert run(*args, "--seed", 1, "--resume", "--overwrite")[1].count("kept 1 complete file of the earlier run")
 
 
 def test_resume_reports_what_it_kept(tmp_path: Path, tiny_onnx: Path) -> None:

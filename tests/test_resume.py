@@ -18,7 +18,6 @@ import pytest
 
 from digitgen.runtime import (
     DigitGenerator,
-    InvalidRequestError,
     OtherRunError,
     OutputError,
     Shard,
@@ -193,7 +192,8 @@ def test_resume_refuses_a_folder_of_a_longer_run(gen: DigitGenerator, tmp_path: 
     if fmt == "png":
         assert str(error.value) == (
             f"{tmp_path / '00000040_label4.png'} (and 4 more) lies past this command's 40 digits: the folder holds a "
-            "run of another count; resume with that run's count, or write to another folder"
+            "run of another count; resume with that run's count, pass --overwrite to replace it, or write to another "
+            "folder"
         )
     assert folder(tmp_path) == before
 
@@ -347,10 +347,20 @@ def test_resuming_a_shard_keeps_its_run_record_or_replaces_a_damaged_one(
     assert folder(out) == folder(clean)
 
 
-def test_resume_and_overwrite_are_exclusive(gen: DigitGenerator, tmp_path: Path) -> None:
-    with pytest.raises(InvalidRequestError, match="give one"):
-        generate_files(gen, tmp_path, N, "png", resume=True, overwrite=True)
-    assert list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize("fmt", ["png", "idx", "npz"])
+@pytest.mark.parametrize(
+    ("count", "other"), [(N, {"seed": 9}), (N, {"digits": [3]}), (2 * N, {})], ids=["seed", "labels", "longer"]
+)
+def test_an_interrupted_overwrite_continues_with_overwrite_and_resume(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, fmt: str, count: int, other: dict
+) -> None:
+    generate_files(gen, tmp_path, count, fmt, **{**REQUEST, **other})
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, fmt, overwrite=True, on_batch=interrupt_after(2), **REQUEST)
+    with pytest.raises(OtherRunError):  # the earlier run's files the overwrite had not reached
+        generate_files(gen, tmp_path, N, fmt, resume=True, **REQUEST)
+    generate_files(gen, tmp_path, N, fmt, overwrite=True, resume=True, **REQUEST)
+    assert folder(tmp_path) == clean_runs[fmt]
 
 
 def _generate(out: Path, *args: str) -> subprocess.Popen:
