@@ -825,7 +825,12 @@ def evaluate(
     as_json: bool,
 ) -> None:
     """Score a generator against MNIST test: class accuracy, FID, precision, recall (and CAS)."""
-    from digitgen.runtime.evaluate import ReferenceClassifier, check_evaluation, evaluation_work
+    from digitgen.runtime.evaluate import (
+        ReferenceClassifier,
+        check_evaluation,
+        check_reference_data,
+        evaluation_work,
+    )
     from digitgen.runtime.evaluate import evaluate as run_evaluation
     from digitgen.runtime.idx import read_mnist_split
 
@@ -837,6 +842,7 @@ def evaluate(
     state_dir = default_state_dir() if cas else None
     reference = ReferenceClassifier(classifier)
     test, train = read_mnist_split(data_dir, "t10k"), read_mnist_split(data_dir, "train")
+    check_reference_data(test, train, num_samples)
     # made before the scores, so that data it cannot train on is refused before any work
     run = CasRun(gen, train, test, seed=seed, truncation=truncation, state_dir=state_dir) if cas else None
     work = evaluation_work(len(test[0]), len(train[0]), num_samples)

@@ -100,6 +100,17 @@ def test_the_cli_refuses_a_number_of_samples_in_one_line_before_any_progress(
     )
 
 
+def test_the_cli_refuses_too_small_a_train_split_before_any_progress(
+    tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path
+) -> None:
+    args = evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist)
+    result = CliRunner().invoke(main, [*args[:-1], "1000"])  # the tiny train split holds 256
+    assert result.exit_code == 1 and result.output.startswith(
+        "Error: the MNIST train split holds 256 images, fewer than the 1,000 samples"
+    )
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_export_stores_evaluation_as_metadata(
     tmp_path: Path, tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path, tiny_checkpoint: Path
 ) -> None:
