@@ -80,12 +80,17 @@ def grid_png_bytes(images: np.ndarray) -> bytes:
 
 
 def open_npz(path: Path) -> np.lib.npyio.NpzFile:
-    """``path`` opened as a NumPy archive, pickles refused; ``ValueError`` for a file that holds one array (``.npy``
-    bytes under an ``.npz`` name), which ``np.load`` would return instead, or an array whose header declares more
-    or fewer bytes than the archive holds, which ``np.load`` would allocate first."""
-    loaded = np.load(path, allow_pickle=False)
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
+    """``path`` opened as a NumPy archive, pickles refused; ``ValueError`` for a file that is no zip archive (one
+    array's ``.npy`` bytes under an ``.npz`` name, which ``np.load`` would return instead, or other bytes, which it
+    would try to read as a pickle), or an array whose header declares more or fewer bytes than the archive holds,
+    which ``np.load`` would allocate first."""
+    with path.open("rb") as f:
+        begins = f.read(len(np.lib.format.MAGIC_PREFIX))
+    if begins.startswith(np.lib.format.MAGIC_PREFIX):
         raise ValueError("it holds one NumPy array (.npy), not an archive of images and labels")
+    if not begins.startswith(ZIP_SIGNATURE):
+        raise ValueError("it is not a NumPy archive: a zip file's signature does not begin it")
+    loaded = np.load(path, allow_pickle=False)
     try:
         for member in loaded.zip.infolist():
             if member.filename.endswith(".npy"):

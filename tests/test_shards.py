@@ -362,6 +362,16 @@ def test_an_npz_shard_holding_one_array_is_named_and_nothing_is_merged(gen: Digi
     assert not (tmp_path / "digits.npz").exists()
 
 
+@pytest.mark.parametrize("content", [b"garbage", b"", b"PK"], ids=["text", "empty", "cut-short-signature"])
+def test_an_npz_shard_that_is_no_archive_is_named_as_such(tmp_path: Path, content: bytes) -> None:
+    for index in range(2):
+        (tmp_path / f"digits-0000{index}-of-00002.npz").write_bytes(content)
+    no_archive = r"00000-of-00002\.npz is not a digits NPZ shard \(ValueError: it is not a NumPy archive: a zip file's"
+    with pytest.raises(OutputError, match=no_archive) as refused:
+        merge_shards(tmp_path, "npz")
+    assert "pickle" not in str(refused.value)
+
+
 def test_npz_arrays_in_numpys_format_version_2_are_read(tmp_path: Path) -> None:
     """What ``np.save`` writes for an array whose header passes 64 KiB; its header is read as version 2's."""
     images, labels = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28), np.array([3, 7])
