@@ -108,19 +108,21 @@ def _specificity(media_range: str, media_type: str) -> int:
     return 2 if sub == "*" and kind == media_type.partition("/")[0] else 0
 
 
-def _preference(ranges: list[tuple[str, float]], media_type: str) -> tuple[float, int]:
+def _preference(ranges: list[tuple[str, float]], media_type: str) -> tuple[float, int, int]:
     """The q-value the most specific matching range gives ``media_type`` (RFC 9110, 12.5.1: ``image/png;q=0,
-    */*`` refuses PNG), and that range's position; q 0 where none matches."""
-    best = (0, 0.0, len(ranges))
+    */*`` refuses PNG), that range's specificity and its position; q 0 where none matches."""
+    best = (0.0, 0, len(ranges))
     for position, (media_range, quality) in enumerate(ranges):
         specificity = _specificity(media_range, media_type)
-        if specificity > best[0]:
-            best = (specificity, quality, position)
-    return best[1], best[2]
+        if specificity > best[1]:
+            best = (quality, specificity, position)
+    return best
 
 
 def choose_format(fmt: str | None, accept: str | None, count: int) -> str:
-    """The format asked by ``format=``, else by ``Accept``; one digit defaults to png, more to grid."""
+    """The format asked by ``format=``, else by ``Accept``: the highest q-value, then among equals a type named
+    exactly over one a range names (``*/*, image/png`` is PNG), then the range listed first, then the default
+    (one digit png, more grid)."""
     default = "png" if count == 1 else "grid"
     if fmt is not None and fmt not in MEDIA_TYPES:
         raise InvalidRequestError(f"unknown format {fmt!r}; choose one of {', '.join(MEDIA_TYPES)}")
@@ -130,9 +132,9 @@ def choose_format(fmt: str | None, accept: str | None, count: int) -> str:
     ranges, unread = _ranges(accept)
     ranked = []
     for order, candidate in enumerate(candidates):
-        quality, position = _preference(ranges, MEDIA_TYPES[candidate])
+        quality, specificity, position = _preference(ranges, MEDIA_TYPES[candidate])
         if quality > 0:
-            ranked.append((-quality, position, order, candidate))
+            ranked.append((-quality, -specificity, position, order, candidate))
     if ranked:
         return min(ranked)[-1]
     offered = ", ".join(sorted({MEDIA_TYPES[c] for c in candidates}))

@@ -375,6 +375,11 @@ def test_unsupported_accept_is_406(server: Server, query: str, accept: str) -> N
         ("json", "application/*;q=0.1", 5, "json"),
         (None, "*/*, image/*;q=0", 5, "npz"),  # image/* is more specific than */*, wherever it stands
         (None, "*;q=0.5", 5, "grid"),  # a bare * with a q-value: */* too
+        # equal q: a type named exactly over one a range covers, wherever the range stands
+        (None, "*/*, image/png", 1, "png"),
+        (None, "*/*;q=1, application/json", 5, "json"),
+        (None, "image/*, application/json", 5, "json"),
+        (None, "application/*, image/png", 5, "grid"),
         # the Accept that Java's HttpURLConnection sends unless told otherwise
         (None, "text/html, image/gif, image/jpeg, *; q=.2, */*; q=.2", 1, "png"),
         ("json", "text/html, image/gif, image/jpeg, *; q=.2, */*; q=.2", 5, "json"),
