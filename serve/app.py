@@ -263,6 +263,32 @@ def _framed_twice(scope: Scope) -> bool:
     return len(lengths) == len(_FRAMING)
 
 
+def _no_body_for_head(scope: Scope, send: Send) -> Send:
+    """``send``, dropping the body of the answer to a ``HEAD`` request, whatever the server does with one."""
+    if scope["method"] != "HEAD":
+        return send
+
+    async def send_headers_only(message: Message) -> None:
+        await send({**message, "body": b""} if message["type"] == "http.response.body" else message)
+
+    return send_headers_only
+
+
+class _OneLength:
+    """Refuses a request framed two ways (:func:`_framed_twice`) ahead of every layer but the request id's, CORS's
+    answers to preflight requests among them, and closes its connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _framed_twice(scope):
+            refused = refusal(400, FRAMED_TWICE, {"Connection": "close"})
+            await refused(scope, receive, _no_body_for_head(scope, send))
+            return
+        await self.app(scope, receive, send)
+
+
 class _ServiceEntry:
     """Where requests enter: starts the service on the first one (see :meth:`_Service.start`), and answers
     ``GET /generate`` ahead of FastAPI's router with the documented route's own handler (the router's layers, an exit
@@ -283,20 +309,15 @@ class _ServiceEntry:
             await self.app(scope, receive, send)
             return
         started = False
-        head = scope["method"] == "HEAD"
-        if head and local_path(scope) in self.endpoints:  # the page's files answer HEAD themselves
+        send = _no_body_for_head(scope, send)
+        if scope["method"] == "HEAD" and local_path(scope) in self.endpoints:  # the page's files answer HEAD
             scope = {**scope, "method": "GET"}
 
         async def send_tracked(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
-            if head and message["type"] == "http.response.body":
-                message = {**message, "body": b""}
             await send(message)
 
-        if _framed_twice(scope):
-            await refusal(400, FRAMED_TWICE, {"Connection": "close"})(scope, receive, send_tracked)
-            return
         request_id = scope.get("state", {}).get("request_id", "-")
         where = f"{printable(scope['path'])} (id={request_id})"
         log = logging.getLogger("digitgen.serve")
@@ -430,5 +451,6 @@ def create_app(
         ACCESS_LOG.addHandler(logging.StreamHandler(sys.stderr))
         ACCESS_LOG.setLevel(logging.INFO)
         ACCESS_LOG.propagate = False
+    app.add_middleware(_OneLength)
     app.add_middleware(RequestMiddleware, metrics=metrics, endpoints=endpoints, access_log=settings.access_log)
     return app

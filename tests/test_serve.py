@@ -811,6 +811,19 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     assert running.log.read_text() == "", "--quiet still logged"
 
 
+@pytest.mark.parametrize("method", ["OPTIONS", "GET"])
+def test_a_request_framed_two_ways_is_refused_before_cors_answers_it(limited: Server, method: str) -> None:
+    """A preflight request (OPTIONS) is CORS's to answer, a GET is not: neither answers one framed two ways."""
+    preflight = "Origin: http://app.example\r\nAccess-Control-Request-Method: GET\r\n"
+    sent = (
+        f"{method} /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n{preflight}Content-Length: 5\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    ).encode()
+    status_line, headers, body = _exchange(limited, sent)
+    assert status_line == "HTTP/1.1 400 Bad Request" and headers["connection"] == "close"
+    assert json.loads(body)["error"].startswith("a request with both Content-Length and Transfer-Encoding")
+
+
 def test_max_count_names_the_limit(limited: Server) -> None:
     response = limited.get("/generate?count=1501&format=npz")
     assert response.status_code == 422
