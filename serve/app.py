@@ -73,6 +73,7 @@ class _Service:
         self.cache_control = f"public, max-age={settings.cache_max_age}, immutable"
         self.warmup_error: str | None = None
         self.ready = False
+        self.stopping = False  # set by the server as it begins to stop: what it cancels from then on is its doing
         # the generation threads, and what runs on one event loop: made by start()
         self.executor: ThreadPoolExecutor | None = None
         self.admission: Admission | None = None
@@ -305,6 +306,9 @@ class _ServiceEntry:
         self.endpoints = endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._until_cut_off(receive), send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -329,7 +333,7 @@ class _ServiceEntry:
             else:
                 await self.app(scope, receive, send_tracked)
         except asyncio.CancelledError as cancelled:
-            if not _server_stopping(cancelled):  # a host's own timeout or cancel scope: its to handle
+            if not (self.service.stopping or _server_stopping(cancelled)):  # a host's own timeout or cancel scope
                 raise
             asyncio.current_task().uncancel()  # answered here: the request's task ends as a request does
             log.warning("%s cut off: the server stopped before it was answered", where)
@@ -342,6 +346,22 @@ class _ServiceEntry:
                 raise
             message = f"internal error ({type(exc).__name__}); the server log has the details (id={request_id})"
             await refusal(500, message)(scope, receive, send_tracked)
+
+    def _until_cut_off(self, receive: Receive) -> Receive:
+        """The lifespan's ``receive``, which reads a forced quit (a second Ctrl-C: the server stopping cancels the
+        lifespan instead of ending it) as the end of the lifespan, so that the service stops as it would have and
+        the log holds no traceback."""
+
+        async def receive_or_shutdown() -> Message:
+            try:
+                return await receive()
+            except asyncio.CancelledError:
+                if not self.service.stopping:
+                    raise
+                asyncio.current_task().uncancel()
+                return {"type": "lifespan.shutdown"}
+
+        return receive_or_shutdown
 
 
 class _Cors(CORSMiddleware):
@@ -393,6 +413,7 @@ def create_app(
         lifespan=_lifespan(service),
     )
     app.state.metrics = metrics  # for the server's HTTP protocol, which answers what never reaches the app
+    app.state.service = service  # and says when the server begins to stop
 
     # documents the endpoint in OpenAPI; _ServiceEntry answers its requests first, with the same handler
     doc = generate_doc(settings.max_count, generator.num_classes)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing import resource_tracker
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -111,9 +112,9 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             *(self.client or ("-", 0)),
             self.send_timeout,
         )
-        metrics = _metrics_of(self.app)
-        if metrics is not None:  # its access-log line, written once the app had handed the answer over, stays
-            metrics.abandoned.inc()
+        state = _app_state(self.app)
+        if state is not None:  # its access-log line, written once the app had handed the answer over, stays
+            state.metrics.abandoned.inc()
         sock = self.transport.get_extra_info("socket")
         if sock is not None:  # a reset, not a close: the system drops the unsent answer too, at once
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -142,6 +143,14 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         else:
             self.transport.close()
 
+    def shutdown(self) -> None:
+        """The server begins to stop (uvicorn tells every connection): what it cancels in the app from now on, a
+        forced quit's cut-off among it, is answered as the server stopping, not as a host's cancellation."""
+        state = _app_state(self.app)
+        if state is not None:
+            state.service.stopping = True
+        super().shutdown()
+
     def send_400_response(self, msg: str) -> None:
         """Answer :data:`NOT_HTTP` and close (uvicorn has logged ``msg``)."""
         self._answer_and_close(400, "Bad Request", NOT_HTTP)
@@ -152,9 +161,9 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         (endpoint ``unparsed``), then close."""
         request_id = new_request_id()
         ACCESS_LOG.info('%s:%s "-" %d id=%s', *(self.client or ("-", 0)), status, request_id)
-        metrics = _metrics_of(self.app)
-        if metrics is not None:
-            metrics.requests.labels(UNPARSED, str(status)).inc()
+        state = _app_state(self.app)
+        if state is not None:
+            state.metrics.requests.labels(UNPARSED, str(status)).inc()
         head = (
             f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncache-control: no-store\r\n"
             f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
@@ -163,13 +172,13 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self.transport.close()
 
 
-def _metrics_of(app: object) -> Metrics | None:
-    """The metrics of the app :func:`create_app` made, under the middleware uvicorn wraps it in; ``None`` for
-    another app."""
+def _app_state(app: object) -> Any:
+    """The state (its metrics and service) of the app :func:`create_app` made, under the middleware uvicorn wraps
+    it in; ``None`` for another app."""
     while app is not None:
-        metrics = getattr(getattr(app, "state", None), "metrics", None)
-        if isinstance(metrics, Metrics):
-            return metrics
+        state = getattr(app, "state", None)
+        if isinstance(getattr(state, "metrics", None), Metrics):
+            return state
         app = getattr(app, "app", None)
     return None
 

@@ -1032,14 +1032,17 @@ def test_mounted_in_another_app_it_serves_and_shuts_down_cleanly(server: Server,
     assert ("digitgen app stopped" in log) == (parent == "own-lifespan"), log
 
 
-def _sigterm_during(server: Server, query: str, signum: int = signal.SIGTERM) -> httpx.Response:
-    """``signum`` to ``server`` once it has admitted ``query``; the response, after the server exited 0."""
+def _sigterm_during(server: Server, query: str, *signals: int) -> httpx.Response:
+    """``signals`` (default: SIGTERM), 0.3 s apart, to ``server`` once it has admitted ``query``; the response, after
+    the server exited 0."""
     with ThreadPoolExecutor(1) as pool:
         large = pool.submit(server.get, query)
         deadline = time.monotonic() + 30
         while server.metric("digitgen_requests_admitted") < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        server.process.send_signal(signum)
+        for number, signum in enumerate(signals or [signal.SIGTERM]):
+            time.sleep(0.3 if number else 0)
+            server.process.send_signal(signum)
         response = large.result()
     assert server.process.wait(60) == 0
     return response
@@ -1058,9 +1061,12 @@ def test_sigterm_or_sighup_finishes_the_request_in_flight_then_exits_0(tmp_path:
     assert "Shutting down" in log and "Traceback" not in log and "interrupted" not in log, log
 
 
-def test_a_request_cut_off_by_the_graceful_timeout_gets_a_503_in_json(tmp_path: Path) -> None:
-    server = start(tmp_path / "server.log", serve_command("--graceful-timeout", "0.2"))
-    response = _sigterm_during(server, "/generate?count=10000&format=npz&seed=8")
+@pytest.mark.parametrize("forced", [False, True], ids=["graceful-timeout", "second-ctrl-c"])
+def test_a_request_cut_off_by_the_graceful_timeout_gets_a_503_in_json(tmp_path: Path, forced: bool) -> None:
+    """Cut off when --graceful-timeout runs out, or at once by a second Ctrl-C (a forced quit)."""
+    server = start(tmp_path / "server.log", serve_command("--graceful-timeout", "60" if forced else "0.2"))
+    query = "/generate?count=10000&format=json&seed=8"
+    response = _sigterm_during(server, query, *([signal.SIGINT] * 2 if forced else []))
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json() == {"error": "the server is stopping; retry later"}
     log = server.log.read_text()
