@@ -989,22 +989,25 @@ def serve(
         graceful_timeout=graceful_timeout,
         settings=settings,
     )
-    options = options.check_address()  # a busy port is refused before the model loads; port 0 becomes a free one
-    generator = options.load()  # a bad model or provider is refused here, before any worker starts
-    if generator.note:
-        _say(f"note: {generator.note}", err=True)
-    if quiet and port == 0:  # the one thing a caller cannot know otherwise
-        _say(f"digitgen serve: {options.url}", err=True)
-    elif not quiet:
-        url = options.url
-        where = f"the page at {url}/, API docs at {url}/docs" if web_dir else f"API docs at {url}/docs"
-        _say(
-            f"digitgen serve: {generator.path} on {generator.provider}, {workers} worker(s) with "
-            f"{options.intra_op_threads} onnxruntime thread(s) each; {where}",
-            err=True,
-        )
-    with model_calls_run_through_signals():  # SIGTERM stops the server, which finishes its requests in flight
-        run_server(options, generator)
+    # a busy port is refused before the model loads; port 0 becomes a free one; clients that connect from now on
+    # wait in its queue (none is refused), so a caller may connect as soon as it reads the line below
+    options, listening = options.listen()
+    with listening:
+        generator = options.load()  # a bad model or provider is refused here, before any worker starts
+        if generator.note:
+            _say(f"note: {generator.note}", err=True)
+        if quiet and port == 0:  # the one thing a caller cannot know otherwise
+            _say(f"digitgen serve: {options.url}", err=True)
+        elif not quiet:
+            url = options.url
+            where = f"the page at {url}/, API docs at {url}/docs" if web_dir else f"API docs at {url}/docs"
+            _say(
+                f"digitgen serve: {generator.path} on {generator.provider}, {workers} worker(s) with "
+                f"{options.intra_op_threads} onnxruntime thread(s) each; {where}",
+                err=True,
+            )
+        with model_calls_run_through_signals():  # SIGTERM stops the server, which finishes its requests in flight
+            run_server(options, generator, listening)
 
 
 def _format_progress(info: dict[str, float] | None) -> str:

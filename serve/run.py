@@ -21,6 +21,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.supervisors import Multiprocess
 
 from digitgen.runtime.errors import InvalidModelError
 from digitgen.runtime.generator import DigitGenerator
@@ -31,6 +32,7 @@ from digitgen.serve.observe import ACCESS_LOG, SHARED_METRICS, UNPARSED, Metrics
 from digitgen.serve.settings import ServeConfigError, ServerOptions, ServeSettings
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
+WORKER_APP = "digitgen.serve.run:app_from_environment"  # what each worker process imports and calls
 
 
 def app_from_environment() -> FastAPI:
@@ -218,14 +220,23 @@ def _model_copy(generator: DigitGenerator) -> Iterator[Path]:
         yield copy
 
 
-def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> None:
+def serve(
+    options: ServerOptions, generator: DigitGenerator | None = None, listening: socket.socket | None = None
+) -> None:
     """Serve until SIGINT or SIGTERM, then finish requests in flight within ``graceful_timeout`` seconds.
 
     ``generator`` (default: ``options.load()``) serves in this process with one worker; with more, each worker
-    process loads a copy of the model file it was loaded from, made once. :class:`ServeConfigError` if the address
-    is not free.
+    process loads a copy of the model file it was loaded from, made once. ``listening``: the socket to serve on,
+    from ``options.listen()`` (default: one it makes now, :class:`ServeConfigError` if the address is not free);
+    closed when the server stops.
     """
-    options = options.check_address()
+    if listening is None:
+        options, listening = options.listen()
+    with listening:
+        _serve_on(listening, options, generator)
+
+
+def _serve_on(listening: socket.socket, options: ServerOptions, generator: DigitGenerator | None) -> None:
     log_level = "info" if options.settings.access_log else "warning"
     common = {
         "host": options.host,
@@ -239,13 +250,13 @@ def serve(options: ServerOptions, generator: DigitGenerator | None = None) -> No
     if options.workers == 1:
         app = create_app(generator, options.settings)
         with _exit_zero_on_signals():
-            uvicorn.Server(uvicorn.Config(app, **common)).run()
+            uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[listening])
         return
     with _model_copy(generator) as copy:
-        _run_workers(dataclasses.replace(options, model=str(copy)), common)
+        _run_workers(dataclasses.replace(options, model=str(copy)), common, listening)
 
 
-def _run_workers(options: ServerOptions, common: dict) -> None:
+def _run_workers(options: ServerOptions, common: dict, listening: socket.socket) -> None:
     """uvicorn's supervisor and ``options.workers`` processes, each building its app from ``options`` and counting
     its metrics in files of a folder they share (removed at the end), so that each answers ``/metrics`` for all."""
     if hasattr(signal, "SIGHUP"):  # started ignoring it, as the workers do: a closed terminal's SIGHUP cannot kill it
@@ -253,8 +264,9 @@ def _run_workers(options: ServerOptions, common: dict) -> None:
             resource_tracker.ensure_running()
     with tempfile.TemporaryDirectory(prefix="digitgen-metrics-") as shared_metrics:
         worker_environment = {WORKER_CONFIG: json.dumps(dataclasses.asdict(options)), SHARED_METRICS: shared_metrics}
+        config = uvicorn.Config(WORKER_APP, factory=True, workers=options.workers, **common)
         with _environment(worker_environment), _exit_zero_on_signals():
-            uvicorn.run("digitgen.serve.run:app_from_environment", factory=True, workers=options.workers, **common)
+            Multiprocess(config, sockets=[listening]).run()  # uvicorn.run with workers, on this socket
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
 # its source, has no model)
 BUILT_PAGE = ("index.html", "generator.onnx")
 BATCH_MAX_DIGITS = 8  # the default micro-batch
+LISTEN_BACKLOG = 2048  # connections that may wait to be accepted: uvicorn's default
 # what a browser sends in Origin: scheme://host[:port], no path, not even a trailing slash, no user, a port
 # without leading zeros (or * for any)
 ORIGIN = re.compile(
@@ -221,11 +222,12 @@ class ServerOptions:
         generator.generate(generator.num_classes)
         return generator
 
-    def check_address(self) -> ServerOptions:
-        """These options, port 0 (any free port) replaced by the free port the system gives, once ``host:port``
-        has been bound and let go, the way uvicorn binds it after; :class:`ServeConfigError` if it could not be
-        (in use, not an address of this machine, a privileged port). An empty host, which would listen on every
-        interface, is refused: that takes 0.0.0.0 (or ::), said on purpose."""
+    def listen(self) -> tuple[ServerOptions, socket.socket]:
+        """A socket bound to ``host:port`` and listening, the one the server will serve on (clients that connect
+        meanwhile wait in its queue, none is refused), and these options with port 0 (any free port) replaced by
+        the port the system gave; :class:`ServeConfigError` if it could not be bound (in use, not an address of
+        this machine, a privileged port). An empty host, which would listen on every interface, is refused: that
+        takes 0.0.0.0 (or ::), said on purpose."""
         if not self.host.strip():
             raise ServeConfigError(
                 "the host is empty; give an address: 127.0.0.1 (the default), or 0.0.0.0 to listen on every interface"
@@ -234,14 +236,16 @@ class ServerOptions:
         if colon and ":" not in host and port.isdigit():  # one colon: not an IPv6 address, a host and a port
             raise ServeConfigError(f"the host {self.host!r} holds a port; give them apart: --host {host} --port {port}")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listening = socket.socket(family, socket.SOCK_STREAM)
         try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((self.host, self.port))
-                port = probe.getsockname()[1]
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listening.bind((self.host, self.port))
+            listening.listen(LISTEN_BACKLOG)
         except OSError as exc:
+            listening.close()
             reason = exc.strerror or str(exc)
             raise ServeConfigError(
                 f"cannot listen on {self.host}:{self.port}: {reason.lower()} (--port and --host choose another)"
             ) from None
-        return dataclasses.replace(self, port=port)
+        listening.set_inheritable(True)  # shared with the worker processes, as uvicorn shares the one it binds
+        return dataclasses.replace(self, port=listening.getsockname()[1]), listening

@@ -788,7 +788,7 @@ def test_an_access_log_line_is_bounded_whatever_the_query(server: Server) -> Non
 
 
 def test_binds_loopback_and_sends_no_cors_by_default(server: Server) -> None:
-    assert f"Uvicorn running on http://127.0.0.1:{server.url.rsplit(':', 1)[1]}" in server.log.read_text()
+    assert f"API docs at http://127.0.0.1:{server.url.rsplit(':', 1)[1]}/docs" in server.log.read_text()
     cross = server.get("/generate?count=1", headers={"Origin": "http://evil.example"})
     assert cross.status_code == 200 and "access-control-allow-origin" not in cross.headers
 

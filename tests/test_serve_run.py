@@ -144,7 +144,12 @@ def test_serve_says_where_to_open_it(
 ) -> None:
     """With ``--port 0`` (any free port), the port the server will listen on, not 0."""
     served = []
-    monkeypatch.setattr(serve_run, "serve", lambda options, generator=None: served.append(options))
+
+    def serve(options: ServerOptions, generator: object, listening: socket.socket) -> None:
+        with socket.create_connection(("127.0.0.1", options.port), timeout=5):  # listening before the server runs
+            served.append(options)
+
+    monkeypatch.setattr(serve_run, "serve", serve)
     (tmp_path / "index.html").write_text("<!doctype html><title>digits</title>")
     (tmp_path / "generator.onnx").write_bytes(b"the page's model")
     port = 0 if any_port else free_port()
@@ -159,7 +164,7 @@ def test_serve_says_where_to_open_it(
 
 def test_quiet_with_any_port_still_names_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
     served = []
-    monkeypatch.setattr(serve_run, "serve", lambda options, generator=None: served.append(options))
+    monkeypatch.setattr(serve_run, "serve", lambda options, generator=None, listening=None: served.append(options))
     result = CliRunner().invoke(main, ["serve", "--port", "0", "--quiet"])
     assert result.exit_code == 0, result.output
     (options,) = served
@@ -189,7 +194,7 @@ def test_an_empty_host_is_refused_not_taken_for_every_interface(host: str) -> No
     """``--host "$HOST"`` with HOST unset must not open the server to the network."""
     words = "the host is empty; give an address: 127.0.0.1 (the default), or 0.0.0.0 to listen on every interface"
     with pytest.raises(ServeConfigError) as refused:
-        ServerOptions(host=host, port=free_port()).check_address()
+        ServerOptions(host=host, port=free_port()).listen()
     assert str(refused.value) == words
 
 
@@ -197,7 +202,7 @@ def test_an_empty_host_is_refused_not_taken_for_every_interface(host: str) -> No
 def test_a_host_with_a_port_is_refused_naming_both_options(host: str) -> None:
     name, port = host.split(":")
     with pytest.raises(ServeConfigError) as refused:
-        ServerOptions(host=host, port=free_port()).check_address()
+        ServerOptions(host=host, port=free_port()).listen()
     assert str(refused.value) == f"the host {host!r} holds a port; give them apart: --host {name} --port {port}"
 
 
@@ -211,7 +216,7 @@ def test_an_ipv6_address_is_checked_as_one() -> None:
         port = taken.getsockname()[1]
         words = f"cannot listen on ::1:{port}: address already in use (--port and --host choose another)"
         with pytest.raises(ServeConfigError, match=re.escape(words)):
-            ServerOptions(host="::1", port=port).check_address()
+            ServerOptions(host="::1", port=port).listen()
 
 
 def test_one_worker_runs_uvicorn_here_with_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,7 +224,13 @@ def test_one_worker_runs_uvicorn_here_with_the_options(monkeypatch: pytest.Monke
     monkeypatch.setattr(ACCESS_LOG, "propagate", ACCESS_LOG.propagate)
     monkeypatch.setattr(ACCESS_LOG, "level", ACCESS_LOG.level)
     configs: list[uvicorn.Config] = []
-    monkeypatch.setattr(serve_run.uvicorn, "Server", lambda config: SimpleNamespace(run=lambda: configs.append(config)))
+    served_on: list[tuple[socket.socket, tuple]] = []
+
+    def server(config: uvicorn.Config) -> SimpleNamespace:
+        configs.append(config)
+        return SimpleNamespace(run=lambda sockets: served_on.extend((sock, sock.getsockname()) for sock in sockets))
+
+    monkeypatch.setattr(serve_run.uvicorn, "Server", server)
     options = ServerOptions("missing.onnx", port=free_port(), graceful_timeout=3.5)  # the given generator serves
     serve(replace(options, settings=ServeSettings(access_log=False)), DigitGenerator.from_path(threads=1))
     assert ACCESS_LOG.handlers == []  # the app got the quiet settings
@@ -231,6 +242,8 @@ def test_one_worker_runs_uvicorn_here_with_the_options(monkeypatch: pytest.Monke
     ]
     assert [(c.timeout_graceful_shutdown, c.http) for c in configs] == [(3.5, serve_run.ServerHTTP)] * 2
     assert isinstance(configs[0].app, FastAPI)
+    assert [name for _sock, name in served_on] == [("127.0.0.1", options.port)] * 2  # the socket it bound
+    assert all(sock.fileno() == -1 for sock, _name in served_on)  # and closed once the server stopped
 
 
 @pytest.mark.parametrize("before", [None, "a parent's value"])
@@ -246,21 +259,26 @@ def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.Mon
     calls: list[tuple[str, dict, str]] = []
     shared_metrics: list[Path] = []
 
-    def uvicorn_run(app: str, **kwargs: object) -> None:
-        calls.append((app, kwargs, os.environ[serve_run.WORKER_CONFIG]))
-        shared_metrics.append(Path(os.environ[serve_run.SHARED_METRICS]))
-        assert shared_metrics[0].is_dir() and not any(shared_metrics[0].iterdir())  # a new folder for this server
+    def supervisor(config: uvicorn.Config, sockets: list[socket.socket]) -> SimpleNamespace:
+        def run() -> None:
+            calls.append((config, sockets, os.environ[serve_run.WORKER_CONFIG]))
+            shared_metrics.append(Path(os.environ[serve_run.SHARED_METRICS]))
+            assert shared_metrics[0].is_dir() and not any(shared_metrics[0].iterdir())  # a new folder for this server
+            assert [sock.getsockname()[1] for sock in sockets] == [config.port]  # listening already, for the workers
+            assert all(sock.get_inheritable() for sock in sockets)
 
-    monkeypatch.setattr(serve_run.uvicorn, "run", uvicorn_run)
+        return SimpleNamespace(run=run)
+
+    monkeypatch.setattr(serve_run, "Multiprocess", supervisor)
     settings = ServeSettings(max_count=50, cors_origins=("http://app.example",), access_log=False)
     options = ServerOptions(None, "cpu", port=free_port(), workers=2, threads=1, settings=settings)
     serve(options, DigitGenerator.from_path(threads=1))
     assert os.environ.get(serve_run.WORKER_CONFIG) == os.environ.get(serve_run.SHARED_METRICS) == before
     assert not shared_metrics[0].exists()  # the shared counts go with the server
-    [(app, kwargs, config)] = calls
-    assert app == "digitgen.serve.run:app_from_environment" and kwargs["factory"] is True
+    [(uvicorn_config, _sockets, config)] = calls
+    assert uvicorn_config.app == "digitgen.serve.run:app_from_environment" and uvicorn_config.factory is True
     wanted = {"workers": 2, "port": options.port, "log_level": "warning", "http": serve_run.ServerHTTP}
-    assert {key: kwargs[key] for key in wanted} == wanted
+    assert {key: getattr(uvicorn_config, key) for key in wanted} == wanted
     monkeypatch.setenv(serve_run.WORKER_CONFIG, config)
     monkeypatch.setattr(serve_run.ServerOptions, "load", lambda self: self)
     monkeypatch.setattr(serve_run, "Metrics", lambda shared: f"metrics, shared={shared}")
@@ -279,7 +297,7 @@ def test_a_model_that_fails_to_make_a_digit_is_refused_before_serving(
     """Not a server that is never ready and answers 500: the runtime's one-line error, before uvicorn starts."""
     model = five_digit_model(tmp_path)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)  # two workers on two cores
-    monkeypatch.setattr(serve_run.uvicorn, "run", lambda app, **kwargs: pytest.fail("workers started"))
+    monkeypatch.setattr(serve_run, "Multiprocess", lambda config, sockets: pytest.fail("workers started"))
     monkeypatch.setattr(serve_run.uvicorn, "Server", lambda config: pytest.fail("server started"))
     options = ServerOptions(str(model), "cpu", port=free_port(), workers=workers, threads=1)
     with pytest.raises(ModelRunError, match=f"^{re.escape(str(model))}: the model failed to run: "):
@@ -306,13 +324,13 @@ def test_every_worker_loads_the_model_the_server_started_with(monkeypatch: pytes
     loaded: list[str] = []
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)  # two workers on two cores
 
-    def uvicorn_run(app: str, **kwargs: object) -> None:
+    def run_workers() -> None:
         model.write_bytes(b"not a model")
         (model.parent / "weights.bin").write_bytes(b"")
         copy = json.loads(os.environ[serve_run.WORKER_CONFIG])["model"]
         loaded.append(DigitGenerator.from_path(copy, threads=1).sha256)
 
-    monkeypatch.setattr(serve_run.uvicorn, "run", uvicorn_run)
+    monkeypatch.setattr(serve_run, "Multiprocess", lambda config, sockets: SimpleNamespace(run=run_workers))
     serve(ServerOptions(str(model), "cpu", port=free_port(), workers=2, threads=1), started)
     assert loaded == [started.sha256]
 
@@ -329,7 +347,7 @@ def test_a_model_file_changed_while_the_server_starts_is_refused(
         (model.parent / "weights.bin").write_bytes(b"\0" * 16)
     else:
         model.unlink()
-    monkeypatch.setattr(serve_run.uvicorn, "run", lambda app, **kwargs: pytest.fail("workers started"))
+    monkeypatch.setattr(serve_run, "Multiprocess", lambda config, sockets: pytest.fail("workers started"))
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)  # two workers on two cores
     with pytest.raises(ServeConfigError) as refused:
         serve(ServerOptions(str(model), "cpu", port=free_port(), workers=2, threads=1), started)
@@ -401,7 +419,9 @@ def test_serve_says_when_auto_falls_back_to_the_cpu(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(
         onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
-    monkeypatch.setattr(serve_run, "serve", lambda options, generator=None: served.append(generator.provider))
+    monkeypatch.setattr(
+        serve_run, "serve", lambda options, generator=None, listening=None: served.append(generator.provider)
+    )
     result = CliRunner().invoke(main, ["serve", "--quiet", "--port", str(free_port())])
     assert (result.exit_code, served) == (0, ["cpu"]), result.output
     assert result.output == "note: CUDA failed to start in onnxruntime; running on the CPU\n"
