@@ -198,6 +198,22 @@ def test_resume_refuses_a_folder_of_a_longer_run(gen: DigitGenerator, tmp_path: 
     assert folder(tmp_path) == before
 
 
+def test_overwrite_and_resume_leave_a_longer_runs_pngs_past_a_shard_as_overwrite_does(
+    gen: DigitGenerator, tmp_path: Path
+) -> None:
+    """A shard replaces only its own digits, with --overwrite alone or with --resume too: the longer run's digits
+    past the request are neither refused nor removed."""
+    generate_files(gen, tmp_path, N + 5, "png", **{**REQUEST, "seed": 9})
+    past = {name: data for name, data in folder(tmp_path).items() if int(name[:8]) >= N}
+    for resume in (False, True):
+        generate_files(gen, tmp_path, N, "png", shard=Shard(1, 2), overwrite=True, resume=resume, **REQUEST)
+        written = folder(tmp_path)
+        assert {name: written[name] for name in past} == past
+        shard = tmp_path.parent / f"{tmp_path.name}-shard-{resume}"
+        generate_files(gen, shard, N, "png", shard=Shard(1, 2), **REQUEST)
+        assert all(written[name] == data for name, data in folder(shard).items())
+
+
 @pytest.mark.parametrize(("extra", "more"), [(1, ""), (2, " (and 1 more)")])
 def test_pngs_past_the_count_are_counted(gen: DigitGenerator, tmp_path: Path, extra: int, more: str) -> None:
     generate_files(gen, tmp_path, N + extra, "png", **REQUEST)
