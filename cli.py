@@ -280,6 +280,15 @@ def _runtime_integer(check: Callable[[object], int]) -> dict[str, Any]:
 DEFAULT_DATA_DIR = "data"
 
 
+def _resume_hint(checkpoint: str, data_dir: str, device_name: str, processes: int) -> str:
+    """How to continue a stopped ``train``: the options a resume does not keep, and under torchrun its launch."""
+    hint = f"continue with --resume {shlex.quote(checkpoint)}{_data_dir_again(data_dir)}"
+    hint += "" if device_name == "auto" else f" --device {device_name}"
+    if processes > 1:  # the ranks' noise generators are in the checkpoint: the same number continues exactly
+        hint += f", launched by torchrun with {processes} processes as this run was"
+    return hint
+
+
 def _data_dir_again(data_dir: str) -> str:
     """`` --data-dir DIR`` for a hint to rerun a command, unless DIR is the default (a resume does not keep it)."""
     return "" if data_dir == DEFAULT_DATA_DIR else f" --data-dir {shlex.quote(data_dir)}"
@@ -490,8 +499,7 @@ def train(run_dir: str | None, resume: str | None, device_name: str, **choices: 
             sys.exit(130)
         raise Interrupted(
             f"stopped at step {result.step}; checkpoint saved to {result.checkpoint}; "
-            f"continue with --resume {shlex.quote(str(result.checkpoint))}{_data_dir_again(options.data_dir)}"
-            + ("" if device_name == "auto" else f" --device {device_name}")  # a resume does not keep it either
+            + _resume_hint(str(result.checkpoint), options.data_dir, device_name, ctx.world_size)
         )
     say(
         f"done: step {result.step} in {result.seconds:.0f}s ({result.images_per_s:.0f} images/s); "

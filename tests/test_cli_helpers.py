@@ -44,6 +44,26 @@ def test_quality_file_without_json_is_refused_and_the_cli_names_the_option(tmp_p
     assert result.output.startswith(f"Error: Invalid value for '--quality': {path} holds no JSON object")
 
 
+@pytest.mark.parametrize(
+    ("data_dir", "device", "processes", "hint"),
+    [
+        (cli.DEFAULT_DATA_DIR, "auto", 1, "continue with --resume 'my run/checkpoint.pt'"),
+        ("/data", "cpu", 1, "continue with --resume 'my run/checkpoint.pt' --data-dir /data --device cpu"),
+        (
+            cli.DEFAULT_DATA_DIR,
+            "cuda",
+            4,
+            "continue with --resume 'my run/checkpoint.pt' --device cuda, launched by torchrun with 4 processes as "
+            "this run was",
+        ),
+    ],
+)
+def test_a_stopped_trains_hint_names_what_a_resume_does_not_keep(
+    data_dir: str, device: str, processes: int, hint: str
+) -> None:
+    assert cli._resume_hint("my run/checkpoint.pt", data_dir, device, processes) == hint
+
+
 def test_training_progress_names_epoch_losses_and_scores() -> None:
     assert _format_progress(None) == _format_progress({}) == ""
     info = {"epoch": 3.0, "loss_d": 1.23456, "loss_g": -0.5, "d_real": 0.123, "d_fake": -0.3456}

@@ -355,6 +355,17 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path: Path, tiny_mnist: Path,
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
+@pytest.mark.parametrize(("steps", "interrupted"), [(1, False), (2, True)])
+def test_a_stop_during_the_last_step_finishes_the_run(
+    tmp_path: Path, tiny_mnist: Path, steps: int, interrupted: bool
+) -> None:
+    """A stop signal that came during the last step leaves nothing to continue: the run is done."""
+    data = load_mnist(tiny_mnist, download=False)
+    state = new_state(TINY_MODEL, TrainConfig(total_steps=steps, batch_size=16), torch.device("cpu"))
+    result = train(state, data, tmp_path / "run", should_stop=lambda: True)  # asked for since the first step
+    assert (result.interrupted, result.step) == (interrupted, 1)
+
+
 def test_resumed_run_with_a_label_classifier_matches_uninterrupted_run(tmp_path: Path, tiny_mnist: Path) -> None:
     data = load_mnist(tiny_mnist, download=False)
     settings = TrainConfig(total_steps=8, batch_size=16, label_weight=0.5)

@@ -328,7 +328,8 @@ def train(
         if epoch_done or state.step % cfg.checkpoint_every == 0:
             _save(state, checkpoint, ctx)
             saved_at = state.step
-        if any_rank(ctx, should_stop(), device):
+        # a stop asked for during the last step comes after the work: the run is done, not interrupted
+        if state.step < cfg.total_steps and any_rank(ctx, should_stop(), device):
             interrupted = True
             break
     if saved_at != state.step:  # the last step's, unless just written (a resumed run in a new folder: its first)
