@@ -780,8 +780,9 @@ def train_classifier_cmd(
             f"stopped at step {result.step:,} of {run.total:,}; its state is saved to {run.state}; continue with "
             "the same command and --resume"
         )
+    timing = f"in {result.seconds:.0f}s" + (f" (resumed at step {run.done:,}: this part's time)" if run.done else "")
     _say(
-        f"MNIST test accuracy {result.test_accuracy:.2%} after {epochs} epochs in {result.seconds:.0f}s; "
+        f"MNIST test accuracy {result.test_accuracy:.2%} after {counted(epochs, 'epoch')} {timing}; "
         f"wrote {out} (max |torch-ort| {diff:.1e}) and {run.weights}"
     )
 

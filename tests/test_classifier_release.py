@@ -125,6 +125,7 @@ def test_train_classifier_keeps_weights_that_rebuild_its_file(tmp_path: Path, ti
     code, lines = _cli("train-classifier", "--data-dir", tiny_mnist, "--out", out, "--epochs", "1")
     weights = tmp_path / "classifier_weights.pt"
     assert code == 0 and lines[-1].endswith(f" and {weights}"), lines
+    assert " after 1 epoch in " in lines[-1] and "resumed" not in lines[-1], lines
     again = tmp_path / "again.onnx"
     export_classifier_weights(weights, again)
     images = _fixed_batch()
@@ -243,6 +244,7 @@ def test_train_classifier_stopped_by_a_signal_resumes_to_the_files_of_a_run_neve
     assert code == 1 and lines[-1].startswith(f"Error: {state} is a run of --seed 0, not 1: resume it with")
     code, lines = _cli(*command, "--resume")
     assert code == 0 and lines[-1].endswith(f" and {tmp_path / 'classifier_weights.pt'}"), lines
+    assert "s (resumed at step 3: this part's time); wrote " in lines[-1], lines
     assert not state.exists() and out.read_bytes() == whole.read_bytes()
     out.write_bytes(b"mine")
     assert _stopped_by_sigterm_in_step_3(monkeypatch, *command, "--overwrite")[0] == 130
