@@ -143,7 +143,7 @@ def _write_pngs(
     out_dir: Path,
     replaced: Sequence[Path],
     resume: bool,
-    overwrite: bool,
+    vet: bool,
     on_batch: OnBatch,
 ) -> int:
     """One PNG per digit; returns how many existing files were kept.
@@ -152,12 +152,11 @@ def _write_pngs(
     two labels in one folder, and so are ``replaced`` files past the batches' digits (a longer run's). With
     ``resume``, a file that already holds exactly the digit's bytes is kept as it is, a complete file of other
     digits is refused (:func:`refuse_other_digits`), and damaged files are replaced or removed only once every
-    file has been checked, so that a refusal leaves them as they were; with ``overwrite`` too, every other file is
-    replaced as it is reached and none is refused. If ``batches`` turn out not to hold the
+    file has been checked, so that a refusal leaves them as they were; without ``vet`` (an overwrite resumed),
+    every other file is replaced as it is reached and none is refused. If ``batches`` turn out not to hold the
     promised digits, or a file is refused, the files this call created are removed; those it replaced with
     ``--overwrite``'s permission hold their digits, and the error says how many.
     """
-    vet = resume and not overwrite
     stale: dict[int, list[Path]] = {}
     for path in replaced:
         stale.setdefault(png_index(path), []).append(path)
@@ -378,6 +377,11 @@ class OutputPlan:
         return self.shard.size(self.total) + self.test_count
 
     @property
+    def refuses_other_runs(self) -> bool:
+        """Whether another run's complete files in the way are refused (``resume`` alone), not replaced."""
+        return self.resume and not self.overwrite
+
+    @property
     def recorded(self) -> bool:
         """Whether this run writes a record beside its part."""
         return self.record is not None and is_recorded(self.fmt, self.shard)
@@ -398,7 +402,7 @@ class OutputPlan:
                     remove_leftover(tmp)
             batches = _checked(batches, self.start, self.start + self.count)
             if png:
-                kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, self.overwrite, on_batch)
+                kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, self.refuses_other_runs, on_batch)
                 return WrittenFiles([self.out_dir], kept, self.count)
         paths = [self.out_dir / name for name in output_names(self.fmt, self.shard, self.recorded)]
         before = {path: path.lstat() for path in self.existing}  # a dangling link is an existing file too
@@ -507,7 +511,7 @@ def _with_existing(plan: OutputPlan) -> OutputPlan:
         longer = pngs_in_range(out_dir, total, sys.maxsize)
         refuse_non_files(longer)
         existing += longer
-    elif plan.resume and not plan.overwrite and fmt == "png":
+    elif plan.refuses_other_runs and fmt == "png":
         refuse_a_longer_run(out_dir, total)
     return dataclasses.replace(plan, existing=tuple(existing))
 
@@ -578,10 +582,9 @@ def plan_generation(
     plan = plan_output(
         out_dir, fmt, num, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count, record=record
     )
-    vet = resume and not overwrite  # with both, another run's files are replaced, not refused
-    if vet and fmt == "png" and plan.existing:
+    if plan.refuses_other_runs and fmt == "png" and plan.existing:
         _refuse_another_runs_folder(gen, min(plan.existing, key=png_index), digits, seed, truncation)
-    if vet and plan.recorded:  # the shard's record says at once whether its parts are another run's
+    if plan.refuses_other_runs and plan.recorded:  # the shard's record says at once whether its parts are another run's
         path = plan.out_dir / record_name(fmt, shard)
         if os.path.lexists(path) and not holds(path, record):
             refuse_other_digits(path)

@@ -191,17 +191,18 @@ class _RequestIds:
     a system call per request) and a count."""
 
     def __init__(self) -> None:
-        self._process = 0
+        self.draw()
+
+    def draw(self) -> None:
+        self._random_half = uuid.uuid4().hex[:16]
+        self._count = itertools.count()
 
     def __call__(self) -> str:
-        if self._process != os.getpid():  # drawn again in a forked child, which would otherwise repeat its parent's
-            self._process = os.getpid()
-            self._random_half = uuid.uuid4().hex[:16]
-            self._count = itertools.count()
         return f"{self._random_half}{next(self._count):016x}"
 
 
 new_request_id = _RequestIds()
+os.register_at_fork(after_in_child=new_request_id.draw)  # a forked child would otherwise repeat its parent's ids
 
 
 class RequestMiddleware:
