@@ -68,7 +68,7 @@ from digitgen.runtime.signals import (
 )
 from digitgen.runtime.text import INTEGER_TEXT, counted, printable, read_json
 from digitgen.runtime.writers import plan_generation
-from digitgen.serve.settings import BATCH_MAX_DIGITS, ServerOptions, ServeSettings
+from digitgen.serve.settings import BATCH_MAX_DIGITS, MAX_COUNT_LIMIT, ServerOptions, ServeSettings
 from digitgen.training.config import (
     AUGMENTATIONS,
     DEFAULT_RUN_DIR,
@@ -898,7 +898,7 @@ def evaluate(
     "--max-count",
     default=ServeSettings.max_count,
     show_default=True,
-    type=Integer(min=1),
+    type=Integer(min=1, max=MAX_COUNT_LIMIT),
     help="Most digits per request.",
 )
 @click.option(

@@ -23,7 +23,7 @@ from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
 from digitgen.runtime.text import printable
 from digitgen.serve.batch import Batcher
-from digitgen.serve.limits import Admission, OverloadedError
+from digitgen.serve.limits import Admission, OverloadedError, TimeLimitError
 from digitgen.serve.observe import (
     ACCESS_LOG,
     BUSY,
@@ -50,7 +50,7 @@ from digitgen.serve.params import (
 )
 from digitgen.serve.params import parse_request as parse
 from digitgen.serve.refusal import refusal
-from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filename, generate
+from digitgen.serve.render import AbandonedError, encode, filename, generate
 from digitgen.serve.settings import ServeConfigError, ServeSettings
 from digitgen.serve.spec import error_response, generate_doc
 

@@ -14,6 +14,10 @@ class OverloadedError(Exception):
     """No room to run or wait: the caller should answer 503 with ``Retry-After``."""
 
 
+class TimeLimitError(Exception):
+    """The request ran past its deadline, waiting for a generation slot or generating."""
+
+
 class Admission:
     """``in_flight`` generations at once, ``queue`` more waiting; the next one is refused at once. ``on_change``
     is told the number admitted each time it changes."""
@@ -46,12 +50,12 @@ class Admission:
 
     @asynccontextmanager
     async def generation(self, deadline: float | None = None) -> AsyncIterator[None]:
-        """Hold a generation slot; :class:`OverloadedError` when none frees before ``deadline``."""
+        """Hold a generation slot; :class:`TimeLimitError` when none frees before ``deadline``."""
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             await asyncio.wait_for(self._slots.acquire(), timeout=timeout)
         except TimeoutError:
-            raise OverloadedError("the server stayed busy past this request's time limit; retry later") from None
+            raise TimeLimitError from None
         try:
             yield
         finally:

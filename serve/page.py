@@ -37,13 +37,15 @@ def _without_other_range_units(scope: Scope) -> Scope:
 class PageFiles(StaticFiles):
     """Starlette's static files, whose refusals of a ``Range`` header (a 400 or a 416, one short message) are JSON
     here; any other answer, a 404 page of the folder's own among them, goes as it is. A folder named without its
-    final slash is redirected by a relative reference, never to an address built from the request's ``Host``."""
+    final slash is redirected by a relative reference (its query kept), never to an address built from the request's
+    ``Host``."""
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)
         if isinstance(response, RedirectResponse):  # ./NAME/: NAME may hold a colon, which would read as a scheme
             last = scope["path"].rpartition("/")[2]
-            return RedirectResponse(f"./{quote(last)}/", response.status_code)
+            query = scope.get("query_string", b"").decode("latin-1")
+            return RedirectResponse(f"./{quote(last)}/" + (f"?{query}" if query else ""), response.status_code)
         return response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

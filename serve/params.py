@@ -83,7 +83,9 @@ def _digits(digits: str | None, digit: str | None) -> list[int | str] | None:
 def _ranges(accept: str) -> tuple[list[tuple[str, float]], list[str]]:
     """The media ranges of an ``Accept`` header with their q-values, in order, and the ranges left out for a
     q-value that cannot be read. A range with media-type parameters before its q (``image/png;level=1``) names
-    only a type with those parameters (RFC 9110, 12.5.1), which no response here has: it matches nothing."""
+    only a type with those parameters (RFC 9110, 12.5.1), which no response here has: it matches nothing. A
+    ``charset`` is the exception: every body here is binary or ASCII JSON, which reads the same in any charset
+    a client names (``application/json; charset=utf-8``, which many clients send)."""
     ranges, unread = [], []
     for item in accept.split(","):
         media, *options = (part.strip() for part in item.split(";"))
@@ -92,7 +94,7 @@ def _ranges(accept: str) -> tuple[list[tuple[str, float]], list[str]]:
         qvalues = [option.partition("=")[2].strip() for option, name in zip(options, names, strict=True) if name == "q"]
         if not all(_QVALUE.fullmatch(q) for q in qvalues):
             unread.append(item.strip())
-        elif media and q_at == 0:  # no parameter before q (or no parameter at all)
+        elif media and set(names[:q_at]) <= {"charset"}:  # no parameter before q but a charset
             ranges.append((media.lower(), float(qvalues[-1]) if qvalues else 1.0))
     return ranges, unread
 

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from digitgen.runtime.errors import DigitgenError
-from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
+from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, MAX_INDEX, DigitGenerator
 
 # what `npm run build` puts in web/dist beside the page's code: the page and the model it loads (the web/ folder,
 # its source, has no model)
 BUILT_PAGE = ("index.html", "generator.onnx")
 BATCH_MAX_DIGITS = 8  # the default micro-batch
+MAX_COUNT_LIMIT = MAX_INDEX + 1  # the digits of one seed: no request can ask for more
 LISTEN_BACKLOG = 2048  # connections that may wait to be accepted: uvicorn's default
 # what a browser sends in Origin: scheme://host[:port], no path, not even a trailing slash, no user, a port
 # without leading zeros (or * for any)
@@ -65,6 +66,10 @@ class ServeSettings:
         for name in ("max_count", "max_in_flight"):
             if getattr(self, name) < 1:
                 raise ServeConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_count > MAX_COUNT_LIMIT:
+            raise ServeConfigError(
+                f"max_count must be at most {MAX_COUNT_LIMIT} (the digits of one seed), got {self.max_count}"
+            )
         for name in ("queue", "inline_digits", "cache_max_age"):
             if getattr(self, name) < 0:
                 raise ServeConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
@@ -232,6 +237,11 @@ class ServerOptions:
             raise ServeConfigError(
                 "the host is empty; give an address: 127.0.0.1 (the default), or 0.0.0.0 to listen on every interface"
             )
+        if self.host.startswith("["):  # an IPv6 address as a URL writes it, [::1] or [::1]:8000
+            address, _, rest = self.host[1:].partition("]")
+            port = rest.removeprefix(":")
+            fix = f"--host {address} --port {port}" if port.isdigit() else f"--host {address}"
+            raise ServeConfigError(f"give the host {self.host!r} as the address alone, without brackets: {fix}")
         host, colon, port = self.host.rpartition(":")
         if colon and ":" not in host and port.isdigit():  # one colon: not an IPv6 address, a host and a port
             raise ServeConfigError(f"the host {self.host!r} holds a port; give them apart: --host {host} --port {port}")

@@ -221,6 +221,13 @@ def test_a_micro_batch_size_without_micro_batching_is_refused() -> None:
     assert (code, output) == (2, f"Error: {expected} (see --help)\n")
 
 
+def test_a_max_count_past_one_seeds_digits_is_refused() -> None:
+    """A larger limit would let the server call a count under it over it."""
+    code, output = run("serve", "--max-count", str(2**63 + 1))
+    expected = f"Invalid value for '--max-count': {2**63 + 1} is not in the range 1<=x<={2**63}."
+    assert (code, output) == (2, f"Error: {expected} (see --help)\n")
+
+
 @pytest.mark.parametrize(
     ("command", "option", "value"),
     [

@@ -386,7 +386,11 @@ def test_unsupported_accept_is_406(server: Server, query: str, accept: str) -> N
         (None, "application/json;q=.5, application/x-tar;q=.25", 5, "json"),
         # a parameter before q names a type with it, which no answer here has (RFC 9110, 12.5.1)
         (None, "image/png;level=1;q=0, image/png", 1, "png"),
-        (None, "application/json;charset=utf-8, application/x-npz;q=0.5", 5, "npz"),
+        (None, "application/json;level=1, application/x-npz;q=0.5", 5, "npz"),
+        # but a charset, which many clients send, changes nothing: the JSON is ASCII, the rest binary
+        (None, "application/json; charset=utf-8, application/x-npz;q=0.5", 5, "json"),
+        (None, "application/json;Charset=ISO-8859-1;q=0.4, application/x-npz;q=0.5", 5, "npz"),
+        (None, "image/png;charset=utf-8;level=1, application/json;q=0.1", 1, "json"),
         (None, "application/json;q=0.9;ext=1, image/png;q=0.5", 5, "json"),  # after q: an accept-ext, no matter
     ],
 )

@@ -16,9 +16,9 @@ import pytest
 
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits
 from digitgen.serve.batch import Batcher
-from digitgen.serve.limits import Admission, OverloadedError
+from digitgen.serve.limits import Admission, OverloadedError, TimeLimitError
 from digitgen.serve.params import DigitsRequest
-from digitgen.serve.render import AbandonedError, TimeLimitError, encode, filename, generate
+from digitgen.serve.render import AbandonedError, encode, filename, generate
 
 
 @pytest.fixture(scope="module")

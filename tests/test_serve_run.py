@@ -206,6 +206,16 @@ def test_a_host_with_a_port_is_refused_naming_both_options(host: str) -> None:
     assert str(refused.value) == f"the host {host!r} holds a port; give them apart: --host {name} --port {port}"
 
 
+@pytest.mark.parametrize(
+    ("host", "fix"), [("[::1]", "--host ::1"), ("[::1]:9000", "--host ::1 --port 9000"), ("[::", "--host ::")]
+)
+def test_an_ipv6_address_in_brackets_is_refused_naming_the_options(host: str, fix: str) -> None:
+    """The server's own start-up line writes ::1 as a URL does, [::1]; the socket takes the address alone."""
+    with pytest.raises(ServeConfigError) as refused:
+        ServerOptions(host=host, port=free_port()).listen()
+    assert str(refused.value) == f"give the host {host!r} as the address alone, without brackets: {fix}"
+
+
 def test_an_ipv6_address_is_checked_as_one() -> None:
     with socket.socket(socket.AF_INET6) as taken:
         try:
