@@ -47,6 +47,7 @@ from digitgen.serve.params import (
     encoder_versions,
     etag,
     not_modified,
+    precondition_failed,
 )
 from digitgen.serve.params import parse_request as parse
 from digitgen.serve.refusal import refusal
@@ -203,6 +204,8 @@ class _Service:
             return refusal(422, str(exc))
         tag = etag(self.etag_source, request)
         headers = {"ETag": tag, "Cache-Control": self.cache_control, "Vary": "Accept"}
+        if precondition_failed(_combined(http, "if-match"), tag):
+            return refusal(412, f"If-Match names no ETag of this answer, which is {tag}")
         if not_modified(_combined(http, "if-none-match"), tag):
             return Response(status_code=304, headers=headers)
         deadline = time.monotonic() + self.settings.time_limit
@@ -465,7 +468,7 @@ def create_app(
             _Cors,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "HEAD"],
-            allow_headers=["Accept", "If-None-Match", "X-Request-ID"],
+            allow_headers=["Accept", "If-Match", "If-None-Match", "X-Request-ID"],
             expose_headers=["ETag", "X-Request-ID", "Content-Disposition", "Retry-After"],
         )
     if settings.access_log and not ACCESS_LOG.handlers:

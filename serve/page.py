@@ -5,9 +5,11 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.responses import RedirectResponse, Response
 
 from digitgen.serve.observe import Message, Receive, Scope, Send
+from digitgen.serve.params import precondition_failed
 from digitgen.serve.refusal import refusal
 
 RANGE_REFUSALS = (400, 416)  # what Starlette answers a Range header it cannot serve, in plain text or no body
@@ -36,12 +38,17 @@ def _without_other_range_units(scope: Scope) -> Scope:
 
 class PageFiles(StaticFiles):
     """Starlette's static files, whose refusals of a ``Range`` header (a 400 or a 416, one short message) are JSON
-    here; any other answer, a 404 page of the folder's own among them, goes as it is. A folder named without its
+    here; an ``If-Match`` that names no ETag of a file is refused with a 412 in JSON (Starlette ignores it); any
+    other answer, a 404 page of the folder's own among them, goes as it is. A folder named without its
     final slash is redirected by a relative reference (its query kept), never to an address built from the request's
     ``Host``."""
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)
+        tag = response.headers.get("etag")
+        if_match = ", ".join(Headers(scope=scope).getlist("if-match")) or None
+        if response.status_code in (200, 304) and tag is not None and precondition_failed(if_match, tag):
+            return refusal(412, f"If-Match names no ETag of this file, which is {tag}")
         if isinstance(response, RedirectResponse):  # ./NAME/: NAME may hold a colon, which would read as a scheme
             last = scope["path"].rpartition("/")[2]
             query = scope.get("query_string", b"").decode("latin-1")

@@ -187,6 +187,15 @@ def etag(source: str, request: DigitsRequest) -> str:
     return '"' + hashlib.sha256(text.encode()).hexdigest()[:32] + '"'
 
 
+def precondition_failed(if_match: str | None, tag: str) -> bool:
+    """Whether ``If-Match`` is given and names neither ``tag`` (strong comparison: a weak tag never matches, RFC
+    9110, 13.1.1) nor ``*``."""
+    if if_match is None:
+        return False
+    tags = [t.strip() for t in if_match.split(",")]
+    return "*" not in tags and tag not in tags
+
+
 def not_modified(if_none_match: str | None, tag: str) -> bool:
     """Whether ``If-None-Match`` names ``tag`` (weak comparison, as RFC 9110 asks) or is ``*``."""
     if not if_none_match:

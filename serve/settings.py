@@ -99,11 +99,23 @@ class ServeSettings:
                 raise ServeConfigError(f"a micro-batch must hold at least 1 digit, got {self.batch_max_digits}")
         self._check_origins()
         if self.web_dir is not None:
-            missing = [name for name in BUILT_PAGE if not (Path(self.web_dir) / name).is_file()]
-            if missing:
+            self._check_page()
+
+    def _check_page(self) -> None:
+        """The built page's files in ``web_dir``, each a file there, or a link to one inside the folder: the only
+        links its file server follows."""
+        folder = Path(self.web_dir).resolve()
+        for name in BUILT_PAGE:
+            path = Path(self.web_dir) / name
+            if not path.is_file():
                 raise ServeConfigError(
-                    f"{self.web_dir} holds no {missing[0]}, so it is not the built page; build it first "
+                    f"{self.web_dir} holds no {name}, so it is not the built page; build it first "
                     "(cd web && npm ci && npm run build) and give web/dist"
+                )
+            if not path.resolve().is_relative_to(folder):
+                raise ServeConfigError(
+                    f"{path} links to {path.resolve()}, outside {self.web_dir}: the server serves no file from outside "
+                    "the page's folder; copy it in"
                 )
 
     def _check_origins(self) -> None:

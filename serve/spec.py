@@ -67,6 +67,7 @@ def generate_doc(max_count: int, num_classes: int) -> dict:
             _parameter(
                 "If-None-Match", {"type": "string"}, "An ETag held: 304 if it still names the answer.", "header"
             ),
+            _parameter("If-Match", {"type": "string"}, "ETags: 412 unless one names the answer.", "header"),
             _parameter("X-Request-ID", {"type": "string"}, "Echoed (a token of up to 128 characters).", "header"),
         ],
         "responses": {
@@ -83,6 +84,7 @@ def generate_doc(max_count: int, num_classes: int) -> dict:
             },
             "304": {"description": "Not modified (If-None-Match names the ETag)"},
             "406": error_response("Accept names no type this request can send"),
+            "412": error_response("If-Match names no ETag of the answer"),
             "422": error_response("A bad parameter"),
             "500": error_response("An internal error; the server log has the details under the request id"),
             "503": error_response("Busy or past the time limit; retry after Retry-After seconds"),

@@ -47,6 +47,7 @@ from digitgen.serve.params import (
     etag,
     not_modified,
     parse_request,
+    precondition_failed,
 )
 from digitgen.serve.render import encode, generate
 from digitgen.serve.settings import usable_cores
@@ -240,6 +241,13 @@ def test_etag_names_the_normalised_request_and_304_skips_the_model(server: Serve
         assert cached.headers["etag"] == tag and "immutable" in cached.headers["cache-control"]
     assert server.get("/generate?digit=7&seed=3", headers={"If-None-Match": '"other"'}).status_code == 200
     assert server.metric("digitgen_digits_generated_total") == digits_before + 1
+    for header in (tag, f'"other", {tag}', "*"):
+        assert server.get("/generate?digit=7&seed=3", headers={"If-Match": header}).content == first.content
+    for header in ('"other"', f"W/{tag}"):  # If-Match is checked before If-None-Match, and strongly
+        failed = server.get("/generate?digit=7&seed=3", headers={"If-Match": header, "If-None-Match": tag})
+        assert failed.status_code == 412 and failed.headers["cache-control"] == "no-store"
+        assert failed.json() == {"error": f"If-Match names no ETag of this answer, which is {tag}"}
+    assert server.metric("digitgen_digits_generated_total") == digits_before + 4
 
 
 # sha256 (first 16 hex digits) of each format's bytes for one fixed input, by ETag encoding version and zlib
@@ -504,6 +512,13 @@ def test_not_acceptable_echoes_no_more_of_a_long_accept_than_of_a_parameter() ->
     assert len(str(refused.value)) < 2 * 1024 + 200 and "(16,002 characters)" in str(refused.value)
 
 
+def test_if_match_compares_strongly() -> None:
+    assert not precondition_failed(None, '"a"') and not precondition_failed('"b", "a"', '"a"')
+    assert not precondition_failed("*", '"a"') and not precondition_failed('"b",*', '"a"')
+    assert precondition_failed('W/"a"', '"a"')  # a weak tag never matches If-Match
+    assert precondition_failed('"b"', '"a"') and precondition_failed("", '"a"') and precondition_failed("W/*", '"a"')
+
+
 def test_if_none_match_lists_and_weak_tags() -> None:
     assert not_modified('"a", "b"', '"a"') and not_modified('"b",W/"a"', '"a"') and not_modified("*", '"a"')
     assert not not_modified('"b", "c"', '"a"') and not not_modified("", '"a"') and not not_modified(None, '"a"')
@@ -755,10 +770,11 @@ def test_openapi_docs_describe_generate(server: Server) -> None:
     assert query["digit"] == {"type": "integer", "minimum": 0, "maximum": 9}
     assert query["seed"]["maximum"] == MAX_SEED and query["truncation"]["minimum"] == MIN_TRUNCATION
     assert query["format"]["enum"] == list(MEDIA_TYPES)
-    assert {name for where, name in schemas if where == "header"} == {"Accept", "If-None-Match", "X-Request-ID"}
+    headers = {name for where, name in schemas if where == "header"}
+    assert headers == {"Accept", "If-Match", "If-None-Match", "X-Request-ID"}
     responses = operation["responses"]
     assert responses["200"]["content"]["application/json"]["schema"]["required"] == ["labels", "images"]
-    for status in ("406", "422", "500", "503"):
+    for status in ("406", "412", "422", "500", "503"):
         assert responses[status]["content"]["application/json"]["schema"]["required"] == ["error"]
     assert spec["info"]["title"] == "digitgen" and "GAN trained on MNIST" in spec["info"]["summary"]
     assert server.get("/docs").status_code == 200
@@ -888,7 +904,7 @@ def test_cors_only_for_the_given_origin(limited: Server) -> None:
 @pytest.mark.parametrize(
     ("method", "headers", "allowed"),
     [
-        ("GET", "If-None-Match, X-Request-ID, Accept", True),
+        ("GET", "If-None-Match, If-Match, X-Request-ID, Accept", True),
         ("HEAD", "X-Request-ID", True),
         ("POST", "", False),
         ("GET", "Authorization", False),

@@ -793,6 +793,55 @@ def test_the_page_rewrites_only_its_range_refusals(tmp_path: Path) -> None:
     assert part.status_code == 206 and part.content == bytes(10)
 
 
+def test_the_page_refuses_an_if_match_that_names_no_etag_of_its_file(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(bytes(100))
+    (tmp_path / "404.html").write_text("<p>not here</p>")
+
+    async def answers() -> list[httpx.Response]:
+        async with asgi_client(PageFiles(directory=tmp_path, html=True)) as client:
+            tag = (await client.get("/model.onnx")).headers["etag"]
+            return [
+                await client.get("/model.onnx", headers={"If-Match": tag}),
+                await client.get("/model.onnx", headers={"If-Match": '"other"'}),
+                await client.get("/model.onnx", headers={"If-Match": '"other"', "If-None-Match": tag}),
+                await client.get("/missing", headers={"If-Match": '"other"'}),  # the 404 it would be, ETag and all
+            ]
+
+    matched, failed, failed_first, missing = asyncio.run(answers())
+    assert matched.status_code == 200 and matched.content == bytes(100)
+    tag = matched.headers["etag"]
+    for refused in (failed, failed_first):  # If-Match is checked before If-None-Match's 304
+        assert refused.status_code == 412
+        assert refused.json() == {"error": f"If-Match names no ETag of this file, which is {tag}"}
+    assert missing.status_code == 404 and missing.text == "<p>not here</p>" and "etag" in missing.headers
+
+
+def test_a_page_file_linked_from_outside_its_folder_is_refused_as_the_file_server_would_not_serve_it(
+    tmp_path: Path,
+) -> None:
+    page, outside = tmp_path / "page", tmp_path / "elsewhere"
+    page.mkdir(), outside.mkdir()
+    (page / "index.html").write_text("<html>the page</html>")
+    (outside / "model.onnx").write_bytes(b"a model")
+    (page / "generator.onnx").symlink_to(outside / "model.onnx")
+    with pytest.raises(ServeConfigError) as refused:
+        ServeSettings(web_dir=str(page))
+    assert str(refused.value) == (
+        f"{page / 'generator.onnx'} links to {outside / 'model.onnx'}, outside {page}: the server serves no file from "
+        "outside the page's folder; copy it in"
+    )
+    (page / "generator.onnx").unlink()
+    (page / "model.onnx").write_bytes(b"a model")
+    (page / "generator.onnx").symlink_to(page / "model.onnx")  # a link inside the folder is served
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False, web_dir=str(page)))
+
+    async def served() -> bytes:
+        async with asgi_client(app) as client:
+            return (await client.get("/generator.onnx")).content
+
+    assert asyncio.run(served()) == b"a model"
+
+
 def test_the_page_redirects_a_folder_without_its_slash_relatively_whatever_the_host(tmp_path: Path) -> None:
     """Starlette would redirect to http://HOST/.../ with the request's Host header: an address anyone can set."""
     (tmp_path / "sub:folder").mkdir()
