@@ -94,7 +94,8 @@ def test_one_level_too_low_names_the_root_above(shared: Path, tmp_path: Path, gi
 def test_nothing_nearby_suggests_download(tmp_path: Path) -> None:
     code, lines = _run("train", "--data-dir", tmp_path / "empty", "--out", tmp_path / "run", *TINY)
     assert code == 1
-    _assert_one_line_naming(lines, tmp_path / "empty" / "MNIST" / "raw", "; or pass --download to fetch them")
+    where_else = "; point --data-dir (or MNIST_ROOT) at the folder that holds MNIST/raw/, or pass --download"
+    _assert_one_line_naming(lines, tmp_path / "empty" / "MNIST" / "raw", where_else)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -209,6 +209,7 @@ def test_mnist_the_first_process_cannot_load_stops_every_process_with_the_reason
     from digitgen.runtime.idx import mnist_not_found_message
 
     assert _on_two_processes(_load_from, str(tmp_path)) == {
-        0: f"DatasetNotFoundError: {mnist_not_found_message(tmp_path)}; or pass --download to fetch them",
+        0: f"DatasetNotFoundError: {mnist_not_found_message(tmp_path)}; point --data-dir (or MNIST_ROOT) at the "
+        "folder that holds MNIST/raw/, or pass --download",
         1: "TrainingError: the first process could not load MNIST (its error says why)",
     }

@@ -70,7 +70,7 @@ def load_mnist(root: str | Path, *, train: bool = True, download: bool = False) 
         if reason:
             message += f" ({reason})"
         elif not download and not likely_mnist_root(root):
-            message += "; or pass --download to fetch them"
+            message += "; point --data-dir (or MNIST_ROOT) at the folder that holds MNIST/raw/, or pass --download"
         raise DatasetNotFoundError(message)
     try:
         images, labels = read_mnist_split(root, "train" if train else "t10k")
