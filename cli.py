@@ -695,7 +695,7 @@ def generate(
     if resume and job.plan.existing:
         _say(
             f"resuming: {counted(len(job.plan.existing), 'file')} already there, each kept if it holds exactly "
-            "what this run writes (every digit is made again to compare)",
+            "what this run writes (by the digest the interrupted run recorded, or else by making its digit again)",
             err=True,
         )
     part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""  # shards that run side by side

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from digitgen.runtime.idx import idx_header
 
@@ -26,6 +27,12 @@ ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"  # what a zip archive, and so an NPZ file, begins with
 PNG_ZLIB_LEVEL = 6
+
+
+def encoder_versions(provider: str) -> str:
+    """What shapes generated files' bytes besides the model and the request: the libraries that compute their
+    pixels and encode them."""
+    return f"onnxruntime {ort.__version__} {provider}|numpy {np.__version__}|zlib {zlib.ZLIB_RUNTIME_VERSION}"
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

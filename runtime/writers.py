@@ -26,6 +26,7 @@ from typing import BinaryIO
 import numpy as np
 
 from digitgen.runtime.encode import (
+    encoder_versions,
     grid_png_bytes,
     idx_records,
     npz_bytes,
@@ -54,6 +55,7 @@ from digitgen.runtime.generator import (
     check_int,
     empty_digits,
     fill_digits,
+    labels_for,
 )
 from digitgen.runtime.idx import (
     IMAGE_SIDE,
@@ -72,6 +74,17 @@ from digitgen.runtime.layout import (
     png_index,
     png_name,
     pngs_in_range,
+)
+from digitgen.runtime.noise import NOISE_SCHEME
+from digitgen.runtime.png_journal import (
+    Journal,
+    KeptDigits,
+    RecordedFiles,
+    file_digest,
+    holds_recorded,
+    journal_path,
+    recorded_files,
+    run_identity,
 )
 from digitgen.runtime.resume import holds, refuse_a_longer_run, refuse_other_digits, resume_check
 from digitgen.runtime.run_record import (
@@ -111,12 +124,15 @@ def _check_arrays(batch: object) -> None:
         )
 
 
-def _checked(batches: Iterable[GeneratedDigits], start: int, stop: int) -> Iterator[GeneratedDigits]:
+def _checked(
+    batches: Iterable[GeneratedDigits | KeptDigits], start: int, stop: int
+) -> Iterator[GeneratedDigits | KeptDigits]:
     """``batches`` while they hold exactly the digits ``start .. stop-1`` in order; a typed error otherwise."""
     expected = start
     for batch in batches:
-        _check_arrays(batch)
-        if len(batch.images) != len(batch.labels):
+        if not isinstance(batch, KeptDigits):
+            _check_arrays(batch)
+        if not isinstance(batch, KeptDigits) and len(batch.images) != len(batch.labels):
             raise InvalidRequestError(
                 f"a batch holds {len(batch.images)} images and {len(batch.labels)} labels; no new file was kept"
             )
@@ -139,14 +155,16 @@ def _png_indices(shard: Shard, total: int) -> tuple[int, int | None]:
 
 
 def _write_pngs(
-    batches: Iterable[GeneratedDigits],
+    batches: Iterable[GeneratedDigits | KeptDigits],
     out_dir: Path,
     replaced: Sequence[Path],
     resume: bool,
     vet: bool,
     on_batch: OnBatch,
+    journal: Journal,
 ) -> int:
-    """One PNG per digit; returns how many existing files were kept.
+    """One PNG per digit; returns how many existing files were kept. Each batch's files, written or kept, are
+    recorded in ``journal``; a :class:`KeptDigits` batch is kept as its files are.
 
     A file of the same index but another label is removed, so that, once the call is done, an index never has
     two labels in one folder, and so are ``replaced`` files past the batches' digits (a longer run's). With
@@ -165,6 +183,13 @@ def _write_pngs(
     repairs = _Repairs(out_dir)  # with resume: damaged files of this label, replaced at the end
     try:
         for batch in batches:
+            if isinstance(batch, KeptDigits):  # each file holds exactly its digit: the only one of its index
+                for index in range(batch.start, batch.start + len(batch.labels)):
+                    del stale[index]
+                kept += len(batch.labels)
+                journal.record(range(batch.start, batch.start + len(batch.labels)), batch.digests)
+                on_batch(len(batch.labels))
+                continue
             for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
                 path = out_dir / png_name(batch.start + offset, int(label))
                 encoded = png_bytes(image)
@@ -173,6 +198,7 @@ def _write_pngs(
                 for old in earlier:
                     if vet and not (keep and old == path):
                         refuse_other_digits(old)
+                repaired = False
                 if keep:
                     kept += 1
                 elif path not in earlier and os.path.lexists(path):  # not there when the run was checked
@@ -182,6 +208,7 @@ def _write_pngs(
                     )
                 elif vet and path in earlier:
                     repairs.add(batch.start + offset, int(label), encoded)
+                    repaired = True
                 else:
                     _write_png(path, encoded)
                     if path not in earlier:
@@ -192,6 +219,8 @@ def _write_pngs(
                 for old in earlier:
                     if old != path:
                         (discarded.append if vet else _remove)(old)
+                if not repaired:  # a damaged file is replaced at the end
+                    journal.record([batch.start + offset], [file_digest(encoded)])
             on_batch(len(batch.labels))
         repairs.write()
         for path in [*discarded, *(path for past in stale.values() for path in past)]:
@@ -386,15 +415,23 @@ class OutputPlan:
         """Whether this run writes a record beside its part."""
         return self.record is not None and is_recorded(self.fmt, self.shard)
 
-    def write(self, batches: Iterable[GeneratedDigits], on_batch: OnBatch = lambda n: None) -> WrittenFiles:
-        """Write the digits ``start .. start+count-1``, streamed from ``batches`` in order."""
+    def write(
+        self,
+        batches: Iterable[GeneratedDigits | KeptDigits],
+        on_batch: OnBatch = lambda n: None,
+        identity: bytes | None = None,
+    ) -> WrittenFiles:
+        """Write the digits ``start .. start+count-1``, streamed from ``batches`` in order. ``identity``: that of
+        the run making them (:func:`~digitgen.runtime.png_journal.run_identity`), whose PNG files are journaled."""
         try:
-            return self._write(batches, on_batch)
+            return self._write(batches, on_batch, identity)
         except BaseException:
             remove_if_empty(self.created)
             raise
 
-    def _write(self, batches: Iterable[GeneratedDigits], on_batch: OnBatch) -> WrittenFiles:
+    def _write(
+        self, batches: Iterable[GeneratedDigits | KeptDigits], on_batch: OnBatch, identity: bytes | None
+    ) -> WrittenFiles:
         png = self.fmt == "png"
         with claim_indices(self.out_dir, *_png_indices(self.shard, self.total)) if png else nullcontext():
             if self.out_dir.is_dir():  # a killed run's, of any label: none is left beside this run's digits
@@ -402,7 +439,21 @@ class OutputPlan:
                     remove_leftover(tmp)
             batches = _checked(batches, self.start, self.start + self.count)
             if png:
-                kept = _write_pngs(batches, self.out_dir, self.existing, self.resume, self.refuses_other_runs, on_batch)
+                journal = Journal(journal_path(self.out_dir, self.shard), identity)
+                try:
+                    kept = _write_pngs(
+                        batches, self.out_dir, self.existing, self.resume, self.refuses_other_runs, on_batch, journal
+                    )
+                except (
+                    InvalidRequestError,
+                    OtherRunError,
+                ):  # refused: the files it added are gone, a journal it began too
+                    journal.close(remove=journal.begun)
+                    raise
+                except BaseException:  # interrupted, or a failure: kept for --resume
+                    journal.close(remove=False)
+                    raise
+                journal.close(remove=True)  # done: an earlier run's journal too, whose files this run checked
                 return WrittenFiles([self.out_dir], kept, self.count)
         paths = [self.out_dir / name for name in output_names(self.fmt, self.shard, self.recorded)]
         before = {path: path.lstat() for path in self.existing}  # a dangling link is an existing file too
@@ -554,10 +605,53 @@ class GenerationJob:
     truncation: float | None
 
     def run(self, on_batch: OnBatch = lambda n: None) -> WrittenFiles:
-        batches = self.gen.iter_batches(
-            self.plan.count, self.digits, self.seed, self.batch_size, start=self.plan.start, truncation=self.truncation
-        )
-        return self.plan.write(batches, on_batch)
+        if self.plan.fmt != "png":
+            batches = self.gen.iter_batches(
+                self.plan.count, self.digits, self.seed, self.batch_size, self.plan.start, self.truncation
+            )
+            return self.plan.write(batches, on_batch)
+        return self.plan.write(self._png_batches(), on_batch, self.identity)
+
+    @property
+    def identity(self) -> bytes:
+        """What shapes this run's files' bytes, as its PNG journal names it."""
+        request = self.gen.check_request(1, self.digits, self.seed, truncation=self.truncation)
+        versions = encoder_versions(self.gen.provider)
+        return run_identity(self.gen.sha256, versions, NOISE_SCHEME, request.digits, request.seed, request.truncation)
+
+    def _png_batches(self) -> Iterator[GeneratedDigits | KeptDigits]:
+        """The batches to write; resumed, those whose files an interrupted run recorded and still hold are kept
+        as they are, their digits not made again (read once the run holds its indices)."""
+        plan = self.plan
+        recorded = recorded_files(journal_path(plan.out_dir, plan.shard), self.identity) if plan.resume else None
+        existing: dict[int, list[Path]] = {}
+        for path in plan.existing if recorded is not None else ():
+            existing.setdefault(png_index(path), []).append(path)
+        cycle = self.gen.check_request(1, self.digits, self.seed, truncation=self.truncation).digits
+        for lo in range(plan.start, plan.start + plan.count, self.batch_size):
+            hi = min(lo + self.batch_size, plan.start + plan.count)
+            kept = (
+                None
+                if recorded is None
+                else _kept_on_record(plan.out_dir, labels_for(cycle, lo, hi), lo, recorded, existing)
+            )
+            if kept is not None:
+                yield kept
+            else:
+                yield from self.gen.iter_batches(hi - lo, cycle, self.seed, self.batch_size, lo, self.truncation)
+
+
+def _kept_on_record(
+    out_dir: Path, labels: np.ndarray, start: int, recorded: RecordedFiles, existing: dict[int, list[Path]]
+) -> KeptDigits | None:
+    """The digits ``start ..`` of ``labels`` as kept, if each has its file alone at its index, holding the bytes
+    whose digest an earlier run of this one recorded; ``None`` if any does not (the batch is made again)."""
+    digests = recorded.digests_of(start, start + len(labels))
+    for index, label in enumerate(labels.tolist(), start):
+        path = out_dir / png_name(index, label)
+        if existing.get(index) != [path] or not holds_recorded(path, digests.get(index)):
+            return None
+    return KeptDigits(start, labels, [digests[index] for index in range(start, start + len(labels))])
 
 
 def plan_generation(

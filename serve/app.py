@@ -19,6 +19,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
+from digitgen.runtime.encode import encoder_versions
 from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
 from digitgen.runtime.text import printable
@@ -44,7 +45,6 @@ from digitgen.serve.params import (
     MEDIA_TYPES,
     DigitsRequest,
     NotAcceptableError,
-    encoder_versions,
     etag,
     not_modified,
     precondition_failed,

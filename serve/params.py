@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import numpy as np
-import onnxruntime as ort
 
 from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.generator import (
@@ -175,14 +171,9 @@ def parse_request(
     return DigitsRequest(checked.digits, count, checked.seed, checked.truncation, fmt)
 
 
-def encoder_versions(provider: str) -> str:
-    """What else shapes a response's bytes: the libraries that compute its pixels and encode them."""
-    return f"onnxruntime {ort.__version__} {provider}|numpy {np.__version__}|zlib {zlib.ZLIB_RUNTIME_VERSION}"
-
-
 def etag(source: str, request: DigitsRequest) -> str:
     """A strong ETag: the response is a pure function of its ``source`` (the model's sha256 and
-    :func:`encoder_versions`), the noise scheme, the encodings and the normalised request."""
+    :func:`~digitgen.runtime.encode.encoder_versions`), the noise scheme, the encodings and the normalised request."""
     text = f"{source}|{NOISE_SCHEME}|{ENCODING_VERSION}|{request.key()}"
     return '"' + hashlib.sha256(text.encode()).hexdigest()[:32] + '"'
 

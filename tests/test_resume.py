@@ -3,6 +3,7 @@ the folder byte for byte as an uninterrupted run would have written it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from digitgen.runtime import (
     generate_files,
 )
 from digitgen.runtime.layout import FORMATS
+from digitgen.runtime.png_journal import JOURNAL_NAME, Journal, recorded_files
 from tests.helpers import default_sigint, write_npz_declaring
 
 N = 40
@@ -39,6 +41,19 @@ def gen(tiny_onnx: Path) -> DigitGenerator:
 def folder(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` (hidden temporary files included) by relative path."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def journaled(out: Path) -> list[str]:
+    """The files a PNG run's journal in ``out`` records, by name."""
+    data = (out / JOURNAL_NAME).read_bytes()
+    assert data.startswith(b"digitgen png run journal 1\n")
+    records = np.frombuffer(data[27 + 32 :], dtype=[("index", "<i8"), ("digest", "S16")])
+    by_index = {p.name[:8]: p.name for p in out.glob("*.png")}
+    assert all(
+        hashlib.blake2b((out / by_index[f"{i:08d}"]).read_bytes(), digest_size=16).digest() == d
+        for i, d in records.tolist()
+    )
+    return sorted(by_index[f"{i:08d}"] for i in records["index"].tolist())
 
 
 def interrupt_after(batches: int):
@@ -72,8 +87,9 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(
     left = folder(tmp_path)
     assert not [name for name in left if name.endswith(".part")]
     if fmt == "png":
-        assert len(left) == stop_after * BATCH  # every complete batch's files, nothing else
-        assert all(clean_runs[fmt][name] == content for name, content in left.items())
+        assert journaled(tmp_path) == sorted(name for name in left if name != JOURNAL_NAME)
+        assert len(left) == stop_after * BATCH + 1  # every complete batch's files and the journal, nothing else
+        assert all(clean_runs[fmt][name] == content for name, content in left.items() if name != JOURNAL_NAME)
         with pytest.raises(OutputError, match="pass --overwrite"):
             generate_files(gen, tmp_path, N, fmt, **REQUEST)
     else:
@@ -426,7 +442,8 @@ def test_sigterm_then_resume_gives_the_uninterrupted_folder(tmp_path: Path) -> N
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 130
-    interrupted = len(os.listdir(tmp_path / "resumed"))
+    interrupted = len(list((tmp_path / "resumed").glob("*.png")))
+    assert journaled(tmp_path / "resumed") == sorted(p.name for p in (tmp_path / "resumed").glob("*.png"))
     assert 200 <= interrupted < 2000
     resumed = _generate(tmp_path / "resumed", *args, "--resume")
     stdout, stderr = resumed.communicate(timeout=300)
@@ -446,3 +463,107 @@ def test_overwrite_with_fewer_png_digits_leaves_this_runs_folder_which_then_resu
     assert folder(tmp_path / "out") == folder(tmp_path / "fewer")
     generate_files(gen, tmp_path / "out", 10, seed=2, resume=True)
     assert folder(tmp_path / "out") == folder(tmp_path / "fewer")
+
+
+# --- the journal: files an interrupted run recorded are kept without making their digits again ----------------
+
+
+def made_digits(gen: DigitGenerator, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many digits each model call of ``gen`` makes from now on."""
+    calls: list[int] = []
+    run = gen.run
+
+    def counted(noise: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        calls.append(len(labels))
+        return run(noise, labels)
+
+    monkeypatch.setattr(gen, "run", counted)
+    return calls
+
+
+def test_resume_keeps_the_journaled_files_without_making_their_digits_again(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(3), **REQUEST)
+    calls = made_digits(gen, monkeypatch)
+    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert calls == [1, BATCH, BATCH]  # the first file's digit (is the folder this run's?), then the 2 batches left
+    assert folder(tmp_path) == clean_runs["png"]  # the journal gone with the run
+
+
+def test_a_journaled_file_damaged_or_changed_since_is_checked_by_its_digit(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(4), **REQUEST)
+    damaged, changed = sorted(tmp_path.glob("*.png"))[BATCH + 3], sorted(tmp_path.glob("*.png"))[3 * BATCH]
+    damaged.write_bytes(damaged.read_bytes()[:-5])
+    changed.write_bytes(clean_runs["png"][sorted(tmp_path.glob("*.png"))[0].name])  # a whole PNG, another digit
+    calls = made_digits(gen, monkeypatch)
+    with pytest.raises(OtherRunError, match=re.escape(changed.name)):
+        generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert calls == [1, BATCH, BATCH]  # batches 2 and 4 made again, the changed file then refused
+    changed.write_bytes(clean_runs["png"][changed.name][:-5])  # damaged after all: replaced
+    calls.clear()
+    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert folder(tmp_path) == clean_runs["png"]
+    assert calls == [1, BATCH, BATCH, BATCH]  # batches 2, 4 and 5: the journal had records for batches 1 to 4
+
+
+@pytest.mark.parametrize("another_run", [True, False])
+def test_a_journal_of_another_run_or_torn_keeps_nothing_on_its_record(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch, another_run: bool
+) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(2), **REQUEST)
+    journal = tmp_path / JOURNAL_NAME
+    header = len(b"digitgen png run journal 1\n")
+    data = journal.read_bytes()
+    journal.write_bytes(data[:header] + bytes(32) + data[header + 32 :] if another_run else data[: header - 3])
+    calls = made_digits(gen, monkeypatch)
+    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert calls == [1] + [BATCH] * (N // BATCH) and folder(tmp_path) == clean_runs["png"]
+
+
+def test_a_torn_last_record_loses_only_its_file(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(2), **REQUEST)
+    journal = tmp_path / JOURNAL_NAME
+    journal.write_bytes(journal.read_bytes()[:-5])
+    calls = made_digits(gen, monkeypatch)
+    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert calls == [1, BATCH, BATCH, BATCH, BATCH] and folder(tmp_path) == clean_runs["png"]
+
+
+def test_someones_file_where_the_journal_goes_is_refused_and_kept(gen: DigitGenerator, tmp_path: Path) -> None:
+    (tmp_path / JOURNAL_NAME).write_text("my notes")
+    with pytest.raises(OutputError, match="is not a journal of digitgen's, which a PNG run keeps there; move it"):
+        generate_files(gen, tmp_path, N, "png", **REQUEST)
+    assert folder(tmp_path) == {JOURNAL_NAME: b"my notes"}
+
+
+def test_each_png_shard_keeps_a_journal_of_its_own(gen: DigitGenerator, tmp_path: Path, clean_runs: dict) -> None:
+    for index in (0, 1):
+        with pytest.raises(KeyboardInterrupt):
+            generate_files(gen, tmp_path, N, "png", shard=Shard(index, 2), on_batch=interrupt_after(1), **REQUEST)
+    assert {p.name for p in tmp_path.glob(".*")} == {f"{JOURNAL_NAME}-00000-of-00002", f"{JOURNAL_NAME}-00001-of-00002"}
+    for index in (0, 1):
+        generate_files(gen, tmp_path, N, "png", shard=Shard(index, 2), resume=True, **REQUEST)
+    assert folder(tmp_path) == clean_runs["png"]
+
+
+def test_the_journal_reads_back_every_digest_it_recorded_to_the_byte(tmp_path: Path) -> None:
+    """A digest that ends in zero bytes among them (a fixed-length byte string of numpy's would drop them)."""
+    path, identity = tmp_path / JOURNAL_NAME, bytes(range(32))
+    digests = [bytes(16), b"\x01" * 15 + b"\x00", bytes(range(1, 17)), b"\x00" + b"\xff" * 15]
+    journal = Journal(path, identity)
+    journal.record([5, 7], digests[:2])
+    journal.record([6, 7, 9], [digests[2], digests[0], digests[3]])  # index 7 again: its last digest counts
+    journal.close(remove=False)
+    recorded = recorded_files(path, identity)
+    assert recorded.digests_of(0, 100) == {5: digests[0], 6: digests[2], 7: digests[0], 9: digests[3]}
+    assert recorded.digests_of(6, 9) == {6: digests[2], 7: digests[0]}
+    assert recorded_files(path, bytes(32)) is None  # another run's

@@ -33,6 +33,7 @@ import pytest
 from click.testing import CliRunner
 
 from digitgen.cli import main
+from digitgen.runtime.encode import encoder_versions
 from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION
@@ -43,7 +44,6 @@ from digitgen.serve.params import (
     DigitsRequest,
     NotAcceptableError,
     choose_format,
-    encoder_versions,
     etag,
     not_modified,
     parse_request,
