@@ -508,11 +508,12 @@ def train(run_dir: str | None, resume: str | None, device_name: str, **choices: 
     )
 
 
-def _quality_file(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
-    """``--quality``'s evaluation, read by the exporter (loaded only by the command that needs torch anyway)."""
+def _quality_file(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, object] | None:
+    """``--quality``'s file and the evaluation read from it (by the exporter, loaded only by the command that needs
+    torch anyway)."""
     from digitgen.export.quality import read_evaluation
 
-    return _parsed_by(read_evaluation)(ctx, param, value)
+    return None if value is None else (value, _parsed_by(read_evaluation)(ctx, param, value))
 
 
 def _echo_report(report: ParityReport) -> None:
@@ -560,20 +561,22 @@ def export_cmd(
     opset: int,
     precision: str,
     atol: float | None,
-    quality: dict | None,
+    quality: tuple[str, dict] | None,
     weights_out: str | None,
     overwrite: bool,
 ) -> None:
     """Export the EMA generator to ONNX and verify it numerically against PyTorch (fp32)."""
     from digitgen.export.onnx_export import export_generator
 
+    quality_file, evaluation = quality or (None, None)
     report = export_generator(
         checkpoint,
         out,
         opset=opset,
         precision=precision,
         atol=atol,
-        evaluation=quality,
+        evaluation=evaluation,
+        evaluation_file=quality_file,
         weights_out=weights_out,
         overwrite=overwrite,
     )

@@ -12,6 +12,7 @@ from digitgen.export.errors import ExportVerificationError
 from digitgen.export.onnx_export import check_output_files, publish_with_weights, to_onnx, write_metadata
 from digitgen.export.tolerances import ATOL
 from digitgen.runtime.files import check_writable, refuse_existing, refuse_one_file_twice
+from digitgen.runtime.idx import MNIST_FILES, mnist_raw_folder
 from digitgen.runtime.session import open_session, run_model
 from digitgen.training.checkpoint import write_payload
 from digitgen.training.classifier import (
@@ -110,6 +111,8 @@ class ClassifierRun:
         self.out, self.epochs, self.seed, self.overwrite = Path(out), epochs, seed, overwrite
         self.weights = check_classifier_outputs(out, overwrite)  # before the training, whose result they hold
         self.state = state_path_beside(out)
+        data = {f"--data-dir's {name}": mnist_raw_folder(data_dir) / name for name in MNIST_FILES}
+        refuse_one_file_twice({**data, "--out": out, "its weights": self.weights, "its state": self.state})
         check_resume(self.state, resume, overwrite)
         self.train = load_mnist(data_dir, download=download)
         self.test = load_mnist(data_dir, train=False)

@@ -151,6 +151,7 @@ def export_generator(
     precision: str = "fp32",
     atol: float | None = None,
     evaluation: Mapping[str, Mapping[str, object]] | None = None,
+    evaluation_file: str | Path | None = None,
     weights_out: str | Path | None = None,
     overwrite: bool = False,
 ) -> ParityReport:
@@ -158,7 +159,8 @@ def export_generator(
 
     ``precision`` is ``fp32``, ``fp16`` or ``int8`` (see :mod:`digitgen.export.precision`); each has its own
     tolerance, and ``atol`` overrides its per-pixel maximum. ``evaluation`` (of ``digitgen evaluate --json``)
-    adds its headline figures to the metadata, if it scored the model this export writes. The file appears at
+    adds its headline figures to the metadata, if it scored the model this export writes; ``evaluation_file``, the
+    file it was read from, is never written over. The file appears at
     ``out`` only after verification passes; on any failure or interrupt nothing is left behind. ``weights_out`` also
     writes the EMA generator weights a release ships beside its ONNX file (see
     :func:`digitgen.training.checkpoint.release_weights`). Existing files are replaced only with
@@ -170,7 +172,9 @@ def export_generator(
     if isinstance(opset, bool) or not isinstance(opset, int) or not DEFAULT_OPSET <= opset <= newest:
         raise ExportError(f"opset {opset!r} is not one this exporter writes: choose {DEFAULT_OPSET} to {newest}")
     out = check_output_files(out, [weights_out], "generator.onnx")
-    refuse_one_file_twice({"--checkpoint": checkpoint, "--out": out, "--weights-out": weights_out})
+    refuse_one_file_twice(
+        {"--checkpoint": checkpoint, "--quality": evaluation_file, "--out": out, "--weights-out": weights_out}
+    )
     refuse_existing([out, weights_out], overwrite)
     generator, config, payload = load_generator(str(checkpoint))
     model = ContractGenerator(generator).eval()  # the reference the file is verified against

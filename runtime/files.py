@@ -307,6 +307,18 @@ def refuse_one_file_twice(files: dict[str, str | Path | None]) -> None:
         seen[resolved] = option
 
 
+def refuse_writing_over(source: str | Path, option: str, outputs: Iterable[Path]) -> None:
+    """Raise :class:`OutputError` if one of ``outputs``, files a run writes or replaces, is the file ``source`` it
+    reads (``option`` names it): the run would replace its own input."""
+    target = Path(os.path.realpath(source))
+    parents: dict[Path, Path] = {}
+    for path in outputs:
+        if path.name == target.name:  # the folder's real path only then: a run may replace a million files
+            real_parent = parents.setdefault(path.parent, Path(os.path.realpath(path.parent)))
+            if real_parent == target.parent:
+                raise OutputError(f"{path} is the file {option} names, which this run reads; write elsewhere")
+
+
 def readable_file(path: Path) -> bool:
     """Whether ``path`` is, or links to, a regular file: one that reading cannot hang on (a pipe) or never end
     (a device)."""

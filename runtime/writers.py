@@ -41,6 +41,7 @@ from digitgen.runtime.files import (
     refuse_existing,
     refuse_if_claimed,
     refuse_non_files,
+    refuse_writing_over,
     remove_if_empty,
     remove_leftover,
     temporary_name,
@@ -676,6 +677,7 @@ def plan_generation(
     plan = plan_output(
         out_dir, fmt, num, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count, record=record
     )
+    refuse_writing_over(gen.path, "--generator", plan.existing)
     if plan.refuses_other_runs and fmt == "png" and plan.existing:
         _refuse_another_runs_folder(gen, min(plan.existing, key=png_index), digits, seed, truncation)
     if plan.refuses_other_runs and plan.recorded:  # the shard's record says at once whether its parts are another run's

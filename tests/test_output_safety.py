@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -43,6 +45,7 @@ from digitgen.runtime.files import (
 from digitgen.runtime.idx import read_idx
 from digitgen.runtime.layout import FORMATS, png_name
 from digitgen.runtime.writers import plan_generation
+from tests.test_export import EVALUATION
 
 N = 12
 
@@ -1036,3 +1039,59 @@ def test_every_path_is_looked_at_and_a_device_is_named_as_one(tmp_path: Path) ->
     (tmp_path / "file").write_bytes(b"")
     (tmp_path / "link").symlink_to("/dev/null")
     refuse_non_files([tmp_path / "file", tmp_path / "link", tmp_path / "missing"])  # a link is replaced, not followed
+
+
+# --- no command writes over a file it reads ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("grid", "grid.png"), ("npz", "digits.npz"), ("png", "00000000_label0.png")])
+def test_generate_refuses_to_write_over_its_model(tmp_path: Path, tiny_onnx: Path, fmt: str, name: str) -> None:
+    """A model saved under an output's name, in the output folder: --overwrite would have put digits in its place."""
+    model = tmp_path / name
+    model.write_bytes(tiny_onnx.read_bytes())
+    linked = tmp_path / "linked.onnx"
+    linked.symlink_to(model)  # the model by another name: the same file
+    for given in (model, linked):
+        result = CliRunner().invoke(
+            main,
+            ["generate", "--generator", str(given), "--format", fmt, "-n", "3", "--out", str(tmp_path), "--overwrite"],
+        )
+        assert result.exit_code == 1
+        assert result.output == f"Error: {model} is the file --generator names, which this run reads; write elsewhere\n"
+    assert model.read_bytes() == tiny_onnx.read_bytes()
+
+
+def test_export_refuses_to_write_over_its_quality_file(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    quality = tmp_path / "quality.json"
+    quality.write_text(json.dumps(EVALUATION))
+    before = quality.read_bytes()
+    for overwrite in ([], ["--overwrite"]):
+        result = CliRunner().invoke(
+            main,
+            [
+                "export",
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--quality",
+                str(quality),
+                "--out",
+                str(quality),
+                *overwrite,
+            ],
+        )
+        assert result.exit_code == 1 and quality.read_bytes() == before
+        assert result.output == f"Error: --quality and --out name the same file ({quality}); give each its own\n"
+
+
+def test_train_classifier_refuses_to_write_over_its_data(tmp_path: Path, tiny_mnist: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mnist, data)
+    images = data / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    before = images.read_bytes()
+    result = CliRunner().invoke(
+        main, ["train-classifier", "--data-dir", str(data), "--out", str(images), "--overwrite", "--epochs", "1"]
+    )
+    assert result.exit_code == 1 and images.read_bytes() == before
+    assert result.output == (
+        f"Error: --data-dir's train-images-idx3-ubyte and --out name the same file ({images}); give each its own\n"
+    )
