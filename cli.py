@@ -539,7 +539,7 @@ def _echo_report(report: ParityReport) -> None:
 @click.option(
     "--atol",
     type=FiniteFloat(min=0),
-    help="Largest allowed |torch - onnxruntime| per pixel [default: "
+    help="Largest allowed |torch - onnxruntime| of any pixel; the mean's limit stays the precision's [default: "
     + ", ".join(f"{tolerance.max_abs:g} {name}" for name, tolerance in tolerances.TOLERANCES.items())
     + "].",
 )
@@ -588,7 +588,12 @@ def export_cmd(
 @click.argument("model_argument", metavar="[MODEL]", required=False, type=GivenPath(dir_okay=False))
 @generator_option("ONNX model to check (or give it as the argument).")
 @click.option("--checkpoint", required=True, type=GivenPath(dir_okay=False), help="Checkpoint it came from.")
-@click.option("--atol", type=FiniteFloat(min=0), help="Per-pixel tolerance [default: by the model's precision].")
+@click.option(
+    "--atol",
+    type=FiniteFloat(min=0),
+    help="Largest allowed |torch - onnxruntime| of any pixel; the mean's limit stays the precision's [default: by "
+    "the model's precision].",
+)
 def verify(model_argument: str | None, model: str | None, checkpoint: str, atol: float | None) -> None:
     """Check an existing ONNX model against the PyTorch checkpoint it was exported from."""
     from digitgen.export.onnx_export import verify_file
@@ -716,7 +721,9 @@ def generate(
     timing += f" on {gen.provider}"
     digits = f"{counted(job.plan.count, 'digit')}{part} as {fmt}"
     if not resume:
-        _say(f"wrote {digits} to {where} {timing}")
+        earlier = len(job.plan.existing)  # what --overwrite let it replace: said, as nothing else tells of them
+        gone = f"; it replaced or removed {counted(earlier, 'file')} already there (--overwrite)" if earlier else ""
+        _say(f"wrote {digits} to {where} {timing}{gone}")
         return
     if written.kept:
         kept = f"kept {counted(written.kept, 'complete file')} of the earlier run"

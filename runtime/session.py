@@ -84,12 +84,18 @@ def _resolve(provider: str) -> str:
 
 def ort_reason(exc: BaseException) -> str:
     """onnxruntime's message without its "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model ... failed:" prefix,
-    nor the source file and C++ function that raised it ("/onnxruntime_src/.../model.cc:256 onnxruntime::...(...)")."""
+    nor the source file and C++ function that raised it ("/onnxruntime_src/.../model.cc:256 onnxruntime::...(...)");
+    a node that failed as the model ran is named in a few words ("Expand node 'big': Failed to allocate ...")."""
     lines = str(exc).strip().splitlines()
     if not lines:
         return type(exc).__name__
     reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .* failed:)?", "", lines[0]).strip()
-    reason = re.sub(r"^\S+\.(?:cc|cpp|h):\d+ \S+\(.*?\) ", "", reason)
+    reason = re.sub(
+        r"^Non-zero status code returned while running (\S+) node\. Name:'(.*?)' Status Message: ",
+        r"\1 node '\2': ",
+        reason,
+    )
+    reason = re.sub(r"(^|: )\S+\.(?:cc|cpp|h):\d+ (?:\S+ )?\S+\(.*?\) ", r"\1", reason)  # [return type] function
     return reason.strip().rstrip(".")
 
 

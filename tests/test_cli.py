@@ -337,8 +337,9 @@ def test_resume_reports_what_it_kept(tmp_path: Path, tiny_onnx: Path) -> None:
     )
     code, output = run(*args, "--format", "npz")
     assert code == 0
-    code, output = run(*args, "--overwrite")  # replaces the files there: no "resuming"
+    code, output = run(*args, "--overwrite")  # replaces the files there, and says so: no "resuming"
     assert code == 0 and "resuming" not in output and "wrote 12 digits as png" in output, output
+    assert output.rstrip().endswith("; it replaced or removed 12 files already there (--overwrite)"), output
     code, output = run(*args, "--format", "npz", "--resume")
     assert code == 0 and "kept 1 complete file of the earlier run, wrote 0," in output, output
     assert "resuming: 1 file already there" in output

@@ -543,9 +543,16 @@ def test_where_a_cuda_session_cannot_be_created_auto_runs_on_the_cpu_quietly(
             "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from g.onnx failed:Protobuf parsing failed.",
             "Protobuf parsing failed",
         ),
+        (
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Expand node. "
+            "Name:'big' Status Message: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:360 void* "
+            "onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*, bool, "
+            "onnxruntime::WaitNotificationFn) Failed to allocate memory for requested buffer of size 8000000000\n",
+            "Expand node 'big': Failed to allocate memory for requested buffer of size 8000000000",
+        ),
         ("", "RuntimeError"),
     ],
-    ids=["source-location", "load-prefix", "empty"],
+    ids=["source-location", "load-prefix", "a-node-failed", "empty"],
 )
 def test_onnxruntimes_reason_is_its_words_without_its_codes_or_source(message: str, reason: str) -> None:
     assert ort_reason(RuntimeError(message)) == reason
