@@ -157,6 +157,12 @@ class _Service:
         self.warmup_error = None
         self.ready = True
 
+    def unready(self, failure: Exception) -> None:
+        """A request failed: ``/readyz`` answers 503, so that a load balancer sends requests elsewhere, and starts a
+        warm-up batch; ready again once one runs (at once, when the failure was that request's alone)."""
+        self.ready = False
+        self.warmup_error = f"a request failed ({type(failure).__name__}: {failure}); a warm-up batch runs again"
+
     def retry_warm_up(self) -> None:
         """Start another warm-up if the last one failed and none is running: a replica whose model could
         not run at start (a busy GPU, say) becomes ready once it can."""
@@ -227,6 +233,9 @@ class _Service:
             return refusal(499, "the client closed the connection before the response was ready")
         except MemoryError as exc:  # the CLI's words, less its advice on formats: a response holds every digit
             return refusal(422, f"not enough memory: {exc}")
+        except Exception as exc:  # answered with a 500 by the entry; until a warm-up batch runs again, not ready
+            self.unready(exc)
+            raise
         self.metrics.digits.inc(request.count)
         name = filename(request.fmt, request.digits[0])
         if name:
@@ -434,7 +443,8 @@ def create_app(
 
     @app.get("/readyz", responses={503: error_response("Not ready yet")})
     async def readyz() -> Response:
-        """Ready once the model has run one warm-up batch (a failed one is tried again)."""
+        """Ready once the model has run one warm-up batch (a failed one is tried again), and again after a request
+        failed."""
         if not service.ready:
             service.retry_warm_up()
             why = service.warmup_error or "the model's warm-up batch has not run yet"

@@ -450,6 +450,41 @@ def test_an_unexpected_error_is_a_500_in_json_with_the_request_id_and_cors(caplo
     assert [r.getMessage() for r in caplog.records] == ["unexpected error in /generate (id=req-7)"]
 
 
+def test_a_failed_request_makes_the_server_not_ready_until_a_warm_up_batch_runs_again() -> None:
+    """A load balancer polling /readyz stops sending requests to a replica whose model fails, and sends them
+    again once a warm-up batch (which /readyz starts) has run."""
+    generator = DigitGenerator.from_path(threads=1)
+    broken = threading.Event()
+
+    def fails_while_broken(z: np.ndarray) -> None:
+        if broken.is_set():
+            raise RuntimeError("the GPU fell off the bus")
+
+    before_each_model_call(generator, fails_while_broken)
+    app = create_app(generator, ServeSettings(access_log=False, batch_window_ms=0))
+
+    async def probes() -> list[httpx.Response]:
+        async with app.router.lifespan_context(app), asgi_client(app) as client:
+            async with asyncio.timeout(30):
+                while (await client.get("/readyz")).status_code != 200:
+                    await asyncio.sleep(0.01)
+            broken.set()
+            answers = [await client.get("/generate?count=3&format=npz")]
+            answers += [await client.get("/readyz"), await client.get("/readyz")]  # the warm-up fails too
+            broken.clear()
+            async with asyncio.timeout(30):
+                while (ready := await client.get("/readyz")).status_code != 200:
+                    await asyncio.sleep(0.01)
+            return [*answers, ready]
+
+    failed, unready, still, ready = asyncio.run(probes())
+    assert failed.status_code == 500
+    assert unready.status_code == 503 and unready.json() == {
+        "error": "not ready: a request failed (RuntimeError: the GPU fell off the bus); a warm-up batch runs again"
+    }
+    assert still.status_code == 503 and ready.json()["status"] == "ready"
+
+
 def test_a_request_too_large_for_memory_is_refused_in_the_cli_words() -> None:
     app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False, max_count=10**13))
     (refused,) = _in_process(app, [("/generate?count=10000000000000&format=npz", {})])
