@@ -57,6 +57,10 @@ class KeptDigits:
     labels: np.ndarray
     digests: list[bytes]
 
+    @property
+    def indices(self) -> range:
+        return range(self.start, self.start + len(self.labels))
+
 
 @dataclass(frozen=True)
 class RecordedFiles:

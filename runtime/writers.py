@@ -133,10 +133,10 @@ def _checked(
     for batch in batches:
         if not isinstance(batch, KeptDigits):
             _check_arrays(batch)
-        if not isinstance(batch, KeptDigits) and len(batch.images) != len(batch.labels):
-            raise InvalidRequestError(
-                f"a batch holds {len(batch.images)} images and {len(batch.labels)} labels; no new file was kept"
-            )
+            if len(batch.images) != len(batch.labels):
+                raise InvalidRequestError(
+                    f"a batch holds {len(batch.images)} images and {len(batch.labels)} labels; no new file was kept"
+                )
         if batch.start != expected or expected + len(batch.labels) > stop:
             raise InvalidRequestError(
                 f"the batches do not hold digits {start}..{stop - 1} in order: got {len(batch.labels)} "
@@ -185,10 +185,10 @@ def _write_pngs(
     try:
         for batch in batches:
             if isinstance(batch, KeptDigits):  # each file holds exactly its digit: the only one of its index
-                for index in range(batch.start, batch.start + len(batch.labels)):
+                for index in batch.indices:
                     del stale[index]
                 kept += len(batch.labels)
-                journal.record(range(batch.start, batch.start + len(batch.labels)), batch.digests)
+                journal.record(batch.indices, batch.digests)
                 on_batch(len(batch.labels))
                 continue
             for offset, (image, label) in enumerate(zip(batch.images, batch.labels, strict=True)):
@@ -445,10 +445,8 @@ class OutputPlan:
                     kept = _write_pngs(
                         batches, self.out_dir, self.existing, self.resume, self.refuses_other_runs, on_batch, journal
                     )
-                except (
-                    InvalidRequestError,
-                    OtherRunError,
-                ):  # refused: the files it added are gone, a journal it began too
+                # refused: the files it added are gone, and so goes a journal it began
+                except (InvalidRequestError, OtherRunError):
                     journal.close(remove=journal.begun)
                     raise
                 except BaseException:  # interrupted, or a failure: kept for --resume
@@ -611,7 +609,8 @@ class GenerationJob:
                 self.plan.count, self.digits, self.seed, self.batch_size, self.plan.start, self.truncation
             )
             return self.plan.write(batches, on_batch)
-        return self.plan.write(self._png_batches(), on_batch, self.identity)
+        identity = self.identity
+        return self.plan.write(self._png_batches(identity), on_batch, identity)
 
     @property
     def identity(self) -> bytes:
@@ -620,22 +619,23 @@ class GenerationJob:
         versions = encoder_versions(self.gen.provider)
         return run_identity(self.gen.sha256, versions, NOISE_SCHEME, request.digits, request.seed, request.truncation)
 
-    def _png_batches(self) -> Iterator[GeneratedDigits | KeptDigits]:
+    def _png_batches(self, identity: bytes) -> Iterator[GeneratedDigits | KeptDigits]:
         """The batches to write; resumed, those whose files an interrupted run recorded and still hold are kept
         as they are, their digits not made again (read once the run holds its indices)."""
         plan = self.plan
-        recorded = recorded_files(journal_path(plan.out_dir, plan.shard), self.identity) if plan.resume else None
+        recorded = recorded_files(journal_path(plan.out_dir, plan.shard), identity) if plan.resume else None
+        if recorded is None:
+            yield from self.gen.iter_batches(
+                plan.count, self.digits, self.seed, self.batch_size, plan.start, self.truncation
+            )
+            return
         existing: dict[int, list[Path]] = {}
-        for path in plan.existing if recorded is not None else ():
+        for path in plan.existing:
             existing.setdefault(png_index(path), []).append(path)
         cycle = self.gen.check_request(1, self.digits, self.seed, truncation=self.truncation).digits
         for lo in range(plan.start, plan.start + plan.count, self.batch_size):
             hi = min(lo + self.batch_size, plan.start + plan.count)
-            kept = (
-                None
-                if recorded is None
-                else _kept_on_record(plan.out_dir, labels_for(cycle, lo, hi), lo, recorded, existing)
-            )
+            kept = _kept_on_record(plan.out_dir, labels_for(cycle, lo, hi), lo, recorded, existing)
             if kept is not None:
                 yield kept
             else:
