@@ -1059,6 +1059,12 @@ def test_generate_refuses_to_write_over_its_model(tmp_path: Path, tiny_onnx: Pat
         assert result.exit_code == 1
         assert result.output == f"Error: {model} is the file --generator names, which this run reads; write elsewhere\n"
     assert model.read_bytes() == tiny_onnx.read_bytes()
+    elsewhere = tmp_path / "models" / name  # an output's name in another folder: nothing to refuse
+    elsewhere.parent.mkdir()
+    shutil.copy(model, elsewhere)
+    args = ["generate", "--generator", str(elsewhere), "--format", fmt, "-n", "3", "--out", str(tmp_path)]
+    result = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
 
 
 def test_export_refuses_to_write_over_its_quality_file(tmp_path: Path, tiny_checkpoint: Path) -> None:

@@ -567,3 +567,19 @@ def test_the_journal_reads_back_every_digest_it_recorded_to_the_byte(tmp_path: P
     assert recorded.digests_of(0, 100) == {5: digests[0], 6: digests[2], 7: digests[0], 9: digests[3]}
     assert recorded.digests_of(6, 9) == {6: digests[2], 7: digests[0]}
     assert recorded_files(path, bytes(32)) is None  # another run's
+
+
+def test_a_journaled_index_with_a_second_file_of_another_label_is_checked_and_refused(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict
+) -> None:
+    """A file of another label beside a journaled one is no file this run writes: refused as without a journal."""
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(2), **REQUEST)
+    ours = sorted(tmp_path.glob("*.png"))[3]
+    stranger = ours.with_name(ours.name[:8] + "_label9.png")
+    stranger.write_bytes(ours.read_bytes())
+    with pytest.raises(OtherRunError, match=re.escape(stranger.name)):
+        generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    stranger.unlink()
+    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert folder(tmp_path) == clean_runs["png"]
