@@ -140,6 +140,14 @@ class Journal:
             self.path.unlink(missing_ok=True)
 
 
+def remove_shard_journals(out_dir: Path) -> None:
+    """Remove the journals that shards of a run left in ``out_dir``, whose every file one unsharded run, holding
+    every index, has now checked or written."""
+    for path in out_dir.glob(f"{JOURNAL_NAME}-*-of-*"):
+        if not path.is_symlink() and _is_journal(path):
+            path.unlink(missing_ok=True)
+
+
 def _is_journal(path: Path) -> bool:
     """Whether ``path`` is a journal, or what a run killed as it began one left (its header cut short)."""
     if not readable_file(path):

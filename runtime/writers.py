@@ -85,6 +85,7 @@ from digitgen.runtime.png_journal import (
     holds_recorded,
     journal_path,
     recorded_files,
+    remove_shard_journals,
     run_identity,
 )
 from digitgen.runtime.resume import holds, refuse_a_longer_run, refuse_other_digits, resume_check
@@ -453,6 +454,8 @@ class OutputPlan:
                     journal.close(remove=False)
                     raise
                 journal.close(remove=True)  # done: an earlier run's journal too, whose files this run checked
+                if self.shard.count == 1:
+                    remove_shard_journals(self.out_dir)
                 return WrittenFiles([self.out_dir], kept, self.count)
         paths = [self.out_dir / name for name in output_names(self.fmt, self.shard, self.recorded)]
         before = {path: path.lstat() for path in self.existing}  # a dangling link is an existing file too
