@@ -124,12 +124,12 @@ class Journal:
         """Record files written (or kept)."""
         if self.identity is None:
             return
+        header = b""
         if self._file is None:
-            if recorded_files(self.path, self.identity) is None:  # another run's, or a torn header: begun again
-                self.path.write_bytes(_MAGIC + self.identity)
-                self.begun = True
-            self._file = self.path.open("ab")
-        self._file.write(b"".join(map(_PACKED.pack, indices, digests)))
+            self.begun = recorded_files(self.path, self.identity) is None  # another run's, or a torn header
+            self._file = self.path.open("wb" if self.begun else "ab")
+            header = _MAGIC + self.identity if self.begun else b""
+        self._file.write(header + b"".join(map(_PACKED.pack, indices, digests)))  # with its first records
         self._file.flush()
 
     def close(self, *, remove: bool) -> None:
