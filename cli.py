@@ -39,7 +39,7 @@ import click
 from digitgen.__main__ import let_go_then_stop
 from digitgen.export import tolerances
 from digitgen.export.errors import ExportError
-from digitgen.runtime.errors import DigitgenError
+from digitgen.runtime.errors import DigitgenError, InvalidRequestError
 from digitgen.runtime.evaluate import MAX_SAMPLES
 from digitgen.runtime.generator import (
     DECIMAL_TEXT,
@@ -684,20 +684,23 @@ def generate(
     requested = [digit] if digit is not None else digits
     shard = Shard(shard_index, num_shards)
     gen = DigitGenerator.from_path(model, provider)
-    job = plan_generation(
-        gen,
-        out,
-        num_digits,
-        fmt,
-        digits=requested,
-        seed=seed,
-        batch_size=batch_size,
-        shard=shard,
-        overwrite=overwrite,
-        resume=resume,
-        truncation=truncation,
-        test_count=test_count,
-    )
+    try:
+        job = plan_generation(
+            gen,
+            out,
+            num_digits,
+            fmt,
+            digits=requested,
+            seed=seed,
+            batch_size=batch_size,
+            shard=shard,
+            overwrite=overwrite,
+            resume=resume,
+            truncation=truncation,
+            test_count=test_count,
+        )
+    except InvalidRequestError as exc:  # options that cannot go together, or that this model cannot honour
+        raise click.UsageError(str(exc)) from None
     if gen.note:  # said before the work, so that a run that fails or is stopped still says where it ran
         _say(f"note: {gen.note}", err=True)
     if resume and job.plan.existing:

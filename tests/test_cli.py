@@ -296,17 +296,23 @@ def test_verify_without_a_model_names_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "status", "message"),
     [
-        (["--format", "grid"], "already exists; pass --overwrite"),
-        (["--format", "png", "--test-count", "5"], "by the mnist format only"),
-        (["--format", "mnist", "--num-shards", "2"], "not sharded"),
+        (["--format", "grid"], 1, "already exists; pass --overwrite"),  # the folder's state: a failed run
+        # options that do not go together, or that the model cannot honour: usage errors, whoever checks them
+        (["--format", "png", "--test-count", "5"], 2, "by the mnist format only"),
+        (["--format", "mnist", "--num-shards", "2"], 2, "not sharded"),
+        (["--digit", "10"], 2, "digit 10 is not a class of this model (0-9)"),
+        (["--digits", "3,11"], 2, "digit 11 is not a class of this model (0-9)"),
+        (["--num-shards", "500"], 2, "shards"),
     ],
 )
-def test_refusals_come_before_any_progress(tmp_path: Path, tiny_onnx: Path, args: list, message: str) -> None:
+def test_refusals_come_before_any_progress(
+    tmp_path: Path, tiny_onnx: Path, args: list, status: int, message: str
+) -> None:
     assert run("generate", "--generator", tiny_onnx, "--out", tmp_path, "--format", "grid", "-n", 300)[0] == 0
     code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path, "-n", 300, "--batch-size", 10, *args)
-    assert code == 1 and message in output
+    assert code == status and message in output
     assert output.strip().splitlines() == [output.strip()] and "generating" not in output, output
 
 
