@@ -120,8 +120,9 @@ def test_download_is_done_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_a_failed_download_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvision.datasets
 
-    class Offline:
+    class Offline:  # as torchvision does: the folders first, then the download that fails
         def __init__(self, root: str, train: bool, download: bool) -> None:
+            (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
             print("Downloading https://example.invalid/mnist/train-images-idx3-ubyte.gz")
             raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example.invalid/mnist/")
 
@@ -134,6 +135,10 @@ def test_a_failed_download_is_one_line(tmp_path: Path, monkeypatch: pytest.Monke
         root / "MNIST" / "raw",
         "(download failed: Error downloading train-images-idx3-ubyte.gz: Tried https://example.invalid/mnist/)",
     )
+    assert not root.exists()  # the folders made for the download are gone with it
+    (root / "MNIST").mkdir(parents=True)  # a folder that was there stays
+    assert _run("train", "--data-dir", root, "--download", "--out", tmp_path / "run", *TINY)[0] == 1
+    assert [p.name for p in root.iterdir()] == ["MNIST"] and list((root / "MNIST").iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,12 @@ from typing import NamedTuple
 import torch
 
 from digitgen.runtime.errors import InvalidRequestError
+from digitgen.runtime.files import remove_if_empty
 from digitgen.runtime.idx import (
     likely_mnist_root,
     missing_mnist_files,
     mnist_not_found_message,
+    mnist_raw_folder,
     read_mnist_split,
 )
 from digitgen.runtime.text import counted
@@ -40,14 +42,18 @@ class MnistTensors(NamedTuple):
 def _try_download(root: Path) -> str:
     """Download MNIST with torchvision into ``root``; return an empty string or why it failed.
 
-    torchvision's own lines (each URL it tries) are kept out of the output: a failure is one reason.
+    torchvision's own lines (each URL it tries) are kept out of the output: a failure is one reason, and leaves
+    none of the folders torchvision made for it, if they are still empty.
     """
     from torchvision.datasets import MNIST
 
+    raw = mnist_raw_folder(root)
+    made = [folder for folder in (raw, raw.parent, root) if not folder.exists()]  # deepest first
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             MNIST(str(root), train=True, download=True)
     except (OSError, RuntimeError) as exc:
+        remove_if_empty(made)
         return f"download failed: {' '.join(str(exc).split())}"
     return ""
 
