@@ -612,17 +612,14 @@ class GenerationJob:
                 self.plan.count, self.digits, self.seed, self.batch_size, self.plan.start, self.truncation
             )
             return self.plan.write(batches, on_batch)
-        identity = self.identity
-        return self.plan.write(self._png_batches(identity), on_batch, identity)
-
-    @property
-    def identity(self) -> bytes:
-        """What shapes this run's files' bytes, as its PNG journal names it."""
         request = self.gen.check_request(1, self.digits, self.seed, truncation=self.truncation)
-        versions = encoder_versions(self.gen.provider)
-        return run_identity(self.gen.sha256, versions, NOISE_SCHEME, request.digits, request.seed, request.truncation)
+        versions = encoder_versions(self.gen.provider)  # with the model and the request: what shapes the bytes
+        identity = run_identity(
+            self.gen.sha256, versions, NOISE_SCHEME, request.digits, request.seed, request.truncation
+        )
+        return self.plan.write(self._png_batches(identity, request.digits), on_batch, identity)
 
-    def _png_batches(self, identity: bytes) -> Iterator[GeneratedDigits | KeptDigits]:
+    def _png_batches(self, identity: bytes, cycle: Sequence[int]) -> Iterator[GeneratedDigits | KeptDigits]:
         """The batches to write; resumed, those whose files an interrupted run recorded and still hold are kept
         as they are, their digits not made again (read once the run holds its indices)."""
         plan = self.plan
@@ -635,7 +632,6 @@ class GenerationJob:
         existing: dict[int, list[Path]] = {}
         for path in plan.existing:
             existing.setdefault(png_index(path), []).append(path)
-        cycle = self.gen.check_request(1, self.digits, self.seed, truncation=self.truncation).digits
         for lo in range(plan.start, plan.start + plan.count, self.batch_size):
             hi = min(lo + self.batch_size, plan.start + plan.count)
             kept = _kept_on_record(plan.out_dir, labels_for(cycle, lo, hi), lo, recorded, existing)

@@ -36,6 +36,7 @@ from digitgen.serve.observe import (
     RequestMiddleware,
     Scope,
     Send,
+    header,
     local_path,
     logged_method,
     logged_target,
@@ -202,7 +203,7 @@ class _Service:
     async def respond(self, http: Request) -> Response:
         try:
             request = parse(
-                http.query_params.multi_items(), _combined(http, "accept"), self.generator, self.settings.max_count
+                http.query_params.multi_items(), header(http.scope, b"accept"), self.generator, self.settings.max_count
             )
         except NotAcceptableError as exc:
             return refusal(406, str(exc))
@@ -210,9 +211,9 @@ class _Service:
             return refusal(422, str(exc))
         tag = etag(self.etag_source, request)
         headers = {"ETag": tag, "Cache-Control": self.cache_control, "Vary": "Accept"}
-        if precondition_failed(_combined(http, "if-match"), tag):
+        if precondition_failed(header(http.scope, b"if-match"), tag):
             return refusal(412, f"If-Match names no ETag of this answer, which is {tag}")
-        if not_modified(_combined(http, "if-none-match"), tag):
+        if not_modified(header(http.scope, b"if-none-match"), tag):
             return Response(status_code=304, headers=headers)
         deadline = time.monotonic() + self.settings.time_limit
         try:
@@ -242,11 +243,6 @@ class _Service:
             disposition = "inline" if request.fmt in ("png", "grid") else "attachment"
             headers["Content-Disposition"] = f'{disposition}; filename="{name}"'
         return Response(body, media_type=MEDIA_TYPES[request.fmt], headers=headers)
-
-
-def _combined(http: Request, name: str) -> str | None:
-    """A list-valued header sent as several fields, joined as one (RFC 9110, 5.3); ``None`` if absent."""
-    return ", ".join(http.headers.getlist(name)) or None
 
 
 # uvicorn cancels the requests still running when its --graceful-timeout (timeout_graceful_shutdown) ends so

@@ -48,6 +48,12 @@ REFUSAL_REASONS = (BUSY, TIME_LIMIT)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+def header(scope: Scope, name: bytes) -> str | None:
+    """Request header ``name`` (in lower case, as ASGI gives it), several fields of it joined as one list (RFC 9110,
+    5.3); ``None`` if absent."""
+    return ", ".join(value.decode("latin-1") for key, value in scope.get("headers", ()) if key == name) or None
+
+
 def local_path(scope: Scope) -> str:
     """The request's path inside this app: the same whether the app is mounted under a prefix or not."""
     return scope["path"].removeprefix(scope.get("root_path", ""))

@@ -5,10 +5,9 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from fastapi.staticfiles import StaticFiles
-from starlette.datastructures import Headers
 from starlette.responses import RedirectResponse, Response
 
-from digitgen.serve.observe import Message, Receive, Scope, Send
+from digitgen.serve.observe import Message, Receive, Scope, Send, header
 from digitgen.serve.params import precondition_failed
 from digitgen.serve.refusal import refusal
 
@@ -46,7 +45,7 @@ class PageFiles(StaticFiles):
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)
         tag = response.headers.get("etag")
-        if_match = ", ".join(Headers(scope=scope).getlist("if-match")) or None
+        if_match = header(scope, b"if-match")
         if response.status_code in (200, 304) and tag is not None and precondition_failed(if_match, tag):
             return refusal(412, f"If-Match names no ETag of this file, which is {tag}")
         if isinstance(response, RedirectResponse):  # ./NAME/: NAME may hold a colon, which would read as a scheme
