@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from urllib.parse import quote
 
 from fastapi.staticfiles import StaticFiles
@@ -23,6 +24,11 @@ def _range_refusal(status: int, plain_text: str, headers: dict[str, str]) -> str
     return f"cannot serve this Range header ({reason}); send bytes=START-END, or leave Range out"
 
 
+def _is_hidden(path: str) -> bool:
+    """Whether a path in the folder names a dotfile or goes through a dot-folder (``.env``, ``.git/config``)."""
+    return any(part.startswith(".") and part not in (".", "..") for part in path.split(os.sep))
+
+
 def _without_other_range_units(scope: Scope) -> Scope:
     """``scope`` without a ``Range`` header in a unit other than bytes (``items=0-1``), which a server must ignore
     (RFC 9110, 14.2) and Starlette would refuse."""
@@ -38,9 +44,13 @@ def _without_other_range_units(scope: Scope) -> Scope:
 class PageFiles(StaticFiles):
     """Starlette's static files, whose refusals of a ``Range`` header (a 400 or a 416, one short message) are JSON
     here; an ``If-Match`` that names no ETag of a file is refused with a 412 in JSON (Starlette ignores it); any
-    other answer, a 404 page of the folder's own among them, goes as it is. A folder named without its
+    other answer, a 404 page of the folder's own among them, goes as it is. A dotfile, or a file in a dot-folder
+    (``.env``, ``.git/``), is not served: it is answered as a missing file is. A folder named without its
     final slash is redirected by a relative reference (its query kept), never to an address built from the request's
     ``Host``."""
+
+    def lookup_path(self, path: str) -> tuple[str, os.stat_result | None]:
+        return ("", None) if _is_hidden(path) else super().lookup_path(path)
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)

@@ -877,6 +877,29 @@ def test_a_page_file_linked_from_outside_its_folder_is_refused_as_the_file_serve
     assert asyncio.run(served()) == b"a model"
 
 
+def test_the_page_serves_no_dotfile_nor_anything_in_a_dot_folder(tmp_path: Path) -> None:
+    """A page folder may hold ``.env`` or ``.git/``: they are answered as missing files are, the folder's 404 page."""
+    (tmp_path / "404.html").write_text("<p>not here</p>")
+    (tmp_path / ".env").write_text("TOKEN=secret")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("[remote]")
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / ".hidden.js").write_text("secret()")
+    (tmp_path / "assets" / "page.js").write_text("shown()")
+
+    async def answers() -> list[httpx.Response]:
+        async with asgi_client(PageFiles(directory=tmp_path, html=True)) as client:
+            paths = ("/.env", "/.git/config", "/assets/.hidden.js", "/assets/../.env", "/assets/page.js", "/.")
+            return [await client.get(path) for path in paths]
+
+    *hidden, shown, root = asyncio.run(answers())
+    for answer in hidden:
+        assert answer.status_code == 404 and answer.text == "<p>not here</p>"
+    assert shown.status_code == 200 and shown.text == "shown()"
+    assert root.status_code == 404  # the folder itself is no dotfile: no index.html here, so its 404 page
+    assert root.text == "<p>not here</p>"
+
+
 def test_the_page_redirects_a_folder_without_its_slash_relatively_whatever_the_host(tmp_path: Path) -> None:
     """Starlette would redirect to http://HOST/.../ with the request's Host header: an address anyone can set."""
     (tmp_path / "sub:folder").mkdir()
