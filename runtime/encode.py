@@ -15,6 +15,7 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnxruntime as ort
@@ -108,12 +109,17 @@ def open_npz(path: Path) -> np.lib.npyio.NpzFile:
     return loaded
 
 
+def read_npy_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The shape, Fortran order and type an ``.npy`` stream declares, leaving ``f`` at its first byte of data."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(f)
+
+
 def _check_declared_size(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
     """``ValueError`` unless the array in ``member`` holds as many bytes as its header says it has."""
     with archive.open(member) as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(f)
+        shape, _, dtype = read_npy_header(f)
         if dtype.hasobject:
             return  # an array of objects is a pickle, which reading refuses
         declared = math.prod(shape) * dtype.itemsize

@@ -12,10 +12,13 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from digitgen.runtime.encode import PNG_SIGNATURE, ZIP_SIGNATURE, is_whole_png
+import numpy as np
+
+from digitgen.runtime.encode import PNG_SIGNATURE, ZIP_SIGNATURE, is_whole_png, read_npy_header
 from digitgen.runtime.errors import OtherRunError
 from digitgen.runtime.files import readable_file
-from digitgen.runtime.idx import IMAGES_MAGIC, LABELS_MAGIC, is_whole_idx
+from digitgen.runtime.generator import GeneratedDigits
+from digitgen.runtime.idx import IMAGES_MAGIC, LABELS_MAGIC, idx_header, is_whole_idx
 from digitgen.runtime.layout import pngs_in_range
 from digitgen.runtime.run_record import is_record_file, is_whole_record
 
@@ -49,6 +52,33 @@ def holds(path: Path, data: bytes) -> bool:
             return f.read(len(data) + 1) == data  # a larger file is not read to its end
     except OSError:
         return False
+
+
+def _npy_begins_with(archive: zipfile.ZipFile, name: str, count: int, first: np.ndarray) -> bool:
+    """Whether the archive's ``name`` holds ``count`` items of ``first``'s type and shape, ``first`` the first."""
+    with archive.open(name) as f:
+        declared = read_npy_header(f)
+        data = first.tobytes()
+        return declared == ((count, *first.shape[1:]), False, first.dtype) and f.read(len(data)) == data
+
+
+def begins_with(path: Path, count: int, first: GeneratedDigits) -> bool:
+    """Whether the IDX or NPZ file ``path`` says it holds ``count`` digits and begins with the digit ``first``, as a
+    run of those digits would write it: a cheap look at a few bytes, never at the whole file."""
+    if not readable_file(path):
+        return False
+    try:
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as archive:
+                return _npy_begins_with(archive, "images.npy", count, first.images) and _npy_begins_with(
+                    archive, "labels.npy", count, first.labels
+                )
+        images = "-idx3-" in path.name
+        data = idx_header(count, images) + (first.images if images else first.labels).astype(np.uint8).tobytes()
+        with path.open("rb") as f:
+            return f.read(len(data)) == data
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError):
+        return False  # no file of its kind, or not read: refuse_other_digits says which
 
 
 def _first_bytes(path: Path) -> tuple[str, bytes]:

@@ -88,7 +88,7 @@ from digitgen.runtime.png_journal import (
     remove_shard_journals,
     run_identity,
 )
-from digitgen.runtime.resume import holds, refuse_a_longer_run, refuse_other_digits, resume_check
+from digitgen.runtime.resume import begins_with, holds, refuse_a_longer_run, refuse_other_digits, resume_check
 from digitgen.runtime.run_record import (
     is_recorded,
     is_whole_record,
@@ -679,6 +679,8 @@ def plan_generation(
     refuse_writing_over(gen.path, "--generator", plan.existing)
     if plan.refuses_other_runs and fmt == "png" and plan.existing:
         _refuse_another_runs_folder(gen, min(plan.existing, key=png_index), digits, seed, truncation)
+    if plan.refuses_other_runs and fmt in ("idx", "npz", "mnist") and not plan.recorded and plan.existing:
+        _refuse_another_runs_arrays(gen, plan, digits, seed, truncation)
     if plan.refuses_other_runs and plan.recorded:  # the shard's record says at once whether its parts are another run's
         path = plan.out_dir / record_name(fmt, shard)
         if os.path.lexists(path) and not holds(path, record):
@@ -694,6 +696,24 @@ def _refuse_another_runs_folder(
     (digit,) = gen.iter_batches(1, digits, seed, 1, start=png_index(first), truncation=truncation)
     if first.name != png_name(digit.start, int(digit.labels[0])) or not holds(first, png_bytes(digit.images[0])):
         refuse_other_digits(first)
+
+
+def _refuse_another_runs_arrays(
+    gen: DigitGenerator, plan: OutputPlan, digits: Sequence[int] | None, seed: int, truncation: float | None
+) -> None:
+    """Make the first digit of each split again, and refuse now an IDX or NPZ file already there that says it holds
+    another count or begins with another digit: a resume with a mistyped option stops before any work, as for PNGs
+    (each file is compared whole when the run has made its digits)."""
+    splits = [(plan.start, plan.shard.size(plan.total))]
+    if plan.fmt == "mnist":
+        splits.append((plan.total, plan.test_count))
+    names = output_names(plan.fmt, plan.shard)
+    per_split = len(names) // len(splits)  # an NPZ file, or an IDX pair
+    for at, (start, count) in enumerate(splits):
+        (first,) = gen.iter_batches(1, digits, seed, 1, start=start, truncation=truncation)
+        for name in names[at * per_split : (at + 1) * per_split]:
+            if not begins_with(plan.out_dir / name, count, first):
+                refuse_other_digits(plan.out_dir / name)  # whole: refused; damaged: replaced as the run ends
 
 
 def generate_files(

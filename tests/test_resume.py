@@ -179,6 +179,55 @@ def test_resume_refuses_to_replace_another_runs_complete_files(
     assert folder(tmp_path) == before
 
 
+ARRAY_FORMATS = ("npz", "idx", "mnist")
+OTHER_ARRAY_RUNS = {**OTHER_RUNS, "another count": {**REQUEST, "num": N - BATCH}}
+
+
+@pytest.mark.parametrize("fmt", ARRAY_FORMATS)
+@pytest.mark.parametrize("other", OTHER_ARRAY_RUNS, ids=list(OTHER_ARRAY_RUNS))
+def test_resume_refuses_another_runs_arrays_before_making_the_digits(
+    gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, other: str
+) -> None:
+    """An IDX or NPZ file says how many digits it holds and begins with the first: a resume with a mistyped option
+    makes one digit before it stops, not the whole run's digits."""
+    request = {"num": N, **OTHER_ARRAY_RUNS[other]}
+    generate_files(gen, tmp_path, request.pop("num"), fmt, **request)
+    before = folder(tmp_path)
+    calls = made_digits(gen, monkeypatch)
+    with pytest.raises(OtherRunError, match=r" holds other digits than this command makes "):
+        generate_files(gen, tmp_path, N, fmt, resume=True, **REQUEST)
+    assert calls == [1]
+    assert folder(tmp_path) == before
+
+
+def test_resume_refuses_another_runs_test_split_before_making_the_digits(
+    gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The train pair is this run's, the test pair of another size: refused after each split's first digit."""
+    generate_files(gen, tmp_path, N, "mnist", test_count=BATCH, **REQUEST)
+    before = folder(tmp_path)
+    calls = made_digits(gen, monkeypatch)
+    with pytest.raises(OtherRunError, match=r"t10k-images-idx3-ubyte holds other digits than this command makes "):
+        generate_files(gen, tmp_path, N, "mnist", test_count=2 * BATCH, resume=True, **REQUEST)
+    assert calls == [1, 1]
+    assert folder(tmp_path) == before
+
+
+@pytest.mark.parametrize("fmt", ARRAY_FORMATS)
+def test_resume_of_this_runs_damaged_arrays_is_not_refused_early(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, fmt: str
+) -> None:
+    """A file of this run cut short after its first digit, or cut inside it, is damage to replace, not another
+    run's; this run's whole files beside it (the images files) are its own: the early look lets both through, and
+    the resume ends with the uninterrupted run's folder."""
+    for cut in (16 + 28 * 28 + 5, 20):
+        generate_files(gen, tmp_path, N, fmt, overwrite=True, **REQUEST)
+        for path in (p for p in tmp_path.rglob("*") if p.is_file() and "-images-" not in p.name):
+            path.write_bytes(path.read_bytes()[:cut])
+        generate_files(gen, tmp_path, N, fmt, resume=True, **REQUEST)
+        assert folder(tmp_path) == clean_runs[fmt]
+
+
 @pytest.mark.parametrize("other", OTHER_RUNS, ids=list(OTHER_RUNS))
 def test_a_refused_resume_leaves_damaged_files_for_the_run_that_wrote_them(
     gen: DigitGenerator, tmp_path: Path, other: str
@@ -420,6 +469,10 @@ def test_terminating_signals_leave_what_ctrl_c_leaves(tmp_path: Path, fmt: str, 
     proc = _generate(tmp_path, "-n", str(SIZES[fmt]), "--format", fmt, "--batch-size", batch)
     _wait_for_progress(proc)
     time.sleep(0.5)
+    if fmt == "png":  # a loaded machine may not have written a file yet: the test needs some to look at
+        deadline = time.monotonic() + 60
+        while not any(tmp_path.glob("*.png")) and time.monotonic() < deadline:
+            time.sleep(0.05)
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
