@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import stat
 from urllib.parse import quote
 
 from fastapi.staticfiles import StaticFiles
@@ -45,12 +48,25 @@ class PageFiles(StaticFiles):
     """Starlette's static files, whose refusals of a ``Range`` header (a 400 or a 416, one short message) are JSON
     here; an ``If-Match`` that names no ETag of a file is refused with a 412 in JSON (Starlette ignores it); any
     other answer, a 404 page of the folder's own among them, goes as it is. A dotfile, or a file in a dot-folder
-    (``.env``, ``.git/``), is not served: it is answered as a missing file is. A folder named without its
+    (``.env``, ``.git/``), is not served: it is answered as a missing file is, as is a file the server cannot read
+    (its permissions, a loop of links), which the log names. A folder named without its
     final slash is redirected by a relative reference (its query kept), never to an address built from the request's
     ``Host``."""
 
     def lookup_path(self, path: str) -> tuple[str, os.stat_result | None]:
-        return ("", None) if _is_hidden(path) else super().lookup_path(path)
+        if _is_hidden(path):
+            return "", None
+        try:
+            full_path, stat_result = super().lookup_path(path)
+            if stat_result is not None and stat.S_ISREG(stat_result.st_mode):
+                with open(full_path, "rb"):  # opened now, not once its 200 and length have gone
+                    pass
+        except OSError as exc:  # not the client's fault: said in the log; the client gets the answer for a missing file
+            if exc.errno != errno.ENAMETOOLONG:
+                reason = exc.strerror or type(exc).__name__
+                logging.getLogger("digitgen.serve").warning("the page's %s cannot be read (%s)", path, reason)
+            return "", None
+        return full_path, stat_result
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)

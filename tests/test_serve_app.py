@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from fastapi import FastAPI
 
 from digitgen.runtime.errors import ModelRunError
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
-from digitgen.serve import ServeConfigError, ServeSettings, create_app
+from digitgen.serve import ServeConfigError, ServeSettings, create_app, page
 from digitgen.serve.app import _Service, _ServiceEntry
 from digitgen.serve.batch import Batcher, _Pending
 from digitgen.serve.observe import ACCESS_LOG, Metrics
@@ -898,6 +900,42 @@ def test_the_page_serves_no_dotfile_nor_anything_in_a_dot_folder(tmp_path: Path)
     assert shown.status_code == 200 and shown.text == "shown()"
     assert root.status_code == 404  # the folder itself is no dotfile: no index.html here, so its 404 page
     assert root.text == "<p>not here</p>"
+
+
+def test_a_page_file_the_server_cannot_read_is_answered_as_missing_and_named_in_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loop of links, or a file it may not open, is the operator's to fix: never a 500, a 401 or a 200 cut off
+    after its length was sent."""
+    (tmp_path / "404.html").write_text("<p>not here</p>")
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    (tmp_path / "noread.txt").write_text("private")
+    (tmp_path / "read.txt").write_text("shown")
+
+    def open_as_another_user(file: str, *args: object, **kwargs: object) -> object:
+        if os.path.basename(file) == "noread.txt":  # root reads any file: the refusal another user would get
+            raise PermissionError(errno.EACCES, "Permission denied", file)
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(page, "open", open_as_another_user, raising=False)
+
+    async def answers() -> list[httpx.Response]:
+        async with asgi_client(PageFiles(directory=tmp_path, html=True)) as client:
+            return [
+                await client.get(path) for path in ("/loopA", "/loopA/x", "/noread.txt", "/read.txt", "/" + "x" * 300)
+            ]
+
+    with caplog.at_level("WARNING", logger="digitgen.serve"):
+        *unreadable, shown, too_long = asyncio.run(answers())
+    for answer in (*unreadable, too_long):
+        assert answer.status_code == 404 and answer.text == "<p>not here</p>"
+    assert shown.status_code == 200 and shown.text == "shown"
+    assert [r.getMessage() for r in caplog.records] == [  # a client's over-long name is no fault of the folder's
+        "the page's loopA cannot be read (Too many levels of symbolic links)",
+        "the page's loopA/x cannot be read (Too many levels of symbolic links)",
+        "the page's noread.txt cannot be read (Permission denied)",
+    ]
 
 
 def test_the_page_redirects_a_folder_without_its_slash_relatively_whatever_the_host(tmp_path: Path) -> None:
