@@ -40,7 +40,7 @@ from digitgen.__main__ import let_go_then_stop
 from digitgen.export import tolerances
 from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError, InvalidRequestError
-from digitgen.runtime.evaluate import MAX_SAMPLES
+from digitgen.runtime.evaluate import MAX_SAMPLES, MIN_SAMPLES
 from digitgen.runtime.generator import (
     DECIMAL_TEXT,
     DEFAULT_BATCH_SIZE,
@@ -824,7 +824,7 @@ def export_classifier_cmd(weights: str, out: str, overwrite: bool) -> None:
     "--num-samples",
     default=10_000,
     show_default=True,
-    type=Integer(min=100, max=MAX_SAMPLES),
+    type=Integer(min=MIN_SAMPLES, max=MAX_SAMPLES),
     help="Generated digits to score (at most as many as MNIST's training digits, which they are compared with).",
 )
 @click.option("--seed", default=0, show_default=True, type=Integer(min=0, max=MAX_SEED))

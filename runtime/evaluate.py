@@ -22,6 +22,7 @@ from digitgen.runtime.text import counted
 
 K_NEAREST = 5
 MNIST_CLASSES = 10  # what the reference classifier tells apart
+MIN_SAMPLES = 100  # generated digits scored at least: fewer make a meaningless FID
 MAX_SAMPLES = 60_000  # generated digits scored at most: as many as the real ones they are compared with
 Progress = Callable[[int], None]
 Split = tuple[np.ndarray, np.ndarray]  # MNIST images and their labels
@@ -239,11 +240,11 @@ def check_evaluation(generator: DigitGenerator, num_samples: int) -> None:
             f"the evaluator scores MNIST's {MNIST_CLASSES} digits"
         )
     try:
-        check_int(num_samples, "num_samples", 100, MAX_SAMPLES)
+        check_int(num_samples, "num_samples", MIN_SAMPLES, MAX_SAMPLES)
     except InvalidRequestError:
         raise InvalidRequestError(
-            f"evaluation needs 100 to {MAX_SAMPLES} samples (as many as MNIST's training digits, the real sample "
-            f"they are compared with), got {num_samples!r}"
+            f"evaluation needs {MIN_SAMPLES} to {MAX_SAMPLES} samples (as many as MNIST's training digits, the real "
+            f"sample they are compared with), got {num_samples!r}"
         ) from None
 
 
@@ -263,9 +264,14 @@ def check_reference_data(test: Split, train: Split, num_samples: int) -> None:
                 f"({counted(len(bad), 'such label')})"
             )
     if len(train[0]) < num_samples:
+        fix = (
+            f"ask for at most {len(train[0]):,}"
+            if len(train[0]) >= MIN_SAMPLES
+            else f"an evaluation needs at least {MIN_SAMPLES}: give the whole of MNIST"
+        )
         raise InvalidRequestError(
             f"the MNIST train split holds {len(train[0]):,} images, fewer than the {num_samples:,} samples: the real "
-            f"sample is as large as the generated one; ask for at most {len(train[0]):,}"
+            f"sample is as large as the generated one; {fix}"
         )
 
 

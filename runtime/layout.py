@@ -19,7 +19,7 @@ NPZ_FILE = "digits.npz"
 IDX_IMAGES_FILE, IDX_LABELS_FILE = MNIST_FILES[:2]  # the train split's names
 DEFAULT_TEST_COUNT = 10_000  # the size of MNIST's own test split
 GRID_MAX_DIGITS = 10_000
-PNG_NAME = re.compile(r"^(\d{8,})_label\d+\.png$")
+PNG_NAME = re.compile(r"^(\d{8}|[1-9]\d{8,})_label(?:0|[1-9]\d*)\.png$")  # only names png_name() writes
 TEMPORARY_PNG = re.compile(r"^\.(\d{8,})_label\d+\.png\.part$")  # a PNG's temporary file (files.temporary_name)
 
 
@@ -46,6 +46,12 @@ def pngs_in_range(out_dir: Path, start: int, stop: int) -> list[Path]:
         if match and start <= int(match.group(1)) < stop:
             found.append(Path(entry.path))
     return sorted(found)
+
+
+def holds_pngs(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds any PNG digit, whatever its index."""
+    with os.scandir(out_dir) as entries:
+        return any(PNG_NAME.match(entry.name) for entry in entries)
 
 
 def existing_outputs(out_dir: Path, fmt: str, shard: Shard, total: int, recorded: bool = False) -> list[Path]:

@@ -9,7 +9,7 @@ from digitgen.runtime.errors import InvalidRequestError, OutputError
 from digitgen.runtime.files import atomic_file, atomic_files, readable_file, refuse_existing
 from digitgen.runtime.generator import check_flag
 from digitgen.runtime.idx import read_idx
-from digitgen.runtime.layout import output_names
+from digitgen.runtime.layout import holds_pngs, output_names
 from digitgen.runtime.run_record import check_against_record, common_record
 from digitgen.runtime.shards import check_shard_sizes, concat_idx, concat_npz, find_shards, idx_counts
 
@@ -28,6 +28,11 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
         out_dir.glob(f"{Path(output_names(other)[0]).stem}-*-of-*")
     ):
         raise OutputError(f"{out_dir} holds {other} shards and no {fmt} ones: merge them as {other} (--format {other})")
+    if not any(out_dir.glob(f"{Path(output_names(fmt)[0]).stem}-*-of-*")) and holds_pngs(out_dir):
+        raise OutputError(
+            f"{out_dir} holds PNG digits and no {fmt} shards: a sharded PNG run writes each digit under its final "
+            "name, so its folder needs no merge"
+        )
     parts = [find_shards(out_dir, path.name) for path in targets]
     refuse_existing(targets, overwrite)
     for part in (part for kind in parts for part in kind):

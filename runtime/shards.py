@@ -19,6 +19,7 @@ import numpy as np
 from digitgen.runtime.encode import open_npz
 from digitgen.runtime.errors import InvalidRequestError, OutputError
 from digitgen.runtime.idx import IMAGE_SIDE, check_idx, header_size, idx_header
+from digitgen.runtime.text import counted
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,11 @@ def find_shards(out_dir: Path, file_name: str) -> list[Path]:
     if not found:
         raise OutputError(f"no shards of {file_name} in {out_dir}")
     if len(found) > 1:
-        raise OutputError(f"{out_dir} holds shards of {file_name} from runs with different shard counts")
+        runs = ", ".join(f"{counted(len(found[count]), 'part')} of -of-{count:05d}" for count in sorted(found))
+        raise OutputError(
+            f"{out_dir} holds shards of {file_name} from runs with different shard counts ({runs}); move the parts "
+            "of the run that is not this one out of the folder"
+        )
     ((count, indices),) = found.items()
     if count < 2:
         raise OutputError(f"{out_dir}: '-of-{count:05d}' shards are not ones this project writes (one is {file_name})")

@@ -409,6 +409,12 @@ def test_a_train_split_smaller_than_the_generated_sample_is_refused() -> None:
         "generated one; ask for at most 200"
     )
     check_reference_data(split, split, 200)
+    small = (split[0][:99], split[1][:99])  # "at most 99" would be advice the option refuses
+    with pytest.raises(InvalidRequestError) as refused:
+        check_reference_data(split, small, 100)
+    assert str(refused.value).endswith(
+        "is as large as the generated one; an evaluation needs at least 100: give the whole of MNIST"
+    )
 
 
 @pytest.mark.parametrize(

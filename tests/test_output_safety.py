@@ -43,7 +43,7 @@ from digitgen.runtime.files import (
     temporary_name,
 )
 from digitgen.runtime.idx import read_idx
-from digitgen.runtime.layout import FORMATS, png_name
+from digitgen.runtime.layout import FORMATS, PNG_NAME, png_name
 from digitgen.runtime.writers import plan_generation
 from tests.test_export import EVALUATION
 
@@ -256,6 +256,21 @@ def test_png_overwrite_replaces_an_index_whatever_its_label(gen: DigitGenerator,
     generate_files(gen, tmp_path, 3, overwrite=True)
     names = sorted(p.name for p in tmp_path.iterdir())  # digit 3 (a longer run's) goes too: the folder is this run's
     assert names == sorted([png_name(0, 0), png_name(1, 1), png_name(2, 2), "notes.txt"])
+
+
+def test_png_overwrite_leaves_names_digitgen_never_writes(gen: DigitGenerator, tmp_path: Path) -> None:
+    """Only png_name()'s own names are digits: a ninth digit padded with a zero, or a label with one, is a user's."""
+    theirs = ["000000001_label1.png", "00000001_label01.png", "0000001_label1.png", "00000001_label1.png.bak"]
+    for name in theirs:
+        (tmp_path / name).write_text("mine")
+    generate_files(gen, tmp_path, 3, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*theirs, png_name(0, 0), png_name(1, 1), png_name(2, 2)]
+    )
+    assert all((tmp_path / name).read_text() == "mine" for name in theirs)
+    assert [
+        int(match[1]) for name in (png_name(123_456_789, 12), "00000000_label0.png") if (match := PNG_NAME.match(name))
+    ] == [123_456_789, 0]
 
 
 def test_a_shard_overwriting_removes_no_digit_outside_its_shard(gen: DigitGenerator, tmp_path: Path) -> None:

@@ -213,9 +213,26 @@ def test_merge_refuses_what_it_cannot_join(gen: DigitGenerator, tmp_path: Path) 
     with pytest.raises(OutputError, match=f"no shards of digits.npz in {tmp_path}"):
         merge_shards(tmp_path, "npz")
     _write(gen, tmp_path, "npz", Shard(0, 2))
-    _write(gen, tmp_path, "npz", Shard(1, 3))
-    with pytest.raises(OutputError, match="from runs with different shard counts"):
+    _write(gen, tmp_path, "npz", Shard(1, 2))
+    _write(gen, tmp_path, "npz", Shard(1, 3))  # a stray part: named by its run's count
+    with pytest.raises(OutputError) as refused:
         merge_shards(tmp_path, "npz")
+    assert str(refused.value) == (
+        f"{tmp_path} holds shards of digits.npz from runs with different shard counts (2 parts of -of-00002, 1 part "
+        "of -of-00003); move the parts of the run that is not this one out of the folder"
+    )
+
+
+def test_merge_of_a_png_folder_says_its_shards_need_no_merge(gen: DigitGenerator, tmp_path: Path) -> None:
+    for index in range(2):
+        _write(gen, tmp_path, "png", Shard(index, 2))
+    for fmt in ("idx", "npz"):
+        with pytest.raises(OutputError) as refused:
+            merge_shards(tmp_path, fmt)
+        assert str(refused.value) == (
+            f"{tmp_path} holds PNG digits and no {fmt} shards: a sharded PNG run writes each digit under its final "
+            "name, so its folder needs no merge"
+        )
 
 
 def test_merge_refuses_image_and_label_shards_of_different_runs(gen: DigitGenerator, tmp_path: Path) -> None:
