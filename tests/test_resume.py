@@ -25,7 +25,14 @@ from digitgen.runtime import (
     generate_files,
 )
 from digitgen.runtime.layout import FORMATS
-from digitgen.runtime.png_journal import JOURNAL_NAME, Journal, recorded_files
+from digitgen.runtime.png_journal import (
+    JOURNAL_NAME,
+    MAX_PNG_BYTES,
+    Journal,
+    holds_recorded,
+    recorded_files,
+    run_identity,
+)
 from tests.helpers import default_sigint, write_npz_declaring
 
 N = 40
@@ -546,6 +553,47 @@ def test_resume_keeps_the_journaled_files_without_making_their_digits_again(
     generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
     assert calls == [1, BATCH, BATCH]  # the first file's digit (is the folder this run's?), then the 2 batches left
     assert folder(tmp_path) == clean_runs["png"]  # the journal gone with the run
+
+
+def test_a_run_interrupted_twice_resumes_on_the_records_of_both(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second run continues the first's journal (no second header among its records)."""
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(2), **REQUEST)
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, "png", resume=True, on_batch=interrupt_after(4), **REQUEST)
+    calls = made_digits(gen, monkeypatch)
+    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert calls == [1, BATCH]  # the first file's digit, then the last batch: four were on record
+    assert folder(tmp_path) == clean_runs["png"]
+
+
+def test_an_overwrite_begins_its_own_journal_over_another_runs(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run's journal is replaced, not appended to: the resumed overwrite keeps its own files on record."""
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(2), **{**REQUEST, "seed": 6})
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, "png", overwrite=True, on_batch=interrupt_after(3), **REQUEST)
+    calls = made_digits(gen, monkeypatch)
+    generate_files(gen, tmp_path, N, "png", overwrite=True, resume=True, **REQUEST)
+    assert calls == [BATCH, BATCH]  # the three batches on record kept, the two left made
+    assert folder(tmp_path) == clean_runs["png"]
+
+
+def test_a_pipe_where_the_journal_goes_is_refused_and_never_opened(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / JOURNAL_NAME)
+    with pytest.raises(OutputError, match="is not a journal of digitgen's, which a PNG run keeps there; move it"):
+        Journal(tmp_path / JOURNAL_NAME, run_identity("model", "noise", 1))
+
+
+def test_a_recorded_digest_is_read_up_to_the_largest_file_a_run_keeps(tmp_path: Path) -> None:
+    for size, kept in ((MAX_PNG_BYTES, True), (MAX_PNG_BYTES + 1, False)):
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        (tmp_path / "digit.png").write_bytes(data)
+        assert holds_recorded(tmp_path / "digit.png", hashlib.blake2b(data, digest_size=16).digest()) is kept
 
 
 def test_a_journaled_file_damaged_or_changed_since_is_checked_by_its_digit(
