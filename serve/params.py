@@ -39,6 +39,12 @@ class NotAcceptableError(InvalidRequestError):
     """The ``Accept`` header names no type this endpoint sends."""
 
 
+def shortest_cycle(digits: tuple[int, ...], count: int) -> tuple[int, ...]:
+    """The shortest cycle of classes that labels ``count`` digits as ``digits`` does."""
+    used = digits[:count]  # a longer cycle's classes past the count label nothing
+    return next(used[:period] for period in range(1, len(used) + 1) if used == used[:period] * (len(used) // period))
+
+
 @dataclass(frozen=True)
 class DigitsRequest:
     """A checked generate request: ``digits`` is the full cycle of classes, ``fmt`` the chosen format."""
@@ -50,8 +56,9 @@ class DigitsRequest:
     fmt: str
 
     def key(self) -> str:
-        """The normalised parameters, one string: equal requests give equal keys."""
-        digits = ",".join(map(str, self.digits))
+        """The normalised parameters, one string: requests for the same digits give equal keys (the digits as the
+        shortest cycle that labels them: ``digits=7,7`` and ``digits=7,3&count=1`` are ``digit=7``)."""
+        digits = ",".join(map(str, shortest_cycle(self.digits, self.count)))
         return f"digits={digits}&count={self.count}&seed={self.seed}&truncation={self.truncation!r}&format={self.fmt}"
 
 

@@ -542,6 +542,25 @@ def test_requests_that_differ_only_in_their_digits_have_different_etags() -> Non
     request = DigitsRequest((1, 2), 4, 0, None, "npz")
     assert etag("model", request) != etag("model", replace(request, digits=(3,)))
     assert etag("model", request) == etag("model", replace(request))
+    # the same labels, the same tag: a cycle repeated, or classes past the count
+    for same in ((1, 2, 1, 2), (1, 2, 1, 2, 9)):
+        assert etag("model", replace(request, digits=same)) == etag("model", request)
+    for other in ((1, 2, 1), (2, 1), (1, 2, 3)):  # 1,2,1 labels four digits 1,2,1,1
+        assert etag("model", replace(request, digits=other)) != etag("model", request)
+    assert etag("model", replace(request, count=1, digits=(1, 5))) == etag(
+        "model", replace(request, count=1, digits=(1,))
+    )
+
+
+def test_requests_for_the_same_digits_share_their_etag_and_bytes(server: Server) -> None:
+    one = server.get("/generate?digit=7&seed=3")
+    for query in ("digits=7,7&seed=3", "digits=7,3&count=1&seed=3"):
+        same = server.get(f"/generate?{query}")
+        assert same.headers["etag"] == one.headers["etag"] and same.content == one.content
+    sheet = server.get("/generate?digits=1,2,1,2&count=6&format=grid")
+    assert sheet.headers["etag"] == server.get("/generate?digits=1,2&count=6&format=grid").headers["etag"]
+    other = server.get("/generate?digits=1,2,1&count=6&format=grid")
+    assert other.headers["etag"] != sheet.headers["etag"] and other.content != sheet.content
 
 
 @pytest.mark.parametrize(
