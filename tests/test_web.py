@@ -694,6 +694,7 @@ def test_bad_fields_are_named_in_the_cli_s_words_until_the_next_sheet(page: Page
         ({"digits": "12,3,15,12"}, "digits 12, 15 are not classes of this model (0-9)"),  # each bad one, once
         ({"digits": "10,11,12,13,14,15,16"}, "digits 10, 11, 12, 13, 14 and 2 more are not classes of this model"),
         ({"seed": "9" * 2000}, f"from 0 to 18446744073709551615, got '{'9' * 1023}... (2,000 characters)"),
+        ({"count": "\U0001f600" * 1100}, f"got '{chr(0x1F600) * 1023}... (1,100 characters)"),  # no half emoji
     ],
 )
 def test_bad_fields_show_on_the_page_until_the_next_sheet(page: Page, fields: dict[str, str], message: str) -> None:
@@ -714,7 +715,7 @@ def test_the_page_shows_generating_before_the_model_holds_its_thread(page: Page)
             const gen = window.digitgen, real = gen.generate.bind(gen);
             gen.generate = (options) => {
                 delete gen.generate;
-                resolve([frames - clicked, document.getElementById("timing").textContent]);
+                resolve([frames - clicked, document.getElementById("status").textContent]);
                 return real(options);
             };
             const clicked = frames;
@@ -772,7 +773,10 @@ def test_generate_asked_while_a_sheet_is_under_way_draws_the_newest_fields_after
         page.fill("#seed", "1")
         page.click("#generate")
         page.wait_for_function("document.body.dataset.state === 'busy'")
-        assert page.get_attribute("#sheet", "aria-busy") == "true" and page.text_content("#timing") == "Generating…"
+        # said above the sheet (a long sheet's timing line may be off-screen), the last sheet dimmed
+        assert page.get_attribute("#sheet", "aria-busy") == "true" and page.text_content("#status") == "Generating…"
+        assert page.evaluate("getComputedStyle(document.getElementById('sheet')).opacity") == "0.4"
+        assert page.text_content("#timing") == ""
         page.fill("#seed", "2")
         page.press("#seed", "Enter")
         page.fill("#seed", "3")
@@ -781,6 +785,8 @@ def test_generate_asked_while_a_sheet_is_under_way_draws_the_newest_fields_after
         assert page.evaluate("window.calls") == ["1", "3"]  # one sheet after the one under way, of the last fields
         assert page.get_attribute("#sheet", "aria-label").endswith("seed 3")
         assert page.get_attribute("#sheet", "aria-busy") is None
+        assert page.text_content("#status") == "Model generator.onnx loaded."
+        assert page.evaluate("getComputedStyle(document.getElementById('sheet')).opacity") == "1"
     finally:
         page.close()
 

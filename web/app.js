@@ -218,8 +218,10 @@ function painted() {
 
 async function draw(gen) {
   setState("busy");
-  $("sheet").setAttribute("aria-busy", "true");
-  $("timing").textContent = "Generating…";
+  $("sheet").setAttribute("aria-busy", "true"); // dimmed: the sheet there is the last one's
+  const loaded = $("status").textContent;
+  $("status").textContent = "Generating…"; // above the sheet, where a long sheet's timing line may be off-screen
+  $("timing").textContent = "";
   await painted(); // the model runs on this thread: say so on the screen before it holds it
   try {
     const { digits, count, seed, truncation } = readFields(gen);
@@ -242,6 +244,7 @@ async function draw(gen) {
     showError(error);
   } finally {
     $("sheet").removeAttribute("aria-busy");
+    $("status").textContent = loaded;
   }
 }
 

@@ -89,9 +89,10 @@ function show(value, asFloat = false) {
   let text = String(value);
   if (typeof value === "string") text = quoted(value);
   else if (typeof value === "number") text = asFloat || !Number.isInteger(value) ? pythonFloat(value) : text;
-  if (text.length <= MAX_SHOWN) return text;
-  const length = typeof value === "string" ? [...value].length : text.length;
-  return `${text.slice(0, MAX_SHOWN)}... (${length.toLocaleString("en")} characters)`;
+  const shown = [...text]; // characters as Python counts them: an emoji is one, never cut in half
+  if (shown.length <= MAX_SHOWN) return text;
+  const length = typeof value === "string" ? [...value].length : shown.length;
+  return `${shown.slice(0, MAX_SHOWN).join("")}... (${length.toLocaleString("en")} characters)`;
 }
 
 /** The refusal of digits that are not classes of a model, each named once (the first few of many), as the CLI says it. */
