@@ -518,6 +518,13 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
     ("query", "messages"),
     [
         ("model=missing.onnx", ["could not fetch the model missing.onnx: HTTP 404"]),
+        (  # a model that fails, and the link's other problems with it
+            "model=missing.onnx&sed=3",
+            [
+                "could not fetch the model missing.onnx: HTTP 404",
+                'the link\'s parameter "sed" is not one this page reads',
+            ],
+        ),
         ("model=index.html", ["index.html is not an ONNX model"]),
         ("model=_test_truncated.onnx", ["_test_truncated.onnx is not an ONNX model"]),
         (

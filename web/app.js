@@ -356,7 +356,7 @@ async function main() {
       : runtime
         ? "The page's WebAssembly runtime could not start."
         : "The model could not be loaded.";
-    showError(link ? [error.message, ...linkProblems()].join("\n") : error);
+    showError([error.message, ...linkProblems()].join("\n")); // the link's other problems named too
     return;
   }
   window.digitgen = gen;
