@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from digitgen.__main__ import let_go_then_stop
 from digitgen.export import tolerances
@@ -215,11 +216,17 @@ class GivenPath(click.Path):
     file is wanted, one ending in a slash (a folder, which the file would otherwise be named after)."""
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
-        if value == "":
-            self.fail("an empty path; name a file or folder (. for the current folder)", param, ctx)
-        if not self.dir_okay and isinstance(value, str) and value.endswith(("/", os.sep)):
-            self.fail(f"{value!r} ends in a slash, so it names a folder; give a file's name", param, ctx)
-        return super().convert(value, param, ctx)
+        try:
+            if value == "":
+                self.fail("an empty path; name a file or folder (. for the current folder)", param, ctx)
+            if not self.dir_okay and isinstance(value, str) and value.endswith(("/", os.sep)):
+                self.fail(f"{value!r} ends in a slash, so it names a folder; give a file's name", param, ctx)
+            return super().convert(value, param, ctx)
+        except click.BadParameter as exc:  # a path from the environment (MNIST_ROOT) is named as the user set it
+            if ctx is None or param is None or ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
+                raise
+            given = f"the environment's {param.envvar} (read as {param.opts[0]})"
+            raise click.BadParameter(exc.message, ctx, param_hint=given) from None
 
 
 class Integer(click.IntRange):

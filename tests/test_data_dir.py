@@ -243,3 +243,20 @@ def test_none_of_the_four_files_is_one_plain_sentence(tmp_path: Path) -> None:
         "MNIST not found: the four uncompressed IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
         f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte are looked for in {tmp_path}/MNIST/raw/"
     )
+
+
+@pytest.mark.parametrize("command", [("evaluate",), ("train", "--steps", "1", "--out", "run")])
+def test_a_bad_mnist_root_from_the_environment_is_named_as_the_environment_s(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """The user set MNIST_ROOT, not --data-dir: the refusal names what they set."""
+    (tmp_path / "notes.txt").write_text("not a folder")
+    runner = CliRunner()
+    from_env = runner.invoke(main, list(command), env={"MNIST_ROOT": str(tmp_path / "notes.txt")})
+    assert from_env.exit_code == 2
+    assert from_env.output.strip() == (
+        f"Error: Invalid value for the environment's MNIST_ROOT (read as --data-dir): Directory "
+        f"'{tmp_path / 'notes.txt'}' is a file. (see --help)"
+    )
+    given = runner.invoke(main, [*command, "--data-dir", str(tmp_path / "notes.txt")])
+    assert given.output.strip().startswith("Error: Invalid value for '--data-dir': Directory ")

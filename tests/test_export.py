@@ -107,6 +107,25 @@ def test_verify_rejects_another_checkpoint(tmp_path: Path, tiny_onnx: Path, tiny
         verify_file(tiny_onnx, other)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_non_finite_weights_is_named_not_blamed_on_the_export(
+    tmp_path: Path, tiny_checkpoint: Path, value: float
+) -> None:
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    name = next(iter(payload["generator_ema"]))
+    payload["generator_ema"][name] = payload["generator_ema"][name] * value
+    torch.save(payload, tmp_path / "diverged.pt")
+    result = CliRunner().invoke(
+        main, ["export", "--checkpoint", str(tmp_path / "diverged.pt"), "--out", str(tmp_path / "g.onnx")]
+    )
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: {tmp_path / 'diverged.pt'}: the generator's {name} holds NaN or infinite values (a run that "
+        "diverged); use a checkpoint from before"
+    ]
+    assert not (tmp_path / "g.onnx").exists()
+
+
 def test_failed_verification_leaves_no_file(tmp_path: Path, tiny_checkpoint: Path, monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise ExportVerificationError("forced mismatch")

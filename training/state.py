@@ -123,7 +123,19 @@ def load_generator(path: str) -> tuple[Generator, GANConfig, dict[str, Any]]:
     train = _dataclass_from(TrainConfig, payload["train"], "training settings")
     generator = Generator(config)
     _load_weights(generator, payload["generator_ema"], "generator")
+    _refuse_non_finite(generator, path)
     return generator.eval(), config, {**payload, "train": asdict(train)}
+
+
+def _refuse_non_finite(generator: Generator, path: str) -> None:
+    """A generator with a NaN or infinite weight (or BatchNorm statistic) draws no digit: say so, not that its
+    export differs from PyTorch."""
+    for name, tensor in generator.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"{path}: the generator's {name} holds NaN or infinite values (a run that diverged); use a checkpoint "
+                "from before"
+            )
 
 
 def _load_weights(module: torch.nn.Module, weights: Any, what: str) -> None:
