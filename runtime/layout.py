@@ -19,8 +19,9 @@ NPZ_FILE = "digits.npz"
 IDX_IMAGES_FILE, IDX_LABELS_FILE = MNIST_FILES[:2]  # the train split's names
 DEFAULT_TEST_COUNT = 10_000  # the size of MNIST's own test split
 GRID_MAX_DIGITS = 10_000
-PNG_NAME = re.compile(r"^(\d{8}|[1-9]\d{8,})_label(?:0|[1-9]\d*)\.png$")  # only names png_name() writes
-TEMPORARY_PNG = re.compile(r"^\.(\d{8,})_label\d+\.png\.part$")  # a PNG's temporary file (files.temporary_name)
+_DIGIT_NAME = r"(\d{8}|[1-9]\d{8,})_label(?:0|[1-9]\d*)\.png"  # only the names png_name() writes
+PNG_NAME = re.compile(rf"^{_DIGIT_NAME}$")
+TEMPORARY_PNG = re.compile(rf"^\.{_DIGIT_NAME}\.part$")  # a PNG's temporary file (files.temporary_name)
 
 
 def png_name(index: int, label: int) -> str:

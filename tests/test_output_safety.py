@@ -261,6 +261,7 @@ def test_png_overwrite_replaces_an_index_whatever_its_label(gen: DigitGenerator,
 def test_png_overwrite_leaves_names_digitgen_never_writes(gen: DigitGenerator, tmp_path: Path) -> None:
     """Only png_name()'s own names are digits: a ninth digit padded with a zero, or a label with one, is a user's."""
     theirs = ["000000001_label1.png", "00000001_label01.png", "0000001_label1.png", "00000001_label1.png.bak"]
+    theirs.append(".000000001_label1.png.part")  # nor a temporary file of one
     for name in theirs:
         (tmp_path / name).write_text("mine")
     generate_files(gen, tmp_path, 3, overwrite=True)
