@@ -22,7 +22,7 @@ def _range_refusal(status: int, plain_text: str, headers: dict[str, str]) -> str
     """What was wrong with a ``Range`` header, from the plain-text answer Starlette's files give it."""
     if status == 416:  # Content-Range: bytes */SIZE
         size = headers["content-range"].rpartition("/")[2]
-        return f"the Range asked for starts past the end of the file ({size} bytes); ask for less, or leave Range out"
+        return f"the Range asked for covers no byte of the file ({size} bytes); ask for bytes in it, or leave Range out"
     reason = plain_text.removeprefix("Range header: ").rstrip(".")
     return f"cannot serve this Range header ({reason}); send bytes=START-END, or leave Range out"
 

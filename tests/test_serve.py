@@ -900,7 +900,8 @@ def test_web_page_at_root(limited: Server) -> None:
     ("sent", "status", "error"),
     [
         ("bytes=abc", 400, "cannot serve this Range header (range must be requested); send bytes=START-END, or"),
-        ("bytes=99999-", 416, "the Range asked for starts past the end of the file (16 bytes); ask for less, or"),
+        ("bytes=99999-", 416, "the Range asked for covers no byte of the file (16 bytes); ask for bytes in it, or"),
+        ("bytes=-0", 416, "the Range asked for covers no byte of the file (16 bytes); ask for bytes in it, or"),
     ],
 )
 def test_a_range_the_page_cannot_serve_is_refused_in_json(limited: Server, sent: str, status: int, error: str) -> None:

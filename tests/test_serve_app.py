@@ -825,7 +825,7 @@ def test_the_page_rewrites_only_its_range_refusals(tmp_path: Path) -> None:
     )
     assert missing.status_code == 404 and missing.text == "<p>not here</p>"
     assert past_the_end.status_code == 416 and past_the_end.json()["error"].startswith(
-        "the Range asked for starts past the end of the file (100 bytes)"
+        "the Range asked for covers no byte of the file (100 bytes)"
     )
     assert part.status_code == 206 and part.content == bytes(10)
 
