@@ -115,13 +115,18 @@ def _holds_all(folder: Path) -> bool:
     return all((folder / name).is_file() for name in MNIST_FILES)
 
 
-def likely_mnist_root(root: str | Path) -> str:
-    """A hint naming the MNIST root nearby when ``root`` is one level off, or an empty string.
+def mnist_hint(root: str | Path) -> str:
+    """A hint when ``root`` holds the files compressed or is one level off (naming the MNIST root nearby), or an
+    empty string.
 
-    Recognised: ``root`` is itself the raw folder or the ``MNIST`` folder, or a folder one level
-    below ``root`` is a complete MNIST root.
+    Recognised: ``root``'s raw folder holds the missing files as ``.gz``; ``root`` is itself the raw folder or the
+    ``MNIST`` folder, or a folder one level below ``root`` is a complete MNIST root.
     """
     root = Path(root)
+    raw = mnist_raw_folder(root)
+    packed = [f"{name}.gz" for name in MNIST_FILES if not (raw / name).is_file() and (raw / f"{name}.gz").is_file()]
+    if packed:
+        return f"{raw}/ holds {', '.join(packed)}, compressed: unpack them there (gunzip -k {raw}/*.gz)"
     if _holds_all(root):
         if root.name == "raw" and root.parent.name == "MNIST":
             return f"{root} is the raw folder itself: use --data-dir {root.parent.parent}"
@@ -146,7 +151,7 @@ def mnist_not_found_message(root: str | Path) -> str:
     found = (("missing", absent), ("not files", not_files))
     problems = [f"{what}: {', '.join(names)}" for what, names in found if names]
     which = "" if len(absent) == len(MNIST_FILES) else f" ({'; '.join(problems)})"
-    hint = likely_mnist_root(root)
+    hint = mnist_hint(root)
     return (
         f"MNIST not found: the four uncompressed IDX files {', '.join(MNIST_FILES)} are looked for in "
         f"{mnist_raw_folder(root)}/{which}" + (f"; {hint}" if hint else "")

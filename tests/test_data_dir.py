@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +262,19 @@ def test_a_bad_mnist_root_from_the_environment_is_named_as_the_environment_s(
     )
     given = runner.invoke(main, [*command, "--data-dir", str(tmp_path / "notes.txt")])
     assert given.output.strip().startswith("Error: Invalid value for '--data-dir': Directory ")
+
+
+@pytest.mark.usefixtures("no_download")
+def test_mnist_kept_compressed_is_named_with_how_to_unpack_it(tmp_path: Path) -> None:
+    raw = write_tiny_mnist(tmp_path / "data") / "MNIST" / "raw"
+    for name in MNIST_FILES[:2]:  # the train pair as downloaded, the test pair unpacked
+        (raw / f"{name}.gz").write_bytes(gzip.compress((raw / name).read_bytes()))
+        (raw / name).unlink()
+    code, lines = _run("train", "--data-dir", tmp_path / "data", "--out", tmp_path / "run", *TINY)
+    assert code == 1
+    packed = ", ".join(f"{name}.gz" for name in MNIST_FILES[:2])
+    _assert_one_line_naming(
+        lines, raw, f"; {raw}/ holds {packed}, compressed: unpack them there (gunzip -k {raw}/*.gz)"
+    )
+    subprocess.run(["gunzip", "-k", *raw.glob("*.gz")], check=True)  # the hint, followed
+    assert _run("train", "--data-dir", tmp_path / "data", "--out", tmp_path / "run", *TINY)[0] == 0

@@ -13,8 +13,8 @@ import torch
 from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.files import remove_if_empty
 from digitgen.runtime.idx import (
-    likely_mnist_root,
     missing_mnist_files,
+    mnist_hint,
     mnist_not_found_message,
     mnist_raw_folder,
     read_mnist_split,
@@ -75,7 +75,7 @@ def load_mnist(root: str | Path, *, train: bool = True, download: bool = False) 
         message = mnist_not_found_message(root)
         if reason:
             message += f" ({reason})"
-        elif not download and not likely_mnist_root(root):
+        elif not download and not mnist_hint(root):
             message += "; point --data-dir (or MNIST_ROOT) at the folder that holds MNIST/raw/, or pass --download"
         raise DatasetNotFoundError(message)
     try:
