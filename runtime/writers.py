@@ -51,6 +51,7 @@ from digitgen.runtime.generator import (
     MAX_INDEX,
     DigitGenerator,
     GeneratedDigits,
+    Request,
     check_callable,
     check_flag,
     check_int,
@@ -601,44 +602,39 @@ class GenerationJob:
 
     gen: DigitGenerator
     plan: OutputPlan
-    digits: Sequence[int] | None
-    seed: int
-    batch_size: int
-    truncation: float | None
+    request: Request  # checked and normalised once, by plan_generation: the label cycle, seed and truncation
 
     def run(self, on_batch: OnBatch = lambda n: None) -> WrittenFiles:
         if self.plan.fmt != "png":
-            batches = self.gen.iter_batches(
-                self.plan.count, self.digits, self.seed, self.batch_size, self.plan.start, self.truncation
-            )
-            return self.plan.write(batches, on_batch)
-        request = self.gen.check_request(1, self.digits, self.seed, truncation=self.truncation)
+            return self.plan.write(self._made(self.plan.start, self.plan.count), on_batch)
+        r = self.request
         versions = encoder_versions(self.gen.provider)  # with the model and the request: what shapes the bytes
-        identity = run_identity(
-            self.gen.sha256, versions, NOISE_SCHEME, request.digits, request.seed, request.truncation
-        )
-        return self.plan.write(self._png_batches(identity, request.digits), on_batch, identity)
+        identity = run_identity(self.gen.sha256, versions, NOISE_SCHEME, r.digits, r.seed, r.truncation)
+        return self.plan.write(self._png_batches(identity), on_batch, identity)
 
-    def _png_batches(self, identity: bytes, cycle: Sequence[int]) -> Iterator[GeneratedDigits | KeptDigits]:
+    def _made(self, start: int, count: int) -> Iterator[GeneratedDigits]:
+        """The digits ``start .. start+count-1``, made by the model."""
+        r = self.request
+        return self.gen.iter_batches(count, r.digits, r.seed, r.batch_size, start, r.truncation)
+
+    def _png_batches(self, identity: bytes) -> Iterator[GeneratedDigits | KeptDigits]:
         """The batches to write; resumed, those whose files an interrupted run recorded and still hold are kept
         as they are, their digits not made again (read once the run holds its indices)."""
         plan = self.plan
         recorded = recorded_files(journal_path(plan.out_dir, plan.shard), identity) if plan.resume else None
         if recorded is None:
-            yield from self.gen.iter_batches(
-                plan.count, self.digits, self.seed, self.batch_size, plan.start, self.truncation
-            )
+            yield from self._made(plan.start, plan.count)
             return
         existing: dict[int, list[Path]] = {}
         for path in plan.existing:
             existing.setdefault(png_index(path), []).append(path)
-        for lo in range(plan.start, plan.start + plan.count, self.batch_size):
-            hi = min(lo + self.batch_size, plan.start + plan.count)
-            kept = _kept_on_record(plan.out_dir, labels_for(cycle, lo, hi), lo, recorded, existing)
+        for lo in range(plan.start, plan.start + plan.count, self.request.batch_size):
+            hi = min(lo + self.request.batch_size, plan.start + plan.count)
+            kept = _kept_on_record(plan.out_dir, labels_for(self.request.digits, lo, hi), lo, recorded, existing)
             if kept is not None:
                 yield kept
             else:
-                yield from self.gen.iter_batches(hi - lo, cycle, self.seed, self.batch_size, lo, self.truncation)
+                yield from self._made(lo, hi - lo)
 
 
 def _kept_on_record(
@@ -678,29 +674,30 @@ def plan_generation(
     )
     refuse_writing_over(gen.path, "--generator", plan.existing)
     if plan.refuses_other_runs and fmt == "png" and plan.existing:
-        _refuse_another_runs_folder(gen, min(plan.existing, key=png_index), digits, seed, truncation)
+        _refuse_another_runs_folder(gen, min(plan.existing, key=png_index), request)
     if plan.refuses_other_runs and fmt in ("idx", "npz", "mnist") and not plan.recorded and plan.existing:
-        _refuse_another_runs_arrays(gen, plan, digits, seed, truncation)
+        _refuse_another_runs_arrays(gen, plan, request)
     if plan.refuses_other_runs and plan.recorded:  # the shard's record says at once whether its parts are another run's
         path = plan.out_dir / record_name(fmt, shard)
         if os.path.lexists(path) and not holds(path, record):
             refuse_other_digits(path)
-    return GenerationJob(gen, plan, digits, seed, batch_size, truncation)
+    return GenerationJob(gen, plan, request)
 
 
-def _refuse_another_runs_folder(
-    gen: DigitGenerator, first: Path, digits: Sequence[int] | None, seed: int, truncation: float | None
-) -> None:
+def _first_digit(gen: DigitGenerator, request: Request, index: int) -> Iterator[GeneratedDigits]:
+    """Digit ``index`` of ``request`` made again, alone: what tells a run's files from another's."""
+    return gen.iter_batches(1, request.digits, request.seed, 1, start=index, truncation=request.truncation)
+
+
+def _refuse_another_runs_folder(gen: DigitGenerator, first: Path, request: Request) -> None:
     """Make the digit of the folder's first PNG again, and refuse the folder now if that file is another run's: a
     resume with a mistyped option stops before any work (each file is checked again as it is reached)."""
-    (digit,) = gen.iter_batches(1, digits, seed, 1, start=png_index(first), truncation=truncation)
+    (digit,) = _first_digit(gen, request, png_index(first))
     if first.name != png_name(digit.start, int(digit.labels[0])) or not holds(first, png_bytes(digit.images[0])):
         refuse_other_digits(first)
 
 
-def _refuse_another_runs_arrays(
-    gen: DigitGenerator, plan: OutputPlan, digits: Sequence[int] | None, seed: int, truncation: float | None
-) -> None:
+def _refuse_another_runs_arrays(gen: DigitGenerator, plan: OutputPlan, request: Request) -> None:
     """Make the first digit of each split again, and refuse now an IDX or NPZ file already there that says it holds
     another count or begins with another digit: a resume with a mistyped option stops before any work, as for PNGs
     (each file is compared whole when the run has made its digits)."""
@@ -710,7 +707,7 @@ def _refuse_another_runs_arrays(
     names = output_names(plan.fmt, plan.shard)
     per_split = len(names) // len(splits)  # an NPZ file, or an IDX pair
     for at, (start, count) in enumerate(splits):
-        (first,) = gen.iter_batches(1, digits, seed, 1, start=start, truncation=truncation)
+        (first,) = _first_digit(gen, request, start)
         for name in names[at * per_split : (at + 1) * per_split]:
             if not begins_with(plan.out_dir / name, count, first):
                 refuse_other_digits(plan.out_dir / name)  # whole: refused; damaged: replaced as the run ends
