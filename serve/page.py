@@ -6,16 +6,32 @@ import errno
 import logging
 import os
 import stat
+from datetime import datetime
 from urllib.parse import quote
 
 from fastapi.staticfiles import StaticFiles
-from starlette.responses import RedirectResponse, Response
+from starlette.datastructures import Headers
+from starlette.responses import FileResponse, RedirectResponse, Response
+from starlette.staticfiles import NotModifiedResponse
 
 from digitgen.serve.observe import Message, Receive, Scope, Send, header
 from digitgen.serve.params import precondition_failed
 from digitgen.serve.refusal import refusal
 
 RANGE_REFUSALS = (400, 416)  # what Starlette answers a Range header it cannot serve, in plain text or no body
+# an HTTP-date (RFC 9110, 5.6.7): IMF-fixdate, and the obsolete RFC 850 and asctime forms a recipient must accept
+HTTP_DATE_FORMATS = ("%a, %d %b %Y %H:%M:%S GMT", "%A, %d-%b-%y %H:%M:%S GMT", "%a %b %d %H:%M:%S %Y")
+
+
+def http_date(value: str | None) -> datetime | None:
+    """``value`` as a time (in UTC) if it is one valid HTTP-date, else None: a header whose date is not valid, or which
+    lists several, is ignored (RFC 9110, 13.1.3 and 13.1.4), never read as a date it does not name."""
+    for form in HTTP_DATE_FORMATS:
+        try:
+            return datetime.strptime((value or "").strip(), form)
+        except ValueError:
+            continue
+    return None
 
 
 def _range_refusal(status: int, plain_text: str, headers: dict[str, str]) -> str:
@@ -25,6 +41,19 @@ def _range_refusal(status: int, plain_text: str, headers: dict[str, str]) -> str
         return f"the Range asked for covers no byte of the file ({size} bytes); ask for bytes in it, or leave Range out"
     reason = plain_text.removeprefix("Range header: ").rstrip(".")
     return f"cannot serve this Range header ({reason}); send bytes=START-END, or leave Range out"
+
+
+def _precondition_refusal(file_headers: Headers, scope: Scope) -> str | None:
+    """Why ``If-Match``, or without it ``If-Unmodified-Since``, refuses the file whose headers are ``file_headers``
+    (RFC 9110, 13.2.2), if either does."""
+    tag, if_match = file_headers["etag"], header(scope, b"if-match")
+    if if_match is not None:
+        return f"If-Match names no ETag of this file, which is {tag}" if precondition_failed(if_match, tag) else None
+    since, last_change = header(scope, b"if-unmodified-since"), file_headers["last-modified"]
+    unmodified_since = http_date(since)
+    if unmodified_since is not None and http_date(last_change) > unmodified_since:
+        return f"the file has changed since If-Unmodified-Since ({since}): it was last modified {last_change}"
+    return None
 
 
 def _is_hidden(path: str) -> bool:
@@ -46,12 +75,13 @@ def _without_other_range_units(scope: Scope) -> Scope:
 
 class PageFiles(StaticFiles):
     """Starlette's static files, whose refusals of a ``Range`` header (a 400 or a 416, one short message) are JSON
-    here; an ``If-Match`` that names no ETag of a file is refused with a 412 in JSON (Starlette ignores it); any
-    other answer, a 404 page of the folder's own among them, goes as it is. A dotfile, or a file in a dot-folder
-    (``.env``, ``.git/``), is not served: it is answered as a missing file is, as is a file the server cannot read
-    (its permissions, a loop of links), which the log names. A folder named without its
-    final slash is redirected by a relative reference (its query kept), never to an address built from the request's
-    ``Host``."""
+    here. An ``If-Match`` that names no ETag of a file, or else an ``If-Unmodified-Since`` before its last change,
+    is refused with a 412 in JSON (Starlette ignores both); an ``If-Modified-Since`` that is not one valid date is
+    ignored (Starlette reads some such as dates). Any other answer, a 404 page of the folder's own among them, goes
+    as it is. A dotfile, or a file in a dot-folder (``.env``, ``.git/``), is not served: it is answered as a missing
+    file is, as is a file the server cannot read (its permissions, a loop of links), which the log names. A folder
+    named without its final slash is redirected by a relative reference (its query kept), never to an address
+    built from the request's ``Host``."""
 
     def lookup_path(self, path: str) -> tuple[str, os.stat_result | None]:
         if _is_hidden(path):
@@ -68,12 +98,27 @@ class PageFiles(StaticFiles):
             return "", None
         return full_path, stat_result
 
+    def is_not_modified(self, response_headers: Headers, request_headers: Headers) -> bool:
+        if request_headers.get("if-none-match"):  # which If-Modified-Since then gives way to
+            return super().is_not_modified(response_headers, request_headers)
+        since = http_date(", ".join(request_headers.getlist("if-modified-since")))  # several: no valid date
+        changed = http_date(response_headers["last-modified"])
+        return since is not None and changed is not None and changed <= since
+
+    def file_response(
+        self, full_path: os.PathLike[str] | str, stat_result: os.stat_result, scope: Scope, status_code: int = 200
+    ) -> Response:
+        response = FileResponse(full_path, status_code=status_code, stat_result=stat_result)
+        if status_code != 200:  # a folder's own 404 page: no precondition applies to an error (RFC 9110, 13.2.1)
+            return response
+        if refused := _precondition_refusal(response.headers, scope):
+            return refusal(412, refused)
+        if self.is_not_modified(response.headers, Headers(scope=scope)):
+            return NotModifiedResponse(response.headers)
+        return response
+
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)
-        tag = response.headers.get("etag")
-        if_match = header(scope, b"if-match")
-        if response.status_code in (200, 304) and tag is not None and precondition_failed(if_match, tag):
-            return refusal(412, f"If-Match names no ETag of this file, which is {tag}")
         if isinstance(response, RedirectResponse):  # ./NAME/: NAME may hold a colon, which would read as a scheme
             last = scope["path"].rpartition("/")[2]
             query = scope.get("query_string", b"").decode("latin-1")

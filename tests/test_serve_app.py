@@ -853,6 +853,63 @@ def test_the_page_refuses_an_if_match_that_names_no_etag_of_its_file(tmp_path: P
     assert missing.status_code == 404 and missing.text == "<p>not here</p>" and "etag" in missing.headers
 
 
+def test_the_page_reads_only_valid_dates_in_its_conditional_headers(tmp_path: Path) -> None:
+    """If-Modified-Since gives a 304 only for one valid HTTP-date at or after the file's last change, and gives way
+    to If-None-Match; If-Unmodified-Since before it is a 412, and gives way to If-Match; an error page has none."""
+    (tmp_path / "model.onnx").write_bytes(bytes(100))
+    (tmp_path / "404.html").write_text("<p>not here</p>")
+    changed = 1_795_000_000  # Wed, 18 Nov 2026 11:06:40 GMT
+    for name in ("model.onnx", "404.html"):
+        os.utime(tmp_path / name, (changed, changed))
+    before, at, after = (
+        "Wed, 18 Nov 2026 11:06:39 GMT",
+        "Wed, 18 Nov 2026 11:06:40 GMT",
+        "Sat, 21 Nov 2026 00:00:00 GMT",
+    )
+    asks = {
+        "at": {"If-Modified-Since": at},
+        "after": {"If-Modified-Since": after},
+        "after, RFC 850": {"If-Modified-Since": "Saturday, 21-Nov-26 00:00:00 GMT"},
+        "after, asctime": {"If-Modified-Since": "Sat Nov 21 00:00:00 2026"},
+        "before": {"If-Modified-Since": before},
+        "no such day": {"If-Modified-Since": "Mon, 99 Nov 2026 00:00:00 GMT"},
+        "not in GMT": {"If-Modified-Since": "Sat, 21 Nov 2026 00:00:00 +0000"},
+        "two dates": {"If-Modified-Since": f"{after}, {after}"},
+        "another ETag first": {"If-None-Match": '"other"', "If-Modified-Since": after},
+        "unmodified since before": {"If-Unmodified-Since": before},
+        "unmodified since at": {"If-Unmodified-Since": at},
+        "unmodified since no such day": {"If-Unmodified-Since": "Mon, 99 Nov 2026 00:00:00 GMT"},
+        "If-Match first": {"If-Match": "*", "If-Unmodified-Since": before},
+    }
+
+    async def answers() -> tuple[dict[str, int], httpx.Response, httpx.Response, httpx.Response]:
+        async with asgi_client(PageFiles(directory=tmp_path, html=True)) as client:
+            statuses = {
+                name: (await client.get("/model.onnx", headers=headers)).status_code for name, headers in asks.items()
+            }
+            tag = (await client.get("/model.onnx")).headers["etag"]
+            refused_first = await client.get(
+                "/model.onnx", headers={"If-Unmodified-Since": before, "If-None-Match": tag}
+            )
+            missing = await client.get("/missing")
+            missing_again = await client.get(
+                "/missing", headers={"If-None-Match": missing.headers["etag"], "If-Unmodified-Since": before}
+            )
+            return statuses, refused_first, missing, missing_again
+
+    statuses, refused_first, missing, missing_again = asyncio.run(answers())
+    assert statuses == {
+        "at": 304, "after": 304, "after, RFC 850": 304, "after, asctime": 304, "before": 200, "no such day": 200,
+        "not in GMT": 200, "two dates": 200, "another ETag first": 200, "unmodified since before": 412,
+        "unmodified since at": 200, "unmodified since no such day": 200, "If-Match first": 200,
+    }  # fmt: skip
+    assert (refused_first.status_code, refused_first.json()) == (
+        412,
+        {"error": f"the file has changed since If-Unmodified-Since ({before}): it was last modified {at}"},
+    )
+    assert missing_again.status_code == 404 and missing_again.text == missing.text == "<p>not here</p>"
+
+
 def test_a_page_file_linked_from_outside_its_folder_is_refused_as_the_file_server_would_not_serve_it(
     tmp_path: Path,
 ) -> None:
