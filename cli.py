@@ -43,7 +43,6 @@ from digitgen.export.errors import ExportError
 from digitgen.runtime.errors import DigitgenError, InvalidRequestError
 from digitgen.runtime.evaluate import MAX_SAMPLES, MIN_SAMPLES
 from digitgen.runtime.generator import (
-    DECIMAL_TEXT,
     DEFAULT_BATCH_SIZE,
     MAX_BATCH_SIZE,
     DigitGenerator,
@@ -51,8 +50,6 @@ from digitgen.runtime.generator import (
     check_seed,
     check_truncation,
     parse_digit_list,
-    read_integer,
-    read_number,
 )
 from digitgen.runtime.layout import FORMATS
 from digitgen.runtime.merge import merge_shards
@@ -67,7 +64,7 @@ from digitgen.runtime.signals import (
     model_calls_stop_on_signals,
     release_held_at_start,
 )
-from digitgen.runtime.text import INTEGER_TEXT, counted, printable, read_json
+from digitgen.runtime.text import DECIMAL_TEXT, INTEGER_TEXT, counted, printable, read_integer, read_json, read_number
 from digitgen.runtime.writers import plan_generation
 from digitgen.serve.settings import BATCH_MAX_DIGITS, MAX_COUNT_LIMIT, ServerOptions, ServeSettings
 from digitgen.training.config import (

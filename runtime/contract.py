@@ -8,7 +8,7 @@ import onnxruntime as ort
 
 from digitgen.runtime.errors import ModelContractError
 from digitgen.runtime.idx import IMAGE_SIDE
-from digitgen.runtime.text import INTEGER_TEXT
+from digitgen.runtime.text import INTEGER_TEXT, cut, read_integer
 
 CONTRACT_VERSION = "1"
 # bounds that keep a model's noise small and its labels storable: far past any digit model
@@ -68,7 +68,10 @@ def _int_metadata(metadata: dict[str, str], key: str, problems: list[str], maxim
     if text is None or not INTEGER_TEXT.fullmatch(text):
         problems.append(f"metadata '{key}' is missing or not an integer")
         return 0
-    value = int(text)
+    value = read_integer(text)
+    if isinstance(value, str):  # more digits than any valid value has, which int() would take long to read, or refuse
+        problems.append(f"metadata '{key}' is out of range ({cut(text.strip(), 20)})")
+        return 0
     if value < 1:
         problems.append(f"metadata '{key}' must be positive, found {value}")
     elif maximum is not None and value > maximum:

@@ -20,6 +20,7 @@ ATTRIBUTE_SPARSE_TENSORS = {22, 23}  # sparse_tensor, sparse_tensors
 SPARSE_VALUES, SPARSE_INDICES = 1, 2
 TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION, EXTERNAL = 13, 14, 1
 ENTRY_KEY, ENTRY_VALUE = 1, 2
+MAX_GRAPH_DEPTH = 100  # subgraphs within subgraphs: protobuf's own limit on nested messages, which onnxruntime keeps
 
 
 def _varint(data: memoryview, pos: int) -> tuple[int, int]:
@@ -86,7 +87,9 @@ def _sparse_locations(sparse: memoryview) -> Iterator[str]:
             yield from _tensor_locations(tensor)
 
 
-def _graph_locations(graph: memoryview) -> Iterator[str]:
+def _graph_locations(graph: memoryview, depth: int = 0) -> Iterator[str]:
+    if depth > MAX_GRAPH_DEPTH:  # refused before Python's own limit on recursion is reached
+        raise ValueError(f"subgraphs nested more than {MAX_GRAPH_DEPTH} deep")
     for number, field in _fields(graph):
         if number == GRAPH_INITIALIZER:
             yield from _tensor_locations(field)
@@ -95,15 +98,15 @@ def _graph_locations(graph: memoryview) -> Iterator[str]:
         elif number == GRAPH_NODE:
             for attribute_number, attribute in _fields(field):
                 if attribute_number == NODE_ATTRIBUTE:
-                    yield from _attribute_locations(attribute)
+                    yield from _attribute_locations(attribute, depth)
 
 
-def _attribute_locations(attribute: memoryview) -> Iterator[str]:
+def _attribute_locations(attribute: memoryview, depth: int) -> Iterator[str]:
     for number, field in _fields(attribute):
         if number in ATTRIBUTE_TENSORS:
             yield from _tensor_locations(field)
         elif number in ATTRIBUTE_GRAPHS:
-            yield from _graph_locations(field)
+            yield from _graph_locations(field, depth + 1)
         elif number in ATTRIBUTE_SPARSE_TENSORS:
             yield from _sparse_locations(field)
 

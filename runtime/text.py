@@ -10,6 +10,35 @@ import unicodedata
 # an integer in ASCII digits (int() also takes "6_4" and "٦٤"), space around it allowed; groups: the sign, the digits
 INTEGER_TEXT = re.compile(r"\s*([+-]?)([0-9]+)\s*")
 
+# Numbers as the CLI and the server read them: what int() and float() read, less underscores, digits other than
+# 0-9, nan, infinity and exponents past 3 digits. No two parts of a pattern can match the same characters, so a
+# refused value takes time linear in its length.
+DECIMAL_TEXT = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?\s*")
+LONGEST_NUMBER = 40  # significant digits read as a number: every valid value has at most 20, and int() stops at 4,300
+
+
+def read_integer(text: str) -> int | str:
+    """``text`` as an int when it is one (of at most :data:`LONGEST_NUMBER` significant digits), else ``text``
+    itself, for the runtime's check to refuse by name (so the CLI and the server refuse in the same words)."""
+    if len(text) <= LONGEST_NUMBER and text.isascii() and text.isdigit():  # the usual form, read without a regex
+        return int(text)
+    match = INTEGER_TEXT.fullmatch(text)
+    if match is None or len(integer_digits(match)) > LONGEST_NUMBER:
+        return text
+    return int(match[1] + integer_digits(match))
+
+
+def integer_digits(match: re.Match[str]) -> str:
+    """The digits of an :data:`INTEGER_TEXT` match without leading zeros."""
+    return match[2].lstrip("0") or "0"
+
+
+def read_number(text: str | None) -> float | str | None:
+    """``text`` as a float when it is a decimal number, else ``text`` itself for the runtime's check to refuse
+    by name (Python's float() takes "1_0", " 2", "nan" and "infinity" too)."""
+    return float(text) if text is not None and DECIMAL_TEXT.fullmatch(text) else text
+
+
 # escaped: control characters, invisible format characters (bidirectional overrides, zero-width ones), the line
 # and paragraph separators (U+2028, U+2029: line ends to str.splitlines and many log readers), lone surrogates
 _ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})

@@ -9,17 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from digitgen.runtime.errors import InvalidRequestError
-from digitgen.runtime.generator import (
-    LONGEST_NUMBER,
-    DigitGenerator,
-    integer_digits,
-    parse_digit_list,
-    read_integer,
-    read_number,
-)
+from digitgen.runtime.generator import DigitGenerator, parse_digit_list
 from digitgen.runtime.layout import check_grid_count
 from digitgen.runtime.noise import NOISE_SCHEME
-from digitgen.runtime.text import INTEGER_TEXT, cut
+from digitgen.runtime.text import INTEGER_TEXT, LONGEST_NUMBER, cut, integer_digits, read_integer, read_number
 
 MEDIA_TYPES = {
     "png": "image/png",
@@ -63,7 +56,7 @@ class DigitsRequest:
 
 
 def _check_limit(count: int | str, max_count: int) -> None:
-    """Refuse a count (as :func:`~digitgen.runtime.generator.read_integer` read it) over ``max_count``, however
+    """Refuse a count (as :func:`~digitgen.runtime.text.read_integer` read it) over ``max_count``, however
     many digits it is written with, before any other check."""
     if isinstance(count, int):
         shown = count if count > max_count else None

@@ -97,6 +97,15 @@ CASES = {
         "'latent_dim' must be at most 4096, found 4097; 'z' has 8 features but metadata latent_dim is 4097",
     ),
     "image-size": ({"metadata": {"image_size": "32"}}, "'image_size' must be 28"),
+    # int() refuses 4,301 digits and takes long to read fewer: a contract problem, in a bounded line
+    **{
+        f"{key}-{len(text)}-digits": (
+            {"metadata": {key: text}},
+            rf"'{key}' is out of range \({text.strip()[:20]}\.\.\. \({len(text.strip()):,} characters\)\)$",
+        )
+        for key in ("latent_dim", "image_size")
+        for text in (" 1" + "0" * 40, "9" * 5000)
+    },
     "contract-version": ({"metadata": {"contract_version": "2"}}, "contract_version '2' is not '1'"),
 }
 

@@ -404,6 +404,44 @@ def test_external_data_is_found_in_subgraphs_and_sparse_tensors() -> None:
         external_data_files(model[:-3])
 
 
+def _nested_graphs(depth: int, innermost: bytes) -> bytes:
+    """The bytes of a model whose graph holds a node whose attribute holds a graph ..., ``depth`` subgraphs deep,
+    the last holding ``innermost`` as its initializer."""
+
+    def field(number: int, payload: bytes) -> bytes:
+        return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+    graph = field(5, innermost)  # GraphProto.initializer
+    for _ in range(depth):
+        graph = field(1, field(5, field(6, graph)))  # GraphProto.node, NodeProto.attribute, AttributeProto.g
+    return field(7, graph)  # ModelProto.graph
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes([*out, value])
+
+
+def test_subgraphs_nested_past_protobufs_limit_are_refused_in_words(tmp_path: Path) -> None:
+    """Found at protobuf's limit of 100 nested subgraphs, refused past it (a ValueError, as for broken bytes, not
+    Python's RecursionError); a file nested 600 deep is an invalid model, in one line."""
+    tensor = numpy_helper.from_array(np.ones(3, np.float32), "w")
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="deep.bin")
+    innermost = tensor.SerializeToString()
+    assert external_data_files(_nested_graphs(100, innermost)) == ["deep.bin"]
+    with pytest.raises(ValueError, match=r"^subgraphs nested more than 100 deep$"):
+        external_data_files(_nested_graphs(101, innermost))
+    path = tmp_path / "nested.onnx"
+    path.write_bytes(_nested_graphs(600, innermost))
+    with pytest.raises(InvalidModelError, match=f"^{re.escape(str(path))} is not a valid ONNX model"):
+        DigitGenerator.from_path(path, "cpu")
+
+
 def test_default_seed_is_zero(tiny: DigitGenerator) -> None:
     assert np.array_equal(tiny.generate(5).images, tiny.generate(5, seed=0).images)
 

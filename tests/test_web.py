@@ -27,10 +27,9 @@ from digitgen.runtime.generator import (
     check_seed,
     check_truncation,
     parse_digit_list,
-    read_integer,
-    read_number,
 )
 from digitgen.runtime.noise import MAX_SEED, standard_normal
+from digitgen.runtime.text import read_integer, read_number
 from tests.helpers import nan_pixels, shape_hidden_from_inference
 
 if TYPE_CHECKING:
