@@ -109,7 +109,7 @@ class PageFiles(StaticFiles):
         self, full_path: os.PathLike[str] | str, stat_result: os.stat_result, scope: Scope, status_code: int = 200
     ) -> Response:
         response = FileResponse(full_path, status_code=status_code, stat_result=stat_result)
-        if status_code != 200:  # a folder's own 404 page: no precondition applies to an error (RFC 9110, 13.2.1)
+        if status_code != 200:  # a 404 page, which older Starlette releases send here: no precondition applies to it
             return response
         if refused := _precondition_refusal(response.headers, scope):
             return refusal(412, refused)

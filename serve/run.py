@@ -202,22 +202,50 @@ def _exit_zero_on_signals() -> Iterator[None]:
 def _model_copy(generator: DigitGenerator) -> Iterator[Path]:
     """A private copy of the model ``generator`` was loaded from (and of its external data files), for worker
     processes to load, when they start and when SIGHUP replaces them: every worker serves the same model, whatever
-    happens to the file meanwhile. :class:`ServeConfigError` if the file no longer holds that model."""
-    with tempfile.TemporaryDirectory(prefix="digitgen-serve-") as folder:
-        copy = Path(folder) / generator.path.name
-        try:
-            model = generator.path.read_bytes()
-            copy.write_bytes(model)
-            for file in external_files(model, generator.path):
-                location = file.relative_to(generator.path.parent)
-                (copy.parent / location).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(file, copy.parent / location)
-            same = model_sha256(model, copy) == generator.sha256
-        except (OSError, ValueError, InvalidModelError):
-            same = False
-        if not same:
-            raise ServeConfigError(f"{generator.path} changed while the server started; start it again")
-        yield copy
+    happens to the file meanwhile. :class:`ServeConfigError` if the file no longer holds that model, or if the
+    temporary folder cannot take the copy."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="digitgen-serve-"))
+    except OSError as exc:
+        raise _cannot_copy(generator, Path(tempfile.gettempdir()), exc) from exc
+    try:
+        yield _copied(generator, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _copied(generator: DigitGenerator, folder: Path) -> Path:
+    changed = ServeConfigError(f"{generator.path} changed while the server started; start it again")
+    copy = folder / generator.path.name
+    try:
+        model = generator.path.read_bytes()
+        sources = external_files(model, generator.path)
+    except (OSError, ValueError, InvalidModelError):
+        raise changed from None
+    try:
+        copy.write_bytes(model)
+        for source in sources:
+            target = folder / source.relative_to(generator.path.parent)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    except OSError as exc:
+        if exc.filename is not None and Path(exc.filename) in sources:  # gone, or no longer readable
+            raise changed from None
+        raise _cannot_copy(generator, folder, exc) from exc
+    try:
+        same = model_sha256(model, copy) == generator.sha256
+    except (OSError, ValueError, InvalidModelError):
+        same = False
+    if not same:
+        raise changed
+    return copy
+
+
+def _cannot_copy(generator: DigitGenerator, folder: Path, exc: OSError) -> ServeConfigError:
+    return ServeConfigError(
+        f"cannot copy {generator.path} for the workers into {folder} ({exc.strerror or exc}); "
+        "free space there, or set TMPDIR to a folder that has it"
+    )
 
 
 def serve(

@@ -4,6 +4,7 @@ options for one worker and for several, threads, TCP_NODELAY, start-up lines and
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -362,6 +364,35 @@ def test_a_model_file_changed_while_the_server_starts_is_refused(
     with pytest.raises(ServeConfigError) as refused:
         serve(ServerOptions(str(model), "cpu", port=free_port(), workers=2, threads=1), started)
     assert str(refused.value) == f"{model} changed while the server started; start it again"
+
+
+@pytest.mark.parametrize("failing", ["folder", "copy", "external data copy"])
+def test_a_temporary_folder_that_cannot_take_the_models_copy_is_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, failing: str
+) -> None:
+    """Not "the model changed" (start again, and fail again): what failed, where, and what to do."""
+    model = _split_model(tmp_path / "model")
+    started = DigitGenerator.from_path(model, threads=1)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    if failing == "folder":
+        monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix: (_ for _ in ()).throw(full))
+    elif failing == "copy":
+        monkeypatch.setattr(Path, "write_bytes", lambda self, data: (_ for _ in ()).throw(full))
+    else:
+        monkeypatch.setattr(shutil, "copyfile", lambda source, target: (_ for _ in ()).throw(full))
+    monkeypatch.setattr(serve_run, "Multiprocess", lambda config, sockets: pytest.fail("workers started"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)  # two workers on two cores
+    with pytest.raises(ServeConfigError) as refused:
+        serve(ServerOptions(str(model), "cpu", port=free_port(), workers=2, threads=1), started)
+    assert re.fullmatch(
+        f"cannot copy {re.escape(str(model))} for the workers into {re.escape(str(temporary))}(/digitgen-serve-\\w+)? "
+        r"\(No space left on device\); free space there, or set TMPDIR to a folder that has it",
+        str(refused.value),
+    ), refused.value
+    assert list(temporary.iterdir()) == []  # the folder made for the copy is gone with it
 
 
 def test_every_tcp_connection_turns_nagle_off(monkeypatch: pytest.MonkeyPatch) -> None:
