@@ -80,7 +80,8 @@ def _int_metadata(metadata: dict[str, str], key: str, problems: list[str], maxim
 
 
 def check_contract(session: ort.InferenceSession, source: str) -> ModelInfo:
-    """Check names, then types and shapes, then metadata; raise one error listing every problem."""
+    """Check names, then types and shapes, then metadata; raise one error listing every problem (metadata that is
+    not UTF-8 text, which cannot be read at all, alone)."""
     problems = _check_io(session)
     try:
         metadata = dict(session.get_modelmeta().custom_metadata_map)

@@ -183,6 +183,7 @@ class Evaluation:
     model_sha256_without_metadata: str | None = None  # the same less its metadata, as `export --quality` checks
 
     def to_dict(self) -> dict[str, dict | float | str | None]:
+        """The figures as plain data, as ``digitgen evaluate --json`` prints them."""
         return asdict(self)
 
     def table(self) -> str:

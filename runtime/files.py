@@ -168,7 +168,7 @@ def remove_leftover(tmp: Path) -> None:
 def _published(
     paths: Sequence[str | Path], resume: Callable[[Path], None] | None, durable: bool
 ) -> Iterator[list[tuple[Path, int]]]:
-    """:func:`publish_all`, yielding each temporary file with the descriptor that claims it."""
+    """:func:`atomic_files`, yielding each temporary file with the descriptor that claims it."""
     paths = [Path(path) for path in paths]
     temps = [temporary_name(path) for path in paths]
     failing: Sequence[Path] = paths
@@ -247,13 +247,37 @@ def _close_all(fds: list[int]) -> None:
 
 
 @contextmanager
-def publish_all(
+def publish_all(paths: Sequence[str | Path]) -> Iterator[list[Path]]:
+    """Yield a temporary sibling of each of ``paths`` to write: :func:`atomic_files`, durable, for a writer that
+    opens the files itself."""
+    with _published(paths, None, durable=True) as claimed:
+        yield [tmp for tmp, _fd in claimed]
+
+
+@contextmanager
+def publish(path: str | Path) -> Iterator[Path]:
+    """:func:`publish_all` of one file: yield its temporary sibling to write."""
+    with publish_all([path]) as (tmp,):
+        yield tmp
+
+
+@contextmanager
+def atomic_file(
+    path: str | Path, resume: Callable[[Path], None] | None = None, *, durable: bool = True
+) -> Iterator[BinaryIO]:
+    """:func:`atomic_files` of one file."""
+    with atomic_files([path], resume, durable=durable) as (f,):
+        yield f
+
+
+@contextmanager
+def atomic_files(
     paths: Sequence[str | Path], resume: Callable[[Path], None] | None = None, *, durable: bool = True
-) -> Iterator[list[Path]]:
-    """Yield a temporary sibling of each of ``paths`` to write; rename them onto ``paths`` only if the block
-    succeeds, all together: an interrupt leaves all the old files or all the new ones. With ``durable``, the
-    files are on the disk before they are renamed, and the renames after, so that a power cut leaves the old
-    files or the new ones, never an empty or a partial file under a path's name.
+) -> Iterator[list[BinaryIO]]:
+    """Open a temporary sibling of each of ``paths`` for binary writing (closed before the renames); rename them
+    onto ``paths`` only if the block succeeds, all together: an interrupt leaves all the old files or all the new
+    ones. With ``durable``, the files are on the disk before they are renamed, and the renames after, so that a
+    power cut leaves the old files or the new ones, never an empty or a partial file under a path's name.
 
     With ``resume`` (a check of an existing file), an existing path that already holds exactly the new bytes
     is left untouched (same file, same modification time), and ``resume`` is called with each existing path
@@ -264,32 +288,6 @@ def publish_all(
     Each temporary file is claimed first (:func:`claim_temporary`): another process writing the same file
     now is refused with :class:`OutputError`.
     """
-    with _published(paths, resume, durable) as claimed:
-        yield [tmp for tmp, _fd in claimed]
-
-
-@contextmanager
-def publish(path: str | Path, resume: Callable[[Path], None] | None = None) -> Iterator[Path]:
-    """:func:`publish_all` of one file: yield its temporary sibling to write."""
-    with publish_all([path], resume) as (tmp,):
-        yield tmp
-
-
-@contextmanager
-def atomic_file(
-    path: str | Path, resume: Callable[[Path], None] | None = None, *, durable: bool = True
-) -> Iterator[BinaryIO]:
-    """Open ``path`` for binary writing through :func:`publish_all` (its temporary file, claimed)."""
-    with atomic_files([path], resume, durable=durable) as (f,):
-        yield f
-
-
-@contextmanager
-def atomic_files(
-    paths: Sequence[str | Path], resume: Callable[[Path], None] | None = None, *, durable: bool = True
-) -> Iterator[list[BinaryIO]]:
-    """Open several files for binary writing through :func:`publish_all` (their temporary files, claimed; closed
-    before they are renamed)."""
     with _published(paths, resume, durable) as claimed, ExitStack() as opened:
         yield [opened.enter_context(os.fdopen(fd, "wb", closefd=False)) for _tmp, fd in claimed]
 

@@ -102,15 +102,15 @@ def fill_digits(
     labels: np.ndarray,
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> GeneratedDigits:
-    """``batches`` copied into ``images`` and ``labels`` (from :func:`empty_digits`), in order; ``on_batch`` after each
-    batch (it may raise to stop)."""
-    filled = 0
+    """``batches`` copied into ``images`` and ``labels`` (from :func:`empty_digits`), in order, starting where the
+    first batch starts; ``on_batch`` after each batch (it may raise to stop)."""
+    filled, start = 0, None
     for batch in batches:
         n = len(batch.labels)
         images[filled : filled + n], labels[filled : filled + n] = batch.images, batch.labels
-        filled += n
+        filled, start = filled + n, batch.start if start is None else start
         on_batch(n)
-    return GeneratedDigits(images, labels)
+    return GeneratedDigits(images, labels, start or 0)
 
 
 def check_int(value: object, name: str, minimum: int = 1, maximum: int | None = None) -> int:
@@ -208,8 +208,8 @@ class DigitGenerator:
         """Open ``path`` (default: the shipped model) on ``provider`` ("auto", "cpu" or "cuda").
 
         ``threads``: onnxruntime's intra-op threads (default: one per core). One generator may be
-        called from several threads at once: onnxruntime's session is thread-safe and nothing else
-        is shared between calls.
+        called from several threads at once: onnxruntime's session is thread-safe, and calls share nothing
+        else but the run options through which a stop signal ends every model call of the process.
         """
         path = check_path(path, "the model's path") if path is not None else default_model_path()
         opened = open_session(path, provider, threads)
@@ -241,10 +241,12 @@ class DigitGenerator:
 
     @property
     def latent_dim(self) -> int:
+        """The length of each digit's noise vector ``z`` (the model's metadata)."""
         return self.info.latent_dim
 
     @property
     def num_classes(self) -> int:
+        """How many classes the model draws: labels 0 to ``num_classes - 1``."""
         return self.info.num_classes
 
     def check_digits(self, digits: Sequence[int] | None) -> list[int]:

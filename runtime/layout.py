@@ -76,6 +76,7 @@ def leftover_temporaries(out_dir: Path, fmt: str, shard: Shard, total: int, reco
 
 
 def png_index(path: Path) -> int:
+    """The digit index a PNG's name begins with (``00000042_label2.png``: 42); ``path`` must match :data:`PNG_NAME`."""
     return int(PNG_NAME.match(path.name).group(1))
 
 

@@ -37,6 +37,7 @@ MAX_PNG_BYTES = 1 << 16  # a digit's PNG is under 1 KB; a larger file is no file
 
 
 def journal_path(out_dir: Path, shard: Shard) -> Path:
+    """The hidden journal of ``shard``'s PNGs in ``out_dir``."""
     return out_dir / f".{shard.name(JOURNAL_NAME.removeprefix('.'))}"
 
 
@@ -46,6 +47,7 @@ def run_identity(*parts: object) -> bytes:
 
 
 def file_digest(data: bytes) -> bytes:
+    """The digest the journal keeps of a PNG's bytes (16 bytes of BLAKE2b)."""
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
@@ -133,6 +135,7 @@ class Journal:
         self._file.flush()
 
     def close(self, *, remove: bool) -> None:
+        """Close the journal's file; with ``remove``, delete it too (its run is complete)."""
         if self._file is not None:
             self._file.close()
             self._file = None

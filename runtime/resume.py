@@ -73,12 +73,17 @@ def begins_with(path: Path, count: int, first: GeneratedDigits) -> bool:
                 return _npy_begins_with(archive, "images.npy", count, first.images) and _npy_begins_with(
                     archive, "labels.npy", count, first.labels
                 )
-        images = "-idx3-" in path.name
+        images = _holds_images(path)
         data = idx_header(count, images) + (first.images if images else first.labels).astype(np.uint8).tobytes()
         with path.open("rb") as f:
             return f.read(len(data)) == data
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError):
         return False  # no file of its kind, or not read: refuse_other_digits says which
+
+
+def _holds_images(path: Path) -> bool:
+    """Whether the IDX file ``path`` names is one of images (``*-images-idx3-ubyte``), not of labels."""
+    return "-idx3-" in path.name
 
 
 def _first_bytes(path: Path) -> tuple[str, bytes]:
@@ -89,7 +94,7 @@ def _first_bytes(path: Path) -> tuple[str, bytes]:
         return "a PNG", PNG_SIGNATURE
     if path.suffix == ".npz":
         return "an NPZ", ZIP_SIGNATURE
-    return "an IDX", struct.pack(">I", IMAGES_MAGIC if "-idx3-" in path.name else LABELS_MAGIC)
+    return "an IDX", struct.pack(">I", IMAGES_MAGIC if _holds_images(path) else LABELS_MAGIC)
 
 
 def refuse_other_digits(path: Path) -> None:

@@ -605,6 +605,7 @@ class GenerationJob:
     request: Request  # checked and normalised once, by plan_generation: the label cycle, seed and truncation
 
     def run(self, on_batch: OnBatch = lambda n: None) -> WrittenFiles:
+        """Make the digits and write them as planned, ``on_batch`` told each batch's size (it may raise to stop)."""
         if self.plan.fmt != "png":
             return self.plan.write(self._made(self.plan.start, self.plan.count), on_batch)
         r = self.request

@@ -30,6 +30,7 @@ from digitgen.runtime import (
 )
 from digitgen.runtime.evaluate import ReferenceClassifier
 from digitgen.runtime.external_data import external_data_files, without_metadata
+from digitgen.runtime.generator import empty_digits, fill_digits
 from digitgen.runtime.session import external_files, model_sha256, ort_reason
 from tests.helpers import nan_pixels
 
@@ -174,6 +175,13 @@ def test_indices_run_to_the_last_int64_and_no_further(tiny: DigitGenerator) -> N
         list(tiny.iter_batches(4, start=last - 2))
     with pytest.raises(InvalidRequestError, match=r"^start index must be an integer from 0 to "):
         list(tiny.iter_batches(1, start=last + 1))
+
+
+def test_digits_gathered_from_batches_start_where_the_first_batch_starts(tiny: DigitGenerator) -> None:
+    gathered = fill_digits(tiny.iter_batches(5, start=40, batch_size=2), *empty_digits(5))
+    (alone,) = tiny.iter_batches(5, start=40)
+    assert gathered.start == alone.start == 40 and np.array_equal(gathered.images, alone.images)
+    assert fill_digits([], *empty_digits(0)).start == 0
 
 
 @pytest.mark.parametrize("threads", [0, -1, True, 1.5, "2", 2**31])
