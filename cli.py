@@ -64,7 +64,16 @@ from digitgen.runtime.signals import (
     model_calls_stop_on_signals,
     release_held_at_start,
 )
-from digitgen.runtime.text import DECIMAL_TEXT, INTEGER_TEXT, counted, printable, read_integer, read_json, read_number
+from digitgen.runtime.text import (
+    DECIMAL_TEXT,
+    INTEGER_TEXT,
+    counted,
+    printable,
+    quoted,
+    read_integer,
+    read_json,
+    read_number,
+)
 from digitgen.runtime.writers import plan_generation
 from digitgen.serve.settings import BATCH_MAX_DIGITS, MAX_COUNT_LIMIT, ServerOptions, ServeSettings
 from digitgen.training.config import (
@@ -217,7 +226,7 @@ class GivenPath(click.Path):
             if value == "":
                 self.fail("an empty path; name a file or folder (. for the current folder)", param, ctx)
             if not self.dir_okay and isinstance(value, str) and value.endswith(("/", os.sep)):
-                self.fail(f"{value!r} ends in a slash, so it names a folder; give a file's name", param, ctx)
+                self.fail(f"{quoted(value)} ends in a slash, so it names a folder; give a file's name", param, ctx)
             return super().convert(value, param, ctx)
         except click.BadParameter as exc:  # a path from the environment (MNIST_ROOT) is named as the user set it
             if ctx is None or param is None or ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
@@ -234,7 +243,7 @@ class Integer(click.IntRange):
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, str) and not INTEGER_TEXT.fullmatch(value):
-            self.fail(f"{value!r} is not a valid integer.", param, ctx)
+            self.fail(f"{quoted(value)} is not a valid integer.", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -244,10 +253,10 @@ class FiniteFloat(click.FloatRange):
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
+            self.fail(f"{quoted(value)} is not a finite number", param, ctx)
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
+            self.fail(f"{quoted(value)} is not a finite number", param, ctx)
         return number
 
 

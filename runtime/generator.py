@@ -24,6 +24,7 @@ from digitgen.runtime.errors import (
 from digitgen.runtime.idx import IMAGE_SIDE
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
 from digitgen.runtime.session import ORT_ERRORS, model_sha256, open_session, ort_reason, run_model
+from digitgen.runtime.text import quoted
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -47,7 +48,7 @@ def parse_digit_list(text: str) -> list[int]:
     is for :meth:`DigitGenerator.check_digits` to say."""
     parts = text.split(",")
     if not all(_DIGIT_IN_LIST.fullmatch(part) for part in parts):
-        raise InvalidRequestError(f"{text!r} is not a comma-separated list of digits such as 0,3,7")
+        raise InvalidRequestError(f"{quoted(text)} is not a comma-separated list of digits such as 0,3,7")
     return [int(part) for part in parts]
 
 
@@ -123,7 +124,7 @@ def check_int(value: object, name: str, minimum: int = 1, maximum: int | None = 
         or (maximum is not None and value > maximum)
     ):
         bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-        raise InvalidRequestError(f"{name} must be an integer {bounds}, got {value!r}")
+        raise InvalidRequestError(f"{name} must be an integer {bounds}, got {quoted(value)}")
     return int(value)
 
 
@@ -169,7 +170,7 @@ def check_truncation(value: object) -> float | None:
         value = float(value)
     real = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not real or not MIN_TRUNCATION <= value <= sys.float_info.max:  # 10**400: an int no float holds
-        raise InvalidRequestError(f"truncation must be a finite number >= {MIN_TRUNCATION:g}, got {value!r}")
+        raise InvalidRequestError(f"truncation must be a finite number >= {MIN_TRUNCATION:g}, got {quoted(value)}")
     return float(value)
 
 
@@ -255,7 +256,7 @@ class DigitGenerator:
             return list(range(self.num_classes))
         zero_dimensional = isinstance(digits, np.ndarray) and digits.ndim == 0  # iterable by type, not in fact
         if isinstance(digits, (str, bytes)) or not isinstance(digits, Iterable) or zero_dimensional:
-            raise InvalidRequestError(f"digits must be a list of classes, e.g. [3, 7], got {digits!r}")
+            raise InvalidRequestError(f"digits must be a list of classes, e.g. [3, 7], got {quoted(digits)}")
         digits = list(digits)
         if not digits:
             raise InvalidRequestError("the list of digits is empty")

@@ -19,7 +19,7 @@ import numpy as np
 from digitgen.runtime.encode import open_npz
 from digitgen.runtime.errors import InvalidRequestError, OutputError
 from digitgen.runtime.idx import IMAGE_SIDE, check_idx, header_size, idx_header
-from digitgen.runtime.text import counted
+from digitgen.runtime.text import counted, quoted
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Shard:
         :class:`InvalidRequestError` in words."""
         for name, value in (("shard index", self.index), ("number of shards", self.count)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise InvalidRequestError(f"the {name} must be an integer, got {value!r}")
+                raise InvalidRequestError(f"the {name} must be an integer, got {quoted(value)}")
         if self.count < 1:
             raise InvalidRequestError(f"the number of shards must be at least 1, got {self.count}")
         if not 0 <= self.index < self.count:

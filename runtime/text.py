@@ -61,6 +61,19 @@ def counted(count: int, noun: str) -> str:
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
+MAX_QUOTED = 1024  # characters of a value a refusal quotes, as the page's module and the HTTP server quote
+
+
+def quoted(value: object) -> str:
+    """``repr(value)`` as a refusal quotes it: at most :data:`MAX_QUOTED` characters, then the value's own length,
+    in the words of the page's module (a value pasted by mistake, a megabyte of it, stays one short line)."""
+    text = repr(value)
+    if len(text) <= MAX_QUOTED:
+        return text
+    length = len(value) if isinstance(value, str) else len(text)
+    return f"{text[:MAX_QUOTED]}... ({length:,} characters)"
+
+
 def cut(text: str, limit: int) -> str:
     """``text``, or its first ``limit`` characters and its whole length: what a refusal or a log line quotes of a
     value from outside, so that none writes more than a bounded line."""

@@ -114,6 +114,10 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["--format", "mnist", "--test-count", str(2**32)], "(its count is 32 bits), not 4,294,967,296"),
         (["-n", "20", "--format", "grid", "--num-shards", "2"], "the grid format writes one contact sheet"),
         (["--batch-size", "8193"], "8193 is not in the range 1<=x<=8192"),
+        # a value pasted by mistake: its first 1,024 characters quoted, then its length, as the page and server do
+        (["-n", "9" * 5000], f"got '{'9' * 1023}... (5,000 characters) (see --help)"),
+        (["--digits", "3," * 2000], f"'{'3,' * 511}3... (4,000 characters) is not a comma-separated list"),
+        (["--batch-size", "x" * 3000], f"'{'x' * 1023}... (3,000 characters) is not a valid integer."),
     ],
 )
 def test_bad_generate_input_is_one_clear_line(tmp_path: Path, tiny_onnx: Path, args: list[str], message: str) -> None:

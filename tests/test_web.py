@@ -684,6 +684,10 @@ def cli_words(field: str, text: str) -> str:
         ("truncation", "1_5"),  # as the CLI: no grouping
         ("truncation", "1.5e0000"),  # as the server
         ("truncation", "1.5\u200b"),
+        # a value pasted by mistake: quoted in its first 1,024 characters, then its length, by both
+        ("seed", "9" * 2000),
+        ("digits", "3," * 700),
+        ("truncation", "\u00e9" * 1100),
     ],
 )
 def test_bad_fields_are_named_in_the_cli_s_words_until_the_next_sheet(page: Page, field: str, text: str) -> None:
