@@ -35,7 +35,7 @@ export class ProviderUnavailableError extends DigitgenError {}
 export class InvalidRequestError extends DigitgenError {}
 export class ModelRunError extends DigitgenError {}
 
-const MAX_SHOWN = 1024; // characters of a value an error quotes, as the HTTP server quotes a parameter
+const MAX_SHOWN = 1024; // characters of a value an error quotes, as runtime/text.py's quoted() and the HTTP server
 const NAMED_BAD_DIGITS = 5; // a refusal names the first few bad digits of a list, then counts the rest
 
 // What Python's str.isspace() takes for whitespace (its `\s`, which int(), float() and the CLI's patterns strip):
@@ -104,10 +104,10 @@ function notClassesMessage(shown, numClasses) {
   return `digits ${unique.slice(0, NAMED_BAD_DIGITS).join(", ")}${more} are not classes of this model ${range}`;
 }
 
-const INTEGER_TEXT = padded("([+-]?)([0-9]+)"); // runtime/generator.py's INTEGER_TEXT
+const INTEGER_TEXT = padded("([+-]?)([0-9]+)"); // runtime/text.py's INTEGER_TEXT
 const LONGEST_NUMBER = 40; // significant digits read as a number, as the CLI reads them
 
-/** `text` as a BigInt when it is an integer, as the CLI reads one (runtime/generator.py's read_integer), else
+/** `text` as a BigInt when it is an integer, as the CLI reads one (runtime/text.py's read_integer), else
  * `text` itself, for a check to refuse in the CLI's words. */
 export function readInteger(text) {
   const match = INTEGER_TEXT.exec(text);
@@ -207,7 +207,7 @@ export function checkTruncation(value) {
   return bound;
 }
 
-// A decimal number as the CLI and the HTTP server read one (runtime/generator.py's DECIMAL_TEXT): ASCII digits,
+// A decimal number as the CLI and the HTTP server read one (runtime/text.py's DECIMAL_TEXT): ASCII digits,
 // no "_" grouping, no 0x, an exponent of at most three digits.
 const DECIMAL = padded("([+-]?(?:[0-9]+(?:\\.[0-9]*)?|\\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?)");
 
@@ -217,7 +217,7 @@ function parseDecimal(text) {
   return match === null ? NaN : Number(match[1]);
 }
 
-/** `text` as a number when it is a decimal one, as the CLI reads it (runtime/generator.py's read_number), else
+/** `text` as a number when it is a decimal one, as the CLI reads it (runtime/text.py's read_number), else
  * `text` itself, for a check to refuse in the CLI's words. */
 export function readNumber(text) {
   const number = parseDecimal(text);
