@@ -215,6 +215,7 @@ def _model_copy(generator: DigitGenerator) -> Iterator[Path]:
 
 
 def _copied(generator: DigitGenerator, folder: Path) -> Path:
+    """The copy, in ``folder``, of the model ``generator`` was loaded from, checked to be that model."""
     changed = ServeConfigError(f"{generator.path} changed while the server started; start it again")
     copy = folder / generator.path.name
     try:
@@ -244,7 +245,7 @@ def _copied(generator: DigitGenerator, folder: Path) -> Path:
 def _cannot_copy(generator: DigitGenerator, folder: Path, exc: OSError) -> ServeConfigError:
     return ServeConfigError(
         f"cannot copy {generator.path} for the workers into {folder} ({exc.strerror or exc}); "
-        "free space there, or set TMPDIR to a folder that has it"
+        "set TMPDIR to a writable folder with room for it"
     )
 
 

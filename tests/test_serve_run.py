@@ -389,7 +389,7 @@ def test_a_temporary_folder_that_cannot_take_the_models_copy_is_named(
         serve(ServerOptions(str(model), "cpu", port=free_port(), workers=2, threads=1), started)
     assert re.fullmatch(
         f"cannot copy {re.escape(str(model))} for the workers into {re.escape(str(temporary))}(/digitgen-serve-\\w+)? "
-        r"\(No space left on device\); free space there, or set TMPDIR to a folder that has it",
+        r"\(No space left on device\); set TMPDIR to a writable folder with room for it",
         str(refused.value),
     ), refused.value
     assert list(temporary.iterdir()) == []  # the folder made for the copy is gone with it
