@@ -717,11 +717,9 @@ def generate(
     if gen.note:  # said before the work, so that a run that fails or is stopped still says where it ran
         _say(f"note: {gen.note}", err=True)
     if resume and job.plan.existing:
-        _say(
-            f"resuming: {counted(len(job.plan.existing), 'file')} already there, each kept if it holds exactly "
-            "what this run writes (by the digest the interrupted run recorded, or else by making its digit again)",
-            err=True,
-        )
+        there = counted(len(job.plan.existing), "file")
+        how = " (by the digest the interrupted run recorded, or else by making its digit again)" if fmt == "png" else ""
+        _say(f"resuming: {there} already there, each kept if it holds exactly what this run writes{how}", err=True)
     part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""  # shards that run side by side
     start = time.perf_counter()
     try:

@@ -343,16 +343,20 @@ def refuse_non_files(paths: Iterable[str | Path]) -> None:
             raise OutputError(f"{path} is {kind}, not a file, and no run replaces it; name another file")
 
 
-def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool) -> None:
+def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool, resumable: bool = False) -> None:
     """Raise :class:`OutputError` if any of ``paths`` exists and ``overwrite`` is not set, or is not a file
-    (:func:`refuse_non_files`)."""
+    (:func:`refuse_non_files`); ``resumable``: the refusal offers ``--resume`` too (files an interrupted run
+    leaves, which the same command continues)."""
     paths = list(paths)
     refuse_non_files(p for p in paths if p is not None)
     clashes = [Path(p) for p in paths if p is not None and os.path.lexists(p)]  # a dangling link is a file too
     if clashes and not overwrite:
         if len(clashes) == 1:
-            raise OutputError(f"{clashes[0]} already exists; pass --overwrite to replace")
-        raise OutputError(f"{clashes[0]} and {len(clashes) - 1:,} more already exist; pass --overwrite to replace them")
+            named, them = f"{clashes[0]} already exists", "it"
+        else:
+            named, them = f"{clashes[0]} and {len(clashes) - 1:,} more already exist", "them"
+        resume = "--resume to continue an interrupted run of this command, or " if resumable else ""
+        raise OutputError(f"{named}; pass {resume}--overwrite to replace {them}")
 
 
 def folder_problem(folder: Path) -> str | None:

@@ -18,9 +18,10 @@ from digitgen.runtime.encode import PNG_SIGNATURE, ZIP_SIGNATURE, is_whole_png, 
 from digitgen.runtime.errors import OtherRunError
 from digitgen.runtime.files import readable_file
 from digitgen.runtime.generator import GeneratedDigits
-from digitgen.runtime.idx import IMAGES_MAGIC, LABELS_MAGIC, idx_header, is_whole_idx
+from digitgen.runtime.idx import IMAGE_SIDE, IMAGES_MAGIC, LABELS_MAGIC, header_size, idx_header, is_whole_idx
 from digitgen.runtime.layout import pngs_in_range
 from digitgen.runtime.run_record import is_record_file, is_whole_record
+from digitgen.runtime.text import counted
 
 
 def is_complete(path: Path) -> bool:
@@ -97,15 +98,43 @@ def _first_bytes(path: Path) -> tuple[str, bytes]:
     return "an IDX", struct.pack(">I", IMAGES_MAGIC if _holds_images(path) else LABELS_MAGIC)
 
 
-def refuse_other_digits(path: Path) -> None:
-    """Refuse to let ``resume`` replace ``path`` if it is complete (it then holds another run's digits) or does not
-    begin as a file of its kind (then no run of this tool wrote it). A damaged or cut-short file is replaced."""
+def declared_count(path: Path) -> int | None:
+    """How many digits the IDX or NPZ file ``path`` says it holds, where its header is one this tool writes for that
+    many (28x28 bytes an image, int64 labels in an NPZ); None for any other file."""
+    try:
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as archive:
+                with archive.open("labels.npy") as f:
+                    labels = read_npy_header(f)
+                with archive.open("images.npy") as f:
+                    images = read_npy_header(f)
+            count = labels[0][0] if len(labels[0]) == 1 else -1
+            ours = ((count,), False, np.dtype(np.int64)), ((count, IMAGE_SIDE, IMAGE_SIDE), False, np.dtype(np.uint8))
+            return count if (labels, images) == ours else None
+        images = _holds_images(path)
+        with path.open("rb") as f:
+            header = f.read(header_size(images))
+        count = struct.unpack(">I", header[4:8])[0] if len(header) == header_size(images) else -1
+        return count if count >= 0 and header == idx_header(count, images) else None
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError):
+        return None
+
+
+def refuse_other_digits(path: Path, count: int | None = None) -> None:
+    """Refuse to let ``resume`` replace ``path`` if it is complete (it then holds another run's digits; named by
+    their number where it is not the ``count`` this run writes there) or does not begin as a file of its kind (then
+    no run of this tool wrote it). A damaged or cut-short file is replaced."""
     if not readable_file(path):  # a pipe, a device, a dangling link: nothing in it to keep, and never read
         return
     if is_complete(path):
+        declared = None if count is None else declared_count(path)
+        other = (
+            f"{counted(declared, 'digit')} where this command writes {count:,}"
+            if declared is not None and declared != count
+            else "other digits than this command makes (written with other options or another model)"
+        )
         raise OtherRunError(
-            f"{path} holds other digits than this command makes (written with other options or another model); "
-            "resume with the options of the run that wrote it, or pass --overwrite to replace it"
+            f"{path} holds {other}; resume with the options of the run that wrote it, or pass --overwrite to replace it"
         )
     kind, first = _first_bytes(path)
     try:

@@ -559,7 +559,7 @@ def _with_existing(plan: OutputPlan) -> OutputPlan:
     if plan.recorded:
         _remove_an_orphan_record(out_dir, fmt, shard)
     existing = existing_outputs(out_dir, fmt, shard, total, plan.recorded)
-    refuse_existing(existing, plan.overwrite or plan.resume)
+    refuse_existing(existing, plan.overwrite or plan.resume, resumable=fmt == "png")  # others leave no part
     if plan.overwrite and fmt == "png" and shard.count == 1:
         # a longer run's digits go too, so that the folder ends as this run's (a shard removes only its own)
         longer = pngs_in_range(out_dir, total, sys.maxsize)
@@ -711,7 +711,7 @@ def _refuse_another_runs_arrays(gen: DigitGenerator, plan: OutputPlan, request: 
         (first,) = _first_digit(gen, request, start)
         for name in names[at * per_split : (at + 1) * per_split]:
             if not begins_with(plan.out_dir / name, count, first):
-                refuse_other_digits(plan.out_dir / name)  # whole: refused; damaged: replaced as the run ends
+                refuse_other_digits(plan.out_dir / name, count)  # whole: refused; damaged: replaced as the run ends
 
 
 def generate_files(

@@ -71,7 +71,7 @@ def test_export_classifier_replaces_a_file_only_with_overwrite(tmp_path: Path) -
     out = tmp_path / "classifier.onnx"
     out.write_bytes(b"mine")
     code, lines = _cli("export-classifier", "--weights", SHIPPED_WEIGHTS, "--out", out)
-    assert code == 1 and lines == [f"Error: {out} already exists; pass --overwrite to replace"]
+    assert code == 1 and lines == [f"Error: {out} already exists; pass --overwrite to replace it"]
     assert out.read_bytes() == b"mine"
     code, lines = _cli("export-classifier", "--weights", SHIPPED_WEIGHTS, "--out", out, "--overwrite")
     assert code == 0 and _metadata(out)["kind"] == WEIGHTS_KIND, lines
@@ -136,7 +136,7 @@ def test_train_classifier_refuses_weights_beside_its_file_before_training(tmp_pa
     weights = tmp_path / "classifier_weights.pt"
     weights.write_bytes(b"mine")
     code, lines = _cli("train-classifier", "--data-dir", tiny_mnist, "--out", tmp_path / "classifier.onnx")
-    assert code == 1 and lines == [f"Error: {weights} already exists; pass --overwrite to replace"]
+    assert code == 1 and lines == [f"Error: {weights} already exists; pass --overwrite to replace it"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier_weights.pt"]
 
 

@@ -156,6 +156,23 @@ def test_generate_refuses_to_overwrite(tmp_path: Path, tiny_onnx: Path) -> None:
     assert run(*args, "--overwrite")[0] == 0
 
 
+def test_an_interrupted_png_run_run_again_is_offered_resume_and_overwrite(tmp_path: Path, tiny_onnx: Path) -> None:
+    """The same command again, without --resume: the refusal names both ways on, and --resume takes the first."""
+    args = ("generate", "--generator", tiny_onnx, "--out", tmp_path, "-n", "6")
+    assert run(*args)[0] == 0
+    for index in (3, 5):  # as an interrupted run leaves the folder: some digits missing
+        next(tmp_path.glob(f"0000000{index}_label*.png")).unlink()
+    code, output = run(*args)
+    assert (code, output.strip().splitlines()) == (
+        1,
+        [
+            f"Error: {tmp_path / '00000000_label0.png'} and 3 more already exist; pass --resume to continue an "
+            "interrupted run of this command, or --overwrite to replace them"
+        ],
+    )
+    assert run(*args, "--resume")[0] == 0 and len(list(tmp_path.glob("*.png"))) == 6
+
+
 def test_plain_digitgen_prints_the_help_not_an_error() -> None:
     code, output = run()
     assert code == 0 and output.startswith("Usage:") and "Error" not in output, output
@@ -352,7 +369,7 @@ def test_resume_reports_what_it_kept(tmp_path: Path, tiny_onnx: Path) -> None:
     assert output.rstrip().endswith("; it replaced or removed 12 files already there (--overwrite)"), output
     code, output = run(*args, "--format", "npz", "--resume")
     assert code == 0 and "kept 1 complete file of the earlier run, wrote 0," in output, output
-    assert "resuming: 1 file already there" in output
+    assert "resuming: 1 file already there, each kept if it holds exactly what this run writes\n" in output  # no digest
     # a typo in --seed: another run's files are kept, and the refusal comes before any progress
     code, output = run(*args, "--resume", "--seed", 9, "--batch-size", 4)
     assert code == 1 and output.strip() == (

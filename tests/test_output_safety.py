@@ -303,7 +303,7 @@ def test_export_refuses_to_replace_a_file(tmp_path: Path, tiny_checkpoint: Path)
     out = tmp_path / "g.onnx"
     out.write_bytes(b"my model")
     code, output = _cli("export", "--checkpoint", tiny_checkpoint, "--out", out)
-    assert code == 1 and output.strip() == f"Error: {out} already exists; pass --overwrite to replace"
+    assert code == 1 and output.strip() == f"Error: {out} already exists; pass --overwrite to replace it"
     assert out.read_bytes() == b"my model"
     code, output = _cli("export", "--checkpoint", tiny_checkpoint, "--out", out, "--overwrite")
     assert code == 0, output
@@ -315,7 +315,9 @@ def test_a_dangling_link_in_the_way_is_refused_like_a_file(gen: DigitGenerator, 
     """The link is the user's (it may name a file they mean to create elsewhere): replacing it needs --overwrite."""
     link = tmp_path / ("digits.npz" if fmt == "npz" else "00000000_label0.png")
     link.symlink_to(tmp_path / "nowhere")
-    with pytest.raises(OutputError, match=f"^{link} already exists; pass --overwrite to replace$"):
+    with pytest.raises(
+        OutputError, match=f"^{link} already exists; pass (--resume .*, or )?--overwrite to replace it$"
+    ):
         generate_files(gen, tmp_path, 3, fmt)
     assert link.is_symlink() and sorted(tmp_path.iterdir()) == [link]
 
@@ -419,7 +421,7 @@ def test_train_classifier_needs_an_out_and_refuses_to_replace_it(tmp_path: Path,
     out = tmp_path / "classifier.onnx"
     out.write_bytes(b"my classifier")
     code, output = _cli("train-classifier", "--data-dir", tiny_mnist, "--out", out)
-    assert code == 1 and output.strip() == f"Error: {out} already exists; pass --overwrite to replace"
+    assert code == 1 and output.strip() == f"Error: {out} already exists; pass --overwrite to replace it"
     assert out.read_bytes() == b"my classifier"
 
 

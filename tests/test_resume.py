@@ -97,7 +97,10 @@ def test_resume_after_an_interrupt_equals_an_uninterrupted_run(
         assert journaled(tmp_path) == sorted(name for name in left if name != JOURNAL_NAME)
         assert len(left) == stop_after * BATCH + 1  # every complete batch's files and the journal, nothing else
         assert all(clean_runs[fmt][name] == content for name, content in left.items() if name != JOURNAL_NAME)
-        with pytest.raises(OutputError, match="pass --overwrite"):
+        with pytest.raises(
+            OutputError,
+            match=r"; pass --resume to continue an interrupted run of this command, or --overwrite to replace them$",
+        ):
             generate_files(gen, tmp_path, N, fmt, **REQUEST)
     else:
         assert left == {}
@@ -201,7 +204,12 @@ def test_resume_refuses_another_runs_arrays_before_making_the_digits(
     generate_files(gen, tmp_path, request.pop("num"), fmt, **request)
     before = folder(tmp_path)
     calls = made_digits(gen, monkeypatch)
-    with pytest.raises(OtherRunError, match=r" holds other digits than this command makes "):
+    words = (
+        "other digits than this command makes "
+        if other != "another count"
+        else f"{N - BATCH} digits where this command writes {N};"
+    )
+    with pytest.raises(OtherRunError, match=f" holds {words}"):
         generate_files(gen, tmp_path, N, fmt, resume=True, **REQUEST)
     assert calls == [1]
     assert folder(tmp_path) == before
@@ -214,7 +222,9 @@ def test_resume_refuses_another_runs_test_split_before_making_the_digits(
     generate_files(gen, tmp_path, N, "mnist", test_count=BATCH, **REQUEST)
     before = folder(tmp_path)
     calls = made_digits(gen, monkeypatch)
-    with pytest.raises(OtherRunError, match=r"t10k-images-idx3-ubyte holds other digits than this command makes "):
+    with pytest.raises(
+        OtherRunError, match=f"t10k-images-idx3-ubyte holds {BATCH} digits where this command writes {2 * BATCH}; "
+    ):
         generate_files(gen, tmp_path, N, "mnist", test_count=2 * BATCH, resume=True, **REQUEST)
     assert calls == [1, 1]
     assert folder(tmp_path) == before

@@ -246,8 +246,11 @@ def test_existing_files_are_counted_in_the_refusal(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match=f"^{tmp_path / png_name(0, 0)} and 1 more already exist; pass"):
         plan_output(tmp_path, "png", 3)
     (tmp_path / png_name(1, 1)).unlink()
-    with pytest.raises(
-        OutputError,
-        match=f"^{tmp_path / png_name(0, 0)} already exists; pass --overwrite to replace$",
-    ):
+    resume = "pass --resume to continue an interrupted run of this command, or --overwrite to replace it"
+    with pytest.raises(OutputError, match=f"^{tmp_path / png_name(0, 0)} already exists; {resume}$"):
         plan_output(tmp_path, "png", 3)
+    (tmp_path / "digits.npz").write_bytes(b"mine")  # an interrupted NPZ leaves no file: nothing to resume
+    with pytest.raises(
+        OutputError, match=f"^{tmp_path / 'digits.npz'} already exists; pass --overwrite to replace it$"
+    ):
+        plan_output(tmp_path, "npz", 3)
