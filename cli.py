@@ -51,6 +51,7 @@ from digitgen.runtime.generator import (
     check_truncation,
     parse_digit_list,
 )
+from digitgen.runtime.idx import DEFAULT_MNIST_ROOT, data_dir_again
 from digitgen.runtime.layout import FORMATS
 from digitgen.runtime.merge import merge_shards
 from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
@@ -290,27 +291,19 @@ def _runtime_integer(check: Callable[[object], int]) -> dict[str, Any]:
     return {"type": str, "callback": _parsed_by(lambda text: check(read_integer(text)))}
 
 
-DEFAULT_DATA_DIR = "data"
-
-
 def _resume_hint(checkpoint: str, data_dir: str, device_name: str, processes: int) -> str:
     """How to continue a stopped ``train``: the options a resume does not keep, and under torchrun its launch."""
-    hint = f"continue with --resume {shlex.quote(checkpoint)}{_data_dir_again(data_dir)}"
+    hint = f"continue with --resume {shlex.quote(checkpoint)}{data_dir_again(data_dir)}"
     hint += "" if device_name == "auto" else f" --device {device_name}"
     if processes > 1:  # the ranks' noise generators are in the checkpoint: the same number continues exactly
         hint += f", launched by torchrun with {processes} processes as this run was"
     return hint
 
 
-def _data_dir_again(data_dir: str) -> str:
-    """`` --data-dir DIR`` for a hint to rerun a command, unless DIR is the default (a resume does not keep it)."""
-    return "" if data_dir == DEFAULT_DATA_DIR else f" --data-dir {shlex.quote(data_dir)}"
-
-
 data_dir_option = click.option(
     "--data-dir",
     envvar="MNIST_ROOT",
-    default=DEFAULT_DATA_DIR,
+    default=DEFAULT_MNIST_ROOT,
     show_default=True,
     type=GivenPath(file_okay=False),
     help="torchvision root holding MNIST/raw/ (env MNIST_ROOT).",

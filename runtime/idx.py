@@ -6,6 +6,7 @@ uint8 per pixel or label.
 
 from __future__ import annotations
 
+import shlex
 import struct
 from pathlib import Path
 
@@ -143,6 +144,17 @@ def mnist_hint(root: str | Path) -> str:
     return ""
 
 
+DEFAULT_MNIST_ROOT = "data"  # --data-dir's default: the torchvision root that holds MNIST/raw/
+
+
+def data_dir_again(data_dir: str) -> str:
+    """`` --data-dir DIR`` for a hint to rerun a command, unless DIR is the default (a resume does not keep it)."""
+    return "" if data_dir == DEFAULT_MNIST_ROOT else f" --data-dir {shlex.quote(data_dir)}"
+
+
+WHERE_ELSE = "point --data-dir (or MNIST_ROOT) at the folder that holds MNIST/raw/"  # where no hint names one
+
+
 def mnist_not_found_message(root: str | Path) -> str:
     """One line: the four files, where they were looked for, and the likely right root when one is near."""
     raw = mnist_raw_folder(root)
@@ -162,7 +174,7 @@ def read_mnist_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
     """(images, labels) of ``split`` ("train" or "t10k") from a torchvision root holding MNIST/raw/."""
     raw = mnist_raw_folder(root)
     if not all((raw / f"{split}-{kind}").is_file() for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")):
-        raise InvalidRequestError(mnist_not_found_message(root))
+        raise InvalidRequestError(mnist_not_found_message(root) + ("" if mnist_hint(root) else f"; {WHERE_ELSE}"))
     images = read_idx(raw / f"{split}-images-idx3-ubyte", images=True)
     labels = read_idx(raw / f"{split}-labels-idx1-ubyte", images=False).astype(np.int64)
     if len(images) != len(labels):

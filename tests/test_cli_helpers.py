@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import digitgen.cli as cli
 from digitgen.cli import _format_progress, _StopOnce, install_command, main
 from digitgen.export.quality import QualityFileError, read_evaluation
+from digitgen.runtime.idx import DEFAULT_MNIST_ROOT
 from tests.conftest import REPO
 from tests.helpers import PIP
 
@@ -47,10 +48,10 @@ def test_quality_file_without_json_is_refused_and_the_cli_names_the_option(tmp_p
 @pytest.mark.parametrize(
     ("data_dir", "device", "processes", "hint"),
     [
-        (cli.DEFAULT_DATA_DIR, "auto", 1, "continue with --resume 'my run/checkpoint.pt'"),
+        (DEFAULT_MNIST_ROOT, "auto", 1, "continue with --resume 'my run/checkpoint.pt'"),
         ("/data", "cpu", 1, "continue with --resume 'my run/checkpoint.pt' --data-dir /data --device cpu"),
         (
-            cli.DEFAULT_DATA_DIR,
+            DEFAULT_MNIST_ROOT,
             "cuda",
             4,
             "continue with --resume 'my run/checkpoint.pt' --device cuda, launched by torchrun with 4 processes as "

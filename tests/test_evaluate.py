@@ -86,7 +86,8 @@ def test_evaluate_without_data_is_a_clear_error(tiny_onnx: Path, tiny_classifier
         main,
         ["evaluate", "--generator", str(tiny_onnx), "--classifier", str(tiny_classifier), "--data-dir", str(tmp_path)],
     )
-    assert result.exit_code == 1 and "MNIST not found" in result.output
+    assert result.exit_code == 1 and result.output.strip().startswith("Error: MNIST not found")
+    assert result.output.strip().endswith("; point --data-dir (or MNIST_ROOT) at the folder that holds MNIST/raw/")
 
 
 @pytest.mark.parametrize("samples", ["99", "60001", "100000000"])

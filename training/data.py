@@ -13,6 +13,7 @@ import torch
 from digitgen.runtime.errors import InvalidRequestError
 from digitgen.runtime.files import remove_if_empty
 from digitgen.runtime.idx import (
+    WHERE_ELSE,
     missing_mnist_files,
     mnist_hint,
     mnist_not_found_message,
@@ -76,7 +77,7 @@ def load_mnist(root: str | Path, *, train: bool = True, download: bool = False) 
         if reason:
             message += f" ({reason})"
         elif not download and not mnist_hint(root):
-            message += "; point --data-dir (or MNIST_ROOT) at the folder that holds MNIST/raw/, or pass --download"
+            message += f"; {WHERE_ELSE}, or pass --download"
         raise DatasetNotFoundError(message)
     try:
         images, labels = read_mnist_split(root, "train" if train else "t10k")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from digitgen.runtime.files import folder_problem, refuse_non_files
+from digitgen.runtime.idx import data_dir_again
 from digitgen.runtime.text import counted
 from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import DEFAULT_RUN_DIR, GANConfig, TrainConfig
@@ -204,8 +205,8 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
                 f"{run_dir} holds a run that saved no checkpoint ({found}); start over with --overwrite"
             )
         raise RunDirectoryError(
-            f"{run_dir} already holds a run ({found}); continue it with --resume {own_checkpoint} "
-            "or start over with --overwrite"
+            f"{run_dir} already holds a run ({found}); continue it with --resume {own_checkpoint}"
+            f"{data_dir_again(options.data_dir)} or start over with --overwrite"
         )
     return existing
 
