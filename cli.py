@@ -478,13 +478,14 @@ def train(run_dir: str | None, resume: str | None, device_name: str, **choices: 
             state = run.state
             for line in run.notes(device, ctx):
                 say(line, err=True)
+            complete = state.step >= state.train.total_steps  # a finished run resumed: nothing to train
             with (
                 _stop_on_signals() as should_stop,
                 progress(
                     state.train.total_steps,
                     "training",
                     describe=_format_progress,
-                    hidden=not ctx.is_main,
+                    hidden=not ctx.is_main or complete,
                     done=state.step,
                 ) as bar,
             ):
@@ -507,6 +508,13 @@ def train(run_dir: str | None, resume: str | None, device_name: str, **choices: 
             f"stopped at step {result.step}; checkpoint saved to {result.checkpoint}; "
             + _resume_hint(str(result.checkpoint), options.data_dir, device_name, ctx.world_size)
         )
+    if complete:
+        say(
+            f"the run was complete already, at step {result.step}: nothing to train (checkpoint {result.checkpoint}); "
+            f"to train it further, resume it with --steps or --epochs past step {result.step}",
+            err=True,
+        )
+        return
     say(
         f"done: step {result.step} in {result.seconds:.0f}s ({result.images_per_s:.0f} images/s); "
         f"checkpoint {result.checkpoint}",

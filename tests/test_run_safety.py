@@ -168,6 +168,22 @@ def test_resume_continues_the_run_in_place(finished_run: Path, tiny_mnist: Path)
     assert torch.load(finished_run / "checkpoint.pt", weights_only=True)["step"] == 4
 
 
+def test_resuming_a_complete_run_says_so_and_how_to_train_it_further(finished_run: Path, tiny_mnist: Path) -> None:
+    """Not "0 to do" and "done: step 2 in 0s (0 images/s)": the run was complete, and --steps extends it."""
+    before = {path: path.read_bytes() for path in finished_run.rglob("*") if path.is_file()}
+    code, output = train(tiny_mnist, finished_run, "--resume", finished_run / "checkpoint.pt")
+    assert code == 0, output
+    assert output.strip().splitlines()[-1] == (
+        f"the run was complete already, at step 2: nothing to train (checkpoint {finished_run / 'checkpoint.pt'}); "
+        "to train it further, resume it with --steps or --epochs past step 2"
+    )
+    assert "images/s" not in output and "to do" not in output
+    assert {path: path.read_bytes() for path in finished_run.rglob("*") if path.is_file()} == before
+    elsewhere = finished_run.parent / "copy"  # resumed into a new folder: its first checkpoint is the run's state
+    assert train(tiny_mnist, elsewhere, "--resume", finished_run / "checkpoint.pt")[0] == 0
+    assert torch.load(elsewhere / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 def test_resume_removes_the_grids_of_steps_after_its_checkpoint(finished_run: Path, tiny_mnist: Path) -> None:
     """Left by a hard stop after the last checkpoint (as metrics lines are): a resumed run that ends sooner would
     show them as its own. A file of the user's in the samples folder stays."""

@@ -332,7 +332,10 @@ def train(
         if state.step < cfg.total_steps and any_rank(ctx, should_stop(), device):
             interrupted = True
             break
-    if saved_at != state.step:  # the last step's, unless just written (a resumed run in a new folder: its first)
+    # the last step's, unless just written, or unless a complete run resumed in its own folder trained nothing (its
+    # checkpoint is the one resumed: a run folder holds no other); a complete run resumed in a new folder: its first
+    resumed_in_place = state.step == first_step and not any_rank(ctx, not checkpoint.exists(), device)  # all agree
+    if saved_at != state.step and not resumed_in_place:
         _save(state, checkpoint, ctx)
     seconds = time.perf_counter() - start
     trained = (state.step - first_step) * global_batch
