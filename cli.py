@@ -731,7 +731,7 @@ def generate(
             "any file it wrote is complete, none is partial; the same command with --resume continues"
         ) from None
     seconds = time.perf_counter() - start
-    where = written.paths[0] if len(written.paths) == 1 else out
+    where = written.paths[0] if len(written.paths) == 1 else Path(out)  # the folder, written as for png
     timing = f"in {seconds:.2f}s" if seconds < 60 else f"in {clock_time(seconds)}"
     timing += f" on {gen.provider}"
     digits = f"{counted(job.plan.count, 'digit')}{part} as {fmt}"

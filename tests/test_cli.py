@@ -173,6 +173,16 @@ def test_an_interrupted_png_run_run_again_is_offered_resume_and_overwrite(tmp_pa
     assert run(*args, "--resume")[0] == 0 and len(list(tmp_path.glob("*.png"))) == 6
 
 
+@pytest.mark.parametrize("fmt", ["png", "idx", "mnist"])
+def test_the_folder_written_to_is_named_alike_whatever_the_format(tmp_path: Path, tiny_onnx: Path, fmt: str) -> None:
+    test_split = ["--test-count", "2"] if fmt == "mnist" else []
+    code, output = run(
+        "generate", "--generator", tiny_onnx, "-n", 3, "--format", fmt, "--out", f"{tmp_path}/out/", *test_split
+    )
+    digits = 5 if fmt == "mnist" else 3
+    assert code == 0 and output.startswith(f"wrote {digits} digits as {fmt} to {tmp_path / 'out'} in "), output
+
+
 def test_plain_digitgen_prints_the_help_not_an_error() -> None:
     code, output = run()
     assert code == 0 and output.startswith("Usage:") and "Error" not in output, output
