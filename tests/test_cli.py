@@ -445,6 +445,7 @@ def test_verify_against_another_checkpoint_fails(tmp_path: Path, tiny_onnx: Path
     other = train_tiny(tmp_path / "other", tiny_mnist, seed=3)
     code, output = run("verify", tiny_onnx, "--checkpoint", other)
     assert code == 1 and "ONNX output differs from PyTorch" in output and "FAIL" in output
+    assert output.rstrip().endswith(f"far past any export's rounding: was {tiny_onnx} exported from this checkpoint?")
 
 
 def test_verify_against_a_checkpoint_of_other_sizes_is_one_line(
