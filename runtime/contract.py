@@ -8,7 +8,7 @@ import onnxruntime as ort
 
 from digitgen.runtime.errors import ModelContractError
 from digitgen.runtime.idx import IMAGE_SIDE
-from digitgen.runtime.text import INTEGER_TEXT, cut, read_integer
+from digitgen.runtime.text import INTEGER_TEXT, cut, quoted, read_integer
 
 CONTRACT_VERSION = "1"
 # bounds that keep a model's noise small and its labels storable: far past any digit model
@@ -63,7 +63,8 @@ def _check_io(session: ort.InferenceSession) -> list[str]:
 
 
 def _int_metadata(metadata: dict[str, str], key: str, problems: list[str], maximum: int | None = None) -> int:
-    """An integer written in ASCII digits, as the page's module reads it too (int() also takes "6_4" and "٦٤")."""
+    """An integer written in ASCII digits, read as the CLI reads one (int() also takes "6_4" and "٦٤"), and as the
+    page's module does; 0 for a value not read, which no later check compares."""
     text = metadata.get(key)
     if text is None or not INTEGER_TEXT.fullmatch(text):
         problems.append(f"metadata '{key}' is missing or not an integer")
@@ -95,7 +96,7 @@ def check_contract(session: ort.InferenceSession, source: str) -> ModelInfo:
     if image_size and image_size != IMAGE_SIDE:
         problems.append(f"metadata 'image_size' must be {IMAGE_SIDE}, found {image_size}")
     if "contract_version" in metadata and metadata["contract_version"] != CONTRACT_VERSION:
-        problems.append(f"contract_version {metadata['contract_version']!r} is not {CONTRACT_VERSION!r}")
+        problems.append(f"contract_version {quoted(metadata['contract_version'])} is not {CONTRACT_VERSION!r}")
     elif "contract_version" not in metadata:
         problems.append("metadata 'contract_version' is missing")
     z = next((i for i in session.get_inputs() if i.name == "z"), None)

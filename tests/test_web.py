@@ -21,7 +21,7 @@ from PIL import Image
 
 from digitgen import DigitGenerator
 from digitgen.runtime.encode import contact_sheet
-from digitgen.runtime.errors import InvalidRequestError
+from digitgen.runtime.errors import InvalidRequestError, ModelContractError
 from digitgen.runtime.generator import (
     check_int,
     check_seed,
@@ -273,6 +273,56 @@ def test_truncation_takes_a_bigint_as_python_takes_an_int(page: Page) -> None:
 DIGIT_LISTS = ["0,3,7", " 4 , 2 ", "12", "-1", "007", "+3", "a,b", "3,,7", "", ",", "3.0", "1e1", "\u0663", "9" * 41]
 
 
+CONTRACT_METADATA = [
+    {"latent_dim": "\ufeff8"},  # no space to Python, JavaScript's \\s takes it
+    {"latent_dim": "8\x85"},  # a space to Python, not to JavaScript's \\s
+    {"latent_dim": " +08 "},
+    {"latent_dim": "1" * 400},  # past what any valid value has: named by its first digits
+    {"latent_dim": "0"},
+    {"latent_dim": "-0"},
+    {"latent_dim": "4097"},
+    {"latent_dim": "9" * 30},  # more than a JavaScript number holds exactly
+    {"num_classes": "100000", "image_size": "-5"},
+    {"image_size": "2" + "8" * 50},
+    {"contract_version": "it's"},
+]
+
+
+def test_the_page_checks_a_models_metadata_as_the_runtime_does(page: Page, tmp_path: Path) -> None:
+    """The same model accepted by both, or refused by both in the same words."""
+    from tests.test_contract import LATENT, contract_model
+
+    def python(metadata: dict[str, str]) -> str:
+        try:
+            DigitGenerator.from_path(contract_model(tmp_path / "m.onnx", metadata=metadata), "cpu")
+        except ModelContractError as exc:
+            return str(exc).partition(": ")[2]
+        return "accepted"
+
+    browser = page.evaluate(
+        """async ([cases, latent]) => {
+            const { checkContract } = await import("./digitgen.js");
+            const inputs = [
+                { name: "z", type: "float32", shape: ["batch", latent] },
+                { name: "digit", type: "int64", shape: ["batch"] },
+            ];
+            const outputs = [{ name: "image", type: "float32", shape: ["batch", 1, 28, 28] }];
+            const valid = { latent_dim: String(latent), num_classes: "10", image_size: "28", contract_version: "1" };
+            return cases.map((metadata) => {
+                try {
+                    checkContract({ inputs, outputs, metadata: { ...valid, ...metadata } }, "m");
+                    return "accepted";
+                } catch (error) {
+                    return error.message.split(": ").slice(1).join(": ");
+                }
+            });
+        }""",
+        [CONTRACT_METADATA, LATENT],
+    )
+    assert browser == [python(metadata) for metadata in CONTRACT_METADATA]
+    assert browser[2] == "accepted" and browser[3].startswith("metadata 'latent_dim' is out of range (1111")
+
+
 def test_the_page_reads_a_digit_list_as_the_cli_does(page: Page) -> None:
     """Every text is accepted with the same numbers or refused by both (the class check comes after)."""
     read = page.evaluate(
@@ -386,15 +436,22 @@ READS = "seed, digits, digit, n, count, truncation, model, threads"
 @pytest.mark.parametrize(
     ("query", "messages"),
     [
-        ("count=50&digits=7&trunc=1.5", [f'the link\'s parameter "trunc" is not one this page reads ({READS})']),
-        ("Seed=5&digit=3", [f'the link\'s parameter "Seed" is not one this page reads ({READS})']),
+        ("count=50&digits=7&trunc=1.5", [f"the link's parameter 'trunc' is not one this page reads ({READS})"]),
+        ("Seed=5&digit=3", [f"the link's parameter 'Seed' is not one this page reads ({READS})"]),
+        # quoted and escaped as the fields' values are: a zero-width space, a line break in a name
+        ("%E2%80%8Bn=5", [f"the link's parameter '\\u200bn' is not one this page reads ({READS})"]),
+        ("a%0Ab=1", [f"the link's parameter 'a\\nb' is not one this page reads ({READS})"]),
         ("n=5&count=6", ["the link gives n and count; give it once"]),
+        ("digits=1&digit=2", ["give digits or digit, not both"]),  # the HTTP API's words
+        # digit is one class, as the CLI's --digit and the API's digit: read and refused in the CLI's words
+        ("digit=0,3,7", ["digit '0,3,7' is not a class of this model (0-9)"]),
+        ("digit=abc", ["digit 'abc' is not a class of this model (0-9)"]),
         ("seed=1&seed=2", ["the link gives seed twice; give it once"]),
         ("model=", ["the link's model is empty, so the page loaded its own; name a file, e.g. model=generator.onnx"]),
         (  # what is wrong with the fields it fills too, at once
             "seed=abc&foo=1",
             [
-                f'the link\'s parameter "foo" is not one this page reads ({READS})',
+                f"the link's parameter 'foo' is not one this page reads ({READS})",
                 "seed must be an integer from 0 to 18446744073709551615, got 'abc'",
             ],
         ),
@@ -517,11 +574,12 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
     ("query", "messages"),
     [
         ("model=missing.onnx", ["could not fetch the model missing.onnx: HTTP 404"]),
+        ("model=a%0Ab.onnx", ["could not fetch the model a\\nb.onnx: HTTP 404"]),  # on one line, escaped
         (  # a model that fails, and the link's other problems with it
             "model=missing.onnx&sed=3",
             [
                 "could not fetch the model missing.onnx: HTTP 404",
-                'the link\'s parameter "sed" is not one this page reads',
+                "the link's parameter 'sed' is not one this page reads",
             ],
         ),
         ("model=index.html", ["index.html is not an ONNX model"]),
@@ -536,7 +594,7 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
                 "metadata 'num_classes' must be at most 256, found 100000",
             ],
         ),
-        ("threads=0", ["threads must be an integer from 1 to 64"]),
+        ("threads=0", ["threads must be an integer from 1 to 64, got 0"]),  # read as the fields read numbers
         (
             "model=_test_small_images.onnx&n=20",
             ["_test_small_images.onnx: the model returned 'image' of shape (80, 1, 14, 14) (float32) for 20 digits"],
@@ -568,7 +626,7 @@ def test_a_link_s_unreadable_threads_is_named_as_the_link_s_with_its_other_probl
             page,
             [
                 "threads must be an integer from 1 to 64, got 'abc'",
-                'the link\'s parameter "foo" is not one this page reads',
+                "the link's parameter 'foo' is not one this page reads",
             ],
         )
         assert page.locator("#status").text_content() == "The link's threads could not be read, so no model was loaded."
@@ -646,7 +704,7 @@ def submit(page: Page, digits: str = "", count: str = "10", seed: str = "0", tru
 def cli_words(field: str, text: str) -> str:
     """What the CLI's reading and check of ``text`` say of it (count: the page's range, 1 to 100)."""
     checks = {
-        "count": lambda: check_int(read_integer(text), "count", 1, 100),
+        "count": lambda: check_int(read_integer(text), "number of digits", 1, 100),
         "seed": lambda: check_seed(read_integer(text)),
         "truncation": lambda: check_truncation(read_number(text)),
         "digits": lambda: parse_digit_list(text),
@@ -816,13 +874,19 @@ def test_the_sheet_names_the_digits_it_shows_not_a_whole_long_list(page: Page) -
     assert submit(page, digits=",".join(["1", "2"] * 500), count="3") == "drawn"
     label = page.get_attribute("#sheet", "aria-label")
     assert label == "3 generated handwritten digits, digits 1, 2, 1 (the first 3 of 1000) in turn, seed 0"
+    assert submit(page, digits="7", count="1") == "drawn"
+    assert page.get_attribute("#sheet", "aria-label") == "1 generated handwritten digit, digit 7, seed 0"
+    assert submit(page, count="12") == "drawn"  # all the model's classes, as many as it has
+    assert (
+        page.get_attribute("#sheet", "aria-label") == "12 generated handwritten digits, digits 0 to 9 in turn, seed 0"
+    )
 
 
 def test_every_bad_field_is_named_and_marked(page: Page) -> None:
     assert submit(page, digits="12", count="0", seed="abc", truncation="wide") == "error"
     messages = [
         "digit 12 is not a class of this model (0-9)",
-        "count must be an integer from 1 to 100, got 0",
+        "number of digits must be an integer from 1 to 100, got 0",
         "seed must be an integer from 0 to 18446744073709551615, got 'abc'",
         "truncation must be a finite number >= 0.1, got 'wide'",
     ]

@@ -9,7 +9,8 @@ const GRAY = 128;
 const MAX_DIGITS = 100;
 const DISPLAY_SCALE = 2;
 
-// the link's parameter -> the field it presets; count and digit are the HTTP API's and the CLI's names
+// the link's parameter -> the field it presets; count and digit are the HTTP API's and the CLI's names (digit: one
+// class, checked as the CLI checks --digit)
 const FIELD_PARAMS = {
   seed: "seed",
   digits: "digits",
@@ -148,7 +149,7 @@ function readFields(gen) {
       digitgen.isBlank(text) ? null : gen.checkDigits(digitgen.parseDigitList(text)),
     ),
     count: check("count", (text) =>
-      Number(digitgen.checkInteger(digitgen.readInteger(text), "count", 1n, BigInt(MAX_DIGITS))),
+      Number(digitgen.checkInteger(digitgen.readInteger(text), "number of digits", 1n, BigInt(MAX_DIGITS))),
     ),
     seed: check("seed", (text) => digitgen.checkInteger(digitgen.readInteger(text), "seed", 0n, digitgen.MAX_SEED)),
     truncation: check("truncation", (text) =>
@@ -177,11 +178,13 @@ function timing(count, seconds) {
   return `${digits} in ${(seconds * 1000).toFixed(1)} ms (${rate} digits/s)`;
 }
 
-/** "digits 4, 2 in turn": the digits of the cycle that the sheet shows, not all of a longer list. */
-function describeDigits(digits, count) {
-  if (!digits) return "all ten digits in turn";
-  const shown = digits.slice(0, count).join(", ");
-  return `digits ${shown}${digits.length > count ? ` (the first ${count} of ${digits.length})` : ""} in turn`;
+/** "digits 4, 2 in turn": the digits of the cycle that the sheet shows, not all of a longer list (all of the
+ * model's `numClasses` without one). */
+function describeDigits(digits, count, numClasses) {
+  if (!digits) return `digits 0 to ${numClasses - 1} in turn`;
+  const shown = digits.slice(0, count);
+  const cycle = shown.length === 1 ? `digit ${shown[0]}` : `digits ${shown.join(", ")}`;
+  return `${cycle}${digits.length > count ? ` (the first ${count} of ${digits.length})` : ""}${shown.length > 1 ? " in turn" : ""}`;
 }
 
 let drawing = false; // a sheet is under way
@@ -226,8 +229,9 @@ async function draw(gen) {
   try {
     const { digits, count, seed, truncation } = readFields(gen);
     const { images, seconds } = await gen.generate({ count, digits, seed, truncation });
-    const which = describeDigits(digits, count);
-    drawSheet(images, count, digitgen.IMAGE_SIZE, `${count} generated handwritten digits, ${which}, seed ${seed}`);
+    const which = describeDigits(digits, count, gen.numClasses);
+    const drawn = `${count} generated handwritten digit${count === 1 ? "" : "s"}`;
+    drawSheet(images, count, digitgen.IMAGE_SIZE, `${drawn}, ${which}, seed ${seed}`);
     $("timing").textContent = timing(count, seconds);
     $("download").disabled = false;
     $("download").dataset.filename = sheetName(digits, count, seed, truncation);
@@ -303,26 +307,34 @@ async function greyPng(pixels, width, height) {
   return new Blob([signature, ...chunks], { type: "image/png" });
 }
 
-/** What is wrong with the link's parameters, one line each: unknown ones, and any given twice (both spellings too). */
-function linkProblems() {
+/** What is wrong with the link's parameters, one line each: unknown ones, any given twice (both spellings too), and
+ * (once `gen` has loaded) a digit that is not one class of its model, which then presets nothing. */
+function linkProblems(gen) {
   const known = [...Object.keys(FIELD_PARAMS), ...PAGE_PARAMS];
   const problems = [];
   const setBy = {};
   for (const name of new Set(params.keys())) {
     if (ADDED_BY_PLATFORMS.test(name)) continue;
     if (!known.includes(name)) {
-      problems.push(`the link's parameter "${name}" is not one this page reads (${known.join(", ")})`);
+      problems.push(`the link's parameter ${digitgen.show(name)} is not one this page reads (${known.join(", ")})`);
       continue;
     }
     if (name === "model" && !params.get(name)) {
       problems.push(`the link's model is empty, so the page loaded its own; name a file, e.g. model=generator.onnx`);
     }
     const target = FIELD_PARAMS[name] ?? name;
-    if (params.getAll(name).length > 1 || setBy[target]) {
-      const given = setBy[target] && setBy[target] !== name ? `${setBy[target]} and ${name}` : `${name} twice`;
-      problems.push(`the link gives ${given}; give it once`);
-    }
+    if (params.getAll(name).length > 1) problems.push(`the link gives ${name} twice; give it once`);
+    else if (setBy[target] === "digits" || setBy[target] === "digit") problems.push("give digits or digit, not both");
+    else if (setBy[target]) problems.push(`the link gives ${setBy[target]} and ${name}; give it once`);
     setBy[target] = name;
+  }
+  if (gen && params.has("digit") && !params.has("digits")) {
+    try {
+      gen.checkDigits([digitgen.readInteger(params.get("digit"))]); // one class, as the CLI reads --digit
+    } catch (error) {
+      problems.push(error.message);
+      $("digits").value = "";
+    }
   }
   return problems;
 }
@@ -345,7 +357,7 @@ async function main() {
   let gen;
   try {
     gen = await digitgen.DigitGenerator.load(params.get("model") || "generator.onnx", {
-      threads: params.get("threads") ?? undefined,
+      threads: params.has("threads") ? digitgen.readInteger(params.get("threads")) : undefined, // as the fields
     });
   } catch (error) {
     // threads=abc is the link's problem, not the model's: named with the link's other problems
@@ -369,7 +381,7 @@ async function main() {
   });
   $("download").addEventListener("click", download);
   $("generate").disabled = false;
-  const problems = linkProblems();
+  const problems = linkProblems(gen);
   if (problems.length) {
     // the fields hold what the page could read, each checked and marked as Generate would; Generate draws them
     try {

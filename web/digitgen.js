@@ -42,6 +42,7 @@ const NAMED_BAD_DIGITS = 5; // a refusal names the first few bad digits of a lis
 // not JavaScript's \s, which adds U+FEFF and leaves out U+0085 and U+001C-U+001F.
 const SPACE = "[\\t\\n\\v\\f\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]";
 const padded = (core) => new RegExp(`^${SPACE}*${core}${SPACE}*$`, "u");
+const PADDING = new RegExp(`^${SPACE}+|${SPACE}+$`, "gu"); // what Python's str.strip() takes off
 // Characters Python's repr() escapes in a string: what str.isprintable() refuses (a space aside)
 const NOT_PRINTABLE = /[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}\p{Zs}]/u;
 
@@ -50,18 +51,32 @@ export function isBlank(text) {
   return padded("").test(text);
 }
 
+// Characters runtime/text.py's printable() escapes in a name it shows: control, format, line and paragraph separators
+const ESCAPED_IN_NAMES = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Cs}]/u;
+
+/** `char` as Python's unicode_escape writes it: \n, \x85, \u200b, \U0001f600. */
+function escaped(char) {
+  const named = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+  if (char in named) return named[char];
+  const code = char.codePointAt(0);
+  const [prefix, width] = code < 0x100 ? ["x", 2] : code < 0x10000 ? ["u", 4] : ["U", 8];
+  return `\\${prefix}${code.toString(16).padStart(width, "0")}`;
+}
+
+/** `text` with its invisible characters escaped, so that a name (a model's, a link parameter's) shows on one line,
+ * as it is (runtime/text.py's printable()). */
+export function printable(text) {
+  return [...text].map((char) => (ESCAPED_IN_NAMES.test(char) ? escaped(char) : char)).join("");
+}
+
 /** `text` in quotes with its invisible characters escaped, as Python's repr() writes a str (what the CLI shows). */
 function quoted(text) {
   const quote = text.includes("'") && !text.includes('"') ? '"' : "'";
   const escapes = { "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", [quote]: `\\${quote}` };
   let out = "";
   for (const char of text) {
-    const code = char.codePointAt(0);
     if (char in escapes) out += escapes[char];
-    else if (char !== " " && NOT_PRINTABLE.test(char)) {
-      const [prefix, width] = code < 0x100 ? ["x", 2] : code < 0x10000 ? ["u", 4] : ["U", 8];
-      out += `\\${prefix}${code.toString(16).padStart(width, "0")}`;
-    } else out += char;
+    else out += char !== " " && NOT_PRINTABLE.test(char) ? escaped(char) : char;
   }
   return quote + out + quote;
 }
@@ -83,9 +98,16 @@ export function pythonFloat(x) {
   return `${sign}${digits.slice(0, e + 1).padEnd(e + 1, "0")}.${digits.slice(e + 1) || "0"}`;
 }
 
+/** `text`, or its first `limit` characters and its whole length (runtime/text.py's cut). */
+function cut(text, limit) {
+  const chars = [...text];
+  if (chars.length <= limit) return text;
+  return `${chars.slice(0, limit).join("")}... (${chars.length.toLocaleString("en")} characters)`;
+}
+
 /** `value` as an error quotes it, in the CLI's words: a string as Python's repr() writes it, a number as an int
  * or (`asFloat`, or not whole) a float; at most MAX_SHOWN characters, then the value's length. */
-function show(value, asFloat = false) {
+export function show(value, asFloat = false) {
   let text = String(value);
   if (typeof value === "string") text = quoted(value);
   else if (typeof value === "number") text = asFloat || !Number.isInteger(value) ? pythonFloat(value) : text;
@@ -348,47 +370,61 @@ export function checkContract({ inputs, outputs, metadata }, source = "the model
   if (image?.shape?.length === 4 && !image.shape.slice(1).every((d, i) => isDynamic(d) || d === imageDims[i])) {
     problems.push(`'image' must be [batch, 1, 28, 28], found ${formatShape(image.shape)}`);
   }
-  const integer = (key, maximum = Infinity) => {
-    const value = /^\s*[+-]?\d+\s*$/.test(metadata[key] ?? "") ? Number(metadata[key]) : null;
-    if (value === null) problems.push(`metadata '${key}' is missing or not an integer`);
-    else if (value < 1) problems.push(`metadata '${key}' must be positive, found ${value}`);
-    else if (value > maximum) problems.push(`metadata '${key}' must be at most ${maximum}, found ${value}`);
+  // an integer as runtime/contract.py reads one: the CLI's reading, and 0 for a value not read (no further check)
+  const integer = (key, maximum = null) => {
+    const text = metadata[key];
+    if (text === undefined || !INTEGER_TEXT.test(text)) {
+      problems.push(`metadata '${key}' is missing or not an integer`);
+      return 0n;
+    }
+    const value = readInteger(text);
+    if (typeof value === "string") {
+      problems.push(`metadata '${key}' is out of range (${cut(text.replace(PADDING, ""), 20)})`);
+      return 0n;
+    }
+    if (value < 1n) problems.push(`metadata '${key}' must be positive, found ${value}`);
+    else if (maximum !== null && value > BigInt(maximum)) {
+      problems.push(`metadata '${key}' must be at most ${maximum}, found ${value}`);
+    }
     return value;
   };
   const latentDim = integer("latent_dim", MAX_LATENT_DIM);
   const numClasses = integer("num_classes", MAX_CLASSES);
   const imageSize = integer("image_size");
-  if (imageSize && imageSize !== IMAGE_SIZE) problems.push(`metadata 'image_size' must be 28, found ${imageSize}`);
+  if (imageSize !== 0n && imageSize !== BigInt(IMAGE_SIZE)) {
+    problems.push(`metadata 'image_size' must be 28, found ${imageSize}`);
+  }
   if (!("contract_version" in metadata)) problems.push("metadata 'contract_version' is missing");
   else if (metadata.contract_version !== CONTRACT_VERSION) {
-    problems.push(`contract_version '${metadata.contract_version}' is not '${CONTRACT_VERSION}'`);
+    problems.push(`contract_version ${show(metadata.contract_version)} is not ${show(CONTRACT_VERSION)}`);
   }
   const features = find(inputs, "z")?.shape?.[1];
-  if (latentDim !== null && !isDynamic(features) && features !== latentDim) {
+  if (latentDim >= 1n && !isDynamic(features) && BigInt(features) !== latentDim) {
     problems.push(`'z' has ${features} features but metadata latent_dim is ${latentDim}`);
   }
   if (problems.length) {
     throw new ModelContractError(`${source} does not follow the digitgen model contract: ${problems.join("; ")}`);
   }
-  return { latentDim, numClasses };
+  return { latentDim: Number(latentDim), numClasses: Number(numClasses) };
 }
 
 // ---- The generator.
 
-async function fetchModel(url) {
+/** The bytes at `url`; a ModelNotFoundError that names it as `source` when they cannot be had. */
+async function fetchModel(url, source) {
   let response;
   try {
     response = await fetch(url);
   } catch (error) {
-    throw new ModelNotFoundError(`could not fetch the model ${url}: ${error.message}`);
+    throw new ModelNotFoundError(`could not fetch the model ${source}: ${error.message}`);
   }
   if (!response.ok) {
-    throw new ModelNotFoundError(`could not fetch the model ${url}: HTTP ${response.status} ${response.statusText}`);
+    throw new ModelNotFoundError(`could not fetch the model ${source}: HTTP ${response.status} ${response.statusText}`);
   }
   try {
     return new Uint8Array(await response.arrayBuffer());
   } catch (error) {
-    throw new ModelNotFoundError(`could not read the model ${url}: ${error.message ?? error}`);
+    throw new ModelNotFoundError(`could not read the model ${source}: ${error.message ?? error}`);
   }
 }
 
@@ -452,9 +488,10 @@ export class DigitGenerator {
   /** Fetch, check and open a model. `threads`: WebAssembly threads (default 1). */
   static async load(url = "generator.onnx", { threads } = {}) {
     const count = configureRuntime(threads);
-    const bytes = await fetchModel(url);
-    const description = describeModel(bytes, url);
-    const info = checkContract(description, url);
+    const source = printable(String(url)); // named on one line, whatever the link held
+    const bytes = await fetchModel(url, source);
+    const description = describeModel(bytes, source);
+    const info = checkContract(description, source);
     let session;
     configuredThreads = count; // onnxruntime-web fixes its threads on its first start, whether the model loads or not
     try {
@@ -467,9 +504,9 @@ export class DigitGenerator {
             ".wasm lie beside this module: serve the whole built folder, .wasm files as application/wasm)",
         );
       }
-      throw new InvalidModelError(`onnxruntime-web could not load ${url}: ${reason}`);
+      throw new InvalidModelError(`onnxruntime-web could not load ${source}: ${reason}`);
     }
-    return new DigitGenerator(session, description, info, url);
+    return new DigitGenerator(session, description, info, source);
   }
 
   /** The classes to draw in turn: all of them for null/undefined, else a non-empty list of valid digits. */
