@@ -951,6 +951,11 @@ def test_screenshot_and_download(
     with page.expect_download() as download:
         page.click("#download")
     assert download.value.suggested_filename == "digits-seed42-n30-d1_2.png"  # named by what it shows
+    assert submit(page, digits="1,2,3,4", count="2", seed="42") == "drawn"  # the sheet of digits=1,2&n=2
+    with page.expect_download() as same_sheet:
+        page.click("#download")
+    assert same_sheet.value.suggested_filename == "digits-seed42-n2-d1_2.png"
+    assert submit(page, digits="1,2", count="30", seed="42") == "drawn"
     download.value.save_as(tmp_path / "sheet.png")
     with Image.open(tmp_path / "sheet.png") as sheet:
         sheet.verify()  # every chunk's CRC

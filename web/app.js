@@ -206,10 +206,12 @@ async function requestSheet(gen) {
   }
 }
 
-/** "digits-seed42-n30-d1_2-t1.5.png": a sheet's file named by what it shows (a digit list past 16 cut, "_etc"). */
+/** "digits-seed42-n30-d1_2-t1.5.png": a sheet's file named by what it shows, the digits of its cycle that it draws
+ * (the same sheet, the same name; a cycle past 16 cut, "_etc"). */
 function sheetName(digits, count, seed, truncation) {
   const parts = [`seed${seed}`, `n${count}`];
-  if (digits) parts.push(`d${digits.slice(0, 16).join("_")}${digits.length > 16 ? "_etc" : ""}`); // a name stays short
+  const shown = digits?.slice(0, count);
+  if (shown) parts.push(`d${shown.slice(0, 16).join("_")}${shown.length > 16 ? "_etc" : ""}`); // a name stays short
   if (truncation !== null) parts.push(`t${truncation}`);
   return `digits-${parts.join("-")}.png`;
 }
