@@ -332,10 +332,9 @@ def train(
         if state.step < cfg.total_steps and any_rank(ctx, should_stop(), device):
             interrupted = True
             break
-    # the last step's, unless just written, or unless a complete run resumed in its own folder trained nothing (its
-    # checkpoint is the one resumed: a run folder holds no other); a complete run resumed in a new folder: its first
-    resumed_in_place = state.step == first_step and not any_rank(ctx, not checkpoint.exists(), device)  # all agree
-    if saved_at != state.step and not resumed_in_place:
+    # the last step's, unless just written; a complete run resumed saves again: the settings a resume may change
+    # (--lr-decay-epochs, --checkpoint-every) are kept for a later extension, and a new folder gets its first
+    if saved_at != state.step:
         _save(state, checkpoint, ctx)
     seconds = time.perf_counter() - start
     trained = (state.step - first_step) * global_batch
