@@ -201,6 +201,15 @@ def test_classifier_weights_whose_accuracy_is_not_a_share_are_refused(tmp_path: 
     assert not (tmp_path / "c.onnx").exists()
 
 
+def test_classifier_weights_whose_format_is_a_tensor_are_refused_in_one_line(tmp_path: Path) -> None:
+    payload = torch.load(SHIPPED_WEIGHTS, weights_only=True)
+    payload["format_version"] = torch.zeros(3)
+    odd = tmp_path / "odd.pt"
+    torch.save(payload, odd)
+    code, lines = _cli("export-classifier", "--weights", odd, "--out", tmp_path / "c.onnx")
+    assert (code, lines) == (1, [f"Error: {odd}: classifier weights format a Tensor, this version reads 1"])
+
+
 def test_classifier_weights_that_are_not_numbers_are_refused(tmp_path: Path) -> None:
     payload = torch.load(SHIPPED_WEIGHTS, weights_only=True)
     payload["classifier"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v

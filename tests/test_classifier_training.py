@@ -412,6 +412,21 @@ def test_load_state_takes_a_step_within_the_run_only(tmp_path: Path) -> None:
             " was trained on other MNIST training images than these: resume it on its own data (--data-dir), or "
             + START_OVER_INSTEAD,
         ),
+        # tensors where numbers belong: compared item by item, they had ended in a RuntimeError's traceback
+        (
+            {**kept, "format_version": torch.zeros(3)},
+            f": training state format a Tensor, this version reads 1; {START_OVER_INSTEAD}",
+        ),
+        (
+            {**kept, "recipe": {**recipe, "epochs": torch.ones(2)}},
+            " is a run of --epochs a Tensor, not 2: resume it with the options it was started with, or "
+            + START_OVER_INSTEAD,
+        ),
+        (
+            {**kept, "recipe": {**recipe, "data": torch.ones(2)}},
+            " was trained on other MNIST training images than these: resume it on its own data (--data-dir), or "
+            + START_OVER_INSTEAD,
+        ),
     ]:
         torch.save({"step": 1, "order": torch.arange(4), **payload} if isinstance(payload, dict) else payload, state)
         with pytest.raises(CheckpointError) as refused:

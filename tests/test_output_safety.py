@@ -45,6 +45,7 @@ from digitgen.runtime.files import (
 from digitgen.runtime.idx import read_idx
 from digitgen.runtime.layout import FORMATS, PNG_NAME, png_name
 from digitgen.runtime.writers import plan_generation
+from digitgen.training.checkpoint import FORMAT_VERSION
 from tests.test_export import EVALUATION
 
 N = 12
@@ -629,6 +630,7 @@ def test_export_refuses_one_file_for_two_roles(tmp_path: Path, tiny_checkpoint: 
         ({}, "checkpoint training settings is invalid: "),
         ("x", "checkpoint training settings is not a mapping"),
         ({"total_steps": 4, "batch": 3}, "checkpoint training settings has unknown fields: batch"),
+        ({"total_steps": 4, "batch": 3, 1: 2}, "checkpoint training settings has unknown fields: 1, batch"),  # any key
     ],
 )
 def test_export_checks_the_training_settings_it_writes_into_the_model(
@@ -640,6 +642,18 @@ def test_export_checks_the_training_settings_it_writes_into_the_model(
     code, output = _cli("export", "--checkpoint", tmp_path / "edited.pt", "--out", tmp_path / "g.onnx")
     assert code == 1 and output.startswith(f"Error: {problem}") and len(output.splitlines()) == 1, output
     assert not (tmp_path / "g.onnx").exists()
+
+
+def test_a_checkpoint_whose_format_is_a_tensor_is_refused_in_one_line(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """Compared with ==, a tensor there gave no true or false but a RuntimeError, and a traceback."""
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    payload["format_version"] = torch.zeros(3)
+    torch.save(payload, tmp_path / "edited.pt")
+    code, output = _cli("export", "--checkpoint", tmp_path / "edited.pt", "--out", tmp_path / "g.onnx")
+    assert (code, output.strip()) == (
+        1,
+        f"Error: {tmp_path / 'edited.pt'}: checkpoint format a Tensor, this version reads {FORMAT_VERSION}",
+    )
 
 
 # --- two runs writing the same files at once -------------------------------------------------------

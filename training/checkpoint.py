@@ -105,14 +105,26 @@ def _record_failing_its_crc(path: Path) -> str | None:
         return None
 
 
+def is_exactly(value: object, expected: object) -> bool:
+    """Whether ``value``, read from a file, is ``expected``: of its type and equal (a tensor or a list there, which
+    ``==`` would compare item by item or refuse to call true or false, is not)."""
+    return type(value) is type(expected) and value == expected
+
+
+def shown(value: object) -> str:
+    """A value read from a file as a refusal quotes it: a number or a text by its repr, anything else by its type
+    (a tensor's repr runs to many lines)."""
+    return repr(value) if value is None or type(value) in (int, float, str, bool) else f"a {type(value).__name__}"
+
+
 def load_weights(path: str | Path) -> dict[str, Any]:
     """Read a training checkpoint or release weights as data only; :class:`CheckpointError` if not ours."""
     payload = read_data_file(path, "checkpoint not found", "not a readable digitgen checkpoint")
     if not isinstance(payload, dict) or any(key not in payload for key in WEIGHTS_KEYS):
         raise CheckpointError(f"{path}: not a digitgen checkpoint (keys missing)")
-    if payload["format_version"] != FORMAT_VERSION:
+    if not is_exactly(payload["format_version"], FORMAT_VERSION):
         raise CheckpointError(
-            f"{path}: checkpoint format {payload['format_version']!r}, this version reads {FORMAT_VERSION}"
+            f"{path}: checkpoint format {shown(payload['format_version'])}, this version reads {FORMAT_VERSION}"
         )
     step = payload["step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:

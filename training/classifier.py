@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digitgen.training.checkpoint import read_data_file
+from digitgen.training.checkpoint import is_exactly, read_data_file, shown
 from digitgen.training.classifier_resume import (
     beside,
     load_state,
@@ -206,9 +206,9 @@ def load_classifier_weights(path: str | Path) -> tuple[Classifier, float]:
         or not 0 <= payload["mnist_test_accuracy"] <= 1  # NaN too: an accuracy is a share of the test images
     ):
         raise CheckpointError(f"{path}: not digitgen classifier weights (see `digitgen train-classifier`)")
-    if payload.get("format_version") != WEIGHTS_FORMAT_VERSION:
+    if not is_exactly(payload.get("format_version"), WEIGHTS_FORMAT_VERSION):
         raise CheckpointError(
-            f"{path}: classifier weights format {payload.get('format_version')}, this version reads "
+            f"{path}: classifier weights format {shown(payload.get('format_version'))}, this version reads "
             f"{WEIGHTS_FORMAT_VERSION}"
         )
     model = Classifier()

@@ -12,10 +12,12 @@ from digitgen.runtime.encode import ZIP_SIGNATURE
 from digitgen.runtime.files import check_writable, refuse_non_files
 from digitgen.training.checkpoint import (
     first_problem,
+    is_exactly,
     load_optimizer_state,
     read_data_file,
     same_kinds,
     save_checkpoint,
+    shown,
 )
 from digitgen.training.data import MnistTensors
 from digitgen.training.errors import CheckpointError
@@ -103,20 +105,22 @@ def load_state(path: Path, recipe: dict[str, Any], total: int) -> dict[str, Any]
     payload = read_data_file(path, "nothing to resume", "not a readable training state")
     if not isinstance(payload, dict) or payload.get("kind") != STATE_KIND:
         raise CheckpointError(f"{path}: not the training state of train-classifier")
-    if payload.get("format_version") != STATE_FORMAT_VERSION or not isinstance(payload.get("recipe"), dict):
+    if not is_exactly(payload.get("format_version"), STATE_FORMAT_VERSION) or not isinstance(
+        payload.get("recipe"), dict
+    ):
         raise UnusableStateError(
-            f"{path}: training state format {payload.get('format_version')!r}, this version reads "
+            f"{path}: training state format {shown(payload.get('format_version'))}, this version reads "
             f"{STATE_FORMAT_VERSION}",
             f"; {START_OVER_INSTEAD}",
         )
     theirs = payload["recipe"]
     for key, option in RECIPE_OPTIONS.items():
-        if theirs.get(key) != recipe[key]:
+        if not is_exactly(theirs.get(key), recipe[key]):
             raise UnusableStateError(
-                f"{path} is a run of {option} {theirs.get(key)!r}, not {recipe[key]!r}",
+                f"{path} is a run of {option} {shown(theirs.get(key))}, not {recipe[key]!r}",
                 f": resume it with the options it was started with, or {START_OVER_INSTEAD}",
             )
-    if theirs.get("data") != recipe["data"]:
+    if not is_exactly(theirs.get("data"), recipe["data"]):
         raise UnusableStateError(
             f"{path} was trained on other MNIST training images than these",
             f": resume it on its own data (--data-dir), or {START_OVER_INSTEAD}",

@@ -103,7 +103,7 @@ def _dataclass_from(cls: type, values: Any, what: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
-        raise CheckpointError(f"checkpoint {what} has unknown fields: {', '.join(sorted(unknown))}")
+        raise CheckpointError(f"checkpoint {what} has unknown fields: {', '.join(sorted(map(str, unknown)))}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
