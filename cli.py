@@ -201,7 +201,8 @@ class OneLineErrors(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
         except MemoryError as exc:  # the library's words where it knows the cause, else numpy's
-            _fail(f"not enough memory{f': {exc}' if str(exc) else ''}; ask for less")
+            advice = "" if isinstance(exc, TrainingError) else "; ask for less"  # training's words name the options
+            _fail(f"not enough memory{f': {exc}' if str(exc) else ''}{advice}")
         except LIBRARY_ERRORS as exc:
             _fail(str(exc))
         except OSError as exc:  # what the library did not foresee (a folder it cannot list, a full disk)

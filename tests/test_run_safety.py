@@ -872,7 +872,28 @@ def test_a_step_that_does_not_fit_in_memory_is_one_line(
     assert code == 1
     assert output.splitlines()[-1] == (
         "Error: not enough memory: a training step of this size does not fit; lower --batch-size, --g-width or "
-        "--d-width; ask for less"
+        "--d-width"
+    )  # its own advice, once
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_model_that_does_not_fit_in_memory_is_one_line(
+    finished_run: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch, resumed: bool
+) -> None:
+    """Built (or restored) before any step: it had ended in the allocator's traceback."""
+
+    def out_of_memory(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr("digitgen.training.state.Generator", out_of_memory)
+    checkpoint = finished_run / "checkpoint.pt"
+    args = ("--resume", checkpoint, "--steps", "4") if resumed else ("--steps", "2", *TINY)
+    code, output = train(tiny_mnist, finished_run.parent / "other", *args)
+    assert (code, output.splitlines()[-1]) == (
+        1,
+        f"Error: not enough memory: the model of {checkpoint} does not fit; resume it where more is free"
+        if resumed
+        else "Error: not enough memory: a model of these widths does not fit; lower --g-width or --d-width",
     )
 
 

@@ -6,8 +6,8 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +31,10 @@ from digitgen.training.distributed import (
     on_main_first,
     weights_digest,
 )
-from digitgen.training.errors import NonFiniteLossError, TrainingError, TrainingMemoryError
+from digitgen.training.errors import NonFiniteLossError, TrainingError, memory_errors_in_words
 from digitgen.training.state import TrainState, state_to_checkpoint
+
+STEP_TOO_LARGE = "a training step of this size does not fit; lower --batch-size, --g-width or --d-width"
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -255,20 +257,6 @@ def _wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Modul
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
 
-@contextmanager
-def _memory_errors_in_words() -> Iterator[None]:
-    """PyTorch's allocator failing (a ``RuntimeError`` on the CPU, ``torch.OutOfMemoryError`` on CUDA) as a
-    :class:`TrainingMemoryError` that names the options to lower."""
-    try:
-        yield
-    except RuntimeError as exc:
-        if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)):
-            raise
-        raise TrainingMemoryError(
-            "a training step of this size does not fit; lower --batch-size, --g-width or --d-width"
-        ) from exc
-
-
 def train(
     state: TrainState,
     data: MnistTensors,
@@ -311,7 +299,7 @@ def train(
             order, order_epoch = epoch_permutation(cfg.seed, epoch, len(images)).to(device), epoch
         offset = position * global_batch + ctx.rank * cfg.batch_size
         idx = order[offset : offset + cfg.batch_size]
-        with precision_context(cfg, device), _memory_errors_in_words():
+        with precision_context(cfg, device), memory_errors_in_words(STEP_TOO_LARGE):
             metrics = train_step(state, _to_model_range(images[idx]), labels[idx], g, d, ctx)
         window_steps += 1
         if state.step % cfg.log_every == 0 or state.step == cfg.total_steps:

@@ -17,7 +17,7 @@ from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import DEFAULT_RUN_DIR, GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, check_labels, load_mnist_once
 from digitgen.training.distributed import DistContext, on_main_first, weights_digest
-from digitgen.training.errors import CheckpointError, RunDirectoryError, TrainingError
+from digitgen.training.errors import CheckpointError, RunDirectoryError, TrainingError, memory_errors_in_words
 from digitgen.training.loop import CHECKPOINT_NAME, METRICS_NAME, SAMPLE_GRID, SAMPLES_DIR, steps_per_epoch
 from digitgen.training.run_lock import RunLock, refuse_if_training
 from digitgen.training.state import TrainState, new_state, state_from_checkpoint
@@ -367,13 +367,15 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
     if options.resume is not None:  # first: the run directory's refusals take the file for a checkpoint
         if not os.path.lexists(options.resume):  # a folder, a pipe or a device is named as one when read
             raise CheckpointError(f"checkpoint not found: {options.resume}")
-        state = state_from_checkpoint(options.resume, device, ctx.rank)
+        with memory_errors_in_words(f"the model of {options.resume} does not fit; resume it where more is free"):
+            state = state_from_checkpoint(options.resume, device, ctx.rank)
         _check_resume_options(options, state)
         _check_resume_classifiers(options, state)
         if options.checkpoint_every is not None:
             state.train = replace(state.train, checkpoint_every=options.checkpoint_every)
     else:
-        state = _new_state(options, device, ctx.rank, classifiers)
+        with memory_errors_in_words("a model of these widths does not fit; lower --g-width or --d-width"):
+            state = _new_state(options, device, ctx.rank, classifiers)
     replaced = claim_run_dir(options)
     check_precision(state.train, device)
     data = load_mnist_once(options.data_dir, options.download, ctx, device)
