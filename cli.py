@@ -464,7 +464,11 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     "the run's own, which a shorter --steps or --epochs must not cut].",
 )
 def train(run_dir: str | None, resume: str | None, device_name: str, **choices: Any) -> None:
-    """Train the conditional GAN on MNIST (under torchrun: one process per device, DDP)."""
+    """Train the conditional GAN on MNIST (under torchrun: one process per device, DDP).
+
+    A --resume keeps the run's own settings (the defaults below are a new run's); only --steps or --epochs,
+    --lr-decay-epochs and --checkpoint-every may change.
+    """
     from digitgen.training.distributed import init_distributed, shutdown
     from digitgen.training.loop import train as run_training
     from digitgen.training.run import RunOptions, prepare_run, run_folder, training_device

@@ -150,8 +150,8 @@ def _one_rank_goes_nan(rank: int) -> str:
 def test_a_nan_on_one_process_stops_every_process() -> None:
     """Otherwise the other process goes on into DDP's all-reduce and waits there for one that has stopped."""
     tail = (
-        "at step 5; stopped before applying it (any checkpoint saved before it is intact and can be exported; "
-        "to train on, start over with --overwrite and a lower --lr)"
+        "at step 5; stopped before applying it (the last checkpoint this run saved, if any, is intact and can be "
+        "exported; to train on, start over with --overwrite and a lower --lr)"
     )
     assert _on_two_processes(_one_rank_goes_nan) == {
         0: f"NonFiniteLossError: generator loss is not finite on another process {tail}",

@@ -342,7 +342,7 @@ def test_a_non_finite_loss_names_its_network_and_step_and_is_not_applied(network
         _step(state)
 
     assert str(error.value) == (
-        f"{network} loss is nan at step 7; stopped before applying it (any checkpoint saved before it is intact "
-        "and can be exported; to train on, start over with --overwrite and a lower --lr)"
+        f"{network} loss is nan at step 7; stopped before applying it (the last checkpoint this run saved, if any, "
+        "is intact and can be exported; to train on, start over with --overwrite and a lower --lr)"
     )
     assert all(torch.equal(before, now) for before, now in zip(weights, state.generator.parameters(), strict=True))

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
+from digitgen.runtime.encode import GRID_COLUMNS
 from digitgen.runtime.files import publish
 from digitgen.runtime.text import read_json
 from digitgen.training.augment import diff_augment
@@ -41,7 +42,6 @@ METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 SAMPLE_GRID = re.compile(r"^step(\d{7,})\.png$")  # the names grid_name gives
 
-GRID_COLUMNS = 10
 
 ProgressFn = Callable[[int, dict[str, float]], None]
 
@@ -84,8 +84,8 @@ def check_finite(loss: torch.Tensor, name: str, step: int, ctx: DistContext = SI
         where = f"is {value}" if not math.isfinite(value) else "is not finite on another process"
         raise NonFiniteLossError(
             f"{name} loss {where} at step {step + 1}; stopped before applying it "
-            "(any checkpoint saved before it is intact and can be exported; to train on, start over with "
-            "--overwrite and a lower --lr)"
+            "(the last checkpoint this run saved, if any, is intact and can be exported; to train on, start over "
+            "with --overwrite and a lower --lr)"
         )
 
 

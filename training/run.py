@@ -352,7 +352,7 @@ def _new_state(options: RunOptions, device: torch.device, rank: int, classifiers
 
 
 def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> PreparedRun:
-    """Check the run directory, build or restore the state and load the data; only then, with every
+    """Build or restore the state, check the run directory and load the data; only then, with every
     option checked, claim the run directory (see :class:`RunLock`) and delete an earlier run's files for
     ``--overwrite`` (on the main process). Use the result as a context manager around the training: its
     exit releases the run directory.

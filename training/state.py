@@ -56,8 +56,8 @@ def new_state(
     rank: int = 0,
     label_classifiers: Sequence[Classifier] = (),
 ) -> TrainState:
-    """Fresh networks initialised from ``train.seed`` (identical on every rank); ``label_classifiers``
-    (one or more) are required when ``train.label_weight`` is set, and used only then."""
+    """Fresh networks initialised from ``train.seed`` (identical on every rank); ``label_classifiers`` (one or
+    more) go with a positive ``train.label_weight``, and only with one (a ``ValueError`` otherwise)."""
     if bool(label_classifiers) != (train.label_weight > 0):
         raise ValueError("a label classifier goes with a positive label weight, and only with one")
     frozen = tuple(classifier.to(device).eval().requires_grad_(False) for classifier in label_classifiers)
