@@ -359,11 +359,18 @@ def test_a_model_file_changed_while_the_server_starts_is_refused(
         (model.parent / "weights.bin").write_bytes(b"\0" * 16)
     else:
         model.unlink()
+    assert (
+        _refused_two_workers(monkeypatch, model, started) == f"{model} changed while the server started; start it again"
+    )
+
+
+def _refused_two_workers(monkeypatch: pytest.MonkeyPatch, model: Path, started: DigitGenerator) -> str:
+    """What `serve` of ``model`` with two workers says as it refuses to start them."""
     monkeypatch.setattr(serve_run, "Multiprocess", lambda config, sockets: pytest.fail("workers started"))
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)  # two workers on two cores
     with pytest.raises(ServeConfigError) as refused:
         serve(ServerOptions(str(model), "cpu", port=free_port(), workers=2, threads=1), started)
-    assert str(refused.value) == f"{model} changed while the server started; start it again"
+    return str(refused.value)
 
 
 @pytest.mark.parametrize("failing", ["folder", "copy", "external data copy"])
@@ -383,15 +390,12 @@ def test_a_temporary_folder_that_cannot_take_the_models_copy_is_named(
         monkeypatch.setattr(Path, "write_bytes", lambda self, data: (_ for _ in ()).throw(full))
     else:
         monkeypatch.setattr(shutil, "copyfile", lambda source, target: (_ for _ in ()).throw(full))
-    monkeypatch.setattr(serve_run, "Multiprocess", lambda config, sockets: pytest.fail("workers started"))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)  # two workers on two cores
-    with pytest.raises(ServeConfigError) as refused:
-        serve(ServerOptions(str(model), "cpu", port=free_port(), workers=2, threads=1), started)
+    refusal = _refused_two_workers(monkeypatch, model, started)
     assert re.fullmatch(
         f"cannot copy {re.escape(str(model))} for the workers into {re.escape(str(temporary))}(/digitgen-serve-\\w+)? "
         r"\(No space left on device\); set TMPDIR to a writable folder with room for it",
-        str(refused.value),
-    ), refused.value
+        refusal,
+    ), refusal
     assert list(temporary.iterdir()) == []  # the folder made for the copy is gone with it
 
 
