@@ -569,6 +569,23 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
         path.unlink()
 
 
+def test_a_model_that_fails_to_load_is_named_with_every_bad_field_the_link_filled(
+    browser: Browser, base_url: str
+) -> None:
+    """The fields that need no model (count, seed, truncation, a digit list's form) are read and marked anyway."""
+    page = open_page(browser, f"{base_url}index.html?model=missing.onnx&n=abc&digits=1,x&seed=7")
+    try:
+        assert page.locator("#error").inner_text().splitlines() == [
+            "could not fetch the model missing.onnx: HTTP 404 File not found",
+            "'1,x' is not a comma-separated list of digits such as 0,3,7",
+            "number of digits must be an integer from 1 to 100, got 'abc'",
+        ]
+        invalid = page.eval_on_selector_all("input[aria-invalid=true]", "inputs => inputs.map((i) => i.id)")
+        assert invalid == ["digits", "count"]
+    finally:
+        page.close()
+
+
 @pytest.mark.usefixtures("bad_models")
 @pytest.mark.parametrize(
     ("query", "messages"),

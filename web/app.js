@@ -127,7 +127,8 @@ function describe(gen) {
 /**
  * The four fields, each checked: the request, or an InvalidRequestError naming every bad field (one per line,
  * in the page's order; `fields` pairs each field with its line); the bad fields are marked aria-invalid,
- * each described by its own line of the error, and the first one takes the focus.
+ * each described by its own line of the error, and the first one takes the focus. Without a model (`gen`
+ * null: it could not be loaded), the digits are read but not checked against its classes.
  */
 function readFields(gen) {
   const problems = [];
@@ -145,9 +146,11 @@ function readFields(gen) {
     }
   };
   const request = {
-    digits: check("digits", (text) =>
-      digitgen.isBlank(text) ? null : gen.checkDigits(digitgen.parseDigitList(text)),
-    ),
+    digits: check("digits", (text) => {
+      if (digitgen.isBlank(text)) return null;
+      const digits = digitgen.parseDigitList(text);
+      return gen ? gen.checkDigits(digits) : digits;
+    }),
     count: check("count", (text) =>
       Number(digitgen.checkInteger(digitgen.readInteger(text), "number of digits", 1n, BigInt(MAX_DIGITS))),
     ),
@@ -370,7 +373,13 @@ async function main() {
       : runtime
         ? "The page's WebAssembly runtime could not start."
         : "The model could not be loaded.";
-    showError([error.message, ...linkProblems()].join("\n")); // the link's other problems named too
+    const problems = [error.message, ...linkProblems()]; // the link's other problems named too
+    try {
+      readFields(null); // and the fields it filled that can be read without a model
+      showError(problems.join("\n"));
+    } catch (badFields) {
+      showError(fieldsError(badFields.fields, problems));
+    }
     return;
   }
   window.digitgen = gen;
