@@ -47,10 +47,6 @@ class ParityReport:
     cases: tuple[ParityCase, ...]
     tolerance: Tolerance
 
-    @property
-    def atol(self) -> float:
-        return self.tolerance.max_abs
-
     def case_passed(self, case: ParityCase) -> bool:
         return case.max_abs_diff <= self.tolerance.max_abs and case.mean_abs_diff <= self.tolerance.mean_abs
 
