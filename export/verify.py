@@ -48,13 +48,16 @@ class ParityReport:
     tolerance: Tolerance
 
     def case_passed(self, case: ParityCase) -> bool:
+        """Whether ``case`` is within both the per-pixel and the mean tolerance."""
         return case.max_abs_diff <= self.tolerance.max_abs and case.mean_abs_diff <= self.tolerance.mean_abs
 
     @property
     def passed(self) -> bool:
+        """Whether every case is."""
         return all(self.case_passed(case) for case in self.cases)
 
     def lines(self) -> list[str]:
+        """One line a case: its batch, seed, differences and verdict, as ``verify`` prints them."""
         t = self.tolerance
         return [
             f"batch {c.batch_size:>3}  seed {c.seed}  max|torch-ort| {c.max_abs_diff:.2e}  mean {c.mean_abs_diff:.2e}  "
