@@ -24,7 +24,7 @@ from digitgen.runtime.errors import (
 from digitgen.runtime.idx import IMAGE_SIDE
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
 from digitgen.runtime.session import ORT_ERRORS, model_sha256, open_session, ort_reason, run_model
-from digitgen.runtime.text import quoted
+from digitgen.runtime.text import quoted, read_integer
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -40,16 +40,16 @@ def default_model_path(name: str = "generator.onnx") -> Path:
     return ARTIFACTS_DIR / name
 
 
-_DIGIT_IN_LIST = re.compile(r"\s*-?[0-9]{1,40}\s*")
+_DIGIT_IN_LIST = re.compile(r"\s*-?[0-9]+\s*")
 
 
-def parse_digit_list(text: str) -> list[int]:
+def parse_digit_list(text: str) -> list[int | str]:
     """``"0,3,7"`` -> ``[0, 3, 7]`` for the CLI and the server alike; whether each is a class of the model
-    is for :meth:`DigitGenerator.check_digits` to say."""
+    is for :meth:`DigitGenerator.check_digits` to say (a number too long to read stays text, which it refuses)."""
     parts = text.split(",")
     if not all(_DIGIT_IN_LIST.fullmatch(part) for part in parts):
         raise InvalidRequestError(f"{quoted(text)} is not a comma-separated list of digits such as 0,3,7")
-    return [int(part) for part in parts]
+    return [read_integer(part) for part in parts]
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,8 @@ class DigitGenerator:
             if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d < self.num_classes
         ]
         if bad:
-            raise InvalidRequestError(not_classes_message([repr(d) for d in bad], self.num_classes))
+            shown = [quoted(int(d) if isinstance(d, np.integer) else d) for d in bad]  # 12, not np.int64(12)
+            raise InvalidRequestError(not_classes_message(shown, self.num_classes))
         return [int(d) for d in digits]
 
     def run(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -99,6 +99,10 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         (["--digits", "3,12"], "digit 12 is not a class"),
         (["--digit", "10"], "digit 10 is not a class"),
         (["--digits", "12,3,15"], "Error: digits 12, 15 are not classes of this model (0-9)"),  # every bad one
+        (
+            ["--digits", "3," + "9" * 41],
+            f"Error: digit '{'9' * 41}' is not a class of this model (0-9)",
+        ),  # a list, of a long number
         (["--digit", "1", "--digits", "2"], "not both"),
         (["--format", "jpg"], "'jpg' is not one of"),
         (["--provider", "tpu"], "'tpu' is not one of"),

@@ -115,6 +115,7 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
         ({"num": 5, "digits": [10]}, r"^digit 10 is not a class of this model \(0-9\)$"),
         ({"num": 5, "digits": [-1]}, "digit -1"),
         ({"num": 5, "digits": ["7"]}, r"^digit '7' is not a class of this model \(0-9\)$"),
+        ({"num": 5, "digits": [np.int64(12)]}, r"^digit 12 is not a class of this model \(0-9\)$"),  # not np.int64(12)
         ({"num": 5, "digits": [12, 3, 15, 12]}, r"^digits 12, 15 are not classes of this model \(0-9\)$"),
         ({"num": 5, "digits": list(range(10, 17))}, r"^digits 10, 11, 12, 13, 14 and 2 more are not classes of"),
         ({"num": 5, "digits": list(range(10, 15))}, r"^digits 10, 11, 12, 13, 14 are not classes of this model"),
