@@ -56,6 +56,16 @@ class ParityReport:
         """Whether every case is."""
         return all(self.case_passed(case) for case in self.cases)
 
+    def refusal(self, onnx_path: str | Path) -> str:
+        """Why ``onnx_path`` fails the check: every case's line; and where every case is far off, past any export's
+        rounding, the likelier cause, another model."""
+        far_off = all(case.mean_abs_diff > FAR_OFF for case in self.cases)
+        hint = (
+            f"; every case is off by a mean over {FAR_OFF}, far past any export's rounding: was {onnx_path} "
+            "exported from this checkpoint?"
+        )
+        return "ONNX output differs from PyTorch: " + "; ".join(self.lines()) + (hint if far_off else "")
+
     def lines(self) -> list[str]:
         """One line a case: its batch, seed, differences and verdict, as ``verify`` prints them."""
         t = self.tolerance
@@ -116,12 +126,5 @@ def verify_parity(
             cases.append(ParityCase(batch_size, seed, float(diff.max()), float(diff.mean())))
     report = ParityReport(tuple(cases), tolerance)
     if not report.passed:
-        far_off = all(case.mean_abs_diff > FAR_OFF for case in cases)
-        hint = (
-            f"; every case is off by a mean over {FAR_OFF}, far past any export's rounding: was {onnx_path} "
-            "exported from this checkpoint?"
-            if far_off
-            else ""
-        )
-        raise ExportVerificationError("ONNX output differs from PyTorch: " + "; ".join(report.lines()) + hint)
+        raise ExportVerificationError(report.refusal(onnx_path))
     return report

@@ -24,7 +24,7 @@ from digitgen.cli import main
 from digitgen.export.errors import ExportError, ExportVerificationError
 from digitgen.export.onnx_export import export_generator, verify_file
 from digitgen.export.tolerances import ATOL, TOLERANCES
-from digitgen.export.verify import BATCH_SIZES, ParityReport
+from digitgen.export.verify import BATCH_SIZES, FAR_OFF, ParityCase, ParityReport
 from digitgen.runtime import DigitGenerator
 from digitgen.runtime.contract import CONTRACT_VERSION
 from digitgen.runtime.errors import ModelContractError, OutputError
@@ -525,6 +525,14 @@ def test_classifier_export_writes_the_weights_it_rebuilds_from(tmp_path: Path) -
         with pytest.raises(ExportError) as refused:
             export_classifier(model, bad, test_accuracy=0.9931, weights_out=weights / "w.pt")
         assert str(refused.value) == refusal
+
+
+def test_a_refusal_asks_after_another_model_only_when_every_case_is_far_off() -> None:
+    """Far off on every case: likelier another model than an export's rounding; on some: a flaw of the export."""
+    far, near = ParityCase(1, 0, 1.0, 2 * FAR_OFF), ParityCase(7, 0, 1.0, FAR_OFF / 2)
+    question = "far past any export's rounding: was g.onnx exported from this checkpoint?"
+    assert ParityReport((far, far), TOLERANCES["fp32"]).refusal("g.onnx").endswith(question)
+    assert question not in ParityReport((far, near), TOLERANCES["fp32"]).refusal("g.onnx")
 
 
 def test_report_names_every_case_with_its_figures_and_verdict(tiny_onnx: Path, tiny_checkpoint: Path) -> None:

@@ -347,7 +347,7 @@ def test_every_worker_loads_the_model_the_server_started_with(monkeypatch: pytes
     assert loaded == [started.sha256]
 
 
-@pytest.mark.parametrize("change", ["model", "external data", "removed"])
+@pytest.mark.parametrize("change", ["model", "external data", "removed", "external data gone while copied"])
 def test_a_model_file_changed_while_the_server_starts_is_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, change: str
 ) -> None:
@@ -357,8 +357,14 @@ def test_a_model_file_changed_while_the_server_starts_is_refused(
         shutil.copyfile(default_model_path(), model)
     elif change == "external data":
         (model.parent / "weights.bin").write_bytes(b"\0" * 16)
-    else:
+    elif change == "removed":
         model.unlink()
+    else:  # the source's error, not the copy's: the model changed, whatever the temporary folder holds
+
+        def vanished(source: Path, target: Path) -> None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(source))
+
+        monkeypatch.setattr(shutil, "copyfile", vanished)
     assert (
         _refused_two_workers(monkeypatch, model, started) == f"{model} changed while the server started; start it again"
     )

@@ -21,7 +21,7 @@ from digitgen.runtime.signals import (
     model_calls_stop_on_signals,
     release_held_at_start,
 )
-from digitgen.runtime.text import printable
+from digitgen.runtime.text import MAX_QUOTED, printable, quoted
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
 
@@ -190,3 +190,11 @@ def test_printable_escapes_control_characters_and_keeps_the_rest() -> None:
     assert printable("a\u2028b\u2029c\u202ed\u200be\ufeff\udcff \u3000\u00e9") == (
         "a\\u2028b\\u2029c\\u202ed\\u200be\\ufeff\\udcff \u3000\u00e9"
     )
+
+
+def test_quoted_keeps_a_value_of_the_limit_whole_and_cuts_one_past_it() -> None:
+    """The repr up to MAX_QUOTED characters (quotes included), then the value's own length, as the page's module."""
+    whole = "x" * (MAX_QUOTED - 2)  # its repr is MAX_QUOTED characters
+    assert quoted(whole) == repr(whole)
+    assert quoted(whole + "y") == f"'{whole}y... ({MAX_QUOTED - 1:,} characters)"  # one past: its closing quote cut
+    assert quoted(10**2000) == f"{'1' + '0' * (MAX_QUOTED - 1)}... (2,001 characters)"  # not text: its repr's length
