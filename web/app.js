@@ -187,7 +187,8 @@ function describeDigits(digits, count, numClasses) {
   if (!digits) return `digits 0 to ${numClasses - 1} in turn`;
   const shown = digits.slice(0, count);
   const cycle = shown.length === 1 ? `digit ${shown[0]}` : `digits ${shown.join(", ")}`;
-  return `${cycle}${digits.length > count ? ` (the first ${count} of ${digits.length})` : ""}${shown.length > 1 ? " in turn" : ""}`;
+  const part = digits.length > count ? ` (the first ${count} of ${digits.length})` : "";
+  return `${cycle}${part}${shown.length > 1 ? " in turn" : ""}`;
 }
 
 let drawing = false; // a sheet is under way
@@ -335,7 +336,8 @@ function linkProblems(gen) {
   }
   if (gen && params.has("digit") && !params.has("digits")) {
     try {
-      gen.checkDigits([digitgen.readInteger(params.get("digit"))]); // one class, as the CLI reads --digit
+      // one class, read as the CLI reads --digit (+7 and 07 are 7), and the field holds it as a list reads it
+      $("digits").value = String(gen.checkDigits([digitgen.readInteger(params.get("digit"))])[0]);
     } catch (error) {
       problems.push(error.message);
       $("digits").value = "";
