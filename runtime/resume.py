@@ -55,12 +55,20 @@ def holds(path: Path, data: bytes) -> bool:
         return False
 
 
+def _npz_headers(count: int) -> dict[str, tuple[tuple[int, ...], bool, np.dtype]]:
+    """The ``.npy`` headers (shape, Fortran order, type) of an NPZ file of ``count`` digits as a run writes it."""
+    return {
+        "images.npy": ((count, IMAGE_SIDE, IMAGE_SIDE), False, np.dtype(np.uint8)),
+        "labels.npy": ((count,), False, np.dtype(np.int64)),
+    }
+
+
 def _npy_begins_with(archive: zipfile.ZipFile, name: str, count: int, first: np.ndarray) -> bool:
-    """Whether the archive's ``name`` holds ``count`` items of ``first``'s type and shape, ``first`` the first."""
+    """Whether the archive's ``name`` holds ``count`` items as a run writes them, ``first`` the first."""
     with archive.open(name) as f:
         declared = read_npy_header(f)
         data = first.tobytes()
-        return declared == ((count, *first.shape[1:]), False, first.dtype) and f.read(len(data)) == data
+        return declared == _npz_headers(count)[name] and f.read(len(data)) == data
 
 
 def begins_with(path: Path, count: int, first: GeneratedDigits) -> bool:
@@ -109,8 +117,8 @@ def declared_count(path: Path) -> int | None:
                 with archive.open("images.npy") as f:
                     images = read_npy_header(f)
             count = labels[0][0] if len(labels[0]) == 1 else -1
-            ours = ((count,), False, np.dtype(np.int64)), ((count, IMAGE_SIDE, IMAGE_SIDE), False, np.dtype(np.uint8))
-            return count if (labels, images) == ours else None
+            ours = _npz_headers(count)
+            return count if (labels, images) == (ours["labels.npy"], ours["images.npy"]) else None
         images = _holds_images(path)
         with path.open("rb") as f:
             header = f.read(header_size(images))
