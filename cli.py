@@ -51,7 +51,7 @@ from digitgen.runtime.generator import (
     check_truncation,
     parse_digit_list,
 )
-from digitgen.runtime.idx import DEFAULT_MNIST_ROOT, data_dir_again
+from digitgen.runtime.idx import DEFAULT_MNIST_ROOT
 from digitgen.runtime.layout import FORMATS
 from digitgen.runtime.merge import merge_shards
 from digitgen.runtime.noise import MAX_SEED, NOISE_SCHEME
@@ -292,15 +292,6 @@ def _runtime_integer(check: Callable[[object], int]) -> dict[str, Any]:
     return {"type": str, "callback": _parsed_by(lambda text: check(read_integer(text)))}
 
 
-def _resume_hint(checkpoint: str, data_dir: str, device_name: str, processes: int) -> str:
-    """How to continue a stopped ``train``: the options a resume does not keep, and under torchrun its launch."""
-    hint = f"continue with --resume {shlex.quote(checkpoint)}{data_dir_again(data_dir)}"
-    hint += "" if device_name == "auto" else f" --device {device_name}"
-    if processes > 1:  # the ranks' noise generators are in the checkpoint: the same number continues exactly
-        hint += f", launched by torchrun with {processes} processes as this run was"
-    return hint
-
-
 data_dir_option = click.option(
     "--data-dir",
     envvar="MNIST_ROOT",
@@ -471,11 +462,11 @@ def train(run_dir: str | None, resume: str | None, device_name: str, **choices: 
     """
     from digitgen.training.distributed import init_distributed, shutdown
     from digitgen.training.loop import train as run_training
-    from digitgen.training.run import RunOptions, prepare_run, run_folder, training_device
+    from digitgen.training.run import RunOptions, prepare_run, resume_with, run_folder, training_device
 
     device = training_device(device_name)
     run_dir = run_folder(run_dir, resume)
-    options = RunOptions(run_dir=run_dir, resume=resume, **choices)
+    options = RunOptions(run_dir=run_dir, resume=resume, device_name=device_name, **choices)
     ctx, device = init_distributed(device)
     say = _say if ctx.is_main else lambda *args, **kwargs: None
     try:
@@ -511,7 +502,7 @@ def train(run_dir: str | None, resume: str | None, device_name: str, **choices: 
             sys.exit(130)
         raise Interrupted(
             f"stopped at step {result.step}; checkpoint saved to {result.checkpoint}; "
-            + _resume_hint(str(result.checkpoint), options.data_dir, device_name, ctx.world_size)
+            + f"continue with {resume_with(result.checkpoint, options.data_dir, options.device_name, ctx.world_size)}"
         )
     if complete:
         say(

@@ -15,6 +15,7 @@ import digitgen.cli as cli
 from digitgen.cli import _format_progress, _StopOnce, install_command, main
 from digitgen.export.quality import QualityFileError, read_evaluation
 from digitgen.runtime.idx import DEFAULT_MNIST_ROOT
+from digitgen.training.run import resume_with
 from tests.conftest import REPO
 from tests.helpers import PIP
 
@@ -48,21 +49,20 @@ def test_quality_file_without_json_is_refused_and_the_cli_names_the_option(tmp_p
 @pytest.mark.parametrize(
     ("data_dir", "device", "processes", "hint"),
     [
-        (DEFAULT_MNIST_ROOT, "auto", 1, "continue with --resume 'my run/checkpoint.pt'"),
-        ("/data", "cpu", 1, "continue with --resume 'my run/checkpoint.pt' --data-dir /data --device cpu"),
+        (DEFAULT_MNIST_ROOT, "auto", 1, "--resume 'my run/checkpoint.pt'"),
+        ("/data", "cpu", 1, "--resume 'my run/checkpoint.pt' --data-dir /data --device cpu"),
         (
             DEFAULT_MNIST_ROOT,
             "cuda",
             4,
-            "continue with --resume 'my run/checkpoint.pt' --device cuda, launched by torchrun with 4 processes as "
-            "this run was",
+            "--resume 'my run/checkpoint.pt' --device cuda, launched by torchrun with 4 processes as this run was",
         ),
     ],
 )
 def test_a_stopped_trains_hint_names_what_a_resume_does_not_keep(
     data_dir: str, device: str, processes: int, hint: str
 ) -> None:
-    assert cli._resume_hint("my run/checkpoint.pt", data_dir, device, processes) == hint
+    assert resume_with("my run/checkpoint.pt", data_dir, device, processes) == hint
 
 
 def test_training_progress_names_epoch_losses_and_scores() -> None:

@@ -63,8 +63,9 @@ def test_training_into_a_run_directory_is_refused(finished_run: Path, tiny_mnist
     assert code == 1
     assert output.strip().splitlines() == [
         f"Error: {finished_run} already holds a run (checkpoint.pt, metrics.jsonl, samples (1 grid)); continue it "
-        f"with --resume {finished_run / 'checkpoint.pt'} --data-dir {tiny_mnist} or start over with --overwrite"
-    ]  # the options to give again: a resume keeps the run's, not where MNIST is
+        f"with --resume {finished_run / 'checkpoint.pt'} --data-dir {tiny_mnist} --device cpu, or start over with "
+        "--overwrite"
+    ]  # the options to give again: a resume keeps the run's, not where MNIST is nor the device
     assert (finished_run / "checkpoint.pt").read_bytes() == before
 
 

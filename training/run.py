@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ class RunOptions:
     checkpoint_every: int | None = None
     resume: str | None = None
     overwrite: bool = False
+    device_name: str = "auto"  # only to name it again in a hint: a resume does not keep it
     lr_decay_epochs: float | None = None  # None: no decay, or the resumed run's own
     lr_d: float | None = None
     conditional_norm: bool | None = None
@@ -175,7 +177,16 @@ class PreparedRun:
         )
 
 
-def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
+def resume_with(checkpoint: str | Path, data_dir: str, device_name: str, processes: int) -> str:
+    """``--resume CHECKPOINT`` and the options a resume does not keep: where MNIST is, the device, torchrun's launch."""
+    hint = f"--resume {shlex.quote(str(checkpoint))}{data_dir_again(data_dir)}"
+    hint += "" if device_name == "auto" else f" --device {device_name}"
+    if processes > 1:  # the ranks' noise generators are in the checkpoint: the same number continues exactly
+        hint += f", launched by torchrun with {processes} processes as this run was"
+    return hint
+
+
+def claim_run_dir(options: RunOptions, processes: int = 1) -> tuple[Path, ...]:
     """Refuse a run directory that holds another run, unless resuming it or told to overwrite.
 
     With ``overwrite`` it returns the earlier run's files, for :func:`remove_run_files` once every
@@ -205,8 +216,9 @@ def claim_run_dir(options: RunOptions) -> tuple[Path, ...]:
                 f"{run_dir} holds a run that saved no checkpoint ({found}); start over with --overwrite"
             )
         raise RunDirectoryError(
-            f"{run_dir} already holds a run ({found}); continue it with --resume {own_checkpoint}"
-            f"{data_dir_again(options.data_dir)} or start over with --overwrite"
+            f"{run_dir} already holds a run ({found}); continue it with "
+            f"{resume_with(own_checkpoint, options.data_dir, options.device_name, processes)}, "
+            "or start over with --overwrite"
         )
     return existing
 
@@ -376,7 +388,7 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
     else:
         with memory_errors_in_words("a model of these widths does not fit; lower --g-width or --d-width"):
             state = _new_state(options, device, ctx.rank, classifiers)
-    replaced = claim_run_dir(options)
+    replaced = claim_run_dir(options, ctx.world_size)
     check_precision(state.train, device)
     data = load_mnist_once(options.data_dir, options.download, ctx, device)
     check_labels(data, state.config.num_classes, f"the training split in {options.data_dir}")
