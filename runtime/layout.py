@@ -19,9 +19,9 @@ NPZ_FILE = "digits.npz"
 IDX_IMAGES_FILE, IDX_LABELS_FILE = MNIST_FILES[:2]  # the train split's names
 DEFAULT_TEST_COUNT = 10_000  # the size of MNIST's own test split
 GRID_MAX_DIGITS = 10_000
-_DIGIT_NAME = r"(\d{8}|[1-9]\d{8,})_label(?:0|[1-9]\d*)\.png"  # only the names png_name() writes
-PNG_NAME = re.compile(rf"^{_DIGIT_NAME}$")
-TEMPORARY_PNG = re.compile(rf"^\.{_DIGIT_NAME}\.part$")  # a PNG's temporary file (files.temporary_name)
+_DIGIT_NAME = r"([0-9]{8}|[1-9][0-9]{8,})_label(?:0|[1-9][0-9]*)\.png"  # png_name()'s names only (ASCII digits)
+PNG_NAME = re.compile(_DIGIT_NAME)
+TEMPORARY_PNG = re.compile(rf"\.{_DIGIT_NAME}\.part")  # a PNG's temporary file (files.temporary_name)
 
 
 def png_name(index: int, label: int) -> str:
@@ -43,7 +43,7 @@ def pngs_in_range(out_dir: Path, start: int, stop: int) -> list[Path]:
     """PNG digits in ``out_dir`` whose index lies in ``[start, stop)``, whatever their label."""
     found = []
     for entry in os.scandir(out_dir):
-        match = PNG_NAME.match(entry.name)
+        match = PNG_NAME.fullmatch(entry.name)
         if match and start <= int(match.group(1)) < stop:
             found.append(Path(entry.path))
     return sorted(found)
@@ -52,7 +52,7 @@ def pngs_in_range(out_dir: Path, start: int, stop: int) -> list[Path]:
 def holds_pngs(out_dir: Path) -> bool:
     """Whether ``out_dir`` holds any PNG digit, whatever its index."""
     with os.scandir(out_dir) as entries:
-        return any(PNG_NAME.match(entry.name) for entry in entries)
+        return any(PNG_NAME.fullmatch(entry.name) for entry in entries)
 
 
 def existing_outputs(out_dir: Path, fmt: str, shard: Shard, total: int, recorded: bool = False) -> list[Path]:
@@ -69,7 +69,7 @@ def leftover_temporaries(out_dir: Path, fmt: str, shard: Shard, total: int, reco
         return [
             Path(entry.path)
             for entry in os.scandir(out_dir)
-            if (match := TEMPORARY_PNG.match(entry.name)) and start <= int(match.group(1)) < stop
+            if (match := TEMPORARY_PNG.fullmatch(entry.name)) and start <= int(match.group(1)) < stop
         ]
     names = output_names(fmt, shard, recorded)
     return [path for name in names if (path := temporary_name(out_dir / name)).exists()]
@@ -77,7 +77,7 @@ def leftover_temporaries(out_dir: Path, fmt: str, shard: Shard, total: int, reco
 
 def png_index(path: Path) -> int:
     """The digit index a PNG's name begins with (``00000042_label2.png``: 42); ``path`` must match :data:`PNG_NAME`."""
-    return int(PNG_NAME.match(path.name).group(1))
+    return int(PNG_NAME.fullmatch(path.name).group(1))
 
 
 def check_grid_count(count: int, other_formats: str) -> None:

@@ -18,7 +18,7 @@ from digitgen.runtime.text import read_json
 
 RECORDED_FORMATS = ("idx", "npz")  # the formats whose shards merge joins
 RECORD_VERSION = 1
-_RECORD_NAME = re.compile(r"^digitgen-[a-z]+-run-\d{5,}-of-\d{5,}$")
+_RECORD_NAME = re.compile(r"digitgen-[a-z]+-run-[0-9]{5,}-of-[0-9]{5,}")
 
 
 def is_recorded(fmt: str, shard: Shard) -> bool:
@@ -34,7 +34,7 @@ def record_name(fmt: str, shard: Shard) -> str:
 
 def is_record_file(path: Path) -> bool:
     """Whether ``path`` names a run record (see :func:`record_name`)."""
-    return _RECORD_NAME.match(path.name) is not None
+    return _RECORD_NAME.fullmatch(path.name) is not None
 
 
 def run_record(

@@ -87,10 +87,10 @@ MISSING_NAMED = 10  # missing shards named in a refusal; the rest counted
 def find_shards(out_dir: Path, file_name: str) -> list[Path]:
     """The complete, ordered set of shard files of ``file_name`` in ``out_dir``."""
     stem, dot, ext = file_name.partition(".")
-    pattern = re.compile(rf"^{re.escape(stem)}-(\d{{5,}})-of-(\d{{5,}}){re.escape(dot + ext)}$")
+    pattern = re.compile(rf"{re.escape(stem)}-([0-9]{{5,}})-of-([0-9]{{5,}}){re.escape(dot + ext)}")
     found: dict[int, set[int]] = {}
     for path in out_dir.iterdir():
-        match = pattern.match(path.name)
+        match = pattern.fullmatch(path.name)
         if match:
             found.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
     if not found:

@@ -106,7 +106,7 @@ def logged_client(host: str) -> str:
 
 
 SHARED_METRICS = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode: where its processes count
-_LIVE_GAUGE = re.compile(r"gauge_live\w*_(\d+)\.db")  # a process's share of a gauge summed over live processes
+_LIVE_GAUGE = re.compile(r"gauge_live\w*_([0-9]+)\.db")  # a process's share of a gauge summed over live processes
 
 
 class Metrics:

@@ -259,19 +259,24 @@ def test_png_overwrite_replaces_an_index_whatever_its_label(gen: DigitGenerator,
     assert names == sorted([png_name(0, 0), png_name(1, 1), png_name(2, 2), "notes.txt"])
 
 
-def test_png_overwrite_leaves_names_digitgen_never_writes(gen: DigitGenerator, tmp_path: Path) -> None:
-    """Only png_name()'s own names are digits: a ninth digit padded with a zero, or a label with one, is a user's."""
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_png_runs_leave_names_digitgen_never_writes(gen: DigitGenerator, tmp_path: Path, overwrite: bool) -> None:
+    """Only png_name()'s own names are digits: a ninth digit padded with a zero, a label with one, other scripts'
+    digits (which int() reads) or a line break after the name are a user's, neither refused nor removed."""
     theirs = ["000000001_label1.png", "00000001_label01.png", "0000001_label1.png", "00000001_label1.png.bak"]
-    theirs.append(".000000001_label1.png.part")  # nor a temporary file of one
+    theirs += ["\u0660" * 7 + "1_label1.png", "00000001_label\u0661.png", "00000001_label1.png\n"]
+    theirs += [".000000001_label1.png.part", "." + "\u0660" * 7 + "1_label1.png.part"]  # nor a temporary file of one
     for name in theirs:
         (tmp_path / name).write_text("mine")
-    generate_files(gen, tmp_path, 3, overwrite=True)
+    generate_files(gen, tmp_path, 3, overwrite=overwrite)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [*theirs, png_name(0, 0), png_name(1, 1), png_name(2, 2)]
     )
     assert all((tmp_path / name).read_text() == "mine" for name in theirs)
     assert [
-        int(match[1]) for name in (png_name(123_456_789, 12), "00000000_label0.png") if (match := PNG_NAME.match(name))
+        int(match[1])
+        for name in (png_name(123_456_789, 12), "00000000_label0.png")
+        if (match := PNG_NAME.fullmatch(name))
     ] == [123_456_789, 0]
 
 

@@ -119,6 +119,7 @@ def test_overwrite_starts_over_and_says_what_it_deleted(finished_run: Path, tiny
     """It deletes the earlier run's files only: a file of the user's in the folder, or in its samples, stays."""
     (finished_run / "samples" / "step0000099.png").write_bytes(b"an older grid")
     (finished_run / "samples" / "notes.txt").write_text("mine")
+    (finished_run / "samples" / ("step" + "\u0661" * 7 + ".png")).write_text("mine")  # other scripts' digits
     (finished_run / "mine.png").write_bytes(b"mine")
     code, output = train(tiny_mnist, finished_run, "--steps", 3, "--overwrite", *TINY)
     assert code == 0, output
@@ -129,6 +130,7 @@ def test_overwrite_starts_over_and_says_what_it_deleted(finished_run: Path, tiny
     assert lines[1].startswith("training on cpu"), output
     assert not (finished_run / "samples" / "step0000099.png").exists()
     assert (finished_run / "samples" / "notes.txt").read_text() == "mine"
+    assert (finished_run / "samples" / ("step" + "\u0661" * 7 + ".png")).read_text() == "mine"
     assert (finished_run / "mine.png").read_bytes() == b"mine"
     steps = _metrics_steps(finished_run)
     assert steps == sorted(set(steps)) and torch.load(finished_run / "checkpoint.pt", weights_only=True)["step"] == 3

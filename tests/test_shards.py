@@ -214,6 +214,8 @@ def test_merge_refuses_what_it_cannot_join(gen: DigitGenerator, tmp_path: Path) 
         merge_shards(tmp_path, "npz")
     _write(gen, tmp_path, "npz", Shard(0, 2))
     _write(gen, tmp_path, "npz", Shard(1, 2))
+    other_scripts = "digits-" + "\u0660" * 5 + "-of-" + "\u0660" * 4 + "\u0664.npz"  # digits int() reads
+    (tmp_path / other_scripts).write_text("mine")  # not a part: neither counted nor read
     _write(gen, tmp_path, "npz", Shard(1, 3))  # a stray part: named by its run's count
     with pytest.raises(OutputError) as refused:
         merge_shards(tmp_path, "npz")

@@ -40,7 +40,7 @@ STEP_TOO_LARGE = "a training step of this size does not fit; lower --batch-size,
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_DIR = "samples"
-SAMPLE_GRID = re.compile(r"^step(\d{7,})\.png$")  # the names grid_name gives
+SAMPLE_GRID = re.compile(r"step([0-9]{7,})\.png")  # the names grid_name gives
 
 
 ProgressFn = Callable[[int, dict[str, float]], None]
@@ -229,7 +229,7 @@ def _trim_grids(samples: Path, step: int) -> None:
     """Remove the sample grids of steps after ``step``, where a resumed run starts: a hard stop after its last
     checkpoint left them, and a resumed run that ends sooner would leave them beside its own."""
     for path in samples.iterdir():
-        grid = SAMPLE_GRID.match(path.name)
+        grid = SAMPLE_GRID.fullmatch(path.name)
         if grid is not None and int(grid[1]) > step:
             path.unlink()
 

@@ -101,13 +101,13 @@ def earlier_run_files(run_dir: Path) -> tuple[Path, ...]:
     files = [run_dir / name for name in RUN_FILES if os.path.lexists(run_dir / name)]
     samples = run_dir / SAMPLES_DIR
     if samples.is_dir():
-        files += sorted(path for path in samples.iterdir() if SAMPLE_GRID.match(path.name))
+        files += sorted(path for path in samples.iterdir() if SAMPLE_GRID.fullmatch(path.name))
     return tuple(files)
 
 
 def describe_run_files(paths: tuple[Path, ...]) -> str:
     """``checkpoint.pt, metrics.jsonl, samples (3 grids)``: the files of :func:`earlier_run_files`, in short."""
-    named = [path.name for path in paths if not SAMPLE_GRID.match(path.name)]
+    named = [path.name for path in paths if not SAMPLE_GRID.fullmatch(path.name)]
     grids = len(paths) - len(named)
     return ", ".join(named + ([f"{SAMPLES_DIR} ({counted(grids, 'grid')})"] if grids else []))
 
@@ -227,7 +227,7 @@ def remove_run_files(paths: tuple[Path, ...]) -> None:
     """Delete an earlier run's files (see :func:`claim_run_dir`); its samples folder too if nothing else is in it."""
     for path in paths:
         path.unlink(missing_ok=True)
-    for folder in {path.parent for path in paths if SAMPLE_GRID.match(path.name)}:
+    for folder in {path.parent for path in paths if SAMPLE_GRID.fullmatch(path.name)}:
         with suppress(OSError):  # the user's files are in it
             folder.rmdir()
 
