@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 import sys
 from collections.abc import Iterator
@@ -51,6 +52,13 @@ def _lock(fd: int, start: int, stop: int | None, *, exclusive: bool) -> bool:
     return True
 
 
+def _refuse_if_not_a_lock(fd: int, path: Path) -> None:
+    """The lock file is an empty regular file: anything else of its name is a user's, never used nor removed."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size:
+        raise OutputError(f"{path} is not a lock file of digitgen's, an empty file a PNG run keeps there; move it")
+
+
 def _in_use(folder: Path) -> OutputError:
     return OutputError(
         f"another run is writing PNG digits of the same indices to {folder} now; let it finish, or write elsewhere"
@@ -83,6 +91,7 @@ def _open_locked(path: Path, start: int, stop: int | None) -> int:
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
         try:
+            _refuse_if_not_a_lock(fd, path)
             if not _lock(fd, start, stop, exclusive=True):
                 raise _in_use(path.parent)
             if still_named(fd, path):
@@ -103,6 +112,7 @@ def refuse_if_indices_claimed(folder: Path, start: int, stop: int | None) -> Non
     except OSError:  # none there (or none this process may read): the claim itself decides later
         return
     try:
+        _refuse_if_not_a_lock(fd, folder / LOCK_FILE)
         if not _lock(fd, start, stop, exclusive=False):
             raise _in_use(folder)
     finally:

@@ -371,12 +371,22 @@ def test_what_is_not_a_file_under_a_temporary_name_is_refused_and_left_as_it_is(
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
-def test_a_pipe_under_the_index_lock_name_does_not_stop_a_run(tmp_path: Path, tiny_onnx: Path) -> None:
-    os.mkfifo(tmp_path / ".digitgen.lock")
+@pytest.mark.parametrize("kind", ["notes", "pipe"])
+def test_a_users_file_under_the_index_lock_name_is_refused_and_left(tmp_path: Path, tiny_onnx: Path, kind: str) -> None:
+    """The lock file is an empty file: a user's notes or pipe of its name is never locked, waited on or removed."""
+    lock = tmp_path / ".digitgen.lock"
+    if kind == "pipe":
+        os.mkfifo(lock)
+    else:
+        lock.write_text("mine")
     command = [sys.executable, "-m", "digitgen", "generate", "-n", "3", "--out", tmp_path, "--generator", tiny_onnx]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)  # it waited for a writer before
-    assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == [png_name(i, i) for i in range(3)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)  # a pipe was once waited on
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"Error: {lock} is not a lock file of digitgen's, an empty file a PNG run keeps there; move it"
+    )
+    assert sorted(tmp_path.iterdir()) == [lock]
+    assert lock.is_fifo() if kind == "pipe" else lock.read_text() == "mine"
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor's file through /proc")
