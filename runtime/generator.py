@@ -40,7 +40,7 @@ def default_model_path(name: str = "generator.onnx") -> Path:
     return ARTIFACTS_DIR / name
 
 
-_DIGIT_IN_LIST = re.compile(r"\s*-?[0-9]+\s*")
+_DIGIT_IN_LIST = re.compile(r"\s*[+-]?[0-9]+\s*")  # signed as --digit reads one: -0 and +7 are classes
 
 
 def parse_digit_list(text: str) -> list[int | str]:

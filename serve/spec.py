@@ -45,7 +45,7 @@ def generate_doc(max_count: int, num_classes: int) -> dict:
             ),
             _parameter(
                 "digits",
-                {"type": "string", "pattern": r"^\s*\d+\s*(,\s*\d+\s*)*$", "example": "0,3,7"},
+                {"type": "string", "pattern": r"^\s*[+-]?[0-9]+\s*(,\s*[+-]?[0-9]+\s*)*$", "example": "0,3,7"},
                 f"Classes 0-{last} to generate, comma-separated, repeated to count (default: 0-{last} in turn).",
             ),
             _parameter(

@@ -82,6 +82,10 @@ def test_digit_and_digits_choose_labels(tmp_path: Path, tiny_onnx: Path) -> None
         "generate", "--generator", tiny_onnx, "-n", 5, "--digits", "1,2", "--out", tmp_path / "b", "--format", "idx"
     )
     assert code == 0 and read_idx(tmp_path / "b" / "train-labels-idx1-ubyte").tolist() == [1, 2, 1, 2, 1]
+    code, _ = run(  # signed, as --digit +7 reads
+        "generate", "--generator", tiny_onnx, "-n", 3, "--digits", "+1, -0", "--out", tmp_path / "c", "--format", "idx"
+    )
+    assert code == 0 and read_idx(tmp_path / "c" / "train-labels-idx1-ubyte").tolist() == [1, 0, 1]
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ from click.testing import CliRunner
 from digitgen.cli import main
 from digitgen.runtime.encode import encoder_versions
 from digitgen.runtime.errors import InvalidRequestError
-from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path
+from digitgen.runtime.generator import DigitGenerator, GeneratedDigits, default_model_path, parse_digit_list
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION
 from digitgen.serve.params import (
     ENCODING_VERSION,
@@ -779,6 +779,14 @@ def test_metrics_count_requests_digits_and_latency(server: Server) -> None:
     assert server.metric('digitgen_request_seconds_bucket{endpoint="/generate",le="0.001"}') <= slowest == times + 2
 
 
+def _a_digit_list(text: str) -> bool:
+    try:
+        parse_digit_list(text)
+    except InvalidRequestError:
+        return False
+    return True
+
+
 def test_openapi_docs_describe_generate(server: Server) -> None:
     spec = server.get("/openapi.json").json()
     operation = spec["paths"]["/generate"]["get"]
@@ -789,6 +797,10 @@ def test_openapi_docs_describe_generate(server: Server) -> None:
     assert query["digit"] == {"type": "integer", "minimum": 0, "maximum": 9}
     assert query["seed"]["maximum"] == MAX_SEED and query["truncation"]["minimum"] == MIN_TRUNCATION
     assert query["format"]["enum"] == list(MEDIA_TYPES)
+    lists = ["0,3,7", " 4 , 2 ", "+7,-0", "12", "a,b", "3,,7", "", ",", "3.0", "1e1", "+-1"]
+    assert [bool(re.fullmatch(query["digits"]["pattern"], text)) for text in lists] == [
+        _a_digit_list(text) for text in lists
+    ]  # the pattern a client checks against is the server's own reading
     headers = {name for where, name in schemas if where == "header"}
     assert headers == {"Accept", "If-Match", "If-None-Match", "X-Request-ID"}
     responses = operation["responses"]

@@ -741,7 +741,7 @@ def cli_words(field: str, text: str) -> str:
         ("count", " "),
         ("count", "\u00ad7"),  # a soft hyphen, invisible: escaped in the words
         ("digits", "a,b"),
-        ("digits", "+3"),  # as the CLI refuses it
+        ("digits", "+3,a"),  # as the CLI refuses it
         ("digits", "3,,7"),
         ("digits", "3,\u200b7"),
         ("seed", "abc"),

@@ -162,7 +162,7 @@ export function checkInteger(value, name, min, max) {
   return n;
 }
 
-const DIGIT_IN_LIST = padded("-?[0-9]+");
+const DIGIT_IN_LIST = padded("[+-]?[0-9]+"); // signed as ?digit= reads one: -0 and +7 are classes
 
 /** "0,3,7" -> [0n, 3n, 7n], as the CLI and the server read `digits` (digitgen/runtime/generator.py's
  * parse_digit_list); whether each is a class of the model is for DigitGenerator.checkDigits to say. */
