@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
+VARINT, FIXED64, LENGTH_DELIMITED, START_GROUP, END_GROUP, FIXED32 = 0, 1, 2, 3, 4, 5  # groups: proto2's, deprecated
 
 MODEL_GRAPH, MODEL_METADATA_PROPS = 7, 14
 GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_SPARSE_INITIALIZER = 1, 5, 15
@@ -20,7 +20,7 @@ ATTRIBUTE_SPARSE_TENSORS = {22, 23}  # sparse_tensor, sparse_tensors
 SPARSE_VALUES, SPARSE_INDICES = 1, 2
 TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION, EXTERNAL = 13, 14, 1
 ENTRY_KEY, ENTRY_VALUE = 1, 2
-MAX_GRAPH_DEPTH = 100  # subgraphs within subgraphs: protobuf's own limit on nested messages, which onnxruntime keeps
+MAX_GRAPH_DEPTH = 100  # subgraphs (or groups) in each other: protobuf's own limit on nesting, which onnxruntime keeps
 
 
 def _varint(data: memoryview, pos: int) -> tuple[int, int]:
@@ -35,23 +35,54 @@ def _varint(data: memoryview, pos: int) -> tuple[int, int]:
             return value, pos
 
 
+def _value_end(message: memoryview, pos: int, wire_type: int) -> int:
+    """The offset past a value of ``wire_type`` (not a group) that starts at ``pos``."""
+    if wire_type == VARINT:
+        return _varint(message, pos)[1]
+    if wire_type in (FIXED64, FIXED32):
+        return pos + (8 if wire_type == FIXED64 else 4)
+    if wire_type == LENGTH_DELIMITED:
+        size, value = _varint(message, pos)
+        return value + size
+    raise ValueError(f"unsupported wire type {wire_type}")
+
+
+def _group_end(message: memoryview, pos: int, number: int) -> int:
+    """The offset past the end-group key of group ``number`` whose fields start at ``pos`` (groups nest): an
+    unknown field a newer or another writer may leave, which protobuf, and so onnxruntime, skips."""
+    open_groups = [number]
+    while open_groups:
+        key, pos = _varint(message, pos)
+        inner, wire_type = key >> 3, key & 7
+        if wire_type == START_GROUP:
+            if len(open_groups) > MAX_GRAPH_DEPTH:
+                raise ValueError(f"groups nested more than {MAX_GRAPH_DEPTH} deep")
+            open_groups.append(inner)
+        elif wire_type == END_GROUP:
+            if open_groups.pop() != inner:
+                raise ValueError("a group ends with another group's number")
+        else:
+            pos = _value_end(message, pos, wire_type)
+            if pos > len(message):
+                raise ValueError("truncated field")
+    return pos
+
+
 def _spans(message: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
     """(field number, wire type, offset of its key, of its value, of its end) of each field of ``message``."""
     pos = 0
     while pos < len(message):
         start = pos
-        key, pos = _varint(message, pos)
+        key, value = _varint(message, pos)
         number, wire_type = key >> 3, key & 7
-        value = pos
-        if wire_type == VARINT:
-            _, pos = _varint(message, pos)
-        elif wire_type in (FIXED64, FIXED32):
-            pos += 8 if wire_type == FIXED64 else 4
-        elif wire_type == LENGTH_DELIMITED:
-            size, value = _varint(message, pos)
-            pos = value + size
+        if wire_type == START_GROUP:
+            pos = _group_end(message, value, number)
+        elif wire_type == END_GROUP:
+            raise ValueError("a group ends that never started")
         else:
-            raise ValueError(f"unsupported wire type {wire_type}")
+            pos = _value_end(message, value, wire_type)
+            if wire_type == LENGTH_DELIMITED:
+                value = _varint(message, value)[1]
         if pos > len(message):
             raise ValueError("truncated field")
         yield number, wire_type, start, value, pos

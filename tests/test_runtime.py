@@ -359,8 +359,25 @@ def test_a_pipe_as_external_data_is_refused_before_onnxruntime_opens_it(tmp_path
 
 def test_external_files_of_bytes_that_are_no_protobuf_name_the_model() -> None:
     with pytest.raises(InvalidModelError) as refused:
-        external_files(b"\x0b", Path("m.onnx"))
-    assert str(refused.value) == "m.onnx is not a valid ONNX model (unsupported wire type 3)"
+        external_files(b"\x0e", Path("m.onnx"))
+    assert str(refused.value) == "m.onnx is not a valid ONNX model (unsupported wire type 6)"
+
+
+def test_a_group_field_a_writer_left_is_skipped_as_onnxruntime_skips_it(tmp_path: Path) -> None:
+    """A contract-valid model with an unknown field of proto2's group type: onnxruntime loads it, so the runtime
+    reads it too, and its external data are still looked at (the parse had failed, and the look was skipped)."""
+    group = b"\xbb\x06\x08\x05\xbc\x06"  # group 103 holding field 1 = 5
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = _split_model_naming(folder, "../weights.bin")
+    path.write_bytes(path.read_bytes() + group)
+    assert external_data_files(path.read_bytes()) == ["../weights.bin"]
+    with pytest.raises(InvalidModelError, match=f"keeps tensors in '../weights.bin', {OUTSIDE}"):
+        DigitGenerator.from_path(path, "cpu")
+    shipped = tmp_path / "grouped.onnx"
+    shipped.write_bytes(default_model_path().read_bytes() + group)
+    info = subprocess.run([sys.executable, "-m", "digitgen", "info", shipped], capture_output=True, text=True)
+    assert info.returncode == 0 and DigitGenerator.from_path(shipped, "cpu").sha256 in info.stdout, info.stderr
 
 
 def test_external_data_entries_of_a_tensor_kept_inside_the_model_are_never_read(tmp_path: Path) -> None:
@@ -379,14 +396,20 @@ def test_without_metadata_walks_every_wire_type_and_refuses_broken_bytes() -> No
     metadata_props (field 14) go."""
     varint, fixed64, fixed32 = b"\x08\x96\x01", b"\x11" + bytes(range(8)), b"\x1d" + bytes(range(4))
     graph, metadata = b"\x3a\x02\x0a\x00", b"\x72\x05\x0a\x01k\x12\x00"  # field 7 (graph), field 14
-    model = varint + metadata + fixed64 + graph + metadata + fixed32
-    assert b"".join(without_metadata(model)) == varint + fixed64 + graph + fixed32
+    group = b"\x0b" + varint + b"\x13\x1a\x02hi\x14\x0c"  # group 1 holding a varint and group 2 (a string)
+    model = varint + metadata + fixed64 + graph + metadata + fixed32 + group
+    assert b"".join(without_metadata(model)) == varint + fixed64 + graph + fixed32 + group
     for broken, reason in [
         (graph[:-1], "truncated field"),
         (b"\x11" + bytes(7), "truncated field"),
         (b"\x1d" + bytes(3), "truncated field"),
         (b"\x08\x96", "truncated or overlong varint"),
-        (b"\x0b", "unsupported wire type 3"),
+        (b"\x0e", "unsupported wire type 6"),
+        (group[:-1], "truncated or overlong varint"),
+        (b"\x0b\x1a\x05hi", "truncated field"),
+        (b"\x0c", "a group ends that never started"),
+        (b"\x0b\x14", "a group ends with another group's number"),
+        (b"\x0b" * 102 + b"\x0c" * 102, "groups nested more than 100 deep"),
     ]:
         with pytest.raises(ValueError, match=f"^{reason}$"):
             list(without_metadata(broken))
