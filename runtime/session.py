@@ -82,6 +82,13 @@ def _resolve(provider: str) -> str:
     return provider
 
 
+# where onnxruntime raised: its source file and line, then the C++ function, pretty ("void* ns::f(int) ") or plain
+# ("f "); after the start, a space or a full stop ("... failed.env.cc:538 OpenRandomAccessFile Random-access ...")
+_SOURCE_LOCATION = re.compile(
+    r"(?:^|(?<=[\s.]))(?:/?[\w.-]+/)*[\w-]+\.(?:cc|cpp|h):\d+ (?:(?:\S+ )?\S+\(.*?\)|\S+) "
+)
+
+
 def ort_reason(exc: BaseException) -> str:
     """onnxruntime's message without its "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model ... failed:" prefix,
     nor the source file and C++ function that raised it ("/onnxruntime_src/.../model.cc:256 onnxruntime::...(...)");
@@ -95,7 +102,7 @@ def ort_reason(exc: BaseException) -> str:
         r"\1 node '\2': ",
         reason,
     )
-    reason = re.sub(r"(^|: )\S+\.(?:cc|cpp|h):\d+ (?:\S+ )?\S+\(.*?\) ", r"\1", reason)  # [return type] function
+    reason = _SOURCE_LOCATION.sub(lambda m: " " if m.start() and not reason[m.start() - 1].isspace() else "", reason)
     return reason.strip().rstrip(".")
 
 

@@ -620,9 +620,19 @@ def test_where_a_cuda_session_cannot_be_created_auto_runs_on_the_cpu_quietly(
             "onnxruntime::WaitNotificationFn) Failed to allocate memory for requested buffer of size 8000000000\n",
             "Expand node 'big': Failed to allocate memory for requested buffer of size 8000000000",
         ),
+        (
+            "[ONNXRuntimeError] : 1 : FAIL : Deserialize tensor W failed.env.cc:538 OpenRandomAccessFile Random-access "
+            "reads require a regular file: /dev/zero",
+            "Deserialize tensor W failed. Random-access reads require a regular file: /dev/zero",
+        ),
+        (
+            "[ONNXRuntimeError] : 1 : FAIL : External data path validation failed for initializer: W. Error: "
+            "tensorprotoutils.cc:592 ValidateExternalDataPathFromDir Absolute path not allowed: /etc/hostname",
+            "External data path validation failed for initializer: W. Error: Absolute path not allowed: /etc/hostname",
+        ),
         ("", "RuntimeError"),
     ],
-    ids=["source-location", "load-prefix", "a-node-failed", "empty"],
+    ids=["source-location", "load-prefix", "a-node-failed", "after-a-full-stop", "plain-function", "empty"],
 )
 def test_onnxruntimes_reason_is_its_words_without_its_codes_or_source(message: str, reason: str) -> None:
     assert ort_reason(RuntimeError(message)) == reason
