@@ -300,6 +300,16 @@ def test_every_png_run_removes_what_a_killed_run_left_in_its_indices(
     assert left == [temporary_name(tmp_path / png_name(9, 5)).name, *(png_name(i, i) for i in range(4))]
 
 
+def test_a_shard_removes_a_killed_runs_temporaries_of_its_own_indices_only(gen: DigitGenerator, tmp_path: Path) -> None:
+    """Just outside its range, a temporary file is the neighbouring shard's, which may be writing it now."""
+    for index in (2, 3, 5, 6):  # shard 1 of 3 of 9 digits writes 3, 4 and 5
+        temporary_name(tmp_path / png_name(index, 9)).write_bytes(b"\x89PNG half")
+    generate_files(gen, tmp_path, 9, shard=Shard(1, 3))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".part")) == [
+        temporary_name(tmp_path / png_name(index, 9)).name for index in (2, 6)
+    ]
+
+
 def _cli(*args: object) -> tuple[int, str]:
     result = CliRunner().invoke(main, [str(a) for a in args])
     return result.exit_code, result.output
