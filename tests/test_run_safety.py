@@ -18,6 +18,7 @@ from digitgen.runtime.idx import read_idx
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.classifier import Classifier, classifier_weights
 from digitgen.training.config import TrainConfig
+from digitgen.training.data import MnistTensors, load_mnist
 from digitgen.training.errors import RunDirectoryError, TrainingError
 from digitgen.training.run import (
     _decay_too_long,
@@ -364,6 +365,15 @@ def test_a_checkpoint_with_impossible_settings_is_refused_in_one_line(
     code, output = train(tiny_mnist, tmp_path / "resumed", "--resume", edited, "--steps", 4)
     assert code == 1 and len(output.strip().splitlines()) == 1, output
     assert output.startswith("Error: ") and problem in output, output
+
+
+def test_a_subset_is_the_first_images_with_their_own_labels(tiny_mnist: Path, tmp_path: Path) -> None:
+    code, output = train(tiny_mnist, tmp_path / "run", "--steps", 1, "--subset", 100, *TINY)
+    assert code == 0, output
+    data = load_mnist(tiny_mnist)
+    first = MnistTensors(data.images[:100], data.labels[:100])
+    recorded = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["train"]
+    assert (recorded["subset"], recorded["train_images"], recorded["train_data_sha256"]) == (100, 100, first.sha256())
 
 
 @pytest.mark.parametrize(
