@@ -496,6 +496,13 @@ def test_generate_writes_progress_lines_to_a_log(
     ]
 
 
+@pytest.mark.parametrize(("count", "shown"), [(10, False), (11, True)])
+def test_progress_is_shown_only_past_one_batch(tmp_path: Path, tiny_onnx: Path, count: int, shown: bool) -> None:
+    code, output = run("generate", "--generator", tiny_onnx, "--out", tmp_path, "-n", count, "--batch-size", 10)
+    assert code == 0, output
+    assert (f"generating: {count} to do" in output.splitlines()) == shown, output
+
+
 def test_a_shards_progress_and_summary_name_the_shard(
     tmp_path: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
