@@ -30,7 +30,7 @@ from digitgen.runtime import (
 )
 from digitgen.runtime.evaluate import ReferenceClassifier
 from digitgen.runtime.external_data import external_data_files, without_metadata
-from digitgen.runtime.generator import empty_digits, fill_digits
+from digitgen.runtime.generator import empty_digits, fill_digits, to_uint8
 from digitgen.runtime.session import external_files, model_sha256, ort_reason
 from tests.helpers import nan_pixels
 
@@ -636,3 +636,15 @@ def test_where_a_cuda_session_cannot_be_created_auto_runs_on_the_cpu_quietly(
 )
 def test_onnxruntimes_reason_is_its_words_without_its_codes_or_source(message: str, reason: str) -> None:
     assert ort_reason(RuntimeError(message)) == reason
+
+
+def test_to_uint8_rounds_half_to_even_in_float32_and_clips() -> None:
+    """The contract's conversion, against Python's round() (half to even) of each float32 product."""
+    ties = (np.arange(256, dtype=np.float32) + np.float32(0.5)) / np.float32(255)
+    values = np.concatenate([ties, np.nextafter(ties, np.float32(1)), np.float32([-0.5, -0.0, 1.0, 1.5, np.inf])])
+    products = np.clip(values.astype(np.float32), 0, 1) * np.float32(255)
+    assert np.count_nonzero(products % 1 == 0.5) > 50  # ties, where rounding half up or down differs
+    images = values.astype(np.float32).reshape(len(values), 1, 1, 1)
+    converted = to_uint8(images)
+    assert converted.dtype == np.uint8 and converted.shape == (len(values), 1, 1)
+    assert converted.ravel().tolist() == [round(float(p)) for p in products]
