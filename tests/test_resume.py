@@ -509,7 +509,9 @@ def test_sigterm_then_resume_gives_the_uninterrupted_folder(tmp_path: Path) -> N
     args = ("-n", "2000", "--digits", "3,8", "--batch-size", "64")
     proc = _generate(tmp_path / "resumed", *args)
     _wait_for_progress(proc)
+    deadline = time.monotonic() + 120
     while len(list((tmp_path / "resumed").glob("*.png"))) < 200:  # PNGs only: not the journal, nor a lock
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before 200 PNGs"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 130

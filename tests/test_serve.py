@@ -688,6 +688,10 @@ serve(ServerOptions(port=int(sys.argv[1]), threads=1))
 """
 
 
+def _client_port(response: httpx.Response) -> int:
+    return response.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+
 def test_a_connection_without_a_whole_request_head_in_time_is_closed_but_a_slow_answer_is_not(tmp_path: Path) -> None:
     script = SHORT_TIMEOUT.format(name="head_timeout", seconds=0.5)
     server = start(tmp_path / "server.log", [sys.executable, "-c", script, "{port}"])
@@ -710,9 +714,10 @@ def test_a_connection_without_a_whole_request_head_in_time_is_closed_but_a_slow_
         assert server.metric('digitgen_requests_total{endpoint="unparsed",status="408"}') == 1
         with httpx.Client(base_url=server.url, timeout=60) as client:
             begin = time.monotonic()  # about 2 s of work: longer than the head's deadline, and not cut by it
-            assert client.get("/generate?count=6000&format=npz").status_code == 200
-            assert time.monotonic() - begin > 0.5
-            assert client.get("/healthz").status_code == 200  # the same connection, kept alive after it
+            slow = client.get("/generate?count=6000&format=npz")
+            assert slow.status_code == 200 and time.monotonic() - begin > 0.5
+            after = client.get("/healthz")  # on the same connection, kept alive after it (httpx would open another)
+            assert after.status_code == 200 and _client_port(after) == _client_port(slow)
     finally:
         assert server.stop() == 0
 
@@ -1148,7 +1153,7 @@ def test_two_workers_serve_identical_bytes_and_count_together(server: Server, tm
                 begin = time.perf_counter()
                 assert client.get(f"/generate?digit=1&seed={seed}").status_code == 200
                 seconds.append(time.perf_counter() - begin)
-        assert sorted(seconds)[4] < 0.030, seconds
+        assert sorted(seconds)[2] < 0.030, seconds  # held, every one would take 40 ms; 6 in 9 may be slow on a busy CI
         scrapes = [httpx.get(workers.url + "/metrics").text for _ in range(8)]  # a connection each: either worker
         answered = 'digitgen_requests_total{endpoint="/generate",status="200"}'
         assert {sample(scrape, answered) for scrape in scrapes} == {19.0}  # 3 x 3 + 10 requests, by both workers
@@ -1183,7 +1188,9 @@ def test_a_closed_terminal_restarts_two_workers_and_loses_no_request(tmp_path: P
     onnx.save_model(another, model)
     with ThreadPoolExecutor(2) as pool:
         running = [pool.submit(workers.get, f"/generate?count=6000&format=npz&seed={seed}") for seed in (1, 2)]
-        time.sleep(0.5)  # both admitted, one on each worker or queued
+        while workers.metric("digitgen_requests_admitted") < 2:  # both read, one on each worker or queued
+            assert time.monotonic() < deadline, workers.log.read_text()
+            time.sleep(0.05)
         os.killpg(workers.process.pid, signal.SIGHUP)
         assert [response.result().status_code for response in running] == [200, 200]
     while workers.log.read_text().count("Application startup complete") < 4:  # two workers, then their two successors
