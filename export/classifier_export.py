@@ -72,9 +72,9 @@ def export_classifier(
     """
     out = check_output_files(out, [weights_out], CLASSIFIER_FILE)
     refuse_one_file_twice({"--out": out, "--weights-out": weights_out})
-    refuse_existing([out, weights_out], overwrite)
+    replaceable = refuse_existing([out, weights_out], overwrite)
     model.eval()
-    with publish_with_weights(out, weights_out) as (tmp, weights_tmp):
+    with publish_with_weights(out, weights_out, replaceable) as (tmp, weights_tmp):
         to_onnx(model, (torch.zeros(2, 1, 28, 28),), tmp, ["image"], ["logits", "features"])
         write_metadata(
             tmp, {"producer": "digitgen", "kind": WEIGHTS_KIND, "mnist_test_accuracy": f"{test_accuracy:.4f}"}

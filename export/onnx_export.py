@@ -123,10 +123,13 @@ def write_metadata(path: Path, metadata: Mapping[str, str]) -> None:
 
 
 @contextmanager
-def publish_with_weights(out: Path, weights_out: str | Path | None) -> Iterator[tuple[Path, Path | None]]:
+def publish_with_weights(
+    out: Path, weights_out: str | Path | None, replaceable: tuple[Path, ...]
+) -> Iterator[tuple[Path, Path | None]]:
     """Temporary names for an ONNX file and, if ``weights_out`` is given, the weights it is exported from; both
-    appear together when the block succeeds, and neither on an error or interrupt."""
-    with publish_all([out] if weights_out is None else [out, weights_out]) as temps:
+    appear together when the block succeeds, and neither on an error or interrupt (nor over a file that was not
+    there, ``replaceable``, when the export began)."""
+    with publish_all([out] if weights_out is None else [out, weights_out], replaceable) as temps:
         yield temps[0], (temps[1] if weights_out is not None else None)
 
 
@@ -175,14 +178,14 @@ def export_generator(
     refuse_one_file_twice(
         {"--checkpoint": checkpoint, "--quality": evaluation_file, "--out": out, "--weights-out": weights_out}
     )
-    refuse_existing([out, weights_out], overwrite)
+    replaceable = refuse_existing([out, weights_out], overwrite)
     generator, config, payload = load_generator(str(checkpoint))
     model = ContractGenerator(generator).eval()  # the reference the file is verified against
     fast = ContractGenerator(with_fast_layers(generator)).eval()  # the same function, as written to the file
     quality = quality_metadata(evaluation) if evaluation is not None else {}
     metadata = {**contract_metadata(payload), "precision": precision, **quality}
     example = (torch.randn(2, config.latent_dim), torch.zeros(2, dtype=torch.long))
-    with publish_with_weights(out, weights_out) as (tmp, weights_tmp):
+    with publish_with_weights(out, weights_out, replaceable) as (tmp, weights_tmp):
         if precision == "int8":
             with tempfile.TemporaryDirectory() as scratch:
                 fp32 = Path(scratch) / "fp32.onnx"

@@ -6,7 +6,7 @@ import errno
 import filecmp
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import BinaryIO
@@ -166,7 +166,10 @@ def remove_leftover(tmp: Path) -> None:
 
 @contextmanager
 def _published(
-    paths: Sequence[str | Path], resume: Callable[[Path], None] | None, durable: bool
+    paths: Sequence[str | Path],
+    resume: Callable[[Path], None] | None,
+    durable: bool,
+    replaceable: Collection[Path] | None = None,
 ) -> Iterator[list[tuple[Path, int]]]:
     """:func:`atomic_files`, yielding each temporary file with the descriptor that claims it."""
     paths = [Path(path) for path in paths]
@@ -195,6 +198,14 @@ def _published(
             for tmp, path in zip(temps, paths, strict=True)
             if not (resume and path.is_file() and filecmp.cmp(tmp, path, shallow=False))
         ]
+        if replaceable is not None:
+            for _tmp, path in changed:
+                if path not in replaceable and os.path.lexists(path):  # not there when the run was checked
+                    failing = [path]
+                    raise OutputError(
+                        f"{path} appeared while this run was writing: another process is writing to {path.parent}; "
+                        "let it finish, or write elsewhere"
+                    )
         if resume:
             for _tmp, path in changed:
                 if path.is_file():
@@ -247,10 +258,10 @@ def _close_all(fds: list[int]) -> None:
 
 
 @contextmanager
-def publish_all(paths: Sequence[str | Path]) -> Iterator[list[Path]]:
+def publish_all(paths: Sequence[str | Path], replaceable: Collection[Path] | None = None) -> Iterator[list[Path]]:
     """Yield a temporary sibling of each of ``paths`` to write: :func:`atomic_files`, durable, for a writer that
     opens the files itself."""
-    with _published(paths, None, durable=True) as claimed:
+    with _published(paths, None, True, replaceable) as claimed:
         yield [tmp for tmp, _fd in claimed]
 
 
@@ -263,16 +274,24 @@ def publish(path: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(
-    path: str | Path, resume: Callable[[Path], None] | None = None, *, durable: bool = True
+    path: str | Path,
+    resume: Callable[[Path], None] | None = None,
+    *,
+    durable: bool = True,
+    replaceable: Collection[Path] | None = None,
 ) -> Iterator[BinaryIO]:
     """:func:`atomic_files` of one file."""
-    with atomic_files([path], resume, durable=durable) as (f,):
+    with atomic_files([path], resume, durable=durable, replaceable=replaceable) as (f,):
         yield f
 
 
 @contextmanager
 def atomic_files(
-    paths: Sequence[str | Path], resume: Callable[[Path], None] | None = None, *, durable: bool = True
+    paths: Sequence[str | Path],
+    resume: Callable[[Path], None] | None = None,
+    *,
+    durable: bool = True,
+    replaceable: Collection[Path] | None = None,
 ) -> Iterator[list[BinaryIO]]:
     """Open a temporary sibling of each of ``paths`` for binary writing (closed before the renames); rename them
     onto ``paths`` only if the block succeeds, all together: an interrupt leaves all the old files or all the new
@@ -286,9 +305,10 @@ def atomic_files(
     the way) raises :class:`OutputError`; a rename that fails stops there.
 
     Each temporary file is claimed first (:func:`claim_temporary`): another process writing the same file
-    now is refused with :class:`OutputError`.
+    now is refused with :class:`OutputError`. With ``replaceable`` (the paths that were there when the run was
+    checked), a path that has appeared since is refused too, before any rename: another process wrote it meanwhile.
     """
-    with _published(paths, resume, durable) as claimed, ExitStack() as opened:
+    with _published(paths, resume, durable, replaceable) as claimed, ExitStack() as opened:
         yield [opened.enter_context(os.fdopen(fd, "wb", closefd=False)) for _tmp, fd in claimed]
 
 
@@ -343,10 +363,11 @@ def refuse_non_files(paths: Iterable[str | Path]) -> None:
             raise OutputError(f"{path} is {kind}, not a file, and no run replaces it; name another file")
 
 
-def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool, resumable: bool = False) -> None:
+def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool, resumable: bool = False) -> tuple[Path, ...]:
     """Raise :class:`OutputError` if any of ``paths`` exists and ``overwrite`` is not set, or is not a file
     (:func:`refuse_non_files`); ``resumable``: the refusal offers ``--resume`` too (files an interrupted run
-    leaves, which the same command continues)."""
+    leaves, which the same command continues). Returns the paths that exist: the ones ``overwrite`` replaces (the
+    ``replaceable`` of :func:`atomic_files`)."""
     paths = list(paths)
     refuse_non_files(p for p in paths if p is not None)
     clashes = [Path(p) for p in paths if p is not None and os.path.lexists(p)]  # a dangling link is a file too
@@ -357,6 +378,7 @@ def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool, resumab
             named, them = f"{clashes[0]} and {len(clashes) - 1:,} more already exist", "them"
         resume = "--resume to continue an interrupted run of this command, or " if resumable else ""
         raise OutputError(f"{named}; pass {resume}--overwrite to replace {them}")
+    return tuple(clashes)
 
 
 def folder_problem(folder: Path) -> str | None:

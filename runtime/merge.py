@@ -34,7 +34,7 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
             "name, so its folder needs no merge"
         )
     parts = [find_shards(out_dir, path.name) for path in targets]
-    refuse_existing(targets, overwrite)
+    replaceable = refuse_existing(targets, overwrite)
     for part in (part for kind in parts for part in kind):
         if not readable_file(part):
             raise OutputError(f"{part} is not a file merge can read (a folder, a pipe, a device, or a link to one)")
@@ -42,7 +42,7 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
     if fmt == "npz":
         merged, labels = concat_npz(parts[0])
         check_against_record(record, parts[0], labels)
-        with atomic_file(targets[0]) as f:
+        with atomic_file(targets[0], replaceable=replaceable) as f:
             f.write(npz_bytes(merged["images"], merged["labels"]))
         return targets
     if len(parts[0]) != len(parts[1]):
@@ -57,7 +57,7 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
         raise OutputError(f"{out_dir}: shard(s) {', '.join(uneven)} hold different numbers of images and labels")
     check_shard_sizes(parts[1], label_counts)
     check_against_record(record, parts[1], [read_idx(part, images=False) for part in parts[1]])
-    with atomic_files(targets) as (images_out, labels_out):  # both files, or neither
+    with atomic_files(targets, replaceable=replaceable) as (images_out, labels_out):  # both files, or neither
         concat_idx(parts[0], image_counts, True, images_out)
         concat_idx(parts[1], label_counts, False, labels_out)
     return targets

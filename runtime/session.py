@@ -84,9 +84,7 @@ def _resolve(provider: str) -> str:
 
 # where onnxruntime raised: its source file and line, then the C++ function, pretty ("void* ns::f(int) ") or plain
 # ("f "); after the start, a space or a full stop ("... failed.env.cc:538 OpenRandomAccessFile Random-access ...")
-_SOURCE_LOCATION = re.compile(
-    r"(?:^|(?<=[\s.]))(?:/?[\w.-]+/)*[\w-]+\.(?:cc|cpp|h):\d+ (?:(?:\S+ )?\S+\(.*?\)|\S+) "
-)
+_SOURCE_LOCATION = re.compile(r"(?:^|(?<=[\s.]))(?:/?[\w.-]+/)*[\w-]+\.(?:cc|cpp|h):\d+ (?:(?:\S+ )?\S+\(.*?\)|\S+) ")
 
 
 def ort_reason(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -99,7 +99,21 @@ from digitgen.runtime.run_record import (
 from digitgen.runtime.shards import WHOLE, Shard
 
 OnBatch = Callable[[int], None]
-ExistingCheck = Callable[[Path], None] | None  # resume_check's answer: what to do with a file already there
+
+
+@dataclass(frozen=True)
+class Publishing:
+    """How a run of a non-PNG format publishes its files: ``check`` (:func:`resume_check`'s answer) keeps or vets
+    a file already there; a file that was not there when the run was checked (``replaceable``) is refused."""
+
+    check: Callable[[Path], None] | None
+    replaceable: tuple[Path, ...]
+
+    def files(self, paths: Sequence[Path]) -> AbstractContextManager[list[BinaryIO]]:
+        """:func:`atomic_files` of ``paths``, published on these terms."""
+        return atomic_files(paths, self.check, replaceable=self.replaceable)
+
+
 MAX_RECORD_BYTES = 1 << 16  # a run record is a few hundred bytes: a larger file of its name is no record
 
 
@@ -293,9 +307,9 @@ def collect(batches: Iterable[GeneratedDigits], num: int, on_batch: OnBatch = la
 
 
 def _write_grid(
-    batches: Iterable[GeneratedDigits], paths: list[Path], num: int, existing: ExistingCheck, on_batch: OnBatch
+    batches: Iterable[GeneratedDigits], paths: list[Path], num: int, publishing: Publishing, on_batch: OnBatch
 ) -> None:
-    with atomic_file(paths[0], existing) as f:
+    with publishing.files(paths[:1]) as (f,):
         f.write(grid_png_bytes(collect(batches, num, on_batch).images))
 
 
@@ -303,12 +317,12 @@ def _write_npz(
     batches: Iterable[GeneratedDigits],
     paths: list[Path],
     num: int,
-    existing: ExistingCheck,
+    publishing: Publishing,
     on_batch: OnBatch,
     extras: Sequence[bytes] = (),
 ) -> None:
     """The NPZ file, then ``extras`` (the shard's run record) in the files after it, all published together."""
-    with atomic_files(paths, existing) as files:  # claimed first: a second run is refused at once
+    with publishing.files(paths) as files:  # claimed first: a second run is refused at once
         digits = collect(batches, num, on_batch)
         files[0].write(npz_bytes(digits.images, digits.labels))
         for f, data in zip(files[1:], extras, strict=True):
@@ -319,25 +333,25 @@ def _write_idx(
     batches: Iterable[GeneratedDigits],
     paths: Sequence[Path],
     num: int,
-    existing: ExistingCheck,
+    publishing: Publishing,
     on_batch: OnBatch,
     extras: Sequence[bytes] = (),
 ) -> None:
     """MNIST IDX pair (big-endian headers: magic and count, and the images' rows and cols), streamed batch by batch."""
-    _write_idx_splits(batches, paths, [num], existing, on_batch, extras)
+    _write_idx_splits(batches, paths, [num], publishing, on_batch, extras)
 
 
 def _write_idx_splits(
     batches: Iterable[GeneratedDigits],
     paths: Sequence[Path],
     sizes: Sequence[int],
-    existing: ExistingCheck,
+    publishing: Publishing,
     on_batch: OnBatch,
     extras: Sequence[bytes] = (),
 ) -> None:
     """One IDX pair (images, labels) per split of ``sizes`` consecutive digits, then ``extras`` in the files after
-    them, all published together; ``existing`` keeps or vets the files already there (:func:`resume_check`)."""
-    with atomic_files(paths, existing) as files:
+    them, all published together (see :class:`Publishing`)."""
+    with publishing.files(paths) as files:
         for f, data in zip(files[2 * len(sizes) :], extras, strict=True):
             f.write(data)
         pairs = [files[i : i + 2] for i in range(0, 2 * len(sizes), 2)]
@@ -460,15 +474,15 @@ class OutputPlan:
                 return WrittenFiles([self.out_dir], kept, self.count)
         paths = [self.out_dir / name for name in output_names(self.fmt, self.shard, self.recorded)]
         before = {path: path.lstat() for path in self.existing}  # a dangling link is an existing file too
-        existing = resume_check(self.resume, self.overwrite)
+        publishing = Publishing(resume_check(self.resume, self.overwrite), self.existing)
         if self.fmt == "mnist":
             with new_folders(paths[0].parent):
-                _write_idx_splits(batches, paths, [self.total, self.test_count], existing, on_batch)
+                _write_idx_splits(batches, paths, [self.total, self.test_count], publishing, on_batch)
         elif self.fmt == "grid":
-            _write_grid(batches, paths, self.count, existing, on_batch)
+            _write_grid(batches, paths, self.count, publishing, on_batch)
         else:
             writer = _write_npz if self.fmt == "npz" else _write_idx
-            writer(batches, paths, self.count, existing, on_batch, [self.record] if self.recorded else [])
+            writer(batches, paths, self.count, publishing, on_batch, [self.record] if self.recorded else [])
         return WrittenFiles(paths, sum(_unchanged(path, stat) for path, stat in before.items()), len(paths))
 
 

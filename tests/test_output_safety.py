@@ -745,6 +745,82 @@ def test_a_png_another_process_writes_meanwhile_stops_the_run(gen: DigitGenerato
     assert (out / sixth.name).read_bytes() == theirs
 
 
+@pytest.mark.parametrize(
+    ("fmt", "overwrite", "name"),
+    [
+        ("npz", False, "digits.npz"),
+        ("idx", False, "train-labels-idx1-ubyte"),
+        ("grid", True, "grid.png"),  # --overwrite replaces what was there when the run was checked, not what came
+        ("mnist", False, "MNIST/raw/t10k-images-idx3-ubyte"),
+    ],
+)
+def test_a_file_another_process_writes_meanwhile_stops_the_run(
+    gen: DigitGenerator, tmp_path: Path, fmt: str, overwrite: bool, name: str
+) -> None:
+    """The folder was checked; then, while this run writes, another one writes one of its files: refused, kept."""
+    out = tmp_path / "out"
+
+    def batches():
+        for batch in gen.iter_batches(2 * N if fmt == "mnist" else N, seed=1, batch_size=4):  # mnist: a test split
+            yield batch
+            if batch.start == 0:
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                (out / name).write_bytes(b"theirs")
+
+    with pytest.raises(OutputError) as refused:
+        write_digits(batches(), out, fmt, N, overwrite=overwrite, test_count=N if fmt == "mnist" else None)
+    assert str(refused.value) == _appeared(out / name)
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()] == [name]  # theirs only
+    assert (out / name).read_bytes() == b"theirs"
+
+
+def _appeared(path: Path) -> str:
+    return (
+        f"{path} appeared while this run was writing: another process is writing to {path.parent}; "
+        "let it finish, or write elsewhere"
+    )
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_model_another_process_writes_meanwhile_stops_the_export(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, overwrite: bool
+) -> None:
+    from digitgen.export import onnx_export
+
+    out, weights = tmp_path / "g.onnx", tmp_path / "g_weights.pt"
+    verify = onnx_export.verify_parity
+
+    def verify_then_another_writes(*args, **kwargs):
+        weights.write_bytes(b"theirs")  # the export checked the folder seconds ago
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "verify_parity", verify_then_another_writes)
+    with pytest.raises(OutputError) as refused:
+        onnx_export.export_generator(tiny_checkpoint, out, weights_out=weights, overwrite=overwrite)
+    assert str(refused.value) == _appeared(weights)
+    assert sorted(tmp_path.iterdir()) == [weights] and weights.read_bytes() == b"theirs"  # and no model without it
+
+
+def test_a_file_another_process_writes_meanwhile_stops_the_merge(
+    gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from digitgen.runtime import merge
+
+    for index in range(2):
+        generate_files(gen, tmp_path, N, "npz", shard=Shard(index, 2))
+    concat = merge.concat_npz
+
+    def concat_then_another_writes(parts):
+        (tmp_path / "digits.npz").write_bytes(b"theirs")
+        return concat(parts)
+
+    monkeypatch.setattr(merge, "concat_npz", concat_then_another_writes)
+    with pytest.raises(OutputError) as refused:
+        merge.merge_shards(tmp_path, "npz")
+    assert str(refused.value) == _appeared(tmp_path / "digits.npz")
+    assert (tmp_path / "digits.npz").read_bytes() == b"theirs"
+
+
 needs_locks = pytest.mark.skipif(index_lock.fcntl is None, reason="Windows has no file locks here")
 
 
