@@ -385,12 +385,15 @@ def folder_problem(folder: Path) -> str | None:
     """Why ``folder`` can be neither used nor made as a folder, in words that follow its name ("is a file, not a
     directory", "lies under P, which is a file", a link to nothing or a loop of links); ``None`` if nothing is in
     its way."""
-    for parent in [folder, *folder.parents]:
-        where = "is" if parent == folder else f"lies under {parent}, which is"
-        if os.path.islink(parent) and not parent.exists():
-            return f"{where} {_broken_link(parent)}"
-        if parent.exists() and not parent.is_dir():
-            return f"{where} a file" if parent != folder else "is a file, not a directory"
+    try:
+        for parent in [folder, *folder.parents]:
+            where = "is" if parent == folder else f"lies under {parent}, which is"
+            if os.path.islink(parent) and not parent.exists():
+                return f"{where} {_broken_link(parent)}"
+            if parent.exists() and not parent.is_dir():
+                return f"{where} a file" if parent != folder else "is a file, not a directory"
+    except OSError as exc:  # a name too long, a folder that cannot be searched
+        return f"cannot be looked at: {exc.strerror or exc}"
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,11 +188,15 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     ):
         raise InvalidRequestError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
     path = Path(path)
-    if not path.exists():
-        raise ModelNotFoundError(f"model not found: {path}")
-    if not path.is_file():
+    try:
+        found = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ModelNotFoundError(f"model not found: {path}") from None
+    except OSError as exc:  # a name too long, a loop of links, a folder that cannot be searched
+        raise InvalidModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(found.st_mode):
         raise InvalidModelError(f"model path is not a file: {path}")
-    size = path.stat().st_size
+    size = found.st_size
     if size > MAX_MODEL_BYTES:  # refused before it is read into memory
         raise InvalidModelError(
             f"{path} is not a valid ONNX model ({size:,} bytes: an ONNX file holds at most 2 GiB; a larger model "

@@ -24,9 +24,11 @@ from digitgen.runtime import (
     ModelContractError,
     ModelNotFoundError,
     ModelRunError,
+    OutputError,
     ProviderUnavailableError,
     TooManyDigitsError,
     default_model_path,
+    generate_files,
 )
 from digitgen.runtime.evaluate import ReferenceClassifier
 from digitgen.runtime.external_data import external_data_files, without_metadata
@@ -648,3 +650,12 @@ def test_to_uint8_rounds_half_to_even_in_float32_and_clips() -> None:
     converted = to_uint8(images)
     assert converted.dtype == np.uint8 and converted.shape == (len(values), 1, 1)
     assert converted.ravel().tolist() == [round(float(p)) for p in products]
+
+
+def test_a_name_too_long_is_a_typed_error_in_one_line(tmp_path: Path) -> None:
+    """Path.exists() lets ENAMETOOLONG through: an app got a bare OSError where the CLI's line is a typed error."""
+    long_name = tmp_path / ("a" * 300)
+    with pytest.raises(InvalidModelError, match=f"^cannot read model {long_name}: File name too long$"):
+        DigitGenerator.from_path(long_name)
+    with pytest.raises(OutputError, match=f"^output directory {long_name} cannot be looked at: File name too long$"):
+        generate_files(DigitGenerator.from_path(), long_name, 3, "npz")
