@@ -82,6 +82,11 @@ def labels_for(digits: Sequence[int], start: int, stop: int) -> np.ndarray:
     return cycle[(np.arange(stop - start) + start % len(cycle)) % len(cycle)]  # no index past int64 is formed
 
 
+def _array(value: object) -> str:
+    """What an argument that should be an array is, in a few words: ``float64 (3, 64)``, or its type."""
+    return f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """(B, 1, 28, 28) floats in [0, 1] -> (B, 28, 28) uint8."""
     return np.rint(np.clip(images[:, 0], 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -272,8 +277,10 @@ class DigitGenerator:
 
     def run(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Raw model call: (B, latent_dim) float32 and (B,) int64 -> (B, 1, 28, 28) float32 in [0, 1];
+        :class:`InvalidRequestError` for inputs that are not those (finite noise, labels that are classes),
         :class:`ModelRunError` if onnxruntime fails to run it, :class:`ModelContractError` if what it
         returns is not that (a model can declare its output's dimensions symbolic, or return NaN)."""
+        self._check_inputs(z, labels)
         try:
             (images,) = run_model(self._session, ["image"], {"z": z, "digit": labels})
         except ORT_ERRORS as exc:
@@ -287,6 +294,21 @@ class DigitGenerator:
         if not np.isfinite(images).all():  # NaN would become black pixels, silently
             raise ModelContractError(f"{self.path}: the model returned pixels that are NaN or infinite, not 0 to 1")
         return images
+
+    def _check_inputs(self, z: object, labels: object) -> None:
+        """Refuse what :meth:`run` would hand onnxruntime only to have it fail, or draw the wrong class (a label
+        of -1 is class 9 to a Gather)."""
+        if not isinstance(z, np.ndarray) or z.dtype != np.float32 or z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise InvalidRequestError(f"z must be a float32 array of shape (B, {self.latent_dim}), got {_array(z)}")
+        if not isinstance(labels, np.ndarray) or labels.dtype != np.int64 or labels.shape != (len(z),):
+            raise InvalidRequestError(f"labels must be an int64 array of shape ({len(z)},), got {_array(labels)}")
+        if len(z) == 0:
+            raise InvalidRequestError("z and labels hold no digit")
+        if not np.isfinite(z).all():
+            raise InvalidRequestError("z holds NaN or infinite values")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            others = sorted(set(labels.tolist()) - set(range(self.num_classes)))
+            raise InvalidRequestError(not_classes_message([str(label) for label in others], self.num_classes))
 
     def check_request(
         self,

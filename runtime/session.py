@@ -92,10 +92,11 @@ def ort_reason(exc: BaseException) -> str:
     """onnxruntime's message without its "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model ... failed:" prefix,
     nor the source file and C++ function that raised it ("/onnxruntime_src/.../model.cc:256 onnxruntime::...(...)");
     a node that failed as the model ran is named in a few words ("Expand node 'big': Failed to allocate ...")."""
-    lines = str(exc).strip().splitlines()
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .* failed:)?", "", lines[0]).strip()
+    message = "; ".join(lines)  # its later lines say what was wrong ("index: 1 Got: 5 Expected: 64")
+    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .*? failed:)?", "", message).strip()
     reason = re.sub(
         r"^Non-zero status code returned while running (\S+) node\. Name:'(.*?)' Status Message: ",
         r"\1 node '\2': ",

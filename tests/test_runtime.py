@@ -632,9 +632,15 @@ def test_where_a_cuda_session_cannot_be_created_auto_runs_on_the_cpu_quietly(
             "tensorprotoutils.cc:592 ValidateExternalDataPathFromDir Absolute path not allowed: /etc/hostname",
             "External data path validation failed for initializer: W. Error: Absolute path not allowed: /etc/hostname",
         ),
+        (
+            "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: z for the following "
+            "indices\n index: 1 Got: 5 Expected: 64\n Please fix either the inputs/outputs or the model.",
+            "Got invalid dimensions for input: z for the following indices; index: 1 Got: 5 Expected: 64; Please fix "
+            "either the inputs/outputs or the model",
+        ),
         ("", "RuntimeError"),
     ],
-    ids=["source-location", "load-prefix", "a-node-failed", "after-a-full-stop", "plain-function", "empty"],
+    ids=["source-location", "load-prefix", "a-node-failed", "after-a-full-stop", "plain-function", "lines", "empty"],
 )
 def test_onnxruntimes_reason_is_its_words_without_its_codes_or_source(message: str, reason: str) -> None:
     assert ort_reason(RuntimeError(message)) == reason
@@ -659,3 +665,47 @@ def test_a_name_too_long_is_a_typed_error_in_one_line(tmp_path: Path) -> None:
         DigitGenerator.from_path(long_name)
     with pytest.raises(OutputError, match=f"^output directory {long_name} cannot be looked at: File name too long$"):
         generate_files(DigitGenerator.from_path(), long_name, 3, "npz")
+
+
+@pytest.mark.parametrize(
+    ("z", "labels", "refusal"),
+    [
+        (np.zeros((2, 8), np.float32), np.array([3, -1]), "digit -1 is not a class of this model (0-9)"),
+        (np.zeros((2, 8), np.float32), np.array([3, 10, 12, 10]), "labels must be an int64 array of shape (2,), got"),
+        (np.zeros((2, 8), np.float32), np.array([10, 12]), "digits 10, 12 are not classes of this model (0-9)"),
+        (
+            np.zeros((2, 5), np.float32),
+            np.array([1, 2]),
+            "z must be a float32 array of shape (B, 8), got float32 (2, 5)",
+        ),
+        (np.zeros((2, 8)), np.array([1, 2]), "z must be a float32 array of shape (B, 8), got float64 (2, 8)"),
+        ([[0.0] * 8], [1], "z must be a float32 array of shape (B, 8), got list"),
+        (
+            np.zeros((2, 8), np.float32),
+            np.array([1, 2], np.int32),
+            "labels must be an int64 array of shape (2,), got int32 (2,)",
+        ),
+        (np.full((2, 8), np.nan, np.float32), np.array([1, 2]), "z holds NaN or infinite values"),
+        (np.zeros((0, 8), np.float32), np.zeros(0, np.int64), "z and labels hold no digit"),
+    ],
+    ids=[
+        "negative-label",
+        "labels-of-another-length",
+        "labels-past-the-classes",
+        "z-too-short",
+        "z-float64",
+        "lists",
+        "labels-int32",
+        "nan",
+        "empty",
+    ],
+)
+def test_run_refuses_inputs_the_model_would_fail_on_or_misread(
+    tiny: DigitGenerator, z: object, labels: object, refusal: str
+) -> None:
+    """A label of -1 had drawn class 9 (a Gather reads it from the end), and the rest had reached onnxruntime, whose
+    failure was blamed on the model."""
+    with pytest.raises(InvalidRequestError) as refused:
+        tiny.run(z, labels)
+    assert str(refused.value).startswith(refusal)
+    assert tiny.run(np.zeros((2, 8), np.float32), np.array([1, 2])).shape == (2, 1, 28, 28)  # usable after it
