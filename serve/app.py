@@ -477,10 +477,11 @@ def create_app(
             allow_headers=["Accept", "If-Match", "If-None-Match", "X-Request-ID"],
             expose_headers=["ETag", "X-Request-ID", "Content-Disposition", "Retry-After"],
         )
-    if settings.access_log and not ACCESS_LOG.handlers:
-        ACCESS_LOG.addHandler(logging.StreamHandler(sys.stderr))
+    if settings.access_log:
         ACCESS_LOG.setLevel(logging.INFO)
-        ACCESS_LOG.propagate = False
+        if not ACCESS_LOG.handlers and not logging.getLogger().handlers:  # else through the app's own logging, once
+            ACCESS_LOG.addHandler(logging.StreamHandler(sys.stderr))
+            ACCESS_LOG.propagate = False
     app.add_middleware(_OneLength)
     app.add_middleware(RequestMiddleware, metrics=metrics, endpoints=endpoints, access_log=settings.access_log)
     return app

@@ -9,9 +9,10 @@ import dataclasses
 import errno
 import logging
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -413,21 +414,36 @@ def _in_process(app: FastAPI, requests: list[tuple[str, dict[str, str]]]) -> lis
     return asyncio.run(run())
 
 
-def test_one_access_log_line_even_where_the_host_app_logs_everything(caplog: pytest.LogCaptureFixture) -> None:
-    """The access log has its own handler and does not pass its lines on to the root logger, where an app
-    that mounts the server (or logging.basicConfig) would print each one a second time."""
+@pytest.fixture
+def bare_access_log() -> Iterator[None]:
+    """The access log as a fresh process has it: no handler of its own, passing its lines on."""
+    kept = ACCESS_LOG.handlers[:], ACCESS_LOG.propagate, ACCESS_LOG.level
+    ACCESS_LOG.handlers.clear()
+    ACCESS_LOG.propagate = True
+    yield
+    ACCESS_LOG.handlers[:], ACCESS_LOG.propagate, ACCESS_LOG.level = kept
+
+
+@pytest.mark.usefixtures("bare_access_log")
+def test_a_host_apps_logging_gets_each_access_line_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app that configured logging (a handler on the root logger, as basicConfig puts there, at its WARNING)
+    gets the lines through it, and no second copy on stderr."""
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
     app = create_app(DigitGenerator.from_path(threads=1), ServeSettings())  # the access log on
-    seen: list[logging.LogRecord] = []
-    counter = logging.Handler()
-    counter.emit = seen.append  # type: ignore[method-assign]
-    ACCESS_LOG.addHandler(counter)
-    try:
-        with caplog.at_level("INFO"):  # a handler on the root logger, as basicConfig puts there
-            (alive,) = _in_process(app, [("/healthz", {})])
-    finally:
-        ACCESS_LOG.removeHandler(counter)
-    assert alive.status_code == 200 and len(seen) == 1 and "/healthz" in seen[0].getMessage()
-    assert [record for record in caplog.records if record.name == ACCESS_LOG.name] == []
+    (alive,) = _in_process(app, [("/healthz", {})])
+    lines = [record.getMessage() for record in caplog.records if record.name == ACCESS_LOG.name]
+    assert alive.status_code == 200 and len(lines) == 1 and "/healthz" in lines[0]
+    assert ACCESS_LOG.handlers == []
+
+
+@pytest.mark.usefixtures("bare_access_log")
+def test_without_logging_configured_the_access_log_writes_to_stderr_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as under `digitgen serve` or a bare uvicorn
+    create_app(DigitGenerator.from_path(threads=1), ServeSettings())
+    (handler,) = ACCESS_LOG.handlers
+    assert isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr and not ACCESS_LOG.propagate
 
 
 def test_an_unexpected_error_is_a_500_in_json_with_the_request_id_and_cors(caplog: pytest.LogCaptureFixture) -> None:
