@@ -259,8 +259,9 @@ class DigitGenerator:
         """Validate requested classes; ``None`` means all classes in turn."""
         if digits is None:
             return list(range(self.num_classes))
-        zero_dimensional = isinstance(digits, np.ndarray) and digits.ndim == 0  # iterable by type, not in fact
-        if isinstance(digits, (str, bytes)) or not isinstance(digits, Iterable) or zero_dimensional:
+        # a sequence: a set has no order, an iterator may never end; text and bytes are no list of classes
+        in_order = (isinstance(digits, np.ndarray) and digits.ndim == 1) or isinstance(digits, Sequence)
+        if isinstance(digits, (str, bytes, bytearray, memoryview)) or not in_order:
             raise InvalidRequestError(f"digits must be a list of classes, e.g. [3, 7], got {quoted(digits)}")
         digits = list(digits)
         if not digits:
