@@ -35,7 +35,13 @@ class NotAcceptableError(InvalidRequestError):
 def shortest_cycle(digits: tuple[int, ...], count: int) -> tuple[int, ...]:
     """The shortest cycle of classes that labels ``count`` digits as ``digits`` does."""
     used = digits[:count]  # a longer cycle's classes past the count label nothing
-    return next(used[:period] for period in range(1, len(used) + 1) if used == used[:period] * (len(used) // period))
+
+    def labels_alike(period: int) -> bool:  # used once (1,2,1 is 1,2 for three digits), or repeated whole
+        if count > len(used) and len(used) % period:
+            return False
+        return all(used[i] == used[i % period] for i in range(period, len(used)))
+
+    return used[: next(period for period in range(1, len(used) + 1) if labels_alike(period))]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import os
 import re
@@ -48,6 +49,7 @@ from digitgen.serve.params import (
     not_modified,
     parse_request,
     precondition_failed,
+    shortest_cycle,
 )
 from digitgen.serve.render import encode, generate
 from digitgen.serve.settings import usable_cores
@@ -550,6 +552,23 @@ def test_requests_that_differ_only_in_their_digits_have_different_etags() -> Non
     assert etag("model", replace(request, count=1, digits=(1, 5))) == etag(
         "model", replace(request, count=1, digits=(1,))
     )
+    assert etag("model", replace(request, count=3, digits=(1, 2, 1))) == etag("model", replace(request, count=3))
+
+
+def test_the_shortest_cycle_labels_the_digits_alike() -> None:
+    """Always the same labels; the shortest such cycle where the classes given cover the count (past it, the
+    shortest whole repeat, as 1,2,1,2 is 1,2)."""
+
+    def labels(cycle: tuple[int, ...], count: int) -> list[int]:
+        return [cycle[i % len(cycle)] for i in range(count)]
+
+    for length in range(1, 6):
+        for digits in itertools.product((0, 1, 2), repeat=length):
+            for count in range(1, 9):
+                shortest = shortest_cycle(digits, count)
+                assert labels(shortest, count) == labels(digits, count), (digits, count)
+                if count <= length:  # each class used once: no shorter cycle labels them alike
+                    assert all(labels(digits[:p], count) != labels(digits, count) for p in range(1, len(shortest)))
 
 
 def test_requests_for_the_same_digits_share_their_etag_and_bytes(server: Server) -> None:
