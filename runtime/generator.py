@@ -82,7 +82,7 @@ def labels_for(digits: Sequence[int], start: int, stop: int) -> np.ndarray:
     return cycle[(np.arange(stop - start) + start % len(cycle)) % len(cycle)]  # no index past int64 is formed
 
 
-def _array(value: object) -> str:
+def shown_array(value: object) -> str:
     """What an argument that should be an array is, in a few words: ``float64 (3, 64)``, or its type."""
     return f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
 
@@ -300,9 +300,10 @@ class DigitGenerator:
         """Refuse what :meth:`run` would hand onnxruntime only to have it fail, or draw the wrong class (a label
         of -1 is class 9 to a Gather)."""
         if not isinstance(z, np.ndarray) or z.dtype != np.float32 or z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise InvalidRequestError(f"z must be a float32 array of shape (B, {self.latent_dim}), got {_array(z)}")
+            shape = f"(B, {self.latent_dim})"
+            raise InvalidRequestError(f"z must be a float32 array of shape {shape}, got {shown_array(z)}")
         if not isinstance(labels, np.ndarray) or labels.dtype != np.int64 or labels.shape != (len(z),):
-            raise InvalidRequestError(f"labels must be an int64 array of shape ({len(z)},), got {_array(labels)}")
+            raise InvalidRequestError(f"labels must be an int64 array of shape ({len(z)},), got {shown_array(labels)}")
         if len(z) == 0:
             raise InvalidRequestError("z and labels hold no digit")
         if not np.isfinite(z).all():

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
@@ -185,7 +186,7 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     onnxruntime's intra-op threads (default: onnxruntime's choice, one per core).
     """
     if threads is not None and (
-        isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS
+        isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS
     ):
         raise InvalidRequestError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
     path = Path(path)
@@ -209,7 +210,7 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     # external data (tensors in files beside the model) is found next to the file, as when loading by path
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     if threads is not None:
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = int(threads)
     try:
         model = path.read_bytes()
     except OSError as exc:

@@ -58,6 +58,7 @@ from digitgen.runtime.generator import (
     empty_digits,
     fill_digits,
     labels_for,
+    shown_array,
 )
 from digitgen.runtime.idx import (
     IMAGE_SIDE,
@@ -125,20 +126,21 @@ def _check_arrays(batch: object) -> None:
             f"a batch must be a GeneratedDigits(images, labels, start), got {type(batch).__name__}; "
             "no new file was kept"
         )
-    images, labels = batch.images, batch.labels
+    images, labels, start = batch.images, batch.labels, batch.start
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-        got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
-        raise InvalidRequestError(f"a batch's images must be uint8 (N, 28, 28), got {got}; no new file was kept")
-    if (
-        not isinstance(labels, np.ndarray)
-        or labels.ndim != 1
-        or not np.issubdtype(labels.dtype, np.integer)
-        or (labels.size and not 0 <= labels.min() <= labels.max() <= 255)
-    ):
-        got = f"{labels.dtype} {labels.shape}" if isinstance(labels, np.ndarray) else type(labels).__name__
         raise InvalidRequestError(
-            f"a batch's labels must be integers 0-255 of shape (N,), got {got}; no new file was kept"
+            f"a batch's images must be uint8 (N, 28, 28), got {shown_array(images)}; no new file was kept"
         )
+    if not isinstance(labels, np.ndarray) or labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise InvalidRequestError(
+            f"a batch's labels must be integers 0-255 of shape (N,), got {shown_array(labels)}; no new file was kept"
+        )
+    if labels.size and not 0 <= labels.min() <= labels.max() <= 255:
+        raise InvalidRequestError(
+            f"a batch's labels must be 0-255, got {labels.min()} to {labels.max()}; no new file was kept"
+        )
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
+        raise InvalidRequestError(f"a batch's start must be an integer, got {start!r}; no new file was kept")
 
 
 def _checked(

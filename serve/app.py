@@ -413,6 +413,8 @@ def create_app(
     if not isinstance(settings, ServeSettings):
         raise ServeConfigError(f"settings must be a ServeSettings, got {settings!r}")
     metrics = Metrics() if metrics is None else metrics
+    if not isinstance(metrics, Metrics):
+        raise ServeConfigError(f"metrics must be a Metrics, got {metrics!r}")
     service = _Service(generator, settings, metrics)
     app = FastAPI(
         redirect_slashes=False,  # "/generate/" is a 404 in JSON, not a redirect built from the Host header

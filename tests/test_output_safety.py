@@ -95,6 +95,7 @@ WRONG_ARRAYS = {
     "list labels": lambda gen: _second_changed(gen, labels=[1, 2, 3, 4]),
     "list images": lambda gen: _second_changed(gen, images=[[0]] * 4),
     "label 256": lambda gen: _second_changed(gen, labels=np.array([1, 2, 256, 4])),
+    "float start": lambda gen: _second_changed(gen, start=4.0),
     "no batch": lambda gen: [*_second_changed(gen)[:1], None],
     "a tuple": _second_as_a_tuple,
 }
@@ -156,10 +157,13 @@ def test_labels_up_to_255_are_written(gen: DigitGenerator, tmp_path: Path) -> No
         ("small images", "a batch's images must be uint8 (N, 28, 28), got uint8 (4, 3, 3)"),
         ("no batch", "a batch must be a GeneratedDigits(images, labels, start), got NoneType"),
         ("a tuple", "a batch must be a GeneratedDigits(images, labels, start), got tuple"),
-        ("label 300", "a batch's labels must be integers 0-255 of shape (N,), got int64 (4,)"),
+        ("label 300", "a batch's labels must be 0-255, got 1 to 300"),
+        ("label -1", "a batch's labels must be 0-255, got -1 to 4"),
+        ("float labels", "a batch's labels must be integers 0-255 of shape (N,), got float64 (4,)"),
+        ("float start", "a batch's start must be an integer, got 4.0"),
         ("list labels", "a batch's labels must be integers 0-255 of shape (N,), got list"),
         ("list images", "a batch's images must be uint8 (N, 28, 28), got list"),
-        ("label 256", "a batch's labels must be integers 0-255 of shape (N,), got int64 (4,)"),
+        ("label 256", "a batch's labels must be 0-255, got 1 to 256"),
     ],
 )
 def test_a_wrong_batch_is_described_by_what_it_holds(

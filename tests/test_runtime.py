@@ -197,6 +197,10 @@ def test_threads_outside_what_onnxruntime_takes_are_refused_in_words(tiny_onnx: 
         DigitGenerator.from_path(tiny_onnx, "cpu", threads=threads)
 
 
+def test_threads_may_be_a_numpy_integer_as_counts_and_seeds_may(tiny_onnx: Path) -> None:
+    assert DigitGenerator.from_path(tiny_onnx, "cpu", threads=np.int64(2)).generate(2).images.shape == (2, 28, 28)
+
+
 def test_missing_model(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="not found"):
         DigitGenerator.from_path(tmp_path / "none.onnx")

@@ -173,6 +173,7 @@ def test_settings_that_would_refuse_every_request_are_refused(setting: dict, wor
         (None, None, "create_app needs a DigitGenerator (DigitGenerator.from_path(...)), got None"),
         ("model.onnx", None, "create_app needs a DigitGenerator (DigitGenerator.from_path(...)), got 'model.onnx'"),
         ("the generator", {"max_count": 5}, "settings must be a ServeSettings, got {'max_count': 5}"),
+        ("the generator", "no metrics", "metrics must be a Metrics, got 'no metrics'"),
     ],
 )
 def test_create_app_refuses_what_is_not_a_generator_or_settings(
@@ -180,7 +181,10 @@ def test_create_app_refuses_what_is_not_a_generator_or_settings(
 ) -> None:
     given = DigitGenerator.from_path(threads=1) if generator == "the generator" else generator
     with pytest.raises(ServeConfigError) as refused:
-        create_app(given, settings)  # type: ignore[arg-type]
+        if settings == "no metrics":
+            create_app(given, metrics=settings)  # type: ignore[arg-type]
+        else:
+            create_app(given, settings)  # type: ignore[arg-type]
     assert str(refused.value) == words
 
 

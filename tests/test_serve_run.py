@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -235,6 +236,7 @@ def test_one_worker_runs_uvicorn_here_with_the_options(monkeypatch: pytest.Monke
     monkeypatch.setattr(ACCESS_LOG, "handlers", [])  # the app's access-log handler stays in this test
     monkeypatch.setattr(ACCESS_LOG, "propagate", ACCESS_LOG.propagate)
     monkeypatch.setattr(ACCESS_LOG, "level", ACCESS_LOG.level)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in the command's process: no logging set up
     configs: list[uvicorn.Config] = []
     served_on: list[tuple[socket.socket, tuple]] = []
 
