@@ -3,6 +3,7 @@ the Python runtime draws and report every failure on the page."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.server
 import io
@@ -21,7 +22,7 @@ from PIL import Image
 
 from digitgen import DigitGenerator
 from digitgen.runtime.encode import contact_sheet
-from digitgen.runtime.errors import InvalidRequestError, ModelContractError
+from digitgen.runtime.errors import DigitgenError, InvalidRequestError, ModelContractError
 from digitgen.runtime.generator import (
     check_int,
     check_seed,
@@ -303,10 +304,10 @@ def test_the_page_checks_a_models_metadata_as_the_runtime_does(page: Page, tmp_p
         """async ([cases, latent]) => {
             const { checkContract } = await import("./digitgen.js");
             const inputs = [
-                { name: "z", type: "float32", shape: ["batch", latent] },
-                { name: "digit", type: "int64", shape: ["batch"] },
+                { name: "z", type: "tensor(float)", shape: ["batch", latent] },
+                { name: "digit", type: "tensor(int64)", shape: ["batch"] },
             ];
-            const outputs = [{ name: "image", type: "float32", shape: ["batch", 1, 28, 28] }];
+            const outputs = [{ name: "image", type: "tensor(float)", shape: ["batch", 1, 28, 28] }];
             const valid = { latent_dim: String(latent), num_classes: "10", image_size: "28", contract_version: "1" };
             return cases.map((metadata) => {
                 try {
@@ -321,6 +322,58 @@ def test_the_page_checks_a_models_metadata_as_the_runtime_does(page: Page, tmp_p
     )
     assert browser == [python(metadata) for metadata in CONTRACT_METADATA]
     assert browser[2] == "accepted" and browser[3].startswith("metadata 'latent_dim' is out of range (1111")
+
+
+def _contract_cases(folder: Path) -> dict[str, bytes]:
+    """Models that break the contract's names, types and shapes (tests/test_contract.py's), and what another writer
+    may leave: a byte-order mark in a name or metadata, metadata that is not UTF-8, a negative dimension, a group."""
+    from onnx import TensorProto
+
+    from tests.test_contract import CASES, LATENT, contract_model
+
+    models = {
+        name: contract_model(folder / f"{name}.onnx", **kwargs).read_bytes()
+        for name, (kwargs, _) in CASES.items()
+        if "metadata" not in kwargs and name != "z-fixed-batch"  # onnxruntime infers image's batch from it too;
+    }  # the page reads what the file declares
+    models["bom-name"] = contract_model(folder / "b.onnx", z=("\ufeffz", TensorProto.FLOAT, ["b", LATENT])).read_bytes()
+    models["bom-version"] = contract_model(folder / "v.onnx", metadata={"contract_version": "\ufeff1"}).read_bytes()
+    models["negative-batch"] = contract_model(folder / "n.onnx", z=("z", TensorProto.FLOAT, [-1, LATENT])).read_bytes()
+    plain = contract_model(folder / "p.onnx", metadata={"authXr": "x"}).read_bytes()
+    models["metadata-not-utf8"] = plain.replace(b"authXr", b"auth\xffr")
+    models["group"] = plain + b"\xbb\x06\x08\x05\xbc\x06"  # group 103 holding field 1 = 5
+    return models
+
+
+def test_the_page_judges_a_models_names_types_and_shapes_as_the_runtime_does(page: Page, tmp_path: Path) -> None:
+    """The same model accepted by both, or refused by both in the same words."""
+    models = _contract_cases(tmp_path)
+
+    def python(name: str) -> str:
+        (tmp_path / "case.onnx").write_bytes(models[name])
+        try:
+            DigitGenerator.from_path(tmp_path / "case.onnx", "cpu")
+        except DigitgenError as exc:
+            return f"{type(exc).__name__}: {str(exc).partition(': ')[2]}"
+        return "accepted"
+
+    browser = page.evaluate(
+        """async (cases) => {
+            const { checkContract, describeModel } = await import("./digitgen.js");
+            return cases.map((encoded) => {
+                const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+                try {
+                    checkContract(describeModel(bytes, "m"), "m");
+                    return "accepted";
+                } catch (error) {
+                    return `${error.name}: ${error.message.split(": ").slice(1).join(": ")}`;
+                }
+            });
+        }""",
+        [base64.b64encode(model).decode() for model in models.values()],
+    )
+    assert dict(zip(models, browser, strict=True)) == {name: python(name) for name in models}
+    assert browser[list(models).index("group")] == "accepted"
 
 
 def test_the_page_reads_a_digit_list_as_the_cli_does(page: Page) -> None:
@@ -446,6 +499,9 @@ READS = "seed, digits, digit, n, count, truncation, model, threads"
         # digit is one class, as the CLI's --digit and the API's digit: read and refused in the CLI's words
         ("digit=0,3,7", ["digit '0,3,7' is not a class of this model (0-9)"]),
         ("digit=abc", ["digit 'abc' is not a class of this model (0-9)"]),
+        # blank, read as the CLI and the HTTP API read them, not as a blank field's default
+        ("digits=", ["'' is not a comma-separated list of digits such as 0,3,7"]),
+        ("truncation=", ["truncation must be a finite number >= 0.1, got ''"]),
         ("seed=1&seed=2", ["the link gives seed twice; give it once"]),
         ("model=", ["the link's model is empty, so the page loaded its own; name a file, e.g. model=generator.onnx"]),
         (  # what is wrong with the fields it fills too, at once
@@ -468,9 +524,11 @@ def test_a_link_the_page_cannot_read_whole_is_named_on_the_page(
             """() => [...document.querySelectorAll("input[aria-invalid=true]")].map(
                 (input) => document.getElementById(input.getAttribute("aria-describedby"))?.textContent ?? null)"""
         )
-        assert described == [message for message in messages if message.startswith("seed ")]  # its own line
+        # a field's own line: those of the fields the link fills
+        fields = ("seed ", "digit ", "'' is not a comma", "truncation ")
+        assert described == [message for message in messages if message.startswith(fields)]
         assert page.evaluate("document.getElementById('generate').disabled") is False  # the form still works
-        submit(page, count="3")
+        submit(page, count="3")  # the fields as they are now: the link's problems were said
         assert wait_settled(page) == "drawn", page.text_content("#error")
     finally:
         page.close()
@@ -501,8 +559,9 @@ def test_a_sheet_too_fast_to_time_shows_no_rate(browser: Browser, base_url: str)
 
 def test_page_shows_the_contract_and_quality(page: Page, python_gen: DigitGenerator) -> None:
     contract = page.text_content("#contract")
-    for text in ("z", "float32", f"[batch, {python_gen.latent_dim}]", "digit", "int64", "[batch, 1, 28, 28]"):
-        assert text in contract
+    for text in ("z", "tensor(float)", f"['batch', {python_gen.latent_dim}]", "digit", "tensor(int64)"):
+        assert text in contract  # as `digitgen info` shows them
+    assert "['batch', 1, 28, 28]" in contract
     quality = page.text_content("#quality")
     metadata = python_gen.info.metadata
     assert f"{100 * float(metadata['quality_class_accuracy']):.2f}%" in quality
@@ -601,13 +660,20 @@ def test_a_model_that_fails_to_load_is_named_with_every_bad_field_the_link_fille
             ],
         ),
         ("model=index.html", ["index.html is not an ONNX model"]),
+        (  # nothing listens there: a port of another origin, whose server may also refuse this page
+            "model=http://127.0.0.1:9/g.onnx",
+            [
+                "could not fetch the model http://127.0.0.1:9/g.onnx: Failed to fetch (a model on another site is "
+                "fetched only if its server allows this page (Access-Control-Allow-Origin) and can be reached)"
+            ],
+        ),
         ("model=_test_truncated.onnx", ["_test_truncated.onnx is not an ONNX model"]),
         (
             "model=_test_renamed.onnx",
             [
                 "_test_renamed.onnx does not follow the digitgen model contract",
-                "inputs must be 'z' and 'digit', found [digit,noise]",
-                "'image' must be float32 [batch, 1, 28, 28], found float32 [batch, 64]",
+                "inputs must be 'z' and 'digit', found ['digit', 'noise']",
+                "'image' must be float32 [batch, 1, 28, 28], found tensor(float) ['batch', 64]",
                 "'digit' must take any batch size, found a fixed batch of 1",
                 "metadata 'num_classes' must be at most 256, found 100000",
             ],
@@ -871,7 +937,7 @@ def test_generate_asked_while_a_sheet_is_under_way_draws_the_newest_fields_after
         assert page.evaluate("window.calls") == ["1", "3"]  # one sheet after the one under way, of the last fields
         assert page.get_attribute("#sheet", "aria-label").endswith("seed 3")
         assert page.get_attribute("#sheet", "aria-busy") is None
-        assert page.text_content("#status") == "Model generator.onnx loaded."
+        assert page.text_content("#status") == ""  # not "Model ... loaded." again: the timing line says how it went
         assert page.evaluate("getComputedStyle(document.getElementById('sheet')).opacity") == "1"
     finally:
         page.close()

@@ -25,6 +25,9 @@ const ADDED_BY_PLATFORMS = /^(utm_\w+|fbclid|gclid|msclkid|mc_eid)$/;
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
+// field -> what is wrong with the value the link put there, which the field's own reading would take (a blank
+// digits= for all digits) or cannot judge (digit=0,3,7 is no one class); said once, then the field is the user's
+const linkRefusals = new Map();
 const setState = (state) => (document.body.dataset.state = state);
 let digitgen; // the module digitgen.js, imported by main()
 
@@ -85,7 +88,7 @@ function describe(gen) {
   $("contract").replaceChildren(
     ...rows.map(([kind, v]) => {
       const row = document.createElement("tr");
-      for (const cell of [kind, v.name, v.type, `[${v.shape.join(", ")}]`]) {
+      for (const cell of [kind, v.name, v.type, digitgen.formatShape(v.shape)]) { // as `digitgen info` shows them
         row.append(Object.assign(document.createElement("td"), { textContent: cell }));
       }
       return row;
@@ -93,7 +96,7 @@ function describe(gen) {
   );
   const m = gen.metadata;
   $("summary").textContent =
-    `Latent size ${gen.latentDim}, ${gen.numClasses} classes, ${m.precision ?? "unknown"} weights, ` +
+    `${gen.source}: latent size ${gen.latentDim}, ${gen.numClasses} classes, ${m.precision ?? "unknown"} weights, ` +
     `contract version ${m.contract_version}, noise ${digitgen.NOISE_SCHEME}.`;
   const percent = (x) => `${(100 * x).toFixed(2)}%`;
   const count = (x) => x.toLocaleString("en");
@@ -128,12 +131,14 @@ function describe(gen) {
  * The four fields, each checked: the request, or an InvalidRequestError naming every bad field (one per line,
  * in the page's order; `fields` pairs each field with its line); the bad fields are marked aria-invalid,
  * each described by its own line of the error, and the first one takes the focus. Without a model (`gen`
- * null: it could not be loaded), the digits are read but not checked against its classes.
+ * null: it could not be loaded), the digits are read but not checked against its classes. A field's problem
+ * from the link (`linkRefusals`) is named the first time only.
  */
 function readFields(gen) {
   const problems = [];
   const check = (field, read) => {
     try {
+      if (linkRefusals.has(field)) throw new Error(linkRefusals.get(field));
       const value = read($(field).value); // as typed: read and quoted as the CLI reads and quotes its options
       $(field).removeAttribute("aria-invalid");
       $(field).removeAttribute("aria-describedby");
@@ -159,6 +164,7 @@ function readFields(gen) {
       digitgen.checkTruncation(digitgen.isBlank(text) ? null : digitgen.readNumber(text)),
     ),
   };
+  linkRefusals.clear(); // said: Generate reads the fields as they are from now on
   if (problems.length) {
     document.querySelector("#controls [aria-invalid=true]").focus();
     throw fieldsError(problems);
@@ -228,7 +234,6 @@ function painted() {
 async function draw(gen) {
   setState("busy");
   $("sheet").setAttribute("aria-busy", "true"); // dimmed: the sheet there is the last one's
-  const loaded = $("status").textContent;
   $("status").textContent = "Generating…"; // above the sheet, where a long sheet's timing line may be off-screen
   $("timing").textContent = "";
   await painted(); // the model runs on this thread: say so on the screen before it holds it
@@ -254,7 +259,7 @@ async function draw(gen) {
     showError(error);
   } finally {
     $("sheet").removeAttribute("aria-busy");
-    $("status").textContent = loaded;
+    $("status").textContent = ""; // the timing line or the error says how it went: nothing stale to announce
   }
 }
 
@@ -313,8 +318,15 @@ async function greyPng(pixels, width, height) {
   return new Blob([signature, ...chunks], { type: "image/png" });
 }
 
-/** What is wrong with the link's parameters, one line each: unknown ones, any given twice (both spellings too), and
- * (once `gen` has loaded) a digit that is not one class of its model, which then presets nothing. */
+// a blank value the field would read as its default, but the CLI and the HTTP API refuse: read as they read it
+const BLANK_REFUSED = {
+  digits: (text) => digitgen.parseDigitList(text),
+  truncation: (text) => digitgen.checkTruncation(digitgen.readNumber(text)),
+};
+
+/** What is wrong with the link's parameters, one line each: unknown ones, any given twice (both spellings too). A
+ * blank digits or truncation, and (once `gen` has loaded) a digit that is not one class of its model, are their
+ * fields' problems instead (`linkRefusals`), named where the field is. */
 function linkProblems(gen) {
   const known = [...Object.keys(FIELD_PARAMS), ...PAGE_PARAMS];
   const problems = [];
@@ -334,13 +346,21 @@ function linkProblems(gen) {
     else if (setBy[target]) problems.push(`the link gives ${setBy[target]} and ${name}; give it once`);
     setBy[target] = name;
   }
+  for (const [name, read] of Object.entries(BLANK_REFUSED)) {
+    if (params.getAll(name).length === 1 && digitgen.isBlank(params.get(name))) {
+      try {
+        read(params.get(name));
+      } catch (error) {
+        linkRefusals.set(name, error.message);
+      }
+    }
+  }
   if (gen && params.has("digit") && !params.has("digits")) {
     try {
       // one class, read as the CLI reads --digit (+7 and 07 are 7), and the field holds it as a list reads it
       $("digits").value = String(gen.checkDigits([digitgen.readInteger(params.get("digit"))])[0]);
     } catch (error) {
-      problems.push(error.message);
-      $("digits").value = "";
+      linkRefusals.set("digits", error.message);
     }
   }
   return problems;

@@ -221,7 +221,7 @@ export const MIN_TRUNCATION = 0.1;
 
 /** null (no truncation) or a finite number of at least MIN_TRUNCATION. */
 export function checkTruncation(value) {
-  if (value === null || value === undefined || value === "") return null;
+  if (value === null || value === undefined) return null; // "" is refused, as Python refuses it
   const bound = typeof value === "string" ? parseDecimal(value) : typeof value === "bigint" ? Number(value) : value;
   if (typeof bound !== "number" || !(bound >= MIN_TRUNCATION) || !Number.isFinite(bound)) {
     throw new InvalidRequestError(`truncation must be a finite number >= ${MIN_TRUNCATION}, got ${show(value, true)}`);
@@ -259,6 +259,10 @@ export function toUint8(floats) {
 
 // ---- The model file: a minimal protobuf reader, enough for the graph's inputs/outputs and metadata_props.
 
+const START_GROUP = 3;
+const END_GROUP = 4;
+const MAX_NESTING = 100; // protobuf's own limit on nesting (digitgen/runtime/external_data.py)
+
 /** Fields of one protobuf message: field number -> list of values (numbers for varints, bytes for the rest). */
 function readMessage(bytes) {
   const fields = new Map();
@@ -278,44 +282,87 @@ function readMessage(bytes) {
     pos += n;
     return bytes.subarray(pos - n, pos);
   };
+  const value = (wire) => {
+    if (wire === 0) return varint();
+    if (wire === 1) return skip(8);
+    if (wire === 2) return skip(varint());
+    if (wire === 5) return skip(4);
+    throw new Error(`unsupported wire type ${wire}`);
+  };
+  // proto2's groups (deprecated), an unknown field a writer may leave: skipped as protobuf and onnxruntime skip them
+  const skipGroup = (field) => {
+    const open = [field];
+    while (open.length) {
+      const key = varint();
+      const inner = Math.floor(key / 8);
+      const wire = key % 8;
+      if (wire === START_GROUP) {
+        if (open.length > MAX_NESTING) throw new Error(`groups nested more than ${MAX_NESTING} deep`);
+        open.push(inner);
+      } else if (wire === END_GROUP) {
+        if (open.pop() !== inner) throw new Error("a group ends with another group's number");
+      } else value(wire);
+    }
+  };
   while (pos < bytes.length) {
     const key = varint();
     const field = Math.floor(key / 8);
     const wire = key % 8;
     if (field === 0) throw new Error("field number 0");
-    let value;
-    if (wire === 0) value = varint();
-    else if (wire === 1) value = skip(8);
-    else if (wire === 2) value = skip(varint());
-    else if (wire === 5) value = skip(4);
-    else throw new Error(`unsupported wire type ${wire}`);
+    if (wire === START_GROUP) {
+      skipGroup(field);
+      continue;
+    }
+    if (wire === END_GROUP) throw new Error("a group ends that never started");
     if (!fields.has(field)) fields.set(field, []);
-    fields.get(field).push(value);
+    fields.get(field).push(value(wire));
   }
   return fields;
 }
 
-const utf8 = new TextDecoder();
+// Python's reading: UTF-8 or an error (not U+FFFD), a leading U+FEFF kept as a character of the text
+const utf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 const first = (fields, field) => fields.get(field)?.[0];
 const all = (fields, field) => fields.get(field) ?? [];
 const text = (fields, field) => utf8.decode(first(fields, field) ?? new Uint8Array());
-const ELEMENT_TYPES = { 1: "float32", 7: "int64", 10: "float16", 11: "float64", 6: "int32", 2: "uint8" };
+// onnxruntime's names of tensor types, as the Python runtime's contract check shows them
+const ELEMENT_TYPES = [
+  "undefined", "float", "uint8", "int8", "uint16", "int16", "int32", "int64", "string", "bool", "float16", "double",
+  "uint32", "uint64", "complex64", "complex128", "bfloat16",
+];
 
-/** A graph input or output (ValueInfoProto) as {name, type, shape}; shape entries are numbers or names. */
+/** A graph input or output (ValueInfoProto) as {name, type, shape}: type as onnxruntime names it
+ * ("tensor(float)"), shape entries numbers, names, or null where onnxruntime has None (no value, or a negative one). */
 function valueInfo(bytes) {
   const info = readMessage(bytes);
   const tensor = first(readMessage(first(info, 2) ?? new Uint8Array()), 1);
-  if (!tensor) return { name: text(info, 1), type: "not a tensor", shape: null };
+  if (!tensor) return { name: text(info, 1), type: "not a tensor", shape: [] };
   const fields = readMessage(tensor);
-  const elem = first(fields, 1);
+  const elem = first(fields, 1) ?? 0;
   const shapeBytes = first(fields, 2);
   const shape = shapeBytes
     ? all(readMessage(shapeBytes), 1).map((dim) => {
         const d = readMessage(dim);
-        return d.has(1) ? first(d, 1) : d.has(2) ? text(d, 2) : "?";
+        if (d.has(1)) return first(d, 1) < 2 ** 63 ? first(d, 1) : null; // an int64 below 0 reads past 2^63
+        return d.has(2) && text(d, 2) !== "" ? text(d, 2) : null;
       })
-    : null;
-  return { name: text(info, 1), type: ELEMENT_TYPES[elem] ?? `element type ${elem}`, shape };
+    : [];
+  return { name: text(info, 1), type: `tensor(${ELEMENT_TYPES[elem] ?? `element type ${elem}`})`, shape };
+}
+
+/** Metadata entries as {key: value}; null where any is not UTF-8 text (the contract then refuses the model). */
+function readMetadata(entries) {
+  const metadata = {};
+  try {
+    for (const entry of entries) {
+      const fields = readMessage(entry);
+      metadata[text(fields, 1)] = text(fields, 2);
+    }
+  } catch (error) {
+    if (error instanceof TypeError) return null; // the decoder's: not UTF-8
+    throw error;
+  }
+  return metadata;
 }
 
 /** {inputs, outputs, metadata} of ONNX model bytes, or an InvalidModelError when they are not ONNX. */
@@ -326,11 +373,7 @@ export function describeModel(bytes, source = "the model") {
     const graph = readMessage(first(model, 7));
     // Weights may also be listed as inputs (old IR versions); the runtime does not count them.
     const weights = new Set(all(graph, 5).map((tensor) => text(readMessage(tensor), 8)));
-    const metadata = {};
-    for (const entry of all(model, 14)) {
-      const fields = readMessage(entry);
-      metadata[text(fields, 1)] = text(fields, 2);
-    }
+    const metadata = readMetadata(all(model, 14));
     return {
       inputs: all(graph, 11).map(valueInfo).filter((input) => !weights.has(input.name)),
       outputs: all(graph, 12).map(valueInfo),
@@ -343,23 +386,30 @@ export function describeModel(bytes, source = "the model") {
 
 // ---- The contract (digitgen/runtime/contract.py): every problem is listed in one error.
 
-const formatShape = (shape) => (shape ? `[${shape.join(", ")}]` : "[unknown shape]");
+/** A shape as the Python runtime shows onnxruntime's: ['batch', 64], None for a dimension without a value. */
+export const formatShape = (shape) =>
+  `[${shape.map((d) => (d === null ? "None" : typeof d === "string" ? quoted(d) : String(d))).join(", ")}]`;
 const isDynamic = (dim) => typeof dim !== "number";
 
 /** Check a describeModel() result; return {latentDim, numClasses}, or throw a ModelContractError. */
 export function checkContract({ inputs, outputs, metadata }, source = "the model") {
+  if (metadata === null) {
+    // cannot be read at all: named alone, as the Python runtime does
+    throw new ModelContractError(`${source} does not follow the digitgen model contract: its metadata is not UTF-8 text`);
+  }
   const problems = [];
   const names = (list) => list.map((v) => v.name).sort();
+  const shownNames = (list) => `[${names(list).map(quoted).join(", ")}]`; // as Python shows a sorted list
   const find = (list, name) => list.find((v) => v.name === name);
-  if (names(inputs).join() !== "digit,z") problems.push(`inputs must be 'z' and 'digit', found [${names(inputs)}]`);
-  if (names(outputs).join() !== "image") problems.push(`output must be 'image', found [${names(outputs)}]`);
+  if (names(inputs).join() !== "digit,z") problems.push(`inputs must be 'z' and 'digit', found ${shownNames(inputs)}`);
+  if (names(outputs).join() !== "image") problems.push(`output must be 'image', found ${shownNames(outputs)}`);
   const expected = [
-    [find(inputs, "z"), "float32", 2, "float32 [batch, latent_dim]"],
-    [find(inputs, "digit"), "int64", 1, "int64 [batch]"],
-    [find(outputs, "image"), "float32", 4, "float32 [batch, 1, 28, 28]"],
+    [find(inputs, "z"), "tensor(float)", 2, "float32 [batch, latent_dim]"],
+    [find(inputs, "digit"), "tensor(int64)", 1, "int64 [batch]"],
+    [find(outputs, "image"), "tensor(float)", 4, "float32 [batch, 1, 28, 28]"],
   ];
   for (const [value, type, rank, wanted] of expected) {
-    if (value && (value.type !== type || value.shape?.length !== rank)) {
+    if (value && (value.type !== type || value.shape.length !== rank)) {
       problems.push(`'${value.name}' must be ${wanted}, found ${value.type} ${formatShape(value.shape)}`);
     } else if (value && !isDynamic(value.shape[0])) {
       problems.push(`'${value.name}' must take any batch size, found a fixed batch of ${value.shape[0]}`);
@@ -367,7 +417,7 @@ export function checkContract({ inputs, outputs, metadata }, source = "the model
   }
   const image = find(outputs, "image");
   const imageDims = [1, IMAGE_SIZE, IMAGE_SIZE];
-  if (image?.shape?.length === 4 && !image.shape.slice(1).every((d, i) => isDynamic(d) || d === imageDims[i])) {
+  if (image?.shape.length === 4 && !image.shape.slice(1).every((d, i) => isDynamic(d) || d === imageDims[i])) {
     problems.push(`'image' must be [batch, 1, 28, 28], found ${formatShape(image.shape)}`);
   }
   // an integer as runtime/contract.py reads one: the CLI's reading, and 0 for a value not read (no further check)
@@ -398,7 +448,8 @@ export function checkContract({ inputs, outputs, metadata }, source = "the model
   else if (metadata.contract_version !== CONTRACT_VERSION) {
     problems.push(`contract_version ${show(metadata.contract_version)} is not ${show(CONTRACT_VERSION)}`);
   }
-  const features = find(inputs, "z")?.shape?.[1];
+  const z = find(inputs, "z");
+  const features = z?.shape.length === 2 ? z.shape[1] : null; // as the runtime: a width only of a z of rank 2
   if (latentDim >= 1n && !isDynamic(features) && BigInt(features) !== latentDim) {
     problems.push(`'z' has ${features} features but metadata latent_dim is ${latentDim}`);
   }
@@ -416,7 +467,11 @@ async function fetchModel(url, source) {
   try {
     response = await fetch(url);
   } catch (error) {
-    throw new ModelNotFoundError(`could not fetch the model ${source}: ${error.message}`);
+    const elsewhere = new URL(url, globalThis.location?.href).origin !== globalThis.location?.origin;
+    const why = elsewhere
+      ? "a model on another site is fetched only if its server allows this page (Access-Control-Allow-Origin) and can be reached"
+      : "the server could not be reached";
+    throw new ModelNotFoundError(`could not fetch the model ${source}: ${error.message} (${why})`);
   }
   if (!response.ok) {
     throw new ModelNotFoundError(`could not fetch the model ${source}: HTTP ${response.status} ${response.statusText}`);
@@ -497,7 +552,7 @@ export class DigitGenerator {
     try {
       session = await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"] });
     } catch (error) {
-      const reason = error.message ?? String(error);
+      const reason = printable(error.message ?? String(error)); // on one line, whatever the model's names hold
       if (/no available backend/.test(reason)) {
         throw new ProviderUnavailableError(
           `the WebAssembly runtime could not start: ${reason} (its files ort-wasm-simd-threaded.mjs and ` +
@@ -537,7 +592,7 @@ export class DigitGenerator {
       this._running.add(call);
       outputs = await call;
     } catch (error) {
-      throw new ModelRunError(`${this.source}: the model failed to run: ${error.message ?? error}`);
+      throw new ModelRunError(`${this.source}: the model failed to run: ${printable(String(error.message ?? error))}`);
     } finally {
       this._running.delete(call);
     }
