@@ -253,7 +253,7 @@ def test_noise_is_bit_identical_to_python(
     np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
 
 
-def test_truncation_takes_a_bigint_as_python_takes_an_int(page: Page) -> None:
+def test_truncation_takes_a_bigint_and_refuses_empty_text_as_python_does(page: Page) -> None:
     accepted, refused = page.evaluate(
         """async () => {
             const { checkTruncation } = await import("./digitgen.js");
@@ -264,11 +264,14 @@ def test_truncation_takes_a_bigint_as_python_takes_an_int(page: Page) -> None:
                     return [error.name, error.message];
                 }
             };
-            return [checkTruncation(2n), refusal(0n)];
+            return [checkTruncation(2n), [refusal(0n), refusal("")]];
         }"""
     )
     assert accepted == 2
-    assert refused == ["InvalidRequestError", "truncation must be a finite number >= 0.1, got 0"]
+    assert refused == [
+        ["InvalidRequestError", "truncation must be a finite number >= 0.1, got 0"],
+        ["InvalidRequestError", "truncation must be a finite number >= 0.1, got ''"],  # as Python's check_truncation
+    ]
 
 
 DIGIT_LISTS = ["0,3,7", " 4 , 2 ", "12", "-1", "007", "+3", "a,b", "3,,7", "", ",", "3.0", "1e1", "\u0663", "9" * 41]
