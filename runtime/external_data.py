@@ -55,7 +55,7 @@ def _group_end(message: memoryview, pos: int, number: int) -> int:
         key, pos = _varint(message, pos)
         inner, wire_type = key >> 3, key & 7
         if wire_type == START_GROUP:
-            if len(open_groups) > MAX_GRAPH_DEPTH:
+            if len(open_groups) >= MAX_GRAPH_DEPTH:
                 raise ValueError(f"groups nested more than {MAX_GRAPH_DEPTH} deep")
             open_groups.append(inner)
         elif wire_type == END_GROUP:

@@ -201,7 +201,6 @@ def _published(
         if replaceable is not None:
             for _tmp, path in changed:
                 if path not in replaceable and os.path.lexists(path):  # not there when the run was checked
-                    failing = [path]
                     raise OutputError(
                         f"{path} appeared while this run was writing: another process is writing to {path.parent}; "
                         "let it finish, or write elsewhere"

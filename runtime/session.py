@@ -84,27 +84,34 @@ def _resolve(provider: str) -> str:
     return provider
 
 
-# where onnxruntime raised: its source file and line, then the C++ function, pretty ("void* ns::f(int) ") or plain
-# ("f "); after the start, a space or a full stop ("... failed.env.cc:538 OpenRandomAccessFile Random-access ...")
-_SOURCE_LOCATION = re.compile(r"(?:^|(?<=[\s.]))(?:/?[\w.-]+/)*[\w-]+\.(?:cc|cpp|h):\d+ (?:(?:\S+ )?\S+\(.*?\)|\S+) ")
+# where onnxruntime raised: its source file and line, then the C++ function, pretty (up to two words of return
+# type: "virtual OrtValue* ns::f(int) ") or plain ("f "); at a line's start or after a space or a full stop
+# ("... failed.env.cc:538 OpenRandomAccessFile Random-access ...")
+_SOURCE_LOCATION = re.compile(
+    r"(?:^|(?<=[\s.]))(?:/?[\w.-]+/)*[\w-]+\.(?:cc|cpp|h):\d+ (?:(?:[^\s(]+ ){0,2}[^\s(]+\(.*?\)|\S+)(?: |$)"
+)
+
+
+def _without_source(line: str) -> str:
+    """``line`` less the source locations in it, a space left where one was glued to the words before it."""
+    return _SOURCE_LOCATION.sub(lambda m: " " if m.start() and not line[m.start() - 1].isspace() else "", line).strip()
 
 
 def ort_reason(exc: BaseException) -> str:
     """onnxruntime's message without its "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model ... failed:" prefix,
     nor the source file and C++ function that raised it ("/onnxruntime_src/.../model.cc:256 onnxruntime::...(...)");
-    a node that failed as the model ran is named in a few words ("Expand node 'big': Failed to allocate ...")."""
+    a node that failed as the model ran is named in a few words ("Expand node 'big': Failed to allocate ...").
+    Its lines are joined with "; ": the later ones say what was wrong ("index: 1 Got: 5 Expected: 64")."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    message = "; ".join(lines)  # its later lines say what was wrong ("index: 1 Got: 5 Expected: 64")
-    reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .*? failed:)?", "", message).strip()
-    reason = re.sub(
+    head = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .* failed:)?", "", lines[0]).strip()
+    head = re.sub(
         r"^Non-zero status code returned while running (\S+) node\. Name:'(.*?)' Status Message: ",
         r"\1 node '\2': ",
-        reason,
+        head,
     )
-    reason = _SOURCE_LOCATION.sub(lambda m: " " if m.start() and not reason[m.start() - 1].isspace() else "", reason)
-    return reason.strip().rstrip(".")
+    return "; ".join(filter(None, map(_without_source, [head, *lines[1:]]))).rstrip(".")
 
 
 def external_files(model: bytes, path: Path) -> list[Path]:

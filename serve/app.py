@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +25,6 @@ from digitgen.runtime.text import printable
 from digitgen.serve.batch import Batcher
 from digitgen.serve.limits import Admission, OverloadedError, TimeLimitError
 from digitgen.serve.observe import (
-    ACCESS_LOG,
     BUSY,
     TIME_LIMIT,
     ASGIApp,
@@ -40,6 +38,7 @@ from digitgen.serve.observe import (
     local_path,
     logged_method,
     logged_target,
+    route_access_log,
 )
 from digitgen.serve.page import PageFiles
 from digitgen.serve.params import (
@@ -480,10 +479,7 @@ def create_app(
             expose_headers=["ETag", "X-Request-ID", "Content-Disposition", "Retry-After"],
         )
     if settings.access_log:
-        ACCESS_LOG.setLevel(logging.INFO)
-        if not ACCESS_LOG.handlers and not logging.getLogger().handlers:  # else through the app's own logging, once
-            ACCESS_LOG.addHandler(logging.StreamHandler(sys.stderr))
-            ACCESS_LOG.propagate = False
+        route_access_log()
     app.add_middleware(_OneLength)
     app.add_middleware(RequestMiddleware, metrics=metrics, endpoints=endpoints, access_log=settings.access_log)
     return app

@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import re
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -41,6 +42,25 @@ LOGGED_TARGET = 1024  # characters of a request's path and query in its access-l
 LOGGED_METHOD = 32  # characters of a request's method there (the longest registered method has 17)
 LOGGED_CLIENT = 64  # characters of the client's address there (an IPv6 one has at most 45)
 ACCESS_LOG = logging.getLogger("digitgen.serve.access")
+_OWN_HANDLER = (
+    "digitgen-access-stderr"  # the name of the access log's own handler, where nothing above it takes its lines
+)
+
+
+def route_access_log() -> None:
+    """Send the access log's INFO lines through the app's logging where a handler above it takes them (on the root
+    logger, as logging.basicConfig puts one, or on ``digitgen``), else to stderr: each line once, either way."""
+    ACCESS_LOG.setLevel(logging.INFO)
+    for handler in [h for h in ACCESS_LOG.handlers if h.get_name() == _OWN_HANDLER]:  # an earlier app's, made
+        ACCESS_LOG.removeHandler(handler)  # before the logging was set up
+        ACCESS_LOG.propagate = True
+    if not ACCESS_LOG.handlers and not ACCESS_LOG.parent.hasHandlers():
+        own = logging.StreamHandler(sys.stderr)
+        own.set_name(_OWN_HANDLER)
+        ACCESS_LOG.addHandler(own)
+        ACCESS_LOG.propagate = False
+
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 UNPARSED = "unparsed"  # the endpoint label of a request refused before it could be read (400, 408)
 BUSY, TIME_LIMIT = "busy", "time_limit"  # why a request was refused with 503, a label of the refused counter

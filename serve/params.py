@@ -33,7 +33,8 @@ class NotAcceptableError(InvalidRequestError):
 
 
 def shortest_cycle(digits: tuple[int, ...], count: int) -> tuple[int, ...]:
-    """The shortest cycle of classes that labels ``count`` digits as ``digits`` does."""
+    """A cycle of classes that labels ``count`` digits as ``digits`` does: the shortest where ``digits`` covers the
+    count (1,2,1 for three digits is 1,2), else the shortest that repeats whole in it (1,2,1,2 is 1,2)."""
     used = digits[:count]  # a longer cycle's classes past the count label nothing
 
     def labels_alike(period: int) -> bool:  # used once (1,2,1 is 1,2 for three digits), or repeated whole

@@ -28,6 +28,12 @@ def _parameter(name: str, schema: dict, description: str, where: str = "query") 
     return {"name": name, "in": where, "required": False, "schema": schema, "description": description}
 
 
+# what the server reads as a list of classes, in whitespace that Python's and ECMA-262's regular expressions (a
+# client's) agree on: stricter than the server, which also takes Unicode's spaces around a number
+_SPACE = r"[ \t\n\v\f\r]*"
+DIGITS_PATTERN = rf"^{_SPACE}[+-]?[0-9]+{_SPACE}(,{_SPACE}[+-]?[0-9]+{_SPACE})*$"
+
+
 def error_response(description: str) -> dict:
     """An OpenAPI response of the JSON error body every refusal carries."""
     return {"description": description, "content": {"application/json": {"schema": ERROR_BODY}}}
@@ -45,7 +51,7 @@ def generate_doc(max_count: int, num_classes: int) -> dict:
             ),
             _parameter(
                 "digits",
-                {"type": "string", "pattern": r"^\s*[+-]?[0-9]+\s*(,\s*[+-]?[0-9]+\s*)*$", "example": "0,3,7"},
+                {"type": "string", "pattern": DIGITS_PATTERN, "example": "0,3,7"},
                 f"Classes 0-{last} to generate, comma-separated, repeated to count (default: 0-{last} in turn).",
             ),
             _parameter(

@@ -407,8 +407,9 @@ def test_without_metadata_walks_every_wire_type_and_refuses_broken_bytes() -> No
     varint, fixed64, fixed32 = b"\x08\x96\x01", b"\x11" + bytes(range(8)), b"\x1d" + bytes(range(4))
     graph, metadata = b"\x3a\x02\x0a\x00", b"\x72\x05\x0a\x01k\x12\x00"  # field 7 (graph), field 14
     group = b"\x0b" + varint + b"\x13\x1a\x02hi\x14\x0c"  # group 1 holding a varint and group 2 (a string)
-    model = varint + metadata + fixed64 + graph + metadata + fixed32 + group
-    assert b"".join(without_metadata(model)) == varint + fixed64 + graph + fixed32 + group
+    deepest = b"\x0b" * 100 + b"\x0c" * 100
+    model = varint + metadata + fixed64 + graph + metadata + fixed32 + group + deepest
+    assert b"".join(without_metadata(model)) == varint + fixed64 + graph + fixed32 + group + deepest
     for broken, reason in [
         (graph[:-1], "truncated field"),
         (b"\x11" + bytes(7), "truncated field"),
@@ -419,7 +420,7 @@ def test_without_metadata_walks_every_wire_type_and_refuses_broken_bytes() -> No
         (b"\x0b\x1a\x05hi", "truncated field"),
         (b"\x0c", "a group ends that never started"),
         (b"\x0b\x14", "a group ends with another group's number"),
-        (b"\x0b" * 102 + b"\x0c" * 102, "groups nested more than 100 deep"),
+        (b"\x0b" * 101 + b"\x0c" * 101, "groups nested more than 100 deep"),  # 100 are read, as onnxruntime does
     ]:
         with pytest.raises(ValueError, match=f"^{reason}$"):
             list(without_metadata(broken))
@@ -646,9 +647,30 @@ def test_where_a_cuda_session_cannot_be_created_auto_runs_on_the_cpu_quietly(
             "Got invalid dimensions for input: z for the following indices; index: 1 Got: 5 Expected: 64; Please fix "
             "either the inputs/outputs or the model",
         ),
+        (
+            "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node. Name:'c' Status "
+            "Message: /onnxruntime_src/onnxruntime/core/framework/op_kernel.cc:83 virtual OrtValue* onnxruntime::"
+            "OpKernelContext::OutputMLValue(int, const onnxruntime::TensorShape&) status.IsOK() was false. Shape "
+            "mismatch",
+            "Conv node 'c': status.IsOK() was false. Shape mismatch",
+        ),
+        (  # a signature at a line's end: the next line's words are kept
+            "/src/x.cc:12 void f(int)\nshape (1, 64) is wrong (expected 2) here",
+            "shape (1, 64) is wrong (expected 2) here",
+        ),
         ("", "RuntimeError"),
     ],
-    ids=["source-location", "load-prefix", "a-node-failed", "after-a-full-stop", "plain-function", "lines", "empty"],
+    ids=[
+        "source-location",
+        "load-prefix",
+        "a-node-failed",
+        "after-a-full-stop",
+        "plain-function",
+        "lines",
+        "two-word-return-type",
+        "at-a-lines-end",
+        "empty",
+    ],
 )
 def test_onnxruntimes_reason_is_its_words_without_its_codes_or_source(message: str, reason: str) -> None:
     assert ort_reason(RuntimeError(message)) == reason

@@ -821,10 +821,12 @@ def test_openapi_docs_describe_generate(server: Server) -> None:
     assert query["digit"] == {"type": "integer", "minimum": 0, "maximum": 9}
     assert query["seed"]["maximum"] == MAX_SEED and query["truncation"]["minimum"] == MIN_TRUNCATION
     assert query["format"]["enum"] == list(MEDIA_TYPES)
-    lists = ["0,3,7", " 4 , 2 ", "+7,-0", "12", "a,b", "3,,7", "", ",", "3.0", "1e1", "+-1"]
+    lists = ["0,3,7", " 4 , 2 ", "+7,-0", "12", "a,b", "3,,7", "", ",", "3.0", "1e1", "+-1", "\t7\n"]
     assert [bool(re.fullmatch(query["digits"]["pattern"], text)) for text in lists] == [
         _a_digit_list(text) for text in lists
     ]  # the pattern a client checks against is the server's own reading
+    for exotic in ("\x1c7", "7\u3000", "\ufeff7"):  # spaces to Python's \s, or to ECMA-262's: never in the pattern
+        assert not re.fullmatch(query["digits"]["pattern"], exotic)
     headers = {name for where, name in schemas if where == "header"}
     assert headers == {"Accept", "If-Match", "If-None-Match", "X-Request-ID"}
     responses = operation["responses"]

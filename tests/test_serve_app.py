@@ -444,10 +444,15 @@ def test_a_host_apps_logging_gets_each_access_line_once(
 
 @pytest.mark.usefixtures("bare_access_log")
 def test_without_logging_configured_the_access_log_writes_to_stderr_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until an app made later finds logging set up: then its lines go there, and no longer to stderr too."""
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as under `digitgen serve` or a bare uvicorn
-    create_app(DigitGenerator.from_path(threads=1), ServeSettings())
+    generator = DigitGenerator.from_path(threads=1)
+    create_app(generator, ServeSettings())
     (handler,) = ACCESS_LOG.handlers
     assert isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr and not ACCESS_LOG.propagate
+    monkeypatch.setattr(logging.getLogger("digitgen"), "handlers", [logging.NullHandler()])  # the app's, on digitgen
+    create_app(generator, ServeSettings())
+    assert ACCESS_LOG.handlers == [] and ACCESS_LOG.propagate
 
 
 def test_an_unexpected_error_is_a_500_in_json_with_the_request_id_and_cors(caplog: pytest.LogCaptureFixture) -> None:

@@ -663,6 +663,7 @@ def test_a_model_that_fails_to_load_is_named_with_every_bad_field_the_link_fille
             ],
         ),
         ("model=index.html", ["index.html is not an ONNX model"]),
+        ("model=http://[x/g.onnx", ["could not fetch the model http://[x/g.onnx: "]),  # no URL: the browser says so
         (  # nothing listens there: a port of another origin, whose server may also refuse this page
             "model=http://127.0.0.1:9/g.onnx",
             [

@@ -296,8 +296,9 @@ function readMessage(bytes) {
       const key = varint();
       const inner = Math.floor(key / 8);
       const wire = key % 8;
+      if (inner === 0) throw new Error("field number 0");
       if (wire === START_GROUP) {
-        if (open.length > MAX_NESTING) throw new Error(`groups nested more than ${MAX_NESTING} deep`);
+        if (open.length >= MAX_NESTING) throw new Error(`groups nested more than ${MAX_NESTING} deep`);
         open.push(inner);
       } else if (wire === END_GROUP) {
         if (open.pop() !== inner) throw new Error("a group ends with another group's number");
@@ -467,11 +468,16 @@ async function fetchModel(url, source) {
   try {
     response = await fetch(url);
   } catch (error) {
-    const elsewhere = new URL(url, globalThis.location?.href).origin !== globalThis.location?.origin;
-    const why = elsewhere
-      ? "a model on another site is fetched only if its server allows this page (Access-Control-Allow-Origin) and can be reached"
-      : "the server could not be reached";
-    throw new ModelNotFoundError(`could not fetch the model ${source}: ${error.message} (${why})`);
+    let why = ""; // an address that is no URL: the browser's words say so
+    try {
+      const here = globalThis.location;
+      why =
+        new URL(url, here?.href).origin === here?.origin
+          ? " (the server could not be reached)"
+          : " (a model on another site is fetched only if its server allows this page " +
+            "(Access-Control-Allow-Origin) and can be reached)";
+    } catch {}
+    throw new ModelNotFoundError(`could not fetch the model ${source}: ${error.message}${why}`);
   }
   if (!response.ok) {
     throw new ModelNotFoundError(`could not fetch the model ${source}: HTTP ${response.status} ${response.statusText}`);
