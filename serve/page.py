@@ -15,7 +15,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.staticfiles import NotModifiedResponse
 
 from digitgen.serve.observe import Message, Receive, Scope, Send, header
-from digitgen.serve.params import precondition_failed
+from digitgen.serve.params import not_modified, precondition_failed
 from digitgen.serve.refusal import refusal
 
 RANGE_REFUSALS = (400, 416)  # what Starlette answers a Range header it cannot serve, in plain text or no body
@@ -99,8 +99,8 @@ class PageFiles(StaticFiles):
         return full_path, stat_result
 
     def is_not_modified(self, response_headers: Headers, request_headers: Headers) -> bool:
-        if request_headers.get("if-none-match"):  # which If-Modified-Since then gives way to
-            return super().is_not_modified(response_headers, request_headers)
+        if tags := ", ".join(request_headers.getlist("if-none-match")):  # several fields: one list (RFC 9110, 5.3)
+            return not_modified(tags, response_headers["etag"])  # which If-Modified-Since then gives way to
         since = http_date(", ".join(request_headers.getlist("if-modified-since")))  # several: no valid date
         changed = http_date(response_headers["last-modified"])
         return since is not None and changed is not None and changed <= since

@@ -18,9 +18,11 @@ from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
+import h11
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.supervisors import Multiprocess
 
 from digitgen.runtime.errors import InvalidModelError
@@ -91,6 +93,11 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._head_begun = False
         self._await_head()
         super().on_response_complete()
+        if self._unread_bytes() and (self.cycle is None or self.cycle.response_complete):
+            # part of a pipelined head came with the answered request: its deadline, not uvicorn's keep-alive
+            # timer (which would close the connection unanswered), is the one that runs
+            self._head_begun = True
+            self._unset_keepalive_if_required()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -154,8 +161,18 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         super().shutdown()
 
     def send_400_response(self, msg: str) -> None:
-        """Answer :data:`NOT_HTTP` and close (uvicorn has logged ``msg``)."""
-        self._answer_and_close(400, "Bad Request", NOT_HTTP)
+        """Answer :data:`NOT_HTTP`, or 431 for a head past h11's bound, and close (uvicorn has logged ``msg``)."""
+        bound = self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
+        if self._unread_bytes() > bound:  # h11 stopped reading a head that had grown past it
+            too_large = f"request head larger than {bound:,} bytes; the server closed the connection"
+            self._answer_and_close(431, "Request Header Fields Too Large", json.dumps({"error": too_large}).encode())
+        else:
+            self._answer_and_close(400, "Bad Request", NOT_HTTP)
+
+    def _unread_bytes(self) -> int:
+        """Bytes received and not yet read as a request: h11's buffer (httptools, installed, keeps none to see)."""
+        conn = getattr(self, "conn", None)
+        return len(conn.trailing_data[0]) if isinstance(conn, h11.Connection) else 0
 
     def _answer_and_close(self, status: int, reason: str, body: bytes) -> None:
         """Answer a request the app never saw (it could not be read), with a new request id (none can be read
@@ -274,6 +291,7 @@ def _serve_on(listening: socket.socket, options: ServerOptions, generator: Digit
         "access_log": False,
         "timeout_graceful_shutdown": options.graceful_timeout,
         "http": ServerHTTP,
+        "ws": "none",  # no WebSocket endpoint: an Upgrade request is answered as the HTTP request it also is
     }
     generator = generator or options.load()  # Ctrl-C still interrupts the load
     if options.workers == 1:

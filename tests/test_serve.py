@@ -741,6 +741,56 @@ def test_a_connection_without_a_whole_request_head_in_time_is_closed_but_a_slow_
         assert server.stop() == 0
 
 
+KEEP_ALIVE_SHORTER = """
+import sys
+from digitgen.serve.run import ServerHTTP, ServerOptions, serve
+
+class Protocol(ServerHTTP):
+    head_timeout = 1.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = 0.3  # uvicorn's idle close, shorter than the head's deadline (5 s and 10 s here)
+
+import digitgen.serve.run as run
+run.ServerHTTP = Protocol
+serve(ServerOptions(port=int(sys.argv[1]), threads=1))
+"""
+
+
+def _read_to_end(connection: socket.socket) -> bytes:
+    answer = b""
+    while chunk := connection.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_part_of_a_head_pipelined_behind_a_request_gets_its_408_and_a_head_too_large_its_431(tmp_path: Path) -> None:
+    """Not closed unanswered when uvicorn's keep-alive timer ran first, nor called "not HTTP" when too large."""
+    server = start(tmp_path / "server.log", [sys.executable, "-c", KEEP_ALIVE_SHORTER, "{port}"])
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as pipelined:
+            pipelined.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /heal")  # then nothing more
+            begin = time.monotonic()
+            answer = _read_to_end(pipelined)
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 Request Timeout\r\n" in answer, answer
+        assert time.monotonic() - begin >= 0.9  # the head's deadline, not the keep-alive timer's 0.3 s
+        with socket.create_connection((host, int(port)), timeout=10) as large:
+            large.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(5):  # 20 KB of one header, in parts: past h11's 16 KiB while the head is unfinished
+                time.sleep(0.05)
+                with contextlib.suppress(ConnectionError):
+                    large.sendall(b"X-Big: " + b"a" * 4000 + b"\r\n")
+            answer = _read_to_end(large)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer[:200]
+        assert json.loads(body) == {"error": "request head larger than 16,384 bytes; the server closed the connection"}
+        assert server.metric('digitgen_requests_total{endpoint="unparsed",status="431"}') == 1
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_client_that_leaves_its_answer_unread_is_cut_off(tmp_path: Path) -> None:
     """Its answer would otherwise wait in the server's memory for as long as the client keeps the connection."""
     script = SHORT_TIMEOUT.format(name="send_timeout", seconds=1.0)

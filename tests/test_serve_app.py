@@ -878,6 +878,24 @@ def test_the_page_refuses_an_if_match_that_names_no_etag_of_its_file(tmp_path: P
     assert missing.status_code == 404 and missing.text == "<p>not here</p>" and "etag" in missing.headers
 
 
+def test_the_page_reads_if_none_match_over_several_fields_as_one_list(tmp_path: Path) -> None:
+    """As /generate reads it (RFC 9110, 5.3): the first field alone had decided, and "*" in a list was no match."""
+    (tmp_path / "model.onnx").write_bytes(bytes(100))
+
+    async def answers() -> list[httpx.Response]:
+        async with asgi_client(PageFiles(directory=tmp_path, html=True)) as client:
+            tag = (await client.get("/model.onnx")).headers["etag"]
+            return [
+                await client.get("/model.onnx", headers=[("If-None-Match", '"other"'), ("If-None-Match", tag)]),
+                await client.get("/model.onnx", headers={"If-None-Match": f'"other", W/{tag}'}),
+                await client.get("/model.onnx", headers={"If-None-Match": '"other", *'}),
+                await client.get("/model.onnx", headers=[("If-None-Match", '"other"'), ("If-None-Match", '"more"')]),
+            ]
+
+    *held, changed = asyncio.run(answers())
+    assert [answer.status_code for answer in held] == [304, 304, 304] and changed.status_code == 200
+
+
 def test_the_page_reads_only_valid_dates_in_its_conditional_headers(tmp_path: Path) -> None:
     """If-Modified-Since gives a 304 only for one valid HTTP-date at or after the file's last change, and gives way
     to If-None-Match; If-Unmodified-Since before it is a 412, and gives way to If-Match; an error page has none."""

@@ -255,6 +255,7 @@ def test_one_worker_runs_uvicorn_here_with_the_options(monkeypatch: pytest.Monke
         ("127.0.0.1", options.port, "info", False),  # digitgen's own access log, not uvicorn's
     ]
     assert [(c.timeout_graceful_shutdown, c.http) for c in configs] == [(3.5, serve_run.ServerHTTP)] * 2
+    assert [c.ws for c in configs] == ["none"] * 2  # an Upgrade request is served as HTTP, not as a WebSocket
     assert isinstance(configs[0].app, FastAPI)
     assert [name for _sock, name in served_on] == [("127.0.0.1", options.port)] * 2  # the socket it bound
     assert all(sock.fileno() == -1 for sock, _name in served_on)  # and closed once the server stopped
