@@ -209,5 +209,6 @@ def export_generator(
 
 def verify_file(model_path: str | Path, checkpoint: str | Path, atol: float | None = None) -> ParityReport:
     """Verify an existing ONNX file (any precision) against the checkpoint it was exported from."""
-    generator, config, _ = load_generator(str(checkpoint))
-    return verify_parity(model_path, ContractGenerator(generator), atol=atol, config=config)
+    generator, config, payload = load_generator(str(checkpoint))
+    trained = {key: value for key, value in contract_metadata(payload).items() if key.startswith("train_")}
+    return verify_parity(model_path, ContractGenerator(generator), atol=atol, config=config, trained=trained)

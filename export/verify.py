@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from digitgen.export.errors import ExportVerificationError
@@ -82,17 +84,34 @@ def _inputs(batch_size: int, seed: int, latent_dim: int, num_classes: int) -> tu
     return z, rng.integers(0, num_classes, batch_size, dtype=np.int64)
 
 
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+
+
+def graph_precision(onnx_path: str | Path) -> str:
+    """The precision ``onnx_path``'s graph is built in: int8 where it quantizes, fp16 where it holds half-precision
+    weights, else fp32; what its tolerance is chosen by, not the ``precision`` its metadata claims."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    if any(node.op_type in QUANTIZED_OPS for node in model.graph.node):
+        return "int8"
+    if any(tensor.data_type == onnx.TensorProto.FLOAT16 for tensor in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
 def verify_parity(
     onnx_path: str | Path,
     model: ContractGenerator,
     tolerance: Tolerance | None = None,
     atol: float | None = None,
     config: GANConfig | None = None,
+    trained: Mapping[str, str] | None = None,
 ) -> ParityReport:
     """Check ``onnx_path`` against the fp32 ``model``: contract (names, types, shapes), the sizes of
-    ``model``'s ``config`` when given, then values.
+    ``model``'s ``config`` when given, the training summary its metadata records against ``trained`` (the
+    checkpoint's, as export writes it) when given, then values.
 
-    The tolerance defaults to that of the model's ``precision`` metadata; ``atol`` overrides its
+    The tolerance defaults to that of the precision the graph is built in (:func:`graph_precision`), and
+    a ``precision`` of this project's in its metadata that says otherwise is refused; ``atol`` overrides its
     per-pixel maximum. A file that cannot be loaded, or breaks the contract, raises the loader's own typed
     error (:class:`InvalidModelError`, :class:`ModelContractError`); one that runs but differs raises
     :class:`ExportVerificationError` naming every failing case.
@@ -104,7 +123,23 @@ def verify_parity(
             f"{onnx_path} takes {info.latent_dim} noise values and {info.num_classes} digits, the checkpoint's "
             f"generator {config.latent_dim} and {config.num_classes}: it was not exported from this checkpoint"
         )
-    tolerance = tolerance or TOLERANCES.get(info.metadata.get("precision"), TOLERANCES["fp32"])
+    other_run = [
+        f"{key} {info.metadata[key]} where the checkpoint's is {value}"
+        for key, value in (trained or {}).items()
+        if key in info.metadata and info.metadata[key] != value
+    ]
+    if other_run:  # another run's model may still fall within int8's loose tolerance
+        raise ExportVerificationError(
+            f"{onnx_path} records {'; '.join(other_run[:3])}: it was not exported from this checkpoint"
+        )
+    if tolerance is None:
+        built, claimed = graph_precision(onnx_path), info.metadata.get("precision")
+        if claimed in TOLERANCES and claimed != built:  # a looser tolerance is no file's to claim (another tool's
+            # word for its precision, which names none of these, is held to the graph's)
+            raise ExportVerificationError(
+                f"{onnx_path} says its precision is {claimed!r}, but its graph is {built}: it was not exported so"
+            )
+        tolerance = TOLERANCES[built]
     if atol is not None:
         tolerance = replace(tolerance, max_abs=atol)
     cases = []

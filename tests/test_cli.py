@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import struct
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
@@ -450,12 +452,23 @@ def test_export_rejects_garbage_checkpoint(tmp_path: Path) -> None:
 
 
 def test_verify_against_another_checkpoint_fails(tmp_path: Path, tiny_onnx: Path, tiny_mnist: Path) -> None:
+    from digitgen.export.onnx_export import write_metadata
     from tests.conftest import train_tiny
 
     other = train_tiny(tmp_path / "other", tiny_mnist, seed=3)
     code, output = run("verify", tiny_onnx, "--checkpoint", other)
+    assert (code, output.strip()) == (
+        1,
+        f"Error: {tiny_onnx} records train_seed 0 where the checkpoint's is 3: it was not exported from this "
+        "checkpoint",
+    )
+    unrecorded = tmp_path / "unrecorded.onnx"  # a model that does not say which run it is from: judged by its values
+    shutil.copy(tiny_onnx, unrecorded)
+    metadata = {p.key: p.value for p in onnx.load(str(tiny_onnx)).metadata_props}
+    write_metadata(unrecorded, {key: value for key, value in metadata.items() if not key.startswith("train_")})
+    code, output = run("verify", unrecorded, "--checkpoint", other)
     assert code == 1 and "ONNX output differs from PyTorch" in output and "FAIL" in output
-    assert output.rstrip().endswith(f"far past any export's rounding: was {tiny_onnx} exported from this checkpoint?")
+    assert output.rstrip().endswith(f"far past any export's rounding: was {unrecorded} exported from this checkpoint?")
 
 
 def test_verify_against_a_checkpoint_of_other_sizes_is_one_line(

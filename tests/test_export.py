@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,9 +23,9 @@ import digitgen.export.quality as quality
 import digitgen.export.verify as verify
 from digitgen.cli import main
 from digitgen.export.errors import ExportError, ExportVerificationError
-from digitgen.export.onnx_export import export_generator, verify_file
+from digitgen.export.onnx_export import export_generator, verify_file, write_metadata
 from digitgen.export.tolerances import ATOL, TOLERANCES
-from digitgen.export.verify import BATCH_SIZES, FAR_OFF, ParityCase, ParityReport
+from digitgen.export.verify import BATCH_SIZES, FAR_OFF, ParityCase, ParityReport, graph_precision
 from digitgen.runtime import DigitGenerator
 from digitgen.runtime.contract import CONTRACT_VERSION
 from digitgen.runtime.errors import ModelContractError, OutputError
@@ -102,9 +103,34 @@ def test_verify_accepts_matching_checkpoint(tiny_onnx: Path, tiny_checkpoint: Pa
 
 
 def test_verify_rejects_another_checkpoint(tmp_path: Path, tiny_onnx: Path, tiny_mnist: Path) -> None:
+    """By the run its metadata records (another run's int8 export can fall within int8's loose tolerance), and
+    without that record, by its values."""
     other = train_tiny(tmp_path, tiny_mnist, steps=4, seed=7)
-    with pytest.raises(ExportVerificationError, match="FAIL"):
+    with pytest.raises(ExportVerificationError) as refused:
         verify_file(tiny_onnx, other)
+    assert str(refused.value) == (
+        f"{tiny_onnx} records train_seed 0 where the checkpoint's is 7: it was not exported from this checkpoint"
+    )
+    unrecorded = tmp_path / "unrecorded.onnx"
+    shutil.copy(tiny_onnx, unrecorded)
+    metadata = {p.key: p.value for p in onnx.load(str(tiny_onnx)).metadata_props}
+    write_metadata(unrecorded, {key: value for key, value in metadata.items() if not key.startswith("train_")})
+    with pytest.raises(ExportVerificationError, match="FAIL"):
+        verify_file(unrecorded, other)
+
+
+def test_verify_holds_a_file_to_the_precision_its_graph_is_built_in(
+    tmp_path: Path, tiny_onnx: Path, tiny_checkpoint: Path
+) -> None:
+    """Not to the looser one its metadata may claim: an fp32 file that says int8 would pass far more."""
+    claims = tmp_path / "claims-int8.onnx"
+    shutil.copy(tiny_onnx, claims)
+    metadata = {p.key: p.value for p in onnx.load(str(tiny_onnx)).metadata_props}
+    write_metadata(claims, {**metadata, "precision": "int8"})
+    assert graph_precision(tiny_onnx) == "fp32"
+    with pytest.raises(ExportVerificationError) as refused:
+        verify_file(claims, tiny_checkpoint)
+    assert str(refused.value) == f"{claims} says its precision is 'int8', but its graph is fp32: it was not exported so"
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
