@@ -9,8 +9,9 @@ from pathlib import Path
 
 from digitgen.export.errors import ExportError
 from digitgen.runtime.files import readable_file
+from digitgen.runtime.generator import default_model_path
 from digitgen.runtime.session import model_sha256
-from digitgen.runtime.text import read_json
+from digitgen.runtime.text import quoted, read_json
 
 MAX_QUALITY_BYTES = 1 << 20  # what --quality reads at most: evaluate --json writes about 1 kB
 
@@ -73,6 +74,13 @@ def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str
     figure missing, or not a number in its range (a NaN, an accuracy over 1)."""
     if not isinstance(evaluation, Mapping):
         raise ExportError(f"{NOT_AN_EVALUATION}: a JSON {type(evaluation).__name__}")
+    scorer = evaluation.get("classifier_sha256")  # an evaluation older than this record names none
+    if scorer is not None and scorer != _evaluator_sha256():
+        raise ExportError(
+            f"the evaluation was scored by another classifier (sha256 {quoted(scorer)}), not the project's evaluator "
+            f"({default_model_path('classifier.onnx').name}): its figures are not the headline scores; evaluate "
+            "without --classifier"
+        )
     if evaluation.get("truncation") is not None:
         raise ExportError(
             f"the evaluation scored digits drawn with truncation {evaluation['truncation']}, not the model's own "
@@ -95,6 +103,11 @@ def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str
         "quality_real_precision": f"{_number(real.get('precision'), 'real.precision'):.4f}",
         "quality_real_recall": f"{_number(real.get('recall'), 'real.recall'):.4f}",
     }
+
+
+def _evaluator_sha256() -> str:
+    path = default_model_path("classifier.onnx")
+    return model_sha256(path.read_bytes(), path)
 
 
 def check_scored_model(evaluation: Mapping[str, object], model: Path, shown_as: Path) -> None:

@@ -33,7 +33,8 @@ class ReferenceClassifier:
 
     def __init__(self, path: str | Path | None = None, provider: str = "cpu") -> None:
         self.path = Path(path) if path is not None else default_model_path("classifier.onnx")
-        self._session = open_session(self.path, provider).session
+        opened = open_session(self.path, provider)
+        self._session, self.sha256 = opened.session, opened.sha256  # which classifier scored: the evaluator or not
         names = ([i.name for i in self._session.get_inputs()], [o.name for o in self._session.get_outputs()])
         if names != (["image"], ["logits", "features"]):
             raise ModelContractError(f"{self.path} is not a digitgen classifier (inputs/outputs {names})")
@@ -181,6 +182,7 @@ class Evaluation:
     seed: int | None = None  # of the generated digits and the real sample
     model_sha256: str | None = None  # of the scored model (DigitGenerator.sha256)
     model_sha256_without_metadata: str | None = None  # the same less its metadata, as `export --quality` checks
+    classifier_sha256: str | None = None  # of the classifier that scored it (ReferenceClassifier.sha256)
 
     def to_dict(self) -> dict[str, dict | float | str | None]:
         """The figures as plain data, as ``digitgen evaluate --json`` prints them."""
@@ -305,4 +307,5 @@ def evaluate(
         seed=seed,
         model_sha256=generator.sha256,
         model_sha256_without_metadata=scored,
+        classifier_sha256=classifier.sha256,
     )

@@ -116,14 +116,21 @@ def test_export_stores_evaluation_as_metadata(
     tmp_path: Path, tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path, tiny_checkpoint: Path
 ) -> None:
     from digitgen.runtime import DigitGenerator
+    from digitgen.runtime.evaluate import ReferenceClassifier
 
-    evaluation = CliRunner().invoke(main, [*evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist), "--json"])
-    quality = tmp_path / "quality.json"
-    quality.write_text(evaluation.output)
-    out = tmp_path / "g.onnx"
-    result = CliRunner().invoke(
-        main, ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--quality", str(quality)]
+    quality, out = tmp_path / "quality.json", tmp_path / "g.onnx"
+    export = ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--quality", str(quality)]
+    # scored by another classifier than the evaluator: not the model's headline scores
+    quality.write_text(
+        CliRunner().invoke(main, [*evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist), "--json"]).output
     )
+    result = CliRunner().invoke(main, export)
+    assert result.exit_code == 1 and result.output.startswith("Error: the evaluation was scored by another classifier")
+    assert "not the headline scores; evaluate without --classifier" in result.output and not out.exists()
+    by_evaluator = ["evaluate", "--generator", str(tiny_onnx), "--data-dir", str(tiny_mnist), "--num-samples", "100"]
+    evaluation = CliRunner().invoke(main, [*by_evaluator, "--json"])
+    quality.write_text(evaluation.output)
+    result = CliRunner().invoke(main, export)
     assert result.exit_code == 0, result.output
     metadata = DigitGenerator.from_path(out, "cpu").info.metadata
     scores = json.loads(evaluation.output.strip().splitlines()[-1])["generated"]
@@ -136,6 +143,7 @@ def test_export_stores_evaluation_as_metadata(
         evaluated.sha256,
         evaluated.sha256_without_metadata,
     )
+    assert scored["classifier_sha256"] == ReferenceClassifier().sha256
     assert DigitGenerator.from_path(out, "cpu").sha256_without_metadata == evaluated.sha256_without_metadata
 
     # figures measured on another model are refused: here the fp32 model's, for an fp16 export
@@ -165,7 +173,7 @@ def test_export_stores_evaluation_as_metadata(
     assert not (tmp_path / "h.onnx").exists()
 
     # scores of truncated digits are not the model's: refused, not stored as its quality
-    args = [*evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist), "--truncation", "0.5", "--json"]
+    args = [*by_evaluator, "--truncation", "0.5", "--json"]
     truncated = CliRunner().invoke(main, args)
     assert json.loads(truncated.output.strip().splitlines()[-1])["truncation"] == 0.5
     quality.write_text(truncated.output.strip().splitlines()[-1])
