@@ -35,15 +35,16 @@ def _varint(data: memoryview, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def _value_end(message: memoryview, pos: int, wire_type: int) -> int:
-    """The offset past a value of ``wire_type`` (not a group) that starts at ``pos``."""
+def _value(message: memoryview, pos: int, wire_type: int) -> tuple[int, int]:
+    """(offset of its contents, offset past it) of a value of ``wire_type`` (not a group) that starts at ``pos``:
+    a length-delimited value's contents begin after its length."""
     if wire_type == VARINT:
-        return _varint(message, pos)[1]
+        return pos, _varint(message, pos)[1]
     if wire_type in (FIXED64, FIXED32):
-        return pos + (8 if wire_type == FIXED64 else 4)
+        return pos, pos + (8 if wire_type == FIXED64 else 4)
     if wire_type == LENGTH_DELIMITED:
-        size, value = _varint(message, pos)
-        return value + size
+        size, contents = _varint(message, pos)
+        return contents, contents + size
     raise ValueError(f"unsupported wire type {wire_type}")
 
 
@@ -62,7 +63,7 @@ def _group_end(message: memoryview, pos: int, number: int) -> int:
             if open_groups.pop() != inner:
                 raise ValueError("a group ends with another group's number")
         else:
-            pos = _value_end(message, pos, wire_type)
+            pos = _value(message, pos, wire_type)[1]
             if pos > len(message):
                 raise ValueError("truncated field")
     return pos
@@ -80,9 +81,7 @@ def _spans(message: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
         elif wire_type == END_GROUP:
             raise ValueError("a group ends that never started")
         else:
-            pos = _value_end(message, value, wire_type)
-            if wire_type == LENGTH_DELIMITED:
-                value = _varint(message, value)[1]
+            value, pos = _value(message, value, wire_type)
         if pos > len(message):
             raise ValueError("truncated field")
         yield number, wire_type, start, value, pos

@@ -42,9 +42,8 @@ LOGGED_TARGET = 1024  # characters of a request's path and query in its access-l
 LOGGED_METHOD = 32  # characters of a request's method there (the longest registered method has 17)
 LOGGED_CLIENT = 64  # characters of the client's address there (an IPv6 one has at most 45)
 ACCESS_LOG = logging.getLogger("digitgen.serve.access")
-_OWN_HANDLER = (
-    "digitgen-access-stderr"  # the name of the access log's own handler, where nothing above it takes its lines
-)
+# the name of the access log's own handler, where nothing above it takes its lines
+_OWN_HANDLER = "digitgen-access-stderr"
 
 
 def route_access_log() -> None:
