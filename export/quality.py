@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from digitgen.export.errors import ExportError
+from digitgen.runtime.evaluate import MNIST_SHA256
 from digitgen.runtime.files import readable_file
 from digitgen.runtime.generator import default_model_path
 from digitgen.runtime.session import model_sha256
@@ -86,6 +87,15 @@ def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str
             f"the evaluation scored digits drawn with truncation {evaluation['truncation']}, not the model's own "
             "distribution; evaluate without --truncation"
         )
+    data = evaluation.get("data_sha256")  # none either in an evaluation older than this record
+    if data is not None:
+        other = [name for name, sha in MNIST_SHA256.items() if not isinstance(data, Mapping) or data.get(name) != sha]
+        if other:
+            raise ExportError(
+                f"the evaluation scored the digits against other data than MNIST's {' and '.join(other)} "
+                f"split{'s' if len(other) > 1 else ''} (by its data_sha256): its figures are not the headline "
+                "scores; evaluate with --data-dir holding MNIST"
+            )
     generated, real = _section(evaluation, "generated"), _section(evaluation, "real")
     samples, per_digit = generated.get("num_samples"), generated.get("per_digit_accuracy")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -26,6 +27,11 @@ MIN_SAMPLES = 100  # generated digits scored at least: fewer make a meaningless 
 MAX_SAMPLES = 60_000  # generated digits scored at most: as many as the real ones they are compared with
 Progress = Callable[[int], None]
 Split = tuple[np.ndarray, np.ndarray]  # MNIST images and their labels
+# MNIST's own splits by split_sha256: what an evaluation must have scored against for its figures to be the model's
+MNIST_SHA256 = {
+    "test": "c3f9adf9c66efb572b1f9326c3a511b45910c7173b97be66ceceeeeaef6b802b",
+    "train": "edc0d1098aa497be14ace79ddd5171e5a3dcf9c4d196c015389203eb3ba1f59b",
+}
 
 
 class ReferenceClassifier:
@@ -183,6 +189,7 @@ class Evaluation:
     model_sha256: str | None = None  # of the scored model (DigitGenerator.sha256)
     model_sha256_without_metadata: str | None = None  # the same less its metadata, as `export --quality` checks
     classifier_sha256: str | None = None  # of the classifier that scored it (ReferenceClassifier.sha256)
+    data_sha256: dict[str, str] | None = None  # of the test and train splits scored against (split_sha256)
 
     def to_dict(self) -> dict[str, dict | float | str | None]:
         """The figures as plain data, as ``digitgen evaluate --json`` prints them."""
@@ -226,6 +233,14 @@ def _ratio(generated: float, real: float, decimals: int, round_up: bool = False)
 def _worst(per_digit: list[float | None]) -> str:
     digit = min((d for d, accuracy in enumerate(per_digit) if accuracy is not None), key=per_digit.__getitem__)
     return f"{per_digit[digit]:.2%} (digit {digit})"
+
+
+def split_sha256(split: Split) -> str:
+    """sha256 of a split's pixels, then its labels, a byte each: of its IDX files' contents after their headers."""
+    images, labels = split
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    digest.update(np.asarray(labels).astype(np.uint8).tobytes())
+    return digest.hexdigest()
 
 
 def evaluation_work(num_test: int, num_train: int, num_samples: int) -> int:
@@ -308,4 +323,5 @@ def evaluate(
         model_sha256=generator.sha256,
         model_sha256_without_metadata=scored,
         classifier_sha256=classifier.sha256,
+        data_sha256={"test": split_sha256(test), "train": split_sha256(train)},
     )

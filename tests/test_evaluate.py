@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from digitgen.cli import main
 from digitgen.runtime import DigitGenerator, InvalidRequestError, ModelContractError, default_model_path
 from digitgen.runtime.evaluate import (
+    MNIST_SHA256,
     Evaluation,
     ReferenceClassifier,
     Scores,
@@ -25,8 +27,10 @@ from digitgen.runtime.evaluate import (
     knn_radii,
     label_accuracy,
     score,
+    split_sha256,
 )
 from digitgen.runtime.idx import read_mnist_split
+from tests.conftest import SHARED_MNIST
 
 
 def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift() -> None:
@@ -129,14 +133,30 @@ def test_export_stores_evaluation_as_metadata(
     assert "not the headline scores; evaluate without --classifier" in result.output and not out.exists()
     by_evaluator = ["evaluate", "--generator", str(tiny_onnx), "--data-dir", str(tiny_mnist), "--num-samples", "100"]
     evaluation = CliRunner().invoke(main, [*by_evaluator, "--json"])
+    scored = json.loads(evaluation.output.strip().splitlines()[-1])
+    # scored against the tiny data, not MNIST's splits: not the model's headline scores either
+    assert scored["data_sha256"] == {
+        "test": split_sha256(read_mnist_split(tiny_mnist, "t10k")),
+        "train": split_sha256(read_mnist_split(tiny_mnist, "train")),
+    }
     quality.write_text(evaluation.output)
+    result = CliRunner().invoke(main, export)
+    assert (result.exit_code, result.output) == (
+        1,
+        "Error: the evaluation scored the digits against other data than MNIST's test and train splits (by its "
+        "data_sha256): its figures are not the headline scores; evaluate with --data-dir holding MNIST\n",
+    )
+    assert not out.exists()
+    quality.write_text(json.dumps({**scored, "data_sha256": {**MNIST_SHA256, "train": "0" * 64}}))
+    result = CliRunner().invoke(main, export)
+    assert result.exit_code == 1 and "other data than MNIST's train split (by" in result.output, result.output
+    scored["data_sha256"] = MNIST_SHA256  # as if scored against MNIST
+    quality.write_text(json.dumps(scored))
     result = CliRunner().invoke(main, export)
     assert result.exit_code == 0, result.output
     metadata = DigitGenerator.from_path(out, "cpu").info.metadata
-    scores = json.loads(evaluation.output.strip().splitlines()[-1])["generated"]
-    assert float(metadata["quality_fid"]) == pytest.approx(scores["fid"], abs=5e-5)  # stored with 4 decimals
+    assert float(metadata["quality_fid"]) == pytest.approx(scored["generated"]["fid"], abs=5e-5)  # 4 decimals
     assert metadata["quality_num_samples"] == "100"
-    scored = json.loads(evaluation.output.strip().splitlines()[-1])
     evaluated = DigitGenerator.from_path(tiny_onnx, "cpu")
     assert (scored["seed"], scored["model_sha256"], scored["model_sha256_without_metadata"]) == (
         0,
@@ -187,6 +207,23 @@ def test_export_stores_evaluation_as_metadata(
         "without --truncation\n",
     )
     assert not (tmp_path / "h.onnx").exists()
+
+
+def test_a_split_is_hashed_as_its_idx_files_hold_it_after_their_headers(tiny_mnist: Path) -> None:
+    raw = tiny_mnist / "MNIST" / "raw"
+    images, labels = (raw / "t10k-images-idx3-ubyte").read_bytes(), (raw / "t10k-labels-idx1-ubyte").read_bytes()
+    expected = hashlib.sha256(images[16:] + labels[8:]).hexdigest()
+    assert split_sha256(read_mnist_split(tiny_mnist, "t10k")) == expected
+
+
+@pytest.mark.skipif(
+    not (SHARED_MNIST / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file(), reason="MNIST is not beside the repo"
+)
+def test_mnist_sha256_names_the_real_mnist_splits() -> None:
+    assert {name: split_sha256(read_mnist_split(SHARED_MNIST, split)) for name, split in SPLITS} == MNIST_SHA256
+
+
+SPLITS = (("test", "t10k"), ("train", "train"))
 
 
 def test_knn_radius_is_the_fifth_neighbour() -> None:
