@@ -244,8 +244,10 @@ class Integer(click.IntRange):
     name = "integer"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, str) and not INTEGER_TEXT.fullmatch(value):
-            self.fail(f"{quoted(value)} is not a valid integer.", param, ctx)
+        if isinstance(value, str):
+            if not INTEGER_TEXT.fullmatch(value):
+                self.fail(f"{quoted(value)} is not a valid integer.", param, ctx)
+            value = value.strip()  # all the space the pattern takes: int() leaves U+001C-U+001F in place
         return super().convert(value, param, ctx)
 
 
@@ -254,8 +256,10 @@ class FiniteFloat(click.FloatRange):
     through), no underscores, only the digits 0-9."""
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, str) and not DECIMAL_TEXT.fullmatch(value):
-            self.fail(f"{quoted(value)} is not a finite number", param, ctx)
+        if isinstance(value, str):
+            if not DECIMAL_TEXT.fullmatch(value):
+                self.fail(f"{quoted(value)} is not a finite number", param, ctx)
+            value = value.strip()  # as in Integer
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{quoted(value)} is not a finite number", param, ctx)

@@ -35,8 +35,9 @@ def integer_digits(match: re.Match[str]) -> str:
 
 def read_number(text: str | None) -> float | str | None:
     """``text`` as a float when it is a decimal number, else ``text`` itself for the runtime's check to refuse
-    by name (Python's float() takes "1_0", " 2", "nan" and "infinity" too)."""
-    return float(text) if text is not None and DECIMAL_TEXT.fullmatch(text) else text
+    by name (Python's float() takes "1_0", " 2", "nan" and "infinity" too). The space around it is what ``\\s``
+    matches, str.isspace()'s, of which float() leaves U+001C-U+001F in place: it is stripped first."""
+    return float(text.strip()) if text is not None and DECIMAL_TEXT.fullmatch(text) else text
 
 
 # escaped: control characters, invisible format characters (bidirectional overrides, zero-width ones), the line

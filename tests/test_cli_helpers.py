@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 import digitgen.cli as cli
-from digitgen.cli import _format_progress, _StopOnce, install_command, main
+from digitgen.cli import FiniteFloat, Integer, _format_progress, _StopOnce, install_command, main
 from digitgen.export.quality import QualityFileError, read_evaluation
 from digitgen.runtime.idx import DEFAULT_MNIST_ROOT
+from digitgen.runtime.text import read_integer, read_number
 from digitgen.training.run import resume_with
 from tests.conftest import REPO
 from tests.helpers import PIP
@@ -280,3 +281,15 @@ def test_a_file_option_ending_in_a_slash_is_refused(tmp_path: Path, args: list[s
     assert result.exit_code == 2, result.output
     assert f"'{folder}/' ends in a slash, so it names a folder; give a file's name" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+PYTHON_SPACE = "".join(chr(code) for code in range(0x3001) if chr(code).isspace())  # what \s matches, to U+3000
+
+
+@pytest.mark.parametrize("space", PYTHON_SPACE, ids=lambda space: f"U+{ord(space):04X}")
+def test_a_number_in_any_space_the_patterns_take_is_read_not_a_crash(space: str) -> None:
+    """int() and float() strip less than \\s takes (not U+001C-U+001F): such a value was a ValueError in the server
+    (a 500) and Python's own words in the CLI; now it reads as the page reads it."""
+    assert read_number(f"{space}1.5{space}") == 1.5 and read_integer(f"{space}05{space}") == 5
+    assert Integer(min=1).convert(f"{space}5", None, None) == 5
+    assert FiniteFloat(min=0).convert(f"2.5{space}", None, None) == 2.5
