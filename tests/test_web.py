@@ -537,6 +537,21 @@ def test_a_link_the_page_cannot_read_whole_is_named_on_the_page(
         page.close()
 
 
+@pytest.mark.parametrize(
+    ("query", "shown"), [("digit=1&digits=", ["", "20"]), ("digits=1&digit=2", ["1", "20"]), ("count=5&n=6", ["", "5"])]
+)
+def test_a_link_giving_both_spellings_shows_the_fields_own(
+    browser: Browser, base_url: str, query: str, shown: list[str]
+) -> None:
+    """Refused as given twice, and the field holds the value its own name gave, which the field's words quote."""
+    page = open_page(browser, f"{base_url}index.html?{query}")
+    try:
+        assert page.evaluate("document.body.dataset.state") == "error"
+        assert [page.input_value(f"#{field}") for field in ("digits", "count")] == shown
+    finally:
+        page.close()
+
+
 def test_a_link_takes_the_apis_count_and_digit(browser: Browser, base_url: str) -> None:
     """And passes over what sharing platforms add to a link (fbclid, utm_*): not the user's parameters."""
     page = open_page(browser, f"{base_url}index.html?count=12&digit=%2B07&seed=4&utm_source=x&fbclid=abc")

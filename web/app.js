@@ -368,7 +368,8 @@ function linkProblems(gen) {
 
 async function main() {
   for (const [param, field] of Object.entries(FIELD_PARAMS)) {
-    if (params.has(param)) $(field).value = params.get(param);
+    // the field's own name wins (digits over digit, count over n): the words that refuse both quote its value
+    if (params.has(param) && (param === field || !params.has(field))) $(field).value = params.get(param);
   }
   try {
     // Imported here, not at the top, so that a runtime that fails to load is reported on the page.
