@@ -150,6 +150,8 @@ def check_path(value: object, name: str) -> Path:
         path = os.fspath(value)
         if path == "":  # Path("") is the current folder, which no one meant without saying so
             raise InvalidRequestError(f"{name} is an empty path; name a file or folder ('.' for the current folder)")
+        if isinstance(path, str) and "\0" in path:  # no file name holds one: os.stat() raises ValueError
+            raise InvalidRequestError(f"{name} {quoted(path)} holds a NUL character, which no file name can")
         if isinstance(path, str):
             return Path(path)
     raise InvalidRequestError(f"{name} must be a path (a str or a pathlib.Path), got {type(value).__name__} {value!r}")

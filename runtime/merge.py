@@ -7,7 +7,7 @@ from pathlib import Path
 from digitgen.runtime.encode import npz_bytes
 from digitgen.runtime.errors import InvalidRequestError, OutputError
 from digitgen.runtime.files import atomic_file, atomic_files, readable_file, refuse_existing
-from digitgen.runtime.generator import check_flag
+from digitgen.runtime.generator import check_flag, check_path
 from digitgen.runtime.idx import read_idx
 from digitgen.runtime.layout import holds_pngs, output_names
 from digitgen.runtime.run_record import check_against_record, common_record
@@ -17,7 +17,7 @@ from digitgen.runtime.shards import check_shard_sizes, concat_idx, concat_npz, f
 def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> list[Path]:
     """Join the shard files of ``fmt`` ("idx" or "npz") in ``out_dir`` into the unsharded files."""
     check_flag(overwrite, "overwrite")
-    out_dir = Path(out_dir)
+    out_dir = check_path(out_dir, "the shards' directory")
     if fmt not in ("idx", "npz"):
         raise InvalidRequestError(f"merge joins idx or npz shards, not {fmt!r}")
     if not out_dir.is_dir():

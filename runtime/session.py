@@ -20,6 +20,7 @@ from digitgen.runtime.errors import (
     ProviderUnavailableError,
 )
 from digitgen.runtime.external_data import external_data_files, without_metadata
+from digitgen.runtime.text import quoted
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PROVIDER_CHOICES = ("auto", *PROVIDERS)
@@ -131,15 +132,23 @@ def _checked_locations(locations: list[str], path: Path) -> list[Path]:
     folder = path.parent.resolve()
     for location in locations:
         file = path.parent / location
-        outside = Path(location).is_absolute() or ".." in Path(location).parts
-        # a symbolic link that leads out of the folder leaves it as `..` does
-        if not location or outside or not file.resolve().is_relative_to(folder):
+        try:
+            outside = Path(location).is_absolute() or ".." in Path(location).parts
+            # a symbolic link that leads out of the folder leaves it as `..` does
+            inside = bool(location) and not outside and file.resolve().is_relative_to(folder)
+            regular, exists = file.is_file(), file.exists()
+        except (OSError, ValueError, RuntimeError) as exc:  # a name too long, a NUL, a loop of links (3.11's error)
+            reason = "a loop of symbolic links" if isinstance(exc, RuntimeError) else getattr(exc, "strerror", None)
             raise InvalidModelError(
-                f"{path} keeps tensors in {location!r}, which is not a path inside its folder; external data "
+                f"{path} keeps tensors in {quoted(location)}, which cannot be read ({reason or exc})"
+            ) from None
+        if not inside:
+            raise InvalidModelError(
+                f"{path} keeps tensors in {quoted(location)}, which is not a path inside its folder; external data "
                 "lies beside the model"
             )
-        if not file.is_file():
-            what = "does not exist" if not file.exists() else "is not a regular file (a folder, a pipe or a device)"
+        if not regular:
+            what = "does not exist" if not exists else "is not a regular file (a folder, a pipe or a device)"
             raise InvalidModelError(f"{path} keeps tensors in {file}, which {what}")
         files.append(file)
     return files
@@ -201,8 +210,8 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         found = path.stat()
     except (FileNotFoundError, NotADirectoryError):
         raise ModelNotFoundError(f"model not found: {path}") from None
-    except OSError as exc:  # a name too long, a loop of links, a folder that cannot be searched
-        raise InvalidModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
+    except (OSError, ValueError) as exc:  # a name too long, a loop of links, a folder not searchable, a NUL
+        raise InvalidModelError(f"cannot read model {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     if not stat.S_ISREG(found.st_mode):
         raise InvalidModelError(f"model path is not a file: {path}")
     size = found.st_size

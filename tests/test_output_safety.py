@@ -44,6 +44,7 @@ from digitgen.runtime.files import (
 )
 from digitgen.runtime.idx import read_idx
 from digitgen.runtime.layout import FORMATS, PNG_NAME, png_name
+from digitgen.runtime.merge import merge_shards
 from digitgen.runtime.writers import plan_generation
 from digitgen.training.checkpoint import FORMAT_VERSION
 from tests.test_export import EVALUATION
@@ -201,6 +202,19 @@ def test_arguments_of_the_wrong_type_are_refused_before_any_file_or_folder(gen: 
             [], out, "png", 4, on_batch=3
         ),
         "the model's path must be a path (a str or a pathlib.Path), got int 5": lambda: DigitGenerator.from_path(5),
+        # no file name holds a NUL: os.stat()'s ValueError had come through untyped
+        "the model's path 'a\\x00b' holds a NUL character, which no file name can": lambda: DigitGenerator.from_path(
+            "a\0b"
+        ),
+        "the output directory 'x\\x00y' holds a NUL character, which no file name can": lambda: generate_files(
+            gen, "x\0y", 3
+        ),
+        "the shards' directory must be a path (a str or a pathlib.Path), got bytes b'dir'": lambda: merge_shards(
+            b"dir", "idx"
+        ),
+        "the shards' directory is an empty path; name a file or folder ('.' for the current folder)": lambda: (
+            merge_shards("", "idx")
+        ),
     }
     for message, call in calls.items():
         with pytest.raises(InvalidRequestError) as refused:

@@ -327,7 +327,12 @@ NOT_A_FILE = "which is not a regular file (a folder, a pipe or a device)"
         ("null", "'null'", OUTSIDE),  # a link to /dev/null
         ("out.bin", "'out.bin'", OUTSIDE),  # a link to ../weights.bin: it would be hashed, however large
         ("gone.bin", "{folder}/gone.bin", "which does not exist"),
+        # names no file can have, or whose path cannot be followed: refused in words, not a traceback
+        ("loop.bin", "'loop.bin'", "which cannot be read (a loop of symbolic links)"),
+        ("w\0b.bin", "'w\\x00b.bin'", "which cannot be read (embedded null byte)"),
+        ("w" * 5000, "'" + "w" * 1023 + "... (5,000 characters)", "which cannot be read (File name too long)"),
     ],
+    ids=lambda value: repr(value)[:24],
 )
 def test_external_data_outside_the_folder_or_not_a_file_is_refused_before_it_is_read(
     tmp_path: Path, location: str, named: str, why: str
@@ -339,6 +344,7 @@ def test_external_data_outside_the_folder_or_not_a_file_is_refused_before_it_is_
     (folder / "sub").mkdir()
     (folder / "null").symlink_to("/dev/null")
     (folder / "out.bin").symlink_to(tmp_path / "weights.bin")
+    (folder / "loop.bin").symlink_to("loop.bin")
     path = _split_model_naming(folder, location)
     (tmp_path / "weights.bin").write_bytes((folder / "weights.bin").read_bytes())  # what ../ would reach
     with pytest.raises(InvalidModelError) as refused:
