@@ -87,6 +87,11 @@ def shown_array(value: object) -> str:
     return f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
 
 
+# how far outside 0 to 1 a pixel may lie: half a grey level, which rounding takes back (float error is 1e-7), not a
+# graph that returns tanh's -1 to 1 or 0 to 255, whose digits the clip below would turn to flat squares
+PIXEL_SLACK = 0.5 / 255
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """(B, 1, 28, 28) floats in [0, 1] -> (B, 28, 28) uint8."""
     return np.rint(np.clip(images[:, 0], 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -294,8 +299,12 @@ class DigitGenerator:
                 f"{self.path}: the model returned 'image' of shape {images.shape} ({images.dtype}) for "
                 f"{len(z)} digits, not {expected} (float32)"
             )
-        if not np.isfinite(images).all():  # NaN would become black pixels, silently
-            raise ModelContractError(f"{self.path}: the model returned pixels that are NaN or infinite, not 0 to 1")
+        if not (images.min() >= -PIXEL_SLACK and images.max() <= 1 + PIXEL_SLACK):  # false for a NaN too
+            if not np.isfinite(images).all():  # NaN would become black pixels, silently
+                raise ModelContractError(f"{self.path}: the model returned pixels that are NaN or infinite, not 0 to 1")
+            raise ModelContractError(
+                f"{self.path}: the model returned pixels outside 0 to 1, not finished pixels (0 black, 1 white)"
+            )
         return images
 
     def _check_inputs(self, z: object, labels: object) -> None:

@@ -117,14 +117,20 @@ def write_npz_declaring(path: Path, shape: tuple[int, ...]) -> None:
         archive.writestr("labels.npy", labels.getvalue())
 
 
-def nan_pixels(model: onnx.ModelProto) -> None:
-    """The output times NaN: a model that keeps the contract's shapes and runs, but whose pixels are not numbers."""
+def scaled_pixels(model: onnx.ModelProto, factor: float) -> None:
+    """The output times ``factor``: a model that keeps the contract's shapes and runs, but whose pixels are not
+    0 to 1 (255: a byte's scale) or not numbers (NaN)."""
     from onnx import helper, numpy_helper
 
     for node in model.graph.node:
-        node.output[:] = ["before_nan" if name == "image" else name for name in node.output]
-    model.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan"))
-    model.graph.node.append(helper.make_node("Mul", ["before_nan", "nan"], ["image"]))
+        node.output[:] = ["unscaled" if name == "image" else name for name in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(factor, np.float32), "factor"))
+    model.graph.node.append(helper.make_node("Mul", ["unscaled", "factor"], ["image"]))
+
+
+def nan_pixels(model: onnx.ModelProto) -> None:
+    """The output times NaN: pixels that are not numbers."""
+    scaled_pixels(model, np.nan)
 
 
 def endless_loop(model: onnx.ModelProto) -> None:

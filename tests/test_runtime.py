@@ -34,7 +34,7 @@ from digitgen.runtime.evaluate import ReferenceClassifier
 from digitgen.runtime.external_data import external_data_files, without_metadata
 from digitgen.runtime.generator import empty_digits, fill_digits, to_uint8
 from digitgen.runtime.session import external_files, model_sha256, ort_reason
-from tests.helpers import nan_pixels
+from tests.helpers import nan_pixels, scaled_pixels
 
 
 @pytest.fixture(scope="module")
@@ -537,6 +537,32 @@ def test_a_model_that_returns_nan_is_refused_not_drawn_black(tmp_path: Path, tin
     generator = DigitGenerator.from_path(_rewrite(tiny_onnx, tmp_path, nan_pixels))
     with pytest.raises(ModelContractError, match=r"edited.onnx: the model returned pixels that are NaN or infinite"):
         generator.generate(3)
+
+
+@pytest.mark.parametrize("factor", [255.0, -1.0, 1.01])
+def test_a_model_whose_pixels_are_not_0_to_1_is_refused_not_clipped_to_flat_squares(
+    tmp_path: Path, factor: float
+) -> None:
+    """A graph without the contract's last step (tanh's -1 to 1, or bytes' 0 to 255) had written white or black
+    squares with exit 0: the writer's clip took any value. The shipped model, whose digits reach 1."""
+    generator = DigitGenerator.from_path(
+        _rewrite(default_model_path(), tmp_path, lambda model: scaled_pixels(model, factor))
+    )
+    with pytest.raises(ModelContractError) as refused:
+        generator.generate(20)
+    assert str(refused.value) == (
+        f"{tmp_path / 'edited.onnx'}: the model returned pixels outside 0 to 1, not finished pixels (0 black, 1 white)"
+    )
+
+
+def test_pixels_past_0_to_1_by_less_than_half_a_grey_level_are_taken(tmp_path: Path) -> None:
+    """Float error (about 1e-7 below 0 in the shipped model) is no contract breach: rounding takes it back."""
+    scaled = _rewrite(default_model_path(), tmp_path, lambda model: scaled_pixels(model, 1 + 0.4 / 255))
+    generator = DigitGenerator.from_path(scaled, "cpu")
+    z = np.random.default_rng(0).standard_normal((20, generator.latent_dim)).astype(np.float32)
+    raw = generator.run(z, np.arange(20, dtype=np.int64) % 10)
+    assert 1 < raw.max() <= 1 + 0.5 / 255  # past 1, by less than half a grey level
+    assert generator.generate(20).images.max() == 255
 
 
 def test_unknown_provider(tiny_onnx: Path) -> None:

@@ -31,7 +31,7 @@ from digitgen.runtime.generator import (
 )
 from digitgen.runtime.noise import MAX_SEED, standard_normal
 from digitgen.runtime.text import read_integer, read_number
-from tests.helpers import nan_pixels, shape_hidden_from_inference
+from tests.helpers import nan_pixels, scaled_pixels, shape_hidden_from_inference
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -631,7 +631,7 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     helper.set_model_props(model, {**python_gen.info.metadata, "num_classes": "100000"})
-    names = ("renamed", "truncated", "small_images", "nan_pixels", "odd_metadata")
+    names = ("renamed", "truncated", "small_images", "nan_pixels", "odd_metadata", "byte_pixels")
     paths = [dist / f"_test_{name}.onnx" for name in names]
     onnx.save(model, paths[0])
     paths[1].write_bytes((dist / "generator.onnx").read_bytes()[:5000])
@@ -642,6 +642,9 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
     odd = onnx.load(dist / "generator.onnx")  # a model that runs, with quality figures that are not numbers
     helper.set_model_props(odd, {**python_gen.info.metadata, "quality_fid": "n/a", "quality_recall": " "})
     onnx.save(odd, paths[4])
+    byte_scale = onnx.load(dist / "generator.onnx")  # pixels 0 to 255: clipped, they were white squares
+    scaled_pixels(byte_scale, 255.0)
+    onnx.save(byte_scale, paths[5])
     yield
     for path in paths:
         path.unlink()
@@ -704,6 +707,10 @@ def test_a_model_that_fails_to_load_is_named_with_every_bad_field_the_link_fille
         ),
         # as the Python runtime refuses it, not drawn as a black sheet
         ("model=_test_nan_pixels.onnx", ["_test_nan_pixels.onnx: the model returned pixels that are NaN or infinite"]),
+        (
+            "model=_test_byte_pixels.onnx",
+            ["_test_byte_pixels.onnx: the model returned pixels outside 0 to 1, not finished pixels"],
+        ),
     ],
 )
 def test_model_failures_show_on_the_page(browser: Browser, base_url: str, query: str, messages: list[str]) -> None:

@@ -14,6 +14,9 @@ import * as ort from "./ort.wasm.min.mjs";
 export const NOISE_SCHEME = "splitmix64-boxmuller-v1";
 export const CONTRACT_VERSION = "1";
 export const IMAGE_SIZE = 28;
+// how far outside 0 to 1 a pixel may lie, as the Python runtime's PIXEL_SLACK: half a grey level, which rounding
+// takes back, not a graph that returns -1 to 1 or 0 to 255
+const PIXEL_SLACK = 0.5 / 255;
 export const MAX_LATENT_DIM = 4096; // bounds of the contract check, as runtime/contract.py
 export const MAX_CLASSES = 256;
 export const MAX_SEED = 2n ** 64n - 1n;
@@ -611,9 +614,14 @@ export class DigitGenerator {
           `digits, not (${expected.join(", ")}) (float32)`,
       );
     }
-    if (!data.every(Number.isFinite)) {
-      // NaN would become black pixels, silently
-      throw new ModelContractError(`${this.source}: the model returned pixels that are NaN or infinite, not 0 to 1`);
+    if (!data.every((pixel) => pixel >= -PIXEL_SLACK && pixel <= 1 + PIXEL_SLACK)) {
+      // false for NaN too, which would become black pixels, silently
+      if (!data.every(Number.isFinite)) {
+        throw new ModelContractError(`${this.source}: the model returned pixels that are NaN or infinite, not 0 to 1`);
+      }
+      throw new ModelContractError(
+        `${this.source}: the model returned pixels outside 0 to 1, not finished pixels (0 black, 1 white)`,
+      );
     }
     return data;
   }
