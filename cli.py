@@ -177,11 +177,21 @@ class Interrupted(Exception):
     The group says it as an error and exits 130, as for any stop."""
 
 
+class _Stopped(Exception):
+    """A stop signal that ended a command, carried past Click, which would write a blank line to stderr first."""
+
+
 class OneLineErrors(click.Group):
     """A group whose errors are one line on stderr: no usage block, no traceback; its commands take each option
     once."""
 
     command_class = OptionsOnce
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Stopped from exc
 
     def main(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override]
         kwargs["standalone_mode"] = False
@@ -214,7 +224,9 @@ class OneLineErrors(click.Group):
             _fail(f"this needs the {extra} extra ({exc.name} is not installed): {install_command(extra)}")
         except Interrupted as exc:
             _fail(f"interrupted; {exc}", 130)
-        except (click.Abort, KeyboardInterrupt):  # KeyboardInterrupt: a stop signal held while the command loaded
+        except (click.Abort, KeyboardInterrupt, _Stopped):  # KeyboardInterrupt: held while the command loaded
+            if sys.stderr.isatty():  # the line a terminal's ^C was echoed on ends first
+                click.echo(err=True)
             _fail("interrupted; no file was left half-written", 130)
         sys.exit(result if isinstance(result, int) else 0)
 

@@ -20,6 +20,7 @@ from digitgen.export.verify import ContractGenerator, ParityReport, verify_parit
 from digitgen.runtime.contract import CONTRACT_VERSION
 from digitgen.runtime.errors import InvalidModelError
 from digitgen.runtime.files import folder_problem, publish_all, refuse_existing, refuse_one_file_twice
+from digitgen.runtime.signals import interrupts_held
 from digitgen.training.checkpoint import release_weights, write_payload
 from digitgen.training.state import load_generator
 
@@ -58,17 +59,6 @@ def contract_metadata(payload: Mapping[str, object]) -> dict[str, str]:
 STACK_TRACE = "pkg.torch.onnx.stack_trace"
 
 
-def _interrupted(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised because of a KeyboardInterrupt, somewhere along its chain of causes."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 def to_onnx(
     model: torch.nn.Module,
     example: tuple[torch.Tensor, ...],
@@ -81,10 +71,12 @@ def to_onnx(
     of every input is ``batch``.
 
     The first input names the axis; the others follow it (torch.export unifies them), and the
-    outputs inherit it.
+    outputs inherit it. Ctrl-C, SIGTERM and SIGHUP wait for the export (seconds), then stop the caller: raised
+    while torch's C++ dispatcher calls into Python to trace, a KeyboardInterrupt cannot pass back through it and
+    the process aborts (SIGABRT, a C++ trace, the temporary file left behind).
     """
     dynamic_shapes = ({0: "batch"}, *({0: torch.export.Dim.DYNAMIC} for _ in example[1:]))
-    try:
+    with interrupts_held():
         torch.onnx.export(
             model,
             example,
@@ -97,10 +89,6 @@ def to_onnx(
             external_data=False,
             verbose=False,
         )
-    except Exception as exc:
-        if _interrupted(exc):  # the exporter wraps a Ctrl-C or SIGTERM that arrives while it works in its own error
-            raise KeyboardInterrupt from exc
-        raise
     exported = onnx.load(str(path))
     written = {entry.domain: entry.version for entry in exported.opset_import}.get("", opset)
     if written != opset:  # the exporter falls back to the opset it can write, with a warning only

@@ -180,6 +180,17 @@ def test_other_errors_are_one_line_on_stderr_with_their_status(exc: BaseExceptio
     assert result.stdout == "" and result.stderr == line + "\n"
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_stop_signal_is_one_line_and_ends_a_terminals_echoed_line_first(monkeypatch, terminal: bool) -> None:
+    """Click writes a blank line to stderr on a KeyboardInterrupt (for the ^C a terminal echoes), then the error
+    came: two lines in a log of a SIGTERM. Now the line is ended only on a terminal."""
+    group = _group_raising(KeyboardInterrupt("SIGTERM"))
+    monkeypatch.setattr(click.testing._NamedTextIOWrapper, "isatty", lambda self: terminal, raising=False)
+    result = CliRunner().invoke(group, ["fail"])
+    assert result.exit_code == 130
+    assert result.stderr == "\n" * terminal + "Error: interrupted; no file was left half-written\n"
+
+
 class Installed:
     """A distribution's record as importlib.metadata gives it: only ``direct_url.json`` is read."""
 

@@ -173,36 +173,6 @@ def test_interrupted_export_leaves_no_file(tmp_path: Path, tiny_checkpoint: Path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_interrupt_the_exporter_wraps_is_an_interrupt(tmp_path: Path, tiny_checkpoint: Path, monkeypatch) -> None:
-    """A Ctrl-C or SIGTERM while torch.onnx.export loads its parts reaches us inside the exporter's own error (here
-    as torch 2.14 does it: an AttributeError while handling the interrupt, then its error from that): the command
-    ends as interrupted (130, one line), not with the exporter's traceback and status 1."""
-
-    def exporter_interrupted(*args, **kwargs):
-        try:
-            try:
-                raise KeyboardInterrupt("SIGTERM")
-            except KeyboardInterrupt:
-                raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")  # noqa: B904
-        except AttributeError as exc:
-            raise RuntimeError("Failed to export the model with torch.export") from exc
-
-    monkeypatch.setattr(onnx_export.torch.onnx, "export", exporter_interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        export_generator(tiny_checkpoint, tmp_path / "g.onnx")
-    out = tmp_path / "cli.onnx"
-    result = CliRunner().invoke(main, ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)])
-    assert (result.exit_code, result.output.strip()) == (130, "Error: interrupted; no file was left half-written")
-    assert list(tmp_path.iterdir()) == []
-
-    def exporter_failed(*args, **kwargs):
-        raise RuntimeError("an exporter bug")
-
-    monkeypatch.setattr(onnx_export.torch.onnx, "export", exporter_failed)
-    with pytest.raises(RuntimeError, match="an exporter bug"):
-        export_generator(tiny_checkpoint, tmp_path / "g.onnx")
-
-
 @pytest.mark.parametrize("opset", [onnx_export.DEFAULT_OPSET, onnx_export.DEFAULT_OPSET + 1])
 def test_a_file_onnxruntime_cannot_load_is_named_as_the_output(
     tmp_path: Path, tiny_checkpoint: Path, monkeypatch, opset: int

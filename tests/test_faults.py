@@ -88,6 +88,50 @@ def test_ctrl_c_during_generation_leaves_no_partial_file(tmp_path: Path, tiny_on
     assert not out.exists()  # nor the folder the run made for them
 
 
+# A stop signal delivered while torch's C++ dispatcher has called back into Python to trace the model (the first
+# such call): a KeyboardInterrupt raised there cannot pass back through C++, and the process had aborted.
+SIGNAL_INSIDE_THE_TRACE = """
+import os, signal, sys
+import torch._library.simple_registry as registry
+from digitgen.cli import main
+called_from_cpp = registry.find_torch_dispatch_rule
+def signalled(*args, **kwargs):
+    registry.find_torch_dispatch_rule = called_from_cpp
+    os.kill(os.getpid(), int(sys.argv[1]))
+    return called_from_cpp(*args, **kwargs)
+registry.find_torch_dispatch_rule = signalled
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize(("command", "signum"), [("export", signal.SIGHUP), ("export-classifier", signal.SIGTERM)])
+def test_a_stop_signal_inside_the_exporters_trace_ends_the_command_as_interrupted(
+    tmp_path: Path, tiny_checkpoint: Path, command: str, signum: int
+) -> None:
+    """Not SIGABRT with a C++ trace and a hidden .part file: the signal waits for the trace, then stops the command
+    (130, one line), and no file is left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    source = (
+        ["--checkpoint", str(tiny_checkpoint)]
+        if command == "export"
+        else ["--weights", str(REPO / "artifacts" / "classifier_weights.pt")]
+    )
+    args = [
+        sys.executable,
+        "-c",
+        SIGNAL_INSIDE_THE_TRACE,
+        str(int(signum)),
+        command,
+        *source,
+        "--out",
+        str(out / "m.onnx"),
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, preexec_fn=default_sigint)
+    assert (done.returncode, done.stderr) == (130, "Error: interrupted; no file was left half-written\n")
+    assert list(out.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def endless_onnx(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = onnx.load(str(tiny_onnx))
