@@ -204,16 +204,22 @@ def test_a_stop_at_the_last_step_with_no_state_to_keep_finishes_the_run(
     assert (result.test_accuracy, result.step) == (never_stopped.test_accuracy, 8)
 
 
-def test_a_run_keeps_its_state_after_each_epoch_but_the_last(
+def test_a_run_keeps_its_state_after_each_epoch_the_last_too(
     small: tuple[MnistTensors, MnistTensors], tmp_path: Path
 ) -> None:
-    """What a run killed outright (no signal it can catch) leaves to resume from."""
+    """What a run killed outright (no signal it can catch) leaves to resume from; after the last epoch too, so that
+    a stop during the test or the export after it loses no training (it had lost the last epoch)."""
     state, saved = tmp_path / "classifier_resume.pt", []
     result = train_classifier(
         *small, epochs=3, state_path=state, progress=lambda step, total: saved.append(state.is_file())
     )
     assert result.step == 12 and saved == [False] * 4 + [True] * 8  # written after step 4; the caller removes it
-    assert load_state(state, recipe_of(small[0], 3, BATCH_SIZE, 0), 12)["step"] == 8
+    last = load_state(state, recipe_of(small[0], 3, BATCH_SIZE, 0), 12)
+    assert last["step"] == 12
+    resumed = train_classifier(*small, epochs=3, state_path=state, resume_from=last)  # nothing left but the test
+    assert (resumed.step, resumed.test_accuracy) == (12, result.test_accuracy)
+    weights, again = result.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(weights[name], again[name]) for name in weights)
 
 
 @pytest.fixture

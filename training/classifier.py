@@ -137,8 +137,9 @@ def train_classifier(
 ) -> ClassifierResult:
     """Adam with a one-cycle schedule and +-2 px shifts; returns the model and its test accuracy.
 
-    With ``state_path``, the training state is written there after each epoch but the last, and after the step
-    at which ``should_stop`` (asked after each step) says to stop: the result then has no test accuracy.
+    With ``state_path``, the training state is written there after each epoch (the last too: a stop during the test
+    or the export that follows then keeps the whole training), and after the step at which ``should_stop`` (asked
+    after each step) says to stop: the result then has no test accuracy.
     ``resume_from`` (what :func:`load_resumable_state` read from that file for this
     recipe) continues to the weights of a run never stopped; removing the file is the caller's."""
     check_classifier_data(train, test, batch_size)
@@ -172,7 +173,7 @@ def train_classifier(
         step += 1
         progress(step, total)
         stop = should_stop()
-        if state_path is not None and (stop or (step < total and step % steps_per_epoch == 0)):
+        if state_path is not None and (stop or step % steps_per_epoch == 0 or step == total):
             save_state(state_path, recipe, step, training_state(parts, rng, order))
         # at the last step too, where a state is kept: the accuracy and what follows are then the resumed run's
         if stop and (step < total or state_path is not None):
