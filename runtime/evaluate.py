@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError
-from digitgen.runtime.generator import DigitGenerator, check_int, default_model_path, empty_digits, fill_digits
+from digitgen.runtime.generator import (
+    DigitGenerator,
+    check_int,
+    check_path,
+    default_model_path,
+    empty_digits,
+    fill_digits,
+)
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason, run_model
 from digitgen.runtime.text import counted
 
@@ -38,7 +45,9 @@ class ReferenceClassifier:
     """The shipped MNIST classifier (ONNX): ``image`` [B,1,28,28] -> ``logits`` [B,10], ``features`` [B,D]."""
 
     def __init__(self, path: str | Path | None = None, provider: str = "cpu") -> None:
-        self.path = Path(path) if path is not None else default_model_path("classifier.onnx")
+        self.path = (
+            check_path(path, "the classifier's path") if path is not None else default_model_path("classifier.onnx")
+        )
         opened = open_session(self.path, provider)
         self._session, self.sha256 = opened.session, opened.sha256  # which classifier scored: the evaluator or not
         names = ([i.name for i in self._session.get_inputs()], [o.name for o in self._session.get_outputs()])

@@ -155,9 +155,9 @@ def check_path(value: object, name: str) -> Path:
         path = os.fspath(value)
         if path == "":  # Path("") is the current folder, which no one meant without saying so
             raise InvalidRequestError(f"{name} is an empty path; name a file or folder ('.' for the current folder)")
-        if isinstance(path, str) and "\0" in path:  # no file name holds one: os.stat() raises ValueError
-            raise InvalidRequestError(f"{name} {quoted(path)} holds a NUL character, which no file name can")
         if isinstance(path, str):
+            if "\0" in path:  # no file name holds one: os.stat() raises ValueError
+                raise InvalidRequestError(f"{name} {quoted(path)} holds a NUL character, which no file name can")
             return Path(path)
     raise InvalidRequestError(f"{name} must be a path (a str or a pathlib.Path), got {type(value).__name__} {value!r}")
 
@@ -299,7 +299,8 @@ class DigitGenerator:
                 f"{self.path}: the model returned 'image' of shape {images.shape} ({images.dtype}) for "
                 f"{len(z)} digits, not {expected} (float32)"
             )
-        if not (images.min() >= -PIXEL_SLACK and images.max() <= 1 + PIXEL_SLACK):  # false for a NaN too
+        # in double precision, as the page compares; false for a NaN too
+        if not (float(images.min()) >= -PIXEL_SLACK and float(images.max()) <= 1 + PIXEL_SLACK):
             if not np.isfinite(images).all():  # NaN would become black pixels, silently
                 raise ModelContractError(f"{self.path}: the model returned pixels that are NaN or infinite, not 0 to 1")
             raise ModelContractError(

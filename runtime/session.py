@@ -132,26 +132,35 @@ def _checked_locations(locations: list[str], path: Path) -> list[Path]:
     folder = path.parent.resolve()
     for location in locations:
         file = path.parent / location
-        try:
-            outside = Path(location).is_absolute() or ".." in Path(location).parts
-            # a symbolic link that leads out of the folder leaves it as `..` does
-            inside = bool(location) and not outside and file.resolve().is_relative_to(folder)
-            regular, exists = file.is_file(), file.exists()
-        except (OSError, ValueError, RuntimeError) as exc:  # a name too long, a NUL, a loop of links (3.11's error)
-            reason = "a loop of symbolic links" if isinstance(exc, RuntimeError) else getattr(exc, "strerror", None)
+        if "\0" in location:  # before any call on it, which would raise ValueError
             raise InvalidModelError(
-                f"{path} keeps tensors in {quoted(location)}, which cannot be read ({reason or exc})"
-            ) from None
-        if not inside:
-            raise InvalidModelError(
-                f"{path} keeps tensors in {quoted(location)}, which is not a path inside its folder; external data "
-                "lies beside the model"
+                f"{path} keeps tensors in {quoted(location)}: a NUL character, which no file name can hold"
             )
-        if not regular:
-            what = "does not exist" if not exists else "is not a regular file (a folder, a pipe or a device)"
-            raise InvalidModelError(f"{path} keeps tensors in {file}, which {what}")
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+            raise InvalidModelError(_outside(path, location))
+        try:
+            found = file.stat()  # follows links: a loop of them is ELOOP, on every Python
+        except FileNotFoundError:
+            raise InvalidModelError(f"{path} keeps tensors in {file}, which does not exist") from None
+        except OSError as exc:  # a name too long, a loop of links, a folder that cannot be searched
+            raise InvalidModelError(
+                f"{path} keeps tensors in {quoted(location)}, which cannot be read ({exc.strerror or exc})"
+            ) from None
+        if not file.resolve().is_relative_to(folder):  # a symbolic link that leads out of the folder, as `..` does
+            raise InvalidModelError(_outside(path, location))
+        if not stat.S_ISREG(found.st_mode):
+            raise InvalidModelError(
+                f"{path} keeps tensors in {file}, which is not a regular file (a folder, a pipe or a device)"
+            )
         files.append(file)
     return files
+
+
+def _outside(path: Path, location: str) -> str:
+    return (
+        f"{path} keeps tensors in {quoted(location)}, which is not a path inside its folder; external data lies beside "
+        "the model"
+    )
 
 
 def model_sha256(model: bytes, path: Path, *, with_metadata: bool = True) -> str:
@@ -210,8 +219,8 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
         found = path.stat()
     except (FileNotFoundError, NotADirectoryError):
         raise ModelNotFoundError(f"model not found: {path}") from None
-    except (OSError, ValueError) as exc:  # a name too long, a loop of links, a folder not searchable, a NUL
-        raise InvalidModelError(f"cannot read model {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    except OSError as exc:  # a name too long, a loop of links, a folder that cannot be searched
+        raise InvalidModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
     if not stat.S_ISREG(found.st_mode):
         raise InvalidModelError(f"model path is not a file: {path}")
     size = found.st_size

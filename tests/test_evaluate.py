@@ -216,14 +216,14 @@ def test_a_split_is_hashed_as_its_idx_files_hold_it_after_their_headers(tiny_mni
     assert split_sha256(read_mnist_split(tiny_mnist, "t10k")) == expected
 
 
+SPLITS = (("test", "t10k"), ("train", "train"))
+
+
 @pytest.mark.skipif(
     not (SHARED_MNIST / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file(), reason="MNIST is not beside the repo"
 )
 def test_mnist_sha256_names_the_real_mnist_splits() -> None:
     assert {name: split_sha256(read_mnist_split(SHARED_MNIST, split)) for name, split in SPLITS} == MNIST_SHA256
-
-
-SPLITS = (("test", "t10k"), ("train", "train"))
 
 
 def test_knn_radius_is_the_fifth_neighbour() -> None:

@@ -33,6 +33,7 @@ from digitgen.runtime import (
     write_digits,
 )
 from digitgen.runtime.encode import png_bytes
+from digitgen.runtime.evaluate import ReferenceClassifier
 from digitgen.runtime.files import (
     atomic_files,
     claim_temporary,
@@ -208,6 +209,9 @@ def test_arguments_of_the_wrong_type_are_refused_before_any_file_or_folder(gen: 
         ),
         "the output directory 'x\\x00y' holds a NUL character, which no file name can": lambda: generate_files(
             gen, "x\0y", 3
+        ),
+        "the classifier's path 'c\\x00.onnx' holds a NUL character, which no file name can": lambda: (
+            ReferenceClassifier("c\0.onnx")
         ),
         "the shards' directory must be a path (a str or a pathlib.Path), got bytes b'dir'": lambda: merge_shards(
             b"dir", "idx"

@@ -328,9 +328,9 @@ NOT_A_FILE = "which is not a regular file (a folder, a pipe or a device)"
         ("out.bin", "'out.bin'", OUTSIDE),  # a link to ../weights.bin: it would be hashed, however large
         ("gone.bin", "{folder}/gone.bin", "which does not exist"),
         # names no file can have, or whose path cannot be followed: refused in words, not a traceback
-        ("loop.bin", "'loop.bin'", "which cannot be read (a loop of symbolic links)"),
-        ("w\0b.bin", "'w\\x00b.bin'", "which cannot be read (embedded null byte)"),
+        ("loop.bin", "'loop.bin'", "which cannot be read (Too many levels of symbolic links)"),
         ("w" * 5000, "'" + "w" * 1023 + "... (5,000 characters)", "which cannot be read (File name too long)"),
+        ("../" + "w" * 5000, "'../" + "w" * 1020 + "... (5,003 characters)", OUTSIDE),  # outside, by its name alone
     ],
     ids=lambda value: repr(value)[:24],
 )
@@ -350,6 +350,13 @@ def test_external_data_outside_the_folder_or_not_a_file_is_refused_before_it_is_
     with pytest.raises(InvalidModelError) as refused:
         DigitGenerator.from_path(path, "cpu")
     assert str(refused.value) == f"{path} keeps tensors in {named.format(folder=folder)}, {why}"
+
+
+def test_external_data_named_with_a_nul_is_refused_in_words(tmp_path: Path) -> None:
+    path = _split_model_naming(tmp_path, "w\0b.bin")
+    with pytest.raises(InvalidModelError) as refused:
+        DigitGenerator.from_path(path, "cpu")
+    assert str(refused.value) == f"{path} keeps tensors in 'w\\x00b.bin': a NUL character, which no file name can hold"
 
 
 def test_external_data_linked_within_the_folder_loads(tmp_path: Path) -> None:
@@ -544,7 +551,7 @@ def test_a_model_whose_pixels_are_not_0_to_1_is_refused_not_clipped_to_flat_squa
     tmp_path: Path, factor: float
 ) -> None:
     """A graph without the contract's last step (tanh's -1 to 1, or bytes' 0 to 255) had written white or black
-    squares with exit 0: the writer's clip took any value. The shipped model, whose digits reach 1."""
+    squares with exit 0: the writer's clip took any value. Made from the shipped model, whose pixels reach 1."""
     generator = DigitGenerator.from_path(
         _rewrite(default_model_path(), tmp_path, lambda model: scaled_pixels(model, factor))
     )

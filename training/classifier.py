@@ -173,7 +173,7 @@ def train_classifier(
         step += 1
         progress(step, total)
         stop = should_stop()
-        if state_path is not None and (stop or step % steps_per_epoch == 0 or step == total):
+        if state_path is not None and (stop or step % steps_per_epoch == 0):
             save_state(state_path, recipe, step, training_state(parts, rng, order))
         # at the last step too, where a state is kept: the accuracy and what follows are then the resumed run's
         if stop and (step < total or state_path is not None):

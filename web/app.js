@@ -368,7 +368,7 @@ function linkProblems(gen) {
 
 async function main() {
   for (const [param, field] of Object.entries(FIELD_PARAMS)) {
-    // the field's own name wins (digits over digit, count over n): the words that refuse both quote its value
+    // the field's own name wins (digits over digit, count over n): what the page then says of the field is of it
     if (params.has(param) && (param === field || !params.has(field))) $(field).value = params.get(param);
   }
   try {
