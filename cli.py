@@ -553,7 +553,11 @@ def _echo_report(report: ParityReport) -> None:
     "--out", default="generator.onnx", show_default=True, type=GivenPath(dir_okay=False), help="ONNX file to write."
 )
 @click.option(
-    "--opset", default=tolerances.DEFAULT_OPSET, show_default=True, type=Integer(min=tolerances.DEFAULT_OPSET)
+    "--opset",
+    default=tolerances.DEFAULT_OPSET,
+    show_default=True,
+    type=Integer(min=tolerances.DEFAULT_OPSET),
+    help=f"ONNX opset to write (the web page runs up to {tolerances.PAGE_OPSET}).",
 )
 @click.option(
     "--precision",
@@ -608,6 +612,12 @@ def export_cmd(
     )
     _echo_report(report)
     _say(f"wrote {out} ({Path(out).stat().st_size / 1e6:.2f} MB), verified on {len(report.cases)} cases")
+    if opset > tolerances.PAGE_OPSET:
+        _say(
+            f"note: the web page's onnxruntime-web runs opsets up to {tolerances.PAGE_OPSET}, so it refuses this "
+            f"file; for the page, export with --opset {tolerances.PAGE_OPSET} or lower",
+            err=True,
+        )
 
 
 @main.command()

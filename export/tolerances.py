@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_OPSET = 18  # the lowest the torch.export-based exporter writes
+PAGE_OPSET = 26  # the newest the web page's onnxruntime-web (1.30.0, web/package.json) runs: the page refuses newer
 
 
 @dataclass(frozen=True)

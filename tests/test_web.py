@@ -7,6 +7,7 @@ import base64
 import functools
 import http.server
 import io
+import json
 import os
 import re
 import shutil
@@ -631,7 +632,7 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     helper.set_model_props(model, {**python_gen.info.metadata, "num_classes": "100000"})
-    names = ("renamed", "truncated", "small_images", "nan_pixels", "odd_metadata", "byte_pixels")
+    names = ("renamed", "truncated", "small_images", "nan_pixels", "odd_metadata", "byte_pixels", "opset_27")
     paths = [dist / f"_test_{name}.onnx" for name in names]
     onnx.save(model, paths[0])
     paths[1].write_bytes((dist / "generator.onnx").read_bytes()[:5000])
@@ -645,6 +646,9 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
     byte_scale = onnx.load(dist / "generator.onnx")  # pixels 0 to 255: clipped, they were white squares
     scaled_pixels(byte_scale, 255.0)
     onnx.save(byte_scale, paths[5])
+    newer = onnx.load(dist / "generator.onnx")  # as `export --opset 27` writes it: past what onnxruntime-web runs
+    next(entry for entry in newer.opset_import if entry.domain in ("", "ai.onnx")).version = 27
+    onnx.save(newer, paths[6])
     yield
     for path in paths:
         path.unlink()
@@ -665,6 +669,16 @@ def test_a_model_that_fails_to_load_is_named_with_every_bad_field_the_link_fille
         assert invalid == ["digits", "count"]
     finally:
         page.close()
+
+
+def test_the_pages_newest_opset_is_the_exporters_and_names_the_onnxruntime_web_it_was_set_for() -> None:
+    """The page refuses what `export --opset` notes it will refuse; a new onnxruntime-web asks for both again."""
+    from digitgen.export.tolerances import PAGE_OPSET
+
+    module = (WEB / "digitgen.js").read_text()
+    pinned = json.loads((WEB / "package.json").read_text())["dependencies"]["onnxruntime-web"]
+    assert re.search(r"^const PAGE_OPSET = (\d+);$", module, re.MULTILINE)[1] == str(PAGE_OPSET)
+    assert f"onnxruntime-web ({pinned})" in module
 
 
 @pytest.mark.usefixtures("bad_models")
@@ -710,6 +724,13 @@ def test_a_model_that_fails_to_load_is_named_with_every_bad_field_the_link_fille
         (
             "model=_test_byte_pixels.onnx",
             ["_test_byte_pixels.onnx: the model returned pixels outside 0 to 1, not finished pixels"],
+        ),
+        (  # in the page's words, not onnxruntime-web's ("Opset 27 is under development", a build machine's path)
+            "model=_test_opset_27.onnx",
+            [
+                "_test_opset_27.onnx is written at ONNX opset 27; this page's onnxruntime-web runs opsets up to 26: "
+                "export it with --opset 26 or lower"
+            ],
         ),
     ],
 )

@@ -14,6 +14,9 @@ import * as ort from "./ort.wasm.min.mjs";
 export const NOISE_SCHEME = "splitmix64-boxmuller-v1";
 export const CONTRACT_VERSION = "1";
 export const IMAGE_SIZE = 28;
+// the newest ai.onnx opset this page's onnxruntime-web (1.30.0) runs, as export/tolerances.py's PAGE_OPSET: a
+// newer model is refused in these words, not onnxruntime-web's ("Opset 28 is under development")
+const PAGE_OPSET = 26;
 // how far outside 0 to 1 a pixel may lie, as the Python runtime's PIXEL_SLACK: half a grey level, which rounding
 // takes back, not a graph that returns -1 to 1 or 0 to 255
 const PIXEL_SLACK = 0.5 / 255;
@@ -378,10 +381,13 @@ export function describeModel(bytes, source = "the model") {
     // Weights may also be listed as inputs (old IR versions); the runtime does not count them.
     const weights = new Set(all(graph, 5).map((tensor) => text(readMessage(tensor), 8)));
     const metadata = readMetadata(all(model, 14));
+    const opsets = all(model, 8).map(readMessage);
+    const standard = opsets.find((opset) => ["", "ai.onnx"].includes(text(opset, 1)));
     return {
       inputs: all(graph, 11).map(valueInfo).filter((input) => !weights.has(input.name)),
       outputs: all(graph, 12).map(valueInfo),
       metadata,
+      opset: standard ? (first(standard, 2) ?? 0) : null,
     };
   } catch (error) {
     throw new InvalidModelError(`${source} is not an ONNX model (${error.message})`);
@@ -556,6 +562,12 @@ export class DigitGenerator {
     const bytes = await fetchModel(url, source);
     const description = describeModel(bytes, source);
     const info = checkContract(description, source);
+    if (description.opset > PAGE_OPSET) {
+      throw new InvalidModelError(
+        `${source} is written at ONNX opset ${description.opset}; this page's onnxruntime-web runs opsets up to ` +
+          `${PAGE_OPSET}: export it with --opset ${PAGE_OPSET} or lower`,
+      );
+    }
     let session;
     configuredThreads = count; // onnxruntime-web fixes its threads on its first start, whether the model loads or not
     try {
