@@ -102,21 +102,24 @@ class ServeSettings:
             self._check_page()
 
     def _check_page(self) -> None:
-        """The built page's files in ``web_dir``, each a file there, or a link to one inside the folder: the only
-        links its file server follows."""
-        folder = Path(self.web_dir).resolve()
+        """The built page's files in ``web_dir``, and no link there that leads out of it (a model linked in beside
+        the page, say): its file server follows none, and would answer for it as for no file at all."""
         for name in BUILT_PAGE:
-            path = Path(self.web_dir) / name
-            if not path.is_file():
+            if not (Path(self.web_dir) / name).is_file():
                 raise ServeConfigError(
                     f"{self.web_dir} holds no {name}, so it is not the built page; build it first "
                     "(cd web && npm ci && npm run build) and give web/dist"
                 )
-            if not path.resolve().is_relative_to(folder):
-                raise ServeConfigError(
-                    f"{path} links to {path.resolve()}, outside {self.web_dir}: the server serves no file from outside "
-                    "the page's folder; copy it in"
-                )
+        folder = Path(self.web_dir).resolve()
+        for root, folders, files in os.walk(self.web_dir):
+            folders[:] = [name for name in folders if not name.startswith(".")]  # not served: not looked in
+            for name in (*folders, *files):
+                path = Path(root) / name
+                if not name.startswith(".") and path.is_symlink() and not path.resolve().is_relative_to(folder):
+                    raise ServeConfigError(
+                        f"{path} links to {path.resolve()}, outside {self.web_dir}: the server serves no file from "
+                        "outside the page's folder; copy it in"
+                    )
 
     def _check_origins(self) -> None:
         """Each CORS origin one that browsers send, given once; ``*`` alone, as it allows any."""

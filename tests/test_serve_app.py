@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -970,6 +971,16 @@ def test_a_page_file_linked_from_outside_its_folder_is_refused_as_the_file_serve
     (page / "generator.onnx").unlink()
     (page / "model.onnx").write_bytes(b"a model")
     (page / "generator.onnx").symlink_to(page / "model.onnx")  # a link inside the folder is served
+    # any other file or folder linked in from outside, anywhere but in a dot-folder (not served): said at start-up,
+    # not answered later as "no endpoint"
+    (page / ".cache").mkdir()
+    (page / ".cache" / "old.onnx").symlink_to(outside / "model.onnx")
+    (page / "models").mkdir()
+    for linked in (page / "models" / "custom.onnx", page / "assets"):
+        linked.symlink_to(outside / "model.onnx" if linked.suffix else outside)
+        with pytest.raises(ServeConfigError, match=f"^{re.escape(str(linked))} links to .*; copy it in$"):
+            ServeSettings(web_dir=str(page))
+        linked.unlink()
     app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False, web_dir=str(page)))
 
     async def served() -> bytes:
