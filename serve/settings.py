@@ -115,10 +115,11 @@ class ServeSettings:
             folders[:] = [name for name in folders if not name.startswith(".")]  # not served: not looked in
             for name in (*folders, *files):
                 path = Path(root) / name
-                if not name.startswith(".") and path.is_symlink() and not path.resolve().is_relative_to(folder):
+                target = Path(os.path.realpath(path))  # not Path.resolve(), which raises on a loop of links
+                if not name.startswith(".") and path.is_symlink() and not target.is_relative_to(folder):
                     raise ServeConfigError(
-                        f"{path} links to {path.resolve()}, outside {self.web_dir}: the server serves no file from "
-                        "outside the page's folder; copy it in"
+                        f"{path} links to {target}, outside {self.web_dir}: the server serves no file from outside "
+                        "the page's folder; copy it in"
                     )
 
     def _check_origins(self) -> None:

@@ -976,6 +976,7 @@ def test_a_page_file_linked_from_outside_its_folder_is_refused_as_the_file_serve
     (page / ".cache").mkdir()
     (page / ".cache" / "old.onnx").symlink_to(outside / "model.onnx")
     (page / "models").mkdir()
+    (page / "models" / "loop").symlink_to("loop")  # inside, and served as no file: no reason to refuse
     for linked in (page / "models" / "custom.onnx", page / "assets"):
         linked.symlink_to(outside / "model.onnx" if linked.suffix else outside)
         with pytest.raises(ServeConfigError, match=f"^{re.escape(str(linked))} links to .*; copy it in$"):
