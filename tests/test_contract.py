@@ -27,11 +27,12 @@ def contract_model(
     image=("image", TensorProto.FLOAT, ["batch", 1, 28, 28]),
     metadata: dict[str, str | None] | None = None,
 ) -> Path:
-    """image = reshape(z @ W): a valid graph whatever names, types and shapes the case declares."""
+    """image = reshape(z @ W), W all zeros: a valid graph whatever names, types and shapes the case declares, whose
+    pixels are black (0), inside the contract's 0 to 1."""
     z_name, z_type, z_shape = z
     image_name, image_type, image_shape = image
     pixels = int(np.prod(image_shape[1:]))
-    weight = np.ones((z_shape[-1], pixels), dtype=helper.tensor_dtype_to_np_dtype(z_type))
+    weight = np.zeros((z_shape[-1], pixels), dtype=helper.tensor_dtype_to_np_dtype(z_type))
     nodes = [
         helper.make_node("MatMul", [z_name, "w"], ["flat"]),
         helper.make_node("Reshape", ["flat", "shape"], ["pixels"]),
