@@ -337,6 +337,28 @@ def test_resuming_with_another_number_of_processes_says_it_is_not_exact(
     assert code == 0 and "note:" not in output, output
 
 
+def test_resuming_with_other_threads_or_another_torch_says_it_is_not_bit_for_bit(
+    finished_run: Path, tiny_mnist: Path, tmp_path: Path
+) -> None:
+    """A matrix product's sums are split among torch's threads: a resume on another number of them (another
+    OMP_NUM_THREADS, CPU set or torch) parts from the run never stopped, which had gone unsaid."""
+    payload = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    assert payload["numerics"] == {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    payload["numerics"]["threads"] += 1
+    edited = tmp_path / "other.pt"
+    torch.save(payload, edited)
+    code, output = train(tiny_mnist, tmp_path / "resumed", "--resume", edited, "--steps", 4)
+    assert code == 0, output
+    assert (
+        f"note: the checkpoint was saved with torch {torch.__version__} on {torch.get_num_threads() + 1} thread(s) "
+        f"and resumes with torch {torch.__version__} on {torch.get_num_threads()}; the run goes on, but not bit"
+    ) in output
+    del payload["numerics"]  # a checkpoint from before they were recorded: nothing to compare, nothing said
+    torch.save(payload, edited)
+    code, output = train(tiny_mnist, tmp_path / "older", "--resume", edited, "--steps", 4)
+    assert code == 0 and "note:" not in output, output
+
+
 @pytest.mark.parametrize(
     ("setting", "value", "problem"),
     [

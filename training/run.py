@@ -21,7 +21,7 @@ from digitgen.training.distributed import DistContext, on_main_first, weights_di
 from digitgen.training.errors import CheckpointError, RunDirectoryError, TrainingError, memory_errors_in_words
 from digitgen.training.loop import CHECKPOINT_NAME, METRICS_NAME, SAMPLE_GRID, SAMPLES_DIR, steps_per_epoch
 from digitgen.training.run_lock import RunLock, refuse_if_training
-from digitgen.training.state import TrainState, new_state, state_from_checkpoint
+from digitgen.training.state import TrainState, new_state, numerics, state_from_checkpoint
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,13 @@ class PreparedRun:
                 f"note: the checkpoint was saved by {state.saved_by} process(es) and resumes with "
                 f"{ctx.world_size}; the run goes on, but not exactly as with {state.saved_by} "
                 "(batches and noise streams differ)"
+            )
+        if self.resumed and device.type == "cpu" and state.saved_with not in (None, numerics()):
+            saved, now = state.saved_with, numerics()
+            lines.append(
+                f"note: the checkpoint was saved with torch {saved.get('torch')} on {saved.get('threads')} thread(s) "
+                f"and resumes with torch {now['torch']} on {now['threads']}; the run goes on, but not bit for bit as "
+                "one never stopped (the same threads: OMP_NUM_THREADS)"
             )
         if ctx.enabled:
             lines.append(

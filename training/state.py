@@ -38,6 +38,13 @@ class TrainState:
     # frozen; their mean cross-entropy steers the generator (label_weight)
     label_classifiers: tuple[Classifier, ...] = ()
     saved_by: int = 1  # processes that wrote the checkpoint this state was resumed from
+    saved_with: dict[str, Any] | None = None  # its numerics(); None in a checkpoint from before they were recorded
+
+
+def numerics() -> dict[str, Any]:
+    """What a CPU run's bits depend on beyond its checkpoint: torch's build and its intra-op threads (the sums of
+    a matrix product are split among them)."""
+    return {"torch": str(torch.__version__), "threads": torch.get_num_threads()}  # str: weights_only loads no TorchVersion
 
 
 def _optimizer(module: torch.nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
@@ -93,6 +100,7 @@ def state_to_checkpoint(state: TrainState, noise_states: list[torch.Tensor] | No
         "optimizers": {"generator": state.opt_g.state_dict(), "discriminator": state.opt_d.state_dict()},
         "step": state.step,
         "rng": {"noise": noise_states or [state.noise_rng.get_state()]},
+        "numerics": numerics(),
         **label_classifiers,
     }
 
@@ -183,4 +191,6 @@ def state_from_checkpoint(path: str, device: torch.device, rank: int = 0) -> Tra
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: optimizer or RNG state is invalid ({first_problem(exc)})") from exc
     state.step = int(payload["step"])
+    saved_with = payload.get("numerics")
+    state.saved_with = saved_with if isinstance(saved_with, dict) else None
     return state
