@@ -44,7 +44,8 @@ class TrainState:
 def numerics() -> dict[str, Any]:
     """What a CPU run's bits depend on beyond its checkpoint: torch's build and its intra-op threads (the sums of
     a matrix product are split among them)."""
-    return {"torch": str(torch.__version__), "threads": torch.get_num_threads()}  # str: weights_only loads no TorchVersion
+    # the version as a str: torch.load(weights_only=True) refuses the TorchVersion class it is
+    return {"torch": str(torch.__version__), "threads": torch.get_num_threads()}
 
 
 def _optimizer(module: torch.nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
