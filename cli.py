@@ -66,7 +66,6 @@ from digitgen.runtime.signals import (
     release_held_at_start,
 )
 from digitgen.runtime.text import (
-    DECIMAL_TEXT,
     INTEGER_TEXT,
     counted,
     printable,
@@ -268,11 +267,10 @@ class FiniteFloat(click.FloatRange):
     through), no underscores, only the digits 0-9."""
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, str):
-            if not DECIMAL_TEXT.fullmatch(value):
-                self.fail(f"{quoted(value)} is not a finite number", param, ctx)
-            value = value.strip()  # as in Integer
-        number = super().convert(value, param, ctx)
+        number = read_number(value) if isinstance(value, str) else value  # as the server reads its numbers
+        if isinstance(number, str):
+            self.fail(f"{quoted(value)} is not a finite number", param, ctx)
+        number = super().convert(number, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{quoted(value)} is not a finite number", param, ctx)
         return number

@@ -147,8 +147,8 @@ class PreparedRun:
                 f"{ctx.world_size}; the run goes on, but not exactly as with {state.saved_by} "
                 "(batches and noise streams differ)"
             )
-        if self.resumed and device.type == "cpu" and state.saved_with not in (None, numerics()):
-            saved, now = state.saved_with, numerics()
+        saved, now = state.saved_with, numerics()
+        if self.resumed and device.type == "cpu" and saved not in (None, now):
             lines.append(
                 f"note: the checkpoint was saved with torch {saved.get('torch')} on {saved.get('threads')} thread(s) "
                 f"and resumes with torch {now['torch']} on {now['threads']}; the run goes on, but not bit for bit as "
