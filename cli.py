@@ -326,9 +326,28 @@ truncation_option = click.option(
 )
 
 
+provider_option = click.option(
+    "--provider",
+    default="auto",
+    show_default=True,
+    type=click.Choice(PROVIDER_CHOICES),
+    help="onnxruntime execution provider; auto: CUDA where onnxruntime-gpu can run it.",
+)
+
+
 def generator_option(help_text: str) -> Callable[[Command], Command]:
     """``--generator MODEL.onnx``: every command that reads a generator spells it this way."""
     return click.option("--generator", "model", type=GivenPath(dir_okay=False), help=help_text)
+
+
+def atol_option(default_text: str) -> Callable[[Command], Command]:
+    """``--atol``, the pixel tolerance of ``export`` and ``verify``."""
+    return click.option(
+        "--atol",
+        type=FiniteFloat(min=0),
+        help="Largest allowed |torch - onnxruntime| of any pixel; the mean's limit stays the precision's "
+        f"[default: {default_text}].",
+    )
 
 
 def _one_model(positional: str | None, option: str | None) -> str | None:
@@ -533,8 +552,7 @@ def train(run_dir: str | None, resume: str | None, device_name: str, **choices: 
 
 
 def _quality_file(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, object] | None:
-    """``--quality``'s file and the evaluation read from it (by the exporter, loaded only by the command that needs
-    torch anyway)."""
+    """``--quality``'s file and the evaluation read from it, refused before any export work."""
     from digitgen.export.quality import read_evaluation
 
     return None if value is None else (value, _parsed_by(read_evaluation)(ctx, param, value))
@@ -564,13 +582,7 @@ def _echo_report(report: ParityReport) -> None:
     type=click.Choice(tolerances.PRECISIONS),
     help="fp16 weights and activations, or int8 static QDQ quantization; inputs and output stay float32.",
 )
-@click.option(
-    "--atol",
-    type=FiniteFloat(min=0),
-    help="Largest allowed |torch - onnxruntime| of any pixel; the mean's limit stays the precision's [default: "
-    + ", ".join(f"{tolerance.max_abs:g} {name}" for name, tolerance in tolerances.TOLERANCES.items())
-    + "].",
-)
+@atol_option(", ".join(f"{tolerance.max_abs:g} {name}" for name, tolerance in tolerances.TOLERANCES.items()))
 @click.option(
     "--quality",
     type=GivenPath(dir_okay=False),
@@ -622,12 +634,7 @@ def export_cmd(
 @click.argument("model_argument", metavar="[MODEL]", required=False, type=GivenPath(dir_okay=False))
 @generator_option("ONNX model to check (or give it as the argument).")
 @click.option("--checkpoint", required=True, type=GivenPath(dir_okay=False), help="Checkpoint it came from.")
-@click.option(
-    "--atol",
-    type=FiniteFloat(min=0),
-    help="Largest allowed |torch - onnxruntime| of any pixel; the mean's limit stays the precision's [default: by "
-    "the model's precision].",
-)
+@atol_option("by the model's precision")
 def verify(model_argument: str | None, model: str | None, checkpoint: str, atol: float | None) -> None:
     """Check an existing ONNX model against the PyTorch checkpoint it was exported from."""
     from digitgen.export.onnx_export import verify_file
@@ -666,7 +673,7 @@ def verify(model_argument: str | None, model: str | None, checkpoint: str, atol:
 )
 @click.option("--out", default="digits", show_default=True, type=GivenPath(), help="Output directory.")
 @click.option("--format", "fmt", default="png", show_default=True, type=click.Choice(FORMATS))
-@click.option("--provider", default="auto", show_default=True, type=click.Choice(PROVIDER_CHOICES))
+@provider_option
 @click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=Integer(min=1, max=MAX_BATCH_SIZE))
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option(
@@ -921,7 +928,7 @@ def evaluate(
 
 @main.command()
 @generator_option("ONNX generator (default: the shipped model).")
-@click.option("--provider", default=ServerOptions.provider, show_default=True, type=click.Choice(PROVIDER_CHOICES))
+@provider_option
 @click.option(
     "--host", default=ServerOptions.host, show_default=True, help="Address to bind (0.0.0.0: every interface)."
 )

@@ -20,7 +20,7 @@ from typing import BinaryIO
 import numpy as np
 import onnxruntime as ort
 
-from digitgen.runtime.idx import idx_header
+from digitgen.runtime.idx import IMAGE_SIDE, idx_header
 
 GRID_COLUMNS = 10
 GRID_GAP = 2
@@ -74,11 +74,11 @@ def png_bytes(image: np.ndarray) -> bytes:
 def contact_sheet(images: np.ndarray, columns: int = GRID_COLUMNS) -> np.ndarray:
     """Tile (N, 28, 28) images into one uint8 picture, ``columns`` per row, gray gaps between."""
     rows = -(-len(images) // columns)
-    cell = 28 + GRID_GAP
+    cell = IMAGE_SIDE + GRID_GAP
     sheet = np.full((rows * cell + GRID_GAP, columns * cell + GRID_GAP), 128, dtype=np.uint8)
     for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        sheet[GRID_GAP + r * cell : GRID_GAP + r * cell + 28, GRID_GAP + c * cell : GRID_GAP + c * cell + 28] = image
+        top, left = (GRID_GAP + k * cell for k in divmod(i, columns))
+        sheet[top : top + IMAGE_SIDE, left : left + IMAGE_SIDE] = image
     return sheet
 
 

@@ -212,8 +212,13 @@ class Evaluation:
             ("class accuracy", f"{g.class_accuracy:.2%}", f"{r.class_accuracy:.2%}", ""),
             ("worst digit accuracy", _worst(g.per_digit_accuracy), _worst(r.per_digit_accuracy), ""),
             ("FID (classifier features)", f"{g.fid:.3f}", f"{r.fid:.3f}", _ratio(g.fid, r.fid, 2, round_up=True)),
-            ("precision (k=5)", f"{g.precision:.3f}", f"{r.precision:.3f}", _ratio(g.precision, r.precision, 3)),
-            ("recall (k=5)", f"{g.recall:.3f}", f"{r.recall:.3f}", _ratio(g.recall, r.recall, 3)),
+            (
+                f"precision (k={K_NEAREST})",
+                f"{g.precision:.3f}",
+                f"{r.precision:.3f}",
+                _ratio(g.precision, r.precision, 3),
+            ),
+            (f"recall (k={K_NEAREST})", f"{g.recall:.3f}", f"{r.recall:.3f}", _ratio(g.recall, r.recall, 3)),
         ]
         if self.cas is not None:
             c = self.cas

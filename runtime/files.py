@@ -71,6 +71,14 @@ def _written_elsewhere(tmp: Path) -> OutputError:
     )
 
 
+def appeared_meanwhile(path: Path, folder: Path) -> OutputError:
+    """The refusal of a file that was not there when the run was checked, found while it writes."""
+    return OutputError(
+        f"{path} appeared while this run was writing: another process is writing to {folder}; "
+        "let it finish, or write elsewhere"
+    )
+
+
 def refuse_if_claimed(tmp: Path) -> None:
     """Refuse now, before any work, if another process holds ``tmp`` (see :func:`claim_temporary`)."""
     if held_elsewhere(tmp):
@@ -201,10 +209,7 @@ def _published(
         if replaceable is not None:
             for _tmp, path in changed:
                 if path not in replaceable and os.path.lexists(path):  # not there when the run was checked
-                    raise OutputError(
-                        f"{path} appeared while this run was writing: another process is writing to {path.parent}; "
-                        "let it finish, or write elsewhere"
-                    )
+                    raise appeared_meanwhile(path, path.parent)
         if resume:
             for _tmp, path in changed:
                 if path.is_file():

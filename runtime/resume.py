@@ -23,6 +23,19 @@ from digitgen.runtime.layout import pngs_in_range
 from digitgen.runtime.run_record import is_record_file, is_whole_record
 from digitgen.runtime.text import counted
 
+# What reading a damaged or foreign IDX or NPZ file can raise: a missing member (KeyError), a header that is no
+# .npy one (ValueError), a member zipfile cannot decompress (NotImplementedError, RuntimeError)
+UNREADABLE = (
+    OSError,
+    EOFError,
+    KeyError,
+    ValueError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+)
+
 
 def is_complete(path: Path) -> bool:
     """Whether ``path`` is a whole file of its format (PNG, NPZ or IDX) rather than a damaged or truncated one,
@@ -86,7 +99,7 @@ def begins_with(path: Path, count: int, first: GeneratedDigits) -> bool:
         data = idx_header(count, images) + (first.images if images else first.labels).astype(np.uint8).tobytes()
         with path.open("rb") as f:
             return f.read(len(data)) == data
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError):
+    except UNREADABLE:
         return False  # no file of its kind, or not read: refuse_other_digits says which
 
 
@@ -124,7 +137,7 @@ def declared_count(path: Path) -> int | None:
             header = f.read(header_size(images))
         count = struct.unpack(">I", header[4:8])[0] if len(header) == header_size(images) else -1
         return count if count >= 0 and header == idx_header(count, images) else None
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError):
+    except UNREADABLE:
         return None
 
 

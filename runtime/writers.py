@@ -34,6 +34,7 @@ from digitgen.runtime.encode import (
 )
 from digitgen.runtime.errors import InvalidRequestError, OtherRunError, OutputError
 from digitgen.runtime.files import (
+    appeared_meanwhile,
     atomic_file,
     atomic_files,
     new_folders,
@@ -105,7 +106,8 @@ OnBatch = Callable[[int], None]
 @dataclass(frozen=True)
 class Publishing:
     """How a run of a non-PNG format publishes its files: ``check`` (:func:`resume_check`'s answer) keeps or vets
-    a file already there; a file that was not there when the run was checked (``replaceable``) is refused."""
+    a file already there; ``replaceable`` are the files that were there when the run was checked, and a file found
+    under another output's name while the run writes is refused."""
 
     check: Callable[[Path], None] | None
     replaceable: tuple[Path, ...]
@@ -173,6 +175,14 @@ def _png_indices(shard: Shard, total: int) -> tuple[int, int | None]:
     return (0, None) if shard.count == 1 else shard.bounds(total)
 
 
+def _by_index(paths: Iterable[Path]) -> dict[int, list[Path]]:
+    """PNG files grouped by their digit's index (a damaged run can leave one index under two labels)."""
+    grouped: dict[int, list[Path]] = {}
+    for path in paths:
+        grouped.setdefault(png_index(path), []).append(path)
+    return grouped
+
+
 def _write_pngs(
     batches: Iterable[GeneratedDigits | KeptDigits],
     out_dir: Path,
@@ -194,9 +204,7 @@ def _write_pngs(
     promised digits, or a file is refused, the files this call created are removed; those it replaced with
     ``--overwrite``'s permission hold their digits, and the error says how many.
     """
-    stale: dict[int, list[Path]] = {}
-    for path in replaced:
-        stale.setdefault(png_index(path), []).append(path)
+    stale = _by_index(replaced)
     kept, overwritten, created, created_labels = 0, 0, array.array("q"), bytearray()  # 9 bytes a created file
     discarded: list[Path] = []  # with resume: damaged files of another label, removed at the end
     repairs = _Repairs(out_dir)  # with resume: damaged files of this label, replaced at the end
@@ -221,10 +229,7 @@ def _write_pngs(
                 if keep:
                     kept += 1
                 elif path not in earlier and os.path.lexists(path):  # not there when the run was checked
-                    raise OutputError(
-                        f"{path} appeared while this run was writing: another process is writing to {out_dir}; "
-                        "let it finish, or write elsewhere"
-                    )
+                    raise appeared_meanwhile(path, out_dir)
                 elif vet and path in earlier:
                     repairs.add(batch.start + offset, int(label), encoded)
                     repaired = True
@@ -642,9 +647,7 @@ class GenerationJob:
         if recorded is None:
             yield from self._made(plan.start, plan.count)
             return
-        existing: dict[int, list[Path]] = {}
-        for path in plan.existing:
-            existing.setdefault(png_index(path), []).append(path)
+        existing = _by_index(plan.existing)
         for lo in range(plan.start, plan.start + plan.count, self.request.batch_size):
             hi = min(lo + self.request.batch_size, plan.start + plan.count)
             kept = _kept_on_record(plan.out_dir, labels_for(self.request.digits, lo, hi), lo, recorded, existing)

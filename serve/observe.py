@@ -27,6 +27,7 @@ from prometheus_client import (
     values,
 )
 
+from digitgen.runtime.generator import DEFAULT_BATCH_SIZE
 from digitgen.runtime.text import cut, printable
 
 Scope = MutableMapping[str, Any]
@@ -171,7 +172,7 @@ class Metrics:
         self.abandoned = Counter(
             "digitgen_requests_abandoned",
             "Requests whose client left before the whole response (a generation run on a thread stops at its next "
-            "batch of 256 digits), or was cut off for leaving it unread",
+            f"batch of {DEFAULT_BATCH_SIZE} digits), or was cut off for leaving it unread",
             registry=own,
         )
         self.batch_requests = Histogram(
