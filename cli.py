@@ -983,6 +983,13 @@ def evaluate(
 )
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browser pages from this origin (repeatable).")
 @click.option(
+    "--root-path",
+    default="",
+    metavar="PREFIX",
+    help="Behind a reverse proxy that strips this path prefix (e.g. /digits): the API docs and error messages give "
+    "addresses under it.",
+)
+@click.option(
     "--web",
     "web_dir",
     type=GivenPath(exists=True, file_okay=False),
@@ -1017,6 +1024,7 @@ def serve(
     time_limit: float,
     graceful_timeout: float,
     cors_origins: tuple[str, ...],
+    root_path: str,
     web_dir: str | None,
     batch_window_ms: float,
     batch_max_digits: int | None,
@@ -1048,6 +1056,7 @@ def serve(
         workers=workers,
         threads=threads,
         graceful_timeout=graceful_timeout,
+        root_path=root_path,
         settings=settings,
     )
     # a busy port is refused before the model loads; port 0 becomes a free one; clients that connect from now on
@@ -1060,8 +1069,10 @@ def serve(
         if quiet and port == 0:  # the one thing a caller cannot know otherwise
             _say(f"digitgen serve: {options.url}", err=True)
         elif not quiet:
-            url = options.url
+            url = root_path or options.url  # behind a proxy, its addresses are the ones that work
             where = f"the page at {url}/, API docs at {url}/docs" if web_dir else f"API docs at {url}/docs"
+            if root_path:
+                where += f" through the proxy that strips {root_path} (listening on {options.url})"
             _say(
                 f"digitgen serve: {generator.path} on {generator.provider}, {workers} worker(s) with "
                 f"{options.intra_op_threads} onnxruntime thread(s) each; {where}",

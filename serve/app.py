@@ -23,7 +23,7 @@ from digitgen.runtime.errors import DigitgenError
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator
 from digitgen.runtime.text import printable
 from digitgen.serve.batch import Batcher
-from digitgen.serve.limits import Admission, OverloadedError, TimeLimitError
+from digitgen.serve.limits import AbandonedError, Admission, OverloadedError, TimeLimitError
 from digitgen.serve.observe import (
     BUSY,
     TIME_LIMIT,
@@ -51,16 +51,43 @@ from digitgen.serve.params import (
 )
 from digitgen.serve.params import parse_request as parse
 from digitgen.serve.refusal import refusal
-from digitgen.serve.render import AbandonedError, encode, filename, generate
+from digitgen.serve.render import encode, filename, generate
 from digitgen.serve.settings import ServeConfigError, ServeSettings
 from digitgen.serve.spec import error_response, generate_doc
 
 
-async def _when_disconnected(receive: Receive, then: Callable[[], None]) -> None:
-    """Call ``then`` once ASGI's ``receive`` says that the client has gone."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    then()
+class _Client:
+    """A request's client, watched from the moment the request has to wait for a slot or generates on a thread:
+    :meth:`gone` (for the queue) and :meth:`abandoned` (for a generation thread) are set once ASGI's ``receive``
+    says that the client has left. A request that takes a free slot and generates inline is not watched."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._gone = asyncio.Event()
+        self._abandoned = threading.Event()
+        self._watcher: asyncio.Task[None] | None = None
+
+    def gone(self) -> asyncio.Event:
+        self._watch()
+        return self._gone
+
+    def abandoned(self) -> threading.Event:
+        self._watch()
+        return self._abandoned
+
+    def _watch(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._until_disconnected())
+
+    async def _until_disconnected(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self._gone.set()
+        self._abandoned.set()
+
+    def stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 class _Service:
@@ -173,7 +200,7 @@ class _Service:
     def batched(self, request: DigitsRequest) -> bool:
         return self.batcher is not None and request.count <= self.settings.inline_digits
 
-    async def body(self, request: DigitsRequest, deadline: float, receive: Receive) -> bytes:
+    async def body(self, request: DigitsRequest, deadline: float, client: _Client) -> bytes:
         """The response body; small requests inline or through the batcher, larger ones on a generation
         thread, which stops between batches once the client has gone."""
         if self.batcher is not None and self.batched(request):
@@ -185,19 +212,16 @@ class _Service:
             return encode(digits, request.fmt)
         if request.count <= self.settings.inline_digits:
             return encode(generate(self.generator, request), request.fmt)
-        abandoned = threading.Event()
+        abandoned = client.abandoned()
 
         def work() -> bytes:
             return encode(generate(self.generator, request, deadline, abandoned), request.fmt)
 
-        watcher = asyncio.create_task(_when_disconnected(receive, abandoned.set))
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, work)
         except asyncio.CancelledError:
             abandoned.set()
             raise
-        finally:
-            watcher.cancel()
 
     async def respond(self, http: Request) -> Response:
         try:
@@ -215,9 +239,10 @@ class _Service:
         if not_modified(header(http.scope, b"if-none-match"), tag):
             return Response(status_code=304, headers=headers)
         deadline = time.monotonic() + self.settings.time_limit
+        client = _Client(http.receive)
         try:
-            async with self.admission.admit() if self.batched(request) else self.admission.slot(deadline):
-                body = await self.body(request, deadline, http.receive)
+            async with self.admission.admit() if self.batched(request) else self.admission.slot(deadline, client.gone):
+                body = await self.body(request, deadline, client)
         except OverloadedError as exc:
             self.metrics.refused.labels(BUSY).inc()
             return refusal(503, str(exc), {"Retry-After": "1"})
@@ -236,6 +261,8 @@ class _Service:
         except Exception as exc:  # answered with a 500 by the entry; until a warm-up batch runs again, not ready
             self.unready(exc)
             raise
+        finally:
+            client.stop_watching()
         self.metrics.digits.inc(request.count)
         name = filename(request.fmt, request.digits[0])
         if name:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,11 @@ class OverloadedError(Exception):
 
 class TimeLimitError(Exception):
     """The request ran past its deadline, waiting for a generation slot or generating."""
+
+
+class AbandonedError(Exception):
+    """Nobody waits for the response any more (its client left, or its task was cancelled): the request gave up its
+    place in the queue, or its generation stopped."""
 
 
 class Admission:
@@ -49,20 +55,50 @@ class Admission:
             self._on_change(self._admitted)
 
     @asynccontextmanager
-    async def generation(self, deadline: float | None = None) -> AsyncIterator[None]:
-        """Hold a generation slot; :class:`TimeLimitError` when none frees before ``deadline``."""
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=timeout)
-        except TimeoutError:
-            raise TimeLimitError from None
+    async def generation(
+        self, deadline: float | None = None, leaving: Callable[[], asyncio.Event] | None = None
+    ) -> AsyncIterator[None]:
+        """Hold a generation slot; :class:`TimeLimitError` when none frees before ``deadline``,
+        :class:`AbandonedError` when the event ``leaving()`` gives is set first (the client left while the request
+        waited; called only when the request has to wait)."""
+        await self._take_slot(None if deadline is None else max(0.0, deadline - time.monotonic()), leaving)
         try:
             yield
         finally:
             self._slots.release()
 
+    async def _take_slot(self, timeout: float | None, leaving: Callable[[], asyncio.Event] | None) -> None:
+        """Take a generation slot, or raise having taken none."""
+        if not self._slots.locked():  # a slot free and no one before this request: taken at once
+            await self._slots.acquire()
+            return
+        taking = asyncio.ensure_future(self._slots.acquire())
+        gone = leaving() if leaving is not None else None
+        left = asyncio.ensure_future(gone.wait()) if gone is not None else None
+        try:
+            await asyncio.wait([taking, *([left] if left else [])], timeout=timeout, return_when=FIRST_COMPLETED)
+        except BaseException:  # the request cancelled while it waited
+            self._give_back(taking)
+            raise
+        finally:
+            if left is not None:
+                left.cancel()
+        if gone is not None and gone.is_set():
+            self._give_back(taking)
+            raise AbandonedError
+        if not taking.done():
+            taking.cancel()  # a slot freed for it meanwhile goes to the next in line (asyncio.Semaphore)
+            raise TimeLimitError
+
+    def _give_back(self, taking: asyncio.Future[bool]) -> None:
+        """Give back the slot ``taking`` took, or stop it taking one."""
+        if taking.done() and not taking.cancelled():
+            self._slots.release()
+        else:
+            taking.cancel()
+
     @asynccontextmanager
-    async def slot(self, deadline: float) -> AsyncIterator[None]:
+    async def slot(self, deadline: float, leaving: Callable[[], asyncio.Event] | None = None) -> AsyncIterator[None]:
         """Be admitted and hold a generation slot (see :meth:`admit` and :meth:`generation`)."""
-        async with self.admit(), self.generation(deadline):
+        async with self.admit(), self.generation(deadline, leaving):
             yield

@@ -10,14 +10,10 @@ import time
 from digitgen.runtime.encode import grid_png_bytes, idx_files, npz_bytes, png_bytes, tar_bytes
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits, empty_digits, fill_digits
 from digitgen.runtime.layout import GRID_FILE, IDX_IMAGES_FILE, IDX_LABELS_FILE, NPZ_FILE, png_name
-from digitgen.serve.limits import TimeLimitError
+from digitgen.serve.limits import AbandonedError, TimeLimitError
 from digitgen.serve.params import DigitsRequest
 
 IDX_ARCHIVE = "digits-idx.tar"
-
-
-class AbandonedError(Exception):
-    """Generation stopped: nobody waits for the response any more (its client left, or its task was cancelled)."""
 
 
 def generate(

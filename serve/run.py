@@ -290,6 +290,7 @@ def _serve_on(listening: socket.socket, options: ServerOptions, generator: Digit
         "log_level": log_level,
         "access_log": False,
         "timeout_graceful_shutdown": options.graceful_timeout,
+        "root_path": options.root_path,
         "http": ServerHTTP,
         "ws": "none",  # no WebSocket endpoint: an Upgrade request is answered as the HTTP request it also is
     }

@@ -22,6 +22,8 @@ from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, MAX_INDEX, DigitGener
 BUILT_PAGE = ("index.html", "generator.onnx")
 BATCH_MAX_DIGITS = 8  # the default micro-batch
 MAX_COUNT_LIMIT = MAX_INDEX + 1  # the digits of one seed: no request can ask for more
+# a URL path of one or more segments (RFC 3986's pchar), no / at its end: what a proxy in front strips
+ROOT_PATH = re.compile(r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@%]+)+")
 LISTEN_BACKLOG = 2048  # connections that may wait to be accepted: uvicorn's default
 # what a browser sends in Origin: scheme://host[:port], no path, not even a trailing slash, no user, a port
 # without leading zeros (or * for any)
@@ -200,11 +202,12 @@ class ServerOptions:
     workers: int = 1
     threads: int | None = None  # default: default_threads(workers)
     graceful_timeout: float = 10.0
+    root_path: str = ""  # the path prefix a reverse proxy in front strips, e.g. /digits
     settings: ServeSettings = field(default_factory=ServeSettings)
 
     def __post_init__(self) -> None:
         check_type("model", self.model, (str, type(None)), "a model file's path (a str) or None")
-        for name in ("provider", "host"):
+        for name in ("provider", "host", "root_path"):
             check_type(name, getattr(self, name), (str,), "a str")
         for name in ("port", "workers"):
             check_type(name, getattr(self, name), (int,), "an integer")
@@ -225,6 +228,11 @@ class ServerOptions:
             )
         if not 0 <= self.graceful_timeout < math.inf:
             raise ServeConfigError(f"the graceful timeout must be a finite 0 s or more, got {self.graceful_timeout:g}")
+        if self.root_path and not ROOT_PATH.fullmatch(self.root_path):
+            raise ServeConfigError(
+                "the root path must be the path prefix a proxy strips, a / then path segments without a / at the "
+                f"end, such as /digits; got {self.root_path!r}"
+            )
 
     @property
     def url(self) -> str:

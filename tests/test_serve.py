@@ -1084,6 +1084,38 @@ def test_a_request_whose_client_left_stops_generating(server: Server) -> None:
     assert server.get("/generate?count=2&format=npz").status_code == 200
 
 
+def test_clients_that_leave_while_queued_give_up_their_places_at_once(tmp_path: Path) -> None:
+    """A client that times out and retries must not fill the queue with requests nobody waits for."""
+    options = ["--quiet", "--max-in-flight", "1", "--queue", "2", "--max-count", "60000", "--batch-window-ms", "0"]
+    server = start(tmp_path / "server.log", serve_command(*options))
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port))) as generating:  # tens of seconds of work in the one slot
+            generating.sendall(b"GET /generate?count=60000&format=npz HTTP/1.1\r\nHost: x\r\n\r\n")
+            deadline = time.monotonic() + 30
+            while server.metric("digitgen_requests_admitted") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            for seed in (1, 2):  # two clients wait in the queue, then give up
+                with pytest.raises(httpx.ReadTimeout):
+                    httpx.get(f"{server.url}/generate?count=2&format=npz&seed={seed}", timeout=0.3)
+            while server.metric("digitgen_requests_admitted") > 1:
+                assert time.monotonic() < deadline, "requests whose clients had left kept their places"
+                time.sleep(0.02)
+            assert server.metric("digitgen_requests_abandoned_total") == 2
+            assert server.metric('digitgen_requests_total{endpoint="/generate",status="499"}') == 2
+            with ThreadPoolExecutor(2) as pool:  # the queue holds live clients again
+                waiting = [pool.submit(server.get, f"/generate?count=2&format=npz&seed={seed}") for seed in (3, 4)]
+                while server.metric("digitgen_requests_admitted") < 3:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                generating.close()  # the slot's client leaves too: its generation stops, the queue moves
+                assert [future.result().status_code for future in waiting] == [200, 200]
+        assert server.metric("digitgen_requests_abandoned_total") == 3
+    finally:
+        assert server.stop() == 0
+
+
 # --- lifecycle ---------------------------------------------------------------------------------
 
 HELD_WARMUP = """
@@ -1200,6 +1232,24 @@ def test_a_request_cut_off_by_the_graceful_timeout_gets_a_503_in_json(tmp_path: 
     log = server.log.read_text()
     assert "/generate (id=" in log and "cut off: the server stopped before it was answered" in log, log
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+
+
+@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=TWO_CORES)])
+def test_behind_a_proxy_that_strips_a_prefix_docs_and_refusals_name_its_addresses(
+    server: Server, tmp_path: Path, workers: str
+) -> None:
+    """A proxy that forwards /digits/X as /X: the docs page must load its schema from /digits/openapi.json."""
+    proxied = start(tmp_path / "server.log", serve_command("--quiet", "--workers", workers, "--root-path", "/digits"))
+    try:
+        assert "url: '/digits/openapi.json'" in proxied.get("/docs").text
+        assert proxied.get("/openapi.json").json()["servers"] == [{"url": "/digits"}]
+        missing = proxied.get("/nope")
+        assert missing.status_code == 404
+        assert missing.json() == {"error": "no endpoint /digits/nope; see /digits/docs"}
+        query = "/generate?digit=4&seed=2"
+        assert proxied.get(query).content == server.get(query).content
+    finally:
+        assert proxied.stop() == 0
 
 
 @TWO_CORES

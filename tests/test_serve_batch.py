@@ -16,9 +16,9 @@ import pytest
 
 from digitgen.runtime.generator import DigitGenerator, GeneratedDigits
 from digitgen.serve.batch import Batcher
-from digitgen.serve.limits import Admission, OverloadedError, TimeLimitError
+from digitgen.serve.limits import AbandonedError, Admission, OverloadedError, TimeLimitError
 from digitgen.serve.params import DigitsRequest
-from digitgen.serve.render import AbandonedError, encode, filename, generate
+from digitgen.serve.render import encode, filename, generate
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +287,43 @@ def test_admission_refuses_past_its_bound_in_words(in_flight: int, queue: int, w
         return str(refused.value)
 
     assert asyncio.run(admit_one_too_many()) == f"the server is busy ({words}); retry later"
+
+
+def test_a_waiter_whose_client_left_gives_up_its_place_and_no_slot_is_lost() -> None:
+    async def wait_then_leave() -> list[str]:
+        admission = Admission(1, 3)
+        said: list[str] = []
+        gone = asyncio.Event()
+
+        def leaving() -> asyncio.Event:
+            said.append("watched")
+            return gone
+
+        async def waiter(deadline: float, watched: Callable[[], asyncio.Event] | None) -> str:
+            try:
+                async with admission.slot(deadline, watched):
+                    return "served"
+            except AbandonedError:
+                return "abandoned"
+            except TimeLimitError:
+                return "late"
+
+        async with admission.slot(time.monotonic() + 60, leaving):  # a free slot: taken without watching
+            assert said == []
+            left = asyncio.create_task(waiter(time.monotonic() + 60, leaving))
+            late = asyncio.create_task(waiter(0, None))
+            cancelled = asyncio.create_task(waiter(time.monotonic() + 60, None))
+            await asyncio.sleep(0.01)
+            assert admission.admitted == 3  # the holder and two waiters: the late one has gone already
+            gone.set()
+            said.append(await left)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            assert admission.admitted == 1  # only the holder: the queue is free for live clients
+            said.append(await late)
+        async with admission.slot(time.monotonic() + 0.5, leaving):  # the one slot is free again, taken unwatched
+            said.append("served")
+        return said
+
+    assert asyncio.run(wait_then_leave()) == ["watched", "abandoned", "late", "served"]

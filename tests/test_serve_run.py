@@ -83,6 +83,12 @@ def test_more_threads_than_cores_are_refused_before_the_model_loads(
     )
 
 
+ROOT_PATH_WORDS = (
+    "the root path must be the path prefix a proxy strips, a / then path segments without a / at the end, such as "
+    "/digits"
+)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -97,6 +103,10 @@ def test_more_threads_than_cores_are_refused_before_the_model_loads(
         ({"model": Path("g.onnx")}, "model must be a model file's path (a str) or None, got PosixPath('g.onnx')"),
         ({"host": None}, "host must be a str, got None"),
         ({"settings": {}}, "settings must be a ServeSettings, got {}"),
+        *(
+            ({"root_path": given}, f"{ROOT_PATH_WORDS}; got {given!r}")
+            for given in ("digits", "/digits/", "/", "//digits", "/a b", "/digits?x=1", "http://proxy/digits")
+        ),
     ],
 )
 def test_server_options_out_of_range_are_refused_in_words(options: dict, message: str) -> None:
@@ -105,6 +115,20 @@ def test_server_options_out_of_range_are_refused_in_words(options: dict, message
     with pytest.raises(ServeConfigError) as refused:
         ServerOptions(**options)
     assert str(refused.value) == message
+
+
+def test_a_root_path_is_named_in_the_start_up_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    served = []
+    monkeypatch.setattr(serve_run, "serve", lambda options, generator=None, listening=None: served.append(options))
+    port = free_port()
+    result = CliRunner().invoke(main, ["serve", "--port", str(port), "--root-path", "/api/digits"])
+    assert result.exit_code == 0, result.output
+    assert served[0].root_path == "/api/digits"
+    assert result.output.strip().endswith(
+        f"API docs at /api/digits/docs through the proxy that strips /api/digits (listening on http://127.0.0.1:{port})"
+    )
+    refused = CliRunner().invoke(main, ["serve", "--port", str(port), "--root-path", "digits/"])
+    assert (refused.exit_code, refused.output) == (1, f"Error: {ROOT_PATH_WORDS}; got 'digits/'\n")
 
 
 @pytest.mark.parametrize("workers", [0, 3, 10**23])
