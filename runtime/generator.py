@@ -52,13 +52,23 @@ def parse_digit_list(text: str) -> list[int | str]:
     return [read_integer(part) for part in parts]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GeneratedDigits:
-    """A batch of digits: uint8 images and their labels, from global index ``start``."""
+    """A batch of digits: uint8 images and their labels, from global index ``start``. Two are equal when they
+    hold the same digits from the same index (``==`` compares the arrays; unhashable, as arrays are)."""
 
     images: np.ndarray  # (N, 28, 28) uint8, 0 = black background
     labels: np.ndarray  # (N,) int64
     start: int = 0  # global index of the first digit
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GeneratedDigits):
+            return NotImplemented
+        return (
+            self.start == other.start
+            and np.array_equal(self.labels, other.labels)
+            and np.array_equal(self.images, other.images)
+        )
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,7 @@ class ServeSettings:
         for name in ("time_limit", "batch_window_ms"):
             check_type(name, getattr(self, name), (int, float), "a number")
         check_type("access_log", self.access_log, (bool,), "True or False")
-        check_type("web_dir", self.web_dir, (str, type(None)), "a folder's path (a str) or None")
+        _path_as_text(self, "web_dir", "a folder's path (a str or a Path) or None")
         origins = self.cors_origins
         if not isinstance(origins, tuple) or not all(isinstance(origin, str) for origin in origins):
             raise ServeConfigError(
@@ -176,6 +176,16 @@ def check_type(name: str, value: object, kinds: tuple[type, ...], what: str) -> 
     """:class:`ServeConfigError` unless ``value`` is one of ``kinds`` (a bool counts as an int only if listed)."""
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         raise ServeConfigError(f"{name} must be {what}, got {value!r}")
+
+
+def _path_as_text(settings: object, name: str, what: str) -> None:
+    """Keep the path ``name`` of frozen ``settings`` as a str (which worker processes receive as JSON), a Path
+    given turned into one; :class:`ServeConfigError` for anything else but None."""
+    value = getattr(settings, name)
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+        object.__setattr__(settings, name, value)
+    check_type(name, value, (str, type(None)), what)
 
 
 def usable_cores() -> int:
@@ -206,7 +216,7 @@ class ServerOptions:
     settings: ServeSettings = field(default_factory=ServeSettings)
 
     def __post_init__(self) -> None:
-        check_type("model", self.model, (str, type(None)), "a model file's path (a str) or None")
+        _path_as_text(self, "model", "a model file's path (a str or a Path) or None")
         for name in ("provider", "host", "root_path"):
             check_type(name, getattr(self, name), (str,), "a str")
         for name in ("port", "workers"):

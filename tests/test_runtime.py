@@ -32,7 +32,7 @@ from digitgen.runtime import (
 )
 from digitgen.runtime.evaluate import ReferenceClassifier
 from digitgen.runtime.external_data import external_data_files, without_metadata
-from digitgen.runtime.generator import empty_digits, fill_digits, to_uint8
+from digitgen.runtime.generator import GeneratedDigits, empty_digits, fill_digits, to_uint8
 from digitgen.runtime.session import external_files, model_sha256, ort_reason
 from tests.helpers import nan_pixels, scaled_pixels
 
@@ -83,6 +83,20 @@ def test_iter_batches_refuses_a_bad_request_when_called_not_when_first_read(tiny
 def test_digit_list_is_repeated_to_n(tiny: DigitGenerator) -> None:
     assert tiny.generate(7, digits=[3, 0, 9]).labels.tolist() == [3, 0, 9, 3, 0, 9, 3]
 
+
+
+def test_digits_compare_equal_by_their_contents(tiny: DigitGenerator) -> None:
+    """The obvious determinism check: ``==`` had raised numpy's "truth value of an array is ambiguous"."""
+    digits = tiny.generate(5, seed=3)
+    assert digits == tiny.generate(5, seed=3)
+    assert not digits != tiny.generate(5, seed=3)  # noqa: SIM202 (the != operator, tested)
+    assert digits != tiny.generate(5, seed=4)  # other pixels
+    assert digits != tiny.generate(5, digits=[1, 2, 3, 4, 5], seed=3)  # other labels
+    assert digits != tiny.generate(6, seed=3)  # another count
+    assert digits != GeneratedDigits(digits.images, digits.labels, start=1)
+    assert digits != (digits.images, digits.labels)
+    with pytest.raises(TypeError):
+        hash(digits)
 
 def test_same_seed_same_images_whatever_the_batch_size(tiny: DigitGenerator) -> None:
     reference = tiny.generate(50, seed=5, batch_size=50).images

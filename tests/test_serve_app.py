@@ -112,7 +112,7 @@ def test_a_mixed_batch_gives_each_request_its_own_bytes() -> None:
         ({"queue": True}, "queue must be an integer, got True"),
         ({"time_limit": "30"}, "time_limit must be a number, got '30'"),
         ({"access_log": "no"}, "access_log must be True or False, got 'no'"),
-        ({"web_dir": 3}, "web_dir must be a folder's path (a str) or None, got 3"),
+        ({"web_dir": 3}, "web_dir must be a folder's path (a str or a Path) or None, got 3"),
         *[
             (
                 {"cors_origins": ("https://app.example", origin)},

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -83,6 +83,15 @@ def test_more_threads_than_cores_are_refused_before_the_model_loads(
     )
 
 
+
+def test_paths_may_be_given_as_path_objects_and_reach_the_workers_as_text(tmp_path: Path) -> None:
+    """As the runtime takes them; the options go to worker processes as JSON, so they are kept as text."""
+    (tmp_path / "index.html").write_text("<!doctype html><title>digits</title>")
+    (tmp_path / "generator.onnx").write_bytes(b"the page's model")
+    options = ServerOptions(model=Path("g.onnx"), settings=ServeSettings(web_dir=tmp_path))
+    assert (options.model, options.settings.web_dir) == ("g.onnx", str(tmp_path))
+    assert json.loads(json.dumps(asdict(options)))["settings"]["web_dir"] == str(tmp_path)
+
 ROOT_PATH_WORDS = (
     "the root path must be the path prefix a proxy strips, a / then path segments without a / at the end, such as "
     "/digits"
@@ -100,7 +109,7 @@ ROOT_PATH_WORDS = (
         ({"threads": 2.0}, "threads must be an integer or None, got 2.0"),
         ({"graceful_timeout": -1}, "the graceful timeout must be a finite 0 s or more, got -1"),
         ({"graceful_timeout": float("nan")}, "the graceful timeout must be a finite 0 s or more, got nan"),
-        ({"model": Path("g.onnx")}, "model must be a model file's path (a str) or None, got PosixPath('g.onnx')"),
+        ({"model": b"g.onnx"}, "model must be a model file's path (a str or a Path) or None, got b'g.onnx'"),
         ({"host": None}, "host must be a str, got None"),
         ({"settings": {}}, "settings must be a ServeSettings, got {}"),
         *(
