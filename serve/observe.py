@@ -3,6 +3,7 @@ access log line."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -29,6 +30,7 @@ from prometheus_client import (
 
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE
 from digitgen.runtime.text import cut, printable
+from digitgen.serve.settings import ServeConfigError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -126,6 +128,11 @@ def logged_client(host: str) -> str:
 
 
 SHARED_METRICS = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode: where its processes count
+# The files each process counts in there (prometheus-client names them TYPE_PID.db), and the room reserved for each:
+# they are written through mmap, so a page the filesystem cannot supply would kill the process with SIGBUS rather
+# than raise; reserved, the few hundred counts of these metrics never need another page
+SHARED_FILES = ("counter", "histogram", "gauge_livesum")
+SHARED_FILE_BYTES = 256 * 1024
 _LIVE_GAUGE = re.compile(r"gauge_live\w*_([0-9]+)\.db")  # a process's share of a gauge summed over live processes
 
 
@@ -145,6 +152,11 @@ class Metrics:
         self.shared = shared
         self.registry = CollectorRegistry()
         if shared:
+            folder = os.environ[SHARED_METRICS]
+            try:
+                reserve(folder, [f"{kind}_{os.getpid()}.db" for kind in SHARED_FILES])
+            except OSError as exc:
+                raise ServeConfigError(f"cannot keep this worker's metrics in {folder}: {exc.strerror or exc}") from exc
             multiprocess.MultiProcessCollector(self.registry)
         else:
             for collector in (ProcessCollector, GCCollector, PlatformCollector):
@@ -200,6 +212,24 @@ class Metrics:
         """The process is stopping: its share of the shared gauges goes (its counts stay in the totals)."""
         if self.shared:
             multiprocess.mark_process_dead(os.getpid())
+
+
+def reserve(folder: str, names: list[str], size: int = SHARED_FILE_BYTES) -> None:
+    """Give each file ``names`` in ``folder`` ``size`` bytes of the filesystem's room (zeros, which prometheus-client
+    reads as an empty file of that capacity), or raise :class:`OSError` having reserved none."""
+    paths = [os.path.join(folder, name) for name in names]
+    try:
+        for path in paths:
+            with open(path, "ab") as f:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(f.fileno(), 0, size)
+                else:  # written out: the filesystem supplies each page now
+                    f.write(bytes(size - f.tell()))
+    except OSError:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
 
 
 def _alive(pid: int) -> bool:

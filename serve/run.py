@@ -30,7 +30,16 @@ from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.session import external_files, model_sha256
 from digitgen.runtime.signals import TERMINATING_SIGNALS, handling
 from digitgen.serve.app import create_app
-from digitgen.serve.observe import ACCESS_LOG, SHARED_METRICS, UNPARSED, Metrics, new_request_id
+from digitgen.serve.observe import (
+    ACCESS_LOG,
+    SHARED_FILE_BYTES,
+    SHARED_FILES,
+    SHARED_METRICS,
+    UNPARSED,
+    Metrics,
+    new_request_id,
+    reserve,
+)
 from digitgen.serve.settings import ServeConfigError, ServerOptions, ServeSettings
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
@@ -311,10 +320,25 @@ def _run_workers(options: ServerOptions, common: dict, listening: socket.socket)
         with handling([signal.SIGHUP], signal.SIG_IGN):
             resource_tracker.ensure_running()
     with tempfile.TemporaryDirectory(prefix="digitgen-metrics-") as shared_metrics:
+        _check_room_for_metrics(shared_metrics, options.workers)
         worker_environment = {WORKER_CONFIG: json.dumps(dataclasses.asdict(options)), SHARED_METRICS: shared_metrics}
         config = uvicorn.Config(WORKER_APP, factory=True, workers=options.workers, **common)
         with _environment(worker_environment), _exit_zero_on_signals():
             Multiprocess(config, sockets=[listening]).run()  # uvicorn.run with workers, on this socket
+
+
+def _check_room_for_metrics(folder: str, workers: int) -> None:
+    """:class:`ServeConfigError` unless ``folder`` has room for the metrics files of ``workers`` processes (each
+    reserves its own as it starts: see :func:`~digitgen.serve.observe.reserve`)."""
+    needed = workers * len(SHARED_FILES) * SHARED_FILE_BYTES
+    try:
+        reserve(folder, [".room"], needed)
+    except OSError as exc:
+        raise ServeConfigError(
+            f"cannot keep the workers' metrics in {folder} ({exc.strerror or exc}; they take "
+            f"{needed / 2**20:g} MiB); set TMPDIR to a writable folder with room for them"
+        ) from exc
+    os.unlink(os.path.join(folder, ".room"))
 
 
 @contextmanager

@@ -84,7 +84,6 @@ def test_digit_list_is_repeated_to_n(tiny: DigitGenerator) -> None:
     assert tiny.generate(7, digits=[3, 0, 9]).labels.tolist() == [3, 0, 9, 3, 0, 9, 3]
 
 
-
 def test_digits_compare_equal_by_their_contents(tiny: DigitGenerator) -> None:
     """The obvious determinism check: ``==`` had raised numpy's "truth value of an array is ambiguous"."""
     digits = tiny.generate(5, seed=3)
@@ -97,6 +96,7 @@ def test_digits_compare_equal_by_their_contents(tiny: DigitGenerator) -> None:
     assert digits != (digits.images, digits.labels)
     with pytest.raises(TypeError):
         hash(digits)
+
 
 def test_same_seed_same_images_whatever_the_batch_size(tiny: DigitGenerator) -> None:
     reference = tiny.generate(50, seed=5, batch_size=50).images

@@ -4,6 +4,7 @@ status, and the access-log line, word for word. (tests/test_serve.py checks them
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import platform
@@ -20,6 +21,8 @@ from digitgen.runtime.text import printable
 from digitgen.serve import observe
 from digitgen.serve.observe import (
     ACCESS_LOG,
+    SHARED_FILE_BYTES,
+    SHARED_FILES,
     SHARED_METRICS,
     ASGIApp,
     Message,
@@ -316,6 +319,33 @@ def test_shared_metrics_count_every_process_and_forget_the_gauges_of_stopped_one
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith("gauge_live")]
     with pytest.raises(RuntimeError, match=f"shared metrics need {SHARED_METRICS} set before prometheus_client"):
         Metrics(shared=True)  # this process counts in memory
+
+
+def test_each_process_counts_in_files_whose_room_is_reserved(tmp_path: Path) -> None:
+    """prometheus-client writes them through mmap: a page a full filesystem cannot supply had killed the worker
+    with SIGBUS (a crash loop); reserved, every count lands in room the filesystem has already given."""
+    env = {**os.environ, SHARED_METRICS: str(tmp_path)}
+    counted = SHARED_PROCESS + "import os; print(os.getpid(), file=sys.stderr)\n"
+    done = subprocess.run([sys.executable, "-c", counted, "5", "1", "close"], env=env, capture_output=True, text=True)
+    pid = done.stderr.strip()
+    files = {path.name: path.stat() for path in tmp_path.iterdir()}
+    assert set(files) == {f"{kind}_{pid}.db" for kind in SHARED_FILES if kind != "gauge_livesum"}  # closed: gone
+    for name, found in files.items():
+        assert found.st_size == SHARED_FILE_BYTES and found.st_blocks * 512 >= SHARED_FILE_BYTES, name
+
+
+def test_a_reservation_that_does_not_fit_leaves_no_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    reserved: list[int] = []
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        if reserved:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        reserved.append(length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate, raising=False)
+    with pytest.raises(OSError, match="No space left on device"):
+        observe.reserve(str(tmp_path), ["a.db", "b.db"])
+    assert reserved == [SHARED_FILE_BYTES] and list(tmp_path.iterdir()) == []
 
 
 def test_a_process_is_alive_unless_the_system_has_no_process_of_its_number(monkeypatch: pytest.MonkeyPatch) -> None:

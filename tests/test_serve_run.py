@@ -83,7 +83,6 @@ def test_more_threads_than_cores_are_refused_before_the_model_loads(
     )
 
 
-
 def test_paths_may_be_given_as_path_objects_and_reach_the_workers_as_text(tmp_path: Path) -> None:
     """As the runtime takes them; the options go to worker processes as JSON, so they are kept as text."""
     (tmp_path / "index.html").write_text("<!doctype html><title>digits</title>")
@@ -91,6 +90,7 @@ def test_paths_may_be_given_as_path_objects_and_reach_the_workers_as_text(tmp_pa
     options = ServerOptions(model=Path("g.onnx"), settings=ServeSettings(web_dir=tmp_path))
     assert (options.model, options.settings.web_dir) == ("g.onnx", str(tmp_path))
     assert json.loads(json.dumps(asdict(options)))["settings"]["web_dir"] == str(tmp_path)
+
 
 ROOT_PATH_WORDS = (
     "the root path must be the path prefix a proxy strips, a / then path segments without a / at the end, such as "
@@ -439,6 +439,31 @@ def test_a_temporary_folder_that_cannot_take_the_models_copy_is_named(
         refusal,
     ), refusal
     assert list(temporary.iterdir()) == []  # the folder made for the copy is gone with it
+
+
+def test_a_temporary_folder_without_room_for_the_workers_metrics_is_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The workers count in files written through mmap: without room, each had died of SIGBUS, again and again."""
+    started = DigitGenerator.from_path(threads=1)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    real_fallocate = os.posix_fallocate
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        if "digitgen-metrics-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fallocate(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    refusal = _refused_two_workers(monkeypatch, started.path, started)
+    assert re.fullmatch(
+        f"cannot keep the workers' metrics in {re.escape(str(temporary))}/digitgen-metrics-\\w+ \\(No space left on "
+        r"device; they take 1.5 MiB\); set TMPDIR to a writable folder with room for them",
+        refusal,
+    ), refusal
+    assert list(temporary.iterdir()) == []  # the model's copy and the metrics folder are gone with the refusal
 
 
 def test_every_tcp_connection_turns_nagle_off(monkeypatch: pytest.MonkeyPatch) -> None:
