@@ -8,11 +8,13 @@ libraries, noise scheme, digits, seed, truncation); then 24 bytes a file: its in
 its bytes. A file is kept on that record only if the journal is of the same identity and the file's bytes still
 have the recorded digest, so a journal of another run, a damaged one, or a file changed since, costs only the
 model calls it would have saved. Records are not synced: a power cut loses the last ones, which the resumed run
-then checks by making their digits again.
+then checks by making their digits again. A run continues a journal after its last whole record, and one whose
+journal the disk cannot take (full) stops journaling there and goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -121,18 +123,49 @@ class Journal:
         self.identity = identity
         self.begun = False  # by this run: no journal of its identity was there
         self._file: BinaryIO | None = None
+        self._whole = 0  # bytes of the file that hold whole records (and the header)
+        self._failed = False  # a write failed: nothing more is recorded
 
     def record(self, indices: Iterable[int], digests: Iterable[bytes]) -> None:
-        """Record files written (or kept)."""
-        if self.identity is None:
+        """Record files written (or kept). A journal that cannot be written (a full disk) is cut back to its last
+        whole record, or removed if this run began it and it holds none, and records nothing more: it only saves a
+        later ``--resume`` time, and the run goes on (its files, if any are to be written, meet the same disk)."""
+        if self.identity is None or self._failed:
             return
+        try:
+            self._append(b"".join(map(_PACKED.pack, indices, digests)))
+        except OSError:
+            self._failed = True
+            self._cut_back()
+
+    def _append(self, records: bytes) -> None:
         header = b""
         if self._file is None:
             self.begun = recorded_files(self.path, self.identity) is None  # another run's, or a torn header
-            self._file = self.path.open("wb" if self.begun else "ab")
-            header = _MAGIC + self.identity if self.begun else b""
-        self._file.write(header + b"".join(map(_PACKED.pack, indices, digests)))  # with its first records
+            self._file = self.path.open("wb" if self.begun else "r+b")
+            if self.begun:
+                header = _MAGIC + self.identity
+            else:  # continued after its last whole record: a failed or killed run can leave part of one
+                size = self._file.seek(0, os.SEEK_END)
+                self._whole = size - (size - _HEADER_BYTES) % _RECORD.itemsize
+                self._file.truncate(self._whole)
+                self._file.seek(self._whole)
+        data = header + records  # a journal's header goes with its first records
+        self._file.write(data)
         self._file.flush()
+        self._whole += len(data)
+
+    def _cut_back(self) -> None:
+        """After a failed write: the journal's file closed and cut to its last whole record."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):  # the write left in its buffer fails again; the file closes all the same
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(OSError):
+            if self.begun and self._whole == 0:
+                self.path.unlink(missing_ok=True)
+            elif self.path.exists():
+                os.truncate(self.path, self._whole)
 
     def close(self, *, remove: bool) -> None:
         """Close the journal's file; with ``remove``, delete it too (its run is complete)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -273,9 +274,12 @@ class _Repairs:
         self._spool: BinaryIO | None = None
 
     def add(self, index: int, label: int, encoded: bytes) -> None:
-        if self._spool is None:
-            self._spool = tempfile.TemporaryFile(dir=self.out_dir)  # noqa: SIM115 (closed by close())
-        self._spool.write(encoded)
+        try:
+            if self._spool is None:
+                self._spool = tempfile.TemporaryFile(dir=self.out_dir)  # noqa: SIM115 (closed by close())
+            self._spool.write(encoded)
+        except OSError as exc:
+            raise self._cannot_spool(exc) from exc
         self.indices.append(index)
         self.labels.append(label)
         self.sizes.append(len(encoded))
@@ -284,13 +288,23 @@ class _Repairs:
         """Replace each damaged file with its digit."""
         if self._spool is None:
             return
-        self._spool.seek(0)
+        try:
+            self._spool.seek(0)  # what is still in its buffer is written first
+        except OSError as exc:
+            raise self._cannot_spool(exc) from exc
         for index, label, size in zip(self.indices, self.labels, self.sizes, strict=True):
             _write_png(self.out_dir / png_name(index, label), self._spool.read(size))
 
     def close(self) -> None:
         if self._spool is not None:
-            self._spool.close()
+            with contextlib.suppress(OSError):  # a write left in its buffer: refused already, by add() or write()
+                self._spool.close()
+
+    def _cannot_spool(self, exc: OSError) -> OutputError:
+        return OutputError(
+            f"cannot write in {self.out_dir} (the digits that replace its damaged files wait in a temporary file "
+            f"there until every file has been checked): {exc.strerror or exc}"
+        )
 
 
 def _write_png(path: Path, encoded: bytes) -> None:

@@ -3,6 +3,7 @@ the folder byte for byte as an uninterrupted run would have written it."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -13,6 +14,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from digitgen.runtime import (
     OutputError,
     Shard,
     generate_files,
+    writers,
 )
 from digitgen.runtime.layout import FORMATS
 from digitgen.runtime.png_journal import (
@@ -652,6 +655,95 @@ def test_a_torn_last_record_loses_only_its_file(
     calls = made_digits(gen, monkeypatch)
     generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
     assert calls == [1, BATCH, BATCH, BATCH, BATCH] and folder(tmp_path) == clean_runs["png"]
+
+
+def test_a_run_resumed_after_a_torn_record_continues_the_journal_after_its_last_whole_one(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records appended after the torn part had been read out of step: indices of millions, nothing kept."""
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(2), **REQUEST)
+    journal = tmp_path / JOURNAL_NAME
+    journal.write_bytes(journal.read_bytes()[:-5])
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, "png", resume=True, on_batch=interrupt_after(4), **REQUEST)
+    calls = made_digits(gen, monkeypatch)
+    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert calls == [1, BATCH] and folder(tmp_path) == clean_runs["png"]  # batches 1 to 4 on record
+
+
+class _DiskFullAfter:
+    """A file that takes ``room`` bytes, then fails as a full disk does (after writing what fits)."""
+
+    def __init__(self, file: BinaryIO, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data: bytes) -> int:
+        taken = self.file.write(data[: self.room])
+        self.room -= taken
+        if taken < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return taken
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.file, name)
+
+
+def _journal_room(monkeypatch: pytest.MonkeyPatch, room: int) -> None:
+    opened = Path.open
+
+    def open_journal(path: Path, *args: object, **kwargs: object) -> object:
+        file = opened(path, *args, **kwargs)
+        return _DiskFullAfter(file, room) if path.name == JOURNAL_NAME else file
+
+    monkeypatch.setattr(Path, "open", open_journal)
+
+
+def test_a_journal_the_disk_cannot_take_stops_at_its_last_whole_record_and_the_run_goes_on(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It only saves a later resume time: a full disk had ended the run with a bare "No space left on device"."""
+    header = len(b"digitgen png run journal 1\n") + 32
+    with monkeypatch.context() as full:
+        _journal_room(full, header + 2 * BATCH * 24 + 10)  # two batches' records, then 10 bytes of the next
+        with pytest.raises(KeyboardInterrupt):
+            generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(4), **REQUEST)
+    assert len((tmp_path / JOURNAL_NAME).read_bytes()) == header + 2 * BATCH * 24
+    calls = made_digits(gen, monkeypatch)
+    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert calls == [1, BATCH, BATCH, BATCH] and folder(tmp_path) == clean_runs["png"]
+
+
+def test_a_complete_folder_resumed_on_a_full_disk_is_kept_and_left_as_it_was(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, data in clean_runs["png"].items():
+        (tmp_path / name).write_bytes(data)
+    _journal_room(monkeypatch, 0)
+    calls = made_digits(gen, monkeypatch)
+    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert calls == [1] + [BATCH] * (N // BATCH)  # each file checked by its digit, none written
+    assert folder(tmp_path) == clean_runs["png"]  # no journal begun and left behind
+
+
+def test_a_folder_without_room_for_the_repairs_is_named_and_its_files_kept(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, data in clean_runs["png"].items():
+        (tmp_path / name).write_bytes(data)
+    damaged = sorted(tmp_path.glob("*.png"))[5]
+    damaged.write_bytes(damaged.read_bytes()[:-5])
+    before = folder(tmp_path)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(writers.tempfile, "TemporaryFile", lambda dir: (_ for _ in ()).throw(full))
+    with pytest.raises(OutputError) as refused:
+        generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert str(refused.value) == (
+        f"cannot write in {tmp_path} (the digits that replace its damaged files wait in a temporary file there until "
+        "every file has been checked): No space left on device"
+    )
+    after = folder(tmp_path)
+    assert after.pop(JOURNAL_NAME) and after == before  # the files as they were, and a journal of the checks
 
 
 def test_someones_file_where_the_journal_goes_is_refused_and_kept(gen: DigitGenerator, tmp_path: Path) -> None:
