@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import pickle
 import re
 import struct
@@ -36,7 +39,7 @@ from digitgen.training.errors import (
     NonFiniteLossError,
     TrainingError,
 )
-from digitgen.training.loop import train
+from digitgen.training.loop import _append_metrics, train
 from digitgen.training.models import ConditionalBatchNorm2d, Discriminator, Generator
 from digitgen.training.run import check_precision
 from digitgen.training.state import (
@@ -56,6 +59,34 @@ def test_a_checkpoint_write_on_a_full_disk_says_so_in_the_systems_words() -> Non
     with pytest.raises(OutputError) as refused:
         write_payload({"weights": torch.zeros(1000)}, Path("/dev/full"), "runs/a/checkpoint.pt")
     assert str(refused.value) == "cannot write runs/a/checkpoint.pt: No space left on device"
+
+
+def test_a_metrics_line_the_disk_cannot_take_is_cut_off_and_the_file_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A full disk had left half a line (no longer JSON Lines) and said "No space left on device" of no file."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n{"step": 2}\n')
+    opened, room = Path.open, metrics.stat().st_size + 10
+
+    class FullAfter10Bytes(io.FileIO):
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            if self.tell() >= room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(bytes(data)[: room - self.tell()])
+
+    monkeypatch.setattr(
+        Path,
+        "open",
+        lambda path, mode="r", **kw: FullAfter10Bytes(path, "a") if path == metrics else opened(path, mode, **kw),
+    )
+    with pytest.raises(OutputError) as refused:
+        _append_metrics(metrics, {"step": 3, "loss_d": 0.5362026095390})
+    monkeypatch.undo()
+    assert str(refused.value) == f"cannot write {metrics}: No space left on device"
+    assert metrics.read_text() == '{"step": 1}\n{"step": 2}\n'
+    _append_metrics(metrics, {"step": 3})
+    assert metrics.read_text().splitlines()[-1] == '{"step": 3}'
 
 
 def test_generator_and_discriminator_shapes() -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
 from digitgen.runtime.encode import GRID_COLUMNS
+from digitgen.runtime.errors import OutputError
 from digitgen.runtime.files import publish
 from digitgen.runtime.text import read_json
 from digitgen.training.augment import diff_augment
@@ -235,8 +237,23 @@ def _trim_grids(samples: Path, step: int) -> None:
 
 
 def _append_metrics(path: Path, record: dict[str, float]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line more, whole or not at all: a line the disk cannot take is cut off again, so that the file stays
+    JSON Lines for whoever reads it (an :class:`OutputError` names it). Unbuffered: no part of a line waits to be
+    written as the file closes."""
+    line = (json.dumps(record) + "\n").encode()
+    try:
+        with path.open("ab", buffering=0) as f:
+            whole = f.seek(0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(line):
+                    written += f.write(line[written:])
+            except OSError:
+                with suppress(OSError):
+                    f.truncate(whole)
+                raise
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _save(state: TrainState, path: Path, ctx: DistContext) -> None:
