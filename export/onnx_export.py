@@ -175,10 +175,17 @@ def export_generator(
     example = (torch.randn(2, config.latent_dim), torch.zeros(2, dtype=torch.long))
     with publish_with_weights(out, weights_out, replaceable) as (tmp, weights_tmp):
         if precision == "int8":
-            with tempfile.TemporaryDirectory() as scratch:
-                fp32 = Path(scratch) / "fp32.onnx"
-                to_onnx(fast, example, fp32, ["z", "digit"], ["image"], opset)
-                quantize_int8(fp32, tmp, config.latent_dim, config.num_classes)
+            try:
+                with tempfile.TemporaryDirectory() as scratch:
+                    fp32 = Path(scratch) / "fp32.onnx"
+                    to_onnx(fast, example, fp32, ["z", "digit"], ["image"], opset)
+                    quantize_int8(fp32, tmp, config.latent_dim, config.num_classes)
+            except OSError as exc:  # which of the two folders failed, neither torch nor the quantizer says
+                raise ExportError(
+                    f"cannot write {out}: {exc.strerror or exc} (an int8 export also writes the fp32 model and the "
+                    f"quantizer's files in the temporary folder {tempfile.gettempdir()}: it needs room too; TMPDIR "
+                    "chooses it)"
+                ) from exc
         else:
             exported = HalfPrecision(fast).eval() if precision == "fp16" else fast
             to_onnx(exported, example, tmp, ["z", "digit"], ["image"], opset)

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -214,6 +215,29 @@ def _export_with_weights(which: str, checkpoint: Path, out: Path, weights: Path)
         from digitgen.training.classifier import Classifier
 
         export_classifier(Classifier(), out, 0.99, weights_out=weights, overwrite=True)
+
+
+def test_an_int8_export_whose_temporary_folder_is_full_names_it(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only "cannot write OUT" had been said, so that room was made on the wrong disk."""
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"old model")
+    real_to_onnx = onnx_export.to_onnx
+
+    def full_scratch(model: object, example: object, path: Path, *args: object) -> None:
+        if path.name == "fp32.onnx":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_to_onnx(model, example, path, *args)
+
+    monkeypatch.setattr(onnx_export, "to_onnx", full_scratch)
+    with pytest.raises(ExportError) as refused:
+        export_generator(tiny_checkpoint, out, precision="int8", overwrite=True)
+    assert str(refused.value) == (
+        f"cannot write {out}: No space left on device (an int8 export also writes the fp32 model and the quantizer's "
+        f"files in the temporary folder {tempfile.gettempdir()}: it needs room too; TMPDIR chooses it)"
+    )
+    assert [path.name for path in tmp_path.iterdir()] == ["model.onnx"] and out.read_bytes() == b"old model"
 
 
 @pytest.mark.parametrize("which", ["generator", "classifier"])
