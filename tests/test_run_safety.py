@@ -14,18 +14,23 @@ from click.testing import CliRunner
 
 from digitgen.cli import main
 from digitgen.runtime import files
+from digitgen.runtime.errors import OutputError
 from digitgen.runtime.idx import read_idx
+from digitgen.training import loop
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.classifier import Classifier, classifier_weights
 from digitgen.training.config import TrainConfig
 from digitgen.training.data import MnistTensors, load_mnist
 from digitgen.training.errors import RunDirectoryError, TrainingError
 from digitgen.training.run import (
+    REPLACED_DIR,
     _decay_too_long,
     _setting_text,
     check_precision,
     describe_run_files,
+    earlier_run_files,
     remove_run_files,
+    set_aside,
 )
 from digitgen.training.run_lock import RunLock, refuse_if_training
 from tests.conftest import REPO
@@ -124,10 +129,12 @@ def test_overwrite_starts_over_and_says_what_it_deleted(finished_run: Path, tiny
     (finished_run / "mine.png").write_bytes(b"mine")
     code, output = train(tiny_mnist, finished_run, "--steps", 3, "--overwrite", *TINY)
     assert code == 0, output
-    lines = output.splitlines()  # what it deleted first, then what the run will do
+    lines = output.splitlines()  # what it set aside first, then what the run will do
     assert lines[0] == (
-        f"--overwrite: deleted the earlier run's checkpoint.pt, metrics.jsonl, samples (2 grids) in {finished_run}"
+        f"--overwrite: set aside the earlier run's checkpoint.pt, metrics.jsonl, samples (2 grids) in {finished_run}, "
+        "deleted once this run saves a checkpoint (put back if it stops before)"
     )
+    assert not (finished_run / REPLACED_DIR).exists()  # saved: the earlier run is gone
     assert lines[1].startswith("training on cpu"), output
     assert not (finished_run / "samples" / "step0000099.png").exists()
     assert (finished_run / "samples" / "notes.txt").read_text() == "mine"
@@ -135,6 +142,48 @@ def test_overwrite_starts_over_and_says_what_it_deleted(finished_run: Path, tiny
     assert (finished_run / "mine.png").read_bytes() == b"mine"
     steps = _metrics_steps(finished_run)
     assert steps == sorted(set(steps)) and torch.load(finished_run / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_an_overwrite_that_fails_before_its_first_checkpoint_puts_the_earlier_run_back(
+    finished_run: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at the new run's first checkpoint had left neither run: the earlier one deleted at the start."""
+    (finished_run / "mine.txt").write_text("mine")
+    before = _files(finished_run)
+
+    def full(payload: object, path: Path) -> None:
+        raise OutputError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(loop, "save_checkpoint", full)
+    code, output = train(tiny_mnist, finished_run, "--steps", 3, "--seed", 7, "--overwrite", *TINY)
+    assert code == 1 and output.splitlines()[-1] == (
+        f"Error: cannot write {finished_run / 'checkpoint.pt'}: No space left on device"
+    )
+    assert _files(finished_run) == before and not (finished_run / REPLACED_DIR).exists()
+
+
+def test_a_run_set_aside_by_a_killed_overwrite_is_named_not_lost(finished_run: Path, tiny_mnist: Path) -> None:
+    aside = finished_run / REPLACED_DIR
+    earlier = _files(finished_run)
+    set_aside(earlier_run_files(finished_run), finished_run)  # the --overwrite was killed here, ...
+    code, output = train(tiny_mnist, finished_run, "--steps", 2, *TINY)
+    assert (code, output.strip()) == (
+        1,
+        f"Error: {finished_run} holds a run set aside by a stopped --overwrite; the run it replaced is in {aside}: "
+        "move its files back to keep it",
+    )
+    (finished_run / "metrics.jsonl").write_text('{"step": 1}\n')  # ... or here, its first step logged
+    code, output = train(tiny_mnist, finished_run, "--steps", 2, *TINY)
+    assert (code, output.strip()) == (
+        1,
+        f"Error: {finished_run} holds a run that saved no checkpoint (metrics.jsonl); start over with --overwrite; "
+        f"the run it replaced is in {aside}: move its files back to keep it",
+    )
+    assert {aside / path.relative_to(finished_run): data for path, data in earlier.items()} == _files(aside)
 
 
 @pytest.mark.parametrize(

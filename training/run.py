@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import shutil
 from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -93,6 +94,8 @@ FIXED_ON_RESUME = {
     "precision": ("--precision", "train"),
 }
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)  # and the sample grids in SAMPLES_DIR
+# where --overwrite keeps the earlier run's files while the new run has saved no checkpoint (see set_aside)
+REPLACED_DIR = ".digitgen-replaced-run"
 
 
 def earlier_run_files(run_dir: Path) -> tuple[Path, ...]:
@@ -121,7 +124,7 @@ class PreparedRun:
     data: MnistTensors
     steps_per_epoch: int
     global_batch: int
-    replaced: tuple[Path, ...]  # files of an earlier run removed by --overwrite
+    replaced: tuple[Path, ...]  # files of an earlier run set aside by --overwrite
     lock: RunLock | None  # the run directory, claimed by the main process until the run ends
     run_dir: str
     resumed: bool
@@ -131,7 +134,10 @@ class PreparedRun:
 
     def __exit__(self, *_exc: object) -> None:
         if self.lock is not None:
-            self.lock.release()
+            try:
+                settle_aside(Path(self.run_dir))
+            finally:
+                self.lock.release()
 
     def notes(self, device: torch.device, ctx: DistContext) -> list[str]:
         """What to tell the user before the run starts: the files ``--overwrite`` deleted, the :meth:`summary`,
@@ -139,8 +145,11 @@ class PreparedRun:
         state = self.state
         lines = [self.summary(device)]
         if self.replaced:
-            deleted = describe_run_files(self.replaced)
-            lines.insert(0, f"--overwrite: deleted the earlier run's {deleted} in {self.run_dir}")
+            lines.insert(
+                0,
+                f"--overwrite: set aside the earlier run's {describe_run_files(self.replaced)} in {self.run_dir}, "
+                "deleted once this run saves a checkpoint (put back if it stops before)",
+            )
         if self.resumed and state.saved_by != ctx.world_size:
             lines.append(
                 f"note: the checkpoint was saved by {state.saved_by} process(es) and resumes with "
@@ -196,8 +205,8 @@ def resume_with(checkpoint: str | Path, data_dir: str, device_name: str, process
 def claim_run_dir(options: RunOptions, processes: int = 1) -> tuple[Path, ...]:
     """Refuse a run directory that holds another run, unless resuming it or told to overwrite.
 
-    With ``overwrite`` it returns the earlier run's files, for :func:`remove_run_files` once every
-    other check has passed; it deletes nothing itself.
+    With ``overwrite`` it returns the earlier run's files, for :func:`set_aside` once every other check has
+    passed; it moves nothing itself.
     """
     run_dir = Path(options.run_dir)
     problem = folder_problem(run_dir)  # found here on every process, not when the first one saves a file
@@ -214,20 +223,60 @@ def claim_run_dir(options: RunOptions, processes: int = 1) -> tuple[Path, ...]:
     resumes_it = options.resume is not None and own_checkpoint.exists() and own_checkpoint.samefile(options.resume)
     if resumes_it and options.overwrite:
         raise RunDirectoryError(f"--resume continues the run in {run_dir} and --overwrite would delete it: give one")
-    if not existing or resumes_it:
-        return ()
-    if not options.overwrite:
-        found = describe_run_files(existing)
-        if not own_checkpoint.exists():  # a run that stopped before its first checkpoint cannot be continued
-            raise RunDirectoryError(
-                f"{run_dir} holds a run that saved no checkpoint ({found}); start over with --overwrite"
-            )
+    aside = run_dir / REPLACED_DIR  # a run an --overwrite set aside, left there as that run was killed
+    if resumes_it or options.overwrite or not (existing or aside.is_dir()):
+        return existing if options.overwrite else ()
+    kept = f"; the run it replaced is in {aside}: move its files back to keep it" if aside.is_dir() else ""
+    if not existing:
+        raise RunDirectoryError(f"{run_dir} holds a run set aside by a stopped --overwrite{kept}")
+    found = describe_run_files(existing)
+    if not own_checkpoint.exists():  # a run that stopped before its first checkpoint cannot be continued
         raise RunDirectoryError(
-            f"{run_dir} already holds a run ({found}); continue it with "
-            f"{resume_with(own_checkpoint, options.data_dir, options.device_name, processes)}, "
-            "or start over with --overwrite"
+            f"{run_dir} holds a run that saved no checkpoint ({found}); start over with --overwrite{kept}"
         )
-    return existing
+    raise RunDirectoryError(
+        f"{run_dir} already holds a run ({found}); continue it with "
+        f"{resume_with(own_checkpoint, options.data_dir, options.device_name, processes)}, "
+        "or start over with --overwrite"
+    )
+
+
+def set_aside(paths: tuple[Path, ...], run_dir: Path) -> None:
+    """Move an earlier run's files (see :func:`claim_run_dir`) into :data:`REPLACED_DIR`: renamed, so that a new run
+    that fails before its first checkpoint (a full disk) can put them back (:func:`settle_aside`); all or none. What
+    a killed run left there is deleted: ``--overwrite`` starts over from the run now in the folder."""
+    aside = run_dir / REPLACED_DIR
+    shutil.rmtree(aside, ignore_errors=True)
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for path in paths:
+            target = aside / path.relative_to(run_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            moved.append((path, target))
+    except OSError as exc:
+        for path, target in reversed(moved):
+            with suppress(OSError):
+                os.replace(target, path)
+        raise RunDirectoryError(f"cannot set the earlier run aside in {aside}: {exc.strerror or exc}") from exc
+    with suppress(OSError):  # its samples folder, if nothing else is in it
+        (run_dir / SAMPLES_DIR).rmdir()
+
+
+def settle_aside(run_dir: Path) -> None:
+    """At a run's end, the earlier run :func:`set_aside` moved: deleted if this run saved a checkpoint, else put
+    back in place of this run's metrics and grids. Left where it is if a file cannot be put back."""
+    aside = run_dir / REPLACED_DIR
+    if not aside.is_dir() or aside.is_symlink():
+        return
+    if not os.path.lexists(run_dir / CHECKPOINT_NAME):
+        remove_run_files(earlier_run_files(run_dir))
+        for path in sorted(aside.rglob("*")):
+            if not path.is_dir():
+                target = run_dir / path.relative_to(aside)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    shutil.rmtree(aside)
 
 
 def remove_run_files(paths: tuple[Path, ...]) -> None:
@@ -455,8 +504,8 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
         "the first process could not claim the run directory (its error says why)",
     )
     try:
-        if ctx.is_main:
-            remove_run_files(replaced)
+        if ctx.is_main and options.overwrite:
+            set_aside(replaced, Path(options.run_dir))
     except BaseException:
         if lock is not None:
             lock.release()
