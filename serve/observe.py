@@ -215,18 +215,20 @@ class Metrics:
 
 
 def reserve(folder: str, names: list[str], size: int = SHARED_FILE_BYTES) -> None:
-    """Give each file ``names`` in ``folder`` ``size`` bytes of the filesystem's room (zeros, which prometheus-client
-    reads as an empty file of that capacity), or raise :class:`OSError` having reserved none."""
-    paths = [os.path.join(folder, name) for name in names]
+    """Give each file ``names`` in ``folder`` at least ``size`` bytes of the filesystem's room (new ones zeros, which
+    prometheus-client reads as an empty file of that capacity), or raise :class:`OSError` having made none of them."""
+    made: list[str] = []
     try:
-        for path in paths:
+        for path in (os.path.join(folder, name) for name in names):
+            if not os.path.exists(path):  # one of the same name (a process of the same number before) keeps its counts
+                made.append(path)
             with open(path, "ab") as f:
                 if hasattr(os, "posix_fallocate"):
                     os.posix_fallocate(f.fileno(), 0, size)
                 else:  # written out: the filesystem supplies each page now
-                    f.write(bytes(size - f.tell()))
+                    f.write(bytes(max(0, size - f.tell())))
     except OSError:
-        for path in paths:
+        for path in made:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise

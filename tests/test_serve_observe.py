@@ -343,9 +343,12 @@ def test_a_reservation_that_does_not_fit_leaves_no_file(monkeypatch: pytest.Monk
         reserved.append(length)
 
     monkeypatch.setattr(os, "posix_fallocate", fallocate, raising=False)
+    (tmp_path / "counter_7.db").write_bytes(b"the counts of an earlier process of the same number")
     with pytest.raises(OSError, match="No space left on device"):
-        observe.reserve(str(tmp_path), ["a.db", "b.db"])
-    assert reserved == [SHARED_FILE_BYTES] and list(tmp_path.iterdir()) == []
+        observe.reserve(str(tmp_path), ["a.db", "counter_7.db", "b.db"])
+    assert reserved == [SHARED_FILE_BYTES]
+    assert [path.name for path in tmp_path.iterdir()] == ["counter_7.db"]  # kept, with its counts
+    assert (tmp_path / "counter_7.db").read_bytes() == b"the counts of an earlier process of the same number"
 
 
 def test_a_process_is_alive_unless_the_system_has_no_process_of_its_number(monkeypatch: pytest.MonkeyPatch) -> None:
