@@ -63,9 +63,7 @@ class _Client:
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
-        self._gone = asyncio.Event()
-        self._abandoned = threading.Event()
-        self._watcher: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None  # made with the events below, as the first is asked for
 
     def gone(self) -> asyncio.Event:
         self._watch()
@@ -77,6 +75,7 @@ class _Client:
 
     def _watch(self) -> None:
         if self._watcher is None:
+            self._gone, self._abandoned = asyncio.Event(), threading.Event()
             self._watcher = asyncio.create_task(self._until_disconnected())
 
     async def _until_disconnected(self) -> None:
