@@ -183,7 +183,7 @@ def export_generator(
             except OSError as exc:  # which of the two folders failed, neither torch nor the quantizer says
                 raise ExportError(
                     f"cannot write {out}: {exc.strerror or exc} (an int8 export also writes the fp32 model and the "
-                    f"quantizer's files in the temporary folder {tempfile.gettempdir()}: it needs room too; TMPDIR "
+                    f"quantizer's files in the temporary folder{_temporary_folder()}: it needs room too; TMPDIR "
                     "chooses it)"
                 ) from exc
         else:
@@ -200,6 +200,14 @@ def export_generator(
         if weights_tmp is not None:
             write_payload(release_weights(payload), weights_tmp, weights_out)
     return report
+
+
+def _temporary_folder() -> str:
+    """`` PATH`` of the temporary folder, or nothing where there is none to name."""
+    try:
+        return f" {tempfile.gettempdir()}"
+    except OSError:  # no usable one
+        return ""
 
 
 def verify_file(model_path: str | Path, checkpoint: str | Path, atol: float | None = None) -> ParityReport:

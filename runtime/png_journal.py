@@ -123,7 +123,7 @@ class Journal:
         self.identity = identity
         self.begun = False  # by this run: no journal of its identity was there
         self._file: BinaryIO | None = None
-        self._whole = 0  # bytes of the file that hold whole records (and the header)
+        self._whole: int | None = None  # bytes of the file that hold whole records and the header, once known
         self._failed = False  # a write failed: nothing more is recorded
 
     def record(self, indices: Iterable[int], digests: Iterable[bytes]) -> None:
@@ -144,7 +144,7 @@ class Journal:
             self.begun = recorded_files(self.path, self.identity) is None  # another run's, or a torn header
             self._file = self.path.open("wb" if self.begun else "r+b")
             if self.begun:
-                header = _MAGIC + self.identity
+                header, self._whole = _MAGIC + self.identity, 0
             else:  # continued after its last whole record: a failed or killed run can leave part of one
                 size = self._file.seek(0, os.SEEK_END)
                 self._whole = size - (size - _HEADER_BYTES) % _RECORD.itemsize
@@ -153,7 +153,7 @@ class Journal:
         data = header + records  # a journal's header goes with its first records
         self._file.write(data)
         self._file.flush()
-        self._whole += len(data)
+        self._whole = (self._whole or 0) + len(data)
 
     def _cut_back(self) -> None:
         """After a failed write: the journal's file closed and cut to its last whole record."""
@@ -162,6 +162,8 @@ class Journal:
                 self._file.close()
             self._file = None
         with contextlib.suppress(OSError):
+            if self._whole is None:  # not even opened: nothing of this run's in it
+                return
             if self.begun and self._whole == 0:
                 self.path.unlink(missing_ok=True)
             elif self.path.exists():

@@ -4,6 +4,7 @@ access log line."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -222,11 +223,15 @@ def reserve(folder: str, names: list[str], size: int = SHARED_FILE_BYTES) -> Non
         for path in (os.path.join(folder, name) for name in names):
             if not os.path.exists(path):  # one of the same name (a process of the same number before) keeps its counts
                 made.append(path)
-            with open(path, "ab") as f:
-                if hasattr(os, "posix_fallocate"):
+            with open(path, "r+b" if path not in made else "w+b") as f:  # not "a": glibc's fallocate refuses O_APPEND
+                try:
                     os.posix_fallocate(f.fileno(), 0, size)
-                else:  # written out: the filesystem supplies each page now
-                    f.write(bytes(max(0, size - f.tell())))
+                except (AttributeError, OSError) as exc:  # no fallocate here (NFS, FUSE, macOS): written out
+                    if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+                        raise
+                    end = f.seek(0, os.SEEK_END)
+                    f.write(bytes(max(0, size - end)))
+                    f.flush()
     except OSError:
         for path in made:
             with contextlib.suppress(OSError):

@@ -23,7 +23,7 @@ BUILT_PAGE = ("index.html", "generator.onnx")
 BATCH_MAX_DIGITS = 8  # the default micro-batch
 MAX_COUNT_LIMIT = MAX_INDEX + 1  # the digits of one seed: no request can ask for more
 # a URL path of one or more segments (RFC 3986's pchar), no / at its end: what a proxy in front strips
-ROOT_PATH = re.compile(r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@%]+)+")
+ROOT_PATH = re.compile(r"(/([A-Za-z0-9\-._~!$&()*+,;=:@]|%[0-9A-Fa-f]{2})+)+")  # no ': the docs page quotes it
 LISTEN_BACKLOG = 2048  # connections that may wait to be accepted: uvicorn's default
 # what a browser sends in Origin: scheme://host[:port], no path, not even a trailing slash, no user, a port
 # without leading zeros (or * for any)

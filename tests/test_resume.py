@@ -714,6 +714,29 @@ def test_a_journal_the_disk_cannot_take_stops_at_its_last_whole_record_and_the_r
     assert calls == [1, BATCH, BATCH, BATCH] and folder(tmp_path) == clean_runs["png"]
 
 
+def test_a_journal_that_cannot_even_be_opened_is_left_as_it_was(
+    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too many open files, say: the earlier run's records must not be cut to nothing."""
+    with pytest.raises(KeyboardInterrupt):
+        generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(2), **REQUEST)
+    records = (tmp_path / JOURNAL_NAME).read_bytes()
+    opened = Path.open
+
+    def no_more_files(path: Path, *args: object, **kwargs: object) -> object:
+        if path.name == JOURNAL_NAME and args and args[0] == "r+b":
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return opened(path, *args, **kwargs)
+
+    with monkeypatch.context() as limited:
+        limited.setattr(Path, "open", no_more_files)
+        with pytest.raises(KeyboardInterrupt):
+            generate_files(gen, tmp_path, N, "png", resume=True, on_batch=interrupt_after(3), **REQUEST)
+    assert (tmp_path / JOURNAL_NAME).read_bytes() == records
+    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
+    assert folder(tmp_path) == clean_runs["png"]
+
+
 def test_a_complete_folder_resumed_on_a_full_disk_is_kept_and_left_as_it_was(
     gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -186,6 +186,52 @@ def test_a_run_set_aside_by_a_killed_overwrite_is_named_not_lost(finished_run: P
     assert {aside / path.relative_to(finished_run): data for path, data in earlier.items()} == _files(aside)
 
 
+def test_the_earlier_run_goes_at_the_first_checkpoint_not_at_the_end(
+    finished_run: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept to the end, it would take its room for the whole run, and be left behind by a run killed meanwhile."""
+    aside_at_save: list[bool] = []
+    save = loop.save_checkpoint
+
+    def noted(payload: object, path: Path) -> None:
+        aside_at_save.append((finished_run / REPLACED_DIR).is_dir())
+        save(payload, path)
+
+    monkeypatch.setattr(loop, "save_checkpoint", noted)
+    every_step = [option if option != "100" else "1" for option in TINY]  # --checkpoint-every 1
+    code, output = train(tiny_mnist, finished_run, "--steps", 3, "--overwrite", *every_step)
+    assert code == 0, output
+    assert aside_at_save == [True, False, False]
+
+
+def test_a_second_overwrite_after_a_killed_one_keeps_the_run_set_aside(
+    finished_run: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The killed run saved no checkpoint: the run it set aside is still the earlier run, and must survive a retry
+    that fails too (it had been deleted at the retry's start)."""
+    earlier = _files(finished_run)
+    aside = finished_run / REPLACED_DIR
+    set_aside(earlier_run_files(finished_run), finished_run)  # an --overwrite killed ...
+    (finished_run / "metrics.jsonl").write_text('{"step": 1}\n')  # ... after its first step
+    code, output = train(tiny_mnist, finished_run, "--resume", aside / "checkpoint.pt", "--overwrite", *TINY)
+    assert (code, output.strip()) == (
+        1,
+        f"Error: {aside / 'checkpoint.pt'} is in the run an --overwrite set aside; move its files back into "
+        f"{finished_run} first",
+    )
+
+    def full(payload: object, path: Path) -> None:
+        raise OutputError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(loop, "save_checkpoint", full)
+    code, output = train(tiny_mnist, finished_run, "--steps", 3, "--overwrite", *TINY)
+    assert code == 1 and output.splitlines()[0] == (
+        f"--overwrite: deleted the stopped run's metrics.jsonl in {finished_run}; the run it replaced stays set aside "
+        f"in {aside}, deleted once this run saves a checkpoint (put back if it stops before)"
+    )
+    assert _files(finished_run) == earlier and not aside.exists()
+
+
 @pytest.mark.parametrize(
     ("options", "words"),
     [

@@ -114,7 +114,17 @@ ROOT_PATH_WORDS = (
         ({"settings": {}}, "settings must be a ServeSettings, got {}"),
         *(
             ({"root_path": given}, f"{ROOT_PATH_WORDS}; got {given!r}")
-            for given in ("digits", "/digits/", "/", "//digits", "/a b", "/digits?x=1", "http://proxy/digits")
+            for given in (
+                "digits",
+                "/digits/",
+                "/",
+                "//digits",
+                "/a b",
+                "/digits?x=1",
+                "http://proxy/digits",
+                "/a'b",
+                "/100%",
+            )
         ),
     ],
 )

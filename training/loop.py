@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
@@ -41,6 +42,8 @@ STEP_TOO_LARGE = "a training step of this size does not fit; lower --batch-size,
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+# where --overwrite keeps the earlier run's files until this run's first checkpoint (training.run.set_aside)
+REPLACED_DIR = ".digitgen-replaced-run"
 SAMPLES_DIR = "samples"
 SAMPLE_GRID = re.compile(r"step([0-9]{7,})\.png")  # the names grid_name gives
 
@@ -260,12 +263,25 @@ def _save(state: TrainState, path: Path, ctx: DistContext) -> None:
     """Collective in a distributed run (every rank's noise state is gathered); rank 0 writes, and if it cannot,
     every rank stops (rather than wait for it in the next step)."""
     noise_states = gather_objects(ctx, state.noise_rng.get_state())
+
+    def save() -> None:
+        save_checkpoint(state_to_checkpoint(state, noise_states), path)
+        drop_replaced(path.parent)
+
     on_main_first(
         ctx,
         next(state.generator.parameters()).device,
-        lambda: save_checkpoint(state_to_checkpoint(state, noise_states), path),
+        save,
         "the first process could not write the checkpoint (its error says why)",
     )
+
+
+def drop_replaced(run_dir: Path) -> None:
+    """Delete the earlier run an ``--overwrite`` set aside, now that this run has a checkpoint of its own (a
+    failure leaves it for the run's end, or the next run's refusal, to name)."""
+    aside = run_dir / REPLACED_DIR
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _wrap(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:

@@ -20,7 +20,14 @@ from digitgen.training.config import DEFAULT_RUN_DIR, GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, check_labels, load_mnist_once
 from digitgen.training.distributed import DistContext, on_main_first, weights_digest
 from digitgen.training.errors import CheckpointError, RunDirectoryError, TrainingError, memory_errors_in_words
-from digitgen.training.loop import CHECKPOINT_NAME, METRICS_NAME, SAMPLE_GRID, SAMPLES_DIR, steps_per_epoch
+from digitgen.training.loop import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    REPLACED_DIR,
+    SAMPLE_GRID,
+    SAMPLES_DIR,
+    steps_per_epoch,
+)
 from digitgen.training.run_lock import RunLock, refuse_if_training
 from digitgen.training.state import TrainState, new_state, numerics, state_from_checkpoint
 
@@ -94,8 +101,6 @@ FIXED_ON_RESUME = {
     "precision": ("--precision", "train"),
 }
 RUN_FILES = (CHECKPOINT_NAME, METRICS_NAME)  # and the sample grids in SAMPLES_DIR
-# where --overwrite keeps the earlier run's files while the new run has saved no checkpoint (see set_aside)
-REPLACED_DIR = ".digitgen-replaced-run"
 
 
 def earlier_run_files(run_dir: Path) -> tuple[Path, ...]:
@@ -124,7 +129,7 @@ class PreparedRun:
     data: MnistTensors
     steps_per_epoch: int
     global_batch: int
-    replaced: tuple[Path, ...]  # files of an earlier run set aside by --overwrite
+    overwritten: str  # what --overwrite did with the earlier run (empty without it)
     lock: RunLock | None  # the run directory, claimed by the main process until the run ends
     run_dir: str
     resumed: bool
@@ -144,12 +149,8 @@ class PreparedRun:
         and what differs in a run resumed by another number of processes or spread over several."""
         state = self.state
         lines = [self.summary(device)]
-        if self.replaced:
-            lines.insert(
-                0,
-                f"--overwrite: set aside the earlier run's {describe_run_files(self.replaced)} in {self.run_dir}, "
-                "deleted once this run saves a checkpoint (put back if it stops before)",
-            )
+        if self.overwritten:
+            lines.insert(0, f"--overwrite: {self.overwritten}")
         if self.resumed and state.saved_by != ctx.world_size:
             lines.append(
                 f"note: the checkpoint was saved by {state.saved_by} process(es) and resumes with "
@@ -224,6 +225,12 @@ def claim_run_dir(options: RunOptions, processes: int = 1) -> tuple[Path, ...]:
     if resumes_it and options.overwrite:
         raise RunDirectoryError(f"--resume continues the run in {run_dir} and --overwrite would delete it: give one")
     aside = run_dir / REPLACED_DIR  # a run an --overwrite set aside, left there as that run was killed
+    if aside.is_symlink() or (os.path.lexists(aside) and not aside.is_dir()):
+        raise RunDirectoryError(f"{aside} is not a folder, where --overwrite sets an earlier run aside; move it")
+    if options.resume is not None and aside.is_dir() and Path(options.resume).resolve().is_relative_to(aside.resolve()):
+        raise RunDirectoryError(
+            f"{options.resume} is in the run an --overwrite set aside; move its files back into {run_dir} first"
+        )
     if resumes_it or options.overwrite or not (existing or aside.is_dir()):
         return existing if options.overwrite else ()
     kept = f"; the run it replaced is in {aside}: move its files back to keep it" if aside.is_dir() else ""
@@ -241,11 +248,18 @@ def claim_run_dir(options: RunOptions, processes: int = 1) -> tuple[Path, ...]:
     )
 
 
-def set_aside(paths: tuple[Path, ...], run_dir: Path) -> None:
-    """Move an earlier run's files (see :func:`claim_run_dir`) into :data:`REPLACED_DIR`: renamed, so that a new run
-    that fails before its first checkpoint (a full disk) can put them back (:func:`settle_aside`); all or none. What
-    a killed run left there is deleted: ``--overwrite`` starts over from the run now in the folder."""
+def set_aside(paths: tuple[Path, ...], run_dir: Path) -> str:
+    """Move an earlier run's files (see :func:`claim_run_dir`) into :data:`REPLACED_DIR`: renamed, all or none, so
+    that a new run that stops before its first checkpoint (a full disk) can put them back (:func:`settle_aside`).
+    Returns what it did, in words. A run set aside by an ``--overwrite`` killed before its first checkpoint stays
+    there, the earlier run still, and ``paths`` (what the killed run wrote) are deleted; one whose new run saved a
+    checkpoint is deleted, as that run replaced it."""
     aside = run_dir / REPLACED_DIR
+    found = describe_run_files(paths)
+    if aside.is_dir() and not os.path.lexists(run_dir / CHECKPOINT_NAME):
+        remove_run_files(paths)
+        gone = f"deleted the stopped run's {found} in {run_dir}; " if paths else ""
+        return f"{gone}the run it replaced stays set aside in {aside}, {UNTIL_SAVED}"
     shutil.rmtree(aside, ignore_errors=True)
     moved: list[tuple[Path, Path]] = []
     try:
@@ -261,22 +275,29 @@ def set_aside(paths: tuple[Path, ...], run_dir: Path) -> None:
         raise RunDirectoryError(f"cannot set the earlier run aside in {aside}: {exc.strerror or exc}") from exc
     with suppress(OSError):  # its samples folder, if nothing else is in it
         (run_dir / SAMPLES_DIR).rmdir()
+    return f"set aside the earlier run's {found} in {run_dir}, {UNTIL_SAVED}" if paths else ""
+
+
+UNTIL_SAVED = "deleted once this run saves a checkpoint (put back if it stops before)"
 
 
 def settle_aside(run_dir: Path) -> None:
-    """At a run's end, the earlier run :func:`set_aside` moved: deleted if this run saved a checkpoint, else put
-    back in place of this run's metrics and grids. Left where it is if a file cannot be put back."""
+    """At a run's end, the earlier run :func:`set_aside` moved, if still there: put back in place of this run's
+    metrics and grids if this run saved no checkpoint, else deleted (as the first save does:
+    :func:`~digitgen.training.loop.drop_replaced`). Left where it is if that fails, for the next run's refusal to
+    name."""
     aside = run_dir / REPLACED_DIR
-    if not aside.is_dir() or aside.is_symlink():
+    if aside.is_symlink() or not aside.is_dir():
         return
-    if not os.path.lexists(run_dir / CHECKPOINT_NAME):
-        remove_run_files(earlier_run_files(run_dir))
-        for path in sorted(aside.rglob("*")):
-            if not path.is_dir():
-                target = run_dir / path.relative_to(aside)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
-    shutil.rmtree(aside)
+    with suppress(OSError):
+        if not os.path.lexists(run_dir / CHECKPOINT_NAME):
+            remove_run_files(earlier_run_files(run_dir))
+            for path in sorted(aside.rglob("*")):
+                if not path.is_dir():
+                    target = run_dir / path.relative_to(aside)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, target)
+        shutil.rmtree(aside)
 
 
 def remove_run_files(paths: tuple[Path, ...]) -> None:
@@ -504,14 +525,18 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
         "the first process could not claim the run directory (its error says why)",
     )
     try:
-        if ctx.is_main and options.overwrite:
-            set_aside(replaced, Path(options.run_dir))
+        overwritten = on_main_first(
+            ctx,
+            device,
+            lambda: set_aside(replaced, Path(options.run_dir)) if options.overwrite else "",
+            "the first process could not set the earlier run aside (its error says why)",
+        )
     except BaseException:
         if lock is not None:
             lock.release()
         raise
     resumed = options.resume is not None
-    return PreparedRun(state, data, per_epoch, global_batch, replaced, lock, options.run_dir, resumed)
+    return PreparedRun(state, data, per_epoch, global_batch, overwritten or "", lock, options.run_dir, resumed)
 
 
 def _claim(run_dir: Path) -> RunLock:
