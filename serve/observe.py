@@ -84,17 +84,24 @@ def local_path(scope: Scope) -> str:
 
 def origin_form(scope: Scope) -> Scope:
     """``scope`` with a request target in absolute form (``http://host/generate``) read as its path (``/generate``),
-    as servers must accept it; uvicorn's pure-Python HTTP parser leaves the whole URL in the path."""
-    if scope["path"].startswith("/"):  # the usual form: no look for a scheme
+    as servers must accept it; uvicorn's pure-Python HTTP parser leaves the whole URL in the path, after the
+    ``root_path`` it is given (``--root-path``)."""
+    root = scope.get("root_path", "")
+    if not scope["path"].startswith(root):  # a scope of another server's making: its path is all the target
+        root = ""
+    if scope["path"].startswith("/", len(root)):  # the usual form: no look for a scheme
         return scope
     raw_path = scope.get("raw_path")  # optional in ASGI
     if raw_path is None:
-        path = _after_authority(scope["path"])
-        return scope if path is None else {**scope, "path": path, "raw_path": path.encode()}
+        path = _after_authority(scope["path"][len(root) :])
+        return scope if path is None else {**scope, "path": root + path, "raw_path": (root + path).encode()}
     # the form is the one sent: a scheme or an authority written with %-escapes is not one (latin-1 keeps each
     # byte as one character), and the path is the rest as sent, decoded as the server decodes a path
-    raw = _after_authority(raw_path.decode("latin-1"))
-    return scope if raw is None else {**scope, "path": unquote(raw), "raw_path": raw.encode("latin-1")}
+    raw_root = root.encode("latin-1")
+    raw = _after_authority(raw_path.removeprefix(raw_root).decode("latin-1"))
+    if raw is None:
+        return scope
+    return {**scope, "path": root + unquote(raw), "raw_path": raw_root + raw.encode("latin-1")}
 
 
 def _after_authority(target: str) -> str | None:

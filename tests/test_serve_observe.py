@@ -266,6 +266,19 @@ def test_a_target_in_absolute_form_is_read_as_its_path(path: str, raw_path: byte
     assert (without_raw["path"], without_raw.get("raw_path")) == (read_as[0], made)
 
 
+@pytest.mark.parametrize("raw", [True, False])
+def test_a_target_in_absolute_form_is_read_after_the_root_path(raw: bool) -> None:
+    """uvicorn puts its --root-path before the whole URL (it had been a 404, "no endpoint /digitshttp://...")."""
+    given = {"type": "http", "path": "/digitshttp://h/generate", "root_path": "/digits", "query_string": b""}
+    if raw:
+        given["raw_path"] = b"/digitshttp://h/gen%65rate"
+    scope = origin_form(given)
+    assert (scope["path"], scope["root_path"]) == ("/digits/generate", "/digits")
+    assert scope["raw_path"] == (b"/digits/gen%65rate" if raw else b"/digits/generate")
+    usual = {**given, "path": "/digits/generate"}
+    assert origin_form(usual) is usual
+
+
 @pytest.mark.parametrize(
     ("path", "raw_path", "read_as"),
     [
