@@ -67,9 +67,10 @@ def generate_doc(max_count: int, num_classes: int) -> dict:
                 "format",
                 {"type": "string", "enum": list(MEDIA_TYPES)},
                 "png (one digit), grid (contact sheet), npz, idx (tar of the MNIST IDX pair) or json (labels and "
-                "base64 PNGs). Without it, Accept chooses; one digit defaults to png, more to grid.",
+                "base64 PNGs). Without it, the Accept header chooses among the response's media types; one digit "
+                "defaults to png, more to grid.",
             ),
-            _parameter("Accept", {"type": "string"}, "Chooses the format when format is not given.", "header"),
+            # no Accept parameter: OpenAPI ignores one of that name (its responses' media types say what it takes)
             _parameter(
                 "If-None-Match", {"type": "string"}, "An ETag held: 304 if it still names the answer.", "header"
             ),
