@@ -645,31 +645,31 @@ def test_a_journal_of_another_run_or_torn_keeps_nothing_on_its_record(
     assert calls == [1] + [BATCH] * (N // BATCH) and folder(tmp_path) == clean_runs["png"]
 
 
+@pytest.mark.parametrize(
+    ("resumed_between", "made"),
+    [(False, [1, BATCH, BATCH, BATCH, BATCH]), (True, [1, BATCH])],
+    ids=["resumed at once", "resumed, interrupted, resumed"],
+)
 def test_a_torn_last_record_loses_only_its_file(
-    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
+    gen: DigitGenerator,
+    tmp_path: Path,
+    clean_runs: dict,
+    monkeypatch: pytest.MonkeyPatch,
+    resumed_between: bool,
+    made: list[int],
 ) -> None:
+    """A run resumed after it continues the journal after its last whole record: records appended after the torn
+    part had been read out of step (indices of millions), so that the last resume had kept nothing on them."""
     with pytest.raises(KeyboardInterrupt):
         generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(2), **REQUEST)
     journal = tmp_path / JOURNAL_NAME
     journal.write_bytes(journal.read_bytes()[:-5])
+    if resumed_between:
+        with pytest.raises(KeyboardInterrupt):
+            generate_files(gen, tmp_path, N, "png", resume=True, on_batch=interrupt_after(4), **REQUEST)
     calls = made_digits(gen, monkeypatch)
     generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
-    assert calls == [1, BATCH, BATCH, BATCH, BATCH] and folder(tmp_path) == clean_runs["png"]
-
-
-def test_a_run_resumed_after_a_torn_record_continues_the_journal_after_its_last_whole_one(
-    gen: DigitGenerator, tmp_path: Path, clean_runs: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Records appended after the torn part had been read out of step: indices of millions, nothing kept."""
-    with pytest.raises(KeyboardInterrupt):
-        generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(2), **REQUEST)
-    journal = tmp_path / JOURNAL_NAME
-    journal.write_bytes(journal.read_bytes()[:-5])
-    with pytest.raises(KeyboardInterrupt):
-        generate_files(gen, tmp_path, N, "png", resume=True, on_batch=interrupt_after(4), **REQUEST)
-    calls = made_digits(gen, monkeypatch)
-    generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
-    assert calls == [1, BATCH] and folder(tmp_path) == clean_runs["png"]  # batches 1 to 4 on record
+    assert calls == made and folder(tmp_path) == clean_runs["png"]
 
 
 class _DiskFullAfter:
