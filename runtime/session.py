@@ -156,6 +156,20 @@ def _checked_locations(locations: list[str], path: Path) -> list[Path]:
     return files
 
 
+def _look_for_external_data_in(options: ort.SessionOptions, path: Path) -> None:
+    """Have onnxruntime read the external data files of the model at ``path`` from its folder, whose name it takes
+    as UTF-8 text only (a name of other bytes, or one read in another encoding, is refused in words)."""
+    folder = str(path.parent)
+    try:
+        folder.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidModelError(
+            f"{path}: onnxruntime cannot read its external data files from a folder whose name is "
+            "not UTF-8 text; move the model and its files to another folder"
+        ) from None
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+
+
 def _outside(path: Path, location: str) -> str:
     return (
         f"{path} keeps tensors in {quoted(location)}, which is not a path inside its folder; external data lies beside "
@@ -232,8 +246,6 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     chosen = _resolve(provider)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a failure reaches the user as a typed error, in its words
-    # external data (tensors in files beside the model) is found next to the file, as when loading by path
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     if threads is not None:
         options.intra_op_num_threads = int(threads)
     try:
@@ -245,6 +257,8 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     except ValueError:  # not a protobuf: onnxruntime's own words say what is wrong, below
         locations = []
     files = _checked_locations(locations, path)  # before onnxruntime reads them
+    if locations:  # external data (tensors in files beside the model) is found next to the file, as by path
+        _look_for_external_data_in(options, path)
     try:
         session = _create_session(model, options, chosen)
     except SESSION_ERRORS as exc:

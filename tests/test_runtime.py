@@ -288,6 +288,25 @@ def test_the_hash_without_metadata_ignores_metadata_only(tmp_path: Path, tiny_on
         _ = not_asked.sha256_without_metadata
 
 
+def test_a_model_in_a_folder_whose_name_is_not_utf8_loads_or_is_refused_in_words(tmp_path: Path) -> None:
+    """onnxruntime takes the folder of a model's external data as UTF-8 text only: every command that loads a model
+    from a folder of other bytes had ended in a TypeError's traceback, a whole model included."""
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/\xff\xfe"))
+    folder.mkdir()
+    whole = folder / "generator.onnx"
+    whole.write_bytes(default_model_path().read_bytes())
+    assert DigitGenerator.from_path(whole, "cpu").generate(3) == DigitGenerator.from_path().generate(3)
+    onnx.save_model(onnx.load(whole), tmp_path / "split.onnx", save_as_external_data=True, location="weights.bin")
+    for name in ("split.onnx", "weights.bin"):  # onnx's own writer cannot name that folder either
+        (tmp_path / name).rename(folder / name)
+    with pytest.raises(InvalidModelError) as refused:
+        DigitGenerator.from_path(folder / "split.onnx", "cpu")
+    assert str(refused.value) == (
+        f"{folder / 'split.onnx'}: onnxruntime cannot read its external data files from a folder whose name is not "
+        "UTF-8 text; move the model and its files to another folder"
+    )
+
+
 def test_model_with_external_data_loads_from_beside_it(tmp_path: Path) -> None:
     folder = tmp_path / "elsewhere"
     folder.mkdir()
