@@ -14,7 +14,7 @@ from starlette.datastructures import Headers
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.staticfiles import NotModifiedResponse
 
-from digitgen.serve.observe import Message, Receive, Scope, Send, header
+from digitgen.serve.observe import LOGGED_TARGET, Message, Receive, Scope, Send, bounded, header
 from digitgen.serve.params import not_modified, precondition_failed
 from digitgen.serve.refusal import refusal
 
@@ -94,7 +94,8 @@ class PageFiles(StaticFiles):
         except OSError as exc:  # not the client's fault: said in the log; the client gets the answer for a missing file
             if exc.errno != errno.ENAMETOOLONG:
                 reason = exc.strerror or type(exc).__name__
-                logging.getLogger("digitgen.serve").warning("the page's %s cannot be read (%s)", path, reason)
+                shown = bounded(path, LOGGED_TARGET)  # the client's words: no terminal escapes in the server's log
+                logging.getLogger("digitgen.serve").warning("the page's %s cannot be read (%s)", shown, reason)
             return "", None
         return full_path, stat_result
 

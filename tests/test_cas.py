@@ -354,3 +354,15 @@ def test_a_state_folder_that_cannot_be_made_is_named_with_the_fix(
         f"cannot make {tmp_path / 'a-file' / 'digitgen'}, where evaluate --cas keeps its state (Not a directory): "
         "set XDG_CACHE_HOME to a folder it can write"
     )
+
+
+def test_no_home_and_no_cache_folder_is_named_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container run as a user id the system has no entry for, without HOME: Path.home() raises RuntimeError."""
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    with pytest.raises(OutputError) as refused:
+        default_state_dir()
+    assert str(refused.value) == (
+        "no home folder to keep evaluate --cas's state in (HOME is not set): set XDG_CACHE_HOME to a folder it can "
+        "write"
+    )

@@ -1034,9 +1034,8 @@ def test_a_page_file_the_server_cannot_read_is_answered_as_missing_and_named_in_
 
     async def answers() -> list[httpx.Response]:
         async with asgi_client(PageFiles(directory=tmp_path, html=True)) as client:
-            return [
-                await client.get(path) for path in ("/loopA", "/loopA/x", "/noread.txt", "/read.txt", "/" + "x" * 300)
-            ]
+            paths = ("/loopA", "/loopA/x", "/loopA/%1b%5b2J", "/noread.txt", "/read.txt", "/" + "x" * 300)
+            return [await client.get(path) for path in paths]
 
     with caplog.at_level("WARNING", logger="digitgen.serve"):
         *unreadable, shown, too_long = asyncio.run(answers())
@@ -1046,6 +1045,7 @@ def test_a_page_file_the_server_cannot_read_is_answered_as_missing_and_named_in_
     assert [r.getMessage() for r in caplog.records] == [  # a client's over-long name is no fault of the folder's
         "the page's loopA cannot be read (Too many levels of symbolic links)",
         "the page's loopA/x cannot be read (Too many levels of symbolic links)",
+        "the page's loopA/\\x1b[2J cannot be read (Too many levels of symbolic links)",  # a client's escape, escaped
         "the page's noread.txt cannot be read (Permission denied)",
     ]
 

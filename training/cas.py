@@ -41,7 +41,13 @@ def default_state_dir() -> Path:
     and where that is not an absolute path, which the XDG spec says to ignore, ``~/.cache/digitgen``), made if
     missing; :class:`OutputError` if it cannot be."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", ""))
-    folder = (cache if cache.is_absolute() else Path.home() / ".cache") / "digitgen"
+    try:
+        folder = (cache if cache.is_absolute() else Path.home() / ".cache") / "digitgen"
+    except RuntimeError:  # no HOME, and a user the system has no entry for (a container run as another user id)
+        raise OutputError(
+            "no home folder to keep evaluate --cas's state in (HOME is not set): set XDG_CACHE_HOME to a folder it "
+            "can write"
+        ) from None
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
