@@ -3,6 +3,7 @@ CI), where a bar shows only its label, the size of the work, then a plain line o
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -73,6 +74,26 @@ class LogProgress:
         self.stream.flush()
 
 
+MIN_BAR = 10  # characters of a bar narrower than which it says little
+# the rest of a bar's line besides its label, position and words: two spaces and the brackets around the bar, two
+# before the position, an estimate of time left with its two, two before the words
+BAR_LINE_CLUTTER = 4 + 2 + 10 + 2
+
+
+def _fitted(describe: Callable[[Any], str], label: str, length: int) -> Callable[[Any], str]:
+    """``describe``, its words cut so that the bar's whole line fits the terminal's width (click then gives the
+    bar the rest): a longer line wraps, and each redraw, which goes back to the start of its last row only,
+    begins a new one."""
+
+    def fitted(item: Any) -> str:
+        words = describe(item) or ""
+        fixed = len(label) + len(f"{length}/{length}") + MIN_BAR + BAR_LINE_CLUTTER
+        room = shutil.get_terminal_size().columns - 1 - fixed
+        return words if len(words) <= room else words[: max(0, room - 3)] + "..." if room > 3 else ""
+
+    return fitted
+
+
 @contextmanager
 def progress(
     length: int,
@@ -89,8 +110,9 @@ def progress(
     stream = stream or sys.stderr
     hidden = hidden or stream is None  # no stderr at all (closed, or a GUI interpreter): no progress, same work
     if hidden or stream.isatty():
+        shown = _fitted(describe, label, length) if describe is not None else None
         with click.progressbar(
-            length=length, label=label, file=stream, item_show_func=describe, show_pos=True, hidden=hidden
+            length=length, label=label, file=stream, item_show_func=shown, show_pos=True, hidden=hidden, width=0
         ) as bar:
             bar.update(done)
             yield bar

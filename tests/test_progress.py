@@ -133,3 +133,24 @@ def test_generate_with_stderr_closed_writes_its_files(tmp_path) -> None:
 )  # fmt: skip
 def test_time_left_reads_as_a_clock_then_in_days(seconds: float, shown: str) -> None:
     assert clock_time(seconds) == shown
+
+
+@pytest.mark.parametrize("columns", [40, 80, 200])
+def test_a_bar_and_its_words_fit_the_terminal(monkeypatch: pytest.MonkeyPatch, columns: int) -> None:
+    """A wider line wraps, and each redraw (back to the start of its last row only) began a new one: an 80-column
+    terminal got a line a training step."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    words = "epoch 1  loss_d 2.037  loss_g 1.760  D(real) 0.52  D(fake) 0.48"
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    with progress(18_720, "training", stream=terminal, describe=lambda item: words if item else "") as bar:
+        for _ in range(3):
+            bar.update(1, True)
+    shown = terminal.getvalue().replace("\x1b[?25l", "").replace("\x1b[?25h", "").rstrip("\n")
+    lines = [line for line in shown.split("\r") if line.strip()]  # less the blank one that clears a wider line
+    assert len(lines) == 4 and all(len(line) <= columns and "[" in line for line in lines), lines
+    assert any(words in line for line in lines) == (columns == 200)  # whole where it fits, cut where it does not
