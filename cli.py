@@ -474,7 +474,11 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 )
 @click.option("--device", "device_name", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--resume", type=GivenPath(dir_okay=False), help="Continue the run saved in this checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Start over in an --out that holds another run, deleting it once this run saves a checkpoint.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start over in an --out that holds another run, deleting it once this run saves a checkpoint.",
+)
 @click.option("--subset", type=Integer(min=1), help="Use only the first N training images (kept on --resume).")
 @click.option(
     "--checkpoint-every",
