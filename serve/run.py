@@ -12,6 +12,8 @@ import signal
 import socket
 import struct
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing import resource_tracker
@@ -46,17 +48,34 @@ WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to w
 WORKER_APP = "digitgen.serve.run:app_from_environment"  # what each worker process imports and calls
 
 
+SUPERVISOR = "DIGITGEN_SERVE_SUPERVISOR"  # the process number of the workers' supervisor, for each worker
+ORPHAN_CHECK_S = 1.0  # how often a worker looks whether its supervisor is still there
+
+
 def app_from_environment() -> FastAPI:
     """The app of one worker process, built from the options its parent put in the environment. A worker ignores
     SIGHUP: a closed terminal sends it to every process of the group, and the supervisor answers it for all
     (replacing the workers one by one, each old one finishing its requests in flight first)."""
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _stop_when_orphaned(int(os.environ[SUPERVISOR]))
     config = json.loads(os.environ[WORKER_CONFIG])
     settings = config.pop("settings")
     settings["cors_origins"] = tuple(settings["cors_origins"])
     options = ServerOptions(**config, settings=ServeSettings(**settings))
     return create_app(options.load(), options.settings, metrics=Metrics(shared=True))
+
+
+def _stop_when_orphaned(supervisor: int) -> None:
+    """Stop this worker as SIGTERM does (its requests in flight finished) once its supervisor has gone, killed
+    before it could stop its workers: left running, they would hold the address, and a new server could not start."""
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(ORPHAN_CHECK_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="digitgen-orphan-watch", daemon=True).start()
 
 
 # the answer to bytes that are not an HTTP request (the app never sees them): JSON, as every refusal here
@@ -321,7 +340,11 @@ def _run_workers(options: ServerOptions, common: dict, listening: socket.socket)
             resource_tracker.ensure_running()
     with tempfile.TemporaryDirectory(prefix="digitgen-metrics-") as shared_metrics:
         _check_room_for_metrics(shared_metrics, options.workers)
-        worker_environment = {WORKER_CONFIG: json.dumps(dataclasses.asdict(options)), SHARED_METRICS: shared_metrics}
+        worker_environment = {
+            WORKER_CONFIG: json.dumps(dataclasses.asdict(options)),
+            SHARED_METRICS: shared_metrics,
+            SUPERVISOR: str(os.getpid()),
+        }
         config = uvicorn.Config(WORKER_APP, factory=True, workers=options.workers, **common)
         with _environment(worker_environment), _exit_zero_on_signals():
             Multiprocess(config, sockets=[listening]).run()  # uvicorn.run with workers, on this socket

@@ -1291,6 +1291,51 @@ def test_two_workers_serve_identical_bytes_and_count_together(server: Server, tm
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux's /proc)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat_file.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat_file.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+@TWO_CORES
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers in Linux's /proc")
+def test_workers_whose_supervisor_is_killed_stop_and_free_the_address(tmp_path: Path) -> None:
+    """kill -9 of the server's process (an OOM killer, a job runner) had left both workers serving the port, so
+    that the same command could not start again."""
+    (tmp_path / "tmp").mkdir()  # the model's copy and the shared metrics, which only the supervisor removes
+    first = start(
+        tmp_path / "first.log", serve_command("--quiet", "--workers", "2"), env={"TMPDIR": str(tmp_path / "tmp")}
+    )
+    port = first.url.rsplit(":", 1)[1]
+    workers = [pid for pid in _children(first.process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(workers) == 2 and first.get("/healthz").status_code == 200
+    first.process.kill()
+    first.process.wait(10)
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in workers):
+        assert time.monotonic() < deadline, "the workers served on without their supervisor"
+        time.sleep(0.1)
+    with (tmp_path / "again.log").open("wb") as log:  # the same command, on the same port
+        command = [part.format(port=port) for part in serve_command("--quiet")]
+        again = Server(
+            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), first.url, tmp_path / "again.log"
+        )
+    try:
+        again.wait("/readyz")
+    finally:
+        assert again.stop() == 0
+
+
 @TWO_CORES
 def test_a_closed_terminal_restarts_two_workers_and_loses_no_request(tmp_path: Path) -> None:
     """SIGHUP to the whole process group, as a closed terminal sends it: uvicorn's supervisor replaces the workers,

@@ -321,6 +321,7 @@ def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.Mon
         def run() -> None:
             calls.append((config, sockets, os.environ[serve_run.WORKER_CONFIG]))
             shared_metrics.append(Path(os.environ[serve_run.SHARED_METRICS]))
+            assert os.environ[serve_run.SUPERVISOR] == str(os.getpid())  # whose going stops the workers
             assert shared_metrics[0].is_dir() and not any(shared_metrics[0].iterdir())  # a new folder for this server
             assert [sock.getsockname()[1] for sock in sockets] == [config.port]  # listening already, for the workers
             assert all(sock.get_inheritable() for sock in sockets)
@@ -338,11 +339,15 @@ def test_workers_get_the_options_through_the_environment(monkeypatch: pytest.Mon
     wanted = {"workers": 2, "port": options.port, "log_level": "warning", "http": serve_run.ServerHTTP}
     assert {key: getattr(uvicorn_config, key) for key in wanted} == wanted
     monkeypatch.setenv(serve_run.WORKER_CONFIG, config)
+    monkeypatch.setenv(serve_run.SUPERVISOR, "12345")
+    watched: list[int] = []
+    monkeypatch.setattr(serve_run, "_stop_when_orphaned", watched.append)  # not this test's process
     monkeypatch.setattr(serve_run.ServerOptions, "load", lambda self: self)
     monkeypatch.setattr(serve_run, "Metrics", lambda shared: f"metrics, shared={shared}")
     monkeypatch.setattr(serve_run, "create_app", lambda loaded, app_settings, metrics: (loaded, app_settings, metrics))
     worker_options, worker_settings, worker_metrics = serve_run.app_from_environment()
     assert worker_metrics == "metrics, shared=True"  # a worker counts in the shared folder
+    assert watched == [12345]  # and stops once its supervisor has gone
     copy = Path(worker_options.model)
     assert (replace(worker_options, model=None), worker_settings) == (options, settings)
     assert copy.name == "generator.onnx" and copy != default_model_path() and not copy.parent.exists()
