@@ -298,9 +298,11 @@ def atomic_files(
     replaceable: Collection[Path] | None = None,
 ) -> Iterator[list[BinaryIO]]:
     """Open a temporary sibling of each of ``paths`` for binary writing (closed before the renames); rename them
-    onto ``paths`` only if the block succeeds, all together: an interrupt leaves all the old files or all the new
-    ones. With ``durable``, the files are on the disk before they are renamed, and the renames after, so that a
-    power cut leaves the old files or the new ones, never an empty or a partial file under a path's name.
+    onto ``paths`` only if the block succeeds, all together: an interrupt (a stop signal, which waits for the
+    renames) leaves all the old files or all the new ones. With ``durable``, the files are on the disk before they
+    are renamed, and the renames after, so that a power cut leaves each path's old file or its new one, never an
+    empty or a partial file under a path's name. A kill that cannot be caught (SIGKILL, a power cut) between two
+    renames, a matter of microseconds, leaves some paths new and some old: ``--overwrite --resume`` mends that.
 
     With ``resume`` (a check of an existing file), an existing path that already holds exactly the new bytes
     is left untouched (same file, same modification time), and ``resume`` is called with each existing path
