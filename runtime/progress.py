@@ -89,7 +89,9 @@ def _fitted(describe: Callable[[Any], str], label: str, length: int) -> Callable
         words = describe(item) or ""
         fixed = len(label) + len(f"{length}/{length}") + MIN_BAR + BAR_LINE_CLUTTER
         room = shutil.get_terminal_size().columns - 1 - fixed
-        return words if len(words) <= room else words[: max(0, room - 3)] + "..." if room > 3 else ""
+        if len(words) <= room:
+            return words
+        return words[: room - 3] + "..." if room > 3 else ""
 
     return fitted
 
