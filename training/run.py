@@ -26,6 +26,7 @@ from digitgen.training.loop import (
     REPLACED_DIR,
     SAMPLE_GRID,
     SAMPLES_DIR,
+    drop_replaced,
     steps_per_epoch,
 )
 from digitgen.training.run_lock import RunLock, refuse_if_training
@@ -248,6 +249,14 @@ def claim_run_dir(options: RunOptions, processes: int = 1) -> tuple[Path, ...]:
     )
 
 
+UNTIL_SAVED = "deleted once this run saves a checkpoint (put back if it stops before)"
+
+
+def _move(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)
+
+
 def set_aside(paths: tuple[Path, ...], run_dir: Path) -> str:
     """Move an earlier run's files (see :func:`claim_run_dir`) into :data:`REPLACED_DIR`: renamed, all or none, so
     that a new run that stops before its first checkpoint (a full disk) can put them back (:func:`settle_aside`).
@@ -265,8 +274,7 @@ def set_aside(paths: tuple[Path, ...], run_dir: Path) -> str:
     try:
         for path in paths:
             target = aside / path.relative_to(run_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
+            _move(path, target)
             moved.append((path, target))
     except OSError as exc:
         for path, target in reversed(moved):
@@ -278,9 +286,6 @@ def set_aside(paths: tuple[Path, ...], run_dir: Path) -> str:
     return f"set aside the earlier run's {found} in {run_dir}, {UNTIL_SAVED}" if paths else ""
 
 
-UNTIL_SAVED = "deleted once this run saves a checkpoint (put back if it stops before)"
-
-
 def settle_aside(run_dir: Path) -> None:
     """At a run's end, the earlier run :func:`set_aside` moved, if still there: put back in place of this run's
     metrics and grids if this run saved no checkpoint, else deleted (as the first save does:
@@ -289,14 +294,14 @@ def settle_aside(run_dir: Path) -> None:
     aside = run_dir / REPLACED_DIR
     if aside.is_symlink() or not aside.is_dir():
         return
+    if os.path.lexists(run_dir / CHECKPOINT_NAME):
+        drop_replaced(run_dir)
+        return
     with suppress(OSError):
-        if not os.path.lexists(run_dir / CHECKPOINT_NAME):
-            remove_run_files(earlier_run_files(run_dir))
-            for path in sorted(aside.rglob("*")):
-                if not path.is_dir():
-                    target = run_dir / path.relative_to(aside)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(path, target)
+        remove_run_files(earlier_run_files(run_dir))
+        for path in sorted(aside.rglob("*")):
+            if not path.is_dir():
+                _move(path, run_dir / path.relative_to(aside))
         shutil.rmtree(aside)
 
 
