@@ -114,9 +114,11 @@ def install_command(extra: str) -> str:
     records = (found.read_text("direct_url.json") for found in importlib.metadata.distributions(name=DISTRIBUTION))
     try:
         record = next((text for text in records if text), None)
-        source = urllib.parse.urlsplit(read_json(record).get("url", "")) if record else None  # type: ignore[union-attr]
-    except (ValueError, AttributeError):  # AttributeError: JSON, but not an object
-        source = None
+        parsed = read_json(record) if record else None
+    except ValueError:  # a record that is not UTF-8 or not JSON
+        parsed = None
+    url = parsed.get("url") if isinstance(parsed, dict) else None
+    source = urllib.parse.urlsplit(url) if isinstance(url, str) else None
     local = source is not None and source.scheme == "file"
     target = urllib.request.url2pathname(source.path) if local else DISTRIBUTION
     return f"{shlex.quote(sys.executable)} -m pip install {shlex.quote(f'{target}[{extra}]')}"
@@ -192,7 +194,7 @@ class OneLineErrors(click.Group):
         except KeyboardInterrupt as exc:
             raise _Stopped from exc
 
-    def main(self, *args: Any, **kwargs: Any) -> NoReturn:  # type: ignore[override]
+    def main(self, *args: Any, **kwargs: Any) -> NoReturn:
         kwargs["standalone_mode"] = False
         _STOP.stopping = False  # called again in one process (an app, a test): a new command
         try:
@@ -765,17 +767,17 @@ def generate(
     where = written.paths[0] if len(written.paths) == 1 else Path(out)  # the folder, written as for png
     timing = f"in {seconds:.2f}s" if seconds < 60 else f"in {clock_time(seconds)}"
     timing += f" on {gen.provider}"
-    digits = f"{counted(job.plan.count, 'digit')}{part} as {fmt}"
+    made = f"{counted(job.plan.count, 'digit')}{part} as {fmt}"
     if not resume:
         earlier = len(job.plan.existing)  # what --overwrite let it replace: said, as nothing else tells of them
         gone = f"; it replaced or removed {counted(earlier, 'file')} already there (--overwrite)" if earlier else ""
-        _say(f"wrote {digits} to {where} {timing}{gone}")
+        _say(f"wrote {made} to {where} {timing}{gone}")
         return
     if written.kept:
         kept = f"kept {counted(written.kept, 'complete file')} of the earlier run"
     else:
         kept = "found no complete file to keep"
-    _say(f"{digits} in {where}: {kept}, wrote {written.written:,}, {timing}")
+    _say(f"{made} in {where}: {kept}, wrote {written.written:,}, {timing}")
 
 
 @main.command()

@@ -12,7 +12,7 @@ from digitgen.runtime.evaluate import MNIST_SHA256
 from digitgen.runtime.files import readable_file
 from digitgen.runtime.generator import default_model_path
 from digitgen.runtime.session import model_sha256
-from digitgen.runtime.text import quoted, read_json
+from digitgen.runtime.text import finite_number, quoted, read_json
 
 MAX_QUALITY_BYTES = 1 << 20  # what --quality reads at most: evaluate --json writes about 1 kB
 
@@ -56,8 +56,7 @@ NOT_AN_EVALUATION = "not an evaluation from `digitgen evaluate --json`"
 def _number(value: object, name: str, most: float | None = 1.0) -> float:
     """``value`` if it is a finite number from 0 to ``most`` (no bound: ``None``), else :class:`ExportError`:
     accuracies, precision and recall are fractions, FID a distance."""
-    in_range = isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= (most or math.inf)
-    if isinstance(value, bool) or not in_range:
+    if not (finite_number(value) and 0 <= value <= (most or math.inf)):
         bounds = "0 or more" if most is None else f"from 0 to {most:g}"
         raise ExportError(f"{NOT_AN_EVALUATION}: {name} is {value!r}, not a number {bounds}")
     return float(value)

@@ -33,6 +33,8 @@ DEFAULT_BATCH_SIZE = 256
 MAX_BATCH_SIZE = 8192  # digits in one model call; each takes about 0.36 MB while it runs (3 GB at the most)
 ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"  # digitgen/artifacts, installed or checked out
 _NAMED_BAD_DIGITS = 5  # a refusal names the first few bad digits of a list, then counts the rest
+# the classes a request asks for, in order: a list or tuple of ints, or a 1-D array of integers
+Classes = Sequence[int] | np.ndarray
 
 
 def default_model_path(name: str = "generator.onnx") -> Path:
@@ -214,7 +216,9 @@ class DigitGenerator:
     ((10, 28, 28), array([7, 7, 7]))
     """
 
-    def __init__(self, path: Path, info: ModelInfo, session: object, provider: str, note: str, sha256: str) -> None:
+    def __init__(
+        self, path: Path, info: ModelInfo, session: ort.InferenceSession, provider: str, note: str, sha256: str
+    ) -> None:
         self.path = path
         self.info = info
         self.provider = provider
@@ -226,7 +230,7 @@ class DigitGenerator:
 
     @classmethod
     def from_path(
-        cls, path: str | Path | None = None, provider: str = "auto", threads: int | None = None
+        cls, path: str | os.PathLike[str] | None = None, provider: str = "auto", threads: int | None = None
     ) -> DigitGenerator:
         """Open ``path`` (default: the shipped model) on ``provider`` ("auto", "cpu" or "cuda").
 
@@ -272,7 +276,7 @@ class DigitGenerator:
         """How many classes the model draws: labels 0 to ``num_classes - 1``."""
         return self.info.num_classes
 
-    def check_digits(self, digits: Sequence[int] | None) -> list[int]:
+    def check_digits(self, digits: Classes | None) -> list[int]:
         """Validate requested classes; ``None`` means all classes in turn."""
         if digits is None:
             return list(range(self.num_classes))
@@ -337,7 +341,7 @@ class DigitGenerator:
     def check_request(
         self,
         num: int,
-        digits: Sequence[int] | None = None,
+        digits: Classes | None = None,
         seed: int = 0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         start: int = 0,
@@ -361,7 +365,7 @@ class DigitGenerator:
     def iter_batches(
         self,
         num: int,
-        digits: Sequence[int] | None = None,
+        digits: Classes | None = None,
         seed: int = 0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         start: int = 0,
@@ -383,7 +387,7 @@ class DigitGenerator:
     def generate(
         self,
         num: int,
-        digits: Sequence[int] | None = None,
+        digits: Classes | None = None,
         seed: int = 0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         truncation: float | None = None,

@@ -4,6 +4,7 @@ JSON (a run record, a state file, an evaluation), or read as a number (an option
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 
@@ -31,6 +32,17 @@ def read_integer(text: str) -> int | str:
 def integer_digits(match: re.Match[str]) -> str:
     """The digits of an :data:`INTEGER_TEXT` match without leading zeros."""
     return match[2].lstrip("0") or "0"
+
+
+def finite_number(value: object) -> bool:
+    """Whether ``value``, read from a file (JSON, a checkpoint), is an int or a float, not a bool, that a float holds
+    as a finite number: JSON and pickle keep ints of any size, on which ``math.isfinite`` raises OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # 10**400
+        return False
 
 
 def read_number(text: str | None) -> float | str | None:

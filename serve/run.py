@@ -103,7 +103,7 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     head_timeout = HEAD_TIMEOUT
     send_timeout = SEND_TIMEOUT
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -60,7 +60,7 @@ class ServeSettings:
     # work overlaps the next one's model call
     batch_max_digits: int | None = None
     cors_origins: tuple[str, ...] = ()
-    web_dir: str | None = None  # the built page, served at /
+    web_dir: str | os.PathLike[str] | None = None  # the built page, served at /; kept as a str
     access_log: bool = True
 
     def __post_init__(self) -> None:

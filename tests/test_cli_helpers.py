@@ -214,8 +214,9 @@ class Installed:
         ([Installed('{"url": "https://example.org/digitgen.git", "vcs_info": {"vcs": "git"}}')], "digitgen-mnist"),
         ([Installed("not json")], "digitgen-mnist"),
         ([Installed("[1]")], "digitgen-mnist"),
+        ([Installed('{"url": 5}')], "digitgen-mnist"),
     ],
-    ids=["absent", "index", "folder-after-egg-info", "archive", "vcs", "broken", "not-an-object"],
+    ids=["absent", "index", "folder-after-egg-info", "archive", "vcs", "broken", "not-an-object", "url-not-text"],
 )
 def test_the_install_hint_names_where_digitgen_came_from(monkeypatch, records: list[Installed], target: str) -> None:
     monkeypatch.setattr(cli.importlib.metadata, "distributions", lambda name: iter(records))

@@ -372,6 +372,12 @@ def _changed(part: str, key: str, value: object) -> dict:
         (_changed("generated", "fid", float("nan")), "generated.fid is nan, not a number 0 or more"),
         (_changed("generated", "fid", -1.0), "generated.fid is -1.0, not a number 0 or more"),
         (_changed("generated", "fid", float("inf")), "generated.fid is inf, not a number 0 or more"),
+        pytest.param(  # JSON's ints have no bound, and no float holds this one
+            _changed("generated", "fid", 10**400), f"generated.fid is {10**400}, not a number 0 or more", id="fid-huge"
+        ),
+        pytest.param(
+            _changed("real", "recall", -(10**400)), f"real.recall is {-(10**400)}, not a number from 0 to 1", id="neg"
+        ),
         (_changed("generated", "class_accuracy", "NaN"), "generated.class_accuracy is 'NaN', not a number from 0 to 1"),
         (_changed("generated", "class_accuracy", 5.0), "generated.class_accuracy is 5.0, not a number from 0 to 1"),
         (_changed("generated", "precision", True), "generated.precision is True, not a number from 0 to 1"),

@@ -468,6 +468,8 @@ def test_resuming_with_other_threads_or_another_torch_says_it_is_not_bit_for_bit
         ("batch_size", True, "batch_size must be a whole number, not True"),
         ("total_steps", 20.5, "total_steps must be a whole number, not 20.5"),
         ("lr", float("inf"), "lr must be a finite number, not inf"),
+        pytest.param("lr", 10**400, f"lr must be a finite number, not {10**400}", id="lr-int-past-float"),  # pickled
+        pytest.param("betas", (10**400, 0.999), "betas must be two finite numbers", id="betas-int-past-float"),
         ("label_weight_falls", 1, "label_weight_falls must be true or false, not 1"),
         ("precision", None, "precision must be text, not None"),
     ],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from digitgen.runtime.text import finite_number
+
 AUGMENTATIONS = ("translation", "cutout")  # DiffAugment transforms, in training/augment.py
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast of convolutions and matrix products; weights stay fp32
 # torch seeds its generators with 64 bits, and an epoch's order is seeded with seed * 100,003 + epoch
@@ -23,18 +25,14 @@ def _check_whole(name: str, value: object, low: int, high: int) -> None:
         raise ValueError(f"{name} must be from {low} to {high}")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 # What each annotation of a setting admits: a checkpoint is data, and a wrong type would fail deep inside torch
 _ADMITS = {
     "int": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "float": ("a finite number", _is_number),
+    "float": ("a finite number", finite_number),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "str": ("text", lambda v: isinstance(v, str)),
     "tuple[float, float]": ("two finite numbers", lambda v: isinstance(v, (tuple, list)) and len(v) == 2
-                            and all(map(_is_number, v))),
+                            and all(map(finite_number, v))),
 }  # fmt: skip
 
 

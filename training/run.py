@@ -14,7 +14,7 @@ import torch
 
 from digitgen.runtime.files import folder_problem, refuse_non_files
 from digitgen.runtime.idx import data_dir_again
-from digitgen.runtime.text import counted
+from digitgen.runtime.text import counted, finite_number
 from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import DEFAULT_RUN_DIR, GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, check_labels, load_mnist_once
@@ -508,7 +508,7 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
         state.train = replace(state.train, total_steps=total, lr_decay_steps=min(state.train.lr_decay_steps, total))
     if options.lr_decay_epochs is not None:
         steps = options.lr_decay_epochs * per_epoch
-        if not math.isfinite(steps):  # 1e308 epochs: more steps than a float holds
+        if not finite_number(steps):  # 1e308 epochs: more steps than a float holds
             raise TrainingError(_decay_too_long(options.lr_decay_epochs, None, state.train.total_steps, per_epoch))
         decay = round(steps)
         if decay == 0 and options.lr_decay_epochs > 0:
