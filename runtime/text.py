@@ -7,6 +7,7 @@ import json
 import math
 import re
 import unicodedata
+from typing import TypeGuard
 
 # an integer in ASCII digits (int() also takes "6_4" and "٦٤"), space around it allowed; groups: the sign, the digits
 INTEGER_TEXT = re.compile(r"\s*([+-]?)([0-9]+)\s*")
@@ -34,7 +35,7 @@ def integer_digits(match: re.Match[str]) -> str:
     return match[2].lstrip("0") or "0"
 
 
-def finite_number(value: object) -> bool:
+def finite_number(value: object) -> TypeGuard[int | float]:
     """Whether ``value``, read from a file (JSON, a checkpoint), is an int or a float, not a bool, that a float holds
     as a finite number: JSON and pickle keep ints of any size, on which ``math.isfinite`` raises OverflowError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
