@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from digitgen.training.config import GANConfig, TrainConfig
 from digitgen.training.data import load_mnist
 from digitgen.training.loop import train
 from digitgen.training.state import new_state
-from tests.helpers import write_tiny_mnist
+from tests.helpers import one_torch_thread, write_tiny_mnist
 
 TINY_MODEL = GANConfig(latent_dim=8, g_width=16, d_width=16)
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +39,13 @@ def train_tiny(
     settings = TrainConfig(total_steps=steps, batch_size=16, seed=seed, **overrides)
     state = new_state(model, settings, torch.device("cpu"))
     return train(state, load_mnist(data_root, download=False), run_dir).checkpoint
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """A test on :func:`~tests.helpers.one_torch_thread`."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,18 @@ from digitgen.runtime.idx import MNIST_FILES, idx_header
 PIP = f"{shlex.quote(sys.executable)} -m pip install"
 
 
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread, for training runs compared to the bit: on more threads MKL and oneDNN do not promise
+    the same rounding from run to run (training/README.md, "Interrupt and resume")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def tiny_digit_images(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     """Label-dependent bright bars on black, with noise: enough structure for a GAN to fit."""
     rng = np.random.default_rng(seed)

@@ -36,7 +36,7 @@ from digitgen.training.classifier_resume import (
 )
 from digitgen.training.data import MnistTensors, load_mnist
 from digitgen.training.errors import CheckpointError, TrainingError
-from tests.helpers import write_tiny_mnist
+from tests.helpers import one_torch_thread, write_tiny_mnist
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,7 @@ def test_train_classifier_follows_its_recipe(
     assert max(images.max() for images, _, _ in shifted) == 1.0
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_the_default_recipe_learns_the_tiny_set_and_repeats_itself(splits: tuple[MnistTensors, MnistTensors]) -> None:
     """4 epochs and seed 0 by default; a learning rate, loss and scaling that learn; the same weights every run."""
     started = time.perf_counter()
@@ -173,10 +174,12 @@ def small(splits: tuple[MnistTensors, MnistTensors]) -> tuple[MnistTensors, Mnis
 
 @pytest.fixture(scope="module")
 def never_stopped(small: tuple[MnistTensors, MnistTensors]) -> ClassifierResult:
-    return train_classifier(*small, epochs=2, seed=1)
+    with one_torch_thread():  # as the resumed runs it is compared with
+        return train_classifier(*small, epochs=2, seed=1)
 
 
 # in the first epoch, at its end, in the second, at the last step (of 8): the accuracy comes on resume
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("stop_after", [1, 4, 7, 8])
 def test_an_interrupted_training_resumes_to_the_weights_of_one_never_stopped(
     small: tuple[MnistTensors, MnistTensors], never_stopped: ClassifierResult, tmp_path: Path, stop_after: int

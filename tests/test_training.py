@@ -367,6 +367,7 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("stop_at", [7, 18], ids=["first-epoch", "second-epoch"])
 def test_resumed_run_matches_uninterrupted_run(tmp_path: Path, tiny_mnist: Path, stop_at: int) -> None:
     # 16 steps an epoch: the resumed run crosses an epoch boundary, or starts past one;
@@ -397,6 +398,7 @@ def test_a_stop_during_the_last_step_finishes_the_run(
     assert (result.interrupted, result.step) == (interrupted, 1)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_resumed_run_with_a_label_classifier_matches_uninterrupted_run(tmp_path: Path, tiny_mnist: Path) -> None:
     data = load_mnist(tiny_mnist, download=False)
     settings = TrainConfig(total_steps=8, batch_size=16, label_weight=0.5)
@@ -814,6 +816,7 @@ def test_precision_sets_the_convolutions_dtype_and_the_saved_weights_stay_fp32(
     assert {w.dtype for w in weights if w.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_a_resumed_bf16_run_matches_an_uninterrupted_one_and_differs_from_fp32(
     tmp_path: Path, tiny_mnist: Path
 ) -> None:
