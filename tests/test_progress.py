@@ -21,6 +21,13 @@ class Clock:
         return self.now
 
 
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as stderr in a shell does."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def log(length: int, describe=None) -> tuple[LogProgress, Clock, io.StringIO]:
     clock, stream = Clock(), io.StringIO()
     return LogProgress(length, "training", stream, describe, 60, clock=clock), clock, stream
@@ -69,10 +76,6 @@ def test_a_log_gets_the_label_first_a_terminal_a_bar_and_hidden_nothing() -> Non
     with progress(5, "generating", stream=stream) as bar:
         assert isinstance(bar, LogProgress)
     assert stream.getvalue() == "generating: 5 to do\n"
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
 
     terminal = Terminal()
     with progress(5, "generating", stream=terminal) as bar:
@@ -135,22 +138,41 @@ def test_time_left_reads_as_a_clock_then_in_days(seconds: float, shown: str) -> 
     assert clock_time(seconds) == shown
 
 
+WORDS = "epoch 1  loss_d 2.037  loss_g 1.760  D(real) 0.52  D(fake) 0.48"
+
+
+def _bar_lines(monkeypatch: pytest.MonkeyPatch, columns: int, describe=lambda item: WORDS if item else "") -> list[str]:
+    """The lines a training bar draws on a terminal ``columns`` wide for three steps, each redraw one."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    terminal = Terminal()
+    with progress(18_720, "training", stream=terminal, describe=describe) as bar:
+        for _ in range(3):
+            bar.update(1, True)
+    shown = terminal.getvalue().replace("\x1b[?25l", "").replace("\x1b[?25h", "").rstrip("\n")
+    return [line for line in shown.split("\r") if line.strip()]  # less the blank one that clears a wider line
+
+
 @pytest.mark.parametrize("columns", [40, 80, 200])
 def test_a_bar_and_its_words_fit_the_terminal(monkeypatch: pytest.MonkeyPatch, columns: int) -> None:
     """A wider line wraps, and each redraw (back to the start of its last row only) began a new one: an 80-column
     terminal got a line a training step."""
-    monkeypatch.setenv("COLUMNS", str(columns))
-    words = "epoch 1  loss_d 2.037  loss_g 1.760  D(real) 0.52  D(fake) 0.48"
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    terminal = Terminal()
-    with progress(18_720, "training", stream=terminal, describe=lambda item: words if item else "") as bar:
-        for _ in range(3):
-            bar.update(1, True)
-    shown = terminal.getvalue().replace("\x1b[?25l", "").replace("\x1b[?25h", "").rstrip("\n")
-    lines = [line for line in shown.split("\r") if line.strip()]  # less the blank one that clears a wider line
+    lines = _bar_lines(monkeypatch, columns)
     assert len(lines) == 4 and all(len(line) <= columns and "[" in line for line in lines), lines
-    assert any(words in line for line in lines) == (columns == 200)  # whole where it fits, cut where it does not
+    assert any(WORDS in line for line in lines) == (columns == 200)  # whole where it fits, cut where it does not
+
+
+@pytest.mark.parametrize(
+    ("columns", "line"),
+    [
+        (80, "training  [" + "-" * 25 + "]  3/18720  epoch 1  loss_d 2.037  loss_g..."),
+        (111, "training  [" + "-" * 25 + "]  3/18720  " + WORDS),  # the words just fit: whole
+        (200, "training  [" + "-" * 114 + "]  3/18720  " + WORDS),
+    ],
+)
+def test_the_words_are_cut_to_leave_the_bar_its_width(monkeypatch: pytest.MonkeyPatch, columns: int, line: str) -> None:
+    """Click's own width would fit too: the bar keeps its share, and the words are cut at a word's end."""
+    assert _bar_lines(monkeypatch, columns)[-1] == line
+
+
+def test_no_words_show_the_bar_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _bar_lines(monkeypatch, 80, describe=lambda item: None)[-1] == "training  [" + "-" * 59 + "]  3/18720"

@@ -825,3 +825,13 @@ def test_a_journaled_index_with_a_second_file_of_another_label_is_checked_and_re
     stranger.unlink()
     generate_files(gen, tmp_path, N, "png", resume=True, **REQUEST)
     assert folder(tmp_path) == clean_runs["png"]
+
+
+def test_a_journal_begun_without_room_for_its_header_is_not_left_behind(
+    gen, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as full:
+        _journal_room(full, 10)  # not even the header
+        with pytest.raises(KeyboardInterrupt):
+            generate_files(gen, tmp_path, N, "png", on_batch=interrupt_after(2), **REQUEST)
+    assert not (tmp_path / JOURNAL_NAME).exists()

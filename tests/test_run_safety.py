@@ -16,7 +16,7 @@ from digitgen.cli import main
 from digitgen.runtime import files
 from digitgen.runtime.errors import OutputError
 from digitgen.runtime.idx import read_idx
-from digitgen.training import loop
+from digitgen.training import loop, run
 from digitgen.training.checkpoint import save_checkpoint
 from digitgen.training.classifier import Classifier, classifier_weights
 from digitgen.training.config import TrainConfig
@@ -31,6 +31,7 @@ from digitgen.training.run import (
     earlier_run_files,
     remove_run_files,
     set_aside,
+    settle_aside,
 )
 from digitgen.training.run_lock import RunLock, refuse_if_training
 from tests.conftest import REPO
@@ -148,6 +149,11 @@ def _files(folder: Path) -> dict[Path, bytes]:
     return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
+def _disk_full(payload: object, path: Path) -> None:
+    """``save_checkpoint`` on a full disk."""
+    raise OutputError(f"cannot write {path}: No space left on device")
+
+
 def test_an_overwrite_that_fails_before_its_first_checkpoint_puts_the_earlier_run_back(
     finished_run: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -155,10 +161,7 @@ def test_an_overwrite_that_fails_before_its_first_checkpoint_puts_the_earlier_ru
     (finished_run / "mine.txt").write_text("mine")
     before = _files(finished_run)
 
-    def full(payload: object, path: Path) -> None:
-        raise OutputError(f"cannot write {path}: No space left on device")
-
-    monkeypatch.setattr(loop, "save_checkpoint", full)
+    monkeypatch.setattr(loop, "save_checkpoint", _disk_full)
     code, output = train(tiny_mnist, finished_run, "--steps", 3, "--seed", 7, "--overwrite", *TINY)
     assert code == 1 and output.splitlines()[-1] == (
         f"Error: cannot write {finished_run / 'checkpoint.pt'}: No space left on device"
@@ -220,10 +223,7 @@ def test_a_second_overwrite_after_a_killed_one_keeps_the_run_set_aside(
         f"{finished_run} first",
     )
 
-    def full(payload: object, path: Path) -> None:
-        raise OutputError(f"cannot write {path}: No space left on device")
-
-    monkeypatch.setattr(loop, "save_checkpoint", full)
+    monkeypatch.setattr(loop, "save_checkpoint", _disk_full)
     code, output = train(tiny_mnist, finished_run, "--steps", 3, "--overwrite", *TINY)
     assert code == 1 and output.splitlines()[0] == (
         f"--overwrite: deleted the stopped run's metrics.jsonl in {finished_run}; the run it replaced stays set aside "
@@ -1097,3 +1097,90 @@ def test_a_training_split_of_no_images_is_one_line(tmp_path: Path) -> None:
     code, output = train(data, tmp_path / "run", "--steps", 2, *TINY)
     assert (code, output.strip().splitlines()) == (1, [f"Error: the training split in {data} holds no images"])
     assert not (tmp_path / "run").exists()
+
+
+def test_an_overwrite_of_a_run_that_replaced_one_left_aside_sets_aside_the_latest(
+    finished_run: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that saved its checkpoint but could not delete the run it replaced: that one is the stale one."""
+    before = _files(finished_run)
+    stale = finished_run / REPLACED_DIR
+    (stale / "samples").mkdir(parents=True)
+    (stale / "metrics.jsonl").write_text('{"step": 50}\n')
+    (stale / "samples" / "step0000050.png").write_bytes(b"the run replaced before")
+    monkeypatch.setattr(loop, "save_checkpoint", _disk_full)
+    code, output = train(tiny_mnist, finished_run, "--steps", 3, "--seed", 7, "--overwrite", *TINY)
+    assert code == 1, output
+    assert _files(finished_run) == before and not stale.exists()  # the latest run back, the stale one gone
+
+
+def test_an_earlier_run_that_cannot_be_set_aside_is_left_whole(
+    finished_run: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = _files(finished_run)
+    moved: list[Path] = []
+    real_move = run._move
+
+    def second_fails(source: Path, target: Path) -> None:
+        if moved:
+            raise OSError(5, "Input/output error")
+        moved.append(source)
+        real_move(source, target)
+
+    monkeypatch.setattr(run, "_move", second_fails)
+    code, output = train(tiny_mnist, finished_run, "--steps", 3, "--overwrite", *TINY)
+    assert code == 1 and "cannot set the earlier run aside" in output, output
+    assert _files(finished_run) == before
+
+
+def test_overwrite_of_an_empty_folder_says_nothing_of_an_earlier_run(tmp_path: Path, tiny_mnist: Path) -> None:
+    code, output = train(tiny_mnist, tmp_path / "fresh", "--steps", 2, "--overwrite", *TINY)
+    assert code == 0 and output.splitlines()[0].startswith("training on cpu"), output
+
+
+def test_a_set_aside_run_the_first_save_could_not_delete_goes_at_the_end(
+    finished_run: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loop, "drop_replaced", lambda run_dir: None)  # as if its rmtree had failed then
+    code, output = train(tiny_mnist, finished_run, "--steps", 3, "--overwrite", *TINY)
+    assert code == 0, output
+    assert not (finished_run / REPLACED_DIR).exists()
+
+
+def test_a_link_where_the_run_is_set_aside_is_refused(finished_run: Path, tiny_mnist: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (finished_run / REPLACED_DIR).symlink_to(elsewhere)
+    before = _files(finished_run)
+    code, output = train(tiny_mnist, finished_run, "--steps", 3, "--overwrite", *TINY)
+    assert (code, output.strip()) == (
+        1,
+        f"Error: {finished_run / REPLACED_DIR} is not a folder, where --overwrite sets an earlier run aside; move it",
+    )
+    assert _files(finished_run) == before and list(elsewhere.iterdir()) == []
+
+
+def test_settling_follows_no_link(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "metrics.jsonl").write_text("someone's")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run_dir / REPLACED_DIR).symlink_to(elsewhere)
+    settle_aside(run_dir)
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert (elsewhere / "metrics.jsonl").read_text() == "someone's"
+
+
+def test_a_stopped_runs_lines_do_not_join_an_overwrite_that_resumes_another_run(
+    finished_run: Path, tiny_mnist: Path, tmp_path: Path
+) -> None:
+
+    other = tmp_path / "other"
+    assert train(tiny_mnist, other, "--steps", 2, *TINY)[0] == 0
+    set_aside(earlier_run_files(finished_run), finished_run)  # an --overwrite killed ...
+    (finished_run / "metrics.jsonl").write_text('{"step": 1}\n')  # ... after its first step
+    code, output = train(tiny_mnist, finished_run, "--overwrite", "--resume", other / "checkpoint.pt", "--steps", 3)
+    assert code == 0, output
+    assert _metrics_steps(finished_run) == [3]

@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from digitgen.runtime.errors import ModelRunError
 from digitgen.runtime.generator import DEFAULT_BATCH_SIZE, DigitGenerator, GeneratedDigits
 from digitgen.serve import ServeConfigError, ServeSettings, create_app, page
-from digitgen.serve.app import _Service, _ServiceEntry
+from digitgen.serve.app import _Client, _Service, _ServiceEntry
 from digitgen.serve.batch import Batcher, _Pending
 from digitgen.serve.observe import ACCESS_LOG, Metrics
 from digitgen.serve.page import PageFiles
@@ -1113,3 +1113,67 @@ def test_the_server_refuses_a_parameter_in_the_words_of_the_cli(
     assert result.exit_code != 0 and len(result.output.splitlines()) == 1
     assert str(refused.value) in result.output, (str(refused.value), result.output)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_clients_watch_is_one_task_made_on_demand_and_stopped() -> None:
+    """No ``receive`` call for a request that never waits (its body is the app's to read), one for a watched one."""
+
+    async def watch() -> tuple[bool, int, bool]:
+        calls = 0
+        never = asyncio.Event()
+
+        async def receive() -> dict:
+            nonlocal calls
+            calls += 1
+            await never.wait()
+            return {"type": "http.disconnect"}
+
+        client = _Client(receive)
+        await asyncio.sleep(0)
+        unwatched = calls == 0
+        client.gone(), client.abandoned()
+        await asyncio.sleep(0)
+        client.stop_watching()
+        await asyncio.sleep(0)
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        return unwatched, calls, not others
+
+    assert asyncio.run(watch()) == (True, 1, True)
+
+
+def test_a_request_generated_on_a_thread_leaves_no_watch_behind() -> None:
+    """Under a server whose ``receive`` waits until the connection closes (as ASGI allows), a finished request's
+    watch of its client would wait for ever, one task a request."""
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/generate",
+        "query_string": b"count=40&format=npz",
+        "headers": [],
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+    }
+    sent: list[dict] = []
+
+    async def serve_one() -> list[asyncio.Task]:
+        held = asyncio.Event()
+        asked = 0
+
+        async def receive() -> dict:  # a server that answers only once the connection closes, which it never does
+            nonlocal asked
+            asked += 1
+            if asked == 1:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await held.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        await asyncio.sleep(0)
+        return [task for task in asyncio.all_tasks() if "_until_disconnected" in repr(task.get_coro())]
+
+    assert asyncio.run(serve_one()) == []
+    assert sent[0]["status"] == 200

@@ -327,3 +327,66 @@ def test_a_waiter_whose_client_left_gives_up_its_place_and_no_slot_is_lost() -> 
         return said
 
     assert asyncio.run(wait_then_leave()) == ["watched", "abandoned", "late", "served"]
+
+
+def test_a_waiter_that_gets_its_slot_leaves_no_task_behind() -> None:
+    async def served_after_waiting() -> set[asyncio.Task]:
+        admission = Admission(1, 1)
+        gone = asyncio.Event()
+
+        async def waiter() -> None:
+            async with admission.slot(time.monotonic() + 60, lambda: gone):
+                pass
+
+        async with admission.slot(time.monotonic() + 60):
+            waiting = asyncio.create_task(waiter())
+            await asyncio.sleep(0.01)
+        await waiting
+        await asyncio.sleep(0)  # the watch's cancellation lands
+        return asyncio.all_tasks() - {asyncio.current_task()}
+
+    assert asyncio.run(served_after_waiting()) == set()
+
+
+def test_a_client_that_leaves_as_its_slot_frees_gives_the_slot_back() -> None:
+    async def leave_as_the_slot_frees() -> list[str]:
+        admission = Admission(1, 1)
+        gone = asyncio.Event()
+
+        async def waiter() -> str:
+            try:
+                async with admission.slot(time.monotonic() + 60, lambda: gone):
+                    return "served"
+            except AbandonedError:
+                return "abandoned"
+
+        async with admission.slot(time.monotonic() + 60):
+            waiting = asyncio.create_task(waiter())
+            await asyncio.sleep(0.01)
+            gone.set()  # the client leaves, and the slot frees, before the waiter runs again
+        said = [await waiting]
+        async with admission.slot(time.monotonic() + 0.5):  # given back: free at once, else TimeLimitError
+            said.append("served")
+        return said
+
+    assert asyncio.run(leave_as_the_slot_frees()) == ["abandoned", "served"]
+
+
+def test_a_watched_waiter_past_its_deadline_is_late_and_holds_no_slot() -> None:
+    async def late() -> list[str]:
+        admission = Admission(1, 1)
+        gone = asyncio.Event()
+        said: list[str] = []
+        async with admission.slot(time.monotonic() + 60):
+            try:
+                async with admission.slot(time.monotonic() + 0.05, lambda: gone):
+                    said.append("served")
+            except TimeLimitError:
+                said.append("late")
+        async with admission.slot(time.monotonic() + 60):
+            with pytest.raises(TimeLimitError):  # still one slot: a second holder waits past its deadline
+                async with admission.slot(time.monotonic() + 0.05):
+                    pass
+        return said
+
+    assert asyncio.run(late()) == ["late"]

@@ -374,3 +374,26 @@ def test_a_process_is_alive_unless_the_system_has_no_process_of_its_number(monke
 
     monkeypatch.setattr(os, "kill", refused)
     assert observe._alive(int(finished.stdout))
+
+
+@pytest.mark.parametrize("error", [errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, None])
+def test_without_fallocate_the_room_is_written_out(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, error: int | None
+) -> None:
+    if error is None:
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)  # macOS
+    else:
+
+        def unsupported(fd: int, offset: int, length: int) -> None:
+            raise OSError(error, os.strerror(error))
+
+        monkeypatch.setattr(os, "posix_fallocate", unsupported, raising=False)
+    (tmp_path / "counter_7.db").write_bytes(b"counts")
+    observe.reserve(str(tmp_path), ["counter_7.db", "histogram_7.db"])
+    assert (tmp_path / "counter_7.db").read_bytes() == b"counts" + bytes(SHARED_FILE_BYTES - 6)
+    assert (tmp_path / "histogram_7.db").read_bytes() == bytes(SHARED_FILE_BYTES)
+
+
+def test_a_scope_whose_path_lacks_its_root_path_is_read_whole() -> None:
+    scope = origin_form({"type": "http", "path": "http://h/generate", "root_path": "/digits", "query_string": b""})
+    assert scope["path"] == "/generate"

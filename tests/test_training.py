@@ -8,6 +8,8 @@ import os
 import pickle
 import re
 import struct
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -850,3 +852,27 @@ def test_bf16_on_a_gpu_without_bfloat16_is_refused(monkeypatch: pytest.MonkeyPat
         check_precision(bf16, cuda)
     check_precision(replace(bf16, precision="fp32"), cuda)
     check_precision(bf16, torch.device("cpu"))
+
+
+APPEND_AT_A_SIZE_LIMIT = """
+import resource, signal, sys
+from pathlib import Path
+from digitgen.runtime.errors import OutputError
+from digitgen.training.loop import _append_metrics
+path = Path(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as one past a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 10, resource.RLIM_INFINITY))
+try:
+    _append_metrics(path, {"step": 3, "loss_d": 0.5362026095390})
+except OutputError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE")
+def test_a_metrics_line_cut_short_by_the_system_is_cut_off(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n{"step": 2}\n')
+    done = subprocess.run([sys.executable, "-c", APPEND_AT_A_SIZE_LIMIT, str(metrics)], capture_output=True, text=True)
+    assert done.stdout == f"cannot write {metrics}: File too large\n", done.stderr
+    assert metrics.read_text() == '{"step": 1}\n{"step": 2}\n'
