@@ -118,6 +118,7 @@ def test_no_stderr_at_all_means_no_progress_and_the_same_work(monkeypatch) -> No
     monkeypatch.setattr(sys, "stderr", None)
     with progress(5, "generating") as bar:
         bar.update(5)
+    assert (bar.hidden, bar.pos) == (True, 5)
 
 
 def test_generate_with_stderr_closed_writes_its_files(tmp_path) -> None:
