@@ -1176,7 +1176,7 @@ def test_settling_follows_no_link(tmp_path: Path) -> None:
 def test_a_stopped_runs_lines_do_not_join_an_overwrite_that_resumes_another_run(
     finished_run: Path, tiny_mnist: Path, tmp_path: Path
 ) -> None:
-
+    """An --overwrite killed after its first step, then one that resumes another run: the first one's lines go."""
     other = tmp_path / "other"
     assert train(tiny_mnist, other, "--steps", 2, *TINY)[0] == 0
     set_aside(earlier_run_files(finished_run), finished_run)  # an --overwrite killed ...
