@@ -35,6 +35,8 @@ ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"  # digitgen
 _NAMED_BAD_DIGITS = 5  # a refusal names the first few bad digits of a list, then counts the rest
 # the classes a request asks for, in order: a list or tuple of ints, or a 1-D array of integers
 Classes = Sequence[int] | np.ndarray
+Whole = int | np.integer  # a count, seed or index: a Python int or a NumPy integer (not a bool)
+Real = float | np.floating  # a truncation: a Python float or int, or a NumPy float
 
 
 def default_model_path(name: str = "generator.onnx") -> Path:
@@ -340,12 +342,12 @@ class DigitGenerator:
 
     def check_request(
         self,
-        num: int,
+        num: Whole,
         digits: Classes | None = None,
-        seed: int = 0,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        start: int = 0,
-        truncation: float | None = None,
+        seed: Whole = 0,
+        batch_size: Whole = DEFAULT_BATCH_SIZE,
+        start: Whole = 0,
+        truncation: Real | None = None,
     ) -> Request:
         """Validate the arguments of :meth:`iter_batches` (typed errors) and return them normalised. Indices run
         to :data:`MAX_INDEX` (labels and noise counters are int64 and uint64 arrays)."""
@@ -364,12 +366,12 @@ class DigitGenerator:
 
     def iter_batches(
         self,
-        num: int,
+        num: Whole,
         digits: Classes | None = None,
-        seed: int = 0,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        start: int = 0,
-        truncation: float | None = None,
+        seed: Whole = 0,
+        batch_size: Whole = DEFAULT_BATCH_SIZE,
+        start: Whole = 0,
+        truncation: Real | None = None,
     ) -> Iterator[GeneratedDigits]:
         """Yield digits ``start .. start+num-1`` of the sequence defined by (digits, seed), batch by batch.
 
@@ -386,11 +388,11 @@ class DigitGenerator:
 
     def generate(
         self,
-        num: int,
+        num: Whole,
         digits: Classes | None = None,
-        seed: int = 0,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        truncation: float | None = None,
+        seed: Whole = 0,
+        batch_size: Whole = DEFAULT_BATCH_SIZE,
+        truncation: Real | None = None,
     ) -> GeneratedDigits:
         """Generate ``num`` digits at once (use :meth:`iter_batches` for very large ``num``);
         :class:`TooManyDigitsError` (a ``MemoryError``) before any work if they cannot be held."""
