@@ -79,7 +79,9 @@ from digitgen.serve.settings import BATCH_MAX_DIGITS, MAX_COUNT_LIMIT, ServerOpt
 from digitgen.training.config import (
     AUGMENTATIONS,
     DEFAULT_RUN_DIR,
+    MAX_LR,
     MAX_SIZE,
+    MAX_STEPS,
     MIN_G_WIDTH,
     PRECISIONS,
     TRAIN_MAX_SEED,
@@ -395,12 +397,18 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     help="Passes over the data in the whole run (on --resume too: the total, not more on top) "
     "[default: 1, or the resumed run's].",
 )
-@click.option("--steps", type=Integer(min=1), help="Steps in the whole run, resumed or not (instead of --epochs).")
+@click.option(
+    "--steps", type=Integer(min=1, max=MAX_STEPS), help="Steps in the whole run, resumed or not (instead of --epochs)."
+)
 @click.option("--batch-size", type=Integer(min=1), help=f"Images per step [default: {TrainConfig.batch_size}].")
-@click.option("--lr", type=FiniteFloat(min=0, min_open=True), help=f"Adam learning rate [default: {TrainConfig.lr:g}].")
+@click.option(
+    "--lr",
+    type=FiniteFloat(min=0, min_open=True, max=MAX_LR),
+    help=f"Adam learning rate [default: {TrainConfig.lr:g}].",
+)
 @click.option(
     "--lr-d",
-    type=FiniteFloat(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True, max=MAX_LR),
     help="The discriminator's own learning rate (two time-scales) [default: --lr].",
 )
 @click.option("--latent-dim", type=Integer(1, MAX_SIZE), help=f"Noise size [default: {GANConfig.latent_dim}].")

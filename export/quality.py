@@ -10,7 +10,7 @@ from pathlib import Path
 from digitgen.export.errors import ExportError
 from digitgen.runtime.evaluate import MNIST_SHA256
 from digitgen.runtime.files import readable_file
-from digitgen.runtime.generator import default_model_path
+from digitgen.runtime.generator import MAX_INDEX, default_model_path
 from digitgen.runtime.session import model_sha256
 from digitgen.runtime.text import finite_number, quoted, read_json
 
@@ -59,7 +59,7 @@ def _number(value: object, name: str, most: float | None = 1.0) -> float:
     if not (finite_number(value) and 0 <= value <= (most or math.inf)):
         bounds = "0 or more" if most is None else f"from 0 to {most:g}"
         raise ExportError(f"{NOT_AN_EVALUATION}: {name} is {value!r}, not a number {bounds}")
-    return float(value)
+    return float(value) + 0.0  # -0.0, which JSON can hold, stored as 0
 
 
 def _section(evaluation: Mapping[str, object], part: str) -> Mapping[str, object]:
@@ -97,7 +97,7 @@ def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str
             )
     generated, real = _section(evaluation, "generated"), _section(evaluation, "real")
     samples, per_digit = generated.get("num_samples"), generated.get("per_digit_accuracy")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_INDEX + 1:
         raise ExportError(f"{NOT_AN_EVALUATION}: generated.num_samples is {samples!r}, not a count of digits")
     if not isinstance(per_digit, list) or not per_digit:
         raise ExportError(f"{NOT_AN_EVALUATION}: generated.per_digit_accuracy is {per_digit!r}, not a list")

@@ -122,6 +122,8 @@ def _check_declared_size(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> N
         shape, _, dtype = read_npy_header(f)
         if dtype.hasobject:
             return  # an array of objects is a pickle, which reading refuses
+        if not all(type(size) is int for size in shape):  # numpy's header reader lets (True,) through
+            raise ValueError(f"{member.filename} declares a shape of {list(shape)}, not of whole numbers")
         declared = math.prod(shape) * dtype.itemsize
         held = member.file_size - f.tell()
     if declared != held:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from digitgen.runtime.contract import MAX_CLASSES
 from digitgen.runtime.errors import OutputError
 from digitgen.runtime.files import readable_file
 from digitgen.runtime.generator import labels_for
@@ -115,7 +116,7 @@ def check_against_record(record: dict | None, parts: list[Path], labels: list[np
             "a part was replaced by hand; run it again"
         )
     digits = record.get("digits")
-    if not isinstance(digits, list) or not digits or not all(type(digit) is int for digit in digits):
+    if not isinstance(digits, list) or not digits or not all(type(d) is int and 0 <= d < MAX_CLASSES for d in digits):
         raise OutputError(f"{out_dir}: the run record names no digits (damaged?); run the shards again")
     start = 0
     for part, part_labels in zip(parts, labels, strict=True):

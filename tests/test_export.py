@@ -390,6 +390,10 @@ def _changed(part: str, key: str, value: object) -> dict:
         ),
         (_changed("generated", "num_samples", 0), "generated.num_samples is 0, not a count of digits"),
         (_changed("generated", "num_samples", 10.5), "generated.num_samples is 10.5, not a count of digits"),
+        (
+            _changed("generated", "num_samples", 2**63 + 1),
+            f"generated.num_samples is {2**63 + 1}, not a count of digits",
+        ),
         (_changed("real", "recall", None), "real.recall is None, not a number from 0 to 1"),
         (_changed("real", "precision", "high"), "real.precision is 'high', not a number from 0 to 1"),
         (_changed("real", "fid", float("-inf")), "real.fid is -inf, not a number 0 or more"),
@@ -407,6 +411,10 @@ def test_quality_metadata_takes_each_figure_at_the_edges_of_its_range() -> None:
     assert figures["quality_num_samples"] == "1" and figures["quality_class_accuracy"] == "0.0000"
     assert figures["quality_min_digit_accuracy"] == "0.0000" and figures["quality_fid"] == "0.0000"
     assert figures["quality_precision"] == "1.0000"
+    negative_zero = {"fid": -0.0, "recall": -0.0, "num_samples": 2**63}  # JSON holds -0.0; it is stored as 0
+    figures = quality.quality_metadata({**EVALUATION, "generated": {**EVALUATION["generated"], **negative_zero}})
+    assert (figures["quality_fid"], figures["quality_recall"]) == ("0.0000", "0.0000")
+    assert figures["quality_num_samples"] == str(2**63)
 
 
 def test_quality_metadata_refuses_an_evaluation_of_truncated_digits() -> None:

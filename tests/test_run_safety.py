@@ -469,6 +469,10 @@ def test_resuming_with_other_threads_or_another_torch_says_it_is_not_bit_for_bit
         ("total_steps", 20.5, "total_steps must be a whole number, not 20.5"),
         ("lr", float("inf"), "lr must be a finite number, not inf"),
         pytest.param("lr", 10**400, f"lr must be a finite number, not {10**400}", id="lr-int-past-float"),  # pickled
+        pytest.param("lr", 1e308, "learning rate must be positive and at most 3.403e+38", id="lr-past-float32"),
+        pytest.param(
+            "total_steps", 2**53 + 1, "the number of steps must be from 1 to 9,007,199,254,740,992", id="steps"
+        ),
         pytest.param("betas", (10**400, 0.999), "betas must be two finite numbers", id="betas-int-past-float"),
         ("label_weight_falls", 1, "label_weight_falls must be true or false, not 1"),
         ("precision", None, "precision must be text, not None"),
@@ -504,6 +508,10 @@ def test_a_subset_is_the_first_images_with_their_own_labels(tiny_mnist: Path, tm
             ("--epochs", 1, "--lr-decay-epochs", 0.01),
             "--lr-decay-epochs 0.01 is less than one step (16 steps an epoch); give at least 0.062, or 0 for no decay",
         ),
+        (  # its steps overflowed a float in the decay and the progress lines: a traceback
+            ("--epochs", 10**20),
+            f"--epochs {10**20} is {16 * 10**20:,} steps (16 an epoch), more than the 9,007,199,254,740,992 a run may",
+        ),
     ],
 )
 def test_options_that_would_do_nothing_are_refused_not_ignored(
@@ -511,6 +519,23 @@ def test_options_that_would_do_nothing_are_refused_not_ignored(
 ) -> None:
     code, output = train(tiny_mnist, tmp_path / "run", *options, *TINY)
     assert code == 1 and output.startswith(f"Error: {problem}") and len(output.splitlines()) == 1, output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        (("--steps", 2**53 + 1), "Invalid value for '--steps': 9007199254740993 is not in the range 1<=x<=900719925"),
+        (("--steps", 2, "--lr", "1e39"), "Invalid value for '--lr': 1e+39 is not in the range 0<x<=3.40282346638528"),
+        (("--steps", 2, "--lr-d", "1e39"), "Invalid value for '--lr-d': 1e+39 is not in the range 0<x<=3.4028234663"),
+    ],
+)
+def test_numbers_past_what_training_can_hold_are_refused_as_they_are_read(
+    tiny_mnist: Path, tmp_path: Path, options: tuple, problem: str
+) -> None:
+    """A learning rate past float32's largest failed inside Adam at the first step, with a traceback."""
+    code, output = train(tiny_mnist, tmp_path / "run", *options, *TINY)
+    assert code == 2 and output.startswith(f"Error: {problem}") and len(output.splitlines()) == 1, output
     assert not (tmp_path / "run").exists()
 
 

@@ -137,6 +137,10 @@ def test_merge_refuses_a_part_swapped_for_one_of_other_digits_and_the_same_size(
         (tmp_path / "ours" / name).write_text(record.read_text().replace('"digits": [\n  3,', '"digits": [\n  "3",'))
     with pytest.raises(OutputError, match=r"the run record names no digits \(damaged\?\); run the shards again$"):
         merge_shards(tmp_path / "ours", fmt)
+    for name in (f"digitgen-{fmt}-run-{i:05d}-of-0000{K}" for i in range(K)):  # a digit no int64 label holds
+        (tmp_path / "ours" / name).write_text(record.read_text().replace('"3",', f"{2**63},"))
+    with pytest.raises(OutputError, match=r"the run record names no digits \(damaged\?\); run the shards again$"):
+        merge_shards(tmp_path / "ours", fmt)
 
 
 def test_merge_refuses_a_shard_without_the_record_the_others_have_or_with_a_damaged_one(
@@ -574,3 +578,17 @@ def test_a_file_named_like_an_orphan_record_that_is_no_record_is_never_removed(
     assert orphan.exists()
     _write(gen, tmp_path, "npz", Shard(1, 2))  # the orphan record goes, and the shard is written again
     assert orphan.exists() and (tmp_path / "digits-00001-of-00002.npz").exists()
+
+
+def test_an_npz_shard_declaring_a_shape_of_no_whole_numbers_is_named(gen: DigitGenerator, tmp_path: Path) -> None:
+    """numpy's header reader lets ``(True, 28, 28)`` through, and reading the array then raised a TypeError."""
+    _write(gen, tmp_path, "npz", Shard(0, 2))
+    (tmp_path / "digitgen-npz-run-00000-of-00002").unlink()
+    write_npz_declaring(tmp_path / "digits-00001-of-00002.npz", (True, 28, 28))
+    shard = (
+        r"digits-00001-of-00002\.npz is not a digits NPZ shard \(ValueError: images\.npy declares a shape of "
+        r"\[True, 28, 28\], not of whole numbers\)"
+    )
+    with pytest.raises(OutputError, match=shard):
+        merge_shards(tmp_path, "npz")
+    assert not (tmp_path / "digits.npz").exists()

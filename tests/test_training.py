@@ -739,7 +739,18 @@ def _set_betas(payload: dict, betas: object) -> None:
         (lambda p: _set_betas(p, (0.5, float("nan"))), "the generator optimizer's setting betas is (0.5, nan), not"),
         (lambda p: _first_moments(p).update({"exp_avg": torch.tensor(1.0)}), "the generator optimizer's exp_avg is ()"),
         (lambda p: _first_moments(p).update({"exp_avg": 1.0}), "the generator optimizer's exp_avg is 1.0 for a param"),
-        (lambda p: _first_moments(p).update({"step": torch.ones(2)}), "the generator optimizer's step is tensor("),
+        (lambda p: _first_moments(p).update({"step": torch.ones(2)}), "the generator optimizer's step is a Tensor, n"),
+        (lambda p: _first_moments(p).update({"step": torch.tensor(-1.0)}), "the generator optimizer's step is -1.0, n"),
+        (
+            lambda p: _first_moments(p).update({"step": torch.tensor(255, dtype=torch.uint8)}),
+            "the generator optimizer's step is 255, not one count of steps",
+        ),
+        (lambda p: _first_moments(p).update({"step": torch.tensor(True)}), "the generator optimizer's step is True, "),
+        (
+            lambda p: _first_moments(p).update({"step": torch.tensor(2.0**60)}),
+            "the generator optimizer's step is 1.152921504606847e+18, not one count of steps",
+        ),
+        (lambda p: _set_betas(p, (5.0, -3.0)), "the generator optimizer's betas are (5.0, -3.0), not two numbers in"),
         (
             lambda p: _first_moments(p).pop("exp_avg_sq"),
             "the generator optimizer's state of a parameter holds ['exp_avg', 'step'], not ['exp_avg', 'exp_avg_sq', ",
@@ -755,6 +766,11 @@ def _set_betas(payload: dict, betas: object) -> None:
         "moment-0-dim",
         "moment-number",
         "step-two-numbers",
+        "step-negative",  # Adam divides by 1 - beta ** step: 0 at step 0, and for -1 the division went wrong
+        "step-integer",
+        "step-bool",
+        "step-past-any-run",
+        "betas-outside",
         "moment-missing",
         "no-noise-state",
     ],

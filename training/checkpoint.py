@@ -14,6 +14,8 @@ import torch
 
 from digitgen.runtime.errors import OutputError
 from digitgen.runtime.files import publish, readable_file
+from digitgen.runtime.text import quoted
+from digitgen.training.config import MAX_STEPS
 from digitgen.training.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -114,7 +116,7 @@ def is_exactly(value: object, expected: object) -> bool:
 def shown(value: object) -> str:
     """A value read from a file as a refusal quotes it: a number or a text by its repr, anything else by its type
     (a tensor's repr runs to many lines)."""
-    return repr(value) if value is None or type(value) in (int, float, str, bool) else f"a {type(value).__name__}"
+    return quoted(value) if value is None or type(value) in (int, float, str, bool) else f"a {type(value).__name__}"
 
 
 def load_weights(path: str | Path) -> dict[str, Any]:
@@ -168,6 +170,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: object, name: 
         for key in sorted(group.keys() - {"params"} | before.keys()):
             if not same_kinds(group.get(key), before.get(key)):
                 raise ValueError(f"the {name} optimizer's setting {key} is {group.get(key)!r}, not of its kind")
+        if not all(0 <= beta < 1 for beta in group["betas"]):  # else its moments' corrections divide by 0 or flip
+            raise ValueError(f"the {name} optimizer's betas are {group['betas']}, not two numbers in [0, 1)")
         moments = {"exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())  # Adam's
         for parameter in group["params"]:
             state = optimizer.state.get(parameter)
@@ -181,8 +185,16 @@ def _check_adam_state(state: dict, moments: set[str], shape: torch.Size, name: s
     if sorted(state) != expected:
         raise ValueError(f"the {name} optimizer's state of a parameter holds {sorted(state)}, not {expected}")
     step = state["step"]
-    if not isinstance(step, torch.Tensor) or step.numel() != 1:
-        raise ValueError(f"the {name} optimizer's step is {step!r}, not one number")
+    one_count = (
+        isinstance(step, torch.Tensor)
+        and step.layout == torch.strided
+        and step.numel() == 1
+        and step.is_floating_point()
+        and 0 <= step.item() <= MAX_STEPS  # NaN compares false
+    )
+    if not one_count:
+        held = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_sparse else step
+        raise ValueError(f"the {name} optimizer's step is {shown(held)}, not one count of steps")
     for key in sorted(moments):
         value = state[key]
         if not isinstance(value, torch.Tensor) or value.shape != shape:

@@ -14,6 +14,8 @@ TRAIN_MAX_SEED = 2**32 - 1
 DEFAULT_RUN_DIR = "runs/latest"  # where a run writes unless told (or resumed from another folder)
 MAX_SIZE = 1024  # the largest noise size, class count, embedding or width a configuration may name
 MIN_G_WIDTH = 2  # the generator's last block has half its width in channels: at least one
+MAX_STEPS = 2**53  # steps a run may take: the learning-rate decay and the progress lines count them in floats
+MAX_LR = 3.4028234663852886e38  # float32's largest, the type Adam keeps a learning rate in
 
 
 def _check_whole(name: str, value: object, low: int, high: int) -> None:
@@ -140,16 +142,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        if self.total_steps < 1:
-            raise ValueError("the number of steps must be positive")
+        if not 1 <= self.total_steps <= MAX_STEPS:
+            raise ValueError(f"the number of steps must be from 1 to {MAX_STEPS:,}")
         if self.batch_size < 1:
             raise ValueError("batch size must be positive")
         if self.subset is not None and self.subset < 1:
             raise ValueError("subset must be positive")
         if self.train_images is not None and self.train_images < 1:
             raise ValueError("the number of training images must be positive")
-        if not self.lr > 0 or (self.lr_d is not None and not self.lr_d > 0):
-            raise ValueError("learning rate must be positive")
+        if not 0 < self.lr <= MAX_LR or (self.lr_d is not None and not 0 < self.lr_d <= MAX_LR):
+            raise ValueError(f"learning rate must be positive and at most {MAX_LR:.4g}")
         if not self.adc_weight >= 0 or not self.label_weight >= 0:
             raise ValueError("the classifier weight must be zero or positive")
         if self.label_weight_falls and not self.label_weight > 0:

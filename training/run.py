@@ -16,7 +16,7 @@ from digitgen.runtime.files import folder_problem, refuse_non_files
 from digitgen.runtime.idx import data_dir_again
 from digitgen.runtime.text import counted, finite_number
 from digitgen.training.classifier import Classifier, load_classifier_weights
-from digitgen.training.config import DEFAULT_RUN_DIR, GANConfig, TrainConfig
+from digitgen.training.config import DEFAULT_RUN_DIR, MAX_STEPS, GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, check_labels, load_mnist_once
 from digitgen.training.distributed import DistContext, on_main_first, weights_digest
 from digitgen.training.errors import CheckpointError, RunDirectoryError, TrainingError, memory_errors_in_words
@@ -494,6 +494,11 @@ def prepare_run(options: RunOptions, device: torch.device, ctx: DistContext) -> 
     per_epoch = steps_per_epoch(len(data.images), global_batch)
     if options.steps is not None or options.epochs is not None or not options.resume:
         total = options.steps if options.steps is not None else (options.epochs or 1) * per_epoch
+        if total > MAX_STEPS:  # --epochs: a --steps past it is refused as it is read
+            raise TrainingError(
+                f"--epochs {options.epochs} is {total:,} steps ({per_epoch} an epoch), more than the {MAX_STEPS:,} a "
+                "run may take; give fewer"
+            )
         if total < state.step:
             raise TrainingError(
                 f"the resumed run is at step {state.step}, past the {total} steps asked for; "
