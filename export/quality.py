@@ -83,8 +83,8 @@ def quality_metadata(evaluation: Mapping[str, Mapping[str, object]]) -> dict[str
         )
     if evaluation.get("truncation") is not None:
         raise ExportError(
-            f"the evaluation scored digits drawn with truncation {evaluation['truncation']}, not the model's own "
-            "distribution; evaluate without --truncation"
+            f"the evaluation scored digits drawn with truncation {quoted(evaluation['truncation'])}, not the model's "
+            "own distribution; evaluate without --truncation"
         )
     data = evaluation.get("data_sha256")  # none either in an evaluation older than this record
     if data is not None:

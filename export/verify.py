@@ -14,6 +14,7 @@ from digitgen.export.errors import ExportVerificationError
 from digitgen.export.tolerances import TOLERANCES, Tolerance
 from digitgen.runtime.contract import check_contract
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason, run_model
+from digitgen.runtime.text import MAX_QUOTED, cut
 from digitgen.training.config import GANConfig
 
 BATCH_SIZES = (1, 7, 64)
@@ -124,7 +125,7 @@ def verify_parity(
             f"generator {config.latent_dim} and {config.num_classes}: it was not exported from this checkpoint"
         )
     other_run = [
-        f"{key} {info.metadata[key]} where the checkpoint's is {value}"
+        f"{key} {cut(info.metadata[key], MAX_QUOTED)} where the checkpoint's is {value}"
         for key, value in (trained or {}).items()
         if key in info.metadata and info.metadata[key] != value
     ]

@@ -15,7 +15,7 @@ from digitgen.runtime.files import readable_file
 from digitgen.runtime.generator import labels_for
 from digitgen.runtime.noise import NOISE_SCHEME
 from digitgen.runtime.shards import Shard, rerun_damaged
-from digitgen.runtime.text import read_json
+from digitgen.runtime.text import quoted, read_json
 
 RECORDED_FORMATS = ("idx", "npz")  # the formats whose shards merge joins
 RECORD_VERSION = 1
@@ -98,8 +98,8 @@ def common_record(out_dir: Path, fmt: str, shards: int) -> dict | None:
             ours, theirs = records[first], record
             field = next(key for key in {**ours, **theirs} if ours.get(key) != theirs.get(key))
             raise OutputError(
-                f"{out_dir}: shards {first} and {index} come from different runs ({field} {ours.get(field)!r} "
-                f"against {theirs.get(field)!r}); run shard {index} again with the options of the others"
+                f"{out_dir}: shards {first} and {index} come from different runs ({field} {quoted(ours.get(field))} "
+                f"against {quoted(theirs.get(field))}); run shard {index} again with the options of the others"
             )
     return records[first]
 

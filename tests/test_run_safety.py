@@ -475,6 +475,9 @@ def test_resuming_with_other_threads_or_another_torch_says_it_is_not_bit_for_bit
         ),
         pytest.param("betas", (10**400, 0.999), "betas must be two finite numbers", id="betas-int-past-float"),
         ("label_weight_falls", 1, "label_weight_falls must be true or false, not 1"),
+        pytest.param(  # quoted as every refusal quotes a value: a short line, then its length
+            "label_weight_falls", "y" * 100_000, "must be true or false, not 'yyyy", id="long-text"
+        ),
         ("precision", None, "precision must be text, not None"),
     ],
 )
@@ -488,6 +491,7 @@ def test_a_checkpoint_with_impossible_settings_is_refused_in_one_line(
     code, output = train(tiny_mnist, tmp_path / "resumed", "--resume", edited, "--steps", 4)
     assert code == 1 and len(output.strip().splitlines()) == 1, output
     assert output.startswith("Error: ") and problem in output, output
+    assert len(output) < 2000, output[:200]
 
 
 def test_a_subset_is_the_first_images_with_their_own_labels(tiny_mnist: Path, tmp_path: Path) -> None:

@@ -130,7 +130,7 @@ def load_weights(path: str | Path) -> dict[str, Any]:
         )
     step = payload["step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{path}: not a digitgen checkpoint (its step {step!r} is not a count of steps)")
+        raise CheckpointError(f"{path}: not a digitgen checkpoint (its step {shown(step)} is not a count of steps)")
     return payload
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from digitgen.runtime.text import finite_number
+from digitgen.runtime.text import finite_number, quoted
 
 AUGMENTATIONS = ("translation", "cutout")  # DiffAugment transforms, in training/augment.py
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast of convolutions and matrix products; weights stay fp32
@@ -22,7 +22,7 @@ def _check_whole(name: str, value: object, low: int, high: int) -> None:
     """ValueError unless ``value`` is an int (not a bool) from ``low`` to ``high``: a checkpoint is data, so
     a float or a bool where a count belongs is refused here rather than failing inside torch."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a whole number, not {value!r}")
+        raise ValueError(f"{name} must be a whole number, not {quoted(value)}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be from {low} to {high}")
 
@@ -44,7 +44,7 @@ def _check_types(config: object) -> None:
         value, kind = getattr(config, field.name), field.type.removesuffix(" | None")
         words, admits = _ADMITS[kind]
         if not (admits(value) or (value is None and field.type.endswith(" | None"))):
-            raise ValueError(f"{field.name} must be {words}, not {value!r}")
+            raise ValueError(f"{field.name} must be {words}, not {quoted(value)}")
 
 
 def parse_policy(text: str) -> str:

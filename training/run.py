@@ -14,7 +14,7 @@ import torch
 
 from digitgen.runtime.files import folder_problem, refuse_non_files
 from digitgen.runtime.idx import data_dir_again
-from digitgen.runtime.text import counted, finite_number
+from digitgen.runtime.text import MAX_QUOTED, counted, cut, finite_number
 from digitgen.training.classifier import Classifier, load_classifier_weights
 from digitgen.training.config import DEFAULT_RUN_DIR, MAX_STEPS, GANConfig, TrainConfig
 from digitgen.training.data import MnistTensors, check_labels, load_mnist_once
@@ -161,7 +161,8 @@ class PreparedRun:
         saved, now = state.saved_with, numerics()
         if self.resumed and device.type == "cpu" and saved not in (None, now):
             lines.append(
-                f"note: the checkpoint was saved with torch {saved.get('torch')} on {saved.get('threads')} thread(s) "
+                f"note: the checkpoint was saved with torch {cut(str(saved.get('torch')), MAX_QUOTED)} on "
+                f"{cut(str(saved.get('threads')), MAX_QUOTED)} thread(s) "
                 f"and resumes with torch {now['torch']} on {now['threads']}; the run goes on, but not bit for bit as "
                 "one never stopped (the same threads: OMP_NUM_THREADS)"
             )

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from digitgen.runtime.text import MAX_QUOTED, cut
 from digitgen.training.checkpoint import (
     FORMAT_VERSION,
     first_problem,
@@ -112,7 +113,8 @@ def _dataclass_from(cls: type, values: Any, what: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
-        raise CheckpointError(f"checkpoint {what} has unknown fields: {', '.join(sorted(map(str, unknown)))}")
+        named = cut(", ".join(sorted(map(str, unknown))), MAX_QUOTED)
+        raise CheckpointError(f"checkpoint {what} has unknown fields: {named}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
