@@ -406,16 +406,22 @@ def test_npz_arrays_in_numpys_format_version_2_are_read(tmp_path: Path) -> None:
         assert np.array_equal(archive["images"], images) and np.array_equal(archive["labels"], labels)
 
 
-def test_an_npz_shard_declaring_more_than_it_holds_is_named_without_allocating_it(
-    gen: DigitGenerator, tmp_path: Path
+@pytest.mark.parametrize(
+    ("shape", "declared"),
+    [
+        ((382_653_061, 28, 28), r"299999999824 bytes of uint8 \[382653061, 28, 28\] but holds 1024"),  # 279 GiB
+        # numpy's header reader lets (True, 28, 28) through, and reading the array then raised a TypeError
+        ((True, 28, 28), r"a shape of \[True, 28, 28\], not of whole numbers"),
+    ],
+    ids=["more-than-it-holds", "not-whole-numbers"],
+)
+def test_an_npz_shard_declaring_a_shape_it_cannot_hold_is_named_without_allocating_it(
+    gen: DigitGenerator, tmp_path: Path, shape: tuple, declared: str
 ) -> None:
     _write(gen, tmp_path, "npz", Shard(0, 2))
     (tmp_path / "digitgen-npz-run-00000-of-00002").unlink()  # as parts made before run records were kept
-    write_npz_declaring(tmp_path / "digits-00001-of-00002.npz", (382_653_061, 28, 28))  # 279 GiB
-    shard = (
-        r"digits-00001-of-00002\.npz is not a digits NPZ shard \(ValueError: images\.npy declares 299999999824 "
-        r"bytes of uint8 \[382653061, 28, 28\] but holds 1024\)"
-    )
+    write_npz_declaring(tmp_path / "digits-00001-of-00002.npz", shape)
+    shard = rf"digits-00001-of-00002\.npz is not a digits NPZ shard \(ValueError: images\.npy declares {declared}\)"
     with pytest.raises(OutputError, match=shard):
         merge_shards(tmp_path, "npz")
     assert not (tmp_path / "digits.npz").exists()
@@ -578,17 +584,3 @@ def test_a_file_named_like_an_orphan_record_that_is_no_record_is_never_removed(
     assert orphan.exists()
     _write(gen, tmp_path, "npz", Shard(1, 2))  # the orphan record goes, and the shard is written again
     assert orphan.exists() and (tmp_path / "digits-00001-of-00002.npz").exists()
-
-
-def test_an_npz_shard_declaring_a_shape_of_no_whole_numbers_is_named(gen: DigitGenerator, tmp_path: Path) -> None:
-    """numpy's header reader lets ``(True, 28, 28)`` through, and reading the array then raised a TypeError."""
-    _write(gen, tmp_path, "npz", Shard(0, 2))
-    (tmp_path / "digitgen-npz-run-00000-of-00002").unlink()
-    write_npz_declaring(tmp_path / "digits-00001-of-00002.npz", (True, 28, 28))
-    shard = (
-        r"digits-00001-of-00002\.npz is not a digits NPZ shard \(ValueError: images\.npy declares a shape of "
-        r"\[True, 28, 28\], not of whole numbers\)"
-    )
-    with pytest.raises(OutputError, match=shard):
-        merge_shards(tmp_path, "npz")
-    assert not (tmp_path / "digits.npz").exists()
