@@ -185,15 +185,9 @@ def _check_adam_state(state: dict, moments: set[str], shape: torch.Size, name: s
     if sorted(state) != expected:
         raise ValueError(f"the {name} optimizer's state of a parameter holds {sorted(state)}, not {expected}")
     step = state["step"]
-    one_count = (
-        isinstance(step, torch.Tensor)
-        and step.layout == torch.strided
-        and step.numel() == 1
-        and step.is_floating_point()
-        and 0 <= step.item() <= MAX_STEPS  # NaN compares false
-    )
-    if not one_count:
-        held = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_sparse else step
+    single = isinstance(step, torch.Tensor) and step.layout == torch.strided and step.numel() == 1
+    held = step.item() if single else step
+    if not (single and step.is_floating_point() and 0 <= held <= MAX_STEPS):  # NaN compares false
         raise ValueError(f"the {name} optimizer's step is {shown(held)}, not one count of steps")
     for key in sorted(moments):
         value = state[key]
