@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from digitgen.serve.observe import (
     new_request_id,
     reserve,
 )
+from digitgen.serve.scratch import remove_abandoned, scratch_folder
 from digitgen.serve.settings import ServeConfigError, ServerOptions, ServeSettings
 
 WORKER_CONFIG = "DIGITGEN_SERVE_CONFIG"  # how the parent hands the options to worker processes
@@ -243,24 +244,9 @@ def _exit_zero_on_signals() -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _model_copy(generator: DigitGenerator) -> Iterator[Path]:
-    """A private copy of the model ``generator`` was loaded from (and of its external data files), for worker
-    processes to load, when they start and when SIGHUP replaces them: every worker serves the same model, whatever
-    happens to the file meanwhile. :class:`ServeConfigError` if the file no longer holds that model, or if the
-    temporary folder cannot take the copy."""
-    try:
-        folder = Path(tempfile.mkdtemp(prefix="digitgen-serve-"))
-    except OSError as exc:
-        raise _cannot_copy(generator, Path(tempfile.gettempdir()), exc) from exc
-    try:
-        yield _copied(generator, folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def _copied(generator: DigitGenerator, folder: Path) -> Path:
-    """The copy, in ``folder``, of the model ``generator`` was loaded from, checked to be that model."""
+    """The copy, in the new folder ``folder``, of the model ``generator`` was loaded from, checked to be that
+    model."""
     changed = ServeConfigError(f"{generator.path} changed while the server started; start it again")
     copy = folder / generator.path.name
     try:
@@ -269,6 +255,7 @@ def _copied(generator: DigitGenerator, folder: Path) -> Path:
     except (OSError, ValueError, InvalidModelError):
         raise changed from None
     try:
+        folder.mkdir()
         copy.write_bytes(model)
         for source in sources:
             target = folder / source.relative_to(generator.path.parent)
@@ -323,45 +310,51 @@ def _serve_on(listening: socket.socket, options: ServerOptions, generator: Digit
         "ws": "none",  # no WebSocket endpoint: an Upgrade request is answered as the HTTP request it also is
     }
     generator = generator or options.load()  # Ctrl-C still interrupts the load
+    remove_abandoned(Path(tempfile.gettempdir()))  # what servers with workers killed before they stopped left there
     if options.workers == 1:
         app = create_app(generator, options.settings)
         with _exit_zero_on_signals():
             uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[listening])
         return
-    with _model_copy(generator) as copy:
-        _run_workers(dataclasses.replace(options, model=str(copy)), common, listening)
+    with ExitStack() as stack:
+        try:
+            folder = stack.enter_context(scratch_folder())
+        except OSError as exc:
+            raise _cannot_copy(generator, Path(tempfile.gettempdir()), exc) from exc
+        copy = _copied(generator, folder / "model")
+        _run_workers(dataclasses.replace(options, model=str(copy)), common, listening, folder / "metrics")
 
 
-def _run_workers(options: ServerOptions, common: dict, listening: socket.socket) -> None:
+def _run_workers(options: ServerOptions, common: dict, listening: socket.socket, shared_metrics: Path) -> None:
     """uvicorn's supervisor and ``options.workers`` processes, each building its app from ``options`` and counting
-    its metrics in files of a folder they share (removed at the end), so that each answers ``/metrics`` for all."""
+    its metrics in files of the folder ``shared_metrics`` (made here), so that each answers ``/metrics`` for all."""
     if hasattr(signal, "SIGHUP"):  # started ignoring it, as the workers do: a closed terminal's SIGHUP cannot kill it
         with handling([signal.SIGHUP], signal.SIG_IGN):
             resource_tracker.ensure_running()
-    with tempfile.TemporaryDirectory(prefix="digitgen-metrics-") as shared_metrics:
-        _check_room_for_metrics(shared_metrics, options.workers)
-        worker_environment = {
-            WORKER_CONFIG: json.dumps(dataclasses.asdict(options)),
-            SHARED_METRICS: shared_metrics,
-            SUPERVISOR: str(os.getpid()),
-        }
-        config = uvicorn.Config(WORKER_APP, factory=True, workers=options.workers, **common)
-        with _environment(worker_environment), _exit_zero_on_signals():
-            Multiprocess(config, sockets=[listening]).run()  # uvicorn.run with workers, on this socket
+    _check_room_for_metrics(shared_metrics, options.workers)
+    worker_environment = {
+        WORKER_CONFIG: json.dumps(dataclasses.asdict(options)),
+        SHARED_METRICS: str(shared_metrics),
+        SUPERVISOR: str(os.getpid()),
+    }
+    config = uvicorn.Config(WORKER_APP, factory=True, workers=options.workers, **common)
+    with _environment(worker_environment), _exit_zero_on_signals():
+        Multiprocess(config, sockets=[listening]).run()  # uvicorn.run with workers, on this socket
 
 
-def _check_room_for_metrics(folder: str, workers: int) -> None:
-    """:class:`ServeConfigError` unless ``folder`` has room for the metrics files of ``workers`` processes (each
-    reserves its own as it starts: see :func:`~digitgen.serve.observe.reserve`)."""
+def _check_room_for_metrics(folder: Path, workers: int) -> None:
+    """Make the folder ``folder``; :class:`ServeConfigError` unless it has room for the metrics files of ``workers``
+    processes (each reserves its own as it starts: see :func:`~digitgen.serve.observe.reserve`)."""
     needed = workers * len(SHARED_FILES) * SHARED_FILE_BYTES
     try:
-        reserve(folder, [".room"], needed)
+        folder.mkdir()
+        reserve(str(folder), [".room"], needed)
     except OSError as exc:
         raise ServeConfigError(
             f"cannot keep the workers' metrics in {folder} ({exc.strerror or exc}; they take "
             f"{needed / 2**20:g} MiB); set TMPDIR to a writable folder with room for them"
         ) from exc
-    os.unlink(os.path.join(folder, ".room"))
+    (folder / ".room").unlink()
 
 
 @contextmanager

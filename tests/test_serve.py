@@ -1284,8 +1284,9 @@ def test_two_workers_serve_identical_bytes_and_count_together(server: Server, tm
         assert {sample(scrape, answered) for scrape in scrapes} == {19.0}  # 3 x 3 + 10 requests, by both workers
         assert {sample(scrape, "digitgen_requests_admitted") for scrape in scrapes} == {0.0}
         assert not any("process_resident_memory_bytes" in scrape for scrape in scrapes)
-        made = {path.name.rsplit("-", 1)[0] for path in (tmp_path / "tmp").iterdir()}
-        assert made == {"digitgen-metrics", "digitgen-serve"}  # the shared counts' folder, the model's copy
+        (scratch,) = (tmp_path / "tmp").iterdir()
+        assert scratch.name.startswith("digitgen-serve-")
+        assert {path.name for path in scratch.iterdir()} == {".lock", "metrics", "model"}  # shared counts, model copy
     finally:
         assert workers.stop() == 0
     assert list((tmp_path / "tmp").iterdir()) == []
@@ -1311,7 +1312,7 @@ def _running(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers in Linux's /proc")
 def test_workers_whose_supervisor_is_killed_stop_and_free_the_address(tmp_path: Path) -> None:
     """kill -9 of the server's process (an OOM killer, a job runner) had left both workers serving the port, so
-    that the same command could not start again."""
+    that the same command could not start again, and its scratch folder in TMPDIR for good."""
     (tmp_path / "tmp").mkdir()  # the model's copy and the shared metrics, which only the supervisor removes
     first = start(
         tmp_path / "first.log", serve_command("--quiet", "--workers", "2"), env={"TMPDIR": str(tmp_path / "tmp")}
@@ -1325,13 +1326,18 @@ def test_workers_whose_supervisor_is_killed_stop_and_free_the_address(tmp_path: 
     while any(_running(pid) for pid in workers):
         assert time.monotonic() < deadline, "the workers served on without their supervisor"
         time.sleep(0.1)
+    assert [path.name[:15] for path in (tmp_path / "tmp").iterdir()] == ["digitgen-serve-"]
     with (tmp_path / "again.log").open("wb") as log:  # the same command, on the same port
         command = [part.format(port=port) for part in serve_command("--quiet")]
+        environment = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
         again = Server(
-            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), first.url, tmp_path / "again.log"
+            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment),
+            first.url,
+            tmp_path / "again.log",
         )
     try:
         again.wait("/readyz")
+        assert list((tmp_path / "tmp").iterdir()) == []
     finally:
         assert again.stop() == 0
 

@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from digitgen.cli import main
 from digitgen.runtime.errors import ModelRunError
 from digitgen.runtime.generator import DigitGenerator, default_model_path
-from digitgen.serve import ServeConfigError, ServeSettings
+from digitgen.serve import ServeConfigError, ServeSettings, scratch
 from digitgen.serve import run as serve_run
 from digitgen.serve import settings as serve_settings
 from digitgen.serve.observe import ACCESS_LOG
@@ -449,8 +449,8 @@ def test_a_temporary_folder_that_cannot_take_the_models_copy_is_named(
         monkeypatch.setattr(shutil, "copyfile", lambda source, target: (_ for _ in ()).throw(full))
     refusal = _refused_two_workers(monkeypatch, model, started)
     assert re.fullmatch(
-        f"cannot copy {re.escape(str(model))} for the workers into {re.escape(str(temporary))}(/digitgen-serve-\\w+)? "
-        r"\(No space left on device\); set TMPDIR to a writable folder with room for it",
+        f"cannot copy {re.escape(str(model))} for the workers into {re.escape(str(temporary))}"
+        r"(/digitgen-serve-\w+/model)? \(No space left on device\); set TMPDIR to a writable folder with room for it",
         refusal,
     ), refusal
     assert list(temporary.iterdir()) == []  # the folder made for the copy is gone with it
@@ -467,18 +467,54 @@ def test_a_temporary_folder_without_room_for_the_workers_metrics_is_named(
     real_fallocate = os.posix_fallocate
 
     def fallocate(fd: int, offset: int, length: int) -> None:
-        if "digitgen-metrics-" in os.readlink(f"/proc/self/fd/{fd}"):
+        if "/metrics/" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fallocate(fd, offset, length)
 
     monkeypatch.setattr(os, "posix_fallocate", fallocate)
     refusal = _refused_two_workers(monkeypatch, started.path, started)
     assert re.fullmatch(
-        f"cannot keep the workers' metrics in {re.escape(str(temporary))}/digitgen-metrics-\\w+ \\(No space left on "
-        r"device; they take 1.5 MiB\); set TMPDIR to a writable folder with room for them",
+        f"cannot keep the workers' metrics in {re.escape(str(temporary))}"
+        r"/digitgen-serve-\w+/metrics \(No space left on device; they take 1.5 MiB\); "
+        "set TMPDIR to a writable folder with room for them",
         refusal,
     ), refusal
     assert list(temporary.iterdir()) == []  # the model's copy and the metrics folder are gone with the refusal
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has no flock")
+def test_a_killed_servers_scratch_folder_is_removed_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """kill -9 of a server with workers had left its model's copy and metrics files in TMPDIR for good: the next
+    server removes them, and only them, by the lock their server no longer holds."""
+    holder = "from digitgen.serve import scratch\nwith scratch.scratch_folder() as f: print(f, flush=True); input()"
+    killed = subprocess.Popen(
+        [sys.executable, "-c", holder],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    abandoned = Path(killed.stdout.readline().strip())
+    (abandoned / "model").mkdir()
+    (abandoned / "model" / "generator.onnx").write_bytes(b"model")
+    (tmp_path / "digitgen-serve-being-made").mkdir()  # no lock file yet: a server is making it
+    elsewhere = tmp_path / "elsewhere"  # another's folder, with an unlocked lock file
+    elsewhere.mkdir()
+    (elsewhere / ".lock").touch()
+    (tmp_path / "digitgen-serve-link").symlink_to(elsewhere)
+    (tmp_path / "digitgen-serve-file").touch()
+    others = set(tmp_path.iterdir()) - {abandoned}
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with scratch.scratch_folder() as running:
+        assert scratch.remove_abandoned(tmp_path) == []  # both servers hold their folders
+        killed.kill()
+        killed.wait(10)
+        assert scratch.remove_abandoned(tmp_path) == [abandoned]
+        assert set(tmp_path.iterdir()) == others | {running}
+        assert [path.name for path in running.iterdir()] == [".lock"]
+    assert set(tmp_path.iterdir()) == others
 
 
 def test_every_tcp_connection_turns_nagle_off(monkeypatch: pytest.MonkeyPatch) -> None:
