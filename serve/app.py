@@ -79,8 +79,14 @@ class _Client:
             self._watcher = asyncio.create_task(self._until_disconnected())
 
     async def _until_disconnected(self) -> None:
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
+        """Read the request's messages until the disconnect. Once the body has ended a server waits for the
+        disconnect before it answers ``receive``; one that answers at once with another message instead would
+        have this loop spin forever without yielding, so the client is then left unwatched."""
+        ended = False
+        while (message := await self._receive())["type"] != "http.disconnect":
+            if ended:
+                return
+            ended = not message.get("more_body", False)
         self._gone.set()
         self._abandoned.set()
 

@@ -1141,6 +1141,37 @@ def test_a_clients_watch_is_one_task_made_on_demand_and_stopped() -> None:
     assert asyncio.run(watch()) == (True, 1, True)
 
 
+@pytest.mark.parametrize(
+    ("messages", "gone", "read"),
+    [
+        ([{"type": "http.request", "body": b"", "more_body": False}] * 1000, False, 2),  # never waits: left unwatched
+        ([{"type": "http.request", "body": b"ab", "more_body": True}] * 3 + [{"type": "http.disconnect"}], True, 4),
+        ([{"type": "http.request", "body": b"", "more_body": False}, {"type": "http.disconnect"}], True, 2),
+    ],
+)
+def test_a_clients_watch_reads_the_body_then_waits_for_the_disconnect(
+    messages: list[dict], gone: bool, read: int
+) -> None:
+    """A server whose ``receive`` answers at once after the body has ended, rather than wait for the disconnect as
+    ASGI asks, had the watch spin without ever yielding the event loop: every request on it hung."""
+
+    async def watch() -> tuple[bool, int]:
+        queue = iter(messages)
+        calls = 0
+
+        async def receive() -> dict:
+            nonlocal calls
+            calls += 1
+            return next(queue)  # answers at once: past the 1,000th message, StopIteration
+
+        client = _Client(receive)
+        seen = client.gone()
+        await asyncio.sleep(0.01)
+        return seen.is_set(), calls
+
+    assert asyncio.run(watch()) == (gone, read)
+
+
 def test_a_request_generated_on_a_thread_leaves_no_watch_behind() -> None:
     """Under a server whose ``receive`` waits until the connection closes (as ASGI allows), a finished request's
     watch of its client would wait for ever, one task a request."""
