@@ -505,6 +505,8 @@ def test_a_killed_servers_scratch_folder_is_removed_and_nothing_else(
     (elsewhere / ".lock").touch()
     (tmp_path / "digitgen-serve-link").symlink_to(elsewhere)
     (tmp_path / "digitgen-serve-file").touch()
+    (tmp_path / "digitgen-serve-pipe").mkdir()  # a lock file that is no file: opening it for reading would block
+    os.mkfifo(tmp_path / "digitgen-serve-pipe" / ".lock")
     others = set(tmp_path.iterdir()) - {abandoned}
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with scratch.scratch_folder() as running:
