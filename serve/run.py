@@ -310,7 +310,7 @@ def _serve_on(listening: socket.socket, options: ServerOptions, generator: Digit
         "ws": "none",  # no WebSocket endpoint: an Upgrade request is answered as the HTTP request it also is
     }
     generator = generator or options.load()  # Ctrl-C still interrupts the load
-    remove_abandoned(Path(tempfile.gettempdir()))  # what servers with workers killed before they stopped left there
+    remove_abandoned()  # what servers with workers killed before they could stop left in the temporary folder
     if options.workers == 1:
         app = create_app(generator, options.settings)
         with _exit_zero_on_signals():

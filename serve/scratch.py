@@ -3,7 +3,7 @@
 The supervisor makes it in the temporary folder and removes it when it stops. One killed first (``kill -9``, an
 out-of-memory killer) cannot, so the folder holds a lock file that the supervisor locks for as long as it runs;
 a server that starts removes every such folder whose lock nobody holds (:func:`remove_abandoned`). Windows has
-no such lock: there the folder of a killed server stays.
+no such lock, nor have some network filesystems: there the folder of a killed server stays.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 try:
@@ -27,45 +27,66 @@ LOCK_FILE = ".lock"  # empty; locked (flock) by the supervisor that made the fol
 
 @contextmanager
 def scratch_folder() -> Iterator[Path]:
-    """A new private folder in the temporary folder, locked while the context lasts and removed at its end;
-    ``OSError`` if it cannot be made."""
+    """A new private folder in the temporary folder, locked while the context lasts and removed at its end (the
+    lock file last, while still locked); ``OSError`` if it cannot be made."""
     folder = Path(tempfile.mkdtemp(prefix=PREFIX))
+    lock = None
     try:
-        with _locked(folder):
-            yield folder
+        lock = _lock(folder)
+        yield folder
     finally:
+        for entry in folder.iterdir():
+            if entry.name != LOCK_FILE:
+                _remove(entry)
         shutil.rmtree(folder, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
 
 
-@contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Hold the lock of ``folder`` while the context lasts. The lock file is locked under another name and then
-    renamed, so that no other server ever finds it unlocked."""
+def _lock(folder: Path) -> int | None:
+    """Lock a new lock file in ``folder``; its descriptor, which holds the lock until it is closed, or ``None``
+    where files cannot be locked. The file is locked under another name and then renamed, so that no other server
+    ever finds it unlocked."""
     if fcntl is None:
-        yield
-        return
+        return None
     unnamed = folder / f"{LOCK_FILE}.new"
     fd = os.open(unnamed, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.rename(unnamed, folder / LOCK_FILE)
-        yield
-    finally:
+    except OSError:  # a filesystem without flock (ENOLCK, EOPNOTSUPP): the folder serves unlocked
         os.close(fd)
+        return None
+    os.rename(unnamed, folder / LOCK_FILE)
+    return fd
 
 
-def remove_abandoned(temporary: Path) -> list[Path]:
-    """Remove the scratch folders in ``temporary`` that are this user's and whose lock no process holds (their
-    server was killed); return them. A folder without its lock file (one being made) is left alone, as is
-    anything else."""
-    removed: list[Path] = []
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_abandoned(temporary: Path | None = None) -> list[Path]:
+    """Remove the scratch folders in ``temporary`` (default: the temporary folder) that are this user's and whose
+    lock no process holds (their server was killed); return them. A folder without its lock file (one being made)
+    is left alone, as is anything else, and nothing stops a server from starting: a folder that cannot be read, or
+    no temporary folder at all, is passed over."""
     if fcntl is None:
-        return removed
-    with suppress(OSError):
-        for entry in os.scandir(temporary):
-            if entry.name.startswith(PREFIX) and _abandoned(Path(entry.path)):
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed.append(Path(entry.path))
+        return []
+    try:
+        temporary = temporary or Path(tempfile.gettempdir())
+        with os.scandir(temporary) as entries:
+            found = [Path(entry.path) for entry in entries if entry.name.startswith(PREFIX)]
+    except OSError:  # no such folder, or not readable: nothing of ours to remove there
+        return []
+    removed = []
+    for folder in filter(_abandoned, found):
+        try:
+            shutil.rmtree(folder)
+        except OSError:  # left for the next server to try
+            continue
+        removed.append(folder)
     return removed
 
 

@@ -1145,6 +1145,7 @@ def test_a_clients_watch_is_one_task_made_on_demand_and_stopped() -> None:
     ("messages", "gone", "read"),
     [
         ([{"type": "http.request", "body": b"", "more_body": False}] * 1000, False, 2),  # never waits: left unwatched
+        ([{"type": "http.request", "body": b""}] * 1000, False, 2),  # more_body left out: False, as ASGI says
         ([{"type": "http.request", "body": b"ab", "more_body": True}] * 3 + [{"type": "http.disconnect"}], True, 4),
         ([{"type": "http.request", "body": b"", "more_body": False}, {"type": "http.disconnect"}], True, 2),
     ],

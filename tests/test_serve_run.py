@@ -496,7 +496,12 @@ def test_a_killed_servers_scratch_folder_is_removed_and_nothing_else(
         text=True,
         env={**os.environ, "TMPDIR": str(tmp_path)},
     )
-    abandoned = Path(killed.stdout.readline().strip())
+    try:
+        abandoned = Path(killed.stdout.readline().strip())
+        assert abandoned.parent == tmp_path
+    except BaseException:
+        killed.kill()
+        raise
     (abandoned / "model").mkdir()
     (abandoned / "model" / "generator.onnx").write_bytes(b"model")
     (tmp_path / "digitgen-serve-being-made").mkdir()  # no lock file yet: a server is making it
@@ -507,16 +512,99 @@ def test_a_killed_servers_scratch_folder_is_removed_and_nothing_else(
     (tmp_path / "digitgen-serve-file").touch()
     (tmp_path / "digitgen-serve-pipe").mkdir()  # a lock file that is no file: opening it for reading would block
     os.mkfifo(tmp_path / "digitgen-serve-pipe" / ".lock")
+    (tmp_path / "digitgen-serve-linked").mkdir()  # a lock file that is a link, to an unlocked file
+    (tmp_path / "digitgen-serve-linked" / ".lock").symlink_to(elsewhere / ".lock")
     others = set(tmp_path.iterdir()) - {abandoned}
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with scratch.scratch_folder() as running:
-        assert scratch.remove_abandoned(tmp_path) == []  # both servers hold their folders
-        killed.kill()
-        killed.wait(10)
+        try:
+            assert scratch.remove_abandoned(tmp_path) == []  # both servers hold their folders
+        finally:
+            killed.kill()
+            killed.wait(10)
         assert scratch.remove_abandoned(tmp_path) == [abandoned]
         assert set(tmp_path.iterdir()) == others | {running}
         assert [path.name for path in running.iterdir()] == [".lock"]
     assert set(tmp_path.iterdir()) == others
+
+
+@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() != 0, reason="needs flock, and root to give a folder away")
+def test_another_users_scratch_folder_is_left_alone(tmp_path: Path) -> None:
+    """A shared /tmp holds other users' servers' folders: never this user's to remove, locked or not."""
+    theirs = tmp_path / "digitgen-serve-theirs"
+    theirs.mkdir()
+    (theirs / ".lock").touch()
+    os.chown(theirs, 12345, 12345)
+    assert scratch.remove_abandoned(tmp_path) == []
+    assert theirs.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has no flock")
+def test_a_scratch_folder_is_removed_under_its_lock(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Removed with its lock file first, a server killed meanwhile had left the rest for good, unlocked then
+    but without the lock file that marks it as a server's."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    real_remove = scratch._remove
+    removed = []
+
+    def remove(path: Path) -> None:
+        fd = os.open(path.parent / scratch.LOCK_FILE, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                scratch.fcntl.flock(fd, scratch.fcntl.LOCK_EX | scratch.fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        real_remove(path)
+        assert not path.exists()
+        removed.append(path.name)
+
+    monkeypatch.setattr(scratch, "_remove", remove)
+    with scratch.scratch_folder() as folder:
+        (folder / "model").mkdir()
+        (folder / "model" / "generator.onnx").write_bytes(b"model")
+        (folder / "metrics").mkdir()
+        (folder / "stray").write_bytes(b"")
+    assert sorted(removed) == ["metrics", "model", "stray"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has no flock")
+def test_a_temporary_folder_without_locks_or_at_all_still_serves(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A filesystem without flock (some network ones) had refused --workers as a folder without room; no usable
+    temporary folder at all had refused even one worker, which needs none."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(scratch.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.ENOLCK, "no locks")))
+    with scratch.scratch_folder() as folder:
+        assert not (folder / scratch.LOCK_FILE).exists()
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "_get_default_tempdir", lambda: (_ for _ in ()).throw(FileNotFoundError("none")))
+    assert scratch.remove_abandoned() == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows has no flock")
+def test_a_scratch_folder_that_cannot_be_removed_leaves_the_others_to_go(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    abandoned = []
+    for name in ("a", "b", "c"):
+        folder = tmp_path / f"digitgen-serve-{name}"
+        folder.mkdir()
+        (folder / ".lock").touch()
+        abandoned.append(folder)
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path: Path) -> None:
+        if Path(path).name == "digitgen-serve-b":
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        real_rmtree(path)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert sorted(scratch.remove_abandoned(tmp_path)) == [abandoned[0], abandoned[2]]
+    assert list(tmp_path.iterdir()) == [abandoned[1]]
+    assert scratch.remove_abandoned(tmp_path / "missing") == []
 
 
 def test_every_tcp_connection_turns_nagle_off(monkeypatch: pytest.MonkeyPatch) -> None:
