@@ -80,7 +80,12 @@ def common_record(out_dir: Path, fmt: str, shards: int) -> dict | None:
         if not path.exists():
             records.append(None)
             continue
-        record = _read_record(path.read_bytes()) if readable_file(path) else None
+        if not readable_file(path):
+            raise OutputError(
+                f"{path} is not a file (a folder, a pipe, a device, or a link to one) where shard {index}'s run "
+                "record belongs; move it, then run that shard again with --resume"
+            )
+        record = _read_record(path.read_bytes())
         if record is None:
             raise OutputError(f"{path} is not a run record (damaged?); {rerun_damaged(index)}")
         records.append(record)

@@ -89,10 +89,12 @@ def find_shards(out_dir: Path, file_name: str) -> list[Path]:
     stem, dot, ext = file_name.partition(".")
     pattern = re.compile(rf"{re.escape(stem)}-([0-9]{{5,}})-of-([0-9]{{5,}}){re.escape(dot + ext)}")
     found: dict[int, set[int]] = {}
-    for path in out_dir.iterdir():
+    for path in sorted(out_dir.iterdir()):
         match = pattern.fullmatch(path.name)
         if match:
-            found.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
+            index, count = int(match.group(1)), int(match.group(2))
+            _refuse_a_stray_part(path, index, count, file_name)
+            found.setdefault(count, set()).add(index)
     if not found:
         raise OutputError(f"no shards of {file_name} in {out_dir}")
     if len(found) > 1:
@@ -102,14 +104,31 @@ def find_shards(out_dir: Path, file_name: str) -> list[Path]:
             "of the run that is not this one out of the folder"
         )
     ((count, indices),) = found.items()
-    if count < 2:
-        raise OutputError(f"{out_dir}: '-of-{count:05d}' shards are not ones this project writes (one is {file_name})")
     missing = sorted(set(range(count)) - indices)
     if missing:
         named = ", ".join(map(str, missing[:MISSING_NAMED]))
         more = f" and {len(missing) - MISSING_NAMED:,} more" if len(missing) > MISSING_NAMED else ""
         raise OutputError(f"{out_dir}: shard(s) {named}{more} of {count} of {file_name} missing")
     return [out_dir / Shard(i, count).name(file_name) for i in range(count)]
+
+
+def _refuse_a_stray_part(path: Path, index: int, count: int, file_name: str) -> None:
+    """:class:`OutputError` unless ``path`` is named exactly as shard ``index`` of ``count`` of ``file_name`` is
+    (a part past the last shard, or written with other digits, would otherwise be left out or read in its place)."""
+    if count < 2:
+        raise OutputError(
+            f"{path.parent}: '-of-{count:05d}' shards are not ones this project writes (one is {file_name})"
+        )
+    if index >= count:
+        raise OutputError(
+            f"{path} names shard {index} of a run of {count} shards, which has no such shard; move it out of the folder"
+        )
+    expected = Shard(index, count).name(file_name)
+    if path.name != expected:
+        raise OutputError(
+            f"{path} is not named as this project names a shard (shard {index} of {count} is {expected}); "
+            "move it out of the folder"
+        )
 
 
 def idx_counts(parts: list[Path], images: bool) -> list[int]:

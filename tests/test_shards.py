@@ -316,6 +316,48 @@ def test_merge_names_shard_files_this_project_never_writes(tmp_path: Path, count
         merge_shards(tmp_path, "npz")
 
 
+@pytest.mark.parametrize(
+    ("stray", "words"),
+    [
+        ("digits-00004-of-00004.npz", "names shard 4 of a run of 4 shards, which has no such shard"),
+        ("digits-000001-of-00004.npz", "is not named as this project names a shard (shard 1 of 4 is "),
+    ],
+)
+def test_merge_refuses_a_part_no_shard_of_the_run_is_named(
+    gen: DigitGenerator, tmp_path: Path, stray: str, words: str
+) -> None:
+    """A part past the last shard had been left out of the merge unsaid; a shard's name with other digits had
+    stood for the missing shard, which the merge then called unreadable."""
+    for index in (0, 2, 3):
+        _write(gen, tmp_path, "npz", Shard(index, 4))
+    if "00001" not in stray:
+        _write(gen, tmp_path, "npz", Shard(1, 4))
+    (tmp_path / stray).write_bytes((tmp_path / "digits-00000-of-00004.npz").read_bytes())
+    with pytest.raises(OutputError) as refused:
+        merge_shards(tmp_path, "npz")
+    assert str(refused.value).startswith(f"{tmp_path / stray} {words}"), str(refused.value)
+    assert str(refused.value).endswith("; move it out of the folder")
+    assert not (tmp_path / "digits.npz").exists()
+
+
+def test_merge_says_what_to_do_with_a_folder_where_a_record_belongs(gen: DigitGenerator, tmp_path: Path) -> None:
+    """It had called the folder a damaged record, to be mended by --resume, which refuses a folder."""
+    for index in range(3):
+        _write(gen, tmp_path, "idx", Shard(index, 3))
+    record = tmp_path / "digitgen-idx-run-00001-of-00003"
+    record.unlink()
+    record.mkdir()
+    with pytest.raises(OutputError) as refused:
+        merge_shards(tmp_path, "idx")
+    assert str(refused.value) == (
+        f"{record} is not a file (a folder, a pipe, a device, or a link to one) where shard 1's run record belongs; "
+        "move it, then run that shard again with --resume"
+    )
+    record.rmdir()
+    _write(gen, tmp_path, "idx", Shard(1, 3), resume=True)  # what the words say, and then the merge
+    assert len(read_idx(merge_shards(tmp_path, "idx")[1])) == N
+
+
 def test_merge_lists_every_missing_shard_and_keeps_existing_files(gen: DigitGenerator, tmp_path: Path) -> None:
     _write(gen, tmp_path, "idx", Shard(0, 4))
     with pytest.raises(OutputError, match="shard\\(s\\) 1, 2, 3 of 4"):
