@@ -1097,6 +1097,33 @@ def test_screenshot_and_download(
     assert_same_pixels(pixels, expected, "downloaded PNG, seed 42, digits [1, 2]", pixel_report)
 
 
+def test_a_download_as_another_sheet_is_drawn_keeps_its_own_name(
+    page: Page, python_gen: DigitGenerator, pixel_report: list[str], tmp_path: Path
+) -> None:
+    """Download read the sheet's pixels, then its name after writing the PNG: a sheet drawn meanwhile gave the old
+    pixels the new sheet's name."""
+    assert submit(page, count="3", seed="7") == "drawn"
+    page.fill("#seed", "500")
+    slow_png = """() => {
+        const arrayBuffer = Response.prototype.arrayBuffer;
+        Response.prototype.arrayBuffer = async function () {
+            await new Promise((resolve) => setTimeout(resolve, 1500));
+            Response.prototype.arrayBuffer = arrayBuffer;
+            return arrayBuffer.call(this);
+        };
+    }"""
+    page.evaluate(slow_png)  # the PNG is written after the next sheet is drawn
+    with page.expect_download() as download:
+        page.evaluate("() => { for (const id of ['generate', 'download']) document.getElementById(id).click(); }")
+    assert wait_settled(page) == "drawn"
+    assert download.value.suggested_filename == "digits-seed7-n3.png"
+    download.value.save_as(tmp_path / "sheet.png")
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        pixels = np.asarray(sheet)
+    expected = python_sheet(python_gen.generate(3, seed=7).images)
+    assert_same_pixels(pixels, expected, "a sheet downloaded as the next is drawn", pixel_report)
+
+
 @pytest.mark.usefixtures("bad_models")
 def test_quality_figures_that_are_not_numbers_are_left_out_not_shown_as_nan(browser: Browser, base_url: str) -> None:
     page = open_page(browser, f"{base_url}index.html?model=_test_odd_metadata.onnx")

@@ -267,6 +267,7 @@ async function draw(gen) {
  * cannot (no CompressionStream) says so on the page. */
 async function download() {
   const canvas = $("sheet");
+  const filename = $("download").dataset.filename; // with the pixels: a sheet drawn meanwhile renames the button
   const rgba = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
   const grey = rgba.filter((_, i) => i % 4 === 0); // the sheet is grey: red = green = blue
   let png;
@@ -278,7 +279,7 @@ async function download() {
   }
   const link = Object.assign(document.createElement("a"), {
     href: URL.createObjectURL(png),
-    download: $("download").dataset.filename,
+    download: filename,
   });
   link.click();
   setTimeout(() => URL.revokeObjectURL(link.href), 1000);
