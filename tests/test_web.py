@@ -641,7 +641,9 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
     nan_pixels(nan_model)
     onnx.save(nan_model, paths[3])
     odd = onnx.load(dist / "generator.onnx")  # a model that runs, with quality figures that are not numbers
-    helper.set_model_props(odd, {**python_gen.info.metadata, "quality_fid": "n/a", "quality_recall": " "})
+    odd_values = {"quality_fid": "n/a", "quality_recall": " ", "quality_real_precision": "0x1A"}  # hex: not decimal
+    odd_values |= {"precision": "fp32\u202e" + "x" * 200, "train_seed": "<b>9</b>\n" + "9" * 3000}  # escaped, cut
+    helper.set_model_props(odd, {**python_gen.info.metadata, **odd_values})
     onnx.save(odd, paths[4])
     byte_scale = onnx.load(dist / "generator.onnx")  # pixels 0 to 255: clipped, they were white squares
     scaled_pixels(byte_scale, 255.0)
@@ -667,6 +669,24 @@ def test_a_model_that_fails_to_load_is_named_with_every_bad_field_the_link_fille
         ]
         invalid = page.eval_on_selector_all("input[aria-invalid=true]", "inputs => inputs.map((i) => i.id)")
         assert invalid == ["digits", "count"]
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("digit", ["0,3,7", "", "x"])
+def test_a_model_that_fails_to_load_names_a_link_digit_that_is_no_class(
+    browser: Browser, base_url: str, digit: str
+) -> None:
+    """digit=0,3,7 had sat in the Digits field unmarked, read as the list it is not, while the model's failure
+    was named alone."""
+    page = open_page(browser, f"{base_url}index.html?model=missing.onnx&digit={digit}")
+    try:
+        assert page.locator("#error").inner_text().splitlines() == [
+            "could not fetch the model missing.onnx: HTTP 404 File not found",
+            f"the link's digit '{digit}' is not one class, e.g. digit=7",
+        ]
+        invalid = page.eval_on_selector_all("input[aria-invalid=true]", "inputs => inputs.map((i) => i.id)")
+        assert invalid == ["digits"]
     finally:
         page.close()
 
@@ -1004,7 +1024,7 @@ def test_a_long_error_stays_on_the_page_and_a_bad_field_keeps_its_focus_ring(pag
 def test_the_sheet_names_the_digits_it_shows_not_a_whole_long_list(page: Page) -> None:
     assert submit(page, digits=",".join(["1", "2"] * 500), count="3") == "drawn"
     label = page.get_attribute("#sheet", "aria-label")
-    assert label == "3 generated handwritten digits, digits 1, 2, 1 (the first 3 of 1000) in turn, seed 0"
+    assert label == "3 generated handwritten digits, digits 1, 2 (the first 3 of 1000) in turn, seed 0"  # 1, 2, 1
     assert submit(page, digits="7", count="1") == "drawn"
     assert page.get_attribute("#sheet", "aria-label") == "1 generated handwritten digit, digit 7, seed 0"
     assert submit(page, count="12") == "drawn"  # all the model's classes, as many as it has
@@ -1087,6 +1107,16 @@ def test_screenshot_and_download(
         page.click("#download")
     assert same_sheet.value.suggested_filename == "digits-seed42-n2-d1_2.png"
     assert submit(page, digits="1,2", count="30", seed="42") == "drawn"
+    described = page.get_attribute("#sheet", "aria-label")
+    assert submit(page, digits="1,2,1,2", count="30", seed="42") == "drawn"  # the same sheet: named and told alike
+    with page.expect_download() as repeated:
+        page.click("#download")
+    assert repeated.value.suggested_filename == "digits-seed42-n30-d1_2.png"
+    assert (
+        page.get_attribute("#sheet", "aria-label")
+        == described
+        == ("30 generated handwritten digits, digits 1, 2 in turn, seed 42")
+    )
     download.value.save_as(tmp_path / "sheet.png")
     with Image.open(tmp_path / "sheet.png") as sheet:
         sheet.verify()  # every chunk's CRC
@@ -1130,10 +1160,16 @@ def test_quality_figures_that_are_not_numbers_are_left_out_not_shown_as_nan(brow
     try:
         assert page.evaluate("document.body.dataset.state") == "drawn", page.text_content("#error")
         quality = page.text_content("#quality")
+        summary = page.text_content("#summary")
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
     finally:
         page.close()
-    assert "Class accuracy" in quality and "Precision" in quality
-    assert "FID" not in quality and "Recall" not in quality and "NaN" not in quality
+    assert "Class accuracy" in quality and "Training" in quality
+    assert "FID" not in quality and "Recall" not in quality and "Precision" not in quality and "NaN" not in quality
+    # the model's own text, as `digitgen info` shows it: escaped, on one line, and cut short on the page
+    assert "fp32\\u202e" + "x" * 35 + "... (205 characters) weights" in summary
+    assert "seed <b>9</b>\\n" + "9" * 31 + "... (3,009 characters)" in quality
+    assert overflow <= 0, "the page grew wider than its window"
 
 
 def test_a_released_generator_and_a_failed_run_are_typed_errors(browser: Browser, base_url: str) -> None:

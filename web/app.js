@@ -8,6 +8,7 @@ const GAP = 2;
 const GRAY = 128;
 const MAX_DIGITS = 100;
 const DISPLAY_SCALE = 2;
+const SHOWN_METADATA = 40; // characters of a metadata value shown on the page, then its length
 
 // the link's parameter -> the field it presets; count and digit are the HTTP API's and the CLI's names (digit: one
 // class, checked as the CLI checks --digit)
@@ -95,9 +96,11 @@ function describe(gen) {
     }),
   );
   const m = gen.metadata;
+  // a value of the model's own, on one line and cut short, as `digitgen info` escapes it: a file may hold anything
+  const shown = (text) => digitgen.printable(digitgen.cut(text, SHOWN_METADATA));
   $("summary").textContent =
-    `${gen.source}: latent size ${gen.latentDim}, ${gen.numClasses} classes, ${m.precision ?? "unknown"} weights, ` +
-    `contract version ${m.contract_version}, noise ${digitgen.NOISE_SCHEME}.`;
+    `${gen.source}: latent size ${gen.latentDim}, ${gen.numClasses} classes, ${shown(m.precision ?? "unknown")} ` +
+    `weights, contract version ${m.contract_version}, noise ${digitgen.NOISE_SCHEME}.`;
   const percent = (x) => `${(100 * x).toFixed(2)}%`;
   const count = (x) => x.toLocaleString("en");
   const facts = [
@@ -112,15 +115,17 @@ function describe(gen) {
     ["Training", ["train_steps", "train_seed"], (steps, seed) => `${count(steps)} steps, seed ${seed}`],
   ];
   const exact = new Set(["train_seed"]); // seeds may pass 2^53: shown as written, not as a Number
-  // a fact whose values are not numbers (another tool's metadata, say) is left out, not shown as NaN
-  const readable = (key) => key in m && (exact.has(key) || (m[key].trim() !== "" && Number.isFinite(Number(m[key]))));
+  // a fact whose values are not decimal numbers, as the CLI reads them (another tool's metadata, say; 0x1A), is
+  // left out, not shown as NaN or as what JavaScript's Number() makes of it
+  const number = (key) => digitgen.readNumber(m[key]);
+  const readable = (key) => key in m && (exact.has(key) || Number.isFinite(number(key))); // text is not finite
   $("quality").replaceChildren(
     ...facts
       .filter(([, keys]) => keys.every(readable))
       .flatMap(([label, keys, format]) => [
         Object.assign(document.createElement("dt"), { textContent: label }),
         Object.assign(document.createElement("dd"), {
-          textContent: format(...keys.map((key) => (exact.has(key) ? m[key] : Number(m[key])))),
+          textContent: format(...keys.map((key) => (exact.has(key) ? shown(m[key]) : number(key)))),
         }),
       ]),
   );
@@ -189,9 +194,18 @@ function timing(count, seconds) {
 
 /** "digits 4, 2 in turn": the digits of the cycle that the sheet shows, not all of a longer list (all of the
  * model's `numClasses` without one). */
+/** The shortest cycle of classes that labels `count` digits as `digits` does (serve/params.py's shortest_cycle):
+ * 1,2,1 for three digits is 1,2, and 1,2,1,2 is 1,2; the same sheet, the same name and words. */
+function shortestCycle(digits, count) {
+  const used = digits.slice(0, count); // a longer cycle's classes past the count label nothing
+  const alike = (period) =>
+    !(count > used.length && used.length % period) && used.every((digit, i) => digit === used[i % period]);
+  for (let period = 1; ; period++) if (alike(period)) return used.slice(0, period);
+}
+
 function describeDigits(digits, count, numClasses) {
   if (!digits) return `digits 0 to ${numClasses - 1} in turn`;
-  const shown = digits.slice(0, count);
+  const shown = shortestCycle(digits, count);
   const cycle = shown.length === 1 ? `digit ${shown[0]}` : `digits ${shown.join(", ")}`;
   const part = digits.length > count ? ` (the first ${count} of ${digits.length})` : "";
   return `${cycle}${part}${shown.length > 1 ? " in turn" : ""}`;
@@ -220,7 +234,7 @@ async function requestSheet(gen) {
  * (the same sheet, the same name; a cycle past 16 cut, "_etc"). */
 function sheetName(digits, count, seed, truncation) {
   const parts = [`seed${seed}`, `n${count}`];
-  const shown = digits?.slice(0, count);
+  const shown = digits && shortestCycle(digits, count);
   if (shown) parts.push(`d${shown.slice(0, 16).join("_")}${shown.length > 16 ? "_etc" : ""}`); // a name stays short
   if (truncation !== null) parts.push(`t${truncation}`);
   return `digits-${parts.join("-")}.png`;
@@ -356,12 +370,17 @@ function linkProblems(gen) {
       }
     }
   }
-  if (gen && params.has("digit") && !params.has("digits")) {
+  if (params.has("digit") && !params.has("digits")) {
+    // one class, read as the CLI reads --digit (+7 and 07 are 7), and the field holds it as a list reads it
+    const digit = digitgen.readInteger(params.get("digit"));
     try {
-      // one class, read as the CLI reads --digit (+7 and 07 are 7), and the field holds it as a list reads it
-      $("digits").value = String(gen.checkDigits([digitgen.readInteger(params.get("digit"))])[0]);
+      if (gen) $("digits").value = String(gen.checkDigits([digit])[0]);
     } catch (error) {
       linkRefusals.set("digits", error.message);
+    }
+    if (!gen && typeof digit !== "bigint") { // no model to name its classes: that it is no integer is enough
+      const shown = digitgen.show(params.get("digit"));
+      linkRefusals.set("digits", `the link's digit ${shown} is not one class, e.g. digit=7`);
     }
   }
   return problems;

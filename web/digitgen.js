@@ -105,7 +105,7 @@ export function pythonFloat(x) {
 }
 
 /** `text`, or its first `limit` characters and its whole length (runtime/text.py's cut). */
-function cut(text, limit) {
+export function cut(text, limit) {
   const chars = [...text];
   if (chars.length <= limit) return text;
   return `${chars.slice(0, limit).join("")}... (${chars.length.toLocaleString("en")} characters)`;
