@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from digitgen.runtime.encode import npz_bytes
@@ -10,8 +11,8 @@ from digitgen.runtime.files import atomic_file, atomic_files, readable_file, ref
 from digitgen.runtime.generator import check_flag, check_path
 from digitgen.runtime.idx import read_idx
 from digitgen.runtime.layout import holds_pngs, output_names
-from digitgen.runtime.run_record import check_against_record, common_record
-from digitgen.runtime.shards import check_shard_sizes, concat_idx, concat_npz, find_shards, idx_counts
+from digitgen.runtime.run_record import check_against_record, common_record, record_name
+from digitgen.runtime.shards import Shard, check_shard_sizes, concat_idx, concat_npz, find_shards, idx_counts
 
 
 def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> list[Path]:
@@ -34,6 +35,9 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
             "name, so its folder needs no merge"
         )
     parts = [find_shards(out_dir, path.name) for path in targets]
+    records = [out_dir / record_name(fmt, Shard(index, len(parts[0]))) for index in range(len(parts[0]))]
+    watched = [*(part for kind in parts for part in kind), *records]
+    before = [_identity(path) for path in watched]  # before anything is read: what is merged is what is there now
     replaceable = refuse_existing(targets, overwrite)
     for part in (part for kind in parts for part in kind):
         if not readable_file(part):
@@ -44,6 +48,7 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
         check_against_record(record, parts[0], labels)
         with atomic_file(targets[0], replaceable=replaceable) as f:
             f.write(npz_bytes(merged["images"], merged["labels"]))
+            _refuse_changes(watched, before)
         return targets
     if len(parts[0]) != len(parts[1]):
         raise OutputError(f"{out_dir} holds {len(parts[0])} image shards but {len(parts[1])} label shards")
@@ -60,4 +65,26 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
     with atomic_files(targets, replaceable=replaceable) as (images_out, labels_out):  # both files, or neither
         concat_idx(parts[0], image_counts, True, images_out)
         concat_idx(parts[1], label_counts, False, labels_out)
+        _refuse_changes(watched, before)
     return targets
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """What tells one state of the file ``path`` from another: its inode (a file renamed onto its name is
+    another), size and modification time; ``None`` where there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _refuse_changes(paths: list[Path], before: list[tuple[int, ...] | None]) -> None:
+    """:class:`OutputError` (before the merged files are published) if any of ``paths`` changed since ``before``
+    was taken: a shard run again while merge read the parts would have mixed two runs, or cut one short."""
+    for path, identity in zip(paths, before, strict=True):
+        if _identity(path) != identity:
+            raise OutputError(
+                f"{path} changed while merge read the shards (a shard run again meanwhile?); no file was merged: "
+                "run merge again once every shard is done"
+            )

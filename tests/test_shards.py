@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import digitgen.runtime.merge as merge_module
 import digitgen.runtime.shards as shards
 from digitgen.cli import main
 from digitgen.runtime import DigitGenerator, InvalidRequestError, OutputError, generate_files
@@ -356,6 +357,32 @@ def test_merge_says_what_to_do_with_a_folder_where_a_record_belongs(gen: DigitGe
     record.rmdir()
     _write(gen, tmp_path, "idx", Shard(1, 3), resume=True)  # what the words say, and then the merge
     assert len(read_idx(merge_shards(tmp_path, "idx")[1])) == N
+
+
+@pytest.mark.parametrize("fmt", ["idx", "npz"])
+def test_a_shard_run_again_while_merge_reads_the_parts_leaves_nothing_merged(
+    gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """A shard rewritten between merge's reading of its header and of its body had given a merged IDX file that its
+    header does not describe; between two parts, a merge of two runs."""
+    for index in range(K):
+        _write(gen, tmp_path, fmt, Shard(index, K))
+    reader = "concat_idx" if fmt == "idx" else "concat_npz"
+    real = getattr(merge_module, reader)
+
+    def run_again_meanwhile(*args: object) -> object:
+        _write(gen, tmp_path, fmt, Shard(1, K), seed=10, overwrite=True)  # a retried job with other options
+        return real(*args)
+
+    monkeypatch.setattr(merge_module, reader, run_again_meanwhile)
+    with pytest.raises(OutputError) as refused:
+        merge_shards(tmp_path, fmt)
+    assert re.fullmatch(
+        rf"{re.escape(str(tmp_path))}/\S+-0000[1]-of-0000{K}\S* changed while merge read the shards \(a shard run "
+        r"again meanwhile\?\); no file was merged: run merge again once every shard is done",
+        str(refused.value),
+    ), str(refused.value)
+    assert not any(path.name in ("digits.npz", "train-images-idx3-ubyte") for path in tmp_path.iterdir())
 
 
 def test_merge_lists_every_missing_shard_and_keeps_existing_files(gen: DigitGenerator, tmp_path: Path) -> None:
