@@ -32,6 +32,7 @@ K_NEAREST = 5
 MNIST_CLASSES = 10  # what the reference classifier tells apart
 MIN_SAMPLES = 100  # generated digits scored at least: fewer make a meaningless FID
 MAX_SAMPLES = 60_000  # generated digits scored at most: as many as the real ones they are compared with
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the largest feature scored: squared and summed, it stays finite
 Progress = Callable[[int], None]
 Split = tuple[np.ndarray, np.ndarray]  # MNIST images and their labels
 # MNIST's own splits by split_sha256: what an evaluation must have scored against for its figures to be the model's
@@ -95,6 +96,11 @@ class ReferenceClassifier:
             )
         if not (np.isfinite(logits).all() and np.isfinite(features).all()):
             raise ModelContractError(f"{self.path} returned NaN or infinite logits or features; it cannot score")
+        if features.size and np.abs(features).max() > FLOAT32_MAX:  # float64 ones: their squares overflow
+            raise ModelContractError(
+                f"{self.path} returned features beyond float32's range (up to {np.abs(features).max():.3g}); "
+                "the distances between them overflow, so it cannot score"
+            )
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -329,9 +335,15 @@ def evaluate(
     fake_features, fake_predictions = classifier.embed(fake.images, progress=progress)
     pick = np.random.default_rng(seed).choice(len(train[0]), size=num_samples, replace=False)
     real_features, real_predictions = classifier.embed(train[0][pick], progress=progress)
+    try:
+        scores = [
+            score(fake_features, fake_predictions, fake.labels, reference, reference_radii),
+            score(real_features, real_predictions, train[1][pick], reference, reference_radii),
+        ]
+    except np.linalg.LinAlgError as exc:  # features of a classifier no covariance of which numpy can decompose
+        raise ModelContractError(f"{classifier.path}: its features cannot be scored ({exc})") from None
     return Evaluation(
-        score(fake_features, fake_predictions, fake.labels, reference, reference_radii),
-        score(real_features, real_predictions, train[1][pick], reference, reference_radii),
+        *scores,
         truncation=truncation,
         seed=seed,
         model_sha256=generator.sha256,

@@ -12,6 +12,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+import digitgen.runtime.evaluate as evaluate_module
 from digitgen.cli import main
 from digitgen.runtime import DigitGenerator, InvalidRequestError, ModelContractError, default_model_path
 from digitgen.runtime.evaluate import (
@@ -414,6 +415,36 @@ def test_a_classifier_of_nan_logits_or_one_feature_cannot_score(tmp_path: Path) 
     for logits, features in ((np.int64, np.float32), (np.float32, np.int64)):  # each must be float
         with pytest.raises(ModelContractError, match="is not a digitgen classifier"):
             narrow._check_outputs(3, np.zeros((3, 10), logits), np.zeros((3, 4), features))
+
+
+def test_a_classifier_of_float64_features_past_float32s_range_cannot_score(tmp_path: Path) -> None:
+    """Finite, but squared and summed they overflow: evaluate had ended in numpy's LinAlgError and a traceback."""
+    classifier = ReferenceClassifier(identity_classifier(tmp_path / "identity.onnx"))
+    logits = np.zeros((3, 10), np.float32)
+    huge = np.full((3, 4), 1e160)
+    with pytest.raises(ModelContractError) as refused:
+        classifier._check_outputs(3, logits, huge)
+    assert str(refused.value) == (
+        f"{tmp_path / 'identity.onnx'} returned features beyond float32's range (up to 1e+160); the distances "
+        "between them overflow, so it cannot score"
+    )
+    classifier._check_outputs(3, logits, np.full((3, 4), float(np.finfo(np.float32).max)))  # float32's largest
+    widest = np.full((100, 4), float(np.finfo(np.float32).max))
+    widest[::2] *= -1
+    assert np.isfinite(frechet_distance(widest, widest[::-1]))
+
+
+def test_features_numpy_cannot_decompose_are_refused_in_words(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fails(*args: object) -> None:
+        raise np.linalg.LinAlgError("Eigenvalues did not converge")
+
+    monkeypatch.setattr(evaluate_module, "score", fails)
+    path = identity_classifier(tmp_path / "identity.onnx")
+    rng = np.random.default_rng(0)
+    split = (rng.integers(0, 256, (120, 28, 28), dtype=np.uint8), np.arange(120) % 10)
+    with pytest.raises(ModelContractError) as refused:
+        evaluate(DigitGenerator.from_path(threads=1), ReferenceClassifier(path), split, split, num_samples=100)
+    assert str(refused.value) == f"{path}: its features cannot be scored (Eigenvalues did not converge)"
 
 
 def test_a_digit_missing_from_a_sample_has_no_accuracy_and_is_not_the_worst() -> None:
