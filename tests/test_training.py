@@ -536,6 +536,23 @@ def test_files_that_are_not_our_checkpoints_are_refused_by_name(tmp_path: Path, 
     assert str(error.value) == problem.format(path=path)
 
 
+@pytest.mark.parametrize("kind", ["loop", "through-a-file"])
+def test_a_checkpoint_path_that_cannot_be_followed_is_named_as_such_not_missing(tmp_path: Path, kind: str) -> None:
+    """A loop of links had been called "checkpoint not found", though the path is there."""
+    if kind == "loop":
+        path = tmp_path / "a.pt"
+        path.symlink_to(tmp_path / "b.pt")
+        (tmp_path / "b.pt").symlink_to(path)
+        why = "Too many levels of symbolic links"
+    else:
+        (tmp_path / "file").write_bytes(b"")
+        path = tmp_path / "file" / "weights.pt"
+        why = "Not a directory"
+    with pytest.raises(CheckpointError) as error:
+        load_weights(path)
+    assert str(error.value) == f"{path}: not a readable digitgen checkpoint ({why})"
+
+
 def test_a_truncated_checkpoint_is_refused_with_the_first_sentence_of_torchs_reason(tmp_path: Path) -> None:
     whole, path = tmp_path / "whole.pt", tmp_path / "cut.pt"
     torch.save({key: torch.zeros(1000) for key in WEIGHTS_KEYS}, whole)

@@ -67,8 +67,12 @@ def read_data_file(path: str | Path, missing: str, unreadable: str) -> Any:
     :class:`CheckpointError` "``missing``: PATH" if there is no such file, "PATH: ``unreadable`` (why)" if it
     cannot be read so."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{missing}: {path}")
+    try:
+        path.stat()
+    except FileNotFoundError:  # a dangling link among them
+        raise CheckpointError(f"{missing}: {path}") from None
+    except OSError as exc:  # a loop of links, a path through a file, a folder it may not enter
+        raise CheckpointError(f"{path}: {unreadable} ({exc.strerror or exc})") from None
     if not readable_file(path):
         raise CheckpointError(f"{path}: {unreadable} (not a regular file: a folder, a pipe or a device)")
     damaged = _record_failing_its_crc(path)
