@@ -904,9 +904,11 @@ def evaluate(
         ReferenceClassifier,
         check_evaluation,
         check_reference_data,
+        embed_samples,
         evaluation_work,
+        score_samples,
+        scoring_work,
     )
-    from digitgen.runtime.evaluate import evaluate as run_evaluation
     from digitgen.runtime.idx import read_mnist_split
 
     if cas:  # imported first: without the train extra, the refusal comes before any work
@@ -922,9 +924,11 @@ def evaluate(
     run = CasRun(gen, train, test, seed=seed, truncation=truncation, state_dir=state_dir) if cas else None
     work = evaluation_work(len(test[0]), len(train[0]), num_samples)
     with progress(work, "evaluating (images made or scored)") as bar:
-        result = run_evaluation(
+        samples = embed_samples(
             gen, reference, test, train, num_samples=num_samples, seed=seed, truncation=truncation, progress=bar.update
         )
+    with progress(scoring_work(len(test[0]), num_samples), "scoring (feature distances measured)") as bar:
+        result = score_samples(samples, reference, progress=bar.update)
     if run is not None:
         for note in run.notes:
             _say(f"note: {note}", err=True)

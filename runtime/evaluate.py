@@ -118,20 +118,26 @@ def _squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.maximum((x * x).sum(1)[:, None] - 2 * x @ y.T + (y * y).sum(1)[None, :], 0)
 
 
-def knn_radii(x: np.ndarray, k: int = K_NEAREST, chunk: int = 1000) -> np.ndarray:
-    """Squared distance from each point of ``x`` to its k-th nearest other point of ``x``."""
+def knn_radii(x: np.ndarray, k: int = K_NEAREST, chunk: int = 1000, progress: Progress = lambda n: None) -> np.ndarray:
+    """Squared distance from each point of ``x`` to its k-th nearest other point of ``x``; ``progress`` is told
+    the distances measured, chunk by chunk."""
     radii = np.empty(len(x))
     for i in range(0, len(x), chunk):
         d = _squared_distances(x[i : i + chunk], x)
         radii[i : i + chunk] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself
+        progress(d.size)
     return radii
 
 
-def coverage(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray, chunk: int = 1000) -> float:
-    """Share of ``queries`` inside at least one k-NN ball of ``manifold``."""
+def coverage(
+    manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray, chunk: int = 1000, progress: Progress = lambda n: None
+) -> float:
+    """Share of ``queries`` inside at least one k-NN ball of ``manifold``; ``progress`` as for :func:`knn_radii`."""
     inside = 0
     for i in range(0, len(queries), chunk):
-        inside += int((_squared_distances(queries[i : i + chunk], manifold) <= radii[None, :]).any(1).sum())
+        d = _squared_distances(queries[i : i + chunk], manifold)
+        inside += int((d <= radii[None, :]).any(1).sum())
+        progress(d.size)
     return inside / len(queries)
 
 
@@ -162,16 +168,18 @@ def score(
     labels: np.ndarray,
     reference: np.ndarray,
     reference_radii: np.ndarray,
+    progress: Progress = lambda n: None,
 ) -> Scores:
-    """Scores of one sample set (features, predicted and requested labels) against the reference."""
+    """Scores of one sample set (features, predicted and requested labels) against the reference; ``progress`` is
+    told the feature distances measured."""
     overall, per_digit = label_accuracy(predictions, labels)
     return Scores(
         num_samples=len(labels),
         class_accuracy=overall,
         per_digit_accuracy=per_digit,
         fid=frechet_distance(features, reference),
-        precision=coverage(reference, reference_radii, features),
-        recall=coverage(features, knn_radii(features), reference),
+        precision=coverage(reference, reference_radii, features, progress=progress),
+        recall=coverage(features, knn_radii(features, progress=progress), reference, progress=progress),
     )
 
 
@@ -269,6 +277,13 @@ def evaluation_work(num_test: int, num_train: int, num_samples: int) -> int:
     return num_test + 2 * num_samples + min(num_samples, num_train)
 
 
+def scoring_work(num_test: int, num_samples: int) -> int:
+    """Feature distances :func:`score_samples` measures (its ``progress`` total): the test set's k-NN radii, then
+    for the generated and the real sample each, precision (samples x test), their own radii (samples x samples)
+    and recall (test x samples). With many samples, the longest part of an evaluation."""
+    return num_test * num_test + 2 * (2 * num_samples * num_test + num_samples * num_samples)
+
+
 def check_evaluation(generator: DigitGenerator, num_samples: int) -> None:
     """Refuse what :func:`evaluate` cannot score, before any work: a model of other classes than MNIST's, a number
     of samples out of range."""
@@ -313,6 +328,18 @@ def check_reference_data(test: Split, train: Split, num_samples: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Samples:
+    """The classifier's view of an evaluation's digits (:func:`embed_samples`), to score (:func:`score_samples`):
+    features and predicted classes of the generated digits and of a real sample of as many, with their labels, the
+    test set's features, and what :class:`Evaluation` records of how they were made."""
+
+    generated: tuple[np.ndarray, np.ndarray, np.ndarray]  # features, predictions, labels
+    real: tuple[np.ndarray, np.ndarray, np.ndarray]
+    reference: np.ndarray  # the test set's features
+    provenance: dict[str, object]  # Evaluation's fields other than the scores
+
+
 def evaluate(
     generator: DigitGenerator,
     classifier: ReferenceClassifier,
@@ -323,31 +350,56 @@ def evaluate(
     seed: int = 0,
     truncation: float | None = None,
     progress: Progress = lambda n: None,
+    scoring: Progress = lambda n: None,
 ) -> Evaluation:
-    """Score ``num_samples`` generated digits (classes 0-9 in turn) and a real reference sample."""
+    """Score ``num_samples`` generated digits (classes 0-9 in turn) and a real reference sample: ``progress`` is
+    told the images made or embedded (:func:`evaluation_work` in all), then ``scoring`` the feature distances
+    measured (:func:`scoring_work`)."""
+    samples = embed_samples(
+        generator, classifier, test, train, num_samples=num_samples, seed=seed, truncation=truncation, progress=progress
+    )
+    return score_samples(samples, classifier, progress=scoring)
+
+
+def embed_samples(
+    generator: DigitGenerator,
+    classifier: ReferenceClassifier,
+    test: Split,
+    train: Split,
+    *,
+    num_samples: int = 10_000,
+    seed: int = 0,
+    truncation: float | None = None,
+    progress: Progress = lambda n: None,
+) -> Samples:
+    """The first part of :func:`evaluate`: make the digits and embed them, the test set and a real sample."""
     check_evaluation(generator, num_samples)
     check_reference_data(test, train, num_samples)
     scored = generator.sha256_without_metadata  # before the work: the file is read again to hash it
     batches = generator.iter_batches(num_samples, seed=seed, truncation=truncation)
     fake = fill_digits(batches, *empty_digits(num_samples), progress)
     reference, _ = classifier.embed(test[0], progress=progress)
-    reference_radii = knn_radii(reference)
     fake_features, fake_predictions = classifier.embed(fake.images, progress=progress)
     pick = np.random.default_rng(seed).choice(len(train[0]), size=num_samples, replace=False)
     real_features, real_predictions = classifier.embed(train[0][pick], progress=progress)
+    provenance = {
+        "truncation": truncation,
+        "seed": seed,
+        "model_sha256": generator.sha256,
+        "model_sha256_without_metadata": scored,
+        "classifier_sha256": classifier.sha256,
+        "data_sha256": {"test": split_sha256(test), "train": split_sha256(train)},
+    }
+    generated = (fake_features, fake_predictions, fake.labels)
+    return Samples(generated, (real_features, real_predictions, train[1][pick]), reference, provenance)
+
+
+def score_samples(samples: Samples, classifier: ReferenceClassifier, progress: Progress = lambda n: None) -> Evaluation:
+    """The second part of :func:`evaluate`: score the embedded samples; ``progress`` is told the feature distances
+    measured (:func:`scoring_work` in all)."""
     try:
-        scores = [
-            score(fake_features, fake_predictions, fake.labels, reference, reference_radii),
-            score(real_features, real_predictions, train[1][pick], reference, reference_radii),
-        ]
+        radii = knn_radii(samples.reference, progress=progress)
+        scores = [score(*sample, samples.reference, radii, progress) for sample in (samples.generated, samples.real)]
     except np.linalg.LinAlgError as exc:  # features of a classifier no covariance of which numpy can decompose
         raise ModelContractError(f"{classifier.path}: its features cannot be scored ({exc})") from None
-    return Evaluation(
-        *scores,
-        truncation=truncation,
-        seed=seed,
-        model_sha256=generator.sha256,
-        model_sha256_without_metadata=scored,
-        classifier_sha256=classifier.sha256,
-        data_sha256={"test": split_sha256(test), "train": split_sha256(train)},
-    )
+    return Evaluation(*scores, **samples.provenance)

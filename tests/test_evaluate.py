@@ -28,6 +28,7 @@ from digitgen.runtime.evaluate import (
     knn_radii,
     label_accuracy,
     score,
+    scoring_work,
     split_sha256,
 )
 from digitgen.runtime.idx import read_mnist_split
@@ -80,8 +81,11 @@ def test_evaluate_cli_prints_json_and_table(tiny_onnx: Path, tiny_classifier: Pa
         }
         assert len(scores[part]["per_digit_accuracy"]) == 10 and scores[part]["fid"] >= 0
     assert (scores["cas"], scores["truncation"]) == (None, None)
-    # what the progress counts: 64 test images scored, 100 samples made and scored, 100 real ones scored
+    # what the progress counts: 64 test images scored, 100 samples made and scored, 100 real ones scored; then the
+    # feature distances, which at 60,000 samples take most of the time: 64 x 64, and for each sample 2 x 100 x 64
+    # and 100 x 100
     assert result.stderr.splitlines()[0] == "evaluating (images made or scored): 364 to do"
+    assert result.stderr.splitlines()[1] == "scoring (feature distances measured): 49,696 to do"
     table = CliRunner().invoke(main, args)
     assert table.exit_code == 0 and "| class accuracy |" in table.output and "x real" in table.output
 
@@ -303,8 +307,12 @@ def test_evaluate_reports_progress_uses_its_seed_and_needs_100_samples(
     gen, reference = DigitGenerator.from_path(tiny_onnx, "cpu"), ReferenceClassifier(tiny_classifier)
     test, train = read_mnist_split(tiny_mnist, "t10k"), read_mnist_split(tiny_mnist, "train")
     done: list[int] = []
-    first = evaluate(gen, reference, test, train, num_samples=100, seed=1, progress=done.append)
+    measured: list[int] = []
+    first = evaluate(
+        gen, reference, test, train, num_samples=100, seed=1, progress=done.append, scoring=measured.append
+    )
     assert sum(done) == evaluation_work(len(test[0]), len(train[0]), 100) == 64 + 2 * 100 + 100
+    assert sum(measured) == scoring_work(len(test[0]), 100) == 64 * 64 + 2 * (2 * 100 * 64 + 100 * 100)
     again = evaluate(gen, reference, test, train, num_samples=100, seed=1)
     other = evaluate(gen, reference, test, train, num_samples=100, seed=2)
     assert first == again
