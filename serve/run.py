@@ -316,6 +316,8 @@ def _serve_on(listening: socket.socket, options: ServerOptions, generator: Digit
         with _exit_zero_on_signals():
             uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[listening])
         return
+    # the workers load a private copy of the model, when they start and when SIGHUP replaces them: every worker
+    # serves the same model, whatever happens to the file meanwhile
     with ExitStack() as stack:
         try:
             folder = stack.enter_context(scratch_folder())
