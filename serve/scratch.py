@@ -16,10 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
+from digitgen.runtime.files import locking_available, try_flock
 
 PREFIX = "digitgen-serve-"
 LOCK_FILE = ".lock"  # empty; locked (flock) by the supervisor that made the folder, until it stops
@@ -47,13 +44,15 @@ def _lock(folder: Path) -> int | None:
     """Lock a new lock file in ``folder``; its descriptor, which holds the lock until it is closed, or ``None``
     where files cannot be locked. The file is locked under another name and then renamed, so that no other server
     ever finds it unlocked."""
-    if fcntl is None:
+    if not locking_available():
         return None
     unnamed = folder / f"{LOCK_FILE}.new"
     fd = os.open(unnamed, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        locked = try_flock(fd)  # a new file, which no other process has opened
     except OSError:  # a filesystem without flock (ENOLCK, EOPNOTSUPP): the folder serves unlocked
+        locked = False
+    if not locked:
         os.close(fd)
         return None
     os.rename(unnamed, folder / LOCK_FILE)
@@ -72,7 +71,7 @@ def remove_abandoned(temporary: Path | None = None) -> list[Path]:
     lock no process holds (their server was killed); return them. A folder without its lock file (one being made)
     is left alone, as is anything else, and nothing stops a server from starting: a folder that cannot be read, or
     no temporary folder at all, is passed over."""
-    if fcntl is None:
+    if not locking_available():
         return []
     try:
         temporary = temporary or Path(tempfile.gettempdir())
@@ -100,11 +99,8 @@ def _abandoned(folder: Path) -> bool:
     except OSError:
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held: its server runs
+        return stat.S_ISREG(os.fstat(fd).st_mode) and try_flock(fd)  # held: its server runs
+    except OSError:  # a filesystem without flock: nothing tells a live folder from an abandoned one
         return False
     finally:
         os.close(fd)  # a lock just taken goes with it; the folder is removed next
-    return True

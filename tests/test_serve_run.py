@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from fastapi import FastAPI
 
 from digitgen.cli import main
+from digitgen.runtime import files
 from digitgen.runtime.errors import ModelRunError
 from digitgen.runtime.generator import DigitGenerator, default_model_path
 from digitgen.serve import ServeConfigError, ServeSettings, scratch
@@ -551,7 +552,7 @@ def test_a_scratch_folder_is_removed_under_its_lock(monkeypatch: pytest.MonkeyPa
         fd = os.open(path.parent / scratch.LOCK_FILE, os.O_RDONLY)
         try:
             with pytest.raises(BlockingIOError):
-                scratch.fcntl.flock(fd, scratch.fcntl.LOCK_EX | scratch.fcntl.LOCK_NB)
+                files.fcntl.flock(fd, files.fcntl.LOCK_EX | files.fcntl.LOCK_NB)
         finally:
             os.close(fd)
         real_remove(path)
@@ -575,7 +576,7 @@ def test_a_temporary_folder_without_locks_or_at_all_still_serves(
     """A filesystem without flock (some network ones) had refused --workers as a folder without room; no usable
     temporary folder at all had refused even one worker, which needs none."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(scratch.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.ENOLCK, "no locks")))
+    monkeypatch.setattr(files.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.ENOLCK, "no locks")))
     with scratch.scratch_folder() as folder:
         assert not (folder / scratch.LOCK_FILE).exists()
     assert list(tmp_path.iterdir()) == []
