@@ -96,9 +96,10 @@ class ReferenceClassifier:
             )
         if not (np.isfinite(logits).all() and np.isfinite(features).all()):
             raise ModelContractError(f"{self.path} returned NaN or infinite logits or features; it cannot score")
-        if features.size and np.abs(features).max() > FLOAT32_MAX:  # float64 ones: their squares overflow
+        largest = float(np.abs(features).max()) if features.size else 0.0
+        if largest > FLOAT32_MAX:  # float64 ones: their squares overflow
             raise ModelContractError(
-                f"{self.path} returned features beyond float32's range (up to {np.abs(features).max():.3g}); "
+                f"{self.path} returned features beyond float32's range (up to {largest:.3g}); "
                 "the distances between them overflow, so it cannot score"
             )
 

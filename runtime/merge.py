@@ -11,8 +11,8 @@ from digitgen.runtime.files import atomic_file, atomic_files, readable_file, ref
 from digitgen.runtime.generator import check_flag, check_path
 from digitgen.runtime.idx import read_idx
 from digitgen.runtime.layout import holds_pngs, output_names
-from digitgen.runtime.run_record import check_against_record, common_record, record_name
-from digitgen.runtime.shards import Shard, check_shard_sizes, concat_idx, concat_npz, find_shards, idx_counts
+from digitgen.runtime.run_record import check_against_record, common_record, record_paths
+from digitgen.runtime.shards import check_shard_sizes, concat_idx, concat_npz, find_shards, idx_counts
 
 
 def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> list[Path]:
@@ -35,11 +35,11 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
             "name, so its folder needs no merge"
         )
     parts = [find_shards(out_dir, path.name) for path in targets]
-    records = [out_dir / record_name(fmt, Shard(index, len(parts[0]))) for index in range(len(parts[0]))]
-    watched = [*(part for kind in parts for part in kind), *records]
+    every_part = [part for kind in parts for part in kind]
+    watched = every_part + record_paths(out_dir, fmt, len(parts[0]))
     before = [_identity(path) for path in watched]  # before anything is read: what is merged is what is there now
     replaceable = refuse_existing(targets, overwrite)
-    for part in (part for kind in parts for part in kind):
+    for part in every_part:
         if not readable_file(part):
             raise OutputError(f"{part} is not a file merge can read (a folder, a pipe, a device, or a link to one)")
     record = common_record(out_dir, fmt, len(parts[0]))

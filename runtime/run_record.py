@@ -70,13 +70,18 @@ def is_whole_record(data: bytes) -> bool:
     return _read_record(data) is not None
 
 
+def record_paths(out_dir: Path, fmt: str, shards: int) -> list[Path]:
+    """Where the records of the ``shards`` parts of ``fmt`` in ``out_dir`` are, in shard order."""
+    return [out_dir / record_name(fmt, Shard(index, shards)) for index in range(shards)]
+
+
 def common_record(out_dir: Path, fmt: str, shards: int) -> dict | None:
     """The record every one of the ``shards`` parts of ``fmt`` in ``out_dir`` carries, or ``None`` where none
     carries one (parts written before records were kept: their sizes are all there is to check).
     :class:`OutputError` naming the shard where parts of different runs meet."""
     records: list[dict | None] = []
-    for index in range(shards):
-        path = out_dir / record_name(fmt, Shard(index, shards))
+    paths = record_paths(out_dir, fmt, shards)
+    for index, path in enumerate(paths):
         if not path.exists():
             records.append(None)
             continue
@@ -95,7 +100,7 @@ def common_record(out_dir: Path, fmt: str, shards: int) -> dict | None:
     for index, record in enumerate(records):
         if record is None:
             raise OutputError(
-                f"{out_dir}: shard {index} has no run record ({record_name(fmt, Shard(index, shards))}) where shard "
+                f"{out_dir}: shard {index} has no run record ({paths[index].name}) where shard "
                 f"{first} has one, so nothing says it is of the same run (it may be another's, or older than "
                 f"records); run it again with the others' options and --resume, which keeps it if it is theirs"
             )
