@@ -330,6 +330,48 @@ def test_cas_with_its_first_accuracy_kept_leaves_a_leftover_first_state_alone(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_second_run_of_the_same_request_at_once_keeps_no_state_and_says_so(
+    gen: DigitGenerator, splits: Splits, tmp_path: Path
+) -> None:
+    """Two runs of one request at once would write one state file; the second keeps none, the first's is left alone,
+    and once the first has ended (or been dropped) a third keeps state again."""
+    request = {"per_class": 26, "epochs": 2, "state_dir": tmp_path}
+    first = CasRun(gen, *splits, **request)
+    lock = next(tmp_path.glob("cas-*.lock"))
+    second = CasRun(gen, *splits, **request)
+    assert (first.keeps_state, second.keeps_state, second.paths) == (True, False, {})
+    assert second.notes == [
+        f"another evaluate --cas of this request is running and keeps its state in {tmp_path}; this one keeps none "
+        "(stopped, it starts over)"
+    ]
+    assert second.run(should_stop=_stopping_after(1)) is None and list(tmp_path.iterdir()) == [lock]  # wrote nothing
+    assert CasRun(gen, *splits, **{**request, "seed": 1}).keeps_state  # another request is another lock
+    assert first.run(should_stop=_stopping_after(1)) is None and not lock.exists()  # kept its state, let go of the lock
+    third = CasRun(gen, *splits, **request)
+    assert third.keeps_state and third.done == 1 and not CasRun(gen, *splits, **request).keeps_state
+    del third  # dropped without running: lets go too
+    assert CasRun(gen, *splits, **request).keeps_state
+
+
+def test_evaluate_cas_beside_another_run_of_it_notes_it_and_keeps_nothing_when_stopped(
+    tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cas_module, "PER_CLASS", 13)
+    monkeypatch.setattr(cas_module, "EPOCHS", 1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    state_dir = default_state_dir()
+    splits = (read_mnist_split(tiny_mnist, split) for split in ("train", "t10k"))
+    # the evaluate command's request, held here
+    running = CasRun(DigitGenerator.from_path(tiny_onnx, "cpu"), *splits, state_dir=state_dir)
+    with sigterm_in_training_step(monkeypatch, 2):
+        stopped = CliRunner().invoke(main, [*evaluate_args(tiny_onnx, tiny_classifier, tiny_mnist), "--cas"])
+    assert stopped.exit_code == 130 and "note: another evaluate --cas of this request is running" in stopped.output
+    assert stopped.output.splitlines()[-1] == (
+        "Error: interrupted; CAS's training state is not kept (another run of it keeps its own)"
+    )
+    assert [path.suffix for path in state_dir.iterdir()] == [".lock"] and running.keeps_state
+
+
 def test_the_state_folder_is_the_cache_of_xdg_or_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert default_state_dir() == tmp_path / "cache" / "digitgen" and default_state_dir().is_dir()

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from digitgen.runtime.errors import OutputError
 from digitgen.runtime.evaluate import Cas
-from digitgen.runtime.files import atomic_file
+from digitgen.runtime.files import AS_ITSELF, atomic_file, still_named, try_flock
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.text import read_json
 from digitgen.training.classifier import (
@@ -84,7 +85,10 @@ class CasRun:
     It can be stopped and continued: with ``state_dir``,
     each classifier's training state is kept there while it trains (and the first one's accuracy once known),
     under names of this request (model, seed, truncation, recipe and data), and a later run of the same request
-    continues from them to the same scores. They are removed at the end."""
+    continues from them to the same scores. They are removed at the end. The request's state is one run's at a
+    time: from the run's making until :meth:`run` returns (or the run is dropped) it holds a lock file beside the
+    state, and a run of the same request made meanwhile keeps no state, says so in :attr:`notes`, and starts over
+    if stopped."""
 
     def __init__(
         self,
@@ -107,8 +111,14 @@ class CasRun:
         self.paths: dict[str, Path] = {}
         self.resumed: dict[str, dict | None] = {"generated": None, "real": None}
         self.generated_accuracy: float | None = None
+        self._let_go: Callable[[], object] = lambda: None  # of the request's lock, once this run holds it
         if state_dir is not None:
             self._find_state(state_dir)
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether a stopped run leaves its state for the same request to continue."""
+        return bool(self.paths)
 
     @property
     def total(self) -> int:
@@ -129,6 +139,14 @@ class CasRun:
                 + [split.sha256() for split in (self.train, self.test)]
             ).encode()
         ).hexdigest()[:32]
+        lock = _claim(state_dir / f"cas-{key}.lock")
+        if lock is None:
+            self.notes.append(
+                f"another evaluate --cas of this request is running and keeps its state in {state_dir}; this one "
+                "keeps none (stopped, it starts over)"
+            )
+            return
+        self._let_go = weakref.finalize(self, _let_go_of, *lock)  # at the latest when this run is dropped
         self.paths = {name: state_dir / f"cas-{key}-{name}.pt" for name in self.resumed}
         self.paths["accuracy"] = state_dir / f"cas-{key}-generated-accuracy.json"
         try:
@@ -157,6 +175,12 @@ class CasRun:
         self, progress: Callable[[], None] = lambda: None, should_stop: Callable[[], bool] = lambda: False
     ) -> Cas | None:
         """The scores, or ``None`` if ``should_stop`` (asked after each step) stopped it, its state kept."""
+        try:
+            return self._run(progress, should_stop)
+        finally:
+            self._let_go()
+
+    def _run(self, progress: Callable[[], None], should_stop: Callable[[], bool]) -> Cas | None:
         if self.generated_accuracy is None:
             self.generated_accuracy = self._train("generated", progress, should_stop)
             if self.generated_accuracy is None:
@@ -189,6 +213,27 @@ class CasRun:
             should_stop=should_stop,
         )
         return result.test_accuracy
+
+
+def _claim(path: Path) -> tuple[int, Path] | None:
+    """``path`` opened (made if need be) and locked by this process, or ``None`` while another holds it."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | AS_ITSELF, 0o600)
+        except OSError as exc:
+            raise OutputError(f"cannot make {path}, where evaluate --cas locks its state: {exc.strerror}") from exc
+        if not try_flock(fd):
+            os.close(fd)
+            return None
+        if still_named(fd, path):
+            return fd, path
+        os.close(fd)  # removed by the run that held it, between this one opening and locking it: open again
+
+
+def _let_go_of(fd: int, path: Path) -> None:
+    """Remove the lock file, then let go of its lock, so that no run locks a file no longer named."""
+    path.unlink(missing_ok=True)
+    os.close(fd)
 
 
 def _read_accuracy(path: Path) -> float | None:
