@@ -23,8 +23,8 @@ from digitgen.runtime.errors import (
 )
 from digitgen.runtime.idx import IMAGE_SIDE
 from digitgen.runtime.noise import MAX_SEED, MIN_TRUNCATION, standard_normal
-from digitgen.runtime.session import ORT_ERRORS, model_sha256, open_session, ort_reason, run_model
-from digitgen.runtime.text import quoted, read_integer
+from digitgen.runtime.session import ORT_ERRORS, model_sha256, open_session, ort_reason, read_model_file, run_model
+from digitgen.runtime.text import quoted, read_integer, whole
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 DEFAULT_BATCH_SIZE = 256
 MAX_BATCH_SIZE = 8192  # digits in one model call; each takes about 0.36 MB while it runs (3 GB at the most)
 ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"  # digitgen/artifacts, installed or checked out
+# classes a list of digits may hold, repeated in turn: far more than any label distribution needs, and a list
+# that can be held (a range of 10**18 would fill memory before it was refused)
+MAX_DIGITS_LISTED = 10**8
 _NAMED_BAD_DIGITS = 5  # a refusal names the first few bad digits of a list, then counts the rest
 # the classes a request asks for, in order: a list or tuple of ints, or a 1-D array of integers
 Classes = Sequence[int] | np.ndarray
@@ -200,13 +203,21 @@ def check_truncation(value: object) -> float | None:
     return float(value)
 
 
-def not_classes_message(shown: list[str], num_classes: int) -> str:
-    """The refusal of digits that are not classes of a model, each named once (the first few of many)."""
-    unique = list(dict.fromkeys(shown))
-    if len(unique) == 1:
-        return f"digit {unique[0]} is not a class of this model (0-{num_classes - 1})"
-    more = f" and {len(unique) - _NAMED_BAD_DIGITS} more" if len(unique) > _NAMED_BAD_DIGITS else ""
-    return f"digits {', '.join(unique[:_NAMED_BAD_DIGITS])}{more} are not classes of this model (0-{num_classes - 1})"
+def _shown_class(digit: object) -> int | str:
+    """A digit that is no class, as a refusal names it: an integer as itself (12, not np.int64(12)), anything
+    else quoted (3.0, not np.float64(3.0))."""
+    if isinstance(digit, (int, np.integer)) and not isinstance(digit, bool):
+        return int(digit)
+    return quoted(digit.item() if isinstance(digit, np.generic) else digit)
+
+
+def not_classes_message(bad: list[int | str], num_classes: int) -> str:
+    """The refusal of digits that are not classes of a model, ``bad`` each once (the first few of many named)."""
+    shown = [whole(d) if isinstance(d, int) else d for d in bad[:_NAMED_BAD_DIGITS]]
+    if len(bad) == 1:
+        return f"digit {shown[0]} is not a class of this model (0-{num_classes - 1})"
+    more = f" and {len(bad) - _NAMED_BAD_DIGITS:,} more" if len(bad) > _NAMED_BAD_DIGITS else ""
+    return f"digits {', '.join(shown)}{more} are not classes of this model (0-{num_classes - 1})"
 
 
 class DigitGenerator:
@@ -250,10 +261,7 @@ class DigitGenerator:
         """:attr:`sha256` less the model's metadata: what ``evaluate --json`` records, so that ``export --quality``
         can check that the figures it stores were measured on the model it writes. Read from the file again,
         which must still hold the model this generator runs."""
-        try:
-            model = self.path.read_bytes()
-        except OSError as exc:
-            raise InvalidModelError(f"cannot read model {self.path}: {exc.strerror or exc}") from exc
+        model = read_model_file(self.path)
         if model_sha256(model, self.path) != self.sha256:
             raise InvalidModelError(f"{self.path} changed after it was loaded; load it again")
         return model_sha256(model, self.path, with_metadata=False)
@@ -286,18 +294,24 @@ class DigitGenerator:
         in_order = (isinstance(digits, np.ndarray) and digits.ndim == 1) or isinstance(digits, Sequence)
         if isinstance(digits, (str, bytes, bytearray, memoryview)) or not in_order:
             raise InvalidRequestError(f"digits must be a list of classes, e.g. [3, 7], got {quoted(digits)}")
+        try:
+            too_long = len(digits) > MAX_DIGITS_LISTED
+        except OverflowError:  # a range longer than a Python index
+            too_long = True
+        if too_long:
+            raise InvalidRequestError(
+                f"the list of digits is too long: at most {MAX_DIGITS_LISTED:,} classes, which repeat in turn"
+            )
         digits = list(digits)
         if not digits:
             raise InvalidRequestError("the list of digits is empty")
-        bad = [
-            d
-            for d in digits
-            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 0 <= d < self.num_classes
-        ]
+        bad = dict.fromkeys(_shown_class(d) for d in digits if not self._is_class(d))  # each once, in order
         if bad:
-            shown = [quoted(int(d) if isinstance(d, np.integer) else d) for d in bad]  # 12, not np.int64(12)
-            raise InvalidRequestError(not_classes_message(shown, self.num_classes))
+            raise InvalidRequestError(not_classes_message(list(bad), self.num_classes))
         return [int(d) for d in digits]
+
+    def _is_class(self, digit: object) -> bool:
+        return not isinstance(digit, bool) and isinstance(digit, (int, np.integer)) and 0 <= digit < self.num_classes
 
     def run(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Raw model call: (B, latent_dim) float32 and (B,) int64 -> (B, 1, 28, 28) float32 in [0, 1];
@@ -338,7 +352,7 @@ class DigitGenerator:
             raise InvalidRequestError("z holds NaN or infinite values")
         if labels.min() < 0 or labels.max() >= self.num_classes:
             others = sorted(set(labels.tolist()) - set(range(self.num_classes)))
-            raise InvalidRequestError(not_classes_message([str(label) for label in others], self.num_classes))
+            raise InvalidRequestError(not_classes_message(others, self.num_classes))
 
     def check_request(
         self,
@@ -354,7 +368,8 @@ class DigitGenerator:
         start = check_int(start, "start index", minimum=0, maximum=MAX_INDEX)
         num = check_count(num)
         if start + num - 1 > MAX_INDEX:
-            raise InvalidRequestError(f"digits {start}..{start + num - 1} run past index {MAX_INDEX}, the last one")
+            digits = f"digits {start}..{start + num - 1} run" if num <= MAX_INDEX else f"a count of {whole(num)} runs"
+            raise InvalidRequestError(f"{digits} past index {MAX_INDEX}, the last one")
         return Request(
             num,
             tuple(self.check_digits(digits)),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from digitgen.runtime.errors import InvalidRequestError
+from digitgen.runtime.text import whole
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -54,7 +55,8 @@ def check_idx_count(count: int) -> None:
     """Refuse ``count`` digits in one IDX file if its 32-bit count field cannot hold the number."""
     if count > IDX_MAX_ITEMS:
         raise InvalidRequestError(
-            f"an IDX file holds at most {IDX_MAX_ITEMS:,} digits (its count is 32 bits), not {count:,}"
+            f"an IDX file holds at most {IDX_MAX_ITEMS:,} digits (its count is 32 bits), "
+            f"not {whole(count, separated=True)}"
         )
 
 

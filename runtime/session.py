@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import stat
 from dataclasses import dataclass
@@ -216,6 +217,31 @@ def _create_session(model: bytes, options: ort.SessionOptions, chosen: str) -> o
     return ort.InferenceSession(model, sess_options=options, providers=[PROVIDERS["cpu"]], enable_fallback=0)
 
 
+def read_model_file(path: Path) -> bytes:
+    """The bytes of the model file ``path``: :class:`ModelNotFoundError` if there is none, :class:`InvalidModelError`
+    if it is no regular file (a pipe is not waited on), cannot be read, or is larger than an ONNX file can be (refused
+    before it is read into memory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise ModelNotFoundError(f"model not found: {path}") from None
+    except OSError as exc:  # a name too long, a loop of links, a folder that cannot be searched
+        raise InvalidModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "rb") as file:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise InvalidModelError(f"model path is not a file: {path}")
+        if found.st_size > MAX_MODEL_BYTES:
+            raise InvalidModelError(
+                f"{path} is not a valid ONNX model ({found.st_size:,} bytes: an ONNX file holds at most 2 GiB; a "
+                "larger model keeps its tensors in external data files)"
+            )
+        try:
+            return file.read()
+        except OSError as exc:
+            raise InvalidModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
+
+
 def open_session(path: str | Path, provider: str = "auto", threads: int | None = None) -> OpenedSession:
     """Load ``path`` with onnxruntime; raise typed errors for missing, corrupt or unrunnable models.
 
@@ -227,31 +253,14 @@ def open_session(path: str | Path, provider: str = "auto", threads: int | None =
     if threads is not None and (
         isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS
     ):
-        raise InvalidRequestError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
+        raise InvalidRequestError(f"threads must be an integer from 1 to {MAX_THREADS}, got {quoted(threads)}")
     path = Path(path)
-    try:
-        found = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        raise ModelNotFoundError(f"model not found: {path}") from None
-    except OSError as exc:  # a name too long, a loop of links, a folder that cannot be searched
-        raise InvalidModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
-    if not stat.S_ISREG(found.st_mode):
-        raise InvalidModelError(f"model path is not a file: {path}")
-    size = found.st_size
-    if size > MAX_MODEL_BYTES:  # refused before it is read into memory
-        raise InvalidModelError(
-            f"{path} is not a valid ONNX model ({size:,} bytes: an ONNX file holds at most 2 GiB; a larger model "
-            "keeps its tensors in external data files)"
-        )
+    model = read_model_file(path)
     chosen = _resolve(provider)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a failure reaches the user as a typed error, in its words
     if threads is not None:
         options.intra_op_num_threads = int(threads)
-    try:
-        model = path.read_bytes()
-    except OSError as exc:
-        raise InvalidModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
     try:
         locations = external_data_files(model)
     except ValueError:  # not a protobuf: onnxruntime's own words say what is wrong, below

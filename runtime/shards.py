@@ -19,7 +19,7 @@ import numpy as np
 from digitgen.runtime.encode import open_npz
 from digitgen.runtime.errors import InvalidRequestError, OutputError
 from digitgen.runtime.idx import IMAGE_SIDE, check_idx, header_size, idx_header
-from digitgen.runtime.text import counted, quoted
+from digitgen.runtime.text import counted, quoted, whole
 
 
 @dataclass(frozen=True)
@@ -35,16 +35,17 @@ class Shard:
         for name, value in (("shard index", self.index), ("number of shards", self.count)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise InvalidRequestError(f"the {name} must be an integer, got {quoted(value)}")
+        index, count = whole(self.index), whole(self.count)
         if self.count < 1:
-            raise InvalidRequestError(f"the number of shards must be at least 1, got {self.count}")
+            raise InvalidRequestError(f"the number of shards must be at least 1, got {count}")
         if not 0 <= self.index < self.count:
             if self.count == 1:
                 raise InvalidRequestError(
-                    f"shard index {self.index} needs a number of shards (--num-shards, Shard.count) above it"
+                    f"shard index {index} needs a number of shards (--num-shards, Shard.count) above it"
                 )
-            raise InvalidRequestError(f"shard index must be in 0..{self.count - 1} for {self.count} shards")
+            raise InvalidRequestError(f"shard index must be in 0..{whole(self.count - 1)} for {count} shards")
         if self.count > total:
-            raise InvalidRequestError(f"{self.count} shards for {total} digits would leave some empty")
+            raise InvalidRequestError(f"{count} shards for {whole(total)} digits would leave some empty")
         return Shard(int(self.index), int(self.count))
 
     @staticmethod

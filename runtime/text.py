@@ -78,10 +78,26 @@ def counted(count: int, noun: str) -> str:
 MAX_QUOTED = 1024  # characters of a value a refusal quotes, as the page's module and the HTTP server quote
 
 
+def whole(value: int, separated: bool = False) -> str:
+    """``str(value)`` (``separated``: in groups of three, "1,200"), or its length in digits for an integer too long
+    for Python to write out (past 4,300 digits by default, ``str()`` raises ``ValueError``)."""
+    try:
+        return f"{value:,}" if separated else str(value)
+    except ValueError:
+        digits = math.floor((abs(value).bit_length() - 1) * math.log10(2)) + 1  # 2**(n-1) <= |value| < 2**n
+        return f"{'a negative' if value < 0 else 'an'} integer of about {digits:,} digits"
+
+
 def quoted(value: object) -> str:
     """``repr(value)`` as a refusal quotes it: at most :data:`MAX_QUOTED` characters, then the value's own length,
     in the words of the page's module (a value pasted by mistake, a megabyte of it, stays one short line)."""
-    text = repr(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = whole(value)
+    else:
+        try:
+            text = repr(value)
+        except ValueError:  # a number built of integers too long to write out, a Fraction of them, say
+            text = f"a {type(value).__name__} too long to write out"
     if len(text) <= MAX_QUOTED:
         return text
     length = len(value) if isinstance(value, str) else len(text)

@@ -100,6 +100,7 @@ from digitgen.runtime.run_record import (
     run_record,
 )
 from digitgen.runtime.shards import WHOLE, Shard
+from digitgen.runtime.text import quoted
 
 OnBatch = Callable[[int], None]
 
@@ -143,7 +144,7 @@ def _check_arrays(batch: object) -> None:
             f"a batch's labels must be 0-255, got {labels.min()} to {labels.max()}; no new file was kept"
         )
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
-        raise InvalidRequestError(f"a batch's start must be an integer, got {start!r}; no new file was kept")
+        raise InvalidRequestError(f"a batch's start must be an integer, got {quoted(start)}; no new file was kept")
 
 
 def _checked(
@@ -381,7 +382,7 @@ def _write_idx_splits(
             labels_f.write(idx_header(size, images=False))
         batches = iter(batches)
         first = next(batches)  # a request holds at least one digit
-        cuts = (first.start + np.cumsum(sizes[:-1], dtype=np.int64)).tolist()
+        cuts = list(itertools.accumulate(sizes[:-1], initial=int(first.start)))[1:]  # any integer type of start
         for batch in _cut_at(itertools.chain([first], batches), cuts):
             images_f, labels_f = pairs[bisect.bisect_right(cuts, batch.start)]
             image_records, label_records = idx_records(batch.images, batch.labels)
@@ -394,7 +395,7 @@ def _cut_at(batches: Iterable[GeneratedDigits], cuts: Sequence[int]) -> Iterator
     """The same digits, with any batch that straddles a cut (a global index) split there."""
     for batch in batches:
         for cut in cuts:
-            k = cut - batch.start
+            k = cut - int(batch.start)  # a uint64 start would wrap below the cut
             if 0 < k < len(batch.labels):
                 yield GeneratedDigits(batch.images[:k], batch.labels[:k], batch.start)
                 batch = GeneratedDigits(batch.images[k:], batch.labels[k:], cut)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,13 @@ def test_torchvision_loads_both_splits_with_the_library_digits(
     assert np.array_equal(test.targets.numpy(), expected.labels[30:])
 
 
-def test_write_digits_takes_the_test_split_too(gen: DigitGenerator, tmp_path: Path) -> None:
-    """The streaming API writes the same root from batches the caller made: 30 train digits then 12 test."""
+@pytest.mark.parametrize("start_type", [int, np.uint64, np.int32])  # numpy's uint64 and int64 make floats
+def test_write_digits_takes_the_test_split_too(gen: DigitGenerator, tmp_path: Path, start_type: type) -> None:
+    """The streaming API writes the same root from batches the caller made: 30 train digits then 12 test, their
+    starts of any integer type."""
     generate_files(gen, tmp_path / "files", 30, "mnist", seed=9, test_count=12)
-    write_digits(gen.iter_batches(42, seed=9, batch_size=8), tmp_path / "streamed", "mnist", 30, test_count=12)
+    batches = (dataclasses.replace(b, start=start_type(b.start)) for b in gen.iter_batches(42, seed=9, batch_size=8))
+    write_digits(batches, tmp_path / "streamed", "mnist", 30, test_count=12)
     for split in ("train", "t10k"):
         for kind in ("images-idx3", "labels-idx1"):
             name = f"MNIST/raw/{split}-{kind}-ubyte"

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,17 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
         ({"num": 5, "digits": [12, 3, 15, 12]}, r"^digits 12, 15 are not classes of this model \(0-9\)$"),
         ({"num": 5, "digits": list(range(10, 17))}, r"^digits 10, 11, 12, 13, 14 and 2 more are not classes of"),
         ({"num": 5, "digits": list(range(10, 15))}, r"^digits 10, 11, 12, 13, 14 are not classes of this model"),
+        ({"num": 5, "digits": [3.0, np.float64(3.0), 11]}, r"^digits 3\.0, 11 are not classes of this model"),
         ({"num": 5, "digits": []}, "^the list of digits is empty$"),
+        # a range is a list of classes too, but one this long is refused before it fills memory or overflows
+        ({"num": 5, "digits": range(10**18)}, "^the list of digits is too long: at most 100,000,000 classes, which"),
+        ({"num": 5, "digits": range(2**64)}, "^the list of digits is too long: at most 100,000,000 classes, which"),
+        # integers past the 4,300 digits Python writes out: named by their length, not a bare ValueError
+        ({"num": 10**5000}, "^a count of an integer of about 5,000 digits runs past index 9223372036854775807, the"),
+        ({"num": 5, "seed": 10**5000}, "^seed must be an integer from 0 to 18446744073709551615, got an integer of a"),
+        ({"num": 5, "digits": [-(10**5000), -1]}, "^digits a negative integer of about 5,000 digits, -1 are not"),
+        ({"num": 5, "truncation": -(10**5000)}, r"got a negative integer of about 5,000 digits$"),
+        ({"num": 5, "truncation": Fraction(10**5000, 3)}, r"got a Fraction too long to write out$"),
         ({"num": 5, "digits": 5}, r"digits must be a list of classes, e\.g\. \[3, 7\], got 5"),
         ({"num": 5, "digits": "37"}, "digits must be a list of classes"),
         ({"num": 5, "digits": {7, 3}}, r"digits must be a list of classes, e\.g\. \[3, 7\], got \{3, 7\}"),

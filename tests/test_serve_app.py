@@ -676,6 +676,30 @@ def test_other_methods_are_refused_in_words() -> None:
     assert delete.json() == {"error": "DELETE is not allowed on /healthz; this server answers GET and HEAD"}
 
 
+def test_a_route_an_app_adds_is_refused_with_the_methods_it_answers() -> None:
+    """Routes added to the app: a 405 names their own methods (Starlette's Allow), not those of the server's."""
+    app = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
+
+    @app.post("/submit")
+    async def submit() -> dict:
+        return {"ok": 1}
+
+    @app.get("/extra")
+    async def extra() -> dict:
+        return {"ok": 1}
+
+    async def run() -> list[httpx.Response]:
+        async with asgi_client(app) as client:
+            return [await client.get("/submit"), await client.head("/extra"), await client.post("/generate")]
+
+    get_submit, head_extra, post_generate = asyncio.run(run())
+    assert (get_submit.status_code, get_submit.headers["allow"]) == (405, "POST")
+    assert get_submit.json() == {"error": "GET is not allowed on /submit, which answers POST"}
+    assert (head_extra.status_code, head_extra.headers["allow"]) == (405, "GET")  # FastAPI adds no HEAD
+    assert head_extra.headers["content-length"] != "0"  # the refusal's length, its body dropped for HEAD
+    assert post_generate.headers["allow"] == "GET, HEAD"  # the server's own endpoints as before
+
+
 def test_a_mounted_app_counts_requests_by_its_own_endpoints() -> None:
     digits = create_app(DigitGenerator.from_path(threads=1), ServeSettings(access_log=False))
     parent = FastAPI()

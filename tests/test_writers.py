@@ -28,6 +28,9 @@ from digitgen.runtime.writers import collect, plan_output
 N = 23
 
 
+HUGE = 10**5000
+
+
 @pytest.fixture(scope="module")
 def gen(tiny_onnx: Path) -> DigitGenerator:
     return DigitGenerator.from_path(tiny_onnx, "cpu")
@@ -213,6 +216,25 @@ def test_a_total_that_is_not_a_count_of_digits_is_refused_in_words(tmp_path: Pat
         plan_output(tmp_path / "out", "npz", total)  # type: ignore[arg-type]
     assert str(refused.value) == f"number of digits must be an integer from 1 to {2**63}, got {total!r}"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [  # integers past the 4,300 digits Python writes out: named by their length, not a bare ValueError
+        ({"shard": Shard(HUGE, HUGE + 1)}, "an integer of about 5,000 digits shards for 10 digits would leave some"),
+        ({"shard": Shard(0, -HUGE)}, "the number of shards must be at least 1, got a negative integer of about 5,00"),
+        ({"shard": Shard(HUGE, 3)}, "shard index must be in 0..2 for 3 shards"),
+        ({"fmt": "mnist", "test_count": HUGE}, "32 bits), not an integer of about 5,000 digits"),
+    ],
+)
+def test_integers_too_long_to_write_out_are_refused_in_words(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
+        plan_output(tmp_path, kwargs.pop("fmt", "npz"), 10, **kwargs)
+
+
+def test_threads_too_many_to_write_out_are_refused_in_words(tiny_onnx: Path) -> None:
+    with pytest.raises(InvalidRequestError, match=r"^threads must be an integer from 1 to 1024, got an integer of abo"):
+        DigitGenerator.from_path(tiny_onnx, "cpu", threads=HUGE)
 
 
 def test_counts_may_be_numpy_integers(tmp_path: Path) -> None:
