@@ -18,12 +18,15 @@ import numpy as np
 
 from digitgen.runtime.errors import InvalidRequestError, ModelContractError, ModelRunError
 from digitgen.runtime.generator import (
+    IMAGE_SIDE,
+    MAX_BATCH_SIZE,
     DigitGenerator,
     check_int,
     check_path,
     default_model_path,
     empty_digits,
     fill_digits,
+    shown_array,
 )
 from digitgen.runtime.session import ORT_ERRORS, open_session, ort_reason, run_model
 from digitgen.runtime.text import counted
@@ -59,6 +62,7 @@ class ReferenceClassifier:
         self, images: np.ndarray, batch_size: int = 500, progress: Progress = lambda n: None
     ) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, 28, 28) -> (features float64 (N, D), predicted classes int64 (N,))."""
+        check_images(images, "images")
         features, predictions = [], []
         for count, (logits, feats) in self._outputs(images, batch_size):
             features.append(feats.astype(np.float64))
@@ -68,12 +72,14 @@ class ReferenceClassifier:
 
     def probabilities(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
         """uint8 (N, 28, 28) -> float64 (N, classes): the softmax of the logits, each row summing to 1."""
+        check_images(images, "images")
         logits = np.concatenate([logits for _, (logits, _) in self._outputs(images, batch_size)]).astype(np.float64)
         exp = np.exp(logits - logits.max(1, keepdims=True))
         return exp / exp.sum(1, keepdims=True)
 
     def _outputs(self, images: np.ndarray, batch_size: int) -> Iterator[tuple[int, list[np.ndarray]]]:
         """(batch size, (logits, features)) for each batch of ``images``, scaled to [0, 1]."""
+        batch_size = check_int(batch_size, "batch size", maximum=MAX_BATCH_SIZE)
         for i in range(0, len(images), batch_size):
             batch = images[i : i + batch_size, None].astype(np.float32) / 255.0
             try:
@@ -302,6 +308,19 @@ def check_evaluation(generator: DigitGenerator, num_samples: int) -> None:
         ) from None
 
 
+def check_images(images: object, name: str) -> None:
+    """:class:`InvalidRequestError` naming ``name`` unless ``images`` is a uint8 array of one or more digits,
+    (N, 28, 28), as the classifier reads them."""
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE)
+        or not len(images)
+    ):
+        shape = f"(N, {IMAGE_SIDE}, {IMAGE_SIDE})"
+        raise InvalidRequestError(f"{name} must be a uint8 array of shape {shape}, N >= 1, got {shown_array(images)}")
+
+
 def check_reference_data(test: Split, train: Split, num_samples: int) -> None:
     """:class:`InvalidRequestError` unless each split holds more than :data:`K_NEAREST` images (a k-NN ball needs
     k other points) and labels that are digits 0-9 (the real sample's accuracy is read from them), and the train
@@ -310,6 +329,12 @@ def check_reference_data(test: Split, train: Split, num_samples: int) -> None:
         if len(images) <= K_NEAREST:
             raise InvalidRequestError(
                 f"the MNIST {name} split holds {len(images)} images; the evaluator needs more than {K_NEAREST}"
+            )
+        check_images(images, f"the MNIST {name} split's images")
+        if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu" or labels.shape != (len(images),):
+            raise InvalidRequestError(
+                f"the MNIST {name} split's labels must be {counted(len(images), 'integer')}, one for each image, "
+                f"got {shown_array(labels)}"
             )
         bad = np.flatnonzero((labels < 0) | (labels >= MNIST_CLASSES))
         if len(bad):
@@ -376,6 +401,8 @@ def embed_samples(
     """The first part of :func:`evaluate`: make the digits and embed them, the test set and a real sample."""
     check_evaluation(generator, num_samples)
     check_reference_data(test, train, num_samples)
+    request = generator.check_request(num_samples, seed=seed, truncation=truncation)  # as JSON writes them
+    seed, truncation = request.seed, request.truncation
     scored = generator.sha256_without_metadata  # before the work: the file is read again to hash it
     batches = generator.iter_batches(num_samples, seed=seed, truncation=truncation)
     fake = fill_digits(batches, *empty_digits(num_samples), progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from digitgen.runtime.encode import npz_bytes
@@ -21,7 +22,13 @@ def merge_shards(out_dir: str | Path, fmt: str, *, overwrite: bool = False) -> l
     out_dir = check_path(out_dir, "the shards' directory")
     if fmt not in ("idx", "npz"):
         raise InvalidRequestError(f"merge joins idx or npz shards, not {fmt!r}")
-    if not out_dir.is_dir():
+    try:
+        is_folder = stat.S_ISDIR(out_dir.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_folder = False
+    except OSError as exc:  # a name too long, a loop of links, a folder that cannot be searched
+        raise OutputError(f"cannot read {out_dir}: {exc.strerror or exc}") from exc
+    if not is_folder:
         raise OutputError(f"{out_dir} is not a directory")
     targets = [out_dir / name for name in output_names(fmt)]
     other = "npz" if fmt == "idx" else "idx"

@@ -51,9 +51,12 @@ from digitgen.runtime.files import (
 from digitgen.runtime.generator import (
     DEFAULT_BATCH_SIZE,
     MAX_INDEX,
+    Classes,
     DigitGenerator,
     GeneratedDigits,
+    Real,
     Request,
+    Whole,
     check_callable,
     check_flag,
     check_int,
@@ -516,12 +519,12 @@ def _unchanged(path: Path, before: os.stat_result) -> bool:
 def plan_output(
     out_dir: str | Path,
     fmt: str,
-    total: int,
+    total: Whole,
     *,
     shard: Shard = WHOLE,
     overwrite: bool = False,
     resume: bool = False,
-    test_count: int | None = None,
+    test_count: Whole | None = None,
     record: bytes | None = None,
 ) -> OutputPlan:
     """Check a request for ``shard`` of ``total`` digits as ``fmt`` in ``out_dir``; raise before writing anything.
@@ -610,12 +613,12 @@ def write_digits(
     batches: Iterable[GeneratedDigits],
     out_dir: str | Path,
     fmt: str,
-    total: int,
+    total: Whole,
     *,
     shard: Shard = WHOLE,
     overwrite: bool = False,
     resume: bool = False,
-    test_count: int | None = None,
+    test_count: Whole | None = None,
     on_batch: OnBatch = lambda n: None,
 ) -> list[Path]:
     """Write ``shard`` of a ``total``-digit request, streamed from ``batches``.
@@ -688,19 +691,23 @@ def _kept_on_record(
 def plan_generation(
     gen: DigitGenerator,
     out_dir: str | Path,
-    num: int,
+    num: Whole,
     fmt: str = "png",
     *,
-    digits: Sequence[int] | None = None,
-    seed: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    digits: Classes | None = None,
+    seed: Whole = 0,
+    batch_size: Whole = DEFAULT_BATCH_SIZE,
     shard: Shard = WHOLE,
     overwrite: bool = False,
     resume: bool = False,
-    truncation: float | None = None,
-    test_count: int | None = None,
+    truncation: Real | None = None,
+    test_count: Whole | None = None,
 ) -> GenerationJob:
     """Check everything about a :func:`generate_files` request, generating nothing and writing no file."""
+    if not isinstance(gen, DigitGenerator):
+        raise InvalidRequestError(
+            f"gen must be a DigitGenerator (DigitGenerator.from_path(...)), got {type(gen).__name__}"
+        )
     request = gen.check_request(num, digits, seed, batch_size, truncation=truncation)
     shard = Shard.checked(shard, request.num)
     record = run_record(fmt, request.num, shard.count, request.digits, request.seed, request.truncation, gen.sha256)
@@ -751,17 +758,17 @@ def _refuse_another_runs_arrays(gen: DigitGenerator, plan: OutputPlan, request: 
 def generate_files(
     gen: DigitGenerator,
     out_dir: str | Path,
-    num: int,
+    num: Whole,
     fmt: str = "png",
     *,
-    digits: Sequence[int] | None = None,
-    seed: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    digits: Classes | None = None,
+    seed: Whole = 0,
+    batch_size: Whole = DEFAULT_BATCH_SIZE,
     shard: Shard = WHOLE,
     overwrite: bool = False,
     resume: bool = False,
-    truncation: float | None = None,
-    test_count: int | None = None,
+    truncation: Real | None = None,
+    test_count: Whole | None = None,
     on_batch: OnBatch = lambda n: None,
 ) -> list[Path]:
     """What ``digitgen generate`` does: make ``shard`` of ``num`` digits with ``gen`` and write them as ``fmt``.

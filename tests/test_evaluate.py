@@ -401,6 +401,26 @@ def test_classifier_sees_pixels_in_zero_to_one(tmp_path: Path) -> None:
     assert probabilities.dtype == np.float64 and np.allclose(probabilities, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("images", "kwargs", "refusal"),
+    [
+        (np.zeros((0, 28, 28), np.uint8), {}, "images must be a uint8 array of shape (N, 28, 28), N >= 1, got uint8"),
+        (np.zeros((3, 784), np.uint8), {}, "images must be a uint8 array of shape (N, 28, 28), N >= 1, got uint8 (3,"),
+        (np.zeros((3, 28, 28)), {}, "images must be a uint8 array of shape (N, 28, 28), N >= 1, got float64 (3, 28"),
+        ([[0] * 28] * 28, {}, "images must be a uint8 array of shape (N, 28, 28), N >= 1, got list"),
+        (np.zeros((3, 28, 28), np.uint8), {"batch_size": 0}, "batch size must be an integer from 1 to 8192, got 0"),
+    ],
+)
+def test_the_classifier_refuses_images_it_cannot_read_as_the_caller_s(
+    tmp_path: Path, images: object, kwargs: dict, refusal: str
+) -> None:
+    """Not the classifier's failure to run, nor numpy's words: the caller's input, named."""
+    classifier = ReferenceClassifier(identity_classifier(tmp_path / "identity.onnx"))
+    for use in (classifier.embed, classifier.probabilities):
+        with pytest.raises(InvalidRequestError, match=re.escape(refusal)):
+            use(images, **kwargs)
+
+
 def test_label_accuracy_overall_and_per_digit() -> None:
     labels = np.repeat(np.arange(10), 2)
     predictions = labels.copy()
@@ -481,6 +501,35 @@ def test_labels_outside_the_digits_are_named_the_first_and_counted(labels: list[
         check_reference_data(fine, (np.zeros((len(labels), 28, 28), np.uint8), np.array(labels)), 6)
     assert str(refused.value) == f"the MNIST train split: {refusal}"
     check_reference_data(fine, fine, 6)  # 6 images, labels 0-5: enough
+
+
+@pytest.mark.parametrize(
+    ("labels", "refusal"),
+    [
+        (np.arange(5), "int64 (5,)"),
+        (np.zeros((6, 1), np.int64), "int64 (6, 1)"),
+        (np.arange(6) + 0.5, "float64 (6,)"),
+        ([0, 1, 2, 3, 4, 5], "list"),
+    ],
+)
+def test_labels_that_are_not_one_integer_for_each_image_are_refused(labels: object, refusal: str) -> None:
+    fine = (np.zeros((6, 28, 28), np.uint8), np.arange(6))
+    with pytest.raises(InvalidRequestError) as refused:
+        check_reference_data(fine, (fine[0], labels), 6)  # type: ignore[arg-type]
+    assert str(refused.value) == f"the MNIST train split's labels must be 6 integers, one for each image, got {refusal}"
+    with pytest.raises(InvalidRequestError, match=re.escape("the MNIST test split's images must be a uint8 array")):
+        check_reference_data((fine[0].astype(np.float32), fine[1]), fine, 6)
+
+
+def test_an_evaluation_records_numpy_seeds_and_truncations_as_json_numbers(
+    tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path
+) -> None:
+    gen, reference = DigitGenerator.from_path(tiny_onnx, "cpu"), ReferenceClassifier(tiny_classifier)
+    test, train = read_mnist_split(tiny_mnist, "t10k"), read_mnist_split(tiny_mnist, "train")
+    scored = evaluate(gen, reference, test, train, num_samples=100, seed=np.int64(3), truncation=np.float32(0.5))
+    assert (type(scored.seed), type(scored.truncation)) == (int, float)
+    assert json.loads(json.dumps(scored.to_dict()))["seed"] == 3
+    assert scored == evaluate(gen, reference, test, train, num_samples=100, seed=3, truncation=0.5)
 
 
 def test_a_train_split_smaller_than_the_generated_sample_is_refused() -> None:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -297,6 +298,31 @@ def test_the_hash_without_metadata_ignores_metadata_only(tmp_path: Path, tiny_on
     assert asked.sha256_without_metadata == original[1]  # read once
     with pytest.raises(InvalidModelError, match=f"^{re.escape(str(copy))} changed after it was loaded; load it again$"):
         _ = not_asked.sha256_without_metadata
+
+
+def test_the_model_read_again_for_its_hash_is_checked_as_at_load(tiny_onnx: Path, tmp_path: Path) -> None:
+    """A pipe put in the loaded model's place is refused at once, not waited on (evaluate reads it first)."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes(tiny_onnx.read_bytes())
+    gens = [DigitGenerator.from_path(model, "cpu") for _ in range(2)]
+    model.unlink()
+    with pytest.raises(ModelNotFoundError, match=f"^model not found: {re.escape(str(model))}$"):
+        _ = gens[0].sha256_without_metadata
+    os.mkfifo(model)
+    refused: list[BaseException] = []
+
+    def read_hash() -> None:
+        try:
+            _ = gens[1].sha256_without_metadata
+        except InvalidModelError as exc:
+            refused.append(exc)
+
+    reader = threading.Thread(target=read_hash, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # blocked opening the pipe: let it go, then fail
+        os.close(os.open(model, os.O_WRONLY | os.O_NONBLOCK))
+    assert [str(exc) for exc in refused] == [f"model path is not a file: {model}"]
 
 
 def test_a_model_in_a_folder_whose_name_is_not_utf8_loads_or_is_refused_in_words(tmp_path: Path) -> None:

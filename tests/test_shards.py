@@ -215,6 +215,8 @@ def test_merge_refuses_what_it_cannot_join(gen: DigitGenerator, tmp_path: Path) 
         merge_shards(tmp_path, "png")
     with pytest.raises(OutputError, match="is not a directory"):
         merge_shards(tmp_path / "none", "idx")
+    with pytest.raises(OutputError, match=r"^cannot read x{300}: File name too long$"):  # not a bare OSError
+        merge_shards("x" * 300, "idx")
     with pytest.raises(OutputError, match=f"no shards of digits.npz in {tmp_path}"):
         merge_shards(tmp_path, "npz")
     _write(gen, tmp_path, "npz", Shard(0, 2))

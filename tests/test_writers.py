@@ -232,6 +232,13 @@ def test_integers_too_long_to_write_out_are_refused_in_words(tmp_path: Path, kwa
         plan_output(tmp_path, kwargs.pop("fmt", "npz"), 10, **kwargs)
 
 
+def test_generate_files_refuses_a_generator_that_is_not_one(tmp_path: Path) -> None:
+    refusal = "gen must be a DigitGenerator (DigitGenerator.from_path(...)), got str"
+    with pytest.raises(InvalidRequestError, match=f"^{re.escape(refusal)}$"):
+        generate_files("artifacts/generator.onnx", tmp_path, 3, "npz")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_threads_too_many_to_write_out_are_refused_in_words(tiny_onnx: Path) -> None:
     with pytest.raises(InvalidRequestError, match=r"^threads must be an integer from 1 to 1024, got an integer of abo"):
         DigitGenerator.from_path(tiny_onnx, "cpu", threads=HUGE)
