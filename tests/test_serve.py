@@ -323,6 +323,7 @@ BAD = [
     ("count=-1", 422, "number of digits must be an integer >= 1, got -1"),
     ("seed=%2B-1", 422, "seed must be an integer from 0 to 18446744073709551615, got '+-1'"),
     ("seed=%2B" + "9" * 40, 422, f"seed must be an integer from 0 to 18446744073709551615, got {'9' * 40}"),
+    ("truncation=1e+1", 422, "truncation must be a finite number >= 0.1, got '1e 1'"),  # + is a space (README)
     ("truncation=0", 422, "truncation must be a finite number >= 0.1, got 0.0"),
     ("truncation=1e-300", 422, "truncation must be a finite number >= 0.1, got 1e-300"),
     ("truncation=nan", 422, "truncation must be a finite number >= 0.1, got 'nan'"),
@@ -431,6 +432,7 @@ def test_ranges_with_q_0_are_refused(fmt: str | None, accept: str) -> None:
         ("seed=%205%20&digit=%207", "seed=5&digit=7"),  # spaces around, as the CLI takes --digit ' 7'
         ("seed=3&truncation=+1.5", "seed=3&truncation=1.5"),  # an unescaped + is a space: --truncation ' 1.5'
         ("seed=3&truncation=%2B1.5%20", "seed=3&truncation=1.5"),
+        ("seed=+5&digit=3&truncation=1e%2B1", "seed=5&digit=3&truncation=10"),  # the serve README's examples
         ("seed=0005&count=003&digits=1,2&format=npz", "seed=5&count=3&digits=1,2&format=npz"),
         (f"count=1&seed={'0' * 60}9", "seed=9"),  # leading zeros are not significant digits
     ],
