@@ -4,8 +4,13 @@ import atexit
 import os
 import signal
 
-# runtime.signals.INTERRUPTING_SIGNALS, which cannot be imported here without loading the runtime
-STOP_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
+# runtime.signals.INTERRUPTING_SIGNALS, which cannot be imported here without loading the runtime, less those the
+# command was started ignoring (nohup's SIGHUP, a background job's SIGINT), which stay ignored
+STOP_SIGNALS = {
+    sig
+    for sig in (getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+    if signal.getsignal(sig) is not signal.SIG_IGN
+}
 
 
 def let_go_then_stop(_signum: int, _frame: object) -> None:

@@ -26,11 +26,13 @@ def _in_main_thread() -> bool:
 
 @contextmanager
 def handling(signals: Iterable[signal.Signals], handler: Handler) -> Iterator[None]:
-    """Run ``handler`` on each of ``signals`` until the block ends, then restore the handlers found."""
+    """Run ``handler`` on each of ``signals`` until the block ends, then restore the handlers found. A signal the
+    process ignores stays ignored: ``nohup`` starts a command ignoring SIGHUP, and a shell its background jobs
+    ignoring SIGINT, so that closing the terminal or a Ctrl-C meant for the shell does not stop them."""
     if not _in_main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    previous = {sig: signal.signal(sig, handler) for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

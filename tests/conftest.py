@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,13 @@ from digitgen.training.data import load_mnist
 from digitgen.training.loop import train
 from digitgen.training.state import new_state
 from tests.helpers import one_torch_thread, write_tiny_mnist
+
+# Tests run by a shell in the background ignore SIGINT, under nohup SIGHUP: the commands they start would inherit
+# that and, as digitgen keeps an ignored stop signal ignored, never stop on the signals the tests send. The tests
+# run as from a terminal (a test starts a command ignoring SIGHUP on purpose).
+for _name, _default in (("SIGINT", signal.default_int_handler), ("SIGHUP", signal.SIG_DFL)):
+    if hasattr(signal, _name) and signal.getsignal(getattr(signal, _name)) is signal.SIG_IGN:
+        signal.signal(getattr(signal, _name), _default)
 
 TINY_MODEL = GANConfig(latent_dim=8, g_width=16, d_width=16)
 REPO = Path(__file__).resolve().parents[1]

@@ -508,6 +508,29 @@ def test_terminating_signals_leave_what_ctrl_c_leaves(tmp_path: Path, fmt: str, 
         assert left == []
 
 
+def _ignoring_sighup() -> None:
+    """``preexec_fn`` of a child started as ``nohup`` starts it: SIGHUP ignored."""
+    default_sigint()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def test_a_command_started_ignoring_sighup_as_nohup_does_goes_on_through_it(tmp_path: Path) -> None:
+    """Closing the terminal of a ``nohup digitgen ...`` must not stop it; SIGTERM still does."""
+    command = [sys.executable, "-m", "digitgen", "generate", "--out", str(tmp_path), "-n", "200000", "--format", "npz"]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_ignoring_sighup
+    )
+    _wait_for_progress(proc)
+    proc.send_signal(signal.SIGHUP)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=2)  # still generating
+    ignored = next(line for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines() if "SigIgn" in line)
+    assert int(ignored.split()[1], 16) >> (signal.SIGHUP - 1) & 1  # still ignored, not caught
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1].startswith("Error: interrupted; "), stderr
+
+
 def test_sigterm_then_resume_gives_the_uninterrupted_folder(tmp_path: Path) -> None:
     args = ("-n", "2000", "--digits", "3,8", "--batch-size", "64")
     proc = _generate(tmp_path / "resumed", *args)
