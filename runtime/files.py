@@ -356,17 +356,25 @@ def refuse_non_files(paths: Iterable[str | Path]) -> None:
     """Raise :class:`OutputError` if any of ``paths`` is a folder, a pipe, a device or a socket, which no run
     writes and none replaces, not even with --overwrite or --resume: a folder, only found when renaming, would stop
     a run after its work, or between the files of a pair; the others would be lost to the rename (``/dev/null``
-    made a file). A link is replaced, never what it points to."""
+    made a file). A link to a file, or to nothing, is replaced, never what it points to; a link to any of the
+    others is refused as they are (``/dev/stdout`` is a link to the process's output, and ``--overwrite`` must not
+    make it a file)."""
     for path in paths:
         try:
             mode = os.lstat(path).st_mode
         except OSError:  # not there (or not to be looked at): nothing to lose
             continue
+        links = ""
+        if stat.S_ISLNK(mode):
+            try:
+                mode, links = os.stat(path).st_mode, "links to"
+            except OSError:  # a link to nothing (or a loop of links): replaced
+                continue
         if stat.S_ISDIR(mode):
-            raise OutputError(f"{path} is a folder, not a file; move it, or name another file")
-        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise OutputError(f"{path} {links or 'is'} a folder, not a file; move it, or name another file")
+        if not stat.S_ISREG(mode):
             kind = "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-            raise OutputError(f"{path} is {kind}, not a file, and no run replaces it; name another file")
+            raise OutputError(f"{path} {links or 'is'} {kind}, not a file, and no run replaces it; name another file")
 
 
 def refuse_existing(paths: Iterable[str | Path | None], overwrite: bool, resumable: bool = False) -> tuple[Path, ...]:

@@ -39,6 +39,7 @@ from digitgen.runtime.files import (
     claim_temporary,
     publish,
     publish_all,
+    refuse_existing,
     refuse_non_files,
     refuse_one_file_twice,
     temporary_name,
@@ -1095,10 +1096,13 @@ def test_a_claim_that_loses_the_name_to_the_run_publishing_it_opens_the_name_aga
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 @pytest.mark.parametrize("fmt", ["png", "npz", "idx"])
-def test_resume_replaces_a_link_to_a_device_without_reading_it(tmp_path: Path, tiny_onnx: Path, fmt: str) -> None:
-    """A link is not a file a run wrote: it is replaced as a damaged file would be (the link, never /dev/zero, which
-    reading would never end), and a pipe is refused without being read (it would wait for a writer for ever) and
-    kept, with --resume and with --overwrite: no run writes one, so none replaces one."""
+def test_resume_refuses_a_pipe_or_a_link_to_a_device_without_reading_it(
+    tmp_path: Path, tiny_onnx: Path, fmt: str
+) -> None:
+    """A pipe is refused without being read (it would wait for a writer for ever) and kept, with --resume and with
+    --overwrite: no run writes one, so none replaces one; so is a link to a device (reading /dev/zero would never
+    end, and a link such as /dev/stdout is not the user's to lose). A link to a file is replaced with --overwrite,
+    the link, never the file."""
     command = [sys.executable, "-m", "digitgen", "generate", "-n", "3", "--format", fmt, "--generator", tiny_onnx]
     subprocess.run([*command, "--out", tmp_path / "expected"], check=True, capture_output=True, timeout=60)
     out = tmp_path / "out"
@@ -1116,8 +1120,18 @@ def test_resume_replaces_a_link_to_a_device_without_reading_it(tmp_path: Path, t
         assert os.listdir(out) == [second] and stat.S_ISFIFO(os.lstat(out / second).st_mode)
     (out / second).unlink()
     (out / first).symlink_to("/dev/zero")
-    done = subprocess.run([*command, "--out", out, "--resume"], capture_output=True, text=True, timeout=60)
+    for permission in ("--resume", "--overwrite"):
+        done = subprocess.run([*command, "--out", out, permission], capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr) == (
+            1,
+            f"Error: {out / first} links to a device, not a file, and no run replaces it; name another file\n",
+        )
+    (out / first).unlink()
+    (tmp_path / "elsewhere").write_bytes(b"a file of the user's")
+    (out / first).symlink_to(tmp_path / "elsewhere")
+    done = subprocess.run([*command, "--out", out, "--overwrite"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    assert (tmp_path / "elsewhere").read_bytes() == b"a file of the user's"
     expected = tmp_path / "expected"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in expected.iterdir()}
     assert not any(p.is_symlink() for p in out.iterdir())
@@ -1196,8 +1210,35 @@ def test_every_path_is_looked_at_and_a_device_is_named_as_one(tmp_path: Path) ->
         refuse_non_files([tmp_path / "missing", "/dev/null"])
     assert str(refused.value) == "/dev/null is a device, not a file, and no run replaces it; name another file"
     (tmp_path / "file").write_bytes(b"")
-    (tmp_path / "link").symlink_to("/dev/null")
-    refuse_non_files([tmp_path / "file", tmp_path / "link", tmp_path / "missing"])  # a link is replaced, not followed
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    refuse_non_files([tmp_path / "file", tmp_path / "link", tmp_path / "dangling"])  # links replaced, not followed
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="no /dev/null here")
+def test_a_link_to_a_device_or_a_folder_is_refused_as_they_are_even_with_overwrite(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """``/dev/stdout`` is a link to the process's output: ``export --out /dev/stdout --overwrite`` had made it a
+    file (as root, for every process of the machine), and the refusal without ``--overwrite`` offered it."""
+    (tmp_path / "null").symlink_to("/dev/null")
+    (tmp_path / "folder").symlink_to(tmp_path)
+    with pytest.raises(OutputError) as refused:
+        refuse_non_files([tmp_path / "null"])
+    assert (
+        str(refused.value)
+        == f"{tmp_path / 'null'} links to a device, not a file, and no run replaces it; name another file"
+    )
+    with pytest.raises(OutputError) as refused:
+        refuse_existing([tmp_path / "folder"], overwrite=True)
+    assert str(refused.value) == f"{tmp_path / 'folder'} links to a folder, not a file; move it, or name another file"
+    for overwrite in ([], ["--overwrite"]):
+        code, output = _cli("export", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "null", *overwrite)
+        assert (code, output) == (
+            1,
+            f"Error: {tmp_path / 'null'} links to a device, not a file, and no run replaces it; name another file\n",
+        )
+    assert os.readlink(tmp_path / "null") == "/dev/null"
 
 
 # --- no command writes over a file it reads ------------------------------------------------------------------
