@@ -203,17 +203,14 @@ def check_truncation(value: object) -> float | None:
     return float(value)
 
 
-def _shown_class(digit: object) -> int | str:
-    """A digit that is no class, as a refusal names it: an integer as itself (12, not np.int64(12)), anything
-    else quoted (3.0, not np.float64(3.0))."""
-    if isinstance(digit, (int, np.integer)) and not isinstance(digit, bool):
-        return int(digit)
+def _shown_class(digit: object) -> str:
+    """A digit that is no class, as a refusal names it: 12, not np.int64(12); 3.0, not np.float64(3.0)."""
     return quoted(digit.item() if isinstance(digit, np.generic) else digit)
 
 
-def not_classes_message(bad: list[int | str], num_classes: int) -> str:
+def not_classes_message(bad: list[str], num_classes: int) -> str:
     """The refusal of digits that are not classes of a model, ``bad`` each once (the first few of many named)."""
-    shown = [whole(d) if isinstance(d, int) else d for d in bad[:_NAMED_BAD_DIGITS]]
+    shown = bad[:_NAMED_BAD_DIGITS]
     if len(bad) == 1:
         return f"digit {shown[0]} is not a class of this model (0-{num_classes - 1})"
     more = f" and {len(bad) - _NAMED_BAD_DIGITS:,} more" if len(bad) > _NAMED_BAD_DIGITS else ""
@@ -352,7 +349,7 @@ class DigitGenerator:
             raise InvalidRequestError("z holds NaN or infinite values")
         if labels.min() < 0 or labels.max() >= self.num_classes:
             others = sorted(set(labels.tolist()) - set(range(self.num_classes)))
-            raise InvalidRequestError(not_classes_message(others, self.num_classes))
+            raise InvalidRequestError(not_classes_message([str(label) for label in others], self.num_classes))
 
     def check_request(
         self,

@@ -543,6 +543,8 @@ def test_a_train_split_smaller_than_the_generated_sample_is_refused() -> None:
         "generated one; ask for at most 200"
     )
     check_reference_data(split, split, 200)
+    with pytest.raises(InvalidRequestError, match=r"ask for at most 100$"):  # as many as the smallest evaluation
+        check_reference_data(split, (split[0][:100], split[1][:100]), 200)
     small = (split[0][:99], split[1][:99])  # "at most 99" would be advice the option refuses
     with pytest.raises(InvalidRequestError) as refused:
         check_reference_data(split, small, 100)

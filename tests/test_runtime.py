@@ -18,6 +18,7 @@ import pytest
 from onnx import helper, numpy_helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+import digitgen.runtime.generator as generator_module
 from digitgen.runtime import (
     DigitGenerator,
     DigitgenError,
@@ -147,6 +148,7 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
         ({"num": 5, "seed": 10**5000}, "^seed must be an integer from 0 to 18446744073709551615, got an integer of a"),
         ({"num": 5, "digits": [-(10**5000), -1]}, "^digits a negative integer of about 5,000 digits, -1 are not"),
         ({"num": 5, "truncation": -(10**5000)}, r"got a negative integer of about 5,000 digits$"),
+        ({"num": 5, "seed": 10**2000}, r"got 10{1023}\.\.\. \(2,001 characters\)$"),  # written out, then cut
         ({"num": 5, "truncation": Fraction(10**5000, 3)}, r"got a Fraction too long to write out$"),
         ({"num": 5, "digits": 5}, r"digits must be a list of classes, e\.g\. \[3, 7\], got 5"),
         ({"num": 5, "digits": "37"}, "digits must be a list of classes"),
@@ -172,6 +174,13 @@ def test_a_digit_is_the_same_float_image_alone_or_in_any_batch(model: str, tiny:
 def test_bad_requests_raise_typed_errors(tiny: DigitGenerator, kwargs: dict, message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         tiny.generate(**kwargs)
+
+
+def test_a_list_of_digits_may_hold_up_to_its_limit(tiny: DigitGenerator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generator_module, "MAX_DIGITS_LISTED", 5)
+    assert tiny.generate(3, digits=range(5)).labels.tolist() == [0, 1, 2]
+    with pytest.raises(InvalidRequestError, match=r"^the list of digits is too long: at most 5 classes, which repeat"):
+        tiny.generate(3, digits=range(6))
 
 
 def test_truncation_may_be_any_numpy_real_number(tiny: DigitGenerator) -> None:
@@ -320,9 +329,10 @@ def test_the_model_read_again_for_its_hash_is_checked_as_at_load(tiny_onnx: Path
     reader = threading.Thread(target=read_hash, daemon=True)
     reader.start()
     reader.join(timeout=10)
-    if reader.is_alive():  # blocked opening the pipe: let it go, then fail
+    waited = reader.is_alive()
+    if waited:  # blocked opening the pipe: let it go, then fail
         os.close(os.open(model, os.O_WRONLY | os.O_NONBLOCK))
-    assert [str(exc) for exc in refused] == [f"model path is not a file: {model}"]
+    assert not waited and [str(exc) for exc in refused] == [f"model path is not a file: {model}"]
 
 
 def test_a_model_in_a_folder_whose_name_is_not_utf8_loads_or_is_refused_in_words(tmp_path: Path) -> None:
