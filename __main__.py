@@ -1,8 +1,12 @@
 """The ``digitgen`` command's entry point (also ``python -m digitgen``)."""
 
 import atexit
+import errno
 import os
 import signal
+import sys
+from collections.abc import Callable
+from typing import TextIO
 
 # runtime.signals.INTERRUPTING_SIGNALS, which cannot be imported here without loading the runtime, less those the
 # command was started ignoring (nohup's SIGHUP, a background job's SIGINT), which stay ignored
@@ -42,12 +46,72 @@ def _ignore_stop_signals() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+class _BestEffort:
+    """stderr for a command's diagnostics (progress, notes, its error line), which must not stop or fail the work
+    they describe where stderr cannot take them (a full disk, a reader that has gone): the first write that fails
+    turns the rest off."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._failed = False
+
+    def __getattr__(self, name: str) -> object:  # encoding, errors, fileno, ...: the stream's own
+        if name == "buffer":  # not to be written past this wrapper (click would, where the encoding is ASCII)
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        self._attempt(self._stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._attempt(self._stream.flush)
+
+    def isatty(self) -> bool:
+        return not self._failed and self._stream.isatty()
+
+    def _attempt(self, action: Callable[..., object], *args: object) -> None:
+        if not self._failed:
+            try:
+                action(*args)
+            except OSError:
+                self._failed = True
+
+
+class _ClosedOutput:
+    """stdout where the command was started with none (``>&-``): its output, the product of ``info`` or ``evaluate
+    --json``, fails to be written as it would to a full disk, rather than going nowhere with exit status 0."""
+
+    encoding, errors = "utf-8", "strict"
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "standard output is closed")
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _prepare_streams() -> None:
+    """stderr best effort; stdout closed refused, and text it cannot encode (a path with an emoji, on a stdout of
+    Windows' cp1252) escaped as stderr's is, not a traceback after the work is done."""
+    if sys.stderr is not None:
+        sys.stderr = _BestEffort(sys.stderr)
+    if sys.stdout is None:
+        sys.stdout = _ClosedOutput()
+    elif hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def prepare() -> None:
     """What the command sets before it loads (``digitgen``, ``python -m digitgen`` and ``python cli.py`` alike):
-    stop signals held, and onnxruntime's telemetry off unless the environment turns it on
-    (``ORT_DISABLE_TELEMETRY=0``): loading onnxruntime otherwise writes a device id and an event store under
+    stop signals held, its output streams prepared, and onnxruntime's telemetry off unless the environment turns it
+    on (``ORT_DISABLE_TELEMETRY=0``): loading onnxruntime otherwise writes a device id and an event store under
     ``~/.cache/Microsoft`` (and warns in colour where it cannot) for events it may send."""
     hold_stop_signals()
+    _prepare_streams()
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before onnxruntime loads; the server's workers inherit it
 
 

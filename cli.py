@@ -30,7 +30,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -172,7 +172,18 @@ def _fail(message: str, exit_code: int = 1) -> NoReturn:
     """Say ``message`` as one line of stderr, whatever it quotes (a path with a newline or a terminal's escape
     codes among them), and exit."""
     _say(f"Error: {message}", err=True)
+    _drop_unwritable_output()
     sys.exit(exit_code)
+
+
+def _drop_unwritable_output() -> None:
+    """Send what stdout still holds nowhere if it cannot be written (its reader gone, a full disk): Python would try
+    again as it exits, fail, and end with status 120 in place of the command's."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        with suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class Interrupted(Exception):
@@ -205,10 +216,11 @@ class OneLineErrors(click.Group):
                 model_calls_stop_on_signals(),  # in a model call too
             ):
                 release_held_at_start()
-                result = super().main(*args, **kwargs)
-        except click.exceptions.NoArgsIsHelpError as exc:  # plain `digitgen`: the help, not an error
-            click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
-            sys.exit(0)
+                try:
+                    result = super().main(*args, **kwargs)
+                except click.exceptions.NoArgsIsHelpError as exc:  # plain `digitgen`: the help, not an error
+                    click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())  # a failure: handled below
+                    result = 0
         except click.UsageError as exc:
             _fail(f"{exc.format_message()} (see --help)", exc.exit_code)
         except click.ClickException as exc:

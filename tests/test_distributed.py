@@ -213,3 +213,26 @@ def test_mnist_the_first_process_cannot_load_stops_every_process_with_the_reason
         "folder that holds MNIST/raw/, or pass --download",
         1: "TrainingError: the first process could not load MNIST (its error says why)",
     }
+
+
+@pytest.mark.parametrize(
+    ("world_size", "begins", "ends"),
+    [
+        ("abc", "WORLD_SIZE='abc' is not a number of processes", "; launch with torchrun, or unset it"),
+        ("2", "WORLD_SIZE=2 asks for a process group, but ", "; launch with torchrun, or unset WORLD_SIZE"),  # RANK
+    ],
+)
+def test_a_world_size_torchrun_did_not_set_is_refused_in_one_line(
+    tmp_path: Path, tiny_mnist: Path, monkeypatch: pytest.MonkeyPatch, world_size: str, begins: str, ends: str
+) -> None:
+    from click.testing import CliRunner
+
+    from digitgen.cli import main
+
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    args = ["train", "--data-dir", tiny_mnist, "--out", tmp_path / "run", "--steps", "2", "--batch-size", "16"]
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"Error: {begins}") and result.output.endswith(f"{ends}\n")

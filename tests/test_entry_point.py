@@ -273,3 +273,54 @@ def test_the_command_keeps_onnxruntime_from_writing_telemetry_files(tmp_path: Pa
     if not (tmp_path / "on" / store).exists():
         pytest.skip("this onnxruntime writes no telemetry files even when told to")
     assert not (tmp_path / "default" / store).exists()
+
+
+def _digitgen(cwd: Path, *args: str, env: dict | None = None, **streams: object) -> subprocess.CompletedProcess:
+    """The command in a process of its own, its streams as given (``stdout=subprocess.DEVNULL``, say)."""
+    environment = {"PYTHONPATH": str(REPO.parent), "PATH": "/usr/bin:/bin", **(env or {})}
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **streams}
+    return subprocess.run(
+        [sys.executable, "-m", "digitgen", *args], cwd=cwd, env=environment, text=True, timeout=120, **streams
+    )
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_a_stderr_that_cannot_be_written_costs_the_diagnostics_not_the_work(tmp_path: Path) -> None:
+    """Progress, notes and the error line are best effort: the digits are made and the status is the work's."""
+    with open("/dev/full", "w") as full:
+        made = _digitgen(tmp_path, "generate", "-n", "300", "--out", "digits", stderr=full)
+        refused = _digitgen(tmp_path, "info", "--generator", "missing.onnx", stderr=full)
+    assert made.returncode == 0 and len(list((tmp_path / "digits").iterdir())) == 300
+    assert made.stdout.startswith("wrote 300 digits as png to digits in ")
+    assert refused.returncode == 1
+
+
+def test_a_closed_stdout_is_an_error_not_output_lost_with_status_0(tmp_path: Path) -> None:
+    """``info >&-``: its product, the model's description, cannot be written; said on stderr, status 1."""
+    closed = subprocess.run(
+        ["sh", "-c", f'"{sys.executable}" -m digitgen info >&-'],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO.parent), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (closed.returncode, closed.stderr) == (1, "Error: standard output is closed\n")
+
+
+def test_the_help_into_a_pipe_already_closed_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        shown = _digitgen(tmp_path, stdout=writer)
+    finally:
+        os.close(writer)
+    assert (shown.returncode, shown.stderr) == (1, "Error: Broken pipe\n")
+
+
+def test_text_stdout_cannot_encode_is_escaped_after_the_work_not_a_traceback(tmp_path: Path) -> None:
+    """A folder named with an emoji, stdout in Latin-1 (as Windows' cp1252 where output is redirected)."""
+    made = _digitgen(tmp_path, "generate", "-n", "1", "--out", "d\U0001f600", env={"PYTHONIOENCODING": "latin-1"})
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("wrote 1 digit as png to d\\U0001f600 in ")
+    assert len(list((tmp_path / "d\U0001f600").iterdir())) == 1

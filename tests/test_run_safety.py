@@ -785,6 +785,10 @@ def test_a_checkpoint_from_before_the_falling_label_weight_resumes_with_a_consta
             ("--label-classifier", "{weights}", "--label-weight", "0.5", "--label-weight-floor", "0.1"),
             "--label-weight-floor needs --label-weight-falls",
         ),
+        (  # 0 given is given: refused as any other floor would be, not taken silently
+            ("--label-weight-floor", "0"),
+            "--label-weight-floor needs --label-weight-falls",
+        ),
         (
             (
                 "--label-classifier",

@@ -40,7 +40,13 @@ SINGLE = DistContext()
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether the environment describes a process group of more than one (torchrun sets ``WORLD_SIZE``)."""
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if not (world_size.strip().isascii() and world_size.strip().isdigit()):
+        raise TrainingError(
+            f"WORLD_SIZE={world_size!r} is not a number of processes; launch with torchrun, or unset it"
+        )
+    return int(world_size) > 1
 
 
 def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
@@ -50,7 +56,13 @@ def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    except ValueError as exc:  # an environment torchrun did not make: WORLD_SIZE set, RANK or MASTER_ADDR not
+        raise TrainingError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for a process group, but {exc}; launch with torchrun, or "
+            "unset WORLD_SIZE"
+        ) from exc
     return DistContext(dist.get_rank(), dist.get_world_size()), device
 
 

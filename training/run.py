@@ -405,9 +405,9 @@ def label_classifiers(options: RunOptions) -> tuple[Classifier, ...]:
     weighted = options.label_weight is not None and options.label_weight > 0
     if options.label_weight_falls and not weighted:
         raise TrainingError("--label-weight-falls needs a positive --label-weight and its --label-classifier")
-    if options.label_weight_floor and not options.label_weight_falls:
+    if options.label_weight_floor is not None and not options.label_weight_falls:  # 0 given is given too
         raise TrainingError("--label-weight-floor needs --label-weight-falls")
-    if options.label_weight_floor and not options.label_weight_floor < options.label_weight:
+    if options.label_weight_floor is not None and not options.label_weight_floor < options.label_weight:
         raise TrainingError(
             f"--label-weight-floor {options.label_weight_floor:g} must be below --label-weight {options.label_weight:g}"
         )
