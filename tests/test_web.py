@@ -506,6 +506,9 @@ READS = "seed, digits, digit, n, count, truncation, model, threads"
         # blank, read as the CLI and the HTTP API read them, not as a blank field's default
         ("digits=", ["'' is not a comma-separated list of digits such as 0,3,7"]),
         ("truncation=", ["truncation must be a finite number >= 0.1, got ''"]),
+        # a line break, which a text field drops when it is set (seed=4%0A2 had drawn seed 42): read as the link gave it
+        ("seed=4%0A2", ["seed must be an integer from 0 to 18446744073709551615, got '4\\n2'"]),
+        ("truncation=1%0D.5", ["truncation must be a finite number >= 0.1, got '1\\r.5'"]),
         ("seed=1&seed=2", ["the link gives seed twice; give it once"]),
         ("model=", ["the link's model is empty, so the page loaded its own; name a file, e.g. model=generator.onnx"]),
         (  # what is wrong with the fields it fills too, at once
@@ -576,6 +579,17 @@ def test_a_sheet_too_fast_to_time_shows_no_rate(browser: Browser, base_url: str)
         page.close()
 
 
+def test_a_phone_s_narrow_screen_scrolls_no_part_of_the_page_sideways(browser: Browser, base_url: str) -> None:
+    """320 CSS px (a small phone, or 400% zoom): the contract's table had widened the page by its shape column."""
+    page = browser.new_page(viewport={"width": 320, "height": 640})
+    try:
+        page.goto(f"{base_url}index.html")
+        assert wait_settled(page) == "drawn"
+        assert page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth") <= 0
+    finally:
+        page.close()
+
+
 def test_page_shows_the_contract_and_quality(page: Page, python_gen: DigitGenerator) -> None:
     contract = page.text_content("#contract")
     for text in ("z", "tensor(float)", f"['batch', {python_gen.latent_dim}]", "digit", "tensor(int64)"):
@@ -633,6 +647,7 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     helper.set_model_props(model, {**python_gen.info.metadata, "num_classes": "100000"})
     names = ("renamed", "truncated", "small_images", "nan_pixels", "odd_metadata", "byte_pixels", "opset_27")
+    names += ("external",)
     paths = [dist / f"_test_{name}.onnx" for name in names]
     onnx.save(model, paths[0])
     paths[1].write_bytes((dist / "generator.onnx").read_bytes()[:5000])
@@ -651,8 +666,10 @@ def bad_models(dist: Path, python_gen: DigitGenerator) -> Iterator[None]:
     newer = onnx.load(dist / "generator.onnx")  # as `export --opset 27` writes it: past what onnxruntime-web runs
     next(entry for entry in newer.opset_import if entry.domain in ("", "ai.onnx")).version = 27
     onnx.save(newer, paths[6])
+    external = onnx.load(dist / "generator.onnx")  # its weights in a file beside it, which the Python runtime opens
+    onnx.save(external, paths[7], save_as_external_data=True, location=f"{paths[7].name}.data", size_threshold=1024)
     yield
-    for path in paths:
+    for path in [*paths, dist / f"{paths[7].name}.data"]:
         path.unlink()
 
 
@@ -744,6 +761,13 @@ def test_the_pages_newest_opset_is_the_exporters_and_names_the_onnxruntime_web_i
         (
             "model=_test_byte_pixels.onnx",
             ["_test_byte_pixels.onnx: the model returned pixels outside 0 to 1, not finished pixels"],
+        ),
+        (  # in the page's words, not onnxruntime-web's ("Module.MountedFiles is not available")
+            "model=_test_external.onnx",
+            [
+                "_test_external.onnx keeps its weights in a file beside it ('_test_external.onnx.data'), which this "
+                "page does not load: save the model as one file (onnx.save_model without save_as_external_data)"
+            ],
         ),
         (  # in the page's words, not onnxruntime-web's ("Opset 27 is under development", a build machine's path)
             "model=_test_opset_27.onnx",
@@ -1054,7 +1078,8 @@ def test_every_bad_field_is_named_and_marked(page: Page) -> None:
             (input) => document.getElementById(input.getAttribute("aria-describedby")).textContent)"""
     )
     assert described == messages and page.evaluate("document.activeElement.id") == "digits"
-    assert page.locator("#sheet").is_hidden()  # no sheet, no unnamed picture for a screen reader
+    # no sheet, no unnamed picture for a screen reader: not drawn at all (a box of no height is still an image to it)
+    assert page.evaluate("getComputedStyle(document.getElementById('sheet')).display") == "none"
     assert submit(page, count="0", truncation="1.5") == "error"
     assert page.evaluate("document.activeElement.id") == "count"
     assert page.locator("#error").inner_text().splitlines() == [messages[1]]

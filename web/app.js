@@ -29,6 +29,9 @@ const params = new URLSearchParams(location.search);
 // field -> what is wrong with the value the link put there, which the field's own reading would take (a blank
 // digits= for all digits) or cannot judge (digit=0,3,7 is no one class); said once, then the field is the user's
 const linkRefusals = new Map();
+// field -> the link's text, where the field could not hold it as given (a text field drops line breaks: seed=4%0A2
+// would read as 42): read in its place, as the CLI would read it, the first time
+const linkText = new Map();
 const setState = (state) => (document.body.dataset.state = state);
 let digitgen; // the module digitgen.js, imported by main()
 
@@ -144,7 +147,8 @@ function readFields(gen) {
   const check = (field, read) => {
     try {
       if (linkRefusals.has(field)) throw new Error(linkRefusals.get(field));
-      const value = read($(field).value); // as typed: read and quoted as the CLI reads and quotes its options
+      // as typed (or as the link gave it): read and quoted as the CLI reads and quotes its options
+      const value = read(linkText.get(field) ?? $(field).value);
       $(field).removeAttribute("aria-invalid");
       $(field).removeAttribute("aria-describedby");
       return value;
@@ -170,6 +174,7 @@ function readFields(gen) {
     ),
   };
   linkRefusals.clear(); // said: Generate reads the fields as they are from now on
+  linkText.clear();
   if (problems.length) {
     document.querySelector("#controls [aria-invalid=true]").focus();
     throw fieldsError(problems);
@@ -389,7 +394,10 @@ function linkProblems(gen) {
 async function main() {
   for (const [param, field] of Object.entries(FIELD_PARAMS)) {
     // the field's own name wins (digits over digit, count over n): what the page then says of the field is of it
-    if (params.has(param) && (param === field || !params.has(field))) $(field).value = params.get(param);
+    if (params.has(param) && (param === field || !params.has(field))) {
+      $(field).value = params.get(param);
+      if ($(field).value !== params.get(param)) linkText.set(field, params.get(param));
+    }
   }
   try {
     // Imported here, not at the top, so that a runtime that fails to load is reported on the page.

@@ -372,14 +372,18 @@ function readMetadata(entries) {
   return metadata;
 }
 
-/** {inputs, outputs, metadata} of ONNX model bytes, or an InvalidModelError when they are not ONNX. */
+/** {inputs, outputs, metadata, opset, externalData} of ONNX model bytes (externalData: the files its weights are
+ * kept in beside it), or an InvalidModelError when they are not ONNX. */
 export function describeModel(bytes, source = "the model") {
   try {
     const model = readMessage(bytes);
     if (!model.has(1) || !model.has(7)) throw new Error("no IR version or no graph");
     const graph = readMessage(first(model, 7));
+    const initializers = all(graph, 5).map(readMessage);
     // Weights may also be listed as inputs (old IR versions); the runtime does not count them.
-    const weights = new Set(all(graph, 5).map((tensor) => text(readMessage(tensor), 8)));
+    const weights = new Set(initializers.map((tensor) => text(tensor, 8)));
+    // a tensor's data_location EXTERNAL (1): its bytes in the file its external_data's "location" names
+    const location = (tensor) => all(tensor, 13).map(readMessage).find((entry) => text(entry, 1) === "location");
     const metadata = readMetadata(all(model, 14));
     const opsets = all(model, 8).map(readMessage);
     const standard = opsets.find((opset) => ["", "ai.onnx"].includes(text(opset, 1)));
@@ -388,6 +392,9 @@ export function describeModel(bytes, source = "the model") {
       outputs: all(graph, 12).map(valueInfo),
       metadata,
       opset: standard ? (first(standard, 2) ?? 0) : null,
+      externalData: [
+        ...new Set(initializers.filter((t) => first(t, 14) === 1).map((t) => (location(t) ? text(location(t), 2) : ""))),
+      ],
     };
   } catch (error) {
     throw new InvalidModelError(`${source} is not an ONNX model (${error.message})`);
@@ -566,6 +573,12 @@ export class DigitGenerator {
       throw new InvalidModelError(
         `${source} is written at ONNX opset ${description.opset}; this page's onnxruntime-web runs opsets up to ` +
           `${PAGE_OPSET}: export it with --opset ${PAGE_OPSET} or lower`,
+      );
+    }
+    if (description.externalData.length) {
+      throw new InvalidModelError(
+        `${source} keeps its weights in a file beside it (${quoted(description.externalData[0])}), which this page ` +
+          "does not load: save the model as one file (onnx.save_model without save_as_external_data)",
       );
     }
     let session;
