@@ -1,11 +1,11 @@
 """The ``digitgen`` command's entry point (also ``python -m digitgen``)."""
 
 import atexit
-import errno
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import suppress
 from typing import TextIO
 
 # runtime.signals.INTERRUPTING_SIGNALS, which cannot be imported here without loading the runtime, less those the
@@ -64,6 +64,10 @@ class _BestEffort:
         self._attempt(self._stream.write, text)
         return len(text)
 
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
     def flush(self) -> None:
         self._attempt(self._stream.flush)
 
@@ -79,13 +83,16 @@ class _BestEffort:
 
 
 class _ClosedOutput:
-    """stdout where the command was started with none (``>&-``): its output, the product of ``info`` or ``evaluate
-    --json``, fails to be written as it would to a full disk, rather than going nowhere with exit status 0."""
+    """stdout where the command was started with none (``>&-``): what a command reports there goes nowhere, as to
+    ``/dev/null``, and ``closed`` has the commands whose answer is their output (``info``, ``evaluate``) refuse
+    before any work, rather than end with nothing written and status 0."""
 
-    encoding, errors = "utf-8", "strict"
+    encoding, errors, closed = "utf-8", "strict", True
 
     def write(self, text: str) -> int:
-        raise OSError(errno.EBADF, "standard output is closed")
+        if not isinstance(text, str):  # a text stream, which click tells from a binary one by writing b""
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        return len(text)
 
     def flush(self) -> None:
         pass
@@ -95,8 +102,8 @@ class _ClosedOutput:
 
 
 def _prepare_streams() -> None:
-    """stderr best effort; stdout closed refused, and text it cannot encode (a path with an emoji, on a stdout of
-    Windows' cp1252) escaped as stderr's is, not a traceback after the work is done."""
+    """stderr best effort; a closed stdout marked so, and text stdout cannot encode (a path with an emoji, on a
+    stdout of Windows' cp1252) escaped as stderr's is, not a traceback after the work is done."""
     if sys.stderr is not None:
         sys.stderr = _BestEffort(sys.stderr)
     if sys.stdout is None:
@@ -115,12 +122,25 @@ def prepare() -> None:
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before onnxruntime loads; the server's workers inherit it
 
 
+def _drop_unwritable_output() -> None:
+    """Send what stdout still holds nowhere if it cannot be written (its reader gone, a full disk): Python would try
+    again as it exits, fail, and end with status 120 in place of the command's."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        with suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def run() -> None:
     """Run the ``digitgen`` command, :func:`prepare` first."""
     prepare()
     from digitgen.cli import main
 
-    main()
+    try:
+        main()
+    finally:
+        _drop_unwritable_output()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -172,18 +172,14 @@ def _fail(message: str, exit_code: int = 1) -> NoReturn:
     """Say ``message`` as one line of stderr, whatever it quotes (a path with a newline or a terminal's escape
     codes among them), and exit."""
     _say(f"Error: {message}", err=True)
-    _drop_unwritable_output()
     sys.exit(exit_code)
 
 
-def _drop_unwritable_output() -> None:
-    """Send what stdout still holds nowhere if it cannot be written (its reader gone, a full disk): Python would try
-    again as it exits, fail, and end with status 120 in place of the command's."""
-    try:
-        sys.stdout.flush()
-    except OSError:
-        with suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+def _refuse_without_output(command: str) -> None:
+    """Refuse, before any work, a command whose answer is its output where there is none to write it to (started
+    with stdout closed, ``>&-``, or in an app without one)."""
+    if sys.stdout is None or getattr(sys.stdout, "closed", False):
+        raise click.ClickException(f"standard output is closed, and {command} writes its answer there")
 
 
 class Interrupted(Exception):
@@ -815,6 +811,7 @@ def merge(out_dir: str, fmt: str, overwrite: bool) -> None:
 @generator_option("ONNX generator, the same as MODEL (default: the shipped model).")
 def info(model_argument: str | None, model: str | None) -> None:
     """Print a model's contract and metadata (default: the shipped model)."""
+    _refuse_without_output("info")
     gen = DigitGenerator.from_path(_one_model(model_argument, model), "cpu")
     _say(f"model: {gen.path}")
     _say(f"sha256: {gen.sha256}")  # the names `evaluate --json` records them by
@@ -912,6 +909,7 @@ def evaluate(
     as_json: bool,
 ) -> None:
     """Score a generator against MNIST test: class accuracy, FID, precision, recall (and CAS)."""
+    _refuse_without_output("evaluate")
     from digitgen.runtime.evaluate import (
         ReferenceClassifier,
         check_evaluation,

@@ -217,6 +217,13 @@ def _create_session(model: bytes, options: ort.SessionOptions, chosen: str) -> o
     return ort.InferenceSession(model, sess_options=options, providers=[PROVIDERS["cpu"]], enable_fallback=0)
 
 
+def _exists_as_no_file(path: Path) -> bool:
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def read_model_file(path: Path) -> bytes:
     """The bytes of the model file ``path``: :class:`ModelNotFoundError` if there is none, :class:`InvalidModelError`
     if it is no regular file (a pipe is not waited on), cannot be read, or is larger than an ONNX file can be (refused
@@ -225,17 +232,20 @@ def read_model_file(path: Path) -> bytes:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except (FileNotFoundError, NotADirectoryError):
         raise ModelNotFoundError(f"model not found: {path}") from None
-    except OSError as exc:  # a name too long, a loop of links, a folder that cannot be searched
+    except OSError as exc:  # a name too long, a loop of links, a folder that cannot be searched; or no file at all
+        if _exists_as_no_file(path):  # a socket (ENXIO), a folder on Windows (EACCES): what it is, not errno's words
+            raise InvalidModelError(f"model path is not a file: {path}") from None
         raise InvalidModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "rb") as file:
-        found = os.fstat(fd)
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode) or found.st_size > MAX_MODEL_BYTES:
+        os.close(fd)
         if not stat.S_ISREG(found.st_mode):
             raise InvalidModelError(f"model path is not a file: {path}")
-        if found.st_size > MAX_MODEL_BYTES:
-            raise InvalidModelError(
-                f"{path} is not a valid ONNX model ({found.st_size:,} bytes: an ONNX file holds at most 2 GiB; a "
-                "larger model keeps its tensors in external data files)"
-            )
+        raise InvalidModelError(
+            f"{path} is not a valid ONNX model ({found.st_size:,} bytes: an ONNX file holds at most 2 GiB; a larger "
+            "model keeps its tensors in external data files)"
+        )
+    with os.fdopen(fd, "rb") as file:
         try:
             return file.read()
         except OSError as exc:

@@ -235,7 +235,8 @@ def _app_state(app: object) -> Any:
 def _exit_zero_on_signals() -> Iterator[None]:
     """uvicorn stops on SIGINT/SIGTERM, then raises the signal again for the handler it found; this
     handler ignores that, so a graceful stop ends the process with status 0. SIGHUP (a closed terminal)
-    stops a server as SIGTERM does; with several workers uvicorn's supervisor takes it over, to restart them."""
+    stops a server as SIGTERM does (one the server was started ignoring, under ``nohup``, stays ignored); with several
+    workers uvicorn's supervisor takes it over, to restart them."""
     hangup = [sig for sig in TERMINATING_SIGNALS if sig != signal.SIGTERM]
     with (
         handling((signal.SIGINT, signal.SIGTERM), lambda signum, frame: None),

@@ -18,6 +18,7 @@ from digitgen.cli import main
 from digitgen.runtime import DigitGenerator
 from digitgen.runtime.errors import OutputError
 from digitgen.runtime.evaluate import Cas, Evaluation
+from digitgen.runtime.files import locking_available
 from digitgen.runtime.idx import read_mnist_split
 from digitgen.training.cas import CasRun, cas_work, default_state_dir
 from digitgen.training.classifier import BATCH_SIZE, ClassifierResult, training_steps
@@ -330,6 +331,7 @@ def test_cas_with_its_first_accuracy_kept_leaves_a_leftover_first_state_alone(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not locking_available(), reason="no file locks here")
 def test_a_second_run_of_the_same_request_at_once_keeps_no_state_and_says_so(
     gen: DigitGenerator, splits: Splits, tmp_path: Path
 ) -> None:
@@ -353,6 +355,26 @@ def test_a_second_run_of_the_same_request_at_once_keeps_no_state_and_says_so(
     assert CasRun(gen, *splits, **request).keeps_state
 
 
+def test_a_lock_file_that_cannot_be_removed_costs_the_run_nothing(
+    gen: DigitGenerator, splits: Splits, tmp_path: Path, trainer: RecordingTrainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on Windows, which removes no open file: the scores all the same, the lock let go."""
+    unlink = Path.unlink
+
+    def refused(path: Path, missing_ok: bool = False) -> None:
+        if path.suffix == ".lock":
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    request = {"per_class": 13, "epochs": 1, "state_dir": tmp_path}
+    assert CasRun(gen, *splits, **request).run() == Cas(
+        generated=0.91, real=0.98, num_generated=130, num_real=len(splits[0][0]), epochs=1
+    )
+    assert [path.suffix for path in tmp_path.iterdir()] == [".lock"] and CasRun(gen, *splits, **request).keeps_state
+
+
+@pytest.mark.skipif(not locking_available(), reason="no file locks here")
 def test_evaluate_cas_beside_another_run_of_it_notes_it_and_keeps_nothing_when_stopped(
     tiny_onnx: Path, tiny_classifier: Path, tiny_mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -295,17 +295,26 @@ def test_a_stderr_that_cannot_be_written_costs_the_diagnostics_not_the_work(tmp_
     assert refused.returncode == 1
 
 
-def test_a_closed_stdout_is_an_error_not_output_lost_with_status_0(tmp_path: Path) -> None:
-    """``info >&-``: its product, the model's description, cannot be written; said on stderr, status 1."""
+@pytest.mark.parametrize(
+    ("args", "answer"),
+    [
+        ("info", "Error: standard output is closed, and info writes its answer there\n"),  # before any work
+        ("evaluate --num-samples 100 --data-dir nowhere", "Error: standard output is closed, and evaluate writes"),
+        ("generate -n 3 --out digits", ""),  # its report goes nowhere, its digits are made
+    ],
+)
+def test_a_closed_stdout_refuses_the_commands_whose_answer_it_is(tmp_path: Path, args: str, answer: str) -> None:
+    """``info >&-`` had ended with nothing written and status 0."""
     closed = subprocess.run(
-        ["sh", "-c", f'"{sys.executable}" -m digitgen info >&-'],
+        ["sh", "-c", f'"{sys.executable}" -m digitgen {args} >&-'],
         cwd=tmp_path,
         env={"PYTHONPATH": str(REPO.parent), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert (closed.returncode, closed.stderr) == (1, "Error: standard output is closed\n")
+    assert (closed.returncode, closed.stderr[: len(answer)]) == ((1 if answer else 0), answer), closed.stderr
+    assert len(list(tmp_path.rglob("*.png"))) == (0 if answer else 3)
 
 
 def test_the_help_into_a_pipe_already_closed_is_one_line_not_a_traceback(tmp_path: Path) -> None:

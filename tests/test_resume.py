@@ -514,6 +514,7 @@ def _ignoring_sighup() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's signals from /proc (Linux)")
 def test_a_command_started_ignoring_sighup_as_nohup_does_goes_on_through_it(tmp_path: Path) -> None:
     """Closing the terminal of a ``nohup digitgen ...`` must not stop it; SIGTERM still does."""
     command = [sys.executable, "-m", "digitgen", "generate", "--out", str(tmp_path), "-n", "200000", "--format", "npz"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -333,6 +334,16 @@ def test_the_model_read_again_for_its_hash_is_checked_as_at_load(tiny_onnx: Path
     if waited:  # blocked opening the pipe: let it go, then fail
         os.close(os.open(model, os.O_WRONLY | os.O_NONBLOCK))
     assert not waited and [str(exc) for exc in refused] == [f"model path is not a file: {model}"]
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no Unix sockets here")
+def test_a_model_path_that_is_a_folder_or_a_socket_is_named_as_no_file(tmp_path: Path) -> None:
+    """Not errno's words for opening a socket ("No such device or address")."""
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(tmp_path / "model.sock"))
+        for path in (tmp_path, tmp_path / "model.sock"):
+            with pytest.raises(InvalidModelError, match=f"^model path is not a file: {re.escape(str(path))}$"):
+                DigitGenerator.from_path(path, "cpu")
 
 
 def test_a_model_in_a_folder_whose_name_is_not_utf8_loads_or_is_refused_in_words(tmp_path: Path) -> None:

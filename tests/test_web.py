@@ -936,6 +936,10 @@ def test_bad_fields_are_named_in_the_cli_s_words_until_the_next_sheet(page: Page
         ({"digits": "12"}, "digit 12 is not a class of this model (0-9)"),
         ({"digits": "12,3,15,12"}, "digits 12, 15 are not classes of this model (0-9)"),  # each bad one, once
         ({"digits": "10,11,12,13,14,15,16"}, "digits 10, 11, 12, 13, 14 and 2 more are not classes of this model"),
+        (  # counted as the CLI counts them, in groups of three
+            {"digits": ",".join(map(str, range(10, 1016)))},
+            "digits 10, 11, 12, 13, 14 and 1,001 more are not classes of this model",
+        ),
         ({"seed": "9" * 2000}, f"from 0 to 18446744073709551615, got '{'9' * 1023}... (2,000 characters)"),
         ({"count": "\U0001f600" * 1100}, f"got '{chr(0x1F600) * 1023}... (1,100 characters)"),  # no half emoji
     ],

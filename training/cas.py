@@ -9,6 +9,7 @@ import json
 import os
 import weakref
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from digitgen.runtime.errors import OutputError
 from digitgen.runtime.evaluate import Cas
-from digitgen.runtime.files import AS_ITSELF, atomic_file, still_named, try_flock
+from digitgen.runtime.files import AS_ITSELF, atomic_file, locking_available, still_named, try_flock
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.text import read_json
 from digitgen.training.classifier import (
@@ -222,18 +223,29 @@ def _claim(path: Path) -> tuple[int, Path] | None:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | AS_ITSELF, 0o600)
         except OSError as exc:
             raise OutputError(f"cannot make {path}, where evaluate --cas locks its state: {exc.strerror}") from exc
-        if not try_flock(fd):
+        try:
+            if not try_flock(fd):
+                os.close(fd)
+                return None
+            if still_named(fd, path):
+                return fd, path
+        except BaseException:
             os.close(fd)
-            return None
-        if still_named(fd, path):
-            return fd, path
+            raise
         os.close(fd)  # removed by the run that held it, between this one opening and locking it: open again
 
 
 def _let_go_of(fd: int, path: Path) -> None:
-    """Remove the lock file, then let go of its lock, so that no run locks a file no longer named."""
-    path.unlink(missing_ok=True)
-    os.close(fd)
+    """Remove the lock file, then let go of its lock, so that no run locks a file no longer named (where there are
+    no locks, Windows, closed first: it removes no open file). A lock file that stays costs nothing, and never the
+    run its scores."""
+    locked = locking_available()
+    if not locked:
+        os.close(fd)
+    with suppress(OSError):
+        path.unlink(missing_ok=True)
+    if locked:
+        os.close(fd)
 
 
 def _read_accuracy(path: Path) -> float | None:

@@ -128,7 +128,8 @@ function notClassesMessage(shown, numClasses) {
   const unique = [...new Set(shown)];
   const range = `(0-${numClasses - 1})`;
   if (unique.length === 1) return `digit ${unique[0]} is not a class of this model ${range}`;
-  const more = unique.length > NAMED_BAD_DIGITS ? ` and ${unique.length - NAMED_BAD_DIGITS} more` : "";
+  const more =
+    unique.length > NAMED_BAD_DIGITS ? ` and ${(unique.length - NAMED_BAD_DIGITS).toLocaleString("en")} more` : "";
   return `digits ${unique.slice(0, NAMED_BAD_DIGITS).join(", ")}${more} are not classes of this model ${range}`;
 }
 
