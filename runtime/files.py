@@ -96,6 +96,30 @@ def still_named(fd: int, path: Path) -> bool:
     return (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino)
 
 
+def open_locked(
+    path: Path, lock: Callable[[int], bool], cannot_open: Callable[[OSError], Exception], mode: int = 0o666
+) -> int | None:
+    """A descriptor of ``path``, made if need be, that ``lock(fd)`` has locked; ``None`` where it could not (another
+    holds the lock). Opened again where the holder that let go last removed the file between this process opening it
+    and locking it, so that no two processes hold locks of two files of one name. ``cannot_open(error)``: what to
+    raise where it cannot be opened."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | AS_ITSELF, mode)
+        except OSError as exc:
+            raise cannot_open(exc) from exc
+        try:
+            if not lock(fd):
+                os.close(fd)
+                return None
+            if still_named(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # removed by the holder that let go last: open the name again
+
+
 def claim_temporary(tmp: Path) -> int:
     """Open ``tmp`` (a :func:`temporary_name`) empty for writing, locked so that no other process can claim it
     while this one writes it: a second run writing the same file is refused rather than interleaved with the

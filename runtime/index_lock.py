@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from digitgen.runtime.errors import OutputError
-from digitgen.runtime.files import AS_ITSELF, still_named
+from digitgen.runtime.files import AS_ITSELF, open_locked
 
 try:
     import fcntl
@@ -85,21 +85,15 @@ def claim_indices(folder: Path, start: int, stop: int | None) -> Iterator[None]:
 
 def _open_locked(path: Path, start: int, stop: int | None) -> int:
     """A descriptor of ``path``, created if need be, holding the lock of ``start .. stop-1``."""
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | AS_ITSELF, 0o666)
-        except OSError as exc:
-            raise OutputError(f"cannot write {path}: {exc.strerror}") from exc
-        try:
-            _refuse_if_not_a_lock(fd, path)
-            if not _lock(fd, start, stop, exclusive=True):
-                raise _in_use(path.parent)
-            if still_named(fd, path):
-                return fd
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # removed by the run that let go last, between this one opening and locking it: open again
+
+    def lock(fd: int) -> bool:
+        _refuse_if_not_a_lock(fd, path)
+        return _lock(fd, start, stop, exclusive=True)
+
+    fd = open_locked(path, lock, lambda exc: OutputError(f"cannot write {path}: {exc.strerror}"))
+    if fd is None:
+        raise _in_use(path.parent)
+    return fd
 
 
 def refuse_if_indices_claimed(folder: Path, start: int, stop: int | None) -> None:

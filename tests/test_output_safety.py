@@ -956,7 +956,7 @@ def test_a_lock_file_removed_before_it_was_locked_is_made_again(
 ) -> None:
     """The run that let go last removed the file between this one opening and locking it: open it again."""
     looks = iter([False, True])
-    monkeypatch.setattr(index_lock, "still_named", lambda fd, path: next(looks))
+    monkeypatch.setattr(files, "still_named", lambda fd, path: next(looks))
     with index_lock.claim_indices(tmp_path, 0, None):
         assert (tmp_path / index_lock.LOCK_FILE).exists()
     assert list(looks) == [] and not (tmp_path / index_lock.LOCK_FILE).exists()

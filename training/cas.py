@@ -17,7 +17,7 @@ import torch
 
 from digitgen.runtime.errors import OutputError
 from digitgen.runtime.evaluate import Cas
-from digitgen.runtime.files import AS_ITSELF, atomic_file, locking_available, still_named, try_flock
+from digitgen.runtime.files import atomic_file, locking_available, open_locked, try_flock
 from digitgen.runtime.generator import DigitGenerator
 from digitgen.runtime.text import read_json
 from digitgen.training.classifier import (
@@ -218,21 +218,13 @@ class CasRun:
 
 def _claim(path: Path) -> tuple[int, Path] | None:
     """``path`` opened (made if need be) and locked by this process, or ``None`` while another holds it."""
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | AS_ITSELF, 0o600)
-        except OSError as exc:
-            raise OutputError(f"cannot make {path}, where evaluate --cas locks its state: {exc.strerror}") from exc
-        try:
-            if not try_flock(fd):
-                os.close(fd)
-                return None
-            if still_named(fd, path):
-                return fd, path
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)  # removed by the run that held it, between this one opening and locking it: open again
+    fd = open_locked(
+        path,
+        try_flock,
+        lambda exc: OutputError(f"cannot make {path}, where evaluate --cas locks its state: {exc.strerror}"),
+        mode=0o600,
+    )
+    return None if fd is None else (fd, path)
 
 
 def _let_go_of(fd: int, path: Path) -> None:
