@@ -945,10 +945,12 @@ def evaluate(
         label = "CAS: training classifiers (steps)"
         with _stop_on_signals() as should_stop, progress(run.total, label, done=run.done) as bar:
             scores = run.run(progress=lambda: bar.update(1), should_stop=should_stop)
-        if scores is None and run.keeps_state:
-            raise Interrupted(f"CAS's training state is kept in {state_dir}; the same command continues it")
         if scores is None:
-            raise Interrupted("CAS's training state is not kept (another run of it keeps its own)")
+            raise Interrupted(
+                f"CAS's training state is kept in {state_dir}; the same command continues it"
+                if run.keeps_state
+                else "CAS's training state is not kept (another run of it keeps its own)"
+            )
         result = dataclasses.replace(result, cas=scores)
     if as_json:
         click.echo(json.dumps(result.to_dict()))

@@ -62,7 +62,6 @@ class ReferenceClassifier:
         self, images: np.ndarray, batch_size: int = 500, progress: Progress = lambda n: None
     ) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, 28, 28) -> (features float64 (N, D), predicted classes int64 (N,))."""
-        check_images(images, "images")
         features, predictions = [], []
         for count, (logits, feats) in self._outputs(images, batch_size):
             features.append(feats.astype(np.float64))
@@ -72,13 +71,13 @@ class ReferenceClassifier:
 
     def probabilities(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
         """uint8 (N, 28, 28) -> float64 (N, classes): the softmax of the logits, each row summing to 1."""
-        check_images(images, "images")
         logits = np.concatenate([logits for _, (logits, _) in self._outputs(images, batch_size)]).astype(np.float64)
         exp = np.exp(logits - logits.max(1, keepdims=True))
         return exp / exp.sum(1, keepdims=True)
 
     def _outputs(self, images: np.ndarray, batch_size: int) -> Iterator[tuple[int, list[np.ndarray]]]:
         """(batch size, (logits, features)) for each batch of ``images``, scaled to [0, 1]."""
+        check_images(images, "images")
         batch_size = check_int(batch_size, "batch size", maximum=MAX_BATCH_SIZE)
         for i in range(0, len(images), batch_size):
             batch = images[i : i + batch_size, None].astype(np.float32) / 255.0

@@ -236,15 +236,18 @@ def read_model_file(path: Path) -> bytes:
         if _exists_as_no_file(path):  # a socket (ENXIO), a folder on Windows (EACCES): what it is, not errno's words
             raise InvalidModelError(f"model path is not a file: {path}") from None
         raise InvalidModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
-    found = os.fstat(fd)
-    if not stat.S_ISREG(found.st_mode) or found.st_size > MAX_MODEL_BYTES:
-        os.close(fd)
+    try:
+        found = os.fstat(fd)
         if not stat.S_ISREG(found.st_mode):
             raise InvalidModelError(f"model path is not a file: {path}")
-        raise InvalidModelError(
-            f"{path} is not a valid ONNX model ({found.st_size:,} bytes: an ONNX file holds at most 2 GiB; a larger "
-            "model keeps its tensors in external data files)"
-        )
+        if found.st_size > MAX_MODEL_BYTES:
+            raise InvalidModelError(
+                f"{path} is not a valid ONNX model ({found.st_size:,} bytes: an ONNX file holds at most 2 GiB; a "
+                "larger model keeps its tensors in external data files)"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "rb") as file:
         try:
             return file.read()
