@@ -83,6 +83,7 @@ def _stop_when_orphaned(supervisor: int) -> None:
 NOT_HTTP = json.dumps({"error": "not a valid HTTP/1.1 request; the server closed the connection"}).encode()
 HEAD_TIMEOUT = 10.0  # seconds a connection has to send a whole request head after it opens or after its last answer
 SEND_TIMEOUT = 30.0  # seconds a client may leave its answer unread (the socket's buffers full) before it is cut off
+STOP_GRACE = 2.0  # seconds a connection just opened, or sending a request head, has to finish it once the server stops
 
 
 class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
@@ -99,10 +100,15 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     after its last answer is closed, with a 408 in JSON if it had sent part of one. Nor does uvicorn bound a
     client that stops reading its answer: the answer would wait in memory for good. Here one whose buffers stay
     full for :data:`SEND_TIMEOUT` seconds is cut off, and counted among the abandoned requests.
+
+    As the server stops, uvicorn closes every connection not being answered, unanswered, and so drops the request
+    of a client that has just connected (to the worker that SIGHUP retires, say) or is sending its head. Here
+    such a connection has :data:`STOP_GRACE` seconds to send it; it is answered, and then closed.
     """
 
     head_timeout = HEAD_TIMEOUT
     send_timeout = SEND_TIMEOUT
+    stop_grace = STOP_GRACE
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         sock = transport.get_extra_info("socket")
@@ -111,12 +117,15 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._head_deadline: asyncio.TimerHandle | None = None
         self._send_deadline: asyncio.TimerHandle | None = None
         self._head_begun = False
+        self._last_request = False  # the server is stopping: the request on its way is the connection's last
         super().connection_made(transport)
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
         self._head_begun = True
         super().data_received(data)
+        if self._last_request and self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # uvicorn closes the connection once it has answered
 
     def on_response_complete(self) -> None:
         self._head_begun = False
@@ -164,10 +173,11 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._cancel_send_deadline()
         super().connection_lost(exc)
 
-    def _await_head(self) -> None:
+    def _await_head(self, seconds: float | None = None) -> None:
+        """Arm the head's deadline: ``seconds`` from now (default :attr:`head_timeout`)."""
         if self._head_deadline is not None:
             self._head_deadline.cancel()
-        self._head_deadline = self.loop.call_later(self.head_timeout, self._head_overdue)
+        self._head_deadline = self.loop.call_later(seconds or self.head_timeout, self._head_overdue)
 
     def _head_overdue(self) -> None:
         """Close the connection unless a request is being answered (its own time limit is the app's)."""
@@ -187,7 +197,13 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         state = _app_state(self.app)
         if state is not None:
             state.service.stopping = True
-        super().shutdown()
+        answering = self.cycle is not None and not self.cycle.response_complete
+        idle = self.cycle is not None and not self._head_begun  # answered, and asked nothing since
+        if answering or idle:
+            super().shutdown()  # uvicorn's: answered, then closed; or closed now
+        else:
+            self._last_request = True
+            self._await_head(self.stop_grace)
 
     def send_400_response(self, msg: str) -> None:
         """Answer :data:`NOT_HTTP`, or 431 for a head past h11's bound, and close (uvicorn has logged ``msg``)."""
