@@ -1229,13 +1229,19 @@ def test_sigterm_or_sighup_finishes_the_request_in_flight_then_exits_0(tmp_path:
 
 def _one_answer(connection: socket.socket) -> bytes:
     """The head of one whole answer (head and Content-Length body) read from a connection that may stay open."""
+
+    def more() -> bytes:
+        chunk = connection.recv(65536)
+        assert chunk, f"closed after {len(answer)} bytes of an answer"
+        return chunk
+
     answer = b""
     while b"\r\n\r\n" not in answer:
-        answer += connection.recv(65536)
-    head, _, body = answer.partition(b"\r\n\r\n")
+        answer += more()
+    head, _, answer = answer.partition(b"\r\n\r\n")
     length = int(re.search(rb"\r\ncontent-length: (\d+)", head)[1])  # type: ignore[index]
-    while len(body) < length:
-        body += connection.recv(65536)
+    while len(answer) < length:
+        answer += more()
     return head
 
 
