@@ -1248,13 +1248,14 @@ def _one_answer(connection: socket.socket) -> bytes:
 def test_a_request_on_its_way_as_the_server_stops_is_answered_an_idle_connection_closed(tmp_path: Path) -> None:
     """uvicorn closes, unanswered, a connection that has just opened or is sending its head when the server begins
     to stop (a worker that SIGHUP retires among them): that request is lost. Here it is answered, then closed; a
-    connection being answered is closed after its answer, and one idle after its answer at once."""
+    connection being answered is closed after its answer, one idle after its answer at once, and one that sends
+    nothing once its 2 s of grace are over (not after the 10 s a request head has)."""
     server = start(tmp_path / "server.log", serve_command("--graceful-timeout", "60"))
     host, port = server.url.removeprefix("http://").split(":")
     digit = b"GET /generate?digit=3&seed=1 HTTP/1.1\r\nHost: x\r\n\r\n"
     with contextlib.ExitStack() as stack:
-        busy, fresh, partial, idle = (
-            stack.enter_context(socket.create_connection((host, int(port)), 60)) for _ in "abcd"
+        busy, fresh, partial, silent, idle = (
+            stack.enter_context(socket.create_connection((host, int(port)), 60)) for _ in "abcde"
         )
         idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # answered: the server has taken the
         assert _one_answer(idle).startswith(b"HTTP/1.1 200 OK\r\n")  # connections opened before it, in order
@@ -1275,6 +1276,8 @@ def test_a_request_on_its_way_as_the_server_stops_is_answered_an_idle_connection
             assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
             connection.settimeout(2)  # then closed, not kept alive (uvicorn's 5 s)
             assert connection.recv(4096) == b""
+        silent.settimeout(5)
+        assert silent.recv(4096) == b""
     assert server.process.wait(60) == 0
 
 
