@@ -186,7 +186,10 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if answering or self.transport.is_closing():
             return
         if self._head_begun:
-            too_slow = f"no whole request head within {self.head_timeout:g} s; the server closed the connection"
+            within = (
+                f"{self.stop_grace:g} s of the server stopping" if self._last_request else f"{self.head_timeout:g} s"
+            )
+            too_slow = f"no whole request head within {within}; the server closed the connection"
             self._answer_and_close(408, "Request Timeout", json.dumps({"error": too_slow}).encode())
         else:
             self.transport.close()

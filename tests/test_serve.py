@@ -1249,17 +1249,18 @@ def test_a_request_on_its_way_as_the_server_stops_is_answered_an_idle_connection
     """uvicorn closes, unanswered, a connection that has just opened or is sending its head when the server begins
     to stop (a worker that SIGHUP retires among them): that request is lost. Here it is answered, then closed; a
     connection being answered is closed after its answer, one idle after its answer at once, and one that sends
-    nothing once its 2 s of grace are over (not after the 10 s a request head has)."""
+    nothing, or not a whole head, once its 2 s of grace are over (not after the 10 s a request head has)."""
     server = start(tmp_path / "server.log", serve_command("--graceful-timeout", "60"))
     host, port = server.url.removeprefix("http://").split(":")
     digit = b"GET /generate?digit=3&seed=1 HTTP/1.1\r\nHost: x\r\n\r\n"
     with contextlib.ExitStack() as stack:
-        busy, fresh, partial, silent, idle = (
-            stack.enter_context(socket.create_connection((host, int(port)), 60)) for _ in "abcde"
+        busy, fresh, partial, silent, stalled, idle = (
+            stack.enter_context(socket.create_connection((host, int(port)), 60)) for _ in "abcdef"
         )
         idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # answered: the server has taken the
         assert _one_answer(idle).startswith(b"HTTP/1.1 200 OK\r\n")  # connections opened before it, in order
         partial.sendall(digit[:20])
+        stalled.sendall(digit[:20])
         busy.sendall(b"GET /generate?count=3000&format=npz&seed=8 HTTP/1.1\r\nHost: x\r\n\r\n")
         while server.metric("digitgen_requests_admitted") < 1:
             time.sleep(0.01)
@@ -1278,6 +1279,11 @@ def test_a_request_on_its_way_as_the_server_stops_is_answered_an_idle_connection
             assert connection.recv(4096) == b""
         silent.settimeout(5)
         assert silent.recv(4096) == b""
+        stalled.settimeout(5)
+        head, _, body = _read_to_end(stalled).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), head
+        too_slow = "no whole request head within 2 s of the server stopping; the server closed the connection"
+        assert json.loads(body) == {"error": too_slow}
     assert server.process.wait(60) == 0
 
 
