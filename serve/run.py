@@ -83,7 +83,7 @@ def _stop_when_orphaned(supervisor: int) -> None:
 NOT_HTTP = json.dumps({"error": "not a valid HTTP/1.1 request; the server closed the connection"}).encode()
 HEAD_TIMEOUT = 10.0  # seconds a connection has to send a whole request head after it opens or after its last answer
 SEND_TIMEOUT = 30.0  # seconds a client may leave its answer unread (the socket's buffers full) before it is cut off
-STOP_GRACE = 2.0  # seconds a connection just opened, or sending a request head, has to finish it once the server stops
+STOP_GRACE = 2.0  # seconds a connection not being answered has to send its (last) request once the server stops
 
 
 class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
@@ -101,9 +101,10 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     client that stops reading its answer: the answer would wait in memory for good. Here one whose buffers stay
     full for :data:`SEND_TIMEOUT` seconds is cut off, and counted among the abandoned requests.
 
-    As the server stops, uvicorn closes every connection not being answered, unanswered, and so drops the request
-    of a client that has just connected (to the worker that SIGHUP retires, say) or is sending its head. Here
-    such a connection has :data:`STOP_GRACE` seconds to send it; it is answered, and then closed.
+    As the server stops, uvicorn closes at once every connection not being answered, and so drops the request of
+    a client that has just connected (to the worker that SIGHUP retires, say), is sending its head, or sends its
+    next one on a connection kept alive. Here such a connection has :data:`STOP_GRACE` seconds to send it; it is
+    answered (``Connection: close``), and then closed.
     """
 
     head_timeout = HEAD_TIMEOUT
@@ -117,15 +118,14 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._head_deadline: asyncio.TimerHandle | None = None
         self._send_deadline: asyncio.TimerHandle | None = None
         self._head_begun = False
-        self._last_request = False  # the server is stopping: the request on its way is the connection's last
+        self._last_request = False  # the server is stopping: the request on its way is the connection's last (the
+        # app answers it with Connection: close, and uvicorn then closes the connection)
         super().connection_made(transport)
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
         self._head_begun = True
         super().data_received(data)
-        if self._last_request and self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.keep_alive = False  # uvicorn closes the connection once it has answered
 
     def on_response_complete(self) -> None:
         self._head_begun = False
@@ -200,11 +200,9 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         state = _app_state(self.app)
         if state is not None:
             state.service.stopping = True
-        answering = self.cycle is not None and not self.cycle.response_complete
-        idle = self.cycle is not None and not self._head_begun  # answered, and asked nothing since
-        if answering or idle:
-            super().shutdown()  # uvicorn's: answered, then closed; or closed now
-        else:
+        if self.cycle is not None and not self.cycle.response_complete:
+            super().shutdown()  # uvicorn's: answered, then closed
+        else:  # uvicorn would close it now, unanswered, with a client's request perhaps on its way
             self._last_request = True
             self._await_head(self.stop_grace)
 

@@ -1245,20 +1245,22 @@ def _one_answer(connection: socket.socket) -> bytes:
     return head
 
 
-def test_a_request_on_its_way_as_the_server_stops_is_answered_an_idle_connection_closed(tmp_path: Path) -> None:
-    """uvicorn closes, unanswered, a connection that has just opened or is sending its head when the server begins
-    to stop (a worker that SIGHUP retires among them): that request is lost. Here it is answered, then closed; a
-    connection being answered is closed after its answer, one idle after its answer at once, and one that sends
-    nothing, or not a whole head, once its 2 s of grace are over (not after the 10 s a request head has)."""
+def test_a_request_on_its_way_as_the_server_stops_is_answered_with_connection_close(tmp_path: Path) -> None:
+    """uvicorn closes at once every connection not being answered when the server begins to stop (a worker that
+    SIGHUP retires among them): a request on its way there, on a connection just opened, in the middle of its head,
+    or the next on a connection kept alive, was lost. Here each is answered, told ``Connection: close`` as the one
+    being answered is, and then closed; one that sends nothing, or not a whole head, once its 2 s of grace are
+    over (not after the 10 s a request head has)."""
     server = start(tmp_path / "server.log", serve_command("--graceful-timeout", "60"))
     host, port = server.url.removeprefix("http://").split(":")
     digit = b"GET /generate?digit=3&seed=1 HTTP/1.1\r\nHost: x\r\n\r\n"
     with contextlib.ExitStack() as stack:
-        busy, fresh, partial, silent, stalled, idle = (
+        busy, fresh, partial, silent, stalled, kept = (
             stack.enter_context(socket.create_connection((host, int(port)), 60)) for _ in "abcdef"
         )
-        idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # answered: the server has taken the
-        assert _one_answer(idle).startswith(b"HTTP/1.1 200 OK\r\n")  # connections opened before it, in order
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # answered: the server has taken the
+        head = _one_answer(kept)  # connections opened before it, in order
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"connection" not in head.lower(), head  # kept alive
         partial.sendall(digit[:20])
         stalled.sendall(digit[:20])
         busy.sendall(b"GET /generate?count=3000&format=npz&seed=8 HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -1268,13 +1270,12 @@ def test_a_request_on_its_way_as_the_server_stops_is_answered_an_idle_connection
         while "Shutting down" not in server.log.read_text():
             time.sleep(0.01)
         time.sleep(0.2)  # the server has told its connections
-        idle.settimeout(1)  # closed at once, as uvicorn does, not given the grace of one asking
-        assert idle.recv(4096) == b""
         fresh.sendall(digit)
         partial.sendall(digit[20:])
-        for connection in (fresh, partial, busy):
+        kept.sendall(digit)
+        for connection in (fresh, partial, kept, busy):
             head = _one_answer(connection)
-            assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nconnection: close" in head, head
             connection.settimeout(2)  # then closed, not kept alive (uvicorn's 5 s)
             assert connection.recv(4096) == b""
         silent.settimeout(5)
@@ -1284,6 +1285,37 @@ def test_a_request_on_its_way_as_the_server_stops_is_answered_an_idle_connection
         assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), head
         too_slow = "no whole request head within 2 s of the server stopping; the server closed the connection"
         assert json.loads(body) == {"error": too_slow}
+    assert server.process.wait(60) == 0
+
+
+def test_an_answer_begun_before_the_stop_is_finished_then_its_connection_closed(tmp_path: Path) -> None:
+    """A file of the page sent in parts, begun before the stop (too late to say ``Connection: close``): it is
+    sent whole, and the connection then closed, not kept alive."""
+    page = tmp_path / "page"
+    page.mkdir()
+    (page / "index.html").write_text("<!doctype html><title>digits</title>")
+    (page / "digitgen.mjs").write_text("export const x = 1;")
+    (page / "generator.onnx").write_bytes(os.urandom(16 << 20))  # the page's model, as large as a 16 MB one
+    server = start(tmp_path / "server.log", serve_command("--web", str(page)))
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.socket() as reading:
+        reading.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the file waits in the server's buffers
+        reading.settimeout(60)
+        reading.connect((host, int(port)))
+        reading.sendall(b"GET /generator.onnx HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = reading.recv(65536)
+        server.process.send_signal(signal.SIGTERM)
+        while "Shutting down" not in server.log.read_text():
+            time.sleep(0.01)
+        while len(answer) < (16 << 20):
+            answer += reading.recv(1 << 20)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"connection: close" not in head.lower(), head
+        while len(body) < (16 << 20):
+            body += reading.recv(1 << 20)
+        assert body == (page / "generator.onnx").read_bytes()
+        reading.settimeout(2)  # closed after it, not kept alive (uvicorn's 5 s)
+        assert reading.recv(4096) == b""
     assert server.process.wait(60) == 0
 
 
