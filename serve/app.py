@@ -495,14 +495,14 @@ def create_app(
         path = logged_target(request.scope["path"], "")
         if exc.status_code == 404:
             return refusal(404, f"no endpoint {path}; see {request.scope.get('root_path', '')}/docs")
-        allowed = (exc.headers or {}).get("Allow")
-        if exc.status_code == 405 and allowed and local_path(request.scope) not in endpoints:
-            # a route an app added to this one answers the methods Starlette names (FastAPI adds no HEAD)
-            message = f"{logged_method(request.scope)} is not allowed on {path}, which answers {allowed}"
-            return refusal(405, message, {"Allow": allowed})
-        if exc.status_code == 405:  # every endpoint here answers GET, and HEAD through _ServiceEntry; so do the page's
-            message = f"{logged_method(request.scope)} is not allowed on {path}; this server answers GET and HEAD"
-            return refusal(405, message, {"Allow": "GET, HEAD"})
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow")
+            if allowed and local_path(request.scope) not in endpoints:
+                # a route an app added to this one answers the methods Starlette names (FastAPI adds no HEAD)
+                answers = f", which answers {allowed}"
+            else:  # every endpoint here answers GET, and HEAD through _ServiceEntry; so do the page's files
+                allowed, answers = "GET, HEAD", "; this server answers GET and HEAD"
+            return refusal(405, f"{logged_method(request.scope)} is not allowed on {path}{answers}", {"Allow": allowed})
         return refusal(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
     # the app's own routes, its documentation's among them (not the page's files, mounted below)
