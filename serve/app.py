@@ -358,10 +358,7 @@ class _ServiceEntry:
 
         async def send_tracked(message: Message) -> None:
             nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                if self.service.stopping:  # the client is told not to send another request on this connection
-                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            started = started or message["type"] == "http.response.start"
             await send(message)
 
         request_id = scope.get("state", {}).get("request_id", "-")

@@ -24,6 +24,7 @@ import h11
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.supervisors import Multiprocess
 
@@ -103,8 +104,9 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     As the server stops, uvicorn closes at once every connection not being answered, and so drops the request of
     a client that has just connected (to the worker that SIGHUP retires, say), is sending its head, or sends its
-    next one on a connection kept alive. Here such a connection has :data:`STOP_GRACE` seconds to send it; it is
-    answered (``Connection: close``), and then closed.
+    next one on a connection kept alive. Here such a connection has :data:`STOP_GRACE` seconds (no more than the
+    graceful timeout) to send it. Every answer from then on, that request's or one being made, is the connection's
+    last: it says ``Connection: close`` (unless it had begun) and the connection is closed after it.
     """
 
     head_timeout = HEAD_TIMEOUT
@@ -118,14 +120,14 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self._head_deadline: asyncio.TimerHandle | None = None
         self._send_deadline: asyncio.TimerHandle | None = None
         self._head_begun = False
-        self._last_request = False  # the server is stopping: the request on its way is the connection's last (the
-        # app answers it with Connection: close, and uvicorn then closes the connection)
+        self._stopping = False  # the server is stopping: the connection's next answer is its last
         super().connection_made(transport)
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
         self._head_begun = True
         super().data_received(data)
+        self._last_answer_if_stopping()
 
     def on_response_complete(self) -> None:
         self._head_begun = False
@@ -136,6 +138,18 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             # timer (which would close the connection unanswered), is the one that runs
             self._head_begun = True
             self._unset_keepalive_if_required()
+        self._last_answer_if_stopping()
+
+    def _last_answer_if_stopping(self) -> None:
+        """Once the server is stopping, make the request being answered the connection's last: its answer, unless
+        begun, says ``Connection: close``, and the connection is closed after it (uvicorn's, both for h11 and
+        httptools, when the cycle is not kept alive and its headers say so)."""
+        cycle = self.cycle
+        if not self._stopping or cycle is None or cycle.response_complete or not cycle.keep_alive:
+            return
+        cycle.keep_alive = False
+        if not cycle.response_started:
+            cycle.default_headers = [*cycle.default_headers, CLOSE_HEADER]
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -177,7 +191,9 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         """Arm the head's deadline: ``seconds`` from now (default :attr:`head_timeout`)."""
         if self._head_deadline is not None:
             self._head_deadline.cancel()
-        self._head_deadline = self.loop.call_later(seconds or self.head_timeout, self._head_overdue)
+        self._head_deadline = self.loop.call_later(
+            self.head_timeout if seconds is None else seconds, self._head_overdue
+        )
 
     def _head_overdue(self) -> None:
         """Close the connection unless a request is being answered (its own time limit is the app's)."""
@@ -185,14 +201,25 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         answering = self.cycle is not None and not self.cycle.response_complete
         if answering or self.transport.is_closing():
             return
-        if self._head_begun:
-            within = (
-                f"{self.stop_grace:g} s of the server stopping" if self._last_request else f"{self.head_timeout:g} s"
-            )
+        if self._head_begun and not self._body_arriving():
+            within = f"{self._grace():g} s of the server stopping" if self._stopping else f"{self.head_timeout:g} s"
             too_slow = f"no whole request head within {within}; the server closed the connection"
             self._answer_and_close(408, "Request Timeout", json.dumps({"error": too_slow}).encode())
         else:
             self.transport.close()
+
+    def _body_arriving(self) -> bool:
+        """Whether the bytes received belong to the body of a request already answered, not to a new head."""
+        conn = getattr(self, "conn", None)
+        if isinstance(conn, h11.Connection):
+            return conn.their_state is h11.SEND_BODY
+        return self.cycle is not None and self.cycle.more_body  # httptools
+
+    def _grace(self) -> float:
+        """Seconds a connection has to send its request once the server is stopping: :attr:`stop_grace`, or the
+        graceful timeout if shorter (uvicorn gives up on the connections then)."""
+        limit = self.config.timeout_graceful_shutdown
+        return self.stop_grace if limit is None else min(self.stop_grace, limit)
 
     def shutdown(self) -> None:
         """The server begins to stop (uvicorn tells every connection): what it cancels in the app from now on, a
@@ -200,11 +227,11 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         state = _app_state(self.app)
         if state is not None:
             state.service.stopping = True
+        self._stopping = True
         if self.cycle is not None and not self.cycle.response_complete:
-            super().shutdown()  # uvicorn's: answered, then closed
+            self._last_answer_if_stopping()  # answered, then closed
         else:  # uvicorn would close it now, unanswered, with a client's request perhaps on its way
-            self._last_request = True
-            self._await_head(self.stop_grace)
+            self._await_head(self._grace())
 
     def send_400_response(self, msg: str) -> None:
         """Answer :data:`NOT_HTTP`, or 431 for a head past h11's bound, and close (uvicorn has logged ``msg``)."""
