@@ -85,6 +85,11 @@ NOT_HTTP = json.dumps({"error": "not a valid HTTP/1.1 request; the server closed
 HEAD_TIMEOUT = 10.0  # seconds a connection has to send a whole request head after it opens or after its last answer
 SEND_TIMEOUT = 30.0  # seconds a client may leave its answer unread (the socket's buffers full) before it is cut off
 STOP_GRACE = 2.0  # seconds a connection not being answered has to send its (last) request once the server stops
+# uvicorn's warning for bytes that are not a request, which the server answers with a 400 and logs in its access-log
+# line (or not, with --quiet): its one line, as for every request
+_NOT_HTTP_WARNING = "Invalid HTTP request received."
+PROTOCOL_LOG = logging.getLogger("uvicorn.error.protocol")  # uvicorn's protocol messages, through uvicorn's handler
+PROTOCOL_LOG.addFilter(lambda record: record.msg != _NOT_HTTP_WARNING)
 
 
 class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
@@ -112,6 +117,10 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     head_timeout = HEAD_TIMEOUT
     send_timeout = SEND_TIMEOUT
     stop_grace = STOP_GRACE
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = PROTOCOL_LOG
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         sock = transport.get_extra_info("socket")
