@@ -243,7 +243,8 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._await_head(self._grace())
 
     def send_400_response(self, msg: str) -> None:
-        """Answer :data:`NOT_HTTP`, or 431 for a head past h11's bound, and close (uvicorn has logged ``msg``)."""
+        """Answer :data:`NOT_HTTP`, or 431 for a head past h11's bound, and close (``msg`` is uvicorn's warning, which
+        :data:`PROTOCOL_LOG` drops: the access-log line says it)."""
         bound = self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
         if self._unread_bytes() > bound:  # h11 stopped reading a head that had grown past it
             too_large = f"request head larger than {bound:,} bytes; the server closed the connection"
