@@ -1291,6 +1291,19 @@ def _closed_without_answer(connection: socket.socket) -> bytes:
         return b""
 
 
+def _timed_out_at_the_stop(connection: socket.socket, within: int) -> None:
+    """The 408 ``connection`` gets for no whole request head ``within`` seconds of the server stopping, then EOF."""
+    head, _, body = _read_to_end(connection).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), head
+    too_slow = f"no whole request head within {within} s of the server stopping; the server closed the connection"
+    assert json.loads(body) == {"error": too_slow}
+
+
+def _exited_cleanly(server: Server) -> None:
+    assert server.process.wait(60) == 0
+    assert "Traceback" not in server.log.read_text()
+
+
 def test_a_request_on_its_way_as_the_server_stops_is_answered_with_connection_close(tmp_path: Path) -> None:
     """uvicorn closes at once every connection not being answered when the server begins to stop (a worker that
     SIGHUP retires among them): a request on its way there, on a connection just opened, in the middle of its head,
@@ -1343,12 +1356,8 @@ def test_a_request_on_its_way_as_the_server_stops_is_answered_with_connection_cl
         silent.settimeout(5)
         assert silent.recv(4096) == b""
         stalled.settimeout(5)
-        head, _, body = _read_to_end(stalled).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), head
-        too_slow = "no whole request head within 2 s of the server stopping; the server closed the connection"
-        assert json.loads(body) == {"error": too_slow}
-    assert server.process.wait(60) == 0
-    assert "Traceback" not in server.log.read_text()
+        _timed_out_at_the_stop(stalled, within=2)
+    _exited_cleanly(server)
 
 
 def test_the_grace_to_send_a_request_as_the_server_stops_is_no_longer_than_its_graceful_timeout(
@@ -1362,12 +1371,8 @@ def test_the_grace_to_send_a_request_as_the_server_stops_is_no_longer_than_its_g
         assert _one_answer(stalled).startswith(b"HTTP/1.1 200 OK\r\n")
         stalled.sendall(b"GET /generate?digit=3")
         server.process.send_signal(signal.SIGTERM)
-        head, _, body = _read_to_end(stalled).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), head
-    too_slow = "no whole request head within 1 s of the server stopping; the server closed the connection"
-    assert json.loads(body) == {"error": too_slow}
-    assert server.process.wait(60) == 0
-    assert "Traceback" not in server.log.read_text()
+        _timed_out_at_the_stop(stalled, within=1)
+    _exited_cleanly(server)
 
 
 def test_an_answer_begun_before_the_stop_is_finished_then_its_connection_closed(tmp_path: Path) -> None:
@@ -1392,8 +1397,7 @@ def test_an_answer_begun_before_the_stop_is_finished_then_its_connection_closed(
         assert _recv_exactly(reading, body, 16 << 20) == (page / "generator.onnx").read_bytes()
         reading.settimeout(2)  # closed after it, not kept alive (uvicorn's 5 s)
         assert reading.recv(4096) == b""
-    assert server.process.wait(60) == 0
-    assert "Traceback" not in server.log.read_text()
+    _exited_cleanly(server)
 
 
 @pytest.mark.parametrize("forced", [False, True], ids=["graceful-timeout", "second-ctrl-c"])
