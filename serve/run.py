@@ -151,14 +151,15 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     def _last_answer_if_stopping(self) -> None:
         """Once the server is stopping, make the request being answered the connection's last: its answer, unless
-        begun, says ``Connection: close``, and the connection is closed after it (uvicorn's, both for h11 and
-        httptools, when the cycle is not kept alive and its headers say so)."""
+        begun, says ``Connection: close`` (once, whether or not it says so itself), and the connection is closed
+        after it. uvicorn does both for a cycle not kept alive with httptools; with h11, for a request that asks
+        to close, which this one is then made to ask."""
         cycle = self.cycle
         if not self._stopping or cycle is None or cycle.response_complete or not cycle.keep_alive:
             return
         cycle.keep_alive = False
-        if not cycle.response_started:
-            cycle.default_headers = [*cycle.default_headers, CLOSE_HEADER]
+        if not cycle.response_started and CLOSE_HEADER not in cycle.scope["headers"]:
+            cycle.scope["headers"].append(CLOSE_HEADER)
 
     def pause_writing(self) -> None:
         super().pause_writing()

@@ -1319,10 +1319,10 @@ def test_a_request_on_its_way_as_the_server_stops_is_answered_with_connection_cl
         f"OPTIONS /generate HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: GET\r\n\r\n"
     ).encode()
     with contextlib.ExitStack() as stack:
-        busy, fresh, partial, silent, stalled, kept, preflighting, uploading = (
-            stack.enter_context(socket.create_connection((host, int(port)), 60)) for _ in range(8)
+        busy, fresh, partial, silent, stalled, kept, preflighting, uploading, framed = (
+            stack.enter_context(socket.create_connection((host, int(port)), 60)) for _ in range(9)
         )
-        for connection in (kept, preflighting):  # answered: the server has taken the connections opened before it
+        for connection in (kept, preflighting, framed):  # answered: the server has taken the connections before it
             connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             head = _one_answer(connection)
             assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"connection" not in head.lower(), head  # kept alive
@@ -1338,6 +1338,7 @@ def test_a_request_on_its_way_as_the_server_stops_is_answered_with_connection_cl
         partial.sendall(digit[20:])
         kept.sendall(digit)
         preflighting.sendall(preflight)
+        framed.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
         for connection in (fresh, partial, kept, preflighting, busy):
             head = _one_answer(connection)
             assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
@@ -1345,6 +1346,8 @@ def test_a_request_on_its_way_as_the_server_stops_is_answered_with_connection_cl
                 assert head.lower().count(b"\r\nconnection: close") == 1, head
             connection.settimeout(2)  # then closed, not kept alive (uvicorn's 5 s)
             assert connection.recv(4096) == b""
+        head = _one_answer(framed)  # a refusal that says Connection: close itself says it once
+        assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and head.lower().count(b"\r\nconnection:") == 1, head
         for _ in range(10):  # more of the body, past the 2 s of grace, until the server closes the connection
             try:
                 uploading.sendall(bytes(100))
