@@ -147,7 +147,6 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             # timer (which would close the connection unanswered), is the one that runs
             self._head_begun = True
             self._unset_keepalive_if_required()
-        self._last_answer_if_stopping()
 
     def _last_answer_if_stopping(self) -> None:
         """Once the server is stopping, make the request being answered the connection's last: its answer, unless
@@ -155,7 +154,7 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         after it. uvicorn does both for a cycle not kept alive with httptools; with h11, for a request that asks
         to close, which this one is then made to ask."""
         cycle = self.cycle
-        if not self._stopping or cycle is None or cycle.response_complete or not cycle.keep_alive:
+        if not self._stopping or not self._answering() or not cycle.keep_alive:
             return
         cycle.keep_alive = False
         if not cycle.response_started and CLOSE_HEADER not in cycle.scope["headers"]:
@@ -208,8 +207,7 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def _head_overdue(self) -> None:
         """Close the connection unless a request is being answered (its own time limit is the app's)."""
         self._head_deadline = None
-        answering = self.cycle is not None and not self.cycle.response_complete
-        if answering or self.transport.is_closing():
+        if self._answering() or self.transport.is_closing():
             return
         if self._head_begun and not self._body_arriving():
             within = f"{self._grace():g} s of the server stopping" if self._stopping else f"{self.head_timeout:g} s"
@@ -217,6 +215,10 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._answer_and_close(408, "Request Timeout", json.dumps({"error": too_slow}).encode())
         else:
             self.transport.close()
+
+    def _answering(self) -> bool:
+        """Whether a request on this connection is being answered (its answer not yet complete)."""
+        return self.cycle is not None and not self.cycle.response_complete
 
     def _body_arriving(self) -> bool:
         """Whether the bytes received belong to the body of a request already answered, not to a new head."""
@@ -238,7 +240,7 @@ class ServerHTTP(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if state is not None:
             state.service.stopping = True
         self._stopping = True
-        if self.cycle is not None and not self.cycle.response_complete:
+        if self._answering():
             self._last_answer_if_stopping()  # answered, then closed
         else:  # uvicorn would close it now, unanswered, with a client's request perhaps on its way
             self._await_head(self._grace())
