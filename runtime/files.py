@@ -7,7 +7,7 @@ import filecmp
 import os
 import stat
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -209,15 +209,14 @@ def _published(
     failing: Sequence[Path] = paths
     claimed: list[tuple[Path, int]] = []  # only these temporary files are this call's to remove
     still_open: list[int] = []
-    renamed: set[Path] = set()  # gone from their names, which another run may claim from then on
-    claiming: Path | None = None  # a temporary file being claimed, which an interrupt may leave unclaimed
+    renamed: set[Path] = set()  # published, no longer this call's to remove
     try:
         for tmp, path in zip(temps, paths, strict=True):
-            failing, claiming = [path], tmp
-            fd = claim_temporary(tmp)
-            claimed.append((tmp, fd))
-            still_open.append(fd)
-            claiming = None
+            failing = [path]
+            with interrupts_held():  # a file claimed is a file noted, to be removed or renamed
+                fd = claim_temporary(tmp)
+                claimed.append((tmp, fd))
+                still_open.append(fd)
         failing = paths
         yield claimed
         if durable:  # on the disk before a rename can make it the file's content
@@ -238,15 +237,11 @@ def _published(
             for _tmp, path in changed:
                 if path.is_file():
                     resume(path)
-        with interrupts_held() if len(changed) > 1 else nullcontext():
+        with interrupts_held():  # each file renamed is a file noted, and a pair is renamed whole
             for tmp, path in changed:
                 failing = [path]
-                renamed.add(tmp)  # before: an interrupt after the rename must not remove a name claimed since
-                try:
-                    os.replace(tmp, path)
-                except OSError:
-                    renamed.discard(tmp)
-                    raise
+                os.replace(tmp, path)
+                renamed.add(tmp)
         if durable and changed:
             for folder in {path.parent for _tmp, path in changed}:
                 _sync_folder(folder)
@@ -262,9 +257,6 @@ def _published(
                 with suppress(OSError):
                     tmp.unlink(missing_ok=True)
         _close_all(still_open)
-        if claiming is not None and (not claimed or claimed[-1][0] != claiming):  # not claimed, perhaps created
-            with suppress(OSError):  # OutputError too: another process holds it, and it is theirs
-                remove_leftover(claiming)
 
 
 def _sync_folder(folder: Path) -> None:

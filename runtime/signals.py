@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from digitgen.runtime.session import RUN_OPTIONS
 
@@ -25,15 +25,19 @@ def _in_main_thread() -> bool:
 
 
 @contextmanager
-def handling(signals: Iterable[signal.Signals], handler: Handler) -> Iterator[None]:
+def handling(signals: Iterable[signal.Signals], handler: Handler | signal.Handlers) -> Iterator[None]:
     """Run ``handler`` on each of ``signals`` until the block ends, then restore the handlers found. A signal the
     process ignores stays ignored: ``nohup`` starts a command ignoring SIGHUP, and a shell its background jobs
-    ignoring SIGINT, so that closing the terminal or a Ctrl-C meant for the shell does not stop them."""
+    ignoring SIGINT, so that closing the terminal or a Ctrl-C meant for the shell does not stop them. A handler
+    of the project's (a function) waits, as :func:`interrupts_held` asks, without a change of handlers."""
     if not _in_main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, handler) for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN}
+    previous = {sig: old for sig in signals if (old := signal.getsignal(sig)) is not signal.SIG_IGN}
+    installed = _Holdable(handler) if callable(handler) and not isinstance(handler, _Holdable) else handler
     try:
+        for sig in previous:
+            signal.signal(sig, installed)
         yield
     finally:
         for sig, old in previous.items():
@@ -47,20 +51,53 @@ def release_held_at_start() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTING_SIGNALS)
 
 
+_held: list[int] | None = None  # within interrupts_held(): the stop signals that came, in order
+
+
+class _Holdable:
+    """A stop signal's handler that, within :func:`interrupts_held`, notes the signal instead of running. Set or
+    cleared in one step, the note leaves no moment in which a signal could be lost or raise in a held block."""
+
+    def __init__(self, handler: Handler | signal.Handlers) -> None:
+        self.handler = handler
+
+    def __call__(self, signum: int, frame: object) -> object:
+        held = _held
+        if held is not None:
+            held.append(signum)
+            return None
+        if callable(self.handler):
+            return self.handler(signum, frame)
+        signal.signal(signum, self.handler)  # the default action (SIG_DFL): the process ends
+        signal.raise_signal(signum)
+        return None
+
+
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Hold back Ctrl-C, SIGTERM and SIGHUP until the block ends, then raise them again for the handlers found.
+    """Hold back Ctrl-C, SIGTERM and SIGHUP until the block ends, then raise them again for the handlers in place.
 
     Held in Python, not with ``pthread_sigmask``: that masks the calling thread only, and the kernel gives a
     process-wide signal to any thread that does not mask it (onnxruntime's, torch's), after which Python runs
-    the handler in the main thread all the same."""
-    held: list[int] = []
-    try:
-        with handling(INTERRUPTING_SIGNALS, lambda signum, _frame: held.append(signum)):
+    the handler in the main thread all the same. The handlers :func:`handling` put in hold without a change; any
+    other is wrapped for the block. A block within a held block holds nothing more, at almost no cost."""
+    global _held
+    if _held is not None or not _in_main_thread():  # held already, or off the main thread, where no handler runs
+        yield
+        return
+    with ExitStack() as wrapped:
+        for sig in INTERRUPTING_SIGNALS:
+            found = signal.getsignal(sig)
+            if found is not None and not isinstance(found, _Holdable):
+                wrapped.enter_context(handling([sig], _Holdable(found)))
+        held: list[int] = []
+        _held = held
+        try:
             yield
-    finally:
-        for signum in dict.fromkeys(held):
-            signal.raise_signal(signum)
+        finally:
+            _held = None
+            for signum in dict.fromkeys(held):
+                signal.raise_signal(signum)
 
 
 @contextmanager

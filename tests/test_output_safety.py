@@ -6,13 +6,16 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
 import pytest
@@ -30,7 +33,9 @@ from digitgen.runtime import (
     files,
     generate_files,
     index_lock,
+    signals,
     write_digits,
+    writers,
 )
 from digitgen.runtime.encode import png_bytes
 from digitgen.runtime.evaluate import ReferenceClassifier
@@ -1301,3 +1306,112 @@ def test_train_classifier_refuses_to_write_over_its_data(tmp_path: Path, tiny_mn
     assert result.output == (
         f"Error: --data-dir's train-images-idx3-ubyte and --out name the same file ({images}); give each its own\n"
     )
+
+
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+# Where a stop signal can catch a write: publishing, claiming a temporary file, and holding signals back
+_WRITING_CODE = {
+    code.__code__
+    for code in (
+        files._published.__wrapped__,
+        files.atomic_files.__wrapped__,
+        files.claim_temporary,
+        files._open_regular,
+        files.still_named,
+        signals.handling.__wrapped__,
+        signals.interrupts_held.__wrapped__,
+        signals._Holdable.__call__,
+    )
+}
+
+
+def _signalled_at(step: int, signum: int, work: Callable[[], object]) -> bool:
+    """Run ``work`` with ``signum`` arriving before the ``step``-th instruction it runs in :data:`_WRITING_CODE`, as a
+    signal does: through the handler in place then, which raises or (held back) records it. Whether it arrived;
+    if it did, ``work`` must end in :class:`KeyboardInterrupt`, and otherwise complete."""
+    seen = 0
+
+    def each_instruction(frame: FrameType, event: str, _arg: object) -> Callable | None:
+        nonlocal seen
+        if event == "opcode":
+            seen += 1
+            if seen == step:
+                signal.raise_signal(signum)
+        return each_instruction
+
+    def each_call(frame: FrameType, _event: str, _arg: object) -> Callable | None:
+        if frame.f_code not in _WRITING_CODE:
+            return None
+        frame.f_trace_opcodes = True
+        return each_instruction
+
+    sys.settrace(each_call)
+    try:
+        work()
+    except KeyboardInterrupt:
+        assert seen >= step, "interrupted with no signal"
+        return True
+    finally:
+        sys.settrace(None)
+    assert seen < step, "a stop signal was lost"
+    return False
+
+
+@pytest.mark.parametrize("before", [None, b"old"])
+@pytest.mark.parametrize("pair", [False, True])
+@pytest.mark.parametrize("signum", [signals.INTERRUPTING_SIGNALS[0], signals.INTERRUPTING_SIGNALS[-1]])
+def test_a_stop_signal_at_any_instruction_of_a_write_leaves_the_old_files_or_the_new_and_nothing_else(
+    tmp_path: Path, before: bytes | None, pair: bool, signum: int
+) -> None:
+    """Ctrl-C, SIGTERM or SIGHUP before any one instruction of writing a file (a PNG of a million) or a pair
+    (IDX): every file old (or none) or every file new, no temporary file, and the command's handlers in place.
+    Handlers change in the order of the stop signals: the first and the last of them come between changes."""
+    paths = [tmp_path / "images", tmp_path / "labels"] if pair else [tmp_path / "digit.png"]
+
+    def write() -> None:
+        with atomic_files(paths, durable=False) as opened:
+            for f in opened:
+                f.write(b"new")
+
+    step = 1
+    with signals.handling(signals.INTERRUPTING_SIGNALS, _raise_interrupt):
+        handlers = {s: signal.getsignal(s) for s in signals.INTERRUPTING_SIGNALS}
+        while True:
+            for path in paths:
+                path.unlink(missing_ok=True)
+                if before is not None:
+                    path.write_bytes(before)
+            arrived = _signalled_at(step, signum, write)
+            old = {} if before is None else {p.name: before for p in paths}
+            left = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+            assert left in ({p.name: b"new" for p in paths}, old), f"a signal at instruction {step} left {left}"
+            assert {s: signal.getsignal(s) for s in signals.INTERRUPTING_SIGNALS} == handlers, step
+            assert signals._held is None, f"a signal at instruction {step} left stop signals held"
+            if not arrived:
+                break
+            step += 1
+    assert step > 100  # the write's every instruction was tried
+
+
+def test_a_stop_signal_while_pngs_are_written_waits_for_the_rest_of_their_group_only(
+    gen: DigitGenerator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stop signals are held back once for a group of 32 PNGs, not once a file (which costs a few percent of the
+    run) nor once a batch (up to 8,192 files: seconds): one that comes at the 40th file stops the run at the 64th."""
+    encode = writers.png_bytes
+    encoded = 0
+
+    def encode_then_signal(image: np.ndarray) -> bytes:
+        nonlocal encoded
+        encoded += 1
+        if encoded == 40:
+            signal.raise_signal(signal.SIGINT)
+        return encode(image)
+
+    monkeypatch.setattr(writers, "png_bytes", encode_then_signal)
+    with signals.handling(signals.INTERRUPTING_SIGNALS, _raise_interrupt), pytest.raises(KeyboardInterrupt):
+        write_digits(gen.iter_batches(256, seed=1, batch_size=256), tmp_path, "png", 256)
+    assert len(list(tmp_path.glob("*.png"))) == encoded == 64
