@@ -189,7 +189,7 @@ def _by_index(paths: Iterable[Path]) -> dict[int, list[Path]]:
     return grouped
 
 
-# PNGs written under one hold of the stop signals: a hold costs about 25 us, a few percent of a PNG's time, and a
+# PNGs written under one hold of the stop signals: a hold costs 10-40 us, a few percent of a PNG's time, and a
 # stop signal waits for the rest of the group, a few milliseconds of writing
 _FILES_A_HOLD = 32
 
