@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import FrameType
 
 import pytest
 
@@ -85,7 +88,8 @@ def test_handling_runs_the_handler_in_the_block_then_puts_back_the_handlers_foun
     found = {sig: signal.getsignal(sig) for sig in INTERRUPTING_SIGNALS}
     calls: list[int] = []
 
-    def handler(signum: int, _frame: object) -> None:
+    def handler(signum: int, frame: object) -> None:
+        assert isinstance(frame, FrameType)  # the frame the signal came in, as Python gives a handler
         calls.append(signum)
 
     with pytest.raises(RuntimeError, match="in the block"), handling(INTERRUPTING_SIGNALS, handler):
@@ -94,6 +98,24 @@ def test_handling_runs_the_handler_in_the_block_then_puts_back_the_handlers_foun
         raise RuntimeError("in the block")
     assert (calls, received) == ([signal.SIGHUP, signal.SIGINT], [])
     assert {sig: signal.getsignal(sig) for sig in INTERRUPTING_SIGNALS} == found
+
+
+HELD_UNDER_THE_DEFAULT_ACTION = """
+import signal
+from digitgen.runtime.signals import interrupts_held
+with interrupts_held():
+    signal.raise_signal(signal.SIGTERM)
+    print("held", flush=True)
+print("after the block")
+"""
+
+
+def test_a_signal_held_whose_handler_is_the_default_action_ends_the_process_after_the_block() -> None:
+    """A library user's process, SIGTERM left at its default: held through the block, then it ends the process."""
+    result = subprocess.run(
+        [sys.executable, "-c", HELD_UNDER_THE_DEFAULT_ACTION], capture_output=True, text=True, timeout=120
+    )
+    assert (result.returncode, result.stdout) == (-signal.SIGTERM, "held\n"), result.stderr
 
 
 def test_off_the_main_thread_the_helpers_change_nothing(wakeup_socket: int) -> None:
