@@ -20,6 +20,7 @@ from pathlib import Path
 
 from digitgen.runtime.errors import OutputError
 from digitgen.runtime.files import AS_ITSELF, open_locked
+from digitgen.runtime.signals import interrupts_held
 
 try:
     import fcntl
@@ -74,13 +75,17 @@ def claim_indices(folder: Path, start: int, stop: int | None) -> Iterator[None]:
         yield
         return
     path = folder / LOCK_FILE
-    fd = _open_locked(path, start, stop)
+    fd = None
     try:
+        with interrupts_held():  # a lock file opened is one noted, which this run removes if it is the last
+            fd = _open_locked(path, start, stop)
         yield
     finally:
-        if _lock(fd, 0, None, exclusive=True):  # no other run holds any index: the file is this run's alone
-            path.unlink(missing_ok=True)
-        os.close(fd)  # and with it the lock
+        if fd is not None:
+            with interrupts_held():
+                if _lock(fd, 0, None, exclusive=True):  # no other run holds any index: the file is this run's alone
+                    path.unlink(missing_ok=True)
+                os.close(fd)  # and with it the lock
 
 
 def _open_locked(path: Path, start: int, stop: int | None) -> int:
