@@ -184,16 +184,18 @@ def check_writable(path: str | Path) -> None:
 
 def remove_leftover(tmp: Path) -> None:
     """Remove ``tmp``, a temporary file left by a killed run; refuse one that a running process holds. It is
-    removed while this process holds it, so no run can claim the name in between."""
-    fd = claim_temporary(tmp)
-    if fcntl is None:  # Windows removes no open file (and there is no lock to hold)
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        return
-    try:
-        tmp.unlink(missing_ok=True)
-    finally:
-        os.close(fd)
+    removed while this process holds it, so no run can claim the name in between; with stop signals held, so
+    that none leaves it behind (:func:`check_writable` makes one)."""
+    with interrupts_held():
+        fd = claim_temporary(tmp)
+        if fcntl is None:  # Windows removes no open file (and there is no lock to hold)
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            return
+        try:
+            tmp.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 @contextmanager

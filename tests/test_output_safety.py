@@ -1322,6 +1322,8 @@ _WRITING_CODE = {
         files.claim_temporary,
         files._open_regular,
         files.still_named,
+        files.check_writable,
+        files.remove_leftover,
         signals.handling.__wrapped__,
         signals.interrupts_held.__wrapped__,
         signals._Holdable.__call__,
@@ -1440,4 +1442,16 @@ def test_a_stop_signal_at_any_instruction_of_claiming_png_indices_leaves_no_lock
             assert list(tmp_path.iterdir()) == [], f"a signal at instruction {step} left the lock file"
             step += 1
     claims[-1].__exit__(None, None, None)
+    assert step > 20 and list(tmp_path.iterdir()) == []
+
+
+def test_a_stop_signal_at_any_instruction_of_the_check_that_a_file_can_be_written_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    """The check makes the file's temporary file and removes it: a stop signal never leaves it behind."""
+    step = 1
+    with signals.handling(signals.INTERRUPTING_SIGNALS, _raise_interrupt):
+        while _signalled_at(step, signal.SIGINT, lambda: files.check_writable(tmp_path / "digits.npz")):
+            assert list(tmp_path.iterdir()) == [], f"a signal at instruction {step} left a file"
+            step += 1
     assert step > 20 and list(tmp_path.iterdir()) == []
