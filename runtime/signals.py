@@ -28,8 +28,8 @@ def _in_main_thread() -> bool:
 def handling(signals: Iterable[signal.Signals], handler: Handler | signal.Handlers) -> Iterator[None]:
     """Run ``handler`` on each of ``signals`` until the block ends, then restore the handlers found. A signal the
     process ignores stays ignored: ``nohup`` starts a command ignoring SIGHUP, and a shell its background jobs
-    ignoring SIGINT, so that closing the terminal or a Ctrl-C meant for the shell does not stop them. A handler
-    of the project's (a function) waits, as :func:`interrupts_held` asks, without a change of handlers."""
+    ignoring SIGINT, so that closing the terminal or a Ctrl-C meant for the shell does not stop them. A callable
+    ``handler`` is held back by :func:`interrupts_held` with no change of handlers."""
     if not _in_main_thread():
         yield
         return
