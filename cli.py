@@ -764,18 +764,19 @@ def generate(
         )
     except InvalidRequestError as exc:  # options that cannot go together, or that this model cannot honour
         raise click.UsageError(str(exc)) from None
-    if gen.note:  # said before the work, so that a run that fails or is stopped still says where it ran
-        _say(f"note: {gen.note}", err=True)
-    if resume and job.plan.existing:
-        there = counted(len(job.plan.existing), "file")
-        how = " (by the digest the interrupted run recorded, or else by making its digit again)" if fmt == "png" else ""
-        _say(f"resuming: {there} already there, each kept if it holds exactly what this run writes{how}", err=True)
     part = f" (shard {shard_index} of {num_shards})" if num_shards > 1 else ""  # shards that run side by side
-    start = time.perf_counter()
+    how = " (by the digest the interrupted run recorded, or else by making its digit again)" if fmt == "png" else ""
     try:
+        if gen.note:  # said before the work, so that a run that fails or is stopped still says where it ran
+            _say(f"note: {gen.note}", err=True)
+        if resume and job.plan.existing:
+            there = counted(len(job.plan.existing), "file")
+            _say(f"resuming: {there} already there, each kept if it holds exactly what this run writes{how}", err=True)
+        start = time.perf_counter()
         with progress(job.plan.count, f"generating{part}", hidden=job.plan.count <= batch_size) as bar:
             written = job.run(on_batch=bar.update)
     except KeyboardInterrupt:
+        job.discard()  # stopped before the run began writing: no folder made for nothing
         raise Interrupted(
             "any file it wrote is complete, none is partial; the same command with --resume continues"
         ) from None

@@ -570,13 +570,16 @@ def plan_output(
     if fmt in ("npz", "grid"):
         # address space, not memory touched: a count that can never be held stops here
         empty_digits(stop - start, IN_MEMORY_FORMATS)
-    out_dir, created = prepare_output_dir(out_dir)
-    plan = OutputPlan(out_dir, fmt, total, shard, test_count or 0, resume, (), tuple(created), record, overwrite)
+    created: list[Path] = []
     try:
-        return _with_existing(plan)
+        with interrupts_held():  # a folder made is a folder noted, removed again if the run goes no further
+            out_dir, created = prepare_output_dir(out_dir)
+        plan = OutputPlan(out_dir, fmt, total, shard, test_count or 0, resume, (), tuple(created), record, overwrite)
+        plan = _with_existing(plan)
     except BaseException:
         remove_if_empty(created)
         raise
+    return plan
 
 
 def _remove_an_orphan_record(out_dir: Path, fmt: str, shard: Shard) -> None:
@@ -653,6 +656,11 @@ class GenerationJob:
     plan: OutputPlan
     request: Request  # checked and normalised once, by plan_generation: the label cycle, seed and truncation
 
+    def discard(self) -> None:
+        """Remove the output folders the plan created, where they are still empty: for a job stopped before it
+        ran (:meth:`run` does so itself if it fails or is stopped)."""
+        remove_if_empty(self.plan.created)
+
     def run(self, on_batch: OnBatch = lambda n: None) -> WrittenFiles:
         """Make the digits and write them as planned, ``on_batch`` told each batch's size (it may raise to stop)."""
         if self.plan.fmt != "png":
@@ -721,19 +729,32 @@ def plan_generation(
     request = gen.check_request(num, digits, seed, batch_size, truncation=truncation)
     shard = Shard.checked(shard, request.num)
     record = run_record(fmt, request.num, shard.count, request.digits, request.seed, request.truncation, gen.sha256)
-    plan = plan_output(
-        out_dir, fmt, num, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count, record=record
-    )
+    plan = None
+    try:
+        plan = plan_output(
+            out_dir, fmt, num, shard=shard, overwrite=overwrite, resume=resume, test_count=test_count, record=record
+        )
+        job = GenerationJob(gen, plan, request)
+        _refuse_other_runs(job, record)
+    except BaseException:  # a refusal or a stop signal: no folder made for nothing
+        if plan is not None:
+            remove_if_empty(plan.created)
+        raise
+    return job
+
+
+def _refuse_other_runs(job: GenerationJob, record: bytes) -> None:
+    """The checks of :func:`plan_generation` that look at the files already in the job's way."""
+    gen, plan, fmt = job.gen, job.plan, job.plan.fmt
     refuse_writing_over(gen.path, "--generator", plan.existing)
     if plan.refuses_other_runs and fmt == "png" and plan.existing:
-        _refuse_another_runs_folder(gen, min(plan.existing, key=png_index), request)
+        _refuse_another_runs_folder(gen, min(plan.existing, key=png_index), job.request)
     if plan.refuses_other_runs and fmt in ("idx", "npz", "mnist") and not plan.recorded and plan.existing:
-        _refuse_another_runs_arrays(gen, plan, request)
+        _refuse_another_runs_arrays(gen, plan, job.request)
     if plan.refuses_other_runs and plan.recorded:  # the shard's record says at once whether its parts are another run's
-        path = plan.out_dir / record_name(fmt, shard)
+        path = plan.out_dir / record_name(fmt, plan.shard)
         if os.path.lexists(path) and not holds(path, record):
             refuse_other_digits(path)
-    return GenerationJob(gen, plan, request)
 
 
 def _first_digit(gen: DigitGenerator, request: Request, index: int) -> Iterator[GeneratedDigits]:

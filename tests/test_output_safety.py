@@ -23,6 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from digitgen import cli
 from digitgen.cli import main
 from digitgen.runtime import (
     DigitGenerator,
@@ -1455,3 +1456,59 @@ def test_a_stop_signal_at_any_instruction_of_the_check_that_a_file_can_be_writte
             assert list(tmp_path.iterdir()) == [], f"a signal at instruction {step} left a file"
             step += 1
     assert step > 20 and list(tmp_path.iterdir()) == []
+
+
+def _interrupt(*_args: object, **_kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stopped_in", ["the planning's checks", "the command, as it starts its progress"])
+def test_a_run_stopped_after_its_plan_made_its_folders_removes_them(
+    tmp_path: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch, stopped_in: str
+) -> None:
+    """Planning makes the output folders (to look into them); a stop signal before the run begins writing (as it
+    checks the files in its way, or says what it starts) must not leave them, empty, behind."""
+    if stopped_in == "the planning's checks":
+        monkeypatch.setattr(writers, "refuse_writing_over", _interrupt)
+    else:
+        monkeypatch.setattr(cli, "progress", _interrupt)
+    args = ["generate", "--generator", str(tiny_onnx), "-n", "5", "--out", str(tmp_path / "new" / "deep")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_a_stop_signal_after_any_system_call_of_planning_leaves_no_folder_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning makes the output folders (to look into them): a stop signal after any folder is made or looked at
+    (where Python runs a signal's handler: as a call into C returns) leaves none of them."""
+    calls = 0
+    signal_at = 0
+
+    def then_signal(call: Callable) -> Callable:
+        def called(*args: object, **kwargs: object) -> object:
+            nonlocal calls
+            result = call(*args, **kwargs)
+            calls += 1
+            if calls == signal_at:
+                signal.raise_signal(signal.SIGINT)
+            return result
+
+        return called
+
+    for name in ("mkdir", "access", "stat", "lstat", "scandir", "listdir"):
+        monkeypatch.setattr(os, name, then_signal(getattr(os, name)))
+    out = tmp_path / "new" / "deep"
+    with signals.handling(signals.INTERRUPTING_SIGNALS, _raise_interrupt):
+        while True:
+            signal_at += 1
+            calls = 0
+            try:
+                writers.plan_output(out, "npz", N)
+            except KeyboardInterrupt:
+                assert list(tmp_path.iterdir()) == [], f"a signal after system call {signal_at} left a folder"
+                continue
+            break
+    monkeypatch.undo()
+    assert signal_at > 3 and out.is_dir()  # planned in full: the folders stay for the run
